@@ -61,17 +61,16 @@ class Problem:
         return list(self.model.parameters())
 
 
-def sequential_mlp(in_features: int, hidden: tuple[int, ...], num_classes: int = 10, seed: int = 0) -> nn.Sequential:
-    """The package's ReLU MLP as a plain ``nn.Sequential`` (the fused path's model parser accepts
-    ``nn.Sequential`` itself only, not the ``MLP`` subclass; see docs/benchmarks.md), seeded."""
-    return init_model(lambda: nn.Sequential(*MLP(in_features, hidden, num_classes).children()), seed)
+def seeded_mlp(in_features: int, hidden: tuple[int, ...], num_classes: int = 10, seed: int = 0) -> nn.Module:
+    """The package's ReLU MLP (an ``nn.Sequential`` the fused path accepts), seeded."""
+    return init_model(lambda: MLP(in_features, hidden, num_classes), seed)
 
 
 def digits_problem(hidden: tuple[int, ...], epochs: int = 0, device: torch.device | str = "cpu") -> Problem:
     """An MLP 64-hidden-10 on the whole digits train split as one batch, trained ``epochs`` epochs
     with the default SGD recipe (0: the seeded initialisation), in eval mode."""
     data = load_dataset("digits").train
-    model = sequential_mlp(64, hidden)
+    model = seeded_mlp(64, hidden)
     if epochs:
         train(model, data, TrainConfig(epochs=epochs), device=device)
     name = f"digits mlp 64-{'-'.join(map(str, hidden))}-10 n={len(data)}" + (f" trained {epochs} ep" if epochs else "")
@@ -84,7 +83,7 @@ def problems(device: torch.device, quick: bool = False) -> list[Problem]:
     gen = torch.Generator().manual_seed(0)
     n_mlp, widths, n_cnn, channels = (128, (64,), 64, (8, 16)) if quick else (2048, (512, 512), 256, (16, 32, 64))
     out = [
-        Problem(f"mlp 784-{'-'.join(map(str, widths))}-10 n={n_mlp}", sequential_mlp(784, widths),
+        Problem(f"mlp 784-{'-'.join(map(str, widths))}-10 n={n_mlp}", seeded_mlp(784, widths),
                 torch.randn(n_mlp, 784, generator=gen), torch.randint(0, 10, (n_mlp,), generator=gen)),
         Problem(f"cnn {'-'.join(map(str, channels))} 28x28 n={n_cnn}", init_model(lambda: SmallCNN(1, 10, channels), 0),
                 torch.randn(n_cnn, 1, 28, 28, generator=gen), torch.randint(0, 10, (n_cnn,), generator=gen)),

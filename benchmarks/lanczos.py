@@ -19,7 +19,7 @@ from unlearn_kernels.curvature import CurvatureOperator, hessian_operator
 from unlearn_kernels.solvers import lanczos
 
 from .common import Measurement, measure
-from .hvp import Problem, digits_problem, sequential_mlp
+from .hvp import Problem, digits_problem, seeded_mlp
 
 BASELINE = "scipy eigsh"
 QUICK = {"quick": True, "min_time": 0.05}
@@ -50,9 +50,10 @@ def _problems(device: torch.device, quick: bool) -> list[tuple[Problem, torch.dt
     gen = torch.Generator().manual_seed(0)
     n, hidden = (128, (32,)) if quick else (512, (128,))
     x, y = torch.randn(n, 784, generator=gen), torch.randint(0, 10, (n,), generator=gen)
-    wide = Problem(f"mlp 784-{'-'.join(map(str, hidden))}-10 n={n}", sequential_mlp(784, hidden).to(device).eval(),
+    wide = Problem(f"mlp 784-{'-'.join(map(str, hidden))}-10 n={n}", seeded_mlp(784, hidden).to(device).eval(),
                    x.to(device), y.to(device))
-    return [(digits_problem((128,), epochs=2 if quick else 10, device=device), torch.float64), (wide, torch.float32)]
+    digits = digits_problem((32,) if quick else (128,), epochs=1 if quick else 10, device=device)
+    return [(digits, torch.float64), (wide, torch.float32)]
 
 
 def run(device: torch.device, *, quick: bool = False, min_time: float = 0.5,

@@ -12,7 +12,7 @@ from torch import nn
 
 from unlearn_kernels.curvature import flatten_tensors
 
-from .hvp import Problem, candidates, digits_problem, reference_hvp, sequential_mlp
+from .hvp import Problem, candidates, digits_problem, reference_hvp, seeded_mlp
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 LOSS = nn.CrossEntropyLoss()
@@ -22,7 +22,7 @@ NAMES = ["gradient", "ours:fused", "ours:generic", "curvlinops", "pyhessian", "a
 def _mid_mlp() -> Problem:
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(512, 784, generator=gen), torch.randint(0, 10, (512,), generator=gen)
-    return Problem("mlp 784-256-10 n=512", sequential_mlp(784, (256,)).to(DEVICE).eval(), x.to(DEVICE), y.to(DEVICE))
+    return Problem("mlp 784-256-10 n=512", seeded_mlp(784, (256,)).to(DEVICE).eval(), x.to(DEVICE), y.to(DEVICE))
 
 
 @pytest.fixture(scope="module", params=["digits", "mlp"])
