@@ -90,6 +90,13 @@ class Measurement:
     extra: dict = field(default_factory=dict)
 
 
+def plain_error_tolerance(plain: torch.Tensor, exact: torch.Tensor, floor: float) -> float:
+    """The correctness gate of every suite (flash-attention's rule): at most twice the max abs error
+    of the plain PyTorch computation in the same dtype against the float64 ``exact``, plus ``floor``
+    (a few eps of the output's scale, for when that error is exactly 0)."""
+    return 2 * (plain.double() - exact).abs().max().item() + floor
+
+
 def measure(case: str, candidate: str, fn: Callable[[], torch.Tensor], exact: torch.Tensor, tolerance: float,
             device: torch.device, **timing) -> Measurement:
     """Correctness gate against ``exact`` (max abs error <= tolerance), then timing."""

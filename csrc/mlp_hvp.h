@@ -28,7 +28,7 @@ struct Kernels {
   void (*activate)(Activation act, at::Tensor& a, at::Tensor& d1, at::Tensor& d2);
   // Backward through the activation for the gradient g (N, d) and its R-derivative rg (N, K, d):
   // rg <- d2 * ra * g + d1 * rg, then g <- d1 * g. d2 and ra (the R-pre-activation) are undefined
-  // for ReLU.
+  // for ReLU; g is undefined when d2 is and no layer below needs the gradient (then only rg moves).
   void (*backward)(const at::Tensor& d1, const at::Tensor& d2, const at::Tensor& ra, at::Tensor& g,
                    at::Tensor& rg);
   // Rows of the mean softmax cross entropy, in place: z (N, C) logits -> (softmax(z) - t) * scale,

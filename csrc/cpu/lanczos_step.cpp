@@ -59,6 +59,70 @@ std::vector<double> reduce(const std::vector<double>& partials, int64_t count, i
   return total;
 }
 
+// The basis rows are walked four at a time: four independent accumulation chains (a single
+// chain is bound by the FMA latency, not by memory) that share each load of the tile of x or w.
+
+// out[r] += B[j + r, i0:i0+n] . x[i0:i0+n] for r < 4.
+template <typename T, typename X>
+void dot4(const T* B, int64_t d, int64_t j, int64_t i0, int64_t n, const X* x, double* out) {
+  const T *r0 = B + j * d + i0, *r1 = r0 + d, *r2 = r1 + d, *r3 = r2 + d;
+  const X* xt = x + i0;
+  double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = static_cast<double>(xt[i]);
+    s0 += static_cast<double>(r0[i]) * v;
+    s1 += static_cast<double>(r1[i]) * v;
+    s2 += static_cast<double>(r2[i]) * v;
+    s3 += static_cast<double>(r3[i]) * v;
+  }
+  out[0] += s0;
+  out[1] += s1;
+  out[2] += s2;
+  out[3] += s3;
+}
+
+// out[0] += B[j, i0:i0+n] . x[i0:i0+n]
+template <typename T, typename X>
+void dot1(const T* B, int64_t d, int64_t j, int64_t i0, int64_t n, const X* x, double* out) {
+  const T* r0 = B + j * d + i0;
+  const X* xt = x + i0;
+  double s0 = 0;
+#pragma omp simd reduction(+ : s0)
+  for (int64_t i = 0; i < n; ++i) s0 += static_cast<double>(r0[i]) * static_cast<double>(xt[i]);
+  out[0] += s0;
+}
+
+// out[j] += B[j, i0:i0+n] . x[i0:i0+n] for every row j < m.
+template <typename T, typename X>
+void project_tile(const T* B, int64_t d, int64_t m, int64_t i0, int64_t n, const X* x, double* out) {
+  int64_t j = 0;
+  for (; j + 4 <= m; j += 4) dot4(B, d, j, i0, n, x, out + j);
+  for (; j < m; ++j) dot1(B, d, j, i0, n, x, out + j);
+}
+
+// wt[0:n] -= sum_j c[j] B[j, i0:i0+n]
+template <typename T>
+void subtract_projection(double* wt, const T* B, const double* c, int64_t d, int64_t m, int64_t i0, int64_t n) {
+  int64_t j = 0;
+  for (; j + 4 <= m; j += 4) {
+    const T *r0 = B + j * d + i0, *r1 = r0 + d, *r2 = r1 + d, *r3 = r2 + d;
+    const double c0 = c[j], c1 = c[j + 1], c2 = c[j + 2], c3 = c[j + 3];
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      wt[i] -= c0 * static_cast<double>(r0[i]) + c1 * static_cast<double>(r1[i]) +
+               c2 * static_cast<double>(r2[i]) + c3 * static_cast<double>(r3[i]);
+    }
+  }
+  for (; j < m; ++j) {
+    const T* r0 = B + j * d + i0;
+    const double cj = c[j];
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) wt[i] -= cj * static_cast<double>(r0[i]);
+  }
+}
+
+// Pass 1 on one tile: acc = [alpha, ||hq||^2, B hq (m), B q (m), B q_prev (m)].
 template <typename T>
 void pass1_tile(const T* hq, const T* q, const T* qp, const T* B, int64_t d, int64_t m, int64_t i0, int64_t n,
                 double* acc) {
@@ -71,42 +135,18 @@ void pass1_tile(const T* hq, const T* q, const T* qp, const T* B, int64_t d, int
   }
   acc[0] += a;
   acc[1] += h2;
-  for (int64_t j = 0; j < m; ++j) {
-    const T* row = B + j * d;
-    double bh = 0, bq = 0, bp = 0;
-#pragma omp simd reduction(+ : bh, bq, bp)
-    for (int64_t i = i0; i < i0 + n; ++i) {
-      const double r = row[i];
-      bh += r * static_cast<double>(hq[i]);
-      bq += r * static_cast<double>(q[i]);
-      bp += r * static_cast<double>(qp[i]);
-    }
-    acc[2 + 3 * j] += bh;
-    acc[3 + 3 * j] += bq;
-    acc[4 + 3 * j] += bp;
+  // Three sweeps over each group of four rows: the second and third read them from L1.
+  double *bh = acc + 2, *bq = bh + m, *bp = bq + m;
+  int64_t j = 0;
+  for (; j + 4 <= m; j += 4) {
+    dot4(B, d, j, i0, n, hq, bh + j);
+    dot4(B, d, j, i0, n, q, bq + j);
+    dot4(B, d, j, i0, n, qp, bp + j);
   }
-}
-
-// wt -= sum_j c[j] B[j, i0:i0+n].
-template <typename T>
-void subtract_projection(double* wt, const T* B, const double* c, int64_t d, int64_t m, int64_t i0, int64_t n) {
-  for (int64_t j = 0; j < m; ++j) {
-    const T* row = B + j * d + i0;
-    const double cj = c[j];
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) wt[i] -= cj * static_cast<double>(row[i]);
-  }
-}
-
-// acc[j] += B[j, i0:i0+n] . w[i0:i0+n]
-template <typename T>
-void project_tile(const T* w, const T* B, int64_t d, int64_t m, int64_t i0, int64_t n, double* acc) {
-  for (int64_t j = 0; j < m; ++j) {
-    const T* row = B + j * d;
-    double s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = i0; i < i0 + n; ++i) s += static_cast<double>(row[i]) * static_cast<double>(w[i]);
-    acc[j] += s;
+  for (; j < m; ++j) {
+    dot1(B, d, j, i0, n, hq, bh + j);
+    dot1(B, d, j, i0, n, q, bq + j);
+    dot1(B, d, j, i0, n, qp, bp + j);
   }
 }
 
@@ -126,7 +166,7 @@ std::tuple<double, double> lanczos_step_impl(const T* hq, const T* q, const T* q
       blocks.count, w1);
   const double alpha = s1[0], hq_norm = std::sqrt(s1[1]);
   std::vector<double> c1(m);
-  for (int64_t j = 0; j < m; ++j) c1[j] = s1[2 + 3 * j] - alpha * s1[3 + 3 * j] - beta_prev * s1[4 + 3 * j];
+  for (int64_t j = 0; j < m; ++j) c1[j] = s1[2 + j] - alpha * s1[2 + m + j] - beta_prev * s1[2 + 2 * m + j];
 
   // Pass 2: w = hq - alpha q - beta_prev q_prev - B^T c1, stored; then c2 = B w (and ||w||^2).
   const std::vector<double> s2 = reduce(
@@ -148,7 +188,7 @@ std::tuple<double, double> lanczos_step_impl(const T* hq, const T* q, const T* q
                       w2 += wt[i] * wt[i];
                     }
                     acc[m] += w2;
-                    project_tile(w, B, d, m, i0, n, acc);
+                    project_tile(B, d, m, i0, n, w, acc);
                   }
                 }),
       blocks.count, m + 1);

@@ -188,7 +188,9 @@ std::vector<at::Tensor> run(const Kernels& kernels, const at::Tensor& x, const a
     if (l > 0) {
       at::Tensor rg_next = at::mm(rg.view({N * K, out}), weights[l]).view({N, K * in});
       rg_next.addmm_(g, v_weights[l].transpose(0, 1).reshape({out, K * in}));
-      g = at::mm(g, weights[l]);
+      // g_{l-1} feeds d_{l-1}^T Rh_{l-2} (only above the first layer) and the act'' term: on the
+      // first layer of a ReLU MLP neither exists, and one matmul is saved.
+      g = (l - 1 > 0 || has_second(act(l - 1))) ? at::mm(g, weights[l]) : at::Tensor();
       rg = rg_next.view({N, K, in});
     }
     h[l] = rh[l] = at::Tensor();
@@ -263,29 +265,30 @@ void activate_cpu(Activation act, at::Tensor& a, at::Tensor& d1, at::Tensor& d2)
 }
 
 void backward_cpu(const at::Tensor& d1, const at::Tensor& d2, const at::Tensor& ra, at::Tensor& g, at::Tensor& rg) {
-  TORCH_INTERNAL_ASSERT(d1.is_contiguous() && g.is_contiguous() && rg.is_contiguous() && rg.dim() == 3);
+  TORCH_INTERNAL_ASSERT(d1.is_contiguous() && rg.is_contiguous() && rg.dim() == 3);
   TORCH_INTERNAL_ASSERT(d2.defined() == ra.defined() && (!d2.defined() || (d2.is_contiguous() && ra.is_contiguous())));
+  TORCH_INTERNAL_ASSERT(g.defined() ? g.is_contiguous() : !d2.defined());
   const int64_t N = rg.size(0), K = rg.size(1), d = rg.size(2);
-  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "mlp_hvp_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(rg.scalar_type(), "mlp_hvp_backward_cpu", [&] {
     using Vec = at::vec::Vectorized<scalar_t>;
     const scalar_t* p1 = d1.const_data_ptr<scalar_t>();
     const scalar_t* p2 = d2.defined() ? d2.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* pra = ra.defined() ? ra.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* pg = g.mutable_data_ptr<scalar_t>();
+    scalar_t* pg = g.defined() ? g.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* prg = rg.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, N, std::max<int64_t>(1, kGrain / ((K + 1) * d)), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         for (int64_t j = 0; j < d; j += Vec::size()) {
           const int64_t n = std::min<int64_t>(Vec::size(), d - j), idx = i * d + j;
-          const Vec v1 = Vec::loadu(p1 + idx, n), vg = Vec::loadu(pg + idx, n);
-          const Vec v2g = p2 != nullptr ? Vec::loadu(p2 + idx, n) * vg : Vec(0);
+          const Vec v1 = Vec::loadu(p1 + idx, n);
+          const Vec v2g = p2 != nullptr ? Vec::loadu(p2 + idx, n) * Vec::loadu(pg + idx, n) : Vec(0);
           for (int64_t k = 0; k < K; ++k) {
             const int64_t rat = (i * K + k) * d + j;
             Vec r = v1 * Vec::loadu(prg + rat, n);
             if (p2 != nullptr) r = at::vec::fmadd(v2g, Vec::loadu(pra + rat, n), r);
             r.store(prg + rat, n);
           }
-          (v1 * vg).store(pg + idx, n);
+          if (pg != nullptr) (v1 * Vec::loadu(pg + idx, n)).store(pg + idx, n);
         }
       }
     });

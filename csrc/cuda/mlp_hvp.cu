@@ -73,13 +73,13 @@ __global__ void backward_kernel(const scalar_t* __restrict__ d1, const scalar_t*
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < N * d;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t i = idx / d, j = idx - i * d;
-    const scalar_t v1 = d1[idx], vg = g[idx];
+    const scalar_t v1 = d1[idx], vg = g != nullptr ? g[idx] : scalar_t(0);  // g is null only when d2 is
     const scalar_t v2g = d2 != nullptr ? d2[idx] * vg : scalar_t(0);
     for (int64_t k = 0; k < K; ++k) {
       const int64_t r = (i * K + k) * d + j;
       rg[r] = d2 != nullptr ? v1 * rg[r] + v2g * ra[r] : v1 * rg[r];
     }
-    g[idx] = v1 * vg;
+    if (g != nullptr) g[idx] = v1 * vg;
   }
 }
 
@@ -150,14 +150,15 @@ void activate_cuda(Activation act, at::Tensor& a, at::Tensor& d1, at::Tensor& d2
 }
 
 void backward_cuda(const at::Tensor& d1, const at::Tensor& d2, const at::Tensor& ra, at::Tensor& g, at::Tensor& rg) {
-  TORCH_INTERNAL_ASSERT(d1.is_contiguous() && g.is_contiguous() && rg.is_contiguous() && rg.dim() == 3);
+  TORCH_INTERNAL_ASSERT(d1.is_contiguous() && rg.is_contiguous() && rg.dim() == 3);
   TORCH_INTERNAL_ASSERT(d2.defined() == ra.defined() && (!d2.defined() || (d2.is_contiguous() && ra.is_contiguous())));
+  TORCH_INTERNAL_ASSERT(g.defined() ? g.is_contiguous() : !d2.defined());
   const int64_t N = rg.size(0), K = rg.size(1), d = rg.size(2);
   if (N * d == 0) return;
-  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "mlp_hvp_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(rg.scalar_type(), "mlp_hvp_backward_cuda", [&] {
     backward_kernel<scalar_t><<<grid_for(N * d), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         d1.const_data_ptr<scalar_t>(), d2.defined() ? d2.const_data_ptr<scalar_t>() : nullptr,
-        ra.defined() ? ra.const_data_ptr<scalar_t>() : nullptr, g.mutable_data_ptr<scalar_t>(),
+        ra.defined() ? ra.const_data_ptr<scalar_t>() : nullptr, g.defined() ? g.mutable_data_ptr<scalar_t>() : nullptr,
         rg.mutable_data_ptr<scalar_t>(), N, K, d);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
