@@ -47,6 +47,19 @@ def _pass1(hq_ptr, q_ptr, qp_ptr, b_ptr, part_ptr, bpart_ptr, d, m, n_tiles,
 
 
 @jit
+def _minus_projection(w, b_ptr, c_ptr, cols, in_d, d, m, BLOCK_M: tl.constexpr):
+    """w - B[:, cols]^T c for one tile of columns (float64)."""
+    for j0 in range(0, m, BLOCK_M):
+        rows = j0 + tl.arange(0, BLOCK_M)
+        in_m = rows < m
+        b = tl.load(b_ptr + rows.to(tl.int64)[:, None] * d + cols[None, :],
+                    mask=in_m[:, None] & in_d[None, :], other=0.0).to(tl.float64)
+        c = tl.load(c_ptr + rows, mask=in_m, other=0.0)
+        w -= tl.sum(c[:, None] * b, axis=0)
+    return w
+
+
+@jit
 def _pass2(hq_ptr, q_ptr, qp_ptr, b_ptr, w_ptr, alpha_ptr, beta_prev_ptr, c_ptr, part_ptr, bpart_ptr,
            d, m, n_tiles, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """w = hq - alpha q - beta_prev q_prev - B^T c, stored; part[tile] = ||w||^2, bpart[j, tile] = B_j . w."""
@@ -58,13 +71,7 @@ def _pass2(hq_ptr, q_ptr, qp_ptr, b_ptr, w_ptr, alpha_ptr, beta_prev_ptr, c_ptr,
     w = (tl.load(hq_ptr + cols, mask=in_d, other=0.0).to(tl.float64)
          - alpha * tl.load(q_ptr + cols, mask=in_d, other=0.0).to(tl.float64)
          - beta_prev * tl.load(qp_ptr + cols, mask=in_d, other=0.0).to(tl.float64))
-    for j0 in range(0, m, BLOCK_M):
-        rows = j0 + tl.arange(0, BLOCK_M)
-        in_m = rows < m
-        b = tl.load(b_ptr + rows.to(tl.int64)[:, None] * d + cols[None, :],
-                    mask=in_m[:, None] & in_d[None, :], other=0.0).to(tl.float64)
-        c = tl.load(c_ptr + rows, mask=in_m, other=0.0)
-        w -= tl.sum(c[:, None] * b, axis=0)
+    w = _minus_projection(w, b_ptr, c_ptr, cols, in_d, d, m, BLOCK_M)
     w_stored = w.to(w_ptr.dtype.element_ty)
     tl.store(w_ptr + cols, w_stored, mask=in_d)
     tl.store(part_ptr + tile, tl.sum(w * w, axis=0))
@@ -85,13 +92,7 @@ def _pass3(b_ptr, w_ptr, c_ptr, part_ptr, d, m, BLOCK_M: tl.constexpr, BLOCK_D: 
     cols = tile * BLOCK_D + tl.arange(0, BLOCK_D)
     in_d = cols < d
     w = tl.load(w_ptr + cols, mask=in_d, other=0.0).to(tl.float64)
-    for j0 in range(0, m, BLOCK_M):
-        rows = j0 + tl.arange(0, BLOCK_M)
-        in_m = rows < m
-        b = tl.load(b_ptr + rows.to(tl.int64)[:, None] * d + cols[None, :],
-                    mask=in_m[:, None] & in_d[None, :], other=0.0).to(tl.float64)
-        c = tl.load(c_ptr + rows, mask=in_m, other=0.0)
-        w -= tl.sum(c[:, None] * b, axis=0)
+    w = _minus_projection(w, b_ptr, c_ptr, cols, in_d, d, m, BLOCK_M)
     tl.store(w_ptr + cols, w.to(w_ptr.dtype.element_ty), mask=in_d)
     tl.store(part_ptr + tile, tl.sum(w * w, axis=0))
 

@@ -8,6 +8,8 @@
 // for the dot products each warp takes whole rows against the tile held in shared memory (no block
 // barrier per row). Partial sums per tile are added up by row_sum in a fixed order, so results
 // are deterministic, and alpha, beta never leave the device (no host synchronisation).
+#include "../lanczos_step.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Functions.h>
 #include <c10/cuda/CUDAException.h>
@@ -208,25 +210,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lanczos_step_cuda(const at::Tenso
                                                                  const at::Tensor& q_prev_in,
                                                                  const at::Tensor& beta_prev_in,
                                                                  const at::Tensor& basis_in) {
+  check_lanczos_step_inputs(hq_in, q_in, q_prev_in, beta_prev_in, basis_in);
   constexpr const char* op = "lanczos_step";
-  TORCH_CHECK_VALUE(hq_in.dim() == 1, op, ": hq must be 1-D, got shape ", hq_in.sizes());
   const int64_t d = hq_in.size(0);
-  TORCH_CHECK_VALUE(q_in.sizes() == hq_in.sizes() && q_prev_in.sizes() == hq_in.sizes(), op,
-                    ": q and q_prev must have the shape of hq (", d, ",), got ", q_in.sizes(), " and ",
-                    q_prev_in.sizes());
-  TORCH_CHECK_VALUE(basis_in.dim() == 2 && basis_in.size(1) == d, op, ": basis must have shape (m, ", d,
-                    "), got ", basis_in.sizes());
-  TORCH_CHECK_VALUE(beta_prev_in.numel() == 1, op, ": beta_prev must be a scalar tensor, got shape ",
-                    beta_prev_in.sizes());
   const auto dtype = hq_in.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, op, ": hq must be float32 or float64, got ", dtype);
-  TORCH_CHECK_TYPE(q_in.scalar_type() == dtype && q_prev_in.scalar_type() == dtype &&
-                       basis_in.scalar_type() == dtype,
-                   op, ": q, q_prev and basis must have the dtype of hq (", dtype, ")");
-  for (const at::Tensor* t : {&q_in, &q_prev_in, &beta_prev_in, &basis_in}) {
-    TORCH_CHECK_VALUE(t->device() == hq_in.device(), op, ": all inputs must be on ", hq_in.device(), ", got ",
-                      t->device());
-  }
   const c10::cuda::CUDAGuard guard(hq_in.device());
   const at::Tensor hq = hq_in.contiguous(), q = q_in.contiguous(), q_prev = q_prev_in.contiguous();
   const at::Tensor basis = basis_in.contiguous();
