@@ -44,7 +44,7 @@ from .training import TrainConfig, init_model, train
 #: the methods run by default, oracle first (it is the reference of every other row)
 DEFAULT_METHODS = ("retrain", "original", "cure_newton", "stochastic_cure_newton", "newton_pinv", "damped_newton",
                    "influence", "lissa", "finetune", "gradient_ascent", "neggrad_plus", "random_labels", "salun",
-                   "scrub", "bad_teacher", "ssd")
+                   "scrub", "bad_teacher", "ssd", "lotus")
 
 #: default training recipe per model family (the oracle is retrained with the same recipe)
 DEFAULT_RECIPES = {

@@ -1,6 +1,7 @@
 """Unlearning methods behind one interface, :class:`Unlearner`."""
 from .base import UnlearnResult, Unlearner
 from .first_order import SCRUB, SSD, BadTeacher, Finetune, GradientAscent, NegGradPlus, RandomLabels, SalUn
+from .lotus import LoTUS
 from .newton import CureNewton, DampedNewton, InfluenceNewton, LiSSANewton, NewtonPinv, StochasticCureNewton
 from .reference import Original, Retrain
 
@@ -8,10 +9,10 @@ from .reference import Original, Retrain
 METHODS: dict[str, type[Unlearner]] = {
     method.name: method
     for method in (Retrain, Original, Finetune, GradientAscent, NegGradPlus, RandomLabels, SalUn, SCRUB,
-                   BadTeacher, SSD, CureNewton, StochasticCureNewton, NewtonPinv, DampedNewton, InfluenceNewton,
+                   BadTeacher, SSD, LoTUS, CureNewton, StochasticCureNewton, NewtonPinv, DampedNewton, InfluenceNewton,
                    LiSSANewton)
 }
 
 __all__ = ["METHODS", "SCRUB", "SSD", "BadTeacher", "CureNewton", "DampedNewton", "Finetune", "GradientAscent",
-           "InfluenceNewton", "LiSSANewton", "NegGradPlus", "NewtonPinv", "Original", "RandomLabels", "Retrain", "SalUn",
+           "InfluenceNewton", "LiSSANewton", "LoTUS", "NegGradPlus", "NewtonPinv", "Original", "RandomLabels", "Retrain", "SalUn",
            "StochasticCureNewton", "UnlearnResult", "Unlearner"]

@@ -1,0 +1,114 @@
+"""LoTUS on tiny digits problems: it drives the forget accuracy to the original model's accuracy on
+unseen data (sample forgetting) or to 0 (class forgetting), stops by its rule, is seeded, and
+rejects what it cannot run on."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+
+from unlearn_kernels.data.labeled import LabeledData
+from unlearn_kernels.methods import METHODS, LoTUS
+from unlearn_kernels.methods.lotus import _gumbel
+from unlearn_kernels.models import MLP
+from unlearn_kernels.training import TrainConfig, init_model, train
+
+CONFIG = TrainConfig(epochs=30, batch_size=32, lr=0.05, seed=0)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16
+    return x, torch.tensor(data.target, dtype=torch.long)
+
+
+@pytest.fixture(scope="module")
+def sample_problem(digits):
+    """An MLP that overfits 200 digits (train accuracy 1, unseen accuracy lower); forget 80 of them."""
+    x, y = digits
+    train_x, train_y, unseen = x[:200], y[:200], LabeledData(x[1000:1400], y[1000:1400])
+    model = init_model(lambda: MLP(64, hidden=(32,), num_classes=10), 0)
+    train(model, LabeledData(train_x, train_y), CONFIG)
+    forget, retain = LabeledData(train_x[:80], train_y[:80]), LabeledData(train_x[80:], train_y[80:])
+    return model, forget, retain, unseen
+
+
+def accuracy(model, data):
+    with torch.no_grad():
+        return int((model.eval()(data.x).argmax(1) == data.y).sum()) / len(data)
+
+
+def test_registered_under_its_name():
+    assert METHODS["lotus"] is LoTUS and LoTUS.name == "lotus"
+
+
+def test_sample_forgetting_reaches_the_unseen_accuracy(sample_problem):
+    model, forget, retain, unseen = sample_problem
+    state = copy.deepcopy(model.state_dict())
+    acc_u = round(accuracy(model, unseen), 2)
+    acc_f0 = round(accuracy(model, forget), 2)
+    assert acc_f0 >= 0.98 and acc_u <= 0.93  # a gap to close
+    # alpha 64: on this well-separated problem the default alpha = 8 (tau about 2) barely moves Acc_f
+    result = LoTUS(epochs=30, lr=1e-2, alpha=64.0).unlearn(model, forget, retain, unseen=unseen, seed=0)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # caller's model untouched
+    d = result.diagnostics
+    assert d["acc_u"] == acc_u and d["alpha"] == 64.0 and result.gradients > 0
+    # the stopping rule fired: Acc_f <= acc_u - 0.01 before the epochs ran out
+    assert d["epochs"] < 30 and d["final_forget_accuracy"] <= acc_u - 0.01
+    assert accuracy(result.model, retain) > 0.9  # the retained knowledge stays
+    # tau = exp(alpha (acc_f - acc_u)) with the accuracies rounded to 2 decimals
+    assert d["taus"][0] == pytest.approx(math.exp(64.0 * (acc_f0 - acc_u)), rel=1e-9)
+    assert LoTUS().alpha is None  # defaults: 8 for sample forgetting, 32 for classes (checked below)
+
+
+def test_class_forgetting_needs_no_unseen_data_and_targets_zero(digits):
+    x, y = digits
+    x, y = x[:600], y[:600]
+    model = init_model(lambda: MLP(64, hidden=(32,), num_classes=10), 0)
+    train(model, LabeledData(x, y), TrainConfig(epochs=10, batch_size=32, lr=0.05, seed=0))
+    is_forget = y == 3
+    forget, retain = LabeledData(x[is_forget], y[is_forget]), LabeledData(x[~is_forget], y[~is_forget])
+    result = LoTUS(epochs=10, lr=3e-3).unlearn(model, forget, retain, seed=0)
+    assert result.diagnostics["acc_u"] == 0.0 and result.diagnostics["alpha"] == 32.0
+    assert accuracy(result.model, forget) < 0.5 < accuracy(model, forget)
+    assert accuracy(result.model, retain) > 0.85
+
+
+def test_deterministic_per_seed(sample_problem):
+    model, forget, retain, unseen = sample_problem
+    method = LoTUS(epochs=2)
+
+    def flat(m):
+        return torch.cat([p.flatten() for p in m.parameters()])
+
+    a = method.unlearn(model, forget, retain, unseen=unseen, seed=0).model
+    b = method.unlearn(model, forget, retain, unseen=unseen, seed=0).model
+    c = method.unlearn(model, forget, retain, unseen=unseen, seed=1).model
+    assert torch.equal(flat(a), flat(b)) and not torch.equal(flat(a), flat(c))
+
+
+def test_gumbel_max_samples_the_softmax():
+    """argmax(z + g) with Gumbel g is a sample of softmax(z): frequencies over 200k draws."""
+    z = torch.tensor([[0.0, 1.0, -1.0, 2.0]]).expand(200_000, 4)
+    g = _gumbel(z.shape, torch.Generator().manual_seed(0), torch.device("cpu"), torch.float32)
+    freq = torch.bincount((z + g).argmax(1), minlength=4).double() / z.shape[0]
+    torch.testing.assert_close(freq, F.softmax(z[0].double(), 0), atol=4e-3, rtol=0)
+
+
+def test_bad_input_is_rejected_clearly(sample_problem):
+    model, forget, retain, unseen = sample_problem
+    with pytest.raises(ValueError, match="needs unseen data"):
+        LoTUS(epochs=1).unlearn(model, forget, retain)
+    with pytest.raises(ValueError, match="unseen data set is empty"):
+        LoTUS(epochs=1).unlearn(model, forget, retain, unseen=LabeledData(unseen.x[:0], unseen.y[:0]))
+    with pytest.raises(ValueError, match="alpha must be"):
+        LoTUS(alpha=0.0)
+    with pytest.raises(ValueError, match="alpha must be"):
+        LoTUS(alpha=float("nan"))
+    with pytest.raises(ValueError, match="retain_fraction"):
+        LoTUS(retain_fraction=1.5)
+    with pytest.raises(ValueError, match="forget set is empty"):
+        LoTUS().unlearn(model, LabeledData(forget.x[:0], forget.y[:0]), retain, unseen=unseen)
