@@ -82,6 +82,18 @@ def _distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temp
                     reduction="batchmean") * temperature**2
 
 
+def _flagged_mix(forget: LabeledData, retain: LabeledData, retain_fraction: float, seed: int) -> tuple[LabeledData, int]:
+    """All of D_f plus a seeded random ``retain_fraction`` of D_r, as one set whose "labels" are flags
+    (1 = forget sample, 0 = retain sample), and the number of retain samples taken."""
+    device = forget.x.device
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(len(retain), generator=generator)[: round(retain_fraction * len(retain))]
+    retain_x = retain.x[chosen.to(device)]
+    flags = torch.cat([torch.ones(len(forget), dtype=torch.long, device=device),
+                       torch.zeros(len(retain_x), dtype=torch.long, device=device)])
+    return LabeledData(torch.cat([forget.x, retain_x]), flags), len(retain_x)
+
+
 def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -402,13 +414,7 @@ class BadTeacher(_Trained):
         forget, retain = forget.to(device), retain.to(device)
         competent = _frozen_copy(model)
         incompetent = _random_teacher(model, seed)
-        generator = torch.Generator().manual_seed(seed)
-        chosen = torch.randperm(len(retain), generator=generator)[: round(self.retain_fraction * len(retain))]
-        retain_x = retain.x[chosen.to(device)]
-        # the "labels" of this set are the flags: 1 = forget sample, 0 = retain sample
-        mixed = LabeledData(torch.cat([forget.x, retain_x]),
-                            torch.cat([torch.ones(len(forget), dtype=torch.long, device=device),
-                                       torch.zeros(len(retain_x), dtype=torch.long, device=device)]))
+        mixed, num_retain = _flagged_mix(forget, retain, self.retain_fraction, seed)
         optimizer = self._make_optimizer(model)
         model.train()
         steps = 0
@@ -422,7 +428,7 @@ class BadTeacher(_Trained):
                 _step(optimizer, loss)
                 steps += 1
         return UnlearnResult(model=model.eval(), seconds=0.0, gradients=steps,
-                             diagnostics={"epochs": self.epochs, "retain_samples": len(retain_x)})
+                             diagnostics={"epochs": self.epochs, "retain_samples": num_retain})
 
 
 class SSD(Unlearner):

@@ -17,7 +17,7 @@ from torch import nn
 from ..data.labeled import LabeledData
 from ..training import model_device
 from .base import UnlearnResult
-from .first_order import _check_fraction, _frozen_copy, _step, _Trained
+from .first_order import _check_fraction, _flagged_mix, _frozen_copy, _step, _Trained
 
 
 @torch.no_grad()
@@ -89,13 +89,8 @@ class LoTUS(_Trained):
             acc_u = _accuracy(teacher, unseen.to(device), self.batch_size)
         alpha = self.alpha if self.alpha is not None else (32.0 if class_forgetting else 8.0)
 
-        generator = torch.Generator().manual_seed(seed)
-        chosen = torch.randperm(len(retain), generator=generator)[: round(self.retain_fraction * len(retain))]
-        retain_x = retain.x[chosen.to(device)]
-        # the "labels" of this set are the flags: 1 = forget sample, 0 = retain sample
-        mixed = LabeledData(torch.cat([forget.x, retain_x]),
-                            torch.cat([torch.ones(len(forget), dtype=torch.long, device=device),
-                                       torch.zeros(len(retain_x), dtype=torch.long, device=device)]))
+        mixed, num_retain = _flagged_mix(forget, retain, self.retain_fraction, seed)
+        generator = torch.Generator().manual_seed(seed)  # the Gumbel noise
         optimizer = self._make_optimizer(model)
         steps, epochs_run, taus = 0, 0, []
         for epoch in range(self.epochs):
@@ -120,4 +115,4 @@ class LoTUS(_Trained):
         return UnlearnResult(model=model.eval(), seconds=0.0, gradients=steps,
                              diagnostics={"epochs": epochs_run, "acc_u": acc_u, "alpha": alpha, "taus": taus,
                                           "final_forget_accuracy": _accuracy(model, forget, self.batch_size),
-                                          "retain_samples": len(retain_x)})
+                                          "retain_samples": num_retain})
