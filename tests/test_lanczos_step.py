@@ -7,7 +7,8 @@ import torch
 from unlearn_kernels.backends import BackendUnavailableError, status
 from unlearn_kernels.ops import lanczos_step
 
-BACKENDS = [b for b in ("reference", "cpp", "triton") if status("lanczos_step", b).usable]
+# the C++ kernel is always built (a missing one fails); Triton runs where it is installed (interpreter on CPU)
+BACKENDS = ["reference", "cpp"] + (["triton"] if status("lanczos_step", "triton").usable else [])
 COMPILED = [b for b in BACKENDS if b != "reference"]
 # (d, m): empty basis; d below, at and past the Triton interpreter tile (4096) and the C++ block (8192).
 SHAPES = [(1, 0), (7, 0), (33, 5), (1000, 3), (5001, 6), (20011, 4)]
@@ -35,12 +36,11 @@ def unit(d, dtype, gen):
     return (v / v.norm()).to(dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# The Triton interpreter is slow: it stops at d = 5001, which already spans two tiles.
+@pytest.mark.parametrize(("backend", "d", "m"),
+                         [(b, d, m) for b in BACKENDS for d, m in SHAPES if not (b == "triton" and d > 6000)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize(("d", "m"), SHAPES)
 def test_matches_numpy(backend, dtype, d, m, rng):
-    if backend == "triton" and d > 6000:
-        pytest.skip("the Triton interpreter is slow; 5001 already spans two tiles")
     basis = orthonormal_rows(m, d, dtype, rng)
     hq = torch.randn(d, dtype=dtype, generator=rng)
     q, q_prev = unit(d, dtype, rng), unit(d, dtype, rng)
