@@ -91,10 +91,13 @@ def test_zero_gradient(method, rng):
 
 
 # ----------------------------------------------------------------------------- Krylov
+# Whether the iteration converges near invariance (k_max = d) is decided by rounding: several
+# problems per kind. 1234 is the rng fixture's seed; with 14 the main phase stops one step short.
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 14, 1234])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("reorth", ["full", "selective"])
-def test_krylov_matches_dense(kind, reorth, rng):
-    H, g, M = problem(kind, rng)
+def test_krylov_matches_dense(kind, reorth, seed):
+    H, g, M = problem(kind, torch.Generator().manual_seed(seed))
     ref = cubic_newton_step(H, g, M, method="dense")
     out = cubic_newton_step(H, g, M, method="krylov", reorth=reorth, k_max=D, kappa=1e-12, probe_steps=D)
     assert out.converged
@@ -117,8 +120,11 @@ def test_krylov_without_guard_misses_hard_case(rng):
     unguarded = cubic_newton_step(H, g, M, method="krylov", k_max=20, kappa=1e-12, guard=False)
     # The Krylov space of g never sees u_1: a stationary point with sigma < 1, not the minimiser.
     assert unguarded.sigma < 0.99 and unguarded.model_value > ref.model_value + 1.0
-    guarded = cubic_newton_step(H, g, M, method="krylov", k_max=20, kappa=1e-12, probe_steps=D)
-    assert guarded.hard_case and guarded.model_value == pytest.approx(ref.model_value, rel=1e-8)
+    # probe_steps=9: a probe block from a random restart (it spans the 9 dimensions left beside
+    # the locked residual vector); D: the probe fills the space by continuing Lanczos.
+    for probe_steps in (9, D):
+        guarded = cubic_newton_step(H, g, M, method="krylov", k_max=20, kappa=1e-12, probe_steps=probe_steps)
+        assert guarded.hard_case and guarded.model_value == pytest.approx(ref.model_value, rel=1e-8)
 
 
 def test_krylov_residual_estimate_is_exact(rng):

@@ -95,6 +95,17 @@ def test_invariant_start_vector_recovers_whole_spectrum(rng):
     assert float((res.eigenvalues - lam).abs().max()) < 1e-12
 
 
+@pytest.mark.parametrize("reorth", ["full", "selective"])
+def test_whole_space_is_invariant(rng, reorth):
+    # d steps span the whole space: the last residual vector is rounding, a breakdown (for
+    # "selective" only once it is projected off the converged Ritz vectors), and T is exact.
+    lam = torch.linspace(-1, 3, 30, dtype=torch.float64)
+    res = lanczos(sym_with_spectrum(lam, rng), 30, which="BE", num_eigs=30, tol=0, reorth=reorth)
+    assert res.num_steps == 30 and float(res.betas[-1]) == 0.0
+    assert res.converged and float(res.residual_bounds.max()) == 0.0
+    assert float((res.eigenvalues - lam).abs().max()) < 1e-12
+
+
 def test_float32_and_callable_operator(matrix):
     ev = torch.linalg.eigvalsh(matrix)
     H32 = matrix.float()

@@ -106,12 +106,16 @@ class KrylovCubicSolver:
     Hard-case guard (``guard``): in the hard case g has no component along H's bottom eigenvector,
     so the Krylov space of g never sees it and the subspace solution is a stationary point of m
     that is not its global minimiser. After the main phase the solver restarts Lanczos from a
-    random vector orthogonal to Q and to the last residual vector (a "probe" block, fully
-    reorthogonalised, at most ``probe_steps`` steps, until its bottom Ritz pair has converged to
+    random vector orthogonal to Q and to the last residual vector (a "probe" block, reorthogonalised
+    like the main phase, at most ``probe_steps`` steps, until its bottom Ritz pair has converged to
     ``sqrt(eps) ||T||``). T becomes block diagonal with no coefficient on the probe block, so if
     the probe finds curvature below ``-sigma`` the secular op takes the hard case and adds that
     Ritz vector. The probe's coupling to the dropped residual vector is tracked, so the residual
-    estimate stays exact. The guard needs the stored basis: it is on by default, and off in
+    estimate stays exact. When the rest of the space is within the probe's budget (``d - k <=
+    probe_steps`` after k main steps) the probe instead continues Lanczos until it spans the whole
+    space: Q is then square and T exact. (A restart would lock the residual vector out of T, and
+    when the Krylov space of g is nearly all of the space, rounding has put part of the bottom
+    eigenvector there.) The guard needs the stored basis: it is on by default, and off in
     two-pass mode. (The alternative, perturbing g, was not chosen: it cannot certify
     ``H + sigma I`` PSD.)
 
@@ -128,7 +132,7 @@ class KrylovCubicSolver:
         two_pass: store no Lanczos vectors (O(d) memory); s is formed by a second pass. Needs
             reorth="none".
         guard: the hard-case probe (default: on unless two_pass).
-        probe_steps: most steps of the probe block.
+        probe_steps: most steps of the probe block (or of filling the space, see above).
         kappa: relative tolerance of the ``kappa min(1, ||y||) ||g||`` rule.
         theta: tolerance of the ``theta ||y||^2`` rule; default ``kappa * M / 2`` (the residual is
             then a kappa fraction of the cubic term's gradient ``(M/2) ||y||^2``).
@@ -214,16 +218,17 @@ class KrylovCubicSolver:
     def _run_probe(self) -> None:
         proc = self.process
         self._probed = True
-        # Start the probe block now unless a breakdown already restarted; without room for a
-        # restart the probe continues the current block (then its whole T is watched).
-        restarted = proc.betas[-1] == 0.0 or proc.can_restart
-        if proc.betas[-1] != 0.0 and proc.can_restart:
+        if self.op.shape[0] - proc.n <= self.probe_steps:
+            # The probe could reach the whole space: fill it by continuing Lanczos, with no
+            # residual vector locked out of T (a breakdown restarts into what is left).
+            while not proc.exhausted:
+                proc.step()
+            return
+        if proc.betas[-1] != 0.0:  # start the probe block unless a breakdown already restarted
             proc.restart()
-        start = proc.n if restarted else 0
+        start = proc.n  # the capacity (k_max + probe_steps, < d here) leaves probe_steps steps
         tol = math.sqrt(torch.finfo(self.op.dtype).eps)
         for _ in range(self.probe_steps):
-            if proc.exhausted:
-                return
             proc.step()
             if proc.betas[-1] == 0.0:  # the probe block is invariant (it may have restarted again)
                 return

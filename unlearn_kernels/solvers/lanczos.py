@@ -12,8 +12,10 @@ Reorthogonalisation (``reorth``):
   orthonormal to rounding; costs O(k d) per step.
 * ``"selective"``: a simplified Parlett-Scott scheme: after every step the Ritz pairs whose error
   bound ``beta_k |s_ki|`` is below ``sqrt(eps) ||T||`` count as converged; when their number grows,
-  their Ritz vectors are formed, the current vector is orthogonalised against them, and every
-  later step reorthogonalises against them only (they are where orthogonality is lost).
+  their Ritz vectors are formed, the current vector is orthogonalised against them (beta becomes
+  the norm of what is left), and every later step reorthogonalises against them only (they are
+  where orthogonality is lost). Near invariance every pair converges and the residual vector is
+  mostly lost orthogonality along them: the breakdown test comes after this projection.
 * ``"none"``: the plain three-term recurrence (ghost copies of converged eigenvalues may appear).
 
 Breakdown: when beta falls to rounding level (the op returns 0, or beta <= 100 eps ||T||) the
@@ -140,15 +142,17 @@ class LanczosProcess:
         self.betas.append(beta)
         self._anorm = max(self._anorm, abs(alpha), beta)
         self.q_prev, self.q = self.q, q_next
-        if beta <= BREAKDOWN_RTOL_EPS * self._eps * self._anorm:
+        if self.reorth == "selective":
+            # Before the breakdown test: near invariance beta is the lost orthogonality (about
+            # sqrt(eps)), and only the projection on the converged Ritz vectors removes it.
+            self._update_ritz()
+        if self.betas[-1] <= BREAKDOWN_RTOL_EPS * self._eps * self._anorm:
             # Drop the rounding-level coupling (an error of at most 100 eps ||T|| in T).
             self.betas[-1] = 0.0
             if self.can_restart:
                 self.restart()
             else:
                 self.stopped = True
-        elif self.reorth == "selective":
-            self._update_ritz()
         return hq
 
     def restart(self) -> None:
@@ -179,7 +183,10 @@ class LanczosProcess:
         self._ritz = coef @ self.basis[:self.n]
         for _ in range(2):
             self.q = self.q - self._ritz.T @ (self._ritz @ self.q)
-        self.q = _unit(self.q)
+        # beta is the norm of the residual vector after this projection too.
+        shrink = float(torch.linalg.vector_norm(self.q.double()))
+        self.betas[-1] *= shrink
+        self.q = self.q / shrink if shrink > 0 else self.q
 
     def residual_norm(self, z: np.ndarray) -> float:
         """``||H Q z - Q T z||`` for a coefficient vector z (exact up to rounding): the residual
