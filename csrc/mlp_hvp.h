@@ -18,22 +18,32 @@ namespace unlearn_kernels::mlp_hvp {
 enum class Activation : int64_t { kIdentity = 0, kReLU = 1, kGELU = 2, kTanh = 3, kSigmoid = 4 };
 
 // Whether act' is not identically 1 / act'' not identically 0 (which derivative buffers exist).
-inline bool has_first(Activation act) { return act != Activation::kIdentity; }
-inline bool has_second(Activation act) { return act != Activation::kIdentity && act != Activation::kReLU; }
+constexpr bool has_first(Activation act) { return act != Activation::kIdentity; }
+constexpr bool has_second(Activation act) { return act != Activation::kIdentity && act != Activation::kReLU; }
 
 // The device-specific fused elementwise stages; every tensor is contiguous and of one dtype.
 struct Kernels {
-  // In place a -> act(a) on the (N, d) pre-activation; writes d1 = act'(a) and, if defined,
-  // d2 = act''(a) (both (N, d), d1 undefined for the identity).
-  void (*activate)(Activation act, at::Tensor& a, at::Tensor& d1, at::Tensor& d2);
+  // One layer's forward and R-forward after its matmuls. ar (N, (K+1) d) holds, per row, the
+  // pre-activation without bias followed by the K R-pre-activations without bias
+  // ([h W^T | h V_1^T | .. | h V_K^T], one matmul); t (N, K, d) is the Rh W^T term (undefined on the
+  // first layer, where Rh = 0); b (d) and vb (K, d) are the bias and its tangents (each may be
+  // undefined). With a = ar_0 + b and r_k = ar_k + vb_k + t_k, writes h = act(a) (N, d),
+  // d1 = act'(a) and d2 = act''(a) where defined (d1 undefined for the identity, d2 for the
+  // identity and ReLU), rh_k = act'(a) r_k (N, K, d), and ra_k = r_k where d2 is defined.
+  void (*activate)(Activation act, const at::Tensor& ar, const at::Tensor& t, const at::Tensor& b,
+                   const at::Tensor& vb, at::Tensor& h, at::Tensor& d1, at::Tensor& d2, at::Tensor& rh,
+                   at::Tensor& ra);
   // Backward through the activation for the gradient g (N, d) and its R-derivative rg (N, K, d):
   // rg <- d2 * ra * g + d1 * rg, then g <- d1 * g. d2 and ra (the R-pre-activation) are undefined
   // for ReLU; g is undefined when d2 is and no layer below needs the gradient (then only rg moves).
   void (*backward)(const at::Tensor& d1, const at::Tensor& d2, const at::Tensor& ra, at::Tensor& g,
                    at::Tensor& rg);
+  // The number of rows whose target is not ignore_index (the mean's denominator); raises a
+  // ValueError naming the first kept target outside [0, C).
+  int64_t (*count_kept)(const at::Tensor& target, int64_t C, int64_t ignore_index);
   // Rows of the mean softmax cross entropy, in place: z (N, C) logits -> (softmax(z) - t) * scale,
   // rz (N, K, C) -> (diag(p) - p p^T) rz * scale per tangent, with scale = 1 / (rows kept); rows whose
-  // target is ignore_index become 0. Targets are in range (checked before). Sets flags[0] if a kept
+  // target is ignore_index become 0. Targets are in range (count_kept checked them). Sets flags[0] if a kept
   // row max of z is not finite, flags[1] if some kept <p, rz_k> is not finite (flags: int32 (2,) on
   // the device of z).
   void (*loss)(at::Tensor& z, const at::Tensor& target, at::Tensor& rz, double label_smoothing,

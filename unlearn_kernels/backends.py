@@ -54,6 +54,7 @@ def triton_available() -> tuple[bool, str]:
     return True, "no GPU: runs through the Triton interpreter on CPU (for testing; slow)"
 
 
+@functools.cache  # what is built and visible does not change while the process runs
 def status(op: str, backend: str) -> BackendStatus:
     """Static usability of ``backend`` for ``op`` on this machine (independent of the inputs)."""
     from .ops import OP_BACKENDS

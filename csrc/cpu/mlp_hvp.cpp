@@ -117,52 +117,33 @@ std::vector<at::Tensor> run(const Kernels& kernels, const at::Tensor& x, const a
     return t.has_value() ? *t : at::Tensor();
   };
 
-  // Forward: h[l] is the input of layer l (h[L] the logits); d1/d2 the activation derivatives.
-  std::vector<at::Tensor> h(L + 1), d1(L), d2(L);
+  // Forward and R-forward together, all K tangents at once in the (N, K, d) layout: h[l] is the
+  // input of layer l (h[L] the logits), rh[l] its R-derivative (rh[0] = 0); d1/d2 the activation
+  // derivatives, ra[l] the R-pre-activation (kept only where act'' is needed in the backward).
+  // One matmul per layer serves the forward and the h V^T terms of all K tangents, and the
+  // biases are added inside the activation kernel (no bias copies, no separate R pass).
+  std::vector<at::Tensor> h(L + 1), rh(L + 1), d1(L), d2(L), ra(L);
   h[0] = x;
   for (int64_t l = 0; l < L; ++l) {
-    const at::Tensor b = bias(biases, l);
-    at::Tensor a = b.defined() ? at::addmm(b, h[l], weights[l].t()) : at::mm(h[l], weights[l].t());
-    if (has_first(act(l))) {
-      d1[l] = at::empty_like(a);
-      if (has_second(act(l))) d2[l] = at::empty_like(a);
-      kernels.activate(act(l), a, d1[l], d2[l]);
-    }
-    h[l + 1] = a;
-  }
-
-  // R-forward, all K tangents at once in the (N, K, d) layout. ra[l] is kept only where act''
-  // is needed in the backward; rh[l] is the R-derivative of h[l] (rh[0] = 0).
-  std::vector<at::Tensor> ra(L), rh(L + 1);
-  for (int64_t l = 0; l < L; ++l) {
     const int64_t out = weights[l].size(0), in = weights[l].size(1);
-    const at::Tensor v = v_weights[l].reshape({K * out, in});
-    const at::Tensor vb = bias(v_biases, l);
-    at::Tensor r = vb.defined() ? at::addmm(vb.reshape({K * out}), h[l], v.t()) : at::mm(h[l], v.t());
-    if (l > 0) r.view({N * K, out}).addmm_(rh[l].view({N * K, in}), weights[l].t());
-    r = r.view({N, K, out});
-    if (!has_first(act(l))) {
-      rh[l + 1] = r;
-    } else if (has_second(act(l))) {
-      ra[l] = r;
-      rh[l + 1] = r * d1[l].unsqueeze(1);
-    } else {
-      rh[l + 1] = r.mul_(d1[l].unsqueeze(1));
+    const at::Tensor stacked = at::cat({weights[l], v_weights[l].reshape({K * out, in})}).t();
+    h[l + 1] = at::empty({N, out}, x.options());
+    rh[l + 1] = at::empty({N, K, out}, x.options());
+    if (has_first(act(l))) d1[l] = at::empty({N, out}, x.options());
+    if (has_second(act(l))) {
+      d2[l] = at::empty({N, out}, x.options());
+      ra[l] = at::empty({N, K, out}, x.options());
     }
+    const at::Tensor ar = at::mm(h[l], stacked);
+    const at::Tensor t = l > 0 ? at::mm(rh[l].view({N * K, in}), weights[l].t()) : at::Tensor();
+    kernels.activate(act(l), ar, t, bias(biases, l), bias(v_biases, l), h[l + 1], d1[l], d2[l], rh[l + 1], ra[l]);
   }
 
   // Loss rows, in place: the logits become the gradient g, their R-derivative becomes Rg.
   at::Tensor g = h[L], rg = rh[L];
   h[L] = rh[L] = at::Tensor();
   const int64_t C = g.size(1);
-  const at::Tensor kept = target != ignore_index;
-  const at::Tensor bad_target = (kept & ((target < 0) | (target >= C))).nonzero();
-  if (bad_target.numel() > 0) {
-    const int64_t row = bad_target[0][0].item<int64_t>();
-    TORCH_CHECK_VALUE(false, "mlp_hvp: target[", row, "] = ", target[row].item<int64_t>(), " is out of range for ",
-                      C, " classes (and is not ignore_index=", ignore_index, ")");
-  }
-  const int64_t num_kept = kept.sum().item<int64_t>();
+  const int64_t num_kept = kernels.count_kept(target, C, ignore_index);
   TORCH_CHECK_VALUE(num_kept > 0, "mlp_hvp: every target is ignore_index=", ignore_index,
                     " (the mean loss over 0 samples is undefined)");
   at::Tensor flags = at::zeros({2}, g.options().dtype(at::kInt));
@@ -206,62 +187,132 @@ namespace {
 // Elements (or row elements) per parallel task: enough work that scheduling is negligible.
 constexpr int64_t kGrain = 32768;
 
-// act, act' and act'' of one vector of pre-activations, in one go (they share exp/erf/tanh).
-template <typename scalar_t>
-void activation_vec(Activation act, const at::vec::Vectorized<scalar_t>& a, at::vec::Vectorized<scalar_t>& h,
+// act, act' and act'' of one vector of pre-activations, in one go (they share exp/erf/tanh). The
+// activation is a template parameter so that each row loop below is compiled without a switch.
+template <Activation A, typename scalar_t>
+void activation_vec(const at::vec::Vectorized<scalar_t>& a, at::vec::Vectorized<scalar_t>& h,
                     at::vec::Vectorized<scalar_t>& d1, at::vec::Vectorized<scalar_t>& d2) {
   using Vec = at::vec::Vectorized<scalar_t>;
   const Vec one(1), two(2), half(0.5);
-  switch (act) {
-    case Activation::kReLU: {
-      const Vec zero(0);
-      h = at::vec::maximum(a, zero);  // NaN-propagating, like torch.relu
-      d1 = Vec::blendv(zero, one, a > zero);
-      break;
-    }
-    case Activation::kGELU: {  // exact form: a Phi(a), Phi the standard normal CDF, phi its density
-      const Vec cdf = half * (one + (a * Vec(M_SQRT1_2)).erf());
-      const Vec pdf = (a * a * Vec(-0.5)).exp() * Vec(0.5 * M_2_SQRTPI * M_SQRT1_2);
-      h = a * cdf;
-      d1 = cdf + a * pdf;
-      d2 = pdf * (two - a * a);
-      break;
-    }
-    case Activation::kTanh:
-      h = a.tanh();
-      d1 = one - h * h;
-      d2 = Vec(-2) * h * d1;
-      break;
-    case Activation::kSigmoid:
-      h = one / (one + a.neg().exp());
-      d1 = h * (one - h);
-      d2 = d1 * (one - two * h);
-      break;
-    case Activation::kIdentity:
-      TORCH_INTERNAL_ASSERT(false, "mlp_hvp: the identity needs no activation kernel");
+  if constexpr (A == Activation::kIdentity) {
+    h = a;
+    d1 = one;
+  } else if constexpr (A == Activation::kReLU) {
+    const Vec zero(0);
+    h = at::vec::maximum(a, zero);  // NaN-propagating, like torch.relu
+    d1 = Vec::blendv(zero, one, a > zero);
+  } else if constexpr (A == Activation::kGELU) {  // exact form: a Phi(a), Phi the standard normal CDF, phi its density
+    const Vec cdf = half * (one + (a * Vec(M_SQRT1_2)).erf());
+    const Vec pdf = (a * a * Vec(-0.5)).exp() * Vec(0.5 * M_2_SQRTPI * M_SQRT1_2);
+    h = a * cdf;
+    d1 = cdf + a * pdf;
+    d2 = pdf * (two - a * a);
+  } else if constexpr (A == Activation::kTanh) {
+    h = a.tanh();
+    d1 = one - h * h;
+    d2 = Vec(-2) * h * d1;
+  } else {
+    static_assert(A == Activation::kSigmoid);
+    h = one / (one + a.neg().exp());
+    d1 = h * (one - h);
+    d2 = d1 * (one - two * h);
   }
 }
 
-// One pass: (act, act', act'') per vector. Vectorised (AVX2 exp/erf/tanh) in the default build,
-// which defines CPU_CAPABILITY_AVX2 (setup.py); scalar libm calls in a generic-architecture build.
-void activate_cpu(Activation act, at::Tensor& a, at::Tensor& d1, at::Tensor& d2) {
-  TORCH_INTERNAL_ASSERT(a.is_contiguous() && d1.is_contiguous() && (!d2.defined() || d2.is_contiguous()));
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "mlp_hvp_activate_cpu", [&] {
-    using Vec = at::vec::Vectorized<scalar_t>;
-    scalar_t* pa = a.mutable_data_ptr<scalar_t>();
-    scalar_t* p1 = d1.mutable_data_ptr<scalar_t>();
-    scalar_t* p2 = d2.defined() ? d2.mutable_data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, a.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; i += Vec::size()) {
-        const int64_t n = std::min<int64_t>(Vec::size(), end - i);
-        Vec h, v1, v2;
-        activation_vec<scalar_t>(act, Vec::loadu(pa + i, n), h, v1, v2);
-        h.store(pa + i, n);
-        v1.store(p1 + i, n);
-        if (p2 != nullptr) v2.store(p2 + i, n);
+// The data of one activate call. Pointers are copied into the row loop's locals (by value), so
+// the compiler keeps them in registers instead of reloading them after every store.
+template <typename scalar_t>
+struct LayerRows {
+  const scalar_t* ar;   // (N, (K+1) d)
+  const scalar_t* t;    // (N, K, d) or null
+  const scalar_t* b;    // (d) or null
+  const scalar_t* vb;   // (K, d) or null
+  scalar_t* h;          // (N, d)
+  scalar_t* d1;         // (N, d), null for the identity
+  scalar_t* d2;         // (N, d) or null
+  scalar_t* rh;         // (N, K, d)
+  scalar_t* ra;         // (N, K, d) or null
+  int64_t K, d;
+};
+
+template <Activation A, typename scalar_t>
+void activate_rows(const LayerRows<scalar_t> p, int64_t begin, int64_t end) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  const int64_t K = p.K, d = p.d;
+  for (int64_t i = begin; i < end; ++i) {
+    const scalar_t* ari = p.ar + i * (K + 1) * d;
+    for (int64_t j = 0; j < d; j += Vec::size()) {
+      const int64_t n = std::min<int64_t>(Vec::size(), d - j), idx = i * d + j;
+      Vec a = Vec::loadu(ari + j, n);
+      if (p.b != nullptr) a = a + Vec::loadu(p.b + j, n);
+      Vec h, v1, v2;
+      activation_vec<A, scalar_t>(a, h, v1, v2);
+      h.store(p.h + idx, n);
+      if constexpr (has_first(A)) v1.store(p.d1 + idx, n);
+      if constexpr (has_second(A)) v2.store(p.d2 + idx, n);
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t rk = (i * K + k) * d + j;
+        Vec r = Vec::loadu(ari + (k + 1) * d + j, n);
+        if (p.vb != nullptr) r = r + Vec::loadu(p.vb + k * d + j, n);
+        if (p.t != nullptr) r = r + Vec::loadu(p.t + rk, n);
+        if constexpr (has_second(A)) r.store(p.ra + rk, n);
+        if constexpr (has_first(A)) {
+          (v1 * r).store(p.rh + rk, n);
+        } else {
+          r.store(p.rh + rk, n);
+        }
+      }
+    }
+  }
+}
+
+// One pass over each row of the layer (see Kernels::activate): the biases, (act, act', act'') and
+// the K R-derivatives. Vectorised (AVX2 exp/erf/tanh) in the default build, which defines
+// CPU_CAPABILITY_AVX2 (setup.py); scalar libm calls in a generic-architecture build.
+void activate_cpu(Activation act, const at::Tensor& ar, const at::Tensor& t, const at::Tensor& b,
+                  const at::Tensor& vb, at::Tensor& h, at::Tensor& d1, at::Tensor& d2, at::Tensor& rh,
+                  at::Tensor& ra) {
+  TORCH_INTERNAL_ASSERT(ar.is_contiguous() && h.is_contiguous() && rh.is_contiguous() && rh.dim() == 3);
+  TORCH_INTERNAL_ASSERT(!t.defined() || t.is_contiguous());
+  TORCH_INTERNAL_ASSERT(has_first(act) == d1.defined() && has_second(act) == d2.defined() && d2.defined() == ra.defined());
+  const int64_t N = rh.size(0), K = rh.size(1), d = rh.size(2);
+  const at::Tensor bc = b.defined() ? b.contiguous() : b, vbc = vb.defined() ? vb.contiguous() : vb;
+  AT_DISPATCH_FLOATING_TYPES(ar.scalar_type(), "mlp_hvp_activate_cpu", [&] {
+    const auto ptr = [](const at::Tensor& x) { return x.defined() ? x.const_data_ptr<scalar_t>() : nullptr; };
+    const auto mut = [](at::Tensor& x) { return x.defined() ? x.mutable_data_ptr<scalar_t>() : nullptr; };
+    const LayerRows<scalar_t> rows{ptr(ar), ptr(t), ptr(bc), ptr(vbc), mut(h), mut(d1), mut(d2), mut(rh), mut(ra), K, d};
+    at::parallel_for(0, N, std::max<int64_t>(1, kGrain / ((K + 1) * d)), [&](int64_t begin, int64_t end) {
+      switch (act) {
+        case Activation::kIdentity: return activate_rows<Activation::kIdentity>(rows, begin, end);
+        case Activation::kReLU: return activate_rows<Activation::kReLU>(rows, begin, end);
+        case Activation::kGELU: return activate_rows<Activation::kGELU>(rows, begin, end);
+        case Activation::kTanh: return activate_rows<Activation::kTanh>(rows, begin, end);
+        case Activation::kSigmoid: return activate_rows<Activation::kSigmoid>(rows, begin, end);
       }
     });
   });
+}
+
+// Rows [begin, end) of the backward through the activation (see Kernels::backward); the pointers
+// are parameters, i.e. locals, for the reason given at LayerRows.
+template <typename scalar_t>
+void backward_rows(const scalar_t* p1, const scalar_t* p2, const scalar_t* pra, scalar_t* pg, scalar_t* prg,
+                   int64_t K, int64_t d, int64_t begin, int64_t end) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  for (int64_t i = begin; i < end; ++i) {
+    for (int64_t j = 0; j < d; j += Vec::size()) {
+      const int64_t n = std::min<int64_t>(Vec::size(), d - j), idx = i * d + j;
+      const Vec v1 = Vec::loadu(p1 + idx, n);
+      const Vec v2g = p2 != nullptr ? Vec::loadu(p2 + idx, n) * Vec::loadu(pg + idx, n) : Vec(0);
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t rat = (i * K + k) * d + j;
+        Vec r = v1 * Vec::loadu(prg + rat, n);
+        if (p2 != nullptr) r = at::vec::fmadd(v2g, Vec::loadu(pra + rat, n), r);
+        r.store(prg + rat, n);
+      }
+      if (pg != nullptr) (v1 * Vec::loadu(pg + idx, n)).store(pg + idx, n);
+    }
+  }
 }
 
 void backward_cpu(const at::Tensor& d1, const at::Tensor& d2, const at::Tensor& ra, at::Tensor& g, at::Tensor& rg) {
@@ -270,29 +321,28 @@ void backward_cpu(const at::Tensor& d1, const at::Tensor& d2, const at::Tensor& 
   TORCH_INTERNAL_ASSERT(g.defined() ? g.is_contiguous() : !d2.defined());
   const int64_t N = rg.size(0), K = rg.size(1), d = rg.size(2);
   AT_DISPATCH_FLOATING_TYPES(rg.scalar_type(), "mlp_hvp_backward_cpu", [&] {
-    using Vec = at::vec::Vectorized<scalar_t>;
     const scalar_t* p1 = d1.const_data_ptr<scalar_t>();
     const scalar_t* p2 = d2.defined() ? d2.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* pra = ra.defined() ? ra.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* pg = g.defined() ? g.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* prg = rg.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, N, std::max<int64_t>(1, kGrain / ((K + 1) * d)), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        for (int64_t j = 0; j < d; j += Vec::size()) {
-          const int64_t n = std::min<int64_t>(Vec::size(), d - j), idx = i * d + j;
-          const Vec v1 = Vec::loadu(p1 + idx, n);
-          const Vec v2g = p2 != nullptr ? Vec::loadu(p2 + idx, n) * Vec::loadu(pg + idx, n) : Vec(0);
-          for (int64_t k = 0; k < K; ++k) {
-            const int64_t rat = (i * K + k) * d + j;
-            Vec r = v1 * Vec::loadu(prg + rat, n);
-            if (p2 != nullptr) r = at::vec::fmadd(v2g, Vec::loadu(pra + rat, n), r);
-            r.store(prg + rat, n);
-          }
-          if (pg != nullptr) (v1 * Vec::loadu(pg + idx, n)).store(pg + idx, n);
-        }
-      }
+      backward_rows<scalar_t>(p1, p2, pra, pg, prg, K, d, begin, end);
     });
   });
+}
+
+int64_t count_kept_cpu(const at::Tensor& target, int64_t C, int64_t ignore_index) {
+  const at::Tensor y = target.contiguous();
+  const int64_t* py = y.const_data_ptr<int64_t>();
+  int64_t kept = 0;
+  for (int64_t i = 0; i < y.numel(); ++i) {
+    if (py[i] == ignore_index) continue;
+    TORCH_CHECK_VALUE(py[i] >= 0 && py[i] < C, "mlp_hvp: target[", i, "] = ", py[i], " is out of range for ", C,
+                      " classes (and is not ignore_index=", ignore_index, ")");
+    ++kept;
+  }
+  return kept;
 }
 
 void loss_cpu(at::Tensor& z, const at::Tensor& target, at::Tensor& rz, double label_smoothing, int64_t ignore_index,
@@ -349,7 +399,7 @@ std::vector<at::Tensor> mlp_hvp_cpu(const at::Tensor& x, const at::Tensor& targe
                                     const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations,
                                     at::TensorList v_weights, const c10::List<std::optional<at::Tensor>>& v_biases,
                                     double label_smoothing, int64_t ignore_index, bool check_finite) {
-  static const Kernels kernels{&activate_cpu, &backward_cpu, &loss_cpu};
+  static const Kernels kernels{&activate_cpu, &backward_cpu, &count_kept_cpu, &loss_cpu};
   return run(kernels, x, target, weights, biases, activations, v_weights, v_biases, label_smoothing, ignore_index,
              check_finite);
 }

@@ -1,11 +1,13 @@
 // CUDA kernels of the fused MLP Hessian-vector product. The pass itself (cuBLAS matmuls through
-// ATen) is the device-agnostic `run` in csrc/cpu/mlp_hvp.cpp; this file supplies its three fused
-// elementwise stages (see csrc/mlp_hvp.h): (act, act', act'') in one kernel, the backward through
-// the activation for the gradient and all K R-derivatives in one kernel (one thread per (row,
-// feature), looping over K, so the gradient is read once and written after the K updates), and the
-// loss rows (one warp per row: one softmax serves the gradient and the K tangents).
+// ATen) is the device-agnostic `run` in csrc/cpu/mlp_hvp.cpp; this file supplies its device stages
+// (see csrc/mlp_hvp.h): a layer's biases, (act, act', act'') and R-forward in one kernel; the
+// backward through the activation for the gradient and all K R-derivatives in one kernel (one
+// thread per (row, feature), looping over K, so the gradient is read once and written after the K
+// updates); the target count (ATen ops); and the loss rows (one warp per row: one softmax serves
+// the gradient and the K tangents).
 #include "../mlp_hvp.h"
 
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -28,41 +30,59 @@ unsigned int grid_for(int64_t n) {
   return static_cast<unsigned int>(std::clamp<int64_t>((n + kThreads - 1) / kThreads, 1, int64_t{1} << 20));
 }
 
+// One thread per (row, feature) of the layer (see Kernels::activate): the biases, (act, act',
+// act'') and, looping over K, the R-derivatives of all tangents.
 template <typename scalar_t>
-__global__ void activate_kernel(Activation act, scalar_t* __restrict__ a, scalar_t* __restrict__ d1,
-                                scalar_t* __restrict__ d2, int64_t n) {
+__global__ void activate_kernel(Activation act, const scalar_t* __restrict__ ar, const scalar_t* __restrict__ t,
+                                const scalar_t* __restrict__ b, const scalar_t* __restrict__ vb,
+                                scalar_t* __restrict__ h, scalar_t* __restrict__ d1, scalar_t* __restrict__ d2,
+                                scalar_t* __restrict__ rh, scalar_t* __restrict__ ra, int64_t N, int64_t K,
+                                int64_t d) {
   const scalar_t one = 1, two = 2, half = 0.5;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const scalar_t x = a[i];
-    scalar_t h, g1, g2 = 0;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < N * d;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = idx / d, j = idx - i * d;
+    const scalar_t* ari = ar + i * (K + 1) * d;
+    const scalar_t x = ari[j] + (b != nullptr ? b[j] : scalar_t(0));
+    scalar_t hv, g1 = one, g2 = 0;
     switch (act) {
+      case Activation::kIdentity:
+        hv = x;
+        break;
       case Activation::kReLU:
-        h = (x > 0 || isnan(x)) ? x : scalar_t(0);  // NaN-propagating, like torch.relu
+        hv = (x > 0 || isnan(x)) ? x : scalar_t(0);  // NaN-propagating, like torch.relu
         g1 = x > 0 ? one : scalar_t(0);
         break;
       case Activation::kGELU: {  // exact form: x Phi(x)
         const scalar_t cdf = half * (one + erf(x * scalar_t(M_SQRT1_2)));
         const scalar_t pdf = exp(-half * x * x) * scalar_t(0.5 * M_2_SQRTPI * M_SQRT1_2);
-        h = x * cdf;
+        hv = x * cdf;
         g1 = cdf + x * pdf;
         g2 = pdf * (two - x * x);
         break;
       }
       case Activation::kTanh:
-        h = tanh(x);
-        g1 = one - h * h;
-        g2 = -two * h * g1;
+        hv = tanh(x);
+        g1 = one - hv * hv;
+        g2 = -two * hv * g1;
         break;
-      default:  // kSigmoid (the identity never reaches this kernel)
-        h = one / (one + exp(-x));
-        g1 = h * (one - h);
-        g2 = g1 * (one - two * h);
+      default:  // kSigmoid
+        hv = one / (one + exp(-x));
+        g1 = hv * (one - hv);
+        g2 = g1 * (one - two * hv);
         break;
     }
-    a[i] = h;
-    d1[i] = g1;
-    if (d2 != nullptr) d2[i] = g2;
+    h[idx] = hv;
+    if (d1 != nullptr) d1[idx] = g1;
+    if (d2 != nullptr) d2[idx] = g2;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t rk = (i * K + k) * d + j;
+      scalar_t r = ari[(k + 1) * d + j];
+      if (vb != nullptr) r += vb[k * d + j];
+      if (t != nullptr) r += t[rk];
+      if (ra != nullptr) ra[rk] = r;
+      rh[rk] = g1 * r;  // g1 = 1 for the identity
+    }
   }
 }
 
@@ -137,14 +157,20 @@ __global__ void loss_kernel(scalar_t* __restrict__ z, const int64_t* __restrict_
   }
 }
 
-void activate_cuda(Activation act, at::Tensor& a, at::Tensor& d1, at::Tensor& d2) {
-  TORCH_INTERNAL_ASSERT(a.is_contiguous() && d1.is_contiguous() && (!d2.defined() || d2.is_contiguous()));
-  const int64_t n = a.numel();
-  if (n == 0) return;
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "mlp_hvp_activate_cuda", [&] {
-    activate_kernel<scalar_t><<<grid_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        act, a.mutable_data_ptr<scalar_t>(), d1.mutable_data_ptr<scalar_t>(),
-        d2.defined() ? d2.mutable_data_ptr<scalar_t>() : nullptr, n);
+void activate_cuda(Activation act, const at::Tensor& ar, const at::Tensor& t, const at::Tensor& b,
+                   const at::Tensor& vb, at::Tensor& h, at::Tensor& d1, at::Tensor& d2, at::Tensor& rh,
+                   at::Tensor& ra) {
+  TORCH_INTERNAL_ASSERT(ar.is_contiguous() && h.is_contiguous() && rh.is_contiguous() && rh.dim() == 3);
+  TORCH_INTERNAL_ASSERT(!t.defined() || t.is_contiguous());
+  TORCH_INTERNAL_ASSERT(has_first(act) == d1.defined() && has_second(act) == d2.defined() && d2.defined() == ra.defined());
+  const int64_t N = rh.size(0), K = rh.size(1), d = rh.size(2);
+  if (N * d == 0) return;
+  const at::Tensor bc = b.defined() ? b.contiguous() : b, vbc = vb.defined() ? vb.contiguous() : vb;
+  AT_DISPATCH_FLOATING_TYPES(ar.scalar_type(), "mlp_hvp_activate_cuda", [&] {
+    const auto ptr = [](const at::Tensor& x) { return x.defined() ? x.const_data_ptr<scalar_t>() : nullptr; };
+    const auto mut = [](at::Tensor& x) { return x.defined() ? x.mutable_data_ptr<scalar_t>() : nullptr; };
+    activate_kernel<scalar_t><<<grid_for(N * d), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        act, ptr(ar), ptr(t), ptr(bc), ptr(vbc), mut(h), mut(d1), mut(d2), mut(rh), mut(ra), N, K, d);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -162,6 +188,17 @@ void backward_cuda(const at::Tensor& d1, const at::Tensor& d2, const at::Tensor&
         rg.mutable_data_ptr<scalar_t>(), N, K, d);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+int64_t count_kept_cuda(const at::Tensor& target, int64_t C, int64_t ignore_index) {
+  const at::Tensor kept = target != ignore_index;
+  const at::Tensor bad_target = (kept & ((target < 0) | (target >= C))).nonzero();
+  if (bad_target.numel() > 0) {
+    const int64_t row = bad_target[0][0].item<int64_t>();
+    TORCH_CHECK_VALUE(false, "mlp_hvp: target[", row, "] = ", target[row].item<int64_t>(), " is out of range for ",
+                      C, " classes (and is not ignore_index=", ignore_index, ")");
+  }
+  return kept.sum().item<int64_t>();
 }
 
 void loss_cuda(at::Tensor& z, const at::Tensor& target, at::Tensor& rz, double label_smoothing, int64_t ignore_index,
@@ -184,7 +221,7 @@ std::vector<at::Tensor> mlp_hvp_cuda(const at::Tensor& x, const at::Tensor& targ
                                      const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations,
                                      at::TensorList v_weights, const c10::List<std::optional<at::Tensor>>& v_biases,
                                      double label_smoothing, int64_t ignore_index, bool check_finite) {
-  static const Kernels kernels{&activate_cuda, &backward_cuda, &loss_cuda};
+  static const Kernels kernels{&activate_cuda, &backward_cuda, &count_kept_cuda, &loss_cuda};
   const c10::cuda::CUDAGuard guard(x.device());
   return run(kernels, x, target, weights, biases, activations, v_weights, v_biases, label_smoothing, ignore_index,
              check_finite);

@@ -287,7 +287,8 @@ class CurvatureOperator(abc.ABC):
             raise TypeError(f"{what} has dtype {tensor.dtype} but the operator's parameters have {self.dtype}")
         if tensor.device != self.device:
             raise ValueError(f"{what} is on {tensor.device} but the operator's parameters are on {self.device}")
-        if not bool(torch.isfinite(tensor).all()):
+        # A NaN or Inf entry makes the sum non-finite; only then (or on overflow) look at every entry.
+        if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{what} contains NaN or Inf")
 
     def _first_batch(self) -> Batch:

@@ -186,14 +186,14 @@ class FusedMLPHessian(CurvatureOperator):
         biases = [self._tensor(n) for n in chain.bias_names]
         v_weights = [tangents[n] if n in tangents else w.new_zeros((k, *w.shape)) for n, w in zip(chain.weight_names, weights)]
         v_biases = [tangents.get(n) if n is not None else None for n in chain.bias_names]
-        total = torch.zeros_like(matrix)
-        count = 0
+        total, count = None, 0
         for x, y in self.data:
             hv_w, hv_b = mlp_hvp(
                 self._inputs(x), y, weights, biases, chain.activations, v_weights, v_biases,
                 label_smoothing=self._label_smoothing, ignore_index=self._ignore_index, backend=self.backend,
             )
             products = dict(zip(chain.weight_names, hv_w)) | dict(zip(chain.bias_names, hv_b))
-            total.add_(self.flatten_columns({n: products[n] for n in self.param_names}), alpha=y.shape[0])
+            batch = self.flatten_columns({n: products[n] for n in self.param_names}).mul_(y.shape[0])
+            total = batch if total is None else total.add_(batch)
             count += y.shape[0]
-        return total / count
+        return total.div_(count)
