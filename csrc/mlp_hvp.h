@@ -58,4 +58,11 @@ std::vector<at::Tensor> run(const Kernels& kernels, const at::Tensor& x, const a
                             const c10::List<std::optional<at::Tensor>>& v_biases, double label_smoothing,
                             int64_t ignore_index, bool check_finite);
 
+// The flat-vector form (see mlp_hvp_flat in csrc/ops.cpp): validates V and the offsets, runs `run`
+// on views of V's blocks and writes the products into one (d, K) tensor.
+at::Tensor run_flat(const Kernels& kernels, const at::Tensor& x, const at::Tensor& target, at::TensorList weights,
+                    const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations,
+                    const at::Tensor& V, at::IntArrayRef weight_offsets, at::IntArrayRef bias_offsets,
+                    double label_smoothing, int64_t ignore_index, bool check_finite);
+
 }  // namespace unlearn_kernels::mlp_hvp

@@ -31,6 +31,14 @@ TORCH_LIBRARY(unlearn_kernels, m) {
       "mlp_hvp(Tensor x, Tensor target, Tensor[] weights, Tensor?[] biases, int[] activations, "
       "Tensor[] v_weights, Tensor?[] v_biases, float label_smoothing, int ignore_index, "
       "bool check_finite) -> Tensor[]");
+  // The same products on flat parameter vectors: V (d, K) holds K tangents stacked over the chosen
+  // weights and biases; weight_offsets[l] / bias_offsets[l] give the first row of W_l (row-major)
+  // / b_l in V, or -1 for a parameter that is not chosen (zero tangent, product not returned).
+  // The chosen blocks must tile the d rows exactly. Returns H V restricted to them, (d, K).
+  m.def(
+      "mlp_hvp_flat(Tensor x, Tensor target, Tensor[] weights, Tensor?[] biases, int[] activations, "
+      "Tensor V, int[] weight_offsets, int[] bias_offsets, float label_smoothing, int ignore_index, "
+      "bool check_finite) -> Tensor");
   // One Lanczos step: alpha = <hq, q>, w = hq - alpha q - beta_prev q_prev, CGS2 against the rows
   // of basis (m, d), beta = ||w||, q_next = w / beta (zeros and beta = 0 on breakdown). alpha and
   // beta are float64 0-dim tensors; beta_prev is a 0-dim float64 tensor on the vectors' device.

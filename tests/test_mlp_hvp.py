@@ -130,6 +130,96 @@ def test_opcheck(rng):
     torch.library.opcheck(torch.ops.unlearn_kernels.mlp_hvp.default, args)
 
 
+# ----------------------------------------------------------------------------- the flat-vector form
+def _flat_layout(p, order, chosen):
+    """V (d, K) over the ``chosen`` parameters (names like "w1", "b0") stacked in ``order``, their
+    offsets, and the dense products of the full parameter vector restricted to them."""
+    sizes = {f"w{l}": w.numel() for l, w in enumerate(p["weights"])}
+    sizes |= {f"b{l}": b.numel() for l, b in enumerate(p["biases"]) if b is not None}
+    offsets, start = {}, 0
+    for name in order:
+        if name in chosen:
+            offsets[name] = start
+            start += sizes[name]
+    num_layers = len(p["weights"])
+    return offsets, [offsets.get(f"w{l}", -1) for l in range(num_layers)], [offsets.get(f"b{l}", -1) for l in range(num_layers)]
+
+
+def _flat_tangents(p, offsets):
+    """V (d, K) from the problem's tangents at ``offsets``; the unchosen tangents of ``p`` set to zero."""
+    k = p["v_weights"][0].shape[0]
+    d = sum(t.numel() // k for name, t in _named_tangents(p) if name in offsets)
+    V = torch.zeros(d, k, dtype=p["x"].dtype)
+    for name, t in _named_tangents(p):
+        if name in offsets:
+            V[offsets[name]:offsets[name] + t.numel() // k] = t.reshape(k, -1).T
+        else:
+            t.zero_()
+    return V
+
+
+def _named_tangents(p):
+    yield from ((f"w{l}", v) for l, v in enumerate(p["v_weights"]))
+    yield from ((f"b{l}", v) for l, v in enumerate(p["v_biases"]) if v is not None)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("chosen", [("w0", "b0", "w1", "b1", "w2"), ("w2", "b1"), ("b0",)])
+def test_flat_form_matches_the_dense_hessian_block(k, chosen, rng):
+    p = _problem([5, 4, 4, 3], ["tanh", "relu", "identity"], [True, True, False], k, rng)
+    offsets, w_off, b_off = _flat_layout(p, ["b1", "w0", "w2", "b0", "w1"], chosen)  # not the layer order
+    V = _flat_tangents(p, offsets)
+    full = _flat(*ops.mlp_hvp(**p, backend="cpp"))  # (K, all parameters), unchosen tangents zeroed
+    exact = _dense_products(p)
+    assert _rel(full, exact) <= 1e-10
+    names = [f"w{l}" for l in range(3)] + ["b0", "b1"]
+    sizes = [w.numel() for w in p["weights"]] + [4, 4]
+    starts = dict(zip(names, [sum(sizes[:i]) for i in range(len(sizes))]))
+    expected = torch.zeros_like(V)
+    for name in chosen:
+        n = dict(zip(names, sizes))[name]
+        expected[offsets[name]:offsets[name] + n] = exact[:, starts[name]:starts[name] + n].T
+    common = dict(x=p["x"], target=p["target"], weights=p["weights"], biases=p["biases"], activations=p["activations"],
+                  V=V, weight_offsets=w_off, bias_offsets=b_off)
+    for backend in ("cpp", "reference"):
+        out = ops.mlp_hvp_flat(**common, backend=backend)
+        assert out.shape == V.shape and out.is_contiguous()
+        assert _rel(out, expected) <= 1e-10, backend
+    ref = ops.mlp_hvp_flat_ref(**common)
+    assert _rel(ref, expected) <= 1e-10
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_flat_form_bad_layout_raises_clear_errors(backend, rng):
+    p = _problem([5, 4, 3], ["tanh", "identity"], [True, False], 2, rng)
+    base = dict(x=p["x"], target=p["target"], weights=p["weights"], biases=p["biases"], activations=p["activations"],
+                V=torch.randn(20 + 4 + 12, 2, dtype=torch.float64), weight_offsets=[0, 24], bias_offsets=[20, -1])
+    assert ops.mlp_hvp_flat(**base, backend=backend).shape == (36, 2)
+
+    def call(exc, match, **changes):
+        with pytest.raises(exc, match=match):
+            ops.mlp_hvp_flat(**{**base, **changes}, backend=backend)
+
+    call(ValueError, r"weight_offsets\[1\] = 23 where row 24 was expected", weight_offsets=[0, 23])
+    call(ValueError, "have 36 entries but V has 40 rows", V=torch.randn(40, 2, dtype=torch.float64))
+    call(ValueError, r"bias_offsets\[1\] = 36 but layer 1 has no bias", bias_offsets=[20, 36])
+    call(ValueError, "one entry per layer", weight_offsets=[0])
+    call(ValueError, "V must be a 2-D", V=torch.randn(36, dtype=torch.float64))
+    call(TypeError, "V has dtype .* but x has", V=torch.randn(36, 2))
+    call(ValueError, "'softplus' is not one of", activations=["softplus", "identity"])
+    call(ValueError, r"target\[0\] = 3 is out of range", target=torch.full((9,), 3))
+    nan_v = base["V"].clone()
+    nan_v[5, 1] = float("nan")
+    call(ValueError, "NaN or Inf", V=nan_v)
+
+
+def test_flat_form_opcheck(rng):
+    p = _problem([5, 4, 3], ["gelu", "identity"], [True, False], 2, rng)
+    V = torch.randn(32, 2, dtype=torch.float64)
+    args = (p["x"], p["target"], p["weights"], p["biases"], [2, 0], V, [0, 20], [-1, -1], 0.1, -100, True)
+    torch.library.opcheck(torch.ops.unlearn_kernels.mlp_hvp_flat.default, args)
+
+
 def test_backend_report_and_choice(rng):
     assert "mlp_hvp" in backends() and backends()["mlp_hvp"]["cpp"].usable
     p = _problem([3, 2], ["identity"], True, 1, rng)

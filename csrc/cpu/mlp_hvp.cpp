@@ -26,6 +26,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <limits>
@@ -178,6 +179,74 @@ std::vector<at::Tensor> run(const Kernels& kernels, const at::Tensor& x, const a
   }
   std::vector<at::Tensor> result(std::move(out_w));
   result.insert(result.end(), out_b.rbegin(), out_b.rend());
+  return result;
+}
+
+at::Tensor run_flat(const Kernels& kernels, const at::Tensor& x, const at::Tensor& target, at::TensorList weights,
+                    const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations,
+                    const at::Tensor& V, at::IntArrayRef weight_offsets, at::IntArrayRef bias_offsets,
+                    double label_smoothing, int64_t ignore_index, bool check_finite) {
+  const size_t L = weights.size();
+  TORCH_CHECK_VALUE(V.dim() == 2 && V.size(1) >= 1, "mlp_hvp_flat: V must be 2-D (d, K) with K >= 1, got shape ",
+                    V.sizes());
+  TORCH_CHECK_TYPE(V.scalar_type() == x.scalar_type(), "mlp_hvp_flat: V has dtype ", V.scalar_type(), " but x has ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(V.device() == x.device(), "mlp_hvp_flat: V is on ", V.device(), " but x on ", x.device());
+  TORCH_CHECK_VALUE(weight_offsets.size() == L && bias_offsets.size() == L && biases.size() == L,
+                    "mlp_hvp_flat: weights, biases, weight_offsets and bias_offsets must have one entry per layer, got ",
+                    L, ", ", biases.size(), ", ", weight_offsets.size(), " and ", bias_offsets.size());
+  const int64_t d = V.size(0), K = V.size(1);
+  // The chosen blocks as (offset, size, layer, is_bias), checked to tile [0, d).
+  struct Block { int64_t offset, size; size_t layer; bool bias; };
+  std::vector<Block> blocks;  // a bias block's size is its layer's width (run checks the bias shape)
+  for (size_t l = 0; l < L; ++l) {
+    TORCH_CHECK_VALUE(weights[l].dim() == 2, "mlp_hvp_flat: weights[", l, "] must be 2-D (out, in), got shape ",
+                      weights[l].sizes());
+    if (weight_offsets[l] >= 0) blocks.push_back({weight_offsets[l], weights[l].numel(), l, false});
+    if (bias_offsets[l] >= 0) {
+      const std::optional<at::Tensor> b = biases[l];
+      TORCH_CHECK_VALUE(b.has_value(), "mlp_hvp_flat: bias_offsets[", l, "] = ", bias_offsets[l], " but layer ", l,
+                        " has no bias");
+      blocks.push_back({bias_offsets[l], weights[l].size(0), l, true});
+    }
+  }
+  std::vector<Block> sorted = blocks;
+  std::sort(sorted.begin(), sorted.end(), [](const Block& a, const Block& b) { return a.offset < b.offset; });
+  int64_t next = 0;
+  for (const Block& b : sorted) {
+    TORCH_CHECK_VALUE(b.offset == next, "mlp_hvp_flat: the chosen parameter blocks must tile the ", d,
+                      " rows of V in order without gaps or overlaps, but ", b.bias ? "bias" : "weight", "_offsets[",
+                      b.layer, "] = ", b.offset, " where row ", next, " was expected");
+    next += b.size;
+  }
+  TORCH_CHECK_VALUE(next == d, "mlp_hvp_flat: the chosen parameters have ", next, " entries but V has ", d, " rows");
+
+  // Tangents: each block of V as (K, *shape); parameters not chosen get a zero tangent.
+  const at::Tensor cols = V.t();  // (K, d): row k is tangent k
+  std::vector<at::Tensor> v_weights(L);
+  c10::List<std::optional<at::Tensor>> v_biases;
+  for (size_t l = 0; l < L; ++l) {
+    const int64_t out = weights[l].size(0), in = weights[l].size(1);
+    v_weights[l] = weight_offsets[l] >= 0 ? cols.narrow(1, weight_offsets[l], out * in).reshape({K, out, in})
+                                          : at::zeros({K, out, in}, V.options());
+    v_biases.push_back(bias_offsets[l] >= 0 ? std::optional<at::Tensor>(cols.narrow(1, bias_offsets[l], out).reshape({K, out}))
+                                            : std::nullopt);
+  }
+  const std::vector<at::Tensor> products = run(kernels, x, target, weights, biases, activations, v_weights, v_biases,
+                                               label_smoothing, ignore_index, check_finite);
+  // run returns every weight's product, then those of the present biases.
+  at::Tensor result = at::empty({d, K}, V.options());
+  size_t bias_index = L;
+  for (size_t l = 0; l < L; ++l) {
+    const std::optional<at::Tensor> b = biases[l];
+    if (weight_offsets[l] >= 0) {
+      result.narrow(0, weight_offsets[l], weights[l].numel()).copy_(products[l].view({K, -1}).t());
+    }
+    if (b.has_value()) {
+      if (bias_offsets[l] >= 0) result.narrow(0, bias_offsets[l], b->numel()).copy_(products[bias_index].t());
+      ++bias_index;
+    }
+  }
   return result;
 }
 
@@ -395,17 +464,29 @@ void loss_cpu(at::Tensor& z, const at::Tensor& target, at::Tensor& rz, double la
   flags[1] = static_cast<int>(bad_tangent.load());
 }
 
+const Kernels kCpuKernels{&activate_cpu, &backward_cpu, &count_kept_cpu, &loss_cpu};
+
 std::vector<at::Tensor> mlp_hvp_cpu(const at::Tensor& x, const at::Tensor& target, at::TensorList weights,
                                     const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations,
                                     at::TensorList v_weights, const c10::List<std::optional<at::Tensor>>& v_biases,
                                     double label_smoothing, int64_t ignore_index, bool check_finite) {
-  static const Kernels kernels{&activate_cpu, &backward_cpu, &count_kept_cpu, &loss_cpu};
-  return run(kernels, x, target, weights, biases, activations, v_weights, v_biases, label_smoothing, ignore_index,
+  return run(kCpuKernels, x, target, weights, biases, activations, v_weights, v_biases, label_smoothing, ignore_index,
              check_finite);
+}
+
+at::Tensor mlp_hvp_flat_cpu(const at::Tensor& x, const at::Tensor& target, at::TensorList weights,
+                            const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations,
+                            const at::Tensor& V, at::IntArrayRef weight_offsets, at::IntArrayRef bias_offsets,
+                            double label_smoothing, int64_t ignore_index, bool check_finite) {
+  return run_flat(kCpuKernels, x, target, weights, biases, activations, V, weight_offsets, bias_offsets,
+                  label_smoothing, ignore_index, check_finite);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(unlearn_kernels, CPU, m) { m.impl("mlp_hvp", &mlp_hvp_cpu); }
+TORCH_LIBRARY_IMPL(unlearn_kernels, CPU, m) {
+  m.impl("mlp_hvp", &mlp_hvp_cpu);
+  m.impl("mlp_hvp_flat", &mlp_hvp_flat_cpu);
+}
 
 }  // namespace unlearn_kernels::mlp_hvp

@@ -217,18 +217,31 @@ void loss_cuda(at::Tensor& z, const at::Tensor& target, at::Tensor& rz, double l
   });
 }
 
+const Kernels kCudaKernels{&activate_cuda, &backward_cuda, &count_kept_cuda, &loss_cuda};
+
 std::vector<at::Tensor> mlp_hvp_cuda(const at::Tensor& x, const at::Tensor& target, at::TensorList weights,
                                      const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations,
                                      at::TensorList v_weights, const c10::List<std::optional<at::Tensor>>& v_biases,
                                      double label_smoothing, int64_t ignore_index, bool check_finite) {
-  static const Kernels kernels{&activate_cuda, &backward_cuda, &count_kept_cuda, &loss_cuda};
   const c10::cuda::CUDAGuard guard(x.device());
-  return run(kernels, x, target, weights, biases, activations, v_weights, v_biases, label_smoothing, ignore_index,
+  return run(kCudaKernels, x, target, weights, biases, activations, v_weights, v_biases, label_smoothing, ignore_index,
              check_finite);
+}
+
+at::Tensor mlp_hvp_flat_cuda(const at::Tensor& x, const at::Tensor& target, at::TensorList weights,
+                             const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations,
+                             const at::Tensor& V, at::IntArrayRef weight_offsets, at::IntArrayRef bias_offsets,
+                             double label_smoothing, int64_t ignore_index, bool check_finite) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return run_flat(kCudaKernels, x, target, weights, biases, activations, V, weight_offsets, bias_offsets,
+                  label_smoothing, ignore_index, check_finite);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(unlearn_kernels, CUDA, m) { m.impl("mlp_hvp", &mlp_hvp_cuda); }
+TORCH_LIBRARY_IMPL(unlearn_kernels, CUDA, m) {
+  m.impl("mlp_hvp", &mlp_hvp_cuda);
+  m.impl("mlp_hvp_flat", &mlp_hvp_flat_cuda);
+}
 
 }  // namespace unlearn_kernels::mlp_hvp

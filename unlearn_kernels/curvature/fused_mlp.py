@@ -11,6 +11,7 @@ applied to K vectors per batch in one compiled forward + R-forward + backward + 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backends import status
-from ..ops.mlp_hvp import mlp_hvp
+from ..ops.mlp_hvp import mlp_hvp_flat
 from .base import CurvatureOperator, DataSpec, LossFn
 from .params import ParamSelection, resolve_parameters
 
@@ -159,6 +160,16 @@ class FusedMLPHessian(CurvatureOperator):
         self.backend = backend
         super().__init__(model, loss_fn, data, params, batch_size=batch_size)
         self._inputs(self._first_batch()[0])
+        # Per-product arguments of mlp_hvp_flat, fixed at construction (the tensors are live views).
+        chain = self._chain
+        self._weights = [self._tensor(n) for n in chain.weight_names]
+        self._biases = [self._tensor(n) for n in chain.bias_names]
+        offsets, start = {}, 0
+        for name, shape in zip(self.param_names, self._shapes):
+            offsets[name] = start
+            start += math.prod(shape)
+        self._weight_offsets = [offsets.get(n, -1) for n in chain.weight_names]
+        self._bias_offsets = [offsets.get(n, -1) if n is not None else -1 for n in chain.bias_names]
 
     def _tensor(self, name: str | None) -> torch.Tensor | None:
         """A layer parameter (live, detached), chosen or not."""
@@ -180,20 +191,15 @@ class FusedMLPHessian(CurvatureOperator):
         return x
 
     def _matmat(self, matrix: torch.Tensor) -> torch.Tensor:
-        chain, k = self._chain, matrix.shape[1]
-        tangents = self.unflatten_columns(matrix)
-        weights = [self._tensor(n) for n in chain.weight_names]
-        biases = [self._tensor(n) for n in chain.bias_names]
-        v_weights = [tangents[n] if n in tangents else w.new_zeros((k, *w.shape)) for n, w in zip(chain.weight_names, weights)]
-        v_biases = [tangents.get(n) if n is not None else None for n in chain.bias_names]
         total, count = None, 0
         for x, y in self.data:
-            hv_w, hv_b = mlp_hvp(
-                self._inputs(x), y, weights, biases, chain.activations, v_weights, v_biases,
-                label_smoothing=self._label_smoothing, ignore_index=self._ignore_index, backend=self.backend,
+            batch = mlp_hvp_flat(
+                self._inputs(x), y, self._weights, self._biases, self._chain.activations, matrix,
+                self._weight_offsets, self._bias_offsets, label_smoothing=self._label_smoothing,
+                ignore_index=self._ignore_index, backend=self.backend,
             )
-            products = dict(zip(chain.weight_names, hv_w)) | dict(zip(chain.bias_names, hv_b))
-            batch = self.flatten_columns({n: products[n] for n in self.param_names}).mul_(y.shape[0])
-            total = batch if total is None else total.add_(batch)
-            count += y.shape[0]
-        return total.div_(count)
+            # The mean weighted by batch size, kept as a running mean (one batch: its products as they are).
+            n = y.shape[0]
+            total = batch if total is None else total.mul_(count / (count + n)).add_(batch, alpha=n / (count + n))
+            count += n
+        return total

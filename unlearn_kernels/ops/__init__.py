@@ -2,7 +2,7 @@
 pure-PyTorch reference ``<op>_ref`` beside it. ``unlearn_kernels.backends()`` says what runs here."""
 from .cubic_secular import cubic_secular_solve, cubic_secular_solve_ref
 from .lanczos_step import lanczos_step, lanczos_step_ref
-from .mlp_hvp import mlp_hvp, mlp_hvp_ref
+from .mlp_hvp import mlp_hvp, mlp_hvp_flat, mlp_hvp_flat_ref, mlp_hvp_ref
 from .softmax_ce import softmax_ce_grad, softmax_ce_grad_ref, softmax_ce_hvp, softmax_ce_hvp_ref
 
 # Every op (also its dispatcher name) and the backends it is implemented in; what can run here is
@@ -13,6 +13,7 @@ OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "lanczos_step": ("cpp", "cuda", "triton", "reference"),
     "cubic_secular_solve": ("cpp", "reference"),
     "mlp_hvp": ("cpp", "cuda", "reference"),
+    "mlp_hvp_flat": ("cpp", "cuda", "reference"),
 }
 OP_NAMES = tuple(OP_BACKENDS)
 
@@ -24,6 +25,8 @@ __all__ = [
     "lanczos_step",
     "lanczos_step_ref",
     "mlp_hvp",
+    "mlp_hvp_flat",
+    "mlp_hvp_flat_ref",
     "mlp_hvp_ref",
     "softmax_ce_grad",
     "softmax_ce_grad_ref",

@@ -11,6 +11,10 @@ gradients for one tangent (the weight gradients themselves are never formed).
 Backends: C++ CPU (ATen matmuls + fused elementwise loops) and CUDA (cuBLAS through ATen + fused
 kernels), both in ``csrc/{cpu,cuda}/mlp_hvp.*``; ``mlp_hvp_ref`` below (``torch.func`` jvp of grad)
 is the pure-PyTorch reference. There is no Triton kernel. The op is not differentiable.
+
+:func:`mlp_hvp_flat` is the same product on flat parameter vectors (a (d, K) matrix of tangents in,
+a (d, K) matrix of products out), the form curvature operators and solvers use: the splitting into
+per-layer tangents and the gathering of the products happen in the compiled op, not in Python.
 """
 from __future__ import annotations
 
@@ -215,6 +219,138 @@ def mlp_hvp(
     return list(out[:num_layers]), [next(present) if b is not None else None for b in biases]
 
 
+# --------------------------------------------------------------------------- flat-vector form
+def _check_flat_layout(weights, biases, weight_offsets, bias_offsets, d: int) -> None:
+    """The chosen blocks must tile [0, d) (the C++ op checks the same, with the same messages)."""
+    if not (len(weight_offsets) == len(bias_offsets) == len(weights) == len(biases)):
+        raise ValueError(
+            f"{_OP}_flat: weights, biases, weight_offsets and bias_offsets must have one entry per layer, got "
+            f"{len(weights)}, {len(biases)}, {len(weight_offsets)} and {len(bias_offsets)}"
+        )
+    blocks = []
+    for l, (w, b, wo, bo) in enumerate(zip(weights, biases, weight_offsets, bias_offsets)):
+        if wo >= 0:
+            blocks.append((wo, w.numel(), l, False))
+        if bo >= 0:
+            if b is None:
+                raise ValueError(f"{_OP}_flat: bias_offsets[{l}] = {bo} but layer {l} has no bias")
+            blocks.append((bo, w.shape[0], l, True))
+    expected = 0
+    for offset, size, l, is_bias in sorted(blocks):
+        if offset != expected:
+            raise ValueError(
+                f"{_OP}_flat: the chosen parameter blocks must tile the {d} rows of V in order without gaps or "
+                f"overlaps, but {'bias' if is_bias else 'weight'}_offsets[{l}] = {offset} where row {expected} was expected"
+            )
+        expected += size
+    if expected != d:
+        raise ValueError(f"{_OP}_flat: the chosen parameters have {expected} entries but V has {d} rows")
+
+
+def _flat_tangents(weights, V, weight_offsets, bias_offsets) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """V's blocks as the per-layer tangents of :func:`mlp_hvp` (zero for a weight not chosen)."""
+    k, cols = V.shape[1], V.T
+    v_weights = [cols[:, o:o + w.numel()].reshape(k, *w.shape) if o >= 0 else w.new_zeros((k, *w.shape))
+                 for w, o in zip(weights, weight_offsets)]
+    v_biases = [cols[:, o:o + w.shape[0]].reshape(k, w.shape[0]) if o >= 0 else None
+                for w, o in zip(weights, bias_offsets)]
+    return v_weights, v_biases
+
+
+def _flat_products(V, weights, weight_offsets, bias_offsets, products: Products) -> torch.Tensor:
+    """The chosen blocks of :func:`mlp_hvp`'s products in V's row layout."""
+    k, (hv_w, hv_b) = V.shape[1], products
+    out = torch.empty_like(V)
+    for l, (w, wo, bo) in enumerate(zip(weights, weight_offsets, bias_offsets)):
+        if wo >= 0:
+            out[wo:wo + w.numel()] = hv_w[l].reshape(k, -1).T
+        if bo >= 0:
+            out[bo:bo + w.shape[0]] = hv_b[l].T
+    return out
+
+
+def mlp_hvp_flat_ref(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    activations: Sequence[str],
+    V: torch.Tensor,
+    weight_offsets: Sequence[int],
+    bias_offsets: Sequence[int],
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Pure-PyTorch reference of :func:`mlp_hvp_flat` (through :func:`mlp_hvp_ref`); same arguments
+    (already validated) and return value."""
+    v_weights, v_biases = _flat_tangents(weights, V, weight_offsets, bias_offsets)
+    products = mlp_hvp_ref(x, target, weights, biases, activations, v_weights, v_biases, label_smoothing, ignore_index)
+    return _flat_products(V, weights, weight_offsets, bias_offsets, products)
+
+
+def mlp_hvp_flat(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    activations: Sequence[str],
+    V: torch.Tensor,
+    weight_offsets: Sequence[int],
+    bias_offsets: Sequence[int],
+    *,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    check_finite: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """:func:`mlp_hvp` on flat parameter vectors: H V for a (d, K) matrix V of K tangents.
+
+    V's rows are the chosen parameters flattened (row-major) and stacked: ``weight_offsets[l]`` is
+    the first row of W_l, ``bias_offsets[l]`` that of b_l, -1 for a parameter that is not chosen
+    (its tangent is zero and its product is not returned: the result is the Hessian block of the
+    chosen parameters applied to V). The chosen blocks must tile the d rows exactly, in any order.
+    The compiled backends validate everything in C++ (this wrapper adds almost no Python work per
+    call, which matters for small models where a product takes a millisecond).
+
+    Args:
+        x, target, weights, biases, activations, label_smoothing, ignore_index, check_finite, backend:
+            as in :func:`mlp_hvp` (biases: one entry per layer, None for a layer without bias).
+        V: (d, K) tangents, of x's dtype and device.
+        weight_offsets, bias_offsets: one int per layer (see above).
+
+    Returns:
+        The (d, K) products, in V's row layout.
+
+    Raises:
+        ValueError / TypeError: what :func:`mlp_hvp` raises, V not (d, K) of x's dtype and device,
+            offsets that do not tile V's rows.
+        BackendUnavailableError: a forced backend that cannot run here.
+    """
+    if not isinstance(V, torch.Tensor) or V.dim() != 2 or V.shape[1] == 0:
+        shape = tuple(V.shape) if isinstance(V, torch.Tensor) else type(V).__name__
+        raise ValueError(f"{_OP}_flat: V must be a 2-D (d, K) tensor with K >= 1, got {shape}")
+    for i, a in enumerate(activations):
+        if a not in ACTIVATIONS:
+            raise ValueError(f"{_OP}_flat: activations[{i}] = {a!r} is not one of {sorted(ACTIVATIONS)}")
+    if backend == "triton":
+        raise BackendUnavailableError(f"{_OP}_flat: backend 'triton' cannot run here: no Triton kernel for this op")
+    name = choose(_OP + "_flat", x.device, backend)
+    if name == "reference" or name == "triton":  # "triton" from "auto": this op has no Triton kernel
+        if V.dtype != x.dtype:
+            raise TypeError(f"{_OP}_flat: V has dtype {V.dtype} but x has {x.dtype}")
+        if V.device != x.device:
+            raise ValueError(f"{_OP}_flat: V is on {V.device} but x on {x.device}")
+        _check_flat_layout(weights, biases, weight_offsets, bias_offsets, V.shape[0])
+        v_weights, v_biases = _flat_tangents(weights, V, weight_offsets, bias_offsets)
+        products = mlp_hvp(x, target, weights, biases, activations, v_weights, v_biases, label_smoothing=label_smoothing,
+                           ignore_index=ignore_index, check_finite=check_finite, backend="reference")
+        return _flat_products(V, weights, weight_offsets, bias_offsets, products)
+    return torch.ops.unlearn_kernels.mlp_hvp_flat(
+        x, target, list(weights), list(biases), [ACTIVATIONS[a] for a in activations], V, list(weight_offsets),
+        list(bias_offsets), float(label_smoothing), int(ignore_index), check_finite,
+    )
+
+
 # --------------------------------------------------------------------------- fake
 def _fake(x, target, weights, biases, activations, v_weights, v_biases, label_smoothing, ignore_index, check_finite):
     k = v_weights[0].shape[0]
@@ -225,3 +361,12 @@ def _fake(x, target, weights, biases, activations, v_weights, v_biases, label_sm
 
 if _extension.extension_loaded():
     torch.library.register_fake(f"{_CPP_OPS}::{_OP}")(_fake)
+
+
+def _fake_flat(x, target, weights, biases, activations, V, weight_offsets, bias_offsets, label_smoothing,
+               ignore_index, check_finite):
+    return V.new_empty(V.shape)
+
+
+if _extension.extension_loaded():
+    torch.library.register_fake(f"{_CPP_OPS}::{_OP}_flat")(_fake_flat)
