@@ -421,6 +421,7 @@ void loss_cpu(at::Tensor& z, const at::Tensor& target, at::Tensor& rz, double la
   const at::Tensor y = target.contiguous();
   std::atomic<bool> bad_logits{false}, bad_tangent{false};
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "mlp_hvp_loss_cpu", [&] {
+    using Vec = at::vec::Vectorized<scalar_t>;
     const int64_t* py = y.const_data_ptr<int64_t>();
     scalar_t* pz = z.mutable_data_ptr<scalar_t>();
     scalar_t* prz = rz.mutable_data_ptr<scalar_t>();
@@ -440,8 +441,14 @@ void loss_cpu(at::Tensor& z, const at::Tensor& target, at::Tensor& rz, double la
         scalar_t m = -std::numeric_limits<scalar_t>::infinity();
         for (int64_t j = 0; j < C; ++j) m = (std::isnan(zi[j]) || zi[j] > m) ? zi[j] : m;
         if (!std::isfinite(m)) bl = true;
+        // exp(z - m) a vector at a time (the padded lanes of the last one are not stored).
+        for (int64_t j = 0; j < C; ++j) p[j] = zi[j] - m;
+        for (int64_t j = 0; j < C; j += Vec::size()) {
+          const int64_t n = std::min<int64_t>(Vec::size(), C - j);
+          Vec::loadu(p.data() + j, n).exp().store(p.data() + j, n);
+        }
         scalar_t sum = 0;
-        for (int64_t j = 0; j < C; ++j) sum += (p[j] = std::exp(zi[j] - m));
+        for (int64_t j = 0; j < C; ++j) sum += p[j];
         const scalar_t inv_sum = scalar_t(1) / sum;
         for (int64_t j = 0; j < C; ++j) {
           p[j] *= inv_sum;
