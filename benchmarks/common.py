@@ -1,8 +1,9 @@
 """Shared benchmark machinery: timing, environment description, correctness gate, JSON + table.
 
 Every suite checks each candidate against a float64 reference before timing it (a wrong kernel is
-reported as such and never timed), times all candidates in one run on the same inputs, and reports
-medians and ratios against the baseline candidate.
+reported as such and never timed), times all candidates in one run on the same inputs (one after
+another, or interleaved round by round where the ratios matter most), and reports medians and
+ratios against the baseline candidate.
 """
 from __future__ import annotations
 
@@ -97,19 +98,59 @@ def plain_error_tolerance(plain: torch.Tensor, exact: torch.Tensor, floor: float
     return 2 * (plain.double() - exact).abs().max().item() + floor
 
 
-def measure(case: str, candidate: str, fn: Callable[[], torch.Tensor], exact: torch.Tensor, tolerance: float,
-            device: torch.device, **timing) -> Measurement:
-    """Correctness gate against ``exact`` (max abs error <= tolerance), then timing."""
+def check(case: str, candidate: str, fn: Callable[[], torch.Tensor], exact: torch.Tensor,
+          tolerance: float) -> Measurement:
+    """The correctness gate alone: one call, max abs error against ``exact`` <= tolerance. The
+    result has no time yet; its status says "ok", "wrong" or "unavailable: <why>"."""
     try:
         out = fn()
     except Exception as exc:  # a candidate that cannot run here is reported, not fatal
         return Measurement(case, candidate, None, None, None, f"unavailable: {type(exc).__name__}: {exc}"[:200])
     err = (out.double() - exact).abs().max().item()
-    if not err <= tolerance:
-        return Measurement(case, candidate, None, None, err, "wrong")
-    samples = time_callable(fn, device, **timing)
+    return Measurement(case, candidate, None, None, err, "ok" if err <= tolerance else "wrong")
+
+
+def _set_time(m: Measurement, samples: list[float]) -> Measurement:
     q = statistics.quantiles(samples, n=4) if len(samples) >= 2 else [samples[0]] * 3
-    return Measurement(case, candidate, statistics.median(samples), q[2] - q[0], err)
+    m.median_s, m.iqr_s = statistics.median(samples), q[2] - q[0]
+    return m
+
+
+def measure(case: str, candidate: str, fn: Callable[[], torch.Tensor], exact: torch.Tensor, tolerance: float,
+            device: torch.device, **timing) -> Measurement:
+    """Correctness gate against ``exact`` (max abs error <= tolerance), then timing."""
+    m = check(case, candidate, fn, exact, tolerance)
+    return _set_time(m, time_callable(fn, device, **timing)) if m.status == "ok" else m
+
+
+def measure_interleaved(timed: list[tuple[Measurement, Callable[[], object]]], device: torch.device, *,
+                        min_time: float = 0.5, burst: float = 0.05, max_rounds: int = 100, warmup: int = 1) -> None:
+    """Times candidates that passed :func:`check` in turn and sets their median and IQR.
+
+    A shared machine has slow phases that last seconds: timing one candidate after another lets
+    such a phase land on one of them and skew the ratios. Here every round gives each candidate a
+    burst of calls (``warmup`` untimed calls, which restore its caches and allocator state after
+    the others ran, then timed calls for about ``burst`` seconds, at least one), so slow phases are
+    spread over all candidates alike while each is still timed in steady state, as in a solver
+    loop. Rounds go on until every candidate has ``min_time`` of samples (at least 5), or for
+    ``max_rounds``."""
+    samples: list[list[float]] = [[] for _ in timed]
+    for _ in range(max_rounds):
+        for (_, fn), out in zip(timed, samples):
+            for _ in range(warmup):
+                fn()
+            synchronize(device)
+            spent = 0.0
+            while spent < burst or spent == 0.0:
+                start = time.perf_counter()
+                fn()
+                synchronize(device)
+                out.append(time.perf_counter() - start)
+                spent += out[-1]
+        if all(len(s) >= 5 and sum(s) >= min_time for s in samples):
+            break
+    for (m, _), s in zip(timed, samples):
+        _set_time(m, s)
 
 
 def write_results(suite: str, device: torch.device, measurements: list[Measurement], baseline: str,

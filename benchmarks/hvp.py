@@ -13,8 +13,11 @@ Candidates, each applying the exact Hessian of the mean cross entropy over one b
   out of the "fastest anchor" (every other candidate does one pass over the data per product, as the
   ``CurvatureOperator`` contract requires).
 
-Every candidate is checked against a float64 double-backward reference before it is timed. The unit is
-one ``loss + backward`` of the model on the batch (``torch.autograd.grad``, float32). ``matmat`` over K
+Every candidate is checked against a float64 double-backward reference before it is timed; then all
+candidates of a model (the unit, the matvecs and the matmats) are timed interleaved, in bursts of calls
+round by round (``common.measure_interleaved``), so that the slow phases of a shared machine hit them
+alike. The unit is one ``loss + backward``
+of the model on the batch (``torch.autograd.grad``, float32). ``matmat`` over K
 vectors is compared with K separate matvecs (K times the measured matvec median: the calls are
 independent).
 """
@@ -36,7 +39,7 @@ from unlearn_kernels.models.cnn import SmallCNN
 from unlearn_kernels.models.mlp import MLP
 from unlearn_kernels.training import TrainConfig, init_model, train
 
-from .common import RESULTS_DIR, Measurement, measure, plain_error_tolerance
+from .common import RESULTS_DIR, Measurement, check, measure_interleaved, plain_error_tolerance
 
 ANCHORS = ("curvlinops", "pyhessian", "autograd")
 """The other libraries' (and plain PyTorch's) per-product HVPs: "fastest anchor" is the fastest of these."""
@@ -189,11 +192,9 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 0.5,
         # The unit: one gradient of the mean loss on the batch, checked against float64 too.
         model64 = copy.deepcopy(p.model).double()
         grad64 = flatten_tensors(torch.autograd.grad(loss_fn(model64(p.x.double()), p.y), list(model64.parameters())))
-        grad = measure(f"{p.name} gradient", "autograd", lambda: flatten_tensors(
-            torch.autograd.grad(loss_fn(p.model(p.x), p.y), params)), grad64,
-            64 * eps * max(grad64.abs().max().item(), 1.0), device, **timing)
-        results.append(grad)
-        unit = grad.median_s
+        grad_fn = lambda: flatten_tensors(torch.autograd.grad(loss_fn(p.model(p.x), p.y), params))  # noqa: E731
+        grad = check(f"{p.name} gradient", "autograd", grad_fn, grad64, 64 * eps * max(grad64.abs().max().item(), 1.0))
+        timed = [(grad, grad_fn)] if grad.status == "ok" else []
 
         # Gate: twice the error of plain float32 autograd double backward against float64.
         v = V[:, 0].contiguous()
@@ -204,7 +205,28 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 0.5,
         rows: dict[str, Measurement] = {}
         for name, builder in candidates(p, loss_fn, v).items():
             fn = _build(case, name, builder)
-            rows[name] = fn if isinstance(fn, Measurement) else measure(case, name, fn, exact[:, 0], tol, device, **timing)
+            if isinstance(fn, Measurement):
+                rows[name] = fn
+                continue
+            rows[name] = check(case, name, fn, exact[:, 0], tol)
+            if rows[name].status == "ok":
+                timed.append((rows[name], fn))
+
+        # matmat of K vectors in one data pass against K matvecs, for our paths.
+        mm_case = f"{p.name} matmat K={K}"
+        matmats: dict[str, Measurement] = {}
+        for name in ("ours:fused", "ours:generic"):
+            if rows[name].status != "ok":
+                continue
+            op = hessian_operator(p.model, loss_fn, (p.x, p.y), path=name.split(":")[1])
+            fn = lambda op=op: op.matmat(V)  # noqa: E731
+            matmats[name] = check(mm_case, name, fn, exact, 2 * tol)
+            if matmats[name].status == "ok":
+                timed.append((matmats[name], fn))
+
+        measure_interleaved(timed, device, **timing)
+        unit = grad.median_s
+        results.append(grad)
         anchor_times = [rows[a].median_s for a in ANCHORS if rows[a].median_s]
         fastest = min(anchor_times) if anchor_times else None
         for m in rows.values():
@@ -212,15 +234,7 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 0.5,
                 m.extra["gradient_units"] = m.median_s / unit if unit else None
                 m.extra["vs_fastest_anchor"] = fastest / m.median_s if fastest else None
         results.extend(rows.values())
-
-        # matmat of K vectors in one data pass against K matvecs, for our paths.
-        mm_case = f"{p.name} matmat K={K}"
-        tol_k = 2 * tol
-        for name in ("ours:fused", "ours:generic"):
-            if not rows[name].median_s:
-                continue
-            op = hessian_operator(p.model, loss_fn, (p.x, p.y), path=name.split(":")[1])
-            m = measure(mm_case, name, lambda: op.matmat(V), exact, tol_k, device, **timing)
+        for name, m in matmats.items():
             if m.median_s:
                 m.extra["gradient_units"] = m.median_s / unit if unit else None
                 m.extra["gradient_units_per_vector"] = m.median_s / K / unit if unit else None
