@@ -235,19 +235,18 @@ at::Tensor run_flat(const Kernels& kernels, const at::Tensor& x, const at::Tenso
   const std::vector<at::Tensor> products = run(kernels, x, target, weights, biases, activations, v_weights, v_biases,
                                                label_smoothing, ignore_index, check_finite);
   // run returns every weight's product, then those of the present biases.
-  at::Tensor result = at::empty({d, K}, V.options());
+  // Laid out (K, d) and returned transposed: each product block is then one contiguous copy.
+  at::Tensor result = at::empty({K, d}, V.options());
   size_t bias_index = L;
   for (size_t l = 0; l < L; ++l) {
     const std::optional<at::Tensor> b = biases[l];
-    if (weight_offsets[l] >= 0) {
-      result.narrow(0, weight_offsets[l], weights[l].numel()).copy_(products[l].view({K, -1}).t());
-    }
+    if (weight_offsets[l] >= 0) result.narrow(1, weight_offsets[l], weights[l].numel()).copy_(products[l].view({K, -1}));
     if (b.has_value()) {
-      if (bias_offsets[l] >= 0) result.narrow(0, bias_offsets[l], b->numel()).copy_(products[bias_index].t());
+      if (bias_offsets[l] >= 0) result.narrow(1, bias_offsets[l], b->numel()).copy_(products[bias_index]);
       ++bias_index;
     }
   }
-  return result;
+  return result.t();
 }
 
 // --------------------------------------------------------------------------- CPU kernels

@@ -260,7 +260,7 @@ def _flat_tangents(weights, V, weight_offsets, bias_offsets) -> tuple[list[torch
 def _flat_products(V, weights, weight_offsets, bias_offsets, products: Products) -> torch.Tensor:
     """The chosen blocks of :func:`mlp_hvp`'s products in V's row layout."""
     k, (hv_w, hv_b) = V.shape[1], products
-    out = torch.empty_like(V)
+    out = V.new_empty((k, V.shape[0])).T
     for l, (w, wo, bo) in enumerate(zip(weights, weight_offsets, bias_offsets)):
         if wo >= 0:
             out[wo:wo + w.numel()] = hv_w[l].reshape(k, -1).T
@@ -319,7 +319,8 @@ def mlp_hvp_flat(
         weight_offsets, bias_offsets: one int per layer (see above).
 
     Returns:
-        The (d, K) products, in V's row layout.
+        The (d, K) products, in V's row layout (a transposed view of (K, d) storage: column k, the
+        product with tangent k, is contiguous).
 
     Raises:
         ValueError / TypeError: what :func:`mlp_hvp` raises, V not (d, K) of x's dtype and device,
@@ -365,7 +366,7 @@ if _extension.extension_loaded():
 
 def _fake_flat(x, target, weights, biases, activations, V, weight_offsets, bias_offsets, label_smoothing,
                ignore_index, check_finite):
-    return V.new_empty(V.shape)
+    return V.new_empty((V.shape[1], V.shape[0])).T  # the kernel's layout: (K, d) storage, transposed
 
 
 if _extension.extension_loaded():
