@@ -4,6 +4,8 @@ Candidates, each applying the exact Hessian of the mean cross entropy over one b
 
 * ``ours:fused``: ``hessian_operator(..., path="fused")`` (the compiled R-operator MLP kernel; MLPs only);
 * ``ours:generic``: ``hessian_operator(..., path="generic")`` (torch.func forward-over-reverse);
+* ``ours:generic-ror``: the same with ``mode="reverse-over-reverse"`` (double backward, one gradient
+  graph shared by the vectors of a matmat);
 * ``curvlinops``: ``curvlinops.HessianLinearOperator`` (torch.func forward-over-reverse, vmapped);
 * ``pyhessian``: PyHessian's ``dataloader_hv_product`` (forward, gradient with create_graph, double backward);
 * ``autograd``: plain ``torch.autograd.grad`` double backward, the same three steps written out;
@@ -48,6 +50,9 @@ QUICK = {"quick": True, "min_time": 0.05}
 """What the runner passes for ``--quick``."""
 K = 8
 """Vectors per matmat."""
+OURS = {"ours:fused": {"path": "fused"}, "ours:generic": {"path": "generic"},
+        "ours:generic-ror": {"path": "generic", "mode": "reverse-over-reverse"}}
+"""Our candidates and their ``hessian_operator`` options."""
 
 
 @dataclass
@@ -122,8 +127,8 @@ def candidates(p: Problem, loss_fn: nn.Module, v: torch.Tensor) -> dict[str, Cal
     """name -> builder; a builder sets the candidate up (untimed) and returns the timed call."""
     vs = _split(v, p.params)
 
-    def ours(path: str) -> Callable[[], torch.Tensor]:
-        op = hessian_operator(p.model, loss_fn, (p.x, p.y), path=path)
+    def ours(name: str) -> Callable[[], torch.Tensor]:
+        op = hessian_operator(p.model, loss_fn, (p.x, p.y), **OURS[name])
         return lambda: op.matvec(v)
 
     def curvlinops() -> Callable[[], torch.Tensor]:
@@ -145,8 +150,9 @@ def candidates(p: Problem, loss_fn: nn.Module, v: torch.Tensor) -> dict[str, Cal
         return lambda: flatten_tensors(h.dataloader_hv_product(_split(v, h.params))[1])
 
     return {
-        "ours:fused": lambda: ours("fused"),
-        "ours:generic": lambda: ours("generic"),
+        "ours:fused": lambda: ours("ours:fused"),
+        "ours:generic": lambda: ours("ours:generic"),
+        "ours:generic-ror": lambda: ours("ours:generic-ror"),
         "curvlinops": curvlinops,
         "pyhessian": lambda: pyhessian(False),
         "autograd": lambda: (lambda: flatten_tensors(autograd_hvp(p.model, loss_fn, p.x, p.y, vs))),
@@ -215,10 +221,10 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 0.5,
         # matmat of K vectors in one data pass against K matvecs, for our paths.
         mm_case = f"{p.name} matmat K={K}"
         matmats: dict[str, Measurement] = {}
-        for name in ("ours:fused", "ours:generic"):
+        for name, options in OURS.items():
             if rows[name].status != "ok":
                 continue
-            op = hessian_operator(p.model, loss_fn, (p.x, p.y), path=name.split(":")[1])
+            op = hessian_operator(p.model, loss_fn, (p.x, p.y), **options)
             fn = lambda op=op: op.matmat(V)  # noqa: E731
             matmats[name] = check(mm_case, name, fn, exact, 2 * tol)
             if matmats[name].status == "ok":

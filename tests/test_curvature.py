@@ -130,6 +130,29 @@ def test_hessian_and_ggn_match_dense_references(name):
     assert rel_err(H.gradient(), dense_gradient(model, batches, loss)) <= 1e-12
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_reverse_over_reverse_mode_matches_dense_reference(name):
+    model, x, y = make(name, seed=3)
+    loss = nn.CrossEntropyLoss()
+    batches = uneven_batches(x, y)
+    H = hessian_operator(model, loss, batches, path="generic", mode="reverse-over-reverse")
+    assert H.mode == "reverse-over-reverse" and not H.uses_vmap
+    ref = dense_hessian(model, batches, loss)
+    assert rel_err(H.to_dense(chunk_size=5), ref) <= 1e-10
+    V = torch.randn(H.shape[0], 3, dtype=DT, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(H.matmat(V), torch.stack([H.matvec(V[:, k]) for k in range(3)], 1), rtol=1e-12, atol=1e-14)
+    forward = hessian_operator(model, loss, batches, path="generic")
+    assert forward.mode == "forward-over-reverse"
+    assert rel_err(forward.matmat(V), H.matmat(V)) <= 1e-12
+
+
+def test_unknown_mode_is_rejected_on_every_path():
+    model, x, y = make("mlp")
+    for path in ("auto", "generic"):
+        with pytest.raises(ValueError, match="mode must be one of"):
+            hessian_operator(model, nn.CrossEntropyLoss(), (x, y), path=path, mode="reverse")
+
+
 @pytest.mark.parametrize(
     "loss",
     [
@@ -413,6 +436,17 @@ def test_missing_forward_mode_falls_back_to_double_backward():
         H = hessian_operator(model, loss, (x, y), path="generic")
     assert H.mode == "reverse-over-reverse"
     assert rel_err(H.to_dense(), dense_hessian(model, [(x, y)], loss)) <= 1e-10
+
+
+def test_requested_reverse_mode_is_checked_and_needs_no_forward_mode():
+    model, x, y = make("mlp")
+    no_jvp = _square_function(differentiable_backward=True)  # double backward only: checked by finite differences
+    H = hessian_operator(model, lambda out, t: no_jvp.apply(out - F.one_hot(t, C)).mean(), (x, y), path="generic",
+                         mode="reverse-over-reverse")
+    assert H.mode == "reverse-over-reverse"
+    once = _square_function(differentiable_backward=False)
+    with pytest.raises(ValueError, match="not twice differentiable"):
+        hessian_operator(model, lambda out, t: once.apply(out).mean(), (x, y), path="generic", mode="reverse-over-reverse")
 
 
 def test_loss_that_is_not_twice_differentiable():
