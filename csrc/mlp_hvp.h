@@ -7,6 +7,7 @@
 
 #include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #include <cstdint>
 #include <optional>
@@ -49,6 +50,15 @@ struct Kernels {
   void (*loss)(at::Tensor& z, const at::Tensor& target, at::Tensor& rz, double label_smoothing,
                int64_t ignore_index, double scale, at::Tensor& flags);
 };
+
+// What every Kernels::activate relies on (the pass allocates the buffers so).
+inline void assert_activate_layout(Activation act, const at::Tensor& ar, const at::Tensor& t, const at::Tensor& h,
+                                   const at::Tensor& d1, const at::Tensor& d2, const at::Tensor& rh,
+                                   const at::Tensor& ra) {
+  TORCH_INTERNAL_ASSERT(ar.is_contiguous() && h.is_contiguous() && rh.is_contiguous() && rh.dim() == 3);
+  TORCH_INTERNAL_ASSERT(!t.defined() || t.is_contiguous());
+  TORCH_INTERNAL_ASSERT(has_first(act) == d1.defined() && has_second(act) == d2.defined() && d2.defined() == ra.defined());
+}
 
 // The whole pass (see the op schema in csrc/ops.cpp): validates the inputs, then returns the
 // (K, out, in) products for every weight followed by the (K, out) products for every present bias.

@@ -340,9 +340,7 @@ void activate_rows(const LayerRows<scalar_t> p, int64_t begin, int64_t end) {
 void activate_cpu(Activation act, const at::Tensor& ar, const at::Tensor& t, const at::Tensor& b,
                   const at::Tensor& vb, at::Tensor& h, at::Tensor& d1, at::Tensor& d2, at::Tensor& rh,
                   at::Tensor& ra) {
-  TORCH_INTERNAL_ASSERT(ar.is_contiguous() && h.is_contiguous() && rh.is_contiguous() && rh.dim() == 3);
-  TORCH_INTERNAL_ASSERT(!t.defined() || t.is_contiguous());
-  TORCH_INTERNAL_ASSERT(has_first(act) == d1.defined() && has_second(act) == d2.defined() && d2.defined() == ra.defined());
+  assert_activate_layout(act, ar, t, h, d1, d2, rh, ra);
   const int64_t N = rh.size(0), K = rh.size(1), d = rh.size(2);
   const at::Tensor bc = b.defined() ? b.contiguous() : b, vbc = vb.defined() ? vb.contiguous() : vb;
   AT_DISPATCH_FLOATING_TYPES(ar.scalar_type(), "mlp_hvp_activate_cpu", [&] {

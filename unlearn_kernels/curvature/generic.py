@@ -126,10 +126,12 @@ class GenericHessian(_TorchFuncOperator):
 
     ``mode="reverse-over-reverse"`` asks for double backward from the start (one gradient graph per
     batch, shared by the K vectors of a matmat; checked at construction against forward-over-reverse
-    on the first batch, or against finite differences where that cannot run). On this project's CPU machine it was 12-53% faster per product than
-    forward-over-reverse on an MLP, a CNN and a small ViT, and its 8-vector matmat 1.2-1.6x cheaper
-    than 8 products (docs/benchmarks.md); forward-over-reverse stays the default (it is what the
-    curvature libraries use, and its vmapped matmat wins on small, overhead-bound models).
+    on the first batch, or against finite differences where that cannot run). On this project's
+    CPU machine (docs/benchmarks.md) one product took 18% and 50% less time than
+    forward-over-reverse on a wide and a small MLP and about the same on a CNN, and a matmat of 8
+    vectors 1.2-1.4x less than forward-over-reverse's vmapped matmat (1.4-1.6x less than 8 of its
+    own products). Forward-over-reverse stays the default: it is what the curvature libraries use,
+    and it has not been measured against double backward on a GPU yet.
 
     Args:
         mode: "forward-over-reverse" (default, with the fallback above) or "reverse-over-reverse".
