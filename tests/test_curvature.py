@@ -7,6 +7,7 @@ in torch 2.13 ``torch.func.hessian``/``jacrev(jacrev)`` give wrong Hessian block
 """
 from __future__ import annotations
 
+import copy
 
 import numpy as np
 import pytest
@@ -447,6 +448,25 @@ def test_requested_reverse_mode_is_checked_and_needs_no_forward_mode():
     once = _square_function(differentiable_backward=False)
     with pytest.raises(ValueError, match="not twice differentiable"):
         hessian_operator(model, lambda out, t: once.apply(out).mean(), (x, y), path="generic", mode="reverse-over-reverse")
+
+
+def test_fallback_check_survives_relu_kinks_in_float32():
+    # A central difference of a ReLU MLP's gradient crosses kinks (relative error ~1 in float64 at the
+    # default step) and in float32 drowns in rounding; the check must still accept the exact products.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 256), nn.ReLU(), nn.Linear(256, 3))
+    x, y = torch.randn(512, 6), torch.randint(0, 3, (512,))
+    square = _square_function(differentiable_backward=True)
+
+    def loss(out, target):
+        return square.apply(out - F.one_hot(target, 3).to(out.dtype)).mean()
+
+    with pytest.warns(RuntimeWarning, match="reverse-over-reverse"):
+        H = hessian_operator(model, loss, (x, y), path="generic")
+    H64 = hessian_operator(copy.deepcopy(model).double(), loss, (x.double(), y), path="generic",
+                           mode="reverse-over-reverse")
+    v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(2))
+    assert rel_err(H.matvec(v).double(), H64.matvec(v.double())) <= 1e-5
 
 
 def test_loss_that_is_not_twice_differentiable():
