@@ -13,11 +13,11 @@
 // product above for all K tangents is one plain matmul (no batched or strided GEMM). The weight
 // gradients d_l^T h_{l-1} are never formed: the HVP does not need them.
 //
-// This file holds the device-agnostic pass `run` (also used by csrc/cuda/mlp_hvp.cu) and the CPU
-// elementwise kernels: one fused loop for (act, act', act'') in the forward, one for the backward
-// through the activation, and one row loop for the loss (one softmax per row serves the gradient
-// and all K tangents, which the single-tangent softmax_ce_hvp op cannot do without copying the
-// logits K times).
+// This file holds the device-agnostic passes `run` and `run_flat` (also used by
+// csrc/cuda/mlp_hvp.cu) and the CPU stages: one row loop per layer for the biases, (act, act',
+// act'') and the R-forward, one for the backward through the activation, the target count, and
+// one row loop for the loss (one softmax per row serves the gradient and all K tangents, which the
+// single-tangent softmax_ce_hvp op cannot do without copying the logits K times).
 #include "../mlp_hvp.h"
 
 #include <ATen/ATen.h>
