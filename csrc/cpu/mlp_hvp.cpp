@@ -210,10 +210,9 @@ at::Tensor run_flat(const Kernels& kernels, const at::Tensor& x, const at::Tenso
       blocks.push_back({bias_offsets[l], weights[l].size(0), l, true});
     }
   }
-  std::vector<Block> sorted = blocks;
-  std::sort(sorted.begin(), sorted.end(), [](const Block& a, const Block& b) { return a.offset < b.offset; });
+  std::sort(blocks.begin(), blocks.end(), [](const Block& a, const Block& b) { return a.offset < b.offset; });
   int64_t next = 0;
-  for (const Block& b : sorted) {
+  for (const Block& b : blocks) {
     TORCH_CHECK_VALUE(b.offset == next, "mlp_hvp_flat: the chosen parameter blocks must tile the ", d,
                       " rows of V in order without gaps or overlaps, but ", b.bias ? "bias" : "weight", "_offsets[",
                       b.layer, "] = ", b.offset, " where row ", next, " was expected");

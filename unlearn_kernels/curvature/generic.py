@@ -186,7 +186,7 @@ class GenericHessian(_TorchFuncOperator):
         try:
             ref = self.flatten_columns(self._forward_over_reverse(x, y, tangents))
         except (RuntimeError, NotImplementedError):
-            self._check_against_finite_differences()
+            self._check_against_finite_differences(v, hv)
             return
         err = float((hv - ref).norm()) / max(float(ref.norm()), torch.finfo(self.dtype).tiny)
         if err > 10 * torch.finfo(self.dtype).eps ** 0.5:
@@ -196,7 +196,7 @@ class GenericHessian(_TorchFuncOperator):
                 "@once_differentiable); use mode='forward-over-reverse'"
             )
 
-    def _check_against_finite_differences(self) -> None:
+    def _check_against_finite_differences(self, v: torch.Tensor | None = None, hv: torch.Tensor | None = None) -> None:
         """Double backward silently drops the curvature of a backward that is not differentiable (e.g.
         ``@once_differentiable``), so compare H v on the first batch with a central difference of the
         gradient, (g(w + h v) - g(w - h v)) / 2h, with a loose tolerance.
@@ -206,24 +206,23 @@ class GenericHessian(_TorchFuncOperator):
         alone reached 3e-2 on a ReLU MLP. A piecewise-linear model (ReLU) has a gradient that jumps
         at its kinks, and a step that crosses one is off by jump / h (a relative error of 0.9 was
         seen in float64), so the check passes if any of three step sizes h0, h0/8, h0/64 agrees; a
-        missing curvature term is wrong at every step size."""
+        missing curvature term is wrong at every step size. ``v`` (d, 1) and its product ``hv`` on
+        the first batch may be passed in when already computed."""
         x, y = self._first_batch()
-        gen = torch.Generator().manual_seed(0)
-        v = torch.randn(self.shape[0], 1, generator=gen, dtype=self.dtype).to(self.device)
-        hv = self.flatten_columns(self._batch_products(x, y, self.unflatten_columns(v)))[:, 0].double()
-        v = v[:, 0].double()
+        if v is None:
+            v = torch.randn(self.shape[0], 1, generator=torch.Generator().manual_seed(0), dtype=self.dtype).to(self.device)
+            hv = self.flatten_columns(self._batch_products(x, y, self.unflatten_columns(v)))
+        hv, v = hv[:, 0].double(), v[:, 0].double()
         w = self.flatten(self.params).double()
 
         def as64(t: torch.Tensor) -> torch.Tensor:
             return t.double() if t.is_floating_point() else t
 
-        constants = {n: as64(c) for n, c in self._constants.items()}
-
-        def loss64(params: dict[str, torch.Tensor]) -> torch.Tensor:
-            out = torch.func.functional_call(self.model, {**constants, **params}, (as64(x),))
-            return self.loss_fn(out, as64(y)).reshape(())
-
-        grad64, grad_own = torch.func.grad(loss64), torch.func.grad(self.batch_loss)
+        # Float64 copies of the buffers and unchosen parameters override self._constants in batch_loss.
+        constants64 = {n: as64(c) for n, c in self._constants.items()}
+        x64, y64 = as64(x), as64(y)
+        grad64 = torch.func.grad(lambda params: self.batch_loss({**constants64, **params}, x64, y64))
+        grad_own = torch.func.grad(self.batch_loss)
 
         def grad64_at(shift: float) -> torch.Tensor:
             return self.flatten(grad64(self.unflatten(w + shift * v)))

@@ -333,10 +333,7 @@ def mlp_hvp_flat(
     for i, a in enumerate(activations):
         if a not in ACTIVATIONS:
             raise ValueError(f"{_OP}_flat: activations[{i}] = {a!r} is not one of {sorted(ACTIVATIONS)}")
-    if backend == "triton":
-        raise BackendUnavailableError(f"{_OP}_flat: backend 'triton' cannot run here: no Triton kernel for this op")
-    name = choose(_OP + "_flat", x.device, backend)
-    if name == "reference" or name == "triton":  # "triton" from "auto": this op has no Triton kernel
+    if choose(_OP + "_flat", x.device, backend) == "reference":
         if V.dtype != x.dtype:
             raise TypeError(f"{_OP}_flat: V has dtype {V.dtype} but x has {x.dtype}")
         if V.device != x.device:
@@ -360,14 +357,11 @@ def _fake(x, target, weights, biases, activations, v_weights, v_biases, label_sm
     return hv_w + hv_b
 
 
-if _extension.extension_loaded():
-    torch.library.register_fake(f"{_CPP_OPS}::{_OP}")(_fake)
-
-
 def _fake_flat(x, target, weights, biases, activations, V, weight_offsets, bias_offsets, label_smoothing,
                ignore_index, check_finite):
     return V.new_empty((V.shape[1], V.shape[0])).T  # the kernel's layout: (K, d) storage, transposed
 
 
 if _extension.extension_loaded():
+    torch.library.register_fake(f"{_CPP_OPS}::{_OP}")(_fake)
     torch.library.register_fake(f"{_CPP_OPS}::{_OP}_flat")(_fake_flat)
