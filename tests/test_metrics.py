@@ -83,7 +83,7 @@ def test_js_against_scipy_symmetric_and_bounded(rng):
 
 
 def _lotus_numpy(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
-    """METHODS.md, step by step: clamp rows to [1e-8, 1], divide the whole matrix by its global
+    """docs/methods.md, step by step: clamp rows to [1e-8, 1], divide the whole matrix by its global
     sum, reversed KL(m || .) with batch-mean reduction, x 1e4."""
     p = np.clip(_softmax_np(p_logits), 1e-8, 1.0)
     q = np.clip(_softmax_np(q_logits), 1e-8, 1.0)

@@ -1,4 +1,4 @@
-"""Evaluation metrics of unlearning (METHODS.md sections 2 and 4).
+"""Evaluation metrics of unlearning (defined in docs/methods.md, "Metrics").
 
 Most metrics are pure functions of logits (N x C) and integer labels (N,); :func:`predict_logits`
 and the few model-level helpers turn a model and data into those tensors. Every value is computed in
@@ -151,7 +151,7 @@ def gradient_norm(
 ) -> float:
     """||grad_w L(w)||_2 with L(w) = (1/N) sum_i loss(f_w(x_i), y_i) the mean loss over ``data``.
 
-    The Newton residual of METHODS.md section 4 when ``data`` is D_r. ``loss_fn(logits, y)`` must
+    The Newton residual (docs/methods.md) when ``data`` is D_r. ``loss_fn(logits, y)`` must
     return the *mean* loss over its batch (like ``torch.nn.functional.cross_entropy``); batches are
     re-weighted by their size so that the result is the full-data mean whatever ``batch_size`` is.
     The gradient is taken over the parameters with ``requires_grad`` in eval mode (BatchNorm uses

@@ -1,6 +1,6 @@
 """Membership-inference attacks (MIA): the three incompatible conventions of the literature.
 
-Every number must say which convention produced it (METHODS.md section 4):
+Every number must say which convention produced it (docs/methods.md, "Membership inference"):
 
 * :func:`mia_entropy` - (a) the entropy MIA of Bad Teacher / SSD / LoTUS: fraction of D_f that an
   attacker trained on D_r (members) vs test (non-members) calls *member*. Lower means more

@@ -3,8 +3,8 @@ model with Gumbel-perturbed, temperature-controlled targets, until the forget se
 
 The target the method steers to is the information-theoretic one of the paper: the accuracy of the
 unlearned model on D_f should equal the accuracy of the original model on data it never saw,
-``acc_u = Acc(f_orig, D_u)`` (0 when whole classes are forgotten). See ``../shared/METHODS.md``
-section 2 for the algorithm this file follows line by line.
+``acc_u = Acc(f_orig, D_u)`` (0 when whole classes are forgotten). docs/methods.md ("LoTUS") states
+the algorithm this file follows line by line.
 """
 from __future__ import annotations
 
