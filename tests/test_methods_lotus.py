@@ -102,7 +102,7 @@ def test_bad_input_is_rejected_clearly(sample_problem):
     model, forget, retain, unseen = sample_problem
     with pytest.raises(ValueError, match="needs unseen data"):
         LoTUS(epochs=1).unlearn(model, forget, retain)
-    with pytest.raises(ValueError, match="unseen data set is empty"):
+    with pytest.raises(ValueError, match="unseen set is empty"):
         LoTUS(epochs=1).unlearn(model, forget, retain, unseen=LabeledData(unseen.x[:0], unseen.y[:0]))
     with pytest.raises(ValueError, match="alpha must be"):
         LoTUS(alpha=0.0)

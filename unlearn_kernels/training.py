@@ -115,6 +115,19 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 @contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode inside the block; on exit each one gets its own train/eval flag
+    back (a model with mixed train/eval submodules comes back exactly as it was)."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+@contextmanager
 def seeded_rng(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
     """Seed the global RNG of the CPU (and of ``device`` if it is an accelerator) inside the block,
     restoring the caller's RNG state on exit, so that seeding here never disturbs the caller."""

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..data.labeled import LabeledData
+from ..training import eval_mode
 
 #: the keys :func:`avg_gap` compares by default
 AVG_GAP_KEYS = ("mia", "acc_forget", "acc_retain", "acc_test")
@@ -107,22 +108,6 @@ def _check_model_data(op: str, model: nn.Module, data: LabeledData, batch_size: 
         raise ValueError(f"{op}: batch_size must be a positive int, got {batch_size!r}")
 
 
-class _EvalMode:
-    """Puts every submodule in eval mode and restores each one's own flag on exit (so a model with
-    mixed train/eval submodules comes back exactly as it was)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.flags = [(module, module.training) for module in model.modules()]
-
-    def __enter__(self) -> None:
-        self.model.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        for module, training in self.flags:
-            module.training = training
-
-
 def predict_logits(model: nn.Module, data: LabeledData, batch_size: int = 1024) -> torch.Tensor:
     """The model's logits on ``data``, shape (N, C), computed in batches in eval mode without grad.
 
@@ -133,7 +118,7 @@ def predict_logits(model: nn.Module, data: LabeledData, batch_size: int = 1024) 
     _check_model_data("predict_logits", model, data, batch_size)
     device = _model_device(model, data.device)
     outputs = []
-    with _EvalMode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for start in range(0, len(data), batch_size):
             out = model(data.x[start:start + batch_size].to(device))
             if not isinstance(out, torch.Tensor) or out.dim() != 2:
@@ -165,7 +150,7 @@ def gradient_norm(
     device = _model_device(model, data.device)
     total = [torch.zeros(p.shape, dtype=torch.float64, device=p.device) for p in params]
     n = len(data)
-    with _EvalMode(model), torch.enable_grad():
+    with eval_mode(model), torch.enable_grad():
         for start in range(0, n, batch_size):
             x = data.x[start:start + batch_size].to(device)
             y = data.y[start:start + batch_size].to(device)

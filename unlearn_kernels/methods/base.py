@@ -7,10 +7,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..data.labeled import LabeledData
+from ..training import eval_mode, model_device
 
 
 @dataclass
@@ -61,12 +63,19 @@ class Unlearner(abc.ABC):
             unseen: data the model never saw (validation split), used by methods that need it
                 (e.g. LoTUS, RF-JSD style targets); None if unavailable.
             seed: seeds every random choice the method makes.
+
+        Raises:
+            TypeError: ``model`` is not an nn.Module, a set is not a LabeledData, ``seed`` not an int.
+            ValueError: before any work, naming the set: an empty forget or retain set (or an empty
+                ``unseen`` given), NaN/Inf in a set's inputs, samples whose shape does not fit the
+                model, labels outside the model's classes, or forget samples that are also in the
+                retain set (same input and label).
         """
-        if len(forget) == 0:
-            raise ValueError(f"{self.name}: the forget set is empty")
-        if len(retain) == 0:
-            raise ValueError(f"{self.name}: the retain set is empty")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"{self.name}: seed must be an int, got {type(seed).__name__}")
+        sets = _check_sets(self.name, model, forget, retain, unseen)
         work = copy.deepcopy(model)
+        _check_fit(self.name, work, sets)
         torch.manual_seed(seed)
         start = time.perf_counter()
         result = self._unlearn(work, forget, retain, unseen=unseen, seed=seed)
@@ -78,3 +87,79 @@ class Unlearner(abc.ABC):
         self, model: nn.Module, forget: LabeledData, retain: LabeledData, *, unseen: LabeledData | None, seed: int
     ) -> UnlearnResult:
         """Unlearn in place on ``model`` (already a private copy) and return the result."""
+
+
+# ---------------------------------------------------------------------------------------------
+# input checks: one place for every method, before any work
+
+
+def _check_sets(name: str, model: nn.Module, forget: LabeledData, retain: LabeledData,
+                unseen: LabeledData | None) -> dict[str, LabeledData]:
+    """The checks that need no forward pass; returns the sets by name (``unseen`` only if given)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name}: model must be a torch.nn.Module, got {type(model).__name__}")
+    sets = {"forget": forget, "retain": retain, **({} if unseen is None else {"unseen": unseen})}
+    for role, data in sets.items():
+        if not isinstance(data, LabeledData):
+            raise TypeError(f"{name}: the {role} set must be a LabeledData, got {type(data).__name__}")
+        if len(data) == 0:
+            raise ValueError(f"{name}: the {role} set is empty")
+        if data.x.is_floating_point() or data.x.is_complex():
+            finite = torch.isfinite(data.x.reshape(len(data), -1)).all(dim=1)
+            if not bool(finite.all()):
+                row = int((~finite).nonzero()[0])
+                raise ValueError(f"{name}: the {role} set has NaN or Inf in its inputs (first at row {row})")
+    for role, data in sets.items():
+        if data.x.shape[1:] != forget.x.shape[1:]:
+            raise ValueError(f"{name}: the {role} samples have shape {tuple(data.x.shape[1:])} but the forget "
+                             f"samples {tuple(forget.x.shape[1:])}")
+    shared = _shared_rows(forget, retain)
+    if shared:
+        raise ValueError(f"{name}: {len(shared)} forget samples are also in the retain set (same input and label; "
+                         f"first at forget row {shared[0]}): a sample cannot be both forgotten and kept")
+    return sets
+
+
+def _row_bytes(data: LabeledData) -> np.ndarray:
+    """The bytes of each input row, (N, bytes) uint8 (a uint8 view covers every dtype)."""
+    x = data.x.detach().reshape(len(data), -1).contiguous().cpu()
+    return x.view(torch.uint8).numpy()
+
+
+def _shared_rows(forget: LabeledData, retain: LabeledData) -> list[int]:
+    """Rows of ``forget`` whose input and label also occur in ``retain``: candidates by a hash of the
+    row's bytes, confirmed exactly (a hash collision cannot raise a false error)."""
+    if forget.x.dtype != retain.x.dtype:
+        return []
+    forget_rows, retain_rows = _row_bytes(forget), _row_bytes(retain)
+    forget_y, retain_y = forget.y.cpu().numpy(), retain.y.cpu().numpy()
+    by_hash: dict[int, list[int]] = {}
+    for j, row in enumerate(retain_rows):
+        by_hash.setdefault(hash(row.tobytes()), []).append(j)
+    return [i for i, row in enumerate(forget_rows)
+            if any(forget_y[i] == retain_y[j] and np.array_equal(row, retain_rows[j])
+                   for j in by_hash.get(hash(row.tobytes()), ()))]
+
+
+@torch.no_grad()
+def _check_fit(name: str, model: nn.Module, sets: dict[str, LabeledData]) -> None:
+    """One sample of each set through ``model`` (the private copy; eval mode, flags restored): the
+    samples must fit it, it must return (1, C) logits, and every label must be in [0, C)."""
+    device = model_device(model)
+    with eval_mode(model):
+        for role, data in sets.items():
+            try:
+                out = model(data.x[:1].to(device))
+            except (RuntimeError, ValueError, TypeError, IndexError) as error:
+                raise ValueError(f"{name}: the {role} samples (shape {tuple(data.x.shape[1:])}) do not fit the "
+                                 f"model: {error}") from error
+            if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1:
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ValueError(f"{name}: the model must map a batch of {role} samples to (batch, classes) logits; "
+                                 f"one sample gave {shape}")
+            classes = out.shape[1]
+            bad = (data.y < 0) | (data.y >= classes)
+            if bool(bad.any()):
+                row = int(bad.nonzero()[0])
+                raise ValueError(f"{name}: the {role} set has labels outside the model's {classes} classes "
+                                 f"(first at row {row}: label {int(data.y[row])})")

@@ -82,8 +82,6 @@ class LoTUS(_Trained):
         elif unseen is None:
             raise ValueError("LoTUS: needs unseen data (unseen=..., e.g. the validation split) to set its target "
                              "Acc(f_orig, D_u) when D_f shares classes with D_r")
-        elif len(unseen) == 0:
-            raise ValueError("LoTUS: the unseen data set is empty")
         teacher = _frozen_copy(model)
         if not class_forgetting:
             acc_u = _accuracy(teacher, unseen.to(device), self.batch_size)

@@ -1,0 +1,122 @@
+"""Bad input to a method gets a clear ValueError/TypeError naming the problem and the set, before any
+work, and leaves the caller's model and data exactly as they were: for a first-order method
+(fine-tune) and a Newton method (CureNewton), on a small MLP over 300 digits."""
+import copy
+
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from unlearn_kernels.data.labeled import LabeledData
+from unlearn_kernels.methods import CureNewton, Finetune, Unlearner
+from unlearn_kernels.models import MLP
+from unlearn_kernels.training import TrainConfig, init_model, train
+
+METHOD_FACTORIES = {"finetune": lambda: Finetune(epochs=1), "cure_newton": lambda: CureNewton(M=1.0)}
+
+
+@pytest.fixture(scope="module")
+def problem():
+    digits = load_digits()
+    x = torch.tensor(digits.data[:300], dtype=torch.float32) / 16
+    y = torch.tensor(digits.target[:300], dtype=torch.long)
+    model = init_model(lambda: MLP(64, hidden=(16,), num_classes=10), 0)
+    train(model, LabeledData(x, y), TrainConfig(epochs=2, batch_size=64, seed=0))
+    model.train()  # a mode the checks must give back untouched
+    return model, LabeledData(x[:30], y[:30]), LabeledData(x[30:], y[30:])
+
+
+def _with_x(data: LabeledData, row: int, value: float) -> LabeledData:
+    x = data.x.clone()
+    x[row, 5] = value
+    return LabeledData(x, data.y)
+
+
+def _with_label(data: LabeledData, row: int, label: int) -> LabeledData:
+    y = data.y.clone()
+    y[row] = label
+    return LabeledData(data.x, y)
+
+
+def _bad_cases(forget: LabeledData, retain: LabeledData) -> dict[str, tuple[LabeledData, LabeledData, str]]:
+    """name -> (forget, retain, the regex the error must match)."""
+    return {
+        "nan_forget": (_with_x(forget, 3, float("nan")), retain, r"forget set has NaN or Inf .*row 3\)"),
+        "inf_retain": (forget, _with_x(retain, 7, float("inf")), r"retain set has NaN or Inf .*row 7\)"),
+        "forget_shape": (LabeledData(forget.x[:, :48], forget.y), retain,
+                         r"retain samples have shape \(64,\) but the forget samples \(48,\)"),
+        "both_shapes": (LabeledData(forget.x[:, :48], forget.y), LabeledData(retain.x[:, :48], retain.y),
+                        r"forget samples \(shape \(48,\)\) do not fit the model"),
+        "overlap": (forget, LabeledData(torch.cat([retain.x, forget.x[4:6]]), torch.cat([retain.y, forget.y[4:6]])),
+                    r"2 forget samples are also in the retain set .*first at forget row 4"),
+        "label_forget": (_with_label(forget, 2, 10), retain,
+                         r"forget set has labels outside the model's 10 classes \(first at row 2: label 10\)"),
+        "label_retain": (forget, _with_label(retain, 9, -1), r"retain set has labels outside .*row 9: label -1"),
+        "empty_forget": (LabeledData(forget.x[:0], forget.y[:0]), retain, "forget set is empty"),
+        "empty_retain": (forget, LabeledData(retain.x[:0], retain.y[:0]), "retain set is empty"),
+    }
+
+
+def _snapshot(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list[bool]]:
+    return copy.deepcopy(model.state_dict()), [m.training for m in model.modules()]
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_FACTORIES))
+@pytest.mark.parametrize("case", ["nan_forget", "inf_retain", "forget_shape", "both_shapes", "overlap",
+                                  "label_forget", "label_retain", "empty_forget", "empty_retain"])
+def test_bad_sets_raise_before_any_work(problem, method, case):
+    model, forget, retain = problem
+    bad_forget, bad_retain, message = _bad_cases(forget, retain)[case]
+    state, modes = _snapshot(model)
+    data = [t.clone() for t in (bad_forget.x, bad_forget.y, bad_retain.x, bad_retain.y)]
+    unlearner: Unlearner = METHOD_FACTORIES[method]()
+    with pytest.raises(ValueError, match=message) as error:
+        unlearner.unlearn(model, bad_forget, bad_retain)
+    assert str(error.value).startswith(f"{unlearner.name}: ")
+    after, modes_after = _snapshot(model)
+    assert modes_after == modes
+    for name, tensor in state.items():
+        assert torch.equal(after[name], tensor), name
+    for before, now in zip(data, (bad_forget.x, bad_forget.y, bad_retain.x, bad_retain.y)):
+        torch.testing.assert_close(now, before, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_FACTORIES))
+def test_bad_unseen_set_raises(problem, method):
+    model, forget, retain = problem
+    unseen = LabeledData(retain.x[:20].clone(), retain.y[:20].clone())
+    with pytest.raises(ValueError, match="unseen set has NaN or Inf"):
+        METHOD_FACTORIES[method]().unlearn(model, forget, retain, unseen=_with_x(unseen, 0, float("nan")))
+    with pytest.raises(ValueError, match="unseen set has labels outside"):
+        METHOD_FACTORIES[method]().unlearn(model, forget, retain, unseen=_with_label(unseen, 1, 12))
+    with pytest.raises(ValueError, match="unseen set is empty"):
+        METHOD_FACTORIES[method]().unlearn(model, forget, retain, unseen=LabeledData(unseen.x[:0], unseen.y[:0]))
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_FACTORIES))
+def test_wrong_types_raise(problem, method):
+    model, forget, retain = problem
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        METHOD_FACTORIES[method]().unlearn(lambda x: x, forget, retain)
+    with pytest.raises(TypeError, match="forget set must be a LabeledData"):
+        METHOD_FACTORIES[method]().unlearn(model, (forget.x, forget.y), retain)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        METHOD_FACTORIES[method]().unlearn(model, forget, retain, seed=0.5)
+
+
+def test_same_input_with_another_label_is_not_a_shared_sample(problem):
+    """Only a sample (input and label) in both sets is refused: an input repeated with another label
+    is a different sample, and the method runs."""
+    model, forget, retain = problem
+    relabelled = (forget.y[:2] + 1) % 10
+    retain = LabeledData(torch.cat([retain.x, forget.x[:2]]), torch.cat([retain.y, relabelled]))
+    result = Finetune(epochs=1).unlearn(model, forget, retain)
+    assert result.gradients > 0
+
+
+def test_model_that_does_not_return_logits(problem):
+    _, forget, retain = problem
+    model = torch.nn.Sequential(torch.nn.Linear(64, 10), torch.nn.Flatten(0))
+    with pytest.raises(ValueError, match=r"must map a batch of forget samples to \(batch, classes\) logits; "
+                                         r"one sample gave \(10,\)"):
+        Finetune(epochs=1).unlearn(model, forget, retain)
