@@ -1,4 +1,5 @@
-"""Forget protocols: invariants (disjoint, covering, stratified, sequential shrinking) and rejections."""
+"""Forget protocols: invariants (disjoint, covering, stratified, sequential shrinking), the mislabeled
+protocol (seeded, stratified, every corrupted label wrong, D_f with the corrupted labels) and rejections."""
 from __future__ import annotations
 
 import pytest
@@ -12,9 +13,12 @@ from unlearn_kernels.data import (
     class_forget,
     index_forget,
     make_request,
+    mislabel,
     random_forget,
     remove_classes,
+    sequential_class_forget,
     sequential_forget,
+    split_forget,
 )
 
 label_lists = st.lists(st.integers(0, 4), min_size=4, max_size=80)
@@ -202,3 +206,111 @@ def test_remove_classes() -> None:
         remove_classes(test, 5)
     with pytest.raises(ValueError, match="leaves no sample"):
         remove_classes(test, [0, 1, 2])
+
+
+# --------------------------------------------------------------------------- the mislabeled protocol
+@settings(max_examples=40, deadline=None)
+@given(labels=st.lists(st.integers(0, 4), min_size=20, max_size=80), fraction=st.floats(0.05, 0.5),
+       seed=st.integers(0, 2**31), num_classes=st.integers(5, 7))
+def test_mislabel_changes_exactly_the_picked_labels(labels, fraction, seed, num_classes) -> None:
+    y = torch.tensor(labels)
+    corruption = mislabel(y, fraction, seed, num_classes=num_classes)
+    rows = corruption.corrupted_idx
+    assert len(rows) == round(fraction * len(y)) and bool((rows[1:] > rows[:-1]).all())
+    _check_stratified(y, torch.arange(len(y)), rows)  # the same stratified pick as random_forget
+    assert torch.equal(rows, random_forget(y, fraction, seed).forget_idx)
+    assert bool((corruption.labels[rows] != y[rows]).all())  # every corrupted label is wrong ...
+    keep = torch.ones(len(y), dtype=torch.bool)
+    keep[rows] = False
+    assert torch.equal(corruption.labels[keep], y[keep])  # ... and no other label changed
+    assert 0 <= int(corruption.labels.min()) and int(corruption.labels.max()) < num_classes
+    again = mislabel(labels, fraction, seed, num_classes=num_classes)  # seeded: reproducible
+    assert torch.equal(again.labels, corruption.labels)
+
+
+def test_mislabel_draws_the_wrong_label_uniformly() -> None:
+    y = torch.zeros(4000, dtype=torch.long)
+    y[::2] = 1  # two classes present, four possible
+    corruption = mislabel(y, 0.5, seed=3, num_classes=4)
+    rows = corruption.corrupted_idx
+    for true in (0, 1):
+        new = corruption.labels[rows][y[rows] == true]
+        counts = torch.bincount(new, minlength=4).tolist()
+        assert counts[true] == 0
+        # 1000 draws over 3 classes: each share within 5 standard deviations (~0.075) of 1/3
+        assert all(abs(c / len(new) - 1 / 3) < 0.075 for i, c in enumerate(counts) if i != true), counts
+    assert mislabel(y, 0.5, seed=4, num_classes=4).labels.tolist() != corruption.labels.tolist()
+
+
+def test_mislabel_rejections() -> None:
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 2"):
+        mislabel(torch.zeros(10, dtype=torch.long), 0.2)
+    with pytest.raises(ValueError, match="outside num_classes=2"):
+        mislabel(y, 0.2, num_classes=2)
+    with pytest.raises(ValueError, match="non-negative"):
+        mislabel(torch.tensor([0, -1, 1, 0]), 0.5)
+    with pytest.raises(ValueError, match="fraction"):
+        mislabel(y, 0.0)
+
+
+def test_corruption_apply_gives_the_original_the_wrong_labels(rng: torch.Generator) -> None:
+    train = LabeledData(torch.randn(30, 2, generator=rng), torch.arange(30) % 3)
+    corruption = mislabel(train.y, 0.2, seed=1)
+    corrupted = corruption.apply(train)
+    assert torch.equal(corrupted.x, train.x) and torch.equal(corrupted.y, corruption.labels)
+    assert not torch.equal(corrupted.y, train.y)
+    (request,) = split_forget(len(train), corruption.corrupted_idx)
+    forget, retain = request.apply(corrupted)
+    assert torch.equal(forget.y, corruption.labels[corruption.corrupted_idx])  # D_f: the corrupted labels
+    assert bool((forget.y != train.y[corruption.corrupted_idx]).all())
+    assert torch.equal(retain.y, train.y[request.retain_idx])  # D_r: every other row, labels untouched
+    with pytest.raises(ValueError, match="not the ones this corruption was drawn from"):
+        corruption.apply(LabeledData(train.x, (train.y + 1) % 3))
+    with pytest.raises(ValueError, match="train split of 30 samples, got 10"):
+        corruption.apply(train.subset(torch.arange(10)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(forget=st.sets(st.integers(0, 49), min_size=1, max_size=40), num_requests=st.integers(1, 6),
+       seed=st.integers(0, 1000))
+def test_split_forget_parts_are_disjoint_and_cover_the_set(forget, num_requests, seed) -> None:
+    if num_requests > len(forget):
+        with pytest.raises(ValueError, match="non-empty requests"):
+            split_forget(50, sorted(forget), num_requests, seed)
+        return
+    requests = split_forget(50, sorted(forget), num_requests, seed)
+    assert len(requests) == num_requests
+    parts = [set(r.forget_idx.tolist()) for r in requests]
+    assert set().union(*parts) == forget and sum(map(len, parts)) == len(forget)  # disjoint, covering
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    forgotten: set[int] = set()
+    for request, part in zip(requests, parts):
+        forgotten |= part
+        # the retain set: every row not forgotten so far, the parts still to come included
+        assert set(request.retain_idx.tolist()) == set(range(50)) - forgotten
+    assert [r.forget_idx.tolist() for r in split_forget(50, sorted(forget), num_requests, seed)] == \
+        [r.forget_idx.tolist() for r in requests]
+
+
+def test_split_forget_rejections() -> None:
+    with pytest.raises(ValueError, match="nothing would be retained"):
+        split_forget(3, [0, 1, 2])
+    with pytest.raises(ValueError, match="num_requests"):
+        split_forget(5, [0, 1], 0)
+    with pytest.raises(ValueError, match="duplicate"):
+        split_forget(5, [1, 1])
+
+
+def test_sequential_class_forget_one_class_per_request() -> None:
+    y = torch.tensor([0, 1, 2, 3, 1, 2, 3, 0])
+    first, second = sequential_class_forget(y, [2, 0])
+    assert first.forget_idx.tolist() == [2, 5] and first.retain_idx.tolist() == [0, 1, 3, 4, 6, 7]
+    assert second.forget_idx.tolist() == [0, 7] and second.retain_idx.tolist() == [1, 3, 4, 6]
+    assert second.description == "request 2/2: class 0"
+    with pytest.raises(ValueError, match="distinct"):
+        sequential_class_forget(y, [1, 1])
+    with pytest.raises(ValueError, match=r"\[9\] do not occur"):
+        sequential_class_forget(y, [1, 9])
+    with pytest.raises(ValueError, match="no sample to retain"):
+        sequential_class_forget(y, [0, 1, 2, 3])

@@ -10,6 +10,11 @@ forget set D_f and the retain set D_r. The constructors cover the field's standa
 * :func:`index_forget`: a user's own list of rows;
 * :func:`sequential_forget`: disjoint requests applied one after another, each retain set excluding
   every forget set so far, so the remaining data shrinks;
+* :func:`mislabel` and :func:`split_forget`: the mislabeled protocol. A seeded, stratified fraction of
+  the train split gets a uniformly drawn *different* label (:class:`LabelCorruption`); the original
+  model trains on the corrupted split, and the corrupted rows, with their corrupted labels, are
+  forgotten in one request or split into several;
+* :func:`sequential_class_forget`: one class per request, in sequence;
 * :func:`make_request`: user-given forget and retain sets, validated.
 
 Indices live on the CPU; :meth:`ForgetRequest.apply` moves them to the data's device.
@@ -149,6 +154,17 @@ def _pick(labels: torch.Tensor, pool: torch.Tensor, count: int, generator: torch
     return torch.cat(chosen).sort().values
 
 
+def _in_sequence(num_samples: int, parts: Sequence[torch.Tensor], descriptions: Sequence[str]) -> list[ForgetRequest]:
+    """Requests applied one after another: request k forgets ``parts[k]`` and retains every row that no
+    request up to k forgets (rows of later parts included)."""
+    remaining = torch.ones(num_samples, dtype=torch.bool)
+    requests = []
+    for part, description in zip(parts, descriptions):
+        remaining[part] = False
+        requests.append(ForgetRequest(part, remaining.nonzero().squeeze(1), description))
+    return requests
+
+
 def _describe_fraction(fraction: float, seed: int, stratified: bool) -> str:
     return f"random {fraction:.4g} of train ({'stratified' if stratified else 'not stratified'}, seed {seed})"
 
@@ -201,13 +217,111 @@ def sequential_forget(
         )
     generator = torch.Generator().manual_seed(seed)
     remaining = torch.arange(len(labels))
-    requests = []
-    for k in range(num_requests):
-        forget = _pick(labels, remaining, count, generator, stratified)
-        remaining = remaining[~torch.isin(remaining, forget)]
-        description = f"request {k + 1}/{num_requests}: {_describe_fraction(fraction, seed, stratified)}"
-        requests.append(ForgetRequest(forget, remaining.clone(), description))
-    return requests
+    parts = []
+    for _ in range(num_requests):
+        parts.append(_pick(labels, remaining, count, generator, stratified))
+        remaining = remaining[~torch.isin(remaining, parts[-1])]
+    description = _describe_fraction(fraction, seed, stratified)
+    return _in_sequence(len(labels), parts, [f"request {k + 1}/{num_requests}: {description}" for k in range(num_requests)])
+
+
+def sequential_class_forget(labels: IndexLike, classes: Sequence[int]) -> list[ForgetRequest]:
+    """One request per class, in the given order: request k forgets every row of ``classes[k]`` and
+    retains the rows of the classes not forgotten yet (and of all other classes)."""
+    labels = _labels(labels)
+    order = [int(c) for c in classes] if not isinstance(classes, torch.Tensor) else classes.tolist()
+    if len(set(order)) != len(order):
+        raise ValueError(f"sequential class requests need distinct classes, got {order}")
+    present = labels.unique()
+    _classes(order, present)  # every class occurs
+    if len(order) == len(present):
+        raise ValueError(f"forgetting every class {order} would leave no sample to retain")
+    parts = [(labels == c).nonzero().squeeze(1) for c in order]
+    return _in_sequence(len(labels), parts, [f"request {k + 1}/{len(order)}: class {c}" for k, c in enumerate(order)])
+
+
+@dataclass(frozen=True, eq=False)
+class LabelCorruption:
+    """The train labels after the mislabeled protocol's corruption (see :func:`mislabel`).
+
+    Attributes:
+        labels: the corrupted int64 labels of the whole train split (N,).
+        corrupted_idx: the sorted rows whose label was replaced; ``labels`` differs from the true
+            label at each of them and nowhere else.
+        description: how the corruption was drawn (fraction, seed).
+    """
+
+    labels: torch.Tensor
+    corrupted_idx: torch.Tensor
+    description: str = ""
+
+    def apply(self, train: LabeledData) -> LabeledData:
+        """``train`` with the corrupted labels: the split the original model is trained on.
+
+        Raises ValueError if ``train`` is not the split the corruption was drawn from (another size,
+        or true labels that disagree with the corruption).
+        """
+        if len(train) != len(self.labels):
+            raise ValueError(f"LabelCorruption: drawn for a train split of {len(self.labels)} samples, got {len(train)}")
+        labels = self.labels.to(train.device)
+        differs = (train.y != labels).nonzero().squeeze(1).cpu()
+        if not torch.equal(differs, self.corrupted_idx):
+            raise ValueError("LabelCorruption: the split's labels are not the ones this corruption was drawn from")
+        return LabeledData(train.x, labels.clone())
+
+
+def mislabel(labels: IndexLike, fraction: float, seed: int = 0, stratified: bool = True,
+             num_classes: int | None = None) -> LabelCorruption:
+    """Give ``round(fraction * N)`` seeded train rows a uniformly drawn different label.
+
+    The rows are picked like :func:`random_forget`'s (stratified by the true class by default); each
+    picked row's new label is drawn uniformly from the ``num_classes - 1`` classes other than its
+    own. ``num_classes`` defaults to ``max(labels) + 1``. Forget the corrupted rows with
+    :func:`split_forget` on ``corrupted_idx`` and the corrupted split (:meth:`LabelCorruption.apply`).
+    """
+    labels = _labels(labels)
+    count = _forget_count(fraction, len(labels))
+    if bool((labels < 0).any()):
+        raise ValueError(f"labels must be non-negative class ids, got {int(labels.min())}")
+    if num_classes is None:
+        num_classes = int(labels.max()) + 1
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2 (a wrong label needs a second class), got {num_classes!r}")
+    if int(labels.max()) >= num_classes:
+        raise ValueError(f"labels hold class {int(labels.max())}, outside num_classes={num_classes}")
+    generator = torch.Generator().manual_seed(seed)
+    rows = _pick(labels, torch.arange(len(labels)), count, generator, stratified)
+    # a shift in 1..C-1 modulo C: uniform over the C-1 other classes, never the true one
+    shift = torch.randint(1, num_classes, (count,), generator=generator)
+    corrupted = labels.clone()
+    corrupted[rows] = (labels[rows] + shift) % num_classes
+    description = (f"mislabeled {fraction:.4g} of train ({'stratified' if stratified else 'not stratified'}, "
+                   f"seed {seed}): a uniformly drawn different label")
+    return LabelCorruption(corrupted, rows, description)
+
+
+def split_forget(num_samples: int, indices: IndexLike, num_requests: int = 1, seed: int = 0,
+                 description: str = "") -> list[ForgetRequest]:
+    """Forget the rows ``indices`` in ``num_requests`` requests applied one after another.
+
+    The rows are shuffled with ``seed`` and cut into ``num_requests`` disjoint parts whose sizes
+    differ by at most one. Request k forgets part k; its retain set is every row of the split except
+    the parts forgotten so far (the later parts included). With one request this is
+    :func:`index_forget`.
+    """
+    num_samples = _num_samples(num_samples)
+    rows = _indices(indices, "indices", num_samples)
+    if isinstance(num_requests, bool) or not isinstance(num_requests, int) or num_requests < 1:
+        raise ValueError(f"num_requests must be a positive integer, got {num_requests!r}")
+    if num_requests > len(rows):
+        raise ValueError(f"cannot split {len(rows)} rows into {num_requests} non-empty requests")
+    if len(rows) == num_samples:
+        raise ValueError(f"indices name all {num_samples} samples: nothing would be retained")
+    shuffled = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))]
+    parts = [part.sort().values for part in torch.tensor_split(shuffled, num_requests)]
+    label = description or f"{len(rows)} given rows"
+    return _in_sequence(num_samples, parts, [f"request {k + 1}/{num_requests}: part of {label}" if num_requests > 1
+                                             else label for k in range(num_requests)])
 
 
 def make_request(forget_idx: IndexLike, retain_idx: IndexLike, num_samples: int, description: str = "user-given") -> ForgetRequest:
