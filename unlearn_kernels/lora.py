@@ -1,0 +1,375 @@
+"""LoRA adapters on frozen layers: ``y = base(x) + scale * B(A(x))`` with ``scale = alpha / rank``.
+
+* :class:`LoRALinear` wraps a frozen ``nn.Linear``; its forward is the fused op
+  :func:`unlearn_kernels.ops.lora_linear` (``x W^T + b + scale (x A^T) B^T`` with PEFT's shapes,
+  A: (rank, in), B: (out, rank)), which also gives the forward-mode products the curvature
+  operators take on adapter parameters.
+* :class:`LoRAConv2d` wraps a frozen ``nn.Conv2d`` the way PEFT does: A is a convolution with the
+  base layer's kernel, stride and padding to ``rank`` channels, B a 1x1 convolution back to the
+  output channels (A: (rank, in, kh, kw), B: (out, rank, 1, 1)). It runs as two plain convolutions
+  (the fused op is a linear-layer op).
+
+A is initialised like PEFT (Kaiming-uniform with a = sqrt(5)) and B = 0, so a fresh adapter leaves
+the model's outputs unchanged. Wrapping sets ``requires_grad=False`` on the base layer's
+parameters (the fused op gives them no gradient either); :func:`unload` restores the flags the
+base layer had when it was wrapped.
+
+Model-level helpers: :func:`add_adapters` (targets by module name or glob pattern),
+:func:`adapter_modules`, :func:`adapter_parameter_names` (the names to pass as ``params=`` to the
+curvature operators and the Newton methods), :func:`merge` / :func:`unmerge`, :func:`unload`, and
+:func:`from_peft` / :func:`to_peft` for PEFT LoRA models (``peft`` is an optional dependency,
+imported only by these two).
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import importlib
+import math
+import re
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+
+#: the layer types an adapter can wrap
+ADAPTABLE = (nn.Linear, nn.Conv2d)
+
+
+def _check_rank_alpha(owner: str, rank: Any, alpha: Any) -> float:
+    """Validates rank (int >= 1) and alpha (None or a finite number > 0); returns alpha (None -> rank)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"{owner}: rank must be an int >= 1, got {rank!r}")
+    if alpha is None:
+        return float(rank)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"{owner}: alpha must be None or a finite number > 0, got {alpha!r}")
+    return float(alpha)
+
+
+class _Adapter(nn.Module):
+    """What the two adapters share: the frozen base layer, A, B, the scale and merging."""
+
+    base: nn.Module
+    lora_a: nn.Parameter
+    lora_b: nn.Parameter
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.base = base
+        self.rank = rank
+        self.alpha = alpha
+        self.scale = alpha / rank
+        self.merged = False
+        # restored by unload(); the base is frozen while wrapped
+        self.base_requires_grad = tuple(p.requires_grad for p in base.parameters())
+        base.requires_grad_(False)
+
+    def reset_adapter(self) -> None:
+        """A ~ Kaiming-uniform (a = sqrt(5), PEFT's init), B = 0: the adapter adds nothing."""
+        if self.merged:
+            raise RuntimeError(f"{type(self).__name__}: unmerge before resetting the adapter")
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_b)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scale * B A`` in the base weight's shape: what merging adds to the base weight."""
+        a = self.lora_a.reshape(self.rank, -1)
+        b = self.lora_b.reshape(-1, self.rank)
+        return (self.scale * (b @ a)).reshape(self.base.weight.shape)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Adds the adapter into the base weight (forward then runs the base layer alone)."""
+        if not self.merged:
+            self.base.weight.add_(self.delta_weight())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtracts the adapter from the base weight again (equal up to float rounding)."""
+        if self.merged:
+            self.base.weight.sub_(self.delta_weight())
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}, merged={self.merged}"
+
+
+class LoRALinear(_Adapter):
+    """A frozen ``nn.Linear`` plus a low-rank residual: ``x W^T + b + scale (x A^T) B^T``.
+
+    Args:
+        base: the layer to adapt (its parameters are frozen; it is used, not copied).
+        rank: r >= 1.
+        alpha: the scale is ``alpha / rank``; None means alpha = rank (scale 1).
+
+    Attributes:
+        lora_a: A, (rank, in_features). lora_b: B, (out_features, rank).
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None) -> None:
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear: base must be an nn.Linear, got {type(base).__name__}")
+        alpha = _check_rank_alpha("LoRALinear", rank, alpha)
+        super().__init__(base, rank, alpha)
+        kwargs = {"dtype": base.weight.dtype, "device": base.weight.device}
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, **kwargs))
+        self.lora_b = nn.Parameter(torch.empty(base.out_features, rank, **kwargs))
+        self.reset_adapter()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base(x)
+        return ops.lora_linear(x, self.base.weight, self.base.bias, self.lora_a, self.lora_b, self.scale)
+
+
+class LoRAConv2d(_Adapter):
+    """A frozen ``nn.Conv2d`` plus PEFT's convolutional LoRA residual:
+    ``conv(x, W) + b + scale * conv1x1(conv(x, A), B)``, A with the base's kernel, stride and padding.
+
+    The base layer must have ``groups=1``, ``dilation=1`` and zero padding (what the merge formula
+    ``W + scale * B A`` and PEFT's layer assume); otherwise ``ValueError``.
+
+    Args:
+        base, rank, alpha: as in :class:`LoRALinear`.
+
+    Attributes:
+        lora_a: A, (rank, in_channels, kh, kw). lora_b: B, (out_channels, rank, 1, 1).
+    """
+
+    def __init__(self, base: nn.Conv2d, rank: int, alpha: float | None = None) -> None:
+        if not isinstance(base, nn.Conv2d):
+            raise TypeError(f"LoRAConv2d: base must be an nn.Conv2d, got {type(base).__name__}")
+        if base.groups != 1 or base.dilation != (1, 1) or base.padding_mode != "zeros":
+            raise ValueError(f"LoRAConv2d: the base convolution needs groups=1, dilation=1 and zero padding, got "
+                             f"groups={base.groups}, dilation={base.dilation}, padding_mode={base.padding_mode!r}")
+        alpha = _check_rank_alpha("LoRAConv2d", rank, alpha)
+        super().__init__(base, rank, alpha)
+        kwargs = {"dtype": base.weight.dtype, "device": base.weight.device}
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_channels, *base.kernel_size, **kwargs))
+        self.lora_b = nn.Parameter(torch.empty(base.out_channels, rank, 1, 1, **kwargs))
+        self.reset_adapter()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.merged:
+            return out
+        low = F.conv2d(x, self.lora_a, None, self.base.stride, self.base.padding)
+        return out + self.scale * F.conv2d(low, self.lora_b)
+
+
+Adapter = LoRALinear | LoRAConv2d
+
+
+# ---------------------------------------------------------------------------------------------
+# model-level helpers
+
+
+def adapter_modules(model: nn.Module) -> dict[str, Adapter]:
+    """Every LoRA adapter of ``model`` by its module name, in module order."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    return {name: m for name, m in model.named_modules() if isinstance(m, _Adapter)}
+
+
+def adapter_parameter_names(model: nn.Module) -> tuple[str, ...]:
+    """Names of the adapter parameters (``<module>.lora_a``, ``<module>.lora_b``), e.g. for
+    ``hessian_operator(..., params=...)`` or ``CureNewton(params=...)``; empty if there is none."""
+    return tuple(f"{name}.{p}" for name in adapter_modules(model) for p in ("lora_a", "lora_b"))
+
+
+def _resolve_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
+    """Module names selected by ``targets`` (exact names first, else glob patterns); raises before
+    anything changes."""
+    if isinstance(targets, str):
+        targets = (targets,)
+    if not isinstance(targets, Sequence) or not targets or not all(isinstance(t, str) and t for t in targets):
+        raise TypeError(f"add_adapters: targets must be a module name or pattern, or a non-empty sequence of them, "
+                        f"got {targets!r}")
+    modules = dict(model.named_modules())
+    # layers inside an existing adapter (its .base) are not candidates
+    inside = {f"{name}.{child}" for name in adapter_modules(model) for child, _ in modules[name].named_modules()
+              if child}
+    chosen: list[str] = []
+    for target in targets:
+        if target in modules:
+            module = modules[target]
+            if isinstance(module, _Adapter) or target in inside:
+                raise ValueError(f"add_adapters: module {target!r} already has an adapter")
+            if not isinstance(module, ADAPTABLE):
+                raise TypeError(f"add_adapters: target {target!r} is a {type(module).__name__}; adapters wrap "
+                                f"{' or '.join(t.__name__ for t in ADAPTABLE)} layers")
+            found = [target]
+        else:
+            matched = [n for n in modules if n and n not in inside and fnmatch.fnmatchcase(n, target)]
+            if not matched:
+                raise ValueError(f"add_adapters: target {target!r} names no module of the model "
+                                 f"(modules: {[n for n in modules if n][:12]}...)")
+            found = [n for n in matched if isinstance(modules[n], ADAPTABLE)]
+            if not found:
+                raise TypeError(f"add_adapters: pattern {target!r} matches no Linear or Conv2d layer "
+                                f"(it matches {matched[:6]})")
+        chosen += [n for n in found if n not in chosen]
+    return chosen
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _wrap(layer: nn.Module, rank: int, alpha: float | None) -> Adapter:
+    return LoRALinear(layer, rank, alpha) if isinstance(layer, nn.Linear) else LoRAConv2d(layer, rank, alpha)
+
+
+def add_adapters(model: nn.Module, targets: str | Sequence[str], rank: int = 8, alpha: float | None = None
+                 ) -> tuple[str, ...]:
+    """Wraps the target layers of ``model`` (in place) in fresh LoRA adapters (B = 0: the outputs do
+    not change) and returns their module names.
+
+    Args:
+        model: any nn.Module.
+        targets: module names (``"1"``, ``"features.0"``) or glob patterns (``"features.*"``); an
+            exact name must be an ``nn.Linear`` or ``nn.Conv2d``; a pattern selects the Linear and
+            Conv2d layers among the modules it matches.
+        rank: r >= 1.
+        alpha: scale = alpha / rank; None means alpha = rank.
+
+    Raises:
+        ValueError: a bad rank or alpha, a target that names no module, a layer that already has
+            an adapter, or a Conv2d the adapter cannot wrap. TypeError: a target that is not a
+            Linear/Conv2d layer. Nothing is changed when it raises.
+    """
+    _check_rank_alpha("add_adapters", rank, alpha)
+    names = _resolve_targets(model, targets)
+    modules = dict(model.named_modules())
+    adapters = {name: _wrap(modules[name], rank, alpha) for name in names}  # may raise: nothing set yet
+    for name, adapter in adapters.items():
+        _set_module(model, name, adapter)
+    return tuple(names)
+
+
+def merge(model: nn.Module) -> None:
+    """Merges every adapter into its base weight (in place; :func:`unmerge` undoes it)."""
+    for adapter in adapter_modules(model).values():
+        adapter.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undoes :func:`merge` (in place; the base weights come back up to float rounding)."""
+    for adapter in adapter_modules(model).values():
+        adapter.unmerge()
+
+
+def unload(model: nn.Module, *, merge: bool = True) -> nn.Module:
+    """Replaces every adapter (in place) by its base layer, with the adapter merged into the weight
+    (``merge=True``) or dropped (``merge=False``, the base weight as it was wrapped), restores the
+    base layer's ``requires_grad`` flags and returns ``model``: the plain architecture again."""
+    for name, adapter in adapter_modules(model).items():
+        if merge:
+            adapter.merge()
+        else:
+            adapter.unmerge()
+        for parameter, flag in zip(adapter.base.parameters(), adapter.base_requires_grad):
+            parameter.requires_grad_(flag)
+        _set_module(model, name, adapter.base)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT interop
+
+
+def _peft() -> ModuleType:
+    try:
+        return importlib.import_module("peft")
+    except ImportError as err:
+        raise ImportError("PEFT interop needs the optional dependency peft: pip install 'unlearn-kernels[peft]'"
+                          ) from err
+
+
+def from_peft(peft_model: nn.Module) -> nn.Module:
+    """A copy of a PEFT LoRA model (a ``PeftModel`` or a model with PEFT LoRA layers injected) with
+    every PEFT LoRA layer replaced by :class:`LoRALinear` / :class:`LoRAConv2d` carrying the same
+    A, B and scale; the PEFT model is not modified.
+
+    Supported: plain LoRA on ``nn.Linear`` / ``nn.Conv2d`` layers with one active adapter (scaling
+    alpha/r or rsLoRA's alpha/sqrt(r): the scale is copied). LoRA dropout is not carried over (the
+    outputs agree in eval mode). Raises ValueError for DoRA and other variants, a LoRA bias,
+    ``fan_in_fan_out``, several active adapters, other PEFT tuner layers, or no LoRA layer at all.
+    """
+    peft = _peft()
+    lora_layer = peft.tuners.lora.LoraLayer
+    base = peft_model.get_base_model() if isinstance(peft_model, peft.PeftModel) else peft_model
+    model = copy.deepcopy(base)
+    modules = dict(model.named_modules())
+    layers = {name: m for name, m in modules.items() if isinstance(m, lora_layer)}
+    if not layers:
+        raise ValueError("from_peft: the model has no PEFT LoRA layer")
+    inside = {f"{name}.{child}" for name, layer in layers.items() for child, _ in layer.named_modules() if child}
+    for name, m in modules.items():
+        if name not in layers and name not in inside and type(m).__module__.split(".")[0] == "peft":
+            raise ValueError(f"from_peft: module {name!r} is a PEFT {type(m).__name__}, which has no counterpart here")
+    replacements = {}
+    for name, layer in layers.items():
+        active = list(layer.active_adapters)
+        if len(active) != 1 or active[0] not in layer.lora_A:
+            raise ValueError(f"from_peft: layer {name!r} needs exactly one active LoRA adapter, got {active}")
+        key = active[0]
+        base_layer = layer.get_base_layer()
+        if type(layer) not in (peft.tuners.lora.Linear, peft.tuners.lora.Conv2d) or not isinstance(base_layer, ADAPTABLE):
+            raise ValueError(f"from_peft: layer {name!r} is a {type(layer).__name__} on a {type(base_layer).__name__}; "
+                             "only LoRA on nn.Linear and nn.Conv2d is supported")
+        if key in layer.lora_variant or getattr(layer, "fan_in_fan_out", False) or layer.lora_B[key].bias is not None:
+            raise ValueError(f"from_peft: layer {name!r} uses a LoRA variant (DoRA, ...), fan_in_fan_out or a LoRA "
+                             "bias; only plain LoRA is supported")
+        if layer.merged:
+            layer.unmerge()  # on the copy
+        rank = layer.r[key]
+        adapter = _wrap(base_layer, rank, float(layer.scaling[key]) * rank)
+        with torch.no_grad():
+            adapter.lora_a.copy_(layer.lora_A[key].weight)
+            adapter.lora_b.copy_(layer.lora_B[key].weight)
+        adapter.scale = float(layer.scaling[key])  # exact, not alpha / rank re-rounded
+        replacements[name] = adapter
+    for name, adapter in replacements.items():
+        _set_module(model, name, adapter)
+    return model
+
+
+def to_peft(model: nn.Module, adapter_name: str = "default") -> nn.Module:
+    """A ``PeftModel`` (``peft.get_peft_model`` on a copy of ``model`` without its adapters) whose LoRA
+    layers carry the adapters' A, B and scale; ``model`` is not modified.
+
+    Needs at least one adapter, and one rank and one scale shared by all adapters (one
+    ``LoraConfig``); otherwise ValueError.
+    """
+    peft = _peft()
+    adapters = adapter_modules(model)
+    if not adapters:
+        raise ValueError("to_peft: the model has no LoRA adapter (add_adapters adds them)")
+    ranks = {a.rank for a in adapters.values()}
+    scales = {a.scale for a in adapters.values()}
+    if len(ranks) != 1 or len(scales) != 1:
+        raise ValueError(f"to_peft: one LoraConfig needs one rank and one scale for all adapters, got ranks "
+                         f"{sorted(ranks)} and scales {sorted(scales)}")
+    rank, scale = ranks.pop(), scales.pop()
+    work = copy.deepcopy(model)
+    weights = {name: (a.lora_a.detach().clone(), a.lora_b.detach().clone()) for name, a in adapters.items()}
+    unload(work, merge=False)
+    config = peft.LoraConfig(r=rank, lora_alpha=scale * rank, lora_dropout=0.0, bias="none",
+                             target_modules="|".join(re.escape(n) for n in adapters))  # a string: full match
+    peft_model = peft.get_peft_model(work, config, adapter_name=adapter_name)
+    for name, (a, b) in weights.items():
+        layer = peft_model.get_base_model().get_submodule(name)
+        with torch.no_grad():
+            layer.lora_A[adapter_name].weight.copy_(a)
+            layer.lora_B[adapter_name].weight.copy_(b)
+        layer.scaling[adapter_name] = scale
+    return peft_model
