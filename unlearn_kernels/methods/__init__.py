@@ -2,6 +2,7 @@
 from .base import UnlearnResult, Unlearner
 from .first_order import SCRUB, SSD, BadTeacher, Finetune, GradientAscent, NegGradPlus, RandomLabels, SalUn
 from .lotus import LoTUS
+from .rfa import RFA
 from .newton import CureNewton, DampedNewton, InfluenceNewton, LiSSANewton, NewtonPinv, StochasticCureNewton
 from .reference import Original, Retrain
 
@@ -9,10 +10,10 @@ from .reference import Original, Retrain
 METHODS: dict[str, type[Unlearner]] = {
     method.name: method
     for method in (Retrain, Original, Finetune, GradientAscent, NegGradPlus, RandomLabels, SalUn, SCRUB,
-                   BadTeacher, SSD, LoTUS, CureNewton, StochasticCureNewton, NewtonPinv, DampedNewton, InfluenceNewton,
+                   BadTeacher, SSD, LoTUS, RFA, CureNewton, StochasticCureNewton, NewtonPinv, DampedNewton, InfluenceNewton,
                    LiSSANewton)
 }
 
 __all__ = ["METHODS", "SCRUB", "SSD", "BadTeacher", "CureNewton", "DampedNewton", "Finetune", "GradientAscent",
-           "InfluenceNewton", "LiSSANewton", "LoTUS", "NegGradPlus", "NewtonPinv", "Original", "RandomLabels", "Retrain", "SalUn",
+           "InfluenceNewton", "LiSSANewton", "LoTUS", "NegGradPlus", "NewtonPinv", "Original", "RFA", "RandomLabels", "Retrain", "SalUn",
            "StochasticCureNewton", "UnlearnResult", "Unlearner"]

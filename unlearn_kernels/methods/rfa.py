@@ -1,0 +1,270 @@
+"""RFA: residual feature alignment with LoRA (Qin, Zhu, Wang, Zhou, arXiv 2411.08443), our
+reconstruction (the paper's body and code were not available; docs/methods.md says what is the
+paper's and what is ours).
+
+The model is frozen. Zero-initialised LoRA adapters (B = 0) wrap intermediate layers, so an adapted
+layer's output is the frozen layer's output plus the adapter's "residual feature". Only the adapters
+train, on
+
+    L = L_align(D_r) + task_weight * CE(D_r) + lam * L_shift(D_f),
+
+where a layer's distance between features h and h' of one sample is ``||h - h'||^2 / (n_l s_l^2)``
+(n_l the layer's feature count, s_l^2 the mean square of the frozen model's features of that layer
+on D_r, so that every layer weighs alike), summed over the adapted layers and averaged over samples.
+L_align is the distance to the frozen model's own features (the residual driven to zero on D_r);
+L_shift moves the D_f features to a target chosen by ``shift``:
+
+* ``"neighbors"`` (default, label-free): the mean of the frozen model's features of the ``neighbors``
+  nearest samples (Euclidean, in input space) of a reference pool of data the model never saw
+  (``unseen``, or D_r when no unseen set is given), restricted to the classes of D_r: what the
+  model does on similar data it did not fit. It reads no label of D_f, so it also works when D_f's
+  labels are the wrong ones (mislabeled data), and for class unlearning it pulls toward the
+  remaining classes.
+* ``"unseen_class"``: the mean frozen feature of the unseen samples of the D_f sample's own label
+  (sample unlearning with correct labels; needs ``unseen``).
+* ``"other_class"``: the mean frozen feature of the D_r samples of the class the frozen model ranks
+  highest after the D_f sample's label (class unlearning).
+* ``"margin"``: away from the frozen model's own features until their relative distance
+  ``||h - h0|| / ||h0||`` reaches ``margin`` (label-free; the hinge ``max(0, margin - d)^2``).
+
+With ``merge=True`` (default) the adapters are merged into the weights and removed: the returned
+model has the original architecture. With ``merge=False`` the returned model keeps the adapters and
+its frozen weights are bit-identical to the given model's. A model that already has adapters (an
+earlier ``merge=False`` request) trains those, with its current outputs as the frozen features.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.labeled import LabeledData
+from ..lora import ADAPTABLE, add_adapters, adapter_modules, unload
+from ..training import make_optimizer, model_device
+from .base import UnlearnResult
+from .first_order import _Trained, _frozen_copy, _step
+
+SHIFTS = ("neighbors", "unseen_class", "other_class", "margin")
+
+
+def hidden_layers(model: nn.Module) -> tuple[str, ...]:
+    """The default adapter targets: every Linear and Conv2d layer except the last Linear (the
+    output layer), in module order."""
+    layers = [name for name, m in model.named_modules() if isinstance(m, ADAPTABLE)]
+    linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return tuple(n for n in layers if not linear or n != linear[-1])
+
+
+class _Features:
+    """Forward hooks that keep the outputs of the named modules of one model (the last forward)."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        self.outputs: dict[str, torch.Tensor] = {}
+        modules = dict(model.named_modules())
+        self.names = tuple(names)
+        self.handles = [modules[n].register_forward_hook(self._keeper(n)) for n in self.names]
+
+    def _keeper(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            self.outputs[name] = output.flatten(1)
+        return hook
+
+    def __call__(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        logits = model(x)
+        return logits, [self.outputs[n] for n in self.names]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _cycle(data: LabeledData, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for p in itertools.count():
+        yield from data.loader(batch_size, shuffle=True, seed=seed + p)
+
+
+class RFA(_Trained):
+    """Residual feature alignment with LoRA adapters on the hidden layers (see the module docstring).
+
+    Defaults (ours): adapters of rank 8 (alpha = rank) on every Linear and Conv2d layer but the
+    output layer; shift "neighbors" with 5 neighbours; lam 1; the task loss on D_r added
+    (task_weight 1); Adam, lr 1e-2, 10 epochs over D_r in batches of 64 (one D_f batch per D_r
+    batch, D_f cycling); no weight decay; merge afterwards.
+
+    Args:
+        epochs, lr, batch_size, optimizer, weight_decay: the adapters' training.
+        rank, alpha: the adapters (scale alpha / rank; alpha None means rank).
+        targets: module names or glob patterns of the layers to adapt (None: :func:`hidden_layers`).
+        shift: one of :data:`SHIFTS`.
+        lam: the weight of L_shift, > 0.
+        neighbors: k of the "neighbors" target, >= 1.
+        margin: the relative distance of the "margin" target, > 0.
+        task_weight: weight of the cross entropy on D_r, >= 0 (0: features only).
+        merge: merge the adapters into the weights (True) or return the model with its adapters.
+    """
+
+    name = "rfa"
+
+    def __init__(self, epochs: int = 10, lr: float = 1e-2, batch_size: int = 64, rank: int = 8,
+                 alpha: float | None = None, targets: str | Sequence[str] | None = None, shift: str = "neighbors",
+                 lam: float = 1.0, neighbors: int = 5, margin: float = 1.0, task_weight: float = 1.0,
+                 merge: bool = True, optimizer: str = "adam", weight_decay: float = 0.0) -> None:
+        super().__init__(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay)
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"RFA: rank must be an int >= 1, got {rank!r}")
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                                  or not (math.isfinite(alpha) and alpha > 0)):
+            raise ValueError(f"RFA: alpha must be None or a finite number > 0, got {alpha!r}")
+        if targets is not None:
+            targets = (targets,) if isinstance(targets, str) else tuple(targets)
+            if not targets or not all(isinstance(t, str) and t for t in targets):
+                raise TypeError(f"RFA: targets must be None or module names/patterns, got {targets!r}")
+        if shift not in SHIFTS:
+            raise ValueError(f"RFA: unknown shift {shift!r}; choose one of {SHIFTS}")
+        for key, value, low in (("lam", lam, 0.0), ("margin", margin, 0.0), ("task_weight", task_weight, None)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or (value <= low if low is not None else value < 0):
+                raise ValueError(f"RFA: {key} must be a finite number {'>' if low is not None else '>='} 0, "
+                                 f"got {value!r}")
+        if isinstance(neighbors, bool) or not isinstance(neighbors, int) or neighbors < 1:
+            raise ValueError(f"RFA: neighbors must be an int >= 1, got {neighbors!r}")
+        if not isinstance(merge, bool):
+            raise TypeError(f"RFA: merge must be a bool, got {merge!r}")
+        self.rank, self.alpha, self.targets, self.shift = rank, alpha, targets, shift
+        self.lam, self.neighbors, self.margin, self.task_weight, self.merge = lam, neighbors, margin, task_weight, merge
+
+    def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        adapters = [p for a in adapter_modules(model).values() for p in (a.lora_a, a.lora_b)]
+        return make_optimizer(adapters, self.optimizer, self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+
+    def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,
+                 unseen: LabeledData | None, seed: int) -> UnlearnResult:
+        device = model_device(model)
+        forget, retain = forget.to(device), retain.to(device)
+        unseen = unseen.to(device) if unseen is not None else None
+        if self.shift == "unseen_class":
+            self._check_unseen_classes(forget, unseen)
+        existing = adapter_modules(model)
+        if existing and self.targets is None:
+            layers = tuple(existing)
+        else:
+            layers = add_adapters(model, self.targets or hidden_layers(model), self.rank, self.alpha)
+        teacher = _frozen_copy(model)
+        student_features, teacher_features = _Features(model, layers), _Features(teacher, layers)
+        try:
+            scales = self._feature_scales(teacher, teacher_features, retain)
+            targets = self._shift_targets(teacher, teacher_features, forget, retain, unseen)
+            steps, last = self._train(model, teacher, student_features, teacher_features, forget, retain, targets,
+                                      scales, seed)
+        finally:
+            student_features.remove()
+            teacher_features.remove()
+        if self.merge:
+            unload(model, merge=True)
+        return UnlearnResult(model=model.eval(), seconds=0.0, gradients=steps,
+                             diagnostics={"layers": list(layers), "shift": self.shift, "merged": self.merge,
+                                          "epochs": self.epochs, **last})
+
+    # ----------------------------------------------------------------------------------------
+    # the parts
+
+    def _check_unseen_classes(self, forget: LabeledData, unseen: LabeledData | None) -> None:
+        if unseen is None or len(unseen) == 0:
+            raise ValueError("RFA: shift='unseen_class' needs unseen data (unseen=..., e.g. the validation split)")
+        missing = sorted(set(forget.y.unique().tolist()) - set(unseen.y.unique().tolist()))
+        if missing:
+            raise ValueError(f"RFA: shift='unseen_class' needs unseen samples of every forget class; none of {missing}")
+
+    @torch.no_grad()
+    def _all_features(self, teacher: nn.Module, features: _Features, data: LabeledData
+                      ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The frozen model's logits and per-layer features on ``data`` (eval mode, in batches)."""
+        logits, per_layer = [], [[] for _ in features.names]
+        for x, _ in data.loader(1024):
+            z, hs = features(teacher, x)
+            logits.append(z)
+            for store, h in zip(per_layer, hs):
+                store.append(h)
+        return torch.cat(logits), [torch.cat(s) for s in per_layer]
+
+    def _feature_scales(self, teacher: nn.Module, features: _Features, retain: LabeledData) -> list[float]:
+        """s_l^2: the mean square of the frozen features of each layer on D_r (floored above 0)."""
+        _, hs = self._all_features(teacher, features, retain)
+        return [max(float(h.square().mean()), 1e-12) for h in hs]
+
+    def _shift_targets(self, teacher: nn.Module, features: _Features, forget: LabeledData, retain: LabeledData,
+                       unseen: LabeledData | None) -> list[torch.Tensor]:
+        """The per-layer D_f targets, one row per forget sample (for "margin": the frozen features)."""
+        forget_logits, forget_h = self._all_features(teacher, features, forget)
+        if self.shift == "margin":
+            return forget_h
+        if self.shift == "unseen_class":
+            _, pool_h = self._all_features(teacher, features, unseen)
+            return [_class_means(h, unseen.y, forget_logits.shape[1])[forget.y] for h in pool_h]
+        if self.shift == "other_class":
+            _, retain_h = self._all_features(teacher, features, retain)
+            ranked = forget_logits.clone()
+            ranked[torch.arange(len(forget)), forget.y] = -math.inf
+            absent = torch.ones(ranked.shape[1], dtype=torch.bool, device=ranked.device)
+            absent[retain.y.unique()] = False
+            ranked[:, absent] = -math.inf  # only classes that D_r holds
+            other = ranked.argmax(1)
+            return [_class_means(h, retain.y, ranked.shape[1])[other] for h in retain_h]
+        # neighbors: the pool is unseen data (else D_r), limited to the classes of D_r
+        pool = unseen if unseen is not None and len(unseen) else retain
+        pool = pool.subset(torch.isin(pool.y, retain.y.unique()))
+        if len(pool) == 0:
+            raise ValueError("RFA: the neighbours' pool (unseen data of the classes of D_r) is empty")
+        k = min(self.neighbors, len(pool))
+        distances = torch.cdist(forget.x.flatten(1).double(), pool.x.flatten(1).double())
+        nearest = distances.topk(k, dim=1, largest=False).indices
+        _, pool_h = self._all_features(teacher, features, pool)
+        return [h[nearest].mean(1) for h in pool_h]
+
+    def _distance(self, hs: list[torch.Tensor], targets: list[torch.Tensor], scales: list[float]) -> torch.Tensor:
+        """sum_l mean over samples of ||h - t||^2 / (n_l s_l^2)."""
+        return sum(((h - t).square().mean(1) / s).mean() for h, t, s in zip(hs, targets, scales))
+
+    def _margin_loss(self, hs: list[torch.Tensor], originals: list[torch.Tensor]) -> torch.Tensor:
+        """sum_l mean over samples of max(0, margin - ||h - h0|| / ||h0||)^2."""
+        total = 0.0
+        for h, h0 in zip(hs, originals):
+            relative = (h - h0).norm(dim=1) / h0.norm(dim=1).clamp_min(1e-12)
+            total = total + F.relu(self.margin - relative).square().mean()
+        return total
+
+    def _train(self, model: nn.Module, teacher: nn.Module, student: _Features, frozen: _Features,
+               forget: LabeledData, retain: LabeledData, targets: list[torch.Tensor], scales: list[float],
+               seed: int) -> tuple[int, dict[str, float]]:
+        indexed_forget = LabeledData(forget.x, torch.arange(len(forget), device=forget.device))
+        forget_batches = _cycle(indexed_forget, self.batch_size, seed + 10_000)
+        optimizer = self._make_optimizer(model)
+        steps, last = 0, {}
+        model.train()
+        for epoch in range(self.epochs):
+            for x, y in retain.loader(self.batch_size, shuffle=True, seed=seed + epoch):
+                with torch.no_grad():
+                    _, h0 = frozen(teacher, x)
+                logits, hs = student(model, x)
+                align = self._distance(hs, h0, scales)
+                task = F.cross_entropy(logits, y) if self.task_weight > 0 else torch.zeros((), device=x.device)
+                xf, rows = next(forget_batches)
+                _, hf = student(model, xf)
+                batch_targets = [t[rows] for t in targets]
+                shift = (self._margin_loss(hf, batch_targets) if self.shift == "margin"
+                         else self._distance(hf, batch_targets, scales))
+                _step(optimizer, align + self.task_weight * task + self.lam * shift)
+                steps += 1
+                last = {"align_loss": float(align.detach()), "task_loss": float(task.detach()), "shift_loss": float(shift.detach())}
+        return steps, last
+
+
+def _class_means(h: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Row c: the mean of the rows of ``h`` with label c (zeros for a class without rows)."""
+    sums = torch.zeros(num_classes, h.shape[1], dtype=h.dtype, device=h.device).index_add_(0, y, h)
+    counts = torch.bincount(y, minlength=num_classes).clamp_min(1).to(h.dtype)
+    return sums / counts.unsqueeze(1)
