@@ -2,6 +2,7 @@
 pure-PyTorch reference ``<op>_ref`` beside it. ``unlearn_kernels.backends()`` says what runs here."""
 from .cubic_secular import cubic_secular_solve, cubic_secular_solve_ref
 from .lanczos_step import lanczos_step, lanczos_step_ref
+from .lora_linear import lora_linear, lora_linear_jvp, lora_linear_jvp_ref, lora_linear_ref
 from .mlp_hvp import mlp_hvp, mlp_hvp_flat, mlp_hvp_flat_ref, mlp_hvp_ref
 from .softmax_ce import softmax_ce_grad, softmax_ce_grad_ref, softmax_ce_hvp, softmax_ce_hvp_ref
 
@@ -14,6 +15,8 @@ OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "cubic_secular_solve": ("cpp", "reference"),
     "mlp_hvp": ("cpp", "cuda", "reference"),
     "mlp_hvp_flat": ("cpp", "cuda", "reference"),
+    "lora_linear": ("reference",),
+    "lora_linear_jvp": ("reference",),
 }
 OP_NAMES = tuple(OP_BACKENDS)
 
@@ -24,6 +27,10 @@ __all__ = [
     "cubic_secular_solve_ref",
     "lanczos_step",
     "lanczos_step_ref",
+    "lora_linear",
+    "lora_linear_jvp",
+    "lora_linear_jvp_ref",
+    "lora_linear_ref",
     "mlp_hvp",
     "mlp_hvp_flat",
     "mlp_hvp_flat_ref",

@@ -1,0 +1,314 @@
+"""Fused LoRA linear layer: ``y = x W^T + b + s (x A^T) B^T``, its backward and its JVP.
+
+Shapes follow PEFT: x (..., in) with any leading dims, W (out, in), b (out,) or None, A (rank, in),
+B (out, rank), s a Python float (PEFT's ``scaling``, alpha / rank). W and b are the frozen layer:
+this op gives them no gradient, so they must not require one (a ValueError says so), and forward-mode
+tangents on them are refused the same way.
+
+A LoRA step costs the frozen layer's GEMMs plus rank-sized work. With xa = x A^T (N, r), kept from
+the forward::
+
+    forward    y   = x W^T + b, then y += s xa B^T            (one addmm into the output)
+    backward   g   = s gy B                                   (N, r)
+               gx  = gy W, then gx += g A                     (one addmm into the input gradient)
+               gA  = g^T x,   gB = s gy^T xa                  (rank-sized)
+    JVP        [xa, x dA^T] = x [A; dA]^T                     (one GEMM for both)
+               t   = s [x dA^T, xa] [B, dB]^T                 (one GEMM of inner size 2r)
+
+Backends: C++ CPU and CUDA (ATen GEMMs; the same pass in ``csrc/cpu/lora_linear.cpp``, registered
+for both devices), Triton (one strided matmul kernel whose epilogue adds the bias and the rank-r
+product, so y and gx are each written once) and the pure-PyTorch references
+:func:`lora_linear_ref` / :func:`lora_linear_jvp_ref` (the plain formula).
+
+How the transforms reach the kernels: :func:`lora_linear` runs an ``autograd.Function`` around the
+registered op (forward mode has no registration API for custom ops, so a Function is the one place
+that can carry both rules). Its ``backward`` calls the compiled backward op when no graph of the
+backward is recorded; under ``create_graph=True`` or ``torch.func.grad`` (which always records
+one) it runs the formulas above in differentiable ATen ops, recomputing xa from x and A so that
+the graph reaches them: double backward and forward-over-reverse work. Its ``jvp`` (forward mode,
+``torch.func.jvp``) is the JVP's folded GEMMs in ATen ops, so that ``torch.func.vmap`` over the
+tangents batches them (``generate_vmap_rule``). :func:`lora_linear_jvp` runs output and tangent as
+one compiled op when no graph is recorded.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .. import _extension
+from ..backends import choose
+
+_CPP_OPS = "unlearn_kernels"
+_OP = "lora_linear"
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------- references
+def lora_linear_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Pure-PyTorch reference of :func:`lora_linear`: ``x W^T + b + scale (x A^T) B^T`` (plain
+    autograd: unlike the op, it differentiates W and b too)."""
+    return F.linear(x, weight, bias) + scale * F.linear(F.linear(x, lora_a), lora_b)
+
+
+def lora_linear_jvp_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    tangent_a: torch.Tensor | None,
+    tangent_b: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure-PyTorch reference of :func:`lora_linear_jvp`:
+    ``(y, scale [(x dA^T) B^T + (x A^T) dB^T])``."""
+    out = lora_linear_ref(x, weight, bias, lora_a, lora_b, scale)
+    tangent = torch.zeros_like(out)
+    if tangent_a is not None:
+        tangent = tangent + scale * F.linear(F.linear(x, tangent_a), lora_b)
+    if tangent_b is not None:
+        tangent = tangent + scale * F.linear(F.linear(x, lora_a), tangent_b)
+    return out, tangent
+
+
+# --------------------------------------------------------------------------- the pass in ATen ops
+# On 2-D x (N, in); every matmul broadcasts, so the vmap rules reuse these with batched operands.
+# They are the reference backend's kernels and the differentiable backward of every backend.
+def _forward_aten(x, weight, bias, lora_a, lora_b, scale):
+    """(y, xa) with xa = x A^T."""
+    xa = torch.matmul(x, lora_a.mT)
+    out = torch.matmul(x, weight.mT)
+    if bias is not None:
+        out = out + bias
+    return out + scale * torch.matmul(xa, lora_b.mT), xa
+
+
+def _backward_aten(grad_out, x, weight, lora_a, lora_b, xa, scale, output_mask):
+    """(gx, gA, gB), None where output_mask says not needed."""
+    need_x, need_a, need_b = output_mask
+    g = torch.matmul(grad_out, lora_b) * scale if (need_x or need_a) else None
+    gx = torch.matmul(grad_out, weight) + torch.matmul(g, lora_a) if need_x else None
+    ga = torch.matmul(g.mT, x) if need_a else None
+    gb = torch.matmul(grad_out.mT, xa) * scale if need_b else None
+    return gx, ga, gb
+
+
+def _tangent_aten(x, lora_a, lora_b, scale, tangent_a, tangent_b):
+    """scale [(x dA^T) B^T + (x A^T) dB^T]; with both tangents, [x A^T, x dA^T] = x [A; dA]^T is one
+    GEMM and the tangent one more, of inner size 2r."""
+    if tangent_a is None:
+        return torch.matmul(torch.matmul(x, lora_a.mT), tangent_b.mT) * scale
+    if tangent_b is None:
+        return torch.matmul(torch.matmul(x, tangent_a.mT), lora_b.mT) * scale
+    left = torch.matmul(x, _cat(lora_a, tangent_a, dim=-2).mT)  # [xa, x dA^T]
+    return torch.matmul(left, _cat(tangent_b, lora_b, dim=-1).mT) * scale
+
+
+def _cat(a, b, dim):
+    """torch.cat after broadcasting the leading (batch) dims, which the vmap rules may leave unequal."""
+    lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    return torch.cat([a.expand(*lead, *a.shape[-2:]), b.expand(*lead, *b.shape[-2:])], dim=dim)
+
+
+# --------------------------------------------------------------------------- validation
+def _check_inputs(op, x, weight, bias, lora_a, lora_b, scale, tangents=()):
+    named = {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b}
+    if bias is not None:
+        named["bias"] = bias
+    named.update((name, t) for name, t in tangents if t is not None)
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"{op}: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    for name, t in named.items():
+        if t.dtype != x.dtype:
+            raise TypeError(f"{op}: {name} dtype {t.dtype} must equal x dtype {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    n_out, n_in = weight.shape
+    if x.dim() < 1 or x.shape[-1] != n_in:
+        raise ValueError(f"{op}: x must have shape (..., {n_in}) to match weight (out, in) = "
+                         f"{tuple(weight.shape)}, got {tuple(x.shape)}")
+    if bias is not None and bias.shape != (n_out,):
+        raise ValueError(f"{op}: bias must have shape ({n_out},), got {tuple(bias.shape)}")
+    if lora_a.dim() != 2 or lora_a.shape[0] < 1 or lora_a.shape[1] != n_in:
+        raise ValueError(f"{op}: lora_a must have shape (rank, {n_in}) with rank >= 1, got {tuple(lora_a.shape)}")
+    rank = lora_a.shape[0]
+    if lora_b.shape != (n_out, rank):
+        raise ValueError(f"{op}: lora_b must have shape ({n_out}, {rank}) = (out, rank), got {tuple(lora_b.shape)}")
+    for name, t in tangents:
+        expected = lora_a.shape if name == "tangent_a" else lora_b.shape
+        if t is not None and t.shape != expected:
+            raise ValueError(f"{op}: {name} must have the shape {tuple(expected)} of its parameter, got {tuple(t.shape)}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{op}: scale must be a Python float, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"{op}: scale must be finite, got {scale}")
+    if torch.is_grad_enabled():
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None and t.requires_grad:
+                raise ValueError(f"{op}: {name} requires grad, but the frozen layer gets no gradient from this op; "
+                                 f"call {name}.requires_grad_(False) (only x, lora_a and lora_b are differentiated)")
+
+
+# --------------------------------------------------------------------------- backends
+def _ops(backend: str):
+    if backend == "triton":
+        from ..triton_kernels import lora_linear  # noqa: F401  (defines the unlearn_kernels_triton ops)
+
+        return torch.ops.unlearn_kernels_triton
+    return torch.ops.unlearn_kernels
+
+
+def _forward(backend, x, weight, bias, lora_a, lora_b, scale):
+    if backend == "reference":
+        return _forward_aten(x, weight, bias, lora_a, lora_b, scale)
+    return _ops(backend).lora_linear(x, weight, bias, lora_a, lora_b, scale)
+
+
+def _backward(backend, grad_out, x, weight, lora_a, lora_b, xa, scale, output_mask):
+    """The compiled backward when no graph of it is needed; else the differentiable ATen formulas."""
+    if backend == "reference" or torch.is_grad_enabled():
+        # xa is recomputed so that the graph of the backward reaches x and A through it
+        xa = torch.matmul(x, lora_a.mT) if torch.is_grad_enabled() else xa
+        return _backward_aten(grad_out, x, weight, lora_a, lora_b, xa, scale, output_mask)
+    return _ops(backend).lora_linear_backward(grad_out, x, weight, lora_a, lora_b, xa, scale, list(output_mask))
+
+
+def _frozen_error(op: str) -> ValueError:
+    return ValueError(f"{op}: weight and bias are frozen (this op gives them no gradient and takes no tangent "
+                      "for them); differentiate only x, lora_a and lora_b")
+
+
+class _LoRALinearFunction(torch.autograd.Function):
+    """(y, xa) from 2-D x through the chosen backend, with backward and forward-mode rules."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, lora_a, lora_b, scale, backend):
+        return _forward(backend, x, weight, bias, lora_a, lora_b, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _bias, lora_a, lora_b, scale, backend = inputs
+        xa = output[1]
+        ctx.mark_non_differentiable(xa)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
+        ctx.save_for_forward(x, weight, lora_a, lora_b)
+        ctx.scale, ctx.backend = scale, backend
+        ctx.set_materialize_grads(False)  # absent tangents / gradients arrive as None, not zeros
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_xa):
+        need_x, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
+        if need_w or need_b:
+            raise _frozen_error(_OP)
+        x, weight, lora_a, lora_b, xa = ctx.saved_tensors
+        gx, ga, gb = _backward(ctx.backend, grad_out, x, weight, lora_a, lora_b, xa, ctx.scale,
+                               (need_x, need_a, need_lb))
+        return gx, None, None, ga, gb, None, None
+
+    @staticmethod
+    def jvp(ctx, dx, dweight, dbias, dlora_a, dlora_b, _dscale, _dbackend):
+        if dweight is not None or dbias is not None:
+            raise _frozen_error(_OP)
+        x, weight, lora_a, lora_b = ctx.saved_tensors
+        tangent = None
+        if dlora_a is not None or dlora_b is not None:
+            tangent = _tangent_aten(x, lora_a, lora_b, ctx.scale, dlora_a, dlora_b)
+        if dx is not None:
+            through_x = _forward_aten(dx, weight, None, lora_a, lora_b, ctx.scale)[0]
+            tangent = through_x if tangent is None else tangent + through_x
+        if tangent is None:
+            tangent = torch.zeros(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+        return tangent, None
+
+
+# --------------------------------------------------------------------------- public ops
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """A frozen linear layer with a LoRA adapter: ``x W^T + b + scale (x A^T) B^T``.
+
+    Args:
+        x: (..., in) input, any leading dims, any strides; float32/float64 (float16/bfloat16 on
+            GPU, accumulated in float32).
+        weight: (out, in) frozen weight W; must not require grad.
+        bias: (out,) frozen bias or None; must not require grad.
+        lora_a: (rank, in) adapter A (PEFT's ``lora_A.weight``), rank >= 1.
+        lora_b: (out, rank) adapter B (PEFT's ``lora_B.weight``).
+        scale: the adapter's scaling s (PEFT: lora_alpha / rank), a finite Python float.
+        backend: "auto", "cpp", "cuda", "triton" or "reference" (see :func:`unlearn_kernels.backends`).
+
+    Returns:
+        (..., out) tensor of x's dtype. Differentiable w.r.t. x, lora_a and lora_b (backward, double
+        backward, ``torch.func`` grad / jvp / vmap); W and b get no gradient.
+    """
+    _check_inputs(_OP, x, weight, bias, lora_a, lora_b, scale)
+    name = choose(_OP, x.device, backend)
+    x2 = x.reshape(-1, x.shape[-1])
+    out = _LoRALinearFunction.apply(x2, weight, bias, lora_a, lora_b, float(scale), name)[0]
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def lora_linear_jvp(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    tangent_a: torch.Tensor | None,
+    tangent_b: torch.Tensor | None,
+    *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output of :func:`lora_linear` and its directional derivative along tangents on the
+    adapters, in one pass: ``(y, scale [(x dA^T) B^T + (x A^T) dB^T])``.
+
+    Args:
+        x, weight, bias, lora_a, lora_b, scale, backend: as in :func:`lora_linear`.
+        tangent_a: (rank, in) tangent dA on lora_a, or None for zero.
+        tangent_b: (out, rank) tangent dB on lora_b, or None for zero.
+
+    Returns:
+        ``(y, tangent_out)``, both (..., out). When autograd records a graph (an input requires
+        grad), both are differentiable (through :func:`lora_linear` and ATen ops); otherwise one
+        compiled op computes them.
+    """
+    op = "lora_linear_jvp"
+    _check_inputs(op, x, weight, bias, lora_a, lora_b, scale, (("tangent_a", tangent_a), ("tangent_b", tangent_b)))
+    name = choose(op, x.device, backend)
+    shape = (*x.shape[:-1], weight.shape[0])
+    x2 = x.reshape(-1, x.shape[-1])
+    if tangent_a is None and tangent_b is None:
+        out = lora_linear(x, weight, bias, lora_a, lora_b, scale, backend=name)
+        return out, torch.zeros_like(out)
+    recording = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x2, lora_a, lora_b, tangent_a, tangent_b))
+    if name == "reference" or recording:
+        out = _LoRALinearFunction.apply(x2, weight, bias, lora_a, lora_b, float(scale), name)[0]
+        tangent = _tangent_aten(x2, lora_a, lora_b, float(scale), tangent_a, tangent_b)
+    else:
+        out, tangent = _ops(name).lora_linear_jvp(x2, weight, bias, lora_a, lora_b, float(scale), tangent_a, tangent_b)
+    return out.reshape(shape), tangent.reshape(shape)
