@@ -340,6 +340,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         replacements[name] = adapter
     for name, adapter in replacements.items():
         _set_module(model, name, adapter)
+    model.__dict__.pop("peft_config", None)  # PEFT's mark on the model it wrapped: this copy is not one
     return model
 
 
