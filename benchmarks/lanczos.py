@@ -1,10 +1,19 @@
 """Top Hessian eigenvalues: our ``lanczos`` against ``scipy.sparse.linalg.eigsh`` (ARPACK, implicitly
-restarted Lanczos) on the same curvature operator (``op.to_scipy()``).
+restarted Lanczos) on the same curvature operator (``op.to_scipy()``); and one Lanczos step: the
+fused ``ops.lanczos_step`` against the same step in plain PyTorch.
 
-Both get the same relative tolerance and return no eigenvectors. Before timing, each result is
-checked against a float64 reference (eigsh with a tight tolerance on a float64 copy of the operator);
-reported are the eigenvalues' maximum relative difference between the two solvers, the number of
-Hessian-vector products and the wall time.
+Both solvers get the same relative tolerance and return no eigenvectors. Before timing, each result
+is checked against a float64 reference (eigsh with a tight tolerance on a float64 copy of the
+operator); reported are the eigenvalues' maximum relative difference between the two solvers, the
+number of Hessian-vector products and the wall time.
+
+The step cases take the state of a real run (the float32 Hessian of the larger MLP after
+``STEP_BASIS - 1`` Lanczos steps with full reorthogonalisation: hq = H q and the stored basis),
+and the same basis with an hq almost inside its span (where the second Gram-Schmidt pass is
+needed). Candidates: ``torch float32`` (alpha, the recurrence and two classical Gram-Schmidt
+passes ``w -= B^T (B w)`` as plain float32 tensor ops), and the op's compiled backends. Gate: the
+flash-attention rule against the float64 reference step; the JSON also records each candidate's
+orthogonality ``max_j |<b_j, q_next>|``. Timed interleaved.
 """
 from __future__ import annotations
 
@@ -15,10 +24,14 @@ import scipy.sparse.linalg
 import torch
 from torch import nn
 
+from unlearn_kernels.backends import status
 from unlearn_kernels.curvature import CurvatureOperator, hessian_operator
+from unlearn_kernels.ops import lanczos_step, lanczos_step_ref
 from unlearn_kernels.solvers import lanczos
+from unlearn_kernels.solvers.lanczos import LanczosProcess
+from unlearn_kernels.solvers.operators import as_operator
 
-from .common import Measurement, measure
+from .common import Measurement, check, measure, measure_interleaved, plain_error_tolerance
 from .hvp import Problem, digits_problem, seeded_mlp
 
 BASELINE = "scipy eigsh"
@@ -30,6 +43,9 @@ MAX_STEPS = 300
 TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-5}
 """Relative residual tolerance given to both solvers, by the operator's dtype."""
 REFERENCE_TOLERANCE = 1e-10
+STEP_BASIS = 35
+"""Basis vectors of the step cases (the Lanczos vectors after 34 steps, and the current one)."""
+STEP_BASELINE = "torch float32"
 
 
 def top_eigsh(op: CurvatureOperator, num_eigs: int, tol: float) -> torch.Tensor:
@@ -56,6 +72,67 @@ def _problems(device: torch.device, quick: bool) -> list[tuple[Problem, torch.dt
     return [(digits, torch.float64), (wide, torch.float32)]
 
 
+def torch_step(hq: torch.Tensor, q: torch.Tensor, q_prev: torch.Tensor, beta_prev: float,
+               basis: torch.Tensor) -> torch.Tensor:
+    """The Lanczos step in plain PyTorch in the vectors' dtype: the recurrence, two classical
+    Gram-Schmidt passes against the rows of ``basis`` (CGS2), normalisation. Returns q_next."""
+    alpha = torch.dot(hq, q)
+    w = hq - alpha * q - beta_prev * q_prev
+    for _ in range(2):
+        w = w - basis.T @ (basis @ w)
+    return w / torch.linalg.vector_norm(w)
+
+
+def step_states(problem: Problem, dtype: torch.dtype) -> list[tuple[str, tuple]]:
+    """``(case, (hq, q, q_prev, beta_prev, basis))``: the state of a Lanczos run on the problem's
+    Hessian after ``STEP_BASIS - 1`` steps, and the same with hq moved almost into span(basis)."""
+    model = copy.deepcopy(problem.model).to(dtype)
+    op = as_operator(hessian_operator(model, nn.CrossEntropyLoss(), (problem.x.to(dtype), problem.y)))
+    gen = torch.Generator().manual_seed(0)
+    v0 = torch.randn(op.shape[0], generator=gen, dtype=torch.float64).to(op.device, dtype)
+    proc = LanczosProcess(op, v0, reorth="full", store_basis=True, capacity=STEP_BASIS, generator=gen)
+    for _ in range(STEP_BASIS - 1):
+        proc.step()
+    proc.basis[STEP_BASIS - 1] = proc.q
+    basis, q, q_prev, beta_prev = proc.basis, proc.q, proc.q_prev, proc.betas[-1]
+    hq = op.matvec(q)
+    coef = torch.randn(STEP_BASIS, generator=gen, dtype=torch.float64).to(op.device, dtype)
+    near = basis.T @ coef * hq.norm() + 1e-3 * hq  # the recurrence leaves a vector mostly inside the span
+    name = f"step d={op.shape[0]} m={STEP_BASIS} {str(dtype)[6:]}"
+    return [(f"{name} lanczos state", (hq, q, q_prev, beta_prev, basis)),
+            (f"{name} hq near span", (near, q, q_prev, beta_prev, basis))]
+
+
+def run_steps(problem: Problem, device: torch.device, min_time: float) -> tuple[list[Measurement], list[dict]]:
+    """The step cases on the problem's float32 Hessian: ``torch float32`` and the op's compiled
+    backends, gated, then timed interleaved."""
+    results, cases = [], []
+    compiled = ("cpp",) if device.type == "cpu" else ("cuda", "triton")  # Triton on a CPU is the interpreter
+    backends = [b for b in compiled if status("lanczos_step", b).usable]
+    for case, args in step_states(problem, torch.float32):
+        hq, q, q_prev, beta_prev, basis = args
+        exact = lanczos_step_ref(*(t.double() for t in (hq, q, q_prev)), torch.tensor(beta_prev, dtype=torch.float64),
+                                 basis.double())[0]
+        plain = torch_step(*args)
+        gate = plain_error_tolerance(plain, exact, 16 * torch.finfo(torch.float32).eps * exact.abs().max().item())
+        candidates = {STEP_BASELINE: lambda args=args: torch_step(*args)}
+        for b in backends:
+            candidates[f"ours:{b}"] = lambda args=args, b=b: lanczos_step(*args, backend=b)[0]
+        timed = []
+        for name, fn in candidates.items():
+            m = check(case, name, fn, exact, gate)
+            if m.status == "ok":
+                m.extra["orthogonality"] = (basis.double() @ fn().double()).abs().max().item()
+                timed.append((m, fn))
+            results.append(m)
+        measure_interleaved(timed, device, min_time=min_time)
+        base = next(m for m in results if m.case == case and m.candidate == STEP_BASELINE)
+        for m, _ in timed:
+            m.extra["speedup_vs_" + STEP_BASELINE] = base.median_s / m.median_s
+        cases.append({"name": case, "d": hq.shape[0], "m": basis.shape[0], "gate_abs": gate})
+    return results, cases
+
+
 def run(device: torch.device, *, quick: bool = False, min_time: float = 0.5,
         with_compile: bool = True) -> tuple[list[Measurement], dict]:
     """Both solvers on each problem's Hessian (``hessian_operator(path="auto")``).
@@ -68,13 +145,16 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 0.5,
 
     Returns:
         The measurements (``extra``: ``num_hvps`` of one call, ``eigenvalues``, and
-        ``max_rel_diff_vs_eigsh``) and the suite's config.
+        ``max_rel_diff_vs_eigsh``; for the step cases ``orthogonality`` and the speedup against
+        ``torch float32``) and the suite's config.
     """
     del with_compile
     loss_fn = nn.CrossEntropyLoss()
     results: list[Measurement] = []
     cases = []
-    for problem, dtype in _problems(device, quick):
+    problems = _problems(device, quick)
+    wide = problems[-1][0]
+    for problem, dtype in problems:
         model = copy.deepcopy(problem.model).to(dtype)
         op = hessian_operator(model, loss_fn, (problem.x.to(dtype), problem.y))
         op64 = op if dtype == torch.float64 else hessian_operator(
@@ -96,7 +176,9 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 0.5,
         results[-1].extra["max_rel_diff_vs_eigsh"] = diff
         cases.append({"name": case, "d": op.shape[0], "n": int(problem.y.shape[0]), "path": op.path,
                       "tolerance": tol, "gate_abs": gate, "reference_eigenvalues": exact.tolist()})
-    config = {"cases": cases, "num_eigs": NUM_EIGS, "which": "largest algebraic", "max_steps_ours": MAX_STEPS,
+    steps, step_cases = run_steps(wide, device, min_time)
+    results += steps
+    config = {"cases": cases, "step_cases": step_cases, "step_baseline": STEP_BASELINE, "num_eigs": NUM_EIGS, "which": "largest algebraic", "max_steps_ours": MAX_STEPS,
               "ours": "lanczos(reorth='full', return_eigenvectors=False)",
               "eigsh": "which='LA', default ncv, v0 = a fixed Gaussian vector, return_eigenvectors=False",
               "reference": f"eigsh tol={REFERENCE_TOLERANCE} on a float64 operator", "min_time_s": min_time,

@@ -70,6 +70,23 @@ def test_cgs2_orthogonality(backend, d, m, rng):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("near_span", [False, True])
+def test_float32_orthogonality(backend, near_span, rng):
+    """float32 at 35 basis vectors: the new vector is orthogonal to the basis to 1e-6, both when
+    one Gram-Schmidt pass suffices (a random hq) and when hq lies almost inside span(basis) (then
+    one pass leaves about 1e-4 behind and the second pass is needed)."""
+    d, m = 5001 if backend == "triton" else 20011, 35
+    basis = orthonormal_rows(m, d, torch.float32, rng)
+    hq = torch.randn(d, generator=rng)
+    if near_span:
+        hq = basis.T @ torch.randn(m, generator=rng) * hq.norm() + 1e-3 * hq
+    q_next, _, beta = lanczos_step(hq, basis[-1], basis[-2], 0.5, basis, backend=backend)
+    assert float(beta) > 0
+    assert float((basis.double() @ q_next.double()).abs().max()) <= 1e-6
+    assert float(q_next.double().norm()) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_breakdown_gives_zero(backend, dtype, rng):
     d, m = 50, 4

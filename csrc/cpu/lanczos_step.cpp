@@ -1,14 +1,22 @@
 // C++ CPU kernel of one Lanczos step (see unlearn_kernels/ops/lanczos_step.py):
-//   alpha = <hq, q>; w = hq - alpha q - beta_prev q_prev; w -= B^T (B w) twice (CGS2);
-//   beta = ||w||; q_next = w / beta.
-// The vector length d is cut into blocks (processed in parallel, a fixed number of them so the
-// result does not depend on the thread count), each walked in tiles that stay in L1 while the
-// m rows of the basis B stream past. Three passes read B once each:
-//   1. alpha, ||hq||^2 and B hq, B q, B q_prev, from which the first CGS coefficients follow:
-//      c1 = B w = B hq - alpha B q - beta_prev B q_prev (cancellation here is repaired by pass 2);
-//   2. w = hq - alpha q - beta_prev q_prev - B^T c1, stored, and c2 = B w;
-//   3. w -= B^T c2 and ||w||^2; then a last sweep scales w by 1 / beta.
-// Sums accumulate in double; per-block partial sums are added in block order (deterministic).
+//   alpha = <hq, q>; w = hq - alpha q - beta_prev q_prev; w -= B^T (B w), a second time only when
+//   needed; beta = ||w||; q_next = w / beta.
+// The basis B (m x d, 14 MB at m = 35, d = 1e5 in float32) dominates the memory traffic, so the
+// kernel reads it as few times as it can: twice per step, three times when the second
+// Gram-Schmidt pass is needed.
+//   0. alpha and ||hq||^2 (the vectors only; float64 sums);
+//   1. w = hq - alpha q - beta_prev q_prev, stored, and c1 = B w             (reads B once);
+//   2. w -= B^T c1, then c2 = B w on the same tile while it is still in cache (reads B once);
+//   3. only if ||c2|| > eps ||w||: w -= B^T c2                               (reads B once);
+//   then a sweep over w scales it by 1 / beta.
+// Skipping pass 3 when ||c2|| <= eps ||w|| leaves |B q_next| <= eps elementwise: the correction
+// it would make, of norm about ||c2|| for orthonormal rows, is at the rounding level of storing w.
+// In a Lanczos run with full reorthogonalisation that is the usual case (c1 is only the lost
+// orthogonality); near an invariant subspace ||w|| collapses, c2 stays and pass 3 runs (CGS2).
+// The length d is cut into blocks (processed in parallel, a fixed number of them so the result
+// does not depend on the thread count), each walked in tiles: a tile's products with the basis
+// rows are summed in the vectors' type (at most kTile / 8 terms per SIMD lane), tile sums in
+// float64, added over blocks in block order (deterministic).
 #include "../lanczos_step.h"
 
 #include <ATen/Dispatch.h>
@@ -25,7 +33,7 @@
 namespace unlearn_kernels {
 namespace {
 
-constexpr int64_t kTile = 512;         // elements of w kept in L1 while the basis rows stream past
+constexpr int64_t kTile = 1024;        // elements of w per tile: the tile of B (m x kTile) stays in L2
 constexpr int64_t kMinBlock = 8192;    // elements per parallel task, at least
 constexpr int64_t kMaxBlocks = 128;    // parallel tasks, at most (bounds the partial-sum buffers)
 constexpr double kBreakdownRtolEps = 16.0;  // breakdown: beta <= 16 eps ||hq||
@@ -40,184 +48,143 @@ Blocks make_blocks(int64_t d) {
   return {size, std::max<int64_t>(1, (d + size - 1) / size)};
 }
 
-// Runs fn(block, begin, end) for every block in parallel; fn writes partials[block * width ...].
+// Runs fn(acc, begin, end) on every block in parallel, acc = that block's `width` partial sums,
+// and returns their column sums, added in block order.
 template <typename Fn>
-std::vector<double> blockwise(const Blocks& blocks, int64_t d, int64_t width, const Fn& fn) {
+std::vector<double> blockwise_sum(const Blocks& blocks, int64_t d, int64_t width, const Fn& fn) {
   std::vector<double> partials(blocks.count * width, 0.0);
   at::parallel_for(0, blocks.count, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       fn(partials.data() + b * width, b * blocks.size, std::min(d, (b + 1) * blocks.size));
     }
   });
-  return partials;
-}
-
-// Column sums of the (count x width) partials, in block order.
-std::vector<double> reduce(const std::vector<double>& partials, int64_t count, int64_t width) {
   std::vector<double> total(width, 0.0);
-  for (int64_t b = 0; b < count; ++b) {
+  for (int64_t b = 0; b < blocks.count; ++b) {
     for (int64_t j = 0; j < width; ++j) total[j] += partials[b * width + j];
   }
   return total;
 }
 
-// The basis rows are walked four at a time: four independent accumulation chains (a single
-// chain is bound by the FMA latency, not by memory) that share each load of the tile of x or w.
-
-// out[r] += B[j + r, i0:i0+n] . x[i0:i0+n] for r < 4.
-template <typename T, typename X>
-void dot4(const T* B, int64_t d, int64_t j, int64_t i0, int64_t n, const X* x, double* out) {
-  const T *r0 = B + j * d + i0, *r1 = r0 + d, *r2 = r1 + d, *r3 = r2 + d;
-  const X* xt = x + i0;
-  double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-  for (int64_t i = 0; i < n; ++i) {
-    const double v = static_cast<double>(xt[i]);
-    s0 += static_cast<double>(r0[i]) * v;
-    s1 += static_cast<double>(r1[i]) * v;
-    s2 += static_cast<double>(r2[i]) * v;
-    s3 += static_cast<double>(r3[i]) * v;
-  }
-  out[0] += s0;
-  out[1] += s1;
-  out[2] += s2;
-  out[3] += s3;
-}
-
-// out[0] += B[j, i0:i0+n] . x[i0:i0+n]
-template <typename T, typename X>
-void dot1(const T* B, int64_t d, int64_t j, int64_t i0, int64_t n, const X* x, double* out) {
-  const T* r0 = B + j * d + i0;
-  const X* xt = x + i0;
-  double s0 = 0;
-#pragma omp simd reduction(+ : s0)
-  for (int64_t i = 0; i < n; ++i) s0 += static_cast<double>(r0[i]) * static_cast<double>(xt[i]);
-  out[0] += s0;
-}
-
-// out[j] += B[j, i0:i0+n] . x[i0:i0+n] for every row j < m.
-template <typename T, typename X>
-void project_tile(const T* B, int64_t d, int64_t m, int64_t i0, int64_t n, const X* x, double* out) {
-  int64_t j = 0;
-  for (; j + 4 <= m; j += 4) dot4(B, d, j, i0, n, x, out + j);
-  for (; j < m; ++j) dot1(B, d, j, i0, n, x, out + j);
-}
-
-// wt[0:n] -= sum_j c[j] B[j, i0:i0+n]
+// out[j] += B[j, i0:i0+n] . x[0:n] for every row j < m. Rows go four at a time: four independent
+// accumulation chains that share each load of x.
 template <typename T>
-void subtract_projection(double* wt, const T* B, const double* c, int64_t d, int64_t m, int64_t i0, int64_t n) {
+void project_tile(const T* B, int64_t d, int64_t m, int64_t i0, int64_t n, const T* x, double* out) {
   int64_t j = 0;
   for (; j + 4 <= m; j += 4) {
     const T *r0 = B + j * d + i0, *r1 = r0 + d, *r2 = r1 + d, *r3 = r2 + d;
-    const double c0 = c[j], c1 = c[j + 1], c2 = c[j + 2], c3 = c[j + 3];
-#pragma omp simd
+    T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
     for (int64_t i = 0; i < n; ++i) {
-      wt[i] -= c0 * static_cast<double>(r0[i]) + c1 * static_cast<double>(r1[i]) +
-               c2 * static_cast<double>(r2[i]) + c3 * static_cast<double>(r3[i]);
+      const T v = x[i];
+      s0 += r0[i] * v;
+      s1 += r1[i] * v;
+      s2 += r2[i] * v;
+      s3 += r3[i] * v;
     }
+    out[j] += s0;
+    out[j + 1] += s1;
+    out[j + 2] += s2;
+    out[j + 3] += s3;
   }
   for (; j < m; ++j) {
     const T* r0 = B + j * d + i0;
-    const double cj = c[j];
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) wt[i] -= cj * static_cast<double>(r0[i]);
+    T s0 = 0;
+#pragma omp simd reduction(+ : s0)
+    for (int64_t i = 0; i < n; ++i) s0 += r0[i] * x[i];
+    out[j] += s0;
   }
 }
 
-// Pass 1 on one tile: acc = [alpha, ||hq||^2, B hq (m), B q (m), B q_prev (m)].
+// w[0:n] -= sum_j c[j] B[j, i0:i0+n]
 template <typename T>
-void pass1_tile(const T* hq, const T* q, const T* qp, const T* B, int64_t d, int64_t m, int64_t i0, int64_t n,
-                double* acc) {
-  double a = 0, h2 = 0;
-#pragma omp simd reduction(+ : a, h2)
-  for (int64_t i = i0; i < i0 + n; ++i) {
-    const double h = hq[i];
-    a += h * static_cast<double>(q[i]);
-    h2 += h * h;
-  }
-  acc[0] += a;
-  acc[1] += h2;
-  // Three sweeps over each group of four rows: the second and third read them from L1.
-  double *bh = acc + 2, *bq = bh + m, *bp = bq + m;
+void subtract_projection(T* w, const T* B, const T* c, int64_t d, int64_t m, int64_t i0, int64_t n) {
   int64_t j = 0;
   for (; j + 4 <= m; j += 4) {
-    dot4(B, d, j, i0, n, hq, bh + j);
-    dot4(B, d, j, i0, n, q, bq + j);
-    dot4(B, d, j, i0, n, qp, bp + j);
+    const T *r0 = B + j * d + i0, *r1 = r0 + d, *r2 = r1 + d, *r3 = r2 + d;
+    const T c0 = c[j], c1 = c[j + 1], c2 = c[j + 2], c3 = c[j + 3];
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) w[i] -= c0 * r0[i] + c1 * r1[i] + c2 * r2[i] + c3 * r3[i];
   }
   for (; j < m; ++j) {
-    dot1(B, d, j, i0, n, hq, bh + j);
-    dot1(B, d, j, i0, n, q, bq + j);
-    dot1(B, d, j, i0, n, qp, bp + j);
+    const T* r0 = B + j * d + i0;
+    const T cj = c[j];
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) w[i] -= cj * r0[i];
   }
+}
+
+template <typename T>
+double squared_norm(const T* w, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += w[i] * w[i];
+  return s;
+}
+
+template <typename T>
+std::vector<T> to_vector(const std::vector<double>& c, int64_t m) {
+  return std::vector<T>(c.begin(), c.begin() + m);
 }
 
 template <typename T>
 std::tuple<double, double> lanczos_step_impl(const T* hq, const T* q, const T* qp, const T* B, T* w, int64_t d,
                                              int64_t m, double beta_prev) {
   const Blocks blocks = make_blocks(d);
-  // Pass 1: alpha, ||hq||^2, B hq, B q, B q_prev.
-  const int64_t w1 = 2 + 3 * m;
-  const std::vector<double> s1 = reduce(
-      blockwise(blocks, d, w1,
-                [&](double* acc, int64_t begin, int64_t end) {
-                  for (int64_t i0 = begin; i0 < end; i0 += kTile) {
-                    pass1_tile(hq, q, qp, B, d, m, i0, std::min(kTile, end - i0), acc);
-                  }
-                }),
-      blocks.count, w1);
-  const double alpha = s1[0], hq_norm = std::sqrt(s1[1]);
-  std::vector<double> c1(m);
-  for (int64_t j = 0; j < m; ++j) c1[j] = s1[2 + j] - alpha * s1[2 + m + j] - beta_prev * s1[2 + 2 * m + j];
+  // Pass 0: alpha and ||hq||^2, in float64 (alpha is exact to float64 rounding for float32 vectors too).
+  const std::vector<double> s0 = blockwise_sum(blocks, d, 2, [&](double* acc, int64_t begin, int64_t end) {
+    double a = 0, h2 = 0;
+#pragma omp simd reduction(+ : a, h2)
+    for (int64_t i = begin; i < end; ++i) {
+      const double h = hq[i];
+      a += h * static_cast<double>(q[i]);
+      h2 += h * h;
+    }
+    acc[0] += a;
+    acc[1] += h2;
+  });
+  const double alpha = s0[0], hq_norm = std::sqrt(s0[1]);
 
-  // Pass 2: w = hq - alpha q - beta_prev q_prev - B^T c1, stored; then c2 = B w (and ||w||^2).
-  const std::vector<double> s2 = reduce(
-      blockwise(blocks, d, m + 1,
-                [&](double* acc, int64_t begin, int64_t end) {
-                  double wt[kTile];
-                  for (int64_t i0 = begin; i0 < end; i0 += kTile) {
-                    const int64_t n = std::min(kTile, end - i0);
+  // Pass 1: w = hq - alpha q - beta_prev q_prev (formed in float64, stored) and c1 = B w.
+  const std::vector<double> c1 = blockwise_sum(blocks, d, m, [&](double* acc, int64_t begin, int64_t end) {
+    for (int64_t i0 = begin; i0 < end; i0 += kTile) {
+      const int64_t n = std::min(kTile, end - i0);
 #pragma omp simd
-                    for (int64_t i = 0; i < n; ++i) {
-                      wt[i] = static_cast<double>(hq[i0 + i]) - alpha * static_cast<double>(q[i0 + i]) -
-                              beta_prev * static_cast<double>(qp[i0 + i]);
-                    }
-                    subtract_projection(wt, B, c1.data(), d, m, i0, n);
-                    double w2 = 0;
-#pragma omp simd reduction(+ : w2)
-                    for (int64_t i = 0; i < n; ++i) {
-                      w[i0 + i] = static_cast<T>(wt[i]);
-                      w2 += wt[i] * wt[i];
-                    }
-                    acc[m] += w2;
-                    project_tile(B, d, m, i0, n, w, acc);
-                  }
-                }),
-      blocks.count, m + 1);
+      for (int64_t i = i0; i < i0 + n; ++i) {
+        w[i] = static_cast<T>(static_cast<double>(hq[i]) - alpha * static_cast<double>(q[i]) -
+                              beta_prev * static_cast<double>(qp[i]));
+      }
+      project_tile(B, d, m, i0, n, w + i0, acc);
+    }
+  });
 
-  // Pass 3 (only with a basis): w -= B^T c2 and ||w||^2.
+  // Pass 2: w -= B^T c1; then c2 = B w and ||w||^2 on the tile just written (B's tile is in cache).
+  const std::vector<T> c1t = to_vector<T>(c1, m);
+  const std::vector<double> s2 = blockwise_sum(blocks, d, m + 1, [&](double* acc, int64_t begin, int64_t end) {
+    for (int64_t i0 = begin; i0 < end; i0 += kTile) {
+      const int64_t n = std::min(kTile, end - i0);
+      subtract_projection(w + i0, B, c1t.data(), d, m, i0, n);
+      project_tile(B, d, m, i0, n, w + i0, acc);
+      acc[m] += squared_norm(w + i0, n);
+    }
+  });
   double w_norm2 = s2[m];
-  if (m > 0) {
-    w_norm2 = reduce(blockwise(blocks, d, 1,
-                               [&](double* acc, int64_t begin, int64_t end) {
-                                 double wt[kTile];
-                                 for (int64_t i0 = begin; i0 < end; i0 += kTile) {
-                                   const int64_t n = std::min(kTile, end - i0);
-                                   for (int64_t i = 0; i < n; ++i) wt[i] = static_cast<double>(w[i0 + i]);
-                                   subtract_projection(wt, B, s2.data(), d, m, i0, n);
-                                   double w2 = 0;
-#pragma omp simd reduction(+ : w2)
-                                   for (int64_t i = 0; i < n; ++i) {
-                                     w[i0 + i] = static_cast<T>(wt[i]);
-                                     w2 += wt[i] * wt[i];
-                                   }
-                                   acc[0] += w2;
-                                 }
-                               }),
-                     blocks.count, 1)[0];
+  double c2_norm2 = 0;
+  for (int64_t j = 0; j < m; ++j) c2_norm2 += s2[j] * s2[j];
+
+  // Pass 3, the second Gram-Schmidt pass, when its correction is above the rounding level of w.
+  const double eps = std::numeric_limits<T>::epsilon();
+  if (c2_norm2 > eps * eps * w_norm2) {
+    const std::vector<T> c2t = to_vector<T>(s2, m);
+    w_norm2 = blockwise_sum(blocks, d, 1, [&](double* acc, int64_t begin, int64_t end) {
+      for (int64_t i0 = begin; i0 < end; i0 += kTile) {
+        const int64_t n = std::min(kTile, end - i0);
+        subtract_projection(w + i0, B, c2t.data(), d, m, i0, n);
+        acc[0] += squared_norm(w + i0, n);
+      }
+    })[0];
   }
-  double beta = std::sqrt(w_norm2);
-  const bool breakdown = beta <= kBreakdownRtolEps * std::numeric_limits<T>::epsilon() * hq_norm;
+  const double beta = std::sqrt(w_norm2);
+  const bool breakdown = beta <= kBreakdownRtolEps * eps * hq_norm;
   const double scale = breakdown ? 0.0 : 1.0 / beta;
   at::parallel_for(0, d, kMinBlock, [&](int64_t begin, int64_t end) {
 #pragma omp simd

@@ -9,14 +9,20 @@ beta_prev, and an (m, d) matrix ``basis`` of vectors to orthogonalise against (m
     beta   = ||w||
     q_next = w / beta
 
-Dot products and norms accumulate in float64 for float32 vectors too; alpha and beta come back
-as float64 0-dim tensors on the vectors' device (no host synchronisation). When beta is at the
-rounding level of the step, ``beta <= 16 eps ||hq||`` with eps the vectors' machine epsilon, the
-Krylov space is invariant ("breakdown"): then beta is returned as exactly 0 and q_next as zeros.
+Alpha accumulates in float64 for float32 vectors too; alpha and beta come back as float64 0-dim
+tensors on the vectors' device (no host synchronisation). When beta is at the rounding level of
+the step, ``beta <= 16 eps ||hq||`` with eps the vectors' machine epsilon, the Krylov space is
+invariant ("breakdown"): then beta is returned as exactly 0 and q_next as zeros.
 
-Backends: C++ CPU (blocked passes over d in parallel; every pass reads the basis once, three
-passes in all), CUDA and Triton kernels (the same passes as GPU kernels), and the pure-PyTorch
-reference :func:`lanczos_step_ref` (float64 throughout).
+Backends: C++ CPU, CUDA and Triton kernels, and the pure-PyTorch reference
+:func:`lanczos_step_ref` (float64 throughout). The C++ kernel works at the memory floor of the
+step, which is reading the basis: it forms w first, so the first pass needs one product
+``basis w``; computes the second pass's coefficients ``c2 = basis w`` in the same sweep as the first
+pass's update (while that tile of the basis is in cache); and makes the second update only when
+``||c2|| > eps ||w||``, i.e. when it would change w by more than the rounding of storing it. It
+reads the basis twice per step (three times when hq lies almost inside its span), with tile sums
+in the vectors' dtype and float64 across tiles. The CUDA and Triton kernels always make both
+passes, with float64 sums.
 """
 from __future__ import annotations
 
