@@ -54,7 +54,8 @@ def _cpu_vector_flags() -> list[str]:
 
 
 def _extension():
-    sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    # csrc/*.cpp: the schemas and the device-agnostic passes, compiled in every build.
+    sources = [*sorted(glob.glob("csrc/*.cpp")), *sorted(glob.glob("csrc/cpu/*.cpp"))]
     cxx_flags = ["-O3", "-fopenmp", "-DNDEBUG", *_cpu_vector_flags()]
     if _build_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))

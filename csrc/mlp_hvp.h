@@ -1,8 +1,9 @@
 // The exact Hessian-vector product of softmax cross entropy over an MLP (Linear + elementwise
 // activation chain), by Pearlmutter's R-operator: forward, R-forward, backward and R-backward in
-// one pass for K tangents at once. The pass itself (ATen matmuls, so MKL/OpenBLAS on CPU and
-// cuBLAS on GPU) is device-agnostic and lives in csrc/cpu/mlp_hvp.cpp; each backend supplies only
-// its fused elementwise kernels through `Kernels` (csrc/cpu/mlp_hvp.cpp, csrc/cuda/mlp_hvp.cu).
+// one pass for K tangents at once. The passes themselves (ATen matmuls, so MKL/OpenBLAS on CPU and
+// cuBLAS on GPU) are device-agnostic and live in csrc/mlp_hvp.cpp, compiled in every build; each
+// backend supplies only its fused elementwise kernels through `Kernels` (csrc/cpu/mlp_hvp.cpp,
+// csrc/cuda/mlp_hvp.cu) and registers the ops for its dispatch key.
 #pragma once
 
 #include <ATen/core/List.h>
@@ -74,5 +75,22 @@ at::Tensor run_flat(const Kernels& kernels, const at::Tensor& x, const at::Tenso
                     const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations,
                     const at::Tensor& V, at::IntArrayRef weight_offsets, at::IntArrayRef bias_offsets,
                     double label_smoothing, int64_t ignore_index, bool check_finite);
+
+// What stays fixed between products at fixed weights (see mlp_hvp_state in csrc/ops.cpp): validates
+// the inputs, runs the forward and the gradient's backward and returns, for L layers, the layer
+// inputs h_1 .. h_{L-1}, then d_l = act'(a_l) g_l, act'(a_l) and act''(a_l) g_l for every layer (an
+// empty tensor where the activation has no such term), then softmax(z) and softmax(z) / (rows kept),
+// both zero on ignored rows: 4 L + 1 tensors.
+std::vector<at::Tensor> run_state(const Kernels& kernels, const at::Tensor& x, const at::Tensor& target,
+                                  at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+                                  at::IntArrayRef activations, double label_smoothing, int64_t ignore_index,
+                                  bool check_finite);
+
+// run_flat from that state (see mlp_hvp_flat_cached in csrc/ops.cpp): the R-forward, the loss's
+// R-rows and the R-backward only, in ATen ops on any device.
+at::Tensor run_cached_flat(const at::Tensor& x, at::TensorList state, at::TensorList weights,
+                           const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations,
+                           const at::Tensor& V, at::IntArrayRef weight_offsets, at::IntArrayRef bias_offsets,
+                           bool check_finite);
 
 }  // namespace unlearn_kernels::mlp_hvp

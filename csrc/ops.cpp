@@ -39,6 +39,18 @@ TORCH_LIBRARY(unlearn_kernels, m) {
       "mlp_hvp_flat(Tensor x, Tensor target, Tensor[] weights, Tensor?[] biases, int[] activations, "
       "Tensor V, int[] weight_offsets, int[] bias_offsets, float label_smoothing, int ignore_index, "
       "bool check_finite) -> Tensor");
+  // What stays fixed between products of mlp_hvp at fixed weights, for mlp_hvp_flat_cached: for L
+  // layers the inputs h_1 .. h_{L-1} of layers 2 .. L, then d_l = act'(a_l) g_l (g_l the gradient
+  // w.r.t. the layer's output), act'(a_l) and act''(a_l) g_l per layer (empty where the activation
+  // has none), then softmax(z) and softmax(z) / (rows kept), both zero on ignored rows (4 L + 1 tensors).
+  m.def(
+      "mlp_hvp_state(Tensor x, Tensor target, Tensor[] weights, Tensor?[] biases, int[] activations, "
+      "float label_smoothing, int ignore_index, bool check_finite) -> Tensor[]");
+  // mlp_hvp_flat from that state (same x, weights, biases and activations): only the R-forward, the
+  // loss's R-rows and the R-backward run.
+  m.def(
+      "mlp_hvp_flat_cached(Tensor x, Tensor[] state, Tensor[] weights, Tensor?[] biases, int[] activations, "
+      "Tensor V, int[] weight_offsets, int[] bias_offsets, bool check_finite) -> Tensor");
   // One Lanczos step: alpha = <hq, q>, w = hq - alpha q - beta_prev q_prev, CGS2 against the rows
   // of basis (m, d), beta = ||w||, q_next = w / beta (zeros and beta = 0 on breakdown). alpha and
   // beta are float64 0-dim tensors; beta_prev is a 0-dim float64 tensor on the vectors' device.

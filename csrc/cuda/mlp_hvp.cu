@@ -1,5 +1,5 @@
-// CUDA kernels of the fused MLP Hessian-vector product. The pass itself (cuBLAS matmuls through
-// ATen) is the device-agnostic `run` in csrc/cpu/mlp_hvp.cpp; this file supplies its device stages
+// CUDA kernels of the fused MLP Hessian-vector product. The passes themselves (cuBLAS matmuls through
+// ATen) are the device-agnostic `run`, `run_flat` and `run_state` in csrc/mlp_hvp.cpp; this file supplies its device stages
 // (see csrc/mlp_hvp.h): a layer's biases, (act, act', act'') and R-forward in one kernel; the
 // backward through the activation for the gradient and all K R-derivatives in one kernel (one
 // thread per (row, feature), looping over K, so the gradient is read once and written after the K
@@ -235,11 +235,29 @@ at::Tensor mlp_hvp_flat_cuda(const at::Tensor& x, const at::Tensor& target, at::
                   label_smoothing, ignore_index, check_finite);
 }
 
+std::vector<at::Tensor> mlp_hvp_state_cuda(const at::Tensor& x, const at::Tensor& target, at::TensorList weights,
+                                           const c10::List<std::optional<at::Tensor>>& biases,
+                                           at::IntArrayRef activations, double label_smoothing, int64_t ignore_index,
+                                           bool check_finite) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return run_state(kCudaKernels, x, target, weights, biases, activations, label_smoothing, ignore_index, check_finite);
+}
+
+at::Tensor mlp_hvp_flat_cached_cuda(const at::Tensor& x, at::TensorList state, at::TensorList weights,
+                                    const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations,
+                                    const at::Tensor& V, at::IntArrayRef weight_offsets, at::IntArrayRef bias_offsets,
+                                    bool check_finite) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return run_cached_flat(x, state, weights, biases, activations, V, weight_offsets, bias_offsets, check_finite);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(unlearn_kernels, CUDA, m) {
   m.impl("mlp_hvp", &mlp_hvp_cuda);
   m.impl("mlp_hvp_flat", &mlp_hvp_flat_cuda);
+  m.impl("mlp_hvp_state", &mlp_hvp_state_cuda);
+  m.impl("mlp_hvp_flat_cached", &mlp_hvp_flat_cached_cuda);
 }
 
 }  // namespace unlearn_kernels::mlp_hvp

@@ -3,7 +3,16 @@ pure-PyTorch reference ``<op>_ref`` beside it. ``unlearn_kernels.backends()`` sa
 from .cubic_secular import cubic_secular_solve, cubic_secular_solve_ref
 from .lanczos_step import lanczos_step, lanczos_step_ref
 from .lora_linear import lora_linear, lora_linear_jvp, lora_linear_jvp_ref, lora_linear_ref
-from .mlp_hvp import mlp_hvp, mlp_hvp_flat, mlp_hvp_flat_ref, mlp_hvp_ref
+from .mlp_hvp import (
+    mlp_hvp,
+    mlp_hvp_flat,
+    mlp_hvp_flat_cached,
+    mlp_hvp_flat_cached_ref,
+    mlp_hvp_flat_ref,
+    mlp_hvp_ref,
+    mlp_hvp_state,
+    mlp_hvp_state_ref,
+)
 from .softmax_ce import softmax_ce_grad, softmax_ce_grad_ref, softmax_ce_hvp, softmax_ce_hvp_ref
 
 # Every op (also its dispatcher name) and the backends it is implemented in; what can run here is
@@ -15,6 +24,8 @@ OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "cubic_secular_solve": ("cpp", "reference"),
     "mlp_hvp": ("cpp", "cuda", "reference"),
     "mlp_hvp_flat": ("cpp", "cuda", "reference"),
+    "mlp_hvp_state": ("cpp", "cuda", "reference"),
+    "mlp_hvp_flat_cached": ("cpp", "cuda", "reference"),
     "lora_linear": ("reference",),
     "lora_linear_jvp": ("reference",),
 }
@@ -33,8 +44,12 @@ __all__ = [
     "lora_linear_ref",
     "mlp_hvp",
     "mlp_hvp_flat",
+    "mlp_hvp_flat_cached",
+    "mlp_hvp_flat_cached_ref",
     "mlp_hvp_flat_ref",
     "mlp_hvp_ref",
+    "mlp_hvp_state",
+    "mlp_hvp_state_ref",
     "softmax_ce_grad",
     "softmax_ce_grad_ref",
     "softmax_ce_hvp",

@@ -15,6 +15,10 @@ is the pure-PyTorch reference. There is no Triton kernel. The op is not differen
 :func:`mlp_hvp_flat` is the same product on flat parameter vectors (a (d, K) matrix of tangents in,
 a (d, K) matrix of products out), the form curvature operators and solvers use: the splitting into
 per-layer tangents and the gathering of the products happen in the compiled op, not in Python.
+
+At fixed weights, :func:`mlp_hvp_state` computes once what does not depend on the tangents (the
+forward, the softmax and the gradient's backward) and :func:`mlp_hvp_flat_cached` answers each
+product from it with the R-passes alone.
 """
 from __future__ import annotations
 
@@ -349,6 +353,176 @@ def mlp_hvp_flat(
     )
 
 
+# --------------------------------------------------------------------------- fixed weights
+def mlp_hvp_state_ref(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    activations: Sequence[str],
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+) -> list[torch.Tensor]:
+    """Pure-PyTorch reference of :func:`mlp_hvp_state` (act' and act'' by ``torch.func.jvp``, the
+    gradient w.r.t. the logits by ``torch.func.grad``); same arguments (already validated) and return value."""
+    fns = [_ACTIVATION_FNS[a] for a in activations]
+    inputs, pre = [x], []
+    for w, b, fn in zip(weights, biases, fns):
+        pre.append(F.linear(inputs[-1], w, b))
+        inputs.append(fn(pre[-1]))
+    logits = inputs.pop()
+    kept = (target != ignore_index).to(x.dtype)
+    p = torch.softmax(logits, dim=1) * kept.unsqueeze(1)
+    g = torch.func.grad(lambda z: F.cross_entropy(z, target, label_smoothing=label_smoothing, ignore_index=ignore_index))(logits)
+    empty = x.new_empty(0)
+    grads, firsts, seconds = [], [], []
+    for l in reversed(range(len(weights))):
+        one = torch.ones_like(pre[l])
+        first = torch.func.jvp(fns[l], (pre[l],), (one,))[1]
+        second = torch.func.jvp(lambda a: torch.func.jvp(fns[l], (a,), (one,))[1], (pre[l],), (one,))[1]
+        grads.insert(0, first * g)
+        firsts.insert(0, first if activations[l] != "identity" else empty)
+        seconds.insert(0, second * g if activations[l] not in ("identity", "relu") else empty)
+        g = grads[0] @ weights[l]
+    return [*inputs[1:], *grads, *firsts, *seconds, p, p / kept.sum()]
+
+
+def mlp_hvp_flat_cached_ref(
+    x: torch.Tensor,
+    state: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    activations: Sequence[str],
+    V: torch.Tensor,
+    weight_offsets: Sequence[int],
+    bias_offsets: Sequence[int],
+) -> torch.Tensor:
+    """Pure-PyTorch reference of :func:`mlp_hvp_flat_cached` (the R-forward, the loss's R-rows and
+    the R-backward written out with einsum); same arguments (already validated) and return value."""
+    num_layers, k = len(weights), V.shape[1]
+    v_weights, v_biases = _flat_tangents(weights, V, weight_offsets, bias_offsets)
+    inputs, grads = [x, *state[:num_layers - 1]], state[num_layers - 1:2 * num_layers - 1]
+    firsts, seconds = state[2 * num_layers - 1:3 * num_layers - 1], state[3 * num_layers - 1:4 * num_layers - 1]
+    p, q = state[-2], state[-1]
+    rh, ra = [x.new_zeros(x.shape[0], k, x.shape[1])], []
+    for l, w in enumerate(weights):
+        r = torch.einsum("ni,koi->nko", inputs[l], v_weights[l]) + rh[l] @ w.T
+        if v_biases[l] is not None:
+            r = r + v_biases[l]
+        ra.append(r)
+        rh.append(r * firsts[l].unsqueeze(1) if firsts[l].numel() else r)
+    rg = q.unsqueeze(1) * (rh[-1] - (rh[-1] * p.unsqueeze(1)).sum(2, keepdim=True))
+    hv_w, hv_b = [None] * num_layers, [None] * num_layers
+    for l in reversed(range(num_layers)):
+        if firsts[l].numel():
+            rg = rg * firsts[l].unsqueeze(1)
+        if seconds[l].numel():
+            rg = rg + seconds[l].unsqueeze(1) * ra[l]
+        hv_w[l] = torch.einsum("nko,ni->koi", rg, inputs[l]) + torch.einsum("no,nki->koi", grads[l], rh[l])
+        hv_b[l] = rg.sum(0) if biases[l] is not None else None
+        rg = rg @ weights[l] + torch.einsum("no,koi->nki", grads[l], v_weights[l])
+    return _flat_products(V, weights, weight_offsets, bias_offsets, (hv_w, hv_b))
+
+
+def mlp_hvp_state(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    activations: Sequence[str],
+    *,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    check_finite: bool = True,
+    backend: str = "auto",
+) -> list[torch.Tensor]:
+    """What stays fixed between :func:`mlp_hvp_flat` products while the weights do not change.
+
+    For L layers: the inputs h_1 .. h_{L-1} of layers 2 .. L, then per layer d_l = act'(a_l) g_l (g_l
+    the gradient of the loss w.r.t. the layer's output), act'(a_l) and act''(a_l) g_l (an empty
+    tensor where the activation has no such term: no act' for the identity, no act'' term for the
+    identity and ReLU), then softmax(z) and softmax(z) / (rows kept), both zero on ignored rows:
+    4 L + 1 tensors, about 4 N (d_1 + .. + d_L) entries. :func:`mlp_hvp_flat_cached` takes it.
+
+    Args:
+        As in :func:`mlp_hvp` (biases: one entry per layer, None for a layer without bias).
+
+    Raises:
+        What :func:`mlp_hvp` raises for the same arguments.
+    """
+    weights = _tensor_list("weights", weights, None, optional=False)
+    biases = _tensor_list("biases", biases, len(weights), optional=True)
+    codes = _activation_codes(activations)
+    if choose(_OP + "_state", x.device, backend) == "reference":
+        _check_inputs(x, target, weights, biases, activations, [w.unsqueeze(0) for w in weights], [None] * len(weights),
+                      label_smoothing)
+        _check_targets_and_finite(x, target, {"weights": weights, "biases": biases}, weights[-1].shape[0], ignore_index,
+                                  check_finite)
+        return mlp_hvp_state_ref(x, target, weights, biases, activations, label_smoothing, ignore_index)
+    return list(torch.ops.unlearn_kernels.mlp_hvp_state(
+        x, target, weights, biases, codes, float(label_smoothing), int(ignore_index), check_finite))
+
+
+def mlp_hvp_flat_cached(
+    x: torch.Tensor,
+    state: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    activations: Sequence[str],
+    V: torch.Tensor,
+    weight_offsets: Sequence[int],
+    bias_offsets: Sequence[int],
+    *,
+    check_finite: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """:func:`mlp_hvp_flat` from the ``state`` that :func:`mlp_hvp_state` returned for the same ``x``,
+    weights, biases and activations (and the target and loss options it was given): only the
+    R-forward, the loss's R-rows and the R-backward run, with no activation function and no softmax
+    evaluated. Layers below the lowest chosen parameter are skipped (their tangents are zero).
+
+    Args:
+        x, weights, biases, activations: as given to :func:`mlp_hvp_state` (``x`` is not in the state).
+        state: its result.
+        V, weight_offsets, bias_offsets, check_finite, backend: as in :func:`mlp_hvp_flat`
+            (``check_finite`` checks the R-derivative of the logits).
+
+    Returns:
+        The (d, K) products, as :func:`mlp_hvp_flat` returns them.
+
+    Raises:
+        ValueError / TypeError: a state that does not fit the layers and x, and what
+            :func:`mlp_hvp_flat` raises for V and the offsets.
+    """
+    if not isinstance(V, torch.Tensor) or V.dim() != 2 or V.shape[1] == 0:
+        shape = tuple(V.shape) if isinstance(V, torch.Tensor) else type(V).__name__
+        raise ValueError(f"{_OP}_flat_cached: V must be a 2-D (d, K) tensor with K >= 1, got {shape}")
+    codes = _activation_codes(activations)
+    if choose(_OP + "_flat_cached", x.device, backend) == "reference":
+        if len(state) != 4 * len(weights) + 1:
+            raise ValueError(f"{_OP}_flat_cached: state must be the {4 * len(weights) + 1} tensors mlp_hvp_state "
+                             f"returns for {len(weights)} layers, got {len(state)}")
+        if V.dtype != x.dtype:
+            raise TypeError(f"{_OP}_flat_cached: V has dtype {V.dtype} but x has {x.dtype}")
+        if V.device != x.device:
+            raise ValueError(f"{_OP}_flat_cached: V is on {V.device} but x on {x.device}")
+        _check_flat_layout(weights, biases, weight_offsets, bias_offsets, V.shape[0])
+        if check_finite and not bool(torch.isfinite(V).all()):
+            raise ValueError(f"{_OP}: the R-derivative of the logits contains NaN or Inf (check V)")
+        return mlp_hvp_flat_cached_ref(x, state, weights, biases, activations, V, weight_offsets, bias_offsets)
+    return torch.ops.unlearn_kernels.mlp_hvp_flat_cached(
+        x, list(state), list(weights), list(biases), codes, V, list(weight_offsets), list(bias_offsets), check_finite)
+
+
+def _activation_codes(activations: Sequence[str]) -> list[int]:
+    if isinstance(activations, str) or not isinstance(activations, Sequence):
+        raise TypeError(f"{_OP}: activations must be a list of names, got {type(activations).__name__}")
+    for i, a in enumerate(activations):
+        if a not in ACTIVATIONS:
+            raise ValueError(f"{_OP}: activations[{i}] = {a!r} is not one of {sorted(ACTIVATIONS)}")
+    return [ACTIVATIONS[a] for a in activations]
+
+
 # --------------------------------------------------------------------------- fake
 def _fake(x, target, weights, biases, activations, v_weights, v_biases, label_smoothing, ignore_index, check_finite):
     k = v_weights[0].shape[0]
@@ -362,6 +536,23 @@ def _fake_flat(x, target, weights, biases, activations, V, weight_offsets, bias_
     return V.new_empty((V.shape[1], V.shape[0])).T  # the kernel's layout: (K, d) storage, transposed
 
 
+def _fake_state(x, target, weights, biases, activations, label_smoothing, ignore_index, check_finite):
+    n, codes = x.shape[0], [_CODE_NAMES[c] for c in activations]
+    inputs = [x.new_empty((n, w.shape[1])) for w in weights[1:]]
+    grads = [x.new_empty((n, w.shape[0])) for w in weights]
+    firsts = [x.new_empty((n, w.shape[0]) if a != "identity" else (0,)) for w, a in zip(weights, codes)]
+    seconds = [x.new_empty((n, w.shape[0]) if a not in ("identity", "relu") else (0,)) for w, a in zip(weights, codes)]
+    return [*inputs, *grads, *firsts, *seconds, x.new_empty((n, weights[-1].shape[0])), x.new_empty((n, weights[-1].shape[0]))]
+
+
+def _fake_flat_cached(x, state, weights, biases, activations, V, weight_offsets, bias_offsets, check_finite):
+    return V.new_empty((V.shape[1], V.shape[0])).T
+
+
+_CODE_NAMES = {code: name for name, code in ACTIVATIONS.items()}
+
 if _extension.extension_loaded():
     torch.library.register_fake(f"{_CPP_OPS}::{_OP}")(_fake)
     torch.library.register_fake(f"{_CPP_OPS}::{_OP}_flat")(_fake_flat)
+    torch.library.register_fake(f"{_CPP_OPS}::{_OP}_state")(_fake_state)
+    torch.library.register_fake(f"{_CPP_OPS}::{_OP}_flat_cached")(_fake_flat_cached)

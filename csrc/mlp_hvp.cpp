@@ -1,0 +1,463 @@
+// Exact Hessian-vector products of the mean softmax cross entropy of an MLP w.r.t. all its weights
+// and biases, for K tangents in one pass (Pearlmutter's R-operator). Layer l maps h_{l-1} to
+// a_l = h_{l-1} W_l^T + b_l, h_l = act_l(a_l); the logits are z = h_L. With tangent (V_l, c_l):
+//
+//   R-forward:   Ra_l = Rh_{l-1} W_l^T + h_{l-1} V_l^T + c_l,          Rh_l = act'(a_l) Ra_l
+//   loss:        g_L  = (softmax(z) - t) / N,                          Rg_L = H_ce(z) Rz / N
+//                (N counts the rows whose target is not ignore_index; the others are 0)
+//   backward:    d_l  = act'(a_l) g_l,     Rd_l = act''(a_l) Ra_l g_l + act'(a_l) Rg_l
+//                g_{l-1} = d_l W_l,        Rg_{l-1} = Rd_l W_l + d_l V_l
+//   products:    HV_l = Rd_l^T h_{l-1} + d_l^T Rh_{l-1},               Hc_l = sum_rows Rd_l
+//
+// The K tangents share the forward and the backward; R-quantities are laid out (N, K, d), so every
+// product above for all K tangents is one plain matmul (no batched or strided GEMM). The weight The weight
+// gradients d_l^T h_{l-1} are never formed: the HVP does not need them.
+//
+// At fixed weights everything that does not depend on the tangents can be kept between products
+// (`run_state`): the layer inputs h_l, act'(a_l), act''(a_l) g_l, d_l and softmax(z). A product
+// from that state (`run_cached_flat`) runs only the R-forward, the loss's R-rows and the
+// R-backward: per layer h V^T, Rh W^T, Rd^T h, d^T Rh, Rd W and d V, with no activation function
+// evaluated and no softmax.
+//
+// This file holds the device-agnostic passes (ATen matmuls, so MKL/OpenBLAS on CPU and cuBLAS on
+// GPU); each backend supplies its fused elementwise stages through `Kernels` (csrc/cpu/mlp_hvp.cpp,
+// csrc/cuda/mlp_hvp.cu) and registers the ops for its dispatch key. The cached pass uses ATen
+// elementwise ops only.
+#include "mlp_hvp.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/accumulate.h>
+#include <c10/util/irange.h>
+
+#include <algorithm>
+#include <limits>
+
+namespace unlearn_kernels::mlp_hvp {
+
+// --------------------------------------------------------------------------- the pass
+namespace {
+
+constexpr int64_t kNumActivations = 5;
+
+void check_like(const char* op, const at::Tensor& x, const at::Tensor& t, const char* what, size_t l) {
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, ": ", what, "[", l, "] has dtype ", t.scalar_type(),
+                   " but x has ", x.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", what, "[", l, "] is on ", t.device(), " but x on ", x.device());
+}
+
+// x, the layers' shapes, dtypes and devices, and the activation codes.
+void check_layers(const char* op, const at::Tensor& x, at::TensorList weights,
+                  const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations) {
+  const size_t L = weights.size();
+  TORCH_CHECK_VALUE(L >= 1, op, ": at least one layer is needed, got 0 weights");
+  TORCH_CHECK_VALUE(biases.size() == L && activations.size() == L, op, ": weights, biases and activations must all "
+                    "have one entry per layer, got ", L, ", ", biases.size(), " and ", activations.size());
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be 2-D (N, in_features), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.size(0) > 0, op, ": x has no rows (the mean loss over 0 samples is undefined)");
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                   op, ": x must be float32 or float64, got ", x.scalar_type());
+  int64_t in_features = x.size(1);
+  for (size_t l = 0; l < L; ++l) {
+    const at::Tensor& w = weights[l];
+    TORCH_CHECK_VALUE(w.dim() == 2, op, ": weights[", l, "] must be 2-D (out, in), got shape ", w.sizes());
+    TORCH_CHECK_VALUE(w.size(1) == in_features, op, ": weights[", l, "] has shape ", w.sizes(), " but its input has ",
+                      in_features, " features (", l == 0 ? "x" : "the previous layer's output", ")");
+    check_like(op, x, w, "weights", l);
+    const int64_t out = w.size(0);
+    TORCH_CHECK_VALUE(out > 0, op, ": weights[", l, "] has no output features");
+    const std::optional<at::Tensor> b = biases[l];
+    if (b.has_value()) {
+      TORCH_CHECK_VALUE(b->dim() == 1 && b->size(0) == out, op, ": biases[", l, "] must have shape (", out,
+                        ",), got ", b->sizes());
+      check_like(op, x, *b, "biases", l);
+    }
+    TORCH_CHECK_VALUE(activations[l] >= 0 && activations[l] < kNumActivations, op, ": activations[", l,
+                      "] = ", activations[l], " is not an activation code (0 identity, 1 relu, 2 gelu, 3 tanh, 4 sigmoid)");
+    in_features = out;
+  }
+}
+
+// check_layers, and the targets and label smoothing of the loss.
+void check_model(const at::Tensor& x, const at::Tensor& target, at::TensorList weights,
+                 const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations,
+                 double label_smoothing) {
+  check_layers("mlp_hvp", x, weights, biases, activations);
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, "mlp_hvp: target must be int64 class indices, got ",
+                   target.scalar_type());
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == x.size(0), "mlp_hvp: target must have shape (",
+                    x.size(0), ",), got ", target.sizes());
+  TORCH_CHECK_VALUE(target.device() == x.device(), "mlp_hvp: target is on ", target.device(), " but x on ",
+                    x.device());
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+                    "mlp_hvp: label_smoothing must be in [0, 1], got ", label_smoothing);
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& target, at::TensorList weights,
+                  const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations,
+                  at::TensorList v_weights, const c10::List<std::optional<at::Tensor>>& v_biases,
+                  double label_smoothing) {
+  const size_t L = weights.size();
+  TORCH_CHECK_VALUE(biases.size() == L && activations.size() == L && v_weights.size() == L && v_biases.size() == L,
+                    "mlp_hvp: weights, biases, activations, v_weights and v_biases must all have one entry per "
+                    "layer, got ", L, ", ", biases.size(), ", ", activations.size(), ", ", v_weights.size(), " and ",
+                    v_biases.size());
+  check_model(x, target, weights, biases, activations, label_smoothing);
+  const int64_t K = v_weights[0].dim() == 3 ? v_weights[0].size(0) : -1;
+  TORCH_CHECK_VALUE(K >= 1, "mlp_hvp: v_weights[0] must be 3-D (K, out, in) with K >= 1, got shape ",
+                    v_weights[0].sizes());
+  for (size_t l = 0; l < L; ++l) {
+    const int64_t out = weights[l].size(0), in = weights[l].size(1);
+    const at::Tensor& v = v_weights[l];
+    TORCH_CHECK_VALUE(v.dim() == 3 && v.size(0) == K && v.size(1) == out && v.size(2) == in,
+                      "mlp_hvp: v_weights[", l, "] must have shape (K, out, in) = (", K, ", ", out, ", ", in,
+                      "), got ", v.sizes());
+    check_like("mlp_hvp", x, v, "v_weights", l);
+    const std::optional<at::Tensor> vb = v_biases[l];
+    if (vb.has_value()) {
+      const std::optional<at::Tensor> b = biases[l];
+      TORCH_CHECK_VALUE(b.has_value(), "mlp_hvp: v_biases[", l, "] is given but layer ", l, " has no bias");
+      TORCH_CHECK_VALUE(vb->dim() == 2 && vb->size(0) == K && vb->size(1) == out, "mlp_hvp: v_biases[", l,
+                        "] must have shape (K, out) = (", K, ", ", out, "), got ", vb->sizes());
+      check_like("mlp_hvp", x, *vb, "v_biases", l);
+    }
+  }
+}
+
+}  // namespace
+
+std::vector<at::Tensor> run(const Kernels& kernels, const at::Tensor& x, const at::Tensor& target,
+                            at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+                            at::IntArrayRef activations, at::TensorList v_weights,
+                            const c10::List<std::optional<at::Tensor>>& v_biases, double label_smoothing,
+                            int64_t ignore_index, bool check_finite) {
+  check_inputs(x, target, weights, biases, activations, v_weights, v_biases, label_smoothing);
+  const int64_t L = static_cast<int64_t>(weights.size());
+  const int64_t N = x.size(0), K = v_weights[0].size(0);
+  const auto act = [&](int64_t l) { return static_cast<Activation>(activations[l]); };
+  const auto bias = [](const c10::List<std::optional<at::Tensor>>& list, int64_t l) {
+    const std::optional<at::Tensor> t = list[l];
+    return t.has_value() ? *t : at::Tensor();
+  };
+
+  // Forward and R-forward together, all K tangents at once in the (N, K, d) layout: h[l] is the
+  // input of layer l (h[L] the logits), rh[l] its R-derivative (rh[0] = 0); d1/d2 the activation
+  // derivatives, ra[l] the R-pre-activation (kept only where act'' is needed in the backward).
+  // One matmul per layer serves the forward and the h V^T terms of all K tangents, and the
+  // biases are added inside the activation kernel (no bias copies, no separate R pass).
+  std::vector<at::Tensor> h(L + 1), rh(L + 1), d1(L), d2(L), ra(L);
+  h[0] = x;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t out = weights[l].size(0), in = weights[l].size(1);
+    const at::Tensor stacked = at::cat({weights[l], v_weights[l].reshape({K * out, in})}).t();
+    h[l + 1] = at::empty({N, out}, x.options());
+    rh[l + 1] = at::empty({N, K, out}, x.options());
+    if (has_first(act(l))) d1[l] = at::empty({N, out}, x.options());
+    if (has_second(act(l))) {
+      d2[l] = at::empty({N, out}, x.options());
+      ra[l] = at::empty({N, K, out}, x.options());
+    }
+    const at::Tensor ar = at::mm(h[l], stacked);
+    const at::Tensor t = l > 0 ? at::mm(rh[l].view({N * K, in}), weights[l].t()) : at::Tensor();
+    kernels.activate(act(l), ar, t, bias(biases, l), bias(v_biases, l), h[l + 1], d1[l], d2[l], rh[l + 1], ra[l]);
+  }
+
+  // Loss rows, in place: the logits become the gradient g, their R-derivative becomes Rg.
+  at::Tensor g = h[L], rg = rh[L];
+  h[L] = rh[L] = at::Tensor();
+  const int64_t C = g.size(1);
+  const int64_t num_kept = kernels.count_kept(target, C, ignore_index);
+  TORCH_CHECK_VALUE(num_kept > 0, "mlp_hvp: every target is ignore_index=", ignore_index,
+                    " (the mean loss over 0 samples is undefined)");
+  at::Tensor flags = at::zeros({2}, g.options().dtype(at::kInt));
+  kernels.loss(g, target, rg, label_smoothing, ignore_index, 1.0 / static_cast<double>(num_kept), flags);
+  if (check_finite) {
+    const at::Tensor f = flags.cpu();
+    TORCH_CHECK_VALUE(f[0].item<int>() == 0,
+                      "mlp_hvp: the logits contain NaN or +Inf (check x, the weights and the biases)");
+    TORCH_CHECK_VALUE(f[1].item<int>() == 0, "mlp_hvp: the R-derivative of the logits contains NaN or Inf "
+                      "(check v_weights and v_biases)");
+  }
+
+  // Backward and R-backward, layer by layer from the top.
+  std::vector<at::Tensor> out_w(L), out_b;
+  for (int64_t l = L - 1; l >= 0; --l) {
+    const int64_t out = weights[l].size(0), in = weights[l].size(1);
+    if (has_first(act(l))) kernels.backward(d1[l], d2[l], ra[l], g, rg);  // g, rg become d_l, Rd_l
+    d1[l] = d2[l] = ra[l] = at::Tensor();
+    const at::Tensor rg_flat = rg.view({N, K * out});
+    out_w[l] = at::mm(rg_flat.t(), h[l]).view({K, out, in});
+    if (l > 0) out_w[l].add_(at::mm(g.t(), rh[l].view({N, K * in})).view({out, K, in}).transpose(0, 1));
+    if (bias(biases, l).defined()) out_b.push_back(rg.sum(0));
+    if (l > 0) {
+      at::Tensor rg_next = at::mm(rg.view({N * K, out}), weights[l]).view({N, K * in});
+      rg_next.addmm_(g, v_weights[l].transpose(0, 1).reshape({out, K * in}));
+      // g_{l-1} feeds d_{l-1}^T Rh_{l-2} (only above the first layer) and the act'' term: on the
+      // first layer of a ReLU MLP neither exists, and one matmul is saved.
+      g = (l - 1 > 0 || has_second(act(l - 1))) ? at::mm(g, weights[l]) : at::Tensor();
+      rg = rg_next.view({N, K, in});
+    }
+    h[l] = rh[l] = at::Tensor();
+  }
+  std::vector<at::Tensor> result(std::move(out_w));
+  result.insert(result.end(), out_b.rbegin(), out_b.rend());
+  return result;
+}
+
+
+// --------------------------------------------------------------------------- the flat-vector form
+namespace {
+
+// Checks V (d, K) against x and that the chosen blocks (weight_offsets / bias_offsets, -1 = not
+// chosen) tile V's d rows; returns the lowest layer with a chosen block.
+size_t check_flat_layout(const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+                         const at::Tensor& V, at::IntArrayRef weight_offsets, at::IntArrayRef bias_offsets) {
+  const size_t L = weights.size();
+  TORCH_CHECK_VALUE(V.dim() == 2 && V.size(1) >= 1, "mlp_hvp_flat: V must be 2-D (d, K) with K >= 1, got shape ",
+                    V.sizes());
+  TORCH_CHECK_TYPE(V.scalar_type() == x.scalar_type(), "mlp_hvp_flat: V has dtype ", V.scalar_type(), " but x has ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(V.device() == x.device(), "mlp_hvp_flat: V is on ", V.device(), " but x on ", x.device());
+  TORCH_CHECK_VALUE(weight_offsets.size() == L && bias_offsets.size() == L && biases.size() == L,
+                    "mlp_hvp_flat: weights, biases, weight_offsets and bias_offsets must have one entry per layer, got ",
+                    L, ", ", biases.size(), ", ", weight_offsets.size(), " and ", bias_offsets.size());
+  const int64_t d = V.size(0);
+  // The chosen blocks as (offset, size, layer, is_bias), checked to tile [0, d).
+  struct Block { int64_t offset, size; size_t layer; bool bias; };
+  std::vector<Block> blocks;  // a bias block's size is its layer's width (the passes check the bias shape)
+  for (size_t l = 0; l < L; ++l) {
+    TORCH_CHECK_VALUE(weights[l].dim() == 2, "mlp_hvp_flat: weights[", l, "] must be 2-D (out, in), got shape ",
+                      weights[l].sizes());
+    if (weight_offsets[l] >= 0) blocks.push_back({weight_offsets[l], weights[l].numel(), l, false});
+    if (bias_offsets[l] >= 0) {
+      const std::optional<at::Tensor> b = biases[l];
+      TORCH_CHECK_VALUE(b.has_value(), "mlp_hvp_flat: bias_offsets[", l, "] = ", bias_offsets[l], " but layer ", l,
+                        " has no bias");
+      blocks.push_back({bias_offsets[l], weights[l].size(0), l, true});
+    }
+  }
+  std::sort(blocks.begin(), blocks.end(), [](const Block& a, const Block& b) { return a.offset < b.offset; });
+  int64_t next = 0;
+  size_t lowest = L;
+  for (const Block& b : blocks) {
+    TORCH_CHECK_VALUE(b.offset == next, "mlp_hvp_flat: the chosen parameter blocks must tile the ", d,
+                      " rows of V in order without gaps or overlaps, but ", b.bias ? "bias" : "weight", "_offsets[",
+                      b.layer, "] = ", b.offset, " where row ", next, " was expected");
+    next += b.size;
+    lowest = std::min(lowest, b.layer);
+  }
+  TORCH_CHECK_VALUE(next == d, "mlp_hvp_flat: the chosen parameters have ", next, " entries but V has ", d, " rows");
+  return lowest;
+}
+
+// The block of V (d, K) that starts at row `offset` as K tangents of `shape` (a copy where V's
+// layout needs one); undefined for a block that is not chosen.
+at::Tensor tangent_block(const at::Tensor& V, int64_t offset, at::IntArrayRef shape) {
+  if (offset < 0) return at::Tensor();
+  std::vector<int64_t> sizes{V.size(1)};
+  sizes.insert(sizes.end(), shape.begin(), shape.end());
+  return V.t().narrow(1, offset, c10::multiply_integers(shape)).reshape(sizes);
+}
+
+// The chosen products (out_w[l]: (K, out, in), out_b[l]: (K, out); undefined where not chosen)
+// in V's row layout, as (K, d) storage returned transposed: each block is one contiguous copy.
+at::Tensor gather_flat(const std::vector<at::Tensor>& out_w, const std::vector<at::Tensor>& out_b, const at::Tensor& V,
+                       at::IntArrayRef weight_offsets, at::IntArrayRef bias_offsets) {
+  const int64_t K = V.size(1);
+  at::Tensor result = at::empty({K, V.size(0)}, V.options());  // the blocks tile every row
+  for (const auto l : c10::irange(out_w.size())) {
+    if (weight_offsets[l] >= 0) result.narrow(1, weight_offsets[l], out_w[l][0].numel()).copy_(out_w[l].view({K, -1}));
+    if (bias_offsets[l] >= 0) result.narrow(1, bias_offsets[l], out_b[l].size(1)).copy_(out_b[l]);
+  }
+  return result.t();
+}
+
+}  // namespace
+
+at::Tensor run_flat(const Kernels& kernels, const at::Tensor& x, const at::Tensor& target, at::TensorList weights,
+                    const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations,
+                    const at::Tensor& V, at::IntArrayRef weight_offsets, at::IntArrayRef bias_offsets,
+                    double label_smoothing, int64_t ignore_index, bool check_finite) {
+  check_flat_layout(x, weights, biases, V, weight_offsets, bias_offsets);
+  const size_t L = weights.size();
+  std::vector<at::Tensor> v_weights(L);
+  c10::List<std::optional<at::Tensor>> v_biases;
+  for (size_t l = 0; l < L; ++l) {  // parameters not chosen get a zero tangent
+    const at::Tensor v = tangent_block(V, weight_offsets[l], weights[l].sizes());
+    v_weights[l] = v.defined() ? v : at::zeros({V.size(1), weights[l].size(0), weights[l].size(1)}, V.options());
+    const at::Tensor vb = tangent_block(V, bias_offsets[l], {weights[l].size(0)});
+    v_biases.push_back(vb.defined() ? std::optional<at::Tensor>(vb) : std::nullopt);
+  }
+  const std::vector<at::Tensor> products = run(kernels, x, target, weights, biases, activations, v_weights, v_biases,
+                                               label_smoothing, ignore_index, check_finite);
+  // run returns every weight's product, then those of the present biases.
+  std::vector<at::Tensor> out_w(products.begin(), products.begin() + L), out_b(L);
+  size_t bias_index = L;
+  for (size_t l = 0; l < L; ++l) {
+    const std::optional<at::Tensor> b = biases[l];
+    if (b.has_value()) out_b[l] = products[bias_index++];
+  }
+  return gather_flat(out_w, out_b, V, weight_offsets, bias_offsets);
+}
+
+// --------------------------------------------------------------------------- fixed weights
+namespace {
+
+const at::Tensor kNone;
+
+// An absent state entry (no act' for the identity, no act'' term for the identity and ReLU).
+at::Tensor absent(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+}  // namespace
+
+std::vector<at::Tensor> run_state(const Kernels& kernels, const at::Tensor& x, const at::Tensor& target,
+                                  at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+                                  at::IntArrayRef activations, double label_smoothing, int64_t ignore_index,
+                                  bool check_finite) {
+  check_model(x, target, weights, biases, activations, label_smoothing);
+  const int64_t L = static_cast<int64_t>(weights.size()), N = x.size(0);
+  const auto act = [&](int64_t l) { return static_cast<Activation>(activations[l]); };
+  // The forward through the backend's activation stage with K = 0 tangents.
+  std::vector<at::Tensor> h(L + 1), d1(L), d2(L);
+  h[0] = x;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t out = weights[l].size(0);
+    h[l + 1] = at::empty({N, out}, x.options());
+    at::Tensor rh = at::empty({N, 0, out}, x.options()), ra;
+    if (has_first(act(l))) d1[l] = at::empty({N, out}, x.options());
+    if (has_second(act(l))) {
+      d2[l] = at::empty({N, out}, x.options());
+      ra = at::empty({N, 0, out}, x.options());
+    }
+    const std::optional<at::Tensor> b = biases[l];
+    kernels.activate(act(l), at::mm(h[l], weights[l].t()), kNone, b.has_value() ? *b : kNone, kNone, h[l + 1], d1[l],
+                     d2[l], rh, ra);
+  }
+  // softmax(z) (zero on ignored rows) for the loss's R-rows, then the logits become the gradient.
+  at::Tensor g = h[L];
+  const int64_t C = g.size(1);
+  const int64_t num_kept = kernels.count_kept(target, C, ignore_index);
+  TORCH_CHECK_VALUE(num_kept > 0, "mlp_hvp: every target is ignore_index=", ignore_index,
+                    " (the mean loss over 0 samples is undefined)");
+  at::Tensor p = at::softmax(g, 1);
+  if (num_kept < N) p.mul_((target != ignore_index).unsqueeze(1).to(p.scalar_type()));
+  at::Tensor flags = at::zeros({2}, g.options().dtype(at::kInt)), no_tangents = at::empty({N, 0, C}, g.options());
+  kernels.loss(g, target, no_tangents, label_smoothing, ignore_index, 1.0 / static_cast<double>(num_kept), flags);
+  if (check_finite) {
+    TORCH_CHECK_VALUE(flags.cpu()[0].item<int>() == 0,
+                      "mlp_hvp: the logits contain NaN or +Inf (check x, the weights and the biases)");
+  }
+  // The gradient's backward: d_l = act'(a_l) g_l and act''(a_l) g_l per layer.
+  std::vector<at::Tensor> d(L), s(L);
+  for (int64_t l = L - 1; l >= 0; --l) {
+    if (has_second(act(l))) s[l] = d2[l] * g;
+    d[l] = has_first(act(l)) ? d1[l] * g : g;
+    if (l > 0) g = at::mm(d[l], weights[l]);
+  }
+  std::vector<at::Tensor> state(h.begin() + 1, h.end() - 1);  // h_1 .. h_{L-1}
+  state.insert(state.end(), d.begin(), d.end());
+  for (const at::Tensor& t : d1) state.push_back(t.defined() ? t : absent(x));
+  for (const at::Tensor& t : s) state.push_back(t.defined() ? t : absent(x));
+  state.push_back(p);
+  state.push_back(p * (1.0 / static_cast<double>(num_kept)));
+  return state;
+}
+
+at::Tensor run_cached_flat(const at::Tensor& x, at::TensorList state, at::TensorList weights,
+                           const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations,
+                           const at::Tensor& V, at::IntArrayRef weight_offsets, at::IntArrayRef bias_offsets,
+                           bool check_finite) {
+  constexpr const char* op = "mlp_hvp_flat_cached";
+  check_layers(op, x, weights, biases, activations);
+  const size_t lowest = check_flat_layout(x, weights, biases, V, weight_offsets, bias_offsets);
+  const int64_t L = static_cast<int64_t>(weights.size()), N = x.size(0), K = V.size(1);
+  const auto act = [&](int64_t l) { return static_cast<Activation>(activations[l]); };
+  TORCH_CHECK_VALUE(static_cast<int64_t>(state.size()) == 4 * L + 1, op, ": state must be the ", 4 * L + 1,
+                    " tensors mlp_hvp_state returns for ", L, " layers, got ", state.size());
+  const auto check_state = [&](int64_t i, bool present, int64_t width) {
+    const at::Tensor& t = state[i];
+    check_like(op, x, t, "state", static_cast<size_t>(i));
+    if (present) {
+      TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == N && t.size(1) == width, op, ": state[", i, "] has shape ",
+                        t.sizes(), " but (", N, ", ", width, ") was expected: pass the state that mlp_hvp_state "
+                        "returned for these x, weights and activations");
+    } else {
+      TORCH_CHECK_VALUE(t.numel() == 0, op, ": state[", i, "] has shape ", t.sizes(), " but is empty for this "
+                        "layer's activation: pass the state that mlp_hvp_state returned for these x, weights and "
+                        "activations");
+    }
+  };
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t out = weights[l].size(0);
+    if (l > 0) check_state(l - 1, true, weights[l].size(1));
+    check_state(L - 1 + l, true, out);
+    check_state(2 * L - 1 + l, has_first(act(l)), out);
+    check_state(3 * L - 1 + l, has_second(act(l)), out);
+  }
+  check_state(4 * L - 1, true, weights[L - 1].size(0));
+  check_state(4 * L, true, weights[L - 1].size(0));
+  const auto input = [&](int64_t l) -> const at::Tensor& { return l == 0 ? x : state[l - 1]; };
+  const auto grad = [&](int64_t l) -> const at::Tensor& { return state[L - 1 + l]; };
+  const auto first = [&](int64_t l) -> const at::Tensor& { return state[2 * L - 1 + l]; };
+  const auto second = [&](int64_t l) -> const at::Tensor& { return state[3 * L - 1 + l]; };
+
+  // Tangents: layers below the lowest chosen block have zero tangents, so Rh is zero up to it and
+  // both passes start (and stop) there; weights that are not chosen skip their h V^T and d V terms.
+  const int64_t lo = static_cast<int64_t>(lowest);
+  std::vector<at::Tensor> v_weights(L), v_biases(L), rh(L + 1), ra(L);
+  for (int64_t l = lo; l < L; ++l) {
+    v_weights[l] = tangent_block(V, weight_offsets[l], weights[l].sizes());
+    v_biases[l] = tangent_block(V, bias_offsets[l], {weights[l].size(0)});
+  }
+  for (int64_t l = lo; l < L; ++l) {
+    const int64_t out = weights[l].size(0), in = weights[l].size(1);
+    at::Tensor r;  // Ra_l without its bias tangent, (N, K out)
+    if (v_weights[l].defined()) {
+      r = at::mm(input(l), v_weights[l].reshape({K * out, in}).t());
+      if (l > lo) r.view({N * K, out}).addmm_(rh[l].view({N * K, in}), weights[l].t());
+    } else {
+      r = l > lo ? at::mm(rh[l].view({N * K, in}), weights[l].t()).view({N, K * out}) : at::zeros({N, K * out}, x.options());
+    }
+    at::Tensor r3 = r.view({N, K, out});
+    if (v_biases[l].defined()) r3.add_(v_biases[l]);
+    if (!has_first(act(l))) {
+      rh[l + 1] = r3;
+    } else if (has_second(act(l))) {
+      ra[l] = r3;
+      rh[l + 1] = r3 * first(l).unsqueeze(1);
+    } else {
+      rh[l + 1] = r3.mul_(first(l).unsqueeze(1));
+    }
+  }
+  // The loss's R-rows: Rg = (diag(p) - p p^T) Rz / N per tangent (p is zero on ignored rows).
+  at::Tensor rg = rh[L];
+  rh[L] = at::Tensor();
+  const at::Tensor& p = state[4 * L - 1];
+  const at::Tensor dot = (rg * p.unsqueeze(1)).sum(2, /*keepdim=*/true);
+  if (check_finite) {
+    TORCH_CHECK_VALUE(at::isfinite(dot).all().item<bool>(), "mlp_hvp: the R-derivative of the logits contains NaN or "
+                      "Inf (check V)");
+  }
+  rg.sub_(dot).mul_(state[4 * L].unsqueeze(1));
+  // The R-backward, layer by layer from the top down to the lowest chosen layer.
+  std::vector<at::Tensor> out_w(L), out_b(L);
+  for (int64_t l = L - 1; l >= lo; --l) {
+    const int64_t out = weights[l].size(0), in = weights[l].size(1);
+    if (has_first(act(l))) rg.mul_(first(l).unsqueeze(1));
+    if (has_second(act(l))) rg.addcmul_(second(l).unsqueeze(1), ra[l]);
+    ra[l] = at::Tensor();
+    if (weight_offsets[l] >= 0) {
+      out_w[l] = at::mm(rg.view({N, K * out}).t(), input(l)).view({K, out, in});
+      if (l > lo) out_w[l].add_(at::mm(grad(l).t(), rh[l].view({N, K * in})).view({out, K, in}).transpose(0, 1));
+    }
+    if (bias_offsets[l] >= 0) out_b[l] = rg.sum(0);
+    if (l > lo) {
+      at::Tensor rg_next = at::mm(rg.view({N * K, out}), weights[l]).view({N, K * in});
+      if (v_weights[l].defined()) rg_next.addmm_(grad(l), v_weights[l].transpose(0, 1).reshape({out, K * in}));
+      rg = rg_next.view({N, K, in});
+    }
+    rh[l] = at::Tensor();
+  }
+  return gather_flat(out_w, out_b, V, weight_offsets, bias_offsets);
+}
+
+}  // namespace unlearn_kernels::mlp_hvp
