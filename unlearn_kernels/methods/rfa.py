@@ -24,8 +24,11 @@ L_shift moves the D_f features to a target chosen by ``shift``:
   (sample unlearning with correct labels; needs ``unseen``).
 * ``"other_class"``: the mean frozen feature of the D_r samples of the class the frozen model ranks
   highest after the D_f sample's label (class unlearning).
-* ``"margin"``: away from the frozen model's own features until their relative distance
-  ``||h - h0|| / ||h0||`` reaches ``margin`` (label-free; the hinge ``max(0, margin - d)^2``).
+* ``"margin"`` (label-free): away from the frozen model's own features h0, along the unit direction
+  u in which the frozen model's logit for its own prediction falls fastest (minus the gradient of
+  that logit with respect to the layer's output), until the move ``<h - h0, u> / ||h0||`` reaches
+  ``margin`` (the hinge ``max(0, margin - <h - h0, u> / ||h0||)^2``). A plain distance from h0
+  would not do: its gradient vanishes at the start, where the residual is zero.
 
 With ``merge=True`` (default) the adapters are merged into the weights and removed: the returned
 model has the original architecture. With ``merge=False`` the returned model keeps the adapters and
@@ -63,13 +66,15 @@ class _Features:
     """Forward hooks that keep the outputs of the named modules of one model (the last forward)."""
 
     def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
-        self.outputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}  # flattened to (N, n_l)
+        self.raw: dict[str, torch.Tensor] = {}  # as the module returned them
         modules = dict(model.named_modules())
         self.names = tuple(names)
         self.handles = [modules[n].register_forward_hook(self._keeper(n)) for n in self.names]
 
     def _keeper(self, name: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            self.raw[name] = output
             self.outputs[name] = output.flatten(1)
         return hook
 
@@ -198,10 +203,11 @@ class RFA(_Trained):
 
     def _shift_targets(self, teacher: nn.Module, features: _Features, forget: LabeledData, retain: LabeledData,
                        unseen: LabeledData | None) -> list[torch.Tensor]:
-        """The per-layer D_f targets, one row per forget sample (for "margin": the frozen features)."""
+        """The per-layer D_f targets, one row per forget sample (for "margin": the frozen features and
+        the directions u stacked, (N, 2, n_l))."""
         forget_logits, forget_h = self._all_features(teacher, features, forget)
         if self.shift == "margin":
-            return forget_h
+            return [torch.stack([h, u], 1) for h, u in zip(forget_h, self._away_directions(teacher, features, forget))]
         if self.shift == "unseen_class":
             _, pool_h = self._all_features(teacher, features, unseen)
             return [_class_means(h, unseen.y, forget_logits.shape[1])[forget.y] for h in pool_h]
@@ -225,16 +231,32 @@ class RFA(_Trained):
         _, pool_h = self._all_features(teacher, features, pool)
         return [h[nearest].mean(1) for h in pool_h]
 
+    def _away_directions(self, teacher: nn.Module, features: _Features, data: LabeledData) -> list[torch.Tensor]:
+        """Per layer, per sample: the unit vector of minus the gradient of the frozen model's logit for
+        its own prediction with respect to the layer's output."""
+        directions: list[list[torch.Tensor]] = [[] for _ in features.names]
+        for x, _ in data.loader(1024):
+            with torch.enable_grad():
+                # the input needs a gradient so that the frozen layers' outputs are on a graph
+                logits, _ = features(teacher, x.detach().requires_grad_(True))
+                own = logits.gather(1, logits.argmax(1, keepdim=True)).sum()
+                grads = torch.autograd.grad(own, [features.raw[n] for n in features.names])
+            for store, g in zip(directions, grads):
+                g = -g.flatten(1)
+                store.append(g / g.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        return [torch.cat(d) for d in directions]
+
     def _distance(self, hs: list[torch.Tensor], targets: list[torch.Tensor], scales: list[float]) -> torch.Tensor:
         """sum_l mean over samples of ||h - t||^2 / (n_l s_l^2)."""
         return sum(((h - t).square().mean(1) / s).mean() for h, t, s in zip(hs, targets, scales))
 
-    def _margin_loss(self, hs: list[torch.Tensor], originals: list[torch.Tensor]) -> torch.Tensor:
-        """sum_l mean over samples of max(0, margin - ||h - h0|| / ||h0||)^2."""
+    def _margin_loss(self, hs: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
+        """sum_l mean over samples of max(0, margin - <h - h0, u> / ||h0||)^2."""
         total = 0.0
-        for h, h0 in zip(hs, originals):
-            relative = (h - h0).norm(dim=1) / h0.norm(dim=1).clamp_min(1e-12)
-            total = total + F.relu(self.margin - relative).square().mean()
+        for h, target in zip(hs, targets):
+            h0, u = target[:, 0], target[:, 1]
+            moved = ((h - h0) * u).sum(1) / h0.norm(dim=1).clamp_min(1e-12)
+            total = total + F.relu(self.margin - moved).square().mean()
         return total
 
     def _train(self, model: nn.Module, teacher: nn.Module, student: _Features, frozen: _Features,

@@ -1,0 +1,124 @@
+"""RFA on a tiny mislabeled digits problem: it moves the forget predictions away from the wrong labels
+while the retain set keeps its accuracy, only the adapters change (the frozen weights stay
+bit-identical without merging), every shift target runs, and bad input raises before any work."""
+import copy
+
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from unlearn_kernels import lora
+from unlearn_kernels.data.labeled import LabeledData
+from unlearn_kernels.methods import METHODS, RFA
+from unlearn_kernels.methods.rfa import SHIFTS, hidden_layers
+from unlearn_kernels.models import MLP, SmallCNN
+from unlearn_kernels.training import TrainConfig, init_model, train
+
+
+@pytest.fixture(scope="module")
+def problem():
+    """An MLP fitted to 300 digits, 30 of them with a wrong label (D_f carries the wrong labels)."""
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16
+    y = torch.tensor(data.target, dtype=torch.long)
+    train_y = y[:300].clone()
+    train_y[:30] = (train_y[:30] + 1 + torch.arange(30) % 9) % 10  # a different label, never the true one
+    model = init_model(lambda: MLP(64, hidden=(32,), num_classes=10), 0)
+    train(model, LabeledData(x[:300], train_y), TrainConfig(epochs=60, batch_size=32, lr=0.05, seed=0))
+    forget, retain = LabeledData(x[:30], train_y[:30]), LabeledData(x[30:300], train_y[30:])
+    return model, forget, retain, LabeledData(x[1000:1300], y[1000:1300])
+
+
+def accuracy(model, data):
+    with torch.no_grad():
+        return int((model.eval()(data.x).argmax(1) == data.y).sum()) / len(data)
+
+
+def test_registered_under_its_name():
+    assert METHODS["rfa"] is RFA and RFA.name == "rfa"
+
+
+def test_default_layers_are_the_hidden_ones():
+    assert hidden_layers(MLP(64, hidden=(32, 16), num_classes=10)) == ("1", "3")
+    assert hidden_layers(SmallCNN(1, 10, channels=(4, 8))) == ("features.0", "features.3")
+
+
+def test_moves_the_forget_predictions_and_keeps_retain(problem):
+    model, forget, retain, unseen = problem
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    acc_f, acc_r = accuracy(model, forget), accuracy(model, retain)
+    assert acc_f >= 0.7  # the wrong labels are fitted: something to unlearn
+    result = RFA().unlearn(model, forget, retain, unseen=unseen, seed=0)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # caller's model untouched
+    assert accuracy(result.model, forget) <= acc_f - 0.3
+    assert accuracy(result.model, retain) >= acc_r - 0.02
+    # merged (the default): the original architecture back, with new weights in the adapted layer only
+    assert not lora.adapter_modules(result.model)
+    after = result.model.state_dict()
+    assert after.keys() == before.keys()
+    assert not torch.equal(after["1.weight"], before["1.weight"])
+    assert torch.equal(after["3.weight"], before["3.weight"]) and torch.equal(after["3.bias"], before["3.bias"])
+    d = result.diagnostics
+    assert d["layers"] == ["1"] and d["merged"] and result.gradients > 0
+
+
+def test_frozen_weights_bit_identical_without_merging(problem):
+    model, forget, retain, unseen = problem
+    result = RFA(epochs=3, merge=False).unlearn(model, forget, retain, unseen=unseen, seed=0)
+    adapters = lora.adapter_modules(result.model)
+    assert list(adapters) == ["1"]
+    assert torch.count_nonzero(adapters["1"].lora_b) > 0  # the adapter trained
+    frozen = {k.replace("1.base.", "1."): v for k, v in result.model.state_dict().items() if "lora_" not in k}
+    original = model.state_dict()
+    assert frozen.keys() == original.keys()
+    assert all(torch.equal(v, original[k]) for k, v in frozen.items())
+    # a further request trains the same adapters; the frozen weights still do not move
+    again = RFA(epochs=1, merge=False).unlearn(result.model, forget, retain, unseen=unseen, seed=1)
+    assert list(lora.adapter_modules(again.model)) == ["1"]
+    assert torch.equal(again.model.get_submodule("1.base").weight, original["1.weight"])
+
+
+@pytest.mark.parametrize("shift", SHIFTS)
+def test_every_shift_moves_forget_features(problem, shift):
+    model, forget, retain, unseen = problem
+    result = RFA(epochs=3, shift=shift, task_weight=0.0, merge=False).unlearn(model, forget, retain,
+                                                                                unseen=unseen, seed=0)
+    with torch.no_grad():
+        moved = (result.model(forget.x) - model(forget.x)).norm(dim=1).mean()
+        kept = (result.model(retain.x) - model(retain.x)).norm(dim=1).mean()
+    assert moved > kept > 0  # the forget outputs move more than the retain outputs
+
+
+def test_class_forgetting_with_the_default_target(problem):
+    model, _, retain, unseen = problem  # the clean part of the training set: forget its class 3
+    forget = retain.subset(retain.y == 3)
+    rest = retain.subset(retain.y != 3)
+    assert accuracy(model, forget) >= 0.9
+    result = RFA().unlearn(model, forget, rest, unseen=unseen, seed=0)
+    assert accuracy(result.model, forget) <= 0.2 and accuracy(result.model, rest) >= accuracy(model, rest) - 0.02
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"rank": 0}, ValueError, "rank must be an int >= 1"),
+    ({"shift": "toward"}, ValueError, "unknown shift"),
+    ({"lam": 0.0}, ValueError, "lam must be"),
+    ({"neighbors": 0}, ValueError, "neighbors must be"),
+    ({"targets": []}, TypeError, "targets must be"),
+])
+def test_bad_options_raise(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        RFA(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, unseen, error, match", [
+    ({"targets": "nothing"}, True, ValueError, "names no module"),
+    ({"targets": "2"}, True, TypeError, "is a ReLU"),
+    ({"shift": "unseen_class"}, False, ValueError, "needs unseen data"),
+])
+def test_bad_input_raises_and_changes_nothing(problem, kwargs, unseen, error, match):
+    model, forget, retain, unseen_data = problem
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(error, match=match):
+        RFA(**kwargs).unlearn(model, forget, retain, unseen=unseen_data if unseen else None, seed=0)
+    assert not lora.adapter_modules(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
