@@ -1,12 +1,16 @@
-"""The evaluation study and the `unlearn-kernels` command line: a tiny end-to-end run, the class
-protocol driving the oracle's forget accuracy to 0, and clear errors for wrong options."""
+"""The evaluation study and the `unlearn-kernels` command line: tiny end-to-end runs of every
+protocol (random, mislabeled, class, sequential), method options, the three-scenario default, the
+progress lines of a non-terminal, and clear errors for wrong options."""
 import json
 
 import pytest
 
-from unlearn_kernels.cli import main
+from unlearn_kernels.checkpoint import data_fingerprint, read_checkpoint
+from unlearn_kernels.cli import main, parse_method_options
+from unlearn_kernels.data import load_dataset, mislabel
+from unlearn_kernels.methods import Finetune
 from unlearn_kernels.report import format_table, summarize
-from unlearn_kernels.study import StudyConfig, run_study
+from unlearn_kernels.study import METHODS, StudyConfig, run_study
 from unlearn_kernels.training import TrainConfig
 
 FAST = TrainConfig(epochs=8, batch_size=64, lr=0.05)
@@ -47,17 +51,122 @@ def test_sequential_requests_report_every_step(tmp_path):
     assert all("acc_forgotten_so_far" in r["metrics"] for r in records)
 
 
-def test_cli_run_writes_table_json_and_plots(tmp_path, capsys):
-    code = main(["run", "--methods", "original", "--seeds", "0", "--epochs", "5", "--out", str(tmp_path),
-                 "--no-cache"])
+def test_mislabeled_protocol_trains_on_and_forgets_the_wrong_labels(tmp_path):
+    config = StudyConfig(protocol="mislabeled", methods=("original", "finetune"), seeds=(0,), recipe=FAST,
+                         cache_dir=str(tmp_path))
+    records = run_study(config)["records"]
+    # the original was trained (and cached under its own name) on the corrupted train split
+    splits = load_dataset("digits", seed=0)
+    corruption = mislabel(splits.train.y, 0.1, seed=0, num_classes=splits.num_classes)
+    metadata, _ = read_checkpoint(tmp_path / "original-digits-mlp-0-mislabeled0.1.pt")
+    assert metadata["data"] == data_fingerprint(corruption.apply(splits.train))
+    by_method = {r["method"]: r for r in records}
+    assert {r["forget_size"] for r in records} == {len(corruption.corrupted_idx)}
+    assert {r["retain_size"] for r in records} == {len(splits.train) - len(corruption.corrupted_idx)}
+    gold = by_method["retrain"]["metrics"]
+    assert gold["acc_forget"] < 0.1  # against the wrong labels: the oracle never saw them
+    assert abs(gold["acc_forget_true"] - gold["acc_test"]) < 0.06  # against the true labels: like unseen data
+    assert by_method["original"]["metrics"]["gap_closed_acc_forget"] in (0.0, None)
+    assert gold["gap_closed_avg_gap"] == 1.0
+    # a clean study of the same seed does not reuse (or overwrite) the corrupted original
+    run_study(StudyConfig(methods=("original",), seeds=(0,), recipe=FAST, cache_dir=str(tmp_path)))
+    assert sorted(p.name for p in tmp_path.glob("original-*.pt")) == ["original-digits-mlp-0-mislabeled0.1.pt",
+                                                                      "original-digits-mlp-0.pt"]
+
+
+def test_mislabeled_sequential_forgets_the_corrupted_rows_in_parts():
+    config = StudyConfig(protocol="mislabeled", sequential=3, methods=("original",), seeds=(0,), recipe=FAST,
+                         cache_dir=None)
+    records = [r for r in run_study(config)["records"] if r["method"] == "retrain"]
+    splits = load_dataset("digits", seed=0)
+    corrupted = len(mislabel(splits.train.y, 0.1, seed=0).corrupted_idx)
+    sizes = [r["forget_size"] for r in records]
+    assert [r["request"] for r in records] == [0, 1, 2] and sum(sizes) == corrupted and max(sizes) - min(sizes) <= 1
+    # the retain set still holds the corrupted rows not forgotten yet
+    assert [r["retain_size"] for r in records] == [len(splits.train) - sum(sizes[: k + 1]) for k in range(3)]
+    assert all("acc_forgotten_so_far" in r["metrics"] and "acc_forget_true" in r["metrics"] for r in records)
+
+
+def test_sequential_class_requests_one_class_each():
+    config = StudyConfig(protocol="class", forget_classes=(3, 5), sequential=2, methods=("original",), seeds=(0,),
+                         recipe=FAST, cache_dir=None)
+    records = [r for r in run_study(config)["records"] if r["method"] == "retrain"]
+    assert [r["request"] for r in records] == [0, 1]
+    assert records[1]["metrics"]["acc_forget"] == 0.0 and records[1]["metrics"]["acc_forgotten_so_far"] == 0.0
+    with pytest.raises(ValueError, match="one class per request: give 3 classes"):
+        StudyConfig(protocol="class", forget_classes=(3, 5), sequential=3)
+
+
+def test_newton_family_gets_the_recipes_weight_decay_and_user_options_win(monkeypatch):
+    class OnObjective(Finetune):
+        name = "on_objective"
+        uses_training_objective = True
+
+    monkeypatch.setitem(METHODS, "on_objective", OnObjective)
+    recipe = TrainConfig(epochs=1, weight_decay=3e-3)
+    config = StudyConfig(methods=("cure_newton", "damped_newton", "finetune", "on_objective"), recipe=recipe,
+                         method_options={"damped_newton": {"weight_decay": 0.0, "damping": 0.5}})
+    assert config.method_kwargs("cure_newton") == {"weight_decay": 3e-3}
+    assert config.method_kwargs("on_objective") == {"weight_decay": 3e-3}
+    assert config.method_kwargs("finetune") == {}  # first-order methods keep their own defaults
+    effective = config.to_dict()["effective_method_options"]
+    assert effective["damped_newton"]["weight_decay"] == 0.0 and effective["damped_newton"]["damping"] == 0.5
+    assert effective["cure_newton"]["weight_decay"] == 3e-3 and "M" in effective["cure_newton"]
+    assert effective["finetune"]["weight_decay"] == Finetune().weight_decay
+    assert "retrain" not in effective
+    json.dumps(config.to_dict())  # every option is JSON-friendly (loss functions by name)
+
+
+@pytest.mark.parametrize(
+    "items, expected",
+    [
+        (["cure_newton.M=auto"], {"cure_newton": {"M": "auto"}}),
+        (["cure_newton.M=2", "cure_newton.solver='gd'"], {"cure_newton": {"M": 2, "solver": "gd"}}),
+        (["lissa.damping=1e-3", "finetune.epochs=3"], {"lissa": {"damping": 1e-3}, "finetune": {"epochs": 3}}),
+        (["x.y=None", "x.z=(1, 2)", "x.w=a=b"], {"x": {"y": None, "z": (1, 2), "w": "a=b"}}),
+    ],
+)
+def test_parse_method_options(items, expected):
+    assert parse_method_options(items) == expected
+
+
+def test_cli_three_scenarios_by_default_with_line_progress(tmp_path, capsys):
+    code = main(["run", "--methods", "original,finetune", "--seeds", "0", "--epochs", "3", "--out", str(tmp_path),
+                 "--no-cache", "--set", "finetune.epochs=2"])
+    assert code == 0
+    captured = capsys.readouterr()
+    out, err = captured.out, captured.err
+    for scenario in ("random", "mislabeled", "class"):
+        assert f"=== scenario {scenario}" in out
+        payload = json.loads((tmp_path / scenario / "results.json").read_text())
+        assert payload["config"]["protocol"] == scenario
+        assert payload["config"]["effective_method_options"]["finetune"]["epochs"] == 2
+        assert {r["method"] for r in payload["records"]} == {"retrain", "original", "finetune"}
+        assert set(payload["records"][0]) >= {"seed", "request", "method", "metrics", "diagnostics"}
+        assert "gap_closed_avg_gap" in payload["summary"]["0"]["finetune"]  # Acc_f: None if the Original matched
+        for name in ("forget_accuracy_vs_time.png", "gaps_to_oracle.png", "gap_closed.png"):
+            assert (tmp_path / scenario / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.count("retrain (oracle)") == 4  # three tables and the summary
+    assert "Gap closed per scenario" in out and "mislabeled Acc_f" in out and "noise unknown" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary["scenarios"]) == ["random", "mislabeled", "class"]
+    assert summary["scenarios"]["class"]["gap_closed"]["retrain"]["acc_forget"]["mean"] == 1.0
+    assert (tmp_path / "gap_closed.png").exists()
+    # stderr is not a terminal here: one plain line per phase, no carriage-return frames
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert "[mislabeled 1/3] seed 0 request 1/1: original" in lines and lines[-1] == "[class 3/3] done"
+
+
+def test_cli_one_protocol_writes_its_scenario(tmp_path, capsys):
+    code = main(["run", "--protocol", "mislabeled", "--methods", "original", "--seeds", "0", "--epochs", "3",
+                 "--out", str(tmp_path), "--no-cache"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "retrain (oracle)" in out and "original" in out
-    payload = json.loads((tmp_path / "results.json").read_text())
-    assert payload["config"]["dataset"] == "digits" and payload["records"]
-    assert "torch" in payload["versions"]
-    for name in ("forget_accuracy_vs_time.png", "gaps_to_oracle.png"):
-        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "10% of the train labels wrong" in out and "Gap closed per scenario" not in out
+    payload = json.loads((tmp_path / "mislabeled" / "results.json").read_text())
+    assert payload["config"]["protocol"] == "mislabeled" and "acc_forget_true" in payload["records"][0]["metrics"]
+    assert not (tmp_path / "summary.json").exists()
 
 
 @pytest.mark.parametrize(
@@ -72,6 +181,16 @@ def test_cli_run_writes_table_json_and_plots(tmp_path, capsys):
         (["--protocol", "class", "--forget-class", "42"], "42"),
         (["--seeds", "a,b"], "comma-separated integers"),
         (["--dataset", "mnist", "--root", "/nonexistent"], "Nothing is downloaded"),
+        (["--sequential", "2"], "--sequential needs --protocol"),
+        (["--protocol", "class", "--forget-class", "3", "--sequential", "2"], "give 2 classes"),
+        (["--set", "telepathy.x=1"], "unknown method 'telepathy'"),
+        (["--set", "original.M=1"], "original takes no option 'M'"),
+        (["--set", "finetune.epochs=2"], "'finetune', which is not among the methods run"),
+        (["--methods", "original,cure_newton", "--set", "cure_newton.N=1"], "cure_newton takes no option 'N'"),
+        (["--methods", "original,cure_newton", "--set", "cure_newton.M=-1"], "cure_newton rejects the options"),
+        (["--set", "retrain.epochs=1"], "retrain takes no method options"),
+        (["--set", "cure_newton.M"], "--set expects METHOD.OPTION=VALUE"),
+        (["--set", "M=2"], "--set expects METHOD.OPTION=VALUE"),
     ],
 )
 def test_cli_wrong_options_give_a_clear_message(argv, message, tmp_path, capsys):
@@ -81,6 +200,7 @@ def test_cli_wrong_options_give_a_clear_message(argv, message, tmp_path, capsys)
     assert code == 2
     assert message in err, err
     assert "Traceback" not in err
+    assert "training the original" not in err  # rejected before any work
 
 
 def test_cli_backends(capsys):

@@ -1,15 +1,21 @@
 """The ``unlearn-kernels`` command line.
 
-``unlearn-kernels run`` runs the evaluation study (default: digits, MLP, 10% random forgetting,
-3 seeds, every method, against the retrain oracle) and prints its table; ``unlearn-kernels
-backends`` says which kernel backends are usable here.
+``unlearn-kernels run`` with no options runs three scenarios on digits with the MLP (10% random
+forgetting, 10% mislabeled data, class 3), 3 seeds, every method, against the retrain oracle, and
+prints each scenario's table and a summary of the gap each method closes; ``--protocol`` runs one
+scenario. ``unlearn-kernels backends`` says which kernel backends are usable here.
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
+import dataclasses
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 
 class UsageError(Exception):
@@ -27,6 +33,27 @@ def _int_list(option: str, text: str) -> tuple[int, ...]:
         raise UsageError(f"{option} expects comma-separated integers, got {text!r}") from None
 
 
+def parse_method_options(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``--set METHOD.OPTION=VALUE`` items as ``{method: {option: value}}``.
+
+    VALUE is read as a Python literal (``2``, ``1e-3``, ``None``, ``(1, 2)``, ``'x'``) and kept as a
+    string when it is not one (``auto``). Whether the method and option exist is checked by
+    :class:`~unlearn_kernels.study.StudyConfig`.
+    """
+    options: dict[str, dict[str, Any]] = {}
+    for item in items:
+        target, equals, text = item.partition("=")
+        method, dot, option = target.strip().partition(".")
+        if not equals or not dot or not method or not option.isidentifier():
+            raise UsageError(f"--set expects METHOD.OPTION=VALUE (e.g. cure_newton.M=auto), got {item!r}")
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError, TypeError):
+            value = text.strip()
+        options.setdefault(method, {})[option] = value
+    return options
+
+
 def _cmd_backends(args: argparse.Namespace) -> int:
     import unlearn_kernels
 
@@ -34,11 +61,11 @@ def _cmd_backends(args: argparse.Namespace) -> int:
     return 0
 
 
-def _study_config(args: argparse.Namespace):
+def _study_configs(args: argparse.Namespace) -> dict:
+    """``{scenario name: StudyConfig}``: the three default scenarios, or the one ``--protocol`` names."""
     from .data import available_datasets
     from .methods import METHODS
-    from .study import DEFAULT_METHODS, DEFAULT_RECIPES, StudyConfig
-    import dataclasses
+    from .study import DEFAULT_METHODS, DEFAULT_RECIPES, StudyConfig, default_scenarios
 
     if args.dataset not in available_datasets():
         raise UsageError(f"unknown dataset {args.dataset!r}; choose from {', '.join(available_datasets())}")
@@ -52,64 +79,111 @@ def _study_config(args: argparse.Namespace):
         raise UsageError(f"--forget-fraction must be in (0, 1), got {args.forget_fraction}")
     if args.protocol == "class" and not args.forget_class:
         raise UsageError("--protocol class needs --forget-class C (repeatable)")
+    if args.protocol is None and args.sequential:
+        raise UsageError("--sequential needs --protocol (random, mislabeled or class)")
     recipe = dataclasses.replace(DEFAULT_RECIPES[args.model], **{k: v for k, v in (
         ("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size)) if v is not None})
-    return StudyConfig(
-        dataset=args.dataset, root=args.root, model=args.model, protocol=args.protocol,
-        forget_fraction=args.forget_fraction, forget_classes=tuple(args.forget_class or ()),
-        sequential=args.sequential, methods=methods, seeds=_int_list("--seeds", args.seeds), recipe=recipe,
-        device=args.device, cache_dir=None if args.no_cache else StudyConfig.cache_dir,
-    )
+    common = dict(dataset=args.dataset, root=args.root, model=args.model, methods=methods,
+                  method_options=parse_method_options(args.set or []), seeds=_int_list("--seeds", args.seeds),
+                  recipe=recipe, device=args.device, cache_dir=None if args.no_cache else StudyConfig.cache_dir)
+    try:
+        if args.protocol is None:
+            return default_scenarios(forget_fraction=args.forget_fraction,
+                                     forget_classes=tuple(args.forget_class or (3,)), **common)
+        name = args.protocol + (f"-sequential{args.sequential}" if args.sequential else "")
+        return {name: StudyConfig(protocol=args.protocol, forget_fraction=args.forget_fraction,
+                                  forget_classes=tuple(args.forget_class or ()), sequential=args.sequential, **common)}
+    except (ValueError, TypeError) as exc:  # StudyConfig's own checks (method options among them)
+        raise UsageError(str(exc)) from None
+
+
+def _describe(config) -> str:
+    if config.protocol == "class":
+        what = f"forget class(es) {list(config.forget_classes)}"
+    elif config.protocol == "mislabeled":
+        what = f"{config.forget_fraction:.0%} of the train labels wrong, forget those rows"
+    else:
+        what = f"{config.forget_fraction:.0%} random forgetting"
+    if config.sequential:
+        what += f", {config.sequential} sequential requests"
+    return what
+
+
+@contextlib.contextmanager
+def _progress(label: str) -> Iterator[Callable[[str, int, int], None]]:
+    """A progress callback: a tqdm bar on a terminal, otherwise one plain line per phase (a log file
+    or a pipe gets no carriage-return frames)."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        with tqdm(total=1, unit="run", dynamic_ncols=True, file=sys.stderr) as bar:
+            def update(phase: str, done: int, total: int) -> None:
+                bar.total = total
+                bar.n = done
+                bar.set_description(f"{label}: {phase}")
+                bar.refresh()
+
+            yield update
+    else:
+        def update(phase: str, done: int, total: int) -> None:
+            print(f"[{label} {done}/{total}] {phase}", file=sys.stderr, flush=True)
+
+        yield update
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     import torch
-    from tqdm import tqdm
 
     from . import report
     from .study import run_study
 
-    try:
-        config = _study_config(args)
-    except ValueError as exc:  # StudyConfig's own checks
-        raise UsageError(str(exc)) from None
+    configs = _study_configs(args)
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     # The default models are small: one intra-op thread is fastest, and OpenMP threads that wait on
     # each other on a busy machine made training ~30x slower. Larger models: raise --threads.
     torch.set_num_threads(args.threads)
-    out_dir = Path(args.out or f"runs/{config.dataset}-{config.model}-{config.protocol}")
-    print(f"unlearn-kernels run: {config.dataset}, {config.model}, "
-          + (f"forget classes {list(config.forget_classes)}" if config.protocol == "class"
-             else f"{config.forget_fraction:.0%} random forgetting")
-          + (f", {config.sequential} sequential requests" if config.sequential else "")
-          + f", seeds {list(config.seeds)}, {len(config.methods)} methods on {config.device}")
+    first = next(iter(configs.values()))
+    root = Path(args.out or f"runs/{first.dataset}-{first.model}")
+    print(f"unlearn-kernels run: {first.dataset}, {first.model}, "
+          + (f"{len(configs)} scenarios ({', '.join(configs)})" if len(configs) > 1 else _describe(first))
+          + f", seeds {list(first.seeds)}, {len(first.methods)} methods on {first.device}")
     start = time.perf_counter()
-    with tqdm(total=1, unit="run", dynamic_ncols=True, file=sys.stderr) as bar:
-        def progress(phase: str, done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
-            bar.set_description(phase)
-            bar.refresh()
-
-        try:
-            study = run_study(config, progress=progress)
-        except (ValueError, FileNotFoundError, ImportError) as exc:  # e.g. a class that does not exist
-            raise UsageError(str(exc)) from None
-    summary = report.summarize(study["records"])
-    for request in sorted(summary):
-        title = f"request {request + 1} of {len(summary)}" if len(summary) > 1 else ""
-        if len(summary) == 1 or request == max(summary) or args.sequential:
+    studies, results = {}, {}
+    for name, config in configs.items():
+        if len(configs) > 1:
+            print(f"\n=== scenario {name}: {_describe(config)} ===")
+        with _progress(name) as progress:
+            try:
+                study = run_study(config, progress=progress)
+            except (ValueError, FileNotFoundError, ImportError) as exc:  # e.g. a class that does not exist
+                raise UsageError(str(exc)) from None
+        summary = report.summarize(study["records"])
+        noise = report.gap_closed_noise(study["records"])
+        for request in sorted(summary):
             print()
-            print(report.format_table(summary[request], title=title))
-    json_path = report.write_json(study, out_dir / "results.json")
-    plots = report.write_plots(study, out_dir)
-    print(f"\nAcc_f/Acc_r/Acc_test: accuracy on the forget set, the retain set and the test set; "
+            print(report.format_table(summary[request],
+                                      title=f"request {request + 1} of {len(summary)}" if len(summary) > 1 else ""))
+            if request in noise:
+                print(report.format_noise_note(noise[request]))
+        out_dir = root / name
+        results[name] = report.write_json(study, out_dir / "results.json")
+        plots = report.write_plots(study, out_dir)
+        print(f"results: {results[name]}\nplots: {', '.join(str(p) for p in plots)}")
+        studies[name] = study
+    if len(configs) > 1:
+        print()
+        print(report.format_scenario_summary(studies))
+        summary_path = report.write_summary_json(studies, results, root / "summary.json")
+        plot = report.plot_gap_closed(studies, root / "gap_closed.png")
+        print(f"summary: {summary_path}, {plot}")
+    print(f"\nAcc_f/Acc_r/Acc_test: accuracy on the forget set (mislabeled: against the wrong labels it was trained "
+          f"on; acc_forget_true in the JSON is against the true labels), the retain set and the test set; "
           f"MIA(ent): entropy-based MIA (fraction of D_f predicted member); JS(f,gold): JS divergence to the "
-          f"oracle on D_f; AvgGap: mean |gap| to the oracle over MIA and the three accuracies; mean±std over "
-          f"{len(config.seeds)} seed(s).")
-    print(f"results: {json_path}\nplots: {', '.join(str(p) for p in plots)}\n"
-          f"total time {time.perf_counter() - start:.1f} s")
+          f"oracle on D_f; AvgGap: mean |gap| to the oracle over MIA and the three accuracies; closed Acc_f, "
+          f"closed AvgGap: 1 - |gap| / |Original's gap| (1 = the oracle's value, 0 = no better than the Original, "
+          f"< 0 = further from the oracle); mean±std over {len(first.seeds)} seed(s).")
+    print(f"total time {time.perf_counter() - start:.1f} s")
     return 0
 
 
@@ -126,18 +200,28 @@ def build_parser() -> argparse.ArgumentParser:
                    "fashion_mnist, cifar10, cifar100 (the last four from --root)")
     p.add_argument("--root", default=None, help="directory with the local dataset files (MNIST/CIFAR)")
     p.add_argument("--model", default="mlp", help="mlp, cnn, resnet18 or vit")
-    p.add_argument("--protocol", default="random", choices=("random", "class"))
-    p.add_argument("--forget-fraction", type=float, default=0.1, help="fraction of the train split to forget (random protocol)")
-    p.add_argument("--forget-class", type=int, action="append", help="class to forget (class protocol; repeatable)")
-    p.add_argument("--sequential", type=int, default=0, metavar="K", help="K forget requests one after another")
+    p.add_argument("--protocol", default=None, choices=("random", "mislabeled", "class"),
+                   help="run this one scenario (default: three scenarios, random, mislabeled and class, then a "
+                        "summary of the gap each method closes)")
+    p.add_argument("--forget-fraction", type=float, default=0.1,
+                   help="fraction of the train split to forget (random) or to mislabel and forget (mislabeled)")
+    p.add_argument("--forget-class", type=int, action="append",
+                   help="class to forget (class protocol; repeatable; the default scenarios use class 3)")
+    p.add_argument("--sequential", type=int, default=0, metavar="K",
+                   help="K forget requests one after another (with --protocol; mislabeled: the wrong-label rows "
+                        "in K parts; class: one class per request, K classes)")
     p.add_argument("--methods", default=None, help="comma-separated method names (default: all)")
+    p.add_argument("--set", action="append", metavar="METHOD.OPTION=VALUE",
+                   help="a method option, e.g. cure_newton.M=auto (repeatable; VALUE is read as a Python literal, "
+                        "else kept as text)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (default 1: fastest for small models)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs of the original and the oracle")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--out", default=None, help="output directory (default runs/<dataset>-<model>-<protocol>)")
+    p.add_argument("--out", default=None, help="output directory (default runs/<dataset>-<model>); each scenario "
+                   "writes <out>/<scenario>/results.json and plots")
     p.add_argument("--no-cache", action="store_true", help="retrain the original model even if a matching one is cached")
     p.set_defaults(func=_cmd_run)
     return parser

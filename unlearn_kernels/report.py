@@ -1,4 +1,12 @@
-"""Turns a study's records into the printed table, ``results.json`` and PNG plots."""
+"""Turns a study's records into the printed table, ``results.json`` and PNG plots, and several
+studies (the scenarios of a plain ``unlearn-kernels run``) into one summary table, JSON and plot.
+
+"Gap closed" (per record, from :func:`unlearn_kernels.study.add_gap_closed`) is
+1 - |gap(method)| / |gap(Original)| for Acc_f and for Avg Gap. It only ranks methods where the
+Original's gap stands out of seed noise; :func:`gap_closed_noise` applies the rule: the Original's
+mean gap over seeds must be at least :data:`NOISE_FACTOR` standard errors (std / sqrt(seeds)) of the
+oracle's metric (for Avg Gap, the mean of the standard errors of its four metrics).
+"""
 from __future__ import annotations
 
 import json
@@ -11,6 +19,8 @@ from typing import Any
 
 import torch
 
+from .study import GAP_CLOSED, GAP_METRICS
+
 #: (metric key, column title, format) of the printed table; the JSON has every metric
 TABLE_COLUMNS = (
     ("acc_forget", "Acc_f", "{:.3f}"),
@@ -19,14 +29,30 @@ TABLE_COLUMNS = (
     ("mia_entropy", "MIA(ent)", "{:.3f}"),
     ("js_to_oracle", "JS(f,gold)", "{:.4f}"),
     ("avg_gap", "AvgGap", "{:.3f}"),
+    ("gap_closed_acc_forget", "closed Acc_f", "{:.2f}"),
+    ("gap_closed_avg_gap", "closed AvgGap", "{:.2f}"),
     ("tug_of_war", "ToW", "{:.3f}"),
     ("seconds", "time s", "{:.2f}"),
     ("speedup", "speed-up", "{:.1f}"),
 )
 
+#: the Original's gap is within seed noise when below this many standard errors of the oracle's metric
+NOISE_FACTOR = 2.0
+
+#: the gap-closed figures by name, with their column titles
+GAP_CLOSED_TITLES = {"acc_forget": "Acc_f", "avg_gap": "AvgGap"}
+
+
+def _method_order(methods) -> list[str]:
+    return sorted(methods, key=lambda m: (m != "retrain", m != "original", m))
+
 
 def summarize(records: list[dict[str, Any]]) -> dict[int, dict[str, dict[str, tuple[float, float]]]]:
-    """``{request: {method: {metric: (mean, std over seeds)}}}`` (std is 0 for a single seed)."""
+    """``{request: {method: {metric: (mean, std over seeds)}}}`` (std is 0 for a single seed).
+
+    Metrics that are not numbers in some record (e.g. a gap closed that is undefined) are averaged
+    over the records where they are.
+    """
     grouped: dict[int, dict[str, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in records:
         for key, value in r["metrics"].items():
@@ -44,11 +70,43 @@ def summarize(records: list[dict[str, Any]]) -> dict[int, dict[str, dict[str, tu
     return out
 
 
+def gap_closed_noise(records: list[dict[str, Any]]) -> dict[int, dict[str, dict[str, Any]]]:
+    """Per request, for Acc_f and Avg Gap: the Original's gap and whether it is within seed noise.
+
+    ``{request: {"acc_forget" | "avg_gap": {"original_gap", "noise", "within_noise", "seeds"}}}``:
+    ``original_gap`` is |mean over seeds of the Original's gap| (Avg Gap: its mean Avg Gap);
+    ``noise`` is :data:`NOISE_FACTOR` x the standard error over seeds of the oracle's metric (Avg Gap:
+    of the mean of the standard errors of its four metrics); ``within_noise`` is
+    ``original_gap < noise``. With one seed, or without an "original" record, ``noise`` and
+    ``within_noise`` are None (unknown).
+    """
+    summary = summarize(records)
+    seeds: dict[int, set[int]] = defaultdict(set)
+    for r in records:
+        if r["method"] == "retrain":
+            seeds[r["request"]].add(r["seed"])
+    out: dict[int, dict[str, dict[str, Any]]] = {}
+    for request, per_method in summary.items():
+        original, oracle, n = per_method.get("original"), per_method.get("retrain"), len(seeds[request])
+        if original is None or oracle is None:
+            continue
+        standard_error = {key: oracle[key][1] / math.sqrt(n) for key in GAP_METRICS}
+        candidates = {
+            "acc_forget": (abs(original["gap_acc_forget"][0]), standard_error["acc_forget"]),
+            "avg_gap": (original["avg_gap"][0], sum(standard_error.values()) / len(standard_error)),
+        }
+        out[request] = {}
+        for name, (gap, se) in candidates.items():
+            noise = NOISE_FACTOR * se if n > 1 else None
+            out[request][name] = {"original_gap": gap, "noise": noise,
+                                  "within_noise": None if noise is None else bool(gap < noise), "seeds": n}
+    return out
+
+
 def format_table(summary: dict[str, dict[str, tuple[float, float]]], title: str = "") -> str:
     """One row per method (mean +- std), the retrain oracle first."""
-    methods = sorted(summary, key=lambda m: (m != "retrain", m != "original", m))
     cells = [["method"] + [title for _, title, _ in TABLE_COLUMNS]]
-    for method in methods:
+    for method in _method_order(summary):
         row = [method + (" (oracle)" if method == "retrain" else "")]
         for key, _, fmt in TABLE_COLUMNS:
             if key in summary[method]:
@@ -57,6 +115,10 @@ def format_table(summary: dict[str, dict[str, tuple[float, float]]], title: str 
             else:
                 row.append("-")
         cells.append(row)
+    return _layout(cells, title)
+
+
+def _layout(cells: list[list[str]], title: str) -> str:
     widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
     lines = [title] if title else []
     for i, row in enumerate(cells):
@@ -66,18 +128,54 @@ def format_table(summary: dict[str, dict[str, tuple[float, float]]], title: str 
     return "\n".join(lines)
 
 
-def write_json(study: dict[str, Any], path: Path) -> Path:
-    """``results.json``: config, versions, per-seed records and the mean/std summary (atomic write)."""
-    import unlearn_kernels
+def format_noise_note(noise: dict[str, dict[str, Any]]) -> str:
+    """One line per gap-closed figure saying whether the Original's gap stands out of seed noise."""
+    lines = []
+    for name, title in GAP_CLOSED_TITLES.items():
+        n = noise[name]
+        head = f"Original's {title} gap {n['original_gap']:.3f}: "
+        if n["within_noise"] is None:
+            lines.append(head + "seed noise unknown with one seed; 'closed " + title + "' may not rank methods.")
+        elif n["within_noise"]:
+            lines.append(head + f"WITHIN seed noise (< {n['noise']:.3f} = {NOISE_FACTOR:g} standard errors of the "
+                         f"oracle's over {n['seeds']} seeds): 'closed {title}' does not rank methods here.")
+        else:
+            lines.append(head + f"outside seed noise ({NOISE_FACTOR:g} standard errors of the oracle's over "
+                         f"{n['seeds']} seeds: {n['noise']:.3f}).")
+    return "\n".join(lines)
 
-    payload = {
-        "config": study["config"],
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "unlearn_kernels": unlearn_kernels.__version__},
-        "records": study["records"],
-        "summary": {str(k): {m: {key: {"mean": v[0], "std": v[1]} for key, v in metrics.items()}
-                             for m, metrics in per.items()} for k, per in summarize(study["records"]).items()},
-    }
+
+def _last_request_gap_closed(records: list[dict[str, Any]]) -> tuple[dict[str, dict[str, tuple[float, float]]], dict]:
+    """(``{method: {name: (mean, std)}}`` of the gap-closed figures, noise) at the last request."""
+    summary = summarize(records)
+    last = max(summary)
+    closed = {m: {name: metrics[f"gap_closed_{name}"] for name in GAP_CLOSED if f"gap_closed_{name}" in metrics}
+              for m, metrics in summary[last].items()}
+    return closed, gap_closed_noise(records).get(last, {})
+
+
+def format_scenario_summary(studies: dict[str, dict[str, Any]]) -> str:
+    """Gap closed per method (rows) and scenario (two columns each), mean over seeds at each
+    scenario's last request; a trailing ``~`` marks a scenario whose Original's gap is within seed
+    noise and ``?`` one where the noise is unknown (one seed)."""
+    per_scenario = {name: _last_request_gap_closed(study["records"]) for name, study in studies.items()}
+    methods = _method_order({m for closed, _ in per_scenario.values() for m in closed})
+    cells = [["method"] + [f"{name} {title}" for name in studies for title in GAP_CLOSED_TITLES.values()]]
+    for method in methods:
+        row = [method + (" (oracle)" if method == "retrain" else "")]
+        for name in studies:
+            closed, noise = per_scenario[name]
+            for figure in GAP_CLOSED_TITLES:
+                value = closed.get(method, {}).get(figure)
+                verdict = noise.get(figure, {}).get("within_noise")
+                flag = "~" if verdict is True else "?" if verdict is None else ""
+                row.append("-" if value is None else f"{value[0]:.2f}{flag}")
+        cells.append(row)
+    return _layout(cells, "Gap closed per scenario (1 - |gap| / |Original's gap|, mean over seeds, last request; "
+                          "~ = the Original's gap is within seed noise, ? = noise unknown)")
+
+
+def _write_json_atomic(payload: dict[str, Any], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2))
@@ -85,18 +183,110 @@ def write_json(study: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
-    """PNG plots: forget accuracy vs unlearning time, gaps to the oracle per metric, and (for
-    sequential studies) accuracy on everything forgotten so far after each request."""
+def _versions() -> dict[str, str]:
+    import unlearn_kernels
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "unlearn_kernels": unlearn_kernels.__version__}
+
+
+def write_json(study: dict[str, Any], path: Path) -> Path:
+    """``results.json``: config, versions, per-seed records, the mean/std summary per request and the
+    seed-noise verdict of the gap-closed figures per request (atomic write)."""
+    payload = {
+        "config": study["config"],
+        "versions": _versions(),
+        "records": study["records"],
+        "summary": {str(k): {m: {key: {"mean": v[0], "std": v[1]} for key, v in metrics.items()}
+                             for m, metrics in per.items()} for k, per in summarize(study["records"]).items()},
+        "gap_closed_noise": {str(k): v for k, v in gap_closed_noise(study["records"]).items()},
+    }
+    return _write_json_atomic(payload, path)
+
+
+def write_summary_json(studies: dict[str, dict[str, Any]], results: dict[str, Path], path: Path) -> Path:
+    """The summary of several scenarios: per scenario its results file, protocol and, at its last
+    request, every method's gap closed (mean, std over seeds) and the seed-noise verdict."""
+    scenarios = {}
+    for name, study in studies.items():
+        closed, noise = _last_request_gap_closed(study["records"])
+        scenarios[name] = {
+            "results": os.path.relpath(results[name], path.parent),
+            "protocol": study["config"]["protocol"],
+            "gap_closed": {m: {figure: {"mean": v[0], "std": v[1]} for figure, v in per.items()}
+                           for m, per in closed.items()},
+            "gap_closed_noise": noise,
+        }
+    return _write_json_atomic({"versions": _versions(), "scenarios": scenarios}, path)
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _per_seed(records: list[dict[str, Any]], request: int, method: str, key: str) -> list[float]:
+    return [r["metrics"][key] for r in records if r["request"] == request and r["method"] == method
+            and isinstance(r["metrics"].get(key), (int, float))]
+
+
+def plot_gap_closed(studies: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Gap closed in Acc_f and Avg Gap per method: one bar per scenario (mean over seeds at its last
+    request) with every seed's value as a point; hatched bars: the Original's gap is within seed
+    noise. Values below -1 are drawn at -1 as downward triangles."""
+    plt = _pyplot()
+    floor = -1.0
+    per_scenario = {name: _last_request_gap_closed(study["records"]) for name, study in studies.items()}
+    methods = [m for m in _method_order({m for c, _ in per_scenario.values() for m in c}) if m != "retrain"]
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.6 * len(methods) * len(studies)), 7), sharex=True)
+    width = 0.8 / len(studies)
+    colors = plt.get_cmap("tab10").colors
+    for ax, (figure, title) in zip(axes, GAP_CLOSED_TITLES.items()):
+        for i, (name, study) in enumerate(studies.items()):
+            closed, noise = per_scenario[name]
+            last = max(r["request"] for r in study["records"])
+            xs = [j + (i - (len(studies) - 1) / 2) * width for j in range(len(methods))]
+            means = [closed.get(m, {}).get(figure, (math.nan, 0))[0] for m in methods]
+            noisy = bool(noise.get(figure, {}).get("within_noise"))
+            ax.bar(xs, [max(v, floor) for v in means], width, color=colors[i % len(colors)], alpha=0.6,
+                   hatch="//" if noisy else None, label=name + (" (Original's gap within seed noise)" if noisy else ""))
+            for x, m in zip(xs, methods):
+                values = _per_seed(study["records"], last, m, f"gap_closed_{figure}")
+                ax.scatter([x] * len(values), [max(v, floor) for v in values], s=12, color="black", zorder=3,
+                           marker="o")
+                clipped = [v for v in values if v < floor]
+                if clipped:
+                    ax.scatter([x], [floor], s=40, color="red", marker="v", zorder=4)
+        ax.axhline(1.0, color="grey", ls="--", lw=1)
+        ax.axhline(0.0, color="black", lw=0.8)
+        ax.set_ylim(floor - 0.1, 1.1)
+        ax.set_ylabel(f"gap closed, {title}")
+        ax.legend(fontsize=7)
+    axes[-1].set_xticks(range(len(methods)))
+    axes[-1].set_xticklabels(methods, rotation=30, ha="right")
+    axes[0].set_title("Gap to the oracle closed (1 = oracle, 0 = Original; points: seeds; red ▼: below -1)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
+    """PNG plots: forget accuracy vs unlearning time, |gap| to the oracle per metric, gap closed
+    (with an "original" row), and (for sequential studies) accuracy on everything forgotten so far
+    after each request."""
+    plt = _pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = summarize(study["records"])
-    last = summary[max(summary)]
-    methods = sorted(last, key=lambda m: (m != "retrain", m != "original", m))
+    records = study["records"]
+    summary = summarize(records)
+    last_request = max(summary)
+    last = summary[last_request]
+    methods = _method_order(last)
     paths = []
 
     colors = plt.get_cmap("tab20").colors
@@ -118,23 +308,31 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
+    # bars: mean |gap| over seeds; points: each seed's |gap| (never below zero, unlike +-std bars)
     keys = ("gap_acc_forget", "gap_acc_retain", "gap_acc_test", "gap_mia_entropy")
     others = [m for m in methods if m != "retrain"]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     width = 0.8 / len(keys)
     for i, key in enumerate(keys):
         xs = [j + (i - (len(keys) - 1) / 2) * width for j in range(len(others))]
-        ax.bar(xs, [abs(last[m][key][0]) for m in others], width, yerr=[last[m][key][1] for m in others],
-               capsize=2, label=key.replace("gap_", "|Δ| "))
+        per_seed = [[abs(v) for v in _per_seed(records, last_request, m, key)] for m in others]
+        bars = ax.bar(xs, [sum(v) / len(v) for v in per_seed], width, alpha=0.7, label=key.replace("gap_", "|Δ| "))
+        for x, values in zip(xs, per_seed):
+            ax.scatter([x] * len(values), values, s=8, color=bars.patches[0].get_facecolor(), edgecolor="black",
+                       linewidths=0.5, zorder=3)
     ax.set_xticks(range(len(others)))
     ax.set_xticklabels(others, rotation=30, ha="right")
+    ax.set_ylim(bottom=0)
     ax.set_ylabel("absolute gap to the retrain oracle")
-    ax.set_title("Gap to the oracle per metric (lower is better)")
+    ax.set_title("Gap to the oracle per metric (bars: mean over seeds, points: seeds; lower is better)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(out_dir / "gaps_to_oracle.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
+
+    if any("gap_closed_acc_forget" in r["metrics"] for r in records):
+        paths.append(plot_gap_closed({study["config"]["protocol"]: study}, out_dir / "gap_closed.png"))
 
     if len(summary) > 1:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))

@@ -1,14 +1,21 @@
 """The evaluation study: train the original model, unlearn with every method, retrain the oracle,
 and measure everything against it, over several seeds (and optionally a sequence of requests).
 
+Protocols: "random" (a stratified fraction of the train split), "mislabeled" (a stratified fraction
+gets a wrong label, the original trains on the corrupted split, and the corrupted rows are forgotten
+with their corrupted labels) and "class" (whole classes). :func:`default_scenarios` is the set a
+plain ``unlearn-kernels run`` runs.
+
 This is the layer that turns data, models and methods into numbers; :mod:`unlearn_kernels.report`
 turns the numbers into a table, JSON and plots. Progress is reported through a callback (the
-command line passes tqdm bars); nothing here prints.
+command line passes a progress bar or one line per phase); nothing here prints.
 """
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -17,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import DatasetSplits, ForgetRequest, LabeledData, class_forget, load_dataset, random_forget
-from .data import remove_classes, sequential_forget
+from .data import DatasetSplits, ForgetRequest, LabeledData, class_forget, load_dataset, mislabel, random_forget
+from .data import remove_classes, sequential_class_forget, sequential_forget, split_forget
 from .eval import (
     accuracy,
     avg_gap,
@@ -57,6 +64,16 @@ DEFAULT_RECIPES = {
 #: metrics where the oracle's value is the target (reported as a gap to it)
 GAP_METRICS = ("acc_forget", "acc_retain", "acc_test", "mia_entropy")
 
+PROTOCOLS = ("random", "mislabeled", "class")
+
+#: methods built with ``weight_decay`` = the recipe's, so that they work on the objective the original
+#: and the oracle were trained on (so is any method class with ``uses_training_objective = True``)
+TRAINING_OBJECTIVE_METHODS = frozenset({"cure_newton", "stochastic_cure_newton", "newton_pinv", "damped_newton",
+                                        "influence", "lissa"})
+
+#: "gap closed" figures: record metric ``gap_closed_<name>`` = 1 - |m[key]| / |Original's m[key]|
+GAP_CLOSED = {"acc_forget": "gap_acc_forget", "avg_gap": "avg_gap"}
+
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
@@ -73,12 +90,19 @@ class StudyConfig:
         dataset: a name from :func:`unlearn_kernels.data.available_datasets`.
         root: directory of the local files for MNIST/CIFAR-style datasets.
         model: "mlp", "cnn", "resnet18" or "vit"; ``model_kwargs`` go to its constructor.
-        protocol: "random" (stratified fraction of the train split) or "class" (whole classes).
-        forget_fraction: fraction for the random protocol, in (0, 1).
+        protocol: "random" (stratified fraction of the train split), "mislabeled" (a stratified
+            fraction of the train split relabelled with a uniformly drawn wrong class; the original
+            trains on it, D_f is those rows with their wrong labels) or "class" (whole classes).
+        forget_fraction: fraction for the random and mislabeled protocols, in (0, 1).
         forget_classes: classes for the class protocol (also removed from the test accuracy).
-        sequential: number of requests applied one after another (0 = a single request); each
-            request forgets ``forget_fraction`` of the original train split.
+        sequential: number of requests applied one after another (0 = a single request). Random:
+            each request forgets ``forget_fraction`` of the original train split. Mislabeled: the
+            corrupted rows are split into this many parts, one per request. Class: one class per
+            request, in the order of ``forget_classes`` (which must hold this many classes).
         methods: method names (keys of ``unlearn_kernels.methods.METHODS``); "retrain" is always run.
+        method_options: ``{method: {option: value}}`` passed to the methods' constructors, over the
+            study's own choice (the recipe's ``weight_decay`` for the Newton family, see
+            :data:`TRAINING_OBJECTIVE_METHODS`). Checked when the config is built.
         seeds: one full study per seed (data split, forget set, training and methods all seeded).
         recipe: the training recipe (None = ``DEFAULT_RECIPES[model]``).
         device: where models train and run.
@@ -95,6 +119,7 @@ class StudyConfig:
     forget_classes: tuple[int, ...] = ()
     sequential: int = 0
     methods: tuple[str, ...] = DEFAULT_METHODS
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     seeds: tuple[int, ...] = (0, 1, 2)
     recipe: TrainConfig | None = None
     device: str = "cpu"
@@ -106,45 +131,139 @@ class StudyConfig:
             raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
         if "retrain" not in self.methods:
             self.methods = ("retrain", *self.methods)
-        if self.protocol not in ("random", "class"):
-            raise ValueError(f"unknown protocol {self.protocol!r}; choose 'random' or 'class'")
-        if self.protocol == "random" and not 0.0 < self.forget_fraction < 1.0:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {self.protocol!r}; choose from {', '.join(PROTOCOLS)}")
+        if self.protocol != "class" and not 0.0 < self.forget_fraction < 1.0:
             raise ValueError(f"forget fraction must be in (0, 1), got {self.forget_fraction}")
         if self.protocol == "class" and not self.forget_classes:
             raise ValueError("the class protocol needs at least one class to forget (--forget-class)")
-        if self.protocol == "class" and self.sequential:
-            raise ValueError("sequential requests are defined for the random protocol only")
         if self.sequential < 0:
             raise ValueError(f"sequential must be >= 0, got {self.sequential}")
+        if self.protocol == "class" and self.sequential and self.sequential != len(self.forget_classes):
+            raise ValueError(f"the class protocol with {self.sequential} sequential requests forgets one class per "
+                             f"request: give {self.sequential} classes (got {list(self.forget_classes)})")
         if not self.seeds:
             raise ValueError("at least one seed is needed")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} requested but no CUDA device is visible")
+        self._check_method_options()
+
+    def _check_method_options(self) -> None:
+        """Names, option names and values of ``method_options``, by building each method once."""
+        if not isinstance(self.method_options, Mapping):
+            raise TypeError(f"method_options must be a mapping {{method: {{option: value}}}}, got "
+                            f"{type(self.method_options).__name__}")
+        for name, options in self.method_options.items():
+            if name not in METHODS:
+                raise ValueError(f"method options for unknown method {name!r}; choose from {sorted(METHODS)}")
+            if name == "retrain":
+                raise ValueError("retrain takes no method options: it uses the training recipe (--epochs, --lr, "
+                                 "--batch-size)")
+            if name not in self.methods:
+                raise ValueError(f"method options for {name!r}, which is not among the methods run "
+                                 f"({', '.join(self.methods)})")
+            if not isinstance(options, Mapping):
+                raise TypeError(f"method options for {name!r} must be a mapping, got {type(options).__name__}")
+            accepted = _constructor_defaults(METHODS[name])
+            unknown = [option for option in options if option not in accepted]
+            if unknown:
+                raise ValueError(f"{name} takes no option {unknown[0]!r}; its options: "
+                                 f"{', '.join(accepted) or 'none'}")
+        for name in self.methods:
+            if name != "retrain":
+                kwargs = self.method_kwargs(name)
+                try:
+                    METHODS[name](**kwargs)
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"{name} rejects the options {kwargs}: {exc}") from None
 
     def train_recipe(self, seed: int) -> TrainConfig:
         base = self.recipe if self.recipe is not None else DEFAULT_RECIPES.get(self.model, TrainConfig())
         return dataclasses.replace(base, seed=seed)
 
+    def method_kwargs(self, name: str) -> dict[str, Any]:
+        """The constructor arguments the study gives method ``name``: the recipe's weight decay for
+        methods that work on the training objective, then the user's ``method_options``."""
+        kwargs: dict[str, Any] = {}
+        cls = METHODS[name]
+        if name in TRAINING_OBJECTIVE_METHODS or getattr(cls, "uses_training_objective", False) is True:
+            kwargs["weight_decay"] = self.train_recipe(0).weight_decay
+        return kwargs | dict(self.method_options.get(name, {}))
+
+    def effective_method_options(self) -> dict[str, dict[str, Any]]:
+        """Every constructor option of every method run (defaults filled in), as JSON-friendly values."""
+        out = {}
+        for name in self.methods:
+            if name != "retrain":  # built from the recipe
+                options = _constructor_defaults(METHODS[name]) | self.method_kwargs(name)
+                out[name] = {key: _json_value(value) for key, value in options.items()}
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["recipe"] = self.train_recipe(0).to_dict() | {"seed": "per study seed"}
+        d["method_options"] = {m: {k: _json_value(v) for k, v in o.items()} for m, o in self.method_options.items()}
+        d["effective_method_options"] = self.effective_method_options()
         return d
 
 
-def _requests(config: StudyConfig, splits: DatasetSplits, seed: int) -> list[ForgetRequest]:
+def _constructor_defaults(cls: type) -> dict[str, Any]:
+    """The named constructor parameters of ``cls`` with their defaults (``inspect.Parameter.empty`` if none)."""
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    return {p.name: p.default for p in parameters
+            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def _json_value(value: Any) -> Any:
+    """``value`` as JSON: plain values as they are, containers element-wise, anything else by name."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if value is inspect.Parameter.empty:
+        return "<required>"
+    name = getattr(value, "__qualname__", None)
+    return f"{getattr(value, '__module__', None) or ''}.{name}".lstrip(".") if name else str(value)
+
+
+def default_scenarios(forget_fraction: float = 0.1, forget_classes: tuple[int, ...] = (3,),
+                      **common: Any) -> dict[str, StudyConfig]:
+    """The three scenarios of a plain ``unlearn-kernels run``: random forgetting, mislabeled data
+    (both ``forget_fraction`` of the train split) and class forgetting; ``common`` goes to every
+    :class:`StudyConfig`."""
+    return {
+        "random": StudyConfig(protocol="random", forget_fraction=forget_fraction, **common),
+        "mislabeled": StudyConfig(protocol="mislabeled", forget_fraction=forget_fraction, **common),
+        "class": StudyConfig(protocol="class", forget_classes=tuple(forget_classes), **common),
+    }
+
+
+def _scenario(config: StudyConfig, splits: DatasetSplits, seed: int) -> tuple[LabeledData, list[ForgetRequest], str]:
+    """``(train split the original model trains on, the requests, a cache-name tag for that split)``."""
     labels = splits.train.y
+    if config.protocol == "mislabeled":
+        corruption = mislabel(labels, config.forget_fraction, seed=seed, num_classes=splits.num_classes)
+        requests = split_forget(len(labels), corruption.corrupted_idx, max(1, config.sequential), seed=seed,
+                                description=corruption.description)
+        # the corrupted split has its own cache file: a clean original is never overwritten or reused
+        return corruption.apply(splits.train), requests, f"-mislabeled{config.forget_fraction:g}"
     if config.protocol == "class":
-        return [class_forget(labels, config.forget_classes)]
+        if config.sequential:
+            return splits.train, sequential_class_forget(labels, config.forget_classes), ""
+        return splits.train, [class_forget(labels, config.forget_classes)], ""
     if config.sequential:
-        return sequential_forget(labels, config.sequential, config.forget_fraction, seed=seed)
-    return [random_forget(labels, config.forget_fraction, seed=seed)]
+        return splits.train, sequential_forget(labels, config.sequential, config.forget_fraction, seed=seed), ""
+    return splits.train, [random_forget(labels, config.forget_fraction, seed=seed)], ""
 
 
-def _make_method(name: str, factory: Callable[[], nn.Module], recipe: TrainConfig, model_info: dict) -> Unlearner:
+def _make_method(config: StudyConfig, name: str, factory: Callable[[], nn.Module], recipe: TrainConfig,
+                 model_info: dict) -> Unlearner:
     if name == "retrain":
         # never from the cache: its training time is the cost every speed-up is measured against
         return Retrain(factory, recipe, model_info=model_info)
-    return METHODS[name]()
+    return METHODS[name](**config.method_kwargs(name))
 
 
 def evaluate(model: nn.Module, *, forget: LabeledData, retain: LabeledData, test: LabeledData,
@@ -184,7 +303,12 @@ def _compare(metrics: dict, logits: dict, model: nn.Module, oracle: dict) -> Non
 
 def run_study(config: StudyConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Runs the study; returns ``{"config", "records"}`` where each record is one (seed, request,
-    method) with its metrics, cost and diagnostics."""
+    method) with its metrics, cost and diagnostics.
+
+    Mislabeled protocol: ``acc_forget`` is measured against the corrupted labels (the ones trained
+    on and forgotten) and ``acc_forget_true`` against the true labels. With an "original" row, every
+    record gets ``gap_closed_acc_forget`` and ``gap_closed_avg_gap`` (see :func:`add_gap_closed`).
+    """
     progress = progress or (lambda phase, done, total: None)
     records: list[dict[str, Any]] = []
     device = torch.device(config.device)
@@ -195,36 +319,40 @@ def run_study(config: StudyConfig, progress: Progress | None = None) -> dict[str
         model_info = {"name": config.model, "kwargs": config.model_kwargs, "dataset": config.dataset}
         factory = lambda: build_model(config.model, splits.input_shape, splits.num_classes, **config.model_kwargs)  # noqa: E731
         recipe = config.train_recipe(seed)
+        train_split, requests, cache_tag = _scenario(config, splits, seed)  # before any training: bad input fails fast
         progress(f"seed {seed}: training the original model", done, total)
         cache = Path(config.cache_dir) if config.cache_dir else None
         if cache is not None:
-            original, _ = train_or_load(cache / f"original-{config.dataset}-{config.model}-{seed}.pt", factory,
-                                        splits.train, recipe, model_info=model_info, device=device)
+            path = cache / f"original-{config.dataset}-{config.model}-{seed}{cache_tag}.pt"
+            original, _ = train_or_load(path, factory, train_split, recipe, model_info=model_info, device=device)
         else:
             original = init_model(factory, recipe.seed)
-            train(original, splits.train, recipe, device=device)
-        requests = _requests(config, splits, seed)
-        test = remove_classes(splits.test, config.forget_classes) if config.protocol == "class" else splits.test
+            train(original, train_split, recipe, device=device)
         unseen = splits.val
         original_unseen_logits = predict_logits(original, unseen)
         current = {name: original for name in config.methods}  # each method continues its own chain
         forgotten = torch.empty(0, dtype=torch.long)
         for step, request in enumerate(requests):
-            forget, retain = request.apply(splits.train)
+            forget, retain = request.apply(train_split)
             forgotten = torch.cat([forgotten, request.forget_idx])
+            test = splits.test
+            if config.protocol == "class":  # the classes forgotten so far can no longer be predicted
+                test = remove_classes(splits.test, train_split.y[forgotten].unique().tolist())
             oracle: dict[str, Any] = {}
             for name in config.methods:  # retrain first
                 progress(f"seed {seed} request {step + 1}/{len(requests)}: {name}", done, total)
-                method = _make_method(name, factory, recipe, model_info)
+                method = _make_method(config, name, factory, recipe, model_info)
                 measured = measure(method.unlearn, current[name], forget, retain, unseen=unseen, seed=seed,
                                    device=device)
                 result = measured.result
                 current[name] = result.model
                 metrics, logits = evaluate(result.model, forget=forget, retain=retain, test=test, unseen=unseen,
                                            original_unseen_logits=original_unseen_logits, seed=seed)
+                if config.protocol == "mislabeled":
+                    metrics["acc_forget_true"] = accuracy(logits["forget"], splits.train.y[request.forget_idx])
                 if len(requests) > 1:
-                    metrics["acc_forgotten_so_far"] = accuracy(predict_logits(result.model, splits.train.subset(forgotten)),
-                                                               splits.train.y[forgotten])
+                    metrics["acc_forgotten_so_far"] = accuracy(predict_logits(result.model, train_split.subset(forgotten)),
+                                                               train_split.y[forgotten])
                 metrics.update(seconds=measured.seconds, peak_memory_bytes=measured.peak_memory_bytes,
                                hvps=result.hvps, gradients=result.gradients)
                 if name == "retrain":
@@ -239,8 +367,26 @@ def run_study(config: StudyConfig, progress: Progress | None = None) -> dict[str
         for r in records:
             if r["seed"] == seed:
                 r["metrics"]["speedup"] = speedup(r["metrics"]["seconds"], retrain_seconds[(seed, r["request"])])
+    add_gap_closed(records)
     progress("done", done, total)
     return {"config": config.to_dict(), "records": records}
+
+
+def add_gap_closed(records: list[dict[str, Any]]) -> None:
+    """Adds ``gap_closed_acc_forget`` and ``gap_closed_avg_gap`` to every record's metrics, in place.
+
+    gap closed = 1 - |gap(method)| / |gap(Original)|, against the "original" record of the same seed and
+    request (1: the oracle's value, 0: no better than not unlearning, < 0: further from the oracle than
+    the Original). None where the Original's gap is 0; nothing is added without an "original" record.
+    """
+    originals = {(r["seed"], r["request"]): r["metrics"] for r in records if r["method"] == "original"}
+    for r in records:
+        reference = originals.get((r["seed"], r["request"]))
+        if reference is None:
+            continue
+        for name, key in GAP_CLOSED.items():
+            base = abs(reference[key])
+            r["metrics"][f"gap_closed_{name}"] = 1.0 - abs(r["metrics"][key]) / base if base > 0 else None
 
 
 def _jsonable(values: dict[str, Any]) -> dict[str, Any]:

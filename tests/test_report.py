@@ -1,0 +1,112 @@
+"""Gap closed and its seed-noise rule on hand-made records, the tables that show them, and the plots."""
+import json
+import math
+
+import pytest
+
+from unlearn_kernels import report
+from unlearn_kernels.study import GAP_METRICS, add_gap_closed
+
+
+def _record(seed: int, method: str, request: int = 0, **metrics: float) -> dict:
+    base = {key: 0.5 for key in GAP_METRICS} | {f"gap_{key}": 0.0 for key in GAP_METRICS} | {"avg_gap": 0.0}
+    return {"seed": seed, "request": request, "method": method, "metrics": base | metrics, "diagnostics": {}}
+
+
+def _study(oracle_acc_f, original_gap, method_gap, original_avg=0.2, method_avg=0.05, request=0):
+    """Per seed: the oracle's Acc_f, the Original's and a method's Acc_f gaps (avg gaps fixed)."""
+    records = []
+    for seed, (acc, g_orig, g_m) in enumerate(zip(oracle_acc_f, original_gap, method_gap)):
+        records += [
+            _record(seed, "retrain", request, acc_forget=acc),
+            _record(seed, "original", request, acc_forget=acc + g_orig, gap_acc_forget=g_orig, avg_gap=original_avg),
+            _record(seed, "cure_newton", request, acc_forget=acc + g_m, gap_acc_forget=g_m, avg_gap=method_avg),
+        ]
+    return records
+
+
+def test_gap_closed_per_record_against_the_same_seed_and_request():
+    records = _study([0.0, 0.0], [0.4, 0.5], [-0.1, 0.25])
+    records += _study([0.0], [0.2], [0.1], request=1)  # seed 0, a second request
+    add_gap_closed(records)
+    closed = {(r["seed"], r["request"], r["method"]): r["metrics"] for r in records}
+    assert closed[(0, 0, "cure_newton")]["gap_closed_acc_forget"] == pytest.approx(1 - 0.1 / 0.4)  # |gap|: sign ignored
+    assert closed[(1, 0, "cure_newton")]["gap_closed_acc_forget"] == pytest.approx(0.5)
+    assert closed[(0, 1, "cure_newton")]["gap_closed_acc_forget"] == pytest.approx(0.5)  # request 1's own Original
+    assert closed[(0, 0, "cure_newton")]["gap_closed_avg_gap"] == pytest.approx(1 - 0.05 / 0.2)
+    assert closed[(0, 0, "retrain")]["gap_closed_acc_forget"] == 1.0
+    assert closed[(0, 0, "original")]["gap_closed_avg_gap"] == 0.0
+    mean, std = report.summarize(records)[0]["cure_newton"]["gap_closed_acc_forget"]
+    assert mean == pytest.approx((0.75 + 0.5) / 2) and std == pytest.approx(math.sqrt(2) * 0.125)
+
+
+def test_gap_closed_is_undefined_where_the_original_matches_the_oracle_and_absent_without_original():
+    records = _study([1.0], [0.0], [0.0])
+    add_gap_closed(records)
+    assert all(r["metrics"]["gap_closed_acc_forget"] is None for r in records)
+    assert "gap_closed_acc_forget" not in report.summarize(records)[0]["cure_newton"]  # skipped, not averaged as 0
+    alone = [r for r in _study([0.0], [0.3], [0.1]) if r["method"] != "original"]
+    add_gap_closed(alone)
+    assert all("gap_closed_acc_forget" not in r["metrics"] for r in alone)
+
+
+def test_noise_rule_two_standard_errors_of_the_oracle():
+    # oracle Acc_f over 4 seeds: sample std sqrt(0.04 / 3) = 0.115, standard error half of it -> noise 0.115
+    oracle = [0.4, 0.6, 0.4, 0.6]
+    noise = 2 * math.sqrt(0.04 / 3) / math.sqrt(4)
+    inside = report.gap_closed_noise(_study(oracle, [0.09] * 4, [0.0] * 4))[0]["acc_forget"]
+    assert inside["original_gap"] == pytest.approx(0.09) and inside["noise"] == pytest.approx(noise)
+    assert inside["within_noise"] is True and inside["seeds"] == 4
+    outside = report.gap_closed_noise(_study(oracle, [-0.3] * 4, [0.0] * 4))[0]["acc_forget"]
+    assert outside["original_gap"] == pytest.approx(0.3) and outside["within_noise"] is False
+    # Avg Gap: 2 x the mean standard error of its four metrics; only Acc_f varies here -> noise / 4 = 0.029
+    for original_avg, within in ((0.02, True), (0.05, False)):
+        avg = report.gap_closed_noise(_study(oracle, [0.3] * 4, [0.0] * 4, original_avg=original_avg))[0]["avg_gap"]
+        assert avg["noise"] == pytest.approx(noise / 4) and avg["original_gap"] == pytest.approx(original_avg)
+        assert avg["within_noise"] is within
+
+
+def test_noise_is_unknown_with_one_seed_and_the_notes_say_each_case():
+    one = report.gap_closed_noise(_study([0.5], [0.3], [0.1]))[0]
+    assert one["acc_forget"]["noise"] is None and one["acc_forget"]["within_noise"] is None
+    assert "unknown with one seed" in report.format_noise_note(one)
+    several = report.gap_closed_noise(_study([0.4, 0.6, 0.4, 0.6], [0.09] * 4, [0.0] * 4))[0]
+    note = report.format_noise_note(several)
+    assert "Acc_f gap 0.090: WITHIN seed noise" in note and "does not rank methods" in note
+
+
+def test_tables_show_gap_closed_and_flag_noise():
+    records = _study([0.4, 0.6, 0.4, 0.6], [0.09] * 4, [0.03] * 4)  # Acc_f gap within noise
+    add_gap_closed(records)
+    table = report.format_table(report.summarize(records)[0])
+    assert "closed Acc_f" in table and "closed AvgGap" in table
+    row = next(line for line in table.splitlines() if line.startswith("cure_newton"))
+    assert "0.67" in row and "0.75" in row  # 1 - 0.03/0.09 and 1 - 0.05/0.2
+    clear = _study([0.0, 0.01], [0.5, 0.5], [0.1, 0.1])
+    add_gap_closed(clear)
+    summary = report.format_scenario_summary({"mislabeled": {"records": clear}, "random": {"records": records}})
+    header, _, *rows = summary.splitlines()[1:]
+    assert header.split()[1:] == ["mislabeled", "Acc_f", "mislabeled", "AvgGap", "random", "Acc_f", "random", "AvgGap"]
+    newton = next(r for r in rows if r.startswith("cure_newton")).split()
+    assert newton[1:] == ["0.80", "0.75", "0.67~", "0.75"]  # random's Acc_f gap is within noise; its AvgGap is not
+
+
+def test_json_and_plots(tmp_path):
+    records = _study([0.4, 0.6], [0.3, 0.2], [0.05, -2.5])  # one seed's value far below -1: clipped in the plot
+    for r in records:
+        r["metrics"].update(seconds=0.1, speedup=1.0, js_to_oracle=0.0, tug_of_war=1.0)
+    add_gap_closed(records)
+    study = {"config": {"protocol": "mislabeled"}, "records": records}
+    payload = json.loads(report.write_json(study, tmp_path / "s" / "results.json").read_text())
+    per_seed = (1 - 0.05 / 0.3, 1 - 2.5 / 0.2)
+    assert payload["summary"]["0"]["cure_newton"]["gap_closed_acc_forget"]["mean"] == pytest.approx(sum(per_seed) / 2)
+    assert payload["gap_closed_noise"]["0"]["acc_forget"]["seeds"] == 2
+    assert payload["records"][2]["metrics"]["gap_closed_acc_forget"] == pytest.approx(1 - 0.05 / 0.3)
+    paths = report.write_plots(study, tmp_path / "s")
+    assert {p.name for p in paths} == {"forget_accuracy_vs_time.png", "gaps_to_oracle.png", "gap_closed.png"}
+    summary = json.loads(report.write_summary_json({"mislabeled": study}, {"mislabeled": tmp_path / "s" / "results.json"},
+                                                   tmp_path / "summary.json").read_text())
+    assert summary["scenarios"]["mislabeled"]["results"] == "s/results.json"
+    assert summary["scenarios"]["mislabeled"]["gap_closed"]["original"]["acc_forget"]["mean"] == 0.0
+    for path in [*paths, report.plot_gap_closed({"a": study, "b": study}, tmp_path / "g.png")]:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
