@@ -1,4 +1,5 @@
 """Unlearning methods behind one interface, :class:`Unlearner`."""
+from .adapters import CureNewtonLoRA
 from .base import UnlearnResult, Unlearner
 from .first_order import SCRUB, SSD, BadTeacher, Finetune, GradientAscent, NegGradPlus, RandomLabels, SalUn
 from .lotus import LoTUS
@@ -10,10 +11,10 @@ from .reference import Original, Retrain
 METHODS: dict[str, type[Unlearner]] = {
     method.name: method
     for method in (Retrain, Original, Finetune, GradientAscent, NegGradPlus, RandomLabels, SalUn, SCRUB,
-                   BadTeacher, SSD, LoTUS, RFA, CureNewton, StochasticCureNewton, NewtonPinv, DampedNewton, InfluenceNewton,
+                   BadTeacher, SSD, LoTUS, RFA, CureNewton, CureNewtonLoRA, StochasticCureNewton, NewtonPinv, DampedNewton, InfluenceNewton,
                    LiSSANewton)
 }
 
-__all__ = ["METHODS", "SCRUB", "SSD", "BadTeacher", "CureNewton", "DampedNewton", "Finetune", "GradientAscent",
+__all__ = ["METHODS", "SCRUB", "SSD", "BadTeacher", "CureNewton", "CureNewtonLoRA", "DampedNewton", "Finetune", "GradientAscent",
            "InfluenceNewton", "LiSSANewton", "LoTUS", "NegGradPlus", "NewtonPinv", "Original", "RFA", "RandomLabels", "Retrain", "SalUn",
            "StochasticCureNewton", "UnlearnResult", "Unlearner"]

@@ -1,0 +1,63 @@
+"""Any method on LoRA adapters only: add fresh adapters, let the method update just their parameters
+(``params=`` the adapter names), merge them into the weights.
+
+:class:`CureNewtonLoRA` (name ``cure_newton_lora``) is CureNewton in the low-rank space: the cubic-
+regularised Newton step on the retain objective over the adapters' A and B, its Hessian-vector
+products through the fused LoRA op's forward-mode rule (the generic torch.func operator; the fused MLP
+kernel does not apply to adapted layers).
+
+At the start B = 0, so the gradient with respect to every A is zero (it is scale * B^T times the
+output gradient) and the gradient lies in the B coordinates only, ``scale * G A^T`` for a layer whose
+weight gradient is G. The Hessian there is ``[[0, C], [C^T, H_BB]]`` in (A, B): no curvature along
+A alone, a coupling C between A and B, and the curvature of the weights seen through A along B. That
+block matrix is indefinite whenever C is not zero, so a plain (or damped) Newton step is ill-posed
+at B = 0; the cubic-regularised step is defined for indefinite H and uses the negative curvature of
+the coupling, moving A and B together (a second-order move of the weights, ``scale dB (A + dA)``). We
+keep PEFT's initialisation (A random, B = 0, the model's outputs unchanged) rather than warm-starting
+the adapters, so that the step starts exactly from the trained model like full CureNewton.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data.labeled import LabeledData
+from ..lora import ADAPTABLE, add_adapters, adapter_parameter_names, unload
+from .base import UnlearnResult, Unlearner
+from .newton import CureNewton
+
+
+class CureNewtonLoRA(Unlearner):
+    """CureNewton on the parameters of fresh LoRA adapters, merged afterwards.
+
+    Args:
+        rank, alpha: the adapters (scale alpha / rank; alpha None means rank). Default rank 8.
+        targets: module names or glob patterns of the layers to adapt (None: every Linear and Conv2d
+            layer, the output layer included: the retain objective involves all weights).
+        **newton_options: CureNewton's options (``M``, ``weight_decay``, ...), except ``params``.
+    """
+
+    name = "cure_newton_lora"
+
+    def __init__(self, rank: int = 8, alpha: float | None = None, targets: str | Sequence[str] | None = None,
+                 **newton_options: Any) -> None:
+        if "params" in newton_options:
+            raise TypeError("CureNewtonLoRA: params is set to the adapters' parameters; do not pass it")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"CureNewtonLoRA: rank must be an int >= 1, got {rank!r}")
+        self.rank, self.alpha, self.targets = rank, alpha, targets
+        self.newton_options = newton_options
+        CureNewton(**newton_options)  # validates the options now, before any work
+
+    def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,
+                 unseen: LabeledData | None, seed: int) -> UnlearnResult:
+        targets = self.targets or [n for n, m in model.named_modules() if isinstance(m, ADAPTABLE)]
+        layers = add_adapters(model, targets, self.rank, self.alpha)
+        newton = CureNewton(params=adapter_parameter_names(model), **self.newton_options)
+        result = newton.unlearn(model, forget, retain, unseen=unseen, seed=seed)
+        merged = unload(result.model, merge=True)
+        return UnlearnResult(model=merged.eval(), seconds=0.0, hvps=result.hvps, gradients=result.gradients,
+                             diagnostics={**result.diagnostics, "layers": list(layers), "rank": self.rank})
