@@ -1,0 +1,122 @@
+// The fused LoRA linear pass (see csrc/lora_linear.h): ATen GEMMs, written once for every device.
+// Each rank-r product is accumulated into the output of the frozen layer's GEMM with addmm_
+// (beta = 1), so y and grad_x are each written by one big GEMM plus a rank-r update, and the
+// scale s is applied to the small (r-sized) operands, never to a full (N, out) tensor.
+#include "../lora_linear.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+namespace unlearn_kernels::lora {
+namespace {
+
+// The checks of the Python op, for callers of the dispatcher op itself.
+void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const at::Tensor& lora_a, const at::Tensor& lora_b, double scale) {
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be 2-D (N, in), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == x.size(1), op, ": weight must have shape (out, ", x.size(1),
+                    "), got ", weight.sizes());
+  const int64_t n_out = weight.size(0), n_in = x.size(1);
+  TORCH_CHECK_VALUE(lora_a.dim() == 2 && lora_a.size(0) >= 1 && lora_a.size(1) == n_in, op,
+                    ": lora_a must have shape (rank, ", n_in, ") with rank >= 1, got ", lora_a.sizes());
+  const int64_t rank = lora_a.size(0);
+  TORCH_CHECK_VALUE(lora_b.dim() == 2 && lora_b.size(0) == n_out && lora_b.size(1) == rank, op,
+                    ": lora_b must have shape (", n_out, ", ", rank, ") = (out, rank), got ", lora_b.sizes());
+  TORCH_CHECK_VALUE(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == n_out), op, ": bias must have shape (",
+                    n_out, ",), got ", bias->sizes());
+  TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op, ": x must be floating point, got ", x.scalar_type());
+  for (const at::Tensor* t : {&weight, &lora_a, &lora_b}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), op, ": every tensor must have x's dtype ", x.scalar_type(),
+                     ", got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->device() == x.device(), op, ": every tensor must be on x's device ", x.device(), ", got ",
+                      t->device());
+  }
+  if (bias.has_value()) {
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), op, ": bias dtype ", bias->scalar_type(),
+                     " must equal x dtype ", x.scalar_type());
+    TORCH_CHECK_VALUE(bias->device() == x.device(), op, ": bias is on ", bias->device(), " but x is on ", x.device());
+  }
+}
+
+// t has the given shape, and x's dtype and device.
+void check_like(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, ": ", name, " dtype ", t.scalar_type(),
+                   " must equal x dtype ", x.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
+}
+
+// x W^T + b, into a fresh contiguous output.
+at::Tensor frozen_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  return bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight,
+                                           const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                                           const at::Tensor& lora_b, double scale) {
+  check_inputs("lora_linear", x, weight, bias, lora_a, lora_b, scale);
+  at::Tensor xa = at::mm(x, lora_a.t());
+  at::Tensor out = frozen_linear(x, weight, bias);
+  out.addmm_(xa, lora_b.t(), /*beta=*/1, /*alpha=*/scale);
+  return {out, xa};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                        const at::Tensor& weight, const at::Tensor& lora_a,
+                                                        const at::Tensor& lora_b, const at::Tensor& xa, double scale,
+                                                        std::array<bool, 3> output_mask) {
+  const char* op = "lora_linear_backward";
+  check_inputs(op, x, weight, std::nullopt, lora_a, lora_b, scale);
+  check_like(op, "grad_out", grad_out, std::array<int64_t, 2>{x.size(0), weight.size(0)}, x);
+  check_like(op, "xa", xa, std::array<int64_t, 2>{x.size(0), lora_a.size(0)}, x);
+  const auto [need_x, need_a, need_b] = output_mask;
+  at::Tensor grad_x, grad_a, grad_b;
+  if (need_x || need_a) {
+    const at::Tensor g = at::mm(grad_out, lora_b.mul(scale));  // s gy B, (N, r): shared by grad_x and grad_a
+    if (need_x) grad_x = at::mm(grad_out, weight).addmm_(g, lora_a);
+    if (need_a) grad_a = at::mm(g.t(), x);
+  }
+  if (need_b) grad_b = at::mm(grad_out.t(), xa).mul_(scale);
+  return {grad_x, grad_a, grad_b};
+}
+
+std::tuple<at::Tensor, at::Tensor> jvp(const at::Tensor& x, const at::Tensor& weight,
+                                       const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                                       const at::Tensor& lora_b, double scale,
+                                       const std::optional<at::Tensor>& tangent_a,
+                                       const std::optional<at::Tensor>& tangent_b) {
+  const char* op = "lora_linear_jvp";
+  check_inputs(op, x, weight, bias, lora_a, lora_b, scale);
+  if (tangent_a.has_value()) check_like(op, "tangent_a", *tangent_a, lora_a.sizes(), x);
+  if (tangent_b.has_value()) check_like(op, "tangent_b", *tangent_b, lora_b.sizes(), x);
+  const int64_t rank = lora_a.size(0);
+  // [xa, x dA^T] = x [A; dA]^T: one read of x for both.
+  const at::Tensor left = tangent_a.has_value() ? at::mm(x, at::cat({lora_a, *tangent_a}, 0).t()) : at::mm(x, lora_a.t());
+  const at::Tensor xa = left.narrow(1, 0, rank);
+  at::Tensor out = frozen_linear(x, weight, bias);
+  out.addmm_(xa, lora_b.t(), /*beta=*/1, /*alpha=*/scale);
+  at::Tensor tangent;
+  if (tangent_a.has_value() && tangent_b.has_value()) {
+    tangent = at::mm(left, at::cat({*tangent_b, lora_b}, 1).mul_(scale).t());  // [xa, x dA^T] s[dB, B]^T
+  } else if (tangent_a.has_value()) {
+    tangent = at::mm(left.narrow(1, rank, rank), lora_b.mul(scale).t());
+  } else if (tangent_b.has_value()) {
+    tangent = at::mm(xa, tangent_b->mul(scale).t());
+  } else {
+    tangent = at::zeros_like(out);
+  }
+  return {out, tangent};
+}
+
+TORCH_LIBRARY_IMPL(unlearn_kernels, CPU, m) {
+  m.impl("lora_linear", &forward);
+  m.impl("lora_linear_backward", &backward);
+  m.impl("lora_linear_jvp", &jvp);
+}
+
+}  // namespace unlearn_kernels::lora
