@@ -312,3 +312,96 @@ def lora_linear_jvp(
     else:
         out, tangent = _ops(name).lora_linear_jvp(x2, weight, bias, lora_a, lora_b, float(scale), tangent_a, tangent_b)
     return out.reshape(shape), tangent.reshape(shape)
+
+
+# --------------------------------------------------------------------------- registration
+def _fake_forward(x, weight, bias, lora_a, lora_b, scale):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0])
+
+
+def _fake_backward(grad_out, x, weight, lora_a, lora_b, xa, scale, output_mask):
+    need_x, need_a, need_b = output_mask
+    return (x.new_empty(x.shape) if need_x else None, lora_a.new_empty(lora_a.shape) if need_a else None,
+            lora_b.new_empty(lora_b.shape) if need_b else None)
+
+
+def _fake_jvp(x, weight, bias, lora_a, lora_b, scale, tangent_a, tangent_b):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _autograd_setup(backend: str):
+    def setup_context(ctx, inputs, output):
+        _LoRALinearFunction.setup_context(ctx, (*inputs, backend), output)
+
+    return setup_context
+
+
+def _autograd_backward(ctx, grad_out, grad_xa):
+    return _LoRALinearFunction.backward(ctx, grad_out, grad_xa)[:6]
+
+
+def _front(t, dim):
+    return t if t is None or dim is None else t.movedim(dim, 0)
+
+
+def _batched_dim(t, unbatched_dims: int):
+    return 0 if t.dim() > unbatched_dims else None
+
+
+def _vmap_forward(op):
+    """vmap rule of a forward op: a batch of x only is more rows for the op; batched parameters
+    run the ATen pass, whose matmuls broadcast over the batch."""
+
+    def rule(info, in_dims, x, weight, bias, lora_a, lora_b, scale):
+        x_dim, *param_dims = in_dims[:5]
+        if all(d is None for d in param_dims):
+            x = x.movedim(x_dim, 0)
+            out, xa = op(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scale)
+            return (out.reshape(*x.shape[:2], -1), xa.reshape(*x.shape[:2], -1)), (0, 0)
+        x, weight, bias, lora_a, lora_b = (_front(t, d) for t, d in zip((x, weight, bias, lora_a, lora_b), in_dims))
+        if bias is not None and in_dims[2] is not None:
+            bias = bias.unsqueeze(-2)
+        out, xa = _forward_aten(x, weight, bias, lora_a, lora_b, scale)
+        return (out, xa), (_batched_dim(out, 2), _batched_dim(xa, 2))
+
+    return rule
+
+
+def _vmap_jvp(op):
+    """vmap rule of a JVP op: unbatched primals (tangents batched, as in a curvature operator's
+    matmat) run the op's forward once and the folded tangent GEMMs broadcast over the batch."""
+
+    def rule(info, in_dims, x, weight, bias, lora_a, lora_b, scale, tangent_a, tangent_b):
+        x, weight, bias, lora_a, lora_b, tangent_a, tangent_b = (
+            _front(t, d) for t, d in zip((x, weight, bias, lora_a, lora_b, tangent_a, tangent_b), in_dims))
+        if all(d is None for d in in_dims[:5]):
+            out = op.lora_linear(x, weight, bias, lora_a, lora_b, scale)[0]
+        else:
+            if bias is not None and in_dims[2] is not None:
+                bias = bias.unsqueeze(-2)
+            out = _forward_aten(x, weight, bias, lora_a, lora_b, scale)[0]
+        if tangent_a is None and tangent_b is None:
+            tangent = torch.zeros_like(out)
+        else:
+            tangent = _tangent_aten(x, lora_a, lora_b, scale, tangent_a, tangent_b)
+        return (out, tangent), (_batched_dim(out, 2), _batched_dim(tangent, 2))
+
+    return rule
+
+
+def register(namespace: str, backend: str) -> None:
+    """Fake implementations, autograd and vmap rules of one namespace's ops (``backend`` names the
+    backend whose backward op the autograd formula calls)."""
+    ops_ns = getattr(torch.ops, namespace)
+    if namespace == _CPP_OPS:  # the Triton module gives its ops their fake implementations itself
+        torch.library.register_fake(f"{namespace}::lora_linear")(_fake_forward)
+        torch.library.register_fake(f"{namespace}::lora_linear_backward")(_fake_backward)
+        torch.library.register_fake(f"{namespace}::lora_linear_jvp")(_fake_jvp)
+    torch.library.register_autograd(f"{namespace}::lora_linear", _autograd_backward,
+                                    setup_context=_autograd_setup(backend))
+    torch.library.register_vmap(f"{namespace}::lora_linear", _vmap_forward(ops_ns.lora_linear))
+    torch.library.register_vmap(f"{namespace}::lora_linear_jvp", _vmap_jvp(ops_ns))
+
+
+if _extension.extension_loaded():
+    register(_CPP_OPS, "cpp")
