@@ -1,6 +1,7 @@
 """RFA on a tiny mislabeled digits problem: it moves the forget predictions away from the wrong labels
 while the retain set keeps its accuracy, only the adapters change (the frozen weights stay
-bit-identical without merging), every shift target runs, and bad input raises before any work."""
+bit-identical without merging), every shift target runs, and bad input raises before any work.
+CureNewton on adapter parameters only (directly and as cure_newton_lora) changes only the adapters."""
 import copy
 
 import pytest
@@ -9,7 +10,7 @@ from sklearn.datasets import load_digits
 
 from unlearn_kernels import lora
 from unlearn_kernels.data.labeled import LabeledData
-from unlearn_kernels.methods import METHODS, RFA
+from unlearn_kernels.methods import METHODS, RFA, CureNewton, CureNewtonLoRA
 from unlearn_kernels.methods.rfa import SHIFTS, hidden_layers
 from unlearn_kernels.models import MLP, SmallCNN
 from unlearn_kernels.training import TrainConfig, init_model, train
@@ -122,3 +123,32 @@ def test_bad_input_raises_and_changes_nothing(problem, kwargs, unseen, error, ma
         RFA(**kwargs).unlearn(model, forget, retain, unseen=unseen_data if unseen else None, seed=0)
     assert not lora.adapter_modules(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_cure_newton_on_adapters_changes_only_adapter_parameters(problem):
+    model, forget, retain, _ = problem
+    adapted = copy.deepcopy(model)
+    lora.add_adapters(adapted, "*", rank=4)
+    names = lora.adapter_parameter_names(adapted)
+    result = CureNewton(params=names).unlearn(adapted, forget, retain, seed=0)
+    before, after = dict(adapted.named_parameters()), dict(result.model.named_parameters())
+    assert before.keys() == after.keys() and result.hvps > 0
+    for name, value in after.items():
+        if name in names:
+            assert not torch.equal(value, before[name]), name
+        else:
+            assert torch.equal(value, before[name]), name
+    # B was 0: the step moved B (where the gradient is) and A (through the A-B coupling of the Hessian)
+    assert all(torch.count_nonzero(a.lora_b) > 0 for a in lora.adapter_modules(result.model).values())
+
+
+def test_cure_newton_lora_returns_the_plain_architecture(problem):
+    model, forget, retain, _ = problem
+    assert METHODS["cure_newton_lora"] is CureNewtonLoRA
+    result = CureNewtonLoRA(rank=4).unlearn(model, forget, retain, seed=0)
+    assert not lora.adapter_modules(result.model)
+    assert result.model.state_dict().keys() == model.state_dict().keys()
+    assert any(not torch.equal(v, model.state_dict()[k]) for k, v in result.model.state_dict().items())
+    assert result.diagnostics["layers"] == ["1", "3"] and result.hvps > 0
+    with pytest.raises(TypeError, match="params is set"):
+        CureNewtonLoRA(params=["1.weight"])

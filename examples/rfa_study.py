@@ -1,0 +1,198 @@
+"""The RFA study of docs/rfa.md: RFA (several shift targets) vs LoTUS vs CureNewton (all weights and
+LoRA adapters only) vs first-order baselines, against the retrained oracle, on digits with the MLP
+and the CNN, under the random (10%), mislabeled (10%) and class (class 3) protocols, seeds 0-2.
+
+    python examples/rfa_study.py [--out docs/rfa] [--seeds 0 1 2] [--models mlp cnn]
+
+Writes ``results.json`` (one record per model, protocol, seed and method), ``summary.md`` (the tables
+of docs/rfa.md) and two plots into ``--out``. One thread (timings comparable across methods).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unlearn_kernels.data import class_forget, load_dataset, mislabel, random_forget, remove_classes, split_forget
+from unlearn_kernels.eval import (accuracy, activation_distance, avg_gap, js_divergence, mia_entropy,
+                                  predict_logits, rf_jsd)
+from unlearn_kernels.methods import METHODS
+from unlearn_kernels.models import build_model
+from unlearn_kernels.study import DEFAULT_RECIPES
+from unlearn_kernels.training import init_model, train
+
+PROTOCOLS = ("random", "mislabeled", "class")
+FORGET_CLASS = 3
+#: label -> (method name, options); Newton methods get the recipe's weight decay (their training objective)
+METHOD_SPECS = {
+    "original": ("original", {}),
+    "finetune": ("finetune", {}),
+    "neggrad_plus": ("neggrad_plus", {}),
+    "lotus": ("lotus", {}),
+    "cure_newton": ("cure_newton", {"weight_decay": 5e-4}),
+    "cure_newton_lora": ("cure_newton_lora", {"weight_decay": 5e-4}),
+    "rfa": ("rfa", {}),
+    "rfa:margin": ("rfa", {"shift": "margin"}),
+    "rfa:unseen_class": ("rfa", {"shift": "unseen_class"}),
+    "rfa:other_class": ("rfa", {"shift": "other_class"}),
+    "rfa:no_shift": ("rfa", {"lam": 1e-12}),
+}
+
+
+def setting(model_name: str, protocol: str, seed: int) -> dict:
+    splits = load_dataset("digits", seed=seed)
+    train_split, test = splits.train, splits.test
+    if protocol == "mislabeled":
+        corruption = mislabel(train_split.y, 0.1, seed=seed)
+        train_split = corruption.apply(train_split)
+        request = split_forget(len(train_split), corruption.corrupted_idx, 1, seed=seed)[0]
+    elif protocol == "random":
+        request = random_forget(train_split.y, 0.1, seed=seed)
+    else:
+        request = class_forget(train_split.y, [FORGET_CLASS])
+        test = remove_classes(test, [FORGET_CLASS])
+    forget, retain = request.apply(train_split)
+    true_forget_y = splits.train.y[request.forget_idx]
+    factory = lambda: build_model(model_name, splits.input_shape, splits.num_classes)  # noqa: E731
+    recipe = dataclasses.replace(DEFAULT_RECIPES[model_name], seed=seed)
+    original = init_model(factory, seed)
+    train(original, train_split, recipe)
+    start = time.perf_counter()
+    oracle = init_model(factory, seed)
+    train(oracle, retain, recipe)
+    return {"forget": forget, "retain": retain, "test": test, "unseen": splits.val, "original": original,
+            "oracle": oracle, "oracle_seconds": time.perf_counter() - start, "true_forget_y": true_forget_y}
+
+
+def metrics(model, s: dict, seed: int) -> tuple[dict, torch.Tensor]:
+    logits = {k: predict_logits(model, s[k]) for k in ("forget", "retain", "test")}
+    m = {"acc_forget": accuracy(logits["forget"], s["forget"].y),
+         "acc_forget_true": accuracy(logits["forget"], s["true_forget_y"]),
+         "acc_retain": accuracy(logits["retain"], s["retain"].y),
+         "acc_test": accuracy(logits["test"], s["test"].y),
+         "mia": mia_entropy(logits["retain"], logits["test"], logits["forget"], seed=seed)}
+    return m, logits["forget"]
+
+
+def run(models, seeds) -> list[dict]:
+    records = []
+    for model_name in models:
+        for protocol in PROTOCOLS:
+            for seed in seeds:
+                s = setting(model_name, protocol, seed)
+                oracle_m, oracle_forget = metrics(s["oracle"], s, seed)
+                unseen_logits = predict_logits(s["original"], s["unseen"])
+                base = {"model": model_name, "protocol": protocol, "seed": seed}
+                records.append({**base, "method": "retrain", "seconds": s["oracle_seconds"], **oracle_m,
+                                "avg_gap": 0.0, "js_to_oracle": 0.0, "activation_distance": 0.0})
+                for label, (name, options) in METHOD_SPECS.items():
+                    method = METHODS[name](**options)
+                    start = time.perf_counter()
+                    result = method.unlearn(s["original"], s["forget"], s["retain"], unseen=s["unseen"], seed=seed)
+                    seconds = time.perf_counter() - start
+                    m, forget_logits = metrics(result.model, s, seed)
+                    m["avg_gap"] = avg_gap(m, oracle_m)
+                    m["js_to_oracle"] = js_divergence(forget_logits, oracle_forget)
+                    m["activation_distance"] = activation_distance(forget_logits, oracle_forget)
+                    if protocol != "class":  # RF-JSD compares with unseen data of the forget classes
+                        m["rf_jsd"] = rf_jsd(forget_logits, s["forget"].y, unseen_logits, s["unseen"].y)
+                    records.append({**base, "method": label, "seconds": seconds, **m})
+                print(f"{model_name} {protocol} seed {seed}: done", flush=True)
+    return records
+
+
+def summary(records: list[dict]) -> str:
+    lines = []
+    for model_name in dict.fromkeys(r["model"] for r in records):
+        for protocol in PROTOCOLS:
+            rows = [r for r in records if r["model"] == model_name and r["protocol"] == protocol]
+            if not rows:
+                continue
+            lines += [f"### {model_name}, {protocol}", "",
+                      "| method | Acc_f | Acc_f gap closed | Acc_r | Acc_test | MIA | Avg Gap | JS to oracle | "
+                      "activation distance | RF-JSD | seconds |", "|---" * 11 + "|"]
+            orig = {r["seed"]: r for r in rows if r["method"] == "original"}
+            oracle = {r["seed"]: r for r in rows if r["method"] == "retrain"}
+            for label in ["retrain", *METHOD_SPECS]:
+                mine = [r for r in rows if r["method"] == label]
+                closed = [1 - abs(r["acc_forget"] - oracle[r["seed"]]["acc_forget"])
+                          / max(abs(orig[r["seed"]]["acc_forget"] - oracle[r["seed"]]["acc_forget"]), 1e-12)
+                          for r in mine]
+
+                def fmt(key, digits=3):
+                    values = [r[key] for r in mine if key in r]
+                    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}" if values else "-"
+                lines.append(f"| {label} | {fmt('acc_forget')} | {np.mean(closed):.2f} | {fmt('acc_retain')} | "
+                             f"{fmt('acc_test')} | {fmt('mia')} | {fmt('avg_gap')} | {fmt('js_to_oracle', 4)} | "
+                             f"{fmt('activation_distance')} | {fmt('rf_jsd', 4)} | {fmt('seconds', 2)} |")
+            lines.append("")
+    pairs = [(r["rf_jsd"], r["js_to_oracle"]) for r in records if "rf_jsd" in r and r["method"] != "retrain"]
+    r_value = float(np.corrcoef(np.array(pairs).T)[0, 1])
+    lines.append(f"Pearson correlation of RF-JSD and JS to the oracle over {len(pairs)} (model, protocol, seed, "
+                 f"method) records: {r_value:.3f}")
+    return "\n".join(lines)
+
+
+def plots(records: list[dict], out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [m for m in METHOD_SPECS if m != "original"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
+    for ax, model_name in zip(axes, ("mlp", "cnn")):
+        for k, protocol in enumerate(PROTOCOLS):
+            rows = [r for r in records if r["model"] == model_name and r["protocol"] == protocol]
+            if not rows:
+                continue
+            oracle = {r["seed"]: r["acc_forget"] for r in rows if r["method"] == "retrain"}
+            orig = {r["seed"]: r["acc_forget"] for r in rows if r["method"] == "original"}
+            closed = [np.mean([1 - abs(r["acc_forget"] - oracle[r["seed"]]) / max(abs(orig[r["seed"]] - oracle[r["seed"]]), 1e-12)
+                               for r in rows if r["method"] == label]) for label in labels]
+            ax.bar(np.arange(len(labels)) + (k - 1) * 0.27, closed, width=0.27, label=protocol)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(np.arange(len(labels)), labels, rotation=45, ha="right")
+        ax.set_title(f"digits, {model_name}: Acc_f gap closed (1 = oracle)")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(out / "gap_closed.png", dpi=110)
+    plt.close(fig)
+
+    pairs = [(r["rf_jsd"], r["js_to_oracle"], r["method"]) for r in records if "rf_jsd" in r and r["method"] != "retrain"]
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    ax.scatter([p[0] for p in pairs], [p[1] for p in pairs], s=12)
+    ax.set_xlabel("RF-JSD (no oracle needed)")
+    ax.set_ylabel("JS to the oracle on D_f")
+    r_value = np.corrcoef(np.array([p[:2] for p in pairs]).T)[0, 1]
+    ax.set_title(f"random + mislabeled, MLP + CNN: Pearson r = {r_value:.2f}")
+    fig.tight_layout()
+    fig.savefig(out / "rf_jsd_vs_jsd.png", dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="docs/rfa")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = run(args.models, args.seeds)
+    (out / "results.json").write_text(json.dumps({"config": {"dataset": "digits", "seeds": args.seeds,
+                                                             "models": args.models, "methods": METHOD_SPECS},
+                                                  "records": records}, indent=1))
+    text = summary(records)
+    (out / "summary.md").write_text(text + "\n")
+    plots(records, out)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
