@@ -26,8 +26,8 @@ OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "mlp_hvp_flat": ("cpp", "cuda", "reference"),
     "mlp_hvp_state": ("cpp", "cuda", "reference"),
     "mlp_hvp_flat_cached": ("cpp", "cuda", "reference"),
-    "lora_linear": ("cpp", "cuda", "reference"),
-    "lora_linear_jvp": ("cpp", "cuda", "reference"),
+    "lora_linear": ("cpp", "cuda", "triton", "reference"),
+    "lora_linear_jvp": ("cpp", "cuda", "triton", "reference"),
 }
 OP_NAMES = tuple(OP_BACKENDS)
 

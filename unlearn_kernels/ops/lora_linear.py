@@ -184,7 +184,11 @@ def _backward(backend, grad_out, x, weight, lora_a, lora_b, xa, scale, output_ma
         # xa is recomputed so that the graph of the backward reaches x and A through it
         xa = torch.matmul(x, lora_a.mT) if torch.is_grad_enabled() else xa
         return _backward_aten(grad_out, x, weight, lora_a, lora_b, xa, scale, output_mask)
-    return _ops(backend).lora_linear_backward(grad_out, x, weight, lora_a, lora_b, xa, scale, list(output_mask))
+    grads = _ops(backend).lora_linear_backward(grad_out, x, weight, lora_a, lora_b, xa, scale, list(output_mask))
+    if backend == "triton":  # the requested gradients only, in order
+        present = iter(grads)
+        grads = tuple(next(present) if need else None for need in output_mask)
+    return grads
 
 
 def _frozen_error(op: str) -> ValueError:
