@@ -1,5 +1,7 @@
-"""softmax_ce_grad / softmax_ce_hvp: C++ CPU and reference backends against the float64 formula,
-autograd, opcheck, a finite-difference check, and bad input. (Triton: test_softmax_ce_triton.py.)"""
+"""softmax_ce_grad / softmax_ce_hvp: the C++ CPU and reference backends (and the CUDA kernels, on
+CUDA tensors, where torch sees a GPU) against the float64 formula, autograd, opcheck, a
+finite-difference check, and bad input with the same error from every backend.
+(Triton: test_softmax_ce_triton.py.)"""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,17 +9,20 @@ import torch.nn.functional as F
 import unlearn_kernels
 from unlearn_kernels import ops
 from unlearn_kernels.backends import BackendUnavailableError
+from unlearn_kernels.backends import status as backend_status
 from tolerance import assert_within_rule
 
-BACKENDS = ["cpp", "reference"]
+# backend -> the device of its inputs; the CUDA kernels run only where torch sees a GPU
+DEVICES = {"cpp": "cpu", "reference": "cpu", **({"cuda": "cuda"} if torch.cuda.is_available() else {})}
+BACKENDS = list(DEVICES)
 SHAPES = [(1, 1), (3, 2), (7, 10), (64, 17), (256, 1000), (33, 4099), (4, 50000)]
 
 
-def _inputs(shape, dtype, rng, scale=3.0):
+def _inputs(shape, dtype, rng, device="cpu", scale=3.0):
     z = (torch.randn(shape, generator=rng, dtype=torch.float64) * scale).to(dtype)
     u = torch.randn(shape, generator=rng, dtype=torch.float64).to(dtype)
     y = torch.randint(0, shape[1], (shape[0],), generator=rng)
-    return z, u, y
+    return z.to(device), u.to(device), y.to(device)
 
 
 def _exact_grad(z, y, smoothing=0.0, ignore_index=-100):
@@ -50,7 +55,7 @@ def test_backends_report_lists_every_backend():
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_hvp_matches_float64_formula(backend, shape, dtype, rng):
-    z, u, _ = _inputs(shape, dtype, rng)
+    z, u, _ = _inputs(shape, dtype, rng, DEVICES[backend])
     exact = _exact_hvp(z, u)
     out = ops.softmax_ce_hvp(z, u, backend=backend)
     assert out.dtype == dtype and out.is_contiguous()
@@ -62,7 +67,7 @@ def test_hvp_matches_float64_formula(backend, shape, dtype, rng):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_grad_matches_float64_formula(backend, shape, dtype, smoothing, rng):
-    z, _, y = _inputs(shape, dtype, rng)
+    z, _, y = _inputs(shape, dtype, rng, DEVICES[backend])
     y[::3] = -100  # some ignored rows
     out = ops.softmax_ce_grad(z, y, label_smoothing=smoothing, backend=backend)
     assert_within_rule(out, ops.softmax_ce_grad_ref(z, y, smoothing), _exact_grad(z, y, smoothing))
@@ -73,8 +78,8 @@ def test_parallel_rows_match_serial(threads, rng):
     z, u, y = _inputs((5000, 33), torch.float32, rng)
     assert_within_rule(ops.softmax_ce_hvp(z, u, backend="cpp"), ops.softmax_ce_hvp_ref(z, u), _exact_hvp(z, u))
     assert_within_rule(ops.softmax_ce_grad(z, y, backend="cpp"), ops.softmax_ce_grad_ref(z, y), _exact_grad(z, y))
-    y[4321] = 33
-    with pytest.raises(ValueError, match=r"target\[4321\] = 33"):
+    y[[4900, 4321, 2500]] = torch.tensor([40, 33, -7])  # several bad rows in different threads' blocks
+    with pytest.raises(ValueError, match=r"target\[2500\] = -7 is out of range"):
         ops.softmax_ce_grad(z, y, backend="cpp")
     z[4999, 0] = float("nan")
     with pytest.raises(ValueError, match="logits contain NaN"):
@@ -83,7 +88,7 @@ def test_parallel_rows_match_serial(threads, rng):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_custom_ignore_index_and_int32_targets(backend, rng):
-    z, _, y = _inputs((20, 6), torch.float64, rng)
+    z, _, y = _inputs((20, 6), torch.float64, rng, DEVICES[backend])
     y[4] = 7  # ignore_index outside [0, C) is allowed
     out = ops.softmax_ce_grad(z, y.int(), ignore_index=7, backend=backend)
     torch.testing.assert_close(out, _exact_grad(z, y, ignore_index=7), rtol=1e-12, atol=1e-14)
@@ -92,9 +97,9 @@ def test_custom_ignore_index_and_int32_targets(backend, rng):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend, rng):
-    big_z, big_u, _ = _inputs((40, 130), torch.float32, rng)
+    big_z, big_u, _ = _inputs((40, 130), torch.float32, rng, DEVICES[backend])
     z, u = big_z[::2, 3:120], big_u[1::2, 5:122]  # strided rows, offset columns
-    y = torch.randint(0, z.shape[1], (z.shape[0],), generator=rng)
+    y = torch.randint(0, z.shape[1], (z.shape[0],), generator=rng).to(z.device)
     assert_within_rule(ops.softmax_ce_hvp(z, u, backend=backend), ops.softmax_ce_hvp_ref(z, u), _exact_hvp(z, u))
     assert_within_rule(ops.softmax_ce_grad(z, y, backend=backend), ops.softmax_ce_grad_ref(z, y), _exact_grad(z, y))
     zt, ut = big_z[:, :40].t(), big_u[:, :40].t()  # column-major: classes not dense
@@ -104,7 +109,7 @@ def test_non_contiguous_inputs(backend, rng):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_reduced_precision_inputs_accumulate_in_fp32(backend, dtype, rng):
-    z, u, y = _inputs((50, 300), dtype, rng)
+    z, u, y = _inputs((50, 300), dtype, rng, DEVICES[backend])
     out = ops.softmax_ce_hvp(z, u, backend=backend)
     assert out.dtype == dtype
     assert_within_rule(out, ops.softmax_ce_hvp_ref(z, u), _exact_hvp(z, u))
@@ -113,7 +118,7 @@ def test_reduced_precision_inputs_accumulate_in_fp32(backend, dtype, rng):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_minus_inf_logits_are_masks_not_errors(backend, rng):
-    z, u, y = _inputs((5, 8), torch.float64, rng)
+    z, u, y = _inputs((5, 8), torch.float64, rng, DEVICES[backend])
     z[:, 0] = float("-inf")
     y[:] = 1
     out = ops.softmax_ce_hvp(z, u, backend=backend)
@@ -124,15 +129,16 @@ def test_minus_inf_logits_are_masks_not_errors(backend, rng):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_inputs(backend):
     for shape in [(0, 5), (3, 0)]:
-        z = torch.zeros(shape)
+        z = torch.zeros(shape, device=DEVICES[backend])
         assert ops.softmax_ce_hvp(z, z, backend=backend).shape == shape
-    assert ops.softmax_ce_grad(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long), backend=backend).shape == (0, 5)
+    z, y = torch.zeros(0, 5, device=DEVICES[backend]), torch.zeros(0, dtype=torch.long, device=DEVICES[backend])
+    assert ops.softmax_ce_grad(z, y, backend=backend).shape == (0, 5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hvp_is_the_derivative_of_grad(backend, rng):
     """Central finite difference of softmax_ce_grad along u equals softmax_ce_hvp(z, u)."""
-    z, u, y = _inputs((16, 9), torch.float64, rng)
+    z, u, y = _inputs((16, 9), torch.float64, rng, DEVICES[backend])
     eps = 1e-6
     fd = (ops.softmax_ce_grad(z + eps * u, y, backend=backend) - ops.softmax_ce_grad(z - eps * u, y, backend=backend)) / (2 * eps)
     torch.testing.assert_close(ops.softmax_ce_hvp(z, u, backend=backend), fd, rtol=1e-7, atol=1e-9)
@@ -140,7 +146,7 @@ def test_hvp_is_the_derivative_of_grad(backend, rng):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_and_gradgradcheck(backend, rng):
-    z, u, y = _inputs((4, 5), torch.float64, rng)
+    z, u, y = _inputs((4, 5), torch.float64, rng, DEVICES[backend])
     y[1] = -100
     z.requires_grad_(True)
     u.requires_grad_(True)
@@ -167,36 +173,57 @@ def test_torch_compile_traces_the_op(rng):
 
 
 # ----------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_bad_input_raises_clear_errors(backend, rng):
-    z, u, y = _inputs((4, 5), torch.float32, rng)
-    with pytest.raises(ValueError, match="2-D"):
-        ops.softmax_ce_hvp(z[0], u[0], backend=backend)
-    with pytest.raises(ValueError, match="tangent shape"):
-        ops.softmax_ce_hvp(z, u[:, :3], backend=backend)
-    with pytest.raises(TypeError, match="dtype"):
-        ops.softmax_ce_hvp(z, u.double(), backend=backend)
-    with pytest.raises(TypeError, match="floating point"):
-        ops.softmax_ce_hvp(z.long(), u.long(), backend=backend)
-    with pytest.raises(TypeError, match="integer"):
-        ops.softmax_ce_grad(z, y.float(), backend=backend)
-    with pytest.raises(ValueError, match=r"shape \(4,\)"):
-        ops.softmax_ce_grad(z, y[:2], backend=backend)
-    with pytest.raises(ValueError, match="label_smoothing"):
-        ops.softmax_ce_grad(z, y, label_smoothing=1.5, backend=backend)
-    bad = y.clone()
-    bad[2] = 5
-    with pytest.raises(ValueError, match=r"target\[2\] = 5 is out of range for 5 classes"):
-        ops.softmax_ce_grad(z, bad, backend=backend)
-    bad[2] = -3
-    with pytest.raises(ValueError, match="out of range"):
-        ops.softmax_ce_grad(z, bad, backend=backend)
+# Every backend, Triton included where it runs (through the interpreter without a GPU; these calls
+# are a few rows), must raise the same error, word for word, for the same bad input.
+ERROR_BACKENDS = BACKENDS + (["triton"] if backend_status("softmax_ce_grad", "triton").usable else [])
+ERROR_DEVICES = {**DEVICES, "triton": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
+def _bad_calls(z, u, y):
+    """case -> (exception type, message regex, call(backend)); y has 4 rows, z and u are (4, 5)."""
+    two_bad = y.clone()
+    two_bad[1], two_bad[3] = -3, 5  # the message names the first bad row, whatever the kernel met first
+    return {
+        "1-D logits": (ValueError, r"softmax_ce_hvp: logits must be 2-D \(N, C\), got shape \[5\]$",
+                       lambda b: ops.softmax_ce_hvp(z[0], u[0], backend=b)),
+        "tangent shape": (ValueError, r"softmax_ce_hvp: tangent shape \[4, 3\] must equal logits shape \[4, 5\]$",
+                          lambda b: ops.softmax_ce_hvp(z, u[:, :3], backend=b)),
+        "tangent dtype": (TypeError, "softmax_ce_hvp: tangent dtype Double must equal logits dtype Float$",
+                          lambda b: ops.softmax_ce_hvp(z, u.double(), backend=b)),
+        "integer logits": (TypeError, "softmax_ce_hvp: logits must be floating point, got Long$",
+                           lambda b: ops.softmax_ce_hvp(z.long(), u.long(), backend=b)),
+        "float target": (TypeError, r"softmax_ce_grad: target must hold integer class indices \(int64\), got Float$",
+                         lambda b: ops.softmax_ce_grad(z, y.float(), backend=b)),
+        "target shape": (ValueError, r"softmax_ce_grad: target must have shape \(N,\) = \(4,\), got \[2\]$",
+                         lambda b: ops.softmax_ce_grad(z, y[:2], backend=b)),
+        "smoothing": (ValueError, r"softmax_ce_grad: label_smoothing must be in \[0, 1\], got 1.5$",
+                      lambda b: ops.softmax_ce_grad(z, y, label_smoothing=1.5, backend=b)),
+        "target range": (ValueError, r"softmax_ce_grad: target\[1\] = -3 is out of range for 5 classes "
+                                     r"\(and is not ignore_index=-100\)$",
+                         lambda b: ops.softmax_ce_grad(z, two_bad, backend=b)),
+        "target device": (ValueError, "softmax_ce_grad: target is on meta but logits on (cpu|cuda:0)$",
+                          lambda b: ops.softmax_ce_grad(z, y.to("meta"), backend=b)),
+        "tangent device": (ValueError, "softmax_ce_hvp: tangent is on meta but logits on (cpu|cuda:0)$",
+                           lambda b: ops.softmax_ce_hvp(z, u.to("meta"), backend=b)),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_bad_calls(*_inputs((4, 5), torch.float32, torch.Generator()))))
+def test_bad_input_raises_the_same_error_from_every_backend(case, rng):
+    messages = {}
+    for backend in ERROR_BACKENDS:
+        z, u, y = _inputs((4, 5), torch.float32, rng, ERROR_DEVICES[backend])
+        exc, pattern, call = _bad_calls(z, u, y)[case]
+        with pytest.raises(exc, match=pattern) as info:
+            call(backend)
+        messages[backend] = str(info.value)
+    assert len(set(messages.values())) == 1, messages
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_inputs_are_reported(backend, value, rng):
-    z, u, y = _inputs((6, 40), torch.float32, rng)
+    z, u, y = _inputs((6, 40), torch.float32, rng, DEVICES[backend])
     z_bad = z.clone()
     z_bad[3, 17] = value
     with pytest.raises(ValueError, match="logits contain NaN"):

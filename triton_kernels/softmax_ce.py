@@ -1,7 +1,8 @@
 """Triton kernels for the softmax cross-entropy gradient and Hessian-vector product on logits.
 
 Defines the ops ``unlearn_kernels_triton::softmax_ce_grad`` and ``unlearn_kernels_triton::softmax_ce_hvp``
-(same schemas and semantics as the C++ ops, see ``unlearn_kernels.ops.softmax_ce``). Each program
+(same schemas, semantics and errors as the C++ ops: the checks and messages come from
+``unlearn_kernels.contracts.softmax_ce``; the public functions are in ``unlearn_kernels.ops.softmax_ce``). Each program
 owns ``ROWS`` rows and sweeps their classes in ``BLOCK``-wide column blocks twice: pass 1 keeps an
 online row max and rescaled sums (sum of exp, and <exp, u> for the HVP), pass 2 writes the output.
 So any number of classes works with a fixed register footprint and no (N, C) temporary.
@@ -9,7 +10,7 @@ Accumulation is fp32 for fp16/bf16/fp32 inputs and fp64 for fp64 inputs.
 
 Errors are found inside the kernels and written to a small int32 flag tensor, read back (one
 synchronisation) only when something must be reported: always for the grad's target range (as the
-C++ kernel does), and for non-finite inputs when ``check_finite``. Under tracing (fake tensors,
+C++ kernel does; the message names the first bad row), and for non-finite inputs when ``check_finite``. Under tracing (fake tensors,
 ``torch.compile``) the flags cannot be read, so the checks are eager-mode only.
 """
 from __future__ import annotations
@@ -21,8 +22,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ..ops.softmax_ce import _check_logits, _check_targets, register
-from . import INTERPRETED, define_op, jit
+from ..contracts import softmax_ce as contract
+from . import define_op, jit
 
 # Largest column block and largest (rows x columns) tile one program holds in registers.
 _MAX_BLOCK = 4096
@@ -149,26 +150,15 @@ def _float64_bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
-def _fake(logits: torch.Tensor, *_) -> torch.Tensor:
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-
 # --------------------------------------------------------------------------- ops
-@define_op("unlearn_kernels_triton::softmax_ce_grad", _fake)
+@define_op("unlearn_kernels_triton::softmax_ce_grad", contract.fake_grad)
 def softmax_ce_grad(
     logits: torch.Tensor, target: torch.Tensor, label_smoothing: float, ignore_index: int, check_finite: bool
 ) -> torch.Tensor:
     """Triton ``softmax(logits) - t`` per row (t: label-smoothed one-hot target; rows with
     ``target == ignore_index`` are zero). Raises ValueError for targets out of range and, when
     ``check_finite``, for NaN/+Inf logits in the rows that are not ignored."""
-    op = "softmax_ce_grad"
-    _check_logits(op, logits)
-    if target.shape != (logits.shape[0],):
-        raise ValueError(f"{op}: target must have shape (N,) = ({logits.shape[0]},), got {tuple(target.shape)}")
-    if target.dtype != torch.int64:
-        raise TypeError(f"{op}: target must be int64 class indices, got {target.dtype}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    contract.check_grad_args(logits, target, label_smoothing)
     logits, target = _rows_dense(logits), target.contiguous()
     n_rows, n_cols = logits.shape
     out = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
@@ -183,22 +173,17 @@ def softmax_ce_grad(
     if _can_read(flags):
         bad_logits, bad_target = flags.tolist()
         if bad_target:
-            _check_targets(logits, target, ignore_index)
+            contract.check_targets(target, n_cols, ignore_index)
         if check_finite and bad_logits:
-            raise ValueError(f"{op}: logits contain NaN or +Inf (or a row that is all -Inf)")
+            raise ValueError(f"{contract.GRAD}: {contract.BAD_LOGITS}")
     return out
 
 
-@define_op("unlearn_kernels_triton::softmax_ce_hvp", _fake)
+@define_op("unlearn_kernels_triton::softmax_ce_hvp", contract.fake_hvp)
 def softmax_ce_hvp(logits: torch.Tensor, tangent: torch.Tensor, check_finite: bool) -> torch.Tensor:
     """Triton ``p * u - p * <p, u>`` per row with p = softmax(logits) and u = tangent. When
     ``check_finite``, raises ValueError for NaN/+Inf logits or a NaN/Inf tangent."""
-    op = "softmax_ce_hvp"
-    _check_logits(op, logits)
-    if tangent.shape != logits.shape:
-        raise ValueError(f"{op}: tangent shape {tuple(tangent.shape)} must equal logits shape {tuple(logits.shape)}")
-    if tangent.dtype != logits.dtype:
-        raise TypeError(f"{op}: tangent dtype {tangent.dtype} must equal logits dtype {logits.dtype}")
+    contract.check_hvp_args(logits, tangent)
     logits, tangent = _rows_dense(logits), _rows_dense(tangent)
     n_rows, n_cols = logits.shape
     out = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
@@ -213,10 +198,10 @@ def softmax_ce_hvp(logits: torch.Tensor, tangent: torch.Tensor, check_finite: bo
     if check_finite and _can_read(flags):
         bad_logits, bad_tangent = flags.tolist()
         if bad_logits:
-            raise ValueError(f"{op}: logits contain NaN or +Inf (or a row that is all -Inf)")
+            raise ValueError(f"{contract.HVP}: {contract.BAD_LOGITS}")
         if bad_tangent:
-            raise ValueError(f"{op}: tangent contains NaN or Inf")
+            raise ValueError(f"{contract.HVP}: {contract.BAD_TANGENT}")
     return out
 
 
-register("unlearn_kernels_triton")
+contract.register_autograd("unlearn_kernels_triton")

@@ -15,6 +15,8 @@
 #include <limits>
 #include <type_traits>
 
+#include "../softmax_ce.h"
+
 namespace unlearn_kernels {
 namespace {
 
@@ -150,19 +152,8 @@ void grad_row(const scalar_t* z, int64_t y, scalar_t* out, int64_t C, double smo
 // Rows may be strided; the class dimension must be dense.
 at::Tensor rows_dense(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
 
-void check_logits(const at::Tensor& logits, const char* op) {
-  TORCH_CHECK_VALUE(logits.dim() == 2, op, ": logits must be 2-D (N, C), got shape ", logits.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(logits.scalar_type()), op, ": logits must be floating point, got ",
-              logits.scalar_type());
-}
-
 at::Tensor softmax_ce_hvp_cpu(const at::Tensor& logits_in, const at::Tensor& tangent_in, bool check_finite) {
-  check_logits(logits_in, "softmax_ce_hvp");
-  TORCH_CHECK_VALUE(tangent_in.sizes() == logits_in.sizes(), "softmax_ce_hvp: tangent shape ", tangent_in.sizes(),
-              " must equal logits shape ", logits_in.sizes());
-  TORCH_CHECK_TYPE(tangent_in.scalar_type() == logits_in.scalar_type(), "softmax_ce_hvp: tangent dtype ",
-              tangent_in.scalar_type(), " must equal logits dtype ", logits_in.scalar_type());
-  TORCH_INTERNAL_ASSERT(logits_in.device().is_cpu() && tangent_in.device().is_cpu());
+  softmax_ce::check_hvp_args(logits_in, tangent_in);
   const at::Tensor logits = rows_dense(logits_in), tangent = rows_dense(tangent_in);
   const int64_t N = logits.size(0), C = logits.size(1);
   at::Tensor out = at::empty({N, C}, logits.options().memory_format(at::MemoryFormat::Contiguous));
@@ -181,51 +172,43 @@ at::Tensor softmax_ce_hvp_cpu(const at::Tensor& logits_in, const at::Tensor& tan
     });
   });
   if (check_finite) {
-    TORCH_CHECK_VALUE(!bad_logits, "softmax_ce_hvp: logits contain NaN or +Inf (or a row that is all -Inf)");
-    TORCH_CHECK_VALUE(!bad_tangent, "softmax_ce_hvp: tangent contains NaN or Inf");
+    TORCH_CHECK_VALUE(!bad_logits, "softmax_ce_hvp: ", softmax_ce::kBadLogits);
+    TORCH_CHECK_VALUE(!bad_tangent, "softmax_ce_hvp: ", softmax_ce::kBadTangent);
   }
   return out;
 }
 
 at::Tensor softmax_ce_grad_cpu(const at::Tensor& logits_in, const at::Tensor& target_in, double label_smoothing,
                                int64_t ignore_index, bool check_finite) {
-  check_logits(logits_in, "softmax_ce_grad");
-  TORCH_CHECK_VALUE(target_in.dim() == 1 && target_in.size(0) == logits_in.size(0),
-              "softmax_ce_grad: target must have shape (N,) = (", logits_in.size(0), ",), got ", target_in.sizes());
-  TORCH_CHECK_TYPE(target_in.scalar_type() == at::kLong, "softmax_ce_grad: target must be int64 class indices, got ",
-              target_in.scalar_type());
-  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
-              "softmax_ce_grad: label_smoothing must be in [0, 1], got ", label_smoothing);
+  softmax_ce::check_grad_args(logits_in, target_in, label_smoothing);
   const at::Tensor logits = rows_dense(logits_in), target = target_in.contiguous();
   const int64_t N = logits.size(0), C = logits.size(1);
   at::Tensor out = at::empty({N, C}, logits.options().memory_format(at::MemoryFormat::Contiguous));
   if (N == 0 || C == 0) return out;
-  std::atomic<bool> bad_logits{false};
-  std::atomic<int64_t> bad_row{-1};
+  std::atomic<bool> bad_logits{false}, bad_target{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "softmax_ce_grad_cpu", [&] {
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
     const int64_t* y = target.const_data_ptr<int64_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     const int64_t zs = logits.stride(0);
     at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
-      bool bl = false;
+      bool bl = false, bt = false;
       for (int64_t i = begin; i < end; ++i) {
         if (y[i] == ignore_index) {
           std::fill(o + i * C, o + (i + 1) * C, scalar_t(0));
         } else if (y[i] < 0 || y[i] >= C) {
-          bad_row = i;
+          bt = true;
         } else {
           grad_row<scalar_t>(z + i * zs, y[i], o + i * C, C, label_smoothing, &bl);
         }
       }
       if (bl) bad_logits = true;
+      if (bt) bad_target = true;
     });
   });
-  const int64_t row = bad_row.load();
-  TORCH_CHECK_VALUE(row < 0, "softmax_ce_grad: target[", row, "] = ", target[row].item<int64_t>(),
-              " is out of range for ", C, " classes (and is not ignore_index=", ignore_index, ")");
+  if (bad_target) softmax_ce::check_targets(target, C, ignore_index);  // names the first bad row
   if (check_finite) {
-    TORCH_CHECK_VALUE(!bad_logits, "softmax_ce_grad: logits contain NaN or +Inf (or a row that is all -Inf)");
+    TORCH_CHECK_VALUE(!bad_logits, "softmax_ce_grad: ", softmax_ce::kBadLogits);
   }
   return out;
 }

@@ -21,6 +21,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "../softmax_ce.h"
+
 namespace unlearn_kernels {
 namespace {
 
@@ -195,12 +197,6 @@ __global__ void softmax_ce_hvp_kernel(const scalar_t* __restrict__ logits, const
 // Rows may be strided; the class dimension must be dense.
 at::Tensor rows_dense(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
 
-void check_logits(const at::Tensor& logits, const char* op) {
-  TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D (N, C), got shape ", logits.sizes());
-  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), op, ": logits must be floating point, got ",
-              logits.scalar_type());
-}
-
 // 16-byte vectors when every row of every tensor starts 16-byte aligned and C fills whole vectors.
 template <typename scalar_t>
 int vector_width(int64_t C, std::initializer_list<std::pair<const void*, int64_t>> rows) {
@@ -236,13 +232,7 @@ void launch_rows(int64_t N, int64_t C, int vec, Launch&& launch) {
 }
 
 at::Tensor softmax_ce_hvp_cuda(const at::Tensor& logits_in, const at::Tensor& tangent_in, bool check_finite) {
-  check_logits(logits_in, "softmax_ce_hvp");
-  TORCH_CHECK(tangent_in.sizes() == logits_in.sizes(), "softmax_ce_hvp: tangent shape ", tangent_in.sizes(),
-              " must equal logits shape ", logits_in.sizes());
-  TORCH_CHECK(tangent_in.scalar_type() == logits_in.scalar_type(), "softmax_ce_hvp: tangent dtype ",
-              tangent_in.scalar_type(), " must equal logits dtype ", logits_in.scalar_type());
-  TORCH_CHECK(logits_in.is_cuda() && tangent_in.device() == logits_in.device(),
-              "softmax_ce_hvp: logits and tangent must be on the same CUDA device");
+  softmax_ce::check_hvp_args(logits_in, tangent_in);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor logits = rows_dense(logits_in), tangent = rows_dense(tangent_in);
   const int64_t N = logits.size(0), C = logits.size(1);
@@ -264,23 +254,15 @@ at::Tensor softmax_ce_hvp_cuda(const at::Tensor& logits_in, const at::Tensor& ta
   });
   if (check_finite) {
     const at::Tensor f = flags.cpu();  // the one synchronisation
-    TORCH_CHECK_VALUE(f[0].item<int>() == 0, "softmax_ce_hvp: logits contain NaN or +Inf (or a row that is all -Inf)");
-    TORCH_CHECK_VALUE(f[1].item<int>() == 0, "softmax_ce_hvp: tangent contains NaN or Inf");
+    TORCH_CHECK_VALUE(f[0].item<int>() == 0, "softmax_ce_hvp: ", softmax_ce::kBadLogits);
+    TORCH_CHECK_VALUE(f[1].item<int>() == 0, "softmax_ce_hvp: ", softmax_ce::kBadTangent);
   }
   return out;
 }
 
 at::Tensor softmax_ce_grad_cuda(const at::Tensor& logits_in, const at::Tensor& target_in, double label_smoothing,
                                 int64_t ignore_index, bool check_finite) {
-  check_logits(logits_in, "softmax_ce_grad");
-  TORCH_CHECK(target_in.dim() == 1 && target_in.size(0) == logits_in.size(0),
-              "softmax_ce_grad: target must have shape (N,) = (", logits_in.size(0), ",), got ", target_in.sizes());
-  TORCH_CHECK(target_in.scalar_type() == at::kLong, "softmax_ce_grad: target must be int64 class indices, got ",
-              target_in.scalar_type());
-  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,
-              "softmax_ce_grad: label_smoothing must be in [0, 1], got ", label_smoothing);
-  TORCH_CHECK(logits_in.is_cuda() && target_in.device() == logits_in.device(),
-              "softmax_ce_grad: logits and target must be on the same CUDA device");
+  softmax_ce::check_grad_args(logits_in, target_in, label_smoothing);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor logits = rows_dense(logits_in), target = target_in.contiguous();
   const int64_t N = logits.size(0), C = logits.size(1);
@@ -302,18 +284,9 @@ at::Tensor softmax_ce_grad_cuda(const at::Tensor& logits_in, const at::Tensor& t
   });
   // Targets are always checked (as on CPU), so this op always synchronises once.
   const at::Tensor f = flags.cpu();
-  if (f[1].item<int>() != 0) {  // find the first bad row on the host, for the message
-    const at::Tensor y = target.cpu();
-    const int64_t* yv = y.const_data_ptr<int64_t>();
-    for (int64_t row = 0; row < N; ++row) {
-      TORCH_CHECK_VALUE(yv[row] == ignore_index || (yv[row] >= 0 && yv[row] < C), "softmax_ce_grad: target[", row,
-                        "] = ", yv[row], " is out of range for ", C, " classes (and is not ignore_index=",
-                        ignore_index, ")");
-    }
-  }
+  if (f[1].item<int>() != 0) softmax_ce::check_targets(target.cpu(), C, ignore_index);  // the first bad row
   if (check_finite) {
-    TORCH_CHECK_VALUE(f[0].item<int>() == 0,
-                      "softmax_ce_grad: logits contain NaN or +Inf (or a row that is all -Inf)");
+    TORCH_CHECK_VALUE(f[0].item<int>() == 0, "softmax_ce_grad: ", softmax_ce::kBadLogits);
   }
   return out;
 }

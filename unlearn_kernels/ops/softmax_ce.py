@@ -15,13 +15,14 @@ differentiable: d grad / dz [G] = hvp(z, G), and the hvp's own derivatives are g
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from .. import _extension
 from ..backends import choose
-
-_CPP_OPS = "unlearn_kernels"
+from ..contracts import softmax_ce as contract
 
 
 # --------------------------------------------------------------------------- references
@@ -45,40 +46,21 @@ def softmax_ce_hvp_ref(logits: torch.Tensor, tangent: torch.Tensor) -> torch.Ten
     return (p * u - p * (p * u).sum(dim=1, keepdim=True)).to(logits.dtype)
 
 
-# --------------------------------------------------------------------------- validation
-def _check_logits(op: str, logits: torch.Tensor) -> None:
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"{op}: logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dim() != 2:
-        raise ValueError(f"{op}: logits must be 2-D (N, C), got shape {tuple(logits.shape)}")
-    if not logits.is_floating_point():
-        raise TypeError(f"{op}: logits must be floating point, got {logits.dtype}")
-
-
-def _check_targets(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> None:
-    """Raises the out-of-range target error naming the first bad row: the reference backend's
-    check, and how the Triton op reports a row its kernel flagged."""
-    bad = ((target < 0) | (target >= logits.shape[1])) & (target != ignore_index)
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"softmax_ce_grad: target[{row}] = {int(target[row])} is out of range for "
-            f"{logits.shape[1]} classes (and is not ignore_index={ignore_index})"
-        )
-
-
+# --------------------------------------------------------------------------- checks
 def _check_finite_ref(op: str, logits: torch.Tensor, tangent: torch.Tensor | None) -> None:
-    """The same conditions the kernels test: a finite row max, and a finite <p, u>."""
+    """The reference backend's finiteness check, the kernels' conditions: a finite row max, and a
+    finite <p, u>."""
     if logits.numel() == 0:
         return
     if not bool(torch.isfinite(logits.amax(dim=1)).all()):
-        raise ValueError(f"{op}: logits contain NaN or +Inf (or a row that is all -Inf)")
+        raise ValueError(f"{op}: {contract.BAD_LOGITS}")
     if tangent is not None:
         mean_u = (torch.softmax(logits.double(), dim=1) * tangent.double()).sum(dim=1)
         if not bool(torch.isfinite(mean_u).all()):
-            raise ValueError(f"{op}: tangent contains NaN or Inf")
+            raise ValueError(f"{op}: {contract.BAD_TANGENT}")
 
 
+@functools.cache
 def _triton_ops():
     from ..triton_kernels import softmax_ce  # noqa: F401  (defines the unlearn_kernels_triton ops)
 
@@ -110,27 +92,22 @@ def softmax_ce_grad(
     Returns:
         (N, C) contiguous tensor of the logits' dtype. Differentiable w.r.t. ``logits``.
     """
-    op = "softmax_ce_grad"
-    _check_logits(op, logits)
-    if not isinstance(target, torch.Tensor) or target.dtype.is_floating_point or target.dtype == torch.bool:
-        raise TypeError(f"{op}: target must be an integer tensor of class indices")
-    if target.shape != (logits.shape[0],):
-        raise ValueError(f"{op}: target must have shape ({logits.shape[0]},), got {tuple(target.shape)}")
-    if target.device != logits.device:
-        raise ValueError(f"{op}: target is on {target.device} but logits are on {logits.device}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
-    target = target.long()
-    name = choose(op, logits.device, backend)
+    op = contract.GRAD
+    device = contract.check_tensor(op, "logits", logits).device
+    target = contract.check_tensor(op, "target", target)
+    if not (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool):
+        target = target.long()  # any integer dtype; the op's own check names a wrong one
+    name = choose(op, device, backend)
+    # One check per path: the compiled kernels (C++, CUDA and Triton) check their inputs themselves,
+    # with the same messages as the reference's checks here.
     if name == "reference":
-        _check_targets(logits, target, ignore_index)
+        contract.check_grad_args(logits, target, label_smoothing)
+        contract.check_targets(target, logits.shape[1], ignore_index)
         if check_finite:
             _check_finite_ref(op, logits[target != ignore_index], None)
         return softmax_ce_grad_ref(logits, target, label_smoothing, ignore_index)
-    # The compiled kernels check the targets themselves (in the same pass).
-    if name == "triton":
-        return _triton_ops().softmax_ce_grad(logits, target, label_smoothing, ignore_index, check_finite)
-    return torch.ops.unlearn_kernels.softmax_ce_grad(logits, target, label_smoothing, ignore_index, check_finite)
+    ops = _triton_ops() if name == "triton" else torch.ops.unlearn_kernels
+    return ops.softmax_ce_grad(logits, target, float(label_smoothing), int(ignore_index), check_finite)
 
 
 def softmax_ce_hvp(
@@ -150,69 +127,21 @@ def softmax_ce_hvp(
     Returns:
         (N, C) contiguous tensor of the logits' dtype. Differentiable w.r.t. logits and tangent.
     """
-    op = "softmax_ce_hvp"
-    _check_logits(op, logits)
-    if not isinstance(tangent, torch.Tensor):
-        raise TypeError(f"{op}: tangent must be a torch.Tensor, got {type(tangent).__name__}")
-    if tangent.shape != logits.shape:
-        raise ValueError(f"{op}: tangent shape {tuple(tangent.shape)} must equal logits shape {tuple(logits.shape)}")
-    if tangent.dtype != logits.dtype:
-        raise TypeError(f"{op}: tangent dtype {tangent.dtype} must equal logits dtype {logits.dtype}")
-    if tangent.device != logits.device:
-        raise ValueError(f"{op}: tangent is on {tangent.device} but logits are on {logits.device}")
-    name = choose(op, logits.device, backend)
+    op = contract.HVP
+    device = contract.check_tensor(op, "logits", logits).device
+    contract.check_tensor(op, "tangent", tangent)
+    name = choose(op, device, backend)
     if name == "reference":
+        contract.check_hvp_args(logits, tangent)
         if check_finite:
             _check_finite_ref(op, logits, tangent)
         return softmax_ce_hvp_ref(logits, tangent)
-    if name == "triton":
-        return _triton_ops().softmax_ce_hvp(logits, tangent, check_finite)
-    return torch.ops.unlearn_kernels.softmax_ce_hvp(logits, tangent, check_finite)
+    ops = _triton_ops() if name == "triton" else torch.ops.unlearn_kernels
+    return ops.softmax_ce_hvp(logits, tangent, check_finite)
 
 
-# --------------------------------------------------------------------------- autograd + fake
-def _grad_setup_context(ctx, inputs, output):
-    logits, target, _smoothing, ignore_index, _check = inputs
-    ctx.save_for_backward(logits, target)
-    ctx.ignore_index = ignore_index
-
-
-def _grad_backward(ctx, grad_out):
-    logits, target = ctx.saved_tensors
-    keep = (target != ctx.ignore_index).unsqueeze(1).to(grad_out.dtype)
-    # The Jacobian of (p - t) w.r.t. z is the (symmetric) softmax Hessian.
-    return softmax_ce_hvp(logits, grad_out * keep, check_finite=False), None, None, None, None
-
-
-def _hvp_setup_context(ctx, inputs, output):
-    logits, tangent, _check = inputs
-    ctx.save_for_backward(logits, tangent)
-
-
-def _hvp_backward(ctx, grad_out):
-    logits, tangent = ctx.saved_tensors
-    grad_logits = grad_tangent = None
-    if ctx.needs_input_grad[0]:
-        # h = p*u - p<p,u>  =>  dh^T G = J (G*u - <p,u> G - <G,p> u) with J = diag(p) - p p^T.
-        p = torch.softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, dim=1)
-        p = p.to(logits.dtype)
-        inner = grad_out * tangent - (p * tangent).sum(1, keepdim=True) * grad_out - (p * grad_out).sum(1, keepdim=True) * tangent
-        grad_logits = softmax_ce_hvp(logits, inner, check_finite=False)
-    if ctx.needs_input_grad[1]:
-        grad_tangent = softmax_ce_hvp(logits, grad_out, check_finite=False)
-    return grad_logits, grad_tangent, None
-
-
-def register(namespace: str) -> None:
-    """Fake (meta) implementations and autograd formulas for the ops of one namespace."""
-    if namespace == _CPP_OPS:  # triton_op derives its fake implementation from the Python body
-        for op in ("softmax_ce_grad", "softmax_ce_hvp"):
-            torch.library.register_fake(f"{namespace}::{op}")(
-                lambda logits, *args: torch.empty_like(logits, memory_format=torch.contiguous_format)
-            )
-    torch.library.register_autograd(f"{namespace}::softmax_ce_grad", _grad_backward, setup_context=_grad_setup_context)
-    torch.library.register_autograd(f"{namespace}::softmax_ce_hvp", _hvp_backward, setup_context=_hvp_setup_context)
-
-
+# --------------------------------------------------------------------------- fake + autograd
 if _extension.extension_loaded():
-    register(_CPP_OPS)
+    torch.library.register_fake(f"unlearn_kernels::{contract.GRAD}")(contract.fake_grad)
+    torch.library.register_fake(f"unlearn_kernels::{contract.HVP}")(contract.fake_hvp)
+    contract.register_autograd("unlearn_kernels")

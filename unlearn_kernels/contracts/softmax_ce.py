@@ -1,0 +1,126 @@
+"""The contract of ``softmax_ce_grad`` / ``softmax_ce_hvp`` for the Python backends (reference and
+Triton): argument checks and error messages identical to ``csrc/softmax_ce.h``, the first bad target
+row, and the autograd formulas every namespace of the op registers."""
+from __future__ import annotations
+
+import torch
+
+GRAD = "softmax_ce_grad"
+HVP = "softmax_ce_hvp"
+#: the finiteness errors, after "<op>: " (the kernels detect these inside their pass)
+BAD_LOGITS = "logits contain NaN or +Inf (or a row that is all -Inf)"
+BAD_TANGENT = "tangent contains NaN or Inf"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The dtype as C++ prints an ``at::ScalarType`` ("Float", "Long", ...), so messages match."""
+    return torch.empty(0, dtype=dtype).type().removeprefix("torch.").removesuffix("Tensor")
+
+
+def _shape(t: torch.Tensor) -> str:
+    return str(list(t.shape))  # C++ prints IntArrayRef as [2, 3]
+
+
+def check_tensor(op: str, name: str, value: object) -> torch.Tensor:
+    """``value`` if it is a tensor (what dispatching needs), else TypeError."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _check_logits(op: str, logits: torch.Tensor) -> None:
+    if logits.dim() != 2:
+        raise ValueError(f"{op}: logits must be 2-D (N, C), got shape {_shape(logits)}")
+    if not logits.is_floating_point():
+        raise TypeError(f"{op}: logits must be floating point, got {dtype_name(logits.dtype)}")
+
+
+def check_grad_args(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float) -> None:
+    """Shapes, dtypes, devices and the smoothing of ``softmax_ce_grad`` (the C++ checks, in order)."""
+    _check_logits(GRAD, logits)
+    if target.dim() != 1 or target.shape[0] != logits.shape[0]:
+        raise ValueError(f"{GRAD}: target must have shape (N,) = ({logits.shape[0]},), got {_shape(target)}")
+    if target.dtype != torch.int64:
+        raise TypeError(f"{GRAD}: target must hold integer class indices (int64), got {dtype_name(target.dtype)}")
+    if target.device != logits.device:
+        raise ValueError(f"{GRAD}: target is on {target.device} but logits on {logits.device}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{GRAD}: label_smoothing must be in [0, 1], got {label_smoothing:g}")
+
+
+def check_hvp_args(logits: torch.Tensor, tangent: torch.Tensor) -> None:
+    """Shapes, dtypes and devices of ``softmax_ce_hvp`` (the C++ checks, in order)."""
+    _check_logits(HVP, logits)
+    if tangent.shape != logits.shape:
+        raise ValueError(f"{HVP}: tangent shape {_shape(tangent)} must equal logits shape {_shape(logits)}")
+    if tangent.dtype != logits.dtype:
+        raise TypeError(f"{HVP}: tangent dtype {dtype_name(tangent.dtype)} must equal logits dtype "
+                        f"{dtype_name(logits.dtype)}")
+    if tangent.device != logits.device:
+        raise ValueError(f"{HVP}: tangent is on {tangent.device} but logits on {logits.device}")
+
+
+def check_targets(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """ValueError naming the FIRST row whose target is neither in [0, C) nor ``ignore_index``."""
+    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{GRAD}: target[{row}] = {int(target[row])} is out of range for {num_classes} classes "
+                         f"(and is not ignore_index={ignore_index})")
+
+
+# --------------------------------------------------------------------------- autograd
+def _grad_setup_context(ctx, inputs, output):
+    logits, target, _smoothing, ignore_index, _check = inputs
+    ctx.save_for_backward(logits, target)
+    ctx.ignore_index = ignore_index
+
+
+def _hvp_setup_context(ctx, inputs, output):
+    logits, tangent, _check = inputs
+    ctx.save_for_backward(logits, tangent)
+
+
+def register_autograd(namespace: str) -> None:
+    """The derivatives of ``<namespace>::softmax_ce_grad`` and ``::softmax_ce_hvp``, built from that
+    namespace's own hvp op (so double backward works and stays on the same backend)."""
+    ops = getattr(torch.ops, namespace)
+
+    def grad_backward(ctx, grad_out):
+        logits, target = ctx.saved_tensors
+        keep = (target != ctx.ignore_index).unsqueeze(1).to(grad_out.dtype)
+        # The Jacobian of (p - t) w.r.t. z is the (symmetric) softmax Hessian.
+        return ops.softmax_ce_hvp(logits, grad_out * keep, False), None, None, None, None
+
+    def hvp_backward(ctx, grad_out):
+        logits, tangent = ctx.saved_tensors
+        grad_logits = grad_tangent = None
+        if ctx.needs_input_grad[0]:
+            # h = p*u - p<p,u>  =>  dh^T G = J (G*u - <p,u> G - <G,p> u) with J = diag(p) - p p^T.
+            low = logits.dtype in (torch.float16, torch.bfloat16)
+            p = torch.softmax(logits.float() if low else logits, dim=1).to(logits.dtype)
+            inner = (grad_out * tangent - (p * tangent).sum(1, keepdim=True) * grad_out
+                     - (p * grad_out).sum(1, keepdim=True) * tangent)
+            grad_logits = ops.softmax_ce_hvp(logits, inner, False)
+        if ctx.needs_input_grad[1]:
+            grad_tangent = ops.softmax_ce_hvp(logits, grad_out, False)
+        return grad_logits, grad_tangent, None
+
+    torch.library.register_autograd(f"{namespace}::{GRAD}", grad_backward, setup_context=_grad_setup_context)
+    torch.library.register_autograd(f"{namespace}::{HVP}", hvp_backward, setup_context=_hvp_setup_context)
+
+
+# --------------------------------------------------------------------------- fake
+# The fakes check the arguments too: under torch.compile they are what runs, and with inputs on
+# mixed devices the dispatcher may pick the Meta kernel, which is the fake.
+def fake_grad(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float, ignore_index: int,
+              check_finite: bool) -> torch.Tensor:
+    """The fake (meta) implementation of ``softmax_ce_grad``: a contiguous tensor like the logits."""
+    check_grad_args(logits, target, label_smoothing)
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def fake_hvp(logits: torch.Tensor, tangent: torch.Tensor, check_finite: bool) -> torch.Tensor:
+    """The fake (meta) implementation of ``softmax_ce_hvp``: a contiguous tensor like the logits."""
+    check_hvp_args(logits, tangent)
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
