@@ -5,11 +5,16 @@ Every op has up to four backends: ``cpp`` (C++ CPU kernel), ``cuda`` (CUDA kerne
 fastest usable one for the input's device: C++ on CPU tensors; CUDA, then Triton, on GPU tensors;
 the reference elsewhere. Forcing a backend that cannot run raises :class:`BackendUnavailableError`
 with the reason.
+
+This module knows no op by itself: the ops declare the backends they are implemented in with
+:func:`register_ops` (``unlearn_kernels.ops`` does, beside its table ``OP_BACKENDS``), so the ops
+import this module and never the other way round.
 """
 from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +22,23 @@ import torch
 from . import _extension
 
 BACKEND_NAMES = ("cpp", "cuda", "triton", "reference")
+_KERNEL_KIND = {"cpp": "C++ CPU kernel", "cuda": "CUDA kernel", "triton": "Triton kernel",
+                "reference": "reference"}
 _AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+
+#: op name -> the backends it is implemented in, as declared with register_ops
+_IMPLEMENTED: dict[str, tuple[str, ...]] = {}
+
+
+def register_ops(implemented: Mapping[str, Sequence[str]]) -> None:
+    """Declare, for each op (its dispatcher name), the backends it is implemented in."""
+    for op, names in implemented.items():
+        unknown = set(names) - set(BACKEND_NAMES)
+        if unknown:
+            raise ValueError(f"{op}: unknown backends {sorted(unknown)}; choose from {BACKEND_NAMES}")
+        _IMPLEMENTED[op] = tuple(names)
+    status.cache_clear()
 
 
 class BackendUnavailableError(RuntimeError):
@@ -57,12 +78,12 @@ def triton_available() -> tuple[bool, str]:
 @functools.cache  # what is built and visible does not change while the process runs
 def status(op: str, backend: str) -> BackendStatus:
     """Static usability of ``backend`` for ``op`` on this machine (independent of the inputs)."""
-    from .ops import OP_BACKENDS
-
     if backend not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {backend!r}; choose one of {('auto',) + BACKEND_NAMES}")
-    if backend not in OP_BACKENDS.get(op, BACKEND_NAMES):
-        return BackendStatus(False, f"{op} has no {backend} implementation")
+    if op not in _IMPLEMENTED:
+        raise ValueError(f"unknown op {op!r}; the ops are {sorted(_IMPLEMENTED)}")
+    if backend not in _IMPLEMENTED[op]:
+        return BackendStatus(False, f"no {_KERNEL_KIND[backend]} for {op}")
     if backend == "reference":
         return BackendStatus(True, "pure PyTorch, runs on any device")
     if backend == "cpp":
@@ -132,6 +153,4 @@ def backends() -> BackendReport:
     """For every op, the status of each backend on this machine, e.g.
     ``{"softmax_ce_hvp": {"cpp": BackendStatus(True, ...), "cuda": BackendStatus(False, ...), ...}}``;
     printing it gives a table."""
-    from .ops import OP_NAMES
-
-    return BackendReport({op: {b: status(op, b) for b in BACKEND_NAMES} for op in OP_NAMES})
+    return BackendReport({op: {b: status(op, b) for b in BACKEND_NAMES} for op in _IMPLEMENTED})

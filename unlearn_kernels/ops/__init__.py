@@ -1,5 +1,6 @@
 """Public kernel ops. Each takes ``backend="auto"|"cpp"|"cuda"|"triton"|"reference"``; each has a
 pure-PyTorch reference ``<op>_ref`` beside it. ``unlearn_kernels.backends()`` says what runs here."""
+from ..backends import register_ops
 from .cubic_secular import cubic_secular_solve, cubic_secular_solve_ref
 from .lanczos_step import lanczos_step, lanczos_step_ref
 from .lora_linear import lora_linear, lora_linear_jvp, lora_linear_jvp_ref, lora_linear_ref
@@ -30,6 +31,7 @@ OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "lora_linear_jvp": ("cpp", "cuda", "triton", "reference"),
 }
 OP_NAMES = tuple(OP_BACKENDS)
+register_ops(OP_BACKENDS)
 
 __all__ = [
     "OP_BACKENDS",
