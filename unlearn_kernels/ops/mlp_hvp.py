@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension
-from ..backends import BackendUnavailableError, choose
+from ..backends import choose
 
 _CPP_OPS = "unlearn_kernels"
 _OP = "mlp_hvp"
@@ -208,10 +208,8 @@ def mlp_hvp(
     v_weights = _tensor_list("v_weights", v_weights, num_layers, optional=False)
     v_biases = [None] * num_layers if v_biases is None else _tensor_list("v_biases", v_biases, num_layers, optional=True)
     _check_inputs(x, target, weights, biases, activations, v_weights, v_biases, label_smoothing)
-    if backend == "triton":
-        raise BackendUnavailableError(f"{_OP}: backend 'triton' cannot run here: no Triton kernel for this op")
     name = choose(_OP, x.device, backend)
-    if name == "reference" or name == "triton":  # "triton" from "auto": this op has no Triton kernel
+    if name == "reference":
         tensors = {"weights": weights, "biases": biases, "v_weights": v_weights, "v_biases": v_biases}
         _check_targets_and_finite(x, target, tensors, weights[-1].shape[0], ignore_index, check_finite)
         return mlp_hvp_ref(x, target, weights, biases, activations, v_weights, v_biases, label_smoothing, ignore_index)
