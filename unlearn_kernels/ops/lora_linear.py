@@ -220,6 +220,8 @@ class _LoRALinearFunction(torch.autograd.Function):
         need_x, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
         if need_w or need_b:
             raise _frozen_error(_OP)
+        if grad_out is None:  # the output does not reach the loss (set_materialize_grads(False))
+            return None, None, None, None, None, None, None
         x, weight, lora_a, lora_b, xa = ctx.saved_tensors
         gx, ga, gb = _backward(ctx.backend, grad_out, x, weight, lora_a, lora_b, xa, ctx.scale,
                                (need_x, need_a, need_lb))

@@ -1,0 +1,271 @@
+"""lora_linear / lora_linear_jvp: every backend against the float64 formula (output, the three
+gradients, the JVP), gradcheck, the torch.func transforms (jvp, vmap, forward-over-reverse, double
+backward), opcheck on every registered op, and bad input."""
+import pytest
+import torch
+
+from tolerance import assert_within_rule
+from unlearn_kernels.backends import BackendUnavailableError, status
+from unlearn_kernels.ops import lora_linear, lora_linear_jvp, lora_linear_jvp_ref, lora_linear_ref
+
+# the C++ kernel is always built (a missing one fails); Triton runs where it is installed (interpreter on CPU)
+BACKENDS = ["reference", "cpp"] + (["triton"] if status("lora_linear", "triton").usable else [])
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+CASES = [(b, "cpu") for b in BACKENDS] + [(b, "cuda") for b in ("cuda", "triton", "reference") if "cuda" in DEVICES]
+# (leading dims of x, in, out, rank): odd sizes, a 3-D x, rank 1 and 256 (the interpreter's cost grows
+# with the number of 128-wide tiles: these stay at a few tiles).
+SHAPES = [((7,), 13, 11, 3), ((2, 5), 33, 17, 1), ((37,), 300, 260, 256), ((0,), 8, 5, 2), ((130,), 20, 129, 16)]
+
+
+def make(lead, n_in, n_out, rank, dtype, device, gen, bias=True):
+    def rand(*shape, std=1.0):
+        return (torch.randn(*shape, dtype=torch.float64, generator=gen) * std).to(device=device, dtype=dtype)
+
+    x = rand(*lead, n_in)
+    weight = rand(n_out, n_in, std=n_in**-0.5)
+    b = rand(n_out) if bias else None
+    lora_a = rand(rank, n_in, std=n_in**-0.5)
+    lora_b = rand(n_out, rank, std=rank**-0.5)
+    return x, weight, b, lora_a, lora_b, 0.75
+
+
+def double(args):
+    return tuple(t.double() if isinstance(t, torch.Tensor) else t for t in args)
+
+
+def grads_of(fn, x, lora_a, lora_b, grad_out):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, lora_a, lora_b)]
+    return torch.autograd.grad(fn(*leaves), leaves, grad_out)
+
+
+@pytest.mark.parametrize(("backend", "device"), CASES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_and_gradients_match_float64(backend, device, shape, dtype, bias, rng):
+    args = make(*shape, dtype, device, rng, bias=bias)
+    x, weight, b, lora_a, lora_b, scale = args
+    out = lora_linear(*args, backend=backend)
+    exact = lora_linear_ref(*double(args))
+    assert out.shape == (*shape[0], shape[2]) and out.dtype == dtype
+    assert_within_rule(out, lora_linear_ref(*args), exact)
+
+    grad_out = torch.randn(out.shape, dtype=torch.float64, generator=rng).to(device=device, dtype=dtype)
+
+    def ours(x_, a_, b_):
+        return lora_linear(x_, weight, b, a_, b_, scale, backend=backend)
+
+    def plain(x_, a_, b_):
+        return lora_linear_ref(x_, weight, b, a_, b_, scale)
+
+    def exact_fn(x_, a_, b_):
+        return lora_linear_ref(x_, weight.double(), None if b is None else b.double(), a_, b_, scale)
+
+    got = grads_of(ours, x, lora_a, lora_b, grad_out)
+    want = grads_of(plain, x, lora_a, lora_b, grad_out)
+    exact_grads = grads_of(exact_fn, x.double(), lora_a.double(), lora_b.double(), grad_out.double())
+    for g, p, e in zip(got, want, exact_grads):
+        assert_within_rule(g, p, e)
+
+
+@pytest.mark.parametrize(("backend", "device"), CASES)
+@pytest.mark.parametrize("tangents", ["both", "a", "b", "none"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_jvp_matches_torch_func(backend, device, tangents, dtype, rng):
+    args = make((3, 9), 21, 14, 5, dtype, device, rng)
+    x, weight, b, lora_a, lora_b, scale = args
+    ta = torch.randn_like(lora_a) if tangents in ("both", "a") else None
+    tb = torch.randn_like(lora_b) if tangents in ("both", "b") else None
+    out, tangent = lora_linear_jvp(*args, ta, tb, backend=backend)
+    exact_args = double(args)
+
+    def f(a_, b_):
+        return lora_linear_ref(exact_args[0], exact_args[1], exact_args[2], a_, b_, scale)
+
+    zero = (torch.zeros_like(exact_args[3]), torch.zeros_like(exact_args[4]))
+    dirs = (zero[0] if ta is None else ta.double(), zero[1] if tb is None else tb.double())
+    exact_out, exact_tangent = torch.func.jvp(f, exact_args[3:5], dirs)
+    plain_out, plain_tangent = lora_linear_jvp_ref(*args, ta, tb)
+    assert_within_rule(out, plain_out, exact_out)
+    assert_within_rule(tangent, plain_tangent, exact_tangent)
+
+
+@pytest.mark.parametrize(("backend", "device"), CASES)
+def test_gradcheck(backend, device, rng):
+    x, weight, b, lora_a, lora_b, scale = make((4, 3), 6, 5, 2, torch.float64, device, rng)
+    leaves = [t.requires_grad_() for t in (x, lora_a, lora_b)]
+
+    def fn(x_, a_, b_):
+        return lora_linear(x_, weight, b, a_, b_, scale, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, leaves)
+    assert torch.autograd.gradgradcheck(fn, leaves)
+    assert torch.autograd.gradcheck(fn, leaves, check_forward_ad=True, check_backward_ad=False, check_batched_grad=False)
+
+
+@pytest.mark.parametrize(("backend", "device"), CASES)
+def test_torch_func_transforms(backend, device, rng):
+    """What the curvature operators do on adapter parameters: vmapped jvp, forward-over-reverse HVP
+    vmapped over tangents, per-sample gradients (vmap over x), and reverse-over-reverse."""
+    x, weight, b, lora_a, lora_b, scale = make((2, 6), 7, 5, 3, torch.float64, device, rng)
+    k = 3
+    ta = torch.randn(k, *lora_a.shape, dtype=torch.float64, generator=rng).to(device)
+    tb = torch.randn(k, *lora_b.shape, dtype=torch.float64, generator=rng).to(device)
+
+    def ours(a_, b_, x_=x):
+        return lora_linear(x_, weight, b, a_, b_, scale, backend=backend)
+
+    def ref(a_, b_, x_=x):
+        return lora_linear_ref(x_, weight, b, a_, b_, scale)
+
+    def close(got, want):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+    jv = [torch.func.vmap(lambda a, bb, f=f: torch.func.jvp(f, (lora_a, lora_b), (a, bb))[1])(ta, tb) for f in (ours, ref)]
+    close([jv[0]], [jv[1]])
+
+    def hvp(f):
+        grad = torch.func.grad(lambda p: f(*p).sin().sum())
+        return torch.func.vmap(lambda a, bb: torch.func.jvp(grad, ((lora_a, lora_b),), ((a, bb),))[1])(ta, tb)
+
+    close(hvp(ours), hvp(ref))
+    xs = torch.randn(4, *x.shape, dtype=torch.float64, generator=rng).to(device)
+
+    def per_sample(f):
+        return torch.func.vmap(torch.func.grad(lambda p, x_: f(*p, x_).sin().sum()), in_dims=(None, 0))((lora_a, lora_b), xs)
+
+    close(per_sample(ours), per_sample(ref))
+    jvp_op = torch.func.vmap(lambda a, bb: lora_linear_jvp(x, weight, b, lora_a, lora_b, scale, a, bb, backend=backend)[1])
+    close([jvp_op(ta, tb)], [jv[1]])
+
+    def ror(f):
+        leaves = [t.clone().requires_grad_() for t in (x, lora_a, lora_b)]
+        grads = torch.autograd.grad(f(*leaves[1:], leaves[0]).sin().sum(), leaves, create_graph=True)
+        return torch.autograd.grad(sum((g * t[0]).sum() for g, t in zip(grads, (xs, ta, tb))), leaves)
+
+    close(ror(ours), ror(ref))
+
+
+def test_plain_backward_runs_the_compiled_op(rng):
+    x, weight, b, lora_a, lora_b, scale = make((16,), 8, 6, 2, torch.float32, "cpu", rng)
+    lora_b.requires_grad_()
+    with torch.profiler.profile() as prof:
+        lora_linear(x, weight, b, lora_a, lora_b, scale, backend="cpp").sum().backward()
+    names = {e.name for e in prof.events()}
+    assert "unlearn_kernels::lora_linear_backward" in names
+    assert lora_b.grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_x(backend, rng):
+    _, weight, b, lora_a, lora_b, scale = make((1,), 12, 7, 3, torch.float64, "cpu", rng)
+    wide = torch.randn(3, 9, 30, dtype=torch.float64, generator=rng)
+    for x in (wide[:, :, ::2][..., :12], wide.transpose(0, 1)[..., 5:17]):  # feature stride 2; rows permuted
+        assert not x.is_contiguous()
+        leaves = [t.clone().requires_grad_() for t in (x, lora_a, lora_b)]
+        out = lora_linear(leaves[0], weight, b, leaves[1], leaves[2], scale, backend=backend)
+        exact = lora_linear_ref(x.contiguous(), weight, b, lora_a, lora_b, scale)
+        torch.testing.assert_close(out, exact, rtol=1e-12, atol=1e-12)
+        got = torch.autograd.grad(out.sum(), leaves)
+        want = grads_of(lambda x_, a_, b_: lora_linear_ref(x_, weight, b, a_, b_, scale), x.contiguous(), lora_a,
+                        lora_b, torch.ones_like(exact))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_opcheck(backend, rng):
+    ops_ns = torch.ops.unlearn_kernels if backend == "cpp" else _triton_ops()
+    x, weight, b, lora_a, lora_b, scale = make((10,), 6, 5, 2, torch.float32, "cpu", rng)
+    for with_bias in (b, None):
+        torch.library.opcheck(ops_ns.lora_linear.default, (x, weight, with_bias, lora_a, lora_b, scale))
+        torch.library.opcheck(ops_ns.lora_linear.default,
+                              (x.clone().requires_grad_(), weight, with_bias, lora_a.clone().requires_grad_(),
+                               lora_b.clone().requires_grad_(), scale))
+    xa = x @ lora_a.T
+    gy = torch.randn(10, 5, generator=rng)
+    for mask in ([True, True, True], [False, True, True], [True, False, False]):
+        torch.library.opcheck(ops_ns.lora_linear_backward.default, (gy, x, weight, lora_a, lora_b, xa, scale, mask))
+    ta, tb = torch.randn_like(lora_a), torch.randn_like(lora_b)
+    for tangents in ((ta, tb), (ta, None), (None, tb), (None, None)):
+        torch.library.opcheck(ops_ns.lora_linear_jvp.default, (x, weight, b, lora_a, lora_b, scale, *tangents))
+
+
+def _triton_ops():
+    from unlearn_kernels.triton_kernels import lora_linear as _  # noqa: F401  (defines the ops)
+
+    return torch.ops.unlearn_kernels_triton
+
+
+def _valid():
+    return {"x": torch.ones(4, 6), "weight": torch.ones(5, 6), "bias": torch.ones(5), "lora_a": torch.ones(2, 6),
+            "lora_b": torch.ones(5, 2), "scale": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        ({"lora_a": torch.ones(0, 6), "lora_b": torch.ones(5, 0)}, ValueError, "rank >= 1"),
+        ({"lora_a": torch.ones(2, 7)}, ValueError, r"lora_a must have shape \(rank, 6\)"),
+        ({"lora_b": torch.ones(5, 3)}, ValueError, r"lora_b must have shape \(5, 2\)"),
+        ({"lora_b": torch.ones(4, 2)}, ValueError, r"lora_b must have shape \(5, 2\)"),
+        ({"x": torch.ones(4, 7)}, ValueError, r"x must have shape \(\.\.\., 6\)"),
+        ({"bias": torch.ones(6)}, ValueError, r"bias must have shape \(5,\)"),
+        ({"weight": torch.ones(5, 6, 1)}, ValueError, "weight must be 2-D"),
+        ({"lora_a": torch.ones(2, 6, dtype=torch.float64)}, TypeError, "lora_a dtype"),
+        ({"x": torch.ones(4, 6, dtype=torch.int64)}, TypeError, "x must be float16"),
+        ({"lora_b": torch.ones(5, 2, device="meta")}, ValueError, "lora_b is on meta"),
+        ({"scale": float("nan")}, ValueError, "scale must be finite"),
+        ({"scale": "2"}, TypeError, "scale must be a Python float"),
+        ({"weight": torch.ones(5, 6, requires_grad=True)}, ValueError, "weight requires grad"),
+        ({"lora_a": [[1.0] * 6] * 2}, TypeError, "lora_a must be a torch.Tensor"),
+    ],
+)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input(change, error, match, backend):
+    args = _valid()
+    args.update(change)
+    before = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor) and v.device.type == "cpu"}
+    with pytest.raises(error, match=match):
+        lora_linear(*args.values(), backend=backend)
+    with pytest.raises(error, match=match):
+        lora_linear_jvp(*args.values(), None, None, backend=backend)
+    for k, v in before.items():  # nothing was modified
+        assert torch.equal(args[k], v)
+
+
+def test_bad_tangents():
+    args = _valid()
+    with pytest.raises(ValueError, match=r"tangent_a must have the shape \(2, 6\)"):
+        lora_linear_jvp(*args.values(), torch.ones(3, 6), None)
+    with pytest.raises(TypeError, match="tangent_b dtype"):
+        lora_linear_jvp(*args.values(), None, torch.ones(5, 2, dtype=torch.float64))
+
+
+def test_frozen_weight_gets_no_tangent():
+    args = _valid()
+    with pytest.raises(ValueError, match="weight and bias are frozen"):
+        torch.func.jvp(lambda w: lora_linear(args["x"], w, None, args["lora_a"], args["lora_b"], 1.0),
+                       (args["weight"],), (torch.ones(5, 6),))
+
+
+def test_compiled_op_checks_its_inputs():
+    """The dispatcher ops check shapes themselves (for callers that bypass the Python op)."""
+    args = _valid()
+    with pytest.raises(ValueError, match="lora_b must have shape"):
+        torch.ops.unlearn_kernels.lora_linear(args["x"], args["weight"], None, args["lora_a"], torch.ones(5, 3), 1.0)
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        torch.ops.unlearn_kernels.lora_linear(torch.ones(2, 4, 6), args["weight"], None, args["lora_a"],
+                                              args["lora_b"], 1.0)
+    with pytest.raises(ValueError, match="grad_out must have shape"):
+        torch.ops.unlearn_kernels.lora_linear_backward(torch.ones(3, 5), args["x"], args["weight"], args["lora_a"],
+                                                       args["lora_b"], torch.ones(4, 2), 1.0, [True, True, True])
+
+
+def test_unavailable_backend():
+    args = _valid()
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(BackendUnavailableError, match="cuda"):
+        lora_linear(*args.values(), backend="cuda")
