@@ -142,9 +142,11 @@ def test_reverse_over_reverse_mode_matches_dense_reference(name):
     assert rel_err(H.to_dense(chunk_size=5), ref) <= 1e-10
     V = torch.randn(H.shape[0], 3, dtype=DT, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(H.matmat(V), torch.stack([H.matvec(V[:, k]) for k in range(3)], 1), rtol=1e-12, atol=1e-14)
-    forward = hessian_operator(model, loss, batches, path="generic")
-    assert forward.mode == "forward-over-reverse"
+    forward = hessian_operator(model, loss, batches, path="generic", mode="forward-over-reverse")
+    assert forward.mode == "forward-over-reverse" and forward.mode_reason == "requested"
     assert rel_err(forward.matmat(V), H.matmat(V)) <= 1e-12
+    auto = hessian_operator(model, loss, batches, path="generic")
+    assert auto.mode == "reverse-over-reverse" and auto.mode_reason.startswith("auto: double backward is exact")
 
 
 def test_unknown_mode_is_rejected_on_every_path():
@@ -178,9 +180,12 @@ def test_mse_ggn_and_hessian():
     batches = uneven_batches(x, y, size=6)
     for loss in (nn.MSELoss(), F.mse_loss):
         assert rel_err(ggn_operator(model, loss, batches).to_dense(), dense_ggn(model, batches, loss)) <= 1e-10
-    # torch 2.13 cannot run forward-over-reverse through F.mse_loss: double backward takes over.
+    # torch 2.13 cannot run forward-over-reverse through F.mse_loss: double backward takes over
+    # (checked by finite differences), with a warning when forward-over-reverse was asked for.
     with pytest.warns(RuntimeWarning, match="reverse-over-reverse"):
-        H = hessian_operator(model, nn.MSELoss(), batches, path="generic")
+        forward = hessian_operator(model, nn.MSELoss(), batches, path="generic", mode="forward-over-reverse")
+    assert forward.mode == "reverse-over-reverse" and "forward-over-reverse failed" in forward.mode_reason
+    H = hessian_operator(model, nn.MSELoss(), batches, path="generic")
     assert H.mode == "reverse-over-reverse"
     assert rel_err(H.to_dense(), dense_hessian(model, batches, nn.MSELoss())) <= 1e-10
     assert rel_err(H.gradient(), dense_gradient(model, batches, nn.MSELoss())) <= 1e-12
@@ -218,17 +223,20 @@ def test_matmat_equals_matvecs_and_counters(kind):
     batches = uneven_batches(x, y)
     if kind == "hessian":
         op = hessian_operator(model, loss, batches, path="generic")
+        probes = 2  # a double-backward product and the forward-over-reverse one it is checked against
     else:
         op = ggn_operator(model, loss, batches)
-    assert (op.num_products, op.num_data_passes) == (0, 0)
+        probes = 1
+    # Construction probes on the first batch: two gradients and the products, all counted.
+    assert (op.num_products, op.num_gradients, op.num_data_passes) == (probes, 2, 0)
     V = torch.randn(op.shape[0], 4, dtype=DT, generator=torch.Generator().manual_seed(0))
     M = op.matmat(V)
-    assert (op.num_products, op.num_data_passes) == (4, 1)
+    assert (op.num_products, op.num_data_passes) == (probes + 4, 1)
     cols = torch.stack([op.matvec(V[:, k]) for k in range(4)], dim=1)
-    assert (op.num_products, op.num_data_passes) == (8, 5)
+    assert (op.num_products, op.num_data_passes) == (probes + 8, 5)
     torch.testing.assert_close(M, cols, rtol=1e-12, atol=1e-14)
     op.gradient()
-    assert (op.num_products, op.num_data_passes) == (8, 6)
+    assert (op.num_products, op.num_gradients, op.num_data_passes) == (probes + 8, 3, 6)
     # Symmetry: u^T C v = v^T C u.
     assert abs(float(V[:, 0] @ M[:, 1] - V[:, 1] @ M[:, 0])) <= 1e-12 * float(M.norm())
 
@@ -366,7 +374,7 @@ def test_vmap_fallback_loops_with_the_same_result():
     x, y = torch.randn(N, 4, dtype=DT) * 0.5, torch.randint(0, C, (N,))
     loss = nn.CrossEntropyLoss()
     with pytest.warns(RuntimeWarning, match="falling back to a loop"):
-        H = hessian_operator(model, loss, (x, y), path="generic")
+        H = hessian_operator(model, loss, (x, y), path="generic", mode="forward-over-reverse")
     assert not H.uses_vmap and H.mode == "forward-over-reverse"
     assert rel_err(H.to_dense(), dense_hessian(model, [(x, y)], loss)) <= 1e-10
     with pytest.warns(RuntimeWarning, match="falling back to a loop"):
@@ -434,9 +442,13 @@ def test_missing_forward_mode_falls_back_to_double_backward():
         return square.apply(out - F.one_hot(target, C)).mean()
 
     with pytest.warns(RuntimeWarning, match="reverse-over-reverse"):
-        H = hessian_operator(model, loss, (x, y), path="generic")
+        H = hessian_operator(model, loss, (x, y), path="generic", mode="forward-over-reverse")
     assert H.mode == "reverse-over-reverse"
     assert rel_err(H.to_dense(), dense_hessian(model, [(x, y)], loss)) <= 1e-10
+    # mode="auto" takes double backward, checked by finite differences (no forward mode to compare with).
+    auto = hessian_operator(model, loss, (x, y), path="generic")
+    assert auto.mode == "reverse-over-reverse" and auto.num_gradients > 2
+    assert rel_err(auto.to_dense(), dense_hessian(model, [(x, y)], loss)) <= 1e-10
 
 
 def test_requested_reverse_mode_is_checked_and_needs_no_forward_mode():
@@ -462,7 +474,7 @@ def test_fallback_check_survives_relu_kinks_in_float32():
         return square.apply(out - F.one_hot(target, 3).to(out.dtype)).mean()
 
     with pytest.warns(RuntimeWarning, match="reverse-over-reverse"):
-        H = hessian_operator(model, loss, (x, y), path="generic")
+        H = hessian_operator(model, loss, (x, y), path="generic", mode="forward-over-reverse")
     H64 = hessian_operator(copy.deepcopy(model).double(), loss, (x.double(), y), path="generic",
                            mode="reverse-over-reverse")
     v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(2))
@@ -499,7 +511,7 @@ def test_bad_inputs_raise_clear_errors():
         op.matvec(torch.full((d,), float("nan"), dtype=DT))
     with pytest.raises(TypeError, match="torch.Tensor"):
         op.matvec(np.ones(d))
-    assert op.num_products == 0
+    assert op.num_products == 1 and op.num_data_passes == 0  # the construction probe only
     for bad in (nn.L1Loss(), nn.CrossEntropyLoss(reduction="sum"), nn.CrossEntropyLoss(weight=torch.ones(C, dtype=DT))):
         with pytest.raises(ValueError, match="ggn_operator"):
             ggn_operator(model, bad, (x, y))
@@ -515,3 +527,109 @@ def test_bad_inputs_raise_clear_errors():
         hessian_operator(model, loss, (x, y), path="fast")
     with pytest.raises(ValueError, match="mix dtypes"):
         hessian_operator(nn.Sequential(nn.Linear(4, 5), nn.Linear(5, C).to(DT)), loss, (x, y), path="generic")
+
+
+# ----------------------------------------------------------------------------- fixed-weight cache
+class _CountingBatches(list):
+    """A list of batches that counts how often it is iterated (passes over the data)."""
+
+    passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        return super().__iter__()
+
+
+def _operators(kind: str, model, loss, batches, **options) -> CurvatureOperator:
+    if kind == "ggn":
+        return ggn_operator(model, loss, batches, **options)
+    return hessian_operator(model, loss, batches, path="generic", mode=kind, **options)
+
+
+@pytest.mark.parametrize("kind", ["reverse-over-reverse", "ggn"])
+@pytest.mark.parametrize("name", ["mlp", "layernorm", "cnn"])
+def test_cached_products_equal_uncached_ones(kind, name):
+    model, x, y = make(name, seed=11, n=14)
+    loss = nn.CrossEntropyLoss()
+    batches = _CountingBatches(uneven_batches(x, y, size=5))
+    cached = _operators(kind, model, loss, batches)
+    streamed = _operators(kind, model, loss, batches, cache_bytes=0)
+    assert cached.cached_batches == 0 and cached.cache_bytes > 0 and streamed.cache_bytes == 0
+    V = torch.randn(cached.shape[0], 3, dtype=DT, generator=torch.Generator().manual_seed(4))
+    expected = streamed.matmat(V)
+    first = cached.matmat(V)  # builds the cache
+    assert cached.cached_batches == 3 and cached.cached_bytes > 0 and streamed.cached_batches == 0
+    passes = batches.passes
+    again = cached.matmat(V)  # from the cache alone: the data is not read
+    assert batches.passes == passes
+    torch.testing.assert_close(first, expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(again, expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(cached.matvec(V[:, 1]), expected[:, 1], rtol=1e-12, atol=1e-14)
+    if kind != "ggn":
+        torch.testing.assert_close(cached.gradient(), streamed.gradient(), rtol=1e-12, atol=1e-14)
+        assert rel_err(cached.to_dense(), dense_hessian(model, batches, loss)) <= 1e-10
+
+
+def _change_weights(how: str, model: nn.Module, op: CurvatureOperator) -> None:
+    """Change the model's weights the way a user would."""
+    if how == "in place":
+        with torch.no_grad():
+            model[0].weight.mul_(1.5)
+    elif how == "set_flat_parameters":
+        set_flat_parameters(model, get_flat_parameters(model) * 0.9)
+    elif how == "optimizer.step":
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        F.cross_entropy(model(torch.randn(6, 4, dtype=DT)), torch.arange(6) % C).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    elif how == "data replaced":
+        model[0].weight.data = model[0].weight.detach() * 2.0
+    else:  # in place through .data: no version counter sees it, so the caller invalidates
+        model[0].weight.data.mul_(0.5)
+        op.invalidate()
+
+
+@pytest.mark.parametrize("how", ["in place", "set_flat_parameters", "optimizer.step", "data replaced", "invalidate"])
+@pytest.mark.parametrize("kind", ["reverse-over-reverse", "ggn"])
+def test_cache_is_dropped_when_the_weights_change(how, kind):
+    model, x, y = make("mlp", seed=12)
+    loss = nn.CrossEntropyLoss()
+    batches = uneven_batches(x, y)
+    op = _operators(kind, model, loss, batches)
+    v = torch.randn(op.shape[0], dtype=DT, generator=torch.Generator().manual_seed(5))
+    before = op.matvec(v)
+    assert op.cached_batches == 3
+    _change_weights(how, model, op)
+    after = op.matvec(v)
+    fresh = _operators(kind, model, loss, batches, cache_bytes=0)
+    torch.testing.assert_close(after, fresh.matvec(v), rtol=1e-12, atol=1e-14)
+    assert rel_err(after, before) > 1e-3  # the change mattered
+    if kind != "ggn":
+        torch.testing.assert_close(op.gradient(), fresh.gradient(), rtol=1e-12, atol=1e-14)
+
+
+def test_a_replaced_parameter_of_another_shape_is_refused():
+    model, x, y = make("mlp")
+    op = hessian_operator(model, nn.CrossEntropyLoss(), (x, y), path="generic")
+    model[0].weight.data = torch.zeros(3, 4, dtype=DT)
+    with pytest.raises(ValueError, match="was replaced by one of shape.*build a new operator"):
+        op.matvec(torch.ones(op.shape[0], dtype=DT))
+
+
+@pytest.mark.parametrize("kind", ["reverse-over-reverse", "ggn"])
+def test_cache_budget_falls_back_to_streaming(kind):
+    model, x, y = make("cnn", seed=13, n=12)
+    loss = nn.CrossEntropyLoss()
+    batches = _CountingBatches(uneven_batches(x, y, size=4))  # three equal batches
+    full = _operators(kind, model, loss, batches)
+    V = torch.randn(full.shape[0], 2, dtype=DT, generator=torch.Generator().manual_seed(6))
+    expected = full.matmat(V)
+    per_batch = full.cached_bytes / 3
+    partial = _operators(kind, model, loss, batches, cache_bytes=int(1.5 * per_batch))
+    torch.testing.assert_close(partial.matmat(V), expected, rtol=1e-12, atol=1e-14)
+    assert partial.cached_batches == 1 and partial.cached_bytes <= partial.cache_bytes
+    passes = batches.passes
+    torch.testing.assert_close(partial.matmat(V), expected, rtol=1e-12, atol=1e-14)  # first batch cached, two streamed
+    assert batches.passes == passes + 1 and partial.cached_batches == 1
+    with pytest.raises(ValueError, match="cache_bytes must be an int >= 0"):
+        _operators(kind, model, loss, batches, cache_bytes=-1)

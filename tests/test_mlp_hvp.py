@@ -273,6 +273,91 @@ def test_direct_dispatcher_call_checks_its_inputs(rng):
         op(*args[:4], [3], *args[5:])
 
 
+# ----------------------------------------------------------------------------- fixed weights
+@pytest.mark.parametrize("acts", [["tanh", "relu", "identity"], ["gelu", "sigmoid", "identity"]])
+@pytest.mark.parametrize("chosen", [("w0", "b0", "w1", "b1", "w2"), ("w2", "b1"), ("b0",), ("w1",)])
+def test_state_and_cached_products_equal_the_whole_pass(acts, chosen, rng):
+    p = _problem([5, 4, 4, 3], acts, [True, True, False], 3, rng, smoothing=0.1)
+    p["target"][2] = -100  # an ignored row
+    offsets, w_off, b_off = _flat_layout(p, ["b1", "w0", "w2", "b0", "w1"], chosen)
+    V = _flat_tangents(p, offsets)
+    model = dict(x=p["x"], target=p["target"], weights=p["weights"], biases=p["biases"], activations=p["activations"])
+    whole = ops.mlp_hvp_flat(**model, V=V, weight_offsets=w_off, bias_offsets=b_off, label_smoothing=0.1, backend="cpp")
+    ref_state = ops.mlp_hvp_state_ref(**model, label_smoothing=0.1)
+    for backend in ("cpp", "reference"):
+        state = ops.mlp_hvp_state(**model, label_smoothing=0.1, backend=backend)
+        assert len(state) == 4 * 3 + 1
+        for a, b in zip(state, ref_state):
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+        out = ops.mlp_hvp_flat_cached(p["x"], state, p["weights"], p["biases"], acts, V, w_off, b_off, backend=backend)
+        assert out.shape == V.shape and out.T.is_contiguous()
+        assert _rel(out, whole) <= 1e-12, backend
+    ref = ops.mlp_hvp_flat_cached_ref(p["x"], ref_state, p["weights"], p["biases"], acts, V, w_off, b_off)
+    assert _rel(ref, whole) <= 1e-12
+
+
+def test_state_and_cached_opcheck(rng):
+    p = _problem([5, 4, 3], ["gelu", "relu"], [True, False], 2, rng)
+    codes = [ACTIVATIONS[a] for a in p["activations"]]
+    args = (p["x"], p["target"], p["weights"], p["biases"], codes, 0.1, -100, True)
+    torch.library.opcheck(torch.ops.unlearn_kernels.mlp_hvp_state.default, args)
+    state = torch.ops.unlearn_kernels.mlp_hvp_state(*args)
+    V = torch.randn(32, 2, dtype=torch.float64)
+    cached = (p["x"], state, p["weights"], p["biases"], codes, V, [0, 20], [-1, -1], True)
+    torch.library.opcheck(torch.ops.unlearn_kernels.mlp_hvp_flat_cached.default, cached)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_cached_form_bad_state_raises_clear_errors(backend, rng):
+    p = _problem([5, 4, 3], ["tanh", "identity"], [True, False], 2, rng)
+    state = ops.mlp_hvp_state(p["x"], p["target"], p["weights"], p["biases"], p["activations"], backend=backend)
+    base = dict(x=p["x"], state=state, weights=p["weights"], biases=p["biases"], activations=p["activations"],
+                V=torch.randn(36, 2, dtype=torch.float64), weight_offsets=[0, 24], bias_offsets=[20, -1])
+
+    def call(exc, match, **changes):
+        with pytest.raises(exc, match=match):
+            ops.mlp_hvp_flat_cached(**{**base, **changes}, backend=backend)
+
+    call(ValueError, "state must be the 9 tensors", state=state[:-1])
+    call(ValueError, r"weight_offsets\[1\] = 23 where row 24 was expected", weight_offsets=[0, 23])
+    call(TypeError, "V has dtype .* but x has", V=torch.randn(36, 2))
+    nan_v = base["V"].clone()
+    nan_v[3, 0] = float("nan")
+    call(ValueError, "NaN or Inf", V=nan_v)
+    with pytest.raises(ValueError, match=r"state\[0\] has shape"):
+        ops.mlp_hvp_flat_cached(**{**base, "state": [state[0][:3], *state[1:]]}, backend="cpp")
+    with pytest.raises(ValueError, match="every target is ignore_index"):
+        ops.mlp_hvp_state(p["x"], torch.full((9,), -100), p["weights"], p["biases"], p["activations"], backend=backend)
+
+
+def test_fused_operator_cache_equals_the_whole_pass_and_follows_the_weights():
+    model = _model()
+    x, y = _data(n=15)
+    batches = [(x[:6], y[:6]), (x[6:12], y[6:12]), (x[12:], y[12:])]
+    loss = nn.CrossEntropyLoss(label_smoothing=0.1)
+    params = ["7.weight", "1.bias", "3.0.weight"]
+    cached = FusedMLPHessian(model, loss, batches, params)
+    streamed = FusedMLPHessian(model, loss, batches, params, cache_bytes=0)
+    V = torch.randn(cached.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    expected = streamed.matmat(V)
+    for _ in range(2):  # builds the cache, then reads it
+        assert _rel(cached.matmat(V), expected) <= 1e-12
+    assert cached.cached_batches == 3 and streamed.cached_batches == 0
+    per_batch = cached.cached_bytes / 3
+    partial = FusedMLPHessian(model, loss, batches, params, cache_bytes=int(2.5 * per_batch))
+    assert _rel(partial.matmat(V), expected) <= 1e-12 and partial.cached_batches == 2
+    assert _rel(partial.matmat(V), expected) <= 1e-12
+    # An optimizer step moves the weights: the cache is rebuilt from them.
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    fresh = FusedMLPHessian(model, loss, batches, params, cache_bytes=0).matmat(V)
+    assert _rel(fresh, expected) > 1e-3
+    assert _rel(cached.matmat(V), fresh) <= 1e-12
+    model[1].weight.data = model[1].weight.detach() * 0.5  # data replaced: the operator follows it
+    assert _rel(cached.matmat(V), FusedMLPHessian(model, loss, batches, params).matmat(V)) <= 1e-12
+
+
 # ----------------------------------------------------------------------------- the curvature operator
 def _model(dtype=torch.float64):
     torch.manual_seed(0)

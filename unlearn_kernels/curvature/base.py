@@ -14,10 +14,20 @@ Writing a new operator (e.g. a fused kernel path): subclass, call ``super().__in
 the parameters, wraps the data, rejects train-mode BatchNorm/dropout and runs the determinism probe),
 set the class attribute ``path`` and implement :meth:`CurvatureOperator._matmat`; override
 ``_matvec`` and ``_gradient`` only for speed. Each ``_matmat``/``_matvec``/``_gradient`` call must do
-exactly one pass over :attr:`CurvatureOperator.data`; the public methods validate the input and
-update the counters. Helpers for subclasses: :meth:`~CurvatureOperator.batch_forward`,
+exactly one pass over the batches (:meth:`CurvatureOperator.cached_pass` or
+:attr:`CurvatureOperator.data`); the public methods validate the input, bring the fixed-weight cache
+up to date and update the counters. Helpers for subclasses: :meth:`~CurvatureOperator.batch_forward`,
 :meth:`~CurvatureOperator.batch_loss`, :meth:`~CurvatureOperator.flatten`,
 :meth:`~CurvatureOperator.unflatten`, :meth:`~CurvatureOperator.unflatten_columns`.
+
+Fixed weights. Solvers make tens of products at the same weights, so an operator may keep per batch
+what does not depend on the vector (activations, a gradient graph), within ``cache_bytes``: a pass
+through :meth:`CurvatureOperator.cached_pass` takes cached entries for the first batches and builds
+(and keeps, while the budget allows) the others; batches beyond the budget are streamed as before.
+The cache is dropped when a parameter changes: in-place updates (``optimizer.step()``,
+``set_flat_parameters``, ``p.add_``) bump the tensors' version counters and ``p.data = ...`` moves
+their data pointers, both checked before every product. Writes through ``p.data`` in place are
+invisible to both: call :meth:`CurvatureOperator.invalidate` after them.
 """
 from __future__ import annotations
 
@@ -36,10 +46,15 @@ from ..data.labeled import LabeledData
 from .params import ParamSelection, flatten_tensors, resolve_parameters, unflatten_vector
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+Entry = Any
+"""What a subclass caches for one batch (see :meth:`CurvatureOperator.cached_pass`)."""
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 DataSpec = LabeledData | tuple[torch.Tensor, torch.Tensor] | Iterable[Batch]
 """What ``data`` arguments accept: a LabeledData, an (x, y) pair of tensors, or a re-iterable of
 (x, y) batches (a list, a DataLoader with a fixed order)."""
+
+DEFAULT_CACHE_BYTES = 2**30
+"""The default memory budget (bytes) of an operator's fixed-weight cache: 1 GiB."""
 
 # Modules whose train-mode forward is random (dropout) or couples the samples of a batch (BatchNorm).
 _TRAIN_MODE_MODULES = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
@@ -110,9 +125,10 @@ class CurvatureOperator(abc.ABC):
     by later products; build a new operator after replacing parameter tensors), buffers are copied
     at construction, and the forward runs through ``torch.func.functional_call``.
 
-    Construction probes the first batch (two gradient evaluations and, in subclasses, one product;
-    not counted in the counters) and raises ValueError for train-mode BatchNorm/dropout, for data
-    that changes between passes and for a gradient that is not reproducible.
+    Construction probes the first batch (two gradient evaluations and, in subclasses, one or two
+    products; counted in ``num_gradients`` and ``num_products`` as if they were full ones) and raises
+    ValueError for train-mode BatchNorm/dropout, for data that changes between passes and for a
+    gradient that is not reproducible.
 
     Attributes:
         shape: (d, d).
@@ -120,8 +136,13 @@ class CurvatureOperator(abc.ABC):
         path: which implementation this is ("generic", "ggn", "fused").
         path_reason: set by ``hessian_operator(path="auto")`` when it fell back to "generic": why the
             fused path was not used (None otherwise).
-        num_products: matrix-vector products so far (a matmat of K vectors counts K).
-        num_data_passes: passes over the data so far (one per matvec, matmat or gradient call).
+        num_products: matrix-vector products so far (a matmat of K vectors counts K), construction
+            probes included.
+        num_gradients: gradients so far (``gradient()`` calls and the two construction probes).
+        num_data_passes: passes over the batches so far (one per matvec, matmat or gradient call;
+            cached batches count as passed).
+        cache_bytes: the fixed-weight cache's budget in bytes (0: no cache).
+        cached_batches, cached_bytes: what the cache holds now (batches, estimated bytes).
         param_names: the chosen parameters' names, in vector order.
         data: the :class:`BatchSource` (iterate it for one pass of (x, y) batches on ``device``).
     """
@@ -137,9 +158,14 @@ class CurvatureOperator(abc.ABC):
         params: ParamSelection = None,
         *,
         batch_size: int | None = None,
+        cache_bytes: int | None = None,
     ) -> None:
         """See :func:`~unlearn_kernels.curvature.hessian_operator` for the arguments."""
         chosen = resolve_parameters(model, params)
+        if cache_bytes is None:
+            cache_bytes = DEFAULT_CACHE_BYTES
+        if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be an int >= 0 (0 turns the cache off) or None, got {cache_bytes!r}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (outputs, targets) -> scalar, got {type(loss_fn).__name__}")
         dtypes = {p.dtype for p in chosen.values()}
@@ -159,13 +185,19 @@ class CurvatureOperator(abc.ABC):
         self.shape: tuple[int, int] = (d, d)
         # Detached views of the chosen parameters (no copy); the rest of the state is passed as
         # constants: other parameters detached, buffers cloned so no forward can write to the model.
+        # The parameters themselves are kept to see changes (_sync_weights).
+        self._live = {name: p for name, p in model.named_parameters()}
         self.params: dict[str, torch.Tensor] = {name: p.detach() for name, p in chosen.items()}
         self._constants: dict[str, torch.Tensor] = {
             name: p.detach() for name, p in model.named_parameters() if name not in chosen
         }
         self._constants.update({name: b.detach().clone() for name, b in model.named_buffers()})
         self.num_products = 0
+        self.num_gradients = 0
         self.num_data_passes = 0
+        self.cache_bytes = cache_bytes
+        self.invalidate()
+        self._weights_key = self._current_weights_key()
         _check_train_mode(model)
         self.data = BatchSource(data, self.device, batch_size)
         self._probe_determinism()
@@ -203,6 +235,77 @@ class CurvatureOperator(abc.ABC):
         k = tensors[self.param_names[0]].shape[0]
         return torch.cat([tensors[name].reshape(k, -1) for name in self.param_names], dim=1).T
 
+    # ------------------------------------------------------------------ fixed-weight cache
+    @property
+    def cached_batches(self) -> int:
+        """How many batches the fixed-weight cache holds."""
+        return len(self._cache)
+
+    def invalidate(self) -> None:
+        """Drop the fixed-weight cache; the next product rebuilds it. Needed only after weights were
+        changed in a way no version counter sees (in place through ``p.data``)."""
+        self._cache: list[tuple[Entry, int]] = []  # (entry, rows) of the first cached_batches batches
+        self.cached_bytes = 0
+        self._cache_complete = False  # every batch is cached
+        self._cache_closed = self.cache_bytes == 0  # the budget is reached: later batches are streamed
+
+    def _current_weights_key(self) -> tuple[tuple[int, int], ...]:
+        return tuple((p._version, p.data_ptr()) for p in self._live.values())
+
+    def _sync_weights(self) -> None:
+        """Before each product: if a parameter changed (version counter or data pointer), drop the
+        cache and re-take the views of parameters whose data was replaced."""
+        key = self._current_weights_key()
+        if key == self._weights_key:
+            return
+        for (name, p), (_, ptr), (_, old_ptr) in zip(self._live.items(), key, self._weights_key):
+            if ptr != old_ptr:
+                target = self.params if name in self.params else self._constants
+                if p.shape != target[name].shape or p.dtype != target[name].dtype or p.device != target[name].device:
+                    raise ValueError(
+                        f"parameter {name!r} was replaced by one of shape {tuple(p.shape)}, {p.dtype} on {p.device} "
+                        f"(was {tuple(target[name].shape)}, {target[name].dtype} on {target[name].device}): "
+                        "build a new operator"
+                    )
+                target[name] = p.detach()
+        self._weights_key = key
+        self.invalidate()
+        self._weights_changed()
+
+    def _weights_changed(self) -> None:
+        """Hook for subclasses that keep references to parameter views: called after a change."""
+
+    def cached_pass(
+        self, prepare: Callable[[torch.Tensor, torch.Tensor], tuple[Entry, int]],
+    ) -> Iterator[tuple[Entry | None, int, Batch | None]]:
+        """One pass over the batches as ``(entry, rows, batch)``.
+
+        The first batches come from the cache (``batch`` is None); for the others ``prepare(x, y)``
+        returns ``(entry, nbytes)`` and the entry is kept while the cache stays within
+        ``cache_bytes`` (it must stay valid while the weights do not change). Once the budget is
+        reached, later batches come as ``(None, rows, (x, y))``, for the caller to stream. When every
+        batch is cached the data is not read at all.
+        """
+        if self._cache_complete:
+            for entry, rows in self._cache:
+                yield entry, rows, None
+            return
+        index = -1
+        for index, (x, y) in enumerate(self.data):
+            if index < len(self._cache):
+                yield self._cache[index][0], self._cache[index][1], None
+            elif self._cache_closed:
+                yield None, y.shape[0], (x, y)
+            else:
+                entry, nbytes = prepare(x, y)
+                if self.cached_bytes + nbytes <= self.cache_bytes:
+                    self._cache.append((entry, y.shape[0]))
+                    self.cached_bytes += nbytes
+                else:
+                    self._cache_closed = True
+                yield entry, y.shape[0], (x, y)
+        self._cache_complete = not self._cache_closed and index + 1 == len(self._cache)
+
     # ------------------------------------------------------------------ to implement
     @abc.abstractmethod
     def _matmat(self, matrix: torch.Tensor) -> torch.Tensor:
@@ -226,6 +329,7 @@ class CurvatureOperator(abc.ABC):
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """C @ v for a flat (d,) vector of the operator's dtype and device; returns a new (d,) tensor."""
         self._check_input(v, ndim=1)
+        self._sync_weights()
         out = self._matvec(v)
         self.num_products += 1
         self.num_data_passes += 1
@@ -234,6 +338,7 @@ class CurvatureOperator(abc.ABC):
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """C @ V for a (d, K) matrix: K products in one pass over the data; returns a new (d, K) tensor."""
         self._check_input(V, ndim=2)
+        self._sync_weights()
         out = self._matmat(V)
         self.num_products += V.shape[1]
         self.num_data_passes += 1
@@ -241,7 +346,9 @@ class CurvatureOperator(abc.ABC):
 
     def gradient(self) -> torch.Tensor:
         """The flat (d,) gradient of the mean loss at the model's current parameters (one data pass)."""
+        self._sync_weights()
         out = self._gradient()
+        self.num_gradients += 1
         self.num_data_passes += 1
         return out
 
@@ -316,6 +423,7 @@ class CurvatureOperator(abc.ABC):
                 f"the loss cannot be differentiated w.r.t. the parameters with torch.func.grad: {err}"
             ) from err
         g2 = self.flatten(grad_fn(self.params, x2, y2))
+        self.num_gradients += 2
         if not bool(torch.isfinite(g1).all()):
             raise ValueError("the gradient of the loss on the first batch contains NaN or Inf")
         # Bitwise agreement is expected on CPU; a few ulps are allowed for nondeterministic GPU

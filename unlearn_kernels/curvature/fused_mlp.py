@@ -6,7 +6,10 @@ followed by one elementwise activation (``nn.ReLU``, ``nn.GELU()`` in its exact 
 ``nn.Dropout`` anywhere, and the loss is ``nn.CrossEntropyLoss`` (mean reduction, no class weights;
 any label smoothing and ignore_index) or ``F.cross_entropy``, the exact Hessian of the mean loss is
 applied to K vectors per batch in one compiled forward + R-forward + backward + R-backward pass
-(:func:`unlearn_kernels.ops.mlp_hvp`) instead of ``torch.func``'s forward-over-reverse.
+(:func:`unlearn_kernels.ops.mlp_hvp_flat`) instead of ``torch.func``'s forward-over-reverse. At fixed
+weights the forward, the softmax and the gradient's backward are computed once per batch
+(:func:`unlearn_kernels.ops.mlp_hvp_state`) and each product runs only the R-passes
+(:func:`unlearn_kernels.ops.mlp_hvp_flat_cached`).
 :func:`supports` says why a model/loss does not qualify; ``hessian_operator(path="auto")`` uses it.
 """
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backends import status
-from ..ops.mlp_hvp import mlp_hvp_flat
+from ..ops.mlp_hvp import mlp_hvp_flat, mlp_hvp_flat_cached, mlp_hvp_state
 from .base import CurvatureOperator, DataSpec, LossFn
 from .params import ParamSelection, resolve_parameters
 
@@ -134,8 +137,11 @@ class FusedMLPHessian(CurvatureOperator):
     """The exact Hessian of the mean softmax cross entropy of an MLP, by the compiled R-operator pass.
 
     Same arguments, vector layout and results as :class:`~unlearn_kernels.curvature.GenericHessian`
-    for the models and losses :func:`supports` accepts; a ``matmat`` of K vectors runs one
-    :func:`~unlearn_kernels.ops.mlp_hvp` call per batch for all K. Parameters outside ``params`` get
+    for the models and losses :func:`supports` accepts; a ``matmat`` of K vectors runs one compiled
+    call per batch for all K: :func:`~unlearn_kernels.ops.mlp_hvp_flat_cached` on the batch's kept
+    state (:func:`~unlearn_kernels.ops.mlp_hvp_state`, about 4 N (d_1 + .. + d_L) numbers for a batch
+    of N rows and layer widths d_l) while it fits in ``cache_bytes``, else
+    :func:`~unlearn_kernels.ops.mlp_hvp_flat` (the whole pass). Parameters outside ``params`` get
     zero tangents (the operator is the Hessian block of the chosen parameters).
 
     Args:
@@ -150,7 +156,7 @@ class FusedMLPHessian(CurvatureOperator):
 
     def __init__(
         self, model: nn.Module, loss_fn: LossFn, data: DataSpec, params: ParamSelection = None,
-        *, batch_size: int | None = None, backend: str = "auto",
+        *, batch_size: int | None = None, backend: str = "auto", cache_bytes: int | None = None,
     ) -> None:
         reason = supports(model, loss_fn, params)
         if reason is not None:
@@ -158,18 +164,21 @@ class FusedMLPHessian(CurvatureOperator):
         self._chain: _Chain = _parse_model(model)  # type: ignore[assignment]
         self._label_smoothing, self._ignore_index = _parse_loss(loss_fn)  # type: ignore[misc]
         self.backend = backend
-        super().__init__(model, loss_fn, data, params, batch_size=batch_size)
+        super().__init__(model, loss_fn, data, params, batch_size=batch_size, cache_bytes=cache_bytes)
         self._inputs(self._first_batch()[0])
-        # Per-product arguments of mlp_hvp_flat, fixed at construction (the tensors are live views).
+        # Per-product arguments of the op, fixed at construction (the tensors are live views).
         chain = self._chain
-        self._weights = [self._tensor(n) for n in chain.weight_names]
-        self._biases = [self._tensor(n) for n in chain.bias_names]
+        self._weights_changed()
         offsets, start = {}, 0
         for name, shape in zip(self.param_names, self._shapes):
             offsets[name] = start
             start += math.prod(shape)
         self._weight_offsets = [offsets.get(n, -1) for n in chain.weight_names]
         self._bias_offsets = [offsets.get(n, -1) if n is not None else -1 for n in chain.bias_names]
+
+    def _weights_changed(self) -> None:
+        self._weights = [self._tensor(n) for n in self._chain.weight_names]
+        self._biases = [self._tensor(n) for n in self._chain.bias_names]
 
     def _tensor(self, name: str | None) -> torch.Tensor | None:
         """A layer parameter (live, detached), chosen or not."""
@@ -190,16 +199,29 @@ class FusedMLPHessian(CurvatureOperator):
             raise ValueError(f"FusedMLPHessian: inputs are {x.dtype} but the parameters are {self.dtype}")
         return x
 
+    def _state(self, x: torch.Tensor, y: torch.Tensor) -> tuple[tuple[torch.Tensor, list[torch.Tensor]], int]:
+        """The batch's inputs and its fixed-weight state, and the bytes the state holds."""
+        inputs = self._inputs(x)
+        state = mlp_hvp_state(inputs, y, self._weights, self._biases, self._chain.activations,
+                              label_smoothing=self._label_smoothing, ignore_index=self._ignore_index, backend=self.backend)
+        return (inputs, state), sum(t.numel() * t.element_size() for t in state)
+
     def _matmat(self, matrix: torch.Tensor) -> torch.Tensor:
         total, count = None, 0
-        for x, y in self.data:
-            batch = mlp_hvp_flat(
-                self._inputs(x), y, self._weights, self._biases, self._chain.activations, matrix,
-                self._weight_offsets, self._bias_offsets, label_smoothing=self._label_smoothing,
-                ignore_index=self._ignore_index, backend=self.backend,
-            )
+        acts = self._chain.activations
+        for entry, n, batch in self.cached_pass(self._state):
+            if entry is None:  # beyond the cache's budget: the whole pass
+                x, y = batch
+                out = mlp_hvp_flat(
+                    self._inputs(x), y, self._weights, self._biases, acts, matrix, self._weight_offsets,
+                    self._bias_offsets, label_smoothing=self._label_smoothing, ignore_index=self._ignore_index,
+                    backend=self.backend,
+                )
+            else:
+                inputs, state = entry
+                out = mlp_hvp_flat_cached(inputs, state, self._weights, self._biases, acts, matrix,
+                                          self._weight_offsets, self._bias_offsets, backend=self.backend)
             # The mean weighted by batch size, kept as a running mean (one batch: its products as they are).
-            n = y.shape[0]
-            total = batch if total is None else total.mul_(count / (count + n)).add_(batch, alpha=n / (count + n))
+            total = out if total is None else total.mul_(count / (count + n)).add_(out, alpha=n / (count + n))
             count += n
         return total
