@@ -1,8 +1,10 @@
 """The training recipe (determinism, a step held to a hand-computed SGD update) and checkpoints
 (atomic writes, reuse only on matching metadata, corrupt files)."""
+import importlib.util
 import json
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -210,3 +212,80 @@ def test_train_or_load_reuses_only_on_matching_recipe_data_and_model(tmp_path):
         _, stats = train_or_load(path, change.get("factory", factory), change.get("data", data),
                                  change.get("config", CONFIG), model_info=change.get("model_info", {"name": "mlp"}))
         assert stats is not None, change  # retrained, not reused
+
+
+def _module_from_source(path, source: str):
+    """Writes ``source`` to ``path`` and imports it as a fresh module (registered in sys.modules, as
+    an import would, which is where ``inspect`` finds a class's file)."""
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+MODEL_SOURCE = """
+import torch
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x){suffix}
+"""
+
+
+def test_changed_model_code_or_training_code_or_device_is_not_reused(tmp_path, monkeypatch):
+    """The code that defines what training produces is part of the fingerprint: editing the model's
+    source, or the training function's, retrains instead of loading a stale checkpoint."""
+    path, data = tmp_path / "orig.pt", blobs()
+    net_file = tmp_path / "net_module.py"
+    net = _module_from_source(net_file, MODEL_SOURCE.format(suffix=""))
+    _, stats = train_or_load(path, net.Net, data, CONFIG)
+    assert stats is not None
+    assert read_checkpoint(path)[0]["device"] == "cpu"
+    _, stats = train_or_load(path, net.Net, data, CONFIG)
+    assert stats is None  # same code: reused
+
+    # the same class name and parameters, a different forward (the recipe in code changed)
+    net = _module_from_source(net_file, MODEL_SOURCE.format(suffix=" * 2.0"))
+    _, stats = train_or_load(path, net.Net, data, CONFIG)
+    assert stats is not None
+
+    # the training function's code changed
+    train_file = tmp_path / "train_module.py"
+    recipe = _module_from_source(train_file, "from unlearn_kernels.training import train as _train\n\n"
+                                             "def train(*args, **kwargs):\n    return _train(*args, **kwargs)\n")
+    monkeypatch.setattr(checkpoint, "train", recipe.train)
+    _, stats = train_or_load(path, net.Net, data, CONFIG)
+    assert stats is not None
+    _, stats = train_or_load(path, net.Net, data, CONFIG)
+    assert stats is None
+    recipe = _module_from_source(train_file, "from unlearn_kernels.training import train as _train\n\n"
+                                             "def train(*args, **kwargs):  # edited\n    return _train(*args, **kwargs)\n")
+    monkeypatch.setattr(checkpoint, "train", recipe.train)
+    _, stats = train_or_load(path, net.Net, data, CONFIG)
+    assert stats is not None
+
+    # a checkpoint written on another device
+    metadata, state = read_checkpoint(path)
+    model = net.Net()
+    model.load_state_dict(state)
+    save_checkpoint(path, model, {**metadata, "device": "cuda (NVIDIA H200)"})
+    _, stats = train_or_load(path, net.Net, data, CONFIG)
+    assert stats is not None
+
+
+def test_code_fingerprint_covers_every_model_class_outside_torch(tmp_path):
+    net_file = tmp_path / "wrapped_module.py"
+    first = _module_from_source(net_file, MODEL_SOURCE.format(suffix=""))
+    outer = torch.nn.Sequential(first.Net(), torch.nn.ReLU())
+    before = checkpoint.code_fingerprint(outer)
+    assert before == checkpoint.code_fingerprint(torch.nn.Sequential(first.Net(), torch.nn.ReLU()))
+    _module_from_source(net_file, MODEL_SOURCE.format(suffix=" + 1.0"))  # the file the inner class lives in
+    assert checkpoint.code_fingerprint(outer) != before
+    assert checkpoint.code_fingerprint(factory()) != before

@@ -1,7 +1,7 @@
 """Model checkpoints that know what they were trained on.
 
 A checkpoint is one ``torch.save`` file holding the weights (a CPU state dict) and a JSON metadata
-record (recipe, model, data fingerprint, versions). Writes are atomic: the file is written to a
+record (recipe, model, data fingerprint, device, versions and a hash of the training code). Writes are atomic: the file is written to a
 temporary file in the same directory, fsynced, then moved over the target with ``os.replace``, so
 a crash leaves either the old checkpoint or the new one, never a torn file.
 :func:`train_or_load` reuses a cached model only when the whole metadata record matches.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import os
 import tempfile
@@ -125,7 +126,8 @@ def load_checkpoint(
 ) -> dict[str, torch.Tensor] | None:
     """The state dict stored at ``path`` if its metadata equals ``expected_metadata``, else None.
 
-    None means "retrain": the file is absent or was made by another recipe, model, data or version.
+    None means "retrain": the file is absent or was made by another recipe, model, data, device,
+    version or training code.
 
     Raises:
         CheckpointError: the file exists but is corrupt (it is left in place for inspection).
@@ -144,16 +146,60 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "unlearn_kernels": __version__}
 
 
+def _source_file(cls: type) -> str | None:
+    try:
+        return inspect.getsourcefile(cls)
+    except TypeError:  # a class without a file (built in, or defined in an interactive session)
+        return None
+
+
+def code_fingerprint(model: nn.Module) -> str:
+    """SHA-256 (hex) of the code that decides what training produces: the training recipe's own
+    module (``training.py``), the data loader's (``data/labeled.py``) and the source files of the
+    model's module classes outside torch (e.g. ``models/mlp.py``). Editing any of them changes the
+    fingerprint, so a checkpoint trained by older code is not reused. A class whose source file
+    cannot be found (defined interactively) contributes its qualified name only."""
+    names = {f"{type(m).__module__}.{type(m).__qualname__}": type(m) for m in model.modules()}
+    files = {inspect.getsourcefile(train), inspect.getsourcefile(LabeledData)}
+    without_file = []
+    for name, cls in sorted(names.items()):
+        if cls.__module__.split(".")[0] == "torch":
+            continue  # torch's own modules: covered by the torch version
+        path = _source_file(cls)
+        if path is None:
+            without_file.append(name)
+        else:
+            files.add(path)
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        digest.update(Path(path).name.encode() + b"\0" + Path(path).read_bytes() + b"\0")
+    digest.update("\0".join(without_file).encode())
+    return digest.hexdigest()
+
+
+def device_description(device: torch.device | str) -> str:
+    """The device training runs on, as recorded in checkpoints: "cpu", or the GPU's type and name
+    (results differ between devices, so a checkpoint is reused only on the same kind)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
+
+
 def training_metadata(
-    model: nn.Module, data: LabeledData, config: TrainConfig, model_info: Mapping[str, Any] | None = None
+    model: nn.Module, data: LabeledData, config: TrainConfig, model_info: Mapping[str, Any] | None = None,
+    device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
     """The metadata record :func:`train_or_load` writes and compares: recipe, model (signature plus
-    ``model_info``, e.g. the name and kwargs given to ``build_model``), data fingerprint, versions."""
+    ``model_info``, e.g. the name and kwargs given to ``build_model``), data fingerprint, the
+    training device, the versions of torch and this package, and :func:`code_fingerprint`."""
     return {
         "recipe": config.to_dict(),
         "model": {**model_signature(model), "info": dict(model_info or {})},
         "data": data_fingerprint(data),
+        "device": device_description(device),
         "versions": _versions(),
+        "code": code_fingerprint(model),
     }
 
 
@@ -168,7 +214,7 @@ def train_or_load(
     progress: ProgressCallback | None = None,
 ) -> tuple[nn.Module, TrainStats | None]:
     """A model trained on ``data`` with ``config``: loaded from ``path`` when a checkpoint there has the
-    same recipe, model, data fingerprint and versions, otherwise trained (from ``model_factory()``
+    same recipe, model, data fingerprint, device, versions and training code, otherwise trained (from ``model_factory()``
     initialised with ``config.seed``) and saved to ``path``.
 
     Returns:
@@ -178,7 +224,7 @@ def train_or_load(
         CheckpointError: a corrupt file is at ``path`` (delete it to retrain).
     """
     model = init_model(model_factory, config.seed)
-    metadata = training_metadata(model, data, config, model_info)
+    metadata = training_metadata(model, data, config, model_info, device)
     state = load_checkpoint(path, metadata)
     if state is not None:
         model.load_state_dict(state)

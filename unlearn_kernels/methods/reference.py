@@ -27,8 +27,8 @@ class Retrain(Unlearner):
         model_factory: builds an untrained model of the same architecture as the original.
         config: the training recipe.
         cache_dir: if given, oracles are cached there (one file per retain-set fingerprint) with
-            :func:`~unlearn_kernels.checkpoint.train_or_load`, and reused when recipe, model, data and
-            versions match. ``gradients`` is the training cost either way; diagnostics say ``cached``.
+            :func:`~unlearn_kernels.checkpoint.train_or_load`, and reused when recipe, model, data,
+            device, versions and training code match. ``gradients`` is the training cost either way; diagnostics say ``cached``.
         model_info: extra model description stored in (and matched against) the cache metadata,
             e.g. the name and kwargs given to ``build_model``.
     """
