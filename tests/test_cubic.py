@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from unlearn_kernels.solvers import KrylovCubicSolver, cubic_newton_step, stochastic_cubic_gd
+from unlearn_kernels.curvature import GenericHessian
+from unlearn_kernels.solvers import KrylovCubicSolver, cubic_gd, cubic_newton_step, sphere_noise, stochastic_cubic_gd
 
 D = 30
 
@@ -255,12 +256,11 @@ def test_operator_inputs(rng):
 
 
 def test_curvature_operator(rng):
-    generic = pytest.importorskip("unlearn_kernels.curvature.generic")
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
     x = torch.randn(20, 3, generator=rng, dtype=torch.float64)
     y = torch.randint(0, 2, (20,), generator=rng)
-    op = generic.GenericHessian(net, torch.nn.CrossEntropyLoss(), (x, y))
+    op = GenericHessian(net, torch.nn.CrossEntropyLoss(), (x, y))
     g = op.gradient()
     H = op.to_dense()
     M = 0.5
@@ -270,6 +270,27 @@ def test_curvature_operator(rng):
     assert out.num_hvps == op.num_products - before > 0
     assert out.model_value == pytest.approx(ref.model_value, rel=1e-8)
     assert_global_optimum(H, g, M, out.step, tol=1e-7)
+
+
+def test_sphere_noise_has_the_given_norm():
+    gen = torch.Generator().manual_seed(0)
+    for d in (1, 10, 10_000):
+        xi = sphere_noise(d, 1e-3, gen)
+        assert xi.shape == (d,) and xi.dtype == torch.float64
+        assert float(torch.linalg.vector_norm(xi)) == pytest.approx(1e-3, rel=1e-12)  # not ~1e-3 sqrt(d)
+    # different draws point in different directions
+    assert not torch.allclose(sphere_noise(50, 1.0, gen), sphere_noise(50, 1.0, gen))
+
+
+def test_gd_perturbs_g_by_sphere_noise(rng):
+    # With K = 0 the step is the Cauchy point of the perturbed g: ||g_it - g|| is exactly the noise.
+    H, g, M = problem("indefinite", rng)
+    noise = 0.25
+    out = cubic_gd(H, g, M, K=0, noise=noise, seed=7)
+    g_it = g + sphere_noise(D, noise, torch.Generator().manual_seed(7))
+    expected = cubic_gd(H, g_it, M, K=0)
+    assert torch.allclose(out.step, expected.step, atol=1e-12)
+    assert float(torch.linalg.vector_norm(g_it - g)) == pytest.approx(noise, rel=1e-12)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -1,8 +1,11 @@
 """Newton-step baselines (pinv, damped, CG, MINRES, LiSSA) against their closed forms in float64."""
+import math
+
 import pytest
 import torch
 
 from unlearn_kernels.solvers import (
+    DENSE_MAX_DIM,
     DenseOperator,
     as_operator,
     conjugate_gradient,
@@ -51,11 +54,51 @@ def test_pinv_minres_on_operator(singular):
     H, U, _ = singular
     g = U[:, 5:] @ torch.linspace(1.0, 2.0, D - 5, dtype=torch.float64)  # consistent: g in range(H)
     expected = -torch.linalg.pinv(H, hermitian=True) @ g
-    out = pinv_newton_step(lambda v: H @ v, g, tol=1e-12)
+    out = pinv_newton_step(lambda v: H @ v, g, solver="minres", tol=1e-12)
     assert out.method == "pinv-minres" and out.converged
     assert torch.allclose(out.step, expected, atol=1e-8)
     assert out.num_hvps >= out.iterations > 0
     assert pinv_newton_step(H, g, solver="minres", tol=1e-12).step.allclose(expected, atol=1e-8)
+
+
+def test_pinv_lanczos_truncated(singular):
+    H, U, g = singular
+    expected = -torch.linalg.pinv(H, hermitian=True) @ g
+    # On the whole space (rank >= d, full reorthogonalisation) the truncated pseudo-inverse is the exact one.
+    full = pinv_newton_step(lambda v: H @ v, g, solver="lanczos", rank=D)
+    assert full.method == "pinv-lanczos" and full.info["rank"] == D - 5
+    assert torch.allclose(full.step, expected, atol=1e-8)
+    assert full.residual == pytest.approx(float(torch.linalg.vector_norm(H @ full.step + g)), rel=1e-8)
+    # With fewer steps: the pseudo-inverse of H on the Krylov space of g, Q pinv(Q^T H Q) Q^T g.
+    k = 6
+    part = pinv_newton_step(H, g, solver="lanczos", rank=k)
+    assert part.info["lanczos_steps"] == k and part.info["rank"] <= k and part.num_hvps == k + 1
+    Q = torch.linalg.qr(torch.stack([torch.linalg.matrix_power(H, j) @ g for j in range(k)], dim=1))[0]
+    T = Q.T @ H @ Q
+    projected = -Q @ torch.linalg.pinv(T, hermitian=True, rtol=1e-6) @ (Q.T @ g)
+    assert torch.allclose(part.step, projected, atol=1e-7 * float(projected.norm()))
+
+
+def test_auto_solvers_choose_by_dimension(singular):
+    H, _, g = singular
+    op = lambda v: H @ v  # noqa: E731  (an operator: no dense matrix to read)
+    assert pinv_newton_step(op, g).method == "pinv-eigh"  # d = 25 <= DENSE_MAX_DIM
+    assert damped_newton_step(op, g, 0.5).method == "damped-eigh"
+    assert D <= DENSE_MAX_DIM
+
+
+def test_damped_eigh_and_minres_solve_indefinite_systems(singular):
+    H, _, g = singular
+    lam = 0.5  # H + 0.5 I is indefinite (lambda_min = -2) and nonsingular
+    expected = -torch.linalg.solve(H + lam * torch.eye(D, dtype=torch.float64), g)
+    eig = damped_newton_step(H, g, lam, solver="eigh")
+    assert eig.method == "damped-eigh" and eig.info["lambda_min"] == pytest.approx(-2.0, rel=1e-10)
+    assert torch.allclose(eig.step, expected, atol=1e-10)
+    mr = damped_newton_step(H, g, lam, solver="minres", tol=1e-12)
+    assert torch.allclose(mr.step, expected, atol=1e-7)
+    # a singular H + damping I: the pseudo-inverse there (lambda = 0 is an eigenvalue of H)
+    zero = damped_newton_step(H, g, 0.0, solver="eigh")
+    assert torch.allclose(zero.step, pinv_newton_step(H, g, rcond=1e-12).step, atol=1e-10)
 
 
 @pytest.mark.parametrize("solver", ["cg", "minres"])
@@ -141,6 +184,12 @@ def test_bad_inputs(spd):
         damped_newton_step(H, g, 0.1, solver="qr")
     with pytest.raises(ValueError, match="solver"):
         pinv_newton_step(H, g, solver="svd")
+    with pytest.raises(ValueError, match="rank"):
+        pinv_newton_step(H, g, solver="lanczos", rank=0)
+    with pytest.raises(TypeError, match="rcond"):
+        damped_newton_step(H, g, 0.1, solver="eigh", tol=1e-3)
+    with pytest.raises(ValueError, match="damping"):
+        damped_newton_step(H, g, math.nan)
     with pytest.raises(ValueError, match="rcond"):
         pinv_newton_step(H, g, rcond=-1.0)
     with pytest.raises(ValueError, match="scale"):

@@ -8,6 +8,9 @@ parameters to and from the flat vectors the operators act on.
 from .base import BatchSource, CurvatureOperator
 from .fused_mlp import FusedMLPHessian
 from .generic import GenericHessian, GGNOperator, ggn_operator, hessian_operator
+from .lipschitz import LipschitzEstimate, estimate_hessian_lipschitz
+from .objective import Objective
+from .regularized import RegularizedOperator
 from .params import (
     flatten_tensors,
     get_flat_parameters,
@@ -22,6 +25,10 @@ __all__ = [
     "FusedMLPHessian",
     "GGNOperator",
     "GenericHessian",
+    "LipschitzEstimate",
+    "Objective",
+    "RegularizedOperator",
+    "estimate_hessian_lipschitz",
     "flatten_tensors",
     "get_flat_parameters",
     "ggn_operator",

@@ -4,17 +4,25 @@ from .base import UnlearnResult, Unlearner
 from .first_order import SCRUB, SSD, BadTeacher, Finetune, GradientAscent, NegGradPlus, RandomLabels, SalUn
 from .lotus import LoTUS
 from .rfa import RFA
-from .newton import CureNewton, DampedNewton, InfluenceNewton, LiSSANewton, NewtonPinv, StochasticCureNewton
+from .newton import (
+    CureNewton,
+    DampedNewton,
+    DampedNewtonCG,
+    InfluenceNewton,
+    LiSSANewton,
+    NewtonPinv,
+    StochasticCureNewton,
+)
 from .reference import Original, Retrain
 
 #: every method by its ``name`` (the Newton-family methods are added here too)
 METHODS: dict[str, type[Unlearner]] = {
     method.name: method
     for method in (Retrain, Original, Finetune, GradientAscent, NegGradPlus, RandomLabels, SalUn, SCRUB,
-                   BadTeacher, SSD, LoTUS, RFA, CureNewton, CureNewtonLoRA, StochasticCureNewton, NewtonPinv, DampedNewton, InfluenceNewton,
-                   LiSSANewton)
+                   BadTeacher, SSD, LoTUS, RFA, CureNewton, CureNewtonLoRA, StochasticCureNewton, NewtonPinv, DampedNewton, DampedNewtonCG,
+                   InfluenceNewton, LiSSANewton)
 }
 
-__all__ = ["METHODS", "SCRUB", "SSD", "BadTeacher", "CureNewton", "CureNewtonLoRA", "DampedNewton", "Finetune", "GradientAscent",
+__all__ = ["METHODS", "SCRUB", "SSD", "BadTeacher", "CureNewton", "CureNewtonLoRA", "DampedNewton", "DampedNewtonCG", "Finetune", "GradientAscent",
            "InfluenceNewton", "LiSSANewton", "LoTUS", "NegGradPlus", "NewtonPinv", "Original", "RFA", "RandomLabels", "Retrain", "SalUn",
            "StochasticCureNewton", "UnlearnResult", "Unlearner"]

@@ -2,13 +2,20 @@
 object with ``matvec``/``shape``/``dtype``/``device``, or a function ``v -> H v``):
 
 * :func:`lanczos`: extreme eigenpairs (full/selective/no reorthogonalisation, two-pass mode);
+* :func:`adaptive_cubic_newton`: minimise a function by adaptive cubic regularisation (ARC), each
+  step a Krylov cubic solve accepted or rejected on the actual decrease;
 * :func:`cubic_newton_step`: the cubic-regularised Newton subproblem (CureNewton), by the dense
   float64 oracle, Krylov/Lanczos (:class:`KrylovCubicSolver`, reusable when only M changes) or
   gradient descent (:func:`cubic_gd`, :func:`stochastic_cubic_gd`);
 * baselines: :func:`pinv_newton_step`, :func:`damped_newton_step`, and the inverse-HVP solvers
   :func:`conjugate_gradient`, :func:`minres`, :func:`lissa`.
+
+Argument checks and the float64 norm they share live in :mod:`unlearn_kernels.curvature.checks`
+(the lowest layer that uses them).
 """
+from .arc import KRYLOV_DEFAULTS, ARCResult, ARCTrial, adaptive_cubic_newton
 from .baselines import (
+    DENSE_MAX_DIM,
     LinearSolve,
     NewtonStep,
     conjugate_gradient,
@@ -17,18 +24,31 @@ from .baselines import (
     minres,
     pinv_newton_step,
 )
-from .cubic import CubicStep, KrylovCubicSolver, cubic_gd, cubic_newton_step, dense_cubic_step, stochastic_cubic_gd
+from .cubic import (
+    CubicStep,
+    KrylovCubicSolver,
+    cubic_gd,
+    cubic_newton_step,
+    dense_cubic_step,
+    sphere_noise,
+    stochastic_cubic_gd,
+)
 from .lanczos import LanczosResult, lanczos
 from .operators import DenseOperator, SolverOperator, as_operator
 
 __all__ = [
+    "ARCResult",
+    "ARCTrial",
     "CubicStep",
+    "DENSE_MAX_DIM",
     "DenseOperator",
+    "KRYLOV_DEFAULTS",
     "KrylovCubicSolver",
     "LanczosResult",
     "LinearSolve",
     "NewtonStep",
     "SolverOperator",
+    "adaptive_cubic_newton",
     "as_operator",
     "conjugate_gradient",
     "cubic_gd",
@@ -39,5 +59,6 @@ __all__ = [
     "lissa",
     "minres",
     "pinv_newton_step",
+    "sphere_noise",
     "stochastic_cubic_gd",
 ]

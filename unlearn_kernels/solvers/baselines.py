@@ -1,4 +1,4 @@
-"""Newton-step baselines on the same operators as the cubic solvers (METHODS.md section 1).
+"""Newton-step baselines on the same operators as the cubic solvers (docs/methods.md, "Newton family").
 
 Linear solvers for ``(H + damping I) x = b``, Hessian-vector products only:
 
@@ -9,8 +9,10 @@ Linear solvers for ``(H + damping I) x = b``, Hessian-vector products only:
 
 Newton steps ``s = -(H + damping I)^{-1} g`` built on them:
 
-* :func:`pinv_newton_step`: ``-pinv(H) g`` by a truncated eigendecomposition (dense) or MINRES.
-* :func:`damped_newton_step`: with a given damping, by CG, MINRES or LiSSA.
+* :func:`pinv_newton_step`: ``-pinv(H) g`` by the dense float64 eigendecomposition, a truncated
+  eigendecomposition on the Lanczos space of g, or MINRES.
+* :func:`damped_newton_step`: with a given damping, by the dense eigendecomposition, MINRES, CG or
+  LiSSA (only the first two solve an indefinite system).
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ import numpy as np
 import scipy.sparse.linalg
 import torch
 
-from .lanczos import _check_int
+from ..curvature.checks import check_int, check_number, norm64
+from .lanczos import LanczosProcess, ritz_pairs
 from .operators import SolverOperator, as_operator, operator_and_vector
 
 
@@ -58,7 +61,8 @@ class NewtonStep:
         residual: ``||(H + damping I) s + g||`` (for pinv on a singular H the part of g outside
             range(H) remains).
         num_hvps, iterations, converged, info: as in :class:`LinearSolve`.
-        method: "pinv-eigh", "pinv-minres", "damped-cg", "damped-minres" or "damped-lissa".
+        method: "pinv-eigh", "pinv-lanczos", "pinv-minres", "damped-eigh", "damped-cg", "damped-minres" or
+            "damped-lissa".
     """
 
     step: torch.Tensor
@@ -70,23 +74,12 @@ class NewtonStep:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def _check_number(name: str, value: Any, low: float, strict: bool = False) -> float:
-    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-    if bad or value < low or (strict and value == low):
-        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low}, got {value!r}")
-    return float(value)
-
-
-def _norm(v: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(v.double()))
-
-
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a.double() @ b.double())
 
 
 def _true_residual(op: SolverOperator, x: torch.Tensor, b: torch.Tensor, damping: float) -> float:
-    return _norm(op.matvec(x) + damping * x - b)
+    return norm64(op.matvec(x) + damping * x - b)
 
 
 # --------------------------------------------------------------------------- linear solvers
@@ -107,9 +100,9 @@ def conjugate_gradient(H: Any, b: torch.Tensor, *, damping: float = 0.0, tol: fl
         ``p^T (H + damping I) p <= 0`` stopped the iteration (then ``converged`` is False).
     """
     op, b = operator_and_vector(H, b, "b")
-    damping = _check_number("damping", damping, 0.0)
-    tol = _check_number("tol", tol, 0.0)
-    maxiter = op.shape[0] if maxiter is None else _check_int("maxiter", maxiter, 1)
+    damping = check_number("damping", damping, 0.0)
+    tol = check_number("tol", tol, 0.0)
+    maxiter = op.shape[0] if maxiter is None else check_int("maxiter", maxiter, 1)
     if x0 is None:
         x, r = torch.zeros_like(b), b.clone()
     else:
@@ -118,7 +111,7 @@ def conjugate_gradient(H: Any, b: torch.Tensor, *, damping: float = 0.0, tol: fl
         r = b - op.matvec(x) - damping * x
     p = r.clone()
     rs = _dot(r, r)
-    target = tol * _norm(b)
+    target = tol * norm64(b)
     negative = False
     it = 0
     while math.sqrt(rs) > target and it < maxiter:
@@ -151,10 +144,10 @@ def minres(H: Any, b: torch.Tensor, *, damping: float = 0.0, tol: float = 1e-10,
         maxiter: most iterations (default 5 d, scipy's).
     """
     op, b = operator_and_vector(H, b, "b")
-    damping = _check_number("damping", damping, -math.inf)
-    tol = _check_number("tol", tol, 0.0)
+    damping = check_number("damping", damping)
+    tol = check_number("tol", tol, 0.0)
     if maxiter is not None:
-        _check_int("maxiter", maxiter, 1)
+        check_int("maxiter", maxiter, 1)
     iterations = 0
 
     def count(_: np.ndarray) -> None:
@@ -190,10 +183,10 @@ def lissa(H: Any, b: torch.Tensor, *, scale: float, damping: float = 0.0, depth:
         A :class:`LinearSolve` (``converged``: every iterate stayed finite).
     """
     op, b = operator_and_vector(H, b, "b")
-    scale = _check_number("scale", scale, 0.0, strict=True)
-    damping = _check_number("damping", damping, 0.0)
-    _check_int("depth", depth, 1)
-    _check_int("repeats", repeats, 1)
+    scale = check_number("scale", scale, 0.0, strict=True)
+    damping = check_number("damping", damping, 0.0)
+    check_int("depth", depth, 1)
+    check_int("repeats", repeats, 1)
     if sample is not None and not callable(sample):
         raise TypeError(f"sample must be a callable returning an operator, got {type(sample).__name__}")
     total = torch.zeros_like(b)
@@ -219,56 +212,122 @@ def lissa(H: Any, b: torch.Tensor, *, scale: float, damping: float = 0.0, depth:
 
 
 # --------------------------------------------------------------------------- Newton steps
-def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float = 1e-6, solver: str = "auto",
-                     tol: float = 1e-10, maxiter: int | None = None) -> NewtonStep:
+#: "auto" solvers form the dense Hessian (d products, O(d^2) float64 memory, an O(d^3)
+#: eigendecomposition: about 8 s at d = 4000 on one CPU thread) up to this many parameters
+DENSE_MAX_DIM = 4096
+
+
+def _eigh(op: SolverOperator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of the symmetrised dense matrix, in float64."""
+    H64 = op.to_dense().double()
+    return torch.linalg.eigh(0.5 * (H64 + H64.T))
+
+
+def _spectral_step(lam: torch.Tensor, c: torch.Tensor, shift: float, rcond: float) -> tuple[torch.Tensor, int]:
+    """Coefficients y = -c / (lam + shift) in an eigenbasis, 0 where ``|lam + shift| <= rcond max |lam + shift|``
+    (the pseudo-inverse there); and the number kept (the rank)."""
+    mu = lam + shift
+    keep = mu.abs() > rcond * mu.abs().max()
+    return torch.where(keep, -c / torch.where(keep, mu, 1.0), 0.0), int(keep.sum())
+
+
+def _auto(op: SolverOperator, small: str, large: str) -> str:
+    return small if op.dense is not None or op.shape[0] <= DENSE_MAX_DIM else large
+
+
+def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float = 1e-6, solver: str = "auto", rank: int = 300,
+                     tol: float = 1e-10, maxiter: int | None = None, seed: int = 0) -> NewtonStep:
     """The pseudo-inverse Newton step ``s = -pinv(H) g``.
 
     Args:
         H: dense symmetric matrix or operator.
         g: (d,) gradient.
-        rcond: "eigh": eigenvalues with ``|lambda| <= rcond max|lambda|`` are treated as 0.
-        solver: "eigh" (float64 truncated eigendecomposition; an operator is made dense by d
-            products), "minres" (no truncation: MINRES's minimum-norm solution; see :func:`minres`),
-            or "auto" ("eigh" for a dense matrix, "minres" for an operator).
+        rcond: "eigh" and "lanczos": eigenvalues with ``|lambda| <= rcond max|lambda|`` count as 0.
+        solver: "eigh" (float64 eigendecomposition of the dense H, an operator made dense by d
+            products: the exact pseudo-inverse), "lanczos" (the truncated pseudo-inverse: ``rank``
+            Lanczos steps from g with full reorthogonalisation give ``H ~ Q T Q^T`` on the Krylov
+            space of g, and the step is ``-Q pinv(T) Q^T g`` by the eigendecomposition of T, where
+            g lives wholly; ``info["rank"]`` counts the Ritz values kept), "minres" (MINRES's
+            minimum-norm solution, :func:`minres`), or "auto" ("eigh" for a dense matrix or
+            d <= :data:`DENSE_MAX_DIM`, else "lanczos").
+        rank: "lanczos": most Lanczos steps (products), the largest possible rank.
         tol, maxiter: MINRES settings.
+        seed: "lanczos": seeds a restart vector after a breakdown.
+
+    Returns:
+        A :class:`NewtonStep`; ``info["rank"]`` for "eigh" and "lanczos" (and ``info["lanczos_steps"]``).
     """
     op, g = operator_and_vector(H, g)
-    rcond = _check_number("rcond", rcond, 0.0)
+    rcond = check_number("rcond", rcond, 0.0)
     if solver == "auto":
-        solver = "eigh" if op.dense is not None else "minres"
+        solver = _auto(op, "eigh", "lanczos")
     if solver == "minres":
         sol = minres(op, g, tol=tol, maxiter=maxiter)
         return NewtonStep(-sol.solution, sol.residual, sol.num_hvps, sol.iterations, sol.converged,
                           "pinv-minres", sol.info)
-    if solver != "eigh":
-        raise ValueError(f"solver must be 'auto', 'eigh' or 'minres', got {solver!r}")
-    H64 = op.to_dense().double()
-    lam, U = torch.linalg.eigh(0.5 * (H64 + H64.T))
-    keep = lam.abs() > rcond * lam.abs().max()
-    c = U.T @ g.double()
-    y = torch.where(keep, -c / torch.where(keep, lam, 1.0), 0.0)
-    residual = float(torch.linalg.vector_norm(lam * y + c))
-    return NewtonStep((U @ y).to(g.dtype), residual, op.num_hvps, 0, True, "pinv-eigh",
-                      {"rank": int(keep.sum())})
+    if solver == "eigh":
+        lam, U = _eigh(op)
+        c = U.T @ g.double()
+        y, kept = _spectral_step(lam, c, 0.0, rcond)
+        residual = float(torch.linalg.vector_norm(lam * y + c))
+        return NewtonStep((U @ y).to(g.dtype), residual, op.num_hvps, 0, True, "pinv-eigh", {"rank": kept})
+    if solver != "lanczos":
+        raise ValueError(f"solver must be 'auto', 'eigh', 'lanczos' or 'minres', got {solver!r}")
+    rank = check_int("rank", rank, 1)
+    gnorm = norm64(g)
+    if gnorm == 0.0:
+        return NewtonStep(torch.zeros_like(g), 0.0, 0, 0, True, "pinv-lanczos", {"rank": 0, "lanczos_steps": 0})
+    proc = LanczosProcess(op, g, reorth="full", store_basis=True, capacity=rank,
+                          generator=torch.Generator().manual_seed(seed))
+    while not proc.exhausted:
+        proc.step()
+    theta, S = ritz_pairs(proc.alphas, proc.betas)
+    theta, S = torch.from_numpy(theta), torch.from_numpy(S)
+    y, kept = _spectral_step(theta, gnorm * S[0, :], 0.0, rcond)
+    s = proc.combine((S @ y).numpy())
+    residual = norm64(op.matvec(s) + g)
+    return NewtonStep(s.to(g.dtype), residual, op.num_hvps, proc.n, True, "pinv-lanczos",
+                      {"rank": kept, "lanczos_steps": proc.n})
 
 
-def damped_newton_step(H: Any, g: torch.Tensor, damping: float, *, solver: str = "cg",
+def damped_newton_step(H: Any, g: torch.Tensor, damping: float, *, solver: str = "auto",
                        **options: Any) -> NewtonStep:
     """The damped Newton step ``s = -(H + damping I)^{-1} g`` with a given damping.
+
+    ``H + damping I`` may be indefinite (a network's Hessian is): "eigh" and "minres" solve the
+    system as it is; "cg" stops at the first direction of negative curvature and returns its
+    iterate there (not the solution; ``info["negative_curvature"]``), "lissa" diverges.
 
     Args:
         H: dense symmetric matrix or operator.
         g: (d,) gradient.
         damping: lambda >= 0 (hand-tuned in the papers CureNewton compares with).
-        solver: "cg" (:func:`conjugate_gradient`; stops at negative curvature when ``H + damping I``
-            is indefinite), "minres" (:func:`minres`; also indefinite) or "lissa" (:func:`lissa`).
-        **options: passed to the solver (tol/maxiter; scale/depth/repeats/sample for LiSSA).
+        solver: "eigh" (float64 eigendecomposition of the dense H, an operator made dense by d
+            products; where ``H + damping I`` is singular, its pseudo-inverse with ``rcond``),
+            "minres" (:func:`minres`, default ``tol`` 1e-10), "cg" (:func:`conjugate_gradient`),
+            "lissa" (:func:`lissa`), or "auto" ("eigh" for a dense matrix or d <=
+            :data:`DENSE_MAX_DIM`, else "minres").
+        **options: passed to the solver ("eigh": ``rcond``, default 1e-12; "minres"/"cg":
+            tol/maxiter; "lissa": scale/depth/repeats/sample).
     """
     op, g = operator_and_vector(H, g)
-    damping = _check_number("damping", damping, 0.0)
+    damping = check_number("damping", damping, 0.0)
+    if solver == "auto":
+        solver = _auto(op, "eigh", "minres")
+    if solver == "eigh":
+        unknown = set(options) - {"rcond"}
+        if unknown:
+            raise TypeError(f"solver 'eigh' takes only rcond, got {sorted(unknown)}")
+        rcond = check_number("rcond", options.get("rcond", 1e-12), 0.0)
+        lam, U = _eigh(op)
+        c = U.T @ g.double()
+        y, kept = _spectral_step(lam, c, damping, rcond)
+        residual = float(torch.linalg.vector_norm((lam + damping) * y + c))
+        return NewtonStep((U @ y).to(g.dtype), residual, op.num_hvps, 0, True, "damped-eigh",
+                          {"rank": kept, "lambda_min": float(lam[0])})
     solvers = {"cg": conjugate_gradient, "minres": minres, "lissa": lissa}
     if solver not in solvers:
-        raise ValueError(f"solver must be 'cg', 'minres' or 'lissa', got {solver!r}")
+        raise ValueError(f"solver must be 'auto', 'eigh', 'cg', 'minres' or 'lissa', got {solver!r}")
     sol = solvers[solver](op, g, damping=damping, **options)
     return NewtonStep(-sol.solution, sol.residual, sol.num_hvps, sol.iterations, sol.converged,
                       f"damped-{solver}", sol.info)

@@ -1,4 +1,4 @@
-"""The cubic-regularised Newton subproblem (METHODS.md section 1):
+"""The cubic-regularised Newton subproblem (docs/methods.md, "Newton family"):
 
     minimise  m(s) = g^T s + 1/2 s^T H s + (M/6) ||s||^3
 
@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..curvature.checks import check_int, check_number, norm64
 from ..ops.cubic_secular import cubic_secular_solve
-from .lanczos import LanczosProcess, Reorth, _check_int, replay, ritz_pairs
+from .lanczos import LanczosProcess, Reorth, replay, ritz_pairs
 from .operators import SolverOperator, operator_and_vector
 
 
@@ -35,7 +36,7 @@ class CubicStep:
         step: s, a (d,) tensor of g's dtype and device.
         model_value: m(s) (float64; for "krylov" computed in the subspace, exact when Q is orthonormal).
         step_norm: ||s||.
-        sigma: the multiplier of the optimality conditions (the alpha of METHODS.md), ``(M/2) ||s||``.
+        sigma: the multiplier of the optimality conditions, ``(M/2) ||s||``.
         residual: ``||g + H s + (M/2) ||s|| s||``, the norm of the model's gradient at s
             ("krylov": the free Lanczos estimate; "dense"/"gd": computed).
         num_hvps: Hessian-vector products used.
@@ -58,24 +59,12 @@ class CubicStep:
 
 
 def _check_M(M: Any) -> float:
-    if isinstance(M, bool) or not isinstance(M, (int, float)) or not math.isfinite(M) or M <= 0:
-        raise ValueError(f"M must be a finite number > 0, got {M!r}")
-    return float(M)
-
-
-def _check_nonneg(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def _norm(v: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(v.double()))
+    return check_number("M", M, 0.0, strict=True)
 
 
 def _model_value(g: torch.Tensor, s: torch.Tensor, Hs: torch.Tensor, M: float) -> float:
     g64, s64 = g.double(), s.double()
-    return float(g64 @ s64 + 0.5 * (s64 @ Hs.double())) + M / 6.0 * _norm(s) ** 3
+    return float(g64 @ s64 + 0.5 * (s64 @ Hs.double())) + M / 6.0 * norm64(s) ** 3
 
 
 # --------------------------------------------------------------------------- dense oracle
@@ -91,7 +80,7 @@ def dense_cubic_step(H: Any, g: torch.Tensor, M: float) -> CubicStep:
     value = float(c @ y + 0.5 * (lam * y * y).sum()) + M / 6.0 * y_norm**3
     residual = float(torch.linalg.vector_norm(c + lam * y + 0.5 * M * y_norm * y))
     s = (U @ y).to(g.dtype)
-    return CubicStep(s, value, _norm(s), sigma, residual, op.num_hvps, hard, 0, True, "dense")
+    return CubicStep(s, value, norm64(s), sigma, residual, op.num_hvps, hard, 0, True, "dense")
 
 
 # --------------------------------------------------------------------------- Krylov
@@ -156,18 +145,18 @@ class KrylovCubicSolver:
         seed: int = 0,
     ) -> None:
         self.op, self.g = operator_and_vector(H, g)
-        self.k_max = _check_int("k_max", k_max, 1)
-        self.probe_steps = _check_int("probe_steps", probe_steps, 1)
-        self.check_every = _check_int("check_every", check_every, 1)
-        self.kappa = _check_nonneg("kappa", kappa)
-        self.theta = None if theta is None else _check_nonneg("theta", theta)
+        self.k_max = check_int("k_max", k_max, 1)
+        self.probe_steps = check_int("probe_steps", probe_steps, 1)
+        self.check_every = check_int("check_every", check_every, 1)
+        self.kappa = check_number("kappa", kappa, 0.0)
+        self.theta = None if theta is None else check_number("theta", theta, 0.0)
         if two_pass and reorth != "none":
             raise ValueError("two_pass=True keeps no basis to reorthogonalise against: use reorth='none'")
         self.guard = (not two_pass) if guard is None else bool(guard)
         if self.guard and two_pass:
             raise ValueError("the hard-case guard needs the stored basis: use guard=False with two_pass=True")
         self.two_pass = two_pass
-        self.gnorm = _norm(self.g)
+        self.gnorm = norm64(self.g)
         gen = torch.Generator().manual_seed(seed)
         if self.gnorm > 0:
             self._v0 = self.g
@@ -255,7 +244,7 @@ class KrylovCubicSolver:
         y, sigma, hard, value, residual = self._small_solve(M)
         s = replay(self.op, self._v0, proc.n, y) if self.two_pass else proc.combine(y)
         return CubicStep(
-            step=s.to(self.g.dtype), model_value=value, step_norm=_norm(s), sigma=sigma, residual=residual,
+            step=s.to(self.g.dtype), model_value=value, step_norm=norm64(s), sigma=sigma, residual=residual,
             num_hvps=self.op.num_hvps, hard_case=hard, iterations=proc.n,
             converged=self._accept(M, y, residual), method="krylov",
         )
@@ -264,7 +253,7 @@ class KrylovCubicSolver:
 # --------------------------------------------------------------------------- gradient descent
 def _cauchy_point(op: SolverOperator, g: torch.Tensor, M: float) -> torch.Tensor:
     """argmin of m along -g: ``-R_c g / ||g||``, R_c = -b + sqrt(b^2 + 2 ||g|| / M), b = g^T H g / (M ||g||^2)."""
-    gnorm = _norm(g)
+    gnorm = norm64(g)
     if gnorm == 0.0:
         return torch.zeros_like(g)
     b = float(g.double() @ op.matvec(g).double()) / (M * gnorm**2)
@@ -276,11 +265,11 @@ def _gd_steps(op: SolverOperator, g: torch.Tensor, M: float, s: torch.Tensor, K:
               tol: float) -> tuple[torch.Tensor, torch.Tensor | None, int, bool]:
     """K steps ``s <- s - eta (g + H s + (M/2)||s|| s)``, stopping early when the model gradient
     is <= tol ||g||. Returns (s, H s if known at the final s, steps taken, stopped early)."""
-    gnorm = _norm(g)
+    gnorm = norm64(g)
     for it in range(K):
         Hs = op.matvec(s)
-        grad = g + Hs + (0.5 * M * _norm(s)) * s
-        if tol > 0 and _norm(grad) <= tol * gnorm:
+        grad = g + Hs + (0.5 * M * norm64(s)) * s
+        if tol > 0 and norm64(grad) <= tol * gnorm:
             return s, Hs, it, True
         s = s - eta * grad
     return s, None, K, False
@@ -291,25 +280,32 @@ def _finish(op: SolverOperator, g: torch.Tensor, M: float, s: torch.Tensor, Hs: 
     if Hs is None:
         Hs = op.matvec(s)
         num_hvps += 1
-    s_norm = _norm(s)
-    residual = _norm(g + Hs + (0.5 * M * s_norm) * s)
+    s_norm = norm64(s)
+    residual = norm64(g + Hs + (0.5 * M * s_norm) * s)
     return CubicStep(s, _model_value(g, s, Hs, M), s_norm, 0.5 * M * s_norm, residual, num_hvps, False,
                      iterations, converged, "gd")
+
+
+def sphere_noise(d: int, radius: float, generator: torch.Generator) -> torch.Tensor:
+    """``radius * xi``, xi uniform on the unit sphere of R^d (a normalised Gaussian; float64, norm
+    exactly ``radius`` up to rounding), as Carmon and Duchi and the StoCuReNU code perturb g: the
+    perturbation's size does not grow with d, unlike N(0, radius^2 I) whose norm is ~radius sqrt(d)."""
+    z = torch.randn(d, generator=generator, dtype=torch.float64)
+    return z * (radius / torch.linalg.vector_norm(z))
 
 
 def _perturbed(g: torch.Tensor, noise: float, gen: torch.Generator) -> torch.Tensor:
     if noise == 0:
         return g
-    xi = torch.randn(g.shape[0], generator=gen, dtype=torch.float64).to(g)
-    return g + noise * xi
+    return g + sphere_noise(g.shape[0], noise, gen).to(g)
 
 
 def _check_gd_options(K: int, eta: float, noise: float, tol: float) -> None:
-    _check_int("K", K, 0)
-    if _check_nonneg("eta", eta) == 0:
+    check_int("K", K, 0)
+    if check_number("eta", eta, 0.0) == 0:
         raise ValueError("eta must be > 0")
-    _check_nonneg("noise", noise)
-    _check_nonneg("tol", tol)
+    check_number("noise", noise, 0.0)
+    check_number("tol", tol, 0.0)
 
 
 def cubic_gd(H: Any, g: torch.Tensor, M: float, *, K: int = 5, eta: float = 0.01, noise: float = 0.0,
@@ -321,9 +317,10 @@ def cubic_gd(H: Any, g: torch.Tensor, M: float, *, K: int = 5, eta: float = 0.01
         K: gradient steps (default 5, the StoCuReNU authors' value, unverified; the oracle
             accuracy needs hundreds to thousands of steps with ``eta < 1 / (||H|| + M ||s||)``).
         eta: step size (default 0.01, the authors' value, unverified).
-        noise: standard deviation of Gaussian noise added to each coordinate of g for the
-            iteration (Carmon and Duchi perturb g so that the hard case cannot trap GD; 0: none).
-            Value, residual and sigma are reported for the unperturbed g.
+        noise: the norm of the perturbation ``noise * xi`` added to g for the iteration, xi uniform
+            on the unit sphere (:func:`sphere_noise`; Carmon and Duchi perturb g so that the hard
+            case cannot trap GD; 0: none). Value, residual and sigma are reported for the
+            unperturbed g.
         tol: stop early when ``||grad m(s)|| <= tol ||g||`` (0: always K steps).
         seed: seeds the noise.
 
@@ -347,8 +344,8 @@ def stochastic_cubic_gd(sample: Callable[[], tuple[torch.Tensor, Any]], M: float
     """Stochastic cubic-Newton subproblem solver (StoCuReNU, after Carmon and Duchi).
 
     Each of ``T`` outer rounds calls ``sample()`` for a fresh mini-batch estimate ``(g, H)``
-    (H a dense matrix or operator), perturbs g with Gaussian noise of standard deviation
-    ``noise`` per coordinate, and takes K gradient steps on that round's model; the first round
+    (H a dense matrix or operator), perturbs g by ``noise * xi`` with xi uniform on the unit sphere
+    (:func:`sphere_noise`), and takes K gradient steps on that round's model; the first round
     starts at its Cauchy point, later rounds continue from the current s (the weights are fixed
     here: a method that moves the weights every round calls this with T=1). Defaults (M=5, T=10,
     K=5, eta=0.01, noise=1e-3) are the authors' reported values, unverified.
@@ -360,7 +357,7 @@ def stochastic_cubic_gd(sample: Callable[[], tuple[torch.Tensor, Any]], M: float
     if not callable(sample):
         raise TypeError(f"sample must be a callable returning (g, H), got {type(sample).__name__}")
     M = _check_M(M)
-    _check_int("T", T, 1)
+    check_int("T", T, 1)
     _check_gd_options(K, eta, noise, tol)
     gen = torch.Generator().manual_seed(seed)
     s: torch.Tensor | None = None

@@ -32,6 +32,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from ..curvature.checks import check_int, check_number
 from ..ops.lanczos_step import lanczos_step
 from .operators import SolverOperator, as_operator, check_vector
 
@@ -39,12 +40,6 @@ Reorth = Literal["full", "selective", "none"]
 Which = Literal["LA", "SA", "BE"]
 BREAKDOWN_RTOL_EPS = 100.0
 """A beta below this many machine epsilons of ||T|| (largest |alpha|, beta so far) is a breakdown."""
-
-
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
 
 
 def _unit(v: torch.Tensor) -> torch.Tensor:
@@ -302,12 +297,11 @@ def lanczos(
     else:  # v0 also gives the dimension, dtype and device of a function v -> H v
         op = as_operator(H, check_vector(v0, "v0").shape[0], dtype=v0.dtype, device=v0.device)
     d = op.shape[0]
-    _check_int("k", k, 1)
+    check_int("k", k, 1)
     if which not in ("LA", "SA", "BE"):
         raise ValueError(f"which must be 'LA', 'SA' or 'BE', got {which!r}")
-    m = _check_int("num_eigs", 2 if which == "BE" else 1, 1) if num_eigs is None else _check_int("num_eigs", num_eigs, 1)
-    if not (isinstance(tol, (int, float)) and tol >= 0):
-        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+    m = check_int("num_eigs", 2 if which == "BE" else 1, 1) if num_eigs is None else check_int("num_eigs", num_eigs, 1)
+    check_number("tol", tol, 0.0)
     if two_pass and reorth != "none":
         raise ValueError("two_pass=True keeps no basis to reorthogonalise against: use reorth='none'")
     gen = torch.Generator().manual_seed(seed)

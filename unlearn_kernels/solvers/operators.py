@@ -8,30 +8,12 @@ checks that every product is finite.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import scipy.sparse.linalg
 import torch
 
-MatVec = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _to_scipy(shape: tuple[int, int], dtype: torch.dtype, device: torch.device, matvec: MatVec,
-              matmat: MatVec) -> scipy.sparse.linalg.LinearOperator:
-    """A float64 numpy LinearOperator over torch products in ``dtype`` on ``device``."""
-    def convert(a: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(a, dtype=np.float64)).to(device, dtype)
-
-    def mv(a: np.ndarray) -> np.ndarray:
-        return matvec(convert(a).reshape(-1)).double().cpu().numpy()
-
-    def mm(a: np.ndarray) -> np.ndarray:
-        return matmat(convert(a)).double().cpu().numpy()
-
-    return scipy.sparse.linalg.LinearOperator(shape, matvec=mv, rmatvec=mv, matmat=mm, rmatmat=mm,
-                                              dtype=np.float64)
+from ..curvature.linear_operator import MatVec, to_scipy_operator
 
 
 class DenseOperator:
@@ -65,7 +47,7 @@ class DenseOperator:
 
     def to_scipy(self) -> scipy.sparse.linalg.LinearOperator:
         """A float64 ``scipy.sparse.linalg.LinearOperator`` (products counted)."""
-        return _to_scipy(self.shape, self.dtype, self.device, self.matvec, self.matmat)
+        return to_scipy_operator(self.shape, self.dtype, self.device, self.matvec, self.matmat)
 
     def __repr__(self) -> str:
         return f"DenseOperator(d={self.shape[0]}, dtype={self.dtype}, device={self.device})"
@@ -127,15 +109,18 @@ class SolverOperator:
             return torch.stack([self._check(self._matvec(c), (self.shape[0],)) for c in V.T], dim=1)
         return self._check(self._matmat(V), tuple(V.shape))
 
-    def to_dense(self) -> torch.Tensor:
-        """The (d, d) matrix: the wrapped one, or d products (small d only)."""
+    def to_dense(self, chunk_size: int = 256) -> torch.Tensor:
+        """The (d, d) matrix: the wrapped one, or d products, ``chunk_size`` columns per ``matmat``
+        (small d only; the chunks bound the memory a batched product holds)."""
         if self.dense is not None:
             return self.dense
-        return self.matmat(torch.eye(self.shape[0], dtype=self.dtype, device=self.device))
+        d = self.shape[0]
+        eye = torch.eye(d, dtype=self.dtype, device=self.device)
+        return torch.cat([self.matmat(eye[:, i:i + chunk_size]) for i in range(0, d, chunk_size)], dim=1)
 
     def to_scipy(self) -> scipy.sparse.linalg.LinearOperator:
         """A float64 ``scipy.sparse.linalg.LinearOperator`` whose products are counted here."""
-        return _to_scipy(self.shape, self.dtype, self.device, self.matvec, self.matmat)
+        return to_scipy_operator(self.shape, self.dtype, self.device, self.matvec, self.matmat)
 
     def __repr__(self) -> str:
         return f"SolverOperator({self.base!r}, num_hvps={self.num_hvps})"

@@ -1,0 +1,30 @@
+"""The one bridge from torch products to ``scipy.sparse.linalg.LinearOperator``."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import scipy.sparse.linalg
+import torch
+
+MatVec = Callable[[torch.Tensor], torch.Tensor]
+
+
+def to_scipy_operator(shape: tuple[int, int], dtype: torch.dtype, device: torch.device, matvec: MatVec,
+                      matmat: MatVec) -> scipy.sparse.linalg.LinearOperator:
+    """A symmetric float64 numpy ``LinearOperator`` over torch products.
+
+    Inputs are converted to ``dtype`` on ``device`` (so a float32 operator computes in float32),
+    outputs back to float64 numpy arrays on the CPU. ``matvec`` takes a (d,) tensor, ``matmat`` a
+    (d, K) tensor; the transposed products are the same functions (the operator is symmetric).
+    """
+    def convert(a: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(a, dtype=np.float64)).to(device, dtype)
+
+    def mv(a: np.ndarray) -> np.ndarray:
+        return matvec(convert(a).reshape(-1)).double().cpu().numpy()
+
+    def mm(a: np.ndarray) -> np.ndarray:
+        return matmat(convert(a)).double().cpu().numpy()
+
+    return scipy.sparse.linalg.LinearOperator(shape, matvec=mv, rmatvec=mv, matmat=mm, rmatmat=mm, dtype=np.float64)

@@ -1,0 +1,204 @@
+"""Adaptive cubic regularisation (ARC): minimise a smooth function by cubic-regularised Newton steps
+whose constant M adapts to what each step achieves (Cartis, Gould and Toint, 2011).
+
+Each iteration, at the point w with value f and gradient g, the Krylov solver
+(:class:`~.cubic.KrylovCubicSolver`) minimises the cubic model
+``m(s) = g^T s + 1/2 s^T H s + (M/6) ||s||^3`` (H from ``hessian(w)``); the trial point w + s is
+accepted when the actual decrease ``f(w) - f(w + s)`` is at least ``eta1`` times the decrease the
+model predicts, ``-m(s)``. A rejected trial multiplies M by ``gamma`` and re-solves the small
+problem on the same Lanczos tridiagonal (no new Hessian-vector products); a very successful one
+(ratio >= ``eta2``) divides M by ``gamma`` for the next iteration. Since ``eta1 > 0`` and the
+predicted decrease is positive, every accepted step lowers f: the result is never worse than w0.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..curvature.checks import check_int, check_number, norm64
+from .cubic import KrylovCubicSolver
+from .operators import check_vector
+
+#: the Krylov solver's options for the iterations (an inexact subproblem solve suffices: the accept
+#: test, not the subproblem's accuracy, keeps the iteration safe; the hard-case probe is off for the
+#: same reason); ``solver_options`` of :func:`adaptive_cubic_newton` override them
+KRYLOV_DEFAULTS: Mapping[str, Any] = {"k_max": 50, "kappa": 0.5, "guard": False}
+
+
+@dataclass(frozen=True)
+class ARCTrial:
+    """One trial step of :func:`adaptive_cubic_newton`.
+
+    Attributes:
+        iteration: the index of the accepted step this trial tries to make (0, 1, ...).
+        M: the cubic constant it was solved with.
+        predicted: the decrease the cubic model predicts, ``-m(s)``.
+        actual: ``f(w) - f(w + s)`` (-inf if f(w + s) is not finite).
+        ratio: ``actual / predicted``.
+        accepted: whether w moved to w + s.
+        step_norm: ||s||.
+        hvps: Hessian-vector products this trial used (0 for a re-solve after a rejection).
+        lanczos_steps: the size of the Lanczos tridiagonal the step came from.
+        grad_norm: ||g|| at w, where the step starts.
+    """
+
+    iteration: int
+    M: float
+    predicted: float
+    actual: float
+    ratio: float
+    accepted: bool
+    step_norm: float
+    hvps: int
+    lanczos_steps: int
+    grad_norm: float
+
+
+@dataclass
+class ARCResult:
+    """What :func:`adaptive_cubic_newton` returns.
+
+    Attributes:
+        w: the final point (the last accepted one; w0 if none was accepted).
+        value: f(w).
+        gradient: grad f(w).
+        steps: accepted steps.
+        num_hvps: Hessian-vector products used in all.
+        M: the cubic constant the next step would have used (a warm start for a later call).
+        stop_reason: "tolerance" (``||g|| <= tol``), "max_iterations", "hvp_budget" or
+            "no_progress" (the predicted decrease fell below the resolution of f: M grew so large
+            that no step can be told apart from rounding).
+        trials: every trial in order.
+        initial_value: f(w0).
+        initial_grad_norm: ||grad f(w0)||.
+    """
+
+    w: torch.Tensor
+    value: float
+    gradient: torch.Tensor
+    steps: int
+    num_hvps: int
+    M: float
+    stop_reason: str
+    trials: list[ARCTrial] = field(default_factory=list)
+    initial_value: float = math.nan
+    initial_grad_norm: float = math.nan
+
+
+def adaptive_cubic_newton(
+    value: Callable[[torch.Tensor], float],
+    gradient: Callable[[torch.Tensor], torch.Tensor],
+    hessian: Callable[[torch.Tensor], Any],
+    w0: torch.Tensor,
+    *,
+    M: float = 1.0,
+    max_iterations: int = 10,
+    tol: float = 0.0,
+    hvp_budget: int | None = None,
+    eta1: float = 0.1,
+    eta2: float = 0.9,
+    gamma: float = 2.0,
+    M_min: float = 1e-6,
+    solver_options: Mapping[str, Any] | None = None,
+    seed: int = 0,
+) -> ARCResult:
+    """Minimise f from w0 by adaptive cubic regularisation (see the module docstring).
+
+    Args:
+        value: ``w -> f(w)`` (a float; NaN/Inf rejects the trial).
+        gradient: ``w -> grad f(w)``, a (d,) tensor of w's dtype and device.
+        hessian: ``w -> H(w)``, an operator the solvers accept (a dense matrix, a curvature
+            operator, an object with ``matvec``, ...). It may be a sampled or approximate Hessian:
+            the accept test uses ``value`` only. Called once per accepted point.
+        w0: the (d,) start point (floating point, finite).
+        M: the cubic constant of the first trial, > 0.
+        max_iterations: most accepted steps, >= 1 (1: one cubic step, with M raised until the
+            step is accepted).
+        tol: stop when ``||grad f(w)|| <= tol`` (>= 0; checked before every step).
+        hvp_budget: stop before a new Lanczos run once this many products were used; a run is
+            capped at what is left (None: no budget).
+        eta1: the accept threshold on the ratio, in (0, eta2).
+        eta2: the "very successful" threshold on the ratio, in (eta1, inf).
+        gamma: the factor M is raised by after a rejection and lowered by after a very
+            successful step, > 1.
+        M_min: the smallest M after lowering, > 0.
+        solver_options: options of :class:`~.cubic.KrylovCubicSolver` over
+            :data:`KRYLOV_DEFAULTS`.
+        seed: seeds the Krylov solver's random vectors.
+
+    Returns:
+        An :class:`ARCResult`.
+
+    Raises:
+        ValueError: bad options, a non-finite w0, f(w0) or gradient (what ``gradient`` returns at
+            an accepted point must be finite).
+    """
+    w = check_vector(w0, "w0")
+    M = check_number("M", M, 0.0, strict=True)
+    max_iterations = check_int("max_iterations", max_iterations, 1)
+    tol = check_number("tol", tol, 0.0)
+    if hvp_budget is not None:
+        hvp_budget = check_int("hvp_budget", hvp_budget, 1)
+    eta1 = check_number("eta1", eta1, 0.0, strict=True)
+    if eta1 >= 1.0:
+        raise ValueError(f"eta1 must be < 1, got {eta1!r}")
+    eta2 = check_number("eta2", eta2, eta1, strict=True)
+    gamma = check_number("gamma", gamma, 1.0, strict=True)
+    M_min = check_number("M_min", M_min, 0.0, strict=True)
+    options = {**KRYLOV_DEFAULTS, **(solver_options or {})}
+    k_max = check_int("solver_options['k_max']", options.pop("k_max"), 1)
+
+    f = float(value(w))
+    if not math.isfinite(f):
+        raise ValueError(f"adaptive_cubic_newton: f(w0) is not finite ({f})")
+    g = check_vector(gradient(w), "gradient(w0)")
+    f0, g0_norm = f, norm64(g)
+    # The smallest decrease f can resolve: rounding of f in w's precision.
+    resolution = 16.0 * torch.finfo(w.dtype).eps * max(abs(f), 1.0)
+    trials: list[ARCTrial] = []
+    hvps = steps = 0
+    stop = "max_iterations"
+    while steps < max_iterations:
+        gnorm = norm64(g)
+        if gnorm <= tol:
+            stop = "tolerance"
+            break
+        left = None if hvp_budget is None else hvp_budget - hvps
+        if left is not None and left <= 0:
+            stop = "hvp_budget"
+            break
+        solver = KrylovCubicSolver(hessian(w), g, k_max=k_max if left is None else min(k_max, left),
+                                   seed=seed + steps, **options)
+        used = 0
+        while True:
+            sub = solver.solve(M)
+            new = sub.num_hvps - used
+            used = sub.num_hvps
+            hvps += new
+            predicted = -sub.model_value
+            if not predicted > resolution:
+                stop = "no_progress"
+                break
+            trial = w + sub.step
+            f_trial = float(value(trial))
+            actual = f - f_trial if math.isfinite(f_trial) else -math.inf
+            ratio = actual / predicted
+            accepted = ratio >= eta1
+            trials.append(ARCTrial(steps, M, predicted, actual, ratio, accepted, sub.step_norm, new,
+                                   sub.iterations, gnorm))
+            if accepted:
+                w, f = trial, f_trial
+                g = check_vector(gradient(w), "gradient(w)")
+                steps += 1
+                if ratio >= eta2:
+                    M = max(M / gamma, M_min)
+                break
+            M *= gamma
+        if stop == "no_progress":
+            break
+    return ARCResult(w=w, value=f, gradient=g, steps=steps, num_hvps=hvps, M=M, stop_reason=stop, trials=trials,
+                     initial_value=f0, initial_grad_norm=g0_norm)
