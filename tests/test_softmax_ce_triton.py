@@ -3,9 +3,10 @@
 The test suite runs every Triton kernel through the interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1 before anything is imported), on CUDA tensors where torch sees a GPU and on CPU
 tensors otherwise; at about 1 ms per program the inputs have few rows. That the kernels also compile
-for a GPU is checked by test_triton_kernels_compile_for_sm90, in a process without the interpreter. Accuracy rule (flash-attention's): the kernel's error
-against the float64 reference is at most twice the error of the plain PyTorch reference in the
-same dtype, plus a few ulps of the output's scale.
+for a GPU is checked by test_triton_kernels_compile_for_sm90, in a process without the interpreter.
+Accuracy rule (flash-attention's): the kernel's error against the float64 reference is at most
+twice the error of the plain PyTorch reference in the same dtype, plus a few ulps of the output's
+scale.
 """
 from __future__ import annotations
 
@@ -92,8 +93,10 @@ def test_hvp_matches_reference(n, c, dtype, layout, rng):
 
 
 def test_empty_inputs():
-    assert softmax_ce_grad(torch.empty(0, 5, device=DEVICE), torch.empty(0, dtype=torch.long, device=DEVICE), backend="triton").shape == (0, 5)
-    assert softmax_ce_hvp(torch.empty(3, 0, device=DEVICE), torch.empty(3, 0, device=DEVICE), backend="triton").shape == (3, 0)
+    empty_rows, no_target = torch.empty(0, 5, device=DEVICE), torch.empty(0, dtype=torch.long, device=DEVICE)
+    assert softmax_ce_grad(empty_rows, no_target, backend="triton").shape == (0, 5)
+    no_classes = torch.empty(3, 0, device=DEVICE)
+    assert softmax_ce_hvp(no_classes, no_classes, backend="triton").shape == (3, 0)
 
 
 def test_hand_computed_values():

@@ -258,15 +258,14 @@ def test_changed_model_code_or_training_code_or_device_is_not_reused(tmp_path, m
 
     # the training function's code changed
     train_file = tmp_path / "train_module.py"
-    recipe = _module_from_source(train_file, "from unlearn_kernels.training import train as _train\n\n"
-                                             "def train(*args, **kwargs):\n    return _train(*args, **kwargs)\n")
+    wrapper = "from unlearn_kernels.training import train as _train\n\ndef train(*args, **kwargs):{}\n    return _train(*args, **kwargs)\n"
+    recipe = _module_from_source(train_file, wrapper.format(""))
     monkeypatch.setattr(checkpoint, "train", recipe.train)
     _, stats = train_or_load(path, net.Net, data, CONFIG)
     assert stats is not None
     _, stats = train_or_load(path, net.Net, data, CONFIG)
     assert stats is None
-    recipe = _module_from_source(train_file, "from unlearn_kernels.training import train as _train\n\n"
-                                             "def train(*args, **kwargs):  # edited\n    return _train(*args, **kwargs)\n")
+    recipe = _module_from_source(train_file, wrapper.format("  # edited"))
     monkeypatch.setattr(checkpoint, "train", recipe.train)
     _, stats = train_or_load(path, net.Net, data, CONFIG)
     assert stats is not None

@@ -1,9 +1,10 @@
 """Model checkpoints that know what they were trained on.
 
 A checkpoint is one ``torch.save`` file holding the weights (a CPU state dict) and a JSON metadata
-record (recipe, model, data fingerprint, device, versions and a hash of the training code). Writes are atomic: the file is written to a
-temporary file in the same directory, fsynced, then moved over the target with ``os.replace``, so
-a crash leaves either the old checkpoint or the new one, never a torn file.
+record (recipe, model, data fingerprint, device, versions and a hash of the training code). Writes
+are atomic: the file is written to a temporary file in the same directory, fsynced, then moved over
+the target with ``os.replace``, so a crash leaves either the old checkpoint or the new one, never a
+torn file.
 :func:`train_or_load` reuses a cached model only when the whole metadata record matches.
 """
 from __future__ import annotations

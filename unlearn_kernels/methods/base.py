@@ -108,7 +108,8 @@ def _check_sets(name: str, model: nn.Module, forget: LabeledData, retain: Labele
             finite = torch.isfinite(data.x.reshape(len(data), -1)).all(dim=1)
             if not bool(finite.all()):
                 row = int((~finite).nonzero()[0])
-                raise ValueError(f"{name}: the {role} set has inputs that are not finite (NaN or Inf; first at row {row})")
+                raise ValueError(f"{name}: the {role} set has inputs that are not finite "
+                                 f"(NaN or Inf; first at row {row})")
     for role, data in sets.items():
         if data.x.shape[1:] != forget.x.shape[1:]:
             raise ValueError(f"{name}: the {role} samples have shape {tuple(data.x.shape[1:])} but the forget "
