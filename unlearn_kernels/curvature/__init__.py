@@ -6,11 +6,9 @@ Build one with :func:`hessian_operator` or :func:`ggn_operator`; all speak the
 parameters to and from the flat vectors the operators act on.
 """
 from .base import BatchSource, CurvatureOperator
+from .distributed import DistributedOperator
 from .fused_mlp import FusedMLPHessian
 from .generic import GenericHessian, GGNOperator, ggn_operator, hessian_operator
-from .lipschitz import LipschitzEstimate, estimate_hessian_lipschitz
-from .objective import Objective
-from .regularized import RegularizedOperator
 from .params import (
     flatten_tensors,
     get_flat_parameters,
@@ -22,13 +20,10 @@ from .params import (
 __all__ = [
     "BatchSource",
     "CurvatureOperator",
+    "DistributedOperator",
     "FusedMLPHessian",
     "GGNOperator",
     "GenericHessian",
-    "LipschitzEstimate",
-    "Objective",
-    "RegularizedOperator",
-    "estimate_hessian_lipschitz",
     "flatten_tensors",
     "get_flat_parameters",
     "ggn_operator",

@@ -1,0 +1,175 @@
+"""Data-parallel curvature (curvature/distributed.py) with 2 and 3 gloo processes: products,
+matmat and gradient equal to one process over all rows, the same Lanczos and cubic steps on every
+rank, the GGN, an empty shard, and a failing rank that gives the others a clear error.
+
+Each test spawns its processes (torch.multiprocessing, a file store in tmp_path); the checks run
+inside the workers, whose assertion errors fail the test through ``spawn``."""
+from __future__ import annotations
+
+import datetime
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from unlearn_kernels.curvature import DistributedOperator, ggn_operator, hessian_operator
+from unlearn_kernels.solvers import cubic_newton_step, lanczos
+
+ROWS, FEATURES, CLASSES = 37, 6, 4
+RTOL = 1e-12
+
+
+def model_and_data() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A float64 tanh MLP and all the rows (the same on every rank: the seed is fixed)."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(FEATURES, 5), nn.Tanh(), nn.Linear(5, CLASSES)).double().eval()
+    x = torch.randn(ROWS, FEATURES, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, CLASSES, (ROWS,), generator=gen)
+    return model, x, y
+
+
+def shard(rank: int, bounds: list[int]) -> slice:
+    return slice(bounds[rank], bounds[rank + 1])
+
+
+def _init(rank: int, world: int, store: str, timeout_s: float = 60.0) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    err = float((a - b).norm() / b.norm())
+    assert err <= RTOL, f"relative difference {err:.2e}"
+
+
+def _same_on_every_rank(t: torch.Tensor) -> None:
+    """Broadcast rank 0's tensor and compare bitwise."""
+    theirs = t.clone()
+    dist.broadcast(theirs, src=0)
+    assert torch.equal(theirs, t), "ranks disagree"
+
+
+def _equivalence_worker(rank: int, world: int, store: str, bounds: list[int]) -> None:
+    _init(rank, world, store)
+    try:
+        model, x, y = model_and_data()
+        part = shard(rank, bounds)
+        loss = nn.CrossEntropyLoss()
+        gen = torch.Generator().manual_seed(1)
+        for path in ("fused", "generic"):
+            single = hessian_operator(model, loss, (x, y), path=path)
+            op = hessian_operator(model, loss, (x[part], y[part]), path=path, process_group=dist.group.WORLD)
+            assert isinstance(op, DistributedOperator) and op.shape == single.shape
+            assert op.shard_sizes == [bounds[r + 1] - bounds[r] for r in range(world)] and op.num_rows == ROWS
+            v = torch.randn(op.shape[0], dtype=torch.float64, generator=gen)
+            V = torch.randn(op.shape[0], 3, dtype=torch.float64, generator=gen)
+            for got, want in ((op.matvec(v), single.matvec(v)), (op.matmat(V), single.matmat(V)),
+                              (op.gradient(), single.gradient())):
+                _close(got, want)
+                _same_on_every_rank(got)
+            assert op.num_products == 4 and op.num_data_passes == 3
+        ggn = ggn_operator(model, loss, (x[part], y[part]), process_group=dist.group.WORLD)
+        _close(ggn.matvec(v), ggn_operator(model, loss, (x, y)).matvec(v))
+        # Solvers run on it unchanged, with the same result on every rank.
+        eig = lanczos(op, 20, which="LA", num_eigs=3, seed=0, return_eigenvectors=False).eigenvalues
+        _same_on_every_rank(eig)
+        _close(eig, lanczos(single, 20, which="LA", num_eigs=3, seed=0, return_eigenvectors=False).eigenvalues)
+        step = cubic_newton_step(op, op.gradient(), 1.0, method="krylov", seed=0).step
+        _same_on_every_rank(step)
+        _close(step, cubic_newton_step(single, single.gradient(), 1.0, method="krylov", seed=0).step)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("world", "bounds"), [(2, [0, 20, ROWS]), (3, [0, 5, 30, ROWS])])
+def test_equals_one_process_over_all_rows(world, bounds, tmp_path):
+    mp.spawn(_equivalence_worker, args=(world, str(tmp_path / "store"), bounds), nprocs=world)
+
+
+def _empty_shard_worker(rank: int, world: int, store: str) -> None:
+    _init(rank, world, store)
+    try:
+        model, x, y = model_and_data()
+        part = slice(0, ROWS) if rank == 0 else slice(0, 0)  # rank 1 holds no rows
+        op = hessian_operator(model, nn.CrossEntropyLoss(), (x[part], y[part]), process_group=dist.group.WORLD)
+        assert op.shard_sizes == [ROWS, 0] and (op.local is None) == (rank == 1)
+        single = hessian_operator(model, nn.CrossEntropyLoss(), (x, y))
+        v = torch.linspace(-1, 1, op.shape[0], dtype=torch.float64)
+        _close(op.matvec(v), single.matvec(v))
+        _close(op.gradient(), single.gradient())
+        _close(op.to_dense(), single.to_dense())
+        with pytest.raises(ValueError, match="every rank's shard is empty"):
+            hessian_operator(model, nn.CrossEntropyLoss(), (x[:0], y[:0]), process_group=dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_empty_shards(tmp_path):
+    """One empty shard: the operator of the other's rows; all empty: a ValueError on every rank."""
+    mp.spawn(_empty_shard_worker, args=(2, str(tmp_path / "store")), nprocs=2)
+
+
+class _CanFail(nn.Module):
+    """The inner model, whose forward raises once ``fail`` is set."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.fail = inner, False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fail:
+            raise RuntimeError("rank 1 ran out of memory (simulated)")
+        return self.inner(x)
+
+
+def _failure_worker(rank: int, world: int, store: str) -> None:
+    _init(rank, world, store)
+    try:
+        model, x, y = model_and_data()
+        part = slice(0, 20) if rank == 0 else slice(20, ROWS)
+        targets = y[part] if rank == 0 else y[part][:-1]  # rank 1's shard is malformed: no operator there
+        expect = (ValueError, "inputs but") if rank == 1 else (RuntimeError, r"rank\(s\) \[1\] failed while building")
+        with pytest.raises(expect[0], match=expect[1]):
+            hessian_operator(model, nn.CrossEntropyLoss(), (x[part], targets), process_group=dist.group.WORLD)
+        # The group is still usable: every rank took part in the reduction that reported the failure.
+        wrapped = _CanFail(model)
+        op = hessian_operator(wrapped, nn.CrossEntropyLoss(), (x[part], y[part]), path="generic",
+                              process_group=dist.group.WORLD)
+        wrapped.fail = rank == 1
+        expect = (RuntimeError, "out of memory") if rank == 1 else (RuntimeError, r"rank\(s\) \[1\] failed while")
+        with pytest.raises(expect[0], match=expect[1]):
+            op.matvec(torch.ones(op.shape[0], dtype=torch.float64))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_failing_rank_gives_a_clear_error(tmp_path):
+    mp.spawn(_failure_worker, args=(2, str(tmp_path / "store")), nprocs=2)
+
+
+def _absent_worker(rank: int, world: int, store: str) -> None:
+    _init(rank, world, store, timeout_s=5.0)
+    model, x, y = model_and_data()
+    part = slice(0, 20) if rank == 0 else slice(20, ROWS)
+    op = hessian_operator(model, nn.CrossEntropyLoss(), (x[part], y[part]), process_group=dist.group.WORLD)
+    if rank == 0:
+        with pytest.raises(RuntimeError, match="failed or timed out"):
+            op.matvec(torch.ones(op.shape[0], dtype=torch.float64))
+    else:
+        time.sleep(8.0)  # busy elsewhere, never making the call, until rank 0 gave up (timeout 5 s)
+
+
+def test_absent_rank_times_out(tmp_path):
+    """A rank that never makes the call: the other fails after the group's timeout instead of hanging."""
+    mp.spawn(_absent_worker, args=(2, str(tmp_path / "store")), nprocs=2)
+
+
+def test_bad_process_group():
+    model, x, y = model_and_data()
+    with pytest.raises(TypeError, match="ProcessGroup"):
+        hessian_operator(model, nn.CrossEntropyLoss(), (x, y), process_group="gloo")

@@ -1,0 +1,177 @@
+"""Data-parallel curvature: one operator over data sharded across the ranks of a process group.
+
+Every rank builds its operator on its own shard of the rows (``hessian_operator(...,
+process_group=pg)`` or ``ggn_operator(..., process_group=pg)``), and every product, matmat and
+gradient is the sum of the ranks' local results weighted by their shard sizes::
+
+    C v = sum_r (n_r / N) C_r v,        N = sum_r n_r,
+
+with C_r the operator of the mean loss over rank r's n_r rows: the mean over all N rows, the same
+operator one process would build on all the data. One ``all_reduce`` per call (gloo on CPU, NCCL on
+GPU). Collectives return the same bits on every rank, so solvers and methods that draw their
+random vectors from the same seed take the same steps on every rank, and run on this operator
+unchanged. Every rank must make the same calls in the same order (as with any collective).
+
+A rank whose shard is empty takes part with zeros. A rank whose local product fails still takes
+part in the reduction and raises its own error; the others then raise a RuntimeError naming it. A
+rank that never arrives (a crash, or a different sequence of calls) makes the others fail after
+the process group's timeout (``torch.distributed.init_process_group(timeout=...)``) with an error
+that says so, instead of hanging.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..data.labeled import LabeledData
+from .base import BatchSource, CurvatureOperator, DataSpec
+from .params import ParamSelection, resolve_parameters
+
+
+def shard_rows(data: DataSpec, device: torch.device) -> int:
+    """The number of rows in ``data`` (one pass over the batches of an iterable)."""
+    if isinstance(data, LabeledData):
+        return len(data)
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        return int(data[1].shape[0])
+    return sum(int(y.shape[0]) for _, y in BatchSource(data, device))
+
+
+class DistributedOperator:
+    """The curvature of the mean loss over the union of the ranks' shards (see the module docstring).
+
+    It speaks the :class:`~unlearn_kernels.curvature.base.CurvatureOperator` interface (``matvec``,
+    ``matmat``, ``gradient``, ``to_dense``, ``to_scipy``, ``shape``, ``dtype``, ``device``,
+    counters); every result is the global one, identical on every rank. It wraps this rank's local
+    operator, whose construction made the data checks (determinism probe, train-mode modules) on
+    the local shard, and reduces its results.
+
+    Args:
+        build: ``build(shard) -> CurvatureOperator``, the local operator on this rank's data (not
+            called for an empty shard).
+        model, params: the model and parameter selection ``build`` uses (for d, dtype and device on
+            a rank with an empty shard).
+        data: this rank's shard (any :data:`~unlearn_kernels.curvature.base.DataSpec`; may be empty).
+        process_group: an initialised ``torch.distributed`` process group (e.g. ``dist.group.WORLD``).
+
+    Attributes:
+        local: this rank's operator (None on an empty shard).
+        rank, world_size: this rank's index in the group and the group's size.
+        shard_sizes: rows per rank (every rank's shard, in rank order); ``num_rows`` their sum.
+        num_products, num_gradients, num_data_passes: this operator's calls (the same on every rank).
+
+    Raises:
+        ValueError: on every rank, when the ranks disagree on the parameter count or all shards are
+            empty.
+        RuntimeError: on the other ranks, when some rank's local operator cannot be built (that
+            rank raises its own error).
+        TypeError: ``process_group`` is not a ProcessGroup.
+    """
+
+    path = "distributed"
+    path_reason: str | None = None
+    # The interface methods that need only shape, dtype, device, matvec and matmat: one implementation.
+    _check_input = CurvatureOperator._check_input
+    to_dense = CurvatureOperator.to_dense
+    to_scipy = CurvatureOperator.to_scipy
+
+    def __init__(self, build: Callable[[DataSpec], CurvatureOperator], model: nn.Module, data: DataSpec,
+                 params: ParamSelection, process_group: dist.ProcessGroup) -> None:
+        if not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(f"process_group must be a torch.distributed ProcessGroup (e.g. dist.group.WORLD after "
+                            f"init_process_group), got {type(process_group).__name__}")
+        chosen = resolve_parameters(model, params)
+        first = next(iter(chosen.values()))
+        self.group = process_group
+        self.rank, self.world_size = dist.get_rank(process_group), dist.get_world_size(process_group)
+        self.dtype, self.device = first.dtype, first.device
+        self.param_names = tuple(chosen)
+        self.num_products = self.num_gradients = self.num_data_passes = 0
+        local: CurvatureOperator | None = None
+        failure: BaseException | None = None
+        rows = 0
+        try:
+            rows = shard_rows(data, self.device)
+            local = build(data) if rows else None
+        except Exception as err:  # reported to the other ranks below, then raised here
+            failure = err
+        d = local.shape[0] if local is not None else sum(p.numel() for p in chosen.values())
+        table = torch.zeros(self.world_size, 2, dtype=torch.float64, device=self.device)
+        table[self.rank] = torch.tensor([rows, d], dtype=torch.float64)
+        table = self._reduce(table, failure, "building the operator")
+        self.shard_sizes = [int(n) for n in table[:, 0].tolist()]
+        self.num_rows = sum(self.shard_sizes)
+        if len({int(v) for v in table[:, 1].tolist()}) > 1:
+            raise ValueError(f"the ranks' operators have different sizes {table[:, 1].long().tolist()}: every rank must "
+                             "pass the same model and parameter selection")
+        if self.num_rows == 0:
+            raise ValueError("every rank's shard is empty: the operator needs at least one row on some rank")
+        self.local = local
+        self.shape = (d, d)
+        self._weight = self.shard_sizes[self.rank] / self.num_rows
+
+    def __repr__(self) -> str:
+        return (f"DistributedOperator(rank={self.rank}/{self.world_size}, d={self.shape[0]}, rows={self.shard_sizes}, "
+                f"local={self.local!r})")
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """C @ v for a flat (d,) vector (one all_reduce); the same result on every rank."""
+        self._check_input(v, ndim=1)
+        out = self._combine(lambda op: op.matvec(v), tuple(v.shape), "computing a matvec")
+        self.num_products += 1
+        self.num_data_passes += 1
+        return out
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """C @ V for a (d, K) matrix: K products in one data pass and one all_reduce."""
+        self._check_input(V, ndim=2)
+        out = self._combine(lambda op: op.matmat(V), tuple(V.shape), "computing a matmat")
+        self.num_products += V.shape[1]
+        self.num_data_passes += 1
+        return out
+
+    def gradient(self) -> torch.Tensor:
+        """The flat (d,) gradient of the mean loss over all ranks' rows."""
+        out = self._combine(lambda op: op.gradient(), (self.shape[0],), "computing the gradient")
+        self.num_gradients += 1
+        self.num_data_passes += 1
+        return out
+
+    def _reduce(self, payload: torch.Tensor, failure: BaseException | None, what: str) -> torch.Tensor:
+        """The sum of ``payload`` over the ranks (one all_reduce, with a failure flag per rank).
+        Raises ``failure`` on the rank that failed, and a RuntimeError naming it on the others."""
+        flat = torch.zeros(payload.numel() + self.world_size, dtype=payload.dtype, device=payload.device)
+        if failure is None:
+            flat[:payload.numel()] = payload.reshape(-1)
+        else:
+            flat[payload.numel() + self.rank] = 1
+        work = dist.all_reduce(flat, group=self.group, async_op=True)
+        try:
+            work.wait()
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"distributed curvature, rank {self.rank} of {self.world_size}: the all_reduce while {what} failed or "
+                f"timed out ({err}): another rank crashed, or the ranks did not make the same sequence of calls"
+            ) from err
+        if failure is not None:
+            raise failure
+        failed = [r for r, flag in enumerate(flat[payload.numel():].tolist()) if flag]
+        if failed:
+            raise RuntimeError(f"distributed curvature, rank {self.rank} of {self.world_size}: rank(s) {failed} failed "
+                               f"while {what} (their own error is raised there)")
+        return flat[:payload.numel()].view_as(payload)
+
+    def _combine(self, local_result: Callable[[CurvatureOperator], torch.Tensor], shape: tuple[int, ...],
+                 what: str) -> torch.Tensor:
+        """``sum_r (n_r / N) result_r``: this rank's weighted result, all-reduced."""
+        failure = None
+        out = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if self.local is not None:
+            try:
+                out = local_result(self.local) * self._weight
+            except Exception as err:  # reported to the other ranks, then raised here
+                failure = err
+        return self._reduce(out, failure, what)
