@@ -9,6 +9,9 @@ from .base import BatchSource, CurvatureOperator
 from .distributed import DistributedOperator
 from .fused_mlp import FusedMLPHessian
 from .generic import GenericHessian, GGNOperator, ggn_operator, hessian_operator
+from .lipschitz import LipschitzEstimate, estimate_hessian_lipschitz
+from .objective import Objective
+from .regularized import RegularizedOperator
 from .params import (
     flatten_tensors,
     get_flat_parameters,
@@ -24,6 +27,10 @@ __all__ = [
     "FusedMLPHessian",
     "GGNOperator",
     "GenericHessian",
+    "LipschitzEstimate",
+    "Objective",
+    "RegularizedOperator",
+    "estimate_hessian_lipschitz",
     "flatten_tensors",
     "get_flat_parameters",
     "ggn_operator",

@@ -1,25 +1,32 @@
-"""Curvature operators for any nn.Module through torch.func, and the public constructors.
+"""Curvature operators for any nn.Module, and the public constructors.
 
-* :class:`GenericHessian`: Hessian-vector products by forward-over-reverse differentiation,
-  ``jvp(grad(L))``: one forward and one backward pass (each carrying tangents) per batch.
+* :class:`GenericHessian`: exact Hessian-vector products, by double backward ("reverse-over-reverse":
+  the gradient of each batch built with ``create_graph=True``, then one backward through it per
+  vector) or by forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``). ``mode="auto"``
+  (the default) takes double backward where it is exact (checked on the first batch) and keeps each
+  batch's gradient graph while the weights do not change, so a product is one backward pass per
+  batch; forward-over-reverse recomputes the forward and the gradient for every product.
 * :class:`GGNOperator`: generalised Gauss-Newton products ``J^T H_loss J v``, with J the Jacobian of
   the model's outputs w.r.t. the parameters (a ``jvp`` then a ``vjp``) and ``H_loss`` the Hessian of
   the loss w.r.t. the outputs: :func:`unlearn_kernels.ops.softmax_ce_hvp` for cross entropy,
-  ``2 / numel(outputs)`` times the identity for the mean squared error.
+  ``2 / numel(outputs)`` times the identity for the mean squared error. At fixed weights the
+  forward and its ``vjp`` are kept per batch.
 
-Both apply K vectors in one data pass with ``torch.func.vmap`` over the K tangents. A model that vmap
-cannot batch (in-place ops on batched tensors, ``.item()``, data-dependent control flow, ...) falls
-back to a loop over the K vectors, still in one data pass per batch; ``operator.uses_vmap`` says
-which ran and a RuntimeWarning is emitted once when it falls back. vmap holds the activations of all
-K tangents at once: pass fewer columns per ``matmat`` (or a smaller ``batch_size``) to bound memory.
+Forward-mode products apply K vectors in one data pass with ``torch.func.vmap`` over the K tangents.
+A model that vmap cannot batch (in-place ops on batched tensors, ``.item()``, data-dependent control
+flow, ...) falls back to a loop over the K vectors, still in one data pass per batch;
+``operator.uses_vmap`` says which ran and a RuntimeWarning is emitted once when it falls back. vmap
+holds the activations of all K tangents at once: pass fewer columns per ``matmat`` (or a smaller
+``batch_size``) to bound memory. What the fixed-weight cache holds is bounded by ``cache_bytes``
+(see :class:`~unlearn_kernels.curvature.CurvatureOperator`).
 """
 from __future__ import annotations
 
 import abc
 import functools
-import importlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +35,7 @@ from torch import nn
 from ..ops import softmax_ce_hvp
 from .base import CurvatureOperator, DataSpec, LossFn
 from .distributed import DistributedOperator
+from .fused_mlp import FusedMLPHessian, supports
 from .params import ParamSelection
 
 Tree = dict[str, torch.Tensor] | torch.Tensor
@@ -49,6 +57,48 @@ def _loop(fn: Callable[[Tree], Tree], batched: Tree) -> Tree:
     return _stack([fn(_index(batched, i)) for i in range(k)])
 
 
+_SAVED_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _graph_bytes(roots: Iterable[torch.Tensor], exclude: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages an autograd graph keeps alive: the tensors saved by the nodes
+    reachable from ``roots`` (and the roots themselves), leaving out the storages of ``exclude``
+    (the parameters, which exist anyway)."""
+    seen_storages = {t.untyped_storage().data_ptr() for t in exclude}
+    total = 0
+
+    def count(t: torch.Tensor) -> None:
+        nonlocal total
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen_storages:
+            seen_storages.add(storage.data_ptr())
+            total += storage.nbytes()
+
+    seen_nodes: set = set()
+    stack = []
+    for t in roots:
+        count(t)
+        stack.append(t.grad_fn)
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen_nodes:
+            continue
+        seen_nodes.add(node)
+        names = _SAVED_NAMES.get(type(node))
+        if names is None:
+            names = _SAVED_NAMES[type(node)] = tuple(n for n in dir(node) if n.startswith("_saved_"))
+        for name in names:
+            try:
+                value = getattr(node, name)
+            except RuntimeError:  # a saved tensor that was already freed
+                continue
+            for t in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(t, torch.Tensor):
+                    count(t)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return total
+
+
 class _TorchFuncOperator(CurvatureOperator):
     """Shared machinery: per-batch products over K stacked tangents, vmap with a loop fallback."""
 
@@ -57,9 +107,9 @@ class _TorchFuncOperator(CurvatureOperator):
 
     def __init__(
         self, model: nn.Module, loss_fn: LossFn, data: DataSpec, params: ParamSelection = None,
-        *, batch_size: int | None = None,
+        *, batch_size: int | None = None, cache_bytes: int | None = None,
     ) -> None:
-        super().__init__(model, loss_fn, data, params, batch_size=batch_size)
+        super().__init__(model, loss_fn, data, params, batch_size=batch_size, cache_bytes=cache_bytes)
         self.uses_vmap = True
         self._probe_product()
 
@@ -91,19 +141,26 @@ class _TorchFuncOperator(CurvatureOperator):
             count += y.shape[0]
         return total / count
 
-    def _probe_product(self) -> None:
-        """One product on the first batch: checks the needed derivatives exist (and whether vmap works)."""
+    def _probe_vector(self) -> torch.Tensor:
+        """The (d, 1) vector of the construction probes (seeded, so probes are reproducible)."""
+        gen = torch.Generator().manual_seed(0)
+        return torch.randn(self.shape[0], 1, generator=gen, dtype=self.dtype).to(self.device)
+
+    def _probe_product(self) -> torch.Tensor:
+        """One product on the first batch: checks the needed derivatives exist (and whether vmap
+        works); returns it (d, 1) for :meth:`_probe_vector`. Counted in ``num_products``."""
         x, y = self._first_batch()
-        probe = torch.ones(self.shape[0], 1, dtype=self.dtype, device=self.device)
         try:
-            out = self._batch_products(x, y, self.unflatten_columns(probe))
+            out = self._batch_products(x, y, self.unflatten_columns(self._probe_vector()))
         except (RuntimeError, NotImplementedError) as err:
             raise ValueError(f"{type(self).__name__}: {self._derivative_error}: {err}") from err
+        self.num_products += 1
         if not all(bool(torch.isfinite(t).all()) for t in out.values()):
             raise ValueError(f"{type(self).__name__}: a curvature-vector product on the first batch is not finite")
+        return self.flatten_columns(out)
 
 
-MODES = ("forward-over-reverse", "reverse-over-reverse")
+MODES = ("auto", "forward-over-reverse", "reverse-over-reverse")
 """The differentiation modes of :class:`GenericHessian`."""
 
 
@@ -113,32 +170,43 @@ def _check_mode(mode: str) -> str:
     return mode
 
 
+@dataclass
+class _GradientGraph:
+    """One batch's gradient, built with ``create_graph=True`` and kept for double backward."""
+
+    leaves: list[torch.Tensor]  # the parameters as graph leaves (views of the parameters' data)
+    grads: tuple[torch.Tensor, ...]  # the gradient, one entry per leaf
+    live: list[int]  # the entries of grads that depend on the parameters (the others have zero Hessian rows)
+
+
 class GenericHessian(_TorchFuncOperator):
-    """The exact Hessian of the mean loss for any nn.Module, by forward-over-reverse (``jvp(grad)``).
+    """The exact Hessian of the mean loss for any nn.Module, by double backward or forward-over-reverse.
 
-    Forward-over-reverse needs a forward-mode derivative of every op's backward (custom
-    ``autograd.Function`` s need ``setup_context`` and ``jvp``). When the construction probe finds one
-    missing (or an op that fails under it, like ``F.mse_loss`` in torch 2.13), the operator switches to
-    reverse-over-reverse with ``torch.autograd`` double backward (a loop over the K vectors), records
-    ``mode = "reverse-over-reverse"`` and emits a RuntimeWarning. Plain autograd is used for that mode
-    because it raises for ``once_differentiable`` backwards, where torch.func silently returns zeros.
-    Piecewise-linear activations (ReLU) are fine: their second derivative is zero.
-    Prefer :func:`hessian_operator`, which also picks a fused kernel path when one applies.
+    Modes:
 
-    ``mode="reverse-over-reverse"`` asks for double backward from the start (one gradient graph per
-    batch, shared by the K vectors of a matmat; checked at construction against forward-over-reverse
-    on the first batch, or against finite differences where that cannot run). On this project's
-    CPU machine (docs/benchmarks.md) one product took 18% and 50% less time than
-    forward-over-reverse on a wide and a small MLP and about the same on a CNN, and a matmat of 8
-    vectors 1.2-1.4x less than forward-over-reverse's vmapped matmat (1.4-1.6x less than 8 of its
-    own products). Forward-over-reverse stays the default: it is what the curvature libraries use,
-    and it has not been measured against double backward on a GPU yet.
+    * ``"reverse-over-reverse"``: double backward with ``torch.autograd``: per batch the gradient is
+      built with ``create_graph=True`` and each vector is one backward through it. At fixed weights
+      the graphs are kept (within ``cache_bytes``; batches beyond it are rebuilt for every product),
+      so a product costs one backward pass per batch and :meth:`gradient` reads the kept gradients.
+      Double backward silently drops the curvature of a backward that is not differentiable (e.g.
+      ``@once_differentiable``), so the first product is checked against forward-over-reverse on
+      the first batch, or against finite differences of the gradient where that cannot run.
+    * ``"forward-over-reverse"``: ``torch.func.jvp`` of ``torch.func.grad``, the K vectors of a matmat
+      vmapped; the forward and the gradient are recomputed for every product (no cache). It needs a
+      forward-mode derivative of every op's backward (custom ``autograd.Function`` s need
+      ``setup_context`` and ``jvp``); when the construction probe finds one missing (or an op that
+      fails under it, like ``F.mse_loss`` in torch 2.13), the operator switches to double backward
+      (checked by finite differences) and emits a RuntimeWarning.
+    * ``"auto"`` (default): double backward when its check passes, else forward-over-reverse. With the
+      graphs kept, a product does strictly less work than plain double backward (no forward and no
+      gradient), and without them the same work.
 
-    Args:
-        mode: "forward-over-reverse" (default, with the fallback above) or "reverse-over-reverse".
+    Piecewise-linear activations (ReLU) are fine: their second derivative is zero. Prefer
+    :func:`hessian_operator`, which also picks a fused kernel path when one applies.
 
     Attributes:
         mode: "forward-over-reverse" or "reverse-over-reverse" (what runs).
+        mode_reason: why that mode runs.
     """
 
     path = "generic"
@@ -151,44 +219,61 @@ class GenericHessian(_TorchFuncOperator):
 
     def __init__(
         self, model: nn.Module, loss_fn: LossFn, data: DataSpec, params: ParamSelection = None,
-        *, batch_size: int | None = None, mode: str = "forward-over-reverse",
+        *, batch_size: int | None = None, mode: str = "auto", cache_bytes: int | None = None,
     ) -> None:
         self.mode = _check_mode(mode)
-        super().__init__(model, loss_fn, data, params, batch_size=batch_size)
+        self.mode_reason: str | None = None
+        super().__init__(model, loss_fn, data, params, batch_size=batch_size, cache_bytes=cache_bytes)
 
-    def _probe_product(self) -> None:
-        if self.mode == "reverse-over-reverse":
-            self.uses_vmap = False
-            super()._probe_product()
-            self._check_double_backward()
-            return
+    def _probe_product(self) -> torch.Tensor:
+        requested = self.mode
+        if requested == "forward-over-reverse":
+            try:
+                out = super()._probe_product()
+            except ValueError as err:
+                if not isinstance(err.__cause__, (RuntimeError, NotImplementedError)):
+                    raise
+                self.mode, self.uses_vmap = "reverse-over-reverse", False
+                out = super()._probe_product()
+                self._check_against_finite_differences(out)
+                self.mode_reason = f"forward-over-reverse failed ({err.__cause__})"
+                warnings.warn(
+                    f"GenericHessian: forward-over-reverse failed ({err.__cause__}); using reverse-over-reverse "
+                    "(double backward, a loop over the vectors)", RuntimeWarning, stacklevel=4,
+                )
+            else:
+                self.mode_reason = "requested"
+            return out
+        self.mode, self.uses_vmap = "reverse-over-reverse", False
         try:
-            super()._probe_product()
+            out = super()._probe_product()
+            self._check_double_backward(out)
         except ValueError as err:
-            if not isinstance(err.__cause__, (RuntimeError, NotImplementedError)):
+            if requested == "reverse-over-reverse":
                 raise
-            self.mode, self.uses_vmap = "reverse-over-reverse", False
-            super()._probe_product()
-            self._check_against_finite_differences()
-            warnings.warn(
-                f"GenericHessian: forward-over-reverse failed ({err.__cause__}); using reverse-over-reverse "
-                "(double backward, a loop over the vectors)", RuntimeWarning, stacklevel=4,
-            )
+            self.mode, self.uses_vmap = "forward-over-reverse", True
+            out = super()._probe_product()
+            self.mode_reason = f"auto: double backward cannot be used ({err})"
+            return out
+        self.mode_reason = "requested" if requested == "reverse-over-reverse" else (
+            "auto: double backward is exact here (checked on the first batch) and keeps each batch's gradient "
+            "graph at fixed weights, so a product is one backward pass"
+        )
+        return out
 
-    def _check_double_backward(self) -> None:
-        """For a requested reverse-over-reverse mode: on the first batch, H v by double backward must
-        agree with forward-over-reverse to rounding (a backward that is not differentiable makes
-        double backward silently drop curvature); where forward-over-reverse cannot run, with
-        finite differences of the gradient instead."""
+    def _check_double_backward(self, hv: torch.Tensor) -> None:
+        """The first batch's double-backward product ``hv`` of the probe vector must agree with
+        forward-over-reverse to rounding (a backward that is not differentiable makes double
+        backward silently drop curvature); where forward-over-reverse cannot run, with finite
+        differences of the gradient instead."""
         x, y = self._first_batch()
-        v = torch.randn(self.shape[0], 1, generator=torch.Generator().manual_seed(0), dtype=self.dtype).to(self.device)
-        tangents = self.unflatten_columns(v)
-        hv = self.flatten_columns(self._double_backward(x, y, tangents))
+        v = self._probe_vector()
         try:
-            ref = self.flatten_columns(self._forward_over_reverse(x, y, tangents))
+            ref = self.flatten_columns(self._forward_over_reverse(x, y, self.unflatten_columns(v)))
         except (RuntimeError, NotImplementedError):
-            self._check_against_finite_differences(v, hv)
+            self._check_against_finite_differences(hv)
             return
+        self.num_products += 1
         err = float((hv - ref).norm()) / max(float(ref.norm()), torch.finfo(self.dtype).tiny)
         if err > 10 * torch.finfo(self.dtype).eps ** 0.5:
             raise ValueError(
@@ -197,23 +282,20 @@ class GenericHessian(_TorchFuncOperator):
                 "@once_differentiable); use mode='forward-over-reverse'"
             )
 
-    def _check_against_finite_differences(self, v: torch.Tensor | None = None, hv: torch.Tensor | None = None) -> None:
+    def _check_against_finite_differences(self, hv: torch.Tensor) -> None:
         """Double backward silently drops the curvature of a backward that is not differentiable (e.g.
-        ``@once_differentiable``), so compare H v on the first batch with a central difference of the
-        gradient, (g(w + h v) - g(w - h v)) / 2h, with a loose tolerance.
+        ``@once_differentiable``), so compare the first batch's product ``hv`` of the probe vector v
+        with a central difference of the gradient, (g(w + h v) - g(w - h v)) / 2h, with a loose
+        tolerance.
 
         The difference is taken in float64 (on float64 copies of the parameters, buffers and inputs;
         in the operator's dtype if the model cannot run in float64): in float32 its rounding error
         alone reached 3e-2 on a ReLU MLP. A piecewise-linear model (ReLU) has a gradient that jumps
         at its kinks, and a step that crosses one is off by jump / h (a relative error of 0.9 was
         seen in float64), so the check passes if any of three step sizes h0, h0/8, h0/64 agrees; a
-        missing curvature term is wrong at every step size. ``v`` (d, 1) and its product ``hv`` on
-        the first batch may be passed in when already computed."""
+        missing curvature term is wrong at every step size. Each gradient is counted."""
         x, y = self._first_batch()
-        if v is None:
-            v = torch.randn(self.shape[0], 1, generator=torch.Generator().manual_seed(0), dtype=self.dtype).to(self.device)
-            hv = self.flatten_columns(self._batch_products(x, y, self.unflatten_columns(v)))
-        hv, v = hv[:, 0].double(), v[:, 0].double()
+        hv, v = hv[:, 0].double(), self._probe_vector()[:, 0].double()
         w = self.flatten(self.params).double()
 
         def as64(t: torch.Tensor) -> torch.Tensor:
@@ -226,9 +308,11 @@ class GenericHessian(_TorchFuncOperator):
         grad_own = torch.func.grad(self.batch_loss)
 
         def grad64_at(shift: float) -> torch.Tensor:
+            self.num_gradients += 1
             return self.flatten(grad64(self.unflatten(w + shift * v)))
 
         def grad_own_at(shift: float) -> torch.Tensor:
+            self.num_gradients += 1
             return self.flatten(grad_own(self.unflatten((w + shift * v).to(self.dtype)), x, y)).double()
 
         try:
@@ -249,10 +333,39 @@ class GenericHessian(_TorchFuncOperator):
             "backward in the model or loss is not differentiable (e.g. marked @once_differentiable)"
         )
 
+    # ------------------------------------------------------------------ products
     def _batch_products(self, x: torch.Tensor, y: torch.Tensor, tangents: Tangents) -> Tangents:
         if self.mode == "reverse-over-reverse":
-            return self._double_backward(x, y, tangents)
+            return self._graph_products(self._graph(x, y)[0], tangents)
         return self._forward_over_reverse(x, y, tangents)
+
+    def _matmat(self, matrix: torch.Tensor) -> torch.Tensor:
+        if self.mode != "reverse-over-reverse":
+            return super()._matmat(matrix)
+        tangents = self.unflatten_columns(matrix)
+        total = torch.zeros_like(matrix)
+        count = 0
+        for graph, rows, batch in self.cached_pass(self._graph):
+            if graph is None:
+                graph = self._graph(*batch)[0]
+            total.add_(self.flatten_columns(self._graph_products(graph, tangents)), alpha=rows)
+            count += rows
+        return total / count
+
+    def _gradient(self) -> torch.Tensor:
+        if self.mode != "reverse-over-reverse":
+            return super()._gradient()
+        total = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
+        count = 0
+        for graph, rows, batch in self.cached_pass(self._graph):
+            if graph is None:  # beyond the cache's budget: a plain gradient, no graph needed
+                x, y = batch
+                grad = torch.func.grad(self.batch_loss)(self.params, x, y)
+                total.add_(self.flatten(grad), alpha=rows)
+            else:
+                total.add_(torch.cat([g.detach().reshape(-1) for g in graph.grads]), alpha=rows)
+            count += rows
+        return total / count
 
     def _forward_over_reverse(self, x: torch.Tensor, y: torch.Tensor, tangents: Tangents) -> Tangents:
         grad_fn = torch.func.grad(self.batch_loss)
@@ -262,24 +375,29 @@ class GenericHessian(_TorchFuncOperator):
 
         return self._map(hvp, tangents)
 
-    def _double_backward(self, x: torch.Tensor, y: torch.Tensor, tangents: Tangents) -> Tangents:
-        """H v = d(g . v)/dw for each of the K tangents, with one graph of g per batch."""
-        leaves = {n: p.detach().requires_grad_() for n, p in self.params.items()}
+    def _graph(self, x: torch.Tensor, y: torch.Tensor) -> tuple[_GradientGraph, int]:
+        """The batch's gradient with its graph (for double backward), and the bytes the graph holds."""
+        leaves = [p.detach().requires_grad_() for p in self.params.values()]
         with torch.enable_grad():
-            grads = torch.autograd.grad(self.batch_loss(leaves, x, y), list(leaves.values()), create_graph=True)
-        # Entries of g that do not depend on w (a loss linear in them) have zero Hessian rows.
-        live = [(g, n) for g, n in zip(grads, leaves) if g.requires_grad]
+            loss = self.batch_loss(dict(zip(self.param_names, leaves)), x, y)
+            grads = torch.autograd.grad(loss, leaves, create_graph=True)
+        graph = _GradientGraph(leaves, grads, [i for i, g in enumerate(grads) if g.requires_grad])
+        return graph, _graph_bytes(grads, leaves)
+
+    def _graph_products(self, graph: _GradientGraph, tangents: Tangents) -> Tangents:
+        """H v = d(g . v)/dw for each of the K tangents: one backward through the kept graph each."""
         k = tangents[self.param_names[0]].shape[0]
+        names = [self.param_names[i] for i in graph.live]
         columns = []
         for i in range(k):
-            if not live:
-                columns.append({n: torch.zeros_like(p) for n, p in leaves.items()})
+            if not graph.live:
+                columns.append({n: torch.zeros_like(p) for n, p in self.params.items()})
                 continue
             hv = torch.autograd.grad(
-                [g for g, _ in live], list(leaves.values()), grad_outputs=[tangents[n][i] for _, n in live],
-                retain_graph=i + 1 < k, allow_unused=True, materialize_grads=True,
+                [graph.grads[j] for j in graph.live], graph.leaves, grad_outputs=[tangents[n][i] for n in names],
+                retain_graph=True, allow_unused=True, materialize_grads=True,
             )
-            columns.append(dict(zip(leaves, hv)))
+            columns.append(dict(zip(self.param_names, hv)))
         return _stack(columns)
 
 
@@ -291,6 +409,9 @@ class GGNOperator(_TorchFuncOperator):
     (``ignore_index`` rows contribute nothing and the mean is over the other rows, as in PyTorch; any
     ``label_smoothing``, which leaves the Hessian w.r.t. the logits unchanged; no class ``weight``), and
     ``nn.MSELoss`` / ``F.mse_loss`` (H_loss = 2 / numel(outputs) I).
+
+    Per batch, ``J v`` is a ``torch.func.jvp`` (vmapped over the K vectors) and ``J^T u`` a backward
+    through the batch's forward graph, which is kept at fixed weights (within ``cache_bytes``).
     """
 
     path = "ggn"
@@ -301,14 +422,35 @@ class GGNOperator(_TorchFuncOperator):
 
     def __init__(
         self, model: nn.Module, loss_fn: LossFn, data: DataSpec, params: ParamSelection = None,
-        *, batch_size: int | None = None,
+        *, batch_size: int | None = None, cache_bytes: int | None = None,
     ) -> None:
         self._loss_kind, self._ignore_index = _ggn_loss(loss_fn)
-        super().__init__(model, loss_fn, data, params, batch_size=batch_size)
+        super().__init__(model, loss_fn, data, params, batch_size=batch_size, cache_bytes=cache_bytes)
+
+    def _forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[_ForwardGraph, int]:
+        """The batch's outputs with their graph (for J^T u), and the bytes the graph holds."""
+        leaves = [p.detach().requires_grad_() for p in self.params.values()]
+        with torch.enable_grad():
+            out = self.batch_forward(dict(zip(self.param_names, leaves)), x)
+        return _ForwardGraph(x, y, out, leaves), _graph_bytes([out], leaves)
 
     def _batch_products(self, x: torch.Tensor, y: torch.Tensor, tangents: Tangents) -> Tangents:
-        forward = functools.partial(self.batch_forward, x=x)
-        out, vjp_fn = torch.func.vjp(forward, self.params)
+        return self._ggn_products(self._forward(x, y)[0], tangents)
+
+    def _matmat(self, matrix: torch.Tensor) -> torch.Tensor:
+        tangents = self.unflatten_columns(matrix)
+        total = torch.zeros_like(matrix)
+        count = 0
+        for graph, rows, batch in self.cached_pass(self._forward):
+            if graph is None:
+                graph = self._forward(*batch)[0]
+            total.add_(self.flatten_columns(self._ggn_products(graph, tangents)), alpha=rows)
+            count += rows
+        return total / count
+
+    def _ggn_products(self, graph: _ForwardGraph, tangents: Tangents) -> Tangents:
+        forward = functools.partial(self.batch_forward, x=graph.x)
+        out = graph.out.detach()
         jv = self._map(lambda t: torch.func.jvp(forward, (self.params,), (t,))[1], tangents)  # (K, *out.shape)
         if self._loss_kind == "mse":
             u = jv * (2.0 / out.numel())
@@ -318,11 +460,26 @@ class GGNOperator(_TorchFuncOperator):
                     f"ggn_operator: cross entropy needs (N, C) logits, the model returned shape {tuple(out.shape)}"
                 )
             k, (n, c) = jv.shape[0], out.shape
-            keep = (y != self._ignore_index).to(out.dtype)
+            keep = (graph.y != self._ignore_index).to(out.dtype)
             # softmax_ce_hvp works row-wise, so the K tangents are stacked as K*N rows.
             u = softmax_ce_hvp(out.expand(k, n, c).reshape(k * n, c), jv.reshape(k * n, c)).reshape(k, n, c)
             u = u * (keep / keep.sum()).unsqueeze(1)
-        return self._map(lambda v: vjp_fn(v)[0], u)
+        columns = [
+            dict(zip(self.param_names, torch.autograd.grad(graph.out, graph.leaves, u[i], retain_graph=True,
+                                                           allow_unused=True, materialize_grads=True)))
+            for i in range(u.shape[0])
+        ]
+        return _stack(columns)
+
+
+@dataclass
+class _ForwardGraph:
+    """One batch's forward, kept for the backward passes of J^T u."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    out: torch.Tensor  # the outputs, with their graph
+    leaves: list[torch.Tensor]  # the parameters as graph leaves (views of the parameters' data)
 
 
 def _ggn_loss(loss_fn: LossFn) -> tuple[str, int]:
@@ -357,7 +514,8 @@ def hessian_operator(
     path: str = "auto",
     *,
     batch_size: int | None = None,
-    mode: str = "forward-over-reverse",
+    mode: str = "auto",
+    cache_bytes: int | None = None,
     process_group: torch.distributed.ProcessGroup | None = None,
 ) -> CurvatureOperator:
     """The Hessian of the mean loss over ``data`` w.r.t. ``params``, as a :class:`CurvatureOperator`.
@@ -376,38 +534,38 @@ def hessian_operator(
             (:class:`GenericHessian`) or "fused" (error if not supported). ``operator.path`` says which
             ran; after "auto" fell back, ``operator.path_reason`` says why the fused path was not used.
         batch_size: split tensor data into chunks of this many rows (bounds memory; same operator).
-        mode: the generic path's differentiation mode (see :class:`GenericHessian`); the fused path
-            computes the exact products by its own pass and ignores it.
+        mode: the generic path's differentiation mode, "auto", "reverse-over-reverse" or
+            "forward-over-reverse" (see :class:`GenericHessian`; ``operator.mode`` and
+            ``operator.mode_reason`` say what runs and why); the fused path computes the exact
+            products by its own pass and ignores it.
+        cache_bytes: memory budget of the fixed-weight cache (None: 1 GiB; 0: no cache). What does
+            not change between products while the weights do not change is kept per batch (the fused
+            path's activations and softmax, the generic path's gradient graphs) until it would exceed
+            the budget; later batches are recomputed for every product.
 
         process_group: a ``torch.distributed`` process group whose ranks each pass their own shard of
             the rows as ``data``: returns a :class:`~unlearn_kernels.curvature.distributed.DistributedOperator`,
             the operator of the mean over all ranks' rows, identical on every rank.
     Raises:
         ValueError: train-mode BatchNorm/dropout, data that changes between passes, a loss that is
-            not twice differentiable, an unknown path or an unsupported forced "fused" path.
+            not twice differentiable, an unknown path or mode, a bad ``cache_bytes``, or an
+            unsupported forced "fused" path.
     """
     if path not in ("auto", "generic", "fused"):
         raise ValueError(f"path must be 'auto', 'generic' or 'fused', got {path!r}")
     _check_mode(mode)
     if process_group is not None:
         return DistributedOperator(
-            lambda shard: hessian_operator(model, loss_fn, shard, params, path, batch_size=batch_size, mode=mode),
+            lambda shard: hessian_operator(model, loss_fn, shard, params, path, batch_size=batch_size, mode=mode, cache_bytes=cache_bytes),
             model, data, params, process_group)
     reason = None
     if path != "generic":
-        try:
-            fused_mlp = importlib.import_module(f"{__package__}.fused_mlp")
-        except ModuleNotFoundError as err:
-            if err.name != f"{__package__}.fused_mlp":
-                raise
-            reason = "the fused MLP path is not installed in this build"
-        else:
-            reason = fused_mlp.supports(model, loss_fn, params)
-            if reason is None:
-                return fused_mlp.FusedMLPHessian(model, loss_fn, data, params, batch_size=batch_size)
+        reason = supports(model, loss_fn, params)
+        if reason is None:
+            return FusedMLPHessian(model, loss_fn, data, params, batch_size=batch_size, cache_bytes=cache_bytes)
         if path == "fused":
             raise ValueError(f"hessian_operator: path='fused' cannot be used: {reason}")
-    operator = GenericHessian(model, loss_fn, data, params, batch_size=batch_size, mode=mode)
+    operator = GenericHessian(model, loss_fn, data, params, batch_size=batch_size, mode=mode, cache_bytes=cache_bytes)
     operator.path_reason = reason
     return operator
 
@@ -419,6 +577,7 @@ def ggn_operator(
     params: ParamSelection = None,
     *,
     batch_size: int | None = None,
+    cache_bytes: int | None = None,
     process_group: torch.distributed.ProcessGroup | None = None,
 ) -> GGNOperator | DistributedOperator:
     """The generalised Gauss-Newton matrix of the mean loss (see :class:`GGNOperator`).
@@ -428,6 +587,6 @@ def ggn_operator(
     """
     if process_group is not None:
         return DistributedOperator(
-            lambda shard: GGNOperator(model, loss_fn, shard, params, batch_size=batch_size),
+            lambda shard: GGNOperator(model, loss_fn, shard, params, batch_size=batch_size, cache_bytes=cache_bytes),
             model, data, params, process_group)
-    return GGNOperator(model, loss_fn, data, params, batch_size=batch_size)
+    return GGNOperator(model, loss_fn, data, params, batch_size=batch_size, cache_bytes=cache_bytes)
