@@ -250,12 +250,13 @@ class CureNewton(_NewtonFamily):
     call and read the weights live.
 
     Args:
-        M: the cubic constant of the first step, > 0 (default 1.0, our choice; the paper's per
-            experiment values were not available; the iteration adapts it). ``"auto"``: estimate
+        M: the cubic constant of the first step, > 0 (default 0.1, our choice: the paper's per
+            experiment values were not available, and the iteration adapts M; docs/methods.md
+            says how the defaults were chosen). ``"auto"``: estimate
             the Hessian's Lipschitz constant at the current weights on D_r with
             :func:`~unlearn_kernels.curvature.estimate_hessian_lipschitz` (its products are counted;
             at least :data:`MIN_AUTO_M`).
-        max_iterations: most accepted steps (default 6). 1 is the one-step variant: one cubic step,
+        max_iterations: most accepted steps (default 8). 1 is the one-step variant: one cubic step,
             with M raised until it lowers F.
         tol: stop once ``||g|| <= tol`` (default 1e-4).
         hvp_budget: stop before a new Lanczos run once this many products were used (None: no
@@ -280,7 +281,7 @@ class CureNewton(_NewtonFamily):
 
     name = "cure_newton"
 
-    def __init__(self, M: float | str = 1.0, max_iterations: int = 6, tol: float = 1e-4,
+    def __init__(self, M: float | str = 0.1, max_iterations: int = 8, tol: float = 1e-4,
                  hvp_budget: int | None = None, hessian_samples: int | None = 512, *, eta1: float = 0.1,
                  eta2: float = 0.9, gamma: float = 2.0, M_min: float = 1e-6,
                  solver_options: Mapping[str, Any] | None = None, lipschitz_options: Mapping[str, Any] | None = None,

@@ -50,8 +50,9 @@ def ritz_pairs(alphas: list[float], betas: list[float]) -> tuple[np.ndarray, np.
     """Eigenvalues (ascending) and eigenvectors of the symmetric tridiagonal with diagonal
     ``alphas`` and off-diagonal ``betas[:len(alphas) - 1]``, in float64."""
     k = len(alphas)
+    # T's entries come from products the operator wrapper has checked finite: no second check here
     return scipy.linalg.eigh_tridiagonal(np.asarray(alphas, dtype=np.float64),
-                                         np.asarray(betas[:k - 1], dtype=np.float64))
+                                         np.asarray(betas[:k - 1], dtype=np.float64), check_finite=False)
 
 
 class LanczosProcess:

@@ -1,0 +1,133 @@
+"""Adaptive cubic regularisation (solvers.adaptive_cubic_newton) on problems with known answers."""
+import math
+
+import pytest
+import torch
+
+from unlearn_kernels.solvers import KRYLOV_DEFAULTS, adaptive_cubic_newton
+
+D = 12
+
+
+def spd(gen: torch.Generator, low: float = 0.5, high: float = 5.0) -> torch.Tensor:
+    U, _ = torch.linalg.qr(torch.randn(D, D, generator=gen, dtype=torch.float64))
+    return (U * torch.linspace(low, high, D, dtype=torch.float64)) @ U.T
+
+
+def quadratic(A: torch.Tensor, b: torch.Tensor):
+    """f(w) = 1/2 w^T A w - b^T w with its gradient; the minimiser is A^{-1} b."""
+    return (lambda w: float(0.5 * w @ A @ w - b @ w)), (lambda w: A @ w - b)
+
+
+def test_quadratic_every_step_is_accepted_and_m_falls(rng):
+    # On a quadratic the cubic model overestimates f by (M/6)||s||^3, so every ratio is >= 1: every
+    # trial is accepted and M is divided by gamma each time; the iteration reaches A^{-1} b.
+    A, b = spd(rng), torch.randn(D, generator=rng, dtype=torch.float64)
+    value, gradient = quadratic(A, b)
+    out = adaptive_cubic_newton(value, gradient, lambda w: A, torch.zeros(D, dtype=torch.float64), M=1.0,
+                                max_iterations=40, tol=1e-6, solver_options={"kappa": 1e-12, "k_max": D})
+    assert out.stop_reason == "tolerance"
+    assert torch.allclose(out.w, torch.linalg.solve(A, b), atol=1e-5)
+    assert all(t.accepted and t.ratio >= 1.0 - 1e-9 for t in out.trials)
+    assert [t.M for t in out.trials] == [2.0**-k for k in range(len(out.trials))]
+    assert out.M == 2.0 ** -len(out.trials)
+    assert out.value == pytest.approx(value(out.w), rel=1e-12) and out.initial_value == 0.0
+    assert out.num_hvps == sum(t.hvps for t in out.trials) > 0
+
+
+def test_wrong_curvature_is_rejected_until_m_is_large_enough(rng):
+    # The Hessian given is a hundredth of the true one: the model promises far more decrease than f
+    # delivers, so trials are rejected, M multiplied by gamma and the small problem re-solved on the
+    # same tridiagonal (no new products), until a step is accepted; f never goes up.
+    A, b = spd(rng), torch.randn(D, generator=rng, dtype=torch.float64)
+    value, gradient = quadratic(A, b)
+    w0 = torch.zeros(D, dtype=torch.float64)
+    out = adaptive_cubic_newton(value, gradient, lambda w: 0.01 * A, w0, M=1e-4, max_iterations=5, gamma=3.0)
+    rejected = [t for t in out.trials if not t.accepted]
+    assert rejected and out.steps == 5
+    values = [value(w0)]
+    for t, nxt in zip(out.trials, out.trials[1:] + [None]):
+        assert t.accepted == (t.ratio >= 0.1)
+        if t.accepted:
+            values.append(values[-1] - t.actual)
+        if nxt is not None and nxt.iteration == t.iteration:  # a re-solve after a rejection
+            assert not t.accepted and nxt.M == pytest.approx(3.0 * t.M) and nxt.hvps == 0
+    assert all(a > b for a, b in zip(values, values[1:]))
+    assert out.value == pytest.approx(values[-1], rel=1e-12) and out.value < value(w0)
+
+
+def test_nonconvex_function_never_gets_worse(rng):
+    # f(w) = sum log(1 + (a_i^T w - y_i)^2) (Cauchy loss: non-convex), exact Hessian, any M.
+    X = torch.randn(30, D, generator=rng, dtype=torch.float64)
+    y = 3 * torch.randn(30, generator=rng, dtype=torch.float64)
+
+    def value(w):
+        return float(torch.log1p((X @ w - y) ** 2).sum())
+
+    def gradient(w):
+        r = X @ w - y
+        return X.T @ (2 * r / (1 + r**2))
+
+    def hessian(w):
+        r = X @ w - y
+        return (X.T * (2 * (1 - r**2) / (1 + r**2) ** 2)) @ X
+
+    w0 = torch.randn(D, generator=rng, dtype=torch.float64)
+    assert float(torch.linalg.eigvalsh(hessian(w0))[0]) < 0  # indefinite where it starts
+    for M in (1e-6, 1e-2, 1.0, 1e2, 1e6):
+        out = adaptive_cubic_newton(value, gradient, hessian, w0, M=M, max_iterations=10)
+        assert value(out.w) <= value(w0)
+        assert out.value == value(out.w)
+        assert torch.equal(out.gradient, gradient(out.w))
+
+
+def test_budget_iterations_and_no_progress(rng):
+    A, b = spd(rng, 1e-3, 1e3), torch.randn(D, generator=rng, dtype=torch.float64)
+    value, gradient = quadratic(A, b)
+    w0 = torch.zeros(D, dtype=torch.float64)
+    budget = adaptive_cubic_newton(value, gradient, lambda w: A, w0, max_iterations=100, hvp_budget=7,
+                                   solver_options={"kappa": 1e-12})
+    assert budget.stop_reason == "hvp_budget" and budget.num_hvps <= 7
+    two = adaptive_cubic_newton(value, gradient, lambda w: A, w0, max_iterations=2)
+    assert two.stop_reason == "max_iterations" and two.steps == 2
+    # at the minimiser the predicted decrease is rounding: the iteration stops instead of raising M forever
+    at_min = torch.linalg.solve(A, b)
+    stuck = adaptive_cubic_newton(value, lambda w: gradient(w) + 1e-9, lambda w: A, at_min, max_iterations=3)
+    assert stuck.stop_reason == "no_progress" and stuck.steps == 0 and torch.equal(stuck.w, at_min)
+    assert KRYLOV_DEFAULTS["guard"] is False
+
+
+def test_non_finite_trial_value_is_a_rejection(rng):
+    A, b = spd(rng), torch.randn(D, generator=rng, dtype=torch.float64)
+    value, gradient = quadratic(A, b)
+
+    def walled(w):  # f is +inf outside the ball of radius 0.05
+        return value(w) if float(w.norm()) <= 0.05 else math.inf
+
+    out = adaptive_cubic_newton(walled, gradient, lambda w: A, torch.zeros(D, dtype=torch.float64), M=1e-3,
+                                max_iterations=1)
+    assert not out.trials[0].accepted and out.trials[0].actual == -math.inf
+    assert out.steps == 1 and float(out.w.norm()) <= 0.05
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"M": 0.0}, "M must be"),
+    ({"max_iterations": 0}, "max_iterations"),
+    ({"tol": -1.0}, "tol"),
+    ({"hvp_budget": 0}, "hvp_budget"),
+    ({"eta1": 0.0}, "eta1"),
+    ({"eta1": 1.0}, "eta1"),
+    ({"eta1": 0.5, "eta2": 0.5}, "eta2"),
+    ({"gamma": 1.0}, "gamma"),
+    ({"M_min": 0.0}, "M_min"),
+    ({"solver_options": {"k_max": 0}}, "k_max"),
+])
+def test_bad_arguments(rng, kwargs, message):
+    A, b = spd(rng), torch.randn(D, generator=rng, dtype=torch.float64)
+    value, gradient = quadratic(A, b)
+    with pytest.raises(ValueError, match=message):
+        adaptive_cubic_newton(value, gradient, lambda w: A, torch.zeros(D, dtype=torch.float64), **kwargs)
+    with pytest.raises(ValueError, match="not finite"):
+        adaptive_cubic_newton(lambda w: math.nan, gradient, lambda w: A, torch.zeros(D, dtype=torch.float64))
+    with pytest.raises(ValueError, match="NaN"):
+        adaptive_cubic_newton(value, lambda w: w * math.nan, lambda w: A, torch.ones(D, dtype=torch.float64))
