@@ -18,6 +18,7 @@ SUITES = {
     "hvp": "Hessian-vector products in gradient units: ours (fused, generic) vs curvlinops, PyHessian, autograd",
     "lanczos": "top-10 Hessian eigenvalues: our lanczos vs scipy eigsh on the same operator",
     "cubic": "cubic-regularised Newton subproblem: dense, krylov and gd from d = 1e3 to 1e6",
+    "lora": "fused LoRA linear forward and forward+backward vs PEFT's layer, the eager expression and the frozen layer",
 }
 
 
@@ -26,7 +27,7 @@ def _load(suite: str):
         from . import softmax_ce
 
         return softmax_ce
-    if suite in ("hvp", "lanczos", "cubic"):
+    if suite in ("hvp", "lanczos", "cubic", "lora"):
         return importlib.import_module(f".{suite}", __package__)
     raise KeyError(suite)
 
@@ -39,7 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller shapes, short timing, no torch.compile")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile candidates")
     parser.add_argument("--out", default=str(common.RESULTS_DIR), help="directory for the JSON results")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:
         parser.error(f"unknown suite(s) {unknown}; choose from {list(SUITES)}")
