@@ -1,27 +1,32 @@
-"""Hessian-vector products, in units of one gradient on the same batch.
+"""Hessian-vector products at fixed weights, in units of one gradient on the same batch.
 
-Candidates, each applying the exact Hessian of the mean cross entropy over one batch to a vector:
+Candidates, each applying the exact Hessian of the mean cross entropy over one batch to a vector,
+many times at the same weights (as Lanczos, the Krylov cubic solver and CureNewton do):
 
-* ``ours:fused``: ``hessian_operator(..., path="fused")`` (the compiled R-operator MLP kernel; MLPs only);
-* ``ours:generic``: ``hessian_operator(..., path="generic")`` (torch.func forward-over-reverse);
-* ``ours:generic-ror``: the same with ``mode="reverse-over-reverse"`` (double backward, one gradient
-  graph shared by the vectors of a matmat);
+* ``ours:fused``: ``hessian_operator(..., path="fused")`` (the compiled R-operator MLP kernel; MLPs
+  only), with its fixed-weight cache (forward, softmax and the gradient's backward kept; each product
+  runs the R-passes only);
+* ``ours:generic``: ``hessian_operator(..., path="generic")`` (mode "auto": double backward through
+  the batch's gradient graph, which is kept at fixed weights);
+* ``ours:fused-stream`` / ``ours:generic-stream``: the same with ``cache_bytes=0`` (every product
+  recomputes the forward and the gradient);
+* ``ours:generic-fwd``: ``mode="forward-over-reverse"`` (torch.func ``jvp(grad)``, no cache);
 * ``curvlinops``: ``curvlinops.HessianLinearOperator`` (torch.func forward-over-reverse, vmapped);
 * ``pyhessian``: PyHessian's ``dataloader_hv_product`` (forward, gradient with create_graph, double backward);
 * ``autograd``: plain ``torch.autograd.grad`` double backward, the same three steps written out;
-* ``pyhessian:cached-graph``: PyHessian's single-batch mode, which builds the gradient graph once and only
-  back-propagates through it per product. It skips the forward and the gradient, so it is only valid at
-  fixed weights on one batch whose double-backward graph is held in memory; it is listed apart and left
-  out of the "fastest anchor" (every other candidate does one pass over the data per product, as the
-  ``CurvatureOperator`` contract requires).
+* ``pyhessian:cached-graph``: PyHessian's single-batch mode, which builds the gradient graph once and
+  only back-propagates through it per product (valid at fixed weights, like our caches).
 
-Every candidate is checked against a float64 double-backward reference before it is timed; then all
-candidates of a model (the unit, the matvecs and the matmats) are timed interleaved, in bursts of calls
-round by round (``common.measure_interleaved``), so that the slow phases of a shared machine hit them
-alike. The unit is one ``loss + backward``
-of the model on the batch (``torch.autograd.grad``, float32). ``matmat`` over K
-vectors is compared with K separate matvecs (K times the measured matvec median: the calls are
-independent).
+The "fastest anchor" is the fastest of curvlinops, pyhessian, autograd and pyhessian:cached-graph.
+Every candidate is checked against a float64 double-backward reference before it is timed (the gate
+also records its set-up's and first call's peak memory); then all candidates of a model (the unit,
+the matvecs and the matmats) are timed interleaved, in bursts of calls round by round
+(``common.measure_interleaved``), so that the slow phases of a shared machine hit them alike. The
+unit is one ``loss + backward`` of the model on the batch (``torch.autograd.grad``, float32).
+``matmat`` over K vectors is compared with K separate matvecs of the same operator and with K
+products of the streaming one (K times the measured matvec median: the calls are independent).
+The two large models (ResNet-18, the ViT) get the products only, no matmat and no streaming or
+forward-mode variants, to keep the suite's time in bounds.
 """
 from __future__ import annotations
 
@@ -36,70 +41,93 @@ import torch
 from torch import nn
 
 from unlearn_kernels.curvature import flatten_tensors, hessian_operator, unflatten_vector
-from unlearn_kernels.data import load_dataset
+from unlearn_kernels.models import ResNet18, SmallViT
 from unlearn_kernels.models.cnn import SmallCNN
 from unlearn_kernels.models.mlp import MLP
-from unlearn_kernels.training import TrainConfig, init_model, train
+from unlearn_kernels.training import init_model
 
-from .common import RESULTS_DIR, Measurement, check, measure_interleaved, plain_error_tolerance
+from .common import RESULTS_DIR, Measurement, PeakMemory, check, measure_interleaved, plain_error_tolerance
 
-ANCHORS = ("curvlinops", "pyhessian", "autograd")
-"""The other libraries' (and plain PyTorch's) per-product HVPs: "fastest anchor" is the fastest of these."""
+ANCHORS = ("curvlinops", "pyhessian", "autograd", "pyhessian:cached-graph")
+"""The other libraries' (and plain PyTorch's) HVPs: "fastest anchor" is the fastest of these."""
 BASELINE = "autograd"
 QUICK = {"quick": True, "min_time": 0.05}
 """What the runner passes for ``--quick``."""
 K = 8
 """Vectors per matmat."""
-OURS = {"ours:fused": {"path": "fused"}, "ours:generic": {"path": "generic"},
-        "ours:generic-ror": {"path": "generic", "mode": "reverse-over-reverse"}}
+OURS = {
+    "ours:fused": {"path": "fused"},
+    "ours:generic": {"path": "generic"},
+    "ours:fused-stream": {"path": "fused", "cache_bytes": 0},
+    "ours:generic-stream": {"path": "generic", "cache_bytes": 0},
+    "ours:generic-fwd": {"path": "generic", "mode": "forward-over-reverse"},
+}
 """Our candidates and their ``hessian_operator`` options."""
+MATMAT = ("ours:fused", "ours:generic")
+"""Our candidates timed with matmat over K vectors too."""
+STREAM_OF = {"ours:fused": "ours:fused-stream", "ours:generic": "ours:generic-stream"}
 
 
 @dataclass
 class Problem:
-    """One model on one batch (float32, eval mode)."""
+    """One model on one batch (float32, eval mode). ``large``: products only (no matmat, no variants)."""
 
     name: str
     model: nn.Module
     x: torch.Tensor
     y: torch.Tensor
+    large: bool = False
 
     @property
     def params(self) -> list[nn.Parameter]:
         return list(self.model.parameters())
 
 
-def seeded_mlp(in_features: int, hidden: tuple[int, ...], num_classes: int = 10, seed: int = 0) -> nn.Module:
-    """The package's ReLU MLP (an ``nn.Sequential`` the fused path accepts), seeded."""
-    return init_model(lambda: MLP(in_features, hidden, num_classes), seed)
+def seeded_mlp(in_features: int, hidden: tuple[int, ...], num_classes: int = 10, seed: int = 0,
+               activation: str = "relu") -> nn.Module:
+    """The package's MLP (an ``nn.Sequential`` the fused path accepts), seeded."""
+    return init_model(lambda: MLP(in_features, hidden, num_classes, activation=activation), seed)
 
 
-def digits_problem(hidden: tuple[int, ...], epochs: int = 0, device: torch.device | str = "cpu") -> Problem:
-    """An MLP 64-hidden-10 on the whole digits train split as one batch, trained ``epochs`` epochs
-    with the default SGD recipe (0: the seeded initialisation), in eval mode."""
-    data = load_dataset("digits").train
-    model = seeded_mlp(64, hidden)
-    if epochs:
-        train(model, data, TrainConfig(epochs=epochs), device=device)
-    name = f"digits mlp 64-{'-'.join(map(str, hidden))}-10 n={len(data)}" + (f" trained {epochs} ep" if epochs else "")
-    return Problem(name, model.to(device).eval(), data.x.to(device), data.y.to(device))
+def digits_problem(hidden: tuple[int, ...], activation: str = "tanh", device: torch.device | str = "cpu") -> Problem:
+    """An MLP 64-hidden-10 (seeded initialisation, eval mode) on all 1,797 rows of scikit-learn's
+    digits (pixels / 16) as one batch."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data / 16.0, dtype=torch.float32)
+    y = torch.tensor(digits.target, dtype=torch.long)
+    model = seeded_mlp(64, hidden, activation=activation)
+    name = f"digits {activation} mlp 64-{'-'.join(map(str, hidden))}-10 n={len(y)}"
+    return Problem(name, model.to(device).eval(), x.to(device), y.to(device))
 
 
 def problems(device: torch.device, quick: bool = False) -> list[Problem]:
-    """The benchmark's models and batches: a wide MLP and a small CNN on random data, and a small MLP
-    on the real digits train split (where per-call overhead dominates)."""
+    """The benchmark's models and batches: the tanh MLP on all of digits (per-call overhead
+    dominates), a wide ReLU MLP, a small CNN, ResNet-18 on CIFAR-shaped input and the small ViT, on
+    random data (seeded)."""
     gen = torch.Generator().manual_seed(0)
-    n_mlp, widths, n_cnn, channels = (128, (64,), 64, (8, 16)) if quick else (2048, (512, 512), 256, (16, 32, 64))
+    if quick:
+        n_mlp, widths, n_cnn, channels, n_big, width = 128, (64,), 32, (8, 16), 4, 8
+    else:
+        n_mlp, widths, n_cnn, channels, n_big, width = 2048, (512, 512), 256, (16, 32, 64), 64, 64
+
+    def data(n: int, *shape: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(n, *shape, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+
     out = [
-        Problem(f"mlp 784-{'-'.join(map(str, widths))}-10 n={n_mlp}", seeded_mlp(784, widths),
-                torch.randn(n_mlp, 784, generator=gen), torch.randint(0, 10, (n_mlp,), generator=gen)),
+        Problem(f"mlp 784-{'-'.join(map(str, widths))}-10 n={n_mlp}", seeded_mlp(784, widths), *data(n_mlp, 784)),
         Problem(f"cnn {'-'.join(map(str, channels))} 28x28 n={n_cnn}", init_model(lambda: SmallCNN(1, 10, channels), 0),
-                torch.randn(n_cnn, 1, 28, 28, generator=gen), torch.randint(0, 10, (n_cnn,), generator=gen)),
+                *data(n_cnn, 1, 28, 28)),
+        Problem(f"resnet18 width {width} 3x32x32 n={n_big}", init_model(lambda: ResNet18(10, 3, width), 0),
+                *data(n_big, 3, 32, 32), large=True),
+        Problem(f"vit 32x32 patch 4 n={n_big}", init_model(lambda: SmallViT(32, 4, 3, 10), 0), *data(n_big, 3, 32, 32),
+                large=True),
     ]
     for p in out:
         p.model.to(device).eval()
         p.x, p.y = p.x.to(device), p.y.to(device)
-    return out + [digits_problem((128,), device=device)]
+    return [digits_problem((128,), device=device)] + out
 
 
 def autograd_hvp(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -149,27 +177,35 @@ def candidates(p: Problem, loss_fn: nn.Module, v: torch.Tensor) -> dict[str, Cal
         h = hessian(model, loss_fn, dataloader=[(p.x, p.y)], cuda=p.x.is_cuda)
         return lambda: flatten_tensors(h.dataloader_hv_product(_split(v, h.params))[1])
 
-    return {
-        "ours:fused": lambda: ours("ours:fused"),
-        "ours:generic": lambda: ours("ours:generic"),
-        "ours:generic-ror": lambda: ours("ours:generic-ror"),
+    out = {name: (lambda name=name: ours(name)) for name in OURS}
+    out.update({
         "curvlinops": curvlinops,
         "pyhessian": lambda: pyhessian(False),
         "autograd": lambda: (lambda: flatten_tensors(autograd_hvp(p.model, loss_fn, p.x, p.y, vs))),
         "pyhessian:cached-graph": lambda: pyhessian(True),
-    }
+    })
+    if p.large:
+        for name in ("ours:fused-stream", "ours:generic-stream", "ours:generic-fwd"):
+            del out[name]
+    return out
 
 
-def _build(case: str, name: str, builder: Callable[[], Callable[[], torch.Tensor]]) -> Callable[[], torch.Tensor] | Measurement:
-    try:
-        return builder()
-    except (ValueError, ImportError, RuntimeError) as exc:  # e.g. no fused path for a CNN
-        return Measurement(case, name, None, None, None, f"unavailable: {type(exc).__name__}: {exc}"[:200])
+def _gated(case: str, name: str, builder: Callable[[], Callable[[], torch.Tensor]], exact: torch.Tensor,
+           tol: float, device: torch.device) -> tuple[Measurement, Callable[[], torch.Tensor] | None]:
+    """Set-up and correctness gate, with the peak memory of both (the set-up may build a cache)."""
+    with PeakMemory(device) as peak:
+        try:
+            fn = builder()
+        except (ValueError, ImportError, RuntimeError) as exc:  # e.g. no fused path for a CNN
+            return Measurement(case, name, None, None, None, f"unavailable: {type(exc).__name__}: {exc}"[:200]), None
+        m = check(case, name, fn, exact, tol)
+    m.peak_memory_bytes = peak.bytes if m.status == "ok" else None
+    return m, (fn if m.status == "ok" else None)
 
 
 def run(device: torch.device, *, quick: bool = False, min_time: float = 0.5,
         with_compile: bool = True) -> tuple[list[Measurement], dict]:
-    """Every candidate on every problem, plus ``matmat`` of K vectors for our paths.
+    """Every candidate on every problem, plus ``matmat`` of K vectors for our cached paths.
 
     Args:
         device: where to run.
@@ -179,11 +215,11 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 0.5,
 
     Returns:
         The measurements (``extra`` holds ``gradient_units``, ``vs_fastest_anchor`` = fastest anchor time
-        / candidate time, and for matmat rows ``vs_{K}_matvecs``) and the suite's config.
+        / candidate time, and for matmat rows ``vs_{K}_matvecs`` and ``vs_{K}_streamed_products``) and
+        the suite's config.
     """
     del with_compile
     loss_fn = nn.CrossEntropyLoss()
-    timing = {"min_time": min_time, "warmup": 1}
     eps = torch.finfo(torch.float32).eps
     results: list[Measurement] = []
     cases = []
@@ -191,7 +227,7 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 0.5,
         params = p.params
         d = sum(t.numel() for t in params)
         gen = torch.Generator().manual_seed(1)
-        V = torch.randn(d, K, generator=gen).to(device)
+        V = torch.randn(d, 1 if p.large else K, generator=gen).to(device)
         exact = reference_hvp(p, loss_fn, V)
         scale = exact.abs().max().item()
 
@@ -210,27 +246,27 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 0.5,
         case = f"{p.name} hvp"
         rows: dict[str, Measurement] = {}
         for name, builder in candidates(p, loss_fn, v).items():
-            fn = _build(case, name, builder)
-            if isinstance(fn, Measurement):
-                rows[name] = fn
-                continue
-            rows[name] = check(case, name, fn, exact[:, 0], tol)
-            if rows[name].status == "ok":
+            rows[name], fn = _gated(case, name, builder, exact[:, 0], tol, device)
+            if fn is not None:
                 timed.append((rows[name], fn))
 
-        # matmat of K vectors in one data pass against K matvecs, for our paths.
+        # matmat of K vectors in one data pass, for our cached paths.
         mm_case = f"{p.name} matmat K={K}"
         matmats: dict[str, Measurement] = {}
-        for name, options in OURS.items():
+        for name in MATMAT if not p.large else ():
             if rows[name].status != "ok":
                 continue
-            op = hessian_operator(p.model, loss_fn, (p.x, p.y), **options)
-            fn = lambda op=op: op.matmat(V)  # noqa: E731
-            matmats[name] = check(mm_case, name, fn, exact, 2 * tol)
-            if matmats[name].status == "ok":
+
+            def builder(name: str = name) -> Callable[[], torch.Tensor]:
+                op = hessian_operator(p.model, loss_fn, (p.x, p.y), **OURS[name])
+                return lambda: op.matmat(V)
+
+            matmats[name], fn = _gated(mm_case, name, builder, exact, 2 * tol, device)
+            if fn is not None:
                 timed.append((matmats[name], fn))
 
-        measure_interleaved(timed, device, **timing)
+        # Large models: each call takes seconds, so no warm-up calls between rounds.
+        measure_interleaved(timed, device, min_time=min_time, warmup=0 if p.large else 1)
         unit = grad.median_s
         results.append(grad)
         anchor_times = [rows[a].median_s for a in ANCHORS if rows[a].median_s]
@@ -246,18 +282,24 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 0.5,
                 m.extra["gradient_units_per_vector"] = m.median_s / K / unit if unit else None
                 m.extra[f"{K}_matvecs_s"] = K * rows[name].median_s
                 m.extra[f"vs_{K}_matvecs"] = K * rows[name].median_s / m.median_s
+                stream = rows.get(STREAM_OF[name])
+                if stream is not None and stream.median_s:
+                    m.extra[f"vs_{K}_streamed_products"] = K * stream.median_s / m.median_s
             results.append(m)
         auto = hessian_operator(p.model, loss_fn, (p.x, p.y))
         cases.append({"name": p.name, "d": d, "n": int(p.y.shape[0]), "auto_path": auto.path,
-                      "auto_path_reason": auto.path_reason, "gradient_s": unit, "tolerance": tol})
+                      "auto_path_reason": auto.path_reason, "auto_mode": getattr(auto, "mode", None),
+                      "auto_mode_reason": getattr(auto, "mode_reason", None), "gradient_s": unit, "tolerance": tol,
+                      "fastest_anchor": min((a for a in ANCHORS if rows[a].median_s), key=lambda a: rows[a].median_s,
+                                            default=None)})
     config = {
         "cases": cases, "dtype": "float32", "K": K, "min_time_s": min_time, "quick": quick,
         "anchors": list(ANCHORS), "loss": "nn.CrossEntropyLoss() (mean)",
         "versions": {pkg: _version(pkg) for pkg in ("curvlinops-for-pytorch", "PyHessian")},
         "unit": "one loss + torch.autograd.grad of the model on the same batch (float32)",
         "reference": "float64 double backward on a float64 copy of the model",
-        "note": "pyhessian:cached-graph reuses one gradient graph (no forward, no gradient per product); "
-                "excluded from the fastest anchor",
+        "note": "all products at fixed weights; ours:* keep per-batch state (cache_bytes default) except *-stream; "
+                "pyhessian:cached-graph keeps its gradient graph; peak_memory_bytes covers set-up and the first call",
     }
     return results, config
 

@@ -1,7 +1,7 @@
 """pytest-benchmark view of the HVP suite: ``pytest benchmarks/test_bench_hvp.py``.
 
-Every candidate of :mod:`benchmarks.hvp` (ours fused/generic/generic-ror, curvlinops, PyHessian, plain autograd)
-on two MLPs, each checked against a float64 double-backward reference before it is timed, next to one
+Every candidate of :mod:`benchmarks.hvp` (ours fused/generic with and without the fixed-weight cache and
+generic forward-over-reverse, curvlinops, PyHessian in both modes, plain autograd) on two MLPs, each checked against a float64 double-backward reference before it is timed, next to one
 gradient on the same batch (the unit). Compare within a model with ``--benchmark-group-by=group``.
 """
 import copy
@@ -16,7 +16,8 @@ from .hvp import Problem, candidates, digits_problem, reference_hvp, seeded_mlp
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 LOSS = nn.CrossEntropyLoss()
-NAMES = ["gradient", "ours:fused", "ours:generic", "ours:generic-ror", "curvlinops", "pyhessian", "autograd", "pyhessian:cached-graph"]
+NAMES = ["gradient", "ours:fused", "ours:generic", "ours:fused-stream", "ours:generic-stream", "ours:generic-fwd",
+         "curvlinops", "pyhessian", "autograd", "pyhessian:cached-graph"]
 
 
 def _mid_mlp() -> Problem:
