@@ -36,13 +36,13 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-import numpy as np
 import scipy.sparse.linalg
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from ..data.labeled import LabeledData
+from .linear_operator import to_scipy_operator
 from .params import ParamSelection, flatten_tensors, resolve_parameters, unflatten_vector
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -364,18 +364,7 @@ class CurvatureOperator(abc.ABC):
         Inputs are converted to the operator's dtype and device, outputs back to float64 on the CPU
         (so a float32 operator computes in float32). Products are counted as usual.
         """
-        def convert(a: np.ndarray) -> torch.Tensor:
-            return torch.as_tensor(np.asarray(a, dtype=np.float64)).to(self.device, self.dtype)
-
-        def matvec(a: np.ndarray) -> np.ndarray:
-            return self.matvec(convert(a).reshape(-1)).double().cpu().numpy()
-
-        def matmat(a: np.ndarray) -> np.ndarray:
-            return self.matmat(convert(a)).double().cpu().numpy()
-
-        return scipy.sparse.linalg.LinearOperator(
-            self.shape, matvec=matvec, rmatvec=matvec, matmat=matmat, rmatmat=matmat, dtype=np.float64
-        )
+        return to_scipy_operator(self.shape, self.dtype, self.device, self.matvec, self.matmat)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(path={self.path!r}, d={self.shape[0]}, dtype={self.dtype}, "
