@@ -1,0 +1,148 @@
+"""Data-parallel curvature: one Hessian-vector product and one gradient over a large batch, by
+``hessian_operator(..., process_group=pg)`` on 2 processes with one thread each (each holding half
+of the rows) against one process with one thread over all the rows.
+
+The two workers are spawned once (gloo on CPU, NCCL on GPUs, one GPU each) and build their
+operator; the parent builds the single-process one. Correctness gate: the distributed product and
+gradient against the single-process ones (relative difference <= 1e-5 in float32). Timing is
+interleaved: rounds alternate a burst of single-process calls (the workers idle) with a burst of
+distributed calls (the parent idles), so that a slow phase of a shared machine hits both. A
+distributed call is timed on rank 0 from a barrier to the end of its all_reduce, i.e. the slower
+rank plus the reduction.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from unlearn_kernels.curvature import hessian_operator
+
+from .common import Measurement, synchronize
+from .hvp import seeded_mlp
+
+BASELINE = "1 process"
+QUICK = {"quick": True, "min_time": 0.1}
+"""What the runner passes for ``--quick``."""
+WORLD = 2
+GATE_RTOL = 1e-5
+
+
+def _problem(quick: bool) -> tuple[str, nn.Module, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    n, widths = (512, (64,)) if quick else (8192, (512, 512))
+    x, y = torch.randn(n, 784, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+    return f"mlp 784-{'-'.join(map(str, widths))}-10 n={n}", seeded_mlp(784, widths).eval(), x, y
+
+
+def _calls(op, v: torch.Tensor) -> dict:
+    return {"hvp": lambda: op.matvec(v), "gradient": op.gradient}
+
+
+def _timed(fn, device: torch.device, calls: int, barrier=None) -> list[float]:
+    """Seconds of each of ``calls`` calls, after one warm-up call (the other side ran meanwhile)."""
+    out = []
+    fn()
+    for _ in range(calls):
+        if barrier is not None:
+            barrier()
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def _worker(rank: int, store: str, device_type: str, quick: bool, inbox, outbox) -> None:
+    torch.set_num_threads(1)
+    device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
+    if device_type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(minutes=10))
+    try:
+        _, model, x, y = _problem(quick)
+        part = slice(rank * x.shape[0] // WORLD, (rank + 1) * x.shape[0] // WORLD)
+        op = hessian_operator(model.to(device), nn.CrossEntropyLoss(), (x[part].to(device), y[part].to(device)),
+                              process_group=dist.group.WORLD)
+        v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(1)).to(device)
+        calls = _calls(op, v)
+        outbox.put((rank, {name: fn().cpu() for name, fn in calls.items()}))
+        while (msg := inbox.get()) is not None:
+            name, count = msg  # both ranks make the same number of calls
+            samples = _timed(calls[name], device, count, barrier=dist.barrier)
+            outbox.put((rank, samples))
+    finally:
+        dist.destroy_process_group()
+
+
+def run(device: torch.device, *, quick: bool = False, min_time: float = 2.0, burst: float = 0.3,
+        with_compile: bool = True) -> tuple[list[Measurement], dict]:
+    """2 processes x 1 thread against 1 process x 1 thread (see the module docstring).
+
+    Returns:
+        The measurements (``extra``: ``rel_diff`` of the distributed result against the single
+        process's) and the suite's config.
+    """
+    del with_compile
+    case_name, model, x, y = _problem(quick)
+    config = {"world": WORLD, "threads_per_process": 1, "problem": case_name, "gate_rtol": GATE_RTOL,
+              "min_time_s": min_time, "burst_s": burst, "quick": quick, "load_average_before": os.getloadavg()}
+    candidates = (BASELINE, f"{WORLD} processes")
+    if device.type == "cuda" and torch.cuda.device_count() < WORLD:
+        why = f"unavailable: needs {WORLD} GPUs (NCCL takes one per process), {torch.cuda.device_count()} visible"
+        return [Measurement(f"{name} {case_name}", c, None, None, None, why)
+                for name in ("hvp", "gradient") for c in candidates], config
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ctx = mp.get_context("spawn")
+    inboxes, outbox = [ctx.Queue() for _ in range(WORLD)], ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [ctx.Process(target=_worker, args=(r, os.path.join(tmp, "store"), device.type, quick, inboxes[r],
+                                                    outbox), daemon=True) for r in range(WORLD)]
+        for p in procs:
+            p.start()
+        try:
+            single = hessian_operator(model.to(device), nn.CrossEntropyLoss(), (x.to(device), y.to(device)))
+            v = torch.randn(single.shape[0], generator=torch.Generator().manual_seed(1)).to(device)
+            calls = _calls(single, v)
+            got = dict(outbox.get(timeout=600) for _ in range(WORLD))[0]
+            results = []
+            for name, fn in calls.items():
+                want = fn().cpu()
+                diff = float((got[name] - want).norm() / want.norm())
+                status = "ok" if diff <= GATE_RTOL else "wrong"
+                base = Measurement(f"{name} {case_name}", BASELINE, None, None, 0.0)
+                dist_m = Measurement(f"{name} {case_name}", candidates[1], None, None, diff, status,
+                                     {"rel_diff": diff})
+                samples: tuple[list[float], list[float]] = ([], [])
+                once = _timed(fn, device, 1)[0]
+                counts = max(1, round(burst / once)), max(1, round(burst * WORLD / once))  # about burst seconds each
+                while status == "ok" and (sum(samples[0]) < min_time or sum(samples[1]) < min_time):
+                    samples[0].extend(_timed(fn, device, counts[0]))
+                    for box in inboxes:
+                        box.put((name, counts[1]))
+                    per_rank = dict(outbox.get(timeout=600) for _ in range(WORLD))
+                    samples[1].extend(per_rank[0])
+                for m, s in zip((base, dist_m), samples):
+                    if s:
+                        m.median_s = statistics.median(s)
+                        q = statistics.quantiles(s, n=4) if len(s) >= 2 else [s[0]] * 3
+                        m.iqr_s = q[2] - q[0]
+                results += [base, dist_m]
+        finally:
+            for box in inboxes:
+                box.put(None)
+            for p in procs:
+                p.join(timeout=60)
+            torch.set_num_threads(threads)
+    config["load_average_after"] = os.getloadavg()
+    return results, config
