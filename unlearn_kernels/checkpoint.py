@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data.labeled import LabeledData
+from .labeled import LabeledData
 from .training import ProgressCallback, TrainConfig, TrainStats, init_model, train
 
 #: bumped when the layout of the file changes (old files are then retrained, not misread)
@@ -156,7 +156,7 @@ def _source_file(cls: type) -> str | None:
 
 def code_fingerprint(model: nn.Module) -> str:
     """SHA-256 (hex) of the code that decides what training produces: the training recipe's own
-    module (``training.py``), the data loader's (``data/labeled.py``) and the source files of the
+    module (``training.py``), the data loader's (``labeled.py``) and the source files of the
     model's module classes outside torch (e.g. ``models/mlp.py``). Editing any of them changes the
     fingerprint, so a checkpoint trained by older code is not reused. A class whose source file
     cannot be found (defined interactively) contributes its qualified name only."""

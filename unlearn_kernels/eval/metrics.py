@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..data.labeled import LabeledData
+from ..labeled import LabeledData
 from ..training import eval_mode
 
 #: the keys :func:`avg_gap` compares by default

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.labeled import LabeledData
+from ..labeled import LabeledData
 from ..training import eval_mode, model_device
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.labeled import LabeledData
+from ..labeled import LabeledData
 from ..training import TrainConfig, make_optimizer, model_device, seeded_rng, train
 from .base import UnlearnResult, Unlearner
 

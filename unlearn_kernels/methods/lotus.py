@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.labeled import LabeledData
+from ..labeled import LabeledData
 from ..training import model_device
 from .base import UnlearnResult
 from .first_order import _check_fraction, _flagged_mix, _frozen_copy, _step, _Trained

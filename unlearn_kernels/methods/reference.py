@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from ..checkpoint import data_fingerprint, model_signature, train_or_load
-from ..data.labeled import LabeledData
+from ..labeled import LabeledData
 from ..training import TrainConfig, init_model, model_device, train
 from .base import UnlearnResult, Unlearner
 

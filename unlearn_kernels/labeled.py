@@ -1,0 +1,53 @@
+"""The one in-memory data type the library passes around: inputs and integer labels.
+
+It belongs to the foundation layer (with the training recipe and checkpoints): curvature operators,
+methods, the data layer and the evaluation all speak it, so it imports nothing from the package."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+
+@dataclass(frozen=True)
+class LabeledData:
+    """Inputs ``x`` (N, ...) and int64 labels ``y`` (N,), on one device.
+
+    Second-order methods need the whole set as tensors; first-order ones iterate
+    :meth:`loader`. ``subset`` and ``to`` return new objects (never views that alias writes).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.x.shape[0] != self.y.shape[0]:
+            raise ValueError(f"LabeledData: x has {self.x.shape[0]} rows but y has {self.y.shape[0]}")
+        if self.y.dim() != 1 or self.y.dtype != torch.long:
+            raise TypeError(f"LabeledData: y must be a 1-D int64 tensor, got {self.y.dtype} of shape {tuple(self.y.shape)}")
+        if self.x.device != self.y.device:
+            raise ValueError(f"LabeledData: x is on {self.x.device} but y on {self.y.device}")
+
+    def __len__(self) -> int:
+        return self.y.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def subset(self, index: torch.Tensor) -> "LabeledData":
+        """Rows ``index`` (int64 indices or a boolean mask), copied."""
+        index = torch.as_tensor(index, device=self.x.device)
+        return LabeledData(self.x[index], self.y[index])
+
+    def to(self, device: torch.device | str) -> "LabeledData":
+        return LabeledData(self.x.to(device), self.y.to(device))
+
+    def loader(self, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False) -> DataLoader:
+        """A DataLoader over (x, y) batches; shuffling is seeded (reproducible)."""
+        generator = torch.Generator().manual_seed(seed) if shuffle else None
+        return DataLoader(
+            TensorDataset(self.x, self.y), batch_size=batch_size, shuffle=shuffle,
+            generator=generator, drop_last=drop_last,
+        )
