@@ -1,11 +1,16 @@
-"""Test-wide setup. TRITON_INTERPRET must be set before any Triton kernel module is imported, so
-that the Triton kernels run through the interpreter on machines without a GPU."""
+"""Test-wide setup. Without a GPU, TRITON_INTERPRET=1 is set before any Triton kernel module is
+imported, so that the Triton kernels run through the interpreter on the CPU; with one they are
+compiled. The ``device`` fixture runs a test on every device of tests/devices.py (the CPU, and
+"cuda" when a GPU is visible)."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from devices import DEVICES  # noqa: E402  (imports the package: after TRITON_INTERPRET is decided)
 
 # One intra-op thread: the test problems are tiny, and on a shared 2-core machine OpenMP threads
 # waiting on each other made small ops ~20x slower. Kernel tests that exercise the parallel paths
@@ -26,3 +31,9 @@ def threads():
 def rng() -> torch.Generator:
     """A seeded generator, so that every random test input is reproducible."""
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """Each device a test should run on: "cpu", and "cuda" when a GPU is visible."""
+    return torch.device(request.param)

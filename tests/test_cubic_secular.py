@@ -144,6 +144,18 @@ def test_unsorted_and_float32_inputs(backend, rng):
     check_optimality(lam.float().double(), c.float().double(), 1.0, y32, 0.5 * float(y32.norm()))
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_inputs_on_every_device(backend, device, rng):
+    """The k scalars are solved on the CPU wherever they live; y comes back on the inputs' device."""
+    lam = torch.randn(20, dtype=torch.float64, generator=rng)
+    c = torch.randn(20, dtype=torch.float64, generator=rng)
+    y, sigma, hard = cubic_secular_solve(lam.to(device), c.to(device), 1.5, backend=backend)
+    y_cpu, sigma_cpu, hard_cpu = cubic_secular_solve(lam, c, 1.5, backend="reference")
+    assert y.device == torch.device(device) and hard == hard_cpu
+    torch.testing.assert_close(y.cpu(), y_cpu, rtol=1e-12, atol=1e-14)
+    assert sigma == pytest.approx(sigma_cpu, rel=1e-12)
+
+
 @pytest.mark.parametrize(
     ("args", "kwargs", "error", "match"),
     [

@@ -4,19 +4,21 @@ import numpy as np
 import pytest
 import torch
 
-from unlearn_kernels.backends import BackendUnavailableError, status
+from devices import backend_devices
+from unlearn_kernels.backends import BackendUnavailableError
 from unlearn_kernels.ops import lanczos_step
 
-# the C++ kernel is always built (a missing one fails); Triton runs where it is installed (interpreter on CPU)
-BACKENDS = ["reference", "cpp"] + (["triton"] if status("lanczos_step", "triton").usable else [])
-COMPILED = [b for b in BACKENDS if b != "reference"]
+# (backend, device): on the CPU the reference, C++ (always built: a missing one fails) and Triton
+# through its interpreter where installed; on a GPU, when visible, the reference, CUDA and Triton.
+PAIRS = backend_devices("lanczos_step")
+COMPILED = backend_devices("lanczos_step", compiled_only=True)
 # (d, m): empty basis; d below, at and past the Triton interpreter tile (4096) and the C++ block (8192).
 SHAPES = [(1, 0), (7, 0), (33, 5), (1000, 3), (5001, 6), (20011, 4)]
 
 
 def numpy_step(hq, q, q_prev, beta_prev, basis):
     """The op's formulas in float64 numpy: CGS2, then normalisation."""
-    h, v, vp, B = (t.double().numpy() for t in (hq, q, q_prev, basis))
+    h, v, vp, B = (t.double().cpu().numpy() for t in (hq, q, q_prev, basis))
     alpha = h @ v
     w = h - alpha * v - beta_prev * vp
     for _ in range(2):
@@ -36,97 +38,105 @@ def unit(d, dtype, gen):
     return (v / v.norm()).to(dtype)
 
 
+def interpreted(backend, device):
+    return backend == "triton" and device == "cpu"
+
+
 # The Triton interpreter is slow: it stops at d = 5001, which already spans two tiles.
-@pytest.mark.parametrize(("backend", "d", "m"),
-                         [(b, d, m) for b in BACKENDS for d, m in SHAPES if not (b == "triton" and d > 6000)])
+@pytest.mark.parametrize(("backend", "device", "d", "m"),
+                         [(b, dev, d, m) for b, dev in PAIRS for d, m in SHAPES if not (interpreted(b, dev) and d > 6000)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_matches_numpy(backend, dtype, d, m, rng):
-    basis = orthonormal_rows(m, d, dtype, rng)
-    hq = torch.randn(d, dtype=dtype, generator=rng)
-    q, q_prev = unit(d, dtype, rng), unit(d, dtype, rng)
+def test_matches_numpy(backend, device, dtype, d, m, rng):
+    basis = orthonormal_rows(m, d, dtype, rng).to(device)
+    hq = torch.randn(d, dtype=dtype, generator=rng).to(device)
+    q, q_prev = unit(d, dtype, rng).to(device), unit(d, dtype, rng).to(device)
     q_next, alpha, beta = lanczos_step(hq, q, q_prev, 0.7, basis, backend=backend)
     expected, alpha_np, beta_np = numpy_step(hq, q, q_prev, 0.7, basis)
-    assert q_next.dtype == dtype and q_next.shape == (d,)
+    assert q_next.dtype == dtype and q_next.shape == (d,) and q_next.device == hq.device
+    assert alpha.device == beta.device == hq.device
     assert alpha.dtype == beta.dtype == torch.float64 and alpha.dim() == beta.dim() == 0
     # Sums of products of the inputs in float64: alpha is float64-accurate even for float32 vectors.
     assert float(alpha) == pytest.approx(alpha_np, rel=1e-12, abs=1e-14)
     tol = 1e-12 if dtype == torch.float64 else 2e-6
     assert float(beta) == pytest.approx(beta_np, rel=tol)
-    np.testing.assert_allclose(q_next.double().numpy(), expected, rtol=0, atol=tol * max(1.0, np.abs(expected).max()))
+    np.testing.assert_allclose(q_next.double().cpu().numpy(), expected, rtol=0,
+                               atol=tol * max(1.0, np.abs(expected).max()))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("backend", "device"), PAIRS)
 @pytest.mark.parametrize(("d", "m"), [(300, 40), (5001, 10)])
-def test_cgs2_orthogonality(backend, d, m, rng):
+def test_cgs2_orthogonality(backend, device, d, m, rng):
     """hq almost inside span(basis): one Gram-Schmidt pass would leave ~eps ||hq|| / beta behind."""
     basis = orthonormal_rows(m, d, torch.float64, rng)
     q, q_prev = basis[0].clone(), basis[1].clone()
     hq = basis.T @ torch.randn(m, dtype=torch.float64, generator=rng) * 1e3
     hq += 1e-4 * torch.randn(d, dtype=torch.float64, generator=rng)
+    basis, q, q_prev, hq = (t.to(device) for t in (basis, q, q_prev, hq))
     q_next, _, beta = lanczos_step(hq, q, q_prev, 2.0, basis, backend=backend)
     assert float(beta) > 0
     assert float((basis @ q_next).abs().max()) <= 1e-12
     assert float(q_next.norm()) == pytest.approx(1.0, abs=1e-13)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("backend", "device"), PAIRS)
 @pytest.mark.parametrize("near_span", [False, True])
-def test_float32_orthogonality(backend, near_span, rng):
+def test_float32_orthogonality(backend, device, near_span, rng):
     """float32 at 35 basis vectors: the new vector is orthogonal to the basis to 1e-6, both when
     one Gram-Schmidt pass suffices (a random hq) and when hq lies almost inside span(basis) (then
     one pass leaves about 1e-4 behind and the second pass is needed)."""
-    d, m = 5001 if backend == "triton" else 20011, 35
+    d, m = 5001 if interpreted(backend, device) else 20011, 35
     basis = orthonormal_rows(m, d, torch.float32, rng)
     hq = torch.randn(d, generator=rng)
     if near_span:
         hq = basis.T @ torch.randn(m, generator=rng) * hq.norm() + 1e-3 * hq
+    basis, hq = basis.to(device), hq.to(device)
     q_next, _, beta = lanczos_step(hq, basis[-1], basis[-2], 0.5, basis, backend=backend)
     assert float(beta) > 0
     assert float((basis.double() @ q_next.double()).abs().max()) <= 1e-6
     assert float(q_next.double().norm()) == pytest.approx(1.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("backend", "device"), PAIRS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_breakdown_gives_zero(backend, dtype, rng):
+def test_breakdown_gives_zero(backend, device, dtype, rng):
     d, m = 50, 4
-    basis = orthonormal_rows(m, d, dtype, rng)
-    hq = basis.T @ torch.randn(m, dtype=dtype, generator=rng)  # inside span(basis): invariant subspace
+    basis = orthonormal_rows(m, d, dtype, rng).to(device)
+    hq = basis.T @ torch.randn(m, dtype=dtype, generator=rng).to(device)  # inside span(basis): invariant subspace
     q_next, _, beta = lanczos_step(hq, basis[0], basis[1], 0.5, basis, backend=backend)
-    assert float(beta) == 0.0 and torch.equal(q_next, torch.zeros(d, dtype=dtype))
-    zero = torch.zeros(d, dtype=dtype)  # H q = 0
-    q_next, alpha, beta = lanczos_step(zero, unit(d, dtype, rng), zero, 0.0, None, backend=backend)
+    assert float(beta) == 0.0 and torch.equal(q_next, torch.zeros(d, dtype=dtype, device=device))
+    zero = torch.zeros(d, dtype=dtype, device=device)  # H q = 0
+    q_next, alpha, beta = lanczos_step(zero, unit(d, dtype, rng).to(device), zero, 0.0, None, backend=backend)
     assert float(alpha) == 0.0 and float(beta) == 0.0 and torch.equal(q_next, zero)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_first_step_and_layouts(backend, rng):
+@pytest.mark.parametrize(("backend", "device"), PAIRS)
+def test_first_step_and_layouts(backend, device, rng):
     """q_prev=None / basis=None mean none; a strided basis and a tensor beta_prev are accepted."""
     d = 64
-    hq, q = torch.randn(d, dtype=torch.float64, generator=rng), unit(d, torch.float64, rng)
+    f64 = {"dtype": torch.float64, "device": device}
+    hq, q = torch.randn(d, dtype=torch.float64, generator=rng).to(device), unit(d, torch.float64, rng).to(device)
     first = lanczos_step(hq, q, None, 123.0, None, backend=backend)
-    explicit = lanczos_step(hq, q, torch.zeros(d, dtype=torch.float64), 0.0,
-                            torch.empty(0, d, dtype=torch.float64), backend=backend)
+    explicit = lanczos_step(hq, q, torch.zeros(d, **f64), 0.0, torch.empty(0, d, **f64), backend=backend)
     for a, b in zip(first, explicit):
         torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-15)
-    basis_t = orthonormal_rows(5, d, torch.float64, rng).T.contiguous().T  # column-major (5, d)
-    q_prev = unit(d, torch.float64, rng)
-    got = lanczos_step(hq, q, q_prev, torch.tensor(0.25, dtype=torch.float64), basis_t, backend=backend)
+    basis_t = orthonormal_rows(5, d, torch.float64, rng).to(device).T.contiguous().T  # column-major (5, d)
+    q_prev = unit(d, torch.float64, rng).to(device)
+    got = lanczos_step(hq, q, q_prev, torch.tensor(0.25, **f64), basis_t, backend=backend)
     expected, alpha_np, beta_np = numpy_step(hq, q, q_prev, 0.25, basis_t)
-    np.testing.assert_allclose(got[0].numpy(), expected, atol=1e-13)
+    np.testing.assert_allclose(got[0].cpu().numpy(), expected, atol=1e-13)
     assert float(got[1]) == pytest.approx(alpha_np, rel=1e-13) and float(got[2]) == pytest.approx(beta_np, rel=1e-13)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_full_lanczos_run_finds_extreme_eigenvalues(backend, rng):
+@pytest.mark.parametrize(("backend", "device"), PAIRS)
+def test_full_lanczos_run_finds_extreme_eigenvalues(backend, device, rng):
     """Lanczos with full reorthogonalisation built from repeated steps: T's extreme eigenvalues are
     those of A (the Krylov space is all of R^n after n steps)."""
     n = 40
     V = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=rng))[0]
     spectrum = torch.cat([torch.tensor([-3.0, 7.5]), torch.linspace(-1.0, 2.0, n - 2, dtype=torch.float64)])
-    A = V @ torch.diag(spectrum) @ V.T
-    q = unit(n, torch.float64, rng)
-    q_prev, beta = None, torch.zeros((), dtype=torch.float64)
+    A = (V @ torch.diag(spectrum) @ V.T).to(device)
+    q = unit(n, torch.float64, rng).to(device)
+    q_prev, beta = None, torch.zeros((), dtype=torch.float64, device=device)
     Q, alphas, betas = [q], [], []
     for _ in range(n):
         q_next, alpha, beta = lanczos_step(A @ q, q, q_prev, beta, torch.stack(Q), backend=backend)
@@ -141,7 +151,7 @@ def test_full_lanczos_run_finds_extreme_eigenvalues(backend, rng):
     ritz = np.linalg.eigvalsh(T)
     exact = torch.linalg.eigvalsh(A).numpy()
     assert ritz[0] == pytest.approx(exact[0], abs=1e-10) and ritz[-1] == pytest.approx(exact[-1], abs=1e-10)
-    Qm = torch.stack(Q[:k])  # the Lanczos vectors stay orthonormal
+    Qm = torch.stack(Q[:k]).cpu()  # the Lanczos vectors stay orthonormal
     torch.testing.assert_close(Qm @ Qm.T, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
@@ -167,10 +177,11 @@ def test_bad_input(change, error, match):
         lanczos_step(args["hq"], args["q"], args["q_prev"], args["beta_prev"], args["basis"])
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
-def test_non_finite_beta_prev(backend):
+@pytest.mark.parametrize(("backend", "device"), [(b, dev) for b, dev in PAIRS if b != "triton"])
+def test_non_finite_beta_prev(backend, device):
     with pytest.raises(ValueError, match="beta_prev must be finite"):
-        lanczos_step(torch.ones(4), torch.ones(4) / 2, torch.zeros(4), float("nan"), None, backend=backend)
+        lanczos_step(torch.ones(4, device=device), torch.ones(4, device=device) / 2, torch.zeros(4, device=device),
+                     float("nan"), None, backend=backend)
 
 
 def test_unavailable_backend():
@@ -178,12 +189,13 @@ def test_unavailable_backend():
         lanczos_step(torch.ones(4), torch.ones(4) / 2, None, 0.0, None, backend="cuda")
 
 
-@pytest.mark.parametrize("backend", COMPILED)
-def test_opcheck(backend, rng):
+@pytest.mark.parametrize(("backend", "device"), COMPILED)
+def test_opcheck(backend, device, rng):
     d, m = 40, 3
-    args = (torch.randn(d, generator=rng), unit(d, torch.float32, rng), unit(d, torch.float32, rng),
-            torch.tensor(0.3, dtype=torch.float64), orthonormal_rows(m, d, torch.float32, rng))
-    op = torch.ops.unlearn_kernels if backend == "cpp" else _triton_ops()
+    args = tuple(t.to(device) for t in (
+        torch.randn(d, generator=rng), unit(d, torch.float32, rng), unit(d, torch.float32, rng),
+        torch.tensor(0.3, dtype=torch.float64), orthonormal_rows(m, d, torch.float32, rng)))
+    op = _triton_ops() if backend == "triton" else torch.ops.unlearn_kernels
     torch.library.opcheck(op.lanczos_step.default, args)
 
 

@@ -1,0 +1,35 @@
+"""The devices and (backend, device) pairs the kernel and operator tests run on: the CPU always,
+"cuda" too when a GPU is visible, so that one ``pytest`` run on a GPU machine covers both.
+
+Use the ``device`` fixture of tests/conftest.py (a test that takes it runs once per device), or
+parametrise with :data:`DEVICES` / :func:`backend_devices`.
+"""
+from __future__ import annotations
+
+import torch
+
+from unlearn_kernels.backends import status
+
+DEVICES: tuple[str, ...] = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+"""Every device a test should run on here."""
+
+_BACKENDS_ON = {"cpu": ("reference", "cpp", "triton"), "cuda": ("reference", "cuda", "triton")}
+
+
+def backend_devices(op: str, *, compiled_only: bool = False) -> list[tuple[str, str]]:
+    """``(backend, device)`` for every backend of ``op`` that can run here, on each device it takes:
+    on the CPU the reference, the C++ kernel and Triton through its interpreter; on a GPU the
+    reference, the CUDA kernel and compiled Triton. A backend the op lacks is left out; one it has
+    but that cannot run here (the C++ kernel not built) is kept, so that its test fails instead of
+    passing silently. ``compiled_only`` leaves out the reference."""
+    from unlearn_kernels.ops import OP_BACKENDS
+
+    pairs = []
+    for device in DEVICES:
+        for backend in _BACKENDS_ON[device]:
+            if backend not in OP_BACKENDS[op] or (compiled_only and backend == "reference"):
+                continue
+            if backend == "triton" and not status(op, "triton").usable:  # Triton is optional
+                continue
+            pairs.append((backend, device))
+    return pairs
