@@ -102,14 +102,9 @@ def _check_inputs(x, target, weights, biases, activations, v_weights, v_biases, 
         raise ValueError(f"{_OP}: target must have shape ({x.shape[0]},) on {x.device}, got {tuple(target.shape)} on {target.device}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"{_OP}: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if isinstance(activations, str) or not isinstance(activations, Sequence):
-        raise TypeError(f"{_OP}: activations must be a list of names, got {type(activations).__name__}")
     if not weights:
         raise ValueError(f"{_OP}: at least one layer is needed, got no weights")
     num_layers = len(weights)
-    for i, a in enumerate(activations):
-        if a not in ACTIVATIONS:
-            raise ValueError(f"{_OP}: activations[{i}] = {a!r} is not one of {sorted(ACTIVATIONS)}")
     if len(activations) != num_layers:
         raise ValueError(f"{_OP}: activations has {len(activations)} entries but there are {num_layers} layers")
     k = v_weights[0].shape[0] if v_weights[0].dim() == 3 else 0
@@ -202,6 +197,7 @@ def mlp_hvp(
             targets out of range, or non-finite values (see ``check_finite``).
         BackendUnavailableError: a forced backend that cannot run here.
     """
+    codes = _activation_codes(activations)
     weights = _tensor_list("weights", weights, None, optional=False)
     num_layers = len(weights)
     biases = [None] * num_layers if biases is None else _tensor_list("biases", biases, num_layers, optional=True)
@@ -214,7 +210,7 @@ def mlp_hvp(
         _check_targets_and_finite(x, target, tensors, weights[-1].shape[0], ignore_index, check_finite)
         return mlp_hvp_ref(x, target, weights, biases, activations, v_weights, v_biases, label_smoothing, ignore_index)
     out = torch.ops.unlearn_kernels.mlp_hvp(
-        x, target, weights, biases, [ACTIVATIONS[a] for a in activations], v_weights, v_biases,
+        x, target, weights, biases, codes, v_weights, v_biases,
         float(label_smoothing), int(ignore_index), check_finite,
     )
     present = iter(out[num_layers:])
@@ -332,9 +328,7 @@ def mlp_hvp_flat(
     if not isinstance(V, torch.Tensor) or V.dim() != 2 or V.shape[1] == 0:
         shape = tuple(V.shape) if isinstance(V, torch.Tensor) else type(V).__name__
         raise ValueError(f"{_OP}_flat: V must be a 2-D (d, K) tensor with K >= 1, got {shape}")
-    for i, a in enumerate(activations):
-        if a not in ACTIVATIONS:
-            raise ValueError(f"{_OP}_flat: activations[{i}] = {a!r} is not one of {sorted(ACTIVATIONS)}")
+    codes = _activation_codes(activations)
     if choose(_OP + "_flat", x.device, backend) == "reference":
         if V.dtype != x.dtype:
             raise TypeError(f"{_OP}_flat: V has dtype {V.dtype} but x has {x.dtype}")
@@ -346,7 +340,7 @@ def mlp_hvp_flat(
                            ignore_index=ignore_index, check_finite=check_finite, backend="reference")
         return _flat_products(V, weights, weight_offsets, bias_offsets, products)
     return torch.ops.unlearn_kernels.mlp_hvp_flat(
-        x, target, list(weights), list(biases), [ACTIVATIONS[a] for a in activations], V, list(weight_offsets),
+        x, target, list(weights), list(biases), codes, V, list(weight_offsets),
         list(bias_offsets), float(label_smoothing), int(ignore_index), check_finite,
     )
 
@@ -513,6 +507,7 @@ def mlp_hvp_flat_cached(
 
 
 def _activation_codes(activations: Sequence[str]) -> list[int]:
+    """The schema's codes of the activation names (the one check of the names, for every op and path)."""
     if isinstance(activations, str) or not isinstance(activations, Sequence):
         raise TypeError(f"{_OP}: activations must be a list of names, got {type(activations).__name__}")
     for i, a in enumerate(activations):
