@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 
 import torch
 
@@ -55,17 +56,31 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--device cuda: no CUDA device is visible")
     env = common.environment(device)
     print(f"device: {env['device_name']} ({env['device']}), torch {env['torch']}, threads {env['cpu_threads']}")
+    failed = []
     for suite in args.suites:
         module = _load(suite)
+        devices = getattr(module, "DEVICES", ("cpu", "cuda"))  # a suite may declare the devices it runs on
+        if device.type not in devices:
+            print(f"\n{suite}: skipped, it runs on {', '.join(devices)} only")
+            continue
         kwargs = {"with_compile": not (args.no_compile or args.quick)}
         if args.quick:
             kwargs.update(getattr(module, "QUICK", {"shapes": ((512, 1000), (64, 32000)), "min_time": 0.1}))
         baseline = getattr(module, "BASELINE", "eager")
-        measurements, config = module.run(device, **kwargs)
+        try:
+            measurements, config = module.run(device, **kwargs)
+        except Exception:  # one failing suite must not cost the others' results (a GPU run is short)
+            print(f"\n{suite}: FAILED")
+            traceback.print_exc()
+            failed.append(suite)
+            continue
         path = common.write_results(suite, device, measurements, baseline, config, out_dir=__import__("pathlib").Path(args.out))
         print(f"\n{suite}: {SUITES[suite]}")
         print(common.format_table(measurements, baseline))
         print(f"results: {path}")
+    if failed:
+        print(f"\nfailed suites: {', '.join(failed)}")
+        return 1
     return 0
 
 
