@@ -37,9 +37,8 @@ earlier ``merge=False`` request) trains those, with its current outputs as the f
 """
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +48,7 @@ from ..data.labeled import LabeledData
 from ..lora import ADAPTABLE, add_adapters, adapter_modules, unload
 from ..training import make_optimizer, model_device
 from .base import UnlearnResult
-from .first_order import _Trained, _frozen_copy, _step
+from .first_order import _endless_batches, _frozen_copy, _step, _Trained
 
 SHIFTS = ("neighbors", "unseen_class", "other_class", "margin")
 
@@ -85,11 +84,6 @@ class _Features:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
-
-
-def _cycle(data: LabeledData, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for p in itertools.count():
-        yield from data.loader(batch_size, shuffle=True, seed=seed + p)
 
 
 class RFA(_Trained):
@@ -158,7 +152,9 @@ class RFA(_Trained):
             layers = tuple(existing)
         else:
             layers = add_adapters(model, self.targets or hidden_layers(model), self.rank, self.alpha)
-        teacher = _frozen_copy(model)
+        # the frozen features come from the plain layers (adapters merged in: B = 0 for fresh ones), at
+        # the same module names, without paying for the adapters in every teacher forward
+        teacher = unload(_frozen_copy(model), merge=True).requires_grad_(False)
         student_features, teacher_features = _Features(model, layers), _Features(teacher, layers)
         try:
             scales = self._feature_scales(teacher, teacher_features, retain)
@@ -263,7 +259,7 @@ class RFA(_Trained):
                forget: LabeledData, retain: LabeledData, targets: list[torch.Tensor], scales: list[float],
                seed: int) -> tuple[int, dict[str, float]]:
         indexed_forget = LabeledData(forget.x, torch.arange(len(forget), device=forget.device))
-        forget_batches = _cycle(indexed_forget, self.batch_size, seed + 10_000)
+        forget_batches = _endless_batches(indexed_forget, self.batch_size, seed + 10_000)
         optimizer = self._make_optimizer(model)
         steps, last = 0, {}
         model.train()
