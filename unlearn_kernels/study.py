@@ -183,7 +183,10 @@ class StudyConfig:
 
     def method_kwargs(self, name: str) -> dict[str, Any]:
         """The constructor arguments the study gives method ``name``: the recipe's weight decay for
-        methods that work on the training objective, then the user's ``method_options``."""
+        methods that work on the training objective, then the user's ``method_options``.
+
+        With SGD or Adam the recipe's weight decay is the L2 term of the training objective; AdamW's
+        decoupled decay is not an L2 term, and is passed as it is."""
         kwargs: dict[str, Any] = {}
         cls = METHODS[name]
         if name in TRAINING_OBJECTIVE_METHODS or getattr(cls, "uses_training_objective", False) is True:
