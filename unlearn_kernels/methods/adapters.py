@@ -2,9 +2,11 @@
 (``params=`` the adapter names), merge them into the weights.
 
 :class:`CureNewtonLoRA` (name ``cure_newton_lora``) is CureNewton in the low-rank space: the cubic-
-regularised Newton step on the retain objective over the adapters' A and B, its Hessian-vector
-products through the fused LoRA op's forward-mode rule (the generic torch.func operator; the fused MLP
-kernel does not apply to adapted layers).
+regularised Newton step on the retain objective over the adapters' A and B. Its Hessian-vector
+products come from the generic operator (the fused MLP kernel does not apply to adapted layers) in
+its automatic mode: double backward through the LoRA op's differentiable backward, with each batch's
+gradient graph kept while the weights do not change; the op's forward-mode rule serves the
+operator's ``mode="forward-over-reverse"`` (docs/rfa.md compares the two).
 
 At the start B = 0, so the gradient with respect to every A is zero (it is scale * B^T times the
 output gradient) and the gradient lies in the B coordinates only, ``scale * G A^T`` for a layer whose
