@@ -49,9 +49,21 @@ void check_like(const char* op, const char* name, const at::Tensor& t, at::IntAr
   TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
 }
 
-// x W^T + b, into a fresh contiguous output.
-at::Tensor frozen_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  return bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+// Whether to merge the adapter into the weight, W' = W + s B A, for the big GEMMs. Forming W' costs
+// out * in * r multiply-adds and one write and read of an (out, in) matrix; the separate rank-r
+// terms cost N * r * (in + out) and, on CPU, the bandwidth of extra passes over (N, in) and
+// (N, out) tensors. Merging is cheaper once N >= in * out / (in + out) (512 rows for 1024 x 1024).
+bool merge(int64_t rows, int64_t n_in, int64_t n_out) { return rows * (n_in + n_out) >= n_in * n_out; }
+
+// y = x W^T + b + s xa B^T, into a fresh contiguous output.
+at::Tensor adapted_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          const at::Tensor& lora_a, const at::Tensor& lora_b, double scale, const at::Tensor& xa) {
+  if (merge(x.size(0), x.size(1), weight.size(0))) {
+    const at::Tensor merged = at::addmm(weight, lora_b, lora_a, /*beta=*/1, /*alpha=*/scale);
+    return bias.has_value() ? at::addmm(*bias, x, merged.t()) : at::mm(x, merged.t());
+  }
+  at::Tensor out = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  return out.addmm_(xa, lora_b.t(), /*beta=*/1, /*alpha=*/scale);
 }
 
 }  // namespace
@@ -61,9 +73,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
                                            const at::Tensor& lora_b, double scale) {
   check_inputs("lora_linear", x, weight, bias, lora_a, lora_b, scale);
   at::Tensor xa = at::mm(x, lora_a.t());
-  at::Tensor out = frozen_linear(x, weight, bias);
-  out.addmm_(xa, lora_b.t(), /*beta=*/1, /*alpha=*/scale);
-  return {out, xa};
+  return {adapted_linear(x, weight, bias, lora_a, lora_b, scale, xa), xa};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x,
@@ -75,12 +85,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
   check_like(op, "grad_out", grad_out, std::array<int64_t, 2>{x.size(0), weight.size(0)}, x);
   check_like(op, "xa", xa, std::array<int64_t, 2>{x.size(0), lora_a.size(0)}, x);
   const auto [need_x, need_a, need_b] = output_mask;
-  at::Tensor grad_x, grad_a, grad_b;
-  if (need_x || need_a) {
-    const at::Tensor g = at::mm(grad_out, lora_b.mul(scale));  // s gy B, (N, r): shared by grad_x and grad_a
-    if (need_x) grad_x = at::mm(grad_out, weight).addmm_(g, lora_a);
-    if (need_a) grad_a = at::mm(g.t(), x);
+  const int64_t n_in = x.size(1), n_out = weight.size(0), rank = lora_a.size(0);
+  at::Tensor grad_x, grad_a, grad_b, g;  // g = s gy B, (N, r): shared by grad_x and grad_a
+  if (need_x) {
+    // grad_x and g side by side in one (N, in + r) buffer, [grad_x, g] = gy [W + s B A, s B] when
+    // merging (one GEMM reads gy for both), so grad_x is always a column slice (the fake's layout).
+    at::Tensor both = at::empty({x.size(0), n_in + rank}, x.options());
+    grad_x = both.narrow(1, 0, n_in);
+    g = both.narrow(1, n_in, rank);
+    if (merge(x.size(0), n_in, n_out)) {
+      at::Tensor right = at::empty({n_out, n_in + rank}, weight.options());
+      at::Tensor merged = right.narrow(1, 0, n_in), scaled_b = right.narrow(1, n_in, rank);
+      at::addmm_out(merged, weight, lora_b, lora_a, /*beta=*/1, /*alpha=*/scale);
+      at::mul_out(scaled_b, lora_b, scale);
+      at::mm_out(both, grad_out, right);
+    } else {
+      at::mm_out(g, grad_out, lora_b.mul(scale));
+      at::mm_out(grad_x, grad_out, weight).addmm_(g, lora_a);
+    }
+  } else if (need_a) {
+    g = at::mm(grad_out, lora_b.mul(scale));
   }
+  if (need_a) grad_a = at::mm(g.t(), x);
   if (need_b) grad_b = at::mm(grad_out.t(), xa).mul_(scale);
   return {grad_x, grad_a, grad_b};
 }
@@ -98,8 +124,7 @@ std::tuple<at::Tensor, at::Tensor> jvp(const at::Tensor& x, const at::Tensor& we
   // [xa, x dA^T] = x [A; dA]^T: one read of x for both.
   const at::Tensor left = tangent_a.has_value() ? at::mm(x, at::cat({lora_a, *tangent_a}, 0).t()) : at::mm(x, lora_a.t());
   const at::Tensor xa = left.narrow(1, 0, rank);
-  at::Tensor out = frozen_linear(x, weight, bias);
-  out.addmm_(xa, lora_b.t(), /*beta=*/1, /*alpha=*/scale);
+  at::Tensor out = adapted_linear(x, weight, bias, lora_a, lora_b, scale, xa);
   at::Tensor tangent;
   if (tangent_a.has_value() && tangent_b.has_value()) {
     tangent = at::mm(left, at::cat({*tangent_b, lora_b}, 1).mul_(scale).t());  // [xa, x dA^T] s[dB, B]^T

@@ -327,7 +327,9 @@ def _fake_forward(x, weight, bias, lora_a, lora_b, scale):
 
 def _fake_backward(grad_out, x, weight, lora_a, lora_b, xa, scale, output_mask):
     need_x, need_a, need_b = output_mask
-    return (x.new_empty(x.shape) if need_x else None, lora_a.new_empty(lora_a.shape) if need_a else None,
+    # grad_x is the first `in` columns of an (N, in + rank) buffer (see csrc/cpu/lora_linear.cpp)
+    grad_x = x.new_empty(x.shape[0], x.shape[1] + lora_a.shape[0])[:, : x.shape[1]] if need_x else None
+    return (grad_x, lora_a.new_empty(lora_a.shape) if need_a else None,
             lora_b.new_empty(lora_b.shape) if need_b else None)
 
 
