@@ -376,6 +376,7 @@ def _data(n=13, dtype=torch.float64):
 def test_fused_operator_matches_generic_hessian(params):
     model = _model()
     x, y = _data()
+    y[7] = -100  # an ignored row
     batches = [(x[:5], y[:5]), (x[5:], y[5:])]  # uneven batches: the operator is the mean over all rows
     loss = nn.CrossEntropyLoss(label_smoothing=0.1)
     fused = FusedMLPHessian(model, loss, batches, params)
@@ -384,7 +385,9 @@ def test_fused_operator_matches_generic_hessian(params):
     V = torch.randn(fused.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     assert _rel(fused.matmat(V), generic.matmat(V)) <= 1e-10
     assert _rel(fused.matvec(V[:, 0]), generic.matvec(V[:, 0])) <= 1e-10
-    assert fused.num_products == 4 and fused.num_data_passes == 2
+    assert _rel(fused.gradient(), generic.gradient()) <= 1e-12  # from the kept state
+    assert (fused.num_products, fused.num_gradients, fused.num_data_passes) == (4, 3, 3)  # no product probe
+    assert _rel(FusedMLPHessian(model, loss, batches, params, cache_bytes=0).gradient(), generic.gradient()) <= 1e-12
     before = [t.clone() for t in model.parameters()]
     fused.matmat(V)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

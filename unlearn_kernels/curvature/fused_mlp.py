@@ -206,6 +206,22 @@ class FusedMLPHessian(CurvatureOperator):
                               label_smoothing=self._label_smoothing, ignore_index=self._ignore_index, backend=self.backend)
         return (inputs, state), sum(t.numel() * t.element_size() for t in state)
 
+    def _gradient(self) -> torch.Tensor:
+        """The gradient from each batch's state: d_l^T h_{l-1} for W_l and the row sums of d_l for b_l
+        (the state also serves the products that usually follow at the same weights)."""
+        total = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
+        count, num_layers = 0, len(self._weights)
+        for entry, n, batch in self.cached_pass(self._state):
+            inputs, state = entry if entry is not None else self._state(*batch)[0]
+            layer_inputs, grads = [inputs, *state[:num_layers - 1]], state[num_layers - 1:2 * num_layers - 1]
+            for w, h, d, wo, bo in zip(self._weights, layer_inputs, grads, self._weight_offsets, self._bias_offsets):
+                if wo >= 0:
+                    total[wo:wo + w.numel()].add_((d.T @ h).reshape(-1), alpha=n)
+                if bo >= 0:
+                    total[bo:bo + w.shape[0]].add_(d.sum(0), alpha=n)
+            count += n
+        return total / count
+
     def _matmat(self, matrix: torch.Tensor) -> torch.Tensor:
         total, count = None, 0
         acts = self._chain.activations
