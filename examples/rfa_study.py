@@ -3,20 +3,26 @@ LoRA adapters only) vs first-order baselines, against the retrained oracle, on d
 and the CNN, under the random (10%), mislabeled (10%) and class (class 3) protocols, seeds 0-2.
 
     python examples/rfa_study.py [--out docs/rfa] [--seeds 0 1 2] [--models mlp cnn]
+    python examples/rfa_study.py --hvp-modes   # in a source checkout (uses benchmarks.common)
 
 Writes ``results.json`` (one record per model, protocol, seed and method), ``summary.md`` (the tables
 of docs/rfa.md) and two plots into ``--out``. One thread (timings comparable across methods).
+``--hvp-modes`` instead times the Hessian-vector products on the adapter parameters of the digits MLP
+by double backward and by forward-over-reverse (the LoRA op's forward-mode rule), interleaved, and
+writes ``hvp_modes.json``.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from unlearn_kernels.data import class_forget, load_dataset, mislabel, random_forget, remove_classes, split_forget
 from unlearn_kernels.eval import (accuracy, activation_distance, avg_gap, js_divergence, mia_entropy,
@@ -191,15 +197,54 @@ def plots(records: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def hvp_modes(out: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for benchmarks/
+    from benchmarks.common import Measurement, measure_interleaved
+    from unlearn_kernels import lora
+    from unlearn_kernels.curvature import hessian_operator
+
+    s = setting("mlp", "mislabeled", 0)
+    model = s["original"]
+    lora.add_adapters(model, "*", rank=8)
+    with torch.no_grad():  # B != 0, as after a first step
+        for adapter in lora.adapter_modules(model).values():
+            adapter.lora_b.normal_(0.0, 0.01, generator=torch.Generator().manual_seed(0))
+    names = lora.adapter_parameter_names(model)
+    data = (s["retain"].x[:512], s["retain"].y[:512])
+    operators = {mode: hessian_operator(model, F.cross_entropy, data, params=names, mode=mode)
+                 for mode in ("reverse-over-reverse", "forward-over-reverse")}
+    generator = torch.Generator().manual_seed(1)
+    v = torch.randn(operators["reverse-over-reverse"].shape[0], generator=generator)
+    block = torch.randn(v.shape[0], 8, generator=generator)
+    exact = operators["reverse-over-reverse"].matvec(v)
+    timed = []
+    for mode, op in operators.items():
+        error = float((op.matvec(v) - exact).norm() / exact.norm())
+        timed += [(Measurement("digits-mlp adapters r8, 512 rows", f"{mode} matvec", None, None, error),
+                   lambda op=op: op.matvec(v)),
+                  (Measurement("digits-mlp adapters r8, 512 rows", f"{mode} matmat K=8", None, None, error),
+                   lambda op=op: op.matmat(block))]
+    measure_interleaved(timed, torch.device("cpu"), min_time=1.0)
+    rows = [{"candidate": m.candidate, "median_ms": m.median_s * 1e3, "iqr_ms": m.iqr_s * 1e3,
+             "relative_difference_to_double_backward": m.max_abs_err, "d": int(v.shape[0])} for m, _ in timed]
+    (out / "hvp_modes.json").write_text(json.dumps(rows, indent=1))
+    for row in rows:
+        print(f"{row['candidate']:36s} {row['median_ms']:8.2f} ms (IQR {row['iqr_ms']:.2f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/rfa")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
+    parser.add_argument("--hvp-modes", action="store_true", help="time the adapter HVP modes instead")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.hvp_modes:
+        hvp_modes(out)
+        return
     records = run(args.models, args.seeds)
     (out / "results.json").write_text(json.dumps({"config": {"dataset": "digits", "seeds": args.seeds,
                                                              "models": args.models, "methods": METHOD_SPECS},
