@@ -158,8 +158,9 @@ def test_gradcheck_and_gradgradcheck(backend, rng):
     assert torch.autograd.gradgradcheck(hvp_fn, (z, u))
 
 
-def test_opcheck_registered_ops(rng):
-    z, u, y = _inputs((6, 7), torch.float64, rng)
+@pytest.mark.parametrize("device", sorted({d for b, d in DEVICES.items() if b != "reference"}))
+def test_opcheck_registered_ops(device, rng):
+    z, u, y = _inputs((6, 7), torch.float64, rng, device)
     y[0] = -100
     z.requires_grad_(True)
     torch.library.opcheck(torch.ops.unlearn_kernels.softmax_ce_hvp.default, (z, u, True))
