@@ -59,6 +59,10 @@ def test_noise_rule_two_standard_errors_of_the_oracle():
     assert inside["within_noise"] is True and inside["seeds"] == 4
     outside = report.gap_closed_noise(_study(oracle, [-0.3] * 4, [0.0] * 4))[0]["acc_forget"]
     assert outside["original_gap"] == pytest.approx(0.3) and outside["within_noise"] is False
+    # an oracle that does not move, but an Original's gap that comes and goes with the seed: noise too
+    flickering = report.gap_closed_noise(_study([0.0] * 4, [0.0, 0.1, 0.0, 0.1], [0.0] * 4))[0]["acc_forget"]
+    assert flickering["original_gap"] == pytest.approx(0.05)
+    assert flickering["noise"] == pytest.approx(noise / 2) and flickering["within_noise"] is True  # std 0.058
     # Avg Gap: 2 x the mean standard error of its four metrics; only Acc_f varies here -> noise / 4 = 0.029
     for original_avg, within in ((0.02, True), (0.05, False)):
         avg = report.gap_closed_noise(_study(oracle, [0.3] * 4, [0.0] * 4, original_avg=original_avg))[0]["avg_gap"]
