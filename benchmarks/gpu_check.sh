@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# The GPU check in one command: build the CUDA extension, run the kernel and operator tests on the
+# GPU, run every benchmark suite with --device cuda (JSON in benchmarks/results/<suite>_gpu.json).
+# Written for one H100/H200 and a total of about 8 minutes (each step gets what is left of
+# GPU_CHECK_BUDGET_S, capped per step, so a slow step cannot take the others' time).
+#
+#   bash benchmarks/gpu_check.sh                       # from anywhere; runs in the repository root
+#
+# Environment (all optional):
+#   PYTHON=python3            the interpreter with torch (CUDA build), triton, numpy, scipy, scikit-learn, pytest
+#   GPU_CHECK_BUDGET_S=470    seconds for everything
+#   GPU_CHECK_COMPILE=1       also time the torch.compile candidates (slower: compiling takes minutes)
+#   GPU_CHECK_OUT=<dir>       copy the JSON results and the logs there at the end
+#   TORCH_CUDA_ARCH_LIST=9.0  MAX_JOBS=16   passed to the extension build
+#   GPU_CHECK_DRY_RUN=1       the same steps on the CPU, to test the script where no GPU is: no
+#                             build (the existing one is used), suites with --device cpu --quick
+# Exit status: 0 when every step passed, else 1 (the summary at the end says which failed).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PY=${PYTHON:-python3}
+DRY_RUN=${GPU_CHECK_DRY_RUN:-0}
+DEVICE=cuda
+[[ $DRY_RUN == 1 ]] && DEVICE=cpu
+
+BUDGET=${GPU_CHECK_BUDGET_S:-470}
+LOGS=${GPU_CHECK_LOGS:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
+RESULTS=benchmarks/results
+[[ $DRY_RUN == 1 ]] && RESULTS=$LOGS/results  # quick CPU numbers must not replace the committed ones
+START=$(date +%s)
+FAILED=()
+
+# The kernel and operator tests; with a GPU visible their cuda parametrisations (ids containing
+# "cuda") and Triton's (compiled for the GPU) are the ones selected below.
+TESTS=(tests/test_lanczos_step.py tests/test_cubic_secular.py tests/test_softmax_ce.py
+       tests/test_softmax_ce_triton.py tests/test_mlp_hvp.py tests/test_lora_linear.py
+       tests/test_curvature.py tests/test_lanczos.py tests/test_cubic.py)
+
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+
+# step NAME CAP_S COMMAND...: runs COMMAND with a timeout of min(CAP_S, time left), logs to $LOGS/NAME.log.
+step() {
+    local name=$1 cap=$2
+    shift 2
+    local limit
+    limit=$(left)
+    ((limit > cap)) && limit=$cap
+    if ((limit < 5)); then
+        echo "== $name: skipped, the time budget is spent"
+        FAILED+=("$name (no time left)")
+        return 1
+    fi
+    echo "== $name (at most ${limit}s): $*"
+    local t0=$SECONDS
+    timeout --signal=INT --kill-after=10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
+    local rc=$?
+    tail -n 25 "$LOGS/$name.log"
+    echo "== $name: exit $rc after $((SECONDS - t0))s"
+    if ((rc != 0)); then
+        FAILED+=("$name (exit $rc$( ((rc == 124)) && echo ', timed out'))")
+    fi
+    return $rc
+}
+
+echo "gpu_check: logs in $LOGS, budget ${BUDGET}s"
+step environment 30 "$PY" -c '
+import sys, torch
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)
+if sys.argv[1] == "cuda":
+    assert torch.cuda.is_available(), "no CUDA device is visible to torch"
+    print("device:", torch.cuda.get_device_name(), "count", torch.cuda.device_count())
+missing = []
+for name in ("triton", "numpy", "scipy", "sklearn", "pytest"):
+    try:
+        __import__(name)
+    except ImportError:
+        missing.append(name)
+print("missing:", missing or "none")
+assert not missing, f"install {missing} first"
+' "$DEVICE" || { echo "gpu_check: the environment cannot run the check"; exit 1; }
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+
+# The CUDA extension, in place (editable install: it also maps unlearn_kernels.triton_kernels).
+[[ $DRY_RUN == 1 ]] || step build 300 env UNLEARN_KERNELS_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
+    MAX_JOBS="${MAX_JOBS:-16}" "$PY" -m pip install --no-build-isolation --no-deps -e . \
+    || { echo "gpu_check: the build failed, see $LOGS/build.log"; exit 1; }
+step backends 60 "$PY" -c 'import unlearn_kernels; print(unlearn_kernels.backends())'
+
+step tests 150 "$PY" -m pytest -q -rfEs -p no:cacheprovider -k "cuda or triton" "${TESTS[@]}"
+
+BENCH_FLAGS=(--device "$DEVICE" --no-compile)
+[[ ${GPU_CHECK_COMPILE:-0} == 1 ]] && BENCH_FLAGS=(--device "$DEVICE")
+[[ $DRY_RUN == 1 ]] && BENCH_FLAGS+=(--quick)
+SUITES=$("$PY" -c 'from benchmarks.__main__ import SUITES; print(" ".join(SUITES))')
+for suite in $SUITES; do
+    step "bench_$suite" 120 "$PY" -m benchmarks "$suite" "${BENCH_FLAGS[@]}" --out "$RESULTS"
+done
+
+echo
+echo "gpu_check: $(($(date +%s) - START))s in all; results:"
+TAG=gpu
+[[ $DRY_RUN == 1 ]] && TAG=cpu
+ls -l "$RESULTS"/*_$TAG.json 2>/dev/null || echo "  (no *_$TAG.json written)"
+if [[ -n ${GPU_CHECK_OUT:-} ]]; then
+    mkdir -p "$GPU_CHECK_OUT" && cp "$RESULTS"/*_$TAG.json "$LOGS"/*.log "$GPU_CHECK_OUT"/ 2>/dev/null
+fi
+if ((${#FAILED[@]})); then
+    printf 'gpu_check: FAILED: %s\n' "${FAILED[@]}"
+    exit 1
+fi
+echo "gpu_check: every step passed"
