@@ -114,3 +114,13 @@ def test_json_and_plots(tmp_path):
     assert summary["scenarios"]["mislabeled"]["gap_closed"]["original"]["acc_forget"]["mean"] == 0.0
     for path in [*paths, report.plot_gap_closed({"a": study, "b": study}, tmp_path / "g.png")]:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sequential_plot_per_request(tmp_path):
+    records = _study([0.0, 0.0], [0.3, 0.2], [0.1, 0.1]) + _study([0.0, 0.0], [0.4, 0.3], [0.0, 0.1], request=1)
+    for r in records:
+        r["metrics"].update(seconds=0.1, acc_forgotten_so_far=0.5, acc_test=0.9)
+    add_gap_closed(records)
+    paths = report.write_plots({"config": {"protocol": "mislabeled"}, "records": records}, tmp_path)
+    assert (tmp_path / "sequential.png") in paths
+    assert (tmp_path / "sequential.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
