@@ -42,6 +42,15 @@ def test_registered_under_its_name():
 def test_default_layers_are_the_hidden_ones():
     assert hidden_layers(MLP(64, hidden=(32, 16), num_classes=10)) == ("1", "3")
     assert hidden_layers(SmallCNN(1, 10, channels=(4, 8))) == ("features.0", "features.3")
+    assert hidden_layers(MLP(64, hidden=(), num_classes=10)) == ()
+
+
+def test_a_model_without_hidden_layers_needs_targets(problem):
+    _, forget, retain, unseen = problem
+    linear = MLP(64, hidden=(), num_classes=10)
+    with pytest.raises(ValueError, match="no hidden Linear or Conv2d layer"):
+        RFA().unlearn(linear, forget, retain, unseen=unseen, seed=0)
+    assert RFA(epochs=1, targets="1").unlearn(linear, forget, retain, unseen=unseen, seed=0).diagnostics["layers"] == ["1"]
 
 
 def test_moves_the_forget_predictions_and_keeps_retain(problem):

@@ -151,7 +151,11 @@ class RFA(_Trained):
         if existing and self.targets is None:
             layers = tuple(existing)
         else:
-            layers = add_adapters(model, self.targets or hidden_layers(model), self.rank, self.alpha)
+            targets = self.targets or hidden_layers(model)
+            if not targets:
+                raise ValueError("RFA: the model has no hidden Linear or Conv2d layer to adapt; name the layers "
+                                 "with targets=")
+            layers = add_adapters(model, targets, self.rank, self.alpha)
         # the frozen features come from the plain layers (adapters merged in: B = 0 for fresh ones), at
         # the same module names, without paying for the adapters in every teacher forward
         teacher = unload(_frozen_copy(model), merge=True).requires_grad_(False)
