@@ -182,6 +182,8 @@ def test_cli_one_protocol_writes_its_scenario(tmp_path, capsys):
         (["--seeds", "a,b"], "comma-separated integers"),
         (["--dataset", "mnist", "--root", "/nonexistent"], "Nothing is downloaded"),
         (["--sequential", "2"], "--sequential needs --protocol"),
+        (["--forget-class", "42"], "42"),  # the third default scenario's class, found before the first trains
+        (["--protocol", "mislabeled", "--sequential", "500"], "into 500 non-empty requests"),
         (["--protocol", "class", "--forget-class", "3", "--sequential", "2"], "give 2 classes"),
         (["--set", "telepathy.x=1"], "unknown method 'telepathy'"),
         (["--set", "original.M=1"], "original takes no option 'M'"),

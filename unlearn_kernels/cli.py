@@ -135,11 +135,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import torch
 
     from . import report
-    from .study import run_study
+    from .study import check_scenario, run_study
 
     configs = _study_configs(args)
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    for config in configs.values():  # every scenario's data before the first one's training
+        try:
+            check_scenario(config)
+        except (ValueError, FileNotFoundError, ImportError) as exc:  # e.g. a class that does not exist
+            raise UsageError(str(exc)) from None
     # The default models are small: one intra-op thread is fastest, and OpenMP threads that wait on
     # each other on a busy machine made training ~30x slower. Larger models: raise --threads.
     torch.set_num_threads(args.threads)
@@ -156,7 +161,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         with _progress(name) as progress:
             try:
                 study = run_study(config, progress=progress)
-            except (ValueError, FileNotFoundError, ImportError) as exc:  # e.g. a class that does not exist
+            except (ValueError, FileNotFoundError, ImportError) as exc:  # e.g. a later seed's data
                 raise UsageError(str(exc)) from None
         summary = report.summarize(study["records"])
         noise = report.gap_closed_noise(study["records"])

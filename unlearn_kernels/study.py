@@ -261,6 +261,17 @@ def _scenario(config: StudyConfig, splits: DatasetSplits, seed: int) -> tuple[La
     return splits.train, [random_forget(labels, config.forget_fraction, seed=seed)], ""
 
 
+def check_scenario(config: StudyConfig) -> None:
+    """Loads the first seed's data and builds its forget requests (labels only, no training), so that
+    a missing dataset, a class that does not occur or more requests than rows fail before any work.
+
+    Raises:
+        ValueError, FileNotFoundError, ImportError: as :func:`run_study` would on that seed.
+    """
+    seed = config.seeds[0]
+    _scenario(config, load_dataset(config.dataset, root=config.root, seed=seed), seed)
+
+
 def _make_method(config: StudyConfig, name: str, factory: Callable[[], nn.Module], recipe: TrainConfig,
                  model_info: dict) -> Unlearner:
     if name == "retrain":
