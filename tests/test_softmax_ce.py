@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import unlearn_kernels
 from unlearn_kernels import ops
-from unlearn_kernels.backends import BackendUnavailableError
+from unlearn_kernels.backends import BackendUnavailableError, register_ops
 from unlearn_kernels.backends import status as backend_status
 from tolerance import assert_within_rule
 
@@ -249,6 +249,14 @@ def test_forced_backend_that_cannot_run_says_why(rng):
         ops.softmax_ce_hvp(z, u, backend="fortran")
     with pytest.raises(BackendUnavailableError, match="CPU tensors"):
         ops.softmax_ce_hvp(z.to("meta"), u.to("meta"), backend="cpp")
+
+
+def test_backend_registry_knows_only_declared_ops_and_backends():
+    with pytest.raises(ValueError, match="unknown op 'softmax_ce_jvp'"):
+        backend_status("softmax_ce_jvp", "cpp")
+    with pytest.raises(ValueError, match=r"softmax_ce_jvp: unknown backends \['fortran'\]"):
+        register_ops({"softmax_ce_jvp": ("cpp", "fortran")})
+    assert "softmax_ce_jvp" not in unlearn_kernels.backends()
 
 
 def test_auto_uses_cpp_on_cpu():
