@@ -32,12 +32,13 @@ _IMPLEMENTED: dict[str, tuple[str, ...]] = {}
 
 
 def register_ops(implemented: Mapping[str, Sequence[str]]) -> None:
-    """Declare, for each op (its dispatcher name), the backends it is implemented in."""
+    """Declare, for each op (its dispatcher name), the backends it is implemented in (all or none of
+    the declarations are taken)."""
     for op, names in implemented.items():
         unknown = set(names) - set(BACKEND_NAMES)
         if unknown:
             raise ValueError(f"{op}: unknown backends {sorted(unknown)}; choose from {BACKEND_NAMES}")
-        _IMPLEMENTED[op] = tuple(names)
+    _IMPLEMENTED.update({op: tuple(names) for op, names in implemented.items()})
     status.cache_clear()
 
 
