@@ -117,6 +117,14 @@ def test_newton_family_gets_the_recipes_weight_decay_and_user_options_win(monkey
     json.dumps(config.to_dict())  # every option is JSON-friendly (loss functions by name)
 
 
+def test_options_of_a_method_with_keyword_arguments_are_judged_by_its_constructor():
+    config = StudyConfig(methods=("cure_newton_lora",), method_options={"cure_newton_lora": {"rank": 4, "M": 2.0}})
+    assert config.to_dict()["effective_method_options"]["cure_newton_lora"] | {"rank": 4, "M": 2.0} == \
+        config.to_dict()["effective_method_options"]["cure_newton_lora"]
+    with pytest.raises(ValueError, match="cure_newton_lora rejects the options"):
+        StudyConfig(methods=("cure_newton_lora",), method_options={"cure_newton_lora": {"telepathy": 1}})
+
+
 @pytest.mark.parametrize(
     "items, expected",
     [

@@ -69,7 +69,7 @@ PROTOCOLS = ("random", "mislabeled", "class")
 #: methods built with ``weight_decay`` = the recipe's, so that they work on the objective the original
 #: and the oracle were trained on (so is any method class with ``uses_training_objective = True``)
 TRAINING_OBJECTIVE_METHODS = frozenset({"cure_newton", "stochastic_cure_newton", "newton_pinv", "damped_newton",
-                                        "influence", "lissa"})
+                                        "damped_newton_cg", "influence", "lissa"})
 
 #: "gap closed" figures: record metric ``gap_closed_<name>`` = 1 - |m[key]| / |Original's m[key]|
 GAP_CLOSED = {"acc_forget": "gap_acc_forget", "avg_gap": "avg_gap"}
@@ -166,7 +166,7 @@ class StudyConfig:
                 raise TypeError(f"method options for {name!r} must be a mapping, got {type(options).__name__}")
             accepted = _constructor_defaults(METHODS[name])
             unknown = [option for option in options if option not in accepted]
-            if unknown:
+            if unknown and not _takes_any_keyword(METHODS[name]):  # else its constructor judges them below
                 raise ValueError(f"{name} takes no option {unknown[0]!r}; its options: "
                                  f"{', '.join(accepted) or 'none'}")
         for name in self.methods:
@@ -212,9 +212,13 @@ class StudyConfig:
 
 def _constructor_defaults(cls: type) -> dict[str, Any]:
     """The named constructor parameters of ``cls`` with their defaults (``inspect.Parameter.empty`` if none)."""
-    parameters = inspect.signature(cls.__init__).parameters.values()
-    return {p.name: p.default for p in parameters
-            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    parameters = inspect.signature(cls).parameters.values()
+    return {p.name: p.default for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def _takes_any_keyword(cls: type) -> bool:
+    """Whether the constructor of ``cls`` has a ``**kwargs`` parameter."""
+    return any(p.kind == p.VAR_KEYWORD for p in inspect.signature(cls).parameters.values())
 
 
 def _json_value(value: Any) -> Any:
