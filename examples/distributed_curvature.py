@@ -45,7 +45,8 @@ for p in model.parameters():  # every process must hold the same weights: take r
 x, y = digits.train.x[rank::world].to(device), digits.train.y[rank::world].to(device)
 H = hessian_operator(model, F.cross_entropy, (x, y), process_group=dist.group.WORLD)
 if rank == 0:
-    print(f"{world} process(es), rows per process {H.shard_sizes}, d = {H.shape[0]}, local path = {H.local.path}")
+    print(f"{world} process(es), rows per process {H.shards.shard_sizes}, d = {H.shape[0]}, "
+          f"local path = {H.local.path}")
 
 top = lanczos(H, k=40, num_eigs=5, which="BE", seed=0)
 g = H.gradient()

@@ -1,11 +1,13 @@
 """Data-parallel curvature (curvature/distributed.py) with 2 and 3 gloo processes: products,
-matmat and gradient equal to one process over all rows, the same Lanczos and cubic steps on every
-rank, the GGN, an empty shard, and a failing rank that gives the others a clear error.
+matmat, gradient and the objective equal to one process over all rows, the same Lanczos, cubic
+step and CureNewton run (adaptive cubic regularisation, as the method runs it) on every rank, the
+GGN, an empty shard, and a failing rank that gives the others a clear error.
 
 Each test spawns its processes (torch.multiprocessing, a file store in tmp_path); the checks run
 inside the workers, whose assertion errors fail the test through ``spawn``."""
 from __future__ import annotations
 
+import copy
 import datetime
 import time
 
@@ -15,8 +17,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from unlearn_kernels.curvature import DistributedOperator, ggn_operator, hessian_operator
-from unlearn_kernels.solvers import cubic_newton_step, lanczos
+from unlearn_kernels.curvature import (
+    DistributedObjective,
+    DistributedOperator,
+    Objective,
+    get_flat_parameters,
+    ggn_operator,
+    hessian_operator,
+    set_flat_parameters,
+)
+from unlearn_kernels.solvers import adaptive_cubic_newton, cubic_newton_step, lanczos
 
 ROWS, FEATURES, CLASSES = 37, 6, 4
 RTOL = 1e-12
@@ -47,6 +57,30 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
     assert err <= RTOL, f"relative difference {err:.2e}"
 
 
+def _cure_newton(model: nn.Module, objective, H) -> torch.Tensor:
+    """What CureNewton runs: adaptive cubic regularisation of the objective with H read live at the
+    current weights (3 accepted steps at most, seed 0); returns the final weights."""
+    names = objective.param_names
+
+    def move(w: torch.Tensor) -> None:
+        set_flat_parameters(model, w, names)
+
+    def value(w):
+        move(w)
+        return objective.value()
+
+    def gradient(w):
+        move(w)
+        return objective.gradient()
+
+    def hessian(w):
+        move(w)
+        return H
+
+    return adaptive_cubic_newton(value, gradient, hessian, get_flat_parameters(model, names).clone(), M=0.1,
+                                 max_iterations=3, seed=0).w
+
+
 def _same_on_every_rank(t: torch.Tensor) -> None:
     """Broadcast rank 0's tensor and compare bitwise."""
     theirs = t.clone()
@@ -65,7 +99,8 @@ def _equivalence_worker(rank: int, world: int, store: str, bounds: list[int]) ->
             single = hessian_operator(model, loss, (x, y), path=path)
             op = hessian_operator(model, loss, (x[part], y[part]), path=path, process_group=dist.group.WORLD)
             assert isinstance(op, DistributedOperator) and op.shape == single.shape
-            assert op.shard_sizes == [bounds[r + 1] - bounds[r] for r in range(world)] and op.num_rows == ROWS
+            assert op.shards.shard_sizes == [bounds[r + 1] - bounds[r] for r in range(world)]
+            assert op.shards.num_rows == ROWS
             v = torch.randn(op.shape[0], dtype=torch.float64, generator=gen)
             V = torch.randn(op.shape[0], 3, dtype=torch.float64, generator=gen)
             for got, want in ((op.matvec(v), single.matvec(v)), (op.matmat(V), single.matmat(V)),
@@ -82,6 +117,18 @@ def _equivalence_worker(rank: int, world: int, store: str, bounds: list[int]) ->
         step = cubic_newton_step(op, op.gradient(), 1.0, method="krylov", seed=0).step
         _same_on_every_rank(step)
         _close(step, cubic_newton_step(single, single.gradient(), 1.0, method="krylov", seed=0).step)
+        # The objective, and CureNewton's iteration on it, each on its own copy of the model.
+        models = {"sharded": copy.deepcopy(model), "single": copy.deepcopy(model)}
+        objective = DistributedObjective(models["sharded"], loss, (x[part], y[part]), process_group=dist.group.WORLD,
+                                         weight_decay=1e-3)
+        reference = Objective(models["single"], loss, (x, y), weight_decay=1e-3)
+        value, grad = objective.value_and_gradient()
+        assert abs(value - reference.value()) <= RTOL * abs(reference.value())
+        _close(grad, reference.gradient())
+        w = _cure_newton(models["sharded"], objective,
+                         hessian_operator(models["sharded"], loss, (x[part], y[part]), process_group=dist.group.WORLD))
+        _same_on_every_rank(w)
+        _close(w, _cure_newton(models["single"], reference, hessian_operator(models["single"], loss, (x, y))))
     finally:
         dist.destroy_process_group()
 
@@ -97,12 +144,15 @@ def _empty_shard_worker(rank: int, world: int, store: str) -> None:
         model, x, y = model_and_data()
         part = slice(0, ROWS) if rank == 0 else slice(0, 0)  # rank 1 holds no rows
         op = hessian_operator(model, nn.CrossEntropyLoss(), (x[part], y[part]), process_group=dist.group.WORLD)
-        assert op.shard_sizes == [ROWS, 0] and (op.local is None) == (rank == 1)
+        assert op.shards.shard_sizes == [ROWS, 0] and (op.local is None) == (rank == 1)
         single = hessian_operator(model, nn.CrossEntropyLoss(), (x, y))
         v = torch.linspace(-1, 1, op.shape[0], dtype=torch.float64)
         _close(op.matvec(v), single.matvec(v))
         _close(op.gradient(), single.gradient())
         _close(op.to_dense(), single.to_dense())
+        objective = DistributedObjective(model, nn.CrossEntropyLoss(), (x[part], y[part]),
+                                         process_group=dist.group.WORLD)
+        _close(objective.gradient(), Objective(model, nn.CrossEntropyLoss(), (x, y)).gradient())
         with pytest.raises(ValueError, match="every rank's shard is empty"):
             hessian_operator(model, nn.CrossEntropyLoss(), (x[:0], y[:0]), process_group=dist.group.WORLD)
     finally:

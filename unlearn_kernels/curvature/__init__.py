@@ -6,7 +6,7 @@ Build one with :func:`hessian_operator` or :func:`ggn_operator`; all speak the
 parameters to and from the flat vectors the operators act on.
 """
 from .base import BatchSource, CurvatureOperator
-from .distributed import DistributedOperator
+from .distributed import DistributedObjective, DistributedOperator
 from .fused_mlp import FusedMLPHessian
 from .generic import GenericHessian, GGNOperator, ggn_operator, hessian_operator
 from .lipschitz import LipschitzEstimate, estimate_hessian_lipschitz
@@ -23,6 +23,7 @@ from .params import (
 __all__ = [
     "BatchSource",
     "CurvatureOperator",
+    "DistributedObjective",
     "DistributedOperator",
     "FusedMLPHessian",
     "GGNOperator",
