@@ -21,6 +21,7 @@ SUITES = {
     "cubic": "cubic-regularised Newton subproblem: dense, krylov and gd from d = 1e3 to 1e6",
     "lora": "fused LoRA linear forward and forward+backward vs PEFT's layer, the eager expression and the frozen layer",
     "distributed": "Hessian-vector product and gradient over a large batch: 2 processes x 1 thread vs 1 process",
+    "unlearn": "unlearning cost as the data grows: retrain vs CureNewton (subsampled Hessian) and fine-tuning",
 }
 
 
@@ -29,7 +30,7 @@ def _load(suite: str):
         from . import softmax_ce
 
         return softmax_ce
-    if suite in ("hvp", "lanczos", "cubic", "lora", "distributed"):
+    if suite in ("hvp", "lanczos", "cubic", "lora", "distributed", "unlearn"):
         return importlib.import_module(f".{suite}", __package__)
     raise KeyError(suite)
 

@@ -1,0 +1,137 @@
+"""Cost of unlearning against retraining as the data grows: ``python -m benchmarks unlearn``.
+
+Data: the digits train split grown to n rows (a row drawn at random, shifted by -1, 0 or +1 pixel
+in each direction with the background shifted in, plus Gaussian noise of standard deviation
+``NOISE`` in the standardised pixel units); 10% of the rows get a uniformly drawn wrong label (the
+mislabeled protocol, stratified, seeded). The original model, the package's digits MLP, trains on
+all n rows with the study's MLP recipe; the request forgets the mislabeled rows (D_f, with their
+wrong labels) and keeps the rest (D_r).
+
+Methods, each timed once by its ``unlearn`` (the original's training is not counted):
+
+* ``retrain``: the oracle, the same recipe on D_r from a fresh initialisation;
+* ``cure_newton``: CureNewton with the Hessian on a subsample of ``HESSIAN_SAMPLES`` rows of D_r
+  and the recipe's weight decay in its objective (as the study runs it);
+* ``finetune``: fine-tuning on D_r with its defaults.
+
+Each row of the table: ``n``, ``retrain_seconds``, ``cure_newton_seconds``, ``finetune_seconds``,
+``speedup`` (retrain / CureNewton) and ``gap_closed``: the part of the original's forget-accuracy gap
+to the oracle that CureNewton closes, ``(acc_f(original) - acc_f(CureNewton)) / (acc_f(original) -
+acc_f(retrain))``, accuracy on D_f with its wrong labels (``finetune_gap_closed`` likewise).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from unlearn_kernels.data import LabeledData, load_dataset
+from unlearn_kernels.data.protocols import mislabel, split_forget
+from unlearn_kernels.eval.metrics import accuracy, predict_logits
+from unlearn_kernels.methods import METHODS, Retrain
+from unlearn_kernels.models import build_model
+from unlearn_kernels.study import DEFAULT_RECIPES
+from unlearn_kernels.training import init_model, train
+
+from .common import Measurement
+
+BASELINE = "retrain"
+DEVICES = ("cpu", "cuda")
+SIZES = (2_000, 8_000, 32_000)
+QUICK = {"sizes": (500, 1_000), "epochs": 3}
+"""What the runner passes for ``--quick``: small data and a short recipe (a smoke test)."""
+NOISE = 0.1
+CORRUPTED = 0.1
+HESSIAN_SAMPLES = 512
+SEED = 0
+
+
+def grown_digits(n: int, seed: int = SEED) -> LabeledData:
+    """n rows made from the digits train split by random one-pixel shifts and Gaussian noise."""
+    base = load_dataset("digits").train
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, len(base), (n,), generator=gen)
+    shifts = torch.randint(-1, 2, (2, n), generator=gen)
+    background = float(base.x.min())
+    padded = F.pad(base.x[rows], (1, 1, 1, 1), value=background)  # (n, 1, 10, 10)
+    h, w = base.x.shape[-2:]
+    x = torch.empty_like(base.x[rows])
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            pick = (shifts[0] == dy) & (shifts[1] == dx)
+            x[pick] = padded[pick, :, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+    x += NOISE * torch.randn(x.shape, generator=gen)
+    return LabeledData(x, base.y[rows].clone())
+
+
+def _accuracy(model: torch.nn.Module, data: LabeledData) -> float:
+    return accuracy(predict_logits(model, data), data.y)
+
+
+def run(device: torch.device, *, quick: bool = False, sizes: tuple[int, ...] = SIZES, epochs: int | None = None,
+        with_compile: bool = True) -> tuple[list[Measurement], dict]:
+    """Original, then retrain, CureNewton and fine-tuning at each n (see the module docstring).
+
+    Args:
+        device: where the models train and unlearn.
+        quick: accepted from the runner (``QUICK`` sets small ``sizes`` and ``epochs``).
+        sizes: the training-set sizes n.
+        epochs: override the recipe's epochs (None: the study's MLP recipe as it is).
+        with_compile: accepted from the runner; nothing here is compiled.
+
+    Returns:
+        Measurements per (n, method) (``median_s``: the one timed call; ``extra``: ``acc_forget``,
+        ``acc_test`` and, for the methods, ``gap_closed``), and the config with ``rows``, the table
+        of the module docstring.
+    """
+    del quick, with_compile
+    recipe = DEFAULT_RECIPES["mlp"] if epochs is None else dataclasses.replace(DEFAULT_RECIPES["mlp"], epochs=epochs)
+    recipe = dataclasses.replace(recipe, seed=SEED)
+    digits = load_dataset("digits")
+    test = LabeledData(digits.test.x.to(device), digits.test.y.to(device))
+
+    def factory() -> torch.nn.Module:
+        return init_model(lambda: build_model("mlp", digits.input_shape, digits.num_classes), SEED)
+
+    methods = {
+        "retrain": Retrain(factory, recipe),
+        "cure_newton": METHODS["cure_newton"](hessian_samples=HESSIAN_SAMPLES, weight_decay=recipe.weight_decay),
+        "finetune": METHODS["finetune"](),
+    }
+    results, rows = [], []
+    for n in sizes:
+        data = grown_digits(n)
+        corruption = mislabel(data.y, CORRUPTED, seed=SEED, num_classes=digits.num_classes)
+        corrupted = corruption.apply(data)
+        request = split_forget(n, corruption.corrupted_idx)[0]
+        forget, retain = (LabeledData(s.x.to(device), s.y.to(device)) for s in request.apply(corrupted))
+        original = factory().to(device)
+        train(original, LabeledData(corrupted.x.to(device), corrupted.y.to(device)), recipe, device=device)
+        original.eval()
+        case = f"n={n}"
+        acc_f = {"original": _accuracy(original, forget)}
+        seconds = {}
+        for name, method in methods.items():
+            result = method.unlearn(original, forget, retain, seed=SEED)
+            seconds[name] = result.seconds
+            acc_f[name] = _accuracy(result.model, forget)
+            acc_test = _accuracy(result.model, test)
+            results.append(Measurement(case, name, result.seconds, 0.0, None,
+                                       extra={"acc_forget": acc_f[name], "acc_test": acc_test}))
+        gap = acc_f["original"] - acc_f["retrain"]
+        closed = {name: (acc_f["original"] - acc_f[name]) / gap if gap else None for name in ("cure_newton", "finetune")}
+        for m in results[-len(methods):]:
+            if m.candidate in closed:
+                m.extra["gap_closed"] = closed[m.candidate]
+        rows.append({"n": n, "retrain_seconds": seconds["retrain"], "cure_newton_seconds": seconds["cure_newton"],
+                     "finetune_seconds": seconds["finetune"], "speedup": seconds["retrain"] / seconds["cure_newton"],
+                     "gap_closed": closed["cure_newton"], "finetune_gap_closed": closed["finetune"],
+                     "acc_forget_original": acc_f["original"], "acc_forget_retrain": acc_f["retrain"],
+                     "forget_rows": len(forget), "retain_rows": len(retain)})
+    config = {"rows": rows, "recipe": recipe.to_dict(), "model": "build_model('mlp', (1, 8, 8), 10), seed 0",
+              "data": f"digits train split grown by +-1 pixel shifts and N(0, {NOISE}^2) noise, {CORRUPTED:.0%} "
+                      "mislabeled (stratified, seed 0); D_f = the mislabeled rows",
+              "cure_newton": {"hessian_samples": HESSIAN_SAMPLES, "weight_decay": recipe.weight_decay},
+              "finetune": "defaults", "timing": "one call per method (Unlearner.unlearn's seconds)"}
+    return results, config
