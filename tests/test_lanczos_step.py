@@ -96,6 +96,20 @@ def test_float32_orthogonality(backend, device, near_span, rng):
     assert float(q_next.double().norm()) == pytest.approx(1.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpp_result_does_not_depend_on_threads(dtype, rng, threads):
+    """The C++ kernel cuts d into a fixed number of blocks and adds their sums in block order."""
+    d, m = 40011, 7
+    basis = orthonormal_rows(m, d, dtype, rng)
+    hq = torch.randn(d, dtype=dtype, generator=rng)
+    args = (hq, unit(d, dtype, rng), unit(d, dtype, rng), 0.3, basis)
+    parallel = lanczos_step(*args, backend="cpp")
+    torch.set_num_threads(1)
+    serial = lanczos_step(*args, backend="cpp")
+    for a, b in zip(parallel, serial):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize(("backend", "device"), PAIRS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_breakdown_gives_zero(backend, device, dtype, rng):
