@@ -509,14 +509,16 @@ class DampedNewton(_NewtonFamily):
         solver: "eigh" (float64 eigendecomposition of the dense Hessian: exact), "minres" (to
             ``tol``) or "auto" (the default: "eigh" up to d = :data:`~unlearn_kernels.solvers.DENSE_MAX_DIM`,
             else "minres").
-        tol, maxiter: "minres": relative tolerance (1e-10) and iteration cap (None: scipy's 5 d).
+        tol, maxiter: "minres": relative tolerance (1e-8; with float32 products the true residual
+            stops improving near there, docs/methods.md gives measurements) and iteration cap
+            (None: scipy's 5 d).
         params, loss_fn, dtype, batch_size, weight_decay, path: see the module docstring.
     """
 
     name = "damped_newton"
     _solvers: tuple[str, ...] = ("auto", "eigh", "minres")
 
-    def __init__(self, damping: float = 0.01, solver: str = "auto", tol: float = 1e-10, maxiter: int | None = None, *,
+    def __init__(self, damping: float = 0.01, solver: str = "auto", tol: float = 1e-8, maxiter: int | None = None, *,
                  params: str | Sequence[str] | None = None, loss_fn: LossFn = F.cross_entropy,
                  dtype: torch.dtype | None = None, batch_size: int | None = None, weight_decay: float = 0.0,
                  path: str = "auto") -> None:
