@@ -41,8 +41,9 @@ from . import ops
 ADAPTABLE = (nn.Linear, nn.Conv2d)
 
 
-def _check_rank_alpha(owner: str, rank: Any, alpha: Any) -> float:
-    """Validates rank (int >= 1) and alpha (None or a finite number > 0); returns alpha (None -> rank)."""
+def check_rank_alpha(owner: str, rank: Any, alpha: Any) -> float:
+    """Checks an adapter's rank (an int >= 1) and alpha (None or a finite number > 0) and returns alpha
+    (None -> rank); ValueError names ``owner`` and the bad value."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"{owner}: rank must be an int >= 1, got {rank!r}")
     if alpha is None:
@@ -116,7 +117,7 @@ class LoRALinear(_Adapter):
     def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None) -> None:
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRALinear: base must be an nn.Linear, got {type(base).__name__}")
-        alpha = _check_rank_alpha("LoRALinear", rank, alpha)
+        alpha = check_rank_alpha("LoRALinear", rank, alpha)
         super().__init__(base, rank, alpha)
         kwargs = {"dtype": base.weight.dtype, "device": base.weight.device}
         self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, **kwargs))
@@ -149,7 +150,7 @@ class LoRAConv2d(_Adapter):
         if base.groups != 1 or base.dilation != (1, 1) or base.padding_mode != "zeros":
             raise ValueError(f"LoRAConv2d: the base convolution needs groups=1, dilation=1 and zero padding, got "
                              f"groups={base.groups}, dilation={base.dilation}, padding_mode={base.padding_mode!r}")
-        alpha = _check_rank_alpha("LoRAConv2d", rank, alpha)
+        alpha = check_rank_alpha("LoRAConv2d", rank, alpha)
         super().__init__(base, rank, alpha)
         kwargs = {"dtype": base.weight.dtype, "device": base.weight.device}
         self.lora_a = nn.Parameter(torch.empty(rank, base.in_channels, *base.kernel_size, **kwargs))
@@ -184,14 +185,21 @@ def adapter_parameter_names(model: nn.Module) -> tuple[str, ...]:
     return tuple(f"{name}.{p}" for name in adapter_modules(model) for p in ("lora_a", "lora_b"))
 
 
-def _resolve_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
-    """Module names selected by ``targets`` (exact names first, else glob patterns); raises before
-    anything changes."""
+def check_targets(owner: str, targets: Any) -> tuple[str, ...]:
+    """Checks adapter targets (a module name or pattern, or a non-empty sequence of them) and returns
+    them as a tuple; TypeError names ``owner`` and the bad value."""
     if isinstance(targets, str):
         targets = (targets,)
     if not isinstance(targets, Sequence) or not targets or not all(isinstance(t, str) and t for t in targets):
-        raise TypeError(f"add_adapters: targets must be a module name or pattern, or a non-empty sequence of them, "
+        raise TypeError(f"{owner}: targets must be a module name or pattern, or a non-empty sequence of them, "
                         f"got {targets!r}")
+    return tuple(targets)
+
+
+def _resolve_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
+    """Module names selected by ``targets`` (exact names first, else glob patterns); raises before
+    anything changes."""
+    targets = check_targets("add_adapters", targets)
     modules = dict(model.named_modules())
     # layers inside an existing adapter (its .base) are not candidates
     inside = {f"{name}.{child}" for name in adapter_modules(model) for child, _ in modules[name].named_modules()
@@ -246,7 +254,7 @@ def add_adapters(model: nn.Module, targets: str | Sequence[str], rank: int = 8, 
             an adapter, or a Conv2d the adapter cannot wrap. TypeError: a target that is not a
             Linear/Conv2d layer. Nothing is changed when it raises.
     """
-    _check_rank_alpha("add_adapters", rank, alpha)
+    check_rank_alpha("add_adapters", rank, alpha)
     names = _resolve_targets(model, targets)
     modules = dict(model.named_modules())
     adapters = {name: _wrap(modules[name], rank, alpha) for name in names}  # may raise: nothing set yet

@@ -26,7 +26,7 @@ from typing import Any
 from torch import nn
 
 from ..data.labeled import LabeledData
-from ..lora import ADAPTABLE, add_adapters, adapter_parameter_names, unload
+from ..lora import ADAPTABLE, add_adapters, adapter_parameter_names, check_rank_alpha, check_targets, unload
 from .base import UnlearnResult, Unlearner
 from .newton import CureNewton
 
@@ -47,8 +47,9 @@ class CureNewtonLoRA(Unlearner):
                  **newton_options: Any) -> None:
         if "params" in newton_options:
             raise TypeError("CureNewtonLoRA: params is set to the adapters' parameters; do not pass it")
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"CureNewtonLoRA: rank must be an int >= 1, got {rank!r}")
+        check_rank_alpha("CureNewtonLoRA", rank, alpha)
+        if targets is not None:
+            targets = check_targets("CureNewtonLoRA", targets)
         self.rank, self.alpha, self.targets = rank, alpha, targets
         self.newton_options = newton_options
         CureNewton(**newton_options)  # validates the options now, before any work

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.labeled import LabeledData
-from ..lora import ADAPTABLE, add_adapters, adapter_modules, unload
+from ..lora import ADAPTABLE, add_adapters, adapter_modules, check_rank_alpha, check_targets, unload
 from ..training import make_optimizer, model_device
 from .base import UnlearnResult
 from .first_order import _endless_batches, _frozen_copy, _step, _Trained
@@ -101,7 +101,7 @@ class RFA(_Trained):
         shift: one of :data:`SHIFTS`.
         lam: the weight of L_shift, > 0.
         neighbors: k of the "neighbors" target, >= 1.
-        margin: the relative distance of the "margin" target, > 0.
+        margin: how far the "margin" target moves the features along u, relative to ||h0||, > 0.
         task_weight: weight of the cross entropy on D_r, >= 0 (0: features only).
         merge: merge the adapters into the weights (True) or return the model with its adapters.
     """
@@ -113,15 +113,9 @@ class RFA(_Trained):
                  lam: float = 1.0, neighbors: int = 5, margin: float = 1.0, task_weight: float = 1.0,
                  merge: bool = True, optimizer: str = "adam", weight_decay: float = 0.0) -> None:
         super().__init__(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay)
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"RFA: rank must be an int >= 1, got {rank!r}")
-        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
-                                  or not (math.isfinite(alpha) and alpha > 0)):
-            raise ValueError(f"RFA: alpha must be None or a finite number > 0, got {alpha!r}")
+        check_rank_alpha("RFA", rank, alpha)
         if targets is not None:
-            targets = (targets,) if isinstance(targets, str) else tuple(targets)
-            if not targets or not all(isinstance(t, str) and t for t in targets):
-                raise TypeError(f"RFA: targets must be None or module names/patterns, got {targets!r}")
+            targets = check_targets("RFA", targets)
         if shift not in SHIFTS:
             raise ValueError(f"RFA: unknown shift {shift!r}; choose one of {SHIFTS}")
         for key, value, low in (("lam", lam, 0.0), ("margin", margin, 0.0), ("task_weight", task_weight, None)):
@@ -151,19 +145,19 @@ class RFA(_Trained):
         if existing and self.targets is None:
             layers = tuple(existing)
         else:
-            targets = self.targets or hidden_layers(model)
-            if not targets:
+            chosen = self.targets or hidden_layers(model)
+            if not chosen:
                 raise ValueError("RFA: the model has no hidden Linear or Conv2d layer to adapt; name the layers "
                                  "with targets=")
-            layers = add_adapters(model, targets, self.rank, self.alpha)
+            layers = add_adapters(model, chosen, self.rank, self.alpha)
         # the frozen features come from the plain layers (adapters merged in: B = 0 for fresh ones), at
         # the same module names, without paying for the adapters in every teacher forward
         teacher = unload(_frozen_copy(model), merge=True).requires_grad_(False)
         student_features, teacher_features = _Features(model, layers), _Features(teacher, layers)
         try:
             scales = self._feature_scales(teacher, teacher_features, retain)
-            targets = self._shift_targets(teacher, teacher_features, forget, retain, unseen)
-            steps, last = self._train(model, teacher, student_features, teacher_features, forget, retain, targets,
+            goals = self._shift_targets(teacher, teacher_features, forget, retain, unseen)
+            steps, last = self._train(model, teacher, student_features, teacher_features, forget, retain, goals,
                                       scales, seed)
         finally:
             student_features.remove()
