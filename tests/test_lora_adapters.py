@@ -139,6 +139,11 @@ def test_bad_targets_raise_and_change_nothing(targets, rank, error, match):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_unload_of_a_bare_adapter_is_refused():
+    with pytest.raises(ValueError, match="itself an adapter"):
+        lora.unload(lora.LoRALinear(nn.Linear(3, 2), rank=1))
+
+
 def test_bad_conv_is_refused():
     with pytest.raises(ValueError, match="groups=1"):
         lora.LoRAConv2d(nn.Conv2d(4, 4, 3, groups=2), rank=2)

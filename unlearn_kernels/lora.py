@@ -278,8 +278,13 @@ def unmerge(model: nn.Module) -> None:
 def unload(model: nn.Module, *, merge: bool = True) -> nn.Module:
     """Replaces every adapter (in place) by its base layer, with the adapter merged into the weight
     (``merge=True``) or dropped (``merge=False``, the base weight as it was wrapped), restores the
-    base layer's ``requires_grad`` flags and returns ``model``: the plain architecture again."""
-    for name, adapter in adapter_modules(model).items():
+    base layer's ``requires_grad`` flags and returns ``model``: the plain architecture again.
+    ``model`` must contain its adapters (for an adapter on its own, merge it and take ``.base``)."""
+    adapters = adapter_modules(model)
+    if "" in adapters:
+        raise ValueError("unload: the model is itself an adapter and cannot replace itself; call merge() (or "
+                         "unmerge()) and use its .base")
+    for name, adapter in adapters.items():
         if merge:
             adapter.merge()
         else:
