@@ -42,6 +42,8 @@ class CureNewtonLoRA(Unlearner):
     """
 
     name = "cure_newton_lora"
+    #: like CureNewton, it optimises the training objective: a study passes the recipe's weight_decay
+    uses_training_objective = True
 
     def __init__(self, rank: int = 8, alpha: float | None = None, targets: str | Sequence[str] | None = None,
                  **newton_options: Any) -> None:
