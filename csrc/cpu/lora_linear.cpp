@@ -1,12 +1,16 @@
 // The fused LoRA linear pass (see csrc/lora_linear.h): ATen GEMMs, written once for every device.
-// Each rank-r product is accumulated into the output of the frozen layer's GEMM with addmm_
-// (beta = 1), so y and grad_x are each written by one big GEMM plus a rank-r update, and the
-// scale s is applied to the small (r-sized) operands, never to a full (N, out) tensor.
+// The adapter is folded into the frozen layer's big GEMMs, by merging it into the weight (many
+// rows) or as a rank-r update accumulated into their output (few rows); the scale s is applied to
+// the small operands, never to a full (N, out) tensor. On CPU the tall-skinny rank-r products run
+// over row chunks in parallel (see for_row_chunks).
 #include "../lora_linear.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 
 namespace unlearn_kernels::lora {
@@ -55,6 +59,55 @@ void check_like(const char* op, const char* name, const at::Tensor& t, at::IntAr
 // (N, out) tensors. Merging is cheaper once N >= in * out / (in + out) (512 rows for 1024 x 1024).
 bool merge(int64_t rows, int64_t n_in, int64_t n_out) { return rows * (n_in + n_out) >= n_in * n_out; }
 
+// Row chunks for the tall-skinny rank-r products on CPU: one per thread, at least kMinRows rows
+// each. MKL's own threading of an (N, in) x (in, r) product, or of a reduction over N, makes its
+// threads meet several times per call; on a busy machine that cost up to 10x the arithmetic. Here
+// each thread runs a single-threaded GEMM on its own rows and the threads meet once. Off the CPU
+// (the current stream is per thread) there is one chunk.
+int64_t row_chunks(const at::Tensor& t) {
+  constexpr int64_t kMinRows = 256;
+  if (!t.is_cpu()) return 1;
+  return std::clamp<int64_t>(t.size(0) / kMinRows, 1, at::get_num_threads());
+}
+
+template <typename Fn>
+void for_row_chunks(int64_t rows, int64_t chunks, const Fn& fn) {
+  if (chunks == 1) return fn(0, 0, rows);
+  const at::ThreadLocalState caller;  // grad mode and dispatch keys are per thread: the workers take ours
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(caller);
+    for (int64_t c = begin; c < end; ++c) fn(c, rows * c / chunks, rows * (c + 1) / chunks);
+  });
+}
+
+// out (N, r) = x (N, k) m^T for a small m (r, k), row chunk by row chunk.
+void rows_times_t(at::Tensor& out, const at::Tensor& x, const at::Tensor& m) {
+  for_row_chunks(x.size(0), row_chunks(x), [&](int64_t, int64_t r0, int64_t r1) {
+    at::Tensor rows = out.slice(0, r0, r1);
+    at::mm_out(rows, x.slice(0, r0, r1), m.t());
+  });
+}
+
+// a^T b (r, k) for a (N, r) with few columns and b (N, k): per-chunk partial products, summed.
+at::Tensor t_times_rows(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t chunks = row_chunks(b);
+  if (chunks == 1) return at::mm(a.t(), b);
+  at::Tensor partial = at::empty({chunks, a.size(1), b.size(1)}, b.options());
+  for_row_chunks(b.size(0), chunks, [&](int64_t c, int64_t r0, int64_t r1) {
+    at::Tensor part = partial.select(0, c);
+    at::mm_out(part, a.slice(0, r0, r1).t(), b.slice(0, r0, r1));
+  });
+  at::Tensor sum = partial.select(0, 0);
+  for (int64_t c = 1; c < chunks; ++c) sum.add_(partial.select(0, c));  // a few small adds (sum(0) was slower)
+  return sum;
+}
+
+at::Tensor x_times_a_t(const at::Tensor& x, const at::Tensor& lora_a) {
+  at::Tensor xa = at::empty({x.size(0), lora_a.size(0)}, x.options());
+  rows_times_t(xa, x, lora_a);
+  return xa;
+}
+
 // y = x W^T + b + s xa B^T, into a fresh contiguous output.
 at::Tensor adapted_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           const at::Tensor& lora_a, const at::Tensor& lora_b, double scale, const at::Tensor& xa) {
@@ -72,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
                                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
                                            const at::Tensor& lora_b, double scale) {
   check_inputs("lora_linear", x, weight, bias, lora_a, lora_b, scale);
-  at::Tensor xa = at::mm(x, lora_a.t());
+  const at::Tensor xa = x_times_a_t(x, lora_a);
   return {adapted_linear(x, weight, bias, lora_a, lora_b, scale, xa), xa};
 }
 
@@ -100,14 +153,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
       at::mul_out(scaled_b, lora_b, scale);
       at::mm_out(both, grad_out, right);
     } else {
-      at::mm_out(g, grad_out, lora_b.mul(scale));
+      rows_times_t(g, grad_out, lora_b.t().mul(scale));
       at::mm_out(grad_x, grad_out, weight).addmm_(g, lora_a);
     }
   } else if (need_a) {
-    g = at::mm(grad_out, lora_b.mul(scale));
+    g = at::empty({x.size(0), rank}, x.options());
+    rows_times_t(g, grad_out, lora_b.t().mul(scale));
   }
-  if (need_a) grad_a = at::mm(g.t(), x);
-  if (need_b) grad_b = at::mm(grad_out.t(), xa).mul_(scale);
+  if (need_a) grad_a = t_times_rows(g, x);
+  // s gy^T xa, as (s xa^T gy)^T: the reduction over N reads gy row-wise.
+  if (need_b) grad_b = t_times_rows(xa, grad_out).mul_(scale).t().contiguous();
   return {grad_x, grad_a, grad_b};
 }
 
@@ -122,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor> jvp(const at::Tensor& x, const at::Tensor& we
   if (tangent_b.has_value()) check_like(op, "tangent_b", *tangent_b, lora_b.sizes(), x);
   const int64_t rank = lora_a.size(0);
   // [xa, x dA^T] = x [A; dA]^T: one read of x for both.
-  const at::Tensor left = tangent_a.has_value() ? at::mm(x, at::cat({lora_a, *tangent_a}, 0).t()) : at::mm(x, lora_a.t());
+  const at::Tensor left = x_times_a_t(x, tangent_a.has_value() ? at::cat({lora_a, *tangent_a}, 0) : lora_a);
   const at::Tensor xa = left.narrow(1, 0, rank);
   at::Tensor out = adapted_linear(x, weight, bias, lora_a, lora_b, scale, xa);
   at::Tensor tangent;
