@@ -121,6 +121,7 @@ def test_non_finite_trial_value_is_a_rejection(rng):
     ({"gamma": 1.0}, "gamma"),
     ({"M_min": 0.0}, "M_min"),
     ({"solver_options": {"k_max": 0}}, "k_max"),
+    ({"solver_options": {"seed": 1}}, "seed"),
 ])
 def test_bad_arguments(rng, kwargs, message):
     A, b = spd(rng), torch.randn(D, generator=rng, dtype=torch.float64)

@@ -196,9 +196,7 @@ class _NewtonFamily(Unlearner):
         ws.w = get_flat_parameters(ws.shadow, ws.names)
 
     def _apply(self, ws: _Workspace, step: torch.Tensor) -> None:
-        """w <- w + step (refusing a non-finite step)."""
-        if not bool(torch.isfinite(step).all()):
-            self._set(ws, step)  # raises: the step is not finite
+        """w <- w + step (a non-finite step makes w + step non-finite: refused by :meth:`_set`)."""
         self._set(ws, ws.w + step)
 
     def _quadratic_value(self, H: Any, g: torch.Tensor, s: torch.Tensor) -> float:
@@ -352,13 +350,11 @@ class CureNewton(_NewtonFamily):
             move(w)  # the operator reads the weights live
             return H
 
-        try:
-            result = adaptive_cubic_newton(
-                value, gradient, hessian, start.clone(), M=M, max_iterations=self.max_iterations, tol=self.tol,
-                hvp_budget=self.hvp_budget, eta1=self.eta1, eta2=self.eta2, gamma=self.gamma, M_min=self.M_min,
-                solver_options=self.solver_options, seed=seed)
-        except ValueError as err:  # a non-finite value, gradient or product: the caller's model is untouched
-            raise ValueError(f"{self.name}: {err}; the caller's model is unchanged") from err
+        # a non-finite F(w0), gradient or product raises ValueError here: the caller's model is a different copy
+        result = adaptive_cubic_newton(
+            value, gradient, hessian, start.clone(), M=M, max_iterations=self.max_iterations, tol=self.tol,
+            hvp_budget=self.hvp_budget, eta1=self.eta1, eta2=self.eta2, gamma=self.gamma, M_min=self.M_min,
+            solver_options=self.solver_options, seed=seed)
         self._set(ws, result.w)
         # in another compute dtype the returned weights are rounded: F is re-evaluated there
         after = result.value if ws.shadow is ws.model else objective.value()

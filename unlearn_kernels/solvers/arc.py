@@ -127,7 +127,7 @@ def adaptive_cubic_newton(
             successful step, > 1.
         M_min: the smallest M after lowering, > 0.
         solver_options: options of :class:`~.cubic.KrylovCubicSolver` over
-            :data:`KRYLOV_DEFAULTS`.
+            :data:`KRYLOV_DEFAULTS` (not ``seed``).
         seed: seeds the Krylov solver's random vectors.
 
     Returns:
@@ -150,6 +150,8 @@ def adaptive_cubic_newton(
     gamma = check_number("gamma", gamma, 1.0, strict=True)
     M_min = check_number("M_min", M_min, 0.0, strict=True)
     options = {**KRYLOV_DEFAULTS, **(solver_options or {})}
+    if "seed" in options:
+        raise ValueError("solver_options must not set 'seed': pass seed= (each step's solver gets seed + step)")
     k_max = check_int("solver_options['k_max']", options.pop("k_max"), 1)
 
     f = float(value(w))
