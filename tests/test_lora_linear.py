@@ -274,3 +274,23 @@ def test_unavailable_backend():
         pytest.skip("a GPU is visible")
     with pytest.raises(BackendUnavailableError, match="cuda"):
         lora_linear(*args.values(), backend="cuda")
+
+
+@pytest.mark.parametrize("merged", [True, False])
+def test_cpp_row_chunks_in_parallel(threads, merged, rng):
+    """With several threads and N >= 512 rows the C++ pass splits its rank-r products over row chunks on
+    worker threads (which must see the caller's grad mode); merged or not by the shape."""
+    n_in, n_out = (40, 30) if merged else (1100, 1100)  # merged when N >= in * out / (in + out)
+    x, weight, b, lora_a, lora_b, scale = make((520,), n_in, n_out, 8, torch.float64, "cpu", rng)
+    grad_out = torch.randn(520, n_out, dtype=torch.float64, generator=rng)
+    out = lora_linear(x, weight, b, lora_a, lora_b, scale, backend="cpp")
+    torch.testing.assert_close(out, lora_linear_ref(x, weight, b, lora_a, lora_b, scale), rtol=1e-12, atol=1e-12)
+    got = grads_of(lambda x_, a_, b_: lora_linear(x_, weight, b, a_, b_, scale, backend="cpp"), x, lora_a, lora_b,
+                   grad_out)
+    want = grads_of(lambda x_, a_, b_: lora_linear_ref(x_, weight, b, a_, b_, scale), x, lora_a, lora_b, grad_out)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    ta, tb = torch.randn_like(lora_a), torch.randn_like(lora_b)
+    for a, c in zip(lora_linear_jvp(x, weight, b, lora_a, lora_b, scale, ta, tb, backend="cpp"),
+                    lora_linear_jvp_ref(x, weight, b, lora_a, lora_b, scale, ta, tb)):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
