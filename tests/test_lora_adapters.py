@@ -144,9 +144,13 @@ def test_unload_of_a_bare_adapter_is_refused():
         lora.unload(lora.LoRALinear(nn.Linear(3, 2), rank=1))
 
 
-def test_bad_conv_is_refused():
+def test_bad_conv_is_refused_before_anything_changes():
     with pytest.raises(ValueError, match="groups=1"):
         lora.LoRAConv2d(nn.Conv2d(4, 4, 3, groups=2), rank=2)
+    model = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="layer '1'.*groups=1"):
+        lora.add_adapters(model, "*", rank=2)
+    assert not lora.adapter_modules(model) and all(p.requires_grad for p in model.parameters())
 
 
 @pytest.mark.parametrize("build, x, targets", [(mlp, X, ["1", "3"]), (cnn, IMAGES, ["features.0", "head"])])

@@ -130,6 +130,14 @@ class LoRALinear(_Adapter):
         return ops.lora_linear(x, self.base.weight, self.base.bias, self.lora_a, self.lora_b, self.scale)
 
 
+def _conv_problem(conv: nn.Conv2d) -> str | None:
+    """Why a convolution cannot take an adapter (None if it can)."""
+    if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
+        return (f"the base convolution needs groups=1, dilation=1 and zero padding, got groups={conv.groups}, "
+                f"dilation={conv.dilation}, padding_mode={conv.padding_mode!r}")
+    return None
+
+
 class LoRAConv2d(_Adapter):
     """A frozen ``nn.Conv2d`` plus PEFT's convolutional LoRA residual:
     ``conv(x, W) + b + scale * conv1x1(conv(x, A), B)``, A with the base's kernel, stride and padding.
@@ -147,9 +155,9 @@ class LoRAConv2d(_Adapter):
     def __init__(self, base: nn.Conv2d, rank: int, alpha: float | None = None) -> None:
         if not isinstance(base, nn.Conv2d):
             raise TypeError(f"LoRAConv2d: base must be an nn.Conv2d, got {type(base).__name__}")
-        if base.groups != 1 or base.dilation != (1, 1) or base.padding_mode != "zeros":
-            raise ValueError(f"LoRAConv2d: the base convolution needs groups=1, dilation=1 and zero padding, got "
-                             f"groups={base.groups}, dilation={base.dilation}, padding_mode={base.padding_mode!r}")
+        problem = _conv_problem(base)
+        if problem:
+            raise ValueError(f"LoRAConv2d: {problem}")
         alpha = check_rank_alpha("LoRAConv2d", rank, alpha)
         super().__init__(base, rank, alpha)
         kwargs = {"dtype": base.weight.dtype, "device": base.weight.device}
@@ -223,6 +231,10 @@ def _resolve_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str
             if not found:
                 raise TypeError(f"add_adapters: pattern {target!r} matches no Linear or Conv2d layer "
                                 f"(it matches {matched[:6]})")
+        for name in found:
+            problem = _conv_problem(modules[name]) if isinstance(modules[name], nn.Conv2d) else None
+            if problem:
+                raise ValueError(f"add_adapters: layer {name!r}: {problem}")
         chosen += [n for n in found if n not in chosen]
     return chosen
 
@@ -257,7 +269,7 @@ def add_adapters(model: nn.Module, targets: str | Sequence[str], rank: int = 8, 
     check_rank_alpha("add_adapters", rank, alpha)
     names = _resolve_targets(model, targets)
     modules = dict(model.named_modules())
-    adapters = {name: _wrap(modules[name], rank, alpha) for name in names}  # may raise: nothing set yet
+    adapters = {name: _wrap(modules[name], rank, alpha) for name in names}  # every check passed above
     for name, adapter in adapters.items():
         _set_module(model, name, adapter)
     return tuple(names)
