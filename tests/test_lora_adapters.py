@@ -2,6 +2,7 @@
 unload round trips, adapter parameter selection, PEFT interop both ways, and bad targets that raise
 before anything changes."""
 import copy
+import sys
 
 import pytest
 import torch
@@ -11,7 +12,11 @@ from unlearn_kernels import lora
 from unlearn_kernels.curvature import hessian_operator
 from unlearn_kernels.models import MLP, SmallCNN
 
-peft = pytest.importorskip("peft")  # an optional dependency (in the test extra)
+
+@pytest.fixture(scope="module")
+def peft():
+    """PEFT is an optional dependency of the package (in its test extra): only its tests need it."""
+    return pytest.importorskip("peft")
 
 
 def mlp(seed=0):
@@ -154,7 +159,7 @@ def test_bad_conv_is_refused_before_anything_changes():
 
 
 @pytest.mark.parametrize("build, x, targets", [(mlp, X, ["1", "3"]), (cnn, IMAGES, ["features.0", "head"])])
-def test_from_peft_gives_the_peft_models_outputs(build, x, targets):
+def test_from_peft_gives_the_peft_models_outputs(peft, build, x, targets):
     config = peft.LoraConfig(r=3, lora_alpha=5, target_modules=targets, init_lora_weights=False)
     peft_model = peft.get_peft_model(build(), config).eval()  # init_lora_weights=False: random B, adapters matter
     expected = peft_model(x)
@@ -169,7 +174,7 @@ def test_from_peft_gives_the_peft_models_outputs(build, x, targets):
     torch.testing.assert_close(again(x), expected)
 
 
-def test_to_peft_of_our_adapters():
+def test_to_peft_of_our_adapters(peft):
     model = mlp()
     lora.add_adapters(model, ["1", "5"], rank=2, alpha=4)
     randomize_b(model)
@@ -180,7 +185,7 @@ def test_to_peft_of_our_adapters():
     assert lora.adapter_modules(model)  # ours keeps its adapters
 
 
-def test_peft_interop_errors():
+def test_peft_interop_errors(peft):
     with pytest.raises(ValueError, match="no PEFT LoRA layer"):
         lora.from_peft(mlp())
     with pytest.raises(ValueError, match="no LoRA adapter"):
@@ -193,3 +198,11 @@ def test_peft_interop_errors():
     lora.add_adapters(mixed, "3", rank=4)
     with pytest.raises(ValueError, match="one rank and one scale"):
         lora.to_peft(mixed)
+
+
+def test_missing_peft_gives_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # what an environment without peft looks like to import
+    with pytest.raises(ImportError, match=r"unlearn-kernels\[peft\]"):
+        lora.from_peft(mlp())
+    with pytest.raises(ImportError, match=r"unlearn-kernels\[peft\]"):
+        lora.to_peft(mlp())
