@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unlearn_kernels.curvature import Objective, estimate_hessian_lipschitz, get_flat_parameters
+from unlearn_kernels.curvature import estimate_hessian_lipschitz, get_flat_parameters
 from unlearn_kernels.data import load_dataset
 from unlearn_kernels.data.labeled import LabeledData
 from unlearn_kernels.eval import gradient_norm
