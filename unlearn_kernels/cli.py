@@ -200,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the unlearning study and print its result table",
                        description="Train the original model, unlearn with every method, retrain the oracle, "
-                                   "and compare; writes results.json and PNG plots.")
+                                   "and compare; writes results.json and PNG plots. Without --protocol: three "
+                                   "scenarios (random, mislabeled, class) and a summary of the gap each method "
+                                   "closes.")
     p.add_argument("--dataset", default="digits", help="digits, breast_cancer, wine, iris, lfw, mnist, "
                    "fashion_mnist, cifar10, cifar100 (the last four from --root)")
     p.add_argument("--root", default=None, help="directory with the local dataset files (MNIST/CIFAR)")
