@@ -8,7 +8,9 @@ gradient against the single-process ones (relative difference <= 1e-5 in float32
 interleaved: rounds alternate a burst of single-process calls (the workers idle) with a burst of
 distributed calls (the parent idles), so that a slow phase of a shared machine hits both. A
 distributed call is timed on rank 0 from a barrier to the end of its all_reduce, i.e. the slower
-rank plus the reduction.
+rank plus the reduction. Each measurement's ``extra["cpu_s"]`` is the median CPU time of the
+(timing) process per call: on a machine shared with other work, where two processes do not get
+two cores, it shows how the work was split even when the wall time cannot.
 """
 from __future__ import annotations
 
@@ -46,18 +48,19 @@ def _calls(op, v: torch.Tensor) -> dict:
     return {"hvp": lambda: op.matvec(v), "gradient": op.gradient}
 
 
-def _timed(fn, device: torch.device, calls: int, barrier=None) -> list[float]:
-    """Seconds of each of ``calls`` calls, after one warm-up call (the other side ran meanwhile)."""
+def _timed(fn, device: torch.device, calls: int, barrier=None) -> list[tuple[float, float]]:
+    """(wall, CPU) seconds of this process for each of ``calls`` calls, after one warm-up call (the
+    other side ran meanwhile)."""
     out = []
     fn()
     for _ in range(calls):
         if barrier is not None:
             barrier()
         synchronize(device)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         fn()
         synchronize(device)
-        out.append(time.perf_counter() - start)
+        out.append((time.perf_counter() - start, time.process_time() - cpu))
     return out
 
 
@@ -123,10 +126,10 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 2.0, bur
                 base = Measurement(f"{name} {case_name}", BASELINE, None, None, 0.0)
                 dist_m = Measurement(f"{name} {case_name}", candidates[1], None, None, diff, status,
                                      {"rel_diff": diff})
-                samples: tuple[list[float], list[float]] = ([], [])
-                once = _timed(fn, device, 1)[0]
+                samples: tuple[list[tuple[float, float]], list[tuple[float, float]]] = ([], [])
+                once = _timed(fn, device, 1)[0][0]
                 counts = max(1, round(burst / once)), max(1, round(burst * WORLD / once))  # about burst seconds each
-                while status == "ok" and (sum(samples[0]) < min_time or sum(samples[1]) < min_time):
+                while status == "ok" and min(sum(wall for wall, _ in s) for s in samples) < min_time:
                     samples[0].extend(_timed(fn, device, counts[0]))
                     for box in inboxes:
                         box.put((name, counts[1]))
@@ -134,9 +137,11 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 2.0, bur
                     samples[1].extend(per_rank[0])
                 for m, s in zip((base, dist_m), samples):
                     if s:
-                        m.median_s = statistics.median(s)
-                        q = statistics.quantiles(s, n=4) if len(s) >= 2 else [s[0]] * 3
+                        walls = [wall for wall, _ in s]
+                        m.median_s = statistics.median(walls)
+                        q = statistics.quantiles(walls, n=4) if len(walls) >= 2 else [walls[0]] * 3
                         m.iqr_s = q[2] - q[0]
+                        m.extra["cpu_s"] = statistics.median(cpu for _, cpu in s)
                 results += [base, dist_m]
         finally:
             for box in inboxes:
