@@ -542,10 +542,10 @@ def hessian_operator(
             not change between products while the weights do not change is kept per batch (the fused
             path's activations and softmax, the generic path's gradient graphs) until it would exceed
             the budget; later batches are recomputed for every product.
-
         process_group: a ``torch.distributed`` process group whose ranks each pass their own shard of
             the rows as ``data``: returns a :class:`~unlearn_kernels.curvature.distributed.DistributedOperator`,
             the operator of the mean over all ranks' rows, identical on every rank.
+
     Raises:
         ValueError: train-mode BatchNorm/dropout, data that changes between passes, a loss that is
             not twice differentiable, an unknown path or mode, a bad ``cache_bytes``, or an
@@ -556,7 +556,8 @@ def hessian_operator(
     _check_mode(mode)
     if process_group is not None:
         return DistributedOperator(
-            lambda shard: hessian_operator(model, loss_fn, shard, params, path, batch_size=batch_size, mode=mode, cache_bytes=cache_bytes),
+            lambda shard: hessian_operator(model, loss_fn, shard, params, path, batch_size=batch_size, mode=mode,
+                                           cache_bytes=cache_bytes),
             model, data, params, process_group)
     reason = None
     if path != "generic":
