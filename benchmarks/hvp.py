@@ -329,11 +329,10 @@ def plot_gradient_units(results: Path = RESULTS_DIR / "hvp_cpu.json",
         units = [next((r["extra"].get("gradient_units") or 0.0 for r in rows
                        if r["candidate"] == name and r["case"] == f"{m} hvp"), 0.0) for m in models]
         ax.bar([j + i * width for j in range(len(models))], units, width, label=name)
-    ax.axhline(2.5, color="gray", linestyle="--", linewidth=1, label="target for ours:fused (2.5)")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(models))], models, fontsize=8)
     ax.set_ylabel("time of one HVP / time of one gradient")
-    ax.set_title(f"Hessian-vector product cost ({data['environment']['cpu_threads']} CPU thread(s); "
-                 "missing bar: not applicable)")
+    ax.set_title(f"Hessian-vector products at fixed weights ({data['environment']['cpu_threads']} CPU thread(s); "
+                 "missing bar: not run or not applicable)")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
