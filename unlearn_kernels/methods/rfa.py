@@ -265,17 +265,19 @@ class RFA(_Trained):
             for x, y in retain.loader(self.batch_size, shuffle=True, seed=seed + epoch):
                 with torch.no_grad():
                     _, h0 = frozen(teacher, x)
-                logits, hs = student(model, x)
-                align = self._distance(hs, h0, scales)
-                task = F.cross_entropy(logits, y) if self.task_weight > 0 else torch.zeros((), device=x.device)
                 xf, rows = next(forget_batches)
-                _, hf = student(model, xf)
+                n = len(x)  # one forward of the adapted model over the D_r and the D_f batch
+                logits, both = student(model, torch.cat([x, xf]))
+                hs, hf = [h[:n] for h in both], [h[n:] for h in both]
+                align = self._distance(hs, h0, scales)
+                task = F.cross_entropy(logits[:n], y) if self.task_weight > 0 else torch.zeros((), device=x.device)
                 batch_targets = [t[rows] for t in targets]
                 shift = (self._margin_loss(hf, batch_targets) if self.shift == "margin"
                          else self._distance(hf, batch_targets, scales))
                 _step(optimizer, align + self.task_weight * task + self.lam * shift)
                 steps += 1
-                last = {"align_loss": float(align.detach()), "task_loss": float(task.detach()), "shift_loss": float(shift.detach())}
+                last = {"align_loss": float(align.detach()), "task_loss": float(task.detach()),
+                        "shift_loss": float(shift.detach())}
         return steps, last
 
 
