@@ -5,11 +5,12 @@ logits z). The loss is ``F.cross_entropy(z, target, label_smoothing=eps, ignore_
 over the rows whose target is not ``ignore_index``). :func:`mlp_hvp` returns H v, the Hessian of
 that loss w.r.t. all weights and biases applied to K tangents v at once, exactly (no Gauss-Newton
 approximation), by Pearlmutter's R-operator: one forward, one R-forward, one backward and one
-R-backward, with the forward and backward shared by the K tangents. On CPU it costs about two
-gradients for one tangent (the weight gradients themselves are never formed).
+R-backward, with the forward and backward shared by the K tangents (the weight gradients
+themselves are never formed; measured costs are in docs/benchmarks.md).
 
 Backends: C++ CPU (ATen matmuls + fused elementwise loops) and CUDA (cuBLAS through ATen + fused
-kernels), both in ``csrc/{cpu,cuda}/mlp_hvp.*``; ``mlp_hvp_ref`` below (``torch.func`` jvp of grad)
+kernels): the device-agnostic passes in ``csrc/mlp_hvp.cpp``, the device stages in
+``csrc/{cpu,cuda}/mlp_hvp.*``; ``mlp_hvp_ref`` below (``torch.func`` jvp of grad)
 is the pure-PyTorch reference. There is no Triton kernel. The op is not differentiable.
 
 :func:`mlp_hvp_flat` is the same product on flat parameter vectors (a (d, K) matrix of tangents in,
@@ -308,7 +309,8 @@ def mlp_hvp_flat(
     (its tangent is zero and its product is not returned: the result is the Hessian block of the
     chosen parameters applied to V). The chosen blocks must tile the d rows exactly, in any order.
     The compiled backends validate everything in C++ (this wrapper adds almost no Python work per
-    call, which matters for small models where a product takes a millisecond).
+    call, which matters for small models, where each Python-level tensor op is a visible share of a
+    product).
 
     Args:
         x, target, weights, biases, activations, label_smoothing, ignore_index, check_finite, backend:
