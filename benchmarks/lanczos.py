@@ -190,7 +190,8 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 0.5,
                       "tolerance": tol, "gate_abs": gate, "reference_eigenvalues": exact.tolist()})
     steps, step_cases = run_steps(wide, device, min_time)
     results += steps
-    config = {"cases": cases, "step_cases": step_cases, "step_baseline": STEP_BASELINE, "num_eigs": NUM_EIGS, "which": "largest algebraic", "max_steps_ours": MAX_STEPS,
+    config = {"cases": cases, "step_cases": step_cases, "step_baseline": STEP_BASELINE, "num_eigs": NUM_EIGS,
+              "which": "largest algebraic", "max_steps_ours": MAX_STEPS,
               "ours": "lanczos(reorth='full', return_eigenvectors=False)",
               "eigsh": "which='LA', default ncv, v0 = a fixed Gaussian vector, return_eigenvectors=False",
               "reference": f"eigsh tol={REFERENCE_TOLERANCE} on a float64 operator", "min_time_s": min_time,

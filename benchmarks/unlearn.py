@@ -124,7 +124,8 @@ def run(device: torch.device, *, quick: bool = False, sizes: tuple[int, ...] = S
             results.append(Measurement(case, name, result.seconds, 0.0, None,
                                        extra={"acc_forget": acc_f[name], "acc_test": acc_test}))
         gap = acc_f["original"] - acc_f["retrain"]
-        closed = {name: (acc_f["original"] - acc_f[name]) / gap if gap else None for name in ("cure_newton", "finetune")}
+        closed = {name: (acc_f["original"] - acc_f[name]) / gap if gap else None
+                  for name in ("cure_newton", "finetune")}
         for m in results[-len(methods):]:
             if m.candidate in closed:
                 m.extra["gap_closed"] = closed[m.candidate]

@@ -44,7 +44,8 @@ def interpreted(backend, device):
 
 # The Triton interpreter is slow: it stops at d = 5001, which already spans two tiles.
 @pytest.mark.parametrize(("backend", "device", "d", "m"),
-                         [(b, dev, d, m) for b, dev in PAIRS for d, m in SHAPES if not (interpreted(b, dev) and d > 6000)])
+                         [(b, dev, d, m) for b, dev in PAIRS for d, m in SHAPES
+                          if not (interpreted(b, dev) and d > 6000)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_matches_numpy(backend, device, dtype, d, m, rng):
     basis = orthonormal_rows(m, d, dtype, rng).to(device)

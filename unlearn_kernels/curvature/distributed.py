@@ -71,8 +71,9 @@ class ShardGroup:
         self.shard_sizes = [int(n) for n in table[:, 0].tolist()]
         self.num_rows = sum(self.shard_sizes)
         if len({int(v) for v in table[:, 1].tolist()}) > 1:
-            raise ValueError(f"the ranks have different numbers of parameters {table[:, 1].long().tolist()}: every rank "
-                             "must pass the same model and parameter selection")
+            sizes = table[:, 1].long().tolist()
+            raise ValueError(f"the ranks have different numbers of parameters {sizes}: every rank must pass the same "
+                             "model and parameter selection")
         if self.num_rows == 0:
             raise ValueError("every rank's shard is empty: at least one rank needs rows")
         self.weight = self.shard_sizes[self.rank] / self.num_rows
