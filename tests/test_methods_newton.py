@@ -499,6 +499,25 @@ def test_non_finite_step_raises_and_leaves_the_model_alone(mlp, monkeypatch):
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
+def test_a_result_worse_after_rounding_is_not_returned(mlp, monkeypatch):
+    # Computing in float64 for a float32 model, the result is rounded to float32 and F re-evaluated
+    # there; if that is above F of the given weights, the given weights come back. Forced here with
+    # a "result" that claims a decrease but moves uphill.
+    model, forget, retain = mlp
+
+    def uphill(value, gradient, hessian, w0, **options):
+        f0, g0 = value(w0), gradient(w0)
+        return ARCResult(w0 + 0.5 * g0 / g0.norm(), f0 - 1.0, g0, 1, 0, 1.0, "max_iterations",
+                         initial_value=f0, initial_grad_norm=float(g0.norm()))
+
+    monkeypatch.setattr(newton, "adaptive_cubic_newton", uphill)
+    out = CureNewton(dtype=torch.float64).unlearn(model, forget, retain)
+    monkeypatch.undo()
+    assert out.diagnostics["rounding_reverted"] and out.diagnostics["step_norm"] == 0.0
+    assert torch.equal(get_flat_parameters(out.model), get_flat_parameters(model))
+    assert out.diagnostics["objective_after"] == out.diagnostics["objective_before"]
+
+
 # ---------------------------------------------------------------------------------------------
 # through the study runner
 

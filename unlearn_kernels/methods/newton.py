@@ -274,7 +274,9 @@ class CureNewton(_NewtonFamily):
     ``M_initial``, ``steps`` (accepted), ``stop_reason`` ("tolerance", "max_iterations",
     "hvp_budget" or "no_progress"), ``iterations`` (one record per trial: ``iteration``, ``M``,
     ``predicted``, ``actual``, ``ratio``, ``accepted``, ``step_norm``, ``hvps``, ``lanczos_steps``,
-    ``grad_norm``), ``step_norms`` (of the accepted steps) and ``hessian_samples`` (rows used).
+    ``grad_norm``), ``step_norms`` (of the accepted steps), ``hessian_samples`` (rows used) and
+    ``rounding_reverted`` (with another compute ``dtype``: rounding the result to the model's dtype
+    undid the decrease of F, so the given weights were returned).
     """
 
     name = "cure_newton"
@@ -356,15 +358,24 @@ class CureNewton(_NewtonFamily):
             hvp_budget=self.hvp_budget, eta1=self.eta1, eta2=self.eta2, gamma=self.gamma, M_min=self.M_min,
             solver_options=self.solver_options, seed=seed)
         self._set(ws, result.w)
-        # in another compute dtype the returned weights are rounded: F is re-evaluated there
-        after = result.value if ws.shadow is ws.model else objective.value()
+        # in another compute dtype the returned weights are rounded: F is re-evaluated there, and in the
+        # (rare) case that rounding undid the decrease the given weights are returned (start is exact in
+        # the model's dtype: the shadow was converted from it)
+        after, reverted = result.value, False
+        if ws.shadow is not ws.model:
+            after = objective.value()
+            if after > result.initial_value:
+                self._set(ws, start)
+                after, reverted = result.initial_value, True
         diagnostics = {
-            "step_norm": norm64(result.w - start), "M": result.M, "M_initial": M, "steps": result.steps,
+            "step_norm": norm64(ws.w - start), "M": result.M, "M_initial": M, "steps": result.steps,
             "stop_reason": result.stop_reason, "iterations": [asdict(t) for t in result.trials],
             "step_norms": [t.step_norm for t in result.trials if t.accepted],
-            "grad_norm_retain_before": result.initial_grad_norm, "grad_norm_retain_after": norm64(result.gradient),
+            "grad_norm_retain_before": result.initial_grad_norm,
+            "grad_norm_retain_after": result.initial_grad_norm if reverted else norm64(result.gradient),
             "objective_before": result.initial_value, "objective_after": after,
-            "hessian_samples": len(sample), "num_params": op.shape[0], "hessian_path": op.path, **extra,
+            "hessian_samples": len(sample), "rounding_reverted": reverted, "num_params": op.shape[0],
+            "hessian_path": op.path, **extra,
         }
         return UnlearnResult(model=ws.model, seconds=0.0, hvps=op.num_products + ws.hvps,
                              gradients=ws.gradient_passes, diagnostics=diagnostics)
