@@ -119,8 +119,9 @@ def adaptive_cubic_newton(
         max_iterations: most accepted steps, >= 1 (1: one cubic step, with M raised until the
             step is accepted).
         tol: stop when ``||grad f(w)|| <= tol`` (>= 0; checked before every step).
-        hvp_budget: stop before a new Lanczos run once this many products were used; a run is
-            capped at what is left (None: no budget).
+        hvp_budget: stop before a new Lanczos run once this many products were used; a run's
+            ``k_max`` is capped at what is left (the hard-case probe, off by default, can add up to
+            its ``probe_steps``; None: no budget).
         eta1: the accept threshold on the ratio, in (0, eta2).
         eta2: the "very successful" threshold on the ratio, in (eta1, inf).
         gamma: the factor M is raised by after a rejection and lowered by after a very
