@@ -1,13 +1,14 @@
-// CUDA kernels of one Lanczos step (see unlearn_kernels/ops/lanczos_step.py and the CPU kernel in
-// csrc/cpu/lanczos_step.cpp, which has the same three passes over the basis B (m x d)):
-//   pass1: per tile partial sums of <hq, q>, ||hq||^2 and B hq, B q, B q_prev;
-//   pass2: w = hq - alpha q - beta_prev q_prev - B^T c1 (c1 = B hq - alpha B q - beta_prev B q_prev),
-//          stored, then per tile partial sums of B w and ||w||^2;
-//   pass3: w -= B^T c2 (c2 = B w) and ||w||^2;   finish: beta, breakdown, scale; scale: w /= beta.
+// CUDA kernels of one Lanczos step (see unlearn_kernels/ops/lanczos_step.py), with the scheme of
+// the CPU kernel (csrc/cpu/lanczos_step.cpp), which reads the basis B (m x d) as few times as it can:
+//   pass1: per tile partial sums of alpha = <hq, q> and ||hq||^2 (the vectors only);
+//   pass2: w = hq - alpha q - beta_prev q_prev, stored, and per tile partial sums of c1 = B w;
+//   pass3: w -= B^T c1, stored, and per tile partial sums of c2 = B w and ||w||^2;
+//   decide: again = ||c2|| > eps ||w||, on the device;
+//   pass4: if again, w -= B^T c2; ||w||^2 either way;   finish: beta, breakdown, scale; scale: w /= beta.
 // Each block owns a kTile-wide column tile: its threads stream the rows of B for the updates, and
 // for the dot products each warp takes whole rows against the tile held in shared memory (no block
 // barrier per row). Partial sums per tile are added up by row_sum in a fixed order, so results
-// are deterministic, and alpha, beta never leave the device (no host synchronisation).
+// are deterministic, and alpha, beta and the flag never leave the device (no host synchronisation).
 #include "../lanczos_step.h"
 
 #include <ATen/Dispatch.h>
@@ -74,57 +75,72 @@ __device__ void rows_dot_tile(const T* __restrict__ B, const double* vec, int64_
   }
 }
 
+// part[tile] = <hq, q>, part[n_tiles + tile] = ||hq||^2 on the tile.
 template <typename T>
-__global__ void pass1_kernel(const T* __restrict__ hq, const T* __restrict__ q, const T* __restrict__ qp,
-                             const T* __restrict__ B, int64_t d, int64_t m, int64_t n_tiles,
-                             double* __restrict__ part, double* __restrict__ bpart) {
-  __shared__ double sh[3][kTile];
+__global__ void pass1_kernel(const T* __restrict__ hq, const T* __restrict__ q, int64_t d, int64_t n_tiles,
+                             double* __restrict__ part) {
   __shared__ double scratch[kWarps];
   const int64_t tile = blockIdx.x, col0 = tile * kTile;
   const int ncols = static_cast<int>(d - col0 < kTile ? d - col0 : kTile);
   double a = 0, h2 = 0;
   for (int i = threadIdx.x; i < ncols; i += kThreads) {
-    const double h = hq[col0 + i], v = q[col0 + i];
-    sh[0][i] = h;
-    sh[1][i] = v;
-    sh[2][i] = qp[col0 + i];
-    a += h * v;
+    const double h = hq[col0 + i];
+    a += h * static_cast<double>(q[col0 + i]);
     h2 += h * h;
   }
   a = block_sum(a, scratch);
   if (threadIdx.x == 0) part[tile] = a;
   h2 = block_sum(h2, scratch);
   if (threadIdx.x == 0) part[n_tiles + tile] = h2;
-  __syncthreads();
-  for (int k = 0; k < 3; ++k) rows_dot_tile(B, sh[k], d, m, col0, ncols, bpart + k * m * n_tiles, n_tiles, tile);
 }
 
-// sums1 = [alpha, ||hq||^2, B hq (m), B q (m), B q_prev (m)].
+// w = hq - alpha q - beta_prev q_prev, stored; bpart[j * n_tiles + tile] = B_j . w (the stored, rounded w).
 template <typename T>
 __global__ void pass2_kernel(const T* __restrict__ hq, const T* __restrict__ q, const T* __restrict__ qp,
                              const T* __restrict__ B, T* __restrict__ w, const double* __restrict__ sums1,
                              const double* __restrict__ beta_prev_ptr, int64_t d, int64_t m, int64_t n_tiles,
-                             double* __restrict__ part) {
+                             double* __restrict__ bpart) {
+  __shared__ double sh[kTile];
+  const int64_t tile = blockIdx.x, col0 = tile * kTile;
+  const int ncols = static_cast<int>(d - col0 < kTile ? d - col0 : kTile);
+  const double alpha = sums1[0], beta_prev = *beta_prev_ptr;
+  for (int i = threadIdx.x; i < ncols; i += kThreads) {
+    const T stored = static_cast<T>(static_cast<double>(hq[col0 + i]) - alpha * static_cast<double>(q[col0 + i]) -
+                                    beta_prev * static_cast<double>(qp[col0 + i]));
+    w[col0 + i] = stored;
+    sh[i] = static_cast<double>(stored);
+  }
+  __syncthreads();
+  rows_dot_tile(B, sh, d, m, col0, ncols, bpart, n_tiles, tile);
+}
+
+// w -= B^T c, stored; then, when `project`, part[j * n_tiles + tile] = B_j . w (the stored w) and
+// part[m * n_tiles + tile] = ||w||^2; else part[tile] = ||w||^2. `apply` (read on the device) set
+// to 0 skips the update and the reads of B.
+template <typename T>
+__global__ void update_kernel(const T* __restrict__ B, T* __restrict__ w, const double* __restrict__ c,
+                              const int* __restrict__ apply, bool project, int64_t d, int64_t m, int64_t n_tiles,
+                              double* __restrict__ part) {
   __shared__ double sh[kTile];
   __shared__ double scratch[kWarps];
   const int64_t tile = blockIdx.x, col0 = tile * kTile;
   const int ncols = static_cast<int>(d - col0 < kTile ? d - col0 : kTile);
-  const double alpha = sums1[0], beta_prev = *beta_prev_ptr;
+  const bool update = apply == nullptr || *apply != 0;
   double wt[kPer];
 #pragma unroll
   for (int k = 0; k < kPer; ++k) {
     const int i = threadIdx.x + k * kThreads;
-    wt[k] = i < ncols ? static_cast<double>(hq[col0 + i]) - alpha * static_cast<double>(q[col0 + i]) -
-                            beta_prev * static_cast<double>(qp[col0 + i])
-                      : 0.0;
+    wt[k] = i < ncols ? static_cast<double>(w[col0 + i]) : 0.0;
   }
-  for (int64_t j = 0; j < m; ++j) {
-    const double c = sums1[2 + j] - alpha * sums1[2 + m + j] - beta_prev * sums1[2 + 2 * m + j];
-    const T* row = B + j * d + col0;
+  if (update) {
+    for (int64_t j = 0; j < m; ++j) {
+      const double cj = c[j];
+      const T* row = B + j * d + col0;
 #pragma unroll
-    for (int k = 0; k < kPer; ++k) {
-      const int i = threadIdx.x + k * kThreads;
-      if (i < ncols) wt[k] -= c * static_cast<double>(row[i]);
+      for (int k = 0; k < kPer; ++k) {
+        const int i = threadIdx.x + k * kThreads;
+        if (i < ncols) wt[k] -= cj * static_cast<double>(row[i]);
+      }
     }
   }
   double w2 = 0;
@@ -133,48 +149,14 @@ __global__ void pass2_kernel(const T* __restrict__ hq, const T* __restrict__ q, 
     const int i = threadIdx.x + k * kThreads;
     if (i < ncols) {
       const T stored = static_cast<T>(wt[k]);
-      w[col0 + i] = stored;
-      sh[i] = static_cast<double>(stored);  // the second projection sees the rounded vector
-      w2 += wt[k] * wt[k];
+      if (update) w[col0 + i] = stored;
+      sh[i] = static_cast<double>(stored);  // the next projection sees the rounded vector
+      w2 += sh[i] * sh[i];
     }
   }
   w2 = block_sum(w2, scratch);  // its barriers also publish sh
-  if (threadIdx.x == 0) part[m * n_tiles + tile] = w2;
-  rows_dot_tile(B, sh, d, m, col0, ncols, part, n_tiles, tile);
-}
-
-template <typename T>
-__global__ void pass3_kernel(const T* __restrict__ B, T* __restrict__ w, const double* __restrict__ c, int64_t d,
-                             int64_t m, double* __restrict__ part) {
-  __shared__ double scratch[kWarps];
-  const int64_t tile = blockIdx.x, col0 = tile * kTile;
-  const int ncols = static_cast<int>(d - col0 < kTile ? d - col0 : kTile);
-  double wt[kPer];
-#pragma unroll
-  for (int k = 0; k < kPer; ++k) {
-    const int i = threadIdx.x + k * kThreads;
-    wt[k] = i < ncols ? static_cast<double>(w[col0 + i]) : 0.0;
-  }
-  for (int64_t j = 0; j < m; ++j) {
-    const double cj = c[j];
-    const T* row = B + j * d + col0;
-#pragma unroll
-    for (int k = 0; k < kPer; ++k) {
-      const int i = threadIdx.x + k * kThreads;
-      if (i < ncols) wt[k] -= cj * static_cast<double>(row[i]);
-    }
-  }
-  double w2 = 0;
-#pragma unroll
-  for (int k = 0; k < kPer; ++k) {
-    const int i = threadIdx.x + k * kThreads;
-    if (i < ncols) {
-      w[col0 + i] = static_cast<T>(wt[k]);
-      w2 += wt[k] * wt[k];
-    }
-  }
-  w2 = block_sum(w2, scratch);
-  if (threadIdx.x == 0) part[tile] = w2;
+  if (threadIdx.x == 0) part[(project ? m * n_tiles : 0) + tile] = w2;
+  if (project) rows_dot_tile(B, sh, d, m, col0, ncols, part, n_tiles, tile);
 }
 
 // out[r] = sum_t in[r * n + t], one block per row, in a fixed order.
@@ -185,6 +167,13 @@ __global__ void row_sum_kernel(const double* __restrict__ in, int64_t n, double*
   for (int64_t t = threadIdx.x; t < n; t += kThreads) s += row[t];
   s = block_sum(s, scratch);
   if (threadIdx.x == 0) out[blockIdx.x] = s;
+}
+
+// again = ||c2||^2 > eps^2 ||w||^2: whether the second update would move w by more than its rounding.
+__global__ void decide_kernel(const double* __restrict__ sums, int64_t m, double eps, int* __restrict__ again) {
+  double c2 = 0;
+  for (int64_t j = 0; j < m; ++j) c2 += sums[j] * sums[j];
+  *again = c2 > eps * eps * sums[m] ? 1 : 0;
 }
 
 // alpha, beta (0 on breakdown) and the scale 1 / beta (0 on breakdown).
@@ -226,9 +215,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lanczos_step_cuda(const at::Tenso
 
   const int64_t n_tiles = (d + kTile - 1) / kTile;
   TORCH_CHECK(n_tiles <= INT32_MAX, op, ": d = ", d, " is too large");
-  at::Tensor part1 = at::empty({2 + 3 * m, n_tiles}, f64), sums1 = at::empty({2 + 3 * m}, f64);
-  at::Tensor part2 = at::empty({m + 1, n_tiles}, f64), sums2 = at::empty({m + 1}, f64);
-  at::Tensor part3 = at::empty({n_tiles}, f64), sums3 = at::empty({1}, f64);
+  at::Tensor part1 = at::empty({2, n_tiles}, f64), sums1 = at::empty({2}, f64);
+  at::Tensor part2 = at::empty({m, n_tiles}, f64), c1 = at::empty({m}, f64);
+  at::Tensor part3 = at::empty({m + 1, n_tiles}, f64), sums3 = at::empty({m + 1}, f64);
+  at::Tensor part4 = at::empty({n_tiles}, f64), sums4 = at::empty({1}, f64);
+  at::Tensor again = at::empty({1}, hq.options().dtype(at::kInt));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto tiles = static_cast<unsigned>(n_tiles);
   AT_DISPATCH_FLOATING_TYPES(dtype, "lanczos_step_cuda", [&] {
@@ -237,29 +228,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lanczos_step_cuda(const at::Tenso
     const scalar_t* qp_p = q_prev.const_data_ptr<scalar_t>();
     const scalar_t* b_p = basis.const_data_ptr<scalar_t>();
     scalar_t* w_p = w.mutable_data_ptr<scalar_t>();
-    double* p1 = part1.mutable_data_ptr<double>();
-    pass1_kernel<scalar_t><<<tiles, kThreads, 0, stream>>>(hq_p, q_p, qp_p, b_p, d, m, n_tiles, p1, p1 + 2 * n_tiles);
+    pass1_kernel<scalar_t><<<tiles, kThreads, 0, stream>>>(hq_p, q_p, d, n_tiles, part1.mutable_data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    row_sum_kernel<<<static_cast<unsigned>(2 + 3 * m), kThreads, 0, stream>>>(p1, n_tiles,
-                                                                             sums1.mutable_data_ptr<double>());
+    row_sum_kernel<<<2, kThreads, 0, stream>>>(part1.const_data_ptr<double>(), n_tiles,
+                                               sums1.mutable_data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     pass2_kernel<scalar_t><<<tiles, kThreads, 0, stream>>>(hq_p, q_p, qp_p, b_p, w_p, sums1.const_data_ptr<double>(),
                                                            beta_prev.const_data_ptr<double>(), d, m, n_tiles,
                                                            part2.mutable_data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    row_sum_kernel<<<static_cast<unsigned>(m + 1), kThreads, 0, stream>>>(part2.const_data_ptr<double>(), n_tiles,
-                                                                         sums2.mutable_data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const double* w_norm2 = sums2.const_data_ptr<double>() + m;
+    const double* w_norm2 = nullptr;
     if (m > 0) {
-      pass3_kernel<scalar_t><<<tiles, kThreads, 0, stream>>>(b_p, w_p, sums2.const_data_ptr<double>(), d, m,
-                                                             part3.mutable_data_ptr<double>());
+      row_sum_kernel<<<static_cast<unsigned>(m), kThreads, 0, stream>>>(part2.const_data_ptr<double>(), n_tiles,
+                                                                       c1.mutable_data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      row_sum_kernel<<<1, kThreads, 0, stream>>>(part3.const_data_ptr<double>(), n_tiles,
-                                                 sums3.mutable_data_ptr<double>());
+      update_kernel<scalar_t><<<tiles, kThreads, 0, stream>>>(b_p, w_p, c1.const_data_ptr<double>(), nullptr, true, d,
+                                                              m, n_tiles, part3.mutable_data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      w_norm2 = sums3.const_data_ptr<double>();
+      row_sum_kernel<<<static_cast<unsigned>(m + 1), kThreads, 0, stream>>>(part3.const_data_ptr<double>(), n_tiles,
+                                                                           sums3.mutable_data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      decide_kernel<<<1, 1, 0, stream>>>(sums3.const_data_ptr<double>(), m, Eps<scalar_t>::value,
+                                         again.mutable_data_ptr<int>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
+    // The last pass: the second update (when `again`; none without a basis) and ||w||^2.
+    update_kernel<scalar_t><<<tiles, kThreads, 0, stream>>>(b_p, w_p, sums3.const_data_ptr<double>(),
+                                                            m > 0 ? again.const_data_ptr<int>() : nullptr, false, d,
+                                                            m, n_tiles, part4.mutable_data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    row_sum_kernel<<<1, kThreads, 0, stream>>>(part4.const_data_ptr<double>(), n_tiles,
+                                               sums4.mutable_data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    w_norm2 = sums4.const_data_ptr<double>();
     double* o = out.mutable_data_ptr<double>();
     finish_kernel<<<1, 1, 0, stream>>>(sums1.const_data_ptr<double>(), w_norm2, Eps<scalar_t>::value, o, o + 1, o + 2);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

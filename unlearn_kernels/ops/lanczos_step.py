@@ -21,8 +21,8 @@ step, which is reading the basis: it forms w first, so the first pass needs one 
 pass's update (while that tile of the basis is in cache); and makes the second update only when
 ``||c2|| > eps ||w||``, i.e. when it would change w by more than the rounding of storing it. It
 reads the basis twice per step (three times when hq lies almost inside its span), with tile sums
-in the vectors' dtype and float64 across tiles. The Triton kernel follows the same scheme with
-float64 sums (the decision is taken on the device); the CUDA kernel always makes both passes.
+in the vectors' dtype and float64 across tiles. The CUDA and Triton kernels follow the same scheme
+with float64 sums, the decision taken on the device (no host synchronisation).
 """
 from __future__ import annotations
 
