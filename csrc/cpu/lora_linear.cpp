@@ -1,13 +1,14 @@
 // The fused LoRA linear pass (see csrc/lora_linear.h): ATen GEMMs, written once for every device.
 // The adapter is folded into the frozen layer's big GEMMs, by merging it into the weight (many
 // rows) or as a rank-r update accumulated into their output (few rows); the scale s is applied to
-// the small operands, never to a full (N, out) tensor. On CPU the tall-skinny rank-r products run
-// over row chunks in parallel (see for_row_chunks).
+// the small operands, never to a full (N, out) tensor. On CPU all rank-r work of a pass runs in
+// one parallel region (see for_chunks): the forward adds one to the frozen layer's, the backward two.
 #include "../lora_linear.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+#include <c10/util/ParallelGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -55,68 +56,64 @@ void check_like(const char* op, const char* name, const at::Tensor& t, at::IntAr
 
 // Whether to merge the adapter into the weight, W' = W + s B A, for the big GEMMs. Forming W' costs
 // out * in * r multiply-adds and one write and read of an (out, in) matrix; the separate rank-r
-// terms cost N * r * (in + out) and, on CPU, the bandwidth of extra passes over (N, in) and
-// (N, out) tensors. Merging is cheaper once N >= in * out / (in + out) (512 rows for 1024 x 1024).
+// terms cost N * r * (in + out) and, on CPU, extra passes over (N, in) and (N, out) tensors.
+// Merging is cheaper once N >= in * out / (in + out) (512 rows for 1024 x 1024).
 bool merge(int64_t rows, int64_t n_in, int64_t n_out) { return rows * (n_in + n_out) >= n_in * n_out; }
 
-// Row chunks for the tall-skinny rank-r products on CPU: one per thread, at least kMinRows rows
-// each. MKL's own threading of an (N, in) x (in, r) product, or of a reduction over N, makes its
-// threads meet several times per call; on a busy machine that cost up to 10x the arithmetic. Here
-// each thread runs a single-threaded GEMM on its own rows and the threads meet once. Off the CPU
-// (the current stream is per thread) there is one chunk.
-int64_t row_chunks(const at::Tensor& t) {
+// Chunks for the rank-r work: on CPU one per thread once there are kMinRows rows per chunk; off
+// the CPU one (the current stream is per thread, and the GPU is parallel by itself).
+int64_t num_chunks(const at::Tensor& x) {
   constexpr int64_t kMinRows = 256;
-  if (!t.is_cpu()) return 1;
-  return std::clamp<int64_t>(t.size(0) / kMinRows, 1, at::get_num_threads());
+  if (!x.is_cpu()) return 1;
+  return std::clamp<int64_t>(x.size(0) / kMinRows, 1, at::get_num_threads());
 }
 
+// [begin, end) of chunk c of n items split in `chunks`.
+std::pair<int64_t, int64_t> span(int64_t n, int64_t c, int64_t chunks) { return {n * c / chunks, n * (c + 1) / chunks}; }
+
+// Runs fn(c) for every chunk in one parallel region, where each thread's ATen calls run
+// single-threaded. Every ATen op with its own threading is a region whose threads meet at its
+// end; on a machine whose cores are busy with other work each meeting can wait milliseconds for a
+// descheduled thread, so the rank-r work of a pass (several small GEMMs, scalings, a transpose)
+// is gathered into one region instead of one per op.
 template <typename Fn>
-void for_row_chunks(int64_t rows, int64_t chunks, const Fn& fn) {
-  if (chunks == 1) return fn(0, 0, rows);
+void for_chunks(int64_t chunks, const Fn& fn) {
+  if (chunks == 1) return fn(0);
   const at::ThreadLocalState caller;  // grad mode and dispatch keys are per thread: the workers take ours
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     const at::ThreadLocalStateGuard guard(caller);
-    for (int64_t c = begin; c < end; ++c) fn(c, rows * c / chunks, rows * (c + 1) / chunks);
+    for (int64_t c = begin; c < end; ++c) fn(c);
   });
 }
 
-// out (N, r) = x (N, k) m^T for a small m (r, k), row chunk by row chunk.
-void rows_times_t(at::Tensor& out, const at::Tensor& x, const at::Tensor& m) {
-  for_row_chunks(x.size(0), row_chunks(x), [&](int64_t, int64_t r0, int64_t r1) {
-    at::Tensor rows = out.slice(0, r0, r1);
-    at::mm_out(rows, x.slice(0, r0, r1), m.t());
+// Rows [begin, end) of t along dim 0.
+at::Tensor rows_of(const at::Tensor& t, std::pair<int64_t, int64_t> range) {
+  return t.slice(0, range.first, range.second);
+}
+
+// The forward shared by the op and its JVP: (y = x W^T + b + s xa B^T, left = x L^T) where L
+// (r', in) starts with A (L = [A; dA] for the JVP), so xa = left[:, :r]. One region computes left
+// row chunk by row chunk and, when merging, W' = W + s B A row block by row block.
+std::pair<at::Tensor, at::Tensor> adapted_linear(const at::Tensor& x, const at::Tensor& weight,
+                                                 const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                                                 const at::Tensor& lora_b, double scale, const at::Tensor& left_weight) {
+  const int64_t rows = x.size(0), n_out = weight.size(0);
+  const bool merged = merge(rows, x.size(1), n_out);
+  at::Tensor left = at::empty({rows, left_weight.size(0)}, x.options());
+  at::Tensor w = merged ? at::empty(weight.sizes(), weight.options()) : weight;
+  const int64_t chunks = num_chunks(x);
+  for_chunks(chunks, [&](int64_t c) {
+    at::Tensor left_rows = rows_of(left, span(rows, c, chunks));
+    at::mm_out(left_rows, rows_of(x, span(rows, c, chunks)), left_weight.t());
+    if (merged) {
+      const auto block = span(n_out, c, chunks);
+      at::Tensor w_rows = rows_of(w, block);
+      at::addmm_out(w_rows, rows_of(weight, block), rows_of(lora_b, block), lora_a, /*beta=*/1, /*alpha=*/scale);
+    }
   });
-}
-
-// a^T b (r, k) for a (N, r) with few columns and b (N, k): per-chunk partial products, summed.
-at::Tensor t_times_rows(const at::Tensor& a, const at::Tensor& b) {
-  const int64_t chunks = row_chunks(b);
-  if (chunks == 1) return at::mm(a.t(), b);
-  at::Tensor partial = at::empty({chunks, a.size(1), b.size(1)}, b.options());
-  for_row_chunks(b.size(0), chunks, [&](int64_t c, int64_t r0, int64_t r1) {
-    at::Tensor part = partial.select(0, c);
-    at::mm_out(part, a.slice(0, r0, r1).t(), b.slice(0, r0, r1));
-  });
-  at::Tensor sum = partial.select(0, 0);
-  for (int64_t c = 1; c < chunks; ++c) sum.add_(partial.select(0, c));  // a few small adds (sum(0) was slower)
-  return sum;
-}
-
-at::Tensor x_times_a_t(const at::Tensor& x, const at::Tensor& lora_a) {
-  at::Tensor xa = at::empty({x.size(0), lora_a.size(0)}, x.options());
-  rows_times_t(xa, x, lora_a);
-  return xa;
-}
-
-// y = x W^T + b + s xa B^T, into a fresh contiguous output.
-at::Tensor adapted_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                          const at::Tensor& lora_a, const at::Tensor& lora_b, double scale, const at::Tensor& xa) {
-  if (merge(x.size(0), x.size(1), weight.size(0))) {
-    const at::Tensor merged = at::addmm(weight, lora_b, lora_a, /*beta=*/1, /*alpha=*/scale);
-    return bias.has_value() ? at::addmm(*bias, x, merged.t()) : at::mm(x, merged.t());
-  }
-  at::Tensor out = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
-  return out.addmm_(xa, lora_b.t(), /*beta=*/1, /*alpha=*/scale);
+  at::Tensor out = bias.has_value() ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
+  if (!merged) out.addmm_(left.narrow(1, 0, lora_a.size(0)), lora_b.t(), /*beta=*/1, /*alpha=*/scale);
+  return {out, left};
 }
 
 }  // namespace
@@ -125,8 +122,8 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
                                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
                                            const at::Tensor& lora_b, double scale) {
   check_inputs("lora_linear", x, weight, bias, lora_a, lora_b, scale);
-  const at::Tensor xa = x_times_a_t(x, lora_a);
-  return {adapted_linear(x, weight, bias, lora_a, lora_b, scale, xa), xa};
+  auto [out, xa] = adapted_linear(x, weight, bias, lora_a, lora_b, scale, lora_a);
+  return {out, xa};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x,
@@ -138,31 +135,64 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
   check_like(op, "grad_out", grad_out, std::array<int64_t, 2>{x.size(0), weight.size(0)}, x);
   check_like(op, "xa", xa, std::array<int64_t, 2>{x.size(0), lora_a.size(0)}, x);
   const auto [need_x, need_a, need_b] = output_mask;
-  const int64_t n_in = x.size(1), n_out = weight.size(0), rank = lora_a.size(0);
+  const int64_t rows = x.size(0), n_in = x.size(1), n_out = weight.size(0), rank = lora_a.size(0);
+  const int64_t chunks = num_chunks(x);
   at::Tensor grad_x, grad_a, grad_b, g;  // g = s gy B, (N, r): shared by grad_x and grad_a
   if (need_x) {
-    // grad_x and g side by side in one (N, in + r) buffer, [grad_x, g] = gy [W + s B A, s B] when
-    // merging (one GEMM reads gy for both), so grad_x is always a column slice (the fake's layout).
-    at::Tensor both = at::empty({x.size(0), n_in + rank}, x.options());
+    // grad_x and g side by side in one (N, in + r) buffer, so grad_x is always a column slice (the
+    // fake's layout). Merging, [grad_x, g] = gy [W + s B A, s B]: one GEMM reads gy for both.
+    at::Tensor both = at::empty({rows, n_in + rank}, x.options());
     grad_x = both.narrow(1, 0, n_in);
     g = both.narrow(1, n_in, rank);
-    if (merge(x.size(0), n_in, n_out)) {
+    if (merge(rows, n_in, n_out)) {
       at::Tensor right = at::empty({n_out, n_in + rank}, weight.options());
-      at::Tensor merged = right.narrow(1, 0, n_in), scaled_b = right.narrow(1, n_in, rank);
-      at::addmm_out(merged, weight, lora_b, lora_a, /*beta=*/1, /*alpha=*/scale);
-      at::mul_out(scaled_b, lora_b, scale);
+      for_chunks(chunks, [&](int64_t c) {
+        const auto block = span(n_out, c, chunks);
+        at::Tensor merged = rows_of(right, block).narrow(1, 0, n_in);
+        at::Tensor scaled_b = rows_of(right, block).narrow(1, n_in, rank);
+        at::addmm_out(merged, rows_of(weight, block), rows_of(lora_b, block), lora_a, /*beta=*/1, /*alpha=*/scale);
+        at::mul_out(scaled_b, rows_of(lora_b, block), scale);
+      });
       at::mm_out(both, grad_out, right);
     } else {
-      rows_times_t(g, grad_out, lora_b.t().mul(scale));
+      at::mm_out(g, grad_out, lora_b).mul_(scale);
       at::mm_out(grad_x, grad_out, weight).addmm_(g, lora_a);
     }
   } else if (need_a) {
-    g = at::empty({x.size(0), rank}, x.options());
-    rows_times_t(g, grad_out, lora_b.t().mul(scale));
+    g = at::empty({rows, rank}, x.options());
+    for_chunks(chunks, [&](int64_t c) {
+      at::Tensor g_rows = rows_of(g, span(rows, c, chunks));
+      at::mm_out(g_rows, rows_of(grad_out, span(rows, c, chunks)), lora_b).mul_(scale);
+    });
   }
-  if (need_a) grad_a = t_times_rows(g, x);
-  // s gy^T xa, as (s xa^T gy)^T: the reduction over N reads gy row-wise.
-  if (need_b) grad_b = t_times_rows(xa, grad_out).mul_(scale).t().contiguous();
+  // One region for both adapter gradients over row chunks, each chunk's partial products
+  // grad_a += g^T x and grad_b^T += xa^T gy (the reduction over N reads gy row by row), then the
+  // few partials are added up serially (as parallel ops each would be a region of its own).
+  if (need_a || need_b) {
+    at::Tensor part_a = need_a ? at::empty({chunks, rank, n_in}, x.options()) : at::Tensor();
+    at::Tensor part_b = need_b ? at::empty({chunks, rank, n_out}, x.options()) : at::Tensor();
+    for_chunks(chunks, [&](int64_t c) {
+      const auto range = span(rows, c, chunks);
+      if (need_a) {
+        at::Tensor pa = part_a.select(0, c);
+        at::mm_out(pa, rows_of(g, range).t(), rows_of(x, range));
+      }
+      if (need_b) {
+        at::Tensor pb = part_b.select(0, c);
+        at::mm_out(pb, rows_of(xa, range).t(), rows_of(grad_out, range));
+      }
+    });
+    const c10::ParallelGuard serial(true);
+    for (int64_t c = 1; c < chunks; ++c) {
+      if (need_a) part_a.select(0, 0).add_(part_a.select(0, c));
+      if (need_b) part_b.select(0, 0).add_(part_b.select(0, c));
+    }
+    if (need_a) grad_a = part_a.select(0, 0);
+    if (need_b) {
+      grad_b = at::empty({n_out, rank}, x.options());
+      at::mul_out(grad_b, part_b.select(0, 0).t(), scale);
+    }
+  }
   return {grad_x, grad_a, grad_b};
 }
 
@@ -176,17 +206,16 @@ std::tuple<at::Tensor, at::Tensor> jvp(const at::Tensor& x, const at::Tensor& we
   if (tangent_a.has_value()) check_like(op, "tangent_a", *tangent_a, lora_a.sizes(), x);
   if (tangent_b.has_value()) check_like(op, "tangent_b", *tangent_b, lora_b.sizes(), x);
   const int64_t rank = lora_a.size(0);
-  // [xa, x dA^T] = x [A; dA]^T: one read of x for both.
-  const at::Tensor left = x_times_a_t(x, tangent_a.has_value() ? at::cat({lora_a, *tangent_a}, 0) : lora_a);
-  const at::Tensor xa = left.narrow(1, 0, rank);
-  at::Tensor out = adapted_linear(x, weight, bias, lora_a, lora_b, scale, xa);
+  // left = [xa, x dA^T] = x [A; dA]^T: one read of x for both.
+  const at::Tensor left_weight = tangent_a.has_value() ? at::cat({lora_a, *tangent_a}, 0) : lora_a;
+  auto [out, left] = adapted_linear(x, weight, bias, lora_a, lora_b, scale, left_weight);
   at::Tensor tangent;
   if (tangent_a.has_value() && tangent_b.has_value()) {
     tangent = at::mm(left, at::cat({*tangent_b, lora_b}, 1).mul_(scale).t());  // [xa, x dA^T] s[dB, B]^T
   } else if (tangent_a.has_value()) {
     tangent = at::mm(left.narrow(1, rank, rank), lora_b.mul(scale).t());
   } else if (tangent_b.has_value()) {
-    tangent = at::mm(xa, tangent_b->mul(scale).t());
+    tangent = at::mm(left, tangent_b->mul(scale).t());
   } else {
     tangent = at::zeros_like(out);
   }
