@@ -5,20 +5,23 @@ B (out, rank), s a Python float (PEFT's ``scaling``, alpha / rank). W and b are 
 this op gives them no gradient, so they must not require one (a ValueError says so), and forward-mode
 tangents on them are refused the same way.
 
-A LoRA step costs the frozen layer's GEMMs plus rank-sized work. With xa = x A^T (N, r), kept from
-the forward::
+A LoRA step costs the frozen layer's GEMMs plus rank-sized work: the adapter is folded into the
+big GEMMs instead of running passes of its own. With xa = x A^T (N, r), kept from the forward, and
+W' = W + s B A (formed when there are enough rows, N >= in * out / (in + out); with fewer rows the
+rank-r term is accumulated into the big GEMM's output instead, addmm with beta = 1)::
 
-    forward    y   = x W^T + b, then y += s xa B^T            (one addmm into the output)
-    backward   g   = s gy B                                   (N, r)
-               gx  = gy W, then gx += g A                     (one addmm into the input gradient)
-               gA  = g^T x,   gB = s gy^T xa                  (rank-sized)
-    JVP        [xa, x dA^T] = x [A; dA]^T                     (one GEMM for both)
-               t   = s [x dA^T, xa] [B, dB]^T                 (one GEMM of inner size 2r)
+    forward    y = x W'^T + b,  xa = x A^T                (one big GEMM)
+    backward   [gx, g] = gy [W', s B]                     (one big GEMM; g = s gy B)
+               gA = g^T x,  gB = s gy^T xa                (rank-sized)
+    JVP        [xa, x dA^T] = x [A; dA]^T                 (one GEMM for both)
+               t = s [xa, x dA^T] [dB, B]^T               (one GEMM of inner size 2r)
+
+The backward's gx is a column slice of the (N, in + r) result of its GEMM.
 
 Backends: C++ CPU and CUDA (ATen GEMMs; the same pass in ``csrc/cpu/lora_linear.cpp``, registered
 for both devices), Triton (one strided matmul kernel whose epilogue adds the bias and the rank-r
-product, so y and gx are each written once) and the pure-PyTorch references
-:func:`lora_linear_ref` / :func:`lora_linear_jvp_ref` (the plain formula).
+product, so y and gx are each written once without merging) and the reference (the formulas in
+plain ATen ops); :func:`lora_linear_ref` / :func:`lora_linear_jvp_ref` are the plain expressions.
 
 How the transforms reach the kernels: :func:`lora_linear` runs an ``autograd.Function`` around the
 registered op (forward mode has no registration API for custom ops, so a Function is the one place
