@@ -18,8 +18,9 @@ order (as with any collective).
 A rank whose shard is empty takes part with zeros. A rank whose local computation fails still
 takes part in the reduction and raises its own error; the others then raise a RuntimeError naming
 it. A rank that never arrives (a crash, or a different sequence of calls) makes the others fail
-after the process group's timeout (``torch.distributed.init_process_group(timeout=...)``) with an
-error that says so, instead of hanging.
+after the process group's timeout (``torch.distributed.init_process_group(timeout=...)``) instead
+of hanging: with gloo each waiting rank raises a RuntimeError that says so (tested); with NCCL the
+group's watchdog aborts the process (NCCL reports errors asynchronously).
 """
 from __future__ import annotations
 
