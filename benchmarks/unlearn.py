@@ -40,7 +40,6 @@ from unlearn_kernels.training import init_model, train
 from .common import Measurement
 
 BASELINE = "retrain"
-DEVICES = ("cpu", "cuda")
 SIZES = (2_000, 8_000, 32_000)
 QUICK = {"sizes": (500, 1_000), "epochs": 3}
 """What the runner passes for ``--quick``: small data and a short recipe (a smoke test)."""
