@@ -246,7 +246,7 @@ def plot_gap_closed(studies: dict[str, dict[str, Any]], path: Path) -> Path:
     floor = -1.0
     per_scenario = {name: _last_request_gap_closed(study["records"]) for name, study in studies.items()}
     methods = [m for m in _method_order({m for c, _ in per_scenario.values() for m in c}) if m != "retrain"]
-    fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.6 * len(methods) * len(studies)), 7), sharex=True)
+    fig, axes = plt.subplots(2, 1, figsize=(min(18, max(8, 0.3 * len(methods) * len(studies))), 7), sharex=True)
     width = 0.8 / len(studies)
     colors = plt.get_cmap("tab10").colors
     for ax, (figure, title) in zip(axes, GAP_CLOSED_TITLES.items()):
