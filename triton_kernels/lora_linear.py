@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ..ops.lora_linear import _fake_forward, _fake_jvp
+from ..ops.lora_linear import _fake_backward, _fake_forward, _fake_jvp
 from . import INTERPRETED, define_op, jit
 
 
@@ -102,9 +102,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return _mm(x, weight, bias=bias, low=(xa, lora_b), beta=scale), xa
 
 
-def _fake_backward_list(grad_out, x, weight, lora_a, lora_b, xa, scale, output_mask) -> list[torch.Tensor]:
-    need_x, need_a, need_b = output_mask
-    return [t.new_empty(t.shape) for t, need in ((x, need_x), (lora_a, need_a), (lora_b, need_b)) if need]
+def _fake_backward_list(*args) -> list[torch.Tensor]:
+    return [t for t in _fake_backward(*args) if t is not None]
 
 
 # A Python-defined op cannot return None: it returns the requested gradients only, in order.

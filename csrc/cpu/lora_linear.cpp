@@ -2,7 +2,8 @@
 // The adapter is folded into the frozen layer's big GEMMs, by merging it into the weight (many
 // rows) or as a rank-r update accumulated into their output (few rows); the scale s is applied to
 // the small operands, never to a full (N, out) tensor. On CPU all rank-r work of a pass runs in
-// one parallel region (see for_chunks): the forward adds one to the frozen layer's, the backward two.
+// one parallel region (see for_chunks): the forward and the backward each add one to the frozen
+// layer's.
 #include "../lora_linear.h"
 
 #include <ATen/ATen.h>
@@ -136,53 +137,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
   check_like(op, "xa", xa, std::array<int64_t, 2>{x.size(0), lora_a.size(0)}, x);
   const auto [need_x, need_a, need_b] = output_mask;
   const int64_t rows = x.size(0), n_in = x.size(1), n_out = weight.size(0), rank = lora_a.size(0);
+  const bool merged = need_x && merge(rows, n_in, n_out);
+  // g = s gy B (N, r), for grad_a and, without merging, for grad_x = gy W + g A.
+  const bool need_g = need_a || (need_x && !merged);
   const int64_t chunks = num_chunks(x);
-  at::Tensor grad_x, grad_a, grad_b, g;  // g = s gy B, (N, r): shared by grad_x and grad_a
-  if (need_x) {
-    // grad_x and g side by side in one (N, in + r) buffer, so grad_x is always a column slice (the
-    // fake's layout). Merging, [grad_x, g] = gy [W + s B A, s B]: one GEMM reads gy for both.
-    at::Tensor both = at::empty({rows, n_in + rank}, x.options());
-    grad_x = both.narrow(1, 0, n_in);
-    g = both.narrow(1, n_in, rank);
-    if (merge(rows, n_in, n_out)) {
-      at::Tensor right = at::empty({n_out, n_in + rank}, weight.options());
-      for_chunks(chunks, [&](int64_t c) {
-        const auto block = span(n_out, c, chunks);
-        at::Tensor merged = rows_of(right, block).narrow(1, 0, n_in);
-        at::Tensor scaled_b = rows_of(right, block).narrow(1, n_in, rank);
-        at::addmm_out(merged, rows_of(weight, block), rows_of(lora_b, block), lora_a, /*beta=*/1, /*alpha=*/scale);
-        at::mul_out(scaled_b, rows_of(lora_b, block), scale);
-      });
-      at::mm_out(both, grad_out, right);
-    } else {
-      at::mm_out(g, grad_out, lora_b).mul_(scale);
-      at::mm_out(grad_x, grad_out, weight).addmm_(g, lora_a);
+  at::Tensor w = merged ? at::empty(weight.sizes(), weight.options()) : at::Tensor();  // W + s B A
+  at::Tensor g = need_g ? at::empty({rows, rank}, x.options()) : at::Tensor();
+  // Per-chunk partial sums of grad_a = g^T x and of grad_b^T = s xa^T gy (the reduction over N
+  // reads gy row by row).
+  at::Tensor part_a = need_a ? at::empty({chunks, rank, n_in}, x.options()) : at::Tensor();
+  at::Tensor part_b = need_b ? at::empty({chunks, rank, n_out}, x.options()) : at::Tensor();
+  // One region for all rank-r work: a row block of W + s B A, and a row chunk of gy, x, xa walked
+  // in blocks small enough that gy's rows are still in cache for their second use.
+  constexpr int64_t kBlockRows = 256;
+  for_chunks(chunks, [&](int64_t c) {
+    if (merged) {
+      const auto block = span(n_out, c, chunks);
+      at::Tensor w_rows = rows_of(w, block);
+      at::addmm_out(w_rows, rows_of(weight, block), rows_of(lora_b, block), lora_a, /*beta=*/1, /*alpha=*/scale);
     }
-  } else if (need_a) {
-    g = at::empty({rows, rank}, x.options());
-    for_chunks(chunks, [&](int64_t c) {
-      at::Tensor g_rows = rows_of(g, span(rows, c, chunks));
-      at::mm_out(g_rows, rows_of(grad_out, span(rows, c, chunks)), lora_b).mul_(scale);
-    });
-  }
-  // One region for both adapter gradients over row chunks, each chunk's partial products
-  // grad_a += g^T x and grad_b^T += xa^T gy (the reduction over N reads gy row by row), then the
-  // few partials are added up serially (as parallel ops each would be a region of its own).
+    if (need_a) part_a.select(0, c).zero_();
+    if (need_b) part_b.select(0, c).zero_();
+    const auto [begin, end] = span(rows, c, chunks);
+    for (int64_t r0 = begin; r0 < end; r0 += kBlockRows) {
+      const std::pair<int64_t, int64_t> range{r0, std::min(end, r0 + kBlockRows)};
+      const at::Tensor gy_rows = rows_of(grad_out, range);
+      if (need_g) {
+        at::Tensor g_rows = rows_of(g, range);
+        at::mm_out(g_rows, gy_rows, lora_b).mul_(scale);
+        if (need_a) part_a.select(0, c).addmm_(g_rows.t(), rows_of(x, range));
+      }
+      if (need_b) part_b.select(0, c).addmm_(rows_of(xa, range).t(), gy_rows);
+    }
+  });
+  at::Tensor grad_x, grad_a, grad_b;
   if (need_a || need_b) {
-    at::Tensor part_a = need_a ? at::empty({chunks, rank, n_in}, x.options()) : at::Tensor();
-    at::Tensor part_b = need_b ? at::empty({chunks, rank, n_out}, x.options()) : at::Tensor();
-    for_chunks(chunks, [&](int64_t c) {
-      const auto range = span(rows, c, chunks);
-      if (need_a) {
-        at::Tensor pa = part_a.select(0, c);
-        at::mm_out(pa, rows_of(g, range).t(), rows_of(x, range));
-      }
-      if (need_b) {
-        at::Tensor pb = part_b.select(0, c);
-        at::mm_out(pb, rows_of(xa, range).t(), rows_of(grad_out, range));
-      }
-    });
-    const c10::ParallelGuard serial(true);
+    const c10::ParallelGuard serial(true);  // a few small adds: parallel ops would each be a region
     for (int64_t c = 1; c < chunks; ++c) {
       if (need_a) part_a.select(0, 0).add_(part_a.select(0, c));
       if (need_b) part_b.select(0, 0).add_(part_b.select(0, c));
@@ -193,6 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
       at::mul_out(grad_b, part_b.select(0, 0).t(), scale);
     }
   }
+  if (need_x) grad_x = merged ? at::mm(grad_out, w) : at::mm(grad_out, weight).addmm_(g, lora_a);
   return {grad_x, grad_a, grad_b};
 }
 

@@ -11,12 +11,10 @@ W' = W + s B A (formed when there are enough rows, N >= in * out / (in + out); w
 rank-r term is accumulated into the big GEMM's output instead, addmm with beta = 1)::
 
     forward    y = x W'^T + b,  xa = x A^T                (one big GEMM)
-    backward   [gx, g] = gy [W', s B]                     (one big GEMM; g = s gy B)
-               gA = g^T x,  gB = s gy^T xa                (rank-sized)
+    backward   gx = gy W'                                 (one big GEMM)
+               g = s gy B,  gA = g^T x,  gB = s gy^T xa   (rank-sized)
     JVP        [xa, x dA^T] = x [A; dA]^T                 (one GEMM for both)
                t = s [xa, x dA^T] [dB, B]^T               (one GEMM of inner size 2r)
-
-The backward's gx is a column slice of the (N, in + r) result of its GEMM.
 
 Backends: C++ CPU and CUDA (ATen GEMMs; the same pass in ``csrc/cpu/lora_linear.cpp``, registered
 for both devices), Triton (one strided matmul kernel whose epilogue adds the bias and the rank-r
@@ -330,10 +328,7 @@ def _fake_forward(x, weight, bias, lora_a, lora_b, scale):
 
 def _fake_backward(grad_out, x, weight, lora_a, lora_b, xa, scale, output_mask):
     need_x, need_a, need_b = output_mask
-    # grad_x is the first `in` columns of an (N, in + rank) buffer (see csrc/cpu/lora_linear.cpp)
-    grad_x = x.new_empty(x.shape[0], x.shape[1] + lora_a.shape[0])[:, : x.shape[1]] if need_x else None
-    return (grad_x, lora_a.new_empty(lora_a.shape) if need_a else None,
-            lora_b.new_empty(lora_b.shape) if need_b else None)
+    return tuple(t.new_empty(t.shape) if need else None for t, need in ((x, need_x), (lora_a, need_a), (lora_b, need_b)))
 
 
 def _fake_jvp(x, weight, bias, lora_a, lora_b, scale, tangent_a, tangent_b):
