@@ -123,4 +123,6 @@ def test_sequential_plot_per_request(tmp_path):
     add_gap_closed(records)
     paths = report.write_plots({"config": {"protocol": "mislabeled"}, "records": records}, tmp_path)
     assert (tmp_path / "sequential.png") in paths
+    assert "Acc_f so far" in report.format_table(report.summarize(records)[1])
+    assert "Acc_f so far" not in report.format_table(report.summarize(_study([0.0], [0.3], [0.1]))[0])
     assert (tmp_path / "sequential.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -184,6 +184,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"summary: {summary_path}, {plot}")
     print(f"\nAcc_f/Acc_r/Acc_test: accuracy on the forget set (mislabeled: against the wrong labels it was trained "
           f"on; acc_forget_true in the JSON is against the true labels), the retain set and the test set; "
+          f"Acc_f so far (sequential runs): accuracy on every row forgotten up to that request; "
           f"MIA(ent): entropy-based MIA (fraction of D_f predicted member); JS(f,gold): JS divergence to the "
           f"oracle on D_f; AvgGap: mean |gap| to the oracle over MIA and the three accuracies; closed Acc_f, "
           f"closed AvgGap: 1 - |gap| / |Original's gap| (1 = the oracle's value, 0 = no better than the Original, "

@@ -22,9 +22,11 @@ import torch
 
 from .study import GAP_CLOSED, GAP_METRICS
 
-#: (metric key, column title, format) of the printed table; the JSON has every metric
+#: (metric key, column title, format) of the printed table (a column no method has is left out, e.g.
+#: "Acc_f so far" outside sequential runs); the JSON has every metric
 TABLE_COLUMNS = (
     ("acc_forget", "Acc_f", "{:.3f}"),
+    ("acc_forgotten_so_far", "Acc_f so far", "{:.3f}"),
     ("acc_retain", "Acc_r", "{:.3f}"),
     ("acc_test", "Acc_test", "{:.3f}"),
     ("mia_entropy", "MIA(ent)", "{:.3f}"),
@@ -109,10 +111,11 @@ def gap_closed_noise(records: list[dict[str, Any]]) -> dict[int, dict[str, dict[
 
 def format_table(summary: dict[str, dict[str, tuple[float, float]]], title: str = "") -> str:
     """One row per method (mean +- std), the retrain oracle first."""
-    cells = [["method"] + [title for _, title, _ in TABLE_COLUMNS]]
+    columns = [c for c in TABLE_COLUMNS if any(c[0] in metrics for metrics in summary.values())]
+    cells = [["method"] + [title for _, title, _ in columns]]
     for method in _method_order(summary):
         row = [method + (" (oracle)" if method == "retrain" else "")]
-        for key, _, fmt in TABLE_COLUMNS:
+        for key, _, fmt in columns:
             if key in summary[method]:
                 mean, std = summary[method][key]
                 row.append(fmt.format(mean) + ("±" + fmt.format(std) if std else ""))
