@@ -108,8 +108,9 @@ def test_json_and_plots(tmp_path):
     assert payload["records"][2]["metrics"]["gap_closed_acc_forget"] == pytest.approx(1 - 0.05 / 0.3)
     paths = report.write_plots(study, tmp_path / "s")
     assert {p.name for p in paths} == {"forget_accuracy_vs_time.png", "gaps_to_oracle.png", "gap_closed.png"}
-    summary = json.loads(report.write_summary_json({"mislabeled": study}, {"mislabeled": tmp_path / "s" / "results.json"},
-                                                   tmp_path / "summary.json").read_text())
+    written = report.write_summary_json({"mislabeled": study}, {"mislabeled": tmp_path / "s" / "results.json"},
+                                        tmp_path / "summary.json")
+    summary = json.loads(written.read_text())
     assert summary["scenarios"]["mislabeled"]["results"] == "s/results.json"
     assert summary["scenarios"]["mislabeled"]["gap_closed"]["original"]["acc_forget"]["mean"] == 0.0
     for path in [*paths, report.plot_gap_closed({"a": study, "b": study}, tmp_path / "g.png")]:

@@ -369,8 +369,8 @@ def run_study(config: StudyConfig, progress: Progress | None = None) -> dict[str
                 if config.protocol == "mislabeled":
                     metrics["acc_forget_true"] = accuracy(logits["forget"], splits.train.y[request.forget_idx])
                 if len(requests) > 1:
-                    metrics["acc_forgotten_so_far"] = accuracy(predict_logits(result.model, train_split.subset(forgotten)),
-                                                               train_split.y[forgotten])
+                    so_far = predict_logits(result.model, train_split.subset(forgotten))
+                    metrics["acc_forgotten_so_far"] = accuracy(so_far, train_split.y[forgotten])
                 metrics.update(seconds=measured.seconds, peak_memory_bytes=measured.peak_memory_bytes,
                                hvps=result.hvps, gradients=result.gradients)
                 if name == "retrain":

@@ -222,7 +222,8 @@ def sequential_forget(
         parts.append(_pick(labels, remaining, count, generator, stratified))
         remaining = remaining[~torch.isin(remaining, parts[-1])]
     description = _describe_fraction(fraction, seed, stratified)
-    return _in_sequence(len(labels), parts, [f"request {k + 1}/{num_requests}: {description}" for k in range(num_requests)])
+    descriptions = [f"request {k + 1}/{num_requests}: {description}" for k in range(num_requests)]
+    return _in_sequence(len(labels), parts, descriptions)
 
 
 def sequential_class_forget(labels: IndexLike, classes: Sequence[int]) -> list[ForgetRequest]:
@@ -262,7 +263,8 @@ class LabelCorruption:
         or true labels that disagree with the corruption).
         """
         if len(train) != len(self.labels):
-            raise ValueError(f"LabelCorruption: drawn for a train split of {len(self.labels)} samples, got {len(train)}")
+            raise ValueError(f"LabelCorruption: drawn for a train split of {len(self.labels)} samples, "
+                             f"got {len(train)}")
         labels = self.labels.to(train.device)
         differs = (train.y != labels).nonzero().squeeze(1).cpu()
         if not torch.equal(differs, self.corrupted_idx):
@@ -286,7 +288,8 @@ def mislabel(labels: IndexLike, fraction: float, seed: int = 0, stratified: bool
     if num_classes is None:
         num_classes = int(labels.max()) + 1
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes must be an integer >= 2 (a wrong label needs a second class), got {num_classes!r}")
+        raise ValueError(f"num_classes must be an integer >= 2 (a wrong label needs a second class), "
+                         f"got {num_classes!r}")
     if int(labels.max()) >= num_classes:
         raise ValueError(f"labels hold class {int(labels.max())}, outside num_classes={num_classes}")
     generator = torch.Generator().manual_seed(seed)
