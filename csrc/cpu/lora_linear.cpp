@@ -149,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
   at::Tensor part_b = need_b ? at::empty({chunks, rank, n_out}, x.options()) : at::Tensor();
   // One region for all rank-r work: a row block of W + s B A, and a row chunk of gy, x, xa walked
   // in blocks small enough that gy's rows are still in cache for their second use.
-  constexpr int64_t kBlockRows = 256;
+  constexpr int64_t kBlockRows = 1024;
   for_chunks(chunks, [&](int64_t c) {
     if (merged) {
       const auto block = span(n_out, c, chunks);
