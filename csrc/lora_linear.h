@@ -14,15 +14,14 @@
 
 namespace unlearn_kernels::lora {
 
-// (y, xa) with xa = x A^T (N, r), kept for the backward.
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight,
-                                           const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
-                                           const at::Tensor& lora_b, double scale);
+// y = x W^T + b + s (x A^T) B^T.
+at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                   const at::Tensor& lora_a, const at::Tensor& lora_b, double scale);
 
 // (grad_x, grad_a, grad_b); an output whose output_mask entry is false is returned undefined.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x,
                                                         const at::Tensor& weight, const at::Tensor& lora_a,
-                                                        const at::Tensor& lora_b, const at::Tensor& xa, double scale,
+                                                        const at::Tensor& lora_b, double scale,
                                                         std::array<bool, 3> output_mask);
 
 // (y, s [(x dA^T) B^T + (x A^T) dB^T]); an absent tangent is zero.

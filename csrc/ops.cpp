@@ -59,13 +59,13 @@ TORCH_LIBRARY(unlearn_kernels, m) {
   // (y, sigma = M||y||/2 as a 0-dim float64 tensor, hard_case as a 0-dim bool tensor).
   m.def("cubic_secular_solve(Tensor eigvals, Tensor coeffs, float M, float tol, int max_iter) -> (Tensor, Tensor, Tensor)");
   // A frozen linear layer with a LoRA adapter, on 2-D x (N, in): y = x W^T + b + scale (x A^T) B^T
-  // with W (out, in), b (out,) or None, A (rank, in), B (out, rank). Returns (y, xa = x A^T).
-  m.def("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scale) -> (Tensor, Tensor)");
-  // Its backward for x, A and B (W and b are frozen) from the forward's xa; an output whose
-  // output_mask entry is false is not computed (None).
+  // with W (out, in), b (out,) or None, A (rank, in), B (out, rank).
+  m.def("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scale) -> Tensor");
+  // Its backward for x, A and B (W and b are frozen); an output whose output_mask entry is false is
+  // not computed (None).
   m.def(
-      "lora_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor xa, "
-      "float scale, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+      "lora_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, float scale, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // (y, scale [(x dA^T) B^T + (x A^T) dB^T]) for tangents dA, dB on the adapter (None: zero).
   m.def(
       "lora_linear_jvp(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scale, "

@@ -8,7 +8,7 @@ product and C is written once. Transposed operands are strided views, never copi
 (see ``unlearn_kernels.ops.lora_linear``):
 
 * forward: xa = x A^T; y = x W^T + b + s xa B^T;
-* backward: g = s gy B; gx = gy W + g A; gA = g^T x; gB = s gy^T xa;
+* backward: g = s gy B; gx = gy W + g A; gA = g^T x; xa again; gB = s gy^T xa;
 * JVP: [xa, x dA^T] = x [A; dA]^T; y as in the forward; t = s [xa, x dA^T] [dB, B]^T.
 """
 from __future__ import annotations
@@ -96,10 +96,9 @@ def _mm(p: torch.Tensor, q: torch.Tensor, *, alpha: float = 1.0, bias: torch.Ten
 
 @define_op("unlearn_kernels_triton::lora_linear", _fake_forward)
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                lora_b: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, xa) on validated 2-D x (see ``unlearn_kernels.ops.lora_linear``)."""
-    xa = _mm(x, lora_a)
-    return _mm(x, weight, bias=bias, low=(xa, lora_b), beta=scale), xa
+                lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """y on validated 2-D x (see ``unlearn_kernels.ops.lora_linear``)."""
+    return _mm(x, weight, bias=bias, low=(_mm(x, lora_a), lora_b), beta=scale)
 
 
 def _fake_backward_list(*args) -> list[torch.Tensor]:
@@ -109,7 +108,7 @@ def _fake_backward_list(*args) -> list[torch.Tensor]:
 # A Python-defined op cannot return None: it returns the requested gradients only, in order.
 @define_op("unlearn_kernels_triton::lora_linear_backward", _fake_backward_list)
 def lora_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
-                         lora_b: torch.Tensor, xa: torch.Tensor, scale: float,
+                         lora_b: torch.Tensor, scale: float,
                          output_mask: list[bool]) -> list[torch.Tensor]:
     """The gradients [gx, gA, gB] that output_mask asks for."""
     need_x, need_a, need_b = output_mask
@@ -121,7 +120,7 @@ def lora_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.
         if need_a:
             grads.append(_mm(g.t(), x.t()))
     if need_b:
-        grads.append(_mm(grad_out.t(), xa.t(), alpha=scale))
+        grads.append(_mm(grad_out.t(), _mm(lora_a, x), alpha=scale))  # s gy^T xa, with xa^T = A x^T
     return grads
 
 

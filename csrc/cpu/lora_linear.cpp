@@ -92,20 +92,26 @@ at::Tensor rows_of(const at::Tensor& t, std::pair<int64_t, int64_t> range) {
   return t.slice(0, range.first, range.second);
 }
 
-// The forward shared by the op and its JVP: (y = x W^T + b + s xa B^T, left = x L^T) where L
-// (r', in) starts with A (L = [A; dA] for the JVP), so xa = left[:, :r]. One region computes left
-// row chunk by row chunk and, when merging, W' = W + s B A row block by row block.
+// The forward shared by the op and its JVP: y = x W^T + b + s xa B^T and, when left_weight L (r', in)
+// is given (L = [A; dA] for the JVP), left = x L^T. One region computes, when merging,
+// W' = W + s B A row block by row block, and left row chunk by row chunk; without merging, the few
+// rows' xa is left's first r columns (L defaults to A).
 std::pair<at::Tensor, at::Tensor> adapted_linear(const at::Tensor& x, const at::Tensor& weight,
                                                  const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
-                                                 const at::Tensor& lora_b, double scale, const at::Tensor& left_weight) {
+                                                 const at::Tensor& lora_b, double scale,
+                                                 const std::optional<at::Tensor>& left_weight) {
   const int64_t rows = x.size(0), n_out = weight.size(0);
   const bool merged = merge(rows, x.size(1), n_out);
-  at::Tensor left = at::empty({rows, left_weight.size(0)}, x.options());
+  const at::Tensor& l = left_weight.has_value() ? *left_weight : lora_a;
+  const bool need_left = left_weight.has_value() || !merged;
+  at::Tensor left = need_left ? at::empty({rows, l.size(0)}, x.options()) : at::Tensor();
   at::Tensor w = merged ? at::empty(weight.sizes(), weight.options()) : weight;
   const int64_t chunks = num_chunks(x);
   for_chunks(chunks, [&](int64_t c) {
-    at::Tensor left_rows = rows_of(left, span(rows, c, chunks));
-    at::mm_out(left_rows, rows_of(x, span(rows, c, chunks)), left_weight.t());
+    if (need_left) {
+      at::Tensor left_rows = rows_of(left, span(rows, c, chunks));
+      at::mm_out(left_rows, rows_of(x, span(rows, c, chunks)), l.t());
+    }
     if (merged) {
       const auto block = span(n_out, c, chunks);
       at::Tensor w_rows = rows_of(w, block);
@@ -119,22 +125,19 @@ std::pair<at::Tensor, at::Tensor> adapted_linear(const at::Tensor& x, const at::
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight,
-                                           const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
-                                           const at::Tensor& lora_b, double scale) {
+at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                   const at::Tensor& lora_a, const at::Tensor& lora_b, double scale) {
   check_inputs("lora_linear", x, weight, bias, lora_a, lora_b, scale);
-  auto [out, xa] = adapted_linear(x, weight, bias, lora_a, lora_b, scale, lora_a);
-  return {out, xa};
+  return adapted_linear(x, weight, bias, lora_a, lora_b, scale, std::nullopt).first;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x,
                                                         const at::Tensor& weight, const at::Tensor& lora_a,
-                                                        const at::Tensor& lora_b, const at::Tensor& xa, double scale,
+                                                        const at::Tensor& lora_b, double scale,
                                                         std::array<bool, 3> output_mask) {
   const char* op = "lora_linear_backward";
   check_inputs(op, x, weight, std::nullopt, lora_a, lora_b, scale);
   check_like(op, "grad_out", grad_out, std::array<int64_t, 2>{x.size(0), weight.size(0)}, x);
-  check_like(op, "xa", xa, std::array<int64_t, 2>{x.size(0), lora_a.size(0)}, x);
   const auto [need_x, need_a, need_b] = output_mask;
   const int64_t rows = x.size(0), n_in = x.size(1), n_out = weight.size(0), rank = lora_a.size(0);
   const bool merged = need_x && merge(rows, n_in, n_out);
@@ -143,12 +146,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
   const int64_t chunks = num_chunks(x);
   at::Tensor w = merged ? at::empty(weight.sizes(), weight.options()) : at::Tensor();  // W + s B A
   at::Tensor g = need_g ? at::empty({rows, rank}, x.options()) : at::Tensor();
-  // Per-chunk partial sums of grad_a = g^T x and of grad_b^T = s xa^T gy (the reduction over N
-  // reads gy row by row).
+  // Per-chunk partial sums of grad_a = g^T x and of grad_b^T = xa^T gy (the reduction over N reads
+  // gy row by row), with xa = x A^T recomputed block by block where x is read anyway.
   at::Tensor part_a = need_a ? at::empty({chunks, rank, n_in}, x.options()) : at::Tensor();
   at::Tensor part_b = need_b ? at::empty({chunks, rank, n_out}, x.options()) : at::Tensor();
-  // One region for all rank-r work: a row block of W + s B A, and a row chunk of gy, x, xa walked
-  // in blocks small enough that gy's rows are still in cache for their second use.
+  // One region for all rank-r work: a row block of W + s B A, and a row chunk of x and gy walked in
+  // blocks, each block's rows read from memory once for both of their uses.
   constexpr int64_t kBlockRows = 1024;
   for_chunks(chunks, [&](int64_t c) {
     if (merged) {
@@ -159,15 +162,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
     if (need_a) part_a.select(0, c).zero_();
     if (need_b) part_b.select(0, c).zero_();
     const auto [begin, end] = span(rows, c, chunks);
+    at::Tensor xa = need_b ? at::empty({std::min(end - begin, kBlockRows), rank}, x.options()) : at::Tensor();
     for (int64_t r0 = begin; r0 < end; r0 += kBlockRows) {
       const std::pair<int64_t, int64_t> range{r0, std::min(end, r0 + kBlockRows)};
-      const at::Tensor gy_rows = rows_of(grad_out, range);
+      const at::Tensor x_rows = rows_of(x, range), gy_rows = rows_of(grad_out, range);
       if (need_g) {
         at::Tensor g_rows = rows_of(g, range);
         at::mm_out(g_rows, gy_rows, lora_b).mul_(scale);
-        if (need_a) part_a.select(0, c).addmm_(g_rows.t(), rows_of(x, range));
+        if (need_a) part_a.select(0, c).addmm_(g_rows.t(), x_rows);
       }
-      if (need_b) part_b.select(0, c).addmm_(rows_of(xa, range).t(), gy_rows);
+      if (need_b) {
+        at::Tensor xa_rows = xa.narrow(0, 0, range.second - range.first);
+        at::mm_out(xa_rows, x_rows, lora_a.t());
+        part_b.select(0, c).addmm_(xa_rows.t(), gy_rows);
+      }
     }
   });
   at::Tensor grad_x, grad_a, grad_b;

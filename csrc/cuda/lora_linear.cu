@@ -11,19 +11,18 @@
 namespace unlearn_kernels::lora {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& x, const at::Tensor& weight,
-                                                const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
-                                                const at::Tensor& lora_b, double scale) {
+at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                        const at::Tensor& lora_a, const at::Tensor& lora_b, double scale) {
   const c10::cuda::CUDAGuard guard(x.device());
   return forward(x, weight, bias, lora_a, lora_b, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
                                                              const at::Tensor& weight, const at::Tensor& lora_a,
-                                                             const at::Tensor& lora_b, const at::Tensor& xa,
-                                                             double scale, std::array<bool, 3> output_mask) {
+                                                             const at::Tensor& lora_b, double scale,
+                                                             std::array<bool, 3> output_mask) {
   const c10::cuda::CUDAGuard guard(x.device());
-  return backward(grad_out, x, weight, lora_a, lora_b, xa, scale, output_mask);
+  return backward(grad_out, x, weight, lora_a, lora_b, scale, output_mask);
 }
 
 std::tuple<at::Tensor, at::Tensor> jvp_cuda(const at::Tensor& x, const at::Tensor& weight,

@@ -6,13 +6,13 @@ this op gives them no gradient, so they must not require one (a ValueError says 
 tangents on them are refused the same way.
 
 A LoRA step costs the frozen layer's GEMMs plus rank-sized work: the adapter is folded into the
-big GEMMs instead of running passes of its own. With xa = x A^T (N, r), kept from the forward, and
-W' = W + s B A (formed when there are enough rows, N >= in * out / (in + out); with fewer rows the
-rank-r term is accumulated into the big GEMM's output instead, addmm with beta = 1)::
+big GEMMs instead of running passes of its own. With W' = W + s B A (formed when there are enough
+rows, N >= in * out / (in + out); with fewer rows the rank-r term s (x A^T) B^T is accumulated into
+the big GEMM's output instead, addmm with beta = 1) and xa = x A^T (N, r)::
 
-    forward    y = x W'^T + b,  xa = x A^T                (one big GEMM)
+    forward    y = x W'^T + b                             (one big GEMM)
     backward   gx = gy W'                                 (one big GEMM)
-               g = s gy B,  gA = g^T x,  gB = s gy^T xa   (rank-sized)
+               g = s gy B,  xa,  gA = g^T x,  gB = s gy^T xa   (rank-sized: one read of x and gy)
     JVP        [xa, x dA^T] = x [A; dA]^T                 (one GEMM for both)
                t = s [xa, x dA^T] [dB, B]^T               (one GEMM of inner size 2r)
 
@@ -85,21 +85,19 @@ def lora_linear_jvp_ref(
 # On 2-D x (N, in); every matmul broadcasts, so the vmap rules reuse these with batched operands.
 # They are the reference backend's kernels and the differentiable backward of every backend.
 def _forward_aten(x, weight, bias, lora_a, lora_b, scale):
-    """(y, xa) with xa = x A^T."""
-    xa = torch.matmul(x, lora_a.mT)
     out = torch.matmul(x, weight.mT)
     if bias is not None:
         out = out + bias
-    return out + scale * torch.matmul(xa, lora_b.mT), xa
+    return out + scale * torch.matmul(torch.matmul(x, lora_a.mT), lora_b.mT)
 
 
-def _backward_aten(grad_out, x, weight, lora_a, lora_b, xa, scale, output_mask):
+def _backward_aten(grad_out, x, weight, lora_a, lora_b, scale, output_mask):
     """(gx, gA, gB), None where output_mask says not needed."""
     need_x, need_a, need_b = output_mask
     g = torch.matmul(grad_out, lora_b) * scale if (need_x or need_a) else None
     gx = torch.matmul(grad_out, weight) + torch.matmul(g, lora_a) if need_x else None
     ga = torch.matmul(g.mT, x) if need_a else None
-    gb = torch.matmul(grad_out.mT, xa) * scale if need_b else None
+    gb = torch.matmul(grad_out.mT, torch.matmul(x, lora_a.mT)) * scale if need_b else None
     return gx, ga, gb
 
 
@@ -179,13 +177,11 @@ def _forward(backend, x, weight, bias, lora_a, lora_b, scale):
     return _ops(backend).lora_linear(x, weight, bias, lora_a, lora_b, scale)
 
 
-def _backward(backend, grad_out, x, weight, lora_a, lora_b, xa, scale, output_mask):
+def _backward(backend, grad_out, x, weight, lora_a, lora_b, scale, output_mask):
     """The compiled backward when no graph of it is needed; else the differentiable ATen formulas."""
     if backend == "reference" or torch.is_grad_enabled():
-        # xa is recomputed so that the graph of the backward reaches x and A through it
-        xa = torch.matmul(x, lora_a.mT) if torch.is_grad_enabled() else xa
-        return _backward_aten(grad_out, x, weight, lora_a, lora_b, xa, scale, output_mask)
-    grads = _ops(backend).lora_linear_backward(grad_out, x, weight, lora_a, lora_b, xa, scale, list(output_mask))
+        return _backward_aten(grad_out, x, weight, lora_a, lora_b, scale, output_mask)
+    grads = _ops(backend).lora_linear_backward(grad_out, x, weight, lora_a, lora_b, scale, list(output_mask))
     if backend == "triton":  # the requested gradients only, in order
         present = iter(grads)
         grads = tuple(next(present) if need else None for need in output_mask)
@@ -198,7 +194,7 @@ def _frozen_error(op: str) -> ValueError:
 
 
 class _LoRALinearFunction(torch.autograd.Function):
-    """(y, xa) from 2-D x through the chosen backend, with backward and forward-mode rules."""
+    """y from 2-D x through the chosen backend, with backward and forward-mode rules."""
 
     generate_vmap_rule = True
 
@@ -209,23 +205,20 @@ class _LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, _bias, lora_a, lora_b, scale, backend = inputs
-        xa = output[1]
-        ctx.mark_non_differentiable(xa)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
+        ctx.save_for_backward(x, weight, lora_a, lora_b)
         ctx.save_for_forward(x, weight, lora_a, lora_b)
         ctx.scale, ctx.backend = scale, backend
         ctx.set_materialize_grads(False)  # absent tangents / gradients arrive as None, not zeros
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_xa):
+    def backward(ctx, grad_out):
         need_x, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
         if need_w or need_b:
             raise _frozen_error(_OP)
         if grad_out is None:  # the output does not reach the loss (set_materialize_grads(False))
             return None, None, None, None, None, None, None
-        x, weight, lora_a, lora_b, xa = ctx.saved_tensors
-        gx, ga, gb = _backward(ctx.backend, grad_out, x, weight, lora_a, lora_b, xa, ctx.scale,
-                               (need_x, need_a, need_lb))
+        x, weight, lora_a, lora_b = ctx.saved_tensors
+        gx, ga, gb = _backward(ctx.backend, grad_out, x, weight, lora_a, lora_b, ctx.scale, (need_x, need_a, need_lb))
         return gx, None, None, ga, gb, None, None
 
     @staticmethod
@@ -237,11 +230,11 @@ class _LoRALinearFunction(torch.autograd.Function):
         if dlora_a is not None or dlora_b is not None:
             tangent = _tangent_aten(x, lora_a, lora_b, ctx.scale, dlora_a, dlora_b)
         if dx is not None:
-            through_x = _forward_aten(dx, weight, None, lora_a, lora_b, ctx.scale)[0]
+            through_x = _forward_aten(dx, weight, None, lora_a, lora_b, ctx.scale)
             tangent = through_x if tangent is None else tangent + through_x
         if tangent is None:
             tangent = torch.zeros(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-        return tangent, None
+        return tangent
 
 
 # --------------------------------------------------------------------------- public ops
@@ -274,7 +267,7 @@ def lora_linear(
     _check_inputs(_OP, x, weight, bias, lora_a, lora_b, scale)
     name = choose(_OP, x.device, backend)
     x2 = x.reshape(-1, x.shape[-1])
-    out = _LoRALinearFunction.apply(x2, weight, bias, lora_a, lora_b, float(scale), name)[0]
+    out = _LoRALinearFunction.apply(x2, weight, bias, lora_a, lora_b, float(scale), name)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -314,7 +307,7 @@ def lora_linear_jvp(
     recording = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x2, lora_a, lora_b, tangent_a, tangent_b))
     if name == "reference" or recording:
-        out = _LoRALinearFunction.apply(x2, weight, bias, lora_a, lora_b, float(scale), name)[0]
+        out = _LoRALinearFunction.apply(x2, weight, bias, lora_a, lora_b, float(scale), name)
         tangent = _tangent_aten(x2, lora_a, lora_b, float(scale), tangent_a, tangent_b)
     else:
         out, tangent = _ops(name).lora_linear_jvp(x2, weight, bias, lora_a, lora_b, float(scale), tangent_a, tangent_b)
@@ -323,10 +316,10 @@ def lora_linear_jvp(
 
 # --------------------------------------------------------------------------- registration
 def _fake_forward(x, weight, bias, lora_a, lora_b, scale):
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0])
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
-def _fake_backward(grad_out, x, weight, lora_a, lora_b, xa, scale, output_mask):
+def _fake_backward(grad_out, x, weight, lora_a, lora_b, scale, output_mask):
     need_x, need_a, need_b = output_mask
     return tuple(t.new_empty(t.shape) if need else None for t, need in ((x, need_x), (lora_a, need_a), (lora_b, need_b)))
 
@@ -342,8 +335,8 @@ def _autograd_setup(backend: str):
     return setup_context
 
 
-def _autograd_backward(ctx, grad_out, grad_xa):
-    return _LoRALinearFunction.backward(ctx, grad_out, grad_xa)[:6]
+def _autograd_backward(ctx, grad_out):
+    return _LoRALinearFunction.backward(ctx, grad_out)[:6]
 
 
 def _front(t, dim):
@@ -362,13 +355,13 @@ def _vmap_forward(op):
         x_dim, *param_dims = in_dims[:5]
         if all(d is None for d in param_dims):
             x = x.movedim(x_dim, 0)
-            out, xa = op(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scale)
-            return (out.reshape(*x.shape[:2], -1), xa.reshape(*x.shape[:2], -1)), (0, 0)
+            out = op(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scale)
+            return out.reshape(*x.shape[:2], -1), 0
         x, weight, bias, lora_a, lora_b = (_front(t, d) for t, d in zip((x, weight, bias, lora_a, lora_b), in_dims))
         if bias is not None and in_dims[2] is not None:
             bias = bias.unsqueeze(-2)
-        out, xa = _forward_aten(x, weight, bias, lora_a, lora_b, scale)
-        return (out, xa), (_batched_dim(out, 2), _batched_dim(xa, 2))
+        out = _forward_aten(x, weight, bias, lora_a, lora_b, scale)
+        return out, _batched_dim(out, 2)
 
     return rule
 
@@ -381,11 +374,11 @@ def _vmap_jvp(op):
         x, weight, bias, lora_a, lora_b, tangent_a, tangent_b = (
             _front(t, d) for t, d in zip((x, weight, bias, lora_a, lora_b, tangent_a, tangent_b), in_dims))
         if all(d is None for d in in_dims[:5]):
-            out = op.lora_linear(x, weight, bias, lora_a, lora_b, scale)[0]
+            out = op.lora_linear(x, weight, bias, lora_a, lora_b, scale)
         else:
             if bias is not None and in_dims[2] is not None:
                 bias = bias.unsqueeze(-2)
-            out = _forward_aten(x, weight, bias, lora_a, lora_b, scale)[0]
+            out = _forward_aten(x, weight, bias, lora_a, lora_b, scale)
         if tangent_a is None and tangent_b is None:
             tangent = torch.zeros_like(out)
         else:
