@@ -147,35 +147,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
   at::Tensor w = merged ? at::empty(weight.sizes(), weight.options()) : at::Tensor();  // W + s B A
   at::Tensor g = need_g ? at::empty({rows, rank}, x.options()) : at::Tensor();
   // Per-chunk partial sums of grad_a = g^T x and of grad_b^T = xa^T gy (the reduction over N reads
-  // gy row by row), with xa = x A^T recomputed block by block where x is read anyway.
+  // gy row by row), with xa = x A^T recomputed here rather than kept from the forward.
   at::Tensor part_a = need_a ? at::empty({chunks, rank, n_in}, x.options()) : at::Tensor();
   at::Tensor part_b = need_b ? at::empty({chunks, rank, n_out}, x.options()) : at::Tensor();
-  // One region for all rank-r work: a row block of W + s B A, and a row chunk of x and gy walked in
-  // blocks, each block's rows read from memory once for both of their uses.
-  constexpr int64_t kBlockRows = 1024;
+  // One region for all rank-r work: a row block of W + s B A, and a row chunk of x and gy. (Walking
+  // the chunk in cache-sized blocks, to read gy's rows from memory once for both their uses, was
+  // slower: MKL is less efficient on the smaller products.)
   for_chunks(chunks, [&](int64_t c) {
     if (merged) {
       const auto block = span(n_out, c, chunks);
       at::Tensor w_rows = rows_of(w, block);
       at::addmm_out(w_rows, rows_of(weight, block), rows_of(lora_b, block), lora_a, /*beta=*/1, /*alpha=*/scale);
     }
-    if (need_a) part_a.select(0, c).zero_();
-    if (need_b) part_b.select(0, c).zero_();
-    const auto [begin, end] = span(rows, c, chunks);
-    at::Tensor xa = need_b ? at::empty({std::min(end - begin, kBlockRows), rank}, x.options()) : at::Tensor();
-    for (int64_t r0 = begin; r0 < end; r0 += kBlockRows) {
-      const std::pair<int64_t, int64_t> range{r0, std::min(end, r0 + kBlockRows)};
-      const at::Tensor x_rows = rows_of(x, range), gy_rows = rows_of(grad_out, range);
-      if (need_g) {
-        at::Tensor g_rows = rows_of(g, range);
-        at::mm_out(g_rows, gy_rows, lora_b).mul_(scale);
-        if (need_a) part_a.select(0, c).addmm_(g_rows.t(), x_rows);
+    const auto range = span(rows, c, chunks);
+    const at::Tensor x_rows = rows_of(x, range), gy_rows = rows_of(grad_out, range);
+    if (need_g) {
+      at::Tensor g_rows = rows_of(g, range);
+      at::mm_out(g_rows, gy_rows, lora_b).mul_(scale);
+      if (need_a) {
+        at::Tensor pa = part_a.select(0, c);
+        at::mm_out(pa, g_rows.t(), x_rows);
       }
-      if (need_b) {
-        at::Tensor xa_rows = xa.narrow(0, 0, range.second - range.first);
-        at::mm_out(xa_rows, x_rows, lora_a.t());
-        part_b.select(0, c).addmm_(xa_rows.t(), gy_rows);
-      }
+    }
+    if (need_b) {
+      at::Tensor pb = part_b.select(0, c);
+      at::mm_out(pb, at::mm(x_rows, lora_a.t()).t(), gy_rows);
     }
   });
   at::Tensor grad_x, grad_a, grad_b;
