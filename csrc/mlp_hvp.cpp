@@ -362,39 +362,15 @@ std::vector<at::Tensor> run_state(const Kernels& kernels, const at::Tensor& x, c
   return state;
 }
 
-at::Tensor run_cached_flat(const at::Tensor& x, at::TensorList state, at::TensorList weights,
-                           const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations,
-                           const at::Tensor& V, at::IntArrayRef weight_offsets, at::IntArrayRef bias_offsets,
-                           bool check_finite) {
-  constexpr const char* op = "mlp_hvp_flat_cached";
-  check_layers(op, x, weights, biases, activations);
-  const size_t lowest = check_flat_layout(x, weights, biases, V, weight_offsets, bias_offsets);
+namespace {
+
+// The products of run_cached_flat for the (d, K) tangents V (validated), from the lowest chosen
+// layer `lo` up, in gather_flat's layout.
+at::Tensor cached_products(const at::Tensor& x, at::TensorList state, at::TensorList weights,
+                           at::IntArrayRef activations, const at::Tensor& V, at::IntArrayRef weight_offsets,
+                           at::IntArrayRef bias_offsets, int64_t lo, bool check_finite) {
   const int64_t L = static_cast<int64_t>(weights.size()), N = x.size(0), K = V.size(1);
   const auto act = [&](int64_t l) { return static_cast<Activation>(activations[l]); };
-  TORCH_CHECK_VALUE(static_cast<int64_t>(state.size()) == 4 * L + 1, op, ": state must be the ", 4 * L + 1,
-                    " tensors mlp_hvp_state returns for ", L, " layers, got ", state.size());
-  const auto check_state = [&](int64_t i, bool present, int64_t width) {
-    const at::Tensor& t = state[i];
-    check_like(op, x, t, "state", static_cast<size_t>(i));
-    if (present) {
-      TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == N && t.size(1) == width, op, ": state[", i, "] has shape ",
-                        t.sizes(), " but (", N, ", ", width, ") was expected: pass the state that mlp_hvp_state "
-                        "returned for these x, weights and activations");
-    } else {
-      TORCH_CHECK_VALUE(t.numel() == 0, op, ": state[", i, "] has shape ", t.sizes(), " but is empty for this "
-                        "layer's activation: pass the state that mlp_hvp_state returned for these x, weights and "
-                        "activations");
-    }
-  };
-  for (int64_t l = 0; l < L; ++l) {
-    const int64_t out = weights[l].size(0);
-    if (l > 0) check_state(l - 1, true, weights[l].size(1));
-    check_state(L - 1 + l, true, out);
-    check_state(2 * L - 1 + l, has_first(act(l)), out);
-    check_state(3 * L - 1 + l, has_second(act(l)), out);
-  }
-  check_state(4 * L - 1, true, weights[L - 1].size(0));
-  check_state(4 * L, true, weights[L - 1].size(0));
   const auto input = [&](int64_t l) -> const at::Tensor& { return l == 0 ? x : state[l - 1]; };
   const auto grad = [&](int64_t l) -> const at::Tensor& { return state[L - 1 + l]; };
   const auto first = [&](int64_t l) -> const at::Tensor& { return state[2 * L - 1 + l]; };
@@ -402,7 +378,6 @@ at::Tensor run_cached_flat(const at::Tensor& x, at::TensorList state, at::Tensor
 
   // Tangents: layers below the lowest chosen block have zero tangents, so Rh is zero up to it and
   // both passes start (and stop) there; weights that are not chosen skip their h V^T and d V terms.
-  const int64_t lo = static_cast<int64_t>(lowest);
   std::vector<at::Tensor> v_weights(L), v_biases(L), rh(L + 1), ra(L);
   for (int64_t l = lo; l < L; ++l) {
     v_weights[l] = tangent_block(V, weight_offsets[l], weights[l].sizes());
@@ -458,6 +433,63 @@ at::Tensor run_cached_flat(const at::Tensor& x, at::TensorList state, at::Tensor
     rh[l] = at::Tensor();
   }
   return gather_flat(out_w, out_b, V, weight_offsets, bias_offsets);
+}
+
+// Nothing is shared between tangents in the cached pass, so they go through in chunks whose
+// (N, chunk, width) buffers hold at most this many elements: a K-wide layout only costs cache
+// locality there (docs/benchmarks.md has the measurement).
+constexpr int64_t kChunkElements = int64_t{1} << 18;
+
+}  // namespace
+
+at::Tensor run_cached_flat(const at::Tensor& x, at::TensorList state, at::TensorList weights,
+                           const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations,
+                           const at::Tensor& V, at::IntArrayRef weight_offsets, at::IntArrayRef bias_offsets,
+                           bool check_finite) {
+  constexpr const char* op = "mlp_hvp_flat_cached";
+  check_layers(op, x, weights, biases, activations);
+  const int64_t lo = static_cast<int64_t>(check_flat_layout(x, weights, biases, V, weight_offsets, bias_offsets));
+  const int64_t L = static_cast<int64_t>(weights.size()), N = x.size(0), K = V.size(1);
+  const auto act = [&](int64_t l) { return static_cast<Activation>(activations[l]); };
+  TORCH_CHECK_VALUE(static_cast<int64_t>(state.size()) == 4 * L + 1, op, ": state must be the ", 4 * L + 1,
+                    " tensors mlp_hvp_state returns for ", L, " layers, got ", state.size());
+  const auto check_state = [&](int64_t i, bool present, int64_t width) {
+    const at::Tensor& t = state[i];
+    check_like(op, x, t, "state", static_cast<size_t>(i));
+    if (present) {
+      TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == N && t.size(1) == width, op, ": state[", i, "] has shape ",
+                        t.sizes(), " but (", N, ", ", width, ") was expected: pass the state that mlp_hvp_state "
+                        "returned for these x, weights and activations");
+    } else {
+      TORCH_CHECK_VALUE(t.numel() == 0, op, ": state[", i, "] has shape ", t.sizes(), " but is empty for this "
+                        "layer's activation: pass the state that mlp_hvp_state returned for these x, weights and "
+                        "activations");
+    }
+  };
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t out = weights[l].size(0);
+    if (l > 0) check_state(l - 1, true, weights[l].size(1));
+    check_state(L - 1 + l, true, out);
+    check_state(2 * L - 1 + l, has_first(act(l)), out);
+    check_state(3 * L - 1 + l, has_second(act(l)), out);
+  }
+  check_state(4 * L - 1, true, weights[L - 1].size(0));
+  check_state(4 * L, true, weights[L - 1].size(0));
+
+  int64_t width = 0;
+  for (const at::Tensor& w : weights) width = std::max(width, w.size(0));
+  const int64_t chunk = std::max<int64_t>(1, kChunkElements / (N * width));
+  if (chunk >= K) {
+    return cached_products(x, state, weights, activations, V, weight_offsets, bias_offsets, lo, check_finite);
+  }
+  at::Tensor result = at::empty({K, V.size(0)}, V.options());
+  for (int64_t k = 0; k < K; k += chunk) {
+    const int64_t kc = std::min(chunk, K - k);
+    const at::Tensor Vk = V.narrow(1, k, kc).contiguous();  // contiguous tangent blocks for the matmuls
+    result.narrow(0, k, kc).copy_(
+        cached_products(x, state, weights, activations, Vk, weight_offsets, bias_offsets, lo, check_finite).t());
+  }
+  return result.t();
 }
 
 }  // namespace unlearn_kernels::mlp_hvp

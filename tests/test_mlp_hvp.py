@@ -296,6 +296,17 @@ def test_state_and_cached_products_equal_the_whole_pass(acts, chosen, rng):
     assert _rel(ref, whole) <= 1e-12
 
 
+def test_cached_products_in_chunks_of_tangents(rng):
+    # N x width above the chunk size (2^18 elements): the tangents go through one at a time.
+    p = _problem([5, 300, 3], ["tanh", "identity"], [True, True], 3, rng, n=1000)
+    V = torch.randn(5 * 300 + 300 + 300 * 3 + 3, 3, dtype=torch.float64, generator=rng)
+    args = (p["weights"], p["biases"], p["activations"], V, [0, 1800], [1500, 2700])
+    whole = ops.mlp_hvp_flat(p["x"], p["target"], *args, backend="cpp")
+    state = ops.mlp_hvp_state(p["x"], p["target"], p["weights"], p["biases"], p["activations"], backend="cpp")
+    out = ops.mlp_hvp_flat_cached(p["x"], state, *args, backend="cpp")
+    assert out.shape == V.shape and out.T.is_contiguous() and _rel(out, whole) <= 1e-12
+
+
 def test_state_and_cached_opcheck(rng):
     p = _problem([5, 4, 3], ["gelu", "relu"], [True, False], 2, rng)
     codes = [ACTIVATIONS[a] for a in p["activations"]]
