@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data.labeled import LabeledData
+from ..labeled import LabeledData
 from .linear_operator import to_scipy_operator
 from .params import ParamSelection, flatten_tensors, resolve_parameters, unflatten_vector
 
