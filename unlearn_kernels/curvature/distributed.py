@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..data.labeled import LabeledData
+from ..labeled import LabeledData
 from .base import BatchSource, CurvatureOperator, DataSpec
 from .objective import Objective
 from .params import ParamSelection, resolve_parameters
