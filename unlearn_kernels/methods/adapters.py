@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from ..data.labeled import LabeledData
+from ..labeled import LabeledData
 from ..lora import ADAPTABLE, add_adapters, adapter_parameter_names, check_rank_alpha, check_targets, unload
 from .base import UnlearnResult, Unlearner
 from .newton import CureNewton
