@@ -70,7 +70,7 @@ from ..curvature import (
     set_flat_parameters,
 )
 from ..curvature.checks import check_int, check_number, norm64
-from ..data.labeled import LabeledData
+from ..labeled import LabeledData
 from ..solvers import (
     DENSE_MAX_DIM,
     NewtonStep,
