@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.labeled import LabeledData
+from ..labeled import LabeledData
 from ..lora import ADAPTABLE, add_adapters, adapter_modules, check_rank_alpha, check_targets, unload
 from ..training import make_optimizer, model_device
 from .base import UnlearnResult
