@@ -216,3 +216,20 @@ def test_cli_wrong_options_give_a_clear_message(argv, message, tmp_path, capsys)
 def test_cli_backends(capsys):
     assert main(["backends"]) == 0
     assert "softmax_ce_hvp" in capsys.readouterr().out
+
+
+def test_default_scenarios_leave_out_the_exact_damped_solves_and_say_so():
+    from unlearn_kernels.study import DEFAULT_METHODS, SCENARIO_METHODS
+
+    assert "rfa" in DEFAULT_METHODS and "rfa" in SCENARIO_METHODS
+    assert {"damped_newton", "influence"} <= set(DEFAULT_METHODS)
+    assert set(DEFAULT_METHODS) - set(SCENARIO_METHODS) == {"damped_newton", "influence"}
+
+
+def test_a_model_that_keeps_its_adapters_is_compared_with_the_oracle(tmp_path):
+    config = StudyConfig(protocol="mislabeled", methods=("original", "rfa"), seeds=(0,), recipe=FAST,
+                         method_options={"rfa": {"merge": False, "epochs": 1}}, cache_dir=str(tmp_path))
+    records = {r["method"]: r["metrics"] for r in run_study(config)["records"]}
+    assert records["retrain"]["activation_distance"] == 0.0
+    assert records["original"]["activation_distance"] > 0.0
+    assert records["rfa"]["weight_distance"] > 0.0  # measured on a merged copy: same layout as the oracle
