@@ -26,6 +26,8 @@ from unlearn_kernels.curvature import (
     hessian_operator,
     set_flat_parameters,
 )
+from unlearn_kernels.labeled import LabeledData
+from unlearn_kernels.methods import METHODS
 from unlearn_kernels.solvers import adaptive_cubic_newton, cubic_newton_step, lanczos
 
 ROWS, FEATURES, CLASSES = 37, 6, 4
@@ -129,6 +131,22 @@ def _equivalence_worker(rank: int, world: int, store: str, bounds: list[int]) ->
                          hessian_operator(models["sharded"], loss, (x[part], y[part]), process_group=dist.group.WORLD))
         _same_on_every_rank(w)
         _close(w, _cure_newton(models["single"], reference, hessian_operator(models["single"], loss, (x, y))))
+        # The Newton-family methods take the process group themselves: each rank passes its shards of D_f
+        # and D_r and gets the weights one process gets from all rows.
+        forget_part = torch.tensor_split(torch.arange(10), world)[rank]
+        retain_part = torch.tensor_split(torch.arange(10, ROWS), world)[rank]
+        data = {"all": (LabeledData(x[:10], y[:10]), LabeledData(x[10:], y[10:])),
+                "shard": (LabeledData(x[forget_part], y[forget_part]), LabeledData(x[retain_part], y[retain_part]))}
+        options = {"cure_newton": dict(max_iterations=3, hessian_samples=None), "newton_pinv": {},
+                   "damped_newton": dict(damping=0.1), "influence": dict(damping=0.1)}
+        for name, kwargs in options.items():
+            weights = {}
+            for which, group in (("shard", dist.group.WORLD), ("all", None)):
+                method = METHODS[name](weight_decay=1e-3, process_group=group, **kwargs)
+                unlearned = method.unlearn(model, *data[which], seed=0).model
+                weights[which] = get_flat_parameters(unlearned, [n for n, _ in unlearned.named_parameters()])
+            _same_on_every_rank(weights["shard"])
+            _close(weights["shard"], weights["all"])
     finally:
         dist.destroy_process_group()
 

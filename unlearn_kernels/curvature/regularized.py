@@ -6,6 +6,7 @@ import torch
 
 from .base import CurvatureOperator
 from .checks import check_number
+from .distributed import DistributedOperator
 from .linear_operator import to_scipy_operator
 
 
@@ -20,13 +21,14 @@ class RegularizedOperator:
     live, as C does) and are counted by C: :attr:`num_products` is C's counter.
 
     Args:
-        operator: the curvature operator C.
+        operator: the curvature operator C (one process's, or a DistributedOperator over ranks).
         weight_decay: the shift, a finite number >= 0.
     """
 
-    def __init__(self, operator: CurvatureOperator, weight_decay: float) -> None:
-        if not isinstance(operator, CurvatureOperator):
-            raise TypeError(f"RegularizedOperator: operator must be a CurvatureOperator, got {type(operator).__name__}")
+    def __init__(self, operator: CurvatureOperator | DistributedOperator, weight_decay: float) -> None:
+        if not isinstance(operator, (CurvatureOperator, DistributedOperator)):
+            raise TypeError("RegularizedOperator: operator must be a CurvatureOperator or a DistributedOperator, "
+                            f"got {type(operator).__name__}")
         self.operator = operator
         self.weight_decay = check_number("RegularizedOperator: weight_decay", weight_decay, 0.0)
         self.shape: tuple[int, int] = operator.shape

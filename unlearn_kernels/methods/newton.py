@@ -34,6 +34,11 @@ Options shared by all (constructor arguments):
   model was trained with, so that the step aims at the retrained model's objective. 0 (the
   paper's L_r) by default.
 * ``path``: the Hessian path ("auto", "generic" or "fused").
+* ``process_group``: a ``torch.distributed`` process group for data-parallel unlearning: every rank
+  calls ``unlearn`` with the same model and seed and its own shard of D_f and D_r; F, its gradient and
+  the Hessian products are reduced over all ranks' rows (weighted by shard size), so every rank takes
+  the same step. CureNewton's ``hessian_samples`` then counts rows of each rank's shard, and
+  ``M="auto"`` is refused (the Lipschitz estimate is not distributed). None (the default): one process.
 
 Every method returns the model in eval mode (curvature is defined on the deterministic eval-mode
 loss), never writes a non-finite value into it (a NaN/Inf step raises ValueError), reports the
@@ -56,11 +61,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from ..curvature import (
     CurvatureOperator,
+    DistributedObjective,
     Objective,
     RegularizedOperator,
     estimate_hessian_lipschitz,
@@ -113,7 +120,7 @@ class _NewtonFamily(Unlearner):
     """Options, data preparation, objective, operators and the guarded update shared by the Newton methods."""
 
     def __init__(self, *, params: str | Sequence[str] | None, loss_fn: LossFn, dtype: torch.dtype | None,
-                 batch_size: int | None, weight_decay: float, path: str) -> None:
+                 batch_size: int | None, weight_decay: float, path: str, process_group: Any) -> None:
         if params is not None:
             params = (params,) if isinstance(params, str) else tuple(params)
             if not params or not all(isinstance(p, str) for p in params):
@@ -135,6 +142,10 @@ class _NewtonFamily(Unlearner):
         self.batch_size = batch_size
         self.weight_decay = check_number(f"{self.name}: weight_decay", weight_decay, 0.0)
         self.path = path
+        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(f"{self.name}: process_group must be None or a torch.distributed ProcessGroup, "
+                            f"got {type(process_group).__name__}")
+        self.process_group = process_group
 
     # -- preparation
     def _cast(self, data: LabeledData, like: torch.Tensor) -> LabeledData:
@@ -157,16 +168,28 @@ class _NewtonFamily(Unlearner):
     def _batches(self, data: LabeledData) -> int:
         return 1 if self.batch_size is None else math.ceil(len(data) / self.batch_size)
 
-    def _objective(self, ws: _Workspace, data: LabeledData) -> Objective:
-        """F over ``data`` at the shadow's live weights."""
+    def _objective(self, ws: _Workspace, data: LabeledData) -> Objective | DistributedObjective:
+        """F over ``data`` (with a process group: over every rank's ``data``) at the shadow's live weights."""
+        if self.process_group is not None:
+            return DistributedObjective(ws.shadow, self.loss_fn, data, ws.names, process_group=self.process_group,
+                                        weight_decay=self.weight_decay, batch_size=self.batch_size)
         return Objective(ws.shadow, self.loss_fn, data, ws.names, weight_decay=self.weight_decay,
                          batch_size=self.batch_size)
+
+    def _global_rows(self, data: LabeledData) -> int:
+        """Rows of ``data`` over every rank (this rank's alone without a process group)."""
+        if self.process_group is None:
+            return len(data)
+        rows = torch.tensor([len(data)], dtype=torch.float64)
+        dist.all_reduce(rows, group=self.process_group)
+        return int(rows.item())
 
     def _hessian(self, ws: _Workspace, data: LabeledData) -> CurvatureOperator:
         """The Hessian of the mean loss over ``data`` (reads the shadow's weights live); its construction
         probe's gradients are counted."""
         ws.gradient_passes += PROBE_GRADIENTS
-        return hessian_operator(ws.shadow, self.loss_fn, data, ws.names, path=self.path, batch_size=self.batch_size)
+        return hessian_operator(ws.shadow, self.loss_fn, data, ws.names, path=self.path, batch_size=self.batch_size,
+                                process_group=self.process_group)
 
     def _curvature(self, op: CurvatureOperator) -> RegularizedOperator:
         """The Hessian of F: ``op + weight_decay I``."""
@@ -287,9 +310,12 @@ class CureNewton(_NewtonFamily):
                  solver_options: Mapping[str, Any] | None = None, lipschitz_options: Mapping[str, Any] | None = None,
                  params: str | Sequence[str] | None = None, loss_fn: LossFn = F.cross_entropy,
                  dtype: torch.dtype | None = None, batch_size: int | None = None, weight_decay: float = 0.0,
-                 path: str = "auto") -> None:
+                 path: str = "auto", process_group: Any = None) -> None:
         super().__init__(params=params, loss_fn=loss_fn, dtype=dtype, batch_size=batch_size,
-                         weight_decay=weight_decay, path=path)
+                         weight_decay=weight_decay, path=path, process_group=process_group)
+        if M == "auto" and process_group is not None:
+            raise ValueError(f"{self.name}: M='auto' estimates the Lipschitz constant on one process's data; with a "
+                             "process_group give M as a number")
         if M != "auto":
             M = check_number(f"{self.name}: M", M, 0.0, strict=True)
         self.M = M
@@ -411,9 +437,9 @@ class StochasticCureNewton(_NewtonFamily):
     def __init__(self, M: float = 5.0, T: int = 10, K: int = 5, eta: float = 0.01, noise: float = 1e-3,
                  grad_batch_size: int = 512, hess_batch_size: int = 256, *, params: str | Sequence[str] | None = None,
                  loss_fn: LossFn = F.cross_entropy, dtype: torch.dtype | None = None, batch_size: int | None = None,
-                 weight_decay: float = 0.0, path: str = "auto") -> None:
+                 weight_decay: float = 0.0, path: str = "auto", process_group: Any = None) -> None:
         super().__init__(params=params, loss_fn=loss_fn, dtype=dtype, batch_size=batch_size,
-                         weight_decay=weight_decay, path=path)
+                         weight_decay=weight_decay, path=path, process_group=process_group)
         self.M = check_number(f"{self.name}: M", M, 0.0, strict=True)
         self.T = check_int(f"{self.name}: T", T)
         self.K = check_int(f"{self.name}: K", K, low=0)
@@ -485,9 +511,9 @@ class NewtonPinv(_NewtonFamily):
     def __init__(self, solver: str = "auto", rcond: float = 1e-6, rank: int = 300, tol: float = 1e-10,
                  maxiter: int | None = None, *, params: str | Sequence[str] | None = None,
                  loss_fn: LossFn = F.cross_entropy, dtype: torch.dtype | None = None, batch_size: int | None = None,
-                 weight_decay: float = 0.0, path: str = "auto") -> None:
+                 weight_decay: float = 0.0, path: str = "auto", process_group: Any = None) -> None:
         super().__init__(params=params, loss_fn=loss_fn, dtype=dtype, batch_size=batch_size,
-                         weight_decay=weight_decay, path=path)
+                         weight_decay=weight_decay, path=path, process_group=process_group)
         if solver not in ("auto", "eigh", "lanczos", "minres"):
             raise ValueError(f"{self.name}: solver must be 'auto', 'eigh', 'lanczos' or 'minres', got {solver!r}")
         self.solver = solver
@@ -528,9 +554,9 @@ class DampedNewton(_NewtonFamily):
     def __init__(self, damping: float = 0.01, solver: str = "auto", tol: float = 1e-8, maxiter: int | None = None, *,
                  params: str | Sequence[str] | None = None, loss_fn: LossFn = F.cross_entropy,
                  dtype: torch.dtype | None = None, batch_size: int | None = None, weight_decay: float = 0.0,
-                 path: str = "auto") -> None:
+                 path: str = "auto", process_group: Any = None) -> None:
         super().__init__(params=params, loss_fn=loss_fn, dtype=dtype, batch_size=batch_size,
-                         weight_decay=weight_decay, path=path)
+                         weight_decay=weight_decay, path=path, process_group=process_group)
         if solver not in self._solvers:
             raise ValueError(f"{self.name}: solver must be one of {list(self._solvers)}, got {solver!r}")
         self.damping = check_number(f"{self.name}: damping", damping, 0.0)
@@ -574,9 +600,9 @@ class DampedNewtonCG(DampedNewton):
     def __init__(self, damping: float = 0.01, tol: float = 1e-8, maxiter: int = 200, *,
                  params: str | Sequence[str] | None = None, loss_fn: LossFn = F.cross_entropy,
                  dtype: torch.dtype | None = None, batch_size: int | None = None, weight_decay: float = 0.0,
-                 path: str = "auto") -> None:
+                 path: str = "auto", process_group: Any = None) -> None:
         super().__init__(damping, "auto", tol, maxiter, params=params, loss_fn=loss_fn, dtype=dtype,
-                         batch_size=batch_size, weight_decay=weight_decay, path=path)
+                         batch_size=batch_size, weight_decay=weight_decay, path=path, process_group=process_group)
 
     def _damped_solve(self, H: RegularizedOperator, b: torch.Tensor) -> NewtonStep:
         return damped_newton_step(H, b, self.damping, solver="cg", tol=self.tol, maxiter=self.maxiter)
@@ -605,7 +631,7 @@ class InfluenceNewton(DampedNewton):
             forget_data = self._cast(forget, ws.w)
             g_forget = self._gradient(ws, self._objective(ws, forget_data), forget_data)
             result = self._damped_solve(H, -g_forget)
-            step = result.step * (len(forget) / len(retain))
+            step = result.step * (self._global_rows(forget) / self._global_rows(retain))
             return {"step": step, "grad_norm_forget": norm64(g_forget),
                     **_baseline_diagnostics(result, self.damping, self._quadratic_value(H, g, step))}
 
@@ -635,9 +661,9 @@ class LiSSANewton(_NewtonFamily):
     def __init__(self, damping: float = 0.01, depth: int = 100, scale: float | str = "auto",
                  lanczos_steps: int = 20, *, params: str | Sequence[str] | None = None,
                  loss_fn: LossFn = F.cross_entropy, dtype: torch.dtype | None = None, batch_size: int | None = None,
-                 weight_decay: float = 0.0, path: str = "auto") -> None:
+                 weight_decay: float = 0.0, path: str = "auto", process_group: Any = None) -> None:
         super().__init__(params=params, loss_fn=loss_fn, dtype=dtype, batch_size=batch_size,
-                         weight_decay=weight_decay, path=path)
+                         weight_decay=weight_decay, path=path, process_group=process_group)
         self.damping = check_number(f"{self.name}: damping", damping, 0.0)
         self.depth = check_int(f"{self.name}: depth", depth)
         self.scale = scale if scale == "auto" else check_number(f"{self.name}: scale", scale, 0.0, strict=True)
