@@ -5,7 +5,7 @@ Every method moves the chosen parameters w (flat) to lower the retain objective
 ``F(w) = L_r(w) + (weight_decay / 2) ||w||^2``, L_r the mean loss over D_r, using g = grad F(w)
 (an :class:`~unlearn_kernels.curvature.Objective` over all of D_r) and H = its Hessian, an
 operator from :func:`~unlearn_kernels.curvature.hessian_operator` (``path="auto"``: the fused MLP
-kernel where it applies, torch.func's forward-over-reverse otherwise, so any nn.Module works) plus
+kernel where it applies, the generic operator's exact automatic mode otherwise, so any nn.Module works) plus
 ``weight_decay I`` (:class:`~unlearn_kernels.curvature.RegularizedOperator`):
 
 * :class:`CureNewton`: adaptive cubic-regularised Newton steps (ARC,
@@ -44,8 +44,8 @@ Every method returns the model in eval mode (curvature is defined on the determi
 loss), never writes a non-finite value into it (a NaN/Inf step raises ValueError), reports the
 Hessian-vector products from the operators' counters in ``UnlearnResult.hvps`` and counts every
 gradient pass in ``gradients`` (batches per pass), including the two gradients on the first batch
-that each operator's construction probe takes (its probe product, where it has one, is not in the
-operators' counters). ``diagnostics`` hold at least ``step_norm`` (||w_new - w||), ``M`` (None for
+that each operator's construction probe takes (its probe product is in the operators' product
+counters, so in ``hvps``). ``diagnostics`` hold at least ``step_norm`` (||w_new - w||), ``M`` (None for
 the baselines), ``grad_norm_retain_before`` / ``_after`` (``||g||`` at the old and new weights),
 ``objective_before`` / ``_after`` (F), ``num_params`` and ``hessian_path``.
 
