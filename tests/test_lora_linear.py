@@ -4,14 +4,13 @@ backward), opcheck on every registered op, and bad input."""
 import pytest
 import torch
 
+from devices import backend_devices
 from tolerance import assert_within_rule
-from unlearn_kernels.backends import BackendUnavailableError, status
+from unlearn_kernels.backends import BackendUnavailableError
 from unlearn_kernels.ops import lora_linear, lora_linear_jvp, lora_linear_jvp_ref, lora_linear_ref
 
-# the C++ kernel is always built (a missing one fails); Triton runs where it is installed (interpreter on CPU)
-BACKENDS = ["reference", "cpp"] + (["triton"] if status("lora_linear", "triton").usable else [])
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-CASES = [(b, "cpu") for b in BACKENDS] + [(b, "cuda") for b in ("cuda", "triton", "reference") if "cuda" in DEVICES]
+CASES = backend_devices("lora_linear")  # (backend, device): also "cuda" where a GPU is visible
+BACKENDS = [b for b, device in CASES if device == "cpu"]  # for the CPU-only tests
 # (leading dims of x, in, out, rank): odd sizes, a 3-D x, rank 1 and 256 (the interpreter's cost grows
 # with the number of 128-wide tiles: these stay at a few tiles). The C++ pass merges the adapter into
 # the weight when N >= in * out / (in + out): the first and last shapes take that path, the others not.
