@@ -26,7 +26,7 @@ from . import INTERPRETED, define_op, jit
 def _matmul(p_ptr, q_ptr, l_ptr, r_ptr, bias_ptr, c_ptr, M, N, K, R, alpha, beta,
             s_pm, s_pk, s_qn, s_qk, s_lm, s_lr, s_rn, s_rr,
             HAS_LOW_RANK: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_F64: tl.constexpr, CAST_F32: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+            DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """C[M, N] (contiguous) = alpha P[M, K] Q[N, K]^T + bias[N] + beta L[M, R] R[N, R]^T."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -44,7 +44,7 @@ def _matmul(p_ptr, q_ptr, l_ptr, r_ptr, bias_ptr, c_ptr, M, N, K, R, alpha, beta
         q = tl.load(q_ptr + ks[:, None] * s_qk + cols64[None, :] * s_qn, mask=in_k[:, None] & in_n[None, :], other=0.0)
         if CAST_F32:  # reduced-precision tl.dot is wrong in the interpreter
             p, q = p.to(tl.float32), q.to(tl.float32)
-        acc += tl.dot(p, q, input_precision="ieee")  # float32 as torch.matmul: no TF32
+        acc += tl.dot(p, q, input_precision=DOT_PRECISION)
     acc = acc * alpha
     if HAS_LOW_RANK:
         low = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc.dtype)
@@ -57,7 +57,7 @@ def _matmul(p_ptr, q_ptr, l_ptr, r_ptr, bias_ptr, c_ptr, M, N, K, R, alpha, beta
                          other=0.0)
             if CAST_F32:
                 lt, rt = lt.to(tl.float32), rt.to(tl.float32)
-            low += tl.dot(lt, rt, input_precision="ieee")
+            low += tl.dot(lt, rt, input_precision=DOT_PRECISION)
         acc += low * beta
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=in_n, other=0.0).to(acc.dtype)[None, :]
@@ -90,7 +90,10 @@ def _mm(p: torch.Tensor, q: torch.Tensor, *, alpha: float = 1.0, bias: torch.Ten
         p, q, l, r, bias if bias is not None else out, out, m, n, k, rank, alpha, beta,
         p.stride(0), p.stride(1), q.stride(0), q.stride(1), l.stride(0), l.stride(1), r.stride(0), r.stride(1),
         HAS_LOW_RANK=low is not None, HAS_BIAS=bias is not None, ACC_F64=p.dtype == torch.float64,
-        CAST_F32=INTERPRETED and p.dtype in (torch.float16, torch.bfloat16), **cfg)
+        CAST_F32=INTERPRETED and p.dtype in (torch.float16, torch.bfloat16),
+        # float32 products in full precision, as torch.matmul's default (no TF32); Triton's default
+        # for float16 / bfloat16 operands, which accumulate in float32 either way
+        DOT_PRECISION="ieee" if p.dtype in (torch.float32, torch.float64) or INTERPRETED else "tf32", **cfg)
     return out
 
 
