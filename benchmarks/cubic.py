@@ -30,7 +30,7 @@ from unlearn_kernels.curvature import hessian_operator
 from unlearn_kernels.solvers import cubic_newton_step, lanczos
 
 from .common import RESULTS_DIR, Measurement, measure
-from .hvp import digits_problem
+from .lanczos import trained_digits
 
 BASELINE = "krylov"
 QUICK = {"quick": True, "min_time": 0.05}
@@ -77,6 +77,9 @@ def model_value(H, g: torch.Tensor, s: torch.Tensor, M: float) -> float:
     g, s = g.double(), s.double()
     return float(g @ s + 0.5 * (s @ H.matvec(s).double())) + M / 6.0 * float(s.norm()) ** 3
 
+#: the suite's cases are float64 CPU problems (the dense oracle)
+DEVICES = ("cpu",)
+
 
 def _problems(quick: bool) -> list[tuple[str, object, torch.Tensor, float]]:
     """(name, operator, g, M) for each case."""
@@ -84,7 +87,7 @@ def _problems(quick: bool) -> list[tuple[str, object, torch.Tensor, float]]:
     for d in QUICK_DIMENSIONS if quick else DIMENSIONS:
         g = torch.randn(d, generator=torch.Generator().manual_seed(d), dtype=torch.float64) / math.sqrt(d)
         out.append((f"synthetic d={d}", LowRankPlusDiagonal(d), g, SYNTHETIC_M))
-    problem = digits_problem((8,) if quick else (16,), epochs=1 if quick else 10)
+    problem = trained_digits((8,) if quick else (16,), epochs=1 if quick else 10, device=torch.device("cpu"))
     # batch_size bounds the memory of the dense method's d-column matmat (same operator).
     op = hessian_operator(copy.deepcopy(problem.model).double(), nn.CrossEntropyLoss(),
                           (problem.x.double(), problem.y), batch_size=256)
