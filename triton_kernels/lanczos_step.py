@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ..ops.lanczos_step import BREAKDOWN_RTOL_EPS, _fake
+from ..contracts.lanczos_step import BREAKDOWN_RTOL_EPS, fake
 from . import INTERPRETED, define_op, jit
 
 
@@ -100,7 +100,7 @@ def _blocks(d: int, m: int) -> dict[str, int]:
     return {"BLOCK_M": 4, "BLOCK_D": 512, "num_warps": 4}
 
 
-@define_op("unlearn_kernels_triton::lanczos_step", _fake)
+@define_op("unlearn_kernels_triton::lanczos_step", fake)
 def lanczos_step(
     hq: torch.Tensor, q: torch.Tensor, q_prev: torch.Tensor, beta_prev: torch.Tensor, basis: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

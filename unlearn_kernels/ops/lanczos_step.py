@@ -30,11 +30,10 @@ import torch
 
 from .. import _extension
 from ..backends import choose
+from ..contracts.lanczos_step import BREAKDOWN_RTOL_EPS, fake
 
 _CPP_OPS = "unlearn_kernels"
 _OP = "lanczos_step"
-BREAKDOWN_RTOL_EPS = 16.0
-"""Breakdown threshold in units of the vectors' machine epsilon, relative to ||hq||."""
 
 
 def lanczos_step_ref(
@@ -140,11 +139,5 @@ def lanczos_step(
     return torch.ops.unlearn_kernels.lanczos_step(hq, q, q_prev, beta_t, basis)
 
 
-def _fake(hq, q, q_prev, beta_prev, basis):
-    """Fake (meta) implementation, shared with the Triton op."""
-    scalar = hq.new_empty((), dtype=torch.float64)
-    return torch.empty_like(hq, memory_format=torch.contiguous_format), scalar, scalar.clone()
-
-
 if _extension.extension_loaded():
-    torch.library.register_fake(f"{_CPP_OPS}::{_OP}")(_fake)
+    torch.library.register_fake(f"{_CPP_OPS}::{_OP}")(fake)
