@@ -26,7 +26,10 @@ def _raw(name: str) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
 
         return lfw_subset()[:, None].astype(np.float64), np.array([0] * 100 + [1] * 100), (1, 25, 25)
     d = getattr(skdatasets, f"load_{name}")()
-    return d.data, d.target, (d.data.shape[1],)
+    # a repeated (input, label) row is kept once, at its first position
+    seen: set[tuple] = set()
+    keep = [i for i, row in enumerate(zip(map(tuple, d.data), d.target)) if not (row in seen or seen.add(row))]
+    return d.data[keep], d.target[keep], (d.data.shape[1],)
 
 
 def _standardized(raw: np.ndarray, train_rows: np.ndarray) -> np.ndarray:
@@ -281,3 +284,11 @@ def test_cifar_missing_files_and_bad_pickles(tmp_path) -> None:
         pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]}, f)  # CIFAR-10 key in CIFAR-100
     with pytest.raises(ValueError, match="fine_labels"):
         load_dataset("cifar100", root=tmp_path)
+
+
+def test_repeated_samples_are_kept_once():
+    # scikit-learn's iris holds one (input, label) pair twice: a forgotten copy would stay in D_r
+    splits = load_dataset("iris", seed=0)
+    rows = torch.cat([torch.cat([s.x.flatten(1), s.y[:, None].double()], dim=1)
+                      for s in (splits.train, splits.val, splits.test)])
+    assert len(rows) == 149 and len(torch.unique(rows, dim=0)) == 149

@@ -12,7 +12,8 @@ validation or test data.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -173,6 +174,17 @@ def _standardize(train: torch.Tensor, *others: torch.Tensor) -> None:
         t.sub_(mean.to(t.dtype).view(shape)).div_(std.to(t.dtype).view(shape))
 
 
+def _without_duplicates(raw: _Raw) -> _Raw:
+    """``raw`` with repeated (input, label) rows of its main file kept once (the first): a copy of a
+    forgotten sample left in the retain set would keep teaching it (iris has one such pair)."""
+    rows = np.concatenate([raw.x.reshape(len(raw.y), -1).numpy(), raw.y.reshape(-1, 1)], axis=1)
+    _, first = np.unique(rows, axis=0, return_index=True)
+    if len(first) == len(raw.y):
+        return raw
+    keep = np.sort(first)
+    return replace(raw, x=raw.x[torch.from_numpy(keep)], y=raw.y[keep])
+
+
 def load_dataset(
     name: str,
     *,
@@ -212,6 +224,7 @@ def load_dataset(
     for labels in (raw.y, raw.y_test):
         if labels is not None and labels.size and not 0 <= labels.min() <= labels.max() < num_classes:
             raise ValueError(f"{name}: labels must lie in [0, {num_classes}), found [{labels.min()}, {labels.max()}]")
+    raw = _without_duplicates(raw)
     has_test = raw.x_test is not None
     train_idx, val_idx, test_idx = _split_indices(raw.y, seed, val_fraction, None if has_test else test_fraction)
     if has_test:
