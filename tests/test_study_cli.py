@@ -9,7 +9,7 @@ from unlearn_kernels.checkpoint import data_fingerprint, read_checkpoint
 from unlearn_kernels.cli import main, parse_method_options
 from unlearn_kernels.data import load_dataset, mislabel
 from unlearn_kernels.methods import Finetune
-from unlearn_kernels.report import format_table, summarize
+from unlearn_kernels.report import format_table, summarize, write_plots
 from unlearn_kernels.study import METHODS, StudyConfig, run_study
 from unlearn_kernels.training import TrainConfig
 
@@ -233,3 +233,21 @@ def test_a_model_that_keeps_its_adapters_is_compared_with_the_oracle(tmp_path):
     assert records["retrain"]["activation_distance"] == 0.0
     assert records["original"]["activation_distance"] > 0.0
     assert records["rfa"]["weight_distance"] > 0.0  # measured on a merged copy: same layout as the oracle
+
+
+def test_a_method_that_raises_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch):
+    def refuse(self, *args, **kwargs):
+        raise ValueError("finetune: diverged")
+
+    monkeypatch.setattr(Finetune, "_unlearn", refuse)
+    config = StudyConfig(methods=("original", "finetune"), seeds=(0,), recipe=FAST, cache_dir=str(tmp_path))
+    study = run_study(config)
+    records = {r["method"]: r for r in study["records"]}
+    failed = records["finetune"]
+    assert failed["diagnostics"]["failed"] == "finetune: diverged" and failed["metrics"]["failed"] == 1.0
+    assert "seconds" not in failed["metrics"] and "speedup" not in failed["metrics"]
+    assert failed["metrics"]["acc_forget"] == records["original"]["metrics"]["acc_forget"]  # the model it was given
+    assert records["original"]["metrics"]["failed"] == 0.0
+    table = format_table(summarize(list(records.values()))[0])
+    assert "finetune raised on 100% of the seeds" in table
+    assert len(write_plots(study, tmp_path / "plots")) >= 2

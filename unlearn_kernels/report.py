@@ -122,7 +122,12 @@ def format_table(summary: dict[str, dict[str, tuple[float, float]]], title: str 
             else:
                 row.append("-")
         cells.append(row)
-    return _layout(cells, title)
+    table = _layout(cells, title)
+    failed = {m: metrics["failed"][0] for m, metrics in summary.items() if metrics.get("failed", (0.0, 0.0))[0] > 0}
+    if failed:
+        table += "\n" + "; ".join(f"{m} raised on {share:.0%} of the seeds" for m, share in sorted(failed.items())) + \
+            " (its error is in the JSON diagnostics; those rows measure the model it was given, unchanged)"
+    return table
 
 
 def _layout(cells: list[list[str]], title: str) -> str:
@@ -300,6 +305,8 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
     markers = "os^Dvp<>h"
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, m in enumerate(methods):
+        if "seconds" not in last[m]:  # failed on every seed: no time to place it at
+            continue
         (t, t_sd), (a, a_sd) = last[m]["seconds"], last[m]["acc_forget"]
         ax.errorbar(max(t, 1e-4), a, xerr=t_sd, yerr=a_sd, fmt="*" if m == "retrain" else markers[i % len(markers)],
                     ms=12 if m == "retrain" else 6, color=colors[i % len(colors)], capsize=3, label=m)

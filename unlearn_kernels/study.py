@@ -35,6 +35,7 @@ from .eval import (
     js_divergence,
     js_divergence_lotus,
     kl_divergence,
+    Measured,
     measure,
     mia_entropy,
     mia_loss,
@@ -46,7 +47,7 @@ from .eval import (
     weight_distance,
 )
 from .lora import adapter_modules, unload
-from .methods import METHODS, Retrain, Unlearner
+from .methods import METHODS, Retrain, UnlearnResult, Unlearner
 from .models import build_model
 from .checkpoint import train_or_load
 from .training import TrainConfig, init_model, train
@@ -377,8 +378,16 @@ def run_study(config: StudyConfig, progress: Progress | None = None) -> dict[str
             for name in config.methods:  # retrain first
                 progress(f"seed {seed} request {step + 1}/{len(requests)}: {name}", done, total)
                 method = _make_method(config, name, factory, recipe, model_info)
-                measured = measure(method.unlearn, current[name], forget, retain, unseen=unseen, seed=seed,
-                                   device=device)
+                failure = None
+                try:
+                    measured = measure(method.unlearn, current[name], forget, retain, unseen=unseen, seed=seed,
+                                       device=device)
+                except ValueError as exc:  # the method refused (e.g. a diverging solve); the oracle never does
+                    if name == "retrain":
+                        raise
+                    failure = str(exc)
+                    # what a caller holds after the error: the model it passed, unchanged; measured with no cost
+                    measured = Measured(UnlearnResult(model=current[name], seconds=0.0), 0.0, 0)
                 result = measured.result
                 current[name] = result.model
                 metrics, logits = evaluate(result.model, forget=forget, retain=retain, test=test, unseen=unseen,
@@ -390,17 +399,20 @@ def run_study(config: StudyConfig, progress: Progress | None = None) -> dict[str
                     metrics["acc_forgotten_so_far"] = accuracy(so_far, train_split.y[forgotten])
                 metrics.update(seconds=measured.seconds, peak_memory_bytes=measured.peak_memory_bytes,
                                hvps=result.hvps, gradients=result.gradients)
+                metrics["failed"] = float(failure is not None)
+                if failure is not None:
+                    del metrics["seconds"], metrics["peak_memory_bytes"]
                 if name == "retrain":
                     oracle = {"metrics": metrics, "logits": logits, "model": result.model}
                 _compare(metrics, logits, result.model, oracle)
                 records.append({"seed": seed, "request": step, "method": name, "metrics": metrics,
-                                "diagnostics": _jsonable(result.diagnostics),
+                                "diagnostics": _jsonable(result.diagnostics | ({"failed": failure} if failure else {})),
                                 "forget_size": len(forget), "retain_size": len(retain)})
                 done += 1
         retrain_seconds = {(r["seed"], r["request"]): r["metrics"]["seconds"] for r in records
                            if r["method"] == "retrain" and r["seed"] == seed}
         for r in records:
-            if r["seed"] == seed:
+            if r["seed"] == seed and not r["metrics"]["failed"]:  # a failed call has no time
                 r["metrics"]["speedup"] = speedup(r["metrics"]["seconds"], retrain_seconds[(seed, r["request"])])
     add_gap_closed(records)
     progress("done", done, total)
