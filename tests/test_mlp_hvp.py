@@ -237,14 +237,14 @@ def test_bad_input_raises_clear_errors(backend, rng):
         with pytest.raises(exc, match=match):
             ops.mlp_hvp(**{**p, **changes}, backend=backend)
 
-    call(ValueError, r"weights\[1\] has shape \(3, 5\)", weights=[p["weights"][0], torch.randn(3, 5, dtype=torch.float64)])
+    call(ValueError, r"weights\[1\] has shape \[3, 5\] but its input has 4 features", weights=[p["weights"][0], torch.randn(3, 5, dtype=torch.float64)])
     call(ValueError, r"v_weights\[1\] must have shape \(K, out, in\) = \(2, 3, 4\)",
          v_weights=[p["v_weights"][0], torch.randn(3, 3, 4, dtype=torch.float64)])
     call(ValueError, r"v_biases\[0\] must have shape", v_biases=[torch.randn(1, 4, dtype=torch.float64), None])
     call(ValueError, r"v_biases\[1\] is given but layer 1 has no bias", biases=[p["biases"][0], None])
-    call(ValueError, "activations has 1 entries", activations=["tanh"])
+    call(ValueError, "must all have one entry per layer, got 2, 2, 1, 2 and 2", activations=["tanh"])
     call(ValueError, "'softplus' is not one of", activations=["tanh", "softplus"])
-    call(TypeError, r"weights\[0\] has dtype torch.float32", weights=[p["weights"][0].float(), p["weights"][1]])
+    call(TypeError, r"weights\[0\] has dtype Float but x has Double", weights=[p["weights"][0].float(), p["weights"][1]])
     call(ValueError, "target must have shape", target=p["target"][:3])
     call(ValueError, r"target\[0\] = 3 is out of range for 3 classes", target=torch.full((9,), 3))
     call(ValueError, "every target is ignore_index", target=torch.full((9,), -100))

@@ -5,20 +5,13 @@ from __future__ import annotations
 
 import torch
 
+from .text import dtype_name, shape_text
+
 GRAD = "softmax_ce_grad"
 HVP = "softmax_ce_hvp"
 #: the finiteness errors, after "<op>: " (the kernels detect these inside their pass)
 BAD_LOGITS = "logits contain NaN or +Inf (or a row that is all -Inf)"
 BAD_TANGENT = "tangent contains NaN or Inf"
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """The dtype as C++ prints an ``at::ScalarType`` ("Float", "Long", ...), so messages match."""
-    return torch.empty(0, dtype=dtype).type().removeprefix("torch.").removesuffix("Tensor")
-
-
-def _shape(t: torch.Tensor) -> str:
-    return str(list(t.shape))  # C++ prints IntArrayRef as [2, 3]
 
 
 def check_tensor(op: str, name: str, value: object) -> torch.Tensor:
@@ -30,7 +23,7 @@ def check_tensor(op: str, name: str, value: object) -> torch.Tensor:
 
 def _check_logits(op: str, logits: torch.Tensor) -> None:
     if logits.dim() != 2:
-        raise ValueError(f"{op}: logits must be 2-D (N, C), got shape {_shape(logits)}")
+        raise ValueError(f"{op}: logits must be 2-D (N, C), got shape {shape_text(logits)}")
     if not logits.is_floating_point():
         raise TypeError(f"{op}: logits must be floating point, got {dtype_name(logits.dtype)}")
 
@@ -39,7 +32,7 @@ def check_grad_args(logits: torch.Tensor, target: torch.Tensor, label_smoothing:
     """Shapes, dtypes, devices and the smoothing of ``softmax_ce_grad`` (the C++ checks, in order)."""
     _check_logits(GRAD, logits)
     if target.dim() != 1 or target.shape[0] != logits.shape[0]:
-        raise ValueError(f"{GRAD}: target must have shape (N,) = ({logits.shape[0]},), got {_shape(target)}")
+        raise ValueError(f"{GRAD}: target must have shape (N,) = ({logits.shape[0]},), got {shape_text(target)}")
     if target.dtype != torch.int64:
         raise TypeError(f"{GRAD}: target must hold integer class indices (int64), got {dtype_name(target.dtype)}")
     if target.device != logits.device:
@@ -52,7 +45,7 @@ def check_hvp_args(logits: torch.Tensor, tangent: torch.Tensor) -> None:
     """Shapes, dtypes and devices of ``softmax_ce_hvp`` (the C++ checks, in order)."""
     _check_logits(HVP, logits)
     if tangent.shape != logits.shape:
-        raise ValueError(f"{HVP}: tangent shape {_shape(tangent)} must equal logits shape {_shape(logits)}")
+        raise ValueError(f"{HVP}: tangent shape {shape_text(tangent)} must equal logits shape {shape_text(logits)}")
     if tangent.dtype != logits.dtype:
         raise TypeError(f"{HVP}: tangent dtype {dtype_name(tangent.dtype)} must equal logits dtype "
                         f"{dtype_name(logits.dtype)}")

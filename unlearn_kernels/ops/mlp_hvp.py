@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .. import _extension
 from ..backends import choose
+from ..contracts.text import dtype_name, shape_text
 
 _CPP_OPS = "unlearn_kernels"
 _OP = "mlp_hvp"
@@ -90,50 +91,70 @@ def _tensor_list(name: str, values: object, length: int | None, optional: bool) 
 
 
 def _check_inputs(x, target, weights, biases, activations, v_weights, v_biases, label_smoothing) -> None:
-    """Shapes, dtypes, devices and names; raises ValueError/TypeError naming the problem."""
+    """The reference backend's copy of the compiled kernels' checks (``check_inputs`` in
+    csrc/mlp_hvp.cpp): the same checks in the same order with the same messages, so every backend
+    raises the same error."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{_OP}: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2 or x.shape[0] == 0:
-        raise ValueError(f"{_OP}: x must be 2-D (N, in_features) with N >= 1, got shape {tuple(x.shape)}")
+    num_layers = len(weights)
+    counts = (num_layers, len(biases), len(activations), len(v_weights), len(v_biases))
+    if len(set(counts)) > 1:
+        raise ValueError(f"{_OP}: weights, biases, activations, v_weights and v_biases must all have one entry per "
+                         f"layer, got {counts[0]}, {counts[1]}, {counts[2]}, {counts[3]} and {counts[4]}")
+    if not weights:
+        raise ValueError(f"{_OP}: at least one layer is needed, got 0 weights")
+    if x.dim() != 2:
+        raise ValueError(f"{_OP}: x must be 2-D (N, in_features), got shape {shape_text(x)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{_OP}: x has no rows (the mean loss over 0 samples is undefined)")
     if x.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{_OP}: x must be float32 or float64, got {x.dtype}")
+        raise TypeError(f"{_OP}: x must be float32 or float64, got {dtype_name(x.dtype)}")
+
+    def like(t: torch.Tensor, what: str, l: int) -> None:
+        if t.dtype != x.dtype:
+            raise TypeError(f"{_OP}: {what}[{l}] has dtype {dtype_name(t.dtype)} but x has {dtype_name(x.dtype)}")
+        if t.device != x.device:
+            raise ValueError(f"{_OP}: {what}[{l}] is on {t.device} but x on {x.device}")
+
+    in_features = x.shape[1]
+    for l, (w, b) in enumerate(zip(weights, biases)):
+        if w.dim() != 2:
+            raise ValueError(f"{_OP}: weights[{l}] must be 2-D (out, in), got shape {shape_text(w)}")
+        if w.shape[1] != in_features:
+            raise ValueError(f"{_OP}: weights[{l}] has shape {shape_text(w)} but its input has {in_features} features "
+                             f"({'x' if l == 0 else 'the previous layer' + chr(39) + 's output'})")
+        like(w, "weights", l)
+        out = w.shape[0]
+        if out == 0:
+            raise ValueError(f"{_OP}: weights[{l}] has no output features")
+        if b is not None:
+            if b.shape != (out,):
+                raise ValueError(f"{_OP}: biases[{l}] must have shape ({out},), got {shape_text(b)}")
+            like(b, "biases", l)
+        in_features = out
     if not isinstance(target, torch.Tensor) or target.dtype != torch.long:
-        raise TypeError(f"{_OP}: target must be an int64 tensor of class indices")
-    if target.shape != (x.shape[0],) or target.device != x.device:
-        raise ValueError(f"{_OP}: target must have shape ({x.shape[0]},) on {x.device}, got {tuple(target.shape)} on {target.device}")
+        got = dtype_name(target.dtype) if isinstance(target, torch.Tensor) else type(target).__name__
+        raise TypeError(f"{_OP}: target must be int64 class indices, got {got}")
+    if target.dim() != 1 or target.shape[0] != x.shape[0]:
+        raise ValueError(f"{_OP}: target must have shape ({x.shape[0]},), got {shape_text(target)}")
+    if target.device != x.device:
+        raise ValueError(f"{_OP}: target is on {target.device} but x on {x.device}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"{_OP}: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if not weights:
-        raise ValueError(f"{_OP}: at least one layer is needed, got no weights")
-    num_layers = len(weights)
-    if len(activations) != num_layers:
-        raise ValueError(f"{_OP}: activations has {len(activations)} entries but there are {num_layers} layers")
-    k = v_weights[0].shape[0] if v_weights[0].dim() == 3 else 0
+    k = v_weights[0].shape[0] if v_weights[0].dim() == 3 else -1
     if k < 1:
-        raise ValueError(f"{_OP}: v_weights[0] must be 3-D (K, out, in) with K >= 1, got shape {tuple(v_weights[0].shape)}")
-    in_features = x.shape[1]
+        raise ValueError(f"{_OP}: v_weights[0] must be 3-D (K, out, in) with K >= 1, got shape {shape_text(v_weights[0])}")
     for l, (w, b, v, vb) in enumerate(zip(weights, biases, v_weights, v_biases)):
-        if w.dim() != 2 or w.shape[1] != in_features or w.shape[0] == 0:
-            raise ValueError(
-                f"{_OP}: weights[{l}] has shape {tuple(w.shape)} but must be (out, {in_features}) with out >= 1 "
-                f"(its input is {'x' if l == 0 else f'layer {l - 1}'} with {in_features} features)"
-            )
-        out = w.shape[0]
-        if b is not None and b.shape != (out,):
-            raise ValueError(f"{_OP}: biases[{l}] must have shape ({out},), got {tuple(b.shape)}")
-        if v.shape != (k, out, in_features):
-            raise ValueError(f"{_OP}: v_weights[{l}] must have shape (K, out, in) = {(k, out, in_features)}, got {tuple(v.shape)}")
+        out, inp = w.shape
+        if v.shape != (k, out, inp):
+            raise ValueError(f"{_OP}: v_weights[{l}] must have shape (K, out, in) = ({k}, {out}, {inp}), got {shape_text(v)}")
+        like(v, "v_weights", l)
         if vb is not None:
             if b is None:
                 raise ValueError(f"{_OP}: v_biases[{l}] is given but layer {l} has no bias")
             if vb.shape != (k, out):
-                raise ValueError(f"{_OP}: v_biases[{l}] must have shape (K, out) = {(k, out)}, got {tuple(vb.shape)}")
-        for name, t in (("weights", w), ("biases", b), ("v_weights", v), ("v_biases", vb)):
-            if t is not None and t.dtype != x.dtype:
-                raise TypeError(f"{_OP}: {name}[{l}] has dtype {t.dtype} but x has {x.dtype}")
-            if t is not None and t.device != x.device:
-                raise ValueError(f"{_OP}: {name}[{l}] is on {t.device} but x is on {x.device}")
-        in_features = out
+                raise ValueError(f"{_OP}: v_biases[{l}] must have shape (K, out) = ({k}, {out}), got {shape_text(vb)}")
+            like(vb, "v_biases", l)
 
 
 def _check_targets_and_finite(x, target, tensors: dict[str, list], num_classes: int, ignore_index: int, check_finite: bool) -> None:
@@ -204,9 +225,9 @@ def mlp_hvp(
     biases = [None] * num_layers if biases is None else _tensor_list("biases", biases, num_layers, optional=True)
     v_weights = _tensor_list("v_weights", v_weights, num_layers, optional=False)
     v_biases = [None] * num_layers if v_biases is None else _tensor_list("v_biases", v_biases, num_layers, optional=True)
-    _check_inputs(x, target, weights, biases, activations, v_weights, v_biases, label_smoothing)
     name = choose(_OP, x.device, backend)
-    if name == "reference":
+    if name == "reference":  # the compiled kernels check their inputs themselves (csrc/mlp_hvp.cpp)
+        _check_inputs(x, target, weights, biases, activations, v_weights, v_biases, label_smoothing)
         tensors = {"weights": weights, "biases": biases, "v_weights": v_weights, "v_biases": v_biases}
         _check_targets_and_finite(x, target, tensors, weights[-1].shape[0], ignore_index, check_finite)
         return mlp_hvp_ref(x, target, weights, biases, activations, v_weights, v_biases, label_smoothing, ignore_index)
