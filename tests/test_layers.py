@@ -75,28 +75,22 @@ def test_imports_go_down(module):
     assert not up, f"{module} (layer {LAYERS[_part(module)]}) imports from a higher layer: {up}"
 
 
-# Known and still to go: the lanczos_step and lora_linear Triton modules import their fakes (and a
-# constant) from ops/, which loads them; softmax_ce's take theirs from contracts/ instead.
-KNOWN_UPWARD = {("triton_kernels", "ops")}
-
-
-def _part_graph(skip: set[tuple[str, str]]) -> dict[str, set[str]]:
+def _part_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for source, target in EDGES:
         edge = (_part(source), _part(target))
-        if edge[0] != edge[1] and edge not in skip:
+        if edge[0] != edge[1]:
             graph.setdefault(edge[0], set()).add(edge[1])
     return graph
 
 
-@pytest.mark.xfail(strict=True, reason="triton_kernels/lanczos_step.py and lora_linear.py import from ops/; "
-                                       "when they no longer do, remove KNOWN_UPWARD and this mark")
 def test_triton_kernels_import_nothing_from_ops():
-    assert "ops" not in _part_graph(set()).get("triton_kernels", set())
+    # the ops load the Triton modules; what both need (checks, fakes) lives in contracts/
+    assert "ops" not in _part_graph().get("triton_kernels", set())
 
 
 def test_parts_import_one_another_without_cycles():
-    graph = _part_graph(KNOWN_UPWARD)
+    graph = _part_graph()
     state: dict[str, int] = {}
 
     def visit(node: str, path: list[str]) -> None:

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ..ops.lora_linear import _fake_backward, _fake_forward, _fake_jvp
+from ..contracts.lora_linear import fake_backward, fake_forward, fake_jvp
 from . import INTERPRETED, define_op, jit
 
 
@@ -97,7 +97,7 @@ def _mm(p: torch.Tensor, q: torch.Tensor, *, alpha: float = 1.0, bias: torch.Ten
     return out
 
 
-@define_op("unlearn_kernels_triton::lora_linear", _fake_forward)
+@define_op("unlearn_kernels_triton::lora_linear", fake_forward)
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scale: float) -> torch.Tensor:
     """y on validated 2-D x (see ``unlearn_kernels.ops.lora_linear``)."""
@@ -105,7 +105,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def _fake_backward_list(*args) -> list[torch.Tensor]:
-    return [t for t in _fake_backward(*args) if t is not None]
+    return [t for t in fake_backward(*args) if t is not None]
 
 
 # A Python-defined op cannot return None: it returns the requested gradients only, in order.
@@ -127,7 +127,7 @@ def lora_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.
     return grads
 
 
-@define_op("unlearn_kernels_triton::lora_linear_jvp", _fake_jvp)
+@define_op("unlearn_kernels_triton::lora_linear_jvp", fake_jvp)
 def lora_linear_jvp(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                     lora_b: torch.Tensor, scale: float, tangent_a: torch.Tensor | None,
                     tangent_b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,12 +145,3 @@ def lora_linear_jvp(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     else:
         tangent = torch.zeros_like(out)
     return out, tangent
-
-
-def _register() -> None:
-    from ..ops.lora_linear import register
-
-    register("unlearn_kernels_triton", "triton")
-
-
-_register()

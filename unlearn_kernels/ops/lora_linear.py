@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from .. import _extension
 from ..backends import choose
+from ..contracts.lora_linear import fake_backward, fake_forward, fake_jvp
 
 _CPP_OPS = "unlearn_kernels"
 _OP = "lora_linear"
@@ -163,10 +164,17 @@ def _check_inputs(op, x, weight, bias, lora_a, lora_b, scale, tangents=()):
 
 
 # --------------------------------------------------------------------------- backends
+_TRITON_REGISTERED = False
+
+
 def _ops(backend: str):
+    global _TRITON_REGISTERED
     if backend == "triton":
         from ..triton_kernels import lora_linear  # noqa: F401  (defines the unlearn_kernels_triton ops)
 
+        if not _TRITON_REGISTERED:  # their autograd and vmap rules live here, beside the formulas
+            register("unlearn_kernels_triton", "triton")
+            _TRITON_REGISTERED = True
         return torch.ops.unlearn_kernels_triton
     return torch.ops.unlearn_kernels
 
@@ -315,19 +323,6 @@ def lora_linear_jvp(
 
 
 # --------------------------------------------------------------------------- registration
-def _fake_forward(x, weight, bias, lora_a, lora_b, scale):
-    return x.new_empty(x.shape[0], weight.shape[0])
-
-
-def _fake_backward(grad_out, x, weight, lora_a, lora_b, scale, output_mask):
-    need_x, need_a, need_b = output_mask
-    return tuple(t.new_empty(t.shape) if need else None for t, need in ((x, need_x), (lora_a, need_a), (lora_b, need_b)))
-
-
-def _fake_jvp(x, weight, bias, lora_a, lora_b, scale, tangent_a, tangent_b):
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], weight.shape[0])
-
-
 def _autograd_setup(backend: str):
     def setup_context(ctx, inputs, output):
         _LoRALinearFunction.setup_context(ctx, (*inputs, backend), output)
@@ -393,9 +388,9 @@ def register(namespace: str, backend: str) -> None:
     backend whose backward op the autograd formula calls)."""
     ops_ns = getattr(torch.ops, namespace)
     if namespace == _CPP_OPS:  # the Triton module gives its ops their fake implementations itself
-        torch.library.register_fake(f"{namespace}::lora_linear")(_fake_forward)
-        torch.library.register_fake(f"{namespace}::lora_linear_backward")(_fake_backward)
-        torch.library.register_fake(f"{namespace}::lora_linear_jvp")(_fake_jvp)
+        torch.library.register_fake(f"{namespace}::lora_linear")(fake_forward)
+        torch.library.register_fake(f"{namespace}::lora_linear_backward")(fake_backward)
+        torch.library.register_fake(f"{namespace}::lora_linear_jvp")(fake_jvp)
     torch.library.register_autograd(f"{namespace}::lora_linear", _autograd_backward,
                                     setup_context=_autograd_setup(backend))
     torch.library.register_vmap(f"{namespace}::lora_linear", _vmap_forward(ops_ns.lora_linear))
