@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Reproduces the runs behind docs/fidelity.md (one thread; about an hour on a 2-core machine).
+# Each run writes docs/fidelity/<run>/<scenario>/results.json and its plots; make_tables.py then
+# writes the tables of docs/fidelity.md from those files.
+set -euo pipefail
+cd "$(dirname "$0")"
+ALL=retrain,original,cure_newton,stochastic_cure_newton,newton_pinv,damped_newton,influence,lissa,finetune,neggrad_plus,salun,scrub,lotus,rfa
+# sequential runs: the exact damped solves cost 25-50 s a call; the CG variant shows the same failure cheaply
+SEQ=retrain,original,cure_newton,stochastic_cure_newton,newton_pinv,damped_newton_cg,lissa,finetune,neggrad_plus,salun,scrub,lotus,rfa
+# the CNN has 10x the parameters of the MLP: the exact damped solves are left out there too
+CNN=$SEQ
+run() { local out=$1; shift; unlearn-kernels run --seeds 0,1,2 --out "$out" "$@"; }
+
+run mlp --protocol mislabeled --forget-fraction 0.1 --methods $ALL
+run mlp --protocol mislabeled --forget-fraction 0.1 --sequential 10 --methods $SEQ
+run mlp --protocol random --forget-fraction 0.1 --methods $ALL
+run mlp --protocol class --forget-class 3 --methods $ALL
+run mlp-1pct --protocol random --forget-fraction 0.01 --methods $ALL
+run mlp-1pct --protocol random --forget-fraction 0.01 --sequential 10 --methods $SEQ
+# variants: CureNewton's one-step form, damped Newton and the influence update at larger damping
+run mlp-one-step --protocol mislabeled --forget-fraction 0.1 --methods retrain,original,cure_newton --set cure_newton.max_iterations=1
+run mlp-one-step --protocol class --forget-class 3 --methods retrain,original,cure_newton --set cure_newton.max_iterations=1
+for lam in 0.1 1.0; do
+  run mlp-damping-$lam --protocol mislabeled --forget-fraction 0.1 --methods retrain,original,damped_newton,influence \
+      --set damped_newton.damping=$lam --set influence.damping=$lam
+done
+run cnn --model cnn --protocol mislabeled --forget-fraction 0.1 --methods $CNN
+run cnn --model cnn --protocol class --forget-class 3 --methods $CNN
+run cnn --model cnn --protocol random --forget-fraction 0.1 --methods $CNN
+run breast-cancer --dataset breast_cancer --protocol mislabeled --forget-fraction 0.1 --methods $ALL
+run breast-cancer --dataset breast_cancer --protocol random --forget-fraction 0.1 --methods $ALL
