@@ -37,7 +37,7 @@ from unlearn_kernels.models import build_model
 from unlearn_kernels.study import DEFAULT_RECIPES
 from unlearn_kernels.training import init_model, train
 
-from .common import Measurement
+from .common import Measurement, PeakMemory
 
 BASELINE = "retrain"
 SIZES = (2_000, 8_000, 32_000)
@@ -116,12 +116,14 @@ def run(device: torch.device, *, quick: bool = False, sizes: tuple[int, ...] = S
         acc_f = {"original": _accuracy(original, forget)}
         seconds = {}
         for name, method in methods.items():
-            result = method.unlearn(original, forget, retain, seed=SEED)
+            with PeakMemory(device) as peak:
+                result = method.unlearn(original, forget, retain, seed=SEED)
             seconds[name] = result.seconds
             acc_f[name] = _accuracy(result.model, forget)
             acc_test = _accuracy(result.model, test)
             results.append(Measurement(case, name, result.seconds, 0.0, None,
-                                       extra={"acc_forget": acc_f[name], "acc_test": acc_test}))
+                                       extra={"acc_forget": acc_f[name], "acc_test": acc_test},
+                                       peak_memory_bytes=peak.bytes))
         gap = acc_f["original"] - acc_f["retrain"]
         closed = {name: (acc_f["original"] - acc_f[name]) / gap if gap else None
                   for name in ("cure_newton", "finetune")}
