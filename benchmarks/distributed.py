@@ -27,7 +27,7 @@ from torch import nn
 
 from unlearn_kernels.curvature import hessian_operator
 
-from .common import Measurement, synchronize
+from .common import Measurement, PeakMemory, synchronize
 from .hvp import seeded_mlp
 
 BASELINE = "1 process"
@@ -78,7 +78,12 @@ def _worker(rank: int, store: str, device_type: str, quick: bool, inbox, outbox)
                               process_group=dist.group.WORLD)
         v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(1)).to(device)
         calls = _calls(op, v)
-        outbox.put((rank, {name: fn().cpu() for name, fn in calls.items()}))
+        results, peaks = {}, {}
+        for name, fn in calls.items():
+            with PeakMemory(device) as peak:
+                results[name] = fn().cpu()
+            peaks[name] = peak.bytes
+        outbox.put((rank, (results, peaks)))
         while (msg := inbox.get()) is not None:
             name, count = msg  # both ranks make the same number of calls
             samples = _timed(calls[name], device, count, barrier=dist.barrier)
@@ -117,15 +122,16 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 2.0, bur
             single = hessian_operator(model.to(device), nn.CrossEntropyLoss(), (x.to(device), y.to(device)))
             v = torch.randn(single.shape[0], generator=torch.Generator().manual_seed(1)).to(device)
             calls = _calls(single, v)
-            got = dict(outbox.get(timeout=600) for _ in range(WORLD))[0]
+            got, peaks = dict(outbox.get(timeout=600) for _ in range(WORLD))[0]
             results = []
             for name, fn in calls.items():
-                want = fn().cpu()
+                with PeakMemory(device) as peak:
+                    want = fn().cpu()
                 diff = float((got[name] - want).norm() / want.norm())
                 status = "ok" if diff <= GATE_RTOL else "wrong"
-                base = Measurement(f"{name} {case_name}", BASELINE, None, None, 0.0)
+                base = Measurement(f"{name} {case_name}", BASELINE, None, None, 0.0, peak_memory_bytes=peak.bytes)
                 dist_m = Measurement(f"{name} {case_name}", candidates[1], None, None, diff, status,
-                                     {"rel_diff": diff})
+                                     {"rel_diff": diff}, peak_memory_bytes=peaks[name])  # rank 0's
                 samples: tuple[list[tuple[float, float]], list[tuple[float, float]]] = ([], [])
                 once = _timed(fn, device, 1)[0][0]
                 counts = max(1, round(burst / once)), max(1, round(burst * WORLD / once))  # about burst seconds each
