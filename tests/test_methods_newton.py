@@ -460,6 +460,8 @@ def test_lipschitz_estimate_rejects_bad_arguments(kwargs, message):
     (lambda: CureNewton(gamma=1.0), ValueError, "gamma"),
     (lambda: CureNewton(M_min=0.0), ValueError, "M_min"),
     (lambda: CureNewton(solver_options={"seed": 3}), ValueError, "seed"),
+    (lambda: CureNewton(solver_options={"two_pass": True}), ValueError, "two_pass"),
+    (lambda: CureNewton(M="auto", process_group=object()), TypeError, "process_group"),
     (lambda: DampedNewton(solver="cg"), ValueError, "solver"),
     (lambda: StochasticCureNewton(M=0), ValueError, "M"),
     (lambda: StochasticCureNewton(T=0), ValueError, "T"),

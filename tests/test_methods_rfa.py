@@ -161,3 +161,16 @@ def test_cure_newton_lora_returns_the_plain_architecture(problem):
     assert result.diagnostics["layers"] == ["1", "3"] and result.hvps > 0
     with pytest.raises(TypeError, match="params is set"):
         CureNewtonLoRA(params=["1.weight"])
+
+
+def test_batchnorm_statistics_of_the_frozen_model_do_not_move(problem):
+    _, forget, retain, unseen = problem
+    model = init_model(lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32),
+                                                   torch.nn.BatchNorm1d(32), torch.nn.ReLU(),
+                                                   torch.nn.Linear(32, 10)), 0)
+    train(model, LabeledData(torch.cat([forget.x, retain.x]), torch.cat([forget.y, retain.y])),
+          TrainConfig(epochs=5, batch_size=32, lr=0.05, seed=0))
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    result = RFA(epochs=2, merge=False).unlearn(model, forget, retain, unseen=unseen, seed=0)
+    after = {k.replace(".base.", "."): v for k, v in result.model.state_dict().items() if "running" in k}
+    assert before.keys() == after.keys() and all(torch.equal(after[k], v) for k, v in before.items())

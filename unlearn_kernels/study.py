@@ -382,8 +382,8 @@ def run_study(config: StudyConfig, progress: Progress | None = None) -> dict[str
                 try:
                     measured = measure(method.unlearn, current[name], forget, retain, unseen=unseen, seed=seed,
                                        device=device)
-                except ValueError as exc:  # the method refused (e.g. a diverging solve); the oracle never does
-                    if name == "retrain":
+                except (ValueError, RuntimeError) as exc:  # refused or failed: a diverging solve, a LinAlgError
+                    if name == "retrain":  # the oracle is every row's reference: its failure ends the study
                         raise
                     failure = str(exc)
                     # what a caller holds after the error: the model it passed, unchanged; measured with no cost

@@ -25,9 +25,12 @@ what does not depend on the vector (activations, a gradient graph), within ``cac
 through :meth:`CurvatureOperator.cached_pass` takes cached entries for the first batches and builds
 (and keeps, while the budget allows) the others; batches beyond the budget are streamed as before.
 The cache is dropped when a parameter changes: in-place updates (``optimizer.step()``,
-``set_flat_parameters``, ``p.add_``) bump the tensors' version counters and ``p.data = ...`` moves
-their data pointers, both checked before every product. Writes through ``p.data`` in place are
-invisible to both: call :meth:`CurvatureOperator.invalidate` after them.
+``set_flat_parameters``, ``p.add_``) bump the tensors' version counters, ``p.data = ...`` moves
+their data pointers, and writes that do neither (fused optimizer kernels, in-place writes through
+``p.data``) change the sum of the values; all three are checked before every product (the sums cost
+one pass over the parameters, small beside a product over a batch). Only a write that keeps every
+parameter's version, pointer and sum would go unseen: call :meth:`CurvatureOperator.invalidate`
+after such a one.
 """
 from __future__ import annotations
 
@@ -242,23 +245,25 @@ class CurvatureOperator(abc.ABC):
         return len(self._cache)
 
     def invalidate(self) -> None:
-        """Drop the fixed-weight cache; the next product rebuilds it. Needed only after weights were
-        changed in a way no version counter sees (in place through ``p.data``)."""
+        """Drop the fixed-weight cache; the next product rebuilds it. Needed only after a weight change
+        that keeps every parameter's version counter, data pointer and sum of values."""
         self._cache: list[tuple[Entry, int]] = []  # (entry, rows) of the first cached_batches batches
         self.cached_bytes = 0
         self._cache_complete = False  # every batch is cached
         self._cache_closed = self.cache_bytes == 0  # the budget is reached: later batches are streamed
 
-    def _current_weights_key(self) -> tuple[tuple[int, int], ...]:
-        return tuple((p._version, p.data_ptr()) for p in self._live.values())
+    def _current_weights_key(self) -> tuple[tuple[int, int, float], ...]:
+        # the sum catches in-place writes that bump no version counter (fused optimizer kernels, .data)
+        return tuple((p._version, p.data_ptr(), float(p.detach().sum(dtype=torch.float64)))
+                     for p in self._live.values())
 
     def _sync_weights(self) -> None:
-        """Before each product: if a parameter changed (version counter or data pointer), drop the
-        cache and re-take the views of parameters whose data was replaced."""
+        """Before each product: if a parameter changed (version counter, data pointer or the sum of its
+        values), drop the cache and re-take the views of parameters whose data was replaced."""
         key = self._current_weights_key()
         if key == self._weights_key:
             return
-        for (name, p), (_, ptr), (_, old_ptr) in zip(self._live.items(), key, self._weights_key):
+        for (name, p), (_, ptr, _), (_, old_ptr, _) in zip(self._live.items(), key, self._weights_key):
             if ptr != old_ptr:
                 target = self.params if name in self.params else self._constants
                 if p.shape != target[name].shape or p.dtype != target[name].dtype or p.device != target[name].device:

@@ -41,9 +41,9 @@ class CureNewtonLoRA(Unlearner):
         **newton_options: CureNewton's options (``M``, ``weight_decay``, ...), except ``params``.
     """
 
+    # No ``uses_training_objective``: CureNewton's weight_decay here would penalise ||A||^2 + ||B||^2,
+    # not the training objective's decay of the merged weights W + scale B A, so a study passes none.
     name = "cure_newton_lora"
-    #: like CureNewton, it optimises the training objective: a study passes the recipe's weight_decay
-    uses_training_objective = True
 
     def __init__(self, rank: int = 8, alpha: float | None = None, targets: str | Sequence[str] | None = None,
                  **newton_options: Any) -> None:

@@ -288,7 +288,8 @@ class CureNewton(_NewtonFamily):
             the factor M changes by (2.0) and the smallest M after lowering (1e-6).
         solver_options: options of :class:`~unlearn_kernels.solvers.KrylovCubicSolver` over
             :data:`~unlearn_kernels.solvers.KRYLOV_DEFAULTS` (``k_max`` 50, ``kappa`` 0.5, no
-            hard-case probe); ``seed`` comes from the unlearn seed.
+            hard-case probe); ``seed`` comes from the unlearn seed; ``two_pass`` is refused (a re-solve
+            after a rejected step reuses the stored basis).
         lipschitz_options: passed to ``estimate_hessian_lipschitz`` when ``M="auto"``
             (``num_directions``, ``radius``, ``power_iterations``, ``quantile``).
         params, loss_fn, dtype, batch_size, weight_decay, path: see the module docstring.
@@ -333,6 +334,10 @@ class CureNewton(_NewtonFamily):
         self.solver_options = dict(solver_options or {})
         if "seed" in self.solver_options:
             raise ValueError(f"{self.name}: solver_options must not set 'seed' (it comes from the unlearn seed)")
+        if self.solver_options.get("two_pass"):
+            # a rejected trial leaves the weights at the trial point, where a replayed basis would be built
+            raise ValueError(f"{self.name}: solver_options two_pass is not supported: a re-solve after a rejected "
+                             "step reuses the stored Lanczos basis")
         self.lipschitz_options = dict(lipschitz_options or {})
 
     def _sample(self, data: LabeledData, seed: int) -> LabeledData:

@@ -261,6 +261,9 @@ class RFA(_Trained):
         optimizer = self._make_optimizer(model)
         steps, last = 0, {}
         model.train()
+        for module in model.modules():  # the frozen model's normalisation statistics stay frozen too
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
         for epoch in range(self.epochs):
             for x, y in retain.loader(self.batch_size, shuffle=True, seed=seed + epoch):
                 with torch.no_grad():
