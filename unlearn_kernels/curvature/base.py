@@ -280,6 +280,19 @@ class CurvatureOperator(abc.ABC):
     def _weights_changed(self) -> None:
         """Hook for subclasses that keep references to parameter views: called after a change."""
 
+    def cached_mean(self, prepare: Callable[[torch.Tensor, torch.Tensor], tuple[Entry, int]],
+                    per_batch: Callable[[Entry], torch.Tensor]) -> torch.Tensor:
+        """The mean over all rows of ``per_batch(entry)`` (batches weighted by their rows), the entries
+        from :meth:`cached_pass` (``prepare`` builds those of streamed batches too)."""
+        total, count = None, 0
+        for entry, rows, batch in self.cached_pass(prepare):
+            if entry is None:  # beyond the cache's budget: built for this pass only
+                entry = prepare(*batch)[0]
+            out = per_batch(entry)
+            total = out * rows if total is None else total.add_(out, alpha=rows)
+            count += rows
+        return total / count
+
     def cached_pass(
         self, prepare: Callable[[torch.Tensor, torch.Tensor], tuple[Entry, int]],
     ) -> Iterator[tuple[Entry | None, int, Batch | None]]:

@@ -343,14 +343,7 @@ class GenericHessian(_TorchFuncOperator):
         if self.mode != "reverse-over-reverse":
             return super()._matmat(matrix)
         tangents = self.unflatten_columns(matrix)
-        total = torch.zeros_like(matrix)
-        count = 0
-        for graph, rows, batch in self.cached_pass(self._graph):
-            if graph is None:
-                graph = self._graph(*batch)[0]
-            total.add_(self.flatten_columns(self._graph_products(graph, tangents)), alpha=rows)
-            count += rows
-        return total / count
+        return self.cached_mean(self._graph, lambda graph: self.flatten_columns(self._graph_products(graph, tangents)))
 
     def _gradient(self) -> torch.Tensor:
         if self.mode != "reverse-over-reverse":
@@ -439,14 +432,7 @@ class GGNOperator(_TorchFuncOperator):
 
     def _matmat(self, matrix: torch.Tensor) -> torch.Tensor:
         tangents = self.unflatten_columns(matrix)
-        total = torch.zeros_like(matrix)
-        count = 0
-        for graph, rows, batch in self.cached_pass(self._forward):
-            if graph is None:
-                graph = self._forward(*batch)[0]
-            total.add_(self.flatten_columns(self._ggn_products(graph, tangents)), alpha=rows)
-            count += rows
-        return total / count
+        return self.cached_mean(self._forward, lambda graph: self.flatten_columns(self._ggn_products(graph, tangents)))
 
     def _ggn_products(self, graph: _ForwardGraph, tangents: Tangents) -> Tangents:
         forward = functools.partial(self.batch_forward, x=graph.x)
