@@ -199,6 +199,9 @@ class _NewtonFamily(Unlearner):
         """grad F over ``data`` (``objective``'s) at the shadow's current weights (counted, checked finite)."""
         g = objective.gradient()
         ws.gradient_passes += self._batches(data)
+        return self._check_finite(g)
+
+    def _check_finite(self, g: torch.Tensor) -> torch.Tensor:
         if not bool(torch.isfinite(g).all()):
             raise ValueError(f"{self.name}: the gradient of the loss is not finite (NaN/Inf in the data, the model "
                              "or the loss); the caller's model is unchanged")
@@ -371,13 +374,23 @@ class CureNewton(_NewtonFamily):
                 set_flat_parameters(ws.shadow, w, ws.names)
                 ws.w = w
 
+        # Every trial point is evaluated with its gradient in one pass over D_r: ARC asks for the gradient
+        # right after the value at each accepted point (w0 included), and a rejected trial (rare) wastes
+        # only the backward half of its pass.
+        last: dict[str, Any] = {"w": None, "gradient": None}
+
         def value(w: torch.Tensor) -> float:
             move(w)
-            return objective.value()
+            f, last["gradient"] = objective.value_and_gradient()
+            last["w"] = w
+            ws.gradient_passes += self._batches(ws.retain)
+            return f
 
         def gradient(w: torch.Tensor) -> torch.Tensor:
-            move(w)
-            return self._gradient(ws, objective, ws.retain)
+            if last["w"] is not w:
+                move(w)
+                return self._gradient(ws, objective, ws.retain)
+            return self._check_finite(last["gradient"])
 
         def hessian(w: torch.Tensor) -> RegularizedOperator:
             move(w)  # the operator reads the weights live
