@@ -1,6 +1,7 @@
 """First-order unlearning methods and the reference points (Retrain, Original) on a tiny problem:
 an MLP trained on 600 sklearn digits, asked to forget one whole class."""
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -10,8 +11,8 @@ from sklearn.datasets import load_digits
 
 from unlearn_kernels.data.labeled import LabeledData
 from unlearn_kernels.methods import (
-    METHODS, SCRUB, SSD, BadTeacher, Finetune, GradientAscent, NegGradPlus, Original, RandomLabels, Retrain, SalUn,
-    Unlearner,
+    METHODS, SCRUB, SSD, BadTeacher, Finetune, GradientAscent, NegGradPlus, Original, RandomLabels, Retrain,
+    RetrainReseeded, SalUn, Unlearner,
 )
 from unlearn_kernels.methods.first_order import _random_teacher, _wrong_labels
 from unlearn_kernels.models import MLP, SmallViT
@@ -54,6 +55,8 @@ FIRST_ORDER = sorted(n for n, c in METHODS.items() if c.__module__.rsplit(".", 1
 def make(name: str) -> Unlearner:
     if name == "retrain":
         return Retrain(factory, CONFIG)
+    if name == "retrain_reseeded":
+        return RetrainReseeded(factory, CONFIG)
     return METHODS[name](**TINY_PROBLEM_KWARGS.get(name, {}))
 
 
@@ -94,7 +97,7 @@ def expected_gradients(method: Unlearner, n_f: int, n_r: int) -> int:
     name = method.name
     if name == "original":
         return 0
-    if name == "retrain":
+    if name in ("retrain", "retrain_reseeded"):
         return method.config.epochs * batches(n_r, method.config.batch_size)
     if name == "finetune":
         return method.epochs * batches(n_r)
@@ -166,6 +169,21 @@ def test_retrain_never_sees_the_forget_set(results, problem):
     assert torch.equal(flat(Retrain(factory, CONFIG).unlearn(model, other_forget, retain).model), flat(oracle))
     assert evaluate(oracle, forget)[0] < 0.05  # class 0 was never seen
     assert results["retrain"][0].gradients == CONFIG.epochs * -(-len(retain) // CONFIG.batch_size)
+
+
+def test_retrain_reseeded_is_the_oracle_from_another_seed(results, problem):
+    model, forget, retain = problem
+    second = results["retrain_reseeded"][0].model
+    reference = init_model(factory, CONFIG.seed + 1000)
+    train(reference, retain, dataclasses.replace(CONFIG, seed=CONFIG.seed + 1000))
+    assert torch.equal(flat(second), flat(reference))
+    assert not torch.equal(flat(second), flat(results["retrain"][0].model))
+    assert evaluate(second, forget)[0] < 0.05  # it never saw class 0 either
+    other = RetrainReseeded(factory, CONFIG, seed_offset=7).unlearn(model, forget, retain).model
+    assert not torch.equal(flat(other), flat(second))
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="seed_offset"):
+            RetrainReseeded(factory, CONFIG, seed_offset=bad)
 
 
 def test_retrain_cache_and_architecture_check(problem, tmp_path):

@@ -117,6 +117,16 @@ def test_newton_family_gets_the_recipes_weight_decay_and_user_options_win(monkey
     json.dumps(config.to_dict())  # every option is JSON-friendly (loss functions by name)
 
 
+def test_a_reseeded_oracle_row_shows_how_far_two_retrains_are(tmp_path):
+    config = StudyConfig(methods=("original", "retrain_reseeded"), seeds=(0,), recipe=FAST, cache_dir=str(tmp_path))
+    assert "retrain_reseeded" not in config.to_dict()["effective_method_options"]
+    records = {r["method"]: r for r in run_study(config)["records"]}
+    twin = records["retrain_reseeded"]["metrics"]
+    assert twin["weight_distance"] > 0.0  # another initialisation and shuffling
+    assert abs(twin["gap_acc_forget"]) < 0.1 and abs(twin["gap_acc_test"]) < 0.1  # but the same recipe and D_r
+    assert twin["seconds"] > 0.0 and records["retrain_reseeded"]["diagnostics"]["cached"] is False
+
+
 def test_options_of_a_method_with_keyword_arguments_are_judged_by_its_constructor():
     config = StudyConfig(methods=("cure_newton_lora",), method_options={"cure_newton_lora": {"rank": 4, "M": 2.0}})
     assert config.to_dict()["effective_method_options"]["cure_newton_lora"] | {"rank": 4, "M": 2.0} == \
@@ -199,6 +209,8 @@ def test_cli_one_protocol_writes_its_scenario(tmp_path, capsys):
         (["--methods", "original,cure_newton", "--set", "cure_newton.N=1"], "cure_newton takes no option 'N'"),
         (["--methods", "original,cure_newton", "--set", "cure_newton.M=-1"], "cure_newton rejects the options"),
         (["--set", "retrain.epochs=1"], "retrain takes no method options"),
+        (["--methods", "original,retrain_reseeded", "--set", "retrain_reseeded.seed_offset=1"],
+         "retrain_reseeded takes no method options"),
         (["--set", "cure_newton.M"], "--set expects METHOD.OPTION=VALUE"),
         (["--set", "M=2"], "--set expects METHOD.OPTION=VALUE"),
     ],

@@ -47,7 +47,7 @@ from .eval import (
     weight_distance,
 )
 from .lora import adapter_modules, unload
-from .methods import METHODS, Retrain, UnlearnResult, Unlearner
+from .methods import METHODS, Retrain, RetrainReseeded, UnlearnResult, Unlearner
 from .models import build_model
 from .checkpoint import train_or_load
 from .training import TrainConfig, init_model, train
@@ -56,6 +56,9 @@ from .training import TrainConfig, init_model, train
 DEFAULT_METHODS = ("retrain", "original", "cure_newton", "stochastic_cure_newton", "newton_pinv", "damped_newton",
                    "influence", "lissa", "finetune", "gradient_ascent", "neggrad_plus", "random_labels", "salun",
                    "scrub", "bad_teacher", "ssd", "lotus", "rfa")
+
+#: the rows built from the training recipe (no method options): the oracle and a second, reseeded one
+RECIPE_METHODS = ("retrain", "retrain_reseeded")
 
 #: the methods of the three default scenarios: all but the two exact damped solves, whose MINRES runs
 #: tens of thousands of products on an indefinite Hessian (25-50 s a call on the digits MLP, where the
@@ -109,6 +112,8 @@ class StudyConfig:
             corrupted rows are split into this many parts, one per request. Class: one class per
             request, in the order of ``forget_classes`` (which must hold this many classes).
         methods: method names (keys of ``unlearn_kernels.methods.METHODS``); "retrain" is always run.
+            "retrain_reseeded" (not among the defaults) retrains a second oracle from another seed: its
+            gaps to the oracle are what two retrained models differ by.
         method_options: ``{method: {option: value}}`` passed to the methods' constructors, over the
             study's own choice (the recipe's ``weight_decay`` for the Newton family, see
             :data:`TRAINING_OBJECTIVE_METHODS`). Checked when the config is built.
@@ -165,8 +170,8 @@ class StudyConfig:
         for name, options in self.method_options.items():
             if name not in METHODS:
                 raise ValueError(f"method options for unknown method {name!r}; choose from {sorted(METHODS)}")
-            if name == "retrain":
-                raise ValueError("retrain takes no method options: it uses the training recipe (--epochs, --lr, "
+            if name in RECIPE_METHODS:
+                raise ValueError(f"{name} takes no method options: it uses the training recipe (--epochs, --lr, "
                                  "--batch-size)")
             if name not in self.methods:
                 raise ValueError(f"method options for {name!r}, which is not among the methods run "
@@ -179,7 +184,7 @@ class StudyConfig:
                 raise ValueError(f"{name} takes no option {unknown[0]!r}; its options: "
                                  f"{', '.join(accepted) or 'none'}")
         for name in self.methods:
-            if name != "retrain":
+            if name not in RECIPE_METHODS:
                 kwargs = self.method_kwargs(name)
                 try:
                     METHODS[name](**kwargs)
@@ -206,7 +211,7 @@ class StudyConfig:
         """Every constructor option of every method run (defaults filled in), as JSON-friendly values."""
         out = {}
         for name in self.methods:
-            if name != "retrain":  # built from the recipe
+            if name not in RECIPE_METHODS:
                 options = _constructor_defaults(METHODS[name]) | self.method_kwargs(name)
                 out[name] = {key: _json_value(value) for key, value in options.items()}
         return out
@@ -290,6 +295,8 @@ def _make_method(config: StudyConfig, name: str, factory: Callable[[], nn.Module
     if name == "retrain":
         # never from the cache: its training time is the cost every speed-up is measured against
         return Retrain(factory, recipe, model_info=model_info)
+    if name == "retrain_reseeded":
+        return RetrainReseeded(factory, recipe, model_info=model_info)
     return METHODS[name](**config.method_kwargs(name))
 
 

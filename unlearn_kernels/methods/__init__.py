@@ -13,16 +13,16 @@ from .newton import (
     NewtonPinv,
     StochasticCureNewton,
 )
-from .reference import Original, Retrain
+from .reference import Original, Retrain, RetrainReseeded
 
 #: every method by its ``name`` (the Newton-family methods are added here too)
 METHODS: dict[str, type[Unlearner]] = {
     method.name: method
-    for method in (Retrain, Original, Finetune, GradientAscent, NegGradPlus, RandomLabels, SalUn, SCRUB,
+    for method in (Retrain, RetrainReseeded, Original, Finetune, GradientAscent, NegGradPlus, RandomLabels, SalUn, SCRUB,
                    BadTeacher, SSD, LoTUS, RFA, CureNewton, CureNewtonLoRA, StochasticCureNewton, NewtonPinv, DampedNewton, DampedNewtonCG,
                    InfluenceNewton, LiSSANewton)
 }
 
 __all__ = ["METHODS", "SCRUB", "SSD", "BadTeacher", "CureNewton", "CureNewtonLoRA", "DampedNewton", "DampedNewtonCG", "Finetune", "GradientAscent",
-           "InfluenceNewton", "LiSSANewton", "LoTUS", "NegGradPlus", "NewtonPinv", "Original", "RFA", "RandomLabels", "Retrain", "SalUn",
+           "InfluenceNewton", "LiSSANewton", "LoTUS", "NegGradPlus", "NewtonPinv", "Original", "RFA", "RandomLabels", "Retrain", "RetrainReseeded", "SalUn",
            "StochasticCureNewton", "UnlearnResult", "Unlearner"]

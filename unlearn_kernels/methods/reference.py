@@ -1,6 +1,7 @@
 """The two reference points of every comparison: the retrain oracle and the untouched original."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -68,6 +69,30 @@ class Retrain(Unlearner):
         steps = self.config.epochs * math.ceil(len(retain) / self.config.batch_size)
         return UnlearnResult(model=fresh, seconds=0.0, gradients=steps,
                              diagnostics={"cached": stats is None, "epochs": self.config.epochs})
+
+
+class RetrainReseeded(Retrain):
+    """A second oracle: the same recipe on D_r from another initialisation and shuffling
+    (``config.seed + seed_offset``), never cached.
+
+    Compared with :class:`Retrain` it measures how far two retrained models are from each other:
+    the floor of every gap to the oracle (a method that returned a perfect retrain would show gaps
+    of this size), so that a target on gaps can be read against it.
+
+    Args:
+        model_factory, config: as in :class:`Retrain`.
+        seed_offset: added to ``config.seed`` (default 1000), != 0.
+    """
+
+    name = "retrain_reseeded"
+
+    def __init__(self, model_factory: Callable[[], nn.Module], config: TrainConfig, *, seed_offset: int = 1000,
+                 model_info: Mapping[str, Any] | None = None) -> None:
+        if isinstance(seed_offset, bool) or not isinstance(seed_offset, int) or seed_offset == 0:
+            raise ValueError(f"RetrainReseeded: seed_offset must be a non-zero int, got {seed_offset!r}")
+        super().__init__(model_factory, dataclasses.replace(config, seed=config.seed + seed_offset),
+                         model_info=model_info)
+        self.seed_offset = seed_offset
 
 
 class Original(Unlearner):
