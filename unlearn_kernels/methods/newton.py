@@ -29,7 +29,8 @@ Options shared by all (constructor arguments):
 * ``dtype``: compute g, H and s in this dtype (e.g. ``torch.float64``) on a converted copy of the
   model; the returned model keeps its own dtype. None = the parameters' dtype.
 * ``batch_size``: stream the data through the objective and the operators in chunks of this many
-  rows (same objective, same operator).
+  rows (same objective, same operator; default :data:`DEFAULT_BATCH_SIZE`, 2,048; None: all rows in
+  one batch).
 * ``weight_decay``: the L2 coefficient of F over the chosen parameters: pass the weight decay the
   model was trained with, so that the step aims at the retrained model's objective. 0 (the
   paper's L_r) by default.
@@ -91,6 +92,10 @@ from ..solvers import (
 from .base import UnlearnResult, Unlearner
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+#: rows per chunk of every pass over the data (objective, gradient, products): on the CPU, a pass over 29k
+#: digits rows in chunks of 2,048 took 0.67x the time of one batch (the chunk's activations stay in cache)
+DEFAULT_BATCH_SIZE = 2048
 
 #: the gradients each operator's construction probe takes on the first batch (counted in ``gradients``)
 PROBE_GRADIENTS = 2
@@ -313,7 +318,8 @@ class CureNewton(_NewtonFamily):
                  eta2: float = 0.9, gamma: float = 2.0, M_min: float = 1e-6,
                  solver_options: Mapping[str, Any] | None = None, lipschitz_options: Mapping[str, Any] | None = None,
                  params: str | Sequence[str] | None = None, loss_fn: LossFn = F.cross_entropy,
-                 dtype: torch.dtype | None = None, batch_size: int | None = None, weight_decay: float = 0.0,
+                 dtype: torch.dtype | None = None, batch_size: int | None = DEFAULT_BATCH_SIZE,
+                 weight_decay: float = 0.0,
                  path: str = "auto", process_group: Any = None) -> None:
         super().__init__(params=params, loss_fn=loss_fn, dtype=dtype, batch_size=batch_size,
                          weight_decay=weight_decay, path=path, process_group=process_group)
@@ -454,7 +460,8 @@ class StochasticCureNewton(_NewtonFamily):
 
     def __init__(self, M: float = 5.0, T: int = 10, K: int = 5, eta: float = 0.01, noise: float = 1e-3,
                  grad_batch_size: int = 512, hess_batch_size: int = 256, *, params: str | Sequence[str] | None = None,
-                 loss_fn: LossFn = F.cross_entropy, dtype: torch.dtype | None = None, batch_size: int | None = None,
+                 loss_fn: LossFn = F.cross_entropy, dtype: torch.dtype | None = None,
+                 batch_size: int | None = DEFAULT_BATCH_SIZE,
                  weight_decay: float = 0.0, path: str = "auto", process_group: Any = None) -> None:
         super().__init__(params=params, loss_fn=loss_fn, dtype=dtype, batch_size=batch_size,
                          weight_decay=weight_decay, path=path, process_group=process_group)
@@ -528,7 +535,8 @@ class NewtonPinv(_NewtonFamily):
 
     def __init__(self, solver: str = "auto", rcond: float = 1e-6, rank: int = 300, tol: float = 1e-10,
                  maxiter: int | None = None, *, params: str | Sequence[str] | None = None,
-                 loss_fn: LossFn = F.cross_entropy, dtype: torch.dtype | None = None, batch_size: int | None = None,
+                 loss_fn: LossFn = F.cross_entropy, dtype: torch.dtype | None = None,
+                 batch_size: int | None = DEFAULT_BATCH_SIZE,
                  weight_decay: float = 0.0, path: str = "auto", process_group: Any = None) -> None:
         super().__init__(params=params, loss_fn=loss_fn, dtype=dtype, batch_size=batch_size,
                          weight_decay=weight_decay, path=path, process_group=process_group)
@@ -571,7 +579,8 @@ class DampedNewton(_NewtonFamily):
 
     def __init__(self, damping: float = 0.01, solver: str = "auto", tol: float = 1e-8, maxiter: int | None = None, *,
                  params: str | Sequence[str] | None = None, loss_fn: LossFn = F.cross_entropy,
-                 dtype: torch.dtype | None = None, batch_size: int | None = None, weight_decay: float = 0.0,
+                 dtype: torch.dtype | None = None, batch_size: int | None = DEFAULT_BATCH_SIZE,
+                 weight_decay: float = 0.0,
                  path: str = "auto", process_group: Any = None) -> None:
         super().__init__(params=params, loss_fn=loss_fn, dtype=dtype, batch_size=batch_size,
                          weight_decay=weight_decay, path=path, process_group=process_group)
@@ -617,7 +626,8 @@ class DampedNewtonCG(DampedNewton):
 
     def __init__(self, damping: float = 0.01, tol: float = 1e-8, maxiter: int = 200, *,
                  params: str | Sequence[str] | None = None, loss_fn: LossFn = F.cross_entropy,
-                 dtype: torch.dtype | None = None, batch_size: int | None = None, weight_decay: float = 0.0,
+                 dtype: torch.dtype | None = None, batch_size: int | None = DEFAULT_BATCH_SIZE,
+                 weight_decay: float = 0.0,
                  path: str = "auto", process_group: Any = None) -> None:
         super().__init__(damping, "auto", tol, maxiter, params=params, loss_fn=loss_fn, dtype=dtype,
                          batch_size=batch_size, weight_decay=weight_decay, path=path, process_group=process_group)
@@ -678,7 +688,8 @@ class LiSSANewton(_NewtonFamily):
 
     def __init__(self, damping: float = 0.01, depth: int = 100, scale: float | str = "auto",
                  lanczos_steps: int = 20, *, params: str | Sequence[str] | None = None,
-                 loss_fn: LossFn = F.cross_entropy, dtype: torch.dtype | None = None, batch_size: int | None = None,
+                 loss_fn: LossFn = F.cross_entropy, dtype: torch.dtype | None = None,
+                 batch_size: int | None = DEFAULT_BATCH_SIZE,
                  weight_decay: float = 0.0, path: str = "auto", process_group: Any = None) -> None:
         super().__init__(params=params, loss_fn=loss_fn, dtype=dtype, batch_size=batch_size,
                          weight_decay=weight_decay, path=path, process_group=process_group)
