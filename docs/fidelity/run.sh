@@ -17,6 +17,11 @@ run mlp --protocol random --forget-fraction 0.1 --methods $ALL
 run mlp --protocol class --forget-class 3 --methods $ALL
 run mlp-1pct --protocol random --forget-fraction 0.01 --methods $ALL
 run mlp-1pct --protocol random --forget-fraction 0.01 --sequential 10 --methods $SEQ
+# the oracle's own spread: a second oracle retrained from another seed beside CureNewton and the oracle
+run mlp-oracle-noise --protocol mislabeled --forget-fraction 0.1 --methods retrain,original,cure_newton,finetune,retrain_reseeded
+run mlp-oracle-noise --protocol mislabeled --forget-fraction 0.1 --sequential 10 --methods retrain,original,cure_newton,retrain_reseeded
+unlearn-kernels run --seeds 10,11,12 --out mlp-oracle-noise-seeds10-12 --protocol mislabeled --forget-fraction 0.1 \
+    --sequential 10 --methods retrain,original,cure_newton,retrain_reseeded
 # variants: CureNewton's one-step form, damped Newton and the influence update at larger damping
 run mlp-one-step --protocol mislabeled --forget-fraction 0.1 --methods retrain,original,cure_newton --set cure_newton.max_iterations=1
 run mlp-one-step --protocol class --forget-class 3 --methods retrain,original,cure_newton --set cure_newton.max_iterations=1
