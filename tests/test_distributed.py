@@ -1,7 +1,8 @@
 """Data-parallel curvature (curvature/distributed.py) with 2 and 3 gloo processes: products,
 matmat, gradient and the objective equal to one process over all rows, the same Lanczos, cubic
 step and CureNewton run (adaptive cubic regularisation, as the method runs it) on every rank, the
-GGN, an empty shard, and a failing rank that gives the others a clear error.
+GGN, an empty shard, a failing rank that gives the others a clear error, and the Newton methods on
+uneven or empty shards and on one rank's bad inputs.
 
 Each test spawns its processes (torch.multiprocessing, a file store in tmp_path); the checks run
 inside the workers, whose assertion errors fail the test through ``spawn``."""
@@ -180,6 +181,39 @@ def _empty_shard_worker(rank: int, world: int, store: str) -> None:
 def test_empty_shards(tmp_path):
     """One empty shard: the operator of the other's rows; all empty: a ValueError on every rank."""
     mp.spawn(_empty_shard_worker, args=(2, str(tmp_path / "store")), nprocs=2)
+
+
+def _method_shards_worker(rank: int, world: int, store: str) -> None:
+    """The Newton methods with uneven shards: rank 0 holds all of D_f and none of D_r, rank 1 the
+    reverse; a set empty on every rank, and one rank's bad inputs, are refused on every rank at once."""
+    _init(rank, world, store, timeout_s=20.0)
+    try:
+        model, x, y = model_and_data()
+        forget, retain = LabeledData(x[:10], y[:10]), LabeledData(x[10:], y[10:])
+        mine = (forget, retain.subset(torch.arange(0))) if rank == 0 else (forget.subset(torch.arange(0)), retain)
+        for name, kwargs in {"cure_newton": dict(max_iterations=2, hessian_samples=None),
+                             "influence": dict(damping=0.1)}.items():
+            sharded = METHODS[name](process_group=dist.group.WORLD, **kwargs).unlearn(model, *mine, seed=0).model
+            single = METHODS[name](**kwargs).unlearn(model, forget, retain, seed=0).model
+            names = [n for n, _ in single.named_parameters()]
+            _same_on_every_rank(get_flat_parameters(sharded, names))
+            _close(get_flat_parameters(sharded, names), get_flat_parameters(single, names))
+        method = METHODS["cure_newton"](process_group=dist.group.WORLD)
+        with pytest.raises(ValueError, match="the forget set is empty on every rank"):
+            method.unlearn(model, forget.subset(torch.arange(0)), retain, seed=0)
+        bad = LabeledData(retain.x.clone(), retain.y)
+        bad.x[3, 0] = float("nan")
+        expect = (ValueError, "not finite") if rank == 1 else (RuntimeError, r"rank\(s\) \[1\] refused their inputs")
+        started = time.perf_counter()
+        with pytest.raises(expect[0], match=expect[1]):
+            method.unlearn(model, forget, bad if rank == 1 else retain, seed=0)
+        assert time.perf_counter() - started < 10.0  # told at once, not after the group's timeout
+    finally:
+        dist.destroy_process_group()
+
+
+def test_newton_methods_with_empty_and_bad_shards(tmp_path):
+    mp.spawn(_method_shards_worker, args=(2, str(tmp_path / "store")), nprocs=2)
 
 
 class _CanFail(nn.Module):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import abc
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,14 +74,23 @@ class Unlearner(abc.ABC):
         """
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"{self.name}: seed must be an int, got {type(seed).__name__}")
-        sets = _check_sets(self.name, model, forget, retain, unseen)
-        work = copy.deepcopy(model)
-        _check_fit(self.name, work, sets)
+        work = self._checked_copy(model, forget, retain, unseen)
         torch.manual_seed(seed)
         start = time.perf_counter()
         result = self._unlearn(work, forget, retain, unseen=unseen, seed=seed)
         result.seconds = time.perf_counter() - start
         return result
+
+    def _checked_copy(self, model: nn.Module, forget: LabeledData, retain: LabeledData,
+                      unseen: LabeledData | None) -> nn.Module:
+        """The input checks of :meth:`unlearn` (raising at the first problem), then the private copy
+        of the model, which is run on one sample of each set. Data-parallel methods override it to
+        agree with the other processes first."""
+        sets = _check_sets(self.name, model, forget, retain, unseen)
+        _check_not_empty(self.name, {role: len(data) for role, data in sets.items()})
+        work = copy.deepcopy(model)
+        _check_fit(self.name, work, sets)
+        return work
 
     @abc.abstractmethod
     def _unlearn(
@@ -93,19 +103,25 @@ class Unlearner(abc.ABC):
 # input checks: one place for every method, before any work
 
 
+def _check_not_empty(name: str, rows: dict[str, int], where: str = "") -> None:
+    """Every set (rows by role) has rows; ``where`` qualifies the message (e.g. " on every rank")."""
+    for role, count in rows.items():
+        if count == 0:
+            raise ValueError(f"{name}: the {role} set is empty{where}")
+
+
 def _check_sets(name: str, model: nn.Module, forget: LabeledData, retain: LabeledData,
                 unseen: LabeledData | None) -> dict[str, LabeledData]:
-    """The checks that need no forward pass; returns the sets by name (``unseen`` only if given)."""
+    """The checks that need no forward pass (emptiness aside: see :func:`_check_not_empty`); returns
+    the sets by name (``unseen`` only if given)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{name}: model must be a torch.nn.Module, got {type(model).__name__}")
     sets = {"forget": forget, "retain": retain, **({} if unseen is None else {"unseen": unseen})}
     for role, data in sets.items():
         if not isinstance(data, LabeledData):
             raise TypeError(f"{name}: the {role} set must be a LabeledData, got {type(data).__name__}")
-        if len(data) == 0:
-            raise ValueError(f"{name}: the {role} set is empty")
         if data.x.is_floating_point() or data.x.is_complex():
-            finite = torch.isfinite(data.x.reshape(len(data), -1)).all(dim=1)
+            finite = torch.isfinite(data.x.reshape(len(data), math.prod(data.x.shape[1:]))).all(dim=1)
             if not bool(finite.all()):
                 row = int((~finite).nonzero()[0])
                 raise ValueError(f"{name}: the {role} set has inputs that are not finite "
@@ -123,7 +139,7 @@ def _check_sets(name: str, model: nn.Module, forget: LabeledData, retain: Labele
 
 def _row_bytes(data: LabeledData) -> np.ndarray:
     """The bytes of each input row, (N, bytes) uint8 (a uint8 view covers every dtype)."""
-    x = data.x.detach().reshape(len(data), -1).contiguous().cpu()
+    x = data.x.detach().reshape(len(data), math.prod(data.x.shape[1:])).contiguous().cpu()
     return x.view(torch.uint8).numpy()
 
 
@@ -149,6 +165,8 @@ def _check_fit(name: str, model: nn.Module, sets: dict[str, LabeledData]) -> Non
     device = model_device(model)
     with eval_mode(model):
         for role, data in sets.items():
+            if len(data) == 0:  # a data-parallel shard may be empty: nothing to run
+                continue
             try:
                 out = model(data.x[:1].to(device))
             except (RuntimeError, ValueError, TypeError, IndexError) as error:

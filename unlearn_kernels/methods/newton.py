@@ -89,7 +89,7 @@ from ..solvers import (
     lissa,
     pinv_newton_step,
 )
-from .base import UnlearnResult, Unlearner
+from .base import UnlearnResult, Unlearner, _check_fit, _check_not_empty, _check_sets
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -169,6 +169,40 @@ class _NewtonFamily(Unlearner):
         shadow = model if self.dtype in (None, model_dtype) else copy.deepcopy(model).to(self.dtype)
         w = get_flat_parameters(shadow, names)
         return _Workspace(model, model_dtype, shadow, names, w, self._cast(retain, w))
+
+    def _checked_copy(self, model: nn.Module, forget: LabeledData, retain: LabeledData,
+                      unseen: LabeledData | None) -> nn.Module:
+        """With a process group, every rank checks its own shards and the ranks agree in one
+        collective before any work: a rank whose inputs fail raises its own error and the others a
+        RuntimeError naming it (no wait for the timeout), and a rank's shard may be empty as long as
+        each set has rows on some rank."""
+        if self.process_group is None:
+            return super()._checked_copy(model, forget, retain, unseen)
+        work, failure, rows = None, None, [0, 0, 0]
+        try:
+            sets = _check_sets(self.name, model, forget, retain, unseen)
+            work = copy.deepcopy(model)
+            _check_fit(self.name, work, sets)
+            rows = [len(forget), len(retain), 0 if unseen is None else len(unseen)]
+        except (TypeError, ValueError) as err:  # raised here after the others learn of it
+            failure = err
+        group = self.process_group
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        table = torch.zeros(3 + world, dtype=torch.float64)
+        table[:3] = torch.tensor(rows, dtype=torch.float64)
+        table[3 + rank] = float(failure is not None)
+        dist.all_reduce(table, group=group)
+        if failure is not None:
+            raise failure
+        failed = [r for r, flag in enumerate(table[3:].tolist()) if flag]
+        if failed:
+            raise RuntimeError(f"{self.name}, rank {rank} of {world}: rank(s) {failed} refused their inputs (their own "
+                               "error is raised there)")
+        totals = dict(zip(("forget", "retain", "unseen"), (int(n) for n in table[:3].tolist())))
+        if unseen is None:
+            del totals["unseen"]
+        _check_not_empty(self.name, totals, " on every rank")
+        return work
 
     def _batches(self, data: LabeledData) -> int:
         return 1 if self.batch_size is None else math.ceil(len(data) / self.batch_size)
