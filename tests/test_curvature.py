@@ -589,6 +589,10 @@ def _change_weights(how: str, model: nn.Module, op: CurvatureOperator) -> None:
         opt.zero_grad(set_to_none=True)
     elif how == "data replaced":
         model[0].weight.data = model[0].weight.detach() * 2.0
+    elif how == "load_state_dict(assign=True)":  # new parameter objects in the model
+        model.load_state_dict({k: v * 0.8 for k, v in model.state_dict().items()}, assign=True)
+    elif how == "parameter reassigned":
+        model[0].weight = nn.Parameter(model[0].weight.detach() * 2.0)
     elif how == "through .data":  # in place through .data: no version counter sees it either
         model[0].weight.data.mul_(0.5)
     else:
@@ -597,7 +601,7 @@ def _change_weights(how: str, model: nn.Module, op: CurvatureOperator) -> None:
 
 
 @pytest.mark.parametrize("how", ["in place", "set_flat_parameters", "optimizer.step", "fused Adam", "data replaced",
-                                 "through .data", "invalidate"])
+                                 "load_state_dict(assign=True)", "parameter reassigned", "through .data", "invalidate"])
 @pytest.mark.parametrize("kind", ["reverse-over-reverse", "ggn"])
 def test_cache_is_dropped_when_the_weights_change(how, kind):
     model, x, y = make("mlp", seed=12)

@@ -73,6 +73,19 @@ def test_reads_the_weights_live_and_takes_named_frozen_parameters(problem):
     assert torch.equal(objective.weights(), w + 0.1)
 
 
+def test_follows_parameters_replaced_in_the_model(problem):
+    """load_state_dict(assign=True) puts new parameter objects into the model: the objective (and its
+    weight decay) reads those."""
+    model, x, y = problem
+    objective = Objective(model, F.cross_entropy, (x, y), weight_decay=WD)
+    model.load_state_dict({k: v * 0.7 for k, v in model.state_dict().items()}, assign=True)
+    value, grad, _ = reference(model, x, y)
+    assert objective.value() == pytest.approx(value, rel=1e-12)
+    v, g = objective.value_and_gradient()
+    assert v == pytest.approx(value, rel=1e-12) and torch.allclose(g, grad, atol=1e-12)
+    assert torch.equal(objective.weights(), get_flat_parameters(model))
+
+
 def test_regularized_operator_is_the_hessian_of_the_objective(problem):
     model, x, y = problem
     _, _, H = reference(model, x, y)

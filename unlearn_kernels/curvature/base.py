@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader
 
 from ..labeled import LabeledData
 from .linear_operator import to_scipy_operator
-from .params import ParamSelection, flatten_tensors, resolve_parameters, unflatten_vector
+from .params import ParameterSlots, ParamSelection, flatten_tensors, resolve_parameters, unflatten_vector
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Entry = Any
@@ -190,6 +190,7 @@ class CurvatureOperator(abc.ABC):
         # constants: other parameters detached, buffers cloned so no forward can write to the model.
         # The parameters themselves are kept to see changes (_sync_weights).
         self._live = {name: p for name, p in model.named_parameters()}
+        self._slots = ParameterSlots(model, self._live)
         self.params: dict[str, torch.Tensor] = {name: p.detach() for name, p in chosen.items()}
         self._constants: dict[str, torch.Tensor] = {
             name: p.detach() for name, p in model.named_parameters() if name not in chosen
@@ -253,7 +254,9 @@ class CurvatureOperator(abc.ABC):
         self._cache_closed = self.cache_bytes == 0  # the budget is reached: later batches are streamed
 
     def _current_weights_key(self) -> tuple[tuple[int, int, float], ...]:
-        # the sum catches in-place writes that bump no version counter (fused optimizer kernels, .data)
+        # a parameter object replaced in the model is followed (its data pointer differs); the sum
+        # catches in-place writes that bump no version counter (fused optimizer kernels, .data)
+        self._live = self._slots.current()
         return tuple((p._version, p.data_ptr(), float(p.detach().sum(dtype=torch.float64)))
                      for p in self._live.values())
 

@@ -6,7 +6,7 @@ from torch import nn
 
 from .base import BatchSource, DataSpec, LossFn
 from .checks import check_number
-from .params import ParamSelection, flatten_tensors, resolve_parameters
+from .params import ParameterSlots, ParamSelection, flatten_tensors, resolve_parameters
 
 
 class Objective:
@@ -45,7 +45,7 @@ class Objective:
         self.model = model
         self.loss_fn = loss_fn
         self.param_names: tuple[str, ...] = tuple(chosen)
-        self._params = list(chosen.values())
+        self._slots = ParameterSlots(model, chosen)  # read at every call: replaced parameters are followed
         self.weight_decay = check_number("Objective: weight_decay", weight_decay, 0.0)
         self.data = BatchSource(data, devices.pop(), batch_size)
         self.num_data_passes = 0
@@ -53,7 +53,7 @@ class Objective:
     def weights(self) -> torch.Tensor:
         """A flat copy of the chosen parameters (their dtype and device)."""
         with torch.no_grad():
-            return flatten_tensors(p.detach() for p in self._params)
+            return flatten_tensors(p.detach() for p in self._slots.current().values())
 
     def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = self.loss_fn(out, y)
@@ -66,10 +66,11 @@ class Objective:
         total = torch.zeros((), dtype=torch.float64)
         grad: torch.Tensor | None = None
         count = 0
+        params = self._slots.current()
         for x, y in self.data:
             n = y.shape[0]
             if with_gradient:
-                leaves = {name: p.detach().requires_grad_() for name, p in zip(self.param_names, self._params)}
+                leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
                 with torch.enable_grad():
                     loss = self._loss(torch.func.functional_call(self.model, leaves, (x,)), y)
                     parts = torch.autograd.grad(loss, list(leaves.values()))

@@ -67,6 +67,22 @@ def resolve_parameters(model: nn.Module, params: ParamSelection = None) -> dict[
     return chosen
 
 
+class ParameterSlots:
+    """Where each named parameter of a model lives (its module's parameter dict and attribute), so
+    that a parameter object replaced there (``load_state_dict(..., assign=True)``, ``module.weight =
+    nn.Parameter(...)``) is found by name without walking the model again."""
+
+    def __init__(self, model: nn.Module, names: Iterable[str]) -> None:
+        self._slots = {}
+        for name in names:
+            prefix, _, attr = name.rpartition(".")
+            self._slots[name] = ((model.get_submodule(prefix) if prefix else model)._parameters, attr)
+
+    def current(self) -> dict[str, nn.Parameter]:
+        """The parameter objects the model holds now, by name."""
+        return {name: owner[attr] for name, (owner, attr) in self._slots.items()}
+
+
 def flatten_tensors(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     """Concatenate tensors into one flat vector (a new tensor, in the given order)."""
     return torch.cat([t.reshape(-1) for t in tensors])
