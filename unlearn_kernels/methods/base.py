@@ -143,19 +143,32 @@ def _row_bytes(data: LabeledData) -> np.ndarray:
     return x.view(torch.uint8).numpy()
 
 
+def _row_hashes(rows: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each row's bytes and label, vectorised (a random linear form over the row's
+    64-bit words; uint64 arithmetic wraps around)."""
+    n, width = rows.shape
+    padded = np.zeros((n, -(-width // 8) * 8), dtype=np.uint8)
+    padded[:, :width] = rows
+    words = padded.view(np.uint64)
+    weights = np.random.default_rng(0).integers(1, 2**63, size=words.shape[1], dtype=np.uint64) | np.uint64(1)
+    return (words * weights).sum(axis=1, dtype=np.uint64) ^ (labels.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+
+
 def _shared_rows(forget: LabeledData, retain: LabeledData) -> list[int]:
     """Rows of ``forget`` whose input and label also occur in ``retain``: candidates by a hash of the
-    row's bytes, confirmed exactly (a hash collision cannot raise a false error)."""
+    row's bytes and label, confirmed exactly (a hash collision cannot raise a false error)."""
     if forget.x.dtype != retain.x.dtype:
         return []
     forget_rows, retain_rows = _row_bytes(forget), _row_bytes(retain)
     forget_y, retain_y = forget.y.cpu().numpy(), retain.y.cpu().numpy()
+    forget_h, retain_h = _row_hashes(forget_rows, forget_y), _row_hashes(retain_rows, retain_y)
+    candidates = np.nonzero(np.isin(forget_h, retain_h))[0]
     by_hash: dict[int, list[int]] = {}
-    for j, row in enumerate(retain_rows):
-        by_hash.setdefault(hash(row.tobytes()), []).append(j)
-    return [i for i, row in enumerate(forget_rows)
-            if any(forget_y[i] == retain_y[j] and np.array_equal(row, retain_rows[j])
-                   for j in by_hash.get(hash(row.tobytes()), ()))]
+    for j in np.nonzero(np.isin(retain_h, forget_h[candidates]))[0]:
+        by_hash.setdefault(int(retain_h[j]), []).append(int(j))
+    return [int(i) for i in candidates
+            if any(forget_y[i] == retain_y[j] and np.array_equal(forget_rows[i], retain_rows[j])
+                   for j in by_hash[int(forget_h[i])])]
 
 
 @torch.no_grad()
