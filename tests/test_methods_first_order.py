@@ -11,7 +11,7 @@ from sklearn.datasets import load_digits
 
 from unlearn_kernels.data.labeled import LabeledData
 from unlearn_kernels.methods import (
-    METHODS, SCRUB, SSD, BadTeacher, Finetune, GradientAscent, NegGradPlus, Original, RandomLabels, Retrain,
+    METHODS, SCRUB, SSD, BadTeacher, Finetune, GradientAscent, NegGradPlus, RandomLabels, Retrain,
     RetrainReseeded, SalUn, Unlearner,
 )
 from unlearn_kernels.methods.first_order import _random_teacher, _wrong_labels

@@ -86,10 +86,8 @@ class Unlearner(abc.ABC):
         """The input checks of :meth:`unlearn` (raising at the first problem), then the private copy
         of the model, which is run on one sample of each set. Data-parallel methods override it to
         agree with the other processes first."""
-        sets = _check_sets(self.name, model, forget, retain, unseen)
-        _check_not_empty(self.name, {role: len(data) for role, data in sets.items()})
-        work = copy.deepcopy(model)
-        _check_fit(self.name, work, sets)
+        work = _checked_local_copy(self.name, model, forget, retain, unseen)
+        _check_not_empty(self.name, _rows(forget, retain, unseen))
         return work
 
     @abc.abstractmethod
@@ -101,6 +99,21 @@ class Unlearner(abc.ABC):
 
 # ---------------------------------------------------------------------------------------------
 # input checks: one place for every method, before any work
+
+
+def _checked_local_copy(name: str, model: nn.Module, forget: LabeledData, retain: LabeledData,
+                        unseen: LabeledData | None) -> nn.Module:
+    """The checks on the sets this process holds (emptiness aside), then the private copy of the
+    model, run on one sample of each non-empty set."""
+    sets = _check_sets(name, model, forget, retain, unseen)
+    work = copy.deepcopy(model)
+    _check_fit(name, work, sets)
+    return work
+
+
+def _rows(forget: LabeledData, retain: LabeledData, unseen: LabeledData | None) -> dict[str, int]:
+    """Rows of each set by role (``unseen`` only if given)."""
+    return {"forget": len(forget), "retain": len(retain), **({} if unseen is None else {"unseen": len(unseen)})}
 
 
 def _check_not_empty(name: str, rows: dict[str, int], where: str = "") -> None:

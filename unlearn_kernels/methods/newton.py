@@ -89,7 +89,7 @@ from ..solvers import (
     lissa,
     pinv_newton_step,
 )
-from .base import UnlearnResult, Unlearner, _check_fit, _check_not_empty, _check_sets
+from .base import UnlearnResult, Unlearner, _check_not_empty, _checked_local_copy, _rows
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -178,29 +178,26 @@ class _NewtonFamily(Unlearner):
         each set has rows on some rank."""
         if self.process_group is None:
             return super()._checked_copy(model, forget, retain, unseen)
-        work, failure, rows = None, None, [0, 0, 0]
+        work, failure, rows = None, None, {}
         try:
-            sets = _check_sets(self.name, model, forget, retain, unseen)
-            work = copy.deepcopy(model)
-            _check_fit(self.name, work, sets)
-            rows = [len(forget), len(retain), 0 if unseen is None else len(unseen)]
+            work = _checked_local_copy(self.name, model, forget, retain, unseen)
+            rows = _rows(forget, retain, unseen)
         except (TypeError, ValueError) as err:  # raised here after the others learn of it
             failure = err
+        roles = ("forget", "retain", "unseen")
         group = self.process_group
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-        table = torch.zeros(3 + world, dtype=torch.float64)
-        table[:3] = torch.tensor(rows, dtype=torch.float64)
-        table[3 + rank] = float(failure is not None)
+        table = torch.zeros(len(roles) + world, dtype=torch.float64)
+        table[:len(roles)] = torch.tensor([rows.get(role, 0) for role in roles], dtype=torch.float64)
+        table[len(roles) + rank] = float(failure is not None)
         dist.all_reduce(table, group=group)
         if failure is not None:
             raise failure
-        failed = [r for r, flag in enumerate(table[3:].tolist()) if flag]
+        failed = [r for r, flag in enumerate(table[len(roles):].tolist()) if flag]
         if failed:
             raise RuntimeError(f"{self.name}, rank {rank} of {world}: rank(s) {failed} refused their inputs (their own "
                                "error is raised there)")
-        totals = dict(zip(("forget", "retain", "unseen"), (int(n) for n in table[:3].tolist())))
-        if unseen is None:
-            del totals["unseen"]
+        totals = {role: int(n) for role, n in zip(roles, table[:len(roles)].tolist()) if role in rows}
         _check_not_empty(self.name, totals, " on every rank")
         return work
 
