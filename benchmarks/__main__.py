@@ -22,6 +22,7 @@ SUITES = {
     "lora": "fused LoRA linear forward and forward+backward vs PEFT's layer, the eager expression and the frozen layer",
     "distributed": "Hessian-vector product and gradient over a large batch: 2 processes x 1 thread vs 1 process",
     "unlearn": "unlearning cost as the data grows: retrain vs CureNewton (subsampled Hessian) and fine-tuning",
+    "floors": "the matmuls / convolutions an exact product cannot skip, timed alone, vs ours and PyHessian's cached graph",
 }
 
 
@@ -30,7 +31,7 @@ def _load(suite: str):
         from . import softmax_ce
 
         return softmax_ce
-    if suite in ("hvp", "lanczos", "cubic", "lora", "distributed", "unlearn"):
+    if suite in ("hvp", "lanczos", "cubic", "lora", "distributed", "unlearn", "floors"):
         return importlib.import_module(f".{suite}", __package__)
     raise KeyError(suite)
 
