@@ -29,6 +29,19 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def synchronized(fn: Callable[..., object], device: torch.device) -> Callable[..., object]:
+    """``fn``, followed by a synchronisation of ``device`` on a GPU, so that a timer (pytest-benchmark's
+    included) sees the work and not only its launch; ``fn`` itself elsewhere."""
+    if device.type != "cuda":
+        return fn
+
+    def call(*args: object) -> object:
+        out = fn(*args)
+        torch.cuda.synchronize(device)
+        return out
+    return call
+
+
 def time_callable(fn: Callable[[], object], device: torch.device, *, min_time: float = 0.5, max_reps: int = 200,
                   warmup: int = 2) -> list[float]:
     """Seconds per call, one sample per call after ``warmup`` calls, until ``min_time`` is spent

@@ -190,6 +190,13 @@ def candidates(p: Problem, loss_fn: nn.Module, v: torch.Tensor) -> dict[str, Cal
     return out
 
 
+def gate_tolerance(p: Problem, loss_fn: nn.Module, v: torch.Tensor, exact: torch.Tensor, scale: float) -> float:
+    """The products' correctness gate: twice the error of plain float32 double backward (H v) against
+    the float64 ``exact``, plus 16 eps of ``scale``."""
+    plain = flatten_tensors(autograd_hvp(p.model, loss_fn, p.x, p.y, _split(v, p.params)))
+    return plain_error_tolerance(plain, exact, 16 * torch.finfo(torch.float32).eps * scale)
+
+
 def _gated(case: str, name: str, builder: Callable[[], Callable[[], torch.Tensor]], exact: torch.Tensor,
            tol: float, device: torch.device) -> tuple[Measurement, Callable[[], torch.Tensor] | None]:
     """Set-up and correctness gate, with the peak memory of both (the set-up may build a cache)."""
@@ -240,8 +247,7 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 0.5,
 
         # Gate: twice the error of plain float32 autograd double backward against float64.
         v = V[:, 0].contiguous()
-        plain = flatten_tensors(autograd_hvp(p.model, loss_fn, p.x, p.y, _split(v, params)))
-        tol = plain_error_tolerance(plain, exact[:, 0], 16 * eps * scale)
+        tol = gate_tolerance(p, loss_fn, v, exact[:, 0], scale)
 
         case = f"{p.name} hvp"
         rows: dict[str, Measurement] = {}

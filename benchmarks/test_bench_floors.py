@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from .common import synchronized
 from .floors import floor_ops
 from .hvp import candidates, problems, reference_hvp
 
@@ -38,7 +39,4 @@ def test_floor(benchmark, problem, name):
         out = fn()
         # float32 against float64: a relative error far above float32 rounding means a wrong product.
         assert (out.double() - exact).abs().max().item() <= 1e-5 * max(exact.abs().max().item(), 1.0)
-    if DEVICE.type == "cuda":
-        benchmark(lambda: (fn(), torch.cuda.synchronize()))
-    else:
-        benchmark(fn)
+    benchmark(synchronized(fn, DEVICE))

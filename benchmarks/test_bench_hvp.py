@@ -12,6 +12,7 @@ from torch import nn
 
 from unlearn_kernels.curvature import flatten_tensors
 
+from .common import synchronized
 from .hvp import Problem, candidates, digits_problem, reference_hvp, seeded_mlp
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -57,7 +58,4 @@ def test_hvp(benchmark, problem, name):
     out = fn()
     # float32 against float64: a relative error far above float32 rounding means a wrong product.
     assert (out.double() - exact).abs().max().item() <= 1e-5 * max(exact.abs().max().item(), 1.0)
-    if DEVICE.type == "cuda":
-        benchmark(lambda: (fn(), torch.cuda.synchronize()))
-    else:
-        benchmark(fn)
+    benchmark(synchronized(fn, DEVICE))

@@ -17,7 +17,7 @@ from unlearn_kernels.backends import status
 from unlearn_kernels.curvature import hessian_operator
 from unlearn_kernels.ops import lanczos_step, lanczos_step_ref
 
-from .common import plain_error_tolerance
+from .common import plain_error_tolerance, synchronized
 from .hvp import digits_problem
 from .lanczos import (
     NUM_EIGS, REFERENCE_TOLERANCE, STEP_BASELINE, TOLERANCE, step_states, top_eigsh, top_lanczos, torch_step,
@@ -52,7 +52,7 @@ def test_lanczos_step(benchmark, step_case, candidate):
     gate = plain_error_tolerance(torch_step(*args), exact, floor)
     assert (fn().double() - exact).abs().max().item() <= gate
     benchmark.group = case
-    benchmark(lambda: (fn(), torch.cuda.synchronize()) if DEVICE.type == "cuda" else fn())
+    benchmark(synchronized(fn, DEVICE))
 
 
 @pytest.mark.parametrize("solver", ["ours:lanczos", "scipy eigsh"])

@@ -4,7 +4,7 @@ float64 before it is timed; compare side by side with ``--benchmark-group-by=par
 import pytest
 import torch
 
-from .common import plain_error_tolerance
+from .common import plain_error_tolerance, synchronized
 from .lora import FLOOR, _candidates, _exact
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -37,7 +37,4 @@ def test_lora_forward_backward(benchmark, layer, candidate):
     assert (out.double() - ref).abs().max().item() <= plain_error_tolerance(plain, ref, floor)
     benchmark.group = f"forward+backward r{rank}"
     fn = cands[candidate][1]
-    if DEVICE.type == "cuda":
-        benchmark(lambda: (fn(), torch.cuda.synchronize()))
-    else:
-        benchmark(fn)
+    benchmark(synchronized(fn, DEVICE))

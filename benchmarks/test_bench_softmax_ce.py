@@ -6,7 +6,7 @@ import torch
 
 from unlearn_kernels import ops
 
-from .common import plain_error_tolerance
+from .common import plain_error_tolerance, synchronized
 from .softmax_ce import eager_grad, eager_hvp
 
 SHAPES = [(4096, 1000), (4096, 32000)]
@@ -38,10 +38,7 @@ def _run(benchmark, fn, args, exact, plain):
     out = fn(*args)
     floor = 16 * torch.finfo(out.dtype).eps * max(exact.abs().max().item(), 1)
     assert (out.double() - exact).abs().max().item() <= plain_error_tolerance(plain(*args), exact, floor)
-    if DEVICE.type == "cuda":
-        benchmark(lambda: (fn(*args), torch.cuda.synchronize()))
-    else:
-        benchmark(fn, *args)
+    benchmark(synchronized(fn, DEVICE), *args)
 
 
 @pytest.mark.parametrize("candidate", CANDIDATES)
