@@ -2,7 +2,8 @@
 
 Every candidate of :mod:`benchmarks.hvp` (ours fused/generic with and without the fixed-weight cache and
 generic forward-over-reverse, curvlinops, PyHessian in both modes, plain autograd) on two MLPs, each checked against a float64 double-backward reference before it is timed, next to one
-gradient on the same batch (the unit). Compare within a model with ``--benchmark-group-by=group``.
+gradient on the same batch (the unit) and the floor of :mod:`benchmarks.floors` (the matmuls an exact
+product cannot skip, timed alone). Compare within a model with ``--benchmark-group-by=group``.
 """
 import copy
 
@@ -13,11 +14,12 @@ from torch import nn
 from unlearn_kernels.curvature import flatten_tensors
 
 from .common import synchronized
+from .floors import floor_ops
 from .hvp import Problem, candidates, digits_problem, reference_hvp, seeded_mlp
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 LOSS = nn.CrossEntropyLoss()
-NAMES = ["gradient", "ours:fused", "ours:generic", "ours:fused-stream", "ours:generic-stream", "ours:generic-fwd",
+NAMES = ["gradient", "floor", "ours:fused", "ours:generic", "ours:fused-stream", "ours:generic-stream", "ours:generic-fwd",
          "curvlinops", "pyhessian", "autograd", "pyhessian:cached-graph"]
 
 
@@ -48,6 +50,9 @@ def _gradient(p: Problem):
 def test_hvp(benchmark, problem, name):
     p, v, exact = problem
     benchmark.group = p.name
+    if name == "floor":  # the matmuls an exact product cannot skip (benchmarks.floors); no output to check
+        benchmark(synchronized(floor_ops(p.model, p.x), DEVICE))
+        return
     if name == "gradient":
         fn, exact = _gradient(p)
     else:
