@@ -7,6 +7,7 @@ parameters to and from the flat vectors the operators act on.
 """
 from .base import BatchSource, CurvatureOperator
 from .distributed import DistributedObjective, DistributedOperator
+from .fused_conv import FusedConvHessian
 from .fused_mlp import FusedMLPHessian
 from .generic import GenericHessian, GGNOperator, ggn_operator, hessian_operator
 from .lipschitz import LipschitzEstimate, estimate_hessian_lipschitz
@@ -25,6 +26,7 @@ __all__ = [
     "CurvatureOperator",
     "DistributedObjective",
     "DistributedOperator",
+    "FusedConvHessian",
     "FusedMLPHessian",
     "GGNOperator",
     "GenericHessian",

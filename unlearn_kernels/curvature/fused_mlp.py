@@ -39,30 +39,30 @@ class _Chain:
     activations: tuple[str, ...]
 
 
-def _leaves(module: nn.Sequential, prefix: str = ""):
+def sequential_leaves(module: nn.Sequential, prefix: str = ""):
     """(name, module) of a Sequential's non-Sequential entries in call order (repeats included)."""
     for name, child in module._modules.items():
-        if _plain_sequential(child):
-            yield from _leaves(child, f"{prefix}{name}.")
+        if plain_sequential(child):
+            yield from sequential_leaves(child, f"{prefix}{name}.")
         else:
             yield f"{prefix}{name}", child
 
 
-def _plain_sequential(module: nn.Module) -> bool:
+def plain_sequential(module: nn.Module) -> bool:
     """An nn.Sequential, or a subclass (like our MLP) that keeps Sequential's forward."""
     return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
 def _parse_model(model: nn.Module) -> _Chain | str:
     """The chain of Linear layers and activations of ``model``, or why it is not one."""
-    if not _plain_sequential(model):
+    if not plain_sequential(model):
         return f"the model is {type(model).__name__}, not an nn.Sequential of Linear layers and activations"
     flatten = False
     weights: list[str] = []
     biases: list[str | None] = []
     acts: list[str] = []
     seen: set[int] = set()
-    for name, child in _leaves(model):
+    for name, child in sequential_leaves(model):
         kind = type(child)
         if kind is nn.Identity or (isinstance(child, nn.Dropout) and not child.training):
             continue
@@ -93,7 +93,7 @@ def _parse_model(model: nn.Module) -> _Chain | str:
     return _Chain(flatten, tuple(weights), tuple(biases), tuple(acts))
 
 
-def _parse_loss(loss_fn: LossFn) -> tuple[float, int] | str:
+def parse_cross_entropy(loss_fn: LossFn) -> tuple[float, int] | str:
     """(label_smoothing, ignore_index) of a supported cross entropy, or why the loss is not one."""
     if loss_fn is F.cross_entropy:
         return 0.0, -100
@@ -114,7 +114,7 @@ def supports(model: nn.Module, loss_fn: LossFn, params: ParamSelection = None) -
     chain = _parse_model(model)
     if isinstance(chain, str):
         return chain
-    loss = _parse_loss(loss_fn)
+    loss = parse_cross_entropy(loss_fn)
     if isinstance(loss, str):
         return loss
     resolve_parameters(model, params)
@@ -162,7 +162,7 @@ class FusedMLPHessian(CurvatureOperator):
         if reason is not None:
             raise ValueError(f"FusedMLPHessian cannot be used: {reason}")
         self._chain: _Chain = _parse_model(model)  # type: ignore[assignment]
-        self._label_smoothing, self._ignore_index = _parse_loss(loss_fn)  # type: ignore[misc]
+        self._label_smoothing, self._ignore_index = parse_cross_entropy(loss_fn)  # type: ignore[misc]
         self.backend = backend
         super().__init__(model, loss_fn, data, params, batch_size=batch_size, cache_bytes=cache_bytes)
         self._inputs(self._first_batch()[0])

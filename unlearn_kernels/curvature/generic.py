@@ -35,7 +35,10 @@ from torch import nn
 from ..ops import softmax_ce_hvp
 from .base import CurvatureOperator, DataSpec, LossFn
 from .distributed import DistributedOperator
-from .fused_mlp import FusedMLPHessian, supports
+from .fused_conv import FusedConvHessian
+from .fused_conv import supports as conv_supports
+from .fused_mlp import FusedMLPHessian
+from .fused_mlp import supports as mlp_supports
 from .params import ParamSelection
 
 Tree = dict[str, torch.Tensor] | torch.Tensor
@@ -547,9 +550,13 @@ def hessian_operator(
             model, data, params, process_group)
     reason = None
     if path != "generic":
-        reason = supports(model, loss_fn, params)
-        if reason is None:
+        mlp_reason = mlp_supports(model, loss_fn, params)
+        if mlp_reason is None:
             return FusedMLPHessian(model, loss_fn, data, params, batch_size=batch_size, cache_bytes=cache_bytes)
+        conv_reason = conv_supports(model, loss_fn, params)
+        if conv_reason is None:
+            return FusedConvHessian(model, loss_fn, data, params, batch_size=batch_size, cache_bytes=cache_bytes)
+        reason = f"not a fused MLP ({mlp_reason}) nor a fused conv net ({conv_reason})"
         if path == "fused":
             raise ValueError(f"hessian_operator: path='fused' cannot be used: {reason}")
     operator = GenericHessian(model, loss_fn, data, params, batch_size=batch_size, mode=mode, cache_bytes=cache_bytes)

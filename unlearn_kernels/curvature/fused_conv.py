@@ -1,0 +1,469 @@
+"""The fused Hessian path for small convolutional networks under softmax cross entropy.
+
+Models: an ``nn.Sequential`` (nesting allowed; our :class:`~unlearn_kernels.models.SmallCNN` is one)
+of blocks ``Conv2d [-> ReLU] [-> MaxPool2d]``, then ``AdaptiveAvgPool2d(1) -> Flatten -> Linear``
+(``nn.Identity`` and eval-mode ``nn.Dropout`` allowed anywhere). Convolutions: groups 1, dilation 1,
+zero padding given as numbers; pools: kernel == stride, no padding, no dilation (non-overlapping
+windows). Losses: those of the fused MLP path (``nn.CrossEntropyLoss`` with mean reduction, any
+label smoothing and ignore_index, no class weights; ``F.cross_entropy``).
+
+At fixed weights each batch keeps its forward state: every block's input, each pool's selected
+positions, the ReLU masks, the gradient w.r.t. every convolution's output, the softmax, and the first
+convolution's input as an im2col matrix. A product is then only the tangent-dependent work, per block
+(input h, output gradient d, weight W, tangent V; R marks the directional derivative):
+
+    R-forward    Rz = conv(Rh, W) + conv(h, V) + Vb,        Rh_next = pool(mask * Rz)
+    R-backward   Rd = mask * unpool(R d_out),   R d_in = conv_in(Rd, W) + conv_in(d, V),
+                 R grad_W = conv_w(h, Rd) + conv_w(Rh, d),   R grad_b = sum Rd
+
+and the softmax's R-rows at the head. Two choices make it faster than a double backward through
+the model's gradient graph (PyHessian's single-batch mode) on the CPU, with the same convolutions:
+the state is stored channels-last (oneDNN's convolutions with 16-64 channels run 10-40% faster in
+that layout), and the first convolution, whose input does not depend on the weights, is a matmul
+with its cached im2col matrix (a convolution with one or three input channels runs far below the
+machine's matmul speed). Pooling and masks are one gather and one scatter per block over precomputed
+flat indices. :func:`supports` says why a model or loss does not qualify.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import CurvatureOperator, DataSpec, LossFn
+from .fused_mlp import parse_cross_entropy, plain_sequential, sequential_leaves
+from .params import ParamSelection, resolve_parameters
+
+_CHANNELS_LAST = torch.channels_last
+
+
+@dataclass(frozen=True)
+class _Block:
+    """One ``Conv2d [-> ReLU] [-> MaxPool2d]`` block."""
+
+    weight: str
+    bias: str | None
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    relu: bool
+    pool: tuple[int, int] | None  # the pool's kernel (= its stride)
+    pool_ceil: bool
+
+
+@dataclass(frozen=True)
+class _ConvNet:
+    blocks: tuple[_Block, ...]
+    head_weight: str
+    head_bias: str | None
+
+
+def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[-1]))
+
+
+def _parse_model(model: nn.Module) -> _ConvNet | str:
+    """The blocks and head of ``model``, or why it is not a network this path takes."""
+    if not plain_sequential(model):
+        return f"the model is {type(model).__name__}, not an nn.Sequential of conv blocks and a Linear head"
+    blocks: list[dict] = []
+    stage = "blocks"  # then "pooled" (after the global average pool), "flat" (after Flatten), "done"
+    head: tuple[str, str | None] | None = None
+    seen: set[int] = set()
+    for name, child in sequential_leaves(model):
+        kind = type(child)
+        if kind is nn.Identity or (isinstance(child, nn.Dropout) and not child.training):
+            continue
+        if stage == "done":
+            return f"layer {name!r} ({kind.__name__}) comes after the Linear head"
+        if kind is nn.Conv2d and stage == "blocks":
+            if id(child) in seen:
+                return f"layer {name!r} reuses an earlier Conv2d (tied weights)"
+            seen.add(id(child))
+            if child.groups != 1 or _pair(child.dilation) != (1, 1) or child.padding_mode != "zeros":
+                return f"layer {name!r} is a Conv2d with groups, dilation or non-zero padding; the fused path has plain ones"
+            if isinstance(child.padding, str):
+                return f"layer {name!r} is a Conv2d with padding={child.padding!r}; give the padding as numbers"
+            blocks.append({"weight": f"{name}.weight", "bias": f"{name}.bias" if child.bias is not None else None,
+                           "kernel": _pair(child.kernel_size), "stride": _pair(child.stride),
+                           "padding": _pair(child.padding), "relu": False, "pool": None, "pool_ceil": False})
+        elif kind is nn.ReLU and stage == "blocks":
+            if not blocks or blocks[-1]["relu"] or blocks[-1]["pool"]:
+                return f"layer {name!r} (ReLU) does not directly follow a Conv2d"
+            blocks[-1]["relu"] = True
+        elif kind is nn.MaxPool2d and stage == "blocks":
+            if not blocks or blocks[-1]["pool"]:
+                return f"layer {name!r} (MaxPool2d) does not follow a Conv2d [-> ReLU]"
+            kernel, stride = _pair(child.kernel_size), _pair(child.stride if child.stride else child.kernel_size)
+            if kernel != stride or _pair(child.padding) != (0, 0) or _pair(child.dilation) != (1, 1) or child.return_indices:
+                return f"layer {name!r} is a MaxPool2d with overlapping windows, padding or dilation"
+            blocks[-1]["pool"], blocks[-1]["pool_ceil"] = kernel, bool(child.ceil_mode)
+        elif kind is nn.AdaptiveAvgPool2d and stage == "blocks" and blocks:
+            if _pair(child.output_size) != (1, 1):
+                return f"layer {name!r} is AdaptiveAvgPool2d({child.output_size}); the fused path needs output size 1"
+            stage = "pooled"
+        elif kind is nn.Flatten and stage == "pooled":
+            if (child.start_dim, child.end_dim) != (1, -1):
+                return f"layer {name!r} is a Flatten that is not Flatten(1, -1)"
+            stage = "flat"
+        elif kind is nn.Linear and stage == "flat":
+            head = (f"{name}.weight", f"{name}.bias" if child.bias is not None else None)
+            stage = "done"
+        else:
+            mode = " in training mode" if isinstance(child, nn.Dropout) else ""
+            where = {"blocks": "among the conv blocks", "pooled": "after the global average pool",
+                     "flat": "before the Linear head"}[stage]
+            return f"layer {name!r} is {kind.__name__}{mode} {where}"
+    if not blocks:
+        return "the model has no Conv2d"
+    if head is None:
+        return "the model does not end with AdaptiveAvgPool2d(1) -> Flatten -> Linear"
+    return _ConvNet(tuple(_Block(**b) for b in blocks), *head)
+
+
+def supports(model: nn.Module, loss_fn: LossFn, params: ParamSelection = None) -> str | None:
+    """None if :class:`FusedConvHessian` applies to ``model``, ``loss_fn`` and ``params``, else why not.
+
+    Raises what :func:`~unlearn_kernels.curvature.params.resolve_parameters` raises for a bad ``params``.
+    """
+    net = _parse_model(model)
+    if isinstance(net, str):
+        return net
+    loss = parse_cross_entropy(loss_fn)
+    if isinstance(loss, str):
+        return loss
+    resolve_parameters(model, params)
+    layer_params = list(model.parameters())
+    dtypes, devices = {p.dtype for p in layer_params}, {p.device for p in layer_params}
+    if len(dtypes) > 1 or len(devices) > 1:
+        return "the layers mix dtypes or devices"
+    dtype = dtypes.pop()
+    if dtype not in (torch.float32, torch.float64):
+        return f"the parameters are {dtype}; the fused path takes float32 or float64"
+    return None
+
+
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    """A channels-last (N, C, H, W) tensor as the contiguous (N, H, W, C) view of its memory."""
+    return t.permute(0, 2, 3, 1)
+
+
+def _nchw(t: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_nhwc`: a contiguous (N, H, W, C) tensor as channels-last (N, C, H, W)."""
+    return t.permute(0, 3, 1, 2)
+
+
+@dataclass
+class _BlockState:
+    """What one block keeps at fixed weights (channels-last tensors, flat indices in NHWC order)."""
+
+    h: torch.Tensor  # the block's input (for the first block: its im2col matrix, (N*L, K [+ 1]))
+    z_shape: torch.Size  # the convolution's output shape (N, C, H, W)
+    out_shape: torch.Size  # the block's output shape
+    select: torch.Tensor | None  # the pool's chosen positions as flat NHWC indices into z (None: no pool)
+    mask: torch.Tensor | None  # the ReLU's derivative: at the pool's output with a pool, else at z (None: no ReLU)
+    d: torch.Tensor | None = None  # the loss gradient w.r.t. z
+
+
+class FusedConvHessian(CurvatureOperator):
+    """The exact Hessian of the mean softmax cross entropy of a small convolutional network (see the
+    module docstring for the models), by explicit R-passes over a kept forward state.
+
+    Same arguments, vector layout and results as :class:`~unlearn_kernels.curvature.GenericHessian`
+    for the models and losses :func:`supports` accepts. Each batch's state (about the size of the
+    network's activations, twice, plus the first convolution's im2col matrix) is kept while it fits
+    in ``cache_bytes`` and recomputed for each product otherwise. Parameters outside ``params`` get
+    zero tangents (the operator is the Hessian block of the chosen parameters).
+
+    Raises:
+        ValueError: :func:`supports` rejects the model or loss, batches are not (N, C, H, W) images
+            of the parameters' dtype, or what the base class raises.
+    """
+
+    path = "fused"
+
+    def __init__(
+        self, model: nn.Module, loss_fn: LossFn, data: DataSpec, params: ParamSelection = None,
+        *, batch_size: int | None = None, cache_bytes: int | None = None,
+    ) -> None:
+        reason = supports(model, loss_fn, params)
+        if reason is not None:
+            raise ValueError(f"FusedConvHessian cannot be used: {reason}")
+        self._net: _ConvNet = _parse_model(model)  # type: ignore[assignment]
+        self._label_smoothing, self._ignore_index = parse_cross_entropy(loss_fn)  # type: ignore[misc]
+        self._in_channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
+        super().__init__(model, loss_fn, data, params, batch_size=batch_size, cache_bytes=cache_bytes)
+        self._check_inputs(self._first_batch()[0])
+        self._weights_changed()
+        self._offsets: dict[str, tuple[int, torch.Size]] = {}  # a chosen parameter's start in the flat vector, its shape
+        start = 0
+        for name, shape in zip(self.param_names, self._shapes):
+            self._offsets[name] = (start, shape)
+            start += math.prod(shape)
+
+    def _weights_changed(self) -> None:
+        def live(name: str | None) -> torch.Tensor | None:
+            if name is None:
+                return None
+            return self.params[name] if name in self.params else self._constants[name]
+
+        blocks = self._net.blocks
+        # the first convolution is a matmul (its weight as a matrix); the others run channels-last
+        self._weights = [live(b.weight) if i == 0 else live(b.weight).contiguous(memory_format=_CHANNELS_LAST)
+                         for i, b in enumerate(blocks)]
+        self._biases = [live(b.bias) for b in blocks]
+        self._head = (live(self._net.head_weight), live(self._net.head_bias))
+
+    def _check_inputs(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self._in_channels:
+            raise ValueError(
+                f"FusedConvHessian: inputs of shape {tuple(x.shape)} are not (N, {self._in_channels}, H, W) images; "
+                "use hessian_operator(..., path='generic')"
+            )
+        if x.dtype != self.dtype:
+            raise ValueError(f"FusedConvHessian: inputs are {x.dtype} but the parameters are {self.dtype}")
+
+    # ------------------------------------------------------------------ the kept state
+    def _state(self, x: torch.Tensor, y: torch.Tensor) -> tuple[tuple, int]:
+        """A batch's fixed-weight state and the bytes it holds."""
+        self._check_inputs(x)
+        blocks: list[_BlockState] = []
+        with torch.no_grad():
+            h = x
+            for i, (block, weight, bias) in enumerate(zip(self._net.blocks, self._weights, self._biases)):
+                if i == 0:
+                    kept = self._im2col(x, block)
+                    size = [(x.shape[2 + k] + 2 * block.padding[k] - block.kernel[k]) // block.stride[k] + 1 for k in (0, 1)]
+                    z = self._first_conv(kept, block, weight, bias, (x.shape[0], weight.shape[0], *size))
+                else:
+                    kept = h
+                    z = F.conv2d(h, weight, bias, block.stride, block.padding)
+                act = z.relu() if block.relu else z
+                if block.pool is None:
+                    out, select = act, None
+                    mask = _nhwc((z > 0).to(z.dtype)).reshape(-1) if block.relu else None
+                else:
+                    out, index = F.max_pool2d(act, block.pool, ceil_mode=block.pool_ceil, return_indices=True)
+                    select = self._flat_select(index, z.shape)
+                    mask = _nhwc((out > 0).to(z.dtype)).reshape(-1) if block.relu else None
+                    out = out.contiguous(memory_format=_CHANNELS_LAST)
+                blocks.append(_BlockState(kept, z.shape, out.shape, select, mask))
+                h = out
+            pooled = h.mean(dim=(2, 3))
+            head_w, head_b = self._head
+            logits = F.linear(pooled, head_w, head_b)
+            probs = logits.softmax(dim=1)
+            weights = self._row_weights(y)
+            dlogits = self._softmax_gradient(probs, y, weights)
+            d_out = self._spread(dlogits @ head_w, blocks[-1].out_shape)
+            for i in reversed(range(len(blocks))):
+                st = blocks[i]
+                st.d = self._unpool(d_out, st)
+                if i:
+                    d_in = self._conv_backward(st.d, st.h, self._weights[i], i, (True, False, False))[0]
+                    d_out = _nhwc(d_in).reshape(-1)
+        head = (pooled, probs, dlogits, weights)
+        tensors = [t for st in blocks for t in (st.h, st.select, st.mask, st.d) if t is not None] + list(head)
+        return (blocks, head), sum(t.numel() * t.element_size() for t in tensors)
+
+    def _im2col(self, x: torch.Tensor, block: _Block) -> torch.Tensor:
+        """The first convolution's input as an (N*L, K) matrix (rows: output pixels in NHWC order),
+        with a column of ones when the convolution has a bias."""
+        cols = F.unfold(x, block.kernel, padding=block.padding, stride=block.stride)  # (N, K, L)
+        cols = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        if block.bias is not None:
+            cols = torch.cat([cols, cols.new_ones(cols.shape[0], 1)], dim=1)
+        return cols.contiguous()
+
+    @staticmethod
+    def _first_conv(cols: torch.Tensor, block: _Block, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                    shape: tuple[int, int, int, int]) -> torch.Tensor:
+        """conv(x, weight) + bias for the first convolution as a matmul with x's im2col matrix ``cols``
+        (None stands for zeros), as a channels-last tensor of ``shape`` (N, C, H, W)."""
+        n, c, h, w = shape
+        taps = cols.shape[1] - (block.bias is not None)
+        mat = weight.reshape(c, taps) if weight is not None else cols.new_zeros(c, taps)
+        if block.bias is not None:
+            mat = torch.cat([mat, (bias if bias is not None else cols.new_zeros(c))[:, None]], dim=1)
+        return _nchw((cols @ mat.T).view(n, h, w, c))
+
+    @staticmethod
+    def _flat_select(index: torch.Tensor, z_shape: torch.Size) -> torch.Tensor:
+        """max_pool2d's per-plane argmax indices as flat indices into z's NHWC memory, in the NHWC
+        order of the pool's output."""
+        n, c, h, w = z_shape
+        rows = torch.arange(n, device=index.device).view(n, 1, 1, 1) * (h * w * c)
+        channels = torch.arange(c, device=index.device).view(1, c, 1, 1)
+        return _nhwc(rows + index * c + channels).reshape(-1)
+
+    def _row_weights(self, y: torch.Tensor) -> torch.Tensor:
+        """Each row's weight in the mean loss: 1 / (rows not ignored), 0 for ignored rows."""
+        valid = (y != self._ignore_index).to(self.dtype)
+        return valid / valid.sum()
+
+    def _softmax_gradient(self, probs: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """d loss / d logits: each row's weight times (softmax - smoothed one-hot target)."""
+        classes = probs.shape[1]
+        target = torch.full_like(probs, self._label_smoothing / classes)
+        valid = y != self._ignore_index
+        target[valid, y[valid]] += 1.0 - self._label_smoothing
+        return (probs - target) * weights[:, None]
+
+    @staticmethod
+    def _spread(d_pooled: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """The global average pool's backward: (N, C) to a flat NHWC (N*H*W*C) gradient."""
+        n, c, h, w = shape
+        return (d_pooled / (h * w))[:, None, None, :].expand(n, h, w, c).reshape(-1)
+
+    @staticmethod
+    def _unpool(d_out_flat: torch.Tensor, st: _BlockState) -> torch.Tensor:
+        """A block's output gradient (flat NHWC) back to its convolution's output (channels-last):
+        through the pool's selected positions and the ReLU's mask."""
+        if st.mask is not None:
+            d_out_flat = d_out_flat * st.mask
+        n, c, h, w = st.z_shape
+        if st.select is None:
+            return _nchw(d_out_flat.view(n, h, w, c))
+        d_z = d_out_flat.new_zeros(n * h * w * c)
+        d_z.scatter_(0, st.select, d_out_flat)
+        return _nchw(d_z.view(n, h, w, c))
+
+    @staticmethod
+    def _pool(rz: torch.Tensor, st: _BlockState) -> torch.Tensor:
+        """The block's R-forward after the convolution: the ReLU mask and the pool's selection."""
+        if st.select is None:
+            if st.mask is None:
+                return rz
+            n, c, h, w = st.out_shape
+            return _nchw((_nhwc(rz).reshape(-1) * st.mask).view(n, h, w, c))
+        n, c, h, w = st.out_shape
+        out = _nhwc(rz).reshape(-1).index_select(0, st.select)
+        if st.mask is not None:
+            out.mul_(st.mask)
+        return _nchw(out.view(n, h, w, c))
+
+    def _conv_backward(self, d: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, i: int,
+                       mask: tuple[bool, bool, bool]) -> tuple:
+        block = self._net.blocks[i]
+        return torch.ops.aten.convolution_backward(d, h, weight, None, block.stride, block.padding, (1, 1), False,
+                                                   (0, 0), 1, mask)
+
+    # ------------------------------------------------------------------ products and gradient
+    def _tangent(self, column: torch.Tensor, name: str | None) -> torch.Tensor | None:
+        """The tangent of parameter ``name`` in a flat column (None: the parameter is not chosen)."""
+        if name is None or name not in self._offsets:
+            return None
+        start, shape = self._offsets[name]
+        return column[start:start + math.prod(shape)].view(shape)
+
+    def _product(self, entry: tuple, column: torch.Tensor) -> torch.Tensor:
+        """H v on one batch's state for one flat tangent ``column``."""
+        blocks, (pooled, probs, dlogits, weights) = entry
+        out = torch.zeros_like(column)
+
+        def put(name: str | None, value: torch.Tensor) -> None:
+            if name is not None and name in self._offsets:
+                start, shape = self._offsets[name]
+                out[start:start + math.prod(shape)].add_(value.reshape(-1))
+
+        # R-forward
+        r_h: torch.Tensor | None = None
+        r_inputs: list[torch.Tensor | None] = []
+        for i, (block, st, weight) in enumerate(zip(self._net.blocks, blocks, self._weights)):
+            v_w = self._tangent(column, block.weight)
+            v_b = self._tangent(column, block.bias)
+            r_inputs.append(r_h)
+            r_z = None
+            if i == 0:
+                if v_w is not None or v_b is not None:
+                    r_z = self._first_conv(st.h, block, v_w, v_b, tuple(st.z_shape))
+            else:
+                if r_h is not None:
+                    r_z = F.conv2d(r_h, weight, None, block.stride, block.padding)
+                if v_w is not None:
+                    term = F.conv2d(blocks[i].h, v_w.contiguous(memory_format=_CHANNELS_LAST), None, block.stride,
+                                    block.padding)
+                    r_z = term if r_z is None else r_z.add_(term)
+                if v_b is not None:
+                    r_z = v_b.view(1, -1, 1, 1).expand(st.z_shape) if r_z is None else r_z.add_(v_b.view(1, -1, 1, 1))
+            r_h = None if r_z is None else self._pool(r_z, st)
+        # the head and the softmax's R-rows
+        head_w, _ = self._head
+        v_hw = self._tangent(column, self._net.head_weight)
+        v_hb = self._tangent(column, self._net.head_bias)
+        r_pooled = r_h.mean(dim=(2, 3)) if r_h is not None else None
+        r_logits = torch.zeros_like(probs)
+        if r_pooled is not None:
+            r_logits += r_pooled @ head_w.T
+        if v_hw is not None:
+            r_logits += pooled @ v_hw.T
+        if v_hb is not None:
+            r_logits += v_hb
+        r_dlogits = probs * (r_logits - (probs * r_logits).sum(dim=1, keepdim=True)) * weights[:, None]
+        head_grad = r_dlogits.T @ pooled
+        if r_pooled is not None:
+            head_grad += dlogits.T @ r_pooled
+        put(self._net.head_weight, head_grad)
+        put(self._net.head_bias, r_dlogits.sum(dim=0))
+        r_d_pooled = r_dlogits @ head_w
+        if v_hw is not None:
+            r_d_pooled += dlogits @ v_hw
+        # R-backward
+        r_d_out = self._spread(r_d_pooled, blocks[-1].out_shape)
+        for i in reversed(range(len(blocks))):
+            block, st, weight = self._net.blocks[i], blocks[i], self._weights[i]
+            v_w = self._tangent(column, block.weight)
+            r_d = self._unpool(r_d_out, st)
+            if i == 0:
+                grad = (st.h.T @ _nhwc(r_d).reshape(-1, r_d.shape[1])).T  # (C_out, K [+ 1])
+                if block.bias is not None:
+                    put(block.bias, grad[:, -1])
+                    grad = grad[:, :-1]
+                put(block.weight, grad)
+                continue
+            # conv_in(Rd, W) and conv_w(h, Rd) in one call; then conv_in(d, V) and conv_w(Rh, d) in another
+            r_h, chosen = r_inputs[i], v_w is not None
+            r_d_in, r_grad_w, _ = self._conv_backward(r_d, st.h, weight, i, (True, chosen, False))
+            if chosen or r_h is not None:
+                d_in, d_grad_w, _ = self._conv_backward(
+                    st.d, r_h if r_h is not None else st.h,
+                    v_w.contiguous(memory_format=_CHANNELS_LAST) if chosen else weight, i,
+                    (chosen, chosen and r_h is not None, False))
+                if d_in is not None:
+                    r_d_in = r_d_in.add_(d_in)
+                if d_grad_w is not None:
+                    r_grad_w = r_grad_w.add_(d_grad_w)
+            if chosen:
+                put(block.weight, r_grad_w)
+            put(block.bias, _nhwc(r_d).reshape(-1, r_d.shape[1]).sum(dim=0))
+            r_d_out = _nhwc(r_d_in).reshape(-1)
+        return out
+
+    def _matmat(self, matrix: torch.Tensor) -> torch.Tensor:
+        def per_batch(entry: tuple) -> torch.Tensor:
+            return torch.stack([self._product(entry, matrix[:, k]) for k in range(matrix.shape[1])], dim=1)
+        return self.cached_mean(self._state, per_batch)
+
+    def _gradient(self) -> torch.Tensor:
+        """The gradient from each batch's state (which also serves the products that usually follow)."""
+        def per_batch(entry: tuple) -> torch.Tensor:
+            blocks, (pooled, _, dlogits, _) = entry
+            parts: dict[str, torch.Tensor] = {}
+            for i, (block, st) in enumerate(zip(self._net.blocks, blocks)):
+                if i == 0:
+                    grad = (st.h.T @ _nhwc(st.d).reshape(-1, st.d.shape[1])).T
+                    if block.bias is not None:
+                        parts[block.bias], grad = grad[:, -1], grad[:, :-1]
+                    parts[block.weight] = grad
+                else:
+                    parts[block.weight] = self._conv_backward(st.d, st.h, self._weights[i], i, (False, True, False))[1]
+                    if block.bias is not None:
+                        parts[block.bias] = _nhwc(st.d).reshape(-1, st.d.shape[1]).sum(dim=0)
+            parts[self._net.head_weight] = dlogits.T @ pooled
+            if self._net.head_bias is not None:
+                parts[self._net.head_bias] = dlogits.sum(dim=0)
+            return torch.cat([parts[name].reshape(-1) for name in self.param_names])
+        return self.cached_mean(self._state, per_batch)
