@@ -212,8 +212,9 @@ class FusedConvHessian(CurvatureOperator):
 
         blocks = self._net.blocks
         # the first convolution is a matmul (its weight as a matrix); the others run channels-last
-        self._weights = [live(b.weight) if i == 0 else live(b.weight).contiguous(memory_format=_CHANNELS_LAST)
-                         for i, b in enumerate(blocks)]
+        self._model_weights = [live(b.weight) for b in blocks]
+        self._weights = [w if i == 0 else w.contiguous(memory_format=_CHANNELS_LAST)
+                         for i, w in enumerate(self._model_weights)]
         self._biases = [live(b.bias) for b in blocks]
         self._head = (live(self._net.head_weight), live(self._net.head_bias))
 
@@ -233,14 +234,11 @@ class FusedConvHessian(CurvatureOperator):
         blocks: list[_BlockState] = []
         with torch.no_grad():
             h = x
-            for i, (block, weight, bias) in enumerate(zip(self._net.blocks, self._weights, self._biases)):
-                if i == 0:
-                    kept = self._im2col(x, block)
-                    size = [(x.shape[2 + k] + 2 * block.padding[k] - block.kernel[k]) // block.stride[k] + 1 for k in (0, 1)]
-                    z = self._first_conv(kept, block, weight, bias, (x.shape[0], weight.shape[0], *size))
-                else:
-                    kept = h
-                    z = F.conv2d(h, weight, bias, block.stride, block.padding)
+            for i, (block, bias) in enumerate(zip(self._net.blocks, self._biases)):
+                # the forward as the model runs it (its layout, its convolution), so that the ReLU masks
+                # and the pools' choices are those of model(x) also where a value ties within rounding
+                kept = self._im2col(x, block) if i == 0 else h.contiguous(memory_format=_CHANNELS_LAST)
+                z = F.conv2d(h, self._model_weights[i], bias, block.stride, block.padding)
                 act = z.relu() if block.relu else z
                 if block.pool is None:
                     out, select = act, None
@@ -249,7 +247,6 @@ class FusedConvHessian(CurvatureOperator):
                     out, index = F.max_pool2d(act, block.pool, ceil_mode=block.pool_ceil, return_indices=True)
                     select = self._flat_select(index, z.shape)
                     mask = _nhwc((out > 0).to(z.dtype)).reshape(-1) if block.relu else None
-                    out = out.contiguous(memory_format=_CHANNELS_LAST)
                 blocks.append(_BlockState(kept, z.shape, out.shape, select, mask))
                 h = out
             pooled = h.mean(dim=(2, 3))
