@@ -6,7 +6,8 @@ product can skip. Per Linear or Conv2d layer with input h, output gradient d, we
 (Rh, Rd their R-derivatives): the R-forward ``Rh W^T + h V^T``, the R-backward to the layer's input
 ``Rd W + d V`` and the weight product ``Rd^T h + d^T Rh``; the first layer, whose input does not depend
 on the weights, needs only ``h V^T`` and ``Rd^T h`` (for a convolution: the same six as convolutions,
-``conv``, its input gradient and its weight gradient). This suite times exactly those operations on
+``conv``, its input gradient and its weight gradient, in the fastest form we know: channels-last, and
+the first layer's two as matmuls with its input's im2col matrix, which is fixed). This suite times exactly those operations on
 tensors of the products' shapes (``floor``), interleaved with ``ours`` (``hessian_operator``,
 ``path="auto"``) and PyHessian's cached graph, on the wide MLP and the CNN of the hvp suite; every
 row's ``vs_floor`` is floor time / its time (1 = at the floor), and ``floor_bound`` on the anchor is
@@ -66,8 +67,14 @@ def floor_ops(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
             h, Rh = rand(*shape), rand(*shape)
             out = F.conv2d(h, W, **kw).shape
             d, Rd = rand(*out), rand(*out)
-            ops += [lambda h=h, V=V, kw=kw: F.conv2d(h, V, **kw),
-                    lambda h=h, W=W, Rd=Rd, kw=kw: conv2d_weight(h, W.shape, Rd, **kw)]
+            if i == 0:  # the input is fixed: both products are matmuls with its kept im2col matrix
+                cols = F.unfold(h, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+                cols = cols.transpose(1, 2).reshape(-1, cols.shape[1]).contiguous()
+                Vm, Rd_rows = V.reshape(V.shape[0], -1), Rd.permute(0, 2, 3, 1).reshape(-1, V.shape[0])
+                ops += [lambda cols=cols, Vm=Vm: cols @ Vm.T, lambda cols=cols, Rd_rows=Rd_rows: cols.T @ Rd_rows]
+                continue
+            # channels-last: oneDNN's faster layout for these convolutions
+            h, Rh, d, Rd, W, V = (t.contiguous(memory_format=torch.channels_last) for t in (h, Rh, d, Rd, W, V))
             if i:
                 ops += [lambda Rh=Rh, W=W, kw=kw: F.conv2d(Rh, W, **kw),
                         lambda h=h, W=W, Rd=Rd, kw=kw: conv2d_input(h.shape, W, Rd, **kw),

@@ -3,9 +3,10 @@
 Candidates, each applying the exact Hessian of the mean cross entropy over one batch to a vector,
 many times at the same weights (as Lanczos, the Krylov cubic solver and CureNewton do):
 
-* ``ours:fused``: ``hessian_operator(..., path="fused")`` (the compiled R-operator MLP kernel; MLPs
-  only), with its fixed-weight cache (forward, softmax and the gradient's backward kept; each product
-  runs the R-passes only);
+* ``ours:fused``: ``hessian_operator(..., path="fused")`` (MLPs: the compiled R-operator kernel;
+  Conv-ReLU-MaxPool networks: ``FusedConvHessian``'s explicit R-passes; other models: not run), with
+  its fixed-weight cache (forward, softmax and the gradient's backward kept; each product runs the
+  R-passes only);
 * ``ours:generic``: ``hessian_operator(..., path="generic")`` (mode "auto": double backward through
   the batch's gradient graph, which is kept at fixed weights);
 * ``ours:fused-stream`` / ``ours:generic-stream``: the same with ``cache_bytes=0`` (every product
