@@ -1,9 +1,11 @@
 """pytest-benchmark view of the HVP suite: ``pytest benchmarks/test_bench_hvp.py``.
 
 Every candidate of :mod:`benchmarks.hvp` (ours fused/generic with and without the fixed-weight cache and
-generic forward-over-reverse, curvlinops, PyHessian in both modes, plain autograd) on two MLPs, each checked against a float64 double-backward reference before it is timed, next to one
-gradient on the same batch (the unit) and the floor of :mod:`benchmarks.floors` (the matmuls an exact
-product cannot skip, timed alone). Compare within a model with ``--benchmark-group-by=group``.
+generic forward-over-reverse, curvlinops, PyHessian in both modes, plain autograd) on two MLPs and a
+small CNN, each checked against a float64 double-backward reference before it is timed, next to one
+gradient on the same batch (the unit) and the floor of :mod:`benchmarks.floors` (the matmuls or
+convolutions an exact product cannot skip, timed alone). Compare within a model with
+``--benchmark-group-by=group``.
 """
 import copy
 
@@ -12,6 +14,8 @@ import torch
 from torch import nn
 
 from unlearn_kernels.curvature import flatten_tensors
+from unlearn_kernels.models import SmallCNN
+from unlearn_kernels.training import init_model
 
 from .common import synchronized
 from .floors import floor_ops
@@ -29,9 +33,16 @@ def _mid_mlp() -> Problem:
     return Problem("mlp 784-256-10 n=512", seeded_mlp(784, (256,)).to(DEVICE).eval(), x.to(DEVICE), y.to(DEVICE))
 
 
-@pytest.fixture(scope="module", params=["digits", "mlp"])
+def _small_cnn() -> Problem:
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 1, 28, 28, generator=gen), torch.randint(0, 10, (64,), generator=gen)
+    model = init_model(lambda: SmallCNN(1, 10, (8, 16)), 0).to(DEVICE).eval()
+    return Problem("cnn 8-16 28x28 n=64", model, x.to(DEVICE), y.to(DEVICE))
+
+
+@pytest.fixture(scope="module", params=["digits", "mlp", "cnn"])
 def problem(request):
-    p = digits_problem((128,), device=DEVICE) if request.param == "digits" else _mid_mlp()
+    p = {"digits": lambda: digits_problem((128,), device=DEVICE), "mlp": _mid_mlp, "cnn": _small_cnn}[request.param]()
     d = sum(t.numel() for t in p.params)
     v = torch.randn(d, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     return p, v, reference_hvp(p, LOSS, v.unsqueeze(1))[:, 0]
