@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import CurvatureOperator, DataSpec, LossFn
-from .fused_mlp import parse_cross_entropy, plain_sequential, sequential_leaves
+from .fused_mlp import layer_tensors_reason, parse_cross_entropy, plain_sequential, sequential_leaves
 from .params import ParamSelection, resolve_parameters
 
 _CHANNELS_LAST = torch.channels_last
@@ -136,14 +136,7 @@ def supports(model: nn.Module, loss_fn: LossFn, params: ParamSelection = None) -
     if isinstance(loss, str):
         return loss
     resolve_parameters(model, params)
-    layer_params = list(model.parameters())
-    dtypes, devices = {p.dtype for p in layer_params}, {p.device for p in layer_params}
-    if len(dtypes) > 1 or len(devices) > 1:
-        return "the layers mix dtypes or devices"
-    dtype = dtypes.pop()
-    if dtype not in (torch.float32, torch.float64):
-        return f"the parameters are {dtype}; the fused path takes float32 or float64"
-    return None
+    return layer_tensors_reason(list(model.parameters()), "the layers")
 
 
 def _nhwc(t: torch.Tensor) -> torch.Tensor:

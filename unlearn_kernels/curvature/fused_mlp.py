@@ -106,6 +106,17 @@ def parse_cross_entropy(loss_fn: LossFn) -> tuple[float, int] | str:
     return float(loss_fn.label_smoothing), int(loss_fn.ignore_index)
 
 
+def layer_tensors_reason(layer_params: list[torch.Tensor], layers: str) -> str | None:
+    """Why a fused path cannot take these parameters (mixed dtypes or devices, not float32/64), or None."""
+    dtypes, devices = {p.dtype for p in layer_params}, {p.device for p in layer_params}
+    if len(dtypes) > 1 or len(devices) > 1:
+        return f"{layers} mix dtypes or devices"
+    dtype = dtypes.pop()
+    if dtype not in (torch.float32, torch.float64):
+        return f"the parameters are {dtype}; the fused paths take float32 or float64"
+    return None
+
+
 def supports(model: nn.Module, loss_fn: LossFn, params: ParamSelection = None) -> str | None:
     """None if :class:`FusedMLPHessian` applies to ``model``, ``loss_fn`` and ``params``, else why not.
 
@@ -120,12 +131,10 @@ def supports(model: nn.Module, loss_fn: LossFn, params: ParamSelection = None) -
     resolve_parameters(model, params)
     tensors = dict(model.named_parameters())
     layer_params = [tensors[n] for n in (*chain.weight_names, *chain.bias_names) if n is not None]
-    dtypes, devices = {p.dtype for p in layer_params}, {p.device for p in layer_params}
-    if len(dtypes) > 1 or len(devices) > 1:
-        return "the Linear layers mix dtypes or devices"
-    dtype, device = dtypes.pop(), devices.pop()
-    if dtype not in (torch.float32, torch.float64):
-        return f"the parameters are {dtype}; the fused kernels take float32 or float64"
+    reason = layer_tensors_reason(layer_params, "the Linear layers")
+    if reason is not None:
+        return reason
+    device = layer_params[0].device
     backend = {"cpu": "cpp", "cuda": "cuda"}.get(device.type)
     if backend is None:
         return f"no fused kernel for parameters on {device}"

@@ -5,7 +5,8 @@ Every method moves the chosen parameters w (flat) to lower the retain objective
 ``F(w) = L_r(w) + (weight_decay / 2) ||w||^2``, L_r the mean loss over D_r, using g = grad F(w)
 (an :class:`~unlearn_kernels.curvature.Objective` over all of D_r) and H = its Hessian, an
 operator from :func:`~unlearn_kernels.curvature.hessian_operator` (``path="auto"``: the fused MLP
-kernel where it applies, the generic operator's exact automatic mode otherwise, so any nn.Module works) plus
+kernel or the fused conv path where they apply, the generic operator's exact automatic mode otherwise, so any
+nn.Module works) plus
 ``weight_decay I`` (:class:`~unlearn_kernels.curvature.RegularizedOperator`):
 
 * :class:`CureNewton`: adaptive cubic-regularised Newton steps (ARC,
