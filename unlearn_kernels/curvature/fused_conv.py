@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import CurvatureOperator, DataSpec, LossFn
-from .fused_mlp import layer_tensors_reason, parse_cross_entropy, plain_sequential, sequential_leaves
-from .params import ParamSelection, resolve_parameters
+from .fused_mlp import fused_reason, parse_cross_entropy, plain_sequential, sequential_leaves
+from .params import ParamSelection
 
 _CHANNELS_LAST = torch.channels_last
 
@@ -129,19 +129,17 @@ def supports(model: nn.Module, loss_fn: LossFn, params: ParamSelection = None) -
 
     Raises what :func:`~unlearn_kernels.curvature.params.resolve_parameters` raises for a bad ``params``.
     """
-    net = _parse_model(model)
-    if isinstance(net, str):
-        return net
-    loss = parse_cross_entropy(loss_fn)
-    if isinstance(loss, str):
-        return loss
-    resolve_parameters(model, params)
-    return layer_tensors_reason(list(model.parameters()), "the layers")
+    return fused_reason(_parse_model(model), loss_fn, model, params, lambda _: list(model.parameters()), "the layers")
 
 
 def _nhwc(t: torch.Tensor) -> torch.Tensor:
     """A channels-last (N, C, H, W) tensor as the contiguous (N, H, W, C) view of its memory."""
     return t.permute(0, 2, 3, 1)
+
+
+def _channel_sums(t: torch.Tensor) -> torch.Tensor:
+    """A channels-last (N, C, H, W) tensor summed over everything but the channels."""
+    return _nhwc(t).reshape(-1, t.shape[1]).sum(dim=0)
 
 
 def _nchw(t: torch.Tensor) -> torch.Tensor:
@@ -281,6 +279,15 @@ class FusedConvHessian(CurvatureOperator):
         return _nchw((cols @ mat.T).view(n, h, w, c))
 
     @staticmethod
+    def _first_grads(st: _BlockState, block: _Block, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """conv_w(x, d) and the bias sums for the first convolution and an output gradient ``d``
+        (channels-last), as one matmul with the kept im2col matrix (its ones column gives the bias)."""
+        grad = (st.h.T @ _nhwc(d).reshape(-1, d.shape[1])).T  # (C_out, K [+ 1])
+        if block.bias is None:
+            return grad, None
+        return grad[:, :-1], grad[:, -1]
+
+    @staticmethod
     def _flat_select(index: torch.Tensor, z_shape: torch.Size) -> torch.Tensor:
         """max_pool2d's per-plane argmax indices as flat indices into z's NHWC memory, in the NHWC
         order of the pool's output."""
@@ -408,11 +415,10 @@ class FusedConvHessian(CurvatureOperator):
             v_w = self._tangent(column, block.weight)
             r_d = self._unpool(r_d_out, st)
             if i == 0:
-                grad = (st.h.T @ _nhwc(r_d).reshape(-1, r_d.shape[1])).T  # (C_out, K [+ 1])
-                if block.bias is not None:
-                    put(block.bias, grad[:, -1])
-                    grad = grad[:, :-1]
-                put(block.weight, grad)
+                grad_w, grad_b = self._first_grads(st, block, r_d)
+                put(block.weight, grad_w)
+                if grad_b is not None:
+                    put(block.bias, grad_b)
                 continue
             # conv_in(Rd, W) and conv_w(h, Rd) in one call; then conv_in(d, V) and conv_w(Rh, d) in another
             r_h, chosen = r_inputs[i], v_w is not None
@@ -428,7 +434,7 @@ class FusedConvHessian(CurvatureOperator):
                     r_grad_w = r_grad_w.add_(d_grad_w)
             if chosen:
                 put(block.weight, r_grad_w)
-            put(block.bias, _nhwc(r_d).reshape(-1, r_d.shape[1]).sum(dim=0))
+            put(block.bias, _channel_sums(r_d))
             r_d_out = _nhwc(r_d_in).reshape(-1)
         return out
 
@@ -444,14 +450,13 @@ class FusedConvHessian(CurvatureOperator):
             parts: dict[str, torch.Tensor] = {}
             for i, (block, st) in enumerate(zip(self._net.blocks, blocks)):
                 if i == 0:
-                    grad = (st.h.T @ _nhwc(st.d).reshape(-1, st.d.shape[1])).T
-                    if block.bias is not None:
-                        parts[block.bias], grad = grad[:, -1], grad[:, :-1]
-                    parts[block.weight] = grad
+                    parts[block.weight], grad_b = self._first_grads(st, block, st.d)
+                    if grad_b is not None:
+                        parts[block.bias] = grad_b
                 else:
                     parts[block.weight] = self._conv_backward(st.d, st.h, self._weights[i], i, (False, True, False))[1]
                     if block.bias is not None:
-                        parts[block.bias] = _nhwc(st.d).reshape(-1, st.d.shape[1]).sum(dim=0)
+                        parts[block.bias] = _channel_sums(st.d)
             parts[self._net.head_weight] = dlogits.T @ pooled
             if self._net.head_bias is not None:
                 parts[self._net.head_bias] = dlogits.sum(dim=0)

@@ -15,6 +15,7 @@ weights the forward, the softmax and the gradient's backward are computed once p
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -106,9 +107,20 @@ def parse_cross_entropy(loss_fn: LossFn) -> tuple[float, int] | str:
     return float(loss_fn.label_smoothing), int(loss_fn.ignore_index)
 
 
-def layer_tensors_reason(layer_params: list[torch.Tensor], layers: str) -> str | None:
-    """Why a fused path cannot take these parameters (mixed dtypes or devices, not float32/64), or None."""
-    dtypes, devices = {p.dtype for p in layer_params}, {p.device for p in layer_params}
+def fused_reason(parsed: object, loss_fn: LossFn, model: nn.Module, params: ParamSelection,
+                 layer_params: Callable[[object], list[torch.Tensor]], layers: str) -> str | None:
+    """The checks both fused paths share, or None when they pass: ``parsed`` is the path's parse of the
+    model (a string: why it does not qualify), then the loss, ``params`` (raises what
+    :func:`~unlearn_kernels.curvature.params.resolve_parameters` raises) and the layers' tensors
+    (``layer_params(parsed)``: one dtype and device, float32 or float64)."""
+    if isinstance(parsed, str):
+        return parsed
+    loss = parse_cross_entropy(loss_fn)
+    if isinstance(loss, str):
+        return loss
+    resolve_parameters(model, params)
+    tensors = layer_params(parsed)
+    dtypes, devices = {p.dtype for p in tensors}, {p.device for p in tensors}
     if len(dtypes) > 1 or len(devices) > 1:
         return f"{layers} mix dtypes or devices"
     dtype = dtypes.pop()
@@ -123,18 +135,15 @@ def supports(model: nn.Module, loss_fn: LossFn, params: ParamSelection = None) -
     Raises what :func:`~unlearn_kernels.curvature.params.resolve_parameters` raises for a bad ``params``.
     """
     chain = _parse_model(model)
-    if isinstance(chain, str):
-        return chain
-    loss = parse_cross_entropy(loss_fn)
-    if isinstance(loss, str):
-        return loss
-    resolve_parameters(model, params)
     tensors = dict(model.named_parameters())
-    layer_params = [tensors[n] for n in (*chain.weight_names, *chain.bias_names) if n is not None]
-    reason = layer_tensors_reason(layer_params, "the Linear layers")
+
+    def layer_params(chain: _Chain) -> list[torch.Tensor]:
+        return [tensors[n] for n in (*chain.weight_names, *chain.bias_names) if n is not None]
+
+    reason = fused_reason(chain, loss_fn, model, params, layer_params, "the Linear layers")
     if reason is not None:
         return reason
-    device = layer_params[0].device
+    device = layer_params(chain)[0].device  # type: ignore[arg-type]
     backend = {"cpu": "cpp", "cuda": "cuda"}.get(device.type)
     if backend is None:
         return f"no fused kernel for parameters on {device}"
