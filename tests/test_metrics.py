@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
+import mmap
 import time
 
 import numpy as np
@@ -307,13 +308,17 @@ def test_label_and_set_bad_input():
 def test_measure_cpu_time_memory_and_result():
     n_bytes = 64 * 2**20
 
-    def allocate() -> float:
-        x = torch.ones(n_bytes // 8, dtype=torch.float64)  # touched, so resident
-        time.sleep(0.2)  # hold it across many RSS samples (freed before measure's last sample)
-        return float(x.sum())
+    def allocate() -> int:
+        # Fresh anonymous pages, touched so resident. Not torch.ones: malloc may serve it from heap
+        # memory an earlier test freed but the process kept resident, which adds no RSS (seen in CI).
+        with mmap.mmap(-1, n_bytes) as pages:
+            for offset in range(0, n_bytes, mmap.PAGESIZE):
+                pages[offset] = 1
+            time.sleep(0.2)  # hold them across many RSS samples (unmapped before measure's last one)
+            return sum(pages[offset] for offset in range(0, n_bytes, mmap.PAGESIZE))
 
     measured = measure(allocate)
-    assert measured.result == n_bytes // 8
+    assert measured.result == n_bytes // mmap.PAGESIZE
     assert measured.seconds >= 0.2
     assert 0.8 * n_bytes <= measured.peak_memory_bytes <= 4 * n_bytes
     assert measure(lambda a, b=0: a + b, 2, b=3).result == 5
