@@ -11,6 +11,7 @@ from torch.func import functional_call
 
 from tolerance import assert_within_rule
 from unlearn_kernels.curvature import FusedConvHessian, GenericHessian, hessian_operator
+from unlearn_kernels.curvature import fused_conv
 from unlearn_kernels.curvature.fused_conv import supports
 from unlearn_kernels.curvature.params import unflatten_vector
 from unlearn_kernels.models import SmallCNN
@@ -30,6 +31,17 @@ NETS = {
                               nn.MaxPool2d(3, ceil_mode=True), nn.Identity(), nn.AdaptiveAvgPool2d((1, 1)),
                               nn.Flatten(), nn.Dropout(0.3).eval(), nn.Linear(4, CLASSES, bias=False)), (2, 10, 10)),
 }
+
+
+# Later convolutions on maps no larger than their kernel run as dense matrices: tests that take
+# ``dense`` run every network with that rule, with every later convolution dense, and with none.
+DENSE_MODES = {"dense where it pays": 1, "every later conv dense": 10**6, "no dense conv": 0}
+
+
+@pytest.fixture(params=list(DENSE_MODES))
+def dense(request, monkeypatch) -> str:
+    monkeypatch.setattr(fused_conv, "_DENSE_PIXELS_PER_TAP", DENSE_MODES[request.param])
+    return request.param
 
 
 def _make(name: str, n: int = 9, seed: int = 0, dtype: torch.dtype = DT, device: str | torch.device = "cpu"):
@@ -66,7 +78,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("name", list(NETS))
 @pytest.mark.parametrize("loss", [nn.CrossEntropyLoss(), nn.CrossEntropyLoss(label_smoothing=0.2, ignore_index=1)],
                          ids=["plain", "smoothing+ignore_index"])
-def test_matches_the_dense_hessian_and_gradient(name, loss):
+def test_matches_the_dense_hessian_and_gradient(name, loss, dense):
     model, x, y = _make(name)
     batches = _batches(x, y)  # 4 + 4 + 1 rows: uneven batches
     names = [n for n, _ in model.named_parameters()]
@@ -91,7 +103,7 @@ def test_parameter_subsets_are_hessian_blocks(pick):
     assert _rel(op.gradient(), dense_g) <= 1e-12
 
 
-def test_matmat_equals_matvecs_and_the_generic_path(device):
+def test_matmat_equals_matvecs_and_the_generic_path(device, dense):
     model, x, y = _make("SmallCNN, 1 channel, odd sizes (ceil-mode pools)", n=13, device=device)
     loss = nn.CrossEntropyLoss()
     batches = _batches(x, y, 5)
@@ -103,6 +115,35 @@ def test_matmat_equals_matvecs_and_the_generic_path(device):
     torch.testing.assert_close(out, torch.stack([op.matvec(V[:, k]) for k in range(3)], dim=1), rtol=1e-13, atol=1e-15)
     assert _rel(out, generic.matmat(V)) <= 1e-12
     assert _rel(op.gradient(), generic.gradient()) <= 1e-12
+
+
+@pytest.mark.parametrize("c_in, c_out, kernel, stride, padding, hw", [
+    (3, 4, (3, 3), (1, 1), (1, 1), (2, 2)),
+    (2, 5, (3, 3), (1, 1), (1, 1), (3, 3)),
+    (2, 3, (2, 3), (2, 1), (0, 1), (3, 2)),  # non-square kernel, stride and map
+    (3, 2, (1, 1), (1, 1), (0, 0), (1, 1)),
+    (2, 2, (3, 3), (2, 2), (2, 2), (3, 3)),  # padding wider than the map's edge
+])
+def test_dense_layout_is_the_convolution_and_fold_its_adjoint(device, c_in, c_out, kernel, stride, padding, hw):
+    block = fused_conv._Block("w", None, kernel, stride, padding, relu=False, pool=None, pool_ceil=False)
+    gen = torch.Generator(device).manual_seed(4)
+    h = torch.randn(5, c_in, *hw, dtype=DT, device=device, generator=gen)
+    weight = torch.randn(c_out, c_in, *kernel, dtype=DT, device=device, generator=gen)
+    z = F.conv2d(h, weight, None, stride, padding)
+    layout = fused_conv._DenseLayout.build(block, c_in, c_out, hw, tuple(z.shape[2:]), h.device)
+    assert layout is not None and layout.shape == (c_in * hw[0] * hw[1], c_out * z.shape[2] * z.shape[3])
+    rows = h.permute(0, 2, 3, 1).reshape(5, -1) @ layout.expand(weight)
+    torch.testing.assert_close(rows, z.permute(0, 2, 3, 1).reshape(5, -1), rtol=1e-13, atol=1e-13)
+    grad = torch.randn(layout.shape, dtype=DT, device=device, generator=gen)
+    assert float((layout.fold(grad, weight) * weight).sum()) == pytest.approx(
+        float((grad * layout.expand(weight)).sum()), rel=1e-12)
+
+
+def test_dense_layout_only_where_it_pays():
+    block = fused_conv._Block("w", None, (3, 3), (1, 1), (1, 1), relu=True, pool=(2, 2), pool_ceil=False)
+    assert fused_conv._DenseLayout.build(block, 4, 4, (3, 3), (3, 3), torch.device("cpu")) is not None
+    assert fused_conv._DenseLayout.build(block, 4, 4, (4, 3), (4, 3), torch.device("cpu")) is None  # 12 > 9 taps
+    assert fused_conv._DenseLayout.build(block, 512, 512, (3, 3), (3, 3), torch.device("cpu")) is None  # too big
 
 
 def test_cache_budget_streaming_and_weight_changes():
