@@ -90,23 +90,35 @@ def seeded_mlp(in_features: int, hidden: tuple[int, ...], num_classes: int = 10,
     return init_model(lambda: MLP(in_features, hidden, num_classes, activation=activation), seed)
 
 
-def digits_problem(hidden: tuple[int, ...], activation: str = "tanh", device: torch.device | str = "cpu") -> Problem:
-    """An MLP 64-hidden-10 (seeded initialisation, eval mode) on all 1,797 rows of scikit-learn's
-    digits (pixels / 16) as one batch."""
+def _digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1,797 rows of scikit-learn's digits: pixels / 16 as (N, 64) and the labels."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    x = torch.tensor(digits.data / 16.0, dtype=torch.float32)
-    y = torch.tensor(digits.target, dtype=torch.long)
+    return torch.tensor(digits.data / 16.0, dtype=torch.float32), torch.tensor(digits.target, dtype=torch.long)
+
+
+def digits_problem(hidden: tuple[int, ...], activation: str = "tanh", device: torch.device | str = "cpu") -> Problem:
+    """An MLP 64-hidden-10 (seeded initialisation, eval mode) on all of digits as one batch."""
+    x, y = _digits()
     model = seeded_mlp(64, hidden, activation=activation)
     name = f"digits {activation} mlp 64-{'-'.join(map(str, hidden))}-10 n={len(y)}"
     return Problem(name, model.to(device).eval(), x.to(device), y.to(device))
 
 
+def digits_cnn_problem(channels: tuple[int, ...], device: torch.device | str = "cpu") -> Problem:
+    """The package's SmallCNN (seeded) on all of digits as 8x8 images, one batch: the fidelity study's
+    CNN, whose maps shrink to 4x4 and 2x2."""
+    x, y = _digits()
+    model = init_model(lambda: SmallCNN(1, 10, channels), 0)
+    name = f"digits cnn {'-'.join(map(str, channels))} 8x8 n={len(y)}"
+    return Problem(name, model.to(device).eval(), x.view(-1, 1, 8, 8).to(device), y.to(device))
+
+
 def problems(device: torch.device, quick: bool = False) -> list[Problem]:
-    """The benchmark's models and batches: the tanh MLP on all of digits (per-call overhead
-    dominates), a wide ReLU MLP, a small CNN, ResNet-18 on CIFAR-shaped input and the small ViT, on
-    random data (seeded)."""
+    """The benchmark's models and batches: the tanh MLP and the small CNN on all of digits (per-call
+    overhead dominates), then on random data (seeded) a wide ReLU MLP, the small CNN on 28x28 images,
+    ResNet-18 on CIFAR-shaped input and the small ViT."""
     gen = torch.Generator().manual_seed(0)
     if quick:
         n_mlp, widths, n_cnn, channels, n_big, width = 128, (64,), 32, (8, 16), 4, 8
@@ -128,7 +140,7 @@ def problems(device: torch.device, quick: bool = False) -> list[Problem]:
     for p in out:
         p.model.to(device).eval()
         p.x, p.y = p.x.to(device), p.y.to(device)
-    return [digits_problem((128,), device=device)] + out
+    return [digits_problem((128,), device=device), digits_cnn_problem(channels, device=device)] + out
 
 
 def autograd_hvp(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor,
