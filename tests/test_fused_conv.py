@@ -143,7 +143,7 @@ def test_dense_layout_only_where_it_pays():
     block = fused_conv._Block("w", None, (3, 3), (1, 1), (1, 1), relu=True, pool=(2, 2), pool_ceil=False)
     assert fused_conv._DenseLayout.build(block, 4, 4, (3, 3), (3, 3), torch.device("cpu")) is not None
     assert fused_conv._DenseLayout.build(block, 4, 4, (4, 3), (4, 3), torch.device("cpu")) is None  # 12 > 9 taps
-    assert fused_conv._DenseLayout.build(block, 512, 512, (3, 3), (3, 3), torch.device("cpu")) is None  # too big
+    assert fused_conv._DenseLayout.build(block, 128, 128, (3, 3), (3, 3), torch.device("cpu")) is None  # too big
 
 
 def test_cache_budget_streaming_and_weight_changes():

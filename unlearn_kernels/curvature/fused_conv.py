@@ -47,8 +47,9 @@ _CHANNELS_LAST = torch.channels_last
 #: a convolution (not the first) runs as a dense matrix when its input map has at most this many
 #: pixels per kernel tap ...
 _DENSE_PIXELS_PER_TAP = 1
-#: ... and that matrix has at most this many entries (16 MiB in float32)
-_DENSE_MAX_ENTRIES = 1 << 22
+#: ... and that matrix has at most this many entries (4 MiB in float32 per batch; its layout's two
+#: int64 index vectors, at most 16 MiB, are kept once per block and map size)
+_DENSE_MAX_ENTRIES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -248,6 +249,7 @@ class FusedConvHessian(CurvatureOperator):
         self._net: _ConvNet = _parse_model(model)  # type: ignore[assignment]
         self._label_smoothing, self._ignore_index = parse_cross_entropy(loss_fn)  # type: ignore[misc]
         self._in_channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
+        self._dense_layouts: dict[tuple, _DenseLayout | None] = {}
         super().__init__(model, loss_fn, data, params, batch_size=batch_size, cache_bytes=cache_bytes)
         self._check_inputs(self._first_batch()[0])
         self._weights_changed()
@@ -300,9 +302,7 @@ class FusedConvHessian(CurvatureOperator):
                     out, index = F.max_pool2d(act, block.pool, ceil_mode=block.pool_ceil, return_indices=True)
                     select = self._flat_select(index, z.shape)
                     mask = _nhwc((out > 0).to(z.dtype)).reshape(-1) if block.relu else None
-                # the first convolution is a matmul with its im2col matrix already
-                dense = None if i == 0 else _DenseLayout.build(block, h.shape[1], z.shape[1], tuple(h.shape[2:]),
-                                                               tuple(z.shape[2:]), h.device)
+                dense = self._dense_layout(i, h, z)
                 dense_weight = None if dense is None else dense.expand(self._model_weights[i])
                 blocks.append(_BlockState(kept, z.shape, out.shape, select, mask, dense, dense_weight))
                 h = out
@@ -321,8 +321,19 @@ class FusedConvHessian(CurvatureOperator):
                     d_out = _nhwc(d_in).reshape(-1)
         head = (pooled, probs, dlogits, weights)
         tensors = [t for st in blocks for t in (st.h, st.select, st.mask, st.d) if t is not None] + list(head)
-        tensors += [t for st in blocks if st.dense is not None for t in (st.dense.at, st.dense.src, st.dense_weight)]
+        tensors += [st.dense_weight for st in blocks if st.dense_weight is not None]
         return (blocks, head), sum(t.numel() * t.element_size() for t in tensors)
+
+    def _dense_layout(self, i: int, h: torch.Tensor, z: torch.Tensor) -> _DenseLayout | None:
+        """Block ``i``'s dense layout from input ``h`` to output ``z`` (built once per block and map
+        size, shared by the batches), or None where the convolution runs as one."""
+        if i == 0:  # the first convolution is a matmul with its im2col matrix already
+            return None
+        key = (i, *h.shape[1:], *z.shape[1:], h.device)
+        if key not in self._dense_layouts:
+            self._dense_layouts[key] = _DenseLayout.build(self._net.blocks[i], h.shape[1], z.shape[1],
+                                                          tuple(h.shape[2:]), tuple(z.shape[2:]), h.device)
+        return self._dense_layouts[key]
 
     def _im2col(self, x: torch.Tensor, block: _Block) -> torch.Tensor:
         """The first convolution's input as an (N*L, K) matrix (rows: output pixels in NHWC order),
