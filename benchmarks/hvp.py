@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 import json
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -342,13 +343,14 @@ def plot_gradient_units(results: Path = RESULTS_DIR / "hvp_cpu.json",
     rows = [r for r in data["results"] if r["case"].endswith(" hvp")]
     models = list(dict.fromkeys(r["case"][: -len(" hvp")] for r in rows))
     names = list(dict.fromkeys(r["candidate"] for r in rows))
-    fig, ax = plt.subplots(figsize=(10, 4))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         units = [next((r["extra"].get("gradient_units") or 0.0 for r in rows
                        if r["candidate"] == name and r["case"] == f"{m} hvp"), 0.0) for m in models]
         ax.bar([j + i * width for j in range(len(models))], units, width, label=name)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(models))], models, fontsize=8)
+    labels = [textwrap.fill(m, 20) for m in models]  # six long case names side by side
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(models))], labels, fontsize=8)
     ax.set_ylabel("time of one HVP / time of one gradient")
     ax.set_title(f"Hessian-vector products at fixed weights ({data['environment']['cpu_threads']} CPU thread(s); "
                  "missing bar: not run or not applicable)")
