@@ -89,12 +89,12 @@ def test_matches_the_dense_hessian_and_gradient(name, loss, dense):
     assert _rel(op.gradient(), dense_g) <= 1e-12
 
 
-@pytest.mark.parametrize("pick", ["first conv", "middle", "head only", "weights only"])
-def test_parameter_subsets_are_hessian_blocks(pick):
+@pytest.mark.parametrize("pick", ["first conv", "middle", "last bias only", "head only", "weights only"])
+def test_parameter_subsets_are_hessian_blocks(pick, dense):
     model, x, y = _make("SmallCNN, 3 channels, three blocks")
     all_names = [n for n, _ in model.named_parameters()]
-    names = {"first conv": all_names[:2], "middle": [all_names[3], all_names[2]], "head only": all_names[-2:],
-             "weights only": [n for n in all_names if n.endswith("weight")]}[pick]
+    names = {"first conv": all_names[:2], "middle": [all_names[3], all_names[2]], "last bias only": [all_names[5]],
+             "head only": all_names[-2:], "weights only": [n for n in all_names if n.endswith("weight")]}[pick]
     loss = nn.CrossEntropyLoss()
     op = FusedConvHessian(model, loss, (x, y), names)
     assert op.param_names == tuple(names)
