@@ -229,9 +229,9 @@ class FusedConvHessian(CurvatureOperator):
     Same arguments, vector layout and results as :class:`~unlearn_kernels.curvature.GenericHessian`
     for the models and losses :func:`supports` accepts. Each batch's state (about the size of the
     network's activations, twice, plus the first convolution's im2col matrix and the dense matrices of
-    convolutions on tiny maps) is kept while it fits
-    in ``cache_bytes`` and recomputed for each product otherwise. Parameters outside ``params`` get
-    zero tangents (the operator is the Hessian block of the chosen parameters).
+    convolutions on tiny maps) is kept while it fits in ``cache_bytes`` and recomputed for each product
+    otherwise. Parameters outside ``params`` get zero tangents (the operator is the Hessian block of
+    the chosen parameters).
 
     Raises:
         ValueError: :func:`supports` rejects the model or loss, batches are not (N, C, H, W) images
