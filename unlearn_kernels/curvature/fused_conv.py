@@ -443,19 +443,38 @@ class FusedConvHessian(CurvatureOperator):
         return None if r_z is None else _nchw(r_z.view(n, h, w, c))
 
     @staticmethod
-    def _dense_backward(st: _BlockState, r_d: torch.Tensor, r_h: torch.Tensor | None,
+    def _dense_backward(st: _BlockState, r_d: torch.Tensor, r_h: torch.Tensor | None, v_w: torch.Tensor | None,
                         v_dense: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A dense block's R-backward: ``R d_in = Rd W^T + d V^T`` (rows) and the gradient w.r.t. the
-        dense matrix ``h^T Rd + Rh^T d`` (None when V is None: the weight is not chosen)."""
+        """A dense block's R-backward as matmuls: ``R d_in = Rd W^T + d V^T`` (flat NHWC) and
+        ``R grad_W``, the matrix gradient ``h^T Rd + Rh^T d`` folded into the weight's shape (None when
+        V is None: the weight is not chosen)."""
         r_d_rows, d_rows = _rows(r_d), _rows(st.d)
         r_d_in = r_d_rows @ st.dense_weight.T
-        if v_dense is None:
-            return r_d_in, None
+        if v_w is None:
+            return r_d_in.reshape(-1), None
         r_d_in.add_(d_rows @ v_dense.T)
         grad = _rows(st.h).T @ r_d_rows
         if r_h is not None:
             grad.add_(_rows(r_h).T @ d_rows)
-        return r_d_in, grad
+        return r_d_in.reshape(-1), st.dense.fold(grad, v_w)
+
+    def _conv_r_backward(self, st: _BlockState, r_d: torch.Tensor, r_h: torch.Tensor | None,
+                         v_w: torch.Tensor | None, weight: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Block ``i``'s R-backward by convolutions: ``R d_in = conv_in(Rd, W) + conv_in(d, V)`` (flat NHWC)
+        and ``R grad_W = conv_w(h, Rd) + conv_w(Rh, d)`` (None when V is None: the weight is not chosen)."""
+        chosen = v_w is not None
+        # conv_in(Rd, W) and conv_w(h, Rd) in one call; then conv_in(d, V) and conv_w(Rh, d) in another
+        r_d_in, r_grad_w, _ = self._conv_backward(r_d, st.h, weight, i, (True, chosen, False))
+        if chosen or r_h is not None:
+            d_in, d_grad_w, _ = self._conv_backward(
+                st.d, r_h if r_h is not None else st.h,
+                v_w.contiguous(memory_format=_CHANNELS_LAST) if chosen else weight, i,
+                (chosen, chosen and r_h is not None, False))
+            if d_in is not None:
+                r_d_in = r_d_in.add_(d_in)
+            if d_grad_w is not None:
+                r_grad_w = r_grad_w.add_(d_grad_w)
+        return _nhwc(r_d_in).reshape(-1), r_grad_w
 
     # ------------------------------------------------------------------ products and gradient
     def _tangent(self, column: torch.Tensor, name: str | None) -> torch.Tensor | None:
@@ -533,29 +552,13 @@ class FusedConvHessian(CurvatureOperator):
                 if grad_b is not None:
                     put(block.bias, grad_b)
                 continue
-            r_h, chosen = r_inputs[i], v_w is not None
             if st.dense is not None:
-                r_d_in, r_grad_w = self._dense_backward(st, r_d, r_h, dense_tangents[i])
-                if chosen:
-                    put(block.weight, st.dense.fold(r_grad_w, v_w))
-                put(block.bias, _channel_sums(r_d))
-                r_d_out = r_d_in.reshape(-1)
-                continue
-            # conv_in(Rd, W) and conv_w(h, Rd) in one call; then conv_in(d, V) and conv_w(Rh, d) in another
-            r_d_in, r_grad_w, _ = self._conv_backward(r_d, st.h, weight, i, (True, chosen, False))
-            if chosen or r_h is not None:
-                d_in, d_grad_w, _ = self._conv_backward(
-                    st.d, r_h if r_h is not None else st.h,
-                    v_w.contiguous(memory_format=_CHANNELS_LAST) if chosen else weight, i,
-                    (chosen, chosen and r_h is not None, False))
-                if d_in is not None:
-                    r_d_in = r_d_in.add_(d_in)
-                if d_grad_w is not None:
-                    r_grad_w = r_grad_w.add_(d_grad_w)
-            if chosen:
+                r_d_out, r_grad_w = self._dense_backward(st, r_d, r_inputs[i], v_w, dense_tangents[i])
+            else:
+                r_d_out, r_grad_w = self._conv_r_backward(st, r_d, r_inputs[i], v_w, weight, i)
+            if r_grad_w is not None:
                 put(block.weight, r_grad_w)
             put(block.bias, _channel_sums(r_d))
-            r_d_out = _nhwc(r_d_in).reshape(-1)
         return out
 
     def _matmat(self, matrix: torch.Tensor) -> torch.Tensor:
