@@ -3,7 +3,7 @@
 The test suite runs every Triton kernel through the interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1 before anything is imported), on CUDA tensors where torch sees a GPU and on CPU
 tensors otherwise; at about 1 ms per program the inputs have few rows. That the kernels also compile
-for a GPU is checked by test_triton_kernels_compile_for_sm90, in a process without the interpreter.
+for a GPU is checked by tests/test_triton_compile.py, in a process without the interpreter.
 Accuracy rule (flash-attention's): the kernel's error against the float64 reference is at most
 twice the error of the plain PyTorch reference in the same dtype, plus a few ulps of the output's
 scale.
@@ -11,10 +11,6 @@ scale.
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -206,35 +202,3 @@ def test_torch_compile_fullgraph(rng):
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(logits, target, tangent), f(logits, target, tangent))
-
-
-_GPU_COMPILE_SCRIPT = textwrap.dedent(
-    """
-    import torch
-    torch.cuda.is_available = lambda: True  # define compiled, not interpreted, kernels
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from unlearn_kernels.triton_kernels import softmax_ce as m
-
-    common = {"out_ptr": None, "flag_ptr": "*i32", "N": "i32", "C": "i32", "z_stride": "i32"}
-    for ty, fp64 in [("fp32", False), ("bf16", False), ("fp64", True)]:  # fp16 compiles like bf16
-        grad = {"z_ptr": "*" + ty, "y_ptr": "*i64", **common, "out_ptr": "*" + ty, "smoothing_bits": "i64",
-                "ignore_index": "i32", "FP64": "constexpr", "ROWS": "constexpr", "BLOCK": "constexpr"}
-        hvp = {"z_ptr": "*" + ty, "u_ptr": "*" + ty, **common, "out_ptr": "*" + ty, "u_stride": "i32",
-               "FP64": "constexpr", "ROWS": "constexpr", "BLOCK": "constexpr"}
-        for kernel, sig, rows, block in [(m._grad_kernel, grad, 1, 4096), (m._hvp_kernel, hvp, 8, 16)]:
-            src = ASTSource(kernel, signature=sig, constexprs={"FP64": fp64, "ROWS": rows, "BLOCK": block})
-            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-            assert compiled.asm["cubin"], (kernel, ty)
-    print("ok")
-    """
-)
-
-
-def test_triton_kernels_compile_for_sm90():
-    """The interpreter runs Python, not Triton's compiler: compile the kernels for an H100 too
-    (Triton ships ptxas, so no GPU is needed), in a fresh process that defines them compiled."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _GPU_COMPILE_SCRIPT], capture_output=True, text=True, env=env)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-4000:]

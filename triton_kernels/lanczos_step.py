@@ -92,7 +92,7 @@ def _pass3(b_ptr, w_ptr, c_ptr, again_ptr, part_ptr, d, m, BLOCK_M: tl.constexpr
     tl.store(part_ptr + tile, tl.sum(w * w, axis=0))
 
 
-def _blocks(d: int, m: int) -> dict[str, int]:
+def _launch_config(d: int, m: int) -> dict[str, int]:
     """Tile sizes: on a GPU, register-sized tiles and many programs; in the interpreter (about
     1 ms per program) whole vectors in a few programs."""
     if INTERPRETED:
@@ -111,7 +111,7 @@ def lanczos_step(
     w = torch.empty_like(hq)
     if d == 0:
         return w, torch.zeros((), **f64), torch.zeros((), **f64)
-    cfg = _blocks(d, m)
+    cfg = _launch_config(d, m)
     n_tiles = triton.cdiv(d, cfg["BLOCK_D"])
     grid = (n_tiles,)
     h64 = hq.double()

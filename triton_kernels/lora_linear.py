@@ -13,6 +13,8 @@ product and C is written once. Transposed operands are strided views, never copi
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -69,6 +71,21 @@ def _block(n: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(max(n, 1))))
 
 
+def _launch_config(m: int, n: int, k: int, rank: int, dtype: torch.dtype) -> dict[str, Any]:
+    """Tile sizes, warps and the dtype's constexprs for a (m x k) (n x k)^T product plus a rank-``rank`` term."""
+    if INTERPRETED:  # about 1 ms per program: few, large tiles
+        cfg: dict[str, Any] = {"BLOCK_M": _block(m, 128), "BLOCK_N": _block(n, 128), "BLOCK_K": _block(k, 128),
+                               "BLOCK_R": _block(rank, 64)}
+    else:
+        cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32 if dtype == torch.float64 else 64,
+               "BLOCK_R": _block(rank, 32), "num_warps": 8, "num_stages": 3}
+    half = dtype in (torch.float16, torch.bfloat16)
+    return {**cfg, "ACC_F64": dtype == torch.float64, "CAST_F32": INTERPRETED and half,
+            # float32 products in full precision, as torch.matmul's default (no TF32); Triton's default
+            # for float16 / bfloat16 operands, which accumulate in float32 either way
+            "DOT_PRECISION": "tf32" if half and not INTERPRETED else "ieee"}
+
+
 def _mm(p: torch.Tensor, q: torch.Tensor, *, alpha: float = 1.0, bias: torch.Tensor | None = None,
         low: tuple[torch.Tensor, torch.Tensor] | None = None, beta: float = 1.0) -> torch.Tensor:
     """``alpha p q^T + bias + beta l r^T`` with ``low = (l, r)``; any strides, a contiguous result."""
@@ -79,21 +96,12 @@ def _mm(p: torch.Tensor, q: torch.Tensor, *, alpha: float = 1.0, bias: torch.Ten
         return out
     l, r = low if low is not None else (p, q)  # placeholders, never read without HAS_LOW_RANK
     rank = l.shape[1] if low is not None else 0
-    if INTERPRETED:  # about 1 ms per program: few, large tiles
-        cfg = {"BLOCK_M": _block(m, 128), "BLOCK_N": _block(n, 128), "BLOCK_K": _block(k, 128),
-               "BLOCK_R": _block(rank, 64)}
-    else:
-        cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32 if p.dtype == torch.float64 else 64,
-               "BLOCK_R": _block(rank, 32), "num_warps": 8, "num_stages": 3}
+    cfg = _launch_config(m, n, k, rank, p.dtype)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     wrap_triton(_matmul)[grid](
         p, q, l, r, bias if bias is not None else out, out, m, n, k, rank, alpha, beta,
         p.stride(0), p.stride(1), q.stride(0), q.stride(1), l.stride(0), l.stride(1), r.stride(0), r.stride(1),
-        HAS_LOW_RANK=low is not None, HAS_BIAS=bias is not None, ACC_F64=p.dtype == torch.float64,
-        CAST_F32=INTERPRETED and p.dtype in (torch.float16, torch.bfloat16),
-        # float32 products in full precision, as torch.matmul's default (no TF32); Triton's default
-        # for float16 / bfloat16 operands, which accumulate in float32 either way
-        DOT_PRECISION="ieee" if p.dtype in (torch.float32, torch.float64) or INTERPRETED else "tf32", **cfg)
+        HAS_LOW_RANK=low is not None, HAS_BIAS=bias is not None, **cfg)
     return out
 
 

@@ -1,0 +1,89 @@
+"""Compiles the Triton kernels of the ops named on the command line for an H100/H200 (sm_90),
+without a GPU: Triton ships ptxas. Run by tests/test_triton_compile.py in a fresh process, because
+the kernels must be defined compiled, not interpreted. Each kernel is compiled with the launch
+configuration its module uses on a GPU, for every input dtype the op accepts; one JSON line per
+compiled variant: op, variant, ok, shared (bytes of shared memory), error."""
+import json
+import sys
+
+import torch
+
+torch.cuda.is_available = lambda: True  # the package defines compiled kernels when it sees a GPU
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+
+def _softmax_ce():
+    from unlearn_kernels.triton_kernels import softmax_ce as m
+
+    common = {"flag_ptr": "*i32", "N": "i32", "C": "i32", "z_stride": "i32"}
+    for ty in DTYPES:
+        for n_cols in (10, 1000, 50_000):  # one row per block, several rows per program, several blocks per row
+            cfg = m._launch_config(4096, n_cols)
+            grad = {"z_ptr": "*" + ty, "y_ptr": "*i64", "out_ptr": "*" + ty, **common, "smoothing_bits": "i64",
+                    "ignore_index": "i32"}
+            hvp = {"z_ptr": "*" + ty, "u_ptr": "*" + ty, "out_ptr": "*" + ty, **common, "u_stride": "i32"}
+            for kernel, sig in ((m._grad_kernel, grad), (m._hvp_kernel, hvp)):
+                yield f"{kernel.__name__} {ty} C={n_cols}", kernel, sig, {"FP64": ty == "fp64", **cfg}
+
+
+def _lanczos_step():
+    from unlearn_kernels.triton_kernels import lanczos_step as m
+
+    cfg = m._launch_config(101_770, 35)
+    sizes = {"d": "i32", "m": "i32"}
+    for ty in DTYPES:
+        v, f64 = "*" + ty, "*fp64"
+        sigs = {
+            m._pass1: {"hq_ptr": v, "q_ptr": v, "qp_ptr": v, "b_ptr": v, "w_ptr": v, "alpha_ptr": f64,
+                       "beta_prev_ptr": f64, "bpart_ptr": f64, **sizes, "n_tiles": "i32"},
+            m._pass2: {"b_ptr": v, "w_ptr": v, "c_ptr": f64, "part_ptr": f64, "bpart_ptr": f64, **sizes,
+                       "n_tiles": "i32"},
+            m._pass3: {"b_ptr": v, "w_ptr": v, "c_ptr": f64, "again_ptr": "*i32", "part_ptr": f64, **sizes},
+        }
+        for kernel, sig in sigs.items():
+            yield f"{kernel.__name__} {ty}", kernel, sig, cfg
+
+
+def _lora_linear():
+    from unlearn_kernels.triton_kernels import lora_linear as m
+
+    strides = ("s_pm", "s_pk", "s_qn", "s_qk", "s_lm", "s_lr", "s_rn", "s_rr")
+    for ty, dtype in DTYPES.items():
+        v = "*" + ty
+        sig = {"p_ptr": v, "q_ptr": v, "l_ptr": v, "r_ptr": v, "bias_ptr": v, "c_ptr": v, "M": "i32", "N": "i32",
+               "K": "i32", "R": "i32", "alpha": "fp32", "beta": "fp32", **{s: "i32" for s in strides}}
+        for low, bias in ((True, True), (False, False)):  # the forward's epilogue, a plain product
+            cfg = m._launch_config(4096, 4096, 4096, 16 if low else 0, dtype)
+            flags = {"HAS_LOW_RANK": low, "HAS_BIAS": bias}
+            yield f"_matmul {ty} low_rank={low} bias={bias}", m._matmul, sig, {**flags, **cfg}
+
+
+KERNELS = {"softmax_ce": _softmax_ce, "lanczos_step": _lanczos_step, "lora_linear": _lora_linear}
+
+
+def main(ops: list[str]) -> None:
+    for op in ops:
+        for variant, kernel, signature, config in KERNELS[op]():
+            options = {k: config[k] for k in LAUNCH_OPTIONS if k in config}
+            constexprs = {k: val for k, val in config.items() if k not in LAUNCH_OPTIONS}
+            record = {"op": op, "variant": variant}
+            try:
+                types = {**signature, **dict.fromkeys(constexprs, "constexpr")}
+                src = ASTSource(kernel, signature={name: types[name] for name in kernel.arg_names},
+                                constexprs=constexprs)
+                compiled = triton.compile(src, target=TARGET, options=options)
+                record.update(ok=bool(compiled.asm["cubin"]), shared=compiled.metadata.shared)
+            except Exception as err:  # reported to the test, which names the variant
+                record.update(ok=False, error=f"{type(err).__name__}: {err}"[-3000:])
+            print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
