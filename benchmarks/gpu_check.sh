@@ -34,7 +34,8 @@ FAILED=()
 # "cuda") and Triton's (compiled for the GPU) are the ones selected below.
 TESTS=(tests/test_lanczos_step.py tests/test_cubic_secular.py tests/test_softmax_ce.py
        tests/test_softmax_ce_triton.py tests/test_mlp_hvp.py tests/test_lora_linear.py
-       tests/test_curvature.py tests/test_fused_conv.py tests/test_lanczos.py tests/test_cubic.py)
+       tests/test_curvature.py tests/test_fused_conv.py tests/test_lanczos.py tests/test_cubic.py
+       tests/test_distributed.py)
 
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 

@@ -122,6 +122,14 @@ class _Workspace:
     hvps: int = 0
 
 
+def _collective_device(model: Any) -> torch.device:
+    """Where this rank's tensors for a collective live: on the model's device, as the curvature
+    layer's (NCCL reduces CUDA tensors only, gloo either); the CPU for a model without parameters
+    (refused by the input checks on this rank, which still takes part in the collective)."""
+    first = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+    return first.device if first is not None else torch.device("cpu")
+
+
 class _NewtonFamily(Unlearner):
     """Options, data preparation, objective, operators and the guarded update shared by the Newton methods."""
 
@@ -188,7 +196,7 @@ class _NewtonFamily(Unlearner):
         roles = ("forget", "retain", "unseen")
         group = self.process_group
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-        table = torch.zeros(len(roles) + world, dtype=torch.float64)
+        table = torch.zeros(len(roles) + world, dtype=torch.float64, device=_collective_device(model))
         table[:len(roles)] = torch.tensor([rows.get(role, 0) for role in roles], dtype=torch.float64)
         table[len(roles) + rank] = float(failure is not None)
         dist.all_reduce(table, group=group)
@@ -213,11 +221,12 @@ class _NewtonFamily(Unlearner):
         return Objective(ws.shadow, self.loss_fn, data, ws.names, weight_decay=self.weight_decay,
                          batch_size=self.batch_size)
 
-    def _global_rows(self, data: LabeledData) -> int:
-        """Rows of ``data`` over every rank (this rank's alone without a process group)."""
+    def _global_rows(self, data: LabeledData, device: torch.device) -> int:
+        """Rows of ``data`` over every rank (this rank's alone without a process group); ``device``:
+        the model's."""
         if self.process_group is None:
             return len(data)
-        rows = torch.tensor([len(data)], dtype=torch.float64)
+        rows = torch.tensor([len(data)], dtype=torch.float64, device=device)
         dist.all_reduce(rows, group=self.process_group)
         return int(rows.item())
 
@@ -691,7 +700,7 @@ class InfluenceNewton(DampedNewton):
             forget_data = self._cast(forget, ws.w)
             g_forget = self._gradient(ws, self._objective(ws, forget_data), forget_data)
             result = self._damped_solve(H, -g_forget)
-            step = result.step * (self._global_rows(forget) / self._global_rows(retain))
+            step = result.step * (self._global_rows(forget, ws.w.device) / self._global_rows(retain, ws.w.device))
             return {"step": step, "grad_norm_forget": norm64(g_forget),
                     **_baseline_diagnostics(result, self.damping, self._quadratic_value(H, g, step))}
 
