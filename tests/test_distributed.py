@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import copy
 import datetime
+import gc
 import os
 import time
+import weakref
 
 import pytest
 import torch
@@ -311,7 +313,35 @@ def test_nccl_on_one_cuda_device(tmp_path):
     mp.spawn(_nccl_worker, args=(1, str(tmp_path / "store")), nprocs=1)
 
 
+def _destroyed_group_worker(rank: int, world: int, store: str) -> None:
+    """Operators, objectives and methods hold the group weakly: destroy_process_group frees it (a group
+    that lived on into interpreter shutdown aborted gloo processes), and a later call says why it fails."""
+    _init(rank, world, store)
+    model, x, y = model_and_data()
+    group = dist.group.WORLD
+    op = hessian_operator(model, nn.CrossEntropyLoss(), (x, y), process_group=group)
+    objective = DistributedObjective(model, nn.CrossEntropyLoss(), (x, y), process_group=group)
+    method = METHODS["cure_newton"](process_group=group)
+    alive = weakref.ref(group)
+    del group
+    dist.destroy_process_group()
+    gc.collect()
+    assert alive() is None, "an operator, objective or method kept the destroyed process group alive"
+    with pytest.raises(RuntimeError, match="distributed curvature: the process group was destroyed"):
+        op.matvec(torch.ones(op.shape[0], dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="the process group was destroyed"):
+        objective.value()
+    with pytest.raises(RuntimeError, match="cure_newton: the process group was destroyed"):
+        method.unlearn(model, LabeledData(x[:10], y[:10]), LabeledData(x[10:], y[10:]), seed=0)
+
+
+def test_destroyed_process_group_is_not_kept_alive(tmp_path):
+    mp.spawn(_destroyed_group_worker, args=(1, str(tmp_path / "store")), nprocs=1)
+
+
 def test_bad_process_group():
     model, x, y = model_and_data()
     with pytest.raises(TypeError, match="ProcessGroup"):
         hessian_operator(model, nn.CrossEntropyLoss(), (x, y), process_group="gloo")
+    with pytest.raises(TypeError, match="cure_newton: process_group must be a torch.distributed ProcessGroup"):
+        METHODS["cure_newton"](process_group="gloo")

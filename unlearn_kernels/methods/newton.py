@@ -79,6 +79,7 @@ from ..curvature import (
     set_flat_parameters,
 )
 from ..curvature.checks import check_int, check_number, norm64
+from ..curvature.distributed import GroupRef
 from ..labeled import LabeledData
 from ..solvers import (
     DENSE_MAX_DIM,
@@ -156,10 +157,12 @@ class _NewtonFamily(Unlearner):
         self.batch_size = batch_size
         self.weight_decay = check_number(f"{self.name}: weight_decay", weight_decay, 0.0)
         self.path = path
-        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
-            raise TypeError(f"{self.name}: process_group must be None or a torch.distributed ProcessGroup, "
-                            f"got {type(process_group).__name__}")
-        self.process_group = process_group
+        self._group = None if process_group is None else GroupRef(process_group, self.name)
+
+    @property
+    def process_group(self) -> dist.ProcessGroup | None:
+        """The process group (held weakly, see :class:`~unlearn_kernels.curvature.distributed.GroupRef`), or None."""
+        return None if self._group is None else self._group()
 
     # -- preparation
     def _cast(self, data: LabeledData, like: torch.Tensor) -> LabeledData:
