@@ -44,9 +44,9 @@ class GroupRef:
     methods): ``ref()`` is the group, or a RuntimeError naming ``owner`` once it was destroyed.
 
     torch.distributed's registry holds a group until ``destroy_process_group``; a group that something
-    else keeps alive past that is destroyed at interpreter shutdown instead, which aborted gloo
-    processes in 2 of 60 two-process runs of a script that ended with an operator still alive (PyTorch
-    2.13, "terminate called without an active exception"; 0 of 120 once nothing else held the group).
+    else keeps alive past that is destroyed at interpreter shutdown instead, which now and then aborted
+    gloo processes of a script that ended with an operator still alive (PyTorch 2.13, "terminate called
+    without an active exception").
     """
 
     def __init__(self, group: dist.ProcessGroup, owner: str) -> None:
