@@ -186,6 +186,19 @@ def test_empty_shards(tmp_path):
     mp.spawn(_empty_shard_worker, args=(2, str(tmp_path / "store")), nprocs=2)
 
 
+def _newton_methods_match_one_process(model: nn.Module, shards: tuple[LabeledData, LabeledData],
+                                      forget: LabeledData, retain: LabeledData) -> None:
+    """CureNewton and the influence update, each rank on its ``shards`` (forget, retain) with the
+    group, return on every rank the weights one process returns on all of ``forget`` and ``retain``."""
+    for name, kwargs in {"cure_newton": {"max_iterations": 2, "hessian_samples": None},
+                         "influence": {"damping": 0.1}}.items():
+        sharded = METHODS[name](process_group=dist.group.WORLD, **kwargs).unlearn(model, *shards, seed=0).model
+        single = METHODS[name](**kwargs).unlearn(model, forget, retain, seed=0).model
+        names = [n for n, _ in single.named_parameters()]
+        _same_on_every_rank(get_flat_parameters(sharded, names))
+        _close(get_flat_parameters(sharded, names), get_flat_parameters(single, names))
+
+
 def _method_shards_worker(rank: int, world: int, store: str) -> None:
     """The Newton methods with uneven shards: rank 0 holds all of D_f and none of D_r, rank 1 the
     reverse; a set empty on every rank, and one rank's bad inputs, are refused on every rank at once."""
@@ -194,13 +207,7 @@ def _method_shards_worker(rank: int, world: int, store: str) -> None:
         model, x, y = model_and_data()
         forget, retain = LabeledData(x[:10], y[:10]), LabeledData(x[10:], y[10:])
         mine = (forget, retain.subset(torch.arange(0))) if rank == 0 else (forget.subset(torch.arange(0)), retain)
-        for name, kwargs in {"cure_newton": dict(max_iterations=2, hessian_samples=None),
-                             "influence": dict(damping=0.1)}.items():
-            sharded = METHODS[name](process_group=dist.group.WORLD, **kwargs).unlearn(model, *mine, seed=0).model
-            single = METHODS[name](**kwargs).unlearn(model, forget, retain, seed=0).model
-            names = [n for n, _ in single.named_parameters()]
-            _same_on_every_rank(get_flat_parameters(sharded, names))
-            _close(get_flat_parameters(sharded, names), get_flat_parameters(single, names))
+        _newton_methods_match_one_process(model, mine, forget, retain)
         method = METHODS["cure_newton"](process_group=dist.group.WORLD)
         with pytest.raises(ValueError, match="the forget set is empty on every rank"):
             method.unlearn(model, forget.subset(torch.arange(0)), retain, seed=0)
@@ -297,12 +304,7 @@ def _nccl_worker(rank: int, world: int, store: str) -> None:
         objective = DistributedObjective(model, nn.CrossEntropyLoss(), (x, y), process_group=group, weight_decay=0.1)
         _close(objective.gradient(), Objective(model, nn.CrossEntropyLoss(), (x, y), weight_decay=0.1).gradient())
         forget, retain = LabeledData(x[:10], y[:10]), LabeledData(x[10:], y[10:])
-        for name, kwargs in {"cure_newton": {"max_iterations": 2, "hessian_samples": None},
-                             "influence": {"damping": 0.1}}.items():
-            sharded = METHODS[name](process_group=group, **kwargs).unlearn(model, forget, retain, seed=0).model
-            alone = METHODS[name](**kwargs).unlearn(model, forget, retain, seed=0).model
-            names = [n for n, _ in alone.named_parameters()]
-            _close(get_flat_parameters(sharded, names), get_flat_parameters(alone, names))
+        _newton_methods_match_one_process(model, (forget, retain), forget, retain)
     finally:
         dist.destroy_process_group()
 
