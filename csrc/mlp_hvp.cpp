@@ -10,7 +10,7 @@
 //   products:    HV_l = Rd_l^T h_{l-1} + d_l^T Rh_{l-1},               Hc_l = sum_rows Rd_l
 //
 // The K tangents share the forward and the backward; R-quantities are laid out (N, K, d), so every
-// product above for all K tangents is one plain matmul (no batched or strided GEMM). The weight The weight
+// product above for all K tangents is one plain matmul (no batched or strided GEMM). The weight
 // gradients d_l^T h_{l-1} are never formed: the HVP does not need them.
 //
 // At fixed weights everything that does not depend on the tangents can be kept between products
@@ -364,6 +364,26 @@ std::vector<at::Tensor> run_state(const Kernels& kernels, const at::Tensor& x, c
 
 namespace {
 
+// Layers narrower than this (the logits of a classifier) compute their R-forward transposed on the
+// CPU: MKL's row-major GEMM with an (N, out) result of under 16 columns ran 1.1-1.8x slower than the
+// (out, N) product plus a copy back (N = 1,797 and 2,048; docs/benchmarks.md).
+constexpr int64_t kNarrowLayer = 16;
+
+// Ra_l without its bias tangent, (N, K out), for a narrow layer: h V^T and Rh W^T as (out, N)
+// products. `v` (K, out, in) or undefined (weight not chosen), `rh` (N, K, in) or undefined (l == lo).
+at::Tensor narrow_r_forward(const at::Tensor& input, const at::Tensor& rh, const at::Tensor& weight,
+                            const at::Tensor& v, int64_t K) {
+  const int64_t N = input.size(0), out = weight.size(0), in = weight.size(1);
+  at::Tensor rt;  // (K, out, N)
+  if (v.defined()) rt = at::mm(v.reshape({K * out, in}), input.t()).view({K, out, N});
+  if (rh.defined()) {
+    at::Tensor w_rh = at::mm(weight, rh.view({N * K, in}).t()).view({out, N, K}).permute({2, 0, 1});
+    rt = rt.defined() ? rt.add_(w_rh) : w_rh;
+  }
+  if (!rt.defined()) return at::zeros({N, K * out}, input.options());
+  return rt.permute({2, 0, 1}).contiguous().view({N, K * out});
+}
+
 // The products of run_cached_flat for the (d, K) tangents V (validated), from the lowest chosen
 // layer `lo` up, in gather_flat's layout.
 at::Tensor cached_products(const at::Tensor& x, at::TensorList state, at::TensorList weights,
@@ -386,7 +406,9 @@ at::Tensor cached_products(const at::Tensor& x, at::TensorList state, at::Tensor
   for (int64_t l = lo; l < L; ++l) {
     const int64_t out = weights[l].size(0), in = weights[l].size(1);
     at::Tensor r;  // Ra_l without its bias tangent, (N, K out)
-    if (v_weights[l].defined()) {
+    if (out < kNarrowLayer && x.is_cpu()) {
+      r = narrow_r_forward(input(l), l > lo ? rh[l] : at::Tensor(), weights[l], v_weights[l], K);
+    } else if (v_weights[l].defined()) {
       r = at::mm(input(l), v_weights[l].reshape({K * out, in}).t());
       if (l > lo) r.view({N * K, out}).addmm_(rh[l].view({N * K, in}), weights[l].t());
     } else {

@@ -277,7 +277,8 @@ def test_direct_dispatcher_call_checks_its_inputs(rng):
 @pytest.mark.parametrize("acts", [["tanh", "relu", "identity"], ["gelu", "sigmoid", "identity"]])
 @pytest.mark.parametrize("chosen", [("w0", "b0", "w1", "b1", "w2"), ("w2", "b1"), ("b0",), ("w1",)])
 def test_state_and_cached_products_equal_the_whole_pass(acts, chosen, rng):
-    p = _problem([5, 4, 4, 3], acts, [True, True, False], 3, rng, smoothing=0.1)
+    # Layer widths 4 and 3 take the cached pass's narrow-layer route on the CPU (under 16 outputs), 17 the other.
+    p = _problem([5, 4, 17, 3], acts, [True, True, False], 3, rng, smoothing=0.1)
     p["target"][2] = -100  # an ignored row
     offsets, w_off, b_off = _flat_layout(p, ["b1", "w0", "w2", "b0", "w1"], chosen)
     V = _flat_tangents(p, offsets)

@@ -184,7 +184,12 @@ class CurvatureOperator(abc.ABC):
         self.dtype: torch.dtype = dtypes.pop()
         self.device: torch.device = devices.pop()
         self._shapes = [p.shape for p in chosen.values()]
-        d = sum(p.numel() for p in chosen.values())
+        # Where each chosen parameter starts in the flat (d,) vector (row-major, in param_names order).
+        self._param_offsets: dict[str, int] = {}
+        d = 0
+        for name, p in chosen.items():
+            self._param_offsets[name] = d
+            d += p.numel()
         self.shape: tuple[int, int] = (d, d)
         # Detached views of the chosen parameters (no copy); the rest of the state is passed as
         # constants: other parameters detached, buffers cloned so no forward can write to the model.

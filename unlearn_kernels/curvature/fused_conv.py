@@ -254,11 +254,6 @@ class FusedConvHessian(CurvatureOperator):
         super().__init__(model, loss_fn, data, params, batch_size=batch_size, cache_bytes=cache_bytes)
         self._check_inputs(self._first_batch()[0])
         self._weights_changed()
-        self._offsets: dict[str, tuple[int, torch.Size]] = {}  # a chosen parameter's start in the flat vector, its shape
-        start = 0
-        for name, shape in zip(self.param_names, self._shapes):
-            self._offsets[name] = (start, shape)
-            start += math.prod(shape)
 
     def _weights_changed(self) -> None:
         def live(name: str | None) -> torch.Tensor | None:
@@ -479,9 +474,9 @@ class FusedConvHessian(CurvatureOperator):
     # ------------------------------------------------------------------ products and gradient
     def _tangent(self, column: torch.Tensor, name: str | None) -> torch.Tensor | None:
         """The tangent of parameter ``name`` in a flat column (None: the parameter is not chosen)."""
-        if name is None or name not in self._offsets:
+        if name is None or name not in self._param_offsets:
             return None
-        start, shape = self._offsets[name]
+        start, shape = self._param_offsets[name], self.params[name].shape
         return column[start:start + math.prod(shape)].view(shape)
 
     def _product(self, entry: tuple, column: torch.Tensor) -> torch.Tensor:
@@ -490,9 +485,9 @@ class FusedConvHessian(CurvatureOperator):
         out = torch.zeros_like(column)
 
         def put(name: str | None, value: torch.Tensor) -> None:
-            if name is not None and name in self._offsets:
-                start, shape = self._offsets[name]
-                out[start:start + math.prod(shape)].add_(value.reshape(-1))
+            if name is not None and name in self._param_offsets:
+                start = self._param_offsets[name]
+                out[start:start + value.numel()].add_(value.reshape(-1))
 
         # R-forward
         r_h: torch.Tensor | None = None

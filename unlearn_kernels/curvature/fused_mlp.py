@@ -14,7 +14,6 @@ weights the forward, the softmax and the gradient's backward are computed once p
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -187,10 +186,7 @@ class FusedMLPHessian(CurvatureOperator):
         # Per-product arguments of the op, fixed at construction (the tensors are live views).
         chain = self._chain
         self._weights_changed()
-        offsets, start = {}, 0
-        for name, shape in zip(self.param_names, self._shapes):
-            offsets[name] = start
-            start += math.prod(shape)
+        offsets = self._param_offsets
         self._weight_offsets = [offsets.get(n, -1) for n in chain.weight_names]
         self._bias_offsets = [offsets.get(n, -1) if n is not None else -1 for n in chain.bias_names]
 
