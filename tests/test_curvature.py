@@ -230,6 +230,10 @@ def test_matmat_equals_matvecs_and_counters(kind):
     # Construction probes on the first batch: two gradients and the products, all counted.
     assert (op.num_products, op.num_gradients, op.num_data_passes) == (probes, 2, 0)
     V = torch.randn(op.shape[0], 4, dtype=DT, generator=torch.Generator().manual_seed(0))
+    # The per-parameter tangents are contiguous (strided views of V slow every product down) and round-trip.
+    tangents = op.unflatten_columns(V)
+    assert all(t[k].is_contiguous() for t in tangents.values() for k in range(4))
+    assert torch.equal(op.flatten_columns(tangents), V)
     M = op.matmat(V)
     assert (op.num_products, op.num_data_passes) == (probes + 4, 1)
     cols = torch.stack([op.matvec(V[:, k]) for k in range(4)], dim=1)
