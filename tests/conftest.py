@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -16,6 +17,11 @@ from devices import DEVICES  # noqa: E402  (imports the package: after TRITON_IN
 # waiting on each other made small ops ~20x slower. Kernel tests that exercise the parallel paths
 # raise the count themselves (see the `threads` fixture).
 torch.set_num_threads(1)
+
+# Property tests draw the same cases on every run (a fixed seed: a CI failure reproduces locally) and
+# keep no example database (which would otherwise land in the repository root).
+settings.register_profile("suite", derandomize=True, database=None)
+settings.load_profile("suite")
 
 
 @pytest.fixture
