@@ -1,7 +1,8 @@
 """mlp_hvp (fused exact MLP Hessian-vector products) and FusedMLPHessian.
 
 Oracle: the dense float64 Hessian of the flattened loss from ``torch.autograd.functional.hessian``
-(reverse-over-reverse, independent of the op's torch.func reference), times the tangents.
+(reverse-over-reverse, independent of the op's torch.func reference), times the tangents. Every
+backend runs on every device it takes (the CUDA kernel too where a GPU is visible).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.functional import hessian
 
+from devices import backend_devices
 from tolerance import assert_within_rule
 from unlearn_kernels import backends, ops
 from unlearn_kernels.backends import BackendUnavailableError
@@ -19,6 +21,8 @@ from unlearn_kernels.curvature.fused_mlp import FusedMLPHessian, supports
 from unlearn_kernels.ops.mlp_hvp import ACTIVATIONS
 
 ACTS = list(ACTIVATIONS)
+PAIRS = backend_devices("mlp_hvp")
+COMPILED = backend_devices("mlp_hvp", compiled_only=True)
 FNS = {"identity": lambda a: a, "relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
 
 
@@ -72,25 +76,29 @@ def _rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def _cast(p, dtype):
+def _cast(p, dtype=None, device=None):
+    """The problem with its floating tensors cast to ``dtype`` and every tensor moved to ``device``."""
     def conv(t):
-        return None if t is None else t.to(dtype)
+        return None if t is None else t.to(device=device, dtype=dtype)
 
-    return {**p, "x": conv(p["x"]), **{k: [conv(t) for t in p[k]] for k in ("weights", "biases", "v_weights", "v_biases")}}
+    lists = {k: [conv(t) for t in p[k]] for k in ("weights", "biases", "v_weights", "v_biases") if k in p}
+    return {**p, "x": conv(p["x"]), "target": p["target"].to(device), **lists}
 
 
 # ----------------------------------------------------------------------------- the op
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("k", [1, 3])
-def test_float64_matches_dense_hessian_and_reference(act, bias, k, rng):
-    p = _problem([5, 4, 3], [act, act], bias, k, rng)
+@pytest.mark.parametrize("dims", [[5, 4, 3], [6, 17, 3]])  # a layer under and one over the kernels' 16-wide switch
+def test_float64_matches_dense_hessian_and_reference(act, bias, k, dims, rng):
+    p = _problem(dims, [act, act], bias, k, rng)
     exact = _dense_products(p)
-    for backend in ("cpp", "reference"):
-        hv_w, hv_b = ops.mlp_hvp(**p, backend=backend)
+    for backend, device in PAIRS:
+        hv_w, hv_b = ops.mlp_hvp(**_cast(p, device=device), backend=backend)
         assert [t.shape for t in hv_w] == [v.shape for v in p["v_weights"]]
         assert [b is None for b in hv_b] == [not bias, not bias]
-        assert _rel(_flat(hv_w, hv_b), exact) <= 1e-10, backend
+        assert all(t.device.type == device for t in hv_w)
+        assert _rel(_flat(hv_w, hv_b).cpu(), exact) <= 1e-10, (backend, device)
 
 
 def test_deeper_mixed_chain_with_label_smoothing_and_ignored_rows(rng):
@@ -99,28 +107,31 @@ def test_deeper_mixed_chain_with_label_smoothing_and_ignored_rows(rng):
     p["target"][[2, 7]] = -3
     p["v_biases"][2] = None  # zero tangent for a present bias
     exact = _dense_products(p, ignore_index=-3)
-    out = _flat(*ops.mlp_hvp(**p, ignore_index=-3, backend="cpp"))
-    assert _rel(out, exact) <= 1e-10
-    assert _rel(_flat(*ops.mlp_hvp(**p, ignore_index=-3, backend="reference")), exact) <= 1e-10
+    for backend, device in PAIRS:
+        out = _flat(*ops.mlp_hvp(**_cast(p, device=device), ignore_index=-3, backend=backend))
+        assert _rel(out.cpu(), exact) <= 1e-10, (backend, device)
 
 
+@pytest.mark.parametrize("backend, device", COMPILED)
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("k", [1, 5])
-def test_float32_within_twice_the_pytorch_error(act, k, rng):
+def test_float32_within_twice_the_pytorch_error(backend, device, act, k, rng):
     p64 = _problem([12, 16, 16, 7], [act, act, "identity"], True, k, rng, n=40, smoothing=0.1)
-    exact = _flat(*ops.mlp_hvp(**p64, backend="cpp"))
-    p32 = _cast(p64, torch.float32)
-    out = _flat(*ops.mlp_hvp(**p32, backend="cpp"))
-    plain = _flat(*ops.mlp_hvp(**p32, backend="reference"))
+    exact = _flat(*ops.mlp_hvp_ref(**p64))  # float64 torch.func: independent of the compiled kernels
+    p32 = _cast(p64, torch.float32, device)
+    out = _flat(*ops.mlp_hvp(**p32, backend=backend)).cpu()
+    plain = _flat(*ops.mlp_hvp(**p32, backend="reference")).cpu()
     assert_within_rule(out, plain, exact, ulps=1.0)
 
 
-def test_k_tangents_equal_k_single_products(rng):
-    p = _problem([6, 8, 3], ["tanh", "identity"], True, 4, rng)
-    together = _flat(*ops.mlp_hvp(**p, backend="cpp"))
+@pytest.mark.parametrize("backend, device", COMPILED)
+def test_k_tangents_equal_k_single_products(backend, device, rng):
+    p = _cast(_problem([6, 8, 3], ["tanh", "identity"], True, 4, rng), device=device)
+    together = _flat(*ops.mlp_hvp(**p, backend=backend))
     for i in range(4):
         single = dict(p, v_weights=[v[i:i + 1] for v in p["v_weights"]], v_biases=[v[i:i + 1] for v in p["v_biases"]])
-        torch.testing.assert_close(_flat(*ops.mlp_hvp(**single, backend="cpp")), together[i:i + 1], rtol=1e-13, atol=1e-15)
+        torch.testing.assert_close(_flat(*ops.mlp_hvp(**single, backend=backend)), together[i:i + 1],
+                                   rtol=1e-13, atol=1e-15)
 
 
 def test_opcheck(rng):
@@ -181,19 +192,21 @@ def test_flat_form_matches_the_dense_hessian_block(k, chosen, rng):
         expected[offsets[name]:offsets[name] + n] = exact[:, starts[name]:starts[name] + n].T
     common = dict(x=p["x"], target=p["target"], weights=p["weights"], biases=p["biases"], activations=p["activations"],
                   V=V, weight_offsets=w_off, bias_offsets=b_off)
-    for backend in ("cpp", "reference"):
-        out = ops.mlp_hvp_flat(**common, backend=backend)
-        assert out.shape == V.shape and out.T.is_contiguous()
-        assert _rel(out, expected) <= 1e-10, backend
+    for backend, device in PAIRS:
+        moved = _cast(common, device=device) | {"V": V.to(device)}
+        out = ops.mlp_hvp_flat(**moved, backend=backend)
+        assert out.shape == V.shape and out.T.is_contiguous() and out.device.type == device
+        assert _rel(out.cpu(), expected) <= 1e-10, (backend, device)
     ref = ops.mlp_hvp_flat_ref(**common)
     assert _rel(ref, expected) <= 1e-10
 
 
-@pytest.mark.parametrize("backend", ["cpp", "reference"])
-def test_flat_form_bad_layout_raises_clear_errors(backend, rng):
-    p = _problem([5, 4, 3], ["tanh", "identity"], [True, False], 2, rng)
+@pytest.mark.parametrize("backend, device", PAIRS)
+def test_flat_form_bad_layout_raises_clear_errors(backend, device, rng):
+    p = _cast(_problem([5, 4, 3], ["tanh", "identity"], [True, False], 2, rng), device=device)
     base = dict(x=p["x"], target=p["target"], weights=p["weights"], biases=p["biases"], activations=p["activations"],
-                V=torch.randn(20 + 4 + 12, 2, dtype=torch.float64), weight_offsets=[0, 24], bias_offsets=[20, -1])
+                V=torch.randn(20 + 4 + 12, 2, dtype=torch.float64, device=device), weight_offsets=[0, 24],
+                bias_offsets=[20, -1])
     assert ops.mlp_hvp_flat(**base, backend=backend).shape == (36, 2)
 
     def call(exc, match, **changes):
@@ -201,13 +214,15 @@ def test_flat_form_bad_layout_raises_clear_errors(backend, rng):
             ops.mlp_hvp_flat(**{**base, **changes}, backend=backend)
 
     call(ValueError, r"weight_offsets\[1\] = 23 where row 24 was expected", weight_offsets=[0, 23])
-    call(ValueError, "have 36 entries but V has 40 rows", V=torch.randn(40, 2, dtype=torch.float64))
+    call(ValueError, "have 36 entries but V has 40 rows", V=torch.randn(40, 2, dtype=torch.float64, device=device))
     call(ValueError, r"bias_offsets\[1\] = 36 but layer 1 has no bias", bias_offsets=[20, 36])
     call(ValueError, "one entry per layer", weight_offsets=[0])
-    call(ValueError, "V must be a 2-D", V=torch.randn(36, dtype=torch.float64))
-    call(TypeError, "V has dtype .* but x has", V=torch.randn(36, 2))
+    call(ValueError, "V must be a 2-D", V=torch.randn(36, dtype=torch.float64, device=device))
+    call(TypeError, "V has dtype Float but x has Double", V=torch.randn(36, 2, device=device))
+    call(ValueError, f"V is on meta but x on {device}", V=base["V"].to("meta"))
+    call(ValueError, f"target is on meta but x on {device}", target=p["target"].to("meta"))
     call(ValueError, "'softplus' is not one of", activations=["softplus", "identity"])
-    call(ValueError, r"target\[0\] = 3 is out of range", target=torch.full((9,), 3))
+    call(ValueError, r"target\[0\] = 3 is out of range", target=torch.full((9,), 3, device=device))
     nan_v = base["V"].clone()
     nan_v[5, 1] = float("nan")
     call(ValueError, "NaN or Inf", V=nan_v)
@@ -229,25 +244,31 @@ def test_backend_report_and_choice(rng):
         ops.mlp_hvp(**p, backend="cuda")
 
 
-@pytest.mark.parametrize("backend", ["cpp", "reference"])
-def test_bad_input_raises_clear_errors(backend, rng):
-    p = _problem([5, 4, 3], ["tanh", "relu"], True, 2, rng)
+@pytest.mark.parametrize("backend, device", PAIRS)
+def test_bad_input_raises_clear_errors(backend, device, rng):
+    p = _cast(_problem([5, 4, 3], ["tanh", "relu"], True, 2, rng), device=device)
+    f64 = dict(dtype=torch.float64, device=device)
 
     def call(exc, match, **changes):
         with pytest.raises(exc, match=match):
             ops.mlp_hvp(**{**p, **changes}, backend=backend)
 
-    call(ValueError, r"weights\[1\] has shape \[3, 5\] but its input has 4 features", weights=[p["weights"][0], torch.randn(3, 5, dtype=torch.float64)])
+    call(ValueError, r"weights\[1\] has shape \[3, 5\] but its input has 4 features",
+         weights=[p["weights"][0], torch.randn(3, 5, **f64)])
     call(ValueError, r"v_weights\[1\] must have shape \(K, out, in\) = \(2, 3, 4\)",
-         v_weights=[p["v_weights"][0], torch.randn(3, 3, 4, dtype=torch.float64)])
-    call(ValueError, r"v_biases\[0\] must have shape", v_biases=[torch.randn(1, 4, dtype=torch.float64), None])
+         v_weights=[p["v_weights"][0], torch.randn(3, 3, 4, **f64)])
+    call(ValueError, r"v_biases\[0\] must have shape", v_biases=[torch.randn(1, 4, **f64), None])
     call(ValueError, r"v_biases\[1\] is given but layer 1 has no bias", biases=[p["biases"][0], None])
     call(ValueError, "must all have one entry per layer, got 2, 2, 1, 2 and 2", activations=["tanh"])
     call(ValueError, "'softplus' is not one of", activations=["tanh", "softplus"])
     call(TypeError, r"weights\[0\] has dtype Float but x has Double", weights=[p["weights"][0].float(), p["weights"][1]])
+    # One tensor on "meta": the dispatcher picks the op's fake, which must check devices as the kernels do.
+    call(ValueError, rf"v_weights\[0\] is on meta but x on {device}", v_weights=[p["v_weights"][0].to("meta"), p["v_weights"][1]])
+    call(ValueError, f"target is on meta but x on {device}", target=p["target"].to("meta"))
+    call(ValueError, rf"biases\[1\] is on meta but x on {device}", biases=[p["biases"][0], p["biases"][1].to("meta")])
     call(ValueError, "target must have shape", target=p["target"][:3])
-    call(ValueError, r"target\[0\] = 3 is out of range for 3 classes", target=torch.full((9,), 3))
-    call(ValueError, "every target is ignore_index", target=torch.full((9,), -100))
+    call(ValueError, r"target\[0\] = 3 is out of range for 3 classes", target=torch.full((9,), 3, device=device))
+    call(ValueError, "every target is ignore_index", target=torch.full((9,), -100, device=device))
     call(ValueError, "label_smoothing", label_smoothing=1.5)
     call(ValueError, "x must be 2-D", x=p["x"][None])
     nan_x = p["x"].clone()
@@ -285,27 +306,32 @@ def test_state_and_cached_products_equal_the_whole_pass(acts, chosen, rng):
     model = dict(x=p["x"], target=p["target"], weights=p["weights"], biases=p["biases"], activations=p["activations"])
     whole = ops.mlp_hvp_flat(**model, V=V, weight_offsets=w_off, bias_offsets=b_off, label_smoothing=0.1, backend="cpp")
     ref_state = ops.mlp_hvp_state_ref(**model, label_smoothing=0.1)
-    for backend in ("cpp", "reference"):
-        state = ops.mlp_hvp_state(**model, label_smoothing=0.1, backend=backend)
+    for backend, device in PAIRS:
+        on = _cast(model, device=device)
+        state = ops.mlp_hvp_state(**on, label_smoothing=0.1, backend=backend)
         assert len(state) == 4 * 3 + 1
         for a, b in zip(state, ref_state):
-            torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
-        out = ops.mlp_hvp_flat_cached(p["x"], state, p["weights"], p["biases"], acts, V, w_off, b_off, backend=backend)
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-13, atol=1e-15)
+        out = ops.mlp_hvp_flat_cached(on["x"], state, on["weights"], on["biases"], acts, V.to(device), w_off, b_off,
+                                      backend=backend)
         assert out.shape == V.shape and out.T.is_contiguous()
-        assert _rel(out, whole) <= 1e-12, backend
+        assert _rel(out.cpu(), whole) <= 1e-12, (backend, device)
     ref = ops.mlp_hvp_flat_cached_ref(p["x"], ref_state, p["weights"], p["biases"], acts, V, w_off, b_off)
     assert _rel(ref, whole) <= 1e-12
 
 
-def test_cached_products_in_chunks_of_tangents(rng):
+@pytest.mark.parametrize("backend, device", COMPILED)
+def test_cached_products_in_chunks_of_tangents(backend, device, rng):
     # N x width above the chunk size (2^18 elements): the tangents go through one at a time.
     p = _problem([5, 300, 3], ["tanh", "identity"], [True, True], 3, rng, n=1000)
     V = torch.randn(5 * 300 + 300 + 300 * 3 + 3, 3, dtype=torch.float64, generator=rng)
-    args = (p["weights"], p["biases"], p["activations"], V, [0, 1800], [1500, 2700])
-    whole = ops.mlp_hvp_flat(p["x"], p["target"], *args, backend="cpp")
-    state = ops.mlp_hvp_state(p["x"], p["target"], p["weights"], p["biases"], p["activations"], backend="cpp")
-    out = ops.mlp_hvp_flat_cached(p["x"], state, *args, backend="cpp")
-    assert out.shape == V.shape and out.T.is_contiguous() and _rel(out, whole) <= 1e-12
+    layout = ([0, 1800], [1500, 2700])
+    exact = ops.mlp_hvp_flat_ref(p["x"], p["target"], p["weights"], p["biases"], p["activations"], V, *layout)
+    p = _cast(p, device=device)
+    state = ops.mlp_hvp_state(p["x"], p["target"], p["weights"], p["biases"], p["activations"], backend=backend)
+    out = ops.mlp_hvp_flat_cached(p["x"], state, p["weights"], p["biases"], p["activations"], V.to(device), *layout,
+                                  backend=backend)
+    assert out.shape == V.shape and out.T.is_contiguous() and _rel(out.cpu(), exact) <= 1e-12
 
 
 def test_state_and_cached_opcheck(rng):
@@ -319,12 +345,12 @@ def test_state_and_cached_opcheck(rng):
     torch.library.opcheck(torch.ops.unlearn_kernels.mlp_hvp_flat_cached.default, cached)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "reference"])
-def test_cached_form_bad_state_raises_clear_errors(backend, rng):
-    p = _problem([5, 4, 3], ["tanh", "identity"], [True, False], 2, rng)
+@pytest.mark.parametrize("backend, device", PAIRS)
+def test_cached_form_bad_state_raises_clear_errors(backend, device, rng):
+    p = _cast(_problem([5, 4, 3], ["tanh", "identity"], [True, False], 2, rng), device=device)
     state = ops.mlp_hvp_state(p["x"], p["target"], p["weights"], p["biases"], p["activations"], backend=backend)
     base = dict(x=p["x"], state=state, weights=p["weights"], biases=p["biases"], activations=p["activations"],
-                V=torch.randn(36, 2, dtype=torch.float64), weight_offsets=[0, 24], bias_offsets=[20, -1])
+                V=torch.randn(36, 2, dtype=torch.float64, device=device), weight_offsets=[0, 24], bias_offsets=[20, -1])
 
     def call(exc, match, **changes):
         with pytest.raises(exc, match=match):
@@ -332,14 +358,19 @@ def test_cached_form_bad_state_raises_clear_errors(backend, rng):
 
     call(ValueError, "state must be the 9 tensors", state=state[:-1])
     call(ValueError, r"weight_offsets\[1\] = 23 where row 24 was expected", weight_offsets=[0, 23])
-    call(TypeError, "V has dtype .* but x has", V=torch.randn(36, 2))
+    call(TypeError, "V has dtype Float but x has Double", V=torch.randn(36, 2, device=device))
+    call(ValueError, f"V is on meta but x on {device}", V=base["V"].to("meta"))
+    call(ValueError, rf"state\[2\] is on meta but x on {device}", state=[*state[:2], state[2].to("meta"), *state[3:]])
     nan_v = base["V"].clone()
     nan_v[3, 0] = float("nan")
     call(ValueError, "NaN or Inf", V=nan_v)
-    with pytest.raises(ValueError, match=r"state\[0\] has shape"):
-        ops.mlp_hvp_flat_cached(**{**base, "state": [state[0][:3], *state[1:]]}, backend="cpp")
+    if backend != "reference":  # the reference reads the state as given
+        call(ValueError, r"state\[0\] has shape", state=[state[0][:3], *state[1:]])
     with pytest.raises(ValueError, match="every target is ignore_index"):
-        ops.mlp_hvp_state(p["x"], torch.full((9,), -100), p["weights"], p["biases"], p["activations"], backend=backend)
+        ops.mlp_hvp_state(p["x"], torch.full((9,), -100, device=device), p["weights"], p["biases"], p["activations"],
+                          backend=backend)
+    with pytest.raises(ValueError, match=f"target is on meta but x on {device}"):
+        ops.mlp_hvp_state(p["x"], p["target"].to("meta"), p["weights"], p["biases"], p["activations"], backend=backend)
 
 
 def test_fused_operator_cache_equals_the_whole_pass_and_follows_the_weights():
@@ -385,16 +416,17 @@ def _data(n=13, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("params", [None, ["7.weight", "1.bias", "3.0.weight"]])
-def test_fused_operator_matches_generic_hessian(params):
-    model = _model()
+def test_fused_operator_matches_generic_hessian(params, device):
+    model = _model().to(device)
     x, y = _data()
     y[7] = -100  # an ignored row
+    x, y = x.to(device), y.to(device)
     batches = [(x[:5], y[:5]), (x[5:], y[5:])]  # uneven batches: the operator is the mean over all rows
     loss = nn.CrossEntropyLoss(label_smoothing=0.1)
     fused = FusedMLPHessian(model, loss, batches, params)
     generic = GenericHessian(model, loss, batches, params)
     assert fused.shape == generic.shape and fused.path == "fused"
-    V = torch.randn(fused.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    V = torch.randn(fused.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(device)
     assert _rel(fused.matmat(V), generic.matmat(V)) <= 1e-10
     assert _rel(fused.matvec(V[:, 0]), generic.matvec(V[:, 0])) <= 1e-10
     assert _rel(fused.gradient(), generic.gradient()) <= 1e-12  # from the kept state
@@ -414,14 +446,15 @@ def test_hessian_operator_auto_takes_the_fused_path():
     torch.testing.assert_close(dense, dense.T, rtol=0, atol=1e-14)
 
 
-def test_fused_operator_float32_against_float64():
+def test_fused_operator_float32_against_float64(device):
     x, y = _data(n=64)
-    exact_op = FusedMLPHessian(_model(), nn.CrossEntropyLoss(), (x, y))
+    exact_op = GenericHessian(_model(), nn.CrossEntropyLoss(), (x, y))  # float64 torch.func, not the fused kernels
     V = torch.randn(exact_op.shape[0], 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     exact = exact_op.matmat(V)
-    m32 = _model(torch.float32)
-    fused = FusedMLPHessian(m32, nn.CrossEntropyLoss(), (x.float(), y)).matmat(V.float())
-    plain = GenericHessian(m32, nn.CrossEntropyLoss(), (x.float(), y)).matmat(V.float())
+    m32 = _model(torch.float32).to(device)
+    data32 = (x.float().to(device), y.to(device))
+    fused = FusedMLPHessian(m32, nn.CrossEntropyLoss(), data32).matmat(V.float().to(device)).cpu()
+    plain = GenericHessian(m32, nn.CrossEntropyLoss(), data32).matmat(V.float().to(device)).cpu()
     assert_within_rule(fused, plain, exact, ulps=1.0)
 
 

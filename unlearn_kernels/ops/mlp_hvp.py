@@ -90,6 +90,14 @@ def _tensor_list(name: str, values: object, length: int | None, optional: bool) 
     return list(values)
 
 
+def _check_like(op: str, x: torch.Tensor, t: torch.Tensor, what: str, l: int) -> None:
+    """``check_like`` in csrc/mlp_hvp.cpp: ``what[l]`` has x's dtype and device."""
+    if t.dtype != x.dtype:
+        raise TypeError(f"{op}: {what}[{l}] has dtype {dtype_name(t.dtype)} but x has {dtype_name(x.dtype)}")
+    if t.device != x.device:
+        raise ValueError(f"{op}: {what}[{l}] is on {t.device} but x on {x.device}")
+
+
 def _check_inputs(x, target, weights, biases, activations, v_weights, v_biases, label_smoothing) -> None:
     """The reference backend's copy of the compiled kernels' checks (``check_inputs`` in
     csrc/mlp_hvp.cpp): the same checks in the same order with the same messages, so every backend
@@ -111,10 +119,7 @@ def _check_inputs(x, target, weights, biases, activations, v_weights, v_biases, 
         raise TypeError(f"{_OP}: x must be float32 or float64, got {dtype_name(x.dtype)}")
 
     def like(t: torch.Tensor, what: str, l: int) -> None:
-        if t.dtype != x.dtype:
-            raise TypeError(f"{_OP}: {what}[{l}] has dtype {dtype_name(t.dtype)} but x has {dtype_name(x.dtype)}")
-        if t.device != x.device:
-            raise ValueError(f"{_OP}: {what}[{l}] is on {t.device} but x on {x.device}")
+        _check_like(_OP, x, t, what, l)
 
     in_features = x.shape[1]
     for l, (w, b) in enumerate(zip(weights, biases)):
@@ -267,6 +272,34 @@ def _check_flat_layout(weights, biases, weight_offsets, bias_offsets, d: int) ->
         raise ValueError(f"{_OP}_flat: the chosen parameters have {expected} entries but V has {d} rows")
 
 
+def _check_model_inputs(x, target, weights, biases, activations, label_smoothing) -> None:
+    """:func:`_check_inputs` for the ops without per-layer tangents (the weights stand in for them)."""
+    _check_inputs(x, target, weights, biases, activations, [w.unsqueeze(0) for w in weights], [None] * len(weights),
+                  label_smoothing)
+
+
+def _check_tangent_matrix(op: str, x: torch.Tensor, V: torch.Tensor) -> None:
+    """The flat ops' V has x's dtype and device (``check_flat_layout`` in csrc/mlp_hvp.cpp)."""
+    if V.dtype != x.dtype:
+        raise TypeError(f"{op}: V has dtype {dtype_name(V.dtype)} but x has {dtype_name(x.dtype)}")
+    if V.device != x.device:
+        raise ValueError(f"{op}: V is on {V.device} but x on {x.device}")
+
+
+def _check_cached_args(x, state, weights, biases, V, weight_offsets, bias_offsets) -> None:
+    """The argument checks of :func:`mlp_hvp_flat_cached` that do not read values."""
+    op = _OP + "_flat_cached"
+    if len(state) != 4 * len(weights) + 1:
+        raise ValueError(f"{op}: state must be the {4 * len(weights) + 1} tensors mlp_hvp_state "
+                         f"returns for {len(weights)} layers, got {len(state)}")
+    for name, values in (("weights", weights), ("biases", biases), ("state", state)):
+        for i, t in enumerate(values):
+            if t is not None:
+                _check_like(op, x, t, name, i)
+    _check_tangent_matrix(op, x, V)
+    _check_flat_layout(weights, biases, weight_offsets, bias_offsets, V.shape[0])
+
+
 def _flat_tangents(weights, V, weight_offsets, bias_offsets) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
     """V's blocks as the per-layer tangents of :func:`mlp_hvp` (zero for a weight not chosen)."""
     k, cols = V.shape[1], V.T
@@ -353,10 +386,7 @@ def mlp_hvp_flat(
         raise ValueError(f"{_OP}_flat: V must be a 2-D (d, K) tensor with K >= 1, got {shape}")
     codes = _activation_codes(activations)
     if choose(_OP + "_flat", x.device, backend) == "reference":
-        if V.dtype != x.dtype:
-            raise TypeError(f"{_OP}_flat: V has dtype {V.dtype} but x has {x.dtype}")
-        if V.device != x.device:
-            raise ValueError(f"{_OP}_flat: V is on {V.device} but x on {x.device}")
+        _check_tangent_matrix(_OP + "_flat", x, V)
         _check_flat_layout(weights, biases, weight_offsets, bias_offsets, V.shape[0])
         v_weights, v_biases = _flat_tangents(weights, V, weight_offsets, bias_offsets)
         products = mlp_hvp(x, target, weights, biases, activations, v_weights, v_biases, label_smoothing=label_smoothing,
@@ -469,8 +499,7 @@ def mlp_hvp_state(
     biases = _tensor_list("biases", biases, len(weights), optional=True)
     codes = _activation_codes(activations)
     if choose(_OP + "_state", x.device, backend) == "reference":
-        _check_inputs(x, target, weights, biases, activations, [w.unsqueeze(0) for w in weights], [None] * len(weights),
-                      label_smoothing)
+        _check_model_inputs(x, target, weights, biases, activations, label_smoothing)
         _check_targets_and_finite(x, target, {"weights": weights, "biases": biases}, weights[-1].shape[0], ignore_index,
                                   check_finite)
         return mlp_hvp_state_ref(x, target, weights, biases, activations, label_smoothing, ignore_index)
@@ -514,14 +543,7 @@ def mlp_hvp_flat_cached(
         raise ValueError(f"{_OP}_flat_cached: V must be a 2-D (d, K) tensor with K >= 1, got {shape}")
     codes = _activation_codes(activations)
     if choose(_OP + "_flat_cached", x.device, backend) == "reference":
-        if len(state) != 4 * len(weights) + 1:
-            raise ValueError(f"{_OP}_flat_cached: state must be the {4 * len(weights) + 1} tensors mlp_hvp_state "
-                             f"returns for {len(weights)} layers, got {len(state)}")
-        if V.dtype != x.dtype:
-            raise TypeError(f"{_OP}_flat_cached: V has dtype {V.dtype} but x has {x.dtype}")
-        if V.device != x.device:
-            raise ValueError(f"{_OP}_flat_cached: V is on {V.device} but x on {x.device}")
-        _check_flat_layout(weights, biases, weight_offsets, bias_offsets, V.shape[0])
+        _check_cached_args(x, state, weights, biases, V, weight_offsets, bias_offsets)
         if check_finite and not bool(torch.isfinite(V).all()):
             raise ValueError(f"{_OP}: the R-derivative of the logits contains NaN or Inf (check V)")
         return mlp_hvp_flat_cached_ref(x, state, weights, biases, activations, V, weight_offsets, bias_offsets)
@@ -540,7 +562,10 @@ def _activation_codes(activations: Sequence[str]) -> list[int]:
 
 
 # --------------------------------------------------------------------------- fake
+# The fakes check the arguments too: under torch.compile they are what runs, and with inputs on
+# mixed devices (one of them on "meta") the dispatcher picks the Meta kernel, which is the fake.
 def _fake(x, target, weights, biases, activations, v_weights, v_biases, label_smoothing, ignore_index, check_finite):
+    _check_inputs(x, target, weights, biases, activations, v_weights, v_biases, label_smoothing)
     k = v_weights[0].shape[0]
     hv_w = [v.new_empty(v.shape) for v in v_weights]
     hv_b = [w.new_empty((k, w.shape[0])) for w, b in zip(weights, biases) if b is not None]
@@ -549,10 +574,14 @@ def _fake(x, target, weights, biases, activations, v_weights, v_biases, label_sm
 
 def _fake_flat(x, target, weights, biases, activations, V, weight_offsets, bias_offsets, label_smoothing,
                ignore_index, check_finite):
+    _check_model_inputs(x, target, weights, biases, activations, label_smoothing)
+    _check_tangent_matrix(_OP + "_flat", x, V)
+    _check_flat_layout(weights, biases, weight_offsets, bias_offsets, V.shape[0])
     return V.new_empty((V.shape[1], V.shape[0])).T  # the kernel's layout: (K, d) storage, transposed
 
 
 def _fake_state(x, target, weights, biases, activations, label_smoothing, ignore_index, check_finite):
+    _check_model_inputs(x, target, weights, biases, activations, label_smoothing)
     n, codes = x.shape[0], [_CODE_NAMES[c] for c in activations]
     inputs = [x.new_empty((n, w.shape[1])) for w in weights[1:]]
     grads = [x.new_empty((n, w.shape[0])) for w in weights]
@@ -562,6 +591,7 @@ def _fake_state(x, target, weights, biases, activations, label_smoothing, ignore
 
 
 def _fake_flat_cached(x, state, weights, biases, activations, V, weight_offsets, bias_offsets, check_finite):
+    _check_cached_args(x, state, weights, biases, V, weight_offsets, bias_offsets)
     return V.new_empty((V.shape[1], V.shape[0])).T
 
 
