@@ -213,16 +213,38 @@ def test_cli_one_protocol_writes_its_scenario(tmp_path, capsys):
          "retrain_reseeded takes no method options"),
         (["--set", "cure_newton.M"], "--set expects METHOD.OPTION=VALUE"),
         (["--set", "M=2"], "--set expects METHOD.OPTION=VALUE"),
+        (["--device", "tpu"], "--device 'tpu': Expected one of cpu, cuda"),
+        (["--device", "cuda:99"], "--device 'cuda:99' cannot run here"),  # no GPU, or not that many
+        (["--device", "meta"], "--device 'meta' cannot run here"),
+        (["--lr", "-1"], "lr must be > 0"),
+        (["--batch-size", "0"], "batch_size must be >= 1"),
+        (["--epochs", "-1"], "epochs must be >= 0"),
+        (["--threads", "0"], "--threads must be >= 1"),
     ],
 )
 def test_cli_wrong_options_give_a_clear_message(argv, message, tmp_path, capsys):
     code = main(["run", "--seeds", "0", "--epochs", "1", "--methods", "original", "--no-cache", "--out", str(tmp_path),
                  *argv])
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert code == 2
-    assert message in err, err
+    assert err.startswith("unlearn-kernels: error: ") and message in err, err
     assert "Traceback" not in err
-    assert "training the original" not in err  # rejected before any work
+    assert "unlearn-kernels run:" not in out  # rejected before the run header ...
+    assert "training the original" not in err  # ... and before any work
+
+
+def test_cli_methods_help_names_what_runs_by_default(capsys, monkeypatch):
+    from unlearn_kernels.study import DEFAULT_METHODS, SCENARIO_METHODS
+
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option: no wrapping inside the phrases checked
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    help_text = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("--methods"))
+    left_out = [m for m in METHODS if m not in DEFAULT_METHODS]
+    dropped = [m for m in DEFAULT_METHODS if m not in SCENARIO_METHODS]
+    assert f"every method but {', '.join(dropped)}, " in help_text
+    assert all(m in help_text for m in left_out), help_text
+    assert f"with --protocol: {' and '.join(dropped)} too" in help_text
 
 
 def test_cli_backends(capsys):

@@ -1,9 +1,11 @@
 """The ``unlearn-kernels`` command line.
 
 ``unlearn-kernels run`` with no options runs three scenarios on digits with the MLP (10% random
-forgetting, 10% mislabeled data, class 3), 3 seeds, every method, against the retrain oracle, and
-prints each scenario's table and a summary of the gap each method closes; ``--protocol`` runs one
-scenario. ``unlearn-kernels backends`` says which kernel backends are usable here.
+forgetting, 10% mislabeled data, class 3), 3 seeds, the methods of
+:data:`~unlearn_kernels.study.SCENARIO_METHODS`, against the retrain oracle, and prints each
+scenario's table and a summary of the gap each method closes; ``--protocol`` runs one scenario with
+:data:`~unlearn_kernels.study.DEFAULT_METHODS`. ``unlearn-kernels backends`` says which kernel
+backends are usable here.
 """
 from __future__ import annotations
 
@@ -54,6 +56,22 @@ def parse_method_options(items: list[str]) -> dict[str, dict[str, Any]]:
     return options
 
 
+def _check_device(name: str) -> None:
+    """``--device`` names a device torch knows and that can run here."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:  # an unknown type: "Expected one of cpu, cuda, ..."
+        raise UsageError(f"--device {name!r}: {exc}") from None
+    # A tensor made and read back there: the device is built into torch, present and visible, and
+    # holds data (meta does not). Torch raises several exception types for these.
+    try:
+        torch.zeros(1, device=device).item()
+    except Exception as exc:
+        raise UsageError(f"--device {name!r} cannot run here: {exc}") from None
+
+
 def _cmd_backends(args: argparse.Namespace) -> int:
     import unlearn_kernels
 
@@ -71,6 +89,7 @@ def _study_configs(args: argparse.Namespace) -> dict:
         raise UsageError(f"unknown dataset {args.dataset!r}; choose from {', '.join(available_datasets())}")
     if args.model not in DEFAULT_RECIPES:
         raise UsageError(f"unknown model {args.model!r}; choose from {', '.join(DEFAULT_RECIPES)}")
+    _check_device(args.device)
     if args.methods:
         methods = tuple(_comma_list(args.methods))
     else:  # the three quick scenarios leave out the two slow exact damped solves (see SCENARIO_METHODS)
@@ -84,8 +103,11 @@ def _study_configs(args: argparse.Namespace) -> dict:
         raise UsageError("--protocol class needs --forget-class C (repeatable)")
     if args.protocol is None and args.sequential:
         raise UsageError("--sequential needs --protocol (random, mislabeled or class)")
-    recipe = dataclasses.replace(DEFAULT_RECIPES[args.model], **{k: v for k, v in (
-        ("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size)) if v is not None})
+    try:
+        recipe = dataclasses.replace(DEFAULT_RECIPES[args.model], **{k: v for k, v in (
+            ("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size)) if v is not None})
+    except ValueError as exc:  # TrainConfig's checks, e.g. --lr -1
+        raise UsageError(str(exc)) from None
     common = dict(dataset=args.dataset, root=args.root, model=args.model, methods=methods,
                   method_options=parse_method_options(args.set or []), seeds=_int_list("--seeds", args.seeds),
                   recipe=recipe, device=args.device, cache_dir=None if args.no_cache else StudyConfig.cache_dir)
@@ -200,16 +222,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of the ``backends`` and ``run`` commands."""
     parser = argparse.ArgumentParser(prog="unlearn-kernels", description="Fast second-order machine unlearning for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("backends", help="which kernel backends are built and usable here, and why not")
     p.set_defaults(func=_cmd_backends)
 
     p = sub.add_parser("run", help="run the unlearning study and print its result table",
-                       description="Train the original model, unlearn with every method, retrain the oracle, "
-                                   "and compare; writes results.json and PNG plots. Without --protocol: three "
-                                   "scenarios (random, mislabeled, class) and a summary of the gap each method "
-                                   "closes.")
+                       description="Train the original model, unlearn with each method (see --methods), retrain "
+                                   "the oracle, and compare; writes results.json and PNG plots. Without "
+                                   "--protocol: three scenarios (random, mislabeled, class) and a summary of the "
+                                   "gap each method closes.")
     p.add_argument("--dataset", default="digits", help="digits, breast_cancer, wine, iris, lfw, mnist, "
                    "fashion_mnist, cifar10, cifar100 (the last four from --root)")
     p.add_argument("--root", default=None, help="directory with the local dataset files (MNIST/CIFAR)")
@@ -224,12 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequential", type=int, default=0, metavar="K",
                    help="K forget requests one after another (with --protocol; mislabeled: the wrong-label rows "
                         "in K parts; class: one class per request, K classes)")
-    p.add_argument("--methods", default=None, help="comma-separated method names (default: all)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated method names; retrain (the oracle) always runs. Default without "
+                        "--protocol: every method but damped_newton, influence, damped_newton_cg, "
+                        "cure_newton_lora and retrain_reseeded; with --protocol: damped_newton and influence too")
     p.add_argument("--set", action="append", metavar="METHOD.OPTION=VALUE",
                    help="a method option, e.g. cure_newton.M=auto (repeatable; VALUE is read as a Python literal, "
                         "else kept as text)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (default 1: fastest for small models)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs of the original and the oracle")
     p.add_argument("--lr", type=float, default=None)
@@ -242,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command in ``argv`` (default: ``sys.argv[1:]``) and returns its exit status; a wrong option
+    gives a one-line error and status 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
