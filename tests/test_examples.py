@@ -1,4 +1,5 @@
 """The scripts under examples/ run as shipped (the README and the guide point users to them)."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -29,3 +30,20 @@ def test_distributed_curvature_example_runs_on_two_processes():
     out = done.stdout
     assert "2 process(es), rows per process [629, 629]" in out, out
     assert "the same eigenvalues and step on every process: True" in out, out
+
+
+def test_rfa_study_example_runs(tmp_path):
+    """The smallest study (the MLP, seed 0: every protocol and method once); --hvp-modes is a benchmark, not run."""
+    out = tmp_path / "rfa"
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "rfa_study.py"), "--out", str(out),
+                           "--models", "mlp", "--seeds", "0"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, _failure(done)
+    records = json.loads((out / "results.json").read_text())["records"]
+    methods = ["retrain", "original", "finetune", "neggrad_plus", "lotus", "cure_newton", "cure_newton_lora", "rfa",
+               "rfa:margin", "rfa:unseen_class", "rfa:other_class", "rfa:no_shift"]
+    for protocol in ("random", "mislabeled", "class"):
+        assert [r["method"] for r in records if r["protocol"] == protocol] == methods, protocol
+    assert {(r["model"], r["seed"]) for r in records} == {("mlp", 0)}
+    summary = (out / "summary.md").read_text()
+    assert "### mlp, random" in summary and "### mlp, class" in summary and "Pearson r" in summary, summary
+    assert (out / "gap_closed.png").stat().st_size > 0 and (out / "rf_jsd_vs_jsd.png").stat().st_size > 0
