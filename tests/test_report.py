@@ -117,6 +117,30 @@ def test_json_and_plots(tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("writer", ["write_json", "write_summary_json"])
+def test_failed_write_leaves_old_file_and_no_temporary(writer, tmp_path, monkeypatch):
+    study = {"config": {"protocol": "mislabeled"}, "records": _study([0.0], [0.3], [0.1])}
+    path = tmp_path / "out.json"
+
+    def write():
+        if writer == "write_json":
+            return report.write_json(study, path)
+        return report.write_summary_json({"mislabeled": study}, {"mislabeled": tmp_path / "results.json"}, path)
+
+    write()
+    before = path.read_bytes()
+
+    def broken_dump(payload, handle, **kwargs):
+        handle.write('{"half a')
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report.json, "dump", broken_dump)
+    with pytest.raises(OSError, match="disk full"):
+        write()
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
 def test_sequential_plot_per_request(tmp_path):
     records = _study([0.0, 0.0], [0.3, 0.2], [0.1, 0.1]) + _study([0.0, 0.0], [0.4, 0.3], [0.0, 0.1], request=1)
     for r in records:

@@ -188,10 +188,17 @@ def format_scenario_summary(studies: dict[str, dict[str, Any]]) -> str:
 
 
 def _write_json_atomic(payload: dict[str, Any], path: Path) -> Path:
+    """Writes ``payload`` to a temporary file beside ``path``, then moves it over ``path``: on a failure
+    the old file (if any) is left intact and the temporary is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as handle:
+            json.dump(payload, handle, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
