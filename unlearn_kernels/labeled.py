@@ -34,6 +34,7 @@ class LabeledData:
 
     @property
     def device(self) -> torch.device:
+        """The device of ``x`` and ``y``."""
         return self.x.device
 
     def subset(self, index: torch.Tensor) -> "LabeledData":
@@ -42,6 +43,7 @@ class LabeledData:
         return LabeledData(self.x[index], self.y[index])
 
     def to(self, device: torch.device | str) -> "LabeledData":
+        """The set on ``device`` (this object itself is unchanged)."""
         return LabeledData(self.x.to(device), self.y.to(device))
 
     def loader(self, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False) -> DataLoader:

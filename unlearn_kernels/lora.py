@@ -125,6 +125,7 @@ class LoRALinear(_Adapter):
         self.reset_adapter()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x W^T + b + scale (x A^T) B^T`` by the fused op (the base layer alone once merged)."""
         if self.merged:
             return self.base(x)
         return ops.lora_linear(x, self.base.weight, self.base.bias, self.lora_a, self.lora_b, self.scale)
@@ -166,6 +167,7 @@ class LoRAConv2d(_Adapter):
         self.reset_adapter()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base convolution plus the scaled low-rank residual (the base alone once merged)."""
         out = self.base(x)
         if self.merged:
             return out

@@ -192,6 +192,7 @@ class StudyConfig:
                     raise ValueError(f"{name} rejects the options {kwargs}: {exc}") from None
 
     def train_recipe(self, seed: int) -> TrainConfig:
+        """The training recipe (``recipe``, else the model's default) with seed ``seed``."""
         base = self.recipe if self.recipe is not None else DEFAULT_RECIPES.get(self.model, TrainConfig())
         return dataclasses.replace(base, seed=seed)
 
@@ -217,6 +218,7 @@ class StudyConfig:
         return out
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as JSON-friendly values, with the recipe and every method's effective options."""
         d = dataclasses.asdict(self)
         d["recipe"] = self.train_recipe(0).to_dict() | {"seed": "per study seed"}
         d["method_options"] = {m: {k: _json_value(v) for k, v in o.items()} for m, o in self.method_options.items()}

@@ -52,5 +52,6 @@ class ResNet18(nn.Module):
         self.fc = nn.Linear(in_planes, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (N, num_classes) of images ``x`` (N, in_channels, H, W)."""
         out = self.layers(F.relu(self.bn1(self.conv1(x))))
         return self.fc(out.mean(dim=(2, 3)))
