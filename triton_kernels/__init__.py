@@ -1,9 +1,11 @@
 """Triton kernels of unlearn_kernels (installed as ``unlearn_kernels.triton_kernels``).
 
 Each module holds one op, exposed through ``torch.library.triton_op`` so that ``torch.compile``
-can trace it. Without a GPU the kernels are defined in Triton's interpreter mode (scoped to these
-modules, the user's environment is left alone), so they still run, slowly, on CPU tensors: that
-is how the test suite checks them on machines without a GPU.
+can trace it. With ``TRITON_INTERPRET=1`` set before Triton is imported, the kernels run through
+Triton's interpreter, slowly, on CPU tensors: that is how the test suite checks them on machines
+without a GPU. The variable must be set that early because Triton's own library (``tl.sum``,
+``tl.max``...) is made of ``@triton.jit`` functions whose mode is fixed when they are defined: an
+interpreted kernel calling a compiled one fails.
 """
 from typing import Callable
 
@@ -11,19 +13,8 @@ import torch
 import triton
 from torch.library import triton_op
 
-# Decided once, before any kernel is defined: @triton.jit reads the knob at decoration time.
-INTERPRETED: bool = bool(triton.knobs.runtime.interpret) or not torch.cuda.is_available()
-
-
-def jit(fn: Callable) -> "triton.runtime.JITFunction":
-    """``triton.jit`` for this package's kernels: in interpreter mode when :data:`INTERPRETED`.
-
-    The interpret knob is set only while the kernel is defined (``triton.jit`` reads it then), so
-    Triton kernels of the user's own code keep whatever mode their environment asks for.
-    """
-    with triton.knobs.runtime.scope():
-        triton.knobs.runtime.interpret = INTERPRETED
-        return triton.jit(fn)
+#: Whether the kernels are interpreted (Triton read TRITON_INTERPRET when it was imported).
+INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 
 
 def define_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:

@@ -21,10 +21,10 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..contracts.lanczos_step import BREAKDOWN_RTOL_EPS, fake
-from . import INTERPRETED, define_op, jit
+from . import INTERPRETED, define_op
 
 
-@jit
+@triton.jit
 def _rows_dot(w, b_ptr, out_ptr, cols, in_d, d, m, n_tiles, tile, BLOCK_M: tl.constexpr):
     """out[j, tile] = B[j, cols] . w for every row j (w a float64 tile)."""
     for j0 in range(0, m, BLOCK_M):
@@ -35,7 +35,7 @@ def _rows_dot(w, b_ptr, out_ptr, cols, in_d, d, m, n_tiles, tile, BLOCK_M: tl.co
         tl.store(out_ptr + rows * n_tiles + tile, tl.sum(b * w[None, :], axis=1), mask=in_m)
 
 
-@jit
+@triton.jit
 def _pass1(hq_ptr, q_ptr, qp_ptr, b_ptr, w_ptr, alpha_ptr, beta_prev_ptr, bpart_ptr, d, m, n_tiles,
            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """w = hq - alpha q - beta_prev q_prev, stored; bpart[j, tile] = B_j . w (of the stored, rounded w)."""
@@ -52,7 +52,7 @@ def _pass1(hq_ptr, q_ptr, qp_ptr, b_ptr, w_ptr, alpha_ptr, beta_prev_ptr, bpart_
     _rows_dot(w_stored.to(tl.float64), b_ptr, bpart_ptr, cols, in_d, d, m, n_tiles, tile, BLOCK_M)
 
 
-@jit
+@triton.jit
 def _minus_projection(w, b_ptr, c_ptr, cols, in_d, d, m, BLOCK_M: tl.constexpr):
     """w - B[:, cols]^T c for one tile of columns (float64)."""
     for j0 in range(0, m, BLOCK_M):
@@ -65,7 +65,7 @@ def _minus_projection(w, b_ptr, c_ptr, cols, in_d, d, m, BLOCK_M: tl.constexpr):
     return w
 
 
-@jit
+@triton.jit
 def _pass2(b_ptr, w_ptr, c_ptr, part_ptr, bpart_ptr, d, m, n_tiles, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """w -= B^T c, stored; part[tile] = ||w||^2, bpart[j, tile] = B_j . w (of the stored, rounded w)."""
     tile = tl.program_id(0)
@@ -79,7 +79,7 @@ def _pass2(b_ptr, w_ptr, c_ptr, part_ptr, bpart_ptr, d, m, n_tiles, BLOCK_M: tl.
     _rows_dot(w_stored.to(tl.float64), b_ptr, bpart_ptr, cols, in_d, d, m, n_tiles, tile, BLOCK_M)
 
 
-@jit
+@triton.jit
 def _pass3(b_ptr, w_ptr, c_ptr, again_ptr, part_ptr, d, m, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """If the flag ``again`` is set, w -= B^T c in place; part[tile] = ||w||^2 either way."""
     tile = tl.program_id(0)

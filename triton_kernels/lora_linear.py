@@ -21,10 +21,10 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..contracts.lora_linear import fake_backward, fake_forward, fake_jvp
-from . import INTERPRETED, define_op, jit
+from . import INTERPRETED, define_op
 
 
-@jit
+@triton.jit
 def _matmul(p_ptr, q_ptr, l_ptr, r_ptr, bias_ptr, c_ptr, M, N, K, R, alpha, beta,
             s_pm, s_pk, s_qn, s_qk, s_lm, s_lr, s_rn, s_rr,
             HAS_LOW_RANK: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_F64: tl.constexpr, CAST_F32: tl.constexpr,

@@ -23,7 +23,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..contracts import softmax_ce as contract
-from . import define_op, jit
+from . import define_op
 
 # Largest column block and largest (rows x columns) tile one program holds in registers.
 _MAX_BLOCK = 4096
@@ -34,7 +34,7 @@ _MAX_TILE = 4096
 # with literals (module globals inside kernels trip up torch.compile's kernel source capture).
 
 
-@jit
+@triton.jit
 def _row_stats(z_ptr, u_ptr, rows, row_ok, C, z_stride, u_stride,
                ACC: tl.constexpr, WITH_U: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """Pass 1 over the rows. Returns, per row: the shift for exp (the row max, or 0 for an all -inf
@@ -67,7 +67,7 @@ def _row_stats(z_ptr, u_ptr, rows, row_ok, C, z_stride, u_stride,
     return shift, s, d, bad
 
 
-@jit
+@triton.jit
 def _grad_kernel(z_ptr, y_ptr, out_ptr, flag_ptr, N, C, z_stride, smoothing_bits, ignore_index,
                  FP64: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
@@ -100,7 +100,7 @@ def _grad_kernel(z_ptr, y_ptr, out_ptr, flag_ptr, N, C, z_stride, smoothing_bits
         tl.store(out_row[:, None] + cols[None, :], g.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@jit
+@triton.jit
 def _hvp_kernel(z_ptr, u_ptr, out_ptr, flag_ptr, N, C, z_stride, u_stride,
                 FP64: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32

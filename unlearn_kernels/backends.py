@@ -68,12 +68,14 @@ def triton_available() -> tuple[bool, str]:
     """Whether Triton kernels can run here: (usable, reason)."""
     if importlib.util.find_spec("triton") is None:
         return False, "triton is not installed: pip install triton"
-    if torch.cuda.is_available():
-        return True, f"compiled for {torch.cuda.get_device_name()}"
     from .triton_kernels import INTERPRETED
 
-    assert INTERPRETED
-    return True, "no GPU: runs through the Triton interpreter on CPU (for testing; slow)"
+    if INTERPRETED:
+        return True, "TRITON_INTERPRET=1: runs through the Triton interpreter, on CPU tensors too (for testing; slow)"
+    if torch.cuda.is_available():
+        return True, f"compiled for {torch.cuda.get_device_name()}"
+    return False, ("no GPU; to run the Triton kernels through Triton's interpreter on the CPU (for testing), set "
+                   "TRITON_INTERPRET=1 before Python imports triton")
 
 
 @functools.cache  # what is built and visible does not change while the process runs
