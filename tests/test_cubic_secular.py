@@ -5,7 +5,7 @@ import torch
 from scipy.optimize import minimize
 
 from unlearn_kernels.backends import BackendUnavailableError
-from unlearn_kernels.ops import cubic_secular_solve
+from unlearn_kernels.ops import OP_BACKENDS, cubic_secular_solve
 
 BACKENDS = ["reference", "cpp"]  # the C++ kernel is always built: a missing one is a failure, not a skip
 
@@ -130,6 +130,16 @@ def test_zero_gradient(backend):
     torch.testing.assert_close(y, expected, rtol=0, atol=1e-15)
 
 
+@pytest.mark.parametrize("backend", OP_BACKENDS["cubic_secular_solve"])
+def test_empty_problem(backend, device):
+    """k = 0: the minimiser over R^0 is the empty vector, so sigma = M ||y|| / 2 = 0 and no hard case."""
+    for dtype in (torch.float64, torch.float32):
+        empty = torch.empty(0, dtype=dtype, device=device)
+        y, sigma, hard = cubic_secular_solve(empty, empty, 2.0, backend=backend)
+        assert y.shape == (0,) and y.dtype == torch.float64 and y.device == empty.device
+        assert isinstance(sigma, float) and sigma == 0.0 and hard is False
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_unsorted_and_float32_inputs(backend, rng):
     lam = torch.randn(12, dtype=torch.float64, generator=rng)
@@ -161,7 +171,8 @@ def test_inputs_on_every_device(backend, device, rng):
     [
         ((torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), 0.0), {}, ValueError, "M must"),
         ((torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), -1.0), {}, ValueError, "M must"),
-        ((torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), float("nan")), {}, ValueError, "M must"),
+        ((torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), float("nan")), {}, ValueError,
+         "M must"),
         ((torch.ones(3, dtype=torch.float64), torch.ones(4, dtype=torch.float64), 1.0), {}, ValueError, "shape"),
         ((torch.ones(2, 2, dtype=torch.float64), torch.ones(2, 2, dtype=torch.float64), 1.0), {}, ValueError, "1-D"),
         ((torch.tensor([1.0, float("inf")]), torch.ones(2), 1.0), {}, ValueError, "NaN or Inf"),
