@@ -14,7 +14,7 @@ from torch.autograd.functional import hessian
 
 from devices import backend_devices
 from tolerance import assert_within_rule
-from unlearn_kernels import backends, ops
+from unlearn_kernels import backends, choose_backend, ops
 from unlearn_kernels.backends import BackendUnavailableError
 from unlearn_kernels.curvature import GenericHessian, hessian_operator
 from unlearn_kernels.curvature.fused_mlp import FusedMLPHessian, supports
@@ -237,6 +237,7 @@ def test_flat_form_opcheck(rng):
 
 def test_backend_report_and_choice(rng):
     assert "mlp_hvp" in backends() and backends()["mlp_hvp"]["cpp"].usable
+    assert choose_backend("mlp_hvp", "cpu") == choose_backend("mlp_hvp", torch.device("cpu")) == "cpp"
     p = _problem([3, 2], ["identity"], True, 1, rng)
     with pytest.raises(BackendUnavailableError, match="no Triton kernel"):
         ops.mlp_hvp(**p, backend="triton")

@@ -124,9 +124,11 @@ def _fits_device(backend: str, device: torch.device) -> str | None:
 # The choice depends only on what is installed and on the device, so torch.compile may treat it as
 # a constant instead of tracing the dispatcher queries inside it.
 @torch.compiler.assume_constant_result
-def choose(op: str, device: torch.device, backend: str = "auto") -> str:
-    """The backend that runs ``op`` for inputs on ``device``: ``backend`` itself if forced and able,
-    else the first usable one in the automatic order. Raises BackendUnavailableError with the reason."""
+def choose(op: str, device: torch.device | str, backend: str = "auto") -> str:
+    """The backend that runs ``op`` for inputs on ``device`` (a torch.device or its name): ``backend``
+    itself if forced and able, else the first usable one in the automatic order. Raises
+    BackendUnavailableError with the reason."""
+    device = torch.device(device)
     if backend == "auto":
         for name in _AUTO_ORDER.get(device.type, ("reference",)):
             if status(op, name).usable and _fits_device(name, device) is None:
