@@ -2,8 +2,10 @@
 
 Environment flags (all optional):
   UNLEARN_KERNELS_CPU_ONLY=1    build only the C++ CPU kernels, even where CUDA is available.
-  UNLEARN_KERNELS_FORCE_CUDA=1  build the CUDA kernels even when no GPU is visible (needs a CUDA
-                                build of torch and nvcc, e.g. on a build machine).
+  UNLEARN_KERNELS_FORCE_CUDA=1  fail if the CUDA kernels cannot be built (torch without CUDA, or no
+                                nvcc) instead of building the CPU kernels alone. Without it, the
+                                CUDA kernels are built whenever torch has CUDA and nvcc is found;
+                                no GPU is needed.
   MAX_JOBS=N                    parallel compile jobs (read by torch's ninja build).
   TORCH_CUDA_ARCH_LIST="9.0"    CUDA architectures to compile for (read by torch).
   UNLEARN_KERNELS_CPU_ARCH=generic  compile the CPU kernels without AVX2 (for a binary that must run
