@@ -220,6 +220,12 @@ def test_cli_one_protocol_writes_its_scenario(tmp_path, capsys):
         (["--batch-size", "0"], "batch_size must be >= 1"),
         (["--epochs", "-1"], "epochs must be >= 0"),
         (["--threads", "0"], "--threads must be >= 1"),
+        (["--methods", ""], "--methods names no method"),
+        (["--seeds", "0,0"], "--seeds repeats a seed"),
+        (["--seeds=-1"], "--seeds must be in [0, 2^32), got -1"),
+        (["--protocol", "random", "--sequential", "0"], "--sequential must be >= 1"),
+        (["--protocol", "random", "--forget-class", "3"], "--forget-class is for the class protocol"),
+        (["--dataset", "iris", "--model", "cnn"], "'cnn' needs an image input shape"),
     ],
 )
 def test_cli_wrong_options_give_a_clear_message(argv, message, tmp_path, capsys):
@@ -231,6 +237,15 @@ def test_cli_wrong_options_give_a_clear_message(argv, message, tmp_path, capsys)
     assert "Traceback" not in err
     assert "unlearn-kernels run:" not in out  # rejected before the run header ...
     assert "training the original" not in err  # ... and before any work
+
+
+def test_cli_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
+    path = tmp_path / "results"
+    path.write_text("the user's file")
+    code = main(["run", "--seeds", "0", "--methods", "original", "--protocol", "random", "--out", str(path)])
+    out, err = capsys.readouterr()
+    assert code == 2 and "is a file, not a directory" in err
+    assert "unlearn-kernels run:" not in out and path.read_text() == "the user's file"
 
 
 def test_cli_methods_help_names_what_runs_by_default(capsys, monkeypatch):

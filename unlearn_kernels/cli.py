@@ -28,11 +28,33 @@ def _comma_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
-def _int_list(option: str, text: str) -> tuple[int, ...]:
+def _seeds(text: str) -> tuple[int, ...]:
+    """``--seeds``: distinct integers in [0, 2^32) (a repeated seed would count twice in mean ± std)."""
     try:
-        return tuple(int(v) for v in _comma_list(text))
+        seeds = tuple(int(v) for v in _comma_list(text))
     except ValueError:
-        raise UsageError(f"{option} expects comma-separated integers, got {text!r}") from None
+        raise UsageError(f"--seeds expects comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise UsageError("--seeds names no seed")
+    bad = [s for s in seeds if not 0 <= s < 2**32]
+    if bad:
+        raise UsageError(f"--seeds must be in [0, 2^32), got {bad[0]}")
+    if len(set(seeds)) < len(seeds):
+        raise UsageError(f"--seeds repeats a seed: {text!r}")
+    return seeds
+
+
+def _check_out(out: str | None) -> None:
+    """``--out`` is a directory or can be made one: checked before any work, not after the study."""
+    if out is None:
+        return
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out!r} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out!r} cannot be made: {exc}") from None
 
 
 def parse_method_options(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -90,8 +112,10 @@ def _study_configs(args: argparse.Namespace) -> dict:
     if args.model not in DEFAULT_RECIPES:
         raise UsageError(f"unknown model {args.model!r}; choose from {', '.join(DEFAULT_RECIPES)}")
     _check_device(args.device)
-    if args.methods:
+    if args.methods is not None:
         methods = tuple(_comma_list(args.methods))
+        if not methods:
+            raise UsageError("--methods names no method")
     else:  # the three quick scenarios leave out the two slow exact damped solves (see SCENARIO_METHODS)
         methods = DEFAULT_METHODS if args.protocol else SCENARIO_METHODS
     unknown = [m for m in methods if m not in METHODS]
@@ -101,15 +125,20 @@ def _study_configs(args: argparse.Namespace) -> dict:
         raise UsageError(f"--forget-fraction must be in (0, 1), got {args.forget_fraction}")
     if args.protocol == "class" and not args.forget_class:
         raise UsageError("--protocol class needs --forget-class C (repeatable)")
-    if args.protocol is None and args.sequential:
-        raise UsageError("--sequential needs --protocol (random, mislabeled or class)")
+    if args.sequential is not None:
+        if args.protocol is None:
+            raise UsageError("--sequential needs --protocol (random, mislabeled or class)")
+        if args.sequential < 1:
+            raise UsageError(f"--sequential must be >= 1 (the number of requests), got {args.sequential}")
+    if args.forget_class and args.protocol in ("random", "mislabeled"):
+        raise UsageError(f"--forget-class is for the class protocol, not --protocol {args.protocol}")
     try:
         recipe = dataclasses.replace(DEFAULT_RECIPES[args.model], **{k: v for k, v in (
             ("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size)) if v is not None})
     except ValueError as exc:  # TrainConfig's checks, e.g. --lr -1
         raise UsageError(str(exc)) from None
     common = dict(dataset=args.dataset, root=args.root, model=args.model, methods=methods,
-                  method_options=parse_method_options(args.set or []), seeds=_int_list("--seeds", args.seeds),
+                  method_options=parse_method_options(args.set or []), seeds=_seeds(args.seeds),
                   recipe=recipe, device=args.device, cache_dir=None if args.no_cache else StudyConfig.cache_dir)
     try:
         if args.protocol is None:
@@ -117,7 +146,8 @@ def _study_configs(args: argparse.Namespace) -> dict:
                                      forget_classes=tuple(args.forget_class or (3,)), **common)
         name = args.protocol + (f"-sequential{args.sequential}" if args.sequential else "")
         return {name: StudyConfig(protocol=args.protocol, forget_fraction=args.forget_fraction,
-                                  forget_classes=tuple(args.forget_class or ()), sequential=args.sequential, **common)}
+                                  forget_classes=tuple(args.forget_class or ()), sequential=args.sequential or 0,
+                                  **common)}
     except (ValueError, TypeError) as exc:  # StudyConfig's own checks (method options among them)
         raise UsageError(str(exc)) from None
 
@@ -170,6 +200,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             check_scenario(config)
         except (ValueError, FileNotFoundError, ImportError) as exc:  # e.g. a class that does not exist
             raise UsageError(str(exc)) from None
+    _check_out(args.out)
     # The default models are small: one intra-op thread is fastest, and OpenMP threads that wait on
     # each other on a busy machine made training ~30x slower. Larger models: raise --threads.
     torch.set_num_threads(args.threads)
@@ -244,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of the train split to forget (random) or to mislabel and forget (mislabeled)")
     p.add_argument("--forget-class", type=int, action="append",
                    help="class to forget (class protocol; repeatable; the default scenarios use class 3)")
-    p.add_argument("--sequential", type=int, default=0, metavar="K",
+    p.add_argument("--sequential", type=int, default=None, metavar="K",
                    help="K forget requests one after another (with --protocol; mislabeled: the wrong-label rows "
                         "in K parts; class: one class per request, K classes)")
     p.add_argument("--methods", default=None,

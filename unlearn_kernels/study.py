@@ -282,14 +282,17 @@ def _scenario(config: StudyConfig, splits: DatasetSplits, seed: int) -> tuple[La
 
 
 def check_scenario(config: StudyConfig) -> None:
-    """Loads the first seed's data and builds its forget requests (labels only, no training), so that
-    a missing dataset, a class that does not occur or more requests than rows fail before any work.
+    """Loads the first seed's data, builds its forget requests (labels only, no training) and the
+    model, so that a missing dataset, a class that does not occur, more requests than rows or a model
+    that does not fit the data fail before any work.
 
     Raises:
         ValueError, FileNotFoundError, ImportError: as :func:`run_study` would on that seed.
     """
     seed = config.seeds[0]
-    _scenario(config, load_dataset(config.dataset, root=config.root, seed=seed), seed)
+    splits = load_dataset(config.dataset, root=config.root, seed=seed)
+    _scenario(config, splits, seed)
+    build_model(config.model, splits.input_shape, splits.num_classes, **config.model_kwargs)
 
 
 def _make_method(config: StudyConfig, name: str, factory: Callable[[], nn.Module], recipe: TrainConfig,
