@@ -292,3 +292,19 @@ def test_repeated_samples_are_kept_once():
     rows = torch.cat([torch.cat([s.x.flatten(1), s.y[:, None].double()], dim=1)
                       for s in (splits.train, splits.val, splits.test)])
     assert len(rows) == 149 and len(torch.unique(rows, dim=0)) == 149
+
+
+def test_labeled_data_names_what_it_cannot_hold():
+    x, y = torch.zeros(4, 3), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got ndarray"):
+        LabeledData(x.numpy(), y)
+    with pytest.raises(TypeError, match="y must be a torch.Tensor, got list"):
+        LabeledData(x, [0, 1, 2, 3])
+    with pytest.raises(ValueError, match="x must have a batch dimension"):
+        LabeledData(torch.tensor(1.0), y[:1])
+    with pytest.raises(ValueError, match="x has 4 rows but y has 3"):
+        LabeledData(x, y[:3])
+    with pytest.raises(TypeError, match="y must be a 1-D int64 tensor"):
+        LabeledData(x, y.float())
+    with pytest.raises(ValueError, match="x is on meta but y on cpu"):
+        LabeledData(x.to("meta"), y)

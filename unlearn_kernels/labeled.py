@@ -22,6 +22,13 @@ class LabeledData:
     y: torch.Tensor
 
     def __post_init__(self) -> None:
+        for name in ("x", "y"):
+            value = getattr(self, name)
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"LabeledData: {name} must be a torch.Tensor, got {type(value).__name__} "
+                                f"(torch.as_tensor converts numpy arrays)")
+        if self.x.dim() == 0:
+            raise ValueError("LabeledData: x must have a batch dimension (N, ...), got a 0-d tensor")
         if self.x.shape[0] != self.y.shape[0]:
             raise ValueError(f"LabeledData: x has {self.x.shape[0]} rows but y has {self.y.shape[0]}")
         if self.y.dim() != 1 or self.y.dtype != torch.long:
