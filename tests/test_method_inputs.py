@@ -2,17 +2,31 @@
 work, and leaves the caller's model and data exactly as they were: for a first-order method
 (fine-tune) and a Newton method (CureNewton), on a small MLP over 300 digits."""
 import copy
+import inspect
 
+import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
 
 from unlearn_kernels.data.labeled import LabeledData
-from unlearn_kernels.methods import CureNewton, Finetune, Unlearner
+from unlearn_kernels.methods import METHODS, CureNewton, Finetune, Unlearner
 from unlearn_kernels.models import MLP
 from unlearn_kernels.training import TrainConfig, init_model, train
 
 METHOD_FACTORIES = {"finetune": lambda: Finetune(epochs=1), "cure_newton": lambda: CureNewton(M=1.0)}
+
+
+def _mlp() -> MLP:
+    return MLP(64, hidden=(16,), num_classes=10)
+
+
+def _make(name: str) -> Unlearner:
+    """Any method, cheap: one epoch or one step where it has an option for it."""
+    if name.startswith("retrain"):
+        return METHODS[name](_mlp, TrainConfig(epochs=1))
+    options = {"epochs": 1} if "epochs" in inspect.signature(METHODS[name]).parameters else {}
+    return METHODS[name](**options)
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +34,7 @@ def problem():
     digits = load_digits()
     x = torch.tensor(digits.data[:300], dtype=torch.float32) / 16
     y = torch.tensor(digits.target[:300], dtype=torch.long)
-    model = init_model(lambda: MLP(64, hidden=(16,), num_classes=10), 0)
+    model = init_model(_mlp, 0)
     train(model, LabeledData(x, y), TrainConfig(epochs=2, batch_size=64, seed=0))
     model.train()  # a mode the checks must give back untouched
     return model, LabeledData(x[:30], y[:30]), LabeledData(x[30:], y[30:])
@@ -86,7 +100,7 @@ def test_bad_sets_raise_before_any_work(problem, method, case):
 @pytest.mark.parametrize("method", sorted(METHOD_FACTORIES))
 def test_bad_unseen_set_raises(problem, method):
     model, forget, retain = problem
-    unseen = LabeledData(retain.x[:20].clone(), retain.y[:20].clone())
+    unseen = LabeledData(retain.x[:20] * 0.5, retain.y[:20].clone())  # inputs the model never saw
     with pytest.raises(ValueError, match="unseen set has inputs that are not finite"):
         METHOD_FACTORIES[method]().unlearn(model, forget, retain, unseen=_with_x(unseen, 0, float("nan")))
     with pytest.raises(ValueError, match="unseen set has labels outside"):
@@ -122,3 +136,72 @@ def test_model_that_does_not_return_logits(problem):
     with pytest.raises(ValueError, match=r"must map a batch of forget samples to \(batch, classes\) logits; "
                                          r"one sample gave \(10,\)"):
         Finetune(epochs=1).unlearn(model, forget, retain)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_non_finite_weights_raise_before_any_work(problem, name):
+    """A NaN/Inf parameter or buffer is refused by name (else most methods return an all-NaN model)."""
+    model, forget, retain = problem
+    for kind, key, value in (("parameter", "3.bias", float("nan")), ("buffer", "scale", float("inf"))):
+        bad = copy.deepcopy(model)
+        bad.register_buffer("scale", torch.ones(2))
+        with torch.no_grad():
+            dict([*bad.named_parameters(), *bad.named_buffers()])[key][1] = value
+        state, modes = _snapshot(bad)
+        with pytest.raises(ValueError, match=f"^{name}: the model's {kind} '{key}' contains NaN or Inf$"):
+            _make(name).unlearn(bad, forget, retain)
+        after, modes_after = _snapshot(bad)
+        assert modes_after == modes
+        assert all(torch.equal(after[k].nan_to_num(), v.nan_to_num()) for k, v in state.items())
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_a_model_without_trainable_parameters(problem, name):
+    """Refused, with one message, by every method that trains the model's parameters; the others (the
+    reference points, and the methods that train adapters they add) run on it."""
+    model, forget, retain = problem
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    method = _make(name)
+    if method.trains_model_parameters:
+        with pytest.raises(ValueError, match=f"^{name}: the model has no trainable parameters"):
+            method.unlearn(frozen, forget, retain)
+    else:
+        assert name in ("original", "retrain", "retrain_reseeded", "rfa", "cure_newton_lora")
+        method.unlearn(frozen, forget, retain)
+    assert all(not p.requires_grad for p in frozen.parameters())
+
+
+def test_newton_parameters_named_explicitly(problem):
+    """A Newton method may update frozen parameters it names; an unknown name is refused before any
+    work, with the method's name."""
+    model, forget, retain = problem
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    result = CureNewton(M=1.0, max_iterations=1, params="3.bias").unlearn(frozen, forget, retain)
+    assert result.diagnostics["num_params"] == 10
+    with pytest.raises(ValueError, match="^cure_newton: params: the model has no parameter named 'nope'"):
+        CureNewton(params=["nope"]).unlearn(model, forget, retain)
+
+
+def test_seed_range_and_numpy_integers(problem):
+    model, forget, retain = problem
+    one = Finetune(epochs=1).unlearn(model, forget, retain, seed=1).model
+    numpy_one = Finetune(epochs=1).unlearn(model, forget, retain, seed=np.int64(1)).model
+    assert all(torch.equal(a, b) for a, b in zip(one.state_dict().values(), numpy_one.state_dict().values()))
+    Finetune(epochs=1).unlearn(model, forget, retain, seed=2**63 - 1)
+    for seed in (-1, 2**63, 2**70):
+        with pytest.raises(ValueError, match=r"^finetune: seed must be in \[0, 2\*\*63\)"):
+            Finetune(epochs=1).unlearn(model, forget, retain, seed=seed)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        Finetune(epochs=1).unlearn(model, forget, retain, seed=True)
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_FACTORIES))
+def test_unseen_data_that_the_model_was_trained_on(problem, method):
+    model, forget, retain = problem
+    unseen = LabeledData(retain.x[:20] * 0.5, retain.y[:20])
+    for role, data, rows in (("forget", forget, [3, 4]), ("retain", retain, [0, 9])):
+        mixed = LabeledData(torch.cat([unseen.x[:3], data.x[rows]]), torch.cat([unseen.y[:3], data.y[rows]]))
+        with pytest.raises(ValueError, match=f"^{method}: 2 unseen samples are also in the {role} set "
+                                             r"\(same input and label; first at unseen row 3\)"):
+            METHOD_FACTORIES[method]().unlearn(model, forget, retain, unseen=mixed)
+    METHOD_FACTORIES[method]().unlearn(model, forget, retain, unseen=unseen)

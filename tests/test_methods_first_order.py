@@ -304,3 +304,35 @@ def test_empty_sets_raise(problem, name):
 def test_bad_hyper_parameters_raise(call, message):
     with pytest.raises((ValueError, TypeError), match=message):
         call()
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("cls, kwargs, message", [
+    *[(cls, {"weight_decay": NAN}, "weight_decay must be a finite number >= 0")
+      for cls in (Finetune, GradientAscent, NegGradPlus, RandomLabels, SalUn, SCRUB, BadTeacher)],
+    (SCRUB, {"alpha": NAN}, "alpha must be a finite number >= 0"),
+    (SCRUB, {"gamma": NAN}, "gamma must be a finite number >= 0"),
+    (SCRUB, {"max_steps": 1.5}, "max_steps must be an int >= 0"),
+    (SCRUB, {"forget_batch_size": 2.0}, "forget_batch_size must be an int >= 1"),
+    (Finetune, {"epochs": 1.5}, "epochs must be an int >= 0"),
+    (Finetune, {"epochs": NAN}, "epochs must be an int >= 0"),
+    (GradientAscent, {"epochs": True}, "epochs must be an int >= 0"),
+    (Finetune, {"batch_size": 1.5}, "batch_size must be an int >= 1"),
+    (NegGradPlus, {"batch_size": NAN}, "batch_size must be an int >= 1"),
+    (Finetune, {"lr": "0.1"}, "lr must be a finite number > 0"),
+    (RandomLabels, {"momentum": NAN}, "momentum must be a finite number >= 0"),
+    (RandomLabels, {"momentum": 1.0}, "need weight_decay >= 0 and 0 <= momentum < 1"),
+    (GradientAscent, {"optimizer": "rmsprop"}, "unknown optimizer"),
+    (NegGradPlus, {"alpha": NAN}, "alpha must be a finite number >= 0"),
+    (SalUn, {"mask_fraction": "half"}, r"mask_fraction must be a finite number > 0"),
+    (BadTeacher, {"temperature": NAN}, "temperature must be a finite number > 0"),
+    (SSD, {"lam": NAN}, "lam must be a finite number > 0"),
+    (SSD, {"batch_size": 8.0}, "batch_size must be an int >= 1"),
+])
+def test_bad_hyper_parameters_are_refused_in_the_constructor_by_name(cls, kwargs, message):
+    """Non-finite or wrongly typed values fail in the constructor, naming the method, rather than
+    inside unlearn (a raw torch error, or a NaN model)."""
+    with pytest.raises(ValueError, match=f"^{cls.name}: {message}"):
+        cls(**kwargs)

@@ -108,6 +108,14 @@ def test_bad_input_is_rejected_clearly(sample_problem):
         LoTUS(alpha=0.0)
     with pytest.raises(ValueError, match="alpha must be"):
         LoTUS(alpha=float("nan"))
+    with pytest.raises(ValueError, match="^lotus: weight_decay must be a finite number"):
+        LoTUS(weight_decay=float("nan"))
+    with pytest.raises(ValueError, match="^lotus: alpha must be a finite number > 0"):
+        LoTUS(alpha="8")
+    with pytest.raises(ValueError, match="^lotus: 80 unseen samples are also in the forget set"):
+        LoTUS(epochs=1).unlearn(model, forget, retain, unseen=forget)  # would run with tau = 1
+    with pytest.raises(ValueError, match="^lotus: 120 unseen samples are also in the retain set"):
+        LoTUS(epochs=1).unlearn(model, forget, retain, unseen=retain)  # would do nothing
     with pytest.raises(ValueError, match="retain_fraction"):
         LoTUS(retain_fraction=1.5)
     with pytest.raises(ValueError, match="forget set is empty"):

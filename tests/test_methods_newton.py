@@ -474,6 +474,14 @@ def test_lipschitz_estimate_rejects_bad_arguments(kwargs, message):
     (lambda: CureNewton(weight_decay=-1.0), ValueError, "weight_decay"),
     (lambda: CureNewton(params=[torch.zeros(2)]), TypeError, "names"),
     (lambda: CureNewton(dtype=torch.int64), TypeError, "dtype"),
+    (lambda: CureNewton(dtype=torch.float16), TypeError, "^cure_newton: dtype must be None, torch.float32 or"),
+    (lambda: LiSSANewton(dtype=torch.bfloat16), TypeError, "^lissa: dtype must be"),
+    (lambda: CureNewton(solver_options={"bogus": 1}), ValueError,
+     r"^cure_newton: solver_options: unknown option\(s\) \['bogus'\]; accepted: \['check_every', 'guard'"),
+    (lambda: CureNewton(solver_options={"kappa": "x"}), ValueError, "^cure_newton: solver_options: kappa must be"),
+    (lambda: CureNewton(solver_options={"reorth": "some"}), ValueError, "^cure_newton: solver_options: reorth"),
+    (lambda: CureNewton(M="auto", lipschitz_options={"radii": 1}), ValueError,
+     r"^cure_newton: lipschitz_options: unknown option\(s\) \['radii'\]"),
     (lambda: CureNewton(batch_size=0), ValueError, "batch_size"),
     (lambda: CureNewton(path="fast"), ValueError, "path"),
 ])
@@ -500,6 +508,21 @@ def test_non_finite_step_raises_and_leaves_the_model_alone(mlp, monkeypatch):
     with pytest.raises(ValueError, match="no parameter named"):
         CureNewton(params="head.weight").unlearn(model, forget, retain)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_a_diverging_lissa_step_is_blamed_on_the_step():
+    """A BatchNorm model with statistics from one batch: LiSSA's step takes the weights where the
+    gradient overflows. The error says so (the inputs were checked finite) and what to change."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x, y = torch.tensor(digits.data[:400], dtype=torch.float32) / 16, torch.tensor(digits.target[:400])
+    model = init_model(lambda: nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10)), 0)
+    model(x)  # train mode: the running statistics move once
+    model.eval()
+    with pytest.raises(ValueError, match="^lissa: the step diverged: the gradient of the loss at the new weights is "
+                                         r"not finite \(NaN/Inf\); raise scale or damping"):
+        LiSSANewton().unlearn(model, LabeledData(x[:40], y[:40]), LabeledData(x[40:], y[40:]))
 
 
 def test_a_result_worse_after_rounding_is_not_returned(mlp, monkeypatch):

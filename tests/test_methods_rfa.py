@@ -113,6 +113,10 @@ def test_class_forgetting_with_the_default_target(problem):
     ({"shift": "toward"}, ValueError, "unknown shift"),
     ({"lam": 0.0}, ValueError, "lam must be"),
     ({"neighbors": 0}, ValueError, "neighbors must be"),
+    ({"neighbors": 2.0}, ValueError, "^rfa: neighbors must be an int >= 1"),
+    ({"weight_decay": float("nan")}, ValueError, "^rfa: weight_decay must be a finite number"),
+    ({"margin": float("inf")}, ValueError, "^rfa: margin must be a finite number > 0"),
+    ({"epochs": 1.5}, ValueError, "^rfa: epochs must be an int"),
     ({"targets": []}, TypeError, "targets must be"),
 ])
 def test_bad_options_raise(kwargs, error, match):

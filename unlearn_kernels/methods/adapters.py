@@ -44,6 +44,7 @@ class CureNewtonLoRA(Unlearner):
     # No ``uses_training_objective``: CureNewton's weight_decay here would penalise ||A||^2 + ||B||^2,
     # not the training objective's decay of the merged weights W + scale B A, so a study passes none.
     name = "cure_newton_lora"
+    trains_model_parameters = False  # only the adapters it adds
 
     def __init__(self, rank: int = 8, alpha: float | None = None, targets: str | Sequence[str] | None = None,
                  **newton_options: Any) -> None:

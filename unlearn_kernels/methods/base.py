@@ -4,6 +4,8 @@ from __future__ import annotations
 import abc
 import copy
 import math
+import numbers
+import operator
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +48,10 @@ class Unlearner(abc.ABC):
     #: short name used in tables and on the command line
     name: str = "unlearner"
 
+    #: False for a method that trains none of the model's own parameters (a reference point, or a
+    #: method that adds and trains adapters): a model without trainable parameters is then accepted
+    trains_model_parameters: bool = True
+
     def unlearn(
         self,
         model: nn.Module,
@@ -63,17 +69,24 @@ class Unlearner(abc.ABC):
             retain: D_r, the data that remains (non-empty).
             unseen: data the model never saw (validation split), used by methods that need it
                 (e.g. LoTUS, RF-JSD style targets); None if unavailable.
-            seed: seeds every random choice the method makes.
+            seed: seeds every random choice the method makes: an integer (Python or NumPy) in
+                [0, 2**63) (torch's seed range, with room for the offsets a method adds to it).
 
         Raises:
-            TypeError: ``model`` is not an nn.Module, a set is not a LabeledData, ``seed`` not an int.
-            ValueError: before any work, naming the set: an empty forget or retain set (or an empty
-                ``unseen`` given), NaN/Inf in a set's inputs, samples whose shape does not fit the
-                model, labels outside the model's classes, or forget samples that are also in the
-                retain set (same input and label).
+            TypeError: ``model`` is not an nn.Module, a set is not a LabeledData, ``seed`` not an integer.
+            ValueError: before any work, naming the problem: ``seed`` out of range; NaN/Inf in a
+                parameter or buffer of the model; a model without trainable parameters
+                (requires_grad=True) for a method that trains them; an empty forget or retain set
+                (or an empty ``unseen`` given), NaN/Inf in a set's inputs, samples whose shape does
+                not fit the model, labels outside the model's classes, forget samples that are also
+                in the retain set, or unseen samples that are also in the forget or retain set (same
+                input and label).
         """
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"{self.name}: seed must be an int, got {type(seed).__name__}")
+        seed = operator.index(seed)
+        if not 0 <= seed < 2**63:
+            raise ValueError(f"{self.name}: seed must be in [0, 2**63), got {seed}")
         work = self._checked_copy(model, forget, retain, unseen)
         torch.manual_seed(seed)
         start = time.perf_counter()
@@ -86,9 +99,14 @@ class Unlearner(abc.ABC):
         """The input checks of :meth:`unlearn` (raising at the first problem), then the private copy
         of the model, which is run on one sample of each set. Data-parallel methods override it to
         agree with the other processes first."""
-        work = _checked_local_copy(self.name, model, forget, retain, unseen)
+        work = _checked_local_copy(self, model, forget, retain, unseen)
         _check_not_empty(self.name, _rows(forget, retain, unseen))
         return work
+
+    def _check_parameters(self, model: nn.Module) -> None:
+        """The model has parameters for the method to train (unless it trains none of its own)."""
+        if self.trains_model_parameters and not any(p.requires_grad for p in model.parameters()):
+            raise ValueError(f"{self.name}: the model has no trainable parameters (requires_grad=True)")
 
     @abc.abstractmethod
     def _unlearn(
@@ -101,14 +119,27 @@ class Unlearner(abc.ABC):
 # input checks: one place for every method, before any work
 
 
-def _checked_local_copy(name: str, model: nn.Module, forget: LabeledData, retain: LabeledData,
+def _checked_local_copy(method: Unlearner, model: nn.Module, forget: LabeledData, retain: LabeledData,
                         unseen: LabeledData | None) -> nn.Module:
-    """The checks on the sets this process holds (emptiness aside), then the private copy of the
-    model, run on one sample of each non-empty set."""
-    sets = _check_sets(name, model, forget, retain, unseen)
+    """The checks of the model and of the sets this process holds (emptiness aside), then the private
+    copy of the model, run on one sample of each non-empty set."""
+    _check_model(method.name, model)
+    method._check_parameters(model)
+    sets = _check_sets(method.name, forget, retain, unseen)
     work = copy.deepcopy(model)
-    _check_fit(name, work, sets)
+    _check_fit(method.name, work, sets)
     return work
+
+
+def _check_model(name: str, model: nn.Module) -> None:
+    """``model`` is an nn.Module whose parameters and floating buffers are finite (a NaN/Inf weight
+    would make every method return a NaN model, or fail deep inside its work)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name}: model must be a torch.nn.Module, got {type(model).__name__}")
+    for kind, tensors in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for key, tensor in tensors:
+            if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{name}: the model's {kind} {key!r} contains NaN or Inf")
 
 
 def _rows(forget: LabeledData, retain: LabeledData, unseen: LabeledData | None) -> dict[str, int]:
@@ -123,12 +154,10 @@ def _check_not_empty(name: str, rows: dict[str, int], where: str = "") -> None:
             raise ValueError(f"{name}: the {role} set is empty{where}")
 
 
-def _check_sets(name: str, model: nn.Module, forget: LabeledData, retain: LabeledData,
+def _check_sets(name: str, forget: LabeledData, retain: LabeledData,
                 unseen: LabeledData | None) -> dict[str, LabeledData]:
     """The checks that need no forward pass (emptiness aside: see :func:`_check_not_empty`); returns
     the sets by name (``unseen`` only if given)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{name}: model must be a torch.nn.Module, got {type(model).__name__}")
     sets = {"forget": forget, "retain": retain, **({} if unseen is None else {"unseen": unseen})}
     for role, data in sets.items():
         if not isinstance(data, LabeledData):
@@ -147,6 +176,13 @@ def _check_sets(name: str, model: nn.Module, forget: LabeledData, retain: Labele
     if shared:
         raise ValueError(f"{name}: {len(shared)} forget samples are also in the retain set (same input and label; "
                          f"first at forget row {shared[0]}): a sample cannot be both forgotten and kept")
+    if unseen is not None:
+        for role, data in (("forget", forget), ("retain", retain)):
+            shared = _shared_rows(unseen, data)
+            if shared:
+                raise ValueError(f"{name}: {len(shared)} unseen samples are also in the {role} set (same input and "
+                                 f"label; first at unseen row {shared[0]}): unseen data must be data the model was "
+                                 "not trained on")
     return sets
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..curvature.checks import check_int, check_number
 from ..labeled import LabeledData
 from ..training import TrainConfig, make_optimizer, model_device, seeded_rng, train
 from .base import UnlearnResult, Unlearner
@@ -105,15 +106,16 @@ class _Trained(Unlearner):
 
     def __init__(self, *, epochs: int, lr: float, batch_size: int, optimizer: str = "sgd", momentum: float = 0.9,
                  weight_decay: float = 5e-4) -> None:
-        # TrainConfig validates the values and names the bad one
-        TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
-                    momentum=momentum)
-        self.epochs = epochs
-        self.lr = lr
-        self.batch_size = batch_size
+        self.epochs = check_int(f"{self.name}: epochs", epochs, low=0)
+        self.lr = check_number(f"{self.name}: lr", lr, 0.0, strict=True)
+        self.batch_size = check_int(f"{self.name}: batch_size", batch_size)
         self.optimizer = optimizer
-        self.momentum = momentum
-        self.weight_decay = weight_decay
+        self.momentum = check_number(f"{self.name}: momentum", momentum, 0.0)
+        self.weight_decay = check_number(f"{self.name}: weight_decay", weight_decay, 0.0)
+        try:  # the recipe's own checks (the optimizer's name, momentum < 1)
+            self._config(seed=0)
+        except ValueError as error:  # named after the method, not the recipe
+            raise ValueError(f"{self.name}: {str(error).removeprefix('TrainConfig: ')}") from None
 
     def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         return make_optimizer(model.parameters(), self.optimizer, self.lr, momentum=self.momentum,
@@ -125,10 +127,12 @@ class _Trained(Unlearner):
                            weight_decay=self.weight_decay if weight_decay is None else weight_decay)
 
 
-def _check_fraction(owner: str, name: str, value: float, *, open_low: bool = False) -> None:
-    if not (0 < value <= 1 if open_low else 0 <= value <= 1):
-        interval = "(0, 1]" if open_low else "[0, 1]"
-        raise ValueError(f"{owner}: {name} must be in {interval}, got {value}")
+def _check_fraction(owner: str, name: str, value: float, *, open_low: bool = False) -> float:
+    """``value`` as a float in [0, 1] (``(0, 1]`` when ``open_low``), else ValueError naming ``owner: name``."""
+    fraction = check_number(f"{owner}: {name}", value, 0.0, strict=open_low)
+    if fraction > 1:
+        raise ValueError(f"{owner}: {name} must be in {'(0, 1]' if open_low else '[0, 1]'}, got {value!r}")
+    return fraction
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,8 +210,7 @@ class NegGradPlus(_Trained):
                  optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 5e-4) -> None:
         super().__init__(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, momentum=momentum,
                          weight_decay=weight_decay)
-        _check_fraction("NegGradPlus", "alpha", alpha)
-        self.alpha = alpha
+        self.alpha = _check_fraction(self.name, "alpha", alpha)
 
     def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,
                  unseen: LabeledData | None, seed: int) -> UnlearnResult:
@@ -273,8 +276,7 @@ class SalUn(RandomLabels):
                  optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 5e-4) -> None:
         super().__init__(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, momentum=momentum,
                          weight_decay=weight_decay)
-        _check_fraction("SalUn", "mask_fraction", mask_fraction, open_low=True)
-        self.mask_fraction = mask_fraction
+        self.mask_fraction = _check_fraction(self.name, "mask_fraction", mask_fraction, open_low=True)
 
     def _saliency_mask(self, model: nn.Module, forget: LabeledData) -> tuple[dict[str, torch.Tensor], int]:
         """Boolean masks per trainable parameter, and the number of batch gradients it cost."""
@@ -338,14 +340,11 @@ class SCRUB(_Trained):
                  optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 5e-4) -> None:
         super().__init__(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, momentum=momentum,
                          weight_decay=weight_decay)
-        if max_steps < 0 or forget_batch_size < 1 or not temperature > 0 or alpha < 0 or gamma < 0:
-            raise ValueError(f"SCRUB: need max_steps >= 0, forget_batch_size >= 1, temperature > 0, alpha >= 0, "
-                             f"gamma >= 0; got {max_steps}, {forget_batch_size}, {temperature}, {alpha}, {gamma}")
-        self.max_steps = max_steps
-        self.forget_batch_size = forget_batch_size
-        self.temperature = temperature
-        self.alpha = alpha
-        self.gamma = gamma
+        self.max_steps = check_int(f"{self.name}: max_steps", max_steps, low=0)
+        self.forget_batch_size = check_int(f"{self.name}: forget_batch_size", forget_batch_size)
+        self.temperature = check_number(f"{self.name}: temperature", temperature, 0.0, strict=True)
+        self.alpha = check_number(f"{self.name}: alpha", alpha, 0.0)
+        self.gamma = check_number(f"{self.name}: gamma", gamma, 0.0)
 
     def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,
                  unseen: LabeledData | None, seed: int) -> UnlearnResult:
@@ -402,11 +401,8 @@ class BadTeacher(_Trained):
                  weight_decay: float = 0.0) -> None:
         super().__init__(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, momentum=momentum,
                          weight_decay=weight_decay)
-        if not temperature > 0:
-            raise ValueError(f"BadTeacher: temperature must be > 0, got {temperature}")
-        _check_fraction("BadTeacher", "retain_fraction", retain_fraction)
-        self.temperature = temperature
-        self.retain_fraction = retain_fraction
+        self.temperature = check_number(f"{self.name}: temperature", temperature, 0.0, strict=True)
+        self.retain_fraction = _check_fraction(self.name, "retain_fraction", retain_fraction)
 
     def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,
                  unseen: LabeledData | None, seed: int) -> UnlearnResult:
@@ -446,11 +442,9 @@ class SSD(Unlearner):
     name = "ssd"
 
     def __init__(self, alpha: float = 10.0, lam: float = 1.0, batch_size: int = 64) -> None:
-        if not alpha > 0 or not lam > 0 or batch_size < 1:
-            raise ValueError(f"SSD: need alpha > 0, lam > 0, batch_size >= 1; got {alpha}, {lam}, {batch_size}")
-        self.alpha = alpha
-        self.lam = lam
-        self.batch_size = batch_size
+        self.alpha = check_number(f"{self.name}: alpha", alpha, 0.0, strict=True)
+        self.lam = check_number(f"{self.name}: lam", lam, 0.0, strict=True)
+        self.batch_size = check_int(f"{self.name}: batch_size", batch_size)
 
     def _importance(self, model: nn.Module, data: LabeledData, seed: int) -> tuple[dict[str, torch.Tensor], int]:
         """Mean squared batch gradient per parameter, and the number of batches."""

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..curvature.checks import check_number
 from ..labeled import LabeledData
 from ..training import model_device
 from .base import UnlearnResult
@@ -66,11 +67,8 @@ class LoTUS(_Trained):
     def __init__(self, epochs: int = 10, lr: float = 1e-3, batch_size: int = 64, alpha: float | None = None,
                  retain_fraction: float = 0.3, optimizer: str = "adamw", weight_decay: float = 5e-4) -> None:
         super().__init__(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay)
-        if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
-            raise ValueError(f"LoTUS: alpha must be a finite number > 0, got {alpha}")
-        _check_fraction("LoTUS", "retain_fraction", retain_fraction)
-        self.alpha = alpha
-        self.retain_fraction = retain_fraction
+        self.alpha = None if alpha is None else check_number(f"{self.name}: alpha", alpha, 0.0, strict=True)
+        self.retain_fraction = _check_fraction(self.name, "retain_fraction", retain_fraction)
 
     def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,
                  unseen: LabeledData | None, seed: int) -> UnlearnResult:

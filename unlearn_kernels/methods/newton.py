@@ -57,6 +57,7 @@ model with the current remaining set; g and H are recomputed at the current weig
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -83,6 +84,8 @@ from ..curvature.distributed import GroupRef
 from ..labeled import LabeledData
 from ..solvers import (
     DENSE_MAX_DIM,
+    KRYLOV_DEFAULTS,
+    KrylovCubicSolver,
     NewtonStep,
     adaptive_cubic_newton,
     cubic_gd,
@@ -134,6 +137,9 @@ def _collective_device(model: Any) -> torch.device:
 class _NewtonFamily(Unlearner):
     """Options, data preparation, objective, operators and the guarded update shared by the Newton methods."""
 
+    #: what to change when the method's step takes the weights where the gradient is not finite
+    _divergence_remedy = "regularise the step more"
+
     def __init__(self, *, params: str | Sequence[str] | None, loss_fn: LossFn, dtype: torch.dtype | None,
                  batch_size: int | None, weight_decay: float, path: str, process_group: Any) -> None:
         if params is not None:
@@ -145,8 +151,8 @@ class _NewtonFamily(Unlearner):
         if not callable(loss_fn):
             raise TypeError(f"{self.name}: loss_fn must be callable (outputs, targets) -> scalar, "
                             f"got {type(loss_fn).__name__}")
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"{self.name}: dtype must be None or a floating point torch.dtype, got {dtype!r}")
+        if dtype not in (None, torch.float32, torch.float64):  # the curvature kernels compute in these two
+            raise TypeError(f"{self.name}: dtype must be None, torch.float32 or torch.float64, got {dtype!r}")
         if batch_size is not None:
             check_int(f"{self.name}: batch_size", batch_size)
         if path not in ("auto", "generic", "fused"):
@@ -165,6 +171,15 @@ class _NewtonFamily(Unlearner):
         return None if self._group is None else self._group()
 
     # -- preparation
+    def _check_parameters(self, model: nn.Module) -> None:
+        """Named ``params`` must exist in the model (they may be frozen); None needs trainable ones."""
+        if self.params is None:
+            return super()._check_parameters(model)
+        try:
+            resolve_parameters(model, self.params)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{self.name}: {error}") from None
+
     def _cast(self, data: LabeledData, like: torch.Tensor) -> LabeledData:
         """``data`` on ``like``'s device, floating inputs in its dtype (integer inputs, e.g. tokens, kept)."""
         x = data.x.to(like.device)
@@ -192,7 +207,7 @@ class _NewtonFamily(Unlearner):
             return super()._checked_copy(model, forget, retain, unseen)
         work, failure, rows = None, None, {}
         try:
-            work = _checked_local_copy(self.name, model, forget, retain, unseen)
+            work = _checked_local_copy(self, model, forget, retain, unseen)
             rows = _rows(forget, retain, unseen)
         except (TypeError, ValueError) as err:  # raised here after the others learn of it
             failure = err
@@ -244,17 +259,22 @@ class _NewtonFamily(Unlearner):
         """The Hessian of F: ``op + weight_decay I``."""
         return RegularizedOperator(op, self.weight_decay)
 
-    def _gradient(self, ws: _Workspace, objective: Objective, data: LabeledData) -> torch.Tensor:
-        """grad F over ``data`` (``objective``'s) at the shadow's current weights (counted, checked finite)."""
+    def _gradient(self, ws: _Workspace, objective: Objective, data: LabeledData, *,
+                  moved: bool = False) -> torch.Tensor:
+        """grad F over ``data`` (``objective``'s) at the shadow's current weights (counted, checked finite;
+        ``moved``: the weights are no longer the given ones)."""
         g = objective.gradient()
         ws.gradient_passes += self._batches(data)
-        return self._check_finite(g)
+        return self._check_finite(g, moved=moved)
 
-    def _check_finite(self, g: torch.Tensor) -> torch.Tensor:
-        if not bool(torch.isfinite(g).all()):
-            raise ValueError(f"{self.name}: the gradient of the loss is not finite (NaN/Inf in the data, the model "
-                             "or the loss); the caller's model is unchanged")
-        return g
+    def _check_finite(self, g: torch.Tensor, *, moved: bool = False) -> torch.Tensor:
+        if bool(torch.isfinite(g).all()):
+            return g
+        if moved:  # the inputs and the given weights were checked finite: the method's own step overflowed
+            raise ValueError(f"{self.name}: the step diverged: the gradient of the loss at the new weights is not "
+                             f"finite (NaN/Inf); {self._divergence_remedy}; the caller's model is unchanged")
+        raise ValueError(f"{self.name}: the gradient of the loss is not finite (NaN/Inf in the data, the model "
+                         "or the loss); the caller's model is unchanged")
 
     # -- the update
     def _set(self, ws: _Workspace, w: torch.Tensor) -> None:
@@ -289,7 +309,7 @@ class _NewtonFamily(Unlearner):
         solved = solve(ws, self._curvature(op), g)
         step = solved.pop("step")
         self._apply(ws, step)
-        after = self._gradient(ws, objective, ws.retain)
+        after = self._gradient(ws, objective, ws.retain, moved=True)
         diagnostics = {"step_norm": norm64(step), "M": None, "grad_norm_retain_before": norm64(g),
                        "grad_norm_retain_after": norm64(after), "objective_before": before,
                        "objective_after": objective.value(), "num_params": op.shape[0], "hessian_path": op.path,
@@ -300,6 +320,16 @@ class _NewtonFamily(Unlearner):
 
 # ---------------------------------------------------------------------------------------------
 # CureNewton
+
+
+def _check_option_names(what: str, options: Mapping[str, Any], function: Callable[..., Any],
+                        reserved: Sequence[str]) -> None:
+    """Every key of ``options`` is a keyword of ``function`` other than the ``reserved`` ones (set by the
+    method), so that a misspelt option fails in the constructor rather than at the first step."""
+    accepted = sorted(set(inspect.signature(function).parameters) - set(reserved))
+    unknown = [key for key in options if key not in accepted]
+    if unknown:
+        raise ValueError(f"{what}: unknown option(s) {unknown}; accepted: {accepted}")
 
 #: the smallest M that ``M="auto"`` uses (a quadratic loss estimates ~0; M -> 0 is Newton's step)
 MIN_AUTO_M = 1e-6
@@ -391,7 +421,14 @@ class CureNewton(_NewtonFamily):
             # a rejected trial leaves the weights at the trial point, where a replayed basis would be built
             raise ValueError(f"{self.name}: solver_options two_pass is not supported: a re-solve after a rejected "
                              "step reuses the stored Lanczos basis")
+        _check_option_names(f"{self.name}: solver_options", self.solver_options, KrylovCubicSolver, ("H", "g", "seed"))
+        try:  # the values, now rather than at the first step: the solver checks them as it is built
+            KrylovCubicSolver(torch.zeros(1, 1), torch.zeros(1), **{**KRYLOV_DEFAULTS, **self.solver_options})
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{self.name}: solver_options: {error}") from None
         self.lipschitz_options = dict(lipschitz_options or {})
+        _check_option_names(f"{self.name}: lipschitz_options", self.lipschitz_options, estimate_hessian_lipschitz,
+                            ("model", "loss_fn", "data", "params", "seed", "batch_size", "path"))
 
     def _sample(self, data: LabeledData, seed: int) -> LabeledData:
         """The seeded Hessian subsample of D_r (in the data's order), or all of it."""
@@ -501,6 +538,7 @@ class StochasticCureNewton(_NewtonFamily):
     """
 
     name = "stochastic_cure_newton"
+    _divergence_remedy = "raise M or lower eta"
 
     def __init__(self, M: float = 5.0, T: int = 10, K: int = 5, eta: float = 0.01, noise: float = 1e-3,
                  grad_batch_size: int = 512, hess_batch_size: int = 256, *, params: str | Sequence[str] | None = None,
@@ -534,14 +572,14 @@ class StochasticCureNewton(_NewtonFamily):
         round_norms = []
         for t in range(self.T):
             grad_data, hess_data = batch(self.grad_batch_size), batch(self.hess_batch_size)
-            g = self._gradient(ws, self._objective(ws, grad_data), grad_data)
+            g = self._gradient(ws, self._objective(ws, grad_data), grad_data, moved=t > 0)
             op = self._hessian(ws, hess_data)
             sub = cubic_gd(self._curvature(op), g, self.M, K=self.K, eta=self.eta, noise=self.noise, seed=seed + t)
             self._apply(ws, sub.step)
             hvps += op.num_products
             iterations += sub.iterations
             round_norms.append(sub.step_norm)
-        after = norm64(self._gradient(ws, full, ws.retain))
+        after = norm64(self._gradient(ws, full, ws.retain, moved=True))
         diagnostics = {"step_norm": norm64(ws.w - start), "sigma": sub.sigma, "model_value": sub.model_value,
                        "grad_norm_retain_before": before, "grad_norm_retain_after": after,
                        "objective_before": objective_before, "objective_after": full.value(),
@@ -576,6 +614,7 @@ class NewtonPinv(_NewtonFamily):
     """
 
     name = "newton_pinv"
+    _divergence_remedy = "raise rcond"
 
     def __init__(self, solver: str = "auto", rcond: float = 1e-6, rank: int = 300, tol: float = 1e-10,
                  maxiter: int | None = None, *, params: str | Sequence[str] | None = None,
@@ -619,6 +658,7 @@ class DampedNewton(_NewtonFamily):
     """
 
     name = "damped_newton"
+    _divergence_remedy = "raise damping"
     _solvers: tuple[str, ...] = ("auto", "eigh", "minres")
 
     def __init__(self, damping: float = 0.01, solver: str = "auto", tol: float = 1e-8, maxiter: int | None = None, *,
@@ -729,6 +769,7 @@ class LiSSANewton(_NewtonFamily):
     """
 
     name = "lissa"
+    _divergence_remedy = "raise scale or damping"
 
     def __init__(self, damping: float = 0.01, depth: int = 100, scale: float | str = "auto",
                  lanczos_steps: int = 20, *, params: str | Sequence[str] | None = None,

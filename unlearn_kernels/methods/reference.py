@@ -35,6 +35,7 @@ class Retrain(Unlearner):
     """
 
     name = "retrain"
+    trains_model_parameters = False  # it trains a fresh model
 
     def __init__(
         self,
@@ -99,6 +100,7 @@ class Original(Unlearner):
     """No unlearning: returns (a copy of) the original model, weights and mode unchanged."""
 
     name = "original"
+    trains_model_parameters = False
 
     def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,
                  unseen: LabeledData | None, seed: int) -> UnlearnResult:

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..curvature.checks import check_int, check_number
 from ..labeled import LabeledData
 from ..lora import ADAPTABLE, add_adapters, adapter_modules, check_rank_alpha, check_targets, unload
 from ..training import make_optimizer, model_device
@@ -107,28 +108,25 @@ class RFA(_Trained):
     """
 
     name = "rfa"
+    trains_model_parameters = False  # only the adapters it adds train; the model is frozen
 
     def __init__(self, epochs: int = 10, lr: float = 1e-2, batch_size: int = 64, rank: int = 8,
                  alpha: float | None = None, targets: str | Sequence[str] | None = None, shift: str = "neighbors",
                  lam: float = 1.0, neighbors: int = 5, margin: float = 1.0, task_weight: float = 1.0,
                  merge: bool = True, optimizer: str = "adam", weight_decay: float = 0.0) -> None:
         super().__init__(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay)
-        check_rank_alpha("RFA", rank, alpha)
+        check_rank_alpha(self.name, rank, alpha)
         if targets is not None:
-            targets = check_targets("RFA", targets)
+            targets = check_targets(self.name, targets)
         if shift not in SHIFTS:
-            raise ValueError(f"RFA: unknown shift {shift!r}; choose one of {SHIFTS}")
-        for key, value, low in (("lam", lam, 0.0), ("margin", margin, 0.0), ("task_weight", task_weight, None)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or (value <= low if low is not None else value < 0):
-                raise ValueError(f"RFA: {key} must be a finite number {'>' if low is not None else '>='} 0, "
-                                 f"got {value!r}")
-        if isinstance(neighbors, bool) or not isinstance(neighbors, int) or neighbors < 1:
-            raise ValueError(f"RFA: neighbors must be an int >= 1, got {neighbors!r}")
+            raise ValueError(f"{self.name}: unknown shift {shift!r}; choose one of {SHIFTS}")
         if not isinstance(merge, bool):
-            raise TypeError(f"RFA: merge must be a bool, got {merge!r}")
-        self.rank, self.alpha, self.targets, self.shift = rank, alpha, targets, shift
-        self.lam, self.neighbors, self.margin, self.task_weight, self.merge = lam, neighbors, margin, task_weight, merge
+            raise TypeError(f"{self.name}: merge must be a bool, got {merge!r}")
+        self.rank, self.alpha, self.targets, self.shift, self.merge = rank, alpha, targets, shift, merge
+        self.lam = check_number(f"{self.name}: lam", lam, 0.0, strict=True)
+        self.margin = check_number(f"{self.name}: margin", margin, 0.0, strict=True)
+        self.task_weight = check_number(f"{self.name}: task_weight", task_weight, 0.0)
+        self.neighbors = check_int(f"{self.name}: neighbors", neighbors)
 
     def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         adapters = [p for a in adapter_modules(model).values() for p in (a.lora_a, a.lora_b)]
