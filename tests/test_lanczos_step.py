@@ -1,5 +1,6 @@
 """lanczos_step: every backend against plain numpy formulas, CGS2 orthogonality, breakdown, a
-full Lanczos run against eigh, bad input and opcheck."""
+full Lanczos run against eigh, bad input and non-finite values (the same error from every backend)
+and opcheck."""
 import numpy as np
 import pytest
 import torch
@@ -170,33 +171,76 @@ def test_full_lanczos_run_finds_extreme_eigenvalues(backend, device, rng):
     torch.testing.assert_close(Qm @ Qm.T, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize(
-    ("change", "error", "match"),
-    [
-        ({"hq": torch.ones(3, 2)}, ValueError, "1-D"),
-        ({"hq": torch.ones(4, dtype=torch.int64)}, TypeError, "float32 or float64"),
-        ({"q": torch.ones(5)}, ValueError, r"q must have shape \(4,\)"),
-        ({"q_prev": torch.ones(4, dtype=torch.float64)}, TypeError, "q_prev dtype"),
-        ({"basis": torch.ones(2, 5)}, ValueError, r"basis must have shape \(m, 4\)"),
-        ({"basis": torch.ones(4)}, ValueError, "basis must have shape"),
-        ({"beta_prev": "0.5"}, TypeError, "beta_prev"),
-        ({"beta_prev": torch.ones(2)}, ValueError, "beta_prev must be a real scalar"),
-        ({"q": [1.0, 0.0, 0.0, 0.0]}, TypeError, "torch.Tensor"),
-    ],
-)
-def test_bad_input(change, error, match):
-    args = {"hq": torch.ones(4), "q": torch.ones(4) / 2, "q_prev": torch.zeros(4), "beta_prev": 0.0,
-            "basis": torch.empty(0, 4)}
-    args.update(change)
-    with pytest.raises(error, match=match):
-        lanczos_step(args["hq"], args["q"], args["q_prev"], args["beta_prev"], args["basis"])
+def _bad_calls(device):
+    """case -> (exception type, message after "lanczos_step: ", arguments); the vectors have d = 4."""
+    f = {"device": device}
+    hq, q, q_prev, basis = torch.ones(4, **f), torch.ones(4, **f) / 2, torch.zeros(4, **f), torch.empty(0, 4, **f)
+    return {
+        # the shapes of hq and q come first, whatever else is missing (here q_prev and basis)
+        "2-D hq and q": (ValueError, r"hq must be 1-D \(d,\), got shape \[1, 4\]",
+                         (hq[None], q[None], None, 0.0, None)),
+        "0-D hq": (ValueError, r"hq must be 1-D \(d,\), got shape \[\]", (hq[0], q, None, 0.0, None)),
+        "q shape": (ValueError, r"q must have the shape of hq \[4\], got \[5\]",
+                    (hq, torch.ones(5, **f), q_prev, 0.0, basis)),
+        "q_prev shape": (ValueError, r"q_prev must have the shape of hq \[4\], got \[1, 4\]",
+                         (hq, q, q_prev[None], 0.0, basis)),
+        "basis columns": (ValueError, r"basis must have shape \(m, 4\), got \[2, 5\]",
+                          (hq, q, q_prev, 0.0, torch.ones(2, 5, **f))),
+        "1-D basis": (ValueError, r"basis must have shape \(m, 4\), got \[4\]", (hq, q, q_prev, 0.0, hq)),
+        "integer hq": (TypeError, "hq must be float32 or float64, got Long", (hq.long(), q, q_prev, 0.0, basis)),
+        "q_prev dtype": (TypeError, "q_prev dtype Double must equal hq dtype Float",
+                         (hq, q, q_prev.double(), 0.0, basis)),
+        "basis dtype": (TypeError, "basis dtype Double must equal hq dtype Float",
+                        (hq, q, q_prev, 0.0, basis.double())),
+        "q device": (ValueError, f"q is on meta but hq is on {hq.device}", (hq, q.to("meta"), q_prev, 0.0, basis)),
+        "beta_prev type": (TypeError, "beta_prev must be a float or a 0-dim tensor, got str",
+                           (hq, q, q_prev, "0.5", basis)),
+        "beta_prev shape": (ValueError, r"beta_prev must be a real scalar, got a torch.float32 tensor of shape \(2,\)",
+                            (hq, q, q_prev, torch.ones(2), basis)),
+        "q type": (TypeError, "q must be a torch.Tensor, got list", (hq, [0.5] * 4, q_prev, 0.0, basis)),
+        "basis type": (TypeError, "basis must be a torch.Tensor, got int", (hq, q, q_prev, 0.0, 3)),
+    }
 
 
-@pytest.mark.parametrize(("backend", "device"), [(b, dev) for b, dev in PAIRS if b != "triton"])
-def test_non_finite_beta_prev(backend, device):
-    with pytest.raises(ValueError, match="beta_prev must be finite"):
+@pytest.mark.parametrize("case", sorted(_bad_calls("cpu")))
+def test_bad_input_raises_the_same_error_from_every_backend(case, device):
+    messages = {}
+    for backend in [b for b, dev in PAIRS if dev == device.type]:
+        exc, message, args = _bad_calls(device)[case]
+        with pytest.raises(exc, match=f"^lanczos_step: {message}$") as info:
+            lanczos_step(*args, backend=backend)
+        messages[backend] = str(info.value)
+    assert len(set(messages.values())) == 1, messages
+
+
+# Non-finite inputs make the interpreter's numpy arithmetic warn, as intended.
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize(("backend", "device"), PAIRS)
+@pytest.mark.parametrize("beta_prev", [float("nan"), float("inf"), "-inf tensor"])
+def test_non_finite_beta_prev(backend, device, beta_prev):
+    if beta_prev == "-inf tensor":
+        beta_prev = torch.tensor(float("-inf"), dtype=torch.float64, device=device)
+    with pytest.raises(ValueError, match="^lanczos_step: beta_prev must be finite, got NaN or Inf$"):
         lanczos_step(torch.ones(4, device=device), torch.ones(4, device=device) / 2, torch.zeros(4, device=device),
-                     float("nan"), None, backend=backend)
+                     beta_prev, None, backend=backend)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize(("backend", "device"), PAIRS)
+@pytest.mark.parametrize("name", ["hq", "q", "q_prev", "basis"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_vectors(backend, device, name, value, rng):
+    """A NaN or Inf in any vector is reported through alpha or beta (Inf in hq included, where the
+    breakdown test would zero beta), by every backend with the same message."""
+    d, m = 40, 3
+    basis = orthonormal_rows(m, d, torch.float64, rng)
+    args = {"hq": torch.randn(d, dtype=torch.float64, generator=rng), "q": unit(d, torch.float64, rng),
+            "q_prev": unit(d, torch.float64, rng), "basis": basis}
+    args[name].view(-1)[17] = value
+    args = {k: v.to(device) for k, v in args.items()}
+    with pytest.raises(ValueError, match="^lanczos_step: alpha or beta is not finite: hq, q, q_prev or basis contains "
+                                         "NaN or Inf, or their products overflow$"):
+        lanczos_step(args["hq"], args["q"], args["q_prev"], 0.5, args["basis"], backend=backend)
 
 
 def test_unavailable_backend():

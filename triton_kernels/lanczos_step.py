@@ -10,8 +10,9 @@ the rows of B in BLOCK_M-row chunks, accumulating in float64:
 3. ``_pass3``: when ``||c2|| > eps ||w||`` (a flag computed on the device, read by the kernel),
    w -= B^T c2; in either case partial sums of ||w||^2.
 
-The (tiles x m) partial sums are added up by torch on the device, so alpha, beta, the CGS
-coefficients and the flag never leave it (no host synchronisation in a Lanczos loop).
+The (tiles x m) partial sums are added up by torch on the device, so the CGS coefficients and the
+flag never leave it; beta_prev, alpha and beta are read back once at the end, for the checks of the
+values (one host synchronisation per step; none while tracing, when the checks are skipped).
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ..contracts.lanczos_step import BREAKDOWN_RTOL_EPS, fake
+from ..contracts import lanczos_step as contract
+from ..contracts.lanczos_step import BREAKDOWN_RTOL_EPS
 from . import INTERPRETED, define_op
 
 
@@ -100,23 +102,23 @@ def _launch_config(d: int, m: int) -> dict[str, int]:
     return {"BLOCK_M": 4, "BLOCK_D": 512, "num_warps": 4}
 
 
-@define_op("unlearn_kernels_triton::lanczos_step", fake)
-def lanczos_step(
+def _can_read(t: torch.Tensor) -> bool:
+    """False while tracing (fake or functional tensors): they hold no values then."""
+    return not torch._subclasses.fake_tensor.is_fake(t) and not torch.compiler.is_compiling()
+
+
+def _step(
     hq: torch.Tensor, q: torch.Tensor, q_prev: torch.Tensor, beta_prev: torch.Tensor, basis: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton Lanczos step on contiguous, validated inputs (see ``unlearn_kernels.ops.lanczos_step``);
-    beta_prev is a 0-dim float64 tensor on the vectors' device."""
+    """The step on contiguous inputs with d >= 1, beta_prev a 0-dim tensor."""
     d, m = hq.shape[0], basis.shape[0]
     f64 = {"dtype": torch.float64, "device": hq.device}
     w = torch.empty_like(hq)
-    if d == 0:
-        return w, torch.zeros((), **f64), torch.zeros((), **f64)
     cfg = _launch_config(d, m)
     n_tiles = triton.cdiv(d, cfg["BLOCK_D"])
     grid = (n_tiles,)
     h64 = hq.double()
     alpha, hq_norm2 = torch.dot(h64, q.double()), torch.dot(h64, h64)
-    beta_prev = beta_prev.reshape(())
     bpart = torch.empty((m, n_tiles), **f64)
     wrap_triton(_pass1)[grid](hq, q, q_prev, basis, w, alpha, beta_prev, bpart, d, m, n_tiles, **cfg)
     c2_part = torch.empty((m, n_tiles), **f64)
@@ -131,4 +133,23 @@ def lanczos_step(
     breakdown = beta <= BREAKDOWN_RTOL_EPS * eps * hq_norm2.sqrt()
     beta = torch.where(breakdown, 0.0, beta)
     w.mul_(torch.where(breakdown, 0.0, 1.0 / beta))
+    return w, alpha, beta
+
+
+@define_op("unlearn_kernels_triton::lanczos_step", contract.fake)
+def lanczos_step(
+    hq: torch.Tensor, q: torch.Tensor, q_prev: torch.Tensor, beta_prev: torch.Tensor, basis: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton Lanczos step (see ``unlearn_kernels.ops.lanczos_step``): the checks and messages of the
+    C++ op, from ``unlearn_kernels.contracts.lanczos_step``."""
+    contract.check_args(hq, q, q_prev, beta_prev, basis)
+    hq, q, q_prev, basis = (t.contiguous() for t in (hq, q, q_prev, basis))
+    beta_prev = beta_prev.reshape(())
+    if hq.shape[0] == 0:
+        zero = torch.zeros((), dtype=torch.float64, device=hq.device)
+        w, alpha, beta = torch.empty_like(hq), zero, zero.clone()
+    else:
+        w, alpha, beta = _step(hq, q, q_prev, beta_prev, basis)
+    if _can_read(alpha):
+        contract.check_values(beta_prev, alpha, beta)
     return w, alpha, beta

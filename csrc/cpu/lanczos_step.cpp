@@ -198,11 +198,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lanczos_step_cpu(const at::Tensor
                                                                 const at::Tensor& beta_prev_in,
                                                                 const at::Tensor& basis_in) {
   check_lanczos_step_inputs(hq_in, q_in, q_prev_in, beta_prev_in, basis_in);
-  constexpr const char* op = "lanczos_step";
   const int64_t d = hq_in.size(0);
   const auto dtype = hq_in.scalar_type();
   const double beta_prev = beta_prev_in.item<double>();
-  TORCH_CHECK_VALUE(std::isfinite(beta_prev), op, ": beta_prev must be finite, got ", beta_prev);
   const at::Tensor hq = hq_in.contiguous(), q = q_in.contiguous(), q_prev = q_prev_in.contiguous();
   const at::Tensor basis = basis_in.contiguous();
   const int64_t m = basis.size(0);
@@ -213,6 +211,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lanczos_step_cpu(const at::Tensor
         hq.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), q_prev.const_data_ptr<scalar_t>(),
         basis.const_data_ptr<scalar_t>(), q_next.mutable_data_ptr<scalar_t>(), d, m, beta_prev);
   });
+  check_lanczos_step_values(beta_prev, alpha, beta);
   const auto f64 = hq.options().dtype(at::kDouble);
   return {q_next, at::scalar_tensor(alpha, f64), at::scalar_tensor(beta, f64)};
 }

@@ -8,7 +8,8 @@
 // Each block owns a kTile-wide column tile: its threads stream the rows of B for the updates, and
 // for the dot products each warp takes whole rows against the tile held in shared memory (no block
 // barrier per row). Partial sums per tile are added up by row_sum in a fixed order, so results
-// are deterministic, and alpha, beta and the flag never leave the device (no host synchronisation).
+// are deterministic, and the flag never leaves the device; beta_prev, alpha and beta are read back
+// once at the end, for the checks of the values (one host synchronisation per step).
 #include "../lanczos_step.h"
 
 #include <ATen/Dispatch.h>
@@ -211,7 +212,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lanczos_step_cuda(const at::Tenso
   const auto f64 = hq.options().dtype(at::kDouble);
   at::Tensor w = at::empty({d}, hq.options());
   at::Tensor out = at::zeros({3}, f64);  // alpha, beta, scale
-  if (d == 0) return {w, out[0], out[1]};
+  // The checks of the values read beta_prev, alpha and beta back at once: one synchronisation.
+  const auto checked = [&] {
+    const at::Tensor values = at::cat({beta_prev.reshape({1}), out.narrow(0, 0, 2)}).cpu();
+    const double* v = values.const_data_ptr<double>();
+    check_lanczos_step_values(v[0], v[1], v[2]);
+    return std::make_tuple(w, out[0].clone(), out[1].clone());
+  };
+  if (d == 0) return checked();
 
   const int64_t n_tiles = (d + kTile - 1) / kTile;
   TORCH_CHECK(n_tiles <= INT32_MAX, op, ": d = ", d, " is too large");
@@ -268,7 +276,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lanczos_step_cuda(const at::Tenso
     scale_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(w_p, d, o + 2);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {w, out[0].clone(), out[1].clone()};
+  return checked();
 }
 
 }  // namespace

@@ -10,9 +10,14 @@ beta_prev, and an (m, d) matrix ``basis`` of vectors to orthogonalise against (m
     q_next = w / beta
 
 Alpha accumulates in float64 for float32 vectors too; alpha and beta come back as float64 0-dim
-tensors on the vectors' device (no host synchronisation). When beta is at the rounding level of
-the step, ``beta <= 16 eps ||hq||`` with eps the vectors' machine epsilon, the Krylov space is
-invariant ("breakdown"): then beta is returned as exactly 0 and q_next as zeros.
+tensors on the vectors' device. When beta is at the rounding level of the step,
+``beta <= 16 eps ||hq||`` with eps the vectors' machine epsilon, the Krylov space is invariant
+("breakdown"): then beta is returned as exactly 0 and q_next as zeros.
+
+Every backend checks beta_prev, alpha and beta once the step is done: NaN or Inf anywhere in hq, q,
+q_prev or basis reaches alpha or beta, so the two scalars the step computes anyway cover the
+vectors without another pass over them. On a GPU reading them back is one host synchronisation
+per step (skipped while torch.compile traces the Triton op).
 
 Backends: C++ CPU, CUDA and Triton kernels, and the pure-PyTorch reference
 :func:`lanczos_step_ref` (float64 throughout). The C++ kernel works at the memory floor of the
@@ -22,7 +27,7 @@ pass's update (while that tile of the basis is in cache); and makes the second u
 ``||c2|| > eps ||w||``, i.e. when it would change w by more than the rounding of storing it. It
 reads the basis twice per step (three times when hq lies almost inside its span), with tile sums
 in the vectors' dtype and float64 across tiles. The CUDA and Triton kernels follow the same scheme
-with float64 sums, the decision taken on the device (no host synchronisation).
+with float64 sums, the decision taken on the device.
 """
 from __future__ import annotations
 
@@ -30,10 +35,10 @@ import torch
 
 from .. import _extension
 from ..backends import choose
-from ..contracts.lanczos_step import BREAKDOWN_RTOL_EPS, fake
+from ..contracts.lanczos_step import BREAKDOWN_RTOL_EPS, check_args, check_values, fake
+from ..contracts.lanczos_step import OP as _OP
 
 _CPP_OPS = "unlearn_kernels"
-_OP = "lanczos_step"
 
 
 def lanczos_step_ref(
@@ -50,30 +55,6 @@ def lanczos_step_ref(
     beta = torch.where(breakdown, torch.zeros_like(beta), beta)
     q_next = torch.where(breakdown, torch.zeros_like(w), w / torch.where(breakdown, 1.0, beta))
     return q_next.to(hq.dtype), alpha, beta
-
-
-def _check_inputs(
-    hq: torch.Tensor, q: torch.Tensor, q_prev: torch.Tensor, basis: torch.Tensor
-) -> None:
-    named = {"hq": hq, "q": q, "q_prev": q_prev, "basis": basis}
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if hq.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{_OP}: hq must be float32 or float64, got {hq.dtype}")
-    if hq.dim() != 1:
-        raise ValueError(f"{_OP}: hq must be 1-D (d,), got shape {tuple(hq.shape)}")
-    d = hq.shape[0]
-    for name, t in named.items():
-        if t.dtype != hq.dtype:
-            raise TypeError(f"{_OP}: {name} dtype {t.dtype} must equal hq dtype {hq.dtype}")
-        if t.device != hq.device:
-            raise ValueError(f"{_OP}: {name} is on {t.device} but hq is on {hq.device}")
-    for name in ("q", "q_prev"):
-        if named[name].shape != (d,):
-            raise ValueError(f"{_OP}: {name} must have shape ({d},), got {tuple(named[name].shape)}")
-    if basis.dim() != 2 or basis.shape[1] != d:
-        raise ValueError(f"{_OP}: basis must have shape (m, {d}), got {tuple(basis.shape)}")
 
 
 def _beta_tensor(beta_prev: float | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -110,8 +91,8 @@ def lanczos_step(
         q: (d,) the current (unit) Lanczos vector.
         q_prev: (d,) the previous Lanczos vector, or None on the first step (then beta_prev is
             ignored).
-        beta_prev: the previous step's beta, a float or a 0-dim tensor (e.g. the ``beta`` this op
-            returned last step, so that a GPU loop never synchronises).
+        beta_prev: the previous step's beta, a finite float or a 0-dim tensor (e.g. the ``beta``
+            this op returned last step).
         basis: (m, d) rows to reorthogonalise against (orthonormal, e.g. the Lanczos vectors so far
             for full reorthogonalisation), or None / an (0, d) tensor for none. Non-contiguous
             bases are copied.
@@ -120,23 +101,31 @@ def lanczos_step(
     Returns:
         ``(q_next, alpha, beta)``: q_next (d,) of the vectors' dtype, alpha and beta float64 0-dim
         tensors on their device. On breakdown (``beta <= 16 eps ||hq||``) beta is 0 and q_next zeros.
+
+    Raises:
+        TypeError / ValueError: a bad shape, dtype or device (the shapes of hq and q are checked
+            first), a non-finite beta_prev, or NaN or Inf in hq, q, q_prev or basis (seen as a
+            non-finite alpha or beta; also raised when their products overflow). The same error
+            from every backend.
     """
-    if q_prev is None and isinstance(q, torch.Tensor):  # beta_prev = 0 drops the term; q stands in
+    for name, t in (("hq", hq), ("q", q), ("q_prev", q_prev), ("basis", basis)):
+        if not (isinstance(t, torch.Tensor) or (t is None and name in ("q_prev", "basis"))):
+            raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if q_prev is None:  # beta_prev = 0 drops the term; q stands in
         q_prev, beta_prev = q, 0.0
-    if basis is None and isinstance(hq, torch.Tensor) and hq.dim() == 1:
-        basis = hq.new_empty((0, hq.shape[0]))
-    _check_inputs(hq, q, q_prev, basis)
+    if basis is None:  # no rows; of hq's last dimension, so that a bad hq is what the checks report
+        basis = hq.new_empty((0, *hq.shape[-1:]))
     beta_t = _beta_tensor(beta_prev, hq.device)
     name = choose(_OP, hq.device, backend)
+    # One check per path: the compiled kernels (C++, CUDA and Triton) check their inputs themselves,
+    # with the same messages as the contract's checks here.
     if name == "reference":
-        if not bool(torch.isfinite(beta_t)):
-            raise ValueError(f"{_OP}: beta_prev must be finite, got {float(beta_t)}")
-        return lanczos_step_ref(hq, q, q_prev, beta_t, basis)
-    basis = basis.contiguous()
-    hq, q, q_prev = hq.contiguous(), q.contiguous(), q_prev.contiguous()
-    if name == "triton":
-        return _triton_ops().lanczos_step(hq, q, q_prev, beta_t, basis)
-    return torch.ops.unlearn_kernels.lanczos_step(hq, q, q_prev, beta_t, basis)
+        check_args(hq, q, q_prev, beta_t, basis)
+        q_next, alpha, beta = lanczos_step_ref(hq, q, q_prev, beta_t, basis)
+        check_values(beta_t, alpha, beta)
+        return q_next, alpha, beta
+    ops = _triton_ops() if name == "triton" else torch.ops.unlearn_kernels
+    return ops.lanczos_step(hq, q, q_prev, beta_t, basis)
 
 
 if _extension.extension_loaded():
