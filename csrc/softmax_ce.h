@@ -16,6 +16,9 @@ inline void check_logits(const char* op, const at::Tensor& logits) {
   TORCH_CHECK_VALUE(logits.dim() == 2, op, ": logits must be 2-D (N, C), got shape ", logits.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(logits.scalar_type()), op, ": logits must be floating point, got ",
                    logits.scalar_type());
+  // a softmax over no classes is undefined
+  TORCH_CHECK_VALUE(logits.size(1) >= 1, op, ": logits must have at least one class (C >= 1), got shape ",
+                    logits.sizes());
 }
 
 inline void check_grad_args(const at::Tensor& logits, const at::Tensor& target, double label_smoothing) {

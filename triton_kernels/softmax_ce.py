@@ -10,8 +10,9 @@ Accumulation is fp32 for fp16/bf16/fp32 inputs and fp64 for fp64 inputs.
 
 Errors are found inside the kernels and written to a small int32 flag tensor, read back (one
 synchronisation) only when something must be reported: always for the grad's target range (as the
-C++ kernel does; the message names the first bad row), and for non-finite inputs when ``check_finite``. Under tracing (fake tensors,
-``torch.compile``) the flags cannot be read, so the checks are eager-mode only.
+C++ kernel does; the message names the first bad row), and for non-finite inputs when
+``check_finite``. Under tracing (fake tensors, ``torch.compile``) the flags cannot be read, so the
+checks are eager-mode only.
 """
 from __future__ import annotations
 
@@ -162,7 +163,7 @@ def softmax_ce_grad(
     logits, target = _rows_dense(logits), target.contiguous()
     n_rows, n_cols = logits.shape
     out = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
-    if n_rows == 0 or n_cols == 0:
+    if n_rows == 0:
         return out
     flags = torch.zeros(2, dtype=torch.int32, device=logits.device)
     cfg = _launch_config(n_rows, n_cols)
@@ -187,7 +188,7 @@ def softmax_ce_hvp(logits: torch.Tensor, tangent: torch.Tensor, check_finite: bo
     logits, tangent = _rows_dense(logits), _rows_dense(tangent)
     n_rows, n_cols = logits.shape
     out = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
-    if n_rows == 0 or n_cols == 0:
+    if n_rows == 0:
         return out
     flags = torch.zeros(2, dtype=torch.int32, device=logits.device)
     cfg = _launch_config(n_rows, n_cols)

@@ -157,7 +157,7 @@ at::Tensor softmax_ce_hvp_cpu(const at::Tensor& logits_in, const at::Tensor& tan
   const at::Tensor logits = rows_dense(logits_in), tangent = rows_dense(tangent_in);
   const int64_t N = logits.size(0), C = logits.size(1);
   at::Tensor out = at::empty({N, C}, logits.options().memory_format(at::MemoryFormat::Contiguous));
-  if (N == 0 || C == 0) return out;
+  if (N == 0) return out;
   std::atomic<bool> bad_logits{false}, bad_tangent{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "softmax_ce_hvp_cpu", [&] {
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
@@ -184,7 +184,7 @@ at::Tensor softmax_ce_grad_cpu(const at::Tensor& logits_in, const at::Tensor& ta
   const at::Tensor logits = rows_dense(logits_in), target = target_in.contiguous();
   const int64_t N = logits.size(0), C = logits.size(1);
   at::Tensor out = at::empty({N, C}, logits.options().memory_format(at::MemoryFormat::Contiguous));
-  if (N == 0 || C == 0) return out;
+  if (N == 0) return out;
   std::atomic<bool> bad_logits{false}, bad_target{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "softmax_ce_grad_cpu", [&] {
     const scalar_t* z = logits.const_data_ptr<scalar_t>();

@@ -237,7 +237,7 @@ at::Tensor softmax_ce_hvp_cuda(const at::Tensor& logits_in, const at::Tensor& ta
   const at::Tensor logits = rows_dense(logits_in), tangent = rows_dense(tangent_in);
   const int64_t N = logits.size(0), C = logits.size(1);
   at::Tensor out = at::empty({N, C}, logits.options().memory_format(at::MemoryFormat::Contiguous));
-  if (N == 0 || C == 0) return out;
+  if (N == 0) return out;
   at::Tensor flags = at::zeros({2}, logits.options().dtype(at::kInt));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "softmax_ce_hvp_cuda", [&] {
@@ -267,7 +267,7 @@ at::Tensor softmax_ce_grad_cuda(const at::Tensor& logits_in, const at::Tensor& t
   const at::Tensor logits = rows_dense(logits_in), target = target_in.contiguous();
   const int64_t N = logits.size(0), C = logits.size(1);
   at::Tensor out = at::empty({N, C}, logits.options().memory_format(at::MemoryFormat::Contiguous));
-  if (N == 0 || C == 0) return out;
+  if (N == 0) return out;
   at::Tensor flags = at::zeros({2}, logits.options().dtype(at::kInt));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "softmax_ce_grad_cuda", [&] {

@@ -26,6 +26,8 @@ def _check_logits(op: str, logits: torch.Tensor) -> None:
         raise ValueError(f"{op}: logits must be 2-D (N, C), got shape {shape_text(logits)}")
     if not logits.is_floating_point():
         raise TypeError(f"{op}: logits must be floating point, got {dtype_name(logits.dtype)}")
+    if logits.shape[1] == 0:  # a softmax over no classes is undefined
+        raise ValueError(f"{op}: logits must have at least one class (C >= 1), got shape {shape_text(logits)}")
 
 
 def check_grad_args(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float) -> None:

@@ -50,8 +50,6 @@ def softmax_ce_hvp_ref(logits: torch.Tensor, tangent: torch.Tensor) -> torch.Ten
 def _check_finite_ref(op: str, logits: torch.Tensor, tangent: torch.Tensor | None) -> None:
     """The reference backend's finiteness check, the kernels' conditions: a finite row max, and a
     finite <p, u>."""
-    if logits.numel() == 0:
-        return
     if not bool(torch.isfinite(logits.amax(dim=1)).all()):
         raise ValueError(f"{op}: {contract.BAD_LOGITS}")
     if tangent is not None:
@@ -80,8 +78,8 @@ def softmax_ce_grad(
     """Per-sample gradient of softmax cross entropy w.r.t. the logits, ``softmax(z) - t``.
 
     Args:
-        logits: (N, C) floating point tensor (float32/float64; float16/bfloat16 accumulate in fp32).
-            Rows may be strided; non-contiguous classes are copied.
+        logits: (N, C) floating point tensor, C >= 1 (float32/float64; float16/bfloat16 accumulate
+            in fp32). Rows may be strided; non-contiguous classes are copied.
         target: (N,) integer class indices in [0, C), or ``ignore_index`` (that row's gradient is 0).
         label_smoothing: eps in [0, 1]; the target becomes (1 - eps) onehot + eps / C.
         ignore_index: target value whose rows are ignored, as in ``F.cross_entropy``.
@@ -119,7 +117,8 @@ def softmax_ce_hvp(
     one fused pass per row with no (N, C) temporary.
 
     Args:
-        logits: (N, C) floating point tensor (float32/float64; float16/bfloat16 accumulate in fp32).
+        logits: (N, C) floating point tensor, C >= 1 (float32/float64; float16/bfloat16 accumulate
+            in fp32).
         tangent: (N, C) tensor u of the same dtype and device.
         check_finite: raise ValueError if the logits contain NaN/+Inf or the tangent NaN/Inf.
         backend: "auto", "cpp", "cuda", "triton" or "reference".
