@@ -141,7 +141,8 @@ def test_reverse_over_reverse_mode_matches_dense_reference(name):
     ref = dense_hessian(model, batches, loss)
     assert rel_err(H.to_dense(chunk_size=5), ref) <= 1e-10
     V = torch.randn(H.shape[0], 3, dtype=DT, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(H.matmat(V), torch.stack([H.matvec(V[:, k]) for k in range(3)], 1), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(H.matmat(V), torch.stack([H.matvec(V[:, k]) for k in range(3)], 1),
+                               rtol=1e-12, atol=1e-14)
     forward = hessian_operator(model, loss, batches, path="generic", mode="forward-over-reverse")
     assert forward.mode == "forward-over-reverse" and forward.mode_reason == "requested"
     assert rel_err(forward.matmat(V), H.matmat(V)) <= 1e-12
@@ -417,6 +418,58 @@ def test_determinism_probe():
     ggn_operator(model, loss, LabeledData(x, y).loader(batch_size=5, drop_last=True))  # drops nothing
 
 
+@pytest.mark.parametrize("path", ["generic", "fused", "ggn"])
+def test_non_finite_data_and_labels_out_of_range_are_named(path):
+    """The construction probe names the tensor and row of a NaN/Inf in the first batch (before the
+    determinism check, which NaN would fail as if the data changed), and a label out of range by its
+    row, value and the number of classes instead of torch's IndexError, on every path."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, C)).to(DT)
+    x, y = torch.randn(N, 4, dtype=DT), torch.randint(0, C, (N,))
+
+    def build(data, loss=F.cross_entropy, **options):
+        if path == "ggn":
+            return ggn_operator(model, loss, data, **options)
+        op = hessian_operator(model, loss, data, path=path, **options)
+        assert op.path == path
+        return op
+
+    build((x, y))
+    for value in (float("nan"), float("inf")):
+        x_bad = x.clone()
+        x_bad[3, 1] = value
+        for data in ((x_bad, y), LabeledData(x_bad, y).loader(batch_size=4)):
+            with pytest.raises(ValueError, match=r"^the first batch's inputs x contain NaN or Inf \(first at row 3\)$"):
+                build(data)
+    with pytest.raises(ValueError, match=r"^the first batch's inputs x contain NaN or Inf \(first at row 0\)$"):
+        build((torch.full_like(x, float("nan")), y))
+    if path != "fused":  # float targets: the fused path takes cross entropy only
+        targets = torch.randn(N, C, dtype=DT)
+        targets[7, 0] = float("nan")
+        with pytest.raises(ValueError, match=r"^the first batch's targets y contain NaN or Inf \(first at row 7\)$"):
+            build((x, targets), F.mse_loss)
+
+    def out_of_range(row, label, ignore_index=-100):
+        return (rf"^label y\[{row}\] = {label} \(rows counted within the batch\) is out of range for the model's "
+                rf"{C} classes \(and is not ignore_index={ignore_index}\)$")
+
+    for label in (C, -3):
+        y_bad = y.clone()
+        y_bad[[2, 6]] = torch.tensor([label, C + 4])
+        with pytest.raises(ValueError, match=out_of_range(2, label)):
+            build((x, y_bad))
+    y_ignored = y.clone()
+    y_ignored[[1, 5]] = torch.tensor([-1, C])
+    with pytest.raises(ValueError, match=out_of_range(5, C, ignore_index=-1)):
+        build((x, y_ignored), nn.CrossEntropyLoss(ignore_index=-1))
+    if path != "fused":  # a later batch, met by a gradient (the fused kernels name it themselves)
+        y_late = y.clone()
+        y_late[7] = C
+        op = build((x, y_late), batch_size=5)
+        with pytest.raises(ValueError, match=out_of_range(2, C)):
+            op.gradient()
+
+
 def _square_function(differentiable_backward: bool) -> type[torch.autograd.Function]:
     """x^2 with a backward but no forward-mode derivative (jvp)."""
 
@@ -463,7 +516,8 @@ def test_requested_reverse_mode_is_checked_and_needs_no_forward_mode():
     assert H.mode == "reverse-over-reverse"
     once = _square_function(differentiable_backward=False)
     with pytest.raises(ValueError, match="not twice differentiable"):
-        hessian_operator(model, lambda out, t: once.apply(out).mean(), (x, y), path="generic", mode="reverse-over-reverse")
+        hessian_operator(model, lambda out, t: once.apply(out).mean(), (x, y), path="generic",
+                         mode="reverse-over-reverse")
 
 
 def test_fallback_check_survives_relu_kinks_in_float32():

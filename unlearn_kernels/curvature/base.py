@@ -45,6 +45,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..labeled import LabeledData
+from .checks import first_nonfinite_row
 from .linear_operator import to_scipy_operator
 from .params import ParameterSlots, ParamSelection, flatten_tensors, resolve_parameters, unflatten_vector
 
@@ -130,8 +131,9 @@ class CurvatureOperator(abc.ABC):
 
     Construction probes the first batch (two gradient evaluations and, in subclasses, one or two
     products; counted in ``num_gradients`` and ``num_products`` as if they were full ones) and raises
-    ValueError for train-mode BatchNorm/dropout, for data that changes between passes and for a
-    gradient that is not reproducible.
+    ValueError for train-mode BatchNorm/dropout, for NaN or Inf in the first batch, for data that
+    changes between passes and for a gradient that is not reproducible. A class label out of range
+    (where the loss raises IndexError, as cross entropy does on the CPU) is a ValueError naming it.
 
     Attributes:
         shape: (d, d).
@@ -218,7 +220,12 @@ class CurvatureOperator(abc.ABC):
 
     def batch_loss(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``loss_fn(model(x), y)`` as a function of ``params`` (a scalar, checked)."""
-        loss = self.loss_fn(self.batch_forward(params, x), y)
+        out = self.batch_forward(params, x)
+        try:
+            loss = self.loss_fn(out, y)
+        except IndexError:
+            _check_labels(self.loss_fn, out, y)  # torch's message names neither the row nor the classes
+            raise
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ValueError(
                 "loss_fn must return a scalar tensor (a mean-reduced loss such as nn.CrossEntropyLoss()), got "
@@ -421,8 +428,14 @@ class CurvatureOperator(abc.ABC):
         raise ValueError("data is empty: it yields no batches")
 
     def _probe_determinism(self) -> None:
-        """Two passes must start with the same batch, and two gradients on it must agree."""
+        """The first batch must be finite, two passes must start with the same batch, and two
+        gradients on it must agree."""
         x1, y1 = self._first_batch()
+        # Before the comparison, which NaN would fail (NaN != NaN) as if the data changed between passes.
+        for what, t in (("inputs x", x1), ("targets y", y1)):
+            row = first_nonfinite_row(t)
+            if row is not None:
+                raise ValueError(f"the first batch's {what} contain NaN or Inf (first at row {row})")
         x2, y2 = self._first_batch()
         if not (x1.shape == x2.shape and y1.shape == y2.shape and torch.equal(x1, x2) and torch.equal(y1, y2)):
             raise ValueError(
@@ -453,6 +466,20 @@ class CurvatureOperator(abc.ABC):
                 f"{diff / max(float(torch.linalg.vector_norm(g1)), 1e-300):.2e}): the model or loss is random "
                 "(dropout, noise) or keeps state between calls; call model.eval() and remove the randomness"
             )
+
+
+def _check_labels(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor) -> None:
+    """After the loss raised IndexError: ValueError naming the first class label in ``y`` outside
+    the model's ``out.shape[1]`` classes (and not the loss's ``ignore_index``, -100 by default, as
+    in ``F.cross_entropy``); nothing if there is none."""
+    if y.is_floating_point() or y.is_complex() or out.dim() < 2:
+        return
+    classes, ignore_index = out.shape[1], getattr(loss_fn, "ignore_index", -100)
+    bad = ((y < 0) | (y >= classes)) & (y != ignore_index)
+    if bool(bad.any()):
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"label y[{', '.join(map(str, where))}] = {int(y[where])} (rows counted within the batch) "
+                         f"is out of range for the model's {classes} classes (and is not ignore_index={ignore_index})")
 
 
 def _check_train_mode(model: nn.Module) -> None:

@@ -6,6 +6,8 @@ message everywhere (the caller prefixes ``name`` with its own, e.g. ``"cure_newt
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from typing import Any
 
 import torch
@@ -26,6 +28,26 @@ def check_number(name: str, value: Any, low: float = -math.inf, *, strict: bool 
         bound = "" if low == -math.inf else f" {'>' if strict else '>='} {low}"
         raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
     return float(value)
+
+
+def check_seed(name: str, value: Any) -> int:
+    """``value`` as an int if it is an integer (Python or numpy; not a bool) in [0, 2**63), else
+    TypeError / ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = operator.index(value)
+    if not 0 <= value < 2**63:
+        raise ValueError(f"{name} must be in [0, 2**63), got {value}")
+    return value
+
+
+def first_nonfinite_row(t: torch.Tensor) -> int | None:
+    """The first index along dim 0 whose slice of ``t`` holds NaN or Inf, or None (integer tensors
+    are always finite)."""
+    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
+        return None
+    finite = torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
+    return None if bool(finite.all()) else int((~finite).nonzero()[0, 0])
 
 
 def norm64(v: torch.Tensor) -> float:

@@ -536,9 +536,9 @@ def hessian_operator(
             the operator of the mean over all ranks' rows, identical on every rank.
 
     Raises:
-        ValueError: train-mode BatchNorm/dropout, data that changes between passes, a loss that is
-            not twice differentiable, an unknown path or mode, a bad ``cache_bytes``, or an
-            unsupported forced "fused" path.
+        ValueError: train-mode BatchNorm/dropout, NaN or Inf in the first batch, data that changes
+            between passes, a class label out of range, a loss that is not twice differentiable, an
+            unknown path or mode, a bad ``cache_bytes``, or an unsupported forced "fused" path.
     """
     if path not in ("auto", "generic", "fused"):
         raise ValueError(f"path must be 'auto', 'generic' or 'fused', got {path!r}")
