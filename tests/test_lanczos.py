@@ -1,4 +1,5 @@
 """Lanczos (unlearn_kernels.solvers.lanczos) against torch.linalg.eigh of the dense float64 matrix."""
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -140,6 +141,26 @@ def test_bad_inputs(matrix):
         lanczos(torch.ones(3, 4, dtype=torch.float64), 2)
     with pytest.raises(ValueError, match="needs dim"):
         lanczos(lambda v: v, 2)
+    with pytest.raises(ValueError, match=r"^H is empty \(0 x 0\): it has no eigenvalues$"):
+        lanczos(torch.ones(0, 0, dtype=torch.float64), 5)
+    for seed, error in (("a", TypeError), (1.0, TypeError), (True, TypeError), (-1, ValueError), (2**63, ValueError)):
+        with pytest.raises(error, match="seed must be"):
+            lanczos(matrix, 5, seed=seed)
+
+
+def test_numpy_integer_seed(matrix):
+    """A numpy integer is a seed like the Python int of the same value."""
+    expected = lanczos(matrix, 10, tol=0.0, seed=7).alphas
+    assert torch.equal(lanczos(matrix, 10, tol=0.0, seed=np.int64(7)).alphas, expected)
+    assert torch.equal(lanczos(matrix, 10, tol=0.0, seed=np.uint32(7)).alphas, expected)
+
+
+def test_overflowing_products_raise():
+    """A finite matrix whose Rayleigh quotients overflow float64 (its eigenvalue 4c is above the
+    largest float64): the step's alpha is Inf, and the step says so instead of handing it to T."""
+    c = 0.85e308
+    with pytest.raises(ValueError, match="alpha or beta is not finite"):
+        lanczos(torch.full((4, 4), c, dtype=torch.float64), 3, v0=torch.ones(4, dtype=torch.float64))
 
 
 @settings(max_examples=15, deadline=None)

@@ -32,7 +32,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from ..curvature.checks import check_int, check_number
+from ..curvature.checks import check_int, check_number, check_seed
 from ..ops.lanczos_step import lanczos_step
 from .operators import SolverOperator, as_operator, check_vector
 
@@ -287,7 +287,7 @@ def lanczos(
         num_eigs: how many Ritz pairs to return (default 1, or 2 for "BE").
         tol: stop early once every wanted pair has residual bound <= tol * max|theta|
             (0 runs all k steps).
-        seed: seeds the start and restart vectors.
+        seed: seeds the start and restart vectors (an int in [0, 2**63), Python or numpy).
         return_eigenvectors: form the Ritz vectors (one-pass: from the basis; two-pass: second pass).
 
     Returns:
@@ -298,6 +298,8 @@ def lanczos(
     else:  # v0 also gives the dimension, dtype and device of a function v -> H v
         op = as_operator(H, check_vector(v0, "v0").shape[0], dtype=v0.dtype, device=v0.device)
     d = op.shape[0]
+    if d == 0:
+        raise ValueError("H is empty (0 x 0): it has no eigenvalues")
     check_int("k", k, 1)
     if which not in ("LA", "SA", "BE"):
         raise ValueError(f"which must be 'LA', 'SA' or 'BE', got {which!r}")
@@ -305,7 +307,7 @@ def lanczos(
     check_number("tol", tol, 0.0)
     if two_pass and reorth != "none":
         raise ValueError("two_pass=True keeps no basis to reorthogonalise against: use reorth='none'")
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(check_seed("seed", seed))
     if v0 is None:
         v0 = torch.randn(d, generator=gen, dtype=torch.float64).to(device=op.device, dtype=op.dtype)
     elif not bool(v0.abs().max() > 0):
