@@ -345,3 +345,24 @@ def test_property_krylov_equals_dense(d, seed, shift, log_M, hard):
     assert_global_optimum(H, g, M, ref.step)
     out = cubic_newton_step(H, g, M, method="krylov", k_max=d, kappa=1e-13, probe_steps=d, seed=seed)
     assert out.model_value == pytest.approx(ref.model_value, rel=1e-8, abs=1e-12)
+
+
+def test_every_seeded_solver_checks_its_seed():
+    from unlearn_kernels.solvers import adaptive_cubic_newton, pinv_newton_step
+
+    H = torch.diag(torch.tensor([2.0, -1.0, 0.5], dtype=torch.float64))
+    g = torch.tensor([1.0, 0.5, -0.2], dtype=torch.float64)
+    calls = {
+        "krylov": lambda seed: cubic_newton_step(H, g, 1.0, seed=seed),
+        "cubic_gd": lambda seed: cubic_gd(H, g, 1.0, noise=1e-3, seed=seed),
+        "stochastic_cubic_gd": lambda seed: stochastic_cubic_gd(lambda: (g, H), 1.0, T=1, seed=seed),
+        "arc": lambda seed: adaptive_cubic_newton(lambda w: float(g @ w + 0.5 * w @ H @ w), lambda w: g + H @ w,
+                                                  lambda w: H, torch.zeros(3, dtype=torch.float64), seed=seed),
+        "pinv-lanczos": lambda seed: pinv_newton_step(H, g, solver="lanczos", rank=3, seed=seed),
+    }
+    for name, call in calls.items():
+        call(7)
+        with pytest.raises(TypeError, match="seed must be an int, got str"):
+            call("a")
+        with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*63\), got -1"):
+            call(-1)

@@ -123,6 +123,7 @@ def test_bad_input(problem):
 
 def test_checks():
     assert check_int("k", 3) == 3 and check_int("k", 0, low=0) == 0
+    assert type(check_int("k", np.int64(4))) is int and check_number("x", np.float32(0.5)) == 0.5  # numpy scalars
     for bad in (0, True, 2.0, "3"):
         with pytest.raises(ValueError, match="k must be an int >= 1"):
             check_int("k", bad)

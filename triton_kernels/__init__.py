@@ -17,6 +17,12 @@ from torch.library import triton_op
 INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 
 
+def can_read(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds values to read back (a flag, a scalar to check): not while tracing, when
+    it is a fake or functional tensor."""
+    return not torch._subclasses.fake_tensor.is_fake(t) and not torch.compiler.is_compiling()
+
+
 def define_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:
     """Decorator defining the op ``name`` from a Python body that launches Triton kernels.
 

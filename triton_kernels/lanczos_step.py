@@ -23,7 +23,7 @@ from torch.library import wrap_triton
 
 from ..contracts import lanczos_step as contract
 from ..contracts.lanczos_step import BREAKDOWN_RTOL_EPS
-from . import INTERPRETED, define_op
+from . import INTERPRETED, can_read, define_op
 
 
 @triton.jit
@@ -102,11 +102,6 @@ def _launch_config(d: int, m: int) -> dict[str, int]:
     return {"BLOCK_M": 4, "BLOCK_D": 512, "num_warps": 4}
 
 
-def _can_read(t: torch.Tensor) -> bool:
-    """False while tracing (fake or functional tensors): they hold no values then."""
-    return not torch._subclasses.fake_tensor.is_fake(t) and not torch.compiler.is_compiling()
-
-
 def _step(
     hq: torch.Tensor, q: torch.Tensor, q_prev: torch.Tensor, beta_prev: torch.Tensor, basis: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -150,6 +145,6 @@ def lanczos_step(
         w, alpha, beta = torch.empty_like(hq), zero, zero.clone()
     else:
         w, alpha, beta = _step(hq, q, q_prev, beta_prev, basis)
-    if _can_read(alpha):
+    if can_read(alpha):
         contract.check_values(beta_prev, alpha, beta)
     return w, alpha, beta

@@ -24,7 +24,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..contracts import softmax_ce as contract
-from . import define_op
+from . import can_read, define_op
 
 # Largest column block and largest (rows x columns) tile one program holds in registers.
 _MAX_BLOCK = 4096
@@ -142,11 +142,6 @@ def _rows_dense(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(1) == 1 else t.contiguous()
 
 
-def _can_read(flags: torch.Tensor) -> bool:
-    """False while tracing (fake or functional tensors): the flags hold no values then."""
-    return not torch._subclasses.fake_tensor.is_fake(flags) and not torch.compiler.is_compiling()
-
-
 def _float64_bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
@@ -171,7 +166,7 @@ def softmax_ce_grad(
         logits, target, out, flags, n_rows, n_cols, logits.stride(0), _float64_bits(label_smoothing),
         ignore_index, FP64=logits.dtype == torch.float64, **cfg,
     )
-    if _can_read(flags):
+    if can_read(flags):
         bad_logits, bad_target = flags.tolist()
         if bad_target:
             contract.check_targets(target, n_cols, ignore_index)
@@ -196,7 +191,7 @@ def softmax_ce_hvp(logits: torch.Tensor, tangent: torch.Tensor, check_finite: bo
         logits, tangent, out, flags, n_rows, n_cols, logits.stride(0), tangent.stride(0),
         FP64=logits.dtype == torch.float64, **cfg,
     )
-    if check_finite and _can_read(flags):
+    if check_finite and can_read(flags):
         bad_logits, bad_tangent = flags.tolist()
         if bad_logits:
             raise ValueError(f"{contract.HVP}: {contract.BAD_LOGITS}")

@@ -14,16 +14,17 @@ import torch
 
 
 def check_int(name: str, value: Any, low: int = 1) -> int:
-    """``value`` if it is an int (not a bool) ``>= low``, else ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    """``value`` as an int if it is an integer (Python or numpy; not a bool) ``>= low``, else
+    ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
+    return operator.index(value)
 
 
 def check_number(name: str, value: Any, low: float = -math.inf, *, strict: bool = False) -> float:
     """``value`` as a float if it is a finite real number ``>= low`` (``> low`` when ``strict``),
     else ValueError naming ``name``."""
-    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+    bad = isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
     if bad or value < low or (strict and value == low):
         bound = "" if low == -math.inf else f" {'>' if strict else '>='} {low}"
         raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")

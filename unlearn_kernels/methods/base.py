@@ -4,8 +4,6 @@ from __future__ import annotations
 import abc
 import copy
 import math
-import numbers
-import operator
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..curvature.checks import check_seed, first_nonfinite_row
 from ..labeled import LabeledData
 from ..training import eval_mode, model_device
 
@@ -82,11 +81,7 @@ class Unlearner(abc.ABC):
                 in the retain set, or unseen samples that are also in the forget or retain set (same
                 input and label).
         """
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"{self.name}: seed must be an int, got {type(seed).__name__}")
-        seed = operator.index(seed)
-        if not 0 <= seed < 2**63:
-            raise ValueError(f"{self.name}: seed must be in [0, 2**63), got {seed}")
+        seed = check_seed(f"{self.name}: seed", seed)
         work = self._checked_copy(model, forget, retain, unseen)
         torch.manual_seed(seed)
         start = time.perf_counter()
@@ -162,12 +157,9 @@ def _check_sets(name: str, forget: LabeledData, retain: LabeledData,
     for role, data in sets.items():
         if not isinstance(data, LabeledData):
             raise TypeError(f"{name}: the {role} set must be a LabeledData, got {type(data).__name__}")
-        if data.x.is_floating_point() or data.x.is_complex():
-            finite = torch.isfinite(data.x.reshape(len(data), math.prod(data.x.shape[1:]))).all(dim=1)
-            if not bool(finite.all()):
-                row = int((~finite).nonzero()[0])
-                raise ValueError(f"{name}: the {role} set has inputs that are not finite "
-                                 f"(NaN or Inf; first at row {row})")
+        row = first_nonfinite_row(data.x)
+        if row is not None:
+            raise ValueError(f"{name}: the {role} set has inputs that are not finite (NaN or Inf; first at row {row})")
     for role, data in sets.items():
         if data.x.shape[1:] != forget.x.shape[1:]:
             raise ValueError(f"{name}: the {role} samples have shape {tuple(data.x.shape[1:])} but the forget "

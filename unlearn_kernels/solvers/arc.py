@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..curvature.checks import check_int, check_number, norm64
+from ..curvature.checks import check_int, check_number, check_seed, norm64
 from .cubic import KrylovCubicSolver
 from .operators import check_vector
 
@@ -150,6 +150,7 @@ def adaptive_cubic_newton(
     eta2 = check_number("eta2", eta2, eta1, strict=True)
     gamma = check_number("gamma", gamma, 1.0, strict=True)
     M_min = check_number("M_min", M_min, 0.0, strict=True)
+    seed = check_seed("seed", seed)
     options = {**KRYLOV_DEFAULTS, **(solver_options or {})}
     if "seed" in options:
         raise ValueError("solver_options must not set 'seed': pass seed= (each step's solver gets seed + step)")

@@ -25,7 +25,7 @@ import numpy as np
 import scipy.sparse.linalg
 import torch
 
-from ..curvature.checks import check_int, check_number, norm64
+from ..curvature.checks import check_int, check_number, check_seed, norm64
 from .lanczos import LanczosProcess, ritz_pairs
 from .operators import SolverOperator, as_operator, operator_and_vector
 
@@ -278,7 +278,7 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float = 1e-6, solver: st
     if gnorm == 0.0:
         return NewtonStep(torch.zeros_like(g), 0.0, 0, 0, True, "pinv-lanczos", {"rank": 0, "lanczos_steps": 0})
     proc = LanczosProcess(op, g, reorth="full", store_basis=True, capacity=rank,
-                          generator=torch.Generator().manual_seed(seed))
+                          generator=torch.Generator().manual_seed(check_seed("seed", seed)))
     while not proc.exhausted:
         proc.step()
     theta, S = ritz_pairs(proc.alphas, proc.betas)

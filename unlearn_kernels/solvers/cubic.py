@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..curvature.checks import check_int, check_number, norm64
+from ..curvature.checks import check_int, check_number, check_seed, norm64
 from ..ops.cubic_secular import cubic_secular_solve
 from .lanczos import LanczosProcess, Reorth, replay, ritz_pairs
 from .operators import SolverOperator, operator_and_vector
@@ -157,7 +157,7 @@ class KrylovCubicSolver:
             raise ValueError("the hard-case guard needs the stored basis: use guard=False with two_pass=True")
         self.two_pass = two_pass
         self.gnorm = norm64(self.g)
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(check_seed("seed", seed))
         if self.gnorm > 0:
             self._v0 = self.g
         else:  # g = 0: the coefficient vector is 0 and any start vector will do (the secular op
@@ -330,7 +330,7 @@ def cubic_gd(H: Any, g: torch.Tensor, M: float, *, K: int = 5, eta: float = 0.01
     op, g = operator_and_vector(H, g)
     M = _check_M(M)
     _check_gd_options(K, eta, noise, tol)
-    g_it = _perturbed(g, noise, torch.Generator().manual_seed(seed))
+    g_it = _perturbed(g, noise, torch.Generator().manual_seed(check_seed("seed", seed)))
     s = _cauchy_point(op, g_it, M)
     s, Hs, steps, stopped = _gd_steps(op, g_it, M, s, K, eta, tol)
     if noise != 0:
@@ -359,7 +359,7 @@ def stochastic_cubic_gd(sample: Callable[[], tuple[torch.Tensor, Any]], M: float
     M = _check_M(M)
     check_int("T", T, 1)
     _check_gd_options(K, eta, noise, tol)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(check_seed("seed", seed))
     s: torch.Tensor | None = None
     hvps = steps = 0
     stopped = False
