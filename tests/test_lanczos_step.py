@@ -1,4 +1,4 @@
-"""lanczos_step: every backend against plain numpy formulas, CGS2 orthogonality, breakdown, a
+"""lanczos_step: every backend against plain numpy formulas, Gram-Schmidt orthogonality, breakdown, a
 full Lanczos run against eigh, bad input and non-finite values (the same error from every backend)
 and opcheck."""
 import numpy as np
@@ -78,6 +78,23 @@ def test_cgs2_orthogonality(backend, device, d, m, rng):
     assert float(beta) > 0
     assert float((basis @ q_next).abs().max()) <= 1e-12
     assert float(q_next.norm()) == pytest.approx(1.0, abs=1e-13)
+
+
+@pytest.mark.parametrize(("backend", "device"), COMPILED)
+def test_one_pass_prediction_is_checked(backend, device, rng):
+    """The C++ kernel predicts from ||basis w|| that one Gram-Schmidt pass will keep more than half of
+    ||w||^2 (exact for orthonormal rows). Rows scaled by sqrt(1/2) break that prediction for an hq
+    inside their span: the kernel must notice on the new norm and make the second pass, so the
+    step equals CGS2 (without the check it would stop at one pass, about 0.5 ||w|| away)."""
+    d, m = 5001, 6
+    basis = orthonormal_rows(m, d, torch.float64, rng)
+    hq = basis.T @ torch.randn(m, dtype=torch.float64, generator=rng) + 0.1 * unit(d, torch.float64, rng)
+    q, q_prev = unit(d, torch.float64, rng), unit(d, torch.float64, rng)
+    scaled = basis * 0.5**0.5
+    q_next, _, beta = lanczos_step(*(t.to(device) for t in (hq, q, q_prev)), 0.3, scaled.to(device), backend=backend)
+    expected, _, beta_np = numpy_step(hq, q, q_prev, 0.3, scaled)
+    assert float(beta) == pytest.approx(beta_np, rel=1e-10)
+    np.testing.assert_allclose(q_next.cpu().numpy(), expected, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize(("backend", "device"), PAIRS)

@@ -2,17 +2,24 @@
 //   alpha = <hq, q>; w = hq - alpha q - beta_prev q_prev; w -= B^T (B w), a second time only when
 //   needed; beta = ||w||; q_next = w / beta.
 // The basis B (m x d, 14 MB at m = 35, d = 1e5 in float32) dominates the memory traffic, so the
-// kernel reads it as few times as it can: twice per step, three times when the second
-// Gram-Schmidt pass is needed.
+// kernel touches it as few times as it can: twice per step when one Gram-Schmidt pass is enough,
+// otherwise three times from memory and once from cache.
 //   0. alpha and ||hq||^2 (the vectors only; float64 sums);
-//   1. w = hq - alpha q - beta_prev q_prev, stored, and c1 = B w             (reads B once);
-//   2. w -= B^T c1, then c2 = B w on the same tile while it is still in cache (reads B once);
-//   3. only if ||c2|| > eps ||w||: w -= B^T c2                               (reads B once);
+//   1. w = hq - alpha q - beta_prev q_prev, stored, c1 = B w and ||w||^2              (reads B once);
+//   2. one pass is enough (DGKS, kappa = 1/sqrt(2)) when it keeps more than half of ||w||^2: for
+//      orthonormal rows ||w - B^T c1||^2 = ||w||^2 - ||c1||^2, so pass 1 predicts it. Then
+//      w -= B^T c1 and ||w||^2                                                        (reads B once),
+//      and the prediction is checked on the new ||w||^2 (a basis far from orthonormal fails it:
+//      then a second pass, c2 = B w and w -= B^T c2, reads B twice more);
+//   2'. otherwise (hq near span(B)) classical Gram-Schmidt twice (CGS2): w -= B^T c1, then
+//      c2 = B w on the same tile while it is still in cache (reads B once), and
+//   3. only if ||c2|| > eps ||w||: w -= B^T c2                                        (reads B once);
 //   then a sweep over w scales it by 1 / beta.
-// Skipping pass 3 when ||c2|| <= eps ||w|| leaves |B q_next| <= eps elementwise: the correction
-// it would make, of norm about ||c2|| for orthonormal rows, is at the rounding level of storing w.
-// In a Lanczos run with full reorthogonalisation that is the usual case (c1 is only the lost
-// orthogonality); near an invariant subspace ||w|| collapses, c2 stays and pass 3 runs (CGS2).
+// One pass leaves B w_new = (I - B B^T) c1 plus rounding: with the kappa rule ||c1|| <= ||w_new||, so
+// the new vector is as orthogonal to B as B's rows are to each other, up to rounding (in a Lanczos
+// run with full reorthogonalisation c1 is only the lost orthogonality, far below that bound).
+// Skipping pass 3 when ||c2|| <= eps ||w|| leaves |B q_next| <= eps elementwise: the correction it
+// would make, of norm about ||c2|| for orthonormal rows, is at the rounding level of storing w.
 // The length d is cut into blocks (processed in parallel, a fixed number of them so the result
 // does not depend on the thread count), each walked in tiles: a tile's products with the basis
 // rows are summed in the vectors' type (at most kTile / 8 terms per SIMD lane), tile sums in
@@ -121,6 +128,13 @@ double squared_norm(const T* w, int64_t n) {
   return s;
 }
 
+// sum_{j < m} c[j]^2
+double squared_sum(const std::vector<double>& c, int64_t m) {
+  double s = 0;
+  for (int64_t j = 0; j < m; ++j) s += c[j] * c[j];
+  return s;
+}
+
 template <typename T>
 std::vector<T> to_vector(const std::vector<double>& c, int64_t m) {
   return std::vector<T>(c.begin(), c.begin() + m);
@@ -144,8 +158,8 @@ std::tuple<double, double> lanczos_step_impl(const T* hq, const T* q, const T* q
   });
   const double alpha = s0[0], hq_norm = std::sqrt(s0[1]);
 
-  // Pass 1: w = hq - alpha q - beta_prev q_prev (formed in float64, stored) and c1 = B w.
-  const std::vector<double> c1 = blockwise_sum(blocks, d, m, [&](double* acc, int64_t begin, int64_t end) {
+  // Pass 1: w = hq - alpha q - beta_prev q_prev (formed in float64, stored), c1 = B w and ||w||^2.
+  const std::vector<double> s1 = blockwise_sum(blocks, d, m + 1, [&](double* acc, int64_t begin, int64_t end) {
     for (int64_t i0 = begin; i0 < end; i0 += kTile) {
       const int64_t n = std::min(kTile, end - i0);
 #pragma omp simd
@@ -154,34 +168,46 @@ std::tuple<double, double> lanczos_step_impl(const T* hq, const T* q, const T* q
                               beta_prev * static_cast<double>(qp[i]));
       }
       project_tile(B, d, m, i0, n, w + i0, acc);
-    }
-  });
-
-  // Pass 2: w -= B^T c1; then c2 = B w and ||w||^2 on the tile just written (B's tile is in cache).
-  const std::vector<T> c1t = to_vector<T>(c1, m);
-  const std::vector<double> s2 = blockwise_sum(blocks, d, m + 1, [&](double* acc, int64_t begin, int64_t end) {
-    for (int64_t i0 = begin; i0 < end; i0 += kTile) {
-      const int64_t n = std::min(kTile, end - i0);
-      subtract_projection(w + i0, B, c1t.data(), d, m, i0, n);
-      project_tile(B, d, m, i0, n, w + i0, acc);
       acc[m] += squared_norm(w + i0, n);
     }
   });
-  double w_norm2 = s2[m];
-  double c2_norm2 = 0;
-  for (int64_t j = 0; j < m; ++j) c2_norm2 += s2[j] * s2[j];
-
-  // Pass 3, the second Gram-Schmidt pass, when its correction is above the rounding level of w.
-  const double eps = std::numeric_limits<T>::epsilon();
-  if (c2_norm2 > eps * eps * w_norm2) {
-    const std::vector<T> c2t = to_vector<T>(s2, m);
-    w_norm2 = blockwise_sum(blocks, d, 1, [&](double* acc, int64_t begin, int64_t end) {
+  // w -= B^T c (one read of B); returns the new ||w||^2.
+  const auto subtract_pass = [&](const std::vector<double>& c) {
+    const std::vector<T> ct = to_vector<T>(c, m);
+    return blockwise_sum(blocks, d, 1, [&](double* acc, int64_t begin, int64_t end) {
       for (int64_t i0 = begin; i0 < end; i0 += kTile) {
         const int64_t n = std::min(kTile, end - i0);
-        subtract_projection(w + i0, B, c2t.data(), d, m, i0, n);
+        subtract_projection(w + i0, B, ct.data(), d, m, i0, n);
         acc[0] += squared_norm(w + i0, n);
       }
     })[0];
+  };
+  const double eps = std::numeric_limits<T>::epsilon();
+  const double w1_norm2 = s1[m];
+  double w_norm2 = 0;
+  if (squared_sum(s1, m) <= 0.5 * w1_norm2) {
+    // Pass 2, one Gram-Schmidt pass; checked on the new norm, a second one if the check fails.
+    w_norm2 = subtract_pass(s1);
+    if (w_norm2 < 0.5 * w1_norm2) {
+      const std::vector<double> c2 = blockwise_sum(blocks, d, m, [&](double* acc, int64_t begin, int64_t end) {
+        for (int64_t i0 = begin; i0 < end; i0 += kTile) project_tile(B, d, m, i0, std::min(kTile, end - i0), w + i0, acc);
+      });
+      w_norm2 = subtract_pass(c2);
+    }
+  } else {
+    // Pass 2': w -= B^T c1; then c2 = B w and ||w||^2 on the tile just written (B's tile is in cache).
+    const std::vector<T> c1t = to_vector<T>(s1, m);
+    const std::vector<double> s2 = blockwise_sum(blocks, d, m + 1, [&](double* acc, int64_t begin, int64_t end) {
+      for (int64_t i0 = begin; i0 < end; i0 += kTile) {
+        const int64_t n = std::min(kTile, end - i0);
+        subtract_projection(w + i0, B, c1t.data(), d, m, i0, n);
+        project_tile(B, d, m, i0, n, w + i0, acc);
+        acc[m] += squared_norm(w + i0, n);
+      }
+    });
+    w_norm2 = s2[m];
+    // Pass 3, the second Gram-Schmidt pass, when its correction is above the rounding level of w.
+    if (squared_sum(s2, m) > eps * eps * w_norm2) w_norm2 = subtract_pass(s2);
   }
   const double beta = std::sqrt(w_norm2);
   const bool breakdown = beta <= kBreakdownRtolEps * eps * hq_norm;

@@ -1,11 +1,11 @@
-"""One step of the Lanczos recurrence, fused: recurrence, CGS2 reorthogonalisation and norms.
+"""One step of the Lanczos recurrence, fused: recurrence, Gram-Schmidt reorthogonalisation and norms.
 
 Given hq = H q for the current Lanczos vector q, the previous vector q_prev with its coefficient
 beta_prev, and an (m, d) matrix ``basis`` of vectors to orthogonalise against (m = 0: none)::
 
     alpha  = <hq, q>
     w      = hq - alpha q - beta_prev q_prev
-    w      = w - basis^T (basis w)          (classical Gram-Schmidt, done twice: CGS2)
+    w      = w - basis^T (basis w)          (classical Gram-Schmidt, a second time when needed)
     beta   = ||w||
     q_next = w / beta
 
@@ -20,14 +20,19 @@ vectors without another pass over them. On a GPU reading them back is one host s
 per step (skipped while torch.compile traces the Triton op).
 
 Backends: C++ CPU, CUDA and Triton kernels, and the pure-PyTorch reference
-:func:`lanczos_step_ref` (float64 throughout). The C++ kernel works at the memory floor of the
-step, which is reading the basis: it forms w first, so the first pass needs one product
-``basis w``; computes the second pass's coefficients ``c2 = basis w`` in the same sweep as the first
-pass's update (while that tile of the basis is in cache); and makes the second update only when
-``||c2|| > eps ||w||``, i.e. when it would change w by more than the rounding of storing it. It
-reads the basis twice per step (three times when hq lies almost inside its span), with tile sums
-in the vectors' dtype and float64 across tiles. The CUDA and Triton kernels follow the same scheme
-with float64 sums, the decision taken on the device.
+:func:`lanczos_step_ref` (float64 throughout). The kernels work near the memory floor of the
+step, which is reading the basis. The C++ kernel forms w first, so the first pass needs one
+product ``c1 = basis w``, and it makes one Gram-Schmidt pass where one is enough: when that pass
+keeps more than half of ``||w||^2`` (the DGKS criterion with kappa = 1/sqrt(2), predicted from
+``||c1||`` and checked on the result), which leaves the new vector as orthogonal to the basis as the
+basis rows are to each other, up to rounding; that is the usual case in a Lanczos run with full
+reorthogonalisation, where c1 is only the lost orthogonality. Then it reads the basis twice. When
+hq lies almost inside the basis's span it makes the second pass (CGS2): its coefficients
+``c2 = basis w`` in the same sweep as the first pass's update (while that tile of the basis is in
+cache), and the second update only when ``||c2|| > eps ||w||``, i.e. when it would change w by more
+than the rounding of storing it (three reads). Tile sums are in the vectors' dtype, float64 across
+tiles. The CUDA and Triton kernels always take the CGS2 route (c2 in the first update's sweep,
+the second update only above rounding), with float64 sums and the decision taken on the device.
 """
 from __future__ import annotations
 
@@ -84,7 +89,8 @@ def lanczos_step(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One fused Lanczos step: ``alpha = <hq, q>``, ``w = hq - alpha q - beta_prev q_prev``,
-    CGS2 reorthogonalisation of w against the rows of ``basis``, ``beta = ||w||``, ``q_next = w / beta``.
+    reorthogonalisation of w against the rows of ``basis`` (one or two classical Gram-Schmidt passes,
+    see the module docstring), ``beta = ||w||``, ``q_next = w / beta``.
 
     Args:
         hq: (d,) float32/float64, the operator applied to q.
