@@ -118,9 +118,6 @@ def _check_inputs(x, target, weights, biases, activations, v_weights, v_biases, 
     if x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{_OP}: x must be float32 or float64, got {dtype_name(x.dtype)}")
 
-    def like(t: torch.Tensor, what: str, l: int) -> None:
-        _check_like(_OP, x, t, what, l)
-
     in_features = x.shape[1]
     for l, (w, b) in enumerate(zip(weights, biases)):
         if w.dim() != 2:
@@ -128,14 +125,14 @@ def _check_inputs(x, target, weights, biases, activations, v_weights, v_biases, 
         if w.shape[1] != in_features:
             raise ValueError(f"{_OP}: weights[{l}] has shape {shape_text(w)} but its input has {in_features} features "
                              f"({'x' if l == 0 else 'the previous layer' + chr(39) + 's output'})")
-        like(w, "weights", l)
+        _check_like(_OP, x, w, "weights", l)
         out = w.shape[0]
         if out == 0:
             raise ValueError(f"{_OP}: weights[{l}] has no output features")
         if b is not None:
             if b.shape != (out,):
                 raise ValueError(f"{_OP}: biases[{l}] must have shape ({out},), got {shape_text(b)}")
-            like(b, "biases", l)
+            _check_like(_OP, x, b, "biases", l)
         in_features = out
     if not isinstance(target, torch.Tensor) or target.dtype != torch.long:
         got = dtype_name(target.dtype) if isinstance(target, torch.Tensor) else type(target).__name__
@@ -153,13 +150,13 @@ def _check_inputs(x, target, weights, biases, activations, v_weights, v_biases, 
         out, inp = w.shape
         if v.shape != (k, out, inp):
             raise ValueError(f"{_OP}: v_weights[{l}] must have shape (K, out, in) = ({k}, {out}, {inp}), got {shape_text(v)}")
-        like(v, "v_weights", l)
+        _check_like(_OP, x, v, "v_weights", l)
         if vb is not None:
             if b is None:
                 raise ValueError(f"{_OP}: v_biases[{l}] is given but layer {l} has no bias")
             if vb.shape != (k, out):
                 raise ValueError(f"{_OP}: v_biases[{l}] must have shape (K, out) = ({k}, {out}), got {shape_text(vb)}")
-            like(vb, "v_biases", l)
+            _check_like(_OP, x, vb, "v_biases", l)
 
 
 def _check_targets_and_finite(x, target, tensors: dict[str, list], num_classes: int, ignore_index: int, check_finite: bool) -> None:
