@@ -583,6 +583,9 @@ def test_bad_inputs_raise_clear_errors():
         hessian_operator(model, loss, [], path="generic")
     with pytest.raises(ValueError, match="path must be"):
         hessian_operator(model, loss, (x, y), path="fast")
+    for bad in (0, True, 2.0):  # True was once taken for batches of one row
+        with pytest.raises(ValueError, match=f"batch_size must be an int >= 1, got {bad!r}"):
+            hessian_operator(model, loss, (x, y), batch_size=bad, path="generic")
     with pytest.raises(ValueError, match="mix dtypes"):
         hessian_operator(nn.Sequential(nn.Linear(4, 5), nn.Linear(5, C).to(DT)), loss, (x, y), path="generic")
 
@@ -703,3 +706,5 @@ def test_cache_budget_falls_back_to_streaming(kind):
     assert batches.passes == passes + 1 and partial.cached_batches == 1
     with pytest.raises(ValueError, match="cache_bytes must be an int >= 0"):
         _operators(kind, model, loss, batches, cache_bytes=-1)
+    with pytest.raises(ValueError, match="cache_bytes must be an int >= 0, got 1000000000.0"):
+        _operators(kind, model, loss, batches, cache_bytes=1e9)

@@ -323,7 +323,7 @@ NAN = float("nan")
     (NegGradPlus, {"batch_size": NAN}, "batch_size must be an int >= 1"),
     (Finetune, {"lr": "0.1"}, "lr must be a finite number > 0"),
     (RandomLabels, {"momentum": NAN}, "momentum must be a finite number >= 0"),
-    (RandomLabels, {"momentum": 1.0}, "need weight_decay >= 0 and 0 <= momentum < 1"),
+    (RandomLabels, {"momentum": 1.0}, r"momentum must be in \[0, 1\)"),
     (GradientAscent, {"optimizer": "rmsprop"}, "unknown optimizer"),
     (NegGradPlus, {"alpha": NAN}, "alpha must be a finite number >= 0"),
     (SalUn, {"mask_fraction": "half"}, r"mask_fraction must be a finite number > 0"),

@@ -298,6 +298,11 @@ def test_label_and_set_bad_input():
         mia_entropy(logits, logits, logits, balance="x")
     with pytest.raises(ValueError, match="folds"):
         mia_loss(logits, torch.zeros(3, dtype=torch.long), logits, torch.zeros(3, dtype=torch.long), folds=1)
+    with pytest.raises(ValueError, match="mia_loss: folds must be an int >= 2, got 2.0"):
+        mia_loss(logits, torch.zeros(3, dtype=torch.long), logits, torch.zeros(3, dtype=torch.long), folds=2.0)
+    with pytest.raises(ValueError, match="rf_jsd: lotus_scale must be a finite number > 0"):
+        rf_jsd(logits, torch.zeros(3, dtype=torch.long), logits, torch.zeros(3, dtype=torch.long), variant="lotus",
+               lotus_scale=math.inf)
     with pytest.raises(TypeError, match="LabeledData"):
         predict_logits(nn.Linear(2, 2), torch.zeros(3, 2))
     with pytest.raises(ValueError, match="data is empty"):

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unlearn_kernels.checks import check_int, check_number, norm64
 from unlearn_kernels.curvature import (
     Objective,
     RegularizedOperator,
@@ -15,7 +16,6 @@ from unlearn_kernels.curvature import (
     hessian_operator,
     set_flat_parameters,
 )
-from unlearn_kernels.curvature.checks import check_int, check_number, norm64
 
 WD = 0.03
 

@@ -2,6 +2,7 @@
 protocol (seeded, stratified, every corrupted label wrong, D_f with the corrupted labels) and rejections."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -143,6 +144,9 @@ def test_sequential_forget_rejects_too_many_requests() -> None:
         sequential_forget(y, 5, 0.2, 0)  # 5 x 4 = 20
     with pytest.raises(ValueError, match="num_requests"):
         sequential_forget(y, 0, 0.1, 0)
+    with pytest.raises(ValueError, match="num_requests must be an int >= 1, got True"):
+        sequential_forget(y, True, 0.1, 0)
+    assert len(sequential_forget(y, np.int64(2), 0.1, 0)) == 2  # numpy integers are integers
 
 
 def test_index_forget_and_its_rejections() -> None:
@@ -244,7 +248,7 @@ def test_mislabel_draws_the_wrong_label_uniformly() -> None:
 
 def test_mislabel_rejections() -> None:
     y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
-    with pytest.raises(ValueError, match="num_classes must be an integer >= 2"):
+    with pytest.raises(ValueError, match="num_classes must be an int >= 2"):
         mislabel(torch.zeros(10, dtype=torch.long), 0.2)
     with pytest.raises(ValueError, match="outside num_classes=2"):
         mislabel(y, 0.2, num_classes=2)

@@ -216,9 +216,9 @@ def test_cli_one_protocol_writes_its_scenario(tmp_path, capsys):
         (["--device", "tpu"], "--device 'tpu': Expected one of cpu, cuda"),
         (["--device", "cuda:99"], "--device 'cuda:99' cannot run here"),  # no GPU, or not that many
         (["--device", "meta"], "--device 'meta' cannot run here"),
-        (["--lr", "-1"], "lr must be > 0"),
-        (["--batch-size", "0"], "batch_size must be >= 1"),
-        (["--epochs", "-1"], "epochs must be >= 0"),
+        (["--lr", "-1"], "lr must be a finite number > 0"),
+        (["--batch-size", "0"], "batch_size must be an int >= 1"),
+        (["--epochs", "-1"], "epochs must be an int >= 0"),
         (["--threads", "0"], "--threads must be >= 1"),
         (["--methods", ""], "--methods names no method"),
         (["--seeds", "0,0"], "--seeds repeats a seed"),

@@ -6,13 +6,19 @@ import math
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import unlearn_kernels.checkpoint as checkpoint
 from unlearn_kernels.checkpoint import (
-    CheckpointError, data_fingerprint, load_checkpoint, read_checkpoint, save_checkpoint, train_or_load,
+    CheckpointError,
+    data_fingerprint,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+    train_or_load,
 )
 from unlearn_kernels.data.labeled import LabeledData
 from unlearn_kernels.models import MLP
@@ -99,12 +105,26 @@ def test_other_optimizers_and_schedules_train(optimizer, schedule):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("epochs", -1, "epochs"), ("batch_size", 0, "batch_size"), ("lr", 0.0, "lr"), ("momentum", 1.0, "momentum"),
-    ("optimizer", "lbfgs", "optimizer"), ("label_smoothing", 1.0, "label_smoothing"), ("lr_schedule", "step", "lr_schedule"),
+    ("epochs", -1, "epochs must be an int >= 0"), ("epochs", 2.5, "epochs must be an int"),
+    ("batch_size", 0, "batch_size must be an int >= 1"), ("batch_size", True, "batch_size must be an int"),
+    ("lr", 0.0, "lr must be a finite number > 0"), ("lr", math.inf, "lr must be a finite number"),
+    ("weight_decay", math.nan, "weight_decay must be a finite number >= 0"), ("weight_decay", -1e-4, "weight_decay"),
+    ("momentum", 1.0, r"momentum must be in \[0, 1\)"), ("momentum", math.nan, "momentum must be a finite number"),
+    ("label_smoothing", 1.0, r"label_smoothing must be in \[0, 1\)"), ("label_smoothing", "0.1", "label_smoothing"),
+    ("seed", -1, r"seed must be in \[0, 2\*\*63\)"),
+    ("optimizer", "lbfgs", "unknown optimizer"), ("lr_schedule", "step", "unknown lr_schedule"),
 ])
 def test_bad_config_raises(field, value, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match="TrainConfig: " + message):
         TrainConfig(**{field: value})
+
+
+def test_config_refuses_a_seed_that_is_not_an_int_and_normalises_numpy_numbers():
+    with pytest.raises(TypeError, match="TrainConfig: seed must be an int, got str"):
+        TrainConfig(seed="0")
+    config = TrainConfig(epochs=np.int64(3), lr=np.float32(0.5), seed=np.uint8(7))
+    assert (config.epochs, config.lr, config.seed) == (3, 0.5, 7)
+    assert (type(config.epochs), type(config.lr), type(config.seed)) == (int, float, int)
 
 
 def test_train_rejects_empty_data_and_wrong_config():

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .checks import check_int, check_number
 
 #: the layer types an adapter can wrap
 ADAPTABLE = (nn.Linear, nn.Conv2d)
@@ -44,13 +45,8 @@ ADAPTABLE = (nn.Linear, nn.Conv2d)
 def check_rank_alpha(owner: str, rank: Any, alpha: Any) -> float:
     """Checks an adapter's rank (an int >= 1) and alpha (None or a finite number > 0) and returns alpha
     (None -> rank); ValueError names ``owner`` and the bad value."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"{owner}: rank must be an int >= 1, got {rank!r}")
-    if alpha is None:
-        return float(rank)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"{owner}: alpha must be None or a finite number > 0, got {alpha!r}")
-    return float(alpha)
+    rank = check_int(f"{owner}: rank", rank)
+    return float(rank) if alpha is None else check_number(f"{owner}: alpha", alpha, 0.0, strict=True)
 
 
 class _Adapter(nn.Module):

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_int, check_number, check_seed
 from .labeled import LabeledData
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -54,17 +55,21 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.epochs < 0:
-            raise ValueError(f"TrainConfig: epochs must be >= 0, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"TrainConfig: batch_size must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig: lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise ValueError(f"TrainConfig: need weight_decay >= 0 and 0 <= momentum < 1, got "
-                             f"{self.weight_decay} and {self.momentum}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"TrainConfig: label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        # numbers are checked and normalised (numpy scalars -> Python) in place: the recipe is frozen
+        checked = {
+            "epochs": check_int("TrainConfig: epochs", self.epochs, low=0),
+            "batch_size": check_int("TrainConfig: batch_size", self.batch_size),
+            "lr": check_number("TrainConfig: lr", self.lr, 0.0, strict=True),
+            "weight_decay": check_number("TrainConfig: weight_decay", self.weight_decay, 0.0),
+            "momentum": check_number("TrainConfig: momentum", self.momentum, 0.0),
+            "label_smoothing": check_number("TrainConfig: label_smoothing", self.label_smoothing, 0.0),
+            "seed": check_seed("TrainConfig: seed", self.seed),
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+        for name in ("momentum", "label_smoothing"):
+            if getattr(self, name) >= 1:
+                raise ValueError(f"TrainConfig: {name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"TrainConfig: unknown optimizer {self.optimizer!r}; choose one of {list(OPTIMIZERS)}")
         if self.lr_schedule not in LR_SCHEDULES:

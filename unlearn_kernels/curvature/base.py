@@ -44,8 +44,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..checks import check_int, first_nonfinite_row
 from ..labeled import LabeledData
-from .checks import first_nonfinite_row
 from .linear_operator import to_scipy_operator
 from .params import ParameterSlots, ParamSelection, flatten_tensors, resolve_parameters, unflatten_vector
 
@@ -73,8 +73,8 @@ class BatchSource:
     """
 
     def __init__(self, data: DataSpec, device: torch.device, batch_size: int | None = None) -> None:
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+        if batch_size is not None:
+            batch_size = check_int("batch_size", batch_size)
         self.device = device
         if isinstance(data, LabeledData):
             data = (data.x, data.y)
@@ -169,8 +169,7 @@ class CurvatureOperator(abc.ABC):
         chosen = resolve_parameters(model, params)
         if cache_bytes is None:
             cache_bytes = DEFAULT_CACHE_BYTES
-        if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
-            raise ValueError(f"cache_bytes must be an int >= 0 (0 turns the cache off) or None, got {cache_bytes!r}")
+        cache_bytes = check_int("cache_bytes", cache_bytes, low=0)  # 0 turns the cache off
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (outputs, targets) -> scalar, got {type(loss_fn).__name__}")
         dtypes = {p.dtype for p in chosen.values()}

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checks import check_int, check_number, norm64
 from .base import DataSpec, LossFn
-from .checks import check_int, check_number, norm64
 from .generic import hessian_operator
 from .params import ParamSelection, get_flat_parameters, set_flat_parameters
 

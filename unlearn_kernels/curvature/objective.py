@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..checks import check_number
 from .base import BatchSource, DataSpec, LossFn
-from .checks import check_number
 from .params import ParameterSlots, ParamSelection, flatten_tensors, resolve_parameters
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import scipy.sparse.linalg
 import torch
 
+from ..checks import check_number
 from .base import CurvatureOperator
-from .checks import check_number
 from .distributed import DistributedOperator
 from .linear_operator import to_scipy_operator
 

@@ -26,6 +26,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from ..checks import check_int
 from .labeled import LabeledData
 
 IndexLike = torch.Tensor | Sequence[int]
@@ -93,9 +94,7 @@ def _indices(values: IndexLike, name: str, num_samples: int) -> torch.Tensor:
 
 
 def _num_samples(num_samples: int) -> int:
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
-        raise ValueError(f"num_samples must be an integer >= 2 (one row to forget, one to retain), got {num_samples!r}")
-    return num_samples
+    return check_int("num_samples", num_samples, low=2)  # one row to forget, one to retain
 
 
 def _forget_count(fraction: float, num_samples: int) -> int:
@@ -208,8 +207,7 @@ def sequential_forget(
     request this is :func:`random_forget` with the same seed.
     """
     labels = _labels(labels)
-    if isinstance(num_requests, bool) or not isinstance(num_requests, int) or num_requests < 1:
-        raise ValueError(f"num_requests must be a positive integer, got {num_requests!r}")
+    num_requests = check_int("num_requests", num_requests)
     count = _forget_count(fraction, len(labels))
     if num_requests * count >= len(labels):
         raise ValueError(
@@ -287,9 +285,7 @@ def mislabel(labels: IndexLike, fraction: float, seed: int = 0, stratified: bool
         raise ValueError(f"labels must be non-negative class ids, got {int(labels.min())}")
     if num_classes is None:
         num_classes = int(labels.max()) + 1
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes must be an integer >= 2 (a wrong label needs a second class), "
-                         f"got {num_classes!r}")
+    num_classes = check_int("num_classes", num_classes, low=2)  # a wrong label needs a second class
     if int(labels.max()) >= num_classes:
         raise ValueError(f"labels hold class {int(labels.max())}, outside num_classes={num_classes}")
     generator = torch.Generator().manual_seed(seed)
@@ -314,8 +310,7 @@ def split_forget(num_samples: int, indices: IndexLike, num_requests: int = 1, se
     """
     num_samples = _num_samples(num_samples)
     rows = _indices(indices, "indices", num_samples)
-    if isinstance(num_requests, bool) or not isinstance(num_requests, int) or num_requests < 1:
-        raise ValueError(f"num_requests must be a positive integer, got {num_requests!r}")
+    num_requests = check_int("num_requests", num_requests)
     if num_requests > len(rows):
         raise ValueError(f"cannot split {len(rows)} rows into {num_requests} non-empty requests")
     if len(rows) == num_samples:

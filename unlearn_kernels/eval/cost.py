@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from ..checks import check_number
+
 _STATM = "/proc/self/statm"
 
 
@@ -87,8 +89,7 @@ def measure(
     """
     if not callable(fn):
         raise TypeError(f"measure: fn must be callable, got {type(fn).__name__}")
-    if not interval > 0:
-        raise ValueError(f"measure: interval must be > 0, got {interval}")
+    interval = check_number("measure: interval", interval, 0.0, strict=True)
     dev = torch.device("cpu" if device is None else device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():

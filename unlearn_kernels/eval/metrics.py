@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..checks import check_int, check_number
 from ..labeled import LabeledData
 from ..training import eval_mode
 
@@ -104,8 +105,7 @@ def _check_model_data(op: str, model: nn.Module, data: LabeledData, batch_size: 
         raise TypeError(f"{op}: data must be a LabeledData, got {type(data).__name__}")
     if len(data) == 0:
         raise ValueError(f"{op}: data is empty")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"{op}: batch_size must be a positive int, got {batch_size!r}")
+    check_int(f"{op}: batch_size", batch_size)
 
 
 def predict_logits(model: nn.Module, data: LabeledData, batch_size: int = 1024) -> torch.Tensor:
@@ -310,8 +310,7 @@ def rf_jsd(
     p = torch.stack([_class_mean_probs(unlearned_forget_logits, forget_y, c) for c in classes])
     q = torch.stack([_class_mean_probs(original_unseen_logits, unseen_y, c) for c in classes]).to(p.device)
     if variant == "lotus":
-        if not lotus_scale > 0:
-            raise ValueError(f"rf_jsd: lotus_scale must be > 0, got {lotus_scale}")
+        lotus_scale = check_number("rf_jsd: lotus_scale", lotus_scale, 0.0, strict=True)
         return _js_lotus_probs(p, q, lotus_scale, 1e-8)
     return float(_js_rows(p, q).mean())
 

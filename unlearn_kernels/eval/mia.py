@@ -24,6 +24,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.svm import SVC
 
+from ..checks import check_int
 from .metrics import _check_labels, _check_logits
 
 
@@ -112,8 +113,7 @@ def mia_loss(
     _check_labels("mia_loss: forget_y", forget_y, forget_logits)
     _check_logits("mia_loss: test_logits", test_logits)
     _check_labels("mia_loss: test_y", test_y, test_logits)
-    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
-        raise ValueError(f"mia_loss: folds must be an int >= 2, got {folds!r}")
+    folds = check_int("mia_loss: folds", folds, low=2)
     n = min(len(forget_y), len(test_y))
     if n < folds:
         raise ValueError(f"mia_loss: {folds}-fold cross-validation needs >= {folds} forget and test samples, got {n}")

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..curvature.checks import check_seed, first_nonfinite_row
+from ..checks import check_seed, first_nonfinite_row
 from ..labeled import LabeledData
 from ..training import eval_mode, model_device
 

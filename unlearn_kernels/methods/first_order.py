@@ -21,11 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..curvature.checks import check_int, check_number
+from ..checks import check_int, check_number
 from ..labeled import LabeledData
 from ..training import TrainConfig, make_optimizer, model_device, seeded_rng, train
-from .base import UnlearnResult, Unlearner
-
+from .base import Unlearner, UnlearnResult
 
 # ---------------------------------------------------------------------------------------------
 # helpers shared by the methods
@@ -106,16 +105,13 @@ class _Trained(Unlearner):
 
     def __init__(self, *, epochs: int, lr: float, batch_size: int, optimizer: str = "sgd", momentum: float = 0.9,
                  weight_decay: float = 5e-4) -> None:
-        self.epochs = check_int(f"{self.name}: epochs", epochs, low=0)
-        self.lr = check_number(f"{self.name}: lr", lr, 0.0, strict=True)
-        self.batch_size = check_int(f"{self.name}: batch_size", batch_size)
-        self.optimizer = optimizer
-        self.momentum = check_number(f"{self.name}: momentum", momentum, 0.0)
-        self.weight_decay = check_number(f"{self.name}: weight_decay", weight_decay, 0.0)
-        try:  # the recipe's own checks (the optimizer's name, momentum < 1)
-            self._config(seed=0)
-        except ValueError as error:  # named after the method, not the recipe
-            raise ValueError(f"{self.name}: {str(error).removeprefix('TrainConfig: ')}") from None
+        try:  # the recipe's checks, one place for them
+            recipe = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
+                                 weight_decay=weight_decay)
+        except (TypeError, ValueError) as error:  # named after the method, not the recipe
+            raise type(error)(f"{self.name}: {str(error).removeprefix('TrainConfig: ')}") from None
+        self.epochs, self.lr, self.batch_size = recipe.epochs, recipe.lr, recipe.batch_size
+        self.optimizer, self.momentum, self.weight_decay = recipe.optimizer, recipe.momentum, recipe.weight_decay
 
     def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         return make_optimizer(model.parameters(), self.optimizer, self.lr, momentum=self.momentum,

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..curvature.checks import check_number
+from ..checks import check_number
 from ..labeled import LabeledData
 from ..training import model_device
 from .base import UnlearnResult

@@ -68,6 +68,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_int, check_number, norm64
 from ..curvature import (
     CurvatureOperator,
     DistributedObjective,
@@ -79,7 +80,6 @@ from ..curvature import (
     resolve_parameters,
     set_flat_parameters,
 )
-from ..curvature.checks import check_int, check_number, norm64
 from ..curvature.distributed import GroupRef
 from ..labeled import LabeledData
 from ..solvers import (
@@ -94,7 +94,7 @@ from ..solvers import (
     lissa,
     pinv_newton_step,
 )
-from .base import UnlearnResult, Unlearner, _check_not_empty, _checked_local_copy, _rows
+from .base import Unlearner, UnlearnResult, _check_not_empty, _checked_local_copy, _rows
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -44,9 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..curvature.checks import check_int, check_number
+from ..checks import check_int, check_number
 from ..labeled import LabeledData
-from ..lora import ADAPTABLE, add_adapters, adapter_modules, check_rank_alpha, check_targets, unload
+from ..lora import ADAPTABLE, adapter_modules, add_adapters, check_rank_alpha, check_targets, unload
 from ..training import make_optimizer, model_device
 from .base import UnlearnResult
 from .first_order import _endless_batches, _frozen_copy, _step, _Trained

@@ -27,6 +27,7 @@ import torch
 
 from .. import _extension
 from ..backends import choose
+from ..checks import check_int, check_number
 
 _CPP_OPS = "unlearn_kernels"
 _OP = "cubic_secular_solve"
@@ -110,12 +111,10 @@ def _check_inputs(eigvals: torch.Tensor, coeffs: torch.Tensor, M: float, tol: fl
         raise ValueError(f"{_OP}: eigvals shape {tuple(eigvals.shape)} must equal coeffs shape {tuple(coeffs.shape)}")
     if eigvals.device != coeffs.device:
         raise ValueError(f"{_OP}: eigvals are on {eigvals.device} but coeffs are on {coeffs.device}")
-    if isinstance(M, bool) or not isinstance(M, (int, float)) or not math.isfinite(M) or M <= 0:
-        raise ValueError(f"{_OP}: M must be a finite number > 0, got {M!r}")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1:
+    check_number(f"{_OP}: M", M, 0.0, strict=True)
+    if check_number(f"{_OP}: tol", tol, 0.0, strict=True) >= 1:
         raise ValueError(f"{_OP}: tol must be a number in (0, 1), got {tol!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"{_OP}: max_iter must be an int >= 1, got {max_iter!r}")
+    check_int(f"{_OP}: max_iter", max_iter)
 
 
 def cubic_secular_solve(

@@ -10,8 +10,8 @@ object with ``matvec``/``shape``/``dtype``/``device``, or a function ``v -> H v`
 * baselines: :func:`pinv_newton_step`, :func:`damped_newton_step`, and the inverse-HVP solvers
   :func:`conjugate_gradient`, :func:`minres`, :func:`lissa`.
 
-Argument checks and the float64 norm they share live in :mod:`unlearn_kernels.curvature.checks`
-(the lowest layer that uses them).
+Argument checks and the float64 norm they share live in :mod:`unlearn_kernels.checks` (the
+foundation layer: the training recipe uses them too).
 """
 from .arc import KRYLOV_DEFAULTS, ARCResult, ARCTrial, adaptive_cubic_newton
 from .baselines import (

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..curvature.checks import check_int, check_number, check_seed, norm64
+from ..checks import check_int, check_number, check_seed, norm64
 from .cubic import KrylovCubicSolver
 from .operators import check_vector
 

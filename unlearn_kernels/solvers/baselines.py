@@ -25,7 +25,7 @@ import numpy as np
 import scipy.sparse.linalg
 import torch
 
-from ..curvature.checks import check_int, check_number, check_seed, norm64
+from ..checks import check_int, check_number, check_seed, norm64
 from .lanczos import LanczosProcess, ritz_pairs
 from .operators import SolverOperator, as_operator, operator_and_vector
 

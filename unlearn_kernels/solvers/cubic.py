@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..curvature.checks import check_int, check_number, check_seed, norm64
+from ..checks import check_int, check_number, check_seed, norm64
 from ..ops.cubic_secular import cubic_secular_solve
 from .lanczos import LanczosProcess, Reorth, replay, ritz_pairs
 from .operators import SolverOperator, operator_and_vector
@@ -302,8 +302,7 @@ def _perturbed(g: torch.Tensor, noise: float, gen: torch.Generator) -> torch.Ten
 
 def _check_gd_options(K: int, eta: float, noise: float, tol: float) -> None:
     check_int("K", K, 0)
-    if check_number("eta", eta, 0.0) == 0:
-        raise ValueError("eta must be > 0")
+    check_number("eta", eta, 0.0, strict=True)
     check_number("noise", noise, 0.0)
     check_number("tol", tol, 0.0)
 

@@ -32,7 +32,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from ..curvature.checks import check_int, check_number, check_seed
+from ..checks import check_int, check_number, check_seed
 from ..ops.lanczos_step import lanczos_step
 from .operators import SolverOperator, as_operator, check_vector
 

@@ -1,6 +1,7 @@
-"""Argument checks and the float64 norm shared by the curvature, solver and method layers.
+"""Argument checks and the float64 norm shared by the training recipe and the curvature, solver and
+method layers.
 
-One place for each: every layer above imports these, so that the same bad value gets the same
+One place for each: every layer imports these from here, so that the same bad value gets the same
 message everywhere (the caller prefixes ``name`` with its own, e.g. ``"cure_newton: M"``).
 """
 from __future__ import annotations
