@@ -251,7 +251,8 @@ def write_results(suite: str, device: torch.device, measurements: list[Measureme
 
 def format_table(measurements: list[Measurement], baseline: str) -> str:
     """A plain-text table: case, candidate, median, ratio to the baseline, error, status."""
-    header = (f"{'case':<28} {'candidate':<22} {'median':>11} {'vs ' + baseline:>12} {'max err':>10} "
+    width = max([22] + [len(m.candidate) for m in measurements])
+    header = (f"{'case':<28} {'candidate':<{width}} {'median':>11} {'vs ' + baseline:>12} {'max err':>10} "
               f"{'peak mem':>10}  status")
     lines = [header, "-" * len(header)]
     for m in measurements:
@@ -260,5 +261,5 @@ def format_table(measurements: list[Measurement], baseline: str) -> str:
         med = f"{m.median_s * 1e3:.3f} ms" if m.median_s is not None else "-"
         err = f"{m.max_abs_err:.1e}" if m.max_abs_err is not None else "-"
         mem = f"{m.peak_memory_bytes / 2**20:.1f} MiB" if m.peak_memory_bytes is not None else "-"
-        lines.append(f"{m.case:<28} {m.candidate:<22} {med:>11} {ratio:>12} {err:>10} {mem:>10}  {m.status}")
+        lines.append(f"{m.case:<28} {m.candidate:<{width}} {med:>11} {ratio:>12} {err:>10} {mem:>10}  {m.status}")
     return "\n".join(lines)

@@ -11,6 +11,13 @@ distributed call is timed on rank 0 from a barrier to the end of its all_reduce,
 rank plus the reduction. Each measurement's ``extra["cpu_s"]`` is the median CPU time of the
 (timing) process per call: on a machine shared with other work, where two processes do not get
 two cores, it shows how the work was split even when the wall time cannot.
+
+A third candidate, the control ``2 processes, no all_reduce``, times each rank's local call alone
+(the same half of the rows, no communication; from a barrier to a barrier after it, i.e. the slower
+rank): what two processes can do on this machine at that moment. Its ratio to one process is the
+machine's ceiling for the distributed call (on a virtual machine whose two cores are sometimes
+placed on one physical core, far below 2x), and the distributed call's gap to it is the cost of the
+reduction.
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ BASELINE = "1 process"
 QUICK = {"quick": True, "min_time": 0.1}
 """What the runner passes for ``--quick``."""
 WORLD = 2
+CONTROL = f"{WORLD} processes, no all_reduce"
 GATE_RTOL = 1e-5
 
 
@@ -48,9 +56,15 @@ def _calls(op, v: torch.Tensor) -> dict:
     return {"hvp": lambda: op.matvec(v), "gradient": op.gradient}
 
 
-def _timed(fn, device: torch.device, calls: int, barrier=None) -> list[tuple[float, float]]:
+def _local_calls(op, v: torch.Tensor) -> dict:
+    """The control: this rank's share of each call, without the all_reduce (a DistributedOperator's
+    ``local`` operator over its shard)."""
+    return {"hvp": lambda: op.local.matvec(v), "gradient": op.local.gradient}
+
+
+def _timed(fn, device: torch.device, calls: int, barrier=None, wait_for_all: bool = False) -> list[tuple[float, float]]:
     """(wall, CPU) seconds of this process for each of ``calls`` calls, after one warm-up call (the
-    other side ran meanwhile)."""
+    other side ran meanwhile); with ``wait_for_all``, up to a barrier after the call (the slower rank)."""
     out = []
     fn()
     for _ in range(calls):
@@ -60,6 +74,8 @@ def _timed(fn, device: torch.device, calls: int, barrier=None) -> list[tuple[flo
         start, cpu = time.perf_counter(), time.process_time()
         fn()
         synchronize(device)
+        if wait_for_all:
+            barrier()
         out.append((time.perf_counter() - start, time.process_time() - cpu))
     return out
 
@@ -77,7 +93,7 @@ def _worker(rank: int, store: str, device_type: str, quick: bool, inbox, outbox)
         op = hessian_operator(model.to(device), nn.CrossEntropyLoss(), (x[part].to(device), y[part].to(device)),
                               process_group=dist.group.WORLD)
         v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(1)).to(device)
-        calls = _calls(op, v)
+        calls, local_calls = _calls(op, v), _local_calls(op, v)
         results, peaks = {}, {}
         for name, fn in calls.items():
             with PeakMemory(device) as peak:
@@ -85,8 +101,11 @@ def _worker(rank: int, store: str, device_type: str, quick: bool, inbox, outbox)
             peaks[name] = peak.bytes
         outbox.put((rank, (results, peaks)))
         while (msg := inbox.get()) is not None:
-            name, count = msg  # both ranks make the same number of calls
-            samples = _timed(calls[name], device, count, barrier=dist.barrier)
+            name, count, control = msg  # both ranks make the same number of calls
+            if control:
+                samples = _timed(local_calls[name], device, count, barrier=dist.barrier, wait_for_all=True)
+            else:
+                samples = _timed(calls[name], device, count, barrier=dist.barrier)
             outbox.put((rank, samples))
     finally:
         dist.destroy_process_group()
@@ -104,7 +123,7 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 2.0, bur
     case_name, model, x, y = _problem(quick)
     config = {"world": WORLD, "threads_per_process": 1, "problem": case_name, "gate_rtol": GATE_RTOL,
               "min_time_s": min_time, "burst_s": burst, "quick": quick, "load_average_before": os.getloadavg()}
-    candidates = (BASELINE, f"{WORLD} processes")
+    candidates = (BASELINE, f"{WORLD} processes", CONTROL)
     if device.type == "cuda" and torch.cuda.device_count() < WORLD:
         why = f"unavailable: needs {WORLD} GPUs (NCCL takes one per process), {torch.cuda.device_count()} visible"
         return [Measurement(f"{name} {case_name}", c, None, None, None, why)
@@ -132,23 +151,25 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 2.0, bur
                 base = Measurement(f"{name} {case_name}", BASELINE, None, None, 0.0, peak_memory_bytes=peak.bytes)
                 dist_m = Measurement(f"{name} {case_name}", candidates[1], None, None, diff, status,
                                      {"rel_diff": diff}, peak_memory_bytes=peaks[name])  # rank 0's
-                samples: tuple[list[tuple[float, float]], list[tuple[float, float]]] = ([], [])
+                control = Measurement(f"{name} {case_name}", CONTROL, None, None, None, status)  # a part: no gate
+                samples: tuple[list[tuple[float, float]], ...] = ([], [], [])
                 once = _timed(fn, device, 1)[0][0]
                 counts = max(1, round(burst / once)), max(1, round(burst * WORLD / once))  # about burst seconds each
                 while status == "ok" and min(sum(wall for wall, _ in s) for s in samples) < min_time:
                     samples[0].extend(_timed(fn, device, counts[0]))
-                    for box in inboxes:
-                        box.put((name, counts[1]))
-                    per_rank = dict(outbox.get(timeout=600) for _ in range(WORLD))
-                    samples[1].extend(per_rank[0])
-                for m, s in zip((base, dist_m), samples):
+                    for which in (1, 2):  # the distributed call, then the control
+                        for box in inboxes:
+                            box.put((name, counts[1], which == 2))
+                        per_rank = dict(outbox.get(timeout=600) for _ in range(WORLD))
+                        samples[which].extend(per_rank[0])
+                for m, s in zip((base, dist_m, control), samples):
                     if s:
                         walls = [wall for wall, _ in s]
                         m.median_s = statistics.median(walls)
                         q = statistics.quantiles(walls, n=4) if len(walls) >= 2 else [walls[0]] * 3
                         m.iqr_s = q[2] - q[0]
                         m.extra["cpu_s"] = statistics.median(cpu for _, cpu in s)
-                results += [base, dist_m]
+                results += [base, dist_m, control]
         finally:
             for box in inboxes:
                 box.put(None)

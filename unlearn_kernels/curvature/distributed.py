@@ -110,11 +110,33 @@ class ShardGroup:
     def reduce(self, payload: torch.Tensor, failure: BaseException | None, what: str) -> torch.Tensor:
         """The sum of ``payload`` over the ranks (one all_reduce, with a failure flag per rank).
         Raises ``failure`` on the rank that failed, and a RuntimeError naming it on the others."""
-        flat = torch.zeros(payload.numel() + self.world_size, dtype=payload.dtype, device=payload.device)
-        if failure is None:
-            flat[:payload.numel()] = payload.reshape(-1)
+        flat = payload.new_empty(payload.numel() + self.world_size)
+        flat[:payload.numel()] = payload.reshape(-1)
+        return self._all_reduce(flat, payload.shape, failure, what)
+
+    def combine(self, local: Callable[[], torch.Tensor] | None, like: torch.Tensor, what: str) -> torch.Tensor:
+        """``sum_r (n_r / N) result_r``: this rank's result (``local()``; zeros shaped like ``like``
+        on an empty shard, where ``local`` is None), weighted and all-reduced."""
+        flat = like.new_empty(like.numel() + self.world_size)  # the result, then one failure flag per rank
+        out, failure = flat[:like.numel()].view_as(like), None
+        if local is None:
+            out.zero_()
         else:
-            flat[payload.numel() + self.rank] = 1
+            try:
+                torch.mul(local(), self.weight, out=out)  # written in place: no copy of a d-long vector
+            except Exception as err:  # reported to the other ranks, then raised here
+                failure = err
+        return self._all_reduce(flat, like.shape, failure, what)
+
+    def _all_reduce(self, flat: torch.Tensor, shape: torch.Size, failure: BaseException | None,
+                    what: str) -> torch.Tensor:
+        """All-reduces ``flat`` (the payload, then a flag per rank, set here) and returns the payload's
+        sum shaped ``shape``, or raises as :meth:`reduce` says."""
+        payload, flags = flat[:flat.numel() - self.world_size], flat[flat.numel() - self.world_size:]
+        flags.zero_()
+        if failure is not None:
+            payload.zero_()
+            flags[self.rank] = 1
         work = dist.all_reduce(flat, group=self.group, async_op=True)
         try:
             work.wait()
@@ -125,23 +147,11 @@ class ShardGroup:
             ) from err
         if failure is not None:
             raise failure
-        failed = [r for r, flag in enumerate(flat[payload.numel():].tolist()) if flag]
+        failed = [r for r, flag in enumerate(flags.tolist()) if flag]
         if failed:
             raise RuntimeError(f"distributed curvature, rank {self.rank} of {self.world_size}: rank(s) {failed} failed "
                                f"while {what} (their own error is raised there)")
-        return flat[:payload.numel()].view_as(payload)
-
-    def combine(self, local: Callable[[], torch.Tensor] | None, like: torch.Tensor, what: str) -> torch.Tensor:
-        """``sum_r (n_r / N) result_r``: this rank's result (``local()``; zeros shaped like ``like``
-        on an empty shard, where ``local`` is None), weighted and all-reduced."""
-        failure = None
-        out = torch.zeros_like(like)
-        if local is not None:
-            try:
-                out = local() * self.weight
-            except Exception as err:  # reported to the other ranks, then raised here
-                failure = err
-        return self.reduce(out, failure, what)
+        return payload.view(shape)
 
 
 def _build(build: Callable[[DataSpec], Any], data: DataSpec, device: torch.device,
