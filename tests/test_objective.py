@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unlearn_kernels.checks import check_int, check_number, norm64
+from unlearn_kernels.checks import all_finite, check_int, check_number, norm64
 from unlearn_kernels.curvature import (
     Objective,
     RegularizedOperator,
@@ -134,3 +134,19 @@ def test_checks():
             check_number("x", bad, **kwargs)
     big = torch.full((4,), 3e38, dtype=torch.float32)  # its float32 norm overflows
     assert norm64(big) == pytest.approx(6e38, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64, torch.complex64])
+def test_all_finite_agrees_with_the_elementwise_check(dtype):
+    big = torch.finfo(torch.float16 if dtype == torch.float16 else torch.float32).max
+    cases = [torch.zeros(0, dtype=dtype), torch.randn(50, dtype=dtype),
+             torch.full((8,), big, dtype=dtype),  # finite entries whose sum overflows
+             torch.full((3, 4), 1.0, dtype=dtype)]
+    for bad in (math.nan, math.inf, -math.inf):
+        t = torch.randn(7, 3, dtype=dtype)
+        t[4, 1] = bad
+        cases.append(t)
+    for t in cases:
+        assert all_finite(t) == bool(torch.isfinite(t).all()), t
+    assert all_finite(torch.tensor([1, 2], dtype=torch.long))  # integers are always finite
+

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..checks import check_int, first_nonfinite_row
+from ..checks import all_finite, check_int, first_nonfinite_row
 from ..labeled import LabeledData
 from .linear_operator import to_scipy_operator
 from .params import ParameterSlots, ParamSelection, flatten_tensors, resolve_parameters, unflatten_vector
@@ -417,8 +417,7 @@ class CurvatureOperator(abc.ABC):
             raise TypeError(f"{what} has dtype {tensor.dtype} but the operator's parameters have {self.dtype}")
         if tensor.device != self.device:
             raise ValueError(f"{what} is on {tensor.device} but the operator's parameters are on {self.device}")
-        # A NaN or Inf entry makes the sum non-finite; only then (or on overflow) look at every entry.
-        if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
+        if not all_finite(tensor):
             raise ValueError(f"{what} contains NaN or Inf")
 
     def _first_batch(self) -> Batch:
@@ -453,7 +452,7 @@ class CurvatureOperator(abc.ABC):
             ) from err
         g2 = self.flatten(grad_fn(self.params, x2, y2))
         self.num_gradients += 2
-        if not bool(torch.isfinite(g1).all()):
+        if not all_finite(g1):
             raise ValueError("the gradient of the loss on the first batch contains NaN or Inf")
         # Bitwise agreement is expected on CPU; a few ulps are allowed for nondeterministic GPU
         # reductions. Dropout and other randomness differ by far more.

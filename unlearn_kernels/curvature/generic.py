@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import all_finite
 from ..ops import softmax_ce_hvp
 from .base import CurvatureOperator, DataSpec, LossFn
 from .distributed import DistributedOperator
@@ -158,7 +159,7 @@ class _TorchFuncOperator(CurvatureOperator):
         except (RuntimeError, NotImplementedError) as err:
             raise ValueError(f"{type(self).__name__}: {self._derivative_error}: {err}") from err
         self.num_products += 1
-        if not all(bool(torch.isfinite(t).all()) for t in out.values()):
+        if not all(all_finite(t) for t in out.values()):
             raise ValueError(f"{type(self).__name__}: a curvature-vector product on the first batch is not finite")
         return self.flatten_columns(out)
 

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..checks import check_int, check_number
+from ..checks import all_finite, check_int, check_number
 from ..labeled import LabeledData
 from ..training import eval_mode
 
@@ -38,7 +38,7 @@ def _check_logits(name: str, logits: torch.Tensor) -> None:
         raise TypeError(f"{name} must be floating point, got {logits.dtype}")
     if logits.shape[0] == 0 or logits.shape[1] == 0:
         raise ValueError(f"{name} is empty (shape {tuple(logits.shape)})")
-    if not bool(torch.isfinite(logits).all()):
+    if not all_finite(logits):
         raise ValueError(f"{name} contains NaN or Inf")
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checks import check_seed, first_nonfinite_row
+from ..checks import all_finite, check_seed, first_nonfinite_row
 from ..labeled import LabeledData
 from ..training import eval_mode, model_device
 
@@ -133,7 +133,7 @@ def _check_model(name: str, model: nn.Module) -> None:
         raise TypeError(f"{name}: model must be a torch.nn.Module, got {type(model).__name__}")
     for kind, tensors in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
         for key, tensor in tensors:
-            if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+            if not all_finite(tensor):
                 raise ValueError(f"{name}: the model's {kind} {key!r} contains NaN or Inf")
 
 

@@ -68,7 +68,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_int, check_number, norm64
+from ..checks import all_finite, check_int, check_number, norm64
 from ..curvature import (
     CurvatureOperator,
     DistributedObjective,
@@ -268,7 +268,7 @@ class _NewtonFamily(Unlearner):
         return self._check_finite(g, moved=moved)
 
     def _check_finite(self, g: torch.Tensor, *, moved: bool = False) -> torch.Tensor:
-        if bool(torch.isfinite(g).all()):
+        if all_finite(g):
             return g
         if moved:  # the inputs and the given weights were checked finite: the method's own step overflowed
             raise ValueError(f"{self.name}: the step diverged: the gradient of the loss at the new weights is not "
@@ -281,7 +281,7 @@ class _NewtonFamily(Unlearner):
         """Write w (the compute dtype) into the returned model (its dtype) and the shadow, refusing
         non-finite values; ``ws.w`` becomes the shadow's (rounded) weights."""
         new = w.to(ws.model_dtype)
-        if not bool(torch.isfinite(new).all()):
+        if not all_finite(new):
             raise ValueError(f"{self.name}: the computed step is not finite (NaN/Inf; a singular or badly scaled "
                              "system, or overflow in the model's dtype: try dtype=torch.float64); the caller's model "
                              "is unchanged")

@@ -27,7 +27,7 @@ import torch
 
 from .. import _extension
 from ..backends import choose
-from ..checks import check_int, check_number
+from ..checks import all_finite, check_int, check_number
 
 _CPP_OPS = "unlearn_kernels"
 _OP = "cubic_secular_solve"
@@ -105,7 +105,7 @@ def _check_inputs(eigvals: torch.Tensor, coeffs: torch.Tensor, M: float, tol: fl
             raise TypeError(f"{_OP}: {name} must be a floating point tensor, got {t.dtype}")
         if t.dim() != 1:
             raise ValueError(f"{_OP}: {name} must be 1-D (k,), got shape {tuple(t.shape)}")
-        if not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise ValueError(f"{_OP}: {name} contains NaN or Inf")
     if eigvals.shape != coeffs.shape:
         raise ValueError(f"{_OP}: eigvals shape {tuple(eigvals.shape)} must equal coeffs shape {tuple(coeffs.shape)}")

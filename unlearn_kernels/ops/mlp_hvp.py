@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .. import _extension
 from ..backends import choose
+from ..checks import all_finite
 from ..contracts.text import dtype_name, shape_text
 
 _CPP_OPS = "unlearn_kernels"
@@ -174,7 +175,7 @@ def _check_targets_and_finite(x, target, tensors: dict[str, list], num_classes: 
     if check_finite:
         for name, values in {"x": [x], **tensors}.items():
             for l, t in enumerate(values):
-                if t is not None and not bool(torch.isfinite(t).all()):
+                if t is not None and not all_finite(t):
                     raise ValueError(f"{_OP}: {name}{'' if name == 'x' else f'[{l}]'} contains NaN or Inf")
 
 
@@ -541,7 +542,7 @@ def mlp_hvp_flat_cached(
     codes = _activation_codes(activations)
     if choose(_OP + "_flat_cached", x.device, backend) == "reference":
         _check_cached_args(x, state, weights, biases, V, weight_offsets, bias_offsets)
-        if check_finite and not bool(torch.isfinite(V).all()):
+        if check_finite and not all_finite(V):
             raise ValueError(f"{_OP}: the R-derivative of the logits contains NaN or Inf (check V)")
         return mlp_hvp_flat_cached_ref(x, state, weights, biases, activations, V, weight_offsets, bias_offsets)
     return torch.ops.unlearn_kernels.mlp_hvp_flat_cached(

@@ -13,6 +13,7 @@ from typing import Any
 import scipy.sparse.linalg
 import torch
 
+from ..checks import all_finite
 from ..curvature.linear_operator import MatVec, to_scipy_operator
 
 
@@ -93,7 +94,7 @@ class SolverOperator:
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"the operator returned {got} for a product, expected shape {expected}")
-        if not bool(torch.isfinite(out).all()):
+        if not all_finite(out):
             raise ValueError("the operator returned NaN or Inf (non-finite Hessian or Hessian-vector product)")
         return out
 
@@ -131,7 +132,7 @@ def _check_dense(matrix: torch.Tensor) -> None:
         raise ValueError(f"H must be a square (d, d) matrix, got shape {tuple(matrix.shape)}")
     if not matrix.is_floating_point():
         raise TypeError(f"H must be a floating point matrix, got {matrix.dtype}")
-    if not bool(torch.isfinite(matrix).all()):
+    if not all_finite(matrix):
         raise ValueError("H contains NaN or Inf")
     scale = float(matrix.abs().max()) if matrix.numel() else 0.0
     asym = float((matrix - matrix.T).abs().max()) if matrix.numel() else 0.0
@@ -207,7 +208,7 @@ def check_vector(g: Any, name: str = "g") -> torch.Tensor:
         raise TypeError(f"{name} must be floating point, got {g.dtype}")
     if g.numel() == 0:
         raise ValueError(f"{name} is empty")
-    if not bool(torch.isfinite(g).all()):
+    if not all_finite(g):
         raise ValueError(f"{name} contains NaN or Inf")
     return g
 
