@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check in one command: build the CUDA extension, run the kernel and operator tests on the
-# GPU, run every benchmark suite with --device cuda (JSON in benchmarks/results/<suite>_gpu.json).
+# GPU, run every benchmark suite with --device cuda (JSON in benchmarks/results/<suite>_gpu.json),
+# then the main job on the GPU (one seed).
 # Written for one H100/H200 and a total of about 8 minutes (each step gets what is left of
 # GPU_CHECK_BUDGET_S, capped per step, so a slow step cannot take the others' time).
 #
@@ -96,6 +97,10 @@ SUITES=$("$PY" -c 'from benchmarks.__main__ import SUITES; print(" ".join(SUITES
 for suite in $SUITES; do
     step "bench_$suite" 120 "$PY" -m benchmarks "$suite" "${BENCH_FLAGS[@]}" --out "$RESULTS"
 done
+
+# Last, so that it never takes the suites' time: the main job on the device, end to end (its three
+# scenarios and every method, one seed; about 25 s on the CPU).
+step main_job 90 "$PY" -m unlearn_kernels.cli run --device "$DEVICE" --seeds 0 --no-cache --out "$LOGS/main_job"
 
 echo
 echo "gpu_check: $(($(date +%s) - START))s in all; results:"
