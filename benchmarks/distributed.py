@@ -56,12 +56,6 @@ def _calls(op, v: torch.Tensor) -> dict:
     return {"hvp": lambda: op.matvec(v), "gradient": op.gradient}
 
 
-def _local_calls(op, v: torch.Tensor) -> dict:
-    """The control: this rank's share of each call, without the all_reduce (a DistributedOperator's
-    ``local`` operator over its shard)."""
-    return {"hvp": lambda: op.local.matvec(v), "gradient": op.local.gradient}
-
-
 def _timed(fn, device: torch.device, calls: int, barrier=None, wait_for_all: bool = False) -> list[tuple[float, float]]:
     """(wall, CPU) seconds of this process for each of ``calls`` calls, after one warm-up call (the
     other side ran meanwhile); with ``wait_for_all``, up to a barrier after the call (the slower rank)."""
@@ -93,7 +87,8 @@ def _worker(rank: int, store: str, device_type: str, quick: bool, inbox, outbox)
         op = hessian_operator(model.to(device), nn.CrossEntropyLoss(), (x[part].to(device), y[part].to(device)),
                               process_group=dist.group.WORLD)
         v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(1)).to(device)
-        calls, local_calls = _calls(op, v), _local_calls(op, v)
+        # the control: this rank's local operator over its shard, without the all_reduce
+        calls, local_calls = _calls(op, v), _calls(op.local, v)
         results, peaks = {}, {}
         for name, fn in calls.items():
             with PeakMemory(device) as peak:
@@ -102,10 +97,8 @@ def _worker(rank: int, store: str, device_type: str, quick: bool, inbox, outbox)
         outbox.put((rank, (results, peaks)))
         while (msg := inbox.get()) is not None:
             name, count, control = msg  # both ranks make the same number of calls
-            if control:
-                samples = _timed(local_calls[name], device, count, barrier=dist.barrier, wait_for_all=True)
-            else:
-                samples = _timed(calls[name], device, count, barrier=dist.barrier)
+            fn = (local_calls if control else calls)[name]
+            samples = _timed(fn, device, count, barrier=dist.barrier, wait_for_all=control)
             outbox.put((rank, samples))
     finally:
         dist.destroy_process_group()
