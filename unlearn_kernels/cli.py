@@ -210,7 +210,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
           + (f"{len(configs)} scenarios ({', '.join(configs)})" if len(configs) > 1 else _describe(first))
           + f", seeds {list(first.seeds)}, {len(first.methods)} methods on {first.device}")
     if not args.methods and not args.protocol:
-        print("(damped_newton and influence, exact solves of an indefinite system that take 25-50 s a call, are "
+        print("(damped_newton and influence, exact solves of an indefinite system that take 20-36 s a call, are "
               "left out of the three quick scenarios: run them with --protocol or --methods)")
     start = time.perf_counter()
     studies, results = {}, {}

@@ -126,7 +126,8 @@ class CurvatureOperator(abc.ABC):
     Vectors are flat over the chosen parameters (layout: :func:`~unlearn_kernels.curvature.params.
     resolve_parameters`), with the parameters' dtype and device (float64 is supported throughout).
     The model is never modified: parameters are read (live: in-place updates to the model are seen
-    by later products; build a new operator after replacing parameter tensors), buffers are copied
+    by later products, and so are parameters replaced by tensors of the same shape, dtype and device;
+    a parameter replaced by one of another shape, dtype or device needs a new operator), buffers are copied
     at construction, and the forward runs through ``torch.func.functional_call``.
 
     Construction probes the first batch (two gradient evaluations and, in subclasses, one or two

@@ -15,7 +15,7 @@ from .newton import (
 )
 from .reference import Original, Retrain, RetrainReseeded
 
-#: every method by its ``name`` (the Newton-family methods are added here too)
+#: every method by its ``name``
 METHODS: dict[str, type[Unlearner]] = {
     method.name: method
     for method in (Retrain, RetrainReseeded, Original, Finetune, GradientAscent, NegGradPlus, RandomLabels, SalUn, SCRUB,

@@ -374,7 +374,7 @@ class CureNewton(_NewtonFamily):
             after a rejected step reuses the stored basis).
         lipschitz_options: passed to ``estimate_hessian_lipschitz`` when ``M="auto"``
             (``num_directions``, ``radius``, ``power_iterations``, ``quantile``).
-        params, loss_fn, dtype, batch_size, weight_decay, path: see the module docstring.
+        params, loss_fn, dtype, batch_size, weight_decay, path, process_group: see the module docstring.
 
     Diagnostics (besides the shared ones): ``M`` (the constant the next step would use),
     ``M_initial``, ``steps`` (accepted), ``stop_reason`` ("tolerance", "max_iterations",
@@ -534,7 +534,7 @@ class StochasticCureNewton(_NewtonFamily):
         M, T, K, eta, noise: the cubic constant, outer rounds, gradient steps per round, step size
             and the norm of the perturbation of g.
         grad_batch_size, hess_batch_size: rows of the mini-batches for g and H.
-        params, loss_fn, dtype, batch_size, weight_decay, path: see the module docstring.
+        params, loss_fn, dtype, batch_size, weight_decay, path, process_group: see the module docstring.
     """
 
     name = "stochastic_cure_newton"
@@ -610,7 +610,7 @@ class NewtonPinv(_NewtonFamily):
         rcond: eigenvalues with ``|lambda| <= rcond max |lambda|`` count as 0 (default 1e-6).
         rank: "lanczos": Lanczos steps, the largest possible rank (default 300).
         tol, maxiter: "minres": relative tolerance (1e-10) and iteration cap (None: scipy's 5 d).
-        params, loss_fn, dtype, batch_size, weight_decay, path: see the module docstring.
+        params, loss_fn, dtype, batch_size, weight_decay, path, process_group: see the module docstring.
     """
 
     name = "newton_pinv"
@@ -654,7 +654,7 @@ class DampedNewton(_NewtonFamily):
         tol, maxiter: "minres": relative tolerance (1e-8; with float32 products the true residual
             stops improving near there, docs/methods.md gives measurements) and iteration cap
             (None: scipy's 5 d).
-        params, loss_fn, dtype, batch_size, weight_decay, path: see the module docstring.
+        params, loss_fn, dtype, batch_size, weight_decay, path, process_group: see the module docstring.
     """
 
     name = "damped_newton"
@@ -703,7 +703,7 @@ class DampedNewtonCG(DampedNewton):
     Args:
         damping: lambda >= 0 (default 0.01).
         tol, maxiter: CG's relative tolerance (1e-8) and iteration cap (200).
-        params, loss_fn, dtype, batch_size, weight_decay, path: see the module docstring.
+        params, loss_fn, dtype, batch_size, weight_decay, path, process_group: see the module docstring.
     """
 
     name = "damped_newton_cg"
@@ -732,7 +732,7 @@ class InfluenceNewton(DampedNewton):
 
     Args:
         damping, solver, tol, maxiter: as in :class:`DampedNewton` (default damping 0.01).
-        params, loss_fn, dtype, batch_size, weight_decay, path: see the module docstring.
+        params, loss_fn, dtype, batch_size, weight_decay, path, process_group: see the module docstring.
     """
 
     name = "influence"
@@ -765,7 +765,7 @@ class LiSSANewton(_NewtonFamily):
         depth: recursion steps (default 100).
         scale: > 0, or "auto" (the default).
         lanczos_steps: Lanczos steps for ``scale="auto"`` (default 20).
-        params, loss_fn, dtype, batch_size, weight_decay, path: see the module docstring.
+        params, loss_fn, dtype, batch_size, weight_decay, path, process_group: see the module docstring.
     """
 
     name = "lissa"

@@ -81,7 +81,8 @@ class RetrainReseeded(Retrain):
     of this size), so that a target on gaps can be read against it.
 
     Args:
-        model_factory, config: as in :class:`Retrain`.
+        model_factory, config, model_info: as in :class:`Retrain` (nothing is cached, so
+            ``model_info`` only describes the model).
         seed_offset: added to ``config.seed`` (default 1000), != 0.
     """
 
