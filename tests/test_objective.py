@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unlearn_kernels.checks import all_finite, check_int, check_number, norm64
+from unlearn_kernels.checks import all_finite, check_choice, check_int, check_number, check_tensor, norm64
 from unlearn_kernels.curvature import (
     Objective,
     RegularizedOperator,
@@ -132,6 +132,21 @@ def test_checks():
                         (-1.0, {"low": 0.0})):
         with pytest.raises(ValueError, match="x must be a finite number"):
             check_number("x", bad, **kwargs)
+    # an upper bound, closed or open, and how the message states the interval
+    assert check_number("p", 1.0, 0.0, 1.0) == 1.0 and check_number("p", 0.5, 0.0, 1.0, strict=True, strict_high=True) == 0.5
+    for bad, kwargs, interval in ((1.0, {"strict_high": True}, r"in \[0, 1\)"), (0.0, {"strict": True}, r"in \(0, 1\]"),
+                                  (1.5, {}, r"in \[0, 1\]"), (math.nan, {}, r"in \[0, 1\]")):
+        with pytest.raises(ValueError, match=rf"^p must be a finite number {interval}, got"):
+            check_number("p", bad, 0.0, 1.0, **kwargs)
+    with pytest.raises(ValueError, match=r"^p must be a finite number < 2, got 2"):
+        check_number("p", 2, high=2, strict_high=True)
+    assert check_choice("mode", "a", ("a", "b")) == "a"
+    with pytest.raises(ValueError, match=r"^mode must be one of \['a', 'b'\], got 'c'$"):
+        check_choice("mode", "c", ("a", "b"))
+    t = torch.zeros(2)
+    assert check_tensor("v", t) is t
+    with pytest.raises(TypeError, match="^v must be a torch.Tensor, got list$"):
+        check_tensor("v", [0.0, 0.0])
     big = torch.full((4,), 3e38, dtype=torch.float32)  # its float32 norm overflows
     assert norm64(big) == pytest.approx(6e38, rel=1e-6)
 

@@ -109,8 +109,8 @@ def test_other_optimizers_and_schedules_train(optimizer, schedule):
     ("batch_size", 0, "batch_size must be an int >= 1"), ("batch_size", True, "batch_size must be an int"),
     ("lr", 0.0, "lr must be a finite number > 0"), ("lr", math.inf, "lr must be a finite number"),
     ("weight_decay", math.nan, "weight_decay must be a finite number >= 0"), ("weight_decay", -1e-4, "weight_decay"),
-    ("momentum", 1.0, r"momentum must be in \[0, 1\)"), ("momentum", math.nan, "momentum must be a finite number"),
-    ("label_smoothing", 1.0, r"label_smoothing must be in \[0, 1\)"), ("label_smoothing", "0.1", "label_smoothing"),
+    ("momentum", 1.0, r"momentum must be a finite number in \[0, 1\)"), ("momentum", math.nan, "momentum must be a finite number"),
+    ("label_smoothing", 1.0, r"label_smoothing must be a finite number in \[0, 1\)"), ("label_smoothing", "0.1", "label_smoothing"),
     ("seed", -1, r"seed must be in \[0, 2\*\*63\)"),
     ("optimizer", "lbfgs", "unknown optimizer"), ("lr_schedule", "step", "unknown lr_schedule"),
 ])

@@ -10,6 +10,7 @@ import cmath
 import math
 import numbers
 import operator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -23,14 +24,37 @@ def check_int(name: str, value: Any, low: int = 1) -> int:
     return operator.index(value)
 
 
-def check_number(name: str, value: Any, low: float = -math.inf, *, strict: bool = False) -> float:
-    """``value`` as a float if it is a finite real number ``>= low`` (``> low`` when ``strict``),
-    else ValueError naming ``name``."""
+def check_number(name: str, value: Any, low: float = -math.inf, high: float = math.inf, *,
+                 strict: bool = False, strict_high: bool = False) -> float:
+    """``value`` as a float if it is a finite real number in [low, high] (``strict`` excludes
+    ``low``, ``strict_high`` excludes ``high``), else ValueError naming ``name``."""
     bad = isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
-    if bad or value < low or (strict and value == low):
-        bound = "" if low == -math.inf else f" {'>' if strict else '>='} {low}"
-        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+    if bad or value < low or (strict and value == low) or value > high or (strict_high and value == high):
+        raise ValueError(f"{name} must be a finite number{_interval(low, high, strict, strict_high)}, got {value!r}")
     return float(value)
+
+
+def _interval(low: float, high: float, strict: bool, strict_high: bool) -> str:
+    if high == math.inf:
+        return "" if low == -math.inf else f" {'>' if strict else '>='} {low}"
+    if low == -math.inf:
+        return f" {'<' if strict_high else '<='} {high}"
+    return f" in {'(' if strict else '['}{low:g}, {high:g}{')' if strict_high else ']'}"
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
+    """``value`` if it is one of ``choices``, else ValueError naming ``name`` and the choices."""
+    choices = list(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_tensor(name: str, value: Any) -> torch.Tensor:
+    """``value`` if it is a tensor, else TypeError naming ``name``."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
 
 
 def check_seed(name: str, value: Any) -> int:

@@ -50,6 +50,7 @@ from .lora import adapter_modules, unload
 from .methods import METHODS, Retrain, RetrainReseeded, UnlearnResult, Unlearner
 from .models import build_model
 from .checkpoint import train_or_load
+from .checks import check_int, check_number, check_seed
 from .training import TrainConfig, init_model, train
 
 #: the methods run by default, oracle first (it is the reference of every other row)
@@ -92,6 +93,20 @@ Progress = Callable[[str, int, int], None]  # (phase, done, total)
 def _default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "unlearn-kernels" / "checkpoints"
+
+
+def _check_seeds(seeds: Any) -> tuple[int, ...]:
+    """Distinct integers in [0, 2**32) (the data split's numpy seed; a repeated seed would count twice
+    in mean ± std), at least one."""
+    seeds = tuple(check_seed("seeds (--seeds)", s) for s in seeds)
+    if not seeds:
+        raise ValueError("at least one seed is needed (--seeds)")
+    too_large = [s for s in seeds if s >= 2**32]
+    if too_large:
+        raise ValueError(f"seeds (--seeds) must be in [0, 2^32) (the data split's numpy seed), got {too_large[0]}")
+    if len(set(seeds)) < len(seeds):
+        raise ValueError(f"seeds (--seeds) repeat a seed: {list(seeds)}")
+    return seeds
 
 
 @dataclass
@@ -142,22 +157,21 @@ class StudyConfig:
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
+            raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(sorted(METHODS))}")
         if "retrain" not in self.methods:
             self.methods = ("retrain", *self.methods)
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {self.protocol!r}; choose from {', '.join(PROTOCOLS)}")
-        if self.protocol != "class" and not 0.0 < self.forget_fraction < 1.0:
-            raise ValueError(f"forget fraction must be in (0, 1), got {self.forget_fraction}")
+        if self.protocol != "class":
+            check_number("forget_fraction (--forget-fraction)", self.forget_fraction, 0.0, 1.0, strict=True,
+                         strict_high=True)
         if self.protocol == "class" and not self.forget_classes:
             raise ValueError("the class protocol needs at least one class to forget (--forget-class)")
-        if self.sequential < 0:
-            raise ValueError(f"sequential must be >= 0, got {self.sequential}")
+        self.sequential = check_int("sequential", self.sequential, low=0)
         if self.protocol == "class" and self.sequential and self.sequential != len(self.forget_classes):
             raise ValueError(f"the class protocol with {self.sequential} sequential requests forgets one class per "
                              f"request: give {self.sequential} classes (got {list(self.forget_classes)})")
-        if not self.seeds:
-            raise ValueError("at least one seed is needed")
+        self.seeds = _check_seeds(self.seeds)
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} requested but no CUDA device is visible")
         self._check_method_options()

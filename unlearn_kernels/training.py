@@ -61,15 +61,13 @@ class TrainConfig:
             "batch_size": check_int("TrainConfig: batch_size", self.batch_size),
             "lr": check_number("TrainConfig: lr", self.lr, 0.0, strict=True),
             "weight_decay": check_number("TrainConfig: weight_decay", self.weight_decay, 0.0),
-            "momentum": check_number("TrainConfig: momentum", self.momentum, 0.0),
-            "label_smoothing": check_number("TrainConfig: label_smoothing", self.label_smoothing, 0.0),
+            "momentum": check_number("TrainConfig: momentum", self.momentum, 0.0, 1.0, strict_high=True),
+            "label_smoothing": check_number("TrainConfig: label_smoothing", self.label_smoothing, 0.0, 1.0,
+                                            strict_high=True),
             "seed": check_seed("TrainConfig: seed", self.seed),
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)
-        for name in ("momentum", "label_smoothing"):
-            if getattr(self, name) >= 1:
-                raise ValueError(f"TrainConfig: {name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"TrainConfig: unknown optimizer {self.optimizer!r}; choose one of {list(OPTIMIZERS)}")
         if self.lr_schedule not in LR_SCHEDULES:

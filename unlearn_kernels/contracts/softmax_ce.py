@@ -14,13 +14,6 @@ BAD_LOGITS = "logits contain NaN or +Inf (or a row that is all -Inf)"
 BAD_TANGENT = "tangent contains NaN or Inf"
 
 
-def check_tensor(op: str, name: str, value: object) -> torch.Tensor:
-    """``value`` if it is a tensor (what dispatching needs), else TypeError."""
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
-    return value
-
-
 def _check_logits(op: str, logits: torch.Tensor) -> None:
     if logits.dim() != 2:
         raise ValueError(f"{op}: logits must be 2-D (N, C), got shape {shape_text(logits)}")

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..checks import all_finite, check_int, first_nonfinite_row
+from ..checks import all_finite, check_int, check_tensor, first_nonfinite_row
 from ..labeled import LabeledData
 from .linear_operator import to_scipy_operator
 from .params import ParameterSlots, ParamSelection, flatten_tensors, resolve_parameters, unflatten_vector
@@ -408,8 +408,7 @@ class CurvatureOperator(abc.ABC):
     # ------------------------------------------------------------------ checks
     def _check_input(self, tensor: torch.Tensor, ndim: int) -> None:
         what = "vector" if ndim == 1 else "matrix"
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{what} must be a torch.Tensor, got {type(tensor).__name__}")
+        check_tensor(what, tensor)
         d = self.shape[0]
         if tensor.dim() != ndim or tensor.shape[0] != d or (ndim == 2 and tensor.shape[1] == 0):
             expected = f"({d},)" if ndim == 1 else f"({d}, K) with K >= 1"

@@ -79,8 +79,7 @@ def estimate_hessian_lipschitz(
     num_directions = check_int("num_directions", num_directions)
     power_iterations = check_int("power_iterations", power_iterations, low=0)
     radius = check_number("radius", radius, 0.0, strict=True)
-    if check_number("quantile", quantile, 0.0, strict=True) > 1.0:
-        raise ValueError(f"quantile must be in (0, 1], got {quantile!r}")
+    check_number("quantile", quantile, 0.0, 1.0, strict=True)
     work = copy.deepcopy(model)
     op = hessian_operator(work, loss_fn, data, params, path=path, batch_size=batch_size)
     names = op.param_names

@@ -11,6 +11,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from ..checks import check_tensor
+
 ParamSelection = None | str | torch.Tensor | Iterable[str | torch.Tensor]
 """What ``params`` arguments accept: None (all trainable), names, or the parameter tensors themselves."""
 
@@ -117,8 +119,7 @@ def set_flat_parameters(model: nn.Module, vector: torch.Tensor, params: ParamSel
     """
     chosen = resolve_parameters(model, params)
     first = next(iter(chosen.values()))
-    if not isinstance(vector, torch.Tensor):
-        raise TypeError(f"vector must be a torch.Tensor, got {type(vector).__name__}")
+    check_tensor("vector", vector)
     if vector.dtype != first.dtype:
         raise TypeError(f"vector has dtype {vector.dtype} but the parameters have {first.dtype}")
     if vector.device != first.device:

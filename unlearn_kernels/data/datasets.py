@@ -12,7 +12,6 @@ validation or test data.
 """
 from __future__ import annotations
 
-
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -20,6 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..checks import check_number
 from .labeled import LabeledData
 from .local_files import load_cifar_files, load_mnist_files
 
@@ -214,8 +214,7 @@ def load_dataset(
     if name not in _DATASETS:
         raise ValueError(f"unknown dataset {name!r}; available: {', '.join(available_datasets())}")
     for what, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0.0 < value < 1.0:
-            raise ValueError(f"{what} must be in (0, 1), got {value}")
+        check_number(what, value, 0.0, 1.0, strict=True, strict_high=True)
     if val_fraction + test_fraction >= 1.0:
         raise ValueError(f"val_fraction + test_fraction must be < 1 to leave train data, got {val_fraction} + {test_fraction}")
 

@@ -26,7 +26,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ..checks import check_int
+from ..checks import check_int, check_number
 from .labeled import LabeledData
 
 IndexLike = torch.Tensor | Sequence[int]
@@ -98,8 +98,7 @@ def _num_samples(num_samples: int) -> int:
 
 
 def _forget_count(fraction: float, num_samples: int) -> int:
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    fraction = check_number("fraction", fraction, 0.0, 1.0, strict=True, strict_high=True)
     count = round(fraction * num_samples)
     if count == 0:
         raise ValueError(f"fraction={fraction} of {num_samples} samples forgets no sample")

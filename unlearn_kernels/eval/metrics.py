@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..checks import all_finite, check_int, check_number
+from ..checks import all_finite, check_int, check_number, check_tensor
 from ..labeled import LabeledData
 from ..training import eval_mode
 
@@ -30,8 +30,7 @@ TOW_KEYS = ("acc_forget", "acc_retain", "acc_test")
 # --------------------------------------------------------------------------- validation
 def _check_logits(name: str, logits: torch.Tensor) -> None:
     """A non-empty, finite, floating-point (N, C) tensor."""
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    check_tensor(name, logits)
     if logits.dim() != 2:
         raise ValueError(f"{name} must be 2-D (N, C), got shape {tuple(logits.shape)}")
     if not logits.is_floating_point():
@@ -44,8 +43,7 @@ def _check_logits(name: str, logits: torch.Tensor) -> None:
 
 def _check_labels(name: str, labels: torch.Tensor, logits: torch.Tensor) -> None:
     """Integer labels, one per row of ``logits``, each a valid class index."""
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    check_tensor(name, labels)
     if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"{name} must be a 1-D integer tensor, got {labels.dtype} of shape {tuple(labels.shape)}")
     if labels.shape[0] != logits.shape[0]:
@@ -250,8 +248,8 @@ def js_divergence_lotus(
     0 for identical inputs.
     """
     _check_pair("js_divergence_lotus: p_logits", p_logits, "q_logits", q_logits)
-    if not scale > 0 or not 0 < eps < 1:
-        raise ValueError(f"js_divergence_lotus: need scale > 0 and 0 < eps < 1, got scale={scale}, eps={eps}")
+    check_number("js_divergence_lotus: scale", scale, 0.0, strict=True)
+    check_number("js_divergence_lotus: eps", eps, 0.0, 1.0, strict=True, strict_high=True)
     return _js_lotus_probs(_probs(p_logits), _probs(q_logits.to(p_logits.device)), scale, eps)
 
 

@@ -123,14 +123,6 @@ class _Trained(Unlearner):
                            weight_decay=self.weight_decay if weight_decay is None else weight_decay)
 
 
-def _check_fraction(owner: str, name: str, value: float, *, open_low: bool = False) -> float:
-    """``value`` as a float in [0, 1] (``(0, 1]`` when ``open_low``), else ValueError naming ``owner: name``."""
-    fraction = check_number(f"{owner}: {name}", value, 0.0, strict=open_low)
-    if fraction > 1:
-        raise ValueError(f"{owner}: {name} must be in {'(0, 1]' if open_low else '[0, 1]'}, got {value!r}")
-    return fraction
-
-
 # ---------------------------------------------------------------------------------------------
 # methods
 
@@ -206,7 +198,7 @@ class NegGradPlus(_Trained):
                  optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 5e-4) -> None:
         super().__init__(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, momentum=momentum,
                          weight_decay=weight_decay)
-        self.alpha = _check_fraction(self.name, "alpha", alpha)
+        self.alpha = check_number(f"{self.name}: alpha", alpha, 0.0, 1.0)
 
     def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,
                  unseen: LabeledData | None, seed: int) -> UnlearnResult:
@@ -272,7 +264,7 @@ class SalUn(RandomLabels):
                  optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 5e-4) -> None:
         super().__init__(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, momentum=momentum,
                          weight_decay=weight_decay)
-        self.mask_fraction = _check_fraction(self.name, "mask_fraction", mask_fraction, open_low=True)
+        self.mask_fraction = check_number(f"{self.name}: mask_fraction", mask_fraction, 0.0, 1.0, strict=True)
 
     def _saliency_mask(self, model: nn.Module, forget: LabeledData) -> tuple[dict[str, torch.Tensor], int]:
         """Boolean masks per trainable parameter, and the number of batch gradients it cost."""
@@ -398,7 +390,7 @@ class BadTeacher(_Trained):
         super().__init__(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, momentum=momentum,
                          weight_decay=weight_decay)
         self.temperature = check_number(f"{self.name}: temperature", temperature, 0.0, strict=True)
-        self.retain_fraction = _check_fraction(self.name, "retain_fraction", retain_fraction)
+        self.retain_fraction = check_number(f"{self.name}: retain_fraction", retain_fraction, 0.0, 1.0)
 
     def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,
                  unseen: LabeledData | None, seed: int) -> UnlearnResult:

@@ -18,7 +18,7 @@ from ..checks import check_number
 from ..labeled import LabeledData
 from ..training import model_device
 from .base import UnlearnResult
-from .first_order import _check_fraction, _flagged_mix, _frozen_copy, _step, _Trained
+from .first_order import _flagged_mix, _frozen_copy, _step, _Trained
 
 
 @torch.no_grad()
@@ -68,7 +68,7 @@ class LoTUS(_Trained):
                  retain_fraction: float = 0.3, optimizer: str = "adamw", weight_decay: float = 5e-4) -> None:
         super().__init__(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay)
         self.alpha = None if alpha is None else check_number(f"{self.name}: alpha", alpha, 0.0, strict=True)
-        self.retain_fraction = _check_fraction(self.name, "retain_fraction", retain_fraction)
+        self.retain_fraction = check_number(f"{self.name}: retain_fraction", retain_fraction, 0.0, 1.0)
 
     def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,
                  unseen: LabeledData | None, seed: int) -> UnlearnResult:

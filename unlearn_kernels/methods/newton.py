@@ -88,6 +88,7 @@ from ..solvers import (
     KrylovCubicSolver,
     NewtonStep,
     adaptive_cubic_newton,
+    check_arc_options,
     cubic_gd,
     damped_newton_step,
     lanczos,
@@ -400,20 +401,14 @@ class CureNewton(_NewtonFamily):
         if M == "auto" and process_group is not None:
             raise ValueError(f"{self.name}: M='auto' estimates the Lipschitz constant on one process's data; with a "
                              "process_group give M as a number")
-        if M != "auto":
-            M = check_number(f"{self.name}: M", M, 0.0, strict=True)
-        self.M = M
-        self.max_iterations = check_int(f"{self.name}: max_iterations", max_iterations)
-        self.tol = check_number(f"{self.name}: tol", tol, 0.0)
-        self.hvp_budget = None if hvp_budget is None else check_int(f"{self.name}: hvp_budget", hvp_budget)
+        checked = check_arc_options(self.name, M=1.0 if M == "auto" else M, max_iterations=max_iterations, tol=tol,
+                                    hvp_budget=hvp_budget, eta1=eta1, eta2=eta2, gamma=gamma, M_min=M_min)
+        self.M = M if M == "auto" else checked["M"]
+        self.max_iterations, self.tol, self.hvp_budget = (checked["max_iterations"], checked["tol"],
+                                                          checked["hvp_budget"])
+        self.eta1, self.eta2, self.gamma, self.M_min = checked["eta1"], checked["eta2"], checked["gamma"], checked["M_min"]
         self.hessian_samples = (None if hessian_samples is None
                                 else check_int(f"{self.name}: hessian_samples", hessian_samples))
-        self.eta1 = check_number(f"{self.name}: eta1", eta1, 0.0, strict=True)
-        if self.eta1 >= 1.0:
-            raise ValueError(f"{self.name}: eta1 must be < 1, got {eta1!r}")
-        self.eta2 = check_number(f"{self.name}: eta2", eta2, self.eta1, strict=True)
-        self.gamma = check_number(f"{self.name}: gamma", gamma, 1.0, strict=True)
-        self.M_min = check_number(f"{self.name}: M_min", M_min, 0.0, strict=True)
         self.solver_options = dict(solver_options or {})
         if "seed" in self.solver_options:
             raise ValueError(f"{self.name}: solver_options must not set 'seed' (it comes from the unlearn seed)")

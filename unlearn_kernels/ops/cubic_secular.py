@@ -27,7 +27,7 @@ import torch
 
 from .. import _extension
 from ..backends import choose
-from ..checks import all_finite, check_int, check_number
+from ..checks import all_finite, check_int, check_number, check_tensor
 
 _CPP_OPS = "unlearn_kernels"
 _OP = "cubic_secular_solve"
@@ -99,8 +99,7 @@ def cubic_secular_solve_ref(
 
 def _check_inputs(eigvals: torch.Tensor, coeffs: torch.Tensor, M: float, tol: float, max_iter: int) -> None:
     for name, t in (("eigvals", eigvals), ("coeffs", coeffs)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        check_tensor(f"{_OP}: {name}", t)
         if not t.is_floating_point():
             raise TypeError(f"{_OP}: {name} must be a floating point tensor, got {t.dtype}")
         if t.dim() != 1:
@@ -112,8 +111,7 @@ def _check_inputs(eigvals: torch.Tensor, coeffs: torch.Tensor, M: float, tol: fl
     if eigvals.device != coeffs.device:
         raise ValueError(f"{_OP}: eigvals are on {eigvals.device} but coeffs are on {coeffs.device}")
     check_number(f"{_OP}: M", M, 0.0, strict=True)
-    if check_number(f"{_OP}: tol", tol, 0.0, strict=True) >= 1:
-        raise ValueError(f"{_OP}: tol must be a number in (0, 1), got {tol!r}")
+    check_number(f"{_OP}: tol", tol, 0.0, 1.0, strict=True, strict_high=True)
     check_int(f"{_OP}: max_iter", max_iter)
 
 

@@ -40,6 +40,7 @@ import torch
 
 from .. import _extension
 from ..backends import choose
+from ..checks import check_tensor
 from ..contracts.lanczos_step import BREAKDOWN_RTOL_EPS, check_args, check_values, fake
 from ..contracts.lanczos_step import OP as _OP
 
@@ -115,8 +116,8 @@ def lanczos_step(
             from every backend.
     """
     for name, t in (("hq", hq), ("q", q), ("q_prev", q_prev), ("basis", basis)):
-        if not (isinstance(t, torch.Tensor) or (t is None and name in ("q_prev", "basis"))):
-            raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t is not None or name not in ("q_prev", "basis"):
+            check_tensor(f"{_OP}: {name}", t)
     if q_prev is None:  # beta_prev = 0 drops the term; q stands in
         q_prev, beta_prev = q, 0.0
     if basis is None:  # no rows; of hq's last dimension, so that a bad hq is what the checks report

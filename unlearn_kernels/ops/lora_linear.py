@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from .. import _extension
 from ..backends import choose
+from ..checks import check_tensor
 from ..contracts.lora_linear import fake_backward, fake_forward, fake_jvp
 
 _CPP_OPS = "unlearn_kernels"
@@ -126,8 +127,7 @@ def _check_inputs(op, x, weight, bias, lora_a, lora_b, scale, tangents=()):
         named["bias"] = bias
     named.update((name, t) for name, t in tangents if t is not None)
     for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        check_tensor(f"{op}: {name}", t)
     if x.dtype not in _DTYPES:
         raise TypeError(f"{op}: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
     for name, t in named.items():

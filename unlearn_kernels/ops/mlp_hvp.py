@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .. import _extension
 from ..backends import choose
-from ..checks import all_finite
+from ..checks import all_finite, check_tensor
 from ..contracts.text import dtype_name, shape_text
 
 _CPP_OPS = "unlearn_kernels"
@@ -103,8 +103,7 @@ def _check_inputs(x, target, weights, biases, activations, v_weights, v_biases, 
     """The reference backend's copy of the compiled kernels' checks (``check_inputs`` in
     csrc/mlp_hvp.cpp): the same checks in the same order with the same messages, so every backend
     raises the same error."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{_OP}: x must be a torch.Tensor, got {type(x).__name__}")
+    check_tensor(f"{_OP}: x", x)
     num_layers = len(weights)
     counts = (num_layers, len(biases), len(activations), len(v_weights), len(v_biases))
     if len(set(counts)) > 1:

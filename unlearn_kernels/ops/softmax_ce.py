@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .. import _extension
 from ..backends import choose
+from ..checks import check_tensor
 from ..contracts import softmax_ce as contract
 
 
@@ -91,8 +92,8 @@ def softmax_ce_grad(
         (N, C) contiguous tensor of the logits' dtype. Differentiable w.r.t. ``logits``.
     """
     op = contract.GRAD
-    device = contract.check_tensor(op, "logits", logits).device
-    target = contract.check_tensor(op, "target", target)
+    device = check_tensor(f"{op}: logits", logits).device
+    target = check_tensor(f"{op}: target", target)
     if not (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool):
         target = target.long()  # any integer dtype; the op's own check names a wrong one
     name = choose(op, device, backend)
@@ -127,8 +128,8 @@ def softmax_ce_hvp(
         (N, C) contiguous tensor of the logits' dtype. Differentiable w.r.t. logits and tangent.
     """
     op = contract.HVP
-    device = contract.check_tensor(op, "logits", logits).device
-    contract.check_tensor(op, "tangent", tangent)
+    device = check_tensor(f"{op}: logits", logits).device
+    check_tensor(f"{op}: tangent", tangent)
     name = choose(op, device, backend)
     if name == "reference":
         contract.check_hvp_args(logits, tangent)

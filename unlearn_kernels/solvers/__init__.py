@@ -13,7 +13,7 @@ object with ``matvec``/``shape``/``dtype``/``device``, or a function ``v -> H v`
 Argument checks and the float64 norm they share live in :mod:`unlearn_kernels.checks` (the
 foundation layer: the training recipe uses them too).
 """
-from .arc import KRYLOV_DEFAULTS, ARCResult, ARCTrial, adaptive_cubic_newton
+from .arc import KRYLOV_DEFAULTS, ARCResult, ARCTrial, adaptive_cubic_newton, check_arc_options
 from .baselines import (
     DENSE_MAX_DIM,
     LinearSolve,
@@ -49,6 +49,7 @@ __all__ = [
     "NewtonStep",
     "SolverOperator",
     "adaptive_cubic_newton",
+    "check_arc_options",
     "as_operator",
     "conjugate_gradient",
     "cubic_gd",

@@ -89,6 +89,22 @@ class ARCResult:
     initial_grad_norm: float = math.nan
 
 
+def check_arc_options(owner: str, *, M: Any, max_iterations: Any, tol: Any, hvp_budget: Any, eta1: Any,
+                      eta2: Any, gamma: Any, M_min: Any) -> dict[str, Any]:
+    """The numeric options of :func:`adaptive_cubic_newton`, checked and normalised (ValueError
+    naming ``"<owner>: <option>"``; methods that wrap the loop check them when they are built)."""
+    prefix = f"{owner}: " if owner else ""
+    eta1 = check_number(f"{prefix}eta1", eta1, 0.0, 1.0, strict=True, strict_high=True)
+    return {"M": check_number(f"{prefix}M", M, 0.0, strict=True),
+            "max_iterations": check_int(f"{prefix}max_iterations", max_iterations, 1),
+            "tol": check_number(f"{prefix}tol", tol, 0.0),
+            "hvp_budget": None if hvp_budget is None else check_int(f"{prefix}hvp_budget", hvp_budget, 1),
+            "eta1": eta1,
+            "eta2": check_number(f"{prefix}eta2", eta2, eta1, strict=True),
+            "gamma": check_number(f"{prefix}gamma", gamma, 1.0, strict=True),
+            "M_min": check_number(f"{prefix}M_min", M_min, 0.0, strict=True)}
+
+
 def adaptive_cubic_newton(
     value: Callable[[torch.Tensor], float],
     gradient: Callable[[torch.Tensor], torch.Tensor],
@@ -139,17 +155,10 @@ def adaptive_cubic_newton(
             an accepted point must be finite).
     """
     w = check_vector(w0, "w0")
-    M = check_number("M", M, 0.0, strict=True)
-    max_iterations = check_int("max_iterations", max_iterations, 1)
-    tol = check_number("tol", tol, 0.0)
-    if hvp_budget is not None:
-        hvp_budget = check_int("hvp_budget", hvp_budget, 1)
-    eta1 = check_number("eta1", eta1, 0.0, strict=True)
-    if eta1 >= 1.0:
-        raise ValueError(f"eta1 must be < 1, got {eta1!r}")
-    eta2 = check_number("eta2", eta2, eta1, strict=True)
-    gamma = check_number("gamma", gamma, 1.0, strict=True)
-    M_min = check_number("M_min", M_min, 0.0, strict=True)
+    checked = check_arc_options("", M=M, max_iterations=max_iterations, tol=tol, hvp_budget=hvp_budget, eta1=eta1,
+                                eta2=eta2, gamma=gamma, M_min=M_min)
+    M, max_iterations, tol, hvp_budget = checked["M"], checked["max_iterations"], checked["tol"], checked["hvp_budget"]
+    eta1, eta2, gamma, M_min = checked["eta1"], checked["eta2"], checked["gamma"], checked["M_min"]
     seed = check_seed("seed", seed)
     options = {**KRYLOV_DEFAULTS, **(solver_options or {})}
     if "seed" in options:

@@ -13,7 +13,7 @@ from typing import Any
 import scipy.sparse.linalg
 import torch
 
-from ..checks import all_finite
+from ..checks import all_finite, check_tensor
 from ..curvature.linear_operator import MatVec, to_scipy_operator
 
 
@@ -200,8 +200,7 @@ def as_operator(
 
 def check_vector(g: Any, name: str = "g") -> torch.Tensor:
     """``g`` as a validated 1-D finite floating point tensor (raises TypeError/ValueError)."""
-    if not isinstance(g, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(g).__name__}")
+    check_tensor(name, g)
     if g.dim() != 1:
         raise ValueError(f"{name} must be a 1-D (d,) vector, got shape {tuple(g.shape)}")
     if not g.is_floating_point():
