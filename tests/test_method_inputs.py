@@ -205,3 +205,21 @@ def test_unseen_data_that_the_model_was_trained_on(problem, method):
                                              r"\(same input and label; first at unseen row 3\)"):
             METHOD_FACTORIES[method]().unlearn(model, forget, retain, unseen=mixed)
     METHOD_FACTORIES[method]().unlearn(model, forget, retain, unseen=unseen)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_inputs_that_require_grad_and_the_callers_rng(problem, name):
+    """Every method runs on inputs that require grad without writing their ``.grad`` (nor building a
+    graph through them), gives the result it gives on plain inputs, and leaves the caller's global
+    RNG state as it was."""
+    model, forget, retain = problem
+    unseen = LabeledData(retain.x[:20] * 0.5, retain.y[:20])
+    plain = _make(name).unlearn(model, forget, retain, unseen=unseen, seed=3).model
+    sets = [LabeledData(d.x.clone().requires_grad_(), d.y) for d in (forget, retain, unseen)]
+    torch.manual_seed(123)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(123)
+    result = _make(name).unlearn(model, sets[0], sets[1], unseen=sets[2], seed=3).model
+    assert torch.equal(torch.rand(3), expected_draw)  # the caller's RNG did not move
+    assert all(d.x.grad is None for d in sets)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), result.state_dict().values()))

@@ -208,6 +208,12 @@ def test_cli_one_protocol_writes_its_scenario(tmp_path, capsys):
         (["--set", "finetune.epochs=2"], "'finetune', which is not among the methods run"),
         (["--methods", "original,cure_newton", "--set", "cure_newton.N=1"], "cure_newton takes no option 'N'"),
         (["--methods", "original,cure_newton", "--set", "cure_newton.M=-1"], "cure_newton rejects the options"),
+        # options naming what the model does not have: refused before the original trains
+        (["--methods", "original,cure_newton", "--set", "cure_newton.params=['nope']"],
+         "cure_newton: params: the model has no parameter named 'nope'"),
+        (["--methods", "original,rfa", "--set", "rfa.targets=['nope']"], "rfa: target 'nope' names no module"),
+        (["--methods", "original,cure_newton_lora", "--set", "cure_newton_lora.targets='2'"],
+         "cure_newton_lora: target '2' is a ReLU"),
         (["--set", "retrain.epochs=1"], "retrain takes no method options"),
         (["--methods", "original,retrain_reseeded", "--set", "retrain_reseeded.seed_offset=1"],
          "retrain_reseeded takes no method options"),
@@ -247,6 +253,13 @@ def test_cli_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 2 and "is a file, not a directory" in err
     assert "unlearn-kernels run:" not in out and path.read_text() == "the user's file"
+    # a scenario's directory inside --out that is a file
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "random").write_text("the user's file")
+    code = main(["run", "--seeds", "0", "--methods", "original", "--protocol", "random", "--out", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert code == 2 and f"--out: '{tmp_path / 'out' / 'random'}' is a file, not a directory" in err
+    assert "unlearn-kernels run:" not in out and (tmp_path / "out" / "random").read_text() == "the user's file"
 
 
 def test_cli_methods_help_names_what_runs_by_default(capsys, monkeypatch):

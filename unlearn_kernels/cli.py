@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,17 +37,16 @@ def _seeds(text: str) -> tuple[int, ...]:
         raise UsageError(f"--seeds expects comma-separated integers, got {text!r}") from None
 
 
-def _check_out(out: str | None) -> None:
-    """``--out`` is a directory or can be made one: checked before any work, not after the study."""
-    if out is None:
-        return
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--out {out!r} is a file, not a directory")
+def _check_out(root: Path, scenarios: Iterable[str]) -> None:
+    """The output directory (``--out``) and each scenario's directory in it are directories or can
+    be made ones: checked before any work, not after the study."""
+    for path in (root, *(root / name for name in scenarios)):
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"--out: {str(path)!r} is a file, not a directory")
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UsageError(f"--out {out!r} cannot be made: {exc}") from None
+        raise UsageError(f"--out {str(root)!r} cannot be made: {exc}") from None
 
 
 def parse_method_options(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -183,14 +182,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for config in configs.values():  # every scenario's data before the first one's training
         try:
             check_scenario(config)
-        except (ValueError, FileNotFoundError, ImportError) as exc:  # e.g. a class that does not exist
+        except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:  # e.g. a class that does not exist
             raise UsageError(str(exc)) from None
-    _check_out(args.out)
+    first = next(iter(configs.values()))
+    root = Path(args.out or f"runs/{first.dataset}-{first.model}")
+    _check_out(root, configs)
     # The default models are small: one intra-op thread is fastest, and OpenMP threads that wait on
     # each other on a busy machine made training ~30x slower. Larger models: raise --threads.
     torch.set_num_threads(args.threads)
-    first = next(iter(configs.values()))
-    root = Path(args.out or f"runs/{first.dataset}-{first.model}")
     print(f"unlearn-kernels run: {first.dataset}, {first.model}, "
           + (f"{len(configs)} scenarios ({', '.join(configs)})" if len(configs) > 1 else _describe(first))
           + f", seeds {list(first.seeds)}, {len(first.methods)} methods on {first.device}")

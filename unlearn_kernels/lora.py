@@ -202,10 +202,12 @@ def check_targets(owner: str, targets: Any) -> tuple[str, ...]:
     return tuple(targets)
 
 
-def _resolve_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
-    """Module names selected by ``targets`` (exact names first, else glob patterns); raises before
-    anything changes."""
-    targets = check_targets("add_adapters", targets)
+def resolve_targets(model: nn.Module, targets: str | Sequence[str], owner: str = "add_adapters") -> list[str]:
+    """Module names selected by ``targets`` (exact names first, else glob patterns), each a Linear or
+    Conv2d layer without an adapter; TypeError/ValueError naming the first target that is not.
+    Changes nothing (what :func:`add_adapters` checks before it adds any adapter); ``owner`` prefixes
+    the messages."""
+    targets = check_targets(owner, targets)
     modules = dict(model.named_modules())
     # layers inside an existing adapter (its .base) are not candidates
     inside = {f"{name}.{child}" for name in adapter_modules(model) for child, _ in modules[name].named_modules()
@@ -215,24 +217,24 @@ def _resolve_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str
         if target in modules:
             module = modules[target]
             if isinstance(module, _Adapter) or target in inside:
-                raise ValueError(f"add_adapters: module {target!r} already has an adapter")
+                raise ValueError(f"{owner}: module {target!r} already has an adapter")
             if not isinstance(module, ADAPTABLE):
-                raise TypeError(f"add_adapters: target {target!r} is a {type(module).__name__}; adapters wrap "
+                raise TypeError(f"{owner}: target {target!r} is a {type(module).__name__}; adapters wrap "
                                 f"{' or '.join(t.__name__ for t in ADAPTABLE)} layers")
             found = [target]
         else:
             matched = [n for n in modules if n and n not in inside and fnmatch.fnmatchcase(n, target)]
             if not matched:
-                raise ValueError(f"add_adapters: target {target!r} names no module of the model "
+                raise ValueError(f"{owner}: target {target!r} names no module of the model "
                                  f"(modules: {[n for n in modules if n][:12]}...)")
             found = [n for n in matched if isinstance(modules[n], ADAPTABLE)]
             if not found:
-                raise TypeError(f"add_adapters: pattern {target!r} matches no Linear or Conv2d layer "
+                raise TypeError(f"{owner}: pattern {target!r} matches no Linear or Conv2d layer "
                                 f"(it matches {matched[:6]})")
         for name in found:
             problem = _conv_problem(modules[name]) if isinstance(modules[name], nn.Conv2d) else None
             if problem:
-                raise ValueError(f"add_adapters: layer {name!r}: {problem}")
+                raise ValueError(f"{owner}: layer {name!r}: {problem}")
         chosen += [n for n in found if n not in chosen]
     return chosen
 
@@ -265,7 +267,7 @@ def add_adapters(model: nn.Module, targets: str | Sequence[str], rank: int = 8, 
             Linear/Conv2d layer. Nothing is changed when it raises.
     """
     check_rank_alpha("add_adapters", rank, alpha)
-    names = _resolve_targets(model, targets)
+    names = resolve_targets(model, targets)
     modules = dict(model.named_modules())
     adapters = {name: _wrap(modules[name], rank, alpha) for name in names}  # every check passed above
     for name, adapter in adapters.items():

@@ -297,8 +297,9 @@ def _scenario(config: StudyConfig, splits: DatasetSplits, seed: int) -> tuple[La
 
 def check_scenario(config: StudyConfig) -> None:
     """Loads the first seed's data, builds its forget requests (labels only, no training) and the
-    model, so that a missing dataset, a class that does not occur, more requests than rows or a model
-    that does not fit the data fail before any work.
+    model, and checks each method's options against the model, so that a missing dataset, a class that
+    does not occur, more requests than rows, a model that does not fit the data or a method option
+    naming a layer the model does not have fail before any work.
 
     Raises:
         ValueError, FileNotFoundError, ImportError: as :func:`run_study` would on that seed.
@@ -306,7 +307,10 @@ def check_scenario(config: StudyConfig) -> None:
     seed = config.seeds[0]
     splits = load_dataset(config.dataset, root=config.root, seed=seed)
     _scenario(config, splits, seed)
-    build_model(config.model, splits.input_shape, splits.num_classes, **config.model_kwargs)
+    model = build_model(config.model, splits.input_shape, splits.num_classes, **config.model_kwargs)
+    for name in config.methods:  # what the options name in the model (parameters, adapter targets) exists
+        if name not in RECIPE_METHODS:
+            METHODS[name](**config.method_kwargs(name)).check_model(model)
 
 
 def _make_method(config: StudyConfig, name: str, factory: Callable[[], nn.Module], recipe: TrainConfig,

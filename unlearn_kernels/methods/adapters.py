@@ -26,8 +26,16 @@ from typing import Any
 from torch import nn
 
 from ..labeled import LabeledData
-from ..lora import ADAPTABLE, add_adapters, adapter_parameter_names, check_rank_alpha, check_targets, unload
-from .base import UnlearnResult, Unlearner
+from ..lora import (
+    ADAPTABLE,
+    adapter_parameter_names,
+    add_adapters,
+    check_rank_alpha,
+    check_targets,
+    resolve_targets,
+    unload,
+)
+from .base import Unlearner, UnlearnResult
 from .newton import CureNewton
 
 
@@ -49,13 +57,17 @@ class CureNewtonLoRA(Unlearner):
     def __init__(self, rank: int = 8, alpha: float | None = None, targets: str | Sequence[str] | None = None,
                  **newton_options: Any) -> None:
         if "params" in newton_options:
-            raise TypeError("CureNewtonLoRA: params is set to the adapters' parameters; do not pass it")
-        check_rank_alpha("CureNewtonLoRA", rank, alpha)
+            raise TypeError(f"{self.name}: params is set to the adapters' parameters; do not pass it")
+        check_rank_alpha(self.name, rank, alpha)
         if targets is not None:
-            targets = check_targets("CureNewtonLoRA", targets)
+            targets = check_targets(self.name, targets)
         self.rank, self.alpha, self.targets = rank, alpha, targets
         self.newton_options = newton_options
         CureNewton(**newton_options)  # validates the options now, before any work
+
+    def _check_parameters(self, model: nn.Module) -> None:
+        if self.targets is not None:  # the layers named exist and can take an adapter
+            resolve_targets(model, self.targets, owner=self.name)
 
     def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,
                  unseen: LabeledData | None, seed: int) -> UnlearnResult:

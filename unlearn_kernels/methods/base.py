@@ -14,7 +14,7 @@ from torch import nn
 
 from ..checks import all_finite, check_seed, first_nonfinite_row
 from ..labeled import LabeledData
-from ..training import eval_mode, model_device
+from ..training import eval_mode, model_device, seeded_rng
 
 
 @dataclass
@@ -83,10 +83,13 @@ class Unlearner(abc.ABC):
         """
         seed = check_seed(f"{self.name}: seed", seed)
         work = self._checked_copy(model, forget, retain, unseen)
-        torch.manual_seed(seed)
-        start = time.perf_counter()
-        result = self._unlearn(work, forget, retain, unseen=unseen, seed=seed)
-        result.seconds = time.perf_counter() - start
+        # inputs that require grad would collect gradients (and graphs) of the method's own passes
+        forget, retain = _detached(forget), _detached(retain)
+        unseen = None if unseen is None else _detached(unseen)
+        with seeded_rng(seed, model_device(work)):  # seeded, and the caller's RNG state is left as it was
+            start = time.perf_counter()
+            result = self._unlearn(work, forget, retain, unseen=unseen, seed=seed)
+            result.seconds = time.perf_counter() - start
         return result
 
     def _checked_copy(self, model: nn.Module, forget: LabeledData, retain: LabeledData,
@@ -97,6 +100,13 @@ class Unlearner(abc.ABC):
         work = _checked_local_copy(self, model, forget, retain, unseen)
         _check_not_empty(self.name, _rows(forget, retain, unseen))
         return work
+
+    def check_model(self, model: nn.Module) -> None:
+        """The checks of ``model`` that need no data, as :meth:`unlearn` makes them first: an
+        nn.Module with finite parameters and buffers, and what the method's options name in it
+        (parameters, adapter targets) exists. Raises TypeError/ValueError naming the problem."""
+        _check_model(self.name, model)
+        self._check_parameters(model)
 
     def _check_parameters(self, model: nn.Module) -> None:
         """The model has parameters for the method to train (unless it trains none of its own)."""
@@ -118,8 +128,7 @@ def _checked_local_copy(method: Unlearner, model: nn.Module, forget: LabeledData
                         unseen: LabeledData | None) -> nn.Module:
     """The checks of the model and of the sets this process holds (emptiness aside), then the private
     copy of the model, run on one sample of each non-empty set."""
-    _check_model(method.name, model)
-    method._check_parameters(model)
+    method.check_model(model)
     sets = _check_sets(method.name, forget, retain, unseen)
     work = copy.deepcopy(model)
     _check_fit(method.name, work, sets)
@@ -135,6 +144,11 @@ def _check_model(name: str, model: nn.Module) -> None:
         for key, tensor in tensors:
             if not all_finite(tensor):
                 raise ValueError(f"{name}: the model's {kind} {key!r} contains NaN or Inf")
+
+
+def _detached(data: LabeledData) -> LabeledData:
+    """``data`` with inputs that do not require grad (the caller's tensors are never written)."""
+    return LabeledData(data.x.detach(), data.y) if data.x.requires_grad else data
 
 
 def _rows(forget: LabeledData, retain: LabeledData, unseen: LabeledData | None) -> dict[str, int]:

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..checks import check_int, check_number
 from ..labeled import LabeledData
-from ..training import TrainConfig, make_optimizer, model_device, seeded_rng, train
+from ..training import TrainConfig, eval_mode, make_optimizer, model_device, seeded_rng, train
 from .base import Unlearner, UnlearnResult
 
 # ---------------------------------------------------------------------------------------------
@@ -38,11 +38,9 @@ def _endless_batches(data: LabeledData, batch_size: int, seed: int) -> Iterator[
 
 @torch.no_grad()
 def _num_classes(model: nn.Module, data: LabeledData) -> int:
-    """Width of the model's logits (one eval-mode forward on one sample; the mode is restored)."""
-    was_training = model.training
-    width = model.eval()(data.x[:1]).shape[-1]
-    model.train(was_training)
-    return width
+    """Width of the model's logits (one eval-mode forward on one sample; each submodule's mode is restored)."""
+    with eval_mode(model):
+        return model(data.x[:1]).shape[-1]
 
 
 def _wrong_labels(y: torch.Tensor, num_classes: int, seed: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..checks import check_number
 from ..labeled import LabeledData
-from ..training import model_device
+from ..training import eval_mode, model_device
 from .base import UnlearnResult
 from .first_order import _flagged_mix, _frozen_copy, _step, _Trained
 
@@ -24,10 +24,8 @@ from .first_order import _flagged_mix, _frozen_copy, _step, _Trained
 @torch.no_grad()
 def _accuracy(model: nn.Module, data: LabeledData, batch_size: int) -> float:
     """Eval-mode accuracy of ``model`` on ``data``, rounded to 2 decimals as in the authors' code."""
-    was_training = model.training
-    model.eval()
-    correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in data.loader(batch_size, shuffle=False))
-    model.train(was_training)
+    with eval_mode(model):
+        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in data.loader(batch_size, shuffle=False))
     return round(correct / len(data), 2)
 
 

@@ -46,7 +46,7 @@ from torch import nn
 
 from ..checks import check_int, check_number
 from ..labeled import LabeledData
-from ..lora import ADAPTABLE, adapter_modules, add_adapters, check_rank_alpha, check_targets, unload
+from ..lora import ADAPTABLE, adapter_modules, add_adapters, check_rank_alpha, check_targets, resolve_targets, unload
 from ..training import make_optimizer, model_device
 from .base import UnlearnResult
 from .first_order import _endless_batches, _frozen_copy, _step, _Trained
@@ -131,6 +131,10 @@ class RFA(_Trained):
     def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         adapters = [p for a in adapter_modules(model).values() for p in (a.lora_a, a.lora_b)]
         return make_optimizer(adapters, self.optimizer, self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+
+    def _check_parameters(self, model: nn.Module) -> None:
+        if self.targets is not None:  # the layers named exist and can take an adapter
+            resolve_targets(model, self.targets, owner=self.name)
 
     def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,
                  unseen: LabeledData | None, seed: int) -> UnlearnResult:
