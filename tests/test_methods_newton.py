@@ -320,6 +320,18 @@ def test_params_subset_updates_only_those_parameters(mlp):
     assert out.diagnostics["num_params"] == 8 * 10 + 10
 
 
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_is_unlearned_in_float32(mlp, half):
+    """The curvature kernels compute in float32/float64: dtype=None on a half model computes in
+    float32 (as dtype=torch.float32 does) and returns the model in its own dtype."""
+    model, forget, retain = (copy.deepcopy(mlp[0]).to(half), *(LabeledData(d.x.to(half), d.y) for d in mlp[1:]))
+    auto = CureNewton().unlearn(model, forget, retain)
+    explicit = CureNewton(dtype=torch.float32).unlearn(model, forget, retain)
+    assert all(p.dtype == half for p in auto.model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(auto.model.parameters(), explicit.model.parameters()))
+    assert auto.diagnostics["steps"] >= 1
+
+
 def test_batch_streaming_gives_the_same_step_and_counts_batches(mlp):
     model, forget, retain = mlp
     whole = CureNewton(dtype=torch.float64, max_iterations=2).unlearn(model, forget, retain)

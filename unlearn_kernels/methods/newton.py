@@ -28,7 +28,8 @@ Options shared by all (constructor arguments):
   Names, not tensors: the method works on a copy of the model, so the caller's tensors are not its.
 * ``loss_fn``: the per-batch mean loss, ``F.cross_entropy`` by default.
 * ``dtype``: compute g, H and s in this dtype (e.g. ``torch.float64``) on a converted copy of the
-  model; the returned model keeps its own dtype. None = the parameters' dtype.
+  model; the returned model keeps its own dtype. None = the parameters' dtype (float32 for a float16 or
+  bfloat16 model: the curvature kernels and solvers compute in float32 or float64).
 * ``batch_size``: stream the data through the objective and the operators in chunks of this many
   rows (same objective, same operator; default :data:`DEFAULT_BATCH_SIZE`, 2,048; None: all rows in
   one batch).
@@ -194,7 +195,9 @@ class _NewtonFamily(Unlearner):
             raise ValueError(f"{self.name}: the chosen parameters mix dtypes {sorted(map(str, dtypes))}; "
                              "choose parameters of one dtype")
         names, model_dtype = tuple(chosen), dtypes.pop()
-        shadow = model if self.dtype in (None, model_dtype) else copy.deepcopy(model).to(self.dtype)
+        # the curvature kernels and solvers compute in float32 or float64: a half-precision model gets float32
+        compute = self.dtype or (torch.float32 if model_dtype in (torch.float16, torch.bfloat16) else model_dtype)
+        shadow = model if compute == model_dtype else copy.deepcopy(model).to(compute)
         w = get_flat_parameters(shadow, names)
         return _Workspace(model, model_dtype, shadow, names, w, self._cast(retain, w))
 

@@ -283,18 +283,49 @@ def _check_tangent_matrix(op: str, x: torch.Tensor, V: torch.Tensor) -> None:
         raise ValueError(f"{op}: V is on {V.device} but x on {x.device}")
 
 
-def _check_cached_args(x, state, weights, biases, V, weight_offsets, bias_offsets) -> None:
-    """The argument checks of :func:`mlp_hvp_flat_cached` that do not read values."""
+def _check_cached_args(x, state, weights, biases, activations, V, weight_offsets, bias_offsets) -> None:
+    """The argument checks of :func:`mlp_hvp_flat_cached` that do not read values (``activations``
+    by name), with csrc/mlp_hvp.cpp's messages for the state."""
     op = _OP + "_flat_cached"
-    if len(state) != 4 * len(weights) + 1:
-        raise ValueError(f"{op}: state must be the {4 * len(weights) + 1} tensors mlp_hvp_state "
-                         f"returns for {len(weights)} layers, got {len(state)}")
+    num_layers = len(weights)
+    if len(activations) != num_layers:
+        raise ValueError(f"{op}: activations must have one entry per layer, got {len(activations)} for "
+                         f"{num_layers} weights")
+    if len(state) != 4 * num_layers + 1:
+        raise ValueError(f"{op}: state must be the {4 * num_layers + 1} tensors mlp_hvp_state "
+                         f"returns for {num_layers} layers, got {len(state)}")
     for name, values in (("weights", weights), ("biases", biases), ("state", state)):
         for i, t in enumerate(values):
             if t is not None:
                 _check_like(op, x, t, name, i)
+    _check_state_shapes(op, x, state, weights, activations)
     _check_tangent_matrix(op, x, V)
     _check_flat_layout(weights, biases, weight_offsets, bias_offsets, V.shape[0])
+
+
+def _check_state_shapes(op: str, x, state, weights, activations) -> None:
+    """Each state tensor has the shape mlp_hvp_state gives it for these x, weights and activations
+    (a state kept from other data or another model would otherwise fail inside the products)."""
+    num_layers, n = len(weights), x.shape[0]
+    advice = "pass the state that mlp_hvp_state returned for these x, weights and activations"
+
+    def check(i: int, present: bool, width: int) -> None:
+        t = state[i]
+        if present and (t.dim() != 2 or tuple(t.shape) != (n, width)):
+            raise ValueError(f"{op}: state[{i}] has shape {list(t.shape)} but ({n}, {width}) was expected: {advice}")
+        if not present and t.numel() != 0:
+            raise ValueError(f"{op}: state[{i}] has shape {list(t.shape)} but is empty for this layer's activation: "
+                             f"{advice}")
+
+    for layer, activation in enumerate(activations):
+        out = weights[layer].shape[0]
+        if layer > 0:
+            check(layer - 1, True, weights[layer].shape[1])
+        check(num_layers - 1 + layer, True, out)
+        check(2 * num_layers - 1 + layer, activation != "identity", out)
+        check(3 * num_layers - 1 + layer, activation not in ("identity", "relu"), out)
+    check(4 * num_layers - 1, True, weights[-1].shape[0])
+    check(4 * num_layers, True, weights[-1].shape[0])
 
 
 def _flat_tangents(weights, V, weight_offsets, bias_offsets) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
@@ -540,7 +571,7 @@ def mlp_hvp_flat_cached(
         raise ValueError(f"{_OP}_flat_cached: V must be a 2-D (d, K) tensor with K >= 1, got {shape}")
     codes = _activation_codes(activations)
     if choose(_OP + "_flat_cached", x.device, backend) == "reference":
-        _check_cached_args(x, state, weights, biases, V, weight_offsets, bias_offsets)
+        _check_cached_args(x, state, weights, biases, activations, V, weight_offsets, bias_offsets)
         if check_finite and not all_finite(V):
             raise ValueError(f"{_OP}: the R-derivative of the logits contains NaN or Inf (check V)")
         return mlp_hvp_flat_cached_ref(x, state, weights, biases, activations, V, weight_offsets, bias_offsets)
@@ -588,7 +619,8 @@ def _fake_state(x, target, weights, biases, activations, label_smoothing, ignore
 
 
 def _fake_flat_cached(x, state, weights, biases, activations, V, weight_offsets, bias_offsets, check_finite):
-    _check_cached_args(x, state, weights, biases, V, weight_offsets, bias_offsets)
+    _check_cached_args(x, state, weights, biases, [_CODE_NAMES[c] for c in activations], V, weight_offsets,
+                       bias_offsets)
     return V.new_empty((V.shape[1], V.shape[0])).T
 
 
