@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
 import traceback
+from pathlib import Path
 
 import torch
 
@@ -24,16 +26,6 @@ SUITES = {
     "unlearn": "unlearning cost as the data grows: retrain vs CureNewton (subsampled Hessian) and fine-tuning",
     "floors": "the matmuls / convolutions an exact product cannot skip, timed alone, vs ours and PyHessian's cached graph",
 }
-
-
-def _load(suite: str):
-    if suite == "softmax_ce":
-        from . import softmax_ce
-
-        return softmax_ce
-    if suite in ("hvp", "lanczos", "cubic", "lora", "distributed", "unlearn", "floors"):
-        return importlib.import_module(f".{suite}", __package__)
-    raise KeyError(suite)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,14 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {env['device_name']} ({env['device']}), torch {env['torch']}, threads {env['cpu_threads']}")
     failed = []
     for suite in args.suites:
-        module = _load(suite)
+        module = importlib.import_module(f".{suite}", __package__)
         devices = getattr(module, "DEVICES", ("cpu", "cuda"))  # a suite may declare the devices it runs on
         if device.type not in devices:
             print(f"\n{suite}: skipped, it runs on {', '.join(devices)} only")
             continue
-        kwargs = {"with_compile": not (args.no_compile or args.quick)}
+        # only the suites with torch.compile candidates take with_compile
+        takes_compile = "with_compile" in inspect.signature(module.run).parameters
+        kwargs = {"with_compile": not (args.no_compile or args.quick)} if takes_compile else {}
         if args.quick:
-            kwargs.update(getattr(module, "QUICK", {"shapes": ((512, 1000), (64, 32000)), "min_time": 0.1}))
+            kwargs.update(module.QUICK)
         baseline = getattr(module, "BASELINE", "eager")
         try:
             measurements, config = module.run(device, **kwargs)
@@ -76,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             failed.append(suite)
             continue
-        path = common.write_results(suite, device, measurements, baseline, config, out_dir=__import__("pathlib").Path(args.out))
+        path = common.write_results(suite, device, measurements, baseline, config, out_dir=Path(args.out))
         print(f"\n{suite}: {SUITES[suite]}")
         print(common.format_table(measurements, baseline))
         print(f"results: {path}")

@@ -105,8 +105,7 @@ def _reference(H, g: torch.Tensor, M: float) -> tuple[float, float, str]:
     return model_value(H, g, step.step, M), step.step_norm, how
 
 
-def run(device: torch.device, *, quick: bool = False, min_time: float = 0.5,
-        with_compile: bool = True) -> tuple[list[Measurement], dict]:
+def run(device: torch.device, *, quick: bool = False, min_time: float = 0.5) -> tuple[list[Measurement], dict]:
     """dense (d <= DENSE_MAX), krylov (with and without the hard-case guard) and gd on every case
     (float64, CPU).
 
@@ -114,13 +113,11 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 0.5,
         device: must be the CPU (the synthetic operators and the solvers' small problems live there).
         quick: d in QUICK_DIMENSIONS, a less trained model (seconds in all).
         min_time: seconds of timing per candidate (at least 5 calls each).
-        with_compile: accepted from the runner; this suite has no torch.compile candidate.
 
     Returns:
         The measurements (``extra``: ``d``, ``num_hvps``, ``iterations``, ``rel_model_error``) and the
         suite's config.
     """
-    del with_compile
     if device.type != "cpu":
         raise ValueError(f"the cubic suite runs on the CPU (synthetic float64 operators), got device {device}")
     results: list[Measurement] = []

@@ -104,15 +104,13 @@ def _worker(rank: int, store: str, device_type: str, quick: bool, inbox, outbox)
         dist.destroy_process_group()
 
 
-def run(device: torch.device, *, quick: bool = False, min_time: float = 2.0, burst: float = 0.3,
-        with_compile: bool = True) -> tuple[list[Measurement], dict]:
+def run(device: torch.device, *, quick: bool = False, min_time: float = 2.0, burst: float = 0.3) -> tuple[list[Measurement], dict]:
     """2 processes x 1 thread against 1 process x 1 thread (see the module docstring).
 
     Returns:
         The measurements (``extra``: ``rel_diff`` of the distributed result against the single
         process's) and the suite's config.
     """
-    del with_compile
     case_name, model, x, y = _problem(quick)
     config = {"world": WORLD, "threads_per_process": 1, "problem": case_name, "gate_rtol": GATE_RTOL,
               "min_time_s": min_time, "burst_s": burst, "quick": quick, "load_average_before": os.getloadavg()}

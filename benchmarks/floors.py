@@ -88,15 +88,13 @@ def floor_ops(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return run
 
 
-def run(device: torch.device, *, quick: bool = False, min_time: float = 1.0,
-        with_compile: bool = True) -> tuple[list[Measurement], dict]:
+def run(device: torch.device, *, quick: bool = False, min_time: float = 1.0) -> tuple[list[Measurement], dict]:
     """Floor, ours and PyHessian's cached graph on the hvp suite's wide MLP and CNN.
 
     Returns:
         The measurements (``extra``: ``vs_floor``; on PyHessian's row also ``floor_bound``) and the
         suite's config (the operations counted per case).
     """
-    del with_compile
     loss_fn = nn.CrossEntropyLoss()
     results: list[Measurement] = []
     cases = []

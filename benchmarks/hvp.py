@@ -224,22 +224,19 @@ def _gated(case: str, name: str, builder: Callable[[], Callable[[], torch.Tensor
     return m, (fn if m.status == "ok" else None)
 
 
-def run(device: torch.device, *, quick: bool = False, min_time: float = 0.5,
-        with_compile: bool = True) -> tuple[list[Measurement], dict]:
+def run(device: torch.device, *, quick: bool = False, min_time: float = 0.5) -> tuple[list[Measurement], dict]:
     """Every candidate on every problem, plus ``matmat`` of K vectors for our cached paths.
 
     Args:
         device: where to run.
         quick: small models (seconds in all).
         min_time: seconds of timing per candidate (at least 5 calls each).
-        with_compile: accepted from the runner; this suite has no torch.compile candidate.
 
     Returns:
         The measurements (``extra`` holds ``gradient_units``, ``vs_fastest_anchor`` = fastest anchor time
         / candidate time, and for matmat rows ``vs_{K}_matvecs`` and ``vs_{K}_streamed_products``) and
         the suite's config.
     """
-    del with_compile
     loss_fn = nn.CrossEntropyLoss()
     eps = torch.finfo(torch.float32).eps
     results: list[Measurement] = []

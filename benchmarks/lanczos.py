@@ -145,22 +145,19 @@ def run_steps(problem: Problem, device: torch.device, min_time: float) -> tuple[
     return results, cases
 
 
-def run(device: torch.device, *, quick: bool = False, min_time: float = 0.5,
-        with_compile: bool = True) -> tuple[list[Measurement], dict]:
+def run(device: torch.device, *, quick: bool = False, min_time: float = 0.5) -> tuple[list[Measurement], dict]:
     """Both solvers on each problem's Hessian (``hessian_operator(path="auto")``).
 
     Args:
         device: where to run.
         quick: smaller models and shorter training (seconds in all).
         min_time: seconds of timing per candidate (at least 5 calls each).
-        with_compile: accepted from the runner; this suite has no torch.compile candidate.
 
     Returns:
         The measurements (``extra``: ``num_hvps`` of one call, ``eigenvalues``, and
         ``max_rel_diff_vs_eigsh``; for the step cases ``orthogonality`` and the speedup against
         ``torch float32``) and the suite's config.
     """
-    del with_compile
     loss_fn = nn.CrossEntropyLoss()
     results: list[Measurement] = []
     cases = []

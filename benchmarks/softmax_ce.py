@@ -11,6 +11,8 @@ from unlearn_kernels.backends import status
 from .common import Measurement, measure, plain_error_tolerance
 
 DEFAULT_SHAPES = ((4096, 1000), (4096, 32000))
+QUICK = {"shapes": ((512, 1000), (64, 32000)), "min_time": 0.1}
+"""What the runner passes for ``--quick``."""
 
 
 def eager_hvp(z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

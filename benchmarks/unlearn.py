@@ -34,7 +34,7 @@ from unlearn_kernels.data.protocols import index_forget, mislabel
 from unlearn_kernels.eval.metrics import accuracy, predict_logits
 from unlearn_kernels.methods import METHODS, Retrain
 from unlearn_kernels.models import build_model
-from unlearn_kernels.study import DEFAULT_RECIPES
+from unlearn_kernels.study import DEFAULT_RECIPES, gap_closed
 from unlearn_kernels.training import init_model, train
 
 from .common import Measurement, PeakMemory
@@ -71,23 +71,20 @@ def _accuracy(model: torch.nn.Module, data: LabeledData) -> float:
     return accuracy(predict_logits(model, data), data.y)
 
 
-def run(device: torch.device, *, quick: bool = False, sizes: tuple[int, ...] = SIZES, epochs: int | None = None,
-        with_compile: bool = True) -> tuple[list[Measurement], dict]:
+def run(device: torch.device, *, sizes: tuple[int, ...] = SIZES,
+        epochs: int | None = None) -> tuple[list[Measurement], dict]:
     """Original, then retrain, CureNewton and fine-tuning at each n (see the module docstring).
 
     Args:
         device: where the models train and unlearn.
-        quick: accepted from the runner (``QUICK`` sets small ``sizes`` and ``epochs``).
         sizes: the training-set sizes n.
         epochs: override the recipe's epochs (None: the study's MLP recipe as it is).
-        with_compile: accepted from the runner; nothing here is compiled.
 
     Returns:
         Measurements per (n, method) (``median_s``: the one timed call; ``extra``: ``acc_forget``,
         ``acc_test`` and, for the methods, ``gap_closed``), and the config with ``rows``, the table
         of the module docstring.
     """
-    del quick, with_compile
     recipe = DEFAULT_RECIPES["mlp"] if epochs is None else dataclasses.replace(DEFAULT_RECIPES["mlp"], epochs=epochs)
     recipe = dataclasses.replace(recipe, seed=SEED)
     digits = load_dataset("digits")
@@ -124,8 +121,7 @@ def run(device: torch.device, *, quick: bool = False, sizes: tuple[int, ...] = S
             results.append(Measurement(case, name, result.seconds, 0.0, None,
                                        extra={"acc_forget": acc_f[name], "acc_test": acc_test},
                                        peak_memory_bytes=peak.bytes))
-        gap = acc_f["original"] - acc_f["retrain"]
-        closed = {name: (acc_f["original"] - acc_f[name]) / gap if gap else None
+        closed = {name: gap_closed(acc_f[name] - acc_f["retrain"], acc_f["original"] - acc_f["retrain"])
                   for name in ("cure_newton", "finetune")}
         for m in results[-len(methods):]:
             if m.candidate in closed:

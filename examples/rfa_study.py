@@ -29,7 +29,7 @@ from unlearn_kernels.eval import (accuracy, activation_distance, avg_gap, js_div
                                   predict_logits, rf_jsd)
 from unlearn_kernels.methods import METHODS
 from unlearn_kernels.models import build_model
-from unlearn_kernels.study import DEFAULT_RECIPES
+from unlearn_kernels.study import DEFAULT_RECIPES, gap_closed
 from unlearn_kernels.training import init_model, train
 
 PROTOCOLS = ("random", "mislabeled", "class")
@@ -128,8 +128,7 @@ def summary(records: list[dict]) -> str:
             oracle = {r["seed"]: r for r in rows if r["method"] == "retrain"}
             for label in ["retrain", *METHOD_SPECS]:
                 mine = [r for r in rows if r["method"] == label]
-                closed = [1 - abs(r["acc_forget"] - oracle[r["seed"]]["acc_forget"])
-                          / max(abs(orig[r["seed"]]["acc_forget"] - oracle[r["seed"]]["acc_forget"]), 1e-12)
+                closed = [_closed(r["acc_forget"], orig[r["seed"]]["acc_forget"], oracle[r["seed"]]["acc_forget"])
                           for r in mine]
 
                 def fmt(key, digits=3):
@@ -152,6 +151,12 @@ def summary(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _closed(acc_forget: float, original: float, oracle: float) -> float:
+    """The Acc_f gap closed (NaN where the Original's gap is 0)."""
+    closed = gap_closed(acc_forget - oracle, original - oracle)
+    return float("nan") if closed is None else closed
+
+
 def pearson(pairs: list[tuple[float, float]]) -> float:
     return float(np.corrcoef(np.array(pairs).T)[0, 1])
 
@@ -170,7 +175,7 @@ def plots(records: list[dict], out: Path) -> None:
                 continue
             oracle = {r["seed"]: r["acc_forget"] for r in rows if r["method"] == "retrain"}
             orig = {r["seed"]: r["acc_forget"] for r in rows if r["method"] == "original"}
-            closed = [np.mean([1 - abs(r["acc_forget"] - oracle[r["seed"]]) / max(abs(orig[r["seed"]] - oracle[r["seed"]]), 1e-12)
+            closed = [np.mean([_closed(r["acc_forget"], orig[r["seed"]], oracle[r["seed"]])
                                for r in rows if r["method"] == label]) for label in labels]
             ax.bar(np.arange(len(labels)) + (k - 1) * 0.27, closed, width=0.27, label=protocol)
         ax.axhline(0, color="k", lw=0.8)

@@ -24,7 +24,7 @@ print(f"Hessian operator: d = {H.shape[0]}, path = {H.path}")
 v = torch.randn(H.shape[0])
 Hv = H.matvec(v)                                  # one Hessian-vector product
 HV = H.matmat(torch.randn(H.shape[0], 8))          # 8 products in one pass over the data
-print(f"|Hv| = {Hv.norm():.4f}, products so far: {H.num_products}")
+print(f"|Hv| = {Hv.norm():.4f}, HV: {tuple(HV.shape)}, products so far: {H.num_products}")
 
 top = lanczos(H, k=40, num_eigs=5, which="BE")     # both ends of the spectrum
 print("extreme eigenvalues:", [f"{x:.4g}" for x in top.eigenvalues.tolist()], f"({top.num_hvps} HVPs)")

@@ -8,6 +8,7 @@ in torch 2.13 ``torch.func.hessian``/``jacrev(jacrev)`` give wrong Hessian block
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from torch.func import functional_call
 
 from unlearn_kernels.curvature import (
     CurvatureOperator,
+    Objective,
     flatten_tensors,
     get_flat_parameters,
     ggn_operator,
@@ -420,9 +422,9 @@ def test_determinism_probe():
 
 @pytest.mark.parametrize("path", ["generic", "fused", "ggn"])
 def test_non_finite_data_and_labels_out_of_range_are_named(path):
-    """The construction probe names the tensor and row of a NaN/Inf in the first batch (before the
-    determinism check, which NaN would fail as if the data changed), and a label out of range by its
-    row, value and the number of classes instead of torch's IndexError, on every path."""
+    """Construction names the tensor and row of a NaN/Inf (tensor data in full, a loader's first batch
+    before the determinism check, which NaN would fail as if the data changed), and a label out of
+    range by its row, value and the number of classes instead of torch's IndexError, on every path."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, C)).to(DT)
     x, y = torch.randn(N, 4, dtype=DT), torch.randint(0, C, (N,))
@@ -438,15 +440,17 @@ def test_non_finite_data_and_labels_out_of_range_are_named(path):
     for value in (float("nan"), float("inf")):
         x_bad = x.clone()
         x_bad[3, 1] = value
-        for data in ((x_bad, y), LabeledData(x_bad, y).loader(batch_size=4)):
-            with pytest.raises(ValueError, match=r"^the first batch's inputs x contain NaN or Inf \(first at row 3\)$"):
-                build(data)
-    with pytest.raises(ValueError, match=r"^the first batch's inputs x contain NaN or Inf \(first at row 0\)$"):
+        with pytest.raises(ValueError, match=r"^the data's inputs x contain NaN or Inf \(first at row 3\)$"):
+            build((x_bad, y))
+        with pytest.raises(ValueError, match=r"^batch 0 of the data: its inputs x contain NaN or Inf "
+                                             r"\(first at row 3, counted within the batch\)$"):
+            build(LabeledData(x_bad, y).loader(batch_size=4))
+    with pytest.raises(ValueError, match=r"^the data's inputs x contain NaN or Inf \(first at row 0\)$"):
         build((torch.full_like(x, float("nan")), y))
     if path != "fused":  # float targets: the fused path takes cross entropy only
         targets = torch.randn(N, C, dtype=DT)
         targets[7, 0] = float("nan")
-        with pytest.raises(ValueError, match=r"^the first batch's targets y contain NaN or Inf \(first at row 7\)$"):
+        with pytest.raises(ValueError, match=r"^the data's targets y contain NaN or Inf \(first at row 7\)$"):
             build((x, targets), F.mse_loss)
 
     def out_of_range(row, label, ignore_index=-100):
@@ -468,6 +472,169 @@ def test_non_finite_data_and_labels_out_of_range_are_named(path):
         op = build((x, y_late), batch_size=5)
         with pytest.raises(ValueError, match=out_of_range(2, C)):
             op.gradient()
+
+
+class _UnusedParameterNet(nn.Module):
+    """The ``mlp`` model plus a trainable layer its forward never uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.extra = nn.Linear(4, 5), nn.Linear(5, C), nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def _padded(matrix: torch.Tensor, d: int) -> torch.Tensor:
+    """``matrix`` (or a vector) in the top-left corner of zeros of size d."""
+    out = matrix.new_zeros((d,) * matrix.dim())
+    out[tuple(slice(0, n) for n in matrix.shape)] = matrix
+    return out
+
+
+@pytest.mark.parametrize("mode", ["auto", "forward-over-reverse", "reverse-over-reverse"])
+def test_a_parameter_the_forward_does_not_use_has_zero_rows(mode):
+    """An unused trainable parameter has zero gradient and zero Hessian/GGN rows and columns (it once
+    raised torch's "appears to not have been used in the graph" from double backward and the objective)."""
+    torch.manual_seed(0)
+    model = _UnusedParameterNet().to(DT)
+    x, y = torch.randn(N, 4, dtype=DT), torch.randint(0, C, (N,))
+    loss = nn.CrossEntropyLoss()
+    used = [n for n, _ in model.named_parameters() if not n.startswith("extra")]
+    d = sum(p.numel() for p in model.parameters())
+    batches = uneven_batches(x, y)
+    H = hessian_operator(model, loss, batches, path="generic", mode=mode)
+    if mode != "auto":
+        assert H.mode == mode
+    assert rel_err(H.to_dense(), _padded(dense_hessian(model, batches, loss, used), d)) <= 1e-10
+    objective, w0, _ = flat_objective(model, batches, loss, used)
+    grad = _padded(jacobian(objective, w0), d)
+    assert rel_err(H.gradient(), grad) <= 1e-12
+    G = ggn_operator(model, loss, batches)
+    assert rel_err(G.to_dense(), _padded(dense_ggn(model, batches, loss, used), d)) <= 1e-10
+    value, obj_grad = Objective(model, loss, batches).value_and_gradient()
+    assert rel_err(obj_grad, grad) <= 1e-12 and value == pytest.approx(float(objective(w0)), rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_fused_paths_decline_a_parameter_outside_their_layers(kind):
+    """A parameter registered on the Sequential itself is in none of the layers the fused passes run:
+    path='fused' says so, path='auto' falls back to the generic path, whose rows for it are zero."""
+    torch.manual_seed(0)
+    if kind == "mlp":
+        model, x = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C)).to(DT), torch.randn(N, 4, dtype=DT)
+    else:
+        model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                              nn.Linear(2, C)).to(DT)
+        x = torch.randn(N, 1, 5, 5, dtype=DT)
+    y = torch.randint(0, C, (N,))
+    assert hessian_operator(model, F.cross_entropy, (x, y)).path == "fused"
+    used = [n for n, _ in model.named_parameters()]
+    model.register_parameter("extra", nn.Parameter(torch.randn(3, dtype=DT)))  # first in named_parameters
+    with pytest.raises(ValueError, match="path='fused' cannot be used: .*parameter 'extra' is in none of the"):
+        hessian_operator(model, F.cross_entropy, (x, y), path="fused")
+    H = hessian_operator(model, F.cross_entropy, (x, y))
+    assert H.path == "generic" and "parameter 'extra'" in H.path_reason
+    ref = torch.zeros(H.shape, dtype=DT)
+    ref[3:, 3:] = dense_hessian(model, [(x, y)], F.cross_entropy, used)
+    assert rel_err(H.to_dense(), ref) <= 1e-10
+    # not chosen, the parameter is no obstacle
+    assert hessian_operator(model, F.cross_entropy, (x, y), params=used).path == "fused"
+
+
+def test_fused_path_declines_tied_weights():
+    """Two Linear modules sharing one weight (it once raised a KeyError from supports)."""
+    torch.manual_seed(0)
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    second.weight = first.weight
+    model = nn.Sequential(first, nn.Tanh(), second, nn.Tanh(), nn.Linear(4, C)).to(DT)
+    x, y = torch.randn(N, 4, dtype=DT), torch.randint(0, C, (N,))
+    with pytest.raises(ValueError, match=r"share a parameter \(tied weights\)"):
+        hessian_operator(model, F.cross_entropy, (x, y), path="fused")
+    H = hessian_operator(model, F.cross_entropy, (x, y))
+    assert H.path == "generic" and "tied weights" in H.path_reason
+    assert rel_err(H.to_dense(), dense_hessian(model, [(x, y)], F.cross_entropy)) <= 1e-10
+
+
+@pytest.mark.parametrize("path", ["generic", "reverse-over-reverse", "fused", "ggn"])
+def test_non_finite_data_after_the_first_batch(path):
+    """NaN/Inf in a later batch: tensor data is checked in full at construction; a list or loader of
+    batches fails the product or gradient that reads the bad batch (it once gave NaN silently)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, C)).to(DT)
+    x, y = torch.randn(N, 4, dtype=DT), torch.randint(0, C, (N,))
+    x_bad = x.clone()
+    x_bad[9, 2] = float("nan")
+
+    def build(data, **options):
+        if path == "ggn":
+            return ggn_operator(model, F.cross_entropy, data, **options)
+        mode = "reverse-over-reverse" if path == "reverse-over-reverse" else "forward-over-reverse"
+        return hessian_operator(model, F.cross_entropy, data, path="fused" if path == "fused" else "generic",
+                                mode=mode, **options)
+
+    with pytest.raises(ValueError, match=r"^the data's inputs x contain NaN or Inf \(first at row 9\)$"):
+        build((x_bad, y), batch_size=4)
+    with pytest.raises(ValueError, match=r"^the data's inputs x contain NaN or Inf \(first at row 9\)$"):
+        Objective(model, F.cross_entropy, LabeledData(x_bad, y), batch_size=4)
+    op = build(uneven_batches(x_bad, y))  # the first batch is fine
+    message = r"^batch 2 of the data: its inputs x contain NaN or Inf \(first at row 1, counted within the batch\)$"
+    v = torch.randn(op.shape[0], dtype=DT)
+    for _ in range(2):  # also once the first batches are cached
+        with pytest.raises(ValueError, match=message):
+            op.matvec(v)
+    with pytest.raises(ValueError, match=message):
+        op.gradient()
+    with pytest.raises(ValueError, match=message):
+        Objective(model, F.cross_entropy, uneven_batches(x_bad, y)).value()
+
+
+@pytest.mark.parametrize("path", ["auto", "generic", "ggn"])
+def test_data_the_model_or_loss_rejects_is_named_as_such(path):
+    """Wrong label dtypes or shapes and wrong input dtypes or widths are reported as what they are,
+    not as a loss that cannot be differentiated."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, C)).to(DT)
+    x, y = torch.randn(N, 4, dtype=DT), torch.randint(0, C, (N,))
+
+    def build(data):
+        if path == "ggn":
+            return ggn_operator(model, F.cross_entropy, data)
+        return hessian_operator(model, F.cross_entropy, data, path=path)
+
+    for bad_y, says in ((y.int(), "expected target dtype"), (y.to(DT), "expected target dtype"),
+                        (y[:, None], "target tensor expected")):
+        expected = (f"the loss rejects the targets y (shape {tuple(bad_y.shape)}, {bad_y.dtype}) with the model's "
+                    f"outputs (shape ({N}, {C})): ")
+        with pytest.raises(ValueError, match=f"^{re.escape(expected)}.*{says}"):
+            build((x, bad_y))
+    for bad_x, says in ((x.float(), "dtype"), (torch.randn(N, 6, dtype=DT), "shapes cannot be multiplied")):
+        expected = (f"the model cannot run on the data (inputs x of shape {tuple(bad_x.shape)}, {bad_x.dtype}; "
+                    f"parameters {DT}): ")
+        with pytest.raises(ValueError, match=f"^{re.escape(expected)}.*{says}"):
+            build((bad_x, y))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_uint8_labels_work_on_the_fused_paths(kind):
+    """Cross entropy and the generic path accept uint8 labels, so path='auto' (which picks the fused
+    path here) and path='fused' take them too, as int64."""
+    torch.manual_seed(0)
+    if kind == "mlp":
+        model, x = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C)).to(DT), torch.randn(N, 4, dtype=DT)
+    else:
+        model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                              nn.Linear(2, C)).to(DT)
+        x = torch.randn(N, 1, 5, 5, dtype=DT)
+    y = torch.randint(0, C, (N,))
+    ref = dense_hessian(model, [(x, y)], F.cross_entropy)
+    grad = dense_gradient(model, [(x, y)], F.cross_entropy)
+    for data, options in (((x, y.to(torch.uint8)), {}), ((x, y.to(torch.uint8)), {"cache_bytes": 0}),
+                          (uneven_batches(x, y.to(torch.uint8)), {})):
+        for path in ("auto", "fused"):
+            H = hessian_operator(model, F.cross_entropy, data, path=path, **options)
+            assert H.path == "fused"
+            assert rel_err(H.to_dense(), ref) <= 1e-10 and rel_err(H.gradient(), grad) <= 1e-12
 
 
 def _square_function(differentiable_backward: bool) -> type[torch.autograd.Function]:

@@ -16,6 +16,7 @@ from unlearn_kernels.data import LabeledData, available_datasets, load_dataset, 
 from unlearn_kernels.data.datasets import _split_indices
 from unlearn_kernels.data.local_files import load_cifar_files
 
+
 def _raw(name: str) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
     """Independent float64 copy of a bundled set: inputs (images in [0, 1]), labels, sample shape."""
     if name == "digits":
@@ -308,3 +309,22 @@ def test_labeled_data_names_what_it_cannot_hold():
         LabeledData(x, y.float())
     with pytest.raises(ValueError, match="x is on meta but y on cpu"):
         LabeledData(x.to("meta"), y)
+
+
+def test_load_dataset_checks_the_seed() -> None:
+    with pytest.raises(ValueError, match=r"load_dataset: seed must be in \[0, 2\*\*63\), got -1"):
+        load_dataset("iris", seed=-1)
+    with pytest.raises(TypeError, match="load_dataset: seed must be an int, got float"):
+        load_dataset("iris", seed=0.5)
+    with pytest.raises(ValueError, match=r"load_dataset: seed must be in \[0, 2\*\*32\)"):
+        load_dataset("iris", seed=2**32)
+    assert torch.equal(load_dataset("iris", seed=np.int64(3)).train.y, load_dataset("iris", seed=3).train.y)
+
+
+@pytest.mark.parametrize("content", [b"", b"hello, not a pickle", pickle.dumps({b"data": [1, 2]})[:-5]],
+                         ids=["empty", "text", "truncated"])
+def test_read_cifar_batch_names_a_file_that_is_not_a_batch(tmp_path, content) -> None:
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="data_batch_1: not a CIFAR python batch"):
+        read_cifar_batch(path)

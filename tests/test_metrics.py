@@ -345,3 +345,56 @@ def test_speedup_and_bad_input():
         measure(lambda: None, device="meta")
     with pytest.raises(TypeError, match="callable"):
         measure(3)
+
+
+def test_model_helpers_bad_input():
+    model = _trained_like_model()  # 4 features, 3 classes, float64
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    with pytest.raises(ValueError, match=r"gradient_norm: data.y has labels outside \[0, 3\)"):
+        gradient_norm(model, F.cross_entropy, LabeledData(x, torch.full((6,), 3)))
+    with pytest.raises(TypeError, match="gradient_norm: loss_fn must be callable"):
+        gradient_norm(model, "ce", LabeledData(x, y))
+    bad = x.clone()
+    bad[2, 1] = float("nan")
+    for op, call in (("gradient_norm", lambda d: gradient_norm(model, F.cross_entropy, d)),
+                     ("predict_logits", lambda d: predict_logits(model, d))):
+        with pytest.raises(ValueError, match=f"{op}: NaN or Inf in the inputs at row 2"):
+            call(LabeledData(bad, y))
+        with pytest.raises(ValueError, match=f"{op}: the model cannot run on the data: mat1 and mat2 shapes"):
+            call(LabeledData(x[:, :2], y))
+        with pytest.raises(ValueError, match=f"{op}: the model cannot run on the data: .*dtype"):
+            call(LabeledData(x.float(), y))
+
+
+def test_mia_seeds_and_class_counts_are_checked():
+    gen = torch.Generator().manual_seed(3)
+    logits, y = torch.randn(20, 4, generator=gen), torch.randint(0, 4, (20,), generator=gen)
+    calls = {
+        "mia_entropy": lambda seed: mia_entropy(logits, logits, logits, seed=seed),
+        "mia_loss": lambda seed: mia_loss(logits, y, logits, y, seed=seed),
+        "mia_salun_efficacy": lambda seed: mia_salun_efficacy(logits, y, logits, y, logits, y, seed=seed),
+    }
+    for name, call in calls.items():
+        assert call(np.int64(2)) == call(2)
+        with pytest.raises(ValueError, match=rf"{name}: seed must be in \[0, 2\*\*63\), got -1"):
+            call(-1)
+        with pytest.raises(TypeError, match=f"{name}: seed must be an int, got float"):
+            call(0.5)
+        with pytest.raises(ValueError, match=rf"{name}: seed must be in \[0, 2\*\*32\)"):
+            call(2**32)
+    with pytest.raises(ValueError, match="mia_entropy: the logits must have the same number of classes"):
+        mia_entropy(torch.randn(20, 10), torch.randn(20, 3), torch.randn(20, 7))
+
+
+def test_summary_values_must_be_numbers():
+    gold = {"mia": 0.2, "acc_forget": 0.7, "acc_retain": 0.9, "acc_test": 0.8}
+    with pytest.raises(ValueError, match=r"avg_gap: metrics\['mia'\] must be a finite number, got None"):
+        avg_gap({**gold, "mia": None}, gold)
+    with pytest.raises(ValueError, match=r"avg_gap: oracle_metrics\['acc_test'\] must be a finite number, got 'x'"):
+        avg_gap(gold, {**gold, "acc_test": "x"})
+    with pytest.raises(ValueError, match=r"tug_of_war: metrics\['acc_test'\] must be a finite number, got None"):
+        tug_of_war({**gold, "acc_test": None}, gold)
+    with pytest.raises(ValueError, match=r"avg_gap: metrics\['mia'\] must be a finite number, got nan"):
+        avg_gap({**gold, "mia": math.nan}, gold)
+    with pytest.raises(ValueError, match="js_divergence_lotus: scale must be a finite number > 0.0, got '1'"):
+        js_divergence_lotus(torch.zeros(2, 3), torch.zeros(2, 3), scale="1")

@@ -318,3 +318,42 @@ def test_sequential_class_forget_one_class_per_request() -> None:
         sequential_class_forget(y, [1, 9])
     with pytest.raises(ValueError, match="no sample to retain"):
         sequential_class_forget(y, [0, 1, 2, 3])
+
+
+SEEDED = {
+    "random_forget": lambda y, seed: random_forget(y, 0.3, seed=seed).forget_idx,
+    "sequential_forget": lambda y, seed: sequential_forget(y, 2, 0.2, seed=seed)[1].forget_idx,
+    "mislabel": lambda y, seed: mislabel(y, 0.3, seed=seed).labels,
+    "split_forget": lambda y, seed: split_forget(len(y), [0, 3, 5, 7], 2, seed=seed)[0].forget_idx,
+}
+
+
+@pytest.mark.parametrize("name", sorted(SEEDED))
+def test_protocol_seeds_are_checked(name) -> None:
+    y = torch.arange(30) % 3
+    draw = SEEDED[name]
+    assert torch.equal(draw(y, np.int64(3)), draw(y, 3))  # numpy integers are seeds too, the same ones
+    with pytest.raises(TypeError, match="seed must be an int, got float"):
+        draw(y, 0.5)
+    for bad in (-1, 2**64):
+        with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*63\)"):
+            draw(y, bad)
+
+
+def test_bad_labels_classes_and_flags() -> None:
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    with pytest.raises(ValueError, match="labels must be non-negative class ids, got -1"):
+        random_forget(torch.tensor([-1, 0, 1, 1, -1, 0]), 0.5)
+    for fn in (random_forget, mislabel):
+        with pytest.raises(TypeError, match="stratified must be a bool, got 'no'"):
+            fn(y, 0.5, stratified="no")
+    with pytest.raises(TypeError, match="stratified must be a bool"):
+        sequential_forget(y, 2, 0.2, stratified="no")
+    for bad in ("3", None, ["3"], [None]):
+        with pytest.raises(TypeError, match="classes must be integers"):
+            class_forget(y, bad)
+    with pytest.raises(TypeError, match="classes must be a sequence of class ids, one per request, got 3"):
+        sequential_class_forget(y, 3)
+    with pytest.raises(TypeError, match="classes must be integers"):
+        sequential_class_forget(y, [1.5])
+    assert [r.forget_idx.tolist() for r in sequential_class_forget(y, np.array([2, 0]))] == [[2, 5], [0, 3]]

@@ -229,7 +229,7 @@ def test_cli_one_protocol_writes_its_scenario(tmp_path, capsys):
         (["--methods", ""], "--methods names no method"),
         (["--seeds", "0,0"], "seeds (--seeds) repeat a seed: [0, 0]"),
         (["--seeds=-1"], "seeds (--seeds) must be in [0, 2**63), got -1"),
-        (["--seeds", str(2**32)], "seeds (--seeds) must be in [0, 2^32)"),
+        (["--seeds", str(2**32)], r"seeds (--seeds) must be in [0, 2**32) (scikit-learn's random_state)"),
         (["--protocol", "random", "--sequential", "0"], "--sequential must be >= 1"),
         (["--protocol", "random", "--forget-class", "3"], "--forget-class is for the class protocol"),
         (["--dataset", "iris", "--model", "cnn"], "'cnn' needs an image input shape"),

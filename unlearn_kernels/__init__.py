@@ -1,5 +1,4 @@
 """unlearn-kernels: fast second-order machine unlearning for PyTorch."""
-from . import _extension
 from .backends import BackendUnavailableError, backends
 from .backends import choose as choose_backend
 from . import ops

@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .data import DatasetSplits, ForgetRequest, LabeledData, class_forget, load_dataset, mislabel, random_forget
 from .data import remove_classes, sequential_class_forget, sequential_forget, split_forget
+from .data.datasets import check_sklearn_seed
 from .eval import (
     accuracy,
     activation_distance,
@@ -50,7 +52,7 @@ from .lora import adapter_modules, unload
 from .methods import METHODS, Retrain, RetrainReseeded, UnlearnResult, Unlearner
 from .models import build_model
 from .checkpoint import train_or_load
-from .checks import check_int, check_number, check_seed
+from .checks import check_int, check_number
 from .training import TrainConfig, init_model, train
 
 #: the methods run by default, oracle first (it is the reference of every other row)
@@ -96,14 +98,11 @@ def _default_cache_dir() -> Path:
 
 
 def _check_seeds(seeds: Any) -> tuple[int, ...]:
-    """Distinct integers in [0, 2**32) (the data split's numpy seed; a repeated seed would count twice
-    in mean ± std), at least one."""
-    seeds = tuple(check_seed("seeds (--seeds)", s) for s in seeds)
+    """Distinct integers in [0, 2**32) (the data split's scikit-learn seed; a repeated seed would
+    count twice in mean ± std), at least one."""
+    seeds = tuple(check_sklearn_seed("seeds (--seeds)", s) for s in seeds)
     if not seeds:
         raise ValueError("at least one seed is needed (--seeds)")
-    too_large = [s for s in seeds if s >= 2**32]
-    if too_large:
-        raise ValueError(f"seeds (--seeds) must be in [0, 2^32) (the data split's numpy seed), got {too_large[0]}")
     if len(set(seeds)) < len(seeds):
         raise ValueError(f"seeds (--seeds) repeat a seed: {list(seeds)}")
     return seeds
@@ -252,9 +251,12 @@ def _takes_any_keyword(cls: type) -> bool:
 
 
 def _json_value(value: Any) -> Any:
-    """``value`` as JSON: plain values as they are, containers element-wise, anything else by name."""
+    """``value`` as JSON: plain values as they are, tensors and numpy values as numbers or lists,
+    containers element-wise, anything else by name."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
+        return value.tolist()
     if isinstance(value, (list, tuple)):
         return [_json_value(v) for v in value]
     if isinstance(value, Mapping):
@@ -436,7 +438,7 @@ def run_study(config: StudyConfig, progress: Progress | None = None) -> dict[str
                     oracle = {"metrics": metrics, "logits": logits, "model": result.model}
                 _compare(metrics, logits, result.model, oracle)
                 records.append({"seed": seed, "request": step, "method": name, "metrics": metrics,
-                                "diagnostics": _jsonable(result.diagnostics | ({"failed": failure} if failure else {})),
+                                "diagnostics": _json_value(result.diagnostics | ({"failed": failure} if failure else {})),
                                 "forget_size": len(forget), "retain_size": len(retain)})
                 done += 1
         retrain_seconds = {(r["seed"], r["request"]): r["metrics"]["seconds"] for r in records
@@ -447,6 +449,14 @@ def run_study(config: StudyConfig, progress: Progress | None = None) -> dict[str
     add_gap_closed(records)
     progress("done", done, total)
     return {"config": config.to_dict(), "records": records}
+
+
+def gap_closed(gap: float, original_gap: float) -> float | None:
+    """``1 - |gap| / |original_gap|``: the share of the Original's gap to the oracle that a method
+    closes (1: the oracle's value, 0: no better than not unlearning, < 0: further from the oracle);
+    None where the Original's gap is 0."""
+    base = abs(original_gap)
+    return 1.0 - abs(gap) / base if base > 0 else None
 
 
 def add_gap_closed(records: list[dict[str, Any]]) -> None:
@@ -462,15 +472,5 @@ def add_gap_closed(records: list[dict[str, Any]]) -> None:
         if reference is None:
             continue
         for name, key in GAP_CLOSED.items():
-            base = abs(reference[key])
-            r["metrics"][f"gap_closed_{name}"] = 1.0 - abs(r["metrics"][key]) / base if base > 0 else None
+            r["metrics"][f"gap_closed_{name}"] = gap_closed(r["metrics"][key], reference[key])
 
-
-def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, torch.Tensor):
-            value = value.item() if value.numel() == 1 else value.tolist()
-        if isinstance(value, (int, float, str, bool, list, type(None))):
-            out[key] = value
-    return out

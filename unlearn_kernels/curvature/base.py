@@ -70,6 +70,10 @@ class BatchSource:
     Each iteration is one pass over the data. Tensor data (LabeledData or a pair) is one batch, or
     chunks of ``batch_size`` rows when given (chunk to bound memory; the operator is the same).
     Batches from an iterable are moved to ``device``; their dtypes are left as they are.
+
+    NaN or Inf in the inputs or (floating-point) targets is a ValueError naming the row: tensor data
+    is checked in full here, batches from an iterable as each pass reads them (before they are moved
+    to ``device``), so a bad later batch fails the product or gradient that meets it.
     """
 
     def __init__(self, data: DataSpec, device: torch.device, batch_size: int | None = None) -> None:
@@ -80,6 +84,10 @@ class BatchSource:
             data = (data.x, data.y)
         if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
             x, y = self._check_batch(data)
+            bad = _first_nonfinite(x, y)
+            if bad is not None:
+                raise ValueError(f"the data's {bad[0]} contain NaN or Inf (first at row {bad[1]})")
+            self._checked = True  # every chunk is finite: no per-pass checks
             step = batch_size or max(x.shape[0], 1)
             self._batches: Iterable[Any] = [(x[i:i + step], y[i:i + step]) for i in range(0, x.shape[0], step)]
         elif isinstance(data, (torch.Tensor, str, bytes)) or not isinstance(data, Iterable):
@@ -102,6 +110,7 @@ class BatchSource:
                         f"the DataLoader has drop_last=True and drops {left} samples on every pass "
                         "(different ones if it shuffles): use drop_last=False so the operator covers all the data"
                     )
+            self._checked = False
             self._batches = data
 
     @staticmethod
@@ -115,9 +124,23 @@ class BatchSource:
         return x, y
 
     def __iter__(self) -> Iterator[Batch]:
-        for batch in self._batches:
+        for index, batch in enumerate(self._batches):
             x, y = self._check_batch(batch)
+            # an iterable's batches can only be checked as they stream (else NaN products, silently)
+            bad = None if self._checked else _first_nonfinite(x, y)
+            if bad is not None:
+                raise ValueError(f"batch {index} of the data: its {bad[0]} contain NaN or Inf "
+                                 f"(first at row {bad[1]}, counted within the batch)")
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def _first_nonfinite(x: torch.Tensor, y: torch.Tensor) -> tuple[str, int] | None:
+    """("inputs x" or "targets y", row) of the first NaN or Inf in a batch, or None."""
+    for what, t in (("inputs x", x), ("targets y", y)):
+        row = first_nonfinite_row(t)
+        if row is not None:
+            return what, row
+    return None
 
 
 class CurvatureOperator(abc.ABC):
@@ -132,9 +155,14 @@ class CurvatureOperator(abc.ABC):
 
     Construction probes the first batch (two gradient evaluations and, in subclasses, one or two
     products; counted in ``num_gradients`` and ``num_products`` as if they were full ones) and raises
-    ValueError for train-mode BatchNorm/dropout, for NaN or Inf in the first batch, for data that
-    changes between passes and for a gradient that is not reproducible. A class label out of range
-    (where the loss raises IndexError, as cross entropy does on the CPU) is a ValueError naming it.
+    ValueError for train-mode BatchNorm/dropout, for data that changes between passes, for data the
+    model or the loss cannot run on ("the model cannot run on the data: ...", "the loss rejects the
+    targets y ...": a wrong dtype, input width or label shape) and for a gradient that is not
+    reproducible. NaN or Inf in the data is a ValueError naming the row (see :class:`BatchSource`:
+    tensor data is checked in full at construction, an iterable's batches as each pass reads them).
+    A class label out of range (where the loss raises IndexError, as cross entropy does on the CPU)
+    is a ValueError naming it. Parameters the model's forward does not use get zero gradient and
+    zero Hessian rows and columns.
 
     Attributes:
         shape: (d, d).
@@ -220,7 +248,10 @@ class CurvatureOperator(abc.ABC):
 
     def batch_loss(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``loss_fn(model(x), y)`` as a function of ``params`` (a scalar, checked)."""
-        out = self.batch_forward(params, x)
+        return self._loss(self.batch_forward(params, x), y)
+
+    def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``loss_fn(out, y)``, checked to be a scalar; a label out of range is a ValueError naming it."""
         try:
             loss = self.loss_fn(out, y)
         except IndexError:
@@ -426,14 +457,10 @@ class CurvatureOperator(abc.ABC):
         raise ValueError("data is empty: it yields no batches")
 
     def _probe_determinism(self) -> None:
-        """The first batch must be finite, two passes must start with the same batch, and two
-        gradients on it must agree."""
+        """Two passes must start with the same batch, the model and the loss must run on it, and two
+        gradients on it must agree. (The data source has already refused NaN or Inf in it, which would
+        fail the comparison as if the data changed between passes.)"""
         x1, y1 = self._first_batch()
-        # Before the comparison, which NaN would fail (NaN != NaN) as if the data changed between passes.
-        for what, t in (("inputs x", x1), ("targets y", y1)):
-            row = first_nonfinite_row(t)
-            if row is not None:
-                raise ValueError(f"the first batch's {what} contain NaN or Inf (first at row {row})")
         x2, y2 = self._first_batch()
         if not (x1.shape == x2.shape and y1.shape == y2.shape and torch.equal(x1, x2) and torch.equal(y1, y2)):
             raise ValueError(
@@ -443,6 +470,7 @@ class CurvatureOperator(abc.ABC):
             )
         if x1.shape[0] == 0:
             raise ValueError("the first batch is empty")
+        self._probe_forward(x1, y1)
         grad_fn = torch.func.grad(self.batch_loss)
         try:
             g1 = self.flatten(grad_fn(self.params, x1, y1))
@@ -464,6 +492,22 @@ class CurvatureOperator(abc.ABC):
                 f"{diff / max(float(torch.linalg.vector_norm(g1)), 1e-300):.2e}): the model or loss is random "
                 "(dropout, noise) or keeps state between calls; call model.eval() and remove the randomness"
             )
+
+    def _probe_forward(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Run the model and the loss on the first batch, so that data they reject (a wrong dtype,
+        width or label shape) is reported as such and not as a failure to differentiate."""
+        with torch.no_grad():
+            try:
+                out = self.batch_forward(self.params, x)
+            except (RuntimeError, TypeError, ValueError, IndexError) as err:
+                raise ValueError(f"the model cannot run on the data (inputs x of shape {tuple(x.shape)}, {x.dtype}; "
+                                 f"parameters {self.dtype}): {err}") from err
+            try:
+                self._loss(out, y)
+            except (RuntimeError, TypeError, IndexError) as err:
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ValueError(f"the loss rejects the targets y (shape {tuple(y.shape)}, {y.dtype}) with the model's "
+                                 f"outputs (shape {shape}): {err}") from err
 
 
 def _check_labels(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor) -> None:

@@ -141,7 +141,13 @@ def supports(model: nn.Module, loss_fn: LossFn, params: ParamSelection = None) -
 
     Raises what :func:`~unlearn_kernels.curvature.params.resolve_parameters` raises for a bad ``params``.
     """
-    return fused_reason(_parse_model(model), loss_fn, model, params, lambda _: list(model.parameters()), "the layers")
+    tensors = dict(model.named_parameters(remove_duplicate=False))  # a tied parameter under each name
+
+    def layer_params(net: _ConvNet) -> list[torch.Tensor]:
+        names = [n for b in net.blocks for n in (b.weight, b.bias)] + [net.head_weight, net.head_bias]
+        return [tensors[n] for n in names if n is not None]
+
+    return fused_reason(_parse_model(model), loss_fn, model, params, layer_params, "the layers")
 
 
 def _nhwc(t: torch.Tensor) -> torch.Tensor:
@@ -231,7 +237,7 @@ class FusedConvHessian(CurvatureOperator):
     network's activations, twice, plus the first convolution's im2col matrix and the dense matrices of
     convolutions on tiny maps) is kept while it fits in ``cache_bytes`` and recomputed for each product
     otherwise. Parameters outside ``params`` get zero tangents (the operator is the Hessian block of
-    the chosen parameters).
+    the chosen parameters). Labels are taken as int64, so uint8 labels work as on the generic path.
 
     Raises:
         ValueError: :func:`supports` rejects the model or loss, batches are not (N, C, H, W) images
@@ -282,6 +288,7 @@ class FusedConvHessian(CurvatureOperator):
     def _state(self, x: torch.Tensor, y: torch.Tensor) -> tuple[tuple, int]:
         """A batch's fixed-weight state and the bytes it holds."""
         self._check_inputs(x)
+        y = y.long()  # uint8 labels (accepted by cross entropy) would index as a mask
         blocks: list[_BlockState] = []
         with torch.no_grad():
             h = x

@@ -110,15 +110,23 @@ def fused_reason(parsed: object, loss_fn: LossFn, model: nn.Module, params: Para
                  layer_params: Callable[[object], list[torch.Tensor]], layers: str) -> str | None:
     """The checks both fused paths share, or None when they pass: ``parsed`` is the path's parse of the
     model (a string: why it does not qualify), then the loss, ``params`` (raises what
-    :func:`~unlearn_kernels.curvature.params.resolve_parameters` raises) and the layers' tensors
-    (``layer_params(parsed)``: one dtype and device, float32 or float64)."""
+    :func:`~unlearn_kernels.curvature.params.resolve_parameters` raises; each chosen parameter must
+    be one of the layers' tensors) and the layers' tensors (``layer_params(parsed)``: one dtype and
+    device, float32 or float64)."""
     if isinstance(parsed, str):
         return parsed
     loss = parse_cross_entropy(loss_fn)
     if isinstance(loss, str):
         return loss
-    resolve_parameters(model, params)
     tensors = layer_params(parsed)
+    layer_ids = {id(t) for t in tensors}
+    if len(layer_ids) < len(tensors):  # the fused passes would miss the tied terms
+        return f"{layers} share a parameter (tied weights)"
+    # e.g. a parameter registered on the Sequential itself: the forward never uses it, and the fused
+    # passes have no rows for it (the generic path gives it its zero rows)
+    unused = [name for name, p in resolve_parameters(model, params).items() if id(p) not in layer_ids]
+    if unused:
+        return f"parameter {unused[0]!r} is in none of {layers}"
     dtypes, devices = {p.dtype for p in tensors}, {p.device for p in tensors}
     if len(dtypes) > 1 or len(devices) > 1:
         return f"{layers} mix dtypes or devices"
@@ -134,7 +142,7 @@ def supports(model: nn.Module, loss_fn: LossFn, params: ParamSelection = None) -
     Raises what :func:`~unlearn_kernels.curvature.params.resolve_parameters` raises for a bad ``params``.
     """
     chain = _parse_model(model)
-    tensors = dict(model.named_parameters())
+    tensors = dict(model.named_parameters(remove_duplicate=False))  # a tied parameter under each name
 
     def layer_params(chain: _Chain) -> list[torch.Tensor]:
         return [tensors[n] for n in (*chain.weight_names, *chain.bias_names) if n is not None]
@@ -159,7 +167,9 @@ class FusedMLPHessian(CurvatureOperator):
     state (:func:`~unlearn_kernels.ops.mlp_hvp_state`, about 4 N (d_1 + .. + d_L) numbers for a batch
     of N rows and layer widths d_l) while it fits in ``cache_bytes``, else
     :func:`~unlearn_kernels.ops.mlp_hvp_flat` (the whole pass). Parameters outside ``params`` get
-    zero tangents (the operator is the Hessian block of the chosen parameters).
+    zero tangents (the operator is the Hessian block of the chosen parameters). Labels are taken as
+    int64 (the kernels' type), so uint8 labels, which cross entropy and the generic path accept,
+    work here too; other integer types fail at construction as they do on the generic path.
 
     Args:
         backend: the ``mlp_hvp`` backend ("auto", "cpp", "cuda" or "reference").
@@ -216,8 +226,9 @@ class FusedMLPHessian(CurvatureOperator):
     def _state(self, x: torch.Tensor, y: torch.Tensor) -> tuple[tuple[torch.Tensor, list[torch.Tensor]], int]:
         """The batch's inputs and its fixed-weight state, and the bytes the state holds."""
         inputs = self._inputs(x)
-        state = mlp_hvp_state(inputs, y, self._weights, self._biases, self._chain.activations,
-                              label_smoothing=self._label_smoothing, ignore_index=self._ignore_index, backend=self.backend)
+        state = mlp_hvp_state(inputs, y.long(), self._weights, self._biases, self._chain.activations,
+                              label_smoothing=self._label_smoothing, ignore_index=self._ignore_index,
+                              backend=self.backend)
         return (inputs, state), sum(t.numel() * t.element_size() for t in state)
 
     def _gradient(self) -> torch.Tensor:
@@ -243,7 +254,7 @@ class FusedMLPHessian(CurvatureOperator):
             if entry is None:  # beyond the cache's budget: the whole pass
                 x, y = batch
                 out = mlp_hvp_flat(
-                    self._inputs(x), y, self._weights, self._biases, acts, matrix, self._weight_offsets,
+                    self._inputs(x), y.long(), self._weights, self._biases, acts, matrix, self._weight_offsets,
                     self._bias_offsets, label_smoothing=self._label_smoothing, ignore_index=self._ignore_index,
                     backend=self.backend,
                 )

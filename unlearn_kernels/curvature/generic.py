@@ -377,7 +377,8 @@ class GenericHessian(_TorchFuncOperator):
         leaves = [p.detach().requires_grad_() for p in self.params.values()]
         with torch.enable_grad():
             loss = self.batch_loss(dict(zip(self.param_names, leaves)), x, y)
-            grads = torch.autograd.grad(loss, leaves, create_graph=True)
+            # a parameter the forward does not use has zero gradient (and zero Hessian rows)
+            grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True, materialize_grads=True)
         graph = _GradientGraph(leaves, grads, [i for i, g in enumerate(grads) if g.requires_grad])
         return graph, _graph_bytes(grads, leaves)
 
@@ -537,9 +538,12 @@ def hessian_operator(
             the operator of the mean over all ranks' rows, identical on every rank.
 
     Raises:
-        ValueError: train-mode BatchNorm/dropout, NaN or Inf in the first batch, data that changes
-            between passes, a class label out of range, a loss that is not twice differentiable, an
-            unknown path or mode, a bad ``cache_bytes``, or an unsupported forced "fused" path.
+        ValueError: train-mode BatchNorm/dropout, NaN or Inf in tensor data or the first batch (a later
+            batch of an iterable: at the product or gradient that reads it), data that changes between
+            passes, data the model or the loss cannot run on (a wrong input dtype or width, a wrong
+            label dtype or shape), a class label out of range, a loss that is not twice
+            differentiable, an unknown path or mode, a bad ``cache_bytes``, or an unsupported forced
+            "fused" path. Integer labels the loss accepts (int64, uint8) work on every path.
     """
     if path not in ("auto", "generic", "fused"):
         raise ValueError(f"path must be 'auto', 'generic' or 'fused', got {path!r}")

@@ -16,7 +16,9 @@ class Objective:
     Like the curvature operators it reads the model's parameters live: after an in-place update
     (:func:`~unlearn_kernels.curvature.set_flat_parameters`) :meth:`value` and :meth:`gradient`
     are those of the new weights. It never modifies the model. Each call is one pass over the data
-    (:attr:`num_data_passes`); no construction probe, so building one costs nothing.
+    (:attr:`num_data_passes`); no construction probe, so building one costs only the check of tensor
+    data for NaN or Inf (see :class:`~unlearn_kernels.curvature.BatchSource`, which also checks an
+    iterable's batches as they stream). A parameter the forward does not use has zero gradient.
 
     Args:
         model: any nn.Module, in eval mode if it has BatchNorm or dropout.
@@ -73,7 +75,9 @@ class Objective:
                 leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
                 with torch.enable_grad():
                     loss = self._loss(torch.func.functional_call(self.model, leaves, (x,)), y)
-                    parts = torch.autograd.grad(loss, list(leaves.values()))
+                    # a parameter the forward does not use has zero gradient
+                    parts = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True,
+                                                materialize_grads=True)
                 flat = flatten_tensors(parts).mul_(n)
                 grad = flat if grad is None else grad.add_(flat)
             else:

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..checks import check_number
+from ..checks import check_number, check_seed
 from .labeled import LabeledData
 from .local_files import load_cifar_files, load_mnist_files
 
@@ -130,6 +130,15 @@ def available_datasets() -> list[str]:
     return list(_DATASETS)
 
 
+def check_sklearn_seed(name: str, seed: int) -> int:
+    """``seed`` as an int if :func:`check_seed` accepts it and it is below 2**32, the bound of the
+    ``random_state`` of scikit-learn (and of numpy's legacy seeding); else TypeError / ValueError."""
+    seed = check_seed(name, seed)
+    if seed >= 2**32:
+        raise ValueError(f"{name} must be in [0, 2**32) (scikit-learn's random_state), got {seed}")
+    return seed
+
+
 def _holdout(indices: np.ndarray, y: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Split ``indices`` (labels ``y[indices]``) into (kept, ``count`` held out), stratified, both sorted."""
     from sklearn.model_selection import train_test_split
@@ -206,13 +215,16 @@ def load_dataset(
             official test file is the test split (MNIST, Fashion-MNIST, CIFAR).
 
     Raises:
-        ValueError: unknown name, bad fractions, or ``root`` missing for a local dataset.
+        ValueError: unknown name, bad fractions, a seed outside [0, 2**32), or ``root`` missing for a
+            local dataset.
+        TypeError: a seed that is not an integer.
         FileNotFoundError: a local dataset's files are not under ``root`` (the message lists where
             they are looked for).
         ImportError: "lfw" without scikit-image.
     """
     if name not in _DATASETS:
         raise ValueError(f"unknown dataset {name!r}; available: {', '.join(available_datasets())}")
+    seed = check_sklearn_seed("load_dataset: seed", seed)
     for what, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         check_number(what, value, 0.0, 1.0, strict=True, strict_high=True)
     if val_fraction + test_fraction >= 1.0:

@@ -94,20 +94,32 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle that names a global outside ``_SAFE_GLOBALS``."""
+
+
 class _CifarUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _SAFE_GLOBALS:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR batch only holds numpy arrays, lists and bytes")
+            raise _RefusedGlobal(f"refusing to load {module}.{name}: "
+                                 "a CIFAR batch only holds numpy arrays, lists and bytes")
         return super().find_class(module, name)
 
 
 def read_cifar_batch(path: str | Path) -> dict[bytes, Any]:
     """Load one CIFAR python batch (a pickled dict with bytes keys such as ``b"data"``).
 
-    Only numpy arrays and plain Python values are accepted (see ``_SAFE_GLOBALS``).
+    Only numpy arrays and plain Python values are accepted (see ``_SAFE_GLOBALS``; others raise
+    ``pickle.UnpicklingError``); a file that is no pickle at all raises ValueError naming it.
     """
     with open(path, "rb") as f:
-        batch = _CifarUnpickler(f, encoding="bytes").load()
+        try:
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+        except (_RefusedGlobal, OSError):
+            raise
+        except Exception as err:  # foreign or truncated bytes fail in many ways (UnpicklingError, EOFError, ...)
+            raise ValueError(f"{path}: not a CIFAR python batch "
+                             f"(unpickling failed: {type(err).__name__}: {err})") from err
     if not isinstance(batch, dict):
         raise ValueError(f"{path}: expected a pickled dict, got {type(batch).__name__}")
     return batch

@@ -26,7 +26,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ..checks import check_int, check_number
+from ..checks import check_int, check_number, check_seed
 from .labeled import LabeledData
 
 IndexLike = torch.Tensor | Sequence[int]
@@ -70,7 +70,19 @@ def _labels(labels: IndexLike) -> torch.Tensor:
     labels = torch.as_tensor(labels).cpu()
     if labels.dim() != 1 or labels.numel() == 0 or labels.is_floating_point() or labels.dtype == torch.bool:
         raise ValueError(f"labels must be a non-empty 1-D integer tensor, got {labels.dtype} of shape {tuple(labels.shape)}")
+    if bool((labels < 0).any()):
+        raise ValueError(f"labels must be non-negative class ids, got {int(labels.min())}")
     return labels.long()
+
+
+def _seed(seed: int) -> torch.Generator:
+    """A generator seeded with ``seed`` (an int in [0, 2**63), numpy integers too)."""
+    return torch.Generator().manual_seed(check_seed("seed", seed))
+
+
+def _check_stratified(stratified: bool) -> None:
+    if not isinstance(stratified, bool):  # a string such as "no" would be truthy
+        raise TypeError(f"stratified must be a bool, got {stratified!r}")
 
 
 def _indices(values: IndexLike, name: str, num_samples: int) -> torch.Tensor:
@@ -109,9 +121,14 @@ def _forget_count(fraction: float, num_samples: int) -> int:
 
 def _classes(classes: int | Iterable[int], present: torch.Tensor) -> torch.Tensor:
     """Sorted unique class ids, each of which must occur in ``present``."""
+    if classes is None or isinstance(classes, (str, bytes)):  # a str is iterable: "3" would be read as ["3"]
+        raise TypeError(f"classes must be integers, got {classes!r}")
     if isinstance(classes, Iterable) and not isinstance(classes, torch.Tensor):
         classes = list(classes)  # sets and generators too
-    asked = torch.as_tensor(classes).cpu().reshape(-1)
+    try:
+        asked = torch.as_tensor(classes).cpu().reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as err:  # e.g. ["3"] or [None]
+        raise TypeError(f"classes must be integers, got {classes!r}") from err
     if asked.numel() == 0:
         raise ValueError("no class given to forget")
     if asked.is_floating_point() or asked.dtype == torch.bool:
@@ -172,7 +189,8 @@ def random_forget(labels: IndexLike, fraction: float, seed: int = 0, stratified:
     """Forget ``round(fraction * N)`` random train rows; stratified keeps each class's share within one sample."""
     labels = _labels(labels)
     count = _forget_count(fraction, len(labels))
-    generator = torch.Generator().manual_seed(seed)
+    _check_stratified(stratified)
+    generator = _seed(seed)
     forget = _pick(labels, torch.arange(len(labels)), count, generator, stratified)
     return ForgetRequest(forget, _complement(forget, len(labels)), _describe_fraction(fraction, seed, stratified))
 
@@ -212,7 +230,8 @@ def sequential_forget(
         raise ValueError(
             f"{num_requests} requests of {count} samples (fraction={fraction}) would forget all {len(labels)} samples"
         )
-    generator = torch.Generator().manual_seed(seed)
+    _check_stratified(stratified)
+    generator = _seed(seed)
     remaining = torch.arange(len(labels))
     parts = []
     for _ in range(num_requests):
@@ -227,11 +246,14 @@ def sequential_class_forget(labels: IndexLike, classes: Sequence[int]) -> list[F
     """One request per class, in the given order: request k forgets every row of ``classes[k]`` and
     retains the rows of the classes not forgotten yet (and of all other classes)."""
     labels = _labels(labels)
-    order = [int(c) for c in classes] if not isinstance(classes, torch.Tensor) else classes.tolist()
+    if not isinstance(classes, Iterable) or isinstance(classes, (str, bytes)):
+        raise TypeError(f"classes must be a sequence of class ids, one per request, got {classes!r}")
+    order = classes.tolist() if isinstance(classes, torch.Tensor) else list(classes)
+    present = labels.unique()
+    _classes(order, present)  # integers, each of which occurs
+    order = [int(c) for c in order]
     if len(set(order)) != len(order):
         raise ValueError(f"sequential class requests need distinct classes, got {order}")
-    present = labels.unique()
-    _classes(order, present)  # every class occurs
     if len(order) == len(present):
         raise ValueError(f"forgetting every class {order} would leave no sample to retain")
     parts = [(labels == c).nonzero().squeeze(1) for c in order]
@@ -280,14 +302,13 @@ def mislabel(labels: IndexLike, fraction: float, seed: int = 0, stratified: bool
     """
     labels = _labels(labels)
     count = _forget_count(fraction, len(labels))
-    if bool((labels < 0).any()):
-        raise ValueError(f"labels must be non-negative class ids, got {int(labels.min())}")
+    _check_stratified(stratified)
     if num_classes is None:
         num_classes = int(labels.max()) + 1
     num_classes = check_int("num_classes", num_classes, low=2)  # a wrong label needs a second class
     if int(labels.max()) >= num_classes:
         raise ValueError(f"labels hold class {int(labels.max())}, outside num_classes={num_classes}")
-    generator = torch.Generator().manual_seed(seed)
+    generator = _seed(seed)
     rows = _pick(labels, torch.arange(len(labels)), count, generator, stratified)
     # a shift in 1..C-1 modulo C: uniform over the C-1 other classes, never the true one
     shift = torch.randint(1, num_classes, (count,), generator=generator)
@@ -314,7 +335,7 @@ def split_forget(num_samples: int, indices: IndexLike, num_requests: int = 1, se
         raise ValueError(f"cannot split {len(rows)} rows into {num_requests} non-empty requests")
     if len(rows) == num_samples:
         raise ValueError(f"indices name all {num_samples} samples: nothing would be retained")
-    shuffled = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))]
+    shuffled = rows[torch.randperm(len(rows), generator=_seed(seed))]
     parts = [part.sort().values for part in torch.tensor_split(shuffled, num_requests)]
     label = description or f"{len(rows)} given rows"
     return _in_sequence(num_samples, parts, [f"request {k + 1}/{num_requests}: part of {label}" if num_requests > 1

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..checks import all_finite, check_int, check_number, check_tensor
+from ..checks import all_finite, check_int, check_number, check_tensor, first_nonfinite_row
 from ..labeled import LabeledData
 from ..training import eval_mode
 
@@ -104,6 +104,24 @@ def _check_model_data(op: str, model: nn.Module, data: LabeledData, batch_size: 
     if len(data) == 0:
         raise ValueError(f"{op}: data is empty")
     check_int(f"{op}: batch_size", batch_size)
+    row = first_nonfinite_row(data.x)  # would silently give NaN logits / a NaN norm
+    if row is not None:
+        raise ValueError(f"{op}: NaN or Inf in the inputs at row {row}")
+
+
+def _forward(op: str, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)``, which must be (batch, C) logits; torch's own error (wrong input width or dtype)
+    is re-raised naming ``op``."""
+    try:
+        out = model(x)
+    except torch.OutOfMemoryError:
+        raise  # not the data's fault: callers may retry with a smaller batch_size
+    except RuntimeError as err:
+        raise ValueError(f"{op}: the model cannot run on the data: {err}") from err
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise TypeError(f"{op}: the model must return (batch, C) logits, got {type(out).__name__}"
+                        + (f" of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else ""))
+    return out
 
 
 def predict_logits(model: nn.Module, data: LabeledData, batch_size: int = 1024) -> torch.Tensor:
@@ -118,11 +136,7 @@ def predict_logits(model: nn.Module, data: LabeledData, batch_size: int = 1024) 
     outputs = []
     with eval_mode(model), torch.no_grad():
         for start in range(0, len(data), batch_size):
-            out = model(data.x[start:start + batch_size].to(device))
-            if not isinstance(out, torch.Tensor) or out.dim() != 2:
-                raise TypeError(f"predict_logits: the model must return (batch, C) logits, got {type(out).__name__}"
-                                + (f" of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else ""))
-            outputs.append(out)
+            outputs.append(_forward("predict_logits", model, data.x[start:start + batch_size].to(device)))
     return torch.cat(outputs)
 
 
@@ -142,6 +156,9 @@ def gradient_norm(
     ``.grad`` is written and the train/eval flags are restored.
     """
     _check_model_data("gradient_norm", model, data, batch_size)
+    if not callable(loss_fn):
+        raise TypeError(f"gradient_norm: loss_fn must be callable (e.g. torch.nn.functional.cross_entropy), "
+                        f"got {type(loss_fn).__name__}")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("gradient_norm: the model has no parameters that require grad")
@@ -152,7 +169,9 @@ def gradient_norm(
         for start in range(0, n, batch_size):
             x = data.x[start:start + batch_size].to(device)
             y = data.y[start:start + batch_size].to(device)
-            loss = loss_fn(model(x), y)
+            logits = _forward("gradient_norm", model, x)
+            _check_labels("gradient_norm: data.y", y, logits)  # before loss_fn: on CUDA a bad class is a device assert
+            loss = loss_fn(logits, y)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise ValueError("gradient_norm: loss_fn must return a scalar tensor (the batch mean)")
             grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -322,8 +341,7 @@ def _deltas(op: str, metrics: Mapping[str, float], oracle: Mapping[str, float], 
         for name, table in (("metrics", metrics), ("oracle_metrics", oracle)):
             if key not in table:
                 raise ValueError(f"{op}: {name} has no {key!r}")
-            if not math.isfinite(float(table[key])):
-                raise ValueError(f"{op}: {name}[{key!r}] = {table[key]} is not finite")
+            check_number(f"{op}: {name}[{key!r}]", table[key])
         deltas.append(abs(float(metrics[key]) - float(oracle[key])))
     return deltas
 
@@ -348,8 +366,9 @@ def tug_of_war(
     Accuracies must be fractions in [0, 1] (``ValueError`` otherwise, to catch percentages); ToW is
     in [0, 1], 1 when f_un matches the oracle on all three.
     """
+    deltas = _deltas("tug_of_war", metrics, oracle_metrics, keys)  # first: every value is a finite number
     for name, table in (("metrics", metrics), ("oracle_metrics", oracle_metrics)):
         for key in keys:
-            if key in table and not 0.0 <= float(table[key]) <= 1.0:
+            if not 0.0 <= float(table[key]) <= 1.0:
                 raise ValueError(f"tug_of_war: {name}[{key!r}] = {table[key]} is not a fraction in [0, 1]")
-    return math.prod(1.0 - d for d in _deltas("tug_of_war", metrics, oracle_metrics, keys))
+    return math.prod(1.0 - d for d in deltas)

@@ -25,6 +25,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.svm import SVC
 
 from ..checks import check_int
+from ..data.datasets import check_sklearn_seed
 from .metrics import _check_labels, _check_logits
 
 
@@ -77,6 +78,11 @@ def mia_entropy(
     for name, logits in (("retain_logits", retain_logits), ("test_logits", test_logits),
                          ("forget_logits", forget_logits)):
         _check_logits(f"mia_entropy: {name}", logits)
+    classes = {"retain_logits": retain_logits.shape[1], "test_logits": test_logits.shape[1],
+               "forget_logits": forget_logits.shape[1]}
+    if len(set(classes.values())) > 1:  # the entropy would silently compare distributions over different classes
+        raise ValueError(f"mia_entropy: the logits must have the same number of classes, got {classes}")
+    seed = check_sklearn_seed("mia_entropy: seed", seed)
     if balance not in ("subsample", "class_weight"):
         raise ValueError(f"mia_entropy: balance must be 'subsample' or 'class_weight', got {balance!r}")
     members, non_members = _entropy(retain_logits), _entropy(test_logits)
@@ -114,6 +120,7 @@ def mia_loss(
     _check_logits("mia_loss: test_logits", test_logits)
     _check_labels("mia_loss: test_y", test_y, test_logits)
     folds = check_int("mia_loss: folds", folds, low=2)
+    seed = check_sklearn_seed("mia_loss: seed", seed)
     n = min(len(forget_y), len(test_y))
     if n < folds:
         raise ValueError(f"mia_loss: {folds}-fold cross-validation needs >= {folds} forget and test samples, got {n}")
@@ -147,6 +154,7 @@ def mia_salun_efficacy(
                             ("forget", forget_logits, forget_y)):
         _check_logits(f"mia_salun_efficacy: {name}_logits", logits)
         _check_labels(f"mia_salun_efficacy: {name}_y", y, logits)
+    seed = check_sklearn_seed("mia_salun_efficacy: seed", seed)
     x, labels = _balanced(_true_class_confidence(retain_logits, retain_y),
                           _true_class_confidence(test_logits, test_y), np.random.default_rng(seed))
     attacker = SVC(C=3, gamma="auto", kernel="rbf", random_state=seed)

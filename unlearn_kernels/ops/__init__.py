@@ -30,12 +30,10 @@ OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "lora_linear": ("cpp", "cuda", "triton", "reference"),
     "lora_linear_jvp": ("cpp", "cuda", "triton", "reference"),
 }
-OP_NAMES = tuple(OP_BACKENDS)
 register_ops(OP_BACKENDS)
 
 __all__ = [
     "OP_BACKENDS",
-    "OP_NAMES",
     "cubic_secular_solve",
     "cubic_secular_solve_ref",
     "lanczos_step",

@@ -241,11 +241,6 @@ class LanczosResult:
     num_steps: int
     restarts: int
 
-    @property
-    def tridiagonal(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(diagonal, off_diagonal)`` of T, float64."""
-        return self.alphas, self.betas[:-1]
-
 
 def _wanted(theta: np.ndarray, which: Which, m: int) -> np.ndarray:
     """Indices (into ascending theta) of the m wanted Ritz values, ascending."""
