@@ -223,3 +223,15 @@ def test_inputs_that_require_grad_and_the_callers_rng(problem, name):
     assert torch.equal(torch.rand(3), expected_draw)  # the caller's RNG did not move
     assert all(d.x.grad is None for d in sets)
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), result.state_dict().values()))
+
+
+def test_retrain_arguments():
+    """The oracle needs a factory (a module instance is callable too, and failed deep inside
+    training) and accepts a numpy integer seed offset."""
+    with pytest.raises(TypeError, match="^Retrain: model_factory must be a callable that builds a fresh model"):
+        METHODS["retrain"](_mlp(), TrainConfig(epochs=1))
+    reseeded = METHODS["retrain_reseeded"](_mlp, TrainConfig(epochs=1, seed=5), seed_offset=np.int64(3))
+    assert reseeded.config.seed == 8
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="seed_offset must be a non-zero int"):
+            METHODS["retrain_reseeded"](_mlp, TrainConfig(epochs=1), seed_offset=bad)

@@ -494,6 +494,10 @@ def test_lipschitz_estimate_rejects_bad_arguments(kwargs, message):
     (lambda: CureNewton(solver_options={"reorth": "some"}), ValueError, "^cure_newton: solver_options: reorth"),
     (lambda: CureNewton(M="auto", lipschitz_options={"radii": 1}), ValueError,
      r"^cure_newton: lipschitz_options: unknown option\(s\) \['radii'\]"),
+    (lambda: CureNewton(M="auto", lipschitz_options={"quantile": 5}), ValueError,  # checked when built, not at unlearn
+     r"^cure_newton: lipschitz_options: quantile must be a finite number in \(0, 1\], got 5"),
+    (lambda: CureNewton(M="auto", lipschitz_options={"num_directions": -1}), ValueError,
+     r"^cure_newton: lipschitz_options: num_directions must be an int >= 1"),
     (lambda: CureNewton(batch_size=0), ValueError, "batch_size"),
     (lambda: CureNewton(path="fast"), ValueError, "path"),
 ])

@@ -48,12 +48,13 @@ def check_hvp_args(logits: torch.Tensor, tangent: torch.Tensor) -> None:
         raise ValueError(f"{HVP}: tangent is on {tangent.device} but logits on {logits.device}")
 
 
-def check_targets(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    """ValueError naming the FIRST row whose target is neither in [0, C) nor ``ignore_index``."""
+def check_targets(target: torch.Tensor, num_classes: int, ignore_index: int, op: str = GRAD) -> None:
+    """ValueError naming the FIRST row whose target is neither in [0, C) nor ``ignore_index`` (the
+    message of every op with a softmax cross-entropy head, prefixed by ``op``)."""
     bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
     if bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{GRAD}: target[{row}] = {int(target[row])} is out of range for {num_classes} classes "
+        raise ValueError(f"{op}: target[{row}] = {int(target[row])} is out of range for {num_classes} classes "
                          f"(and is not ignore_index={ignore_index})")
 
 

@@ -10,7 +10,7 @@ from .distributed import DistributedObjective, DistributedOperator
 from .fused_conv import FusedConvHessian
 from .fused_mlp import FusedMLPHessian
 from .generic import GenericHessian, GGNOperator, ggn_operator, hessian_operator
-from .lipschitz import LipschitzEstimate, estimate_hessian_lipschitz
+from .lipschitz import LipschitzEstimate, check_lipschitz_options, estimate_hessian_lipschitz
 from .objective import Objective
 from .regularized import RegularizedOperator
 from .params import (
@@ -33,6 +33,7 @@ __all__ = [
     "LipschitzEstimate",
     "Objective",
     "RegularizedOperator",
+    "check_lipschitz_options",
     "estimate_hessian_lipschitz",
     "flatten_tensors",
     "get_flat_parameters",

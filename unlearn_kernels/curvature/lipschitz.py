@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +30,17 @@ class LipschitzEstimate:
     ratios: tuple[float, ...]
     radius: float
     num_hvps: int
+
+
+def check_lipschitz_options(owner: str = "", *, num_directions: Any = 3, radius: Any = 0.1,
+                            power_iterations: Any = 4, quantile: Any = 1.0) -> dict[str, Any]:
+    """The numeric options of :func:`estimate_hessian_lipschitz`, checked and normalised (ValueError
+    naming ``"<owner>: <option>"``; a method that passes them on checks them when it is built)."""
+    prefix = f"{owner}: " if owner else ""
+    return {"num_directions": check_int(f"{prefix}num_directions", num_directions),
+            "radius": check_number(f"{prefix}radius", radius, 0.0, strict=True),
+            "power_iterations": check_int(f"{prefix}power_iterations", power_iterations, low=0),
+            "quantile": check_number(f"{prefix}quantile", quantile, 0.0, 1.0, strict=True)}
 
 
 def estimate_hessian_lipschitz(
@@ -76,10 +88,8 @@ def estimate_hessian_lipschitz(
         ValueError: a bad ``num_directions``, ``radius``, ``power_iterations`` or ``quantile``, or what
             the operator raises.
     """
-    num_directions = check_int("num_directions", num_directions)
-    power_iterations = check_int("power_iterations", power_iterations, low=0)
-    radius = check_number("radius", radius, 0.0, strict=True)
-    check_number("quantile", quantile, 0.0, 1.0, strict=True)
+    num_directions, radius, power_iterations, quantile = check_lipschitz_options(
+        num_directions=num_directions, radius=radius, power_iterations=power_iterations, quantile=quantile).values()
     work = copy.deepcopy(model)
     op = hessian_operator(work, loss_fn, data, params, path=path, batch_size=batch_size)
     names = op.param_names

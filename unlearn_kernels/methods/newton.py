@@ -75,6 +75,7 @@ from ..curvature import (
     DistributedObjective,
     Objective,
     RegularizedOperator,
+    check_lipschitz_options,
     estimate_hessian_lipschitz,
     get_flat_parameters,
     hessian_operator,
@@ -427,6 +428,7 @@ class CureNewton(_NewtonFamily):
         self.lipschitz_options = dict(lipschitz_options or {})
         _check_option_names(f"{self.name}: lipschitz_options", self.lipschitz_options, estimate_hessian_lipschitz,
                             ("model", "loss_fn", "data", "params", "seed", "batch_size", "path"))
+        self.lipschitz_options = check_lipschitz_options(f"{self.name}: lipschitz_options", **self.lipschitz_options)
 
     def _sample(self, data: LabeledData, seed: int) -> LabeledData:
         """The seeded Hessian subsample of D_r (in the data's order), or all of it."""

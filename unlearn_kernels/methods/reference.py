@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -45,8 +46,9 @@ class Retrain(Unlearner):
         cache_dir: str | os.PathLike[str] | None = None,
         model_info: Mapping[str, Any] | None = None,
     ) -> None:
-        if not callable(model_factory):
-            raise TypeError(f"Retrain: model_factory must be callable, got {type(model_factory).__name__}")
+        if isinstance(model_factory, nn.Module) or not callable(model_factory):  # a module is callable too
+            raise TypeError(f"Retrain: model_factory must be a callable that builds a fresh model (e.g. "
+                            f"lambda: MLP(...)), got {type(model_factory).__name__}")
         if not isinstance(config, TrainConfig):
             raise TypeError(f"Retrain: config must be a TrainConfig, got {type(config).__name__}")
         self.model_factory = model_factory
@@ -90,8 +92,9 @@ class RetrainReseeded(Retrain):
 
     def __init__(self, model_factory: Callable[[], nn.Module], config: TrainConfig, *, seed_offset: int = 1000,
                  model_info: Mapping[str, Any] | None = None) -> None:
-        if isinstance(seed_offset, bool) or not isinstance(seed_offset, int) or seed_offset == 0:
+        if isinstance(seed_offset, bool) or not isinstance(seed_offset, numbers.Integral) or seed_offset == 0:
             raise ValueError(f"RetrainReseeded: seed_offset must be a non-zero int, got {seed_offset!r}")
+        seed_offset = int(seed_offset)  # a numpy integer too
         super().__init__(model_factory, dataclasses.replace(config, seed=config.seed + seed_offset),
                          model_info=model_info)
         self.seed_offset = seed_offset

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from .. import _extension
 from ..backends import choose
 from ..checks import all_finite, check_tensor
+from ..contracts.softmax_ce import check_targets
 from ..contracts.text import dtype_name, shape_text
 
 _CPP_OPS = "unlearn_kernels"
@@ -161,15 +162,8 @@ def _check_inputs(x, target, weights, biases, activations, v_weights, v_biases, 
 
 def _check_targets_and_finite(x, target, tensors: dict[str, list], num_classes: int, ignore_index: int, check_finite: bool) -> None:
     """The checks the compiled kernels do inside the pass, for the reference backend."""
-    kept = target != ignore_index
-    bad = kept & ((target < 0) | (target >= num_classes))
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"{_OP}: target[{row}] = {int(target[row])} is out of range for {num_classes} classes "
-            f"(and is not ignore_index={ignore_index})"
-        )
-    if not bool(kept.any()):
+    check_targets(target, num_classes, ignore_index, op=_OP)
+    if not bool((target != ignore_index).any()):
         raise ValueError(f"{_OP}: every target is ignore_index={ignore_index} (the mean loss over 0 samples is undefined)")
     if check_finite:
         for name, values in {"x": [x], **tensors}.items():
