@@ -324,7 +324,7 @@ NAN = float("nan")
     (Finetune, {"lr": "0.1"}, "lr must be a finite number > 0"),
     (RandomLabels, {"momentum": NAN}, r"momentum must be a finite number in \[0, 1\)"),
     (RandomLabels, {"momentum": 1.0}, r"momentum must be a finite number in \[0, 1\)"),
-    (GradientAscent, {"optimizer": "rmsprop"}, "unknown optimizer"),
+    (GradientAscent, {"optimizer": "rmsprop"}, "optimizer must be one of"),
     (NegGradPlus, {"alpha": NAN}, r"alpha must be a finite number in \[0, 1\]"),
     (SalUn, {"mask_fraction": "half"}, r"mask_fraction must be a finite number in \(0, 1\]"),
     (BadTeacher, {"temperature": NAN}, "temperature must be a finite number > 0"),

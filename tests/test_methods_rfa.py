@@ -110,7 +110,7 @@ def test_class_forgetting_with_the_default_target(problem):
 
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"rank": 0}, ValueError, "rank must be an int >= 1"),
-    ({"shift": "toward"}, ValueError, "unknown shift"),
+    ({"shift": "toward"}, ValueError, r"^rfa: shift must be one of \["),
     ({"lam": 0.0}, ValueError, "lam must be"),
     ({"neighbors": 0}, ValueError, "neighbors must be"),
     ({"neighbors": 2.0}, ValueError, "^rfa: neighbors must be an int >= 1"),

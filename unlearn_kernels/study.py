@@ -52,7 +52,7 @@ from .lora import adapter_modules, unload
 from .methods import METHODS, Retrain, RetrainReseeded, UnlearnResult, Unlearner
 from .models import build_model
 from .checkpoint import train_or_load
-from .checks import check_int, check_number
+from .checks import check_choice, check_int, check_number
 from .training import TrainConfig, init_model, train
 
 #: the methods run by default, oracle first (it is the reference of every other row)
@@ -159,8 +159,7 @@ class StudyConfig:
             raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(sorted(METHODS))}")
         if "retrain" not in self.methods:
             self.methods = ("retrain", *self.methods)
-        if self.protocol not in PROTOCOLS:
-            raise ValueError(f"unknown protocol {self.protocol!r}; choose from {', '.join(PROTOCOLS)}")
+        check_choice("protocol (--protocol)", self.protocol, PROTOCOLS)
         if self.protocol != "class":
             check_number("forget_fraction (--forget-fraction)", self.forget_fraction, 0.0, 1.0, strict=True,
                          strict_high=True)

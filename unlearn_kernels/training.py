@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import check_int, check_number, check_seed
+from .checks import check_choice, check_int, check_number, check_seed
 from .labeled import LabeledData
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -68,10 +68,8 @@ class TrainConfig:
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"TrainConfig: unknown optimizer {self.optimizer!r}; choose one of {list(OPTIMIZERS)}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"TrainConfig: unknown lr_schedule {self.lr_schedule!r}; choose one of {list(LR_SCHEDULES)}")
+        check_choice("TrainConfig: optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("TrainConfig: lr_schedule", self.lr_schedule, LR_SCHEDULES)
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as a JSON-friendly dict (what checkpoints record)."""

@@ -9,7 +9,7 @@ from .base import BatchSource, CurvatureOperator
 from .distributed import DistributedObjective, DistributedOperator
 from .fused_conv import FusedConvHessian
 from .fused_mlp import FusedMLPHessian
-from .generic import GenericHessian, GGNOperator, ggn_operator, hessian_operator
+from .generic import MODES, PATHS, GenericHessian, GGNOperator, ggn_operator, hessian_operator
 from .lipschitz import LipschitzEstimate, check_lipschitz_options, estimate_hessian_lipschitz
 from .objective import Objective
 from .regularized import RegularizedOperator
@@ -22,6 +22,8 @@ from .params import (
 )
 
 __all__ = [
+    "MODES",
+    "PATHS",
     "BatchSource",
     "CurvatureOperator",
     "DistributedObjective",

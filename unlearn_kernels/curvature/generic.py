@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import all_finite
+from ..checks import all_finite, check_choice
 from ..ops import softmax_ce_hvp
 from .base import CurvatureOperator, DataSpec, LossFn
 from .distributed import DistributedOperator
@@ -166,12 +166,8 @@ class _TorchFuncOperator(CurvatureOperator):
 
 MODES = ("auto", "forward-over-reverse", "reverse-over-reverse")
 """The differentiation modes of :class:`GenericHessian`."""
-
-
-def _check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return mode
+PATHS = ("auto", "generic", "fused")
+"""The paths :func:`hessian_operator` chooses between."""
 
 
 @dataclass
@@ -225,7 +221,7 @@ class GenericHessian(_TorchFuncOperator):
         self, model: nn.Module, loss_fn: LossFn, data: DataSpec, params: ParamSelection = None,
         *, batch_size: int | None = None, mode: str = "auto", cache_bytes: int | None = None,
     ) -> None:
-        self.mode = _check_mode(mode)
+        self.mode = check_choice("mode", mode, MODES)
         self.mode_reason: str | None = None
         super().__init__(model, loss_fn, data, params, batch_size=batch_size, cache_bytes=cache_bytes)
 
@@ -545,9 +541,8 @@ def hessian_operator(
             differentiable, an unknown path or mode, a bad ``cache_bytes``, or an unsupported forced
             "fused" path. Integer labels the loss accepts (int64, uint8) work on every path.
     """
-    if path not in ("auto", "generic", "fused"):
-        raise ValueError(f"path must be 'auto', 'generic' or 'fused', got {path!r}")
-    _check_mode(mode)
+    check_choice("path", path, PATHS)
+    check_choice("mode", mode, MODES)
     if process_group is not None:
         return DistributedOperator(
             lambda shard: hessian_operator(model, loss_fn, shard, params, path, batch_size=batch_size, mode=mode,

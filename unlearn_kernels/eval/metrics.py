@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..checks import all_finite, check_int, check_number, check_tensor, first_nonfinite_row
+from ..checks import all_finite, check_choice, check_int, check_number, check_tensor, first_nonfinite_row
 from ..labeled import LabeledData
 from ..training import eval_mode
 
@@ -316,8 +316,7 @@ def rf_jsd(
             f"rf_jsd: the forget logits have {unlearned_forget_logits.shape[1]} classes but the unseen "
             f"logits {original_unseen_logits.shape[1]}"
         )
-    if variant not in ("standard", "lotus"):
-        raise ValueError(f"rf_jsd: variant must be 'standard' or 'lotus', got {variant!r}")
+    check_choice("rf_jsd: variant", variant, ("standard", "lotus"))
     forget_y = forget_y.to(unlearned_forget_logits.device)
     unseen_y = unseen_y.to(original_unseen_logits.device)
     classes = torch.unique(forget_y).tolist()

@@ -24,7 +24,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.svm import SVC
 
-from ..checks import check_int
+from ..checks import check_choice, check_int
 from ..data.datasets import check_sklearn_seed
 from .metrics import _check_labels, _check_logits
 
@@ -83,8 +83,7 @@ def mia_entropy(
     if len(set(classes.values())) > 1:  # the entropy would silently compare distributions over different classes
         raise ValueError(f"mia_entropy: the logits must have the same number of classes, got {classes}")
     seed = check_sklearn_seed("mia_entropy: seed", seed)
-    if balance not in ("subsample", "class_weight"):
-        raise ValueError(f"mia_entropy: balance must be 'subsample' or 'class_weight', got {balance!r}")
+    check_choice("mia_entropy: balance", balance, ("subsample", "class_weight"))
     members, non_members = _entropy(retain_logits), _entropy(test_logits)
     if balance == "subsample":
         x, labels = _balanced(members, non_members, np.random.default_rng(seed))

@@ -69,8 +69,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import all_finite, check_int, check_number, norm64
+from ..checks import all_finite, check_choice, check_int, check_number, norm64
 from ..curvature import (
+    PATHS,
     CurvatureOperator,
     DistributedObjective,
     Objective,
@@ -158,8 +159,7 @@ class _NewtonFamily(Unlearner):
             raise TypeError(f"{self.name}: dtype must be None, torch.float32 or torch.float64, got {dtype!r}")
         if batch_size is not None:
             check_int(f"{self.name}: batch_size", batch_size)
-        if path not in ("auto", "generic", "fused"):
-            raise ValueError(f"{self.name}: path must be 'auto', 'generic' or 'fused', got {path!r}")
+        check_choice(f"{self.name}: path", path, PATHS)
         self.params = params
         self.loss_fn = loss_fn
         self.dtype = dtype
@@ -623,9 +623,7 @@ class NewtonPinv(_NewtonFamily):
                  weight_decay: float = 0.0, path: str = "auto", process_group: Any = None) -> None:
         super().__init__(params=params, loss_fn=loss_fn, dtype=dtype, batch_size=batch_size,
                          weight_decay=weight_decay, path=path, process_group=process_group)
-        if solver not in ("auto", "eigh", "lanczos", "minres"):
-            raise ValueError(f"{self.name}: solver must be 'auto', 'eigh', 'lanczos' or 'minres', got {solver!r}")
-        self.solver = solver
+        self.solver = check_choice(f"{self.name}: solver", solver, ("auto", "eigh", "lanczos", "minres"))
         self.rcond = check_number(f"{self.name}: rcond", rcond, 0.0)
         self.rank = check_int(f"{self.name}: rank", rank)
         self.tol = check_number(f"{self.name}: tol", tol, 0.0)
@@ -668,8 +666,7 @@ class DampedNewton(_NewtonFamily):
                  path: str = "auto", process_group: Any = None) -> None:
         super().__init__(params=params, loss_fn=loss_fn, dtype=dtype, batch_size=batch_size,
                          weight_decay=weight_decay, path=path, process_group=process_group)
-        if solver not in self._solvers:
-            raise ValueError(f"{self.name}: solver must be one of {list(self._solvers)}, got {solver!r}")
+        check_choice(f"{self.name}: solver", solver, self._solvers)
         self.damping = check_number(f"{self.name}: damping", damping, 0.0)
         self.solver = solver
         self.tol = check_number(f"{self.name}: tol", tol, 0.0)

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_int, check_number
+from ..checks import check_choice, check_int, check_number
 from ..labeled import LabeledData
 from ..lora import ADAPTABLE, adapter_modules, add_adapters, check_rank_alpha, check_targets, resolve_targets, unload
 from ..training import make_optimizer, model_device
@@ -118,8 +118,7 @@ class RFA(_Trained):
         check_rank_alpha(self.name, rank, alpha)
         if targets is not None:
             targets = check_targets(self.name, targets)
-        if shift not in SHIFTS:
-            raise ValueError(f"{self.name}: unknown shift {shift!r}; choose one of {SHIFTS}")
+        check_choice(f"{self.name}: shift", shift, SHIFTS)
         if not isinstance(merge, bool):
             raise TypeError(f"{self.name}: merge must be a bool, got {merge!r}")
         self.rank, self.alpha, self.targets, self.shift, self.merge = rank, alpha, targets, shift, merge

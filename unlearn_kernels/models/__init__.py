@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from ..checks import check_choice
 from .cnn import SmallCNN
 from .mlp import ACTIVATIONS, MLP
 from .resnet import ResNet18
@@ -55,8 +56,7 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, **kwarg
         **kwargs: the model's own hyper-parameters (e.g. ``hidden=(64,)`` for "mlp", ``width=8`` for
             "resnet18", ``dim``/``depth``/``heads``/``patch_size`` (default 4) for "vit").
     """
-    if name not in _BUILDERS:
-        raise ValueError(f"build_model: unknown model {name!r}; choose one of {list(MODEL_NAMES)}")
+    check_choice("build_model: name", name, MODEL_NAMES)
     shape = tuple(int(s) for s in input_shape)
     if not shape or min(shape) < 1:
         raise ValueError(f"build_model: input_shape must be non-empty and positive, got {tuple(input_shape)}")

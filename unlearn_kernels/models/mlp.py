@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from ..checks import check_choice
+
 #: activation name -> module class (elementwise activations the fused kernels understand)
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -31,8 +33,7 @@ class MLP(nn.Sequential):
     def __init__(
         self, in_features: int, hidden: Sequence[int] = (128,), num_classes: int = 10, activation: str = "relu"
     ) -> None:
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"MLP: unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
+        check_choice("MLP: activation", activation, sorted(ACTIVATIONS))
         widths = [in_features, *hidden]
         if any(int(w) < 1 for w in widths) or num_classes < 1:
             raise ValueError(f"MLP: widths must be positive, got in_features={in_features}, hidden={tuple(hidden)}, "

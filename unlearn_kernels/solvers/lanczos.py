@@ -32,7 +32,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from ..checks import check_int, check_number, check_seed
+from ..checks import check_choice, check_int, check_number, check_seed
 from ..ops.lanczos_step import lanczos_step
 from .operators import SolverOperator, as_operator, check_vector
 
@@ -75,8 +75,7 @@ class LanczosProcess:
 
     def __init__(self, op: SolverOperator, v0: torch.Tensor, *, reorth: Reorth, store_basis: bool,
                  capacity: int, generator: torch.Generator) -> None:
-        if reorth not in ("full", "selective", "none"):
-            raise ValueError(f"reorth must be 'full', 'selective' or 'none', got {reorth!r}")
+        check_choice("reorth", reorth, ("full", "selective", "none"))
         if reorth != "none" and not store_basis:
             raise ValueError(f"reorth={reorth!r} needs the stored basis; use reorth='none' in two-pass mode")
         d = op.shape[0]
@@ -296,8 +295,7 @@ def lanczos(
     if d == 0:
         raise ValueError("H is empty (0 x 0): it has no eigenvalues")
     check_int("k", k, 1)
-    if which not in ("LA", "SA", "BE"):
-        raise ValueError(f"which must be 'LA', 'SA' or 'BE', got {which!r}")
+    check_choice("which", which, ("LA", "SA", "BE"))
     m = check_int("num_eigs", 2 if which == "BE" else 1, 1) if num_eigs is None else check_int("num_eigs", num_eigs, 1)
     check_number("tol", tol, 0.0)
     if two_pass and reorth != "none":
