@@ -4,11 +4,10 @@ Every suite checks each candidate against a float64 reference before timing it (
 reported as such and never timed), times all candidates in one run on the same inputs (one after
 another, or interleaved round by round where the ratios matter most), and reports medians and
 ratios against the baseline candidate. The gate's call also measures the candidate's peak memory
-(:class:`PeakMemory`), so every suite's JSON has ``peak_memory_bytes`` beside the time.
+(:func:`peak_memory`), so every suite's JSON has ``peak_memory_bytes`` beside the time.
 """
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import os
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from unlearn_kernels.eval import PeakMemory
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -58,60 +59,6 @@ def time_callable(fn: Callable[[], object], device: torch.device, *, min_time: f
         samples.append(time.perf_counter() - start)
         spent += samples[-1]
     return samples
-
-
-class PeakMemory:
-    """Peak memory added while a ``with`` block runs, in bytes (``.bytes``; None where it cannot be
-    measured).
-
-    On a GPU: the CUDA allocator's peak minus what was allocated at the start. On the CPU: the
-    process's peak resident set (Linux ``VmHWM``, reset at the start by writing 5 to
-    ``/proc/self/clear_refs``) minus the resident set at the start, after returning freed heap to
-    the system (``malloc_trim``) so that reused free memory does not hide new allocations. The CPU
-    figure counts everything the process touches (the allocator's rounding, a library's
-    workspace), so compare candidates measured the same way.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = torch.device(device)
-        self.bytes: int | None = None
-        self._start: int | None = None
-
-    def __enter__(self) -> "PeakMemory":
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
-            return self
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self._start = _proc_status_bytes("VmRSS")
-        except OSError:
-            self._start = None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._start is None:
-            return
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.bytes = torch.cuda.max_memory_allocated(self.device) - self._start
-        else:
-            self.bytes = max(_proc_status_bytes("VmHWM") - self._start, 0)
-
-
-def _proc_status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024  # reported in kB
-    raise OSError(f"/proc/self/status has no {field}")
 
 
 def environment(device: torch.device) -> dict:
@@ -159,7 +106,14 @@ class Measurement:
     max_abs_err: float | None
     status: str = "ok"  # "ok", "wrong" (failed the correctness gate, not timed) or "unavailable: ..."
     extra: dict = field(default_factory=dict)
-    peak_memory_bytes: int | None = None  # added by the gate's call (PeakMemory), or by its set-up and call
+    peak_memory_bytes: int | None = None  # added by the gate's call (peak_memory), or by its set-up and call
+
+
+def peak_memory(device: torch.device) -> PeakMemory:
+    """The package's :class:`~unlearn_kernels.eval.PeakMemory` after a garbage collection, so that
+    what earlier candidates freed is released before the block starts."""
+    gc.collect()
+    return PeakMemory(device)
 
 
 def plain_error_tolerance(plain: torch.Tensor, exact: torch.Tensor, floor: float) -> float:
@@ -172,10 +126,10 @@ def plain_error_tolerance(plain: torch.Tensor, exact: torch.Tensor, floor: float
 def check(case: str, candidate: str, fn: Callable[[], torch.Tensor], exact: torch.Tensor,
           tolerance: float) -> Measurement:
     """The correctness gate alone: one call, max abs error against ``exact`` <= tolerance, and the
-    call's peak memory (:class:`PeakMemory` on ``exact``'s device). The result has no time yet; its
+    call's peak memory (:func:`peak_memory` on ``exact``'s device). The result has no time yet; its
     status says "ok", "wrong" or "unavailable: <why>"."""
     try:
-        with PeakMemory(exact.device) as peak:
+        with peak_memory(exact.device) as peak:
             out = fn()
     except Exception as exc:  # a candidate that cannot run here is reported, not fatal
         return Measurement(case, candidate, None, None, None, f"unavailable: {type(exc).__name__}: {exc}"[:200])

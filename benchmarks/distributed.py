@@ -34,7 +34,7 @@ from torch import nn
 
 from unlearn_kernels.curvature import hessian_operator
 
-from .common import Measurement, PeakMemory, synchronize
+from .common import Measurement, peak_memory, synchronize
 from .hvp import seeded_mlp
 
 BASELINE = "1 process"
@@ -91,7 +91,7 @@ def _worker(rank: int, store: str, device_type: str, quick: bool, inbox, outbox)
         calls, local_calls = _calls(op, v), _calls(op.local, v)
         results, peaks = {}, {}
         for name, fn in calls.items():
-            with PeakMemory(device) as peak:
+            with peak_memory(device) as peak:
                 results[name] = fn().cpu()
             peaks[name] = peak.bytes
         outbox.put((rank, (results, peaks)))
@@ -135,7 +135,7 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 2.0, bur
             got, peaks = dict(outbox.get(timeout=600) for _ in range(WORLD))[0]
             results = []
             for name, fn in calls.items():
-                with PeakMemory(device) as peak:
+                with peak_memory(device) as peak:
                     want = fn().cpu()
                 diff = float((got[name] - want).norm() / want.norm())
                 status = "ok" if diff <= GATE_RTOL else "wrong"

@@ -48,7 +48,7 @@ from unlearn_kernels.models.cnn import SmallCNN
 from unlearn_kernels.models.mlp import MLP
 from unlearn_kernels.training import init_model
 
-from .common import RESULTS_DIR, Measurement, PeakMemory, check, measure_interleaved, plain_error_tolerance
+from .common import RESULTS_DIR, Measurement, peak_memory, check, measure_interleaved, plain_error_tolerance
 
 ANCHORS = ("curvlinops", "pyhessian", "autograd", "pyhessian:cached-graph")
 """The other libraries' (and plain PyTorch's) HVPs: "fastest anchor" is the fastest of these."""
@@ -214,7 +214,7 @@ def gate_tolerance(p: Problem, loss_fn: nn.Module, v: torch.Tensor, exact: torch
 def _gated(case: str, name: str, builder: Callable[[], Callable[[], torch.Tensor]], exact: torch.Tensor,
            tol: float, device: torch.device) -> tuple[Measurement, Callable[[], torch.Tensor] | None]:
     """Set-up and correctness gate, with the peak memory of both (the set-up may build a cache)."""
-    with PeakMemory(device) as peak:
+    with peak_memory(device) as peak:
         try:
             fn = builder()
         except (ValueError, ImportError, RuntimeError) as exc:  # e.g. no fused path for a CNN

@@ -37,7 +37,7 @@ from unlearn_kernels.models import build_model
 from unlearn_kernels.study import DEFAULT_RECIPES, gap_closed
 from unlearn_kernels.training import init_model, train
 
-from .common import Measurement, PeakMemory
+from .common import Measurement, peak_memory
 
 BASELINE = "retrain"
 SIZES = (2_000, 8_000, 32_000)
@@ -113,7 +113,7 @@ def run(device: torch.device, *, sizes: tuple[int, ...] = SIZES,
         acc_f = {"original": _accuracy(original, forget)}
         seconds = {}
         for name, method in methods.items():
-            with PeakMemory(device) as peak:
+            with peak_memory(device) as peak:
                 result = method.unlearn(original, forget, retain, seed=SEED)
             seconds[name] = result.seconds
             acc_f[name] = _accuracy(result.model, forget)

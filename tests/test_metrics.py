@@ -16,6 +16,7 @@ from torch import nn
 
 from unlearn_kernels.data.labeled import LabeledData
 from unlearn_kernels.eval import (
+    PeakMemory,
     accuracy,
     activation_distance,
     avg_gap,
@@ -319,7 +320,7 @@ def test_measure_cpu_time_memory_and_result():
         with mmap.mmap(-1, n_bytes) as pages:
             for offset in range(0, n_bytes, mmap.PAGESIZE):
                 pages[offset] = 1
-            time.sleep(0.2)  # hold them across many RSS samples (unmapped before measure's last one)
+            time.sleep(0.2)  # a call that lasts (the time is measured too)
             return sum(pages[offset] for offset in range(0, n_bytes, mmap.PAGESIZE))
 
     measured = measure(allocate)
@@ -327,6 +328,19 @@ def test_measure_cpu_time_memory_and_result():
     assert measured.seconds >= 0.2
     assert 0.8 * n_bytes <= measured.peak_memory_bytes <= 4 * n_bytes
     assert measure(lambda a, b=0: a + b, 2, b=3).result == 5
+
+
+def test_peak_memory_block_on_the_cpu():
+    """The block's own peak, not the process's earlier one: an earlier, larger allocation freed
+    before the block does not count."""
+    with mmap.mmap(-1, 128 * 2**20) as before:
+        for offset in range(0, len(before), mmap.PAGESIZE):
+            before[offset] = 1
+    with PeakMemory() as peak:
+        with mmap.mmap(-1, 16 * 2**20) as pages:
+            for offset in range(0, len(pages), mmap.PAGESIZE):
+                pages[offset] = 1
+    assert 0.8 * 16 * 2**20 <= peak.bytes <= 64 * 2**20
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -341,7 +355,7 @@ def test_speedup_and_bad_input():
     assert speedup(2.0, 30.0) == 15.0
     with pytest.raises(ValueError, match="> 0"):
         speedup(0.0, 1.0)
-    with pytest.raises(ValueError, match="CUDA device"):
+    with pytest.raises(ValueError, match="^measure: device must be 'cpu' or a CUDA device, got meta"):
         measure(lambda: None, device="meta")
     with pytest.raises(TypeError, match="callable"):
         measure(3)

@@ -1,7 +1,7 @@
 """Evaluation of unlearning: accuracy, membership inference (three named conventions),
 divergences to the oracle (KL, JS, the LoTUS-compatible JS, RF-JSD), Avg Gap, tug-of-war, weight
 and activation distances, the Newton residual, and cost (time, peak memory, speed-up)."""
-from .cost import Measured, measure, speedup
+from .cost import Measured, PeakMemory, measure, speedup
 from .metrics import (
     AVG_GAP_KEYS,
     TOW_KEYS,
@@ -30,6 +30,7 @@ __all__ = [
     "js_divergence",
     "js_divergence_lotus",
     "kl_divergence",
+    "PeakMemory",
     "measure",
     "mia_entropy",
     "mia_loss",
