@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import platform
 import statistics
 import time
@@ -20,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from unlearn_kernels.checkpoint import atomic_write
 from unlearn_kernels.eval import PeakMemory
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -185,7 +185,6 @@ def write_results(suite: str, device: torch.device, measurements: list[Measureme
                   config: dict, out_dir: Path = RESULTS_DIR) -> Path:
     """JSON with the environment, config, every measurement and its ratio to ``baseline``
     (baseline time / candidate time: > 1 means faster than the baseline)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for m in measurements:
         row = asdict(m)
@@ -196,11 +195,8 @@ def write_results(suite: str, device: torch.device, measurements: list[Measureme
         rows.append(row)
     env = environment(device)
     tag = "gpu" if device.type == "cuda" else "cpu"
-    path = out_dir / f"{suite}_{tag}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"suite": suite, "environment": env, "config": config, "results": rows}, indent=2))
-    os.replace(tmp, path)
-    return path
+    payload = {"suite": suite, "environment": env, "config": config, "results": rows}
+    return atomic_write(out_dir / f"{suite}_{tag}.json", lambda handle: json.dump(payload, handle, indent=2))
 
 
 def format_table(measurements: list[Measurement], baseline: str) -> str:

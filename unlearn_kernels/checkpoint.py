@@ -17,7 +17,7 @@ import os
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
@@ -72,6 +72,27 @@ def _fsync_directory(directory: Path) -> None:
             os.close(fd)
 
 
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None], *, binary: bool = False) -> Path:
+    """Write a file through ``write(handle)`` to a temporary file beside ``path``, flushed to disk,
+    then moved over ``path``: on any failure the previous file (if any) is left intact and no
+    temporary file remains. Returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_directory(path.parent)
+    return path
+
+
 def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, metadata: Mapping[str, Any]) -> None:
     """Write ``model``'s weights and ``metadata`` (JSON-serialisable) to ``path`` atomically.
 
@@ -83,19 +104,7 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, metadata: Ma
         "metadata": json.dumps(_normalise(metadata), sort_keys=True),
         "state_dict": {name: t.detach().cpu() for name, t in model.state_dict().items()},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_directory(path.parent)
+    atomic_write(path, lambda handle: torch.save(payload, handle), binary=True)
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint import atomic_write
 from .study import GAP_CLOSED, GAP_METRICS
 
 #: (metric key, column title, format) of the printed table (a column no method has is left out, e.g.
@@ -187,21 +188,6 @@ def format_scenario_summary(studies: dict[str, dict[str, Any]]) -> str:
                           "~ = the Original's gap is within seed noise, ? = noise unknown)")
 
 
-def _write_json_atomic(payload: dict[str, Any], path: Path) -> Path:
-    """Writes ``payload`` to a temporary file beside ``path``, then moves it over ``path``: on a failure
-    the old file (if any) is left intact and the temporary is removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w") as handle:
-            json.dump(payload, handle, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _versions() -> dict[str, str]:
     import unlearn_kernels
 
@@ -220,7 +206,7 @@ def write_json(study: dict[str, Any], path: Path) -> Path:
                              for m, metrics in per.items()} for k, per in summarize(study["records"]).items()},
         "gap_closed_noise": {str(k): v for k, v in gap_closed_noise(study["records"]).items()},
     }
-    return _write_json_atomic(payload, path)
+    return atomic_write(path, lambda handle: json.dump(payload, handle, indent=2))
 
 
 def write_summary_json(studies: dict[str, dict[str, Any]], results: dict[str, Path], path: Path) -> Path:
@@ -236,7 +222,8 @@ def write_summary_json(studies: dict[str, dict[str, Any]], results: dict[str, Pa
                            for m, per in closed.items()},
             "gap_closed_noise": noise,
         }
-    return _write_json_atomic({"versions": _versions(), "scenarios": scenarios}, path)
+    payload = {"versions": _versions(), "scenarios": scenarios}
+    return atomic_write(path, lambda handle: json.dump(payload, handle, indent=2))
 
 
 def _pyplot():
