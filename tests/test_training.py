@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import unlearn_kernels.checkpoint as checkpoint
 from unlearn_kernels.checkpoint import (
     CheckpointError,
+    atomic_write,
     data_fingerprint,
     load_checkpoint,
     read_checkpoint,
@@ -188,6 +189,23 @@ def test_failed_write_leaves_old_file_and_no_temporary(tmp_path, monkeypatch):
         save_checkpoint(path, init_model(factory, 1), {"version": 2})
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["model.pt"]
+
+
+def test_atomic_write_text_permissions_and_failure(tmp_path):
+    """What results.json and the benchmark JSON are written with: the file gets the permissions a
+    plain open() gives (not mkstemp's 0600), and a failed write leaves the old file alone."""
+    path = atomic_write(tmp_path / "results.json", lambda handle: handle.write('{"a": 1}'))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.read_text() == '{"a": 1}' and os.stat(path).st_mode & 0o777 == 0o666 & ~mask
+
+    def broken(handle):
+        handle.write("{half")
+        raise ValueError("not serialisable")
+
+    with pytest.raises(ValueError, match="not serialisable"):
+        atomic_write(path, broken)
+    assert path.read_text() == '{"a": 1}' and os.listdir(tmp_path) == ["results.json"]
 
 
 def test_unserialisable_metadata_raises_before_writing(tmp_path):

@@ -72,6 +72,12 @@ def _fsync_directory(directory: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None], *, binary: bool = False) -> Path:
     """Write a file through ``write(handle)`` to a temporary file beside ``path``, flushed to disk,
     then moved over ``path``: on any failure the previous file (if any) is left intact and no
@@ -80,6 +86,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None],
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would have given
         with os.fdopen(fd, "wb" if binary else "w") as handle:
             write(handle)
             handle.flush()
