@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from unlearn_kernels.curvature import hessian_operator
-from unlearn_kernels.solvers import cubic_newton_step, lanczos
+from unlearn_kernels.solvers import cubic_model_value, cubic_newton_step, lanczos
 
 from .common import RESULTS_DIR, Measurement, measure
 from .lanczos import trained_digits
@@ -74,8 +74,7 @@ class LowRankPlusDiagonal:
 
 def model_value(H, g: torch.Tensor, s: torch.Tensor, M: float) -> float:
     """m(s) in float64, with one product of H."""
-    g, s = g.double(), s.double()
-    return float(g @ s + 0.5 * (s @ H.matvec(s).double())) + M / 6.0 * float(s.norm()) ** 3
+    return cubic_model_value(g, s, H.matvec(s), M)
 
 #: the suite's cases are float64 CPU problems (the dense oracle)
 DEVICES = ("cpu",)

@@ -62,9 +62,16 @@ def _check_M(M: Any) -> float:
     return check_number("M", M, 0.0, strict=True)
 
 
-def _model_value(g: torch.Tensor, s: torch.Tensor, Hs: torch.Tensor, M: float) -> float:
+def cubic_model_value(g: torch.Tensor, s: torch.Tensor, Hs: torch.Tensor, M: float) -> float:
+    """The cubic model ``m(s) = g^T s + 1/2 s^T H s + (M/6) ||s||^3`` in float64, from ``Hs = H s``."""
     g64, s64 = g.double(), s.double()
     return float(g64 @ s64 + 0.5 * (s64 @ Hs.double())) + M / 6.0 * norm64(s) ** 3
+
+
+def _eigenbasis_value(c: Any, lam: Any, y: Any, M: float) -> float:
+    """The cubic model in an eigenbasis of H (eigenvalues ``lam``, gradient ``c``), at ``y``; float64
+    tensors or numpy arrays."""
+    return float(c @ y + 0.5 * (lam * y * y).sum()) + M / 6.0 * float((y * y).sum()) ** 1.5
 
 
 # --------------------------------------------------------------------------- dense oracle
@@ -77,7 +84,7 @@ def dense_cubic_step(H: Any, g: torch.Tensor, M: float) -> CubicStep:
     c = U.T @ g.double()
     y, sigma, hard = cubic_secular_solve(lam, c, M)
     y_norm = float(torch.linalg.vector_norm(y))
-    value = float(c @ y + 0.5 * (lam * y * y).sum()) + M / 6.0 * y_norm**3
+    value = _eigenbasis_value(c, lam, y, M)
     residual = float(torch.linalg.vector_norm(c + lam * y + 0.5 * M * y_norm * y))
     s = (U @ y).to(g.dtype)
     return CubicStep(s, value, norm64(s), sigma, residual, op.num_hvps, hard, 0, True, "dense")
@@ -177,9 +184,7 @@ class KrylovCubicSolver:
         y_eig, sigma, hard = cubic_secular_solve(torch.from_numpy(theta), torch.from_numpy(c), M)
         y_eig = y_eig.numpy()
         y = S @ y_eig
-        y_norm = float(np.linalg.norm(y_eig))
-        value = float(c @ y_eig + 0.5 * (theta * y_eig * y_eig).sum()) + M / 6.0 * y_norm**3
-        return y, sigma, hard, value, proc.residual_norm(y)
+        return y, sigma, hard, _eigenbasis_value(c, theta, y_eig, M), proc.residual_norm(y)
 
     def _accept(self, M: float, y: np.ndarray, residual: float) -> bool:
         y_norm = float(np.linalg.norm(y))
@@ -282,7 +287,7 @@ def _finish(op: SolverOperator, g: torch.Tensor, M: float, s: torch.Tensor, Hs: 
         num_hvps += 1
     s_norm = norm64(s)
     residual = norm64(g + Hs + (0.5 * M * s_norm) * s)
-    return CubicStep(s, _model_value(g, s, Hs, M), s_norm, 0.5 * M * s_norm, residual, num_hvps, False,
+    return CubicStep(s, cubic_model_value(g, s, Hs, M), s_norm, 0.5 * M * s_norm, residual, num_hvps, False,
                      iterations, converged, "gd")
 
 
