@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from unlearn_kernels.backends import status
 from unlearn_kernels.checkpoint import atomic_write
 from unlearn_kernels.eval import PeakMemory
 
@@ -114,6 +115,13 @@ def peak_memory(device: torch.device) -> PeakMemory:
     what earlier candidates freed is released before the block starts."""
     gc.collect()
     return PeakMemory(device)
+
+
+def kernel_backends(op: str, device: torch.device) -> list[str]:
+    """The compiled backends of ``op`` worth timing on ``device`` that can run here (on the CPU the
+    Triton kernels only run through the interpreter: not timed)."""
+    wanted = ["cpp"] if device.type == "cpu" else ["cuda", "triton"]
+    return [b for b in wanted if status(op, b).usable]
 
 
 def plain_error_tolerance(plain: torch.Tensor, exact: torch.Tensor, floor: float) -> float:

@@ -48,7 +48,7 @@ from unlearn_kernels.models.cnn import SmallCNN
 from unlearn_kernels.models.mlp import MLP
 from unlearn_kernels.training import init_model
 
-from .common import RESULTS_DIR, Measurement, peak_memory, check, measure_interleaved, plain_error_tolerance
+from .common import RESULTS_DIR, Measurement, check, measure_interleaved, peak_memory, plain_error_tolerance
 
 ANCHORS = ("curvlinops", "pyhessian", "autograd", "pyhessian:cached-graph")
 """The other libraries' (and plain PyTorch's) HVPs: "fastest anchor" is the fastest of these."""

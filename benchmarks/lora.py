@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from unlearn_kernels import ops
-from unlearn_kernels.backends import status
 
-from .common import Measurement, check, measure_interleaved, plain_error_tolerance
+from .common import Measurement, check, kernel_backends, measure_interleaved, plain_error_tolerance
 
 BASELINE = "peft"
 FLOOR = "frozen linear"
@@ -31,8 +30,7 @@ GPU_CASES = ((4096, 4096, 4096, 16, torch.float32), (4096, 4096, 4096, 16, torch
 QUICK = {"cases": ((1024, 512, 512, 16, torch.float32),), "min_time": 0.1}
 
 
-def eager(x, weight, bias, lora_a, lora_b, scale):
-    return F.linear(x, weight, bias) + scale * F.linear(F.linear(x, lora_a), lora_b)
+eager = ops.lora_linear_ref  # the expression users write: x W^T + b + s (x A^T) B^T in plain autograd
 
 
 def _peft_layer(weight, bias, lora_a, lora_b, alpha):
@@ -51,12 +49,6 @@ def _peft_layer(weight, bias, lora_a, lora_b, alpha):
     return layer, layer.lora_A["default"].weight, layer.lora_B["default"].weight
 
 
-def _kernel_backends(device: torch.device) -> list[str]:
-    # On CPU the Triton kernel only runs through the interpreter: not worth timing.
-    wanted = ["cpp"] if device.type == "cpu" else ["cuda", "triton"]
-    return [b for b in wanted if status("lora_linear", b).usable]
-
-
 def _candidates(device, x, weight, bias, lora_a, lora_b, scale, alpha, grad_out, with_compile):
     """{name: (forward fn, forward+backward fn)}; each fn returns what the gate checks."""
     def grads(out, leaves):
@@ -64,7 +56,7 @@ def _candidates(device, x, weight, bias, lora_a, lora_b, scale, alpha, grad_out,
 
     xg, ag, bg = (t.detach().clone().requires_grad_() for t in (x, lora_a, lora_b))
     cands = {}
-    for b in _kernel_backends(device):
+    for b in kernel_backends("lora_linear", device):
         cands[f"ours:{b}"] = (lambda b=b: ops.lora_linear(x, weight, bias, lora_a, lora_b, scale, backend=b),
                               lambda b=b: grads(ops.lora_linear(xg, weight, bias, ag, bg, scale, backend=b), (xg, ag, bg)))
     layer, pa, pb = _peft_layer(weight, bias, lora_a, lora_b, alpha)

@@ -6,9 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from unlearn_kernels import ops
-from unlearn_kernels.backends import status
 
-from .common import Measurement, measure, plain_error_tolerance
+from .common import Measurement, kernel_backends, measure, plain_error_tolerance
 
 DEFAULT_SHAPES = ((4096, 1000), (4096, 32000))
 QUICK = {"shapes": ((512, 1000), (64, 32000)), "min_time": 0.1}
@@ -22,12 +21,6 @@ def eager_hvp(z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def eager_grad(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.softmax(z, dim=1) - F.one_hot(y, z.shape[1]).to(z.dtype)
-
-
-def _kernel_backends(device: torch.device) -> list[str]:
-    # On CPU the Triton kernels only run through the interpreter: not worth timing.
-    wanted = ["cpp"] if device.type == "cpu" else ["cuda", "triton"]
-    return [b for b in wanted if status("softmax_ce_hvp", b).usable]
 
 
 def _copy_bandwidth(device: torch.device, nbytes: int) -> float:
@@ -65,7 +58,7 @@ def run(device: torch.device, shapes=DEFAULT_SHAPES, dtype=torch.float32, with_c
         if with_compile:
             cands_hvp["torch.compile"] = lambda: compiled_hvp(z, u)
             cands_grad["torch.compile"] = lambda: compiled_grad(z, y)
-        for b in _kernel_backends(device):
+        for b in kernel_backends("softmax_ce_hvp", device):
             cands_hvp[f"ours:{b}"] = lambda b=b: ops.softmax_ce_hvp(z, u, backend=b, check_finite=check)
             cands_grad[f"ours:{b}"] = lambda b=b: ops.softmax_ce_grad(z, y, backend=b, check_finite=check)
         hvp_bytes = 3 * z.numel() * z.element_size()

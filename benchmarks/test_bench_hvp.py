@@ -19,12 +19,11 @@ from unlearn_kernels.training import init_model
 
 from .common import synchronized
 from .floors import floor_ops
-from .hvp import Problem, candidates, digits_problem, reference_hvp, seeded_mlp
+from .hvp import ANCHORS, OURS, Problem, candidates, digits_problem, reference_hvp, seeded_mlp
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 LOSS = nn.CrossEntropyLoss()
-NAMES = ["gradient", "floor", "ours:fused", "ours:generic", "ours:fused-stream", "ours:generic-stream", "ours:generic-fwd",
-         "curvlinops", "pyhessian", "autograd", "pyhessian:cached-graph"]
+NAMES = ["gradient", "floor", *OURS, *ANCHORS]
 
 
 def _mid_mlp() -> Problem:
