@@ -6,17 +6,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from spectra import sym_with_spectrum
 
 from unlearn_kernels.curvature import GenericHessian
 from unlearn_kernels.solvers import KrylovCubicSolver, cubic_gd, cubic_newton_step, sphere_noise, stochastic_cubic_gd
 
 D = 30
-
-
-def sym_with_spectrum(lam: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    d = lam.shape[0]
-    U, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
-    return (U * lam) @ U.T, U
 
 
 def model(H: torch.Tensor, g: torch.Tensor, M: float, s: torch.Tensor) -> float:

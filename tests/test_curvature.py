@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerance import relative_error
 from torch import nn
 from torch.autograd.functional import hessian, jacobian
 from torch.func import functional_call
@@ -110,10 +111,6 @@ def dense_ggn(model, batches, loss_fn, names=None):
     return out
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
 # ----------------------------------------------------------------------------- exactness
 @pytest.mark.parametrize("name", list(MODELS))
 def test_hessian_and_ggn_match_dense_references(name):
@@ -123,14 +120,14 @@ def test_hessian_and_ggn_match_dense_references(name):
     H = hessian_operator(model, loss, (x, y), path="generic")
     assert H.path == "generic" and H.shape == (H.shape[0], H.shape[0]) and H.dtype == DT
     ref = dense_hessian(model, batches, loss)
-    assert rel_err(H.to_dense(), ref) <= 1e-10
+    assert relative_error(H.to_dense(), ref) <= 1e-10
     G = ggn_operator(model, loss, (x, y))
     assert G.path == "ggn"
     ref_ggn = dense_ggn(model, batches, loss)
-    assert rel_err(G.to_dense(chunk_size=7), ref_ggn) <= 1e-10
+    assert relative_error(G.to_dense(chunk_size=7), ref_ggn) <= 1e-10
     # The GGN is not the Hessian for these nonlinear models (else the test above proves little).
-    assert rel_err(ref_ggn, ref) > 1e-3
-    assert rel_err(H.gradient(), dense_gradient(model, batches, loss)) <= 1e-12
+    assert relative_error(ref_ggn, ref) > 1e-3
+    assert relative_error(H.gradient(), dense_gradient(model, batches, loss)) <= 1e-12
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -141,13 +138,13 @@ def test_reverse_over_reverse_mode_matches_dense_reference(name):
     H = hessian_operator(model, loss, batches, path="generic", mode="reverse-over-reverse")
     assert H.mode == "reverse-over-reverse" and not H.uses_vmap
     ref = dense_hessian(model, batches, loss)
-    assert rel_err(H.to_dense(chunk_size=5), ref) <= 1e-10
+    assert relative_error(H.to_dense(chunk_size=5), ref) <= 1e-10
     V = torch.randn(H.shape[0], 3, dtype=DT, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(H.matmat(V), torch.stack([H.matvec(V[:, k]) for k in range(3)], 1),
                                rtol=1e-12, atol=1e-14)
     forward = hessian_operator(model, loss, batches, path="generic", mode="forward-over-reverse")
     assert forward.mode == "forward-over-reverse" and forward.mode_reason == "requested"
-    assert rel_err(forward.matmat(V), H.matmat(V)) <= 1e-12
+    assert relative_error(forward.matmat(V), H.matmat(V)) <= 1e-12
     auto = hessian_operator(model, loss, batches, path="generic")
     assert auto.mode == "reverse-over-reverse" and auto.mode_reason.startswith("auto: double backward is exact")
 
@@ -173,8 +170,8 @@ def test_cross_entropy_options_over_uneven_batches(loss):
     batches = uneven_batches(x, y)
     H = hessian_operator(model, loss, batches, path="generic")
     G = ggn_operator(model, loss, batches)
-    assert rel_err(H.to_dense(), dense_hessian(model, batches, loss)) <= 1e-10
-    assert rel_err(G.to_dense(), dense_ggn(model, batches, loss)) <= 1e-10
+    assert relative_error(H.to_dense(), dense_hessian(model, batches, loss)) <= 1e-10
+    assert relative_error(G.to_dense(), dense_ggn(model, batches, loss)) <= 1e-10
 
 
 def test_mse_ggn_and_hessian():
@@ -182,7 +179,7 @@ def test_mse_ggn_and_hessian():
     y = torch.randn(N, C, dtype=DT)
     batches = uneven_batches(x, y, size=6)
     for loss in (nn.MSELoss(), F.mse_loss):
-        assert rel_err(ggn_operator(model, loss, batches).to_dense(), dense_ggn(model, batches, loss)) <= 1e-10
+        assert relative_error(ggn_operator(model, loss, batches).to_dense(), dense_ggn(model, batches, loss)) <= 1e-10
     # torch 2.13 cannot run forward-over-reverse through F.mse_loss: double backward takes over
     # (checked by finite differences), with a warning when forward-over-reverse was asked for.
     with pytest.warns(RuntimeWarning, match="reverse-over-reverse"):
@@ -190,8 +187,8 @@ def test_mse_ggn_and_hessian():
     assert forward.mode == "reverse-over-reverse" and "forward-over-reverse failed" in forward.mode_reason
     H = hessian_operator(model, nn.MSELoss(), batches, path="generic")
     assert H.mode == "reverse-over-reverse"
-    assert rel_err(H.to_dense(), dense_hessian(model, batches, nn.MSELoss())) <= 1e-10
-    assert rel_err(H.gradient(), dense_gradient(model, batches, nn.MSELoss())) <= 1e-12
+    assert relative_error(H.to_dense(), dense_hessian(model, batches, nn.MSELoss())) <= 1e-10
+    assert relative_error(H.gradient(), dense_gradient(model, batches, nn.MSELoss())) <= 1e-12
 
 
 def test_linear_model_ggn_equals_hessian():
@@ -201,7 +198,7 @@ def test_linear_model_ggn_equals_hessian():
     x, y = torch.randn(N, 4, dtype=DT), torch.randint(0, C, (N,))
     loss = nn.CrossEntropyLoss()
     H = hessian_operator(model, loss, (x, y), path="generic").to_dense()
-    assert rel_err(ggn_operator(model, loss, (x, y)).to_dense(), H) <= 1e-12
+    assert relative_error(ggn_operator(model, loss, (x, y)).to_dense(), H) <= 1e-12
 
 
 def test_mean_weighting_over_a_dataloader_with_a_partial_last_batch():
@@ -211,11 +208,11 @@ def test_mean_weighting_over_a_dataloader_with_a_partial_last_batch():
     full = dense_hessian(model, [(x, y)], loss)
     for op, ref in ((hessian_operator(model, loss, loader, path="generic"), full),
                     (ggn_operator(model, loss, loader), dense_ggn(model, [(x, y)], loss))):
-        assert rel_err(op.to_dense(), ref) <= 1e-10
+        assert relative_error(op.to_dense(), ref) <= 1e-10
     # Tensor data chunked with batch_size, and a LabeledData, give the same operator.
     chunked = hessian_operator(model, loss, LabeledData(x, y), path="generic", batch_size=5)
-    assert rel_err(chunked.to_dense(), full) <= 1e-10
-    assert rel_err(chunked.gradient(), dense_gradient(model, [(x, y)], loss)) <= 1e-12
+    assert relative_error(chunked.to_dense(), full) <= 1e-10
+    assert relative_error(chunked.gradient(), dense_gradient(model, [(x, y)], loss)) <= 1e-12
 
 
 # ----------------------------------------------------------------------------- interface
@@ -267,7 +264,7 @@ def test_float32_operator():
     model32 = model.float()
     op = hessian_operator(model32, nn.CrossEntropyLoss(), (x.float(), y), path="generic")
     assert op.dtype == torch.float32
-    assert rel_err(op.to_dense().double(), ref) <= 1e-5
+    assert relative_error(op.to_dense().double(), ref) <= 1e-5
     out = op.to_scipy() @ np.ones(op.shape[0])
     assert out.dtype == np.float64
 
@@ -280,10 +277,10 @@ def test_parameter_subsets_follow_the_given_order():
     by_name = hessian_operator(model, loss, (x, y), params=order, path="generic")
     by_tensor = hessian_operator(model, loss, (x, y), params=[model[2].bias, model[0].weight], path="generic")
     assert by_name.param_names == tuple(order) and by_name.shape == (C + 20, C + 20)
-    assert rel_err(by_name.to_dense(), ref) <= 1e-10
-    assert rel_err(by_tensor.to_dense(), ref) <= 1e-10
+    assert relative_error(by_name.to_dense(), ref) <= 1e-10
+    assert relative_error(by_tensor.to_dense(), ref) <= 1e-10
     last = ggn_operator(model, loss, (x, y), params=model[2].parameters())
-    assert rel_err(last.to_dense(), dense_ggn(model, [(x, y)], loss, names=["2.weight", "2.bias"])) <= 1e-10
+    assert relative_error(last.to_dense(), dense_ggn(model, [(x, y)], loss, names=["2.weight", "2.bias"])) <= 1e-10
     # Default = trainable parameters only.
     model[0].weight.requires_grad_(False)
     assert resolve_parameters(model).keys() == {"0.bias", "2.weight", "2.bias"}
@@ -319,7 +316,7 @@ def test_model_is_not_modified_and_updates_are_seen():
     loss = nn.CrossEntropyLoss()
     H = hessian_operator(model, loss, (x, y), path="generic")
     dense = H.to_dense()
-    assert rel_err(dense, dense_hessian(model, [(x, y)], loss)) <= 1e-10
+    assert relative_error(dense, dense_hessian(model, [(x, y)], loss)) <= 1e-10
     ggn_operator(model, loss, (x, y)).to_dense()
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -327,7 +324,7 @@ def test_model_is_not_modified_and_updates_are_seen():
     # Parameters are read live: an in-place update is seen by later products.
     with torch.no_grad():
         model[3].weight.mul_(2.0)
-    assert rel_err(H.to_dense(), dense_hessian(model, [(x, y)], loss)) <= 1e-10
+    assert relative_error(H.to_dense(), dense_hessian(model, [(x, y)], loss)) <= 1e-10
 
 
 def test_auto_path_records_its_choice():
@@ -340,7 +337,7 @@ def test_auto_path_records_its_choice():
     mlp_model, x, y = make("mlp")
     auto = hessian_operator(mlp_model, nn.CrossEntropyLoss(), (x, y))
     assert isinstance(auto, CurvatureOperator) and auto.path in ("generic", "fused")
-    assert rel_err(auto.to_dense(), dense_hessian(mlp_model, [(x, y)], nn.CrossEntropyLoss())) <= 1e-10
+    assert relative_error(auto.to_dense(), dense_hessian(mlp_model, [(x, y)], nn.CrossEntropyLoss())) <= 1e-10
 
 
 class _Cube(torch.autograd.Function):
@@ -383,10 +380,10 @@ def test_vmap_fallback_loops_with_the_same_result():
     with pytest.warns(RuntimeWarning, match="falling back to a loop"):
         H = hessian_operator(model, loss, (x, y), path="generic", mode="forward-over-reverse")
     assert not H.uses_vmap and H.mode == "forward-over-reverse"
-    assert rel_err(H.to_dense(), dense_hessian(model, [(x, y)], loss)) <= 1e-10
+    assert relative_error(H.to_dense(), dense_hessian(model, [(x, y)], loss)) <= 1e-10
     with pytest.warns(RuntimeWarning, match="falling back to a loop"):
         G = ggn_operator(model, loss, (x, y))
-    assert rel_err(G.to_dense(), dense_ggn(model, [(x, y)], loss)) <= 1e-10
+    assert relative_error(G.to_dense(), dense_ggn(model, [(x, y)], loss)) <= 1e-10
 
 
 # ----------------------------------------------------------------------------- safety
@@ -506,14 +503,14 @@ def test_a_parameter_the_forward_does_not_use_has_zero_rows(mode):
     H = hessian_operator(model, loss, batches, path="generic", mode=mode)
     if mode != "auto":
         assert H.mode == mode
-    assert rel_err(H.to_dense(), _padded(dense_hessian(model, batches, loss, used), d)) <= 1e-10
+    assert relative_error(H.to_dense(), _padded(dense_hessian(model, batches, loss, used), d)) <= 1e-10
     objective, w0, _ = flat_objective(model, batches, loss, used)
     grad = _padded(jacobian(objective, w0), d)
-    assert rel_err(H.gradient(), grad) <= 1e-12
+    assert relative_error(H.gradient(), grad) <= 1e-12
     G = ggn_operator(model, loss, batches)
-    assert rel_err(G.to_dense(), _padded(dense_ggn(model, batches, loss, used), d)) <= 1e-10
+    assert relative_error(G.to_dense(), _padded(dense_ggn(model, batches, loss, used), d)) <= 1e-10
     value, obj_grad = Objective(model, loss, batches).value_and_gradient()
-    assert rel_err(obj_grad, grad) <= 1e-12 and value == pytest.approx(float(objective(w0)), rel=1e-12)
+    assert relative_error(obj_grad, grad) <= 1e-12 and value == pytest.approx(float(objective(w0)), rel=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
@@ -537,7 +534,7 @@ def test_fused_paths_decline_a_parameter_outside_their_layers(kind):
     assert H.path == "generic" and "parameter 'extra'" in H.path_reason
     ref = torch.zeros(H.shape, dtype=DT)
     ref[3:, 3:] = dense_hessian(model, [(x, y)], F.cross_entropy, used)
-    assert rel_err(H.to_dense(), ref) <= 1e-10
+    assert relative_error(H.to_dense(), ref) <= 1e-10
     # not chosen, the parameter is no obstacle
     assert hessian_operator(model, F.cross_entropy, (x, y), params=used).path == "fused"
 
@@ -553,7 +550,7 @@ def test_fused_path_declines_tied_weights():
         hessian_operator(model, F.cross_entropy, (x, y), path="fused")
     H = hessian_operator(model, F.cross_entropy, (x, y))
     assert H.path == "generic" and "tied weights" in H.path_reason
-    assert rel_err(H.to_dense(), dense_hessian(model, [(x, y)], F.cross_entropy)) <= 1e-10
+    assert relative_error(H.to_dense(), dense_hessian(model, [(x, y)], F.cross_entropy)) <= 1e-10
 
 
 @pytest.mark.parametrize("path", ["generic", "reverse-over-reverse", "fused", "ggn"])
@@ -634,7 +631,7 @@ def test_uint8_labels_work_on_the_fused_paths(kind):
         for path in ("auto", "fused"):
             H = hessian_operator(model, F.cross_entropy, data, path=path, **options)
             assert H.path == "fused"
-            assert rel_err(H.to_dense(), ref) <= 1e-10 and rel_err(H.gradient(), grad) <= 1e-12
+            assert relative_error(H.to_dense(), ref) <= 1e-10 and relative_error(H.gradient(), grad) <= 1e-12
 
 
 def _square_function(differentiable_backward: bool) -> type[torch.autograd.Function]:
@@ -668,11 +665,11 @@ def test_missing_forward_mode_falls_back_to_double_backward():
     with pytest.warns(RuntimeWarning, match="reverse-over-reverse"):
         H = hessian_operator(model, loss, (x, y), path="generic", mode="forward-over-reverse")
     assert H.mode == "reverse-over-reverse"
-    assert rel_err(H.to_dense(), dense_hessian(model, [(x, y)], loss)) <= 1e-10
+    assert relative_error(H.to_dense(), dense_hessian(model, [(x, y)], loss)) <= 1e-10
     # mode="auto" takes double backward, checked by finite differences (no forward mode to compare with).
     auto = hessian_operator(model, loss, (x, y), path="generic")
     assert auto.mode == "reverse-over-reverse" and auto.num_gradients > 2
-    assert rel_err(auto.to_dense(), dense_hessian(model, [(x, y)], loss)) <= 1e-10
+    assert relative_error(auto.to_dense(), dense_hessian(model, [(x, y)], loss)) <= 1e-10
 
 
 def test_requested_reverse_mode_is_checked_and_needs_no_forward_mode():
@@ -703,7 +700,7 @@ def test_fallback_check_survives_relu_kinks_in_float32():
     H64 = hessian_operator(copy.deepcopy(model).double(), loss, (x.double(), y), path="generic",
                            mode="reverse-over-reverse")
     v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(2))
-    assert rel_err(H.matvec(v).double(), H64.matvec(v.double())) <= 1e-5
+    assert relative_error(H.matvec(v).double(), H64.matvec(v.double())) <= 1e-5
 
 
 def test_loss_that_is_not_twice_differentiable():
@@ -795,7 +792,7 @@ def test_cached_products_equal_uncached_ones(kind, name):
     torch.testing.assert_close(cached.matvec(V[:, 1]), expected[:, 1], rtol=1e-12, atol=1e-14)
     if kind != "ggn":
         torch.testing.assert_close(cached.gradient(), streamed.gradient(), rtol=1e-12, atol=1e-14)
-        assert rel_err(cached.to_dense(), dense_hessian(model, batches, loss)) <= 1e-10
+        assert relative_error(cached.to_dense(), dense_hessian(model, batches, loss)) <= 1e-10
 
 
 def _change_weights(how: str, model: nn.Module, op: CurvatureOperator) -> None:
@@ -843,7 +840,7 @@ def test_cache_is_dropped_when_the_weights_change(how, kind):
     after = op.matvec(v)
     fresh = _operators(kind, model, loss, batches, cache_bytes=0)
     torch.testing.assert_close(after, fresh.matvec(v), rtol=1e-12, atol=1e-14)
-    assert rel_err(after, before) > 1e-3  # the change mattered
+    assert relative_error(after, before) > 1e-3  # the change mattered
     if kind != "ggn":
         torch.testing.assert_close(op.gradient(), fresh.gradient(), rtol=1e-12, atol=1e-14)
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerance import assert_within_rule, relative_error
 from torch import nn
 from torch.autograd.functional import hessian, jacobian
 from torch.func import functional_call
 
-from tolerance import assert_within_rule
-from unlearn_kernels.curvature import FusedConvHessian, GenericHessian, hessian_operator
-from unlearn_kernels.curvature import fused_conv
+from unlearn_kernels.curvature import FusedConvHessian, GenericHessian, fused_conv, hessian_operator
 from unlearn_kernels.curvature.fused_conv import supports
 from unlearn_kernels.curvature.params import unflatten_vector
 from unlearn_kernels.models import SmallCNN
@@ -71,10 +70,6 @@ def _dense(model: nn.Module, batches, loss_fn, names: list[str]) -> tuple[torch.
     return hessian(objective, w0), jacobian(objective, w0)
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
 @pytest.mark.parametrize("name", list(NETS))
 @pytest.mark.parametrize("loss", [nn.CrossEntropyLoss(), nn.CrossEntropyLoss(label_smoothing=0.2, ignore_index=1)],
                          ids=["plain", "smoothing+ignore_index"])
@@ -85,8 +80,8 @@ def test_matches_the_dense_hessian_and_gradient(name, loss, dense):
     op = hessian_operator(model, loss, batches)
     assert isinstance(op, FusedConvHessian) and op.path == "fused" and op.path_reason is None
     dense_h, dense_g = _dense(model, batches, loss, names)
-    assert _rel(op.to_dense(chunk_size=40), dense_h) <= 1e-12
-    assert _rel(op.gradient(), dense_g) <= 1e-12
+    assert relative_error(op.to_dense(chunk_size=40), dense_h) <= 1e-12
+    assert relative_error(op.gradient(), dense_g) <= 1e-12
 
 
 @pytest.mark.parametrize("pick", ["first conv", "middle", "last bias only", "head only", "weights only"])
@@ -99,8 +94,8 @@ def test_parameter_subsets_are_hessian_blocks(pick, dense):
     op = FusedConvHessian(model, loss, (x, y), names)
     assert op.param_names == tuple(names)
     dense_h, dense_g = _dense(model, [(x, y)], loss, names)
-    assert _rel(op.to_dense(), dense_h) <= 1e-12
-    assert _rel(op.gradient(), dense_g) <= 1e-12
+    assert relative_error(op.to_dense(), dense_h) <= 1e-12
+    assert relative_error(op.gradient(), dense_g) <= 1e-12
 
 
 def test_matmat_equals_matvecs_and_the_generic_path(device, dense):
@@ -113,8 +108,8 @@ def test_matmat_equals_matvecs_and_the_generic_path(device, dense):
     out = op.matmat(V)
     assert op.num_products == 3 and op.num_data_passes == 1  # construction makes no products
     torch.testing.assert_close(out, torch.stack([op.matvec(V[:, k]) for k in range(3)], dim=1), rtol=1e-13, atol=1e-15)
-    assert _rel(out, generic.matmat(V)) <= 1e-12
-    assert _rel(op.gradient(), generic.gradient()) <= 1e-12
+    assert relative_error(out, generic.matmat(V)) <= 1e-12
+    assert relative_error(op.gradient(), generic.gradient()) <= 1e-12
 
 
 @pytest.mark.parametrize("c_in, c_out, kernel, stride, padding, hw", [
@@ -167,7 +162,7 @@ def test_cache_budget_streaming_and_weight_changes():
     fresh = FusedConvHessian(model, loss, batches, cache_bytes=0)
     after = cached.matmat(V)
     torch.testing.assert_close(after, fresh.matmat(V), rtol=1e-13, atol=1e-15)
-    assert _rel(after, expected) > 1e-3
+    assert relative_error(after, expected) > 1e-3
     torch.testing.assert_close(cached.gradient(), fresh.gradient(), rtol=1e-13, atol=1e-15)
 
 

@@ -4,16 +4,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from spectra import sym_with_spectrum
 
 from unlearn_kernels.solvers import as_operator, lanczos
 from unlearn_kernels.solvers.lanczos import LanczosProcess
-
-
-def sym_with_spectrum(lam: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """U diag(lam) U^T with a random orthogonal U (float64)."""
-    d = lam.shape[0]
-    U, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
-    return (U * lam) @ U.T
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -24,7 +18,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def matrix(rng):
     # Indefinite, with separated extremes so that a short run resolves them.
     lam = torch.cat([torch.tensor([-7.0, -5.5]), torch.linspace(-2, 3, 56), torch.tensor([6.0, 9.0])]).double()
-    return sym_with_spectrum(lam, rng)
+    return sym_with_spectrum(lam, rng)[0]
 
 
 @pytest.mark.parametrize("reorth", ["full", "selective"])
@@ -76,7 +70,7 @@ def test_two_pass_equals_one_pass(matrix):
 def test_breakdown_restart_low_rank(rng):
     lam = torch.zeros(30, dtype=torch.float64)
     lam[:5] = torch.tensor([5.0, 3.0, -2.0, 1.0, 4.0])
-    H = sym_with_spectrum(lam, rng)
+    H = sym_with_spectrum(lam, rng)[0]
     res = lanczos(H, 12, num_eigs=12, tol=0)
     # Krylov space of a random v0: 5 eigenvectors + 1 null direction, then restarts in the null space.
     assert res.restarts >= 1 and res.num_steps == 12
@@ -89,7 +83,7 @@ def test_breakdown_restart_low_rank(rng):
 
 def test_invariant_start_vector_recovers_whole_spectrum(rng):
     lam = torch.linspace(-1, 2, 12, dtype=torch.float64)
-    H = sym_with_spectrum(lam, rng)
+    H = sym_with_spectrum(lam, rng)[0]
     v0 = torch.linalg.eigh(H).eigenvectors[:, 4]  # breakdown after the first step
     res = lanczos(H, 12, v0=v0, num_eigs=12, tol=0)
     assert res.restarts >= 1
@@ -101,7 +95,7 @@ def test_whole_space_is_invariant(rng, reorth):
     # d steps span the whole space: the last residual vector is rounding, a breakdown (for
     # "selective" only once it is projected off the converged Ritz vectors), and T is exact.
     lam = torch.linspace(-1, 3, 30, dtype=torch.float64)
-    res = lanczos(sym_with_spectrum(lam, rng), 30, which="BE", num_eigs=30, tol=0, reorth=reorth)
+    res = lanczos(sym_with_spectrum(lam, rng)[0], 30, which="BE", num_eigs=30, tol=0, reorth=reorth)
     assert res.num_steps == 30 and float(res.betas[-1]) == 0.0
     assert res.converged and float(res.residual_bounds.max()) == 0.0
     assert float((res.eigenvalues - lam).abs().max()) < 1e-12
@@ -168,7 +162,7 @@ def test_overflowing_products_raise():
 def test_property_extremes(d, seed, log_scale):
     gen = torch.Generator().manual_seed(seed)
     lam = torch.randn(d, generator=gen, dtype=torch.float64) * 10.0**log_scale
-    H = sym_with_spectrum(lam, gen)
+    H = sym_with_spectrum(lam, gen)[0]
     res = lanczos(H, d, which="BE", num_eigs=2, tol=0, seed=seed)
     ev = torch.linalg.eigvalsh(H)
     assert float((res.eigenvalues - ev[[0, -1]]).abs().max()) <= 1e-8 * float(ev.abs().max())

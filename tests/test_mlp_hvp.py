@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from devices import backend_devices
+from tolerance import assert_within_rule, relative_error
 from torch import nn
 from torch.autograd.functional import hessian
 
-from devices import backend_devices
-from tolerance import assert_within_rule
 from unlearn_kernels import backends, choose_backend, ops
 from unlearn_kernels.backends import BackendUnavailableError
 from unlearn_kernels.curvature import GenericHessian, hessian_operator
@@ -72,10 +72,6 @@ def _dense_products(p, ignore_index=-100):
     return V @ hessian(loss, flat)  # the Hessian is symmetric
 
 
-def _rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
 def _cast(p, dtype=None, device=None):
     """The problem with its floating tensors cast to ``dtype`` and every tensor moved to ``device``."""
     def conv(t):
@@ -98,7 +94,7 @@ def test_float64_matches_dense_hessian_and_reference(act, bias, k, dims, rng):
         assert [t.shape for t in hv_w] == [v.shape for v in p["v_weights"]]
         assert [b is None for b in hv_b] == [not bias, not bias]
         assert all(t.device.type == device for t in hv_w)
-        assert _rel(_flat(hv_w, hv_b).cpu(), exact) <= 1e-10, (backend, device)
+        assert relative_error(_flat(hv_w, hv_b).cpu(), exact) <= 1e-10, (backend, device)
 
 
 def test_deeper_mixed_chain_with_label_smoothing_and_ignored_rows(rng):
@@ -109,7 +105,7 @@ def test_deeper_mixed_chain_with_label_smoothing_and_ignored_rows(rng):
     exact = _dense_products(p, ignore_index=-3)
     for backend, device in PAIRS:
         out = _flat(*ops.mlp_hvp(**_cast(p, device=device), ignore_index=-3, backend=backend))
-        assert _rel(out.cpu(), exact) <= 1e-10, (backend, device)
+        assert relative_error(out.cpu(), exact) <= 1e-10, (backend, device)
 
 
 @pytest.mark.parametrize("backend, device", COMPILED)
@@ -182,7 +178,7 @@ def test_flat_form_matches_the_dense_hessian_block(k, chosen, rng):
     V = _flat_tangents(p, offsets)
     full = _flat(*ops.mlp_hvp(**p, backend="cpp"))  # (K, all parameters), unchosen tangents zeroed
     exact = _dense_products(p)
-    assert _rel(full, exact) <= 1e-10
+    assert relative_error(full, exact) <= 1e-10
     names = [f"w{l}" for l in range(3)] + ["b0", "b1"]
     sizes = [w.numel() for w in p["weights"]] + [4, 4]
     starts = dict(zip(names, [sum(sizes[:i]) for i in range(len(sizes))]))
@@ -196,9 +192,9 @@ def test_flat_form_matches_the_dense_hessian_block(k, chosen, rng):
         moved = _cast(common, device=device) | {"V": V.to(device)}
         out = ops.mlp_hvp_flat(**moved, backend=backend)
         assert out.shape == V.shape and out.T.is_contiguous() and out.device.type == device
-        assert _rel(out.cpu(), expected) <= 1e-10, (backend, device)
+        assert relative_error(out.cpu(), expected) <= 1e-10, (backend, device)
     ref = ops.mlp_hvp_flat_ref(**common)
-    assert _rel(ref, expected) <= 1e-10
+    assert relative_error(ref, expected) <= 1e-10
 
 
 @pytest.mark.parametrize("backend, device", PAIRS)
@@ -316,9 +312,9 @@ def test_state_and_cached_products_equal_the_whole_pass(acts, chosen, rng):
         out = ops.mlp_hvp_flat_cached(on["x"], state, on["weights"], on["biases"], acts, V.to(device), w_off, b_off,
                                       backend=backend)
         assert out.shape == V.shape and out.T.is_contiguous()
-        assert _rel(out.cpu(), whole) <= 1e-12, (backend, device)
+        assert relative_error(out.cpu(), whole) <= 1e-12, (backend, device)
     ref = ops.mlp_hvp_flat_cached_ref(p["x"], ref_state, p["weights"], p["biases"], acts, V, w_off, b_off)
-    assert _rel(ref, whole) <= 1e-12
+    assert relative_error(ref, whole) <= 1e-12
 
 
 @pytest.mark.parametrize("backend, device", COMPILED)
@@ -332,7 +328,7 @@ def test_cached_products_in_chunks_of_tangents(backend, device, rng):
     state = ops.mlp_hvp_state(p["x"], p["target"], p["weights"], p["biases"], p["activations"], backend=backend)
     out = ops.mlp_hvp_flat_cached(p["x"], state, p["weights"], p["biases"], p["activations"], V.to(device), *layout,
                                   backend=backend)
-    assert out.shape == V.shape and out.T.is_contiguous() and _rel(out.cpu(), exact) <= 1e-12
+    assert out.shape == V.shape and out.T.is_contiguous() and relative_error(out.cpu(), exact) <= 1e-12
 
 
 def test_state_and_cached_opcheck(rng):
@@ -388,21 +384,21 @@ def test_fused_operator_cache_equals_the_whole_pass_and_follows_the_weights():
     V = torch.randn(cached.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     expected = streamed.matmat(V)
     for _ in range(2):  # builds the cache, then reads it
-        assert _rel(cached.matmat(V), expected) <= 1e-12
+        assert relative_error(cached.matmat(V), expected) <= 1e-12
     assert cached.cached_batches == 3 and streamed.cached_batches == 0
     per_batch = cached.cached_bytes / 3
     partial = FusedMLPHessian(model, loss, batches, params, cache_bytes=int(2.5 * per_batch))
-    assert _rel(partial.matmat(V), expected) <= 1e-12 and partial.cached_batches == 2
-    assert _rel(partial.matmat(V), expected) <= 1e-12
+    assert relative_error(partial.matmat(V), expected) <= 1e-12 and partial.cached_batches == 2
+    assert relative_error(partial.matmat(V), expected) <= 1e-12
     # An optimizer step moves the weights: the cache is rebuilt from them.
     opt = torch.optim.SGD(model.parameters(), lr=0.3)
     F.cross_entropy(model(x), y).backward()
     opt.step()
     fresh = FusedMLPHessian(model, loss, batches, params, cache_bytes=0).matmat(V)
-    assert _rel(fresh, expected) > 1e-3
-    assert _rel(cached.matmat(V), fresh) <= 1e-12
+    assert relative_error(fresh, expected) > 1e-3
+    assert relative_error(cached.matmat(V), fresh) <= 1e-12
     model[1].weight.data = model[1].weight.detach() * 0.5  # data replaced: the operator follows it
-    assert _rel(cached.matmat(V), FusedMLPHessian(model, loss, batches, params).matmat(V)) <= 1e-12
+    assert relative_error(cached.matmat(V), FusedMLPHessian(model, loss, batches, params).matmat(V)) <= 1e-12
 
 
 # ----------------------------------------------------------------------------- the curvature operator
@@ -431,11 +427,11 @@ def test_fused_operator_matches_generic_hessian(params, device):
     generic = GenericHessian(model, loss, batches, params)
     assert fused.shape == generic.shape and fused.path == "fused"
     V = torch.randn(fused.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(device)
-    assert _rel(fused.matmat(V), generic.matmat(V)) <= 1e-10
-    assert _rel(fused.matvec(V[:, 0]), generic.matvec(V[:, 0])) <= 1e-10
-    assert _rel(fused.gradient(), generic.gradient()) <= 1e-12  # from the kept state
+    assert relative_error(fused.matmat(V), generic.matmat(V)) <= 1e-10
+    assert relative_error(fused.matvec(V[:, 0]), generic.matvec(V[:, 0])) <= 1e-10
+    assert relative_error(fused.gradient(), generic.gradient()) <= 1e-12  # from the kept state
     assert (fused.num_products, fused.num_gradients, fused.num_data_passes) == (4, 3, 3)  # no product probe
-    assert _rel(FusedMLPHessian(model, loss, batches, params, cache_bytes=0).gradient(), generic.gradient()) <= 1e-12
+    assert relative_error(FusedMLPHessian(model, loss, batches, params, cache_bytes=0).gradient(), generic.gradient()) <= 1e-12
     before = [t.clone() for t in model.parameters()]
     fused.matmat(V)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

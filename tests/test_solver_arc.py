@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from spectra import sym_with_spectrum
 
 from unlearn_kernels.solvers import KRYLOV_DEFAULTS, adaptive_cubic_newton
 
@@ -10,8 +11,7 @@ D = 12
 
 
 def spd(gen: torch.Generator, low: float = 0.5, high: float = 5.0) -> torch.Tensor:
-    U, _ = torch.linalg.qr(torch.randn(D, D, generator=gen, dtype=torch.float64))
-    return (U * torch.linspace(low, high, D, dtype=torch.float64)) @ U.T
+    return sym_with_spectrum(torch.linspace(low, high, D, dtype=torch.float64), gen)[0]
 
 
 def quadratic(A: torch.Tensor, b: torch.Tensor):

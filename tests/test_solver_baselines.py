@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from spectra import sym_with_spectrum
 
 from unlearn_kernels.solvers import (
     DENSE_MAX_DIM,
@@ -16,11 +17,6 @@ from unlearn_kernels.solvers import (
 )
 
 D = 25
-
-
-def sym_with_spectrum(lam, gen):
-    U, _ = torch.linalg.qr(torch.randn(lam.shape[0], lam.shape[0], generator=gen, dtype=torch.float64))
-    return (U * lam) @ U.T, U
 
 
 @pytest.fixture

@@ -21,3 +21,8 @@ def assert_within_rule(out: torch.Tensor, plain: torch.Tensor, exact: torch.Tens
     scale = exact.abs().max().item() if out.numel() else 0.0
     atol = ulps * torch.finfo(out.dtype).eps * max(scale, 1e-30)
     assert err <= 2 * plain_err + atol, f"kernel error {err:.3e} > 2 x PyTorch error {plain_err:.3e} + {atol:.1e}"
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||b||`` in float64."""
+    return float((a.double() - b.double()).norm() / b.double().norm())
