@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader
 
 from ..checks import all_finite, check_int, check_tensor, first_nonfinite_row
 from ..labeled import LabeledData
-from .linear_operator import to_scipy_operator
+from .linear_operator import dense_by_products, to_scipy_operator
 from .params import ParameterSlots, ParamSelection, flatten_tensors, resolve_parameters, unflatten_vector
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -420,9 +420,7 @@ class CurvatureOperator(abc.ABC):
 
     def to_dense(self, chunk_size: int = 256) -> torch.Tensor:
         """The d x d matrix, by matmat with identity columns, ``chunk_size`` per data pass (small d only)."""
-        d = self.shape[0]
-        eye = torch.eye(d, dtype=self.dtype, device=self.device)
-        return torch.cat([self.matmat(eye[:, i:i + chunk_size]) for i in range(0, d, chunk_size)], dim=1)
+        return dense_by_products(self.shape[0], self.dtype, self.device, self.matmat, chunk_size)
 
     def to_scipy(self) -> scipy.sparse.linalg.LinearOperator:
         """A ``scipy.sparse.linalg.LinearOperator`` taking and returning float64 numpy arrays.

@@ -28,3 +28,11 @@ def to_scipy_operator(shape: tuple[int, int], dtype: torch.dtype, device: torch.
         return matmat(convert(a)).double().cpu().numpy()
 
     return scipy.sparse.linalg.LinearOperator(shape, matvec=mv, rmatvec=mv, matmat=mm, rmatmat=mm, dtype=np.float64)
+
+
+def dense_by_products(d: int, dtype: torch.dtype, device: torch.device, matmat: MatVec,
+                      chunk_size: int = 256) -> torch.Tensor:
+    """The (d, d) matrix of a linear operator, by ``matmat`` with identity columns, ``chunk_size`` at
+    a time (small d only; the chunks bound the memory a batched product holds)."""
+    eye = torch.eye(d, dtype=dtype, device=device)
+    return torch.cat([matmat(eye[:, i:i + chunk_size]) for i in range(0, d, chunk_size)], dim=1)

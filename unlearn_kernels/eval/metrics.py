@@ -19,7 +19,7 @@ from torch import nn
 
 from ..checks import all_finite, check_choice, check_int, check_number, check_tensor, first_nonfinite_row
 from ..labeled import LabeledData
-from ..training import eval_mode
+from ..training import eval_mode, model_device
 
 #: the keys :func:`avg_gap` compares by default
 AVG_GAP_KEYS = ("mia", "acc_forget", "acc_retain", "acc_test")
@@ -88,14 +88,6 @@ def _js_lotus_probs(p: torch.Tensor, q: torch.Tensor, scale: float, eps: float) 
 
 
 # --------------------------------------------------------------------------- model helpers
-def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return fallback
-
-
 def _check_model_data(op: str, model: nn.Module, data: LabeledData, batch_size: int) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{op}: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -132,7 +124,7 @@ def predict_logits(model: nn.Module, data: LabeledData, batch_size: int = 1024) 
     gradient is recorded.
     """
     _check_model_data("predict_logits", model, data, batch_size)
-    device = _model_device(model, data.device)
+    device = model_device(model)
     outputs = []
     with eval_mode(model), torch.no_grad():
         for start in range(0, len(data), batch_size):
@@ -162,7 +154,7 @@ def gradient_norm(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("gradient_norm: the model has no parameters that require grad")
-    device = _model_device(model, data.device)
+    device = model_device(model)
     total = [torch.zeros(p.shape, dtype=torch.float64, device=p.device) for p in params]
     n = len(data)
     with eval_mode(model), torch.enable_grad():

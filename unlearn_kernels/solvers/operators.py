@@ -14,7 +14,7 @@ import scipy.sparse.linalg
 import torch
 
 from ..checks import all_finite, check_tensor
-from ..curvature.linear_operator import MatVec, to_scipy_operator
+from ..curvature.linear_operator import MatVec, dense_by_products, to_scipy_operator
 
 
 class DenseOperator:
@@ -115,9 +115,7 @@ class SolverOperator:
         (small d only; the chunks bound the memory a batched product holds)."""
         if self.dense is not None:
             return self.dense
-        d = self.shape[0]
-        eye = torch.eye(d, dtype=self.dtype, device=self.device)
-        return torch.cat([self.matmat(eye[:, i:i + chunk_size]) for i in range(0, d, chunk_size)], dim=1)
+        return dense_by_products(self.shape[0], self.dtype, self.device, self.matmat, chunk_size)
 
     def to_scipy(self) -> scipy.sparse.linalg.LinearOperator:
         """A float64 ``scipy.sparse.linalg.LinearOperator`` whose products are counted here."""
