@@ -242,6 +242,12 @@ class CurvatureOperator(abc.ABC):
         self._probe_determinism()
 
     # ------------------------------------------------------------------ helpers for subclasses
+    def _tensor(self, name: str | None) -> torch.Tensor | None:
+        """A parameter or buffer by name (detached; a chosen parameter live), or None for None."""
+        if name is None:
+            return None
+        return self.params[name] if name in self.params else self._constants[name]
+
     def batch_forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """The model's output on ``x`` with the chosen parameters replaced by ``params``."""
         return torch.func.functional_call(self.model, {**self._constants, **params}, (x,))

@@ -262,18 +262,13 @@ class FusedConvHessian(CurvatureOperator):
         self._weights_changed()
 
     def _weights_changed(self) -> None:
-        def live(name: str | None) -> torch.Tensor | None:
-            if name is None:
-                return None
-            return self.params[name] if name in self.params else self._constants[name]
-
         blocks = self._net.blocks
         # the first convolution is a matmul (its weight as a matrix); the others run channels-last
-        self._model_weights = [live(b.weight) for b in blocks]
+        self._model_weights = [self._tensor(b.weight) for b in blocks]
         self._weights = [w if i == 0 else w.contiguous(memory_format=_CHANNELS_LAST)
                          for i, w in enumerate(self._model_weights)]
-        self._biases = [live(b.bias) for b in blocks]
-        self._head = (live(self._net.head_weight), live(self._net.head_bias))
+        self._biases = [self._tensor(b.bias) for b in blocks]
+        self._head = (self._tensor(self._net.head_weight), self._tensor(self._net.head_bias))
 
     def _check_inputs(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self._in_channels:
@@ -585,5 +580,5 @@ class FusedConvHessian(CurvatureOperator):
             parts[self._net.head_weight] = dlogits.T @ pooled
             if self._net.head_bias is not None:
                 parts[self._net.head_bias] = dlogits.sum(dim=0)
-            return torch.cat([parts[name].reshape(-1) for name in self.param_names])
+            return self.flatten(parts)
         return self.cached_mean(self._state, per_batch)

@@ -204,12 +204,6 @@ class FusedMLPHessian(CurvatureOperator):
         self._weights = [self._tensor(n) for n in self._chain.weight_names]
         self._biases = [self._tensor(n) for n in self._chain.bias_names]
 
-    def _tensor(self, name: str | None) -> torch.Tensor | None:
-        """A layer parameter (live, detached), chosen or not."""
-        if name is None:
-            return None
-        return self.params[name] if name in self.params else self._constants[name]
-
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
         """A batch's inputs as the (N, features) matrix the first Linear reads."""
         if self._chain.flatten:

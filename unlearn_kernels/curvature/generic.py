@@ -40,7 +40,7 @@ from .fused_conv import FusedConvHessian
 from .fused_conv import supports as conv_supports
 from .fused_mlp import FusedMLPHessian
 from .fused_mlp import supports as mlp_supports
-from .params import ParamSelection
+from .params import ParamSelection, flatten_tensors
 
 Tree = dict[str, torch.Tensor] | torch.Tensor
 Tangents = dict[str, torch.Tensor]
@@ -356,7 +356,7 @@ class GenericHessian(_TorchFuncOperator):
                 grad = torch.func.grad(self.batch_loss)(self.params, x, y)
                 total.add_(self.flatten(grad), alpha=rows)
             else:
-                total.add_(torch.cat([g.detach().reshape(-1) for g in graph.grads]), alpha=rows)
+                total.add_(flatten_tensors(g.detach() for g in graph.grads), alpha=rows)
             count += rows
         return total / count
 
