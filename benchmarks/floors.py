@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.grad import conv2d_input, conv2d_weight
 
 from .common import Measurement, measure_interleaved
-from .hvp import _gated, candidates, gate_tolerance, problems, reference_hvp
+from .hvp import candidates, gate_tolerance, gated, problems, reference_hvp
 
 BASELINE = "floor"
 QUICK = {"quick": True, "min_time": 0.05}
@@ -112,7 +112,7 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 1.0) -> 
         rows = {}
         builders = candidates(p, loss_fn, v)
         for name in CANDIDATES:
-            rows[name], fn = _gated(case, name, builders[name], exact, tol, device)
+            rows[name], fn = gated(case, name, builders[name], exact, tol, device)
             if fn is not None:
                 timed.append((rows[name], fn))
         measure_interleaved(timed, device, min_time=min_time)

@@ -211,7 +211,7 @@ def gate_tolerance(p: Problem, loss_fn: nn.Module, v: torch.Tensor, exact: torch
     return plain_error_tolerance(plain, exact, 16 * torch.finfo(torch.float32).eps * scale)
 
 
-def _gated(case: str, name: str, builder: Callable[[], Callable[[], torch.Tensor]], exact: torch.Tensor,
+def gated(case: str, name: str, builder: Callable[[], Callable[[], torch.Tensor]], exact: torch.Tensor,
            tol: float, device: torch.device) -> tuple[Measurement, Callable[[], torch.Tensor] | None]:
     """Set-up and correctness gate, with the peak memory of both (the set-up may build a cache)."""
     with peak_memory(device) as peak:
@@ -263,7 +263,7 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 0.5) -> 
         case = f"{p.name} hvp"
         rows: dict[str, Measurement] = {}
         for name, builder in candidates(p, loss_fn, v).items():
-            rows[name], fn = _gated(case, name, builder, exact[:, 0], tol, device)
+            rows[name], fn = gated(case, name, builder, exact[:, 0], tol, device)
             if fn is not None:
                 timed.append((rows[name], fn))
 
@@ -278,7 +278,7 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 0.5) -> 
                 op = hessian_operator(p.model, loss_fn, (p.x, p.y), **OURS[name])
                 return lambda: op.matmat(V)
 
-            matmats[name], fn = _gated(mm_case, name, builder, exact, 2 * tol, device)
+            matmats[name], fn = gated(mm_case, name, builder, exact, 2 * tol, device)
             if fn is not None:
                 timed.append((matmats[name], fn))
 

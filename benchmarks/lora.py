@@ -49,7 +49,7 @@ def _peft_layer(weight, bias, lora_a, lora_b, alpha):
     return layer, layer.lora_A["default"].weight, layer.lora_B["default"].weight
 
 
-def _candidates(device, x, weight, bias, lora_a, lora_b, scale, alpha, grad_out, with_compile):
+def candidates(device, x, weight, bias, lora_a, lora_b, scale, alpha, grad_out, with_compile):
     """{name: (forward fn, forward+backward fn)}; each fn returns what the gate checks."""
     def grads(out, leaves):
         return torch.cat([g.reshape(-1) for g in torch.autograd.grad(out, leaves, grad_out)])
@@ -71,7 +71,7 @@ def _candidates(device, x, weight, bias, lora_a, lora_b, scale, alpha, grad_out,
     return cands
 
 
-def _exact(x, weight, bias, lora_a, lora_b, scale, grad_out):
+def exact_outputs(x, weight, bias, lora_a, lora_b, scale, grad_out):
     """float64 forward and gradients of the LoRA layer and of the frozen layer alone."""
     x, weight, bias, lora_a, lora_b, gy = (t.double() for t in (x, weight, bias, lora_a, lora_b, grad_out))
     xa, g = x @ lora_a.T, scale * gy @ lora_b
@@ -97,8 +97,8 @@ def run(device: torch.device, cases=None, with_compile: bool = True,
         lora_a, lora_b = rand(rank, n_in, std=n_in**-0.5), rand(n_out, rank, std=rank**-0.5)
         alpha = 2 * rank
         scale = alpha / rank
-        exact = _exact(x, weight, bias, lora_a, lora_b, scale, grad_out)
-        cands = _candidates(device, x, weight, bias, lora_a, lora_b, scale, alpha, grad_out, with_compile)
+        exact = exact_outputs(x, weight, bias, lora_a, lora_b, scale, grad_out)
+        cands = candidates(device, x, weight, bias, lora_a, lora_b, scale, alpha, grad_out, with_compile)
         # The eager expression and the frozen layer in the same dtype set the gates.
         plain = {"lora": (_no_grad(cands["eager"][0]), cands["eager"][1]()),
                  "frozen": (_no_grad(cands[FLOOR][0]), cands[FLOOR][1]())}

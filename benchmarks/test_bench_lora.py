@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from .common import plain_error_tolerance, synchronized
-from .lora import FLOOR, _candidates, _exact
+from .lora import FLOOR, candidates, exact_outputs
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CANDIDATES = (["ours:cpp"] if DEVICE.type == "cpu" else ["ours:cuda", "ours:triton"]) + ["peft", "eager", FLOOR]
@@ -22,8 +22,8 @@ def layer(request):
     x, grad_out = rand(tokens, n_in), rand(tokens, n_out)
     weight, bias = rand(n_out, n_in, std=n_in**-0.5), rand(n_out)
     lora_a, lora_b = rand(rank, n_in, std=n_in**-0.5), rand(n_out, rank, std=rank**-0.5)
-    cands = _candidates(DEVICE, x, weight, bias, lora_a, lora_b, 2.0, 2 * rank, grad_out, with_compile=False)
-    return rank, cands, _exact(x, weight, bias, lora_a, lora_b, 2.0, grad_out)
+    cands = candidates(DEVICE, x, weight, bias, lora_a, lora_b, 2.0, 2 * rank, grad_out, with_compile=False)
+    return rank, cands, exact_outputs(x, weight, bias, lora_a, lora_b, 2.0, grad_out)
 
 
 @pytest.mark.parametrize("candidate", CANDIDATES)

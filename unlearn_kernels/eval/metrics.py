@@ -28,7 +28,7 @@ TOW_KEYS = ("acc_forget", "acc_retain", "acc_test")
 
 
 # --------------------------------------------------------------------------- validation
-def _check_logits(name: str, logits: torch.Tensor) -> None:
+def check_logits(name: str, logits: torch.Tensor) -> None:
     """A non-empty, finite, floating-point (N, C) tensor."""
     check_tensor(name, logits)
     if logits.dim() != 2:
@@ -41,7 +41,7 @@ def _check_logits(name: str, logits: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or Inf")
 
 
-def _check_labels(name: str, labels: torch.Tensor, logits: torch.Tensor) -> None:
+def check_labels(name: str, labels: torch.Tensor, logits: torch.Tensor) -> None:
     """Integer labels, one per row of ``logits``, each a valid class index."""
     check_tensor(name, labels)
     if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
@@ -53,8 +53,8 @@ def _check_labels(name: str, labels: torch.Tensor, logits: torch.Tensor) -> None
 
 
 def _check_pair(p_name: str, p_logits: torch.Tensor, q_name: str, q_logits: torch.Tensor) -> None:
-    _check_logits(p_name, p_logits)
-    _check_logits(q_name, q_logits)
+    check_logits(p_name, p_logits)
+    check_logits(q_name, q_logits)
     if p_logits.shape != q_logits.shape:
         raise ValueError(
             f"{p_name} and {q_name} must have the same shape, got {tuple(p_logits.shape)} and {tuple(q_logits.shape)}"
@@ -162,7 +162,7 @@ def gradient_norm(
             x = data.x[start:start + batch_size].to(device)
             y = data.y[start:start + batch_size].to(device)
             logits = _forward("gradient_norm", model, x)
-            _check_labels("gradient_norm: data.y", y, logits)  # before loss_fn: on CUDA a bad class is a device assert
+            check_labels("gradient_norm: data.y", y, logits)  # before loss_fn: on CUDA a bad class is a device assert
             loss = loss_fn(logits, y)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise ValueError("gradient_norm: loss_fn must return a scalar tensor (the batch mean)")
@@ -209,8 +209,8 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
 
     Ties take the first maximal class (``torch.argmax``). UA (unlearning accuracy) = 1 - Acc on D_f.
     """
-    _check_logits("accuracy: logits", logits)
-    _check_labels("accuracy: y", y, logits)
+    check_logits("accuracy: logits", logits)
+    check_labels("accuracy: y", y, logits)
     return float((logits.argmax(dim=1) == y.to(logits.device)).double().mean())
 
 
@@ -299,10 +299,10 @@ def rf_jsd(
     Classes of D_u absent from D_f are ignored. A class of D_f with no unseen sample raises
     ``ValueError`` (Q_c would be undefined).
     """
-    _check_logits("rf_jsd: unlearned_forget_logits", unlearned_forget_logits)
-    _check_labels("rf_jsd: forget_y", forget_y, unlearned_forget_logits)
-    _check_logits("rf_jsd: original_unseen_logits", original_unseen_logits)
-    _check_labels("rf_jsd: unseen_y", unseen_y, original_unseen_logits)
+    check_logits("rf_jsd: unlearned_forget_logits", unlearned_forget_logits)
+    check_labels("rf_jsd: forget_y", forget_y, unlearned_forget_logits)
+    check_logits("rf_jsd: original_unseen_logits", original_unseen_logits)
+    check_labels("rf_jsd: unseen_y", unseen_y, original_unseen_logits)
     if unlearned_forget_logits.shape[1] != original_unseen_logits.shape[1]:
         raise ValueError(
             f"rf_jsd: the forget logits have {unlearned_forget_logits.shape[1]} classes but the unseen "

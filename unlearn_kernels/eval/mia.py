@@ -26,7 +26,7 @@ from sklearn.svm import SVC
 
 from ..checks import check_choice, check_int
 from ..data.datasets import check_sklearn_seed
-from .metrics import _check_labels, _check_logits
+from .metrics import check_labels, check_logits
 
 
 def _entropy(logits: torch.Tensor) -> np.ndarray:
@@ -77,7 +77,7 @@ def mia_entropy(
     """
     for name, logits in (("retain_logits", retain_logits), ("test_logits", test_logits),
                          ("forget_logits", forget_logits)):
-        _check_logits(f"mia_entropy: {name}", logits)
+        check_logits(f"mia_entropy: {name}", logits)
     classes = {"retain_logits": retain_logits.shape[1], "test_logits": test_logits.shape[1],
                "forget_logits": forget_logits.shape[1]}
     if len(set(classes.values())) > 1:  # the entropy would silently compare distributions over different classes
@@ -114,10 +114,10 @@ def mia_loss(
     challenge kit uses 10 ``StratifiedShuffleSplit`` splits; k-fold uses every sample once).
     Each group needs at least ``folds`` samples.
     """
-    _check_logits("mia_loss: forget_logits", forget_logits)
-    _check_labels("mia_loss: forget_y", forget_y, forget_logits)
-    _check_logits("mia_loss: test_logits", test_logits)
-    _check_labels("mia_loss: test_y", test_y, test_logits)
+    check_logits("mia_loss: forget_logits", forget_logits)
+    check_labels("mia_loss: forget_y", forget_y, forget_logits)
+    check_logits("mia_loss: test_logits", test_logits)
+    check_labels("mia_loss: test_y", test_y, test_logits)
     folds = check_int("mia_loss: folds", folds, low=2)
     seed = check_sklearn_seed("mia_loss: seed", seed)
     n = min(len(forget_y), len(test_y))
@@ -151,8 +151,8 @@ def mia_salun_efficacy(
     """
     for name, logits, y in (("retain", retain_logits, retain_y), ("test", test_logits, test_y),
                             ("forget", forget_logits, forget_y)):
-        _check_logits(f"mia_salun_efficacy: {name}_logits", logits)
-        _check_labels(f"mia_salun_efficacy: {name}_y", y, logits)
+        check_logits(f"mia_salun_efficacy: {name}_logits", logits)
+        check_labels(f"mia_salun_efficacy: {name}_y", y, logits)
     seed = check_sklearn_seed("mia_salun_efficacy: seed", seed)
     x, labels = _balanced(_true_class_confidence(retain_logits, retain_y),
                           _true_class_confidence(test_logits, test_y), np.random.default_rng(seed))

@@ -97,8 +97,8 @@ class Unlearner(abc.ABC):
         """The input checks of :meth:`unlearn` (raising at the first problem), then the private copy
         of the model, which is run on one sample of each set. Data-parallel methods override it to
         agree with the other processes first."""
-        work = _checked_local_copy(self, model, forget, retain, unseen)
-        _check_not_empty(self.name, _rows(forget, retain, unseen))
+        work = checked_local_copy(self, model, forget, retain, unseen)
+        check_not_empty(self.name, rows_by_role(forget, retain, unseen))
         return work
 
     def check_model(self, model: nn.Module) -> None:
@@ -124,7 +124,7 @@ class Unlearner(abc.ABC):
 # input checks: one place for every method, before any work
 
 
-def _checked_local_copy(method: Unlearner, model: nn.Module, forget: LabeledData, retain: LabeledData,
+def checked_local_copy(method: Unlearner, model: nn.Module, forget: LabeledData, retain: LabeledData,
                         unseen: LabeledData | None) -> nn.Module:
     """The checks of the model and of the sets this process holds (emptiness aside), then the private
     copy of the model, run on one sample of each non-empty set."""
@@ -151,12 +151,12 @@ def _detached(data: LabeledData) -> LabeledData:
     return LabeledData(data.x.detach(), data.y) if data.x.requires_grad else data
 
 
-def _rows(forget: LabeledData, retain: LabeledData, unseen: LabeledData | None) -> dict[str, int]:
+def rows_by_role(forget: LabeledData, retain: LabeledData, unseen: LabeledData | None) -> dict[str, int]:
     """Rows of each set by role (``unseen`` only if given)."""
     return {"forget": len(forget), "retain": len(retain), **({} if unseen is None else {"unseen": len(unseen)})}
 
 
-def _check_not_empty(name: str, rows: dict[str, int], where: str = "") -> None:
+def check_not_empty(name: str, rows: dict[str, int], where: str = "") -> None:
     """Every set (rows by role) has rows; ``where`` qualifies the message (e.g. " on every rank")."""
     for role, count in rows.items():
         if count == 0:
@@ -165,7 +165,7 @@ def _check_not_empty(name: str, rows: dict[str, int], where: str = "") -> None:
 
 def _check_sets(name: str, forget: LabeledData, retain: LabeledData,
                 unseen: LabeledData | None) -> dict[str, LabeledData]:
-    """The checks that need no forward pass (emptiness aside: see :func:`_check_not_empty`); returns
+    """The checks that need no forward pass (emptiness aside: see :func:`check_not_empty`); returns
     the sets by name (``unseen`` only if given)."""
     sets = {"forget": forget, "retain": retain, **({} if unseen is None else {"unseen": unseen})}
     for role, data in sets.items():

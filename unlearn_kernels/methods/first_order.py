@@ -30,7 +30,7 @@ from .base import Unlearner, UnlearnResult
 # helpers shared by the methods
 
 
-def _endless_batches(data: LabeledData, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def endless_batches(data: LabeledData, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Shuffled batches of ``data`` forever, reshuffled (seed, seed + 1, ...) on every pass."""
     for pass_index in itertools.count():
         yield from data.loader(batch_size, shuffle=True, seed=seed + pass_index)
@@ -52,7 +52,7 @@ def _wrong_labels(y: torch.Tensor, num_classes: int, seed: int) -> torch.Tensor:
     return (y + shift) % num_classes
 
 
-def _frozen_copy(model: nn.Module) -> nn.Module:
+def frozen_copy(model: nn.Module) -> nn.Module:
     """An eval-mode copy without gradients: a teacher."""
     teacher = copy.deepcopy(model).eval()
     teacher.requires_grad_(False)
@@ -63,7 +63,7 @@ def _random_teacher(model: nn.Module, seed: int) -> nn.Module:
     """A frozen copy of ``model`` with fresh random weights: every module's ``reset_parameters()``;
     parameters owned by a module without one are drawn from N(0, 0.02^2) (the usual init of
     embeddings and tokens)."""
-    fresh = _frozen_copy(model)
+    fresh = frozen_copy(model)
     with seeded_rng(seed, model_device(model)), torch.no_grad():
         for module in fresh.modules():
             if hasattr(module, "reset_parameters"):
@@ -80,7 +80,7 @@ def _distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temp
                     reduction="batchmean") * temperature**2
 
 
-def _flagged_mix(forget: LabeledData, retain: LabeledData, retain_fraction: float, seed: int) -> tuple[LabeledData, int]:
+def flagged_mix(forget: LabeledData, retain: LabeledData, retain_fraction: float, seed: int) -> tuple[LabeledData, int]:
     """All of D_f plus a seeded random ``retain_fraction`` of D_r, as one set whose "labels" are flags
     (1 = forget sample, 0 = retain sample), and the number of retain samples taken."""
     device = forget.x.device
@@ -92,13 +92,14 @@ def _flagged_mix(forget: LabeledData, retain: LabeledData, retain_fraction: floa
     return LabeledData(torch.cat([forget.x, retain_x]), flags), len(retain_x)
 
 
-def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """One step of ``optimizer`` on ``loss`` (gradients cleared first)."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
 
 
-class _Trained(Unlearner):
+class TrainedUnlearner(Unlearner):
     """Shared hyper-parameters of the methods that run an optimizer (validated once, here)."""
 
     def __init__(self, *, epochs: int, lr: float, batch_size: int, optimizer: str = "sgd", momentum: float = 0.9,
@@ -125,7 +126,7 @@ class _Trained(Unlearner):
 # methods
 
 
-class Finetune(_Trained):
+class Finetune(TrainedUnlearner):
     """Fine-tuning on D_r alone (Warnecke et al. 2023; Jia et al. 2023, "FT"): catastrophic forgetting
     of D_f is left to happen on its own.
 
@@ -147,7 +148,7 @@ class Finetune(_Trained):
                              diagnostics={"epochs": stats.epochs, "train_accuracy": stats.train_accuracy})
 
 
-class GradientAscent(_Trained):
+class GradientAscent(TrainedUnlearner):
     """Gradient ascent on the forget loss (Thudi et al. 2022; Graves et al. 2021, "GA"/"NegGrad").
 
     Minimises -CE(D_f) with SGD. Unbounded: more epochs or a larger lr destroys the model.
@@ -172,12 +173,12 @@ class GradientAscent(_Trained):
         steps = 0
         for epoch in range(self.epochs):
             for x, y in forget.loader(self.batch_size, shuffle=True, seed=seed + epoch):
-                _step(optimizer, -F.cross_entropy(model(x), y))
+                optimizer_step(optimizer, -F.cross_entropy(model(x), y))
                 steps += 1
         return UnlearnResult(model=model.eval(), seconds=0.0, gradients=steps, diagnostics={"epochs": self.epochs})
 
 
-class NegGradPlus(_Trained):
+class NegGradPlus(TrainedUnlearner):
     """NegGrad+ (Kurmanji et al. 2023): descent on D_r and ascent on D_f in one combined loss,
 
         loss = alpha * CE(D_r batch) - (1 - alpha) * CE(D_f batch),
@@ -203,20 +204,20 @@ class NegGradPlus(_Trained):
         device = model_device(model)
         forget, retain = forget.to(device), retain.to(device)
         optimizer = self._make_optimizer(model)
-        forget_batches = _endless_batches(forget, self.batch_size, seed + 1)
+        forget_batches = endless_batches(forget, self.batch_size, seed + 1)
         model.train()
         steps = 0
         for epoch in range(self.epochs):
             for x_r, y_r in retain.loader(self.batch_size, shuffle=True, seed=seed + epoch):
                 x_f, y_f = next(forget_batches)
                 loss = self.alpha * F.cross_entropy(model(x_r), y_r) - (1 - self.alpha) * F.cross_entropy(model(x_f), y_f)
-                _step(optimizer, loss)
+                optimizer_step(optimizer, loss)
                 steps += 2
         return UnlearnResult(model=model.eval(), seconds=0.0, gradients=steps,
                              diagnostics={"epochs": self.epochs, "alpha": self.alpha})
 
 
-class RandomLabels(_Trained):
+class RandomLabels(TrainedUnlearner):
     """Random labelling (Golatkar et al. 2020; Hayase et al. 2020, "RL"): fine-tune on D_r together
     with D_f relabelled with random *wrong* labels (drawn once, uniform over the other classes).
 
@@ -306,7 +307,7 @@ class SalUn(RandomLabels):
                              diagnostics={"epochs": stats.epochs, "mask_fraction": kept / total})
 
 
-class SCRUB(_Trained):
+class SCRUB(TrainedUnlearner):
     """SCRUB (Kurmanji et al., NeurIPS 2023): the student (the model) moves away from the teacher (a
     frozen copy of the original) on D_f and stays close to it on D_r.
 
@@ -336,7 +337,7 @@ class SCRUB(_Trained):
                  unseen: LabeledData | None, seed: int) -> UnlearnResult:
         device = model_device(model)
         forget, retain = forget.to(device), retain.to(device)
-        teacher = _frozen_copy(model)
+        teacher = frozen_copy(model)
         optimizer = self._make_optimizer(model)
         model.train()
         steps = 0
@@ -348,7 +349,7 @@ class SCRUB(_Trained):
                     with torch.no_grad():
                         target = teacher(x)
                     kl = _distill_kl(model(x), target, self.temperature)
-                    _step(optimizer, -kl)
+                    optimizer_step(optimizer, -kl)
                     kl_sum, batches = kl_sum + kl.detach(), batches + 1
                 forget_kl = kl_sum.item() / batches
                 steps += batches
@@ -358,7 +359,7 @@ class SCRUB(_Trained):
                     target = teacher(x)
                 logits = model(x)
                 loss = self.gamma * F.cross_entropy(logits, y) + self.alpha * _distill_kl(logits, target, self.temperature)
-                _step(optimizer, loss)
+                optimizer_step(optimizer, loss)
                 loss_sum, batches = loss_sum + loss.detach(), batches + 1
             retain_loss = loss_sum.item() / batches
             steps += batches
@@ -367,7 +368,7 @@ class SCRUB(_Trained):
                                           "retain_loss_last_pass": retain_loss})
 
 
-class BadTeacher(_Trained):
+class BadTeacher(TrainedUnlearner):
     """Bad Teacher (Chundawat et al., AAAI 2023): distil from two teachers. D_f samples take their
     targets from an incompetent teacher (a randomly initialised copy of the model), D_r samples from
     the competent one (the original): loss = KL(target || softmax(student / T)), batch mean.
@@ -394,9 +395,9 @@ class BadTeacher(_Trained):
                  unseen: LabeledData | None, seed: int) -> UnlearnResult:
         device = model_device(model)
         forget, retain = forget.to(device), retain.to(device)
-        competent = _frozen_copy(model)
+        competent = frozen_copy(model)
         incompetent = _random_teacher(model, seed)
-        mixed, num_retain = _flagged_mix(forget, retain, self.retain_fraction, seed)
+        mixed, num_retain = flagged_mix(forget, retain, self.retain_fraction, seed)
         optimizer = self._make_optimizer(model)
         model.train()
         steps = 0
@@ -407,7 +408,7 @@ class BadTeacher(_Trained):
                     target = (flag * F.softmax(incompetent(x) / self.temperature, dim=1)
                               + (1 - flag) * F.softmax(competent(x) / self.temperature, dim=1))
                 loss = F.kl_div(F.log_softmax(model(x) / self.temperature, dim=1), target, reduction="batchmean")
-                _step(optimizer, loss)
+                optimizer_step(optimizer, loss)
                 steps += 1
         return UnlearnResult(model=model.eval(), seconds=0.0, gradients=steps,
                              diagnostics={"epochs": self.epochs, "retain_samples": num_retain})

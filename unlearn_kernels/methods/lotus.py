@@ -18,7 +18,7 @@ from ..checks import check_number
 from ..labeled import LabeledData
 from ..training import eval_mode, model_device
 from .base import UnlearnResult
-from .first_order import _flagged_mix, _frozen_copy, _step, _Trained
+from .first_order import TrainedUnlearner, flagged_mix, frozen_copy, optimizer_step
 
 
 @torch.no_grad()
@@ -35,7 +35,7 @@ def _gumbel(shape: torch.Size, generator: torch.Generator, device: torch.device,
     return (-torch.log(-torch.log(u))).to(device=device, dtype=dtype)
 
 
-class LoTUS(_Trained):
+class LoTUS(TrainedUnlearner):
     """LoTUS: the student (the model, trained in place) distils from a frozen copy of the original.
 
     Data: all of D_f (flag l = 1) mixed with a fixed random ``retain_fraction`` of D_r (l = 0), one
@@ -78,12 +78,12 @@ class LoTUS(_Trained):
         elif unseen is None:
             raise ValueError("LoTUS: needs unseen data (unseen=..., e.g. the validation split) to set its target "
                              "Acc(f_orig, D_u) when D_f shares classes with D_r")
-        teacher = _frozen_copy(model)
+        teacher = frozen_copy(model)
         if not class_forgetting:
             acc_u = _accuracy(teacher, unseen.to(device), self.batch_size)
         alpha = self.alpha if self.alpha is not None else (32.0 if class_forgetting else 8.0)
 
-        mixed, num_retain = _flagged_mix(forget, retain, self.retain_fraction, seed)
+        mixed, num_retain = flagged_mix(forget, retain, self.retain_fraction, seed)
         generator = torch.Generator().manual_seed(seed)  # the Gumbel noise
         optimizer = self._make_optimizer(model)
         steps, epochs_run, taus = 0, 0, []
@@ -103,7 +103,7 @@ class LoTUS(_Trained):
                     flag = is_forget.unsqueeze(1).to(z_t.dtype)
                     target = flag * soft + (1 - flag) * hard
                 loss = -(target * F.log_softmax(model(x), dim=1)).sum(dim=1).mean()
-                _step(optimizer, loss)
+                optimizer_step(optimizer, loss)
                 steps += 1
             epochs_run += 1
         return UnlearnResult(model=model.eval(), seconds=0.0, gradients=steps,

@@ -98,7 +98,7 @@ from ..solvers import (
     lissa,
     pinv_newton_step,
 )
-from .base import Unlearner, UnlearnResult, _check_not_empty, _checked_local_copy, _rows
+from .base import Unlearner, UnlearnResult, check_not_empty, checked_local_copy, rows_by_role
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -212,8 +212,8 @@ class _NewtonFamily(Unlearner):
             return super()._checked_copy(model, forget, retain, unseen)
         work, failure, rows = None, None, {}
         try:
-            work = _checked_local_copy(self, model, forget, retain, unseen)
-            rows = _rows(forget, retain, unseen)
+            work = checked_local_copy(self, model, forget, retain, unseen)
+            rows = rows_by_role(forget, retain, unseen)
         except (TypeError, ValueError) as err:  # raised here after the others learn of it
             failure = err
         roles = ("forget", "retain", "unseen")
@@ -230,7 +230,7 @@ class _NewtonFamily(Unlearner):
             raise RuntimeError(f"{self.name}, rank {rank} of {world}: rank(s) {failed} refused their inputs (their own "
                                "error is raised there)")
         totals = {role: int(n) for role, n in zip(roles, table[:len(roles)].tolist()) if role in rows}
-        _check_not_empty(self.name, totals, " on every rank")
+        check_not_empty(self.name, totals, " on every rank")
         return work
 
     def _batches(self, data: LabeledData) -> int:

@@ -14,7 +14,7 @@ from torch import nn
 from ..checkpoint import data_fingerprint, model_signature, train_or_load
 from ..labeled import LabeledData
 from ..training import TrainConfig, init_model, model_device, train
-from .base import UnlearnResult, Unlearner
+from .base import Unlearner, UnlearnResult
 
 
 class Retrain(Unlearner):

@@ -49,7 +49,7 @@ from ..labeled import LabeledData
 from ..lora import ADAPTABLE, adapter_modules, add_adapters, check_rank_alpha, check_targets, resolve_targets, unload
 from ..training import make_optimizer, model_device
 from .base import UnlearnResult
-from .first_order import _endless_batches, _frozen_copy, _step, _Trained
+from .first_order import TrainedUnlearner, endless_batches, frozen_copy, optimizer_step
 
 SHIFTS = ("neighbors", "unseen_class", "other_class", "margin")
 
@@ -87,7 +87,7 @@ class _Features:
             handle.remove()
 
 
-class RFA(_Trained):
+class RFA(TrainedUnlearner):
     """Residual feature alignment with LoRA adapters on the hidden layers (see the module docstring).
 
     Defaults (ours): adapters of rank 8 (alpha = rank) on every Linear and Conv2d layer but the
@@ -153,7 +153,7 @@ class RFA(_Trained):
             layers = add_adapters(model, chosen, self.rank, self.alpha)
         # the frozen features come from the plain layers (adapters merged in: B = 0 for fresh ones), at
         # the same module names, without paying for the adapters in every teacher forward
-        teacher = unload(_frozen_copy(model), merge=True).requires_grad_(False)
+        teacher = unload(frozen_copy(model), merge=True).requires_grad_(False)
         student_features, teacher_features = _Features(model, layers), _Features(teacher, layers)
         try:
             scales = self._feature_scales(teacher, teacher_features, retain)
@@ -258,7 +258,7 @@ class RFA(_Trained):
                forget: LabeledData, retain: LabeledData, targets: list[torch.Tensor], scales: list[float],
                seed: int) -> tuple[int, dict[str, float]]:
         indexed_forget = LabeledData(forget.x, torch.arange(len(forget), device=forget.device))
-        forget_batches = _endless_batches(indexed_forget, self.batch_size, seed + 10_000)
+        forget_batches = endless_batches(indexed_forget, self.batch_size, seed + 10_000)
         optimizer = self._make_optimizer(model)
         steps, last = 0, {}
         model.train()
@@ -278,7 +278,7 @@ class RFA(_Trained):
                 batch_targets = [t[rows] for t in targets]
                 shift = (self._margin_loss(hf, batch_targets) if self.shift == "margin"
                          else self._distance(hf, batch_targets, scales))
-                _step(optimizer, align + self.task_weight * task + self.lam * shift)
+                optimizer_step(optimizer, align + self.task_weight * task + self.lam * shift)
                 steps += 1
                 last = {"align_loss": float(align.detach()), "task_loss": float(task.detach()),
                         "shift_loss": float(shift.detach())}
