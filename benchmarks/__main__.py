@@ -60,10 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         # only the suites with torch.compile candidates take with_compile
         takes_compile = "with_compile" in inspect.signature(module.run).parameters
         kwargs = {"with_compile": not (args.no_compile or args.quick)} if takes_compile else {}
-        if args.quick:
-            kwargs.update(module.QUICK)
         baseline = getattr(module, "BASELINE", "eager")
         try:
+            if args.quick:
+                kwargs.update(module.QUICK)  # every suite declares its quick settings
             measurements, config = module.run(device, **kwargs)
         except Exception:  # one failing suite must not cost the others' results (a GPU run is short)
             print(f"\n{suite}: FAILED")

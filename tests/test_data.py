@@ -312,7 +312,7 @@ def test_labeled_data_names_what_it_cannot_hold():
 
 
 def test_load_dataset_checks_the_seed() -> None:
-    with pytest.raises(ValueError, match=r"load_dataset: seed must be in \[0, 2\*\*63\), got -1"):
+    with pytest.raises(ValueError, match=r"load_dataset: seed must be in \[0, 2\*\*32\), got -1"):
         load_dataset("iris", seed=-1)
     with pytest.raises(TypeError, match="load_dataset: seed must be an int, got float"):
         load_dataset("iris", seed=0.5)

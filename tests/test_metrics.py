@@ -390,7 +390,7 @@ def test_mia_seeds_and_class_counts_are_checked():
     }
     for name, call in calls.items():
         assert call(np.int64(2)) == call(2)
-        with pytest.raises(ValueError, match=rf"{name}: seed must be in \[0, 2\*\*63\), got -1"):
+        with pytest.raises(ValueError, match=rf"{name}: seed must be in \[0, 2\*\*32\), got -1"):
             call(-1)
         with pytest.raises(TypeError, match=f"{name}: seed must be an int, got float"):
             call(0.5)

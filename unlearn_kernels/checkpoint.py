@@ -14,6 +14,7 @@ import hashlib
 import inspect
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -72,10 +73,18 @@ def _fsync_directory(directory: Path) -> None:
             os.close(fd)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _new_file_mode(path: Path) -> int:
+    """The permissions a plain ``open(path, "w")`` leaves: an existing file's own, else 0o666 less
+    the umask (read from /proc where it can be, so that the process umask is never changed)."""
+    if path.exists():
+        return stat.S_IMODE(path.stat().st_mode)
+    try:
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration):
+        mask = os.umask(0o022)  # no /proc: read it by setting it (and set it back at once)
+        os.umask(mask)
+    return 0o666 & ~mask
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None], *, binary: bool = False) -> Path:
@@ -86,7 +95,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None],
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would have given
+        os.chmod(tmp_name, _new_file_mode(path))  # mkstemp's 0600 -> what open() would have given
         with os.fdopen(fd, "wb" if binary else "w") as handle:
             write(handle)
             handle.flush()

@@ -26,8 +26,11 @@ def check_int(name: str, value: Any, low: int = 1) -> int:
 
 def check_number(name: str, value: Any, low: float = -math.inf, high: float = math.inf, *,
                  strict: bool = False, strict_high: bool = False) -> float:
-    """``value`` as a float if it is a finite real number in [low, high] (``strict`` excludes
-    ``low``, ``strict_high`` excludes ``high``), else ValueError naming ``name``."""
+    """``value`` as a float if it is a finite real number (Python, numpy, or a one-element real
+    tensor) in [low, high] (``strict`` excludes ``low``, ``strict_high`` excludes ``high``), else
+    ValueError naming ``name``."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()  # a bool tensor gives a bool: refused below
     bad = isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
     if bad or value < low or (strict and value == low) or value > high or (strict_high and value == high):
         raise ValueError(f"{name} must be a finite number{_interval(low, high, strict, strict_high)}, got {value!r}")
@@ -57,14 +60,14 @@ def check_tensor(name: str, value: Any) -> torch.Tensor:
     return value
 
 
-def check_seed(name: str, value: Any) -> int:
-    """``value`` as an int if it is an integer (Python or numpy; not a bool) in [0, 2**63), else
-    TypeError / ValueError naming ``name``."""
+def check_seed(name: str, value: Any, high_bits: int = 63) -> int:
+    """``value`` as an int if it is an integer (Python or numpy; not a bool) in [0, 2**high_bits)
+    (torch's seeds: 63 bits; scikit-learn's: 32), else TypeError / ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     value = operator.index(value)
-    if not 0 <= value < 2**63:
-        raise ValueError(f"{name} must be in [0, 2**63), got {value}")
+    if not 0 <= value < 2**high_bits:
+        raise ValueError(f"{name} must be in [0, 2**{high_bits}), got {value}")
     return value
 
 

@@ -16,7 +16,7 @@ import copy
 import dataclasses
 import inspect
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -101,6 +101,8 @@ def _default_cache_dir() -> Path:
 def _check_seeds(seeds: Any) -> tuple[int, ...]:
     """Distinct integers in [0, 2**32) (the data split's scikit-learn seed; a repeated seed would
     count twice in mean ± std), at least one."""
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Iterable):
+        raise TypeError(f"seeds (--seeds) must be a sequence of ints, one study per seed, got {type(seeds).__name__}")
     seeds = tuple(check_sklearn_seed("seeds (--seeds)", s) for s in seeds)
     if not seeds:
         raise ValueError("at least one seed is needed (--seeds)")

@@ -135,7 +135,11 @@ def seeded_rng(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
     device = torch.device(device)
     accelerators = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=accelerators):
-        torch.manual_seed(seed)
+        # exactly the generators forked (torch.manual_seed would reseed every GPU, restored or not)
+        torch.default_generator.manual_seed(seed)
+        for index in accelerators:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
         yield
 
 

@@ -145,7 +145,7 @@ def supports(model: nn.Module, loss_fn: LossFn, params: ParamSelection = None) -
 
     def layer_params(net: _ConvNet) -> list[torch.Tensor]:
         names = [n for b in net.blocks for n in (b.weight, b.bias)] + [net.head_weight, net.head_bias]
-        return [tensors[n] for n in names if n is not None]
+        return [tensors[n] for n in names if n in tensors]  # not a layer's buffer (a constant)
 
     return fused_reason(_parse_model(model), loss_fn, model, params, layer_params, "the layers")
 

@@ -133,10 +133,7 @@ def available_datasets() -> list[str]:
 def check_sklearn_seed(name: str, seed: int) -> int:
     """``seed`` as an int if :func:`check_seed` accepts it and it is below 2**32, the bound of the
     ``random_state`` of scikit-learn (and of numpy's legacy seeding); else TypeError / ValueError."""
-    seed = check_seed(name, seed)
-    if seed >= 2**32:
-        raise ValueError(f"{name} must be in [0, 2**32) (scikit-learn's random_state), got {seed}")
-    return seed
+    return check_seed(name, seed, high_bits=32)
 
 
 def _holdout(indices: np.ndarray, y: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

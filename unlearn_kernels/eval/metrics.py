@@ -106,7 +106,7 @@ def _forward(op: str, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     is re-raised naming ``op``."""
     try:
         out = model(x)
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError from torch 2.5 on (this is its alias)
         raise  # not the data's fault: callers may retry with a smaller batch_size
     except RuntimeError as err:
         raise ValueError(f"{op}: the model cannot run on the data: {err}") from err
