@@ -200,3 +200,33 @@ def test_bad_inputs(spd):
         as_operator("H")
     with pytest.raises(ValueError, match="symmetric"):
         pinv_newton_step(torch.triu(H), g)
+
+
+class _Products:
+    """An operator object (shape, dtype, device, matvec) over a matrix, with a hook on each product."""
+
+    def __init__(self, matrix: torch.Tensor, change=lambda out: out) -> None:
+        self.matrix, self.change = matrix, change
+        self.shape, self.dtype, self.device = tuple(matrix.shape), matrix.dtype, matrix.device
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self.change(self.matrix @ v)
+
+
+def test_operator_products_are_held_to_what_it_declares(spd):
+    """Products of another dtype or shape are named by every solver (LiSSA too: it no longer reads
+    any ValueError as its own divergence), a non-symmetric operator is refused where its dense
+    matrix is built, and a gradient that requires grad is taken as data."""
+    H, g = spd
+    lower = _Products(H, lambda out: out.float())
+    for solve in (lambda op: minres(op, g), lambda op: conjugate_gradient(op, g),
+                  lambda op: lissa(op, g, scale=10.0), lambda op: damped_newton_step(op, g, 0.1)):
+        with pytest.raises(ValueError, match="returned a torch.float32 product on cpu, but it declares torch.float64"):
+            solve(lower)
+    with pytest.raises(ValueError, match=r"returned \(26,\) for a product, expected shape \(25,\)"):
+        lissa(_Products(H, lambda out: torch.cat([out, out[:1]])), g, scale=10.0)
+    skew = H + torch.triu(torch.ones_like(H), 1)
+    with pytest.raises(ValueError, match="the operator's products must be symmetric"):
+        damped_newton_step(_Products(skew), g, 0.1, solver="eigh")
+    step = minres(H, g.clone().requires_grad_())
+    assert not step.solution.requires_grad and torch.allclose(step.solution, minres(H, g).solution)

@@ -35,7 +35,7 @@ from .cubic import (
     stochastic_cubic_gd,
 )
 from .lanczos import LanczosResult, lanczos
-from .operators import DenseOperator, SolverOperator, as_operator
+from .operators import DenseOperator, NonFiniteProduct, SolverOperator, as_operator
 
 __all__ = [
     "ARCResult",
@@ -48,6 +48,7 @@ __all__ = [
     "LanczosResult",
     "LinearSolve",
     "NewtonStep",
+    "NonFiniteProduct",
     "SolverOperator",
     "adaptive_cubic_newton",
     "check_arc_options",

@@ -27,7 +27,7 @@ import torch
 
 from ..checks import check_int, check_number, check_seed, norm64
 from .lanczos import LanczosProcess, ritz_pairs
-from .operators import SolverOperator, as_operator, operator_and_vector
+from .operators import NonFiniteProduct, SolverOperator, as_operator, operator_and_vector
 
 
 @dataclass
@@ -198,7 +198,7 @@ def lissa(H: Any, b: torch.Tensor, *, scale: float, damping: float = 0.0, depth:
             step_op = op if sample is None else as_operator(sample(), b.shape[0], dtype=b.dtype, device=b.device)
             try:
                 Hh = step_op.matvec(h)
-            except ValueError:  # the recursion diverged to Inf/NaN (scale too small)
+            except NonFiniteProduct:  # the recursion diverged to Inf/NaN (scale too small)
                 finite = False
                 break
             sampled_hvps += 0 if sample is None else step_op.num_hvps

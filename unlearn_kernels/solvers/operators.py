@@ -17,6 +17,10 @@ from ..checks import all_finite, check_tensor
 from ..curvature.linear_operator import MatVec, dense_by_products, to_scipy_operator
 
 
+class NonFiniteProduct(ValueError):
+    """An operator's product held NaN or Inf (a diverging recursion such as LiSSA's meets it)."""
+
+
 class DenseOperator:
     """A dense symmetric (d, d) torch matrix behind the operator interface (products counted).
 
@@ -94,8 +98,11 @@ class SolverOperator:
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"the operator returned {got} for a product, expected shape {expected}")
+        if out.dtype != self.dtype or out.device != self.device:
+            raise ValueError(f"the operator returned a {out.dtype} product on {out.device}, but it declares "
+                             f"{self.dtype} on {self.device}")
         if not all_finite(out):
-            raise ValueError("the operator returned NaN or Inf (non-finite Hessian or Hessian-vector product)")
+            raise NonFiniteProduct("the operator returned NaN or Inf (non-finite Hessian or Hessian-vector product)")
         return out
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
@@ -115,7 +122,9 @@ class SolverOperator:
         (small d only; the chunks bound the memory a batched product holds)."""
         if self.dense is not None:
             return self.dense
-        return dense_by_products(self.shape[0], self.dtype, self.device, self.matmat, chunk_size)
+        dense = dense_by_products(self.shape[0], self.dtype, self.device, self.matmat, chunk_size)
+        _check_symmetric(dense, "the operator's products")  # what a dense H is held to
+        return dense
 
     def to_scipy(self) -> scipy.sparse.linalg.LinearOperator:
         """A float64 ``scipy.sparse.linalg.LinearOperator`` whose products are counted here."""
@@ -132,11 +141,15 @@ def _check_dense(matrix: torch.Tensor) -> None:
         raise TypeError(f"H must be a floating point matrix, got {matrix.dtype}")
     if not all_finite(matrix):
         raise ValueError("H contains NaN or Inf")
+    _check_symmetric(matrix, "H")
+
+
+def _check_symmetric(matrix: torch.Tensor, what: str) -> None:
     scale = float(matrix.abs().max()) if matrix.numel() else 0.0
     asym = float((matrix - matrix.T).abs().max()) if matrix.numel() else 0.0
     # sqrt(eps) relative: accepts autograd Hessians (asymmetric at rounding level), rejects non-symmetric input.
     if asym > torch.finfo(matrix.dtype).eps ** 0.5 * scale:
-        raise ValueError(f"H must be symmetric: max |H - H^T| = {asym:.3e} against max |H| = {scale:.3e}")
+        raise ValueError(f"{what} must be symmetric: max |H - H^T| = {asym:.3e} against max |H| = {scale:.3e}")
 
 
 def as_operator(
@@ -197,7 +210,8 @@ def as_operator(
 
 
 def check_vector(g: Any, name: str = "g") -> torch.Tensor:
-    """``g`` as a validated 1-D finite floating point tensor (raises TypeError/ValueError)."""
+    """``g`` as a validated 1-D finite floating point tensor, detached (the solvers never
+    differentiate through it; raises TypeError/ValueError)."""
     check_tensor(name, g)
     if g.dim() != 1:
         raise ValueError(f"{name} must be a 1-D (d,) vector, got shape {tuple(g.shape)}")
@@ -207,7 +221,7 @@ def check_vector(g: Any, name: str = "g") -> torch.Tensor:
         raise ValueError(f"{name} is empty")
     if not all_finite(g):
         raise ValueError(f"{name} contains NaN or Inf")
-    return g
+    return g.detach()
 
 
 def operator_and_vector(H: Any, g: Any, name: str = "g") -> tuple[SolverOperator, torch.Tensor]:
