@@ -326,3 +326,18 @@ def test_code_fingerprint_covers_every_model_class_outside_torch(tmp_path):
     _module_from_source(net_file, MODEL_SOURCE.format(suffix=" + 1.0"))  # the file the inner class lives in
     assert checkpoint.code_fingerprint(outer) != before
     assert checkpoint.code_fingerprint(factory()) != before
+
+
+def test_train_or_load_refuses_a_path_it_cannot_save_to_before_training(tmp_path, monkeypatch):
+    """A directory at the path, or a file where its folder should be: refused before the training
+    (whose model would otherwise be lost when the save fails)."""
+    monkeypatch.setattr(checkpoint, "train", lambda *a, **k: pytest.fail("trained before checking the path"))
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(ValueError, match="is a directory, not a file"):
+        train_or_load(tmp_path / "taken", factory, blobs(), TrainConfig(epochs=1))
+    (tmp_path / "afile").write_text("the user's file")
+    with pytest.raises(ValueError, match="its folder cannot be made"):
+        train_or_load(tmp_path / "afile" / "model.pt", factory, blobs(), TrainConfig(epochs=1))
+    assert (tmp_path / "afile").read_text() == "the user's file"
+    with pytest.raises(IsADirectoryError, match="is a directory, not a checkpoint file"):
+        read_checkpoint(tmp_path / "taken")

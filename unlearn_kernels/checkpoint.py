@@ -123,14 +123,25 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, metadata: Ma
     atomic_write(path, lambda handle: torch.save(payload, handle), binary=True)
 
 
+def _check_writable_file(path: Path) -> None:
+    if path.is_dir():
+        raise ValueError(f"checkpoint path {str(path)!r} is a directory, not a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"checkpoint path {str(path)!r}: its folder cannot be made ({error})") from None
+
+
 def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(metadata, state_dict)`` stored at ``path``.
 
     Raises:
-        FileNotFoundError: no file at ``path``.
+        FileNotFoundError: no file at ``path`` (IsADirectoryError: a directory there).
         CheckpointError: the file is corrupt, truncated or not a checkpoint of this format.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
@@ -248,7 +259,10 @@ def train_or_load(
 
     Raises:
         CheckpointError: a corrupt file is at ``path`` (delete it to retrain).
+        ValueError: ``path`` is a directory, or its folder cannot be made (checked before training,
+            which would otherwise be lost when the save fails).
     """
+    _check_writable_file(Path(path))
     model = init_model(model_factory, config.seed)
     metadata = training_metadata(model, data, config, model_info, device)
     state = load_checkpoint(path, metadata)
