@@ -45,9 +45,21 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:
         parser.error(f"unknown suite(s) {unknown}; choose from {list(SUITES)}")
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        parser.error(f"--device {args.device!r}: {exc}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device!r}: the suites run on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
+    out = Path(args.out)  # checked before any suite runs, not when the first one writes its results
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {args.out!r} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"--out {args.out!r} cannot be made: {exc}")
     env = common.environment(device)
     print(f"device: {env['device_name']} ({env['device']}), torch {env['torch']}, threads {env['cpu_threads']}")
     failed = []
@@ -70,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             failed.append(suite)
             continue
-        path = common.write_results(suite, device, measurements, baseline, config, out_dir=Path(args.out))
+        path = common.write_results(suite, device, measurements, baseline, config, out_dir=out)
         print(f"\n{suite}: {SUITES[suite]}")
         print(common.format_table(measurements, baseline))
         print(f"results: {path}")
