@@ -343,6 +343,20 @@ def test_peak_memory_block_on_the_cpu():
     assert 0.8 * 16 * 2**20 <= peak.bytes <= 64 * 2**20
 
 
+def test_peak_memory_blocks_nest():
+    """An inner block resets the process's peak counter: the outer one still sees its own peak."""
+    with PeakMemory() as outer:
+        with mmap.mmap(-1, 64 * 2**20) as first:
+            for offset in range(0, len(first), mmap.PAGESIZE):
+                first[offset] = 1
+        with PeakMemory() as inner:
+            with mmap.mmap(-1, 8 * 2**20) as second:
+                for offset in range(0, len(second), mmap.PAGESIZE):
+                    second[offset] = 1
+    assert outer.bytes >= 0.8 * 64 * 2**20
+    assert 0.8 * 8 * 2**20 <= inner.bytes < 0.8 * 64 * 2**20
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_measure_cuda_peak_is_the_allocation():
     n_bytes = 64 * 2**20

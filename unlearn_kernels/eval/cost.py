@@ -39,7 +39,10 @@ class Measured:
 
 class PeakMemory:
     """Peak memory added while a ``with`` block runs, in bytes (``.bytes`` after the block; see the
-    module docstring for what it counts on each device)."""
+    module docstring for what it counts on each device). Blocks may nest: on the CPU the process
+    has one peak counter, so a block that resets it first hands the peak so far to the open ones."""
+
+    _open: list["PeakMemory"] = []  # the CPU blocks inside which the counter may be reset
 
     def __init__(self, device: torch.device | str | None = None) -> None:
         self.device = torch.device("cpu" if device is None else device)
@@ -50,6 +53,7 @@ class PeakMemory:
         self.bytes = 0
         self._start = 0
         self._high_water_mark = True  # VmHWM, reset at the start; else ru_maxrss growth
+        self._peak_before_reset = 0  # the highest VmHWM an inner block's reset erased
 
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
@@ -62,9 +66,13 @@ class PeakMemory:
         except (OSError, AttributeError):  # not glibc
             pass
         try:
+            peak = _proc_status_bytes("VmHWM")
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
+            for outer in PeakMemory._open:
+                outer._peak_before_reset = max(outer._peak_before_reset, peak)
             self._start = _proc_status_bytes("VmRSS")
+            PeakMemory._open.append(self)
         except OSError:
             self._high_water_mark = False
             self._start = _max_rss_bytes()
@@ -74,8 +82,11 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
+        elif self._high_water_mark:
+            PeakMemory._open.remove(self)
+            peak = max(_proc_status_bytes("VmHWM"), self._peak_before_reset)
         else:
-            peak = _proc_status_bytes("VmHWM") if self._high_water_mark else _max_rss_bytes()
+            peak = _max_rss_bytes()
         self.bytes = max(0, peak - self._start)
 
 
