@@ -19,8 +19,9 @@ Methods, each timed once by its ``unlearn`` (the original's training is not coun
 
 Each row of the table: ``n``, ``retrain_seconds``, ``cure_newton_seconds``, ``finetune_seconds``,
 ``speedup`` (retrain / CureNewton) and ``gap_closed``: the part of the original's forget-accuracy gap
-to the oracle that CureNewton closes, ``(acc_f(original) - acc_f(CureNewton)) / (acc_f(original) -
-acc_f(retrain))``, accuracy on D_f with its wrong labels (``finetune_gap_closed`` likewise).
+to the oracle that CureNewton closes, ``1 - |acc_f(CureNewton) - acc_f(retrain)| / |acc_f(original) -
+acc_f(retrain)|`` (the study's ``gap_closed``), accuracy on D_f with its wrong labels
+(``finetune_gap_closed`` likewise).
 """
 from __future__ import annotations
 
