@@ -200,3 +200,16 @@ def test_opcheck(rng):
     lam = torch.randn(6, dtype=torch.float64, generator=rng)
     c = torch.randn(6, dtype=torch.float64, generator=rng)
     torch.library.opcheck(torch.ops.unlearn_kernels.cubic_secular_solve.default, (lam, c, 1.5, 1e-12, 100))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_M(backend):
+    """A huge M gives the tiny step it should on both backends (the reference's slope underflowed to
+    a ZeroDivisionError); an M so small that the step overflows is refused by name, not returned."""
+    lam = torch.tensor([-1.0, 2.0, 3.0], dtype=torch.float64)
+    c = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    y, sigma, _ = cubic_secular_solve(lam, c, 1e300, backend=backend)
+    # sigma ~ sqrt(M ||c|| / 2) and y ~ -c / sigma: ||y|| = 2 sigma / M
+    assert torch.allclose(y, -c / sigma, rtol=1e-9) and sigma == pytest.approx((1e300 * float(c.norm()) / 2) ** 0.5)
+    with pytest.raises(ValueError, match=r"the solution is not finite: M = 1e-320 is too small"):
+        cubic_secular_solve(lam, c, 1e-320, backend=backend)

@@ -73,9 +73,13 @@ def cubic_secular_solve_ref(
     def secular(t: float) -> tuple[float, float, float]:
         """phi(t), phi'(t) and the relative residual 1 - M ||y|| / (2 sigma) = phi ||y||."""
         d = s + t
-        y_norm = float(torch.linalg.vector_norm(c / d))
+        y = c / d
+        y_norm = float(torch.linalg.vector_norm(y))
+        if y_norm == 0.0:  # underflow (a huge M): phi = +inf as in the C++ kernel's arithmetic, bisect
+            return math.inf, math.inf, 1.0
         sigma = shift + t
-        slope = float((c * c / d**3).sum()) / y_norm**3 + M / (2.0 * sigma * sigma)
+        # sum(c^2 / d^3) / ||y||^3 written with y / ||y||: ||y||^3 underflows for a huge M
+        slope = float(((y / y_norm) ** 2 / d).sum()) / y_norm + M / (2.0 * sigma * sigma)
         residual = 1.0 - M * y_norm / (2.0 * sigma)
         return residual / y_norm, slope, residual
 
@@ -148,6 +152,9 @@ def cubic_secular_solve(
         y, sigma, hard = cubic_secular_solve_ref(lam, c, float(M), float(tol), max_iter)
     else:
         y, sigma, hard = torch.ops.unlearn_kernels.cubic_secular_solve(lam, c, float(M), float(tol), max_iter)
+    if not all_finite(y):
+        raise ValueError(f"{_OP}: the solution is not finite: M = {M!r} is too small for these eigenvalues and "
+                         "coefficients (the step's norm 2 sigma / M overflows)")
     return y.to(eigvals.device), float(sigma), bool(hard)
 
 
