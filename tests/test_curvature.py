@@ -513,10 +513,8 @@ def test_a_parameter_the_forward_does_not_use_has_zero_rows(mode):
     assert relative_error(obj_grad, grad) <= 1e-12 and value == pytest.approx(float(objective(w0)), rel=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["mlp", "conv"])
-def test_fused_paths_decline_a_parameter_outside_their_layers(kind):
-    """A parameter registered on the Sequential itself is in none of the layers the fused passes run:
-    path='fused' says so, path='auto' falls back to the generic path, whose rows for it are zero."""
+def _fused_problem(kind: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A small float64 MLP or CNN that a fused path takes, its inputs and labels (seeded)."""
     torch.manual_seed(0)
     if kind == "mlp":
         model, x = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C)).to(DT), torch.randn(N, 4, dtype=DT)
@@ -524,7 +522,14 @@ def test_fused_paths_decline_a_parameter_outside_their_layers(kind):
         model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                               nn.Linear(2, C)).to(DT)
         x = torch.randn(N, 1, 5, 5, dtype=DT)
-    y = torch.randint(0, C, (N,))
+    return model, x, torch.randint(0, C, (N,))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_fused_paths_decline_a_parameter_outside_their_layers(kind):
+    """A parameter registered on the Sequential itself is in none of the layers the fused passes run:
+    path='fused' says so, path='auto' falls back to the generic path, whose rows for it are zero."""
+    model, x, y = _fused_problem(kind)
     assert hessian_operator(model, F.cross_entropy, (x, y)).path == "fused"
     used = [n for n, _ in model.named_parameters()]
     model.register_parameter("extra", nn.Parameter(torch.randn(3, dtype=DT)))  # first in named_parameters
@@ -616,14 +621,7 @@ def test_data_the_model_or_loss_rejects_is_named_as_such(path):
 def test_uint8_labels_work_on_the_fused_paths(kind):
     """Cross entropy and the generic path accept uint8 labels, so path='auto' (which picks the fused
     path here) and path='fused' take them too, as int64."""
-    torch.manual_seed(0)
-    if kind == "mlp":
-        model, x = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C)).to(DT), torch.randn(N, 4, dtype=DT)
-    else:
-        model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                              nn.Linear(2, C)).to(DT)
-        x = torch.randn(N, 1, 5, 5, dtype=DT)
-    y = torch.randint(0, C, (N,))
+    model, x, y = _fused_problem(kind)
     ref = dense_hessian(model, [(x, y)], F.cross_entropy)
     grad = dense_gradient(model, [(x, y)], F.cross_entropy)
     for data, options in (((x, y.to(torch.uint8)), {}), ((x, y.to(torch.uint8)), {"cache_bytes": 0}),

@@ -1,10 +1,12 @@
 """Evaluation metrics against hand-computed values and independent numpy/scipy formulas."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import mmap
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -311,15 +313,22 @@ def test_label_and_set_bad_input():
 
 
 # --------------------------------------------------------------------------- cost
+@contextlib.contextmanager
+def _resident(n_bytes: int) -> Iterator[mmap.mmap]:
+    """``n_bytes`` of fresh anonymous pages, touched so resident, unmapped on exit. Not torch.ones:
+    malloc may serve it from heap memory an earlier test freed but the process kept resident, which
+    adds no RSS (seen in CI)."""
+    with mmap.mmap(-1, n_bytes) as pages:
+        for offset in range(0, n_bytes, mmap.PAGESIZE):
+            pages[offset] = 1
+        yield pages
+
+
 def test_measure_cpu_time_memory_and_result():
     n_bytes = 64 * 2**20
 
     def allocate() -> int:
-        # Fresh anonymous pages, touched so resident. Not torch.ones: malloc may serve it from heap
-        # memory an earlier test freed but the process kept resident, which adds no RSS (seen in CI).
-        with mmap.mmap(-1, n_bytes) as pages:
-            for offset in range(0, n_bytes, mmap.PAGESIZE):
-                pages[offset] = 1
+        with _resident(n_bytes) as pages:
             time.sleep(0.2)  # a call that lasts (the time is measured too)
             return sum(pages[offset] for offset in range(0, n_bytes, mmap.PAGESIZE))
 
@@ -333,26 +342,20 @@ def test_measure_cpu_time_memory_and_result():
 def test_peak_memory_block_on_the_cpu():
     """The block's own peak, not the process's earlier one: an earlier, larger allocation freed
     before the block does not count."""
-    with mmap.mmap(-1, 128 * 2**20) as before:
-        for offset in range(0, len(before), mmap.PAGESIZE):
-            before[offset] = 1
-    with PeakMemory() as peak:
-        with mmap.mmap(-1, 16 * 2**20) as pages:
-            for offset in range(0, len(pages), mmap.PAGESIZE):
-                pages[offset] = 1
+    with _resident(128 * 2**20):
+        pass
+    with PeakMemory() as peak, _resident(16 * 2**20):
+        pass
     assert 0.8 * 16 * 2**20 <= peak.bytes <= 64 * 2**20
 
 
 def test_peak_memory_blocks_nest():
     """An inner block resets the process's peak counter: the outer one still sees its own peak."""
     with PeakMemory() as outer:
-        with mmap.mmap(-1, 64 * 2**20) as first:
-            for offset in range(0, len(first), mmap.PAGESIZE):
-                first[offset] = 1
-        with PeakMemory() as inner:
-            with mmap.mmap(-1, 8 * 2**20) as second:
-                for offset in range(0, len(second), mmap.PAGESIZE):
-                    second[offset] = 1
+        with _resident(64 * 2**20):
+            pass
+        with PeakMemory() as inner, _resident(8 * 2**20):
+            pass
     assert outer.bytes >= 0.8 * 64 * 2**20
     assert 0.8 * 8 * 2**20 <= inner.bytes < 0.8 * 64 * 2**20
 
