@@ -144,6 +144,144 @@ def test_bad_targets_raise_and_change_nothing(targets, rank, error, match):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def _untouched(model, before, types_before):
+    assert [type(m) for m in model.modules()] == types_before
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("targets, match", [
+    ("*", "layer '0' is also the model's module '2'"),
+    (["0", "2"], "layer '0' is also the model's module '2'"),
+    ("2", "layer '2' is also the model's module '0'"),
+])
+def test_a_module_under_two_names_is_refused(targets, match):
+    """One Linear at positions 0 and 2: an adapter on one name would leave the other use a plain, frozen
+    layer (and '2' was not found at all)."""
+    layer = nn.Linear(4, 4)
+    model = nn.Sequential(layer, nn.ReLU(), layer)
+    before, types_before = state(model), [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=match):
+        lora.add_adapters(model, targets, rank=2)
+    _untouched(model, before, types_before)
+    assert model[0] is layer and model[2] is layer
+
+
+def test_a_module_in_a_shared_block_is_refused():
+    block = nn.Sequential(nn.Linear(4, 4))
+    model = nn.Sequential(block, nn.ReLU(), block)
+    with pytest.raises(ValueError, match="layer '0.0' is also the model's module '2.0'"):
+        lora.add_adapters(model, "0.0", rank=2)
+    assert not lora.adapter_modules(model)
+
+
+@pytest.mark.parametrize("target, match", [
+    ("0", "layer '0' shares its parameter '0.weight' with '2.weight'"),
+    ("2", "layer '2' shares its parameter '2.weight' with '0.weight'"),
+    ("*", "layer '0' shares its parameter '0.weight' with '2.weight'"),
+])
+def test_tied_weights_are_refused(target, match):
+    """b.weight = a.weight: an adapter on a would freeze b's weight and merge its delta into b too."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 4).double(), nn.Linear(4, 4).double()
+    b.weight = a.weight
+    model = nn.Sequential(a, nn.ReLU(), b)
+    before, types_before = state(model), [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=match):
+        lora.add_adapters(model, target, rank=2)
+    _untouched(model, before, types_before)
+    assert b.weight is a.weight
+    # an untied layer of the same model still takes an adapter
+    model.append(nn.Linear(4, 3).double())
+    assert lora.add_adapters(model, "3", rank=2) == ("3",)
+
+
+@pytest.mark.parametrize("build, x", [(mlp, X), (cnn, IMAGES)])
+def test_merged_state_loads_merged(build, x, tmp_path):
+    """A merged model's state dict loaded into a fresh adapted model of the same layout gives the same
+    outputs (the merged flag travels with the state: the delta is not applied twice), and unmerges there."""
+    model = build()
+    lora.add_adapters(model, "*", rank=2)
+    randomize_b(model)
+    adapted = model(x)
+    lora.merge(model)
+    torch.save(model.state_dict(), tmp_path / "merged.pt")
+    fresh = build(seed=1)
+    lora.add_adapters(fresh, "*", rank=2)
+    result = fresh.load_state_dict(torch.load(tmp_path / "merged.pt"))
+    assert not result.missing_keys and not result.unexpected_keys
+    assert all(a.merged for a in lora.adapter_modules(fresh).values())
+    torch.testing.assert_close(fresh(x), adapted, rtol=1e-12, atol=1e-12)
+    lora.unmerge(fresh)
+    assert not any(a.merged for a in lora.adapter_modules(fresh).values())
+    torch.testing.assert_close(fresh(x), adapted, rtol=1e-12, atol=1e-12)
+    # and the other way: an unmerged state into a merged model leaves it unmerged
+    lora.unmerge(model)
+    other = build(seed=2)
+    lora.add_adapters(other, "*", rank=2)
+    lora.merge(other)
+    other.load_state_dict(model.state_dict())
+    assert not any(a.merged for a in lora.adapter_modules(other).values())
+    torch.testing.assert_close(other(x), adapted, rtol=1e-12, atol=1e-12)
+
+
+def test_state_saved_without_the_merged_flag_still_loads():
+    """A checkpoint from before the flag was saved (no ``lora_merged`` keys) loads strictly, unmerged."""
+    model = mlp()
+    lora.add_adapters(model, "*", rank=2)
+    randomize_b(model)
+    old = {k: v for k, v in model.state_dict().items() if not k.endswith("lora_merged")}
+    assert len(old) < len(model.state_dict())
+    fresh = mlp(seed=1)
+    lora.add_adapters(fresh, "*", rank=2)
+    fresh.load_state_dict(old)
+    assert not any(a.merged for a in lora.adapter_modules(fresh).values())
+    torch.testing.assert_close(fresh(X), model(X), rtol=1e-12, atol=1e-12)
+
+
+def test_adapter_on_a_layer_without_inputs():
+    """nn.Linear(0, 3): the output is the bias, as F.linear gives; merge and unmerge work too."""
+    layer = nn.Linear(0, 3).double()
+    with torch.no_grad():
+        layer.bias.copy_(torch.tensor([1.0, -2.0, 0.5]))
+    adapter = lora.LoRALinear(layer, rank=1)
+    x = torch.randn(2, 0, dtype=torch.float64)
+    expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    torch.testing.assert_close(adapter(x), expected, rtol=0, atol=0)
+    adapter.merge()
+    torch.testing.assert_close(adapter(x), expected, rtol=0, atol=0)
+    adapter.unmerge()
+
+
+@pytest.mark.parametrize("call", [
+    lambda: lora.add_adapters(None, "*"),
+    lambda: lora.resolve_targets("model", "*"),
+    lambda: lora.from_peft(None),
+    lambda: lora.from_peft("x"),
+    lambda: lora.merge(None),
+    lambda: lora.unmerge(None),
+    lambda: lora.unload(None),
+    lambda: lora.to_peft(None),
+    lambda: lora.adapter_modules(None),
+], ids=["add_adapters", "resolve_targets", "from_peft-None", "from_peft-str", "merge", "unmerge", "unload",
+        "to_peft", "adapter_modules"])
+def test_a_model_that_is_not_a_module_is_a_type_error(call):
+    with pytest.raises(TypeError, match=r"^\w+: expected an nn.Module, got (NoneType|str)$"):
+        call()
+
+
+@pytest.mark.parametrize("name, error, match", [
+    (3, TypeError, "adapter_name must be a str, got int"),
+    ("", ValueError, "adapter_name must be a non-empty name without '.', got ''"),
+    ("a.b", ValueError, "adapter_name must be a non-empty name without '.', got 'a.b'"),
+])
+def test_to_peft_checks_the_adapter_name(name, error, match):
+    model = mlp()
+    lora.add_adapters(model, "1", rank=2)
+    with pytest.raises(error, match=match):
+        lora.to_peft(model, adapter_name=name)
+
+
 def test_unload_of_a_bare_adapter_is_refused():
     with pytest.raises(ValueError, match="itself an adapter"):
         lora.unload(lora.LoRALinear(nn.Linear(3, 2), rank=1))

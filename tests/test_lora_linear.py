@@ -14,7 +14,9 @@ BACKENDS = [b for b, device in CASES if device == "cpu"]  # for the CPU-only tes
 # (leading dims of x, in, out, rank): odd sizes, a 3-D x, rank 1 and 256 (the interpreter's cost grows
 # with the number of 128-wide tiles: these stay at a few tiles). The C++ pass merges the adapter into
 # the weight when N >= in * out / (in + out): the first and last shapes take that path, the others not.
-SHAPES = [((7,), 13, 11, 3), ((2, 5), 33, 17, 1), ((37,), 300, 260, 256), ((0,), 8, 5, 2), ((130,), 20, 129, 16)]
+# No rows, and no input features (in = 0: y is the bias, as F.linear gives).
+SHAPES = [((7,), 13, 11, 3), ((2, 5), 33, 17, 1), ((37,), 300, 260, 256), ((0,), 8, 5, 2), ((130,), 20, 129, 16),
+          ((2, 3), 0, 5, 2)]
 
 
 def make(lead, n_in, n_out, rank, dtype, device, gen, bias=True):
@@ -22,9 +24,9 @@ def make(lead, n_in, n_out, rank, dtype, device, gen, bias=True):
         return (torch.randn(*shape, dtype=torch.float64, generator=gen) * std).to(device=device, dtype=dtype)
 
     x = rand(*lead, n_in)
-    weight = rand(n_out, n_in, std=n_in**-0.5)
+    weight = rand(n_out, n_in, std=max(n_in, 1)**-0.5)
     b = rand(n_out) if bias else None
-    lora_a = rand(rank, n_in, std=n_in**-0.5)
+    lora_a = rand(rank, n_in, std=max(n_in, 1)**-0.5)
     lora_b = rand(n_out, rank, std=rank**-0.5)
     return x, weight, b, lora_a, lora_b, 0.75
 
@@ -88,6 +90,22 @@ def test_jvp_matches_torch_func(backend, device, tangents, dtype, rng):
     plain_out, plain_tangent = lora_linear_jvp_ref(*args, ta, tb)
     assert_within_rule(out, plain_out, exact_out)
     assert_within_rule(tangent, plain_tangent, exact_tangent)
+
+
+@pytest.mark.parametrize(("backend", "device"), CASES)
+def test_no_input_features_is_the_bias(backend, device, rng):
+    """in = 0 (x of shape (..., 0)): y = b, as F.linear gives, in every path that flattens x to rows:
+    the op, its JVP, and vmap over x (which reshaped with -1, ambiguous on an empty x)."""
+    x, weight, b, lora_a, lora_b, scale = make((2, 3), 0, 5, 2, torch.float64, device, rng)
+    expected = torch.nn.functional.linear(x, weight, b)  # (2, 3, 5): the bias in every row
+    torch.testing.assert_close(lora_linear(x, weight, b, lora_a, lora_b, scale, backend=backend), expected,
+                               rtol=0, atol=0)
+    ta, tb = torch.randn_like(lora_a), torch.randn_like(lora_b)
+    out, tangent = lora_linear_jvp(x, weight, b, lora_a, lora_b, scale, ta, tb, backend=backend)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(tangent, torch.zeros_like(expected), rtol=0, atol=0)
+    batched = torch.func.vmap(lambda x_: lora_linear(x_, weight, b, lora_a, lora_b, scale, backend=backend))(x)
+    torch.testing.assert_close(batched, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(("backend", "device"), CASES)

@@ -62,7 +62,11 @@ class _Adapter(nn.Module):
         self.rank = rank
         self.alpha = alpha
         self.scale = alpha / rank
-        self.merged = False
+        # Whether the adapter is merged into base.weight: a Python bool for the forward (no device read),
+        # mirrored in the persistent buffer lora_merged so that it travels with the state dict (a merged
+        # model's state loaded into a fresh adapted model is merged there too, not given the delta twice).
+        self._merged = False
+        self.register_buffer("lora_merged", torch.tensor(False, device=base.weight.device))
         # restored by unload(); the base is frozen while wrapped
         self.base_requires_grad = tuple(p.requires_grad for p in base.parameters())
         base.requires_grad_(False)
@@ -71,28 +75,51 @@ class _Adapter(nn.Module):
         """A ~ Kaiming-uniform (a = sqrt(5), PEFT's init), B = 0: the adapter adds nothing."""
         if self.merged:
             raise RuntimeError(f"{type(self).__name__}: unmerge before resetting the adapter")
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        if self.lora_a.numel():  # a layer without inputs has an empty A (torch warns on initialising it)
+            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         nn.init.zeros_(self.lora_b)
 
     def delta_weight(self) -> torch.Tensor:
         """``scale * B A`` in the base weight's shape: what merging adds to the base weight."""
-        a = self.lora_a.reshape(self.rank, -1)
-        b = self.lora_b.reshape(-1, self.rank)
+        a = self.lora_a.flatten(1)  # (rank, in * kh * kw); flatten, not reshape(-1): in may be 0
+        b = self.lora_b.flatten(1)  # (out, rank)
         return (self.scale * (b @ a)).reshape(self.base.weight.shape)
+
+    @property
+    def merged(self) -> bool:
+        """Whether the adapter is merged into the base weight (:meth:`merge`, :meth:`unmerge`; saved in
+        the state dict as ``lora_merged``)."""
+        return self._merged
+
+    def _set_merged(self, merged: bool) -> None:
+        self._merged = merged
+        self.lora_merged.fill_(merged)
 
     @torch.no_grad()
     def merge(self) -> None:
         """Adds the adapter into the base weight (forward then runs the base layer alone)."""
         if not self.merged:
             self.base.weight.add_(self.delta_weight())
-            self.merged = True
+            self._set_merged(True)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtracts the adapter from the base weight again (equal up to float rounding)."""
         if self.merged:
             self.base.weight.sub_(self.delta_weight())
-            self.merged = False
+            self._set_merged(False)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """Loads the merged flag with the weights. A state saved before the flag was (no ``lora_merged``
+        key) still loads strictly and leaves the flag as it is."""
+        key = prefix + "lora_merged"
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if key in state_dict:
+            self._merged = bool(self.lora_merged)
+        elif key in missing_keys:
+            missing_keys.remove(key)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}, merged={self.merged}"
@@ -178,10 +205,16 @@ Adapter = LoRALinear | LoRAConv2d
 # model-level helpers
 
 
+def check_module(owner: str, model: Any) -> nn.Module:
+    """``model`` if it is an nn.Module, else TypeError naming ``owner``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{owner}: expected an nn.Module, got {type(model).__name__}")
+    return model
+
+
 def adapter_modules(model: nn.Module) -> dict[str, Adapter]:
     """Every LoRA adapter of ``model`` by its module name, in module order."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    check_module("adapter_modules", model)
     return {name: m for name, m in model.named_modules() if isinstance(m, _Adapter)}
 
 
@@ -205,10 +238,14 @@ def check_targets(owner: str, targets: Any) -> tuple[str, ...]:
 def resolve_targets(model: nn.Module, targets: str | Sequence[str], owner: str = "add_adapters") -> list[str]:
     """Module names selected by ``targets`` (exact names first, else glob patterns), each a Linear or
     Conv2d layer without an adapter; TypeError/ValueError naming the first target that is not.
+    A layer that is also used elsewhere in the model (the same module under a second name, or one of
+    its parameters shared with another module, as tied weights are) is refused with ValueError: an
+    adapter would take only one of its uses, and freezing and merging would change the others.
     Changes nothing (what :func:`add_adapters` checks before it adds any adapter); ``owner`` prefixes
     the messages."""
+    check_module(owner, model)
     targets = check_targets(owner, targets)
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))  # every name of a module used twice
     # layers inside an existing adapter (its .base) are not candidates
     inside = {f"{name}.{child}" for name in adapter_modules(model) for child, _ in modules[name].named_modules()
               if child}
@@ -235,8 +272,25 @@ def resolve_targets(model: nn.Module, targets: str | Sequence[str], owner: str =
             problem = _conv_problem(modules[name]) if isinstance(modules[name], nn.Conv2d) else None
             if problem:
                 raise ValueError(f"{owner}: layer {name!r}: {problem}")
+            _check_not_shared(owner, model, modules, name)
         chosen += [n for n in found if n not in chosen]
     return chosen
+
+
+def _check_not_shared(owner: str, model: nn.Module, modules: dict[str, nn.Module], name: str) -> None:
+    """ValueError if the layer ``name`` (or one of its parameters) is also used under another name."""
+    layer = modules[name]
+    others = [n for n, m in modules.items() if m is layer and n != name]
+    if others:
+        raise ValueError(f"{owner}: layer {name!r} is also the model's module {others[0]!r} (one module under two "
+                         "names): an adapter would replace only one of them; give each use its own layer")
+    own = {id(p) for p in layer.parameters()}
+    inside = name + "."
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in own and not pname.startswith(inside):
+            mine = next(f"{name}.{n}" for n, q in layer.named_parameters(remove_duplicate=False) if q is p)
+            raise ValueError(f"{owner}: layer {name!r} shares its parameter {mine!r} with {pname!r} (tied weights): "
+                             "freezing or merging an adapter would change the other layer too")
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -263,12 +317,15 @@ def add_adapters(model: nn.Module, targets: str | Sequence[str], rank: int = 8, 
 
     Raises:
         ValueError: a bad rank or alpha, a target that names no module, a layer that already has
-            an adapter, or a Conv2d the adapter cannot wrap. TypeError: a target that is not a
-            Linear/Conv2d layer. Nothing is changed when it raises.
+            an adapter, a Conv2d the adapter cannot wrap, or a layer used elsewhere in the model too
+            (the same module under two names, or a parameter tied to another module's). TypeError:
+            ``model`` not an nn.Module, or a target that is not a Linear/Conv2d layer. Nothing is
+            changed when it raises.
     """
+    check_module("add_adapters", model)
     check_rank_alpha("add_adapters", rank, alpha)
     names = resolve_targets(model, targets)
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
     adapters = {name: _wrap(modules[name], rank, alpha) for name in names}  # every check passed above
     for name, adapter in adapters.items():
         _set_module(model, name, adapter)
@@ -277,12 +334,14 @@ def add_adapters(model: nn.Module, targets: str | Sequence[str], rank: int = 8, 
 
 def merge(model: nn.Module) -> None:
     """Merges every adapter into its base weight (in place; :func:`unmerge` undoes it)."""
+    check_module("merge", model)
     for adapter in adapter_modules(model).values():
         adapter.merge()
 
 
 def unmerge(model: nn.Module) -> None:
     """Undoes :func:`merge` (in place; the base weights come back up to float rounding)."""
+    check_module("unmerge", model)
     for adapter in adapter_modules(model).values():
         adapter.unmerge()
 
@@ -292,6 +351,7 @@ def unload(model: nn.Module, *, merge: bool = True) -> nn.Module:
     (``merge=True``) or dropped (``merge=False``, the base weight as it was wrapped), restores the
     base layer's ``requires_grad`` flags and returns ``model``: the plain architecture again.
     ``model`` must contain its adapters (for an adapter on its own, merge it and take ``.base``)."""
+    check_module("unload", model)
     adapters = adapter_modules(model)
     if "" in adapters:
         raise ValueError("unload: the model is itself an adapter and cannot replace itself; call merge() (or "
@@ -329,6 +389,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     outputs agree in eval mode). Raises ValueError for DoRA and other variants, a LoRA bias,
     ``fan_in_fan_out``, several active adapters, other PEFT tuner layers, or no LoRA layer at all.
     """
+    check_module("from_peft", peft_model)
     peft = _peft()
     lora_layer = peft.tuners.lora.LoraLayer
     base = peft_model.get_base_model() if isinstance(peft_model, peft.PeftModel) else peft_model
@@ -374,8 +435,14 @@ def to_peft(model: nn.Module, adapter_name: str = "default") -> nn.Module:
     layers carry the adapters' A, B and scale; ``model`` is not modified.
 
     Needs at least one adapter, and one rank and one scale shared by all adapters (one
-    ``LoraConfig``); otherwise ValueError.
+    ``LoraConfig``); otherwise ValueError. ``adapter_name`` must be a non-empty str without "." (PEFT
+    keys its per-adapter modules by it): TypeError / ValueError otherwise.
     """
+    check_module("to_peft", model)
+    if not isinstance(adapter_name, str):
+        raise TypeError(f"to_peft: adapter_name must be a str, got {type(adapter_name).__name__}")
+    if not adapter_name or "." in adapter_name:
+        raise ValueError(f"to_peft: adapter_name must be a non-empty name without '.', got {adapter_name!r}")
     peft = _peft()
     adapters = adapter_modules(model)
     if not adapters:

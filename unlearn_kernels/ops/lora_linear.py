@@ -120,6 +120,12 @@ def _cat(a, b, dim):
     return torch.cat([a.expand(*lead, *a.shape[-2:]), b.expand(*lead, *b.shape[-2:])], dim=dim)
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x (..., in) as the 2-D (N, in) the ops take. ``reshape(-1, in)`` cannot infer N when x is empty
+    (in = 0 makes any N fit), so N is the product of the leading dims."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+
+
 # --------------------------------------------------------------------------- validation
 def _check_inputs(op, x, weight, bias, lora_a, lora_b, scale, tangents=()):
     named = {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b}
@@ -274,7 +280,7 @@ def lora_linear(
     """
     _check_inputs(_OP, x, weight, bias, lora_a, lora_b, scale)
     name = choose(_OP, x.device, backend)
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = _rows(x)
     out = _LoRALinearFunction.apply(x2, weight, bias, lora_a, lora_b, float(scale), name)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
@@ -308,7 +314,7 @@ def lora_linear_jvp(
     _check_inputs(op, x, weight, bias, lora_a, lora_b, scale, (("tangent_a", tangent_a), ("tangent_b", tangent_b)))
     name = choose(op, x.device, backend)
     shape = (*x.shape[:-1], weight.shape[0])
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = _rows(x)
     if tangent_a is None and tangent_b is None:
         out = lora_linear(x, weight, bias, lora_a, lora_b, scale, backend=name)
         return out, torch.zeros_like(out)
@@ -350,8 +356,8 @@ def _vmap_forward(op):
         x_dim, *param_dims = in_dims[:5]
         if all(d is None for d in param_dims):
             x = x.movedim(x_dim, 0)
-            out = op(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scale)
-            return out.reshape(*x.shape[:2], -1), 0
+            out = op(_rows(x), weight, bias, lora_a, lora_b, scale)
+            return out.reshape(*x.shape[:2], weight.shape[0]), 0
         x, weight, bias, lora_a, lora_b = (_front(t, d) for t, d in zip((x, weight, bias, lora_a, lora_b), in_dims))
         if bias is not None and in_dims[2] is not None:
             bias = bias.unsqueeze(-2)
