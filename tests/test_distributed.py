@@ -1,8 +1,10 @@
 """Data-parallel curvature (curvature/distributed.py) with 2 and 3 gloo processes: products,
 matmat, gradient and the objective equal to one process over all rows, the same Lanczos, cubic
 step and CureNewton run (adaptive cubic regularisation, as the method runs it) on every rank, the
-GGN, an empty shard, a failing rank that gives the others a clear error, and the Newton methods on
-uneven or empty shards and on one rank's bad inputs; where a GPU is visible, one NCCL rank.
+GGN, an empty shard, a failing rank that gives the others a clear error, ranks whose weights or
+dtypes differ (the same clear error on every rank, at construction and after a weight change), and
+the Newton methods on uneven or empty shards and on one rank's bad inputs; where a GPU is visible,
+one NCCL rank.
 
 Each test spawns its processes (torch.multiprocessing, a file store in tmp_path); the checks run
 inside the workers, whose assertion errors fail the test through ``spawn``."""
@@ -261,6 +263,103 @@ def _failure_worker(rank: int, world: int, store: str) -> None:
 
 def test_failing_rank_gives_a_clear_error(tmp_path):
     mp.spawn(_failure_worker, args=(2, str(tmp_path / "store")), nprocs=2)
+
+
+def _different_weights_worker(rank: int, world: int, store: str) -> None:
+    """Ranks whose weights differ: at construction, or after one rank changed them (in place, through
+    ``.data`` without a version bump, or on an empty shard's rank), every rank raises the same
+    ValueError instead of blending two Hessians; the same update on every rank passes, one check per
+    weight change and none per product."""
+    _init(rank, world, store)
+    try:
+        model, x, y = model_and_data()
+        part = slice(0, 20) if rank == 0 else slice(20, ROWS)
+        loss, group = nn.CrossEntropyLoss(), dist.group.WORLD
+        moved = copy.deepcopy(model)
+        if rank == 1:
+            with torch.no_grad():
+                moved[0].weight.add_(1.0)
+        for build in (lambda m: hessian_operator(m, loss, (x[part], y[part]), path="fused", process_group=group),
+                      lambda m: hessian_operator(m, loss, (x[part], y[part]), path="generic", process_group=group),
+                      lambda m: ggn_operator(m, loss, (x[part], y[part]), process_group=group),
+                      lambda m: hessian_operator(m, loss, (x[part], y[part]) if rank == 0 else (x[:0], y[:0]),
+                                                 process_group=group),
+                      lambda m: DistributedObjective(m, loss, (x[part], y[part]), process_group=group)):
+            with pytest.raises(ValueError, match=r"the ranks hold different weights when the operator or objective "
+                                                 r"was built \(checksums \(sum, sum of squares\) of the chosen "
+                                                 r"parameters: \(.*\) on rank 0, \(.*\) on rank 1\)"):
+                build(moved)
+        # The same weights at construction; then rank 1 alone moves them.
+        v = torch.linspace(-1, 1, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+        for path in ("fused", "generic"):
+            for how in ("add_", ".data", "empty shard"):
+                mine = copy.deepcopy(model)
+                data = (x[:0], y[:0]) if how == "empty shard" and rank == 1 else (x[part], y[part])
+                every = (x[:20], y[:20]) if how == "empty shard" else (x, y)  # all ranks' rows
+                single = hessian_operator(model, loss, every)
+                op = hessian_operator(mine, loss, data, path=path, process_group=group)
+                objective = DistributedObjective(mine, loss, data, process_group=group)
+                checks = []
+                check_weights = op.shards.check_weights
+                op.shards.check_weights = lambda: checks.append(1) or check_weights()
+                for _ in range(3):  # at fixed weights: no check
+                    _close(op.matvec(v), single.matvec(v))
+                objective.value()
+                assert not checks
+                if rank == 1:
+                    with torch.no_grad():
+                        (mine[2].bias.data if how == ".data" else mine[2].bias).add_(0.5)
+                for call in (lambda: op.matvec(v), op.gradient, objective.value, objective.gradient):
+                    with pytest.raises(ValueError, match=r"the ranks hold different weights after the weights "
+                                                         r"changed .* on rank 0, .* on rank 1\)"):
+                        call()
+                # Rank 0 applies the same update: the ranks agree again, and the products are those at
+                # the new weights, after one check.
+                if rank == 0:
+                    with torch.no_grad():
+                        (mine[2].bias.data if how == ".data" else mine[2].bias).add_(0.5)
+                checks.clear()
+                moved_single = hessian_operator(mine, loss, every)
+                for _ in range(3):
+                    _close(op.matvec(v), moved_single.matvec(v))
+                _close(op.gradient(), moved_single.gradient())
+                _close(objective.gradient(), Objective(mine, loss, every).gradient())
+                assert len(checks) == 1, checks
+    finally:
+        dist.destroy_process_group()
+
+
+def test_different_weights_are_refused_on_every_rank(tmp_path):
+    mp.spawn(_different_weights_worker, args=(2, str(tmp_path / "store")), nprocs=2)
+
+
+def _different_dtypes_worker(rank: int, world: int, store: str) -> None:
+    """Rank 1 computes in float32, rank 0 in float64: every rank raises the same ValueError at
+    construction (a product would crash gloo: the ranks' payloads differ in size), and the group
+    stays usable."""
+    _init(rank, world, store)
+    try:
+        model, x, y = model_and_data()
+        part = slice(0, 20) if rank == 0 else slice(20, ROWS)
+        loss, group = nn.CrossEntropyLoss(), dist.group.WORLD
+        mine, xs = (copy.deepcopy(model).float(), x[part].float()) if rank == 1 else (model, x[part])
+        for build in (lambda: hessian_operator(mine, loss, (xs, y[part]), process_group=group),
+                      lambda: hessian_operator(mine, loss, (xs, y[part]), path="generic", process_group=group),
+                      lambda: hessian_operator(mine, loss, (xs[:0], y[:0]) if rank == 1 else (xs, y[part]),
+                                               process_group=group),
+                      lambda: DistributedObjective(mine, loss, (xs, y[part]), process_group=group)):
+            with pytest.raises(ValueError, match="the ranks compute in different dtypes: rank 1 computes in float32, "
+                                                 "rank 0 in float64"):
+                build()
+        op = hessian_operator(model, loss, (x[part], y[part]), process_group=group)
+        v = torch.linspace(-1, 1, op.shape[0], dtype=torch.float64)
+        _close(op.matvec(v), hessian_operator(model, loss, (x, y)).matvec(v))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_different_dtypes_are_refused_on_every_rank(tmp_path):
+    mp.spawn(_different_dtypes_worker, args=(2, str(tmp_path / "store")), nprocs=2)
 
 
 def _absent_worker(rank: int, world: int, store: str, given_up) -> None:

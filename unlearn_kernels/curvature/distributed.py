@@ -15,6 +15,17 @@ so solvers and methods that draw their random vectors from the same seed take th
 every rank, and run on these objects unchanged. Every rank must make the same calls in the same
 order (as with any collective).
 
+The ranks must hold the same model: construction compares, in its one collective, the number of
+parameters, the dtype and a float64 checksum of the weights (sum and sum of squares of the chosen
+parameters, and of the model's other parameters and floating-point buffers), and every rank raises the
+same ValueError naming what differs (a different dtype would otherwise crash gloo at the first product,
+different weights would silently blend two Hessians). Each product's all_reduce carries, beside the
+failure flags, one flag per rank: "my weights changed since the last check" (for the operator, read
+from the local operator's own change detection, so it costs nothing); when any rank set it, every
+rank takes part in one more small all_reduce of the checksums, and the same ValueError is raised on
+every rank if they differ. So the check costs one collective of a few numbers per weight change, none
+per product at fixed weights, and no product computed at different weights is ever returned.
+
 A rank whose shard is empty takes part with zeros. A rank whose local computation fails still
 takes part in the reduction and raises its own error; the others then raise a RuntimeError naming
 it. A rank that never arrives (a crash, or a different sequence of calls) makes the others fail
@@ -25,8 +36,9 @@ group's watchdog aborts the process (NCCL reports errors asynchronously). The gr
 """
 from __future__ import annotations
 
+import math
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 import torch
@@ -36,7 +48,7 @@ from torch import nn
 from ..labeled import LabeledData
 from .base import BatchSource, CurvatureOperator, DataSpec
 from .objective import Objective
-from .params import ParamSelection, resolve_parameters
+from .params import ParameterSlots, ParamSelection, resolve_parameters
 
 
 class GroupRef:
@@ -72,25 +84,146 @@ def shard_rows(data: DataSpec, device: torch.device) -> int:
     return sum(int(y.shape[0]) for _, y in BatchSource(data, device))
 
 
+_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+"""The dtypes the construction's table names by their 1-based index (0: any other)."""
+_CHECKSUM_RTOL = 1e-12
+"""Checksums agree within this fraction of their scale: identical weights give identical bits, but a
+sum's rounding may depend on how the reduction was split (threads, devices)."""
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    return _DTYPES.index(dtype) + 1 if dtype in _DTYPES else 0
+
+
+def _dtype_name(code: int) -> str:
+    if code > 0:
+        return str(_DTYPES[code - 1]).removeprefix("torch.")
+    return "a dtype other than float64/32/16/bfloat16" if code == 0 else "an unstated dtype"
+
+
+class WeightCheck:
+    """The weights every rank must hold identically, as a float64 fingerprint, and whether they
+    changed since the ranks last compared them.
+
+    ``checksum()`` is (sum, sum of squares) of the chosen parameters, then of the model's other
+    parameters and floating-point buffers (four float64 numbers, from one float64 copy of the weights).
+    ``changed()`` compares ``key()`` (anything that changes when the weights do) with its value when
+    the ranks last agreed; by default the key is, per parameter of the model, its version counter,
+    data pointer and float64 sum (the change detection of the curvature operators' cache).
+
+    Args:
+        model: the model whose weights the ranks must share.
+        chosen: the names of the chosen parameters.
+        key: the change key (default: the one above, read through the model's parameter slots, so a
+            replaced parameter is followed).
+    """
+
+    SIZE = 4
+
+    def __init__(self, model: nn.Module, chosen: Iterable[str], key: Callable[[], Hashable] | None = None) -> None:
+        self._model = model
+        self._slots = ParameterSlots(model, [name for name, _ in model.named_parameters()])
+        self._chosen = tuple(chosen)
+        self._key = self._parameters_key if key is None else key
+        self._checked: Hashable = None  # the key when the ranks last agreed
+        self._pending: Hashable = None  # the key when checksum() last ran
+
+    def _parameters_key(self) -> Hashable:
+        live = list(self._slots.current().values())
+        where = live[0].device
+        sums = torch.stack([p.detach().sum(dtype=torch.float64).to(where) for p in live]).tolist()  # one read-back
+        return tuple((p._version, p.data_ptr(), total) for p, total in zip(live, sums))
+
+    def changed(self) -> bool:
+        """Whether the weights changed since the ranks last agreed (always True before the first check)."""
+        return self._key() != self._checked
+
+    def counts(self) -> tuple[int, int]:
+        """How many numbers each half of the checksum sums (the chosen ones, the others)."""
+        live = self._slots.current()
+        chosen = sum(live[name].numel() for name in self._chosen)
+        return chosen, sum(t.numel() for t in self._others(live))
+
+    def _others(self, live: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        buffers = [b for _, b in self._model.named_buffers() if b.is_floating_point()]
+        return [p for name, p in live.items() if name not in self._chosen] + buffers
+
+    def checksum(self, device: torch.device) -> torch.Tensor:
+        """(sum, sum of squares) of the chosen parameters, then of the rest, float64 on ``device``."""
+        self._pending = self._key()
+        live = self._slots.current()
+        halves = []
+        with torch.no_grad():
+            for tensors in ([live[name] for name in self._chosen], self._others(live)):
+                # one float64 copy per half, then two reductions: a few ops, not a few per tensor
+                flat = torch.cat([t.detach().reshape(-1).to(device, torch.float64) for t in tensors]
+                                 or [torch.zeros(0, dtype=torch.float64, device=device)])
+                halves += [flat.sum(), torch.dot(flat, flat)]
+        return torch.stack(halves)
+
+    def agreed(self) -> None:
+        """The ranks compared the checksum of the last ``checksum()`` call and agree."""
+        self._checked = self._pending
+
+    def compare(self, table: torch.Tensor, rank: int, when: str) -> None:
+        """Raise a ValueError if the ranks' checksums (rows of ``table``, world x SIZE, in rank order)
+        differ; else record that they agree."""
+        rows = table.tolist()
+        for half, (count, what) in enumerate(zip(self.counts(), ("of the chosen parameters",
+                                                                  "of the model's other parameters and buffers"))):
+            pairs = [tuple(row[2 * half:2 * half + 2]) for row in rows]
+            squares = max((abs(q) for _, q in pairs if math.isfinite(q)), default=0.0)
+            scales = (math.sqrt(count * squares), squares)  # |sum| <= sqrt(n * sum of squares)
+            differ = [r for r, pair in enumerate(pairs)
+                      if not all(_close(a, b, scale) for a, b, scale in zip(pair, pairs[0], scales))]
+            if differ:
+                listed = ", ".join(f"({pairs[r][0]:.17g}, {pairs[r][1]:.17g}) on rank {r}" for r in [0, *differ[:3]])
+                more = f" and {len(differ) - 3} more rank(s)" if len(differ) > 3 else ""
+                raise ValueError(
+                    f"distributed curvature, rank {rank}: the ranks hold different weights {when} (checksums (sum, "
+                    f"sum of squares) {what}: {listed}{more}): every rank must hold the same model (e.g. broadcast "
+                    "rank 0's weights with dist.broadcast(p.data, src=0) for each parameter and buffer) and apply "
+                    "the same updates")
+        self.agreed()
+
+
+def _close(a: float, b: float, scale: float) -> bool:
+    if a == b or (math.isnan(a) and math.isnan(b)):
+        return True
+    return math.isfinite(a - b) and abs(a - b) <= _CHECKSUM_RTOL * scale
+
+
 class ShardGroup:
-    """The ranks of a process group with their shard sizes, and the weighted all_reduce.
+    """The ranks of a process group with their shard sizes, the weighted all_reduce, and the check
+    that every rank holds the same weights.
 
     Construction is itself a collective: every rank passes its row count and ``size`` (the
-    dimension that must agree, e.g. the number of parameters), and whether building its local
-    object failed.
+    dimension that must agree, e.g. the number of parameters), its ``dtype`` and ``weights`` (a
+    :class:`WeightCheck`), and whether building its local object failed. Every rank raises the same
+    ValueError when the sizes, dtypes or weights differ.
 
     Attributes:
         rank, world_size: this rank's index in the group and the group's size.
         shard_sizes: rows per rank, in rank order; ``num_rows`` their sum.
         weight: this rank's share of the rows, ``n_rank / N``.
+        weights: the :class:`WeightCheck` (None: the weights are not compared).
     """
 
     def __init__(self, process_group: dist.ProcessGroup, rows: int, size: int, device: torch.device,
-                 failure: BaseException | None) -> None:
+                 failure: BaseException | None, dtype: torch.dtype | None = None,
+                 weights: WeightCheck | None = None) -> None:
         self._group = GroupRef(process_group, "distributed curvature")
         self.rank, self.world_size = dist.get_rank(process_group), dist.get_world_size(process_group)
-        table = torch.zeros(self.world_size, 2, dtype=torch.float64, device=device)
-        table[self.rank] = torch.tensor([rows, size], dtype=torch.float64)
+        self.device, self.weights = device, weights
+        # per rank: rows, size, dtype code, the weights' checksum
+        table = torch.zeros(self.world_size, 3 + WeightCheck.SIZE, dtype=torch.float64, device=device)
+        table[self.rank, :3] = torch.tensor([rows, size, _dtype_code(dtype) if dtype is not None else -1],
+                                            dtype=torch.float64)
+        if weights is not None and failure is None:
+            try:
+                table[self.rank, 3:] = weights.checksum(device)
+            except Exception as err:  # reported to the other ranks, then raised here
+                failure = err
         table = self.reduce(table, failure, "building its local operator or objective")
         self.shard_sizes = [int(n) for n in table[:, 0].tolist()]
         self.num_rows = sum(self.shard_sizes)
@@ -98,6 +231,13 @@ class ShardGroup:
             sizes = table[:, 1].long().tolist()
             raise ValueError(f"the ranks have different numbers of parameters {sizes}: every rank must pass the same "
                              "model and parameter selection")
+        codes = table[:, 2].long().tolist()
+        if len(set(codes)) > 1:
+            others = ", ".join(f"rank {r} computes in {_dtype_name(c)}" for r, c in enumerate(codes) if c != codes[0])
+            raise ValueError(f"the ranks compute in different dtypes: {others}, rank 0 in {_dtype_name(codes[0])}: "
+                             "every rank must pass the same model in the same dtype")
+        if weights is not None:
+            weights.compare(table[:, 3:], self.rank, "when the operator or objective was built")
         if self.num_rows == 0:
             raise ValueError("every rank's shard is empty: at least one rank needs rows")
         self.weight = self.shard_sizes[self.rank] / self.num_rows
@@ -112,12 +252,18 @@ class ShardGroup:
         Raises ``failure`` on the rank that failed, and a RuntimeError naming it on the others."""
         flat = payload.new_empty(payload.numel() + self.world_size)
         flat[:payload.numel()] = payload.reshape(-1)
-        return self._all_reduce(flat, payload.shape, failure, what)
+        return self._all_reduce(flat, payload.shape, failure, what)[0]
 
     def combine(self, local: Callable[[], torch.Tensor] | None, like: torch.Tensor, what: str) -> torch.Tensor:
         """``sum_r (n_r / N) result_r``: this rank's result (``local()``; zeros shaped like ``like``
-        on an empty shard, where ``local`` is None), weighted and all-reduced."""
-        flat = like.new_empty(like.numel() + self.world_size)  # the result, then one failure flag per rank
+        on an empty shard, where ``local`` is None), weighted and all-reduced.
+
+        With :attr:`weights`, the all_reduce also carries one flag per rank, set where the weights
+        changed since the ranks last compared them (asked after ``local()``, which may itself look
+        at the weights); if any rank set it, every rank takes part in one more all_reduce of the
+        checksums and raises the same ValueError if they differ."""
+        flags = self.world_size * (1 if self.weights is None else 2)  # failure, then weights changed, per rank
+        flat = like.new_empty(like.numel() + flags)  # the result, then the flags
         out, failure = flat[:like.numel()].view_as(like), None
         if local is None:
             out.zero_()
@@ -126,17 +272,42 @@ class ShardGroup:
                 torch.mul(local(), self.weight, out=out)  # written in place: no copy of a d-long vector
             except Exception as err:  # reported to the other ranks, then raised here
                 failure = err
-        return self._all_reduce(flat, like.shape, failure, what)
+        moved = False
+        if self.weights is not None:
+            try:
+                moved = self.weights.changed()
+            except Exception as err:  # reported to the other ranks, then raised here
+                failure = err if failure is None else failure
+        out, any_moved = self._all_reduce(flat, like.shape, failure, what, moved)
+        if any_moved:
+            self.check_weights()
+        return out
+
+    def check_weights(self) -> None:
+        """Every rank's checksum in one all_reduce; the same ValueError on every rank if they differ."""
+        table = torch.zeros(self.world_size, WeightCheck.SIZE, dtype=torch.float64, device=self.device)
+        failure = None
+        try:
+            table[self.rank] = self.weights.checksum(self.device)
+        except Exception as err:  # reported to the other ranks, then raised here
+            failure = err
+        table = self.reduce(table, failure, "comparing the ranks' weights")
+        self.weights.compare(table, self.rank, "after the weights changed")
 
     def _all_reduce(self, flat: torch.Tensor, shape: torch.Size, failure: BaseException | None,
-                    what: str) -> torch.Tensor:
-        """All-reduces ``flat`` (the payload, then a flag per rank, set here) and returns the payload's
-        sum shaped ``shape``, or raises as :meth:`reduce` says."""
-        payload, flags = flat[:flat.numel() - self.world_size], flat[flat.numel() - self.world_size:]
+                    what: str, moved: bool | None = None) -> tuple[torch.Tensor, bool]:
+        """All-reduces ``flat`` (the payload, then a failure flag per rank, then, where ``flat`` has
+        room for them, a weights-changed flag per rank (``moved``); set here) and returns the
+        payload's sum shaped ``shape`` and whether any rank's weights changed, or raises as
+        :meth:`reduce` says."""
+        n = math.prod(shape)
+        payload, flags = flat[:n], flat[n:].view(-1, self.world_size)
         flags.zero_()
         if failure is not None:
             payload.zero_()
-            flags[self.rank] = 1
+            flags[0, self.rank] = 1
+        if moved:
+            flags[1, self.rank] = 1
         work = dist.all_reduce(flat, group=self.group, async_op=True)
         try:
             work.wait()
@@ -147,11 +318,12 @@ class ShardGroup:
             ) from err
         if failure is not None:
             raise failure
-        failed = [r for r, flag in enumerate(flags.tolist()) if flag]
+        flags = flags.tolist()  # one read-back
+        failed = [r for r, flag in enumerate(flags[0]) if flag]
         if failed:
             raise RuntimeError(f"distributed curvature, rank {self.rank} of {self.world_size}: rank(s) {failed} failed "
                                f"while {what} (their own error is raised there)")
-        return payload.view(shape)
+        return payload.view(shape), len(flags) > 1 and any(flags[1])
 
 
 def _build(build: Callable[[DataSpec], Any], data: DataSpec, device: torch.device,
@@ -189,8 +361,9 @@ class DistributedOperator:
         num_products, num_gradients, num_data_passes: this operator's calls (the same on every rank).
 
     Raises:
-        ValueError: on every rank, when the ranks disagree on the parameter count or all shards are
-            empty.
+        ValueError: on every rank, when the ranks disagree on the parameter count, the dtype or the
+            weights (at construction, and at the first product after the weights changed), or all
+            shards are empty.
         RuntimeError: on the other ranks, when some rank's local operator cannot be built (that
             rank raises its own error).
         TypeError: ``process_group`` is not a ProcessGroup.
@@ -211,7 +384,11 @@ class DistributedOperator:
         self.param_names = tuple(chosen)
         rows, self.local, failure = _build(build, data, self.device, when_empty=False)
         d = self.local.shape[0] if self.local is not None else sum(p.numel() for p in chosen.values())
-        self.shards = ShardGroup(process_group, rows, d, self.device, failure)
+        # The local operator notices every weight change before its products (its cache depends on it):
+        # its key costs nothing more to read. An empty shard's rank keys the weights itself.
+        key = None if not isinstance(self.local, CurvatureOperator) else (lambda: self.local._weights_key)
+        self.shards = ShardGroup(process_group, rows, d, self.device, failure, self.dtype,
+                                 WeightCheck(model, self.param_names, key))
         self.shape = (d, d)
         self.num_products = self.num_gradients = self.num_data_passes = 0
 
@@ -251,7 +428,8 @@ class DistributedObjective:
     """``F(w)`` of an :class:`~unlearn_kernels.curvature.objective.Objective` over the union of the
     ranks' shards: ``value``, ``gradient`` and ``value_and_gradient`` are the shard-size-weighted sums
     of the local ones (the weight-decay term, the same on every rank, comes out once), reduced in
-    float64 and identical on every rank.
+    float64 and identical on every rank. The ranks' weights are compared as for
+    :class:`DistributedOperator` (at construction, and at the first call after they changed).
 
     Args:
         model, loss_fn, data, params, weight_decay, batch_size: as for ``Objective``; ``data`` is
@@ -270,8 +448,10 @@ class DistributedObjective:
         rows, self.local, failure = _build(
             lambda shard: Objective(model, loss_fn, shard, params, weight_decay=weight_decay, batch_size=batch_size),
             data, device, when_empty=True)
-        self.shards = ShardGroup(process_group, rows, sum(p.numel() for p in chosen.values()), device, failure)
         self.param_names = tuple(chosen)
+        dtype = next(iter(chosen.values())).dtype
+        self.shards = ShardGroup(process_group, rows, sum(p.numel() for p in chosen.values()), device, failure, dtype,
+                                 WeightCheck(model, self.param_names))
         self.num_data_passes = 0
 
     def weights(self) -> torch.Tensor:
