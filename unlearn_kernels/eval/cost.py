@@ -16,6 +16,7 @@ and data already in memory are not counted (:class:`PeakMemory`, which the bench
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import resource
 import sys
@@ -61,10 +62,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
             return self
-        try:
+        with contextlib.suppress(OSError, AttributeError):  # best effort: not glibc, no malloc_trim
             ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc
-            pass
         try:
             peak = _proc_status_bytes("VmHWM")
             with open("/proc/self/clear_refs", "w") as f:
