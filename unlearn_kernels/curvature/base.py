@@ -47,7 +47,14 @@ from torch.utils.data import DataLoader
 from ..checks import all_finite, check_int, check_tensor, first_nonfinite_row
 from ..labeled import LabeledData
 from .linear_operator import dense_by_products, to_scipy_operator
-from .params import ParameterSlots, ParamSelection, flatten_tensors, resolve_parameters, unflatten_vector
+from .params import (
+    ParameterSlots,
+    ParamSelection,
+    flatten_tensors,
+    resolve_parameters,
+    unflatten_vector,
+    weights_key,
+)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Entry = Any
@@ -305,11 +312,9 @@ class CurvatureOperator(abc.ABC):
         self._cache_closed = self.cache_bytes == 0  # the budget is reached: later batches are streamed
 
     def _current_weights_key(self) -> tuple[tuple[int, int, float], ...]:
-        # a parameter object replaced in the model is followed (its data pointer differs); the sum
-        # catches in-place writes that bump no version counter (fused optimizer kernels, .data)
+        # a parameter object replaced in the model is followed (its data pointer differs)
         self._live = self._slots.current()
-        return tuple((p._version, p.data_ptr(), float(p.detach().sum(dtype=torch.float64)))
-                     for p in self._live.values())
+        return weights_key(self._live.values())
 
     def _sync_weights(self) -> None:
         """Before each product: if a parameter changed (version counter, data pointer or the sum of its

@@ -48,7 +48,7 @@ from torch import nn
 from ..labeled import LabeledData
 from .base import BatchSource, CurvatureOperator, DataSpec
 from .objective import Objective
-from .params import ParameterSlots, ParamSelection, resolve_parameters
+from .params import ParameterSlots, ParamSelection, resolve_parameters, weights_key
 
 
 class GroupRef:
@@ -129,10 +129,7 @@ class WeightCheck:
         self._pending: Hashable = None  # the key when checksum() last ran
 
     def _parameters_key(self) -> Hashable:
-        live = list(self._slots.current().values())
-        where = live[0].device
-        sums = torch.stack([p.detach().sum(dtype=torch.float64).to(where) for p in live]).tolist()  # one read-back
-        return tuple((p._version, p.data_ptr(), total) for p, total in zip(live, sums))
+        return weights_key(self._slots.current().values())
 
     def changed(self) -> bool:
         """Whether the weights changed since the ranks last agreed (always True before the first check)."""

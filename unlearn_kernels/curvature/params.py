@@ -128,3 +128,15 @@ def set_flat_parameters(model: nn.Module, vector: torch.Tensor, params: ParamSel
     with torch.no_grad():
         for p, piece in zip(chosen.values(), pieces):
             p.copy_(piece)
+
+
+def weights_key(tensors: Iterable[torch.Tensor]) -> tuple[tuple[int, int, float], ...]:
+    """What changes when the weights do: per tensor its version counter, data pointer (a replaced
+    tensor) and float64 sum (in-place writes that bump no version counter: fused optimizer kernels,
+    ``.data``), the sums read back at once."""
+    tensors = list(tensors)
+    if not tensors:
+        return ()
+    where = tensors[0].device
+    sums = torch.stack([t.detach().sum(dtype=torch.float64).to(where) for t in tensors]).tolist()
+    return tuple((t._version, t.data_ptr(), total) for t, total in zip(tensors, sums))
