@@ -181,6 +181,8 @@ def test_inputs_on_every_device(backend, device, rng):
         (([1.0, 2.0], torch.ones(2), 1.0), {}, TypeError, "torch.Tensor"),
         ((torch.ones(2), torch.ones(2), 1.0), {"tol": 0.0}, ValueError, "tol"),
         ((torch.ones(2), torch.ones(2), 1.0), {"max_iter": 0}, ValueError, "max_iter"),
+        ((torch.ones(2), torch.ones(2), 1.0), {"max_iter": 2**63}, ValueError, "max_iter must be an int <= "),
+        ((torch.ones(2), torch.ones(2), 1.0), {"backend": ["cpp"]}, TypeError, "backend must be a str"),
         ((torch.ones(2), torch.ones(2), 1.0), {"backend": "triton"}, BackendUnavailableError, "triton"),
         ((torch.ones(2), torch.ones(2), 1.0), {"backend": "bogus"}, ValueError, "unknown backend"),
     ],

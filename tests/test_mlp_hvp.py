@@ -267,6 +267,8 @@ def test_bad_input_raises_clear_errors(backend, device, rng):
     call(ValueError, r"target\[0\] = 3 is out of range for 3 classes", target=torch.full((9,), 3, device=device))
     call(ValueError, "every target is ignore_index", target=torch.full((9,), -100, device=device))
     call(ValueError, "label_smoothing", label_smoothing=1.5)
+    call(ValueError, "label_smoothing must be a finite number", label_smoothing=True)
+    call(ValueError, "label_smoothing must be a finite number", label_smoothing=float("nan"))
     call(ValueError, "x must be 2-D", x=p["x"][None])
     nan_x = p["x"].clone()
     nan_x[3, 1] = float("nan")

@@ -197,8 +197,11 @@ def _bad_calls(z, u, y):
                          lambda b: ops.softmax_ce_grad(z, y.float(), backend=b)),
         "target shape": (ValueError, r"softmax_ce_grad: target must have shape \(N,\) = \(4,\), got \[2\]$",
                          lambda b: ops.softmax_ce_grad(z, y[:2], backend=b)),
-        "smoothing": (ValueError, r"softmax_ce_grad: label_smoothing must be in \[0, 1\], got 1.5$",
+        "smoothing": (ValueError, r"softmax_ce_grad: label_smoothing must be a finite number in \[0, 1\], got 1.5$",
                       lambda b: ops.softmax_ce_grad(z, y, label_smoothing=1.5, backend=b)),
+        "smoothing bool": (ValueError,
+                           r"softmax_ce_grad: label_smoothing must be a finite number in \[0, 1\], got True$",
+                           lambda b: ops.softmax_ce_grad(z, y, label_smoothing=True, backend=b)),
         "target range": (ValueError, r"softmax_ce_grad: target\[1\] = -3 is out of range for 5 classes "
                                      r"\(and is not ignore_index=-100\)$",
                          lambda b: ops.softmax_ce_grad(z, two_bad, backend=b)),

@@ -128,6 +128,9 @@ def choose(op: str, device: torch.device | str, backend: str = "auto") -> str:
     """The backend that runs ``op`` for inputs on ``device`` (a torch.device or its name): ``backend``
     itself if forced and able, else the first usable one in the automatic order. Raises
     BackendUnavailableError with the reason."""
+    if not isinstance(backend, str):  # the status cache would fail on an unhashable value first
+        raise TypeError(f"{op}: backend must be a str, one of {('auto',) + BACKEND_NAMES}, "
+                        f"got {type(backend).__name__}")
     device = torch.device(device)
     if backend == "auto":
         for name in _AUTO_ORDER.get(device.type, ("reference",)):

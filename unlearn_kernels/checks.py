@@ -16,11 +16,14 @@ from typing import Any
 import torch
 
 
-def check_int(name: str, value: Any, low: int = 1) -> int:
-    """``value`` as an int if it is an integer (Python or numpy; not a bool) ``>= low``, else
-    ValueError naming ``name``."""
+def check_int(name: str, value: Any, low: int = 1, high: int = 2**63 - 1) -> int:
+    """``value`` as an int if it is an integer (Python or numpy; not a bool) in [low, high] (the
+    default ``high`` is the largest int64, what a C++ op or a tensor can take), else ValueError
+    naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if value > high:
+        raise ValueError(f"{name} must be an int <= {high}, got {value!r}")
     return operator.index(value)
 
 

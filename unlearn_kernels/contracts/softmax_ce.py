@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import check_number
 from .text import dtype_name, shape_text
 
 GRAD = "softmax_ce_grad"
@@ -32,8 +33,7 @@ def check_grad_args(logits: torch.Tensor, target: torch.Tensor, label_smoothing:
         raise TypeError(f"{GRAD}: target must hold integer class indices (int64), got {dtype_name(target.dtype)}")
     if target.device != logits.device:
         raise ValueError(f"{GRAD}: target is on {target.device} but logits on {logits.device}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{GRAD}: label_smoothing must be in [0, 1], got {label_smoothing:g}")
+    check_number(f"{GRAD}: label_smoothing", label_smoothing, 0.0, 1.0)
 
 
 def check_hvp_args(logits: torch.Tensor, tangent: torch.Tensor) -> None:

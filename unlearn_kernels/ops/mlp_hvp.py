@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .. import _extension
 from ..backends import choose
-from ..checks import all_finite, check_tensor
+from ..checks import all_finite, check_number, check_tensor
 from ..contracts.softmax_ce import check_targets
 from ..contracts.text import dtype_name, shape_text
 
@@ -142,8 +142,7 @@ def _check_inputs(x, target, weights, biases, activations, v_weights, v_biases, 
         raise ValueError(f"{_OP}: target must have shape ({x.shape[0]},), got {shape_text(target)}")
     if target.device != x.device:
         raise ValueError(f"{_OP}: target is on {target.device} but x on {x.device}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{_OP}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    check_number(f"{_OP}: label_smoothing", label_smoothing, 0.0, 1.0)
     k = v_weights[0].shape[0] if v_weights[0].dim() == 3 else -1
     if k < 1:
         raise ValueError(f"{_OP}: v_weights[0] must be 3-D (K, out, in) with K >= 1, got shape {shape_text(v_weights[0])}")
@@ -229,7 +228,7 @@ def mlp_hvp(
         return mlp_hvp_ref(x, target, weights, biases, activations, v_weights, v_biases, label_smoothing, ignore_index)
     out = torch.ops.unlearn_kernels.mlp_hvp(
         x, target, weights, biases, codes, v_weights, v_biases,
-        float(label_smoothing), int(ignore_index), check_finite,
+        check_number(f"{_OP}: label_smoothing", label_smoothing, 0.0, 1.0), int(ignore_index), check_finite,
     )
     present = iter(out[num_layers:])
     return list(out[:num_layers]), [next(present) if b is not None else None for b in biases]
@@ -416,7 +415,8 @@ def mlp_hvp_flat(
         return _flat_products(V, weights, weight_offsets, bias_offsets, products)
     return torch.ops.unlearn_kernels.mlp_hvp_flat(
         x, target, list(weights), list(biases), codes, V, list(weight_offsets),
-        list(bias_offsets), float(label_smoothing), int(ignore_index), check_finite,
+        list(bias_offsets), check_number(f"{_OP}_flat: label_smoothing", label_smoothing, 0.0, 1.0), int(ignore_index),
+        check_finite,
     )
 
 
@@ -526,7 +526,8 @@ def mlp_hvp_state(
                                   check_finite)
         return mlp_hvp_state_ref(x, target, weights, biases, activations, label_smoothing, ignore_index)
     return list(torch.ops.unlearn_kernels.mlp_hvp_state(
-        x, target, weights, biases, codes, float(label_smoothing), int(ignore_index), check_finite))
+        x, target, weights, biases, codes, check_number(f"{_OP}_state: label_smoothing", label_smoothing, 0.0, 1.0),
+        int(ignore_index), check_finite))
 
 
 def mlp_hvp_flat_cached(

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .. import _extension
 from ..backends import choose
-from ..checks import check_tensor
+from ..checks import check_number, check_tensor
 from ..contracts import softmax_ce as contract
 
 
@@ -106,7 +106,8 @@ def softmax_ce_grad(
             _check_finite_ref(op, logits[target != ignore_index], None)
         return softmax_ce_grad_ref(logits, target, label_smoothing, ignore_index)
     ops = _triton_ops() if name == "triton" else torch.ops.unlearn_kernels
-    return ops.softmax_ce_grad(logits, target, float(label_smoothing), int(ignore_index), check_finite)
+    smoothing = check_number(f"{contract.GRAD}: label_smoothing", label_smoothing, 0.0, 1.0)
+    return ops.softmax_ce_grad(logits, target, smoothing, int(ignore_index), check_finite)
 
 
 def softmax_ce_hvp(
