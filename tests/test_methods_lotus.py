@@ -120,3 +120,16 @@ def test_bad_input_is_rejected_clearly(sample_problem):
         LoTUS(retain_fraction=1.5)
     with pytest.raises(ValueError, match="forget set is empty"):
         LoTUS().unlearn(model, LabeledData(forget.x[:0], forget.y[:0]), retain, unseen=unseen)
+
+
+@pytest.mark.parametrize("acc_u, acc_f", [(0.89, 0.88), (0.94, 0.93), (0.57, 0.56), (0.03, 0.02)])
+def test_one_point_below_the_unseen_accuracy_stops(sample_problem, monkeypatch, acc_u, acc_f):
+    """delta = acc_f - acc_u of two 2-decimal accuracies is compared exactly: 0.93 - 0.94 is
+    -0.00999... in floating point, which must still count as -0.01 and stop before any epoch."""
+    import unlearn_kernels.methods.lotus as lotus_module
+
+    model, forget, retain, unseen = sample_problem
+    values = iter([acc_u] + [acc_f] * 10)  # the teacher on D_u first, then the student on D_f
+    monkeypatch.setattr(lotus_module, "_accuracy", lambda *args, **kwargs: next(values))
+    result = LoTUS(epochs=3).unlearn(model, forget, retain, unseen=unseen, seed=0)
+    assert result.diagnostics["epochs"] == 0 and result.diagnostics["taus"] == []

@@ -155,7 +155,8 @@ class GradientAscent(TrainedUnlearner):
     Defaults: 5 epochs as in Jia et al. (2023), who search lr in [1e-6, 1e-4] with 4,500 forget
     samples on ResNet-18; scaled here to lr 1e-2, because a forget set of a few hundred samples
     gives only a handful of steps per epoch (on an MLP over digits, forgetting one class, 3e-2
-    already destroys the model). No weight decay (it would fight the ascent).
+    already destroys the model). SGD momentum 0.9, batch 64. No weight decay (it would fight the
+    ascent).
     """
 
     name = "gradient_ascent"
