@@ -160,6 +160,8 @@ def test_inputs_on_every_device(backend, device, rng):
     lam = torch.randn(20, dtype=torch.float64, generator=rng)
     c = torch.randn(20, dtype=torch.float64, generator=rng)
     y, sigma, hard = cubic_secular_solve(lam.to(device), c.to(device), 1.5, backend=backend)
+    # the optimality conditions (plain numpy): on the CPU the comparison below is the reference with itself
+    check_optimality(lam, c, 1.5, y.cpu(), sigma)
     y_cpu, sigma_cpu, hard_cpu = cubic_secular_solve(lam, c, 1.5, backend="reference")
     assert y.device == torch.device(device) and hard == hard_cpu
     torch.testing.assert_close(y.cpu(), y_cpu, rtol=1e-12, atol=1e-14)
@@ -178,6 +180,11 @@ def test_inputs_on_every_device(backend, device, rng):
         ((torch.tensor([1.0, float("inf")]), torch.ones(2), 1.0), {}, ValueError, "NaN or Inf"),
         ((torch.ones(2), torch.tensor([float("nan"), 1.0]), 1.0), {}, ValueError, "NaN or Inf"),
         ((torch.ones(2, dtype=torch.int64), torch.ones(2), 1.0), {}, TypeError, "floating point"),
+        # "meta" stands for another device on a machine without a GPU
+        ((torch.ones(2, device="meta"), torch.ones(2), 1.0), {}, ValueError, "^cubic_secular_solve: eigvals are on meta "
+         "but coeffs are on cpu$"),
+        ((torch.ones(2), torch.ones(2, device="meta"), 1.0), {}, ValueError, "^cubic_secular_solve: eigvals are on cpu "
+         "but coeffs are on meta$"),
         (([1.0, 2.0], torch.ones(2), 1.0), {}, TypeError, "torch.Tensor"),
         ((torch.ones(2), torch.ones(2), 1.0), {"tol": 0.0}, ValueError, "tol"),
         ((torch.ones(2), torch.ones(2), 1.0), {"max_iter": 0}, ValueError, "max_iter"),

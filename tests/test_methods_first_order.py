@@ -221,6 +221,27 @@ def test_neggrad_plus_step_descends_the_combined_loss_in_float64(problem):
         torch.testing.assert_close(p, p0 - 0.5 * g, rtol=1e-12, atol=1e-12)
 
 
+def test_finetune_is_sgd_with_momentum_and_decay_on_the_retain_set_in_float64(problem):
+    """Two full-batch steps on D_r alone, by hand: d_t = grad CE_r(w_t) + wd w_t, b_1 = d_0,
+    b_2 = mu b_1 + d_1, w_{t+1} = w_t - lr b_{t+1} (the lr, momentum and decay Finetune was given)."""
+    model, forget, retain = problem
+    model64 = copy.deepcopy(model).double()
+    f64, r64 = LabeledData(forget.x.double(), forget.y), LabeledData(retain.x.double(), retain.y)
+    lr, mu, wd = 0.3, 0.9, 0.01
+    reference, buffers = copy.deepcopy(model64), None
+    for _ in range(2):
+        grads = torch.autograd.grad(F.cross_entropy(reference(r64.x), r64.y), list(reference.parameters()))
+        d = [g + wd * p.detach() for g, p in zip(grads, reference.parameters())]
+        buffers = d if buffers is None else [mu * b + di for b, di in zip(buffers, d)]
+        with torch.no_grad():
+            for p, b in zip(reference.parameters(), buffers):
+                p -= lr * b
+    result = Finetune(epochs=2, lr=lr, batch_size=10_000, momentum=mu, weight_decay=wd).unlearn(model64, f64, r64)
+    assert result.gradients == 2
+    for p, q in zip(result.model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
 def test_salun_trains_only_the_salient_weights(results, problem):
     model, forget, retain = problem
     out = results["salun"][0]

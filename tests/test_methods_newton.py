@@ -460,10 +460,10 @@ def test_lipschitz_estimate_rejects_bad_arguments(kwargs, message):
 
 
 @pytest.mark.parametrize("call, error, message", [
-    (lambda: CureNewton(M=0.0), ValueError, "M"),
-    (lambda: CureNewton(M=-1.0), ValueError, "M"),
-    (lambda: CureNewton(M=float("nan")), ValueError, "M"),
-    (lambda: CureNewton(M="large"), ValueError, "M"),
+    (lambda: CureNewton(M=0.0), ValueError, "^cure_newton: M must be a finite number > 0"),
+    (lambda: CureNewton(M=-1.0), ValueError, "^cure_newton: M must be a finite number > 0"),
+    (lambda: CureNewton(M=float("nan")), ValueError, "^cure_newton: M must be a finite number > 0"),
+    (lambda: CureNewton(M="large"), ValueError, "^cure_newton: M must be a finite number > 0"),
     (lambda: CureNewton(max_iterations=0), ValueError, "max_iterations"),
     (lambda: CureNewton(tol=-1.0), ValueError, "tol"),
     (lambda: CureNewton(hvp_budget=0), ValueError, "hvp_budget"),
@@ -476,8 +476,8 @@ def test_lipschitz_estimate_rejects_bad_arguments(kwargs, message):
     (lambda: CureNewton(solver_options={"two_pass": True}), ValueError, "two_pass"),
     (lambda: CureNewton(M="auto", process_group=object()), TypeError, "process_group"),
     (lambda: DampedNewton(solver="cg"), ValueError, "solver"),
-    (lambda: StochasticCureNewton(M=0), ValueError, "M"),
-    (lambda: StochasticCureNewton(T=0), ValueError, "T"),
+    (lambda: StochasticCureNewton(M=0), ValueError, "^stochastic_cure_newton: M must be a finite number > 0"),
+    (lambda: StochasticCureNewton(T=0), ValueError, "^stochastic_cure_newton: T must be an int >= 1"),
     (lambda: DampedNewton(damping=-1e-3), ValueError, "damping"),
     (lambda: InfluenceNewton(damping=-1.0), ValueError, "damping"),
     (lambda: LiSSANewton(damping=-1.0), ValueError, "damping"),

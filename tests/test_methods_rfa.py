@@ -13,7 +13,7 @@ from unlearn_kernels.data.labeled import LabeledData
 from unlearn_kernels.methods import METHODS, RFA, CureNewton, CureNewtonLoRA
 from unlearn_kernels.methods.rfa import SHIFTS, hidden_layers
 from unlearn_kernels.models import MLP, SmallCNN
-from unlearn_kernels.training import TrainConfig, init_model, train
+from unlearn_kernels.training import TrainConfig, init_model, seeded_rng, train
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +165,29 @@ def test_cure_newton_lora_returns_the_plain_architecture(problem):
     assert result.diagnostics["layers"] == ["1", "3"] and result.hvps > 0
     with pytest.raises(TypeError, match="params is set"):
         CureNewtonLoRA(params=["1.weight"])
+
+
+def test_cure_newton_lora_is_cure_newton_on_fresh_adapters_merged_by_hand(problem):
+    """The values, not only that something moved: CureNewton on the parameters of adapters drawn from
+    the seed (as unlearn seeds the method), then W + scale B A written out here."""
+    model, forget, retain, _ = problem
+    options = {"M": 1.0, "max_iterations": 2}
+    got = CureNewtonLoRA(rank=4, **options).unlearn(model, forget, retain, seed=0)
+    adapted = copy.deepcopy(model)
+    with seeded_rng(0):
+        lora.add_adapters(adapted, ["1", "3"], rank=4)
+    step = CureNewton(params=lora.adapter_parameter_names(adapted), **options).unlearn(adapted, forget, retain, seed=0)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for name, adapter in lora.adapter_modules(step.model).items():
+            expected[f"{name}.weight"] = adapter.base.weight + adapter.scale * adapter.lora_b @ adapter.lora_a
+            expected[f"{name}.bias"] = adapter.base.bias.clone()
+    after = got.model.state_dict()
+    assert after.keys() == expected.keys() and got.hvps == step.hvps > 0
+    for key, value in expected.items():
+        torch.testing.assert_close(after[key], value, rtol=1e-6, atol=1e-7)
+    with torch.no_grad():  # the merged model computes what the adapted one does
+        torch.testing.assert_close(got.model(forget.x), step.model.eval()(forget.x), rtol=1e-5, atol=1e-5)
 
 
 def test_batchnorm_statistics_of_the_frozen_model_do_not_move(problem):

@@ -264,6 +264,52 @@ def test_mia_salun_efficacy_separable_extremes():
     assert mia_salun_efficacy(retain, y_r, test, y_t, _confident((y_f + 1) % 4, 4, gen), y_f) == 1.0
 
 
+def test_mia_scores_are_their_attackers_on_the_documented_features():
+    """Overlapping groups (not only the separable extremes, which any confidence score passes): each
+    score equals its documented attacker fit on its documented feature, computed here independently
+    (scipy's entropy, the numpy softmax). Groups of equal size make the subsampling keep every row in
+    order; a difference of one forget sample's prediction is allowed for rounding at the boundary."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.svm import SVC
+
+    gen = torch.Generator().manual_seed(4)
+    n, n_f, k = 120, 50, 6
+    retain, test, forget = (s * torch.randn(m, k, generator=gen, dtype=torch.float64)
+                            for s, m in ((2.0, n), (1.2, n), (1.6, n_f)))
+    y_r, y_t, y_f = (torch.randint(0, k, (m,), generator=gen) for m in (n, n, n_f))
+    members, non_members = np.ones(n), np.zeros(n)
+
+    def entropy(z):
+        return scipy_entropy(_softmax_np(z), axis=1).reshape(-1, 1)
+
+    def loss(z, y):
+        return -np.log(_softmax_np(z)[np.arange(len(y)), y.numpy()]).reshape(-1, 1)
+
+    def confidence(z, y):
+        return _softmax_np(z)[np.arange(len(y)), y.numpy()].reshape(-1, 1)
+
+    attacker = LogisticRegression(random_state=3).fit(np.vstack([entropy(retain), entropy(test)]),
+                                                      np.concatenate([members, non_members]))
+    expected = attacker.predict(entropy(forget)).mean()
+    assert 0.1 < expected < 0.9  # a score between the extremes
+    assert mia_entropy(retain, test, forget, seed=3) == pytest.approx(expected, abs=1.01 / n_f)
+    weighted = LogisticRegression(class_weight="balanced", random_state=3).fit(
+        np.vstack([entropy(retain), entropy(test[:70])]), np.concatenate([members, np.zeros(70)]))
+    assert mia_entropy(retain, test[:70], forget, seed=3, balance="class_weight") == pytest.approx(
+        weighted.predict(entropy(forget)).mean(), abs=1.01 / n_f)
+    x = np.vstack([loss(forget, y_f), loss(test[:n_f], y_t[:n_f])])
+    labels = np.concatenate([np.ones(n_f), np.zeros(n_f)])
+    cv = StratifiedKFold(n_splits=5, shuffle=True, random_state=3)
+    expected = cross_val_score(LogisticRegression(random_state=3), x, labels, cv=cv, scoring="accuracy").mean()
+    assert mia_loss(forget, y_f, test[:n_f], y_t[:n_f], seed=3) == pytest.approx(expected, abs=1.01 / n_f)
+    svc = SVC(C=3, gamma="auto", kernel="rbf", random_state=3).fit(
+        np.vstack([confidence(retain, y_r), confidence(test, y_t)]), np.concatenate([members, non_members]))
+    expected = 1.0 - svc.predict(confidence(forget, y_f)).mean()
+    assert 0.0 < expected < 1.0
+    assert mia_salun_efficacy(retain, y_r, test, y_t, forget, y_f, seed=3) == pytest.approx(expected, abs=1.01 / n_f)
+
+
 # --------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("fn", [kl_divergence, js_divergence, js_divergence_lotus, activation_distance])
 def test_pairwise_bad_input(fn):

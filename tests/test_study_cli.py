@@ -196,11 +196,12 @@ def test_cli_one_protocol_writes_its_scenario(tmp_path, capsys):
         (["--forget-fraction", "1.5"], "forget_fraction (--forget-fraction) must be a finite number in (0, 1), got 1.5"),
         (["--forget-fraction", "0"], "forget_fraction (--forget-fraction) must be a finite number in (0, 1)"),
         (["--protocol", "class"], "needs at least one class to forget (--forget-class)"),
-        (["--protocol", "class", "--forget-class", "42"], "42"),
+        (["--protocol", "class", "--forget-class", "42"], "class(es) [42] do not occur in the labels"),
         (["--seeds", "a,b"], "comma-separated integers"),
         (["--dataset", "mnist", "--root", "/nonexistent"], "Nothing is downloaded"),
         (["--sequential", "2"], "--sequential needs --protocol"),
-        (["--forget-class", "42"], "42"),  # the third default scenario's class, found before the first trains
+        # the third default scenario's class, found before the first trains
+        (["--forget-class", "42"], "class(es) [42] do not occur in the labels"),
         (["--protocol", "mislabeled", "--sequential", "500"], "into 500 non-empty requests"),
         (["--protocol", "class", "--forget-class", "3", "--sequential", "2"], "give 2 classes"),
         (["--set", "telepathy.x=1"], "unknown method 'telepathy'"),
@@ -260,6 +261,23 @@ def test_cli_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 2 and f"--out: '{tmp_path / 'out' / 'random'}' is a file, not a directory" in err
     assert "unlearn-kernels run:" not in out and (tmp_path / "out" / "random").read_text() == "the user's file"
+
+
+def test_cli_corrupt_cached_original_is_a_clear_error_and_left_in_place(tmp_path, capsys, monkeypatch):
+    """A damaged checkpoint in the cache (an interrupted copy, a full disk): one line naming the file,
+    status 2 and no traceback, and the file is not overwritten."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    corrupt = cache / "original-digits-mlp-0.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    monkeypatch.setattr(StudyConfig, "cache_dir", str(cache))  # the CLI's default cache
+    code = main(["run", "--protocol", "random", "--seeds", "0", "--epochs", "1", "--methods", "original",
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    (line,) = [line for line in err.splitlines() if line.startswith("unlearn-kernels: error: ")]
+    assert f"{corrupt} is not a readable checkpoint" in line and "--no-cache" in line
+    assert corrupt.read_bytes() == b"not a checkpoint"
 
 
 def test_cli_methods_help_names_what_runs_by_default(capsys, monkeypatch):

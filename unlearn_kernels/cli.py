@@ -174,6 +174,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import torch
 
     from . import report
+    from .checkpoint import CheckpointError
     from .study import check_scenario, run_study
 
     configs = _study_configs(args)
@@ -206,6 +207,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 study = run_study(config, progress=progress)
             except (ValueError, FileNotFoundError, ImportError) as exc:  # e.g. a later seed's data
                 raise UsageError(str(exc)) from None
+            except CheckpointError as exc:  # a damaged cached original: left in place for the user
+                first_line = str(exc).splitlines()[0]  # torch's unpickling errors run over several lines
+                raise UsageError(f"{first_line} (delete it to retrain, or run with --no-cache)") from None
         summary = report.summarize(study["records"])
         noise = report.gap_closed_noise(study["records"])
         for request in sorted(summary):

@@ -171,6 +171,10 @@ def _check_sets(name: str, forget: LabeledData, retain: LabeledData,
     for role, data in sets.items():
         if not isinstance(data, LabeledData):
             raise TypeError(f"{name}: the {role} set must be a LabeledData, got {type(data).__name__}")
+    if len({data.device for data in sets.values()}) > 1:
+        raise ValueError(f"{name}: the sets are on different devices: "
+                         + ", ".join(f"{role} on {data.device}" for role, data in sets.items()))
+    for role, data in sets.items():
         row = first_nonfinite_row(data.x)
         if row is not None:
             raise ValueError(f"{name}: the {role} set has inputs that are not finite (NaN or Inf; first at row {row})")

@@ -108,12 +108,13 @@ def _check_inputs(eigvals: torch.Tensor, coeffs: torch.Tensor, M: float, tol: fl
             raise TypeError(f"{_OP}: {name} must be a floating point tensor, got {t.dtype}")
         if t.dim() != 1:
             raise ValueError(f"{_OP}: {name} must be 1-D (k,), got shape {tuple(t.shape)}")
-        if not all_finite(t):
-            raise ValueError(f"{_OP}: {name} contains NaN or Inf")
     if eigvals.shape != coeffs.shape:
         raise ValueError(f"{_OP}: eigvals shape {tuple(eigvals.shape)} must equal coeffs shape {tuple(coeffs.shape)}")
-    if eigvals.device != coeffs.device:
+    if eigvals.device != coeffs.device:  # before the values are read (a meta tensor has none)
         raise ValueError(f"{_OP}: eigvals are on {eigvals.device} but coeffs are on {coeffs.device}")
+    for name, t in (("eigvals", eigvals), ("coeffs", coeffs)):
+        if not all_finite(t):
+            raise ValueError(f"{_OP}: {name} contains NaN or Inf")
     check_number(f"{_OP}: M", M, 0.0, strict=True)
     check_number(f"{_OP}: tol", tol, 0.0, 1.0, strict=True, strict_high=True)
     check_int(f"{_OP}: max_iter", max_iter)
