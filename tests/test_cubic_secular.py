@@ -181,8 +181,8 @@ def test_inputs_on_every_device(backend, device, rng):
         ((torch.ones(2), torch.tensor([float("nan"), 1.0]), 1.0), {}, ValueError, "NaN or Inf"),
         ((torch.ones(2, dtype=torch.int64), torch.ones(2), 1.0), {}, TypeError, "floating point"),
         # "meta" stands for another device on a machine without a GPU
-        ((torch.ones(2, device="meta"), torch.ones(2), 1.0), {}, ValueError, "^cubic_secular_solve: eigvals are on meta "
-         "but coeffs are on cpu$"),
+        ((torch.ones(2, device="meta"), torch.ones(2), 1.0), {}, ValueError,
+         "^cubic_secular_solve: eigvals are on meta but coeffs are on cpu$"),
         ((torch.ones(2), torch.ones(2, device="meta"), 1.0), {}, ValueError, "^cubic_secular_solve: eigvals are on cpu "
          "but coeffs are on meta$"),
         (([1.0, 2.0], torch.ones(2), 1.0), {}, TypeError, "torch.Tensor"),
