@@ -2,7 +2,8 @@
 LoRA adapters only) vs first-order baselines, against the retrained oracle, on digits with the MLP
 and the CNN, under the random (10%), mislabeled (10%) and class (class 3) protocols, seeds 0-2.
 
-    python examples/rfa_study.py [--out docs/rfa] [--seeds 0 1 2] [--models mlp cnn]
+    python examples/rfa_study.py [--out runs/rfa] [--seeds 0 1 2] [--models mlp cnn]
+    python examples/rfa_study.py --out docs/rfa   # rewrites the committed study
     python examples/rfa_study.py --hvp-modes   # in a source checkout (uses benchmarks.common)
 
 Writes ``results.json`` (one record per model, protocol, seed and method), ``summary.md`` (the tables
@@ -239,10 +240,11 @@ def hvp_modes(out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="docs/rfa")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
+    parser.add_argument("--out", default="runs/rfa",
+                        help="output folder (default runs/rfa; docs/rfa rewrites the committed study)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], help="mlp and/or cnn (default both)")
     parser.add_argument("--hvp-modes", action="store_true", help="time the adapter HVP modes instead")
     args = parser.parse_args()
     torch.set_num_threads(1)

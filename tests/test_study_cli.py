@@ -2,6 +2,9 @@
 protocol (random, mislabeled, class, sequential), method options, the three-scenario default, the
 progress lines of a non-terminal, and clear errors for wrong options."""
 import json
+import os
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -261,6 +264,49 @@ def test_cli_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 2 and f"--out: '{tmp_path / 'out' / 'random'}' is a file, not a directory" in err
     assert "unlearn-kernels run:" not in out and (tmp_path / "out" / "random").read_text() == "the user's file"
+
+
+def test_cli_out_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """An existing --out (or scenario folder) without write permission: refused before training, not
+    with a PermissionError after the whole study (os.access stands in for the permission bits, which
+    the root user of a CI container would not see)."""
+
+    locked = tmp_path / "locked"
+    (locked / "random").mkdir(parents=True)
+    for denied in (locked, locked / "random"):
+        monkeypatch.setattr(os, "access", lambda path, mode, denied=denied: Path(path) != denied)
+        code = main(["run", "--seeds", "0", "--methods", "original", "--protocol", "random", "--out", str(locked)])
+        out, err = capsys.readouterr()
+        assert code == 2 and f"--out: '{denied}' is not writable" in err
+        assert "unlearn-kernels run:" not in out and "training the original" not in err
+
+
+def test_cli_repeated_method_is_refused(capsys):
+    """A method named twice would run twice, the second continuing from the first, and pool with it."""
+    code = main(["run", "--seeds", "0", "--protocol", "random", "--methods", "finetune,cure_newton,finetune"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "methods (--methods) repeat finetune: each method runs once per request" in err
+    assert "unlearn-kernels run:" not in out
+
+
+def test_cli_default_class_scenario_on_a_dataset_without_class_3_says_what_to_do(capsys):
+    code = main(["run", "--dataset", "iris", "--seeds", "0", "--methods", "original"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "the default class scenario forgets class 3: pick another with --forget-class" in err
+    assert "unlearn-kernels run:" not in out
+
+
+def test_cli_reader_that_goes_away_ends_quietly(monkeypatch):
+    """`unlearn-kernels backends | head -0`: no BrokenPipeError traceback, the shell's status 141."""
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    stdout = os.fdopen(write_end, "w")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    try:
+        assert main(["backends"]) == 141
+    finally:
+        stdout.close()
 
 
 def test_cli_corrupt_cached_original_is_a_clear_error_and_left_in_place(tmp_path, capsys, monkeypatch):

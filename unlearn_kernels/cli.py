@@ -13,6 +13,7 @@ import argparse
 import ast
 import contextlib
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -47,6 +48,9 @@ def _check_out(root: Path, scenarios: Iterable[str]) -> None:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"--out {str(root)!r} cannot be made: {exc}") from None
+    for path in (root, *(root / name for name in scenarios)):  # an existing folder we cannot write in
+        if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+            raise UsageError(f"--out: {str(path)!r} is not writable")
 
 
 def parse_method_options(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -184,7 +188,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         try:
             check_scenario(config)
         except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:  # e.g. a class that does not exist
-            raise UsageError(str(exc)) from None
+            hint = ""
+            if config.protocol == "class" and args.protocol is None and not args.forget_class:
+                hint = (" (the default class scenario forgets class 3: pick another with --forget-class, or run one "
+                        "scenario with --protocol random or --protocol mislabeled)")
+            raise UsageError(str(exc) + hint) from None
     first = next(iter(configs.values()))
     root = Path(args.out or f"runs/{first.dataset}-{first.model}")
     _check_out(root, configs)
@@ -260,9 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run this one scenario (default: three scenarios, random, mislabeled and class, then a "
                         "summary of the gap each method closes)")
     p.add_argument("--forget-fraction", type=float, default=0.1,
-                   help="fraction of the train split to forget (random) or to mislabel and forget (mislabeled)")
+                   help="fraction of the train split to forget (random) or to mislabel and forget (mislabeled); "
+                        "default 0.1")
     p.add_argument("--forget-class", type=int, action="append",
-                   help="class to forget (class protocol; repeatable; the default scenarios use class 3)")
+                   help="class to forget (repeatable; required with --protocol class; the default scenarios use "
+                        "class 3)")
     p.add_argument("--sequential", type=int, default=None, metavar="K",
                    help="K forget requests one after another (with --protocol; mislabeled: the wrong-label rows "
                         "in K parts; class: one class per request, K classes)")
@@ -276,9 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (default 1: fastest for small models)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs of the original and the oracle")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="training epochs of the original and the oracle "
+                   "(default: the model's recipe, unlearn_kernels.study.DEFAULT_RECIPES; mlp 30, cnn 20)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of that training (default: the recipe's; "
+                   "mlp and cnn 0.05)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size of that training (default: the "
+                   "recipe's; mlp and cnn 64)")
     p.add_argument("--out", default=None, help="output directory (default runs/<dataset>-<model>); each scenario "
                    "writes <out>/<scenario>/results.json and plots")
     p.add_argument("--no-cache", action="store_true", help="retrain the original model even if a matching one is cached")
@@ -292,10 +305,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # inside the try: a reader that went away fails here, not at exit
+        return status
     except UsageError as exc:
         print(f"unlearn-kernels: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): no traceback; Python's recipe
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -160,6 +160,9 @@ class StudyConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(sorted(METHODS))}")
+        repeated = sorted({m for m in self.methods if self.methods.count(m) > 1})
+        if repeated:  # a second run would continue from the first one's result and pool with it in mean ± std
+            raise ValueError(f"methods (--methods) repeat {', '.join(repeated)}: each method runs once per request")
         if "retrain" not in self.methods:
             self.methods = ("retrain", *self.methods)
         check_choice("protocol (--protocol)", self.protocol, PROTOCOLS)
