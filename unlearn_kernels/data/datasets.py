@@ -107,7 +107,8 @@ def _scaled(images: np.ndarray) -> torch.Tensor:
 
 def _need_root(name: str, root: Path | None) -> Path:
     if root is None:
-        raise ValueError(f"dataset {name!r} is read from local files: pass root=<directory holding them>; nothing is downloaded")
+        raise ValueError(f"dataset {name!r} is read from local files: pass root=<directory holding them> (--root on "
+                         "the command line); nothing is downloaded")
     return Path(root)
 
 
