@@ -314,3 +314,18 @@ def test_cpp_row_chunks_in_parallel(threads, merged, rng):
     for a, c in zip(lora_linear_jvp(x, weight, b, lora_a, lora_b, scale, ta, tb, backend="cpp"),
                     lora_linear_jvp_ref(x, weight, b, lora_a, lora_b, scale, ta, tb)):
         torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_values_propagate_like_f_linear(backend):
+    """The documented contract: a forward-pass layer, unchecked; a NaN in one row of x gives a NaN
+    row and leaves the other rows exact, on every backend."""
+    args = _valid()
+    args["x"] = torch.arange(24, dtype=torch.float32).reshape(4, 6) / 10
+    args["x"][1, 2] = float("nan")
+    out = lora_linear(*args.values(), backend=backend)
+    expected = torch.nn.functional.linear(args["x"], args["weight"], args["bias"]) + (
+        args["x"] @ args["lora_a"].T @ args["lora_b"].T)
+    assert out[1].isnan().all()
+    rows = [0, 2, 3]
+    torch.testing.assert_close(out[rows], expected[rows])

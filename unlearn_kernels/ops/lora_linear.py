@@ -277,6 +277,10 @@ def lora_linear(
     Returns:
         (..., out) tensor of x's dtype. Differentiable w.r.t. x, lora_a and lora_b (backward, double
         backward, ``torch.func`` grad / jvp / vmap); W and b get no gradient.
+
+    A layer of a model's forward pass, like ``F.linear``: NaN or Inf in the tensors propagates to the
+    output without a check (a check would read every input back on each call; the unlearning methods
+    check the model's weights and data once, up front).
     """
     _check_inputs(_OP, x, weight, bias, lora_a, lora_b, scale)
     name = choose(_OP, x.device, backend)
