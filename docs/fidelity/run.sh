@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Reproduces the runs behind docs/fidelity.md (one thread; about an hour on a 2-core machine).
+# Reproduces the runs behind docs/fidelity.md (one thread; about 40 minutes on the 2-core machine).
 # Each run writes docs/fidelity/<run>/<scenario>/results.json and its plots; make_tables.py then
 # writes docs/fidelity/tables.md and the sequential plots from those files (the tables in
 # docs/fidelity.md are excerpts of it).
 set -euo pipefail
 cd "$(dirname "$0")"
 ALL=retrain,original,cure_newton,stochastic_cure_newton,newton_pinv,damped_newton,influence,lissa,finetune,neggrad_plus,salun,scrub,lotus,rfa
-# sequential runs: the exact damped solves cost 20-36 s a call; the CG variant shows the same failure cheaply
+# sequential runs: the exact damped solves cost about a minute a call here; the CG variant shows the same failure cheaply
 SEQ=retrain,original,cure_newton,stochastic_cure_newton,newton_pinv,damped_newton_cg,lissa,finetune,neggrad_plus,salun,scrub,lotus,rfa
 # the CNN has 10x the parameters of the MLP: the exact damped solves are left out there too
 CNN=$SEQ
