@@ -223,7 +223,7 @@ def test_cli_one_protocol_writes_its_scenario(tmp_path, capsys):
          "retrain_reseeded takes no method options"),
         (["--set", "cure_newton.M"], "--set expects METHOD.OPTION=VALUE"),
         (["--set", "M=2"], "--set expects METHOD.OPTION=VALUE"),
-        (["--device", "tpu"], "--device 'tpu': Expected one of cpu, cuda"),
+        (["--device", "tpu"], "--device 'tpu' is not a device name: use cpu, cuda or cuda:N"),
         (["--device", "cuda:99"], "--device 'cuda:99' cannot run here"),  # no GPU, or not that many
         (["--device", "meta"], "--device 'meta' cannot run here"),
         (["--lr", "-1"], "lr must be a finite number > 0"),

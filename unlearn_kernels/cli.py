@@ -80,8 +80,8 @@ def _check_device(name: str) -> None:
 
     try:
         device = torch.device(name)
-    except RuntimeError as exc:  # an unknown type: "Expected one of cpu, cuda, ..."
-        raise UsageError(f"--device {name!r}: {exc}") from None
+    except RuntimeError:  # an unknown type (torch's message lists all twenty it knows)
+        raise UsageError(f"--device {name!r} is not a device name: use cpu, cuda or cuda:N") from None
     # A tensor made and read back there: the device is built into torch, present and visible, and
     # holds data (meta does not). Torch raises several exception types for these.
     try:
