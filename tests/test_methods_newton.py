@@ -141,6 +141,7 @@ def test_newton_steps_equal_dense_solves(logreg):
     close(NewtonPinv(weight_decay=LAM, solver="lanczos", rank=H.shape[0]).unlearn(original, forget, retain),
           newton_step, 1e-6)
     for damped in (DampedNewton(damping=0.1, weight_decay=LAM),
+                   DampedNewton(damping=0.1, solver="ldl", weight_decay=LAM),
                    DampedNewton(damping=0.1, solver="minres", weight_decay=LAM),
                    DampedNewtonCG(damping=0.1, weight_decay=LAM)):
         close(damped.unlearn(original, forget, retain), -torch.linalg.solve(H + 0.1 * eye, g), 1e-7)
@@ -230,6 +231,9 @@ def test_baselines_equal_dense_float64_solves_on_an_indefinite_hessian(mlp):
     close(step(NewtonPinv(dtype=torch.float64)), pinv, 1e-6)
     damped = -torch.linalg.solve(H + damping * eye, g)
     close(step(DampedNewton(damping=damping, dtype=torch.float64)), damped, 1e-5)
+    ldl = DampedNewton(damping=damping, solver="ldl", dtype=torch.float64).unlearn(model, forget, retain)
+    close(step_of(ldl, model), damped, 1e-5)
+    assert ldl.diagnostics["negative_eigenvalues"] == int((lam + damping < 0).sum()) > 0
     close(step(DampedNewton(damping=damping, solver="minres", tol=1e-12, dtype=torch.float64)), damped, 1e-5)
     # CG stops at the first negative curvature of H + damping I: not the damped step
     cg = DampedNewtonCG(damping=damping, dtype=torch.float64).unlearn(model, forget, retain)

@@ -7,10 +7,12 @@ from spectra import sym_with_spectrum
 
 from unlearn_kernels.solvers import (
     DENSE_MAX_DIM,
+    DENSE_SOLVE_MAX_DIM,
     DenseOperator,
     as_operator,
     conjugate_gradient,
     damped_newton_step,
+    damped_solver,
     lissa,
     minres,
     pinv_newton_step,
@@ -81,6 +83,11 @@ def test_auto_solvers_choose_by_dimension(singular):
     assert pinv_newton_step(op, g).method == "pinv-eigh"  # d = 25 <= DENSE_MAX_DIM
     assert damped_newton_step(op, g, 0.5).method == "damped-eigh"
     assert D <= DENSE_MAX_DIM
+    # damped solves: the eigendecomposition, then the LDL^T factorisation while the float64 matrix fits
+    # in 1 GiB, then MINRES
+    assert [damped_solver(d) for d in (1, DENSE_MAX_DIM, DENSE_MAX_DIM + 1, DENSE_SOLVE_MAX_DIM,
+                                       DENSE_SOLVE_MAX_DIM + 1)] == ["eigh", "eigh", "ldl", "ldl", "minres"]
+    assert 8 * DENSE_SOLVE_MAX_DIM**2 <= 2**30 < 8 * (DENSE_SOLVE_MAX_DIM + 1) ** 2
 
 
 def test_damped_eigh_and_minres_solve_indefinite_systems(singular):
@@ -92,9 +99,23 @@ def test_damped_eigh_and_minres_solve_indefinite_systems(singular):
     assert torch.allclose(eig.step, expected, atol=1e-10)
     mr = damped_newton_step(H, g, lam, solver="minres", tol=1e-12)
     assert torch.allclose(mr.step, expected, atol=1e-7)
+    # LDL^T of the dense matrix built from d products; its D counts the negative eigenvalues of H + lam I
+    ldl = damped_newton_step(lambda v: H @ v, g, lam, solver="ldl")
+    assert ldl.method == "damped-ldl" and ldl.num_hvps == D and ldl.converged
+    assert torch.allclose(ldl.step, expected, atol=1e-10)
+    assert ldl.residual == pytest.approx(float(torch.linalg.vector_norm(H @ ldl.step + lam * ldl.step + g)),
+                                         rel=1e-3, abs=1e-13)
+    assert ldl.info["negative_eigenvalues"] == int((torch.linalg.eigvalsh(H) + lam < 0).sum()) == 6
+    # float32 in, float32 out (the factorisation runs in float64)
+    ldl32 = damped_newton_step(H.float(), g.float(), lam, solver="ldl")
+    assert ldl32.step.dtype == torch.float32 and torch.allclose(ldl32.step.double(), expected, atol=1e-4)
     # a singular H + damping I: the pseudo-inverse there (lambda = 0 is an eigenvalue of H)
     zero = damped_newton_step(H, g, 0.0, solver="eigh")
     assert torch.allclose(zero.step, pinv_newton_step(H, g, rcond=1e-12).step, atol=1e-10)
+    # ... which a factorisation cannot give: an exactly zero pivot is an error that says what to use
+    with pytest.raises(ValueError, match=r"H \+ damping I is singular to working precision .*solver='eigh'"):
+        damped_newton_step(torch.diag(torch.tensor([1.0, 0.0, -2.0], dtype=torch.float64)),
+                           torch.ones(3, dtype=torch.float64), 0.0, solver="ldl")
 
 
 @pytest.mark.parametrize("solver", ["cg", "minres"])
@@ -184,6 +205,8 @@ def test_bad_inputs(spd):
         pinv_newton_step(H, g, solver="lanczos", rank=0)
     with pytest.raises(TypeError, match="rcond"):
         damped_newton_step(H, g, 0.1, solver="eigh", tol=1e-3)
+    with pytest.raises(TypeError, match="solver 'ldl' takes no options, got \\['tol'\\]"):
+        damped_newton_step(H, g, 0.1, solver="ldl", tol=1e-3)
     with pytest.raises(ValueError, match="damping"):
         damped_newton_step(H, g, math.nan)
     with pytest.raises(ValueError, match="rcond"):

@@ -79,6 +79,9 @@ def test_damped_steps_solve_indefinite_systems(d, seed, shift, damping):
     expected = -torch.linalg.solve(A, g)
     eigh = damped_newton_step(H, g, damping, solver="eigh")
     assert float((eigh.step - expected).norm()) <= 1e-12 * cond * max(float(expected.norm()), 1.0)
+    ldl = damped_newton_step(H, g, damping, solver="ldl")
+    assert float((ldl.step - expected).norm()) <= 1e-12 * cond * max(float(expected.norm()), 1.0)
+    assert ldl.info["negative_eigenvalues"] == int((mu < 0).sum())
     minres = damped_newton_step(H, g, damping, solver="minres", tol=1e-12, maxiter=20 * d)
     assert float((minres.step - expected).norm()) <= 1e-9 * cond * max(float(expected.norm()), 1.0)
 

@@ -16,10 +16,12 @@ foundation layer: the training recipe uses them too).
 from .arc import KRYLOV_DEFAULTS, ARCResult, ARCTrial, adaptive_cubic_newton, check_arc_options
 from .baselines import (
     DENSE_MAX_DIM,
+    DENSE_SOLVE_MAX_DIM,
     LinearSolve,
     NewtonStep,
     conjugate_gradient,
     damped_newton_step,
+    damped_solver,
     lissa,
     minres,
     pinv_newton_step,
@@ -42,6 +44,7 @@ __all__ = [
     "ARCTrial",
     "CubicStep",
     "DENSE_MAX_DIM",
+    "DENSE_SOLVE_MAX_DIM",
     "DenseOperator",
     "KRYLOV_DEFAULTS",
     "KrylovCubicSolver",
@@ -58,6 +61,7 @@ __all__ = [
     "cubic_model_value",
     "cubic_newton_step",
     "damped_newton_step",
+    "damped_solver",
     "dense_cubic_step",
     "lanczos",
     "lissa",
