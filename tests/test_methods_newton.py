@@ -234,6 +234,11 @@ def test_baselines_equal_dense_float64_solves_on_an_indefinite_hessian(mlp):
     ldl = DampedNewton(damping=damping, solver="ldl", dtype=torch.float64).unlearn(model, forget, retain)
     close(step_of(ldl, model), damped, 1e-5)
     assert ldl.diagnostics["negative_eigenvalues"] == int((lam + damping < 0).sum()) > 0
+    # MINRES cut short falls back to the factorisation (the method passes its maxiter to the attempt)
+    fallback = DampedNewton(damping=damping, solver="minres-ldl", maxiter=3, dtype=torch.float64).unlearn(
+        model, forget, retain)
+    assert fallback.diagnostics["solver"] == "damped-ldl" and fallback.diagnostics["minres_iterations"] == 3
+    close(step_of(fallback, model), damped, 1e-5)
     close(step(DampedNewton(damping=damping, solver="minres", tol=1e-12, dtype=torch.float64)), damped, 1e-5)
     # CG stops at the first negative curvature of H + damping I: not the damped step
     cg = DampedNewtonCG(damping=damping, dtype=torch.float64).unlearn(model, forget, retain)

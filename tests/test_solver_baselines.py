@@ -83,10 +83,11 @@ def test_auto_solvers_choose_by_dimension(singular):
     assert pinv_newton_step(op, g).method == "pinv-eigh"  # d = 25 <= DENSE_MAX_DIM
     assert damped_newton_step(op, g, 0.5).method == "damped-eigh"
     assert D <= DENSE_MAX_DIM
-    # damped solves: the eigendecomposition, then the LDL^T factorisation while the float64 matrix fits
-    # in 1 GiB, then MINRES
+    # damped solves: the eigendecomposition, then MINRES falling back to the LDL^T factorisation while
+    # the float64 matrix fits in 1 GiB, then MINRES alone
     assert [damped_solver(d) for d in (1, DENSE_MAX_DIM, DENSE_MAX_DIM + 1, DENSE_SOLVE_MAX_DIM,
-                                       DENSE_SOLVE_MAX_DIM + 1)] == ["eigh", "eigh", "ldl", "ldl", "minres"]
+                                       DENSE_SOLVE_MAX_DIM + 1)] == ["eigh", "eigh", "minres-ldl", "minres-ldl",
+                                                                     "minres"]
     assert 8 * DENSE_SOLVE_MAX_DIM**2 <= 2**30 < 8 * (DENSE_SOLVE_MAX_DIM + 1) ** 2
 
 
@@ -106,6 +107,15 @@ def test_damped_eigh_and_minres_solve_indefinite_systems(singular):
     assert ldl.residual == pytest.approx(float(torch.linalg.vector_norm(H @ ldl.step + lam * ldl.step + g)),
                                          rel=1e-3, abs=1e-13)
     assert ldl.info["negative_eigenvalues"] == int((torch.linalg.eigvalsh(H) + lam < 0).sum()) == 6
+    # MINRES first: where it converges within its budget its step is returned, else the factorisation's
+    # (20 distinct eigenvalues: MINRES needs about 20 iterations, more than the default budget of D // 4)
+    well = damped_newton_step(lambda v: H @ v, g, lam, solver="minres-ldl", tol=1e-12, maxiter=D)
+    assert well.method == "damped-minres" and well.num_hvps == well.iterations + 1 <= D + 1
+    assert torch.allclose(well.step, expected, atol=1e-7)
+    short = damped_newton_step(lambda v: H @ v, g, lam, solver="minres-ldl", tol=1e-12)
+    assert short.method == "damped-ldl" and short.info["minres_iterations"] == short.iterations == D // 4
+    assert short.num_hvps == D // 4 + 1 + D and torch.allclose(short.step, expected, atol=1e-10)
+    assert short.info["negative_eigenvalues"] == 6
     # float32 in, float32 out (the factorisation runs in float64)
     ldl32 = damped_newton_step(H.float(), g.float(), lam, solver="ldl")
     assert ldl32.step.dtype == torch.float32 and torch.allclose(ldl32.step.double(), expected, atol=1e-4)

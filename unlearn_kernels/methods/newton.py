@@ -647,18 +647,21 @@ class DampedNewton(_NewtonFamily):
     Args:
         damping: lambda >= 0 (default 0.01, the damping Koh and Liang use for influence functions).
         solver: "eigh" (float64 eigendecomposition of the dense Hessian: exact), "ldl" (the dense
-            float64 matrix factored as L D L^T: exact, 1/25 of the eigendecomposition's time at d = 9,610), "minres"
-            (to ``tol``) or "auto" (the default: "eigh" up to d = :data:`~unlearn_kernels.solvers.DENSE_MAX_DIM`,
-            "ldl" up to :data:`~unlearn_kernels.solvers.DENSE_SOLVE_MAX_DIM`, else "minres").
-        tol, maxiter: "minres": relative tolerance (1e-8; with float32 products the true residual
+            float64 matrix factored as L D L^T: exact, 1/25 of the eigendecomposition's time at d =
+            9,610), "minres" (to ``tol``), "minres-ldl" (MINRES, then "ldl" where MINRES has not
+            converged within ``maxiter`` iterations, default d // 4) or "auto" (the default: "eigh" up
+            to d = :data:`~unlearn_kernels.solvers.DENSE_MAX_DIM`, "minres-ldl" up to
+            :data:`~unlearn_kernels.solvers.DENSE_SOLVE_MAX_DIM`, else "minres"; see
+            :func:`~unlearn_kernels.solvers.damped_newton_step`).
+        tol, maxiter: MINRES's relative tolerance (1e-8; with float32 products the true residual
             stops improving near there, docs/methods.md gives measurements) and iteration cap
-            (None: scipy's 5 d).
+            (None: scipy's 5 d for "minres", d // 4 for "minres-ldl").
         params, loss_fn, dtype, batch_size, weight_decay, path, process_group: see the module docstring.
     """
 
     name = "damped_newton"
     _divergence_remedy = "raise damping"
-    _solvers: tuple[str, ...] = ("auto", "eigh", "ldl", "minres")
+    _solvers: tuple[str, ...] = ("auto", "eigh", "ldl", "minres", "minres-ldl")
 
     def __init__(self, damping: float = 0.01, solver: str = "auto", tol: float = 1e-8, maxiter: int | None = None, *,
                  params: str | Sequence[str] | None = None, loss_fn: LossFn = F.cross_entropy,
@@ -676,7 +679,7 @@ class DampedNewton(_NewtonFamily):
     def _damped_solve(self, H: RegularizedOperator, b: torch.Tensor) -> NewtonStep:
         """``-(H + damping I)^{-1} b``."""
         solver = damped_solver(H.shape[0]) if self.solver == "auto" else self.solver
-        options = {"tol": self.tol, "maxiter": self.maxiter} if solver == "minres" else {}
+        options = {"tol": self.tol, "maxiter": self.maxiter} if solver in ("minres", "minres-ldl") else {}
         return damped_newton_step(H, b, self.damping, solver=solver, **options)
 
     def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -217,16 +217,18 @@ def lissa(H: Any, b: torch.Tensor, *, scale: float, damping: float = 0.0, depth:
 #: eigendecomposition: about 8 s at d = 4000 on one CPU thread) up to this many parameters
 DENSE_MAX_DIM = 4096
 
-#: "auto" damped solves beyond :data:`DENSE_MAX_DIM` factor the dense matrix (LDL^T) while its float64
-#: copy fits in 1 GiB (the factorisation: 15 s at d = 9,610 on one CPU thread, where the
-#: eigendecomposition takes 6 minutes); beyond it they run MINRES
+#: "auto" damped solves beyond :data:`DENSE_MAX_DIM` fall back from MINRES to factoring the dense matrix
+#: (LDL^T) while its float64 copy fits in 1 GiB (the solve holds two such copies; the factorisation takes
+#: 15 s at d = 9,610 on one CPU thread, where the eigendecomposition takes 6 minutes); beyond it they run
+#: MINRES alone
 DENSE_SOLVE_MAX_DIM = math.isqrt(2**30 // 8)
 
 
 def _dense64(op: SolverOperator) -> torch.Tensor:
-    """The symmetrised dense matrix in float64 (a new tensor; d products for an operator)."""
+    """The symmetrised dense matrix in float64 (a new tensor; d products for an operator). At most two
+    float64 (d, d) matrices are alive at once."""
     H64 = op.to_dense().double()
-    return 0.5 * (H64 + H64.T)
+    return (H64 + H64.T).mul_(0.5)
 
 
 def _eigh(op: SolverOperator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,17 +319,32 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float = 1e-6, solver: st
 
 def damped_solver(d: int) -> str:
     """The solver ``damped_newton_step(..., solver="auto")`` picks for an operator of d parameters:
-    "eigh" up to :data:`DENSE_MAX_DIM`, "ldl" up to :data:`DENSE_SOLVE_MAX_DIM`, else "minres"."""
-    return "eigh" if d <= DENSE_MAX_DIM else "ldl" if d <= DENSE_SOLVE_MAX_DIM else "minres"
+    "eigh" up to :data:`DENSE_MAX_DIM`, "minres-ldl" up to :data:`DENSE_SOLVE_MAX_DIM`, else "minres"."""
+    return "eigh" if d <= DENSE_MAX_DIM else "minres-ldl" if d <= DENSE_SOLVE_MAX_DIM else "minres"
+
+
+def _ldl_step(op: SolverOperator, g: torch.Tensor, damping: float) -> NewtonStep:
+    """``-(H + damping I)^{-1} g`` by the LDL^T factorisation of the dense float64 matrix."""
+    A = _dense64(op)
+    A.diagonal().add_(damping)
+    LD, pivots, info = torch.linalg.ldl_factor_ex(A)
+    c = g.double().unsqueeze(1)
+    x = torch.linalg.ldl_solve(LD, pivots, -c).squeeze(1)
+    if int(info) != 0 or not bool(torch.isfinite(x).all()):
+        raise ValueError(f"H + damping I is singular to working precision (damping {damping:g}: a zero pivot "
+                         "or an overflowing solution); use solver='eigh' (the pseudo-inverse) or a larger damping")
+    residual = norm64(A @ x + c.squeeze(1))
+    return NewtonStep(x.to(g.dtype), residual, op.num_hvps, 0, True, "damped-ldl",
+                      {"negative_eigenvalues": _negative_eigenvalues(LD, pivots)})
 
 
 def damped_newton_step(H: Any, g: torch.Tensor, damping: float, *, solver: str = "auto",
                        **options: Any) -> NewtonStep:
     """The damped Newton step ``s = -(H + damping I)^{-1} g`` with a given damping.
 
-    ``H + damping I`` may be indefinite (a network's Hessian is): "eigh", "ldl" and "minres" solve
-    the system as it is; "cg" stops at the first direction of negative curvature and returns its
-    iterate there (not the solution; ``info["negative_curvature"]``), "lissa" diverges.
+    ``H + damping I`` may be indefinite (a network's Hessian is): "eigh", "ldl", "minres" and
+    "minres-ldl" solve the system as it is; "cg" stops at the first direction of negative curvature
+    and returns its iterate there (not the solution; ``info["negative_curvature"]``), "lissa" diverges.
 
     Args:
         H: dense symmetric matrix or operator.
@@ -336,16 +353,20 @@ def damped_newton_step(H: Any, g: torch.Tensor, damping: float, *, solver: str =
         solver: "eigh" (float64 eigendecomposition of the dense H, an operator made dense by d
             products; where ``H + damping I`` is singular, its pseudo-inverse with ``rcond``;
             ``info["lambda_min"]``), "ldl" (the dense float64 matrix factored as L D L^T with
-            Bunch-Kaufman pivoting, a small fraction of the eigendecomposition's time: exact where ``H +
-            damping I`` is not singular, an error where it is; ``info["negative_eigenvalues"]``
+            Bunch-Kaufman pivoting, a small fraction of the eigendecomposition's time: exact where
+            ``H + damping I`` is not singular, an error where it is; ``info["negative_eigenvalues"]``
             counts those of ``H + damping I``), "minres" (:func:`minres`, default ``tol`` 1e-10),
-            "cg" (:func:`conjugate_gradient`), "lissa" (:func:`lissa`), or "auto" ("eigh" for a dense
+            "minres-ldl" (MINRES with at most ``maxiter`` iterations, default d // 4, then "ldl" if it
+            has not converged: a well-conditioned system takes tens to hundreds of products, a nearly
+            singular one more than building the dense matrix costs, so a failed attempt adds at most
+            a quarter to the d products of the dense matrix; ``info["minres_iterations"]`` on the fallback), "cg"
+            (:func:`conjugate_gradient`), "lissa" (:func:`lissa`), or "auto" ("eigh" for a dense
             matrix, else :func:`damped_solver`).
-        **options: passed to the solver ("eigh": ``rcond``, default 1e-12; "minres"/"cg":
-            tol/maxiter; "lissa": scale/depth/repeats/sample).
+        **options: passed to the solver ("eigh": ``rcond``, default 1e-12; "minres", "minres-ldl" and
+            "cg": tol/maxiter; "lissa": scale/depth/repeats/sample).
 
     Raises:
-        ValueError: "ldl" on a singular ``H + damping I``.
+        ValueError: "ldl" (or "minres-ldl" falling back to it) on a singular ``H + damping I``.
     """
     op, g = operator_and_vector(H, g)
     damping = check_number("damping", damping, 0.0)
@@ -354,17 +375,17 @@ def damped_newton_step(H: Any, g: torch.Tensor, damping: float, *, solver: str =
     if solver == "ldl":
         if options:
             raise TypeError(f"solver 'ldl' takes no options, got {sorted(options)}")
-        A = _dense64(op)
-        A.diagonal().add_(damping)
-        LD, pivots, info = torch.linalg.ldl_factor_ex(A)
-        c = g.double().unsqueeze(1)
-        x = torch.linalg.ldl_solve(LD, pivots, -c).squeeze(1)
-        if int(info) != 0 or not bool(torch.isfinite(x).all()):
-            raise ValueError(f"H + damping I is singular to working precision (damping {damping:g}: a zero pivot "
-                             "or an overflowing solution); use solver='eigh' (the pseudo-inverse) or a larger damping")
-        residual = norm64(A @ x + c.squeeze(1))
-        return NewtonStep(x.to(g.dtype), residual, op.num_hvps, 0, True, "damped-ldl",
-                          {"negative_eigenvalues": _negative_eigenvalues(LD, pivots)})
+        return _ldl_step(op, g, damping)
+    if solver == "minres-ldl":
+        budget = options.get("maxiter")
+        attempt = minres(op, g, damping=damping,
+                         **{**options, "maxiter": max(1, op.shape[0] // 4) if budget is None else budget})
+        if attempt.converged:
+            return NewtonStep(-attempt.solution, attempt.residual, attempt.num_hvps, attempt.iterations, True,
+                              "damped-minres", attempt.info)
+        dense = _ldl_step(as_operator(op, op.shape[0], dtype=op.dtype, device=op.device), g, damping)  # counts anew
+        return replace(dense, num_hvps=attempt.num_hvps + dense.num_hvps, iterations=attempt.iterations,
+                       info={**dense.info, "minres_iterations": attempt.iterations})
     if solver == "eigh":
         unknown = set(options) - {"rcond"}
         if unknown:
@@ -378,7 +399,8 @@ def damped_newton_step(H: Any, g: torch.Tensor, damping: float, *, solver: str =
                           {"rank": kept, "lambda_min": float(lam[0])})
     solvers = {"cg": conjugate_gradient, "minres": minres, "lissa": lissa}
     if solver not in solvers:
-        raise ValueError(f"solver must be 'auto', 'eigh', 'ldl', 'cg', 'minres' or 'lissa', got {solver!r}")
+        raise ValueError("solver must be 'auto', 'eigh', 'ldl', 'minres', 'minres-ldl', 'cg' or 'lissa', "
+                         f"got {solver!r}")
     sol = solvers[solver](op, g, damping=damping, **options)
     return NewtonStep(-sol.solution, sol.residual, sol.num_hvps, sol.iterations, sol.converged,
                       f"damped-{solver}", sol.info)
