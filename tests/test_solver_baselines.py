@@ -150,6 +150,15 @@ def test_damped_indefinite(singular):
     assert mr.converged and torch.allclose(mr.step, expected, atol=1e-7)
 
 
+@pytest.mark.parametrize("solver", ["eigh", "ldl", "minres-ldl", "minres"])
+def test_damped_solvers_return_the_step_on_the_gradients_device(singular, solver, device):
+    H, _, g = singular
+    H, g = H.to(device), g.to(device)
+    expected = -torch.linalg.solve(H + 0.5 * torch.eye(D, dtype=torch.float64, device=device), g)
+    out = damped_newton_step(lambda v: H @ v, g, 0.5, solver=solver, **({"tol": 1e-12} if "minres" in solver else {}))
+    assert out.step.device == device and torch.allclose(out.step, expected, atol=1e-7)
+
+
 def test_conjugate_gradient_counts_and_start(spd):
     H, b = spd
     out = conjugate_gradient(H, b, tol=1e-12)

@@ -324,17 +324,18 @@ def damped_solver(d: int) -> str:
 
 
 def _ldl_step(op: SolverOperator, g: torch.Tensor, damping: float) -> NewtonStep:
-    """``-(H + damping I)^{-1} g`` by the LDL^T factorisation of the dense float64 matrix."""
-    A = _dense64(op)
+    """``-(H + damping I)^{-1} g`` by the LDL^T factorisation of the dense float64 matrix, on the CPU
+    (LAPACK's Bunch-Kaufman; torch's CUDA path for it is not tested here)."""
+    A = _dense64(op).cpu()
     A.diagonal().add_(damping)
     LD, pivots, info = torch.linalg.ldl_factor_ex(A)
-    c = g.double().unsqueeze(1)
+    c = g.double().cpu().unsqueeze(1)
     x = torch.linalg.ldl_solve(LD, pivots, -c).squeeze(1)
     if int(info) != 0 or not bool(torch.isfinite(x).all()):
         raise ValueError(f"H + damping I is singular to working precision (damping {damping:g}: a zero pivot "
                          "or an overflowing solution); use solver='eigh' (the pseudo-inverse) or a larger damping")
     residual = norm64(A @ x + c.squeeze(1))
-    return NewtonStep(x.to(g.dtype), residual, op.num_hvps, 0, True, "damped-ldl",
+    return NewtonStep(x.to(device=g.device, dtype=g.dtype), residual, op.num_hvps, 0, True, "damped-ldl",
                       {"negative_eigenvalues": _negative_eigenvalues(LD, pivots)})
 
 
