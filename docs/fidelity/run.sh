@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 ALL=retrain,original,cure_newton,stochastic_cure_newton,newton_pinv,damped_newton,influence,lissa,finetune,neggrad_plus,salun,scrub,lotus,rfa
-# sequential runs: the exact damped solves cost about a minute a call here; the CG variant shows the same failure cheaply
+# sequential runs: the exact damped solves (MINRES, then a dense LDL^T solve) cost about 40 s a call here; the CG
+# variant shows the same failure cheaply
 SEQ=retrain,original,cure_newton,stochastic_cure_newton,newton_pinv,damped_newton_cg,lissa,finetune,neggrad_plus,salun,scrub,lotus,rfa
 # the CNN has 10x the parameters of the MLP: the exact damped solves are left out there too
 CNN=$SEQ
