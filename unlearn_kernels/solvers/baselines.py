@@ -360,9 +360,9 @@ def damped_newton_step(H: Any, g: torch.Tensor, damping: float, *, solver: str =
             "minres-ldl" (MINRES with at most ``maxiter`` iterations, default d // 4, then "ldl" if it
             has not converged: a well-conditioned system takes tens to hundreds of products, a nearly
             singular one more than building the dense matrix costs, so a failed attempt adds at most
-            a quarter to the d products of the dense matrix; ``info["minres_iterations"]`` on the fallback), "cg"
-            (:func:`conjugate_gradient`), "lissa" (:func:`lissa`), or "auto" ("eigh" for a dense
-            matrix, else :func:`damped_solver`).
+            a quarter to the d products of the dense matrix; ``info["minres_iterations"]`` on the
+            fallback), "cg" (:func:`conjugate_gradient`), "lissa" (:func:`lissa`), or "auto" ("eigh"
+            for a dense matrix, else :func:`damped_solver`).
         **options: passed to the solver ("eigh": ``rcond``, default 1e-12; "minres", "minres-ldl" and
             "cg": tol/maxiter; "lissa": scale/depth/repeats/sample).
 
