@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces the runs behind docs/fidelity.md (one thread; about 40 minutes on the 2-core machine).
+# Reproduces the runs behind docs/fidelity.md (one thread; about 70 minutes on the 2-core machine).
 # Each run writes docs/fidelity/<run>/<scenario>/results.json and its plots; make_tables.py then
 # writes docs/fidelity/tables.md and the sequential plots from those files (the tables in
 # docs/fidelity.md are excerpts of it).
@@ -30,6 +30,8 @@ unlearn-kernels run --seeds "$(seq -s, 20 39)" --out mlp-oracle-noise-seeds20-39
 # variants: CureNewton's one-step form, damped Newton and the influence update at larger damping
 run mlp-one-step --protocol mislabeled --forget-fraction 0.1 --methods retrain,original,cure_newton --set cure_newton.max_iterations=1
 run mlp-one-step --protocol class --forget-class 3 --methods retrain,original,cure_newton --set cure_newton.max_iterations=1
+# the exact damped step (MINRES, then the dense LDL^T solve) over the ten sequential requests: where it blows up
+run mlp-damped-exact --protocol mislabeled --forget-fraction 0.1 --sequential 10 --methods retrain,original,damped_newton
 for lam in 0.1 1.0; do
   run mlp-damping-$lam --protocol mislabeled --forget-fraction 0.1 --methods retrain,original,damped_newton,influence \
       --set damped_newton.damping=$lam --set influence.damping=$lam
