@@ -106,7 +106,7 @@ def softmax_ce_grad(
             _check_finite_ref(op, logits[target != ignore_index], None)
         return softmax_ce_grad_ref(logits, target, label_smoothing, ignore_index)
     ops = _triton_ops() if name == "triton" else torch.ops.unlearn_kernels
-    smoothing = check_number(f"{contract.GRAD}: label_smoothing", label_smoothing, 0.0, 1.0)
+    smoothing = check_number(f"{op}: label_smoothing", label_smoothing, 0.0, 1.0)
     return ops.softmax_ce_grad(logits, target, smoothing, int(ignore_index), check_finite)
 
 

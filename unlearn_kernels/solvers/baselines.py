@@ -372,7 +372,7 @@ def damped_newton_step(H: Any, g: torch.Tensor, damping: float, *, solver: str =
     op, g = operator_and_vector(H, g)
     damping = check_number("damping", damping, 0.0)
     if solver == "auto":
-        solver = "eigh" if op.dense is not None else damped_solver(op.shape[0])
+        solver = _auto(op, "eigh", damped_solver(op.shape[0]))
     if solver == "ldl":
         if options:
             raise TypeError(f"solver 'ldl' takes no options, got {sorted(options)}")
