@@ -120,6 +120,12 @@ def test_newton_family_gets_the_recipes_weight_decay_and_user_options_win(monkey
     json.dumps(config.to_dict())  # every option is JSON-friendly (loss functions by name)
 
 
+def test_the_class_protocol_records_no_forget_fraction():
+    # whole classes are forgotten: a fraction in results.json would suggest one was drawn
+    assert StudyConfig(protocol="class", forget_classes=(3,)).to_dict()["forget_fraction"] is None
+    assert StudyConfig(protocol="mislabeled", forget_fraction=0.2).to_dict()["forget_fraction"] == 0.2
+
+
 def test_a_reseeded_oracle_row_shows_how_far_two_retrains_are(tmp_path):
     config = StudyConfig(methods=("original", "retrain_reseeded"), seeds=(0,), recipe=FAST, cache_dir=str(tmp_path))
     assert "retrain_reseeded" not in config.to_dict()["effective_method_options"]

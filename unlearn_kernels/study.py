@@ -238,6 +238,8 @@ class StudyConfig:
     def to_dict(self) -> dict[str, Any]:
         """The config as JSON-friendly values, with the recipe and every method's effective options."""
         d = dataclasses.asdict(self)
+        if self.protocol == "class":  # whole classes: no fraction is drawn
+            d["forget_fraction"] = None
         d["recipe"] = self.train_recipe(0).to_dict() | {"seed": "per study seed"}
         d["method_options"] = {m: {k: _json_value(v) for k, v in o.items()} for m, o in self.method_options.items()}
         d["effective_method_options"] = self.effective_method_options()
