@@ -33,44 +33,51 @@ def _copy_bandwidth(device: torch.device, nbytes: int) -> float:
     return 2 * nbytes / t
 
 
+def _shape(n: int, c: int, device: torch.device, dtype: torch.dtype, gen: torch.Generator, check: bool,
+           compiled: tuple | None, min_time: float) -> list[Measurement]:
+    """Every candidate on one (n, c) shape (its tensors are freed on return, before the next shape's)."""
+    z = (torch.randn(n, c, generator=gen) * 3).to(device=device, dtype=dtype)
+    u = torch.randn(n, c, generator=gen).to(device=device, dtype=dtype)
+    y = torch.randint(0, c, (n,), generator=gen).to(device)
+    exact_hvp = ops.softmax_ce_hvp_ref(z.double(), u.double())
+    exact_grad = ops.softmax_ce_grad_ref(z.double(), y)
+    # Gate: twice the error of the eager expression in the same dtype against float64.
+    floor = 16 * torch.finfo(dtype).eps
+    tol_hvp = plain_error_tolerance(eager_hvp(z, u), exact_hvp, floor * max(exact_hvp.abs().max().item(), 1.0))
+    tol_grad = plain_error_tolerance(eager_grad(z, y), exact_grad, floor)
+    hvp_case, grad_case = f"hvp {n}x{c} {str(dtype)[6:]}", f"grad {n}x{c} {str(dtype)[6:]}"
+    cands_hvp = {"eager": lambda: eager_hvp(z, u)}
+    cands_grad = {"eager": lambda: eager_grad(z, y)}
+    if compiled is not None:
+        compiled_hvp, compiled_grad = compiled
+        cands_hvp["torch.compile"] = lambda: compiled_hvp(z, u)
+        cands_grad["torch.compile"] = lambda: compiled_grad(z, y)
+    for b in kernel_backends("softmax_ce_hvp", device):
+        cands_hvp[f"ours:{b}"] = lambda b=b: ops.softmax_ce_hvp(z, u, backend=b, check_finite=check)
+        cands_grad[f"ours:{b}"] = lambda b=b: ops.softmax_ce_grad(z, y, backend=b, check_finite=check)
+    hvp_bytes = 3 * z.numel() * z.element_size()
+    grad_bytes = 2 * z.numel() * z.element_size() + y.numel() * 8
+    results = []
+    for case, cands, exact, tol, nbytes in ((hvp_case, cands_hvp, exact_hvp, tol_hvp, hvp_bytes),
+                                            (grad_case, cands_grad, exact_grad, tol_grad, grad_bytes)):
+        for name, fn in cands.items():
+            m = measure(case, name, fn, exact, tol, device, min_time=min_time)
+            if m.median_s:
+                m.extra["effective_GBps"] = nbytes / m.median_s / 1e9
+            results.append(m)
+    return results
+
+
 def run(device: torch.device, shapes=DEFAULT_SHAPES, dtype=torch.float32, with_compile: bool = True,
         min_time: float = 0.5) -> tuple[list[Measurement], dict]:
     """All candidates on every shape; returns the measurements and the suite's config."""
     gen = torch.Generator(device="cpu").manual_seed(0)
-    results: list[Measurement] = []
     # On GPU the finite check costs a synchronisation per call; eager PyTorch does no check either.
     check = device.type == "cpu"
-    compiled_hvp = torch.compile(eager_hvp) if with_compile else None
-    compiled_grad = torch.compile(eager_grad) if with_compile else None
+    compiled = (torch.compile(eager_hvp), torch.compile(eager_grad)) if with_compile else None
+    results: list[Measurement] = []
     for n, c in shapes:
-        z = (torch.randn(n, c, generator=gen) * 3).to(device=device, dtype=dtype)
-        u = torch.randn(n, c, generator=gen).to(device=device, dtype=dtype)
-        y = torch.randint(0, c, (n,), generator=gen).to(device)
-        exact_hvp = ops.softmax_ce_hvp_ref(z.double(), u.double())
-        exact_grad = ops.softmax_ce_grad_ref(z.double(), y)
-        # Gate: twice the error of the eager expression in the same dtype against float64.
-        floor = 16 * torch.finfo(dtype).eps
-        tol_hvp = plain_error_tolerance(eager_hvp(z, u), exact_hvp, floor * max(exact_hvp.abs().max().item(), 1.0))
-        tol_grad = plain_error_tolerance(eager_grad(z, y), exact_grad, floor)
-        hvp_case, grad_case = f"hvp {n}x{c} {str(dtype)[6:]}", f"grad {n}x{c} {str(dtype)[6:]}"
-        cands_hvp = {"eager": lambda: eager_hvp(z, u)}
-        cands_grad = {"eager": lambda: eager_grad(z, y)}
-        if with_compile:
-            cands_hvp["torch.compile"] = lambda: compiled_hvp(z, u)
-            cands_grad["torch.compile"] = lambda: compiled_grad(z, y)
-        for b in kernel_backends("softmax_ce_hvp", device):
-            cands_hvp[f"ours:{b}"] = lambda b=b: ops.softmax_ce_hvp(z, u, backend=b, check_finite=check)
-            cands_grad[f"ours:{b}"] = lambda b=b: ops.softmax_ce_grad(z, y, backend=b, check_finite=check)
-        hvp_bytes = 3 * z.numel() * z.element_size()
-        grad_bytes = 2 * z.numel() * z.element_size() + y.numel() * 8
-        for case, cands, exact, tol, nbytes in ((hvp_case, cands_hvp, exact_hvp, tol_hvp, hvp_bytes),
-                                                (grad_case, cands_grad, exact_grad, tol_grad, grad_bytes)):
-            for name, fn in cands.items():
-                m = measure(case, name, fn, exact, tol, device, min_time=min_time)
-                if m.median_s:
-                    m.extra["effective_GBps"] = nbytes / m.median_s / 1e9
-                results.append(m)
-        del z, u, y, exact_hvp, exact_grad
+        results += _shape(n, c, device, dtype, gen, check, compiled, min_time)
     config = {"shapes": [list(s) for s in shapes], "dtype": str(dtype), "check_finite": check,
               "gate": "max abs error <= 2 x eager's error against float64 + 16 eps",
               "min_time_s": min_time, "torch_compile": with_compile,

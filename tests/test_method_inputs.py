@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from unlearn_kernels.data.labeled import LabeledData
+from unlearn_kernels.data import LabeledData
 from unlearn_kernels.methods import METHODS, CureNewton, Finetune, Unlearner
 from unlearn_kernels.models import MLP
 from unlearn_kernels.training import TrainConfig, init_model, train

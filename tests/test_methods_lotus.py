@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from unlearn_kernels.data.labeled import LabeledData
+from unlearn_kernels.data import LabeledData
 from unlearn_kernels.methods import METHODS, LoTUS
 from unlearn_kernels.methods.lotus import _gumbel
 from unlearn_kernels.models import MLP

@@ -16,7 +16,7 @@ from torch import nn
 
 from unlearn_kernels.curvature import estimate_hessian_lipschitz, get_flat_parameters
 from unlearn_kernels.data import load_dataset
-from unlearn_kernels.data.labeled import LabeledData
+from unlearn_kernels.data import LabeledData
 from unlearn_kernels.eval import gradient_norm
 from unlearn_kernels.methods import (
     METHODS, CureNewton, DampedNewton, DampedNewtonCG, InfluenceNewton, LiSSANewton, NewtonPinv, StochasticCureNewton,

@@ -9,7 +9,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from unlearn_kernels import lora
-from unlearn_kernels.data.labeled import LabeledData
+from unlearn_kernels.data import LabeledData
 from unlearn_kernels.methods import METHODS, RFA, CureNewton, CureNewtonLoRA
 from unlearn_kernels.methods.rfa import SHIFTS, hidden_layers
 from unlearn_kernels.models import MLP, SmallCNN

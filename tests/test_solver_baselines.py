@@ -170,6 +170,19 @@ def test_conjugate_gradient_counts_and_start(spd):
     assert capped.iterations == 3 and not capped.converged
 
 
+@pytest.mark.parametrize("bad, error, match", [
+    (lambda b: b.float(), TypeError, "x0 must have b's dtype torch.float64, got torch.float32"),
+    (lambda b: b.unsqueeze(1), ValueError, r"x0 must be a 1-D \(d,\) vector"),
+    (lambda b: b[:-1], ValueError, r"x0 must be a \(\d+,\) vector on cpu like b, got shape"),
+    (lambda b: torch.full_like(b, float("nan")), ValueError, "x0 contains NaN or Inf"),
+])
+def test_conjugate_gradient_names_a_bad_start(spd, bad, error, match):
+    H, b = spd
+    for operator in (H, lambda v: H @ v):  # a matrix and a function: the same message
+        with pytest.raises(error, match=match):
+            conjugate_gradient(operator, b, x0=bad(b))
+
+
 def test_lissa_matches_closed_form(spd):
     H, b = spd
     lam = 0.2

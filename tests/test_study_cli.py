@@ -112,6 +112,9 @@ def test_newton_family_gets_the_recipes_weight_decay_and_user_options_win(monkey
     assert config.method_kwargs("cure_newton") == {"weight_decay": 3e-3}
     assert config.method_kwargs("on_objective") == {"weight_decay": 3e-3}
     assert config.method_kwargs("finetune") == {}  # first-order methods keep their own defaults
+    assert {name for name, cls in METHODS.items() if cls.uses_training_objective} == {
+        "cure_newton", "stochastic_cure_newton", "newton_pinv", "damped_newton", "damped_newton_cg", "influence",
+        "lissa", "on_objective"}  # the Newton family (cure_newton_lora's decay would be on its adapters)
     effective = config.to_dict()["effective_method_options"]
     assert effective["damped_newton"]["weight_decay"] == 0.0 and effective["damped_newton"]["damping"] == 0.5
     assert effective["cure_newton"]["weight_decay"] == 3e-3 and "M" in effective["cure_newton"]

@@ -21,7 +21,7 @@ from unlearn_kernels.checkpoint import (
     save_checkpoint,
     train_or_load,
 )
-from unlearn_kernels.data.labeled import LabeledData
+from unlearn_kernels.data import LabeledData
 from unlearn_kernels.models import MLP
 from unlearn_kernels.training import TrainConfig, init_model, seeded_rng, train
 

@@ -60,3 +60,11 @@ class LabeledData:
             TensorDataset(self.x, self.y), batch_size=batch_size, shuffle=shuffle,
             generator=generator, drop_last=drop_last,
         )
+
+
+def wrong_labels(labels: torch.Tensor, num_classes: int, generator: torch.Generator) -> torch.Tensor:
+    """For each label a different class, uniform over the other ``num_classes - 1``: a shift in
+    1..C-1 modulo C, drawn from the CPU ``generator`` (one draw per label), on the labels' device.
+    Random-label unlearning and the mislabeled protocol both draw their wrong labels here."""
+    shift = torch.randint(1, num_classes, labels.shape, generator=generator).to(labels.device)
+    return (labels + shift) % num_classes

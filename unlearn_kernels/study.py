@@ -82,11 +82,6 @@ GAP_METRICS = ("mia_entropy", "acc_forget", "acc_retain", "acc_test")
 
 PROTOCOLS = ("random", "mislabeled", "class")
 
-#: methods built with ``weight_decay`` = the recipe's, so that they work on the objective the original
-#: and the oracle were trained on (so is any method class with ``uses_training_objective = True``)
-TRAINING_OBJECTIVE_METHODS = frozenset({"cure_newton", "stochastic_cure_newton", "newton_pinv", "damped_newton",
-                                        "damped_newton_cg", "influence", "lissa"})
-
 #: "gap closed" figures: record metric ``gap_closed_<name>`` = 1 - |m[key]| / |Original's m[key]|
 GAP_CLOSED = {"acc_forget": "gap_acc_forget", "avg_gap": "avg_gap"}
 
@@ -133,7 +128,7 @@ class StudyConfig:
             gaps to the oracle are what two retrained models differ by.
         method_options: ``{method: {option: value}}`` passed to the methods' constructors, over the
             study's own choice (the recipe's ``weight_decay`` for the Newton family, see
-            :data:`TRAINING_OBJECTIVE_METHODS`). Checked when the config is built.
+            ``Unlearner.uses_training_objective``). Checked when the config is built.
         seeds: one full study per seed (data split, forget set, training and methods all seeded).
         recipe: the training recipe (None = ``DEFAULT_RECIPES[model]``).
         device: where models train and run.
@@ -221,8 +216,7 @@ class StudyConfig:
         With SGD or Adam the recipe's weight decay is the L2 term of the training objective; AdamW's
         decoupled decay is not an L2 term, and is passed as it is."""
         kwargs: dict[str, Any] = {}
-        cls = METHODS[name]
-        if name in TRAINING_OBJECTIVE_METHODS or getattr(cls, "uses_training_objective", False) is True:
+        if METHODS[name].uses_training_objective:
             kwargs["weight_decay"] = self.train_recipe(0).weight_decay
         return kwargs | dict(self.method_options.get(name, {}))
 

@@ -1,6 +1,6 @@
 """Offline datasets, splits and forget protocols."""
+from ..labeled import LabeledData
 from .datasets import DatasetSplits, available_datasets, load_dataset
-from .labeled import LabeledData
 from .local_files import read_cifar_batch, read_idx
 from .protocols import (
     ForgetRequest,

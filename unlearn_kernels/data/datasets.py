@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..checks import check_number, check_seed
-from .labeled import LabeledData
+from ..labeled import LabeledData
 from .local_files import load_cifar_files, load_mnist_files
 
 

@@ -27,7 +27,7 @@ from typing import Iterable, Sequence
 import torch
 
 from ..checks import check_int, check_number, check_seed
-from .labeled import LabeledData
+from ..labeled import LabeledData, wrong_labels
 
 IndexLike = torch.Tensor | Sequence[int]
 
@@ -310,10 +310,8 @@ def mislabel(labels: IndexLike, fraction: float, seed: int = 0, stratified: bool
         raise ValueError(f"labels hold class {int(labels.max())}, outside num_classes={num_classes}")
     generator = _seed(seed)
     rows = _pick(labels, torch.arange(len(labels)), count, generator, stratified)
-    # a shift in 1..C-1 modulo C: uniform over the C-1 other classes, never the true one
-    shift = torch.randint(1, num_classes, (count,), generator=generator)
     corrupted = labels.clone()
-    corrupted[rows] = (labels[rows] + shift) % num_classes
+    corrupted[rows] = wrong_labels(labels[rows], num_classes, generator)
     description = (f"mislabeled {fraction:.4g} of train ({'stratified' if stratified else 'not stratified'}, "
                    f"seed {seed}): a uniformly drawn different label")
     return LabelCorruption(corrupted, rows, description)

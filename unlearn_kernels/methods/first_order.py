@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import check_int, check_number
-from ..labeled import LabeledData
+from ..labeled import LabeledData, wrong_labels
 from ..training import TrainConfig, eval_mode, make_optimizer, model_device, seeded_rng, train
 from .base import Unlearner, UnlearnResult
 
@@ -47,9 +47,7 @@ def _wrong_labels(y: torch.Tensor, num_classes: int, seed: int) -> torch.Tensor:
     """A label != y for every sample, uniform over the other classes."""
     if num_classes < 2:
         raise ValueError("random wrong labels need at least 2 classes")
-    generator = torch.Generator().manual_seed(seed)
-    shift = torch.randint(1, num_classes, y.shape, generator=generator).to(y.device)
-    return (y + shift) % num_classes
+    return wrong_labels(y, num_classes, torch.Generator().manual_seed(seed))
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

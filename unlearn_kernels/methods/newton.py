@@ -141,6 +141,8 @@ def _collective_device(model: Any) -> torch.device:
 class _NewtonFamily(Unlearner):
     """Options, data preparation, objective, operators and the guarded update shared by the Newton methods."""
 
+    uses_training_objective = True  # F = L + (weight_decay / 2) ||w||^2, the training objective
+
     #: what to change when the method's step takes the weights where the gradient is not finite
     _divergence_remedy = "regularise the step more"
 
@@ -157,13 +159,11 @@ class _NewtonFamily(Unlearner):
                             f"got {type(loss_fn).__name__}")
         if dtype not in (None, torch.float32, torch.float64):  # the curvature kernels compute in these two
             raise TypeError(f"{self.name}: dtype must be None, torch.float32 or torch.float64, got {dtype!r}")
-        if batch_size is not None:
-            check_int(f"{self.name}: batch_size", batch_size)
         check_choice(f"{self.name}: path", path, PATHS)
         self.params = params
         self.loss_fn = loss_fn
         self.dtype = dtype
-        self.batch_size = batch_size
+        self.batch_size = None if batch_size is None else check_int(f"{self.name}: batch_size", batch_size)
         self.weight_decay = check_number(f"{self.name}: weight_decay", weight_decay, 0.0)
         self.path = path
         self._group = None if process_group is None else GroupRef(process_group, self.name)
@@ -410,7 +410,8 @@ class CureNewton(_NewtonFamily):
         self.M = M if M == "auto" else checked["M"]
         self.max_iterations, self.tol, self.hvp_budget = (checked["max_iterations"], checked["tol"],
                                                           checked["hvp_budget"])
-        self.eta1, self.eta2, self.gamma, self.M_min = checked["eta1"], checked["eta2"], checked["gamma"], checked["M_min"]
+        self.eta1, self.eta2 = checked["eta1"], checked["eta2"]
+        self.gamma, self.M_min = checked["gamma"], checked["M_min"]
         self.hessian_samples = (None if hessian_samples is None
                                 else check_int(f"{self.name}: hessian_samples", hessian_samples))
         self.solver_options = dict(solver_options or {})
@@ -474,10 +475,11 @@ class CureNewton(_NewtonFamily):
             return f
 
         def gradient(w: torch.Tensor) -> torch.Tensor:
+            moved = not torch.equal(w, start)  # a non-finite gradient away from w0: the step diverged
             if last["w"] is not w:
                 move(w)
-                return self._gradient(ws, objective, ws.retain)
-            return self._check_finite(last["gradient"])
+                return self._gradient(ws, objective, ws.retain, moved=moved)
+            return self._check_finite(last["gradient"], moved=moved)
 
         def hessian(w: torch.Tensor) -> RegularizedOperator:
             move(w)  # the operator reads the weights live

@@ -36,6 +36,8 @@ the second update only above rounding), with float64 sums and the decision taken
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import _extension
@@ -74,6 +76,7 @@ def _beta_tensor(beta_prev: float | torch.Tensor, device: torch.device) -> torch
     return torch.tensor(float(beta_prev), dtype=torch.float64, device=device)
 
 
+@functools.cache
 def _triton_ops():
     from ..triton_kernels import lanczos_step  # noqa: F401  (defines the unlearn_kernels_triton op)
 

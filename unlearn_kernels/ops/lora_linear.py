@@ -33,6 +33,7 @@ one compiled op when no graph is recorded.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -170,19 +171,16 @@ def _check_inputs(op, x, weight, bias, lora_a, lora_b, scale, tangents=()):
 
 
 # --------------------------------------------------------------------------- backends
-_TRITON_REGISTERED = False
+@functools.cache
+def _triton_ops():
+    from ..triton_kernels import lora_linear  # noqa: F401  (defines the unlearn_kernels_triton ops)
+
+    register("unlearn_kernels_triton", "triton")  # their autograd and vmap rules live here, beside the formulas
+    return torch.ops.unlearn_kernels_triton
 
 
 def _ops(backend: str):
-    global _TRITON_REGISTERED
-    if backend == "triton":
-        from ..triton_kernels import lora_linear  # noqa: F401  (defines the unlearn_kernels_triton ops)
-
-        if not _TRITON_REGISTERED:  # their autograd and vmap rules live here, beside the formulas
-            register("unlearn_kernels_triton", "triton")
-            _TRITON_REGISTERED = True
-        return torch.ops.unlearn_kernels_triton
-    return torch.ops.unlearn_kernels
+    return _triton_ops() if backend == "triton" else torch.ops.unlearn_kernels
 
 
 def _forward(backend, x, weight, bias, lora_a, lora_b, scale):

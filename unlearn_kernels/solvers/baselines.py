@@ -28,7 +28,7 @@ import torch
 
 from ..checks import check_int, check_number, check_seed, norm64
 from .lanczos import LanczosProcess, ritz_pairs
-from .operators import NonFiniteProduct, SolverOperator, as_operator, operator_and_vector
+from .operators import NonFiniteProduct, SolverOperator, as_operator, check_vector, operator_and_vector
 
 
 @dataclass
@@ -107,8 +107,12 @@ def conjugate_gradient(H: Any, b: torch.Tensor, *, damping: float = 0.0, tol: fl
     if x0 is None:
         x, r = torch.zeros_like(b), b.clone()
     else:
-        as_operator(op, b.shape[0], dtype=x0.dtype, device=x0.device)
-        x = x0.clone()
+        x = check_vector(x0, "x0").clone()
+        if x.shape != b.shape or x.device != b.device:
+            raise ValueError(f"x0 must be a ({b.shape[0]},) vector on {b.device} like b, got shape {tuple(x.shape)} "
+                             f"on {x.device}")
+        if x.dtype != b.dtype:
+            raise TypeError(f"x0 must have b's dtype {b.dtype}, got {x.dtype}")
         r = b - op.matvec(x) - damping * x
     p = r.clone()
     rs = _dot(r, r)

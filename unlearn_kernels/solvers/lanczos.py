@@ -32,7 +32,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from ..checks import check_choice, check_int, check_number, check_seed
+from ..checks import check_choice, check_int, check_number, check_seed, norm64
 from ..ops.lanczos_step import lanczos_step
 from .operators import SolverOperator, as_operator, check_vector
 
@@ -130,7 +130,7 @@ class LanczosProcess:
             coupling.append(float(torch.dot(lock.double(), hq.double())))
             for _ in range(2):
                 q_next = q_next - torch.dot(lock, q_next) * lock
-            shrink = float(torch.linalg.vector_norm(q_next.double()))
+            shrink = norm64(q_next)
             beta *= shrink
             q_next = q_next / shrink if shrink > 0 else q_next
         self.alphas.append(alpha)
@@ -179,7 +179,7 @@ class LanczosProcess:
         for _ in range(2):
             self.q = self.q - self._ritz.T @ (self._ritz @ self.q)
         # beta is the norm of the residual vector after this projection too.
-        shrink = float(torch.linalg.vector_norm(self.q.double()))
+        shrink = norm64(self.q)
         self.betas[-1] *= shrink
         self.q = self.q / shrink if shrink > 0 else self.q
 
