@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             failed.append(suite)
             continue
+        config["quick"] = args.quick  # a quick run's JSON says so
         path = common.write_results(suite, device, measurements, baseline, config, out_dir=out)
         print(f"\n{suite}: {SUITES[suite]}")
         print(common.format_table(measurements, baseline))

@@ -160,7 +160,7 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 0.5) -> 
                       "lambda_max": lam_max, "gd_eta": eta})
     config = {"cases": cases, "target_rel_model_error": TARGET, "stop_tol": STOP_TOL, "gd_max_steps": GD_MAX_STEPS,
               "krylov": "k_max=500, kappa=stop_tol, full reorthogonalisation, hard-case guard on (default) or off",
-              "dense_max_d": DENSE_MAX, "dtype": "float64", "min_time_s": min_time, "quick": quick}
+              "dense_max_d": DENSE_MAX, "dtype": "float64", "min_time_s": min_time}
     return results, config
 
 

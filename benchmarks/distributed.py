@@ -113,7 +113,7 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 2.0, bur
     """
     case_name, model, x, y = _problem(quick)
     config = {"world": WORLD, "threads_per_process": 1, "problem": case_name, "gate_rtol": GATE_RTOL,
-              "min_time_s": min_time, "burst_s": burst, "quick": quick, "load_average_before": os.getloadavg()}
+              "min_time_s": min_time, "burst_s": burst, "load_average_before": os.getloadavg()}
     candidates = (BASELINE, f"{WORLD} processes", CONTROL)
     if device.type == "cuda" and torch.cuda.device_count() < WORLD:
         why = f"unavailable: needs {WORLD} GPUs (NCCL takes one per process), {torch.cuda.device_count()} visible"

@@ -127,7 +127,7 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 1.0) -> 
         layers = _layer_inputs(p.model, p.x)
         cases.append({"name": p.name, "d": d, "layers": [type(m).__name__ for m, _ in layers],
                       "operations": 2 + 6 * (len(layers) - 1)})
-    config = {"cases": cases, "dtype": "float32", "min_time_s": min_time, "quick": quick,
+    config = {"cases": cases, "dtype": "float32", "min_time_s": min_time,
               "note": "floor: the tangent-dependent matmuls / convolutions of one exact product, timed alone on "
                       "tensors of the products' shapes; ours and PyHessian's single-batch mode at fixed weights"}
     return results, config

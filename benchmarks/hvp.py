@@ -310,7 +310,7 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 0.5) -> 
                       "fastest_anchor": min((a for a in ANCHORS if rows[a].median_s), key=lambda a: rows[a].median_s,
                                             default=None)})
     config = {
-        "cases": cases, "dtype": "float32", "K": K, "min_time_s": min_time, "quick": quick,
+        "cases": cases, "dtype": "float32", "K": K, "min_time_s": min_time,
         "anchors": list(ANCHORS), "loss": "nn.CrossEntropyLoss() (mean)",
         "versions": {pkg: _version(pkg) for pkg in ("curvlinops-for-pytorch", "PyHessian")},
         "unit": "one loss + torch.autograd.grad of the model on the same batch (float32)",

@@ -191,6 +191,5 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 0.5) -> 
               "which": "largest algebraic", "max_steps_ours": MAX_STEPS,
               "ours": "lanczos(reorth='full', return_eigenvectors=False)",
               "eigsh": "which='LA', default ncv, v0 = a fixed Gaussian vector, return_eigenvectors=False",
-              "reference": f"eigsh tol={REFERENCE_TOLERANCE} on a float64 operator", "min_time_s": min_time,
-              "quick": quick}
+              "reference": f"eigsh tol={REFERENCE_TOLERANCE} on a float64 operator", "min_time_s": min_time}
     return results, config

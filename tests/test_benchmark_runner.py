@@ -1,4 +1,6 @@
 """The benchmark runner's usage errors (``python -m benchmarks``): found before any suite runs."""
+import json
+
 import pytest
 
 from benchmarks.__main__ import main
@@ -25,3 +27,9 @@ def test_out_that_is_a_file_is_refused_before_any_suite(capsys, tmp_path):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and f"--out {str(out)!r} is a file, not a directory" in err
     assert out.read_text() == "the user's file"
+
+
+def test_a_quick_run_says_so_in_its_json(tmp_path):
+    assert main(["softmax_ce", "--quick", "--out", str(tmp_path)]) == 0
+    written = json.loads((tmp_path / "softmax_ce_cpu.json").read_text())
+    assert written["config"]["quick"] is True and written["results"]

@@ -108,7 +108,8 @@ def _check_seeds(seeds: Any) -> tuple[int, ...]:
 
 @dataclass
 class StudyConfig:
-    """Everything a study needs; every field is a command-line option of ``unlearn-kernels run``.
+    """Everything a study needs; each field but ``model_kwargs`` has a command-line option of
+    ``unlearn-kernels run`` (``cache_dir``: only ``--no-cache``, which sets None).
 
     Attributes:
         dataset: a name from :func:`unlearn_kernels.data.available_datasets`.
