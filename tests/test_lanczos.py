@@ -121,6 +121,11 @@ def test_bad_inputs(matrix):
         lanczos(matrix, 5, two_pass=True)
     with pytest.raises(ValueError, match="reorth must be"):
         lanczos(matrix, 5, reorth="partial")
+    with pytest.raises(ValueError, match=r"^num_eigs = 6 Ritz pairs need at least as many Lanczos steps and "
+                                         r"dimensions: k = 5, d = 60$"):
+        lanczos(matrix, 5, num_eigs=6)
+    with pytest.raises(ValueError, match="num_eigs = 61 .* k = 100, d = 60"):
+        lanczos(matrix, 100, num_eigs=61)
     with pytest.raises(ValueError, match="symmetric"):
         lanczos(matrix + torch.triu(torch.ones_like(matrix)), 5)
     bad = matrix.clone()

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from unlearn_kernels.checkpoint import data_fingerprint, read_checkpoint
 from unlearn_kernels.cli import main, parse_method_options
@@ -154,10 +155,18 @@ def test_options_of_a_method_with_keyword_arguments_are_judged_by_its_constructo
         (["cure_newton.M=2", "cure_newton.solver='gd'"], {"cure_newton": {"M": 2, "solver": "gd"}}),
         (["lissa.damping=1e-3", "finetune.epochs=3"], {"lissa": {"damping": 1e-3}, "finetune": {"epochs": 3}}),
         (["x.y=None", "x.z=(1, 2)", "x.w=a=b"], {"x": {"y": None, "z": (1, 2), "w": "a=b"}}),
+        (["cure_newton.dtype=torch.float64", "x.y=torch.nothing"], {"cure_newton": {"dtype": torch.float64},
+                                                                    "x": {"y": "torch.nothing"}}),
     ],
 )
 def test_parse_method_options(items, expected):
     assert parse_method_options(items) == expected
+
+
+def test_a_dtype_option_reaches_the_method_and_the_json():
+    config = StudyConfig(methods=("cure_newton",), method_options=parse_method_options(["cure_newton.dtype=torch.float64"]))
+    assert config.method_kwargs("cure_newton")["dtype"] is torch.float64
+    assert json.loads(json.dumps(config.to_dict()))["effective_method_options"]["cure_newton"]["dtype"] == "torch.float64"
 
 
 def test_cli_three_scenarios_by_default_with_line_progress(tmp_path, capsys):

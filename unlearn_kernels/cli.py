@@ -56,9 +56,9 @@ def _check_out(root: Path, scenarios: Iterable[str]) -> None:
 def parse_method_options(items: list[str]) -> dict[str, dict[str, Any]]:
     """``--set METHOD.OPTION=VALUE`` items as ``{method: {option: value}}``.
 
-    VALUE is read as a Python literal (``2``, ``1e-3``, ``None``, ``(1, 2)``, ``'x'``) and kept as a
-    string when it is not one (``auto``). Whether the method and option exist is checked by
-    :class:`~unlearn_kernels.study.StudyConfig`.
+    VALUE is read as a Python literal (``2``, ``1e-3``, ``None``, ``(1, 2)``, ``'x'``) or a torch
+    dtype (``torch.float64``), and kept as a string when it is neither (``auto``). Whether the
+    method and option exist is checked by :class:`~unlearn_kernels.study.StudyConfig`.
     """
     options: dict[str, dict[str, Any]] = {}
     for item in items:
@@ -66,12 +66,23 @@ def parse_method_options(items: list[str]) -> dict[str, dict[str, Any]]:
         method, dot, option = target.strip().partition(".")
         if not equals or not dot or not method or not option.isidentifier():
             raise UsageError(f"--set expects METHOD.OPTION=VALUE (e.g. cure_newton.M=auto), got {item!r}")
-        try:
-            value = ast.literal_eval(text.strip())
-        except (ValueError, SyntaxError, TypeError):
-            value = text.strip()
-        options.setdefault(method, {})[option] = value
+        options.setdefault(method, {})[option] = _option_value(text.strip())
     return options
+
+
+def _option_value(text: str) -> Any:
+    """A ``--set`` VALUE: a Python literal, a torch dtype written ``torch.<name>``, else the text."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError):
+        pass
+    if text.startswith("torch."):
+        import torch
+
+        dtype = getattr(torch, text.removeprefix("torch."), None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    return text
 
 
 def _check_device(name: str) -> None:
@@ -281,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--protocol: every method but damped_newton, influence, damped_newton_cg, "
                         "cure_newton_lora and retrain_reseeded; with --protocol: damped_newton and influence too")
     p.add_argument("--set", action="append", metavar="METHOD.OPTION=VALUE",
-                   help="a method option, e.g. cure_newton.M=auto (repeatable; VALUE is read as a Python literal, "
-                        "else kept as text)")
+                   help="a method option, e.g. cure_newton.M=auto (repeatable; VALUE is read as a Python literal "
+                        "or a torch dtype such as torch.float64, else kept as text)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (default 1: fastest for small models)")

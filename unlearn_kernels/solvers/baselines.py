@@ -147,6 +147,11 @@ def minres(H: Any, b: torch.Tensor, *, damping: float = 0.0, tol: float = 1e-10,
         H, b, damping: the system (damping may be any finite number here).
         tol: scipy's relative tolerance ``rtol``.
         maxiter: most iterations (default 5 d, scipy's).
+
+    Returns:
+        A :class:`LinearSolve` whose ``converged`` is scipy's success flag: x solves the system or,
+        for an inconsistent singular one, is a least-squares solution, whose ``residual`` then stays
+        large (H = 0 gives x = 0 and residual ``||b||``).
     """
     op, b = operator_and_vector(H, b, "b")
     damping = check_number("damping", damping)

@@ -278,7 +278,8 @@ def lanczos(
             regenerates them (about n more products), in O(d num_eigs) memory. Needs
             reorth="none"; stops at a breakdown (no restart without the basis).
         which: "LA" largest, "SA" smallest, "BE" both ends (half each, one more from the top).
-        num_eigs: how many Ritz pairs to return (default 1, or 2 for "BE").
+        num_eigs: how many Ritz pairs to return (default 1, or 2 for "BE"), at most ``min(k, d)``;
+            fewer only where an invariant subspace of smaller dimension ends the iteration.
         tol: stop early once every wanted pair has residual bound <= tol * max|theta|
             (0 runs all k steps).
         seed: seeds the start and restart vectors (an int in [0, 2**63), Python or numpy).
@@ -297,6 +298,9 @@ def lanczos(
     check_int("k", k, 1)
     check_choice("which", which, ("LA", "SA", "BE"))
     m = check_int("num_eigs", 2 if which == "BE" else 1, 1) if num_eigs is None else check_int("num_eigs", num_eigs, 1)
+    if m > min(k, d):  # k steps give at most k Ritz pairs
+        raise ValueError(f"num_eigs = {m} Ritz pairs need at least as many Lanczos steps and dimensions: k = {k}, "
+                         f"d = {d}")
     check_number("tol", tol, 0.0)
     if two_pass and reorth != "none":
         raise ValueError("two_pass=True keeps no basis to reorthogonalise against: use reorth='none'")
