@@ -152,6 +152,14 @@ def test_read_idx_rejects_corrupt_files(tmp_path) -> None:
     short.write_bytes(struct.pack(">BBBBI", 0, 0, 8, 1, 10) + b"\x00" * 9)  # promises 10 bytes, holds 9
     with pytest.raises(ValueError, match="promises"):
         read_idx(short)
+    not_gzip = tmp_path / "a.idx.gz"
+    not_gzip.write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x01\x05")  # a plain IDX file named .gz
+    with pytest.raises(ValueError, match=r"a\.idx\.gz: not a readable gzip file"):
+        read_idx(not_gzip)
+    cut = tmp_path / "cut.idx.gz"
+    cut.write_bytes(gzip.compress(struct.pack(">BBBBI", 0, 0, 8, 1, 1000) + bytes(1000))[:30])
+    with pytest.raises(ValueError, match=r"cut\.idx\.gz: not a readable gzip file"):
+        read_idx(cut)
 
 
 def _mnist_files(folder, rng: np.random.Generator, gzipped: bool, n_train: int = 200, n_test: int = 40) -> dict:
@@ -285,6 +293,12 @@ def test_cifar_missing_files_and_bad_pickles(tmp_path) -> None:
         pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]}, f)  # CIFAR-10 key in CIFAR-100
     with pytest.raises(ValueError, match="fine_labels"):
         load_dataset("cifar100", root=tmp_path)
+    for data, labels, found in ((np.ones((2, 3072), np.float32), [0, 1], "float32 and int64"),
+                                (np.zeros((2, 3072), np.uint8), [0.5, 1.0], "uint8 and float64")):
+        with open(tmp_path / "cifar-100-python" / "test", "wb") as f:
+            pickle.dump({b"data": data, b"fine_labels": labels}, f)  # a cast would wrap or truncate these
+        with pytest.raises(ValueError, match=f"expected uint8 data and integer labels, got {found}"):
+            load_dataset("cifar100", root=tmp_path)
 
 
 def test_repeated_samples_are_kept_once():

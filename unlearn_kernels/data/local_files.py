@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +80,11 @@ def read_idx(path: str | Path) -> np.ndarray:
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:  # not gzip, or cut short
+        raise ValueError(f"{path}: not a readable gzip file ({exc})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError(f"{path}: not an IDX file (magic bytes {raw[:4]!r})")
     dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
@@ -181,7 +185,11 @@ def load_cifar_files(
             batch = read_cifar_batch(folder / b)
             if b"data" not in batch or layout["label_key"] not in batch:
                 raise ValueError(f"{folder / b}: expected keys b'data' and {layout['label_key']!r}, found {sorted(batch)}")
-            x, y = np.asarray(batch[b"data"], dtype=np.uint8), np.asarray(batch[layout["label_key"]], dtype=np.int64)
+            x, y = np.asarray(batch[b"data"]), np.asarray(batch[layout["label_key"]])
+            # a cast would silently wrap or truncate other values (floats in [0, 1] become 0)
+            if x.dtype != np.uint8 or not np.issubdtype(y.dtype, np.integer):
+                raise ValueError(f"{folder / b}: expected uint8 data and integer labels, got {x.dtype} and {y.dtype}")
+            y = y.astype(np.int64)
             if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or y.shape != (x.shape[0],):
                 raise ValueError(f"{folder / b}: data {x.shape} and labels {y.shape} are not (N, 3072) and (N,)")
             xs.append(x.reshape(-1, 3, 32, 32))  # rows hold the R, G, B planes one after another
