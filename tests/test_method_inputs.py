@@ -10,7 +10,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from unlearn_kernels.data import LabeledData
-from unlearn_kernels.methods import METHODS, CureNewton, Finetune, Unlearner
+from unlearn_kernels.methods import METHODS, CureNewton, Finetune, Unlearner, UnlearnResult
 from unlearn_kernels.models import MLP
 from unlearn_kernels.training import TrainConfig, init_model, train
 
@@ -72,6 +72,14 @@ def _bad_cases(forget: LabeledData, retain: LabeledData) -> dict[str, tuple[Labe
         "label_retain": (forget, _with_label(retain, 9, -1), r"retain set has labels outside .*row 9: label -1"),
         "empty_forget": (LabeledData(forget.x[:0], forget.y[:0]), retain, "forget set is empty"),
         "empty_retain": (forget, LabeledData(retain.x[:0], retain.y[:0]), "retain set is empty"),
+        # else every row is the same empty sample, met as "30 forget samples are also in the retain set"
+        "no_features": (LabeledData(forget.x[:, :0], forget.y), LabeledData(retain.x[:, :0], retain.y),
+                        r"forget set has no input features per sample \(x of shape \(30, 0\)\)"),
+        # -0.0 and 0.0 are the same input (other bytes)
+        "overlap_negative_zero": (forget, LabeledData(torch.cat([retain.x, torch.where(forget.x[4:5] == 0, -0.0,
+                                                                                       forget.x[4:5])]),
+                                                      torch.cat([retain.y, forget.y[4:5]])),
+                                  r"1 forget samples are also in the retain set .*first at forget row 4"),
     }
 
 
@@ -81,7 +89,8 @@ def _snapshot(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list[boo
 
 @pytest.mark.parametrize("method", sorted(METHOD_FACTORIES))
 @pytest.mark.parametrize("case", ["nan_forget", "inf_retain", "forget_shape", "both_shapes", "overlap",
-                                  "label_forget", "label_retain", "empty_forget", "empty_retain"])
+                                  "label_forget", "label_retain", "empty_forget", "empty_retain", "no_features",
+                                  "overlap_negative_zero"])
 def test_bad_sets_raise_before_any_work(problem, method, case):
     model, forget, retain = problem
     bad_forget, bad_retain, message = _bad_cases(forget, retain)[case]
@@ -136,6 +145,49 @@ def test_wrong_types_raise(problem, method):
         METHOD_FACTORIES[method]().unlearn(model, (forget.x, forget.y), retain)
     with pytest.raises(TypeError, match="seed must be an int"):
         METHOD_FACTORIES[method]().unlearn(model, forget, retain, seed=0.5)
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_FACTORIES))
+def test_no_grad_and_inference_mode(problem, method):
+    """Under the caller's no_grad() a method trains all the same (the result it gives outside), sets
+    made in inference mode are taken, and a call inside inference mode is refused before any work."""
+    model, forget, retain = problem
+    expected = METHOD_FACTORIES[method]().unlearn(model, forget, retain).model.state_dict()
+    with torch.no_grad():
+        quiet = METHOD_FACTORIES[method]().unlearn(model, forget, retain).model.state_dict()
+    with torch.inference_mode():
+        inference_sets = [LabeledData(d.x.clone(), d.y.clone()) for d in (forget, retain)]
+    from_inference = METHOD_FACTORIES[method]().unlearn(model, *inference_sets).model.state_dict()
+    for key, value in expected.items():
+        assert torch.equal(quiet[key], value) and torch.equal(from_inference[key], value), key
+    state, modes = _snapshot(model)
+    with torch.inference_mode(), pytest.raises(ValueError, match=rf"^{method}: cannot unlearn inside "
+                                                                  r"torch.inference_mode\(\)"):
+        METHOD_FACTORIES[method]().unlearn(model, forget, retain)
+    after, modes_after = _snapshot(model)
+    assert modes_after == modes and all(torch.equal(after[k], v) for k, v in state.items())
+
+
+class _NanBuffer(Unlearner):
+    """Returns its copy with a NaN in a floating buffer: a method that diverged."""
+
+    name = "nan_buffer"
+
+    def _unlearn(self, model, forget, retain, *, unseen, seed):
+        model.register_buffer("scale", torch.tensor([1.0, float("nan")]))
+        return UnlearnResult(model=model, seconds=0.0)
+
+
+def test_a_non_finite_unlearned_model_is_refused(problem):
+    """Checked after every method's work (parameters: tests/test_methods_first_order.py), and the
+    caller's model is untouched."""
+    model, forget, retain = problem
+    state, _ = _snapshot(model)
+    with pytest.raises(ValueError, match=r"^nan_buffer: the unlearned model has NaN or Inf in its buffer 'scale' "
+                                         r"\(the method diverged: .*\); the caller's model is unchanged$"):
+        _NanBuffer().unlearn(model, forget, retain)
+    assert "scale" not in dict(model.named_buffers())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
 
 
 def test_same_input_with_another_label_is_not_a_shared_sample(problem):
@@ -253,3 +305,11 @@ def test_retrain_arguments():
     for bad in (0, True, 1.5):
         with pytest.raises(ValueError, match="seed_offset must be a non-zero int"):
             METHODS["retrain_reseeded"](_mlp, TrainConfig(epochs=1), seed_offset=bad)
+    # the recipe is checked before it is read; an offset is named, not reported as the recipe's own seed
+    with pytest.raises(TypeError, match="^RetrainReseeded: config must be a TrainConfig, got NoneType$"):
+        METHODS["retrain_reseeded"](_mlp, None)
+    assert METHODS["retrain_reseeded"](_mlp, TrainConfig(epochs=1, seed=5), seed_offset=-3).config.seed == 2
+    for seed, offset, total in ((0, -5, -5), (2**63 - 1, 1000, 2**63 + 999)):
+        with pytest.raises(ValueError, match=rf"^RetrainReseeded: config.seed \+ seed_offset \({seed} \+ {offset}\) "
+                                             rf"must be in \[0, 2\*\*63\), got {total}$"):
+            METHODS["retrain_reseeded"](_mlp, TrainConfig(epochs=1, seed=seed), seed_offset=offset)

@@ -193,8 +193,39 @@ def test_retrain_cache_and_architecture_check(problem, tmp_path):
     second = Retrain(factory, config, cache_dir=tmp_path).unlearn(model, forget, retain)
     assert not first.diagnostics["cached"] and second.diagnostics["cached"]
     assert torch.equal(flat(first.model), flat(second.model)) and first.gradients == second.gradients
-    with pytest.raises(ValueError, match="architecture"):
+    with pytest.raises(ValueError, match=r"^retrain: model_factory builds a different architecture from the model to "
+                                         r"unlearn: the factory's model has module '1': Linear\(in_features=64, "
+                                         r"out_features=16, bias=True\), the model to unlearn module '1': "
+                                         r"Linear\(in_features=64, out_features=32"):
         Retrain(lambda: MLP(64, hidden=(16,), num_classes=10), config).unlearn(model, forget, retain)
+    # a module without parameters is part of the architecture too
+    with pytest.raises(ValueError, match=r"^retrain_reseeded: .* the factory's model has module '2': Tanh\(\), the "
+                                         r"model to unlearn module '2': ReLU\(\)$"):
+        RetrainReseeded(lambda: MLP(64, hidden=(32,), num_classes=10, activation="tanh"), config).unlearn(
+            model, forget, retain)
+    with pytest.raises(ValueError, match=r"the factory's model has state '1.weight' of shape \(32, 64\) and dtype "
+                                         r"torch.float64, the model to unlearn state '1.weight' of shape \(32, 64\) "
+                                         r"and dtype torch.float32$"):
+        Retrain(lambda: factory().double(), config).unlearn(model, forget, retain)
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("gradient_ascent", {"lr": 1.0, "epochs": 50}),
+    ("finetune", {"lr": 1e30, "epochs": 1}),
+    ("neggrad_plus", {"lr": 1e6, "epochs": 2}),
+    ("random_labels", {"lr": 1e30, "epochs": 1}),
+    ("scrub", {"lr": 1e30, "epochs": 1}),
+    ("bad_teacher", {"lr": 1e30}),
+])
+def test_a_diverging_method_raises_and_leaves_the_model(problem, name, kwargs):
+    """A step size that blows the weights up to NaN/Inf is an error naming the method, not a NaN model."""
+    model, forget, retain = problem
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=rf"^{name}: the unlearned model has NaN or Inf in its parameter '1.weight' "
+                                         r"\(the method diverged: lower its learning rate or step size\); the "
+                                         r"caller's model is unchanged$"):
+        METHODS[name](**kwargs).unlearn(model, forget, retain)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 def test_gradient_ascent_step_is_plain_ascent(problem):

@@ -76,25 +76,37 @@ class Unlearner(abc.ABC):
             seed: seeds every random choice the method makes: an integer (Python or NumPy) in
                 [0, 2**63) (torch's seed range, with room for the offsets a method adds to it).
 
+        It may be called inside ``torch.no_grad()`` (the method uses autograd all the same) and on sets
+        made inside ``torch.inference_mode()``, but not inside inference mode itself.
+
         Raises:
             TypeError: ``model`` is not an nn.Module, a set is not a LabeledData, ``seed`` not an integer.
-            ValueError: before any work, naming the problem: ``seed`` out of range; NaN/Inf in a
-                parameter or buffer of the model; a model without trainable parameters
-                (requires_grad=True) for a method that trains them; an empty forget or retain set
-                (or an empty ``unseen`` given), NaN/Inf in a set's inputs, samples whose shape does
-                not fit the model, labels outside the model's classes, forget samples that are also
-                in the retain set, or unseen samples that are also in the forget or retain set (same
-                input and label).
+            ValueError: before any work, naming the problem: ``seed`` out of range; a call inside
+                ``torch.inference_mode()``; NaN/Inf in a parameter or buffer of the model; a model
+                without trainable parameters (requires_grad=True) for a method that trains them; an
+                empty forget or retain set (or an empty ``unseen`` given), inputs with no features
+                per sample, NaN/Inf in a set's inputs, samples whose shape does not fit the model,
+                labels outside the model's classes, forget samples that are also in the retain set,
+                or unseen samples that are also in the forget or retain set (same input and label).
+                After the work: the method diverged (NaN/Inf in a parameter or floating buffer of
+                the unlearned model); the caller's model is unchanged.
         """
         seed = check_seed(f"{self.name}: seed", seed)
+        # every tensor made under inference mode is an inference tensor, which autograd cannot use: refuse up front
+        if torch.is_inference_mode_enabled():
+            raise ValueError(f"{self.name}: cannot unlearn inside torch.inference_mode() (the method trains with "
+                             "autograd); call it outside")
         work = self._checked_copy(model, forget, retain, unseen)
-        # inputs that require grad would collect gradients (and graphs) of the method's own passes
+        # inputs that require grad would collect gradients (and graphs) of the method's own passes, and
+        # inference tensors cannot be saved for backward
         forget, retain = _detached(forget), _detached(retain)
         unseen = None if unseen is None else _detached(unseen)
-        with seeded_rng(seed, model_device(work)):  # seeded, and the caller's RNG state is left as it was
+        # seeded, and the caller's RNG state is left as it was; autograd on even under the caller's no_grad()
+        with seeded_rng(seed, model_device(work)), torch.enable_grad():
             start = time.perf_counter()
             result = self._unlearn(work, forget, retain, unseen=unseen, seed=seed)
             result.seconds = time.perf_counter() - start
+        _check_finite_result(self.name, result.model)
         return result
 
     def _checked_copy(self, model: nn.Module, forget: LabeledData, retain: LabeledData,
@@ -151,9 +163,24 @@ def _check_model(name: str, model: nn.Module) -> None:
                 raise ValueError(f"{name}: the model's {kind} {key!r} contains NaN or Inf")
 
 
+def _check_finite_result(name: str, model: nn.Module) -> None:
+    """The unlearned model's parameters and floating buffers are finite: a step size too large makes
+    a first-order method return a NaN model without any error of its own (one pass, one read-back
+    per tensor)."""
+    for kind, tensors in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for key, tensor in tensors:
+            if not all_finite(tensor.detach()):
+                raise ValueError(f"{name}: the unlearned model has NaN or Inf in its {kind} {key!r} (the method "
+                                 "diverged: lower its learning rate or step size); the caller's model is unchanged")
+
+
 def _detached(data: LabeledData) -> LabeledData:
-    """``data`` with inputs that do not require grad (the caller's tensors are never written)."""
-    return LabeledData(data.x.detach(), data.y) if data.x.requires_grad else data
+    """``data`` with inputs that do not require grad, and as normal tensors if made inside
+    ``torch.inference_mode()`` (autograd cannot save those for backward; cloned here, outside it).
+    The caller's tensors are never written."""
+    x, y = (data.x.detach() if data.x.requires_grad else data.x), data.y
+    x, y = (x.clone() if x.is_inference() else x), (y.clone() if y.is_inference() else y)
+    return data if x is data.x and y is data.y else LabeledData(x, y)
 
 
 def rows_by_role(forget: LabeledData, retain: LabeledData, unseen: LabeledData | None) -> dict[str, int]:
@@ -180,6 +207,11 @@ def _check_sets(name: str, forget: LabeledData, retain: LabeledData,
         raise ValueError(f"{name}: the sets are on different devices: "
                          + ", ".join(f"{role} on {data.device}" for role, data in sets.items()))
     for role, data in sets.items():
+        # else every row of a set is the same empty sample: met as "forget samples also in the retain set"
+        if math.prod(data.x.shape[1:]) == 0:
+            raise ValueError(f"{name}: the {role} set has no input features per sample (x of shape "
+                             f"{tuple(data.x.shape)})")
+    for role, data in sets.items():
         row = first_nonfinite_row(data.x)
         if row is not None:
             raise ValueError(f"{name}: the {role} set has inputs that are not finite (NaN or Inf; first at row {row})")
@@ -202,9 +234,12 @@ def _check_sets(name: str, forget: LabeledData, retain: LabeledData,
 
 
 def _row_bytes(data: LabeledData) -> np.ndarray:
-    """The bytes of each input row, (N, bytes) uint8 (a uint8 view covers every dtype)."""
-    x = data.x.detach().reshape(len(data), math.prod(data.x.shape[1:])).contiguous().cpu()
-    return x.view(torch.uint8).numpy()
+    """The bytes of each input row, (N, bytes) uint8 (a uint8 view covers every dtype); -0.0 is
+    written as 0.0 (the same value, other bytes)."""
+    x = data.x.detach().reshape(len(data), math.prod(data.x.shape[1:]))
+    if x.is_floating_point() or x.is_complex():
+        x = x + 0.0  # -0.0 + 0.0 is +0.0
+    return x.contiguous().cpu().view(torch.uint8).numpy()
 
 
 def _row_hashes(rows: np.ndarray, labels: np.ndarray) -> np.ndarray:

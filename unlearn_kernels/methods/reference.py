@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from ..checkpoint import data_fingerprint, model_signature, train_or_load
+from ..checks import check_seed
 from ..labeled import LabeledData
 from ..training import TrainConfig, init_model, model_device, train
 from .base import Unlearner, UnlearnResult
@@ -30,9 +31,17 @@ class Retrain(Unlearner):
         config: the training recipe.
         cache_dir: if given, oracles are cached there (one file per retain-set fingerprint) with
             :func:`~unlearn_kernels.checkpoint.train_or_load`, and reused when recipe, model, data,
-            device, versions and training code match. ``gradients`` is the training cost either way; diagnostics say ``cached``.
+            device, versions and training code match. ``gradients`` is the training cost either
+            way; diagnostics say ``cached``.
         model_info: extra model description stored in (and matched against) the cache metadata,
             e.g. the name and kwargs given to ``build_model``.
+
+    Raises:
+        TypeError: ``model_factory`` is not a callable (a module instance is refused), ``config``
+            not a TrainConfig.
+        ValueError: from :meth:`unlearn`, before training: the factory's model differs from the
+            model to unlearn (class, modules and their options, e.g. an activation, or the shape
+            or dtype of a parameter or buffer), naming the first difference.
     """
 
     name = "retrain"
@@ -46,11 +55,12 @@ class Retrain(Unlearner):
         cache_dir: str | os.PathLike[str] | None = None,
         model_info: Mapping[str, Any] | None = None,
     ) -> None:
+        owner = type(self).__name__  # RetrainReseeded's checks too
         if isinstance(model_factory, nn.Module) or not callable(model_factory):  # a module is callable too
-            raise TypeError(f"Retrain: model_factory must be a callable that builds a fresh model (e.g. "
+            raise TypeError(f"{owner}: model_factory must be a callable that builds a fresh model (e.g. "
                             f"lambda: MLP(...)), got {type(model_factory).__name__}")
         if not isinstance(config, TrainConfig):
-            raise TypeError(f"Retrain: config must be a TrainConfig, got {type(config).__name__}")
+            raise TypeError(f"{owner}: config must be a TrainConfig, got {type(config).__name__}")
         self.model_factory = model_factory
         self.config = config
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
@@ -61,8 +71,10 @@ class Retrain(Unlearner):
         device = model_device(model)
         fresh = init_model(self.model_factory, self.config.seed)
         # checked before training: a wrong factory should fail in a second, not after the oracle's training
-        if model_signature(fresh) != model_signature(model):
-            raise ValueError("Retrain: model_factory builds a different architecture from the model to unlearn")
+        difference = _first_difference(_architecture(fresh), _architecture(model))
+        if difference is not None:
+            raise ValueError(f"{self.name}: model_factory builds a different architecture from the model to unlearn: "
+                             f"{difference}")
         if self.cache_dir is not None:
             path = self.cache_dir / f"retrain-{data_fingerprint(retain)[:16]}.pt"
             fresh, stats = train_or_load(path, self.model_factory, retain, self.config,
@@ -72,6 +84,27 @@ class Retrain(Unlearner):
         steps = self.config.epochs * math.ceil(len(retain) / self.config.batch_size)
         return UnlearnResult(model=fresh, seconds=0.0, gradients=steps,
                              diagnostics={"cached": stats is None, "epochs": self.config.epochs})
+
+
+def _architecture(model: nn.Module) -> list[str]:
+    """The model's modules (name, class and options, e.g. ``'1': ReLU()``) in order, then its state
+    (:func:`~unlearn_kernels.checkpoint.model_signature`): a module without parameters (an activation,
+    a dropout) is part of the architecture too."""
+    signature = model_signature(model)
+    return ([f"class {signature['class']}"]
+            + [f"module {key!r}: {type(module).__name__}({module.extra_repr()})"
+               for key, module in model.named_modules() if key]
+            + [f"state {key!r} of shape {tuple(shape)} and dtype {dtype}" for key, shape, dtype in signature["state"]])
+
+
+def _first_difference(built: list[str], given: list[str]) -> str | None:
+    """Where the factory's model (``built``) first differs from the model to unlearn (``given``), or None."""
+    for index in range(max(len(built), len(given))):
+        mine = built[index] if index < len(built) else "nothing more"
+        theirs = given[index] if index < len(given) else "nothing more"
+        if mine != theirs:
+            return f"the factory's model has {mine}, the model to unlearn {theirs}"
+    return None
 
 
 class RetrainReseeded(Retrain):
@@ -85,7 +118,13 @@ class RetrainReseeded(Retrain):
     Args:
         model_factory, config, model_info: as in :class:`Retrain` (nothing is cached, so
             ``model_info`` only describes the model).
-        seed_offset: added to ``config.seed`` (default 1000), != 0.
+        seed_offset: added to ``config.seed`` (default 1000), != 0; the sum must be a seed in
+            [0, 2**63).
+
+    Raises:
+        TypeError: as :class:`Retrain`.
+        ValueError: ``seed_offset`` is not a non-zero integer, or ``config.seed + seed_offset`` is
+            not in [0, 2**63); from :meth:`unlearn`, as :class:`Retrain`.
     """
 
     name = "retrain_reseeded"
@@ -95,8 +134,11 @@ class RetrainReseeded(Retrain):
         if isinstance(seed_offset, bool) or not isinstance(seed_offset, numbers.Integral) or seed_offset == 0:
             raise ValueError(f"RetrainReseeded: seed_offset must be a non-zero int, got {seed_offset!r}")
         seed_offset = int(seed_offset)  # a numpy integer too
-        super().__init__(model_factory, dataclasses.replace(config, seed=config.seed + seed_offset),
-                         model_info=model_info)
+        super().__init__(model_factory, config, model_info=model_info)  # checks the factory and the recipe's type
+        # named here: TrainConfig would report the sum as its own seed, which the caller never gave
+        seed = check_seed(f"RetrainReseeded: config.seed + seed_offset ({config.seed} + {seed_offset})",
+                          config.seed + seed_offset)
+        self.config = dataclasses.replace(config, seed=seed)
         self.seed_offset = seed_offset
 
 

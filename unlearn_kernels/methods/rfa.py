@@ -231,11 +231,10 @@ class RFA(TrainedUnlearner):
         its own prediction with respect to the layer's output."""
         directions: list[list[torch.Tensor]] = [[] for _ in features.names]
         for x, _ in data.loader(1024):
-            with torch.enable_grad():
-                # the input needs a gradient so that the frozen layers' outputs are on a graph
-                logits, _ = features(teacher, x.detach().requires_grad_(True))
-                own = logits.gather(1, logits.argmax(1, keepdim=True)).sum()
-                grads = torch.autograd.grad(own, [features.raw[n] for n in features.names])
+            # the input needs a gradient so that the frozen layers' outputs are on a graph
+            logits, _ = features(teacher, x.detach().requires_grad_(True))
+            own = logits.gather(1, logits.argmax(1, keepdim=True)).sum()
+            grads = torch.autograd.grad(own, [features.raw[n] for n in features.names])
             for store, g in zip(directions, grads):
                 g = -g.flatten(1)
                 store.append(g / g.norm(dim=1, keepdim=True).clamp_min(1e-12))
