@@ -126,6 +126,10 @@ def test_bad_inputs(matrix):
         lanczos(matrix, 5, num_eigs=6)
     with pytest.raises(ValueError, match="num_eigs = 61 .* k = 100, d = 60"):
         lanczos(matrix, 100, num_eigs=61)
+    with pytest.raises(TypeError, match="^two_pass must be a bool, got str$"):
+        lanczos(matrix, 5, two_pass="no")
+    with pytest.raises(TypeError, match="^return_eigenvectors must be a bool, got int$"):
+        lanczos(matrix, 5, return_eigenvectors=0)
     with pytest.raises(ValueError, match="symmetric"):
         lanczos(matrix + torch.triu(torch.ones_like(matrix)), 5)
     bad = matrix.clone()

@@ -7,6 +7,7 @@ import torch
 
 from devices import backend_devices
 from unlearn_kernels.backends import BackendUnavailableError
+from unlearn_kernels.contracts.lanczos_step import fake as fake_step
 from unlearn_kernels.ops import lanczos_step
 
 # (backend, device): on the CPU the reference, C++ (always built: a missing one fails) and Triton
@@ -258,6 +259,25 @@ def test_non_finite_vectors(backend, device, name, value, rng):
     with pytest.raises(ValueError, match="^lanczos_step: alpha or beta is not finite: hq, q, q_prev or basis contains "
                                          "NaN or Inf, or their products overflow$"):
         lanczos_step(args["hq"], args["q"], args["q_prev"], 0.5, args["basis"], backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("m", [None, 0, 3])
+def test_meta_tensors_give_the_fakes_shapes(backend, dtype, m):
+    """Meta tensors hold no values: "auto" takes the reference for them, which checks the shapes,
+    dtypes and devices but not the values (beta_prev, alpha and beta finite) and returns what the
+    op's fake returns: q_next of hq's shape and dtype, alpha and beta float64 0-dim, all on meta."""
+    meta = {"dtype": dtype, "device": "meta"}
+    hq, q, q_prev = torch.empty(9, **meta), torch.empty(9, **meta), torch.empty(9, **meta)
+    basis = None if m is None else torch.empty(m, 9, **meta)
+    beta_prev = torch.empty((), dtype=torch.float64, device="meta")
+    out = lanczos_step(hq, q, None if m is None else q_prev, beta_prev, basis, backend=backend)
+    fake = fake_step(hq, q, q_prev, beta_prev, torch.empty(0 if m is None else m, 9, **meta))
+    assert [(t.shape, t.dtype, t.device.type) for t in out] == [(t.shape, t.dtype, "meta") for t in fake]
+    assert [(t.shape, t.dtype) for t in out] == [((9,), dtype), ((), torch.float64), ((), torch.float64)]
+    with pytest.raises(ValueError, match=r"^lanczos_step: q must have the shape of hq \[9\], got \[4\]$"):
+        lanczos_step(hq, q[:4], q_prev, beta_prev, basis, backend=backend)
 
 
 def test_unavailable_backend():

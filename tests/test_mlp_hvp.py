@@ -6,6 +6,7 @@ backend runs on every device it takes (the CUDA kernel too where a GPU is visibl
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -222,6 +223,25 @@ def test_flat_form_bad_layout_raises_clear_errors(backend, device, rng):
     nan_v = base["V"].clone()
     nan_v[5, 1] = float("nan")
     call(ValueError, "NaN or Inf", V=nan_v)
+    # argument types and options: checked before any backend, the same for all
+    call(TypeError, "^mlp_hvp_flat: x must be a torch.Tensor, got ndarray$", x=p["x"].cpu().numpy())
+    call(TypeError, "^mlp_hvp_flat: target must be a torch.Tensor, got list$", target=p["target"].tolist())
+    call(TypeError, "^mlp_hvp_flat: V must be a torch.Tensor, got ndarray$", V=base["V"].cpu().numpy())
+    call(TypeError, r"^mlp_hvp_flat: biases must be a list of tensors \(one per layer\), got NoneType$", biases=None)
+    call(TypeError, r"^mlp_hvp_flat: weights\[0\] must be a tensor, got list$",
+         weights=[p["weights"][0].tolist(), p["weights"][1]])
+    call(TypeError, r"^mlp_hvp_flat: weight_offsets\[1\] must be an int, got float$", weight_offsets=[0, 24.0])
+    call(TypeError, r"^mlp_hvp_flat: bias_offsets\[1\] must be an int, got bool$", bias_offsets=[20, True])
+    call(ValueError, r"^mlp_hvp_flat: weight_offsets\[1\] must be in the int64 range", weight_offsets=[0, 2**64])
+    call(TypeError, r"^mlp_hvp_flat: bias_offsets must be a list of ints \(one per layer\), got int$", bias_offsets=20)
+    call(TypeError, "^mlp_hvp_flat: ignore_index must be an int, got float$", ignore_index=1.5)
+    call(TypeError, "^mlp_hvp_flat: check_finite must be a bool, got str$", check_finite="no")
+    call(ValueError, r"^mlp_hvp_flat: label_smoothing must be a finite number in \[0, 1\], got 1.5$",
+         label_smoothing=1.5)
+    # offsets as a tuple, numpy or torch integers: the same products
+    expected = ops.mlp_hvp_flat(**base, backend=backend)
+    for offsets in [(np.int64(0), 24), np.array([0, 24]), torch.tensor([0, 24])]:
+        torch.testing.assert_close(ops.mlp_hvp_flat(**{**base, "weight_offsets": offsets}, backend=backend), expected)
 
 
 def test_flat_form_opcheck(rng):
@@ -270,6 +290,20 @@ def test_bad_input_raises_clear_errors(backend, device, rng):
     call(ValueError, "label_smoothing must be a finite number", label_smoothing=True)
     call(ValueError, "label_smoothing must be a finite number", label_smoothing=float("nan"))
     call(ValueError, "x must be 2-D", x=p["x"][None])
+    # Argument types and the plain Python options are checked before any backend, the same for all.
+    call(TypeError, "^mlp_hvp: x must be a torch.Tensor, got ndarray$", x=p["x"].cpu().numpy())
+    call(TypeError, "^mlp_hvp: target must be a torch.Tensor, got list$", target=p["target"].tolist())
+    call(TypeError, r"^mlp_hvp: v_weights\[1\] must be a tensor, got ndarray$",
+         v_weights=[p["v_weights"][0], p["v_weights"][1].cpu().numpy()])
+    call(TypeError, "^mlp_hvp: ignore_index must be an int, got float$", ignore_index=1.5)
+    call(TypeError, "^mlp_hvp: ignore_index must be an int, got str$", ignore_index="a")
+    call(TypeError, "^mlp_hvp: ignore_index must be an int, got bool$", ignore_index=False)
+    call(ValueError, r"^mlp_hvp: ignore_index must be in the int64 range \[-2\*\*63, 2\*\*63\), "
+                     "got 1180591620717411303424$", ignore_index=2**70)
+    call(TypeError, "^mlp_hvp: check_finite must be a bool, got str$", check_finite="no")
+    call(ValueError, r"^mlp_hvp: label_smoothing must be a finite number in \[0, 1\], got 'a'$", label_smoothing="a")
+    call(ValueError, r"^mlp_hvp: label_smoothing must be a finite number in \[0, 1\], got 2.0$",
+         label_smoothing=2.0, x=p["x"][None])  # an option before a shape, on every backend
     nan_x = p["x"].clone()
     nan_x[3, 1] = float("nan")
     call(ValueError, "NaN", x=nan_x)
@@ -291,6 +325,56 @@ def test_direct_dispatcher_call_checks_its_inputs(rng):
         op(*args[:4], [3, 9], *args[5:])
     with pytest.raises(ValueError, match="one entry per layer"):
         op(*args[:4], [3], *args[5:])
+
+
+@pytest.mark.parametrize("backend, device", PAIRS)
+def test_integer_ignore_index_of_any_kind(backend, device, rng):
+    """ignore_index as a numpy or Python int, also in the flat and state forms, gives the products of
+    the loss without the rows of that label (a float is refused: see test_bad_input_raises_clear_errors)."""
+    p = _cast(_problem([5, 4, 3], ["tanh", "identity"], True, 2, rng), device=device)
+    p["target"][:4] = 1
+    expected = _dense_products(_cast(p, device="cpu"), ignore_index=1)
+    for ignore_index in (1, np.int64(1), np.int32(1)):
+        out = _flat(*ops.mlp_hvp(**p, ignore_index=ignore_index, backend=backend))
+        assert relative_error(out.cpu(), expected) <= 1e-10, (backend, ignore_index)
+    d = sum(w.numel() for w in p["weights"]) + sum(b.numel() for b in p["biases"])
+    V = torch.randn(d, 2, dtype=torch.float64, generator=rng).to(device)
+    common = dict(x=p["x"], target=p["target"], weights=p["weights"], biases=p["biases"], activations=p["activations"])
+    flat = ops.mlp_hvp_flat(**common, V=V, weight_offsets=[0, 24], bias_offsets=[20, 36], ignore_index=np.int64(1),
+                            backend=backend)
+    state = ops.mlp_hvp_state(**common, ignore_index=np.int16(1), backend=backend)
+    cached = ops.mlp_hvp_flat_cached(p["x"], state, p["weights"], p["biases"], p["activations"], V, [0, 24], [20, 36],
+                                     backend=backend)
+    reference = ops.mlp_hvp_flat(**common, V=V, weight_offsets=[0, 24], bias_offsets=[20, 36], ignore_index=1,
+                                 backend="reference")
+    torch.testing.assert_close(flat, reference, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(cached, reference, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_meta_tensors_give_the_fakes_shapes(backend, rng):
+    """Meta tensors hold no values: "auto" takes the reference for them, which checks the arguments
+    but no values (targets, finiteness) and returns meta tensors shaped as the ops' fakes'."""
+    p = _cast(_problem([5, 4, 3], ["gelu", "identity"], [True, False], 2, rng), device="meta")
+    hv_w, hv_b = ops.mlp_hvp(**p, backend=backend)
+    assert [(t.shape, t.device.type) for t in hv_w] == [((2, 4, 5), "meta"), ((2, 3, 4), "meta")]
+    assert hv_b[1] is None and (hv_b[0].shape, hv_b[0].device.type) == ((2, 4), "meta")
+    # the registered op on meta tensors runs its fake
+    fake = torch.ops.unlearn_kernels.mlp_hvp(p["x"], p["target"], p["weights"], p["biases"], [2, 0], p["v_weights"],
+                                             p["v_biases"], 0.0, -100, True)
+    assert [t.shape for t in [*hv_w, hv_b[0]]] == [t.shape for t in fake]
+    common = dict(x=p["x"], target=p["target"], weights=p["weights"], biases=p["biases"], activations=p["activations"])
+    V = torch.empty(36, 3, dtype=torch.float64, device="meta")
+    flat = ops.mlp_hvp_flat(**common, V=V, weight_offsets=[0, 24], bias_offsets=[20, -1], backend=backend)
+    state = ops.mlp_hvp_state(**common, backend=backend)
+    cached = ops.mlp_hvp_flat_cached(p["x"], state, p["weights"], p["biases"], p["activations"], V, [0, 24], [20, -1],
+                                     backend=backend)
+    fake_state = torch.ops.unlearn_kernels.mlp_hvp_state(p["x"], p["target"], p["weights"], p["biases"], [2, 0], 0.0,
+                                                         -100, True)
+    assert [t.shape for t in state] == [t.shape for t in fake_state]
+    assert flat.shape == cached.shape == (36, 3) and flat.device.type == cached.device.type == "meta"
+    with pytest.raises(ValueError, match="target must have shape"):
+        ops.mlp_hvp(**{**p, "target": p["target"][:3]}, backend=backend)
 
 
 # ----------------------------------------------------------------------------- fixed weights
@@ -373,6 +457,28 @@ def test_cached_form_bad_state_raises_clear_errors(backend, device, rng):
                           backend=backend)
     with pytest.raises(ValueError, match=f"target is on meta but x on {device}"):
         ops.mlp_hvp_state(p["x"], p["target"].to("meta"), p["weights"], p["biases"], p["activations"], backend=backend)
+    # argument types and options: checked before any backend, the same for all
+    call(TypeError, "^mlp_hvp_flat_cached: x must be a torch.Tensor, got ndarray$", x=p["x"].cpu().numpy())
+    call(TypeError, "^mlp_hvp_flat_cached: V must be a torch.Tensor, got list$", V=base["V"].tolist())
+    call(TypeError, r"^mlp_hvp_flat_cached: state\[1\] must be a tensor, got NoneType$",
+         state=[state[0], None, *state[2:]])
+    call(TypeError, r"^mlp_hvp_flat_cached: state must be a list of tensors \(those mlp_hvp_state returned\), "
+                    "got Tensor$", state=state[0])
+    call(TypeError, r"^mlp_hvp_flat_cached: weight_offsets\[0\] must be an int, got float$", weight_offsets=[0.0, 24])
+    call(TypeError, "^mlp_hvp_flat_cached: check_finite must be a bool, got int$", check_finite=0)
+    model = (p["weights"], p["biases"], p["activations"])
+    for exc, match, kwargs in [
+        (TypeError, "^mlp_hvp_state: x must be a torch.Tensor, got ndarray$", {"x": p["x"].cpu().numpy()}),
+        (TypeError, "^mlp_hvp_state: target must be a torch.Tensor, got ndarray$",
+         {"target": p["target"].cpu().numpy()}),
+        (TypeError, "^mlp_hvp_state: ignore_index must be an int, got float$", {"ignore_index": -100.0}),
+        (TypeError, "^mlp_hvp_state: check_finite must be a bool, got str$", {"check_finite": "no"}),
+        (ValueError, r"^mlp_hvp_state: label_smoothing must be a finite number in \[0, 1\], got -0.5$",
+         {"label_smoothing": -0.5}),
+    ]:
+        with pytest.raises(exc, match=match):
+            ops.mlp_hvp_state(**{"x": p["x"], "target": p["target"], **kwargs}, weights=model[0], biases=model[1],
+                              activations=model[2], backend=backend)
 
 
 def test_fused_operator_cache_equals_the_whole_pass_and_follows_the_weights():

@@ -2,6 +2,7 @@
 CUDA tensors, where torch sees a GPU) against the float64 formula, autograd, opcheck, a
 finite-difference check, and bad input with the same error from every backend.
 (Triton: test_softmax_ce_triton.py.)"""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,7 @@ import unlearn_kernels
 from unlearn_kernels import ops
 from unlearn_kernels.backends import BackendUnavailableError, register_ops
 from unlearn_kernels.backends import status as backend_status
+from unlearn_kernels.contracts import softmax_ce as contract
 from tolerance import assert_within_rule
 
 # backend -> the device of its inputs; the CUDA kernels run only where torch sees a GPU
@@ -219,6 +221,31 @@ def _bad_calls(z, u, y):
         "no rows, no classes": (ValueError, r"softmax_ce_grad: logits must have at least one class \(C >= 1\), "
                                             r"got shape \[0, 0\]$",
                                 lambda b: ops.softmax_ce_grad(z[:0, :0], y[:0], backend=b)),
+        # The plain Python options are checked in the public function before any backend: the schema
+        # would truncate 1.5 to 1 (and zero the rows labelled 1) or raise the dispatcher's own error.
+        "ignore_index float": (TypeError, "softmax_ce_grad: ignore_index must be an int, got float$",
+                               lambda b: ops.softmax_ce_grad(z, y, ignore_index=1.5, backend=b)),
+        "ignore_index str": (TypeError, "softmax_ce_grad: ignore_index must be an int, got str$",
+                             lambda b: ops.softmax_ce_grad(z, y, ignore_index="a", backend=b)),
+        "ignore_index bool": (TypeError, "softmax_ce_grad: ignore_index must be an int, got bool$",
+                              lambda b: ops.softmax_ce_grad(z, y, ignore_index=True, backend=b)),
+        "ignore_index past int64": (ValueError, r"softmax_ce_grad: ignore_index must be in the int64 range "
+                                                r"\[-2\*\*63, 2\*\*63\), got 1180591620717411303424$",
+                                    lambda b: ops.softmax_ce_grad(z, y, ignore_index=2**70, backend=b)),
+        "check_finite str, grad": (TypeError, "softmax_ce_grad: check_finite must be a bool, got str$",
+                                   lambda b: ops.softmax_ce_grad(z, y, check_finite="no", backend=b)),
+        "check_finite int, hvp": (TypeError, "softmax_ce_hvp: check_finite must be a bool, got int$",
+                                  lambda b: ops.softmax_ce_hvp(z, u, check_finite=1, backend=b)),
+        "smoothing str": (ValueError, r"softmax_ce_grad: label_smoothing must be a finite number in \[0, 1\], got 'a'$",
+                          lambda b: ops.softmax_ce_grad(z, y, label_smoothing="a", backend=b)),
+        # ... so a bad option is reported before a bad shape, by every backend alike
+        "smoothing and shape": (ValueError, r"softmax_ce_grad: label_smoothing must be a finite number in \[0, 1\], "
+                                            r"got 2.0$",
+                                lambda b: ops.softmax_ce_grad(z[0], y, label_smoothing=2.0, backend=b)),
+        "logits type": (TypeError, "softmax_ce_hvp: logits must be a torch.Tensor, got list$",
+                        lambda b: ops.softmax_ce_hvp(z.tolist(), u, backend=b)),
+        "target type": (TypeError, "softmax_ce_grad: target must be a torch.Tensor, got list$",
+                        lambda b: ops.softmax_ce_grad(z, y.tolist(), backend=b)),
     }
 
 
@@ -232,6 +259,45 @@ def test_bad_input_raises_the_same_error_from_every_backend(case, rng):
             call(backend)
         messages[backend] = str(info.value)
     assert len(set(messages.values())) == 1, messages
+
+
+@pytest.mark.parametrize("backend", ERROR_BACKENDS)
+def test_integer_ignore_index_of_any_kind(backend, rng):
+    """A numpy or negative integer ignore_index works on every backend (and is not confused with a
+    float that the schema would truncate: see the "ignore_index float" case above)."""
+    z, _, y = _inputs((6, 4), torch.float64, rng, ERROR_DEVICES[backend])
+    y[1] = 1
+    for ignore_index in (np.int64(1), np.int32(1), 1):
+        out = ops.softmax_ce_grad(z, y, ignore_index=ignore_index, backend=backend)
+        torch.testing.assert_close(out, _exact_grad(z, y, ignore_index=1), rtol=1e-12, atol=1e-14)
+        assert out[y == 1].abs().max() == 0 and out[y != 1].abs().min() > 0
+    y[2] = -7
+    out = ops.softmax_ce_grad(z, y, ignore_index=-7, check_finite=np.True_, backend=backend)
+    torch.testing.assert_close(out, _exact_grad(z, y, ignore_index=-7), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_meta_tensors_give_the_fakes_shape(backend, dtype):
+    """Meta tensors hold no values: "auto" takes the reference for them, which checks the shapes,
+    dtypes and devices but no values (targets in range, finiteness) and returns what the op's fake
+    returns, a meta tensor of the logits' shape and dtype; still differentiable."""
+    z = torch.empty((5, 7), dtype=dtype, device="meta").t().requires_grad_(True)  # strided: (7, 5)
+    y = torch.empty(7, dtype=torch.long, device="meta")
+    u = torch.empty((7, 5), dtype=dtype, device="meta")
+    for out, fake in ((ops.softmax_ce_grad(z, y, label_smoothing=0.1, backend=backend),
+                       contract.fake_grad(z, y, 0.1, -100, True)),
+                      (ops.softmax_ce_hvp(z, u, backend=backend), contract.fake_hvp(z, u, True))):
+        assert out.device.type == "meta"
+        expected = ((7, 5), dtype, (5, 1))
+        assert (out.shape, out.dtype, out.stride()) == (fake.shape, fake.dtype, fake.stride()) == expected
+    (grad,) = torch.autograd.grad(ops.softmax_ce_grad(z, y, backend=backend).sum(), z)
+    assert grad.shape == z.shape and grad.device.type == "meta"
+    # the argument checks still run
+    with pytest.raises(ValueError, match=r"^softmax_ce_grad: target must have shape \(N,\) = \(7,\), got \[5\]$"):
+        ops.softmax_ce_grad(z, y[:5], backend=backend)
+    with pytest.raises(TypeError, match="^softmax_ce_hvp: check_finite must be a bool, got str$"):
+        ops.softmax_ce_hvp(z, u, check_finite="yes", backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

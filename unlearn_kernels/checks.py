@@ -13,6 +13,7 @@ import operator
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -60,6 +61,26 @@ def check_tensor(name: str, value: Any) -> torch.Tensor:
     """``value`` if it is a tensor, else TypeError naming ``name``."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` as a bool if it is one (Python or numpy), else TypeError naming ``name`` (a flag
+    such as ``check_finite``: 0, 1 or "no" are refused, not read as truthy)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def check_int64(name: str, value: Any) -> int:
+    """``value`` as an int if it is an integer (Python or numpy; not a bool) that an int64 holds
+    (negative too: a label such as ``ignore_index=-100``, which a C++ op takes as int64_t), else
+    TypeError (not an integer) / ValueError (out of range) naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = operator.index(value)
+    if not -2**63 <= value < 2**63:
+        raise ValueError(f"{name} must be in the int64 range [-2**63, 2**63), got {value}")
     return value
 
 

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .. import _extension
 from ..backends import choose
-from ..checks import all_finite, check_number, check_tensor
+from ..checks import all_finite, check_bool, check_int64, check_number, check_tensor
 from ..contracts.softmax_ce import check_targets
 from ..contracts.text import dtype_name, shape_text
 
@@ -80,16 +81,42 @@ def mlp_hvp_ref(
 
 
 # --------------------------------------------------------------------------- validation
-def _tensor_list(name: str, values: object, length: int | None, optional: bool) -> list[torch.Tensor | None]:
-    if isinstance(values, torch.Tensor) or not isinstance(values, Sequence):
-        raise TypeError(f"{_OP}: {name} must be a list of tensors (one per layer), got {type(values).__name__}")
+def _tensor_list(name: str, values: object, length: int | None, optional: bool, op: str = _OP,
+                 what: str = "one per layer") -> list[torch.Tensor | None]:
+    """``values`` as a list if it is a sequence of tensors (or None where ``optional``), else
+    TypeError naming the entry. Cheap for a list or tuple of tensors: the flat ops run it for every
+    product."""
+    if type(values) not in (list, tuple) and (isinstance(values, torch.Tensor) or not isinstance(values, Sequence)):
+        raise TypeError(f"{op}: {name} must be a list of tensors ({what}), got {type(values).__name__}")
     if length is not None and len(values) != length:
-        raise ValueError(f"{_OP}: {name} has {len(values)} entries but there are {length} layers")
+        raise ValueError(f"{op}: {name} has {len(values)} entries but there are {length} layers")
     for i, v in enumerate(values):
         if not (isinstance(v, torch.Tensor) or (optional and v is None)):
             kind = "a tensor or None" if optional else "a tensor"
-            raise TypeError(f"{_OP}: {name}[{i}] must be {kind}, got {type(v).__name__}")
-    return list(values)
+            raise TypeError(f"{op}: {name}[{i}] must be {kind}, got {type(v).__name__}")
+    return values if type(values) is list else list(values)
+
+
+def _offsets(op: str, name: str, values: object) -> list[int]:
+    """``weight_offsets`` / ``bias_offsets`` as a list of int64 values (from a list, tuple, numpy
+    array or integer tensor), else TypeError / ValueError naming the entry (the schema would raise
+    the dispatcher's own error for a float or a huge int, and take a bool as 0 or 1)."""
+    if isinstance(values, (torch.Tensor, np.ndarray)):
+        values = values.tolist()
+    elif type(values) not in (list, tuple) and (isinstance(values, str) or not isinstance(values, Sequence)):
+        raise TypeError(f"{op}: {name} must be a list of ints (one per layer), got {type(values).__name__}")
+    for i, v in enumerate(values):  # a plain int in range passes without building a message
+        if type(v) is not int or not -2**63 <= v < 2**63:
+            return [check_int64(f"{op}: {name}[{j}]", u) for j, u in enumerate(values)]
+    return values if type(values) is list else list(values)
+
+
+def _options(op: str, label_smoothing: object, ignore_index: object, check_finite: object) -> tuple[float, int, bool]:
+    """The loss options, checked once in the public function for every backend (the schema would
+    truncate ``ignore_index=1.5`` to 1 and refuse ``check_finite="no"`` with the dispatcher's own
+    error, the reference would take them as they are)."""
+    return (check_number(f"{op}: label_smoothing", label_smoothing, 0.0, 1.0),
+            check_int64(f"{op}: ignore_index", ignore_index), check_bool(f"{op}: check_finite", check_finite))
 
 
 def _check_like(op: str, x: torch.Tensor, t: torch.Tensor, what: str, l: int) -> None:
@@ -200,36 +227,46 @@ def mlp_hvp(
             with a bias may have one.
         label_smoothing: eps in [0, 1], as in ``F.cross_entropy`` (it changes the gradient, hence the
             products through the activations' second derivatives).
-        ignore_index: target value whose rows are left out, as in ``F.cross_entropy``.
-        check_finite: raise ValueError if the logits or their directional derivatives are not finite
-            (the reference backend checks its inputs instead); on GPU it costs one synchronisation.
+        ignore_index: target value whose rows are left out, as in ``F.cross_entropy``: an int
+            (Python or numpy, not a bool) in the int64 range.
+        check_finite: a bool; True raises ValueError if the logits or their directional derivatives
+            are not finite (the reference backend checks its inputs instead); on GPU it costs one
+            synchronisation.
         backend: "auto", "cpp", "cuda" or "reference" (see :func:`unlearn_kernels.backends`).
 
     Returns:
         ``(hv_weights, hv_biases)``: hv_weights[l] of shape (K, d_l, d_{l-1}); hv_biases[l] of shape
         (K, d_l), or None for a layer without bias. Entry k of each is the Hessian applied to tangent k.
+        Meta tensors (the reference backend, which "auto" picks for them) give meta products of these
+        shapes, with no check of values (targets, finiteness): they hold none.
 
     Raises:
-        ValueError / TypeError: mismatched layer shapes, K, dtypes or devices, unknown activation names,
-            targets out of range, or non-finite values (see ``check_finite``).
+        ValueError / TypeError: a non-tensor argument, mismatched layer shapes, K, dtypes or devices,
+            unknown activation names, options of the wrong type or range (label_smoothing,
+            ignore_index, check_finite), targets out of range, or non-finite values (see
+            ``check_finite``). The same error from every backend.
         BackendUnavailableError: a forced backend that cannot run here.
     """
+    # Argument types and the plain Python options first, for every backend: the schema would raise
+    # the dispatcher's own error (or truncate a float ignore_index) where the reference is clear.
+    check_tensor(f"{_OP}: x", x)
+    check_tensor(f"{_OP}: target", target)
     codes = _activation_codes(activations)
     weights = _tensor_list("weights", weights, None, optional=False)
     num_layers = len(weights)
     biases = [None] * num_layers if biases is None else _tensor_list("biases", biases, num_layers, optional=True)
     v_weights = _tensor_list("v_weights", v_weights, num_layers, optional=False)
     v_biases = [None] * num_layers if v_biases is None else _tensor_list("v_biases", v_biases, num_layers, optional=True)
+    label_smoothing, ignore_index, check_finite = _options(_OP, label_smoothing, ignore_index, check_finite)
     name = choose(_OP, x.device, backend)
     if name == "reference":  # the compiled kernels check their inputs themselves (csrc/mlp_hvp.cpp)
         _check_inputs(x, target, weights, biases, activations, v_weights, v_biases, label_smoothing)
-        tensors = {"weights": weights, "biases": biases, "v_weights": v_weights, "v_biases": v_biases}
-        _check_targets_and_finite(x, target, tensors, weights[-1].shape[0], ignore_index, check_finite)
+        if not x.is_meta:  # meta tensors hold no values to check: the products' shapes only
+            tensors = {"weights": weights, "biases": biases, "v_weights": v_weights, "v_biases": v_biases}
+            _check_targets_and_finite(x, target, tensors, weights[-1].shape[0], ignore_index, check_finite)
         return mlp_hvp_ref(x, target, weights, biases, activations, v_weights, v_biases, label_smoothing, ignore_index)
     out = torch.ops.unlearn_kernels.mlp_hvp(
-        x, target, weights, biases, codes, v_weights, v_biases,
-        check_number(f"{_OP}: label_smoothing", label_smoothing, 0.0, 1.0), int(ignore_index), check_finite,
-    )
+        x, target, weights, biases, codes, v_weights, v_biases, label_smoothing, ignore_index, check_finite)
     present = iter(out[num_layers:])
     return list(out[:num_layers]), [next(present) if b is not None else None for b in biases]
 
@@ -383,15 +420,16 @@ def mlp_hvp_flat(
     the first row of W_l, ``bias_offsets[l]`` that of b_l, -1 for a parameter that is not chosen
     (its tangent is zero and its product is not returned: the result is the Hessian block of the
     chosen parameters applied to V). The chosen blocks must tile the d rows exactly, in any order.
-    The compiled backends validate everything in C++ (this wrapper adds almost no Python work per
-    call, which matters for small models, where each Python-level tensor op is a visible share of a
-    product).
+    The compiled backends validate the tensors in C++ (this wrapper checks only the arguments'
+    Python types and the options, a few microseconds, and runs no tensor op: on small models each
+    Python-level tensor op is a visible share of a product).
 
     Args:
         x, target, weights, biases, activations, label_smoothing, ignore_index, check_finite, backend:
             as in :func:`mlp_hvp` (biases: one entry per layer, None for a layer without bias).
         V: (d, K) tangents, of x's dtype and device.
-        weight_offsets, bias_offsets: one int per layer (see above).
+        weight_offsets, bias_offsets: one int per layer (see above): a list or tuple (numpy or
+            torch integers too).
 
     Returns:
         The (d, K) products, in V's row layout (a transposed view of (K, d) storage: column k, the
@@ -402,11 +440,18 @@ def mlp_hvp_flat(
             offsets that do not tile V's rows.
         BackendUnavailableError: a forced backend that cannot run here.
     """
-    if not isinstance(V, torch.Tensor) or V.dim() != 2 or V.shape[1] == 0:
-        shape = tuple(V.shape) if isinstance(V, torch.Tensor) else type(V).__name__
-        raise ValueError(f"{_OP}_flat: V must be a 2-D (d, K) tensor with K >= 1, got {shape}")
+    op = _OP + "_flat"
+    check_tensor(f"{op}: x", x)
+    check_tensor(f"{op}: target", target)
+    if check_tensor(f"{op}: V", V).dim() != 2 or V.shape[1] == 0:
+        raise ValueError(f"{op}: V must be a 2-D (d, K) tensor with K >= 1, got {tuple(V.shape)}")
     codes = _activation_codes(activations)
-    if choose(_OP + "_flat", x.device, backend) == "reference":
+    weights = _tensor_list("weights", weights, None, optional=False, op=op)
+    biases = _tensor_list("biases", biases, None, optional=True, op=op)
+    weight_offsets = _offsets(op, "weight_offsets", weight_offsets)
+    bias_offsets = _offsets(op, "bias_offsets", bias_offsets)
+    label_smoothing, ignore_index, check_finite = _options(op, label_smoothing, ignore_index, check_finite)
+    if choose(op, x.device, backend) == "reference":
         _check_tangent_matrix(_OP + "_flat", x, V)
         _check_flat_layout(weights, biases, weight_offsets, bias_offsets, V.shape[0])
         v_weights, v_biases = _flat_tangents(weights, V, weight_offsets, bias_offsets)
@@ -414,10 +459,7 @@ def mlp_hvp_flat(
                            ignore_index=ignore_index, check_finite=check_finite, backend="reference")
         return _flat_products(V, weights, weight_offsets, bias_offsets, products)
     return torch.ops.unlearn_kernels.mlp_hvp_flat(
-        x, target, list(weights), list(biases), codes, V, list(weight_offsets),
-        list(bias_offsets), check_number(f"{_OP}_flat: label_smoothing", label_smoothing, 0.0, 1.0), int(ignore_index),
-        check_finite,
-    )
+        x, target, weights, biases, codes, V, weight_offsets, bias_offsets, label_smoothing, ignore_index, check_finite)
 
 
 # --------------------------------------------------------------------------- fixed weights
@@ -517,17 +559,21 @@ def mlp_hvp_state(
     Raises:
         What :func:`mlp_hvp` raises for the same arguments.
     """
-    weights = _tensor_list("weights", weights, None, optional=False)
-    biases = _tensor_list("biases", biases, len(weights), optional=True)
+    op = _OP + "_state"
+    check_tensor(f"{op}: x", x)
+    check_tensor(f"{op}: target", target)
+    weights = _tensor_list("weights", weights, None, optional=False, op=op)
+    biases = _tensor_list("biases", biases, len(weights), optional=True, op=op)
     codes = _activation_codes(activations)
-    if choose(_OP + "_state", x.device, backend) == "reference":
+    label_smoothing, ignore_index, check_finite = _options(op, label_smoothing, ignore_index, check_finite)
+    if choose(op, x.device, backend) == "reference":
         _check_model_inputs(x, target, weights, biases, activations, label_smoothing)
-        _check_targets_and_finite(x, target, {"weights": weights, "biases": biases}, weights[-1].shape[0], ignore_index,
-                                  check_finite)
+        if not x.is_meta:  # meta tensors hold no values to check: the state's shapes only
+            _check_targets_and_finite(x, target, {"weights": weights, "biases": biases}, weights[-1].shape[0],
+                                      ignore_index, check_finite)
         return mlp_hvp_state_ref(x, target, weights, biases, activations, label_smoothing, ignore_index)
     return list(torch.ops.unlearn_kernels.mlp_hvp_state(
-        x, target, weights, biases, codes, check_number(f"{_OP}_state: label_smoothing", label_smoothing, 0.0, 1.0),
-        int(ignore_index), check_finite))
+        x, target, weights, biases, codes, label_smoothing, ignore_index, check_finite))
 
 
 def mlp_hvp_flat_cached(
@@ -561,17 +607,24 @@ def mlp_hvp_flat_cached(
         ValueError / TypeError: a state that does not fit the layers and x, and what
             :func:`mlp_hvp_flat` raises for V and the offsets.
     """
-    if not isinstance(V, torch.Tensor) or V.dim() != 2 or V.shape[1] == 0:
-        shape = tuple(V.shape) if isinstance(V, torch.Tensor) else type(V).__name__
-        raise ValueError(f"{_OP}_flat_cached: V must be a 2-D (d, K) tensor with K >= 1, got {shape}")
+    op = _OP + "_flat_cached"
+    check_tensor(f"{op}: x", x)
+    if check_tensor(f"{op}: V", V).dim() != 2 or V.shape[1] == 0:
+        raise ValueError(f"{op}: V must be a 2-D (d, K) tensor with K >= 1, got {tuple(V.shape)}")
+    state = _tensor_list("state", state, None, optional=False, op=op, what="those mlp_hvp_state returned")
+    weights = _tensor_list("weights", weights, None, optional=False, op=op)
+    biases = _tensor_list("biases", biases, None, optional=True, op=op)
     codes = _activation_codes(activations)
-    if choose(_OP + "_flat_cached", x.device, backend) == "reference":
+    weight_offsets = _offsets(op, "weight_offsets", weight_offsets)
+    bias_offsets = _offsets(op, "bias_offsets", bias_offsets)
+    check_finite = check_bool(f"{op}: check_finite", check_finite)
+    if choose(op, x.device, backend) == "reference":
         _check_cached_args(x, state, weights, biases, activations, V, weight_offsets, bias_offsets)
-        if check_finite and not all_finite(V):
+        if check_finite and not V.is_meta and not all_finite(V):  # meta tensors hold no values to check
             raise ValueError(f"{_OP}: the R-derivative of the logits contains NaN or Inf (check V)")
         return mlp_hvp_flat_cached_ref(x, state, weights, biases, activations, V, weight_offsets, bias_offsets)
     return torch.ops.unlearn_kernels.mlp_hvp_flat_cached(
-        x, list(state), list(weights), list(biases), codes, V, list(weight_offsets), list(bias_offsets), check_finite)
+        x, state, weights, biases, codes, V, weight_offsets, bias_offsets, check_finite)
 
 
 def _activation_codes(activations: Sequence[str]) -> list[int]:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .. import _extension
 from ..backends import choose
-from ..checks import check_number, check_tensor
+from ..checks import check_bool, check_int64, check_number, check_tensor
 from ..contracts import softmax_ce as contract
 
 
@@ -83,31 +83,44 @@ def softmax_ce_grad(
             in fp32). Rows may be strided; non-contiguous classes are copied.
         target: (N,) integer class indices in [0, C), or ``ignore_index`` (that row's gradient is 0).
         label_smoothing: eps in [0, 1]; the target becomes (1 - eps) onehot + eps / C.
-        ignore_index: target value whose rows are ignored, as in ``F.cross_entropy``.
-        check_finite: raise ValueError if the logits contain NaN/+Inf (checked inside the kernel;
-            on GPU it costs one synchronisation).
+        ignore_index: target value whose rows are ignored, as in ``F.cross_entropy``: an int
+            (Python or numpy, not a bool) in the int64 range.
+        check_finite: a bool; True raises ValueError if the logits contain NaN/+Inf (checked inside
+            the kernel; on GPU it costs one synchronisation).
         backend: "auto", "cpp", "cuda", "triton" or "reference" (see :func:`unlearn_kernels.backends`).
 
     Returns:
-        (N, C) contiguous tensor of the logits' dtype. Differentiable w.r.t. ``logits``.
+        (N, C) contiguous tensor of the logits' dtype. Differentiable w.r.t. ``logits``. Meta
+        tensors (the reference backend, which "auto" picks for them) give a meta result of that
+        shape, with no check of values (targets in range, finiteness): they hold none.
+
+    Raises:
+        TypeError / ValueError: a non-tensor, a bad shape, dtype or device, a label_smoothing,
+            ignore_index or check_finite of the wrong type or range, a target out of range, or
+            non-finite logits (see ``check_finite``). The same error from every backend.
     """
     op = contract.GRAD
     device = check_tensor(f"{op}: logits", logits).device
     target = check_tensor(f"{op}: target", target)
     if not (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool):
         target = target.long()  # any integer dtype; the op's own check names a wrong one
+    # The plain Python options, once for every backend (the schema would truncate 1.5 to 1, or
+    # raise the dispatcher's own error for "no"): the registered ops get them already checked.
+    label_smoothing = check_number(f"{op}: label_smoothing", label_smoothing, 0.0, 1.0)
+    ignore_index = check_int64(f"{op}: ignore_index", ignore_index)
+    check_finite = check_bool(f"{op}: check_finite", check_finite)
     name = choose(op, device, backend)
     # One check per path: the compiled kernels (C++, CUDA and Triton) check their inputs themselves,
     # with the same messages as the reference's checks here.
     if name == "reference":
         contract.check_grad_args(logits, target, label_smoothing)
-        contract.check_targets(target, logits.shape[1], ignore_index)
-        if check_finite:
-            _check_finite_ref(op, logits[target != ignore_index], None)
+        if not logits.is_meta:  # meta tensors hold no values to check: the result's shape only
+            contract.check_targets(target, logits.shape[1], ignore_index)
+            if check_finite:
+                _check_finite_ref(op, logits[target != ignore_index], None)
         return softmax_ce_grad_ref(logits, target, label_smoothing, ignore_index)
     ops = _triton_ops() if name == "triton" else torch.ops.unlearn_kernels
-    smoothing = check_number(f"{op}: label_smoothing", label_smoothing, 0.0, 1.0)
-    return ops.softmax_ce_grad(logits, target, smoothing, int(ignore_index), check_finite)
+    return ops.softmax_ce_grad(logits, target, label_smoothing, ignore_index, check_finite)
 
 
 def softmax_ce_hvp(
@@ -122,19 +135,22 @@ def softmax_ce_hvp(
         logits: (N, C) floating point tensor, C >= 1 (float32/float64; float16/bfloat16 accumulate
             in fp32).
         tangent: (N, C) tensor u of the same dtype and device.
-        check_finite: raise ValueError if the logits contain NaN/+Inf or the tangent NaN/Inf.
+        check_finite: a bool; True raises ValueError if the logits contain NaN/+Inf or the tangent
+            NaN/Inf.
         backend: "auto", "cpp", "cuda", "triton" or "reference".
 
     Returns:
         (N, C) contiguous tensor of the logits' dtype. Differentiable w.r.t. logits and tangent.
+        Meta tensors give a meta result of that shape, with no finiteness check.
     """
     op = contract.HVP
     device = check_tensor(f"{op}: logits", logits).device
     check_tensor(f"{op}: tangent", tangent)
+    check_finite = check_bool(f"{op}: check_finite", check_finite)
     name = choose(op, device, backend)
     if name == "reference":
         contract.check_hvp_args(logits, tangent)
-        if check_finite:
+        if check_finite and not logits.is_meta:  # meta tensors hold no values to check
             _check_finite_ref(op, logits, tangent)
         return softmax_ce_hvp_ref(logits, tangent)
     ops = _triton_ops() if name == "triton" else torch.ops.unlearn_kernels

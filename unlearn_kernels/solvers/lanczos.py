@@ -32,7 +32,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from ..checks import check_choice, check_int, check_number, check_seed, norm64
+from ..checks import check_bool, check_choice, check_int, check_number, check_seed, norm64
 from ..ops.lanczos_step import lanczos_step
 from .operators import SolverOperator, as_operator, check_vector
 
@@ -302,6 +302,8 @@ def lanczos(
         raise ValueError(f"num_eigs = {m} Ritz pairs need at least as many Lanczos steps and dimensions: k = {k}, "
                          f"d = {d}")
     check_number("tol", tol, 0.0)
+    two_pass, return_eigenvectors = check_bool("two_pass", two_pass), check_bool("return_eigenvectors",
+                                                                               return_eigenvectors)
     if two_pass and reorth != "none":
         raise ValueError("two_pass=True keeps no basis to reorthogonalise against: use reorth='none'")
     gen = torch.Generator().manual_seed(check_seed("seed", seed))
