@@ -22,6 +22,7 @@ from torch.func import functional_call
 from unlearn_kernels.curvature import (
     CurvatureOperator,
     Objective,
+    estimate_hessian_lipschitz,
     flatten_tensors,
     get_flat_parameters,
     ggn_operator,
@@ -172,6 +173,23 @@ def test_cross_entropy_options_over_uneven_batches(loss):
     G = ggn_operator(model, loss, batches)
     assert relative_error(H.to_dense(), dense_hessian(model, batches, loss)) <= 1e-10
     assert relative_error(G.to_dense(), dense_ggn(model, batches, loss)) <= 1e-10
+
+
+def test_batches_are_weighted_by_their_rows():
+    """The operator is sum_b (n_b / N) times the batch curvatures, as documented: with ignore_index
+    (each batch's mean is over its other rows) or reduction='sum' it depends on the batching. A batch
+    whose rows are all ignored contributes zero, as on the generic path (the GGN once gave NaN)."""
+    model, x, y = make("mlp", seed=1)
+    y[8:] = 1  # the last batch of uneven_batches (rows 8 and 9): all ignored below
+    batches = uneven_batches(x, y)
+    ignore = nn.CrossEntropyLoss(ignore_index=1)
+    for loss in (ignore, nn.CrossEntropyLoss(reduction="sum")):
+        H = hessian_operator(model, loss, batches, path="generic").to_dense()
+        assert relative_error(H, dense_hessian(model, batches, loss)) <= 1e-10
+        assert relative_error(H, dense_hessian(model, [(x, y)], loss)) > 1e-2  # not the one-batch operator
+    G = ggn_operator(model, ignore, batches).to_dense()
+    assert relative_error(G, dense_ggn(model, batches, ignore)) <= 1e-10
+    assert relative_error(G, ggn_operator(model, ignore, batches[:2]).to_dense() * (8 / N)) <= 1e-12
 
 
 def test_mse_ggn_and_hessian():
@@ -469,6 +487,9 @@ def test_non_finite_data_and_labels_out_of_range_are_named(path):
         op = build((x, y_late), batch_size=5)
         with pytest.raises(ValueError, match=out_of_range(2, C)):
             op.gradient()
+        if path == "ggn":  # its products never call the loss: the label is checked as the batch is read
+            with pytest.raises(ValueError, match="^ggn_operator: " + out_of_range(2, C)[1:]):
+                op.matvec(torch.ones(op.shape[0], dtype=DT))
 
 
 class _UnusedParameterNet(nn.Module):
@@ -542,6 +563,96 @@ def test_fused_paths_decline_a_parameter_outside_their_layers(kind):
     assert relative_error(H.to_dense(), ref) <= 1e-10
     # not chosen, the parameter is no obstacle
     assert hessian_operator(model, F.cross_entropy, (x, y), params=used).path == "fused"
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_class_probability_targets(kind):
+    """Cross entropy takes (N, C) class probabilities, the fused kernels and the GGN only (N,) labels:
+    path='auto' falls back to the generic path and says why, path='fused' and ggn_operator refuse
+    them at construction (the fused path once failed at the first product, and the GGN returned a
+    (d, N) product)."""
+    model, x, y = _fused_problem(kind)
+    targets = torch.softmax(torch.randn(N, C, dtype=DT, generator=torch.Generator().manual_seed(1)), dim=1)
+    name = "FusedMLPHessian" if kind == "mlp" else "FusedConvHessian"
+    says = f"targets y of shape ({N}, {C}), {DT} are not (N,) integer class labels"
+
+    def ggn_says(rows):
+        return "^" + re.escape(f"ggn_operator: cross entropy needs (N,) integer class labels, got targets y of "
+                               f"shape ({rows}, {C})")
+
+    later = [(x[:4], y[:4]), (x[4:], targets[4:])]
+    for loss in (F.cross_entropy, nn.CrossEntropyLoss(label_smoothing=0.1)):
+        H = hessian_operator(model, loss, (x, targets))
+        assert H.path == "generic" and H.path_reason.startswith(f"{name}: {says}")
+        assert relative_error(H.to_dense(), dense_hessian(model, [(x, targets)], loss)) <= 1e-10
+        forced = f"hessian_operator: path='fused' cannot be used: {name}: {says}"
+        with pytest.raises(ValueError, match="^" + re.escape(forced)):
+            hessian_operator(model, loss, (x, targets), path="fused")
+        with pytest.raises(ValueError, match=ggn_says(N)):
+            ggn_operator(model, loss, (x, targets))
+        # a later batch of probabilities: refused by the product that reads it
+        v = torch.ones(H.shape[0], dtype=DT)
+        with pytest.raises(ValueError, match=ggn_says(N - 4)):
+            ggn_operator(model, loss, later).matvec(v)
+        with pytest.raises(ValueError, match="^" + re.escape(f"{name}: targets y of shape ({N - 4}, {C})")):
+            hessian_operator(model, loss, later, path="fused").matvec(v)
+
+
+def test_ggn_refuses_subclasses_of_its_losses():
+    """A subclass may compute another loss in its forward: the GGN would be plain cross entropy's
+    (once silently); the Hessian path runs its forward."""
+    class ScaledCE(nn.CrossEntropyLoss):
+        def forward(self, out, target):
+            return 10.0 * super().forward(out, target)
+
+    class ScaledMSE(nn.MSELoss):
+        def forward(self, out, target):
+            return 10.0 * super().forward(out, target)
+
+    model, x, y = _fused_problem("mlp")
+    for loss, data in ((ScaledCE(), (x, y)), (ScaledMSE(), (x, torch.randn(N, C, dtype=DT)))):
+        message = rf"^ggn_operator: no loss Hessian for {type(loss).__name__}; .*not subclasses"
+        with pytest.raises(ValueError, match=message):
+            ggn_operator(model, loss, data)
+    H = hessian_operator(model, ScaledCE(), (x, y))
+    assert H.path == "generic"
+    assert relative_error(H.to_dense(), 10 * dense_hessian(model, [(x, y)], F.cross_entropy)) <= 1e-10
+
+
+def test_parameters_as_a_generator_or_tensors_on_every_path():
+    """``model.fc.parameters()`` (a generator) once selected nothing after the fused support check
+    read it, and tensors of the model were not found in estimate_hessian_lipschitz's private copy."""
+    model, x, y = _fused_problem("mlp")
+    names = ["2.weight", "2.bias"]
+    ref = dense_hessian(model, [(x, y)], F.cross_entropy, names)
+    for path in ("auto", "fused", "generic"):
+        H = hessian_operator(model, F.cross_entropy, (x, y), params=model[2].parameters(), path=path)
+        assert H.param_names == tuple(names) and relative_error(H.to_dense(), ref) <= 1e-10
+    G = ggn_operator(model, F.cross_entropy, (x, y), params=model[2].parameters())
+    assert relative_error(G.to_dense(), dense_ggn(model, [(x, y)], F.cross_entropy, names)) <= 1e-10
+    by_name = estimate_hessian_lipschitz(model, F.cross_entropy, (x, y), params=names, num_directions=2)
+    for chosen in ([model[2].weight, model[2].bias], model[2].parameters()):
+        estimate = estimate_hessian_lipschitz(model, F.cross_entropy, (x, y), params=chosen, num_directions=2)
+        assert estimate.ratios == by_name.ratios and estimate.value > 0
+
+
+def test_lipschitz_estimate_checks_its_seed_and_radius():
+    model, x, y = _fused_problem("mlp")
+    before = copy.deepcopy(model.state_dict())
+    for seed, error, says in ((1.5, TypeError, "must be an int, got float"),
+                              (True, TypeError, "must be an int, got bool"),
+                              (-1, ValueError, r"must be in \[0, 2\*\*63\), got -1")):
+        with pytest.raises(error, match=rf"^estimate_hessian_lipschitz: seed {says}$"):
+            estimate_hessian_lipschitz(model, F.cross_entropy, (x, y), seed=seed)
+    # a radius the weights' dtype cannot resolve (once "vector contains NaN or Inf", or a ratio of 0)
+    model32 = copy.deepcopy(model).float()
+    for net, data, radius in ((model, (x, y), 1e-300), (model, (x, y), 1e-17), (model32, (x.float(), y), 1e-9)):
+        dtype = next(net.parameters()).dtype
+        with pytest.raises(ValueError, match=rf"^estimate_hessian_lipschitz: radius={radius!r} is too small for the "
+                                             rf"{dtype} weights: .* off by [0-9.]+% of the radius \(over 10%\)"):
+            estimate_hessian_lipschitz(net, F.cross_entropy, data, radius=radius)
+    assert estimate_hessian_lipschitz(model, F.cross_entropy, (x, y), radius=1e-6).value > 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_fused_path_declines_tied_weights():
@@ -732,6 +843,10 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(TypeError, match="torch.Tensor"):
         op.matvec(np.ones(d))
     assert op.num_products == 1 and op.num_data_passes == 0  # the construction probe only
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match=rf"^to_dense: chunk_size must be an int >= 1, got {bad!r}$"):
+            op.to_dense(bad)
+    assert op.num_products == 1  # refused before any product
     for bad in (nn.L1Loss(), nn.CrossEntropyLoss(reduction="sum"), nn.CrossEntropyLoss(weight=torch.ones(C, dtype=DT))):
         with pytest.raises(ValueError, match="ggn_operator"):
             ggn_operator(model, bad, (x, y))

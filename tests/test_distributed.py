@@ -176,6 +176,9 @@ def _empty_shard_worker(rank: int, world: int, store: str) -> None:
         objective = DistributedObjective(model, nn.CrossEntropyLoss(), (x[part], y[part]),
                                          process_group=dist.group.WORLD)
         _close(objective.gradient(), Objective(model, nn.CrossEntropyLoss(), (x, y)).gradient())
+        chosen = DistributedObjective(model, nn.CrossEntropyLoss(), (x[part], y[part]), model[2].parameters(),
+                                      process_group=dist.group.WORLD)  # a generator: read once
+        _close(chosen.gradient(), Objective(model, nn.CrossEntropyLoss(), (x, y), ["2.weight", "2.bias"]).gradient())
         with pytest.raises(ValueError, match="every rank's shard is empty"):
             hessian_operator(model, nn.CrossEntropyLoss(), (x[:0], y[:0]), process_group=dist.group.WORLD)
     finally:

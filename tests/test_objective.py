@@ -1,5 +1,6 @@
 """The weight-decayed objective (curvature.Objective), its Hessian as an operator
 (curvature.RegularizedOperator) and the shared argument checks, against float64 autograd."""
+import copy
 import math
 
 import numpy as np
@@ -149,6 +150,43 @@ def test_checks():
         check_tensor("v", [0.0, 0.0])
     big = torch.full((4,), 3e38, dtype=torch.float32)  # its float32 norm overflows
     assert norm64(big) == pytest.approx(6e38, rel=1e-6)
+
+
+def test_refuses_what_the_curvature_operators_refuse(problem):
+    """Train-mode BatchNorm/dropout (the gradient once wrote BatchNorm's running statistics), labels
+    out of range and data the model cannot run on get the curvature operators' messages, not torch's."""
+    model, x, y = problem
+    batchnorm = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)).double()
+    dropout = nn.Sequential(nn.Linear(5, 6), nn.Dropout(0.5), nn.Linear(6, 3)).double()
+    before = copy.deepcopy(batchnorm.state_dict())
+    for net, kind in ((batchnorm, "BatchNorm1d"), (dropout, "Dropout")):
+        message = rf"module '1' \({kind}\) is in training mode"
+        with pytest.raises(ValueError, match=f"^Objective: {message}"):
+            Objective(net, F.cross_entropy, (x, y))
+        with pytest.raises(ValueError, match=f"^{message}"):
+            hessian_operator(net, F.cross_entropy, (x, y), path="generic")
+    assert all(torch.equal(v, before[k]) for k, v in batchnorm.state_dict().items())
+    Objective(batchnorm.eval(), F.cross_entropy, (x, y)).gradient()
+    assert all(torch.equal(v, before[k]) for k, v in batchnorm.state_dict().items())
+
+    def out_of_range(row, label):
+        return (rf"^Objective: label y\[{row}\] = {label} \(rows counted within the batch\) is out of range for the "
+                r"model's 3 classes \(and is not ignore_index=-100\)$")
+
+    y_bad = y.clone()
+    y_bad[[5, 9]] = torch.tensor([3, -2])
+    with pytest.raises(ValueError, match=out_of_range(5, 3)):
+        Objective(model, F.cross_entropy, (x, y_bad))
+    later = Objective(model, F.cross_entropy, (x, y_bad), batch_size=4)  # the first batch is fine
+    for call in (later.value, later.gradient):
+        with pytest.raises(ValueError, match=out_of_range(1, 3)):
+            call()
+    with pytest.raises(ValueError, match=r"^Objective: the model cannot run on the data \(inputs x of shape \(40, 5\), "
+                                         r"torch.float32; parameters torch.float64\): .*dtype"):
+        Objective(model, F.cross_entropy, (x.float(), y))
+    with pytest.raises(ValueError, match=r"^Objective: the loss rejects the targets y \(shape \(40, 1\), "
+                                         r"torch.int64\)"):
+        Objective(model, F.cross_entropy, (x, y[:, None]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64, torch.complex64])

@@ -7,8 +7,12 @@ vectors. With data in batches b of sizes n_b (N = sum n_b) and ``loss_fn`` a *me
 
     L(w) = sum_b (n_b / N) loss_fn(model(x_b; w), y_b),       C = d^2 L / dw^2   (or its GGN)
 
-so splitting the same data into different batches gives the same operator (for per-sample losses and
-models without batch coupling, which is why BatchNorm must be in eval mode).
+the size-weighted mean of the per-batch losses. When ``loss_fn`` is a plain mean over the rows, L is
+the mean loss over the data, so splitting the same data into different batches gives the same
+operator (for models without batch coupling, which is why BatchNorm must be in eval mode). L is not
+that mean, and depends on the batching, when a batch's mean has another denominator (rows with cross
+entropy's ``ignore_index``, left out of its mean; class weights) or the loss is not a mean
+(reduction="sum").
 
 Writing a new operator (e.g. a fused kernel path): subclass, call ``super().__init__`` (it resolves
 the parameters, wraps the data, rejects train-mode BatchNorm/dropout and runs the determinism probe),
@@ -35,6 +39,7 @@ after such a one.
 from __future__ import annotations
 
 import abc
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -75,7 +80,8 @@ class BatchSource:
     """Re-iterable (x, y) batches on one device, from any :data:`DataSpec`.
 
     Each iteration is one pass over the data. Tensor data (LabeledData or a pair) is one batch, or
-    chunks of ``batch_size`` rows when given (chunk to bound memory; the operator is the same).
+    chunks of ``batch_size`` rows when given (chunk to bound memory; the operator is the same for a
+    loss that is a plain mean over rows, see the module docstring).
     Batches from an iterable are moved to ``device``; their dtypes are left as they are.
 
     NaN or Inf in the inputs or (floating-point) targets is a ValueError naming the row: tensor data
@@ -244,7 +250,7 @@ class CurvatureOperator(abc.ABC):
         self.cache_bytes = cache_bytes
         self.invalidate()
         self._weights_key = self._current_weights_key()
-        _check_train_mode(model)
+        check_train_mode(model)
         self.data = BatchSource(data, self.device, batch_size)
         self._probe_determinism()
 
@@ -264,18 +270,8 @@ class CurvatureOperator(abc.ABC):
         return self._loss(self.batch_forward(params, x), y)
 
     def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``loss_fn(out, y)``, checked to be a scalar; a label out of range is a ValueError naming it."""
-        try:
-            loss = self.loss_fn(out, y)
-        except IndexError:
-            _check_labels(self.loss_fn, out, y)  # torch's message names neither the row nor the classes
-            raise
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise ValueError(
-                "loss_fn must return a scalar tensor (a mean-reduced loss such as nn.CrossEntropyLoss()), got "
-                + (f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__)
-            )
-        return loss.reshape(())
+        """``loss_fn(out, y)``, checked (see :func:`checked_loss`)."""
+        return checked_loss(self.loss_fn, out, y)
 
     def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """A ``{name: tensor}`` dict over the chosen parameters as a flat (d,) vector."""
@@ -430,7 +426,8 @@ class CurvatureOperator(abc.ABC):
         return out
 
     def to_dense(self, chunk_size: int = 256) -> torch.Tensor:
-        """The d x d matrix, by matmat with identity columns, ``chunk_size`` per data pass (small d only)."""
+        """The d x d matrix, by matmat with identity columns, ``chunk_size`` (an int >= 1, else
+        ValueError) per data pass (small d only)."""
         return dense_by_products(self.shape[0], self.dtype, self.device, self.matmat, chunk_size)
 
     def to_scipy(self) -> scipy.sparse.linalg.LinearOperator:
@@ -503,43 +500,74 @@ class CurvatureOperator(abc.ABC):
             )
 
     def _probe_forward(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Run the model and the loss on the first batch, so that data they reject (a wrong dtype,
-        width or label shape) is reported as such and not as a failure to differentiate."""
-        with torch.no_grad():
-            try:
-                out = self.batch_forward(self.params, x)
-            except (RuntimeError, TypeError, ValueError, IndexError) as err:
-                raise ValueError(f"the model cannot run on the data (inputs x of shape {tuple(x.shape)}, {x.dtype}; "
-                                 f"parameters {self.dtype}): {err}") from err
-            try:
-                self._loss(out, y)
-            except (RuntimeError, TypeError, IndexError) as err:
-                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise ValueError(f"the loss rejects the targets y (shape {tuple(y.shape)}, {y.dtype}) with the model's "
-                                 f"outputs (shape {shape}): {err}") from err
+        """Run the model and the loss on the first batch (see :func:`probe_forward`); a subclass adds
+        the checks of what its own products need of the data here, before the probe's gradients."""
+        probe_forward(functools.partial(self.batch_forward, self.params), self.loss_fn, x, y, self.dtype)
 
 
-def _check_labels(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor) -> None:
-    """After the loss raised IndexError: ValueError naming the first class label in ``y`` outside
-    the model's ``out.shape[1]`` classes (and not the loss's ``ignore_index``, -100 by default, as
-    in ``F.cross_entropy``); nothing if there is none."""
+def _prefix(owner: str) -> str:
+    return f"{owner}: " if owner else ""
+
+
+def checked_loss(loss_fn: LossFn, out: Any, y: torch.Tensor, owner: str = "") -> torch.Tensor:
+    """``loss_fn(out, y)``, checked to be a scalar; a label out of range is a ValueError naming it
+    (see :func:`check_labels`). Messages start with ``"<owner>: "`` when an owner is given."""
+    try:
+        loss = loss_fn(out, y)
+    except IndexError:
+        check_labels(loss_fn, out, y, owner)  # torch's message names neither the row nor the classes
+        raise
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ValueError(
+            f"{_prefix(owner)}loss_fn must return a scalar tensor (a mean-reduced loss such as "
+            "nn.CrossEntropyLoss()), got "
+            + (f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__)
+        )
+    return loss.reshape(())
+
+
+def probe_forward(forward: Callable[[torch.Tensor], Any], loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor,
+                  dtype: torch.dtype, owner: str = "") -> None:
+    """Run ``forward`` (the model at its parameters, of ``dtype``) and the loss on one batch, without
+    a graph, so that data they reject (a wrong dtype, width or label shape, a label out of range) is
+    a ValueError saying so, not a failure to differentiate or a raw torch error later."""
+    with torch.no_grad():
+        try:
+            out = forward(x)
+        except (RuntimeError, TypeError, ValueError, IndexError) as err:
+            raise ValueError(f"{_prefix(owner)}the model cannot run on the data (inputs x of shape {tuple(x.shape)}, "
+                             f"{x.dtype}; parameters {dtype}): {err}") from err
+        try:
+            checked_loss(loss_fn, out, y, owner)
+        except (RuntimeError, TypeError, IndexError) as err:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"{_prefix(owner)}the loss rejects the targets y (shape {tuple(y.shape)}, {y.dtype}) "
+                             f"with the model's outputs (shape {shape}): {err}") from err
+
+
+def check_labels(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor, owner: str = "") -> None:
+    """ValueError naming the first class label in ``y`` outside the model's ``out.shape[1]`` classes
+    (and not the loss's ``ignore_index``, -100 by default, as in ``F.cross_entropy``); nothing if
+    there is none, or if ``y`` holds no class labels (floating point) or ``out`` has no class dim."""
     if y.is_floating_point() or y.is_complex() or out.dim() < 2:
         return
     classes, ignore_index = out.shape[1], getattr(loss_fn, "ignore_index", -100)
     bad = ((y < 0) | (y >= classes)) & (y != ignore_index)
     if bool(bad.any()):
         where = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"label y[{', '.join(map(str, where))}] = {int(y[where])} (rows counted within the batch) "
-                         f"is out of range for the model's {classes} classes (and is not ignore_index={ignore_index})")
+        raise ValueError(f"{_prefix(owner)}label y[{', '.join(map(str, where))}] = {int(y[where])} (rows counted "
+                         f"within the batch) is out of range for the model's {classes} classes (and is not "
+                         f"ignore_index={ignore_index})")
 
 
-def _check_train_mode(model: nn.Module) -> None:
+def check_train_mode(model: nn.Module, owner: str = "") -> None:
+    """ValueError naming the first BatchNorm or dropout module of ``model`` in training mode."""
     for name, module in model.named_modules():
         if module.training and isinstance(module, _TRAIN_MODE_MODULES):
             kind = "dropout" if isinstance(module, nn.modules.dropout._DropoutNd) else "BatchNorm"
             raise ValueError(
-                f"module {name or type(module).__name__!r} ({type(module).__name__}) is in training mode: "
-                f"{kind} in training mode makes the curvature "
+                f"{_prefix(owner)}module {name or type(module).__name__!r} ({type(module).__name__}) is in training "
+                f"mode: {kind} in training mode makes the loss and its curvature "
                 + ("random" if kind == "dropout" else "depend on how the data is batched")
                 + "; call model.eval() first (on a copy if you need train mode elsewhere)"
             )

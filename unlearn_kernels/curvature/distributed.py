@@ -441,11 +441,12 @@ class DistributedObjective:
     def __init__(self, model: nn.Module, loss_fn: Any, data: DataSpec, params: ParamSelection = None, *,
                  process_group: dist.ProcessGroup, weight_decay: float = 0.0, batch_size: int | None = None) -> None:
         chosen = resolve_parameters(model, params)
+        self.param_names = tuple(chosen)  # the selection again for the local Objective (params may be a generator)
         device = next(iter(chosen.values())).device
         rows, self.local, failure = _build(
-            lambda shard: Objective(model, loss_fn, shard, params, weight_decay=weight_decay, batch_size=batch_size),
+            lambda shard: Objective(model, loss_fn, shard, self.param_names, weight_decay=weight_decay,
+                                    batch_size=batch_size),
             data, device, when_empty=True)
-        self.param_names = tuple(chosen)
         dtype = next(iter(chosen.values())).dtype
         self.shards = ShardGroup(process_group, rows, sum(p.numel() for p in chosen.values()), device, failure, dtype,
                                  WeightCheck(model, self.param_names))

@@ -40,7 +40,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import CurvatureOperator, DataSpec, LossFn
-from .fused_mlp import fused_reason, parse_cross_entropy, plain_sequential, sequential_leaves
+from .fused_mlp import (
+    FusedDataError,
+    fused_labels,
+    fused_reason,
+    parse_cross_entropy,
+    plain_sequential,
+    sequential_leaves,
+)
 from .params import ParamSelection
 
 _CHANNELS_LAST = torch.channels_last
@@ -237,11 +244,14 @@ class FusedConvHessian(CurvatureOperator):
     network's activations, twice, plus the first convolution's im2col matrix and the dense matrices of
     convolutions on tiny maps) is kept while it fits in ``cache_bytes`` and recomputed for each product
     otherwise. Parameters outside ``params`` get zero tangents (the operator is the Hessian block of
-    the chosen parameters). Labels are taken as int64, so uint8 labels work as on the generic path.
+    the chosen parameters). Labels are taken as int64, so uint8 labels work as on the generic path;
+    class-probability targets are refused at construction.
 
     Raises:
         ValueError: :func:`supports` rejects the model or loss, batches are not (N, C, H, W) images
-            of the parameters' dtype, or what the base class raises.
+            of the parameters' dtype, or what the base class raises. Inputs of another shape and
+            targets that are not (N,) class labels, where the model and the loss take them, are a
+            :class:`~unlearn_kernels.curvature.fused_mlp.FusedDataError` (first batch: at construction).
     """
 
     path = "fused"
@@ -258,7 +268,6 @@ class FusedConvHessian(CurvatureOperator):
         self._in_channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
         self._dense_layouts: dict[tuple, _DenseLayout | None] = {}
         super().__init__(model, loss_fn, data, params, batch_size=batch_size, cache_bytes=cache_bytes)
-        self._check_inputs(self._first_batch()[0])
         self._weights_changed()
 
     def _weights_changed(self) -> None:
@@ -270,9 +279,14 @@ class FusedConvHessian(CurvatureOperator):
         self._biases = [self._tensor(b.bias) for b in blocks]
         self._head = (self._tensor(self._net.head_weight), self._tensor(self._net.head_bias))
 
+    def _probe_forward(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        super()._probe_forward(x, y)
+        self._check_inputs(x)
+        fused_labels(type(self).__name__, y)
+
     def _check_inputs(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self._in_channels:
-            raise ValueError(
+            raise FusedDataError(
                 f"FusedConvHessian: inputs of shape {tuple(x.shape)} are not (N, {self._in_channels}, H, W) images; "
                 "use hessian_operator(..., path='generic')"
             )
@@ -283,7 +297,7 @@ class FusedConvHessian(CurvatureOperator):
     def _state(self, x: torch.Tensor, y: torch.Tensor) -> tuple[tuple, int]:
         """A batch's fixed-weight state and the bytes it holds."""
         self._check_inputs(x)
-        y = y.long()  # uint8 labels (accepted by cross entropy) would index as a mask
+        y = fused_labels(type(self).__name__, y)
         blocks: list[_BlockState] = []
         with torch.no_grad():
             h = x

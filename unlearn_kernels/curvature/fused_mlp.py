@@ -93,6 +93,22 @@ def _parse_model(model: nn.Module) -> _Chain | str:
     return _Chain(flatten, tuple(weights), tuple(biases), tuple(acts))
 
 
+class FusedDataError(ValueError):
+    """Data the model and the loss take but a fused path does not (e.g. class-probability targets):
+    ``hessian_operator(path="auto")`` then uses the generic path."""
+
+
+def fused_labels(owner: str, y: torch.Tensor) -> torch.Tensor:
+    """A batch's targets as the int64 (N,) class labels the fused kernels take (uint8 labels, which
+    cross entropy accepts, would index as a mask); FusedDataError for other targets."""
+    if y.dim() != 1 or y.is_floating_point() or y.is_complex():
+        raise FusedDataError(
+            f"{owner}: targets y of shape {tuple(y.shape)}, {y.dtype} are not (N,) integer class labels (the fused "
+            "kernels take no class probabilities); use hessian_operator(..., path='generic')"
+        )
+    return y.long()
+
+
 def parse_cross_entropy(loss_fn: LossFn) -> tuple[float, int] | str:
     """(label_smoothing, ignore_index) of a supported cross entropy, or why the loss is not one."""
     if loss_fn is F.cross_entropy:
@@ -170,6 +186,7 @@ class FusedMLPHessian(CurvatureOperator):
     zero tangents (the operator is the Hessian block of the chosen parameters). Labels are taken as
     int64 (the kernels' type), so uint8 labels, which cross entropy and the generic path accept,
     work here too; other integer types fail at construction as they do on the generic path.
+    Class-probability targets are refused at construction (the kernels take class labels only).
 
     Args:
         backend: the ``mlp_hvp`` backend ("auto", "cpp", "cuda" or "reference").
@@ -177,6 +194,8 @@ class FusedMLPHessian(CurvatureOperator):
     Raises:
         ValueError: :func:`supports` rejects the model or loss, batches are not (N, features) inputs of
             the parameters' dtype (N, ... with a leading nn.Flatten), or what the base class raises.
+            Inputs of another shape and targets that are not (N,) class labels, where the model and
+            the loss take them, are a :class:`FusedDataError` (first batch: at construction).
     """
 
     path = "fused"
@@ -192,7 +211,6 @@ class FusedMLPHessian(CurvatureOperator):
         self._label_smoothing, self._ignore_index = parse_cross_entropy(loss_fn)  # type: ignore[misc]
         self.backend = backend
         super().__init__(model, loss_fn, data, params, batch_size=batch_size, cache_bytes=cache_bytes)
-        self._inputs(self._first_batch()[0])
         # Per-product arguments of the op, fixed at construction (the tensors are live views).
         chain = self._chain
         self._weights_changed()
@@ -204,12 +222,17 @@ class FusedMLPHessian(CurvatureOperator):
         self._weights = [self._tensor(n) for n in self._chain.weight_names]
         self._biases = [self._tensor(n) for n in self._chain.bias_names]
 
+    def _probe_forward(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        super()._probe_forward(x, y)
+        self._inputs(x)
+        fused_labels(type(self).__name__, y)
+
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
         """A batch's inputs as the (N, features) matrix the first Linear reads."""
         if self._chain.flatten:
             x = x.reshape(x.shape[0], -1)
         if x.dim() != 2:
-            raise ValueError(
+            raise FusedDataError(
                 f"FusedMLPHessian: inputs of shape {tuple(x.shape)} are not (N, features) (and the model does not "
                 "start with nn.Flatten); use hessian_operator(..., path='generic')"
             )
@@ -219,8 +242,8 @@ class FusedMLPHessian(CurvatureOperator):
 
     def _state(self, x: torch.Tensor, y: torch.Tensor) -> tuple[tuple[torch.Tensor, list[torch.Tensor]], int]:
         """The batch's inputs and its fixed-weight state, and the bytes the state holds."""
-        inputs = self._inputs(x)
-        state = mlp_hvp_state(inputs, y.long(), self._weights, self._biases, self._chain.activations,
+        inputs, labels = self._inputs(x), fused_labels(type(self).__name__, y)
+        state = mlp_hvp_state(inputs, labels, self._weights, self._biases, self._chain.activations,
                               label_smoothing=self._label_smoothing, ignore_index=self._ignore_index,
                               backend=self.backend)
         return (inputs, state), sum(t.numel() * t.element_size() for t in state)
@@ -248,9 +271,9 @@ class FusedMLPHessian(CurvatureOperator):
             if entry is None:  # beyond the cache's budget: the whole pass
                 x, y = batch
                 out = mlp_hvp_flat(
-                    self._inputs(x), y.long(), self._weights, self._biases, acts, matrix, self._weight_offsets,
-                    self._bias_offsets, label_smoothing=self._label_smoothing, ignore_index=self._ignore_index,
-                    backend=self.backend,
+                    self._inputs(x), fused_labels(type(self).__name__, y), self._weights, self._biases, acts, matrix,
+                    self._weight_offsets, self._bias_offsets, label_smoothing=self._label_smoothing,
+                    ignore_index=self._ignore_index, backend=self.backend,
                 )
             else:
                 inputs, state = entry

@@ -34,13 +34,13 @@ from torch import nn
 
 from ..checks import all_finite, check_choice
 from ..ops import softmax_ce_hvp
-from .base import CurvatureOperator, DataSpec, LossFn
+from .base import CurvatureOperator, DataSpec, LossFn, check_labels
 from .distributed import DistributedOperator
 from .fused_conv import FusedConvHessian
 from .fused_conv import supports as conv_supports
-from .fused_mlp import FusedMLPHessian
+from .fused_mlp import FusedDataError, FusedMLPHessian
 from .fused_mlp import supports as mlp_supports
-from .params import ParamSelection, flatten_tensors
+from .params import ParamSelection, flatten_tensors, parameter_names
 
 Tree = dict[str, torch.Tensor] | torch.Tensor
 Tangents = dict[str, torch.Tensor]
@@ -399,10 +399,17 @@ class GGNOperator(_TorchFuncOperator):
     """The generalised Gauss-Newton matrix ``sum_b (n_b/N) J_b^T H_loss,b J_b`` of the mean loss.
 
     Positive semi-definite; equal to the Hessian when the model is linear in the parameters. Supported
-    losses (mean reduction only): ``nn.CrossEntropyLoss`` / ``F.cross_entropy`` on (N, C) logits
-    (``ignore_index`` rows contribute nothing and the mean is over the other rows, as in PyTorch; any
-    ``label_smoothing``, which leaves the Hessian w.r.t. the logits unchanged; no class ``weight``), and
-    ``nn.MSELoss`` / ``F.mse_loss`` (H_loss = 2 / numel(outputs) I).
+    losses (mean reduction only; exactly these classes, not subclasses, whose ``forward`` may compute
+    another loss): ``nn.CrossEntropyLoss`` / ``F.cross_entropy`` on (N, C) logits with (N,) integer
+    class labels (``ignore_index`` rows contribute nothing and the mean is over the other rows of the
+    batch, as in PyTorch; any ``label_smoothing``, which leaves the Hessian w.r.t. the logits
+    unchanged; no class ``weight``, no class-probability targets), and ``nn.MSELoss`` /
+    ``F.mse_loss`` (H_loss = 2 / numel(outputs) I). Batches are weighted by their rows n_b, as in
+    :func:`hessian_operator`.
+
+    Every batch's labels are checked when its forward is built (each product, or once while it stays
+    cached): targets that are not (N,) integer labels, and a label out of range, are a ValueError
+    naming them (the products never call the loss, which would raise for the latter).
 
     Per batch, ``J v`` is a ``torch.func.jvp`` (vmapped over the K vectors) and ``J^T u`` a backward
     through the batch's forward graph, which is kept at fixed weights (within ``cache_bytes``).
@@ -421,11 +428,27 @@ class GGNOperator(_TorchFuncOperator):
         self._loss_kind, self._ignore_index = _ggn_loss(loss_fn)
         super().__init__(model, loss_fn, data, params, batch_size=batch_size, cache_bytes=cache_bytes)
 
+    def _probe_forward(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        super()._probe_forward(x, y)
+        self._check_targets(y)  # before the probe's gradients
+
+    def _check_targets(self, y: torch.Tensor) -> None:
+        # the cross-entropy Hessian of _ggn_products is that of (N,) class labels (and its ignore_index
+        # mask would broadcast a probability target's (N, C) to a wrong shape)
+        if self._loss_kind == "ce" and (y.dim() != 1 or y.is_floating_point() or y.is_complex()):
+            raise ValueError(f"ggn_operator: cross entropy needs (N,) integer class labels, got targets y of shape "
+                             f"{tuple(y.shape)}, {y.dtype} (class probabilities are not supported: use "
+                             "hessian_operator)")
+
     def _forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[_ForwardGraph, int]:
-        """The batch's outputs with their graph (for J^T u), and the bytes the graph holds."""
+        """The batch's outputs with their graph (for J^T u), and the bytes the graph holds; the batch's
+        targets checked first."""
+        self._check_targets(y)
         leaves = [p.detach().requires_grad_() for p in self.params.values()]
         with torch.enable_grad():
             out = self.batch_forward(dict(zip(self.param_names, leaves)), x)
+        if self._loss_kind == "ce":
+            check_labels(self.loss_fn, out, y, "ggn_operator")  # the products never call the loss (which would)
         return _ForwardGraph(x, y, out, leaves), _graph_bytes([out], leaves)
 
     def _batch_products(self, x: torch.Tensor, y: torch.Tensor, tangents: Tangents) -> Tangents:
@@ -450,7 +473,8 @@ class GGNOperator(_TorchFuncOperator):
             keep = (graph.y != self._ignore_index).to(out.dtype)
             # softmax_ce_hvp works row-wise, so the K tangents are stacked as K*N rows.
             u = softmax_ce_hvp(out.expand(k, n, c).reshape(k * n, c), jv.reshape(k * n, c)).reshape(k, n, c)
-            u = u * (keep / keep.sum()).unsqueeze(1)
+            # a batch with every row ignored contributes zero, as cross entropy's derivatives do (not 0/0)
+            u = u * (keep / keep.sum().clamp_min(1)).unsqueeze(1)
         columns = [
             dict(zip(self.param_names, torch.autograd.grad(graph.out, graph.leaves, u[i], retain_graph=True,
                                                            allow_unused=True, materialize_grads=True)))
@@ -471,12 +495,14 @@ class _ForwardGraph:
 
 def _ggn_loss(loss_fn: LossFn) -> tuple[str, int]:
     """("ce", ignore_index) or ("mse", 0) for a supported loss; a clear error otherwise."""
-    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.MSELoss)) and loss_fn.reduction != "mean":
+    # the exact classes: a subclass may override forward (a scaled loss) and so its Hessian
+    kind = type(loss_fn)
+    if kind in (nn.CrossEntropyLoss, nn.MSELoss) and loss_fn.reduction != "mean":
         raise ValueError(
-            f"ggn_operator: {type(loss_fn).__name__}(reduction={loss_fn.reduction!r}) is not supported; "
+            f"ggn_operator: {kind.__name__}(reduction={loss_fn.reduction!r}) is not supported; "
             "use reduction='mean' (the operator is the mean over the data)"
         )
-    if isinstance(loss_fn, nn.CrossEntropyLoss):
+    if kind is nn.CrossEntropyLoss:
         if loss_fn.weight is not None:
             raise ValueError(
                 "ggn_operator: nn.CrossEntropyLoss with class weights is not supported; use hessian_operator"
@@ -484,12 +510,12 @@ def _ggn_loss(loss_fn: LossFn) -> tuple[str, int]:
         return "ce", loss_fn.ignore_index
     if loss_fn is F.cross_entropy:
         return "ce", -100
-    if isinstance(loss_fn, nn.MSELoss) or loss_fn is F.mse_loss:
+    if kind is nn.MSELoss or loss_fn is F.mse_loss:
         return "mse", 0
     raise ValueError(
-        f"ggn_operator: no loss Hessian for {getattr(loss_fn, '__name__', type(loss_fn).__name__)}; supported: "
-        "nn.CrossEntropyLoss, F.cross_entropy, nn.MSELoss, F.mse_loss (mean reduction). "
-        "hessian_operator works with any twice-differentiable loss"
+        f"ggn_operator: no loss Hessian for {getattr(loss_fn, '__name__', kind.__name__)}; supported: "
+        "nn.CrossEntropyLoss, F.cross_entropy, nn.MSELoss, F.mse_loss (mean reduction; the classes themselves, "
+        "not subclasses, whose forward may differ). hessian_operator works with any twice-differentiable loss"
     )
 
 
@@ -511,16 +537,23 @@ def hessian_operator(
         model: any nn.Module, in eval mode if it has BatchNorm or dropout. It is never modified.
         loss_fn: ``loss_fn(model(x), y) -> scalar``, a *mean-reduced* loss (``nn.CrossEntropyLoss()``,
             ``F.cross_entropy``, ``nn.MSELoss()``, ...). The operator is ``sum_b (n_b / N)`` times the
-            Hessian of ``loss_fn`` on batch b (n_b = rows of batch b), i.e. the mean over the data.
+            Hessian of ``loss_fn`` on batch b (n_b = rows of batch b, N = all rows): the size-weighted
+            mean of the per-batch mean losses' Hessians, which is the Hessian of the mean loss over the
+            data when ``loss_fn`` is a plain mean over rows. It is not, and depends on the batching,
+            when a batch's mean has another denominator (``ignore_index`` rows, which cross entropy
+            leaves out of its mean; class weights) or the loss is not a mean (reduction="sum").
         data: a LabeledData, an (x, y) pair of tensors, or a re-iterable of (x, y) batches (a list or
             a DataLoader with a fixed order and no dropped samples). Batches are moved to the
             parameters' device.
         params: None (all trainable parameters), or an iterable of parameter names / tensors (e.g.
-            only the last layer, or the LoRA adapters); the flat vector layout follows that order.
-        path: "auto" (the fused kernel path when the model and loss allow, else generic), "generic"
-            (:class:`GenericHessian`) or "fused" (error if not supported). ``operator.path`` says which
-            ran; after "auto" fell back, ``operator.path_reason`` says why the fused path was not used.
-        batch_size: split tensor data into chunks of this many rows (bounds memory; same operator).
+            only the last layer, or the LoRA adapters, or a generator such as ``model.fc.parameters()``);
+            the flat vector layout follows that order.
+        path: "auto" (the fused kernel path when the model, the loss and the first batch allow, else
+            generic), "generic" (:class:`GenericHessian`) or "fused" (error if not supported).
+            ``operator.path`` says which ran; after "auto" fell back, ``operator.path_reason`` says why
+            the fused path was not used (e.g. class-probability targets, which only the generic path takes).
+        batch_size: split tensor data into chunks of this many rows (bounds memory; the same operator
+            for a loss that is a plain mean over rows, see ``loss_fn``).
         mode: the generic path's differentiation mode, "auto", "reverse-over-reverse" or
             "forward-over-reverse" (see :class:`GenericHessian`; ``operator.mode`` and
             ``operator.mode_reason`` say what runs and why); the fused path computes the exact
@@ -538,11 +571,14 @@ def hessian_operator(
             batch of an iterable: at the product or gradient that reads it), data that changes between
             passes, data the model or the loss cannot run on (a wrong input dtype or width, a wrong
             label dtype or shape), a class label out of range, a loss that is not twice
-            differentiable, an unknown path or mode, a bad ``cache_bytes``, or an unsupported forced
-            "fused" path. Integer labels the loss accepts (int64, uint8) work on every path.
+            differentiable, an unknown path or mode, a bad ``cache_bytes``, a bad ``params`` selection, or
+            an unsupported forced "fused" path (its model, loss or first batch: "hessian_operator:
+            path='fused' cannot be used: ..."). Integer labels the loss accepts (int64, uint8) work on
+            every path.
     """
     check_choice("path", path, PATHS)
     check_choice("mode", mode, MODES)
+    params = parameter_names(model, params)  # read by the support checks and the operator (a generator: once)
     if process_group is not None:
         return DistributedOperator(
             lambda shard: hessian_operator(model, loss_fn, shard, params, path, batch_size=batch_size, mode=mode,
@@ -551,12 +587,15 @@ def hessian_operator(
     reason = None
     if path != "generic":
         mlp_reason = mlp_supports(model, loss_fn, params)
-        if mlp_reason is None:
-            return FusedMLPHessian(model, loss_fn, data, params, batch_size=batch_size, cache_bytes=cache_bytes)
-        conv_reason = conv_supports(model, loss_fn, params)
-        if conv_reason is None:
-            return FusedConvHessian(model, loss_fn, data, params, batch_size=batch_size, cache_bytes=cache_bytes)
-        reason = f"not a fused MLP ({mlp_reason}) nor a fused conv net ({conv_reason})"
+        conv_reason = None if mlp_reason is None else conv_supports(model, loss_fn, params)
+        if mlp_reason is None or conv_reason is None:
+            fused = FusedMLPHessian if mlp_reason is None else FusedConvHessian
+            try:
+                return fused(model, loss_fn, data, params, batch_size=batch_size, cache_bytes=cache_bytes)
+            except FusedDataError as err:  # data only the generic path takes (the probe's, before its gradients)
+                reason = str(err)
+        else:
+            reason = f"not a fused MLP ({mlp_reason}) nor a fused conv net ({conv_reason})"
         if path == "fused":
             raise ValueError(f"hessian_operator: path='fused' cannot be used: {reason}")
     operator = GenericHessian(model, loss_fn, data, params, batch_size=batch_size, mode=mode, cache_bytes=cache_bytes)
@@ -576,9 +615,16 @@ def ggn_operator(
 ) -> GGNOperator | DistributedOperator:
     """The generalised Gauss-Newton matrix of the mean loss (see :class:`GGNOperator`).
 
-    Arguments as in :func:`hessian_operator` (``process_group`` included); ``loss_fn`` must be cross
-    entropy or MSE with mean reduction. Needs only first derivatives of the model.
+    Arguments as in :func:`hessian_operator` (``process_group`` included; batches weighted by their
+    rows as there); ``loss_fn`` must be ``nn.CrossEntropyLoss`` / ``F.cross_entropy`` with (N,)
+    class labels, or ``nn.MSELoss`` / ``F.mse_loss``, with mean reduction (not subclasses). Needs only
+    first derivatives of the model.
+
+    Raises:
+        ValueError: an unsupported loss or targets ("ggn_operator: ..."), a label out of range (on any
+            batch, when its forward is built), or what :func:`hessian_operator` raises for the data.
     """
+    params = parameter_names(model, params)  # read by the local operator and the distributed wrapper
     if process_group is not None:
         return DistributedOperator(
             lambda shard: GGNOperator(model, loss_fn, shard, params, batch_size=batch_size, cache_bytes=cache_bytes),

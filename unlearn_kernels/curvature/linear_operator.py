@@ -7,6 +7,8 @@ import numpy as np
 import scipy.sparse.linalg
 import torch
 
+from ..checks import check_int
+
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -33,6 +35,11 @@ def to_scipy_operator(shape: tuple[int, int], dtype: torch.dtype, device: torch.
 def dense_by_products(d: int, dtype: torch.dtype, device: torch.device, matmat: MatVec,
                       chunk_size: int = 256) -> torch.Tensor:
     """The (d, d) matrix of a linear operator, by ``matmat`` with identity columns, ``chunk_size`` at
-    a time (small d only; the chunks bound the memory a batched product holds)."""
+    a time (small d only; the chunks bound the memory a batched product holds).
+
+    Raises:
+        ValueError: ``chunk_size`` is not an int >= 1 ("to_dense: chunk_size ...").
+    """
+    chunk_size = check_int("to_dense: chunk_size", chunk_size)
     eye = torch.eye(d, dtype=dtype, device=device)
     return torch.cat([matmat(eye[:, i:i + chunk_size]) for i in range(0, d, chunk_size)], dim=1)

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checks import check_int, check_number, norm64
+from ..checks import check_int, check_number, check_seed, norm64
 from .base import DataSpec, LossFn
 from .generic import hessian_operator
-from .params import ParamSelection, get_flat_parameters, set_flat_parameters
+from .params import ParamSelection, get_flat_parameters, parameter_names, set_flat_parameters
 
 
 @dataclass(frozen=True)
@@ -79,30 +79,43 @@ def estimate_hessian_lipschitz(
         model: any nn.Module (in eval mode if it has BatchNorm or dropout). Not modified.
         loss_fn, data, params, batch_size, path: as in :func:`~unlearn_kernels.curvature.hessian_operator`.
         num_directions: number of directions d, >= 1.
-        radius: r > 0, in the units of the parameters.
+        radius: r > 0, in the units of the parameters, large enough that the parameters' dtype
+            resolves the step: each ``w + r d`` must move w by r to within 10%.
         power_iterations: power-iteration steps on v per direction, >= 0.
         quantile: in (0, 1].
-        seed: seeds the random vectors.
+        seed: seeds the random vectors, an int in [0, 2**63).
 
     Raises:
-        ValueError: a bad ``num_directions``, ``radius``, ``power_iterations`` or ``quantile``, or what
-            the operator raises.
+        ValueError: a bad ``num_directions``, ``radius`` (also one the weights' dtype cannot resolve),
+            ``power_iterations``, ``quantile`` or ``seed`` (out of range), a bad ``params`` selection,
+            or what the operator raises.
+        TypeError: a ``seed`` that is not an int.
     """
     num_directions, radius, power_iterations, quantile = check_lipschitz_options(
         num_directions=num_directions, radius=radius, power_iterations=power_iterations, quantile=quantile).values()
-    work = copy.deepcopy(model)
-    op = hessian_operator(work, loss_fn, data, params, path=path, batch_size=batch_size)
-    names = op.param_names
+    seed = check_seed("estimate_hessian_lipschitz: seed", seed)
+    names = parameter_names(model, params)  # on the caller's model: its tensors are not the copy's
+    w = get_flat_parameters(model, names)
     generator = torch.Generator().manual_seed(seed)
 
     def unit_vector() -> torch.Tensor:
-        z = torch.randn(op.shape[0], generator=generator, dtype=torch.float64)
-        return (z / torch.linalg.vector_norm(z)).to(op.device, op.dtype)
+        z = torch.randn(w.numel(), generator=generator, dtype=torch.float64)
+        return (z / torch.linalg.vector_norm(z)).to(w.device, w.dtype)
 
-    w = get_flat_parameters(work, names)
+    directions = [(unit_vector(), unit_vector()) for _ in range(num_directions)]  # (d, v) pairs
+    for d, _ in directions:
+        # a radius the weights' dtype cannot resolve moves w by another step (or none: a ratio of 0 or
+        # NaN); compared in units of the radius, where a tiny step's squared entries do not underflow
+        off = norm64(((w + radius * d).double() - w.double()) / radius - d.double())
+        if not off <= 0.1:
+            raise ValueError(
+                f"estimate_hessian_lipschitz: radius={radius!r} is too small for the {w.dtype} weights: w + radius * d "
+                f"moves them by a step off by {off:.1%} of the radius (over 10%); use a larger radius"
+            )
+    work = copy.deepcopy(model)
+    op = hessian_operator(work, loss_fn, data, names, path=path, batch_size=batch_size)
     ratios = []
-    for _ in range(num_directions):
-        d, v = unit_vector(), unit_vector()
+    for d, v in directions:
         for _ in range(power_iterations + 1):
             at_w = op.matvec(v)
             set_flat_parameters(work, w + radius * d, names)  # the operator reads the weights live

@@ -5,20 +5,26 @@ import torch
 from torch import nn
 
 from ..checks import check_number
-from .base import BatchSource, DataSpec, LossFn
+from .base import BatchSource, DataSpec, LossFn, check_train_mode, checked_loss, probe_forward
 from .params import ParameterSlots, ParamSelection, flatten_tensors, resolve_parameters
 
 
 class Objective:
-    """``F(w) = L(w) + (weight_decay / 2) ||w||^2``, L the mean loss over ``data`` (batches weighted
-    by their size, as the curvature operators weight them), w the chosen parameters of ``model``.
+    """``F(w) = L(w) + (weight_decay / 2) ||w||^2``, w the chosen parameters of ``model`` and
+    ``L = sum_b (n_b / N) loss_fn(model(x_b), y_b)`` over the batches b of n_b rows (N in all), as the
+    curvature operators weight them: the size-weighted mean of the per-batch losses, which is the mean
+    loss over the data when ``loss_fn`` is a plain mean over rows (not with ``ignore_index`` rows or
+    class weights, whose batch means have other denominators, nor with reduction="sum": then L
+    depends on the batching).
 
     Like the curvature operators it reads the model's parameters live: after an in-place update
     (:func:`~unlearn_kernels.curvature.set_flat_parameters`) :meth:`value` and :meth:`gradient`
     are those of the new weights. It never modifies the model. Each call is one pass over the data
-    (:attr:`num_data_passes`); no construction probe, so building one costs only the check of tensor
-    data for NaN or Inf (see :class:`~unlearn_kernels.curvature.BatchSource`, which also checks an
-    iterable's batches as they stream). A parameter the forward does not use has zero gradient.
+    (:attr:`num_data_passes`). Building one checks tensor data for NaN or Inf (see
+    :class:`~unlearn_kernels.curvature.BatchSource`, which also checks an iterable's batches as they
+    stream) and runs the model and the loss on the first batch without a graph, so that data they
+    reject is named at construction, as the curvature operators' probe names it. A parameter the
+    forward does not use has zero gradient.
 
     Args:
         model: any nn.Module, in eval mode if it has BatchNorm or dropout.
@@ -27,7 +33,17 @@ class Objective:
         params: the chosen parameters (None: every trainable one), as in
             :func:`~unlearn_kernels.curvature.hessian_operator`.
         weight_decay: the L2 coefficient, >= 0.
-        batch_size: split tensor data into chunks of this many rows (same objective).
+        batch_size: split tensor data into chunks of this many rows (the same objective for a loss
+            that is a plain mean over rows, see above).
+
+    Raises:
+        ValueError: a bad ``weight_decay``, mixed dtypes or devices among the chosen parameters,
+            train-mode BatchNorm/dropout, data the model or the loss cannot run on (first batch; a
+            wrong input dtype or width, a wrong label dtype or shape) or a class label out of range
+            (any batch, where the loss raises IndexError), named ``"Objective: ..."``; a bad ``params``
+            selection or NaN or Inf in the data, as :func:`~unlearn_kernels.curvature.hessian_operator`
+            names them. An empty data set is refused at the first call.
+        TypeError: ``loss_fn`` is not callable, or ``data`` or ``params`` is of a wrong type.
 
     Attributes:
         param_names: the chosen parameters' names, in vector order.
@@ -49,7 +65,11 @@ class Objective:
         self.param_names: tuple[str, ...] = tuple(chosen)
         self._slots = ParameterSlots(model, chosen)  # read at every call: replaced parameters are followed
         self.weight_decay = check_number("Objective: weight_decay", weight_decay, 0.0)
+        check_train_mode(model, "Objective")  # a train-mode forward would write BatchNorm's running stats
         self.data = BatchSource(data, devices.pop(), batch_size)
+        first = next(iter(self.data), None)  # an empty shard is allowed (DistributedObjective builds one)
+        if first is not None:
+            probe_forward(model, loss_fn, *first, next(iter(chosen.values())).dtype, "Objective")
         self.num_data_passes = 0
 
     def weights(self) -> torch.Tensor:
@@ -58,11 +78,7 @@ class Objective:
             return flatten_tensors(p.detach() for p in self._slots.current().values())
 
     def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss = self.loss_fn(out, y)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise ValueError("Objective: loss_fn must return a scalar tensor (a mean-reduced loss), got "
-                             + (f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__))
-        return loss.reshape(())
+        return checked_loss(self.loss_fn, out, y, "Objective")
 
     def _pass(self, with_gradient: bool) -> tuple[float, torch.Tensor | None]:
         total = torch.zeros((), dtype=torch.float64)

@@ -69,6 +69,14 @@ def resolve_parameters(model: nn.Module, params: ParamSelection = None) -> dict[
     return chosen
 
 
+def parameter_names(model: nn.Module, params: ParamSelection = None) -> tuple[str, ...]:
+    """The names of the chosen parameters of ``model``, in vector order: the selection in a form that
+    can be used more than once (a generator such as ``model.fc.parameters()`` is consumed by its first
+    use) and on a copy of the model (whose tensors are other objects). Raises what
+    :func:`resolve_parameters` raises."""
+    return tuple(resolve_parameters(model, params))
+
+
 class ParameterSlots:
     """Where each named parameter of a model lives (its module's parameter dict and attribute), so
     that a parameter object replaced there (``load_state_dict(..., assign=True)``, ``module.weight =
