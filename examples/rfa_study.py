@@ -134,7 +134,7 @@ def summary(records: list[dict]) -> str:
 
                 def fmt(key, digits=3):
                     values = [r[key] for r in mine if key in r]
-                    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}" if values else "-"
+                    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}" if values else "-"  # sample std, as the study
                 lines.append(f"| {label} | {fmt('acc_forget')} | {np.mean(closed):.2f} | {fmt('acc_retain')} | "
                              f"{fmt('acc_test')} | {fmt('mia')} | {fmt('avg_gap')} | {fmt('js_to_oracle', 4)} | "
                              f"{fmt('activation_distance')} | {fmt('rf_jsd', 4)} | {fmt('seconds', 2)} |")

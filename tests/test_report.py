@@ -70,6 +70,12 @@ def test_noise_rule_two_standard_errors_of_the_oracle():
         assert avg["within_noise"] is within
 
 
+def test_an_original_that_matches_the_oracle_on_every_seed_is_within_noise():
+    # gap 0 and noise 0 (nothing moves): nothing to close, not "outside seed noise"
+    same = report.gap_closed_noise(_study([0.0] * 3, [0.0] * 3, [0.0] * 3))[0]["acc_forget"]
+    assert same["original_gap"] == 0.0 and same["noise"] == 0.0 and same["within_noise"] is True
+
+
 def test_noise_is_unknown_with_one_seed_and_the_notes_say_each_case():
     one = report.gap_closed_noise(_study([0.5], [0.3], [0.1]))[0]
     assert one["acc_forget"]["noise"] is None and one["acc_forget"]["within_noise"] is None

@@ -82,7 +82,8 @@ def gap_closed_noise(records: list[dict[str, Any]]) -> dict[int, dict[str, dict[
     ``noise`` is :data:`NOISE_FACTOR` x the larger of two standard errors over seeds: that of the
     oracle's metric (Avg Gap: the mean of the standard errors of its four metrics), i.e. how much
     the target itself moves, and that of the Original's gap, i.e. whether the gap is consistently
-    there; ``within_noise`` is ``original_gap < noise``. With one seed ``noise`` and
+    there; ``within_noise`` is ``original_gap <= noise`` (a gap of 0 is within any noise: there is
+    nothing to close). With one seed ``noise`` and
     ``within_noise`` are None (unknown); requests without an "original" record are left out.
     """
     summary = summarize(records)
@@ -106,7 +107,7 @@ def gap_closed_noise(records: list[dict[str, Any]]) -> dict[int, dict[str, dict[
         for name, (gap, se) in candidates.items():
             noise = NOISE_FACTOR * se if n > 1 else None
             out[request][name] = {"original_gap": gap, "noise": noise,
-                                  "within_noise": None if noise is None else bool(gap < noise), "seeds": n}
+                                  "within_noise": None if noise is None else bool(gap <= noise), "seeds": n}
     return out
 
 

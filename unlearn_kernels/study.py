@@ -159,8 +159,8 @@ class StudyConfig:
         repeated = sorted({m for m in self.methods if self.methods.count(m) > 1})
         if repeated:  # a second run would continue from the first one's result and pool with it in mean ± std
             raise ValueError(f"methods (--methods) repeat {', '.join(repeated)}: each method runs once per request")
-        if "retrain" not in self.methods:
-            self.methods = ("retrain", *self.methods)
+        # the oracle first: every other method is compared with its model of the same request
+        self.methods = ("retrain", *(m for m in self.methods if m != "retrain"))
         check_choice("protocol (--protocol)", self.protocol, PROTOCOLS)
         if self.protocol != "class":
             check_number("forget_fraction (--forget-fraction)", self.forget_fraction, 0.0, 1.0, strict=True,
@@ -432,8 +432,8 @@ def run_study(config: StudyConfig, progress: Progress | None = None) -> dict[str
                 metrics.update(seconds=measured.seconds, peak_memory_bytes=measured.peak_memory_bytes,
                                hvps=result.hvps, gradients=result.gradients)
                 metrics["failed"] = float(failure is not None)
-                if failure is not None:
-                    del metrics["seconds"], metrics["peak_memory_bytes"]
+                if failure is not None:  # what it cost before it was refused is unknown: no zeros in the means
+                    del metrics["seconds"], metrics["peak_memory_bytes"], metrics["hvps"], metrics["gradients"]
                 if name == "retrain":
                     oracle = {"metrics": metrics, "logits": logits, "model": result.model}
                 _compare(metrics, logits, result.model, oracle)
