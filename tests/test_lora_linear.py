@@ -200,6 +200,21 @@ def test_non_contiguous_x(backend, rng):
             torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_and_expanded_bias(backend, rng):
+    # the Triton kernel reads the bias as a dense vector: a view with another stride must not reach it as one
+    x, weight, _, lora_a, lora_b, scale = make((5,), 12, 7, 3, torch.float64, "cpu", rng)
+    for b in (torch.randn(14, dtype=torch.float64, generator=rng)[::2], torch.tensor(0.5, dtype=torch.float64).expand(7)):
+        assert not b.is_contiguous()
+        out = lora_linear(x, weight, b, lora_a, lora_b, scale, backend=backend)
+        torch.testing.assert_close(out, lora_linear_ref(x, weight, b.contiguous(), lora_a, lora_b, scale),
+                                   rtol=1e-12, atol=1e-12)
+        tangent = torch.randn(lora_b.shape, dtype=torch.float64, generator=rng)
+        _, jvp = lora_linear_jvp(x, weight, b, lora_a, lora_b, scale, None, tangent, backend=backend)
+        _, want = lora_linear_jvp_ref(x, weight, b.contiguous(), lora_a, lora_b, scale, None, tangent)
+        torch.testing.assert_close(jvp, want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 def test_opcheck(backend, rng):
     ops_ns = torch.ops.unlearn_kernels if backend == "cpp" else _triton_ops()

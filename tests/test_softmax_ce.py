@@ -314,6 +314,12 @@ def test_non_finite_inputs_are_reported(backend, value, rng):
     u_bad[1, 2] = value
     with pytest.raises(ValueError, match="tangent contains NaN"):
         ops.softmax_ce_hvp(z, u_bad, backend=backend)
+    # a bad tangent where the logit is -inf (p = 0 there; the CUDA kernel's threads may see only such columns)
+    z_masked = z.clone()
+    z_masked[1, :20] = float("-inf")
+    u_bad[1, :2] = value
+    with pytest.raises(ValueError, match="tangent contains NaN"):
+        ops.softmax_ce_hvp(z_masked, u_bad, backend=backend)
     # check_finite=False skips the check (and the caller's tensors are untouched either way)
     assert torch.isnan(ops.softmax_ce_hvp(z, u_bad, check_finite=False, backend=backend)).any()
     assert torch.isfinite(z).all() and torch.isfinite(u).all()

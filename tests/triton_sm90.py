@@ -56,7 +56,7 @@ def _lora_linear():
     for ty, dtype in DTYPES.items():
         v = "*" + ty
         sig = {"p_ptr": v, "q_ptr": v, "l_ptr": v, "r_ptr": v, "bias_ptr": v, "c_ptr": v, "M": "i32", "N": "i32",
-               "K": "i32", "R": "i32", "alpha": "fp32", "beta": "fp32", **{s: "i32" for s in strides}}
+               "K": "i32", "R": "i32", "alpha_bits": "i64", "beta_bits": "i64", **{s: "i32" for s in strides}}
         for low, bias in ((True, True), (False, False)):  # the forward's epilogue, a plain product
             cfg = m._launch_config(4096, 4096, 4096, 16 if low else 0, dtype)
             flags = {"HAS_LOW_RANK": low, "HAS_BIAS": bias}

@@ -7,6 +7,7 @@ without a GPU. The variable must be set that early because Triton's own library 
 ``tl.max``...) is made of ``@triton.jit`` functions whose mode is fixed when they are defined: an
 interpreted kernel calling a compiled one fails.
 """
+import struct
 from typing import Callable
 
 import torch
@@ -15,6 +16,12 @@ from torch.library import triton_op
 
 #: Whether the kernels are interpreted (Triton read TRITON_INTERPRET when it was imported).
 INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
+
+
+def float64_bits(x: float) -> int:
+    """``x`` as the int64 with its float64 bits: Triton passes a Python float to a kernel as fp32,
+    so a float64 scalar travels as these bits (``bits.to(tl.int64).to(tl.float64, bitcast=True)``)."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
 def can_read(t: torch.Tensor) -> bool:

@@ -41,7 +41,7 @@ def _rows_dot(w, b_ptr, out_ptr, cols, in_d, d, m, n_tiles, tile, BLOCK_M: tl.co
 def _pass1(hq_ptr, q_ptr, qp_ptr, b_ptr, w_ptr, alpha_ptr, beta_prev_ptr, bpart_ptr, d, m, n_tiles,
            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """w = hq - alpha q - beta_prev q_prev, stored; bpart[j, tile] = B_j . w (of the stored, rounded w)."""
-    tile = tl.program_id(0)
+    tile = tl.program_id(0).to(tl.int64)  # cols in int64: d may pass 2**31
     cols = tile * BLOCK_D + tl.arange(0, BLOCK_D)
     in_d = cols < d
     alpha = tl.load(alpha_ptr)
@@ -70,7 +70,7 @@ def _minus_projection(w, b_ptr, c_ptr, cols, in_d, d, m, BLOCK_M: tl.constexpr):
 @triton.jit
 def _pass2(b_ptr, w_ptr, c_ptr, part_ptr, bpart_ptr, d, m, n_tiles, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """w -= B^T c, stored; part[tile] = ||w||^2, bpart[j, tile] = B_j . w (of the stored, rounded w)."""
-    tile = tl.program_id(0)
+    tile = tl.program_id(0).to(tl.int64)  # cols in int64: d may pass 2**31
     cols = tile * BLOCK_D + tl.arange(0, BLOCK_D)
     in_d = cols < d
     w = tl.load(w_ptr + cols, mask=in_d, other=0.0).to(tl.float64)
@@ -84,7 +84,7 @@ def _pass2(b_ptr, w_ptr, c_ptr, part_ptr, bpart_ptr, d, m, n_tiles, BLOCK_M: tl.
 @triton.jit
 def _pass3(b_ptr, w_ptr, c_ptr, again_ptr, part_ptr, d, m, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """If the flag ``again`` is set, w -= B^T c in place; part[tile] = ||w||^2 either way."""
-    tile = tl.program_id(0)
+    tile = tl.program_id(0).to(tl.int64)  # cols in int64: d may pass 2**31
     cols = tile * BLOCK_D + tl.arange(0, BLOCK_D)
     in_d = cols < d
     w = tl.load(w_ptr + cols, mask=in_d, other=0.0).to(tl.float64)

@@ -21,15 +21,16 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..contracts.lora_linear import fake_backward, fake_forward, fake_jvp
-from . import INTERPRETED, define_op
+from . import INTERPRETED, define_op, float64_bits
 
 
 @triton.jit
-def _matmul(p_ptr, q_ptr, l_ptr, r_ptr, bias_ptr, c_ptr, M, N, K, R, alpha, beta,
+def _matmul(p_ptr, q_ptr, l_ptr, r_ptr, bias_ptr, c_ptr, M, N, K, R, alpha_bits, beta_bits,
             s_pm, s_pk, s_qn, s_qk, s_lm, s_lr, s_rn, s_rr,
             HAS_LOW_RANK: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_F64: tl.constexpr, CAST_F32: tl.constexpr,
             DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """C[M, N] (contiguous) = alpha P[M, K] Q[N, K]^T + bias[N] + beta L[M, R] R[N, R]^T."""
+    """C[M, N] (contiguous) = alpha P[M, K] Q[N, K]^T + bias[N] (contiguous) + beta L[M, R] R[N, R]^T; alpha
+    and beta arrive as the bits of float64s (Triton's float arguments are fp32)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -40,18 +41,18 @@ def _matmul(p_ptr, q_ptr, l_ptr, r_ptr, bias_ptr, c_ptr, M, N, K, R, alpha, beta
     cols64 = cols.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if ACC_F64 else tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
+        ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)  # a transposed view's k stride is a whole row
         in_k = ks < K
         p = tl.load(p_ptr + rows64[:, None] * s_pm + ks[None, :] * s_pk, mask=in_m[:, None] & in_k[None, :], other=0.0)
         q = tl.load(q_ptr + ks[:, None] * s_qk + cols64[None, :] * s_qn, mask=in_k[:, None] & in_n[None, :], other=0.0)
         if CAST_F32:  # reduced-precision tl.dot is wrong in the interpreter
             p, q = p.to(tl.float32), q.to(tl.float32)
         acc += tl.dot(p, q, input_precision=DOT_PRECISION)
-    acc = acc * alpha
+    acc = acc * alpha_bits.to(tl.int64).to(tl.float64, bitcast=True).to(acc.dtype)
     if HAS_LOW_RANK:
         low = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc.dtype)
         for r0 in range(0, R, BLOCK_R):
-            rs = r0 + tl.arange(0, BLOCK_R)
+            rs = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
             in_r = rs < R
             lt = tl.load(l_ptr + rows64[:, None] * s_lm + rs[None, :] * s_lr, mask=in_m[:, None] & in_r[None, :],
                          other=0.0)
@@ -60,7 +61,7 @@ def _matmul(p_ptr, q_ptr, l_ptr, r_ptr, bias_ptr, c_ptr, M, N, K, R, alpha, beta
             if CAST_F32:
                 lt, rt = lt.to(tl.float32), rt.to(tl.float32)
             low += tl.dot(lt, rt, input_precision=DOT_PRECISION)
-        acc += low * beta
+        acc += low * beta_bits.to(tl.int64).to(tl.float64, bitcast=True).to(acc.dtype)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=in_n, other=0.0).to(acc.dtype)[None, :]
     tl.store(c_ptr + rows64[:, None] * N + cols64[None, :], acc.to(c_ptr.dtype.element_ty),
@@ -99,7 +100,8 @@ def _mm(p: torch.Tensor, q: torch.Tensor, *, alpha: float = 1.0, bias: torch.Ten
     cfg = _launch_config(m, n, k, rank, p.dtype)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     wrap_triton(_matmul)[grid](
-        p, q, l, r, bias if bias is not None else out, out, m, n, k, rank, alpha, beta,
+        p, q, l, r, bias.contiguous() if bias is not None else out, out, m, n, k, rank, float64_bits(alpha),
+        float64_bits(beta),
         p.stride(0), p.stride(1), q.stride(0), q.stride(1), l.stride(0), l.stride(1), r.stride(0), r.stride(1),
         HAS_LOW_RANK=low is not None, HAS_BIAS=bias is not None, **cfg)
     return out

@@ -16,15 +16,13 @@ checks are eager-mode only.
 """
 from __future__ import annotations
 
-import struct
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
 from ..contracts import softmax_ce as contract
-from . import can_read, define_op
+from . import can_read, define_op, float64_bits
 
 # Largest column block and largest (rows x columns) tile one program holds in registers.
 _MAX_BLOCK = 4096
@@ -142,10 +140,6 @@ def _rows_dense(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(1) == 1 else t.contiguous()
 
 
-def _float64_bits(x: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
-
-
 # --------------------------------------------------------------------------- ops
 @define_op("unlearn_kernels_triton::softmax_ce_grad", contract.fake_grad)
 def softmax_ce_grad(
@@ -163,7 +157,7 @@ def softmax_ce_grad(
     flags = torch.zeros(2, dtype=torch.int32, device=logits.device)
     cfg = _launch_config(n_rows, n_cols)
     wrap_triton(_grad_kernel)[(triton.cdiv(n_rows, cfg["ROWS"]),)](
-        logits, target, out, flags, n_rows, n_cols, logits.stride(0), _float64_bits(label_smoothing),
+        logits, target, out, flags, n_rows, n_cols, logits.stride(0), float64_bits(label_smoothing),
         ignore_index, FP64=logits.dtype == torch.float64, **cfg,
     )
     if can_read(flags):

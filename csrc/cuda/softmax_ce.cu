@@ -57,8 +57,10 @@ struct Stats {
       s = s * scale + acc_t(1);
       d = d * scale + u;
       m = x;
-    } else if (m != -INFINITY) {  // an all -inf prefix contributes nothing (and exp(-inf + inf) is NaN)
-      const acc_t e = exp(x - m);
+    } else {
+      // an all -inf prefix adds nothing to s (and exp(-inf + inf) is NaN), but 0 * u still carries
+      // a NaN or Inf tangent into d, as on the CPU: <p, u> then reports it
+      const acc_t e = m != -INFINITY ? exp(x - m) : acc_t(0);
       s += e;
       d += e * u;
     }
@@ -71,6 +73,8 @@ struct Stats {
       const acc_t a = exp(m - m_new), b = exp(o.m - m_new);
       s = s * a + o.s * b;
       d = d * a + o.d * b;
+    } else {
+      d += o.d;  // both all -inf: s stays 0, d holds only 0 * u (NaN for a bad tangent)
     }
     m = m_new;
     nan |= o.nan;
