@@ -331,6 +331,10 @@ def test_peft_interop_errors(peft):
     dora = peft.get_peft_model(mlp(), peft.LoraConfig(r=2, target_modules=["1"], use_dora=True))
     with pytest.raises(ValueError, match="variant"):
         lora.from_peft(dora)
+    disabled = peft.get_peft_model(mlp(), peft.LoraConfig(r=2, target_modules=["1"]))
+    disabled.base_model.disable_adapter_layers()  # PEFT then outputs the base model
+    with pytest.raises(ValueError, match=r"^from_peft: layer '1' has its adapters disabled"):
+        lora.from_peft(disabled)
     mixed = mlp()
     lora.add_adapters(mixed, "1", rank=2)
     lora.add_adapters(mixed, "3", rank=4)

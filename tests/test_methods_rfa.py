@@ -167,6 +167,15 @@ def test_cure_newton_lora_returns_the_plain_architecture(problem):
         CureNewtonLoRA(params=["1.weight"])
 
 
+def test_cure_newton_lora_trains_the_adapters_a_model_has(problem):
+    model, forget, retain, unseen = problem
+    adapted = RFA(epochs=1, merge=False).unlearn(model, forget, retain, unseen=unseen, seed=0).model  # RFA's adapters
+    assert list(lora.adapter_modules(adapted)) == ["1"]
+    result = CureNewtonLoRA(rank=4, max_iterations=1).unlearn(adapted, forget, retain, seed=0)
+    assert result.diagnostics["layers"] == ["1"] and not lora.adapter_modules(result.model)
+    assert result.model.state_dict().keys() == model.state_dict().keys()
+
+
 def test_cure_newton_lora_is_cure_newton_on_fresh_adapters_merged_by_hand(problem):
     """The values, not only that something moved: CureNewton on the parameters of adapters drawn from
     the seed (as unlearn seeds the method), then W + scale B A written out here."""

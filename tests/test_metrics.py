@@ -406,6 +406,28 @@ def test_peak_memory_blocks_nest():
     assert 0.8 * 8 * 2**20 <= inner.bytes < 0.8 * 64 * 2**20
 
 
+def test_cuda_peak_memory_blocks_nest(monkeypatch):
+    """The same on a CUDA device (its allocator's counters simulated here: no GPU on the CI machines)."""
+    state = {"now": 100, "peak": 100}
+
+    def allocate(n: int) -> None:
+        state["now"] += n
+        state["peak"] = max(state["peak"], state["now"])
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: state.update(peak=state["now"]))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: state["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: state["peak"])
+    with PeakMemory("cuda") as outer:
+        allocate(1000)  # a set-up's temporary, freed before the inner block
+        allocate(-1000)
+        with PeakMemory("cuda") as inner:
+            allocate(10)
+            allocate(-10)
+    assert outer.bytes == 1000 and inner.bytes == 10
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_measure_cuda_peak_is_the_allocation():
     n_bytes = 64 * 2**20

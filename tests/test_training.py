@@ -245,6 +245,8 @@ def test_train_or_load_reuses_only_on_matching_recipe_data_and_model(tmp_path):
         dict(data=blobs(seed=1)),
         dict(model_info={"name": "other"}),
         dict(factory=lambda: MLP(4, hidden=(9,), num_classes=3)),
+        # the same parameters, another activation: an oracle of the other architecture must not be reused
+        dict(factory=lambda: MLP(4, hidden=(8,), num_classes=3, activation="tanh")),
     ]
     for change in changed:
         _, stats = train_or_load(path, change.get("factory", factory), change.get("data", data),

@@ -46,9 +46,12 @@ def data_fingerprint(data: LabeledData) -> str:
 
 
 def model_signature(model: nn.Module) -> dict[str, Any]:
-    """The model's class and the names, shapes and dtypes of its state: what must match to reuse weights."""
+    """What must match to reuse weights: the model's class, its submodules (name, class and options,
+    e.g. ``['1', 'ReLU', '']``: modules without parameters, an activation or a dropout, change training
+    too) and the names, shapes and dtypes of its state."""
     return {
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "modules": [[name, type(module).__name__, module.extra_repr()] for name, module in model.named_modules() if name],
         "state": [[name, list(t.shape), str(t.dtype)] for name, t in model.state_dict().items()],
     }
 
@@ -95,7 +98,11 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None],
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp_name, _new_file_mode(path))  # mkstemp's 0600 -> what open() would have given
+        try:
+            os.chmod(tmp_name, _new_file_mode(path))  # mkstemp's 0600 -> what open() would have given
+        except BaseException:
+            os.close(fd)  # not yet owned by a file object
+            raise
         with os.fdopen(fd, "wb" if binary else "w") as handle:
             write(handle)
             handle.flush()

@@ -407,6 +407,9 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         active = list(layer.active_adapters)
         if len(active) != 1 or active[0] not in layer.lora_A:
             raise ValueError(f"from_peft: layer {name!r} needs exactly one active LoRA adapter, got {active}")
+        if layer.disable_adapters:  # PEFT's output is then the base layer's: converting would add the adapter back
+            raise ValueError(f"from_peft: layer {name!r} has its adapters disabled (disable_adapter(), "
+                             "disable_adapter_layers()); enable them, or use the base model without adapters")
         key = active[0]
         base_layer = layer.get_base_layer()
         if type(layer) not in (peft.tuners.lora.Linear, peft.tuners.lora.Conv2d) or not isinstance(base_layer, ADAPTABLE):

@@ -40,10 +40,10 @@ class Measured:
 
 class PeakMemory:
     """Peak memory added while a ``with`` block runs, in bytes (``.bytes`` after the block; see the
-    module docstring for what it counts on each device). Blocks may nest: on the CPU the process
-    has one peak counter, so a block that resets it first hands the peak so far to the open ones."""
+    module docstring for what it counts on each device). Blocks may nest: the process has one peak
+    counter per device, so a block that resets it first hands the peak so far to the open ones."""
 
-    _open: list["PeakMemory"] = []  # the CPU blocks inside which the counter may be reset
+    _open: list["PeakMemory"] = []  # the blocks inside which their device's counter may be reset
 
     def __init__(self, device: torch.device | str | None = None) -> None:
         self.device = torch.device("cpu" if device is None else device)
@@ -56,11 +56,19 @@ class PeakMemory:
         self._high_water_mark = True  # VmHWM, reset at the start; else ru_maxrss growth
         self._peak_before_reset = 0  # the highest VmHWM an inner block's reset erased
 
+    def _hand_peak_to_open_blocks(self, peak: int) -> None:
+        """Before this block resets its device's peak counter: the open blocks keep the peak so far."""
+        for outer in PeakMemory._open:
+            if outer.device == self.device:
+                outer._peak_before_reset = max(outer._peak_before_reset, peak)
+
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            self._hand_peak_to_open_blocks(torch.cuda.max_memory_allocated(self.device))
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
+            PeakMemory._open.append(self)
             return self
         with contextlib.suppress(OSError, AttributeError):  # best effort: not glibc, no malloc_trim
             ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -68,8 +76,7 @@ class PeakMemory:
             peak = _proc_status_bytes("VmHWM")
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
-            for outer in PeakMemory._open:
-                outer._peak_before_reset = max(outer._peak_before_reset, peak)
+            self._hand_peak_to_open_blocks(peak)
             self._start = _proc_status_bytes("VmRSS")
             PeakMemory._open.append(self)
         except OSError:
@@ -80,7 +87,8 @@ class PeakMemory:
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
+            PeakMemory._open.remove(self)
+            peak = max(torch.cuda.max_memory_allocated(self.device), self._peak_before_reset)
         elif self._high_water_mark:
             PeakMemory._open.remove(self)
             peak = max(_proc_status_bytes("VmHWM"), self._peak_before_reset)

@@ -28,6 +28,7 @@ from torch import nn
 from ..labeled import LabeledData
 from ..lora import (
     ADAPTABLE,
+    adapter_modules,
     adapter_parameter_names,
     add_adapters,
     check_rank_alpha,
@@ -45,7 +46,8 @@ class CureNewtonLoRA(Unlearner):
     Args:
         rank, alpha: the adapters (scale alpha / rank; alpha None means rank). Default rank 8.
         targets: module names or glob patterns of the layers to adapt (None: every Linear and Conv2d
-            layer, the output layer included: the retain objective involves all weights).
+            layer, the output layer included: the retain objective involves all weights; on a model
+            that already has adapters, those adapters and no new ones).
         **newton_options: CureNewton's options (``M``, ``weight_decay``, ...), except ``params``.
     """
 
@@ -71,8 +73,12 @@ class CureNewtonLoRA(Unlearner):
 
     def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,
                  unseen: LabeledData | None, seed: int) -> UnlearnResult:
-        targets = self.targets or [n for n, m in model.named_modules() if isinstance(m, ADAPTABLE)]
-        layers = add_adapters(model, targets, self.rank, self.alpha)
+        existing = adapter_modules(model)
+        if existing and self.targets is None:  # a model that has adapters (e.g. RFA's, unmerged): train those, as RFA does
+            layers = tuple(existing)
+        else:
+            targets = self.targets or [n for n, m in model.named_modules() if isinstance(m, ADAPTABLE)]
+            layers = add_adapters(model, targets, self.rank, self.alpha)
         newton = CureNewton(params=adapter_parameter_names(model), **self.newton_options)
         result = newton.unlearn(model, forget, retain, unseen=unseen, seed=seed)
         merged = unload(result.model, merge=True)

@@ -87,13 +87,11 @@ class Retrain(Unlearner):
 
 
 def _architecture(model: nn.Module) -> list[str]:
-    """The model's modules (name, class and options, e.g. ``'1': ReLU()``) in order, then its state
-    (:func:`~unlearn_kernels.checkpoint.model_signature`): a module without parameters (an activation,
-    a dropout) is part of the architecture too."""
+    """:func:`~unlearn_kernels.checkpoint.model_signature` as lines to compare: the class, the modules
+    (name, class and options, e.g. ``'1': ReLU()``) in order, then the state."""
     signature = model_signature(model)
     return ([f"class {signature['class']}"]
-            + [f"module {key!r}: {type(module).__name__}({module.extra_repr()})"
-               for key, module in model.named_modules() if key]
+            + [f"module {key!r}: {kind}({options})" for key, kind, options in signature["modules"]]
             + [f"state {key!r} of shape {tuple(shape)} and dtype {dtype}" for key, shape, dtype in signature["state"]])
 
 
