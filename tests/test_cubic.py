@@ -209,6 +209,10 @@ def test_gd_cauchy_point_and_defaults(rng):
     assert zero_steps.num_hvps == 2
     default = cubic_newton_step(H, g, M, method="gd")
     assert default.iterations == 5 and default.model_value < zero_steps.model_value
+    # a tiny M on positive curvature: r -> ||g|| / curvature (the root's difference cancelled to r = 0)
+    spd = H @ H.T + torch.eye(H.shape[0], dtype=torch.float64)
+    tiny = cubic_newton_step(spd, 1e-3 * g / gn, 1e-14, method="gd", K=0)
+    assert tiny.step_norm == pytest.approx(1e-3 / (float(g @ spd @ g) / gn**2), rel=1e-9)
 
 
 def test_stochastic_gd(rng):

@@ -222,3 +222,15 @@ def test_extreme_M(backend):
     assert torch.allclose(y, -c / sigma, rtol=1e-9) and sigma == pytest.approx((1e300 * float(c.norm()) / 2) ** 0.5)
     with pytest.raises(ValueError, match=r"the solution is not finite: M = 1e-320 is too small"):
         cubic_secular_solve(lam, c, 1e-320, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("lam", "c", "M"), [([1.0, 2.0], [1e-20, 0.0], 1e-3), ([1e4], [1e-3], 1e-4),
+                                             ([-1.0, 2.0], [1e-3, 1.0], 1e-6)])
+def test_small_step_against_large_curvature(backend, lam, c, M):
+    """2 M ||c|| << lambda_min^2: the bracket's upper end, a difference of two close numbers, lost the
+    root to cancellation (sigma 0, a ZeroDivisionError on the reference, sigma 9% off on the C++)."""
+    lam, c = torch.tensor(lam, dtype=torch.float64), torch.tensor(c, dtype=torch.float64)
+    y, sigma, hard = cubic_secular_solve(lam, c, M, backend=backend)
+    assert hard is False and sigma > 0
+    check_optimality(lam, c, M, y, sigma, atol=1e-12)

@@ -195,6 +195,10 @@ def test_lissa_matches_closed_form(spd):
     # Too small a scale makes the recursion diverge; it is reported, not raised.
     diverged = lissa(H, b, scale=1.0, depth=3000)
     assert not diverged.converged
+    # also when only the last step overflows (its product was still finite)
+    last = lissa(torch.tensor([[1e200]], dtype=torch.float64), torch.ones(1, dtype=torch.float64), scale=1e-200,
+                 depth=1)
+    assert not last.converged and last.residual == math.inf
 
 
 def test_lissa_stochastic(spd):

@@ -97,8 +97,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cubic_secular_solve_cpu(const at:
     return result(0.0, false);
   }
 
-  // phi < 0 just right of t = 0, and phi(hi) >= 0 since ||y(sigma)|| <= ||c|| / (lambda_min + sigma).
-  double lo = 0.0, hi = 0.5 * (-lam_min + std::sqrt(lam_min * lam_min + 2.0 * M * c_norm)) - shift;
+  // phi < 0 just right of t = 0, and phi(hi) >= 0 since ||y(sigma)|| <= ||c|| / (lambda_min + sigma):
+  // hi = sigma_hi - shift, sigma_hi = (-lambda_min + sqrt(lambda_min^2 + 2 M ||c||)) / 2, written without
+  // the difference that cancels when 2 M ||c|| << lambda_min^2
+  double lo = 0.0, hi = M * c_norm / (std::abs(lam_min) + std::sqrt(lam_min * lam_min + 2.0 * M * c_norm));
   double t = hi;
   for (int64_t it = 0; it < max_iter; ++it) {
     const Secular f = secular(s, c, shift, t, M);

@@ -83,9 +83,11 @@ def cubic_secular_solve_ref(
         residual = 1.0 - M * y_norm / (2.0 * sigma)
         return residual / y_norm, slope, residual
 
-    # phi < 0 just right of t = 0, and phi(hi) >= 0 since ||y(sigma)|| <= ||c|| / (lambda_min + sigma).
+    # phi < 0 just right of t = 0, and phi(hi) >= 0 since ||y(sigma)|| <= ||c|| / (lambda_min + sigma):
+    # hi = sigma_hi - shift, sigma_hi = (-lambda_min + sqrt(lambda_min^2 + 2 M ||c||)) / 2, written without
+    # the difference that cancels when 2 M ||c|| << lambda_min^2
     lo = 0.0
-    hi = 0.5 * (-lam_min + math.sqrt(lam_min * lam_min + 2.0 * M * c_norm)) - shift
+    hi = M * c_norm / (abs(lam_min) + math.sqrt(lam_min * lam_min + 2.0 * M * c_norm))
     t = hi
     for _ in range(max_iter):
         phi, slope, residual = secular(t)

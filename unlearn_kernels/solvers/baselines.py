@@ -26,7 +26,7 @@ import numpy as np
 import scipy.sparse.linalg
 import torch
 
-from ..checks import check_int, check_number, check_seed, norm64
+from ..checks import all_finite, check_int, check_number, check_seed, norm64
 from .lanczos import LanczosProcess, ritz_pairs
 from .operators import NonFiniteProduct, SolverOperator, as_operator, check_vector, operator_and_vector
 
@@ -141,7 +141,9 @@ def minres(H: Any, b: torch.Tensor, *, damping: float = 0.0, tol: float = 1e-10,
     """MINRES (``scipy.sparse.linalg.minres``, float64) for ``(H + damping I) x = b``.
 
     Works for symmetric indefinite and singular systems; for a consistent singular system started
-    at 0 it returns the minimum-norm solution (for an inconsistent one, a least-squares solution).
+    at 0 it returns the minimum-norm solution. An inconsistent one (b not in the range) has no
+    solution, and in floating point the iterate may grow without bound along the null space while
+    scipy still reports success.
 
     Args:
         H, b, damping: the system (damping may be any finite number here).
@@ -149,9 +151,9 @@ def minres(H: Any, b: torch.Tensor, *, damping: float = 0.0, tol: float = 1e-10,
         maxiter: most iterations (default 5 d, scipy's).
 
     Returns:
-        A :class:`LinearSolve` whose ``converged`` is scipy's success flag: x solves the system or,
-        for an inconsistent singular one, is a least-squares solution, whose ``residual`` then stays
-        large (H = 0 gives x = 0 and residual ``||b||``).
+        A :class:`LinearSolve` whose ``converged`` is scipy's success flag, which it also sets on an
+        inconsistent system: ``residual`` (the true one) says whether x solves it (H = 0 gives x = 0,
+        converged, and residual ``||b||``).
     """
     op, b = operator_and_vector(H, b, "b")
     damping = check_number("damping", damping)
@@ -217,6 +219,7 @@ def lissa(H: Any, b: torch.Tensor, *, scale: float, damping: float = 0.0, depth:
             break
         total += h / scale
     x = total / repeats
+    finite = finite and all_finite(x)  # the last step may overflow after a finite product
     residual = _true_residual(op, x, b, damping) if finite else math.inf
     return LinearSolve(x, residual, op.num_hvps + sampled_hvps, depth * repeats, finite and math.isfinite(residual))
 
@@ -283,8 +286,9 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float = 1e-6, solver: st
             products: the exact pseudo-inverse), "lanczos" (the truncated pseudo-inverse: ``rank``
             Lanczos steps from g with full reorthogonalisation give ``H ~ Q T Q^T`` on the Krylov
             space of g, and the step is ``-Q pinv(T) Q^T g`` by the eigendecomposition of T, where
-            g lives wholly; ``info["rank"]`` counts the Ritz values kept), "minres" (MINRES's
-            minimum-norm solution, :func:`minres`), or "auto" ("eigh" for a dense matrix or
+            g lives wholly; ``info["rank"]`` counts the Ritz values kept), "minres" (:func:`minres`:
+            the minimum-norm solution, so the pseudo-inverse step, only when g lies in the range of H;
+            otherwise its iterate grows along the null space of H: use "eigh" or "lanczos"), or "auto" ("eigh" for a dense matrix or
             d <= :data:`DENSE_MAX_DIM`, else "lanczos").
         rank: "lanczos": most Lanczos steps (products), the largest possible rank.
         tol, maxiter: MINRES settings.

@@ -262,7 +262,9 @@ def _cauchy_point(op: SolverOperator, g: torch.Tensor, M: float) -> torch.Tensor
     if gnorm == 0.0:
         return torch.zeros_like(g)
     b = float(g.double() @ op.matvec(g).double()) / (M * gnorm**2)
-    radius = -b + math.sqrt(b * b + 2.0 * gnorm / M)
+    root = math.sqrt(b * b + 2.0 * gnorm / M)
+    # for b > 0 the same root without the difference that cancels when 2 ||g|| / M << b^2 (a small M)
+    radius = 2.0 * gnorm / M / (b + root) if b > 0 else root - b
     return g * (-radius / gnorm)
 
 
