@@ -123,6 +123,24 @@ def test_krylov_without_guard_misses_hard_case(rng):
         assert guarded.hard_case and guarded.model_value == pytest.approx(ref.model_value, rel=1e-8)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_guard_finds_the_hard_case_when_the_krylov_space_is_nearly_invariant(seed):
+    # repeated eigenvalues: the Krylov space of g (orthogonal to the bottom eigenvector) becomes invariant
+    # to rounding within a few steps, and the residual vector left then is the bottom eigenvector,
+    # which a restarted probe block was kept orthogonal to (the default probe missed it on every seed)
+    gen = torch.Generator().manual_seed(seed)
+    eigenvalues = torch.cat([torch.tensor([-8.0]), torch.arange(-5.0, 8.0).repeat_interleave(3)]).double()
+    basis = torch.linalg.qr(torch.randn(40, 40, generator=gen, dtype=torch.float64))[0]
+    H = (basis * eigenvalues) @ basis.T
+    H = (H + H.T) / 2
+    g = torch.randn(40, generator=gen, dtype=torch.float64)
+    g -= basis[:, 0] * (basis[:, 0] @ g)
+    dense = cubic_newton_step(H, g, 1.0, method="dense")
+    krylov = cubic_newton_step(H, g, 1.0, method="krylov")
+    assert dense.hard_case and krylov.hard_case
+    assert krylov.model_value == pytest.approx(dense.model_value, rel=1e-8)
+
+
 def test_krylov_residual_estimate_is_exact(rng):
     H, g, M = problem("indefinite", rng)
     for k in (3, 8, 15):

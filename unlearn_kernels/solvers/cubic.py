@@ -111,7 +111,9 @@ class KrylovCubicSolver:
     probe_steps`` after k main steps) the probe instead continues Lanczos until it spans the whole
     space: Q is then square and T exact. (A restart would lock the residual vector out of T, and
     when the Krylov space of g is nearly all of the space, rounding has put part of the bottom
-    eigenvector there.) The guard needs the stored basis: it is on by default, and off in
+    eigenvector there.) Likewise when T is nearly invariant (the last coupling below
+    ``sqrt(eps) ||T||``, e.g. with repeated eigenvalues), the probe continues Lanczos from the
+    residual vector, which rounding has then filled with the bottom eigenvector. The guard needs the stored basis: it is on by default, and off in
     two-pass mode. (The alternative, perturbing g, was not chosen: it cannot certify
     ``H + sigma I`` PSD.)
 
@@ -218,10 +220,14 @@ class KrylovCubicSolver:
             while not proc.exhausted:
                 proc.step()
             return
-        if proc.betas[-1] != 0.0:  # start the probe block unless a breakdown already restarted
+        tol = math.sqrt(torch.finfo(self.op.dtype).eps)
+        # Start the probe block from a random vector, unless a breakdown already restarted, or T is
+        # nearly invariant: then the residual vector is what rounding carried out of the Krylov space
+        # of g, the bottom eigenvector above all (the hard case), and Lanczos goes on from it
+        # (a restart would lock it out of the probe).
+        if proc.betas[-1] > tol * max(np.abs(proc.alphas).max(), max(proc.betas)):
             proc.restart()
         start = proc.n  # the capacity (k_max + probe_steps, < d here) leaves probe_steps steps
-        tol = math.sqrt(torch.finfo(self.op.dtype).eps)
         for _ in range(self.probe_steps):
             proc.step()
             if proc.betas[-1] == 0.0:  # the probe block is invariant (it may have restarted again)
