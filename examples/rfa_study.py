@@ -15,7 +15,6 @@ writes ``hvp_modes.json``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -25,15 +24,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unlearn_kernels.data import class_forget, load_dataset, mislabel, random_forget, remove_classes, split_forget
-from unlearn_kernels.eval import (accuracy, activation_distance, avg_gap, js_divergence, mia_entropy,
-                                  predict_logits, rf_jsd)
+from unlearn_kernels.checkpoint import atomic_write
+from unlearn_kernels.data import load_dataset, remove_classes
+from unlearn_kernels.eval import (
+    accuracy,
+    activation_distance,
+    avg_gap,
+    js_divergence,
+    mia_entropy,
+    predict_logits,
+    rf_jsd,
+)
 from unlearn_kernels.methods import METHODS
 from unlearn_kernels.models import build_model
-from unlearn_kernels.study import DEFAULT_RECIPES, gap_closed
+from unlearn_kernels.study import StudyConfig, build_scenario, gap_closed
 from unlearn_kernels.training import init_model, train
 
 PROTOCOLS = ("random", "mislabeled", "class")
+#: the files each mode writes into --out
+OUTPUTS = {"study": ("results.json", "summary.md", "gap_closed.png", "rf_jsd_vs_jsd.png"),
+           "hvp_modes": ("hvp_modes.json",)}
 FORGET_CLASS = 3
 #: label -> (method name, options); Newton methods get the recipe's weight decay (their training objective)
 METHOD_SPECS = {
@@ -53,20 +63,15 @@ METHOD_SPECS = {
 
 def setting(model_name: str, protocol: str, seed: int) -> dict:
     splits = load_dataset("digits", seed=seed)
-    train_split, test = splits.train, splits.test
-    if protocol == "mislabeled":
-        corruption = mislabel(train_split.y, 0.1, seed=seed)
-        train_split = corruption.apply(train_split)
-        request = split_forget(len(train_split), corruption.corrupted_idx, 1, seed=seed)[0]
-    elif protocol == "random":
-        request = random_forget(train_split.y, 0.1, seed=seed)
-    else:
-        request = class_forget(train_split.y, [FORGET_CLASS])
-        test = remove_classes(test, [FORGET_CLASS])
+    # the forget request exactly as `unlearn-kernels run` builds it for this protocol and seed
+    config = StudyConfig(model=model_name, protocol=protocol, forget_fraction=0.1, forget_classes=(FORGET_CLASS,),
+                         methods=("original",), seeds=(seed,), cache_dir=None)
+    train_split, (request,), _ = build_scenario(config, splits, seed)
+    test = remove_classes(splits.test, [FORGET_CLASS]) if protocol == "class" else splits.test
     forget, retain = request.apply(train_split)
     true_forget_y = splits.train.y[request.forget_idx]
     factory = lambda: build_model(model_name, splits.input_shape, splits.num_classes)  # noqa: E731
-    recipe = dataclasses.replace(DEFAULT_RECIPES[model_name], seed=seed)
+    recipe = config.train_recipe(seed)
     original = init_model(factory, seed)
     train(original, train_split, recipe)
     start = time.perf_counter()
@@ -134,7 +139,10 @@ def summary(records: list[dict]) -> str:
 
                 def fmt(key, digits=3):
                     values = [r[key] for r in mine if key in r]
-                    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}" if values else "-"  # sample std, as the study
+                    if not values:
+                        return "-"
+                    # the sample std, as the study's
+                    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
                 lines.append(f"| {label} | {fmt('acc_forget')} | {np.mean(closed):.2f} | {fmt('acc_retain')} | "
                              f"{fmt('acc_test')} | {fmt('mia')} | {fmt('avg_gap')} | {fmt('js_to_oracle', 4)} | "
                              f"{fmt('activation_distance')} | {fmt('rf_jsd', 4)} | {fmt('seconds', 2)} |")
@@ -188,7 +196,8 @@ def plots(records: list[dict], out: Path) -> None:
     fig.savefig(out / "gap_closed.png", dpi=110)
     plt.close(fig)
 
-    pairs = [(r["rf_jsd"], r["js_to_oracle"], r["method"]) for r in records if "rf_jsd" in r and r["method"] != "retrain"]
+    pairs = [(r["rf_jsd"], r["js_to_oracle"], r["method"]) for r in records
+             if "rf_jsd" in r and r["method"] != "retrain"]
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     ax.set_xlabel("RF-JSD (no oracle needed)")
     ax.set_ylabel("JS to the oracle on D_f")
@@ -234,9 +243,15 @@ def hvp_modes(out: Path) -> None:
     measure_interleaved(timed, torch.device("cpu"), min_time=1.0)
     rows = [{"candidate": m.candidate, "median_ms": m.median_s * 1e3, "iqr_ms": m.iqr_s * 1e3,
              "relative_difference_to_double_backward": m.max_abs_err, "d": int(v.shape[0])} for m, _ in timed]
-    (out / "hvp_modes.json").write_text(json.dumps(rows, indent=1))
+    write_text(out / "hvp_modes.json", json.dumps(rows, indent=1))
     for row in rows:
         print(f"{row['candidate']:36s} {row['median_ms']:8.2f} ms (IQR {row['iqr_ms']:.2f})")
+
+
+def write_text(path: Path, text: str) -> None:
+    """``text`` to ``path`` atomically, as the study writes its results (an interrupted run leaves the
+    committed file as it was)."""
+    atomic_write(path, lambda handle: handle.write(text))
 
 
 def main() -> None:
@@ -249,16 +264,22 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
+    outputs = OUTPUTS["hvp_modes" if args.hvp_modes else "study"]
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {str(out)!r} is a file, not a folder")
+    for name in outputs:  # before the study, not when its results are written after it
+        if (out / name).is_dir():
+            parser.error(f"--out: {str(out / name)!r}, where the study writes a file, is a folder")
     out.mkdir(parents=True, exist_ok=True)
     if args.hvp_modes:
         hvp_modes(out)
         return
     records = run(args.models, args.seeds)
-    (out / "results.json").write_text(json.dumps({"config": {"dataset": "digits", "seeds": args.seeds,
-                                                             "models": args.models, "methods": METHOD_SPECS},
-                                                  "records": records}, indent=1))
+    write_text(out / "results.json", json.dumps({"config": {"dataset": "digits", "seeds": args.seeds,
+                                                            "models": args.models, "methods": METHOD_SPECS},
+                                                 "records": records}, indent=1))
     text = summary(records)
-    (out / "summary.md").write_text(text + "\n")
+    write_text(out / "summary.md", text + "\n")
     plots(records, out)
     print(text)
 

@@ -1,8 +1,11 @@
 """The scripts under examples/ run as shipped (the README and the guide point users to them)."""
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,3 +50,22 @@ def test_rfa_study_example_runs(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "### mlp, random" in summary and "### mlp, class" in summary and "Pearson r" in summary, summary
     assert (out / "gap_closed.png").stat().st_size > 0 and (out / "rf_jsd_vs_jsd.png").stat().st_size > 0
+
+
+def test_rfa_study_refuses_an_output_file_that_is_a_folder_before_the_study(tmp_path, monkeypatch, capsys):
+    """A results file that exists as a folder fails at once (usage error, status 2), not when the results
+    are written after the whole study."""
+    spec = importlib.util.spec_from_file_location("rfa_study", ROOT / "examples" / "rfa_study.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+
+    def study_ran(*args, **kwargs):
+        raise AssertionError("the study ran")
+
+    monkeypatch.setattr(example, "run", study_ran)
+    (tmp_path / "summary.md").mkdir()
+    monkeypatch.setattr(sys, "argv", ["rfa_study.py", "--out", str(tmp_path), "--models", "mlp", "--seeds", "0"])
+    with pytest.raises(SystemExit) as exit_:
+        example.main()
+    assert exit_.value.code == 2
+    assert f"--out: '{tmp_path / 'summary.md'}', where the study writes a file, is a folder" in capsys.readouterr().err

@@ -64,7 +64,7 @@ def _bad_cases(forget: LabeledData, retain: LabeledData) -> dict[str, tuple[Labe
         "forget_shape": (LabeledData(forget.x[:, :48], forget.y), retain,
                          r"retain samples have shape \(64,\) but the forget samples \(48,\)"),
         "both_shapes": (LabeledData(forget.x[:, :48], forget.y), LabeledData(retain.x[:, :48], retain.y),
-                        r"forget samples \(shape \(48,\)\) do not fit the model"),
+                        r"forget samples \(torch.float32, shape \(48,\)\) do not fit the model"),
         "overlap": (forget, LabeledData(torch.cat([retain.x, forget.x[4:6]]), torch.cat([retain.y, forget.y[4:6]])),
                     r"2 forget samples are also in the retain set .*first at forget row 4"),
         "label_forget": (_with_label(forget, 2, 10), retain,
@@ -188,6 +188,19 @@ def test_a_non_finite_unlearned_model_is_refused(problem):
         _NanBuffer().unlearn(model, forget, retain)
     assert "scale" not in dict(model.named_buffers())
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_a_model_or_sets_on_the_meta_device_are_refused_by_name(problem, name):
+    """A model on the meta device (shapes without values, e.g. built under ``torch.device("meta")``) is
+    refused before any work with the first tensor named, not met as torch's "Tensor.item() cannot be
+    called on meta tensors"; so are sets that all live there."""
+    model, forget, retain = problem
+    meta = copy.deepcopy(model).to("meta")
+    with pytest.raises(ValueError, match=f"^{name}: the model's parameter '1.weight' is on the meta device"):
+        _make(name).unlearn(meta, forget, retain)
+    with pytest.raises(ValueError, match=f"^{name}: the sets are on the meta device"):
+        _make(name).unlearn(model, forget.to("meta"), retain.to("meta"))
 
 
 def test_same_input_with_another_label_is_not_a_shared_sample(problem):

@@ -50,7 +50,8 @@ def test_a_model_without_hidden_layers_needs_targets(problem):
     linear = MLP(64, hidden=(), num_classes=10)
     with pytest.raises(ValueError, match="no hidden Linear or Conv2d layer"):
         RFA().unlearn(linear, forget, retain, unseen=unseen, seed=0)
-    assert RFA(epochs=1, targets="1").unlearn(linear, forget, retain, unseen=unseen, seed=0).diagnostics["layers"] == ["1"]
+    result = RFA(epochs=1, targets="1").unlearn(linear, forget, retain, unseen=unseen, seed=0)
+    assert result.diagnostics["layers"] == ["1"]
 
 
 def test_moves_the_forget_predictions_and_keeps_retain(problem):
@@ -165,6 +166,19 @@ def test_cure_newton_lora_returns_the_plain_architecture(problem):
     assert result.diagnostics["layers"] == ["1", "3"] and result.hvps > 0
     with pytest.raises(TypeError, match="params is set"):
         CureNewtonLoRA(params=["1.weight"])
+
+
+def test_cure_newton_lora_names_itself_and_the_options_it_takes():
+    """A misspelt or bad CureNewton option is refused at construction under this method's name, with
+    what it accepts (not Python's "CureNewton.__init__() got an unexpected keyword argument")."""
+    with pytest.raises(TypeError, match=r"^cure_newton_lora: unknown option\(s\) \['N'\]; accepted: rank, alpha, "
+                                        r"targets and CureNewton's \['M', 'M_min', "):
+        CureNewtonLoRA(N=1)
+    with pytest.raises(ValueError, match=r"^cure_newton_lora: solver_options: unknown option\(s\) \['bogus'\]; "
+                                         r"accepted: \['check_every', "):
+        CureNewtonLoRA(solver_options={"bogus": 1})
+    with pytest.raises(ValueError, match=r"^cure_newton_lora: M must be a finite number > 0"):
+        CureNewtonLoRA(M=-1)
 
 
 def test_cure_newton_lora_trains_the_adapters_a_model_has(problem):

@@ -13,7 +13,7 @@ from unlearn_kernels.checkpoint import data_fingerprint, read_checkpoint
 from unlearn_kernels.cli import main, parse_method_options
 from unlearn_kernels.data import load_dataset, mislabel
 from unlearn_kernels.methods import Finetune
-from unlearn_kernels.report import format_table, summarize, write_plots
+from unlearn_kernels.report import format_table, study_files, summarize, write_plots
 from unlearn_kernels.study import METHODS, StudyConfig, run_study
 from unlearn_kernels.training import TrainConfig
 
@@ -170,9 +170,11 @@ def test_parse_method_options(items, expected):
 
 
 def test_a_dtype_option_reaches_the_method_and_the_json():
-    config = StudyConfig(methods=("cure_newton",), method_options=parse_method_options(["cure_newton.dtype=torch.float64"]))
+    config = StudyConfig(methods=("cure_newton",),
+                         method_options=parse_method_options(["cure_newton.dtype=torch.float64"]))
     assert config.method_kwargs("cure_newton")["dtype"] is torch.float64
-    assert json.loads(json.dumps(config.to_dict()))["effective_method_options"]["cure_newton"]["dtype"] == "torch.float64"
+    effective = json.loads(json.dumps(config.to_dict()))["effective_method_options"]
+    assert effective["cure_newton"]["dtype"] == "torch.float64"
 
 
 def test_cli_three_scenarios_by_default_with_line_progress(tmp_path, capsys):
@@ -220,7 +222,8 @@ def test_cli_one_protocol_writes_its_scenario(tmp_path, capsys):
         (["--methods", "original,telepathy"], "unknown method(s) telepathy"),
         (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
         (["--model", "gpt"], "unknown model 'gpt'"),
-        (["--forget-fraction", "1.5"], "forget_fraction (--forget-fraction) must be a finite number in (0, 1), got 1.5"),
+        (["--forget-fraction", "1.5"],
+         "forget_fraction (--forget-fraction) must be a finite number in (0, 1), got 1.5"),
         (["--forget-fraction", "0"], "forget_fraction (--forget-fraction) must be a finite number in (0, 1)"),
         (["--protocol", "class"], "needs at least one class to forget (--forget-class)"),
         (["--protocol", "class", "--forget-class", "42"], "class(es) [42] do not occur in the labels"),
@@ -284,10 +287,30 @@ def test_cli_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
     # a scenario's directory inside --out that is a file
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "random").write_text("the user's file")
-    code = main(["run", "--seeds", "0", "--methods", "original", "--protocol", "random", "--out", str(tmp_path / "out")])
+    code = main(["run", "--seeds", "0", "--methods", "original", "--protocol", "random",
+                 "--out", str(tmp_path / "out")])
     out, err = capsys.readouterr()
     assert code == 2 and f"--out: '{tmp_path / 'out' / 'random'}' is a file, not a directory" in err
     assert "unlearn-kernels run:" not in out and (tmp_path / "out" / "random").read_text() == "the user's file"
+
+
+def test_cli_output_file_that_is_a_directory_is_refused_before_any_work(tmp_path, capsys):
+    """A results file, plot or summary the run would write that exists as a directory: refused before the
+    original trains, not with IsADirectoryError when the results are written after the whole study."""
+    for where, argv in (("random/results.json", ["--protocol", "random"]),
+                        ("random-sequential2/sequential.png", ["--protocol", "random", "--sequential", "2"]),
+                        ("class/gap_closed.png", ["--protocol", "class", "--forget-class", "3"]),
+                        ("summary.json", [])):
+        out = tmp_path / where.replace("/", "_")
+        (out / where).mkdir(parents=True)
+        code = main(["run", "--seeds", "0", "--epochs", "1", "--methods", "original", "--no-cache", "--out", str(out),
+                     *argv])
+        printed, err = capsys.readouterr()
+        assert code == 2 and f"--out: '{out / where}', where the run writes a file, is a directory" in err, err
+        assert "unlearn-kernels run:" not in printed and "training the original" not in err
+    # what a run writes follows its methods and requests: a folder named like a plot it does not write is no obstacle
+    assert "sequential.png" not in study_files(("retrain", "original"), 1)
+    assert "gap_closed.png" not in study_files(("retrain", "finetune"), 2)
 
 
 def test_cli_out_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
@@ -402,3 +425,24 @@ def test_a_method_that_raises_is_recorded_and_the_study_goes_on(tmp_path, monkey
     table = format_table(summarize(list(records.values()))[0])
     assert "finetune raised on 100% of the seeds" in table
     assert len(write_plots(study, tmp_path / "plots")) >= 2
+
+
+def test_a_method_that_raises_any_exception_is_recorded_with_its_type(tmp_path, monkeypatch):
+    """A TypeError in one method (e.g. from a user's model or loss) is that method's failed record, as a
+    refusal is, not the end of the study and of every other row; the record names the exception's
+    type. KeyboardInterrupt still stops the study."""
+    def broken(self, *args, **kwargs):
+        raise TypeError("unsupported operand type(s)")
+
+    monkeypatch.setattr(Finetune, "_unlearn", broken)
+    config = StudyConfig(methods=("original", "finetune"), seeds=(0,), recipe=TrainConfig(epochs=1), cache_dir=None)
+    records = {r["method"]: r for r in run_study(config)["records"]}
+    assert records["finetune"]["diagnostics"]["failed"] == "TypeError: unsupported operand type(s)"
+    assert records["finetune"]["metrics"]["failed"] == 1.0 and records["original"]["metrics"]["failed"] == 0.0
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Finetune, "_unlearn", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(config)

@@ -16,7 +16,7 @@ import dataclasses
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,19 +38,33 @@ def _seeds(text: str) -> tuple[int, ...]:
         raise UsageError(f"--seeds expects comma-separated integers, got {text!r}") from None
 
 
-def _check_out(root: Path, scenarios: Iterable[str]) -> None:
+def _check_out(root: Path, configs: dict[str, Any]) -> None:
     """The output directory (``--out``) and each scenario's directory in it are directories or can
-    be made ones: checked before any work, not after the study."""
-    for path in (root, *(root / name for name in scenarios)):
+    be made ones, and no file the run will write there is a directory or a file that cannot be
+    overwritten: checked before any work, not when the results are written after the study."""
+    from . import report
+
+    folders = (root, *(root / name for name in configs))
+    files = [root / name / file for name, config in configs.items()
+             for file in report.study_files(config.methods, max(1, config.sequential))]
+    if len(configs) > 1:
+        files += [root / report.SUMMARY_FILE, root / report.GAP_CLOSED_PLOT]
+    for path in folders:
         if path.exists() and not path.is_dir():
             raise UsageError(f"--out: {str(path)!r} is a file, not a directory")
+    for path in files:
+        if path.is_dir():
+            raise UsageError(f"--out: {str(path)!r}, where the run writes a file, is a directory")
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"--out {str(root)!r} cannot be made: {exc}") from None
-    for path in (root, *(root / name for name in scenarios)):  # an existing folder we cannot write in
+    for path in folders:  # an existing folder we cannot write in
         if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
             raise UsageError(f"--out: {str(path)!r} is not writable")
+    for path in files:
+        if path.exists() and not os.access(path, os.W_OK):
+            raise UsageError(f"--out: {str(path)!r}, which the run overwrites, is not writable")
 
 
 def parse_method_options(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -238,15 +252,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
             if request in noise:
                 print(report.format_noise_note(noise[request]))
         out_dir = root / name
-        results[name] = report.write_json(study, out_dir / "results.json")
+        results[name] = report.write_json(study, out_dir / report.RESULTS_FILE)
         plots = report.write_plots(study, out_dir)
         print(f"results: {results[name]}\nplots: {', '.join(str(p) for p in plots)}")
         studies[name] = study
     if len(configs) > 1:
         print()
         print(report.format_scenario_summary(studies))
-        summary_path = report.write_summary_json(studies, results, root / "summary.json")
-        plot = report.plot_gap_closed(studies, root / "gap_closed.png")
+        summary_path = report.write_summary_json(studies, results, root / report.SUMMARY_FILE)
+        plot = report.plot_gap_closed(studies, root / report.GAP_CLOSED_PLOT)
         print(f"summary: {summary_path}, {plot}")
     print(f"\nAcc_f/Acc_r/Acc_test: accuracy on the forget set (mislabeled: against the wrong labels it was trained "
           f"on; acc_forget_true in the JSON is against the true labels), the retain set and the test set; "
@@ -261,7 +275,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of the ``backends`` and ``run`` commands."""
-    parser = argparse.ArgumentParser(prog="unlearn-kernels", description="Fast second-order machine unlearning for PyTorch.")
+    parser = argparse.ArgumentParser(prog="unlearn-kernels",
+                                     description="Fast second-order machine unlearning for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("backends", help="which kernel backends are built and usable here, and why not")
     p.set_defaults(func=_cmd_backends)
@@ -305,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "recipe's; mlp and cnn 64)")
     p.add_argument("--out", default=None, help="output directory (default runs/<dataset>-<model>); each scenario "
                    "writes <out>/<scenario>/results.json and plots")
-    p.add_argument("--no-cache", action="store_true", help="retrain the original model even if a matching one is cached")
+    p.add_argument("--no-cache", action="store_true",
+                   help="retrain the original model even if a matching one is cached")
     p.set_defaults(func=_cmd_run)
     return parser
 

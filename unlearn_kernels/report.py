@@ -15,6 +15,7 @@ import math
 import os
 import platform
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,20 @@ NOISE_FACTOR = 2.0
 
 #: the gap-closed figures by name, with their column titles
 GAP_CLOSED_TITLES = {"acc_forget": "Acc_f", "avg_gap": "AvgGap"}
+
+#: the files of one study's folder (``results.json`` and the plots of :func:`write_plots`) and of the
+#: summary of several scenarios (``summary.json`` and the gap-closed plot)
+RESULTS_FILE, SUMMARY_FILE = "results.json", "summary.json"
+TIME_PLOT, GAPS_PLOT = "forget_accuracy_vs_time.png", "gaps_to_oracle.png"
+GAP_CLOSED_PLOT, SEQUENTIAL_PLOT = "gap_closed.png", "sequential.png"
+
+
+def study_files(methods: Iterable[str], requests: int) -> tuple[str, ...]:
+    """The names of the files a study of ``methods`` over ``requests`` requests writes in its folder:
+    the results, the two plots every study has, the gap-closed plot (with an "original" row) and the
+    sequential plot (more than one request)."""
+    return (RESULTS_FILE, TIME_PLOT, GAPS_PLOT, *((GAP_CLOSED_PLOT,) if "original" in methods else ()),
+            *((SEQUENTIAL_PLOT,) if requests > 1 else ()))
 
 
 def _method_order(methods) -> list[str]:
@@ -313,7 +328,7 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_title("Forget accuracy vs cost (mean ± std over seeds)")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    paths.append(out_dir / "forget_accuracy_vs_time.png")
+    paths.append(out_dir / TIME_PLOT)
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
@@ -336,12 +351,12 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_title("Gap to the oracle per metric (bars: mean over seeds, points: seeds; lower is better)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(out_dir / "gaps_to_oracle.png")
+    paths.append(out_dir / GAPS_PLOT)
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
     if any("gap_closed_acc_forget" in r["metrics"] for r in records):
-        paths.append(plot_gap_closed({study["config"]["protocol"]: study}, out_dir / "gap_closed.png"))
+        paths.append(plot_gap_closed({study["config"]["protocol"]: study}, out_dir / GAP_CLOSED_PLOT))
 
     if len(summary) > 1:
         panels = {"acc_forgotten_so_far": "accuracy on everything forgotten so far", "acc_test": "test accuracy",
@@ -360,7 +375,7 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
         axes[-1].set_ylim(-1.1, 1.1)  # a method far worse than the Original would flatten the others
         axes[1].legend(fontsize=7, ncol=2)
         fig.tight_layout()
-        paths.append(out_dir / "sequential.png")
+        paths.append(out_dir / SEQUENTIAL_PLOT)
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
     return paths

@@ -26,10 +26,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import DatasetSplits, ForgetRequest, LabeledData, class_forget, load_dataset, mislabel, random_forget
-from .data import remove_classes, sequential_class_forget, sequential_forget, split_forget
+from .checkpoint import train_or_load
+from .checks import check_choice, check_int, check_number
+from .data import (
+    DatasetSplits,
+    ForgetRequest,
+    LabeledData,
+    class_forget,
+    load_dataset,
+    mislabel,
+    random_forget,
+    remove_classes,
+    sequential_class_forget,
+    sequential_forget,
+    split_forget,
+)
 from .data.datasets import check_sklearn_seed
 from .eval import (
+    Measured,
     accuracy,
     activation_distance,
     avg_gap,
@@ -37,7 +51,6 @@ from .eval import (
     js_divergence,
     js_divergence_lotus,
     kl_divergence,
-    Measured,
     measure,
     mia_entropy,
     mia_loss,
@@ -49,10 +62,8 @@ from .eval import (
     weight_distance,
 )
 from .lora import adapter_modules, unload
-from .methods import METHODS, Retrain, RetrainReseeded, UnlearnResult, Unlearner
+from .methods import METHODS, Retrain, RetrainReseeded, Unlearner, UnlearnResult
 from .models import build_model
-from .checkpoint import train_or_load
-from .checks import check_choice, check_int, check_number
 from .training import TrainConfig, init_model, train
 
 #: the methods run by default, oracle first (it is the reference of every other row)
@@ -281,8 +292,10 @@ def default_scenarios(forget_fraction: float = 0.1, forget_classes: tuple[int, .
     }
 
 
-def _scenario(config: StudyConfig, splits: DatasetSplits, seed: int) -> tuple[LabeledData, list[ForgetRequest], str]:
-    """``(train split the original model trains on, the requests, a cache-name tag for that split)``."""
+def build_scenario(config: StudyConfig, splits: DatasetSplits,
+                   seed: int) -> tuple[LabeledData, list[ForgetRequest], str]:
+    """The data of ``config``'s protocol on ``splits`` for ``seed``, as every study builds it: ``(train
+    split the original model trains on, the requests, a cache-name tag for that split)``."""
     labels = splits.train.y
     if config.protocol == "mislabeled":
         corruption = mislabel(labels, config.forget_fraction, seed=seed, num_classes=splits.num_classes)
@@ -310,7 +323,7 @@ def check_scenario(config: StudyConfig) -> None:
     """
     seed = config.seeds[0]
     splits = load_dataset(config.dataset, root=config.root, seed=seed)
-    _scenario(config, splits, seed)
+    build_scenario(config, splits, seed)
     model = build_model(config.model, splits.input_shape, splits.num_classes, **config.model_kwargs)
     for name in config.methods:  # what the options name in the model (parameters, adapter targets) exists
         if name not in RECIPE_METHODS:
@@ -387,7 +400,8 @@ def run_study(config: StudyConfig, progress: Progress | None = None) -> dict[str
         model_info = {"name": config.model, "kwargs": config.model_kwargs, "dataset": config.dataset}
         factory = lambda: build_model(config.model, splits.input_shape, splits.num_classes, **config.model_kwargs)  # noqa: E731
         recipe = config.train_recipe(seed)
-        train_split, requests, cache_tag = _scenario(config, splits, seed)  # before any training: bad input fails fast
+        # before any training: bad input fails fast
+        train_split, requests, cache_tag = build_scenario(config, splits, seed)
         progress(f"seed {seed}: training the original model", done, total)
         cache = Path(config.cache_dir) if config.cache_dir else None
         if cache is not None:
@@ -414,10 +428,13 @@ def run_study(config: StudyConfig, progress: Progress | None = None) -> dict[str
                 try:
                     measured = measure(method.unlearn, current[name], forget, retain, unseen=unseen, seed=seed,
                                        device=device)
-                except (ValueError, RuntimeError) as exc:  # refused or failed: a diverging solve, a LinAlgError
+                # any Exception (a refusal, a LinAlgError, a TypeError from a user's model) is the method's failed
+                # record: one method must not discard every other row after the training; the type names the unexpected
+                except Exception as exc:
                     if name == "retrain":  # the oracle is every row's reference: its failure ends the study
                         raise
-                    failure = str(exc)
+                    failure = (str(exc) if isinstance(exc, (ValueError, RuntimeError))
+                               else f"{type(exc).__name__}: {exc}")
                     # what a caller holds after the error: the model it passed, unchanged; measured with no cost
                     measured = Measured(UnlearnResult(model=current[name], seconds=0.0), 0.0, 0)
                 result = measured.result
@@ -437,8 +454,9 @@ def run_study(config: StudyConfig, progress: Progress | None = None) -> dict[str
                 if name == "retrain":
                     oracle = {"metrics": metrics, "logits": logits, "model": result.model}
                 _compare(metrics, logits, result.model, oracle)
+                diagnostics = result.diagnostics | ({"failed": failure} if failure else {})
                 records.append({"seed": seed, "request": step, "method": name, "metrics": metrics,
-                                "diagnostics": _json_value(result.diagnostics | ({"failed": failure} if failure else {})),
+                                "diagnostics": _json_value(diagnostics),
                                 "forget_size": len(forget), "retain_size": len(retain)})
                 done += 1
         retrain_seconds = {(r["seed"], r["request"]): r["metrics"]["seconds"] for r in records

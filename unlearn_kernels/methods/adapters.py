@@ -20,6 +20,7 @@ the adapters, so that the step starts exactly from the trained model like full C
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -64,8 +65,16 @@ class CureNewtonLoRA(Unlearner):
         if targets is not None:
             targets = check_targets(self.name, targets)
         self.rank, self.alpha, self.targets = rank, alpha, targets
+        accepted = sorted(set(inspect.signature(CureNewton).parameters) - {"params"})
+        unknown = sorted(set(newton_options) - set(accepted))
+        if unknown:  # else Python's "CureNewton.__init__() got an unexpected keyword argument"
+            raise TypeError(f"{self.name}: unknown option(s) {unknown}; accepted: rank, alpha, targets and "
+                            f"CureNewton's {accepted}")
+        try:  # the values, now rather than at the first call, under this method's name
+            CureNewton(**newton_options)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{self.name}: {str(error).removeprefix(CureNewton.name + ': ')}") from None
         self.newton_options = newton_options
-        CureNewton(**newton_options)  # validates the options now, before any work
 
     def _check_parameters(self, model: nn.Module) -> None:
         if self.targets is not None:  # the layers named exist and can take an adapter
@@ -74,7 +83,8 @@ class CureNewtonLoRA(Unlearner):
     def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,
                  unseen: LabeledData | None, seed: int) -> UnlearnResult:
         existing = adapter_modules(model)
-        if existing and self.targets is None:  # a model that has adapters (e.g. RFA's, unmerged): train those, as RFA does
+        # a model that has adapters (e.g. RFA's, unmerged): train those, as RFA does
+        if existing and self.targets is None:
             layers = tuple(existing)
         else:
             targets = self.targets or [n for n, m in model.named_modules() if isinstance(m, ADAPTABLE)]

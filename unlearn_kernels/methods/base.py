@@ -14,7 +14,7 @@ from torch import nn
 
 from ..checks import all_finite, check_seed, first_nonfinite_row
 from ..labeled import LabeledData
-from ..training import eval_mode, model_device, seeded_rng
+from ..training import check_fits, model_device, seeded_rng
 
 
 @dataclass
@@ -82,7 +82,8 @@ class Unlearner(abc.ABC):
         Raises:
             TypeError: ``model`` is not an nn.Module, a set is not a LabeledData, ``seed`` not an integer.
             ValueError: before any work, naming the problem: ``seed`` out of range; a call inside
-                ``torch.inference_mode()``; NaN/Inf in a parameter or buffer of the model; a model
+                ``torch.inference_mode()``; a model or sets on the meta device (no values); NaN/Inf in
+                a parameter or buffer of the model; a model
                 without trainable parameters (requires_grad=True) for a method that trains them; an
                 empty forget or retain set (or an empty ``unseen`` given), inputs with no features
                 per sample, NaN/Inf in a set's inputs, samples whose shape does not fit the model,
@@ -159,6 +160,9 @@ def _check_model(name: str, model: nn.Module) -> None:
         raise TypeError(f"{name}: model must be a torch.nn.Module, got {type(model).__name__}")
     for kind, tensors in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
         for key, tensor in tensors:
+            if tensor.is_meta:  # shapes without values: torch's own error would come from deep inside a check
+                raise ValueError(f"{name}: the model's {kind} {key!r} is on the meta device (it has no values): "
+                                 "materialise the model first (e.g. to_empty(device=...) and load_state_dict)")
             if not all_finite(tensor):
                 raise ValueError(f"{name}: the model's {kind} {key!r} contains NaN or Inf")
 
@@ -206,6 +210,8 @@ def _check_sets(name: str, forget: LabeledData, retain: LabeledData,
     if len({data.device for data in sets.values()}) > 1:
         raise ValueError(f"{name}: the sets are on different devices: "
                          + ", ".join(f"{role} on {data.device}" for role, data in sets.items()))
+    if forget.device.type == "meta":
+        raise ValueError(f"{name}: the sets are on the meta device (they have no values)")
     for role, data in sets.items():
         # else every row of a set is the same empty sample: met as "forget samples also in the retain set"
         if math.prod(data.x.shape[1:]) == 0:
@@ -270,27 +276,9 @@ def _shared_rows(forget: LabeledData, retain: LabeledData) -> list[int]:
                    for j in by_hash[int(forget_h[i])])]
 
 
-@torch.no_grad()
 def _check_fit(name: str, model: nn.Module, sets: dict[str, LabeledData]) -> None:
-    """One sample of each set through ``model`` (the private copy; eval mode, flags restored): the
-    samples must fit it, it must return (1, C) logits, and every label must be in [0, C)."""
-    device = model_device(model)
-    with eval_mode(model):
-        for role, data in sets.items():
-            if len(data) == 0:  # a data-parallel shard may be empty: nothing to run
-                continue
-            try:
-                out = model(data.x[:1].to(device))
-            except (RuntimeError, ValueError, TypeError, IndexError) as error:
-                raise ValueError(f"{name}: the {role} samples (shape {tuple(data.x.shape[1:])}) do not fit the "
-                                 f"model: {error}") from error
-            if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1:
-                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise ValueError(f"{name}: the model must map a batch of {role} samples to (batch, classes) logits; "
-                                 f"one sample gave {shape}")
-            classes = out.shape[1]
-            bad = (data.y < 0) | (data.y >= classes)
-            if bool(bad.any()):
-                row = int(bad.nonzero()[0])
-                raise ValueError(f"{name}: the {role} set has labels outside the model's {classes} classes "
-                                 f"(first at row {row}: label {int(data.y[row])})")
+    """One sample of each set through ``model`` (the private copy): the samples must fit it, it must
+    return (1, C) logits, and every label must be in [0, C)."""
+    for role, data in sets.items():
+        if len(data):  # a data-parallel shard may be empty: nothing to run
+            check_fits(name, model, data, role)
