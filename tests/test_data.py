@@ -214,6 +214,46 @@ def test_labels_outside_the_classes_are_rejected(tmp_path) -> None:
         load_dataset("mnist", root=tmp_path)
 
 
+@pytest.mark.parametrize("file, array, message", [
+    ("train-labels-idx1-ubyte", np.arange(200, dtype=np.float32) % 10 + 0.5,
+     "expected uint8 train images and integer labels, got uint8 and float32"),  # was truncated to int
+    ("train-images-idx3-ubyte", np.full((200, 28, 28), 0.5, np.float32),
+     "expected uint8 train images and integer labels, got float32"),  # was divided by 255 like bytes
+    ("t10k-images-idx3-ubyte", np.zeros((40, 14, 14), np.uint8),
+     r"train images are \(28, 28\) but test images \(14, 14\)"),
+], ids=["float-labels", "float-images", "test-image-size"])
+def test_mnist_files_of_another_type_or_shape_are_refused(tmp_path, file: str, array: np.ndarray, message: str) -> None:
+    _mnist_files(tmp_path, np.random.default_rng(0), gzipped=False)
+    _write_idx(str(tmp_path / file), array)
+    with pytest.raises(ValueError, match=message):
+        load_dataset("mnist", root=tmp_path)
+
+
+def test_mnist_files_without_a_sample_are_refused(tmp_path) -> None:
+    _mnist_files(tmp_path, np.random.default_rng(0), gzipped=False)
+    _write_idx(str(tmp_path / "t10k-images-idx3-ubyte"), np.zeros((0, 28, 28), np.uint8))
+    _write_idx(str(tmp_path / "t10k-labels-idx1-ubyte"), np.zeros(0, np.uint8))
+    with pytest.raises(ValueError, match="the test files hold no sample"):  # gave an empty test split
+        load_dataset("mnist", root=tmp_path)
+
+
+def test_read_idx_header_whose_size_overflows_int64_is_refused(tmp_path) -> None:
+    forged = tmp_path / "forged"  # 65536**4 elements: numpy's product wrapped to 0 and matched the empty body
+    forged.write_bytes(struct.pack(">BBBB4I", 0, 0, 8, 4, *[65536] * 4))
+    with pytest.raises(ValueError, match="promises"):
+        read_idx(forged)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"val_fraction": 0.001}, "val_fraction=0.001 of 1797 samples gives 2, fewer than the 10 classes"),
+    ({"test_fraction": 0.004}, "test_fraction=0.004 of 1797 samples gives 7, fewer than the 10 classes"),
+    ({"val_fraction": 0.5, "test_fraction": 0.499}, "leave 2 of 1797 samples to train on, fewer than the 10 classes"),
+])
+def test_split_smaller_than_the_class_count_names_the_fraction(kwargs, message: str) -> None:
+    with pytest.raises(ValueError, match=message):  # scikit-learn's message named its own test_size
+        load_dataset("digits", **kwargs)
+
+
 # --------------------------------------------------------------------------- CIFAR python pickles
 def _cifar_files(root, name: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Batches as the official archives hold them (protocol 2, bytes keys, (N, 3072) uint8 rows)."""
@@ -299,6 +339,22 @@ def test_cifar_missing_files_and_bad_pickles(tmp_path) -> None:
             pickle.dump({b"data": data, b"fine_labels": labels}, f)  # a cast would wrap or truncate these
         with pytest.raises(ValueError, match=f"expected uint8 data and integer labels, got {found}"):
             load_dataset("cifar100", root=tmp_path)
+
+
+def test_cifar_meta_file_must_name_every_class(tmp_path) -> None:
+    _cifar_files(tmp_path, "cifar10", np.random.default_rng(0))
+    with open(tmp_path / "cifar-10-batches-py" / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [b"plane", b"car"]}, f, protocol=2)
+    with pytest.raises(ValueError, match="the meta file names 2 classes, not 10"):  # gave 2 class_names for 10
+        load_dataset("cifar10", root=tmp_path)
+
+
+def test_cifar_batches_without_a_sample_are_refused(tmp_path) -> None:
+    _cifar_files(tmp_path, "cifar100", np.random.default_rng(0))
+    with open(tmp_path / "cifar-100-python" / "test", "wb") as f:
+        pickle.dump({b"data": np.zeros((0, 3072), np.uint8), b"fine_labels": []}, f, protocol=2)
+    with pytest.raises(ValueError, match=r"cifar100: the batches \['test'\].*hold no sample"):
+        load_cifar_files(tmp_path, "cifar100")
 
 
 def test_repeated_samples_are_kept_once():

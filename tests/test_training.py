@@ -136,6 +136,32 @@ def test_train_rejects_empty_data_and_wrong_config():
         train(factory(), blobs(), {"epochs": 1})
 
 
+def test_train_refuses_data_the_model_cannot_train_on_before_any_step():
+    """NaN inputs trained a NaN model silently; labels beyond the logits (a device assert on CUDA) or
+    -100 (skipped as ignore_index) and float64 inputs to a float32 model failed inside torch or not at all."""
+    data = blobs()
+    nan_x = data.x.clone()
+    nan_x[5, 2] = math.nan
+    too_high = data.y.clone()
+    too_high[7] = 3
+    ignored = data.y.clone()
+    ignored[7] = -100
+    cases = [(LabeledData(nan_x, data.y), "NaN or Inf in the inputs at row 5"),
+             (LabeledData(data.x, too_high),
+              r"training set has labels outside the model's 3 classes \(first at row 7: label 3\)"),
+             (LabeledData(data.x, ignored), r"first at row 7: label -100"),
+             (LabeledData(data.x.double(), data.y), "do not fit the model"),
+             (LabeledData(data.x[:, :3], data.y), "do not fit the model")]
+    for bad, message in cases:
+        model = init_model(factory, 0)
+        before = weights(model).clone()
+        with pytest.raises(ValueError, match=message):
+            train(model, bad, CONFIG)
+        assert torch.equal(weights(model), before)
+    with pytest.raises(TypeError, match="data must be a LabeledData"):
+        train(factory(), (data.x, data.y), CONFIG)
+
+
 def test_seeded_rng_restores_state():
     state = torch.random.get_rng_state()
     with seeded_rng(5):
@@ -343,3 +369,23 @@ def test_train_or_load_refuses_a_path_it_cannot_save_to_before_training(tmp_path
     assert (tmp_path / "afile").read_text() == "the user's file"
     with pytest.raises(IsADirectoryError, match="is a directory, not a checkpoint file"):
         read_checkpoint(tmp_path / "taken")
+
+
+def test_a_read_only_cache_serves_loads_and_refuses_to_train_into_it(tmp_path, monkeypatch):
+    """A folder that takes no new file (read-only; mkstemp fails there even for root only on a
+    read-only file system, so it is simulated) trained first and lost the model at the save."""
+    path = tmp_path / "model.pt"
+    config = TrainConfig(epochs=1)
+    train_or_load(path, factory, blobs(), config)
+    saved = path.read_bytes()
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path))
+
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", refuse)
+    never = lambda epoch, loss: pytest.fail("trained into a read-only folder")  # noqa: E731
+    model, stats = train_or_load(path, factory, blobs(), config, progress=never)  # the cached model is served
+    assert stats is None and isinstance(model, MLP)
+    with pytest.raises(ValueError, match="its folder takes no new file.*Permission denied"):
+        train_or_load(path, factory, blobs(), TrainConfig(epochs=2), progress=never)
+    assert path.read_bytes() == saved and os.listdir(tmp_path) == ["model.pt"]

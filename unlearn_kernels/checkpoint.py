@@ -139,6 +139,17 @@ def _check_writable_file(path: Path) -> None:
         raise ValueError(f"checkpoint path {str(path)!r}: its folder cannot be made ({error})") from None
 
 
+def _check_folder_takes_files(path: Path) -> None:
+    """ValueError if no file can be created beside ``path`` (a read-only folder or file system), which
+    :func:`atomic_write` needs: tried with the same call, and the trial file removed."""
+    try:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise ValueError(f"checkpoint path {str(path)!r}: its folder takes no new file ({error})") from None
+    os.close(fd)
+    os.unlink(name)
+
+
 def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(metadata, state_dict)`` stored at ``path``.
 
@@ -266,8 +277,9 @@ def train_or_load(
 
     Raises:
         CheckpointError: a corrupt file is at ``path`` (delete it to retrain).
-        ValueError: ``path`` is a directory, or its folder cannot be made (checked before training,
-            which would otherwise be lost when the save fails).
+        ValueError: ``path`` is a directory, or its folder cannot be made or (when a model must be
+            trained) takes no new file, as a read-only one: checked before training, which would
+            otherwise be lost when the save fails.
     """
     _check_writable_file(Path(path))
     model = init_model(model_factory, config.seed)
@@ -276,6 +288,7 @@ def train_or_load(
     if state is not None:
         model.load_state_dict(state)
         return model.to(device).eval(), None
+    _check_folder_takes_files(Path(path))  # a cache that is only read still serves the loads above
     stats = train(model, data, config, device=device, progress=progress)
     save_checkpoint(path, model, metadata)
     return model, stats

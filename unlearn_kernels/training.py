@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import check_choice, check_int, check_number, check_seed
+from .checks import check_choice, check_int, check_number, check_seed, first_nonfinite_row
 from .labeled import LabeledData
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -152,6 +152,31 @@ def init_model(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
     return model
 
 
+@torch.no_grad()
+def check_fits(owner: str, model: nn.Module, data: LabeledData, role: str = "training") -> None:
+    """ValueError unless one sample of ``data`` runs through ``model`` (eval mode, each submodule's
+    flag restored) to (1, C) logits and every label of ``data`` is a class in [0, C): the check
+    before any work that turns torch's errors deep inside (an IndexError, a CUDA device-side assert
+    that leaves the process unusable, -100 skipped silently as ``ignore_index``) into one naming the
+    problem. ``role`` names the set in the message."""
+    with eval_mode(model):
+        try:
+            out = model(data.x[:1].to(model_device(model)))
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:  # torch's and the model's own checks
+            raise ValueError(f"{owner}: the {role} samples ({data.x.dtype}, shape {tuple(data.x.shape[1:])}) do not "
+                             f"fit the model: {error}") from error
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{owner}: the model must map a batch of {role} samples to (batch, classes) logits; "
+                         f"one sample gave {shape}")
+    classes = out.shape[1]
+    bad = (data.y < 0) | (data.y >= classes)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0])
+        raise ValueError(f"{owner}: the {role} set has labels outside the model's {classes} classes "
+                         f"(first at row {row}: label {int(data.y[row])})")
+
+
 def train(
     model: nn.Module,
     data: LabeledData,
@@ -171,15 +196,27 @@ def train(
         device: where to train.
         progress: called after every epoch with (epoch index, mean loss); e.g. a runner's
             ``lambda epoch, loss: bar.update(1)``. The library itself never prints.
+
+    Raises:
+        TypeError: ``config`` is not a TrainConfig or ``data`` not a LabeledData.
+        ValueError: before any step: empty data, NaN or Inf inputs, inputs the model cannot take
+            (another dtype or width), or labels outside the model's classes.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"train: config must be a TrainConfig, got {type(config).__name__}")
+    if not isinstance(data, LabeledData):
+        raise TypeError(f"train: data must be a LabeledData, got {type(data).__name__}")
     if len(data) == 0:
         raise ValueError("train: the training set is empty")
     start = time.perf_counter()
     device = torch.device(device)
     model.to(device)
     data = data.to(device)
+    row = first_nonfinite_row(data.x)
+    if row is not None:  # training would silently give a NaN model
+        raise ValueError(f"train: NaN or Inf in the inputs at row {row}")
+    with seeded_rng(config.seed, device):  # a model that draws in its forward leaves the training's draws alone
+        check_fits("train", model, data)
     optimizer = make_optimizer(model.parameters(), config.optimizer, config.lr,
                                momentum=config.momentum, weight_decay=config.weight_decay)
     total_steps = config.epochs * -(-len(data) // config.batch_size)

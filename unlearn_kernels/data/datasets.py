@@ -95,6 +95,8 @@ def _cifar(name: str, num_classes: int) -> Callable[[Path | None], _Raw]:
         x_train, y_train, x_test, y_test, names = load_cifar_files(_need_root(name, root), name)
         if names is None:
             names = _CIFAR10_NAMES if name == "cifar10" else [str(c) for c in range(num_classes)]
+        elif len(names) != num_classes:  # class_names must name every class, one each
+            raise ValueError(f"{name}: the meta file names {len(names)} classes, not {num_classes}")
         return _Raw(_scaled(x_train), y_train, tuple(names), _scaled(x_test), y_test)
 
     return load
@@ -145,10 +147,13 @@ def _holdout(indices: np.ndarray, y: np.ndarray, count: int, seed: int) -> tuple
     return np.sort(kept), np.sort(held)
 
 
-def _count(fraction: float, total: int, what: str) -> int:
+def _count(fraction: float, total: int, what: str, classes: int) -> int:
     count = round(fraction * total)
     if count < 1:
         raise ValueError(f"{what}={fraction} of {total} samples is less than one sample")
+    if count < classes:  # said here: scikit-learn's message would name its own test_size
+        raise ValueError(f"{what}={fraction} of {total} samples gives {count}, fewer than the {classes} classes "
+                         "(a stratified split needs one sample of each)")
     return count
 
 
@@ -159,10 +164,17 @@ def _split_indices(
 
     ``test_fraction=None`` carves no test split (the dataset has an official one).
     """
+    classes = len(np.unique(y))
     train, test = np.arange(len(y)), None
+    val_count = _count(val_fraction, len(y), "val_fraction", classes)
+    test_count = 0 if test_fraction is None else _count(test_fraction, len(y), "test_fraction", classes)
+    if len(y) - val_count - test_count < classes:
+        raise ValueError(f"val_fraction={val_fraction} and test_fraction={test_fraction} leave "
+                         f"{len(y) - val_count - test_count} of {len(y)} samples to train on, fewer than the "
+                         f"{classes} classes")
     if test_fraction is not None:
-        train, test = _holdout(train, y, _count(test_fraction, len(y), "test_fraction"), seed)
-    train, val = _holdout(train, y, _count(val_fraction, len(y), "val_fraction"), seed)
+        train, test = _holdout(train, y, test_count, seed)
+    train, val = _holdout(train, y, val_count, seed)
     return train, val, test
 
 

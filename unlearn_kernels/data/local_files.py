@@ -9,6 +9,7 @@ splitting happen in :mod:`unlearn_kernels.data.datasets`.
 from __future__ import annotations
 
 import gzip
+import math
 import pickle
 import struct
 import zlib
@@ -28,8 +29,9 @@ _IDX_DTYPES = {
 }
 
 # The only globals a CIFAR batch needs: numpy array reconstruction (old and new module paths)
-# and the bytes helper that protocol-2 pickles written by Python 3 use. Anything else is refused,
-# so a stray pickle cannot run code while being "loaded as data".
+# and the bytes helpers that protocol-2 pickles written by Python 3 use (bytes() for an empty value,
+# such as an empty array's buffer). Anything else is refused, so a stray pickle cannot run code
+# while being "loaded as data".
 _SAFE_GLOBALS = {
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
@@ -40,6 +42,7 @@ _SAFE_GLOBALS = {
     ("numpy.core.numeric", "_frombuffer"),
     ("numpy._core.numeric", "_frombuffer"),
     ("_codecs", "encode"),
+    ("__builtin__", "bytes"),
 }
 
 _MNIST_FILES = {
@@ -92,7 +95,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     if len(raw) < header:
         raise ValueError(f"{path}: IDX header is truncated")
     shape = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = int(np.prod(shape)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # np.prod would wrap around in int64 on a forged header
     if len(raw) - header != expected:
         raise ValueError(f"{path}: IDX header promises shape {shape} ({expected} bytes) but holds {len(raw) - header} bytes")
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
@@ -159,6 +162,15 @@ def load_mnist_files(root: str | Path, name: str = "mnist") -> tuple[np.ndarray,
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
             raise ValueError(f"{name}: {split} images {images.shape} and labels {labels.shape} do not match")
+        if not len(labels):
+            raise ValueError(f"{name}: the {split} files hold no sample")
+        # a cast would silently truncate float labels, and only uint8 images are scaled right (by 1/255)
+        if images.dtype != np.uint8 or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"{name}: expected uint8 {split} images and integer labels, got {images.dtype} "
+                             f"and {labels.dtype}")
+    if arrays["train_images"].shape[1:] != arrays["test_images"].shape[1:]:
+        raise ValueError(f"{name}: train images are {arrays['train_images'].shape[1:]} but test images "
+                         f"{arrays['test_images'].shape[1:]}")
     return (arrays["train_images"], arrays["train_labels"].astype(np.int64),
             arrays["test_images"], arrays["test_labels"].astype(np.int64))
 
@@ -186,14 +198,17 @@ def load_cifar_files(
             if b"data" not in batch or layout["label_key"] not in batch:
                 raise ValueError(f"{folder / b}: expected keys b'data' and {layout['label_key']!r}, found {sorted(batch)}")
             x, y = np.asarray(batch[b"data"]), np.asarray(batch[layout["label_key"]])
-            # a cast would silently wrap or truncate other values (floats in [0, 1] become 0)
-            if x.dtype != np.uint8 or not np.issubdtype(y.dtype, np.integer):
+            # a cast would silently wrap or truncate other values (floats in [0, 1] become 0); an empty
+            # label list has no type of its own (numpy makes it float64)
+            if x.dtype != np.uint8 or not (np.issubdtype(y.dtype, np.integer) or y.size == 0):
                 raise ValueError(f"{folder / b}: expected uint8 data and integer labels, got {x.dtype} and {y.dtype}")
             y = y.astype(np.int64)
             if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or y.shape != (x.shape[0],):
                 raise ValueError(f"{folder / b}: data {x.shape} and labels {y.shape} are not (N, 3072) and (N,)")
             xs.append(x.reshape(-1, 3, 32, 32))  # rows hold the R, G, B planes one after another
             ys.append(y)
+        if not sum(len(y) for y in ys):
+            raise ValueError(f"{name}: the batches {batches} in {folder} hold no sample")
         return np.concatenate(xs), np.concatenate(ys)
 
     x_train, y_train = read(layout["train"])
