@@ -495,5 +495,8 @@ def test_summary_values_must_be_numbers():
         tug_of_war({**gold, "acc_test": None}, gold)
     with pytest.raises(ValueError, match=r"avg_gap: metrics\['mia'\] must be a finite number, got nan"):
         avg_gap({**gold, "mia": math.nan}, gold)
+    # a single name, not a sequence of them: its characters were taken as the keys ("metrics has no 'm'")
+    with pytest.raises(TypeError, match="avg_gap: keys must be a sequence of metric names, got the string 'mia'"):
+        avg_gap(gold, gold, keys="mia")
     with pytest.raises(ValueError, match="js_divergence_lotus: scale must be a finite number > 0.0, got '1'"):
         js_divergence_lotus(torch.zeros(2, 3), torch.zeros(2, 3), scale="1")

@@ -325,6 +325,8 @@ def rf_jsd(
 
 # --------------------------------------------------------------------------- summaries
 def _deltas(op: str, metrics: Mapping[str, float], oracle: Mapping[str, float], keys: Sequence[str]) -> list[float]:
+    if isinstance(keys, str):  # else its characters would be taken as the keys
+        raise TypeError(f"{op}: keys must be a sequence of metric names, got the string {keys!r}")
     if len(keys) == 0:
         raise ValueError(f"{op}: keys is empty")
     deltas = []
