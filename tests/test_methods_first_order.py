@@ -193,6 +193,12 @@ def test_retrain_cache_and_architecture_check(problem, tmp_path):
     second = Retrain(factory, config, cache_dir=tmp_path).unlearn(model, forget, retain)
     assert not first.diagnostics["cached"] and second.diagnostics["cached"]
     assert torch.equal(flat(first.model), flat(second.model)) and first.gradients == second.gradients
+    # another recipe on the same retain set gets a file of its own: the two no longer overwrite each other in turn
+    other = TrainConfig(epochs=2, batch_size=64, lr=0.05)
+    assert not Retrain(factory, other, cache_dir=tmp_path).unlearn(model, forget, retain).diagnostics["cached"]
+    assert Retrain(factory, config, cache_dir=tmp_path).unlearn(model, forget, retain).diagnostics["cached"]
+    assert Retrain(factory, other, cache_dir=tmp_path).unlearn(model, forget, retain).diagnostics["cached"]
+    assert len(list(tmp_path.glob("retrain-*.pt"))) == 2
     with pytest.raises(ValueError, match=r"^retrain: model_factory builds a different architecture from the model to "
                                          r"unlearn: the factory's model has module '1': Linear\(in_features=64, "
                                          r"out_features=16, bias=True\), the model to unlearn module '1': "

@@ -34,7 +34,7 @@ def test_random_protocol_oracle_and_original(tmp_path):
     table = format_table(summary)
     assert "retrain (oracle)" in table and "Acc_f" in table
     # the original model was cached with its recipe and data fingerprint
-    assert list(tmp_path.glob("original-digits-mlp-0.pt"))
+    assert list(tmp_path.glob("original-digits-mlp-0-*.pt"))
 
 
 def test_class_protocol_drives_oracle_forget_accuracy_to_zero(tmp_path):
@@ -62,7 +62,8 @@ def test_mislabeled_protocol_trains_on_and_forgets_the_wrong_labels(tmp_path):
     # the original was trained (and cached under its own name) on the corrupted train split
     splits = load_dataset("digits", seed=0)
     corruption = mislabel(splits.train.y, 0.1, seed=0, num_classes=splits.num_classes)
-    metadata, _ = read_checkpoint(tmp_path / "original-digits-mlp-0-mislabeled0.1.pt")
+    (cached,) = tmp_path.glob("original-digits-mlp-0-mislabeled0.1-*.pt")
+    metadata, _ = read_checkpoint(cached)
     assert metadata["data"] == data_fingerprint(corruption.apply(splits.train))
     by_method = {r["method"]: r for r in records}
     assert {r["forget_size"] for r in records} == {len(corruption.corrupted_idx)}
@@ -74,8 +75,8 @@ def test_mislabeled_protocol_trains_on_and_forgets_the_wrong_labels(tmp_path):
     assert gold["gap_closed_avg_gap"] == 1.0
     # a clean study of the same seed does not reuse (or overwrite) the corrupted original
     run_study(StudyConfig(methods=("original",), seeds=(0,), recipe=FAST, cache_dir=str(tmp_path)))
-    assert sorted(p.name for p in tmp_path.glob("original-*.pt")) == ["original-digits-mlp-0-mislabeled0.1.pt",
-                                                                      "original-digits-mlp-0.pt"]
+    assert sorted(p.name.rsplit("-", 1)[0] for p in tmp_path.glob("original-*.pt")) == [
+        "original-digits-mlp-0", "original-digits-mlp-0-mislabeled0.1"]
 
 
 def test_mislabeled_sequential_forgets_the_corrupted_rows_in_parts():
@@ -360,12 +361,14 @@ def test_cli_corrupt_cached_original_is_a_clear_error_and_left_in_place(tmp_path
     """A damaged checkpoint in the cache (an interrupted copy, a full disk): one line naming the file,
     status 2 and no traceback, and the file is not overwritten."""
     cache = tmp_path / "cache"
-    cache.mkdir()
-    corrupt = cache / "original-digits-mlp-0.pt"
-    corrupt.write_bytes(b"not a checkpoint")
     monkeypatch.setattr(StudyConfig, "cache_dir", str(cache))  # the CLI's default cache
-    code = main(["run", "--protocol", "random", "--seeds", "0", "--epochs", "1", "--methods", "original",
-                 "--out", str(tmp_path / "out")])
+    command = ["run", "--protocol", "random", "--seeds", "0", "--epochs", "1", "--methods", "original",
+               "--out", str(tmp_path / "out")]
+    assert main(command) == 0
+    (corrupt,) = cache.glob("original-digits-mlp-0-*.pt")
+    corrupt.write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    code = main(command)
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err, err
     (line,) = [line for line in err.splitlines() if line.startswith("unlearn-kernels: error: ")]

@@ -56,6 +56,17 @@ def model_signature(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def cache_path(folder: str | os.PathLike[str], stem: str, model: nn.Module, config: TrainConfig,
+               model_info: Mapping[str, Any] | None = None) -> Path:
+    """``folder/<stem>-<key>.pt``, the key a short hash of the recipe, the model's signature and
+    ``model_info``: models trained another way (another recipe or architecture on the same data) get
+    files of their own instead of overwriting each other in turn. Versions and training code are
+    left out of the key, so a model made stale by them is overwritten, not kept beside the new one."""
+    key = json.dumps([config.to_dict(), model_signature(model), dict(model_info or {})], sort_keys=True,
+                     default=str)
+    return Path(folder) / f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+
+
 def _normalise(metadata: Mapping[str, Any]) -> dict[str, Any]:
     """A JSON round trip: the form metadata is stored and compared in (tuples become lists, ...)."""
     if not isinstance(metadata, Mapping):

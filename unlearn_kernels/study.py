@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import train_or_load
+from .checkpoint import cache_path, train_or_load
 from .checks import check_choice, check_int, check_number
 from .data import (
     DatasetSplits,
@@ -405,7 +405,8 @@ def run_study(config: StudyConfig, progress: Progress | None = None) -> dict[str
         progress(f"seed {seed}: training the original model", done, total)
         cache = Path(config.cache_dir) if config.cache_dir else None
         if cache is not None:
-            path = cache / f"original-{config.dataset}-{config.model}-{seed}{cache_tag}.pt"
+            path = cache_path(cache, f"original-{config.dataset}-{config.model}-{seed}{cache_tag}",
+                              init_model(factory, recipe.seed), recipe, model_info)
             original, _ = train_or_load(path, factory, train_split, recipe, model_info=model_info, device=device)
         else:
             original = init_model(factory, recipe.seed)

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from ..checkpoint import data_fingerprint, model_signature, train_or_load
+from ..checkpoint import cache_path, data_fingerprint, model_signature, train_or_load
 from ..checks import check_seed
 from ..labeled import LabeledData
 from ..training import TrainConfig, init_model, model_device, train
@@ -29,7 +29,7 @@ class Retrain(Unlearner):
     Args:
         model_factory: builds an untrained model of the same architecture as the original.
         config: the training recipe.
-        cache_dir: if given, oracles are cached there (one file per retain-set fingerprint) with
+        cache_dir: if given, oracles are cached there (one file per retain set, recipe and architecture) with
             :func:`~unlearn_kernels.checkpoint.train_or_load`, and reused when recipe, model, data,
             device, versions and training code match. ``gradients`` is the training cost either
             way; diagnostics say ``cached``.
@@ -76,7 +76,8 @@ class Retrain(Unlearner):
             raise ValueError(f"{self.name}: model_factory builds a different architecture from the model to unlearn: "
                              f"{difference}")
         if self.cache_dir is not None:
-            path = self.cache_dir / f"retrain-{data_fingerprint(retain)[:16]}.pt"
+            path = cache_path(self.cache_dir, f"retrain-{data_fingerprint(retain)[:16]}", fresh, self.config,
+                              self.model_info)
             fresh, stats = train_or_load(path, self.model_factory, retain, self.config,
                                          model_info=self.model_info, device=device)
         else:
