@@ -590,11 +590,12 @@ def test_class_probability_targets(kind):
             hessian_operator(model, loss, (x, targets), path="fused")
         with pytest.raises(ValueError, match=ggn_says(N)):
             ggn_operator(model, loss, (x, targets))
-        # a later batch of probabilities: refused by the product that reads it
+        # a later batch of probabilities: refused, by its number, by the product that reads it
         v = torch.ones(H.shape[0], dtype=DT)
-        with pytest.raises(ValueError, match=ggn_says(N - 4)):
+        with pytest.raises(ValueError, match="^batch 1 of the data: " + ggn_says(N - 4)[1:]):
             ggn_operator(model, loss, later).matvec(v)
-        with pytest.raises(ValueError, match="^" + re.escape(f"{name}: targets y of shape ({N - 4}, {C})")):
+        with pytest.raises(ValueError, match="^" + re.escape(f"batch 1 of the data: {name}: targets y of shape "
+                                                             f"({N - 4}, {C})")):
             hessian_operator(model, loss, later, path="fused").matvec(v)
 
 
@@ -985,3 +986,87 @@ def test_cache_budget_falls_back_to_streaming(kind):
         _operators(kind, model, loss, batches, cache_bytes=-1)
     with pytest.raises(ValueError, match="cache_bytes must be an int >= 0, got 1000000000.0"):
         _operators(kind, model, loss, batches, cache_bytes=1e9)
+
+
+def test_a_layer_called_twice_leaves_the_model_intact():
+    """A module called at two places (registered under two names) made torch.func.functional_call
+    leave a plain tensor in place of its Parameter (it dropped out of model.parameters() and the next
+    product failed); the products are those of the shared weights."""
+    torch.manual_seed(0)
+    inner, head = nn.Linear(4, 4), nn.Linear(4, C)
+    model = nn.Sequential(inner, nn.Tanh(), inner, nn.Tanh(), head).to(DT)
+    x, y = torch.randn(N, 4, dtype=DT), torch.randint(0, C, (N,))
+    names = [n for n, _ in model.named_parameters()]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def loss_of(w: torch.Tensor) -> torch.Tensor:  # the model written out: no functional_call
+        w1, b1, w2, b2 = unflatten_vector(w, [before[n].shape for n in names])
+        h = torch.tanh(F.linear(torch.tanh(F.linear(x, w1, b1)), w1, b1))
+        return F.cross_entropy(F.linear(h, w2, b2), y)
+
+    w0 = flatten_tensors(before.values())
+    for mode in ("reverse-over-reverse", "forward-over-reverse"):
+        H = hessian_operator(model, F.cross_entropy, (x, y), mode=mode)
+        assert relative_error(H.to_dense(), hessian(loss_of, w0)) <= 1e-10
+        assert relative_error(H.gradient(), jacobian(loss_of, w0)) <= 1e-12
+    ggn_operator(model, F.cross_entropy, (x, y)).matvec(w0)
+    assert relative_error(Objective(model, F.cross_entropy, (x, y)).gradient(), jacobian(loss_of, w0)) <= 1e-12
+    assert all(type(p) is nn.Parameter for p in (inner.weight, inner.bias))
+    assert [n for n, _ in model.named_parameters()] == names
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_batches_with_no_rows_counted_contribute_zero_on_every_path(kind):
+    """A batch whose rows are all ignore_index (cross entropy's mean over it is 0/0) and a batch with
+    no rows contribute zero on every path, as their derivatives do: the fused MLP path raised, the
+    fused conv path returned NaN, the objective's value was NaN (the empty batch: also the fused MLP
+    path and the objective)."""
+    model, x, y = _fused_problem(kind)
+    loss = nn.CrossEntropyLoss(ignore_index=1)
+    y[y == 1] = 0
+    y[:2] = 1
+    y[7:] = 1
+    batches = [(x[:2], y[:2]), (x[2:5], y[2:5]), (x[5:5], y[5:5]), (x[5:7], y[5:7]), (x[7:], y[7:])]
+    counted = [batches[1], batches[3]]
+    share = sum(len(b[1]) for b in counted) / N  # the batches' weights n_b / N count every row
+    H_ref, g_ref = dense_hessian(model, counted, loss) * share, dense_gradient(model, counted, loss) * share
+    for path in ("fused", "generic"):
+        H = hessian_operator(model, loss, batches, path=path)
+        assert H.path == path
+        assert relative_error(H.to_dense(), H_ref) <= 1e-10
+        assert relative_error(H.gradient(), g_ref) <= 1e-12
+    assert relative_error(ggn_operator(model, loss, batches).to_dense(),
+                          ggn_operator(model, loss, counted).to_dense() * share) <= 1e-12
+    value, grad = Objective(model, loss, batches).value_and_gradient()
+    assert value == pytest.approx(Objective(model, loss, counted).value() * share, rel=1e-12)
+    assert relative_error(grad, g_ref) <= 1e-12
+    only_ignored = [batches[0], batches[4]]
+    for path in ("fused", "generic"):
+        assert not hessian_operator(model, loss, only_ignored, path=path).to_dense().any()
+    assert Objective(model, loss, only_ignored).value() == 0.0
+
+
+def test_a_later_batch_the_model_cannot_take_is_named():
+    """A later batch of another input width or dtype is a ValueError naming the batch and the first
+    batch's shapes on every path and in the objective (it was torch's own RuntimeError), checked once
+    per new layout; the model and the data are left as they were."""
+    model, x, y = make("layernorm")
+    wide = torch.randn(2, 5, dtype=DT)
+    batches = [(x[:4], y[:4]), (x[4:], y[4:]), (wide, y[:2])]
+    state = copy.deepcopy(model.state_dict())
+    first = (r"\(the first batch has inputs x of shape \(4, 4\), torch.float64 and targets y of shape \(4,\), "
+             r"torch.int64\)$")
+    for build in (lambda: hessian_operator(model, F.cross_entropy, batches),
+                  lambda: ggn_operator(model, F.cross_entropy, batches),
+                  lambda: Objective(model, F.cross_entropy, batches)):
+        op = build()
+        with pytest.raises(ValueError, match=r"^batch 2 of the data: (Objective: )?the model cannot run on the data "
+                                             r"\(inputs x of shape \(2, 5\), torch.float64; .*" + first):
+            op.gradient()
+    H = hessian_operator(model, F.cross_entropy, [(x[:4], y[:4]), (x[4:].float(), y[4:])])
+    with pytest.raises(ValueError, match=r"^batch 1 of the data: the model cannot run on the data \(inputs x of shape "
+                                         r"\(6, 4\), torch.float32;"):
+        H.matvec(x.new_ones(H.shape[0]))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert torch.equal(batches[2][0], wide) and batches[2][0].shape == (2, 5)

@@ -241,12 +241,22 @@ def test_bad_inputs_raise_clear_errors():
     # the first batch is probed by the base class (the model's own error, named)
     with pytest.raises(ValueError, match="expected input.*to have 1 channels"):
         FusedConvHessian(model, nn.CrossEntropyLoss(), (x.expand(-1, 2, -1, -1), y))
-    # later batches are checked by the fused path before it reads them
+    # a later batch of a new layout is probed as the first was, before it is read, and named
     v = torch.ones(sum(p.numel() for p in model.parameters()), dtype=DT)
-    for bad, message in [(x[:3, 0], r"not \(N, 1, H, W\) images"), (x[:3].expand(-1, 2, -1, -1), r"not \(N, 1, H, W\)"),
-                         (x[:3].float(), "inputs are torch.float32 but the parameters are torch.float64")]:
+    for bad, message in [(x[:3, 0], "to have 1 channels"), (x[:3].expand(-1, 2, -1, -1), "to have 1 channels"),
+                         (x[:3].float(), r"\(inputs x of shape \(3, 1, 9, 7\), torch.float32; parameters "
+                                         r"torch.float64\)")]:
         op = FusedConvHessian(model, nn.CrossEntropyLoss(), [(x[:4], y[:4]), (bad, y[:3])])
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ValueError, match=r"^batch 1 of the data: the model cannot run on the data .*" + message):
+            op.matvec(v)
+    # a later batch's label out of range: the probe ran the loss on the first batch only, and the kept
+    # state indexed the classes with it (-1 silently took the last class, C failed as an IndexError)
+    for label in (-1, CLASSES):
+        y_late = y.clone()
+        y_late[5] = label
+        op = FusedConvHessian(model, nn.CrossEntropyLoss(), _batches(x, y_late))
+        with pytest.raises(ValueError, match=rf"^FusedConvHessian: label y\[1\] = {label} \(rows counted within the "
+                                             rf"batch\) is out of range for the model's {CLASSES} classes"):
             op.matvec(v)
     op = FusedConvHessian(model, nn.CrossEntropyLoss(), (x, y))
     with pytest.raises(ValueError, match="contains NaN or Inf"):

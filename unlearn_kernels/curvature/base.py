@@ -12,7 +12,8 @@ the mean loss over the data, so splitting the same data into different batches g
 operator (for models without batch coupling, which is why BatchNorm must be in eval mode). L is not
 that mean, and depends on the batching, when a batch's mean has another denominator (rows with cross
 entropy's ``ignore_index``, left out of its mean; class weights) or the loss is not a mean
-(reduction="sum").
+(reduction="sum"). A batch whose rows are all ``ignore_index`` (its mean is 0/0) and a batch with no
+rows contribute zero on every path, as their derivatives do.
 
 Writing a new operator (e.g. a fused kernel path): subclass, call ``super().__init__`` (it resolves
 the parameters, wraps the data, rejects train-mode BatchNorm/dropout and runs the determinism probe),
@@ -53,6 +54,7 @@ from ..checks import all_finite, check_int, check_tensor, first_nonfinite_row
 from ..labeled import LabeledData
 from .linear_operator import dense_by_products, to_scipy_operator
 from .params import (
+    FunctionalForward,
     ParameterSlots,
     ParamSelection,
     flatten_tensors,
@@ -87,12 +89,21 @@ class BatchSource:
     NaN or Inf in the inputs or (floating-point) targets is a ValueError naming the row: tensor data
     is checked in full here, batches from an iterable as each pass reads them (before they are moved
     to ``device``), so a bad later batch fails the product or gradient that meets it.
+
+    A batch with no rows is skipped (its weight n_b / N is 0; its mean loss would be 0/0). After
+    :meth:`watch_layouts`, a batch whose layout (the inputs' and targets' shapes past the rows, and
+    their dtypes) is new is first checked by the owner's probe, once per layout, so that data the
+    model or the loss cannot take (a wrong input width or dtype) is a ValueError naming the batch and
+    the first batch's layout, not a raw torch error; batches of a known layout cost a tuple compare.
     """
 
     def __init__(self, data: DataSpec, device: torch.device, batch_size: int | None = None) -> None:
         if batch_size is not None:
             batch_size = check_int("batch_size", batch_size)
         self.device = device
+        self._probe: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+        self._layouts: set[tuple] = set()  # the layouts the probe accepted
+        self._first_layout = ""
         if isinstance(data, LabeledData):
             data = (data.x, data.y)
         if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
@@ -136,15 +147,39 @@ class BatchSource:
             raise ValueError(f"a batch has {x.shape[0]} inputs but {y.shape[0]} targets")
         return x, y
 
+    def watch_layouts(self, first: Batch, probe: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
+        """From now on run ``probe(x, y)`` on the first batch of each new layout (see the class
+        docstring); ``first`` is the batch it accepted already. A ValueError it raises is raised
+        again naming the batch."""
+        x, y = first
+        self._probe, self._layouts = probe, {_layout(x, y)}
+        self._first_layout = (f"inputs x of shape {tuple(x.shape)}, {x.dtype} and targets y of shape "
+                              f"{tuple(y.shape)}, {y.dtype}")
+
     def __iter__(self) -> Iterator[Batch]:
         for index, batch in enumerate(self._batches):
             x, y = self._check_batch(batch)
+            if x.shape[0] == 0:
+                continue
             # an iterable's batches can only be checked as they stream (else NaN products, silently)
             bad = None if self._checked else _first_nonfinite(x, y)
             if bad is not None:
                 raise ValueError(f"batch {index} of the data: its {bad[0]} contain NaN or Inf "
                                  f"(first at row {bad[1]}, counted within the batch)")
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if self._probe is not None and _layout(x, y) not in self._layouts:
+                try:
+                    self._probe(x, y)
+                except ValueError as err:
+                    raise ValueError(f"batch {index} of the data: {err} (the first batch has {self._first_layout})"
+                                     ) from err
+                self._layouts.add(_layout(x, y))
+            yield x, y
+
+
+def _layout(x: torch.Tensor, y: torch.Tensor) -> tuple:
+    """What must agree between batches for a model to run on them all: shapes past the rows, dtypes."""
+    return x.shape[1:], x.dtype, y.shape[1:], y.dtype
 
 
 def _first_nonfinite(x: torch.Tensor, y: torch.Tensor) -> tuple[str, int] | None:
@@ -174,8 +209,11 @@ class CurvatureOperator(abc.ABC):
     reproducible. NaN or Inf in the data is a ValueError naming the row (see :class:`BatchSource`:
     tensor data is checked in full at construction, an iterable's batches as each pass reads them).
     A class label out of range (where the loss raises IndexError, as cross entropy does on the CPU)
-    is a ValueError naming it. Parameters the model's forward does not use get zero gradient and
-    zero Hessian rows and columns.
+    is a ValueError naming it. A later batch of a new layout (the inputs' and targets' shapes past the
+    rows, their dtypes) gets the same checks when a pass first reads it, and fails with a ValueError
+    naming the batch and the first batch's shapes (see :class:`BatchSource`). Parameters the model's
+    forward does not use get zero gradient and zero Hessian rows and columns; a tied parameter (one
+    tensor in two modules, or a module called at two places) is one parameter, as in autograd.
 
     Attributes:
         shape: (d, d).
@@ -244,6 +282,7 @@ class CurvatureOperator(abc.ABC):
             name: p.detach() for name, p in model.named_parameters() if name not in chosen
         }
         self._constants.update({name: b.detach().clone() for name, b in model.named_buffers()})
+        self._functional = FunctionalForward(model)
         self.num_products = 0
         self.num_gradients = 0
         self.num_data_passes = 0
@@ -263,7 +302,7 @@ class CurvatureOperator(abc.ABC):
 
     def batch_forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """The model's output on ``x`` with the chosen parameters replaced by ``params``."""
-        return torch.func.functional_call(self.model, {**self._constants, **params}, (x,))
+        return self._functional({**self._constants, **params}, x)
 
     def batch_loss(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``loss_fn(model(x), y)`` as a function of ``params`` (a scalar, checked)."""
@@ -474,9 +513,8 @@ class CurvatureOperator(abc.ABC):
                 "sampler or a random transform): every pass must see the same batches; use a fixed order, "
                 "e.g. LabeledData.loader(batch_size, shuffle=False)"
             )
-        if x1.shape[0] == 0:
-            raise ValueError("the first batch is empty")
         self._probe_forward(x1, y1)
+        self.data.watch_layouts((x1, y1), self._probe_forward)
         grad_fn = torch.func.grad(self.batch_loss)
         try:
             g1 = self.flatten(grad_fn(self.params, x1, y1))
@@ -543,6 +581,16 @@ def probe_forward(forward: Callable[[torch.Tensor], Any], loss_fn: LossFn, x: to
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"{_prefix(owner)}the loss rejects the targets y (shape {tuple(y.shape)}, {y.dtype}) "
                              f"with the model's outputs (shape {shape}): {err}") from err
+
+
+def every_row_ignored(loss_fn: LossFn, y: torch.Tensor) -> bool:
+    """Whether every class label in ``y`` is the loss's ``ignore_index`` (-100 by default, as in
+    ``F.cross_entropy``): cross entropy's mean over the batch is then 0/0 (NaN), and its derivatives
+    are zero. Every path takes such a batch as contributing zero to the loss, the gradient and the
+    curvature (its rows still count in the weights n_b / N)."""
+    if y.is_floating_point() or y.is_complex() or y.numel() == 0:
+        return False
+    return bool((y == getattr(loss_fn, "ignore_index", -100)).all())
 
 
 def check_labels(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor, owner: str = "") -> None:

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import CurvatureOperator, DataSpec, LossFn
+from .base import CurvatureOperator, DataSpec, LossFn, check_labels
 from .fused_mlp import (
     FusedDataError,
     fused_labels,
@@ -321,6 +321,9 @@ class FusedConvHessian(CurvatureOperator):
             pooled = h.mean(dim=(2, 3))
             head_w, head_b = self._head
             logits = F.linear(pooled, head_w, head_b)
+            # the probe ran the loss on the first batch only; a later batch's label out of range would
+            # index the wrong class (a negative one) or fail as a bare IndexError
+            check_labels(self.loss_fn, logits, y, type(self).__name__)
             probs = logits.softmax(dim=1)
             weights = self._row_weights(y)
             dlogits = self._softmax_gradient(probs, y, weights)
@@ -387,9 +390,10 @@ class FusedConvHessian(CurvatureOperator):
         return _nhwc(rows + index * c + channels).reshape(-1)
 
     def _row_weights(self, y: torch.Tensor) -> torch.Tensor:
-        """Each row's weight in the mean loss: 1 / (rows not ignored), 0 for ignored rows."""
+        """Each row's weight in the mean loss: 1 / (rows not ignored), 0 for ignored rows (all 0 when
+        every row is ignored: the batch contributes zero, as on the other paths, not 0/0)."""
         valid = (y != self._ignore_index).to(self.dtype)
-        return valid / valid.sum()
+        return valid / valid.sum().clamp_min(1)
 
     def _softmax_gradient(self, probs: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """d loss / d logits: each row's weight times (softmax - smoothed one-hot target)."""

@@ -186,7 +186,9 @@ class FusedMLPHessian(CurvatureOperator):
     zero tangents (the operator is the Hessian block of the chosen parameters). Labels are taken as
     int64 (the kernels' type), so uint8 labels, which cross entropy and the generic path accept,
     work here too; other integer types fail at construction as they do on the generic path.
-    Class-probability targets are refused at construction (the kernels take class labels only).
+    Class-probability targets are refused at construction (the kernels take class labels only). A
+    batch whose rows are all ``ignore_index`` contributes zero, as on the generic path (the kernels
+    refuse it: it never reaches them).
 
     Args:
         backend: the ``mlp_hvp`` backend ("auto", "cpp", "cuda" or "reference").
@@ -240,9 +242,17 @@ class FusedMLPHessian(CurvatureOperator):
             raise ValueError(f"FusedMLPHessian: inputs are {x.dtype} but the parameters are {self.dtype}")
         return x
 
-    def _state(self, x: torch.Tensor, y: torch.Tensor) -> tuple[tuple[torch.Tensor, list[torch.Tensor]], int]:
-        """The batch's inputs and its fixed-weight state, and the bytes the state holds."""
+    def _all_ignored(self, labels: torch.Tensor) -> bool:
+        """Whether every row of a batch is ignored: the batch contributes zero (as on the other paths),
+        where the kernels refuse it (a mean over 0 rows)."""
+        return bool((labels == self._ignore_index).all())
+
+    def _state(self, x: torch.Tensor, y: torch.Tensor) -> tuple[tuple[torch.Tensor, list[torch.Tensor] | None], int]:
+        """The batch's inputs and its fixed-weight state (None when every row is ignored), and the
+        bytes the state holds."""
         inputs, labels = self._inputs(x), fused_labels(type(self).__name__, y)
+        if self._all_ignored(labels):
+            return (inputs, None), 0
         state = mlp_hvp_state(inputs, labels, self._weights, self._biases, self._chain.activations,
                               label_smoothing=self._label_smoothing, ignore_index=self._ignore_index,
                               backend=self.backend)
@@ -255,31 +265,42 @@ class FusedMLPHessian(CurvatureOperator):
         count, num_layers = 0, len(self._weights)
         for entry, n, batch in self.cached_pass(self._state):
             inputs, state = entry if entry is not None else self._state(*batch)[0]
+            count += n
+            if state is None:  # every row ignored
+                continue
             layer_inputs, grads = [inputs, *state[:num_layers - 1]], state[num_layers - 1:2 * num_layers - 1]
             for w, h, d, wo, bo in zip(self._weights, layer_inputs, grads, self._weight_offsets, self._bias_offsets):
                 if wo >= 0:
                     total[wo:wo + w.numel()].add_((d.T @ h).reshape(-1), alpha=n)
                 if bo >= 0:
                     total[bo:bo + w.shape[0]].add_(d.sum(0), alpha=n)
-            count += n
         return total / count
 
     def _matmat(self, matrix: torch.Tensor) -> torch.Tensor:
         total, count = None, 0
         acts = self._chain.activations
         for entry, n, batch in self.cached_pass(self._state):
+            out = None  # stays None for a batch whose rows are all ignored: it contributes zero
             if entry is None:  # beyond the cache's budget: the whole pass
                 x, y = batch
-                out = mlp_hvp_flat(
-                    self._inputs(x), fused_labels(type(self).__name__, y), self._weights, self._biases, acts, matrix,
-                    self._weight_offsets, self._bias_offsets, label_smoothing=self._label_smoothing,
-                    ignore_index=self._ignore_index, backend=self.backend,
-                )
-            else:
+                labels = fused_labels(type(self).__name__, y)
+                if not self._all_ignored(labels):
+                    out = mlp_hvp_flat(
+                        self._inputs(x), labels, self._weights, self._biases, acts, matrix,
+                        self._weight_offsets, self._bias_offsets, label_smoothing=self._label_smoothing,
+                        ignore_index=self._ignore_index, backend=self.backend,
+                    )
+            elif entry[1] is not None:
                 inputs, state = entry
                 out = mlp_hvp_flat_cached(inputs, state, self._weights, self._biases, acts, matrix,
                                           self._weight_offsets, self._bias_offsets, backend=self.backend)
             # The mean weighted by batch size, kept as a running mean (one batch: its products as they are).
-            total = out if total is None else total.mul_(count / (count + n)).add_(out, alpha=n / (count + n))
+            if out is None:
+                if total is not None:
+                    total.mul_(count / (count + n))
+            elif total is None:
+                total = out if count == 0 else out.mul_(n / (count + n))
+            else:
+                total.mul_(count / (count + n)).add_(out, alpha=n / (count + n))
             count += n
-        return total
+        return total if total is not None else torch.zeros_like(matrix)

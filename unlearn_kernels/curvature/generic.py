@@ -541,7 +541,8 @@ def hessian_operator(
             mean of the per-batch mean losses' Hessians, which is the Hessian of the mean loss over the
             data when ``loss_fn`` is a plain mean over rows. It is not, and depends on the batching,
             when a batch's mean has another denominator (``ignore_index`` rows, which cross entropy
-            leaves out of its mean; class weights) or the loss is not a mean (reduction="sum").
+            leaves out of its mean; class weights) or the loss is not a mean (reduction="sum"). A batch
+            whose rows are all ``ignore_index`` contributes zero, on every path.
         data: a LabeledData, an (x, y) pair of tensors, or a re-iterable of (x, y) batches (a list or
             a DataLoader with a fixed order and no dropped samples). Batches are moved to the
             parameters' device.
@@ -570,11 +571,12 @@ def hessian_operator(
         ValueError: train-mode BatchNorm/dropout, NaN or Inf in tensor data or the first batch (a later
             batch of an iterable: at the product or gradient that reads it), data that changes between
             passes, data the model or the loss cannot run on (a wrong input dtype or width, a wrong
-            label dtype or shape), a class label out of range, a loss that is not twice
-            differentiable, an unknown path or mode, a bad ``cache_bytes``, a bad ``params`` selection, or
-            an unsupported forced "fused" path (its model, loss or first batch: "hessian_operator:
-            path='fused' cannot be used: ..."). Integer labels the loss accepts (int64, uint8) work on
-            every path.
+            label dtype or shape: the first batch at construction, a later batch of another layout at
+            the first pass that reads it, named "batch i of the data: ..."), a class label out of
+            range, a loss that is not twice differentiable, an unknown path or mode, a bad
+            ``cache_bytes``, a bad ``params`` selection, or an unsupported forced "fused" path (its
+            model, loss or first batch: "hessian_operator: path='fused' cannot be used: ...").
+            Integer labels the loss accepts (int64, uint8) work on every path.
     """
     check_choice("path", path, PATHS)
     check_choice("mode", mode, MODES)

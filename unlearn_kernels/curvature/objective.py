@@ -1,12 +1,14 @@
 """The training objective of a model as a function of its chosen parameters: value and gradient."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from ..checks import check_number
-from .base import BatchSource, DataSpec, LossFn, check_train_mode, checked_loss, probe_forward
-from .params import ParameterSlots, ParamSelection, flatten_tensors, resolve_parameters
+from .base import BatchSource, DataSpec, LossFn, check_train_mode, checked_loss, every_row_ignored, probe_forward
+from .params import FunctionalForward, ParameterSlots, ParamSelection, flatten_tensors, resolve_parameters
 
 
 class Objective:
@@ -15,7 +17,8 @@ class Objective:
     curvature operators weight them: the size-weighted mean of the per-batch losses, which is the mean
     loss over the data when ``loss_fn`` is a plain mean over rows (not with ``ignore_index`` rows or
     class weights, whose batch means have other denominators, nor with reduction="sum": then L
-    depends on the batching).
+    depends on the batching). A batch whose rows are all ``ignore_index`` adds zero (not its NaN mean),
+    as in the curvature operators.
 
     Like the curvature operators it reads the model's parameters live: after an in-place update
     (:func:`~unlearn_kernels.curvature.set_flat_parameters`) :meth:`value` and :meth:`gradient`
@@ -23,7 +26,8 @@ class Objective:
     (:attr:`num_data_passes`). Building one checks tensor data for NaN or Inf (see
     :class:`~unlearn_kernels.curvature.BatchSource`, which also checks an iterable's batches as they
     stream) and runs the model and the loss on the first batch without a graph, so that data they
-    reject is named at construction, as the curvature operators' probe names it. A parameter the
+    reject is named at construction, as the curvature operators' probe names it (a later batch of
+    another layout: when a call first reads it, naming the batch). A parameter the
     forward does not use has zero gradient.
 
     Args:
@@ -64,12 +68,16 @@ class Objective:
         self.loss_fn = loss_fn
         self.param_names: tuple[str, ...] = tuple(chosen)
         self._slots = ParameterSlots(model, chosen)  # read at every call: replaced parameters are followed
+        self._functional = FunctionalForward(model)
         self.weight_decay = check_number("Objective: weight_decay", weight_decay, 0.0)
         check_train_mode(model, "Objective")  # a train-mode forward would write BatchNorm's running stats
         self.data = BatchSource(data, devices.pop(), batch_size)
         first = next(iter(self.data), None)  # an empty shard is allowed (DistributedObjective builds one)
         if first is not None:
-            probe_forward(model, loss_fn, *first, next(iter(chosen.values())).dtype, "Objective")
+            probe = functools.partial(probe_forward, model, loss_fn, dtype=next(iter(chosen.values())).dtype,
+                                      owner="Objective")
+            probe(*first)
+            self.data.watch_layouts(first, probe)
         self.num_data_passes = 0
 
     def weights(self) -> torch.Tensor:
@@ -90,7 +98,7 @@ class Objective:
             if with_gradient:
                 leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
                 with torch.enable_grad():
-                    loss = self._loss(torch.func.functional_call(self.model, leaves, (x,)), y)
+                    loss = self._loss(self._functional(leaves, x), y)
                     # a parameter the forward does not use has zero gradient
                     parts = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True,
                                                 materialize_grads=True)
@@ -99,7 +107,10 @@ class Objective:
             else:
                 with torch.no_grad():
                     loss = self._loss(self.model(x), y)
-            total += loss.detach().double().cpu() * n
+            batch_value = loss.detach().double().cpu()
+            if batch_value.isnan() and every_row_ignored(self.loss_fn, y):
+                batch_value.zero_()  # the mean over no rows: zero, as its gradient and curvature are
+            total += batch_value * n
             count += n
         if count == 0:
             raise ValueError("Objective: data is empty: it yields no samples")

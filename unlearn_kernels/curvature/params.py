@@ -93,6 +93,44 @@ class ParameterSlots:
         return {name: owner[attr] for name, (owner, attr) in self._slots.items()}
 
 
+class FunctionalForward:
+    """``model(*args)`` with some of its parameters and buffers replaced by given tensors (by their
+    ``named_parameters`` / ``named_buffers`` names), leaving the model as it was.
+
+    ``torch.func.functional_call`` with ``tie_weights=True`` swaps a tensor in under every name that
+    holds it, and restores it under each name in the same order: for a module called at two places
+    of the model (registered under two names, one slot) the second swap saves the first's tensor as
+    the "original", so the call leaves that tensor in the model, a plain tensor in place of the
+    Parameter (torch 2.13). Here each replaced tensor goes into each slot that holds it once: under
+    its own name, and under the names of other modules' slots that hold the same tensor (tied
+    weights, found at construction)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        named = [*model.named_parameters(), *model.named_buffers()]
+        first = {id(t): name for name, t in named}
+        slots = {id(t): {_slot(model, name)} for name, t in named}
+        aliases: dict[str, list[str]] = {}
+        for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+            slot = _slot(model, name)
+            if slot not in slots[id(t)]:
+                slots[id(t)].add(slot)
+                aliases.setdefault(first[id(t)], []).append(name)
+        self.aliases = {name: tuple(others) for name, others in aliases.items()}
+
+    def __call__(self, tensors: dict[str, torch.Tensor], *args: object) -> object:
+        if self.aliases:
+            tensors = {**tensors, **{alias: tensors[name] for name, others in self.aliases.items()
+                                     if name in tensors for alias in others}}
+        return torch.func.functional_call(self.model, tensors, args, tie_weights=False)
+
+
+def _slot(model: nn.Module, name: str) -> tuple[int, str]:
+    """(id of the owning module, attribute) of a parameter or buffer name: one per place a tensor is held."""
+    prefix, _, attr = name.rpartition(".")
+    return id(model.get_submodule(prefix) if prefix else model), attr
+
+
 def flatten_tensors(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     """Concatenate tensors into one flat vector (a new tensor, in the given order)."""
     return torch.cat([t.reshape(-1) for t in tensors])
