@@ -234,3 +234,17 @@ def test_small_step_against_large_curvature(backend, lam, c, M):
     y, sigma, hard = cubic_secular_solve(lam, c, M, backend=backend)
     assert hard is False and sigma > 0
     check_optimality(lam, c, M, y, sigma, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_root_far_below_the_resolution_of_sigma(backend):
+    """sigma + lambda_min = t ~ 1e-21 beside an eigenvalue 2^-48 above lambda_min (outside the bottom
+    cluster, so no hard case): the bracket test was relative to sigma (eps sigma = 2e-16 >> t), stopped
+    with t still ~1e-16 off, and returned y_2 = -1.566 for -1.6 (||y|| 1.4% short of 2 sigma / M)."""
+    delta = 2.0**-48
+    lam = torch.tensor([-1.0, -1.0 + delta, 1.0], dtype=torch.float64)
+    c = torch.tensor([0.0, 1.6 * (1 + 1e-6) * delta, 2.4], dtype=torch.float64)
+    y, sigma, hard = cubic_secular_solve(lam, c, 1.0, backend=backend)
+    assert hard is False
+    check_optimality(lam, c, 1.0, y, sigma, atol=1e-12)
+    torch.testing.assert_close(y, torch.tensor([0.0, -1.6, -1.2], dtype=torch.float64), rtol=1e-12, atol=0)

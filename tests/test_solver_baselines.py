@@ -289,3 +289,23 @@ def test_operator_products_are_held_to_what_it_declares(spd):
         damped_newton_step(_Products(skew), g, 0.1, solver="eigh")
     step = minres(H, g.clone().requires_grad_())
     assert not step.solution.requires_grad and torch.allclose(step.solution, minres(H, g).solution)
+
+
+def test_singular_systems_are_not_reported_solved(singular):
+    """H + 0 I exactly singular: LDL^T gets a rounding-level pivot, not a zero one, and returned a step of
+    norm 7e16 (residual 6 ||g||) marked converged; MINRES reports success on the inconsistent system with
+    a step 1000 times the pseudo-inverse's along the null space, which minres-ldl accepted and
+    pinv-minres and damped-minres marked converged."""
+    H, U, g = singular
+    with pytest.raises(ValueError, match=r"singular to working precision \(damping 0: reciprocal condition number"):
+        damped_newton_step(H, g, 0.0, solver="ldl")
+    with pytest.raises(ValueError, match="singular to working precision"):  # MINRES's step is not accepted
+        damped_newton_step(H, g, 0.0, solver="minres-ldl", maxiter=5 * D)
+    for step in (pinv_newton_step(H, g, solver="minres"), damped_newton_step(H, g, 0.0, solver="minres")):
+        assert step.info["scipy_info"] == 0 and not step.converged
+        assert float(step.step.norm()) > 100 * float(pinv_newton_step(H, g).step.norm())
+    # consistent (g in range(H)): MINRES's minimum-norm solution is the pseudo-inverse step, and converged
+    inside = U[:, 5:] @ (U[:, 5:].T @ g)
+    step = damped_newton_step(H, inside, 0.0, solver="minres-ldl", maxiter=5 * D)
+    assert step.method == "damped-minres" and step.converged
+    assert torch.allclose(step.step, pinv_newton_step(H, inside).step, atol=1e-8)

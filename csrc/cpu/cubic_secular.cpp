@@ -104,7 +104,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cubic_secular_solve_cpu(const at:
   double t = hi;
   for (int64_t it = 0; it < max_iter; ++it) {
     const Secular f = secular(s, c, shift, t, M);
-    if (std::abs(f.residual) <= tol || hi - lo <= kEps * (shift + t)) break;
+    // the bracket relative to t, not sigma: near the hard case y depends on lambda_min + sigma = t
+    // (or on a tiny s_i + t), which the bracket must resolve when t << eps sigma
+    if (std::abs(f.residual) <= tol || hi - lo <= kEps * t) break;
     (f.phi > 0 ? hi : lo) = t;
     const double t_newton = t - f.phi / f.slope;
     t = (lo < t_newton && t_newton < hi) ? t_newton : 0.5 * (lo + hi);

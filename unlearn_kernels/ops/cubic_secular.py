@@ -91,7 +91,9 @@ def cubic_secular_solve_ref(
     t = hi
     for _ in range(max_iter):
         phi, slope, residual = secular(t)
-        if abs(residual) <= tol or hi - lo <= _EPS * (shift + t):
+        # the bracket relative to t, not sigma: near the hard case y depends on lambda_min + sigma = t
+        # (or on a tiny s_i + t), which the bracket must resolve when t << eps sigma
+        if abs(residual) <= tol or hi - lo <= _EPS * t:
             break
         if phi > 0:
             hi = t

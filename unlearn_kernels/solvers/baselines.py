@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import scipy.linalg.lapack
 import scipy.sparse.linalg
 import torch
 
@@ -79,8 +80,19 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a.double() @ b.double())
 
 
+#: MINRES's default relative tolerance
+MINRES_TOL = 1e-10
+
+
 def _true_residual(op: SolverOperator, x: torch.Tensor, b: torch.Tensor, damping: float) -> float:
     return norm64(op.matvec(x) + damping * x - b)
+
+
+def _solved(sol: LinearSolve, b: torch.Tensor, tol: float) -> bool:
+    """Whether a MINRES result solves its system: scipy's success and a true residual <= sqrt(tol) ||b||.
+    scipy also reports success on an inconsistent system, where its iterate has grown so far along the
+    null space that ``tol (||A|| ||x|| + ||b||)`` exceeds the residual left outside the range."""
+    return sol.converged and sol.residual <= math.sqrt(tol) * norm64(b)
 
 
 # --------------------------------------------------------------------------- linear solvers
@@ -136,7 +148,7 @@ def conjugate_gradient(H: Any, b: torch.Tensor, *, damping: float = 0.0, tol: fl
     return LinearSolve(x, math.sqrt(rs), op.num_hvps, it, converged, {"negative_curvature": negative})
 
 
-def minres(H: Any, b: torch.Tensor, *, damping: float = 0.0, tol: float = 1e-10,
+def minres(H: Any, b: torch.Tensor, *, damping: float = 0.0, tol: float = MINRES_TOL,
            maxiter: int | None = None) -> LinearSolve:
     """MINRES (``scipy.sparse.linalg.minres``, float64) for ``(H + damping I) x = b``.
 
@@ -288,8 +300,9 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float = 1e-6, solver: st
             space of g, and the step is ``-Q pinv(T) Q^T g`` by the eigendecomposition of T, where
             g lives wholly; ``info["rank"]`` counts the Ritz values kept), "minres" (:func:`minres`:
             the minimum-norm solution, so the pseudo-inverse step, only when g lies in the range of H;
-            otherwise its iterate grows along the null space of H: use "eigh" or "lanczos"), or "auto" ("eigh" for a dense matrix or
-            d <= :data:`DENSE_MAX_DIM`, else "lanczos").
+            otherwise its iterate grows along the null space of H and ``converged`` is False: use
+            "eigh" or "lanczos"), or "auto" ("eigh" for a dense matrix or d <= :data:`DENSE_MAX_DIM`,
+            else "lanczos").
         rank: "lanczos": most Lanczos steps (products), the largest possible rank.
         tol, maxiter: MINRES settings.
         seed: "lanczos": seeds a restart vector after a breakdown.
@@ -303,7 +316,8 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float = 1e-6, solver: st
         solver = _auto(op, "eigh", "lanczos")
     if solver == "minres":
         sol = minres(op, g, tol=tol, maxiter=maxiter)
-        return NewtonStep(-sol.solution, sol.residual, sol.num_hvps, sol.iterations, sol.converged,
+        # converged only where MINRES solved H s = -g: on an inconsistent system its step is not -pinv(H) g
+        return NewtonStep(-sol.solution, sol.residual, sol.num_hvps, sol.iterations, _solved(sol, g, tol),
                           "pinv-minres", sol.info)
     if solver == "eigh":
         lam, U = _eigh(op)
@@ -344,9 +358,14 @@ def _ldl_step(op: SolverOperator, g: torch.Tensor, damping: float) -> NewtonStep
     LD, pivots, info = torch.linalg.ldl_factor_ex(A)
     c = g.double().cpu().unsqueeze(1)
     x = torch.linalg.ldl_solve(LD, pivots, -c).squeeze(1)
-    if int(info) != 0 or not bool(torch.isfinite(x).all()):
-        raise ValueError(f"H + damping I is singular to working precision (damping {damping:g}: a zero pivot "
-                         "or an overflowing solution); use solver='eigh' (the pseudo-inverse) or a larger damping")
+    # An exactly singular matrix rarely gives an exactly zero pivot, but its rounding-level pivot gives a
+    # reciprocal condition number below eps (LAPACK's test for "singular to working precision").
+    rcond = 0.0 if int(info) != 0 else scipy.linalg.lapack.dsycon(
+        LD.numpy(), pivots.numpy().astype(np.int32), float(A.abs().sum(0).max()), lower=1)[0]
+    if rcond < torch.finfo(torch.float64).eps or not bool(torch.isfinite(x).all()):
+        raise ValueError(f"H + damping I is singular to working precision (damping {damping:g}: reciprocal "
+                         f"condition number {rcond:.1e}, or an overflowing solution); use solver='eigh' (the "
+                         "pseudo-inverse) or a larger damping")
     residual = norm64(A @ x + c.squeeze(1))
     return NewtonStep(x.to(device=g.device, dtype=g.dtype), residual, op.num_hvps, 0, True, "damped-ldl",
                       {"negative_eigenvalues": _negative_eigenvalues(LD, pivots)})
@@ -369,13 +388,16 @@ def damped_newton_step(H: Any, g: torch.Tensor, damping: float, *, solver: str =
             ``info["lambda_min"]``), "ldl" (the dense float64 matrix factored as L D L^T with
             Bunch-Kaufman pivoting, a small fraction of the eigendecomposition's time: exact where
             ``H + damping I`` is not singular, an error where it is; ``info["negative_eigenvalues"]``
-            counts those of ``H + damping I``), "minres" (:func:`minres`, default ``tol`` 1e-10),
+            counts those of ``H + damping I``), "minres" (:func:`minres`, default ``tol`` 1e-10;
+            ``converged`` also needs a true residual <= ``sqrt(tol) ||g||``, which an inconsistent
+            singular system does not give),
             "minres-ldl" (MINRES with at most ``maxiter`` iterations, default d // 4, then "ldl" if it
-            has not converged: a well-conditioned system takes tens to hundreds of products, a nearly
-            singular one more than building the dense matrix costs, so a failed attempt adds at most
-            a quarter to the d products of the dense matrix; ``info["minres_iterations"]`` on the
-            fallback), "cg" (:func:`conjugate_gradient`), "lissa" (:func:`lissa`), or "auto" ("eigh"
-            for a dense matrix, else :func:`damped_solver`).
+            has not solved the system, i.e. not converged to a true residual <= ``sqrt(tol) ||g||``
+            (scipy reports success on an inconsistent singular system too): a well-conditioned system
+            takes tens to hundreds of products, a nearly singular one more than building the dense
+            matrix costs, so a failed attempt adds at most a quarter to the d products of the dense
+            matrix; ``info["minres_iterations"]`` on the fallback), "cg" (:func:`conjugate_gradient`),
+            "lissa" (:func:`lissa`), or "auto" ("eigh" for a dense matrix, else :func:`damped_solver`).
         **options: passed to the solver ("eigh": ``rcond``, default 1e-12; "minres", "minres-ldl" and
             "cg": tol/maxiter; "lissa": scale/depth/repeats/sample).
 
@@ -394,7 +416,7 @@ def damped_newton_step(H: Any, g: torch.Tensor, damping: float, *, solver: str =
         budget = options.get("maxiter")
         attempt = minres(op, g, damping=damping,
                          **{**options, "maxiter": max(1, op.shape[0] // 4) if budget is None else budget})
-        if attempt.converged:
+        if _solved(attempt, g, options.get("tol", MINRES_TOL)):
             return NewtonStep(-attempt.solution, attempt.residual, attempt.num_hvps, attempt.iterations, True,
                               "damped-minres", attempt.info)
         dense = _ldl_step(as_operator(op, op.shape[0], dtype=op.dtype, device=op.device), g, damping)  # counts anew
@@ -416,5 +438,6 @@ def damped_newton_step(H: Any, g: torch.Tensor, damping: float, *, solver: str =
         raise ValueError("solver must be 'auto', 'eigh', 'ldl', 'minres', 'minres-ldl', 'cg' or 'lissa', "
                          f"got {solver!r}")
     sol = solvers[solver](op, g, damping=damping, **options)
-    return NewtonStep(-sol.solution, sol.residual, sol.num_hvps, sol.iterations, sol.converged,
-                      f"damped-{solver}", sol.info)
+    converged = _solved(sol, g, options.get("tol", MINRES_TOL)) if solver == "minres" else sol.converged
+    return NewtonStep(-sol.solution, sol.residual, sol.num_hvps, sol.iterations, converged, f"damped-{solver}",
+                      sol.info)

@@ -38,7 +38,8 @@ class CubicStep:
         step_norm: ||s||.
         sigma: the multiplier of the optimality conditions, ``(M/2) ||s||``.
         residual: ``||g + H s + (M/2) ||s|| s||``, the norm of the model's gradient at s
-            ("krylov": the free Lanczos estimate; "dense"/"gd": computed).
+            ("krylov": the free Lanczos estimate, with "selective"/"none" plus ``(M/2) | ||s|| - ||y|| | ||s||``
+            for a basis that is not orthonormal, a bound; "dense"/"gd": computed).
         num_hvps: Hessian-vector products used.
         hard_case: the hard-case branch was taken (g has no component along H's bottom eigenvector).
         iterations: Lanczos steps ("krylov"), gradient steps ("gd"), 0 ("dense").
@@ -113,9 +114,9 @@ class KrylovCubicSolver:
     when the Krylov space of g is nearly all of the space, rounding has put part of the bottom
     eigenvector there.) Likewise when T is nearly invariant (the last coupling below
     ``sqrt(eps) ||T||``, e.g. with repeated eigenvalues), the probe continues Lanczos from the
-    residual vector, which rounding has then filled with the bottom eigenvector. The guard needs the stored basis: it is on by default, and off in
-    two-pass mode. (The alternative, perturbing g, was not chosen: it cannot certify
-    ``H + sigma I`` PSD.)
+    residual vector, which rounding has then filled with the bottom eigenvector. The guard needs the
+    stored basis: it is on by default, and off in two-pass mode. (The alternative, perturbing g, was
+    not chosen: it cannot certify ``H + sigma I`` PSD.)
 
     ``solve(M)`` runs the Lanczos iteration the first time; later calls with another M (a rejected
     step) re-solve the small problem on the same T with no new products, unless ``extend=True``
@@ -254,8 +255,13 @@ class KrylovCubicSolver:
                 self._run_probe()
         y, sigma, hard, value, residual = self._small_solve(M)
         s = replay(self.op, self._v0, proc.n, y) if self.two_pass else proc.combine(y)
+        s_norm = norm64(s)
+        if proc.reorth != "full":
+            # Q is orthonormal to about sqrt(eps) ("selective") or not at all ("none"): ||s|| = ||Q y|| is not
+            # ||y||, and the model's gradient at s has (M/2) (||s|| - ||y||) Q y besides the Lanczos residual
+            residual += 0.5 * M * abs(s_norm - float(np.linalg.norm(y))) * s_norm
         return CubicStep(
-            step=s.to(self.g.dtype), model_value=value, step_norm=norm64(s), sigma=sigma, residual=residual,
+            step=s.to(self.g.dtype), model_value=value, step_norm=s_norm, sigma=sigma, residual=residual,
             num_hvps=self.op.num_hvps, hard_case=hard, iterations=proc.n,
             converged=self._accept(M, y, residual), method="krylov",
         )

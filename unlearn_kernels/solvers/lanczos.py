@@ -15,7 +15,10 @@ Reorthogonalisation (``reorth``):
   their Ritz vectors are formed, the current vector is orthogonalised against them (beta becomes
   the norm of what is left), and every later step reorthogonalises against them only (they are
   where orthogonality is lost). Near invariance every pair converges and the residual vector is
-  mostly lost orthogonality along them: the breakdown test comes after this projection.
+  mostly lost orthogonality along them: the breakdown test comes after this projection. What the
+  projections remove (up to ``sqrt(eps) ||T||`` per step, near repeated eigenvalues) is part of
+  ``H Q`` that T does not hold: it is kept, in the coordinates of the Lanczos vectors, and counted
+  in the residual norms, which would otherwise claim more accuracy than the Ritz pairs have.
 * ``"none"``: the plain three-term recurrence (ghost copies of converged eigenvalues may appear).
 
 Breakdown: when beta falls to rounding level (the op returns 0, or beta <= 100 eps ||T||) the
@@ -62,7 +65,8 @@ class LanczosProcess:
     with j + 1, and the last one is the norm of the residual vector ``q``), the stored vectors
     ``basis[:n]`` (rows; only when ``store_basis``), and ``locks``: residual vectors dropped at a
     restart, kept orthogonal to every later vector, with ``lock_coupling[l][j] = <lock_l, H q_j>``
-    so that residual norms stay exact (see :meth:`residual_norm`).
+    so that residual norms stay exact (see :meth:`residual_norm`); with "selective", ``drift``: the
+    parts of ``H q_j`` the purges removed, as pairs ``(j, g)`` meaning ``basis[:len(g)]^T g``.
 
     Args:
         op: a validated operator.
@@ -92,6 +96,8 @@ class LanczosProcess:
         self.locks: list[torch.Tensor] = []
         self.lock_coupling: list[list[float]] = []
         self._ritz = torch.empty((0, d), dtype=op.dtype, device=op.device)
+        self._ritz_coef = np.zeros((0, 0))  # the Ritz vectors' coefficients in the basis (columns)
+        self.drift: list[tuple[int, np.ndarray]] = []
         self._anorm = 0.0
         self.stopped = False
         self._eps = torch.finfo(op.dtype).eps
@@ -120,8 +126,7 @@ class LanczosProcess:
         hq = self.op.matvec(self.q)
         if self.basis is not None:
             self.basis[j] = self.q
-        against = {"full": None if self.basis is None else self.basis[:j + 1], "selective": self._ritz,
-                   "none": None}[self.reorth]
+        against = self.basis[:j + 1] if self.reorth == "full" else None
         beta_prev = self.betas[-1] if j else 0.0
         q_next, alpha_t, beta_t = lanczos_step(hq, self.q, self.q_prev, beta_prev, against)
         alpha, beta = float(alpha_t), float(beta_t)
@@ -140,6 +145,7 @@ class LanczosProcess:
         if self.reorth == "selective":
             # Before the breakdown test: near invariance beta is the lost orthogonality (about
             # sqrt(eps)), and only the projection on the converged Ritz vectors removes it.
+            self._purge()
             self._update_ritz()
         if self.betas[-1] <= BREAKDOWN_RTOL_EPS * self._eps * self._anorm:
             # Drop the rounding-level coupling (an error of at most 100 eps ||T|| in T).
@@ -174,20 +180,38 @@ class LanczosProcess:
         good = bounds <= np.sqrt(self._eps) * max(np.abs(theta).max(), np.finfo(np.float64).tiny)
         if good.sum() <= self._ritz.shape[0]:
             return
-        coef = torch.as_tensor(S[:, good].T, dtype=self.op.dtype, device=self.op.device)
+        self._ritz_coef = S[:, good]
+        coef = torch.as_tensor(self._ritz_coef.T, dtype=self.op.dtype, device=self.op.device)
         self._ritz = coef @ self.basis[:self.n]
+        self._purge()
+
+    def _purge(self) -> None:
+        """Project the residual vector off the converged Ritz vectors R (twice, like CGS2); beta becomes
+        the norm of what is left. The removed ``beta R c`` stays in ``H q_j``, so it is kept as drift:
+        R is ``_ritz_coef^T basis``, so it is ``basis^T (beta _ritz_coef c)``."""
+        if not self._ritz.shape[0]:
+            return
+        removed = np.zeros(self._ritz.shape[0])
         for _ in range(2):
-            self.q = self.q - self._ritz.T @ (self._ritz @ self.q)
-        # beta is the norm of the residual vector after this projection too.
+            c = self._ritz @ self.q
+            self.q = self.q - self._ritz.T @ c
+            removed += c.double().cpu().numpy()
+        self.drift.append((self.n - 1, self.betas[-1] * (self._ritz_coef @ removed)))
         shrink = norm64(self.q)
         self.betas[-1] *= shrink
         self.q = self.q / shrink if shrink > 0 else self.q
 
     def residual_norm(self, z: np.ndarray) -> float:
         """``||H Q z - Q T z||`` for a coefficient vector z (exact up to rounding): the residual
-        vector's part ``beta_n z_n`` plus each lock's part ``<lock, H Q z>``."""
+        vector's part ``beta_n z_n``, each lock's part ``<lock, H Q z>`` and the drift's ``basis^T sum_j z_j g_j``
+        (Q orthonormal to about sqrt(eps) under "selective", all three about orthogonal)."""
         parts = [self.betas[-1] * z[-1]]
         parts += [float(np.dot(np.asarray(c + [0.0] * (self.n - len(c))), z)) for c in self.lock_coupling]
+        if self.drift:
+            drift = np.zeros(self.n)
+            for j, g in self.drift:
+                drift[:len(g)] += z[j] * g
+            parts.append(float(np.linalg.norm(drift)))
         return float(np.linalg.norm(parts))
 
     def combine(self, coeffs: np.ndarray) -> torch.Tensor:
@@ -223,7 +247,8 @@ class LanczosResult:
         alphas: (n,) float64 diagonal of T.
         betas: (n,) float64: ``betas[:-1]`` is T's off-diagonal (0 where a restart happened),
             ``betas[-1]`` the norm of the last residual vector.
-        residual_bounds: (m,) float64 ``||H z - theta z||`` for each Ritz pair (computed from T).
+        residual_bounds: (m,) float64 ``||H z - theta z||`` for each Ritz pair (computed from T, and
+            for "selective" what its projections removed).
         converged: every wanted pair has ``residual_bound <= tol * max|theta|``.
         num_hvps: products used (both passes).
         num_steps: n, the size of T.
