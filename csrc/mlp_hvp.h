@@ -46,7 +46,8 @@ struct Kernels {
   // Rows of the mean softmax cross entropy, in place: z (N, C) logits -> (softmax(z) - t) * scale,
   // rz (N, K, C) -> (diag(p) - p p^T) rz * scale per tangent, with scale = 1 / (rows kept); rows whose
   // target is ignore_index become 0. Targets are in range (count_kept checked them). Sets flags[0] if a kept
-  // row max of z is not finite, flags[1] if some kept <p, rz_k> is not finite (flags: int32 (2,) on
+  // row max of z, or an ignored row of z, is not finite, flags[1] if some kept <p, rz_k>, or an ignored
+  // row of rz, is not finite (flags: int32 (2,) on
   // the device of z).
   void (*loss)(at::Tensor& z, const at::Tensor& target, at::Tensor& rz, double label_smoothing,
                int64_t ignore_index, double scale, at::Tensor& flags);

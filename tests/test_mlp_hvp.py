@@ -481,6 +481,34 @@ def test_cached_form_bad_state_raises_clear_errors(backend, device, rng):
                               activations=model[2], backend=backend)
 
 
+@pytest.mark.parametrize("backend, device", PAIRS)
+def test_no_chosen_parameter_gives_an_empty_product(backend, device, rng):
+    # V with no rows (every offset -1): the compiled cached pass raised "Expected a proper Tensor but got None".
+    p = _cast(_problem([5, 4, 3], ["tanh", "identity"], [True, False], 2, rng), device=device)
+    model = dict(x=p["x"], weights=p["weights"], biases=p["biases"], activations=p["activations"])
+    state = ops.mlp_hvp_state(**model, target=p["target"], backend=backend)
+    V = torch.empty(0, 2, dtype=torch.float64, device=device)
+    flat = ops.mlp_hvp_flat(**model, target=p["target"], V=V, weight_offsets=[-1, -1], bias_offsets=[-1, -1],
+                            backend=backend)
+    cached = ops.mlp_hvp_flat_cached(**model, state=state, V=V, weight_offsets=[-1, -1], bias_offsets=[-1, -1],
+                                     backend=backend)
+    assert flat.shape == cached.shape == (0, 2)
+
+
+@pytest.mark.parametrize("backend, device", PAIRS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_ignored_row_raises(backend, device, bad, rng):
+    # An ignored row adds nothing to the loss, but a NaN or Inf in it reaches every product through the
+    # backward's 0 * Inf: the compiled kernels checked the kept rows only and returned NaN products.
+    p = _cast(_problem([5, 4, 3], ["tanh", "relu"], True, 2, rng), device=device)
+    p["target"][3] = -100
+    p["x"][3, 1] = bad
+    with pytest.raises(ValueError, match="NaN or"):
+        ops.mlp_hvp(**p, backend=backend)
+    if bad != bad:  # NaN reaches the logits; tanh takes an Inf to +-1, and the state holds no x
+        with pytest.raises(ValueError, match="NaN or"):
+            ops.mlp_hvp_state(p["x"], p["target"], p["weights"], p["biases"], p["activations"], backend=backend)
+
 def test_fused_operator_cache_equals_the_whole_pass_and_follows_the_weights():
     model = _model()
     x, y = _data(n=15)

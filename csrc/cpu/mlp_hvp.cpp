@@ -167,6 +167,14 @@ void backward_cpu(const at::Tensor& d1, const at::Tensor& d2, const at::Tensor& 
   });
 }
 
+// Whether x[0:n] holds no NaN or Inf.
+template <typename scalar_t>
+bool all_finite(const scalar_t* x, int64_t n) {
+  bool finite = true;
+  for (int64_t j = 0; j < n; ++j) finite &= std::isfinite(x[j]);
+  return finite;
+}
+
 int64_t count_kept_cpu(const at::Tensor& target, int64_t C, int64_t ignore_index) {
   const at::Tensor y = target.contiguous();
   const int64_t* py = y.const_data_ptr<int64_t>();
@@ -200,6 +208,10 @@ void loss_cpu(at::Tensor& z, const at::Tensor& target, at::Tensor& rz, double la
       for (int64_t i = begin; i < end; ++i) {
         scalar_t* zi = pz + i * C;
         if (py[i] == ignore_index) {
+          // An ignored row adds nothing only while it is finite: a NaN or Inf there (from x or a
+          // hidden layer) reaches every product through the backward's 0 * Inf.
+          if (!all_finite(zi, C)) bl = true;
+          if (!all_finite(prz + i * K * C, K * C)) bt = true;
           std::fill(zi, zi + C, scalar_t(0));
           std::fill(prz + i * K * C, prz + (i + 1) * K * C, scalar_t(0));
           continue;

@@ -132,8 +132,19 @@ __global__ void loss_kernel(scalar_t* __restrict__ z, const int64_t* __restrict_
   scalar_t* ri = rz + row * K * C;
   const int64_t target = y[row];
   if (target == ignore_index) {
-    for (int64_t j = lane; j < C; j += kWarp) zi[j] = 0;
-    for (int64_t j = lane; j < K * C; j += kWarp) ri[j] = 0;
+    // An ignored row adds nothing only while it is finite (as in loss_cpu): a NaN or Inf there reaches
+    // every product through the backward's 0 * Inf, so it is flagged before the row is zeroed.
+    bool finite_z = true, finite_r = true;
+    for (int64_t j = lane; j < C; j += kWarp) {
+      finite_z &= isfinite(zi[j]);
+      zi[j] = 0;
+    }
+    for (int64_t j = lane; j < K * C; j += kWarp) {
+      finite_r &= isfinite(ri[j]);
+      ri[j] = 0;
+    }
+    if (!finite_z) flags[0] = 1;  // every writer stores the same 1
+    if (!finite_r) flags[1] = 1;
     return;
   }
   scalar_t m = -INFINITY;

@@ -618,7 +618,9 @@ def mlp_hvp_flat_cached(
     weight_offsets = _offsets(op, "weight_offsets", weight_offsets)
     bias_offsets = _offsets(op, "bias_offsets", bias_offsets)
     check_finite = check_bool(f"{op}: check_finite", check_finite)
-    if choose(op, x.device, backend) == "reference":
+    # No parameter chosen (V has no rows) leaves the compiled pass no layer to start from: the
+    # reference checks the arguments and returns the empty product.
+    if choose(op, x.device, backend) == "reference" or V.shape[0] == 0:
         _check_cached_args(x, state, weights, biases, activations, V, weight_offsets, bias_offsets)
         if check_finite and not V.is_meta and not all_finite(V):  # meta tensors hold no values to check
             raise ValueError(f"{_OP}: the R-derivative of the logits contains NaN or Inf (check V)")
