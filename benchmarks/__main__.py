@@ -1,7 +1,8 @@
 """Benchmark runner: ``python -m benchmarks [suite ...] [--device cpu|cuda] [--quick]``.
 
 Writes ``benchmarks/results/<suite>_<cpu|gpu>.json`` (environment, config, medians, ratios) and
-prints a table per suite.
+prints a table per suite. A ``--quick`` run (a smoke test) writes to ``QUICK_DIR`` in the system's
+temporary folder unless ``--out`` says otherwise, so that it never replaces the committed results.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import argparse
 import importlib
 import inspect
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -24,18 +26,24 @@ SUITES = {
     "lora": "fused LoRA linear forward and forward+backward vs PEFT's layer, the eager expression and the frozen layer",
     "distributed": "Hessian-vector product and gradient over a large batch: 2 processes x 1 thread vs 1 process",
     "unlearn": "unlearning cost as the data grows: retrain vs CureNewton (subsampled Hessian) and fine-tuning",
-    "floors": "the matmuls / convolutions an exact product cannot skip, timed alone, vs ours and PyHessian's cached graph",
+    "floors": "the matmuls / convolutions an exact product cannot skip, timed alone, vs ours and PyHessian's "
+              "cached graph",
 }
+
+QUICK_DIR = Path(tempfile.gettempdir()) / "unlearn_kernels_benchmarks_quick"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+    suites = "\n".join(f"  {name:<12} {what}" for name, what in SUITES.items())
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__, epilog=f"suites:\n{suites}",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suites", nargs="*", default=list(SUITES), help=f"suites to run (default all): {', '.join(SUITES)}")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("suites", nargs="*", default=list(SUITES), help="suites to run (default all; listed below)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:<index> (default: cuda when one is visible, else cpu)")
     parser.add_argument("--quick", action="store_true", help="smaller shapes, short timing, no torch.compile")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile candidates")
-    parser.add_argument("--out", default=str(common.RESULTS_DIR), help="directory for the JSON results")
+    parser.add_argument("--out", default=None, help=f"directory for the JSON results (default: {common.RESULTS_DIR}; "
+                                                     f"with --quick {QUICK_DIR})")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -53,13 +61,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--device {args.device!r}: the suites run on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
-    out = Path(args.out)  # checked before any suite runs, not when the first one writes its results
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        parser.error(f"--device {args.device!r}: {torch.cuda.device_count()} CUDA device(s) visible")
+    # checked before any suite runs, not when the first one writes its results
+    out = Path(args.out) if args.out is not None else QUICK_DIR if args.quick else common.RESULTS_DIR
     if out.exists() and not out.is_dir():
-        parser.error(f"--out {args.out!r} is a file, not a directory")
+        parser.error(f"--out {str(out)!r} is a file, not a directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):  # an existing folder may still refuse new files
+            pass
     except OSError as exc:
-        parser.error(f"--out {args.out!r} cannot be made: {exc}")
+        parser.error(f"--out {str(out)!r} cannot be written: {exc}")
+    folders = [str(path) for path in (common.result_path(suite, device, out) for suite in args.suites) if path.is_dir()]
+    if folders:
+        parser.error(f"--out {str(out)!r}: the results would replace folders {folders}")
     env = common.environment(device)
     print(f"device: {env['device_name']} ({env['device']}), torch {env['torch']}, threads {env['cpu_threads']}")
     failed = []
@@ -77,13 +93,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.quick:
                 kwargs.update(module.QUICK)  # every suite declares its quick settings
             measurements, config = module.run(device, **kwargs)
+            config["quick"] = args.quick  # a quick run's JSON says so
+            path = common.write_results(suite, device, measurements, baseline, config, out_dir=out)
         except Exception:  # one failing suite must not cost the others' results (a GPU run is short)
             print(f"\n{suite}: FAILED")
             traceback.print_exc()
             failed.append(suite)
             continue
-        config["quick"] = args.quick  # a quick run's JSON says so
-        path = common.write_results(suite, device, measurements, baseline, config, out_dir=out)
         print(f"\n{suite}: {SUITES[suite]}")
         print(common.format_table(measurements, baseline))
         print(f"results: {path}")

@@ -9,6 +9,7 @@ ratios against the baseline candidate. The gate's call also measures the candida
 from __future__ import annotations
 
 import gc
+import importlib.metadata
 import json
 import platform
 import statistics
@@ -24,6 +25,8 @@ from unlearn_kernels.checkpoint import atomic_write
 from unlearn_kernels.eval import PeakMemory
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ANCHORS = ("numpy", "scipy", "peft", "curvlinops-for-pytorch", "PyHessian")
+"""The packages the suites time ours against (their versions go into every JSON)."""
 
 
 def synchronize(device: torch.device) -> None:
@@ -82,7 +85,16 @@ def environment(device: torch.device) -> dict:
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
+    env["anchors"] = {package: package_version(package) for package in ANCHORS}  # a ratio means little without them
     return env
+
+
+def package_version(package: str) -> str | None:
+    """The installed version of ``package`` (a distribution name), None when it is not installed."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _cpu_name() -> str:
@@ -201,10 +213,13 @@ def write_results(suite: str, device: torch.device, measurements: list[Measureme
             base.median_s / m.median_s if base and base.median_s and m.median_s else None
         )
         rows.append(row)
-    env = environment(device)
-    tag = "gpu" if device.type == "cuda" else "cpu"
-    payload = {"suite": suite, "environment": env, "config": config, "results": rows}
-    return atomic_write(out_dir / f"{suite}_{tag}.json", lambda handle: json.dump(payload, handle, indent=2))
+    payload = {"suite": suite, "environment": environment(device), "config": config, "results": rows}
+    return atomic_write(result_path(suite, device, out_dir), lambda handle: json.dump(payload, handle, indent=2))
+
+
+def result_path(suite: str, device: torch.device, out_dir: Path = RESULTS_DIR) -> Path:
+    """Where :func:`write_results` writes ``suite``'s JSON: ``<out_dir>/<suite>_<cpu|gpu>.json``."""
+    return out_dir / f"{suite}_{'gpu' if device.type == 'cuda' else 'cpu'}.json"
 
 
 def format_table(measurements: list[Measurement], baseline: str) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import queue
 import statistics
 import tempfile
 import time
@@ -74,6 +75,23 @@ def _timed(fn, device: torch.device, calls: int, barrier=None, wait_for_all: boo
     return out
 
 
+def _replies(outbox, procs: list, timeout: float = 600.0) -> dict:
+    """One message from each worker, by rank. A worker that died (its traceback is above in the log)
+    raises a RuntimeError within a second, instead of leaving the parent waiting out ``timeout``."""
+    replies, deadline = {}, time.monotonic() + timeout
+    while len(replies) < len(procs):
+        try:
+            rank, payload = outbox.get(timeout=1.0)
+            replies[rank] = payload
+        except queue.Empty:
+            dead = {rank: p.exitcode for rank, p in enumerate(procs) if not p.is_alive()}
+            if dead:
+                raise RuntimeError(f"distributed suite: worker(s) exited (rank: exit code) {dead}") from None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"distributed suite: no reply from the workers in {timeout:.0f} s") from None
+    return replies
+
+
 def _worker(rank: int, store: str, device_type: str, quick: bool, inbox, outbox) -> None:
     torch.set_num_threads(1)
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
@@ -104,7 +122,8 @@ def _worker(rank: int, store: str, device_type: str, quick: bool, inbox, outbox)
         dist.destroy_process_group()
 
 
-def run(device: torch.device, *, quick: bool = False, min_time: float = 2.0, burst: float = 0.3) -> tuple[list[Measurement], dict]:
+def run(device: torch.device, *, quick: bool = False, min_time: float = 2.0,
+        burst: float = 0.3) -> tuple[list[Measurement], dict]:
     """2 processes x 1 thread against 1 process x 1 thread (see the module docstring).
 
     Returns:
@@ -132,7 +151,7 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 2.0, bur
             single = hessian_operator(model.to(device), nn.CrossEntropyLoss(), (x.to(device), y.to(device)))
             v = torch.randn(single.shape[0], generator=torch.Generator().manual_seed(1)).to(device)
             calls = _calls(single, v)
-            got, peaks = dict(outbox.get(timeout=600) for _ in range(WORLD))[0]
+            got, peaks = _replies(outbox, procs)[0]
             results = []
             for name, fn in calls.items():
                 with peak_memory(device) as peak:
@@ -151,7 +170,7 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 2.0, bur
                     for which in (1, 2):  # the distributed call, then the control
                         for box in inboxes:
                             box.put((name, counts[1], which == 2))
-                        per_rank = dict(outbox.get(timeout=600) for _ in range(WORLD))
+                        per_rank = _replies(outbox, procs)
                         samples[which].extend(per_rank[0])
                 for m, s in zip((base, dist_m, control), samples):
                     if s:

@@ -32,7 +32,6 @@ forward-mode variants, to keep the suite's time in bounds.
 from __future__ import annotations
 
 import copy
-import importlib.metadata
 import json
 import textwrap
 from collections.abc import Callable
@@ -48,7 +47,15 @@ from unlearn_kernels.models.cnn import SmallCNN
 from unlearn_kernels.models.mlp import MLP
 from unlearn_kernels.training import init_model
 
-from .common import RESULTS_DIR, Measurement, check, measure_interleaved, peak_memory, plain_error_tolerance
+from .common import (
+    RESULTS_DIR,
+    Measurement,
+    check,
+    measure_interleaved,
+    package_version,
+    peak_memory,
+    plain_error_tolerance,
+)
 
 ANCHORS = ("curvlinops", "pyhessian", "autograd", "pyhessian:cached-graph")
 """The other libraries' (and plain PyTorch's) HVPs: "fastest anchor" is the fastest of these."""
@@ -312,20 +319,13 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 0.5) -> 
     config = {
         "cases": cases, "dtype": "float32", "K": K, "min_time_s": min_time,
         "anchors": list(ANCHORS), "loss": "nn.CrossEntropyLoss() (mean)",
-        "versions": {pkg: _version(pkg) for pkg in ("curvlinops-for-pytorch", "PyHessian")},
+        "versions": {pkg: package_version(pkg) for pkg in ("curvlinops-for-pytorch", "PyHessian")},
         "unit": "one loss + torch.autograd.grad of the model on the same batch (float32)",
         "reference": "float64 double backward on a float64 copy of the model",
         "note": "all products at fixed weights; ours:* keep per-batch state (cache_bytes default) except *-stream; "
                 "pyhessian:cached-graph keeps its gradient graph; peak_memory_bytes covers set-up and the first call",
     }
     return results, config
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def plot_gradient_units(results: Path = RESULTS_DIR / "hvp_cpu.json",

@@ -1,9 +1,16 @@
 """The benchmark runner's usage errors (``python -m benchmarks``): found before any suite runs."""
 import json
+import os
+import sys
 
 import pytest
+import scipy
+import torch
+import torch.multiprocessing as mp
 
 from benchmarks.__main__ import main
+from benchmarks.common import ANCHORS, environment
+from benchmarks.distributed import _replies
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -33,3 +40,53 @@ def test_a_quick_run_says_so_in_its_json(tmp_path):
     assert main(["softmax_ce", "--quick", "--out", str(tmp_path)]) == 0
     written = json.loads((tmp_path / "softmax_ce_cpu.json").read_text())
     assert written["config"]["quick"] is True and written["results"]
+
+
+def test_a_quick_run_does_not_replace_the_committed_results(monkeypatch, tmp_path):
+    """Without --out, a quick run (a smoke test) writes to QUICK_DIR, not beside the committed JSON."""
+    import benchmarks.__main__ as runner
+
+    monkeypatch.setattr(runner, "QUICK_DIR", tmp_path / "quick")
+    monkeypatch.setattr(runner.common, "RESULTS_DIR", tmp_path / "committed")
+    assert main(["softmax_ce", "--quick"]) == 0
+    assert (tmp_path / "quick" / "softmax_ce_cpu.json").is_file() and not (tmp_path / "committed").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, a folder nobody can add files to")
+def test_out_that_refuses_new_files_is_refused_before_any_suite(capsys):
+    # mkdir(exist_ok=True) accepts it; the suite's work was lost when the JSON could not be written
+    with pytest.raises(SystemExit) as exit_info:
+        main(["softmax_ce", "--quick", "--out", "/proc"])
+    assert exit_info.value.code == 2 and "--out '/proc' cannot be written" in capsys.readouterr().err
+
+
+def test_out_whose_result_path_is_a_folder_is_refused_before_any_suite(capsys, tmp_path):
+    (tmp_path / "softmax_ce_cpu.json").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["softmax_ce", "--quick", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "the results would replace folders" in capsys.readouterr().err
+
+
+def test_cuda_index_beyond_the_visible_devices(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["softmax_ce", "--device", "cuda:1", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "--device 'cuda:1': 1 CUDA device(s) visible" in capsys.readouterr().err
+
+
+def test_the_json_names_the_anchors_versions(tmp_path):
+    """The ratios are against other packages (scipy's eigsh, PEFT, curvlinops): their versions are recorded."""
+    env = environment(torch.device("cpu"))
+    assert set(env["anchors"]) == set(ANCHORS) and env["anchors"]["scipy"] == scipy.__version__
+    assert {"device", "cpu_threads", "torch", "unlearn_kernels"} <= set(env)
+
+
+def test_distributed_suite_stops_waiting_for_a_dead_worker():
+    """A worker that died (NCCL init, out of memory) fails the suite at once, not after 600 s."""
+    ctx = mp.get_context("spawn")
+    dead = ctx.Process(target=sys.exit, args=(3,))
+    dead.start()
+    dead.join()
+    with pytest.raises(RuntimeError, match=r"worker\(s\) exited \(rank: exit code\) \{0: 3\}"):
+        _replies(ctx.Queue(), [dead], timeout=5)  # not "no reply from the workers in 5 s"

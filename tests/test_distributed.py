@@ -173,6 +173,10 @@ def _empty_shard_worker(rank: int, world: int, store: str) -> None:
         _close(op.matvec(v), single.matvec(v))
         _close(op.gradient(), single.gradient())
         _close(op.to_dense(), single.to_dense())
+        # the empty shard's rank checks its input too, inside the collective
+        expect = (TypeError, "dtype torch.float32") if rank == 1 else (RuntimeError, r"rank\(s\) \[1\] failed while")
+        with pytest.raises(expect[0], match=expect[1]):
+            op.matvec(v.float() if rank == 1 else v)
         objective = DistributedObjective(model, nn.CrossEntropyLoss(), (x[part], y[part]),
                                          process_group=dist.group.WORLD)
         _close(objective.gradient(), Objective(model, nn.CrossEntropyLoss(), (x, y)).gradient())
@@ -260,6 +264,19 @@ def _failure_worker(rank: int, world: int, store: str) -> None:
         expect = (RuntimeError, "out of memory") if rank == 1 else (RuntimeError, r"rank\(s\) \[1\] failed while")
         with pytest.raises(expect[0], match=expect[1]):
             op.matvec(torch.ones(op.shape[0], dtype=torch.float64))
+        # A rank that refuses its input takes part too: the other raises at once, not at the timeout, and
+        # the ranks stay in step (before, rank 0's matvec waited and was summed with rank 1's next call).
+        wrapped.fail = False
+        ones = torch.ones(op.shape[0], 2, dtype=torch.float64)
+        good, bad = {"matvec": ones[:, 0], "matmat": ones}, {"matvec": ones[:, 0].float(), "matmat": ones.clone()}
+        bad["matmat"][0, 1] = float("nan")
+        errors = {"matvec": (TypeError, "dtype torch.float32"), "matmat": (ValueError, "NaN")}
+        for name in ("matvec", "matmat"):
+            expect = errors[name] if rank == 1 else (RuntimeError, rf"rank\(s\) \[1\] failed while computing a {name}")
+            with pytest.raises(expect[0], match=expect[1]):
+                getattr(op, name)((bad if rank == 1 else good)[name])
+        single = hessian_operator(model, nn.CrossEntropyLoss(), (x, y), path="generic")
+        _close(op.matmat(ones), single.matmat(ones))
     finally:
         dist.destroy_process_group()
 
@@ -456,3 +473,8 @@ def test_bad_process_group():
         hessian_operator(model, nn.CrossEntropyLoss(), (x, y), process_group="gloo")
     with pytest.raises(TypeError, match="cure_newton: process_group must be a torch.distributed ProcessGroup"):
         METHODS["cure_newton"](process_group="gloo")
+    # new_group's handle on the ranks it leaves out is an int: say so, not "got int"
+    with pytest.raises(ValueError, match="this rank is not a member of process_group"):
+        hessian_operator(model, nn.CrossEntropyLoss(), (x, y), process_group=dist.GroupMember.NON_GROUP_MEMBER)
+    with pytest.raises(ValueError, match="cure_newton: this rank is not a member of process_group"):
+        METHODS["cure_newton"](process_group=dist.GroupMember.NON_GROUP_MEMBER)

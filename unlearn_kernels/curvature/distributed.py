@@ -8,7 +8,10 @@ gradient is the sum of the ranks' local results weighted by their shard sizes::
     C v = sum_r (n_r / N) C_r v,        N = sum_r n_r,
 
 with C_r the operator of the mean loss over rank r's n_r rows: the mean over all N rows, the same
-operator one process would build on all the data. :class:`DistributedObjective` does the same for
+operator one process would build on all the data. Each shard weighs as a batch does in one process:
+for a loss whose batch mean has another denominator (cross entropy's ``ignore_index`` rows, class
+weights) this is the operator one process builds with the shards as its batches, not with one batch
+(see ``hessian_operator``'s ``loss_fn``). :class:`DistributedObjective` does the same for
 the value and gradient of an :class:`~unlearn_kernels.curvature.objective.Objective`. One
 ``all_reduce`` per call (gloo on CPU, NCCL on GPU). Collectives return the same bits on every rank,
 so solvers and methods that draw their random vectors from the same seed take the same steps on
@@ -26,12 +29,16 @@ rank takes part in one more small all_reduce of the checksums, and the same Valu
 every rank if they differ. So the check costs one collective of a few numbers per weight change, none
 per product at fixed weights, and no product computed at different weights is ever returned.
 
-A rank whose shard is empty takes part with zeros. A rank whose local computation fails still
-takes part in the reduction and raises its own error; the others then raise a RuntimeError naming
-it. A rank that never arrives (a crash, or a different sequence of calls) makes the others fail
-after the process group's timeout (``torch.distributed.init_process_group(timeout=...)``) instead
+A rank whose shard is empty takes part with zeros. A rank whose local computation fails, or that
+refuses its matvec or matmat input, still takes part in the reduction and raises its own error; the
+others then raise a RuntimeError naming it. A rank that never arrives (a crash, or a call the others
+do not make) makes the others fail after the process group's timeout
+(``torch.distributed.init_process_group(timeout=...)``), or at once when its process ended, instead
 of hanging: with gloo each waiting rank raises a RuntimeError that says so (tested); with NCCL the
-group's watchdog aborts the process (NCCL reports errors asynchronously). The group is held weakly
+group's watchdog aborts the process (NCCL reports errors asynchronously). Ranks that make different
+calls at the same point are not told apart: a matvec on one rank and a gradient on another (payloads
+of one size) are summed, payloads of different sizes abort gloo ("Received data size doesn't match
+expected size"). The group is held weakly
 (:class:`GroupRef`): ``destroy_process_group`` frees it while operators and objectives are alive.
 """
 from __future__ import annotations
@@ -62,6 +69,10 @@ class GroupRef:
     """
 
     def __init__(self, group: dist.ProcessGroup, owner: str) -> None:
+        if group is dist.GroupMember.NON_GROUP_MEMBER:  # an int (-100): "got int" would not say why
+            raise ValueError(f"{owner}: this rank is not a member of process_group (new_group returns "
+                             "GroupMember.NON_GROUP_MEMBER on the ranks it leaves out): only the group's ranks may "
+                             "pass it")
         if not isinstance(group, dist.ProcessGroup):
             raise TypeError(f"{owner}: process_group must be a torch.distributed ProcessGroup (e.g. dist.group.WORLD "
                             f"after init_process_group), got {type(group).__name__}")
@@ -251,9 +262,9 @@ class ShardGroup:
         flat[:payload.numel()] = payload.reshape(-1)
         return self._all_reduce(flat, payload.shape, failure, what)[0]
 
-    def combine(self, local: Callable[[], torch.Tensor] | None, like: torch.Tensor, what: str) -> torch.Tensor:
+    def combine(self, local: Callable[[], torch.Tensor | None] | None, like: torch.Tensor, what: str) -> torch.Tensor:
         """``sum_r (n_r / N) result_r``: this rank's result (``local()``; zeros shaped like ``like``
-        on an empty shard, where ``local`` is None), weighted and all-reduced.
+        where ``local`` is or returns None, as on an empty shard), weighted and all-reduced.
 
         With :attr:`weights`, the all_reduce also carries one flag per rank, set where the weights
         changed since the ranks last compared them (asked after ``local()``, which may itself look
@@ -262,13 +273,14 @@ class ShardGroup:
         flags = self.world_size * (1 if self.weights is None else 2)  # failure, then weights changed, per rank
         flat = like.new_empty(like.numel() + flags)  # the result, then the flags
         out, failure = flat[:like.numel()].view_as(like), None
-        if local is None:
-            out.zero_()
-        else:
-            try:
-                torch.mul(local(), self.weight, out=out)  # written in place: no copy of a d-long vector
-            except Exception as err:  # reported to the other ranks, then raised here
-                failure = err
+        try:
+            result = None if local is None else local()
+            if result is None:
+                out.zero_()
+            else:
+                torch.mul(result, self.weight, out=out)  # written in place: no copy of a d-long vector
+        except Exception as err:  # reported to the other ranks, then raised here
+            failure = err
         moved = False
         if self.weights is not None:
             try:
@@ -396,18 +408,34 @@ class DistributedOperator:
     def _local(self, fn: Callable[[CurvatureOperator], torch.Tensor]) -> Callable[[], torch.Tensor] | None:
         return None if self.local is None else (lambda: fn(self.local))
 
+    def _product(self, X: torch.Tensor, ndim: int) -> torch.Tensor:
+        """The local ``matvec`` (``ndim`` 1) or ``matmat`` (2) of ``X``, combined. ``X`` is checked inside
+        the collective: a rank that refuses its input still takes part, so the others raise at once
+        instead of waiting for the timeout (or pairing this call with that rank's next one). The
+        payload is sized by the operator, never by a bad ``X``, so every rank's has the same size."""
+        shape = (self.shape[0],)
+        if ndim == 2:
+            if not (isinstance(X, torch.Tensor) and X.dim() == 2 and X.shape[1] > 0):
+                self._check_input(X, ndim)  # raises, here alone: without K no payload size matches the others'
+            shape += (X.shape[1],)
+
+        def local() -> torch.Tensor | None:
+            self._check_input(X, ndim)
+            return None if self.local is None else (self.local.matvec if ndim == 1 else self.local.matmat)(X)
+
+        like = torch.empty(shape, dtype=self.dtype, device=self.device)
+        return self.shards.combine(local, like, "computing a matvec" if ndim == 1 else "computing a matmat")
+
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """C @ v for a flat (d,) vector (one all_reduce); the same result on every rank."""
-        self._check_input(v, ndim=1)
-        out = self.shards.combine(self._local(lambda op: op.matvec(v)), v, "computing a matvec")
+        out = self._product(v, 1)
         self.num_products += 1
         self.num_data_passes += 1
         return out
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """C @ V for a (d, K) matrix: K products in one data pass and one all_reduce."""
-        self._check_input(V, ndim=2)
-        out = self.shards.combine(self._local(lambda op: op.matmat(V)), V, "computing a matmat")
+        out = self._product(V, 2)
         self.num_products += V.shape[1]
         self.num_data_passes += 1
         return out
