@@ -86,10 +86,8 @@ def parse_method_options(items: list[str]) -> dict[str, dict[str, Any]]:
 
 def _option_value(text: str) -> Any:
     """A ``--set`` VALUE: a Python literal, a torch dtype written ``torch.<name>``, else the text."""
-    try:
+    with contextlib.suppress(ValueError, SyntaxError, TypeError):  # not a literal: a dtype or the text
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError, TypeError):
-        pass
     if text.startswith("torch."):
         import torch
 
