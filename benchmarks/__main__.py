@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from unlearn_kernels.checkpoint import probe_atomic_write
+
 from . import common
 
 SUITES = {
@@ -69,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--out {str(out)!r} is a file, not a directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):  # an existing folder may still refuse new files
-            pass
+        # an existing folder may still refuse new files
+        probe_atomic_write(common.result_path(args.suites[0], device, out))
     except OSError as exc:
         parser.error(f"--out {str(out)!r} cannot be written: {exc}")
     folders = [str(path) for path in (common.result_path(suite, device, out) for suite in args.suites) if path.is_dir()]

@@ -150,13 +150,12 @@ def _check_writable_file(path: Path) -> None:
         raise ValueError(f"checkpoint path {str(path)!r}: its folder cannot be made ({error})") from None
 
 
-def _check_folder_takes_files(path: Path) -> None:
-    """ValueError if no file can be created beside ``path`` (a read-only folder or file system), which
-    :func:`atomic_write` needs: tried with the same call, and the trial file removed."""
-    try:
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as error:
-        raise ValueError(f"checkpoint path {str(path)!r}: its folder takes no new file ({error})") from None
+def probe_atomic_write(path: str | os.PathLike[str]) -> None:
+    """OSError if :func:`atomic_write` could not create its temporary file beside ``path`` (a read-only
+    folder or file system): tried with the same call, and the trial file removed. Lets a caller
+    refuse, before its work, a place it could not save that work to."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     os.unlink(name)
 
@@ -299,7 +298,10 @@ def train_or_load(
     if state is not None:
         model.load_state_dict(state)
         return model.to(device).eval(), None
-    _check_folder_takes_files(Path(path))  # a cache that is only read still serves the loads above
+    try:  # checked here, not before the load: a cache that is only read still serves the loads above
+        probe_atomic_write(path)
+    except OSError as error:
+        raise ValueError(f"checkpoint path {str(path)!r}: its folder takes no new file ({error})") from None
     stats = train(model, data, config, device=device, progress=progress)
     save_checkpoint(path, model, metadata)
     return model, stats
