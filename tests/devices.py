@@ -13,6 +13,9 @@ from unlearn_kernels.backends import status
 DEVICES: tuple[str, ...] = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
 """Every device a test should run on here."""
 
+AUTOCAST_DTYPE: dict[str, torch.dtype] = {"cpu": torch.bfloat16, "cuda": torch.float16}
+"""The lower precision the autocast tests run each device type in (the tests of ops that follow F.linear)."""
+
 # Triton takes CPU tensors only through its interpreter, i.e. where no GPU is visible.
 _BACKENDS_ON = {"cpu": ("reference", "cpp") + (() if torch.cuda.is_available() else ("triton",)),
                 "cuda": ("reference", "cuda", "triton")}

@@ -6,11 +6,14 @@ import sys
 
 import pytest
 import torch
+from devices import AUTOCAST_DTYPE
+from tolerance import assert_within_rule
 from torch import nn
 
 from unlearn_kernels import lora
 from unlearn_kernels.curvature import hessian_operator
 from unlearn_kernels.models import MLP, SmallCNN
+from unlearn_kernels.ops import lora_linear_ref
 
 
 @pytest.fixture(scope="module")
@@ -348,3 +351,55 @@ def test_missing_peft_gives_a_clear_error(monkeypatch):
         lora.from_peft(mlp())
     with pytest.raises(ImportError, match=r"unlearn-kernels\[peft\]"):
         lora.to_peft(mlp())
+
+
+def _as_reference(model):
+    """A copy of ``model`` whose LoRALinear layers run the plain expression lora_linear_ref instead of
+    the fused op (what PEFT's layer computes)."""
+    model = copy.deepcopy(model)
+    for adapter in lora.adapter_modules(model).values():
+        adapter.forward = lambda x, a=adapter: lora_linear_ref(x, a.base.weight, a.base.bias, a.lora_a, a.lora_b,
+                                                               a.scale)
+    return model
+
+
+def _run(model, x, dtype):
+    """Output and adapter gradients of ``model``, under autocast to ``dtype`` on x's device (None: without)."""
+    model.zero_grad()
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+        out = model(x)
+    out.float().square().sum().backward()
+    return out, {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_adapters_under_autocast_run_in_the_autocast_dtype(device):
+    """A float32 model with LoRA adapters under autocast (bfloat16 on the CPU, float16 on a GPU): the
+    adapted layers compute in the autocast dtype like nn.Linear, the output matches the plain LoRA
+    expression under the same autocast, and the float32 adapter parameters get float32 gradients
+    (computed in the autocast dtype) that match it too; both against the model run in float32."""
+    low = AUTOCAST_DTYPE[device.type]
+    model = mlp().float().to(device)
+    lora.add_adapters(model, "*", rank=3, alpha=6)
+    randomize_b(model)
+    x = X.float().to(device)
+    out, grads = _run(model, x, low)
+    plain, plain_grads = _run(_as_reference(model), x, low)
+    exact, exact_grads = _run(model, x, None)
+    assert out.dtype == plain.dtype == low
+    assert_within_rule(out, plain, exact)
+    assert set(grads) == set(plain_grads) == set(lora.adapter_parameter_names(model))
+    for name, g in grads.items():
+        assert g.dtype == torch.float32 and torch.equal(g, g.to(low).float())
+        assert_within_rule(g.to(low), plain_grads[name].to(low), exact_grads[name])
+
+
+def test_float64_adapters_under_autocast_are_unchanged(device):
+    """Autocast leaves float64 alone (nn.Linear stays float64): so does the adapter, bit for bit."""
+    model = mlp().to(device)
+    lora.add_adapters(model, "*", rank=3)
+    randomize_b(model)
+    x = X.to(device)
+    out, grads = _run(model, x, AUTOCAST_DTYPE[device.type])
+    out_off, grads_off = _run(model, x, None)
+    assert out.dtype == torch.float64 and torch.equal(out, out_off)
+    assert all(torch.equal(grads[n], grads_off[n]) for n in grads)

@@ -3,7 +3,7 @@ gradients, the JVP), gradcheck, the torch.func transforms (jvp, vmap, forward-ov
 backward), opcheck on every registered op, and bad input."""
 import pytest
 import torch
-from devices import backend_devices
+from devices import AUTOCAST_DTYPE, backend_devices
 from tolerance import assert_within_rule
 
 from unlearn_kernels.backends import BackendUnavailableError
@@ -344,3 +344,80 @@ def test_non_finite_values_propagate_like_f_linear(backend):
     assert out[1].isnan().all()
     rows = [0, 2, 3]
     torch.testing.assert_close(out[rows], expected[rows])
+
+
+def _leaves(*tensors):
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+@pytest.mark.parametrize(("backend", "device"), CASES)
+@pytest.mark.parametrize("shape", [((7,), 13, 11, 3), ((2, 5), 33, 17, 1), ((130,), 20, 129, 16)], ids=str)
+@pytest.mark.parametrize("backward_inside", [False, True], ids=["backward_after", "backward_inside"])
+def test_autocast_follows_f_linear(backend, device, shape, backward_inside, rng):
+    """Under autocast the op runs in the autocast dtype like F.linear (float32 leaves cast to it), its
+    output has that dtype and matches the reference under the same autocast, and the gradients reach
+    the float32 x, A and B in float32, as autograd's casts give (whether backward runs inside the
+    autocast region or after it)."""
+    low = AUTOCAST_DTYPE[device]
+    x, weight, b, lora_a, lora_b, scale = make(*shape, torch.float32, device, rng)
+    grad_out = torch.randn(*shape[0], shape[2], dtype=torch.float64, generator=rng).to(device=device, dtype=low)
+    results = {}
+    for name, fn in (("ours", lambda *a: lora_linear(*a, backend=backend)), ("plain", lora_linear_ref)):
+        leaves = _leaves(x, lora_a, lora_b)
+        with torch.autocast(device, dtype=low):
+            out = fn(leaves[0], weight, b, leaves[1], leaves[2], scale)
+            grads = torch.autograd.grad(out, leaves, grad_out) if backward_inside else None
+        if grads is None:
+            grads = torch.autograd.grad(out, leaves, grad_out)
+        results[name] = out, grads
+    (out, grads), (plain, plain_grads) = results["ours"], results["plain"]
+    assert out.dtype == plain.dtype == low and out.shape == (*shape[0], shape[2])
+    # the exact layer on the inputs as autocast rounds them
+    rounded = [t.to(low).double() for t in (x, weight, b, lora_a, lora_b)]
+    exact_leaves = _leaves(rounded[0], rounded[3], rounded[4])
+    exact_out = exact(exact_leaves[0], rounded[1], rounded[2], exact_leaves[1], exact_leaves[2], scale)
+    assert_within_rule(out, plain, exact_out)
+    exact_grads = torch.autograd.grad(exact_out, exact_leaves, grad_out.double())
+    for g, p, e, leaf in zip(grads, plain_grads, exact_grads, (x, lora_a, lora_b)):
+        assert g.dtype == p.dtype == leaf.dtype == torch.float32
+        assert torch.equal(g, g.to(low).float())  # computed in the autocast dtype, then cast back
+        assert_within_rule(g.to(low), p.to(low), e)
+
+
+@pytest.mark.parametrize(("backend", "device"), CASES)
+def test_autocast_leaves_float64_alone(backend, device, rng):
+    """Autocast does not cast float64 (F.linear stays float64): neither does the op; results and
+    gradients are those without autocast, bit for bit."""
+    x, weight, b, lora_a, lora_b, scale = make((3, 4), 9, 6, 2, torch.float64, device, rng)
+    runs = []
+    for enabled in (False, True):
+        leaves = _leaves(x, lora_a, lora_b)
+        with torch.autocast(device, dtype=AUTOCAST_DTYPE[device], enabled=enabled):
+            assert torch.nn.functional.linear(x, weight, b).dtype == torch.float64
+            out = lora_linear(leaves[0], weight, b, leaves[1], leaves[2], scale, backend=backend)
+            runs.append((out, *torch.autograd.grad(out.sin().sum(), leaves)))
+    for off, on in zip(*runs):
+        assert on.dtype == torch.float64 and torch.equal(on, off)
+
+
+@pytest.mark.parametrize(("backend", "device"), CASES)
+@pytest.mark.parametrize("tangents", ["both", "b"])
+def test_autocast_jvp(backend, device, tangents, rng):
+    """lora_linear_jvp under autocast: inputs and tangents cast like the op's, both results in the
+    autocast dtype, matching the reference under the same autocast."""
+    low = AUTOCAST_DTYPE[device]
+    x, weight, b, lora_a, lora_b, scale = make((3, 9), 21, 14, 5, torch.float32, device, rng)
+    ta = torch.randn_like(lora_a) if tangents == "both" else None
+    tb = torch.randn_like(lora_b)
+    with torch.autocast(device, dtype=low):
+        out, tangent = lora_linear_jvp(x, weight, b, lora_a, lora_b, scale, ta, tb, backend=backend)
+        plain_out, plain_tangent = lora_linear_jvp_ref(x, weight, b, lora_a, lora_b, scale, ta, tb)
+    assert out.dtype == tangent.dtype == low
+
+    def rounded(t):
+        return None if t is None else t.to(low).double()
+
+    exact_out, exact_tangent = lora_linear_jvp_ref(*map(rounded, (x, weight, b, lora_a, lora_b)), scale,
+                                                   rounded(ta), rounded(tb))
+    assert_within_rule(out, plain_out, exact_out)
+    assert_within_rule(tangent, plain_tangent, exact_tangent)

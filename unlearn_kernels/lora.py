@@ -148,7 +148,8 @@ class LoRALinear(_Adapter):
         self.reset_adapter()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x W^T + b + scale (x A^T) B^T`` by the fused op (the base layer alone once merged)."""
+        """``x W^T + b + scale (x A^T) B^T`` by the fused op (the base layer alone once merged); under
+        ``torch.autocast`` it computes in the autocast dtype like ``nn.Linear`` (see the op)."""
         if self.merged:
             return self.base(x)
         return ops.lora_linear(x, self.base.weight, self.base.bias, self.lora_a, self.lora_b, self.scale)

@@ -30,9 +30,18 @@ the graph reaches them: double backward and forward-over-reverse work. Its ``jvp
 ``torch.func.jvp``) is the JVP's folded GEMMs in ATen ops, so that ``torch.func.vmap`` over the
 tangents batches them (``generate_vmap_rule``). :func:`lora_linear_jvp` runs output and tangent as
 one compiled op when no graph is recorded.
+
+Autocast: both public ops follow ``F.linear``'s policy. Where autocast is enabled for x's device type,
+the entry point casts every floating-point input on that device except float64 ones to
+``torch.get_autocast_dtype(device_type)`` (recorded casts, so that gradients reach the original
+leaves in their own dtypes) and runs the op with autocast disabled, as does the Function's backward:
+no ATen call inside the op is recast halfway. It is done here rather than with
+``torch.library.register_autocast``, which casts to one fixed dtype at the registered op, below the
+Function (whose saved inputs and backward would keep the uncast dtypes) and past the reference backend.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -125,6 +134,36 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     """x (..., in) as the 2-D (N, in) the ops take. ``reshape(-1, in)`` cannot infer N when x is empty
     (in = 0 makes any N fit), so N is the product of the leading dims."""
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+
+
+# --------------------------------------------------------------------------- autocast
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs ``F.linear`` in on this device type; None where it is off (or absent)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _with_autocast_policy(op, **args):
+    """``op(**args)``, where autocast is on for x's device type as autocast runs ``F.linear``: the
+    floating-point tensors on that device other than float64 cast to its dtype (recorded casts), and
+    autocast off inside the op; anything else (None, non-tensors for the checks to name) unchanged."""
+    x = args["x"]
+    device_type = x.device.type if isinstance(x, torch.Tensor) else None
+    dtype = None if device_type is None else _autocast_dtype(device_type)
+    if dtype is None:
+        return op(**args)
+    args = {name: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+            and t.device.type == device_type else t for name, t in args.items()}
+    with torch.autocast(device_type, enabled=False):
+        return op(**args)
+
+
+def _autocast_off(device_type: str):
+    """A context that disables autocast on ``device_type`` where it is on (else does nothing)."""
+    if _autocast_dtype(device_type) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
 
 
 # --------------------------------------------------------------------------- validation
@@ -230,7 +269,9 @@ class _LoRALinearFunction(torch.autograd.Function):
         if grad_out is None:  # the output does not reach the loss (set_materialize_grads(False))
             return None, None, None, None, None, None, None
         x, weight, lora_a, lora_b = ctx.saved_tensors
-        gx, ga, gb = _backward(ctx.backend, grad_out, x, weight, lora_a, lora_b, ctx.scale, (need_x, need_a, need_lb))
+        with _autocast_off(x.device.type):  # a backward called under autocast computes in the saved dtypes
+            gx, ga, gb = _backward(ctx.backend, grad_out, x, weight, lora_a, lora_b, ctx.scale,
+                                   (need_x, need_a, need_lb))
         return gx, None, None, ga, gb, None, None
 
     @staticmethod
@@ -276,10 +317,22 @@ def lora_linear(
         (..., out) tensor of x's dtype. Differentiable w.r.t. x, lora_a and lora_b (backward, double
         backward, ``torch.func`` grad / jvp / vmap); W and b get no gradient.
 
+    Under ``torch.autocast`` for x's device type it behaves like ``F.linear``: floating-point inputs
+    other than float64 are cast to the autocast dtype (``torch.get_autocast_dtype``), the op runs in
+    it with autocast off inside, and the output has that dtype; gradients flow back through the casts
+    to x, lora_a and lora_b in their own dtypes. float64 inputs are left as they are. Outside autocast
+    nothing is cast.
+
     A layer of a model's forward pass, like ``F.linear``: NaN or Inf in the tensors propagates to the
     output without a check (a check would read every input back on each call; the unlearning methods
     check the model's weights and data once, up front).
     """
+    return _with_autocast_policy(_lora_linear, x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b,
+                                 scale=scale, backend=backend)
+
+
+def _lora_linear(x, weight, bias, lora_a, lora_b, scale, backend):
+    """:func:`lora_linear` once its autocast policy applied."""
     _check_inputs(_OP, x, weight, bias, lora_a, lora_b, scale)
     name = choose(_OP, x.device, backend)
     x2 = _rows(x)
@@ -310,8 +363,15 @@ def lora_linear_jvp(
     Returns:
         ``(y, tangent_out)``, both (..., out). When autograd records a graph (an input requires
         grad), both are differentiable (through :func:`lora_linear` and ATen ops); otherwise one
-        compiled op computes them.
+        compiled op computes them. Under ``torch.autocast`` the inputs and tangents are cast as in
+        :func:`lora_linear` and both results have the autocast dtype.
     """
+    return _with_autocast_policy(_lora_linear_jvp, x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b,
+                                 scale=scale, tangent_a=tangent_a, tangent_b=tangent_b, backend=backend)
+
+
+def _lora_linear_jvp(x, weight, bias, lora_a, lora_b, scale, tangent_a, tangent_b, backend):
+    """:func:`lora_linear_jvp` once its autocast policy applied."""
     op = "lora_linear_jvp"
     _check_inputs(op, x, weight, bias, lora_a, lora_b, scale, (("tangent_a", tangent_a), ("tangent_b", tangent_b)))
     name = choose(op, x.device, backend)
