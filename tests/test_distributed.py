@@ -285,6 +285,34 @@ def test_failing_rank_gives_a_clear_error(tmp_path):
     mp.spawn(_failure_worker, args=(2, str(tmp_path / "store")), nprocs=2)
 
 
+def _different_calls_worker(rank: int, world: int, store: str) -> None:
+    """Ranks that make different calls at the same point with payloads of one size (a matvec against
+    the gradient, the products of two operators): every rank raises the same RuntimeError naming the
+    calls (they were summed before), and the ranks stay in step."""
+    _init(rank, world, store)
+    try:
+        model, x, y = model_and_data()
+        part = slice(0, 20) if rank == 0 else slice(20, ROWS)
+        loss, group = nn.CrossEntropyLoss(), dist.group.WORLD
+        op = hessian_operator(model, loss, (x[part], y[part]), path="generic", process_group=group)
+        ggn = ggn_operator(model, loss, (x[part], y[part]), process_group=group)
+        v = torch.ones(op.shape[0], dtype=torch.float64)
+        with pytest.raises(RuntimeError, match=r"made different calls at the same point \(rank 0: computing a matvec "
+                                               r"on .* number 1; rank 1: computing the gradient on .* number 1\)"):
+            op.matvec(v) if rank == 0 else op.gradient()
+        with pytest.raises(RuntimeError, match=r"rank 0: computing a matvec on the group's distributed operator or "
+                                               r"objective number 1; rank 1: computing a matvec on .* number 2\)"):
+            (op if rank == 0 else ggn).matvec(v)
+        single = hessian_operator(model, loss, (x, y), path="generic")
+        _close(op.matvec(v), single.matvec(v))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_different_calls_are_refused_on_every_rank(tmp_path):
+    mp.spawn(_different_calls_worker, args=(2, str(tmp_path / "store")), nprocs=2)
+
+
 def _different_weights_worker(rank: int, world: int, store: str) -> None:
     """Ranks whose weights differ: at construction, or after one rank changed them (in place, through
     ``.data`` without a version bump, or on an empty shard's rank), every rank raises the same

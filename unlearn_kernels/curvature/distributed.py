@@ -35,9 +35,11 @@ others then raise a RuntimeError naming it. A rank that never arrives (a crash, 
 do not make) makes the others fail after the process group's timeout
 (``torch.distributed.init_process_group(timeout=...)``), or at once when its process ended, instead
 of hanging: with gloo each waiting rank raises a RuntimeError that says so (tested); with NCCL the
-group's watchdog aborts the process (NCCL reports errors asynchronously). Ranks that make different
-calls at the same point are not told apart: a matvec on one rank and a gradient on another (payloads
-of one size) are summed, payloads of different sizes abort gloo ("Received data size doesn't match
+group's watchdog aborts the process (NCCL reports errors asynchronously). Each all_reduce also carries
+what every rank is doing (the call's kind and which operator or objective of the group),
+so ranks that make different calls at the same point with payloads of one size (a matvec on one rank
+and a gradient on another, or products of two operators) all raise a RuntimeError naming the calls
+instead of summing them; payloads of different sizes abort gloo ("Received data size doesn't match
 expected size"). The group is held weakly
 (:class:`GroupRef`): ``destroy_process_group`` frees it while operators and objectives are alive.
 """
@@ -201,6 +203,16 @@ def _close(a: float, b: float, scale: float) -> bool:
     return math.isfinite(a - b) and abs(a - b) <= _CHECKSUM_RTOL * scale
 
 
+_CALLS = ("building its local operator or objective", "comparing the ranks' weights", "computing a matvec",
+          "computing a matmat", "computing the gradient", "computing the objective")
+"""What a ShardGroup's all_reduce can be doing, tagged by its 1-based index in every call."""
+_FAILED, _KIND, _OBJECT, _MOVED = range(4)
+"""The rows of flags after the payload, one entry per rank (the last only where the weights are checked)."""
+_SERIALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Per process group, how many ShardGroups this process built on it: the ranks build them in the same
+order (construction is collective), so the n-th one names the same operator or objective on every rank."""
+
+
 class ShardGroup:
     """The ranks of a process group with their shard sizes, the weighted all_reduce, and the check
     that every rank holds the same weights.
@@ -222,6 +234,7 @@ class ShardGroup:
                  weights: WeightCheck | None = None) -> None:
         self._group = GroupRef(process_group, "distributed curvature")
         self.rank, self.world_size = dist.get_rank(process_group), dist.get_world_size(process_group)
+        self.serial = _SERIALS[process_group] = _SERIALS.get(process_group, 0) + 1
         self.device, self.weights = device, weights
         # per rank: rows, size, dtype code, the weights' checksum
         table = torch.zeros(self.world_size, 3 + WeightCheck.SIZE, dtype=torch.float64, device=device)
@@ -258,7 +271,7 @@ class ShardGroup:
     def reduce(self, payload: torch.Tensor, failure: BaseException | None, what: str) -> torch.Tensor:
         """The sum of ``payload`` over the ranks (one all_reduce, with a failure flag per rank).
         Raises ``failure`` on the rank that failed, and a RuntimeError naming it on the others."""
-        flat = payload.new_empty(payload.numel() + self.world_size)
+        flat = payload.new_empty(payload.numel() + _MOVED * self.world_size)
         flat[:payload.numel()] = payload.reshape(-1)
         return self._all_reduce(flat, payload.shape, failure, what)[0]
 
@@ -270,8 +283,8 @@ class ShardGroup:
         changed since the ranks last compared them (asked after ``local()``, which may itself look
         at the weights); if any rank set it, every rank takes part in one more all_reduce of the
         checksums and raises the same ValueError if they differ."""
-        flags = self.world_size * (1 if self.weights is None else 2)  # failure, then weights changed, per rank
-        flat = like.new_empty(like.numel() + flags)  # the result, then the flags
+        rows = _MOVED + (self.weights is not None)  # the failure and call tags, then weights changed, per rank
+        flat = like.new_empty(like.numel() + rows * self.world_size)  # the result, then the flags
         out, failure = flat[:like.numel()].view_as(like), None
         try:
             result = None if local is None else local()
@@ -305,18 +318,22 @@ class ShardGroup:
 
     def _all_reduce(self, flat: torch.Tensor, shape: torch.Size, failure: BaseException | None,
                     what: str, moved: bool | None = None) -> tuple[torch.Tensor, bool]:
-        """All-reduces ``flat`` (the payload, then a failure flag per rank, then, where ``flat`` has
-        room for them, a weights-changed flag per rank (``moved``); set here) and returns the
-        payload's sum shaped ``shape`` and whether any rank's weights changed, or raises as
-        :meth:`reduce` says."""
+        """All-reduces ``flat`` (the payload, then per rank a failure flag, the call's tags (its kind and
+        this group's serial) and, where ``flat`` has room for it, a weights-changed flag
+        (``moved``); set here) and returns the payload's sum shaped ``shape`` and whether any rank's
+        weights changed, or raises as :meth:`reduce` says; a RuntimeError on every rank if the ranks'
+        tags differ."""
         n = math.prod(shape)
         payload, flags = flat[:n], flat[n:].view(-1, self.world_size)
         flags.zero_()
         if failure is not None:
             payload.zero_()
-            flags[0, self.rank] = 1
+            flags[_FAILED, self.rank] = 1
+        # the serial modulo 2**11: exact in every floating dtype down to float16 (bfloat16 rounds it, the
+        # same way on every rank: a rare missed mismatch, never a false one)
+        flags[_KIND, self.rank], flags[_OBJECT, self.rank] = _CALLS.index(what) + 1, self.serial % 2**11
         if moved:
-            flags[1, self.rank] = 1
+            flags[_MOVED, self.rank] = 1
         work = dist.all_reduce(flat, group=self.group, async_op=True)
         try:
             work.wait()
@@ -328,11 +345,26 @@ class ShardGroup:
         if failure is not None:
             raise failure
         flags = flags.tolist()  # one read-back
-        failed = [r for r, flag in enumerate(flags[0]) if flag]
+        self._check_tags([(int(kind), int(serial)) for kind, serial in zip(flags[_KIND], flags[_OBJECT])])
+        failed = [r for r, flag in enumerate(flags[_FAILED]) if flag]
         if failed:
             raise RuntimeError(f"distributed curvature, rank {self.rank} of {self.world_size}: rank(s) {failed} failed "
                                f"while {what} (their own error is raised there)")
-        return payload.view(shape), len(flags) > 1 and any(flags[1])
+        return payload.view(shape), len(flags) > _MOVED and any(flags[_MOVED])
+
+    def _check_tags(self, tags: list[tuple[int, int]]) -> None:
+        """The same RuntimeError on every rank if the ranks' (kind, serial) tags differ."""
+        if len(set(tags)) == 1:
+            return
+
+        def said(kind: int, serial: int) -> str:
+            doing = _CALLS[kind - 1] if 0 < kind <= len(_CALLS) else "an unknown call"
+            return f"{doing} on the group's distributed operator or objective number {serial}"
+
+        listed = "; ".join(f"rank {r}: {said(*tag)}" for r, tag in enumerate(tags))
+        raise RuntimeError(f"distributed curvature, rank {self.rank} of {self.world_size}: the ranks made different "
+                           f"calls at the same point ({listed}), so their results cannot be combined: every rank must "
+                           "make the same calls on the same operators and objectives in the same order")
 
 
 def _build(build: Callable[[DataSpec], Any], data: DataSpec, device: torch.device,
