@@ -75,6 +75,16 @@ def test_kl_hand_computed_and_against_scipy(rng):
     assert kl_divergence(a, a) == 0.0
 
 
+def test_kl_of_underflowing_softmax_is_not_nan():
+    """Logits so far apart that the softmax underflows to exact zeros (ln p = -inf): 0 ln(0 / q) counts as
+    0, as in scipy's entropy (it was 0 * inf = NaN, even for KL(p || p))."""
+    p = torch.tensor([[1e308, -1e308, 0.0], [3.0, 1.0, -2.0]], dtype=torch.float64)
+    q = torch.tensor([[1e308, 0.0, -1e308], [0.0, 1e308, -1e308]], dtype=torch.float64)
+    assert kl_divergence(p, p) == 0.0
+    assert kl_divergence(p[:1], q[:1]) == 0.0  # both all on class 0
+    assert kl_divergence(p[1:], q[1:]) == math.inf  # p has mass where q has none
+
+
 def test_js_against_scipy_symmetric_and_bounded(rng):
     a, b = 2 * torch.randn(9, 4, generator=rng), 2 * torch.randn(9, 4, generator=rng)
     reference = np.mean([jensenshannon(pa, pb) ** 2 for pa, pb in zip(_softmax_np(a), _softmax_np(b))])

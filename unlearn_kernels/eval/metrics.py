@@ -220,7 +220,10 @@ def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
     _check_pair("kl_divergence: p_logits", p_logits, "q_logits", q_logits)
     log_p = torch.log_softmax(p_logits.double(), dim=1)
     log_q = torch.log_softmax(q_logits.double().to(p_logits.device), dim=1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(dim=1).clamp_min(0.0)
+    p = log_p.exp()
+    # 0 ln(0 / q) = 0: a class of probability 0 in p adds nothing, also where ln q is -inf (logits far apart
+    # enough that the softmax underflows; 0 * inf was NaN); ln q = -inf where p > 0 gives KL = inf
+    kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(dim=1).clamp_min(0.0)
     return float(kl.mean())
 
 
