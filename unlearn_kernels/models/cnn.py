@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from ..checks import check_int
+
 
 class SmallCNN(nn.Sequential):
     """``[Conv3x3 -> ReLU -> MaxPool2] * len(channels) -> global average pool -> Linear``.
@@ -23,9 +25,11 @@ class SmallCNN(nn.Sequential):
     """
 
     def __init__(self, in_channels: int, num_classes: int, channels: Sequence[int] = (16, 32, 64)) -> None:
-        if len(channels) == 0 or in_channels < 1 or num_classes < 1 or min(channels) < 1:
-            raise ValueError(f"SmallCNN: need positive sizes and at least one block, got in_channels={in_channels}, "
-                             f"num_classes={num_classes}, channels={tuple(channels)}")
+        in_channels = check_int("SmallCNN: in_channels", in_channels)
+        num_classes = check_int("SmallCNN: num_classes", num_classes)
+        channels = [check_int(f"SmallCNN: channels[{i}]", width) for i, width in enumerate(channels)]
+        if not channels:
+            raise ValueError("SmallCNN: channels must name at least one block, got ()")
         blocks: list[nn.Module] = []
         for fan_in, fan_out in zip([in_channels, *channels[:-1]], channels):
             # ceil_mode keeps a 1-pixel map alive instead of shrinking it to zero

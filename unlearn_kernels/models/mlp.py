@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ..checks import check_choice
+from ..checks import check_choice, check_int
 
 #: activation name -> module class (elementwise activations the fused kernels understand)
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -34,10 +34,9 @@ class MLP(nn.Sequential):
         self, in_features: int, hidden: Sequence[int] = (128,), num_classes: int = 10, activation: str = "relu"
     ) -> None:
         check_choice("MLP: activation", activation, sorted(ACTIVATIONS))
-        widths = [in_features, *hidden]
-        if any(int(w) < 1 for w in widths) or num_classes < 1:
-            raise ValueError(f"MLP: widths must be positive, got in_features={in_features}, hidden={tuple(hidden)}, "
-                             f"num_classes={num_classes}")
+        widths = [check_int("MLP: in_features", in_features)]
+        widths += [check_int(f"MLP: hidden[{i}]", width) for i, width in enumerate(hidden)]
+        num_classes = check_int("MLP: num_classes", num_classes)
         layers: list[nn.Module] = [nn.Flatten()]
         for fan_in, fan_out in zip(widths[:-1], widths[1:]):
             layers += [nn.Linear(fan_in, fan_out), ACTIVATIONS[activation]()]

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_int
+
 
 class BasicBlock(nn.Module):
     """Two 3x3 conv + BatchNorm layers with an identity (or 1x1 projection) shortcut."""
@@ -17,7 +19,8 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(planes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -37,9 +40,9 @@ class ResNet18(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 64) -> None:
         super().__init__()
-        if num_classes < 1 or in_channels < 1 or width < 1:
-            raise ValueError(f"ResNet18: need positive sizes, got num_classes={num_classes}, "
-                             f"in_channels={in_channels}, width={width}")
+        num_classes = check_int("ResNet18: num_classes", num_classes)
+        in_channels = check_int("ResNet18: in_channels", in_channels)
+        width = check_int("ResNet18: width", width)
         self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         stages: list[nn.Module] = []

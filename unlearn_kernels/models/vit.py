@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..checks import check_int
+
 
 class Attention(nn.Module):
     """Multi-head self-attention written out (q k^T / sqrt(d), softmax, times v).
@@ -59,8 +61,11 @@ class SmallViT(nn.Module):
         dim: int = 64, depth: int = 4, heads: int = 4, mlp_ratio: int = 2,
     ) -> None:
         super().__init__()
-        if min(image_size, patch_size, in_channels, num_classes, dim, depth, heads, mlp_ratio) < 1:
-            raise ValueError("SmallViT: every size must be positive")
+        image_size, patch_size, in_channels, num_classes, dim, depth, heads, mlp_ratio = (
+            check_int(f"SmallViT: {name}", value) for name, value in (
+                ("image_size", image_size), ("patch_size", patch_size), ("in_channels", in_channels),
+                ("num_classes", num_classes), ("dim", dim), ("depth", depth), ("heads", heads),
+                ("mlp_ratio", mlp_ratio)))
         if image_size % patch_size:
             raise ValueError(f"SmallViT: patch_size {patch_size} does not divide image_size {image_size}")
         if dim % heads:
