@@ -78,6 +78,20 @@ def test_train_is_deterministic_for_a_seed_and_leaves_the_global_rng_alone():
 
 def test_init_model_is_seeded():
     assert torch.equal(weights(init_model(factory, 1)), weights(init_model(factory, 1)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_init_model_seeds_a_factory_that_builds_on_the_gpu():
+    """A factory that initialises on the GPU draws from the GPU's generator, which init_model seeds too
+    (it seeded the CPU's only: two such models differed)."""
+    def on_gpu():
+        with torch.device("cuda"):
+            return factory()
+
+    state = torch.cuda.get_rng_state()
+    a, b = init_model(on_gpu, 1), init_model(on_gpu, 1)
+    assert weights(a).is_cuda and torch.equal(weights(a), weights(b))
+    assert torch.equal(torch.cuda.get_rng_state(), state)
     assert not torch.equal(weights(init_model(factory, 1)), weights(init_model(factory, 2)))
     with pytest.raises(TypeError, match="nn.Module"):
         init_model(lambda: "not a model", 0)

@@ -144,8 +144,9 @@ def seeded_rng(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
 
 
 def init_model(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
-    """``factory()`` with its random initialisation drawn from ``seed`` (reproducible)."""
-    with seeded_rng(seed):
+    """``factory()`` with its random initialisation drawn from ``seed`` (reproducible): the CPU's
+    generator and, where a GPU is visible, the current GPU's (a factory may build on it)."""
+    with seeded_rng(seed, "cuda" if torch.cuda.is_available() else "cpu"):
         model = factory()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model factory returned {type(model).__name__}, not an nn.Module")
