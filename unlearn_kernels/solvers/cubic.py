@@ -102,21 +102,27 @@ class KrylovCubicSolver:
 
     Hard-case guard (``guard``): in the hard case g has no component along H's bottom eigenvector,
     so the Krylov space of g never sees it and the subspace solution is a stationary point of m
-    that is not its global minimiser. After the main phase the solver restarts Lanczos from a
-    random vector orthogonal to Q and to the last residual vector (a "probe" block, reorthogonalised
-    like the main phase, at most ``probe_steps`` steps, until its bottom Ritz pair has converged to
-    ``sqrt(eps) ||T||``). T becomes block diagonal with no coefficient on the probe block, so if
-    the probe finds curvature below ``-sigma`` the secular op takes the hard case and adds that
-    Ritz vector. The probe's coupling to the dropped residual vector is tracked, so the residual
-    estimate stays exact. When the rest of the space is within the probe's budget (``d - k <=
-    probe_steps`` after k main steps) the probe instead continues Lanczos until it spans the whole
-    space: Q is then square and T exact. (A restart would lock the residual vector out of T, and
-    when the Krylov space of g is nearly all of the space, rounding has put part of the bottom
-    eigenvector there.) Likewise when T is nearly invariant (the last coupling below
-    ``sqrt(eps) ||T||``, e.g. with repeated eigenvalues), the probe continues Lanczos from the
-    residual vector, which rounding has then filled with the bottom eigenvector. The guard needs the
-    stored basis: it is on by default, and off in two-pass mode. (The alternative, perturbing g, was
-    not chosen: it cannot certify ``H + sigma I`` PSD.)
+    that is not its global minimiser; in the near-hard case (a tiny component) it sees it too late.
+    After the main phase (k steps, basis Q, last residual vector r) the solver restarts Lanczos from
+    a random vector orthogonal to Q (a "probe" block P, reorthogonalised like the main phase, at
+    most ``probe_steps`` steps, until its bottom Ritz pair has converged to ``sqrt(eps) ||T||``).
+    The probe is not kept orthogonal to r: in the near-hard case rounding and the tiny component put
+    much of the bottom eigenvector into r, and a probe orthogonal to r cannot see that part. The
+    projection of H on [Q, P] is then T_main and T_probe plus the rank-one coupling
+    ``beta_k e_k w^T`` (``w_j = <r, p_j>``, recorded as the probe runs), a small dense matrix on
+    whose eigendecomposition the secular op solves; g has no coefficient on the probe block. If the
+    probe finds curvature below ``-sigma`` the secular op takes the hard case and adds that Ritz
+    vector (or, near it, a large component along it). The part of r outside [Q, P] is tracked, so
+    the residual estimate stays exact (see :class:`.lanczos.Coupling`). When the probe has changed
+    the answer so that the stopping rule no longer holds (a larger sigma needs more of the Krylov
+    space of g), the main phase resumes from that part of r, within what is left of ``k_max``.
+    When the rest of the space is within the probe's budget (``d - k <= probe_steps``) the probe
+    instead continues Lanczos until it spans the whole space: Q is then square and T exact.
+    Likewise when T is nearly invariant (the last coupling below ``sqrt(eps) ||T||``, e.g. with
+    repeated eigenvalues), the probe continues Lanczos from r, which rounding has then filled with
+    the bottom eigenvector. The guard needs the stored basis: it is on by default, and off in
+    two-pass mode. (The alternative, perturbing g, was not chosen: it cannot certify
+    ``H + sigma I`` PSD.)
 
     ``solve(M)`` runs the Lanczos iteration the first time; later calls with another M (a rejected
     step) re-solve the small problem on the same T with no new products, unless ``extend=True``
@@ -126,7 +132,7 @@ class KrylovCubicSolver:
     Args:
         H: dense symmetric matrix or operator (see :func:`~.operators.as_operator`).
         g: (d,) gradient.
-        k_max: most Lanczos steps of the main phase.
+        k_max: most Lanczos steps of the main phase (with the steps it resumes after the probe).
         reorth: "full", "selective" or "none" (see :mod:`.lanczos`).
         two_pass: store no Lanczos vectors (O(d) memory); s is formed by a second pass. Needs
             reorth="none".
@@ -182,7 +188,7 @@ class KrylovCubicSolver:
     def _small_solve(self, M: float) -> tuple[np.ndarray, float, bool, float, float]:
         """(y, sigma, hard_case, model value, residual) of the k x k problem on the current T."""
         proc = self.process
-        theta, S = ritz_pairs(proc.alphas, proc.betas)
+        theta, S = proc.ritz_pairs()
         c = self.gnorm * S[0, :]
         y_eig, sigma, hard = cubic_secular_solve(torch.from_numpy(theta), torch.from_numpy(c), M)
         y_eig = y_eig.numpy()
@@ -195,17 +201,20 @@ class KrylovCubicSolver:
         return residual <= theta * y_norm**2 or residual <= self.kappa * min(1.0, y_norm) * self.gnorm
 
     # -- the Lanczos phases
-    def _run_main(self, M: float) -> None:
+    def _run_main(self, M: float, limit: int | None = None) -> None:
+        """Lanczos steps until the stopping rule holds for M or the basis has ``limit`` (default
+        ``k_max``) vectors."""
         proc = self.process
+        limit = self.k_max if limit is None else limit
         if proc.n:  # extending an existing T: it may already satisfy the rule for this M
             y, _, _, _, residual = self._small_solve(M)
             if self._accept(M, y, residual):
                 return
         since = 0
-        while proc.n < self.k_max and not proc.exhausted:
+        while proc.n < limit and not proc.exhausted:
             proc.step()
             since += 1
-            done = proc.n >= self.k_max or proc.exhausted or proc.betas[-1] == 0.0
+            done = proc.n >= limit or proc.exhausted or proc.betas[-1] == 0.0
             if since >= self.check_every or done:
                 since = 0
                 y, _, _, _, residual = self._small_solve(M)
@@ -216,16 +225,16 @@ class KrylovCubicSolver:
         proc = self.process
         self._probed = True
         if self.op.shape[0] - proc.n <= self.probe_steps:
-            # The probe could reach the whole space: fill it by continuing Lanczos, with no
-            # residual vector locked out of T (a breakdown restarts into what is left).
+            # The probe could reach the whole space: fill it by continuing Lanczos (T stays
+            # tridiagonal; a breakdown restarts into what is left).
             while not proc.exhausted:
                 proc.step()
             return
         tol = math.sqrt(torch.finfo(self.op.dtype).eps)
-        # Start the probe block from a random vector, unless a breakdown already restarted, or T is
-        # nearly invariant: then the residual vector is what rounding carried out of the Krylov space
-        # of g, the bottom eigenvector above all (the hard case), and Lanczos goes on from it
-        # (a restart would lock it out of the probe).
+        # Start the probe block from a random vector (coupled to the residual vector, see the class
+        # docstring), unless a breakdown already restarted, or T is nearly invariant: then the residual
+        # vector is what rounding carried out of the Krylov space of g, the bottom eigenvector above
+        # all (the hard case), and Lanczos goes on from it.
         if proc.betas[-1] > tol * max(np.abs(proc.alphas).max(), max(proc.betas)):
             proc.restart()
         start = proc.n  # the capacity (k_max + probe_steps, < d here) leaves probe_steps steps
@@ -236,6 +245,22 @@ class KrylovCubicSolver:
             theta, S = ritz_pairs(proc.alphas[start:], proc.betas[start:])
             if abs(proc.betas[-1] * S[-1, 0]) <= tol * max(np.abs(theta).max(), np.abs(proc.alphas).max()):
                 return
+
+    def _resume_main(self, M: float, budget: int) -> None:
+        """After the probe: when the answer no longer satisfies the stopping rule (the probe found
+        curvature below -sigma, so sigma and the step changed), continue the main phase for at most
+        ``budget`` more steps."""
+        proc = self.process
+        y, _, _, _, residual = self._small_solve(M)
+        if budget <= 0 or self._accept(M, y, residual):
+            return
+        # The Krylov space of g goes on from its residual vector r. After a coupled restart the probe holds
+        # part of r: restart from the rest (the probe's own residual vector becomes a coupling in turn).
+        # Otherwise (no restart, or P already holds r) the last block goes on, which continues it.
+        dropped = proc.couplings[0].rest if proc.couplings else None
+        if dropped is not None and norm64(dropped) > math.sqrt(torch.finfo(self.op.dtype).eps) and proc.can_restart:
+            proc.restart(dropped)
+        self._run_main(M, proc.n + budget)
 
     def solve(self, M: float, *, extend: bool | None = None) -> CubicStep:
         """Solve for this M (see the class docstring).
@@ -252,7 +277,9 @@ class KrylovCubicSolver:
         if extend:
             self._run_main(M)
             if self.guard and not self._probed:
+                main_steps = proc.n
                 self._run_probe()
+                self._resume_main(M, self.k_max - main_steps)
         y, sigma, hard, value, residual = self._small_solve(M)
         s = replay(self.op, self._v0, proc.n, y) if self.two_pass else proc.combine(y)
         s_norm = norm64(s)

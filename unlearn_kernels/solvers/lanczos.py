@@ -25,6 +25,12 @@ Breakdown: when beta falls to rounding level (the op returns 0, or beta <= 100 e
 Krylov space is invariant: beta is set to 0. With stored vectors the process then restarts from a
 random vector orthogonal to everything stored (T gets a zero coupling there); without (two-pass
 mode) it stops.
+
+A forced restart (:meth:`LanczosProcess.restart` while beta > 0) drops a residual vector r that
+is not rounding: the new block starts orthogonal to the stored vectors but not to r, so the
+projection of H on the basis is T plus a rank-one coupling ``beta <r, q_j>`` between the vector r
+was the residual of and every later vector ``q_j``; :meth:`LanczosProcess.ritz_pairs` then
+diagonalises that dense matrix.
 """
 from __future__ import annotations
 
@@ -49,6 +55,27 @@ def _unit(v: torch.Tensor) -> torch.Tensor:
     return v / torch.linalg.vector_norm(v.double()).to(v.dtype)
 
 
+@dataclass
+class Coupling:
+    """A residual vector r dropped at a forced restart, which every later vector still sees.
+
+    Attributes:
+        row: the index of the Lanczos vector r was the residual of (``H q_row = ... + beta r``).
+        beta: the norm of that residual, the coupling T dropped.
+        start: the index of the first vector after the restart (``row + 1``).
+        weights: ``<r, q_j>`` for the vectors ``q_start, ..., q_{n-1}``: the projection of H has
+            ``beta * weights`` in row ``row``, columns ``start:n`` (and symmetrically).
+        rest: r less its components along those vectors (float64): the part of ``H q_row`` outside
+            the basis, ``beta * rest``.
+    """
+
+    row: int
+    beta: float
+    start: int
+    weights: list[float]
+    rest: torch.Tensor
+
+
 def ritz_pairs(alphas: list[float], betas: list[float]) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues (ascending) and eigenvectors of the symmetric tridiagonal with diagonal
     ``alphas`` and off-diagonal ``betas[:len(alphas) - 1]``, in float64."""
@@ -63,10 +90,10 @@ class LanczosProcess:
 
     State, after n steps: ``alphas``/``betas`` (lists of n floats; ``betas[j]`` couples vector j
     with j + 1, and the last one is the norm of the residual vector ``q``), the stored vectors
-    ``basis[:n]`` (rows; only when ``store_basis``), and ``locks``: residual vectors dropped at a
-    restart, kept orthogonal to every later vector, with ``lock_coupling[l][j] = <lock_l, H q_j>``
-    so that residual norms stay exact (see :meth:`residual_norm`); with "selective", ``drift``: the
-    parts of ``H q_j`` the purges removed, as pairs ``(j, g)`` meaning ``basis[:len(g)]^T g``.
+    ``basis[:n]`` (rows; only when ``store_basis``), ``couplings``: the residual vectors dropped at
+    forced restarts (see :class:`Coupling`), which keep the projection of H on the basis and the
+    residual norms exact (see :meth:`ritz_pairs`, :meth:`residual_norm`); with "selective", ``drift``:
+    the parts of ``H q_j`` the purges removed, as pairs ``(j, g)`` meaning ``basis[:len(g)]^T g``.
 
     Args:
         op: a validated operator.
@@ -93,8 +120,7 @@ class LanczosProcess:
         self.alphas: list[float] = []
         self.betas: list[float] = []
         self.restarts = 0
-        self.locks: list[torch.Tensor] = []
-        self.lock_coupling: list[list[float]] = []
+        self.couplings: list[Coupling] = []
         self._ritz = torch.empty((0, d), dtype=op.dtype, device=op.device)
         self._ritz_coef = np.zeros((0, 0))  # the Ritz vectors' coefficients in the basis (columns)
         self.drift: list[tuple[int, np.ndarray]] = []
@@ -110,9 +136,7 @@ class LanczosProcess:
     @property
     def can_restart(self) -> bool:
         """Whether a vector orthogonal to everything stored exists and fits in the capacity."""
-        new_lock = 1 if self.n and self.betas[-1] > 0.0 else 0
-        used = self.n + len(self.locks) + new_lock
-        return self.basis is not None and self.n < self.capacity and used < self.op.shape[0]
+        return self.basis is not None and self.n < self.capacity and self.n < self.op.shape[0]
 
     @property
     def exhausted(self) -> bool:
@@ -130,11 +154,19 @@ class LanczosProcess:
         beta_prev = self.betas[-1] if j else 0.0
         q_next, alpha_t, beta_t = lanczos_step(hq, self.q, self.q_prev, beta_prev, against)
         alpha, beta = float(alpha_t), float(beta_t)
-        for lock, coupling in zip(self.locks, self.lock_coupling):
-            # Keep q_next orthogonal to the lock (twice, like CGS2) and record <lock, H q>.
-            coupling.append(float(torch.dot(lock.double(), hq.double())))
+        for cp in self.couplings:
+            # q is orthogonal to the vectors before the restart, but H q has the part beta <r, q> along
+            # basis[row] (H is symmetric): it is the coupling entry, kept out of q_next (twice, like CGS2;
+            # already done by "full"). r's part along q is taken off what stays outside the basis.
+            weight = 0.0
             for _ in range(2):
-                q_next = q_next - torch.dot(lock, q_next) * lock
+                w = torch.dot(cp.rest, self.q.double())
+                cp.rest = cp.rest - w * self.q.double()
+                weight += float(w)
+            cp.weights.append(weight)
+            row = self.basis[cp.row]
+            for _ in range(2):
+                q_next = q_next - torch.dot(row, q_next) * row
             shrink = norm64(q_next)
             beta *= shrink
             q_next = q_next / shrink if shrink > 0 else q_next
@@ -156,25 +188,43 @@ class LanczosProcess:
                 self.stopped = True
         return hq
 
-    def restart(self) -> None:
-        """Continue from a random unit vector orthogonal to all stored vectors and locks (needs the
-        basis). T gets a zero coupling there; a non-zero residual vector (a forced restart, not a
-        breakdown) becomes a lock, so that residual norms stay exact."""
+    def restart(self, start: torch.Tensor | None = None) -> None:
+        """Continue from ``start`` (default: a random vector), made orthogonal to all stored vectors
+        and normalised (needs the basis; ``start`` must not lie in their span). T gets a zero coupling
+        there; a non-zero residual vector r (a forced restart, not a breakdown) becomes a
+        :class:`Coupling`. The new vector is not made orthogonal to r: the new block can then reach
+        what r holds (e.g. an eigenvector that rounding carried out of the Krylov space), at the price
+        of a rank-one coupling to the block before."""
         if not self.can_restart:
             raise ValueError("no restart possible: two-pass mode stores no basis, or the space is exhausted")
         if self.n and self.betas[-1] > 0.0:
-            self.locks.append(self.q)
-            self.lock_coupling.append([0.0] * (self.n - 1) + [self.betas[-1]])
+            self.couplings.append(Coupling(self.n - 1, self.betas[-1], self.n, [], self.q.double()))
             self.betas[-1] = 0.0
-        against = torch.cat([self.basis[:self.n], *[lock.unsqueeze(0) for lock in self.locks]])
-        v = torch.randn(self.op.shape[0], generator=self.generator, dtype=torch.float64)
-        v = v.to(device=self.op.device, dtype=self.op.dtype)
+        against = self.basis[:self.n]
+        if start is None:
+            start = torch.randn(self.op.shape[0], generator=self.generator, dtype=torch.float64)
+        v = start.to(device=self.op.device, dtype=self.op.dtype)
         for _ in range(2):
             v = v - against.T @ (against @ v)
         self.q, self.q_prev = _unit(v), None
         self.restarts += 1
 
+    def ritz_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """Eigenvalues (ascending) and eigenvectors (columns) of the projection of H on the basis,
+        in float64: T's (tridiagonal) without forced restarts, else T's with the couplings' entries."""
+        if not self.couplings:
+            return ritz_pairs(self.alphas, self.betas)
+        off = np.asarray(self.betas[:self.n - 1], dtype=np.float64)
+        A = np.diag(np.asarray(self.alphas, dtype=np.float64)) + np.diag(off, 1) + np.diag(off, -1)
+        for cp in self.couplings:
+            entries = cp.beta * np.asarray(cp.weights)
+            A[cp.row, cp.start:cp.start + len(entries)] = entries
+            A[cp.start:cp.start + len(entries), cp.row] = entries
+        return np.linalg.eigh(A)
+
     def _update_ritz(self) -> None:
+        # T's Ritz pairs, couplings left out: the vectors before a forced restart then count as converged,
+        # so the later vectors are kept orthogonal to them
         theta, S = ritz_pairs(self.alphas, self.betas)
         bounds = np.abs(self.betas[-1] * S[-1, :])
         good = bounds <= np.sqrt(self._eps) * max(np.abs(theta).max(), np.finfo(np.float64).tiny)
@@ -202,11 +252,18 @@ class LanczosProcess:
         self.q = self.q / shrink if shrink > 0 else self.q
 
     def residual_norm(self, z: np.ndarray) -> float:
-        """``||H Q z - Q T z||`` for a coefficient vector z (exact up to rounding): the residual
-        vector's part ``beta_n z_n``, each lock's part ``<lock, H Q z>`` and the drift's ``basis^T sum_j z_j g_j``
-        (Q orthonormal to about sqrt(eps) under "selective", all three about orthogonal)."""
-        parts = [self.betas[-1] * z[-1]]
-        parts += [float(np.dot(np.asarray(c + [0.0] * (self.n - len(c))), z)) for c in self.lock_coupling]
+        """``||H Q z - Q A z||`` for a coefficient vector z, A the projection of H on the basis (see
+        :meth:`ritz_pairs`; exact up to rounding): the residual vector's part ``beta_n z_n q``, each
+        coupling's ``beta z_row rest`` (not orthogonal to q: summed as vectors) and the drift's
+        ``basis^T sum_j z_j g_j`` (Q orthonormal to about sqrt(eps) under "selective", about orthogonal
+        to the others)."""
+        tail = self.betas[-1] * z[-1]
+        if self.couplings:
+            outside = tail * self.q.double()
+            for cp in self.couplings:
+                outside = outside + (cp.beta * z[cp.row]) * cp.rest
+            tail = norm64(outside)
+        parts = [tail]
         if self.drift:
             drift = np.zeros(self.n)
             for j, g in self.drift:
@@ -339,7 +396,7 @@ def lanczos(
     proc = LanczosProcess(op, v0, reorth=reorth, store_basis=not two_pass, capacity=k, generator=gen)
 
     def wanted_pairs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        theta, S = ritz_pairs(proc.alphas, proc.betas)
+        theta, S = proc.ritz_pairs()
         idx = _wanted(theta, which, m)
         bounds = np.array([proc.residual_norm(S[:, i]) for i in idx])
         return theta[idx], S[:, idx], bounds
