@@ -147,6 +147,7 @@ def test_newton_steps_equal_dense_solves(logreg):
         close(damped.unlearn(original, forget, retain), -torch.linalg.solve(H + 0.1 * eye, g), 1e-7)
     lissa = LiSSANewton(damping=0.5, depth=60, weight_decay=LAM).unlearn(original, forget, retain)
     close(lissa, -torch.linalg.solve(H + 0.5 * eye, g), 1e-7)
+    assert lissa.diagnostics["solver"] == "lissa"  # a LinearSolve names no solver: it was None
     # at the optimum of the training objective the influence update is the Newton step on D_r
     close(InfluenceNewton(damping=0.0, weight_decay=LAM).unlearn(original, forget, retain), newton_step, 1e-5)
 

@@ -226,8 +226,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
           + (f"{len(configs)} scenarios ({', '.join(configs)})" if len(configs) > 1 else _describe(first))
           + f", seeds {list(first.seeds)}, {len(first.methods)} methods on {first.device}")
     if not args.methods and not args.protocol:
-        print("(damped_newton and influence, exact solves of an indefinite system that take about 40 s a call "
-              "here, are left out of the three quick scenarios: run them with --protocol or --methods)")
+        print("(damped_newton and influence, exact solves of an indefinite system that take up to about 40 s a "
+              "call here, are left out of the three quick scenarios: run them with --protocol or --methods)")
     start = time.perf_counter()
     studies, results = {}, {}
     for name, config in configs.items():

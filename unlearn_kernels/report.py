@@ -166,7 +166,7 @@ def format_noise_note(noise: dict[str, dict[str, Any]]) -> str:
         if n["within_noise"] is None:
             lines.append(head + "seed noise unknown with one seed; 'closed " + title + "' may not rank methods.")
         elif n["within_noise"]:
-            lines.append(head + f"WITHIN seed noise (< {n['noise']:.3f} = {NOISE_FACTOR:g} standard errors over "
+            lines.append(head + f"WITHIN seed noise (<= {n['noise']:.3f} = {NOISE_FACTOR:g} standard errors over "
                          f"{n['seeds']} seeds): 'closed {title}' does not rank methods here.")
         else:
             lines.append(head + f"outside seed noise ({NOISE_FACTOR:g} standard errors over {n['seeds']} seeds: "

@@ -74,9 +74,9 @@ DEFAULT_METHODS = ("retrain", "original", "cure_newton", "stochastic_cure_newton
 #: the rows built from the training recipe (no method options): the oracle and a second, reseeded one
 RECIPE_METHODS = ("retrain", "retrain_reseeded")
 
-#: the methods of the three default scenarios: all but the two exact damped solves, which build the dense
-#: Hessian and factor it (about 40 s a call on the digits MLP, where the other methods take well under a
-#: second); ``--methods`` or ``--protocol`` runs them
+#: the methods of the three default scenarios: all but the two exact damped solves, which run MINRES and,
+#: where it does not converge, build the dense Hessian and factor it (up to about 40 s a call on the digits
+#: MLP, where the other methods take well under a second); ``--methods`` or ``--protocol`` runs them
 SCENARIO_METHODS = tuple(m for m in DEFAULT_METHODS if m not in ("damped_newton", "influence"))
 
 #: default training recipe per model family (the oracle is retrained with the same recipe)

@@ -592,9 +592,10 @@ class StochasticCureNewton(_NewtonFamily):
                              diagnostics=diagnostics)
 
 
-def _baseline_diagnostics(result: Any, sigma: float, model_value: float) -> dict[str, Any]:
-    """The diagnostics of a NewtonStep/LinearSolve-based baseline (no M, no hard case)."""
-    return {"sigma": sigma, "model_value": model_value, "solver": getattr(result, "method", None),
+def _baseline_diagnostics(result: Any, sigma: float, model_value: float, solver: str | None = None) -> dict[str, Any]:
+    """The diagnostics of a NewtonStep/LinearSolve-based baseline (no M, no hard case); ``solver``
+    names it where the result does not (a LinearSolve)."""
+    return {"sigma": sigma, "model_value": model_value, "solver": solver or result.method,
             "solver_iterations": result.iterations, "residual": result.residual, "converged": result.converged,
             **result.info}
 
@@ -804,6 +805,6 @@ class LiSSANewton(_NewtonFamily):
                                  "scale or damping; the caller's model is unchanged")
             step = -result.solution
             return {"step": step, "scale": scale,
-                    **_baseline_diagnostics(result, self.damping, self._quadratic_value(H, g, step))}
+                    **_baseline_diagnostics(result, self.damping, self._quadratic_value(H, g, step), "lissa")}
 
         return self._one_step(model, retain, solve)
