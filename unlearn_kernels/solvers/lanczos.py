@@ -154,14 +154,15 @@ class LanczosProcess:
         beta_prev = self.betas[-1] if j else 0.0
         q_next, alpha_t, beta_t = lanczos_step(hq, self.q, self.q_prev, beta_prev, against)
         alpha, beta = float(alpha_t), float(beta_t)
+        q64 = self.q.double() if self.couplings else None
         for cp in self.couplings:
             # q is orthogonal to the vectors before the restart, but H q has the part beta <r, q> along
             # basis[row] (H is symmetric): it is the coupling entry, kept out of q_next (twice, like CGS2;
             # already done by "full"). r's part along q is taken off what stays outside the basis.
             weight = 0.0
             for _ in range(2):
-                w = torch.dot(cp.rest, self.q.double())
-                cp.rest = cp.rest - w * self.q.double()
+                w = torch.dot(cp.rest, q64)
+                cp.rest = cp.rest - w * q64
                 weight += float(w)
             cp.weights.append(weight)
             row = self.basis[cp.row]
