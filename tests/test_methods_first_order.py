@@ -14,7 +14,7 @@ from unlearn_kernels.methods import (
     METHODS, SCRUB, SSD, BadTeacher, Finetune, GradientAscent, NegGradPlus, RandomLabels, Retrain,
     RetrainReseeded, SalUn, Unlearner,
 )
-from unlearn_kernels.methods.first_order import _random_teacher, _wrong_labels
+from unlearn_kernels.methods.first_order import TrainedUnlearner, _random_teacher, _wrong_labels
 from unlearn_kernels.models import MLP, SmallViT
 from unlearn_kernels.training import TrainConfig, init_model, train
 
@@ -334,9 +334,48 @@ def test_bad_teacher_random_teacher_is_fresh_and_frozen():
 
 def test_wrong_labels_are_always_wrong():
     y = torch.arange(1000) % 7
-    wrong = _wrong_labels(y, 7, seed=0)
+    wrong = _wrong_labels("random_labels", y, 7, seed=0)
     assert (wrong != y).all() and wrong.min() >= 0 and wrong.max() <= 6
     assert set(wrong[y == 3].tolist()) == {0, 1, 2, 4, 5, 6}
+
+
+@pytest.mark.parametrize("cls", [RandomLabels, SalUn])
+def test_random_labels_on_a_one_class_model_are_refused_by_name(cls):
+    model = torch.nn.Linear(64, 1)
+    forget = LabeledData(torch.rand(4, 64), torch.zeros(4, dtype=torch.long))
+    retain = LabeledData(torch.rand(8, 64) + 1, torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ValueError, match=f"^{cls.name}: random wrong labels need a model with at least 2 classes, "
+                                         "got 1$"):
+        cls(epochs=1).unlearn(model, forget, retain)
+
+
+# every method that trains for a number of epochs (the first-order ones, LoTUS, RFA)
+TRAINED = sorted(name for name, cls in METHODS.items() if issubclass(cls, TrainedUnlearner))
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_zero_epochs_are_refused_by_name(name):
+    """0 epochs would return the model unchanged from an unlearning call: refused in the constructor."""
+    assert len(TRAINED) >= 9
+    with pytest.raises(ValueError, match=f"^{name}: epochs must be an int >= 1, got 0$"):
+        METHODS[name](epochs=0)
+
+
+@pytest.mark.parametrize("cls", [Retrain, RetrainReseeded])
+def test_an_oracle_of_zero_epochs_is_refused(cls):
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}: config.epochs must be an int >= 1, got 0$"):
+        cls(factory, dataclasses.replace(CONFIG, epochs=0))
+
+
+def test_ssd_counts_only_the_weights_it_dampens(problem):
+    """With lam > alpha some weights with I_f > alpha I_D get the factor min(lam I_D / I_f, 1) = 1:
+    they are not dampened and not counted."""
+    model, forget, retain = problem
+    for lam, alpha in ((1.0, 2.0), (50.0, 2.0), (1e6, 2.0)):
+        result = SSD(alpha=alpha, lam=lam).unlearn(model, forget, retain)
+        changed = sum(int((p != q).sum()) for p, q in zip(model.parameters(), result.model.parameters()))
+        assert result.diagnostics["dampened_weights"] == changed, lam
+    assert changed == 0  # lam 1e6: no factor below 1
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -374,9 +413,9 @@ NAN = float("nan")
     (SCRUB, {"gamma": NAN}, "gamma must be a finite number >= 0"),
     (SCRUB, {"max_steps": 1.5}, "max_steps must be an int >= 0"),
     (SCRUB, {"forget_batch_size": 2.0}, "forget_batch_size must be an int >= 1"),
-    (Finetune, {"epochs": 1.5}, "epochs must be an int >= 0"),
-    (Finetune, {"epochs": NAN}, "epochs must be an int >= 0"),
-    (GradientAscent, {"epochs": True}, "epochs must be an int >= 0"),
+    (Finetune, {"epochs": 1.5}, "epochs must be an int >= 1"),
+    (Finetune, {"epochs": NAN}, "epochs must be an int >= 1"),
+    (GradientAscent, {"epochs": True}, "epochs must be an int >= 1"),
     (Finetune, {"batch_size": 1.5}, "batch_size must be an int >= 1"),
     (NegGradPlus, {"batch_size": NAN}, "batch_size must be an int >= 1"),
     (Finetune, {"lr": "0.1"}, "lr must be a finite number > 0"),

@@ -133,3 +133,12 @@ def test_one_point_below_the_unseen_accuracy_stops(sample_problem, monkeypatch, 
     monkeypatch.setattr(lotus_module, "_accuracy", lambda *args, **kwargs: next(values))
     result = LoTUS(epochs=3).unlearn(model, forget, retain, unseen=unseen, seed=0)
     assert result.diagnostics["epochs"] == 0 and result.diagnostics["taus"] == []
+
+
+def test_a_large_alpha_caps_the_temperature(sample_problem):
+    """tau = exp(alpha delta) overflows a float for alpha delta > 709 (here alpha 1e4, delta about 0.1):
+    it is capped at the largest float, where the forget targets are uniform, instead of an OverflowError."""
+    model, forget, retain, unseen = sample_problem
+    result = LoTUS(epochs=1, alpha=1e4).unlearn(model, forget, retain, unseen=unseen, seed=0)
+    (tau,) = result.diagnostics["taus"]
+    assert math.isfinite(tau) and tau > 1e307

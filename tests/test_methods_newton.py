@@ -389,6 +389,17 @@ def test_m_auto_uses_the_lipschitz_estimate(mlp):
     assert result.hvps > estimate.num_hvps
 
 
+@pytest.mark.parametrize("cls", [CureNewton, StochasticCureNewton])
+def test_the_largest_seed_is_taken(mlp, cls):
+    """Every seed in [0, 2**63) is accepted: the solvers' per-step seeds (seed + step, seed + round) are
+    folded back into torch's range at the top, and unchanged below it."""
+    model, forget, retain = mlp
+    method = cls(**({"max_iterations": 2} if cls is CureNewton else {"T": 2}))
+    top = method.unlearn(model, forget, retain, seed=2**63 - 1)
+    assert all(math.isfinite(n) for n in top.diagnostics["step_norms" if cls is CureNewton else "round_step_norms"])
+    assert newton._offset_seed(5, 8) == 5 and newton._offset_seed(2**63 - 1, 8) + 7 < 2**63
+
+
 def test_stochastic_cure_newton_is_seeded_and_builds_only_mini_batch_operators(mlp, monkeypatch):
     model, forget, retain = mlp
     sizes, build = [], newton.hessian_operator
@@ -510,6 +521,18 @@ def test_lipschitz_estimate_rejects_bad_arguments(kwargs, message):
      r"^cure_newton: lipschitz_options: num_directions must be an int >= 1"),
     (lambda: CureNewton(batch_size=0), ValueError, "batch_size"),
     (lambda: CureNewton(path="fast"), ValueError, "path"),
+    # rcond >= 1 drops every eigenvalue: a zero step
+    (lambda: NewtonPinv(rcond=1.0), ValueError, r"^newton_pinv: rcond must be a finite number in \[0, 1\), got 1.0"),
+    (lambda: NewtonPinv(rcond=5.0), ValueError, r"^newton_pinv: rcond must be a finite number in \[0, 1\)"),
+    # a set's order (and the seeded draws over the flat vector) would change between processes
+    (lambda: CureNewton(params={"0.weight", "0.bias"}), TypeError,
+     r"^cure_newton: params must be None, a parameter name or an ordered sequence \(list, tuple\) of names, got set"),
+    (lambda: DampedNewton(params=frozenset({"0.bias"})), TypeError, "^damped_newton: params must be .* got frozenset"),
+    (lambda: CureNewton(params=3), TypeError, "^cure_newton: params must be .* got int"),
+    (lambda: CureNewton(solver_options="k_max"), TypeError,
+     "^cure_newton: solver_options must be None or a mapping of option names to values, got str"),
+    (lambda: CureNewton(M="auto", lipschitz_options=[("radius", 1e-3)]), TypeError,
+     "^cure_newton: lipschitz_options must be None or a mapping of option names to values, got list"),
 ])
 def test_bad_hyper_parameters_raise(call, error, message):
     with pytest.raises(error, match=message):

@@ -43,10 +43,10 @@ def _num_classes(model: nn.Module, data: LabeledData) -> int:
         return model(data.x[:1]).shape[-1]
 
 
-def _wrong_labels(y: torch.Tensor, num_classes: int, seed: int) -> torch.Tensor:
-    """A label != y for every sample, uniform over the other classes."""
+def _wrong_labels(owner: str, y: torch.Tensor, num_classes: int, seed: int) -> torch.Tensor:
+    """A label != y for every sample, uniform over the other classes (``owner`` names the method in an error)."""
     if num_classes < 2:
-        raise ValueError("random wrong labels need at least 2 classes")
+        raise ValueError(f"{owner}: random wrong labels need a model with at least 2 classes, got {num_classes}")
     return wrong_labels(y, num_classes, torch.Generator().manual_seed(seed))
 
 
@@ -98,10 +98,13 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None
 
 
 class TrainedUnlearner(Unlearner):
-    """Shared hyper-parameters of the methods that run an optimizer (validated once, here)."""
+    """Shared hyper-parameters of the methods that run an optimizer (validated once, here; ``epochs``
+    must be at least 1: with 0 the call would return the model unchanged)."""
 
     def __init__(self, *, epochs: int, lr: float, batch_size: int, optimizer: str = "sgd", momentum: float = 0.9,
                  weight_decay: float = 5e-4) -> None:
+        # the recipe takes 0 epochs (no training); an unlearning call with 0 would return the model unchanged
+        check_int(f"{self.name}: epochs", epochs)
         try:  # the recipe's checks, one place for them
             recipe = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
                                  weight_decay=weight_decay)
@@ -234,7 +237,7 @@ class RandomLabels(TrainedUnlearner):
     def _relabelled_union(self, model: nn.Module, forget: LabeledData, retain: LabeledData, seed: int) -> LabeledData:
         device = model_device(model)
         forget, retain = forget.to(device), retain.to(device)
-        wrong = _wrong_labels(forget.y, _num_classes(model, forget), seed)
+        wrong = _wrong_labels(self.name, forget.y, _num_classes(model, forget), seed)
         return LabeledData(torch.cat([retain.x, forget.x]), torch.cat([retain.y, wrong]))
 
     def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,
@@ -461,8 +464,9 @@ class SSD(Unlearner):
                 if name not in forget_imp:
                     continue
                 i_f, i_d = forget_imp[name], full_imp[name]
-                selected = i_f > self.alpha * i_d
                 factor = (self.lam * i_d / i_f).clamp(max=1.0)
+                # with lam > alpha some selected weights get the factor 1: they are not dampened
+                selected = (i_f > self.alpha * i_d) & (factor < 1.0)
                 p[selected] *= factor[selected]
                 dampened += int(selected.sum())
         return UnlearnResult(model=model, seconds=0.0, gradients=forget_batches + full_batches,

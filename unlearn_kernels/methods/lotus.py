@@ -9,6 +9,7 @@ the algorithm this file follows line by line.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,9 @@ from ..labeled import LabeledData
 from ..training import eval_mode, model_device
 from .base import UnlearnResult
 from .first_order import TrainedUnlearner, flagged_mix, frozen_copy, optimizer_step
+
+#: the largest exponent ``math.exp`` takes without overflow (tau = exp(alpha delta) is capped there)
+_MAX_LOG_TAU = math.log(sys.float_info.max)
 
 
 @torch.no_grad()
@@ -94,7 +98,8 @@ class LoTUS(TrainedUnlearner):
             delta = round(_accuracy(model, forget, self.batch_size) - acc_u, 2)
             if delta <= -0.01:
                 break
-            tau = math.exp(alpha * delta)
+            # capped where exp overflows (a large alpha): the forget targets are uniform well before that
+            tau = math.exp(min(alpha * delta, _MAX_LOG_TAU))
             taus.append(tau)
             model.train()
             for x, is_forget in mixed.loader(self.batch_size, shuffle=True, seed=seed + epoch):

@@ -24,8 +24,10 @@ nn.Module works) plus
 
 Options shared by all (constructor arguments):
 
-* ``params``: names of the parameters to update (e.g. the last layer's); None = all trainable ones.
-  Names, not tensors: the method works on a copy of the model, so the caller's tensors are not its.
+* ``params``: names of the parameters to update (e.g. the last layer's), one name or an ordered
+  sequence of them (a set is refused: its order changes between processes, and the seeded draws
+  with it); None = all trainable ones. Names, not tensors: the method works on a copy of the model,
+  so the caller's tensors are not its.
 * ``loss_fn``: the per-batch mean loss, ``F.cross_entropy`` by default.
 * ``dtype``: compute g, H and s in this dtype (e.g. ``torch.float64``) on a converted copy of the
   model; the returned model keeps its own dtype. None = the parameters' dtype (float32 for a float16 or
@@ -60,7 +62,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -130,6 +132,13 @@ class _Workspace:
     hvps: int = 0
 
 
+def _offset_seed(seed: int, count: int) -> int:
+    """A base for the seeds ``base + k``, k < ``count``, of a method's successive solver calls (every one a
+    torch seed, < 2**63, whatever seed in [0, 2**63) the caller gives): ``seed`` itself below
+    ``2**63 - count``, folded back above."""
+    return seed % (2**63 - count)
+
+
 def _collective_device(model: Any) -> torch.device:
     """Where this rank's tensors for a collective live: on the model's device, as the curvature
     layer's (NCCL reduces CUDA tensors only, gloo either); the CPU for a model without parameters
@@ -149,6 +158,11 @@ class _NewtonFamily(Unlearner):
     def __init__(self, *, params: str | Sequence[str] | None, loss_fn: LossFn, dtype: torch.dtype | None,
                  batch_size: int | None, weight_decay: float, path: str, process_group: Any) -> None:
         if params is not None:
+            # a set's order follows string hashing, which changes between processes: the flat vector, and the
+            # seeded draws over it, would too, so the same seed would not give the same model
+            if isinstance(params, (set, frozenset)) or not isinstance(params, (str, Iterable)):
+                raise TypeError(f"{self.name}: params must be None, a parameter name or an ordered sequence (list, "
+                                f"tuple) of names, got {type(params).__name__}")
             params = (params,) if isinstance(params, str) else tuple(params)
             if not params or not all(isinstance(p, str) for p in params):
                 raise TypeError(f"{self.name}: params must be None or parameter names such as 'fc.weight' (the "
@@ -414,6 +428,10 @@ class CureNewton(_NewtonFamily):
         self.gamma, self.M_min = checked["gamma"], checked["M_min"]
         self.hessian_samples = (None if hessian_samples is None
                                 else check_int(f"{self.name}: hessian_samples", hessian_samples))
+        for option, value in (("solver_options", solver_options), ("lipschitz_options", lipschitz_options)):
+            if value is not None and not isinstance(value, Mapping):  # else dict()'s own message, naming nothing
+                raise TypeError(f"{self.name}: {option} must be None or a mapping of option names to values, "
+                                f"got {type(value).__name__}")
         self.solver_options = dict(solver_options or {})
         if "seed" in self.solver_options:
             raise ValueError(f"{self.name}: solver_options must not set 'seed' (it comes from the unlearn seed)")
@@ -489,7 +507,7 @@ class CureNewton(_NewtonFamily):
         result = adaptive_cubic_newton(
             value, gradient, hessian, start.clone(), M=M, max_iterations=self.max_iterations, tol=self.tol,
             hvp_budget=self.hvp_budget, eta1=self.eta1, eta2=self.eta2, gamma=self.gamma, M_min=self.M_min,
-            solver_options=self.solver_options, seed=seed)
+            solver_options=self.solver_options, seed=_offset_seed(seed, self.max_iterations))
         self._set(ws, result.w)
         # in another compute dtype the returned weights are rounded: F is re-evaluated there, and in the
         # (rare) case that rounding undid the decrease the given weights are returned (start is exact in
@@ -565,6 +583,7 @@ class StochasticCureNewton(_NewtonFamily):
         before = norm64(self._gradient(ws, full, ws.retain))
         start = ws.w.clone()
         generator = torch.Generator().manual_seed(seed)
+        round_seed = _offset_seed(seed, self.T)
         n = len(ws.retain)
 
         def batch(size: int) -> LabeledData:
@@ -576,7 +595,8 @@ class StochasticCureNewton(_NewtonFamily):
             grad_data, hess_data = batch(self.grad_batch_size), batch(self.hess_batch_size)
             g = self._gradient(ws, self._objective(ws, grad_data), grad_data, moved=t > 0)
             op = self._hessian(ws, hess_data)
-            sub = cubic_gd(self._curvature(op), g, self.M, K=self.K, eta=self.eta, noise=self.noise, seed=seed + t)
+            sub = cubic_gd(self._curvature(op), g, self.M, K=self.K, eta=self.eta, noise=self.noise,
+                           seed=round_seed + t)
             self._apply(ws, sub.step)
             hvps += op.num_products
             iterations += sub.iterations
@@ -610,7 +630,7 @@ class NewtonPinv(_NewtonFamily):
             the ``rank``-dimensional Lanczos space of g; the number of eigenvalues kept is
             ``rank`` in the diagnostics), "minres" (MINRES's minimum-norm solution) or "auto" (the
             default: "eigh" up to d = :data:`~unlearn_kernels.solvers.DENSE_MAX_DIM`, else "lanczos").
-        rcond: eigenvalues with ``|lambda| <= rcond max |lambda|`` count as 0 (default 1e-6).
+        rcond: eigenvalues with ``|lambda| <= rcond max |lambda|`` count as 0, in [0, 1) (default 1e-6).
         rank: "lanczos": Lanczos steps, the largest possible rank (default 300).
         tol, maxiter: "minres": relative tolerance (1e-10) and iteration cap (None: scipy's 5 d).
         params, loss_fn, dtype, batch_size, weight_decay, path, process_group: see the module docstring.
@@ -627,7 +647,8 @@ class NewtonPinv(_NewtonFamily):
         super().__init__(params=params, loss_fn=loss_fn, dtype=dtype, batch_size=batch_size,
                          weight_decay=weight_decay, path=path, process_group=process_group)
         self.solver = check_choice(f"{self.name}: solver", solver, ("auto", "eigh", "lanczos", "minres"))
-        self.rcond = check_number(f"{self.name}: rcond", rcond, 0.0)
+        # rcond >= 1 counts every eigenvalue as 0: a zero step, the model returned unchanged
+        self.rcond = check_number(f"{self.name}: rcond", rcond, 0.0, 1.0, strict_high=True)
         self.rank = check_int(f"{self.name}: rank", rank)
         self.tol = check_number(f"{self.name}: tol", tol, 0.0)
         self.maxiter = None if maxiter is None else check_int(f"{self.name}: maxiter", maxiter)

@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from ..checkpoint import cache_path, data_fingerprint, model_signature, train_or_load
-from ..checks import check_seed
+from ..checks import check_int, check_seed
 from ..labeled import LabeledData
 from ..training import TrainConfig, init_model, model_device, train
 from .base import Unlearner, UnlearnResult
@@ -39,7 +39,8 @@ class Retrain(Unlearner):
     Raises:
         TypeError: ``model_factory`` is not a callable (a module instance is refused), ``config``
             not a TrainConfig.
-        ValueError: from :meth:`unlearn`, before training: the factory's model differs from the
+        ValueError: ``config.epochs`` is 0 (the oracle would be an untrained model); from
+            :meth:`unlearn`, before training: the factory's model differs from the
             model to unlearn (class, modules and their options, e.g. an activation, or the shape
             or dtype of a parameter or buffer), naming the first difference.
     """
@@ -61,6 +62,8 @@ class Retrain(Unlearner):
                             f"lambda: MLP(...)), got {type(model_factory).__name__}")
         if not isinstance(config, TrainConfig):
             raise TypeError(f"{owner}: config must be a TrainConfig, got {type(config).__name__}")
+        # the recipe takes 0 epochs, but an oracle trained for none is the factory's random initialisation
+        check_int(f"{owner}: config.epochs", config.epochs)
         self.model_factory = model_factory
         self.config = config
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
@@ -122,8 +125,8 @@ class RetrainReseeded(Retrain):
 
     Raises:
         TypeError: as :class:`Retrain`.
-        ValueError: ``seed_offset`` is not a non-zero integer, or ``config.seed + seed_offset`` is
-            not in [0, 2**63); from :meth:`unlearn`, as :class:`Retrain`.
+        ValueError: ``seed_offset`` is not a non-zero integer, ``config.epochs`` is 0, or
+            ``config.seed + seed_offset`` is not in [0, 2**63); from :meth:`unlearn`, as :class:`Retrain`.
     """
 
     name = "retrain_reseeded"
