@@ -13,7 +13,7 @@ import torch
 from sklearn import datasets as skdatasets
 
 from unlearn_kernels.data import LabeledData, available_datasets, load_dataset, read_cifar_batch, read_idx
-from unlearn_kernels.data.datasets import _split_indices
+from unlearn_kernels.data.datasets import LOCAL_DATASETS, _split_indices
 from unlearn_kernels.data.local_files import load_cifar_files
 
 
@@ -398,3 +398,11 @@ def test_read_cifar_batch_names_a_file_that_is_not_a_batch(tmp_path, content) ->
     path.write_bytes(content)
     with pytest.raises(ValueError, match="data_batch_1: not a CIFAR python batch"):
         read_cifar_batch(path)
+
+
+@pytest.mark.parametrize("name", LOCAL_DATASETS)
+def test_the_local_datasets_are_the_ones_that_need_a_root(name):
+    """The command line refuses --root for every other dataset (it would be ignored): the list must hold
+    exactly the datasets that read it."""
+    with pytest.raises(ValueError, match="read from local files"):
+        load_dataset(name)

@@ -157,3 +157,38 @@ def test_sequential_plot_per_request(tmp_path):
     assert "Acc_f so far" in report.format_table(report.summarize(records)[1])
     assert "Acc_f so far" not in report.format_table(report.summarize(_study([0.0], [0.3], [0.1]))[0])
     assert (tmp_path / "sequential.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_interrupted_plot_leaves_the_old_one_and_no_temporary(tmp_path, monkeypatch):
+    """A plot written straight to its path was torn by an interruption (Ctrl-C, a full disk) midway: now the
+    previous plot stays whole, as results.json does."""
+    import matplotlib.figure
+
+    records = _study([0.0], [0.3], [0.1])
+    for r in records:
+        r["metrics"].update(seconds=0.1)
+    add_gap_closed(records)
+    study = {"config": {"protocol": "mislabeled"}, "records": records}
+    paths = report.write_plots(study, tmp_path)
+    before = {p.name: p.read_bytes() for p in paths}
+
+    def torn(self, handle, **kwargs):
+        handle.write(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", torn)
+    with pytest.raises(KeyboardInterrupt):
+        report.write_plots(study, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_summary_is_removed_only_where_it_covers_the_scenario(tmp_path):
+    summary, plot = tmp_path / report.SUMMARY_FILE, tmp_path / report.GAP_CLOSED_PLOT
+    assert report.remove_stale_summary(tmp_path, "random") == []  # none there
+    summary.write_text("not json")
+    assert report.remove_stale_summary(tmp_path, "random") == [] and summary.exists()  # not one of ours
+    summary.write_text(json.dumps({"scenarios": {"class": {}}}))
+    plot.write_bytes(b"png")
+    assert report.remove_stale_summary(tmp_path, "random") == [] and summary.exists()
+    assert report.remove_stale_summary(tmp_path, "class") == [summary, plot]
+    assert not summary.exists() and not plot.exists()

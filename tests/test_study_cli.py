@@ -12,7 +12,7 @@ import torch
 from unlearn_kernels.checkpoint import data_fingerprint, read_checkpoint
 from unlearn_kernels.cli import main, parse_method_options
 from unlearn_kernels.data import load_dataset, mislabel
-from unlearn_kernels.methods import Finetune
+from unlearn_kernels.methods import Finetune, UnlearnResult
 from unlearn_kernels.report import format_table, study_files, summarize, write_plots
 from unlearn_kernels.study import METHODS, StudyConfig, run_study
 from unlearn_kernels.training import TrainConfig
@@ -265,6 +265,18 @@ def test_cli_one_protocol_writes_its_scenario(tmp_path, capsys):
         (["--protocol", "random", "--sequential", "0"], "--sequential must be >= 1"),
         (["--protocol", "random", "--forget-class", "3"], "--forget-class is for the class protocol"),
         (["--dataset", "iris", "--model", "cnn"], "'cnn' needs an image input shape"),
+        # accepted and ignored before: a class protocol draws no fraction
+        (["--protocol", "class", "--forget-class", "3", "--forget-fraction", "0.3"],
+         "--forget-fraction is for the random and mislabeled protocols, not --protocol class"),
+        # failed after the original's training before: the oracle refuses 0 epochs
+        (["--epochs", "0"], "epochs (--epochs), which the retrain oracle uses, must be an int >= 1, got 0"),
+        # failed after the training before: the loss MIA's 5-fold cross-validation needs 5 forget rows
+        (["--dataset", "iris", "--protocol", "random", "--forget-fraction", "0.02"],
+         "the request forgets 2 rows, fewer than the 5 the loss MIA's 5-fold cross-validation needs"),
+        (["--protocol", "mislabeled", "--sequential", "30"], "request 7 of 30 forgets 4 rows, fewer than the 5"),
+        # accepted and ignored before: digits is bundled
+        (["--root", "/data"], "--root is for the datasets read from local files (mnist, fashion_mnist, cifar10, "
+                              "cifar100); digits is bundled"),
     ],
 )
 def test_cli_wrong_options_give_a_clear_message(argv, message, tmp_path, capsys):
@@ -449,3 +461,44 @@ def test_a_method_that_raises_any_exception_is_recorded_with_its_type(tmp_path, 
     monkeypatch.setattr(Finetune, "_unlearn", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_study(config)
+
+
+def test_a_model_whose_logits_overflow_is_the_methods_failure_not_the_studys(tmp_path, monkeypatch):
+    """Finite weights so large that the logits overflow to Inf (a diverged step) made the evaluation raise,
+    which ended the whole study after the training and discarded every other row."""
+    def overflow(self, model, forget, retain, *, unseen, seed):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1e25)
+        return UnlearnResult(model=model, seconds=0.0)
+
+    monkeypatch.setattr(Finetune, "_unlearn", overflow)
+    config = StudyConfig(methods=("original", "finetune"), seeds=(0,), recipe=TrainConfig(epochs=1), cache_dir=None)
+    records = {r["method"]: r for r in run_study(config)["records"]}
+    failed = records["finetune"]
+    assert failed["metrics"]["failed"] == 1.0
+    assert "logits on the forget set are NaN or Inf" in failed["diagnostics"]["failed"]
+    assert failed["metrics"]["acc_forget"] == records["original"]["metrics"]["acc_forget"]  # the model it was given
+
+
+@pytest.mark.parametrize("protocol, fraction, text", [("random", 0.002, "0.2% random forgetting"),
+                                                      ("mislabeled", 0.1, "10% of the train labels wrong")])
+def test_the_run_header_shows_small_fractions(protocol, fraction, text):
+    """``:.0%`` printed a fraction of 0.002 as "0% random forgetting"."""
+    from unlearn_kernels.cli import _describe
+
+    assert _describe(StudyConfig(protocol=protocol, forget_fraction=fraction, methods=("original",))).startswith(text)
+
+
+def test_a_run_that_replaces_a_scenarios_results_removes_the_summary_of_the_old_ones(tmp_path, capsys):
+    """`run` then `run --protocol random` into the same --out left summary.json (and its plot) describing the
+    random results the second run had replaced: a summary that disagreed with random/results.json."""
+    summary, plot = tmp_path / "summary.json", tmp_path / "gap_closed.png"
+    summary.write_text(json.dumps({"scenarios": {"random": {}, "mislabeled": {}, "class": {}}}))
+    plot.write_bytes(b"\x89PNG old")
+    argv = ["run", "--methods", "original", "--seeds", "0", "--epochs", "1", "--out", str(tmp_path), "--no-cache"]
+    assert main([*argv, "--protocol", "random", "--sequential", "2", "--forget-fraction", "0.05"]) == 0
+    assert summary.exists() and plot.exists()  # it does not summarise random-sequential2
+    assert main([*argv, "--protocol", "random"]) == 0
+    assert not summary.exists() and not plot.exists()
+    assert f"removed {summary}: it summarised the random results this run replaces" in capsys.readouterr().out

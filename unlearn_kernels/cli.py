@@ -123,10 +123,14 @@ def _cmd_backends(args: argparse.Namespace) -> int:
 def _study_configs(args: argparse.Namespace) -> dict:
     """``{scenario name: StudyConfig}``: the three default scenarios, or the one ``--protocol`` names."""
     from .data import available_datasets
+    from .data.datasets import LOCAL_DATASETS
     from .study import DEFAULT_METHODS, DEFAULT_RECIPES, SCENARIO_METHODS, StudyConfig, default_scenarios
 
     if args.dataset not in available_datasets():
         raise UsageError(f"unknown dataset {args.dataset!r}; choose from {', '.join(available_datasets())}")
+    if args.root is not None and args.dataset not in LOCAL_DATASETS:  # it would be ignored
+        raise UsageError(f"--root is for the datasets read from local files ({', '.join(LOCAL_DATASETS)}); "
+                         f"{args.dataset} is bundled")
     if args.model not in DEFAULT_RECIPES:
         raise UsageError(f"unknown model {args.model!r}; choose from {', '.join(DEFAULT_RECIPES)}")
     _check_device(args.device)
@@ -143,6 +147,9 @@ def _study_configs(args: argparse.Namespace) -> dict:
             raise UsageError(f"--sequential must be >= 1 (the number of requests), got {args.sequential}")
     if args.forget_class and args.protocol in ("random", "mislabeled"):
         raise UsageError(f"--forget-class is for the class protocol, not --protocol {args.protocol}")
+    if args.forget_fraction is not None and args.protocol == "class":  # it would be ignored: whole classes go
+        raise UsageError("--forget-fraction is for the random and mislabeled protocols, not --protocol class")
+    fraction = {} if args.forget_fraction is None else {"forget_fraction": args.forget_fraction}
     try:
         recipe = dataclasses.replace(DEFAULT_RECIPES[args.model], **{k: v for k, v in (
             ("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size)) if v is not None})
@@ -153,23 +160,26 @@ def _study_configs(args: argparse.Namespace) -> dict:
                   recipe=recipe, device=args.device, cache_dir=None if args.no_cache else StudyConfig.cache_dir)
     try:
         if args.protocol is None:
-            return default_scenarios(forget_fraction=args.forget_fraction,
-                                     forget_classes=tuple(args.forget_class or (3,)), **common)
+            return default_scenarios(forget_classes=tuple(args.forget_class or (3,)), **fraction, **common)
         name = args.protocol + (f"-sequential{args.sequential}" if args.sequential else "")
-        return {name: StudyConfig(protocol=args.protocol, forget_fraction=args.forget_fraction,
-                                  forget_classes=tuple(args.forget_class or ()), sequential=args.sequential or 0,
-                                  **common)}
+        return {name: StudyConfig(protocol=args.protocol, forget_classes=tuple(args.forget_class or ()),
+                                  sequential=args.sequential or 0, **fraction, **common)}
     except (ValueError, TypeError) as exc:  # StudyConfig's own checks (method options among them)
         raise UsageError(str(exc)) from None
+
+
+def _percent(fraction: float) -> str:
+    """``fraction`` in percent with up to 3 significant digits: 0.1 is "10%", 0.002 "0.2%" (not "0%")."""
+    return f"{fraction * 100:.3g}%"
 
 
 def _describe(config) -> str:
     if config.protocol == "class":
         what = f"forget class(es) {list(config.forget_classes)}"
     elif config.protocol == "mislabeled":
-        what = f"{config.forget_fraction:.0%} of the train labels wrong, forget those rows"
+        what = f"{_percent(config.forget_fraction)} of the train labels wrong, forget those rows"
     else:
-        what = f"{config.forget_fraction:.0%} random forgetting"
+        what = f"{_percent(config.forget_fraction)} random forgetting"
     if config.sequential:
         what += f", {config.sequential} sequential requests"
     return what
@@ -250,6 +260,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
             if request in noise:
                 print(report.format_noise_note(noise[request]))
         out_dir = root / name
+        # a summary of earlier results of this scenario would disagree with the new ones (a run of several
+        # scenarios writes a new summary once all are done)
+        for stale in report.remove_stale_summary(root, name):
+            if len(configs) == 1:
+                print(f"removed {stale}: it summarised the {name} results this run replaces")
         results[name] = report.write_json(study, out_dir / report.RESULTS_FILE)
         plots = report.write_plots(study, out_dir)
         print(f"results: {results[name]}\nplots: {', '.join(str(p) for p in plots)}")
@@ -291,9 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", default=None, choices=("random", "mislabeled", "class"),
                    help="run this one scenario (default: three scenarios, random, mislabeled and class, then a "
                         "summary of the gap each method closes)")
-    p.add_argument("--forget-fraction", type=float, default=0.1,
+    p.add_argument("--forget-fraction", type=float, default=None,
                    help="fraction of the train split to forget (random) or to mislabel and forget (mislabeled); "
-                        "default 0.1")
+                        "default 0.1; not for --protocol class")
     p.add_argument("--forget-class", type=int, action="append",
                    help="class to forget (repeatable; required with --protocol class; the default scenarios use "
                         "class 3)")

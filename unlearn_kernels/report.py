@@ -10,6 +10,7 @@ errors of its four metrics) and that of the Original's own gap.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -242,6 +243,23 @@ def write_summary_json(studies: dict[str, dict[str, Any]], results: dict[str, Pa
     return atomic_write(path, lambda handle: json.dump(payload, handle, indent=2))
 
 
+def remove_stale_summary(root: Path, scenario: str) -> list[Path]:
+    """Removes the summary in ``root`` (``summary.json`` and its gap-closed plot) if it covers ``scenario``,
+    whose results a run is about to replace: it would go on describing the old ones. A summary that does not
+    name ``scenario``, or cannot be read as one, is left alone. Returns the files removed."""
+    path = root / SUMMARY_FILE
+    try:
+        covered = scenario in json.loads(path.read_text())["scenarios"]
+    except (OSError, ValueError, KeyError, TypeError):  # none there, or not a summary of ours
+        return []
+    removed = []
+    for stale in (path, root / GAP_CLOSED_PLOT) if covered else ():
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+            removed.append(stale)
+    return removed
+
+
 def _pyplot():
     import matplotlib
 
@@ -249,6 +267,12 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig: Any, path: Path) -> None:
+    """``fig`` as a PNG at ``path``, written atomically: an interrupted run leaves the previous plot or the new
+    one, never a torn file."""
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=120), binary=True)
 
 
 def _per_seed(records: list[dict[str, Any]], request: int, method: str, key: str) -> list[float]:
@@ -292,8 +316,7 @@ def plot_gap_closed(studies: dict[str, dict[str, Any]], path: Path) -> Path:
     axes[-1].set_xticklabels(methods, rotation=30, ha="right")
     axes[0].set_title("Gap to the oracle closed (1 = oracle, 0 = Original; points: seeds; red ▼: below -1)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -329,7 +352,7 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     paths.append(out_dir / TIME_PLOT)
-    fig.savefig(paths[-1], dpi=120)
+    _save(fig, paths[-1])
     plt.close(fig)
 
     # bars: mean |gap| over seeds; points: each seed's |gap| (never below zero, unlike +-std bars)
@@ -352,7 +375,7 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(out_dir / GAPS_PLOT)
-    fig.savefig(paths[-1], dpi=120)
+    _save(fig, paths[-1])
     plt.close(fig)
 
     if any("gap_closed_acc_forget" in r["metrics"] for r in records):
@@ -376,6 +399,6 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
         axes[1].legend(fontsize=7, ncol=2)
         fig.tight_layout()
         paths.append(out_dir / SEQUENTIAL_PLOT)
-        fig.savefig(paths[-1], dpi=120)
+        _save(fig, paths[-1])
         plt.close(fig)
     return paths

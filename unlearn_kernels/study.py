@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import cache_path, train_or_load
-from .checks import check_choice, check_int, check_number
+from .checks import all_finite, check_choice, check_int, check_number
 from .data import (
     DatasetSplits,
     ForgetRequest,
@@ -92,6 +92,9 @@ DEFAULT_RECIPES = {
 GAP_METRICS = ("mia_entropy", "acc_forget", "acc_retain", "acc_test")
 
 PROTOCOLS = ("random", "mislabeled", "class")
+
+#: folds of the loss MIA's cross-validation (``mia_loss``): every forget set needs at least this many rows
+MIA_LOSS_FOLDS = 5
 
 #: "gap closed" figures: record metric ``gap_closed_<name>`` = 1 - |m[key]| / |Original's m[key]|
 GAP_CLOSED = {"acc_forget": "gap_acc_forget", "avg_gap": "avg_gap"}
@@ -179,6 +182,10 @@ class StudyConfig:
         if self.protocol == "class" and not self.forget_classes:
             raise ValueError("the class protocol needs at least one class to forget (--forget-class)")
         self.sequential = check_int("sequential", self.sequential, low=0)
+        # the oracle always runs, and one trained for no epoch would be the random initialisation (Retrain
+        # refuses it, but only after the original's training)
+        check_int("the training recipe's epochs (--epochs), which the retrain oracle uses,",
+                  self.train_recipe(0).epochs)
         if self.protocol == "class" and self.sequential and self.sequential != len(self.forget_classes):
             raise ValueError(f"the class protocol with {self.sequential} sequential requests forgets one class per "
                              f"request: give {self.sequential} classes (got {list(self.forget_classes)})")
@@ -295,21 +302,33 @@ def default_scenarios(forget_fraction: float = 0.1, forget_classes: tuple[int, .
 def build_scenario(config: StudyConfig, splits: DatasetSplits,
                    seed: int) -> tuple[LabeledData, list[ForgetRequest], str]:
     """The data of ``config``'s protocol on ``splits`` for ``seed``, as every study builds it: ``(train
-    split the original model trains on, the requests, a cache-name tag for that split)``."""
+    split the original model trains on, the requests, a cache-name tag for that split)``.
+
+    Raises:
+        ValueError: as the protocol's constructor, or a request forgets fewer than :data:`MIA_LOSS_FOLDS`
+            rows (its loss MIA could not be measured: found here, before any training, not after it).
+    """
     labels = splits.train.y
+    train_split, cache_tag = splits.train, ""
     if config.protocol == "mislabeled":
         corruption = mislabel(labels, config.forget_fraction, seed=seed, num_classes=splits.num_classes)
         requests = split_forget(len(labels), corruption.corrupted_idx, max(1, config.sequential), seed=seed,
                                 description=corruption.description)
         # the corrupted split has its own cache file: a clean original is never overwritten or reused
-        return corruption.apply(splits.train), requests, f"-mislabeled{config.forget_fraction:g}"
-    if config.protocol == "class":
-        if config.sequential:
-            return splits.train, sequential_class_forget(labels, config.forget_classes), ""
-        return splits.train, [class_forget(labels, config.forget_classes)], ""
-    if config.sequential:
-        return splits.train, sequential_forget(labels, config.sequential, config.forget_fraction, seed=seed), ""
-    return splits.train, [random_forget(labels, config.forget_fraction, seed=seed)], ""
+        train_split, cache_tag = corruption.apply(splits.train), f"-mislabeled{config.forget_fraction:g}"
+    elif config.protocol == "class":
+        requests = (sequential_class_forget(labels, config.forget_classes) if config.sequential
+                    else [class_forget(labels, config.forget_classes)])
+    elif config.sequential:
+        requests = sequential_forget(labels, config.sequential, config.forget_fraction, seed=seed)
+    else:
+        requests = [random_forget(labels, config.forget_fraction, seed=seed)]
+    for k, request in enumerate(requests):
+        if len(request.forget_idx) < MIA_LOSS_FOLDS:
+            which = f"request {k + 1} of {len(requests)}" if len(requests) > 1 else "the request"
+            raise ValueError(f"{which} forgets {len(request.forget_idx)} rows, fewer than the {MIA_LOSS_FOLDS} the "
+                             f"loss MIA's {MIA_LOSS_FOLDS}-fold cross-validation needs (forget more rows per request)")
+    return train_split, requests, cache_tag
 
 
 def check_scenario(config: StudyConfig) -> None:
@@ -342,15 +361,22 @@ def _make_method(config: StudyConfig, name: str, factory: Callable[[], nn.Module
 
 def evaluate(model: nn.Module, *, forget: LabeledData, retain: LabeledData, test: LabeledData,
              unseen: LabeledData, original_unseen_logits: torch.Tensor, seed: int) -> tuple[dict, dict]:
-    """Metrics of one model that need no oracle, and the logits the oracle comparisons need."""
+    """Metrics of one model that need no oracle, and the logits the oracle comparisons need.
+
+    Raises:
+        ValueError: the model's logits on one of the sets are not finite (weights so large that they overflow).
+    """
     logits = {name: predict_logits(model, data) for name, data in
               (("forget", forget), ("retain", retain), ("test", test), ("unseen", unseen))}
+    for name, values in logits.items():
+        if not all_finite(values):
+            raise ValueError(f"the model's logits on the {name} set are NaN or Inf (its weights overflow)")
     m = {
         "acc_forget": accuracy(logits["forget"], forget.y),
         "acc_retain": accuracy(logits["retain"], retain.y),
         "acc_test": accuracy(logits["test"], test.y),
         "mia_entropy": mia_entropy(logits["retain"], logits["test"], logits["forget"], seed=seed),
-        "mia_loss": mia_loss(logits["forget"], forget.y, logits["test"], test.y, seed=seed),
+        "mia_loss": mia_loss(logits["forget"], forget.y, logits["test"], test.y, seed=seed, folds=MIA_LOSS_FOLDS),
         "mia_efficacy": mia_salun_efficacy(logits["retain"], retain.y, logits["test"], test.y,
                                            logits["forget"], forget.y, seed=seed),
         "grad_norm_retain": gradient_norm(model, F.cross_entropy, retain),
@@ -426,9 +452,13 @@ def run_study(config: StudyConfig, progress: Progress | None = None) -> dict[str
                 progress(f"seed {seed} request {step + 1}/{len(requests)}: {name}", done, total)
                 method = _make_method(config, name, factory, recipe, model_info)
                 failure = None
+                scored = dict(forget=forget, retain=retain, test=test, unseen=unseen,
+                              original_unseen_logits=original_unseen_logits, seed=seed)
                 try:
                     measured = measure(method.unlearn, current[name], forget, retain, unseen=unseen, seed=seed,
                                        device=device)
+                    # inside the try: a model whose logits overflow is this method's failure, not the study's
+                    metrics, logits = evaluate(measured.result.model, **scored)
                 # any Exception (a refusal, a LinAlgError, a TypeError from a user's model) is the method's failed
                 # record: one method must not discard every other row after the training; the type names the unexpected
                 except Exception as exc:
@@ -438,10 +468,9 @@ def run_study(config: StudyConfig, progress: Progress | None = None) -> dict[str
                                else f"{type(exc).__name__}: {exc}")
                     # what a caller holds after the error: the model it passed, unchanged; measured with no cost
                     measured = Measured(UnlearnResult(model=current[name], seconds=0.0), 0.0, 0)
+                    metrics, logits = evaluate(current[name], **scored)
                 result = measured.result
                 current[name] = result.model
-                metrics, logits = evaluate(result.model, forget=forget, retain=retain, test=test, unseen=unseen,
-                                           original_unseen_logits=original_unseen_logits, seed=seed)
                 if config.protocol == "mislabeled":
                     metrics["acc_forget_true"] = accuracy(logits["forget"], splits.train.y[request.forget_idx])
                 if len(requests) > 1:

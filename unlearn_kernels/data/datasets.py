@@ -128,6 +128,10 @@ _DATASETS: dict[str, tuple[Callable[[Path | None], _Raw], int]] = {
 }
 
 
+#: the datasets read from files under ``root`` (the others are bundled and take no ``root``)
+LOCAL_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
+
+
 def available_datasets() -> list[str]:
     """Names accepted by :func:`load_dataset`."""
     return list(_DATASETS)
