@@ -210,6 +210,26 @@ def test_krylov_residual_estimate_is_exact(rng):
             assert out.model_value == pytest.approx(model(H, g, M, s), rel=1e-10)
 
 
+@pytest.mark.parametrize("reorth", ["full", "selective", "none"])
+def test_krylov_residual_counts_the_secular_tolerance(reorth):
+    """The secular op solves sigma = (M/2) ||y|| to a relative 1e-12, and the model's gradient at s has
+    ((M/2) ||s|| - sigma) s besides the Lanczos residual: with a large step (here ||s|| ~ 1e3, the whole
+    space spanned so the Lanczos residual is 0) the estimate said 0 where the gradient was 2.6e-6, about
+    2000 eps (||H|| ||s|| + ||g|| + (M/2) ||s||^2). It is now a bound up to rounding."""
+    gen = torch.Generator().manual_seed(8)
+    A = torch.randn(8, 8, generator=gen, dtype=torch.float64)
+    H = 0.5 * (A + A.T)
+    g = 1e6 * torch.randn(8, generator=gen, dtype=torch.float64)
+    out = cubic_newton_step(H, g, 1.0, method="krylov", reorth=reorth)
+    s = out.step
+    true = float(torch.linalg.vector_norm(g + H @ s + 0.5 * out.step_norm * s))
+    rounding = torch.finfo(torch.float64).eps * (
+        float(torch.linalg.matrix_norm(H, 2)) * out.step_norm + float(torch.linalg.vector_norm(g))
+        + 0.5 * out.step_norm**2)
+    assert true > 100 * rounding  # the secular tolerance is what the gradient holds
+    assert true - 16 * rounding <= out.residual <= 1.1 * true + 16 * rounding
+
+
 def test_krylov_stopping_rules(rng):
     H, g, M = problem("indefinite", rng)
     loose = cubic_newton_step(H, g, M, method="krylov", kappa=1e-2, theta=0.0, guard=False)

@@ -313,6 +313,31 @@ def test_different_calls_are_refused_on_every_rank(tmp_path):
     mp.spawn(_different_calls_worker, args=(2, str(tmp_path / "store")), nprocs=2)
 
 
+def _bfloat16_tags_worker(rank: int, world: int, store: str) -> None:
+    """The call tags travel in the payload's dtype: in bfloat16 the serial was one number, rounded above
+    256 (301 became 300), so products of the 300th and 301st operators of a group were summed. Here the
+    two ranks' operators carry those serials (set by hand: building 300 operators would only be slow)."""
+    _init(rank, world, store)
+    try:
+        model, x, y = model_and_data()
+        model = model.to(torch.bfloat16)
+        part = slice(0, 20) if rank == 0 else slice(20, ROWS)
+        op = hessian_operator(model, nn.CrossEntropyLoss(), (x[part].bfloat16(), y[part]), path="generic",
+                              process_group=dist.group.WORLD)
+        op.shards.serial = 300 + rank
+        with pytest.raises(RuntimeError, match=r"rank 0: computing a matvec on the group's distributed operator or "
+                                               r"objective number 300; rank 1: computing a matvec on .* number 301\)"):
+            op.matvec(torch.ones(op.shape[0], dtype=torch.bfloat16))
+        op.shards.serial = 2**16 - 1  # the largest serial sent; the same on both ranks passes
+        op.matvec(torch.ones(op.shape[0], dtype=torch.bfloat16))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_call_tags_are_exact_in_bfloat16(tmp_path):
+    mp.spawn(_bfloat16_tags_worker, args=(2, str(tmp_path / "store")), nprocs=2)
+
+
 def _different_weights_worker(rank: int, world: int, store: str) -> None:
     """Ranks whose weights differ: at construction, or after one rank changed them (in place, through
     ``.data`` without a version bump, or on an empty shard's rank), every rank raises the same
@@ -375,6 +400,37 @@ def _different_weights_worker(rank: int, world: int, store: str) -> None:
                 assert len(checks) == 1, checks
     finally:
         dist.destroy_process_group()
+
+
+def _invalidate_worker(rank: int, world: int, store: str) -> None:
+    """``invalidate()`` is the way out after a weight change that keeps every version counter, data pointer
+    and sum (here rank 1 moves the two entries of a bias through ``.data``, keeping their sum): the
+    distributed operator had none (AttributeError). It drops the local cache and makes the next call
+    compare the ranks' weights."""
+    _init(rank, world, store)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(FEATURES, 2)).double().eval()
+        with torch.no_grad():
+            model[0].bias.copy_(torch.tensor([0.25, -0.75]))
+        x = torch.randn(ROWS, FEATURES, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 2, (ROWS,), generator=gen)
+        part = slice(0, 20) if rank == 0 else slice(20, ROWS)
+        op = hessian_operator(model, nn.CrossEntropyLoss(), (x[part], y[part]), process_group=dist.group.WORLD)
+        v = torch.ones(op.shape[0], dtype=torch.float64)
+        op.matvec(v)
+        if rank == 1:
+            model[0].bias.data[:] = torch.tensor([0.5, -1.0])  # the same sum, version counter and data pointer
+            op.invalidate()
+        with pytest.raises(ValueError, match=r"the ranks hold different weights after the weights changed"):
+            op.matvec(v)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_invalidate_compares_the_weights_again(tmp_path):
+    mp.spawn(_invalidate_worker, args=(2, str(tmp_path / "store")), nprocs=2)
 
 
 def test_different_weights_are_refused_on_every_rank(tmp_path):

@@ -201,6 +201,26 @@ def test_lissa_matches_closed_form(spd):
     assert not last.converged and last.residual == math.inf
 
 
+def test_lissa_divergence_on_a_curvature_operator_is_reported():
+    """A curvature operator refuses a non-finite vector (ValueError "vector contains NaN or Inf"): a
+    diverging recursion on one raised that error where on a dense H it is reported as not converged; and
+    ``iterations`` said depth * repeats where the recursion stopped early."""
+    from torch import nn
+
+    from unlearn_kernels.curvature import hessian_operator
+
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double().eval()
+    x, y = torch.randn(9, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (9,), generator=gen)
+    H = hessian_operator(model, nn.CrossEntropyLoss(), (x, y))
+    g = H.gradient()
+    for op in (H, H.to_dense(), H.matvec):
+        out = lissa(op, g, scale=1e-3, depth=2000)
+        assert not out.converged and out.residual == math.inf
+        assert 0 < out.iterations < 2000
+
+
 def test_lissa_stochastic(spd):
     H, b = spd
     gen = torch.Generator().manual_seed(3)

@@ -29,7 +29,7 @@ Fixed weights. Solvers make tens of products at the same weights, so an operator
 what does not depend on the vector (activations, a gradient graph), within ``cache_bytes``: a pass
 through :meth:`CurvatureOperator.cached_pass` takes cached entries for the first batches and builds
 (and keeps, while the budget allows) the others; batches beyond the budget are streamed as before.
-The cache is dropped when a parameter changes: in-place updates (``optimizer.step()``,
+The cache is dropped when a parameter or buffer changes: in-place updates (``optimizer.step()``,
 ``set_flat_parameters``, ``p.add_``) bump the tensors' version counters, ``p.data = ...`` moves
 their data pointers, and writes that do neither (fused optimizer kernels, in-place writes through
 ``p.data``) change the sum of the values; all three are checked before every product (the sums cost
@@ -199,7 +199,8 @@ class CurvatureOperator(abc.ABC):
     The model is never modified: parameters are read (live: in-place updates to the model are seen
     by later products, and so are parameters replaced by tensors of the same shape, dtype and device;
     a parameter replaced by one of another shape, dtype or device needs a new operator), buffers are copied
-    at construction, and the forward runs through ``torch.func.functional_call``.
+    at construction and again after they change (followed as the parameters are, e.g. through
+    ``load_state_dict``), and the forward runs through ``torch.func.functional_call``.
 
     Construction probes the first batch (two gradient evaluations and, in subclasses, one or two
     products; counted in ``num_gradients`` and ``num_products`` as if they were full ones) and raises
@@ -281,7 +282,9 @@ class CurvatureOperator(abc.ABC):
         self._constants: dict[str, torch.Tensor] = {
             name: p.detach() for name, p in model.named_parameters() if name not in chosen
         }
-        self._constants.update({name: b.detach().clone() for name, b in model.named_buffers()})
+        self._buffer_slots = ParameterSlots(model, [name for name, _ in model.named_buffers()], buffers=True)
+        self._live_buffers = self._buffer_slots.current()
+        self._copy_buffers()
         self._functional = FunctionalForward(model)
         self.num_products = 0
         self.num_gradients = 0
@@ -346,17 +349,24 @@ class CurvatureOperator(abc.ABC):
         self._cache_complete = False  # every batch is cached
         self._cache_closed = self.cache_bytes == 0  # the budget is reached: later batches are streamed
 
+    def _copy_buffers(self) -> None:
+        # copies, so that no forward can write to the model's buffers
+        self._constants.update({name: b.detach().clone() for name, b in self._live_buffers.items()})
+
     def _current_weights_key(self) -> tuple[tuple[int, int, float], ...]:
-        # a parameter object replaced in the model is followed (its data pointer differs)
+        # a parameter or buffer object replaced in the model is followed (its data pointer differs)
         self._live = self._slots.current()
-        return weights_key(self._live.values())
+        self._live_buffers = self._buffer_slots.current()
+        return weights_key([*self._live.values(), *self._live_buffers.values()])
 
     def _sync_weights(self) -> None:
-        """Before each product: if a parameter changed (version counter, data pointer or the sum of its
-        values), drop the cache and re-take the views of parameters whose data was replaced."""
+        """Before each product: if a parameter or buffer changed (version counter, data pointer or the sum
+        of its values), drop the cache, re-take the views of parameters whose data was replaced and copy
+        the buffers again (``load_state_dict`` writes both in place)."""
         key = self._current_weights_key()
         if key == self._weights_key:
             return
+        # the parameters' entries come first in the key
         for (name, p), (_, ptr, _), (_, old_ptr, _) in zip(self._live.items(), key, self._weights_key):
             if ptr != old_ptr:
                 target = self.params if name in self.params else self._constants
@@ -367,6 +377,7 @@ class CurvatureOperator(abc.ABC):
                         "build a new operator"
                     )
                 target[name] = p.detach()
+        self._copy_buffers()
         self._weights_key = key
         self.invalidate()
         self._weights_changed()

@@ -122,7 +122,8 @@ class WeightCheck:
     parameters and floating-point buffers (four float64 numbers, from one float64 copy of the weights).
     ``changed()`` compares ``key()`` (anything that changes when the weights do) with its value when
     the ranks last agreed; by default the key is, per parameter of the model, its version counter,
-    data pointer and float64 sum (the change detection of the curvature operators' cache).
+    data pointer and float64 sum, and the same of its buffers (the change detection of the curvature
+    operators' cache).
 
     Args:
         model: the model whose weights the ranks must share.
@@ -142,7 +143,7 @@ class WeightCheck:
         self._pending: Hashable = None  # the key when checksum() last ran
 
     def _parameters_key(self) -> Hashable:
-        return weights_key(self._slots.current().values())
+        return weights_key([*self._slots.current().values(), *(b for _, b in self._model.named_buffers())])
 
     def changed(self) -> bool:
         """Whether the weights changed since the ranks last agreed (always True before the first check)."""
@@ -175,6 +176,11 @@ class WeightCheck:
         """The ranks compared the checksum of the last ``checksum()`` call and agree."""
         self._checked = self._pending
 
+    def forget(self) -> None:
+        """Count the weights as changed, so that the next call compares them again (after a change
+        the key cannot see)."""
+        self._checked = None
+
     def compare(self, table: torch.Tensor, rank: int, when: str) -> None:
         """Raise a ValueError if the ranks' checksums (rows of ``table``, world x SIZE, in rank order)
         differ; else record that they agree."""
@@ -206,8 +212,11 @@ def _close(a: float, b: float, scale: float) -> bool:
 _CALLS = ("building its local operator or objective", "comparing the ranks' weights", "computing a matvec",
           "computing a matmat", "computing the gradient", "computing the objective")
 """What a ShardGroup's all_reduce can be doing, tagged by its 1-based index in every call."""
-_FAILED, _KIND, _OBJECT, _MOVED = range(4)
+_FAILED, _KIND, _SERIAL_LOW, _SERIAL_HIGH, _MOVED = range(5)
 """The rows of flags after the payload, one entry per rank (the last only where the weights are checked)."""
+_DIGIT = 256
+"""The serial is sent as two base-256 digits (modulo 2**16): integers up to 256 are exact in every floating
+dtype, bfloat16 included (a rank's entry is summed with zeros only, so it arrives exactly)."""
 _SERIALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 """Per process group, how many ShardGroups this process built on it: the ranks build them in the same
 order (construction is collective), so the n-th one names the same operator or objective on every rank."""
@@ -319,7 +328,7 @@ class ShardGroup:
     def _all_reduce(self, flat: torch.Tensor, shape: torch.Size, failure: BaseException | None,
                     what: str, moved: bool | None = None) -> tuple[torch.Tensor, bool]:
         """All-reduces ``flat`` (the payload, then per rank a failure flag, the call's tags (its kind and
-        this group's serial) and, where ``flat`` has room for it, a weights-changed flag
+        this group's serial modulo 2**16, as two digits) and, where ``flat`` has room for it, a weights-changed flag
         (``moved``); set here) and returns the payload's sum shaped ``shape`` and whether any rank's
         weights changed, or raises as :meth:`reduce` says; a RuntimeError on every rank if the ranks'
         tags differ."""
@@ -329,9 +338,9 @@ class ShardGroup:
         if failure is not None:
             payload.zero_()
             flags[_FAILED, self.rank] = 1
-        # the serial modulo 2**11: exact in every floating dtype down to float16 (bfloat16 rounds it, the
-        # same way on every rank: a rare missed mismatch, never a false one)
-        flags[_KIND, self.rank], flags[_OBJECT, self.rank] = _CALLS.index(what) + 1, self.serial % 2**11
+        flags[_KIND, self.rank] = _CALLS.index(what) + 1
+        flags[_SERIAL_LOW, self.rank] = self.serial % _DIGIT
+        flags[_SERIAL_HIGH, self.rank] = self.serial // _DIGIT % _DIGIT
         if moved:
             flags[_MOVED, self.rank] = 1
         work = dist.all_reduce(flat, group=self.group, async_op=True)
@@ -345,7 +354,8 @@ class ShardGroup:
         if failure is not None:
             raise failure
         flags = flags.tolist()  # one read-back
-        self._check_tags([(int(kind), int(serial)) for kind, serial in zip(flags[_KIND], flags[_OBJECT])])
+        self._check_tags([(int(kind), int(low) + _DIGIT * int(high))
+                          for kind, low, high in zip(flags[_KIND], flags[_SERIAL_LOW], flags[_SERIAL_HIGH])])
         failed = [r for r, flag in enumerate(flags[_FAILED]) if flag]
         if failed:
             raise RuntimeError(f"distributed curvature, rank {self.rank} of {self.world_size}: rank(s) {failed} failed "
@@ -383,7 +393,7 @@ class DistributedOperator:
     """The curvature of the mean loss over the union of the ranks' shards (see the module docstring).
 
     It speaks the :class:`~unlearn_kernels.curvature.base.CurvatureOperator` interface (``matvec``,
-    ``matmat``, ``gradient``, ``to_dense``, ``to_scipy``, ``shape``, ``dtype``, ``device``,
+    ``matmat``, ``gradient``, ``to_dense``, ``to_scipy``, ``invalidate``, ``shape``, ``dtype``, ``device``,
     counters); every result is the global one, identical on every rank. It wraps this rank's local
     operator, whose construction made the data checks (determinism probe, train-mode modules) on
     the local shard, and reduces its results.
@@ -471,6 +481,15 @@ class DistributedOperator:
         self.num_products += V.shape[1]
         self.num_data_passes += 1
         return out
+
+    def invalidate(self) -> None:
+        """Drop this rank's fixed-weight cache (see ``CurvatureOperator.invalidate``: needed only after a
+        weight change that keeps every parameter's version counter, data pointer and sum) and compare the
+        ranks' weights again at the next call, as after a change that is seen. Not a collective: a rank
+        may call it alone."""
+        if self.local is not None:
+            self.local.invalidate()
+        self.shards.weights.forget()
 
     def gradient(self) -> torch.Tensor:
         """The flat (d,) gradient of the mean loss over all ranks' rows."""

@@ -78,18 +78,19 @@ def parameter_names(model: nn.Module, params: ParamSelection = None) -> tuple[st
 
 
 class ParameterSlots:
-    """Where each named parameter of a model lives (its module's parameter dict and attribute), so
-    that a parameter object replaced there (``load_state_dict(..., assign=True)``, ``module.weight =
-    nn.Parameter(...)``) is found by name without walking the model again."""
+    """Where each named parameter (or, with ``buffers=True``, buffer) of a model lives (its module's
+    parameter or buffer dict and attribute), so that an object replaced there (``load_state_dict(...,
+    assign=True)``, ``module.weight = nn.Parameter(...)``) is found by name without walking the model again."""
 
-    def __init__(self, model: nn.Module, names: Iterable[str]) -> None:
+    def __init__(self, model: nn.Module, names: Iterable[str], *, buffers: bool = False) -> None:
         self._slots = {}
         for name in names:
             prefix, _, attr = name.rpartition(".")
-            self._slots[name] = ((model.get_submodule(prefix) if prefix else model)._parameters, attr)
+            module = model.get_submodule(prefix) if prefix else model
+            self._slots[name] = (module._buffers if buffers else module._parameters, attr)
 
-    def current(self) -> dict[str, nn.Parameter]:
-        """The parameter objects the model holds now, by name."""
+    def current(self) -> dict[str, torch.Tensor]:
+        """The parameter (or buffer) objects the model holds now, by name."""
         return {name: owner[attr] for name, (owner, attr) in self._slots.items()}
 
 

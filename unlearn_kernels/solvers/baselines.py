@@ -41,7 +41,8 @@ class LinearSolve:
         residual: ``||(H + damping I) x - b||`` (CG: its recursive residual; MINRES, LiSSA: computed
             with one extra product).
         num_hvps: products used.
-        iterations: CG/MINRES iterations, or LiSSA recursion steps over all repeats.
+        iterations: CG/MINRES iterations, or LiSSA recursion steps taken over all repeats (fewer than
+            ``depth * repeats`` where the recursion diverged).
         converged: the tolerance was met (LiSSA: the recursion stayed finite).
         info: solver-specific details (e.g. ``negative_curvature`` for CG).
     """
@@ -214,26 +215,32 @@ def lissa(H: Any, b: torch.Tensor, *, scale: float, damping: float = 0.0, depth:
     if sample is not None and not callable(sample):
         raise TypeError(f"sample must be a callable returning an operator, got {type(sample).__name__}")
     total = torch.zeros_like(b)
-    sampled_hvps = 0
+    sampled_hvps = steps = 0
     finite = True
     for _ in range(repeats):
         h = b.clone()
         for _ in range(depth):
+            # the recursion diverged to Inf/NaN (scale too small): an operator that checks its input (a
+            # CurvatureOperator) would refuse h with an error that does not say so
+            if not all_finite(h):
+                finite = False
+                break
             step_op = op if sample is None else as_operator(sample(), b.shape[0], dtype=b.dtype, device=b.device)
             try:
                 Hh = step_op.matvec(h)
-            except NonFiniteProduct:  # the recursion diverged to Inf/NaN (scale too small)
+            except NonFiniteProduct:  # diverged within the product
                 finite = False
                 break
             sampled_hvps += 0 if sample is None else step_op.num_hvps
             h = b + h - (Hh + damping * h) / scale
+            steps += 1
         if not finite:
             break
         total += h / scale
     x = total / repeats
     finite = finite and all_finite(x)  # the last step may overflow after a finite product
     residual = _true_residual(op, x, b, damping) if finite else math.inf
-    return LinearSolve(x, residual, op.num_hvps + sampled_hvps, depth * repeats, finite and math.isfinite(residual))
+    return LinearSolve(x, residual, op.num_hvps + sampled_hvps, steps, finite and math.isfinite(residual))
 
 
 # --------------------------------------------------------------------------- Newton steps

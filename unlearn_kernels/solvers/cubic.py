@@ -38,8 +38,9 @@ class CubicStep:
         step_norm: ||s||.
         sigma: the multiplier of the optimality conditions, ``(M/2) ||s||``.
         residual: ``||g + H s + (M/2) ||s|| s||``, the norm of the model's gradient at s
-            ("krylov": the free Lanczos estimate, with "selective"/"none" plus ``(M/2) | ||s|| - ||y|| | ||s||``
-            for a basis that is not orthonormal, a bound; "dense"/"gd": computed).
+            ("krylov": a bound, the free Lanczos estimate plus ``|(M/2) ||s|| - sigma| ||s||``, which holds
+            the secular equation's tolerance and, for a basis that is not orthonormal, ``||s|| != ||y||``;
+            "dense"/"gd": computed).
         num_hvps: Hessian-vector products used.
         hard_case: the hard-case branch was taken (g has no component along H's bottom eigenvector).
         iterations: Lanczos steps ("krylov"), gradient steps ("gd"), 0 ("dense").
@@ -92,6 +93,15 @@ def dense_cubic_step(H: Any, g: torch.Tensor, M: float) -> CubicStep:
 
 
 # --------------------------------------------------------------------------- Krylov
+def _residual_bound(lanczos_residual: float, M: float, sigma: float, s_norm: float) -> float:
+    """A bound on the model's gradient ``g + H s + (M/2) ||s|| s`` at ``s = Q y``: the small problem's
+    solution has ``A y + ||g|| e1 = -sigma y`` (A the projection of H), so the gradient is
+    ``((M/2) ||s|| - sigma) s`` plus the Lanczos residual ``H Q y - Q A y``. The first term is the
+    secular equation's own tolerance (sigma = (M/2) ||y|| to a relative 1e-12, which times a large
+    ||s|| is not negligible) and, when Q is not orthonormal, ``||s|| != ||y||``."""
+    return lanczos_residual + abs(0.5 * M * s_norm - sigma) * s_norm
+
+
 class KrylovCubicSolver:
     """The cubic subproblem in the Krylov space of (H, g), by Lanczos from q1 = g / ||g||.
 
@@ -186,14 +196,16 @@ class KrylovCubicSolver:
 
     # -- the small problem
     def _small_solve(self, M: float) -> tuple[np.ndarray, float, bool, float, float]:
-        """(y, sigma, hard_case, model value, residual) of the k x k problem on the current T."""
+        """(y, sigma, hard_case, model value, residual bound) of the k x k problem on the current T,
+        the bound taken at ||Q y|| = ||y|| (see :func:`_residual_bound`)."""
         proc = self.process
         theta, S = proc.ritz_pairs()
         c = self.gnorm * S[0, :]
         y_eig, sigma, hard = cubic_secular_solve(torch.from_numpy(theta), torch.from_numpy(c), M)
         y_eig = y_eig.numpy()
         y = S @ y_eig
-        return y, sigma, hard, _eigenbasis_value(c, theta, y_eig, M), proc.residual_norm(y)
+        residual = _residual_bound(proc.residual_norm(y), M, sigma, float(np.linalg.norm(y)))
+        return y, sigma, hard, _eigenbasis_value(c, theta, y_eig, M), residual
 
     def _accept(self, M: float, y: np.ndarray, residual: float) -> bool:
         y_norm = float(np.linalg.norm(y))
@@ -280,13 +292,12 @@ class KrylovCubicSolver:
                 main_steps = proc.n
                 self._run_probe()
                 self._resume_main(M, self.k_max - main_steps)
-        y, sigma, hard, value, residual = self._small_solve(M)
+        y, sigma, hard, value, _ = self._small_solve(M)
         s = replay(self.op, self._v0, proc.n, y) if self.two_pass else proc.combine(y)
         s_norm = norm64(s)
-        if proc.reorth != "full":
-            # Q is orthonormal to about sqrt(eps) ("selective") or not at all ("none"): ||s|| = ||Q y|| is not
-            # ||y||, and the model's gradient at s has (M/2) (||s|| - ||y||) Q y besides the Lanczos residual
-            residual += 0.5 * M * abs(s_norm - float(np.linalg.norm(y))) * s_norm
+        # at the formed s: Q is orthonormal to about sqrt(eps) ("selective") or not at all ("none"), so
+        # ||s|| = ||Q y|| is not ||y||
+        residual = _residual_bound(proc.residual_norm(y), M, sigma, s_norm)
         return CubicStep(
             step=s.to(self.g.dtype), model_value=value, step_norm=s_norm, sigma=sigma, residual=residual,
             num_hvps=self.op.num_hvps, hard_case=hard, iterations=proc.n,
