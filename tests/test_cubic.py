@@ -64,6 +64,22 @@ def test_dense_oracle_global_optimality(kind, rng):
     assert out.residual < 1e-10 and out.converged and out.num_hvps == 0
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_dense_oracle_reports_the_step_it_returns(kind, rng):
+    """For a float32 g the oracle solves in float64 and returns the step in float32: its residual was the
+    float64 solution's (about 1e-14) where the returned step's is about eps_32 ||H|| ||s|| (1e-6 here);
+    residual and model value now describe the returned step (in float64, against the float32 H)."""
+    H, g, M = problem(kind, rng)
+    H32, g32 = H.float(), g.float()
+    out = cubic_newton_step(H32, g32, M, method="dense")
+    s = out.step.double()
+    assert out.step.dtype == torch.float32 and out.step_norm == float(torch.linalg.vector_norm(s))
+    true = float(torch.linalg.vector_norm(g32.double() + H32.double() @ s + 0.5 * M * out.step_norm * s))
+    assert true > 1e-8  # the float32 rounding of the step, well above float64 rounding
+    assert out.residual == pytest.approx(true, rel=1e-6)
+    assert out.model_value == pytest.approx(model(H32.double(), g32.double(), M, s), rel=1e-12)
+
+
 def test_dense_closed_form_1d():
     # m(s) = b s + a s^2 / 2 + M |s|^3 / 6 with b > 0: s < 0 solves b + a s - M s^2 / 2 = 0.
     for a, b, M in [(2.0, 1.0, 3.0), (-1.0, 0.5, 2.0), (0.0, 4.0, 1.0)]:

@@ -8,6 +8,7 @@ in torch 2.13 ``torch.func.hessian``/``jacrev(jacrev)`` give wrong Hessian block
 from __future__ import annotations
 
 import copy
+import math
 import re
 
 import numpy as np
@@ -1104,3 +1105,86 @@ def test_a_later_batch_the_model_cannot_take_is_named():
         H.matvec(x.new_ones(H.shape[0]))
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert torch.equal(batches[2][0], wide) and batches[2][0].shape == (2, 5)
+
+
+def _path_operator(path: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, **options) -> CurvatureOperator:
+    if path.startswith("fused"):
+        return hessian_operator(model, F.cross_entropy, (x, y), path="fused", **options)
+    return _operators(path, model, F.cross_entropy, (x, y), **options)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("path", ["forward-over-reverse", "reverse-over-reverse", "ggn", "fused-mlp", "fused-conv"])
+def test_non_finite_weights_are_named_at_construction_and_after_a_change(path, value):
+    """NaN or Inf weights gave NaN products and gradients silently on the generic paths, the fused conv
+    path and the GGN's gradient (the fused MLP path and the GGN's products raised an error of their
+    kernels, naming no parameter), and at construction "the gradient of the loss on the first batch
+    contains NaN or Inf". Every path now names the parameter (chosen or not), at construction and at
+    the first product, matmat or gradient after the change; restored weights work again."""
+    model, x, y = _fused_problem(path.removeprefix("fused-")) if path.startswith("fused") else make("mlp")
+    cls = {"ggn": "GGNOperator", "fused-mlp": "FusedMLPHessian", "fused-conv": "FusedConvHessian"}.get(
+        path, "GenericHessian")
+    name, last = list(model.named_parameters())[-2]  # the last layer's weight
+    message = rf"^{cls}: parameter '{re.escape(name)}' has NaN or Inf values \(did an update diverge\?\)"
+    op = _path_operator(path, model, x, y)
+    v = torch.randn(op.shape[0], 2, dtype=DT, generator=torch.Generator().manual_seed(0))
+    before, grad = op.matmat(v), op.gradient()
+    saved = last.detach().clone()
+    with torch.no_grad():
+        last[0, 0] = value
+    with pytest.raises(ValueError, match=message):
+        _path_operator(path, model, x, y)
+    # a parameter outside the selection feeds the forward too
+    others = [n for n, _ in model.named_parameters() if n != name]
+    with pytest.raises(ValueError, match=message):
+        _path_operator(path, model, x, y, params=others)
+    for call in (lambda: op.matvec(v[:, 0]), lambda: op.matmat(v), op.gradient, op.to_dense):
+        with pytest.raises(ValueError, match=message):
+            call()
+    with torch.no_grad():
+        last.copy_(saved)
+    torch.testing.assert_close(op.matmat(v), before, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(op.gradient(), grad, rtol=1e-12, atol=1e-14)
+    model[-1].bias.data[1] = value  # through .data: no version counter sees it, the sum does
+    with pytest.raises(ValueError, match=rf"^{cls}: parameter '{re.escape(others[-1])}' has NaN or Inf values"):
+        op.matvec(v[:, 0])
+
+
+class _MaskedNet(nn.Module):
+    """A hidden layer under a softmax with an additive mask buffer (-inf: a unit left out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, C)
+        self.register_buffer("mask", torch.tensor([0.0, 0.0, -math.inf, 0.0, 0.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.softmax(self.bn(self.fc1(x)) + self.mask, dim=1))
+
+
+@pytest.mark.parametrize("kind", ["forward-over-reverse", "reverse-over-reverse", "ggn"])
+def test_non_finite_buffers(kind):
+    """A NaN BatchNorm running statistic gave NaN products silently (an Inf running_var: finite ones, of a
+    model whose channel is constant); NaN or Inf there is refused like a parameter. Another buffer may
+    hold -inf (an additive mask: finite products) but no NaN."""
+    torch.manual_seed(0)
+    model = _MaskedNet().to(DT).eval()
+    x, y = torch.randn(N, 4, dtype=DT), torch.randint(0, C, (N,))
+    op = _operators(kind, model, F.cross_entropy, (x, y))
+    v = torch.randn(op.shape[0], dtype=DT, generator=torch.Generator().manual_seed(1))
+    before = op.matvec(v)
+    assert bool(torch.isfinite(before).all())
+    cls = "GGNOperator" if kind == "ggn" else "GenericHessian"
+    for buffer, value, what in (("bn.running_mean", math.nan, "NaN or Inf"), ("bn.running_var", math.inf, "NaN or Inf"),
+                                ("mask", math.nan, "NaN")):
+        tensor = model.get_buffer(buffer)
+        saved = tensor.clone()
+        with torch.no_grad():
+            tensor[0] = value
+        with pytest.raises(ValueError, match=rf"^{cls}: buffer '{buffer}' has {what} values"):
+            op.matvec(v)
+        with pytest.raises(ValueError, match=rf"^{cls}: buffer '{buffer}' has {what} values"):
+            _operators(kind, model, F.cross_entropy, (x, y))
+        with torch.no_grad():
+            tensor.copy_(saved)
+        torch.testing.assert_close(op.matvec(v), before, rtol=1e-12, atol=1e-14)

@@ -110,6 +110,29 @@ def test_non_finite_trial_value_is_a_rejection(rng):
     assert out.steps == 1 and float(out.w.norm()) <= 0.05
 
 
+def test_seed_near_the_top_of_torchs_range_wraps(rng, monkeypatch):
+    """Step k's Krylov solver got ``seed + k``, past 2**63 - 1 for a seed near the top: the call failed at
+    the second step ("seed must be in [0, 2**63), got 9223372036854775808"). It gets ``(seed + k) % 2**63``,
+    the same seeds as before below the top."""
+    import unlearn_kernels.solvers.arc as arc
+
+    seeds = []
+
+    class Recording(arc.KrylovCubicSolver):
+        def __init__(self, *args, seed, **kwargs):
+            seeds.append(seed)
+            super().__init__(*args, seed=seed, **kwargs)
+
+    monkeypatch.setattr(arc, "KrylovCubicSolver", Recording)
+    A, b = spd(rng), torch.randn(D, generator=rng, dtype=torch.float64)
+    value, gradient = quadratic(A, b)
+    for seed, expected in ((2**63 - 2, [2**63 - 2, 2**63 - 1, 0, 1]), (5, [5, 6, 7, 8])):
+        seeds.clear()
+        out = adaptive_cubic_newton(value, gradient, lambda w: A, torch.zeros(D, dtype=torch.float64),
+                                    max_iterations=4, seed=seed)
+        assert out.steps == 4 and seeds == expected
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"M": 0.0}, "M must be"),
     ({"max_iterations": 0}, "max_iterations"),

@@ -221,6 +221,31 @@ def test_lissa_divergence_on_a_curvature_operator_is_reported():
         assert 0 < out.iterations < 2000
 
 
+def test_lissa_at_non_finite_weights_raises_instead_of_reporting_divergence():
+    """At a NaN weight a curvature operator returned NaN products, which LiSSA took for its own
+    divergence (``converged=False``, no error): the operator now refuses the weights by name, and
+    LiSSA lets that ValueError through (it catches only a non-finite product)."""
+    from torch import nn
+
+    from unlearn_kernels.curvature import hessian_operator
+
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double().eval()
+    x, y = torch.randn(9, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (9,), generator=gen)
+    for path in ("generic", "fused"):
+        H = hessian_operator(model, nn.CrossEntropyLoss(), (x, y), path=path)
+        g = H.gradient()
+        assert lissa(H, g, scale=10.0, damping=0.1, depth=50).converged
+        saved = model[2].weight.detach().clone()
+        with torch.no_grad():
+            model[2].weight[1, 2] = float("nan")
+        with pytest.raises(ValueError, match=r"^(GenericHessian|FusedMLPHessian): parameter '2.weight' has NaN"):
+            lissa(H, g, scale=10.0, damping=0.1, depth=50)
+        with torch.no_grad():
+            model[2].weight.copy_(saved)
+
+
 def test_lissa_stochastic(spd):
     H, b = spd
     gen = torch.Generator().manual_seed(3)
@@ -279,6 +304,21 @@ def test_bad_inputs(spd):
         as_operator("H")
     with pytest.raises(ValueError, match="symmetric"):
         pinv_newton_step(torch.triu(H), g)
+
+
+def test_pinv_refuses_an_rcond_that_drops_every_eigenvalue(singular):
+    """rcond >= 1 counts every eigenvalue as 0: the step was zero with ``converged=True`` (rank 0), for
+    every solver that reads it; it is refused for every solver, as NewtonPinv refuses it."""
+    H, _, g = singular
+    for solver in ("auto", "eigh", "lanczos", "minres"):
+        for rcond in (1.0, 2.0, math.inf):
+            with pytest.raises(ValueError, match=r"^rcond must be a finite number in \[0, 1\), got"):
+                pinv_newton_step(H, g, rcond=rcond, solver=solver)
+    top = pinv_newton_step(H, g, rcond=0.99)  # just below 1: the largest eigenvalue is kept
+    assert top.info["rank"] == 1 and top.step.abs().max() > 0
+    for rcond in (1.0, math.inf):  # the damped eigen-solve reads it the same way
+        with pytest.raises(ValueError, match=r"^rcond must be a finite number in \[0, 1\), got"):
+            damped_newton_step(H, g, damping=0.1, solver="eigh", rcond=rcond)
 
 
 class _Products:

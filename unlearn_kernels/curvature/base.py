@@ -36,6 +36,16 @@ their data pointers, and writes that do neither (fused optimizer kernels, in-pla
 one pass over the parameters, small beside a product over a batch). Only a write that keeps every
 parameter's version, pointer and sum would go unseen: call :meth:`CurvatureOperator.invalidate`
 after such a one.
+
+Non-finite weights. The same float64 sums refuse them, at construction and at the first product,
+matmat or gradient after a change (a ValueError naming the tensor, never a NaN product): a NaN or Inf
+entry makes its tensor's sum non-finite, and only then are the entries themselves looked at (finite
+float64 values could overflow the sum; float32 ones cannot: 2**128 times any possible number of
+entries is far below float64's 2**1024). At unchanged weights this costs nothing. Parameters
+(chosen or not: all feed the forward) and a normalisation layer's running statistics (BatchNorm's
+``running_mean`` / ``running_var``, where a NaN or Inf makes the outputs NaN or a channel constant)
+must be finite; other buffers must hold no NaN but may hold Inf (an additive ``-inf`` attention mask
+is a common, harmless buffer).
 """
 from __future__ import annotations
 
@@ -209,12 +219,16 @@ class CurvatureOperator(abc.ABC):
     targets y ...": a wrong dtype, input width or label shape) and for a gradient that is not
     reproducible. NaN or Inf in the data is a ValueError naming the row (see :class:`BatchSource`:
     tensor data is checked in full at construction, an iterable's batches as each pass reads them).
-    A class label out of range (where the loss raises IndexError, as cross entropy does on the CPU)
-    is a ValueError naming it. A later batch of a new layout (the inputs' and targets' shapes past the
-    rows, their dtypes) gets the same checks when a pass first reads it, and fails with a ValueError
-    naming the batch and the first batch's shapes (see :class:`BatchSource`). Parameters the model's
-    forward does not use get zero gradient and zero Hessian rows and columns; a tied parameter (one
-    tensor in two modules, or a module called at two places) is one parameter, as in autograd.
+    NaN or Inf in a parameter, or in a BatchNorm running statistic, and NaN in another buffer, is a
+    ValueError naming it (``"GenericHessian: parameter 'fc.weight' has NaN or Inf values ..."``),
+    raised at construction and by the first ``matvec``, ``matmat`` or ``gradient`` after the weights
+    changed (see the module docstring). A class label out of range (where the loss raises IndexError,
+    as cross entropy does on the CPU) is a ValueError naming it. A later batch of a new layout (the
+    inputs' and targets' shapes past the rows, their dtypes) gets the same checks when a pass first
+    reads it, and fails with a ValueError naming the batch and the first batch's shapes (see
+    :class:`BatchSource`). Parameters the model's forward does not use get zero gradient and zero
+    Hessian rows and columns; a tied parameter (one tensor in two modules, or a module called at two
+    places) is one parameter, as in autograd.
 
     Attributes:
         shape: (d, d).
@@ -284,6 +298,9 @@ class CurvatureOperator(abc.ABC):
         }
         self._buffer_slots = ParameterSlots(model, [name for name, _ in model.named_buffers()], buffers=True)
         self._live_buffers = self._buffer_slots.current()
+        # the buffers held to finiteness as the parameters are (the others to no NaN: see the module docstring)
+        self._finite_buffers = frozenset(name for name in self._live_buffers if isinstance(
+            model.get_submodule(name.rpartition(".")[0]), nn.modules.batchnorm._NormBase))
         self._copy_buffers()
         self._functional = FunctionalForward(model)
         self.num_products = 0
@@ -292,6 +309,7 @@ class CurvatureOperator(abc.ABC):
         self.cache_bytes = cache_bytes
         self.invalidate()
         self._weights_key = self._current_weights_key()
+        self._check_finite_weights(self._weights_key)
         check_train_mode(model)
         self.data = BatchSource(data, self.device, batch_size)
         self._probe_determinism()
@@ -366,6 +384,8 @@ class CurvatureOperator(abc.ABC):
         key = self._current_weights_key()
         if key == self._weights_key:
             return
+        # before anything is taken from the new weights; the old key stays, so the next call checks again
+        self._check_finite_weights(key)
         # the parameters' entries come first in the key
         for (name, p), (_, ptr, _), (_, old_ptr, _) in zip(self._live.items(), key, self._weights_key):
             if ptr != old_ptr:
@@ -381,6 +401,25 @@ class CurvatureOperator(abc.ABC):
         self._weights_key = key
         self.invalidate()
         self._weights_changed()
+
+    def _check_finite_weights(self, key: tuple[tuple[int, int, float], ...]) -> None:
+        """ValueError naming the first parameter or buffer the module docstring refuses, read from the
+        float64 sums in ``key`` (that of ``_current_weights_key``): a tensor whose sum is finite holds
+        no NaN or Inf, and only a tensor whose sum is not is read again."""
+        tensors = [*self._live.items(), *self._live_buffers.items()]
+        for (name, t), (_, _, total) in zip(tensors, key):
+            if math.isfinite(total):
+                continue
+            kind = "parameter" if name in self._live else "buffer"
+            if kind == "parameter" or name in self._finite_buffers:
+                bad = not all_finite(t.detach())  # a finite float64 tensor's sum may overflow
+                what = "NaN or Inf"
+            else:  # Inf allowed: a NaN sum comes from a NaN entry, or from +Inf and -Inf
+                bad = math.isnan(total) and bool(torch.isnan(t).any())
+                what = "NaN"
+            if bad:
+                raise ValueError(f"{type(self).__name__}: {kind} {name!r} has {what} values (did an update "
+                                 "diverge?): no curvature is computed at such weights")
 
     def _weights_changed(self) -> None:
         """Hook for subclasses that keep references to parameter views: called after a change."""

@@ -569,7 +569,10 @@ def hessian_operator(
 
     Raises:
         ValueError: train-mode BatchNorm/dropout, NaN or Inf in tensor data or the first batch (a later
-            batch of an iterable: at the product or gradient that reads it), data that changes between
+            batch of an iterable: at the product or gradient that reads it), NaN or Inf in a parameter
+            or a BatchNorm running statistic or NaN in another buffer (at construction, and at the first
+            product or gradient after the weights changed; see
+            :class:`~unlearn_kernels.curvature.CurvatureOperator`), data that changes between
             passes, data the model or the loss cannot run on (a wrong input dtype or width, a wrong
             label dtype or shape: the first batch at construction, a later batch of another layout at
             the first pass that reads it, named "batch i of the data: ..."), a class label out of
@@ -624,7 +627,8 @@ def ggn_operator(
 
     Raises:
         ValueError: an unsupported loss or targets ("ggn_operator: ..."), a label out of range (on any
-            batch, when its forward is built), or what :func:`hessian_operator` raises for the data.
+            batch, when its forward is built), or what :func:`hessian_operator` raises for the data and
+            the weights.
     """
     params = parameter_names(model, params)  # read by the local operator and the distributed wrapper
     if process_group is not None:

@@ -145,7 +145,9 @@ def adaptive_cubic_newton(
         M_min: the smallest M after lowering, > 0.
         solver_options: options of :class:`~.cubic.KrylovCubicSolver` over
             :data:`KRYLOV_DEFAULTS` (not ``seed``).
-        seed: seeds the Krylov solver's random vectors.
+        seed: seeds the Krylov solver's random vectors, an int in [0, 2**63): the solver of accepted
+            step k gets ``(seed + k) % 2**63`` (so a seed near the top wraps around to 0 rather than
+            leave torch's seed range).
 
     Returns:
         An :class:`ARCResult`.
@@ -162,7 +164,8 @@ def adaptive_cubic_newton(
     seed = check_seed("seed", seed)
     options = {**KRYLOV_DEFAULTS, **(solver_options or {})}
     if "seed" in options:
-        raise ValueError("solver_options must not set 'seed': pass seed= (each step's solver gets seed + step)")
+        raise ValueError("solver_options must not set 'seed': pass seed= (each step's solver gets "
+                         "(seed + step) % 2**63)")
     k_max = check_int("solver_options['k_max']", options.pop("k_max"), 1)
 
     f = float(value(w))
@@ -185,7 +188,7 @@ def adaptive_cubic_newton(
             stop = "hvp_budget"
             break
         solver = KrylovCubicSolver(hessian(w), g, k_max=k_max if left is None else min(k_max, left),
-                                   seed=seed + steps, **options)
+                                   seed=(seed + steps) % 2**63, **options)
         used = 0
         while True:
             sub = solver.solve(M)

@@ -300,7 +300,8 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float = 1e-6, solver: st
     Args:
         H: dense symmetric matrix or operator.
         g: (d,) gradient.
-        rcond: "eigh" and "lanczos": eigenvalues with ``|lambda| <= rcond max|lambda|`` count as 0.
+        rcond: "eigh" and "lanczos": eigenvalues with ``|lambda| <= rcond max|lambda|`` count as 0; in
+            [0, 1) (checked for every solver: 1 or more counts every eigenvalue as 0, a zero step).
         solver: "eigh" (float64 eigendecomposition of the dense H, an operator made dense by d
             products: the exact pseudo-inverse), "lanczos" (the truncated pseudo-inverse: ``rank``
             Lanczos steps from g with full reorthogonalisation give ``H ~ Q T Q^T`` on the Krylov
@@ -318,7 +319,7 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float = 1e-6, solver: st
         A :class:`NewtonStep`; ``info["rank"]`` for "eigh" and "lanczos" (and ``info["lanczos_steps"]``).
     """
     op, g = operator_and_vector(H, g)
-    rcond = check_number("rcond", rcond, 0.0)
+    rcond = check_number("rcond", rcond, 0.0, 1.0, strict_high=True)
     if solver == "auto":
         solver = _auto(op, "eigh", "lanczos")
     if solver == "minres":
@@ -405,7 +406,7 @@ def damped_newton_step(H: Any, g: torch.Tensor, damping: float, *, solver: str =
             matrix costs, so a failed attempt adds at most a quarter to the d products of the dense
             matrix; ``info["minres_iterations"]`` on the fallback), "cg" (:func:`conjugate_gradient`),
             "lissa" (:func:`lissa`), or "auto" ("eigh" for a dense matrix, else :func:`damped_solver`).
-        **options: passed to the solver ("eigh": ``rcond``, default 1e-12; "minres", "minres-ldl" and
+        **options: passed to the solver ("eigh": ``rcond`` in [0, 1), default 1e-12; "minres", "minres-ldl" and
             "cg": tol/maxiter; "lissa": scale/depth/repeats/sample).
 
     Raises:
@@ -433,7 +434,8 @@ def damped_newton_step(H: Any, g: torch.Tensor, damping: float, *, solver: str =
         unknown = set(options) - {"rcond"}
         if unknown:
             raise TypeError(f"solver 'eigh' takes only rcond, got {sorted(unknown)}")
-        rcond = check_number("rcond", options.get("rcond", 1e-12), 0.0)
+        # rcond >= 1 counts every eigenvalue as 0: a zero step
+        rcond = check_number("rcond", options.get("rcond", 1e-12), 0.0, 1.0, strict_high=True)
         lam, U = _eigh(op)
         c = U.T @ g.double()
         y, kept = _spectral_step(lam, c, damping, rcond)

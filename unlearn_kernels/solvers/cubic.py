@@ -40,7 +40,7 @@ class CubicStep:
         residual: ``||g + H s + (M/2) ||s|| s||``, the norm of the model's gradient at s
             ("krylov": a bound, the free Lanczos estimate plus ``|(M/2) ||s|| - sigma| ||s||``, which holds
             the secular equation's tolerance and, for a basis that is not orthonormal, ``||s|| != ||y||``;
-            "dense"/"gd": computed).
+            "dense"/"gd": computed, at the returned s in its dtype).
         num_hvps: Hessian-vector products used.
         hard_case: the hard-case branch was taken (g has no component along H's bottom eigenvector).
         iterations: Lanczos steps ("krylov"), gradient steps ("gd"), 0 ("dense").
@@ -78,17 +78,24 @@ def _eigenbasis_value(c: Any, lam: Any, y: Any, M: float) -> float:
 
 # --------------------------------------------------------------------------- dense oracle
 def dense_cubic_step(H: Any, g: torch.Tensor, M: float) -> CubicStep:
-    """The float64 eigendecomposition oracle (see :func:`cubic_newton_step`, method "dense")."""
+    """The float64 eigendecomposition oracle (see :func:`cubic_newton_step`, method "dense").
+
+    The step is solved in float64 and returned in g's dtype; ``model_value`` and ``residual`` are
+    those of the returned step (computed in float64, in the eigenbasis: no products), so for a
+    float32 g the residual includes the step's rounding to float32 (about ``eps_32 ||H|| ||s||``),
+    what a user of the step gets. ``sigma`` and ``hard_case`` are the float64 solution's.
+    """
     op, g = operator_and_vector(H, g)
     M = _check_M(M)
     H64 = op.to_dense().double()
     lam, U = torch.linalg.eigh(0.5 * (H64 + H64.T))
     c = U.T @ g.double()
     y, sigma, hard = cubic_secular_solve(lam, c, M)
+    s = (U @ y).to(g.dtype)
+    y = U.T @ s.double()  # the returned step in the eigenbasis: its rounding to g's dtype included
     y_norm = float(torch.linalg.vector_norm(y))
     value = _eigenbasis_value(c, lam, y, M)
     residual = float(torch.linalg.vector_norm(c + lam * y + 0.5 * M * y_norm * y))
-    s = (U @ y).to(g.dtype)
     return CubicStep(s, value, norm64(s), sigma, residual, op.num_hvps, hard, 0, True, "dense")
 
 
