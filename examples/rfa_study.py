@@ -64,8 +64,10 @@ METHOD_SPECS = {
 def setting(model_name: str, protocol: str, seed: int) -> dict:
     splits = load_dataset("digits", seed=seed)
     # the forget request exactly as `unlearn-kernels run` builds it for this protocol and seed
-    config = StudyConfig(model=model_name, protocol=protocol, forget_fraction=0.1, forget_classes=(FORGET_CLASS,),
-                         methods=("original",), seeds=(seed,), cache_dir=None)
+    # each protocol takes only its own option: a fraction, or the classes
+    options = {"forget_classes": (FORGET_CLASS,)} if protocol == "class" else {"forget_fraction": 0.1}
+    config = StudyConfig(model=model_name, protocol=protocol, methods=("original",), seeds=(seed,), cache_dir=None,
+                         **options)
     train_split, (request,), _ = build_scenario(config, splits, seed)
     test = remove_classes(splits.test, [FORGET_CLASS]) if protocol == "class" else splits.test
     forget, retain = request.apply(train_split)

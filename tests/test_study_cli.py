@@ -1,20 +1,23 @@
 """The evaluation study and the `unlearn-kernels` command line: tiny end-to-end runs of every
 protocol (random, mislabeled, class, sequential), method options, the three-scenario default, the
 progress lines of a non-terminal, and clear errors for wrong options."""
+import dataclasses
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import unlearn_kernels.checkpoint as checkpoint
 from unlearn_kernels.checkpoint import data_fingerprint, read_checkpoint
 from unlearn_kernels.cli import main, parse_method_options
 from unlearn_kernels.data import load_dataset, mislabel
 from unlearn_kernels.methods import Finetune, UnlearnResult
 from unlearn_kernels.report import format_table, study_files, summarize, write_plots
-from unlearn_kernels.study import METHODS, StudyConfig, run_study
+from unlearn_kernels.study import DEFAULT_RECIPES, METHODS, StudyConfig, default_scenarios, run_study
 from unlearn_kernels.training import TrainConfig
 
 FAST = TrainConfig(epochs=8, batch_size=64, lr=0.05)
@@ -135,6 +138,30 @@ def test_the_class_protocol_records_no_forget_fraction():
     # whole classes are forgotten: a fraction in results.json would suggest one was drawn
     assert StudyConfig(protocol="class", forget_classes=(3,)).to_dict()["forget_fraction"] is None
     assert StudyConfig(protocol="mislabeled", forget_fraction=0.2).to_dict()["forget_fraction"] == 0.2
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"protocol": "random", "forget_classes": (3,)},
+     "forget_classes (--forget-class) is for the class protocol, not the random protocol"),
+    ({"protocol": "mislabeled", "forget_classes": (3,)},
+     "forget_classes (--forget-class) is for the class protocol, not the mislabeled protocol"),
+    # the default fraction too: passed, it is a request the class protocol would ignore
+    ({"protocol": "class", "forget_classes": (3,), "forget_fraction": 0.1},
+     "forget_fraction (--forget-fraction) is for the random and mislabeled protocols, not the class protocol"),
+])
+def test_an_option_of_another_protocol_is_refused_not_ignored(options, message):
+    """The command line refused these; the Python API ignored them without a word."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        StudyConfig(**options)
+
+
+def test_the_forget_fraction_defaults_as_before():
+    assert StudyConfig(protocol="random").forget_fraction == 0.1
+    assert StudyConfig(protocol="mislabeled", forget_fraction=0.2).forget_fraction == 0.2
+    assert StudyConfig(protocol="class", forget_classes=(3,)).forget_fraction is None
+    scenarios = default_scenarios(methods=("original",))
+    assert [c.forget_fraction for c in scenarios.values()] == [0.1, 0.1, None]
+    assert [c.forget_classes for c in scenarios.values()] == [(), (), (3,)]
 
 
 def test_a_reseeded_oracle_row_shows_how_far_two_retrains_are(tmp_path):
@@ -263,11 +290,12 @@ def test_cli_one_protocol_writes_its_scenario(tmp_path, capsys):
         (["--seeds=-1"], "seeds (--seeds) must be in [0, 2**32), got -1"),
         (["--seeds", str(2**32)], "seeds (--seeds) must be in [0, 2**32), got 4294967296"),
         (["--protocol", "random", "--sequential", "0"], "--sequential must be >= 1"),
-        (["--protocol", "random", "--forget-class", "3"], "--forget-class is for the class protocol"),
+        (["--protocol", "random", "--forget-class", "3"],
+         "forget_classes (--forget-class) is for the class protocol, not the random protocol"),
         (["--dataset", "iris", "--model", "cnn"], "'cnn' needs an image input shape"),
         # accepted and ignored before: a class protocol draws no fraction
         (["--protocol", "class", "--forget-class", "3", "--forget-fraction", "0.3"],
-         "--forget-fraction is for the random and mislabeled protocols, not --protocol class"),
+         "forget_fraction (--forget-fraction) is for the random and mislabeled protocols, not the class protocol"),
         # failed after the original's training before: the oracle refuses 0 epochs
         (["--epochs", "0"], "epochs (--epochs), which the retrain oracle uses, must be an int >= 1, got 0"),
         # failed after the training before: the loss MIA's 5-fold cross-validation needs 5 forget rows
@@ -339,6 +367,88 @@ def test_cli_out_that_cannot_be_written_is_refused_before_any_work(tmp_path, cap
         out, err = capsys.readouterr()
         assert code == 2 and f"--out: '{denied}' is not writable" in err
         assert "unlearn-kernels run:" not in out and "training the original" not in err
+
+
+def test_cli_cache_that_cannot_be_made_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """A checkpoint cache under a file (a file where a folder must be made): one line naming the folder, before
+    the run's header and any training, as for --out (it failed at the first original, after the header)."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("the user's file")
+    cache = blocker / "checkpoints"
+    monkeypatch.setattr(StudyConfig, "cache_dir", str(cache))  # the CLI's default cache
+    code = main(["run", "--protocol", "random", "--seeds", "0", "--epochs", "1", "--methods", "original",
+                 "--out", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert code == 2 and "Traceback" not in err, err
+    assert err.startswith(f"unlearn-kernels: error: the checkpoint cache (cache_dir) '{cache}' cannot be made: "), err
+    assert "--no-cache" in err and len(err.splitlines()) == 1
+    assert "unlearn-kernels run:" not in out and blocker.read_text() == "the user's file"
+
+
+def test_cli_read_only_cache_is_refused_before_any_work_unless_it_holds_every_original(tmp_path, capsys,
+                                                                                       monkeypatch):
+    """A read-only cache holding seed 0's original but not seed 1's failed at seed 1, after seed 0's study had run
+    (os.access and mkstemp stand in for the permission bits, which the root user of a CI container would not
+    see); one that holds every original the run needs still serves them."""
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(StudyConfig, "cache_dir", str(cache))  # the CLI's default cache
+    command = ["run", "--protocol", "random", "--epochs", "1", "--methods", "original", "--out", str(tmp_path / "out")]
+    assert main([*command, "--seeds", "0"]) == 0  # caches seed 0's original
+    capsys.readouterr()
+    access, mkstemp = os.access, checkpoint.tempfile.mkstemp
+
+    def no_file_in_cache(*args, dir=None, **kwargs):
+        if Path(dir) == cache:
+            raise PermissionError(13, "Permission denied", str(cache))
+        return mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != cache and access(path, mode))
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", no_file_in_cache)
+    code = main([*command, "--seeds", "0,1"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "Traceback" not in err, err
+    assert err.startswith(f"unlearn-kernels: error: the checkpoint cache (cache_dir) '{cache}' is not writable, and "
+                          "it lacks 1 of the study's original models"), err
+    assert "unlearn-kernels run:" not in out and "training the original" not in err
+    # the Python API refuses it before any work too
+    phases = []
+    config = StudyConfig(methods=("original",), seeds=(0, 1), recipe=dataclasses.replace(DEFAULT_RECIPES["mlp"],
+                                                                                         epochs=1),
+                         cache_dir=str(cache))  # the run's config (the CLI passes the cache it reads)
+    with pytest.raises(ValueError, match="is not writable, and it lacks 1 of the study's original models"):
+        run_study(config, progress=lambda *args: phases.append(args))
+    assert phases == []
+    # every original the run needs is there: served (one it trained could not have been saved: status 2)
+    (cached,) = cache.iterdir()
+    saved = cached.read_bytes()
+    assert main([*command, "--seeds", "0"]) == 0
+    assert list(cache.iterdir()) == [cached] and cached.read_bytes() == saved
+
+
+def test_cli_interrupt_is_one_line_and_status_130(tmp_path, capsys, monkeypatch):
+    """Ctrl-C printed a long traceback. Now one line and the shell's status for SIGINT; the scenario finished
+    before the interrupt is written whole and nothing half-written is left."""
+    finetune = Finetune._unlearn
+    calls = []
+
+    def interrupted_in_the_second_scenario(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return finetune(self, *args, **kwargs)
+
+    monkeypatch.setattr(Finetune, "_unlearn", interrupted_in_the_second_scenario)
+    try:
+        code = main(["run", "--methods", "original,finetune", "--seeds", "0", "--epochs", "1", "--out", str(tmp_path),
+                     "--no-cache"])
+    except KeyboardInterrupt:
+        pytest.fail("the interrupt escaped main with its traceback")
+    out, err = capsys.readouterr()
+    assert code == 130 and "Traceback" not in err and err.splitlines()[-1] == "unlearn-kernels: interrupted", err
+    assert "=== scenario mislabeled" in out and len(calls) == 2
+    assert json.loads((tmp_path / "random" / "results.json").read_text())["config"]["protocol"] == "random"
+    assert not (tmp_path / "mislabeled").exists() and not (tmp_path / "summary.json").exists()
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
 
 
 def test_cli_repeated_method_is_refused(capsys):

@@ -150,6 +150,29 @@ def _check_writable_file(path: Path) -> None:
         raise ValueError(f"checkpoint path {str(path)!r}: its folder cannot be made ({error})") from None
 
 
+def check_writable_folder(path: str | os.PathLike[str], *, make: bool = True) -> Path:
+    """``path`` as a Path if files can be written into it: it is not a file, it is made (with its
+    parents) if missing when ``make``, and, if it exists, it takes writes (permission bits and a
+    read-only file system alike). Lets a caller refuse, before its work, a folder it could not save
+    that work into.
+
+    Raises:
+        ValueError: ``'<path>' is a file, not a directory``, ``... cannot be made: <why>`` or
+            ``... is not writable``.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{str(path)!r} is a file, not a directory")
+    if make:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"{str(path)!r} cannot be made: {error}") from None
+    if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{str(path)!r} is not writable")
+    return path
+
+
 def probe_atomic_write(path: str | os.PathLike[str]) -> None:
     """OSError if :func:`atomic_write` could not create its temporary file beside ``path`` (a read-only
     folder or file system): tried with the same call, and the trial file removed. Lets a caller

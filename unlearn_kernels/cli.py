@@ -43,26 +43,21 @@ def _check_out(root: Path, configs: dict[str, Any]) -> None:
     be made ones, and no file the run will write there is a directory or a file that cannot be
     overwritten: checked before any work, not when the results are written after the study."""
     from . import report
+    from .checkpoint import check_writable_folder
 
     folders = (root, *(root / name for name in configs))
     files = [root / name / file for name, config in configs.items()
              for file in report.study_files(config.methods, max(1, config.sequential))]
     if len(configs) > 1:
         files += [root / report.SUMMARY_FILE, root / report.GAP_CLOSED_PLOT]
-    for path in folders:
-        if path.exists() and not path.is_dir():
-            raise UsageError(f"--out: {str(path)!r} is a file, not a directory")
+    for path in folders:  # --out is made here, a scenario's folder when its results are written
+        try:
+            check_writable_folder(path, make=path == root)
+        except ValueError as exc:
+            raise UsageError(f"--out: {exc}") from None
     for path in files:
         if path.is_dir():
             raise UsageError(f"--out: {str(path)!r}, where the run writes a file, is a directory")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"--out {str(root)!r} cannot be made: {exc}") from None
-    for path in folders:  # an existing folder we cannot write in
-        if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
-            raise UsageError(f"--out: {str(path)!r} is not writable")
-    for path in files:
         if path.exists() and not os.access(path, os.W_OK):
             raise UsageError(f"--out: {str(path)!r}, which the run overwrites, is not writable")
 
@@ -145,25 +140,22 @@ def _study_configs(args: argparse.Namespace) -> dict:
             raise UsageError("--sequential needs --protocol (random, mislabeled or class)")
         if args.sequential < 1:
             raise UsageError(f"--sequential must be >= 1 (the number of requests), got {args.sequential}")
-    if args.forget_class and args.protocol in ("random", "mislabeled"):
-        raise UsageError(f"--forget-class is for the class protocol, not --protocol {args.protocol}")
-    if args.forget_fraction is not None and args.protocol == "class":  # it would be ignored: whole classes go
-        raise UsageError("--forget-fraction is for the random and mislabeled protocols, not --protocol class")
-    fraction = {} if args.forget_fraction is None else {"forget_fraction": args.forget_fraction}
     try:
         recipe = dataclasses.replace(DEFAULT_RECIPES[args.model], **{k: v for k, v in (
             ("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size)) if v is not None})
     except ValueError as exc:  # TrainConfig's checks, e.g. --lr -1
         raise UsageError(str(exc)) from None
+    # StudyConfig refuses an option of another protocol (--forget-class with random, --forget-fraction with class)
     common = dict(dataset=args.dataset, root=args.root, model=args.model, methods=methods,
+                  forget_fraction=args.forget_fraction,
                   method_options=parse_method_options(args.set or []), seeds=_seeds(args.seeds),
                   recipe=recipe, device=args.device, cache_dir=None if args.no_cache else StudyConfig.cache_dir)
     try:
         if args.protocol is None:
-            return default_scenarios(forget_classes=tuple(args.forget_class or (3,)), **fraction, **common)
+            return default_scenarios(forget_classes=tuple(args.forget_class or (3,)), **common)
         name = args.protocol + (f"-sequential{args.sequential}" if args.sequential else "")
         return {name: StudyConfig(protocol=args.protocol, forget_classes=tuple(args.forget_class or ()),
-                                  sequential=args.sequential or 0, **fraction, **common)}
+                                  sequential=args.sequential or 0, **common)}
     except (ValueError, TypeError) as exc:  # StudyConfig's own checks (method options among them)
         raise UsageError(str(exc)) from None
 
@@ -207,12 +199,18 @@ def _progress(label: str) -> Iterator[Callable[[str, int, int], None]]:
         yield update
 
 
+def _damaged_checkpoint(exc: Exception) -> UsageError:
+    """The usage error of a damaged cached original (left in place for the user): one line."""
+    first_line = str(exc).splitlines()[0]  # torch's unpickling errors run over several lines
+    return UsageError(f"{first_line} (delete it to retrain, or run with --no-cache)")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     import torch
 
     from . import report
     from .checkpoint import CheckpointError
-    from .study import check_scenario, run_study
+    from .study import check_cache, check_scenario, run_study
 
     configs = _study_configs(args)
     if args.threads < 1:
@@ -229,6 +227,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     first = next(iter(configs.values()))
     root = Path(args.out or f"runs/{first.dataset}-{first.model}")
     _check_out(root, configs)
+    for config in configs.values():  # before any training, not when a later seed's original is saved
+        try:
+            check_cache(config)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        except CheckpointError as exc:
+            raise _damaged_checkpoint(exc) from None
     # The default models are small: one intra-op thread is fastest, and OpenMP threads that wait on
     # each other on a busy machine made training ~30x slower. Larger models: raise --threads.
     torch.set_num_threads(args.threads)
@@ -248,9 +253,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 study = run_study(config, progress=progress)
             except (ValueError, FileNotFoundError, ImportError) as exc:  # e.g. a later seed's data
                 raise UsageError(str(exc)) from None
-            except CheckpointError as exc:  # a damaged cached original: left in place for the user
-                first_line = str(exc).splitlines()[0]  # torch's unpickling errors run over several lines
-                raise UsageError(f"{first_line} (delete it to retrain, or run with --no-cache)") from None
+            except CheckpointError as exc:
+                raise _damaged_checkpoint(exc) from None
         summary = report.summarize(study["records"])
         noise = report.gap_closed_noise(study["records"])
         for request in sorted(summary):
@@ -341,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the command in ``argv`` (default: ``sys.argv[1:]``) and returns its exit status; a wrong option
-    gives a one-line error and status 2."""
+    gives a one-line error and status 2, an interrupt (Ctrl-C) one line and status 130."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -351,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"unlearn-kernels: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: no traceback; every file was written whole (atomically), old or new
+        print("unlearn-kernels: interrupted", file=sys.stderr)
+        return 130  # the shell's status for SIGINT
     except BrokenPipeError:  # the reader went away (e.g. `| head`): no traceback; Python's recipe
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141

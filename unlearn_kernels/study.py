@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import cache_path, train_or_load
+from .checkpoint import cache_path, check_writable_folder, load_checkpoint, train_or_load, training_metadata
 from .checks import all_finite, check_choice, check_int, check_number
 from .data import (
     DatasetSplits,
@@ -93,6 +93,9 @@ GAP_METRICS = ("mia_entropy", "acc_forget", "acc_retain", "acc_test")
 
 PROTOCOLS = ("random", "mislabeled", "class")
 
+#: the fraction the random and mislabeled protocols forget when none is given (``--forget-fraction``)
+DEFAULT_FORGET_FRACTION = 0.1
+
 #: folds of the loss MIA's cross-validation (``mia_loss``): every forget set needs at least this many rows
 MIA_LOSS_FOLDS = 5
 
@@ -132,8 +135,11 @@ class StudyConfig:
         protocol: "random" (stratified fraction of the train split), "mislabeled" (a stratified
             fraction of the train split relabelled with a uniformly drawn wrong class; the original
             trains on it, D_f is those rows with their wrong labels) or "class" (whole classes).
-        forget_fraction: fraction for the random and mislabeled protocols, in (0, 1).
-        forget_classes: classes for the class protocol (also removed from the test accuracy).
+        forget_fraction: fraction for the random and mislabeled protocols, in (0, 1); None (the
+            default) is :data:`DEFAULT_FORGET_FRACTION` for them. The class protocol takes none (it
+            stays None).
+        forget_classes: classes for the class protocol (also removed from the test accuracy); the
+            other protocols take none.
         sequential: number of requests applied one after another (0 = a single request). Random:
             each request forgets ``forget_fraction`` of the original train split. Mislabeled: the
             corrupted rows are split into this many parts, one per request. Class: one class per
@@ -156,7 +162,7 @@ class StudyConfig:
     model: str = "mlp"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     protocol: str = "random"
-    forget_fraction: float = 0.1
+    forget_fraction: float | None = None
     forget_classes: tuple[int, ...] = ()
     sequential: int = 0
     methods: tuple[str, ...] = DEFAULT_METHODS
@@ -176,11 +182,21 @@ class StudyConfig:
         # the oracle first: every other method is compared with its model of the same request
         self.methods = ("retrain", *(m for m in self.methods if m != "retrain"))
         check_choice("protocol (--protocol)", self.protocol, PROTOCOLS)
-        if self.protocol != "class":
+        # an option of another protocol would be ignored without a word: refused, as the command line does
+        if self.protocol == "class":
+            if self.forget_fraction is not None:
+                raise ValueError("forget_fraction (--forget-fraction) is for the random and mislabeled protocols, "
+                                 "not the class protocol")
+            if not self.forget_classes:
+                raise ValueError("the class protocol needs at least one class to forget (--forget-class)")
+        else:
+            if self.forget_classes:
+                raise ValueError(f"forget_classes (--forget-class) is for the class protocol, not the {self.protocol} "
+                                 "protocol")
+            if self.forget_fraction is None:
+                self.forget_fraction = DEFAULT_FORGET_FRACTION
             check_number("forget_fraction (--forget-fraction)", self.forget_fraction, 0.0, 1.0, strict=True,
                          strict_high=True)
-        if self.protocol == "class" and not self.forget_classes:
-            raise ValueError("the class protocol needs at least one class to forget (--forget-class)")
         self.sequential = check_int("sequential", self.sequential, low=0)
         # the oracle always runs, and one trained for no epoch would be the random initialisation (Retrain
         # refuses it, but only after the original's training)
@@ -251,8 +267,6 @@ class StudyConfig:
     def to_dict(self) -> dict[str, Any]:
         """The config as JSON-friendly values, with the recipe and every method's effective options."""
         d = dataclasses.asdict(self)
-        if self.protocol == "class":  # whole classes: no fraction is drawn
-            d["forget_fraction"] = None
         d["recipe"] = self.train_recipe(0).to_dict() | {"seed": "per study seed"}
         d["method_options"] = {m: {k: _json_value(v) for k, v in o.items()} for m, o in self.method_options.items()}
         d["effective_method_options"] = self.effective_method_options()
@@ -287,11 +301,11 @@ def _json_value(value: Any) -> Any:
     return f"{getattr(value, '__module__', None) or ''}.{name}".lstrip(".") if name else str(value)
 
 
-def default_scenarios(forget_fraction: float = 0.1, forget_classes: tuple[int, ...] = (3,),
+def default_scenarios(forget_fraction: float | None = None, forget_classes: tuple[int, ...] = (3,),
                       **common: Any) -> dict[str, StudyConfig]:
     """The three scenarios of a plain ``unlearn-kernels run``: random forgetting, mislabeled data
-    (both ``forget_fraction`` of the train split) and class forgetting; ``common`` goes to every
-    :class:`StudyConfig`."""
+    (both ``forget_fraction`` of the train split, None: :data:`DEFAULT_FORGET_FRACTION`) and class
+    forgetting; ``common`` goes to every :class:`StudyConfig`."""
     return {
         "random": StudyConfig(protocol="random", forget_fraction=forget_fraction, **common),
         "mislabeled": StudyConfig(protocol="mislabeled", forget_fraction=forget_fraction, **common),
@@ -347,6 +361,55 @@ def check_scenario(config: StudyConfig) -> None:
     for name in config.methods:  # what the options name in the model (parameters, adapter targets) exists
         if name not in RECIPE_METHODS:
             METHODS[name](**config.method_kwargs(name)).check_model(model)
+
+
+def _model_info(config: StudyConfig) -> dict[str, Any]:
+    """The model's name, options and dataset: what its checkpoints record beside its signature."""
+    return {"name": config.model, "kwargs": config.model_kwargs, "dataset": config.dataset}
+
+
+def _model_factory(config: StudyConfig, splits: DatasetSplits) -> Callable[[], nn.Module]:
+    """A function that builds ``config``'s model for the data of ``splits``, untrained."""
+    return lambda: build_model(config.model, splits.input_shape, splits.num_classes, **config.model_kwargs)
+
+
+def _original_path(config: StudyConfig, factory: Callable[[], nn.Module], seed: int, cache_tag: str) -> Path:
+    """The cache file of the original model of ``seed`` (``cache_tag``: see :func:`build_scenario`)."""
+    recipe = config.train_recipe(seed)
+    return cache_path(Path(config.cache_dir), f"original-{config.dataset}-{config.model}-{seed}{cache_tag}",
+                      init_model(factory, recipe.seed), recipe, _model_info(config))
+
+
+def check_cache(config: StudyConfig) -> None:
+    """Refuses, before any training, a cache folder (``cache_dir``) that could not take the original
+    models the study trains: a file in its place, a folder that cannot be made or one that takes no
+    writes. Such a folder passes only if it already holds every original the study needs (a
+    read-only cache still serves its models); only then are the seeds' data loaded to tell.
+
+    Raises:
+        ValueError: naming the folder, why it cannot be written and how many originals it lacks.
+        CheckpointError: a cached original there is corrupt (as :func:`run_study` would raise).
+    """
+    if not config.cache_dir:
+        return
+    try:
+        check_writable_folder(config.cache_dir)
+    except ValueError as exc:
+        problem = str(exc)
+    else:
+        return
+    lacking = 0
+    for seed in config.seeds:
+        splits = load_dataset(config.dataset, root=config.root, seed=seed)
+        train_split, _, cache_tag = build_scenario(config, splits, seed)
+        factory, recipe = _model_factory(config, splits), config.train_recipe(seed)
+        metadata = training_metadata(init_model(factory, recipe.seed), train_split, recipe, _model_info(config),
+                                     config.device)
+        lacking += load_checkpoint(_original_path(config, factory, seed, cache_tag), metadata) is None
+    if lacking:
+        raise ValueError(f"the checkpoint cache (cache_dir) {problem}, and it lacks {lacking} of the study's original "
+                         "models, which could not be saved there after their training (run with --no-cache, or set "
+                         "XDG_CACHE_HOME to a writable folder)")
 
 
 def _make_method(config: StudyConfig, name: str, factory: Callable[[], nn.Module], recipe: TrainConfig,
@@ -417,23 +480,22 @@ def run_study(config: StudyConfig, progress: Progress | None = None) -> dict[str
     record gets ``gap_closed_acc_forget`` and ``gap_closed_avg_gap`` (see :func:`add_gap_closed`).
     """
     progress = progress or (lambda phase, done, total: None)
+    check_cache(config)
     records: list[dict[str, Any]] = []
     device = torch.device(config.device)
     total = len(config.seeds) * max(1, config.sequential) * len(config.methods)
     done = 0
     for seed in config.seeds:
         splits = load_dataset(config.dataset, root=config.root, seed=seed)
-        model_info = {"name": config.model, "kwargs": config.model_kwargs, "dataset": config.dataset}
-        factory = lambda: build_model(config.model, splits.input_shape, splits.num_classes, **config.model_kwargs)  # noqa: E731
+        model_info = _model_info(config)
+        factory = _model_factory(config, splits)
         recipe = config.train_recipe(seed)
         # before any training: bad input fails fast
         train_split, requests, cache_tag = build_scenario(config, splits, seed)
         progress(f"seed {seed}: training the original model", done, total)
-        cache = Path(config.cache_dir) if config.cache_dir else None
-        if cache is not None:
-            path = cache_path(cache, f"original-{config.dataset}-{config.model}-{seed}{cache_tag}",
-                              init_model(factory, recipe.seed), recipe, model_info)
-            original, _ = train_or_load(path, factory, train_split, recipe, model_info=model_info, device=device)
+        if config.cache_dir:
+            original, _ = train_or_load(_original_path(config, factory, seed, cache_tag), factory, train_split, recipe,
+                                        model_info=model_info, device=device)
         else:
             original = init_model(factory, recipe.seed)
             train(original, train_split, recipe, device=device)
