@@ -3,6 +3,7 @@ an MLP trained on 600 sklearn digits, asked to forget one whole class."""
 import copy
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -215,6 +216,24 @@ def test_retrain_cache_and_architecture_check(problem, tmp_path):
         Retrain(lambda: factory().double(), config).unlearn(model, forget, retain)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"cache_dir": 3}, "cache_dir must be None or a folder as a str or os.PathLike (e.g. a pathlib.Path), got int"),
+    ({"cache_dir": b"cache"}, "cache_dir must be None or a folder as a str or os.PathLike (e.g. a pathlib.Path), "
+                              "got bytes"),
+    ({"model_info": 3}, "model_info must be None or a mapping (e.g. a dict), got int"),
+    ({"model_info": "mlp"}, "model_info must be None or a mapping (e.g. a dict), got str"),
+])
+def test_retrain_names_a_cache_dir_or_model_info_of_the_wrong_type(kwargs, message, tmp_path):
+    """pathlib's and dict's own TypeErrors named neither the argument nor the method."""
+    with pytest.raises(TypeError, match=f"^Retrain: {re.escape(message)}$"):
+        Retrain(factory, CONFIG, **kwargs)
+    if "model_info" in kwargs:
+        with pytest.raises(TypeError, match=f"^RetrainReseeded: {re.escape(message)}$"):
+            RetrainReseeded(factory, CONFIG, **kwargs)
+    assert Retrain(factory, CONFIG, cache_dir=str(tmp_path)).cache_dir == tmp_path
+    assert Retrain(factory, CONFIG, cache_dir=tmp_path, model_info={"name": "mlp"}).model_info == {"name": "mlp"}
+
+
 @pytest.mark.parametrize("name, kwargs", [
     ("gradient_ascent", {"lr": 1.0, "epochs": 50}),
     ("finetune", {"lr": 1e30, "epochs": 1}),
@@ -359,6 +378,68 @@ def test_zero_epochs_are_refused_by_name(name):
     assert len(TRAINED) >= 9
     with pytest.raises(ValueError, match=f"^{name}: epochs must be an int >= 1, got 0$"):
         METHODS[name](epochs=0)
+
+
+def batch_norm_factory() -> torch.nn.Sequential:
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                               torch.nn.Linear(16, 10))
+
+
+@pytest.fixture(scope="module")
+def batch_norm_problem(problem):
+    """A BatchNorm1d model, 17 forget rows, 41 retain rows (both 1 more than a multiple of 8), and
+    unseen rows."""
+    _, forget, retain = problem
+    forget = LabeledData(forget.x[:17], forget.y[:17])
+    retain, unseen = (LabeledData(retain.x[a:b], retain.y[a:b]) for a, b in ((0, 41), (41, 81)))
+    model = init_model(batch_norm_factory, 0)
+    train(model, LabeledData(torch.cat([forget.x, retain.x]), torch.cat([forget.y, retain.y])),
+          dataclasses.replace(CONFIG, epochs=2, batch_size=16))
+    return model, forget, retain, unseen
+
+
+# (method, gradients): batch sizes that leave a last batch of one row in every set the method batches
+# (forget 17 and retain 41 rows by 8; the union of random_labels/salun, 58 rows, by 57; D_f and 30% of
+# D_r, 29 rows, by 28), joined to the batch before it; 2 epochs each
+ONE_ROW_LAST = {
+    "finetune": ({"batch_size": 8}, 2 * 5),
+    "gradient_ascent": ({"batch_size": 8}, 2 * 2),
+    "neggrad_plus": ({"batch_size": 8}, 2 * 5 * 2),
+    "random_labels": ({"batch_size": 57}, 2 * 1),
+    "salun": ({"batch_size": 57}, 1 + 2 * 1),
+    "scrub": ({"batch_size": 8, "forget_batch_size": 8}, 2 * (2 + 5)),
+    "bad_teacher": ({"batch_size": 28}, 2 * 1),
+    "lotus": ({"batch_size": 28, "lr": 1e-4}, 2 * 1),
+    "rfa": ({"batch_size": 8}, 2 * 6),  # keeps batch norm in eval mode: its batches are the plain ones
+}
+
+
+@pytest.mark.parametrize("name", [*ONE_ROW_LAST, "retrain"])
+def test_a_last_batch_of_one_row_joins_the_one_before_it_for_a_batch_norm_model(batch_norm_problem, name):
+    """torch raised "Expected more than 1 value per channel when training" mid-training."""
+    model, forget, retain, unseen = batch_norm_problem
+    if name == "retrain":
+        method, gradients = Retrain(batch_norm_factory, dataclasses.replace(CONFIG, epochs=2, batch_size=8)), 2 * 5
+    else:
+        kwargs, gradients = ONE_ROW_LAST[name]
+        method = METHODS[name](epochs=2, **kwargs)
+    result = method.unlearn(model, forget, retain, unseen=unseen, seed=0)
+    assert result.gradients == gradients
+
+
+@pytest.mark.parametrize("method, rows, message", [
+    (GradientAscent(batch_size=1), (17, 41), r"batch_size 1 makes every batch of the forget set \(17 rows\) one row"),
+    (SCRUB(forget_batch_size=4), (1, 41), r"the forget set has 1 row \(batch_size 4\)"),
+    (Retrain(batch_norm_factory, CONFIG), (17, 1), r"the retain set has 1 row \(batch_size 32\)"),
+])
+def test_batches_of_one_row_no_joining_helps_are_refused_by_name(batch_norm_problem, method, rows, message):
+    model, forget, retain, _ = batch_norm_problem
+    forget, retain = (LabeledData(d.x[:n], d.y[:n]) for d, n in zip((forget, retain), rows))
+    with pytest.raises(ValueError, match=rf"^{method.name}: {message}, and the model's batch-norm layer '2' cannot "
+                                         r"train on a batch of one row \(one value per channel in training mode\)"):
+        method.unlearn(model, forget, retain)
+    if isinstance(method, SCRUB):  # no max pass: the forget set is never batched
+        assert SCRUB(max_steps=0, epochs=1).unlearn(model, forget, retain).gradients == 1
 
 
 @pytest.mark.parametrize("cls", [Retrain, RetrainReseeded])

@@ -224,3 +224,67 @@ def test_batchnorm_statistics_of_the_frozen_model_do_not_move(problem):
     result = RFA(epochs=2, merge=False).unlearn(model, forget, retain, unseen=unseen, seed=0)
     after = {k.replace(".base.", "."): v for k, v in result.model.state_dict().items() if "running" in k}
     assert before.keys() == after.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def own_parameters(model: torch.nn.Module) -> dict[str, tuple]:
+    """Each parameter's requires_grad flag, dtype and device, by name."""
+    return {name: (p.requires_grad, p.dtype, p.device) for name, p in model.named_parameters()}
+
+
+FROZEN = {  # which of the MLP's parameters the caller froze (layer "1" hidden, "3" the output layer)
+    "all but the head": ("1.weight", "1.bias"),
+    "an adapted layer's weight": ("1.weight",),
+    "everything": ("1.weight", "1.bias", "3.weight", "3.bias"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("frozen", list(FROZEN))
+@pytest.mark.parametrize("make", [lambda: RFA(epochs=2), lambda: RFA(epochs=2, targets="*"),
+                                  lambda: CureNewtonLoRA(rank=4, max_iterations=2),
+                                  lambda: CureNewtonLoRA(rank=4, max_iterations=2, targets="1")],
+                         ids=["rfa", "rfa-every-layer", "cure_newton_lora", "cure_newton_lora-hidden-layer"])
+def test_merged_model_keeps_the_given_flags_and_carries_no_gradient(problem, make, frozen, dtype):
+    """RFA's backward also reached the model's own trainable parameters, which no optimizer held: the
+    returned model carried the sum of their gradients over every step in .grad. Both methods return
+    the flags, dtypes and devices given (a frozen layer that had an adapter comes back frozen, a
+    trainable one trainable) and leave the caller's model as it was."""
+    model, forget, retain, unseen = problem
+    given = copy.deepcopy(model).to(dtype)
+    for name, p in given.named_parameters():
+        p.requires_grad_(name not in FROZEN[frozen])
+    if dtype == torch.float64:
+        forget, retain, unseen = (LabeledData(d.x.double(), d.y) for d in (forget, retain, unseen))
+    state, flags = copy.deepcopy(given.state_dict()), own_parameters(given)
+    result = make().unlearn(given, forget, retain, unseen=unseen, seed=0)
+    assert own_parameters(result.model) == flags
+    assert all(p.grad is None for p in result.model.parameters())
+    assert own_parameters(given) == flags and all(p.grad is None for p in given.parameters())
+    assert all(torch.equal(v, state[k]) for k, v in given.state_dict().items())
+    assert not torch.equal(result.model.state_dict()["1.weight"], state["1.weight"])  # it did unlearn
+
+
+def test_unmerged_rfa_keeps_the_flags_and_trains_adapters_the_caller_froze(problem):
+    """Without merging, the model's own parameters keep their flags (an adapted layer's base is frozen
+    while it is wrapped and gets its flags back when unloaded) and no gradient is left anywhere. The
+    adapters of an earlier request train again even if the caller froze them (they were silently left
+    as they were), and come back frozen."""
+    model, forget, retain, unseen = problem
+    given = copy.deepcopy(model)
+    given[3].requires_grad_(False)
+    first = RFA(epochs=1, merge=False).unlearn(given, forget, retain, unseen=unseen, seed=0).model
+    assert {name: flag for name, (flag, _, _) in own_parameters(first).items()} == {
+        "1.lora_a": True, "1.lora_b": True, "1.base.weight": False, "1.base.bias": False, "3.weight": False,
+        "3.bias": False}
+    assert all(p.grad is None for p in first.parameters())
+    adapter = lora.adapter_modules(first)["1"]
+    adapter.requires_grad_(False)
+    flags = own_parameters(first)
+    second = RFA(epochs=1, merge=False).unlearn(first, forget, retain, unseen=unseen, seed=1).model
+    assert own_parameters(second) == flags and all(p.grad is None for p in second.parameters())
+    moved = lora.adapter_modules(second)["1"]
+    assert not torch.equal(moved.lora_b, adapter.lora_b) and not torch.equal(moved.lora_a, adapter.lora_a)
+    assert torch.equal(moved.base.weight, adapter.base.weight)
+    # merged, the layer gets back the flags it had before its first adapter
+    merged = RFA(epochs=1).unlearn(first, forget, retain, unseen=unseen, seed=1).model
+    assert own_parameters(merged) == own_parameters(given)

@@ -22,8 +22,8 @@ from unlearn_kernels.checkpoint import (
     train_or_load,
 )
 from unlearn_kernels.data import LabeledData
-from unlearn_kernels.models import MLP
-from unlearn_kernels.training import TrainConfig, init_model, seeded_rng, train
+from unlearn_kernels.models import MLP, ResNet18
+from unlearn_kernels.training import TrainConfig, init_model, join_last_row, one_row_batch_norm, seeded_rng, train
 
 
 def blobs(n: int = 96, seed: int = 0) -> LabeledData:
@@ -174,6 +174,95 @@ def test_train_refuses_data_the_model_cannot_train_on_before_any_step():
         assert torch.equal(weights(model), before)
     with pytest.raises(TypeError, match="data must be a LabeledData"):
         train(factory(), (data.x, data.y), CONFIG)
+
+
+def batch_norm_net(hidden: int = 8) -> torch.nn.Sequential:
+    return torch.nn.Sequential(torch.nn.Linear(4, hidden), torch.nn.BatchNorm1d(hidden), torch.nn.ReLU(),
+                               torch.nn.Linear(hidden, 3))
+
+
+class FrozenBatchNorm(torch.nn.Sequential):
+    """Keeps its batch-norm layer in eval mode when trained (a common way to freeze its statistics)."""
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self[1].eval()
+        return self
+
+
+def test_a_last_batch_of_one_row_joins_the_one_before_it_for_a_batch_norm_layer():
+    """With 2 * 16 + 1 rows the last batch was one row, and torch raised mid-training ("Expected more
+    than 1 value per channel when training") from the model's BatchNorm1d."""
+    data = blobs(33)
+    model = init_model(batch_norm_net, 0)
+    stats = train(model, data, CONFIG)
+    assert stats.steps == 6 * 2 and stats.epochs == 6 and stats.train_accuracy > 0.9  # every row counted
+    assert not model.training and model[1].num_batches_tracked == 12
+    # the cosine schedule anneals over the steps taken
+    assert train(init_model(batch_norm_net, 0), data, TrainConfig(epochs=2, batch_size=16, lr_schedule="cosine")
+                 ).steps == 4
+    # the same rows in the same order as the plain loader, the last two batches as one
+    plain = list(data.loader(16, shuffle=True, seed=4))
+    joined = data.loader(16, shuffle=True, seed=4, join_last_row=True)
+    assert [len(y) for _, y in plain] == [16, 16, 1] and len(joined) == 2
+    for (x, y), (px, py) in zip(joined, [plain[0], (torch.cat([plain[1][0], plain[2][0]]),
+                                                    torch.cat([plain[1][1], plain[2][1]]))]):
+        assert torch.equal(x, px) and torch.equal(y, py)
+    unshuffled = [y for _, y in data.loader(16, join_last_row=True)]
+    assert [len(y) for y in unshuffled] == [16, 17] and torch.equal(torch.cat(unshuffled), data.y)
+
+
+def test_batches_are_unchanged_where_no_batch_of_one_row_meets_a_batch_norm_layer():
+    """No model without such a layer (or with a BatchNorm2d on maps larger than 1x1, or one its
+    train() keeps in eval mode), and no data size without a last batch of one row, changes its
+    batches: the plain loader, the same steps."""
+    data = blobs(33)
+    for make in (factory, lambda: FrozenBatchNorm(*batch_norm_net())):
+        assert train(init_model(make, 0), data, CONFIG).steps == 6 * 3
+    assert train(init_model(batch_norm_net, 0), blobs(34), CONFIG).steps == 6 * 3
+    images = LabeledData(torch.randn(33, 1, 4, 4, generator=torch.Generator().manual_seed(0)), data.y)
+    conv = init_model(lambda: torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.BatchNorm2d(2),
+                                                  torch.nn.Flatten(), torch.nn.Linear(32, 3)), 0)
+    assert one_row_batch_norm(conv, images.x[:1]) is None and train(conv, images, CONFIG).steps == 6 * 3
+    assert join_last_row("owner", conv, images, 16) is False
+    assert blobs(34).loader(16, shuffle=True, join_last_row=True).batch_size == 16  # the plain loader: 34 % 16 != 1
+
+
+def test_one_row_batch_norm_names_the_layer_and_leaves_the_model_and_the_rng_alone():
+    model = init_model(lambda: MLP(4, hidden=(8,), num_classes=3), 0)
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    assert one_row_batch_norm(model, blobs(2).x[:1]) is None and not calls  # no batch norm: no forward pass
+    net = init_model(lambda: torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), batch_norm_net()), 0)
+    net.eval()
+    net[2].train()
+    flags = [m.training for m in net.modules()]
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    torch.manual_seed(11)
+    expected = torch.rand(2)
+    torch.manual_seed(11)
+    assert one_row_batch_norm(net, blobs(2).x[:1]) == "2.1"
+    assert torch.equal(torch.rand(2), expected)
+    assert [m.training for m in net.modules()] == flags
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+    # ResNet18 on 8x8 digits: its last stage's BatchNorm2d works on 1x1 maps
+    resnet = init_model(lambda: ResNet18(10, in_channels=1, width=2), 0)
+    assert one_row_batch_norm(resnet, torch.zeros(1, 1, 8, 8)) == "layers.3.0.bn1"
+    assert one_row_batch_norm(resnet, torch.zeros(1, 1, 32, 32)) is None
+
+
+@pytest.mark.parametrize("rows, batch_size, message", [
+    (17, 1, r"batch_size 1 makes every batch of the training set \(17 rows\) one row"),
+    (1, 16, r"the training set has 1 row \(batch_size 16\)"),
+])
+def test_batches_of_one_row_no_joining_helps_are_refused_before_any_step(rows, batch_size, message):
+    model = init_model(batch_norm_net, 0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"^train: {message}, and the model's batch-norm layer '1' cannot train on "
+                                         r"a batch of one row \(one value per channel in training mode\): "):
+        train(model, blobs(rows), TrainConfig(epochs=1, batch_size=batch_size))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert train(init_model(factory, 0), blobs(rows), TrainConfig(epochs=1, batch_size=batch_size)).steps == rows
 
 
 def test_seeded_rng_restores_state():

@@ -4,10 +4,11 @@ It belongs to the foundation layer (with the training recipe and checkpoints): c
 methods, the data layer and the evaluation all speak it, so it imports nothing from the package."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, SequentialSampler, TensorDataset
 
 
 @dataclass(frozen=True)
@@ -53,13 +54,39 @@ class LabeledData:
         """The set on ``device`` (this object itself is unchanged)."""
         return LabeledData(self.x.to(device), self.y.to(device))
 
-    def loader(self, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False) -> DataLoader:
-        """A DataLoader over (x, y) batches; shuffling is seeded (reproducible)."""
+    def loader(self, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
+               join_last_row: bool = False) -> DataLoader:
+        """A DataLoader over (x, y) batches; shuffling is seeded (reproducible).
+
+        With ``join_last_row`` a last batch of one row joins the batch before it (one batch of
+        ``batch_size + 1`` rows; the rows and their order are the same): a batch-norm layer in
+        training mode refuses a batch of one row (see
+        :func:`~unlearn_kernels.training.join_last_row`, which decides when). Without such a batch
+        the loader is the plain one.
+        """
         generator = torch.Generator().manual_seed(seed) if shuffle else None
-        return DataLoader(
-            TensorDataset(self.x, self.y), batch_size=batch_size, shuffle=shuffle,
-            generator=generator, drop_last=drop_last,
-        )
+        dataset = TensorDataset(self.x, self.y)
+        if join_last_row and not drop_last and len(self) > batch_size and len(self) % batch_size == 1:
+            sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+            # the generator here too: the loader draws its base seed from it first, as the plain one does
+            return DataLoader(dataset, batch_sampler=_JoinedLastRow(sampler, batch_size), generator=generator)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last)
+
+
+class _JoinedLastRow(Sampler[list[int]]):
+    """The batches of ``BatchSampler(sampler, batch_size)`` with the last one, a single index, joined to
+    the one before it."""
+
+    def __init__(self, sampler: Sampler[int], batch_size: int) -> None:
+        self.batches = BatchSampler(sampler, batch_size, drop_last=False)
+
+    def __len__(self) -> int:
+        return len(self.batches) - 1
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = list(self.batches)
+        yield from batches[:-2]
+        yield batches[-2] + batches[-1]
 
 
 def wrong_labels(labels: torch.Tensor, num_classes: int, generator: torch.Generator) -> torch.Tensor:

@@ -8,6 +8,7 @@ forked from, and restored to, the global one.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -34,7 +35,10 @@ class TrainConfig:
 
     Attributes:
         epochs: passes over the data.
-        batch_size: samples per step (the last batch of an epoch may be smaller).
+        batch_size: samples per step (the last batch of an epoch may be smaller). A last batch of one
+            row joins the batch before it where a batch-norm layer of the model would get one value
+            per channel from it in training mode (torch refuses that batch); see
+            :func:`join_last_row`. Every other case keeps its batches.
         lr: learning rate (peak learning rate with the cosine schedule).
         weight_decay: L2 penalty, as the optimizer applies it (decoupled for "adamw").
         optimizer: "sgd", "adam" or "adamw".
@@ -178,6 +182,87 @@ def check_fits(owner: str, model: nn.Module, data: LabeledData, role: str = "tra
                          f"(first at row {row}: label {int(data.y[row])})")
 
 
+class _OneValue(Exception):
+    """Raised by :func:`one_row_batch_norm`'s hook at the first layer found, ending the forward there."""
+
+
+@torch.no_grad()
+def one_row_batch_norm(model: nn.Module, sample: torch.Tensor) -> str | None:
+    """The name of the first batch-norm layer that ``model.train()`` puts in training mode and that
+    would get one value per channel from a batch of one row, ``sample`` (shape (1, ...)); or None.
+
+    Torch refuses such a batch in training mode ("Expected more than 1 value per channel when
+    training"): a ``BatchNorm1d`` on features does, a ``BatchNorm2d`` on maps larger than 1x1 does
+    not. A model without batch-norm layers in training mode costs no forward pass; otherwise one, in
+    eval mode and without gradients, with hooks that read each layer's input shape (its running
+    statistics do not move). Every submodule's train/eval flag and the random state are left as they
+    were.
+    """
+    flags = [(module, module.training) for module in model.modules()]
+    try:
+        model.train()  # what training sets: a model may keep its batch-norm layers frozen in eval mode
+        norms = {module: name for name, module in model.named_modules()
+                 if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training}
+    finally:
+        for module, training in flags:
+            module.training = training
+    if not norms:
+        return None
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        x = args[0] if args else None
+        # torch's own test: batch size times the spatial size
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] * math.prod(x.shape[2:]) == 1:
+            raise _OneValue(norms[module])
+
+    handles = [module.register_forward_pre_hook(hook) for module in norms]
+    device = model_device(model)
+    try:
+        with eval_mode(model), seeded_rng(0, device):  # forked: a draw in the forward leaves the caller's RNG alone
+            model(sample.to(device))
+    except _OneValue as found:
+        return found.args[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return None
+
+
+def join_last_row(owner: str, model: nn.Module, data: LabeledData, batch_size: int, role: str = "training") -> bool:
+    """Whether training ``model`` on shuffled batches of ``batch_size`` rows of ``data`` must join a last
+    batch of one row to the batch before it (``data.loader(..., join_last_row=True)``).
+
+    True only when ``len(data) % batch_size == 1`` and :func:`one_row_batch_norm` finds a layer: torch
+    would raise at that batch, mid-training. Joining keeps every row in every epoch (dropping the row
+    would train the model, an oracle too, on less than the data it is given); every case that trains
+    without it keeps its batches, bit for bit.
+
+    Raises:
+        ValueError: before any step, naming ``owner``, the layer, ``batch_size`` and the rows of the
+            ``role`` set, where every batch or the only batch would be one row for such a layer
+            (``batch_size`` 1, or a set of one row): no joining helps there.
+    """
+    rows = len(data)
+    if batch_size > 1 and rows % batch_size != 1:  # no batch of one row
+        return False
+    layer = one_row_batch_norm(model, data.x[:1])
+    if layer is None:
+        return False
+    if batch_size == 1 or rows == 1:
+        problem, remedy = ((f"batch_size 1 makes every batch of the {role} set ({rows} rows) one row",
+                            "use a batch_size of at least 2") if batch_size == 1 else
+                           (f"the {role} set has 1 row (batch_size {batch_size})", "give it at least 2 rows"))
+        raise ValueError(f"{owner}: {problem}, and the model's batch-norm layer {layer!r} cannot train on a batch "
+                         f"of one row (one value per channel in training mode): {remedy}")
+    return True
+
+
+def epoch_steps(rows: int, batch_size: int, joined: bool = False) -> int:
+    """Batches, i.e. optimizer steps, in one epoch over ``rows`` rows: ceil(rows / batch_size), one
+    fewer when a last batch of one row is joined to the one before it (:func:`join_last_row`)."""
+    return -(-rows // batch_size) - int(joined)
+
+
 def train(
     model: nn.Module,
     data: LabeledData,
@@ -201,7 +286,9 @@ def train(
     Raises:
         TypeError: ``config`` is not a TrainConfig or ``data`` not a LabeledData.
         ValueError: before any step: empty data, NaN or Inf inputs, inputs the model cannot take
-            (another dtype or width), or labels outside the model's classes.
+            (another dtype or width), labels outside the model's classes, or batches of one row that
+            a batch-norm layer of the model cannot train on (``batch_size`` 1 or one row of data; a
+            last batch of one row is joined to the one before it, see :func:`join_last_row`).
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"train: config must be a TrainConfig, got {type(config).__name__}")
@@ -218,9 +305,10 @@ def train(
         raise ValueError(f"train: NaN or Inf in the inputs at row {row}")
     with seeded_rng(config.seed, device):  # a model that draws in its forward leaves the training's draws alone
         check_fits("train", model, data)
+    join = join_last_row("train", model, data, config.batch_size)
     optimizer = make_optimizer(model.parameters(), config.optimizer, config.lr,
                                momentum=config.momentum, weight_decay=config.weight_decay)
-    total_steps = config.epochs * -(-len(data) // config.batch_size)
+    total_steps = config.epochs * epoch_steps(len(data), config.batch_size, join)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
                  if config.lr_schedule == "cosine" else None)
     stats = TrainStats()
@@ -230,7 +318,7 @@ def train(
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)
             batches = 0
-            for x, y in data.loader(config.batch_size, shuffle=True, seed=config.seed + epoch):
+            for x, y in data.loader(config.batch_size, shuffle=True, seed=config.seed + epoch, join_last_row=join):
                 logits = model(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)

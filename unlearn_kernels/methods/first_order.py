@@ -23,17 +23,19 @@ from torch import nn
 
 from ..checks import check_int, check_number
 from ..labeled import LabeledData, wrong_labels
-from ..training import TrainConfig, eval_mode, make_optimizer, model_device, seeded_rng, train
+from ..training import TrainConfig, eval_mode, join_last_row, make_optimizer, model_device, seeded_rng, train
 from .base import Unlearner, UnlearnResult
 
 # ---------------------------------------------------------------------------------------------
 # helpers shared by the methods
 
 
-def endless_batches(data: LabeledData, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Shuffled batches of ``data`` forever, reshuffled (seed, seed + 1, ...) on every pass."""
+def endless_batches(data: LabeledData, batch_size: int, seed: int, join_last_row: bool = False
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled batches of ``data`` forever, reshuffled (seed, seed + 1, ...) on every pass
+    (``join_last_row`` as in :meth:`~unlearn_kernels.labeled.LabeledData.loader`)."""
     for pass_index in itertools.count():
-        yield from data.loader(batch_size, shuffle=True, seed=seed + pass_index)
+        yield from data.loader(batch_size, shuffle=True, seed=seed + pass_index, join_last_row=join_last_row)
 
 
 @torch.no_grad()
@@ -76,6 +78,10 @@ def _distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temp
     """KL(softmax(t/T) || softmax(s/T)) * T^2, mean over the batch (Hinton et al.'s distillation loss)."""
     return F.kl_div(F.log_softmax(student_logits / temperature, dim=1), F.softmax(teacher_logits / temperature, dim=1),
                     reduction="batchmean") * temperature**2
+
+
+#: how errors name the set :func:`flagged_mix` builds
+MIXED_ROLE = "training (D_f and a sample of D_r)"
 
 
 def flagged_mix(forget: LabeledData, retain: LabeledData, retain_fraction: float, seed: int) -> tuple[LabeledData, int]:
@@ -170,11 +176,12 @@ class GradientAscent(TrainedUnlearner):
     def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,
                  unseen: LabeledData | None, seed: int) -> UnlearnResult:
         forget = forget.to(model_device(model))
+        join = join_last_row(self.name, model, forget, self.batch_size, "forget")
         optimizer = self._make_optimizer(model)
         model.train()
         steps = 0
         for epoch in range(self.epochs):
-            for x, y in forget.loader(self.batch_size, shuffle=True, seed=seed + epoch):
+            for x, y in forget.loader(self.batch_size, shuffle=True, seed=seed + epoch, join_last_row=join):
                 optimizer_step(optimizer, -F.cross_entropy(model(x), y))
                 steps += 1
         return UnlearnResult(model=model.eval(), seconds=0.0, gradients=steps, diagnostics={"epochs": self.epochs})
@@ -205,12 +212,14 @@ class NegGradPlus(TrainedUnlearner):
                  unseen: LabeledData | None, seed: int) -> UnlearnResult:
         device = model_device(model)
         forget, retain = forget.to(device), retain.to(device)
+        join_retain = join_last_row(self.name, model, retain, self.batch_size, "retain")
+        join_forget = join_last_row(self.name, model, forget, self.batch_size, "forget")
         optimizer = self._make_optimizer(model)
-        forget_batches = endless_batches(forget, self.batch_size, seed + 1)
+        forget_batches = endless_batches(forget, self.batch_size, seed + 1, join_forget)
         model.train()
         steps = 0
         for epoch in range(self.epochs):
-            for x_r, y_r in retain.loader(self.batch_size, shuffle=True, seed=seed + epoch):
+            for x_r, y_r in retain.loader(self.batch_size, shuffle=True, seed=seed + epoch, join_last_row=join_retain):
                 x_f, y_f = next(forget_batches)
                 loss = self.alpha * F.cross_entropy(model(x_r), y_r) - (1 - self.alpha) * F.cross_entropy(model(x_f), y_f)
                 optimizer_step(optimizer, loss)
@@ -339,6 +348,9 @@ class SCRUB(TrainedUnlearner):
                  unseen: LabeledData | None, seed: int) -> UnlearnResult:
         device = model_device(model)
         forget, retain = forget.to(device), retain.to(device)
+        # the forget set is trained on only if a max pass runs
+        join_forget = self.max_steps > 0 and join_last_row(self.name, model, forget, self.forget_batch_size, "forget")
+        join_retain = join_last_row(self.name, model, retain, self.batch_size, "retain")
         teacher = frozen_copy(model)
         optimizer = self._make_optimizer(model)
         model.train()
@@ -347,7 +359,8 @@ class SCRUB(TrainedUnlearner):
         for epoch in range(self.epochs):
             if epoch < self.max_steps:
                 kl_sum, batches = torch.zeros((), device=device), 0
-                for x, _ in forget.loader(self.forget_batch_size, shuffle=True, seed=seed + epoch):
+                for x, _ in forget.loader(self.forget_batch_size, shuffle=True, seed=seed + epoch,
+                                          join_last_row=join_forget):
                     with torch.no_grad():
                         target = teacher(x)
                     kl = _distill_kl(model(x), target, self.temperature)
@@ -356,7 +369,7 @@ class SCRUB(TrainedUnlearner):
                 forget_kl = kl_sum.item() / batches
                 steps += batches
             loss_sum, batches = torch.zeros((), device=device), 0
-            for x, y in retain.loader(self.batch_size, shuffle=True, seed=seed + epoch):
+            for x, y in retain.loader(self.batch_size, shuffle=True, seed=seed + epoch, join_last_row=join_retain):
                 with torch.no_grad():
                     target = teacher(x)
                 logits = model(x)
@@ -400,11 +413,12 @@ class BadTeacher(TrainedUnlearner):
         competent = frozen_copy(model)
         incompetent = _random_teacher(model, seed)
         mixed, num_retain = flagged_mix(forget, retain, self.retain_fraction, seed)
+        join = join_last_row(self.name, model, mixed, self.batch_size, MIXED_ROLE)
         optimizer = self._make_optimizer(model)
         model.train()
         steps = 0
         for epoch in range(self.epochs):
-            for x, is_forget in mixed.loader(self.batch_size, shuffle=True, seed=seed + epoch):
+            for x, is_forget in mixed.loader(self.batch_size, shuffle=True, seed=seed + epoch, join_last_row=join):
                 with torch.no_grad():
                     flag = is_forget.unsqueeze(1).to(x.dtype)
                     target = (flag * F.softmax(incompetent(x) / self.temperature, dim=1)

@@ -17,9 +17,9 @@ from torch import nn
 
 from ..checks import check_number
 from ..labeled import LabeledData
-from ..training import eval_mode, model_device
+from ..training import eval_mode, join_last_row, model_device
 from .base import UnlearnResult
-from .first_order import TrainedUnlearner, flagged_mix, frozen_copy, optimizer_step
+from .first_order import MIXED_ROLE, TrainedUnlearner, flagged_mix, frozen_copy, optimizer_step
 
 #: the largest exponent ``math.exp`` takes without overflow (tau = exp(alpha delta) is capped there)
 _MAX_LOG_TAU = math.log(sys.float_info.max)
@@ -89,6 +89,7 @@ class LoTUS(TrainedUnlearner):
         alpha = self.alpha if self.alpha is not None else (32.0 if class_forgetting else 8.0)
 
         mixed, num_retain = flagged_mix(forget, retain, self.retain_fraction, seed)
+        join = join_last_row(self.name, model, mixed, self.batch_size, MIXED_ROLE)
         generator = torch.Generator().manual_seed(seed)  # the Gumbel noise
         optimizer = self._make_optimizer(model)
         steps, epochs_run, taus = 0, 0, []
@@ -102,7 +103,7 @@ class LoTUS(TrainedUnlearner):
             tau = math.exp(min(alpha * delta, _MAX_LOG_TAU))
             taus.append(tau)
             model.train()
-            for x, is_forget in mixed.loader(self.batch_size, shuffle=True, seed=seed + epoch):
+            for x, is_forget in mixed.loader(self.batch_size, shuffle=True, seed=seed + epoch, join_last_row=join):
                 with torch.no_grad():
                     z_t = teacher(x)
                     perturbed = z_t + _gumbel(z_t.shape, generator, device, z_t.dtype)

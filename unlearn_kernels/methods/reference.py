@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 import os
 from collections.abc import Callable, Mapping
@@ -14,7 +13,7 @@ from torch import nn
 from ..checkpoint import cache_path, data_fingerprint, model_signature, train_or_load
 from ..checks import check_int, check_seed
 from ..labeled import LabeledData
-from ..training import TrainConfig, init_model, model_device, train
+from ..training import TrainConfig, epoch_steps, init_model, join_last_row, model_device, train
 from .base import Unlearner, UnlearnResult
 
 
@@ -38,11 +37,14 @@ class Retrain(Unlearner):
 
     Raises:
         TypeError: ``model_factory`` is not a callable (a module instance is refused), ``config``
-            not a TrainConfig.
+            not a TrainConfig, ``cache_dir`` not None, a str or an ``os.PathLike`` of a str,
+            ``model_info`` not None or a mapping.
         ValueError: ``config.epochs`` is 0 (the oracle would be an untrained model); from
             :meth:`unlearn`, before training: the factory's model differs from the
             model to unlearn (class, modules and their options, e.g. an activation, or the shape
-            or dtype of a parameter or buffer), naming the first difference.
+            or dtype of a parameter or buffer), naming the first difference; batches of one row that
+            a batch-norm layer of the model cannot train on (``config.batch_size`` 1 or a retain set
+            of one row; see :func:`~unlearn_kernels.training.join_last_row`).
     """
 
     name = "retrain"
@@ -64,6 +66,14 @@ class Retrain(Unlearner):
             raise TypeError(f"{owner}: config must be a TrainConfig, got {type(config).__name__}")
         # the recipe takes 0 epochs, but an oracle trained for none is the factory's random initialisation
         check_int(f"{owner}: config.epochs", config.epochs)
+        # else pathlib's or dict's own TypeError, which names neither the argument nor the method
+        if cache_dir is not None and not (isinstance(cache_dir, (str, os.PathLike))
+                                          and isinstance(os.fspath(cache_dir), str)):
+            raise TypeError(f"{owner}: cache_dir must be None or a folder as a str or os.PathLike (e.g. a "
+                            f"pathlib.Path), got {type(cache_dir).__name__}")
+        if model_info is not None and not isinstance(model_info, Mapping):
+            raise TypeError(f"{owner}: model_info must be None or a mapping (e.g. a dict), got "
+                            f"{type(model_info).__name__}")
         self.model_factory = model_factory
         self.config = config
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
@@ -78,6 +88,8 @@ class Retrain(Unlearner):
         if difference is not None:
             raise ValueError(f"{self.name}: model_factory builds a different architecture from the model to unlearn: "
                              f"{difference}")
+        # refuses batches of one row a batch-norm layer cannot train on before training, under this name
+        joined = join_last_row(self.name, fresh, retain, self.config.batch_size, "retain")
         if self.cache_dir is not None:
             path = cache_path(self.cache_dir, f"retrain-{data_fingerprint(retain)[:16]}", fresh, self.config,
                               self.model_info)
@@ -85,7 +97,7 @@ class Retrain(Unlearner):
                                          model_info=self.model_info, device=device)
         else:
             stats = train(fresh, retain, self.config, device=device)
-        steps = self.config.epochs * math.ceil(len(retain) / self.config.batch_size)
+        steps = self.config.epochs * epoch_steps(len(retain), self.config.batch_size, joined)
         return UnlearnResult(model=fresh, seconds=0.0, gradients=steps,
                              diagnostics={"cached": stats is None, "epochs": self.config.epochs})
 

@@ -264,6 +264,13 @@ class RFA(TrainedUnlearner):
         for module in model.modules():  # the frozen model's normalisation statistics stay frozen too
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
+        # Only the adapters take a gradient: the model's own trainable parameters got one at every step,
+        # computed for nothing and summed up in the returned model's .grad, and adapters the caller froze
+        # (an earlier request's) were not trained. Every flag comes back afterwards.
+        adapters = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        for p, _ in flags:
+            p.requires_grad_(id(p) in adapters)
         for epoch in range(self.epochs):
             for x, y in retain.loader(self.batch_size, shuffle=True, seed=seed + epoch):
                 with torch.no_grad():
@@ -281,6 +288,9 @@ class RFA(TrainedUnlearner):
                 steps += 1
                 last = {"align_loss": float(align.detach()), "task_loss": float(task.detach()),
                         "shift_loss": float(shift.detach())}
+        optimizer.zero_grad(set_to_none=True)  # none left on the adapters either
+        for p, flag in flags:
+            p.requires_grad_(flag)
         return steps, last
 
 
