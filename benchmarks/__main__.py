@@ -35,51 +35,9 @@ SUITES = {
 QUICK_DIR = Path(tempfile.gettempdir()) / "unlearn_kernels_benchmarks_quick"
 
 
-def main(argv: list[str] | None = None) -> int:
-    suites = "\n".join(f"  {name:<12} {what}" for name, what in SUITES.items())
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__, epilog=f"suites:\n{suites}",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suites", nargs="*", default=list(SUITES), help="suites to run (default all; listed below)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu, cuda or cuda:<index> (default: cuda when one is visible, else cpu)")
-    parser.add_argument("--quick", action="store_true", help="smaller shapes, short timing, no torch.compile")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile candidates")
-    parser.add_argument("--out", default=None, help=f"directory for the JSON results (default: {common.RESULTS_DIR}; "
-                                                     f"with --quick {QUICK_DIR})")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    args = parser.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    unknown = [s for s in args.suites if s not in SUITES]
-    if unknown:
-        parser.error(f"unknown suite(s) {unknown}; choose from {list(SUITES)}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as exc:
-        parser.error(f"--device {args.device!r}: {exc}")
-    if device.type not in ("cpu", "cuda"):
-        parser.error(f"--device {args.device!r}: the suites run on cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        parser.error(f"--device {args.device!r}: {torch.cuda.device_count()} CUDA device(s) visible")
-    # checked before any suite runs, not when the first one writes its results
-    out = Path(args.out) if args.out is not None else QUICK_DIR if args.quick else common.RESULTS_DIR
-    if out.exists() and not out.is_dir():
-        parser.error(f"--out {str(out)!r} is a file, not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        # an existing folder may still refuse new files
-        probe_atomic_write(common.result_path(args.suites[0], device, out))
-    except OSError as exc:
-        parser.error(f"--out {str(out)!r} cannot be written: {exc}")
-    folders = [str(path) for path in (common.result_path(suite, device, out) for suite in args.suites) if path.is_dir()]
-    if folders:
-        parser.error(f"--out {str(out)!r}: the results would replace folders {folders}")
-    env = common.environment(device)
-    print(f"device: {env['device_name']} ({env['device']}), torch {env['torch']}, threads {env['cpu_threads']}")
+def _run_suites(args: argparse.Namespace, device: torch.device, out: Path) -> list[str]:
+    """Runs each suite of ``args.suites`` on ``device``, writes its JSON into ``out`` and prints its table;
+    returns the suites that failed."""
     failed = []
     for suite in args.suites:
         module = importlib.import_module(f".{suite}", __package__)
@@ -105,6 +63,64 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{suite}: {SUITES[suite]}")
         print(common.format_table(measurements, baseline))
         print(f"results: {path}")
+    return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    suites = "\n".join(f"  {name:<12} {what}" for name, what in SUITES.items())
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__, epilog=f"suites:\n{suites}",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("suites", nargs="*", default=list(SUITES), help="suites to run (default all; listed below)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:<index> (default: cuda when one is visible, else cpu)")
+    parser.add_argument("--quick", action="store_true", help="smaller shapes, short timing, no torch.compile")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile candidates")
+    parser.add_argument("--out", default=None, help=f"directory for the JSON results (default: {common.RESULTS_DIR}; "
+                                                     f"with --quick {QUICK_DIR})")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    unknown = [s for s in args.suites if s not in SUITES]
+    if unknown:
+        parser.error(f"unknown suite(s) {unknown}; choose from {list(SUITES)}")
+    repeated = sorted({s for s in args.suites if args.suites.count(s) > 1})
+    if repeated:  # a second run would only replace the first one's JSON
+        parser.error(f"suite(s) named more than once: {repeated}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        parser.error(f"--device {args.device!r}: {exc}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device!r}: the suites run on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        parser.error(f"--device {args.device!r}: {torch.cuda.device_count()} CUDA device(s) visible")
+    # checked before any suite runs, not when the first one writes its results
+    if args.out == "":  # Path("") is the working folder: an unset variable would write the JSON there
+        parser.error("--out '' names no folder")
+    out = Path(args.out) if args.out is not None else QUICK_DIR if args.quick else common.RESULTS_DIR
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {str(out)!r} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        # an existing folder may still refuse new files
+        probe_atomic_write(common.result_path(args.suites[0], device, out))
+    except OSError as exc:
+        parser.error(f"--out {str(out)!r} cannot be written: {exc}")
+    folders = [str(path) for path in (common.result_path(suite, device, out) for suite in args.suites) if path.is_dir()]
+    if folders:
+        parser.error(f"--out {str(out)!r}: the results would replace folders {folders}")
+    env = common.environment(device)
+    print(f"device: {env['device_name']} ({env['device']}), torch {env['torch']}, threads {env['cpu_threads']}")
+    try:
+        failed = _run_suites(args, device, out)
+    except KeyboardInterrupt:  # Ctrl-C: one line, as `unlearn-kernels` gives; the suites done before it have their JSON
+        print("python -m benchmarks: interrupted", file=sys.stderr)
+        return 130  # the shell's status for SIGINT
     if failed:
         print(f"\nfailed suites: {', '.join(failed)}")
         return 1

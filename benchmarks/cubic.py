@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from unlearn_kernels.checkpoint import save_figure
 from unlearn_kernels.curvature import hessian_operator
 from unlearn_kernels.solvers import cubic_model_value, cubic_newton_step, lanczos
 
@@ -192,7 +193,6 @@ def plot_scaling(results: Path = RESULTS_DIR / "cubic_cpu.json",
     fig.suptitle(f"Cubic subproblem, synthetic low-rank + diagonal H "
                  f"(float64, {data['environment']['cpu_threads']} CPU thread(s))")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    save_figure(fig, out)
     plt.close(fig)
     return out

@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime
 import os
 import queue
+import signal
 import statistics
 import tempfile
 import time
@@ -93,6 +94,9 @@ def _replies(outbox, procs: list, timeout: float = 600.0) -> dict:
 
 
 def _worker(rank: int, store: str, device_type: str, quick: bool, inbox, outbox) -> None:
+    # Ctrl-C reaches the whole process group: the parent stops the workers (None in their inbox), so
+    # that it ends in one line and not in one traceback per process
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
     if device_type == "cuda":

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from unlearn_kernels.checkpoint import save_figure
 from unlearn_kernels.curvature import flatten_tensors, hessian_operator, unflatten_vector
 from unlearn_kernels.models import ResNet18, SmallViT
 from unlearn_kernels.models.cnn import SmallCNN
@@ -353,7 +354,6 @@ def plot_gradient_units(results: Path = RESULTS_DIR / "hvp_cpu.json",
                  "missing bar: not run or not applicable)")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    save_figure(fig, out)
     plt.close(fig)
     return out

@@ -1,6 +1,7 @@
 """pytest-benchmark view of the LoRA suite: ``pytest benchmarks/test_bench_lora.py``. Each candidate's
 forward+backward (gradients of x, A and B; of x alone for the frozen layer) is checked against
-float64 before it is timed; compare side by side with ``--benchmark-group-by=param:rank``."""
+float64 before it is timed; the candidates of one rank are one group, side by side (pytest-benchmark's
+default ``--benchmark-group-by=group``)."""
 import pytest
 import torch
 

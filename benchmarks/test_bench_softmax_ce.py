@@ -1,6 +1,6 @@
 """pytest-benchmark view of the softmax-CE suite: ``pytest benchmarks/test_bench_softmax_ce.py``.
-Each candidate is checked against float64 before it is timed; compare groups side by side with
-``--benchmark-group-by=param:shape``."""
+Each candidate is checked against float64 before it is timed; the candidates of one op and shape
+are one group, side by side (pytest-benchmark's default ``--benchmark-group-by=group``)."""
 import pytest
 import torch
 

@@ -19,19 +19,16 @@ from unlearn_kernels.models import build_model
 from unlearn_kernels.solvers import cubic_newton_step, lanczos
 from unlearn_kernels.training import TrainConfig, init_model, train
 
-# torchrun sets these; run directly, this is a group of one process.
-os.environ.setdefault("RANK", "0")
-os.environ.setdefault("WORLD_SIZE", "1")
-os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-os.environ.setdefault("MASTER_PORT", "29512")
 torch.set_num_threads(1)
 if torch.cuda.is_available():
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    device, backend = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))), "nccl"
     torch.cuda.set_device(device)
-    dist.init_process_group("nccl")
 else:
-    device = torch.device("cpu")
-    dist.init_process_group("gloo")
+    device, backend = torch.device("cpu"), "gloo"
+if "RANK" in os.environ:  # torchrun's rendezvous
+    dist.init_process_group(backend)
+else:  # run directly: a group of one process, whose in-process store needs no port (a fixed one may be taken)
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 rank, world = dist.get_rank(), dist.get_world_size()
 
 digits = load_dataset("digits")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unlearn_kernels.checkpoint import atomic_write
+from unlearn_kernels.checkpoint import atomic_write, check_writable_folder, probe_atomic_write, save_figure
 from unlearn_kernels.data import load_dataset, remove_classes
 from unlearn_kernels.eval import (
     accuracy,
@@ -195,7 +195,7 @@ def plots(records: list[dict], out: Path) -> None:
         ax.set_title(f"digits, {model_name}: Acc_f gap closed (1 = oracle)")
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(out / "gap_closed.png", dpi=110)
+    save_figure(fig, out / "gap_closed.png")
     plt.close(fig)
 
     pairs = [(r["rf_jsd"], r["js_to_oracle"], r["method"]) for r in records
@@ -211,7 +211,7 @@ def plots(records: list[dict], out: Path) -> None:
     ax.legend()
     ax.set_title(f"digits, MLP + CNN: Pearson r = {pearson([p[:2] for p in pairs]):.2f} overall")
     fig.tight_layout()
-    fig.savefig(out / "rf_jsd_vs_jsd.png", dpi=110)
+    save_figure(fig, out / "rf_jsd_vs_jsd.png")
     plt.close(fig)
 
 
@@ -260,25 +260,42 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--out", default="runs/rfa",
                         help="output folder (default runs/rfa; docs/rfa rewrites the committed study)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
-    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], help="mlp and/or cnn (default both)")
-    parser.add_argument("--hvp-modes", action="store_true", help="time the adapter HVP modes instead")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2)")
+    # the plots have a panel for each of these two
+    parser.add_argument("--models", nargs="+", choices=("mlp", "cnn"), help="mlp and/or cnn (default both)")
+    parser.add_argument("--hvp-modes", action="store_true",
+                        help="time the adapter HVP modes instead (the digits MLP of seed 0)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    out = Path(args.out)
-    outputs = OUTPUTS["hvp_modes" if args.hvp_modes else "study"]
-    if out.exists() and not out.is_dir():
-        parser.error(f"--out {str(out)!r} is a file, not a folder")
-    for name in outputs:  # before the study, not when its results are written after it
+    # every check before the study, not when a later model or seed, or the results, fail after it
+    if args.hvp_modes and (args.seeds or args.models):
+        parser.error("--hvp-modes times the digits MLP of seed 0: --seeds and --models do not apply")
+    seeds, models = args.seeds or [0, 1, 2], args.models or ["mlp", "cnn"]
+    if len(set(models)) < len(models):  # its records would count twice in mean ± std
+        parser.error(f"--models repeats a model: {models}")
+    try:
+        StudyConfig(methods=("original",), seeds=tuple(seeds), cache_dir=None)  # the study's seed rules
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.out == "":  # Path("") is the working folder: an unset variable would write the study there
+        parser.error("--out '' names no folder")
+    out, outputs = Path(args.out), OUTPUTS["hvp_modes" if args.hvp_modes else "study"]
+    for name in outputs:
         if (out / name).is_dir():
             parser.error(f"--out: {str(out / name)!r}, where the study writes a file, is a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        check_writable_folder(out)
+        probe_atomic_write(out / outputs[0])  # a folder that exists may still refuse new files (a read-only mount)
+    except ValueError as exc:
+        parser.error(f"--out: {exc}")
+    except OSError as exc:
+        parser.error(f"--out {str(out)!r} cannot be written: {exc}")
+    torch.set_num_threads(1)
     if args.hvp_modes:
         hvp_modes(out)
         return
-    records = run(args.models, args.seeds)
-    write_text(out / "results.json", json.dumps({"config": {"dataset": "digits", "seeds": args.seeds,
-                                                            "models": args.models, "methods": METHOD_SPECS},
+    records = run(models, seeds)
+    write_text(out / "results.json", json.dumps({"config": {"dataset": "digits", "seeds": seeds,
+                                                            "models": models, "methods": METHOD_SPECS},
                                                  "records": records}, indent=1))
     text = summary(records)
     write_text(out / "summary.md", text + "\n")

@@ -1,7 +1,12 @@
 """The benchmark runner's usage errors (``python -m benchmarks``): found before any suite runs."""
+import ast
+import importlib
+import inspect
 import json
 import os
+import re
 import sys
+from pathlib import Path
 
 import pytest
 import scipy
@@ -10,7 +15,11 @@ import torch.multiprocessing as mp
 
 from benchmarks.__main__ import main
 from benchmarks.common import ANCHORS, environment
+from benchmarks.cubic import plot_scaling
 from benchmarks.distributed import _replies
+from benchmarks.hvp import plot_gradient_units
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -18,6 +27,7 @@ from benchmarks.distributed import _replies
     (["softmax_ce", "--device", "bogus"], "--device 'bogus': "),
     (["softmax_ce", "--device", "meta"], "--device 'meta': the suites run on cpu or cuda"),
     (["softmax_ce", "--threads", "0"], "--threads must be >= 1"),
+    (["softmax_ce", "softmax_ce", "--quick"], "suite(s) named more than once: ['softmax_ce']"),
 ])
 def test_usage_errors(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
@@ -34,6 +44,63 @@ def test_out_that_is_a_file_is_refused_before_any_suite(capsys, tmp_path):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and f"--out {str(out)!r} is a file, not a directory" in err
     assert out.read_text() == "the user's file"
+
+
+def test_an_empty_out_is_refused_not_read_as_the_working_folder(monkeypatch, capsys, tmp_path):
+    """``--out "$DIR"`` with DIR unset wrote the JSON into the working folder (the repository root)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["softmax_ce", "--quick", "--out", ""])
+    assert exit_info.value.code == 2 and "--out '' names no folder" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_is_one_line_and_status_130_and_keeps_the_finished_suites(monkeypatch, capsys, tmp_path):
+    import benchmarks.lanczos
+    import benchmarks.softmax_ce
+
+    def interrupted(device, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(benchmarks.softmax_ce, "run", lambda device, **kwargs: ([], {}))
+    monkeypatch.setattr(benchmarks.lanczos, "run", interrupted)
+    assert main(["softmax_ce", "lanczos", "--quick", "--out", str(tmp_path)]) == 130
+    captured = capsys.readouterr()
+    assert captured.err == "python -m benchmarks: interrupted\n"  # no traceback
+    assert [p.name for p in tmp_path.iterdir()] == ["softmax_ce_cpu.json"]
+
+
+@pytest.mark.parametrize("plot", [plot_gradient_units, plot_scaling])
+def test_an_interrupted_plot_leaves_the_committed_image_whole(plot, tmp_path, monkeypatch):
+    """The plots replace docs/img/*.png; savefig straight to the path left a torn image when interrupted."""
+    import matplotlib.figure
+
+    out = plot(out=tmp_path / "plot.png")
+    before = out.read_bytes()
+
+    def torn(self, target, **kwargs):  # half a PNG, to a path or a file object
+        if isinstance(target, (str, os.PathLike)):
+            Path(target).write_bytes(b"\x89PNG half")
+        else:
+            target.write(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", torn)
+    with pytest.raises(KeyboardInterrupt):
+        plot(out=out)
+    assert [p.name for p in tmp_path.iterdir()] == ["plot.png"] and out.read_bytes() == before
+
+
+@pytest.mark.parametrize("module", sorted(p.stem for p in BENCHMARKS.glob("test_bench_*.py")))
+def test_the_grouping_a_pytest_benchmark_view_advises_exists(module):
+    """``--benchmark-group-by=param:NAME`` with a NAME that no test takes ends pytest in an INTERNALERROR
+    (KeyError) after every benchmark ran: each NAME a docstring names is a parameter of the module's tests."""
+    source = (BENCHMARKS / f"{module}.py").read_text()
+    advised = re.findall(r"param:(\w+)", ast.get_docstring(ast.parse(source)) or "")
+    tests = importlib.import_module(f"benchmarks.{module}")
+    taken = {name for fn_name, fn in vars(tests).items() if fn_name.startswith("test_") and callable(fn)
+             for name in inspect.signature(fn).parameters}
+    assert set(advised) <= taken, (advised, taken)
 
 
 def test_a_quick_run_says_so_in_its_json(tmp_path):

@@ -1,6 +1,8 @@
 """The scripts under examples/ run as shipped (the README and the guide point users to them)."""
 import importlib.util
 import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +37,20 @@ def test_distributed_curvature_example_runs_on_two_processes():
     assert "the same eigenvalues and step on every process: True" in out, out
 
 
+def test_distributed_curvature_example_run_directly_needs_no_free_port():
+    """Run without torchrun (a group of one process) it listened on the fixed port 29512, and failed with
+    EADDRINUSE while another run, or anything else, held that port."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", 29512))
+        holder.listen()
+        done = subprocess.run([sys.executable, str(ROOT / "examples" / "distributed_curvature.py")],
+                              capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert done.returncode == 0, _failure(done)
+    assert "1 process(es), rows per process [1258]" in done.stdout, done.stdout
+
+
 def test_rfa_study_example_runs(tmp_path):
     """The smallest study (the MLP, seed 0: every protocol and method once); --hvp-modes is a benchmark, not run."""
     out = tmp_path / "rfa"
@@ -52,9 +68,9 @@ def test_rfa_study_example_runs(tmp_path):
     assert (out / "gap_closed.png").stat().st_size > 0 and (out / "rf_jsd_vs_jsd.png").stat().st_size > 0
 
 
-def test_rfa_study_refuses_an_output_file_that_is_a_folder_before_the_study(tmp_path, monkeypatch, capsys):
-    """A results file that exists as a folder fails at once (usage error, status 2), not when the results
-    are written after the whole study."""
+@pytest.fixture
+def rfa_example(monkeypatch):
+    """examples/rfa_study.py as a module, whose study and HVP timing fail the test if they start."""
     spec = importlib.util.spec_from_file_location("rfa_study", ROOT / "examples" / "rfa_study.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
@@ -63,9 +79,61 @@ def test_rfa_study_refuses_an_output_file_that_is_a_folder_before_the_study(tmp_
         raise AssertionError("the study ran")
 
     monkeypatch.setattr(example, "run", study_ran)
+    monkeypatch.setattr(example, "hvp_modes", study_ran)
+    return example
+
+
+def test_rfa_study_refuses_an_output_file_that_is_a_folder_before_the_study(rfa_example, tmp_path, monkeypatch,
+                                                                            capsys):
+    """A results file that exists as a folder fails at once (usage error, status 2), not when the results
+    are written after the whole study."""
     (tmp_path / "summary.md").mkdir()
     monkeypatch.setattr(sys, "argv", ["rfa_study.py", "--out", str(tmp_path), "--models", "mlp", "--seeds", "0"])
     with pytest.raises(SystemExit) as exit_:
-        example.main()
+        rfa_example.main()
     assert exit_.value.code == 2
     assert f"--out: '{tmp_path / 'summary.md'}', where the study writes a file, is a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    # a model or seed the study fails on (or counts twice) was found after the models and seeds before it
+    (["--models", "vit"], "argument --models: invalid choice: 'vit'"),
+    (["--models", "mlp", "mlp"], "--models repeats a model: ['mlp', 'mlp']"),
+    (["--seeds", "0", "0"], "seeds (--seeds) repeat a seed: [0, 0]"),
+    (["--seeds", "-1"], "seeds (--seeds) must be in [0, 2**32), got -1"),
+    (["--hvp-modes", "--seeds", "1"], "--hvp-modes times the digits MLP of seed 0: --seeds and --models do not"),
+    (["--out", ""], "--out '' names no folder"),  # not the working folder
+    (["--out", "{file}/out"], "cannot be made"),  # a traceback from mkdir
+])
+def test_rfa_study_refuses_wrong_options_before_the_study(rfa_example, argv, message, tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("")
+    argv = [arg.format(file=tmp_path / "file") for arg in argv]
+    monkeypatch.setattr(sys, "argv", ["rfa_study.py", "--out", str(tmp_path / "out"), *argv])
+    with pytest.raises(SystemExit) as exit_:
+        rfa_example.main()
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_rfa_study_plots_are_written_atomically(rfa_example, tmp_path, monkeypatch):
+    """An interrupted plot (Ctrl-C, a full disk) left a torn PNG in place of the committed one in docs/rfa."""
+    import matplotlib.figure
+
+    records = [{"model": "mlp", "protocol": protocol, "seed": 0, "method": label, "acc_forget": 0.05 * i,
+                "js_to_oracle": 0.01 * i * (1 + i % 3), "rf_jsd": 0.02 * i}
+               for protocol in rfa_example.PROTOCOLS for i, label in enumerate(["retrain", *rfa_example.METHOD_SPECS])]
+    rfa_example.plots(records, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(before) == {"gap_closed.png", "rf_jsd_vs_jsd.png"}
+
+    def torn(self, target, **kwargs):  # half a PNG, to a path or a file object
+        if isinstance(target, (str, os.PathLike)):
+            Path(target).write_bytes(b"\x89PNG half")
+        else:
+            target.write(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", torn)
+    with pytest.raises(KeyboardInterrupt):
+        rfa_example.plots(records, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

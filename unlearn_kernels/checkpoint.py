@@ -127,6 +127,12 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None],
     return path
 
 
+def save_figure(fig: Any, path: str | os.PathLike[str], *, dpi: int = 110) -> Path:
+    """Matplotlib figure ``fig`` as a PNG at ``path``, written through :func:`atomic_write`: an interrupted
+    plot leaves the previous image or the new one, never a torn file. Returns ``path``."""
+    return atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=dpi), binary=True)
+
+
 def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, metadata: Mapping[str, Any]) -> None:
     """Write ``model``'s weights and ``metadata`` (JSON-serialisable) to ``path`` atomically.
 

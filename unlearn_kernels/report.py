@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, save_figure
 from .study import GAP_CLOSED, GAP_METRICS
 
 #: (metric key, column title, format) of the printed table (a column no method has is left out, e.g.
@@ -269,12 +269,6 @@ def _pyplot():
     return plt
 
 
-def _save(fig: Any, path: Path) -> None:
-    """``fig`` as a PNG at ``path``, written atomically: an interrupted run leaves the previous plot or the new
-    one, never a torn file."""
-    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=120), binary=True)
-
-
 def _per_seed(records: list[dict[str, Any]], request: int, method: str, key: str) -> list[float]:
     return [r["metrics"][key] for r in records if r["request"] == request and r["method"] == method
             and isinstance(r["metrics"].get(key), (int, float))]
@@ -316,7 +310,7 @@ def plot_gap_closed(studies: dict[str, dict[str, Any]], path: Path) -> Path:
     axes[-1].set_xticklabels(methods, rotation=30, ha="right")
     axes[0].set_title("Gap to the oracle closed (1 = oracle, 0 = Original; points: seeds; red ▼: below -1)")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, dpi=120, path=path)
     plt.close(fig)
     return path
 
@@ -352,7 +346,7 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     paths.append(out_dir / TIME_PLOT)
-    _save(fig, paths[-1])
+    save_figure(fig, dpi=120, path=paths[-1])
     plt.close(fig)
 
     # bars: mean |gap| over seeds; points: each seed's |gap| (never below zero, unlike +-std bars)
@@ -375,7 +369,7 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(out_dir / GAPS_PLOT)
-    _save(fig, paths[-1])
+    save_figure(fig, dpi=120, path=paths[-1])
     plt.close(fig)
 
     if any("gap_closed_acc_forget" in r["metrics"] for r in records):
@@ -399,6 +393,6 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
         axes[1].legend(fontsize=7, ncol=2)
         fig.tight_layout()
         paths.append(out_dir / SEQUENTIAL_PLOT)
-        _save(fig, paths[-1])
+        save_figure(fig, dpi=120, path=paths[-1])
         plt.close(fig)
     return paths

@@ -12,6 +12,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from unlearn_kernels.checkpoint import save_figure  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 NEWTON = ("cure_newton", "stochastic_cure_newton", "newton_pinv", "damped_newton", "damped_newton_cg", "influence",
           "lissa")
@@ -119,7 +121,7 @@ def _sequential(name: str, payload: dict) -> list[str]:
     ax2.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     plot = HERE / f"{name}.png"
-    fig.savefig(plot, dpi=110)
+    save_figure(fig, plot)
     plt.close(fig)
     return lines + [f"\n![{name}]({plot.name})"]
 
