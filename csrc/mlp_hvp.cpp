@@ -235,7 +235,8 @@ size_t check_flat_layout(const at::Tensor& x, at::TensorList weights, const c10:
       blocks.push_back({bias_offsets[l], weights[l].size(0), l, true});
     }
   }
-  std::sort(blocks.begin(), blocks.end(), [](const Block& a, const Block& b) { return a.offset < b.offset; });
+  // stable: blocks at one offset stay in layer order (weight before bias), as the Python check sorts them
+  std::stable_sort(blocks.begin(), blocks.end(), [](const Block& a, const Block& b) { return a.offset < b.offset; });
   int64_t next = 0;
   size_t lowest = L;
   for (const Block& b : blocks) {

@@ -185,6 +185,10 @@ def test_inputs_on_every_device(backend, device, rng):
          "^cubic_secular_solve: eigvals are on meta but coeffs are on cpu$"),
         ((torch.ones(2), torch.ones(2, device="meta"), 1.0), {}, ValueError, "^cubic_secular_solve: eigvals are on cpu "
          "but coeffs are on meta$"),
+        # meta tensors hold no values (the check of values failed inside Tensor.item())
+        *[((torch.ones(2, device="meta"), torch.ones(2, device="meta"), 1.0), {"backend": b}, ValueError,
+           "^cubic_secular_solve: eigvals and coeffs are meta tensors, which hold no values to solve with$")
+          for b in BACKENDS],
         (([1.0, 2.0], torch.ones(2), 1.0), {}, TypeError, "torch.Tensor"),
         ((torch.ones(2), torch.ones(2), 1.0), {"tol": 0.0}, ValueError, "tol"),
         ((torch.ones(2), torch.ones(2), 1.0), {"max_iter": 0}, ValueError, "max_iter"),

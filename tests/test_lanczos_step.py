@@ -231,6 +231,21 @@ def test_bad_input_raises_the_same_error_from_every_backend(case, device):
     assert len(set(messages.values())) == 1, messages
 
 
+@pytest.mark.parametrize(("backend", "device"), PAIRS)
+def test_beta_prev_of_any_real_kind(backend, device, rng):
+    """A numpy scalar beta_prev is a number like a float (it was refused as "got float32"); an int past
+    float64's range is reported as not finite (float() raised an OverflowError)."""
+    d = 40
+    hq, q, q_prev = (t.to(device) for t in (torch.randn(d, dtype=torch.float64, generator=rng),
+                                            unit(d, torch.float64, rng), unit(d, torch.float64, rng)))
+    for beta_prev in (np.float32(0.25), np.float64(0.25), np.int64(2)):
+        expected = lanczos_step(hq, q, q_prev, float(beta_prev), None, backend=backend)
+        for got, want in zip(lanczos_step(hq, q, q_prev, beta_prev, None, backend=backend), expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="^lanczos_step: beta_prev must be finite, got NaN or Inf$"):
+        lanczos_step(hq, q, q_prev, 2**2000, None, backend=backend)
+
+
 # Non-finite inputs make the interpreter's numpy arithmetic warn, as intended.
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize(("backend", "device"), PAIRS)

@@ -257,6 +257,7 @@ def _valid():
         ({"x": torch.ones(4, 6, dtype=torch.int64)}, TypeError, "x must be float16"),
         ({"lora_b": torch.ones(5, 2, device="meta")}, ValueError, "lora_b is on meta"),
         ({"scale": float("nan")}, ValueError, "scale must be finite"),
+        ({"scale": 2**2000}, ValueError, "scale must be finite"),  # past float64: no OverflowError
         ({"scale": "2"}, TypeError, "scale must be a Python float"),
         ({"weight": torch.ones(5, 6, requires_grad=True)}, ValueError, "weight requires grad"),
         ({"lora_a": [[1.0] * 6] * 2}, TypeError, "lora_a must be a torch.Tensor"),

@@ -481,6 +481,59 @@ def test_cached_form_bad_state_raises_clear_errors(backend, device, rng):
                               activations=model[2], backend=backend)
 
 
+def test_layer_and_state_checks_are_the_same_for_every_backend(device, rng):
+    """The reference's checks of the flat, state and cached forms are the C++ checks, in their order:
+    every backend names the same problem (the reference named another one, accepted a bias of the
+    wrong shape, or failed with an IndexError)."""
+    p = _cast(_problem([5, 4, 3], ["tanh", "identity"], True, 2, rng), device=device)
+    x, w, b, acts = p["x"], p["weights"], p["biases"], p["activations"]
+    state = ops.mlp_hvp_state(x, p["target"], w, b, acts, backend="reference")
+    base = dict(x=x, state=state, weights=w, biases=b, activations=acts,
+                V=torch.randn(39, 2, dtype=torch.float64, device=device), weight_offsets=[0, 24], bias_offsets=[20, 36])
+    cases = {  # -> (exception, the first words of the message after "mlp_hvp_flat_cached: ", changes)
+        "1-D x": (ValueError, "x must be 2-D", {"x": x[:, 0]}),
+        "integer x": (TypeError, "x must be float32 or float64", {"x": x.long()}),
+        "no layers": (ValueError, "at least one layer", {"weights": [], "biases": [], "activations": []}),
+        "short activations": (ValueError, "weights, biases and activations", {"activations": acts[:1]}),
+        "bias shape": (ValueError, "biases[0] must have shape", {"biases": [b[0][:3], b[1]]}),
+        "state dtype, in the C++ order": (TypeError, "state[1] has dtype", {"state": [t.float() for t in state]}),
+        "V dtype before the state": (TypeError, "V has dtype", {"state": state[:-1], "V": base["V"].float()}),
+        "no parameter chosen, 1-D x": (ValueError, "x must be 2-D",
+                                       {"x": x[:, 0], "V": base["V"][:0], "weight_offsets": [-1, -1],
+                                        "bias_offsets": [-1, -1]}),
+    }
+    for case, (exc, start, changes) in cases.items():
+        messages = set()
+        for backend in [b for b, d in PAIRS if d == device.type]:
+            with pytest.raises(exc) as info:
+                ops.mlp_hvp_flat_cached(**{**base, **changes}, backend=backend)
+            messages.add(str(info.value).split("\n")[0])
+        assert len(messages) == 1 and messages.pop().split(": ", 1)[1].startswith(start), (case, messages)
+    # two blocks at one offset: the same one is reported (Python sorted ties by size, C++ by layer)
+    flat = {k: v for k, v in base.items() if k != "state"}
+    for call in (lambda bk: ops.mlp_hvp_flat(**{**flat, "weight_offsets": [0, 0]}, target=p["target"], backend=bk),
+                 lambda bk: ops.mlp_hvp_state(x, p["target"], w, b, acts[:1], backend=bk)):
+        messages = set()
+        for backend in [b for b, d in PAIRS if d == device.type]:
+            with pytest.raises(ValueError) as info:
+                call(backend)
+            messages.add(str(info.value).split("\n")[0])
+        assert len(messages) == 1, messages
+
+
+@pytest.mark.parametrize("backend, device", PAIRS)
+def test_expanded_weights_and_biases(backend, device, rng):
+    """Weights and biases whose entries share memory (expanded) give the products of their copies (the
+    reference failed in torch.func's make_dual)."""
+    p = _cast(_problem([5, 4, 3], ["tanh", "identity"], True, 2, rng), device=device)
+    expanded = {**p, "weights": [p["weights"][0][:1].expand(4, 5), p["weights"][1]],
+                "biases": [p["biases"][0][:1].expand(4), p["biases"][1]]}
+    copied = {**expanded, "weights": [t.contiguous() for t in expanded["weights"]],
+              "biases": [t.contiguous() for t in expanded["biases"]]}
+    for got, want in zip(ops.mlp_hvp(**expanded, backend=backend), ops.mlp_hvp(**copied, backend=backend)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("backend, device", PAIRS)
 def test_no_chosen_parameter_gives_an_empty_product(backend, device, rng):
     # V with no rows (every offset -1): the compiled cached pass raised "Expected a proper Tensor but got None".

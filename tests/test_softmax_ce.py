@@ -276,6 +276,19 @@ def test_integer_ignore_index_of_any_kind(backend, rng):
     torch.testing.assert_close(out, _exact_grad(z, y, ignore_index=-7), rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("backend", ERROR_BACKENDS)
+def test_ignored_rows_are_zero_whatever_they_hold(backend, rng):
+    """An ignored row's gradient is 0 even where its logits are NaN or all -inf (the reference once
+    multiplied the row by a 0 mask, which keeps a NaN, while the kernels wrote zeros)."""
+    z, _, y = _inputs((5, 4), torch.float64, rng, ERROR_DEVICES[backend])
+    z[1, 2], z[3] = float("nan"), float("-inf")
+    y[1] = y[3] = -100
+    out = ops.softmax_ce_grad(z, y, label_smoothing=0.1, backend=backend)
+    assert out[[1, 3]].eq(0).all()
+    kept = [0, 2, 4]
+    torch.testing.assert_close(out[kept], _exact_grad(z[kept], y[kept], smoothing=0.1), rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_meta_tensors_give_the_fakes_shape(backend, dtype):

@@ -116,6 +116,8 @@ def _check_inputs(eigvals: torch.Tensor, coeffs: torch.Tensor, M: float, tol: fl
         raise ValueError(f"{_OP}: eigvals shape {tuple(eigvals.shape)} must equal coeffs shape {tuple(coeffs.shape)}")
     if eigvals.device != coeffs.device:  # before the values are read (a meta tensor has none)
         raise ValueError(f"{_OP}: eigvals are on {eigvals.device} but coeffs are on {coeffs.device}")
+    if eigvals.is_meta:  # sigma and hard_case are Python values: no meta result stands in for them
+        raise ValueError(f"{_OP}: eigvals and coeffs are meta tensors, which hold no values to solve with")
     for name, t in (("eigvals", eigvals), ("coeffs", coeffs)):
         if not all_finite(t):
             raise ValueError(f"{_OP}: {name} contains NaN or Inf")

@@ -37,6 +37,9 @@ the second update only above rounding), with float64 sums and the decision taken
 from __future__ import annotations
 
 import functools
+import math
+import numbers
+import sys
 
 import torch
 
@@ -71,9 +74,11 @@ def _beta_tensor(beta_prev: float | torch.Tensor, device: torch.device) -> torch
             raise ValueError(f"{_OP}: beta_prev must be a real scalar, got a {beta_prev.dtype} tensor of shape "
                              f"{tuple(beta_prev.shape)}")
         return beta_prev.reshape(()).to(device=device, dtype=torch.float64)
-    if isinstance(beta_prev, bool) or not isinstance(beta_prev, (int, float)):
+    if isinstance(beta_prev, bool) or not isinstance(beta_prev, numbers.Real):  # numpy scalars too
         raise TypeError(f"{_OP}: beta_prev must be a float or a 0-dim tensor, got {type(beta_prev).__name__}")
-    return torch.tensor(float(beta_prev), dtype=torch.float64, device=device)
+    # an int past float64's range is infinite to the finiteness check (float() would raise OverflowError)
+    value = float(beta_prev) if abs(beta_prev) <= sys.float_info.max else math.inf
+    return torch.tensor(value, dtype=torch.float64, device=device)
 
 
 @functools.cache

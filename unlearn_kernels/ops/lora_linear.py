@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -200,7 +201,7 @@ def _check_inputs(op, x, weight, bias, lora_a, lora_b, scale, tangents=()):
             raise ValueError(f"{op}: {name} must have the shape {tuple(expected)} of its parameter, got {tuple(t.shape)}")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"{op}: scale must be a Python float, got {type(scale).__name__}")
-    if not math.isfinite(scale):
+    if not abs(scale) <= sys.float_info.max:  # NaN too; math.isfinite raises OverflowError on a huge int
         raise ValueError(f"{op}: scale must be finite, got {scale}")
     if torch.is_grad_enabled():
         for name, t in (("weight", weight), ("bias", bias)):

@@ -68,7 +68,8 @@ def mlp_hvp_ref(
             h = fn(F.linear(h, w, next(present) if with_bias else None))
         return F.cross_entropy(h, target, label_smoothing=label_smoothing, ignore_index=ignore_index)
 
-    primal = ([*weights], [b for b in biases if b is not None])
+    # contiguous: jvp's make_dual refuses a primal whose elements share memory (an expanded tensor)
+    primal = ([w.contiguous() for w in weights], [b.contiguous() for b in biases if b is not None])
     k = v_weights[0].shape[0]
     tangent = (
         [*v_weights],
@@ -127,6 +128,53 @@ def _check_like(op: str, x: torch.Tensor, t: torch.Tensor, what: str, l: int) ->
         raise ValueError(f"{op}: {what}[{l}] is on {t.device} but x on {x.device}")
 
 
+def _check_layers(op: str, x: torch.Tensor, weights, biases, activations) -> None:
+    """``check_layers`` in csrc/mlp_hvp.cpp: x and the layers' shapes, dtypes and devices (the same
+    checks in the same order with the same messages)."""
+    num_layers = len(weights)
+    if not weights:
+        raise ValueError(f"{op}: at least one layer is needed, got 0 weights")
+    if len(biases) != num_layers or len(activations) != num_layers:
+        raise ValueError(f"{op}: weights, biases and activations must all have one entry per layer, got "
+                         f"{num_layers}, {len(biases)} and {len(activations)}")
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be 2-D (N, in_features), got shape {shape_text(x)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{op}: x has no rows (the mean loss over 0 samples is undefined)")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: x must be float32 or float64, got {dtype_name(x.dtype)}")
+    in_features = x.shape[1]
+    for l, (w, b) in enumerate(zip(weights, biases)):
+        if w.dim() != 2:
+            raise ValueError(f"{op}: weights[{l}] must be 2-D (out, in), got shape {shape_text(w)}")
+        if w.shape[1] != in_features:
+            raise ValueError(f"{op}: weights[{l}] has shape {shape_text(w)} but its input has {in_features} features "
+                             f"({'x' if l == 0 else 'the previous layer' + chr(39) + 's output'})")
+        _check_like(op, x, w, "weights", l)
+        out = w.shape[0]
+        if out == 0:
+            raise ValueError(f"{op}: weights[{l}] has no output features")
+        if b is not None:
+            if b.shape != (out,):
+                raise ValueError(f"{op}: biases[{l}] must have shape ({out},), got {shape_text(b)}")
+            _check_like(op, x, b, "biases", l)
+        in_features = out
+
+
+def _check_model_inputs(x, target, weights, biases, activations, label_smoothing) -> None:
+    """``check_model`` in csrc/mlp_hvp.cpp: :func:`_check_layers`, then the targets and the label
+    smoothing (the checks of the ops without per-layer tangents)."""
+    _check_layers(_OP, x, weights, biases, activations)
+    if not isinstance(target, torch.Tensor) or target.dtype != torch.long:
+        got = dtype_name(target.dtype) if isinstance(target, torch.Tensor) else type(target).__name__
+        raise TypeError(f"{_OP}: target must be int64 class indices, got {got}")
+    if target.dim() != 1 or target.shape[0] != x.shape[0]:
+        raise ValueError(f"{_OP}: target must have shape ({x.shape[0]},), got {shape_text(target)}")
+    if target.device != x.device:
+        raise ValueError(f"{_OP}: target is on {target.device} but x on {x.device}")
+    check_number(f"{_OP}: label_smoothing", label_smoothing, 0.0, 1.0)
+
+
 def _check_inputs(x, target, weights, biases, activations, v_weights, v_biases, label_smoothing) -> None:
     """The reference backend's copy of the compiled kernels' checks (``check_inputs`` in
     csrc/mlp_hvp.cpp): the same checks in the same order with the same messages, so every backend
@@ -137,39 +185,7 @@ def _check_inputs(x, target, weights, biases, activations, v_weights, v_biases, 
     if len(set(counts)) > 1:
         raise ValueError(f"{_OP}: weights, biases, activations, v_weights and v_biases must all have one entry per "
                          f"layer, got {counts[0]}, {counts[1]}, {counts[2]}, {counts[3]} and {counts[4]}")
-    if not weights:
-        raise ValueError(f"{_OP}: at least one layer is needed, got 0 weights")
-    if x.dim() != 2:
-        raise ValueError(f"{_OP}: x must be 2-D (N, in_features), got shape {shape_text(x)}")
-    if x.shape[0] == 0:
-        raise ValueError(f"{_OP}: x has no rows (the mean loss over 0 samples is undefined)")
-    if x.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{_OP}: x must be float32 or float64, got {dtype_name(x.dtype)}")
-
-    in_features = x.shape[1]
-    for l, (w, b) in enumerate(zip(weights, biases)):
-        if w.dim() != 2:
-            raise ValueError(f"{_OP}: weights[{l}] must be 2-D (out, in), got shape {shape_text(w)}")
-        if w.shape[1] != in_features:
-            raise ValueError(f"{_OP}: weights[{l}] has shape {shape_text(w)} but its input has {in_features} features "
-                             f"({'x' if l == 0 else 'the previous layer' + chr(39) + 's output'})")
-        _check_like(_OP, x, w, "weights", l)
-        out = w.shape[0]
-        if out == 0:
-            raise ValueError(f"{_OP}: weights[{l}] has no output features")
-        if b is not None:
-            if b.shape != (out,):
-                raise ValueError(f"{_OP}: biases[{l}] must have shape ({out},), got {shape_text(b)}")
-            _check_like(_OP, x, b, "biases", l)
-        in_features = out
-    if not isinstance(target, torch.Tensor) or target.dtype != torch.long:
-        got = dtype_name(target.dtype) if isinstance(target, torch.Tensor) else type(target).__name__
-        raise TypeError(f"{_OP}: target must be int64 class indices, got {got}")
-    if target.dim() != 1 or target.shape[0] != x.shape[0]:
-        raise ValueError(f"{_OP}: target must have shape ({x.shape[0]},), got {shape_text(target)}")
-    if target.device != x.device:
-        raise ValueError(f"{_OP}: target is on {target.device} but x on {x.device}")
-    check_number(f"{_OP}: label_smoothing", label_smoothing, 0.0, 1.0)
+    _check_model_inputs(x, target, weights, biases, activations, label_smoothing)
     k = v_weights[0].shape[0] if v_weights[0].dim() == 3 else -1
     if k < 1:
         raise ValueError(f"{_OP}: v_weights[0] must be 3-D (K, out, in) with K >= 1, got shape {shape_text(v_weights[0])}")
@@ -281,6 +297,8 @@ def _check_flat_layout(weights, biases, weight_offsets, bias_offsets, d: int) ->
         )
     blocks = []
     for l, (w, b, wo, bo) in enumerate(zip(weights, biases, weight_offsets, bias_offsets)):
+        if w.dim() != 2:
+            raise ValueError(f"{_OP}_flat: weights[{l}] must be 2-D (out, in), got shape {shape_text(w)}")
         if wo >= 0:
             blocks.append((wo, w.numel(), l, False))
         if bo >= 0:
@@ -288,7 +306,9 @@ def _check_flat_layout(weights, biases, weight_offsets, bias_offsets, d: int) ->
                 raise ValueError(f"{_OP}_flat: bias_offsets[{l}] = {bo} but layer {l} has no bias")
             blocks.append((bo, w.shape[0], l, True))
     expected = 0
-    for offset, size, l, is_bias in sorted(blocks):
+    # by offset alone, stably (layer order, weight before bias), as the C++ check: overlapping blocks
+    # are reported alike
+    for offset, size, l, is_bias in sorted(blocks, key=lambda block: block[0]):
         if offset != expected:
             raise ValueError(
                 f"{_OP}_flat: the chosen parameter blocks must tile the {d} rows of V in order without gaps or "
@@ -297,12 +317,6 @@ def _check_flat_layout(weights, biases, weight_offsets, bias_offsets, d: int) ->
         expected += size
     if expected != d:
         raise ValueError(f"{_OP}_flat: the chosen parameters have {expected} entries but V has {d} rows")
-
-
-def _check_model_inputs(x, target, weights, biases, activations, label_smoothing) -> None:
-    """:func:`_check_inputs` for the ops without per-layer tangents (the weights stand in for them)."""
-    _check_inputs(x, target, weights, biases, activations, [w.unsqueeze(0) for w in weights], [None] * len(weights),
-                  label_smoothing)
 
 
 def _check_tangent_matrix(op: str, x: torch.Tensor, V: torch.Tensor) -> None:
@@ -315,32 +329,28 @@ def _check_tangent_matrix(op: str, x: torch.Tensor, V: torch.Tensor) -> None:
 
 def _check_cached_args(x, state, weights, biases, activations, V, weight_offsets, bias_offsets) -> None:
     """The argument checks of :func:`mlp_hvp_flat_cached` that do not read values (``activations``
-    by name), with csrc/mlp_hvp.cpp's messages for the state."""
+    by name): those of ``run_cached_flat`` in csrc/mlp_hvp.cpp, in its order with its messages."""
     op = _OP + "_flat_cached"
+    _check_layers(op, x, weights, biases, activations)
+    _check_tangent_matrix(_OP + "_flat", x, V)  # the C++ op's check_flat_layout, shared with mlp_hvp_flat
+    _check_flat_layout(weights, biases, weight_offsets, bias_offsets, V.shape[0])
     num_layers = len(weights)
-    if len(activations) != num_layers:
-        raise ValueError(f"{op}: activations must have one entry per layer, got {len(activations)} for "
-                         f"{num_layers} weights")
     if len(state) != 4 * num_layers + 1:
         raise ValueError(f"{op}: state must be the {4 * num_layers + 1} tensors mlp_hvp_state "
                          f"returns for {num_layers} layers, got {len(state)}")
-    for name, values in (("weights", weights), ("biases", biases), ("state", state)):
-        for i, t in enumerate(values):
-            if t is not None:
-                _check_like(op, x, t, name, i)
-    _check_state_shapes(op, x, state, weights, activations)
-    _check_tangent_matrix(op, x, V)
-    _check_flat_layout(weights, biases, weight_offsets, bias_offsets, V.shape[0])
+    _check_state(op, x, state, weights, activations)
 
 
-def _check_state_shapes(op: str, x, state, weights, activations) -> None:
-    """Each state tensor has the shape mlp_hvp_state gives it for these x, weights and activations
-    (a state kept from other data or another model would otherwise fail inside the products)."""
+def _check_state(op: str, x, state, weights, activations) -> None:
+    """Each state tensor has x's dtype and device and the shape mlp_hvp_state gives it for these x,
+    weights and activations (a state kept from other data or another model would otherwise fail
+    inside the products)."""
     num_layers, n = len(weights), x.shape[0]
     advice = "pass the state that mlp_hvp_state returned for these x, weights and activations"
 
     def check(i: int, present: bool, width: int) -> None:
         t = state[i]
+        _check_like(op, x, t, "state", i)
         if present and (t.dim() != 2 or tuple(t.shape) != (n, width)):
             raise ValueError(f"{op}: state[{i}] has shape {list(t.shape)} but ({n}, {width}) was expected: {advice}")
         if not present and t.numel() != 0:
@@ -652,9 +662,9 @@ def _fake(x, target, weights, biases, activations, v_weights, v_biases, label_sm
 
 def _fake_flat(x, target, weights, biases, activations, V, weight_offsets, bias_offsets, label_smoothing,
                ignore_index, check_finite):
-    _check_model_inputs(x, target, weights, biases, activations, label_smoothing)
-    _check_tangent_matrix(_OP + "_flat", x, V)
+    _check_tangent_matrix(_OP + "_flat", x, V)  # run_flat's order: the layout, then the model
     _check_flat_layout(weights, biases, weight_offsets, bias_offsets, V.shape[0])
+    _check_model_inputs(x, target, weights, biases, activations, label_smoothing)
     return V.new_empty((V.shape[1], V.shape[0])).T  # the kernel's layout: (K, d) storage, transposed
 
 

@@ -36,7 +36,8 @@ def softmax_ce_grad_ref(
     keep = target != ignore_index
     onehot = F.one_hot(torch.where(keep, target, 0), num_classes).to(z.dtype)
     smoothed = (1.0 - label_smoothing) * onehot + label_smoothing / num_classes
-    return ((torch.softmax(z, dim=1) - smoothed) * keep.unsqueeze(1)).to(logits.dtype)
+    # where, not a product with the mask: an ignored row is zero even if it holds NaN or is all -inf
+    return torch.where(keep.unsqueeze(1), torch.softmax(z, dim=1) - smoothed, 0.0).to(logits.dtype)
 
 
 def softmax_ce_hvp_ref(logits: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
