@@ -1150,6 +1150,52 @@ def test_non_finite_weights_are_named_at_construction_and_after_a_change(path, v
         op.matvec(v[:, 0])
 
 
+class _ClampedNet(nn.Module):
+    """A hidden layer clamped to bounds kept in a buffer: [-inf, inf] (no bound), whose float64 sum is NaN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 5), nn.Linear(5, C)
+        self.register_buffer("bounds", torch.tensor([-math.inf, math.inf]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(x)).clamp(self.bounds[0], self.bounds[1]))
+
+
+@pytest.mark.parametrize("kind", ["reverse-over-reverse", "ggn"])  # the paths that cache
+def test_a_buffer_holding_both_infinities_keeps_the_cache(kind):
+    """A buffer with +inf and -inf (allowed: it holds no NaN) sums to NaN, and NaN != NaN made every
+    product take the weights as changed: the cache was dropped and the data read again at each one
+    (the digits MLP's product took 1.7x as long). The weights key compares NaN sums as equal; +inf and
+    -inf in a parameter (NaN sum too) are still refused by name, and so is a NaN in the buffer."""
+    torch.manual_seed(0)
+    model = _ClampedNet().to(DT).eval()
+    x, y = torch.randn(N, 4, dtype=DT), torch.randint(0, C, (N,))
+    batches = _CountingBatches(uneven_batches(x, y))
+    op = _operators(kind, model, F.cross_entropy, batches)
+    v = torch.randn(op.shape[0], dtype=DT, generator=torch.Generator().manual_seed(1))
+    first = op.matvec(v)
+    passes = batches.passes
+    assert torch.equal(op.matvec(v), first) and batches.passes == passes  # from the cache
+    torch.testing.assert_close(first, _operators(kind, model, F.cross_entropy, (x, y), cache_bytes=0).matvec(v),
+                               rtol=1e-12, atol=1e-14)
+    cls = "GGNOperator" if kind == "ggn" else "GenericHessian"
+    for tensor, value, message in (
+            (model.fc2.weight, torch.tensor([math.inf, -math.inf], dtype=DT), "parameter 'fc2.weight' has NaN or Inf"),
+            (model.bounds, torch.tensor([math.nan, math.inf], dtype=DT), "buffer 'bounds' has NaN")):
+        saved = tensor.detach().clone()
+        with torch.no_grad():
+            tensor.view(-1)[:2] = value
+        with pytest.raises(ValueError, match=rf"^{cls}: {message} values"):
+            op.matvec(v)
+        with torch.no_grad():
+            tensor.copy_(saved)
+    assert torch.equal(op.matvec(v), first)
+    passes = batches.passes
+    op.matvec(v)
+    assert batches.passes == passes
+
+
 class _MaskedNet(nn.Module):
     """A hidden layer under a softmax with an additive mask buffer (-inf: a unit left out)."""
 

@@ -2,6 +2,7 @@
 (curvature.RegularizedOperator) and the shared argument checks, against float64 autograd."""
 import copy
 import math
+import re
 
 import numpy as np
 import pytest
@@ -9,7 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unlearn_kernels.checks import all_finite, check_choice, check_int, check_number, check_tensor, norm64
+from unlearn_kernels.checks import (
+    all_finite,
+    check_choice,
+    check_int,
+    check_number,
+    check_tensor,
+    first_nonfinite_weight,
+    norm64,
+)
 from unlearn_kernels.curvature import (
     Objective,
     RegularizedOperator,
@@ -17,6 +26,9 @@ from unlearn_kernels.curvature import (
     hessian_operator,
     set_flat_parameters,
 )
+from unlearn_kernels.data import LabeledData
+from unlearn_kernels.methods import CureNewton
+from unlearn_kernels.methods.newton import PROBE_GRADIENTS
 
 WD = 0.03
 
@@ -203,3 +215,102 @@ def test_all_finite_agrees_with_the_elementwise_check(dtype):
         assert all_finite(t) == bool(torch.isfinite(t).all()), t
     assert all_finite(torch.tensor([1, 2], dtype=torch.long))  # integers are always finite
 
+
+
+@pytest.mark.parametrize("kind", ["parameter", "statistic", "buffer"])
+def test_first_nonfinite_weight(kind):
+    """The one rule for a model's weights gives the same answer from the float64 sums (the curvature
+    operators' key) as from the entries: a parameter or normalisation statistic must be finite,
+    another buffer hold no NaN (+inf and -inf, a NaN sum, are allowed there), and finite float64
+    entries whose sum overflows are not refused."""
+    name = "w" if kind == "parameter" else "b"
+    what = "NaN" if kind == "buffer" else "NaN or Inf"
+    for entries, refused in (([1e308, 1e308, -1e308, -1e308], False), ([1.0, -math.inf], kind != "buffer"),
+                             ([math.inf, -math.inf], kind != "buffer"), ([1.0, math.nan], True)):
+        t = torch.tensor(entries, dtype=torch.float64)
+        parameters, buffers = ([(name, t)], []) if kind == "parameter" else ([], [(name, t)])
+        statistics = {"b"} if kind == "statistic" else set()
+        expected = ("parameter" if kind == "parameter" else "buffer", name, what) if refused else None
+        assert first_nonfinite_weight(parameters, buffers, statistics) == expected, entries
+        assert first_nonfinite_weight(parameters, buffers, statistics, [float(t.sum())]) == expected, entries
+
+
+class _MaskedNet(nn.Module):
+    """BatchNorm, then an additive mask buffer (-inf: a unit left out) under a softmax."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)
+        self.register_buffer("mask", torch.tensor([0.0, 0.0, -math.inf, 0.0, 0.0, 0.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.softmax(self.bn(self.fc1(x)) + self.mask, dim=1))
+
+
+def test_non_finite_weights_are_refused_by_name(problem):
+    """value and gradient returned NaN silently at NaN or Inf weights; they are refused as the
+    curvature operators refuse them (one rule, the same message), at construction and at every call,
+    for a chosen parameter and for one outside the selection (it feeds the forward too). The model is
+    left as it is, and restored weights work again."""
+    model, x, y = problem
+    objective = Objective(model, F.cross_entropy, (x, y), ["2.weight", "2.bias"], weight_decay=WD)
+    value, grad = objective.value_and_gradient()
+    for name, bad in (("2.weight", math.nan), ("0.bias", math.inf)):
+        tensor = model.get_parameter(name)
+        saved = tensor.detach().clone()
+        with torch.no_grad():
+            tensor[1] = bad
+        held = tensor.detach().clone()
+        message = rf"^Objective: parameter '{re.escape(name)}' has NaN or Inf values \(did an update diverge\?\)"
+        for call in (objective.value, objective.gradient, objective.value_and_gradient):
+            with pytest.raises(ValueError, match=message):
+                call()
+        with pytest.raises(ValueError, match=message):
+            Objective(model, F.cross_entropy, (x, y))
+        with pytest.raises(ValueError, match=message.replace("Objective", "GenericHessian")):
+            hessian_operator(model, F.cross_entropy, (x, y), path="generic")
+        assert torch.equal(tensor.detach().nan_to_num(), held.nan_to_num())  # not modified
+        with torch.no_grad():
+            tensor.copy_(saved)
+    again, grad_again = objective.value_and_gradient()
+    assert again == value and torch.equal(grad_again, grad)
+
+
+def test_buffers_follow_the_curvature_operators_rule(rng):
+    """A normalisation layer's running statistic must be finite; another buffer may hold Inf (an
+    additive -inf mask: a finite objective) but no NaN. The objective and the operators agree."""
+    model = _MaskedNet().double().eval()
+    x, y = torch.randn(20, 5, generator=rng, dtype=torch.float64), torch.randint(0, 3, (20,), generator=rng)
+    objective = Objective(model, F.cross_entropy, (x, y))
+    assert math.isfinite(objective.value()) and all_finite(objective.gradient())
+    for buffer, bad, what in (("bn.running_var", math.inf, "NaN or Inf"), ("mask", math.nan, "NaN")):
+        tensor = model.get_buffer(buffer)
+        saved = tensor.clone()
+        with torch.no_grad():
+            tensor[0] = bad
+        for owner, call in (("Objective", objective.value), ("Objective", objective.gradient),
+                            ("GenericHessian", lambda: hessian_operator(model, F.cross_entropy, (x, y),
+                                                                        path="generic"))):
+            with pytest.raises(ValueError, match=rf"^{owner}: buffer '{buffer}' has {what} values"):
+                call()
+        with torch.no_grad():
+            tensor.copy_(saved)
+    assert math.isfinite(objective.value())
+
+
+def test_cure_newton_rejects_a_trial_point_with_non_finite_weights():
+    """A tiny M on a float32 model with negative curvature makes the first cubic step overflow (its
+    norm is NaN): the trial point has non-finite weights. ARC rejected it because F was NaN there; the
+    objective now refuses such weights, so ARC rejects a non-finite trial point without evaluating F
+    (one pass fewer), raises M and goes on to an accepted step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, y = torch.randn(200, 8), torch.randint(0, 3, (200,))
+    result = CureNewton(M=1e-40, M_min=1e-40, gamma=1e6, max_iterations=1).unlearn(
+        model, LabeledData(x[:20], y[:20]), LabeledData(x[20:], y[20:]))
+    trials = result.diagnostics["iterations"]
+    assert math.isnan(trials[0]["step_norm"]) and trials[0]["actual"] == -math.inf and not trials[0]["accepted"]
+    assert trials[-1]["accepted"] and result.diagnostics["steps"] == 1
+    assert result.diagnostics["objective_after"] < result.diagnostics["objective_before"]
+    # one pass of F (with its gradient) at w0 and at each trial but the non-finite one; the probe's two
+    assert result.gradients == PROBE_GRADIENTS + 1 + len(trials) - 1

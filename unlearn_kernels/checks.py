@@ -1,5 +1,5 @@
-"""Argument checks and the float64 norm shared by the training recipe and the curvature, solver and
-method layers.
+"""Argument checks, the rule for a model's non-finite weights and the float64 norm shared by the
+training recipe and the curvature, solver and method layers.
 
 One place for each: every layer imports these from here, so that the same bad value gets the same
 message everywhere (the caller prefixes ``name`` with its own, e.g. ``"cure_newton: M"``).
@@ -10,11 +10,13 @@ import cmath
 import math
 import numbers
 import operator
-from collections.abc import Iterable
+import reprlib
+from collections.abc import Container, Iterable
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 
 def check_int(name: str, value: Any, low: int = 1, high: int = 2**63 - 1) -> int:
@@ -35,9 +37,16 @@ def check_number(name: str, value: Any, low: float = -math.inf, high: float = ma
     ValueError naming ``name``."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
         value = value.item()  # a bool tensor gives a bool: refused below
-    bad = isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+    bad = isinstance(value, bool) or not isinstance(value, numbers.Real)
+    if not bad:
+        try:
+            bad = not math.isfinite(value)
+        except OverflowError:  # an int beyond a float's range, e.g. 2**2000
+            bad = True
     if bad or value < low or (strict and value == low) or value > high or (strict_high and value == high):
-        raise ValueError(f"{name} must be a finite number{_interval(low, high, strict, strict_high)}, got {value!r}")
+        # reprlib: a 2**2000 is shown in 40 characters, not 600
+        raise ValueError(f"{name} must be a finite number{_interval(low, high, strict, strict_high)}, "
+                         f"got {reprlib.repr(value)}")
     return float(value)
 
 
@@ -58,9 +67,12 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
 
 
 def check_tensor(name: str, value: Any) -> torch.Tensor:
-    """``value`` if it is a tensor, else TypeError naming ``name``."""
+    """``value`` if it is a dense (strided) tensor, else TypeError naming ``name``: a sparse tensor
+    would meet a different torch or kernel error on each backend, or none."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense tensor, got layout {value.layout} (call .to_dense() first)")
     return value
 
 
@@ -116,6 +128,46 @@ def first_nonfinite_row(t: torch.Tensor) -> int | None:
         return None
     finite = torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
     return None if bool(finite.all()) else int((~finite).nonzero()[0, 0])
+
+
+def normalisation_buffers(model: nn.Module) -> frozenset[str]:
+    """The names of ``model``'s buffers that belong to a normalisation layer (BatchNorm's
+    ``running_mean`` and ``running_var``): the buffers :func:`first_nonfinite_weight` holds to
+    finiteness as it holds the parameters."""
+    return frozenset(name for name, _ in model.named_buffers() if isinstance(
+        model.get_submodule(name.rpartition(".")[0]), nn.modules.batchnorm._NormBase))
+
+
+def first_nonfinite_weight(parameters: Iterable[tuple[str, torch.Tensor]], buffers: Iterable[tuple[str, torch.Tensor]],
+                           statistics: Container[str],
+                           sums: Iterable[float] | None = None) -> tuple[str, str, str] | None:
+    """The first of a model's weights that the rule for them refuses, as ``(kind, name, what)``
+    ("parameter" or "buffer", its name, "NaN or Inf" or "NaN"), or None if there is none.
+
+    The rule, the same for the curvature operators, the objective and the methods' input and result
+    checks: parameters and normalisation layers' running statistics (``statistics``, from
+    :func:`normalisation_buffers`; a NaN or Inf there makes the outputs NaN or a channel constant)
+    must be finite; other buffers must hold no NaN but may hold Inf (an additive ``-inf`` attention
+    mask, infinite clamp bounds: common and harmless).
+
+    ``sums``: the tensors' float64 sums, parameters then buffers, where the caller has them (the
+    curvature operators' weights key): a tensor whose sum is finite holds no NaN or Inf and is not
+    read again (float32 entries cannot overflow a float64 sum; finite float64 ones may, so a
+    non-finite sum sends a parameter to the elementwise check). Without them each tensor is read here.
+    """
+    named = [*(("parameter", name, t) for name, t in parameters), *(("buffer", name, t) for name, t in buffers)]
+    totals = [None] * len(named) if sums is None else list(sums)
+    for (kind, name, t), total in zip(named, totals, strict=True):
+        if total is not None and math.isfinite(total):
+            continue
+        t = t.detach()
+        if kind == "parameter" or name in statistics:
+            if not all_finite(t):
+                return kind, name, "NaN or Inf"
+        # Inf allowed: a NaN sum comes from a NaN entry, or from +Inf and -Inf
+        elif (total is None or math.isnan(total)) and bool(torch.isnan(t).any()):
+            return kind, name, "NaN"
+    return None
 
 
 def norm64(v: torch.Tensor) -> float:

@@ -12,7 +12,6 @@ from .fused_mlp import FusedMLPHessian
 from .generic import MODES, PATHS, GenericHessian, GGNOperator, ggn_operator, hessian_operator
 from .lipschitz import LipschitzEstimate, check_lipschitz_options, estimate_hessian_lipschitz
 from .objective import Objective
-from .regularized import RegularizedOperator
 from .params import (
     flatten_tensors,
     get_flat_parameters,
@@ -20,6 +19,7 @@ from .params import (
     set_flat_parameters,
     unflatten_vector,
 )
+from .regularized import RegularizedOperator
 
 __all__ = [
     "MODES",

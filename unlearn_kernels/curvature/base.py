@@ -35,7 +35,9 @@ their data pointers, and writes that do neither (fused optimizer kernels, in-pla
 ``p.data``) change the sum of the values; all three are checked before every product (the sums cost
 one pass over the parameters, small beside a product over a batch). Only a write that keeps every
 parameter's version, pointer and sum would go unseen: call :meth:`CurvatureOperator.invalidate`
-after such a one.
+after such a one. (A buffer that holds Inf, allowed below, has an infinite sum, or a NaN one if it
+holds +Inf and -Inf, whatever its finite entries are: only its version and pointer follow it, and a
+NaN sum that was NaN before counts as unchanged.)
 
 Non-finite weights. The same float64 sums refuse them, at construction and at the first product,
 matmat or gradient after a change (a ValueError naming the tensor, never a NaN product): a NaN or Inf
@@ -45,14 +47,15 @@ entries is far below float64's 2**1024). At unchanged weights this costs nothing
 (chosen or not: all feed the forward) and a normalisation layer's running statistics (BatchNorm's
 ``running_mean`` / ``running_var``, where a NaN or Inf makes the outputs NaN or a channel constant)
 must be finite; other buffers must hold no NaN but may hold Inf (an additive ``-inf`` attention mask
-is a common, harmless buffer).
+is a common, harmless buffer). The rule is :func:`~unlearn_kernels.checks.first_nonfinite_weight`,
+which :class:`~unlearn_kernels.curvature.Objective` and the methods' checks of the model apply too.
 """
 from __future__ import annotations
 
 import abc
 import functools
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from typing import Any
 
 import scipy.sparse.linalg
@@ -60,15 +63,24 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..checks import all_finite, check_int, check_tensor, first_nonfinite_row
+from ..checks import (
+    all_finite,
+    check_int,
+    check_tensor,
+    first_nonfinite_row,
+    first_nonfinite_weight,
+    normalisation_buffers,
+)
 from ..labeled import LabeledData
 from .linear_operator import dense_by_products, to_scipy_operator
 from .params import (
     FunctionalForward,
     ParameterSlots,
     ParamSelection,
+    WeightsKey,
     flatten_tensors,
     resolve_parameters,
+    same_weights,
     unflatten_vector,
     weights_key,
 )
@@ -299,8 +311,7 @@ class CurvatureOperator(abc.ABC):
         self._buffer_slots = ParameterSlots(model, [name for name, _ in model.named_buffers()], buffers=True)
         self._live_buffers = self._buffer_slots.current()
         # the buffers held to finiteness as the parameters are (the others to no NaN: see the module docstring)
-        self._finite_buffers = frozenset(name for name in self._live_buffers if isinstance(
-            model.get_submodule(name.rpartition(".")[0]), nn.modules.batchnorm._NormBase))
+        self._statistics = normalisation_buffers(model)
         self._copy_buffers()
         self._functional = FunctionalForward(model)
         self.num_products = 0
@@ -371,7 +382,7 @@ class CurvatureOperator(abc.ABC):
         # copies, so that no forward can write to the model's buffers
         self._constants.update({name: b.detach().clone() for name, b in self._live_buffers.items()})
 
-    def _current_weights_key(self) -> tuple[tuple[int, int, float], ...]:
+    def _current_weights_key(self) -> WeightsKey:
         # a parameter or buffer object replaced in the model is followed (its data pointer differs)
         self._live = self._slots.current()
         self._live_buffers = self._buffer_slots.current()
@@ -382,7 +393,7 @@ class CurvatureOperator(abc.ABC):
         of its values), drop the cache, re-take the views of parameters whose data was replaced and copy
         the buffers again (``load_state_dict`` writes both in place)."""
         key = self._current_weights_key()
-        if key == self._weights_key:
+        if same_weights(key, self._weights_key):
             return
         # before anything is taken from the new weights; the old key stays, so the next call checks again
         self._check_finite_weights(key)
@@ -402,24 +413,11 @@ class CurvatureOperator(abc.ABC):
         self.invalidate()
         self._weights_changed()
 
-    def _check_finite_weights(self, key: tuple[tuple[int, int, float], ...]) -> None:
+    def _check_finite_weights(self, key: WeightsKey) -> None:
         """ValueError naming the first parameter or buffer the module docstring refuses, read from the
-        float64 sums in ``key`` (that of ``_current_weights_key``): a tensor whose sum is finite holds
-        no NaN or Inf, and only a tensor whose sum is not is read again."""
-        tensors = [*self._live.items(), *self._live_buffers.items()]
-        for (name, t), (_, _, total) in zip(tensors, key):
-            if math.isfinite(total):
-                continue
-            kind = "parameter" if name in self._live else "buffer"
-            if kind == "parameter" or name in self._finite_buffers:
-                bad = not all_finite(t.detach())  # a finite float64 tensor's sum may overflow
-                what = "NaN or Inf"
-            else:  # Inf allowed: a NaN sum comes from a NaN entry, or from +Inf and -Inf
-                bad = math.isnan(total) and bool(torch.isnan(t).any())
-                what = "NaN"
-            if bad:
-                raise ValueError(f"{type(self).__name__}: {kind} {name!r} has {what} values (did an update "
-                                 "diverge?): no curvature is computed at such weights")
+        float64 sums in ``key`` (that of ``_current_weights_key``)."""
+        check_finite_weights(type(self).__name__, "curvature", self._live.items(), self._live_buffers.items(),
+                             self._statistics, (total for _, _, total in key))
 
     def _weights_changed(self) -> None:
         """Hook for subclasses that keep references to parameter views: called after a change."""
@@ -591,6 +589,19 @@ class CurvatureOperator(abc.ABC):
         """Run the model and the loss on the first batch (see :func:`probe_forward`); a subclass adds
         the checks of what its own products need of the data here, before the probe's gradients."""
         probe_forward(functools.partial(self.batch_forward, self.params), self.loss_fn, x, y, self.dtype)
+
+
+def check_finite_weights(owner: str, computed: str, parameters: Iterable[tuple[str, torch.Tensor]],
+                         buffers: Iterable[tuple[str, torch.Tensor]], statistics: Container[str],
+                         sums: Iterable[float] | None = None) -> None:
+    """ValueError naming the first weight that :func:`~unlearn_kernels.checks.first_nonfinite_weight`
+    refuses (its arguments; ``owner`` starts the message, ``computed`` is what is not computed), the
+    one message of the curvature operators and the objective."""
+    bad = first_nonfinite_weight(parameters, buffers, statistics, sums)
+    if bad is not None:
+        kind, name, what = bad
+        raise ValueError(f"{owner}: {kind} {name!r} has {what} values (did an update diverge?): no {computed} is "
+                         "computed at such weights")
 
 
 def _prefix(owner: str) -> str:

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -57,7 +57,14 @@ from torch import nn
 from ..labeled import LabeledData
 from .base import BatchSource, CurvatureOperator, DataSpec
 from .objective import Objective
-from .params import ParameterSlots, ParamSelection, resolve_parameters, weights_key
+from .params import (
+    ParameterSlots,
+    ParamSelection,
+    WeightsKey,
+    resolve_parameters,
+    same_weights,
+    weights_key,
+)
 
 
 class GroupRef:
@@ -134,20 +141,20 @@ class WeightCheck:
 
     SIZE = 4
 
-    def __init__(self, model: nn.Module, chosen: Iterable[str], key: Callable[[], Hashable] | None = None) -> None:
+    def __init__(self, model: nn.Module, chosen: Iterable[str], key: Callable[[], WeightsKey] | None = None) -> None:
         self._model = model
         self._slots = ParameterSlots(model, [name for name, _ in model.named_parameters()])
         self._chosen = tuple(chosen)
         self._key = self._parameters_key if key is None else key
-        self._checked: Hashable = None  # the key when the ranks last agreed
-        self._pending: Hashable = None  # the key when checksum() last ran
+        self._checked: WeightsKey | None = None  # the key when the ranks last agreed
+        self._pending: WeightsKey | None = None  # the key when checksum() last ran
 
-    def _parameters_key(self) -> Hashable:
+    def _parameters_key(self) -> WeightsKey:
         return weights_key([*self._slots.current().values(), *(b for _, b in self._model.named_buffers())])
 
     def changed(self) -> bool:
         """Whether the weights changed since the ranks last agreed (always True before the first check)."""
-        return self._key() != self._checked
+        return not same_weights(self._key(), self._checked)
 
     def counts(self) -> tuple[int, int]:
         """How many numbers each half of the checksum sums (the chosen ones, the others)."""

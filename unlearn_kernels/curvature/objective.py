@@ -6,9 +6,25 @@ import functools
 import torch
 from torch import nn
 
-from ..checks import check_number
-from .base import BatchSource, DataSpec, LossFn, check_train_mode, checked_loss, every_row_ignored, probe_forward
-from .params import FunctionalForward, ParameterSlots, ParamSelection, flatten_tensors, resolve_parameters
+from ..checks import check_number, normalisation_buffers
+from .base import (
+    BatchSource,
+    DataSpec,
+    LossFn,
+    check_finite_weights,
+    check_train_mode,
+    checked_loss,
+    every_row_ignored,
+    probe_forward,
+)
+from .params import (
+    FunctionalForward,
+    ParameterSlots,
+    ParamSelection,
+    flatten_tensors,
+    resolve_parameters,
+    weights_key,
+)
 
 
 class Objective:
@@ -30,6 +46,12 @@ class Objective:
     another layout: when a call first reads it, naming the batch). A parameter the
     forward does not use has zero gradient.
 
+    Non-finite weights are refused as the curvature operators refuse them, with their message (one
+    rule, :func:`~unlearn_kernels.checks.first_nonfinite_weight`: NaN or Inf in a parameter, chosen
+    or not, or a normalisation layer's running statistic; NaN in another buffer, which may hold Inf),
+    at construction and at every call, before any data is read: a ValueError naming the tensor, where
+    a NaN value or gradient came back before. The check is a float64 sum per tensor, read back at once.
+
     Args:
         model: any nn.Module, in eval mode if it has BatchNorm or dropout.
         loss_fn: ``loss_fn(model(x), y) -> scalar``, a mean-reduced loss.
@@ -44,7 +66,8 @@ class Objective:
         ValueError: a bad ``weight_decay``, mixed dtypes or devices among the chosen parameters,
             train-mode BatchNorm/dropout, data the model or the loss cannot run on (first batch; a
             wrong input dtype or width, a wrong label dtype or shape) or a class label out of range
-            (any batch, where the loss raises IndexError), named ``"Objective: ..."``; a bad ``params``
+            (any batch, where the loss raises IndexError) or non-finite weights (see above, at every
+            call too), named ``"Objective: ..."``; a bad ``params``
             selection or NaN or Inf in the data, as :func:`~unlearn_kernels.curvature.hessian_operator`
             names them. An empty data set is refused at the first call.
         TypeError: ``loss_fn`` is not callable, or ``data`` or ``params`` is of a wrong type.
@@ -70,6 +93,8 @@ class Objective:
         self._slots = ParameterSlots(model, chosen)  # read at every call: replaced parameters are followed
         self._functional = FunctionalForward(model)
         self.weight_decay = check_number("Objective: weight_decay", weight_decay, 0.0)
+        self._statistics = normalisation_buffers(model)
+        self._check_weights()
         check_train_mode(model, "Objective")  # a train-mode forward would write BatchNorm's running stats
         self.data = BatchSource(data, devices.pop(), batch_size)
         first = next(iter(self.data), None)  # an empty shard is allowed (DistributedObjective builds one)
@@ -88,7 +113,15 @@ class Objective:
     def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return checked_loss(self.loss_fn, out, y, "Objective")
 
+    def _check_weights(self) -> None:
+        """ValueError naming the first parameter or buffer (of the whole model: all feed the forward)
+        that the curvature operators would refuse, from the float64 sums of their weights key."""
+        parameters, buffers = list(self.model.named_parameters()), list(self.model.named_buffers())
+        sums = [total for _, _, total in weights_key([t for _, t in parameters + buffers])]
+        check_finite_weights("Objective", "objective", parameters, buffers, self._statistics, sums)
+
     def _pass(self, with_gradient: bool) -> tuple[float, torch.Tensor | None]:
+        self._check_weights()
         total = torch.zeros((), dtype=torch.float64)
         grad: torch.Tensor | None = None
         count = 0

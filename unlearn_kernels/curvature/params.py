@@ -6,6 +6,7 @@ parameters, laid out in the order the parameters were given (``None`` = all trai
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -177,7 +178,11 @@ def set_flat_parameters(model: nn.Module, vector: torch.Tensor, params: ParamSel
             p.copy_(piece)
 
 
-def weights_key(tensors: Iterable[torch.Tensor]) -> tuple[tuple[int, int, float], ...]:
+WeightsKey = tuple[tuple[int, int, float], ...]
+"""Per tensor (parameters, then buffers): its version counter, data pointer and float64 sum."""
+
+
+def weights_key(tensors: Iterable[torch.Tensor]) -> WeightsKey:
     """What changes when the weights do: per tensor its version counter, data pointer (a replaced
     tensor) and float64 sum (in-place writes that bump no version counter: fused optimizer kernels,
     ``.data``), the sums read back at once."""
@@ -187,3 +192,11 @@ def weights_key(tensors: Iterable[torch.Tensor]) -> tuple[tuple[int, int, float]
     where = tensors[0].device
     sums = torch.stack([t.detach().sum(dtype=torch.float64).to(where) for t in tensors]).tolist()
     return tuple((t._version, t.data_ptr(), total) for t, total in zip(tensors, sums))
+
+
+def same_weights(key: WeightsKey, old: WeightsKey | None) -> bool:
+    """``key == old``, with a NaN sum equal to a NaN sum: a buffer may hold +Inf and -Inf (an additive
+    mask and a clamp bound), whose sum is NaN at every call, and NaN != NaN would read as a change at
+    every product (the cache dropped and rebuilt each time)."""
+    return key == old or (old is not None and len(key) == len(old) and all(
+        new == was or (new[:2] == was[:2] and math.isnan(new[2]) and math.isnan(was[2])) for new, was in zip(key, old)))

@@ -1,9 +1,8 @@
 """Unlearning methods behind one interface, :class:`Unlearner`."""
 from .adapters import CureNewtonLoRA
-from .base import UnlearnResult, Unlearner
+from .base import Unlearner, UnlearnResult
 from .first_order import SCRUB, SSD, BadTeacher, Finetune, GradientAscent, NegGradPlus, RandomLabels, SalUn
 from .lotus import LoTUS
-from .rfa import RFA
 from .newton import (
     CureNewton,
     DampedNewton,
@@ -14,6 +13,7 @@ from .newton import (
     StochasticCureNewton,
 )
 from .reference import Original, Retrain, RetrainReseeded
+from .rfa import RFA
 
 #: every method by its ``name``
 METHODS: dict[str, type[Unlearner]] = {

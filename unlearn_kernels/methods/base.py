@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checks import all_finite, check_seed, first_nonfinite_row
+from ..checks import check_seed, first_nonfinite_row, first_nonfinite_weight, normalisation_buffers
 from ..labeled import LabeledData
 from ..training import check_fits, model_device, seeded_rng
 
@@ -83,14 +83,15 @@ class Unlearner(abc.ABC):
             TypeError: ``model`` is not an nn.Module, a set is not a LabeledData, ``seed`` not an integer.
             ValueError: before any work, naming the problem: ``seed`` out of range; a call inside
                 ``torch.inference_mode()``; a model or sets on the meta device (no values); NaN/Inf in
-                a parameter or buffer of the model; a model
+                a parameter or a normalisation layer's running statistic of the model, or NaN in
+                another buffer (which may hold Inf, as the curvature operators allow); a model
                 without trainable parameters (requires_grad=True) for a method that trains them; an
                 empty forget or retain set (or an empty ``unseen`` given), inputs with no features
                 per sample, NaN/Inf in a set's inputs, samples whose shape does not fit the model,
                 labels outside the model's classes, forget samples that are also in the retain set,
                 or unseen samples that are also in the forget or retain set (same input and label).
-                After the work: the method diverged (NaN/Inf in a parameter or floating buffer of
-                the unlearned model); the caller's model is unchanged.
+                After the work: the method diverged (the same check of the unlearned model); the
+                caller's model is unchanged.
         """
         seed = check_seed(f"{self.name}: seed", seed)
         # every tensor made under inference mode is an inference tensor, which autograd cannot use: refuse up front
@@ -121,8 +122,9 @@ class Unlearner(abc.ABC):
 
     def check_model(self, model: nn.Module) -> None:
         """The checks of ``model`` that need no data, as :meth:`unlearn` makes them first: an
-        nn.Module with finite parameters and buffers, and what the method's options name in it
-        (parameters, adapter targets) exists. Raises TypeError/ValueError naming the problem."""
+        nn.Module with finite weights (:func:`~unlearn_kernels.checks.first_nonfinite_weight`), and
+        what the method's options name in it (parameters, adapter targets) exists. Raises
+        TypeError/ValueError naming the problem."""
         _check_model(self.name, model)
         self._check_parameters(model)
 
@@ -154,8 +156,10 @@ def checked_local_copy(method: Unlearner, model: nn.Module, forget: LabeledData,
 
 
 def _check_model(name: str, model: nn.Module) -> None:
-    """``model`` is an nn.Module whose parameters and floating buffers are finite (a NaN/Inf weight
-    would make every method return a NaN model, or fail deep inside its work)."""
+    """``model`` is an nn.Module, off the meta device, whose weights pass the rule the curvature
+    operators apply (:func:`~unlearn_kernels.checks.first_nonfinite_weight`: a NaN/Inf weight would
+    make every method return a NaN model, or fail deep inside its work; an Inf in a buffer such as an
+    additive mask is harmless, and the Newton methods' operators accept it)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{name}: model must be a torch.nn.Module, got {type(model).__name__}")
     for kind, tensors in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
@@ -163,19 +167,21 @@ def _check_model(name: str, model: nn.Module) -> None:
             if tensor.is_meta:  # shapes without values: torch's own error would come from deep inside a check
                 raise ValueError(f"{name}: the model's {kind} {key!r} is on the meta device (it has no values): "
                                  "materialise the model first (e.g. to_empty(device=...) and load_state_dict)")
-            if not all_finite(tensor):
-                raise ValueError(f"{name}: the model's {kind} {key!r} contains NaN or Inf")
+    bad = first_nonfinite_weight(model.named_parameters(), model.named_buffers(), normalisation_buffers(model))
+    if bad is not None:
+        kind, key, what = bad
+        raise ValueError(f"{name}: the model's {kind} {key!r} contains {what}")
 
 
 def _check_finite_result(name: str, model: nn.Module) -> None:
-    """The unlearned model's parameters and floating buffers are finite: a step size too large makes
-    a first-order method return a NaN model without any error of its own (one pass, one read-back
-    per tensor)."""
-    for kind, tensors in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
-        for key, tensor in tensors:
-            if not all_finite(tensor.detach()):
-                raise ValueError(f"{name}: the unlearned model has NaN or Inf in its {kind} {key!r} (the method "
-                                 "diverged: lower its learning rate or step size); the caller's model is unchanged")
+    """The unlearned model's weights pass the same rule as the given model's: a step size too large
+    makes a first-order method return a NaN model without any error of its own (one pass, one
+    read-back per tensor)."""
+    bad = first_nonfinite_weight(model.named_parameters(), model.named_buffers(), normalisation_buffers(model))
+    if bad is not None:
+        kind, key, what = bad
+        raise ValueError(f"{name}: the unlearned model has {what} in its {kind} {key!r} (the method diverged: lower "
+                         "its learning rate or step size); the caller's model is unchanged")
 
 
 def _detached(data: LabeledData) -> LabeledData:

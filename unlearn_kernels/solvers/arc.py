@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..checks import check_int, check_number, check_seed, norm64
+from ..checks import all_finite, check_int, check_number, check_seed, norm64
 from .cubic import KrylovCubicSolver
 from .operators import check_vector
 
@@ -125,7 +125,9 @@ def adaptive_cubic_newton(
     """Minimise f from w0 by adaptive cubic regularisation (see the module docstring).
 
     Args:
-        value: ``w -> f(w)`` (a float; NaN/Inf rejects the trial).
+        value: ``w -> f(w)`` (a float; NaN/Inf rejects the trial). Not called at a trial point with
+            NaN/Inf entries (a step that overflowed): that trial is rejected as such, so ``value`` may
+            refuse non-finite points (as :class:`~unlearn_kernels.curvature.Objective` does).
         gradient: ``w -> grad f(w)``, a (d,) tensor of w's dtype and device.
         hessian: ``w -> H(w)``, an operator the solvers accept (a dense matrix, a curvature
             operator, an object with ``matvec``, ...). It may be a sampled or approximate Hessian:
@@ -200,7 +202,7 @@ def adaptive_cubic_newton(
                 stop = "no_progress"
                 break
             trial = w + sub.step
-            f_trial = float(value(trial))
+            f_trial = float(value(trial)) if all_finite(trial) else math.nan
             actual = f - f_trial if math.isfinite(f_trial) else -math.inf
             ratio = actual / predicted
             accepted = ratio >= eta1
