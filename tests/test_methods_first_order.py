@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -427,19 +428,107 @@ def test_a_last_batch_of_one_row_joins_the_one_before_it_for_a_batch_norm_model(
     assert result.gradients == gradients
 
 
+RELABELLED = r"training \(D_r and D_f with random labels\) set \(58 rows\)"
+
+
 @pytest.mark.parametrize("method, rows, message", [
     (GradientAscent(batch_size=1), (17, 41), r"batch_size 1 makes every batch of the forget set \(17 rows\) one row"),
     (SCRUB(forget_batch_size=4), (1, 41), r"the forget set has 1 row \(batch_size 4\)"),
     (Retrain(batch_norm_factory, CONFIG), (17, 1), r"the retain set has 1 row \(batch_size 32\)"),
+    # these train through train(), which named itself ("train: ... the training set")
+    (Finetune(batch_size=1), (17, 41), r"batch_size 1 makes every batch of the retain set \(41 rows\) one row"),
+    (Retrain(batch_norm_factory, dataclasses.replace(CONFIG, batch_size=1)), (17, 41),
+     r"batch_size 1 makes every batch of the retain set \(41 rows\) one row"),
+    (RandomLabels(batch_size=1), (17, 41), rf"batch_size 1 makes every batch of the {RELABELLED} one row"),
+    (SalUn(batch_size=1), (17, 41), rf"batch_size 1 makes every batch of the {RELABELLED} one row"),
 ])
 def test_batches_of_one_row_no_joining_helps_are_refused_by_name(batch_norm_problem, method, rows, message):
     model, forget, retain, _ = batch_norm_problem
     forget, retain = (LabeledData(d.x[:n], d.y[:n]) for d, n in zip((forget, retain), rows))
+    state = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match=rf"^{method.name}: {message}, and the model's batch-norm layer '2' cannot "
                                          r"train on a batch of one row \(one value per channel in training mode\)"):
         method.unlearn(model, forget, retain)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     if isinstance(method, SCRUB):  # no max pass: the forget set is never batched
         assert SCRUB(max_steps=0, epochs=1).unlearn(model, forget, retain).gradients == 1
+
+
+def test_methods_that_train_through_train_do_not_check_the_retain_set_again(problem):
+    """unlearn() checks the sets (finite, fitting the model, labels among its classes); train() ran the
+    same checks again, one more forward pass over the retain set each call."""
+    model, forget, retain = problem
+    hooked, calls = copy.deepcopy(model), []
+    hooked.register_forward_hook(lambda *args: calls.append(1))  # the private copy keeps the hook
+    result = Finetune(epochs=1).unlearn(hooked, forget, retain)
+    assert len(calls) == 2 + result.gradients  # unlearn()'s check of each set, then the steps
+
+    def counted() -> MLP:
+        fresh = factory()
+        fresh.register_forward_hook(lambda *args: calls.append(1))
+        return fresh
+
+    calls.clear()
+    result = Retrain(counted, dataclasses.replace(CONFIG, epochs=1)).unlearn(model, forget, retain)
+    assert len(calls) == result.gradients  # the oracle's forward passes: its steps only
+
+
+def test_retrain_refuses_an_empty_cache_dir(tmp_path, monkeypatch):
+    """Path("") is the working folder: an empty cache_dir cached the oracles there silently."""
+    class EmptyPath:
+        def __fspath__(self) -> str:
+            return ""
+
+    monkeypatch.chdir(tmp_path)
+    for empty in ("", EmptyPath()):
+        with pytest.raises(ValueError, match=r"^Retrain: cache_dir is an empty path, which would cache the oracles in "
+                                             r'the working folder; name a folder \("\." for the working folder\), or '
+                                             r"None for no cache$"):
+            Retrain(factory, CONFIG, cache_dir=empty)
+    assert Retrain(factory, CONFIG, cache_dir=".").cache_dir == Path(".")
+    assert not list(tmp_path.iterdir())
+
+
+def no_running_statistics_factory() -> torch.nn.Sequential:
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16),
+                               torch.nn.BatchNorm1d(16, track_running_stats=False), torch.nn.ReLU(),
+                               torch.nn.Linear(16, 10))
+
+
+@pytest.mark.parametrize("name, kwargs, gradients", [
+    ("finetune", {"batch_size": 8}, 2 * 5),
+    ("random_labels", {"batch_size": 57}, 2 * 1),
+    ("salun", {"batch_size": 8}, 2 + 2 * 8),  # saliency over D_f in eval mode, its last row joined too
+    ("gradient_ascent", {"batch_size": 8}, 2 * 2),
+    ("neggrad_plus", {"batch_size": 8}, 2 * 5 * 2),
+    ("scrub", {"batch_size": 8, "forget_batch_size": 8}, 2 * (2 + 5)),
+    ("bad_teacher", {"batch_size": 28}, 2 * 1),
+    ("ssd", {"batch_size": 8}, 2 + 8),
+    ("retrain", {"batch_size": 8}, 2 * 5),
+])
+def test_a_batch_norm_layer_without_running_statistics_trains_end_to_end(batch_norm_problem, name, kwargs, gradients):
+    """A BatchNorm1d(track_running_stats=False) takes the batch's statistics in eval mode too: every
+    method refused it ("the forget samples ... do not fit the model"), from one row run in eval mode.
+    Forget 17 and retain 41 rows leave a last batch of one row, joined in training and eval passes."""
+    _, forget, retain, unseen = batch_norm_problem
+    model = init_model(no_running_statistics_factory, 0)
+    train(model, LabeledData(torch.cat([forget.x, retain.x]), torch.cat([forget.y, retain.y])),
+          dataclasses.replace(CONFIG, epochs=2, batch_size=16))
+    state = copy.deepcopy(model.state_dict())
+    if name == "retrain":
+        method = Retrain(no_running_statistics_factory, dataclasses.replace(CONFIG, epochs=2, **kwargs))
+    else:
+        method = METHODS[name](**kwargs) if name == "ssd" else METHODS[name](epochs=2, **kwargs)
+    result = method.unlearn(model, forget, retain, unseen=unseen, seed=0)
+    assert result.gradients == gradients and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert math.isfinite(evaluate(result.model, retain)[1])
+    one = LabeledData(forget.x[:1], forget.y[:1])
+    if name in ("finetune", "retrain", "random_labels", "bad_teacher"):  # a forget row never batched alone
+        assert method.unlearn(model, one, retain, seed=0).gradients > 0
+    elif name in ("salun", "ssd"):  # their pass over D_f in eval mode cannot take it
+        with pytest.raises(ValueError, match=rf"^{name}: the forget set has 1 row \(batch_size 8\), and the model's "
+                                             r"batch-norm layer '2' cannot take a batch of one row, in eval mode"):
+            method.unlearn(model, one, retain, seed=0)
 
 
 @pytest.mark.parametrize("cls", [Retrain, RetrainReseeded])

@@ -122,6 +122,27 @@ def test_bad_input_is_rejected_clearly(sample_problem):
         LoTUS().unlearn(model, LabeledData(forget.x[:0], forget.y[:0]), retain, unseen=unseen)
 
 
+def test_a_batch_norm_layer_without_running_statistics(digits):
+    """Such a layer normalises with the batch's statistics in eval mode too: one row of each set run
+    through it made LoTUS refuse every such model ("do not fit the model"), and the accuracies' eval
+    passes raised torch's "Expected more than 1 value per channel" at a last batch of one row."""
+    x, y = digits
+    model = init_model(lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16),
+                                                   torch.nn.BatchNorm1d(16, track_running_stats=False),
+                                                   torch.nn.ReLU(), torch.nn.Linear(16, 10)), 0)
+    train(model, LabeledData(x[:58], y[:58]), TrainConfig(epochs=5, batch_size=16, lr=0.05, seed=0))
+    # forget and unseen 17 rows, by 8: a last batch of one row in each accuracy, joined
+    forget, retain = LabeledData(x[:17], y[:17]), LabeledData(x[17:58], y[17:58])
+    unseen = LabeledData(x[900:917], y[900:917])
+    state = copy.deepcopy(model.state_dict())
+    result = LoTUS(epochs=2, batch_size=8).unlearn(model, forget, retain, unseen=unseen, seed=0)
+    assert result.gradients > 0 and 0 <= result.diagnostics["final_forget_accuracy"] <= 1
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match=r"^lotus: the forget set has 1 row \(batch_size 8\), and the model's "
+                                         r"batch-norm layer '2' cannot take a batch of one row, in eval mode either"):
+        LoTUS(epochs=2, batch_size=8).unlearn(model, LabeledData(x[:1], y[:1]), retain, unseen=unseen, seed=0)
+
+
 @pytest.mark.parametrize("acc_u, acc_f", [(0.89, 0.88), (0.94, 0.93), (0.57, 0.56), (0.03, 0.02)])
 def test_one_point_below_the_unseen_accuracy_stops(sample_problem, monkeypatch, acc_u, acc_f):
     """delta = acc_f - acc_u of two 2-decimal accuracies is compared exactly: 0.93 - 0.94 is

@@ -226,6 +226,24 @@ def test_batchnorm_statistics_of_the_frozen_model_do_not_move(problem):
     assert before.keys() == after.keys() and all(torch.equal(after[k], v) for k, v in before.items())
 
 
+def test_a_batch_norm_layer_without_running_statistics_is_refused_up_front(problem):
+    """Such a layer normalises with each batch's statistics in eval mode too: the frozen model's features
+    of a sample, computed in other batches, were no target the adapters could match (and a last batch
+    of one row raised torch's "Expected more than 1 value per channel" mid-method)."""
+    _, forget, retain, unseen = problem
+    model = init_model(lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32),
+                                                   torch.nn.BatchNorm1d(32, track_running_stats=False),
+                                                   torch.nn.ReLU(), torch.nn.Linear(32, 10)), 0)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"^rfa: the model's batch-norm layer '2' has no running statistics "
+                                         r"\(track_running_stats=False\) and normalises with each batch's own"):
+        RFA(epochs=1).check_model(model)
+    with pytest.raises(ValueError, match=r"^rfa: the model's batch-norm layer '2' has no running statistics"):
+        RFA(epochs=1).unlearn(model, forget, retain, unseen=unseen, seed=0)
+    assert not lora.adapter_modules(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def own_parameters(model: torch.nn.Module) -> dict[str, tuple]:
     """Each parameter's requires_grad flag, dtype and device, by name."""
     return {name: (p.requires_grad, p.dtype, p.device) for name, p in model.named_parameters()}

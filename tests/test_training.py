@@ -23,7 +23,15 @@ from unlearn_kernels.checkpoint import (
 )
 from unlearn_kernels.data import LabeledData
 from unlearn_kernels.models import MLP, ResNet18
-from unlearn_kernels.training import TrainConfig, init_model, join_last_row, one_row_batch_norm, seeded_rng, train
+from unlearn_kernels.training import (
+    TrainConfig,
+    check_fits,
+    init_model,
+    join_last_row,
+    one_row_batch_norm,
+    seeded_rng,
+    train,
+)
 
 
 def blobs(n: int = 96, seed: int = 0) -> LabeledData:
@@ -263,6 +271,71 @@ def test_batches_of_one_row_no_joining_helps_are_refused_before_any_step(rows, b
         train(model, blobs(rows), TrainConfig(epochs=1, batch_size=batch_size))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert train(init_model(factory, 0), blobs(rows), TrainConfig(epochs=1, batch_size=batch_size)).steps == rows
+
+
+def test_train_names_its_owner_and_set_and_skips_checks_its_caller_made():
+    """A method that trains through train() (finetune, random_labels, salun, retrain) was reported as
+    "train: ...", a function its caller never called; and it ran the input checks unlearn() had made."""
+    data = blobs(17)
+    nan_x = data.x.clone()
+    nan_x[3, 1] = math.inf
+    too_high = data.y.clone()
+    too_high[2] = 5
+    cases = [(LabeledData(nan_x, data.y), CONFIG, "NaN or Inf in the inputs at row 3"),
+             (LabeledData(data.x, too_high), CONFIG, r"the retain set has labels outside the model's 3 classes"),
+             (LabeledData(data.x[:, :3], data.y), CONFIG, r"the retain samples \(torch.float32, shape \(3,\)\)"),
+             (LabeledData(data.x[:0], data.y[:0]), CONFIG, "the retain set is empty"),
+             (data, TrainConfig(batch_size=1), r"batch_size 1 makes every batch of the retain set \(17 rows\) one row")]
+    for bad, config, message in cases:
+        model = init_model(batch_norm_net, 0)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=f"^finetune: {message}"):
+            train(model, bad, config, owner="finetune", role="retain")
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # checked already: no check's forward pass (an epoch-free recipe makes no other)
+    for checked, forwards in ((False, 1), (True, 0)):
+        model, calls = init_model(factory, 0), []
+        model.register_forward_hook(lambda *args: calls.append(1))
+        train(model, data, TrainConfig(epochs=0), owner="finetune", role="retain", data_checked=checked)
+        assert len(calls) == forwards
+
+
+def no_running_statistics_net(hidden: int = 8) -> torch.nn.Sequential:
+    return torch.nn.Sequential(torch.nn.Linear(4, hidden), torch.nn.BatchNorm1d(hidden, track_running_stats=False),
+                               torch.nn.ReLU(), torch.nn.Linear(hidden, 3))
+
+
+def test_a_batch_norm_layer_without_running_statistics_fits_and_trains():
+    """Such a layer normalises with the batch's statistics in eval mode too: check_fits ran one row
+    through it in eval mode, and torch's "Expected more than 1 value per channel" was reported as
+    samples that "do not fit the model"."""
+    model = init_model(no_running_statistics_net, 0)
+    for rows in (1, 2, 33):
+        check_fits("owner", model, blobs(rows))  # a set of one row: its row twice
+    too_high = blobs(5).y.clone()
+    too_high[4] = 3
+    with pytest.raises(ValueError, match=r"^owner: the training set has labels outside the model's 3 classes"):
+        check_fits("owner", model, LabeledData(blobs(5).x, too_high))
+    flat = torch.nn.Sequential(*no_running_statistics_net(), torch.nn.Flatten(0))
+    with pytest.raises(ValueError, match=r"logits; two samples gave \(6,\)$"):
+        check_fits("owner", flat, blobs(5))
+    # trained end to end, its last batch of one row joined; a set of one row refused as no batch can help
+    stats = train(model, blobs(33), CONFIG)
+    assert stats.steps == 6 * 2 and stats.train_accuracy > 0.9
+    with torch.no_grad():
+        assert (model(blobs(33).x).argmax(1) == blobs(33).y).float().mean() > 0.9
+    with pytest.raises(ValueError, match=r"^train: the training set has 1 row \(batch_size 16\), and the model's "
+                                         r"batch-norm layer '1' cannot train on a batch of one row"):
+        train(init_model(no_running_statistics_net, 0), blobs(1), CONFIG)
+    # kept in eval mode by its model, it still takes the batch's statistics: joined too
+    frozen = init_model(lambda: FrozenBatchNorm(*no_running_statistics_net()), 0)
+    assert one_row_batch_norm(frozen, blobs(2).x[:1]) == "1" and train(frozen, blobs(33), CONFIG).steps == 6 * 2
+    # a pass in eval mode: only such a layer needs the joining, one with running statistics does not
+    assert join_last_row("owner", model, blobs(33), 16, training=False)
+    assert not join_last_row("owner", init_model(batch_norm_net, 0), blobs(33), 16, training=False)
+    with pytest.raises(ValueError, match=r"^owner: the forget set has 1 row \(batch_size 16\), and the model's "
+                                         r"batch-norm layer '1' cannot take a batch of one row, in eval mode either"):
+        join_last_row("owner", model, blobs(1), 16, "forget", training=False)
 
 
 def test_seeded_rng_restores_state():

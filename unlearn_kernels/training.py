@@ -157,23 +157,41 @@ def init_model(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
     return model
 
 
+def batch_statistics(module: nn.Module, training: bool) -> bool:
+    """Whether ``module`` is a batch-norm layer that normalises with the statistics of the batch in the
+    mode ``training``, as torch decides it: in training mode, and in eval mode too without running
+    statistics (``track_running_stats=False``). Such a layer refuses a batch of one value per channel."""
+    return (isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and (training or (module.running_mean is None and module.running_var is None)))
+
+
+def probe_rows(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The rows of ``x`` (non-empty) to run through ``model`` in eval mode to see what it makes of them:
+    the first row; the first two (the one row twice) where a batch-norm layer of the model uses batch
+    statistics in eval mode, which one row would fail on (what fits is the sample, not the batch size)."""
+    if any(batch_statistics(module, training=False) for module in model.modules()):
+        return x[[0, min(1, len(x) - 1)]]
+    return x[:1]
+
+
 @torch.no_grad()
 def check_fits(owner: str, model: nn.Module, data: LabeledData, role: str = "training") -> None:
-    """ValueError unless one sample of ``data`` runs through ``model`` (eval mode, each submodule's
-    flag restored) to (1, C) logits and every label of ``data`` is a class in [0, C): the check
-    before any work that turns torch's errors deep inside (an IndexError, a CUDA device-side assert
-    that leaves the process unusable, -100 skipped silently as ``ignore_index``) into one naming the
-    problem. ``role`` names the set in the message."""
+    """ValueError unless one sample of ``data`` (two where :func:`probe_rows` says so) runs through
+    ``model`` (eval mode, each submodule's flag restored) to (batch, C) logits and every label of
+    ``data`` is a class in [0, C): the check before any work that turns torch's errors deep inside (an
+    IndexError, a CUDA device-side assert that leaves the process unusable, -100 skipped silently as
+    ``ignore_index``) into one naming the problem. ``role`` names the set in the message."""
     with eval_mode(model):
+        rows = probe_rows(model, data.x)
         try:
-            out = model(data.x[:1].to(model_device(model)))
+            out = model(rows.to(model_device(model)))
         except (RuntimeError, ValueError, TypeError, IndexError) as error:  # torch's and the model's own checks
             raise ValueError(f"{owner}: the {role} samples ({data.x.dtype}, shape {tuple(data.x.shape[1:])}) do not "
                              f"fit the model: {error}") from error
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1:
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != len(rows):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"{owner}: the model must map a batch of {role} samples to (batch, classes) logits; "
-                         f"one sample gave {shape}")
+                         f"{'one sample' if len(rows) == 1 else 'two samples'} gave {shape}")
     classes = out.shape[1]
     bad = (data.y < 0) | (data.y >= classes)
     if bool(bad.any()):
@@ -187,25 +205,26 @@ class _OneValue(Exception):
 
 
 @torch.no_grad()
-def one_row_batch_norm(model: nn.Module, sample: torch.Tensor) -> str | None:
-    """The name of the first batch-norm layer that ``model.train()`` puts in training mode and that
-    would get one value per channel from a batch of one row, ``sample`` (shape (1, ...)); or None.
+def one_row_batch_norm(model: nn.Module, sample: torch.Tensor, training: bool = True) -> str | None:
+    """The name of the first batch-norm layer that uses batch statistics (see :func:`batch_statistics`)
+    once ``model.train(training)`` is called and that would get one value per channel from a batch of
+    one row, ``sample`` (shape (1, ...)); or None. In training mode that is a layer the model trains
+    (not one it keeps frozen in eval mode) or one without running statistics; in eval mode only the latter.
 
-    Torch refuses such a batch in training mode ("Expected more than 1 value per channel when
-    training"): a ``BatchNorm1d`` on features does, a ``BatchNorm2d`` on maps larger than 1x1 does
-    not. A model without batch-norm layers in training mode costs no forward pass; otherwise one, in
+    Torch refuses such a batch ("Expected more than 1 value per channel when training"): a
+    ``BatchNorm1d`` on features does, a ``BatchNorm2d`` on maps larger than 1x1 does not. A model
+    without such batch-norm layers costs no forward pass; otherwise one, in
     eval mode and without gradients, with hooks that read each layer's input shape (its running
     statistics do not move). Every submodule's train/eval flag and the random state are left as they
     were.
     """
     flags = [(module, module.training) for module in model.modules()]
     try:
-        model.train()  # what training sets: a model may keep its batch-norm layers frozen in eval mode
-        norms = {module: name for name, module in model.named_modules()
-                 if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training}
+        model.train(training)  # what the pass sets: a model may keep its batch-norm layers frozen in eval mode
+        norms = {module: name for name, module in model.named_modules() if batch_statistics(module, module.training)}
     finally:
-        for module, training in flags:
-            module.training = training
+        for module, flag in flags:
+            module.training = flag
     if not norms:
         return None
 
@@ -228,9 +247,11 @@ def one_row_batch_norm(model: nn.Module, sample: torch.Tensor) -> str | None:
     return None
 
 
-def join_last_row(owner: str, model: nn.Module, data: LabeledData, batch_size: int, role: str = "training") -> bool:
-    """Whether training ``model`` on shuffled batches of ``batch_size`` rows of ``data`` must join a last
-    batch of one row to the batch before it (``data.loader(..., join_last_row=True)``).
+def join_last_row(owner: str, model: nn.Module, data: LabeledData, batch_size: int, role: str = "training",
+                  training: bool = True) -> bool:
+    """Whether a pass of ``model`` over batches of ``batch_size`` rows of ``data`` must join a last batch
+    of one row to the batch before it (``data.loader(..., join_last_row=True)``): a pass that trains
+    the model, or one in eval mode with ``training`` False.
 
     True only when ``len(data) % batch_size == 1`` and :func:`one_row_batch_norm` finds a layer: torch
     would raise at that batch, mid-training. Joining keeps every row in every epoch (dropping the row
@@ -245,15 +266,17 @@ def join_last_row(owner: str, model: nn.Module, data: LabeledData, batch_size: i
     rows = len(data)
     if batch_size > 1 and rows % batch_size != 1:  # no batch of one row
         return False
-    layer = one_row_batch_norm(model, data.x[:1])
+    layer = one_row_batch_norm(model, data.x[:1], training)
     if layer is None:
         return False
     if batch_size == 1 or rows == 1:
         problem, remedy = ((f"batch_size 1 makes every batch of the {role} set ({rows} rows) one row",
                             "use a batch_size of at least 2") if batch_size == 1 else
                            (f"the {role} set has 1 row (batch_size {batch_size})", "give it at least 2 rows"))
-        raise ValueError(f"{owner}: {problem}, and the model's batch-norm layer {layer!r} cannot train on a batch "
-                         f"of one row (one value per channel in training mode): {remedy}")
+        cannot = ("cannot train on a batch of one row (one value per channel in training mode)" if training else
+                  "cannot take a batch of one row, in eval mode either (it has no running statistics, "
+                  "track_running_stats=False, and normalises with the batch's)")
+        raise ValueError(f"{owner}: {problem}, and the model's batch-norm layer {layer!r} {cannot}: {remedy}")
     return True
 
 
@@ -269,6 +292,10 @@ def train(
     config: TrainConfig,
     device: torch.device | str = "cpu",
     progress: ProgressCallback | None = None,
+    *,
+    owner: str = "train",
+    role: str = "training",
+    data_checked: bool = False,
 ) -> TrainStats:
     """Train ``model`` in place on ``data`` with the recipe ``config``.
 
@@ -282,6 +309,12 @@ def train(
         device: where to train.
         progress: called after every epoch with (epoch index, mean loss); e.g. a runner's
             ``lambda epoch, loss: bar.update(1)``. The library itself never prints.
+        owner: what errors are named after: a method that trains through this function gives its own
+            name (the caller never called ``train``).
+        role: how errors name ``data`` (e.g. "retain").
+        data_checked: ``data`` was checked against ``model`` already, as :meth:`Unlearner.unlearn
+            <unlearn_kernels.methods.base.Unlearner.unlearn>` does (finite inputs that fit the model,
+            labels among its classes): those checks are not run again.
 
     Raises:
         TypeError: ``config`` is not a TrainConfig or ``data`` not a LabeledData.
@@ -291,21 +324,22 @@ def train(
             last batch of one row is joined to the one before it, see :func:`join_last_row`).
     """
     if not isinstance(config, TrainConfig):
-        raise TypeError(f"train: config must be a TrainConfig, got {type(config).__name__}")
+        raise TypeError(f"{owner}: config must be a TrainConfig, got {type(config).__name__}")
     if not isinstance(data, LabeledData):
-        raise TypeError(f"train: data must be a LabeledData, got {type(data).__name__}")
+        raise TypeError(f"{owner}: data must be a LabeledData, got {type(data).__name__}")
     if len(data) == 0:
-        raise ValueError("train: the training set is empty")
+        raise ValueError(f"{owner}: the {role} set is empty")
     start = time.perf_counter()
     device = torch.device(device)
     model.to(device)
     data = data.to(device)
-    row = first_nonfinite_row(data.x)
-    if row is not None:  # training would silently give a NaN model
-        raise ValueError(f"train: NaN or Inf in the inputs at row {row}")
-    with seeded_rng(config.seed, device):  # a model that draws in its forward leaves the training's draws alone
-        check_fits("train", model, data)
-    join = join_last_row("train", model, data, config.batch_size)
+    if not data_checked:
+        row = first_nonfinite_row(data.x)
+        if row is not None:  # training would silently give a NaN model
+            raise ValueError(f"{owner}: NaN or Inf in the inputs at row {row}")
+        with seeded_rng(config.seed, device):  # a model that draws in its forward leaves the training's draws alone
+            check_fits(owner, model, data, role)
+    join = join_last_row(owner, model, data, config.batch_size, role)
     optimizer = make_optimizer(model.parameters(), config.optimizer, config.lr,
                                momentum=config.momentum, weight_decay=config.weight_decay)
     total_steps = config.epochs * epoch_steps(len(data), config.batch_size, join)

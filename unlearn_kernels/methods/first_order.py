@@ -23,7 +23,16 @@ from torch import nn
 
 from ..checks import check_int, check_number
 from ..labeled import LabeledData, wrong_labels
-from ..training import TrainConfig, eval_mode, join_last_row, make_optimizer, model_device, seeded_rng, train
+from ..training import (
+    TrainConfig,
+    eval_mode,
+    join_last_row,
+    make_optimizer,
+    model_device,
+    probe_rows,
+    seeded_rng,
+    train,
+)
 from .base import Unlearner, UnlearnResult
 
 # ---------------------------------------------------------------------------------------------
@@ -40,9 +49,10 @@ def endless_batches(data: LabeledData, batch_size: int, seed: int, join_last_row
 
 @torch.no_grad()
 def _num_classes(model: nn.Module, data: LabeledData) -> int:
-    """Width of the model's logits (one eval-mode forward on one sample; each submodule's mode is restored)."""
+    """Width of the model's logits (one eval-mode forward on :func:`~unlearn_kernels.training.probe_rows`;
+    each submodule's mode is restored)."""
     with eval_mode(model):
-        return model(data.x[:1]).shape[-1]
+        return model(probe_rows(model, data.x)).shape[-1]
 
 
 def _wrong_labels(owner: str, y: torch.Tensor, num_classes: int, seed: int) -> torch.Tensor:
@@ -82,6 +92,9 @@ def _distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temp
 
 #: how errors name the set :func:`flagged_mix` builds
 MIXED_ROLE = "training (D_f and a sample of D_r)"
+
+#: how errors name the set :class:`RandomLabels` and :class:`SalUn` train on
+RELABELLED_ROLE = "training (D_r and D_f with random labels)"
 
 
 def flagged_mix(forget: LabeledData, retain: LabeledData, retain_fraction: float, seed: int) -> tuple[LabeledData, int]:
@@ -150,7 +163,9 @@ class Finetune(TrainedUnlearner):
 
     def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,
                  unseen: LabeledData | None, seed: int) -> UnlearnResult:
-        stats = train(model, retain, self._config(seed), device=model_device(model))
+        # the retain set was checked by unlearn(): train() checks only its batches, under this method's name
+        stats = train(model, retain, self._config(seed), device=model_device(model), owner=self.name, role="retain",
+                      data_checked=True)
         return UnlearnResult(model=model, seconds=0.0, gradients=stats.steps,
                              diagnostics={"epochs": stats.epochs, "train_accuracy": stats.train_accuracy})
 
@@ -251,8 +266,9 @@ class RandomLabels(TrainedUnlearner):
 
     def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,
                  unseen: LabeledData | None, seed: int) -> UnlearnResult:
+        # both sets were checked by unlearn() and the wrong labels are among the model's classes
         stats = train(model, self._relabelled_union(model, forget, retain, seed), self._config(seed),
-                      device=model_device(model))
+                      device=model_device(model), owner=self.name, role=RELABELLED_ROLE, data_checked=True)
         return UnlearnResult(model=model, seconds=0.0, gradients=stats.steps, diagnostics={"epochs": stats.epochs})
 
 
@@ -279,10 +295,11 @@ class SalUn(RandomLabels):
     def _saliency_mask(self, model: nn.Module, forget: LabeledData) -> tuple[dict[str, torch.Tensor], int]:
         """Boolean masks per trainable parameter, and the number of batch gradients it cost."""
         params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        join = join_last_row(self.name, model, forget, self.batch_size, "forget", training=False)
         model.eval()
         model.zero_grad(set_to_none=True)
         batches = 0
-        for x, y in forget.to(model_device(model)).loader(self.batch_size):
+        for x, y in forget.to(model_device(model)).loader(self.batch_size, join_last_row=join):
             F.cross_entropy(model(x), y, reduction="sum").backward()
             batches += 1
         saliency = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).abs().flatten()
@@ -308,7 +325,8 @@ class SalUn(RandomLabels):
                 handles.append(p.register_hook(
                     lambda grad, p=p, mask=masks[name]: (grad + weight_decay * p.detach()) * mask))
         try:
-            stats = train(model, data, self._config(seed, weight_decay=0.0), device=model_device(model))
+            stats = train(model, data, self._config(seed, weight_decay=0.0), device=model_device(model),
+                          owner=self.name, role=RELABELLED_ROLE, data_checked=True)
         finally:
             for handle in handles:
                 handle.remove()
@@ -449,12 +467,15 @@ class SSD(Unlearner):
         self.lam = check_number(f"{self.name}: lam", lam, 0.0, strict=True)
         self.batch_size = check_int(f"{self.name}: batch_size", batch_size)
 
-    def _importance(self, model: nn.Module, data: LabeledData, seed: int) -> tuple[dict[str, torch.Tensor], int]:
-        """Mean squared batch gradient per parameter, and the number of batches."""
+    def _importance(self, model: nn.Module, data: LabeledData, role: str, seed: int
+                    ) -> tuple[dict[str, torch.Tensor], int]:
+        """Mean squared batch gradient per parameter, and the number of batches (``role`` names
+        ``data`` in an error)."""
         params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         importance = {name: torch.zeros_like(p) for name, p in params.items()}
+        join = join_last_row(self.name, model, data, self.batch_size, role, training=False)
         batches = 0
-        for x, y in data.loader(self.batch_size, shuffle=True, seed=seed):
+        for x, y in data.loader(self.batch_size, shuffle=True, seed=seed, join_last_row=join):
             model.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
             for name, p in params.items():
@@ -470,8 +491,8 @@ class SSD(Unlearner):
         model.eval()
         forget, retain = forget.to(device), retain.to(device)
         full = LabeledData(torch.cat([retain.x, forget.x]), torch.cat([retain.y, forget.y]))
-        forget_imp, forget_batches = self._importance(model, forget, seed)
-        full_imp, full_batches = self._importance(model, full, seed + 1)
+        forget_imp, forget_batches = self._importance(model, forget, "forget", seed)
+        full_imp, full_batches = self._importance(model, full, "training (D_r and D_f)", seed + 1)
         dampened = 0
         with torch.no_grad():
             for name, p in model.named_parameters():

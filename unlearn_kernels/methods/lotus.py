@@ -26,10 +26,12 @@ _MAX_LOG_TAU = math.log(sys.float_info.max)
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, data: LabeledData, batch_size: int) -> float:
-    """Eval-mode accuracy of ``model`` on ``data``, rounded to 2 decimals as in the authors' code."""
+def _accuracy(model: nn.Module, data: LabeledData, batch_size: int, join: bool) -> float:
+    """Eval-mode accuracy of ``model`` on ``data``, rounded to 2 decimals as in the authors' code
+    (``join``: the last row joins the batch before it, see :func:`~unlearn_kernels.training.join_last_row`)."""
     with eval_mode(model):
-        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in data.loader(batch_size, shuffle=False))
+        correct = sum(int((model(x).argmax(1) == y).sum())
+                      for x, y in data.loader(batch_size, shuffle=False, join_last_row=join))
     return round(correct / len(data), 2)
 
 
@@ -83,20 +85,24 @@ class LoTUS(TrainedUnlearner):
         elif unseen is None:
             raise ValueError("LoTUS: needs unseen data (unseen=..., e.g. the validation split) to set its target "
                              "Acc(f_orig, D_u) when D_f shares classes with D_r")
-        teacher = frozen_copy(model)
-        if not class_forgetting:
-            acc_u = _accuracy(teacher, unseen.to(device), self.batch_size)
-        alpha = self.alpha if self.alpha is not None else (32.0 if class_forgetting else 8.0)
-
+        # refused before any work: a last batch of one row that a batch-norm layer cannot take
+        join_forget = join_last_row(self.name, model, forget, self.batch_size, "forget", training=False)
         mixed, num_retain = flagged_mix(forget, retain, self.retain_fraction, seed)
         join = join_last_row(self.name, model, mixed, self.batch_size, MIXED_ROLE)
+        teacher = frozen_copy(model)
+        if not class_forgetting:
+            unseen = unseen.to(device)
+            join_unseen = join_last_row(self.name, teacher, unseen, self.batch_size, "unseen", training=False)
+            acc_u = _accuracy(teacher, unseen, self.batch_size, join_unseen)
+        alpha = self.alpha if self.alpha is not None else (32.0 if class_forgetting else 8.0)
+
         generator = torch.Generator().manual_seed(seed)  # the Gumbel noise
         optimizer = self._make_optimizer(model)
         steps, epochs_run, taus = 0, 0, []
         for epoch in range(self.epochs):
             # both accuracies have 2 decimals: round their difference too, or e.g. 0.93 - 0.94 =
             # -0.00999... in floating point and a forget accuracy one point below acc_u would not stop
-            delta = round(_accuracy(model, forget, self.batch_size) - acc_u, 2)
+            delta = round(_accuracy(model, forget, self.batch_size, join_forget) - acc_u, 2)
             if delta <= -0.01:
                 break
             # capped where exp overflows (a large alpha): the forget targets are uniform well before that
@@ -115,7 +121,7 @@ class LoTUS(TrainedUnlearner):
                 optimizer_step(optimizer, loss)
                 steps += 1
             epochs_run += 1
+        final_accuracy = _accuracy(model, forget, self.batch_size, join_forget)
         return UnlearnResult(model=model.eval(), seconds=0.0, gradients=steps,
                              diagnostics={"epochs": epochs_run, "acc_u": acc_u, "alpha": alpha, "taus": taus,
-                                          "final_forget_accuracy": _accuracy(model, forget, self.batch_size),
-                                          "retain_samples": num_retain})
+                                          "final_forget_accuracy": final_accuracy, "retain_samples": num_retain})

@@ -39,7 +39,8 @@ class Retrain(Unlearner):
         TypeError: ``model_factory`` is not a callable (a module instance is refused), ``config``
             not a TrainConfig, ``cache_dir`` not None, a str or an ``os.PathLike`` of a str,
             ``model_info`` not None or a mapping.
-        ValueError: ``config.epochs`` is 0 (the oracle would be an untrained model); from
+        ValueError: ``config.epochs`` is 0 (the oracle would be an untrained model), ``cache_dir`` is
+            an empty path (pass None for no cache, "." for the working folder); from
             :meth:`unlearn`, before training: the factory's model differs from the
             model to unlearn (class, modules and their options, e.g. an activation, or the shape
             or dtype of a parameter or buffer), naming the first difference; batches of one row that
@@ -71,6 +72,9 @@ class Retrain(Unlearner):
                                           and isinstance(os.fspath(cache_dir), str)):
             raise TypeError(f"{owner}: cache_dir must be None or a folder as a str or os.PathLike (e.g. a "
                             f"pathlib.Path), got {type(cache_dir).__name__}")
+        if cache_dir is not None and os.fspath(cache_dir) == "":  # Path("") is the working folder
+            raise ValueError(f"{owner}: cache_dir is an empty path, which would cache the oracles in the working "
+                             'folder; name a folder ("." for the working folder), or None for no cache')
         if model_info is not None and not isinstance(model_info, Mapping):
             raise TypeError(f"{owner}: model_info must be None or a mapping (e.g. a dict), got "
                             f"{type(model_info).__name__}")
@@ -88,15 +92,19 @@ class Retrain(Unlearner):
         if difference is not None:
             raise ValueError(f"{self.name}: model_factory builds a different architecture from the model to unlearn: "
                              f"{difference}")
-        # refuses batches of one row a batch-norm layer cannot train on before training, under this name
+        if self.cache_dir is None:
+            # unlearn() checked the retain set on a model of this architecture: train() checks only its batches
+            stats = train(fresh, retain, self.config, device=device, owner=self.name, role="retain",
+                          data_checked=True)
+            return UnlearnResult(model=fresh, seconds=0.0, gradients=stats.steps,
+                                 diagnostics={"cached": False, "epochs": stats.epochs})
+        # before train_or_load, whose training would refuse batches of one row a batch-norm layer cannot
+        # train on as "train"; and a cached oracle's cost is still its training's steps
         joined = join_last_row(self.name, fresh, retain, self.config.batch_size, "retain")
-        if self.cache_dir is not None:
-            path = cache_path(self.cache_dir, f"retrain-{data_fingerprint(retain)[:16]}", fresh, self.config,
-                              self.model_info)
-            fresh, stats = train_or_load(path, self.model_factory, retain, self.config,
-                                         model_info=self.model_info, device=device)
-        else:
-            stats = train(fresh, retain, self.config, device=device)
+        path = cache_path(self.cache_dir, f"retrain-{data_fingerprint(retain)[:16]}", fresh, self.config,
+                          self.model_info)
+        fresh, stats = train_or_load(path, self.model_factory, retain, self.config, model_info=self.model_info,
+                                     device=device)
         steps = self.config.epochs * epoch_steps(len(retain), self.config.batch_size, joined)
         return UnlearnResult(model=fresh, seconds=0.0, gradients=steps,
                              diagnostics={"cached": stats is None, "epochs": self.config.epochs})
