@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from unlearn_kernels.checkpoint import probe_atomic_write
+from unlearn_kernels.cli import path_argument, run_program
 
 from . import common
 
@@ -54,7 +55,9 @@ def _run_suites(args: argparse.Namespace, device: torch.device, out: Path) -> li
                 kwargs.update(module.QUICK)  # every suite declares its quick settings
             measurements, config = module.run(device, **kwargs)
             config["quick"] = args.quick  # a quick run's JSON says so
-            path = common.write_results(suite, device, measurements, baseline, config, out_dir=out)
+            # a suite that measures in other processes says what they ran with
+            path = common.write_results(suite, device, measurements, baseline, config, out_dir=out,
+                                        measured_with=getattr(module, "MEASURED_WITH", None))
         except Exception:  # one failing suite must not cost the others' results (a GPU run is short)
             print(f"\n{suite}: FAILED")
             traceback.print_exc()
@@ -67,6 +70,15 @@ def _run_suites(args: argparse.Namespace, device: torch.device, out: Path) -> li
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the suites ``argv`` names (default: ``sys.argv[1:]``, as the program) and returns the exit status:
+    1 when a suite failed, 2 (``SystemExit``) for a wrong option; Ctrl-C (the suites finished before it
+    keep their JSON) and an output that cannot be written end as :func:`unlearn_kernels.cli.run_program`
+    says."""
+    return run_program("python -m benchmarks", _run, argv)
+
+
+def _run(argv: list[str] | None) -> int:
+    """:func:`main`'s work: the options checked before any suite runs, then the suites."""
     suites = "\n".join(f"  {name:<12} {what}" for name, what in SUITES.items())
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__, epilog=f"suites:\n{suites}",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="cpu, cuda or cuda:<index> (default: cuda when one is visible, else cpu)")
     parser.add_argument("--quick", action="store_true", help="smaller shapes, short timing, no torch.compile")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile candidates")
-    parser.add_argument("--out", default=None, help=f"directory for the JSON results (default: {common.RESULTS_DIR}; "
-                                                     f"with --quick {QUICK_DIR})")
+    parser.add_argument("--out", type=path_argument, default=None,
+                        help=f"directory for the JSON results (default: {common.RESULTS_DIR}; "
+                             f"with --quick {QUICK_DIR})")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -96,12 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     if device.type not in ("cpu", "cuda"):
         parser.error(f"--device {args.device!r}: the suites run on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible")
+        parser.error(f"--device {args.device!r}: no CUDA device is visible")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         parser.error(f"--device {args.device!r}: {torch.cuda.device_count()} CUDA device(s) visible")
     # checked before any suite runs, not when the first one writes its results
-    if args.out == "":  # Path("") is the working folder: an unset variable would write the JSON there
-        parser.error("--out '' names no folder")
     out = Path(args.out) if args.out is not None else QUICK_DIR if args.quick else common.RESULTS_DIR
     if out.exists() and not out.is_dir():
         parser.error(f"--out {str(out)!r} is a file, not a directory")
@@ -115,12 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     if folders:
         parser.error(f"--out {str(out)!r}: the results would replace folders {folders}")
     env = common.environment(device)
-    print(f"device: {env['device_name']} ({env['device']}), torch {env['torch']}, threads {env['cpu_threads']}")
-    try:
-        failed = _run_suites(args, device, out)
-    except KeyboardInterrupt:  # Ctrl-C: one line, as `unlearn-kernels` gives; the suites done before it have their JSON
-        print("python -m benchmarks: interrupted", file=sys.stderr)
-        return 130  # the shell's status for SIGINT
+    print(f"device: {env['device_name']} ({env['device']}), torch {env['torch']}, threads {env['cpu_threads']}",
+          flush=True)  # an output that cannot be written fails here, before the suites
+    failed = _run_suites(args, device, out)
     if failed:
         print(f"\nfailed suites: {', '.join(failed)}")
         return 1

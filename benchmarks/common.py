@@ -202,9 +202,11 @@ def measure_interleaved(timed: list[tuple[Measurement, Callable[[], object]]], d
 
 
 def write_results(suite: str, device: torch.device, measurements: list[Measurement], baseline: str,
-                  config: dict, out_dir: Path = RESULTS_DIR) -> Path:
+                  config: dict, out_dir: Path = RESULTS_DIR, measured_with: dict | None = None) -> Path:
     """JSON with the environment, config, every measurement and its ratio to ``baseline``
-    (baseline time / candidate time: > 1 means faster than the baseline)."""
+    (baseline time / candidate time: > 1 means faster than the baseline). ``measured_with`` replaces
+    entries of :func:`environment` that the writing process cannot tell, for a suite that measures in
+    other processes (its ``MEASURED_WITH``)."""
     rows = []
     for m in measurements:
         row = asdict(m)
@@ -213,7 +215,8 @@ def write_results(suite: str, device: torch.device, measurements: list[Measureme
             base.median_s / m.median_s if base and base.median_s and m.median_s else None
         )
         rows.append(row)
-    payload = {"suite": suite, "environment": environment(device), "config": config, "results": rows}
+    payload = {"suite": suite, "environment": {**environment(device), **(measured_with or {})}, "config": config,
+               "results": rows}
     return atomic_write(result_path(suite, device, out_dir), lambda handle: json.dump(payload, handle, indent=2))
 
 

@@ -43,8 +43,14 @@ BASELINE = "1 process"
 QUICK = {"quick": True, "min_time": 0.1}
 """What the runner passes for ``--quick``."""
 WORLD = 2
+DISTRIBUTED = f"{WORLD} processes"
 CONTROL = f"{WORLD} processes, no all_reduce"
 GATE_RTOL = 1e-5
+THREADS = 1
+"""Torch threads of every measured process: the parent for the single process, each worker for the others."""
+MEASURED_WITH = {"cpu_threads": THREADS, "processes": {BASELINE: 1, DISTRIBUTED: WORLD, CONTROL: WORLD}}
+"""What the measured processes ran with, for the JSON's environment: the runner's thread count (its
+``--threads``) is not what they used."""
 
 
 def _problem(quick: bool) -> tuple[str, nn.Module, torch.Tensor, torch.Tensor]:
@@ -94,10 +100,8 @@ def _replies(outbox, procs: list, timeout: float = 600.0) -> dict:
 
 
 def _worker(rank: int, store: str, device_type: str, quick: bool, inbox, outbox) -> None:
-    # Ctrl-C reaches the whole process group: the parent stops the workers (None in their inbox), so
-    # that it ends in one line and not in one traceback per process
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(1)
+    # SIGINT is ignored here from the start (see run): the parent stops the workers
+    torch.set_num_threads(THREADS)
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
     if device_type == "cuda":
         torch.cuda.set_device(device)
@@ -135,22 +139,29 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 2.0,
         process's) and the suite's config.
     """
     case_name, model, x, y = _problem(quick)
-    config = {"world": WORLD, "threads_per_process": 1, "problem": case_name, "gate_rtol": GATE_RTOL,
+    config = {"world": WORLD, "threads_per_process": THREADS, "problem": case_name, "gate_rtol": GATE_RTOL,
               "min_time_s": min_time, "burst_s": burst, "load_average_before": os.getloadavg()}
-    candidates = (BASELINE, f"{WORLD} processes", CONTROL)
+    candidates = (BASELINE, DISTRIBUTED, CONTROL)
     if device.type == "cuda" and torch.cuda.device_count() < WORLD:
         why = f"unavailable: needs {WORLD} GPUs (NCCL takes one per process), {torch.cuda.device_count()} visible"
         return [Measurement(f"{name} {case_name}", c, None, None, None, why)
                 for name in ("hvp", "gradient") for c in candidates], config
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(THREADS)
     ctx = mp.get_context("spawn")
     inboxes, outbox = [ctx.Queue() for _ in range(WORLD)], ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         procs = [ctx.Process(target=_worker, args=(r, os.path.join(tmp, "store"), device.type, quick, inboxes[r],
                                                     outbox), daemon=True) for r in range(WORLD)]
-        for p in procs:
-            p.start()
+        # Ctrl-C reaches the whole process group: the parent stops the workers (None in their inbox), so that
+        # it ends in one line. They start with SIGINT ignored, which spawn's exec and Python keep: ignored
+        # only once they ran _worker, one still importing torch printed a KeyboardInterrupt traceback.
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            for p in procs:
+                p.start()
+        finally:
+            signal.signal(signal.SIGINT, handler)
         try:
             single = hessian_operator(model.to(device), nn.CrossEntropyLoss(), (x.to(device), y.to(device)))
             v = torch.randn(single.shape[0], generator=torch.Generator().manual_seed(1)).to(device)
@@ -163,7 +174,7 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 2.0,
                 diff = float((got[name] - want).norm() / want.norm())
                 status = "ok" if diff <= GATE_RTOL else "wrong"
                 base = Measurement(f"{name} {case_name}", BASELINE, None, None, 0.0, peak_memory_bytes=peak.bytes)
-                dist_m = Measurement(f"{name} {case_name}", candidates[1], None, None, diff, status,
+                dist_m = Measurement(f"{name} {case_name}", DISTRIBUTED, None, None, diff, status,
                                      {"rel_diff": diff}, peak_memory_bytes=peaks[name])  # rank 0's
                 control = Measurement(f"{name} {case_name}", CONTROL, None, None, None, status)  # a part: no gate
                 samples: tuple[list[tuple[float, float]], ...] = ([], [], [])

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from unlearn_kernels.checkpoint import atomic_write, check_writable_folder, probe_atomic_write, save_figure
+from unlearn_kernels.cli import path_argument
 from unlearn_kernels.data import load_dataset, remove_classes
 from unlearn_kernels.eval import (
     accuracy,
@@ -258,7 +259,7 @@ def write_text(path: Path, text: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
-    parser.add_argument("--out", default="runs/rfa",
+    parser.add_argument("--out", type=path_argument, default="runs/rfa",
                         help="output folder (default runs/rfa; docs/rfa rewrites the committed study)")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2)")
     # the plots have a panel for each of these two
@@ -276,8 +277,6 @@ def main() -> None:
         StudyConfig(methods=("original",), seeds=tuple(seeds), cache_dir=None)  # the study's seed rules
     except ValueError as exc:
         parser.error(str(exc))
-    if args.out == "":  # Path("") is the working folder: an unset variable would write the study there
-        parser.error("--out '' names no folder")
     out, outputs = Path(args.out), OUTPUTS["hvp_modes" if args.hvp_modes else "study"]
     for name in outputs:
         if (out / name).is_dir():

@@ -5,7 +5,10 @@ import inspect
 import json
 import os
 import re
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,8 @@ from benchmarks.distributed import _replies
 from benchmarks.hvp import plot_gradient_units
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+RUNNER = [sys.executable, "-m", "benchmarks"]
+"""``python -m benchmarks`` (run from the repository root, ``BENCHMARKS.parent``)."""
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -51,7 +56,7 @@ def test_an_empty_out_is_refused_not_read_as_the_working_folder(monkeypatch, cap
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         main(["softmax_ce", "--quick", "--out", ""])
-    assert exit_info.value.code == 2 and "--out '' names no folder" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "argument --out: '' names no folder" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -68,6 +73,49 @@ def test_ctrl_c_is_one_line_and_status_130_and_keeps_the_finished_suites(monkeyp
     captured = capsys.readouterr()
     assert captured.err == "python -m benchmarks: interrupted\n"  # no traceback
     assert [p.name for p in tmp_path.iterdir()] == ["softmax_ce_cpu.json"]
+
+
+def test_ctrl_c_ends_the_runner_by_sigint_in_one_line_while_the_workers_start(tmp_path):
+    """A status of 130 let a shell loop over runs go on after Ctrl-C: the runner now dies of SIGINT. Ctrl-C
+    reaches the process group: a distributed worker still importing torch printed its own traceback."""
+    proc = subprocess.Popen([*RUNNER, "distributed", "--quick", "--out", str(tmp_path)], cwd=BENCHMARKS.parent,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().startswith("device: ")  # the suite starts its workers now
+        time.sleep(1.0)  # they take seconds to import torch
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: every process of the group
+        err = proc.communicate(timeout=300)[1]
+    finally:
+        proc.kill()
+    assert (proc.returncode, err) == (-signal.SIGINT, "python -m benchmarks: interrupted\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, where every write fails")
+@pytest.mark.parametrize("argv, unbuffered", [
+    # argparse dropped the failed write (status 0, no help), or Python's flush at exit failed (status 120)
+    (["--help"], "1"), (["--help"], ""),
+    (["softmax_ce", "--quick"], ""),  # the buffered header failed at exit, after the suites
+])
+def test_output_that_cannot_be_written_is_one_line_and_status_1_before_any_suite(argv, unbuffered, tmp_path):
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([*RUNNER, *argv, "--out", str(tmp_path)], cwd=BENCHMARKS.parent, stdout=full,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": unbuffered})
+    assert done.returncode == 1
+    assert done.stderr == "python -m benchmarks: error: cannot write to standard output: No space left on device\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_reader_that_went_away_ends_the_runner_quietly():
+    """`python -m benchmarks --help | head -0` ended with status 0 (argparse drops the failed write)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([*RUNNER, "--help"], cwd=BENCHMARKS.parent, stdout=write_end, stderr=subprocess.PIPE,
+                              text=True)
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (141, "")
 
 
 @pytest.mark.parametrize("plot", [plot_gradient_units, plot_scaling])
@@ -134,6 +182,13 @@ def test_out_whose_result_path_is_a_folder_is_refused_before_any_suite(capsys, t
     assert exit_info.value.code == 2 and "the results would replace folders" in capsys.readouterr().err
 
 
+def test_no_cuda_names_the_device_the_user_typed(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["softmax_ce", "--device", "cuda:0", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "--device 'cuda:0': no CUDA device is visible" in capsys.readouterr().err
+
+
 def test_cuda_index_beyond_the_visible_devices(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -147,6 +202,17 @@ def test_the_json_names_the_anchors_versions(tmp_path):
     env = environment(torch.device("cpu"))
     assert set(env["anchors"]) == set(ANCHORS) and env["anchors"]["scipy"] == scipy.__version__
     assert {"device", "cpu_threads", "torch", "unlearn_kernels"} <= set(env)
+
+
+def test_the_distributed_json_says_what_each_measured_configuration_ran_with(tmp_path):
+    """Its environment recorded the runner's --threads (2 here) while every measured process ran one thread."""
+    subprocess.run([*RUNNER, "distributed", "--quick", "--threads", "2", "--out", str(tmp_path)], check=True,
+                   cwd=BENCHMARKS.parent, stdout=subprocess.DEVNULL)
+    written = json.loads((tmp_path / "distributed_cpu.json").read_text())
+    env = written["environment"]
+    assert env["cpu_threads"] == 1
+    assert env["processes"] == {"1 process": 1, "2 processes": 2, "2 processes, no all_reduce": 2}
+    assert {row["candidate"] for row in written["results"]} == set(env["processes"])
 
 
 def test_distributed_suite_stops_waiting_for_a_dead_worker():

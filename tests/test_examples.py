@@ -102,7 +102,7 @@ def test_rfa_study_refuses_an_output_file_that_is_a_folder_before_the_study(rfa_
     (["--seeds", "0", "0"], "seeds (--seeds) repeat a seed: [0, 0]"),
     (["--seeds", "-1"], "seeds (--seeds) must be in [0, 2**32), got -1"),
     (["--hvp-modes", "--seeds", "1"], "--hvp-modes times the digits MLP of seed 0: --seeds and --models do not"),
-    (["--out", ""], "--out '' names no folder"),  # not the working folder
+    (["--out", ""], "argument --out: '' names no folder"),  # not the working folder
     (["--out", "{file}/out"], "cannot be made"),  # a traceback from mkdir
 ])
 def test_rfa_study_refuses_wrong_options_before_the_study(rfa_example, argv, message, tmp_path, monkeypatch, capsys):

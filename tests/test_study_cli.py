@@ -5,6 +5,8 @@ import dataclasses
 import json
 import os
 import re
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -477,6 +479,70 @@ def test_cli_reader_that_goes_away_ends_quietly(monkeypatch):
         assert main(["backends"]) == 141
     finally:
         stdout.close()
+
+
+PROGRAM = "import sys; from unlearn_kernels.cli import main; sys.exit(main())"
+"""What the `unlearn-kernels` console script runs."""
+DEV_FULL = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, where every write fails")
+
+
+@pytest.mark.parametrize("argv", [["--out", ""], ["--dataset", "mnist", "--root", ""]])
+def test_cli_an_empty_folder_option_is_refused_not_read_as_the_working_folder(argv, monkeypatch, capsys, tmp_path):
+    """``--out "$DIR"`` with DIR unset ran the study into runs/ of the working folder."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--protocol", "random", "--seeds", "0", "--epochs", "1", "--methods", "original", "--no-cache",
+              *argv])
+    assert exit_info.value.code == 2 and f"argument {argv[-2]}: '' names no folder" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@DEV_FULL
+@pytest.mark.parametrize("argv, unbuffered", [
+    (["backends"], "1"), (["backends"], ""),
+    # argparse dropped the failed write (status 0, no help), or Python's flush at exit failed (status 120)
+    (["--help"], "1"), (["--help"], ""),
+    # fails at the run's header, before the training: a buffered header failed after the study, in a traceback
+    (["run", "--protocol", "random", "--seeds", "0", "--epochs", "1", "--methods", "original", "--no-cache"], ""),
+])
+def test_cli_output_that_cannot_be_written_is_one_line_and_status_1(argv, unbuffered, tmp_path):
+    """`unlearn-kernels backends > /dev/full` ended in an OSError traceback."""
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-c", PROGRAM, *argv], stdout=full, stderr=subprocess.PIPE, text=True,
+                              cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": unbuffered})
+    assert done.returncode == 1
+    assert done.stderr == "unlearn-kernels: error: cannot write to standard output: No space left on device\n"
+    assert not (tmp_path / "runs" / "digits-mlp" / "random").exists()  # the default --out
+
+
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+def test_cli_program_whose_reader_went_away_ends_quietly(unbuffered):
+    """`unlearn-kernels backends | head -0`, with stdout buffered (the usual case) or not."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, "-c", PROGRAM, "backends"], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONUNBUFFERED": unbuffered})
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (141, "")
+
+
+def test_cli_ctrl_c_ends_the_program_by_sigint_so_that_a_shell_loop_stops(tmp_path):
+    """Status 130 let `for s in 0 1 2; do unlearn-kernels run --seeds $s; done` go on to the next run after
+    Ctrl-C: a shell stops only when its child died of SIGINT. One line still, no traceback."""
+    proc = subprocess.Popen([sys.executable, "-c", PROGRAM, "run", "--protocol", "random", "--seeds", "0",
+                             "--epochs", "10000", "--methods", "original", "--no-cache", "--out", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while not (line := proc.stderr.readline()).startswith("[random "):  # a progress line: the training began
+            assert line, "the run ended before its training"
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGINT
+    assert "Traceback" not in err and err.splitlines()[-1:] == ["unlearn-kernels: interrupted"], err
 
 
 def test_cli_corrupt_cached_original_is_a_clear_error_and_left_in_place(tmp_path, capsys, monkeypatch):

@@ -18,11 +18,82 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 
 class UsageError(Exception):
     """A wrong option: reported in one line with exit status 2, never as a traceback."""
+
+
+class OutputError(Exception):
+    """Standard output could not be written (a full disk, a reader that went away); the OSError is its cause."""
+
+
+class _CheckedStdout:
+    """``sys.stdout`` whose failed writes raise :class:`OutputError`: :func:`run_program` tells them from
+    the OSErrors of the work itself (a results file on a full disk), and argparse, which drops an OSError
+    of its ``--help`` (status 0, no help), lets them through."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._checked(self._stream.write, text)
+
+    def flush(self) -> None:
+        self._checked(self._stream.flush)
+
+    @staticmethod
+    def _checked(call: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return call(*args)
+        except OSError as exc:
+            raise OutputError(exc.strerror or str(exc)) from exc
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding, ...
+        return getattr(self._stream, name)
+
+
+def run_program(prog: str, command: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
+    """``command(argv)``'s exit status, ended the way every command line of the project ends.
+
+    Ctrl-C prints one line, ``<prog>: interrupted``. Called in the same process (``argv`` given, e.g. by
+    a test) the status is then 130; run as the program (``argv`` None: the process's own arguments) the
+    process ends by SIGINT, so that a shell loop running it stops too (a status of 130 lets it go on).
+    Standard output that cannot be written gives one line and status 1; a reader that went away
+    (``| head``) no line and status 141, the shell's for SIGPIPE. Usage errors (``SystemExit``) pass.
+    """
+    stdout = sys.stdout
+    try:
+        with contextlib.redirect_stdout(_CheckedStdout(stdout)):
+            try:
+                return command(argv)
+            finally:
+                sys.stdout.flush()  # buffered output fails here, not in a traceback at exit
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        if argv is not None:
+            return 130  # the shell's status for SIGINT
+        # Python ends a program whose KeyboardInterrupt nobody caught by SIGINT, after its clean-up (atexit:
+        # multiprocessing's children and semaphores); the line above is the report, without a traceback
+        sys.excepthook = lambda *exc_info: None
+        raise
+    except OutputError as exc:
+        # Python flushes stdout at exit: the output it still holds goes nowhere instead of failing again
+        with contextlib.suppress(OSError, ValueError):  # a stream without a file descriptor holds nothing
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())
+        if isinstance(exc.__cause__, BrokenPipeError):
+            return 141
+        print(f"{prog}: error: cannot write to standard output: {exc}", file=sys.stderr)
+        return 1
+
+
+def path_argument(text: str) -> str:
+    """The argparse ``type`` of a folder option: ``''`` (``--out "$DIR"`` with DIR unset) is refused, not
+    read as the working folder."""
+    if not text:
+        raise argparse.ArgumentTypeError("'' names no folder")
+    return text
 
 
 def _comma_list(text: str) -> list[str]:
@@ -225,7 +296,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                         "scenario with --protocol random or --protocol mislabeled)")
             raise UsageError(str(exc) + hint) from None
     first = next(iter(configs.values()))
-    root = Path(args.out or f"runs/{first.dataset}-{first.model}")
+    root = Path(args.out if args.out is not None else f"runs/{first.dataset}-{first.model}")
     _check_out(root, configs)
     for config in configs.values():  # before any training, not when a later seed's original is saved
         try:
@@ -239,7 +310,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     print(f"unlearn-kernels run: {first.dataset}, {first.model}, "
           + (f"{len(configs)} scenarios ({', '.join(configs)})" if len(configs) > 1 else _describe(first))
-          + f", seeds {list(first.seeds)}, {len(first.methods)} methods on {first.device}")
+          + f", seeds {list(first.seeds)}, {len(first.methods)} methods on {first.device}",
+          flush=True)  # an output that cannot be written fails here, before the training
     if not args.methods and not args.protocol:
         print("(damped_newton and influence, exact solves of an indefinite system that take up to about 40 s a "
               "call here, are left out of the three quick scenarios: run them with --protocol or --methods)")
@@ -305,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "gap each method closes.")
     p.add_argument("--dataset", default="digits", help="digits, breast_cancer, wine, iris, lfw, mnist, "
                    "fashion_mnist, cifar10, cifar100 (the last four from --root)")
-    p.add_argument("--root", default=None, help="directory with the local dataset files (MNIST/CIFAR)")
+    p.add_argument("--root", type=path_argument, default=None,
+                   help="directory with the local dataset files (MNIST/CIFAR)")
     p.add_argument("--model", default="mlp", help="mlp, cnn, resnet18 or vit")
     p.add_argument("--protocol", default=None, choices=("random", "mislabeled", "class"),
                    help="run this one scenario (default: three scenarios, random, mislabeled and class, then a "
@@ -335,8 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "mlp and cnn 0.05)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size of that training (default: the "
                    "recipe's; mlp and cnn 64)")
-    p.add_argument("--out", default=None, help="output directory (default runs/<dataset>-<model>); each scenario "
-                   "writes <out>/<scenario>/results.json and plots")
+    p.add_argument("--out", type=path_argument, default=None, help="output directory (default "
+                   "runs/<dataset>-<model>); each scenario writes <out>/<scenario>/results.json and plots")
     p.add_argument("--no-cache", action="store_true",
                    help="retrain the original model even if a matching one is cached")
     p.set_defaults(func=_cmd_run)
@@ -344,23 +417,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the command in ``argv`` (default: ``sys.argv[1:]``) and returns its exit status; a wrong option
-    gives a one-line error and status 2, an interrupt (Ctrl-C) one line and status 130."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Runs the command in ``argv`` (default: ``sys.argv[1:]``, as the program) and returns its exit status;
+    a wrong option gives a one-line error and status 2, Ctrl-C and an unwritable output end as
+    :func:`run_program` says."""
+    return run_program("unlearn-kernels", _run_command, argv)
+
+
+def _run_command(argv: list[str] | None) -> int:
+    """The command ``argv`` names; a :class:`UsageError` is its one-line error and status 2."""
+    args = build_parser().parse_args(argv)
     try:
-        status = args.func(args)
-        sys.stdout.flush()  # inside the try: a reader that went away fails here, not at exit
-        return status
+        return args.func(args)
     except UsageError as exc:
         print(f"unlearn-kernels: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: no traceback; every file was written whole (atomically), old or new
-        print("unlearn-kernels: interrupted", file=sys.stderr)
-        return 130  # the shell's status for SIGINT
-    except BrokenPipeError:  # the reader went away (e.g. `| head`): no traceback; Python's recipe
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
 
 
 if __name__ == "__main__":
