@@ -630,3 +630,24 @@ def test_cure_newton_on_a_cnn_takes_the_fused_conv_path_with_the_generic_result(
     assert fused.diagnostics["steps"] == generic.diagnostics["steps"] >= 1
     torch.testing.assert_close(step_of(fused, model), step_of(generic, model), rtol=1e-9, atol=1e-12)
     assert step_of(fused, model).norm() > 1e-3  # it moved
+
+
+@pytest.mark.parametrize("name", [*NEWTON, "cure_newton_lora"])
+def test_a_batch_norm_layer_without_running_statistics_is_refused_up_front(digits, name):
+    """Such a layer normalises with the batch's statistics in eval mode too, so a sample's loss depends on
+    the rows batched with it: influence with a forget set of one row failed as "Objective: the model cannot
+    run on the data ... Expected more than 1 value per channel"; the other methods ran on an objective and
+    Hessian that changed with batch_size and the Hessian's subsample."""
+    model = init_model(lambda: nn.Sequential(nn.Linear(64, 8), nn.BatchNorm1d(8, track_running_stats=False),
+                                             nn.ReLU(), nn.Linear(8, 10)), 0)
+    state = copy.deepcopy(model.state_dict())
+    data = digits.subset(torch.arange(60))
+    message = (rf"^{name}: the model's batch-norm layer '1' has no running statistics \(track_running_stats=False\) "
+               r"and normalises with each batch's own, in eval mode too: the Newton methods take the loss, its "
+               r"gradient and its Hessian as means over samples")
+    for rows in (1, 10):
+        with pytest.raises(ValueError, match=message):
+            METHODS[name]().unlearn(model, data.subset(torch.arange(rows)), data.subset(torch.arange(rows, 60)))
+    with pytest.raises(ValueError, match=message):  # what the study checks before any training
+        METHODS[name]().check_model(model)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) and model.training

@@ -510,3 +510,38 @@ def test_summary_values_must_be_numbers():
         avg_gap(gold, gold, keys="mia")
     with pytest.raises(ValueError, match="js_divergence_lotus: scale must be a finite number > 0.0, got '1'"):
         js_divergence_lotus(torch.zeros(2, 3), torch.zeros(2, 3), scale="1")
+
+
+def test_a_batch_norm_layer_without_running_statistics_gets_a_last_row_of_one_joined(rng):
+    """Such a layer normalises with the batch's statistics in eval mode too: 65 rows in batches of 64
+    failed at the last batch with torch's "Expected more than 1 value per channel when training"."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6, track_running_stats=False), nn.ReLU(),
+                          nn.Linear(6, 3)).double()
+    model.train()  # its flags come back as they were
+    before = copy.deepcopy(model.state_dict())
+    x, y = torch.randn(129, 4, generator=rng, dtype=torch.float64), torch.randint(0, 3, (129,), generator=rng)
+    with torch.no_grad():
+        reference = copy.deepcopy(model).eval()
+        assert torch.equal(predict_logits(model, LabeledData(x[:65], y[:65]), 64), reference(x[:65]))  # one batch
+        assert torch.equal(predict_logits(model, LabeledData(x, y), 64),
+                           torch.cat([reference(x[:64]), reference(x[64:])]))
+    data = LabeledData(x[:65], y[:65])
+    assert gradient_norm(model, F.cross_entropy, data, 64) == gradient_norm(model, F.cross_entropy, data, 65)
+    assert all(m.training for m in model.modules()) and model[0].weight.grad is None
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # no joining helps: refused before any pass, naming the call; torch's own errors named as before
+    for op, call in (("gradient_norm", lambda d, b: gradient_norm(model, F.cross_entropy, d, b)),
+                     ("predict_logits", lambda d, b: predict_logits(model, d, b))):
+        with pytest.raises(ValueError, match=rf"^{op}: the data set has 1 row \(batch_size 64\), and the model's "
+                                             r"batch-norm layer '1' cannot take a batch of one row, in eval mode"):
+            call(LabeledData(x[:1], y[:1]), 64)
+        with pytest.raises(ValueError, match=rf"^{op}: batch_size 1 makes every batch of the data set \(65 rows\) one "
+                                             r"row, and the model's batch-norm layer '1'"):
+            call(data, 1)
+        with pytest.raises(ValueError, match=rf"^{op}: the model cannot run on the data: mat1 and mat2 shapes"):
+            call(LabeledData(x[:65, :2], y[:65]), 64)
+    # a model without such a layer keeps its batches, the last one of one row too
+    plain = _trained_like_model()
+    with torch.no_grad():
+        assert torch.equal(predict_logits(plain, data, 64), torch.cat([plain.eval()(x[:64]), plain(x[64:65])]))

@@ -23,6 +23,7 @@ from unlearn_kernels.curvature import (
     Objective,
     RegularizedOperator,
     get_flat_parameters,
+    ggn_operator,
     hessian_operator,
     set_flat_parameters,
 )
@@ -165,7 +166,8 @@ def test_checks():
 
 
 def test_refuses_what_the_curvature_operators_refuse(problem):
-    """Train-mode BatchNorm/dropout (the gradient once wrote BatchNorm's running statistics), labels
+    """Train-mode BatchNorm/dropout (the gradient once wrote BatchNorm's running statistics), a BatchNorm
+    without running statistics, labels
     out of range and data the model cannot run on get the curvature operators' messages, not torch's."""
     model, x, y = problem
     batchnorm = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)).double()
@@ -180,6 +182,17 @@ def test_refuses_what_the_curvature_operators_refuse(problem):
     assert all(torch.equal(v, before[k]) for k, v in batchnorm.state_dict().items())
     Objective(batchnorm.eval(), F.cross_entropy, (x, y)).gradient()
     assert all(torch.equal(v, before[k]) for k, v in batchnorm.state_dict().items())
+
+    # a BatchNorm without running statistics uses the batch's statistics in eval mode too: the loss of a
+    # row depended silently on the rows batched with it (and a batch of one row failed in torch)
+    no_stats = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6, track_running_stats=False), nn.Linear(6, 3))
+    no_stats = no_stats.double().eval()
+    message = r"module '1' is a BatchNorm without running statistics \(track_running_stats=False\)"
+    with pytest.raises(ValueError, match=f"^Objective: {message}"):
+        Objective(no_stats, F.cross_entropy, (x, y))
+    for path in ("generic", "ggn"):
+        with pytest.raises(ValueError, match=f"^{message}"):
+            (ggn_operator if path == "ggn" else hessian_operator)(no_stats, F.cross_entropy, (x, y))
 
     def out_of_range(row, label):
         return (rf"^Objective: label y\[{row}\] = {label} \(rows counted within the batch\) is out of range for the "

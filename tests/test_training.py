@@ -565,3 +565,39 @@ def test_a_read_only_cache_serves_loads_and_refuses_to_train_into_it(tmp_path, m
     with pytest.raises(ValueError, match="its folder takes no new file.*Permission denied"):
         train_or_load(path, factory, blobs(), TrainConfig(epochs=2), progress=never)
     assert path.read_bytes() == saved and os.listdir(tmp_path) == ["model.pt"]
+
+
+def test_train_or_load_names_its_owner_and_saves_nothing_it_refuses(tmp_path):
+    """train_or_load trained through train() under its default name: a refusal said "train: ...", a
+    function its caller never called (the study, the retrain oracle's cache)."""
+    path = tmp_path / "model.pt"
+    one_row = TrainConfig(batch_size=1)
+    with pytest.raises(ValueError, match=r"^train_or_load: batch_size 1 makes every batch of the training set "
+                                         r"\(17 rows\) one row, and the model's batch-norm layer '1' cannot train"):
+        train_or_load(path, batch_norm_net, blobs(17), one_row)
+    with pytest.raises(ValueError, match=r"^retrain: batch_size 1 makes every batch of the retain set \(17 rows\)"):
+        train_or_load(path, batch_norm_net, blobs(17), one_row, owner="retrain", role="retain")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_path_is_refused_not_read_as_the_working_folder(tmp_path, monkeypatch):
+    """Path("") is the working folder: check_writable_folder("") checked (and passed) the working folder,
+    train_or_load("") was refused as "checkpoint path '.' is a directory", and an empty cache_dir cached
+    into the working folder."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(checkpoint, "train", lambda *a, **k: pytest.fail("trained before checking the path"))
+    with pytest.raises(ValueError, match=r"^checkpoint path is an empty path: name a file$"):
+        train_or_load("", factory, blobs(), TrainConfig(epochs=1))
+    with pytest.raises(ValueError, match=r'^the folder is an empty path, which would be the working folder: name a '
+                                         r'folder \("\." for the working folder\)$'):
+        checkpoint.check_writable_folder("")
+    with pytest.raises(ValueError, match=r"^Owner: cache_dir is an empty path, which would cache the models in the "
+                                         r'working folder; name a folder \("\." for the working folder\), or None '
+                                         r"for no cache$"):
+        checkpoint.check_cache_dir("Owner: cache_dir", "", "the models")
+    with pytest.raises(TypeError, match=r"^Owner: cache_dir must be None or a folder as a str or os.PathLike "
+                                        r"\(e.g. a pathlib.Path\), got bytes$"):
+        checkpoint.check_cache_dir("Owner: cache_dir", b"cache", "the models")
+    assert checkpoint.check_cache_dir("Owner: cache_dir", ".", "the models") == checkpoint.Path(".")
+    assert checkpoint.check_cache_dir("Owner: cache_dir", None, "the models") is None
+    assert list(tmp_path.iterdir()) == []

@@ -147,7 +147,25 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, metadata: Ma
     atomic_write(path, lambda handle: torch.save(payload, handle), binary=True)
 
 
-def _check_writable_file(path: Path) -> None:
+def check_cache_dir(name: str, cache_dir: Any, cached: str) -> Path | None:
+    """``cache_dir`` as a Path, or None for no cache: TypeError unless it is None, a str or an
+    ``os.PathLike`` of a str; ValueError for an empty path, which ``Path`` reads as the working folder.
+    ``name`` leads the messages (e.g. "Retrain: cache_dir"), ``cached`` says what would be cached."""
+    # else pathlib's own TypeError, which names neither the option nor its owner
+    if cache_dir is not None and not (isinstance(cache_dir, (str, os.PathLike))
+                                      and isinstance(os.fspath(cache_dir), str)):
+        raise TypeError(f"{name} must be None or a folder as a str or os.PathLike (e.g. a pathlib.Path), got "
+                        f"{type(cache_dir).__name__}")
+    if cache_dir is not None and os.fspath(cache_dir) == "":  # Path("") is the working folder
+        raise ValueError(f"{name} is an empty path, which would cache {cached} in the working folder; name a folder "
+                         '("." for the working folder), or None for no cache')
+    return None if cache_dir is None else Path(cache_dir)
+
+
+def _check_writable_file(path: str | os.PathLike[str]) -> None:
+    if os.fspath(path) == "":  # Path("") is the working folder, which would be reported as "'.' is a directory"
+        raise ValueError("checkpoint path is an empty path: name a file")
+    path = Path(path)
     if path.is_dir():
         raise ValueError(f"checkpoint path {str(path)!r} is a directory, not a file")
     try:
@@ -163,9 +181,12 @@ def check_writable_folder(path: str | os.PathLike[str], *, make: bool = True) ->
     that work into.
 
     Raises:
-        ValueError: ``'<path>' is a file, not a directory``, ``... cannot be made: <why>`` or
-            ``... is not writable``.
+        ValueError: ``'<path>' is a file, not a directory``, ``... cannot be made: <why>``,
+            ``... is not writable``, or ``path`` is empty (which ``Path`` would read as the working folder).
     """
+    if os.fspath(path) == "":
+        raise ValueError('the folder is an empty path, which would be the working folder: name a folder ("." for '
+                         "the working folder)")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{str(path)!r} is a file, not a directory")
@@ -306,21 +327,27 @@ def train_or_load(
     model_info: Mapping[str, Any] | None = None,
     device: torch.device | str = "cpu",
     progress: ProgressCallback | None = None,
+    owner: str = "train_or_load",
+    role: str = "training",
 ) -> tuple[nn.Module, TrainStats | None]:
     """A model trained on ``data`` with ``config``: loaded from ``path`` when a checkpoint there has the
     same recipe, model, data fingerprint, device, versions and training code, otherwise trained (from ``model_factory()``
     initialised with ``config.seed``) and saved to ``path``.
+
+    ``owner`` and ``role`` name the caller and ``data`` in the training's refusals (see
+    :func:`~unlearn_kernels.training.train`): a caller that trains through this function gives its own name.
 
     Returns:
         ``(model, stats)``: the model on ``device`` in eval mode; ``stats`` is None when it was loaded.
 
     Raises:
         CheckpointError: a corrupt file is at ``path`` (delete it to retrain).
-        ValueError: ``path`` is a directory, or its folder cannot be made or (when a model must be
-            trained) takes no new file, as a read-only one: checked before training, which would
-            otherwise be lost when the save fails.
+        ValueError: ``path`` is empty or a directory, or its folder cannot be made or (when a model must
+            be trained) takes no new file, as a read-only one: checked before training, which would
+            otherwise be lost when the save fails; as :func:`~unlearn_kernels.training.train` refuses
+            ``data``, named after ``owner``.
     """
-    _check_writable_file(Path(path))
+    _check_writable_file(path)
     model = init_model(model_factory, config.seed)
     metadata = training_metadata(model, data, config, model_info, device)
     state = load_checkpoint(path, metadata)
@@ -331,6 +358,6 @@ def train_or_load(
         probe_atomic_write(path)
     except OSError as error:
         raise ValueError(f"checkpoint path {str(path)!r}: its folder takes no new file ({error})") from None
-    stats = train(model, data, config, device=device, progress=progress)
+    stats = train(model, data, config, device=device, progress=progress, owner=owner, role=role)
     save_checkpoint(path, model, metadata)
     return model, stats

@@ -170,6 +170,21 @@ def first_nonfinite_weight(parameters: Iterable[tuple[str, torch.Tensor]], buffe
     return None
 
 
+def batch_statistics(module: nn.Module, training: bool) -> bool:
+    """Whether ``module`` is a batch-norm layer that normalises with the statistics of the batch in the
+    mode ``training``, as torch decides it: in training mode, and in eval mode too without running
+    statistics (``track_running_stats=False``). Such a layer refuses a batch of one value per channel."""
+    return (isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and (training or (module.running_mean is None and module.running_var is None)))
+
+
+def batch_statistics_layer(model: nn.Module) -> str | None:
+    """The name of the first batch-norm layer of ``model`` that normalises with the batch's statistics
+    in eval mode too (no running statistics, ``track_running_stats=False``), or None: with one, a
+    sample's output depends on the rows batched with it whatever the mode."""
+    return next((name for name, module in model.named_modules() if batch_statistics(module, training=False)), None)
+
+
 def norm64(v: torch.Tensor) -> float:
     """The Euclidean norm of a tensor, accumulated in float64 (no overflow or loss in float32)."""
     return float(torch.linalg.vector_norm(v.double()))

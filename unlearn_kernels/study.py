@@ -26,7 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import cache_path, check_writable_folder, load_checkpoint, train_or_load, training_metadata
+from .checkpoint import (
+    cache_path,
+    check_cache_dir,
+    check_writable_folder,
+    load_checkpoint,
+    train_or_load,
+    training_metadata,
+)
 from .checks import all_finite, check_choice, check_int, check_number
 from .data import (
     DatasetSplits,
@@ -104,6 +111,9 @@ GAP_CLOSED = {"acc_forget": "gap_acc_forget", "avg_gap": "avg_gap"}
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
+#: how the refusals of the original model's training name its training set
+ORIGINAL_ROLE = "original model's training"
+
 
 def _default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -153,8 +163,9 @@ class StudyConfig:
         seeds: one full study per seed (data split, forget set, training and methods all seeded).
         recipe: the training recipe (None = ``DEFAULT_RECIPES[model]``).
         device: where models train and run.
-        cache_dir: trained original models are cached here (None = no cache); the oracle is always
-            retrained, since its training time is what speed-ups are measured against.
+        cache_dir: trained original models are cached here (None = no cache; an empty path, which
+            would mean the working folder, is refused); the oracle is always retrained, since its
+            training time is what speed-ups are measured against.
     """
 
     dataset: str = "digits"
@@ -206,6 +217,7 @@ class StudyConfig:
             raise ValueError(f"the class protocol with {self.sequential} sequential requests forgets one class per "
                              f"request: give {self.sequential} classes (got {list(self.forget_classes)})")
         self.seeds = _check_seeds(self.seeds)
+        check_cache_dir("cache_dir", self.cache_dir, "the original models")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} requested but no CUDA device is visible")
         self._check_method_options()
@@ -390,7 +402,7 @@ def check_cache(config: StudyConfig) -> None:
         ValueError: naming the folder, why it cannot be written and how many originals it lacks.
         CheckpointError: a cached original there is corrupt (as :func:`run_study` would raise).
     """
-    if not config.cache_dir:
+    if config.cache_dir is None:
         return
     try:
         check_writable_folder(config.cache_dir)
@@ -493,12 +505,14 @@ def run_study(config: StudyConfig, progress: Progress | None = None) -> dict[str
         # before any training: bad input fails fast
         train_split, requests, cache_tag = build_scenario(config, splits, seed)
         progress(f"seed {seed}: training the original model", done, total)
-        if config.cache_dir:
+        # its refusals (e.g. batches of one row a batch-norm layer cannot train on) name the study, which the
+        # user ran, and the set as the original model's
+        if config.cache_dir is not None:
             original, _ = train_or_load(_original_path(config, factory, seed, cache_tag), factory, train_split, recipe,
-                                        model_info=model_info, device=device)
+                                        model_info=model_info, device=device, owner="study", role=ORIGINAL_ROLE)
         else:
             original = init_model(factory, recipe.seed)
-            train(original, train_split, recipe, device=device)
+            train(original, train_split, recipe, device=device, owner="study", role=ORIGINAL_ROLE)
         unseen = splits.val
         original_unseen_logits = predict_logits(original, unseen)
         current = {name: original for name in config.methods}  # each method continues its own chain

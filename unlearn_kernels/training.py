@@ -19,7 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import check_choice, check_int, check_number, check_seed, first_nonfinite_row
+from .checks import (
+    batch_statistics,
+    batch_statistics_layer,
+    check_choice,
+    check_int,
+    check_number,
+    check_seed,
+    first_nonfinite_row,
+)
 from .labeled import LabeledData
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -157,19 +165,11 @@ def init_model(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
     return model
 
 
-def batch_statistics(module: nn.Module, training: bool) -> bool:
-    """Whether ``module`` is a batch-norm layer that normalises with the statistics of the batch in the
-    mode ``training``, as torch decides it: in training mode, and in eval mode too without running
-    statistics (``track_running_stats=False``). Such a layer refuses a batch of one value per channel."""
-    return (isinstance(module, nn.modules.batchnorm._BatchNorm)
-            and (training or (module.running_mean is None and module.running_var is None)))
-
-
 def probe_rows(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The rows of ``x`` (non-empty) to run through ``model`` in eval mode to see what it makes of them:
     the first row; the first two (the one row twice) where a batch-norm layer of the model uses batch
     statistics in eval mode, which one row would fail on (what fits is the sample, not the batch size)."""
-    if any(batch_statistics(module, training=False) for module in model.modules()):
+    if batch_statistics_layer(model) is not None:
         return x[[0, min(1, len(x) - 1)]]
     return x[:1]
 

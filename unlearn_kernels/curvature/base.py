@@ -65,6 +65,7 @@ from torch.utils.data import DataLoader
 
 from ..checks import (
     all_finite,
+    batch_statistics_layer,
     check_int,
     check_tensor,
     first_nonfinite_row,
@@ -321,7 +322,7 @@ class CurvatureOperator(abc.ABC):
         self.invalidate()
         self._weights_key = self._current_weights_key()
         self._check_finite_weights(self._weights_key)
-        check_train_mode(model)
+        check_per_sample_forward(model)
         self.data = BatchSource(data, self.device, batch_size)
         self._probe_determinism()
 
@@ -669,8 +670,11 @@ def check_labels(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor, owner: str
                          f"ignore_index={ignore_index})")
 
 
-def check_train_mode(model: nn.Module, owner: str = "") -> None:
-    """ValueError naming the first BatchNorm or dropout module of ``model`` in training mode."""
+def check_per_sample_forward(model: nn.Module, owner: str = "") -> None:
+    """ValueError naming the first module of ``model`` that makes a sample's output depend on more than
+    the sample: BatchNorm or dropout in training mode, or a BatchNorm without running statistics, which
+    normalises with the batch's statistics in eval mode too. The operators' losses are means over
+    samples, the same for any batching of the data."""
     for name, module in model.named_modules():
         if module.training and isinstance(module, _TRAIN_MODE_MODULES):
             kind = "dropout" if isinstance(module, nn.modules.dropout._DropoutNd) else "BatchNorm"
@@ -680,3 +684,8 @@ def check_train_mode(model: nn.Module, owner: str = "") -> None:
                 + ("random" if kind == "dropout" else "depend on how the data is batched")
                 + "; call model.eval() first (on a copy if you need train mode elsewhere)"
             )
+    name = batch_statistics_layer(model)
+    if name is not None:
+        raise ValueError(f"{_prefix(owner)}module {name!r} is a BatchNorm without running statistics "
+                         "(track_running_stats=False), which normalises with each batch's statistics in eval mode "
+                         "too: the loss and its curvature would depend on how the data is batched")

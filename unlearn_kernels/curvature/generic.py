@@ -568,8 +568,9 @@ def hessian_operator(
             the operator of the mean over all ranks' rows, identical on every rank.
 
     Raises:
-        ValueError: train-mode BatchNorm/dropout, NaN or Inf in tensor data or the first batch (a later
-            batch of an iterable: at the product or gradient that reads it), NaN or Inf in a parameter
+        ValueError: train-mode BatchNorm/dropout or a BatchNorm without running statistics, NaN or
+            Inf in tensor data or the first batch (a later batch of an iterable: at the product or
+            gradient that reads it), NaN or Inf in a parameter
             or a BatchNorm running statistic or NaN in another buffer (at construction, and at the first
             product or gradient after the weights changed; see
             :class:`~unlearn_kernels.curvature.CurvatureOperator`), data that changes between

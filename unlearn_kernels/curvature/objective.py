@@ -12,7 +12,7 @@ from .base import (
     DataSpec,
     LossFn,
     check_finite_weights,
-    check_train_mode,
+    check_per_sample_forward,
     checked_loss,
     every_row_ignored,
     probe_forward,
@@ -64,8 +64,9 @@ class Objective:
 
     Raises:
         ValueError: a bad ``weight_decay``, mixed dtypes or devices among the chosen parameters,
-            train-mode BatchNorm/dropout, data the model or the loss cannot run on (first batch; a
-            wrong input dtype or width, a wrong label dtype or shape) or a class label out of range
+            train-mode BatchNorm/dropout or a BatchNorm without running statistics, data the model or
+            the loss cannot run on (first batch; a wrong input dtype or width, a wrong label dtype or
+            shape) or a class label out of range
             (any batch, where the loss raises IndexError) or non-finite weights (see above, at every
             call too), named ``"Objective: ..."``; a bad ``params``
             selection or NaN or Inf in the data, as :func:`~unlearn_kernels.curvature.hessian_operator`
@@ -95,7 +96,7 @@ class Objective:
         self.weight_decay = check_number("Objective: weight_decay", weight_decay, 0.0)
         self._statistics = normalisation_buffers(model)
         self._check_weights()
-        check_train_mode(model, "Objective")  # a train-mode forward would write BatchNorm's running stats
+        check_per_sample_forward(model, "Objective")  # and a train-mode forward would write running stats
         self.data = BatchSource(data, devices.pop(), batch_size)
         first = next(iter(self.data), None)  # an empty shard is allowed (DistributedObjective builds one)
         if first is not None:

@@ -11,7 +11,8 @@ Accuracies and MIA scores are fractions in [0, 1] (not percentages) throughout.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 
 from ..checks import all_finite, check_choice, check_int, check_number, check_tensor, first_nonfinite_row
 from ..labeled import LabeledData
-from ..training import eval_mode, model_device
+from ..training import eval_mode, join_last_row, model_device
 
 #: the keys :func:`avg_gap` compares by default
 AVG_GAP_KEYS = ("mia", "acc_forget", "acc_retain", "acc_test")
@@ -101,15 +102,36 @@ def _check_model_data(op: str, model: nn.Module, data: LabeledData, batch_size: 
         raise ValueError(f"{op}: NaN or Inf in the inputs at row {row}")
 
 
-def _forward(op: str, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``model(x)``, which must be (batch, C) logits; torch's own error (wrong input width or dtype)
-    is re-raised naming ``op``."""
+@contextmanager
+def _model_errors(op: str) -> Iterator[None]:
+    """Torch's own error from running the model inside the block (wrong input width or dtype)
+    re-raised as a ValueError naming ``op``."""
     try:
-        out = model(x)
+        yield
     except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError from torch 2.5 on (this is its alias)
         raise  # not the data's fault: callers may retry with a smaller batch_size
     except RuntimeError as err:
         raise ValueError(f"{op}: the model cannot run on the data: {err}") from err
+
+
+def _batch_bounds(op: str, model: nn.Module, data: LabeledData, batch_size: int) -> list[tuple[int, int]]:
+    """(start, stop) rows of each batch of an eval-mode pass over ``data``: ``batch_size`` rows each, a
+    last batch of one row joined to the one before it where a batch-norm layer without running
+    statistics could not take it (:func:`~unlearn_kernels.training.join_last_row`, which refuses a set
+    of one row, or ``batch_size`` 1, for such a layer). Every other model keeps the plain batches."""
+    with _model_errors(op):  # the probe runs one row through the model
+        join = join_last_row(op, model, data, batch_size, "data", training=False)
+    stops = [*range(batch_size, len(data), batch_size), len(data)]
+    if join:
+        del stops[-2]
+    return list(zip([0, *stops[:-1]], stops))
+
+
+def _forward(op: str, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)``, which must be (batch, C) logits; torch's own error (wrong input width or dtype)
+    is re-raised naming ``op``."""
+    with _model_errors(op):
+        out = model(x)
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise TypeError(f"{op}: the model must return (batch, C) logits, got {type(out).__name__}"
                         + (f" of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else ""))
@@ -121,14 +143,18 @@ def predict_logits(model: nn.Module, data: LabeledData, batch_size: int = 1024) 
 
     Inputs are moved to the model's device (that of its first parameter or buffer) and the logits
     stay there. The model is not modified: its train/eval flags (per submodule) are restored and no
-    gradient is recorded.
+    gradient is recorded. A batch-norm layer without running statistics (``track_running_stats=False``)
+    normalises with the batch's statistics in eval mode too, so such a model's logits depend on the
+    batches: a last batch of one row, which it cannot take, joins the one before it (see
+    :func:`~unlearn_kernels.training.join_last_row`; a set of one row is refused for it).
     """
     _check_model_data("predict_logits", model, data, batch_size)
     device = model_device(model)
     outputs = []
+    bounds = _batch_bounds("predict_logits", model, data, batch_size)
     with eval_mode(model), torch.no_grad():
-        for start in range(0, len(data), batch_size):
-            outputs.append(_forward("predict_logits", model, data.x[start:start + batch_size].to(device)))
+        for start, stop in bounds:
+            outputs.append(_forward("predict_logits", model, data.x[start:stop].to(device)))
     return torch.cat(outputs)
 
 
@@ -144,8 +170,9 @@ def gradient_norm(
     return the *mean* loss over its batch (like ``torch.nn.functional.cross_entropy``); batches are
     re-weighted by their size so that the result is the full-data mean whatever ``batch_size`` is.
     The gradient is taken over the parameters with ``requires_grad`` in eval mode (BatchNorm uses
-    running statistics, dropout is off), accumulated in float64. The model is not modified: no
-    ``.grad`` is written and the train/eval flags are restored.
+    running statistics, dropout is off; one without them takes the batch's, and a last batch of one
+    row joins the one before it as in :func:`predict_logits`), accumulated in float64. The model is not
+    modified: no ``.grad`` is written and the train/eval flags are restored.
     """
     _check_model_data("gradient_norm", model, data, batch_size)
     if not callable(loss_fn):
@@ -157,10 +184,11 @@ def gradient_norm(
     device = model_device(model)
     total = [torch.zeros(p.shape, dtype=torch.float64, device=p.device) for p in params]
     n = len(data)
+    bounds = _batch_bounds("gradient_norm", model, data, batch_size)
     with eval_mode(model), torch.enable_grad():
-        for start in range(0, n, batch_size):
-            x = data.x[start:start + batch_size].to(device)
-            y = data.y[start:start + batch_size].to(device)
+        for start, stop in bounds:
+            x = data.x[start:stop].to(device)
+            y = data.y[start:stop].to(device)
             logits = _forward("gradient_norm", model, x)
             check_labels("gradient_norm: data.y", y, logits)  # before loss_fn: on CUDA a bad class is a device assert
             loss = loss_fn(logits, y)

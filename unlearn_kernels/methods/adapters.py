@@ -38,7 +38,7 @@ from ..lora import (
     unload,
 )
 from .base import Unlearner, UnlearnResult
-from .newton import CureNewton
+from .newton import CureNewton, check_per_sample_loss
 
 
 class CureNewtonLoRA(Unlearner):
@@ -77,6 +77,7 @@ class CureNewtonLoRA(Unlearner):
         self.newton_options = newton_options
 
     def _check_parameters(self, model: nn.Module) -> None:
+        check_per_sample_loss(self.name, model)  # else CureNewton refuses it, under its name, after the adapters
         if self.targets is not None:  # the layers named exist and can take an adapter
             resolve_targets(model, self.targets, owner=self.name)
 

@@ -71,7 +71,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import all_finite, check_choice, check_int, check_number, norm64
+from ..checks import all_finite, batch_statistics_layer, check_choice, check_int, check_number, norm64
 from ..curvature import (
     PATHS,
     CurvatureOperator,
@@ -147,6 +147,24 @@ def _collective_device(model: Any) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
+def check_per_sample_loss(owner: str, model: nn.Module) -> None:
+    """ValueError naming the first batch-norm layer of ``model`` without running statistics
+    (``track_running_stats=False``): it normalises with the batch's statistics in eval mode too, so a
+    sample's loss depends on the rows batched with it. The Newton family's objective and curvature
+    operators are means over samples, the same for any chunking of the data (the curvature layer
+    refuses a batch-norm layer in training mode for this reason): with such a layer F, its gradient
+    and its Hessian would change with ``batch_size`` and the Hessian's subsample, and a chunk of one
+    row (a forget set of one row) could not be run at all."""
+    name = batch_statistics_layer(model)
+    if name is not None:
+        raise ValueError(f"{owner}: the model's batch-norm layer {name!r} has no running statistics "
+                         "(track_running_stats=False) and normalises with each batch's own, in eval mode too: "
+                         "the Newton methods take the loss, its gradient and its Hessian as means over samples, "
+                         "which would then depend on how the data is chunked (batch_size, the Hessian's "
+                         "subsample), and a chunk of one row could not be run at all; give the layer running "
+                         "statistics, or use a first-order method")
+
+
 class _NewtonFamily(Unlearner):
     """Options, data preparation, objective, operators and the guarded update shared by the Newton methods."""
 
@@ -189,7 +207,9 @@ class _NewtonFamily(Unlearner):
 
     # -- preparation
     def _check_parameters(self, model: nn.Module) -> None:
-        """Named ``params`` must exist in the model (they may be frozen); None needs trainable ones."""
+        """No batch-norm layer without running statistics (:func:`check_per_sample_loss`); named
+        ``params`` must exist in the model (they may be frozen); None needs trainable ones."""
+        check_per_sample_loss(self.name, model)
         if self.params is None:
             return super()._check_parameters(model)
         try:

@@ -5,12 +5,11 @@ import dataclasses
 import numbers
 import os
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ..checkpoint import cache_path, data_fingerprint, model_signature, train_or_load
+from ..checkpoint import cache_path, check_cache_dir, data_fingerprint, model_signature, train_or_load
 from ..checks import check_int, check_seed
 from ..labeled import LabeledData
 from ..training import TrainConfig, epoch_steps, init_model, join_last_row, model_device, train
@@ -67,20 +66,13 @@ class Retrain(Unlearner):
             raise TypeError(f"{owner}: config must be a TrainConfig, got {type(config).__name__}")
         # the recipe takes 0 epochs, but an oracle trained for none is the factory's random initialisation
         check_int(f"{owner}: config.epochs", config.epochs)
-        # else pathlib's or dict's own TypeError, which names neither the argument nor the method
-        if cache_dir is not None and not (isinstance(cache_dir, (str, os.PathLike))
-                                          and isinstance(os.fspath(cache_dir), str)):
-            raise TypeError(f"{owner}: cache_dir must be None or a folder as a str or os.PathLike (e.g. a "
-                            f"pathlib.Path), got {type(cache_dir).__name__}")
-        if cache_dir is not None and os.fspath(cache_dir) == "":  # Path("") is the working folder
-            raise ValueError(f"{owner}: cache_dir is an empty path, which would cache the oracles in the working "
-                             'folder; name a folder ("." for the working folder), or None for no cache')
+        self.cache_dir = check_cache_dir(f"{owner}: cache_dir", cache_dir, "the oracles")
+        # else dict's own TypeError, which names neither the argument nor the method
         if model_info is not None and not isinstance(model_info, Mapping):
             raise TypeError(f"{owner}: model_info must be None or a mapping (e.g. a dict), got "
                             f"{type(model_info).__name__}")
         self.model_factory = model_factory
         self.config = config
-        self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.model_info = dict(model_info or {})
 
     def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,
@@ -98,13 +90,13 @@ class Retrain(Unlearner):
                           data_checked=True)
             return UnlearnResult(model=fresh, seconds=0.0, gradients=stats.steps,
                                  diagnostics={"cached": False, "epochs": stats.epochs})
-        # before train_or_load, whose training would refuse batches of one row a batch-norm layer cannot
-        # train on as "train"; and a cached oracle's cost is still its training's steps
+        # refuses batches of one row that no joining helps before a cached oracle is loaded too; and a
+        # cached oracle's cost is still its training's steps
         joined = join_last_row(self.name, fresh, retain, self.config.batch_size, "retain")
         path = cache_path(self.cache_dir, f"retrain-{data_fingerprint(retain)[:16]}", fresh, self.config,
                           self.model_info)
         fresh, stats = train_or_load(path, self.model_factory, retain, self.config, model_info=self.model_info,
-                                     device=device)
+                                     device=device, owner=self.name, role="retain")
         steps = self.config.epochs * epoch_steps(len(retain), self.config.batch_size, joined)
         return UnlearnResult(model=fresh, seconds=0.0, gradients=steps,
                              diagnostics={"cached": stats is None, "epochs": self.config.epochs})
