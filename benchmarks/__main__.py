@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from unlearn_kernels.checkpoint import probe_atomic_write
-from unlearn_kernels.cli import path_argument, run_program
+from unlearn_kernels.cli import UsageError, check_device, path_argument, run_program
 
 from . import common
 
@@ -103,15 +103,9 @@ def _run(argv: list[str] | None) -> int:
     if repeated:  # a second run would only replace the first one's JSON
         parser.error(f"suite(s) named more than once: {repeated}")
     try:
-        device = torch.device(args.device)
-    except RuntimeError as exc:
-        parser.error(f"--device {args.device!r}: {exc}")
-    if device.type not in ("cpu", "cuda"):
-        parser.error(f"--device {args.device!r}: the suites run on cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device!r}: no CUDA device is visible")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        parser.error(f"--device {args.device!r}: {torch.cuda.device_count()} CUDA device(s) visible")
+        device = check_device(args.device, types=("cpu", "cuda"))  # the suites run on these
+    except UsageError as exc:
+        parser.error(str(exc))
     # checked before any suite runs, not when the first one writes its results
     out = Path(args.out) if args.out is not None else QUICK_DIR if args.quick else common.RESULTS_DIR
     if out.exists() and not out.is_dir():

@@ -99,6 +99,24 @@ def _replies(outbox, procs: list, timeout: float = 600.0) -> dict:
     return replies
 
 
+def _stop(procs: list, inboxes: list, *, at_once: bool) -> None:
+    """Ends the workers and reaps them. Each stops at its stop message (None), which it reads only once it
+    has started and waits for its next call: seconds after a Ctrl-C or a failure, which stop them ``at_once``
+    instead (SIGTERM; SIGKILL for one still alive a second later)."""
+    if not at_once:
+        for box in inboxes:
+            box.put(None)
+        for p in procs:
+            p.join(timeout=60)
+    for p in procs:  # nothing to do for a worker that exited
+        p.terminate()
+    for p in procs:
+        p.join(timeout=1.0)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
 def _worker(rank: int, store: str, device_type: str, quick: bool, inbox, outbox) -> None:
     # SIGINT is ignored here from the start (see run): the parent stops the workers
     torch.set_num_threads(THREADS)
@@ -153,9 +171,9 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 2.0,
     with tempfile.TemporaryDirectory() as tmp:
         procs = [ctx.Process(target=_worker, args=(r, os.path.join(tmp, "store"), device.type, quick, inboxes[r],
                                                     outbox), daemon=True) for r in range(WORLD)]
-        # Ctrl-C reaches the whole process group: the parent stops the workers (None in their inbox), so that
-        # it ends in one line. They start with SIGINT ignored, which spawn's exec and Python keep: ignored
-        # only once they ran _worker, one still importing torch printed a KeyboardInterrupt traceback.
+        # Ctrl-C reaches the whole process group: the parent stops the workers (_stop), so that it ends in one
+        # line. They start with SIGINT ignored, which spawn's exec and Python keep: ignored only once they ran
+        # _worker, one still importing torch printed a KeyboardInterrupt traceback.
         handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             for p in procs:
@@ -195,11 +213,12 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 2.0,
                         m.iqr_s = q[2] - q[0]
                         m.extra["cpu_s"] = statistics.median(cpu for _, cpu in s)
                 results += [base, dist_m, control]
+        except BaseException:
+            _stop(procs, inboxes, at_once=True)
+            raise
+        else:
+            _stop(procs, inboxes, at_once=False)
         finally:
-            for box in inboxes:
-                box.put(None)
-            for p in procs:
-                p.join(timeout=60)
             torch.set_num_threads(threads)
     config["load_average_after"] = os.getloadavg()
     return results, config

@@ -1,5 +1,6 @@
 """The benchmark runner's usage errors (``python -m benchmarks``): found before any suite runs."""
 import ast
+import contextlib
 import importlib
 import inspect
 import json
@@ -29,8 +30,10 @@ RUNNER = [sys.executable, "-m", "benchmarks"]
 
 @pytest.mark.parametrize("argv, message", [
     (["bogus"], "unknown suite(s) ['bogus']"),
-    (["softmax_ce", "--device", "bogus"], "--device 'bogus': "),
-    (["softmax_ce", "--device", "meta"], "--device 'meta': the suites run on cpu or cuda"),
+    (["softmax_ce", "--device", "bogus"], "--device 'bogus' is not a device name: use cpu, cuda or cuda:N"),
+    # the suites' devices, whether or not this machine has the one named (`unlearn-kernels run` may take them)
+    (["softmax_ce", "--device", "meta"], "--device 'meta': this program runs on cpu or cuda only"),
+    (["softmax_ce", "--device", "mps"], "--device 'mps': this program runs on cpu or cuda only"),
     (["softmax_ce", "--threads", "0"], "--threads must be >= 1"),
     (["softmax_ce", "softmax_ce", "--quick"], "suite(s) named more than once: ['softmax_ce']"),
 ])
@@ -75,19 +78,47 @@ def test_ctrl_c_is_one_line_and_status_130_and_keeps_the_finished_suites(monkeyp
     assert [p.name for p in tmp_path.iterdir()] == ["softmax_ce_cpu.json"]
 
 
-def test_ctrl_c_ends_the_runner_by_sigint_in_one_line_while_the_workers_start(tmp_path):
+def _workers(pid: int) -> list[int]:
+    """The pids of the multiprocessing workers among the children of process ``pid`` (from /proc)."""
+    workers = []
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        with contextlib.suppress(OSError):  # a child that ended meanwhile
+            if b"--multiprocessing-fork" in Path(f"/proc/{child}/cmdline").read_bytes():
+                workers.append(int(child))
+    return workers
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(),
+                    reason="finds the workers in /proc (Linux)")
+def test_ctrl_c_ends_the_runner_by_sigint_in_one_line_and_stops_the_workers_at_once(tmp_path):
     """A status of 130 let a shell loop over runs go on after Ctrl-C: the runner now dies of SIGINT. Ctrl-C
-    reaches the process group: a distributed worker still importing torch printed its own traceback."""
+    reaches the process group: a distributed worker still importing torch printed its own traceback. The
+    runner then waited up to 60 s (12-27 s measured) for workers still starting to read their stop message."""
     proc = subprocess.Popen([*RUNNER, "distributed", "--quick", "--out", str(tmp_path)], cwd=BENCHMARKS.parent,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        assert proc.stdout.readline().startswith("device: ")  # the suite starts its workers now
-        time.sleep(1.0)  # they take seconds to import torch
+        assert proc.stdout.readline().startswith("device: ")
+        while len(workers := _workers(proc.pid)) < 2:  # started, and seconds from reading any message
+            assert proc.poll() is None, "the runner ended before it started its workers"
+            time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: every process of the group
+        start = time.monotonic()
         err = proc.communicate(timeout=300)[1]
+        seconds = time.monotonic() - start
     finally:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):  # the workers too, should the test fail
+            os.killpg(proc.pid, signal.SIGKILL)
     assert (proc.returncode, err) == (-signal.SIGINT, "python -m benchmarks: interrupted\n")
+    assert seconds < 6, f"the runner took {seconds:.1f} s to end"  # about 1 s, most of it Python's own exit
+    assert [pid for pid in workers if _alive(pid)] == []
     assert list(tmp_path.iterdir()) == []
 
 
@@ -182,19 +213,29 @@ def test_out_whose_result_path_is_a_folder_is_refused_before_any_suite(capsys, t
     assert exit_info.value.code == 2 and "the results would replace folders" in capsys.readouterr().err
 
 
-def test_no_cuda_names_the_device_the_user_typed(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["softmax_ce", "--device", "cuda:0", "--out", str(tmp_path)])
-    assert exit_info.value.code == 2 and "--device 'cuda:0': no CUDA device is visible" in capsys.readouterr().err
+DEVICE_ERRORS = [
+    ("", None, "--device '' is not a device name: use cpu, cuda or cuda:N"),
+    ("tpu", None, "--device 'tpu' is not a device name: use cpu, cuda or cuda:N"),
+    ("cpu:1", None, "--device 'cpu:1' cannot run here: there is one CPU device, cpu"),
+    ("cuda:0", 0, "--device 'cuda:0' cannot run here: no CUDA device is visible"),
+    ("cuda:7", 1, "--device 'cuda:7' cannot run here: 1 CUDA device(s) visible (cuda:0)"),
+]
+"""``(--device, CUDA devices visible or None for this machine's, the error)``: the refusals of
+`unlearn-kernels run` too (tests/test_study_cli.py has the same table)."""
 
 
-def test_cuda_index_beyond_the_visible_devices(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+@pytest.mark.parametrize("device, gpus, message", DEVICE_ERRORS)
+def test_device_errors_are_those_of_the_cli(device, gpus, message, monkeypatch, capsys, tmp_path):
+    """The runner and `unlearn-kernels run` checked --device in two ways: '' gave torch's "Device string must
+    not be empty" here, cuda:0 without a GPU "Torch not compiled with CUDA enabled" there; cpu:1 ran."""
+    if gpus is not None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     with pytest.raises(SystemExit) as exit_info:
-        main(["softmax_ce", "--device", "cuda:1", "--out", str(tmp_path)])
-    assert exit_info.value.code == 2 and "--device 'cuda:1': 1 CUDA device(s) visible" in capsys.readouterr().err
+        main(["softmax_ce", "--quick", "--device", device, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"python -m benchmarks: error: {message}"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_json_names_the_anchors_versions(tmp_path):

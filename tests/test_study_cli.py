@@ -678,3 +678,66 @@ def test_a_run_that_replaces_a_scenarios_results_removes_the_summary_of_the_old_
     assert main([*argv, "--protocol", "random"]) == 0
     assert not summary.exists() and not plot.exists()
     assert f"removed {summary}: it summarised the random results this run replaces" in capsys.readouterr().out
+
+
+def test_an_empty_cache_dir_is_refused_not_read_as_no_cache(tmp_path, monkeypatch):
+    """``StudyConfig(cache_dir="")`` ran the study without a cache (``if not config.cache_dir``), where
+    ``Retrain(cache_dir="")`` is refused: an empty path is the working folder to pathlib."""
+    class EmptyPath:
+        def __fspath__(self) -> str:
+            return ""
+
+    monkeypatch.chdir(tmp_path)
+    for empty in ("", EmptyPath()):
+        with pytest.raises(ValueError, match=r"^cache_dir is an empty path, which would cache the original models in "
+                                             r'the working folder; name a folder \("\." for the working folder\), or '
+                                             r"None for no cache$"):
+            StudyConfig(methods=("original",), seeds=(0,), cache_dir=empty)
+    with pytest.raises(TypeError, match=r"^cache_dir must be None or a folder as a str or os.PathLike"):
+        StudyConfig(methods=("original",), seeds=(0,), cache_dir=3)
+    assert StudyConfig(methods=("original",), seeds=(0,), cache_dir=".").cache_dir == "."
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_original_models_training_refusal_names_the_study(tmp_path, capsys):
+    """The study trained its original through train() (or train_or_load) under their names: "train: batch_size 1
+    ...", a function the user never called. resnet18 on 8x8 digits has 1x1 maps in its last stage, where a
+    batch-norm layer cannot train on a batch of one row."""
+    message = (r"study: batch_size 1 makes every batch of the original model's training set \(\d+ rows\) one row, and "
+               r"the model's batch-norm layer 'layers\.3\.0\.bn1' cannot train on a batch of one row")
+    cache = tmp_path / "cache"
+    for cache_dir in (None, str(cache)):
+        config = StudyConfig(model="resnet18", methods=("original",), seeds=(0,),
+                             recipe=TrainConfig(epochs=1, batch_size=1), cache_dir=cache_dir)
+        with pytest.raises(ValueError, match=f"^{message}"):
+            run_study(config)
+    assert not list(cache.iterdir())  # nothing cached
+    code = main(["run", "--model", "resnet18", "--batch-size", "1", "--protocol", "random", "--methods", "original",
+                 "--seeds", "0", "--epochs", "1", "--no-cache", "--out", str(tmp_path / "out")])
+    assert code == 2 and re.search(f"^unlearn-kernels: error: {message}", capsys.readouterr().err, re.MULTILINE)
+
+
+# ---- --device: one check for `unlearn-kernels run` and `python -m benchmarks`, one message per problem ----
+
+DEVICE_ERRORS = [
+    ("", None, "--device '' is not a device name: use cpu, cuda or cuda:N"),
+    ("tpu", None, "--device 'tpu' is not a device name: use cpu, cuda or cuda:N"),
+    ("cpu:1", None, "--device 'cpu:1' cannot run here: there is one CPU device, cpu"),
+    ("cuda:0", 0, "--device 'cuda:0' cannot run here: no CUDA device is visible"),
+    ("cuda:7", 1, "--device 'cuda:7' cannot run here: 1 CUDA device(s) visible (cuda:0)"),
+]
+"""``(--device, CUDA devices visible or None for this machine's, the error)``: the refusals of the
+benchmark runner too (tests/test_benchmark_runner.py has the same table)."""
+
+
+@pytest.mark.parametrize("device, gpus, message", DEVICE_ERRORS)
+def test_cli_device_errors_are_those_of_the_benchmark_runner(device, gpus, message, monkeypatch, capsys, tmp_path):
+    """`unlearn-kernels run` and the runner checked --device in two ways: cuda:0 without a GPU gave "Torch not
+    compiled with CUDA enabled" here, "no CUDA device is visible" there; cpu:1 ran."""
+    if gpus is not None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    code = main(["run", "--protocol", "random", "--seeds", "0", "--epochs", "1", "--methods", "original", "--no-cache",
+                 "--device", device, "--out", str(tmp_path / "out")])
+    assert (code, capsys.readouterr().err) == (2, f"unlearn-kernels: error: {message}\n")
+    assert list(tmp_path.iterdir()) == []
