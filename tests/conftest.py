@@ -3,6 +3,7 @@ imported, so that the Triton kernels run through the interpreter on the CPU; wit
 compiled. The ``device`` fixture runs a test on every device of tests/devices.py (the CPU, and
 "cuda" when a GPU is visible)."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,3 +44,19 @@ def rng() -> torch.Generator:
 def device(request) -> torch.device:
     """Each device a test should run on: "cpu", and "cuda" when a GPU is visible."""
     return torch.device(request.param)
+
+
+@pytest.fixture
+def interrupt_plots(monkeypatch):
+    """Call it to make every later matplotlib ``savefig`` write half a PNG (to a path or a file object)
+    and raise KeyboardInterrupt, as a plot interrupted by Ctrl-C or a full disk would end."""
+    import matplotlib.figure
+
+    def torn(self, target, **kwargs):
+        if isinstance(target, (str, os.PathLike)):
+            Path(target).write_bytes(b"\x89PNG half")
+        else:
+            target.write(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    return lambda: monkeypatch.setattr(matplotlib.figure.Figure, "savefig", torn)

@@ -38,3 +38,14 @@ def backend_devices(op: str, *, compiled_only: bool = False) -> list[tuple[str, 
                 continue
             pairs.append((backend, device))
     return pairs
+
+
+DEVICE_ERRORS = [
+    ("", None, "--device '' is not a device name: use cpu, cuda or cuda:N"),
+    ("tpu", None, "--device 'tpu' is not a device name: use cpu, cuda or cuda:N"),
+    ("cpu:1", None, "--device 'cpu:1' cannot run here: there is one CPU device, cpu"),
+    ("cuda:0", 0, "--device 'cuda:0' cannot run here: no CUDA device is visible"),
+    ("cuda:7", 1, "--device 'cuda:7' cannot run here: 1 CUDA device(s) visible (cuda:0)"),
+]
+"""``(--device, CUDA devices visible or None for this machine's, the error)``: the refusals of
+``unlearn-kernels run`` and ``python -m benchmarks`` alike (one check, ``cli.check_device``)."""

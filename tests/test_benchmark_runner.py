@@ -22,6 +22,7 @@ from benchmarks.common import ANCHORS, environment
 from benchmarks.cubic import plot_scaling
 from benchmarks.distributed import _replies
 from benchmarks.hvp import plot_gradient_units
+from devices import DEVICE_ERRORS
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 RUNNER = [sys.executable, "-m", "benchmarks"]
@@ -150,21 +151,12 @@ def test_a_reader_that_went_away_ends_the_runner_quietly():
 
 
 @pytest.mark.parametrize("plot", [plot_gradient_units, plot_scaling])
-def test_an_interrupted_plot_leaves_the_committed_image_whole(plot, tmp_path, monkeypatch):
+def test_an_interrupted_plot_leaves_the_committed_image_whole(plot, tmp_path, interrupt_plots):
     """The plots replace docs/img/*.png; savefig straight to the path left a torn image when interrupted."""
-    import matplotlib.figure
-
     out = plot(out=tmp_path / "plot.png")
     before = out.read_bytes()
 
-    def torn(self, target, **kwargs):  # half a PNG, to a path or a file object
-        if isinstance(target, (str, os.PathLike)):
-            Path(target).write_bytes(b"\x89PNG half")
-        else:
-            target.write(b"\x89PNG half")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", torn)
+    interrupt_plots()
     with pytest.raises(KeyboardInterrupt):
         plot(out=out)
     assert [p.name for p in tmp_path.iterdir()] == ["plot.png"] and out.read_bytes() == before
@@ -211,17 +203,6 @@ def test_out_whose_result_path_is_a_folder_is_refused_before_any_suite(capsys, t
     with pytest.raises(SystemExit) as exit_info:
         main(["softmax_ce", "--quick", "--out", str(tmp_path)])
     assert exit_info.value.code == 2 and "the results would replace folders" in capsys.readouterr().err
-
-
-DEVICE_ERRORS = [
-    ("", None, "--device '' is not a device name: use cpu, cuda or cuda:N"),
-    ("tpu", None, "--device 'tpu' is not a device name: use cpu, cuda or cuda:N"),
-    ("cpu:1", None, "--device 'cpu:1' cannot run here: there is one CPU device, cpu"),
-    ("cuda:0", 0, "--device 'cuda:0' cannot run here: no CUDA device is visible"),
-    ("cuda:7", 1, "--device 'cuda:7' cannot run here: 1 CUDA device(s) visible (cuda:0)"),
-]
-"""``(--device, CUDA devices visible or None for this machine's, the error)``: the refusals of
-`unlearn-kernels run` too (tests/test_study_cli.py has the same table)."""
 
 
 @pytest.mark.parametrize("device, gpus, message", DEVICE_ERRORS)

@@ -115,10 +115,8 @@ def test_rfa_study_refuses_wrong_options_before_the_study(rfa_example, argv, mes
     assert not (tmp_path / "out").exists()
 
 
-def test_rfa_study_plots_are_written_atomically(rfa_example, tmp_path, monkeypatch):
+def test_rfa_study_plots_are_written_atomically(rfa_example, tmp_path, interrupt_plots):
     """An interrupted plot (Ctrl-C, a full disk) left a torn PNG in place of the committed one in docs/rfa."""
-    import matplotlib.figure
-
     records = [{"model": "mlp", "protocol": protocol, "seed": 0, "method": label, "acc_forget": 0.05 * i,
                 "js_to_oracle": 0.01 * i * (1 + i % 3), "rf_jsd": 0.02 * i}
                for protocol in rfa_example.PROTOCOLS for i, label in enumerate(["retrain", *rfa_example.METHOD_SPECS])]
@@ -126,14 +124,7 @@ def test_rfa_study_plots_are_written_atomically(rfa_example, tmp_path, monkeypat
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     assert set(before) == {"gap_closed.png", "rf_jsd_vs_jsd.png"}
 
-    def torn(self, target, **kwargs):  # half a PNG, to a path or a file object
-        if isinstance(target, (str, os.PathLike)):
-            Path(target).write_bytes(b"\x89PNG half")
-        else:
-            target.write(b"\x89PNG half")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", torn)
+    interrupt_plots()
     with pytest.raises(KeyboardInterrupt):
         rfa_example.plots(records, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -159,11 +159,9 @@ def test_sequential_plot_per_request(tmp_path):
     assert (tmp_path / "sequential.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_an_interrupted_plot_leaves_the_old_one_and_no_temporary(tmp_path, monkeypatch):
+def test_an_interrupted_plot_leaves_the_old_one_and_no_temporary(tmp_path, interrupt_plots):
     """A plot written straight to its path was torn by an interruption (Ctrl-C, a full disk) midway: now the
     previous plot stays whole, as results.json does."""
-    import matplotlib.figure
-
     records = _study([0.0], [0.3], [0.1])
     for r in records:
         r["metrics"].update(seconds=0.1)
@@ -172,11 +170,7 @@ def test_an_interrupted_plot_leaves_the_old_one_and_no_temporary(tmp_path, monke
     paths = report.write_plots(study, tmp_path)
     before = {p.name: p.read_bytes() for p in paths}
 
-    def torn(self, handle, **kwargs):
-        handle.write(b"\x89PNG half")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", torn)
+    interrupt_plots()
     with pytest.raises(KeyboardInterrupt):
         report.write_plots(study, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

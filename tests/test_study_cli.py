@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import unlearn_kernels.checkpoint as checkpoint
+from devices import DEVICE_ERRORS
 from unlearn_kernels.checkpoint import data_fingerprint, read_checkpoint
 from unlearn_kernels.cli import main, parse_method_options
 from unlearn_kernels.data import load_dataset, mislabel
@@ -715,19 +716,6 @@ def test_the_original_models_training_refusal_names_the_study(tmp_path, capsys):
     code = main(["run", "--model", "resnet18", "--batch-size", "1", "--protocol", "random", "--methods", "original",
                  "--seeds", "0", "--epochs", "1", "--no-cache", "--out", str(tmp_path / "out")])
     assert code == 2 and re.search(f"^unlearn-kernels: error: {message}", capsys.readouterr().err, re.MULTILINE)
-
-
-# ---- --device: one check for `unlearn-kernels run` and `python -m benchmarks`, one message per problem ----
-
-DEVICE_ERRORS = [
-    ("", None, "--device '' is not a device name: use cpu, cuda or cuda:N"),
-    ("tpu", None, "--device 'tpu' is not a device name: use cpu, cuda or cuda:N"),
-    ("cpu:1", None, "--device 'cpu:1' cannot run here: there is one CPU device, cpu"),
-    ("cuda:0", 0, "--device 'cuda:0' cannot run here: no CUDA device is visible"),
-    ("cuda:7", 1, "--device 'cuda:7' cannot run here: 1 CUDA device(s) visible (cuda:0)"),
-]
-"""``(--device, CUDA devices visible or None for this machine's, the error)``: the refusals of the
-benchmark runner too (tests/test_benchmark_runner.py has the same table)."""
 
 
 @pytest.mark.parametrize("device, gpus, message", DEVICE_ERRORS)
