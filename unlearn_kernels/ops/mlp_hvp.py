@@ -56,17 +56,20 @@ def mlp_hvp_ref(
     v_biases: Sequence[torch.Tensor | None],
     label_smoothing: float = 0.0,
     ignore_index: int = -100,
+    *,
+    check_finite: bool = False,
 ) -> Products:
     """Pure-PyTorch reference of :func:`mlp_hvp` (``torch.func.jvp`` of ``torch.func.grad``, vmapped
-    over the K tangents); same arguments (already validated) and return value."""
+    over the K tangents); same arguments (already validated) and return value. ``check_finite``
+    checks the logits and their R-derivatives it computes as the compiled kernels do."""
     fns = [_ACTIVATION_FNS[a] for a in activations]
     has_bias = [b is not None for b in biases]
 
-    def loss(ws: list[torch.Tensor], bs: list[torch.Tensor]) -> torch.Tensor:
+    def loss(ws: list[torch.Tensor], bs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         h, present = x, iter(bs)
         for w, with_bias, fn in zip(ws, has_bias, fns):
             h = fn(F.linear(h, w, next(present) if with_bias else None))
-        return F.cross_entropy(h, target, label_smoothing=label_smoothing, ignore_index=ignore_index)
+        return F.cross_entropy(h, target, label_smoothing=label_smoothing, ignore_index=ignore_index), h
 
     # contiguous: jvp's make_dual refuses a primal whose elements share memory (an expanded tensor)
     primal = ([w.contiguous() for w in weights], [b.contiguous() for b in biases if b is not None])
@@ -75,10 +78,36 @@ def mlp_hvp_ref(
         [*v_weights],
         [vb if vb is not None else b.new_zeros((k, *b.shape)) for b, vb in zip(biases, v_biases) if b is not None],
     )
-    hvp = torch.func.vmap(lambda t: torch.func.jvp(lambda *p: torch.func.grad(loss, argnums=(0, 1))(*p), primal, t)[1])
-    hv_w, hv_b = hvp(tangent)
+    grad = torch.func.grad(loss, argnums=(0, 1), has_aux=True)  # the logits z as aux: the jvp gives Rz too
+    hvp = torch.func.vmap(lambda t: torch.func.jvp(grad, primal, t), out_dims=(None, 0))  # z unbatched
+    (_, z), ((hv_w, hv_b), rz) = hvp(tangent)
+    if check_finite:
+        kept = target != ignore_index
+        _check_logits(z, kept)
+        _check_r_logits((rz * (torch.softmax(z, 1) * kept.unsqueeze(1))).sum(2), "v_weights and v_biases")
     present = iter(hv_b)
     return list(hv_w), [next(present) if with_bias else None for with_bias in has_bias]
+
+
+#: The check_finite refusals, after "mlp_hvp: " (csrc/mlp_hvp.cpp raises them for the compiled kernels).
+_BAD_LOGITS = "the logits contain NaN or +Inf (check x, the weights and the biases)"
+_BAD_R_LOGITS = "the R-derivative of the logits contains NaN or Inf (check {})"
+
+
+def _check_logits(z: torch.Tensor, kept: torch.Tensor) -> None:
+    """ValueError if the logits z (N, C) make the loss's rows non-finite, as the kernels flag them: a
+    kept row (``kept``: (N,) bool) whose max is not finite (a NaN or +Inf, or all -Inf), or an ignored
+    row with a NaN or Inf (it reaches every product through the backward's 0 * Inf)."""
+    if not all_finite(torch.where(kept, z.amax(1), z.abs().amax(1))):
+        raise ValueError(f"{_OP}: {_BAD_LOGITS}")
+
+
+def _check_r_logits(dots: torch.Tensor, tangents: str) -> None:
+    """ValueError naming ``tangents`` if some <p, Rz_k> in ``dots`` is not finite, as the kernels flag
+    them: Rz_k a row of the R-derivative of the logits for tangent k, p the row's softmax, zero on an
+    ignored row (where a NaN or Inf in Rz_k makes the product NaN)."""
+    if not all_finite(dots):
+        raise ValueError(f"{_OP}: {_BAD_R_LOGITS.format(tangents)}")
 
 
 # --------------------------------------------------------------------------- validation
@@ -202,16 +231,12 @@ def _check_inputs(x, target, weights, biases, activations, v_weights, v_biases, 
             _check_like(_OP, x, vb, "v_biases", l)
 
 
-def _check_targets_and_finite(x, target, tensors: dict[str, list], num_classes: int, ignore_index: int, check_finite: bool) -> None:
-    """The checks the compiled kernels do inside the pass, for the reference backend."""
+def _check_targets(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """The target checks the compiled kernels do inside the pass, for the reference backend (before
+    the finiteness of the logits, as there)."""
     check_targets(target, num_classes, ignore_index, op=_OP)
     if not bool((target != ignore_index).any()):
         raise ValueError(f"{_OP}: every target is ignore_index={ignore_index} (the mean loss over 0 samples is undefined)")
-    if check_finite:
-        for name, values in {"x": [x], **tensors}.items():
-            for l, t in enumerate(values):
-                if t is not None and not all_finite(t):
-                    raise ValueError(f"{_OP}: {name}{'' if name == 'x' else f'[{l}]'} contains NaN or Inf")
 
 
 # --------------------------------------------------------------------------- public op
@@ -246,8 +271,10 @@ def mlp_hvp(
         ignore_index: target value whose rows are left out, as in ``F.cross_entropy``: an int
             (Python or numpy, not a bool) in the int64 range.
         check_finite: a bool; True raises ValueError if the logits or their directional derivatives
-            are not finite (the reference backend checks its inputs instead); on GPU it costs one
-            synchronisation.
+            would make the loss's rows non-finite (a kept row with a NaN or +Inf or all -Inf, an ignored
+            row with any NaN or Inf), the same test on every backend: a NaN or Inf in the inputs counts
+            only through them (an infinite pre-activation that tanh, sigmoid or ReLU saturates passes).
+            False passes non-finite values through to the products. On GPU it costs one synchronisation.
         backend: "auto", "cpp", "cuda" or "reference" (see :func:`unlearn_kernels.backends`).
 
     Returns:
@@ -278,9 +305,9 @@ def mlp_hvp(
     if name == "reference":  # the compiled kernels check their inputs themselves (csrc/mlp_hvp.cpp)
         _check_inputs(x, target, weights, biases, activations, v_weights, v_biases, label_smoothing)
         if not x.is_meta:  # meta tensors hold no values to check: the products' shapes only
-            tensors = {"weights": weights, "biases": biases, "v_weights": v_weights, "v_biases": v_biases}
-            _check_targets_and_finite(x, target, tensors, weights[-1].shape[0], ignore_index, check_finite)
-        return mlp_hvp_ref(x, target, weights, biases, activations, v_weights, v_biases, label_smoothing, ignore_index)
+            _check_targets(target, weights[-1].shape[0], ignore_index)
+        return mlp_hvp_ref(x, target, weights, biases, activations, v_weights, v_biases, label_smoothing, ignore_index,
+                           check_finite=check_finite and not x.is_meta)
     out = torch.ops.unlearn_kernels.mlp_hvp(
         x, target, weights, biases, codes, v_weights, v_biases, label_smoothing, ignore_index, check_finite)
     present = iter(out[num_layers:])
@@ -481,15 +508,20 @@ def mlp_hvp_state_ref(
     activations: Sequence[str],
     label_smoothing: float = 0.0,
     ignore_index: int = -100,
+    *,
+    check_finite: bool = False,
 ) -> list[torch.Tensor]:
     """Pure-PyTorch reference of :func:`mlp_hvp_state` (act' and act'' by ``torch.func.jvp``, the
-    gradient w.r.t. the logits by ``torch.func.grad``); same arguments (already validated) and return value."""
+    gradient w.r.t. the logits by ``torch.func.grad``); same arguments (already validated) and return value.
+    ``check_finite`` checks the logits it computes as the compiled kernels do."""
     fns = [_ACTIVATION_FNS[a] for a in activations]
     inputs, pre = [x], []
     for w, b, fn in zip(weights, biases, fns):
         pre.append(F.linear(inputs[-1], w, b))
         inputs.append(fn(pre[-1]))
     logits = inputs.pop()
+    if check_finite:
+        _check_logits(logits, target != ignore_index)
     kept = (target != ignore_index).to(x.dtype)
     p = torch.softmax(logits, dim=1) * kept.unsqueeze(1)
     g = torch.func.grad(lambda z: F.cross_entropy(z, target, label_smoothing=label_smoothing, ignore_index=ignore_index))(logits)
@@ -515,31 +547,42 @@ def mlp_hvp_flat_cached_ref(
     V: torch.Tensor,
     weight_offsets: Sequence[int],
     bias_offsets: Sequence[int],
+    *,
+    check_finite: bool = False,
 ) -> torch.Tensor:
     """Pure-PyTorch reference of :func:`mlp_hvp_flat_cached` (the R-forward, the loss's R-rows and
-    the R-backward written out with einsum); same arguments (already validated) and return value."""
-    num_layers, k = len(weights), V.shape[1]
+    the R-backward written out with einsum); same arguments (already validated) and return value.
+    ``check_finite`` checks the R-derivative of the logits it computes as the compiled kernels do."""
+    num_layers = len(weights)
     v_weights, v_biases = _flat_tangents(weights, V, weight_offsets, bias_offsets)
     inputs, grads = [x, *state[:num_layers - 1]], state[num_layers - 1:2 * num_layers - 1]
     firsts, seconds = state[2 * num_layers - 1:3 * num_layers - 1], state[3 * num_layers - 1:4 * num_layers - 1]
     p, q = state[-2], state[-1]
-    rh, ra = [x.new_zeros(x.shape[0], k, x.shape[1])], []
+    # Rh_0 = 0 (x has no tangent): no Rh_0 terms, as in the kernel (0 * an infinite weight would be NaN)
+    rh, ra = [None], []
     for l, w in enumerate(weights):
-        r = torch.einsum("ni,koi->nko", inputs[l], v_weights[l]) + rh[l] @ w.T
+        r = torch.einsum("ni,koi->nko", inputs[l], v_weights[l])
+        if l > 0:
+            r = r + rh[l] @ w.T
         if v_biases[l] is not None:
             r = r + v_biases[l]
         ra.append(r)
         rh.append(r * firsts[l].unsqueeze(1) if firsts[l].numel() else r)
-    rg = q.unsqueeze(1) * (rh[-1] - (rh[-1] * p.unsqueeze(1)).sum(2, keepdim=True))
+    dots = (rh[-1] * p.unsqueeze(1)).sum(2, keepdim=True)
+    if check_finite:
+        _check_r_logits(dots, "V")
+    rg = q.unsqueeze(1) * (rh[-1] - dots)
     hv_w, hv_b = [None] * num_layers, [None] * num_layers
     for l in reversed(range(num_layers)):
         if firsts[l].numel():
             rg = rg * firsts[l].unsqueeze(1)
         if seconds[l].numel():
             rg = rg + seconds[l].unsqueeze(1) * ra[l]
-        hv_w[l] = torch.einsum("nko,ni->koi", rg, inputs[l]) + torch.einsum("no,nki->koi", grads[l], rh[l])
+        hv_w[l] = torch.einsum("nko,ni->koi", rg, inputs[l])
         hv_b[l] = rg.sum(0) if biases[l] is not None else None
-        rg = rg @ weights[l] + torch.einsum("no,koi->nki", grads[l], v_weights[l])
+        if l > 0:
+            hv_w[l] = hv_w[l] + torch.einsum("no,nki->koi", grads[l], rh[l])
+            rg = rg @ weights[l] + torch.einsum("no,koi->nki", grads[l], v_weights[l])
     return _flat_products(V, weights, weight_offsets, bias_offsets, (hv_w, hv_b))
 
 
@@ -564,7 +607,8 @@ def mlp_hvp_state(
     4 L + 1 tensors, about 4 N (d_1 + .. + d_L) entries. :func:`mlp_hvp_flat_cached` takes it.
 
     Args:
-        As in :func:`mlp_hvp` (biases: one entry per layer, None for a layer without bias).
+        As in :func:`mlp_hvp` (biases: one entry per layer, None for a layer without bias;
+        ``check_finite`` checks the logits).
 
     Raises:
         What :func:`mlp_hvp` raises for the same arguments.
@@ -579,9 +623,9 @@ def mlp_hvp_state(
     if choose(op, x.device, backend) == "reference":
         _check_model_inputs(x, target, weights, biases, activations, label_smoothing)
         if not x.is_meta:  # meta tensors hold no values to check: the state's shapes only
-            _check_targets_and_finite(x, target, {"weights": weights, "biases": biases}, weights[-1].shape[0],
-                                      ignore_index, check_finite)
-        return mlp_hvp_state_ref(x, target, weights, biases, activations, label_smoothing, ignore_index)
+            _check_targets(target, weights[-1].shape[0], ignore_index)
+        return mlp_hvp_state_ref(x, target, weights, biases, activations, label_smoothing, ignore_index,
+                                 check_finite=check_finite and not x.is_meta)
     return list(torch.ops.unlearn_kernels.mlp_hvp_state(
         x, target, weights, biases, codes, label_smoothing, ignore_index, check_finite))
 
@@ -632,9 +676,8 @@ def mlp_hvp_flat_cached(
     # reference checks the arguments and returns the empty product.
     if choose(op, x.device, backend) == "reference" or V.shape[0] == 0:
         _check_cached_args(x, state, weights, biases, activations, V, weight_offsets, bias_offsets)
-        if check_finite and not V.is_meta and not all_finite(V):  # meta tensors hold no values to check
-            raise ValueError(f"{_OP}: the R-derivative of the logits contains NaN or Inf (check V)")
-        return mlp_hvp_flat_cached_ref(x, state, weights, biases, activations, V, weight_offsets, bias_offsets)
+        return mlp_hvp_flat_cached_ref(x, state, weights, biases, activations, V, weight_offsets, bias_offsets,
+                                       check_finite=check_finite and not V.is_meta)  # meta: no values to check
     return torch.ops.unlearn_kernels.mlp_hvp_flat_cached(
         x, state, weights, biases, codes, V, weight_offsets, bias_offsets, check_finite)
 
