@@ -1,4 +1,4 @@
-"""Benchmark runner: ``python -m benchmarks [suite ...] [--device cpu|cuda] [--quick]``.
+"""Benchmark runner: ``python -m benchmarks [suite ...] [--device cpu|cuda|cuda:N] [--quick]``.
 
 Writes ``benchmarks/results/<suite>_<cpu|gpu>.json`` (environment, config, medians, ratios) and
 prints a table per suite. A ``--quick`` run (a smoke test) writes to ``QUICK_DIR`` in the system's

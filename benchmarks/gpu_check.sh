@@ -99,7 +99,7 @@ for suite in $SUITES; do
 done
 
 # Last, so that it never takes the suites' time: the main job on the device, end to end (its three
-# scenarios and every method, one seed; about 25 s on the CPU).
+# scenarios and their default methods, one seed; about 25 s on the CPU).
 step main_job 90 "$PY" -m unlearn_kernels.cli run --device "$DEVICE" --seeds 0 --no-cache --out "$LOGS/main_job"
 
 echo

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: each part of the package (a top-level module or subpackage) and its layer, bottom to top
 LAYERS = {
     # 0. foundation: the contract type, argument checks, the training recipe, checkpoints
-    "labeled": 0, "checks": 0, "training": 0, "checkpoint": 0,
+    "_version": 0, "labeled": 0, "checks": 0, "training": 0, "checkpoint": 0,
     # 1. kernels: the compiled extension, backend choice, the ops and their Python backends
     "_extension": 1, "_C": 1, "backends": 1, "contracts": 1, "triton_kernels": 1, "ops": 1, "lora": 1,
     # 2. curvature operators, 3. solvers, 4. methods

@@ -23,6 +23,7 @@ from typing import IO, Any
 import torch
 from torch import nn
 
+from ._version import __version__
 from .labeled import LabeledData
 from .training import ProgressCallback, TrainConfig, TrainStats, init_model, train
 
@@ -256,8 +257,6 @@ def load_checkpoint(
 
 
 def _versions() -> dict[str, str]:
-    from . import __version__  # at call time: the package imports this module's siblings first
-
     return {"torch": torch.__version__, "unlearn_kernels": __version__}
 
 

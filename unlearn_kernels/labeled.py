@@ -33,7 +33,8 @@ class LabeledData:
         if self.x.shape[0] != self.y.shape[0]:
             raise ValueError(f"LabeledData: x has {self.x.shape[0]} rows but y has {self.y.shape[0]}")
         if self.y.dim() != 1 or self.y.dtype != torch.long:
-            raise TypeError(f"LabeledData: y must be a 1-D int64 tensor, got {self.y.dtype} of shape {tuple(self.y.shape)}")
+            raise TypeError(f"LabeledData: y must be a 1-D int64 tensor, got {self.y.dtype} of shape "
+                            f"{tuple(self.y.shape)}")
         if self.x.device != self.y.device:
             raise ValueError(f"LabeledData: x is on {self.x.device} but y on {self.y.device}")
 
@@ -60,7 +61,7 @@ class LabeledData:
 
         With ``join_last_row`` a last batch of one row joins the batch before it (one batch of
         ``batch_size + 1`` rows; the rows and their order are the same): a batch-norm layer in
-        training mode refuses a batch of one row (see
+        training mode, or in eval mode without running statistics, refuses a batch of one row (see
         :func:`~unlearn_kernels.training.join_last_row`, which decides when). Without such a batch
         the loader is the plain one.
         """

@@ -9,21 +9,22 @@ vectors. With data in batches b of sizes n_b (N = sum n_b) and ``loss_fn`` a *me
 
 the size-weighted mean of the per-batch losses. When ``loss_fn`` is a plain mean over the rows, L is
 the mean loss over the data, so splitting the same data into different batches gives the same
-operator (for models without batch coupling, which is why BatchNorm must be in eval mode). L is not
-that mean, and depends on the batching, when a batch's mean has another denominator (rows with cross
-entropy's ``ignore_index``, left out of its mean; class weights) or the loss is not a mean
-(reduction="sum"). A batch whose rows are all ``ignore_index`` (its mean is 0/0) and a batch with no
-rows contribute zero on every path, as their derivatives do.
+operator (for models without batch coupling, which is why BatchNorm must be in eval mode and keep
+running statistics). L is not that mean, and depends on the batching, when a batch's mean has another
+denominator (rows with cross entropy's ``ignore_index``, left out of its mean; class weights) or the
+loss is not a mean (reduction="sum"). A batch whose rows are all ``ignore_index`` (its mean is 0/0)
+and a batch with no rows contribute zero on every path, as their derivatives do.
 
 Writing a new operator (e.g. a fused kernel path): subclass, call ``super().__init__`` (it resolves
-the parameters, wraps the data, rejects train-mode BatchNorm/dropout and runs the determinism probe),
-set the class attribute ``path`` and implement :meth:`CurvatureOperator._matmat`; override
-``_matvec`` and ``_gradient`` only for speed. Each ``_matmat``/``_matvec``/``_gradient`` call must do
-exactly one pass over the batches (:meth:`CurvatureOperator.cached_pass` or
-:attr:`CurvatureOperator.data`); the public methods validate the input, bring the fixed-weight cache
-up to date and update the counters. Helpers for subclasses: :meth:`~CurvatureOperator.batch_forward`,
-:meth:`~CurvatureOperator.batch_loss`, :meth:`~CurvatureOperator.flatten`,
-:meth:`~CurvatureOperator.unflatten`, :meth:`~CurvatureOperator.unflatten_columns`.
+the parameters, wraps the data, rejects train-mode BatchNorm/dropout and BatchNorm without running
+statistics, and runs the determinism probe), set the class attribute ``path`` and implement
+:meth:`CurvatureOperator._matmat`; override ``_matvec`` and ``_gradient`` only for speed. Each
+``_matmat``/``_matvec``/``_gradient`` call must do exactly one pass over the batches
+(:meth:`CurvatureOperator.cached_pass` or :attr:`CurvatureOperator.data`); the public methods
+validate the input, bring the fixed-weight cache up to date and update the counters. Helpers for
+subclasses: :meth:`~CurvatureOperator.batch_forward`, :meth:`~CurvatureOperator.batch_loss`,
+:meth:`~CurvatureOperator.flatten`, :meth:`~CurvatureOperator.unflatten`,
+:meth:`~CurvatureOperator.unflatten_columns`.
 
 Fixed weights. Solvers make tens of products at the same weights, so an operator may keep per batch
 what does not depend on the vector (activations, a gradient graph), within ``cache_bytes``: a pass
@@ -227,7 +228,8 @@ class CurvatureOperator(abc.ABC):
 
     Construction probes the first batch (two gradient evaluations and, in subclasses, one or two
     products; counted in ``num_gradients`` and ``num_products`` as if they were full ones) and raises
-    ValueError for train-mode BatchNorm/dropout, for data that changes between passes, for data the
+    ValueError for train-mode BatchNorm/dropout or a BatchNorm without running statistics (see
+    :func:`check_per_sample_forward`), for data that changes between passes, for data the
     model or the loss cannot run on ("the model cannot run on the data: ...", "the loss rejects the
     targets y ...": a wrong dtype, input width or label shape) and for a gradient that is not
     reproducible. NaN or Inf in the data is a ValueError naming the row (see :class:`BatchSource`:

@@ -402,8 +402,8 @@ class DistributedOperator:
     It speaks the :class:`~unlearn_kernels.curvature.base.CurvatureOperator` interface (``matvec``,
     ``matmat``, ``gradient``, ``to_dense``, ``to_scipy``, ``invalidate``, ``shape``, ``dtype``, ``device``,
     counters); every result is the global one, identical on every rank. It wraps this rank's local
-    operator, whose construction made the data checks (determinism probe, train-mode modules) on
-    the local shard, and reduces its results.
+    operator, whose construction made the data checks (determinism probe, modules that couple the
+    samples) on the local shard, and reduces its results.
 
     Args:
         build: ``build(shard) -> CurvatureOperator``, the local operator on this rank's data (not

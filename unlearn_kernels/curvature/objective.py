@@ -53,7 +53,8 @@ class Objective:
     a NaN value or gradient came back before. The check is a float64 sum per tensor, read back at once.
 
     Args:
-        model: any nn.Module, in eval mode if it has BatchNorm or dropout.
+        model: any nn.Module, in eval mode if it has BatchNorm or dropout (BatchNorm with running
+            statistics).
         loss_fn: ``loss_fn(model(x), y) -> scalar``, a mean-reduced loss.
         data: a LabeledData, an (x, y) pair of tensors, or a re-iterable of (x, y) batches.
         params: the chosen parameters (None: every trainable one), as in

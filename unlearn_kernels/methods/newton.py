@@ -500,9 +500,9 @@ class CureNewton(_NewtonFamily):
                 set_flat_parameters(ws.shadow, w, ws.names)
                 ws.w = w
 
-        # Every trial point is evaluated with its gradient in one pass over D_r: ARC asks for the gradient
-        # right after the value at each accepted point (w0 included), and a rejected trial (rare) wastes
-        # only the backward half of its pass.
+        # Every trial point (but a non-finite one, which ARC rejects unevaluated) is evaluated with its
+        # gradient in one pass over D_r: ARC asks for the gradient right after the value at each accepted
+        # point (w0 included), and a rejected trial (rare) wastes only the backward half of its pass.
         last: dict[str, Any] = {"w": None, "gradient": None}
 
         def value(w: torch.Tensor) -> float:
