@@ -103,6 +103,7 @@ def _stop(procs: list, inboxes: list, *, at_once: bool) -> None:
     """Ends the workers and reaps them. Each stops at its stop message (None), which it reads only once it
     has started and waits for its next call: seconds after a Ctrl-C or a failure, which stop them ``at_once``
     instead (SIGTERM; SIGKILL for one still alive a second later)."""
+    procs = [p for p in procs if p.pid is not None]  # the started ones
     if not at_once:
         for box in inboxes:
             box.put(None)
@@ -176,11 +177,11 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 2.0,
         # _worker, one still importing torch printed a KeyboardInterrupt traceback.
         handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
-            for p in procs:
-                p.start()
-        finally:
-            signal.signal(signal.SIGINT, handler)
-        try:
+            try:  # inside the try that stops them: a second start that fails stops the first worker
+                for p in procs:
+                    p.start()
+            finally:
+                signal.signal(signal.SIGINT, handler)
             single = hessian_operator(model.to(device), nn.CrossEntropyLoss(), (x.to(device), y.to(device)))
             v = torch.randn(single.shape[0], generator=torch.Generator().manual_seed(1)).to(device)
             calls = _calls(single, v)

@@ -310,7 +310,7 @@ def plot_gap_closed(studies: dict[str, dict[str, Any]], path: Path) -> Path:
     axes[-1].set_xticklabels(methods, rotation=30, ha="right")
     axes[0].set_title("Gap to the oracle closed (1 = oracle, 0 = Original; points: seeds; red ▼: below -1)")
     fig.tight_layout()
-    save_figure(fig, dpi=120, path=path)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -346,7 +346,7 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     paths.append(out_dir / TIME_PLOT)
-    save_figure(fig, dpi=120, path=paths[-1])
+    save_figure(fig, paths[-1], dpi=120)
     plt.close(fig)
 
     # bars: mean |gap| over seeds; points: each seed's |gap| (never below zero, unlike +-std bars)
@@ -369,7 +369,7 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(out_dir / GAPS_PLOT)
-    save_figure(fig, dpi=120, path=paths[-1])
+    save_figure(fig, paths[-1], dpi=120)
     plt.close(fig)
 
     if any("gap_closed_acc_forget" in r["metrics"] for r in records):
@@ -393,6 +393,6 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
         axes[1].legend(fontsize=7, ncol=2)
         fig.tight_layout()
         paths.append(out_dir / SEQUENTIAL_PLOT)
-        save_figure(fig, dpi=120, path=paths[-1])
+        save_figure(fig, paths[-1], dpi=120)
         plt.close(fig)
     return paths

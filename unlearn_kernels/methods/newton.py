@@ -71,7 +71,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import all_finite, batch_statistics_layer, check_choice, check_int, check_number, norm64
+from ..checks import all_finite, check_choice, check_int, check_number, norm64
 from ..curvature import (
     PATHS,
     CurvatureOperator,
@@ -100,7 +100,7 @@ from ..solvers import (
     lissa,
     pinv_newton_step,
 )
-from .base import Unlearner, UnlearnResult, check_not_empty, checked_local_copy, rows_by_role
+from .base import Unlearner, UnlearnResult, check_batch_statistics, check_not_empty, checked_local_copy, rows_by_role
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -151,18 +151,16 @@ def check_per_sample_loss(owner: str, model: nn.Module) -> None:
     """ValueError naming the first batch-norm layer of ``model`` without running statistics
     (``track_running_stats=False``): it normalises with the batch's statistics in eval mode too, so a
     sample's loss depends on the rows batched with it. The Newton family's objective and curvature
-    operators are means over samples, the same for any chunking of the data (the curvature layer
-    refuses a batch-norm layer in training mode for this reason): with such a layer F, its gradient
-    and its Hessian would change with ``batch_size`` and the Hessian's subsample, and a chunk of one
-    row (a forget set of one row) could not be run at all."""
-    name = batch_statistics_layer(model)
-    if name is not None:
-        raise ValueError(f"{owner}: the model's batch-norm layer {name!r} has no running statistics "
-                         "(track_running_stats=False) and normalises with each batch's own, in eval mode too: "
-                         "the Newton methods take the loss, its gradient and its Hessian as means over samples, "
-                         "which would then depend on how the data is chunked (batch_size, the Hessian's "
-                         "subsample), and a chunk of one row could not be run at all; give the layer running "
-                         "statistics, or use a first-order method")
+    operators are means over samples, the same for any chunking of the data: with such a layer F, its
+    gradient and its Hessian would change with ``batch_size`` and the Hessian's subsample, and a chunk
+    of one row (a forget set of one row) could not be run at all. The curvature layer refuses such a
+    layer too (:func:`~unlearn_kernels.curvature.base.check_per_sample_forward`, as it refuses
+    BatchNorm in training mode), but only when an operator or objective is built: this check makes
+    the refusal before any work, under the method's name."""
+    check_batch_statistics(owner, model, "the Newton methods take the loss, its gradient and its Hessian as means "
+                           "over samples, which would then depend on how the data is chunked (batch_size, the "
+                           "Hessian's subsample), and a chunk of one row could not be run at all; give the layer "
+                           "running statistics, or use a first-order method")
 
 
 class _NewtonFamily(Unlearner):

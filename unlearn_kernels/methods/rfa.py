@@ -44,11 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import batch_statistics_layer, check_choice, check_int, check_number
+from ..checks import check_choice, check_int, check_number
 from ..labeled import LabeledData
 from ..lora import ADAPTABLE, adapter_modules, add_adapters, check_rank_alpha, check_targets, resolve_targets, unload
 from ..training import make_optimizer, model_device
-from .base import UnlearnResult
+from .base import UnlearnResult, check_batch_statistics
 from .first_order import TrainedUnlearner, endless_batches, frozen_copy, optimizer_step
 
 SHIFTS = ("neighbors", "unseen_class", "other_class", "margin")
@@ -135,12 +135,8 @@ class RFA(TrainedUnlearner):
         if self.targets is not None:  # the layers named exist and can take an adapter
             resolve_targets(model, self.targets, owner=self.name)
         # the frozen model's features of a sample are targets for that sample in another batch
-        name = batch_statistics_layer(model)
-        if name is not None:
-            raise ValueError(f"{self.name}: the model's batch-norm layer {name!r} has no running statistics "
-                             "(track_running_stats=False) and normalises with each batch's own, in eval mode "
-                             "too: a sample's features depend on the batch it comes in, and RFA aligns them "
-                             "with features of the frozen model computed in other batches")
+        check_batch_statistics(self.name, model, "a sample's features depend on the batch it comes in, and RFA "
+                               "aligns them with features of the frozen model computed in other batches")
 
     def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,
                  unseen: LabeledData | None, seed: int) -> UnlearnResult:
