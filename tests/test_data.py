@@ -377,6 +377,8 @@ def test_labeled_data_names_what_it_cannot_hold():
         LabeledData(x, y[:3])
     with pytest.raises(TypeError, match="y must be a 1-D int64 tensor"):
         LabeledData(x, y.float())
+    with pytest.raises(TypeError, match=r"y must be a 1-D int64 tensor, got torch.int64 of shape \(\)"):
+        LabeledData(x, torch.tensor(0))  # was torch's IndexError from the row count
     with pytest.raises(ValueError, match="x is on meta but y on cpu"):
         LabeledData(x.to("meta"), y)
 
@@ -406,3 +408,73 @@ def test_the_local_datasets_are_the_ones_that_need_a_root(name):
     exactly the datasets that read it."""
     with pytest.raises(ValueError, match="read from local files"):
         load_dataset(name)
+
+
+@pytest.mark.parametrize("root, error, message", [
+    (3, TypeError, "mnist: root must be a folder path \\(str or os.PathLike\\), got int"),  # was pathlib's message
+    ("", ValueError, "mnist: root '' names no folder"),  # was read as the working folder
+], ids=["int", "empty"])
+def test_root_that_is_no_path_is_refused(root, error, message: str) -> None:
+    with pytest.raises(error, match=message):
+        load_dataset("mnist", root=root)
+
+
+def test_root_that_is_no_folder_says_so(tmp_path) -> None:
+    # the message listed the 16 files looked for under it, not that the folder itself is wrong
+    with pytest.raises(FileNotFoundError, match="cifar10: root .*nowhere does not exist. Nothing is downloaded"):
+        load_dataset("cifar10", root=tmp_path / "nowhere")
+    (tmp_path / "afile").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="mnist: root .*afile is not a folder"):
+        load_dataset("mnist", root=str(tmp_path / "afile"))
+
+
+def test_dataset_name_that_is_no_string_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"unknown dataset \['digits'\]"):  # was "unhashable type: 'list'"
+        load_dataset(["digits"])
+
+
+def test_class_with_a_single_sample_names_the_classes(tmp_path) -> None:
+    # scikit-learn's message spoke of "the minimum number of groups"
+    labels = np.r_[np.arange(10), np.ones(190)].astype(np.uint8)  # classes 0, 2..9 have one row each
+    _mnist_files(tmp_path, np.random.default_rng(0), gzipped=False)
+    _write_idx(str(tmp_path / "train-labels-idx1-ubyte"), labels)
+    with pytest.raises(ValueError, match=r"class\(es\) \[0, 2, 3, 4, 5, 6, 7, 8, 9\] have a single sample in the data"):
+        load_dataset("mnist", root=tmp_path)
+    y = np.r_[np.repeat(np.arange(3), 10), 3, 3]  # class 3: two rows, one of which the test split takes
+    with pytest.raises(ValueError, match=r"class\(es\) \[3\] have a single sample in the rows the test split leaves"):
+        _split_indices(y, 0, 0.2, 0.3)
+
+
+def test_cifar_pickle_refused_as_unsafe_names_the_file(tmp_path) -> None:
+    class Exploit:
+        def __reduce__(self):
+            return (os.getcwd, ())
+
+    _cifar_files(tmp_path, "cifar10", np.random.default_rng(0))
+    (tmp_path / "cifar-10-batches-py" / "data_batch_2").write_bytes(pickle.dumps({b"data": Exploit()}))
+    # a ValueError too, as every other bad file (the command line reports those): it was a bare
+    # UnpicklingError that named no file
+    with pytest.raises(ValueError, match="data_batch_2: refusing to load posix.getcwd") as info:
+        load_dataset("cifar10", root=tmp_path)
+    assert isinstance(info.value, pickle.UnpicklingError)
+
+
+def test_cifar_ragged_labels_name_the_file(tmp_path) -> None:
+    _cifar_files(tmp_path, "cifar100", np.random.default_rng(0))
+    with open(tmp_path / "cifar-100-python" / "test", "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [0, [1]]}, f, protocol=2)
+    with pytest.raises(ValueError, match="test: data and labels must be arrays"):  # was numpy's "inhomogeneous shape"
+        load_dataset("cifar100", root=tmp_path)
+
+
+@pytest.mark.parametrize("names, message", [
+    (5, "class names must be a list of strings, got 5"),  # was "'int' object is not iterable"
+    ("abcdefghij", "class names must be a list of strings, got 'abcdefghij'"),  # was read as 10 names 'a'..'j'
+    ([b"\xff"] * 10, "class names must be UTF-8 text"),  # was a bare UnicodeDecodeError
+], ids=["int", "str", "not-utf8"])
+def test_cifar_meta_class_names_are_checked(tmp_path, names, message: str) -> None:
+    _cifar_files(tmp_path, "cifar10", np.random.default_rng(0))
+    with open(tmp_path / "cifar-10-batches-py" / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": names}, f, protocol=2)
+    with pytest.raises(ValueError, match=f"batches.meta: {message}"):
+        load_dataset("cifar10", root=tmp_path)

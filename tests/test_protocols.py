@@ -345,7 +345,7 @@ def test_bad_labels_classes_and_flags() -> None:
     with pytest.raises(ValueError, match="labels must be non-negative class ids, got -1"):
         random_forget(torch.tensor([-1, 0, 1, 1, -1, 0]), 0.5)
     for fn in (random_forget, mislabel):
-        with pytest.raises(TypeError, match="stratified must be a bool, got 'no'"):
+        with pytest.raises(TypeError, match="stratified must be a bool, got str"):
             fn(y, 0.5, stratified="no")
     with pytest.raises(TypeError, match="stratified must be a bool"):
         sequential_forget(y, 2, 0.2, stratified="no")
@@ -357,3 +357,40 @@ def test_bad_labels_classes_and_flags() -> None:
     with pytest.raises(TypeError, match="classes must be integers"):
         sequential_class_forget(y, [1.5])
     assert [r.forget_idx.tolist() for r in sequential_class_forget(y, np.array([2, 0]))] == [[2, 5], [0, 3]]
+
+
+def test_stratified_takes_a_numpy_bool() -> None:
+    # the flag is checked as every other one (checks.check_bool): np.False_ was refused as "not a bool"
+    y = torch.arange(20) % 4
+    for fn in (random_forget, mislabel):
+        assert fn(y, 0.2, stratified=np.False_).description == fn(y, 0.2, stratified=False).description
+    assert sequential_forget(y, 2, 0.2, stratified=np.True_)[1].forget_idx.tolist() == \
+        sequential_forget(y, 2, 0.2)[1].forget_idx.tolist()
+
+
+@pytest.mark.parametrize("bad, found", [
+    ("0101", "got '0101'"),  # was torch's "new(): invalid data type 'str'"
+    ({0: 1}, "got {0: 1}"),  # was RuntimeError "Could not infer dtype of dict"
+    (LabeledData(torch.zeros(4, 1), torch.tensor([0, 1, 0, 1])), "got LabeledData"),  # data, not data.y
+], ids=["str", "dict", "labeled-data"])
+def test_labels_that_are_no_integers_name_the_argument(bad, found: str) -> None:
+    with pytest.raises(TypeError, match=f"labels must be integers, {found}"):
+        random_forget(bad, 0.5)
+
+
+def test_complex_and_uint64_labels() -> None:
+    with pytest.raises(ValueError, match="labels must be a non-empty 1-D integer tensor, got torch.complex64"):
+        random_forget(torch.tensor([0j, 1j, 0j, 1j]), 0.5)  # was NotImplementedError from torch's "<"
+    y = np.array([0, 1, 0, 1, 2, 2])  # was NotImplementedError too: torch compares no uint64 tensor
+    assert random_forget(y.astype(np.uint64), 0.5).forget_idx.tolist() == random_forget(y, 0.5).forget_idx.tolist()
+
+
+def test_indices_beyond_int64_name_the_argument() -> None:
+    with pytest.raises(TypeError, match=r"indices must be integers, got \[1180591620717411303424\]"):
+        split_forget(20, [2**70])  # was torch's "Overflow when unpacking long long"
+
+
+def test_sequential_class_forget_refuses_nested_classes() -> None:
+    with pytest.raises(TypeError, match=r"classes must be a flat sequence of class ids, one per request, got shape "
+                                        r"\(1, 2\)"):
+        sequential_class_forget(torch.arange(8) % 4, [[1, 2]])  # was int()'s "argument must be ... not 'list'"

@@ -30,11 +30,11 @@ class LabeledData:
                                 f"(torch.as_tensor converts numpy arrays)")
         if self.x.dim() == 0:
             raise ValueError("LabeledData: x must have a batch dimension (N, ...), got a 0-d tensor")
-        if self.x.shape[0] != self.y.shape[0]:
-            raise ValueError(f"LabeledData: x has {self.x.shape[0]} rows but y has {self.y.shape[0]}")
         if self.y.dim() != 1 or self.y.dtype != torch.long:
             raise TypeError(f"LabeledData: y must be a 1-D int64 tensor, got {self.y.dtype} of shape "
                             f"{tuple(self.y.shape)}")
+        if self.x.shape[0] != self.y.shape[0]:
+            raise ValueError(f"LabeledData: x has {self.x.shape[0]} rows but y has {self.y.shape[0]}")
         if self.x.device != self.y.device:
             raise ValueError(f"LabeledData: x is on {self.x.device} but y on {self.y.device}")
 

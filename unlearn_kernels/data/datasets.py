@@ -12,6 +12,7 @@ validation or test data.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -54,7 +55,7 @@ _CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog"
 
 # scikit-learn is imported inside the functions that use it: importing it takes seconds, and every
 # user of LabeledData imports this package.
-def _digits(root: Path | None) -> _Raw:
+def _digits(root: str | Path | None) -> _Raw:
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -62,8 +63,8 @@ def _digits(root: Path | None) -> _Raw:
     return _Raw(x, d.target, tuple(str(c) for c in d.target_names))
 
 
-def _tabular(name: str) -> Callable[[Path | None], _Raw]:
-    def load(root: Path | None) -> _Raw:
+def _tabular(name: str) -> Callable[[str | Path | None], _Raw]:
+    def load(root: str | Path | None) -> _Raw:
         from sklearn import datasets
 
         d = getattr(datasets, f"load_{name}")()
@@ -72,7 +73,7 @@ def _tabular(name: str) -> Callable[[Path | None], _Raw]:
     return load
 
 
-def _lfw(root: Path | None) -> _Raw:
+def _lfw(root: str | Path | None) -> _Raw:
     try:
         from skimage.data import lfw_subset
     except ImportError as err:
@@ -82,16 +83,16 @@ def _lfw(root: Path | None) -> _Raw:
     return _Raw(torch.from_numpy(np.asarray(images, dtype=np.float64)).unsqueeze(1), y, ("face", "non_face"))
 
 
-def _mnist_like(name: str, class_names: tuple[str, ...]) -> Callable[[Path | None], _Raw]:
-    def load(root: Path | None) -> _Raw:
+def _mnist_like(name: str, class_names: tuple[str, ...]) -> Callable[[str | Path | None], _Raw]:
+    def load(root: str | Path | None) -> _Raw:
         x_train, y_train, x_test, y_test = load_mnist_files(_need_root(name, root), name)
         return _Raw(_scaled(x_train).unsqueeze(1), y_train, class_names, _scaled(x_test).unsqueeze(1), y_test)
 
     return load
 
 
-def _cifar(name: str, num_classes: int) -> Callable[[Path | None], _Raw]:
-    def load(root: Path | None) -> _Raw:
+def _cifar(name: str, num_classes: int) -> Callable[[str | Path | None], _Raw]:
+    def load(root: str | Path | None) -> _Raw:
         x_train, y_train, x_test, y_test, names = load_cifar_files(_need_root(name, root), name)
         if names is None:
             names = _CIFAR10_NAMES if name == "cifar10" else [str(c) for c in range(num_classes)]
@@ -107,15 +108,23 @@ def _scaled(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).to(torch.float32).div_(255.0)
 
 
-def _need_root(name: str, root: Path | None) -> Path:
+def _need_root(name: str, root: str | Path | None) -> Path:
     if root is None:
         raise ValueError(f"dataset {name!r} is read from local files: pass root=<directory holding them> (--root on "
                          "the command line); nothing is downloaded")
-    return Path(root)
+    if not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"{name}: root must be a folder path (str or os.PathLike), got {type(root).__name__}")
+    if root == "":  # Path("") is the working folder
+        raise ValueError(f"{name}: root '' names no folder")
+    path = Path(root)
+    if not path.is_dir():  # said here: the list of files looked for would not tell
+        raise FileNotFoundError(f"{name}: root {path} {'is not a folder' if path.exists() else 'does not exist'}. "
+                                "Nothing is downloaded; pass the folder that holds the dataset files")
+    return path
 
 
 # name -> (loader, number of classes)
-_DATASETS: dict[str, tuple[Callable[[Path | None], _Raw], int]] = {
+_DATASETS: dict[str, tuple[Callable[[str | Path | None], _Raw], int]] = {
     "digits": (_digits, 10),
     "breast_cancer": (_tabular("breast_cancer"), 2),
     "wine": (_tabular("wine"), 3),
@@ -143,10 +152,15 @@ def check_sklearn_seed(name: str, seed: int) -> int:
     return check_seed(name, seed, high_bits=32)
 
 
-def _holdout(indices: np.ndarray, y: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``indices`` (labels ``y[indices]``) into (kept, ``count`` held out), stratified, both sorted."""
+def _holdout(indices: np.ndarray, y: np.ndarray, count: int, seed: int, pool: str) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``indices`` (labels ``y[indices]``; ``pool`` names them in a message) into (kept, ``count``
+    held out), stratified, both sorted."""
     from sklearn.model_selection import train_test_split
 
+    classes, sizes = np.unique(y[indices], return_counts=True)
+    if (sizes < 2).any():  # said here: scikit-learn's message speaks of its own "groups"
+        raise ValueError(f"class(es) {classes[sizes < 2].tolist()} have a single sample in {pool}: a stratified "
+                         "split needs at least two of each")
     kept, held = train_test_split(indices, test_size=count, stratify=y[indices], random_state=seed)
     return np.sort(kept), np.sort(held)
 
@@ -177,8 +191,8 @@ def _split_indices(
                          f"{len(y) - val_count - test_count} of {len(y)} samples to train on, fewer than the "
                          f"{classes} classes")
     if test_fraction is not None:
-        train, test = _holdout(train, y, test_count, seed)
-    train, val = _holdout(train, y, val_count, seed)
+        train, test = _holdout(train, y, test_count, seed, "the data")
+    train, val = _holdout(train, y, val_count, seed, "the data" if test is None else "the rows the test split leaves")
     return train, val, test
 
 
@@ -229,14 +243,14 @@ def load_dataset(
             official test file is the test split (MNIST, Fashion-MNIST, CIFAR).
 
     Raises:
-        ValueError: unknown name, bad fractions, a seed outside [0, 2**32), or ``root`` missing for a
-            local dataset.
-        TypeError: a seed that is not an integer.
-        FileNotFoundError: a local dataset's files are not under ``root`` (the message lists where
-            they are looked for).
+        ValueError: unknown name, bad fractions, a seed outside [0, 2**32), ``root`` missing for a
+            local dataset, files not in their standard format, or a class with a single sample.
+        TypeError: a seed that is not an integer, or a ``root`` that is not a path.
+        FileNotFoundError: ``root`` is not a folder, or a local dataset's files are not under it (the
+            message lists where they are looked for).
         ImportError: "lfw" without scikit-image.
     """
-    if name not in _DATASETS:
+    if not isinstance(name, str) or name not in _DATASETS:  # a list would fail as unhashable
         raise ValueError(f"unknown dataset {name!r}; available: {', '.join(available_datasets())}")
     seed = check_sklearn_seed("load_dataset: seed", seed)
     for what, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -245,7 +259,7 @@ def load_dataset(
         raise ValueError(f"val_fraction + test_fraction must be < 1 to leave train data, got {val_fraction} + {test_fraction}")
 
     loader, num_classes = _DATASETS[name]
-    raw = loader(None if root is None else Path(root))
+    raw = loader(root)
     for labels in (raw.y, raw.y_test):
         if labels is not None and labels.size and not 0 <= labels.min() <= labels.max() < num_classes:
             raise ValueError(f"{name}: labels must lie in [0, {num_classes}), found [{labels.min()}, {labels.max()}]")

@@ -11,8 +11,10 @@ from __future__ import annotations
 import gzip
 import math
 import pickle
+import reprlib
 import struct
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +103,9 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
-class _RefusedGlobal(pickle.UnpicklingError):
-    """A pickle that names a global outside ``_SAFE_GLOBALS``."""
+class _RefusedGlobal(pickle.UnpicklingError, ValueError):
+    """A pickle that names a global outside ``_SAFE_GLOBALS`` (a ValueError too: bad input, as every other
+    file that is no CIFAR batch)."""
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -117,13 +120,16 @@ def read_cifar_batch(path: str | Path) -> dict[bytes, Any]:
     """Load one CIFAR python batch (a pickled dict with bytes keys such as ``b"data"``).
 
     Only numpy arrays and plain Python values are accepted (see ``_SAFE_GLOBALS``; others raise
-    ``pickle.UnpicklingError``); a file that is no pickle at all raises ValueError naming it.
+    ``pickle.UnpicklingError``, also a ValueError); a file that is no pickle at all raises ValueError.
+    Both name the file.
     """
     with open(path, "rb") as f:
         try:
             batch = _CifarUnpickler(f, encoding="bytes").load()
-        except (_RefusedGlobal, OSError):
+        except OSError:
             raise
+        except _RefusedGlobal as err:
+            raise _RefusedGlobal(f"{path}: {err}") from None
         except Exception as err:  # foreign or truncated bytes fail in many ways (UnpicklingError, EOFError, ...)
             raise ValueError(f"{path}: not a CIFAR python batch "
                              f"(unpickling failed: {type(err).__name__}: {err})") from err
@@ -197,7 +203,10 @@ def load_cifar_files(
             batch = read_cifar_batch(folder / b)
             if b"data" not in batch or layout["label_key"] not in batch:
                 raise ValueError(f"{folder / b}: expected keys b'data' and {layout['label_key']!r}, found {sorted(batch)}")
-            x, y = np.asarray(batch[b"data"]), np.asarray(batch[layout["label_key"]])
+            try:
+                x, y = np.asarray(batch[b"data"]), np.asarray(batch[layout["label_key"]])
+            except ValueError as err:  # ragged lists
+                raise ValueError(f"{folder / b}: data and labels must be arrays ({err})") from None
             # a cast would silently wrap or truncate other values (floats in [0, 1] become 0); an empty
             # label list has no type of its own (numpy makes it float64)
             if x.dtype != np.uint8 or not (np.issubdtype(y.dtype, np.integer) or y.size == 0):
@@ -218,5 +227,17 @@ def load_cifar_files(
     if meta.is_file():
         raw_names = read_cifar_batch(meta).get(layout["names_key"])
         if raw_names is not None:
-            names = [n.decode() if isinstance(n, bytes) else str(n) for n in raw_names]
+            names = _class_names(meta, raw_names)
     return x_train, y_train, x_test, y_test, names
+
+
+def _class_names(path: Path, raw: Any) -> list[str]:
+    """The class names of a meta file: a sequence of bytes (UTF-8) or str, else ValueError naming it."""
+    # a str is a sequence too: its characters are no class names
+    if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence | np.ndarray) or not all(
+            isinstance(n, (str, bytes)) for n in raw):
+        raise ValueError(f"{path}: class names must be a list of strings, got {reprlib.repr(raw)}")
+    try:
+        return [n.decode() if isinstance(n, bytes) else str(n) for n in raw]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: class names must be UTF-8 text ({err})") from None

@@ -21,12 +21,13 @@ Indices live on the CPU; :meth:`ForgetRequest.apply` moves them to the data's de
 """
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
 
-from ..checks import check_int, check_number, check_seed
+from ..checks import check_bool, check_int, check_number, check_seed
 from ..labeled import LabeledData, wrong_labels
 
 IndexLike = torch.Tensor | Sequence[int]
@@ -66,13 +67,23 @@ class ForgetRequest:
 
 
 # --------------------------------------------------------------------------- validation helpers
+def _as_tensor(values: object, name: str) -> torch.Tensor:
+    """``values`` as a CPU tensor, or TypeError naming ``name`` (torch's own message names no argument)."""
+    try:
+        return torch.as_tensor(values).cpu()
+    except (TypeError, ValueError, RuntimeError) as err:  # e.g. a str, a LabeledData, an int beyond int64
+        raise TypeError(f"{name} must be integers, got {reprlib.repr(values)} ({err})") from None
+
+
 def _labels(labels: IndexLike) -> torch.Tensor:
-    labels = torch.as_tensor(labels).cpu()
-    if labels.dim() != 1 or labels.numel() == 0 or labels.is_floating_point() or labels.dtype == torch.bool:
+    labels = _as_tensor(labels, "labels")
+    if (labels.dim() != 1 or labels.numel() == 0 or labels.is_floating_point() or labels.is_complex()
+            or labels.dtype == torch.bool):
         raise ValueError(f"labels must be a non-empty 1-D integer tensor, got {labels.dtype} of shape {tuple(labels.shape)}")
+    labels = labels.long()  # first: torch compares no uint64 tensor
     if bool((labels < 0).any()):
         raise ValueError(f"labels must be non-negative class ids, got {int(labels.min())}")
-    return labels.long()
+    return labels
 
 
 def _seed(seed: int) -> torch.Generator:
@@ -80,14 +91,9 @@ def _seed(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(check_seed("seed", seed))
 
 
-def _check_stratified(stratified: bool) -> None:
-    if not isinstance(stratified, bool):  # a string such as "no" would be truthy
-        raise TypeError(f"stratified must be a bool, got {stratified!r}")
-
-
 def _indices(values: IndexLike, name: str, num_samples: int) -> torch.Tensor:
     """``values`` as sorted int64 indices, rejecting non-integers, empty, out-of-range and duplicates."""
-    idx = torch.as_tensor(values).cpu()
+    idx = _as_tensor(values, name)
     if idx.numel() == 0:  # checked first: an empty list converts to a float tensor
         raise ValueError(f"{name} is empty")
     if idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex():
@@ -125,10 +131,7 @@ def _classes(classes: int | Iterable[int], present: torch.Tensor) -> torch.Tenso
         raise TypeError(f"classes must be integers, got {classes!r}")
     if isinstance(classes, Iterable) and not isinstance(classes, torch.Tensor):
         classes = list(classes)  # sets and generators too
-    try:
-        asked = torch.as_tensor(classes).cpu().reshape(-1)
-    except (TypeError, ValueError, RuntimeError) as err:  # e.g. ["3"] or [None]
-        raise TypeError(f"classes must be integers, got {classes!r}") from err
+    asked = _as_tensor(classes, "classes").reshape(-1)
     if asked.numel() == 0:
         raise ValueError("no class given to forget")
     if asked.is_floating_point() or asked.dtype == torch.bool:
@@ -189,7 +192,7 @@ def random_forget(labels: IndexLike, fraction: float, seed: int = 0, stratified:
     """Forget ``round(fraction * N)`` random train rows; stratified keeps each class's share within one sample."""
     labels = _labels(labels)
     count = _forget_count(fraction, len(labels))
-    _check_stratified(stratified)
+    stratified = check_bool("stratified", stratified)
     generator = _seed(seed)
     forget = _pick(labels, torch.arange(len(labels)), count, generator, stratified)
     return ForgetRequest(forget, _complement(forget, len(labels)), _describe_fraction(fraction, seed, stratified))
@@ -230,7 +233,7 @@ def sequential_forget(
         raise ValueError(
             f"{num_requests} requests of {count} samples (fraction={fraction}) would forget all {len(labels)} samples"
         )
-    _check_stratified(stratified)
+    stratified = check_bool("stratified", stratified)
     generator = _seed(seed)
     remaining = torch.arange(len(labels))
     parts = []
@@ -248,10 +251,13 @@ def sequential_class_forget(labels: IndexLike, classes: Sequence[int]) -> list[F
     labels = _labels(labels)
     if not isinstance(classes, Iterable) or isinstance(classes, (str, bytes)):
         raise TypeError(f"classes must be a sequence of class ids, one per request, got {classes!r}")
-    order = classes.tolist() if isinstance(classes, torch.Tensor) else list(classes)
+    order = _as_tensor(classes if isinstance(classes, torch.Tensor) else list(classes), "classes")
+    if order.dim() != 1:
+        raise TypeError(f"classes must be a flat sequence of class ids, one per request, got shape "
+                        f"{tuple(order.shape)}")
     present = labels.unique()
     _classes(order, present)  # integers, each of which occurs
-    order = [int(c) for c in order]
+    order = order.tolist()
     if len(set(order)) != len(order):
         raise ValueError(f"sequential class requests need distinct classes, got {order}")
     if len(order) == len(present):
@@ -302,7 +308,7 @@ def mislabel(labels: IndexLike, fraction: float, seed: int = 0, stratified: bool
     """
     labels = _labels(labels)
     count = _forget_count(fraction, len(labels))
-    _check_stratified(stratified)
+    stratified = check_bool("stratified", stratified)
     if num_classes is None:
         num_classes = int(labels.max()) + 1
     num_classes = check_int("num_classes", num_classes, low=2)  # a wrong label needs a second class
