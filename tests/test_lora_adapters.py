@@ -4,6 +4,7 @@ before anything changes."""
 import copy
 import sys
 
+import numpy as np
 import pytest
 import torch
 from devices import AUTOCAST_DTYPE
@@ -199,6 +200,64 @@ def test_tied_weights_are_refused(target, match):
     assert lora.add_adapters(model, "3", rank=2) == ("3",)
 
 
+class _Rescaled(nn.Linear):
+    """A Linear subclass with its own forward (the adapter computes nn.Linear's formula instead)."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def _weight_normed():
+    return nn.utils.parametrizations.weight_norm(nn.Linear(4, 4))
+
+
+@pytest.mark.parametrize("build, target, match", [
+    (lambda: nn.Sequential(nn.Linear(4, 4), _Rescaled(4, 4)), "*",
+     r"layer '1': its class _Rescaled overrides Linear's forward"),
+    (lambda: nn.Sequential(nn.Linear(4, 4), nn.LazyLinear(4)), ["0", "1"],
+     r"layer '1': it is a lazy layer whose weight is not initialised yet"),
+    (lambda: nn.Sequential(nn.Linear(4, 4), _weight_normed()), "*",
+     r"layer '1': its weight is not a parameter but computed \(a parametrization"),
+    (lambda: nn.Sequential(nn.Linear(4, 4), nn.TransformerEncoderLayer(4, 2, 8)), "*",
+     r"layer '1.self_attn.out_proj': it is the out_proj of an nn.MultiheadAttention"),
+], ids=["own-forward", "lazy", "parametrized", "attention-out-proj"])
+def test_layers_an_adapter_cannot_stand_in_for_are_refused(build, target, match):
+    """Each was wrapped: the subclass's forward and a parametrized weight silently lost (a merge into the
+    recomputed weight did nothing), nn.MultiheadAttention's forward failed on the adapter's missing
+    .weight, and the lazy layer raised torch's error after the layer before it had been frozen."""
+    torch.manual_seed(0)
+    model = build()
+    first, types_before = model[0].weight.clone(), [type(m) for m in model.modules()]  # (a lazy weight has no value)
+    with pytest.raises(ValueError, match=r"^add_adapters: " + match):
+        lora.add_adapters(model, target, rank=2)
+    assert [type(m) for m in model.modules()] == types_before
+    assert all(p.requires_grad for p in model.parameters()) and torch.equal(model[0].weight, first)
+
+
+def test_the_adapter_classes_refuse_such_layers_too():
+    with pytest.raises(ValueError, match=r"^LoRALinear: base layer: its class _Rescaled overrides Linear's forward"):
+        lora.LoRALinear(_Rescaled(4, 4), rank=2)
+    with pytest.raises(ValueError, match=r"^LoRALinear: base layer: its weight is not a parameter"):
+        lora.LoRALinear(_weight_normed(), rank=2)
+
+
+def test_targets_are_named_as_given_in_the_error():
+    with pytest.raises(TypeError, match=r"non-empty sequence of them, got ''$"):
+        lora.add_adapters(mlp(), "", rank=2)
+
+
+def test_parameter_names_of_a_model_that_is_an_adapter():
+    adapter = lora.LoRALinear(nn.Linear(3, 2), rank=1)
+    assert lora.adapter_parameter_names(adapter) == ("lora_a", "lora_b")
+    assert set(lora.adapter_parameter_names(adapter)) <= dict(adapter.named_parameters()).keys()
+
+
+def test_a_numpy_rank_is_stored_as_an_int():
+    model = mlp()
+    lora.add_adapters(model, "1", rank=np.int64(2))
+    assert type(lora.adapter_modules(model)["1"].rank) is int
+
+
 @pytest.mark.parametrize("build, x", [(mlp, X), (cnn, IMAGES)])
 def test_merged_state_loads_merged(build, x, tmp_path):
     """A merged model's state dict loaded into a fresh adapted model of the same layout gives the same
@@ -343,6 +402,33 @@ def test_peft_interop_errors(peft):
     lora.add_adapters(mixed, "3", rank=4)
     with pytest.raises(ValueError, match="one rank and one scale"):
         lora.to_peft(mixed)
+
+
+def test_from_peft_refuses_what_it_cannot_convert_by_name(peft):
+    """LoRA on an Embedding was refused as having no active adapter; LoRA on nn.MultiheadAttention's
+    out_proj (which PEFT wraps, and the attention never calls) gave a model whose forward failed."""
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Embedding(10, 4), nn.Linear(4, 3)
+
+        def forward(self, i):
+            return self.head(self.embed(i))
+
+    embedding = peft.get_peft_model(Tokens(), peft.LoraConfig(r=2, target_modules=["embed", "head"]))
+    with pytest.raises(ValueError, match=r"^from_peft: layer 'embed' is a PEFT Embedding layer on Embedding; only "
+                                         r"LoRA on nn.Linear and nn.Conv2d"):
+        lora.from_peft(embedding)
+    attention = nn.Sequential(nn.TransformerEncoderLayer(4, 2, 8), nn.Linear(4, 3))
+    wrapped = peft.get_peft_model(attention, peft.LoraConfig(r=2, target_modules=["out_proj", "linear1"]))
+    with pytest.raises(ValueError, match=r"^from_peft: layer '0.self_attn.out_proj': it is the out_proj of an "
+                                         r"nn.MultiheadAttention"):
+        lora.from_peft(wrapped)
+    two = peft.get_peft_model(mlp(), peft.LoraConfig(r=2, target_modules=["1"]))
+    two.add_adapter("other", peft.LoraConfig(r=2, target_modules=["3"]))
+    with pytest.raises(ValueError, match=r"^from_peft: layer '3' needs exactly one active LoRA adapter that it "
+                                         r"holds, got active \['default'\], held \['other'\]"):
+        lora.from_peft(two)
 
 
 def test_missing_peft_gives_a_clear_error(monkeypatch):

@@ -89,6 +89,20 @@ def test_frozen_weights_bit_identical_without_merging(problem):
     assert torch.equal(again.model.get_submodule("1.base").weight, original["1.weight"])
 
 
+def test_merged_adapters_are_trained(problem):
+    """Merged adapters took no gradient: RFA failed mid-run with torch's "element 0 of tensors does not
+    require grad"; now it unmerges them in its copy and trains them, and the caller's model stays merged."""
+    model, forget, retain, unseen = problem
+    adapted = RFA(epochs=1, merge=False).unlearn(model, forget, retain, unseen=unseen, seed=0).model
+    lora.merge(adapted)
+    before = copy.deepcopy(adapted.state_dict())
+    result = RFA(epochs=1, merge=False).unlearn(adapted, forget, retain, unseen=unseen, seed=1)
+    trained = lora.adapter_modules(result.model)["1"]
+    assert not trained.merged and not torch.equal(trained.lora_b, before["1.lora_b"])  # it trained
+    assert lora.adapter_modules(adapted)["1"].merged
+    assert all(torch.equal(v, before[k]) for k, v in adapted.state_dict().items())
+
+
 @pytest.mark.parametrize("shift", SHIFTS)
 def test_every_shift_moves_forget_features(problem, shift):
     model, forget, retain, unseen = problem
@@ -306,3 +320,70 @@ def test_unmerged_rfa_keeps_the_flags_and_trains_adapters_the_caller_froze(probl
     # merged, the layer gets back the flags it had before its first adapter
     merged = RFA(epochs=1).unlearn(first, forget, retain, unseen=unseen, seed=1).model
     assert own_parameters(merged) == own_parameters(given)
+
+
+def _small_sets():
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 6, generator=generator), torch.arange(40) % 3
+    return LabeledData(x[:5], y[:5]), LabeledData(x[5:], y[5:])
+
+
+def _small_mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+
+
+def _tied():
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.ReLU(), torch.nn.Linear(6, 6), torch.nn.ReLU(),
+                                torch.nn.Linear(6, 3))
+    model[2].weight = model[0].weight
+    return model
+
+
+class _NoLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(6, 3))
+
+    def forward(self, x):
+        return x @ self.weight
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: torch.nn.Linear(6, 3), r"the model is itself a Linear layer; wrap it"),
+    (lambda: lora.LoRALinear(torch.nn.Linear(6, 3), rank=2), r"the model is itself a LoRALinear layer; wrap it"),
+    (_NoLayer, r"the model has no Linear or Conv2d layer to adapt"),
+    (_tied, r"layer '0' shares its parameter '0.weight' with '2.weight'"),
+], ids=["a-linear-layer", "an-adapter", "no-layer", "tied-weights"])
+def test_cure_newton_lora_refuses_a_model_without_layers_it_can_adapt_up_front(build, match):
+    """The default targets were resolved mid-method: add_adapters' messages about targets the caller never
+    gave (got [''], got []), and check_model let tied weights through."""
+    forget, retain = _small_sets()
+    model = build()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"^cure_newton_lora: " + match):
+        CureNewtonLoRA().check_model(model)
+    with pytest.raises(ValueError, match=r"^cure_newton_lora: " + match):
+        CureNewtonLoRA(max_iterations=1).unlearn(model, forget, retain, seed=0)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_cure_newton_lora_trains_merged_adapters_and_names_every_adapter_it_trained():
+    """Merged adapters took no gradient: the method returned the model unchanged (zero gradient, stop at
+    the tolerance), or failed with torch's "element 0 of tensors does not require grad" when every
+    layer's adapter was merged. Adapters the model had trained alongside new targets, but the
+    diagnostics named only the new layers and the method's rank."""
+    forget, retain = _small_sets()
+    model = _small_mlp()
+    lora.add_adapters(model, "0", rank=2)
+    lora.merge(model)
+    before = copy.deepcopy(model.state_dict())
+    result = CureNewtonLoRA(max_iterations=1).unlearn(model, forget, retain, seed=0)
+    assert not torch.equal(result.model[0].weight, before["0.base.weight"])  # it moved
+    assert result.diagnostics["layers"] == ["0"] and result.diagnostics["ranks"] == [2] and result.hvps > 0
+    assert not lora.adapter_modules(result.model)
+    assert lora.adapter_modules(model)["0"].merged  # the caller's model is as it was
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    lora.unmerge(model)
+    result = CureNewtonLoRA(rank=4, max_iterations=1, targets="2").unlearn(model, forget, retain, seed=0)
+    assert result.diagnostics["layers"] == ["0", "2"] and result.diagnostics["ranks"] == [2, 4]

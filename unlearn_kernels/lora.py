@@ -59,7 +59,7 @@ class _Adapter(nn.Module):
     def __init__(self, base: nn.Module, rank: int, alpha: float) -> None:
         super().__init__()
         self.base = base
-        self.rank = rank
+        self.rank = int(rank)  # a checked integer; a numpy one would travel on into diagnostics and configs
         self.alpha = alpha
         self.scale = alpha / rank
         # Whether the adapter is merged into base.weight: a Python bool for the forward (no device read),
@@ -125,8 +125,33 @@ class _Adapter(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}, merged={self.merged}"
 
 
+def _layer_problem(layer: nn.Linear | nn.Conv2d, parent: nn.Module | None = None) -> str | None:
+    """Why a Linear or Conv2d layer (a child of ``parent``, where known) cannot take an adapter (None if
+    it can)."""
+    if isinstance(parent, nn.MultiheadAttention):  # its one child, out_proj: the adapter would never run
+        return ("it is the out_proj of an nn.MultiheadAttention, which uses the layer's weight directly and never "
+                "calls the layer")
+    plain = nn.Linear if isinstance(layer, nn.Linear) else nn.Conv2d
+    if type(layer).forward is not plain.forward:
+        return (f"its class {type(layer).__name__} overrides {plain.__name__}'s forward; the adapter's formula and "
+                "merging assume the plain layer's")
+    if isinstance(layer.weight, nn.parameter.UninitializedParameter):
+        return "it is a lazy layer whose weight is not initialised yet; run a forward pass first"
+    if not isinstance(layer.weight, nn.Parameter):  # recomputed at each call: a merge into it would be lost
+        return "its weight is not a parameter but computed (a parametrization or weight norm); remove that first"
+    if isinstance(layer, nn.Conv2d) and (layer.groups != 1 or layer.dilation != (1, 1)
+                                         or layer.padding_mode != "zeros"):
+        return (f"an adapted convolution needs groups=1, dilation=1 and zero padding, got groups={layer.groups}, "
+                f"dilation={layer.dilation}, padding_mode={layer.padding_mode!r}")
+    return None
+
+
 class LoRALinear(_Adapter):
     """A frozen ``nn.Linear`` plus a low-rank residual: ``x W^T + b + scale (x A^T) B^T``.
+
+    The base layer must compute ``nn.Linear``'s formula with a weight parameter: a subclass with its
+    own forward, a lazy layer not yet initialised or a parametrized weight (weight norm, spectral
+    norm) is refused with ``ValueError``.
 
     Args:
         base: the layer to adapt (its parameters are frozen; it is used, not copied).
@@ -140,6 +165,9 @@ class LoRALinear(_Adapter):
     def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None) -> None:
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRALinear: base must be an nn.Linear, got {type(base).__name__}")
+        problem = _layer_problem(base)
+        if problem:
+            raise ValueError(f"LoRALinear: base layer: {problem}")
         alpha = check_rank_alpha("LoRALinear", rank, alpha)
         super().__init__(base, rank, alpha)
         kwargs = {"dtype": base.weight.dtype, "device": base.weight.device}
@@ -155,20 +183,13 @@ class LoRALinear(_Adapter):
         return ops.lora_linear(x, self.base.weight, self.base.bias, self.lora_a, self.lora_b, self.scale)
 
 
-def _conv_problem(conv: nn.Conv2d) -> str | None:
-    """Why a convolution cannot take an adapter (None if it can)."""
-    if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
-        return (f"the base convolution needs groups=1, dilation=1 and zero padding, got groups={conv.groups}, "
-                f"dilation={conv.dilation}, padding_mode={conv.padding_mode!r}")
-    return None
-
-
 class LoRAConv2d(_Adapter):
     """A frozen ``nn.Conv2d`` plus PEFT's convolutional LoRA residual:
     ``conv(x, W) + b + scale * conv1x1(conv(x, A), B)``, A with the base's kernel, stride and padding.
 
     The base layer must have ``groups=1``, ``dilation=1`` and zero padding (what the merge formula
-    ``W + scale * B A`` and PEFT's layer assume); otherwise ``ValueError``.
+    ``W + scale * B A`` and PEFT's layer assume), and meet :class:`LoRALinear`'s other conditions
+    (``nn.Conv2d``'s forward, a weight parameter); otherwise ``ValueError``.
 
     Args:
         base, rank, alpha: as in :class:`LoRALinear`.
@@ -180,9 +201,9 @@ class LoRAConv2d(_Adapter):
     def __init__(self, base: nn.Conv2d, rank: int, alpha: float | None = None) -> None:
         if not isinstance(base, nn.Conv2d):
             raise TypeError(f"LoRAConv2d: base must be an nn.Conv2d, got {type(base).__name__}")
-        problem = _conv_problem(base)
+        problem = _layer_problem(base)
         if problem:
-            raise ValueError(f"LoRAConv2d: {problem}")
+            raise ValueError(f"LoRAConv2d: base layer: {problem}")
         alpha = check_rank_alpha("LoRAConv2d", rank, alpha)
         super().__init__(base, rank, alpha)
         kwargs = {"dtype": base.weight.dtype, "device": base.weight.device}
@@ -222,23 +243,24 @@ def adapter_modules(model: nn.Module) -> dict[str, Adapter]:
 def adapter_parameter_names(model: nn.Module) -> tuple[str, ...]:
     """Names of the adapter parameters (``<module>.lora_a``, ``<module>.lora_b``), e.g. for
     ``hessian_operator(..., params=...)`` or ``CureNewton(params=...)``; empty if there is none."""
-    return tuple(f"{name}.{p}" for name in adapter_modules(model) for p in ("lora_a", "lora_b"))
+    return tuple(f"{name}.{p}" if name else p  # name "": the model is itself an adapter
+                 for name in adapter_modules(model) for p in ("lora_a", "lora_b"))
 
 
 def check_targets(owner: str, targets: Any) -> tuple[str, ...]:
     """Checks adapter targets (a module name or pattern, or a non-empty sequence of them) and returns
     them as a tuple; TypeError names ``owner`` and the bad value."""
-    if isinstance(targets, str):
-        targets = (targets,)
-    if not isinstance(targets, Sequence) or not targets or not all(isinstance(t, str) and t for t in targets):
+    names = (targets,) if isinstance(targets, str) else targets
+    if not isinstance(names, Sequence) or not names or not all(isinstance(t, str) and t for t in names):
         raise TypeError(f"{owner}: targets must be a module name or pattern, or a non-empty sequence of them, "
-                        f"got {targets!r}")
-    return tuple(targets)
+                        f"got {targets!r}")  # as given: '' rather than ('',)
+    return tuple(names)
 
 
 def resolve_targets(model: nn.Module, targets: str | Sequence[str], owner: str = "add_adapters") -> list[str]:
     """Module names selected by ``targets`` (exact names first, else glob patterns), each a Linear or
-    Conv2d layer without an adapter; TypeError/ValueError naming the first target that is not.
+    Conv2d layer without an adapter that can take one (see :func:`add_adapters`); TypeError/ValueError
+    naming the first target that is not.
     A layer that is also used elsewhere in the model (the same module under a second name, or one of
     its parameters shared with another module, as tied weights are) is refused with ValueError: an
     adapter would take only one of its uses, and freezing and merging would change the others.
@@ -270,7 +292,7 @@ def resolve_targets(model: nn.Module, targets: str | Sequence[str], owner: str =
                 raise TypeError(f"{owner}: pattern {target!r} matches no Linear or Conv2d layer "
                                 f"(it matches {matched[:6]})")
         for name in found:
-            problem = _conv_problem(modules[name]) if isinstance(modules[name], nn.Conv2d) else None
+            problem = _layer_problem(modules[name], modules[name.rpartition(".")[0]])
             if problem:
                 raise ValueError(f"{owner}: layer {name!r}: {problem}")
             _check_not_shared(owner, model, modules, name)
@@ -318,8 +340,11 @@ def add_adapters(model: nn.Module, targets: str | Sequence[str], rank: int = 8, 
 
     Raises:
         ValueError: a bad rank or alpha, a target that names no module, a layer that already has
-            an adapter, a Conv2d the adapter cannot wrap, or a layer used elsewhere in the model too
-            (the same module under two names, or a parameter tied to another module's). TypeError:
+            an adapter, a layer the adapter cannot wrap (a Conv2d with groups, dilation or non-zero
+            padding; a Linear or Conv2d subclass with its own forward; a lazy layer not initialised
+            yet; a parametrized weight; nn.MultiheadAttention's out_proj, whose weight it uses
+            without calling it), or a layer used elsewhere in the model too (the same module under
+            two names, or a parameter tied to another module's). TypeError:
             ``model`` not an nn.Module, or a target that is not a Linear/Conv2d layer. Nothing is
             changed when it raises.
     """
@@ -387,8 +412,11 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
 
     Supported: plain LoRA on ``nn.Linear`` / ``nn.Conv2d`` layers with one active adapter (scaling
     alpha/r or rsLoRA's alpha/sqrt(r): the scale is copied). LoRA dropout is not carried over (the
-    outputs agree in eval mode). Raises ValueError for DoRA and other variants, a LoRA bias,
-    ``fan_in_fan_out``, several active adapters, other PEFT tuner layers, or no LoRA layer at all.
+    outputs agree in eval mode). A and B take the base layer's dtype (PEFT keeps float32 adapters on a
+    bfloat16 or float16 layer: the outputs then agree to that dtype's rounding). Raises ValueError for
+    DoRA and other variants, a LoRA bias, ``fan_in_fan_out``, several active adapters, other PEFT
+    tuner layers or LoRA on other layer types (Embedding, ...), a base layer :func:`add_adapters`
+    would refuse, or no LoRA layer at all.
     """
     check_module("from_peft", peft_model)
     peft = _peft()
@@ -405,17 +433,23 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
             raise ValueError(f"from_peft: module {name!r} is a PEFT {type(m).__name__}, which has no counterpart here")
     replacements = {}
     for name, layer in layers.items():
+        base_layer = layer.get_base_layer()
+        # first: other layer types (Embedding, ...) keep their adapters elsewhere than lora_A
+        if (type(layer) not in (peft.tuners.lora.Linear, peft.tuners.lora.Conv2d)
+                or not isinstance(base_layer, ADAPTABLE)):
+            raise ValueError(f"from_peft: layer {name!r} is a PEFT {type(layer).__name__} layer on "
+                             f"{type(base_layer).__name__}; only LoRA on nn.Linear and nn.Conv2d is supported")
+        problem = _layer_problem(base_layer, modules[name.rpartition(".")[0]])
+        if problem:
+            raise ValueError(f"from_peft: layer {name!r}: {problem}")
         active = list(layer.active_adapters)
         if len(active) != 1 or active[0] not in layer.lora_A:
-            raise ValueError(f"from_peft: layer {name!r} needs exactly one active LoRA adapter, got {active}")
+            raise ValueError(f"from_peft: layer {name!r} needs exactly one active LoRA adapter that it holds, got "
+                             f"active {active}, held {list(layer.lora_A)}")
         if layer.disable_adapters:  # PEFT's output is then the base layer's: converting would add the adapter back
             raise ValueError(f"from_peft: layer {name!r} has its adapters disabled (disable_adapter(), "
                              "disable_adapter_layers()); enable them, or use the base model without adapters")
         key = active[0]
-        base_layer = layer.get_base_layer()
-        if type(layer) not in (peft.tuners.lora.Linear, peft.tuners.lora.Conv2d) or not isinstance(base_layer, ADAPTABLE):
-            raise ValueError(f"from_peft: layer {name!r} is a {type(layer).__name__} on a {type(base_layer).__name__}; "
-                             "only LoRA on nn.Linear and nn.Conv2d is supported")
         if key in layer.lora_variant or getattr(layer, "fan_in_fan_out", False) or layer.lora_B[key].bias is not None:
             raise ValueError(f"from_peft: layer {name!r} uses a LoRA variant (DoRA, ...), fan_in_fan_out or a LoRA "
                              "bias; only plain LoRA is supported")

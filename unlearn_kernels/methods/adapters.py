@@ -36,6 +36,7 @@ from ..lora import (
     check_targets,
     resolve_targets,
     unload,
+    unmerge,
 )
 from .base import Unlearner, UnlearnResult
 from .newton import CureNewton, check_per_sample_loss
@@ -48,7 +49,9 @@ class CureNewtonLoRA(Unlearner):
         rank, alpha: the adapters (scale alpha / rank; alpha None means rank). Default rank 8.
         targets: module names or glob patterns of the layers to adapt (None: every Linear and Conv2d
             layer, the output layer included: the retain objective involves all weights; on a model
-            that already has adapters, those adapters and no new ones).
+            that already has adapters, those adapters and no new ones). Adapters the model already
+            has train too (unmerged first, if merged). The diagnostics name the adapted layers
+            (``layers``) and their ranks (``ranks``).
         **newton_options: CureNewton's options (``M``, ``weight_decay``, ...), except ``params``.
     """
 
@@ -78,20 +81,34 @@ class CureNewtonLoRA(Unlearner):
 
     def _check_parameters(self, model: nn.Module) -> None:
         check_per_sample_loss(self.name, model)  # else CureNewton refuses it, under its name, after the adapters
-        if self.targets is not None:  # the layers named exist and can take an adapter
-            resolve_targets(model, self.targets, owner=self.name)
+        self._new_layers(model)  # the layers exist and can take an adapter: refused here, not mid-method
+
+    def _new_layers(self, model: nn.Module) -> list[str]:
+        """The layers that get fresh adapters (checked; nothing is changed): ``targets``, else every
+        Linear and Conv2d layer, or none on a model that already has adapters (those train)."""
+        existing = adapter_modules(model)
+        if isinstance(model, ADAPTABLE) or "" in existing:  # an adapter replaces a submodule, not the model
+            raise ValueError(f"{self.name}: the model is itself a {type(model).__name__} layer; wrap it, e.g. "
+                             "nn.Sequential(model)")
+        if self.targets is not None:
+            return resolve_targets(model, self.targets, owner=self.name)
+        if existing:
+            return []
+        layers = [n for n, m in model.named_modules() if isinstance(m, ADAPTABLE)]
+        if not layers:
+            raise ValueError(f"{self.name}: the model has no Linear or Conv2d layer to adapt")
+        return resolve_targets(model, layers, owner=self.name)
 
     def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,
                  unseen: LabeledData | None, seed: int) -> UnlearnResult:
-        existing = adapter_modules(model)
-        # a model that has adapters (e.g. RFA's, unmerged): train those, as RFA does
-        if existing and self.targets is None:
-            layers = tuple(existing)
-        else:
-            targets = self.targets or [n for n, m in model.named_modules() if isinstance(m, ADAPTABLE)]
-            layers = add_adapters(model, targets, self.rank, self.alpha)
+        new = self._new_layers(model)
+        if new:
+            add_adapters(model, new, self.rank, self.alpha)
+        unmerge(model)  # adapters the model had merged (in this private copy): merged, A and B get no gradient
+        adapters = adapter_modules(model)  # the new ones and those the model had (e.g. RFA's, unmerged): all train
         newton = CureNewton(params=adapter_parameter_names(model), **self.newton_options)
         result = newton.unlearn(model, forget, retain, unseen=unseen, seed=seed)
         merged = unload(result.model, merge=True)
         return UnlearnResult(model=merged.eval(), seconds=0.0, hvps=result.hvps, gradients=result.gradients,
-                             diagnostics={**result.diagnostics, "layers": list(layers), "rank": self.rank})
+                             diagnostics={**result.diagnostics, "layers": list(adapters),
+                                          "ranks": [a.rank for a in adapters.values()]})

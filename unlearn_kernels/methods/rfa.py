@@ -46,7 +46,16 @@ from torch import nn
 
 from ..checks import check_choice, check_int, check_number
 from ..labeled import LabeledData
-from ..lora import ADAPTABLE, adapter_modules, add_adapters, check_rank_alpha, check_targets, resolve_targets, unload
+from ..lora import (
+    ADAPTABLE,
+    adapter_modules,
+    add_adapters,
+    check_rank_alpha,
+    check_targets,
+    resolve_targets,
+    unload,
+    unmerge,
+)
 from ..training import make_optimizer, model_device
 from .base import UnlearnResult, check_batch_statistics
 from .first_order import TrainedUnlearner, endless_batches, frozen_copy, optimizer_step
@@ -145,6 +154,7 @@ class RFA(TrainedUnlearner):
         unseen = unseen.to(device) if unseen is not None else None
         if self.shift == "unseen_class":
             self._check_unseen_classes(forget, unseen)
+        unmerge(model)  # adapters the model had merged (in this private copy): merged, A and B get no gradient
         existing = adapter_modules(model)
         if existing and self.targets is None:
             layers = tuple(existing)
