@@ -729,3 +729,18 @@ def test_cli_device_errors_are_those_of_the_benchmark_runner(device, gpus, messa
                  "--device", device, "--out", str(tmp_path / "out")])
     assert (code, capsys.readouterr().err) == (2, f"unlearn-kernels: error: {message}\n")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_an_unreadable_dataset_file_is_one_line(monkeypatch, capsys, tmp_path):
+    """A dataset file that cannot be read (a PermissionError, an OSError other than FileNotFoundError) ended
+    in a traceback before any training."""
+    import unlearn_kernels.study as study
+
+    def unreadable(config):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "train-images-idx3-ubyte"))
+
+    monkeypatch.setattr(study, "check_scenario", unreadable)
+    code = main(["run", "--protocol", "random", "--methods", "original", "--seeds", "0", "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"unlearn-kernels: error: [Errno 13] Permission denied: '{tmp_path / 'train-images-idx3-ubyte'}'"]

@@ -315,7 +315,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for config in configs.values():  # every scenario's data before the first one's training
         try:
             check_scenario(config)
-        except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:  # e.g. a class that does not exist
+        except (ValueError, TypeError, OSError, ImportError) as exc:  # e.g. a missing class, an unreadable file
             hint = ""
             if config.protocol == "class" and args.protocol is None and not args.forget_class:
                 hint = (" (the default class scenario forgets class 3: pick another with --forget-class, or run one "
