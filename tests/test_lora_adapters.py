@@ -220,11 +220,13 @@ def _weight_normed():
      r"layer '1': its weight is not a parameter but computed \(a parametrization"),
     (lambda: nn.Sequential(nn.Linear(4, 4), nn.TransformerEncoderLayer(4, 2, 8)), "*",
      r"layer '1.self_attn.out_proj': it is the out_proj of an nn.MultiheadAttention"),
-], ids=["own-forward", "lazy", "parametrized", "attention-out-proj"])
+    (lambda: nn.Sequential(nn.Linear(4, 4), nn.TransformerEncoderLayer(4, 2, 8)), "1.linear1",
+     r"layer '1.linear1': it is a feed-forward layer of an nn.TransformerEncoderLayer, whose fast path"),
+], ids=["own-forward", "lazy", "parametrized", "attention-out-proj", "encoder-feed-forward"])
 def test_layers_an_adapter_cannot_stand_in_for_are_refused(build, target, match):
     """Each was wrapped: the subclass's forward and a parametrized weight silently lost (a merge into the
     recomputed weight did nothing), nn.MultiheadAttention's forward failed on the adapter's missing
-    .weight, and the lazy layer raised torch's error after the layer before it had been frozen."""
+    .weight (and nn.TransformerEncoderLayer's in eval mode without gradients, its fast path), and the lazy layer raised torch's error after the layer before it had been frozen."""
     torch.manual_seed(0)
     model = build()
     first, types_before = model[0].weight.clone(), [type(m) for m in model.modules()]  # (a lazy weight has no value)

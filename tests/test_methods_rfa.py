@@ -352,7 +352,7 @@ class _NoLayer(torch.nn.Module):
 @pytest.mark.parametrize("build, match", [
     (lambda: torch.nn.Linear(6, 3), r"the model is itself a Linear layer; wrap it"),
     (lambda: lora.LoRALinear(torch.nn.Linear(6, 3), rank=2), r"the model is itself a LoRALinear layer; wrap it"),
-    (_NoLayer, r"the model has no Linear or Conv2d layer to adapt"),
+    (_NoLayer, r"the model has no Linear or Conv2d layer that can take an adapter"),
     (_tied, r"layer '0' shares its parameter '0.weight' with '2.weight'"),
 ], ids=["a-linear-layer", "an-adapter", "no-layer", "tied-weights"])
 def test_cure_newton_lora_refuses_a_model_without_layers_it_can_adapt_up_front(build, match):
@@ -387,3 +387,43 @@ def test_cure_newton_lora_trains_merged_adapters_and_names_every_adapter_it_trai
     lora.unmerge(model)
     result = CureNewtonLoRA(rank=4, max_iterations=1, targets="2").unlearn(model, forget, retain, seed=0)
     assert result.diagnostics["layers"] == ["0", "2"] and result.diagnostics["ranks"] == [2, 4]
+
+
+def _attention_model() -> torch.nn.Module:
+    """A digits classifier with a torch Transformer layer: no adapter can stand in for its Linear
+    layers (nn.MultiheadAttention reads its out_proj's weight directly, the layer's fast path those of
+    linear1 and linear2)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.Unflatten(1, (2, 8)),
+        torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
+        torch.nn.Flatten(), torch.nn.Linear(16, 10)).eval()
+
+
+def test_default_targets_leave_out_layers_an_adapter_cannot_stand_in_for():
+    model = _attention_model()
+    assert lora.adaptable_layers(model) == ["1", "5"]
+    assert hidden_layers(model) == ("1",)
+    lora.add_adapters(model, "1", rank=2)
+    assert lora.adaptable_layers(model) == ["5"]  # not the adapter's own base layer
+    with pytest.raises(ValueError, match=r"^rfa: layer '3.self_attn.out_proj': it is the out_proj"):
+        RFA(targets="3.*").unlearn(_attention_model(), *_attention_data(), seed=0)  # named: still refused
+
+
+def _attention_data():
+    data = load_digits()
+    x = torch.tensor(data.images[:120], dtype=torch.float32) / 16
+    y = torch.tensor(data.target[:120], dtype=torch.long)
+    return LabeledData(x[:20], y[:20]), LabeledData(x[20:], y[20:])
+
+
+def test_the_adapter_methods_take_their_defaults_on_a_transformer_layer():
+    """Both refused any model holding a torch Transformer layer with their default targets (RFA from
+    inside its run, on its copy): the defaults took layers that cannot take an adapter."""
+    model = _attention_model()
+    before = copy.deepcopy(model.state_dict())
+    CureNewtonLoRA().check_model(model)  # its run then needs second derivatives, which torch's CPU attention lacks
+    result = RFA(epochs=1).unlearn(model, *_attention_data(), seed=0)
+    assert result.diagnostics["layers"] == ["1"]
+    assert result.model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the caller's model untouched

@@ -131,6 +131,9 @@ def _layer_problem(layer: nn.Linear | nn.Conv2d, parent: nn.Module | None = None
     if isinstance(parent, nn.MultiheadAttention):  # its one child, out_proj: the adapter would never run
         return ("it is the out_proj of an nn.MultiheadAttention, which uses the layer's weight directly and never "
                 "calls the layer")
+    if isinstance(parent, nn.TransformerEncoderLayer):  # linear1 and linear2
+        return ("it is a feed-forward layer of an nn.TransformerEncoderLayer, whose fast path (eval mode without "
+                "gradients) uses the layer's weight directly and never calls the layer")
     plain = nn.Linear if isinstance(layer, nn.Linear) else nn.Conv2d
     if type(layer).forward is not plain.forward:
         return (f"its class {type(layer).__name__} overrides {plain.__name__}'s forward; the adapter's formula and "
@@ -247,6 +250,20 @@ def adapter_parameter_names(model: nn.Module) -> tuple[str, ...]:
                  for name in adapter_modules(model) for p in ("lora_a", "lora_b"))
 
 
+def adaptable_layers(model: nn.Module) -> list[str]:
+    """Names of the Linear and Conv2d layers of ``model`` (module order) that an adapter can stand in
+    for: not the model itself, not inside an existing adapter, and none that :func:`add_adapters`
+    would refuse for its kind (e.g. nn.MultiheadAttention's out_proj, whose weight its parent reads
+    directly). The methods' default targets: a layer that cannot take an adapter is left out, not
+    refused, so that a model holding one (any torch Transformer layer) works with the defaults."""
+    modules = dict(model.named_modules())
+    inside = {f"{name}.{child}" for name in adapter_modules(model) for child, _ in modules[name].named_modules()
+              if child}
+    return [name for name, module in modules.items()
+            if name and name not in inside and isinstance(module, ADAPTABLE)
+            and _layer_problem(module, modules[name.rpartition(".")[0]]) is None]
+
+
 def check_targets(owner: str, targets: Any) -> tuple[str, ...]:
     """Checks adapter targets (a module name or pattern, or a non-empty sequence of them) and returns
     them as a tuple; TypeError names ``owner`` and the bad value."""
@@ -342,8 +359,9 @@ def add_adapters(model: nn.Module, targets: str | Sequence[str], rank: int = 8, 
         ValueError: a bad rank or alpha, a target that names no module, a layer that already has
             an adapter, a layer the adapter cannot wrap (a Conv2d with groups, dilation or non-zero
             padding; a Linear or Conv2d subclass with its own forward; a lazy layer not initialised
-            yet; a parametrized weight; nn.MultiheadAttention's out_proj, whose weight it uses
-            without calling it), or a layer used elsewhere in the model too (the same module under
+            yet; a parametrized weight; nn.MultiheadAttention's out_proj or an
+            nn.TransformerEncoderLayer's linear1/linear2, whose weights their parent uses without
+            calling them), or a layer used elsewhere in the model too (the same module under
             two names, or a parameter tied to another module's). TypeError:
             ``model`` not an nn.Module, or a target that is not a Linear/Conv2d layer. Nothing is
             changed when it raises.

@@ -29,6 +29,7 @@ from torch import nn
 from ..labeled import LabeledData
 from ..lora import (
     ADAPTABLE,
+    adaptable_layers,
     adapter_modules,
     adapter_parameter_names,
     add_adapters,
@@ -48,7 +49,8 @@ class CureNewtonLoRA(Unlearner):
     Args:
         rank, alpha: the adapters (scale alpha / rank; alpha None means rank). Default rank 8.
         targets: module names or glob patterns of the layers to adapt (None: every Linear and Conv2d
-            layer, the output layer included: the retain objective involves all weights; on a model
+            layer that can take an adapter, :func:`~unlearn_kernels.lora.adaptable_layers`, the output
+            layer included: the retain objective involves all weights; on a model
             that already has adapters, those adapters and no new ones). Adapters the model already
             has train too (unmerged first, if merged). The diagnostics name the adapted layers
             (``layers``) and their ranks (``ranks``).
@@ -94,9 +96,9 @@ class CureNewtonLoRA(Unlearner):
             return resolve_targets(model, self.targets, owner=self.name)
         if existing:
             return []
-        layers = [n for n, m in model.named_modules() if isinstance(m, ADAPTABLE)]
+        layers = adaptable_layers(model)
         if not layers:
-            raise ValueError(f"{self.name}: the model has no Linear or Conv2d layer to adapt")
+            raise ValueError(f"{self.name}: the model has no Linear or Conv2d layer that can take an adapter")
         return resolve_targets(model, layers, owner=self.name)
 
     def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,

@@ -47,7 +47,7 @@ from torch import nn
 from ..checks import check_choice, check_int, check_number
 from ..labeled import LabeledData
 from ..lora import (
-    ADAPTABLE,
+    adaptable_layers,
     adapter_modules,
     add_adapters,
     check_rank_alpha,
@@ -64,11 +64,11 @@ SHIFTS = ("neighbors", "unseen_class", "other_class", "margin")
 
 
 def hidden_layers(model: nn.Module) -> tuple[str, ...]:
-    """The default adapter targets: every Linear and Conv2d layer except the last Linear (the
-    output layer), in module order."""
-    layers = [name for name, m in model.named_modules() if isinstance(m, ADAPTABLE)]
+    """The default adapter targets: every Linear and Conv2d layer that can take an adapter
+    (:func:`~unlearn_kernels.lora.adaptable_layers`) except the last Linear (the output layer), in
+    module order."""
     linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return tuple(n for n in layers if not linear or n != linear[-1])
+    return tuple(n for n in adaptable_layers(model) if not linear or n != linear[-1])
 
 
 class _Features:
@@ -99,8 +99,8 @@ class _Features:
 class RFA(TrainedUnlearner):
     """Residual feature alignment with LoRA adapters on the hidden layers (see the module docstring).
 
-    Defaults (ours): adapters of rank 8 (alpha = rank) on every Linear and Conv2d layer but the
-    output layer; shift "neighbors" with 5 neighbours; lam 1; the task loss on D_r added
+    Defaults (ours): adapters of rank 8 (alpha = rank) on every Linear and Conv2d layer that can take
+    one but the output layer; shift "neighbors" with 5 neighbours; lam 1; the task loss on D_r added
     (task_weight 1); Adam, lr 1e-2, 10 epochs over D_r in batches of 64 (one D_f batch per D_r
     batch, D_f cycling); no weight decay; merge afterwards.
 
@@ -141,8 +141,7 @@ class RFA(TrainedUnlearner):
         return make_optimizer(adapters, self.optimizer, self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
     def _check_parameters(self, model: nn.Module) -> None:
-        if self.targets is not None:  # the layers named exist and can take an adapter
-            resolve_targets(model, self.targets, owner=self.name)
+        self._new_layers(model)  # the layers exist and can take an adapter: refused here, not mid-method
         # the frozen model's features of a sample are targets for that sample in another batch
         check_batch_statistics(self.name, model, "a sample's features depend on the batch it comes in, and RFA "
                                "aligns them with features of the frozen model computed in other batches")
@@ -154,16 +153,9 @@ class RFA(TrainedUnlearner):
         unseen = unseen.to(device) if unseen is not None else None
         if self.shift == "unseen_class":
             self._check_unseen_classes(forget, unseen)
+        new = self._new_layers(model)
         unmerge(model)  # adapters the model had merged (in this private copy): merged, A and B get no gradient
-        existing = adapter_modules(model)
-        if existing and self.targets is None:
-            layers = tuple(existing)
-        else:
-            chosen = self.targets or hidden_layers(model)
-            if not chosen:
-                raise ValueError("RFA: the model has no hidden Linear or Conv2d layer to adapt; name the layers "
-                                 "with targets=")
-            layers = add_adapters(model, chosen, self.rank, self.alpha)
+        layers = tuple(add_adapters(model, new, self.rank, self.alpha) if new else adapter_modules(model))
         # the frozen features come from the plain layers (adapters merged in: B = 0 for fresh ones), at
         # the same module names, without paying for the adapters in every teacher forward
         teacher = unload(frozen_copy(model), merge=True).requires_grad_(False)
@@ -184,6 +176,17 @@ class RFA(TrainedUnlearner):
 
     # ----------------------------------------------------------------------------------------
     # the parts
+
+    def _new_layers(self, model: nn.Module) -> list[str]:
+        """The layers that get fresh adapters (checked; nothing is changed): ``targets``, else
+        :func:`hidden_layers`, or none on a model that already has adapters (those train)."""
+        if self.targets is None and adapter_modules(model):
+            return []
+        chosen = self.targets or hidden_layers(model)
+        if not chosen:
+            raise ValueError(f"{self.name}: the model has no hidden Linear or Conv2d layer that can take an adapter; "
+                             "name the layers with targets=")
+        return resolve_targets(model, chosen, owner=self.name)
 
     def _check_unseen_classes(self, forget: LabeledData, unseen: LabeledData | None) -> None:
         if unseen is None or len(unseen) == 0:
