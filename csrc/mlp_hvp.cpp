@@ -175,7 +175,8 @@ std::vector<at::Tensor> run(const Kernels& kernels, const at::Tensor& x, const a
     TORCH_CHECK_VALUE(f[0].item<int>() == 0,
                       "mlp_hvp: the logits contain NaN or +Inf (check x, the weights and the biases)");
     TORCH_CHECK_VALUE(f[1].item<int>() == 0, "mlp_hvp: the R-derivative of the logits contains NaN or Inf "
-                      "(check v_weights and v_biases)");
+                      "(check v_weights and v_biases, then x and the weights: an Inf weight under a saturating "
+                      "activation leaves the logits finite)");
   }
 
   // Backward and R-backward, layer by layer from the top.
@@ -433,7 +434,8 @@ at::Tensor cached_products(const at::Tensor& x, at::TensorList state, at::Tensor
   const at::Tensor dot = (rg * p.unsqueeze(1)).sum(2, /*keepdim=*/true);
   if (check_finite) {
     TORCH_CHECK_VALUE(at::isfinite(dot).all().item<bool>(), "mlp_hvp: the R-derivative of the logits contains NaN or "
-                      "Inf (check V)");
+                      "Inf (check V, then x and the weights: an Inf weight under a saturating activation leaves "
+                      "the logits finite)");
   }
   rg.sub_(dot).mul_(state[4 * L].unsqueeze(1));
   // The R-backward, layer by layer from the top down to the lowest chosen layer.

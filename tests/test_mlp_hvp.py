@@ -617,6 +617,17 @@ def test_non_finite_values_give_the_same_outcome_on_every_backend(place, value, 
                 torch.testing.assert_close(other[op], want, rtol=1e-10, atol=1e-12, msg=lambda m: f"{op}: {m}")
 
 
+@pytest.mark.parametrize("backend, device", PAIRS)
+def test_an_infinite_weight_that_tanh_saturates_is_named_in_the_r_logits_refusal(backend, device, rng):
+    """An Inf in a middle layer's weight under tanh leaves the logits finite and makes their R-derivative
+    NaN (tanh' = 0 times an infinite Ra): the refusal said "check v_weights and v_biases" only."""
+    p = _cast(_problem([5, 4, 3, 3], ["tanh", "tanh", "identity"], True, 2, rng), device=torch.device(device))
+    p["weights"][1].view(-1)[-2] = float("inf")
+    with pytest.raises(ValueError, match=r"R-derivative of the logits contains NaN or Inf \(check v_weights and "
+                                         r"v_biases, then x and the weights: an Inf weight under a saturating"):
+        ops.mlp_hvp(**p, backend=backend)
+
+
 def test_fused_operator_cache_equals_the_whole_pass_and_follows_the_weights():
     model = _model()
     x, y = _data(n=15)

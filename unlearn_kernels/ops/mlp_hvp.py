@@ -91,7 +91,8 @@ def mlp_hvp_ref(
 
 #: The check_finite refusals, after "mlp_hvp: " (csrc/mlp_hvp.cpp raises them for the compiled kernels).
 _BAD_LOGITS = "the logits contain NaN or +Inf (check x, the weights and the biases)"
-_BAD_R_LOGITS = "the R-derivative of the logits contains NaN or Inf (check {})"
+_BAD_R_LOGITS = ("the R-derivative of the logits contains NaN or Inf (check {}, then x and the weights: an Inf "
+                 "weight under a saturating activation leaves the logits finite)")
 
 
 def _check_logits(z: torch.Tensor, kept: torch.Tensor) -> None:
