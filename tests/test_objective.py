@@ -187,7 +187,8 @@ def test_refuses_what_the_curvature_operators_refuse(problem):
     # row depended silently on the rows batched with it (and a batch of one row failed in torch)
     no_stats = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6, track_running_stats=False), nn.Linear(6, 3))
     no_stats = no_stats.double().eval()
-    message = r"module '1' is a BatchNorm without running statistics \(track_running_stats=False\)"
+    message = (r"the model's batch-norm layer '1' has no running statistics \(track_running_stats=False\) and "
+               r"normalises with each batch's own, in eval mode too: the loss and its curvature would depend on how")
     with pytest.raises(ValueError, match=f"^Objective: {message}"):
         Objective(no_stats, F.cross_entropy, (x, y))
     for path in ("generic", "ggn"):

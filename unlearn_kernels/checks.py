@@ -185,6 +185,17 @@ def batch_statistics_layer(model: nn.Module) -> str | None:
     return next((name for name, module in model.named_modules() if batch_statistics(module, training=False)), None)
 
 
+def check_batch_statistics(owner: str, model: nn.Module, consequence: str) -> None:
+    """ValueError naming the first batch-norm layer of ``model`` without running statistics
+    (:func:`batch_statistics_layer`), which normalises with each batch's statistics in eval mode too;
+    ``consequence`` says what that breaks for ``owner`` (the prefix of the message; "" for none)."""
+    name = batch_statistics_layer(model)
+    if name is not None:
+        raise ValueError(f"{owner + ': ' if owner else ''}the model's batch-norm layer {name!r} has no running "
+                         f"statistics (track_running_stats=False) and normalises with each batch's own, in eval "
+                         f"mode too: {consequence}")
+
+
 def norm64(v: torch.Tensor) -> float:
     """The Euclidean norm of a tensor, accumulated in float64 (no overflow or loss in float32)."""
     return float(torch.linalg.vector_norm(v.double()))

@@ -66,7 +66,7 @@ from torch.utils.data import DataLoader
 
 from ..checks import (
     all_finite,
-    batch_statistics_layer,
+    check_batch_statistics,
     check_int,
     check_tensor,
     first_nonfinite_row,
@@ -686,8 +686,4 @@ def check_per_sample_forward(model: nn.Module, owner: str = "") -> None:
                 + ("random" if kind == "dropout" else "depend on how the data is batched")
                 + "; call model.eval() first (on a copy if you need train mode elsewhere)"
             )
-    name = batch_statistics_layer(model)
-    if name is not None:
-        raise ValueError(f"{_prefix(owner)}module {name!r} is a BatchNorm without running statistics "
-                         "(track_running_stats=False), which normalises with each batch's statistics in eval mode "
-                         "too: the loss and its curvature would depend on how the data is batched")
+    check_batch_statistics(owner, model, "the loss and its curvature would depend on how the data is batched")

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from ..checks import (
-    batch_statistics_layer,
     check_seed,
     first_nonfinite_row,
     first_nonfinite_weight,
@@ -182,17 +181,6 @@ def _check_model(name: str, model: nn.Module) -> None:
 def _nonfinite_weight(model: nn.Module) -> tuple[str, str, str] | None:
     """:func:`~unlearn_kernels.checks.first_nonfinite_weight` of all of ``model``'s parameters and buffers."""
     return first_nonfinite_weight(model.named_parameters(), model.named_buffers(), normalisation_buffers(model))
-
-
-def check_batch_statistics(owner: str, model: nn.Module, consequence: str) -> None:
-    """ValueError naming the first batch-norm layer of ``model`` without running statistics
-    (``track_running_stats=False``), which normalises with each batch's statistics in eval mode too;
-    ``consequence`` says what that breaks for the method ``owner``."""
-    name = batch_statistics_layer(model)
-    if name is not None:
-        raise ValueError(f"{owner}: the model's batch-norm layer {name!r} has no running statistics "
-                         f"(track_running_stats=False) and normalises with each batch's own, in eval mode too: "
-                         f"{consequence}")
 
 
 def _check_finite_result(name: str, model: nn.Module) -> None:

@@ -71,7 +71,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import all_finite, check_choice, check_int, check_number, norm64
+from ..checks import all_finite, check_batch_statistics, check_choice, check_int, check_number, norm64
 from ..curvature import (
     PATHS,
     CurvatureOperator,
@@ -100,7 +100,7 @@ from ..solvers import (
     lissa,
     pinv_newton_step,
 )
-from .base import Unlearner, UnlearnResult, check_batch_statistics, check_not_empty, checked_local_copy, rows_by_role
+from .base import Unlearner, UnlearnResult, check_not_empty, checked_local_copy, rows_by_role
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_choice, check_int, check_number
+from ..checks import check_batch_statistics, check_choice, check_int, check_number
 from ..labeled import LabeledData
 from ..lora import (
     adaptable_layers,
@@ -57,7 +57,7 @@ from ..lora import (
     unmerge,
 )
 from ..training import make_optimizer, model_device
-from .base import UnlearnResult, check_batch_statistics
+from .base import UnlearnResult
 from .first_order import TrainedUnlearner, endless_batches, frozen_copy, optimizer_step
 
 SHIFTS = ("neighbors", "unseen_class", "other_class", "margin")
