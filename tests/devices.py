@@ -48,4 +48,5 @@ DEVICE_ERRORS = [
     ("cuda:7", 1, "--device 'cuda:7' cannot run here: 1 CUDA device(s) visible (cuda:0)"),
 ]
 """``(--device, CUDA devices visible or None for this machine's, the error)``: the refusals of
-``unlearn-kernels run`` and ``python -m benchmarks`` alike (one check, ``cli.check_device``)."""
+``unlearn-kernels run`` and ``python -m benchmarks`` alike, and of ``StudyConfig`` (one check,
+``checks.check_device``)."""

@@ -731,6 +731,17 @@ def test_cli_device_errors_are_those_of_the_benchmark_runner(device, gpus, messa
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("device, gpus, message", DEVICE_ERRORS)
+def test_study_config_checks_the_device_as_the_cli_does(device, gpus, message, monkeypatch):
+    """StudyConfig kept a check of its own: cpu:1 and 'tpu' passed it and 'cuda:7' on a one-GPU machine too
+    (each failed later, in torch, after the data was loaded)."""
+    if gpus is not None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    with pytest.raises(ValueError, match="^" + re.escape(message.replace("--device", "device", 1)) + "$"):
+        StudyConfig(methods=("original",), seeds=(0,), device=device)
+
+
 def test_cli_an_unreadable_dataset_file_is_one_line(monkeypatch, capsys, tmp_path):
     """A dataset file that cannot be read (a PermissionError, an OSError other than FileNotFoundError) ended
     in a traceback before any training."""

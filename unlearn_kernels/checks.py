@@ -76,6 +76,42 @@ def check_tensor(name: str, value: Any) -> torch.Tensor:
     return value
 
 
+def check_device(name: str, value: Any, types: tuple[str, ...] | None = None) -> torch.device:
+    """``value`` (a device name or a torch.device) as a torch device of one of ``types`` (None: any)
+    that can run here, else ValueError naming ``name`` and the value: torch itself takes ``cpu:1``,
+    and fails on a missing GPU only at the first tensor, with its own message per case."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):  # an unknown type, '' (torch's message lists all twenty types it knows)
+        raise ValueError(f"{name} {value!r} is not a device name: use cpu, cuda or cuda:N") from None
+    if types is not None and device.type not in types:  # whether or not this machine has one
+        raise ValueError(f"{name} {value!r}: this program runs on {' or '.join(types)} only")
+    if device.type == "cpu" and device.index:  # torch takes cpu:1 for the CPU: a typo, of cuda:1 perhaps
+        problem = "there is one CPU device, cpu"
+    elif device.type == "cuda" and not (torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        problem = "no CUDA device is visible"
+    elif device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        problem = f"{count} CUDA device(s) visible ({', '.join(f'cuda:{i}' for i in range(count))})"
+    else:
+        problem = _tensor_problem(device)
+    if problem:
+        raise ValueError(f"{name} {value!r} cannot run here: {problem}")
+    return device
+
+
+def _tensor_problem(device: torch.device) -> str | None:
+    """Why a tensor cannot be made and read back on ``device`` (None when it can): the type is built
+    into torch, present and visible, and holds data (meta does not). Torch raises several exception
+    types for these, some with a page of text."""
+    try:
+        torch.zeros(1, device=device).item()
+    except Exception as exc:
+        first_sentence = str(exc).partition("\n")[0].partition(". ")[0] or type(exc).__name__
+        return f"torch cannot make and read a tensor there ({first_sentence})"
+    return None
+
+
 def check_bool(name: str, value: Any) -> bool:
     """``value`` as a bool if it is one (Python or numpy), else TypeError naming ``name`` (a flag
     such as ``check_finite``: 0, 1 or "no" are refused, not read as truthy)."""

@@ -169,40 +169,12 @@ def _option_value(text: str) -> Any:
 def check_device(text: str, types: tuple[str, ...] | None = None) -> torch.device:
     """``text``, the ``--device`` of ``unlearn-kernels run`` and ``python -m benchmarks``, as a torch device of
     one of ``types`` (None: any type) that can run here; else a :class:`UsageError` that names ``text``."""
-    import torch
+    from .checks import check_device as checked_device  # imports torch: not at the module's top (fast --help)
 
     try:
-        device = torch.device(text)
-    except RuntimeError:  # an unknown type, '' (torch's message lists all twenty types it knows)
-        raise UsageError(f"--device {text!r} is not a device name: use cpu, cuda or cuda:N") from None
-    if types is not None and device.type not in types:  # whether or not this machine has one
-        raise UsageError(f"--device {text!r}: this program runs on {' or '.join(types)} only")
-    problem = _device_problem(device)
-    if problem:
-        raise UsageError(f"--device {text!r} cannot run here: {problem}")
-    return device
-
-
-def _device_problem(device: torch.device) -> str | None:
-    """Why ``device`` cannot run here; None when it can."""
-    import torch
-
-    if device.type == "cpu" and device.index:  # torch takes cpu:1 for the CPU: a typo, of cuda:1 perhaps
-        return "there is one CPU device, cpu"
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if not count:
-            return "no CUDA device is visible"
-        if device.index is not None and device.index >= count:
-            return f"{count} CUDA device(s) visible ({', '.join(f'cuda:{i}' for i in range(count))})"
-    # A tensor made and read back there: the type is built into torch, present and visible, and holds data
-    # (meta does not). Torch raises several exception types for these, some with a page of text.
-    try:
-        torch.zeros(1, device=device).item()
-    except Exception as exc:
-        first_sentence = str(exc).partition("\n")[0].partition(". ")[0] or type(exc).__name__
-        return f"torch cannot make and read a tensor there ({first_sentence})"
-    return None
+        return checked_device("--device", text, types)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _cmd_backends(args: argparse.Namespace) -> int:

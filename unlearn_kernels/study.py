@@ -34,7 +34,7 @@ from .checkpoint import (
     train_or_load,
     training_metadata,
 )
-from .checks import all_finite, check_choice, check_int, check_number
+from .checks import all_finite, check_choice, check_device, check_int, check_number
 from .data import (
     DatasetSplits,
     ForgetRequest,
@@ -218,8 +218,7 @@ class StudyConfig:
                              f"request: give {self.sequential} classes (got {list(self.forget_classes)})")
         self.seeds = _check_seeds(self.seeds)
         check_cache_dir("cache_dir", self.cache_dir, "the original models")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} requested but no CUDA device is visible")
+        check_device("device", self.device)
         self._check_method_options()
 
     def _check_method_options(self) -> None:
