@@ -740,6 +740,7 @@ def test_study_config_checks_the_device_as_the_cli_does(device, gpus, message, m
         monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     with pytest.raises(ValueError, match="^" + re.escape(message.replace("--device", "device", 1)) + "$"):
         StudyConfig(methods=("original",), seeds=(0,), device=device)
+    assert StudyConfig(methods=("original",), seeds=(0,), device=torch.device("cpu")).device == "cpu"  # a name
 
 
 def test_cli_an_unreadable_dataset_file_is_one_line(monkeypatch, capsys, tmp_path):

@@ -162,7 +162,8 @@ class StudyConfig:
             ``Unlearner.uses_training_objective``). Checked when the config is built.
         seeds: one full study per seed (data split, forget set, training and methods all seeded).
         recipe: the training recipe (None = ``DEFAULT_RECIPES[model]``).
-        device: where models train and run.
+        device: where models train and run (a name or a torch.device, kept as its name; refused if
+            it cannot run here).
         cache_dir: trained original models are cached here (None = no cache; an empty path, which
             would mean the working folder, is refused); the oracle is always retrained, since its
             training time is what speed-ups are measured against.
@@ -218,7 +219,7 @@ class StudyConfig:
                              f"request: give {self.sequential} classes (got {list(self.forget_classes)})")
         self.seeds = _check_seeds(self.seeds)
         check_cache_dir("cache_dir", self.cache_dir, "the original models")
-        check_device("device", self.device)
+        self.device = str(check_device("device", self.device))  # a torch.device too, kept as its name
         self._check_method_options()
 
     def _check_method_options(self) -> None:
