@@ -1,10 +1,18 @@
 """The shared argument checks of unlearn_kernels.checks, through the ops that use them: a sparse
 tensor and an integer too large for a float get one clear error on every backend."""
+import argparse
+import math
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
 from devices import backend_devices
-from unlearn_kernels.checks import check_number, check_tensor
+from unlearn_kernels.checkpoint import refuse_empty_path
+from unlearn_kernels.checks import as_float, check_number, check_tensor
+from unlearn_kernels.cli import path_argument
 from unlearn_kernels.ops import cubic_secular_solve, lanczos_step, lora_linear, mlp_hvp, softmax_ce_grad
 
 
@@ -22,6 +30,49 @@ def test_check_number_refuses_an_int_beyond_a_float(value):
     """It raised OverflowError from math.isfinite instead of naming the argument."""
     with pytest.raises(ValueError, match=r"^M must be a finite number > 0\.0, got -?\d+\.\.\.\d+$"):
         check_number("M", value, 0.0, strict=True)
+
+
+@pytest.mark.parametrize("value, expected", [
+    (2**2000, math.inf), (-(2**2000), -math.inf), (Fraction(2**2000), math.inf),  # float() raises OverflowError
+    (3, 3.0), (-2.5, -2.5), (np.int64(-7), -7.0), (np.uint64(2**64 - 1), 2.0**64), (np.float32(0.5), 0.5),
+    (math.inf, math.inf), (-math.inf, -math.inf), (np.float64("nan"), math.nan),
+])
+def test_as_float_gives_a_huge_number_an_infinity_of_its_sign(value, expected):
+    """The one conversion behind check_number, lanczos_step's beta_prev and lora_linear's scale."""
+    result = as_float(value)
+    assert type(result) is float and (result == expected or math.isnan(result) and math.isnan(expected))
+
+
+@pytest.mark.parametrize("op", ["lanczos_step", "lora_linear"])
+@pytest.mark.parametrize("value", [2**2000, -(2**2000)], ids=["2**2000", "-2**2000"])
+def test_an_op_refuses_an_int_beyond_a_float_as_not_finite(op, value):
+    """A huge int reaches the ops' finiteness checks as an infinity (through as_float), not as an
+    OverflowError."""
+    if op == "lanczos_step":
+        q = torch.ones(6, dtype=torch.float64) / 6**0.5
+        with pytest.raises(ValueError, match=r"^lanczos_step: beta_prev must be finite, got NaN or Inf$"):
+            lanczos_step(2 * q, q, q.flip(0), value, None, backend="reference")
+    else:
+        x, w, a, b = torch.randn(4, 5), torch.randn(3, 5), torch.randn(2, 5), torch.randn(3, 2)
+        with pytest.raises(ValueError, match=r"scale must be finite, got -?\d{10,20}\.\.\.\d+$"):  # shortened
+            lora_linear(x, w, None, a, b, value, backend="reference")
+
+
+def test_refuse_empty_path_and_path_argument(tmp_path):
+    """The one check of an empty path (which Path reads as the working folder): the caller's message, an
+    os.PathLike of "" too; the command line's argparse type turns it into a usage error."""
+    class EmptyPath:
+        def __fspath__(self) -> str:
+            return ""
+
+    for empty in ("", EmptyPath()):
+        with pytest.raises(ValueError, match=r"^--thing is an empty path: name a file$"):
+            refuse_empty_path(empty, "--thing is an empty path: name a file")
+    assert refuse_empty_path(str(tmp_path), "unused") == tmp_path
+    assert refuse_empty_path(".", "unused") == Path(".")  # the working folder, named
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^'' names no folder$"):
+        path_argument("")
+    assert path_argument("runs") == "runs"
 
 
 def _sparse_calls(device):

@@ -148,25 +148,34 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, metadata: Ma
     atomic_write(path, lambda handle: torch.save(payload, handle), binary=True)
 
 
+def refuse_empty_path(path: str | os.PathLike[str], message: str) -> Path:
+    """``path`` as a Path, or ValueError(``message``) if it is empty (``""``, or an ``os.PathLike`` of one),
+    which ``Path`` would read as the working folder: the one check of an empty path, for options and
+    arguments that name a file or a folder. ``message`` names what the path is for and what to pass
+    instead (the command line's argparse type, :func:`unlearn_kernels.cli.path_argument`, turns the
+    ValueError into a usage error)."""
+    if os.fspath(path) == "":
+        raise ValueError(message)
+    return Path(path)
+
+
 def check_cache_dir(name: str, cache_dir: Any, cached: str) -> Path | None:
     """``cache_dir`` as a Path, or None for no cache: TypeError unless it is None, a str or an
     ``os.PathLike`` of a str; ValueError for an empty path, which ``Path`` reads as the working folder.
     ``name`` leads the messages (e.g. "Retrain: cache_dir"), ``cached`` says what would be cached."""
+    if cache_dir is None:
+        return None
     # else pathlib's own TypeError, which names neither the option nor its owner
-    if cache_dir is not None and not (isinstance(cache_dir, (str, os.PathLike))
-                                      and isinstance(os.fspath(cache_dir), str)):
+    if not (isinstance(cache_dir, (str, os.PathLike)) and isinstance(os.fspath(cache_dir), str)):
         raise TypeError(f"{name} must be None or a folder as a str or os.PathLike (e.g. a pathlib.Path), got "
                         f"{type(cache_dir).__name__}")
-    if cache_dir is not None and os.fspath(cache_dir) == "":  # Path("") is the working folder
-        raise ValueError(f"{name} is an empty path, which would cache {cached} in the working folder; name a folder "
-                         '("." for the working folder), or None for no cache')
-    return None if cache_dir is None else Path(cache_dir)
+    return refuse_empty_path(cache_dir, f"{name} is an empty path, which would cache {cached} in the working folder; "
+                                        'name a folder ("." for the working folder), or None for no cache')
 
 
 def _check_writable_file(path: str | os.PathLike[str]) -> None:
-    if os.fspath(path) == "":  # Path("") is the working folder, which would be reported as "'.' is a directory"
-        raise ValueError("checkpoint path is an empty path: name a file")
-    path = Path(path)
+    # Path("") is the working folder, which would be reported as "'.' is a directory"
+    path = refuse_empty_path(path, "checkpoint path is an empty path: name a file")
     if path.is_dir():
         raise ValueError(f"checkpoint path {str(path)!r} is a directory, not a file")
     try:
@@ -185,10 +194,8 @@ def check_writable_folder(path: str | os.PathLike[str], *, make: bool = True) ->
         ValueError: ``'<path>' is a file, not a directory``, ``... cannot be made: <why>``,
             ``... is not writable``, or ``path`` is empty (which ``Path`` would read as the working folder).
     """
-    if os.fspath(path) == "":
-        raise ValueError('the folder is an empty path, which would be the working folder: name a folder ("." for '
-                         "the working folder)")
-    path = Path(path)
+    path = refuse_empty_path(path, 'the folder is an empty path, which would be the working folder: name a folder '
+                                   '("." for the working folder)')
     if path.exists() and not path.is_dir():
         raise ValueError(f"{str(path)!r} is a file, not a directory")
     if make:

@@ -37,17 +37,22 @@ def check_number(name: str, value: Any, low: float = -math.inf, high: float = ma
     ValueError naming ``name``."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
         value = value.item()  # a bool tensor gives a bool: refused below
-    bad = isinstance(value, bool) or not isinstance(value, numbers.Real)
-    if not bad:
-        try:
-            bad = not math.isfinite(value)
-        except OverflowError:  # an int beyond a float's range, e.g. 2**2000
-            bad = True
+    bad = isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(as_float(value))
     if bad or value < low or (strict and value == low) or value > high or (strict_high and value == high):
         # reprlib: a 2**2000 is shown in 40 characters, not 600
         raise ValueError(f"{name} must be a finite number{_interval(low, high, strict, strict_high)}, "
                          f"got {reprlib.repr(value)}")
     return float(value)
+
+
+def as_float(value: numbers.Real) -> float:
+    """``float(value)``, or an infinity of ``value``'s sign for a number beyond a float's range (an int
+    such as 2**2000, where ``float`` and ``math.isfinite`` raise OverflowError): the one conversion of
+    a real argument, so that a huge one is refused as not finite, not met as an OverflowError."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 def _interval(low: float, high: float, strict: bool, strict_high: bool) -> str:

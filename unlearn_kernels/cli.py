@@ -92,10 +92,15 @@ def run_program(prog: str, command: Callable[[list[str] | None], int], argv: lis
 
 
 def path_argument(text: str) -> str:
-    """The argparse ``type`` of a folder option: ``''`` (``--out "$DIR"`` with DIR unset) is refused, not
-    read as the working folder."""
-    if not text:
-        raise argparse.ArgumentTypeError("'' names no folder")
+    """The argparse ``type`` of a folder option: ``''`` (``--out "$DIR"`` with DIR unset) is refused
+    (:func:`~unlearn_kernels.checkpoint.refuse_empty_path`), not read as the working folder; argparse
+    prints an ArgumentTypeError as a usage error, after the option's name."""
+    from .checkpoint import refuse_empty_path
+
+    try:
+        refuse_empty_path(text, "'' names no folder")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
 

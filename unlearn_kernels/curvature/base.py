@@ -596,10 +596,11 @@ class CurvatureOperator(abc.ABC):
 
 def check_finite_weights(owner: str, computed: str, parameters: Iterable[tuple[str, torch.Tensor]],
                          buffers: Iterable[tuple[str, torch.Tensor]], statistics: Container[str],
-                         sums: Iterable[float] | None = None) -> None:
+                         sums: Iterable[float]) -> None:
     """ValueError naming the first weight that :func:`~unlearn_kernels.checks.first_nonfinite_weight`
-    refuses (its arguments; ``owner`` starts the message, ``computed`` is what is not computed), the
-    one message of the curvature operators and the objective."""
+    refuses (its arguments, ``sums`` from the caller's
+    :func:`~unlearn_kernels.curvature.params.weights_key`; ``owner`` starts the message, ``computed``
+    is what is not computed), the one message of the curvature operators and the objective."""
     bad = first_nonfinite_weight(parameters, buffers, statistics, sums)
     if bad is not None:
         kind, name, what = bad

@@ -37,15 +37,13 @@ the second update only above rounding), with float64 sums and the decision taken
 from __future__ import annotations
 
 import functools
-import math
 import numbers
-import sys
 
 import torch
 
 from .. import _extension
 from ..backends import choose
-from ..checks import check_tensor
+from ..checks import as_float, check_tensor
 from ..contracts.lanczos_step import BREAKDOWN_RTOL_EPS, check_args, check_values, fake
 from ..contracts.lanczos_step import OP as _OP
 
@@ -76,9 +74,8 @@ def _beta_tensor(beta_prev: float | torch.Tensor, device: torch.device) -> torch
         return beta_prev.reshape(()).to(device=device, dtype=torch.float64)
     if isinstance(beta_prev, bool) or not isinstance(beta_prev, numbers.Real):  # numpy scalars too
         raise TypeError(f"{_OP}: beta_prev must be a float or a 0-dim tensor, got {type(beta_prev).__name__}")
-    # an int past float64's range is infinite to the finiteness check (float() would raise OverflowError)
-    value = float(beta_prev) if abs(beta_prev) <= sys.float_info.max else math.inf
-    return torch.tensor(value, dtype=torch.float64, device=device)
+    # as_float: an int past float64's range is infinite, refused by the finiteness check (not an OverflowError)
+    return torch.tensor(as_float(beta_prev), dtype=torch.float64, device=device)
 
 
 @functools.cache

@@ -44,14 +44,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import sys
+import reprlib
 
 import torch
 import torch.nn.functional as F
 
 from .. import _extension
 from ..backends import choose
-from ..checks import check_tensor
+from ..checks import as_float, check_tensor
 from ..contracts.lora_linear import fake_backward, fake_forward, fake_jvp
 
 _CPP_OPS = "unlearn_kernels"
@@ -201,8 +201,8 @@ def _check_inputs(op, x, weight, bias, lora_a, lora_b, scale, tangents=()):
             raise ValueError(f"{op}: {name} must have the shape {tuple(expected)} of its parameter, got {tuple(t.shape)}")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"{op}: scale must be a Python float, got {type(scale).__name__}")
-    if not abs(scale) <= sys.float_info.max:  # NaN too; math.isfinite raises OverflowError on a huge int
-        raise ValueError(f"{op}: scale must be finite, got {scale}")
+    if not math.isfinite(as_float(scale)):
+        raise ValueError(f"{op}: scale must be finite, got {reprlib.repr(scale)}")  # 2**2000: 40 characters, not 600
     if torch.is_grad_enabled():
         for name, t in (("weight", weight), ("bias", bias)):
             if t is not None and t.requires_grad:
