@@ -14,7 +14,7 @@ from sklearn import datasets as skdatasets
 
 from unlearn_kernels.data import LabeledData, available_datasets, load_dataset, read_cifar_batch, read_idx
 from unlearn_kernels.data.datasets import LOCAL_DATASETS, _split_indices
-from unlearn_kernels.data.local_files import load_cifar_files
+from unlearn_kernels.data.local_files import load_cifar_files, load_mnist_files
 
 
 def _raw(name: str) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
@@ -478,3 +478,109 @@ def test_cifar_meta_class_names_are_checked(tmp_path, names, message: str) -> No
         pickle.dump({b"label_names": names}, f, protocol=2)
     with pytest.raises(ValueError, match=f"batches.meta: {message}"):
         load_dataset("cifar10", root=tmp_path)
+
+
+# --------------------------------------------------------------------------- audit: test_fraction, files
+@pytest.mark.parametrize("name", LOCAL_DATASETS)
+@pytest.mark.parametrize("fraction", [0.2, 0.5])
+def test_test_fraction_is_refused_where_the_test_split_is_official(tmp_path, name: str, fraction: float) -> None:
+    # it was silently ignored: the official test file is the test split whatever the value
+    with pytest.raises(ValueError, match=rf"test_fraction={fraction} does not apply to '{name}': the dataset has an "
+                                         "official test split, which is the test split; leave test_fraction unset"):
+        load_dataset(name, root=tmp_path, test_fraction=fraction)
+
+
+def test_val_fraction_of_an_official_split_is_not_bounded_by_an_unused_test_fraction(tmp_path) -> None:
+    # val_fraction=0.9 was refused as "val_fraction + test_fraction must be < 1 ..., got 0.9 + 0.2"
+    data = _mnist_files(tmp_path, np.random.default_rng(0), gzipped=False)
+    splits = load_dataset("mnist", root=tmp_path, val_fraction=0.9)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (20, 180, 40)
+    assert torch.equal(splits.test.y, torch.from_numpy(data["t10k-labels-idx1-ubyte"]).long())
+    # what is left too small is said of val_fraction alone (the message named a test_fraction=None)
+    with pytest.raises(ValueError, match=r"^val_fraction=0.99 leaves 2 of 200 samples to train on, fewer than the 10 "
+                                         r"classes$"):
+        load_dataset("mnist", root=tmp_path, val_fraction=0.99)
+
+
+def test_test_fraction_unset_is_the_old_default_where_a_test_split_is_carved() -> None:
+    unset, explicit = load_dataset("wine", seed=4), load_dataset("wine", seed=4, test_fraction=0.2)
+    for part in ("train", "val", "test"):
+        assert torch.equal(getattr(unset, part).x, getattr(explicit, part).x)
+        assert torch.equal(getattr(unset, part).y, getattr(explicit, part).y)
+    with pytest.raises(ValueError, match=r"val_fraction \+ test_fraction must be < 1 to leave train data, got "
+                                         r"0.85 \+ 0.2"):
+        load_dataset("wine", val_fraction=0.85)
+
+
+def test_cifar_labels_beyond_int64_are_reported_with_their_value(tmp_path) -> None:
+    _cifar_files(tmp_path, "cifar10", np.random.default_rng(0))
+    labels = np.arange(30, dtype=np.uint64) % 5
+    labels[3] = 2**64 - 1
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({b"data": np.zeros((30, 3072), np.uint8), b"labels": labels}, f, protocol=2)
+    # was "labels must lie in [0, 10), found [-1, 4]": the int64 cast had wrapped the value
+    with pytest.raises(ValueError, match=r"test_batch: labels must be class ids, found 18446744073709551615, beyond "
+                                         r"the int64 range"):
+        load_dataset("cifar10", root=tmp_path)
+
+
+def test_read_idx_reads_a_gzipped_file_named_without_gz(tmp_path) -> None:
+    values = np.arange(24, dtype=np.int16).reshape(2, 3, 4) * 9 - 100
+    _write_idx(str(tmp_path / "a.idx.gz"), values)
+    saved_plain = tmp_path / "a.idx"  # a download saved without its .gz
+    saved_plain.write_bytes((tmp_path / "a.idx.gz").read_bytes())
+    out = read_idx(saved_plain)  # was "not an IDX file (magic bytes b'\x1f\x8b\x08\x00')"
+    assert out.dtype == np.int16 and np.array_equal(out, values)
+    cut = tmp_path / "cut.idx"
+    cut.write_bytes(saved_plain.read_bytes()[:20])
+    with pytest.raises(ValueError, match=r"cut\.idx: not a readable gzip file"):
+        read_idx(cut)
+
+
+def test_mnist_gzipped_files_named_without_gz_load(tmp_path) -> None:
+    data = _mnist_files(tmp_path / "gz", np.random.default_rng(0), gzipped=True)
+    for base in data:
+        (tmp_path / base).write_bytes((tmp_path / "gz" / (base + ".gz")).read_bytes())
+    splits = load_dataset("mnist", root=tmp_path, seed=1)
+    assert torch.equal(splits.test.y, torch.from_numpy(data["t10k-labels-idx1-ubyte"]).long())
+
+
+def test_mnist_files_all_come_from_one_folder(tmp_path) -> None:
+    raw = _mnist_files(tmp_path / "MNIST" / "raw", np.random.default_rng(0), gzipped=True)
+    stray = np.zeros((200, 28, 28), np.uint8)  # a lone file in root, beside the full set under MNIST/raw
+    _write_idx(str(tmp_path / "train-images-idx3-ubyte"), stray)
+    x_train = load_mnist_files(tmp_path)[0]  # took the stray images with MNIST/raw's labels
+    assert np.array_equal(x_train, raw["train-images-idx3-ubyte"])
+    # a complete root is still read first
+    in_root = _mnist_files(tmp_path, np.random.default_rng(1), gzipped=False)
+    assert np.array_equal(load_mnist_files(tmp_path)[0], in_root["train-images-idx3-ubyte"])
+
+
+def test_mnist_files_split_between_folders_name_what_each_lacks(tmp_path) -> None:
+    data = _mnist_files(tmp_path, np.random.default_rng(0), gzipped=False)
+    raw = tmp_path / "MNIST" / "raw"
+    for base in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):  # the test files under MNIST/raw only
+        raw.mkdir(parents=True, exist_ok=True)
+        _write_idx(str(raw / (base + ".gz")), data[base])
+        (tmp_path / base).unlink()
+    with pytest.raises(FileNotFoundError) as info:  # was loaded, train from one folder and test from the other
+        load_dataset("mnist", root=tmp_path)
+    assert str(info.value) == (
+        "mnist: dataset files not found. Nothing is downloaded; place the standard files together in one of these "
+        f"folders:\n  {tmp_path}, which lacks:"
+        f"\n    {tmp_path / 't10k-images-idx3-ubyte'} or {tmp_path / 't10k-images-idx3-ubyte.gz'}"
+        f"\n    {tmp_path / 't10k-labels-idx1-ubyte'} or {tmp_path / 't10k-labels-idx1-ubyte.gz'}"
+        f"\n  {raw}, which lacks:"
+        f"\n    {raw / 'train-images-idx3-ubyte'} or {raw / 'train-images-idx3-ubyte.gz'}"
+        f"\n    {raw / 'train-labels-idx1-ubyte'} or {raw / 'train-labels-idx1-ubyte.gz'}")
+
+
+def test_cifar_missing_batches_are_named_per_folder(tmp_path) -> None:
+    _cifar_files(tmp_path, "cifar10", np.random.default_rng(0))
+    folder = tmp_path / "cifar-10-batches-py"
+    (folder / "data_batch_5").unlink()
+    with pytest.raises(FileNotFoundError) as info:  # listed all 12 batch paths, present ones too
+        load_cifar_files(tmp_path, "cifar10")
+    message = str(info.value)
+    assert f"\n  {folder}, which lacks:\n    {folder / 'data_batch_5'}\n  {tmp_path}, which lacks:" in message
+    assert str(folder / "data_batch_4") not in message

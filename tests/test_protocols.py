@@ -248,8 +248,8 @@ def test_mislabel_draws_the_wrong_label_uniformly() -> None:
 
 def test_mislabel_rejections() -> None:
     y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
-    with pytest.raises(ValueError, match="num_classes must be an int >= 2"):
-        mislabel(torch.zeros(10, dtype=torch.long), 0.2)
+    with pytest.raises(ValueError, match="num_classes must be an int >= 2, got 1"):
+        mislabel(torch.zeros(10, dtype=torch.long), 0.2, num_classes=1)
     with pytest.raises(ValueError, match="outside num_classes=2"):
         mislabel(y, 0.2, num_classes=2)
     with pytest.raises(ValueError, match="non-negative"):
@@ -394,3 +394,44 @@ def test_sequential_class_forget_refuses_nested_classes() -> None:
     with pytest.raises(TypeError, match=r"classes must be a flat sequence of class ids, one per request, got shape "
                                         r"\(1, 2\)"):
         sequential_class_forget(torch.arange(8) % 4, [[1, 2]])  # was int()'s "argument must be ... not 'list'"
+
+
+def test_mislabel_of_a_single_class_says_no_different_label_exists() -> None:
+    # was "num_classes must be an int >= 2, got 1", of an argument the caller never passed
+    with pytest.raises(ValueError, match=r"^the labels hold one class \(0\), so no different label exists to draw; if "
+                                         r"the data has more classes, pass num_classes \(it defaults to max\(labels\) "
+                                         r"\+ 1\)$"):
+        mislabel(torch.zeros(10, dtype=torch.long), 0.2)
+    # one class present but more declared: a different label exists
+    corruption = mislabel(torch.zeros(10, dtype=torch.long), 0.2, num_classes=3)
+    assert bool((corruption.labels[corruption.corrupted_idx] != 0).all())
+
+
+@pytest.mark.parametrize("kind", [np.uint64, np.int64, np.uint32, np.int32, np.uint16, np.int16, np.uint8, np.int8])
+def test_classes_of_every_numpy_integer_kind(kind) -> None:
+    # np.uint64 was refused: "classes must be integers, got np.uint64(2) (an integer is required)"
+    y = torch.tensor([0, 1, 2, 1, 0, 2, 2])
+    assert class_forget(y, kind(2)).forget_idx.tolist() == [2, 5, 6]
+    assert class_forget(y, [kind(2), 0]).forget_idx.tolist() == [0, 2, 4, 5, 6]
+    assert class_forget(y, np.array([2], dtype=kind)).forget_idx.tolist() == [2, 5, 6]
+    data = LabeledData(torch.arange(7.0).unsqueeze(1), y)
+    assert remove_classes(data, kind(1)).y.tolist() == [0, 2, 0, 2, 2]
+    requests = sequential_class_forget(y, [kind(2), kind(0)])
+    assert [r.forget_idx.tolist() for r in requests] == [[2, 5, 6], [0, 4]]
+    assert requests[1].description == "request 2/2: class 0"
+
+
+@pytest.mark.parametrize("bad", [True, np.True_, 2.0, np.float64(2.0), [np.uint64(1), 2.5]],
+                         ids=["bool", "numpy-bool", "float", "numpy-float", "uint64-and-float"])
+def test_classes_that_are_bools_or_floats_are_still_refused(bad) -> None:
+    with pytest.raises(TypeError, match="classes must be integers, got torch.(bool|float)"):
+        class_forget(torch.tensor([0, 1, 2, 1, 0, 2, 2]), bad)
+
+
+def test_numpy_uint64_indices_and_labels_in_lists() -> None:
+    # the same conversion serves every argument: these were "... must be integers, ... (an integer is required)"
+    assert index_forget(6, [np.uint64(4), np.uint64(1)]).forget_idx.tolist() == [1, 4]
+    labels = [np.uint64(c) for c in (0, 1, 0, 1, 2, 2)]
+    assert random_forget(labels, 0.5).forget_idx.tolist() == random_forget([0, 1, 0, 1, 2, 2], 0.5).forget_idx.tolist()
+    with pytest.raises(TypeError, match=r"classes must be integers, got \[18446744073709551615\]"):
+        class_forget(torch.tensor([0, 1]), [np.uint64(2**64 - 1)])  # as the Python int: beyond int64

@@ -137,8 +137,12 @@ _DATASETS: dict[str, tuple[Callable[[str | Path | None], _Raw], int]] = {
 }
 
 
-#: the datasets read from files under ``root`` (the others are bundled and take no ``root``)
+#: the datasets read from files under ``root`` (the others are bundled and take no ``root``); each
+#: ships an official test split, which is its test split
 LOCAL_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
+
+# the test split's fraction of all samples where one is carved (the bundled datasets)
+_DEFAULT_TEST_FRACTION = 0.2
 
 
 def available_datasets() -> list[str]:
@@ -187,8 +191,9 @@ def _split_indices(
     val_count = _count(val_fraction, len(y), "val_fraction", classes)
     test_count = 0 if test_fraction is None else _count(test_fraction, len(y), "test_fraction", classes)
     if len(y) - val_count - test_count < classes:
-        raise ValueError(f"val_fraction={val_fraction} and test_fraction={test_fraction} leave "
-                         f"{len(y) - val_count - test_count} of {len(y)} samples to train on, fewer than the "
+        given = (f"val_fraction={val_fraction} leaves" if test_fraction is None
+                 else f"val_fraction={val_fraction} and test_fraction={test_fraction} leave")
+        raise ValueError(f"{given} {len(y) - val_count - test_count} of {len(y)} samples to train on, fewer than the "
                          f"{classes} classes")
     if test_fraction is not None:
         train, test = _holdout(train, y, test_count, seed, "the data")
@@ -228,7 +233,7 @@ def load_dataset(
     root: str | Path | None = None,
     seed: int = 0,
     val_fraction: float = 0.1,
-    test_fraction: float = 0.2,
+    test_fraction: float | None = None,
 ) -> DatasetSplits:
     """Load dataset ``name`` (see :func:`available_datasets`) as stratified, seeded splits.
 
@@ -239,24 +244,35 @@ def load_dataset(
         seed: seed of the stratified splits; the same seed gives the same splits.
         val_fraction: size of the validation split as a fraction of all samples (for datasets with
             an official test file: of the official train file, which the validation split comes from).
-        test_fraction: size of the test split as a fraction of all samples; ignored where the
-            official test file is the test split (MNIST, Fashion-MNIST, CIFAR).
+        test_fraction: size of the test split as a fraction of all samples (None: 0.2), for the
+            bundled datasets; ``val_fraction + test_fraction`` must be below 1. The local datasets
+            (MNIST, Fashion-MNIST, CIFAR) have an official test file, which is the test split: for
+            them test_fraction must be left None.
 
     Raises:
-        ValueError: unknown name, bad fractions, a seed outside [0, 2**32), ``root`` missing for a
-            local dataset, files not in their standard format, or a class with a single sample.
+        ValueError: unknown name, bad fractions, a test_fraction for a dataset with an official test
+            split, a seed outside [0, 2**32), ``root`` missing for a local dataset, files not in their
+            standard format, or a class with a single sample.
         TypeError: a seed that is not an integer, or a ``root`` that is not a path.
-        FileNotFoundError: ``root`` is not a folder, or a local dataset's files are not under it (the
-            message lists where they are looked for).
+        FileNotFoundError: ``root`` is not a folder, or no folder searched under it holds all of a
+            local dataset's files (the message names each folder and the files it lacks).
         ImportError: "lfw" without scikit-image.
     """
     if not isinstance(name, str) or name not in _DATASETS:  # a list would fail as unhashable
         raise ValueError(f"unknown dataset {name!r}; available: {', '.join(available_datasets())}")
     seed = check_sklearn_seed("load_dataset: seed", seed)
-    for what, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        check_number(what, value, 0.0, 1.0, strict=True, strict_high=True)
-    if val_fraction + test_fraction >= 1.0:
-        raise ValueError(f"val_fraction + test_fraction must be < 1 to leave train data, got {val_fraction} + {test_fraction}")
+    check_number("val_fraction", val_fraction, 0.0, 1.0, strict=True, strict_high=True)
+    official_test = name in LOCAL_DATASETS
+    if official_test:  # no test split is carved: refused, not ignored, as the caller expects it to matter
+        if test_fraction is not None:
+            raise ValueError(f"test_fraction={test_fraction!r} does not apply to {name!r}: the dataset has an "
+                             "official test split, which is the test split; leave test_fraction unset")
+    else:
+        test_fraction = _DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction
+        check_number("test_fraction", test_fraction, 0.0, 1.0, strict=True, strict_high=True)
+        if val_fraction + test_fraction >= 1.0:
+            raise ValueError(f"val_fraction + test_fraction must be < 1 to leave train data, got {val_fraction} + "
+                             f"{test_fraction}")
 
     loader, num_classes = _DATASETS[name]
     raw = loader(root)
@@ -264,9 +280,8 @@ def load_dataset(
         if labels is not None and labels.size and not 0 <= labels.min() <= labels.max() < num_classes:
             raise ValueError(f"{name}: labels must lie in [0, {num_classes}), found [{labels.min()}, {labels.max()}]")
     raw = _without_duplicates(raw)
-    has_test = raw.x_test is not None
-    train_idx, val_idx, test_idx = _split_indices(raw.y, seed, val_fraction, None if has_test else test_fraction)
-    if has_test:
+    train_idx, val_idx, test_idx = _split_indices(raw.y, seed, val_fraction, test_fraction)
+    if official_test:
         x_test, y_test = raw.x_test, raw.y_test
     else:
         x_test, y_test = raw.x[torch.from_numpy(test_idx)], raw.y[test_idx]

@@ -2,7 +2,8 @@
 
 Nothing here downloads anything: MNIST and Fashion-MNIST are read from IDX files
 (``train-images-idx3-ubyte`` etc., gzipped or not), CIFAR-10/100 from the python pickle batches
-(``cifar-10-batches-py/data_batch_1..5``, ``test_batch``; ``cifar-100-python/train``, ``test``).
+(``cifar-10-batches-py/data_batch_1..5``, ``test_batch``; ``cifar-100-python/train``, ``test``);
+all the files of a dataset from one folder.
 Every reader returns raw numpy arrays (uint8 images, int64 labels); scaling, standardisation and
 splitting happen in :mod:`unlearn_kernels.data.datasets`.
 """
@@ -19,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# The first two bytes of every gzip stream (an IDX file starts with two zero bytes).
+_GZIP_MAGIC = b"\x1f\x8b"
 
 # IDX type codes (third magic byte) -> big-endian numpy dtype.
 _IDX_DTYPES = {
@@ -77,19 +81,23 @@ _CIFAR_LAYOUT = {
 
 
 def read_idx(path: str | Path) -> np.ndarray:
-    """Read one IDX file (plain, or gzipped when the name ends in ``.gz``) into a native-endian array.
+    """Read one IDX file, plain or gzipped, into a native-endian array.
+
+    A file is read as gzip when its name ends in ``.gz`` (then it must be gzip) or when it starts
+    with gzip's magic bytes (a download saved without its ``.gz``).
 
     Format: two zero bytes, a type code (0x08 uint8, 0x09 int8, 0x0B int16, 0x0C int32,
     0x0D float32, 0x0E float64), the number of dimensions, then each dimension as a big-endian
     uint32, then the values in C order, big-endian.
     """
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:  # not gzip, or cut short
-        raise ValueError(f"{path}: not a readable gzip file ({exc})") from None
+    with open(path, "rb") as f:
+        raw = f.read()
+    if path.suffix == ".gz" or raw[:2] == _GZIP_MAGIC:  # by content too: it was "not an IDX file" without .gz
+        try:
+            raw = gzip.decompress(raw)
+        except (gzip.BadGzipFile, EOFError, zlib.error) as exc:  # not gzip, or cut short
+            raise ValueError(f"{path}: not a readable gzip file ({exc})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError(f"{path}: not an IDX file (magic bytes {raw[:4]!r})")
     dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
@@ -138,32 +146,45 @@ def read_cifar_batch(path: str | Path) -> dict[bytes, Any]:
     return batch
 
 
-def _missing(name: str, expected: list[Path]) -> FileNotFoundError:
-    listing = "\n  ".join(str(p) for p in expected)
-    return FileNotFoundError(
-        f"{name}: dataset files not found. Nothing is downloaded; place the standard files at one of:\n  {listing}"
-    )
+def _folder_with_all(name: str, folders: list[Path], files: list[str],
+                     extensions: tuple[str, ...] = ("",)) -> tuple[Path, list[Path]]:
+    """The first of ``folders`` that holds every one of ``files``, each as ``<file><ext>`` for one of
+    ``extensions`` (the first found), with the path of each file in the order of ``files``.
+
+    All files come from one folder: a set pieced together from two (an old copy beside a new one)
+    could pair one copy's images with another's labels. If no folder holds them all,
+    FileNotFoundError names each folder and the files it lacks.
+    """
+    lacking: dict[Path, list[str]] = {}
+    for folder in folders:
+        paths, missing = [], []
+        for base in files:
+            candidates = [folder / (base + ext) for ext in extensions]
+            found = next((p for p in candidates if p.is_file()), None)
+            if found is None:
+                missing.append(" or ".join(str(p) for p in candidates))
+            else:
+                paths.append(found)
+        if not missing:
+            return folder, paths
+        lacking[folder] = missing
+    listing = "".join(f"\n  {folder}, which lacks:" + "".join(f"\n    {m}" for m in missing)
+                      for folder, missing in lacking.items())
+    raise FileNotFoundError(f"{name}: dataset files not found. Nothing is downloaded; place the standard files "
+                            f"together in one of these folders:{listing}")
 
 
 def load_mnist_files(root: str | Path, name: str = "mnist") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Read MNIST or Fashion-MNIST (``name`` "mnist" or "fashion_mnist") from ``root``.
 
-    Each file is looked up as ``<dir>/<file>`` or ``<dir>/<file>.gz`` with ``<dir>`` either ``root``
-    or torchvision's ``root/MNIST/raw`` (``root/FashionMNIST/raw``).
+    The four files are read from the first of ``root`` and torchvision's ``root/MNIST/raw``
+    (``root/FashionMNIST/raw``) that holds all of them, each as ``<file>`` or ``<file>.gz``.
     Returns ``(x_train, y_train, x_test, y_test)``: uint8 images (N, 28, 28) and int64 labels.
     """
     root = Path(root)
-    folders = [root, root / _TORCHVISION_DIRS[name] / "raw"]
-    arrays, expected = {}, []
-    for key, base in _MNIST_FILES.items():
-        candidates = [folder / (base + ext) for folder in folders for ext in ("", ".gz")]
-        found = next((p for p in candidates if p.is_file()), None)
-        if found is None:
-            expected += candidates
-        else:
-            arrays[key] = read_idx(found)
-    if expected:
-        raise _missing(name, expected)
+    _, paths = _folder_with_all(name, [root, root / _TORCHVISION_DIRS[name] / "raw"], list(_MNIST_FILES.values()),
+                                ("", ".gz"))
+    arrays = {key: read_idx(path) for key, path in zip(_MNIST_FILES, paths)}
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
@@ -192,10 +213,7 @@ def load_cifar_files(
     """
     layout = _CIFAR_LAYOUT[name]
     root = Path(root)
-    folders = [root / layout["folder"], root]
-    folder = next((f for f in folders if all((f / b).is_file() for b in layout["train"] + layout["test"])), None)
-    if folder is None:
-        raise _missing(name, [f / b for f in folders for b in layout["train"] + layout["test"]])
+    folder, _ = _folder_with_all(name, [root / layout["folder"], root], layout["train"] + layout["test"])
 
     def read(batches: list[str]) -> tuple[np.ndarray, np.ndarray]:
         xs, ys = [], []
@@ -211,6 +229,9 @@ def load_cifar_files(
             # label list has no type of its own (numpy makes it float64)
             if x.dtype != np.uint8 or not (np.issubdtype(y.dtype, np.integer) or y.size == 0):
                 raise ValueError(f"{folder / b}: expected uint8 data and integer labels, got {x.dtype} and {y.dtype}")
+            # uint64 only: the int64 cast would wrap these, and the range check report them negative
+            if y.size and y.max() > np.iinfo(np.int64).max:
+                raise ValueError(f"{folder / b}: labels must be class ids, found {y.max()}, beyond the int64 range")
             y = y.astype(np.int64)
             if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or y.shape != (x.shape[0],):
                 raise ValueError(f"{folder / b}: data {x.shape} and labels {y.shape} are not (N, 3072) and (N,)")

@@ -25,6 +25,7 @@ import reprlib
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 
 from ..checks import check_bool, check_int, check_number, check_seed
@@ -69,6 +70,12 @@ class ForgetRequest:
 # --------------------------------------------------------------------------- validation helpers
 def _as_tensor(values: object, name: str) -> torch.Tensor:
     """``values`` as a CPU tensor, or TypeError naming ``name`` (torch's own message names no argument)."""
+    # torch takes no numpy uint64 scalar ("an integer is required") and, in a list, promotes no numpy
+    # uint16/32/64 with a Python int: numpy integers of every width and sign go in as the ints they hold
+    if isinstance(values, np.integer):
+        values = int(values)
+    elif isinstance(values, (list, tuple)):
+        values = [int(v) if isinstance(v, np.integer) else v for v in values]
     try:
         return torch.as_tensor(values).cpu()
     except (TypeError, ValueError, RuntimeError) as err:  # e.g. a str, a LabeledData, an int beyond int64
@@ -311,6 +318,9 @@ def mislabel(labels: IndexLike, fraction: float, seed: int = 0, stratified: bool
     stratified = check_bool("stratified", stratified)
     if num_classes is None:
         num_classes = int(labels.max()) + 1
+        if num_classes == 1:  # said here: check_int would refuse a num_classes=1 the caller never passed
+            raise ValueError("the labels hold one class (0), so no different label exists to draw; if the data "
+                             "has more classes, pass num_classes (it defaults to max(labels) + 1)")
     num_classes = check_int("num_classes", num_classes, low=2)  # a wrong label needs a second class
     if int(labels.max()) >= num_classes:
         raise ValueError(f"labels hold class {int(labels.max())}, outside num_classes={num_classes}")
