@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..checkpoint import refuse_empty_path
 from ..checks import check_number, check_seed
 from ..labeled import LabeledData
 from .local_files import load_cifar_files, load_mnist_files
@@ -114,9 +115,7 @@ def _need_root(name: str, root: str | Path | None) -> Path:
                          "the command line); nothing is downloaded")
     if not isinstance(root, (str, os.PathLike)):
         raise TypeError(f"{name}: root must be a folder path (str or os.PathLike), got {type(root).__name__}")
-    if root == "":  # Path("") is the working folder
-        raise ValueError(f"{name}: root '' names no folder")
-    path = Path(root)
+    path = refuse_empty_path(root, f"{name}: root '' names no folder")
     if not path.is_dir():  # said here: the list of files looked for would not tell
         raise FileNotFoundError(f"{name}: root {path} {'is not a folder' if path.exists() else 'does not exist'}. "
                                 "Nothing is downloaded; pass the folder that holds the dataset files")
