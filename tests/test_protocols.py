@@ -386,8 +386,8 @@ def test_complex_and_uint64_labels() -> None:
 
 
 def test_indices_beyond_int64_name_the_argument() -> None:
-    with pytest.raises(TypeError, match=r"indices must be integers, got \[1180591620717411303424\]"):
-        split_forget(20, [2**70])  # was torch's "Overflow when unpacking long long"
+    with pytest.raises(ValueError, match=r"^indices must lie in the int64 range, got \[1180591620717411303424\]$"):
+        split_forget(20, [2**70])  # was torch's "Overflow when unpacking long long", then "must be integers"
 
 
 def test_sequential_class_forget_refuses_nested_classes() -> None:
@@ -433,5 +433,16 @@ def test_numpy_uint64_indices_and_labels_in_lists() -> None:
     assert index_forget(6, [np.uint64(4), np.uint64(1)]).forget_idx.tolist() == [1, 4]
     labels = [np.uint64(c) for c in (0, 1, 0, 1, 2, 2)]
     assert random_forget(labels, 0.5).forget_idx.tolist() == random_forget([0, 1, 0, 1, 2, 2], 0.5).forget_idx.tolist()
-    with pytest.raises(TypeError, match=r"classes must be integers, got \[18446744073709551615\]"):
+    with pytest.raises(ValueError, match=r"^classes must lie in the int64 range, got \[18446744073709551615\]$"):
         class_forget(torch.tensor([0, 1]), [np.uint64(2**64 - 1)])  # as the Python int: beyond int64
+
+
+def test_uint64_values_beyond_int64_are_named_with_their_value() -> None:
+    """They wrapped at the int64 cast: "labels must be non-negative class ids, got -9223372036854775803",
+    "class(es) [-9223372036854775808] do not occur"; a 0-d array of classes failed in numpy."""
+    y = torch.tensor([0, 1, 2, 1, 0, 2, 2])
+    with pytest.raises(ValueError, match=r"^labels must lie in the int64 range, got 9223372036854775813$"):
+        random_forget(np.array([0, 1, 2**63 + 5], dtype=np.uint64), 0.5)
+    with pytest.raises(ValueError, match=r"^classes must lie in the int64 range, got 9223372036854775811$"):
+        class_forget(y, torch.tensor([2**63 + 3], dtype=torch.uint64))
+    assert class_forget(y, np.array(2)).forget_idx.tolist() == [2, 5, 6]

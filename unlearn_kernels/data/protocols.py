@@ -77,9 +77,16 @@ def _as_tensor(values: object, name: str) -> torch.Tensor:
     elif isinstance(values, (list, tuple)):
         values = [int(v) if isinstance(v, np.integer) else v for v in values]
     try:
-        return torch.as_tensor(values).cpu()
+        tensor = torch.as_tensor(values).cpu()
     except (TypeError, ValueError, RuntimeError) as err:  # e.g. a str, a LabeledData, an int beyond int64
+        if "Overflow" in str(err):  # an integer all the same: say what is wrong with it
+            raise ValueError(f"{name} must lie in the int64 range, got {reprlib.repr(values)}") from None
         raise TypeError(f"{name} must be integers, got {reprlib.repr(values)} ({err})") from None
+    # uint64 values from 2**63 would wrap to negative ids at the int64 cast every caller makes
+    if tensor.dtype == torch.uint64 and bool((tensor.view(torch.int64) < 0).any()):
+        beyond = int(tensor.view(torch.int64)[tensor.view(torch.int64) < 0][0]) + 2**64
+        raise ValueError(f"{name} must lie in the int64 range, got {beyond}")
+    return tensor
 
 
 def _labels(labels: IndexLike) -> torch.Tensor:
@@ -136,8 +143,9 @@ def _classes(classes: int | Iterable[int], present: torch.Tensor) -> torch.Tenso
     """Sorted unique class ids, each of which must occur in ``present``."""
     if classes is None or isinstance(classes, (str, bytes)):  # a str is iterable: "3" would be read as ["3"]
         raise TypeError(f"classes must be integers, got {classes!r}")
-    if isinstance(classes, Iterable) and not isinstance(classes, torch.Tensor):
-        classes = list(classes)  # sets and generators too
+    # sets and generators too; an array goes in whole (a 0-d one, np.array(2), cannot be iterated)
+    if isinstance(classes, Iterable) and not isinstance(classes, (torch.Tensor, np.ndarray)):
+        classes = list(classes)
     asked = _as_tensor(classes, "classes").reshape(-1)
     if asked.numel() == 0:
         raise ValueError("no class given to forget")
