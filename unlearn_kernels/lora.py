@@ -27,7 +27,7 @@ import fnmatch
 import importlib
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -262,6 +262,27 @@ def adaptable_layers(model: nn.Module) -> list[str]:
     return [name for name, module in modules.items()
             if name and name not in inside and isinstance(module, ADAPTABLE)
             and _layer_problem(module, modules[name.rpartition(".")[0]]) is None]
+
+
+def new_adapter_layers(owner: str, model: nn.Module, targets: Sequence[str] | None,
+                       default: Callable[[nn.Module], Sequence[str]] = adaptable_layers, which: str = "") -> list[str]:
+    """The layers of ``model`` that a method gives fresh adapters (checked; nothing is changed): those
+    ``targets`` selects; else none on a model that already has adapters (those train); else
+    ``default(model)``. ValueError naming ``owner`` where the model is itself a layer (an adapter
+    replaces a submodule) or the default finds none (``which`` qualifies the layers, e.g. "hidden ")."""
+    existing = adapter_modules(model)
+    if isinstance(model, ADAPTABLE) or "" in existing:
+        raise ValueError(f"{owner}: the model is itself a {type(model).__name__} layer; wrap it, e.g. "
+                         "nn.Sequential(model)")
+    if targets is not None:
+        return resolve_targets(model, targets, owner=owner)
+    if existing:
+        return []
+    layers = default(model)
+    if not layers:
+        raise ValueError(f"{owner}: the model has no {which}Linear or Conv2d layer that can take an adapter; name "
+                         "the layers with targets=")
+    return resolve_targets(model, layers, owner=owner)
 
 
 def check_targets(owner: str, targets: Any) -> tuple[str, ...]:

@@ -28,14 +28,12 @@ from torch import nn
 
 from ..labeled import LabeledData
 from ..lora import (
-    ADAPTABLE,
-    adaptable_layers,
     adapter_modules,
     adapter_parameter_names,
     add_adapters,
     check_rank_alpha,
     check_targets,
-    resolve_targets,
+    new_adapter_layers,
     unload,
     unmerge,
 )
@@ -83,27 +81,11 @@ class CureNewtonLoRA(Unlearner):
 
     def _check_parameters(self, model: nn.Module) -> None:
         check_per_sample_loss(self.name, model)  # else CureNewton refuses it, under its name, after the adapters
-        self._new_layers(model)  # the layers exist and can take an adapter: refused here, not mid-method
-
-    def _new_layers(self, model: nn.Module) -> list[str]:
-        """The layers that get fresh adapters (checked; nothing is changed): ``targets``, else every
-        Linear and Conv2d layer, or none on a model that already has adapters (those train)."""
-        existing = adapter_modules(model)
-        if isinstance(model, ADAPTABLE) or "" in existing:  # an adapter replaces a submodule, not the model
-            raise ValueError(f"{self.name}: the model is itself a {type(model).__name__} layer; wrap it, e.g. "
-                             "nn.Sequential(model)")
-        if self.targets is not None:
-            return resolve_targets(model, self.targets, owner=self.name)
-        if existing:
-            return []
-        layers = adaptable_layers(model)
-        if not layers:
-            raise ValueError(f"{self.name}: the model has no Linear or Conv2d layer that can take an adapter")
-        return resolve_targets(model, layers, owner=self.name)
+        new_adapter_layers(self.name, model, self.targets)  # the layers can take adapters: refused here, not mid-run
 
     def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,
                  unseen: LabeledData | None, seed: int) -> UnlearnResult:
-        new = self._new_layers(model)
+        new = new_adapter_layers(self.name, model, self.targets)
         if new:
             add_adapters(model, new, self.rank, self.alpha)
         unmerge(model)  # adapters the model had merged (in this private copy): merged, A and B get no gradient

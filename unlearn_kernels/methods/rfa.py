@@ -52,7 +52,7 @@ from ..lora import (
     add_adapters,
     check_rank_alpha,
     check_targets,
-    resolve_targets,
+    new_adapter_layers,
     unload,
     unmerge,
 )
@@ -178,15 +178,9 @@ class RFA(TrainedUnlearner):
     # the parts
 
     def _new_layers(self, model: nn.Module) -> list[str]:
-        """The layers that get fresh adapters (checked; nothing is changed): ``targets``, else
-        :func:`hidden_layers`, or none on a model that already has adapters (those train)."""
-        if self.targets is None and adapter_modules(model):
-            return []
-        chosen = self.targets or hidden_layers(model)
-        if not chosen:
-            raise ValueError(f"{self.name}: the model has no hidden Linear or Conv2d layer that can take an adapter; "
-                             "name the layers with targets=")
-        return resolve_targets(model, chosen, owner=self.name)
+        """The layers that get fresh adapters (checked): ``targets``, else :func:`hidden_layers`, or
+        none on a model that already has adapters (those train)."""
+        return new_adapter_layers(self.name, model, self.targets, hidden_layers, "hidden ")
 
     def _check_unseen_classes(self, forget: LabeledData, unseen: LabeledData | None) -> None:
         if unseen is None or len(unseen) == 0:
