@@ -33,8 +33,8 @@ RUNNER = [sys.executable, "-m", "benchmarks"]
     (["bogus"], "unknown suite(s) ['bogus']"),
     (["softmax_ce", "--device", "bogus"], "--device 'bogus' is not a device name: use cpu, cuda or cuda:N"),
     # the suites' devices, whether or not this machine has the one named (`unlearn-kernels run` may take them)
-    (["softmax_ce", "--device", "meta"], "--device 'meta': this program runs on cpu or cuda only"),
-    (["softmax_ce", "--device", "mps"], "--device 'mps': this program runs on cpu or cuda only"),
+    (["softmax_ce", "--device", "meta"], "--device 'meta': only cpu or cuda devices are supported here"),
+    (["softmax_ce", "--device", "mps"], "--device 'mps': only cpu or cuda devices are supported here"),
     (["softmax_ce", "--threads", "0"], "--threads must be >= 1"),
     (["softmax_ce", "softmax_ce", "--quick"], "suite(s) named more than once: ['softmax_ce']"),
 ])

@@ -425,6 +425,8 @@ def test_cuda_peak_memory_blocks_nest(monkeypatch):
         state["peak"] = max(state["peak"], state["now"])
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr("unlearn_kernels.checks._tensor_problem", lambda device: None)  # no tensor there to probe
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: state.update(peak=state["now"]))
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: state["now"])
@@ -450,7 +452,7 @@ def test_speedup_and_bad_input():
     assert speedup(2.0, 30.0) == 15.0
     with pytest.raises(ValueError, match="> 0"):
         speedup(0.0, 1.0)
-    with pytest.raises(ValueError, match="^measure: device must be 'cpu' or a CUDA device, got meta"):
+    with pytest.raises(ValueError, match="^measure: device 'meta': only cpu or cuda devices are supported here$"):
         measure(lambda: None, device="meta")
     with pytest.raises(TypeError, match="callable"):
         measure(3)

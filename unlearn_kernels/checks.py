@@ -90,7 +90,7 @@ def check_device(name: str, value: Any, types: tuple[str, ...] | None = None) ->
     except (RuntimeError, TypeError):  # an unknown type, '' (torch's message lists all twenty types it knows)
         raise ValueError(f"{name} {value!r} is not a device name: use cpu, cuda or cuda:N") from None
     if types is not None and device.type not in types:  # whether or not this machine has one
-        raise ValueError(f"{name} {value!r}: this program runs on {' or '.join(types)} only")
+        raise ValueError(f"{name} {value!r}: only {' or '.join(types)} devices are supported here")
     if device.type == "cpu" and device.index:  # torch takes cpu:1 for the CPU: a typo, of cuda:1 perhaps
         problem = "there is one CPU device, cpu"
     elif device.type == "cuda" and not (torch.cuda.device_count() if torch.cuda.is_available() else 0):

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from ..checks import check_device, check_number
+
 
 @dataclass(frozen=True)
 class Measured:
@@ -46,11 +48,7 @@ class PeakMemory:
     _open: list["PeakMemory"] = []  # the blocks inside which their device's counter may be reset
 
     def __init__(self, device: torch.device | str | None = None) -> None:
-        self.device = torch.device("cpu" if device is None else device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"PeakMemory: device {self.device} requested but CUDA is not available")
-        if self.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"PeakMemory: device must be 'cpu' or a CUDA device, got {self.device}")
+        self.device = check_device("PeakMemory: device", "cpu" if device is None else device, ("cpu", "cuda"))
         self.bytes = 0
         self._start = 0
         self._high_water_mark = True  # VmHWM, reset at the start; else ru_maxrss growth
@@ -116,6 +114,11 @@ def measure(fn: Callable[..., Any], *args: Any, device: torch.device | str | Non
     ``device``: a CUDA device to measure GPU memory (the device is synchronised before and after,
     so that the time covers the queued kernels), or None / ``"cpu"`` for the process's resident set
     (see the module docstring for what each measures). Exceptions of ``fn`` propagate.
+
+    Raises:
+        TypeError: ``fn`` is not callable.
+        ValueError: ``device`` is not a device name, not the CPU or a CUDA device, or a CUDA device that
+            is not visible (before ``fn`` is called).
     """
     if not callable(fn):
         raise TypeError(f"measure: fn must be callable, got {type(fn).__name__}")
@@ -133,7 +136,12 @@ def measure(fn: Callable[..., Any], *args: Any, device: torch.device | str | Non
 
 
 def speedup(seconds: float, retrain_seconds: float) -> float:
-    """Speed-up over retraining: ``retrain_seconds / seconds`` (> 1 means faster than retraining)."""
-    if not (seconds > 0 and retrain_seconds > 0):
-        raise ValueError(f"speedup: both times must be > 0 seconds, got {seconds} and {retrain_seconds}")
+    """Speed-up over retraining: ``retrain_seconds / seconds`` (> 1 means faster than retraining).
+
+    Raises:
+        ValueError: either time is not a finite number > 0 (a string, None, NaN or Inf, which gave a
+            Python TypeError or a NaN or Inf speed-up).
+    """
+    seconds = check_number("speedup: seconds", seconds, 0.0, strict=True)
+    retrain_seconds = check_number("speedup: retrain_seconds", retrain_seconds, 0.0, strict=True)
     return retrain_seconds / seconds

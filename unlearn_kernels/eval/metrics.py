@@ -11,14 +11,23 @@ Accuracies and MIA scores are fractions in [0, 1] (not percentages) throughout.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Literal
 
 import torch
 from torch import nn
 
-from ..checks import all_finite, check_choice, check_int, check_number, check_tensor, first_nonfinite_row
+from ..checks import (
+    all_finite,
+    check_choice,
+    check_int,
+    check_number,
+    check_tensor,
+    first_nonfinite_row,
+    first_nonfinite_weight,
+    normalisation_buffers,
+)
 from ..labeled import LabeledData
 from ..training import eval_mode, join_last_row, model_device
 
@@ -104,13 +113,13 @@ def _check_model_data(op: str, model: nn.Module, data: LabeledData, batch_size: 
 
 @contextmanager
 def _model_errors(op: str) -> Iterator[None]:
-    """Torch's own error from running the model inside the block (wrong input width or dtype)
-    re-raised as a ValueError naming ``op``."""
+    """Torch's own error from running the model inside the block (wrong input width or dtype, a token
+    id beyond an embedding's rows: an IndexError) re-raised as a ValueError naming ``op``."""
     try:
         yield
     except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError from torch 2.5 on (this is its alias)
         raise  # not the data's fault: callers may retry with a smaller batch_size
-    except RuntimeError as err:
+    except (RuntimeError, IndexError) as err:
         raise ValueError(f"{op}: the model cannot run on the data: {err}") from err
 
 
@@ -147,6 +156,13 @@ def predict_logits(model: nn.Module, data: LabeledData, batch_size: int = 1024) 
     normalises with the batch's statistics in eval mode too, so such a model's logits depend on the
     batches: a last batch of one row, which it cannot take, joins the one before it (see
     :func:`~unlearn_kernels.training.join_last_row`; a set of one row is refused for it).
+
+    Raises:
+        TypeError: ``model`` is not a module, ``data`` not a :class:`LabeledData`, or the model does
+            not return (batch, C) logits.
+        ValueError: an empty set, a bad ``batch_size``, NaN or Inf in the inputs, or samples the model
+            cannot run on (torch's error from the forward pass: a wrong width or dtype, a token id
+            beyond an embedding's rows), each naming ``predict_logits``.
     """
     _check_model_data("predict_logits", model, data, batch_size)
     device = model_device(model)
@@ -173,11 +189,23 @@ def gradient_norm(
     running statistics, dropout is off; one without them takes the batch's, and a last batch of one
     row joins the one before it as in :func:`predict_logits`), accumulated in float64. The model is not
     modified: no ``.grad`` is written and the train/eval flags are restored.
+
+    Raises:
+        TypeError: ``model`` is not a module, ``data`` not a :class:`LabeledData`, ``loss_fn`` not callable.
+        ValueError: an empty set, a bad ``batch_size``, NaN or Inf in the inputs, a parameter or a
+            normalisation layer's running statistic that holds NaN or Inf (the norm would be NaN), no
+            parameter that requires grad, samples the model cannot run on, labels outside the model's
+            classes, a ``loss_fn`` result that is not a real floating-point scalar, does not depend on
+            the parameters or is NaN or Inf, or a gradient that holds NaN or Inf.
     """
     _check_model_data("gradient_norm", model, data, batch_size)
     if not callable(loss_fn):
         raise TypeError(f"gradient_norm: loss_fn must be callable (e.g. torch.nn.functional.cross_entropy), "
                         f"got {type(loss_fn).__name__}")
+    bad = first_nonfinite_weight(model.named_parameters(), model.named_buffers(), normalisation_buffers(model))
+    if bad is not None:  # the logits, the loss and the norm would be NaN
+        kind, name, what = bad
+        raise ValueError(f"gradient_norm: the model's {kind} {name!r} has {what} values (did an update diverge?)")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("gradient_norm: the model has no parameters that require grad")
@@ -194,11 +222,21 @@ def gradient_norm(
             loss = loss_fn(logits, y)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise ValueError("gradient_norm: loss_fn must return a scalar tensor (the batch mean)")
+            if not loss.is_floating_point():  # autograd's own error: "grad can be implicitly created only for..."
+                raise ValueError(f"gradient_norm: loss_fn must return a real floating-point scalar, got {loss.dtype}")
+            if not loss.requires_grad:  # autograd's own error: "element 0 of tensors does not require grad"
+                raise ValueError("gradient_norm: loss_fn's result does not require grad, so it does not depend on the "
+                                 "model's parameters (was it computed from detached logits, or under torch.no_grad?)")
+            if not all_finite(loss):  # the norm would be NaN or Inf
+                raise ValueError(f"gradient_norm: loss_fn returned {float(loss.detach())} on rows [{start}, {stop})")
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             for acc, g in zip(total, grads):
                 if g is not None:
                     acc.add_(g.double(), alpha=y.shape[0] / n)
-    return math.sqrt(sum(float(acc.square().sum()) for acc in total))
+    norm = math.sqrt(sum(float(acc.square().sum()) for acc in total))
+    if not math.isfinite(norm):  # finite weights and loss, a NaN gradient: e.g. a sqrt at 0 in the model
+        raise ValueError(f"gradient_norm: the gradient holds NaN or Inf (norm {norm})")
+    return norm
 
 
 def weight_distance(model_a: nn.Module, model_b: nn.Module) -> float:
@@ -207,6 +245,11 @@ def weight_distance(model_a: nn.Module, model_b: nn.Module) -> float:
 
     Both models must have the same parameter names and shapes (e.g. f_un and f_gold of one
     architecture); otherwise ``ValueError``.
+
+    Raises:
+        TypeError: either model is not a torch.nn.Module.
+        ValueError: different parameter names or shapes, no parameters, or a parameter that holds NaN
+            or Inf (the distance would be NaN or Inf).
     """
     for name, model in (("model_a", model_a), ("model_b", model_b)):
         if not isinstance(model, nn.Module):
@@ -227,7 +270,13 @@ def weight_distance(model_a: nn.Module, model_b: nn.Module) -> float:
                     f"weight_distance: parameter {name!r} has shape {tuple(a.shape)} in model_a "
                     f"but {tuple(b.shape)} in model_b"
                 )
-            total += float((a.double() - b.to(a.device).double()).square().sum())
+        for label, params in (("model_a", params_a), ("model_b", params_b)):  # the distance would be NaN or Inf
+            bad = first_nonfinite_weight(params.items(), (), ())
+            if bad is not None:
+                raise ValueError(f"weight_distance: {label}'s parameter {bad[1]!r} has NaN or Inf values "
+                                 "(did an update diverge?)")
+        for name, a in params_a.items():
+            total += float((a.double() - params_b[name].to(a.device).double()).square().sum())
     return math.sqrt(total)
 
 
@@ -358,6 +407,11 @@ def rf_jsd(
 def _deltas(op: str, metrics: Mapping[str, float], oracle: Mapping[str, float], keys: Sequence[str]) -> list[float]:
     if isinstance(keys, str):  # else its characters would be taken as the keys
         raise TypeError(f"{op}: keys must be a sequence of metric names, got the string {keys!r}")
+    if not isinstance(keys, Collection):  # None, a number, a generator (read twice by tug_of_war)
+        raise TypeError(f"{op}: keys must be a sequence of metric names, got {type(keys).__name__}")
+    for name, table in (("metrics", metrics), ("oracle_metrics", oracle)):
+        if not hasattr(table, "keys"):  # a list or None: "metrics has no 'mia'", or Python's "not iterable"
+            raise TypeError(f"{op}: {name} must be a mapping of metric names to values, got {type(table).__name__}")
     if len(keys) == 0:
         raise ValueError(f"{op}: keys is empty")
     deltas = []
@@ -377,6 +431,11 @@ def avg_gap(
 
     The default keys are MIA, Acc_f, Acc_r, Acc_test (in the units given: fractions here; the
     literature reports them in percent, i.e. 100 x this value). Name which MIA convention "mia" is.
+
+    Raises:
+        TypeError: ``metrics`` or ``oracle_metrics`` is not a mapping, or ``keys`` is a string or not a
+            collection of names.
+        ValueError: ``keys`` is empty, or a key is missing or its value is not a finite number.
     """
     deltas = _deltas("avg_gap", metrics, oracle_metrics, keys)
     return sum(deltas) / len(deltas)
@@ -389,6 +448,10 @@ def tug_of_war(
 
     Accuracies must be fractions in [0, 1] (``ValueError`` otherwise, to catch percentages); ToW is
     in [0, 1], 1 when f_un matches the oracle on all three.
+
+    Raises:
+        TypeError: as :func:`avg_gap`.
+        ValueError: as :func:`avg_gap`, or a value outside [0, 1].
     """
     deltas = _deltas("tug_of_war", metrics, oracle_metrics, keys)  # first: every value is a finite number
     for name, table in (("metrics", metrics), ("oracle_metrics", oracle_metrics)):

@@ -29,21 +29,32 @@ from ..data.datasets import check_sklearn_seed
 from .metrics import check_labels, check_logits
 
 
+# The features are read with .detach(): logits straight from a model's forward (requires_grad) are valid
+# input, and numpy() refuses them ("Can't call numpy() on Tensor that requires grad").
 def _entropy(logits: torch.Tensor) -> np.ndarray:
     """Prediction entropy -sum_c p_c ln p_c of each row, (N, 1) float64."""
-    log_p = torch.log_softmax(logits.double(), dim=1)
+    log_p = torch.log_softmax(logits.detach().double(), dim=1)
     return (-(log_p.exp() * log_p).sum(dim=1)).cpu().numpy().reshape(-1, 1)
 
 
 def _cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     """Per-sample loss -ln softmax(logits)_y, (N, 1) float64."""
-    log_p = torch.log_softmax(logits.double(), dim=1)
+    log_p = torch.log_softmax(logits.detach().double(), dim=1)
     return (-log_p.gather(1, y.to(logits.device).long().view(-1, 1))).cpu().numpy()
 
 
 def _true_class_confidence(logits: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     """softmax(logits)_y of each row, (N, 1) float64."""
-    return torch.softmax(logits.double(), dim=1).gather(1, y.to(logits.device).long().view(-1, 1)).cpu().numpy()
+    probs = torch.softmax(logits.detach().double(), dim=1)
+    return probs.gather(1, y.to(logits.device).long().view(-1, 1)).cpu().numpy()
+
+
+def _check_classes(op: str, **logits: torch.Tensor) -> None:
+    """ValueError unless every one of ``logits`` has the same number of classes (columns): one model's
+    outputs on the sets; else the features would silently compare distributions over different classes."""
+    classes = {name: value.shape[1] for name, value in logits.items()}
+    if len(set(classes.values())) > 1:
+        raise ValueError(f"{op}: the logits must have the same number of classes, got {classes}")
 
 
 def _balanced(members: np.ndarray, non_members: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -73,15 +84,17 @@ def mia_entropy(
 
     Balancing: ``"subsample"`` (default) subsamples the larger of D_r / test to the size of the
     smaller with ``seed``; ``"class_weight"`` uses all samples with ``class_weight="balanced"``
-    (what the LoTUS code does).
+    (what the LoTUS code does). Logits that require grad (straight from a forward pass) are read detached.
+
+    Raises:
+        TypeError: logits that are not floating-point tensors, or a ``seed`` that is not an int.
+        ValueError: logits that are not 2-D, empty, or hold NaN or Inf, logits with different numbers of
+            classes, a ``seed`` outside [0, 2**32), or an unknown ``balance``.
     """
     for name, logits in (("retain_logits", retain_logits), ("test_logits", test_logits),
                          ("forget_logits", forget_logits)):
         check_logits(f"mia_entropy: {name}", logits)
-    classes = {"retain_logits": retain_logits.shape[1], "test_logits": test_logits.shape[1],
-               "forget_logits": forget_logits.shape[1]}
-    if len(set(classes.values())) > 1:  # the entropy would silently compare distributions over different classes
-        raise ValueError(f"mia_entropy: the logits must have the same number of classes, got {classes}")
+    _check_classes("mia_entropy", retain_logits=retain_logits, test_logits=test_logits, forget_logits=forget_logits)
     seed = check_sklearn_seed("mia_entropy: seed", seed)
     check_choice("mia_entropy: balance", balance, ("subsample", "class_weight"))
     members, non_members = _entropy(retain_logits), _entropy(test_logits)
@@ -112,12 +125,20 @@ def mia_loss(
     cross-validation (``StratifiedKFold(folds, shuffle=True, random_state=seed)``), in [0, 1].
     0.5 = the attacker cannot tell D_f from test. The ideal is f_gold's value, not 0.5 (the
     challenge kit uses 10 ``StratifiedShuffleSplit`` splits; k-fold uses every sample once).
-    Each group needs at least ``folds`` samples.
+    Each group needs at least ``folds`` samples. Logits that require grad are read detached.
+
+    Raises:
+        TypeError: logits that are not floating-point tensors, labels that are not 1-D integer tensors,
+            or a ``seed`` that is not an int.
+        ValueError: logits that are not 2-D, empty, or hold NaN or Inf, forget and test logits with
+            different numbers of classes, labels of the wrong length or outside [0, C), ``folds`` not an
+            int >= 2, fewer than ``folds`` forget or test samples, or a ``seed`` outside [0, 2**32).
     """
     check_logits("mia_loss: forget_logits", forget_logits)
     check_labels("mia_loss: forget_y", forget_y, forget_logits)
     check_logits("mia_loss: test_logits", test_logits)
     check_labels("mia_loss: test_y", test_y, test_logits)
+    _check_classes("mia_loss", forget_logits=forget_logits, test_logits=test_logits)
     folds = check_int("mia_loss: folds", folds, low=2)
     seed = check_sklearn_seed("mia_loss: seed", seed)
     n = min(len(forget_y), len(test_y))
@@ -147,12 +168,21 @@ def mia_salun_efficacy(
     Score = fraction of D_f predicted *non-member*, in [0, 1]: higher = more forgotten. When the
     confidence does not separate D_r from test, the SVC tends to predict one class almost
     everywhere, so the score is then unstable (far from 0.5, varying with ``seed``). The SVC costs
-    O(n^2) in the number of shadow samples: pass subsets for very large test sets.
+    O(n^2) in the number of shadow samples: pass subsets for very large test sets. Logits that
+    require grad are read detached.
+
+    Raises:
+        TypeError: logits that are not floating-point tensors, labels that are not 1-D integer tensors,
+            or a ``seed`` that is not an int.
+        ValueError: logits that are not 2-D, empty, or hold NaN or Inf, logits with different numbers of
+            classes, labels of the wrong length or outside [0, C), or a ``seed`` outside [0, 2**32).
     """
     for name, logits, y in (("retain", retain_logits, retain_y), ("test", test_logits, test_y),
                             ("forget", forget_logits, forget_y)):
         check_logits(f"mia_salun_efficacy: {name}_logits", logits)
         check_labels(f"mia_salun_efficacy: {name}_y", y, logits)
+    _check_classes("mia_salun_efficacy", retain_logits=retain_logits, test_logits=test_logits,
+                   forget_logits=forget_logits)
     seed = check_sklearn_seed("mia_salun_efficacy: seed", seed)
     x, labels = _balanced(_true_class_confidence(retain_logits, retain_y),
                           _true_class_confidence(test_logits, test_y), np.random.default_rng(seed))
