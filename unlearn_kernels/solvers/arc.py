@@ -105,6 +105,17 @@ def check_arc_options(owner: str, *, M: Any, max_iterations: Any, tol: Any, hvp_
             "M_min": check_number(f"{prefix}M_min", M_min, 0.0, strict=True)}
 
 
+def _value(value: Callable[[torch.Tensor], float], w: torch.Tensor, where: str) -> float:
+    """``float(value(w))``, or TypeError saying what ``value`` returned at ``where`` (not float()'s message)."""
+    f = value(w)
+    try:
+        return float(f)
+    except (TypeError, ValueError, RuntimeError):
+        shape = f" of shape {tuple(f.shape)}" if isinstance(f, torch.Tensor) else ""
+        raise TypeError(f"adaptive_cubic_newton: value must return a real number (a float or a one-element tensor), "
+                        f"got {type(f).__name__}{shape} at {where}") from None
+
+
 def adaptive_cubic_newton(
     value: Callable[[torch.Tensor], float],
     gradient: Callable[[torch.Tensor], torch.Tensor],
@@ -156,21 +167,35 @@ def adaptive_cubic_newton(
 
     Raises:
         ValueError: bad options, a non-finite w0, f(w0) or gradient (what ``gradient`` returns at
-            an accepted point must be finite).
+            an accepted point must be finite). TypeError: ``value``, ``gradient`` or ``hessian`` not
+            callable, a w0 that is not float32 or float64, ``value`` returning something that is not a
+            number, ``solver_options`` not a mapping or with an unknown option.
     """
+    for name, function in (("value", value), ("gradient", gradient), ("hessian", hessian)):
+        if not callable(function):
+            raise TypeError(f"adaptive_cubic_newton: {name} must be a function of w, got {type(function).__name__}")
     w = check_vector(w0, "w0")
+    if w.dtype not in (torch.float32, torch.float64):  # the Krylov solver's Lanczos steps take these only
+        raise TypeError(f"adaptive_cubic_newton: w0 must be float32 or float64, got {w.dtype}")
     checked = check_arc_options("", M=M, max_iterations=max_iterations, tol=tol, hvp_budget=hvp_budget, eta1=eta1,
                                 eta2=eta2, gamma=gamma, M_min=M_min)
     M, max_iterations, tol, hvp_budget = checked["M"], checked["max_iterations"], checked["tol"], checked["hvp_budget"]
     eta1, eta2, gamma, M_min = checked["eta1"], checked["eta2"], checked["gamma"], checked["M_min"]
     seed = check_seed("seed", seed)
+    if solver_options is not None and not isinstance(solver_options, Mapping):
+        raise TypeError(f"solver_options must be None or a mapping of KrylovCubicSolver option names to values, "
+                        f"got {type(solver_options).__name__}")
     options = {**KRYLOV_DEFAULTS, **(solver_options or {})}
     if "seed" in options:
         raise ValueError("solver_options must not set 'seed': pass seed= (each step's solver gets "
                          "(seed + step) % 2**63)")
     k_max = check_int("solver_options['k_max']", options.pop("k_max"), 1)
+    try:  # names and values now, before any work, not at the first step (a 1 x 1 problem: no products)
+        KrylovCubicSolver(torch.zeros(1, 1), torch.zeros(1), seed=seed, **options)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"solver_options: {error}") from None
 
-    f = float(value(w))
+    f = _value(value, w, "w0")
     if not math.isfinite(f):
         raise ValueError(f"adaptive_cubic_newton: f(w0) is not finite ({f})")
     g = check_vector(gradient(w), "gradient(w0)")
@@ -202,7 +227,7 @@ def adaptive_cubic_newton(
                 stop = "no_progress"
                 break
             trial = w + sub.step
-            f_trial = float(value(trial)) if all_finite(trial) else math.nan
+            f_trial = _value(value, trial, "a trial point") if all_finite(trial) else math.nan
             actual = f - f_trial if math.isfinite(f_trial) else -math.inf
             ratio = actual / predicted
             accepted = ratio >= eta1

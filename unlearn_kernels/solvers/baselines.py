@@ -225,7 +225,8 @@ def lissa(H: Any, b: torch.Tensor, *, scale: float, damping: float = 0.0, depth:
             if not all_finite(h):
                 finite = False
                 break
-            step_op = op if sample is None else as_operator(sample(), b.shape[0], dtype=b.dtype, device=b.device)
+            step_op = op if sample is None else as_operator(sample(), b.shape[0], dtype=b.dtype, device=b.device,
+                                                                    name="b")
             try:
                 Hh = step_op.matvec(h)
             except NonFiniteProduct:  # diverged within the product
@@ -315,11 +316,20 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float = 1e-6, solver: st
         tol, maxiter: MINRES settings.
         seed: "lanczos": seeds a restart vector after a breakdown.
 
+    Every option is checked whichever solver runs (ValueError naming it).
+
     Returns:
         A :class:`NewtonStep`; ``info["rank"]`` for "eigh" and "lanczos" (and ``info["lanczos_steps"]``).
     """
     op, g = operator_and_vector(H, g)
     rcond = check_number("rcond", rcond, 0.0, 1.0, strict_high=True)
+    # every option checked whichever solver runs (a bad value is an error, not ignored)
+    rank, seed = check_int("rank", rank, 1), check_seed("seed", seed)
+    check_number("tol", tol, 0.0)
+    if maxiter is not None:
+        check_int("maxiter", maxiter, 1)
+    if solver not in ("auto", "eigh", "lanczos", "minres"):
+        raise ValueError(f"solver must be 'auto', 'eigh', 'lanczos' or 'minres', got {solver!r}")
     if solver == "auto":
         solver = _auto(op, "eigh", "lanczos")
     if solver == "minres":
@@ -333,14 +343,11 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float = 1e-6, solver: st
         y, kept = _spectral_step(lam, c, 0.0, rcond)
         residual = float(torch.linalg.vector_norm(lam * y + c))
         return NewtonStep((U @ y).to(g.dtype), residual, op.num_hvps, 0, True, "pinv-eigh", {"rank": kept})
-    if solver != "lanczos":
-        raise ValueError(f"solver must be 'auto', 'eigh', 'lanczos' or 'minres', got {solver!r}")
-    rank = check_int("rank", rank, 1)
     gnorm = norm64(g)
     if gnorm == 0.0:
         return NewtonStep(torch.zeros_like(g), 0.0, 0, 0, True, "pinv-lanczos", {"rank": 0, "lanczos_steps": 0})
     proc = LanczosProcess(op, g, reorth="full", store_basis=True, capacity=rank,
-                          generator=torch.Generator().manual_seed(check_seed("seed", seed)))
+                          generator=torch.Generator().manual_seed(seed))
     while not proc.exhausted:
         proc.step()
     theta, S = ritz_pairs(proc.alphas, proc.betas)
@@ -354,7 +361,9 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float = 1e-6, solver: st
 
 def damped_solver(d: int) -> str:
     """The solver ``damped_newton_step(..., solver="auto")`` picks for an operator of d parameters:
-    "eigh" up to :data:`DENSE_MAX_DIM`, "minres-ldl" up to :data:`DENSE_SOLVE_MAX_DIM`, else "minres"."""
+    "eigh" up to :data:`DENSE_MAX_DIM`, "minres-ldl" up to :data:`DENSE_SOLVE_MAX_DIM`, else "minres"
+    (ValueError unless d is an int >= 1)."""
+    d = check_int("d", d, 1)
     return "eigh" if d <= DENSE_MAX_DIM else "minres-ldl" if d <= DENSE_SOLVE_MAX_DIM else "minres"
 
 

@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checks import check_int, check_number, check_seed, norm64
+from ..checks import all_finite, check_bool, check_int, check_number, check_seed, norm64
 from ..ops.cubic_secular import cubic_secular_solve
 from .lanczos import LanczosProcess, Reorth, replay, ritz_pairs
-from .operators import SolverOperator, operator_and_vector
+from .operators import NonFiniteProduct, SolverOperator, operator_and_vector
 
 
 @dataclass
@@ -183,9 +183,10 @@ class KrylovCubicSolver:
         self.check_every = check_int("check_every", check_every, 1)
         self.kappa = check_number("kappa", kappa, 0.0)
         self.theta = None if theta is None else check_number("theta", theta, 0.0)
+        two_pass = check_bool("two_pass", two_pass)
         if two_pass and reorth != "none":
             raise ValueError("two_pass=True keeps no basis to reorthogonalise against: use reorth='none'")
-        self.guard = (not two_pass) if guard is None else bool(guard)
+        self.guard = (not two_pass) if guard is None else check_bool("guard", guard)
         if self.guard and two_pass:
             raise ValueError("the hard-case guard needs the stored basis: use guard=False with two_pass=True")
         self.two_pass = two_pass
@@ -293,6 +294,8 @@ class KrylovCubicSolver:
         proc = self.process
         if extend is None:
             extend = proc.n == 0
+        else:
+            extend = check_bool("extend", extend)
         if extend:
             self._run_main(M)
             if self.guard and not self._probed:
@@ -325,13 +328,27 @@ def _cauchy_point(op: SolverOperator, g: torch.Tensor, M: float) -> torch.Tensor
     return g * (-radius / gnorm)
 
 
+def _product_at(op: SolverOperator, s: torch.Tensor, step: int, eta: float, M: float) -> torch.Tensor:
+    """``H s`` at a gradient-descent iterate; a non-finite product is most often the iteration's
+    divergence (s overflowed), which NonFiniteProduct then says, rather than blaming H alone."""
+    try:
+        return op.matvec(s)
+    except NonFiniteProduct:
+        raise NonFiniteProduct(
+            f"cubic_gd: the product H s is not finite at gradient step {step} ("
+            + ("s itself holds NaN or Inf" if not all_finite(s) else f"||s|| = {norm64(s):.3e}")
+            + f"): the iteration diverged (the step size eta = {eta:g} is too large for H and M = {M:g}: it "
+            "needs eta < 1 / (||H|| + M ||s||); at step 0, the start, e.g. the Cauchy point, is too long: M too "
+            "small for g, or the noise too large), or H's products are not finite") from None
+
+
 def _gd_steps(op: SolverOperator, g: torch.Tensor, M: float, s: torch.Tensor, K: int, eta: float,
               tol: float) -> tuple[torch.Tensor, torch.Tensor | None, int, bool]:
     """K steps ``s <- s - eta (g + H s + (M/2)||s|| s)``, stopping early when the model gradient
     is <= tol ||g||. Returns (s, H s if known at the final s, steps taken, stopped early)."""
     gnorm = norm64(g)
     for it in range(K):
-        Hs = op.matvec(s)
+        Hs = _product_at(op, s, it, eta, M)
         grad = g + Hs + (0.5 * M * norm64(s)) * s
         if tol > 0 and norm64(grad) <= tol * gnorm:
             return s, Hs, it, True
@@ -340,9 +357,9 @@ def _gd_steps(op: SolverOperator, g: torch.Tensor, M: float, s: torch.Tensor, K:
 
 
 def _finish(op: SolverOperator, g: torch.Tensor, M: float, s: torch.Tensor, Hs: torch.Tensor | None,
-            num_hvps: int, iterations: int, converged: bool) -> CubicStep:
+            num_hvps: int, iterations: int, converged: bool, eta: float) -> CubicStep:
     if Hs is None:
-        Hs = op.matvec(s)
+        Hs = _product_at(op, s, iterations, eta, M)
         num_hvps += 1
     s_norm = norm64(s)
     residual = norm64(g + Hs + (0.5 * M * s_norm) * s)
@@ -354,6 +371,7 @@ def sphere_noise(d: int, radius: float, generator: torch.Generator) -> torch.Ten
     """``radius * xi``, xi uniform on the unit sphere of R^d (a normalised Gaussian; float64, norm
     exactly ``radius`` up to rounding), as Carmon and Duchi and the StoCuReNU code perturb g: the
     perturbation's size does not grow with d, unlike N(0, radius^2 I) whose norm is ~radius sqrt(d)."""
+    d, radius = check_int("d", d, 0), check_number("radius", radius, 0.0)
     z = torch.randn(d, generator=generator, dtype=torch.float64)
     return z * (radius / torch.linalg.vector_norm(z))
 
@@ -389,6 +407,10 @@ def cubic_gd(H: Any, g: torch.Tensor, M: float, *, K: int = 5, eta: float = 0.01
 
     Returns:
         A :class:`CubicStep`; ``converged`` says whether the tol rule stopped the iteration.
+
+    Raises:
+        NonFiniteProduct: a product at an iterate is not finite, which names the step and says the
+            iteration diverged (eta too large, or M too small for the Cauchy point) or H is not finite.
     """
     op, g = operator_and_vector(H, g)
     M = _check_M(M)
@@ -398,7 +420,7 @@ def cubic_gd(H: Any, g: torch.Tensor, M: float, *, K: int = 5, eta: float = 0.01
     s, Hs, steps, stopped = _gd_steps(op, g_it, M, s, K, eta, tol)
     if noise != 0:
         Hs = None  # H s is reported for the true g, recompute it against the unperturbed model
-    return _finish(op, g, M, s, Hs, op.num_hvps, steps, stopped)
+    return _finish(op, g, M, s, Hs, op.num_hvps, steps, stopped, eta)
 
 
 def stochastic_cubic_gd(sample: Callable[[], tuple[torch.Tensor, Any]], M: float = 5.0, *, T: int = 10,
@@ -438,7 +460,7 @@ def stochastic_cubic_gd(sample: Callable[[], tuple[torch.Tensor, Any]], M: float
         s, _, taken, stopped = _gd_steps(op, g_it, M, s, K, eta, tol)
         steps += taken
         hvps += op.num_hvps
-    step = _finish(op, g, M, s, None, 0, steps, stopped)
+    step = _finish(op, g, M, s, None, 0, steps, stopped, eta)
     step.num_hvps += hvps
     return step
 

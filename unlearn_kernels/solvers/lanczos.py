@@ -34,6 +34,7 @@ diagonalises that dense matrix.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -107,6 +108,9 @@ class LanczosProcess:
     def __init__(self, op: SolverOperator, v0: torch.Tensor, *, reorth: Reorth, store_basis: bool,
                  capacity: int, generator: torch.Generator) -> None:
         check_choice("reorth", reorth, ("full", "selective", "none"))
+        if op.dtype not in (torch.float32, torch.float64):  # what the Lanczos step's kernels take
+            raise TypeError(f"Lanczos needs float32 or float64 vectors, got the operator's dtype {op.dtype}: "
+                            "convert H and the vector to float32")
         if reorth != "none" and not store_basis:
             raise ValueError(f"reorth={reorth!r} needs the stored basis; use reorth='none' in two-pass mode")
         d = op.shape[0]
@@ -355,7 +359,7 @@ def lanczos(
         H: a dense symmetric matrix or an operator (see :func:`~.operators.as_operator`); a
             function ``v -> H v`` needs ``v0``.
         k: most Lanczos steps (capped at d).
-        v0: start vector (default: Gaussian from ``seed``).
+        v0: start vector (default: Gaussian from ``seed``); only its direction matters.
         reorth: "full", "selective" or "none" (see the module docstring).
         two_pass: do not store the Lanczos vectors; Ritz vectors are formed by a second pass that
             regenerates them (about n more products), in O(d num_eigs) memory. Needs
@@ -374,7 +378,8 @@ def lanczos(
     if v0 is None:
         op = as_operator(H)
     else:  # v0 also gives the dimension, dtype and device of a function v -> H v
-        op = as_operator(H, check_vector(v0, "v0").shape[0], dtype=v0.dtype, device=v0.device)
+        v0 = check_vector(v0, "v0")
+        op = as_operator(H, v0.shape[0], dtype=v0.dtype, device=v0.device, name="v0")
     d = op.shape[0]
     if d == 0:
         raise ValueError("H is empty (0 x 0): it has no eigenvalues")
@@ -394,6 +399,10 @@ def lanczos(
         v0 = torch.randn(d, generator=gen, dtype=torch.float64).to(device=op.device, dtype=op.dtype)
     elif not bool(v0.abs().max() > 0):
         raise ValueError("v0 must be non-zero")
+    elif not 0.0 < norm64(v0) < math.inf:
+        # only its direction matters: one whose norm underflows (or overflows) float64 would be normalised to
+        # Inf (or 0) entries
+        v0 = v0 / v0.abs().max()
     proc = LanczosProcess(op, v0, reorth=reorth, store_basis=not two_pass, capacity=k, generator=gen)
 
     def wanted_pairs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:

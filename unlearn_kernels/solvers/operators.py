@@ -8,12 +8,14 @@ checks that every product is finite.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import scipy.sparse.linalg
 import torch
 
-from ..checks import all_finite, check_tensor
+from ..checks import all_finite, check_tensor, norm64
 from ..curvature.linear_operator import MatVec, dense_by_products, to_scipy_operator
 
 
@@ -135,6 +137,7 @@ class SolverOperator:
 
 
 def _check_dense(matrix: torch.Tensor) -> None:
+    check_tensor("H", matrix)  # a sparse H would meet torch's NotImplementedError in the symmetry check
     if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
         raise ValueError(f"H must be a square (d, d) matrix, got shape {tuple(matrix.shape)}")
     if not matrix.is_floating_point():
@@ -158,6 +161,7 @@ def as_operator(
     *,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    name: str = "the gradient",
 ) -> SolverOperator:
     """Validate ``H`` and wrap it as a :class:`SolverOperator`.
 
@@ -169,10 +173,12 @@ def as_operator(
             ``device``.
         dim: the expected dimension d (e.g. that of the gradient); checked when given.
         dtype, device: the vectors' dtype and device (e.g. the gradient's); checked when given.
+        name: what gave ``dim``, ``dtype`` and ``device``, for the messages (e.g. ``"v0"``).
 
     Raises:
         ValueError: a non-square, non-symmetric or non-finite matrix, a dimension, device or shape
-            mismatch. TypeError: an unsupported object or a dtype mismatch.
+            mismatch, a device that is not one. TypeError: an unsupported object (a sparse matrix, a
+            non-callable ``matvec``, a ``shape`` that is not a pair of ints) or a dtype mismatch.
     """
     if isinstance(H, SolverOperator):
         H = H.base
@@ -180,19 +186,24 @@ def as_operator(
         H = DenseOperator(H)
     if hasattr(H, "matvec"):
         shape = getattr(H, "shape", None)
-        if not (isinstance(shape, tuple) and len(shape) == 2 and all(isinstance(n, int) for n in shape)):
-            raise TypeError(f"the operator must have a (d, d) tuple `shape`, got {shape!r}")
-        if shape[0] != shape[1]:
-            raise ValueError(f"the operator must be square, got shape {shape}")
+        if not (isinstance(shape, tuple) and len(shape) == 2
+                and all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in shape)):
+            raise TypeError(f"the operator must have a (d, d) tuple `shape` of ints, got {shape!r}")
+        shape = (int(shape[0]), int(shape[1]))  # numpy ints too
+        if shape[0] != shape[1] or shape[0] < 0:
+            raise ValueError(f"the operator must be square, (d, d) with d >= 0, got shape {shape}")
         op_dtype, op_device = getattr(H, "dtype", None), getattr(H, "device", None)
         if not isinstance(op_dtype, torch.dtype) or op_device is None:
             raise TypeError("the operator must have `dtype` (a torch.dtype) and `device` attributes")
-        matmat = H.matmat if hasattr(H, "matmat") else None
-        op = SolverOperator(H, shape, op_dtype, torch.device(op_device), H.matvec, matmat)
+        matmat = getattr(H, "matmat", None)
+        if not callable(H.matvec) or not (matmat is None or callable(matmat)):
+            raise TypeError(f"the operator's matvec (and matmat, if any) must be callable, got matvec "
+                            f"{type(H.matvec).__name__}, matmat {type(matmat).__name__}")
+        op = SolverOperator(H, shape, op_dtype, _device("the operator's device", op_device), H.matvec, matmat)
     elif callable(H):
         if dim is None or dtype is None or device is None:
             raise ValueError("a function v -> H v needs dim, dtype and device (those of the gradient)")
-        op = SolverOperator(H, (dim, dim), dtype, torch.device(device), H, None)
+        op = SolverOperator(H, (dim, dim), dtype, _device("device", device), H, None)
     else:
         raise TypeError(
             "H must be a dense torch matrix, an operator with matvec/shape/dtype/device, or a function "
@@ -201,12 +212,20 @@ def as_operator(
     if not op.dtype.is_floating_point:
         raise TypeError(f"the operator must have a floating point dtype, got {op.dtype}")
     if dim is not None and op.shape[0] != dim:
-        raise ValueError(f"the operator has dimension {op.shape[0]} but the gradient has {dim}")
+        raise ValueError(f"the operator has dimension {op.shape[0]} but {name} has {dim}")
     if dtype is not None and op.dtype != dtype:
-        raise TypeError(f"the operator has dtype {op.dtype} but the gradient has {dtype}")
-    if device is not None and op.device != torch.device(device):
-        raise ValueError(f"the operator is on {op.device} but the gradient is on {device}")
+        raise TypeError(f"the operator has dtype {op.dtype} but {name} has {dtype}")
+    if device is not None and op.device != _device("device", device):
+        raise ValueError(f"the operator is on {op.device} but {name} is on {device}")
     return op
+
+
+def _device(name: str, value: Any) -> torch.device:
+    """``torch.device(value)``, or ValueError naming ``name`` (torch's own message lists twenty device types)."""
+    try:
+        return torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name} {value!r} is not a torch device (e.g. 'cpu', 'cuda:0')") from None
 
 
 def check_vector(g: Any, name: str = "g") -> torch.Tensor:
@@ -225,6 +244,12 @@ def check_vector(g: Any, name: str = "g") -> torch.Tensor:
 
 
 def operator_and_vector(H: Any, g: Any, name: str = "g") -> tuple[SolverOperator, torch.Tensor]:
-    """Validate a (H, g) pair: g a finite vector, H an operator of g's dimension, dtype and device."""
+    """Validate a (H, g) pair: g a finite vector whose float64 norm is finite (the solvers scale by it:
+    an overflowing one turns their iterates to NaN, or a residual of Inf into "converged"), H an
+    operator of g's dimension, dtype and device."""
     g = check_vector(g, name)
-    return as_operator(H, g.shape[0], dtype=g.dtype, device=g.device), g
+    gnorm = norm64(g)
+    if not math.isfinite(gnorm):
+        raise ValueError(f"{name}'s norm overflows float64 (largest |entry| {float(g.abs().max()):.3e}): "
+                         "scale the problem down")
+    return as_operator(H, g.shape[0], dtype=g.dtype, device=g.device, name=name), g

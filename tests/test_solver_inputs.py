@@ -1,0 +1,236 @@
+"""Bad input to the public solvers: a clear error naming the argument and the problem, before any work
+(or, for a diverging iteration, a message that says so), and the same results as before for good input."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from unlearn_kernels.solvers import (
+    KrylovCubicSolver,
+    NonFiniteProduct,
+    adaptive_cubic_newton,
+    as_operator,
+    conjugate_gradient,
+    cubic_newton_step,
+    damped_solver,
+    lanczos,
+    lissa,
+    minres,
+    pinv_newton_step,
+    sphere_noise,
+)
+
+D = 6
+
+
+@pytest.fixture
+def problem():
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(D, D, generator=gen, dtype=torch.float64)
+    return (A + A.T) / 2, torch.randn(D, generator=gen, dtype=torch.float64)
+
+
+class Operator:
+    """A minimal matvec operator whose attributes a test overrides."""
+
+    def __init__(self, H, **attributes):
+        self.H, self.shape, self.dtype, self.device = H, tuple(H.shape), H.dtype, H.device
+        self.__dict__.update(attributes)
+
+    def matvec(self, v):
+        return self.H @ v
+
+
+def test_sparse_matrix_is_refused_by_name(problem):
+    """Was torch's NotImplementedError "Could not run 'aten::max' with arguments from the 'SparseCPU'
+    backend ..." from the symmetry check."""
+    H, g = problem
+    with pytest.raises(TypeError, match=r"H must be a dense tensor, got layout torch.sparse_coo"):
+        lanczos(H.to_sparse(), 3)
+    with pytest.raises(TypeError, match=r"H must be a dense tensor"):
+        cubic_newton_step(H.to_sparse(), g, 1.0)
+
+
+def test_operator_shape_must_be_a_pair_of_non_negative_ints(problem):
+    """A (True, True) shape was taken for (1, 1) (then randn's "received an invalid combination of
+    arguments"), (-1, -1) met "num_eigs = 1 Ritz pairs need ... d = -1", and numpy ints were refused."""
+    H, _ = problem
+    with pytest.raises(TypeError, match=r"the operator must have a \(d, d\) tuple `shape` of ints, got \(True, True\)"):
+        lanczos(Operator(H, shape=(True, True)), 3)
+    with pytest.raises(ValueError, match=r"the operator must be square, \(d, d\) with d >= 0, got shape \(-1, -1\)"):
+        lanczos(Operator(H, shape=(-1, -1)), 3)
+    numpy_shape = lanczos(Operator(H, shape=(np.int64(D), np.int64(D))), 3)
+    assert torch.equal(numpy_shape.eigenvalues, lanczos(Operator(H), 3).eigenvalues)
+
+
+def test_operator_device_and_matvec_are_checked_when_wrapped(problem):
+    """A device 'gpu' gave torch's RuntimeError listing twenty device types; a non-callable matvec
+    gave "'int' object is not callable" at the first product."""
+    H, g = problem
+    with pytest.raises(ValueError, match=r"the operator's device 'gpu' is not a torch device"):
+        lanczos(Operator(H, device="gpu"), 3)
+    with pytest.raises(ValueError, match=r"device 'gpu' is not a torch device"):
+        as_operator(lambda v: H @ v, D, dtype=torch.float64, device="gpu")
+    with pytest.raises(TypeError, match=r"the operator's matvec \(and matmat, if any\) must be callable, got "
+                                        r"matvec int"):
+        lanczos(Operator(H, matvec=3), 3)
+    with pytest.raises(TypeError, match=r"must be callable, got matvec method, matmat int"):
+        cubic_newton_step(Operator(H, matmat=3), g, 1.0)
+
+
+def test_mismatch_messages_name_the_vector_given(problem):
+    """Every mismatch said "but the gradient has ...", also for lanczos's v0 and the linear solvers' b."""
+    H, g = problem
+    with pytest.raises(ValueError, match=r"the operator has dimension 6 but v0 has 4"):
+        lanczos(H, 3, v0=g[:4])
+    with pytest.raises(TypeError, match=r"the operator has dtype torch.float64 but v0 has torch.float32"):
+        lanczos(H, 3, v0=g.float())
+    with pytest.raises(ValueError, match=r"the operator has dimension 6 but b has 3"):
+        conjugate_gradient(H, g[:3])
+    with pytest.raises(ValueError, match=r"the operator has dimension 6 but g has 3"):
+        cubic_newton_step(H, g[:3], 1.0)
+    with pytest.raises(ValueError, match=r"the operator has dimension 3 but b has 6"):
+        lissa(H, g, scale=10.0, sample=lambda: torch.eye(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("scale", [1e-320, 1e300])
+def test_lanczos_start_vector_of_extreme_norm_gives_its_direction(problem, scale):
+    """v0 = 1e-320 * ones (a norm that underflows float64) failed with "the operator returned NaN or Inf"
+    and 1e300 * ones (one that overflows) returned the eigenvalue 0.0: only v0's direction matters."""
+    H, _ = problem
+    ones = torch.ones(D, dtype=torch.float64)
+    for two_pass in (False, True):
+        reorth = "none" if two_pass else "full"
+        expected = lanczos(H, 4, v0=ones, reorth=reorth, two_pass=two_pass)
+        got = lanczos(H, 4, v0=ones * scale, reorth=reorth, two_pass=two_pass)
+        torch.testing.assert_close(got.eigenvalues, expected.eigenvalues, rtol=1e-12, atol=0)
+        torch.testing.assert_close(got.eigenvectors, expected.eigenvectors, rtol=1e-10, atol=1e-12)
+
+
+def test_lanczos_start_vector_is_detached(problem):
+    """A v0 with requires_grad warned "Converting a tensor with requires_grad=True to a scalar" at every step."""
+    H, g = problem
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = lanczos(H, 3, v0=g.clone().requires_grad_())
+    assert torch.equal(out.eigenvalues, lanczos(H, 3, v0=g).eigenvalues)
+
+
+def test_half_precision_is_refused_where_lanczos_runs(problem):
+    """Was the kernel's "lanczos_step: hq must be float32 or float64, got Half" (an argument the caller
+    never passed); the dense solvers still take half precision."""
+    H, g = problem
+    message = r"Lanczos needs float32 or float64 vectors, got the operator's dtype torch.float16"
+    with pytest.raises(TypeError, match=message):
+        lanczos(H.half(), 3)
+    with pytest.raises(TypeError, match=message):
+        cubic_newton_step(H.half(), g.half(), 1.0, "krylov")
+    with pytest.raises(TypeError, match=r"Lanczos needs float32 or float64 vectors, got .* torch.bfloat16"):
+        pinv_newton_step(H.bfloat16(), g.bfloat16(), solver="lanczos")
+    assert cubic_newton_step(H.half(), g.half(), 1.0, "dense").step.dtype == torch.float16
+
+
+def test_vector_whose_norm_overflows_is_refused(problem):
+    """A finite g of entries ~1e300 has an infinite float64 norm: conjugate_gradient and the "eigh"
+    pseudo-inverse step returned residual inf marked converged, Krylov met "cubic_secular_solve: coeffs
+    contains NaN or Inf", MINRES and Lanczos "the operator returned NaN or Inf"."""
+    H, g = problem
+    P = H @ H + torch.eye(D, dtype=torch.float64)
+    huge = g * 1e300
+    with pytest.raises(ValueError, match=r"b's norm overflows float64 \(largest \|entry\| 2.\d+e\+300\)"):
+        conjugate_gradient(P, huge)
+    with pytest.raises(ValueError, match=r"b's norm overflows float64"):
+        minres(P, huge)
+    for solver in ("eigh", "lanczos"):
+        with pytest.raises(ValueError, match=r"g's norm overflows float64"):
+            pinv_newton_step(H, huge, solver=solver)
+    for method in ("dense", "krylov", "gd"):
+        with pytest.raises(ValueError, match=r"g's norm overflows float64"):
+            cubic_newton_step(H, huge, 1.0, method)
+
+
+def test_krylov_flags_must_be_bools(problem):
+    """guard="no" and two_pass="yes" were read as True, extend="x" as True (bool() of a string)."""
+    H, g = problem
+    with pytest.raises(TypeError, match=r"guard must be a bool, got str"):
+        KrylovCubicSolver(H, g, guard="no")
+    with pytest.raises(TypeError, match=r"two_pass must be a bool, got str"):
+        KrylovCubicSolver(H, g, two_pass="yes", reorth="none", guard=False)
+    with pytest.raises(TypeError, match=r"extend must be a bool, got str"):
+        KrylovCubicSolver(H, g).solve(1.0, extend="x")
+
+
+def test_diverging_gradient_descent_says_so(problem):
+    """A step size too large (or an M too small for the Cauchy point) overflowed the iterate, and the
+    error blamed H: "the operator returned NaN or Inf (non-finite Hessian or Hessian-vector product)"."""
+    H, g = problem
+    with pytest.raises(NonFiniteProduct, match=r"cubic_gd: the product H s is not finite at gradient step \d+ "
+                                               r"\(s itself holds NaN or Inf\): the iteration diverged \(the step "
+                                               r"size eta = 10 is too large"):
+        cubic_newton_step(H, g, 1.0, "gd", eta=10.0, K=500)
+    with pytest.raises(NonFiniteProduct, match=r"at gradient step 0 .*M too small for g"):
+        cubic_newton_step(H, g, 1e-300, "gd")
+    with pytest.raises(NonFiniteProduct, match=r"the operator returned NaN or Inf"):  # H's own NaN: as before
+        cubic_newton_step(lambda v: v * float("nan"), g, 1.0, "gd")
+
+
+def test_sphere_noise_checks_its_arguments():
+    """d = -1 met torch's "Trying to create tensor with negative dimension -1"; radius NaN gave NaNs."""
+    with pytest.raises(ValueError, match=r"d must be an int >= 0, got -1"):
+        sphere_noise(-1, 1.0, torch.Generator())
+    with pytest.raises(ValueError, match=r"radius must be a finite number >= 0.0, got nan"):
+        sphere_noise(3, float("nan"), torch.Generator())
+
+
+@pytest.mark.parametrize("solver", ["eigh", "lanczos", "minres"])
+@pytest.mark.parametrize("option, message", [
+    ({"rank": 0}, r"rank must be an int >= 1, got 0"),
+    ({"tol": -1.0}, r"tol must be a finite number >= 0.0, got -1.0"),
+    ({"maxiter": 0}, r"maxiter must be an int >= 1, got 0"),
+    ({"seed": -1}, r"seed must be in \[0, 2\*\*63\), got -1"),
+])
+def test_pinv_step_checks_every_option_whichever_solver(problem, solver, option, message):
+    """rank=0 or seed=-1 with "eigh"/"minres", tol=-1 or maxiter=0 with "eigh"/"lanczos" were ignored."""
+    H, g = problem
+    with pytest.raises(ValueError, match=message):
+        pinv_newton_step(H, g, solver=solver, **option)
+
+
+def test_damped_solver_checks_d():
+    """d = -1 gave "eigh"; d = "a" gave "'<=' not supported between instances of 'str' and 'int'"."""
+    with pytest.raises(ValueError, match=r"d must be an int >= 1, got -1"):
+        damped_solver(-1)
+    with pytest.raises(ValueError, match=r"d must be an int >= 1, got 'a'"):
+        damped_solver("a")
+
+
+def test_arc_checks_its_functions_and_options_before_calling_them(problem):
+    """Non-callables met "'int' object is not callable"; solver_options=[...] met "'list' object is not a
+    mapping"; an unknown option failed only at the first solver, after value and gradient ran at w0; a
+    value returning a vector met "only one element tensors can be converted to Python scalars"; a float16
+    w0 reached the user's functions and then the Lanczos kernel."""
+    H, g = problem
+    P = H @ H + torch.eye(D, dtype=torch.float64)
+    calls = []
+
+    def value(w):
+        calls.append(w)
+        return float(0.5 * w @ P @ w + g @ w)
+
+    gradient, hessian, w0 = (lambda w: P @ w + g), (lambda w: P), torch.zeros(D, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"adaptive_cubic_newton: value must be a function of w, got int"):
+        adaptive_cubic_newton(3, gradient, hessian, w0)
+    with pytest.raises(TypeError, match=r"adaptive_cubic_newton: hessian must be a function of w, got Tensor"):
+        adaptive_cubic_newton(value, gradient, P, w0)
+    with pytest.raises(TypeError, match=r"solver_options must be None or a mapping .* got list"):
+        adaptive_cubic_newton(value, gradient, hessian, w0, solver_options=[("kappa", 0.1)])
+    with pytest.raises(TypeError, match=r"solver_options: .*unexpected keyword argument 'kapa'"):
+        adaptive_cubic_newton(value, gradient, hessian, w0, solver_options={"kapa": 0.1})
+    with pytest.raises(ValueError, match=r"solver_options: kappa must be a finite number >= 0.0, got -1"):
+        adaptive_cubic_newton(value, gradient, hessian, w0, solver_options={"kappa": -1})
+    with pytest.raises(TypeError, match=r"adaptive_cubic_newton: w0 must be float32 or float64, got torch.float16"):
+        adaptive_cubic_newton(value, gradient, hessian, w0.half())
+    assert not calls
+    with pytest.raises(TypeError, match=r"value must return a real number .* got Tensor of shape \(6,\) at w0"):
+        adaptive_cubic_newton(lambda w: w, gradient, hessian, w0)
