@@ -223,9 +223,10 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
 
     Raises:
         FileNotFoundError: no file at ``path`` (IsADirectoryError: a directory there).
+        ValueError: ``path`` is empty (which ``Path`` would read as the working folder).
         CheckpointError: the file is corrupt, truncated or not a checkpoint of this format.
     """
-    path = Path(path)
+    path = refuse_empty_path(path, "checkpoint path is an empty path: name a file")
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory, not a checkpoint file")
     if not path.is_file():
@@ -235,12 +236,16 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
     except Exception as error:  # torch.load raises many types for a damaged file
         raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated?): {error}") from error
     if not (isinstance(payload, dict) and payload.get("format") == FORMAT_VERSION
-            and isinstance(payload.get("metadata"), str) and isinstance(payload.get("state_dict"), dict)):
+            and isinstance(payload.get("metadata"), str) and isinstance(payload.get("state_dict"), dict)
+            and all(isinstance(name, str) and isinstance(t, torch.Tensor)
+                    for name, t in payload["state_dict"].items())):
         raise CheckpointError(f"{path} is not an unlearn-kernels checkpoint of format {FORMAT_VERSION}")
     try:
         metadata = json.loads(payload["metadata"])
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path} has unreadable metadata: {error}") from error
+    if not isinstance(metadata, dict):  # save_checkpoint stores a JSON object
+        raise CheckpointError(f"{path} has unreadable metadata: a JSON {type(metadata).__name__}, not an object")
     return metadata, payload["state_dict"]
 
 
@@ -254,6 +259,7 @@ def load_checkpoint(
 
     Raises:
         CheckpointError: the file exists but is corrupt (it is left in place for inspection).
+        IsADirectoryError: ``path`` is a directory; ValueError: it is empty.
     """
     expected = _normalise(expected_metadata)
     try:

@@ -1,14 +1,18 @@
 """The one in-memory data type the library passes around: inputs and integer labels.
 
 It belongs to the foundation layer (with the training recipe and checkpoints): curvature operators,
-methods, the data layer and the evaluation all speak it, so it imports nothing from the package."""
+methods, the data layer and the evaluation all speak it, so it imports nothing from the package but
+its argument checks."""
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, SequentialSampler, TensorDataset
+
+from .checks import check_bool, check_device, check_int
 
 
 @dataclass(frozen=True)
@@ -47,12 +51,42 @@ class LabeledData:
         return self.x.device
 
     def subset(self, index: torch.Tensor) -> "LabeledData":
-        """Rows ``index`` (int64 indices or a boolean mask), copied."""
-        index = torch.as_tensor(index, device=self.x.device)
+        """Rows ``index`` (1-D integer indices, negative ones counting from the end, or a boolean mask of
+        one entry per row; a tensor, array or list, ``[]`` for no rows), copied.
+
+        Raises:
+            TypeError: ``index`` holds neither integers nor bools (floats, a slice, None).
+            ValueError: ``index`` is not 1-D, a mask of another length, or an index out of range.
+        """
+        try:
+            index = torch.as_tensor(index, device=self.x.device)
+        except (TypeError, RuntimeError, ValueError):  # a slice, None, a str: torch's "Could not infer dtype"
+            raise TypeError(f"LabeledData.subset: index must be integer indices or a boolean mask, got "
+                            f"{type(index).__name__}") from None
+        if index.numel() == 0 and index.dtype != torch.bool:
+            index = index.long()  # [] is float32 to torch: no rows, not a bad dtype
+        if index.dtype != torch.bool and (index.is_floating_point() or index.is_complex()):
+            raise TypeError(f"LabeledData.subset: index must be integer indices or a boolean mask, got {index.dtype}")
+        if index.dim() != 1:
+            raise ValueError(f"LabeledData.subset: index must be 1-D, got shape {tuple(index.shape)}")
+        n = len(self)
+        if index.dtype in (torch.bool, torch.uint8):  # torch reads uint8 as a mask too
+            if index.shape[0] != n:
+                raise ValueError(f"LabeledData.subset: a boolean mask needs one entry per row ({n}), got "
+                                 f"{index.shape[0]}")
+        elif index.numel() and not (-n <= int(index.min()) and int(index.max()) < n):
+            bad = int(index.min()) if int(index.min()) < -n else int(index.max())
+            raise ValueError(f"LabeledData.subset: index {bad} is out of range for {n} rows")
         return LabeledData(self.x[index], self.y[index])
 
     def to(self, device: torch.device | str) -> "LabeledData":
-        """The set on ``device`` (this object itself is unchanged)."""
+        """The set on ``device`` (this object itself is unchanged).
+
+        Raises:
+            ValueError: ``device`` is not a device name, or not one that can run here (see
+                :func:`~unlearn_kernels.checks.check_device`).
+        """
+        device = check_device("LabeledData.to: device", device)
         return LabeledData(self.x.to(device), self.y.to(device))
 
     def loader(self, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
@@ -64,8 +98,20 @@ class LabeledData:
         training mode, or in eval mode without running statistics, refuses a batch of one row (see
         :func:`~unlearn_kernels.training.join_last_row`, which decides when). Without such a batch
         the loader is the plain one.
+
+        Raises:
+            ValueError: ``batch_size`` is not an int >= 1.
+            TypeError: ``seed`` is not an int, or a flag is not a bool.
         """
-        generator = torch.Generator().manual_seed(seed) if shuffle else None
+        owner = "LabeledData.loader"
+        batch_size = check_int(f"{owner}: batch_size", batch_size)
+        shuffle, drop_last, join_last_row = (check_bool(f"{owner}: {name}", value) for name, value in
+                                             (("shuffle", shuffle), ("drop_last", drop_last),
+                                              ("join_last_row", join_last_row)))
+        # the type only: the range is torch's (seed + epoch may pass 2**63 - 1, which manual_seed takes)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"{owner}: seed must be an int, got {type(seed).__name__}")
+        generator = torch.Generator().manual_seed(int(seed)) if shuffle else None
         dataset = TensorDataset(self.x, self.y)
         if join_last_row and not drop_last and len(self) > batch_size and len(self) % batch_size == 1:
             sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)

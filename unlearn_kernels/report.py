@@ -13,16 +13,18 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import os
 import platform
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .checkpoint import atomic_write, save_figure
+from .checkpoint import atomic_write, refuse_empty_path, save_figure
+from .checks import check_int
 from .study import GAP_CLOSED, GAP_METRICS
 
 #: (metric key, column title, format) of the printed table (a column no method has is left out, e.g.
@@ -58,9 +60,69 @@ GAP_CLOSED_PLOT, SEQUENTIAL_PLOT = "gap_closed.png", "sequential.png"
 def study_files(methods: Iterable[str], requests: int) -> tuple[str, ...]:
     """The names of the files a study of ``methods`` over ``requests`` requests writes in its folder:
     the results, the two plots every study has, the gap-closed plot (with an "original" row) and the
-    sequential plot (more than one request)."""
+    sequential plot (more than one request).
+
+    Raises:
+        TypeError: ``methods`` is a single str (``"original" in "original_x"`` would hold), not a collection.
+        ValueError: ``requests`` is not an int >= 1.
+    """
+    if isinstance(methods, (str, bytes)):
+        raise TypeError(f"study_files: methods must be a collection of method names, not a single str ({methods!r})")
+    check_int("study_files: requests", requests)
     return (RESULTS_FILE, TIME_PLOT, GAPS_PLOT, *((GAP_CLOSED_PLOT,) if "original" in methods else ()),
             *((SEQUENTIAL_PLOT,) if requests > 1 else ()))
+
+
+#: what a study's record (an entry of results.json's "records") holds, with the types the report reads
+_RECORD_FIELDS = {"seed": (numbers.Integral, "an int"), "request": (numbers.Integral, "an int"),
+                  "method": (str, "a str"), "metrics": (Mapping, "a dict")}
+
+
+def _check_records(owner: str, records: Any, fields: tuple[str, ...] = ("request", "method", "metrics"),
+                   *, empty: bool = True) -> list[dict[str, Any]]:
+    """``records`` as a list if it is a collection of study records, each a dict holding ``fields`` of the
+    types the report reads, else TypeError / ValueError naming ``owner`` and the first bad record
+    (instead of a KeyError deep in the report); ValueError for none at all unless ``empty``."""
+    if isinstance(records, (str, bytes, Mapping)) or not isinstance(records, Iterable):
+        raise TypeError(f"{owner}: records must be a list of study records (results.json's 'records'), got "
+                        f"{type(records).__name__}")
+    records = list(records)
+    if not records and not empty:
+        raise ValueError(f"{owner}: records is empty: there is no request to report on")
+    for i, record in enumerate(records):
+        if not isinstance(record, Mapping):
+            raise TypeError(f"{owner}: records[{i}] must be a dict (a study record), got {type(record).__name__}")
+        for key in fields:
+            kind, what = _RECORD_FIELDS[key]
+            if key not in record:
+                raise ValueError(f"{owner}: records[{i}] has no {key!r} (a study record, as in results.json's "
+                                 f"'records', has {', '.join(_RECORD_FIELDS)})")
+            if not isinstance(record[key], kind) or isinstance(record[key], bool):
+                raise TypeError(f"{owner}: records[{i}][{key!r}] must be {what}, got {type(record[key]).__name__}")
+    return records
+
+
+def _check_study(owner: str, study: Any, *keys: str, empty: bool = False) -> list[dict[str, Any]]:
+    """The records of ``study`` (a dict holding a ``records`` list, non-empty unless ``empty``, and
+    ``keys``), checked by :func:`_check_records`, else TypeError / ValueError naming ``owner``."""
+    if not isinstance(study, Mapping):
+        raise TypeError(f"{owner}: study must be a dict with 'config' and 'records' (as run_study returns), got "
+                        f"{type(study).__name__}")
+    for key in ("records", *keys):
+        if key not in study:
+            raise ValueError(f"{owner}: the study has no {key!r} (as run_study returns and results.json holds)")
+    return _check_records(owner, study["records"], empty=empty)
+
+
+def _check_studies(owner: str, studies: Any) -> None:
+    """TypeError / ValueError naming ``owner`` unless ``studies`` is a non-empty dict of scenario name ->
+    study, each with records (:func:`_check_study`)."""
+    if not isinstance(studies, Mapping):
+        raise TypeError(f"{owner}: studies must be a dict of scenario name -> study, got {type(studies).__name__}")
+    if not studies:
+        raise ValueError(f"{owner}: studies is empty: there is no scenario to report on")
+    for name, study in studies.items():
+        _check_study(f"{owner}: scenario {name!r}", study)
 
 
 def _method_order(methods) -> list[str]:
@@ -72,7 +134,12 @@ def summarize(records: list[dict[str, Any]]) -> dict[int, dict[str, dict[str, tu
 
     Metrics that are not numbers in some record (e.g. a gap closed that is undefined) are averaged
     over the records where they are.
+
+    Raises:
+        TypeError / ValueError: ``records`` is not a list of study records (dicts with ``request``,
+            ``method`` and a ``metrics`` dict, as results.json's "records").
     """
+    records = _check_records("summarize", records)
     grouped: dict[int, dict[str, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in records:
         for key, value in r["metrics"].items():
@@ -101,7 +168,11 @@ def gap_closed_noise(records: list[dict[str, Any]]) -> dict[int, dict[str, dict[
     there; ``within_noise`` is ``original_gap <= noise`` (a gap of 0 is within any noise: there is
     nothing to close). With one seed ``noise`` and
     ``within_noise`` are None (unknown); requests without an "original" record are left out.
+
+    Raises:
+        TypeError / ValueError: as :func:`summarize`, and a record without an int ``seed``.
     """
+    records = _check_records("gap_closed_noise", records, tuple(_RECORD_FIELDS))
     summary = summarize(records)
     seeds: dict[int, set[int]] = defaultdict(set)
     for r in records:
@@ -128,7 +199,15 @@ def gap_closed_noise(records: list[dict[str, Any]]) -> dict[int, dict[str, dict[
 
 
 def format_table(summary: dict[str, dict[str, tuple[float, float]]], title: str = "") -> str:
-    """One row per method (mean +- std), the retrain oracle first."""
+    """One row per method (mean +- std), the retrain oracle first.
+
+    ``summary`` is one request's ``{method: {metric: (mean, std)}}``: ``summarize(records)[request]``.
+
+    Raises:
+        TypeError: ``summary`` is not of that form (e.g. all of ``summarize``'s output, or results.json's
+            "summary", whose figures are ``{"mean", "std"}`` dicts).
+    """
+    _check_summary(summary)
     columns = [c for c in TABLE_COLUMNS if any(c[0] in metrics for metrics in summary.values())]
     cells = [["method"] + [title for _, title, _ in columns]]
     for method in _method_order(summary):
@@ -146,6 +225,22 @@ def format_table(summary: dict[str, dict[str, tuple[float, float]]], title: str 
         table += "\n" + "; ".join(f"{m} raised on {share:.0%} of the seeds" for m, share in sorted(failed.items())) + \
             " (its error is in the JSON diagnostics; those rows measure the model it was given, unchanged)"
     return table
+
+
+def _check_summary(summary: Any) -> None:
+    hint = "pass one request's summary, summarize(records)[request] (of results.json's 'records')"
+    if not isinstance(summary, Mapping):
+        raise TypeError(f"format_table: summary must be a dict of method -> {{metric: (mean, std)}}, got "
+                        f"{type(summary).__name__}; {hint}")
+    for method, metrics in summary.items():
+        if not isinstance(method, str) or not isinstance(metrics, Mapping):
+            raise TypeError(f"format_table: summary must map method names to {{metric: (mean, std)}}, got "
+                            f"{method!r}: {type(metrics).__name__}; {hint}")
+        for key, value in metrics.items():
+            if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(
+                    isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value)):
+                raise TypeError(f"format_table: summary[{method!r}][{key!r}] must be a (mean, std) pair of numbers, "
+                                f"got {value!r}; {hint}")
 
 
 def _layout(cells: list[list[str]], title: str) -> str:
@@ -187,7 +282,12 @@ def _last_request_gap_closed(records: list[dict[str, Any]]) -> tuple[dict[str, d
 def format_scenario_summary(studies: dict[str, dict[str, Any]]) -> str:
     """Gap closed per method (rows) and scenario (two columns each), mean over seeds at each
     scenario's last request; a trailing ``~`` marks a scenario whose Original's gap is within seed
-    noise and ``?`` one where the noise is unknown (one seed)."""
+    noise and ``?`` one where the noise is unknown (one seed).
+
+    Raises:
+        TypeError / ValueError: ``studies`` is not a non-empty dict of scenario name -> study with records.
+    """
+    _check_studies("format_scenario_summary", studies)
     per_scenario = {name: _last_request_gap_closed(study["records"]) for name, study in studies.items()}
     methods = _method_order({m for closed, _ in per_scenario.values() for m in closed})
     cells = [["method"] + [f"{name} {title}" for name in studies for title in GAP_CLOSED_TITLES.values()]]
@@ -214,7 +314,13 @@ def _versions() -> dict[str, str]:
 
 def write_json(study: dict[str, Any], path: Path) -> Path:
     """``results.json``: config, versions, per-seed records, the mean/std summary per request and the
-    seed-noise verdict of the gap-closed figures per request (atomic write)."""
+    seed-noise verdict of the gap-closed figures per request (atomic write).
+
+    Raises:
+        TypeError / ValueError: ``study`` is not a dict with ``config`` and a list of records (see
+            :func:`summarize`); before anything is written.
+    """
+    _check_study("write_json", study, "config", empty=True)
     payload = {
         "config": study["config"],
         "versions": _versions(),
@@ -228,7 +334,19 @@ def write_json(study: dict[str, Any], path: Path) -> Path:
 
 def write_summary_json(studies: dict[str, dict[str, Any]], results: dict[str, Path], path: Path) -> Path:
     """The summary of several scenarios: per scenario its results file, protocol and, at its last
-    request, every method's gap closed (mean, std over seeds) and the seed-noise verdict."""
+    request, every method's gap closed (mean, std over seeds) and the seed-noise verdict.
+
+    Raises:
+        TypeError / ValueError: as :func:`format_scenario_summary`, a study without a ``config`` protocol,
+            or a scenario without its results file in ``results``; before anything is written.
+    """
+    owner = "write_summary_json"
+    _check_studies(owner, studies)
+    for name, study in studies.items():
+        if not isinstance(study.get("config"), Mapping) or "protocol" not in study["config"]:
+            raise ValueError(f"{owner}: scenario {name!r} has no 'config' with a 'protocol'")
+        if not isinstance(results, Mapping) or name not in results:
+            raise ValueError(f"{owner}: results has no results file for scenario {name!r}")
     scenarios = {}
     for name, study in studies.items():
         closed, noise = _last_request_gap_closed(study["records"])
@@ -277,7 +395,12 @@ def _per_seed(records: list[dict[str, Any]], request: int, method: str, key: str
 def plot_gap_closed(studies: dict[str, dict[str, Any]], path: Path) -> Path:
     """Gap closed in Acc_f and Avg Gap per method: one bar per scenario (mean over seeds at its last
     request) with every seed's value as a point; hatched bars: the Original's gap is within seed
-    noise. Values below -1 are drawn at -1 as downward triangles."""
+    noise. Values below -1 are drawn at -1 as downward triangles.
+
+    Raises:
+        TypeError / ValueError: as :func:`format_scenario_summary`; before anything is drawn or written.
+    """
+    _check_studies("plot_gap_closed", studies)
     plt = _pyplot()
     floor = -1.0
     per_scenario = {name: _last_request_gap_closed(study["records"]) for name, study in studies.items()}
@@ -318,13 +441,32 @@ def plot_gap_closed(studies: dict[str, dict[str, Any]], path: Path) -> Path:
 def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
     """PNG plots: forget accuracy vs unlearning time, |gap| to the oracle per metric, gap closed
     (with an "original" row), and (for sequential studies) accuracy on everything forgotten so far
-    after each request."""
-    plt = _pyplot()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    records = study["records"]
+    after each request.
+
+    ``out_dir``: a folder (a str or ``os.PathLike``), made if missing.
+
+    Raises:
+        TypeError / ValueError: ``study`` is not a dict with a non-empty list of records (see
+            :func:`summarize`), has no retrain oracle with ``acc_forget`` at its last request, or has gap-closed
+            figures but no ``config`` protocol to label them with; ``out_dir`` is empty; all before any folder
+            or file is made.
+    """
+    owner = "write_plots"
+    records = _check_study(owner, study)
+    out_dir = refuse_empty_path(out_dir, f"{owner}: out_dir is an empty path: name a folder (\".\" for the "
+                                         f"working folder)")
     summary = summarize(records)
     last_request = max(summary)
     last = summary[last_request]
+    if "acc_forget" not in last.get("retrain", {}):
+        raise ValueError(f"{owner}: the study has no 'retrain' record with acc_forget at its last request "
+                         f"{last_request}: the plots measure every method against that oracle")
+    has_gap_closed = any("gap_closed_acc_forget" in r["metrics"] for r in records)
+    if has_gap_closed and not (isinstance(study.get("config"), Mapping) and "protocol" in study["config"]):
+        raise ValueError(f"{owner}: the study has gap-closed figures but no 'config' with a 'protocol' to "
+                         f"label their plot with")
+    plt = _pyplot()
+    out_dir.mkdir(parents=True, exist_ok=True)
     methods = _method_order(last)
     paths = []
 
@@ -372,7 +514,7 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
     save_figure(fig, paths[-1], dpi=120)
     plt.close(fig)
 
-    if any("gap_closed_acc_forget" in r["metrics"] for r in records):
+    if has_gap_closed:
         paths.append(plot_gap_closed({study["config"]["protocol"]: study}, out_dir / GAP_CLOSED_PLOT))
 
     if len(summary) > 1:
