@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, SequentialSampler, TensorDataset
 
-from .checks import check_bool, check_device, check_int
+from .checks import check_bool, check_int
 
 
 @dataclass(frozen=True)
@@ -80,13 +80,8 @@ class LabeledData:
         return LabeledData(self.x[index], self.y[index])
 
     def to(self, device: torch.device | str) -> "LabeledData":
-        """The set on ``device`` (this object itself is unchanged).
-
-        Raises:
-            ValueError: ``device`` is not a device name, or not one that can run here (see
-                :func:`~unlearn_kernels.checks.check_device`).
-        """
-        device = check_device("LabeledData.to: device", device)
+        """The set on ``device`` (this object itself is unchanged; any device torch takes, the meta
+        device too: the methods name a set there, and the devices the sets are on, themselves)."""
         return LabeledData(self.x.to(device), self.y.to(device))
 
     def loader(self, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
