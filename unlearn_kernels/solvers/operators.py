@@ -137,7 +137,7 @@ class SolverOperator:
 
 
 def _check_dense(matrix: torch.Tensor) -> None:
-    check_tensor("H", matrix)  # a sparse H would meet torch's NotImplementedError in the symmetry check
+    check_tensor("H", matrix)  # sparse: refused here by name, not by torch in the symmetry check below
     if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
         raise ValueError(f"H must be a square (d, d) matrix, got shape {tuple(matrix.shape)}")
     if not matrix.is_floating_point():
