@@ -24,16 +24,27 @@ struct Secular {
   double phi, slope, residual;  // phi(t), phi'(t), 1 - M ||y|| / (2 sigma)
 };
 
-Secular secular(const std::vector<double>& s, const double* c, double shift, double t, double M) {
-  double norm2 = 0, cubic = 0;
-  for (size_t i = 0; i < s.size(); ++i) {
-    const double inv = 1.0 / (s[i] + t), ci = c[i] * inv;
-    norm2 += ci * ci;
-    cubic += ci * ci * inv;  // c_i^2 / (s_i + t)^3
-  }
-  const double y_norm = std::sqrt(norm2), sigma = shift + t;
+// ||v|| scaled by max |v_i|, so that no square overflows or underflows (as torch's vector_norm).
+double scaled_norm(const double* v, size_t n) {
+  double amax = 0, sum = 0;
+  for (size_t i = 0; i < n; ++i) amax = std::max(amax, std::abs(v[i]));
+  if (amax == 0.0) return 0.0;
+  for (size_t i = 0; i < n; ++i) sum += (v[i] / amax) * (v[i] / amax);
+  return amax * std::sqrt(sum);
+}
+
+// y (the work buffer) = c / (s + t), then phi(t), phi'(t) and the relative residual, as the reference.
+Secular secular(const std::vector<double>& s, const double* c, double shift, double t, double M,
+                std::vector<double>& y) {
+  const size_t k = s.size();
+  for (size_t i = 0; i < k; ++i) y[i] = c[i] / (s[i] + t);
+  const double y_norm = scaled_norm(y.data(), k), sigma = shift + t;
+  const double inf = std::numeric_limits<double>::infinity();
+  if (y_norm == 0.0) return {inf, inf, 1.0};  // underflow (a huge M): phi = +inf, bisect
+  double cubic = 0;  // sum (y_i / ||y||)^2 / (s_i + t): ||y||^3 would underflow for a huge M
+  for (size_t i = 0; i < k; ++i) cubic += (y[i] / y_norm) * (y[i] / y_norm) / (s[i] + t);
   const double residual = 1.0 - M * y_norm / (2.0 * sigma);
-  return {residual / y_norm, cubic / (norm2 * y_norm) + M / (2.0 * sigma * sigma), residual};
+  return {residual / y_norm, cubic / y_norm + M / (2.0 * sigma) / sigma, residual};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cubic_secular_solve_cpu(const at::Tensor& eigvals_in,
@@ -64,13 +75,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cubic_secular_solve_cpu(const at:
   };
   if (k == 0) return result(0.0, false);
 
-  double lam_min = lam[0], scale = 0, c_norm2 = 0;
+  double lam_min = lam[0], scale = 0;
   for (int64_t i = 0; i < k; ++i) {
     lam_min = std::min(lam_min, lam[i]);
     scale = std::max(scale, std::abs(lam[i]));
-    c_norm2 += c[i] * c[i];
   }
-  const double c_norm = std::sqrt(c_norm2), shift = std::max(0.0, -lam_min);
+  const double c_norm = scaled_norm(c, k), shift = std::max(0.0, -lam_min);
   // lambda_i + sigma = s_i + t, with s_i exactly 0 at lambda_min when lambda_min < 0.
   std::vector<double> s(k);
   for (int64_t i = 0; i < k; ++i) s[i] = lam[i] + shift;
@@ -78,19 +88,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cubic_secular_solve_cpu(const at:
   if (lam_min < 0) {
     // Hard case test at sigma = -lambda_min, on the coordinates off the bottom eigenspace.
     const double radius = 2.0 * shift / M;
-    double bottom2 = 0, rest2 = 0;
+    std::vector<double> c_bottom;
     int64_t first_bottom = -1;
     for (int64_t i = 0; i < k; ++i) {
       if (lam[i] - lam_min <= kClusterRtolEps * kEps * scale) {
-        bottom2 += c[i] * c[i];
+        c_bottom.push_back(c[i]);
         if (first_bottom < 0) first_bottom = i;
       } else {
         yp[i] = -c[i] / s[i];
-        rest2 += yp[i] * yp[i];
       }
     }
-    if (std::sqrt(bottom2) <= kHardCaseRtolEps * kEps * (c_norm + shift * radius) && std::sqrt(rest2) < radius) {
-      yp[first_bottom] = -std::copysign(std::sqrt(radius * radius - rest2), c[first_bottom]);
+    const double rest = scaled_norm(yp, k);  // y is 0 on the bottom eigenspace here
+    if (scaled_norm(c_bottom.data(), c_bottom.size()) <= kHardCaseRtolEps * kEps * (c_norm + shift * radius) &&
+        rest < radius) {
+      // tau = sqrt(radius^2 - rest^2), written so that radius^2 cannot overflow
+      const double ratio = rest / radius;
+      yp[first_bottom] = -std::copysign(radius * std::sqrt((1.0 - ratio) * (1.0 + ratio)), c[first_bottom]);
       return result(shift, true);
     }
   } else if (c_norm == 0.0) {
@@ -99,11 +112,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cubic_secular_solve_cpu(const at:
 
   // phi < 0 just right of t = 0, and phi(hi) >= 0 since ||y(sigma)|| <= ||c|| / (lambda_min + sigma):
   // hi = sigma_hi - shift, sigma_hi = (-lambda_min + sqrt(lambda_min^2 + 2 M ||c||)) / 2, written without
-  // the difference that cancels when 2 M ||c|| << lambda_min^2
-  double lo = 0.0, hi = M * c_norm / (std::abs(lam_min) + std::sqrt(lam_min * lam_min + 2.0 * M * c_norm));
+  // the difference that cancels when 2 M ||c|| << lambda_min^2, and with r = sqrt(2 M ||c||) and a hypot
+  // so that no square overflows (2 M ||c|| = inf gave hi = 0: the Newton step for a huge M)
+  const double r = std::sqrt(2.0) * std::sqrt(M) * std::sqrt(c_norm);
+  double lo = 0.0, hi = 0.5 * r * (r / (std::abs(lam_min) + std::hypot(lam_min, r)));
   double t = hi;
+  std::vector<double> work(k);
   for (int64_t it = 0; it < max_iter; ++it) {
-    const Secular f = secular(s, c, shift, t, M);
+    const Secular f = secular(s, c, shift, t, M, work);
     // the bracket relative to t, not sigma: near the hard case y depends on lambda_min + sigma = t
     // (or on a tiny s_i + t), which the bracket must resolve when t << eps sigma
     if (std::abs(f.residual) <= tol || hi - lo <= kEps * t) break;

@@ -38,6 +38,15 @@ HARD_CASE_RTOL_EPS = 8.0
 """Coefficients below this many eps of ``||c|| + sigma ||y||`` on the bottom eigenspace count as zero."""
 
 
+def _norm(v: torch.Tensor) -> float:
+    """||v||, scaled by max |v_i| so that no square over- or underflows (torch's vector_norm squares as is:
+    it gives 0 for entries of 1e-200)."""
+    if v.numel() == 0:
+        return 0.0
+    amax = float(v.abs().max())
+    return amax * float(torch.linalg.vector_norm(v / amax)) if amax > 0.0 else 0.0
+
+
 def cubic_secular_solve_ref(
     eigvals: torch.Tensor, coeffs: torch.Tensor, M: float, tol: float = 1e-12, max_iter: int = 100
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -53,18 +62,19 @@ def cubic_secular_solve_ref(
     scale = float(lam.abs().max())
     shift = max(0.0, -lam_min)
     s = lam + shift  # lambda_i + sigma = s_i + t; s_i >= 0, and exactly 0 at lambda_min when it is < 0
-    c_norm = float(torch.linalg.vector_norm(c))
+    c_norm = _norm(c)
 
     if lam_min < 0:
         # Hard case test at sigma = -lambda_min, on the coordinates off the bottom eigenspace.
         bottom = lam - lam_min <= CLUSTER_RTOL_EPS * _EPS * scale
         radius = 2.0 * shift / M
-        c_bottom = float(torch.linalg.vector_norm(c[bottom]))
+        c_bottom = _norm(c[bottom])
         y_rest = torch.where(bottom, 0.0, -c / torch.where(bottom, 1.0, s))
-        rest_norm = float(torch.linalg.vector_norm(y_rest))
+        rest_norm = _norm(y_rest)
         if c_bottom <= HARD_CASE_RTOL_EPS * _EPS * (c_norm + shift * radius) and rest_norm < radius:
             i = int(bottom.nonzero()[0, 0])
-            tau = math.sqrt(radius * radius - rest_norm * rest_norm)
+            ratio = rest_norm / radius  # tau = sqrt(radius^2 - rest^2), written so that radius^2 cannot overflow
+            tau = radius * math.sqrt((1.0 - ratio) * (1.0 + ratio))
             y_rest[i] = -math.copysign(tau, float(c[i]))
             return y_rest, torch.tensor(shift, dtype=torch.float64), torch.tensor(True)
     elif c_norm == 0.0:
@@ -74,20 +84,24 @@ def cubic_secular_solve_ref(
         """phi(t), phi'(t) and the relative residual 1 - M ||y|| / (2 sigma) = phi ||y||."""
         d = s + t
         y = c / d
-        y_norm = float(torch.linalg.vector_norm(y))
+        y_norm = _norm(y)
         if y_norm == 0.0:  # underflow (a huge M): phi = +inf as in the C++ kernel's arithmetic, bisect
             return math.inf, math.inf, 1.0
         sigma = shift + t
+        if sigma == 0.0:  # sigma = M ||y|| / 2 underflows (a tiny M): phi = -inf as in the C++ kernel's arithmetic
+            return -math.inf, math.inf, -math.inf
         # sum(c^2 / d^3) / ||y||^3 written with y / ||y||: ||y||^3 underflows for a huge M
-        slope = float(((y / y_norm) ** 2 / d).sum()) / y_norm + M / (2.0 * sigma * sigma)
+        slope = float(((y / y_norm) ** 2 / d).sum()) / y_norm + M / (2.0 * sigma) / sigma
         residual = 1.0 - M * y_norm / (2.0 * sigma)
         return residual / y_norm, slope, residual
 
     # phi < 0 just right of t = 0, and phi(hi) >= 0 since ||y(sigma)|| <= ||c|| / (lambda_min + sigma):
     # hi = sigma_hi - shift, sigma_hi = (-lambda_min + sqrt(lambda_min^2 + 2 M ||c||)) / 2, written without
-    # the difference that cancels when 2 M ||c|| << lambda_min^2
+    # the difference that cancels when 2 M ||c|| << lambda_min^2, and with r = sqrt(2 M ||c||) and a hypot
+    # so that no square overflows (2 M ||c|| = inf gave hi = 0: the Newton step for a huge M)
     lo = 0.0
-    hi = M * c_norm / (abs(lam_min) + math.sqrt(lam_min * lam_min + 2.0 * M * c_norm))
+    r = math.sqrt(2.0) * math.sqrt(M) * math.sqrt(c_norm)
+    hi = 0.5 * r * (r / (abs(lam_min) + math.hypot(lam_min, r)))
     t = hi
     for _ in range(max_iter):
         phi, slope, residual = secular(t)
