@@ -144,6 +144,23 @@ def test_breakdown_gives_zero(backend, device, dtype, rng):
 
 
 @pytest.mark.parametrize(("backend", "device"), PAIRS)
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e20, 1e30])
+def test_float32_vectors_of_extreme_magnitude(backend, device, scale, rng):
+    """float32 products far from 1 give the step numpy gives: the C++ kernel summed w's squares in
+    float32, so entries of 1e-30 squared to 0 (a false breakdown: beta 0, q_next zeros) and from about
+    1e18 on they overflowed (refused as "alpha or beta is not finite")."""
+    d, m = 1000, 5
+    basis = orthonormal_rows(m, d, torch.float32, rng).to(device)
+    hq = (torch.randn(d, dtype=torch.float64, generator=rng) * scale).float().to(device)
+    q, q_prev = unit(d, torch.float32, rng).to(device), unit(d, torch.float32, rng).to(device)
+    q_next, alpha, beta = lanczos_step(hq, q, q_prev, 0.5 * scale, basis, backend=backend)
+    expected, alpha_np, beta_np = numpy_step(hq, q, q_prev, 0.5 * scale, basis)
+    assert float(alpha) == pytest.approx(alpha_np, rel=1e-12)
+    assert float(beta) == pytest.approx(beta_np, rel=2e-6)
+    np.testing.assert_allclose(q_next.double().cpu().numpy(), expected, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize(("backend", "device"), PAIRS)
 def test_first_step_and_layouts(backend, device, rng):
     """q_prev=None / basis=None mean none; a strided basis and a tensor beta_prev are accepted."""
     d = 64

@@ -120,11 +120,13 @@ void subtract_projection(T* w, const T* B, const T* c, int64_t d, int64_t m, int
   }
 }
 
+// In float64 for float32 vectors too: float32 squares underflow below about 1e-23 (a false breakdown)
+// and overflow above about 1e19, where the float64 squares of any float32 value cannot.
 template <typename T>
 double squared_norm(const T* w, int64_t n) {
-  T s = 0;
+  double s = 0;
 #pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += w[i] * w[i];
+  for (int64_t i = 0; i < n; ++i) s += static_cast<double>(w[i]) * static_cast<double>(w[i]);
   return s;
 }
 

@@ -30,8 +30,9 @@ reorthogonalisation, where c1 is only the lost orthogonality. Then it reads the 
 hq lies almost inside the basis's span it makes the second pass (CGS2): its coefficients
 ``c2 = basis w`` in the same sweep as the first pass's update (while that tile of the basis is in
 cache), and the second update only when ``||c2|| > eps ||w||``, i.e. when it would change w by more
-than the rounding of storing it (three reads). Tile sums are in the vectors' dtype, float64 across
-tiles. The CUDA and Triton kernels always take the CGS2 route (c2 in the first update's sweep,
+than the rounding of storing it (three reads). The basis projections' tile sums are in the vectors'
+dtype, float64 across tiles; squared norms are summed in float64 (float32 squares underflow for entries
+below about 1e-23 and overflow above about 1e19). The CUDA and Triton kernels always take the CGS2 route (c2 in the first update's sweep,
 the second update only above rounding), with float64 sums and the decision taken on the device.
 """
 from __future__ import annotations
