@@ -11,7 +11,7 @@ import torch
 
 from devices import backend_devices
 from unlearn_kernels.checkpoint import refuse_empty_path
-from unlearn_kernels.checks import as_float, check_number, check_tensor, norm64
+from unlearn_kernels.checks import as_float, check_number, check_tensor
 from unlearn_kernels.cli import path_argument
 from unlearn_kernels.ops import cubic_secular_solve, lanczos_step, lora_linear, mlp_hvp, softmax_ce_grad
 
@@ -103,22 +103,3 @@ def test_every_op_refuses_a_sparse_argument_on_every_backend(op, backend, device
     "unsupported memory format"), or none: the reference of lanczos_step took a sparse basis."""
     with pytest.raises(TypeError, match=r"must be a dense tensor, got layout torch\.sparse_coo"):
         _sparse_calls(device)[op](backend)
-
-
-@pytest.mark.parametrize("scale", [1e-300, 1e-200, 1e-160, 1e-10, 1.0, 1e10, 1e160, 1e200, 1e300])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_norm64_of_any_magnitude(scale, dtype):
-    """The norm of entries of any representable size, exactly where Fractions can tell: torch squares
-    float64 entries as they are (a norm of 0 for entries of 1e-200, Inf for 1e160)."""
-    base = torch.tensor([3.0, -4.0, 12.0], dtype=torch.float64)
-    v = (base * scale).to(dtype)
-    if not bool(torch.isfinite(v).all()) or bool((v == 0).any()):
-        pytest.skip("not representable in this dtype")
-    exact = math.sqrt(float(sum(Fraction(float(x) / scale) ** 2 for x in v.tolist()))) * scale
-    assert norm64(v) == pytest.approx(exact, rel=1e-14)
-
-
-def test_norm64_keeps_zero_and_non_finite():
-    assert norm64(torch.zeros(4, dtype=torch.float64)) == 0.0 and norm64(torch.zeros(0)) == 0.0
-    assert math.isnan(norm64(torch.tensor([1e-200, float("nan")], dtype=torch.float64)))
-    assert norm64(torch.tensor([1e-200, float("inf")], dtype=torch.float64)) == math.inf

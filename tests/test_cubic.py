@@ -9,7 +9,14 @@ from hypothesis import strategies as st
 from spectra import sym_with_spectrum
 
 from unlearn_kernels.curvature import GenericHessian
-from unlearn_kernels.solvers import KrylovCubicSolver, cubic_gd, cubic_newton_step, sphere_noise, stochastic_cubic_gd
+from unlearn_kernels.solvers import (
+    KrylovCubicSolver,
+    StepOverflow,
+    cubic_gd,
+    cubic_newton_step,
+    sphere_noise,
+    stochastic_cubic_gd,
+)
 
 D = 30
 
@@ -292,6 +299,20 @@ def test_krylov_float32(rng):
     out = cubic_newton_step(H.float(), g.float(), M, method="krylov", kappa=1e-6)
     assert out.step.dtype == torch.float32
     assert model(H, g, M, out.step) == pytest.approx(ref.model_value, rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["dense", "krylov"])
+def test_float32_step_beyond_the_dtype_is_refused(method, rng):
+    """With M so small that the step's norm exceeds float32's range, "dense" returned Inf entries (model
+    value NaN, converged True) and "krylov" NaN ones, without an error."""
+    H, g, _ = problem("indefinite", rng)
+    assert cubic_newton_step(H.float(), g.float(), 1e-30, method=method).step.isfinite().all()
+    with pytest.raises(StepOverflow, match=rf"method '{method}'\): the step, of norm 2e\+40, does not fit "
+                                           r"torch.float32: M = 1e-40 is too small") as caught:
+        cubic_newton_step(H.float(), g.float(), 1e-40, method=method)
+    assert caught.value.step_norm > 3.4e38 and caught.value.model_value < 0 and isinstance(caught.value, ValueError)
+    # in float64 the same step fits
+    assert math.isfinite(cubic_newton_step(H, g, 1e-40, method=method).step_norm)
 
 
 # ----------------------------------------------------------------------------- gradient descent

@@ -313,17 +313,18 @@ def test_buffers_follow_the_curvature_operators_rule(rng):
 
 
 def test_cure_newton_rejects_a_trial_point_with_non_finite_weights():
-    """A tiny M on a float32 model with negative curvature makes the first cubic step overflow (its
-    norm is NaN): the trial point has non-finite weights. ARC rejected it because F was NaN there; the
-    objective now refuses such weights, so ARC rejects a non-finite trial point without evaluating F
-    (one pass fewer), raises M and goes on to an accepted step."""
+    """A tiny M on a float32 model with negative curvature makes the first cubic step overflow: its
+    float64 norm, 2.3e39, does not fit float32. ARC rejected it because F was NaN there; the objective
+    now refuses such weights, and the Krylov solver raises StepOverflow, so ARC records the trial as
+    rejected without evaluating F (one pass fewer), with the step's float64 norm (NaN before), raises M
+    and goes on to an accepted step."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
     x, y = torch.randn(200, 8), torch.randint(0, 3, (200,))
     result = CureNewton(M=1e-40, M_min=1e-40, gamma=1e6, max_iterations=1).unlearn(
         model, LabeledData(x[:20], y[:20]), LabeledData(x[20:], y[20:]))
     trials = result.diagnostics["iterations"]
-    assert math.isnan(trials[0]["step_norm"]) and trials[0]["actual"] == -math.inf and not trials[0]["accepted"]
+    assert trials[0]["step_norm"] > 3.4e38 and trials[0]["actual"] == -math.inf and not trials[0]["accepted"]
     assert trials[-1]["accepted"] and result.diagnostics["steps"] == 1
     assert result.diagnostics["objective_after"] < result.diagnostics["objective_before"]
     # one pass of F (with its gradient) at w0 and at each trial but the non-finite one; the probe's two

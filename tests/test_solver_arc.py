@@ -110,6 +110,29 @@ def test_non_finite_trial_value_is_a_rejection(rng):
     assert out.steps == 1 and float(out.w.norm()) <= 0.05
 
 
+def test_step_beyond_the_dtype_is_a_rejection(rng):
+    """A float32 step of norm beyond 3.4e38 (an indefinite H and a tiny M) was Inf/NaN; the Krylov
+    solver now raises StepOverflow, which the loop records as a rejected trial (actual -inf) before
+    raising M, as it does for a trial point with NaN/Inf entries."""
+    A = sym_with_spectrum(torch.linspace(-1.0, 5.0, D, dtype=torch.float64), rng)[0].float()
+    b = torch.randn(D, generator=rng).float()
+
+    def value(w):  # 1/2 w^T A w - b^T w + 1/4 ||w||^4: bounded below, indefinite at 0
+        return float(0.5 * w @ A @ w - b @ w + 0.25 * (w @ w) ** 2)
+
+    def gradient(w):
+        return A @ w - b + (w @ w) * w
+
+    def hessian(w):
+        return A + (w @ w) * torch.eye(D) + 2.0 * torch.outer(w, w)
+
+    w0 = torch.zeros(D)
+    out = adaptive_cubic_newton(value, gradient, hessian, w0, M=1e-40, M_min=1e-45, gamma=1e4, max_iterations=3)
+    first = out.trials[0]
+    assert not first.accepted and first.actual == -math.inf and first.step_norm > 3.4e38
+    assert out.steps >= 1 and bool(torch.isfinite(out.w).all()) and out.value < value(w0)
+
+
 def test_seed_near_the_top_of_torchs_range_wraps(rng, monkeypatch):
     """Step k's Krylov solver got ``seed + k``, past 2**63 - 1 for a seed near the top: the call failed at
     the second step ("seed must be in [0, 2**63), got 9223372036854775808"). It gets ``(seed + k) % 2**63``,

@@ -29,6 +29,7 @@ from .baselines import (
 from .cubic import (
     CubicStep,
     KrylovCubicSolver,
+    StepOverflow,
     cubic_gd,
     cubic_model_value,
     cubic_newton_step,
@@ -53,6 +54,7 @@ __all__ = [
     "NewtonStep",
     "NonFiniteProduct",
     "SolverOperator",
+    "StepOverflow",
     "adaptive_cubic_newton",
     "check_arc_options",
     "as_operator",

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..checks import all_finite, check_int, check_number, check_seed, norm64
-from .cubic import KrylovCubicSolver
+from .cubic import KrylovCubicSolver, StepOverflow
 from .operators import check_vector
 
 #: the Krylov solver's options for the iterations (an inexact subproblem solve suffices: the accept
@@ -218,21 +218,27 @@ def adaptive_cubic_newton(
                                    seed=(seed + steps) % 2**63, **options)
         used = 0
         while True:
-            sub = solver.solve(M)
-            new = sub.num_hvps - used
-            used = sub.num_hvps
+            try:
+                sub = solver.solve(M)
+            except StepOverflow as overflow:  # a step beyond the weights' dtype: rejected as a trial at Inf
+                sub = None
+                num_hvps, model_value, step_norm = overflow.num_hvps, overflow.model_value, overflow.step_norm
+            else:
+                num_hvps, model_value, step_norm = sub.num_hvps, sub.model_value, sub.step_norm
+            new = num_hvps - used
+            used = num_hvps
             hvps += new
-            predicted = -sub.model_value
+            predicted = -model_value
             if not predicted > resolution:
                 stop = "no_progress"
                 break
-            trial = w + sub.step
-            f_trial = _value(value, trial, "a trial point") if all_finite(trial) else math.nan
+            trial = None if sub is None else w + sub.step
+            f_trial = _value(value, trial, "a trial point") if trial is not None and all_finite(trial) else math.nan
             actual = f - f_trial if math.isfinite(f_trial) else -math.inf
             ratio = actual / predicted
             accepted = ratio >= eta1
-            trials.append(ARCTrial(steps, M, predicted, actual, ratio, accepted, sub.step_norm, new,
-                                   sub.iterations, gnorm))
+            trials.append(ARCTrial(steps, M, predicted, actual, ratio, accepted, step_norm, new,
+                                   solver.process.n, gnorm))
             if accepted:
                 w, f = trial, f_trial
                 g = check_vector(gradient(w), "gradient(w)")

@@ -64,6 +64,27 @@ def _check_M(M: Any) -> float:
     return check_number("M", M, 0.0, strict=True)
 
 
+class StepOverflow(ValueError):
+    """The solution of the cubic model does not fit the step's dtype (a float32 step beyond 3.4e38):
+    M is too small for this H and g. ``step_norm``, ``model_value`` and ``num_hvps`` are those of the
+    float64 solution (the adaptive loop records the trial as rejected and raises M)."""
+
+    def __init__(self, message: str, step_norm: float, model_value: float, num_hvps: int) -> None:
+        super().__init__(message)
+        self.step_norm, self.model_value, self.num_hvps = step_norm, model_value, num_hvps
+
+
+def _check_representable(step: torch.Tensor, norm: float, value: float, num_hvps: int, M: float,
+                         method: str) -> torch.Tensor:
+    """``step`` if every entry is finite, else :class:`StepOverflow` (``norm`` and ``value``: the float64
+    solution's)."""
+    if not all_finite(step):
+        raise StepOverflow(f"cubic_newton_step (method {method!r}): the step, of norm {norm:.3g}, does not fit "
+                           f"{step.dtype}: M = {M!r} is too small for this H and g (raise M, or solve in float64)",
+                           norm, value, num_hvps)
+    return step
+
+
 def cubic_model_value(g: torch.Tensor, s: torch.Tensor, Hs: torch.Tensor, M: float) -> float:
     """The cubic model ``m(s) = g^T s + 1/2 s^T H s + (M/6) ||s||^3`` in float64, from ``Hs = H s``."""
     g64, s64 = g.double(), s.double()
@@ -91,7 +112,8 @@ def dense_cubic_step(H: Any, g: torch.Tensor, M: float) -> CubicStep:
     lam, U = torch.linalg.eigh(0.5 * (H64 + H64.T))
     c = U.T @ g.double()
     y, sigma, hard = cubic_secular_solve(lam, c, M)
-    s = (U @ y).to(g.dtype)
+    s = _check_representable((U @ y).to(g.dtype), norm64(y), _eigenbasis_value(c, lam, y, M), op.num_hvps, M,
+                             "dense")
     y = U.T @ s.double()  # the returned step in the eigenbasis: its rounding to g's dtype included
     y_norm = float(torch.linalg.vector_norm(y))
     value = _eigenbasis_value(c, lam, y, M)
@@ -304,7 +326,8 @@ class KrylovCubicSolver:
                 self._resume_main(M, self.k_max - main_steps)
         y, sigma, hard, value, _ = self._small_solve(M)
         s = replay(self.op, self._v0, proc.n, y) if self.two_pass else proc.combine(y)
-        s_norm = norm64(s)
+        s_norm = norm64(_check_representable(s.to(self.g.dtype), float(np.linalg.norm(y)), value,
+                                             self.op.num_hvps, M, "krylov"))
         # at the formed s: Q is orthonormal to about sqrt(eps) ("selective") or not at all ("none"), so
         # ||s|| = ||Q y|| is not ||y||
         residual = _residual_bound(proc.residual_norm(y), M, sigma, s_norm)
@@ -484,6 +507,8 @@ def cubic_newton_step(H: Any, g: torch.Tensor | None, M: float, method: str = "k
     Raises:
         ValueError: M <= 0, g of the wrong size or with NaN/Inf, H non-square, non-symmetric,
             non-finite or of another dimension, an unknown method or option value.
+        StepOverflow: (a ValueError) methods "dense" and "krylov": the step does not fit g's dtype
+            (M too small for this H and g).
     """
     if method == "dense":
         if options:
