@@ -420,6 +420,30 @@ def test_stochastic_cure_newton_is_seeded_and_builds_only_mini_batch_operators(m
     assert a.diagnostics["step_norm"] <= sum(a.diagnostics["round_step_norms"]) * (1 + 1e-6)
 
 
+def test_stochastic_cure_newton_stops_where_its_step_size_diverges():
+    """Inputs of size 1e3 make the curvature ~1e6 times larger, so the default eta = 0.01 is far above
+    1 / ||H||: the gradient steps on the cubic model ran away and the method met the operator's
+    "vector contains NaN or Inf" or, where the weights stayed finite, returned a destroyed model (retain
+    accuracy 0.38, step norm 9e15) without a word. The run-away is now an error naming eta (the caller's model
+    unchanged); a small enough eta runs."""
+    torch.manual_seed(0)
+    x = torch.randn(600, 12) * 1e3
+    y = (x[:, 0] + x[:, 1] > 0).long() + (x[:, 2] > 1e3).long()
+    model = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    forget, retain = LabeledData(x[:30], (y[:30] + 1) % 3), LabeledData(x[30:], y[30:])
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"cubic_gd: at gradient step \d the model value rose .*\(the step size "
+                                         r"eta = 0.01 is too large for H and M = 5"):
+        StochasticCureNewton().unlearn(model, forget, retain, seed=0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert math.isfinite(StochasticCureNewton(eta=1e-7).unlearn(model, forget, retain, seed=0).diagnostics["step_norm"])
+
+
 # ---------------------------------------------------------------------------------------------
 # the Lipschitz estimate
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from unlearn_kernels.curvature import hessian_operator
 from unlearn_kernels.solvers import (
     KrylovCubicSolver,
     NonFiniteProduct,
@@ -163,14 +164,28 @@ def test_krylov_flags_must_be_bools(problem):
 
 def test_diverging_gradient_descent_says_so(problem):
     """A step size too large (or an M too small for the Cauchy point) overflowed the iterate, and the
-    error blamed H: "the operator returned NaN or Inf (non-finite Hessian or Hessian-vector product)"."""
+    error blamed H: "the operator returned NaN or Inf (non-finite Hessian or Hessian-vector product)".
+    A run-away iteration is now stopped before it overflows: with eta = 10 the model value rose from
+    -7.2 to 1.6e5 at the first step (a finite, useless step came back where K was too small to overflow)."""
     H, g = problem
-    with pytest.raises(NonFiniteProduct, match=r"cubic_gd: the product H s is not finite at gradient step \d+ "
-                                               r"\(s itself holds NaN or Inf\): the iteration diverged \(the step "
-                                               r"size eta = 10 is too large"):
+    with pytest.raises(ValueError, match=r"cubic_gd: at gradient step 1 the model value rose to .*e\+0\d \(the zero "
+                                         r"step has 0, this call's start -.*\) and its gradient norm from .* to .*: the "
+                                         r"iteration diverged \(the step size eta = 10 is too large for H and M = 1"):
         cubic_newton_step(H, g, 1.0, "gd", eta=10.0, K=500)
-    with pytest.raises(NonFiniteProduct, match=r"at gradient step 0 .*M too small for g"):
+    with pytest.raises(NonFiniteProduct, match=r"cubic_gd: the product H s is not finite at gradient step 0 "
+                                               r"\(s itself holds NaN or Inf\): the iteration diverged .*M too small "
+                                               r"for g"):
         cubic_newton_step(H, g, 1e-300, "gd")
+    # a curvature operator checks its input: the overflowed iterate met "vector contains NaN or Inf"
+    model = torch.nn.Linear(D, 2)
+    x, y = torch.randn(40, D), torch.randint(0, 2, (40,))
+    op = hessian_operator(model, torch.nn.functional.cross_entropy, (x, y))
+    with pytest.raises(NonFiniteProduct, match=r"gradient step 1 \(s itself holds NaN or Inf\): the iteration "
+                                               r"diverged \(the step size eta = 1e\+40 is too large"):
+        cubic_newton_step(op, op.gradient(), 1.0, "gd", eta=1e40)  # float32: the first step overflows
+    # a step size below 1 / L: never stopped (the model value falls at every step)
+    L = float(torch.linalg.eigvalsh(H).abs().max())
+    assert cubic_newton_step(H, g, 1.0, "gd", eta=0.5 / (L + 10.0), K=500).model_value < 0
     with pytest.raises(NonFiniteProduct, match=r"the operator returned NaN or Inf"):  # H's own NaN: as before
         cubic_newton_step(lambda v: v * float("nan"), g, 1.0, "gd")
 

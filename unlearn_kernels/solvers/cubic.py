@@ -351,29 +351,55 @@ def _cauchy_point(op: SolverOperator, g: torch.Tensor, M: float) -> torch.Tensor
     return g * (-radius / gnorm)
 
 
+_DIVERGED = ("the iteration diverged (the step size eta = {eta:g} is too large for H and M = {M:g}: it needs "
+             "eta < 1 / (||H|| + M ||s||)")
+
+
 def _product_at(op: SolverOperator, s: torch.Tensor, step: int, eta: float, M: float) -> torch.Tensor:
-    """``H s`` at a gradient-descent iterate; a non-finite product is most often the iteration's
-    divergence (s overflowed), which NonFiniteProduct then says, rather than blaming H alone."""
+    """``H s`` at a gradient-descent iterate; a non-finite iterate or product is most often the
+    iteration's divergence (s overflowed), which NonFiniteProduct then says, rather than blaming H
+    alone (or, for an operator that checks its input, naming only "vector")."""
+    def diverged(detail: str) -> NonFiniteProduct:
+        return NonFiniteProduct(
+            f"cubic_gd: the product H s is not finite at gradient step {step} ({detail}): "
+            + _DIVERGED.format(eta=eta, M=M)
+            + "; at step 0, the start, e.g. the Cauchy point, is too long: M too small for g, or the noise too "
+            "large), or H's products are not finite")
+
+    if not all_finite(s):
+        raise diverged("s itself holds NaN or Inf")
     try:
         return op.matvec(s)
     except NonFiniteProduct:
-        raise NonFiniteProduct(
-            f"cubic_gd: the product H s is not finite at gradient step {step} ("
-            + ("s itself holds NaN or Inf" if not all_finite(s) else f"||s|| = {norm64(s):.3e}")
-            + f"): the iteration diverged (the step size eta = {eta:g} is too large for H and M = {M:g}: it "
-            "needs eta < 1 / (||H|| + M ||s||); at step 0, the start, e.g. the Cauchy point, is too long: M too "
-            "small for g, or the noise too large), or H's products are not finite") from None
+        raise diverged(f"||s|| = {norm64(s):.3e}") from None
+
+
+#: gradient descent on m from the Cauchy point (m <= 0 there) with a step size below 1 / L lowers m at
+#: every step; a model value above both 0 (the zero step) and the round's first, with a model gradient
+#: this many times the first one's, is the iteration running away (geometrically, when eta L >> 1)
+_DIVERGENCE_GROWTH = 10.0
 
 
 def _gd_steps(op: SolverOperator, g: torch.Tensor, M: float, s: torch.Tensor, K: int, eta: float,
               tol: float) -> tuple[torch.Tensor, torch.Tensor | None, int, bool]:
     """K steps ``s <- s - eta (g + H s + (M/2)||s|| s)``, stopping early when the model gradient
-    is <= tol ||g||. Returns (s, H s if known at the final s, steps taken, stopped early)."""
+    is <= tol ||g||. Returns (s, H s if known at the final s, steps taken, stopped early). Raises
+    ValueError when the iteration runs away (see ``_DIVERGENCE_GROWTH``), NonFiniteProduct when it
+    overflows."""
     gnorm = norm64(g)
+    first_value = first_grad = math.nan
     for it in range(K):
         Hs = _product_at(op, s, it, eta, M)
         grad = g + Hs + (0.5 * M * norm64(s)) * s
-        if tol > 0 and norm64(grad) <= tol * gnorm:
+        grad_norm, value = norm64(grad), cubic_model_value(g, s, Hs, M)
+        if it == 0:
+            first_value, first_grad = value, grad_norm
+        elif value > max(0.0, first_value) and grad_norm > _DIVERGENCE_GROWTH * first_grad:
+            raise ValueError(
+                f"cubic_gd: at gradient step {it} the model value rose to {value:.3e} (the zero step has 0, this "
+                f"call's start {first_value:.3e}) and its gradient norm from {first_grad:.3e} to {grad_norm:.3e}: "
+                + _DIVERGED.format(eta=eta, M=M) + ")")
+        if tol > 0 and grad_norm <= tol * gnorm:
             return s, Hs, it, True
         s = s - eta * grad
     return s, None, K, False
@@ -432,8 +458,11 @@ def cubic_gd(H: Any, g: torch.Tensor, M: float, *, K: int = 5, eta: float = 0.01
         A :class:`CubicStep`; ``converged`` says whether the tol rule stopped the iteration.
 
     Raises:
-        NonFiniteProduct: a product at an iterate is not finite, which names the step and says the
-            iteration diverged (eta too large, or M too small for the Cauchy point) or H is not finite.
+        NonFiniteProduct: an iterate or a product at it is not finite, which names the step and says
+            the iteration diverged (eta too large, or M too small for the Cauchy point) or H is not finite.
+        ValueError: the iteration ran away before overflowing: a model value above 0 (the zero
+            step's) and above the first iterate's, with a model gradient 10 times the first one's (GD
+            from the Cauchy point with eta < 1 / L lowers m at every step).
     """
     op, g = operator_and_vector(H, g)
     M = _check_M(M)
