@@ -97,6 +97,23 @@ def test_budget_iterations_and_no_progress(rng):
     assert KRYLOV_DEFAULTS["guard"] is False
 
 
+def test_an_m_too_large_to_show_a_decrease_is_lowered(rng):
+    """M = 1e14 on a float32 problem: the first step's predicted decrease (8.5e-7) is below what f
+    can resolve (16 eps max(|f|, 1) = 1.9e-6), and the loop stopped at once ("no_progress", the point
+    unchanged), whatever the problem. M is now divided by gamma, with no new product, until the
+    prediction shows; the iteration then runs as usual, and a rejection still ends in "no_progress"."""
+    A, b = spd(rng).float(), torch.randn(D, generator=rng).float()
+    value, gradient = quadratic(A, b)
+    w0 = torch.zeros(D)
+    out = adaptive_cubic_newton(value, gradient, lambda w: A, w0, M=1e14, max_iterations=4)
+    assert out.steps == 4 and out.stop_reason == "max_iterations" and out.value < value(w0)
+    assert out.trials[0].M < 1e14 and out.trials[0].predicted > 16 * torch.finfo(torch.float32).eps
+    assert out.num_hvps == sum(t.hvps for t in out.trials)
+    # never below M_min: with M_min = M, the step stays unresolvable and the loop stops as before
+    kept = adaptive_cubic_newton(value, gradient, lambda w: A, w0, M=1e14, M_min=1e14, max_iterations=4)
+    assert kept.stop_reason == "no_progress" and kept.steps == 0 and torch.equal(kept.w, w0)
+
+
 def test_non_finite_trial_value_is_a_rejection(rng):
     A, b = spd(rng), torch.randn(D, generator=rng, dtype=torch.float64)
     value, gradient = quadratic(A, b)

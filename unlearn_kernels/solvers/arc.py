@@ -7,7 +7,10 @@ Each iteration, at the point w with value f and gradient g, the Krylov solver
 accepted when the actual decrease ``f(w) - f(w + s)`` is at least ``eta1`` times the decrease the
 model predicts, ``-m(s)``. A rejected trial multiplies M by ``gamma`` and re-solves the small
 problem on the same Lanczos tridiagonal (no new Hessian-vector products); a very successful one
-(ratio >= ``eta2``) divides M by ``gamma`` for the next iteration. Since ``eta1 > 0`` and the
+(ratio >= ``eta2``) divides M by ``gamma`` for the next iteration. A step whose predicted decrease
+is below what f can resolve (an M too large for the problem: its ratio would be rounding) divides M
+by ``gamma`` and re-solves, down to ``M_min``, unless a rejection in this iteration raised M (then the
+iteration stops: "no_progress"). Since ``eta1 > 0`` and the
 predicted decrease is positive, every accepted step lowers f: the result is never worse than w0.
 """
 from __future__ import annotations
@@ -41,7 +44,8 @@ class ARCTrial:
         ratio: ``actual / predicted``.
         accepted: whether w moved to w + s.
         step_norm: ||s||.
-        hvps: Hessian-vector products this trial used (0 for a re-solve after a rejection).
+        hvps: Hessian-vector products this trial used (0 for a re-solve after a rejection; the
+            first trial of an iteration has its Lanczos run's, also where M was lowered before it).
         lanczos_steps: the size of the Lanczos tridiagonal the step came from.
         grad_norm: ||g|| at w, where the step starts.
     """
@@ -70,8 +74,8 @@ class ARCResult:
         num_hvps: Hessian-vector products used in all.
         M: the cubic constant the next step would have used (a warm start for a later call).
         stop_reason: "tolerance" (``||g|| <= tol``), "max_iterations", "hvp_budget" or
-            "no_progress" (the predicted decrease fell below the resolution of f: M grew so large
-            that no step can be told apart from rounding).
+            "no_progress" (the predicted decrease fell below the resolution of f after a rejection
+            raised M, or with M at M_min: no step can be told apart from rounding).
         trials: every trial in order.
         initial_value: f(w0).
         initial_grad_norm: ||grad f(w0)||.
@@ -216,7 +220,8 @@ def adaptive_cubic_newton(
             break
         solver = KrylovCubicSolver(hessian(w), g, k_max=k_max if left is None else min(k_max, left),
                                    seed=(seed + steps) % 2**63, **options)
-        used = 0
+        used = recorded = 0  # products counted in hvps / given to a trial record (a lowered M's re-solve has none)
+        rejected = False
         while True:
             try:
                 sub = solver.solve(M)
@@ -230,6 +235,11 @@ def adaptive_cubic_newton(
             hvps += new
             predicted = -model_value
             if not predicted > resolution:
+                # a step too short to show in f: M, as given or as lowered, is too large; lower it and
+                # re-solve (no products), unless a rejection raised it here (then it is as low as it may be)
+                if not rejected and M / gamma >= M_min:
+                    M /= gamma
+                    continue
                 stop = "no_progress"
                 break
             trial = None if sub is None else w + sub.step
@@ -237,8 +247,9 @@ def adaptive_cubic_newton(
             actual = f - f_trial if math.isfinite(f_trial) else -math.inf
             ratio = actual / predicted
             accepted = ratio >= eta1
-            trials.append(ARCTrial(steps, M, predicted, actual, ratio, accepted, step_norm, new,
+            trials.append(ARCTrial(steps, M, predicted, actual, ratio, accepted, step_norm, num_hvps - recorded,
                                    solver.process.n, gnorm))
+            recorded = num_hvps
             if accepted:
                 w, f = trial, f_trial
                 g = check_vector(gradient(w), "gradient(w)")
@@ -247,6 +258,7 @@ def adaptive_cubic_newton(
                     M = max(M / gamma, M_min)
                 break
             M *= gamma
+            rejected = True
         if stop == "no_progress":
             break
     return ARCResult(w=w, value=f, gradient=g, steps=steps, num_hvps=hvps, M=M, stop_reason=stop, trials=trials,
