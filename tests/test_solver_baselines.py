@@ -201,6 +201,19 @@ def test_lissa_matches_closed_form(spd):
     assert not last.converged and last.residual == math.inf
 
 
+def test_lissa_growing_but_finite_is_not_converged():
+    """Negative curvature below -damping grows a component without overflowing: LiSSA said converged
+    (its rule was "the iterates stayed finite") with a residual 1e10 times ||b||; damped_newton_step's
+    "lissa" passed that on. Converged now also needs a residual of at most ||b||, the most the truncated
+    recursion leaves when every eigenvalue of H + damping I is in [0, 2 scale]."""
+    H = torch.diag(torch.tensor([-1.0, 0.5, 2.0], dtype=torch.float64))
+    b = torch.ones(3, dtype=torch.float64)
+    out = lissa(H, b, scale=2.0, damping=0.1, depth=50)
+    assert not out.converged and math.isfinite(out.residual) and out.residual > 1e6 * float(b.norm())
+    assert not damped_newton_step(H, b, 0.1, solver="lissa", scale=2.0, depth=50).converged
+    assert lissa(H, b, scale=2.0, damping=1.5, depth=50).converged  # H + 1.5 I in [0.5, 3.5]: in range
+
+
 def test_lissa_divergence_on_a_curvature_operator_is_reported():
     """A curvature operator refuses a non-finite vector (ValueError "vector contains NaN or Inf"): a
     diverging recursion on one raised that error where on a dense H it is reported as not converged; and
@@ -236,7 +249,7 @@ def test_lissa_at_non_finite_weights_raises_instead_of_reporting_divergence():
     for path in ("generic", "fused"):
         H = hessian_operator(model, nn.CrossEntropyLoss(), (x, y), path=path)
         g = H.gradient()
-        assert lissa(H, g, scale=10.0, damping=0.1, depth=50).converged
+        assert math.isfinite(lissa(H, g, scale=10.0, damping=0.1, depth=50).residual)  # finite weights: it runs
         saved = model[2].weight.detach().clone()
         with torch.no_grad():
             model[2].weight[1, 2] = float("nan")

@@ -43,7 +43,8 @@ class LinearSolve:
         num_hvps: products used.
         iterations: CG/MINRES iterations, or LiSSA recursion steps taken over all repeats (fewer than
             ``depth * repeats`` where the recursion diverged).
-        converged: the tolerance was met (LiSSA: the recursion stayed finite).
+        converged: the tolerance was met (LiSSA: the recursion stayed finite and left a residual of
+            at most ``||b||``, see :func:`lissa`).
         info: solver-specific details (e.g. ``negative_curvature`` for CG).
     """
 
@@ -186,6 +187,10 @@ def minres(H: Any, b: torch.Tensor, *, damping: float = 0.0, tol: float = MINRES
     return LinearSolve(x, residual, op.num_hvps, iterations, info == 0, {"scipy_info": int(info)})
 
 
+#: :func:`lissa` counts a residual up to ``(1 + this) ||b||`` as converged (float32 products' rounding)
+LISSA_RESIDUAL_SLACK = 1e-3
+
+
 def lissa(H: Any, b: torch.Tensor, *, scale: float, damping: float = 0.0, depth: int = 100,
           repeats: int = 1, sample: Callable[[], Any] | None = None) -> LinearSolve:
     """LiSSA estimate of ``(H + damping I)^{-1} b``.
@@ -205,7 +210,11 @@ def lissa(H: Any, b: torch.Tensor, *, scale: float, damping: float = 0.0, depth:
             on a random batch) for each recursion step: the stochastic LiSSA.
 
     Returns:
-        A :class:`LinearSolve` (``converged``: every iterate stayed finite).
+        A :class:`LinearSolve`. ``converged``: every iterate stayed finite and the residual is at most
+        ``(1 + 1e-3) ||b||``: with every eigenvalue of ``H + damping I`` in ``[0, 2 scale]`` the
+        truncated recursion leaves ``(I - (H + damping I) / scale)^(depth + 1) b``, of norm at most
+        ``||b||``, so a larger residual means a component grew (negative curvature below -damping,
+        or scale too small) even where the iterates stayed finite (1e-3 absorbs float32 rounding).
     """
     op, b = operator_and_vector(H, b, "b")
     scale = check_number("scale", scale, 0.0, strict=True)
@@ -241,7 +250,8 @@ def lissa(H: Any, b: torch.Tensor, *, scale: float, damping: float = 0.0, depth:
     x = total / repeats
     finite = finite and all_finite(x)  # the last step may overflow after a finite product
     residual = _true_residual(op, x, b, damping) if finite else math.inf
-    return LinearSolve(x, residual, op.num_hvps + sampled_hvps, steps, finite and math.isfinite(residual))
+    converged = finite and residual <= (1.0 + LISSA_RESIDUAL_SLACK) * norm64(b)
+    return LinearSolve(x, residual, op.num_hvps + sampled_hvps, steps, converged)
 
 
 # --------------------------------------------------------------------------- Newton steps
