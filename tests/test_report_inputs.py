@@ -133,6 +133,15 @@ def test_format_table_refuses_what_is_not_one_requests_summary(summary, message)
         report.format_table(summary(_records()))
 
 
+@pytest.mark.parametrize("noise, got", [({}, r"got \[\]"), ({0: {"acc_forget": {}, "avg_gap": {}}}, r"got \['0'\]"),
+                                        ([], "got list")])
+def test_format_noise_note_names_what_it_needs(noise, got):
+    """{} and all of gap_closed_noise's output (keyed by request) met KeyError: 'acc_forget'."""
+    with pytest.raises(TypeError, match=r"format_noise_note: noise must be one request's entry of gap_closed_noise, "
+                                        r"a dict with \['acc_forget', 'avg_gap'\], " + got):
+        report.format_noise_note(noise)
+
+
 def test_study_files_refuses_a_single_method_name_and_a_bad_request_count():
     with pytest.raises(TypeError, match="study_files: methods must be a collection"):
         report.study_files("original", 1)  # was read as a collection of characters

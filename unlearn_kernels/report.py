@@ -254,7 +254,14 @@ def _layout(cells: list[list[str]], title: str) -> str:
 
 
 def format_noise_note(noise: dict[str, dict[str, Any]]) -> str:
-    """One line per gap-closed figure saying whether the Original's gap stands out of seed noise."""
+    """One line per gap-closed figure saying whether the Original's gap stands out of seed noise.
+
+    ``noise``: one request's entry of :func:`gap_closed_noise` (TypeError naming what is missing
+    otherwise: all of its output, keyed by request, or an empty dict)."""
+    if not (isinstance(noise, dict) and all(isinstance(noise.get(name), dict) for name in GAP_CLOSED_TITLES)):
+        got = sorted(map(str, noise)) if isinstance(noise, dict) else type(noise).__name__
+        raise TypeError(f"format_noise_note: noise must be one request's entry of gap_closed_noise, a dict with "
+                        f"{sorted(GAP_CLOSED_TITLES)}, got {got}")
     lines = []
     for name, title in GAP_CLOSED_TITLES.items():
         n = noise[name]
