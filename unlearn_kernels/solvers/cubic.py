@@ -66,8 +66,8 @@ def _check_M(M: Any) -> float:
 
 class StepOverflow(ValueError):
     """The solution of the cubic model does not fit the step's dtype (a float32 step beyond 3.4e38):
-    M is too small for this H and g. ``step_norm``, ``model_value`` and ``num_hvps`` are those of the
-    float64 solution (the adaptive loop records the trial as rejected and raises M)."""
+    M is too small for this H and g. ``step_norm`` and ``model_value`` are the float64 solution's,
+    ``num_hvps`` the products used (the adaptive loop records the trial as rejected and raises M)."""
 
     def __init__(self, message: str, step_norm: float, model_value: float, num_hvps: int) -> None:
         super().__init__(message)
