@@ -463,6 +463,11 @@ def test_non_finite_data_and_labels_out_of_range_are_named(path):
             build(LabeledData(x_bad, y).loader(batch_size=4))
     with pytest.raises(ValueError, match=r"^the data's inputs x contain NaN or Inf \(first at row 0\)$"):
         build((torch.full_like(x, float("nan")), y))
+    # sparse data met "reshape is not implemented for sparse tensors" from inside the forward
+    with pytest.raises(TypeError, match=r"^a batch's inputs x must be a dense tensor, got layout torch.sparse_coo"):
+        build((x.to_sparse(), y))
+    with pytest.raises(TypeError, match=r"^a batch's targets y must be a dense tensor, got layout torch.sparse_coo"):
+        build([(x, y.to_sparse())])
     if path != "fused":  # float targets: the fused path takes cross entropy only
         targets = torch.randn(N, C, dtype=DT)
         targets[7, 0] = float("nan")

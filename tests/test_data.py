@@ -381,6 +381,11 @@ def test_labeled_data_names_what_it_cannot_hold():
         LabeledData(x, torch.tensor(0))  # was torch's IndexError from the row count
     with pytest.raises(ValueError, match="x is on meta but y on cpu"):
         LabeledData(x.to("meta"), y)
+    # sparse inputs met "reshape is not implemented for sparse tensors" inside every method and metric
+    with pytest.raises(TypeError, match=r"LabeledData: x must be a dense tensor, got layout torch.sparse_coo"):
+        LabeledData(x.to_sparse(), y)
+    with pytest.raises(TypeError, match=r"LabeledData: y must be a dense tensor, got layout torch.sparse_coo"):
+        LabeledData(x, y.to_sparse())
 
 
 def test_load_dataset_checks_the_seed() -> None:

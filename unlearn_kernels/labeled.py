@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, SequentialSampler, TensorDataset
 
-from .checks import check_bool, check_int
+from .checks import check_bool, check_int, check_tensor
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,8 @@ class LabeledData:
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"LabeledData: {name} must be a torch.Tensor, got {type(value).__name__} "
                                 f"(torch.as_tensor converts numpy arrays)")
+            # a sparse x met "reshape is not implemented for sparse tensors" deep in every method
+            check_tensor(f"LabeledData: {name}", value)
         if self.x.dim() == 0:
             raise ValueError("LabeledData: x must have a batch dimension (N, ...), got a 0-d tensor")
         if self.y.dim() != 1 or self.y.dtype != torch.long:

@@ -167,6 +167,8 @@ class BatchSource:
                 and all(isinstance(t, torch.Tensor) for t in batch)):
             raise TypeError(f"each batch must be an (x, y) pair of tensors, got {type(batch).__name__}")
         x, y = batch
+        check_tensor("a batch's inputs x", x)  # sparse: "reshape is not implemented for sparse tensors" later
+        check_tensor("a batch's targets y", y)
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"a batch has {x.shape[0]} inputs but {y.shape[0]} targets")
         return x, y
