@@ -128,19 +128,27 @@ def test_model_helpers_name_an_index_error_of_the_model():
             call()
 
 
-def test_gradient_norm_refuses_non_finite_weights(rng):
-    """It returned nan."""
+def test_gradient_norm_and_predict_logits_refuse_non_finite_weights(rng):
+    """gradient_norm returned nan; predict_logits returned NaN logits (the metrics then said only
+    "logits contains NaN or Inf"). Both name the tensor now, by the one rule for weights."""
     model = _model().train()
     with torch.no_grad():
         model[3].bias[1] = math.nan
     state = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match=r"^gradient_norm: the model's parameter '3.bias' has NaN or Inf values"):
         gradient_norm(model, F.cross_entropy, _data(rng))
+    with pytest.raises(ValueError, match=r"^predict_logits: the model's parameter '3.bias' has NaN or Inf values"):
+        predict_logits(model, _data(rng))
     bn = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).double()
     bn[1].running_var[0] = math.inf
     with pytest.raises(ValueError, match=r"^gradient_norm: the model's buffer '1.running_var' has NaN or Inf"):
         gradient_norm(bn, F.cross_entropy, _data(rng))
+    with pytest.raises(ValueError, match=r"^predict_logits: the model's buffer '1.running_var' has NaN or Inf"):
+        predict_logits(bn, _data(rng))
     assert all(torch.equal(state[k], v) or (k == "3.bias") for k, v in model.state_dict().items())
+    mask = nn.Sequential(nn.Linear(4, 3)).double()
+    mask.register_buffer("additive_mask", torch.tensor([0.0, -math.inf]))  # Inf in another buffer: allowed
+    assert predict_logits(mask, _data(rng)).isfinite().all()
 
 
 @pytest.mark.parametrize("loss_fn, message", [

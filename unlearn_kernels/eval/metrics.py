@@ -109,6 +109,10 @@ def _check_model_data(op: str, model: nn.Module, data: LabeledData, batch_size: 
     row = first_nonfinite_row(data.x)  # would silently give NaN logits / a NaN norm
     if row is not None:
         raise ValueError(f"{op}: NaN or Inf in the inputs at row {row}")
+    bad = first_nonfinite_weight(model.named_parameters(), model.named_buffers(), normalisation_buffers(model))
+    if bad is not None:  # the logits (and a loss or norm from them) would be NaN
+        kind, name, what = bad
+        raise ValueError(f"{op}: the model's {kind} {name!r} has {what} values (did an update diverge?)")
 
 
 @contextmanager
@@ -160,9 +164,11 @@ def predict_logits(model: nn.Module, data: LabeledData, batch_size: int = 1024) 
     Raises:
         TypeError: ``model`` is not a module, ``data`` not a :class:`LabeledData`, or the model does
             not return (batch, C) logits.
-        ValueError: an empty set, a bad ``batch_size``, NaN or Inf in the inputs, or samples the model
-            cannot run on (torch's error from the forward pass: a wrong width or dtype, a token id
-            beyond an embedding's rows), each naming ``predict_logits``.
+        ValueError: an empty set, a bad ``batch_size``, NaN or Inf in the inputs, a weight that the
+            rule of :func:`~unlearn_kernels.checks.first_nonfinite_weight` refuses (NaN or Inf in a
+            parameter or a normalisation layer's running statistic, NaN in another buffer: the logits
+            would be NaN), or samples the model cannot run on (torch's error from the forward pass: a
+            wrong width or dtype, a token id beyond an embedding's rows), each naming ``predict_logits``.
     """
     _check_model_data("predict_logits", model, data, batch_size)
     device = model_device(model)
@@ -202,10 +208,6 @@ def gradient_norm(
     if not callable(loss_fn):
         raise TypeError(f"gradient_norm: loss_fn must be callable (e.g. torch.nn.functional.cross_entropy), "
                         f"got {type(loss_fn).__name__}")
-    bad = first_nonfinite_weight(model.named_parameters(), model.named_buffers(), normalisation_buffers(model))
-    if bad is not None:  # the logits, the loss and the norm would be NaN
-        kind, name, what = bad
-        raise ValueError(f"gradient_norm: the model's {kind} {name!r} has {what} values (did an update diverge?)")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("gradient_norm: the model has no parameters that require grad")
