@@ -81,14 +81,20 @@ def check_tensor(name: str, value: Any) -> torch.Tensor:
     return value
 
 
+def as_device(name: str, value: Any, problem: str = "is not a device name: use cpu, cuda or cuda:N") -> torch.device:
+    """``torch.device(value)``, or ValueError ``"<name> <value!r> <problem>"`` for what torch cannot read
+    as a device (an unknown type, ''; torch's own message lists all twenty types it knows)."""
+    try:
+        return torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name} {value!r} {problem}") from None
+
+
 def check_device(name: str, value: Any, types: tuple[str, ...] | None = None) -> torch.device:
     """``value`` (a device name or a torch.device) as a torch device of one of ``types`` (None: any)
     that can run here, else ValueError naming ``name`` and the value: torch itself takes ``cpu:1``,
     and fails on a missing GPU only at the first tensor, with its own message per case."""
-    try:
-        device = torch.device(value)
-    except (RuntimeError, TypeError):  # an unknown type, '' (torch's message lists all twenty types it knows)
-        raise ValueError(f"{name} {value!r} is not a device name: use cpu, cuda or cuda:N") from None
+    device = as_device(name, value)
     if types is not None and device.type not in types:  # whether or not this machine has one
         raise ValueError(f"{name} {value!r}: only {' or '.join(types)} devices are supported here")
     if device.type == "cpu" and device.index:  # torch takes cpu:1 for the CPU: a typo, of cuda:1 perhaps
@@ -235,6 +241,12 @@ def check_batch_statistics(owner: str, model: nn.Module, consequence: str) -> No
         raise ValueError(f"{owner + ': ' if owner else ''}the model's batch-norm layer {name!r} has no running "
                          f"statistics (track_running_stats=False) and normalises with each batch's own, in eval "
                          f"mode too: {consequence}")
+
+
+def first_nonfinite_model_weight(model: nn.Module) -> tuple[str, str, str] | None:
+    """:func:`first_nonfinite_weight` of all of ``model``'s parameters and buffers, with its
+    normalisation layers' running statistics (:func:`normalisation_buffers`) held to the parameters' rule."""
+    return first_nonfinite_weight(model.named_parameters(), model.named_buffers(), normalisation_buffers(model))
 
 
 def norm64(v: torch.Tensor) -> float:

@@ -24,9 +24,9 @@ from ..checks import (
     check_int,
     check_number,
     check_tensor,
+    first_nonfinite_model_weight,
     first_nonfinite_row,
     first_nonfinite_weight,
-    normalisation_buffers,
 )
 from ..labeled import LabeledData
 from ..training import eval_mode, join_last_row, model_device
@@ -109,7 +109,7 @@ def _check_model_data(op: str, model: nn.Module, data: LabeledData, batch_size: 
     row = first_nonfinite_row(data.x)  # would silently give NaN logits / a NaN norm
     if row is not None:
         raise ValueError(f"{op}: NaN or Inf in the inputs at row {row}")
-    bad = first_nonfinite_weight(model.named_parameters(), model.named_buffers(), normalisation_buffers(model))
+    bad = first_nonfinite_model_weight(model)
     if bad is not None:  # the logits (and a loss or norm from them) would be NaN
         kind, name, what = bad
         raise ValueError(f"{op}: the model's {kind} {name!r} has {what} values (did an update diverge?)")

@@ -14,9 +14,8 @@ from torch import nn
 
 from ..checks import (
     check_seed,
+    first_nonfinite_model_weight,
     first_nonfinite_row,
-    first_nonfinite_weight,
-    normalisation_buffers,
 )
 from ..labeled import LabeledData
 from ..training import check_fits, model_device, seeded_rng
@@ -172,22 +171,17 @@ def _check_model(name: str, model: nn.Module) -> None:
             if tensor.is_meta:  # shapes without values: torch's own error would come from deep inside a check
                 raise ValueError(f"{name}: the model's {kind} {key!r} is on the meta device (it has no values): "
                                  "materialise the model first (e.g. to_empty(device=...) and load_state_dict)")
-    bad = _nonfinite_weight(model)
+    bad = first_nonfinite_model_weight(model)
     if bad is not None:
         kind, key, what = bad
         raise ValueError(f"{name}: the model's {kind} {key!r} contains {what}")
-
-
-def _nonfinite_weight(model: nn.Module) -> tuple[str, str, str] | None:
-    """:func:`~unlearn_kernels.checks.first_nonfinite_weight` of all of ``model``'s parameters and buffers."""
-    return first_nonfinite_weight(model.named_parameters(), model.named_buffers(), normalisation_buffers(model))
 
 
 def _check_finite_result(name: str, model: nn.Module) -> None:
     """The unlearned model's weights pass the same rule as the given model's: a step size too large
     makes a first-order method return a NaN model without any error of its own (one pass, one
     read-back per tensor)."""
-    bad = _nonfinite_weight(model)
+    bad = first_nonfinite_model_weight(model)
     if bad is not None:
         kind, key, what = bad
         raise ValueError(f"{name}: the unlearned model has {what} in its {kind} {key!r} (the method diverged: lower "

@@ -220,7 +220,8 @@ def adaptive_cubic_newton(
             break
         solver = KrylovCubicSolver(hessian(w), g, k_max=k_max if left is None else min(k_max, left),
                                    seed=(seed + steps) % 2**63, **options)
-        used = recorded = 0  # products counted in hvps / given to a trial record (a lowered M's re-solve has none)
+        before = hvps  # products of earlier iterations; this solver's own count is cumulative
+        recorded = 0  # of this solver's products, those given to a trial record (a lowered M's re-solve has none)
         rejected = False
         while True:
             try:
@@ -230,9 +231,7 @@ def adaptive_cubic_newton(
                 num_hvps, model_value, step_norm = overflow.num_hvps, overflow.model_value, overflow.step_norm
             else:
                 num_hvps, model_value, step_norm = sub.num_hvps, sub.model_value, sub.step_norm
-            new = num_hvps - used
-            used = num_hvps
-            hvps += new
+            hvps = before + num_hvps
             predicted = -model_value
             if not predicted > resolution:
                 # a step too short to show in f: M, as given or as lowered, is too large; lower it and

@@ -326,13 +326,13 @@ class KrylovCubicSolver:
                 self._resume_main(M, self.k_max - main_steps)
         y, sigma, hard, value, _ = self._small_solve(M)
         s = replay(self.op, self._v0, proc.n, y) if self.two_pass else proc.combine(y)
-        s_norm = norm64(_check_representable(s.to(self.g.dtype), float(np.linalg.norm(y)), value,
-                                             self.op.num_hvps, M, "krylov"))
+        s = _check_representable(s.to(self.g.dtype), float(np.linalg.norm(y)), value, self.op.num_hvps, M, "krylov")
+        s_norm = norm64(s)
         # at the formed s: Q is orthonormal to about sqrt(eps) ("selective") or not at all ("none"), so
         # ||s|| = ||Q y|| is not ||y||
         residual = _residual_bound(proc.residual_norm(y), M, sigma, s_norm)
         return CubicStep(
-            step=s.to(self.g.dtype), model_value=value, step_norm=s_norm, sigma=sigma, residual=residual,
+            step=s, model_value=value, step_norm=s_norm, sigma=sigma, residual=residual,
             num_hvps=self.op.num_hvps, hard_case=hard, iterations=proc.n,
             converged=self._accept(M, y, residual), method="krylov",
         )

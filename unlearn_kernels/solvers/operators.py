@@ -15,7 +15,7 @@ from typing import Any
 import scipy.sparse.linalg
 import torch
 
-from ..checks import all_finite, check_tensor, norm64
+from ..checks import all_finite, as_device, check_tensor, norm64
 from ..curvature.linear_operator import MatVec, dense_by_products, to_scipy_operator
 
 
@@ -221,11 +221,7 @@ def as_operator(
 
 
 def _device(name: str, value: Any) -> torch.device:
-    """``torch.device(value)``, or ValueError naming ``name`` (torch's own message lists twenty device types)."""
-    try:
-        return torch.device(value)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"{name} {value!r} is not a torch device (e.g. 'cpu', 'cuda:0')") from None
+    return as_device(name, value, "is not a torch device (e.g. 'cpu', 'cuda:0')")
 
 
 def check_vector(g: Any, name: str = "g") -> torch.Tensor:
