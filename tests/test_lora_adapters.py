@@ -121,6 +121,24 @@ def test_adapter_parameter_selection():
     assert op.shape[0] == sum(params[n].numel() for n in names)
 
 
+def test_curvature_refuses_an_adapters_frozen_base_by_name():
+    """The fused op gives a LoRALinear's base no derivatives: naming the base among the curvature's
+    parameters is refused with the parameter and the adapter named (the op's own message, "weight
+    requires grad", would point at a flag the caller never set); a merged adapter runs the plain base
+    layer, whose weight the operators then differentiate."""
+    model = mlp()
+    lora.add_adapters(model, ["1"], rank=2)
+    x, y = X, torch.arange(7) % 5
+    loss = torch.nn.functional.cross_entropy
+    with pytest.raises(ValueError, match=r"'1.base.weight' is the frozen base layer of the LoRA adapter '1'"):
+        hessian_operator(model, loss, (x, y), params=list(model.parameters()))
+    with pytest.raises(ValueError, match=r"'1.base.bias' is the frozen base layer"):
+        hessian_operator(model, loss, (x, y), params=["1.lora_a", "1.base.bias"])
+    lora.merge(model)
+    op = hessian_operator(model, loss, (x, y), params=["1.base.weight"])
+    assert op.shape[0] == model[1].base.weight.numel()
+
+
 def test_patterns_select_only_adaptable_layers():
     model = cnn()
     assert lora.add_adapters(model, "features.*", rank=2) == ("features.0", "features.3")

@@ -259,6 +259,9 @@ def _valid():
         ({"scale": float("nan")}, ValueError, "scale must be finite"),
         ({"scale": 2**2000}, ValueError, "scale must be finite"),  # past float64: no OverflowError
         ({"scale": "2"}, TypeError, "scale must be a Python float"),
+        ({"scale": 1e39}, ValueError, r"scale 1e\+39 is beyond the range of x's dtype torch.float32"),
+        ({**{k: torch.ones(*v.shape, dtype=torch.float16) for k, v in _valid().items() if k != "scale"}, "scale": 1e5},
+         ValueError, "beyond the range of x's dtype torch.float16"),  # converted to float16, the factor would be Inf
         ({"weight": torch.ones(5, 6, requires_grad=True)}, ValueError, "weight requires grad"),
         ({"lora_a": [[1.0] * 6] * 2}, TypeError, "lora_a must be a torch.Tensor"),
     ],
@@ -291,17 +294,75 @@ def test_frozen_weight_gets_no_tangent():
                        (args["weight"],), (torch.ones(5, 6),))
 
 
-def test_compiled_op_checks_its_inputs():
-    """The dispatcher ops check shapes themselves (for callers that bypass the Python op)."""
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_compiled_op_checks_its_inputs(backend):
+    """The dispatcher ops of every namespace check their inputs themselves (for callers that bypass the
+    Python op): shapes, dtypes, a scale outside x's dtype, the backward's grad_out, the JVP's tangents."""
+    ops_ns = _triton_ops() if backend == "triton" else torch.ops.unlearn_kernels
     args = _valid()
+    x, w, a, b = args["x"], args["weight"], args["lora_a"], args["lora_b"]
     with pytest.raises(ValueError, match="lora_b must have shape"):
-        torch.ops.unlearn_kernels.lora_linear(args["x"], args["weight"], None, args["lora_a"], torch.ones(5, 3), 1.0)
+        ops_ns.lora_linear(x, w, None, a, torch.ones(5, 3), 1.0)
+    with pytest.raises(ValueError, match="lora_a must have shape"):
+        ops_ns.lora_linear(x, w, None, torch.ones(2, 5), b, 1.0)
     with pytest.raises(ValueError, match="x must be 2-D"):
-        torch.ops.unlearn_kernels.lora_linear(torch.ones(2, 4, 6), args["weight"], None, args["lora_a"],
-                                              args["lora_b"], 1.0)
+        ops_ns.lora_linear(torch.ones(2, 4, 6), w, None, a, b, 1.0)
+    with pytest.raises(TypeError, match="dtype"):
+        ops_ns.lora_linear(x, w, None, a.double(), b, 1.0)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        ops_ns.lora_linear(x, w, None, a, b, float("nan"))
+    with pytest.raises(ValueError, match="beyond the range of x's dtype"):
+        ops_ns.lora_linear(x, w, None, a, b, 1e39)
     with pytest.raises(ValueError, match="grad_out must have shape"):
-        torch.ops.unlearn_kernels.lora_linear_backward(torch.ones(3, 5), args["x"], args["weight"], args["lora_a"],
-                                                       args["lora_b"], 1.0, [True, True, True])
+        ops_ns.lora_linear_backward(torch.ones(3, 5), x, w, a, b, 1.0, [True, True, True])
+    with pytest.raises(ValueError, match="tangent_a must have"):
+        ops_ns.lora_linear_jvp(x, w, None, a, b, 1.0, torch.ones(3, 6), None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_keeps_a_small_adapter_update(backend, dtype):
+    """In float16 / bfloat16 an adapter update s B A far below half an ulp of W's entries must still
+    reach the output: folded into W' = W + s B A in the input dtype (as the C++ pass did for every batch
+    with N >= in * out / (in + out) rows) it rounded away, leaving 7-9% of the update, and a row's
+    output depended on its batch's size. Measured as the least-squares slope of (y - x W^T) on the
+    exact update (x A^T) B^T over the whole output: about 1 when kept, about 0 when lost."""
+    gen = torch.Generator().manual_seed(0)
+    n_in, n_out, rank, rows = 1024, 64, 8, 128  # 128 rows: above the merge threshold of 60
+    x0 = torch.randn(n_in, generator=gen).sign()
+    x = (x0 + 0.1 * torch.randn(rows, n_in, generator=gen)).to(dtype)
+    weight = torch.randn(n_out, n_in, generator=gen).to(dtype)
+    lora_a = (x0.repeat(rank, 1) / n_in**0.5).to(dtype)  # along the rows' shared direction
+    size = 1e-3 if dtype == torch.bfloat16 else 2e-4  # the update: about an ulp of the output's entries
+    lora_b = (torch.randn(n_out, rank, generator=gen) * size).to(dtype)
+    out = lora_linear(x, weight, None, lora_a, lora_b, 1.0, backend=backend)
+    base = x.double() @ weight.double().T
+    update = (x.double() @ lora_a.double().T @ lora_b.double().T).flatten()
+    slope = ((out.double() - base).flatten() @ update / (update @ update)).item()
+    assert 0.8 < slope < 1.2, slope
+    torch.testing.assert_close(out[:8], lora_linear(x[:8], weight, None, lora_a, lora_b, 1.0, backend=backend),
+                               rtol=0, atol=float(out.abs().max()) * 2**-7)  # an ulp or two of the largest entry
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batched_gradients(backend, rng):
+    """Autograd's batched vector-Jacobian products (``is_grads_batched``, ``jacobian(vectorize=True)``)
+    run on every backend (they reach no registered vmap rule: a Python-defined op could not run under
+    them) and equal one backward per vector; so does ``torch.func.vmap`` over ``autograd.grad``."""
+    x, weight, b, lora_a, lora_b, scale = make((5,), 7, 6, 3, torch.float64, "cpu", rng)
+    leaves = _leaves(x, lora_a, lora_b)
+    out = lora_linear(leaves[0], weight, b, leaves[1], leaves[2], scale, backend=backend)
+    vectors = torch.randn(4, *out.shape, dtype=torch.float64, generator=rng)
+    looped = [torch.stack(g) for g in zip(*(torch.autograd.grad(out, leaves, v, retain_graph=True) for v in vectors))]
+    batched = torch.autograd.grad(out, leaves, vectors, retain_graph=True, is_grads_batched=True)
+    mapped = torch.func.vmap(lambda v: torch.autograd.grad(out, leaves, v, retain_graph=True))(vectors)
+    for got, vmapped, want in zip(batched, mapped, looped):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(vmapped, want, rtol=1e-12, atol=1e-12)
+    jacobian = torch.autograd.functional.jacobian(
+        lambda a: lora_linear(x, weight, b, a, lora_b, scale, backend=backend), lora_a, vectorize=True)
+    torch.testing.assert_close(jacobian, torch.autograd.functional.jacobian(
+        lambda a: lora_linear_ref(x, weight, b, a, lora_b, scale), lora_a), rtol=1e-12, atol=1e-12)
 
 
 def test_unavailable_backend():

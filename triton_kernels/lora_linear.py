@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ..contracts.lora_linear import fake_backward, fake_forward, fake_jvp
+from ..contracts.lora_linear import check_op_args, fake_backward, fake_forward, fake_jvp
 from . import INTERPRETED, define_op, float64_bits
 
 
@@ -110,7 +110,8 @@ def _mm(p: torch.Tensor, q: torch.Tensor, *, alpha: float = 1.0, bias: torch.Ten
 @define_op("unlearn_kernels_triton::lora_linear", fake_forward)
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scale: float) -> torch.Tensor:
-    """y on validated 2-D x (see ``unlearn_kernels.ops.lora_linear``)."""
+    """y on 2-D x (see ``unlearn_kernels.ops.lora_linear``)."""
+    check_op_args("lora_linear", x, weight, bias, lora_a, lora_b, scale)
     return _mm(x, weight, bias=bias, low=(_mm(x, lora_a), lora_b), beta=scale)
 
 
@@ -124,6 +125,7 @@ def lora_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.
                          lora_b: torch.Tensor, scale: float,
                          output_mask: list[bool]) -> list[torch.Tensor]:
     """The gradients [gx, gA, gB] that output_mask asks for."""
+    check_op_args("lora_linear_backward", x, weight, None, lora_a, lora_b, scale, grad_out=grad_out)
     need_x, need_a, need_b = output_mask
     grads = []
     if need_x or need_a:
@@ -142,6 +144,8 @@ def lora_linear_jvp(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                     lora_b: torch.Tensor, scale: float, tangent_a: torch.Tensor | None,
                     tangent_b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, s [(x dA^T) B^T + (x A^T) dB^T]); an absent tangent is zero."""
+    check_op_args("lora_linear_jvp", x, weight, bias, lora_a, lora_b, scale,
+                  (("tangent_a", tangent_a), ("tangent_b", tangent_b)))
     rank = lora_a.shape[0]
     left = _mm(x, torch.cat([lora_a, tangent_a]) if tangent_a is not None else lora_a)  # [xa, x dA^T]
     xa = left[:, :rank]

@@ -7,6 +7,7 @@
 #include "../lora_linear.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <c10/util/ParallelGuard.h>
@@ -14,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 namespace unlearn_kernels::lora {
 namespace {
@@ -45,6 +47,12 @@ void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
                      " must equal x dtype ", x.scalar_type());
     TORCH_CHECK_VALUE(bias->device() == x.device(), op, ": bias is on ", bias->device(), " but x is on ", x.device());
   }
+  // ATen converts a Scalar to the tensor's dtype: a scale beyond it would be an Inf factor (or an error).
+  double largest = 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_linear_scale_range",
+                                  [&] { largest = static_cast<double>(std::numeric_limits<scalar_t>::max()); });
+  TORCH_CHECK_VALUE(std::abs(scale) <= largest, op, ": scale ", scale, " is beyond the range of x's dtype ",
+                    x.scalar_type(), " (largest finite ", largest, ")");
 }
 
 // t has the given shape, and x's dtype and device.
@@ -58,8 +66,14 @@ void check_like(const char* op, const char* name, const at::Tensor& t, at::IntAr
 // Whether to merge the adapter into the weight, W' = W + s B A, for the big GEMMs. Forming W' costs
 // out * in * r multiply-adds and one write and read of an (out, in) matrix; the separate rank-r
 // terms cost N * r * (in + out) and, on CPU, extra passes over (N, in) and (N, out) tensors.
-// Merging is cheaper once N >= in * out / (in + out) (512 rows for 1024 x 1024).
-bool merge(int64_t rows, int64_t n_in, int64_t n_out) { return rows * (n_in + n_out) >= n_in * n_out; }
+// Merging is cheaper once N >= in * out / (in + out) (512 rows for 1024 x 1024). Never in float16 or
+// bfloat16: W' is then rounded to the input dtype, where every entry of s B A below half an ulp of W's
+// entry is lost (most of a small adapter's update), and a row's output would depend on the batch size.
+bool merge(const at::Tensor& x, int64_t n_out) {
+  if (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) return false;
+  const int64_t rows = x.size(0), n_in = x.size(1);
+  return rows * (n_in + n_out) >= n_in * n_out;
+}
 
 // Chunks for the rank-r work: on CPU one per thread once there are kMinRows rows per chunk; off
 // the CPU one (the current stream is per thread, and the GPU is parallel by itself).
@@ -101,7 +115,7 @@ std::pair<at::Tensor, at::Tensor> adapted_linear(const at::Tensor& x, const at::
                                                  const at::Tensor& lora_b, double scale,
                                                  const std::optional<at::Tensor>& left_weight) {
   const int64_t rows = x.size(0), n_out = weight.size(0);
-  const bool merged = merge(rows, x.size(1), n_out);
+  const bool merged = merge(x, n_out);
   const at::Tensor& l = left_weight.has_value() ? *left_weight : lora_a;
   const bool need_left = left_weight.has_value() || !merged;
   at::Tensor left = need_left ? at::empty({rows, l.size(0)}, x.options()) : at::Tensor();
@@ -140,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
   check_like(op, "grad_out", grad_out, std::array<int64_t, 2>{x.size(0), weight.size(0)}, x);
   const auto [need_x, need_a, need_b] = output_mask;
   const int64_t rows = x.size(0), n_in = x.size(1), n_out = weight.size(0), rank = lora_a.size(0);
-  const bool merged = need_x && merge(rows, n_in, n_out);
+  const bool merged = need_x && merge(x, n_out);
   // g = s gy B (N, r), for grad_a and, without merging, for grad_x = gy W + g A.
   const bool need_g = need_a || (need_x && !merged);
   const int64_t chunks = num_chunks(x);

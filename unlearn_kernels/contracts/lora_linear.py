@@ -1,6 +1,76 @@
-"""The contract of the ``lora_linear`` ops shared by their namespaces (C++/CUDA and Triton): the fake
-(meta) implementations, which give the output shapes without computing."""
+"""The contract of the ``lora_linear`` ops shared by their namespaces (C++/CUDA and Triton): the
+argument checks of the public functions, which the Triton ops run too (as the C++ ops run
+``csrc/cpu/lora_linear.cpp``'s), and the fake (meta) implementations, which give the output shapes
+without computing."""
 from __future__ import annotations
+
+import math
+import reprlib
+
+import torch
+
+from ..checks import as_float, check_tensor
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_args(op, x, weight, bias, lora_a, lora_b, scale, tangents=()):
+    """Types, dtypes, devices and shapes of the tensors (x (..., in), any leading dims), and a scale that
+    is a finite Python number within x's dtype; ``tangents`` are (name, tensor or None) pairs."""
+    named = {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b}
+    if bias is not None:
+        named["bias"] = bias
+    named.update((name, t) for name, t in tangents if t is not None)
+    for name, t in named.items():
+        check_tensor(f"{op}: {name}", t)
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"{op}: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    for name, t in named.items():
+        if t.dtype != x.dtype:
+            raise TypeError(f"{op}: {name} dtype {t.dtype} must equal x dtype {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    n_out, n_in = weight.shape
+    if x.dim() < 1 or x.shape[-1] != n_in:
+        raise ValueError(f"{op}: x must have shape (..., {n_in}) to match weight (out, in) = "
+                         f"{tuple(weight.shape)}, got {tuple(x.shape)}")
+    if bias is not None and bias.shape != (n_out,):
+        raise ValueError(f"{op}: bias must have shape ({n_out},), got {tuple(bias.shape)}")
+    if lora_a.dim() != 2 or lora_a.shape[0] < 1 or lora_a.shape[1] != n_in:
+        raise ValueError(f"{op}: lora_a must have shape (rank, {n_in}) with rank >= 1, got {tuple(lora_a.shape)}")
+    rank = lora_a.shape[0]
+    if lora_b.shape != (n_out, rank):
+        raise ValueError(f"{op}: lora_b must have shape ({n_out}, {rank}) = (out, rank), got {tuple(lora_b.shape)}")
+    for name, t in tangents:
+        expected = lora_a.shape if name == "tangent_a" else lora_b.shape
+        if t is not None and t.shape != expected:
+            raise ValueError(f"{op}: {name} must have the shape {tuple(expected)} of its parameter, got {tuple(t.shape)}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{op}: scale must be a Python float, got {type(scale).__name__}")
+    if not math.isfinite(as_float(scale)):
+        raise ValueError(f"{op}: scale must be finite, got {reprlib.repr(scale)}")  # 2**2000: 40 characters, not 600
+    largest = torch.finfo(x.dtype).max  # the kernels convert scale to x's dtype: beyond it, an Inf factor
+    if abs(as_float(scale)) > largest:
+        raise ValueError(f"{op}: scale {reprlib.repr(scale)} is beyond the range of x's dtype {x.dtype} "
+                         f"(largest finite {largest:g})")
+
+
+def check_op_args(op, x, weight, bias, lora_a, lora_b, scale, tangents=(), grad_out=None):
+    """:func:`check_args` for a registered op, which takes x as 2-D (N, in), and its ``grad_out`` (N, out)."""
+    check_args(op, x, weight, bias, lora_a, lora_b, scale, tangents)
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be 2-D (N, in), got shape {tuple(x.shape)}")
+    if grad_out is not None:
+        check_tensor(f"{op}: grad_out", grad_out)
+        expected = (x.shape[0], weight.shape[0])
+        if grad_out.shape != expected:
+            raise ValueError(f"{op}: grad_out must have shape {expected}, got {tuple(grad_out.shape)}")
+        if grad_out.dtype != x.dtype:
+            raise TypeError(f"{op}: grad_out dtype {grad_out.dtype} must equal x dtype {x.dtype}")
+        if grad_out.device != x.device:
+            raise ValueError(f"{op}: grad_out is on {grad_out.device} but x is on {x.device}")
 
 
 def fake_forward(x, weight, bias, lora_a, lora_b, scale):

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..checks import check_tensor
+from ..lora import LoRALinear
 
 ParamSelection = None | str | torch.Tensor | Iterable[str | torch.Tensor]
 """What ``params`` arguments accept: None (all trainable), names, or the parameter tensors themselves."""
@@ -31,8 +32,9 @@ def resolve_parameters(model: nn.Module, params: ParamSelection = None) -> dict[
     Raises:
         TypeError: ``model`` is not an nn.Module, an entry is neither a name nor a tensor, or a
             parameter is not floating point.
-        ValueError: an unknown name, a tensor that is not a parameter of ``model``, a duplicate, or
-            an empty selection.
+        ValueError: an unknown name, a tensor that is not a parameter of ``model``, a duplicate, an
+            empty selection, or the frozen base layer of an unmerged :class:`~unlearn_kernels.lora.LoRALinear`
+            (its fused op gives the base no derivatives).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -67,7 +69,23 @@ def resolve_parameters(model: nn.Module, params: ParamSelection = None) -> dict[
     for name, p in chosen.items():
         if not p.is_floating_point():
             raise TypeError(f"parameter {name!r} has dtype {p.dtype}; curvature needs floating point parameters")
+    _check_no_adapter_base(model, chosen)
     return chosen
+
+
+def _check_no_adapter_base(model: nn.Module, chosen: dict[str, nn.Parameter]) -> None:
+    """ValueError naming a chosen parameter that is the frozen base layer of an unmerged LoRALinear:
+    the fused op it runs gives the base no derivatives (it would refuse them with a message about
+    ``requires_grad`` that the caller cannot act on)."""
+    chosen_ids = {id(p): name for name, p in chosen.items()}
+    for module_name, module in model.named_modules():
+        if isinstance(module, LoRALinear) and not module.merged:
+            for p in module.base.parameters():
+                if id(p) in chosen_ids:
+                    raise ValueError(
+                        f"params: {chosen_ids[id(p)]!r} is the frozen base layer of the LoRA adapter {module_name!r}, "
+                        "which gives it no derivatives; choose the adapters' parameters "
+                        "(lora.adapter_parameter_names(model)), or merge or unload the adapter first")
 
 
 def parameter_names(model: nn.Module, params: ParamSelection = None) -> tuple[str, ...]:

@@ -31,9 +31,11 @@ L_shift moves the D_f features to a target chosen by ``shift``:
   would not do: its gradient vanishes at the start, where the residual is zero.
 
 With ``merge=True`` (default) the adapters are merged into the weights and removed: the returned
-model has the original architecture. With ``merge=False`` the returned model keeps the adapters and
-its frozen weights are bit-identical to the given model's. A model that already has adapters (an
-earlier ``merge=False`` request) trains those, with its current outputs as the frozen features.
+model has the original architecture. With ``merge=False`` the returned model keeps the adapters,
+unmerged, and its frozen weights are bit-identical to the given model's, except under an adapter
+the given model had merged: that one is unmerged first (its base weight is the merged weight minus
+the adapter's delta, up to float rounding). A model that already has adapters (an earlier
+``merge=False`` request) trains those, with its current outputs as the frozen features.
 """
 from __future__ import annotations
 

@@ -7,8 +7,9 @@ tangents on them are refused the same way.
 
 A LoRA step costs the frozen layer's GEMMs plus rank-sized work: the adapter is folded into the
 big GEMMs instead of running passes of its own. With W' = W + s B A (formed when there are enough
-rows, N >= in * out / (in + out); with fewer rows the rank-r term s (x A^T) B^T is accumulated into
-the big GEMM's output instead, addmm with beta = 1) and xa = x A^T (N, r)::
+rows, N >= in * out / (in + out), and never in float16 / bfloat16, where rounding W' to the input
+dtype would lose the part of s B A below half an ulp of W; otherwise the rank-r term s (x A^T) B^T is
+accumulated into the big GEMM's output instead, addmm with beta = 1) and xa = x A^T (N, r)::
 
     forward    y = x W'^T + b                             (one big GEMM)
     backward   gx = gy W'                                 (one big GEMM)
@@ -44,19 +45,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import reprlib
 
 import torch
 import torch.nn.functional as F
 
 from .. import _extension
 from ..backends import choose
-from ..checks import as_float, check_tensor
-from ..contracts.lora_linear import fake_backward, fake_forward, fake_jvp
+from ..contracts.lora_linear import check_args, fake_backward, fake_forward, fake_jvp
 
 _CPP_OPS = "unlearn_kernels"
 _OP = "lora_linear"
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # --------------------------------------------------------------------------- references
@@ -169,40 +167,8 @@ def _autocast_off(device_type: str):
 
 # --------------------------------------------------------------------------- validation
 def _check_inputs(op, x, weight, bias, lora_a, lora_b, scale, tangents=()):
-    named = {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b}
-    if bias is not None:
-        named["bias"] = bias
-    named.update((name, t) for name, t in tangents if t is not None)
-    for name, t in named.items():
-        check_tensor(f"{op}: {name}", t)
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"{op}: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    for name, t in named.items():
-        if t.dtype != x.dtype:
-            raise TypeError(f"{op}: {name} dtype {t.dtype} must equal x dtype {x.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
-    if weight.dim() != 2:
-        raise ValueError(f"{op}: weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
-    n_out, n_in = weight.shape
-    if x.dim() < 1 or x.shape[-1] != n_in:
-        raise ValueError(f"{op}: x must have shape (..., {n_in}) to match weight (out, in) = "
-                         f"{tuple(weight.shape)}, got {tuple(x.shape)}")
-    if bias is not None and bias.shape != (n_out,):
-        raise ValueError(f"{op}: bias must have shape ({n_out},), got {tuple(bias.shape)}")
-    if lora_a.dim() != 2 or lora_a.shape[0] < 1 or lora_a.shape[1] != n_in:
-        raise ValueError(f"{op}: lora_a must have shape (rank, {n_in}) with rank >= 1, got {tuple(lora_a.shape)}")
-    rank = lora_a.shape[0]
-    if lora_b.shape != (n_out, rank):
-        raise ValueError(f"{op}: lora_b must have shape ({n_out}, {rank}) = (out, rank), got {tuple(lora_b.shape)}")
-    for name, t in tangents:
-        expected = lora_a.shape if name == "tangent_a" else lora_b.shape
-        if t is not None and t.shape != expected:
-            raise ValueError(f"{op}: {name} must have the shape {tuple(expected)} of its parameter, got {tuple(t.shape)}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"{op}: scale must be a Python float, got {type(scale).__name__}")
-    if not math.isfinite(as_float(scale)):
-        raise ValueError(f"{op}: scale must be finite, got {reprlib.repr(scale)}")  # 2**2000: 40 characters, not 600
+    """The contract's checks, and the one the registered ops never see: a frozen tensor that requires grad."""
+    check_args(op, x, weight, bias, lora_a, lora_b, scale, tangents)
     if torch.is_grad_enabled():
         for name, t in (("weight", weight), ("bias", bias)):
             if t is not None and t.requires_grad:
@@ -230,8 +196,11 @@ def _forward(backend, x, weight, bias, lora_a, lora_b, scale):
 
 
 def _backward(backend, grad_out, x, weight, lora_a, lora_b, scale, output_mask):
-    """The compiled backward when no graph of it is needed; else the differentiable ATen formulas."""
-    if backend == "reference" or torch.is_grad_enabled():
+    """The compiled backward when no graph of it is needed; else the differentiable ATen formulas. So
+    too for the legacy batched gradients of ``autograd.grad(..., is_grads_batched=True)`` and
+    ``jacobian(vectorize=True)``, which reach no registered vmap rule (the C++ op would run once per
+    vector, and a Python-defined op cannot run at all)."""
+    if backend == "reference" or torch.is_grad_enabled() or torch._C._functorch.is_legacy_batchedtensor(grad_out):
         return _backward_aten(grad_out, x, weight, lora_a, lora_b, scale, output_mask)
     grads = _ops(backend).lora_linear_backward(grad_out, x, weight, lora_a, lora_b, scale, list(output_mask))
     if backend == "triton":  # the requested gradients only, in order
@@ -452,6 +421,22 @@ def _vmap_jvp(op):
     return rule
 
 
+def _vmap_backward(returns_all: bool):
+    """vmap rule of a backward op (autograd's ``is_grads_batched``, ``jacobian(vectorize=True)``): the
+    ATen formulas, whose matmuls broadcast over the batch. ``returns_all``: the op returns all three
+    gradients, None where not asked (C++), rather than the asked ones only (Triton)."""
+
+    def rule(info, in_dims, grad_out, x, weight, lora_a, lora_b, scale, output_mask):
+        tensors = (_front(t, d) for t, d in zip((grad_out, x, weight, lora_a, lora_b), in_dims))
+        grads = _backward_aten(*tensors, scale, output_mask)
+        if not returns_all:
+            grads = [g for g in grads if g is not None]
+        dims = [None if g is None else _batched_dim(g, 2) for g in grads]
+        return (tuple(grads), tuple(dims)) if returns_all else (grads, dims)
+
+    return rule
+
+
 def register(namespace: str, backend: str) -> None:
     """Fake implementations, autograd and vmap rules of one namespace's ops (``backend`` names the
     backend whose backward op the autograd formula calls)."""
@@ -464,6 +449,7 @@ def register(namespace: str, backend: str) -> None:
                                     setup_context=_autograd_setup(backend))
     torch.library.register_vmap(f"{namespace}::lora_linear", _vmap_forward(ops_ns.lora_linear))
     torch.library.register_vmap(f"{namespace}::lora_linear_jvp", _vmap_jvp(ops_ns))
+    torch.library.register_vmap(f"{namespace}::lora_linear_backward", _vmap_backward(namespace == _CPP_OPS))
 
 
 if _extension.extension_loaded():
