@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import importlib.metadata
-import json
 import platform
 import statistics
 import time
@@ -21,7 +20,7 @@ from typing import Callable
 import torch
 
 from unlearn_kernels.backends import status
-from unlearn_kernels.checkpoint import atomic_write
+from unlearn_kernels.checkpoint import save_json
 from unlearn_kernels.eval import PeakMemory
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -217,7 +216,7 @@ def write_results(suite: str, device: torch.device, measurements: list[Measureme
         rows.append(row)
     payload = {"suite": suite, "environment": {**environment(device), **(measured_with or {})}, "config": config,
                "results": rows}
-    return atomic_write(result_path(suite, device, out_dir), lambda handle: json.dump(payload, handle, indent=2))
+    return save_json(payload, result_path(suite, device, out_dir))
 
 
 def result_path(suite: str, device: torch.device, out_dir: Path = RESULTS_DIR) -> Path:

@@ -218,6 +218,58 @@ def test_same_input_with_another_label_is_not_a_shared_sample(problem):
     assert result.gradients > 0
 
 
+def test_shared_samples_are_found_across_dtypes():
+    """The same samples held in two dtypes (int32 and int64 token ids; float16 and float32 inputs of a
+    model that casts them) are shared samples: the check compares them in the promoted dtype, where it
+    once skipped sets of different dtypes."""
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.out = nn.Embedding(10, 4), nn.Linear(12, 2)
+
+        def forward(self, x):
+            return self.out(self.embed(x.long()).flatten(1))
+
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 10, (40, 3)), torch.randint(0, 2, (40,))
+    forget = LabeledData(x[:5], y[:5])
+    with pytest.raises(ValueError, match="5 forget samples are also in the retain set"):
+        Finetune(epochs=1).unlearn(Tokens(), forget, LabeledData(x.int(), y))
+    class Casting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = _mlp()
+
+        def forward(self, x):
+            return self.body(x.float())
+
+    halves = torch.randn(40, 64).half()
+    with pytest.raises(ValueError, match="3 forget samples are also in the retain set"):
+        Finetune(epochs=1).unlearn(Casting(), LabeledData(halves[:3].float(), y[:3]), LabeledData(halves, y))
+
+
+def test_a_model_that_draws_in_eval_mode_leaves_the_callers_rng_alone(problem):
+    """The input check runs the model on a sample before the seeded work: a model that draws random
+    numbers in eval mode (Monte-Carlo dropout) must not move the caller's RNG there either."""
+    class MonteCarloDropout(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = _mlp()
+
+        def forward(self, x):
+            return self.body(F.dropout(x, 0.2, training=True))
+
+    _, forget, retain = problem
+    torch.manual_seed(0)
+    model = MonteCarloDropout()
+    for method in (METHODS["original"](), Finetune(epochs=1)):
+        torch.manual_seed(123)
+        expected_draw = torch.rand(3)
+        torch.manual_seed(123)
+        method.unlearn(model, forget, retain, seed=0)
+        assert torch.equal(torch.rand(3), expected_draw), method.name
+
+
 def test_model_that_does_not_return_logits(problem):
     _, forget, retain = problem
     model = torch.nn.Sequential(torch.nn.Linear(64, 10), torch.nn.Flatten(0))

@@ -123,6 +123,33 @@ def test_json_and_plots(tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _strict(text: str) -> dict:
+    """JSON as a strict reader takes it: Python's NaN / Infinity tokens are an error."""
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_non_finite_numbers_are_written_as_null(tmp_path):
+    """results.json and summary.json are strict JSON: a NaN diagnostic (SCRUB's KL after zero steps) or
+    a rejected ARC trial's decrease of -inf is null, where json.dump once wrote NaN / -Infinity."""
+    records = _study([0.4, 0.6], [0.3, 0.2], [0.05, 0.1])
+    for r in records:
+        r["metrics"].update(seconds=0.1, speedup=1.0, js_to_oracle=0.0, tug_of_war=1.0)
+        r["diagnostics"] = {"forget_kl_last_max_pass": math.nan, "trials": [{"actual": -math.inf, "M": 0.1}]}
+    add_gap_closed(records)
+    study = {"config": {"protocol": "mislabeled", "lr": math.inf}, "records": records}
+    path = report.write_json(study, tmp_path / "results.json")
+    payload = _strict(path.read_text())
+    assert payload["records"][0]["diagnostics"] == {"forget_kl_last_max_pass": None,
+                                                    "trials": [{"actual": None, "M": 0.1}]}
+    assert payload["config"]["lr"] is None
+    assert math.isnan(records[0]["diagnostics"]["forget_kl_last_max_pass"])  # the caller's records as they were
+    _strict(report.write_summary_json({"mislabeled": study}, {"mislabeled": path}, tmp_path / "summary.json")
+            .read_text())
+
+
 @pytest.mark.parametrize("writer", ["write_json", "write_summary_json"])
 def test_failed_write_leaves_old_file_and_no_temporary(writer, tmp_path, monkeypatch):
     study = {"config": {"protocol": "mislabeled"}, "records": _study([0.0], [0.3], [0.1])}

@@ -114,6 +114,17 @@ def test_an_m_too_large_to_show_a_decrease_is_lowered(rng):
     assert kept.stop_reason == "no_progress" and kept.steps == 0 and torch.equal(kept.w, w0)
 
 
+def test_lowering_never_raises_an_m_below_m_min(rng):
+    """M_min bounds the lowering after a very successful step: an M given below it stays where it is
+    (the loop once set it to M_min, multiplying M = 0.1 by 100 after a step with ratio 1)."""
+    A, b = spd(rng), torch.randn(D, generator=rng, dtype=torch.float64)
+    value, gradient = quadratic(A, b)
+    out = adaptive_cubic_newton(value, gradient, lambda w: A, torch.zeros(D, dtype=torch.float64), M=0.1, M_min=10.0,
+                                max_iterations=3)
+    assert out.steps >= 2 and all(t.ratio >= 0.9 for t in out.trials)  # every step very successful
+    assert [t.M for t in out.trials] == [0.1] * len(out.trials)
+
+
 def test_non_finite_trial_value_is_a_rejection(rng):
     A, b = spd(rng), torch.randn(D, generator=rng, dtype=torch.float64)
     value, gradient = quadratic(A, b)

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import inspect
 import json
+import math
 import os
 import stat
 import tempfile
@@ -126,6 +127,26 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None],
         raise
     _fsync_directory(path.parent)
     return path
+
+
+def save_json(payload: Any, path: str | os.PathLike[str]) -> Path:
+    """``payload`` as indented strict JSON at ``path``, written through :func:`atomic_write`. A NaN or an
+    infinity (a diagnostic of a method that did nothing, a rejected trial's decrease of -inf) is
+    written as null: Python's own ``NaN`` / ``Infinity`` tokens are not JSON, and strict readers (jq,
+    JavaScript, most languages' parsers) refuse the whole file. Returns ``path``."""
+    strict = _finite_or_null(payload)
+    return atomic_write(path, lambda handle: json.dump(strict, handle, indent=2, allow_nan=False))
+
+
+def _finite_or_null(value: Any) -> Any:
+    """``value`` with every non-finite float, in any nesting of dicts, lists and tuples, replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 def save_figure(fig: Any, path: str | os.PathLike[str], *, dpi: int = 110) -> Path:

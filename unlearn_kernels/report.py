@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import atomic_write, refuse_empty_path, save_figure
+from .checkpoint import refuse_empty_path, save_figure, save_json
 from .checks import check_int
 from .study import GAP_CLOSED, GAP_METRICS
 
@@ -336,7 +336,7 @@ def write_json(study: dict[str, Any], path: Path) -> Path:
                              for m, metrics in per.items()} for k, per in summarize(study["records"]).items()},
         "gap_closed_noise": {str(k): v for k, v in gap_closed_noise(study["records"]).items()},
     }
-    return atomic_write(path, lambda handle: json.dump(payload, handle, indent=2))
+    return save_json(payload, path)
 
 
 def write_summary_json(studies: dict[str, dict[str, Any]], results: dict[str, Path], path: Path) -> Path:
@@ -365,7 +365,7 @@ def write_summary_json(studies: dict[str, dict[str, Any]], results: dict[str, Pa
             "gap_closed_noise": noise,
         }
     payload = {"versions": _versions(), "scenarios": scenarios}
-    return atomic_write(path, lambda handle: json.dump(payload, handle, indent=2))
+    return save_json(payload, path)
 
 
 def remove_stale_summary(root: Path, scenario: str) -> list[Path]:

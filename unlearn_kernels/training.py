@@ -180,8 +180,9 @@ def check_fits(owner: str, model: nn.Module, data: LabeledData, role: str = "tra
     ``model`` (eval mode, each submodule's flag restored) to (batch, C) logits and every label of
     ``data`` is a class in [0, C): the check before any work that turns torch's errors deep inside (an
     IndexError, a CUDA device-side assert that leaves the process unusable, -100 skipped silently as
-    ``ignore_index``) into one naming the problem. ``role`` names the set in the message."""
-    with eval_mode(model):
+    ``ignore_index``) into one naming the problem. ``role`` names the set in the message. A model that
+    draws random numbers in its forward leaves the caller's RNG state as it was."""
+    with eval_mode(model), seeded_rng(0, model_device(model)):
         rows = probe_rows(model, data.x)
         try:
             out = model(rows.to(model_device(model)))
@@ -337,8 +338,7 @@ def train(
         row = first_nonfinite_row(data.x)
         if row is not None:  # training would silently give a NaN model
             raise ValueError(f"{owner}: NaN or Inf in the inputs at row {row}")
-        with seeded_rng(config.seed, device):  # a model that draws in its forward leaves the training's draws alone
-            check_fits(owner, model, data, role)
+        check_fits(owner, model, data, role)
     join = join_last_row(owner, model, data, config.batch_size, role)
     optimizer = make_optimizer(model.parameters(), config.optimizer, config.lr,
                                momentum=config.momentum, weight_decay=config.weight_decay)

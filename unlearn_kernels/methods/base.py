@@ -249,10 +249,10 @@ def _check_sets(name: str, forget: LabeledData, retain: LabeledData,
     return sets
 
 
-def _row_bytes(data: LabeledData) -> np.ndarray:
-    """The bytes of each input row, (N, bytes) uint8 (a uint8 view covers every dtype); -0.0 is
-    written as 0.0 (the same value, other bytes)."""
-    x = data.x.detach().reshape(len(data), math.prod(data.x.shape[1:]))
+def _row_bytes(data: LabeledData, dtype: torch.dtype) -> np.ndarray:
+    """The bytes of each input row in ``dtype``, (N, bytes) uint8 (a uint8 view covers every dtype); -0.0
+    is written as 0.0 (the same value, other bytes)."""
+    x = data.x.detach().reshape(len(data), math.prod(data.x.shape[1:])).to(dtype)
     if x.is_floating_point() or x.is_complex():
         x = x + 0.0  # -0.0 + 0.0 is +0.0
     return x.contiguous().cpu().view(torch.uint8).numpy()
@@ -271,10 +271,11 @@ def _row_hashes(rows: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def _shared_rows(forget: LabeledData, retain: LabeledData) -> list[int]:
     """Rows of ``forget`` whose input and label also occur in ``retain``: candidates by a hash of the
-    row's bytes and label, confirmed exactly (a hash collision cannot raise a false error)."""
-    if forget.x.dtype != retain.x.dtype:
-        return []
-    forget_rows, retain_rows = _row_bytes(forget), _row_bytes(retain)
+    row's bytes and label, confirmed exactly (a hash collision cannot raise a false error). Sets of
+    different dtypes are compared in their promoted dtype (int32 and int64 token ids, float16 and
+    float32 inputs of a model that casts them: the same samples)."""
+    dtype = torch.promote_types(forget.x.dtype, retain.x.dtype)
+    forget_rows, retain_rows = _row_bytes(forget, dtype), _row_bytes(retain, dtype)
     forget_y, retain_y = forget.y.cpu().numpy(), retain.y.cpu().numpy()
     forget_h, retain_h = _row_hashes(forget_rows, forget_y), _row_hashes(retain_rows, retain_y)
     candidates = np.nonzero(np.isin(forget_h, retain_h))[0]

@@ -159,7 +159,7 @@ def adaptive_cubic_newton(
         eta2: the "very successful" threshold on the ratio, in (eta1, inf).
         gamma: the factor M is raised by after a rejection and lowered by after a very
             successful step, > 1.
-        M_min: the smallest M after lowering, > 0.
+        M_min: the smallest M after lowering, > 0 (lowering never raises an M given below it).
         solver_options: options of :class:`~.cubic.KrylovCubicSolver` over
             :data:`KRYLOV_DEFAULTS` (not ``seed``).
         seed: seeds the Krylov solver's random vectors, an int in [0, 2**63): the solver of accepted
@@ -253,8 +253,8 @@ def adaptive_cubic_newton(
                 w, f = trial, f_trial
                 g = check_vector(gradient(w), "gradient(w)")
                 steps += 1
-                if ratio >= eta2:
-                    M = max(M / gamma, M_min)
+                if ratio >= eta2:  # lowered, never below M_min; an M given below it is not raised to it
+                    M = max(M / gamma, min(M, M_min))
                 break
             M *= gamma
             rejected = True
