@@ -676,6 +676,51 @@ def test_fused_path_declines_tied_weights():
     assert relative_error(H.to_dense(), dense_hessian(model, [(x, y)], F.cross_entropy)) <= 1e-10
 
 
+@pytest.mark.parametrize("hook", ["forward", "pre", "global"])
+@pytest.mark.parametrize("net", ["mlp", "cnn"])
+def test_fused_paths_decline_forward_hooks(hook, net):
+    """A forward hook may change what a layer returns (or a pre-hook what it takes); the fused passes
+    compute the layers themselves and once skipped the hooks: path="auto" took them and returned a
+    Hessian 50-82% off. Now "auto" runs the generic path (the model's own forward) and says why."""
+    torch.manual_seed(0)
+    if net == "mlp":
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C)).to(DT)
+        x = torch.randn(N, 4, dtype=DT)
+    else:
+        model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                              nn.Linear(2, C)).to(DT)
+        x = torch.randn(N, 1, 5, 5, dtype=DT)
+    y = torch.randint(0, C, (N,))
+    assert hessian_operator(model, F.cross_entropy, (x, y)).path == "fused"  # without the hook
+    if hook == "forward":
+        handle = model[0].register_forward_hook(lambda module, args, out: 2.0 * out)
+    elif hook == "pre":
+        handle = model[-1].register_forward_pre_hook(lambda module, args: (3.0 * args[0],))
+    else:
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda module, args, out: 1.5 * out if isinstance(module, nn.Linear) else None)
+    try:
+        H = hessian_operator(model, F.cross_entropy, (x, y))
+        assert H.path == "generic" and "forward hook" in H.path_reason
+        assert relative_error(H.to_dense(), dense_hessian(model, [(x, y)], F.cross_entropy)) <= 1e-10
+    finally:
+        handle.remove()
+
+
+def test_fused_mlp_declines_a_weight_that_is_a_buffer():
+    """A Linear whose weight was re-registered as a buffer (frozen as a constant): the fused MLP path
+    once failed in its support check with a bare KeyError; "auto" now runs the generic path."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C)).to(DT)
+    weight = model[0].weight.detach().clone()
+    del model[0].weight
+    model[0].register_buffer("weight", weight)
+    x, y = torch.randn(N, 4, dtype=DT), torch.randint(0, C, (N,))
+    H = hessian_operator(model, F.cross_entropy, (x, y))
+    assert H.path == "generic" and "not a Parameter" in H.path_reason
+    assert relative_error(H.to_dense(), dense_hessian(model, [(x, y)], F.cross_entropy)) <= 1e-10
+
+
 @pytest.mark.parametrize("path", ["generic", "reverse-over-reverse", "fused", "ggn"])
 def test_non_finite_data_after_the_first_batch(path):
     """NaN/Inf in a later batch: tensor data is checked in full at construction; a list or loader of

@@ -73,6 +73,8 @@ def _parse_model(model: nn.Module) -> _Chain | str:
         elif kind is nn.Linear:
             if id(child) in seen:
                 return f"layer {name!r} reuses an earlier Linear (tied weights)"
+            if not all(isinstance(t, nn.Parameter) for t in (child.weight, child.bias) if t is not None):
+                return f"layer {name!r} has a weight or bias that is not a Parameter (a buffer: a constant)"
             seen.add(id(child))
             weights.append(f"{name}.weight")
             biases.append(f"{name}.bias" if child.bias is not None else None)
@@ -122,6 +124,20 @@ def parse_cross_entropy(loss_fn: LossFn) -> tuple[float, int] | str:
     return float(loss_fn.label_smoothing), int(loss_fn.ignore_index)
 
 
+def _forward_hook_reason(model: nn.Module) -> str | None:
+    """Why the fused passes, which compute the layers' functions themselves, would not be the model's
+    forward: a forward (pre-)hook on one of its modules, or one registered for every module (it may
+    change an input or an output); None without hooks."""
+    from torch.nn.modules import module as torch_module  # where torch keeps the global hooks
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return "a global module forward hook is registered (register_module_forward_hook / _pre_hook)"
+    for name, child in model.named_modules():
+        if child._forward_hooks or child._forward_pre_hooks:
+            return f"{'module ' + repr(name) if name else 'the model'} has a forward hook or forward pre-hook"
+    return None
+
+
 def fused_reason(parsed: object, loss_fn: LossFn, model: nn.Module, params: ParamSelection,
                  layer_params: Callable[[object], list[torch.Tensor]], layers: str) -> str | None:
     """The checks both fused paths share, or None when they pass: ``parsed`` is the path's parse of the
@@ -131,6 +147,9 @@ def fused_reason(parsed: object, loss_fn: LossFn, model: nn.Module, params: Para
     device, float32 or float64)."""
     if isinstance(parsed, str):
         return parsed
+    hooked = _forward_hook_reason(model)
+    if hooked is not None:
+        return hooked
     loss = parse_cross_entropy(loss_fn)
     if isinstance(loss, str):
         return loss
