@@ -8,6 +8,7 @@ in torch 2.13 ``torch.func.hessian``/``jacrev(jacrev)`` give wrong Hessian block
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import re
 
@@ -22,6 +23,7 @@ from torch.func import functional_call
 
 from unlearn_kernels.curvature import (
     CurvatureOperator,
+    ModelChanged,
     Objective,
     estimate_hessian_lipschitz,
     flatten_tensors,
@@ -705,6 +707,73 @@ def test_fused_paths_decline_forward_hooks(hook, net):
         assert relative_error(H.to_dense(), dense_hessian(model, [(x, y)], F.cross_entropy)) <= 1e-10
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("change", ["replace", "append", "register"])
+@pytest.mark.parametrize("build", ["fused", "generic", "ggn", "objective"])
+def test_a_changed_module_tree_is_refused(change, build):
+    """The operators and Objective read the parameters through the modules they found at construction:
+    a submodule replaced (even by one of the same shape), appended, or a parameter registered after
+    that was never seen (products 80% off, the cached graph of the old model reused). Now the next
+    product, gradient or value raises ModelChanged naming the module."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C)).to(DT)
+    x, y = torch.randn(N, 4, dtype=DT), torch.randint(0, C, (N,))
+    if build == "objective":
+        built = Objective(model, F.cross_entropy, (x, y), weight_decay=0.1)
+        use = built.value_and_gradient
+    else:
+        built = (ggn_operator(model, F.cross_entropy, (x, y)) if build == "ggn"
+                 else hessian_operator(model, F.cross_entropy, (x, y), path=build))
+        use = built.gradient
+        built.matvec(torch.ones(built.shape[0], dtype=DT))  # the cache is built
+    if change == "replace":
+        model[0] = nn.Linear(4, 5).to(DT)
+        where = "'0'"
+    elif change == "append":
+        model.append(nn.Tanh())
+        where = "'3'"
+    else:
+        model[1].register_parameter("gain", nn.Parameter(torch.ones((), dtype=DT)))
+        where = "'1'"
+    with pytest.raises(ModelChanged, match=f"the model's modules changed after .* \\(at module {where}:"):
+        use()
+
+
+@pytest.mark.parametrize("build", ["fused", "generic", "objective"])
+def test_training_mode_after_construction_is_refused(build):
+    """model.train() after the operator or Objective was built: dropout made every product random, the
+    fused and generic paths disagreed, and Objective's value wrote the caller's BatchNorm running
+    statistics. Each call now refuses a module in training mode, as construction does."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(4, 5), nn.Tanh(), nn.Dropout(0.5), nn.Linear(5, C)]
+    if build == "objective":
+        layers.insert(1, nn.BatchNorm1d(5))
+    model = nn.Sequential(*layers).to(DT).eval()
+    x, y = torch.randn(N, 4, dtype=DT), torch.randint(0, C, (N,))
+    built = (Objective(model, F.cross_entropy, (x, y)) if build == "objective"
+             else hessian_operator(model, F.cross_entropy, (x, y), path=build))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    with pytest.raises(ValueError, match=r"is in training mode"):
+        built.value() if build == "objective" else built.matvec(torch.ones(built.shape[0], dtype=DT))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # no running statistic written
+    model.eval()  # back as it was: usable again
+    built.value() if build == "objective" else built.matvec(torch.ones(built.shape[0], dtype=DT))
+
+
+def test_partial_cross_entropy_ignore_index():
+    """A functools.partial of F.cross_entropy with its own ignore_index: a batch of ignored rows is a
+    zero term of Objective's value (it was NaN), as it is of the gradient and the operators."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C)).to(DT)
+    x, y = torch.randn(N, 4, dtype=DT), torch.randint(0, C, (N,))
+    y[:4] = -1
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+    plain = Objective(model, nn.CrossEntropyLoss(ignore_index=-1), batches).value_and_gradient()
+    partial = Objective(model, functools.partial(F.cross_entropy, ignore_index=-1), batches).value_and_gradient()
+    assert math.isfinite(partial[0]) and partial[0] == pytest.approx(plain[0], rel=1e-14)
+    torch.testing.assert_close(partial[1], plain[1], rtol=1e-14, atol=1e-16)
 
 
 def test_fused_mlp_declines_a_weight_that_is_a_buffer():

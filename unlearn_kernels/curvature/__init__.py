@@ -13,6 +13,7 @@ from .generic import MODES, PATHS, GenericHessian, GGNOperator, ggn_operator, he
 from .lipschitz import LipschitzEstimate, check_lipschitz_options, estimate_hessian_lipschitz
 from .objective import Objective
 from .params import (
+    ModelChanged,
     flatten_tensors,
     get_flat_parameters,
     resolve_parameters,
@@ -33,6 +34,7 @@ __all__ = [
     "GGNOperator",
     "GenericHessian",
     "LipschitzEstimate",
+    "ModelChanged",
     "Objective",
     "RegularizedOperator",
     "check_lipschitz_options",

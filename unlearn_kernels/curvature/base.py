@@ -38,7 +38,9 @@ one pass over the parameters, small beside a product over a batch). Only a write
 parameter's version, pointer and sum would go unseen: call :meth:`CurvatureOperator.invalidate`
 after such a one. (A buffer that holds Inf, allowed below, has an infinite sum, or a NaN one if it
 holds +Inf and -Inf, whatever its finite entries are: only its version and pointer follow it, and a
-NaN sum that was NaN before counts as unchanged.)
+NaN sum that was NaN before counts as unchanged.) A change of the module tree itself (a submodule
+replaced, appended or removed, a parameter or buffer registered or deleted) is refused at the next
+call (:class:`~unlearn_kernels.curvature.params.ModelChanged`), as is a module put in training mode.
 
 Non-finite weights. The same float64 sums refuse them, at construction and at the first product,
 matmat or gradient after a change (a ValueError naming the tensor, never a NaN product): a NaN or Inf
@@ -396,7 +398,9 @@ class CurvatureOperator(abc.ABC):
     def _sync_weights(self) -> None:
         """Before each product: if a parameter or buffer changed (version counter, data pointer or the sum
         of its values), drop the cache, re-take the views of parameters whose data was replaced and copy
-        the buffers again (``load_state_dict`` writes both in place)."""
+        the buffers again (``load_state_dict`` writes both in place). A module put in training mode
+        since (dropout: random products; BatchNorm: batch statistics) is refused as at construction."""
+        check_per_sample_forward(self.model)
         key = self._current_weights_key()
         if same_weights(key, self._weights_key):
             return
@@ -650,6 +654,17 @@ def probe_forward(forward: Callable[[torch.Tensor], Any], loss_fn: LossFn, x: to
                              f"with the model's outputs (shape {shape}): {err}") from err
 
 
+def ignore_index_of(loss_fn: LossFn) -> int:
+    """The class label ``loss_fn`` leaves out of its mean: its ``ignore_index`` attribute
+    (``nn.CrossEntropyLoss``), or the keyword of a ``functools.partial`` of ``F.cross_entropy``, else
+    cross entropy's default -100."""
+    while isinstance(loss_fn, functools.partial) and "ignore_index" not in loss_fn.keywords:
+        loss_fn = loss_fn.func
+    if isinstance(loss_fn, functools.partial):
+        return loss_fn.keywords["ignore_index"]
+    return getattr(loss_fn, "ignore_index", -100)
+
+
 def every_row_ignored(loss_fn: LossFn, y: torch.Tensor) -> bool:
     """Whether every class label in ``y`` is the loss's ``ignore_index`` (-100 by default, as in
     ``F.cross_entropy``): cross entropy's mean over the batch is then 0/0 (NaN), and its derivatives
@@ -657,7 +672,7 @@ def every_row_ignored(loss_fn: LossFn, y: torch.Tensor) -> bool:
     curvature (its rows still count in the weights n_b / N)."""
     if y.is_floating_point() or y.is_complex() or y.numel() == 0:
         return False
-    return bool((y == getattr(loss_fn, "ignore_index", -100)).all())
+    return bool((y == ignore_index_of(loss_fn)).all())
 
 
 def check_labels(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor, owner: str = "") -> None:
@@ -666,7 +681,7 @@ def check_labels(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor, owner: str
     there is none, or if ``y`` holds no class labels (floating point) or ``out`` has no class dim."""
     if y.is_floating_point() or y.is_complex() or out.dim() < 2:
         return
-    classes, ignore_index = out.shape[1], getattr(loss_fn, "ignore_index", -100)
+    classes, ignore_index = out.shape[1], ignore_index_of(loss_fn)
     bad = ((y < 0) | (y >= classes)) & (y != ignore_index)
     if bool(bad.any()):
         where = tuple(int(i) for i in bad.nonzero()[0])

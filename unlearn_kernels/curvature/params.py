@@ -96,12 +96,22 @@ def parameter_names(model: nn.Module, params: ParamSelection = None) -> tuple[st
     return tuple(resolve_parameters(model, params))
 
 
+class ModelChanged(ValueError):
+    """The model's modules changed after an operator or objective was built on it (a submodule replaced,
+    added or removed, or a parameter or buffer registered or deleted): its products, gradients and
+    cached state describe the model as it was, so it refuses to go on."""
+
+
 class ParameterSlots:
     """Where each named parameter (or, with ``buffers=True``, buffer) of a model lives (its module's
     parameter or buffer dict and attribute), so that an object replaced there (``load_state_dict(...,
-    assign=True)``, ``module.weight = nn.Parameter(...)``) is found by name without walking the model again."""
+    assign=True)``, ``module.weight = nn.Parameter(...)``) is found by name; and the model's module
+    tree, so that a change of the tree itself (``model[0] = nn.Linear(...)``, ``model.append(...)``),
+    which the slots of the old modules cannot see, is refused instead of read as the old model."""
 
     def __init__(self, model: nn.Module, names: Iterable[str], *, buffers: bool = False) -> None:
+        self._model = model
+        self._tree = _module_tree(model)
         self._slots = {}
         for name in names:
             prefix, _, attr = name.rpartition(".")
@@ -109,8 +119,26 @@ class ParameterSlots:
             self._slots[name] = (module._buffers if buffers else module._parameters, attr)
 
     def current(self) -> dict[str, torch.Tensor]:
-        """The parameter (or buffer) objects the model holds now, by name."""
+        """The parameter (or buffer) objects the model holds now, by name.
+
+        Raises:
+            ModelChanged: the model's module tree is not the one the slots were taken from.
+        """
+        tree = _module_tree(self._model)
+        if tree != self._tree:
+            differ = [new[0] for old, new in zip(self._tree, tree) if old != new]
+            changed = differ[0] if differ else max(tree, self._tree, key=len)[min(len(tree), len(self._tree))][0]
+            raise ModelChanged(
+                f"the model's modules changed after the operator or objective was built on it (at module "
+                f"{changed or '(the model)'!r}: replaced, added or removed, or a parameter or buffer registered or "
+                "deleted there): build a new one on the model as it is now")
         return {name: owner[attr] for name, (owner, attr) in self._slots.items()}
+
+
+def _module_tree(model: nn.Module) -> list[tuple[str, int, int, int]]:
+    """(name, module identity, number of parameters, number of buffers) of every module of ``model``:
+    what the slots' validity depends on, read in a few microseconds per module."""
+    return [(name, id(module), len(module._parameters), len(module._buffers)) for name, module in model.named_modules()]
 
 
 class FunctionalForward:
