@@ -762,6 +762,20 @@ def test_training_mode_after_construction_is_refused(build):
     built.value() if build == "objective" else built.matvec(torch.ones(built.shape[0], dtype=DT))
 
 
+def test_meta_model_or_data_is_refused_by_name():
+    """A model or data on the meta device (shapes, no values): torch's "Cannot copy out of meta tensor"
+    from the weights check, or ".item() cannot be called on meta tensors", before; now one message."""
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C))
+    x, y = torch.randn(N, 4), torch.randint(0, C, (N,))
+    with pytest.raises(ValueError, match=r"the model's parameter '0.weight' is on the meta device"):
+        hessian_operator(meta, F.cross_entropy, (x, y))
+    with pytest.raises(ValueError, match=r"^Objective: the model's parameter '0.weight' is on the meta device"):
+        Objective(meta, F.cross_entropy, (x, y))
+    with pytest.raises(ValueError, match="a batch is on the meta device"):
+        hessian_operator(nn.Linear(4, C), F.cross_entropy, (x.to("meta"), y.to("meta")))
+
+
 def test_partial_cross_entropy_ignore_index():
     """A functools.partial of F.cross_entropy with its own ignore_index: a batch of ignored rows is a
     zero term of Objective's value (it was NaN), as it is of the gradient and the operators."""

@@ -243,6 +243,16 @@ def check_batch_statistics(owner: str, model: nn.Module, consequence: str) -> No
                          f"mode too: {consequence}")
 
 
+def check_not_meta(owner: str, model: nn.Module) -> None:
+    """ValueError naming the first parameter or buffer of ``model`` on the meta device (shapes without
+    values), where torch's own error would come from deep inside the first read of a value."""
+    for kind, tensors in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for key, tensor in tensors:
+            if tensor.is_meta:
+                raise ValueError(f"{owner}: the model's {kind} {key!r} is on the meta device (it has no values): "
+                                 "materialise the model first (e.g. to_empty(device=...) and load_state_dict)")
+
+
 def first_nonfinite_model_weight(model: nn.Module) -> tuple[str, str, str] | None:
     """:func:`first_nonfinite_weight` of all of ``model``'s parameters and buffers, with its
     normalisation layers' running statistics (:func:`normalisation_buffers`) held to the parameters' rule."""

@@ -70,6 +70,7 @@ from ..checks import (
     all_finite,
     check_batch_statistics,
     check_int,
+    check_not_meta,
     check_tensor,
     first_nonfinite_row,
     first_nonfinite_weight,
@@ -171,6 +172,8 @@ class BatchSource:
         x, y = batch
         check_tensor("a batch's inputs x", x)  # sparse: "reshape is not implemented for sparse tensors" later
         check_tensor("a batch's targets y", y)
+        if x.is_meta or y.is_meta:  # shapes without values: torch would fail at the first value read
+            raise ValueError("a batch is on the meta device (it has no values)")
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"a batch has {x.shape[0]} inputs but {y.shape[0]} targets")
         return x, y
@@ -281,6 +284,7 @@ class CurvatureOperator(abc.ABC):
     ) -> None:
         """See :func:`~unlearn_kernels.curvature.hessian_operator` for the arguments."""
         chosen = resolve_parameters(model, params)
+        check_not_meta(type(self).__name__, model)
         if cache_bytes is None:
             cache_bytes = DEFAULT_CACHE_BYTES
         cache_bytes = check_int("cache_bytes", cache_bytes, low=0)  # 0 turns the cache off

@@ -6,7 +6,7 @@ import functools
 import torch
 from torch import nn
 
-from ..checks import check_number, normalisation_buffers
+from ..checks import check_not_meta, check_number, normalisation_buffers
 from .base import (
     BatchSource,
     DataSpec,
@@ -85,6 +85,7 @@ class Objective:
             raise TypeError(f"Objective: loss_fn must be callable (outputs, targets) -> scalar, "
                             f"got {type(loss_fn).__name__}")
         chosen = resolve_parameters(model, params)
+        check_not_meta("Objective", model)
         devices = {p.device for p in chosen.values()}
         if len({p.dtype for p in chosen.values()}) > 1 or len(devices) > 1:
             raise ValueError("Objective: the chosen parameters mix dtypes or devices; choose parameters that share one "

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..checks import (
+    check_not_meta,
     check_seed,
     first_nonfinite_model_weight,
     first_nonfinite_row,
@@ -166,11 +167,7 @@ def _check_model(name: str, model: nn.Module) -> None:
     additive mask is harmless, and the Newton methods' operators accept it)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{name}: model must be a torch.nn.Module, got {type(model).__name__}")
-    for kind, tensors in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
-        for key, tensor in tensors:
-            if tensor.is_meta:  # shapes without values: torch's own error would come from deep inside a check
-                raise ValueError(f"{name}: the model's {kind} {key!r} is on the meta device (it has no values): "
-                                 "materialise the model first (e.g. to_empty(device=...) and load_state_dict)")
+    check_not_meta(name, model)
     bad = first_nonfinite_model_weight(model)
     if bad is not None:
         kind, key, what = bad
