@@ -762,6 +762,26 @@ def test_training_mode_after_construction_is_refused(build):
     built.value() if build == "objective" else built.matvec(torch.ones(built.shape[0], dtype=DT))
 
 
+def test_probes_skip_a_first_batch_of_ignored_rows():
+    """The construction probes compare derivatives (two gradients; double backward against
+    forward-over-reverse): on a first batch whose rows are all ignore_index every derivative is zero,
+    so they passed whatever the model did (a noise layer's random products were accepted). They now
+    take the first batch with a row the loss counts."""
+    class Noise(nn.Module):
+        def forward(self, x):
+            return x + 0.1 * torch.randn_like(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), Noise(), nn.Tanh(), nn.Linear(5, C)).to(DT)
+    x, y = torch.randn(N, 4, dtype=DT), torch.randint(0, C, (N,))
+    y[:4] = -100
+    with pytest.raises(ValueError, match="two gradient evaluations on the same batch differ"):
+        hessian_operator(model, F.cross_entropy, [(x[:4], y[:4]), (x[4:], y[4:])])
+    deterministic = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C)).to(DT)
+    H = hessian_operator(deterministic, F.cross_entropy, [(x[:4], y[:4]), (x[4:], y[4:])], path="generic")
+    assert relative_error(H.to_dense(), dense_hessian(deterministic, [(x[4:], y[4:])], F.cross_entropy) * (N - 4) / N) <= 1e-10
+
+
 def test_meta_model_or_data_is_refused_by_name():
     """A model or data on the meta device (shapes, no values): torch's "Cannot copy out of meta tensor"
     from the weights check, or ".item() cannot be called on meta tensors", before; now one message."""

@@ -562,6 +562,20 @@ class CurvatureOperator(abc.ABC):
             return batch
         raise ValueError("data is empty: it yields no batches")
 
+    def _probe_batch(self) -> Batch:
+        """The batch the construction probes compare derivatives on: the first with a row the loss does
+        not ignore (on a batch of ignored rows every derivative is zero, and any two agree), else the
+        first. Only an all-ignored first batch makes it read on."""
+        first = None
+        for x, y in self.data:
+            if first is None:
+                first = (x, y)
+            if not every_row_ignored(self.loss_fn, y):
+                return x, y
+        if first is None:
+            raise ValueError("data is empty: it yields no batches")
+        return first
+
     def _probe_determinism(self) -> None:
         """Two passes must start with the same batch, the model and the loss must run on it, and two
         gradients on it must agree. (The data source has already refused NaN or Inf in it, which would
@@ -576,14 +590,15 @@ class CurvatureOperator(abc.ABC):
             )
         self._probe_forward(x1, y1)
         self.data.watch_layouts((x1, y1), self._probe_forward)
+        x, y = self._probe_batch()
         grad_fn = torch.func.grad(self.batch_loss)
         try:
-            g1 = self.flatten(grad_fn(self.params, x1, y1))
+            g1 = self.flatten(grad_fn(self.params, x, y))
         except (RuntimeError, NotImplementedError) as err:
             raise ValueError(
                 f"the loss cannot be differentiated w.r.t. the parameters with torch.func.grad: {err}"
             ) from err
-        g2 = self.flatten(grad_fn(self.params, x2, y2))
+        g2 = self.flatten(grad_fn(self.params, x, y))
         self.num_gradients += 2
         if not all_finite(g1):
             raise ValueError("the gradient of the loss on the first batch contains NaN or Inf")

@@ -151,9 +151,9 @@ class _TorchFuncOperator(CurvatureOperator):
         return torch.randn(self.shape[0], 1, generator=gen, dtype=self.dtype).to(self.device)
 
     def _probe_product(self) -> torch.Tensor:
-        """One product on the first batch: checks the needed derivatives exist (and whether vmap
-        works); returns it (d, 1) for :meth:`_probe_vector`. Counted in ``num_products``."""
-        x, y = self._first_batch()
+        """One product on the probe batch (:meth:`_probe_batch`): checks the needed derivatives exist (and
+        whether vmap works); returns it (d, 1) for :meth:`_probe_vector`. Counted in ``num_products``."""
+        x, y = self._probe_batch()
         try:
             out = self._batch_products(x, y, self.unflatten_columns(self._probe_vector()))
         except (RuntimeError, NotImplementedError) as err:
@@ -266,7 +266,7 @@ class GenericHessian(_TorchFuncOperator):
         forward-over-reverse to rounding (a backward that is not differentiable makes double
         backward silently drop curvature); where forward-over-reverse cannot run, with finite
         differences of the gradient instead."""
-        x, y = self._first_batch()
+        x, y = self._probe_batch()
         v = self._probe_vector()
         try:
             ref = self.flatten_columns(self._forward_over_reverse(x, y, self.unflatten_columns(v)))
@@ -294,7 +294,7 @@ class GenericHessian(_TorchFuncOperator):
         at its kinks, and a step that crosses one is off by jump / h (a relative error of 0.9 was
         seen in float64), so the check passes if any of three step sizes h0, h0/8, h0/64 agrees; a
         missing curvature term is wrong at every step size. Each gradient is counted."""
-        x, y = self._first_batch()
+        x, y = self._probe_batch()
         hv, v = hv[:, 0].double(), self._probe_vector()[:, 0].double()
         w = self.flatten(self.params).double()
 
