@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from unlearn_kernels.checkpoint import probe_atomic_write
-from unlearn_kernels.cli import UsageError, check_device, path_argument, run_program
+from unlearn_kernels.cli import UsageError, check_device, check_threads, path_argument, run_program
 
 from . import common
 
@@ -93,8 +93,10 @@ def _run(argv: list[str] | None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads must be >= 1, got {args.threads}")
+        try:
+            check_threads(args.threads)
+        except UsageError as exc:
+            parser.error(str(exc))
         torch.set_num_threads(args.threads)
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:
@@ -108,9 +110,9 @@ def _run(argv: list[str] | None) -> int:
         parser.error(str(exc))
     # checked before any suite runs, not when the first one writes its results
     out = Path(args.out) if args.out is not None else QUICK_DIR if args.quick else common.RESULTS_DIR
-    if out.exists() and not out.is_dir():
-        parser.error(f"--out {str(out)!r} is a file, not a directory")
     try:
+        if out.exists() and not out.is_dir():
+            parser.error(f"--out {str(out)!r} is a file, not a directory")
         out.mkdir(parents=True, exist_ok=True)
         # an existing folder may still refuse new files
         probe_atomic_write(common.result_path(args.suites[0], device, out))

@@ -137,6 +137,12 @@ def test_the_oracle_runs_first_wherever_it_is_listed():
     assert StudyConfig(methods=("original",)).methods == ("retrain", "original")
 
 
+def test_methods_as_a_single_str_is_refused():
+    """StudyConfig(methods="finetune") reported "unknown method(s) f, i, n, e, ..."."""
+    with pytest.raises(TypeError, match="methods must be a sequence of method names, not a single str"):
+        StudyConfig(methods="finetune")
+
+
 def test_the_class_protocol_records_no_forget_fraction():
     # whole classes are forgotten: a fraction in results.json would suggest one was drawn
     assert StudyConfig(protocol="class", forget_classes=(3,)).to_dict()["forget_fraction"] is None
@@ -287,7 +293,12 @@ def test_cli_one_protocol_writes_its_scenario(tmp_path, capsys):
         (["--lr", "-1"], "lr must be a finite number > 0"),
         (["--batch-size", "0"], "batch_size must be an int >= 1"),
         (["--epochs", "-1"], "epochs must be an int >= 0"),
-        (["--threads", "0"], "--threads must be >= 1"),
+        (["--threads", "0"], "--threads must be between 1 and this machine's"),
+        # OpenMP could not create 20,000 threads (100,000: a segmentation fault)
+        (["--threads", "20000"], "--threads must be between 1 and this machine's"),
+        (["--protocol", "class", "--forget-class", "3", "--forget-class", "3"],
+         "forget_classes (--forget-class) repeat 3: give each class once"),
+        (["--out", "x" * 300], "cannot be used as a folder: File name too long"),
         (["--methods", ""], "--methods names no method"),
         (["--seeds", "0,0"], "seeds (--seeds) repeat a seed: [0, 0]"),
         (["--seeds=-1"], "seeds (--seeds) must be in [0, 2**32), got -1"),
@@ -563,6 +574,73 @@ def test_cli_corrupt_cached_original_is_a_clear_error_and_left_in_place(tmp_path
     (line,) = [line for line in err.splitlines() if line.startswith("unlearn-kernels: error: ")]
     assert f"{corrupt} is not a readable checkpoint" in line and "--no-cache" in line
     assert corrupt.read_bytes() == b"not a checkpoint"
+
+
+@pytest.mark.parametrize("damage", ["shape", "missing", "nan"])
+def test_cli_cached_original_that_does_not_fit_or_is_not_finite_is_a_clear_error(damage, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """A cached original with matching metadata but a state that does not fit the model (a tensor of
+    another shape, a missing one) gave load_state_dict's traceback; one with NaN weights gave an error
+    about predict_logits that named no file. Both are damaged checkpoints now: one line, the file
+    left in place."""
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(StudyConfig, "cache_dir", str(cache))
+    command = ["run", "--protocol", "random", "--seeds", "0", "--epochs", "1", "--methods", "original",
+               "--out", str(tmp_path / "out")]
+    assert main(command) == 0
+    (path,) = cache.glob("original-digits-mlp-0-*.pt")
+    payload = torch.load(path, weights_only=True)
+    state = payload["state_dict"]
+    name = next(iter(state))
+    if damage == "shape":
+        state[name] = torch.zeros(3, 3)
+    elif damage == "missing":
+        del state[name]
+    else:
+        state[name] = torch.full_like(state[name], float("nan"))
+    torch.save(payload, path)
+    capsys.readouterr()
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"unlearn-kernels: error: {path} " in err, err
+    assert ("does not fit the model" if damage != "nan" else "holds a model whose parameter") in err
+    assert path.exists()
+
+
+def test_cli_a_diverged_original_is_named_and_not_cached(tmp_path, capsys, monkeypatch):
+    """--lr 1e30: the original's training diverged, was saved to the cache (every later run loaded it)
+    and the run failed later naming predict_logits; now the training is named, with the learning rate,
+    and nothing is saved."""
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(StudyConfig, "cache_dir", str(cache))
+    for extra in ([], ["--no-cache"]):
+        code = main(["run", "--protocol", "random", "--seeds", "0", "--epochs", "2", "--lr", "1e30", "--methods",
+                     "original", "--out", str(tmp_path / "out"), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and "training on the original model's training set diverged" in err and "lr=1e+30" in err
+    assert not list(cache.glob("*.pt"))
+
+
+def test_cli_plots_and_results_of_one_run_only(tmp_path, capsys):
+    """A second run into the same folder without the original left the first run's gap_closed.png
+    beside the new results; and the new results.json is written last (an interrupted write leaves no
+    results.json beside plots of another run)."""
+    argv = ["run", "--protocol", "random", "--seeds", "0", "--epochs", "1", "--out", str(tmp_path), "--no-cache"]
+    assert main([*argv, "--methods", "original,finetune"]) == 0
+    assert (tmp_path / "random" / "gap_closed.png").exists()
+    assert main([*argv, "--methods", "finetune"]) == 0
+    assert not (tmp_path / "random" / "gap_closed.png").exists()
+    files = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "random").iterdir()}
+    assert max(files, key=files.get) == "results.json"
+
+
+def test_cli_scenarios_without_the_original_have_no_summary(tmp_path, capsys):
+    """The gap closed is measured against the original: without it the summary table was all '-' and an
+    empty summary plot was written; the run now says why there is none."""
+    assert main(["run", "--seeds", "0", "--epochs", "1", "--methods", "finetune", "--out", str(tmp_path),
+                 "--no-cache"]) == 0
+    assert "no summary of the scenarios" in capsys.readouterr().out
+    assert not (tmp_path / "summary.json").exists() and not (tmp_path / "gap_closed.png").exists()
 
 
 def test_cli_methods_help_names_what_runs_by_default(capsys, monkeypatch):

@@ -425,10 +425,16 @@ def test_corrupt_files_raise_a_clear_error(tmp_path):
     garbage.write_bytes(b"\x00not a checkpoint" * 10)
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(2)}, foreign)
-    for path in (truncated, garbage, foreign):
-        with pytest.raises(CheckpointError, match=path.name):
+    text = tmp_path / "text.pt"
+    text.write_text("not a checkpoint")
+    for path in (truncated, garbage, foreign, text):
+        with pytest.raises(CheckpointError, match=path.name) as raised:
             load_checkpoint(path, {})
+        # torch's weights-only refusal advises weights_only=False: unsafe, and no help for a damaged file
+        assert "weights_only" not in str(raised.value) and "\n" not in str(raised.value)
     assert truncated.exists()  # left in place for inspection
+    with pytest.raises(ValueError, match="cannot be used: File name too long"):
+        load_checkpoint(tmp_path / ("x" * 300), {})
 
 
 def test_train_or_load_reuses_only_on_matching_recipe_data_and_model(tmp_path):

@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from ._version import __version__
+from .checks import first_nonfinite_model_weight
 from .labeled import LabeledData
-from .training import ProgressCallback, TrainConfig, TrainStats, init_model, train
+from .training import ProgressCallback, TrainConfig, TrainStats, check_converged, init_model, train
 
 #: bumped when the layout of the file changes (old files are then retrained, not misread)
 FORMAT_VERSION = 1
@@ -194,10 +195,19 @@ def check_cache_dir(name: str, cache_dir: Any, cached: str) -> Path | None:
                                         'name a folder ("." for the working folder), or None for no cache')
 
 
+def _stat_kind(path: Path) -> str | None:
+    """"dir", "file" (anything else that is there) or None (nothing there); ValueError for a path the
+    system cannot look up (a name longer than the file system takes), where ``Path.is_dir`` raises OSError."""
+    try:
+        return "dir" if path.is_dir() else "file" if path.exists() else None
+    except OSError as error:
+        raise ValueError(f"checkpoint path {str(path)!r} cannot be used: {error.strerror}") from None
+
+
 def _check_writable_file(path: str | os.PathLike[str]) -> None:
     # Path("") is the working folder, which would be reported as "'.' is a directory"
     path = refuse_empty_path(path, "checkpoint path is an empty path: name a file")
-    if path.is_dir():
+    if _stat_kind(path) == "dir":
         raise ValueError(f"checkpoint path {str(path)!r} is a directory, not a file")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -217,7 +227,11 @@ def check_writable_folder(path: str | os.PathLike[str], *, make: bool = True) ->
     """
     path = refuse_empty_path(path, 'the folder is an empty path, which would be the working folder: name a folder '
                                    '("." for the working folder)')
-    if path.exists() and not path.is_dir():
+    try:
+        is_file = path.exists() and not path.is_dir()
+    except OSError as error:  # e.g. a name longer than the file system takes
+        raise ValueError(f"{str(path)!r} cannot be used as a folder: {error.strerror}") from None
+    if is_file:
         raise ValueError(f"{str(path)!r} is a file, not a directory")
     if make:
         try:
@@ -248,14 +262,17 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
         CheckpointError: the file is corrupt, truncated or not a checkpoint of this format.
     """
     path = refuse_empty_path(path, "checkpoint path is an empty path: name a file")
-    if path.is_dir():
+    if _stat_kind(path) == "dir":
         raise IsADirectoryError(f"{path} is a directory, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many types for a damaged file
-        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated?): {error}") from error
+        # its weights-only refusal advises loading with weights_only=False: unsafe, and no help for a damaged file
+        why = ("torch.load's weights-only unpickler refuses it" if "weights_only" in str(error)
+               else str(error).splitlines()[0])
+        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated?): {why}") from error
     if not (isinstance(payload, dict) and payload.get("format") == FORMAT_VERSION
             and isinstance(payload.get("metadata"), str) and isinstance(payload.get("state_dict"), dict)
             and all(isinstance(name, str) and isinstance(t, torch.Tensor)
@@ -374,8 +391,10 @@ def train_or_load(
         ``(model, stats)``: the model on ``device`` in eval mode; ``stats`` is None when it was loaded.
 
     Raises:
-        CheckpointError: a corrupt file is at ``path`` (delete it to retrain).
-        ValueError: ``path`` is empty or a directory, or its folder cannot be made or (when a model must
+        CheckpointError: a corrupt file is at ``path`` (unreadable, not fitting the model, or holding
+            NaN/Inf weights; delete it to retrain).
+        ValueError: the training diverged (NaN/Inf weights: nothing is saved); ``path`` is empty, a
+            directory or cannot be looked up, or its folder cannot be made or (when a model must
             be trained) takes no new file, as a read-only one: checked before training, which would
             otherwise be lost when the save fails; as :func:`~unlearn_kernels.training.train` refuses
             ``data``, named after ``owner``.
@@ -385,12 +404,20 @@ def train_or_load(
     metadata = training_metadata(model, data, config, model_info, device)
     state = load_checkpoint(path, metadata)
     if state is not None:
-        model.load_state_dict(state)
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, KeyError) as error:  # tensors of other shapes, missing or extra names
+            raise CheckpointError(f"{path} does not fit the model it was saved for (damaged?): "
+                                  f"{str(error).splitlines()[0]}") from None
+        bad = first_nonfinite_model_weight(model)
+        if bad is not None:
+            raise CheckpointError(f"{path} holds a model whose {bad[0]} {bad[1]!r} has {bad[2]} values")
         return model.to(device).eval(), None
     try:  # checked here, not before the load: a cache that is only read still serves the loads above
         probe_atomic_write(path)
     except OSError as error:
         raise ValueError(f"checkpoint path {str(path)!r}: its folder takes no new file ({error})") from None
     stats = train(model, data, config, device=device, progress=progress, owner=owner, role=role)
+    check_converged(owner, role, config, model)  # never cached: every later run would load the diverged model
     save_checkpoint(path, model, metadata)
     return model, stats

@@ -279,6 +279,15 @@ def _damaged_checkpoint(exc: Exception) -> UsageError:
     return UsageError(f"{first_line} (delete it to retrain, or run with --no-cache)")
 
 
+def check_threads(threads: int) -> None:
+    """UsageError unless ``threads`` is between 1 and the machine's CPU count: OpenMP fails to create
+    tens of thousands of threads (or the process dies in a segmentation fault), and more threads than
+    CPUs only wait on each other."""
+    cpus = os.cpu_count() or 1
+    if not 1 <= threads <= cpus:
+        raise UsageError(f"--threads must be between 1 and this machine's {cpus} CPUs, got {threads}")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     import torch
 
@@ -287,8 +296,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .study import check_cache, check_scenario, run_study
 
     configs = _study_configs(args)
-    if args.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    check_threads(args.threads)
     for config in configs.values():  # every scenario's data before the first one's training
         try:
             check_scenario(config)
@@ -344,11 +352,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for stale in report.remove_stale_summary(root, name):
             if len(configs) == 1:
                 print(f"removed {stale}: it summarised the {name} results this run replaces")
-        results[name] = report.write_json(study, out_dir / report.RESULTS_FILE)
+        # the earlier results.json goes first and the new one comes last: an interrupted write leaves no
+        # results.json beside plots of another run
+        with contextlib.suppress(FileNotFoundError):
+            (out_dir / report.RESULTS_FILE).unlink()
         plots = report.write_plots(study, out_dir)
+        results[name] = report.write_json(study, out_dir / report.RESULTS_FILE)
         print(f"results: {results[name]}\nplots: {', '.join(str(p) for p in plots)}")
         studies[name] = study
-    if len(configs) > 1:
+    if len(configs) > 1 and "original" not in first.methods:
+        print("\n(no summary of the scenarios: the gap closed is measured against the original, which --methods "
+              "leaves out)")
+    elif len(configs) > 1:
         print()
         print(report.format_scenario_summary(studies))
         summary_path = report.write_summary_json(studies, results, root / report.SUMMARY_FILE)

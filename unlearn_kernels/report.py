@@ -450,7 +450,9 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
     (with an "original" row), and (for sequential studies) accuracy on everything forgotten so far
     after each request.
 
-    ``out_dir``: a folder (a str or ``os.PathLike``), made if missing.
+    ``out_dir``: a folder (a str or ``os.PathLike``), made if missing. A gap-closed or sequential plot
+    there that this study does not write (no "original" row, one request) is removed: it would go on
+    describing an earlier study.
 
     Raises:
         TypeError / ValueError: ``study`` is not a dict with a non-empty list of records (see
@@ -544,4 +546,8 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
         paths.append(out_dir / SEQUENTIAL_PLOT)
         save_figure(fig, paths[-1], dpi=120)
         plt.close(fig)
+    for name in (GAP_CLOSED_PLOT, SEQUENTIAL_PLOT):  # an earlier study's, which this one does not replace
+        if out_dir / name not in paths:
+            with contextlib.suppress(FileNotFoundError):
+                (out_dir / name).unlink()
     return paths

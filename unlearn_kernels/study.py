@@ -71,7 +71,7 @@ from .eval import (
 from .lora import adapter_modules, unload
 from .methods import METHODS, Retrain, RetrainReseeded, Unlearner, UnlearnResult
 from .models import build_model
-from .training import TrainConfig, init_model, train
+from .training import TrainConfig, check_converged, init_model, train
 
 #: the methods run by default, oracle first (it is the reference of every other row)
 DEFAULT_METHODS = ("retrain", "original", "cure_newton", "stochastic_cure_newton", "newton_pinv", "damped_newton",
@@ -185,6 +185,8 @@ class StudyConfig:
     cache_dir: str | None = str(_default_cache_dir())
 
     def __post_init__(self) -> None:
+        if isinstance(self.methods, str):  # a str is a sequence of one-letter "methods"
+            raise TypeError(f"methods must be a sequence of method names, not a single str ({self.methods!r})")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(sorted(METHODS))}")
@@ -201,6 +203,10 @@ class StudyConfig:
                                  "not the class protocol")
             if not self.forget_classes:
                 raise ValueError("the class protocol needs at least one class to forget (--forget-class)")
+            repeated = sorted({c for c in self.forget_classes if list(self.forget_classes).count(c) > 1})
+            if repeated:
+                raise ValueError(f"forget_classes (--forget-class) repeat {', '.join(map(str, repeated))}: "
+                                 "give each class once")
         else:
             if self.forget_classes:
                 raise ValueError(f"forget_classes (--forget-class) is for the class protocol, not the {self.protocol} "
@@ -513,6 +519,7 @@ def run_study(config: StudyConfig, progress: Progress | None = None) -> dict[str
         else:
             original = init_model(factory, recipe.seed)
             train(original, train_split, recipe, device=device, owner="study", role=ORIGINAL_ROLE)
+            check_converged("study", ORIGINAL_ROLE, recipe, original)
         unseen = splits.val
         original_unseen_logits = predict_logits(original, unseen)
         current = {name: original for name in config.methods}  # each method continues its own chain

@@ -26,6 +26,7 @@ from .checks import (
     check_int,
     check_number,
     check_seed,
+    first_nonfinite_model_weight,
     first_nonfinite_row,
 )
 from .labeled import LabeledData
@@ -175,6 +176,17 @@ def probe_rows(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def check_converged(owner: str, role: str, config: TrainConfig, model: nn.Module) -> None:
+    """ValueError if :func:`train` left ``model`` with a NaN or Inf weight (the recipe diverged), naming
+    ``owner``, the ``role`` of the data, the weight and the learning rate: for the trainings whose model
+    is kept (the original, a cached oracle), where a later step would only say the weights are not finite."""
+    bad = first_nonfinite_model_weight(model)
+    if bad is not None:
+        kind, name, what = bad
+        raise ValueError(f"{owner}: training on the {role} set diverged: the model's {kind} {name!r} has {what} values "
+                         f"after {config.epochs} epochs at lr={config.lr:g} (lower the learning rate)")
+
+
 def check_fits(owner: str, model: nn.Module, data: LabeledData, role: str = "training") -> None:
     """ValueError unless one sample of ``data`` (two where :func:`probe_rows` says so) runs through
     ``model`` (eval mode, each submodule's flag restored) to (batch, C) logits and every label of
