@@ -309,6 +309,7 @@ def train(
     owner: str = "train",
     role: str = "training",
     data_checked: bool = False,
+    after_step: Callable[[], None] | None = None,
 ) -> TrainStats:
     """Train ``model`` in place on ``data`` with the recipe ``config``.
 
@@ -328,6 +329,7 @@ def train(
         data_checked: ``data`` was checked against ``model`` already, as :meth:`Unlearner.unlearn
             <unlearn_kernels.methods.base.Unlearner.unlearn>` does (finite inputs that fit the model,
             labels among its classes): those checks are not run again.
+        after_step: called after every optimizer step (e.g. to put back weights a method keeps fixed).
 
     Raises:
         TypeError: ``config`` is not a TrainConfig or ``data`` not a LabeledData.
@@ -370,6 +372,8 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if after_step is not None:
+                    after_step()
                 if scheduler is not None:
                     scheduler.step()
                 # accumulate on device: no host synchronisation inside the loop

@@ -136,10 +136,9 @@ class TrainedUnlearner(Unlearner):
         return make_optimizer(model.parameters(), self.optimizer, self.lr, momentum=self.momentum,
                               weight_decay=self.weight_decay)
 
-    def _config(self, seed: int, weight_decay: float | None = None) -> TrainConfig:
+    def _config(self, seed: int) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer,
-                           momentum=self.momentum, seed=seed,
-                           weight_decay=self.weight_decay if weight_decay is None else weight_decay)
+                           momentum=self.momentum, seed=seed, weight_decay=self.weight_decay)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,8 +276,10 @@ class SalUn(RandomLabels):
 
     1. Saliency: g = gradient of the forget loss CE(D_f) (summed over batches, eval mode); the mask
        keeps the ``mask_fraction`` of all weights with the largest |g| (one global threshold).
-    2. Random-label training (as :class:`RandomLabels`) of the masked weights only: gradients and
-       weight decay are multiplied by the mask, so unmasked weights stay exactly as they were.
+    2. Random-label training (as :class:`RandomLabels`, with its optimizer and that optimizer's own
+       weight decay: coupled for SGD and Adam, decoupled for AdamW) of the masked weights only:
+       gradients are multiplied by the mask, and after every step the unmasked weights are put back,
+       so they stay exactly as they were (the decay would move them).
 
     Defaults: mask_fraction 0.5 (the paper's sparsity), 10 epochs, SGD lr 0.01, momentum 0.9,
     weight decay 5e-4, batch 64.
@@ -317,16 +318,19 @@ class SalUn(RandomLabels):
                  unseen: LabeledData | None, seed: int) -> UnlearnResult:
         masks, mask_batches = self._saliency_mask(model, forget)
         data = self._relabelled_union(model, forget, retain, seed)
-        weight_decay = self.weight_decay
-        handles = []
-        for name, p in model.named_parameters():
-            if name in masks:
-                # decay folded into the hook (the optimizer gets weight_decay=0): masked out means untouched
-                handles.append(p.register_hook(
-                    lambda grad, p=p, mask=masks[name]: (grad + weight_decay * p.detach()) * mask))
+        masked = [(p, masks[name], p.detach().clone()) for name, p in model.named_parameters() if name in masks]
+        # the optimizer's weight decay is applied as it applies it (AdamW's is not a gradient term), and
+        # the step's change to the unmasked weights (decay, momentum of it) undone
+        handles = [p.register_hook(lambda grad, mask=mask: grad * mask) for p, mask, _ in masked]
+
+        def put_back_unmasked() -> None:
+            with torch.no_grad():
+                for p, mask, start in masked:
+                    p.copy_(torch.where(mask, p, start))
+
         try:
-            stats = train(model, data, self._config(seed, weight_decay=0.0), device=model_device(model),
-                          owner=self.name, role=RELABELLED_ROLE, data_checked=True)
+            stats = train(model, data, self._config(seed), device=model_device(model), owner=self.name,
+                          role=RELABELLED_ROLE, data_checked=True, after_step=put_back_unmasked)
         finally:
             for handle in handles:
                 handle.remove()
