@@ -782,6 +782,23 @@ def test_probes_skip_a_first_batch_of_ignored_rows():
     assert relative_error(H.to_dense(), dense_hessian(deterministic, [(x[4:], y[4:])], F.cross_entropy) * (N - 4) / N) <= 1e-10
 
 
+def test_a_backward_hook_is_named_when_torch_func_cannot_run():
+    """torch.func's gradient fails on a module with a full backward hook, with a message about
+    autograd.Function's setup_context that names neither; the refusal now names the hooked module."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C)).to(DT)
+    handle = model[2].register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    x, y = torch.randn(N, 4, dtype=DT), torch.randint(0, C, (N,))
+    try:
+        for build in (lambda: hessian_operator(model, F.cross_entropy, (x, y), path="generic"),
+                      lambda: ggn_operator(model, F.cross_entropy, (x, y))):
+            with pytest.raises(ValueError, match=r"module '2' has a backward hook, which torch.func cannot run"):
+                build()
+    finally:
+        handle.remove()
+    hessian_operator(model, F.cross_entropy, (x, y), path="generic")  # without it
+
+
 def test_meta_model_or_data_is_refused_by_name():
     """A model or data on the meta device (shapes, no values): torch's "Cannot copy out of meta tensor"
     from the weights check, or ".item() cannot be called on meta tensors", before; now one message."""

@@ -330,6 +330,32 @@ def test_params_subset_updates_only_those_parameters(mlp):
     assert out.diagnostics["num_params"] == 8 * 10 + 10
 
 
+class _WithUnusedHead(nn.Module):
+    """The MLP and a second head that ``forward`` never calls (training gives it no gradient, so no decay)."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body, self.unused_head = body, nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.parametrize("name", ["cure_newton", "newton_pinv", "damped_newton"])
+def test_parameters_the_loss_does_not_use_are_left_alone(mlp, name):
+    """With weight decay, F's decay term covered every trainable parameter, also those the loss never
+    uses: newton_pinv set such a head to zero and the others shrank it, where training (which skips
+    parameters without a gradient) and the oracle leave it as it is. params=None now leaves them out."""
+    model, forget, retain = mlp
+    torch.manual_seed(0)
+    wrapped = _WithUnusedHead(copy.deepcopy(model)).eval()
+    out = METHODS[name](weight_decay=5e-4, dtype=torch.float64).unlearn(wrapped, forget, retain)
+    assert torch.equal(out.model.unused_head.weight, wrapped.unused_head.weight)
+    assert torch.equal(out.model.unused_head.bias, wrapped.unused_head.bias)
+    assert not torch.equal(out.model.body[3].weight, wrapped.body[3].weight)
+    assert out.diagnostics["num_params"] == sum(p.numel() for p in model.parameters())
+
+
 @pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
 def test_a_half_precision_model_is_unlearned_in_float32(mlp, half):
     """The curvature kernels compute in float32/float64: dtype=None on a half model computes in

@@ -175,7 +175,6 @@ def probe_rows(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x[:1]
 
 
-@torch.no_grad()
 def check_converged(owner: str, role: str, config: TrainConfig, model: nn.Module) -> None:
     """ValueError if :func:`train` left ``model`` with a NaN or Inf weight (the recipe diverged), naming
     ``owner``, the ``role`` of the data, the weight and the learning rate: for the trainings whose model
@@ -187,6 +186,7 @@ def check_converged(owner: str, role: str, config: TrainConfig, model: nn.Module
                          f"after {config.epochs} epochs at lr={config.lr:g} (lower the learning rate)")
 
 
+@torch.no_grad()
 def check_fits(owner: str, model: nn.Module, data: LabeledData, role: str = "training") -> None:
     """ValueError unless one sample of ``data`` (two where :func:`probe_rows` says so) runs through
     ``model`` (eval mode, each submodule's flag restored) to (batch, C) logits and every label of

@@ -592,13 +592,14 @@ class CurvatureOperator(abc.ABC):
         self.data.watch_layouts((x1, y1), self._probe_forward)
         x, y = self._probe_batch()
         grad_fn = torch.func.grad(self.batch_loss)
-        try:
+        try:  # both: a forward that writes a buffer (DDP's broadcast) fails the second time only
             g1 = self.flatten(grad_fn(self.params, x, y))
+            g2 = self.flatten(grad_fn(self.params, x, y))
         except (RuntimeError, NotImplementedError) as err:
             raise ValueError(
                 f"the loss cannot be differentiated w.r.t. the parameters with torch.func.grad: {err}"
+                + _func_grad_hint(self.model)
             ) from err
-        g2 = self.flatten(grad_fn(self.params, x, y))
         self.num_gradients += 2
         if not all_finite(g1):
             raise ValueError("the gradient of the loss on the first batch contains NaN or Inf")
@@ -617,6 +618,24 @@ class CurvatureOperator(abc.ABC):
         """Run the model and the loss on the first batch (see :func:`probe_forward`); a subclass adds
         the checks of what its own products need of the data here, before the probe's gradients."""
         probe_forward(functools.partial(self.batch_forward, self.params), self.loss_fn, x, y, self.dtype)
+
+
+def _func_grad_hint(model: nn.Module) -> str:
+    """What in ``model`` torch.func's gradient is known to fail on, as the end of its error: a backward
+    hook (torch.func cannot run one), or DistributedDataParallel (whose forward writes the buffers it
+    broadcasts); "" if neither."""
+    from torch.nn.modules import module as torch_module  # where torch keeps the global hooks
+
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return (" (a DistributedDataParallel forward writes the buffers it broadcasts: pass ddp.module with "
+                "process_group=..., which reduces the curvature over the ranks itself)")
+    if torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks:
+        return " (a global module backward hook is registered, which torch.func cannot run through: remove it)"
+    for name, module in model.named_modules():
+        if module._backward_hooks or module._backward_pre_hooks:
+            return (f" ({'module ' + repr(name) if name else 'the model'} has a backward hook, which torch.func "
+                    "cannot run through: remove it (handle.remove()) while the curvature is computed)")
+    return ""
 
 
 def check_finite_weights(owner: str, computed: str, parameters: Iterable[tuple[str, torch.Tensor]],

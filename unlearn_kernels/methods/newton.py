@@ -37,7 +37,9 @@ Options shared by all (constructor arguments):
   one batch).
 * ``weight_decay``: the L2 coefficient of F over the chosen parameters: pass the weight decay the
   model was trained with, so that the step aims at the retrained model's objective. 0 (the
-  paper's L_r) by default.
+  paper's L_r) by default. With ``params=None`` the parameters the eval-mode loss does not use (no
+  gradient, e.g. a head that ``forward`` never calls) are left out, as training leaves them out of
+  its decay: they come back unchanged.
 * ``path``: the Hessian path ("auto", "generic" or "fused").
 * ``process_group``: a ``torch.distributed`` process group for data-parallel unlearning: every rank
   calls ``unlearn`` with the same model and seed and its own shard of D_f and D_r; F, its gradient and
@@ -85,6 +87,7 @@ from ..curvature import (
     resolve_parameters,
     set_flat_parameters,
 )
+from ..curvature.base import checked_loss
 from ..curvature.distributed import GroupRef
 from ..labeled import LabeledData
 from ..solvers import (
@@ -232,7 +235,34 @@ class _NewtonFamily(Unlearner):
         compute = self.dtype or (torch.float32 if model_dtype in (torch.float16, torch.bfloat16) else model_dtype)
         shadow = model if compute == model_dtype else copy.deepcopy(model).to(compute)
         w = get_flat_parameters(shadow, names)
-        return _Workspace(model, model_dtype, shadow, names, w, self._cast(retain, w))
+        retain = self._cast(retain, w)
+        if self.params is None:
+            names = self._used_by_loss(shadow, names, retain)
+            w = get_flat_parameters(shadow, names)
+        return _Workspace(model, model_dtype, shadow, names, w, retain)
+
+    #: rows of D_r the probe for parameters the loss does not use runs on
+    USE_PROBE_ROWS = 256
+
+    def _used_by_loss(self, shadow: nn.Module, names: tuple[str, ...], retain: LabeledData) -> tuple[str, ...]:
+        """``names`` without the parameters the eval-mode loss does not depend on (no gradient on the
+        first :attr:`USE_PROBE_ROWS` rows of D_r; with a process group, on no rank's): training skips
+        their weight decay, and F's decay term over them would shrink them (``newton_pinv`` zeroed them)
+        although nothing else moves them. ValueError if none is used."""
+        params = dict(shadow.named_parameters())
+        used = torch.zeros(len(names), dtype=torch.float64, device=_collective_device(shadow))
+        if len(retain):
+            x, y = retain.x[:self.USE_PROBE_ROWS], retain.y[:self.USE_PROBE_ROWS]
+            with torch.enable_grad():
+                loss = checked_loss(self.loss_fn, shadow(x), y, self.name)
+                grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+            used = torch.tensor([g is not None for g in grads], dtype=torch.float64, device=used.device)
+        if self.process_group is not None:
+            dist.all_reduce(used, op=dist.ReduceOp.MAX, group=self.process_group)
+        kept = tuple(name for name, flag in zip(names, used.tolist()) if flag)
+        if not kept:
+            raise ValueError(f"{self.name}: the loss depends on none of the model's trainable parameters")
+        return kept
 
     def _checked_copy(self, model: nn.Module, forget: LabeledData, retain: LabeledData,
                       unseen: LabeledData | None) -> nn.Module:
