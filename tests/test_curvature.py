@@ -799,6 +799,19 @@ def test_a_backward_hook_is_named_when_torch_func_cannot_run():
     hessian_operator(model, F.cross_entropy, (x, y), path="generic")  # without it
 
 
+def test_objective_refuses_parameters_whose_dtype_changed():
+    """model.float() after an Objective was built: its value and gradient failed with torch's "mat1 and
+    mat2 must have the same dtype"; the operators already asked for a new operator, and so does it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C)).to(DT)
+    x, y = torch.randn(N, 4, dtype=DT), torch.randint(0, C, (N,))
+    objective = Objective(model, F.cross_entropy, (x, y))
+    model.float()
+    with pytest.raises(ValueError, match=r"^Objective: parameter '0.weight' is now of shape \(5, 4\), "
+                                         r"torch.float32 on cpu \(was \(5, 4\), torch.float64 on cpu\)"):
+        objective.value()
+
+
 def test_meta_model_or_data_is_refused_by_name():
     """A model or data on the meta device (shapes, no values): torch's "Cannot copy out of meta tensor"
     from the weights check, or ".item() cannot be called on meta tensors", before; now one message."""
