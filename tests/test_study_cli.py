@@ -137,10 +137,19 @@ def test_the_oracle_runs_first_wherever_it_is_listed():
     assert StudyConfig(methods=("original",)).methods == ("retrain", "original")
 
 
-def test_methods_as_a_single_str_is_refused():
-    """StudyConfig(methods="finetune") reported "unknown method(s) f, i, n, e, ..."."""
-    with pytest.raises(TypeError, match="methods must be a sequence of method names, not a single str"):
-        StudyConfig(methods="finetune")
+@pytest.mark.parametrize("options, error, message", [
+    # reported "unknown method(s) f, i, n, e, ..."
+    ({"methods": "finetune"}, TypeError, "methods must be a sequence of method names, not a single str"),
+    # a TypeError from dataclasses.replace that named no option
+    ({"recipe": "x"}, TypeError, "recipe must be a TrainConfig or None, got str"),
+    # accepted, and failed later in the data or model layer
+    ({"model_kwargs": None}, TypeError, "model_kwargs must be a dict"),
+    ({"dataset": "nope"}, ValueError, "unknown dataset 'nope'; choose from"),
+    ({"model": "nope"}, ValueError, "unknown model 'nope'; choose from"),
+])
+def test_study_config_refuses_bad_values_when_built(options, error, message):
+    with pytest.raises(error, match=message):
+        StudyConfig(**options)
 
 
 def test_the_class_protocol_records_no_forget_fraction():

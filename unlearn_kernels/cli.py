@@ -191,17 +191,23 @@ def _cmd_backends(args: argparse.Namespace) -> int:
 
 def _study_configs(args: argparse.Namespace) -> dict:
     """``{scenario name: StudyConfig}``: the three default scenarios, or the one ``--protocol`` names."""
-    from .data import available_datasets
     from .data.datasets import LOCAL_DATASETS
-    from .study import DEFAULT_METHODS, DEFAULT_RECIPES, SCENARIO_METHODS, StudyConfig, default_scenarios
+    from .study import (
+        DEFAULT_METHODS,
+        DEFAULT_RECIPES,
+        SCENARIO_METHODS,
+        StudyConfig,
+        check_dataset_and_model,
+        default_scenarios,
+    )
 
-    if args.dataset not in available_datasets():
-        raise UsageError(f"unknown dataset {args.dataset!r}; choose from {', '.join(available_datasets())}")
+    try:  # before the recipe is looked up by the model's name
+        check_dataset_and_model(args.dataset, args.model)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if args.root is not None and args.dataset not in LOCAL_DATASETS:  # it would be ignored
         raise UsageError(f"--root is for the datasets read from local files ({', '.join(LOCAL_DATASETS)}); "
                          f"{args.dataset} is bundled")
-    if args.model not in DEFAULT_RECIPES:
-        raise UsageError(f"unknown model {args.model!r}; choose from {', '.join(DEFAULT_RECIPES)}")
     check_device(args.device)
     if args.methods is not None:
         methods = tuple(_comma_list(args.methods))

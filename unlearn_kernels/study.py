@@ -37,6 +37,7 @@ from .checkpoint import (
 from .checks import all_finite, check_choice, check_device, check_int, check_number
 from .data import (
     DatasetSplits,
+    available_datasets,
     ForgetRequest,
     LabeledData,
     class_forget,
@@ -185,6 +186,12 @@ class StudyConfig:
     cache_dir: str | None = str(_default_cache_dir())
 
     def __post_init__(self) -> None:
+        check_dataset_and_model(self.dataset, self.model)
+        if not isinstance(self.model_kwargs, Mapping):
+            raise TypeError(f"model_kwargs must be a dict of the model's constructor arguments, got "
+                            f"{type(self.model_kwargs).__name__}")
+        if self.recipe is not None and not isinstance(self.recipe, TrainConfig):
+            raise TypeError(f"recipe must be a TrainConfig or None, got {type(self.recipe).__name__}")
         if isinstance(self.methods, str):  # a str is a sequence of one-letter "methods"
             raise TypeError(f"methods must be a sequence of method names, not a single str ({self.methods!r})")
         unknown = [m for m in self.methods if m not in METHODS]
@@ -317,6 +324,15 @@ def _json_value(value: Any) -> Any:
         return "<required>"
     name = getattr(value, "__qualname__", None)
     return f"{getattr(value, '__module__', None) or ''}.{name}".lstrip(".") if name else str(value)
+
+
+def check_dataset_and_model(dataset: Any, model: Any) -> None:
+    """ValueError for a dataset name not in :func:`~unlearn_kernels.data.available_datasets` or a model
+    name without a recipe in :data:`DEFAULT_RECIPES` (the choices listed)."""
+    if dataset not in available_datasets():
+        raise ValueError(f"unknown dataset {dataset!r}; choose from {', '.join(available_datasets())}")
+    if model not in DEFAULT_RECIPES:
+        raise ValueError(f"unknown model {model!r}; choose from {', '.join(DEFAULT_RECIPES)}")
 
 
 def default_scenarios(forget_fraction: float | None = None, forget_classes: tuple[int, ...] = (3,),
