@@ -375,9 +375,10 @@ def test_batch_streaming_gives_the_same_step_and_counts_batches(mlp):
     assert dist(whole.model, streamed.model) < 1e-6 * whole.diagnostics["step_norm"]
     steps = whole.diagnostics["steps"]
     assert steps == 2
-    # a gradient at the start and after each accepted step (270 rows in batches of 100), the probe's two
-    assert whole.gradients == (1 + steps) + PROBE_GRADIENTS
-    assert streamed.gradients == (1 + steps) * 3 + PROBE_GRADIENTS
+    # a gradient at the start and after each accepted step (270 rows in batches of 100), the operator
+    # probe's two, and one on at most a batch of rows for the parameters the loss uses
+    assert whole.gradients == (1 + steps) + PROBE_GRADIENTS + 1
+    assert streamed.gradients == (1 + steps) * 3 + PROBE_GRADIENTS + 1
 
 
 @pytest.mark.parametrize("name", NEWTON)

@@ -327,5 +327,6 @@ def test_cure_newton_rejects_a_trial_point_with_non_finite_weights():
     assert trials[0]["step_norm"] > 3.4e38 and trials[0]["actual"] == -math.inf and not trials[0]["accepted"]
     assert trials[-1]["accepted"] and result.diagnostics["steps"] == 1
     assert result.diagnostics["objective_after"] < result.diagnostics["objective_before"]
-    # one pass of F (with its gradient) at w0 and at each trial but the non-finite one; the probe's two
-    assert result.gradients == PROBE_GRADIENTS + 1 + len(trials) - 1
+    # one pass of F (with its gradient) at w0 and at each trial but the non-finite one; the operator
+    # probe's two; one for the parameters the loss uses
+    assert result.gradients == PROBE_GRADIENTS + 1 + len(trials) - 1 + 1

@@ -307,7 +307,7 @@ def test_cli_one_protocol_writes_its_scenario(tmp_path, capsys):
         (["--threads", "20000"], "--threads must be between 1 and this machine's"),
         (["--protocol", "class", "--forget-class", "3", "--forget-class", "3"],
          "forget_classes (--forget-class) repeat 3: give each class once"),
-        (["--out", "x" * 300], "cannot be used as a folder: File name too long"),
+        (["--out", "x" * 300], "cannot be used: File name too long"),
         (["--methods", ""], "--methods names no method"),
         (["--seeds", "0,0"], "seeds (--seeds) repeat a seed: [0, 0]"),
         (["--seeds=-1"], "seeds (--seeds) must be in [0, 2**32), got -1"),
@@ -630,17 +630,36 @@ def test_cli_a_diverged_original_is_named_and_not_cached(tmp_path, capsys, monke
     assert not list(cache.glob("*.pt"))
 
 
-def test_cli_plots_and_results_of_one_run_only(tmp_path, capsys):
+def test_cli_plots_and_results_of_one_run_only(tmp_path, capsys, monkeypatch):
     """A second run into the same folder without the original left the first run's gap_closed.png
-    beside the new results; and the new results.json is written last (an interrupted write leaves no
-    results.json beside plots of another run)."""
+    beside the new results. And a run interrupted while it plots left its new results.json beside the
+    earlier run's plots: the earlier results.json is removed first and the new one written last, also
+    when a plot fails (then before the error goes on)."""
+    from unlearn_kernels import report
+
     argv = ["run", "--protocol", "random", "--seeds", "0", "--epochs", "1", "--out", str(tmp_path), "--no-cache"]
+    results = tmp_path / "random" / "results.json"
     assert main([*argv, "--methods", "original,finetune"]) == 0
     assert (tmp_path / "random" / "gap_closed.png").exists()
     assert main([*argv, "--methods", "finetune"]) == 0
     assert not (tmp_path / "random" / "gap_closed.png").exists()
-    files = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "random").iterdir()}
-    assert max(files, key=files.get) == "results.json"
+    assert json.loads(results.read_text())["config"]["methods"] == ["retrain", "finetune"]
+
+    def interrupted(study, out_dir):
+        assert not results.exists()  # the earlier results are gone before any plot is written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "write_plots", interrupted)
+    assert main([*argv, "--methods", "original"]) == 130
+    assert not results.exists()
+
+    def failing(study, out_dir):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report, "write_plots", failing)
+    with pytest.raises(OSError, match="disk full"):
+        main([*argv, "--methods", "original"])
+    assert json.loads(results.read_text())["config"]["methods"] == ["retrain", "original"]
 
 
 def test_cli_scenarios_without_the_original_have_no_summary(tmp_path, capsys):

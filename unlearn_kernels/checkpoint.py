@@ -195,19 +195,20 @@ def check_cache_dir(name: str, cache_dir: Any, cached: str) -> Path | None:
                                         'name a folder ("." for the working folder), or None for no cache')
 
 
-def _stat_kind(path: Path) -> str | None:
-    """"dir", "file" (anything else that is there) or None (nothing there); ValueError for a path the
-    system cannot look up (a name longer than the file system takes), where ``Path.is_dir`` raises OSError."""
+def _exists_and_is_dir(path: Path, described: str) -> tuple[bool, bool]:
+    """Whether something is at ``path`` and whether it is a directory; ValueError ``"<described> cannot be
+    used: <why>"`` for a path the system cannot look up (a name longer than the file system takes), where
+    ``Path.exists`` and ``Path.is_dir`` raise OSError."""
     try:
-        return "dir" if path.is_dir() else "file" if path.exists() else None
+        return path.exists(), path.is_dir()
     except OSError as error:
-        raise ValueError(f"checkpoint path {str(path)!r} cannot be used: {error.strerror}") from None
+        raise ValueError(f"{described} cannot be used: {error.strerror}") from None
 
 
 def _check_writable_file(path: str | os.PathLike[str]) -> None:
     # Path("") is the working folder, which would be reported as "'.' is a directory"
     path = refuse_empty_path(path, "checkpoint path is an empty path: name a file")
-    if _stat_kind(path) == "dir":
+    if _exists_and_is_dir(path, f"checkpoint path {str(path)!r}")[1]:
         raise ValueError(f"checkpoint path {str(path)!r} is a directory, not a file")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -222,16 +223,14 @@ def check_writable_folder(path: str | os.PathLike[str], *, make: bool = True) ->
     that work into.
 
     Raises:
-        ValueError: ``'<path>' is a file, not a directory``, ``... cannot be made: <why>``,
+        ValueError: ``'<path>' is a file, not a directory``, ``... cannot be made: <why>``, ``... cannot be
+            used: <why>`` (a path the system cannot look up),
             ``... is not writable``, or ``path`` is empty (which ``Path`` would read as the working folder).
     """
     path = refuse_empty_path(path, 'the folder is an empty path, which would be the working folder: name a folder '
                                    '("." for the working folder)')
-    try:
-        is_file = path.exists() and not path.is_dir()
-    except OSError as error:  # e.g. a name longer than the file system takes
-        raise ValueError(f"{str(path)!r} cannot be used as a folder: {error.strerror}") from None
-    if is_file:
+    exists, is_dir = _exists_and_is_dir(path, repr(str(path)))
+    if exists and not is_dir:
         raise ValueError(f"{str(path)!r} is a file, not a directory")
     if make:
         try:
@@ -258,11 +257,12 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
 
     Raises:
         FileNotFoundError: no file at ``path`` (IsADirectoryError: a directory there).
-        ValueError: ``path`` is empty (which ``Path`` would read as the working folder).
+        ValueError: ``path`` is empty (which ``Path`` would read as the working folder) or cannot be
+            looked up (a name longer than the file system takes).
         CheckpointError: the file is corrupt, truncated or not a checkpoint of this format.
     """
     path = refuse_empty_path(path, "checkpoint path is an empty path: name a file")
-    if _stat_kind(path) == "dir":
+    if _exists_and_is_dir(path, f"checkpoint path {str(path)!r}")[1]:
         raise IsADirectoryError(f"{path} is a directory, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -297,7 +297,7 @@ def load_checkpoint(
 
     Raises:
         CheckpointError: the file exists but is corrupt (it is left in place for inspection).
-        IsADirectoryError: ``path`` is a directory; ValueError: it is empty.
+        IsADirectoryError: ``path`` is a directory; ValueError: it is empty or cannot be looked up.
     """
     expected = _normalise(expected_metadata)
     try:

@@ -358,11 +358,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for stale in report.remove_stale_summary(root, name):
             if len(configs) == 1:
                 print(f"removed {stale}: it summarised the {name} results this run replaces")
-        # the earlier results.json goes first and the new one comes last: an interrupted write leaves no
-        # results.json beside plots of another run
+        # the earlier results.json goes first and the new one comes last: a run interrupted while it plots
+        # leaves no results.json beside plots of another run (a plot that fails still gets the results written)
         with contextlib.suppress(FileNotFoundError):
             (out_dir / report.RESULTS_FILE).unlink()
-        plots = report.write_plots(study, out_dir)
+        try:
+            plots = report.write_plots(study, out_dir)
+        except Exception:
+            report.write_json(study, out_dir / report.RESULTS_FILE)
+            raise
         results[name] = report.write_json(study, out_dir / report.RESULTS_FILE)
         print(f"results: {results[name]}\nplots: {', '.join(str(p) for p in plots)}")
         studies[name] = study

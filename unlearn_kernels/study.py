@@ -37,9 +37,9 @@ from .checkpoint import (
 from .checks import all_finite, check_choice, check_device, check_int, check_number
 from .data import (
     DatasetSplits,
-    available_datasets,
     ForgetRequest,
     LabeledData,
+    available_datasets,
     class_forget,
     load_dataset,
     mislabel,
@@ -266,7 +266,7 @@ class StudyConfig:
 
     def train_recipe(self, seed: int) -> TrainConfig:
         """The training recipe (``recipe``, else the model's default) with seed ``seed``."""
-        base = self.recipe if self.recipe is not None else DEFAULT_RECIPES.get(self.model, TrainConfig())
+        base = self.recipe if self.recipe is not None else DEFAULT_RECIPES[self.model]
         return dataclasses.replace(base, seed=seed)
 
     def method_kwargs(self, name: str) -> dict[str, Any]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import reprlib
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -14,7 +16,9 @@ from ..checks import as_float, check_tensor
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_args(op, x, weight, bias, lora_a, lora_b, scale, tangents=()):
+def check_args(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+               lora_b: torch.Tensor, scale: Any,
+               tangents: Sequence[tuple[str, torch.Tensor | None]] = ()) -> None:
     """Types, dtypes, devices and shapes of the tensors (x (..., in), any leading dims), and a scale that
     is a finite Python number within x's dtype; ``tangents`` are (name, tensor or None) pairs."""
     named = {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b}
@@ -57,7 +61,9 @@ def check_args(op, x, weight, bias, lora_a, lora_b, scale, tangents=()):
                          f"(largest finite {largest:g})")
 
 
-def check_op_args(op, x, weight, bias, lora_a, lora_b, scale, tangents=(), grad_out=None):
+def check_op_args(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                  lora_b: torch.Tensor, scale: Any, tangents: Sequence[tuple[str, torch.Tensor | None]] = (),
+                  grad_out: torch.Tensor | None = None) -> None:
     """:func:`check_args` for a registered op, which takes x as 2-D (N, in), and its ``grad_out`` (N, out)."""
     check_args(op, x, weight, bias, lora_a, lora_b, scale, tangents)
     if x.dim() != 2:

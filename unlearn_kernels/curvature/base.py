@@ -233,9 +233,10 @@ class CurvatureOperator(abc.ABC):
     at construction and again after they change (followed as the parameters are, e.g. through
     ``load_state_dict``), and the forward runs through ``torch.func.functional_call``.
 
-    Construction probes the first batch (two gradient evaluations and, in subclasses, one or two
-    products; counted in ``num_gradients`` and ``num_products`` as if they were full ones) and raises
-    ValueError for train-mode BatchNorm/dropout or a BatchNorm without running statistics (see
+    Construction probes the first batch (its derivatives on the first batch with a row the loss does
+    not ignore: two gradient evaluations and, in subclasses, one or two products; counted in
+    ``num_gradients`` and ``num_products`` as if they were full ones) and raises ValueError for
+    train-mode BatchNorm/dropout or a BatchNorm without running statistics (see
     :func:`check_per_sample_forward`), for data that changes between passes, for data the
     model or the loss cannot run on ("the model cannot run on the data: ...", "the loss rejects the
     targets y ...": a wrong dtype, input width or label shape) and for a gradient that is not
@@ -412,15 +413,8 @@ class CurvatureOperator(abc.ABC):
         self._check_finite_weights(key)
         # the parameters' entries come first in the key
         for (name, p), (_, ptr, _), (_, old_ptr, _) in zip(self._live.items(), key, self._weights_key):
-            if ptr != old_ptr:
-                target = self.params if name in self.params else self._constants
-                if p.shape != target[name].shape or p.dtype != target[name].dtype or p.device != target[name].device:
-                    raise ValueError(
-                        f"parameter {name!r} was replaced by one of shape {tuple(p.shape)}, {p.dtype} on {p.device} "
-                        f"(was {tuple(target[name].shape)}, {target[name].dtype} on {target[name].device}): "
-                        "build a new operator"
-                    )
-                target[name] = p.detach()
+            if ptr != old_ptr:  # of the same layout: ParameterSlots refuses another one
+                (self.params if name in self.params else self._constants)[name] = p.detach()
         self._copy_buffers()
         self._weights_key = key
         self.invalidate()
@@ -602,7 +596,8 @@ class CurvatureOperator(abc.ABC):
             ) from err
         self.num_gradients += 2
         if not all_finite(g1):
-            raise ValueError("the gradient of the loss on the first batch contains NaN or Inf")
+            raise ValueError("the gradient of the loss on the probe batch (the first with a row the loss counts) "
+                             "contains NaN or Inf")
         # Bitwise agreement is expected on CPU; a few ulps are allowed for nondeterministic GPU
         # reductions. Dropout and other randomness differ by far more.
         tol = max(1e-12, 16 * torch.finfo(self.dtype).eps)
@@ -620,21 +615,31 @@ class CurvatureOperator(abc.ABC):
         probe_forward(functools.partial(self.batch_forward, self.params), self.loss_fn, x, y, self.dtype)
 
 
+def hooked_module(model: nn.Module, direction: str) -> str | None:
+    """Where ``model`` has a module hook of ``direction`` ("forward": forward hooks and pre-hooks;
+    "backward": backward hooks and pre-hooks), as the start of a sentence ("module '0' has a forward
+    hook", or a global one registered for every module); None without one."""
+    from torch.nn.modules import module as torch_module  # where torch keeps the global hooks
+
+    hooks, pre_hooks = f"_{direction}_hooks", f"_{direction}_pre_hooks"
+    if getattr(torch_module, f"_global{hooks}") or getattr(torch_module, f"_global{pre_hooks}"):
+        return f"a global module {direction} hook is registered (register_module_{direction}_hook / _pre_hook)"
+    for name, module in model.named_modules():
+        if getattr(module, hooks) or getattr(module, pre_hooks):
+            return f"{'module ' + repr(name) if name else 'the model'} has a {direction} hook or {direction} pre-hook"
+    return None
+
+
 def _func_grad_hint(model: nn.Module) -> str:
     """What in ``model`` torch.func's gradient is known to fail on, as the end of its error: a backward
     hook (torch.func cannot run one), or DistributedDataParallel (whose forward writes the buffers it
     broadcasts); "" if neither."""
-    from torch.nn.modules import module as torch_module  # where torch keeps the global hooks
-
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return (" (a DistributedDataParallel forward writes the buffers it broadcasts: pass ddp.module with "
                 "process_group=..., which reduces the curvature over the ranks itself)")
-    if torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks:
-        return " (a global module backward hook is registered, which torch.func cannot run through: remove it)"
-    for name, module in model.named_modules():
-        if module._backward_hooks or module._backward_pre_hooks:
-            return (f" ({'module ' + repr(name) if name else 'the model'} has a backward hook, which torch.func "
-                    "cannot run through: remove it (handle.remove()) while the curvature is computed)")
+    hooked = hooked_module(model, "backward")
+    if hooked is not None:
+        return f" ({hooked}, which torch.func cannot run through: remove it while the curvature is computed)"
     return ""
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..backends import status
 from ..ops.mlp_hvp import mlp_hvp_flat, mlp_hvp_flat_cached, mlp_hvp_state
-from .base import CurvatureOperator, DataSpec, LossFn
+from .base import CurvatureOperator, DataSpec, LossFn, hooked_module
 from .params import ParamSelection, resolve_parameters
 
 _ACTIVATIONS: dict[type[nn.Module], str] = {nn.ReLU: "relu", nn.GELU: "gelu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
@@ -124,20 +124,6 @@ def parse_cross_entropy(loss_fn: LossFn) -> tuple[float, int] | str:
     return float(loss_fn.label_smoothing), int(loss_fn.ignore_index)
 
 
-def _forward_hook_reason(model: nn.Module) -> str | None:
-    """Why the fused passes, which compute the layers' functions themselves, would not be the model's
-    forward: a forward (pre-)hook on one of its modules, or one registered for every module (it may
-    change an input or an output); None without hooks."""
-    from torch.nn.modules import module as torch_module  # where torch keeps the global hooks
-
-    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
-        return "a global module forward hook is registered (register_module_forward_hook / _pre_hook)"
-    for name, child in model.named_modules():
-        if child._forward_hooks or child._forward_pre_hooks:
-            return f"{'module ' + repr(name) if name else 'the model'} has a forward hook or forward pre-hook"
-    return None
-
-
 def fused_reason(parsed: object, loss_fn: LossFn, model: nn.Module, params: ParamSelection,
                  layer_params: Callable[[object], list[torch.Tensor]], layers: str) -> str | None:
     """The checks both fused paths share, or None when they pass: ``parsed`` is the path's parse of the
@@ -147,7 +133,7 @@ def fused_reason(parsed: object, loss_fn: LossFn, model: nn.Module, params: Para
     device, float32 or float64)."""
     if isinstance(parsed, str):
         return parsed
-    hooked = _forward_hook_reason(model)
+    hooked = hooked_module(model, "forward")  # it may change a layer's input or output: not the fused passes'
     if hooked is not None:
         return hooked
     loss = parse_cross_entropy(loss_fn)

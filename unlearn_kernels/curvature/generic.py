@@ -160,7 +160,8 @@ class _TorchFuncOperator(CurvatureOperator):
             raise ValueError(f"{type(self).__name__}: {self._derivative_error}: {err}") from err
         self.num_products += 1
         if not all(all_finite(t) for t in out.values()):
-            raise ValueError(f"{type(self).__name__}: a curvature-vector product on the first batch is not finite")
+            raise ValueError(f"{type(self).__name__}: a curvature-vector product on the probe batch (the first with a "
+                             "row the loss counts) is not finite")
         return self.flatten_columns(out)
 
 
@@ -277,7 +278,7 @@ class GenericHessian(_TorchFuncOperator):
         err = float((hv - ref).norm()) / max(float(ref.norm()), torch.finfo(self.dtype).tiny)
         if err > 10 * torch.finfo(self.dtype).eps ** 0.5:
             raise ValueError(
-                f"GenericHessian: double backward disagrees with forward-over-reverse on the first batch (relative "
+                f"GenericHessian: double backward disagrees with forward-over-reverse on the probe batch (relative "
                 f"difference {err:.1e}): a backward in the model or loss is not differentiable (e.g. marked "
                 "@once_differentiable); use mode='forward-over-reverse'"
             )

@@ -94,7 +94,6 @@ class Objective:
         self.loss_fn = loss_fn
         self.param_names: tuple[str, ...] = tuple(chosen)
         self._slots = ParameterSlots(model, chosen)  # read at every call: replaced parameters are followed
-        self._layouts = {name: (p.shape, p.dtype, p.device) for name, p in chosen.items()}
         self._functional = FunctionalForward(model)
         self.weight_decay = check_number("Objective: weight_decay", weight_decay, 0.0)
         self._statistics = normalisation_buffers(model)
@@ -133,11 +132,6 @@ class Objective:
         grad: torch.Tensor | None = None
         count = 0
         params = self._slots.current()
-        for name, p in params.items():  # e.g. model.float() after construction: the data is in the old dtype
-            if (p.shape, p.dtype, p.device) != self._layouts[name]:
-                shape, dtype, device = self._layouts[name]
-                raise ValueError(f"Objective: parameter {name!r} is now of shape {tuple(p.shape)}, {p.dtype} on "
-                                 f"{p.device} (was {tuple(shape)}, {dtype} on {device}): build a new Objective")
         for x, y in self.data:
             n = y.shape[0]
             if with_gradient:

@@ -97,8 +97,9 @@ def parameter_names(model: nn.Module, params: ParamSelection = None) -> tuple[st
 
 
 class ModelChanged(ValueError):
-    """The model's modules changed after an operator or objective was built on it (a submodule replaced,
-    added or removed, or a parameter or buffer registered or deleted): its products, gradients and
+    """The model changed after an operator or objective was built on it in a way that it cannot follow
+    (a submodule replaced, added or removed, a parameter registered or deleted, or a parameter or
+    buffer of another shape, dtype or device, as ``model.float()`` makes): its products, gradients and
     cached state describe the model as it was, so it refuses to go on."""
 
 
@@ -107,22 +108,30 @@ class ParameterSlots:
     parameter or buffer dict and attribute), so that an object replaced there (``load_state_dict(...,
     assign=True)``, ``module.weight = nn.Parameter(...)``) is found by name; and the model's module
     tree, so that a change of the tree itself (``model[0] = nn.Linear(...)``, ``model.append(...)``),
-    which the slots of the old modules cannot see, is refused instead of read as the old model."""
+    which the slots of the old modules cannot see, is refused instead of read as the old model. The
+    tree holds the modules themselves (compared by identity: a replacement freed and replaced again
+    cannot take an old module's id) and their parameters' names; buffers a forward registers on the
+    fly (a cache) are not a change of the model."""
 
     def __init__(self, model: nn.Module, names: Iterable[str], *, buffers: bool = False) -> None:
         self._model = model
+        self._kind = "buffer" if buffers else "parameter"
         self._tree = _module_tree(model)
         self._slots = {}
+        self._layouts = {}
         for name in names:
             prefix, _, attr = name.rpartition(".")
             module = model.get_submodule(prefix) if prefix else model
-            self._slots[name] = (module._buffers if buffers else module._parameters, attr)
+            owner = module._buffers if buffers else module._parameters
+            self._slots[name] = (owner, attr)
+            self._layouts[name] = _layout(owner[attr])
 
     def current(self) -> dict[str, torch.Tensor]:
         """The parameter (or buffer) objects the model holds now, by name.
 
         Raises:
-            ModelChanged: the model's module tree is not the one the slots were taken from.
+            ModelChanged: the model's module tree is not the one the slots were taken from, or a tensor
+                is gone or has another shape, dtype or device.
         """
         tree = _module_tree(self._model)
         if tree != self._tree:
@@ -130,15 +139,28 @@ class ParameterSlots:
             changed = differ[0] if differ else max(tree, self._tree, key=len)[min(len(tree), len(self._tree))][0]
             raise ModelChanged(
                 f"the model's modules changed after the operator or objective was built on it (at module "
-                f"{changed or '(the model)'!r}: replaced, added or removed, or a parameter or buffer registered or "
-                "deleted there): build a new one on the model as it is now")
-        return {name: owner[attr] for name, (owner, attr) in self._slots.items()}
+                f"{changed or '(the model)'!r}: replaced, added or removed, or a parameter registered or deleted "
+                "there): build a new one on the model as it is now")
+        tensors = {}
+        for name, (owner, attr) in self._slots.items():
+            tensor = owner.get(attr)
+            if tensor is None or _layout(tensor) != self._layouts[name]:
+                now = "deleted" if tensor is None else "now {}, {} on {}".format(*_layout(tensor))
+                was = "{}, {} on {}".format(*self._layouts[name])
+                raise ModelChanged(f"the model's {self._kind} {name!r} is {now} (was {was}) since the operator or "
+                                   "objective was built on it: build a new one on the model as it is now")
+            tensors[name] = tensor
+        return tensors
 
 
-def _module_tree(model: nn.Module) -> list[tuple[str, int, int, int]]:
-    """(name, module identity, number of parameters, number of buffers) of every module of ``model``:
-    what the slots' validity depends on, read in a few microseconds per module."""
-    return [(name, id(module), len(module._parameters), len(module._buffers)) for name, module in model.named_modules()]
+def _layout(tensor: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype, torch.device]:
+    return tuple(tensor.shape), tensor.dtype, tensor.device
+
+
+def _module_tree(model: nn.Module) -> list[tuple[str, nn.Module, tuple[str, ...]]]:
+    """(name, module, its parameters' names) of every module of ``model``: what the slots' validity
+    depends on, read in a few microseconds per module."""
+    return [(name, module, tuple(module._parameters)) for name, module in model.named_modules()]
 
 
 class FunctionalForward:

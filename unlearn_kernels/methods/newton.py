@@ -26,8 +26,8 @@ Options shared by all (constructor arguments):
 
 * ``params``: names of the parameters to update (e.g. the last layer's), one name or an ordered
   sequence of them (a set is refused: its order changes between processes, and the seeded draws
-  with it); None = all trainable ones. Names, not tensors: the method works on a copy of the model,
-  so the caller's tensors are not its.
+  with it); None = all trainable ones that the loss uses (see ``weight_decay``). Names, not
+  tensors: the method works on a copy of the model, so the caller's tensors are not its.
 * ``loss_fn``: the per-batch mean loss, ``F.cross_entropy`` by default.
 * ``dtype``: compute g, H and s in this dtype (e.g. ``torch.float64``) on a converted copy of the
   model; the returned model keeps its own dtype. None = the parameters' dtype (float32 for a float16 or
@@ -51,7 +51,8 @@ Every method returns the model in eval mode (curvature is defined on the determi
 loss), never writes a non-finite value into it (a NaN/Inf step raises ValueError), reports the
 Hessian-vector products from the operators' counters in ``UnlearnResult.hvps`` and counts every
 gradient pass in ``gradients`` (batches per pass), including the two gradients on the first batch
-that each operator's construction probe takes (its probe product is in the operators' product
+(the first with a row the loss counts) that each operator's construction probe takes, and the probe
+for parameters the loss does not use (with ``params=None``) (its probe product is in the operators' product
 counters, so in ``hvps``). ``diagnostics`` hold at least ``step_norm`` (||w_new - w||), ``M`` (None for
 the baselines), ``grad_norm_retain_before`` / ``_after`` (``||g||`` at the old and new weights),
 ``objective_before`` / ``_after`` (F), ``num_params`` and ``hessian_path``.
@@ -111,7 +112,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: digits rows in chunks of 2,048 took 0.67x the time of one batch (the chunk's activations stay in cache)
 DEFAULT_BATCH_SIZE = 2048
 
-#: the gradients each operator's construction probe takes on the first batch (counted in ``gradients``)
+#: the gradients each operator's construction probe takes on its probe batch (counted in ``gradients``)
 PROBE_GRADIENTS = 2
 
 
@@ -235,31 +236,46 @@ class _NewtonFamily(Unlearner):
         compute = self.dtype or (torch.float32 if model_dtype in (torch.float16, torch.bfloat16) else model_dtype)
         shadow = model if compute == model_dtype else copy.deepcopy(model).to(compute)
         w = get_flat_parameters(shadow, names)
-        retain = self._cast(retain, w)
+        ws = _Workspace(model, model_dtype, shadow, names, w, self._cast(retain, w))
         if self.params is None:
-            names = self._used_by_loss(shadow, names, retain)
-            w = get_flat_parameters(shadow, names)
-        return _Workspace(model, model_dtype, shadow, names, w, retain)
+            ws.names = self._used_by_loss(ws)
+            ws.w = get_flat_parameters(shadow, ws.names)
+        return ws
 
-    #: rows of D_r the probe for parameters the loss does not use runs on
+    #: rows of D_r (at most ``batch_size``) the probe for parameters the loss does not use runs on
     USE_PROBE_ROWS = 256
 
-    def _used_by_loss(self, shadow: nn.Module, names: tuple[str, ...], retain: LabeledData) -> tuple[str, ...]:
-        """``names`` without the parameters the eval-mode loss does not depend on (no gradient on the
+    def _used_by_loss(self, ws: _Workspace) -> tuple[str, ...]:
+        """``ws.names`` without the parameters the eval-mode loss does not depend on (no gradient on the
         first :attr:`USE_PROBE_ROWS` rows of D_r; with a process group, on no rank's): training skips
         their weight decay, and F's decay term over them would shrink them (``newton_pinv`` zeroed them)
-        although nothing else moves them. ValueError if none is used."""
-        params = dict(shadow.named_parameters())
-        used = torch.zeros(len(names), dtype=torch.float64, device=_collective_device(shadow))
-        if len(retain):
-            x, y = retain.x[:self.USE_PROBE_ROWS], retain.y[:self.USE_PROBE_ROWS]
-            with torch.enable_grad():
-                loss = checked_loss(self.loss_fn, shadow(x), y, self.name)
-                grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-            used = torch.tensor([g is not None for g in grads], dtype=torch.float64, device=used.device)
+        although nothing else moves them. A parameter only later rows reach would be left out too. The
+        probe counts as one gradient pass. ValueError if none is used; with a process group a rank whose
+        probe fails raises its error and the others a RuntimeError naming it (no wait for a timeout)."""
+        params = dict(ws.shadow.named_parameters())
+        names = ws.names
+        # the flags of the parameters, then this rank's failure
+        used = torch.zeros(len(names) + 1, dtype=torch.float64, device=_collective_device(ws.shadow))
+        failure = None
+        if len(ws.retain):
+            rows = min(self.USE_PROBE_ROWS, self.batch_size or self.USE_PROBE_ROWS)
+            try:
+                with torch.enable_grad():
+                    loss = checked_loss(self.loss_fn, ws.shadow(ws.retain.x[:rows]), ws.retain.y[:rows], self.name)
+                    grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+                used[:-1] = torch.tensor([g is not None for g in grads], dtype=torch.float64)
+            except (RuntimeError, ValueError, TypeError) as error:
+                failure = error
+                used[-1] = 1.0
+            ws.gradient_passes += 1
         if self.process_group is not None:
             dist.all_reduce(used, op=dist.ReduceOp.MAX, group=self.process_group)
-        kept = tuple(name for name, flag in zip(names, used.tolist()) if flag)
+        if failure is not None:
+            raise failure
+        if used[-1]:
+            raise RuntimeError(f"{self.name}: another rank failed to run the loss on its retain rows (its own error "
+                               "is raised there)")
+        kept = tuple(name for name, flag in zip(names, used[:-1].tolist()) if flag)
         if not kept:
             raise ValueError(f"{self.name}: the loss depends on none of the model's trainable parameters")
         return kept
