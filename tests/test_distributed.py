@@ -226,6 +226,16 @@ def _method_shards_worker(rank: int, world: int, store: str) -> None:
         expect = (ValueError, "not finite") if rank == 1 else (RuntimeError, r"rank\(s\) \[1\] refused their inputs")
         with pytest.raises(expect[0], match=expect[1]):
             method.unlearn(model, forget, bad if rank == 1 else retain, seed=0)
+        # a sample forgotten on rank 0 and kept on rank 1: each rank's own check saw no overlap, and the
+        # step treated it as both forgotten and kept; refused on every rank now, before any work
+        kept = LabeledData(torch.cat([retain.x, forget.x[2:3]]), torch.cat([retain.y, forget.y[2:3]]))
+        mine = (forget, retain.subset(torch.arange(0))) if rank == 0 else (forget.subset(torch.arange(0)), kept)
+        expect = ((ValueError, r"1 forget samples of rank 0 are also in another rank's retain set \(same input and "
+                               r"label; first at forget row 2, in rank 1's\)") if rank == 0 else
+                  (RuntimeError, r"rank\(s\) \[0\] hold forget samples that another rank keeps in its retain set"))
+        for name in ("cure_newton", "damped_newton"):
+            with pytest.raises(expect[0], match=expect[1]):
+                METHODS[name](process_group=dist.group.WORLD).unlearn(model, *mine, seed=0)
     finally:
         dist.destroy_process_group()
 

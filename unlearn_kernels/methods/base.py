@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..checks import (
@@ -282,6 +283,39 @@ def _shared_rows(forget: LabeledData, retain: LabeledData) -> list[int]:
     return [int(i) for i in candidates
             if any(forget_y[i] == retain_y[j] and np.array_equal(forget_rows[i], retain_rows[j])
                    for j in by_hash[int(forget_h[i])])]
+
+
+def forget_rows_in_other_retain_shards(forget: LabeledData, retain: LabeledData,
+                                       group: Any) -> list[tuple[int, int]]:
+    """``(forget row, rank)`` for each sample of this rank's forget shard that another rank of ``group``
+    holds in its retain shard (each rank checks its own shards alone): candidates by the rows' hashes,
+    gathered from every rank, confirmed exactly on the rows themselves (a hash collision cannot raise a
+    false error). A collective: every rank of ``group`` calls it."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    dtype = torch.promote_types(forget.x.dtype, retain.x.dtype)
+    forget_rows, retain_rows = _row_bytes(forget, dtype), _row_bytes(retain, dtype)
+    forget_y, retain_y = forget.y.cpu().numpy(), retain.y.cpu().numpy()
+    forget_h, retain_h = _row_hashes(forget_rows, forget_y), _row_hashes(retain_rows, retain_y)
+    hashes: list[Any] = [None] * world
+    dist.all_gather_object(hashes, forget_h.tolist(), group=group)
+    others = np.array([h for k, per_rank in enumerate(hashes) if k != rank for h in per_rank], dtype=np.uint64)
+    candidates = [(retain_rows[j].tobytes(), int(retain_y[j]), int(retain_h[j]))
+                  for j in np.nonzero(np.isin(retain_h, others))[0]]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, candidates, group=group)
+    by_hash: dict[int, list[tuple[bytes, int, int]]] = {}
+    for k, per_rank in enumerate(gathered):
+        if k != rank:
+            for row, label, h in per_rank:
+                by_hash.setdefault(h, []).append((row, label, k))
+    shared = []
+    for i, h in enumerate(forget_h.tolist()):
+        row, label = forget_rows[i].tobytes(), int(forget_y[i])
+        owner = next((k for other_row, other_label, k in by_hash.get(h, ())
+                      if (other_row, other_label) == (row, label)), None)
+        if owner is not None:
+            shared.append((i, owner))
+    return shared
 
 
 def _check_fit(name: str, model: nn.Module, sets: dict[str, LabeledData]) -> None:

@@ -104,7 +104,14 @@ from ..solvers import (
     lissa,
     pinv_newton_step,
 )
-from .base import Unlearner, UnlearnResult, check_not_empty, checked_local_copy, rows_by_role
+from .base import (
+    Unlearner,
+    UnlearnResult,
+    check_not_empty,
+    checked_local_copy,
+    forget_rows_in_other_retain_shards,
+    rows_by_role,
+)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -309,6 +316,20 @@ class _NewtonFamily(Unlearner):
                                "error is raised there)")
         totals = {role: int(n) for role, n in zip(roles, table[:len(roles)].tolist()) if role in rows}
         check_not_empty(self.name, totals, " on every rank")
+        # a sample forgotten on one rank and kept on another: each rank saw its own shards only
+        shared = forget_rows_in_other_retain_shards(forget, retain, group)
+        flags = torch.zeros(world, dtype=torch.float64, device=table.device)
+        flags[rank] = float(bool(shared))
+        dist.all_reduce(flags, group=group)
+        if shared:
+            row, other = shared[0]
+            raise ValueError(f"{self.name}: {len(shared)} forget samples of rank {rank} are also in another rank's "
+                             f"retain set (same input and label; first at forget row {row}, in rank {other}'s): a "
+                             "sample cannot be both forgotten and kept")
+        failed = [r for r, flag in enumerate(flags.tolist()) if flag]
+        if failed:
+            raise RuntimeError(f"{self.name}, rank {rank} of {world}: rank(s) {failed} hold forget samples that "
+                               "another rank keeps in its retain set (their own error is raised there)")
         return work
 
     def _batches(self, data: LabeledData) -> int:
