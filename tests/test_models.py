@@ -61,6 +61,7 @@ def test_resnet18_has_cifar_stem_and_width():
     (lambda: build_model("mlp", (0, 4), 10), "positive"),
     (lambda: MLP(0), "MLP: in_features must be an int >= 1, got 0"),
     (lambda: MLP(4, hidden=(8, 2.5)), "MLP: hidden[1] must be an int >= 1, got 2.5"),
+    (lambda: MLP(4, hidden=8), "MLP: hidden must be a sequence of layer widths, e.g. (128,), got 8"),
     (lambda: SmallCNN((1, 2), 10), "SmallCNN: in_channels must be an int >= 1, got (1, 2)"),
     (lambda: SmallCNN(1, True), "SmallCNN: num_classes must be an int >= 1, got True"),
     (lambda: SmallCNN(1, 10, channels=(4, "a")), "SmallCNN: channels[1] must be an int >= 1, got 'a'"),

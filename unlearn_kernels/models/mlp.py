@@ -35,6 +35,8 @@ class MLP(nn.Sequential):
     ) -> None:
         check_choice("MLP: activation", activation, sorted(ACTIVATIONS))
         widths = [check_int("MLP: in_features", in_features)]
+        if isinstance(hidden, (str, bytes)) or not hasattr(hidden, "__iter__"):  # an int: "not iterable"
+            raise ValueError(f"MLP: hidden must be a sequence of layer widths, e.g. (128,), got {hidden!r}")
         widths += [check_int(f"MLP: hidden[{i}]", width) for i, width in enumerate(hidden)]
         num_classes = check_int("MLP: num_classes", num_classes)
         layers: list[nn.Module] = [nn.Flatten()]
