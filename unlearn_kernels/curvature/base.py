@@ -315,13 +315,12 @@ class CurvatureOperator(abc.ABC):
         # constants: other parameters detached, buffers cloned so no forward can write to the model.
         # The parameters themselves are kept to see changes (_sync_weights).
         self._live = {name: p for name, p in model.named_parameters()}
-        self._slots = ParameterSlots(model, self._live)
+        self._live_buffers = dict(model.named_buffers())
+        self._slots = ParameterSlots(model, self._live, buffer_names=self._live_buffers)
         self.params: dict[str, torch.Tensor] = {name: p.detach() for name, p in chosen.items()}
         self._constants: dict[str, torch.Tensor] = {
             name: p.detach() for name, p in model.named_parameters() if name not in chosen
         }
-        self._buffer_slots = ParameterSlots(model, [name for name, _ in model.named_buffers()], buffers=True)
-        self._live_buffers = self._buffer_slots.current()
         # the buffers held to finiteness as the parameters are (the others to no NaN: see the module docstring)
         self._statistics = normalisation_buffers(model)
         self._copy_buffers()
@@ -396,8 +395,9 @@ class CurvatureOperator(abc.ABC):
 
     def _current_weights_key(self) -> WeightsKey:
         # a parameter or buffer object replaced in the model is followed (its data pointer differs)
-        self._live = self._slots.current()
-        self._live_buffers = self._buffer_slots.current()
+        live = self._slots.current()
+        self._live = {name: live[name] for name in self._live}
+        self._live_buffers = {name: live[name] for name in self._live_buffers}
         return weights_key([*self._live.values(), *self._live_buffers.values()])
 
     def _sync_weights(self) -> None:

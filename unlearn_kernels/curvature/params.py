@@ -104,7 +104,7 @@ class ModelChanged(ValueError):
 
 
 class ParameterSlots:
-    """Where each named parameter (or, with ``buffers=True``, buffer) of a model lives (its module's
+    """Where each named parameter (and each of ``buffer_names``) of a model lives (its module's
     parameter or buffer dict and attribute), so that an object replaced there (``load_state_dict(...,
     assign=True)``, ``module.weight = nn.Parameter(...)``) is found by name; and the model's module
     tree, so that a change of the tree itself (``model[0] = nn.Linear(...)``, ``model.append(...)``),
@@ -113,21 +113,22 @@ class ParameterSlots:
     cannot take an old module's id) and their parameters' names; buffers a forward registers on the
     fly (a cache) are not a change of the model."""
 
-    def __init__(self, model: nn.Module, names: Iterable[str], *, buffers: bool = False) -> None:
+    def __init__(self, model: nn.Module, names: Iterable[str], *, buffer_names: Iterable[str] = ()) -> None:
         self._model = model
-        self._kind = "buffer" if buffers else "parameter"
         self._tree = _module_tree(model)
         self._slots = {}
         self._layouts = {}
-        for name in names:
-            prefix, _, attr = name.rpartition(".")
-            module = model.get_submodule(prefix) if prefix else model
-            owner = module._buffers if buffers else module._parameters
-            self._slots[name] = (owner, attr)
-            self._layouts[name] = _layout(owner[attr])
+        for kind, selected in (("parameter", names), ("buffer", buffer_names)):
+            for name in selected:
+                prefix, _, attr = name.rpartition(".")
+                module = model.get_submodule(prefix) if prefix else model
+                owner = module._buffers if kind == "buffer" else module._parameters
+                self._slots[name] = (kind, owner, attr)
+                self._layouts[name] = _layout(owner[attr])
 
     def current(self) -> dict[str, torch.Tensor]:
-        """The parameter (or buffer) objects the model holds now, by name.
+        """The parameter and buffer objects the model holds now, by name (a parameter and a buffer
+        cannot share a name), after one look at the module tree.
 
         Raises:
             ModelChanged: the model's module tree is not the one the slots were taken from, or a tensor
@@ -142,12 +143,12 @@ class ParameterSlots:
                 f"{changed or '(the model)'!r}: replaced, added or removed, or a parameter registered or deleted "
                 "there): build a new one on the model as it is now")
         tensors = {}
-        for name, (owner, attr) in self._slots.items():
+        for name, (kind, owner, attr) in self._slots.items():
             tensor = owner.get(attr)
             if tensor is None or _layout(tensor) != self._layouts[name]:
                 now = "deleted" if tensor is None else "now {}, {} on {}".format(*_layout(tensor))
                 was = "{}, {} on {}".format(*self._layouts[name])
-                raise ModelChanged(f"the model's {self._kind} {name!r} is {now} (was {was}) since the operator or "
+                raise ModelChanged(f"the model's {kind} {name!r} is {now} (was {was}) since the operator or "
                                    "objective was built on it: build a new one on the model as it is now")
             tensors[name] = tensor
         return tensors

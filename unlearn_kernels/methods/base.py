@@ -5,8 +5,9 @@ import abc
 import copy
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -267,55 +268,74 @@ def _row_hashes(rows: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return (words * weights).sum(axis=1, dtype=np.uint64) ^ (labels.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
 
 
+class _HashedRows(NamedTuple):
+    """A set's rows as bytes (N, bytes), its labels and the rows' hashes (see :func:`_row_hashes`)."""
+
+    rows: np.ndarray
+    labels: np.ndarray
+    hashes: np.ndarray
+
+
+def _hashed(forget: LabeledData, retain: LabeledData) -> tuple[_HashedRows, _HashedRows]:
+    """Both sets hashed in their promoted dtype (int32 and int64 token ids, float16 and float32 inputs
+    of a model that casts them: the same samples)."""
+    dtype = torch.promote_types(forget.x.dtype, retain.x.dtype)
+    hashed = []
+    for data in (forget, retain):
+        rows, labels = _row_bytes(data, dtype), data.y.cpu().numpy()
+        hashed.append(_HashedRows(rows, labels, _row_hashes(rows, labels)))
+    return hashed[0], hashed[1]
+
+
+def _confirmed(forget: _HashedRows, candidates: dict[int, list[tuple[bytes, int, int]]]) -> list[tuple[int, int]]:
+    """``(forget row, tag)`` for each forget row equal, in bytes and label, to a candidate ``(row bytes,
+    label, tag)`` listed under its hash: a hash collision cannot raise a false error."""
+    found = []
+    for i, h in enumerate(forget.hashes.tolist()):
+        if h in candidates:
+            sample = (forget.rows[i].tobytes(), int(forget.labels[i]))
+            tag = next((tag for row, label, tag in candidates[h] if (row, label) == sample), None)
+            if tag is not None:
+                found.append((i, tag))
+    return found
+
+
+def _by_hash(hashed: _HashedRows, indices: Iterable[int], tag: Callable[[int], int]) -> dict[int, list]:
+    """The candidates ``(row bytes, label, tag(j))`` of rows ``indices`` of ``hashed``, by hash."""
+    out: dict[int, list[tuple[bytes, int, int]]] = {}
+    for j in indices:
+        out.setdefault(int(hashed.hashes[j]), []).append((hashed.rows[j].tobytes(), int(hashed.labels[j]), tag(j)))
+    return out
+
+
 def _shared_rows(forget: LabeledData, retain: LabeledData) -> list[int]:
     """Rows of ``forget`` whose input and label also occur in ``retain``: candidates by a hash of the
-    row's bytes and label, confirmed exactly (a hash collision cannot raise a false error). Sets of
-    different dtypes are compared in their promoted dtype (int32 and int64 token ids, float16 and
-    float32 inputs of a model that casts them: the same samples)."""
-    dtype = torch.promote_types(forget.x.dtype, retain.x.dtype)
-    forget_rows, retain_rows = _row_bytes(forget, dtype), _row_bytes(retain, dtype)
-    forget_y, retain_y = forget.y.cpu().numpy(), retain.y.cpu().numpy()
-    forget_h, retain_h = _row_hashes(forget_rows, forget_y), _row_hashes(retain_rows, retain_y)
-    candidates = np.nonzero(np.isin(forget_h, retain_h))[0]
-    by_hash: dict[int, list[int]] = {}
-    for j in np.nonzero(np.isin(retain_h, forget_h[candidates]))[0]:
-        by_hash.setdefault(int(retain_h[j]), []).append(int(j))
-    return [int(i) for i in candidates
-            if any(forget_y[i] == retain_y[j] and np.array_equal(forget_rows[i], retain_rows[j])
-                   for j in by_hash[int(forget_h[i])])]
+    row's bytes and label, confirmed exactly; sets of different dtypes compared in their promoted dtype."""
+    f, r = _hashed(forget, retain)
+    candidates = _by_hash(r, np.nonzero(np.isin(r.hashes, f.hashes))[0], int)
+    return [i for i, _ in _confirmed(f, candidates)]
 
 
 def forget_rows_in_other_retain_shards(forget: LabeledData, retain: LabeledData,
                                        group: Any) -> list[tuple[int, int]]:
     """``(forget row, rank)`` for each sample of this rank's forget shard that another rank of ``group``
     holds in its retain shard (each rank checks its own shards alone): candidates by the rows' hashes,
-    gathered from every rank, confirmed exactly on the rows themselves (a hash collision cannot raise a
-    false error). A collective: every rank of ``group`` calls it."""
+    gathered from every rank, confirmed exactly on the rows themselves, as :func:`_shared_rows` does in
+    one process. A collective: every rank of ``group`` calls it."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    dtype = torch.promote_types(forget.x.dtype, retain.x.dtype)
-    forget_rows, retain_rows = _row_bytes(forget, dtype), _row_bytes(retain, dtype)
-    forget_y, retain_y = forget.y.cpu().numpy(), retain.y.cpu().numpy()
-    forget_h, retain_h = _row_hashes(forget_rows, forget_y), _row_hashes(retain_rows, retain_y)
+    f, r = _hashed(forget, retain)
     hashes: list[Any] = [None] * world
-    dist.all_gather_object(hashes, forget_h.tolist(), group=group)
+    dist.all_gather_object(hashes, f.hashes.tolist(), group=group)
     others = np.array([h for k, per_rank in enumerate(hashes) if k != rank for h in per_rank], dtype=np.uint64)
-    candidates = [(retain_rows[j].tobytes(), int(retain_y[j]), int(retain_h[j]))
-                  for j in np.nonzero(np.isin(retain_h, others))[0]]
+    mine = _by_hash(r, np.nonzero(np.isin(r.hashes, others))[0], lambda j: rank)
     gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, candidates, group=group)
-    by_hash: dict[int, list[tuple[bytes, int, int]]] = {}
+    dist.all_gather_object(gathered, mine, group=group)
+    candidates: dict[int, list[tuple[bytes, int, int]]] = {}
     for k, per_rank in enumerate(gathered):
         if k != rank:
-            for row, label, h in per_rank:
-                by_hash.setdefault(h, []).append((row, label, k))
-    shared = []
-    for i, h in enumerate(forget_h.tolist()):
-        row, label = forget_rows[i].tobytes(), int(forget_y[i])
-        owner = next((k for other_row, other_label, k in by_hash.get(h, ())
-                      if (other_row, other_label) == (row, label)), None)
-        if owner is not None:
-            shared.append((i, owner))
-    return shared
+            for h, entries in per_rank.items():
+                candidates.setdefault(h, []).extend(entries)
+    return _confirmed(f, candidates)
 
 
 def _check_fit(name: str, model: nn.Module, sets: dict[str, LabeledData]) -> None:
