@@ -358,20 +358,24 @@ def _different_weights_worker(rank: int, world: int, store: str) -> None:
         model, x, y = model_and_data()
         part = slice(0, 20) if rank == 0 else slice(20, ROWS)
         loss, group = nn.CrossEntropyLoss(), dist.group.WORLD
-        moved = copy.deepcopy(model)
+        moved, swapped = copy.deepcopy(model), copy.deepcopy(model)
         if rank == 1:
             with torch.no_grad():
                 moved[0].weight.add_(1.0)
+                # the same values in other places: sum and sum of squares agree, the weighted sum does not
+                swapped[0].weight[[0, 1]] = swapped[0].weight[[1, 0]].clone()
         for build in (lambda m: hessian_operator(m, loss, (x[part], y[part]), path="fused", process_group=group),
                       lambda m: hessian_operator(m, loss, (x[part], y[part]), path="generic", process_group=group),
                       lambda m: ggn_operator(m, loss, (x[part], y[part]), process_group=group),
                       lambda m: hessian_operator(m, loss, (x[part], y[part]) if rank == 0 else (x[:0], y[:0]),
                                                  process_group=group),
                       lambda m: DistributedObjective(m, loss, (x[part], y[part]), process_group=group)):
-            with pytest.raises(ValueError, match=r"the ranks hold different weights when the operator or objective "
-                                                 r"was built \(checksums \(sum, sum of squares\) of the chosen "
-                                                 r"parameters: \(.*\) on rank 0, \(.*\) on rank 1\)"):
-                build(moved)
+            for differing in (moved, swapped):
+                with pytest.raises(ValueError, match=r"the ranks hold different weights when the operator or "
+                                                     r"objective was built \(checksums \(sum, sum of squares, "
+                                                     r"position-weighted sum\) of the chosen parameters: \(.*\) on "
+                                                     r"rank 0, \(.*\) on rank 1\)"):
+                    build(differing)
         # The same weights at construction; then rank 1 alone moves them.
         v = torch.linspace(-1, 1, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
         for path in ("fused", "generic"):

@@ -302,9 +302,9 @@ def test_cli_one_protocol_writes_its_scenario(tmp_path, capsys):
         (["--lr", "-1"], "lr must be a finite number > 0"),
         (["--batch-size", "0"], "batch_size must be an int >= 1"),
         (["--epochs", "-1"], "epochs must be an int >= 0"),
-        (["--threads", "0"], "--threads must be between 1 and this machine's"),
+        (["--threads", "0"], "--threads must be between 1 and the"),
         # OpenMP could not create 20,000 threads (100,000: a segmentation fault)
-        (["--threads", "20000"], "--threads must be between 1 and this machine's"),
+        (["--threads", "20000"], "--threads must be between 1 and the"),
         (["--protocol", "class", "--forget-class", "3", "--forget-class", "3"],
          "forget_classes (--forget-class) repeat 3: give each class once"),
         (["--out", "x" * 300], "cannot be used: File name too long"),
@@ -339,6 +339,16 @@ def test_cli_wrong_options_give_a_clear_message(argv, message, tmp_path, capsys)
     assert "Traceback" not in err
     assert "unlearn-kernels run:" not in out  # rejected before the run header ...
     assert "training the original" not in err  # ... and before any work
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this system")
+def test_cli_threads_are_bounded_by_the_cpus_this_process_may_use(monkeypatch, tmp_path, capsys):
+    """A process limited to one CPU (taskset, a container's cpuset) accepted as many threads as the machine has."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    code = main(["run", "--seeds", "0", "--epochs", "1", "--methods", "original", "--no-cache", "--out", str(tmp_path),
+                 "--threads", "2"])
+    assert code == 2
+    assert "--threads must be between 1 and the 1 CPUs this process may use, got 2" in capsys.readouterr().err
 
 
 def test_cli_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):

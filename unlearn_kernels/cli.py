@@ -285,13 +285,21 @@ def _damaged_checkpoint(exc: Exception) -> UsageError:
     return UsageError(f"{first_line} (delete it to retrain, or run with --no-cache)")
 
 
+def usable_cpus() -> int:
+    """How many CPUs this process may run on: its CPU affinity where the system has one (a container or
+    ``taskset`` may allow fewer than the machine has), else the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 def check_threads(threads: int) -> None:
-    """UsageError unless ``threads`` is between 1 and the machine's CPU count: OpenMP fails to create
-    tens of thousands of threads (or the process dies in a segmentation fault), and more threads than
-    CPUs only wait on each other."""
-    cpus = os.cpu_count() or 1
+    """UsageError unless ``threads`` is between 1 and the CPUs this process may use: OpenMP fails to
+    create tens of thousands of threads (or the process dies in a segmentation fault), and more threads
+    than CPUs only wait on each other."""
+    cpus = usable_cpus()
     if not 1 <= threads <= cpus:
-        raise UsageError(f"--threads must be between 1 and this machine's {cpus} CPUs, got {threads}")
+        raise UsageError(f"--threads must be between 1 and the {cpus} CPUs this process may use, got {threads}")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -19,8 +19,8 @@ every rank, and run on these objects unchanged. Every rank must make the same ca
 order (as with any collective).
 
 The ranks must hold the same model: construction compares, in its one collective, the number of
-parameters, the dtype and a float64 checksum of the weights (sum and sum of squares of the chosen
-parameters, and of the model's other parameters and floating-point buffers), and every rank raises the
+parameters, the dtype and a float64 checksum of the weights (sum, sum of squares and a position-weighted sum of the
+chosen parameters, and of the model's other parameters and floating-point buffers), and every rank raises the
 same ValueError naming what differs (a different dtype would otherwise crash gloo at the first product,
 different weights would silently blend two Hessians). Each product's all_reduce carries, beside the
 failure flags, one flag per rank: "my weights changed since the last check" (for the operator, read
@@ -125,8 +125,10 @@ class WeightCheck:
     """The weights every rank must hold identically, as a float64 fingerprint, and whether they
     changed since the ranks last compared them.
 
-    ``checksum()`` is (sum, sum of squares) of the chosen parameters, then of the model's other
-    parameters and floating-point buffers (four float64 numbers, from one float64 copy of the weights).
+    ``checksum()`` is (sum, sum of squares, position-weighted sum) of the chosen parameters, then of
+    the model's other parameters and floating-point buffers (six float64 numbers, from one float64 copy
+    of the weights). The weighted sum tells apart weights that differ only in where their values sit
+    (two weights swapped, a transposed matrix), which the first two cannot.
     ``changed()`` compares ``key()`` (anything that changes when the weights do) with its value when
     the ranks last agreed; by default the key is, per parameter of the model, its version counter,
     data pointer and float64 sum, and the same of its buffers (the change detection of the curvature
@@ -139,7 +141,8 @@ class WeightCheck:
             replaced parameter is followed).
     """
 
-    SIZE = 4
+    SIZE = 6
+    PER_HALF = SIZE // 2
 
     def __init__(self, model: nn.Module, chosen: Iterable[str], key: Callable[[], WeightsKey] | None = None) -> None:
         self._model = model
@@ -167,7 +170,9 @@ class WeightCheck:
         return [p for name, p in live.items() if name not in self._chosen] + buffers
 
     def checksum(self, device: torch.device) -> torch.Tensor:
-        """(sum, sum of squares) of the chosen parameters, then of the rest, float64 on ``device``."""
+        """(sum, sum of squares, weighted sum) of the chosen parameters, then of the rest, float64 on
+        ``device``; entry i of a half is weighted by 1 + frac(i * golden ratio), so any two positions
+        weigh differently."""
         self._pending = self._key()
         live = self._slots.current()
         halves = []
@@ -176,7 +181,8 @@ class WeightCheck:
                 # one float64 copy per half, then two reductions: a few ops, not a few per tensor
                 flat = torch.cat([t.detach().reshape(-1).to(device, torch.float64) for t in tensors]
                                  or [torch.zeros(0, dtype=torch.float64, device=device)])
-                halves += [flat.sum(), torch.dot(flat, flat)]
+                weights = torch.arange(flat.numel(), dtype=torch.float64, device=device).mul_(_GOLDEN).frac_().add_(1)
+                halves += [flat.sum(), torch.dot(flat, flat), torch.dot(flat, weights)]
         return torch.stack(halves)
 
     def agreed(self) -> None:
@@ -194,20 +200,26 @@ class WeightCheck:
         rows = table.tolist()
         for half, (count, what) in enumerate(zip(self.counts(), ("of the chosen parameters",
                                                                   "of the model's other parameters and buffers"))):
-            pairs = [tuple(row[2 * half:2 * half + 2]) for row in rows]
-            squares = max((abs(q) for _, q in pairs if math.isfinite(q)), default=0.0)
-            scales = (math.sqrt(count * squares), squares)  # |sum| <= sqrt(n * sum of squares)
+            pairs = [tuple(row[self.PER_HALF * half:self.PER_HALF * (half + 1)]) for row in rows]
+            squares = max((abs(q) for _, q, _ in pairs if math.isfinite(q)), default=0.0)
+            # |sum| <= sqrt(n * sum of squares), and twice that with weights up to 2
+            scales = (math.sqrt(count * squares), squares, 2 * math.sqrt(count * squares))
             differ = [r for r, pair in enumerate(pairs)
                       if not all(_close(a, b, scale) for a, b, scale in zip(pair, pairs[0], scales))]
             if differ:
-                listed = ", ".join(f"({pairs[r][0]:.17g}, {pairs[r][1]:.17g}) on rank {r}" for r in [0, *differ[:3]])
+                listed = ", ".join(f"({', '.join(f'{v:.17g}' for v in pairs[r])}) on rank {r}"
+                                   for r in [0, *differ[:3]])
                 more = f" and {len(differ) - 3} more rank(s)" if len(differ) > 3 else ""
                 raise ValueError(
                     f"distributed curvature, rank {rank}: the ranks hold different weights {when} (checksums (sum, "
-                    f"sum of squares) {what}: {listed}{more}): every rank must hold the same model (e.g. broadcast "
-                    "rank 0's weights with dist.broadcast(p.data, src=0) for each parameter and buffer) and apply "
-                    "the same updates")
+                    f"sum of squares, position-weighted sum) {what}: {listed}{more}): every rank must hold the same "
+                    "model (e.g. broadcast rank 0's weights with dist.broadcast(p.data, src=0) for each parameter "
+                    "and buffer) and apply the same updates")
         self.agreed()
+
+
+_GOLDEN = (math.sqrt(5) - 1) / 2
+"""The checksum's position weights step by this irrational fraction, so no two positions share a weight."""
 
 
 def _close(a: float, b: float, scale: float) -> bool:
