@@ -427,3 +427,21 @@ def test_the_adapter_methods_take_their_defaults_on_a_transformer_layer():
     assert result.diagnostics["layers"] == ["1"]
     assert result.model.state_dict().keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the caller's model untouched
+
+
+def test_a_spectral_norm_layer_of_the_callers_model_is_not_run_while_checking_it():
+    """Checking whether a layer can take an adapter read its weight, which for a spectral-norm layer in
+    training mode runs a power iteration that wrote its state (_u, _v) into the caller's model: rfa
+    refused the model and still changed it, cure_newton_lora changed it and returned a result."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 10, generator=g), torch.randint(0, 3, (96,), generator=g)
+    forget, retain = LabeledData(x[:16], y[:16]), LabeledData(x[16:], y[16:])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.utils.parametrizations.spectral_norm(torch.nn.Linear(10, 16)),
+                                torch.nn.ReLU(), torch.nn.Linear(16, 3)).train()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="no hidden Linear or Conv2d layer that can take an adapter"):
+        RFA(epochs=1).unlearn(model, forget, retain, seed=0)
+    CureNewtonLoRA(max_iterations=1).unlearn(model, forget, retain, seed=0)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

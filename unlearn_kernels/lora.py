@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import ops
 from .checks import check_int, check_number
@@ -138,9 +139,12 @@ def _layer_problem(layer: nn.Linear | nn.Conv2d, parent: nn.Module | None = None
     if type(layer).forward is not plain.forward:
         return (f"its class {type(layer).__name__} overrides {plain.__name__}'s forward; the adapter's formula and "
                 "merging assume the plain layer's")
-    if isinstance(layer.weight, nn.parameter.UninitializedParameter):
+    # read from _parameters, not as layer.weight: a parametrization computes that, and spectral norm's
+    # power iteration then writes its state into the caller's layer
+    weight = None if parametrize.is_parametrized(layer, "weight") else layer._parameters.get("weight")
+    if isinstance(weight, nn.parameter.UninitializedParameter):
         return "it is a lazy layer whose weight is not initialised yet; run a forward pass first"
-    if not isinstance(layer.weight, nn.Parameter):  # recomputed at each call: a merge into it would be lost
+    if weight is None:  # recomputed at each call: a merge into it would be lost
         return "its weight is not a parameter but computed (a parametrization or weight norm); remove that first"
     if isinstance(layer, nn.Conv2d) and (layer.groups != 1 or layer.dilation != (1, 1)
                                          or layer.padding_mode != "zeros"):
