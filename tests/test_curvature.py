@@ -1441,3 +1441,11 @@ def test_non_finite_buffers(kind):
         with torch.no_grad():
             tensor.copy_(saved)
         torch.testing.assert_close(op.matvec(v), before, rtol=1e-12, atol=1e-14)
+
+
+def test_a_data_parallel_wrapper_is_refused_by_name():
+    """torch.func's stateless calls refuse the wrapper: it was met as "the model cannot run on the data"."""
+    model = nn.Sequential(nn.Linear(4, 3)).eval()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with pytest.raises(TypeError, match=r"the model is wrapped in DataParallel.*pass the wrapped model \(model"):
+        hessian_operator(nn.DataParallel(model), nn.CrossEntropyLoss(), (x, y))

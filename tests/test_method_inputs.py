@@ -436,3 +436,28 @@ def test_retrain_arguments():
         with pytest.raises(ValueError, match=rf"^RetrainReseeded: config.seed \+ seed_offset \({seed} \+ {offset}\) "
                                              rf"must be in \[0, 2\*\*63\), got {total}$"):
             METHODS["retrain_reseeded"](_mlp, TrainConfig(epochs=1, seed=seed), seed_offset=offset)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_a_torchscript_model_is_refused_by_name(problem, name):
+    """A scripted model's copies share its autograd graph: SSD returned it unchanged (every importance
+    zero), SalUn and SSD wrote the caller's .grad, the others failed with torch's own errors."""
+    model, forget, retain = problem
+    scripted = torch.jit.script(copy.deepcopy(model).eval())
+    with pytest.raises(TypeError, match=f"^{name}: model is a TorchScript module .*pass the eager nn.Module"):
+        _make(name).unlearn(scripted, forget, retain)
+    assert all(p.grad is None for p in scripted.parameters())
+
+
+@pytest.mark.parametrize("name", ["cure_newton", "stochastic_cure_newton", "newton_pinv", "damped_newton",
+                                  "damped_newton_cg", "influence", "lissa", "cure_newton_lora"])
+def test_a_data_parallel_wrapper_is_refused_by_the_curvature_methods_up_front(problem, name):
+    """torch.func's stateless calls refuse nn.DataParallel: the error came when the operator was built,
+    without the method's name and saying the model "cannot run on the data" (StoCuReNU: a bare
+    RuntimeError)."""
+    model, forget, retain = problem
+    wrapped = nn.DataParallel(model)
+    state, modes = _snapshot(model)
+    with pytest.raises(TypeError, match=f"^{name}: the model is wrapped in DataParallel.*pass the wrapped model"):
+        _make(name).unlearn(wrapped, forget, retain)
+    assert _snapshot(model)[1] == modes and all(torch.equal(model.state_dict()[k], v) for k, v in state.items())

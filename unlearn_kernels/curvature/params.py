@@ -19,6 +19,15 @@ ParamSelection = None | str | torch.Tensor | Iterable[str | torch.Tensor]
 """What ``params`` arguments accept: None (all trainable), names, or the parameter tensors themselves."""
 
 
+def check_not_wrapped(model: nn.Module, owner: str = "") -> None:
+    """TypeError for a model wrapped in nn.DataParallel or DistributedDataParallel: torch.func's
+    stateless calls, which every curvature operator and Objective makes, refuse such a wrapper."""
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise TypeError(f"{owner + ': ' if owner else ''}the model is wrapped in {type(model).__name__}, which the "
+                        "curvature operators cannot call through torch.func: pass the wrapped model (model.module); "
+                        "for curvature over several processes give process_group=")
+
+
 def resolve_parameters(model: nn.Module, params: ParamSelection = None) -> dict[str, nn.Parameter]:
     """The chosen parameters of ``model`` as an ordered ``{name: parameter}`` dict.
 
@@ -38,6 +47,7 @@ def resolve_parameters(model: nn.Module, params: ParamSelection = None) -> dict[
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_not_wrapped(model)
     named = dict(model.named_parameters())
     if params is None:
         chosen = {name: p for name, p in named.items() if p.requires_grad}
