@@ -131,6 +131,21 @@ def test_newton_family_gets_the_recipes_weight_decay_and_user_options_win(monkey
     json.dumps(config.to_dict())  # every option is JSON-friendly (loss functions by name)
 
 
+def test_newton_family_gets_the_recipes_loss_and_no_decoupled_decay():
+    """AdamW's decoupled decay was passed as an L2 term (the vit recipe's 5e-2: F far from stationary at
+    the trained model), and a recipe's label smoothing never reached the Newton family's loss."""
+    vit = StudyConfig(dataset="cifar10", model="vit", methods=("cure_newton", "finetune"))
+    assert vit.train_recipe(0).optimizer == "adamw" and vit.train_recipe(0).weight_decay > 0
+    assert vit.method_kwargs("cure_newton") == {"weight_decay": 0.0}
+    smoothed = StudyConfig(methods=("cure_newton",), recipe=TrainConfig(epochs=1, weight_decay=3e-3,
+                                                                        label_smoothing=0.1))
+    kwargs = smoothed.method_kwargs("cure_newton")
+    assert kwargs["weight_decay"] == 3e-3 and isinstance(kwargs["loss_fn"], torch.nn.CrossEntropyLoss)
+    assert kwargs["loss_fn"].label_smoothing == 0.1
+    effective = json.loads(json.dumps(smoothed.to_dict()))["effective_method_options"]["cure_newton"]
+    assert effective["loss_fn"] == "torch.nn.CrossEntropyLoss(label_smoothing=0.1, ignore_index=-100, reduction='mean')"
+
+
 def test_the_oracle_runs_first_wherever_it_is_listed():
     # every other method is compared with the oracle's model of the same request
     assert StudyConfig(methods=("original", "retrain", "finetune")).methods == ("retrain", "original", "finetune")

@@ -159,8 +159,8 @@ class StudyConfig:
             "retrain_reseeded" (not among the defaults) retrains a second oracle from another seed: its
             gaps to the oracle are what two retrained models differ by.
         method_options: ``{method: {option: value}}`` passed to the methods' constructors, over the
-            study's own choice (the recipe's ``weight_decay`` for the Newton family, see
-            ``Unlearner.uses_training_objective``). Checked when the config is built.
+            study's own choice (for the Newton family the recipe's ``weight_decay``, 0 under AdamW,
+            and its label smoothing, see :meth:`method_kwargs`). Checked when the config is built.
         seeds: one full study per seed (data split, forget set, training and methods all seeded).
         recipe: the training recipe (None = ``DEFAULT_RECIPES[model]``).
         device: where models train and run (a name or a torch.device, kept as its name; refused if
@@ -270,14 +270,19 @@ class StudyConfig:
         return dataclasses.replace(base, seed=seed)
 
     def method_kwargs(self, name: str) -> dict[str, Any]:
-        """The constructor arguments the study gives method ``name``: the recipe's weight decay for
-        methods that work on the training objective, then the user's ``method_options``.
+        """The constructor arguments the study gives method ``name``: for the methods that work on the
+        training objective, the recipe's weight decay and loss, then the user's ``method_options``.
 
-        With SGD or Adam the recipe's weight decay is the L2 term of the training objective; AdamW's
-        decoupled decay is not an L2 term, and is passed as it is."""
+        With SGD or Adam the recipe's weight decay is the L2 term of the training objective. AdamW's
+        decoupled decay is not a term of any objective (a model trained with it is near a stationary
+        point of the loss alone, far from one of loss + L2), so such methods get weight_decay 0. A
+        recipe with label smoothing trains on the smoothed cross entropy: they get that loss."""
         kwargs: dict[str, Any] = {}
         if METHODS[name].uses_training_objective:
-            kwargs["weight_decay"] = self.train_recipe(0).weight_decay
+            recipe = self.train_recipe(0)
+            kwargs["weight_decay"] = 0.0 if recipe.optimizer == "adamw" else recipe.weight_decay
+            if recipe.label_smoothing:
+                kwargs["loss_fn"] = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
         return kwargs | dict(self.method_options.get(name, {}))
 
     def effective_method_options(self) -> dict[str, dict[str, Any]]:
@@ -322,6 +327,9 @@ def _json_value(value: Any) -> Any:
         return {str(k): _json_value(v) for k, v in value.items()}
     if value is inspect.Parameter.empty:
         return "<required>"
+    if isinstance(value, nn.CrossEntropyLoss):  # its repr does not show its options
+        return (f"torch.nn.CrossEntropyLoss(label_smoothing={value.label_smoothing}, "
+                f"ignore_index={value.ignore_index}, reduction={value.reduction!r})")
     name = getattr(value, "__qualname__", None)
     return f"{getattr(value, '__module__', None) or ''}.{name}".lstrip(".") if name else str(value)
 

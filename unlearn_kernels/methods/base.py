@@ -58,9 +58,9 @@ class Unlearner(abc.ABC):
     #: method that adds and trains adapters): a model without trainable parameters is then accepted
     trains_model_parameters: bool = True
 
-    #: True for a method whose ``weight_decay`` is the L2 term of the objective it works on (the
-    #: Newton family): a study builds it with the training recipe's, the objective the original and
-    #: the oracle were trained on
+    #: True for a method whose ``weight_decay`` is the L2 term of the objective it works on and whose
+    #: ``loss_fn`` is that objective's loss (the Newton family): a study builds it with the training
+    #: recipe's, the objective the original and the oracle were trained on
     uses_training_objective: bool = False
 
     def unlearn(
