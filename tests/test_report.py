@@ -101,6 +101,41 @@ def test_tables_show_gap_closed_and_flag_noise():
     assert newton[1:] == ["0.80", "0.75", "0.67~", "0.75"]  # random's Acc_f gap is within noise; its AvgGap is not
 
 
+def test_a_gap_closed_defined_on_some_seeds_only_says_so(tmp_path):
+    """A gap closed undefined on seeds where the Original already matched the oracle was averaged over the
+    other seeds and shown as a plain mean with no spread, like a mean over every seed."""
+    records = _study([0.0, 0.0, 0.0], [0.1, 0.0, 0.0], [0.5, 0.5, 0.5])
+    add_gap_closed(records)
+    figure = report.summarize(records)[0]["cure_newton"]["gap_closed_acc_forget"]
+    assert tuple(figure) == (pytest.approx(-4.0), 0.0) and figure.count == 1
+    row = next(line for line in report.format_table(report.summarize(records)[0]).splitlines()
+               if line.startswith("cure_newton"))
+    assert "-4.00 (1/3 seeds)" in row and row.count("seeds") == 1  # the other figures are over every seed
+    summary = report.format_scenario_summary({"random": {"records": records}})
+    assert "-4.00~ (1/3 seeds)" in next(line for line in summary.splitlines() if line.startswith("cure_newton"))
+    path = report.write_json({"config": {}, "records": records}, tmp_path / "results.json")
+    cell = json.loads(path.read_text())["summary"]["0"]["cure_newton"]
+    assert cell["gap_closed_acc_forget"]["seeds"] == 1 and cell["acc_forget"]["seeds"] == 3
+
+
+def test_equal_values_over_seeds_have_no_spread():
+    """0.95 on three seeds gave mean 0.9499999999999998 and std 1.4e-16, printed as "0.950±0.000"."""
+    records = [_record(seed, "retrain", acc_retain=0.95) for seed in range(3)]
+    figure = report.summarize(records)[0]["retrain"]["acc_retain"]
+    assert tuple(figure) == (0.95, 0.0)
+    assert "±" not in next(line for line in report.format_table(report.summarize(records)[0]).splitlines()
+                           if line.startswith("retrain"))
+
+
+def test_a_gap_equal_to_the_noise_is_within_it_whatever_the_rounding():
+    """Per-seed gaps (0, g, g) put the mean gap exactly on two standard errors: the verdict flipped with the
+    rounding of g (g = 1/41 was judged outside, every other 1/k within)."""
+    for k in range(1, 60):
+        g = 1 / k
+        verdict = report.gap_closed_noise(_study([0.0] * 3, [0.0, g, g], [0.0] * 3))[0]["acc_forget"]
+        assert verdict["original_gap"] == pytest.approx(verdict["noise"]) and verdict["within_noise"] is True, k
+
+
 def test_json_and_plots(tmp_path):
     records = _study([0.4, 0.6], [0.3, 0.2], [0.05, -2.5])  # one seed's value far below -1: clipped in the plot
     for r in records:

@@ -393,7 +393,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
           f"MIA(ent): entropy-based MIA (fraction of D_f predicted member); JS(f,gold): JS divergence to the "
           f"oracle on D_f; AvgGap: mean |gap| to the oracle over MIA and the three accuracies; closed Acc_f, "
           f"closed AvgGap: 1 - |gap| / |Original's gap| (1 = the oracle's value, 0 = no better than the Original, "
-          f"< 0 = further from the oracle); mean±std over {len(first.seeds)} seed(s).")
+          f"< 0 = further from the oracle; \"(k/n seeds)\": defined on k seeds only, where the Original's gap "
+          f"is not 0); mean±std over {len(first.seeds)} seed(s).")
     print(f"total time {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -4,7 +4,7 @@ studies (the scenarios of a plain ``unlearn-kernels run``) into one summary tabl
 "Gap closed" (per record, from :func:`unlearn_kernels.study.add_gap_closed`) is
 1 - |gap(method)| / |gap(Original)| for Acc_f and for Avg Gap. It only ranks methods where the
 Original's gap stands out of seed noise; :func:`gap_closed_noise` applies the rule: the Original's
-mean gap over seeds must be at least :data:`NOISE_FACTOR` standard errors (std / sqrt(seeds)), taking
+mean gap over seeds must be more than :data:`NOISE_FACTOR` standard errors (std / sqrt(seeds)), taking
 the larger of the standard error of the oracle's metric (for Avg Gap, the mean of the standard
 errors of its four metrics) and that of the Original's own gap.
 """
@@ -129,11 +129,39 @@ def _method_order(methods) -> list[str]:
     return sorted(methods, key=lambda m: (m != "retrain", m != "original", m))
 
 
-def summarize(records: list[dict[str, Any]]) -> dict[int, dict[str, dict[str, tuple[float, float]]]]:
-    """``{request: {method: {metric: (mean, std over seeds)}}}`` (std is 0 for a single seed).
+class Figure(tuple):
+    """A metric over seeds: the pair ``(mean, std)``, and ``count``, how many records it averages
+    (fewer than the seeds where the metric is undefined on some, e.g. a gap closed on a seed where the
+    Original's gap is 0; the tables mark such a cell)."""
+
+    count: int
+
+    def __new__(cls, mean: float, std: float, count: int) -> Figure:
+        figure = super().__new__(cls, (mean, std))
+        figure.count = count
+        return figure
+
+
+def _figure(values: list[float]) -> Figure:
+    """Mean and sample std of ``values``; equal values give themselves and std 0 exactly (not a
+    rounding residue that a table would print as "±0.000")."""
+    if all(v == values[0] for v in values):
+        return Figure(values[0], 0.0, len(values))
+    mean = math.fsum(values) / len(values)
+    return Figure(mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1)), len(values))
+
+
+def _count_note(figure: Any, seeds: int) -> str:
+    """" (k/n seeds)" for a figure over fewer records than its method's seeds, else ""."""
+    count = getattr(figure, "count", seeds)
+    return f" ({count}/{seeds} seeds)" if count < seeds else ""
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[int, dict[str, dict[str, Figure]]]:
+    """``{request: {method: {metric: Figure (mean, std over seeds)}}}`` (std is 0 for a single seed).
 
     Metrics that are not numbers in some record (e.g. a gap closed that is undefined) are averaged
-    over the records where they are.
+    over the records where they are; the figure's ``count`` says over how many.
 
     Raises:
         TypeError / ValueError: ``records`` is not a list of study records (dicts with ``request``,
@@ -145,16 +173,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[int, dict[str, dict[str, tu
         for key, value in r["metrics"].items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 grouped[r["request"]][r["method"]][key].append(float(value))
-    out: dict[int, dict[str, dict[str, tuple[float, float]]]] = {}
-    for request, methods in grouped.items():
-        out[request] = {}
-        for method, metrics in methods.items():
-            out[request][method] = {}
-            for key, values in metrics.items():
-                mean = sum(values) / len(values)
-                var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-                out[request][method][key] = (mean, math.sqrt(var))
-    return out
+    return {request: {method: {key: _figure(values) for key, values in metrics.items()}
+                      for method, metrics in methods.items()} for request, methods in grouped.items()}
 
 
 def gap_closed_noise(records: list[dict[str, Any]]) -> dict[int, dict[str, dict[str, Any]]]:
@@ -166,7 +186,9 @@ def gap_closed_noise(records: list[dict[str, Any]]) -> dict[int, dict[str, dict[
     oracle's metric (Avg Gap: the mean of the standard errors of its four metrics), i.e. how much
     the target itself moves, and that of the Original's gap, i.e. whether the gap is consistently
     there; ``within_noise`` is ``original_gap <= noise`` (a gap of 0 is within any noise: there is
-    nothing to close). With one seed ``noise`` and
+    nothing to close; a gap equal to the noise is within it, compared with a relative tolerance of
+    1e-9, since with three seeds per-seed gaps (0, g, g) put the mean exactly on two standard errors
+    up to rounding). With one seed ``noise`` and
     ``within_noise`` are None (unknown); requests without an "original" record are left out.
 
     Raises:
@@ -194,7 +216,8 @@ def gap_closed_noise(records: list[dict[str, Any]]) -> dict[int, dict[str, dict[
         for name, (gap, se) in candidates.items():
             noise = NOISE_FACTOR * se if n > 1 else None
             out[request][name] = {"original_gap": gap, "noise": noise,
-                                  "within_noise": None if noise is None else bool(gap <= noise), "seeds": n}
+                                  "within_noise": None if noise is None else bool(gap <= noise * (1 + 1e-9)),
+                                  "seeds": n}
     return out
 
 
@@ -212,10 +235,12 @@ def format_table(summary: dict[str, dict[str, tuple[float, float]]], title: str 
     cells = [["method"] + [title for _, title, _ in columns]]
     for method in _method_order(summary):
         row = [method + (" (oracle)" if method == "retrain" else "")]
+        seeds = max(getattr(figure, "count", 1) for figure in summary[method].values())
         for key, _, fmt in columns:
             if key in summary[method]:
                 mean, std = summary[method][key]
-                row.append(fmt.format(mean) + ("±" + fmt.format(std) if std else ""))
+                row.append(fmt.format(mean) + ("±" + fmt.format(std) if std else "")
+                           + _count_note(summary[method][key], seeds))
             else:
                 row.append("-")
         cells.append(row)
@@ -306,7 +331,8 @@ def format_scenario_summary(studies: dict[str, dict[str, Any]]) -> str:
                 value = closed.get(method, {}).get(figure)
                 verdict = noise.get(figure, {}).get("within_noise")
                 flag = "~" if verdict is True else "?" if verdict is None else ""
-                row.append("-" if value is None else f"{value[0]:.2f}{flag}")
+                seeds = noise.get(figure, {}).get("seeds") or 0
+                row.append("-" if value is None else f"{value[0]:.2f}{flag}{_count_note(value, seeds)}")
         cells.append(row)
     return _layout(cells, "Gap closed per scenario (1 - |gap| / |Original's gap|, mean over seeds, last request; "
                           "~ = the Original's gap is within seed noise, ? = noise unknown)")
@@ -332,7 +358,7 @@ def write_json(study: dict[str, Any], path: Path) -> Path:
         "config": study["config"],
         "versions": _versions(),
         "records": study["records"],
-        "summary": {str(k): {m: {key: {"mean": v[0], "std": v[1]} for key, v in metrics.items()}
+        "summary": {str(k): {m: {key: {"mean": v[0], "std": v[1], "seeds": v.count} for key, v in metrics.items()}
                              for m, metrics in per.items()} for k, per in summarize(study["records"]).items()},
         "gap_closed_noise": {str(k): v for k, v in gap_closed_noise(study["records"]).items()},
     }
@@ -360,7 +386,7 @@ def write_summary_json(studies: dict[str, dict[str, Any]], results: dict[str, Pa
         scenarios[name] = {
             "results": os.path.relpath(results[name], path.parent),
             "protocol": study["config"]["protocol"],
-            "gap_closed": {m: {figure: {"mean": v[0], "std": v[1]} for figure, v in per.items()}
+            "gap_closed": {m: {figure: {"mean": v[0], "std": v[1], "seeds": v.count} for figure, v in per.items()}
                            for m, per in closed.items()},
             "gap_closed_noise": noise,
         }

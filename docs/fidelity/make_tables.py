@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from unlearn_kernels.checkpoint import save_figure  # noqa: E402
+from unlearn_kernels.report import gap_closed_noise, summarize  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 NEWTON = ("cure_newton", "stochastic_cure_newton", "newton_pinv", "damped_newton", "damped_newton_cg", "influence",
@@ -24,24 +25,24 @@ COLUMNS = (("acc_forget", "Acc_f", "{:.3f}"), ("acc_forget_true", "Acc_f (true l
            ("speedup", "speed-up", "{:.1f}"), ("failed", "failed", "{:.0%}"))
 
 
-def _cell(summary: dict, key: str, fmt: str) -> str:
-    if key not in summary or summary[key]["mean"] is None:
+def _cell(figures: dict, key: str, fmt: str) -> str:
+    if key not in figures or math.isnan(figures[key][0]):
         return "-"
-    mean, std = summary[key]["mean"], summary[key]["std"]
-    if isinstance(mean, float) and math.isnan(mean):
-        return "-"
-    return fmt.format(mean) + (f" ± {fmt.format(std)}" if std and key != "failed" else "")
+    (mean, std), seeds = figures[key], max(figure.count for figure in figures.values())
+    note = f" ({figures[key].count}/{seeds} seeds)" if figures[key].count < seeds else ""
+    return fmt.format(mean) + (f" ± {fmt.format(std)}" if std and key != "failed" else "") + note
 
 
 def _table(payload: dict, request: str) -> list[str]:
-    summary = payload["summary"][request]
+    # summarised from the records with today's rules (JSON written by older code may hold older ones)
+    summary = summarize(payload["records"])[int(request)]
     methods = ["retrain", "original"] + sorted(m for m in summary if m not in ("retrain", "original"))
     columns = [c for c in COLUMNS if any(c[0] in summary[m] for m in methods)]
     lines = ["| method | " + " | ".join(title for _, title, _ in columns) + " |",
              "|---" * (len(columns) + 1) + "|"]
     for m in methods:
         lines.append(f"| {m} | " + " | ".join(_cell(summary[m], key, fmt) for key, _, fmt in columns) + " |")
-    noise = payload.get("gap_closed_noise", {}).get(request, {})
+    noise = gap_closed_noise(payload["records"]).get(int(request), {})
     for figure, verdict in noise.items():
         if verdict.get("within_noise"):
             lines.append(f"\nThe Original's {figure} gap ({verdict['original_gap']:.3f}) is within seed noise "
