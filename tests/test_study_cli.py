@@ -46,9 +46,12 @@ def test_random_protocol_oracle_and_original(tmp_path):
 def test_class_protocol_drives_oracle_forget_accuracy_to_zero(tmp_path):
     config = StudyConfig(protocol="class", forget_classes=(3,), methods=("original",), seeds=(0,), recipe=FAST,
                          cache_dir=None)
-    summary = summarize(run_study(config)["records"])[0]
+    records = run_study(config)["records"]
+    summary = summarize(records)[0]
     assert summary["retrain"]["acc_forget"][0] == 0.0
     assert summary["original"]["acc_forget"][0] > 0.9
+    # the forgotten class's unseen data is no target: RF-JSD was recorded, and ranked the Original best
+    assert all("rf_jsd" not in r["metrics"] and "acc_unseen" in r["metrics"] for r in records)
 
 
 def test_sequential_requests_report_every_step(tmp_path):
@@ -77,6 +80,9 @@ def test_mislabeled_protocol_trains_on_and_forgets_the_wrong_labels(tmp_path):
     gold = by_method["retrain"]["metrics"]
     assert gold["acc_forget"] < 0.1  # against the wrong labels: the oracle never saw them
     assert abs(gold["acc_forget_true"] - gold["acc_test"]) < 0.06  # against the true labels: like unseen data
+    assert abs(gold["acc_unseen"] - gold["acc_test"]) < 0.06
+    # grouped by the wrong labels RF-JSD rises as a model unlearns; by the true ones the oracle is close
+    assert gold["rf_jsd"] > by_method["original"]["metrics"]["rf_jsd"] and gold["rf_jsd_true"] < gold["rf_jsd"] / 5
     assert by_method["original"]["metrics"]["gap_closed_acc_forget"] in (0.0, None)
     assert gold["gap_closed_avg_gap"] == 1.0
     # a clean study of the same seed does not reuse (or overwrite) the corrupted original

@@ -480,6 +480,7 @@ def evaluate(model: nn.Module, *, forget: LabeledData, retain: LabeledData, test
         "acc_forget": accuracy(logits["forget"], forget.y),
         "acc_retain": accuracy(logits["retain"], retain.y),
         "acc_test": accuracy(logits["test"], test.y),
+        "acc_unseen": accuracy(logits["unseen"], unseen.y),
         "mia_entropy": mia_entropy(logits["retain"], logits["test"], logits["forget"], seed=seed),
         "mia_loss": mia_loss(logits["forget"], forget.y, logits["test"], test.y, seed=seed, folds=MIA_LOSS_FOLDS),
         "mia_efficacy": mia_salun_efficacy(logits["retain"], retain.y, logits["test"], test.y,
@@ -578,8 +579,14 @@ def run_study(config: StudyConfig, progress: Progress | None = None) -> dict[str
                     metrics, logits = evaluate(current[name], **scored)
                 result = measured.result
                 current[name] = result.model
+                if config.protocol == "class":  # the forgotten class's unseen data is no target (docs/rfa.md)
+                    metrics.pop("rf_jsd", None)
                 if config.protocol == "mislabeled":
-                    metrics["acc_forget_true"] = accuracy(logits["forget"], splits.train.y[request.forget_idx])
+                    true_y = splits.train.y[request.forget_idx]
+                    metrics["acc_forget_true"] = accuracy(logits["forget"], true_y)
+                    # grouped by D_f's (wrong) labels, rf_jsd rises as a method unlearns: by the true ones too
+                    if bool(torch.isin(true_y.unique(), unseen.y).all()):
+                        metrics["rf_jsd_true"] = rf_jsd(logits["forget"], true_y, original_unseen_logits, unseen.y)
                 if len(requests) > 1:
                     so_far = predict_logits(result.model, train_split.subset(forgotten))
                     metrics["acc_forgotten_so_far"] = accuracy(so_far, train_split.y[forgotten])
