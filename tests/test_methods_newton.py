@@ -316,6 +316,13 @@ def test_stop_rules(mlp):
     assert one.diagnostics["steps"] == 1 and one.diagnostics["stop_reason"] == "max_iterations"
     budget = CureNewton(max_iterations=50, hvp_budget=12).unlearn(model, forget, retain)
     assert budget.diagnostics["stop_reason"] == "hvp_budget" and budget.hvps <= 12
+    # the budget is the call's: the M="auto" estimate's and the generic path's probe products count too
+    for options in ({"M": "auto", "hvp_budget": 40}, {"path": "generic", "hvp_budget": 6}):
+        capped = CureNewton(max_iterations=50, **options).unlearn(model, forget, retain)
+        assert capped.diagnostics["stop_reason"] == "hvp_budget" and capped.hvps <= options["hvp_budget"]
+    spent = CureNewton(M="auto", hvp_budget=1).unlearn(model, forget, retain)  # the estimate used it all
+    assert spent.diagnostics["steps"] == 0 and spent.diagnostics["stop_reason"] == "hvp_budget"
+    assert torch.equal(get_flat_parameters(spent.model), get_flat_parameters(model))
     loose = CureNewton(tol=1.0).unlearn(model, forget, retain)  # ||g|| < 1 at the start: nothing to do
     assert loose.diagnostics["stop_reason"] == "tolerance" and loose.diagnostics["steps"] == 0
     assert torch.equal(get_flat_parameters(loose.model), get_flat_parameters(model))
@@ -538,7 +545,7 @@ def test_lipschitz_estimate_rejects_bad_arguments(kwargs, message):
     (lambda: CureNewton(M="large"), ValueError, "^cure_newton: M must be a finite number > 0"),
     (lambda: CureNewton(max_iterations=0), ValueError, "max_iterations"),
     (lambda: CureNewton(tol=-1.0), ValueError, "tol"),
-    (lambda: CureNewton(hvp_budget=0), ValueError, "hvp_budget"),
+    (lambda: CureNewton(hvp_budget=-1), ValueError, "hvp_budget"),
     (lambda: CureNewton(hessian_samples=0), ValueError, "hessian_samples"),
     (lambda: CureNewton(eta1=1.0), ValueError, "eta1"),
     (lambda: CureNewton(eta1=0.5, eta2=0.4), ValueError, "eta2"),

@@ -189,7 +189,7 @@ def test_seed_near_the_top_of_torchs_range_wraps(rng, monkeypatch):
     ({"M": 0.0}, "M must be"),
     ({"max_iterations": 0}, "max_iterations"),
     ({"tol": -1.0}, "tol"),
-    ({"hvp_budget": 0}, "hvp_budget"),
+    ({"hvp_budget": -1}, "hvp_budget"),
     ({"eta1": 0.0}, "eta1"),
     ({"eta1": 1.0}, "eta1"),
     ({"eta1": 0.5, "eta2": 0.5}, "eta2"),

@@ -469,8 +469,9 @@ class CureNewton(_NewtonFamily):
         max_iterations: most accepted steps (default 8). 1 is the one-step variant: one cubic step,
             with M raised until it lowers F.
         tol: stop once ``||g|| <= tol`` (default 1e-4).
-        hvp_budget: stop before a new Lanczos run once this many products were used (None: no
-            budget).
+        hvp_budget: stop before a new Lanczos run once this many products were used by the call,
+            the generic path's construction probes and the ``M="auto"`` estimate included, so that
+            ``hvps`` stays within it (0: no step; None: no budget).
         hessian_samples: rows of D_r the Hessian is taken on (default 512; None or a number >= |D_r|:
             all of D_r), drawn from the unlearn seed.
         eta1, eta2, gamma, M_min: the accept threshold (0.1), the very-successful threshold (0.9),
@@ -591,10 +592,12 @@ class CureNewton(_NewtonFamily):
             move(w)  # the operator reads the weights live
             return H
 
+        # the budget covers the whole call: what the probes and the M="auto" estimate used is spent
+        budget = None if self.hvp_budget is None else max(0, self.hvp_budget - op.num_products - ws.hvps)
         # a non-finite F(w0), gradient or product raises ValueError here: the caller's model is a different copy
         result = adaptive_cubic_newton(
             value, gradient, hessian, start.clone(), M=M, max_iterations=self.max_iterations, tol=self.tol,
-            hvp_budget=self.hvp_budget, eta1=self.eta1, eta2=self.eta2, gamma=self.gamma, M_min=self.M_min,
+            hvp_budget=budget, eta1=self.eta1, eta2=self.eta2, gamma=self.gamma, M_min=self.M_min,
             solver_options=self.solver_options, seed=_offset_seed(seed, self.max_iterations))
         self._set(ws, result.w)
         # in another compute dtype the returned weights are rounded: F is re-evaluated there, and in the

@@ -102,7 +102,7 @@ def check_arc_options(owner: str, *, M: Any, max_iterations: Any, tol: Any, hvp_
     return {"M": check_number(f"{prefix}M", M, 0.0, strict=True),
             "max_iterations": check_int(f"{prefix}max_iterations", max_iterations, 1),
             "tol": check_number(f"{prefix}tol", tol, 0.0),
-            "hvp_budget": None if hvp_budget is None else check_int(f"{prefix}hvp_budget", hvp_budget, 1),
+            "hvp_budget": None if hvp_budget is None else check_int(f"{prefix}hvp_budget", hvp_budget, 0),
             "eta1": eta1,
             "eta2": check_number(f"{prefix}eta2", eta2, eta1, strict=True),
             "gamma": check_number(f"{prefix}gamma", gamma, 1.0, strict=True),
@@ -154,7 +154,7 @@ def adaptive_cubic_newton(
         tol: stop when ``||grad f(w)|| <= tol`` (>= 0; checked before every step).
         hvp_budget: stop before a new Lanczos run once this many products were used; a run's
             ``k_max`` is capped at what is left (the hard-case probe, off by default, can add up to
-            its ``probe_steps``; None: no budget).
+            its ``probe_steps``; 0: no step; None: no budget).
         eta1: the accept threshold on the ratio, in (0, eta2).
         eta2: the "very successful" threshold on the ratio, in (eta1, inf).
         gamma: the factor M is raised by after a rejection and lowered by after a very
