@@ -416,6 +416,8 @@ def test_inputs_that_require_grad_and_the_callers_rng(problem, name):
     assert torch.equal(torch.rand(3), expected_draw)  # the caller's RNG did not move
     assert all(d.x.grad is None for d in sets)
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), result.state_dict().values()))
+    # the first-order methods returned the last step's gradients, which a later optimizer.step() would apply
+    assert all(p.grad is None for p in result.parameters())
 
 
 def test_retrain_arguments():

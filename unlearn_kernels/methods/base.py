@@ -116,6 +116,8 @@ class Unlearner(abc.ABC):
             result = self._unlearn(work, forget, retain, unseen=unseen, seed=seed)
             result.seconds = time.perf_counter() - start
         _check_finite_result(self.name, result.model)
+        for p in result.model.parameters():  # the last step's gradients: memory, and a stale step for an optimizer
+            p.grad = None
         return result
 
     def _checked_copy(self, model: nn.Module, forget: LabeledData, retain: LabeledData,
