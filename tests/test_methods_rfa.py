@@ -445,3 +445,19 @@ def test_a_spectral_norm_layer_of_the_callers_model_is_not_run_while_checking_it
     CureNewtonLoRA(max_iterations=1).unlearn(model, forget, retain, seed=0)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_compiled_model_that_another_method_ran_on_first():
+    """Dynamo replayed the graph it had compiled for an earlier private copy, without RFA's forward hooks:
+    a bare KeyError: '_orig_mod.0'. The hooks now run on the eager module, with the same result."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(128, 10, generator=g), torch.randint(0, 3, (128,), generator=g)
+    forget, retain = LabeledData(x[:16], y[:16]), LabeledData(x[16:96], y[16:96])
+    unseen = LabeledData(x[96:], y[96:])
+    torch.manual_seed(0)
+    eager = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    compiled = torch.compile(copy.deepcopy(eager), backend="eager")
+    METHODS["lotus"](epochs=1).unlearn(compiled, forget, retain, unseen=unseen, seed=0)
+    result = RFA(epochs=1).unlearn(compiled, forget, retain, unseen=unseen, seed=0)
+    reference = RFA(epochs=1).unlearn(eager, forget, retain, unseen=unseen, seed=0)
+    torch.testing.assert_close(result.model(x), reference.model(x))

@@ -90,7 +90,14 @@ class _Features:
         return hook
 
     def __call__(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        logits = model(x)
+        self.outputs.clear()
+        self.raw.clear()
+        # a torch.compile'd model may replay a graph compiled before the hooks were added (dynamo does not
+        # guard on hooks): its eager module (the same modules, the same result) calls them
+        logits = getattr(model, "_orig_mod", model)(x)
+        missing = [n for n in self.names if n not in self.outputs]
+        if missing:
+            raise RuntimeError(f"rfa: the model ran without calling the forward hooks on {missing}")
         return logits, [self.outputs[n] for n in self.names]
 
     def remove(self) -> None:
