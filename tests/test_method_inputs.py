@@ -463,3 +463,17 @@ def test_a_data_parallel_wrapper_is_refused_by_the_curvature_methods_up_front(pr
     with pytest.raises(TypeError, match=f"^{name}: the model is wrapped in DataParallel.*pass the wrapped model"):
         _make(name).unlearn(wrapped, forget, retain)
     assert _snapshot(model)[1] == modes and all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("name", ["cure_newton", "stochastic_cure_newton", "newton_pinv", "lissa"])
+def test_an_embedding_with_a_padding_row_is_refused_by_the_newton_family_up_front(name):
+    """The dense solvers refused it deep inside ("the operator's products must be symmetric"), without
+    the method's name or the cause; CureNewton, StoCuReNU, LiSSA and CG ran on the non-symmetric operator."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(12, 6, padding_idx=0), nn.Flatten(), nn.Linear(30, 3))
+    x, y = torch.randint(0, 12, (60, 5)), torch.randint(0, 3, (60,))
+    with pytest.raises(ValueError, match=f"^{name}: params: '0.weight' is the weight of Embedding '0' with padding"):
+        _make(name).unlearn(model, LabeledData(x[:10], y[:10]), LabeledData(x[10:], y[10:]))
+    result = METHODS[name](params=["2.weight", "2.bias"]).unlearn(model, LabeledData(x[:10], y[:10]),
+                                                                  LabeledData(x[10:], y[10:]))
+    assert torch.equal(result.model[0].weight, model[0].weight)

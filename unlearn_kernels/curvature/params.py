@@ -42,8 +42,9 @@ def resolve_parameters(model: nn.Module, params: ParamSelection = None) -> dict[
         TypeError: ``model`` is not an nn.Module, an entry is neither a name nor a tensor, or a
             parameter is not floating point.
         ValueError: an unknown name, a tensor that is not a parameter of ``model``, a duplicate, an
-            empty selection, or the frozen base layer of an unmerged :class:`~unlearn_kernels.lora.LoRALinear`
-            (its fused op gives the base no derivatives).
+            empty selection, the frozen base layer of an unmerged :class:`~unlearn_kernels.lora.LoRALinear`
+            (its fused op gives the base no derivatives), or the weight of an embedding with a
+            ``padding_idx`` (torch zeroes that row's gradient, so its curvature is not symmetric).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -80,7 +81,24 @@ def resolve_parameters(model: nn.Module, params: ParamSelection = None) -> dict[
         if not p.is_floating_point():
             raise TypeError(f"parameter {name!r} has dtype {p.dtype}; curvature needs floating point parameters")
     _check_no_adapter_base(model, chosen)
+    _check_no_padding_row(model, chosen)
     return chosen
+
+
+def _check_no_padding_row(model: nn.Module, chosen: dict[str, nn.Parameter]) -> None:
+    """ValueError naming a chosen embedding weight with a ``padding_idx``: torch's backward gives that
+    row a zero gradient whatever the loss, while the row still acts on the loss, so derivatives of the
+    gradient are not those of any function (forward-over-reverse products are not symmetric, and the
+    solvers assume they are)."""
+    chosen_ids = {id(p): name for name, p in chosen.items()}
+    for module_name, module in model.named_modules():
+        if (isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.padding_idx is not None
+                and id(module.weight) in chosen_ids):
+            raise ValueError(
+                f"params: {chosen_ids[id(module.weight)]!r} is the weight of {type(module).__name__} {module_name!r} "
+                f"with padding_idx={module.padding_idx}, whose row torch gives a zero gradient whatever the loss, so "
+                "its curvature is not symmetric; leave the embedding out of params (or freeze it, "
+                "requires_grad_(False))")
 
 
 def _check_no_adapter_base(model: nn.Module, chosen: dict[str, nn.Parameter]) -> None:

@@ -220,10 +220,11 @@ class _NewtonFamily(Unlearner):
     # -- preparation
     def _check_parameters(self, model: nn.Module) -> None:
         """No batch-norm layer without running statistics (:func:`check_per_sample_loss`); named
-        ``params`` must exist in the model (they may be frozen); None needs trainable ones."""
+        ``params`` must exist in the model (they may be frozen); None needs trainable ones; either way
+        what :func:`~unlearn_kernels.curvature.resolve_parameters` refuses is refused here, up front."""
         check_per_sample_loss(self.name, model)
         if self.params is None:
-            return super()._check_parameters(model)
+            super()._check_parameters(model)
         try:
             resolve_parameters(model, self.params)
         except (TypeError, ValueError) as error:
