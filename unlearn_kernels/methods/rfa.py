@@ -179,7 +179,8 @@ class RFA(TrainedUnlearner):
             teacher_features.remove()
         if self.merge:
             unload(model, merge=True)
-        return UnlearnResult(model=model.eval(), seconds=0.0, gradients=steps,
+        # a step's forward and backward run over a D_r and a D_f batch: two batch gradients, as NegGrad+ counts
+        return UnlearnResult(model=model.eval(), seconds=0.0, gradients=2 * steps,
                              diagnostics={"layers": list(layers), "shift": self.shift, "merged": self.merge,
                                           "epochs": self.epochs, **last})
 
