@@ -339,13 +339,24 @@ class _NewtonFamily(Unlearner):
     def _batches(self, data: LabeledData) -> int:
         return 1 if self.batch_size is None else math.ceil(len(data) / self.batch_size)
 
+    def _named(self, build: Callable[[], Any]) -> Any:
+        """``build()``, its plain ValueError/TypeError (the curvature layer's refusal of the model, the
+        loss or the data, which names the operator) led by the method's name."""
+        try:
+            return build()
+        except (TypeError, ValueError) as error:
+            if type(error) not in (TypeError, ValueError):  # a subclass carries more than its message
+                raise
+            raise type(error)(f"{self.name}: {error}") from error
+
     def _objective(self, ws: _Workspace, data: LabeledData) -> Objective | DistributedObjective:
         """F over ``data`` (with a process group: over every rank's ``data``) at the shadow's live weights."""
         if self.process_group is not None:
-            return DistributedObjective(ws.shadow, self.loss_fn, data, ws.names, process_group=self.process_group,
-                                        weight_decay=self.weight_decay, batch_size=self.batch_size)
-        return Objective(ws.shadow, self.loss_fn, data, ws.names, weight_decay=self.weight_decay,
-                         batch_size=self.batch_size)
+            return self._named(lambda: DistributedObjective(
+                ws.shadow, self.loss_fn, data, ws.names, process_group=self.process_group,
+                weight_decay=self.weight_decay, batch_size=self.batch_size))
+        return self._named(lambda: Objective(ws.shadow, self.loss_fn, data, ws.names, weight_decay=self.weight_decay,
+                                             batch_size=self.batch_size))
 
     def _global_rows(self, data: LabeledData, device: torch.device) -> int:
         """Rows of ``data`` over every rank (this rank's alone without a process group); ``device``:
@@ -360,8 +371,8 @@ class _NewtonFamily(Unlearner):
         """The Hessian of the mean loss over ``data`` (reads the shadow's weights live); its construction
         probe's gradients are counted."""
         ws.gradient_passes += PROBE_GRADIENTS
-        return hessian_operator(ws.shadow, self.loss_fn, data, ws.names, path=self.path, batch_size=self.batch_size,
-                                process_group=self.process_group)
+        return self._named(lambda: hessian_operator(ws.shadow, self.loss_fn, data, ws.names, path=self.path,
+                                                    batch_size=self.batch_size, process_group=self.process_group))
 
     def _curvature(self, op: CurvatureOperator) -> RegularizedOperator:
         """The Hessian of F: ``op + weight_decay I``."""
