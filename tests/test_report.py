@@ -1,6 +1,8 @@
 """Gap closed and its seed-noise rule on hand-made records, the tables that show them, and the plots."""
+import copy
 import json
 import math
+import pickle
 
 import pytest
 
@@ -107,7 +109,8 @@ def test_a_gap_closed_defined_on_some_seeds_only_says_so(tmp_path):
     records = _study([0.0, 0.0, 0.0], [0.1, 0.0, 0.0], [0.5, 0.5, 0.5])
     add_gap_closed(records)
     figure = report.summarize(records)[0]["cure_newton"]["gap_closed_acc_forget"]
-    assert tuple(figure) == (pytest.approx(-4.0), 0.0) and figure.count == 1
+    assert tuple(figure) == (pytest.approx(-4.0), 0.0) and figure.seeds == 1
+    assert copy.deepcopy(figure).seeds == pickle.loads(pickle.dumps(figure)).seeds == 1
     row = next(line for line in report.format_table(report.summarize(records)[0]).splitlines()
                if line.startswith("cure_newton"))
     assert "-4.00 (1/3 seeds)" in row and row.count("seeds") == 1  # the other figures are over every seed
@@ -116,6 +119,14 @@ def test_a_gap_closed_defined_on_some_seeds_only_says_so(tmp_path):
     path = report.write_json({"config": {}, "records": records}, tmp_path / "results.json")
     cell = json.loads(path.read_text())["summary"]["0"]["cure_newton"]
     assert cell["gap_closed_acc_forget"]["seeds"] == 1 and cell["acc_forget"]["seeds"] == 3
+
+
+def test_format_table_takes_plain_mean_std_pairs():
+    """A Figure's seed count was read as ``.count``, which every tuple and list has (a method): plain
+    (mean, std) pairs, as the docstring allows (e.g. rebuilt from results.json), made format_table raise."""
+    table = report.format_table({"retrain": {"acc_forget": (0.5, 0.1)},
+                                 "cure_newton": {"acc_forget": [0.4, 0.0], "gap_closed_acc_forget": (0.8, 0.1)}})
+    assert "0.500±0.100" in table and "seeds" not in table
 
 
 def test_equal_values_over_seeds_have_no_spread():

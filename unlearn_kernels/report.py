@@ -130,16 +130,19 @@ def _method_order(methods) -> list[str]:
 
 
 class Figure(tuple):
-    """A metric over seeds: the pair ``(mean, std)``, and ``count``, how many records it averages
-    (fewer than the seeds where the metric is undefined on some, e.g. a gap closed on a seed where the
-    Original's gap is 0; the tables mark such a cell)."""
+    """A metric over seeds: the pair ``(mean, std)``, and ``seeds``, how many records it averages
+    (fewer than the study's seeds where the metric is undefined on some, e.g. a gap closed on a seed
+    where the Original's gap is 0; the tables mark such a cell)."""
 
-    count: int
+    seeds: int
 
-    def __new__(cls, mean: float, std: float, count: int) -> Figure:
+    def __new__(cls, mean: float, std: float, seeds: int) -> Figure:
         figure = super().__new__(cls, (mean, std))
-        figure.count = count
+        figure.seeds = seeds
         return figure
+
+    def __getnewargs__(self) -> tuple[float, float, int]:  # copy and pickle rebuild it with its count
+        return (self[0], self[1], self.seeds)
 
 
 def _figure(values: list[float]) -> Figure:
@@ -147,21 +150,27 @@ def _figure(values: list[float]) -> Figure:
     rounding residue that a table would print as "±0.000")."""
     if all(v == values[0] for v in values):
         return Figure(values[0], 0.0, len(values))
-    mean = math.fsum(values) / len(values)
-    return Figure(mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1)), len(values))
+    add = math.fsum if all(math.isfinite(v) for v in values) else sum  # fsum raises on inf - inf
+    mean = add(values) / len(values)
+    return Figure(mean, math.sqrt(add((v - mean) ** 2 for v in values) / (len(values) - 1)), len(values))
+
+
+def _seeds_of(figure: Any) -> int | None:
+    """How many seeds a figure averages: a :class:`Figure`'s count, None for a plain (mean, std) pair."""
+    return figure.seeds if isinstance(figure, Figure) else None
 
 
 def _count_note(figure: Any, seeds: int) -> str:
     """" (k/n seeds)" for a figure over fewer records than its method's seeds, else ""."""
-    count = getattr(figure, "count", seeds)
-    return f" ({count}/{seeds} seeds)" if count < seeds else ""
+    count = _seeds_of(figure)
+    return f" ({count}/{seeds} seeds)" if count is not None and count < seeds else ""
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[int, dict[str, dict[str, Figure]]]:
     """``{request: {method: {metric: Figure (mean, std over seeds)}}}`` (std is 0 for a single seed).
 
     Metrics that are not numbers in some record (e.g. a gap closed that is undefined) are averaged
-    over the records where they are; the figure's ``count`` says over how many.
+    over the records where they are; the figure's ``seeds`` says over how many.
 
     Raises:
         TypeError / ValueError: ``records`` is not a list of study records (dicts with ``request``,
@@ -235,7 +244,7 @@ def format_table(summary: dict[str, dict[str, tuple[float, float]]], title: str 
     cells = [["method"] + [title for _, title, _ in columns]]
     for method in _method_order(summary):
         row = [method + (" (oracle)" if method == "retrain" else "")]
-        seeds = max(getattr(figure, "count", 1) for figure in summary[method].values())
+        seeds = max((_seeds_of(figure) or 1) for figure in summary[method].values())
         for key, _, fmt in columns:
             if key in summary[method]:
                 mean, std = summary[method][key]
@@ -358,7 +367,7 @@ def write_json(study: dict[str, Any], path: Path) -> Path:
         "config": study["config"],
         "versions": _versions(),
         "records": study["records"],
-        "summary": {str(k): {m: {key: {"mean": v[0], "std": v[1], "seeds": v.count} for key, v in metrics.items()}
+        "summary": {str(k): {m: {key: {"mean": v[0], "std": v[1], "seeds": v.seeds} for key, v in metrics.items()}
                              for m, metrics in per.items()} for k, per in summarize(study["records"]).items()},
         "gap_closed_noise": {str(k): v for k, v in gap_closed_noise(study["records"]).items()},
     }
@@ -386,7 +395,7 @@ def write_summary_json(studies: dict[str, dict[str, Any]], results: dict[str, Pa
         scenarios[name] = {
             "results": os.path.relpath(results[name], path.parent),
             "protocol": study["config"]["protocol"],
-            "gap_closed": {m: {figure: {"mean": v[0], "std": v[1], "seeds": v.count} for figure, v in per.items()}
+            "gap_closed": {m: {figure: {"mean": v[0], "std": v[1], "seeds": v.seeds} for figure, v in per.items()}
                            for m, per in closed.items()},
             "gap_closed_noise": noise,
         }

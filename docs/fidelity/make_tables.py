@@ -28,8 +28,8 @@ COLUMNS = (("acc_forget", "Acc_f", "{:.3f}"), ("acc_forget_true", "Acc_f (true l
 def _cell(figures: dict, key: str, fmt: str) -> str:
     if key not in figures or math.isnan(figures[key][0]):
         return "-"
-    (mean, std), seeds = figures[key], max(figure.count for figure in figures.values())
-    note = f" ({figures[key].count}/{seeds} seeds)" if figures[key].count < seeds else ""
+    (mean, std), seeds = figures[key], max(figure.seeds for figure in figures.values())
+    note = f" ({figures[key].seeds}/{seeds} seeds)" if figures[key].seeds < seeds else ""
     return fmt.format(mean) + (f" ± {fmt.format(std)}" if std and key != "failed" else "") + note
 
 
