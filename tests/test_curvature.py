@@ -30,6 +30,7 @@ from unlearn_kernels.curvature import (
     get_flat_parameters,
     ggn_operator,
     hessian_operator,
+    resolve_curvature_parameters,
     resolve_parameters,
     set_flat_parameters,
     unflatten_vector,
@@ -1460,3 +1461,17 @@ def test_an_embedding_with_a_padding_row_is_refused_by_name():
         hessian_operator(model, nn.CrossEntropyLoss(), (x, y))
     H = hessian_operator(model, nn.CrossEntropyLoss(), (x, y), params=["2.weight", "2.bias"]).to_dense()
     assert torch.equal(H, H.T) or float((H - H.T).abs().max()) <= 1e-6 * float(H.abs().max())
+    # the refusal is the curvature operators': the parameter utilities take such a model
+    assert get_flat_parameters(model).shape == (12 * 6 + 30 * 3 + 3,)
+    assert get_flat_parameters(nn.DataParallel(model)).shape == (12 * 6 + 30 * 3 + 3,)
+    # a spectral-norm embedding: refused too, and its weight is not computed (a power iteration would
+    # write its state into the caller's model)
+    normed = nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Embedding(12, 6, padding_idx=0)),
+                           nn.Flatten(), nn.Linear(30, 3)).train()
+    u = normed[0].parametrizations.weight[0]._u.clone()
+    with pytest.raises(ValueError, match=r"'0.parametrizations.weight.original' is the weight of ParametrizedEmbedding '0'"):
+        hessian_operator(normed.eval(), nn.CrossEntropyLoss(), (x, y))
+    normed.train()
+    with pytest.raises(ValueError, match="with padding_idx=0"):
+        resolve_curvature_parameters(normed)
+    assert torch.equal(normed[0].parametrizations.weight[0]._u, u)

@@ -84,7 +84,7 @@ from .params import (
     ParamSelection,
     WeightsKey,
     flatten_tensors,
-    resolve_parameters,
+    resolve_curvature_parameters,
     same_weights,
     unflatten_vector,
     weights_key,
@@ -284,7 +284,7 @@ class CurvatureOperator(abc.ABC):
         cache_bytes: int | None = None,
     ) -> None:
         """See :func:`~unlearn_kernels.curvature.hessian_operator` for the arguments."""
-        chosen = resolve_parameters(model, params)
+        chosen = resolve_curvature_parameters(model, params)
         check_not_meta(type(self).__name__, model)
         if cache_bytes is None:
             cache_bytes = DEFAULT_CACHE_BYTES

@@ -61,7 +61,7 @@ from .params import (
     ParameterSlots,
     ParamSelection,
     WeightsKey,
-    resolve_parameters,
+    resolve_curvature_parameters,
     same_weights,
     weights_key,
 )
@@ -448,7 +448,7 @@ class DistributedOperator:
 
     def __init__(self, build: Callable[[DataSpec], CurvatureOperator], model: nn.Module, data: DataSpec,
                  params: ParamSelection, process_group: dist.ProcessGroup) -> None:
-        chosen = resolve_parameters(model, params)
+        chosen = resolve_curvature_parameters(model, params)
         first = next(iter(chosen.values()))
         self.dtype, self.device = first.dtype, first.device
         self.param_names = tuple(chosen)
@@ -538,7 +538,7 @@ class DistributedObjective:
 
     def __init__(self, model: nn.Module, loss_fn: Any, data: DataSpec, params: ParamSelection = None, *,
                  process_group: dist.ProcessGroup, weight_decay: float = 0.0, batch_size: int | None = None) -> None:
-        chosen = resolve_parameters(model, params)
+        chosen = resolve_curvature_parameters(model, params)
         self.param_names = tuple(chosen)  # the selection again for the local Objective (params may be a generator)
         device = next(iter(chosen.values())).device
         rows, self.local, failure = _build(

@@ -22,7 +22,7 @@ from .params import (
     ParameterSlots,
     ParamSelection,
     flatten_tensors,
-    resolve_parameters,
+    resolve_curvature_parameters,
     weights_key,
 )
 
@@ -84,7 +84,7 @@ class Objective:
         if not callable(loss_fn):
             raise TypeError(f"Objective: loss_fn must be callable (outputs, targets) -> scalar, "
                             f"got {type(loss_fn).__name__}")
-        chosen = resolve_parameters(model, params)
+        chosen = resolve_curvature_parameters(model, params)
         check_not_meta("Objective", model)
         devices = {p.device for p in chosen.values()}
         if len({p.dtype for p in chosen.values()}) > 1 or len(devices) > 1:

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..checks import check_tensor
 from ..lora import LoRALinear
@@ -42,13 +43,11 @@ def resolve_parameters(model: nn.Module, params: ParamSelection = None) -> dict[
         TypeError: ``model`` is not an nn.Module, an entry is neither a name nor a tensor, or a
             parameter is not floating point.
         ValueError: an unknown name, a tensor that is not a parameter of ``model``, a duplicate, an
-            empty selection, the frozen base layer of an unmerged :class:`~unlearn_kernels.lora.LoRALinear`
-            (its fused op gives the base no derivatives), or the weight of an embedding with a
-            ``padding_idx`` (torch zeroes that row's gradient, so its curvature is not symmetric).
+            empty selection, or the frozen base layer of an unmerged :class:`~unlearn_kernels.lora.LoRALinear`
+            (its fused op gives the base no derivatives).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    check_not_wrapped(model)
     named = dict(model.named_parameters())
     if params is None:
         chosen = {name: p for name, p in named.items() if p.requires_grad}
@@ -81,6 +80,17 @@ def resolve_parameters(model: nn.Module, params: ParamSelection = None) -> dict[
         if not p.is_floating_point():
             raise TypeError(f"parameter {name!r} has dtype {p.dtype}; curvature needs floating point parameters")
     _check_no_adapter_base(model, chosen)
+    return chosen
+
+
+def resolve_curvature_parameters(model: nn.Module, params: ParamSelection = None) -> dict[str, nn.Parameter]:
+    """:func:`resolve_parameters` for the curvature operators and objectives, which also refuse what
+    they cannot differentiate twice correctly: a model wrapped in nn.DataParallel
+    (:func:`check_not_wrapped`) and the weight of an embedding with a ``padding_idx`` (TypeError /
+    ValueError naming it)."""
+    if isinstance(model, nn.Module):
+        check_not_wrapped(model)
+    chosen = resolve_parameters(model, params)
     _check_no_padding_row(model, chosen)
     return chosen
 
@@ -92,10 +102,17 @@ def _check_no_padding_row(model: nn.Module, chosen: dict[str, nn.Parameter]) -> 
     solvers assume they are)."""
     chosen_ids = {id(p): name for name, p in chosen.items()}
     for module_name, module in model.named_modules():
-        if (isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.padding_idx is not None
-                and id(module.weight) in chosen_ids):
+        if not isinstance(module, (nn.Embedding, nn.EmbeddingBag)) or module.padding_idx is None:
+            continue
+        # the stored tensor, not module.weight: a parametrization would compute that (spectral norm's
+        # power iteration writes its state into the caller's model)
+        if parametrize.is_parametrized(module, "weight"):
+            weight = getattr(module.parametrizations["weight"], "original", None)
+        else:
+            weight = module._parameters.get("weight")
+        if weight is not None and id(weight) in chosen_ids:
             raise ValueError(
-                f"params: {chosen_ids[id(module.weight)]!r} is the weight of {type(module).__name__} {module_name!r} "
+                f"params: {chosen_ids[id(weight)]!r} is the weight of {type(module).__name__} {module_name!r} "
                 f"with padding_idx={module.padding_idx}, whose row torch gives a zero gradient whatever the loss, so "
                 "its curvature is not symmetric; leave the embedding out of params (or freeze it, "
                 "requires_grad_(False))")

@@ -85,7 +85,7 @@ from ..curvature import (
     estimate_hessian_lipschitz,
     get_flat_parameters,
     hessian_operator,
-    resolve_parameters,
+    resolve_curvature_parameters,
     set_flat_parameters,
 )
 from ..curvature.base import checked_loss
@@ -221,12 +221,12 @@ class _NewtonFamily(Unlearner):
     def _check_parameters(self, model: nn.Module) -> None:
         """No batch-norm layer without running statistics (:func:`check_per_sample_loss`); named
         ``params`` must exist in the model (they may be frozen); None needs trainable ones; either way
-        what :func:`~unlearn_kernels.curvature.resolve_parameters` refuses is refused here, up front."""
+        what :func:`~unlearn_kernels.curvature.resolve_curvature_parameters` refuses is refused here, up front."""
         check_per_sample_loss(self.name, model)
         if self.params is None:
             super()._check_parameters(model)
         try:
-            resolve_parameters(model, self.params)
+            resolve_curvature_parameters(model, self.params)
         except (TypeError, ValueError) as error:
             raise type(error)(f"{self.name}: {error}") from None
 
@@ -237,7 +237,7 @@ class _NewtonFamily(Unlearner):
 
     def _prepare(self, model: nn.Module, retain: LabeledData) -> _Workspace:
         model.eval()
-        chosen = resolve_parameters(model, self.params)
+        chosen = resolve_curvature_parameters(model, self.params)
         dtypes = {p.dtype for p in chosen.values()}
         if len(dtypes) > 1:
             raise ValueError(f"{self.name}: the chosen parameters mix dtypes {sorted(map(str, dtypes))}; "
