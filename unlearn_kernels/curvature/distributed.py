@@ -171,18 +171,19 @@ class WeightCheck:
 
     def checksum(self, device: torch.device) -> torch.Tensor:
         """(sum, sum of squares, weighted sum) of the chosen parameters, then of the rest, float64 on
-        ``device``; entry i of a half is weighted by 1 + frac(i * golden ratio), so any two positions
-        weigh differently."""
+        ``device``; entry i of a half is weighted by 1 + frac(i * golden ratio), an equidistributed
+        sequence, so that values moved to other places (a swap, a transposed matrix) change the sum.
+        (Values traded between two positions whose weights differ by less than the tolerance pass
+        unseen; 200 random swaps each among 10^5, 10^6 and 10^7 numbers were all caught.)"""
         self._pending = self._key()
         live = self._slots.current()
         halves = []
         with torch.no_grad():
             for tensors in ([live[name] for name in self._chosen], self._others(live)):
-                # one float64 copy per half, then two reductions: a few ops, not a few per tensor
+                # one float64 copy per half, then three reductions: a few ops, not a few per tensor
                 flat = torch.cat([t.detach().reshape(-1).to(device, torch.float64) for t in tensors]
                                  or [torch.zeros(0, dtype=torch.float64, device=device)])
-                weights = torch.arange(flat.numel(), dtype=torch.float64, device=device).mul_(_GOLDEN).frac_().add_(1)
-                halves += [flat.sum(), torch.dot(flat, flat), torch.dot(flat, weights)]
+                halves += [flat.sum(), torch.dot(flat, flat), _position_weighted_sum(flat)]
         return torch.stack(halves)
 
     def agreed(self) -> None:
@@ -220,6 +221,19 @@ class WeightCheck:
 
 _GOLDEN = (math.sqrt(5) - 1) / 2
 """The checksum's position weights step by this irrational fraction, so no two positions share a weight."""
+
+_CHUNK = 1 << 20
+"""Positions per piece of the weighted sum: its weights take 8 MB at a time, not another copy of the model."""
+
+
+def _position_weighted_sum(flat: torch.Tensor) -> torch.Tensor:
+    """sum_i flat[i] * (1 + frac(i * golden ratio)) in float64, in pieces of :data:`_CHUNK` positions."""
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for start in range(0, flat.numel(), _CHUNK):
+        piece = flat[start:start + _CHUNK]
+        weights = torch.arange(start, start + piece.numel(), dtype=torch.float64, device=flat.device)
+        total += torch.dot(piece, weights.mul_(_GOLDEN).frac_().add_(1))
+    return total
 
 
 def _close(a: float, b: float, scale: float) -> bool:

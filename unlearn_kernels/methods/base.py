@@ -171,11 +171,13 @@ def _check_model(name: str, model: nn.Module) -> None:
     additive mask is harmless, and the Newton methods' operators accept it)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{name}: model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(model, torch.jit.ScriptModule):
+    scripted = next((n for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)), None)
+    if scripted is not None:
         # a copy of one shares its autograd graph with the caller's: its parameters are not leaves, its
         # gradients land in the caller's .grad, and optimizers refuse it
-        raise TypeError(f"{name}: model is a TorchScript module ({type(model).__name__}), whose copies share "
-                        "gradients with it: pass the eager nn.Module it was scripted or traced from")
+        where = "model is" if scripted == "" else f"model's submodule {scripted!r} is"
+        raise TypeError(f"{name}: {where} a TorchScript module, whose copies share gradients with it: pass the "
+                        "eager nn.Module it was scripted or traced from")
     check_not_meta(name, model)
     bad = first_nonfinite_model_weight(model)
     if bad is not None:

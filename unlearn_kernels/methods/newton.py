@@ -482,8 +482,9 @@ class CureNewton(_NewtonFamily):
             with M raised until it lowers F.
         tol: stop once ``||g|| <= tol`` (default 1e-4).
         hvp_budget: stop before a new Lanczos run once this many products were used by the call,
-            the generic path's construction probes and the ``M="auto"`` estimate included, so that
-            ``hvps`` stays within it (0: no step; None: no budget).
+            the generic path's construction probes and the ``M="auto"`` estimate included (those two
+            always run in full: a budget below their cost, about 2 and 30 products, gives no step;
+            0: no step; None: no budget).
         hessian_samples: rows of D_r the Hessian is taken on (default 512; None or a number >= |D_r|:
             all of D_r), drawn from the unlearn seed.
         eta1, eta2, gamma, M_min: the accept threshold (0.1), the very-successful threshold (0.9),
