@@ -1,8 +1,9 @@
 """Benchmark runner: ``python -m benchmarks [suite ...] [--device cpu|cuda|cuda:N] [--quick]``.
 
 Writes ``benchmarks/results/<suite>_<cpu|gpu>.json`` (environment, config, medians, ratios) and
-prints a table per suite. A ``--quick`` run (a smoke test) writes to ``QUICK_DIR`` in the system's
-temporary folder unless ``--out`` says otherwise, so that it never replaces the committed results.
+prints a table per suite. A ``--quick`` run (a smoke test) writes to ``unlearn_kernels_benchmarks_quick/``
+in the system's temporary folder unless ``--out`` says otherwise, so that it never replaces the committed
+results.
 """
 from __future__ import annotations
 

@@ -144,6 +144,8 @@ def summary(records: list[dict]) -> str:
                     values = [r[key] for r in mine if key in r]
                     if not values:
                         return "-"
+                    if len(values) == 1:  # no spread from one seed (a sample std would be nan)
+                        return f"{values[0]:.{digits}f}"
                     # the sample std, as the study's
                     return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
                 lines.append(f"| {label} | {fmt('acc_forget')} | {np.mean(closed):.2f} | {fmt('acc_retain')} | "
