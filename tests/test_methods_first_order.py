@@ -417,7 +417,8 @@ ONE_ROW_LAST = {
     "scrub": ({"batch_size": 8, "forget_batch_size": 8}, 2 * (2 + 5)),
     "bad_teacher": ({"batch_size": 28}, 2 * 1),
     "lotus": ({"batch_size": 28, "lr": 1e-4}, 2 * 1),
-    "rfa": ({"batch_size": 8}, 2 * 6),  # keeps batch norm in eval mode: its batches are the plain ones
+    # keeps batch norm in eval mode: its batches are the plain ones; a D_r and a D_f batch per step
+    "rfa": ({"batch_size": 8}, 2 * 6 * 2),
 }
 
 
