@@ -1475,3 +1475,7 @@ def test_an_embedding_with_a_padding_row_is_refused_by_name():
     with pytest.raises(ValueError, match="with padding_idx=0"):
         resolve_curvature_parameters(normed)
     assert torch.equal(normed[0].parametrizations.weight[0]._u, u)
+    # an EmbeddingBag has no second derivative at all: refused as such, not for its padding row
+    bag = nn.Sequential(nn.EmbeddingBag(12, 4, padding_idx=0, mode="mean"), nn.Linear(4, 3)).eval()
+    with pytest.raises(ValueError, match="the loss is not twice differentiable"):
+        hessian_operator(bag, nn.CrossEntropyLoss(), (x, y))

@@ -150,6 +150,9 @@ def test_newton_family_gets_the_recipes_loss_and_no_decoupled_decay():
     assert kwargs["loss_fn"].label_smoothing == 0.1
     effective = json.loads(json.dumps(smoothed.to_dict()))["effective_method_options"]["cure_newton"]
     assert effective["loss_fn"] == "torch.nn.CrossEntropyLoss(label_smoothing=0.1, ignore_index=-100, reduction='mean')"
+    weighted = StudyConfig(methods=("cure_newton",), method_options={"cure_newton": {
+        "loss_fn": torch.nn.CrossEntropyLoss(weight=torch.ones(10))}}).to_dict()["effective_method_options"]
+    assert weighted["cure_newton"]["loss_fn"].endswith("weight=<per-class weights>)")  # not shown as unweighted
 
 
 def test_the_oracle_runs_first_wherever_it_is_listed():

@@ -328,8 +328,11 @@ def _json_value(value: Any) -> Any:
     if value is inspect.Parameter.empty:
         return "<required>"
     if isinstance(value, nn.CrossEntropyLoss):  # its repr does not show its options
-        return (f"torch.nn.CrossEntropyLoss(label_smoothing={value.label_smoothing}, "
-                f"ignore_index={value.ignore_index}, reduction={value.reduction!r})")
+        kind = type(value)
+        name = "torch.nn.CrossEntropyLoss" if kind is nn.CrossEntropyLoss else f"{kind.__module__}.{kind.__qualname__}"
+        weight = "" if value.weight is None else ", weight=<per-class weights>"
+        return (f"{name}(label_smoothing={value.label_smoothing}, ignore_index={value.ignore_index}, "
+                f"reduction={value.reduction!r}{weight})")
     name = getattr(value, "__qualname__", None)
     return f"{getattr(value, '__module__', None) or ''}.{name}".lstrip(".") if name else str(value)
 

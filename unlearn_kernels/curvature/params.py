@@ -102,7 +102,8 @@ def _check_no_padding_row(model: nn.Module, chosen: dict[str, nn.Parameter]) -> 
     solvers assume they are)."""
     chosen_ids = {id(p): name for name, p in chosen.items()}
     for module_name, module in model.named_modules():
-        if not isinstance(module, (nn.Embedding, nn.EmbeddingBag)) or module.padding_idx is None:
+        # (nn.EmbeddingBag is not twice differentiable at all: the operators refuse it as such)
+        if not isinstance(module, nn.Embedding) or module.padding_idx is None:
             continue
         # the stored tensor, not module.weight: a parametrization would compute that (spectral norm's
         # power iteration writes its state into the caller's model)
