@@ -160,7 +160,7 @@ def _seeds_of(figure: Any) -> int | None:
     return figure.seeds if isinstance(figure, Figure) else None
 
 
-def _count_note(figure: Any, seeds: int) -> str:
+def seeds_note(figure: Any, seeds: int) -> str:
     """" (k/n seeds)" for a figure over fewer records than its method's seeds, else ""."""
     count = _seeds_of(figure)
     return f" ({count}/{seeds} seeds)" if count is not None and count < seeds else ""
@@ -249,7 +249,7 @@ def format_table(summary: dict[str, dict[str, tuple[float, float]]], title: str 
             if key in summary[method]:
                 mean, std = summary[method][key]
                 row.append(fmt.format(mean) + ("±" + fmt.format(std) if std else "")
-                           + _count_note(summary[method][key], seeds))
+                           + seeds_note(summary[method][key], seeds))
             else:
                 row.append("-")
         cells.append(row)
@@ -341,7 +341,7 @@ def format_scenario_summary(studies: dict[str, dict[str, Any]]) -> str:
                 verdict = noise.get(figure, {}).get("within_noise")
                 flag = "~" if verdict is True else "?" if verdict is None else ""
                 seeds = noise.get(figure, {}).get("seeds") or 0
-                row.append("-" if value is None else f"{value[0]:.2f}{flag}{_count_note(value, seeds)}")
+                row.append("-" if value is None else f"{value[0]:.2f}{flag}{seeds_note(value, seeds)}")
         cells.append(row)
     return _layout(cells, "Gap closed per scenario (1 - |gap| / |Original's gap|, mean over seeds, last request; "
                           "~ = the Original's gap is within seed noise, ? = noise unknown)")

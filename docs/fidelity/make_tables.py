@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from unlearn_kernels.checkpoint import save_figure  # noqa: E402
-from unlearn_kernels.report import gap_closed_noise, summarize  # noqa: E402
+from unlearn_kernels.report import gap_closed_noise, seeds_note, summarize  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 NEWTON = ("cure_newton", "stochastic_cure_newton", "newton_pinv", "damped_newton", "damped_newton_cg", "influence",
@@ -28,8 +28,8 @@ COLUMNS = (("acc_forget", "Acc_f", "{:.3f}"), ("acc_forget_true", "Acc_f (true l
 def _cell(figures: dict, key: str, fmt: str) -> str:
     if key not in figures or math.isnan(figures[key][0]):
         return "-"
-    (mean, std), seeds = figures[key], max(figure.seeds for figure in figures.values())
-    note = f" ({figures[key].seeds}/{seeds} seeds)" if figures[key].seeds < seeds else ""
+    mean, std = figures[key]
+    note = seeds_note(figures[key], max(figure.seeds for figure in figures.values()))
     return fmt.format(mean) + (f" ± {fmt.format(std)}" if std and key != "failed" else "") + note
 
 

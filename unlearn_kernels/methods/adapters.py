@@ -26,6 +26,7 @@ from typing import Any
 
 from torch import nn
 
+from ..curvature.params import check_not_wrapped
 from ..labeled import LabeledData
 from ..lora import (
     adapter_modules,
@@ -80,7 +81,9 @@ class CureNewtonLoRA(Unlearner):
         self.newton_options = newton_options
 
     def _check_parameters(self, model: nn.Module) -> None:
-        check_per_sample_loss(self.name, model)  # else CureNewton refuses it, under its name, after the adapters
+        # else CureNewton refuses these, under its name, after the adapters
+        check_not_wrapped(model, self.name)
+        check_per_sample_loss(self.name, model)
         new_adapter_layers(self.name, model, self.targets)  # the layers can take adapters: refused here, not mid-run
 
     def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,

@@ -90,7 +90,6 @@ from ..curvature import (
 )
 from ..curvature.base import checked_loss
 from ..curvature.distributed import GroupRef
-from ..curvature.params import check_not_wrapped
 from ..labeled import LabeledData
 from ..solvers import (
     KRYLOV_DEFAULTS,
@@ -168,9 +167,7 @@ def check_per_sample_loss(owner: str, model: nn.Module) -> None:
     of one row (a forget set of one row) could not be run at all. The curvature layer refuses such a
     layer too (:func:`~unlearn_kernels.curvature.base.check_per_sample_forward`, as it refuses
     BatchNorm in training mode), but only when an operator or objective is built: this check makes
-    the refusal before any work, under the method's name; so is a model wrapped in nn.DataParallel
-    (:func:`~unlearn_kernels.curvature.params.check_not_wrapped`)."""
-    check_not_wrapped(model, owner)
+    the refusal before any work, under the method's name."""
     check_batch_statistics(owner, model, "the Newton methods take the loss, its gradient and its Hessian as means "
                            "over samples, which would then depend on how the data is chunked (batch_size, the "
                            "Hessian's subsample), and a chunk of one row could not be run at all; give the layer "
