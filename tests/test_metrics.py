@@ -342,6 +342,10 @@ def test_label_and_set_bad_input():
         accuracy(logits, torch.tensor([0, 1, 2]))
     with pytest.raises(TypeError, match="integer"):
         accuracy(logits, torch.tensor([0.0, 1.0, 1.0]))
+    for dtype in (torch.uint16, torch.uint32, torch.uint64):  # was torch's "lt_cpu" not implemented for 'UInt16'
+        with pytest.raises(TypeError, match=rf"accuracy: y is {dtype}, .* pass the labels as int64"):
+            accuracy(logits, torch.tensor([0, 1, 1], dtype=dtype))
+    assert accuracy(torch.eye(3), torch.tensor([0, 1, 1], dtype=torch.uint8)) == 2 / 3
     with pytest.raises(ValueError, match="empty"):
         mia_entropy(logits, torch.zeros(0, 2), logits)
     with pytest.raises(ValueError, match="NaN"):

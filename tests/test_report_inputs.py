@@ -45,6 +45,15 @@ def test_subset_keeps_its_rows_for_good_indices_and_takes_an_empty_list():
     assert empty.x.shape == (0, 3) and empty.y.dtype == torch.long
 
 
+def test_subset_reads_uint8_values_as_indices():
+    # torch reads a uint8 tensor as a mask: [3, 2, 1, 0] gave rows 0-2 (order lost, row 0 dropped), and [1, 2]
+    # was refused as "a boolean mask needs one entry per row"
+    data = _data()
+    for index in (torch.tensor([3, 2, 1, 0], dtype=torch.uint8), torch.tensor([1, 2], dtype=torch.uint8)):
+        part = data.subset(index)
+        assert torch.equal(part.y, data.y[index.long()]) and torch.equal(part.x, data.x[index.long()])
+
+
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"batch_size": 0}, ValueError, "LabeledData.loader: batch_size must be an int >= 1, got 0"),
     ({"batch_size": 2.0}, ValueError, "LabeledData.loader: batch_size must be an int >= 1, got 2.0"),

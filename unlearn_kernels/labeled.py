@@ -20,7 +20,8 @@ class LabeledData:
     """Inputs ``x`` (N, ...) and int64 labels ``y`` (N,), on one device.
 
     Second-order methods need the whole set as tensors; first-order ones iterate
-    :meth:`loader`. ``subset`` and ``to`` return new objects (never views that alias writes).
+    :meth:`loader`. ``subset`` returns copies (never views that alias writes); ``to`` follows
+    torch's rule: on the device the set is on already, the new object holds the same tensors.
     """
 
     x: torch.Tensor
@@ -71,8 +72,10 @@ class LabeledData:
             raise TypeError(f"LabeledData.subset: index must be integer indices or a boolean mask, got {index.dtype}")
         if index.dim() != 1:
             raise ValueError(f"LabeledData.subset: index must be 1-D, got shape {tuple(index.shape)}")
+        if index.dtype == torch.uint8:
+            index = index.long()  # torch would read uint8 values as a mask
         n = len(self)
-        if index.dtype in (torch.bool, torch.uint8):  # torch reads uint8 as a mask too
+        if index.dtype == torch.bool:
             if index.shape[0] != n:
                 raise ValueError(f"LabeledData.subset: a boolean mask needs one entry per row ({n}), got "
                                  f"{index.shape[0]}")
@@ -83,7 +86,9 @@ class LabeledData:
 
     def to(self, device: torch.device | str) -> "LabeledData":
         """The set on ``device`` (this object itself is unchanged; any device torch takes, the meta
-        device too: the methods name a set there, and the devices the sets are on, themselves)."""
+        device too: the methods name a set there, and the devices the sets are on, themselves). As with
+        ``Tensor.to``, on the device the set is on already the new object shares its tensors (the methods
+        move their sets this way and never write into them): ``subset`` copies."""
         return LabeledData(self.x.to(device), self.y.to(device))
 
     def loader(self, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False,

@@ -56,6 +56,9 @@ def check_labels(name: str, labels: torch.Tensor, logits: torch.Tensor) -> None:
     check_tensor(name, labels)
     if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"{name} must be a 1-D integer tensor, got {labels.dtype} of shape {tuple(labels.shape)}")
+    if labels.dtype in (torch.uint16, torch.uint32, torch.uint64):  # torch cannot even compare them on the CPU
+        raise TypeError(f"{name} is {labels.dtype}, which torch's comparisons do not take: pass the labels as "
+                        f"int64 (.long())")
     if labels.shape[0] != logits.shape[0]:
         raise ValueError(f"{name} has {labels.shape[0]} labels but the logits have {logits.shape[0]} rows")
     if bool(((labels < 0) | (labels >= logits.shape[1])).any()):
