@@ -359,3 +359,52 @@ def test_backend_registry_knows_only_declared_ops_and_backends():
 
 def test_auto_uses_cpp_on_cpu():
     assert unlearn_kernels.choose_backend("softmax_ce_hvp", torch.device("cpu")) == "cpp"
+
+
+# ----------------------------------------------------------------------------- forward mode
+def _hvp_formula(z, u):
+    """Float64 p*u - p<p,u>, written here: torch differentiates it on its own (forward mode too)."""
+    p = torch.softmax(z, dim=1)
+    return p * u - p * (p * u).sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("backend", ERROR_BACKENDS)
+def test_forward_mode_and_torch_func_match_the_formulas(backend, rng):
+    # A registered op carries no forward-mode rule: torch.func.jvp through the C++ and Triton kernels gave a
+    # zero tangent without an error, forward_ad no tangent, and torch.func.grad torch's setup_context error.
+    from torch.autograd import forward_ad
+
+    z, u, y = _inputs((5, 7), torch.float64, rng, ERROR_DEVICES[backend])
+    dz, du, _ = _inputs((5, 7), torch.float64, rng, ERROR_DEVICES[backend])
+    y[2] = -100
+    keep = (y != -100).unsqueeze(1).double()
+
+    _, moved = torch.func.jvp(lambda a: ops.softmax_ce_grad(a, y, label_smoothing=0.1, backend=backend), (z,), (dz,))
+    torch.testing.assert_close(moved, _exact_hvp(z, dz) * keep, rtol=1e-12, atol=1e-14)
+    _, moved = torch.func.jvp(lambda a, b: ops.softmax_ce_hvp(a, b, backend=backend), (z, u), (dz, du))
+    torch.testing.assert_close(moved, torch.func.jvp(_hvp_formula, (z, u), (dz, du))[1], rtol=1e-12, atol=1e-14)
+    with forward_ad.dual_level():
+        out = ops.softmax_ce_hvp(forward_ad.make_dual(z, dz), u, backend=backend)
+        moved = forward_ad.unpack_dual(out).tangent
+    torch.testing.assert_close(moved, torch.func.jvp(lambda a: _hvp_formula(a, u), (z,), (dz,))[1],
+                               rtol=1e-12, atol=1e-14)
+
+    weights = torch.randn(5, 7, generator=rng, dtype=torch.float64).to(z.device)
+    gradient = torch.func.grad(lambda a: (ops.softmax_ce_hvp(a, u, backend=backend) * weights).sum())(z)
+    expected = torch.func.grad(lambda a: (_hvp_formula(a, u) * weights).sum())(z)
+    torch.testing.assert_close(gradient, expected, rtol=1e-12, atol=1e-14)
+    # forward over reverse: the Hessian of the summed loss along dz, through the grad op's two rules
+    hessian_dz = torch.func.jvp(torch.func.grad(lambda a: (ops.softmax_ce_grad(a, y, backend=backend) * z.detach()).sum()),
+                                (z,), (dz,))[1]
+    expected = torch.func.jvp(torch.func.grad(lambda a: ((torch.softmax(a, 1) - F.one_hot(y.clamp(min=0), 7)) * keep
+                                                         * z.detach()).sum()), (z,), (dz,))[1]
+    torch.testing.assert_close(hessian_dz, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_vmap_over_the_ops(rng):
+    z, u, _ = _inputs((3 * 4, 5), torch.float64, rng)
+    z, u = z.reshape(3, 4, 5), u.reshape(3, 4, 5)
+    expected = torch.stack([_exact_hvp(z[i], u[i]) for i in range(3)])
+    for backend in ("cpp", "reference"):  # the reference's finiteness check reads values: vmap without it
+        out = torch.func.vmap(lambda a, b: ops.softmax_ce_hvp(a, b, check_finite=False, backend=backend))(z, u)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-14)

@@ -70,29 +70,55 @@ def _hvp_setup_context(ctx, inputs, output):
     ctx.save_for_backward(logits, tangent)
 
 
+# The derivatives, written once over an ``hvp(logits, u)`` of the caller's choice (a namespace's op,
+# or the public function with its backend), so that higher derivatives stay on one backend.
+# The grad's Jacobian w.r.t. z is the (symmetric) softmax Hessian J = diag(p) - p p^T, zero on
+# ignored rows; h = hvp(z, u) = p*u - p<p,u> moves with z as dh = q*u - q<p,u> - p<q,u>, q = J dz.
+def _probs(logits: torch.Tensor) -> torch.Tensor:
+    low = logits.dtype in (torch.float16, torch.bfloat16)
+    return torch.softmax(logits.float() if low else logits, dim=1).to(logits.dtype)
+
+
+def grad_derivative(hvp, logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                    direction: torch.Tensor) -> torch.Tensor:
+    """J G of ``softmax_ce_grad`` for a direction G: its backward (G an output gradient) and its jvp
+    (G a tangent of the logits) alike, J being symmetric."""
+    keep = (target != ignore_index).unsqueeze(1).to(direction.dtype)
+    return hvp(logits, direction * keep)
+
+
+def hvp_logits_vjp(hvp, logits: torch.Tensor, tangent: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """dh^T G = J (G*u - <p,u> G - <G,p> u): the gradient of ``softmax_ce_hvp`` w.r.t. the logits."""
+    p = _probs(logits)
+    inner = (grad_out * tangent - (p * tangent).sum(1, keepdim=True) * grad_out
+             - (p * grad_out).sum(1, keepdim=True) * tangent)
+    return hvp(logits, inner)
+
+
+def hvp_logits_jvp(hvp, logits: torch.Tensor, tangent: torch.Tensor, dlogits: torch.Tensor) -> torch.Tensor:
+    """dh = q*u - q<p,u> - p<q,u> with q = J dz: how ``softmax_ce_hvp`` moves with the logits."""
+    p, q = _probs(logits), hvp(logits, dlogits)
+    return q * tangent - q * (p * tangent).sum(1, keepdim=True) - p * (q * tangent).sum(1, keepdim=True)
+
+
 def register_autograd(namespace: str) -> None:
-    """The derivatives of ``<namespace>::softmax_ce_grad`` and ``::softmax_ce_hvp``, built from that
-    namespace's own hvp op (so double backward works and stays on the same backend)."""
+    """The derivatives of ``<namespace>::softmax_ce_grad`` and ``::softmax_ce_hvp`` for callers of the
+    registered ops, built from that namespace's own hvp op (so double backward works and stays on the
+    same backend). Backward only: a registered op carries no forward-mode rule; the public functions
+    in ``ops/softmax_ce.py`` add one."""
     ops = getattr(torch.ops, namespace)
+
+    def hvp(logits, u):
+        return ops.softmax_ce_hvp(logits, u, False)
 
     def grad_backward(ctx, grad_out):
         logits, target = ctx.saved_tensors
-        keep = (target != ctx.ignore_index).unsqueeze(1).to(grad_out.dtype)
-        # The Jacobian of (p - t) w.r.t. z is the (symmetric) softmax Hessian.
-        return ops.softmax_ce_hvp(logits, grad_out * keep, False), None, None, None, None
+        return grad_derivative(hvp, logits, target, ctx.ignore_index, grad_out), None, None, None, None
 
     def hvp_backward(ctx, grad_out):
         logits, tangent = ctx.saved_tensors
-        grad_logits = grad_tangent = None
-        if ctx.needs_input_grad[0]:
-            # h = p*u - p<p,u>  =>  dh^T G = J (G*u - <p,u> G - <G,p> u) with J = diag(p) - p p^T.
-            low = logits.dtype in (torch.float16, torch.bfloat16)
-            p = torch.softmax(logits.float() if low else logits, dim=1).to(logits.dtype)
-            inner = (grad_out * tangent - (p * tangent).sum(1, keepdim=True) * grad_out
-                     - (p * grad_out).sum(1, keepdim=True) * tangent)
-            grad_logits = ops.softmax_ce_hvp(logits, inner, False)
-        if ctx.needs_input_grad[1]:
-            grad_tangent = ops.softmax_ce_hvp(logits, grad_out, False)
+        grad_logits = hvp_logits_vjp(hvp, logits, tangent, grad_out) if ctx.needs_input_grad[0] else None
+        grad_tangent = hvp(logits, grad_out) if ctx.needs_input_grad[1] else None
         return grad_logits, grad_tangent, None
 
     torch.library.register_autograd(f"{namespace}::{GRAD}", grad_backward, setup_context=_grad_setup_context)

@@ -10,8 +10,8 @@ For logits z (N x C), p = softmax(z) row-wise, targets y and a tangent u (N x C)
 
 Backends: C++ CPU, CUDA and Triton kernels (one fused pass per row, no N x C temporary) and the
 pure-PyTorch references ``softmax_ce_grad_ref`` / ``softmax_ce_hvp_ref`` below. Both ops are
-differentiable: d grad / dz [G] = hvp(z, G), and the hvp's own derivatives are given in
-``_hvp_backward``.
+differentiable on every backend, in reverse and forward mode (``torch.func`` grad / jvp / vmap too):
+d grad / dz [G] = hvp(z, G), and the hvp's own derivatives are in ``contracts/softmax_ce.py``.
 """
 from __future__ import annotations
 
@@ -91,7 +91,9 @@ def softmax_ce_grad(
         backend: "auto", "cpp", "cuda", "triton" or "reference" (see :func:`unlearn_kernels.backends`).
 
     Returns:
-        (N, C) contiguous tensor of the logits' dtype. Differentiable w.r.t. ``logits``. Meta
+        (N, C) contiguous tensor of the logits' dtype. Differentiable w.r.t. ``logits`` (backward, double
+        backward, forward mode, ``torch.func`` grad / jvp / vmap; vmap on the reference backend needs
+        ``check_finite=False``, as its check reads values). Meta
         tensors (the reference backend, which "auto" picks for them) give a meta result of that
         shape, with no check of values (targets in range, finiteness): they hold none.
 
@@ -111,17 +113,9 @@ def softmax_ce_grad(
     ignore_index = check_int64(f"{op}: ignore_index", ignore_index)
     check_finite = check_bool(f"{op}: check_finite", check_finite)
     name = choose(op, device, backend)
-    # One check per path: the compiled kernels (C++, CUDA and Triton) check their inputs themselves,
-    # with the same messages as the reference's checks here.
-    if name == "reference":
-        contract.check_grad_args(logits, target, label_smoothing)
-        if not logits.is_meta:  # meta tensors hold no values to check: the result's shape only
-            contract.check_targets(target, logits.shape[1], ignore_index)
-            if check_finite:
-                _check_finite_ref(op, logits[target != ignore_index], None)
-        return softmax_ce_grad_ref(logits, target, label_smoothing, ignore_index)
-    ops = _triton_ops() if name == "triton" else torch.ops.unlearn_kernels
-    return ops.softmax_ce_grad(logits, target, label_smoothing, ignore_index, check_finite)
+    if torch.compiler.is_compiling():  # see _SoftmaxCEGrad
+        return _grad_kernel(logits, target, label_smoothing, ignore_index, check_finite, name)
+    return _SoftmaxCEGrad.apply(logits, target, label_smoothing, ignore_index, check_finite, name)
 
 
 def softmax_ce_hvp(
@@ -141,7 +135,8 @@ def softmax_ce_hvp(
         backend: "auto", "cpp", "cuda", "triton" or "reference".
 
     Returns:
-        (N, C) contiguous tensor of the logits' dtype. Differentiable w.r.t. logits and tangent.
+        (N, C) contiguous tensor of the logits' dtype. Differentiable w.r.t. logits and tangent, as
+        ``softmax_ce_grad`` is.
         Meta tensors give a meta result of that shape, with no finiteness check.
     """
     op = contract.HVP
@@ -149,13 +144,105 @@ def softmax_ce_hvp(
     check_tensor(f"{op}: tangent", tangent)
     check_finite = check_bool(f"{op}: check_finite", check_finite)
     name = choose(op, device, backend)
-    if name == "reference":
+    if torch.compiler.is_compiling():  # see _SoftmaxCEGrad
+        return _hvp_kernel(logits, tangent, check_finite, name)
+    return _SoftmaxCEHvp.apply(logits, tangent, check_finite, name)
+
+
+# --------------------------------------------------------------------------- kernels + autograd
+def _grad_kernel(logits, target, label_smoothing, ignore_index, check_finite, backend):
+    # One check per path: the compiled kernels (C++, CUDA and Triton) check their inputs themselves,
+    # with the same messages as the reference's checks here.
+    if backend == "reference":
+        contract.check_grad_args(logits, target, label_smoothing)
+        if not logits.is_meta:  # meta tensors hold no values to check: the result's shape only
+            contract.check_targets(target, logits.shape[1], ignore_index)
+            if check_finite:
+                _check_finite_ref(contract.GRAD, logits[target != ignore_index], None)
+        return softmax_ce_grad_ref(logits, target, label_smoothing, ignore_index)
+    ops = _triton_ops() if backend == "triton" else torch.ops.unlearn_kernels
+    return ops.softmax_ce_grad(logits, target, label_smoothing, ignore_index, check_finite)
+
+
+def _hvp_kernel(logits, tangent, check_finite, backend):
+    if backend == "reference":
         contract.check_hvp_args(logits, tangent)
         if check_finite and not logits.is_meta:  # meta tensors hold no values to check
-            _check_finite_ref(op, logits, tangent)
+            _check_finite_ref(contract.HVP, logits, tangent)
         return softmax_ce_hvp_ref(logits, tangent)
-    ops = _triton_ops() if name == "triton" else torch.ops.unlearn_kernels
+    ops = _triton_ops() if backend == "triton" else torch.ops.unlearn_kernels
     return ops.softmax_ce_hvp(logits, tangent, check_finite)
+
+
+def _hvp_on(backend: str):
+    """The differentiable hvp on one backend, for the derivative formulas (higher derivatives too)."""
+    return functools.partial(softmax_ce_hvp, check_finite=False, backend=backend)
+
+
+# Eager calls of the public functions run the kernels through these autograd.Functions, not through
+# the ops' own registered autograd: a registered op carries no forward-mode rule, and torch.func.jvp
+# (or forward_ad) through it gave a zero tangent without an error. Under torch.compile the registered
+# ops are traced as they are (with their registered backward): Dynamo cannot trace a custom jvp.
+class _SoftmaxCEGrad(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits, target, label_smoothing, ignore_index, check_finite, backend):
+        return _grad_kernel(logits, target, label_smoothing, ignore_index, check_finite, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, target, _smoothing, ignore_index, _check, backend = inputs
+        ctx.save_for_backward(logits, target)
+        ctx.save_for_forward(logits, target)
+        ctx.ignore_index, ctx.backend = ignore_index, backend
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, target = ctx.saved_tensors
+        grad = contract.grad_derivative(_hvp_on(ctx.backend), logits, target, ctx.ignore_index, grad_out)
+        return grad, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, dlogits, *_none):
+        logits, target = ctx.saved_tensors
+        return contract.grad_derivative(_hvp_on(ctx.backend), logits, target, ctx.ignore_index, dlogits)
+
+
+class _SoftmaxCEHvp(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits, tangent, check_finite, backend):
+        return _hvp_kernel(logits, tangent, check_finite, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, tangent, _check, backend = inputs
+        ctx.save_for_backward(logits, tangent)
+        ctx.save_for_forward(logits, tangent)
+        ctx.backend = backend
+        ctx.set_materialize_grads(False)  # an absent tangent arrives as None, not as zeros
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if grad_out is None:
+            return None, None, None, None
+        logits, tangent = ctx.saved_tensors
+        hvp = _hvp_on(ctx.backend)
+        grad_logits = contract.hvp_logits_vjp(hvp, logits, tangent, grad_out) if ctx.needs_input_grad[0] else None
+        grad_tangent = hvp(logits, grad_out) if ctx.needs_input_grad[1] else None
+        return grad_logits, grad_tangent, None, None
+
+    @staticmethod
+    def jvp(ctx, dlogits, dtangent, *_none):
+        logits, tangent = ctx.saved_tensors
+        hvp = _hvp_on(ctx.backend)
+        moved = None if dtangent is None else hvp(logits, dtangent)
+        if dlogits is not None:
+            through_logits = contract.hvp_logits_jvp(hvp, logits, tangent, dlogits)
+            moved = through_logits if moved is None else moved + through_logits
+        return torch.zeros_like(logits, memory_format=torch.contiguous_format) if moved is None else moved
 
 
 # --------------------------------------------------------------------------- fake + autograd
