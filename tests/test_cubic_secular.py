@@ -288,3 +288,15 @@ def test_root_far_below_the_resolution_of_sigma(backend):
     assert hard is False
     check_optimality(lam, c, 1.0, y, sigma, atol=1e-12)
     torch.testing.assert_close(y, torch.tensor([0.0, -1.6, -1.2], dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inputs_that_require_grad_give_a_detached_solution(backend):
+    # a solve, not a differentiable op: through the reference, autograd took sigma for a constant (dy/dc wrong);
+    # through the C++ op, y carried a graph whose backward failed inside torch
+    lam = torch.tensor([-1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    c = torch.tensor([0.5, -1.0], dtype=torch.float64, requires_grad=True)
+    y, sigma, _ = cubic_secular_solve(lam, c, 1.0, backend=backend)
+    assert not y.requires_grad and y.grad_fn is None
+    expected, _, _ = cubic_secular_solve(lam.detach(), c.detach(), 1.0, backend=backend)
+    assert torch.equal(y, expected)

@@ -164,11 +164,14 @@ def cubic_secular_solve(
         ``(y, sigma, hard_case)``: y (k,) float64 on the inputs' device, the multiplier
         ``sigma = M ||y|| / 2`` (``eigvals + sigma >= 0``), and whether the hard case was taken
         (then y has a component tau along the bottom eigen-coordinate that the gradient lacks).
-        coeffs = 0 with eigvals >= 0 gives y = 0, sigma = 0.
+        coeffs = 0 with eigvals >= 0 gives y = 0, sigma = 0. Not differentiable: y carries no
+        autograd graph, whether or not the inputs require grad.
     """
     _check_inputs(eigvals, coeffs, M, tol, max_iter)
     cpu = torch.device("cpu")  # k scalars: solved on the CPU wherever the inputs live
-    lam, c = eigvals.to(cpu, torch.float64), coeffs.to(cpu, torch.float64)
+    # detached: a solve, not a differentiable op (through the reference, autograd took sigma for a
+    # constant and gave a wrong gradient; through the C++ op, torch's "not used in the graph")
+    lam, c = eigvals.detach().to(cpu, torch.float64), coeffs.detach().to(cpu, torch.float64)
     if choose(_OP, cpu, backend) == "reference":
         y, sigma, hard = cubic_secular_solve_ref(lam, c, float(M), float(tol), max_iter)
     else:
