@@ -90,6 +90,22 @@ def test_invariant_start_vector_recovers_whole_spectrum(rng):
     assert float((res.eigenvalues - lam).abs().max()) < 1e-12
 
 
+@pytest.mark.parametrize("which, index", [("SA", 0), ("LA", -1)])
+def test_early_stop_waits_for_the_block_after_a_breakdown(rng, which, index):
+    # v0 an eigenvector: the first step breaks down with an exact pair, and the tolerance test stopped there,
+    # returning it as the extreme eigenvalue (converged=True) although k allowed the restart to find the true one
+    lam = torch.linspace(-3, 7, 50, dtype=torch.float64)
+    H, U = sym_with_spectrum(lam, rng)
+    res = lanczos(H, 50, v0=U[:, 3], which=which)
+    assert res.restarts >= 1 and res.converged
+    assert float((res.eigenvalues[0] - lam[index]).abs()) < 1e-9
+    # repeated eigenvalues: each block (a random restart) holds one copy of each; four copies of the top take
+    # four blocks, where the test stopped after two with [-1, -1, 2, 2]
+    H, _ = sym_with_spectrum(torch.cat([torch.full((25,), 2.0), torch.full((25,), -1.0)]).double(), rng)
+    res = lanczos(H, 50, which="LA", num_eigs=4)
+    assert float((res.eigenvalues - 2.0).abs().max()) < 1e-9
+
+
 @pytest.mark.parametrize("reorth", ["full", "selective"])
 def test_whole_space_is_invariant(rng, reorth):
     # d steps span the whole space: the last residual vector is rounding, a breakdown (for

@@ -368,7 +368,11 @@ def lanczos(
         num_eigs: how many Ritz pairs to return (default 1, or 2 for "BE"), at most ``min(k, d)``;
             fewer only where an invariant subspace of smaller dimension ends the iteration.
         tol: stop early once every wanted pair has residual bound <= tol * max|theta|
-            (0 runs all k steps).
+            (0 runs all k steps). A bound certifies that a Ritz value is an eigenvalue, not that it is
+            an extreme one: a start vector with no component along an eigenvector never sees it. After
+            a breakdown (the pairs of an invariant subspace, converged exactly) the process restarts
+            from a random vector and stops no earlier than that block has converged its own extreme
+            Ritz value(s) on the wanted side.
         seed: seeds the start and restart vectors (an int in [0, 2**63), Python or numpy).
         return_eigenvectors: form the Ritz vectors (one-pass: from the basis; two-pass: second pass).
 
@@ -411,11 +415,26 @@ def lanczos(
         bounds = np.array([proc.residual_norm(S[:, i]) for i in idx])
         return theta[idx], S[:, idx], bounds
 
+    def block_converged(start: int) -> bool:
+        """Whether the block begun by the last restart (at step ``start``) has converged its own wanted-side
+        extreme Ritz value(s): until then the space the restart opened may hold more extreme eigenvalues
+        (the pairs of an invariant subspace converge exactly, extreme or not)."""
+        if proc.n == start:
+            return False
+        theta, S = ritz_pairs(proc.alphas[start:], proc.betas[start:])
+        ends = [0, len(theta) - 1] if which == "BE" else [0] if which == "SA" else [len(theta) - 1]
+        scale = max(np.abs(theta).max(), np.finfo(np.float64).tiny)
+        return all(abs(proc.betas[-1] * S[-1, i]) <= tol * scale for i in ends)
+
+    block_start = 0  # where the block after the last breakdown began
     while not proc.exhausted:
+        restarts = proc.restarts
         proc.step()
+        if proc.restarts > restarts:
+            block_start = proc.n
         if tol > 0 and proc.n >= m:
             theta, _, bounds = wanted_pairs()
-            if np.all(bounds <= tol * np.abs(theta).max()):
+            if np.all(bounds <= tol * np.abs(theta).max()) and (block_start == 0 or block_converged(block_start)):
                 break
     theta, S, bounds = wanted_pairs()
     vectors = None
