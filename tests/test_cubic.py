@@ -109,6 +109,21 @@ def test_zero_gradient(method, rng):
     assert psd.step_norm == 0.0 and psd.model_value == 0.0
 
 
+@pytest.mark.parametrize("options", [{}, {"guard": False}, {"reorth": "none", "two_pass": True}])
+def test_krylov_zero_gradient_beyond_the_probe(options, rng):
+    # d = 200, more than the probe can fill: the stopping rule took s = 0 (residual 0 <= kappa ||g|| = 0) after
+    # one product, a saddle reported as converged without the guard, and 120 products short of it with it
+    lam = torch.linspace(-1.0, 3.0, 200, dtype=torch.float64)
+    H, _ = sym_with_spectrum(lam, rng)
+    g = torch.zeros(200, dtype=torch.float64)
+    out = KrylovCubicSolver(H, g, **options).solve(1.0)
+    assert out.converged and out.hard_case
+    assert out.step_norm == pytest.approx(2.0, rel=1e-6) and out.model_value == pytest.approx(-2.0 / 3.0, rel=1e-9)
+    assert model(H, g, 1.0, out.step) == pytest.approx(-2.0 / 3.0, rel=1e-9)
+    psd = KrylovCubicSolver(H + 2 * torch.eye(200, dtype=torch.float64), g, **options).solve(1.0)
+    assert psd.converged and psd.step_norm == 0.0
+
+
 # ----------------------------------------------------------------------------- Krylov
 # Whether the iteration converges near invariance (k_max = d) is decided by rounding: several
 # problems per kind. 1234 is the rng fixture's seed; with 14 the main phase stops one step short.

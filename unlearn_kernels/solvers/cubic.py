@@ -137,7 +137,10 @@ class KrylovCubicSolver:
     After each ``check_every`` steps the k x k problem ``min ||g|| e1^T y + 1/2 y^T T y +
     (M/6) ||y||^3`` is solved by the secular op on the eigendecomposition of T (float64). The
     full-space model gradient at s = Q y has norm ``beta_k |e_k^T y|`` (free); the iteration stops
-    when it is ``<= theta ||y||^2`` or ``<= kappa min(1, ||y||) ||g||``, or at ``k_max`` steps.
+    when it is ``<= theta ||y||^2`` or ``<= kappa min(1, ||y||) ||g||``, or at ``k_max`` steps. For
+    g = 0 (Lanczos then starts from a random vector) it also waits until the bottom Ritz pair has
+    converged (residual bound ``<= kappa max|Ritz value|``): s = 0 is stationary there, and the minimiser
+    only if H has no negative curvature.
 
     Hard-case guard (``guard``): in the hard case g has no component along H's bottom eigenvector,
     so the Krylov space of g never sees it and the subspace solution is a stationary point of m
@@ -240,7 +243,16 @@ class KrylovCubicSolver:
     def _accept(self, M: float, y: np.ndarray, residual: float) -> bool:
         y_norm = float(np.linalg.norm(y))
         theta = self.kappa * M / 2.0 if self.theta is None else self.theta
+        if self.gnorm == 0.0 and not self._bottom_converged():
+            # g = 0: s = 0 is stationary (residual 0), the minimiser only if H has no negative curvature,
+            # which the random start's Krylov space shows once its bottom Ritz pair has converged
+            return False
         return residual <= theta * y_norm**2 or residual <= self.kappa * min(1.0, y_norm) * self.gnorm
+
+    def _bottom_converged(self) -> bool:
+        theta, S = self.process.ritz_pairs()
+        scale = max(float(np.abs(theta).max()), np.finfo(np.float64).tiny)
+        return self.process.residual_norm(S[:, 0]) <= self.kappa * scale
 
     # -- the Lanczos phases
     def _run_main(self, M: float, limit: int | None = None) -> None:
