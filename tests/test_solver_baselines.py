@@ -150,6 +150,24 @@ def test_damped_indefinite(singular):
     assert mr.converged and torch.allclose(mr.step, expected, atol=1e-7)
 
 
+@pytest.mark.parametrize("step", [
+    lambda H, g: damped_newton_step(H, g, 0.5, solver="eigh"),
+    lambda H, g: damped_newton_step(H, g, 0.5, solver="ldl"),
+    lambda H, g: pinv_newton_step(H, g, solver="eigh"),
+])
+def test_float32_residual_is_the_returned_steps(singular, step):
+    # the residual was of the float64 solution before its rounding to float32: 1.6e-16 reported for 2.2e-7
+    H, _, g = singular
+    H, g = H.float(), g.float()
+    out = step(H, g)
+    assert out.step.dtype == torch.float32
+    damping = 0.0 if out.method == "pinv-eigh" else 0.5
+    A = H.double() + damping * torch.eye(D, dtype=torch.float64)  # the float32 matrix the solver was given
+    true = torch.linalg.vector_norm(A @ out.step.double() + g.double())
+    assert out.residual == pytest.approx(float(true), rel=1e-6)
+    assert out.method == "pinv-eigh" or out.residual > 1e-9  # float32 rounding shows
+
+
 @pytest.mark.parametrize("solver", ["eigh", "ldl", "minres-ldl", "minres"])
 def test_damped_solvers_return_the_step_on_the_gradients_device(singular, solver, device):
     H, _, g = singular

@@ -351,8 +351,9 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float = 1e-6, solver: st
         lam, U = _eigh(op)
         c = U.T @ g.double()
         y, kept = _spectral_step(lam, c, 0.0, rcond)
+        s, y = _rounded(U, y, g.dtype)
         residual = float(torch.linalg.vector_norm(lam * y + c))
-        return NewtonStep((U @ y).to(g.dtype), residual, op.num_hvps, 0, True, "pinv-eigh", {"rank": kept})
+        return NewtonStep(s, residual, op.num_hvps, 0, True, "pinv-eigh", {"rank": kept})
     gnorm = norm64(g)
     if gnorm == 0.0:
         return NewtonStep(torch.zeros_like(g), 0.0, 0, 0, True, "pinv-lanczos", {"rank": 0, "lanczos_steps": 0})
@@ -367,6 +368,14 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float = 1e-6, solver: st
     residual = norm64(op.matvec(s) + g)
     return NewtonStep(s.to(g.dtype), residual, op.num_hvps, proc.n, True, "pinv-lanczos",
                       {"rank": kept, "lanczos_steps": proc.n})
+
+
+def _rounded(U: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step ``U y`` in ``dtype`` and its float64 coordinates in the eigenbasis U after that rounding, so that
+    a residual computed from them is the returned step's (float32 rounding was left out: 1.6e-16 reported
+    for a true 2.2e-7)."""
+    s = (U @ y).to(dtype)
+    return s, U.T @ s.double()
 
 
 def damped_solver(d: int) -> str:
@@ -393,8 +402,9 @@ def _ldl_step(op: SolverOperator, g: torch.Tensor, damping: float) -> NewtonStep
         raise ValueError(f"H + damping I is singular to working precision (damping {damping:g}: reciprocal "
                          f"condition number {rcond:.1e}, or an overflowing solution); use solver='eigh' (the "
                          "pseudo-inverse) or a larger damping")
-    residual = norm64(A @ x + c.squeeze(1))
-    return NewtonStep(x.to(device=g.device, dtype=g.dtype), residual, op.num_hvps, 0, True, "damped-ldl",
+    x = x.to(g.dtype)
+    residual = norm64(A @ x.double() + c.squeeze(1))  # at the step returned, rounded to g's dtype
+    return NewtonStep(x.to(g.device), residual, op.num_hvps, 0, True, "damped-ldl",
                       {"negative_eigenvalues": _negative_eigenvalues(LD, pivots)})
 
 
@@ -458,8 +468,9 @@ def damped_newton_step(H: Any, g: torch.Tensor, damping: float, *, solver: str =
         lam, U = _eigh(op)
         c = U.T @ g.double()
         y, kept = _spectral_step(lam, c, damping, rcond)
+        s, y = _rounded(U, y, g.dtype)
         residual = float(torch.linalg.vector_norm((lam + damping) * y + c))
-        return NewtonStep((U @ y).to(g.dtype), residual, op.num_hvps, 0, True, "damped-eigh",
+        return NewtonStep(s, residual, op.num_hvps, 0, True, "damped-eigh",
                           {"rank": kept, "lambda_min": float(lam[0])})
     solvers = {"cg": conjugate_gradient, "minres": minres, "lissa": lissa}
     if solver not in solvers:

@@ -39,8 +39,9 @@ class CubicStep:
         sigma: the multiplier of the optimality conditions, ``(M/2) ||s||``.
         residual: ``||g + H s + (M/2) ||s|| s||``, the norm of the model's gradient at s
             ("krylov": a bound, the free Lanczos estimate plus ``|(M/2) ||s|| - sigma| ||s||``, which holds
-            the secular equation's tolerance and, for a basis that is not orthonormal, ``||s|| != ||y||``;
-            "dense"/"gd": computed, at the returned s in its dtype).
+            the secular equation's tolerance and, for a basis that is not orthonormal, ``||s|| != ||y||``,
+            in float64 on the computed basis: in float32 it leaves out the rounding of s, about
+            ``eps32 ||H|| ||s||``; "dense"/"gd": computed, at the returned s in its dtype).
         num_hvps: Hessian-vector products used.
         hard_case: the hard-case branch was taken (g has no component along H's bottom eigenvector).
         iterations: Lanczos steps ("krylov"), gradient steps ("gd"), 0 ("dense").

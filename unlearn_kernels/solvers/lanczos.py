@@ -310,7 +310,9 @@ class LanczosResult:
         betas: (n,) float64: ``betas[:-1]`` is T's off-diagonal (0 where a restart happened),
             ``betas[-1]`` the norm of the last residual vector.
         residual_bounds: (m,) float64 ``||H z - theta z||`` for each Ritz pair (computed from T, and
-            for "selective" what its projections removed).
+            for "selective" what its projections removed), in float64 on the computed basis: for a
+            float32 operator they leave out the rounding of the Ritz vectors to float32 (about
+            ``eps32 ||H||``), so a ``tol`` below that is met on paper only.
         converged: every wanted pair has ``residual_bound <= tol * max|theta|``.
         num_hvps: products used (both passes).
         num_steps: n, the size of T.
