@@ -11,6 +11,7 @@ from unlearn_kernels.solvers import (
     DenseOperator,
     as_operator,
     conjugate_gradient,
+    cubic_newton_step,
     damped_newton_step,
     damped_solver,
     lissa,
@@ -166,6 +167,20 @@ def test_float32_residual_is_the_returned_steps(singular, step):
     true = torch.linalg.vector_norm(A @ out.step.double() + g.double())
     assert out.residual == pytest.approx(float(true), rel=1e-6)
     assert out.method == "pinv-eigh" or out.residual > 1e-9  # float32 rounding shows
+
+
+def test_a_matrix_or_products_that_require_grad_give_detached_steps(singular):
+    # the solvers are not differentiable: the LDL^T, MINRES and pinv-MINRES paths failed with torch's "Can't call
+    # numpy() on Tensor that requires grad", the eigh and cubic paths returned steps with a graph
+    H, _, g = singular
+    H = H.clone().requires_grad_(True)
+    steps = [damped_newton_step(H, g, 0.5, solver=s) for s in ("eigh", "ldl", "minres-ldl", "minres")]
+    steps += [pinv_newton_step(H, g, solver=s) for s in ("eigh", "minres", "lanczos")]
+    steps.append(damped_newton_step(lambda v: H @ v, g, 0.5, solver="minres"))
+    steps += [cubic_newton_step(H, g, 1.0, method=m) for m in ("dense", "krylov")]
+    assert all(not out.step.requires_grad for out in steps)
+    expected = -torch.linalg.solve(H.detach() + 0.5 * torch.eye(D, dtype=torch.float64), g)
+    assert torch.allclose(steps[1].step, expected, atol=1e-10) and H.grad is None
 
 
 @pytest.mark.parametrize("solver", ["eigh", "ldl", "minres-ldl", "minres"])

@@ -27,12 +27,15 @@ class DenseOperator:
     """A dense symmetric (d, d) torch matrix behind the operator interface (products counted).
 
     Args:
-        matrix: the (d, d) floating point matrix; it is used as given (no copy).
+        matrix: the (d, d) floating point matrix; it is used as given (no copy), detached from any
+            autograd graph.
     """
 
     def __init__(self, matrix: torch.Tensor) -> None:
         _check_dense(matrix)
-        self.matrix = matrix
+        # detached (the same storage): a matrix that requires grad gave steps with a graph on some paths
+        # and torch's "Can't call numpy() on Tensor that requires grad" on others
+        self.matrix = matrix.detach()
         self.shape: tuple[int, int] = (matrix.shape[0], matrix.shape[1])
         self.dtype: torch.dtype = matrix.dtype
         self.device: torch.device = matrix.device
@@ -105,7 +108,7 @@ class SolverOperator:
                              f"{self.dtype} on {self.device}")
         if not all_finite(out):
             raise NonFiniteProduct("the operator returned NaN or Inf (non-finite Hessian or Hessian-vector product)")
-        return out
+        return out.detach()  # the solvers are not differentiable: no graph through their iterations
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` for a (d,) vector of the operator's dtype and device."""
