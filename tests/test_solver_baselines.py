@@ -9,6 +9,7 @@ from unlearn_kernels.solvers import (
     DENSE_MAX_DIM,
     DENSE_SOLVE_MAX_DIM,
     DenseOperator,
+    NonFiniteProduct,
     as_operator,
     conjugate_gradient,
     cubic_newton_step,
@@ -265,6 +266,16 @@ def test_lissa_divergence_on_a_curvature_operator_is_reported():
         out = lissa(op, g, scale=1e-3, depth=2000)
         assert not out.converged and out.residual == math.inf
         assert 0 < out.iterations < 2000
+
+
+def test_lissa_tells_a_non_finite_operator_from_its_own_divergence():
+    # a NaN product of the first iterate was taken for divergence (zero solution, converged=False, and the
+    # method layer's "raise scale or damping"); one more product on the iterate's direction tells them apart
+    b = torch.ones(5, dtype=torch.float64)
+    with pytest.raises(NonFiniteProduct, match="NaN or Inf for a unit vector: the Hessian .* is not finite"):
+        lissa(lambda v: torch.full_like(v, float("nan")), b, scale=10.0)
+    diverged = lissa(torch.diag(torch.tensor([-1e300, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64)), b, scale=1.0)
+    assert not diverged.converged and diverged.residual == math.inf  # overflow with the iterate's size only
 
 
 def test_lissa_at_non_finite_weights_raises_instead_of_reporting_divergence():

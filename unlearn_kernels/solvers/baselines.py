@@ -215,6 +215,10 @@ def lissa(H: Any, b: torch.Tensor, *, scale: float, damping: float = 0.0, depth:
         truncated recursion leaves ``(I - (H + damping I) / scale)^(depth + 1) b``, of norm at most
         ``||b||``, so a larger residual means a component grew (negative curvature below -damping,
         or scale too small) even where the iterates stayed finite (1e-3 absorbs float32 rounding).
+
+    Raises:
+        NonFiniteProduct: the operator's product of a unit vector is not finite (a non-finite Hessian,
+            told apart from a recursion that overflowed by one more product on the iterate's direction).
     """
     op, b = operator_and_vector(H, b, "b")
     scale = check_number("scale", scale, 0.0, strict=True)
@@ -238,7 +242,8 @@ def lissa(H: Any, b: torch.Tensor, *, scale: float, damping: float = 0.0, depth:
                                                                     name="b")
             try:
                 Hh = step_op.matvec(h)
-            except NonFiniteProduct:  # diverged within the product
+            except NonFiniteProduct:  # diverged within the product, or a non-finite operator: one more
+                _check_unit_product(step_op, h)  # product, on h's direction, tells them apart
                 finite = False
                 break
             sampled_hvps += 0 if sample is None else step_op.num_hvps
@@ -252,6 +257,19 @@ def lissa(H: Any, b: torch.Tensor, *, scale: float, damping: float = 0.0, depth:
     residual = _true_residual(op, x, b, damping) if finite else math.inf
     converged = finite and residual <= (1.0 + LISSA_RESIDUAL_SLACK) * norm64(b)
     return LinearSolve(x, residual, op.num_hvps + sampled_hvps, steps, converged)
+
+
+def _check_unit_product(op: SolverOperator, h: torch.Tensor) -> None:
+    """NonFiniteProduct unless the product of ``h / ||h||`` is finite: a recursion that diverged overflows
+    with h's size, a non-finite Hessian with any vector (it was reported as a divergence: "raise scale")."""
+    size = norm64(h)
+    if size == 0.0 or not math.isfinite(size):
+        return
+    try:
+        op.matvec(h / size)
+    except NonFiniteProduct:
+        raise NonFiniteProduct("the operator returned NaN or Inf for a unit vector: the Hessian (or its "
+                               "product) is not finite, which no scale or damping of LiSSA can fix") from None
 
 
 # --------------------------------------------------------------------------- Newton steps
