@@ -79,6 +79,16 @@ def test_pinv_lanczos_truncated(singular):
     assert torch.allclose(part.step, projected, atol=1e-7 * float(projected.norm()))
 
 
+def test_pinv_lanczos_stops_where_the_krylov_space_of_g_ends(rng):
+    # three distinct eigenvalues: the Krylov space of g has dimension 3 and the step on it is exact; rank=25 went
+    # on restarting into random blocks g does not touch (26 products, info["rank"] 25 for a rank-3 answer)
+    H, _ = sym_with_spectrum(torch.tensor([1.0, 2.0, 3.0]).repeat_interleave(10).double(), rng)
+    g = torch.randn(30, generator=rng, dtype=torch.float64)
+    out = pinv_newton_step(H, g, solver="lanczos", rank=25)
+    assert torch.allclose(out.step, -torch.linalg.solve(H, g), atol=1e-10)
+    assert out.info == {"rank": 3, "lanczos_steps": 3} and out.num_hvps == 4
+
+
 def test_auto_solvers_choose_by_dimension(singular):
     H, _, g = singular
     op = lambda v: H @ v  # noqa: E731  (an operator: no dense matrix to read)

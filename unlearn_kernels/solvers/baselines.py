@@ -379,6 +379,10 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float = 1e-6, solver: st
                           generator=torch.Generator().manual_seed(seed))
     while not proc.exhausted:
         proc.step()
+        if proc.betas[-1] == 0.0:
+            # the Krylov space of g is invariant: the step on it is exact, and the blocks a restart would
+            # add (random vectors g does not touch) only cost products and inflated the rank
+            break
     theta, S = ritz_pairs(proc.alphas, proc.betas)
     theta, S = torch.from_numpy(theta), torch.from_numpy(S)
     y, kept = _spectral_step(theta, gnorm * S[0, :], 0.0, rcond)
