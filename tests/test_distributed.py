@@ -236,8 +236,34 @@ def _method_shards_worker(rank: int, world: int, store: str) -> None:
         for name in ("cure_newton", "damped_newton"):
             with pytest.raises(expect[0], match=expect[1]):
                 METHODS[name](process_group=dist.group.WORLD).unlearn(model, *mine, seed=0)
+        # the same with rank 0's sets in float32: each rank hashed the rows in its own promoted dtype (float32
+        # bytes on rank 0, float64 on rank 1), and the shared sample went through
+        single = LabeledData(forget.x.float(), forget.y)
+        kept = LabeledData(torch.cat([retain.x, single.x[2:3].double()]), torch.cat([retain.y, forget.y[2:3]]))
+        mine = ((single, LabeledData(retain.x.float(), retain.y).subset(torch.arange(0))) if rank == 0
+                else (forget.subset(torch.arange(0)), kept))
+        with pytest.raises(expect[0], match=expect[1]):
+            METHODS["damped_newton"](process_group=dist.group.WORLD).unlearn(_AsDouble(model), *mine, seed=0)
+        # options that differ between ranks, refused on every rank before any work: other params made one rank
+        # run one more collective (gloo aborted the process), another M other collectives ("unknown call")
+        for name, options in (("damped_newton", {"params": None if rank == 0 else ["2.weight", "2.bias"]}),
+                              ("cure_newton", {"M": 0.1 if rank == 0 else 5.0})):
+            with pytest.raises(ValueError, match=rf"rank {rank} of 2: rank\(s\) \[{1 - rank}\] were given other "
+                                                 "options; every rank must build the method alike"):
+                METHODS[name](process_group=dist.group.WORLD, **options).unlearn(model, forget, retain, seed=0)
     finally:
         dist.destroy_process_group()
+
+
+class _AsDouble(nn.Module):
+    """The inner model on its inputs cast to float64 (so float32 inputs fit it)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.double())
 
 
 def test_newton_methods_with_empty_and_bad_shards(tmp_path):

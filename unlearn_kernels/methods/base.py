@@ -285,10 +285,11 @@ class _HashedRows(NamedTuple):
     hashes: np.ndarray
 
 
-def _hashed(forget: LabeledData, retain: LabeledData) -> tuple[_HashedRows, _HashedRows]:
-    """Both sets hashed in their promoted dtype (int32 and int64 token ids, float16 and float32 inputs
-    of a model that casts them: the same samples)."""
-    dtype = torch.promote_types(forget.x.dtype, retain.x.dtype)
+def _hashed(forget: LabeledData, retain: LabeledData,
+            dtype: torch.dtype | None = None) -> tuple[_HashedRows, _HashedRows]:
+    """Both sets hashed in ``dtype``, by default their promoted dtype (int32 and int64 token ids, float16
+    and float32 inputs of a model that casts them: the same samples)."""
+    dtype = dtype or torch.promote_types(forget.x.dtype, retain.x.dtype)
     hashed = []
     for data in (forget, retain):
         rows, labels = _row_bytes(data, dtype), data.y.cpu().numpy()
@@ -332,7 +333,14 @@ def forget_rows_in_other_retain_shards(forget: LabeledData, retain: LabeledData,
     gathered from every rank, confirmed exactly on the rows themselves, as :func:`_shared_rows` does in
     one process. A collective: every rank of ``group`` calls it."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    f, r = _hashed(forget, retain)
+    # one dtype on every rank, promoted over all the ranks' sets: each rank's own promotion hashed the same
+    # samples (int32 ids on one rank, int64 on another) as different bytes
+    dtypes: list[Any] = [None] * world
+    dist.all_gather_object(dtypes, (str(forget.x.dtype), str(retain.x.dtype)), group=group)
+    common = forget.x.dtype
+    for name in (name for pair in dtypes for name in pair):
+        common = torch.promote_types(common, getattr(torch, name.removeprefix("torch.")))
+    f, r = _hashed(forget, retain, common)
     hashes: list[Any] = [None] * world
     dist.all_gather_object(hashes, f.hashes.tolist(), group=group)
     others = np.array([h for k, per_rank in enumerate(hashes) if k != rank for h in per_rank], dtype=np.uint64)

@@ -42,9 +42,10 @@ Options shared by all (constructor arguments):
   its decay: they come back unchanged.
 * ``path``: the Hessian path ("auto", "generic" or "fused").
 * ``process_group``: a ``torch.distributed`` process group for data-parallel unlearning: every rank
-  calls ``unlearn`` with the same model and seed and its own shard of D_f and D_r; F, its gradient and
-  the Hessian products are reduced over all ranks' rows (weighted by shard size), so every rank takes
-  the same step. CureNewton's ``hessian_samples`` then counts rows of each rank's shard, and
+  calls ``unlearn`` with the same model, options and seed (other options are refused on every rank)
+  and its own shard of D_f and D_r; F, its gradient and the Hessian products are reduced over all
+  ranks' rows (weighted by shard size), so every rank takes the same step. CureNewton's
+  ``hessian_samples`` (and StoCuReNU's batch sizes) then count rows of each rank's shard, and
   ``M="auto"`` is refused (the Lipschitz estimate is not distributed). None (the default): one process.
 
 Every method returns the model in eval mode (curvature is defined on the deterministic eval-mode
@@ -63,6 +64,7 @@ model with the current remaining set; g and H are recomputed at the current weig
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -305,16 +307,26 @@ class _NewtonFamily(Unlearner):
         roles = ("forget", "retain", "unseen")
         group = self.process_group
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-        table = torch.zeros(len(roles) + world, dtype=torch.float64, device=_collective_device(model))
+        # the set sizes, then a failure flag and the options' fingerprint (two numbers) per rank
+        table = torch.zeros(len(roles) + 3 * world, dtype=torch.float64, device=_collective_device(model))
         table[:len(roles)] = torch.tensor([rows.get(role, 0) for role in roles], dtype=torch.float64)
         table[len(roles) + rank] = float(failure is not None)
+        fingerprints = len(roles) + world
+        table[fingerprints + 2 * rank:fingerprints + 2 * rank + 2] = torch.tensor(self._options_fingerprint())
         dist.all_reduce(table, group=group)
         if failure is not None:
             raise failure
-        failed = [r for r, flag in enumerate(table[len(roles):].tolist()) if flag]
+        failed = [r for r, flag in enumerate(table[len(roles):fingerprints].tolist()) if flag]
         if failed:
             raise RuntimeError(f"{self.name}, rank {rank} of {world}: rank(s) {failed} refused their inputs (their own "
                                "error is raised there)")
+        prints = table[fingerprints:].view(world, 2)
+        others = [r for r in range(world) if not torch.equal(prints[r], prints[rank])]
+        if others:
+            # different options make different collectives: a crash inside gloo, a wait for the timeout, or
+            # another rank's "unknown call"
+            raise ValueError(f"{self.name}, rank {rank} of {world}: rank(s) {others} were given other options; every "
+                             f"rank must build the method alike. This rank's: {self._options_text()}")
         totals = {role: int(n) for role, n in zip(roles, table[:len(roles)].tolist()) if role in rows}
         check_not_empty(self.name, totals, " on every rank")
         # a sample forgotten on one rank and kept on another: each rank saw its own shards only
@@ -332,6 +344,28 @@ class _NewtonFamily(Unlearner):
             raise RuntimeError(f"{self.name}, rank {rank} of {world}: rank(s) {failed} hold forget samples that "
                                "another rank keeps in its retain set (their own error is raised there)")
         return work
+
+    def _options_text(self) -> str:
+        """The method's class and constructor options (the process group left out), as text that is the
+        same in every process for the same options (a loss module by its class and settings, a function
+        by its name, a mapping sorted)."""
+        def text(value: Any) -> str:
+            if isinstance(value, nn.Module):
+                simple = {k: v for k, v in sorted(vars(value).items()) if isinstance(v, (bool, int, float, str))}
+                return f"{type(value).__qualname__}{simple}"
+            if isinstance(value, Mapping):
+                return "{" + ", ".join(f"{k!r}: {text(v)}" for k, v in sorted(value.items(), key=repr)) + "}"
+            if callable(value) and not isinstance(value, type):
+                return getattr(value, "__qualname__", type(value).__qualname__)
+            return repr(value)
+
+        options = ", ".join(f"{name}={text(value)}" for name, value in sorted(vars(self).items()) if name != "_group")
+        return f"{type(self).__qualname__}({options})"
+
+    def _options_fingerprint(self) -> tuple[float, float]:
+        """:meth:`_options_text` hashed to two integers below 2**28 (exact in float64, for an all_reduce)."""
+        number = int.from_bytes(hashlib.blake2b(self._options_text().encode(), digest_size=7).digest(), "big")
+        return float(number >> 28), float(number & (2**28 - 1))
 
     def _batches(self, data: LabeledData) -> int:
         return 1 if self.batch_size is None else math.ceil(len(data) / self.batch_size)
