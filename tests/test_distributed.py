@@ -292,6 +292,25 @@ def _failure_worker(rank: int, world: int, store: str) -> None:
         expect = (ValueError, "inputs but") if rank == 1 else (RuntimeError, r"rank\(s\) \[1\] failed while building")
         with pytest.raises(expect[0], match=expect[1]):
             hessian_operator(model, nn.CrossEntropyLoss(), (x[part], targets), process_group=dist.group.WORLD)
+        # Arguments refused on rank 1 alone (a parameter name, a path): rank 1 raised before the construction's
+        # collective and rank 0 waited for the group's timeout; now rank 0 learns of it in that collective.
+        shard = (x[part], y[part])
+        builds = {
+            "hessian params": lambda bad: hessian_operator(model, nn.CrossEntropyLoss(), shard,
+                                                           ["2.weigth"] if bad else None, process_group=dist.group.WORLD),
+            "hessian path": lambda bad: hessian_operator(model, nn.CrossEntropyLoss(), shard, path="fuzed" if bad else
+                                                         "auto", process_group=dist.group.WORLD),
+            "ggn params": lambda bad: ggn_operator(model, nn.CrossEntropyLoss(), shard, ["2.weigth"] if bad else None,
+                                                   process_group=dist.group.WORLD),
+            "objective params": lambda bad: DistributedObjective(model, nn.CrossEntropyLoss(), shard,
+                                                                 ["2.weigth"] if bad else None,
+                                                                 process_group=dist.group.WORLD),
+        }
+        for name, build in builds.items():
+            expect = ((ValueError, "no parameter named '2.weigth'|path must be one of") if rank == 1 else
+                      (RuntimeError, r"rank\(s\) \[1\] failed while building"))
+            with pytest.raises(expect[0], match=expect[1]):
+                build(rank == 1)
         # The group is still usable: every rank took part in the reduction that reported the failure.
         wrapped = _CanFail(model)
         op = hessian_operator(wrapped, nn.CrossEntropyLoss(), (x[part], y[part]), path="generic",

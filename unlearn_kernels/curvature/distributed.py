@@ -410,6 +410,24 @@ class ShardGroup:
                            "make the same calls on the same operators and objectives in the same order")
 
 
+def _resolved(model: nn.Module, params: ParamSelection,
+              refusal: BaseException | None) -> tuple[dict[str, torch.Tensor], torch.device, BaseException | None]:
+    """(the chosen parameters, the device of this rank's collectives, the refusal of the arguments): a
+    rank that refuses its arguments (``refusal``, or a bad ``params`` here) still takes part in the
+    construction's collective, which raises its error there and a RuntimeError naming it on the other
+    ranks at once, instead of leaving them waiting for the group's timeout."""
+    chosen: dict[str, torch.Tensor] = {}
+    if refusal is None:
+        try:
+            chosen = resolve_curvature_parameters(model, params)
+        except (TypeError, ValueError) as err:
+            refusal = err
+    first = next(iter(chosen.values()), None)
+    if first is None and isinstance(model, nn.Module):
+        first = next(model.parameters(), None)
+    return chosen, torch.device("cpu") if first is None else first.device, refusal
+
+
 def _build(build: Callable[[DataSpec], Any], data: DataSpec, device: torch.device,
            when_empty: bool) -> tuple[int, Any, BaseException | None]:
     """(rows, build(data) or None, the exception if either failed); ``build`` is not called on an
@@ -438,6 +456,8 @@ class DistributedOperator:
             a rank with an empty shard).
         data: this rank's shard (any :data:`~unlearn_kernels.curvature.base.DataSpec`; may be empty).
         process_group: an initialised ``torch.distributed`` process group (e.g. ``dist.group.WORLD``).
+        refusal: this rank's error in the arguments of the function that builds the operator (an
+            unknown path or parameter), raised here after the construction's collective.
 
     Attributes:
         local: this rank's operator (None on an empty shard).
@@ -448,8 +468,8 @@ class DistributedOperator:
         ValueError: on every rank, when the ranks disagree on the parameter count, the dtype or the
             weights (at construction, and at the first product after the weights changed), or all
             shards are empty.
-        RuntimeError: on the other ranks, when some rank's local operator cannot be built (that
-            rank raises its own error).
+        RuntimeError: on the other ranks, when some rank's arguments are refused or its local operator
+            cannot be built (that rank raises its own error).
         TypeError: ``process_group`` is not a ProcessGroup.
     """
 
@@ -461,18 +481,18 @@ class DistributedOperator:
     to_scipy = CurvatureOperator.to_scipy
 
     def __init__(self, build: Callable[[DataSpec], CurvatureOperator], model: nn.Module, data: DataSpec,
-                 params: ParamSelection, process_group: dist.ProcessGroup) -> None:
-        chosen = resolve_curvature_parameters(model, params)
-        first = next(iter(chosen.values()))
-        self.dtype, self.device = first.dtype, first.device
+                 params: ParamSelection, process_group: dist.ProcessGroup, *,
+                 refusal: BaseException | None = None) -> None:
+        chosen, self.device, refusal = _resolved(model, params, refusal)
+        self.dtype = next((p.dtype for p in chosen.values()), None)
         self.param_names = tuple(chosen)
-        rows, self.local, failure = _build(build, data, self.device, when_empty=False)
+        rows, self.local, failure = (0, None, refusal) if refusal else _build(build, data, self.device, when_empty=False)
         d = self.local.shape[0] if self.local is not None else sum(p.numel() for p in chosen.values())
         # The local operator notices every weight change before its products (its cache depends on it):
         # its key costs nothing more to read. An empty shard's rank keys the weights itself.
         key = None if not isinstance(self.local, CurvatureOperator) else (lambda: self.local._weights_key)
         self.shards = ShardGroup(process_group, rows, d, self.device, failure, self.dtype,
-                                 WeightCheck(model, self.param_names, key))
+                                 None if refusal else WeightCheck(model, self.param_names, key))
         self.shape = (d, d)
         self.num_products = self.num_gradients = self.num_data_passes = 0
 
@@ -552,16 +572,15 @@ class DistributedObjective:
 
     def __init__(self, model: nn.Module, loss_fn: Any, data: DataSpec, params: ParamSelection = None, *,
                  process_group: dist.ProcessGroup, weight_decay: float = 0.0, batch_size: int | None = None) -> None:
-        chosen = resolve_curvature_parameters(model, params)
+        chosen, device, refusal = _resolved(model, params, None)
         self.param_names = tuple(chosen)  # the selection again for the local Objective (params may be a generator)
-        device = next(iter(chosen.values())).device
-        rows, self.local, failure = _build(
+        rows, self.local, failure = (0, None, refusal) if refusal else _build(
             lambda shard: Objective(model, loss_fn, shard, self.param_names, weight_decay=weight_decay,
                                     batch_size=batch_size),
             data, device, when_empty=True)
-        dtype = next(iter(chosen.values())).dtype
+        dtype = next((p.dtype for p in chosen.values()), None)
         self.shards = ShardGroup(process_group, rows, sum(p.numel() for p in chosen.values()), device, failure, dtype,
-                                 WeightCheck(model, self.param_names))
+                                 None if refusal else WeightCheck(model, self.param_names))
         self.num_data_passes = 0
 
     def weights(self) -> torch.Tensor:

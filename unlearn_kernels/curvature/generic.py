@@ -583,14 +583,21 @@ def hessian_operator(
             model, loss or first batch: "hessian_operator: path='fused' cannot be used: ...").
             Integer labels the loss accepts (int64, uint8) work on every path.
     """
+    if process_group is not None:
+        names, refusal = None, None
+        try:  # refused inside the construction's collective, so that the other ranks learn of it at once
+            check_choice("path", path, PATHS)
+            check_choice("mode", mode, MODES)
+            names = parameter_names(model, params)  # a generator: read once
+        except (TypeError, ValueError) as err:
+            refusal = err
+        return DistributedOperator(
+            lambda shard: hessian_operator(model, loss_fn, shard, names, path, batch_size=batch_size, mode=mode,
+                                           cache_bytes=cache_bytes),
+            model, data, names, process_group, refusal=refusal)
     check_choice("path", path, PATHS)
     check_choice("mode", mode, MODES)
     params = parameter_names(model, params)  # read by the support checks and the operator (a generator: once)
-    if process_group is not None:
-        return DistributedOperator(
-            lambda shard: hessian_operator(model, loss_fn, shard, params, path, batch_size=batch_size, mode=mode,
-                                           cache_bytes=cache_bytes),
-            model, data, params, process_group)
     reason = None
     if path != "generic":
         mlp_reason = mlp_supports(model, loss_fn, params)
@@ -632,9 +639,14 @@ def ggn_operator(
             batch, when its forward is built), or what :func:`hessian_operator` raises for the data and
             the weights.
     """
-    params = parameter_names(model, params)  # read by the local operator and the distributed wrapper
     if process_group is not None:
+        names, refusal = None, None
+        try:  # refused inside the construction's collective, as in hessian_operator
+            names = parameter_names(model, params)  # read by the local operator and the wrapper (a generator: once)
+        except (TypeError, ValueError) as err:
+            refusal = err
         return DistributedOperator(
-            lambda shard: GGNOperator(model, loss_fn, shard, params, batch_size=batch_size, cache_bytes=cache_bytes),
-            model, data, params, process_group)
+            lambda shard: GGNOperator(model, loss_fn, shard, names, batch_size=batch_size, cache_bytes=cache_bytes),
+            model, data, names, process_group, refusal=refusal)
+    params = parameter_names(model, params)
     return GGNOperator(model, loss_fn, data, params, batch_size=batch_size, cache_bytes=cache_bytes)
