@@ -297,7 +297,8 @@ def _failure_worker(rank: int, world: int, store: str) -> None:
         shard = (x[part], y[part])
         builds = {
             "hessian params": lambda bad: hessian_operator(model, nn.CrossEntropyLoss(), shard,
-                                                           ["2.weigth"] if bad else None, process_group=dist.group.WORLD),
+                                                           ["2.weigth"] if bad else None,
+                                                           process_group=dist.group.WORLD),
             "hessian path": lambda bad: hessian_operator(model, nn.CrossEntropyLoss(), shard, path="fuzed" if bad else
                                                          "auto", process_group=dist.group.WORLD),
             "ggn params": lambda bad: ggn_operator(model, nn.CrossEntropyLoss(), shard, ["2.weigth"] if bad else None,

@@ -486,7 +486,8 @@ class DistributedOperator:
         chosen, self.device, refusal = _resolved(model, params, refusal)
         self.dtype = next((p.dtype for p in chosen.values()), None)
         self.param_names = tuple(chosen)
-        rows, self.local, failure = (0, None, refusal) if refusal else _build(build, data, self.device, when_empty=False)
+        rows, self.local, failure = ((0, None, refusal) if refusal else
+                                     _build(build, data, self.device, when_empty=False))
         d = self.local.shape[0] if self.local is not None else sum(p.numel() for p in chosen.values())
         # The local operator notices every weight change before its products (its cache depends on it):
         # its key costs nothing more to read. An empty shard's rank keys the weights itself.
