@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import unlearn_kernels.checkpoint as checkpoint
+import unlearn_kernels.report as report
 from devices import DEVICE_ERRORS
 from unlearn_kernels.checkpoint import data_fingerprint, read_checkpoint
 from unlearn_kernels.cli import main, parse_method_options
@@ -506,6 +507,35 @@ def test_cli_interrupt_is_one_line_and_status_130(tmp_path, capsys, monkeypatch)
     assert json.loads((tmp_path / "random" / "results.json").read_text())["config"]["protocol"] == "random"
     assert not (tmp_path / "mislabeled").exists() and not (tmp_path / "summary.json").exists()
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_cli_interrupt_while_plotting_keeps_the_results(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the plots were drawn deleted the earlier results.json and wrote no new one."""
+    argv = ["run", "--protocol", "random", "--methods", "original", "--seeds", "0", "--epochs", "1", "--out",
+            str(tmp_path), "--no-cache"]
+    assert main(argv) == 0
+    results = tmp_path / "random" / "results.json"
+    first = json.loads(results.read_text())
+    assert first["versions"]["cpu_threads"] == str(torch.get_num_threads())  # the results change with it
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "save_figure", interrupted)
+    assert main(argv) == 130
+    again = json.loads(results.read_text())  # the finished study's results, written whole
+    assert again["config"] == first["config"] and len(again["records"]) == len(first["records"])
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    capsys.readouterr()
+
+
+def test_cli_a_folder_where_a_stale_plot_is_removed_is_refused_before_training(tmp_path, capsys):
+    # the run trained, then failed with IsADirectoryError when it removed the earlier run's sequential.png
+    (tmp_path / "random" / "sequential.png").mkdir(parents=True)
+    code = main(["run", "--protocol", "random", "--methods", "original", "--seeds", "0", "--out", str(tmp_path)])
+    _, err = capsys.readouterr()
+    assert code == 2 and "sequential.png', where the run writes or removes a plot, is a directory" in err
+    assert not (tmp_path / "random" / "results.json").exists()
 
 
 def test_cli_repeated_method_is_refused(capsys):

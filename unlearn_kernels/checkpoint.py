@@ -270,8 +270,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many types for a damaged file
         # its weights-only refusal advises loading with weights_only=False: unsafe, and no help for a damaged file
+        # (an empty file gives EOFError with no message)
         why = ("torch.load's weights-only unpickler refuses it" if "weights_only" in str(error)
-               else str(error).splitlines()[0])
+               else (str(error).splitlines() or [f"{type(error).__name__} (an empty file?)"])[0])
         raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated?): {why}") from error
     if not (isinstance(payload, dict) and payload.get("format") == FORMAT_VERSION
             and isinstance(payload.get("metadata"), str) and isinstance(payload.get("state_dict"), dict)
@@ -343,11 +344,14 @@ def code_fingerprint(model: nn.Module) -> str:
 
 
 def device_description(device: torch.device | str) -> str:
-    """The device training runs on, as recorded in checkpoints: "cpu", or the GPU's type and name
-    (results differ between devices, so a checkpoint is reused only on the same kind)."""
+    """The device training runs on, as recorded in checkpoints: the CPU with torch's thread count (the
+    order of floating-point sums, and so the trained weights, changes with it), or the GPU's type and
+    name (results differ between devices, so a checkpoint is reused only on the same kind)."""
     device = torch.device(device)
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
     return device.type
 
 

@@ -139,6 +139,11 @@ def _check_out(root: Path, configs: dict[str, Any]) -> None:
             raise UsageError(f"--out: {str(path)!r}, where the run writes a file, is a directory")
         if path.exists() and not os.access(path, os.W_OK):
             raise UsageError(f"--out: {str(path)!r}, which the run overwrites, is not writable")
+    for name in configs:  # the plots an earlier run left that this one does not replace are removed
+        for plot in (report.GAP_CLOSED_PLOT, report.SEQUENTIAL_PLOT):
+            if (root / name / plot).is_dir():
+                raise UsageError(f"--out: {str(root / name / plot)!r}, where the run writes or removes a plot, is a "
+                                 "directory")
 
 
 def parse_method_options(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -366,13 +371,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for stale in report.remove_stale_summary(root, name):
             if len(configs) == 1:
                 print(f"removed {stale}: it summarised the {name} results this run replaces")
-        # the earlier results.json goes first and the new one comes last: a run interrupted while it plots
-        # leaves no results.json beside plots of another run (a plot that fails still gets the results written)
+        # the earlier results.json goes first and the new one comes last, so that it is never beside plots
+        # of another run; a plot that fails, or Ctrl-C while the plots are drawn, still gets the finished
+        # study's results written (Ctrl-C there lost the earlier results and the new ones)
         with contextlib.suppress(FileNotFoundError):
             (out_dir / report.RESULTS_FILE).unlink()
         try:
             plots = report.write_plots(study, out_dir)
-        except Exception:
+        except BaseException:
             report.write_json(study, out_dir / report.RESULTS_FILE)
             raise
         results[name] = report.write_json(study, out_dir / report.RESULTS_FILE)

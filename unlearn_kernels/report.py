@@ -350,8 +350,9 @@ def format_scenario_summary(studies: dict[str, dict[str, Any]]) -> str:
 def _versions() -> dict[str, str]:
     import unlearn_kernels
 
+    # torch's CPU threads beside the versions: the results change with them (see the guide)
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "unlearn_kernels": unlearn_kernels.__version__}
+            "unlearn_kernels": unlearn_kernels.__version__, "cpu_threads": str(torch.get_num_threads())}
 
 
 def write_json(study: dict[str, Any], path: Path) -> Path:

@@ -433,7 +433,9 @@ def check_cache(config: StudyConfig) -> None:
 
     Raises:
         ValueError: naming the folder, why it cannot be written and how many originals it lacks.
-        CheckpointError: a cached original there is corrupt (as :func:`run_study` would raise).
+        CheckpointError: a cached original there is corrupt (as :func:`run_study` would raise), found
+            here only for a folder that cannot be written (whose originals are read to count them);
+            in a writable folder a damaged original is found when its seed is reached.
     """
     if config.cache_dir is None:
         return
