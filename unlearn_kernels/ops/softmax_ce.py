@@ -19,6 +19,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 from .. import _extension
 from ..backends import choose
@@ -113,7 +114,7 @@ def softmax_ce_grad(
     ignore_index = check_int64(f"{op}: ignore_index", ignore_index)
     check_finite = check_bool(f"{op}: check_finite", check_finite)
     name = choose(op, device, backend)
-    if torch.compiler.is_compiling():  # see _SoftmaxCEGrad
+    if torch.compiler.is_compiling() or not _derivative_possible(logits):  # see _SoftmaxCEGrad
         return _grad_kernel(logits, target, label_smoothing, ignore_index, check_finite, name)
     return _SoftmaxCEGrad.apply(logits, target, label_smoothing, ignore_index, check_finite, name)
 
@@ -144,7 +145,7 @@ def softmax_ce_hvp(
     check_tensor(f"{op}: tangent", tangent)
     check_finite = check_bool(f"{op}: check_finite", check_finite)
     name = choose(op, device, backend)
-    if torch.compiler.is_compiling():  # see _SoftmaxCEGrad
+    if torch.compiler.is_compiling() or not _derivative_possible(logits, tangent):  # see _SoftmaxCEGrad
         return _hvp_kernel(logits, tangent, check_finite, name)
     return _SoftmaxCEHvp.apply(logits, tangent, check_finite, name)
 
@@ -174,15 +175,26 @@ def _hvp_kernel(logits, tangent, check_finite, backend):
     return ops.softmax_ce_hvp(logits, tangent, check_finite)
 
 
+def _derivative_possible(*tensors: torch.Tensor) -> bool:
+    """Whether a derivative of the result may be asked for: autograd records, a tensor is a forward-mode
+    dual, or a ``torch.func`` transform wraps it. Otherwise the kernel runs without the autograd.Function,
+    whose call costs about 50 us (on the CPU, three times the product of 64 x 10 logits)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return True
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) or forward_ad.unpack_dual(t).tangent is not None
+               for t in tensors)
+
+
 def _hvp_on(backend: str):
     """The differentiable hvp on one backend, for the derivative formulas (higher derivatives too)."""
     return functools.partial(softmax_ce_hvp, check_finite=False, backend=backend)
 
 
-# Eager calls of the public functions run the kernels through these autograd.Functions, not through
-# the ops' own registered autograd: a registered op carries no forward-mode rule, and torch.func.jvp
-# (or forward_ad) through it gave a zero tangent without an error. Under torch.compile the registered
-# ops are traced as they are (with their registered backward): Dynamo cannot trace a custom jvp.
+# Eager calls of the public functions whose result may be differentiated run the kernels through these
+# autograd.Functions, not through the ops' own registered autograd: a registered op carries no
+# forward-mode rule, and torch.func.jvp (or forward_ad) through it gave a zero tangent without an error.
+# Under torch.compile the registered ops are traced as they are (with their registered backward):
+# Dynamo cannot trace a custom jvp.
 class _SoftmaxCEGrad(torch.autograd.Function):
     generate_vmap_rule = True
 
