@@ -207,3 +207,16 @@ def test_bad_arguments(rng, kwargs, message):
         adaptive_cubic_newton(lambda w: math.nan, gradient, lambda w: A, torch.zeros(D, dtype=torch.float64))
     with pytest.raises(ValueError, match="NaN"):
         adaptive_cubic_newton(value, lambda w: w * math.nan, lambda w: A, torch.ones(D, dtype=torch.float64))
+
+
+def test_a_gradient_unlike_w_is_refused(rng):
+    # a float64 gradient of a float32 w made the returned w float64 without an error; one of another length
+    # failed inside torch's arithmetic ("The size of tensor a (4) must match ...")
+    A, b = spd(rng), torch.randn(D, generator=rng, dtype=torch.float64)
+    value, gradient = quadratic(A, b)
+    with pytest.raises(ValueError, match=r"gradient\(w0\) is a \(%d,\) torch.float64 tensor on cpu; it must be like "
+                                         r"w: \(%d,\) torch.float32 on cpu" % (D, D)):
+        adaptive_cubic_newton(lambda w: value(w.double()), lambda w: gradient(w.double()), lambda w: A,
+                              torch.zeros(D, dtype=torch.float32))
+    with pytest.raises(ValueError, match=r"gradient\(w0\) is a \(%d,\) .* must be like w: \(%d,\)" % (D - 1, D)):
+        adaptive_cubic_newton(value, lambda w: gradient(w)[1:], lambda w: A, torch.zeros(D, dtype=torch.float64))

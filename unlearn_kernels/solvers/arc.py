@@ -120,6 +120,16 @@ def _value(value: Callable[[torch.Tensor], float], w: torch.Tensor, where: str) 
                         f"got {type(f).__name__}{shape} at {where}") from None
 
 
+def _checked_gradient(gradient: Callable[[torch.Tensor], torch.Tensor], w: torch.Tensor, name: str) -> torch.Tensor:
+    """``gradient(w)``, a finite (d,) vector of w's dtype and device (a float64 gradient of a float32 w
+    made the returned w float64; one of another length failed inside torch's arithmetic)."""
+    g = check_vector(gradient(w), name)
+    if g.shape != w.shape or g.dtype != w.dtype or g.device != w.device:
+        raise ValueError(f"adaptive_cubic_newton: {name} is a {tuple(g.shape)} {g.dtype} tensor on {g.device}; it "
+                         f"must be like w: {tuple(w.shape)} {w.dtype} on {w.device}")
+    return g
+
+
 def adaptive_cubic_newton(
     value: Callable[[torch.Tensor], float],
     gradient: Callable[[torch.Tensor], torch.Tensor],
@@ -171,7 +181,7 @@ def adaptive_cubic_newton(
 
     Raises:
         ValueError: bad options, a non-finite w0, f(w0) or gradient (what ``gradient`` returns at
-            an accepted point must be finite). TypeError: ``value``, ``gradient`` or ``hessian`` not
+            an accepted point must be finite, and of w's shape, dtype and device). TypeError: ``value``, ``gradient`` or ``hessian`` not
             callable, a w0 that is not float32 or float64, ``value`` returning something that is not a
             number, ``solver_options`` not a mapping or with an unknown option.
     """
@@ -202,7 +212,7 @@ def adaptive_cubic_newton(
     f = _value(value, w, "w0")
     if not math.isfinite(f):
         raise ValueError(f"adaptive_cubic_newton: f(w0) is not finite ({f})")
-    g = check_vector(gradient(w), "gradient(w0)")
+    g = _checked_gradient(gradient, w, "gradient(w0)")
     f0, g0_norm = f, norm64(g)
     # The smallest decrease f can resolve: rounding of f in w's precision.
     resolution = 16.0 * torch.finfo(w.dtype).eps * max(abs(f), 1.0)
@@ -251,7 +261,7 @@ def adaptive_cubic_newton(
             recorded = num_hvps
             if accepted:
                 w, f = trial, f_trial
-                g = check_vector(gradient(w), "gradient(w)")
+                g = _checked_gradient(gradient, w, "gradient(w)")
                 steps += 1
                 if ratio >= eta2:  # lowered, never below M_min; an M given below it is not raised to it
                     M = max(M / gamma, min(M, M_min))
