@@ -463,3 +463,47 @@ def test_a_compiled_model_that_another_method_ran_on_first():
     result = RFA(epochs=1).unlearn(compiled, forget, retain, unseen=unseen, seed=0)
     reference = RFA(epochs=1).unlearn(eager, forget, retain, unseen=unseen, seed=0)
     torch.testing.assert_close(result.model(x), reference.model(x))
+
+
+def test_features_are_the_adapted_layers_outputs_when_the_next_module_works_in_place():
+    # ReLU(inplace=True) after an adapted layer wrote its output into the kept features: the same function gave
+    # another model (max weight difference 0.099), with the distance scales of the post-ReLU features
+    forget, retain = _small_sets()
+    plain = _small_mlp()
+    in_place = copy.deepcopy(plain)
+    in_place[1] = torch.nn.ReLU(inplace=True)
+    results = [RFA(epochs=2, batch_size=8).unlearn(m, forget, retain, seed=0).model for m in (plain, in_place)]
+    for a, b in zip(results[0].parameters(), results[1].parameters()):
+        assert torch.equal(a, b)
+
+
+def test_other_class_without_another_class_in_the_retain_set_is_refused():
+    # argmax over classes all masked to -inf picked class 0, absent from D_r: the target was a mean of no rows (0)
+    forget, retain = _small_sets()
+    only_one = LabeledData(retain.x, torch.ones_like(retain.y))
+    with pytest.raises(ValueError, match=r"shift='other_class' needs a class of D_r other than .* only class\(es\) "
+                                         r"\[1\]"):
+        RFA(shift="other_class").unlearn(_small_mlp(), LabeledData(forget.x, torch.ones_like(forget.y)), only_one,
+                                         seed=0)
+
+
+def test_dropout_does_not_move_adapters_that_only_align_the_retain_features():
+    # the student trained in train mode (dropout on) against the frozen eval-mode features: with the alignment
+    # alone (no task loss, a negligible shift) the weights moved by 0.131, where B = 0 is the exact minimiser
+    forget, retain = _small_sets()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Dropout(0.3), torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    out = RFA(epochs=3, batch_size=8, task_weight=0.0, lam=1e-30).unlearn(model, forget, retain, seed=0).model
+    for a, b in zip(model.parameters(), out.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_adapters_of_an_earlier_request_stay_in_the_loss():
+    # a second request with other targets trained the first request's adapter too, but only the new layer was in
+    # L_align and L_shift
+    forget, retain = _small_sets()
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 3))
+    first = RFA(targets="0", merge=False, epochs=1, batch_size=8).unlearn(model, forget, retain, seed=0).model
+    second = RFA(targets="2", merge=False, epochs=1, batch_size=8).unlearn(first, forget, retain, seed=0)
+    assert second.diagnostics["layers"] == ["0", "2"]

@@ -84,9 +84,12 @@ class _Features:
         self.handles = [modules[n].register_forward_hook(self._keeper(n)) for n in self.names]
 
     def _keeper(self, name: str):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
             self.raw[name] = output
             self.outputs[name] = output.flatten(1)
+            # the rest of the model gets a copy: a module after the layer that writes in place (ReLU(inplace=True))
+            # turned the kept features into its own output
+            return output.clone()
         return hook
 
     def __call__(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -165,7 +168,11 @@ class RFA(TrainedUnlearner):
             self._check_unseen_classes(forget, unseen)
         new = self._new_layers(model)
         unmerge(model)  # adapters the model had merged (in this private copy): merged, A and B get no gradient
-        layers = tuple(add_adapters(model, new, self.rank, self.alpha) if new else adapter_modules(model))
+        if new:
+            add_adapters(model, new, self.rank, self.alpha)
+        # every adapter trains (an earlier request's too), so every adapted layer is in the loss: the earlier
+        # ones were trained by the task loss alone, with no alignment of their features
+        layers = tuple(adapter_modules(model))
         # the frozen features come from the plain layers (adapters merged in: B = 0 for fresh ones), at
         # the same module names, without paying for the adapters in every teacher forward
         teacher = unload(frozen_copy(model), merge=True).requires_grad_(False)
@@ -234,6 +241,9 @@ class RFA(TrainedUnlearner):
             absent = torch.ones(ranked.shape[1], dtype=torch.bool, device=ranked.device)
             absent[retain.y.unique()] = False
             ranked[:, absent] = -math.inf  # only classes that D_r holds
+            if not bool(torch.isfinite(ranked.amax(1)).all()):  # argmax would pick class 0, a mean of no rows
+                raise ValueError(f"RFA: shift='other_class' needs a class of D_r other than a forget sample's own "
+                                 f"label; D_r holds only class(es) {retain.y.unique().tolist()}")
             other = ranked.argmax(1)
             return [_class_means(h, retain.y, ranked.shape[1])[other] for h in retain_h]
         # neighbors: the pool is unseen data (else D_r), limited to the classes of D_r
@@ -281,10 +291,9 @@ class RFA(TrainedUnlearner):
         forget_batches = endless_batches(indexed_forget, self.batch_size, seed + 10_000)
         optimizer = self._make_optimizer(model)
         steps, last = 0, {}
-        model.train()
-        for module in model.modules():  # the frozen model's normalisation statistics stay frozen too
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
+        # eval mode, as the frozen model runs: the residual is aligned on the deterministic features (with
+        # dropout on, the adapters learnt to make up for its noise on D_r), and normalisation statistics stay frozen
+        model.eval()
         # Only the adapters take a gradient: the model's own trainable parameters got one at every step,
         # computed for nothing and summed up in the returned model's .grad, and adapters the caller froze
         # (an earlier request's) were not trained. Every flag comes back afterwards.
