@@ -938,6 +938,59 @@ def test_data_the_model_or_loss_rejects_is_named_as_such(path):
             build((bad_x, y))
 
 
+class _TupleOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, C).to(DT)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.inner(x)
+        return out, out
+
+
+def test_a_tuple_output_under_mse_is_named_as_the_loss_rejecting_it():
+    # MSE's AttributeError ('tuple' object has no attribute 'size') escaped as a raw torch error
+    x, y = torch.randn(N, 4, dtype=DT), torch.randn(N, C, dtype=DT)
+    expected = f"the loss rejects the targets y (shape {(N, C)}, {DT}) with the model's outputs (shape tuple)"
+    for build in (lambda: hessian_operator(_TupleOut(), nn.MSELoss(), (x, y)),
+                  lambda: ggn_operator(_TupleOut(), nn.MSELoss(), (x, y)),
+                  lambda: Objective(_TupleOut(), nn.MSELoss(), (x, y))):
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            build()
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_data_written_in_place_after_construction_is_refused(kind):
+    """A cached fused MLP product mixed old activations with the new inputs (relative error 4.4 against the
+    old data, 0.75 against the new), the fused conv one kept the old data, the generic cached graphs
+    failed inside autograd, the uncached paths read NaN written there unchecked."""
+    model, x, y = _fused_problem(kind)
+    builds = {"auto": lambda d: hessian_operator(model, F.cross_entropy, d),
+              "generic": lambda d: hessian_operator(model, F.cross_entropy, d, path="generic"),
+              "forward-over-reverse": lambda d: hessian_operator(model, F.cross_entropy, d, path="generic",
+                                                                 mode="forward-over-reverse"),
+              "uncached": lambda d: hessian_operator(model, F.cross_entropy, d, cache_bytes=0),
+              "ggn": lambda d: ggn_operator(model, F.cross_entropy, d)}
+    for name, build in builds.items():
+        data = (x.clone(), y.clone())
+        op = build(LabeledData(*data) if name == "ggn" else data)
+        v = torch.randn(op.shape[0], dtype=op.dtype)
+        op.matvec(v)
+        data[0].mul_(3)
+        for call in (lambda: op.matvec(v), op.gradient):
+            with pytest.raises(ValueError, match=f"^{type(op).__name__}: the data's inputs x were written in place "
+                                                 "after it was built"):
+                call()
+    data = (x.clone(), y.clone())
+    objective = Objective(model, F.cross_entropy, data)
+    data[1][0] = (data[1][0] + 1) % C
+    with pytest.raises(ValueError, match="^Objective: the data's targets y were written in place"):
+        objective.value()
+    with torch.inference_mode():  # inference tensors keep no version counter
+        frozen = (x.clone(), y.clone())
+    assert torch.isfinite(hessian_operator(model, F.cross_entropy, frozen).gradient()).all()
+
+
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
 def test_uint8_labels_work_on_the_fused_paths(kind):
     """Cross entropy and the generic path accept uint8 labels, so path='auto' (which picks the fused

@@ -215,6 +215,33 @@ def test_refuses_what_the_curvature_operators_refuse(problem):
         Objective(model, F.cross_entropy, (x, y[:, None]))
 
 
+class _CountingForward(nn.Module):
+    """A Linear whose eval-mode forward counts its calls in a buffer (in place, or by a new tensor)."""
+
+    def __init__(self, in_place: bool) -> None:
+        super().__init__()
+        self.linear, self.in_place = nn.Linear(5, 3), in_place
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_place:
+            self.calls += 1
+        else:
+            self.calls = self.calls + 1
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_a_forward_that_writes_its_buffers_is_refused_and_the_model_restored(in_place):
+    # the objective runs the caller's model: the buffer went 0 -> 1 (construction) -> 2 (value) -> 3 (gradient)
+    model = _CountingForward(in_place).eval()
+    buffer = model.calls
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    with pytest.raises(ValueError, match="^Objective: the model's forward writes its buffer 'calls' in eval mode"):
+        Objective(model, nn.CrossEntropyLoss(), (x, y))
+    assert model.calls is buffer and float(buffer) == 0.0
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64, torch.complex64])
 def test_all_finite_agrees_with_the_elementwise_check(dtype):
     big = torch.finfo(torch.float16 if dtype == torch.float16 else torch.float32).max

@@ -41,6 +41,10 @@ holds +Inf and -Inf, whatever its finite entries are: only its version and point
 NaN sum that was NaN before counts as unchanged.) A change of the module tree itself (a submodule
 replaced, appended or removed, a parameter or buffer registered or deleted) is refused at the next
 call (:class:`~unlearn_kernels.curvature.params.ModelChanged`), as is a module put in training mode.
+Tensor data written in place after construction is refused at the next call too (a ValueError; the
+tensors' version counters): the caches and checks are of the data given. Settings that are not
+tensors (a layer's ``eps``, the loss's ``label_smoothing``) are read by the fused paths once, at
+construction, and kept in the generic path's cached graphs: build a new operator after changing one.
 
 Non-finite weights. The same float64 sums refuse them, at construction and at the first product,
 matmat or gradient after a change (a ValueError naming the tensor, never a NaN product): a NaN or Inf
@@ -139,6 +143,8 @@ class BatchSource:
             if bad is not None:
                 raise ValueError(f"the data's {bad[0]} contain NaN or Inf (first at row {bad[1]})")
             self._checked = True  # every chunk is finite: no per-pass checks
+            # the chunks are views of the caller's tensors, and the caches hold what was computed from them
+            self._tensors, self._versions = (x, y), (_version(x), _version(y))
             step = batch_size or max(x.shape[0], 1)
             self._batches: Iterable[Any] = [(x[i:i + step], y[i:i + step]) for i in range(0, x.shape[0], step)]
         elif isinstance(data, (torch.Tensor, str, bytes)) or not isinstance(data, Iterable):
@@ -163,6 +169,7 @@ class BatchSource:
                     )
             self._checked = False
             self._batches = data
+            self._tensors, self._versions = (), ()
 
     @staticmethod
     def _check_batch(batch: Any) -> Batch:
@@ -177,6 +184,17 @@ class BatchSource:
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"a batch has {x.shape[0]} inputs but {y.shape[0]} targets")
         return x, y
+
+    def check_unchanged(self, owner: str) -> None:
+        """ValueError if tensor data was written in place since this source was made (their version
+        counters): the chunks are views of the caller's tensors, and what an operator cached or checked
+        (activations, gradient graphs, finiteness) is of the data it was given. A cached fused product
+        then mixed old activations with new inputs (wrong for both), a generic one failed inside torch's
+        autograd, an uncached one read NaN written there unchecked."""
+        for name, tensor, version in zip(("inputs x", "targets y"), self._tensors, self._versions):
+            if _version(tensor) != version:
+                raise ValueError(f"{owner}: the data's {name} were written in place after it was built: build a "
+                                 "new one on the changed data (or pass a copy of the data)")
 
     def watch_layouts(self, first: Batch, probe: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
         """From now on run ``probe(x, y)`` on the first batch of each new layout (see the class
@@ -206,6 +224,15 @@ class BatchSource:
                                      ) from err
                 self._layouts.add(_layout(x, y))
             yield x, y
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's version counter (bumped by every in-place write), None for an inference-mode tensor,
+    which keeps none (and cannot be written in place outside inference mode)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
 
 
 def _layout(x: torch.Tensor, y: torch.Tensor) -> tuple:
@@ -406,6 +433,7 @@ class CurvatureOperator(abc.ABC):
         the buffers again (``load_state_dict`` writes both in place). A module put in training mode
         since (dropout: random products; BatchNorm: batch statistics) is refused as at construction."""
         check_per_sample_forward(self.model)
+        self.data.check_unchanged(type(self).__name__)
         key = self._current_weights_key()
         if same_weights(key, self._weights_key):
             return
@@ -691,7 +719,7 @@ def probe_forward(forward: Callable[[torch.Tensor], Any], loss_fn: LossFn, x: to
                              f"{x.dtype}; parameters {dtype}): {err}") from err
         try:
             checked_loss(loss_fn, out, y, owner)
-        except (RuntimeError, TypeError, IndexError) as err:
+        except (RuntimeError, TypeError, IndexError, AttributeError) as err:  # MSE on a tuple: AttributeError
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"{_prefix(owner)}the loss rejects the targets y (shape {tuple(y.shape)}, {y.dtype}) "
                              f"with the model's outputs (shape {shape}): {err}") from err

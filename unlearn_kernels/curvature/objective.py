@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -23,8 +24,31 @@ from .params import (
     ParamSelection,
     flatten_tensors,
     resolve_curvature_parameters,
+    same_weights,
     weights_key,
 )
+
+
+def _without_buffer_writes(model: nn.Module, run: Callable[[], None]) -> None:
+    """``run()`` (the construction probe, a forward of the caller's model), then ValueError if it wrote a
+    buffer, in place or by assigning a new tensor: the objective runs the model itself, so every value and
+    gradient would change the caller's model. The buffers are restored (the same tensors, their values)
+    before the error."""
+    buffers = dict(model.named_buffers())
+    saved = {name: b.detach().clone() for name, b in buffers.items()}
+    before = weights_key(buffers.values())
+    run()
+    now = dict(model.named_buffers())
+    if same_weights(weights_key(now.values()), before):
+        return
+    changed = [name for name, b in now.items() if b is not buffers[name] or not torch.equal(b, saved[name])]
+    with torch.no_grad():
+        for name, b in buffers.items():
+            owner, _, attribute = name.rpartition(".")
+            model.get_submodule(owner)._buffers[attribute] = b
+            b.copy_(saved[name])
+    raise ValueError(f"Objective: the model's forward writes its buffer {(changed or list(now))[0]!r} in eval "
+                     "mode: every value and gradient would change the model (restored; such a model is refused)")
 
 
 class Objective:
@@ -69,7 +93,9 @@ class Objective:
             the loss cannot run on (first batch; a wrong input dtype or width, a wrong label dtype or
             shape) or a class label out of range
             (any batch, where the loss raises IndexError) or non-finite weights (see above, at every
-            call too), named ``"Objective: ..."``; a bad ``params``
+            call too), a forward that writes the model's buffers (which every call would then change;
+            restored first) or data written in place after construction (at the next call), named
+            ``"Objective: ..."``; a bad ``params``
             selection or NaN or Inf in the data, as :func:`~unlearn_kernels.curvature.hessian_operator`
             names them. An empty data set is refused at the first call.
         TypeError: ``loss_fn`` is not callable, or ``data`` or ``params`` is of a wrong type.
@@ -104,7 +130,7 @@ class Objective:
         if first is not None:
             probe = functools.partial(probe_forward, model, loss_fn, dtype=next(iter(chosen.values())).dtype,
                                       owner="Objective")
-            probe(*first)
+            _without_buffer_writes(model, lambda: probe(*first))
             self.data.watch_layouts(first, probe)
         self.num_data_passes = 0
 
@@ -128,6 +154,7 @@ class Objective:
         # value's forward would write into the caller's model
         check_per_sample_forward(self.model, "Objective")
         self._check_weights()
+        self.data.check_unchanged("Objective")
         total = torch.zeros((), dtype=torch.float64)
         grad: torch.Tensor | None = None
         count = 0
