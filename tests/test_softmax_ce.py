@@ -343,8 +343,10 @@ def test_forced_backend_that_cannot_run_says_why(rng):
     if not torch.cuda.is_available():
         with pytest.raises(BackendUnavailableError, match="cuda"):
             ops.softmax_ce_hvp(z, u, backend="cuda")
-    with pytest.raises(ValueError, match="unknown backend"):
+    with pytest.raises(ValueError, match="^softmax_ce_hvp: unknown backend 'fortran'"):  # was unprefixed
         ops.softmax_ce_hvp(z, u, backend="fortran")
+    with pytest.raises(ValueError, match="^softmax_ce_hvp: 'gpu' is not a device"):  # was torch's RuntimeError
+        unlearn_kernels.choose_backend("softmax_ce_hvp", "gpu")
     with pytest.raises(BackendUnavailableError, match="CPU tensors"):
         ops.softmax_ce_hvp(z.to("meta"), u.to("meta"), backend="cpp")
 

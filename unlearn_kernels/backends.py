@@ -127,11 +127,16 @@ def _fits_device(backend: str, device: torch.device) -> str | None:
 def choose(op: str, device: torch.device | str, backend: str = "auto") -> str:
     """The backend that runs ``op`` for inputs on ``device`` (a torch.device or its name): ``backend``
     itself if forced and able, else the first usable one in the automatic order. Raises
-    BackendUnavailableError with the reason."""
+    BackendUnavailableError with the reason, ValueError for an unknown backend or device name."""
     if not isinstance(backend, str):  # the status cache would fail on an unhashable value first
         raise TypeError(f"{op}: backend must be a str, one of {('auto',) + BACKEND_NAMES}, "
                         f"got {type(backend).__name__}")
-    device = torch.device(device)
+    if backend != "auto" and backend not in BACKEND_NAMES:  # named by the op, as the other refusals are
+        raise ValueError(f"{op}: unknown backend {backend!r}; choose one of {('auto',) + BACKEND_NAMES}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:  # torch's "Expected one of cpu, cuda, ... device type" for "gpu"
+        raise ValueError(f"{op}: {device!r} is not a device: {err}") from None
     if backend == "auto":
         for name in _AUTO_ORDER.get(device.type, ("reference",)):
             if status(op, name).usable and _fits_device(name, device) is None:
