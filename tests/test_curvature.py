@@ -989,6 +989,25 @@ def test_data_written_in_place_after_construction_is_refused(kind):
     with torch.inference_mode():  # inference tensors keep no version counter
         frozen = (x.clone(), y.clone())
     assert torch.isfinite(hessian_operator(model, F.cross_entropy, frozen).gradient()).all()
+    # a list of tensor batches is the caller's tensors too
+    batches = [(x[:5].clone(), y[:5].clone()), (x[5:].clone(), y[5:].clone())]
+    op = hessian_operator(model, F.cross_entropy, batches)
+    batches[1][0].mul_(3)
+    with pytest.raises(ValueError, match="the data's batch 1's inputs x were written in place"):
+        op.gradient()
+
+
+def test_a_model_that_writes_its_inputs_in_place_is_not_taken_for_changed_data():
+    # ReLU(inplace=True) as the first module writes x at every forward, the construction's probes too: the
+    # version check refused the first product ("written in place after it was built"), where it worked before
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C)).to(DT).eval()
+    x, y = torch.randn(N, 4, dtype=DT).relu(), torch.randint(0, C, (N,))  # the model's writes leave it as it is
+    reference = dense_hessian(model, [(x.clone(), y)], F.cross_entropy)
+    for path in ("auto", "generic"):
+        op = hessian_operator(model, F.cross_entropy, (x, y), path=path)
+        assert relative_error(op.to_dense(), reference) <= 1e-10
+    assert math.isfinite(Objective(model, F.cross_entropy, (x, y)).value())
 
 
 @pytest.mark.parametrize("kind", ["mlp", "conv"])

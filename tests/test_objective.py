@@ -231,6 +231,38 @@ class _CountingForward(nn.Module):
         return self.linear(x)
 
 
+class _LateWrites(nn.Module):
+    """A Linear whose forward registers a buffer (a lazy cache) or, on a batch of 3 rows, counts it."""
+
+    def __init__(self, register: bool) -> None:
+        super().__init__()
+        self.linear, self.register = nn.Linear(5, 3), register
+        self.register_buffer("seen", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.register and not hasattr(self, "cache"):
+            self.register_buffer("cache", torch.ones(2))
+        if len(x) == 3:
+            self.seen = self.seen + 1
+        return self.linear(x)
+
+
+def test_buffers_written_later_or_registered_are_refused_and_restored():
+    # a buffer registered by the forward gave a bare KeyError and stayed; one written on the last batch only passed
+    # the construction probe (the first batch) and then changed at every value and gradient
+    x, y = torch.randn(7, 5), torch.randint(0, 3, (7,))
+    lazy = _LateWrites(register=True).eval()
+    with pytest.raises(ValueError, match="writes its buffer 'cache'"):
+        Objective(lazy, nn.CrossEntropyLoss(), (x, y))
+    assert [name for name, _ in lazy.named_buffers()] == ["seen"]
+    late = _LateWrites(register=False).eval()
+    objective = Objective(late, nn.CrossEntropyLoss(), (x, y), batch_size=4)
+    for call in (objective.value, objective.gradient):
+        with pytest.raises(ValueError, match="writes its buffer 'seen'"):
+            call()
+        assert float(late.seen) == 0.0
+
+
 @pytest.mark.parametrize("in_place", [True, False])
 def test_a_forward_that_writes_its_buffers_is_refused_and_the_model_restored(in_place):
     # the objective runs the caller's model: the buffer went 0 -> 1 (construction) -> 2 (value) -> 3 (gradient)

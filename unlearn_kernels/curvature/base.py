@@ -144,7 +144,7 @@ class BatchSource:
                 raise ValueError(f"the data's {bad[0]} contain NaN or Inf (first at row {bad[1]})")
             self._checked = True  # every chunk is finite: no per-pass checks
             # the chunks are views of the caller's tensors, and the caches hold what was computed from them
-            self._tensors, self._versions = (x, y), (_version(x), _version(y))
+            self._watch({"inputs x": x, "targets y": y})
             step = batch_size or max(x.shape[0], 1)
             self._batches: Iterable[Any] = [(x[i:i + step], y[i:i + step]) for i in range(0, x.shape[0], step)]
         elif isinstance(data, (torch.Tensor, str, bytes)) or not isinstance(data, Iterable):
@@ -169,7 +169,10 @@ class BatchSource:
                     )
             self._checked = False
             self._batches = data
-            self._tensors, self._versions = (), ()
+            # a list of tensor batches is the caller's tensors too (a DataLoader collates new ones per pass)
+            self._watch({f"batch {i}'s {role}": t for i, batch in enumerate(data if isinstance(data, list) else ())
+                         if isinstance(batch, (tuple, list)) for role, t in zip(("inputs x", "targets y"), batch)
+                         if isinstance(t, torch.Tensor)})
 
     @staticmethod
     def _check_batch(batch: Any) -> Batch:
@@ -185,13 +188,27 @@ class BatchSource:
             raise ValueError(f"a batch has {x.shape[0]} inputs but {y.shape[0]} targets")
         return x, y
 
+    def _watch(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._names, self._tensors = tuple(tensors), tuple(tensors.values())
+        self._versions = tuple(_version(t) for t in self._tensors)
+
+    def run_watching(self, forward: Callable[[], Any]) -> None:
+        """``forward()`` (a construction probe: the model on the first batch); if it wrote the data (a
+        model whose first module works in place, ``ReLU(inplace=True)``), every pass writes it, and
+        :meth:`check_unchanged` cannot tell such writes from the caller's: the data is no longer
+        watched (the caches then hold what the model makes of its own writes, as before the check)."""
+        before = tuple(_version(t) for t in self._tensors)
+        forward()
+        if tuple(_version(t) for t in self._tensors) != before:
+            self._watch({})
+
     def check_unchanged(self, owner: str) -> None:
         """ValueError if tensor data was written in place since this source was made (their version
         counters): the chunks are views of the caller's tensors, and what an operator cached or checked
         (activations, gradient graphs, finiteness) is of the data it was given. A cached fused product
         then mixed old activations with new inputs (wrong for both), a generic one failed inside torch's
         autograd, an uncached one read NaN written there unchecked."""
-        for name, tensor, version in zip(("inputs x", "targets y"), self._tensors, self._versions):
+        for name, tensor, version in zip(self._names, self._tensors, self._versions):
             if _version(tensor) != version:
                 raise ValueError(f"{owner}: the data's {name} were written in place after it was built: build a "
                                  "new one on the changed data (or pass a copy of the data)")
@@ -610,7 +627,7 @@ class CurvatureOperator(abc.ABC):
                 "sampler or a random transform): every pass must see the same batches; use a fixed order, "
                 "e.g. LabeledData.loader(batch_size, shuffle=False)"
             )
-        self._probe_forward(x1, y1)
+        self.data.run_watching(lambda: self._probe_forward(x1, y1))
         self.data.watch_layouts((x1, y1), self._probe_forward)
         x, y = self._probe_batch()
         grad_fn = torch.func.grad(self.batch_loss)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -29,20 +30,26 @@ from .params import (
 )
 
 
-def _without_buffer_writes(model: nn.Module, run: Callable[[], None]) -> None:
-    """``run()`` (the construction probe, a forward of the caller's model), then ValueError if it wrote a
-    buffer, in place or by assigning a new tensor: the objective runs the model itself, so every value and
-    gradient would change the caller's model. The buffers are restored (the same tensors, their values)
-    before the error."""
+T = TypeVar("T")
+
+
+def _without_buffer_writes(model: nn.Module, run: Callable[[], T]) -> T:
+    """``run()`` (a pass of the caller's model), then ValueError if it wrote a buffer (in place, by a new
+    tensor, or a new buffer registered): the objective runs the model itself, so its calls would change
+    the caller's model. The buffers are restored first (the same tensors, their values; a new one removed)."""
     buffers = dict(model.named_buffers())
     saved = {name: b.detach().clone() for name, b in buffers.items()}
     before = weights_key(buffers.values())
-    run()
+    out = run()
     now = dict(model.named_buffers())
-    if same_weights(weights_key(now.values()), before):
-        return
-    changed = [name for name, b in now.items() if b is not buffers[name] or not torch.equal(b, saved[name])]
+    if now.keys() == buffers.keys() and same_weights(weights_key(now.values()), before):
+        return out
+    changed = [name for name, b in now.items()
+               if name not in buffers or b is not buffers[name] or not torch.equal(b, saved[name])]
     with torch.no_grad():
+        for name in now.keys() - buffers.keys():
+            owner, _, attribute = name.rpartition(".")
+            del model.get_submodule(owner)._buffers[attribute]
         for name, b in buffers.items():
             owner, _, attribute = name.rpartition(".")
             model.get_submodule(owner)._buffers[attribute] = b
@@ -130,7 +137,7 @@ class Objective:
         if first is not None:
             probe = functools.partial(probe_forward, model, loss_fn, dtype=next(iter(chosen.values())).dtype,
                                       owner="Objective")
-            _without_buffer_writes(model, lambda: probe(*first))
+            _without_buffer_writes(model, lambda: self.data.run_watching(lambda: probe(*first)))
             self.data.watch_layouts(first, probe)
         self.num_data_passes = 0
 
@@ -155,6 +162,10 @@ class Objective:
         check_per_sample_forward(self.model, "Objective")
         self._check_weights()
         self.data.check_unchanged("Objective")
+        # a forward may write a buffer on some batches only (the construction probe ran the first)
+        return _without_buffer_writes(self.model, lambda: self._accumulate(with_gradient))
+
+    def _accumulate(self, with_gradient: bool) -> tuple[float, torch.Tensor | None]:
         total = torch.zeros((), dtype=torch.float64)
         grad: torch.Tensor | None = None
         count = 0
