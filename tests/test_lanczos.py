@@ -106,6 +106,17 @@ def test_early_stop_waits_for_the_block_after_a_breakdown(rng, which, index):
     assert float((res.eigenvalues - 2.0).abs().max()) < 1e-9
 
 
+def test_early_stop_after_a_breakdown_waits_for_every_wanted_value_of_the_new_block():
+    # v0 in the invariant block {5, 4, 3}; the top three are {10, 5, 4.2}: with three wanted, the stop waited only
+    # for the new block's top value (10) and returned [10, 5, 4] (the exact 4 hid 4.2) on 10 of 60 seeds
+    spec = torch.cat([torch.tensor([5.0, 4.0, 3.0, 10.0, 4.2]), torch.linspace(0, 1, 295)]).double()
+    v0 = torch.zeros(300, dtype=torch.float64)
+    v0[:3] = torch.tensor([0.9, -0.7, 0.85])
+    for seed in (14, 15, 19, 37, 38, 46, 47, 48, 51, 55):
+        res = lanczos(torch.diag(spec), 100, v0=v0, num_eigs=3, which="LA", tol=1e-2, seed=seed)
+        assert res.converged and float((res.eigenvalues - torch.tensor([4.2, 5.0, 10.0]).double()).abs().max()) < 1e-2
+
+
 @pytest.mark.parametrize("reorth", ["full", "selective"])
 def test_whole_space_is_invariant(rng, reorth):
     # d steps span the whole space: the last residual vector is rounding, a breakdown (for

@@ -513,8 +513,13 @@ def test_cli_a_folder_where_a_stale_plot_is_removed_is_refused_before_training(t
     (tmp_path / "random" / "sequential.png").mkdir(parents=True)
     code = main(["run", "--protocol", "random", "--methods", "original", "--seeds", "0", "--out", str(tmp_path)])
     _, err = capsys.readouterr()
-    assert code == 2 and "sequential.png', where the run writes or removes a plot, is a directory" in err
+    assert code == 2 and "sequential.png', where the run writes or removes a file, is a directory" in err
     assert not (tmp_path / "random" / "results.json").exists()
+    (tmp_path / "random" / "sequential.png").rmdir()
+    (tmp_path / "gap_closed.png").mkdir()  # the root summary's plot, removed with a summary that covers random
+    code = main(["run", "--protocol", "random", "--methods", "original", "--seeds", "0", "--out", str(tmp_path)])
+    _, err = capsys.readouterr()
+    assert code == 2 and "gap_closed.png', where the run writes or removes a file, is a directory" in err
 
 
 def test_cli_repeated_method_is_refused(capsys):

@@ -139,11 +139,12 @@ def _check_out(root: Path, configs: dict[str, Any]) -> None:
             raise UsageError(f"--out: {str(path)!r}, where the run writes a file, is a directory")
         if path.exists() and not os.access(path, os.W_OK):
             raise UsageError(f"--out: {str(path)!r}, which the run overwrites, is not writable")
-    for name in configs:  # the plots an earlier run left that this one does not replace are removed
-        for plot in (report.GAP_CLOSED_PLOT, report.SEQUENTIAL_PLOT):
-            if (root / name / plot).is_dir():
-                raise UsageError(f"--out: {str(root / name / plot)!r}, where the run writes or removes a plot, is a "
-                                 "directory")
+    # what an earlier run left that this one does not replace is removed: a scenario's plots, and the
+    # summary of several scenarios with its plot when it covers a scenario this run writes
+    removed = [root / name / plot for name in configs for plot in (report.GAP_CLOSED_PLOT, report.SEQUENTIAL_PLOT)]
+    for path in [*removed, root / report.SUMMARY_FILE, root / report.GAP_CLOSED_PLOT]:
+        if path.is_dir():
+            raise UsageError(f"--out: {str(path)!r}, where the run writes or removes a file, is a directory")
 
 
 def parse_method_options(items: list[str]) -> dict[str, dict[str, Any]]:

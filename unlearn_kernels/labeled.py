@@ -72,8 +72,10 @@ class LabeledData:
             raise TypeError(f"LabeledData.subset: index must be integer indices or a boolean mask, got {index.dtype}")
         if index.dim() != 1:
             raise ValueError(f"LabeledData.subset: index must be 1-D, got shape {tuple(index.shape)}")
-        if index.dtype == torch.uint8:
-            index = index.long()  # torch would read uint8 values as a mask
+        if index.dtype != torch.bool:
+            # int64, as torch indexes with: it reads uint8 values as a mask, refuses int8/int16 and has no
+            # min/max for uint16/32/64
+            index = index.long()
         n = len(self)
         if index.dtype == torch.bool:
             if index.shape[0] != n:

@@ -373,8 +373,8 @@ def lanczos(
             (0 runs all k steps). A bound certifies that a Ritz value is an eigenvalue, not that it is
             an extreme one: a start vector with no component along an eigenvector never sees it. After
             a breakdown (the pairs of an invariant subspace, converged exactly) the process restarts
-            from a random vector and stops no earlier than that block has converged its own extreme
-            Ritz value(s) on the wanted side.
+            from a random vector and stops no earlier than that block has converged its own wanted
+            Ritz values (``num_eigs`` of them, or all it has).
         seed: seeds the start and restart vectors (an int in [0, 2**63), Python or numpy).
         return_eigenvectors: form the Ritz vectors (one-pass: from the basis; two-pass: second pass).
 
@@ -418,15 +418,14 @@ def lanczos(
         return theta[idx], S[:, idx], bounds
 
     def block_converged(start: int) -> bool:
-        """Whether the block begun by the last restart (at step ``start``) has converged its own wanted-side
-        extreme Ritz value(s): until then the space the restart opened may hold more extreme eigenvalues
-        (the pairs of an invariant subspace converge exactly, extreme or not)."""
+        """Whether the block begun by the last restart (at step ``start``) has converged its own wanted Ritz
+        values (as many as ``num_eigs``, on the wanted side): until then the space the restart opened may
+        hold more extreme eigenvalues (the pairs of an invariant subspace converge exactly, extreme or not)."""
         if proc.n == start:
             return False
         theta, S = ritz_pairs(proc.alphas[start:], proc.betas[start:])
-        ends = [0, len(theta) - 1] if which == "BE" else [0] if which == "SA" else [len(theta) - 1]
         scale = max(np.abs(theta).max(), np.finfo(np.float64).tiny)
-        return all(abs(proc.betas[-1] * S[-1, i]) <= tol * scale for i in ends)
+        return all(abs(proc.betas[-1] * S[-1, i]) <= tol * scale for i in _wanted(theta, which, m))
 
     block_start = 0  # where the block after the last breakdown began
     while not proc.exhausted:
