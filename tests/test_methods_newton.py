@@ -7,8 +7,10 @@ digits, unlearned in float64; plus a small CNN, whose steps through the fused co
 generic path's.
 """
 import copy
+import functools
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -709,3 +711,17 @@ def test_a_batch_norm_layer_without_running_statistics_is_refused_up_front(digit
     with pytest.raises(ValueError, match=message):  # what the study checks before any training
         METHODS[name]().check_model(model)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) and model.training
+
+
+def test_the_options_fingerprint_is_of_values_not_their_types():
+    # np.float64(0.5) and 0.5 made two ranks refuse each other; CE class weights (a buffer) and a partial's
+    # label_smoothing were not compared at all
+    def fingerprint(**options):
+        return CureNewton(**options)._options_fingerprint()
+
+    assert fingerprint(solver_options={"kappa": np.float64(0.5)}) == fingerprint(solver_options={"kappa": 0.5})
+    assert fingerprint(max_iterations=np.int64(3)) == fingerprint(max_iterations=3)
+    assert (fingerprint(loss_fn=nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0])))
+            != fingerprint(loss_fn=nn.CrossEntropyLoss(weight=torch.tensor([1.0, 3.0]))))
+    assert (fingerprint(loss_fn=functools.partial(F.cross_entropy, label_smoothing=0.1))
+            != fingerprint(loss_fn=functools.partial(F.cross_entropy, label_smoothing=0.3)))

@@ -64,9 +64,11 @@ model with the current remaining set; g and H are recomputed at the current weig
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import inspect
 import math
+import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -347,15 +349,29 @@ class _NewtonFamily(Unlearner):
 
     def _options_text(self) -> str:
         """The method's class and constructor options (the process group left out), as text that is the
-        same in every process for the same options (a loss module by its class and settings, a function
-        by its name, a mapping sorted)."""
+        same in every process for the same options: numpy numbers as Python's, a loss module by its class,
+        settings and buffers, a ``functools.partial`` by its function and arguments, another function by
+        its name (what a closure holds is not compared), a mapping sorted."""
         def text(value: Any) -> str:
-            if isinstance(value, nn.Module):
-                simple = {k: v for k, v in sorted(vars(value).items()) if isinstance(v, (bool, int, float, str))}
-                return f"{type(value).__qualname__}{simple}"
+            if isinstance(value, bool) or value is None or isinstance(value, str):
+                return repr(value)
+            if isinstance(value, numbers.Integral):  # numpy's numbers as Python's
+                return repr(int(value))
+            if isinstance(value, numbers.Real):
+                return repr(float(value))
+            if isinstance(value, torch.Tensor):
+                return f"tensor({text(value.tolist())})"
+            if isinstance(value, nn.Module):  # a loss: its settings and buffers (class weights)
+                simple = {k: text(v) for k, v in sorted(vars(value).items()) if isinstance(v, (bool, int, float, str))}
+                buffers = {k: text(b) for k, b in value.named_buffers()}
+                return f"{type(value).__qualname__}{simple}{buffers}"
+            if isinstance(value, functools.partial):
+                return f"partial({text(value.func)}, {text(value.args)}, {text(value.keywords)})"
             if isinstance(value, Mapping):
                 return "{" + ", ".join(f"{k!r}: {text(v)}" for k, v in sorted(value.items(), key=repr)) + "}"
-            if callable(value) and not isinstance(value, type):
+            if isinstance(value, (list, tuple)):
+                return "(" + ", ".join(text(v) for v in value) + ")"
+            if callable(value) and not isinstance(value, type):  # a function by its name (not what a closure holds)
                 return getattr(value, "__qualname__", type(value).__qualname__)
             return repr(value)
 
