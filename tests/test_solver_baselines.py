@@ -282,10 +282,14 @@ def test_lissa_tells_a_non_finite_operator_from_its_own_divergence():
     # a NaN product of the first iterate was taken for divergence (zero solution, converged=False, and the
     # method layer's "raise scale or damping"); one more product on the iterate's direction tells them apart
     b = torch.ones(5, dtype=torch.float64)
-    with pytest.raises(NonFiniteProduct, match="NaN or Inf for a unit vector: the Hessian .* is not finite"):
+    with pytest.raises(NonFiniteProduct, match="NaN or Inf for a vector of entries at most 1: the Hessian .* is not "
+                                               "finite"):
         lissa(lambda v: torch.full_like(v, float("nan")), b, scale=10.0)
-    diverged = lissa(torch.diag(torch.tensor([-1e300, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64)), b, scale=1.0)
+    H = torch.diag(torch.tensor([-1e300, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64))
+    diverged = lissa(H, b, scale=1.0)
     assert not diverged.converged and diverged.residual == math.inf  # overflow with the iterate's size only
+    sampled = lissa(H, b, scale=1.0, sample=lambda: H)  # the failed product and the probe count (the norm of the
+    assert sampled.num_hvps == 3 and sampled.iterations == 1  # 1e300 iterate overflowed: no probe was made)
 
 
 def test_lissa_at_non_finite_weights_raises_instead_of_reporting_divergence():

@@ -217,7 +217,7 @@ def lissa(H: Any, b: torch.Tensor, *, scale: float, damping: float = 0.0, depth:
         or scale too small) even where the iterates stayed finite (1e-3 absorbs float32 rounding).
 
     Raises:
-        NonFiniteProduct: the operator's product of a unit vector is not finite (a non-finite Hessian,
+        NonFiniteProduct: the operator's product of a vector of entries at most 1 is not finite (a non-finite Hessian,
             told apart from a recursion that overflowed by one more product on the iterate's direction).
     """
     op, b = operator_and_vector(H, b, "b")
@@ -244,6 +244,7 @@ def lissa(H: Any, b: torch.Tensor, *, scale: float, damping: float = 0.0, depth:
                 Hh = step_op.matvec(h)
             except NonFiniteProduct:  # diverged within the product, or a non-finite operator: one more
                 _check_unit_product(step_op, h)  # product, on h's direction, tells them apart
+                sampled_hvps += 0 if sample is None else step_op.num_hvps  # both products count
                 finite = False
                 break
             sampled_hvps += 0 if sample is None else step_op.num_hvps
@@ -260,16 +261,17 @@ def lissa(H: Any, b: torch.Tensor, *, scale: float, damping: float = 0.0, depth:
 
 
 def _check_unit_product(op: SolverOperator, h: torch.Tensor) -> None:
-    """NonFiniteProduct unless the product of ``h / ||h||`` is finite: a recursion that diverged overflows
-    with h's size, a non-finite Hessian with any vector (it was reported as a divergence: "raise scale")."""
-    size = norm64(h)
+    """NonFiniteProduct unless the product of ``h / max|h|`` is finite: a recursion that diverged overflows
+    with h's size, a non-finite Hessian with any vector (it was reported as a divergence: "raise scale").
+    (The max, not the norm: the norm of an iterate near 1e300 overflows.)"""
+    size = float(h.abs().max())
     if size == 0.0 or not math.isfinite(size):
         return
     try:
         op.matvec(h / size)
     except NonFiniteProduct:
-        raise NonFiniteProduct("the operator returned NaN or Inf for a unit vector: the Hessian (or its "
-                               "product) is not finite, which no scale or damping of LiSSA can fix") from None
+        raise NonFiniteProduct("the operator returned NaN or Inf for a vector of entries at most 1: the Hessian "
+                               "(or its product) is not finite, which no scale or damping of LiSSA can fix") from None
 
 
 # --------------------------------------------------------------------------- Newton steps
