@@ -460,7 +460,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     DoRA and other variants, a LoRA bias, ``fan_in_fan_out``, several active adapters, other PEFT
     tuner layers or LoRA on other layer types (Embedding, ...), a base layer :func:`add_adapters`
     would refuse, or no LoRA layer at all. The copy keeps the PEFT model's ``requires_grad`` flags:
-    PEFT freezes every parameter but the adapters (and ``modules_to_save``), so the layers without an
+    PEFT freezes every parameter but the adapters, so the layers without an
     adapter come frozen; ``requires_grad_(True)`` on them gives them back to training.
     """
     check_module("from_peft", peft_model)
