@@ -75,6 +75,10 @@ def floor_ops(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
                 continue
             # channels-last: oneDNN's faster layout for these convolutions
             h, Rh, d, Rd, W, V = (t.contiguous(memory_format=torch.channels_last) for t in (h, Rh, d, Rd, W, V))
+            # the R-forward's h * V and the weight product's Rd^T h, as for a linear layer (these two were
+            # left out: the CNN's floor was about a third short)
+            ops += [lambda h=h, V=V, kw=kw: F.conv2d(h, V, **kw),
+                    lambda h=h, W=W, Rd=Rd, kw=kw: conv2d_weight(h, W.shape, Rd, **kw)]
             if i:
                 ops += [lambda Rh=Rh, W=W, kw=kw: F.conv2d(Rh, W, **kw),
                         lambda h=h, W=W, Rd=Rd, kw=kw: conv2d_input(h.shape, W, Rd, **kw),
