@@ -721,6 +721,8 @@ def test_the_options_fingerprint_is_of_values_not_their_types():
 
     assert fingerprint(solver_options={"kappa": np.float64(0.5)}) == fingerprint(solver_options={"kappa": 0.5})
     assert fingerprint(max_iterations=np.int64(3)) == fingerprint(max_iterations=3)
+    assert (fingerprint(solver_options={"guard": np.True_, "reorth": np.str_("full")})
+            == fingerprint(solver_options={"guard": True, "reorth": "full"}))
     assert (fingerprint(loss_fn=nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0])))
             != fingerprint(loss_fn=nn.CrossEntropyLoss(weight=torch.tensor([1.0, 3.0]))))
     assert (fingerprint(loss_fn=functools.partial(F.cross_entropy, label_smoothing=0.1))

@@ -263,6 +263,32 @@ def test_buffers_written_later_or_registered_are_refused_and_restored():
         assert float(late.seen) == 0.0
 
 
+class _Scale(nn.Module):
+    def __init__(self, shared: torch.Tensor | None, write: bool) -> None:
+        super().__init__()
+        self.register_buffer("s", shared)
+        self.write = write
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.write:
+            self.s = torch.ones(()) if self.s is None else self.s + 0.0
+        return x if self.s is None else x * self.s
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_the_restore_keeps_shared_buffers_and_slots_holding_none(shared):
+    # named_buffers() lists a shared buffer once and a None one never: the restore deleted them as new buffers
+    # (the model then failed: "'_Scale' object has no attribute 's'")
+    scale = torch.ones(()) if shared else None
+    model = nn.Sequential(_Scale(scale, write=False), _Scale(scale, write=True), nn.Linear(5, 3)).eval()
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    with pytest.raises(ValueError, match="writes its buffer '1.s'"):
+        Objective(model, nn.CrossEntropyLoss(), (x, y))
+    assert "s" in model[1]._buffers and model[1]._buffers["s"] is scale and model[0]._buffers["s"] is scale
+    model[1].write = False
+    assert model(x).shape == (8, 3)
+
+
 @pytest.mark.parametrize("in_place", [True, False])
 def test_a_forward_that_writes_its_buffers_is_refused_and_the_model_restored(in_place):
     # the objective runs the caller's model: the buffer went 0 -> 1 (construction) -> 2 (value) -> 3 (gradient)

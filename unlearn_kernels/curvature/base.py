@@ -42,9 +42,12 @@ NaN sum that was NaN before counts as unchanged.) A change of the module tree it
 replaced, appended or removed, a parameter or buffer registered or deleted) is refused at the next
 call (:class:`~unlearn_kernels.curvature.params.ModelChanged`), as is a module put in training mode.
 Tensor data written in place after construction is refused at the next call too (a ValueError; the
-tensors' version counters): the caches and checks are of the data given. Settings that are not
-tensors (a layer's ``eps``, the loss's ``label_smoothing``) are read by the fused paths once, at
-construction, and kept in the generic path's cached graphs: build a new operator after changing one.
+tensors' version counters): the caches and checks are of the data given. Watched: an (x, y) pair or a
+LabeledData, a list or tuple of tensor batches, a DataLoader over a TensorDataset; not other iterables,
+nor the data of a model that writes its own inputs in place (its construction probe stops the watch).
+Settings that are not tensors (a layer's ``eps``, the loss's ``label_smoothing``) are read by the fused
+paths once, at construction, and kept in the generic path's cached graphs: build a new operator after
+changing one.
 
 Non-finite weights. The same float64 sums refuse them, at construction and at the first product,
 matmat or gradient after a change (a ValueError naming the tensor, never a NaN product): a NaN or Inf
@@ -68,7 +71,7 @@ from typing import Any
 import scipy.sparse.linalg
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from ..checks import (
     all_finite,
@@ -91,6 +94,7 @@ from .params import (
     resolve_curvature_parameters,
     same_weights,
     unflatten_vector,
+    version_counter,
     weights_key,
 )
 
@@ -169,10 +173,16 @@ class BatchSource:
                     )
             self._checked = False
             self._batches = data
-            # a list of tensor batches is the caller's tensors too (a DataLoader collates new ones per pass)
-            self._watch({f"batch {i}'s {role}": t for i, batch in enumerate(data if isinstance(data, list) else ())
-                         if isinstance(batch, (tuple, list)) for role, t in zip(("inputs x", "targets y"), batch)
-                         if isinstance(t, torch.Tensor)})
+            # the caller's tensors behind the batches: a list or tuple of tensor batches, or the tensors of a
+            # DataLoader's TensorDataset (its batches are new tensors every pass, the caches are not)
+            if isinstance(data, DataLoader) and isinstance(data.dataset, TensorDataset):
+                watched = {f"the DataLoader's dataset tensor {i}": t for i, t in enumerate(data.dataset.tensors)}
+            else:
+                watched = {f"batch {i}'s {role}": t for i, batch in enumerate(data if isinstance(data, (list, tuple))
+                                                                               else ())
+                           if isinstance(batch, (tuple, list)) for role, t in zip(("inputs x", "targets y"), batch)
+                           if isinstance(t, torch.Tensor)}
+            self._watch(watched)
 
     @staticmethod
     def _check_batch(batch: Any) -> Batch:
@@ -190,16 +200,16 @@ class BatchSource:
 
     def _watch(self, tensors: dict[str, torch.Tensor]) -> None:
         self._names, self._tensors = tuple(tensors), tuple(tensors.values())
-        self._versions = tuple(_version(t) for t in self._tensors)
+        self._versions = tuple(version_counter(t) for t in self._tensors)
 
     def run_watching(self, forward: Callable[[], Any]) -> None:
         """``forward()`` (a construction probe: the model on the first batch); if it wrote the data (a
         model whose first module works in place, ``ReLU(inplace=True)``), every pass writes it, and
         :meth:`check_unchanged` cannot tell such writes from the caller's: the data is no longer
         watched (the caches then hold what the model makes of its own writes, as before the check)."""
-        before = tuple(_version(t) for t in self._tensors)
+        before = tuple(version_counter(t) for t in self._tensors)
         forward()
-        if tuple(_version(t) for t in self._tensors) != before:
+        if tuple(version_counter(t) for t in self._tensors) != before:
             self._watch({})
 
     def check_unchanged(self, owner: str) -> None:
@@ -209,8 +219,8 @@ class BatchSource:
         then mixed old activations with new inputs (wrong for both), a generic one failed inside torch's
         autograd, an uncached one read NaN written there unchecked."""
         for name, tensor, version in zip(self._names, self._tensors, self._versions):
-            if _version(tensor) != version:
-                raise ValueError(f"{owner}: the data's {name} were written in place after it was built: build a "
+            if version_counter(tensor) != version:
+                raise ValueError(f"{owner}: the data ({name}) was written in place after it was built: build a "
                                  "new one on the changed data (or pass a copy of the data)")
 
     def watch_layouts(self, first: Batch, probe: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
@@ -241,15 +251,6 @@ class BatchSource:
                                      ) from err
                 self._layouts.add(_layout(x, y))
             yield x, y
-
-
-def _version(tensor: torch.Tensor) -> int | None:
-    """The tensor's version counter (bumped by every in-place write), None for an inference-mode tensor,
-    which keeps none (and cannot be written in place outside inference mode)."""
-    try:
-        return tensor._version
-    except RuntimeError:
-        return None
 
 
 def _layout(x: torch.Tensor, y: torch.Tensor) -> tuple:

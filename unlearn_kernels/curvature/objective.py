@@ -35,27 +35,33 @@ T = TypeVar("T")
 
 def _without_buffer_writes(model: nn.Module, run: Callable[[], T]) -> T:
     """``run()`` (a pass of the caller's model), then ValueError if it wrote a buffer (in place, by a new
-    tensor, or a new buffer registered): the objective runs the model itself, so its calls would change
-    the caller's model. The buffers are restored first (the same tensors, their values; a new one removed)."""
-    buffers = dict(model.named_buffers())
-    saved = {name: b.detach().clone() for name, b in buffers.items()}
-    before = weights_key(buffers.values())
+    tensor, or a buffer slot registered or filled): the objective runs the model itself, so its calls
+    would change the caller's model. Every module's buffer slots are restored first, as they were (the
+    same tensors, their values; a shared buffer and a slot holding None included). Costs one copy of the
+    buffers per call."""
+    slots = [(m, dict(m._buffers), set(m._non_persistent_buffers_set)) for m in model.modules()]
+    tensors = {id(b): b for _, held, _ in slots for b in held.values() if b is not None}
+    saved = {key: b.detach().clone() for key, b in tensors.items()}
+    before = weights_key(tensors.values())
     out = run()
-    now = dict(model.named_buffers())
-    if now.keys() == buffers.keys() and same_weights(weights_key(now.values()), before):
+    moved = [m for m, held, _ in slots if m._buffers.keys() != held.keys()
+             or any(m._buffers[k] is not b for k, b in held.items())]
+    if not moved and same_weights(weights_key(tensors.values()), before):
         return out
-    changed = [name for name, b in now.items()
-               if name not in buffers or b is not buffers[name] or not torch.equal(b, saved[name])]
+    names = {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
+    written = [f"{names[id(m)]}.{k}".lstrip(".") for m, held, _ in slots for k in m._buffers.keys() | held.keys()
+               if m in moved or (held.get(k) is not None and not torch.equal(held[k], saved[id(held[k])]))]
     with torch.no_grad():
-        for name in now.keys() - buffers.keys():
-            owner, _, attribute = name.rpartition(".")
-            del model.get_submodule(owner)._buffers[attribute]
-        for name, b in buffers.items():
-            owner, _, attribute = name.rpartition(".")
-            model.get_submodule(owner)._buffers[attribute] = b
-            b.copy_(saved[name])
-    raise ValueError(f"Objective: the model's forward writes its buffer {(changed or list(now))[0]!r} in eval "
-                     "mode: every value and gradient would change the model (restored; such a model is refused)")
+        for m, held, persistent in slots:
+            m._buffers.clear()
+            m._buffers.update(held)
+            m._non_persistent_buffers_set.clear()
+            m._non_persistent_buffers_set.update(persistent)
+        for key, b in tensors.items():
+            b.copy_(saved[key])
+    raise ValueError(f"Objective: the model's forward writes its buffer {sorted(written)[0] if written else '?'!r} "
+                     "in eval mode: every value and gradient would change the model (restored; such a model is "
+                     "refused)")
 
 
 class Objective:

@@ -297,6 +297,15 @@ WeightsKey = tuple[tuple[int, int, float], ...]
 """Per tensor (parameters, then buffers): its version counter, data pointer and float64 sum."""
 
 
+def version_counter(tensor: torch.Tensor) -> int | None:
+    """The tensor's version counter (bumped by every in-place write), None for an inference-mode tensor,
+    which keeps none (and cannot be written in place outside inference mode)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
 def weights_key(tensors: Iterable[torch.Tensor]) -> WeightsKey:
     """What changes when the weights do: per tensor its version counter, data pointer (a replaced
     tensor) and float64 sum (in-place writes that bump no version counter: fused optimizer kernels,
@@ -306,7 +315,8 @@ def weights_key(tensors: Iterable[torch.Tensor]) -> WeightsKey:
         return ()
     where = tensors[0].device
     sums = torch.stack([t.detach().sum(dtype=torch.float64).to(where) for t in tensors]).tolist()
-    return tuple((t._version, t.data_ptr(), total) for t, total in zip(tensors, sums))
+    # an inference tensor (e.g. running statistics made under inference_mode) keeps no version: its sum still counts
+    return tuple((version_counter(t), t.data_ptr(), total) for t, total in zip(tensors, sums))
 
 
 def same_weights(key: WeightsKey, old: WeightsKey | None) -> bool:

@@ -353,8 +353,12 @@ class _NewtonFamily(Unlearner):
         settings and buffers, a ``functools.partial`` by its function and arguments, another function by
         its name (what a closure holds is not compared), a mapping sorted."""
         def text(value: Any) -> str:
-            if isinstance(value, bool) or value is None or isinstance(value, str):
+            if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
+                value = value.item()  # a numpy scalar (np.True_, np.str_, np.float64) as Python's
+            if isinstance(value, bool) or value is None:
                 return repr(value)
+            if isinstance(value, str):
+                return repr(str(value))
             if isinstance(value, numbers.Integral):  # numpy's numbers as Python's
                 return repr(int(value))
             if isinstance(value, numbers.Real):
