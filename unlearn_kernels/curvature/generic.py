@@ -27,6 +27,7 @@ import functools
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -520,6 +521,16 @@ def _ggn_loss(loss_fn: LossFn) -> tuple[str, int]:
     )
 
 
+def _on_every_rank(check: Callable[[], Any]) -> tuple[Any, BaseException | None]:
+    """``(check(), None)``, or ``(None, its TypeError / ValueError)``: with a process group a rank's refusal of
+    its arguments is raised inside the construction's collective (``DistributedOperator(refusal=...)``), so
+    that the other ranks learn of it at once instead of waiting for the group's timeout."""
+    try:
+        return check(), None
+    except (TypeError, ValueError) as err:
+        return None, err
+
+
 def hessian_operator(
     model: nn.Module,
     loss_fn: LossFn,
@@ -584,13 +595,12 @@ def hessian_operator(
             Integer labels the loss accepts (int64, uint8) work on every path.
     """
     if process_group is not None:
-        names, refusal = None, None
-        try:  # refused inside the construction's collective, so that the other ranks learn of it at once
+        def checked_names() -> tuple[str, ...]:
             check_choice("path", path, PATHS)
             check_choice("mode", mode, MODES)
-            names = parameter_names(model, params)  # a generator: read once
-        except (TypeError, ValueError) as err:
-            refusal = err
+            return parameter_names(model, params)  # a generator: read once
+
+        names, refusal = _on_every_rank(checked_names)
         return DistributedOperator(
             lambda shard: hessian_operator(model, loss_fn, shard, names, path, batch_size=batch_size, mode=mode,
                                            cache_bytes=cache_bytes),
@@ -640,11 +650,8 @@ def ggn_operator(
             the weights.
     """
     if process_group is not None:
-        names, refusal = None, None
-        try:  # refused inside the construction's collective, as in hessian_operator
-            names = parameter_names(model, params)  # read by the local operator and the wrapper (a generator: once)
-        except (TypeError, ValueError) as err:
-            refusal = err
+        # read by the local operator and the wrapper (a generator: once)
+        names, refusal = _on_every_rank(lambda: parameter_names(model, params))
         return DistributedOperator(
             lambda shard: GGNOperator(model, loss_fn, shard, names, batch_size=batch_size, cache_bytes=cache_bytes),
             model, data, names, process_group, refusal=refusal)
