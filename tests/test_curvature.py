@@ -1124,6 +1124,54 @@ def test_fallback_check_survives_relu_kinks_in_float32():
     assert relative_error(H.matvec(v).double(), H64.matvec(v.double())) <= 1e-5
 
 
+class _SquareDroppingCurvature(torch.autograd.Function):
+    """x^2 whose backward runs under no_grad: double backward runs without an error and silently drops the
+    curvature through x; the jvp is right, so forward-over-reverse is exact."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        with torch.no_grad():
+            return 2 * x * grad
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        (x,) = ctx.saved_tensors
+        return 2 * x * tangent
+
+
+def test_double_backward_that_drops_curvature_is_caught_on_a_large_batch():
+    """mode="auto" checks double backward against forward-over-reverse on the first 32 rows of the probe
+    batch (not all 200, where forward-over-reverse costs about three gradients): the dropped curvature shows
+    there, the operator runs forward-over-reverse, exact, and keeps no gradient graph; mode="reverse-over-reverse"
+    is refused."""
+    model, x, y = make("mlp", n=200)
+
+    def loss(out, target):
+        return _SquareDroppingCurvature.apply(out - F.one_hot(target, C).to(out.dtype)).mean()
+
+    def plain(out, target):
+        return (out - F.one_hot(target, C).to(out.dtype)).square().mean()
+
+    H = hessian_operator(model, loss, (x, y), path="generic")
+    assert H.mode == "forward-over-reverse" and "disagrees" in H.mode_reason
+    assert H.cached_batches == 0 and H.cached_bytes == 0
+    assert relative_error(H.to_dense(), dense_hessian(model, [(x, y)], plain)) <= 1e-10
+    with pytest.raises(ValueError, match="double backward disagrees with forward-over-reverse"):
+        hessian_operator(model, loss, (x, y), path="generic", mode="reverse-over-reverse")
+
+
 def test_loss_that_is_not_twice_differentiable():
     model, x, y = make("mlp")
     square = _square_function(differentiable_backward=False)
@@ -1204,7 +1252,8 @@ def test_cached_products_equal_uncached_ones(kind, name):
     batches = _CountingBatches(uneven_batches(x, y, size=5))
     cached = _operators(kind, model, loss, batches)
     streamed = _operators(kind, model, loss, batches, cache_bytes=0)
-    assert cached.cached_batches == 0 and cached.cache_bytes > 0 and streamed.cache_bytes == 0
+    # the construction probe's graph (or forward) of the first batch is kept: the first product does not rebuild it
+    assert cached.cached_batches == 1 and cached.cache_bytes > 0 and streamed.cached_batches == 0
     V = torch.randn(cached.shape[0], 3, dtype=DT, generator=torch.Generator().manual_seed(4))
     expected = streamed.matmat(V)
     first = cached.matmat(V)  # builds the cache

@@ -377,6 +377,34 @@ def test_a_half_precision_model_is_unlearned_in_float32(mlp, half):
     assert auto.diagnostics["steps"] >= 1
 
 
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_the_gradient_after_is_that_of_the_returned_weights(mlp, half):
+    """On a half model the loop runs in float32 and the returned weights are rounded: grad_norm_retain_after
+    was the float32 iterate's (2.2e-4 where the returned model's is 4.0e-3, bfloat16); it is now taken at the
+    returned weights, as objective_after is (the model's weights and data read in float32, exactly)."""
+    model, forget, retain = (copy.deepcopy(mlp[0]).to(half), *(LabeledData(d.x.to(half), d.y) for d in mlp[1:]))
+    out = CureNewton().unlearn(model, forget, retain)
+    returned = copy.deepcopy(out.model).float()
+    loss = F.cross_entropy(returned(retain.x.float()), retain.y)
+    grads = torch.autograd.grad(loss, list(returned.parameters()))
+    expected = float(torch.sqrt(sum(g.double().square().sum() for g in grads)))
+    assert out.diagnostics["grad_norm_retain_after"] == pytest.approx(expected, rel=1e-4)
+    assert out.diagnostics["objective_after"] == pytest.approx(float(loss), rel=1e-5)
+
+
+def test_a_solvers_refusal_names_the_method(mlp):
+    """A retain row whose loss overflows (input 3e38 beyond the probe batch): CureNewton's error was the
+    solver's "adaptive_cubic_newton: f(w0) is not finite", StoCuReNU's a bare NonFiniteProduct; both name
+    the method now and say that the caller's model is unchanged, as the other methods' errors do."""
+    model, forget, retain = mlp
+    x = retain.x.clone()
+    x[-1, 0] = 3e38
+    bad = LabeledData(x, retain.y)
+    for method in (CureNewton(batch_size=16), StochasticCureNewton(batch_size=16, grad_batch_size=len(bad))):
+        with pytest.raises(ValueError, match=f"^{method.name}: .*not finite.*; the caller's model is unchanged$"):
+            method.unlearn(model, forget, bad)
+
+
 def test_batch_streaming_gives_the_same_step_and_counts_batches(mlp):
     model, forget, retain = mlp
     whole = CureNewton(dtype=torch.float64, max_iterations=2).unlearn(model, forget, retain)
@@ -384,10 +412,11 @@ def test_batch_streaming_gives_the_same_step_and_counts_batches(mlp):
     assert dist(whole.model, streamed.model) < 1e-6 * whole.diagnostics["step_norm"]
     steps = whole.diagnostics["steps"]
     assert steps == 2
-    # a gradient at the start and after each accepted step (270 rows in batches of 100), the operator
-    # probe's two, and one on at most a batch of rows for the parameters the loss uses
-    assert whole.gradients == (1 + steps) + PROBE_GRADIENTS + 1
-    assert streamed.gradients == (1 + steps) * 3 + PROBE_GRADIENTS + 1
+    # a gradient at the start and after each accepted step (270 rows in batches of 100), one at the returned
+    # weights rounded to the float32 model, the operator probe's two, and one on at most a batch of rows for
+    # the parameters the loss uses
+    assert whole.gradients == (1 + steps + 1) + PROBE_GRADIENTS + 1
+    assert streamed.gradients == (1 + steps + 1) * 3 + PROBE_GRADIENTS + 1
 
 
 @pytest.mark.parametrize("name", NEWTON)
@@ -584,6 +613,8 @@ def test_lipschitz_estimate_rejects_bad_arguments(kwargs, message):
     # rcond >= 1 drops every eigenvalue: a zero step
     (lambda: NewtonPinv(rcond=1.0), ValueError, r"^newton_pinv: rcond must be a finite number in \[0, 1\), got 1.0"),
     (lambda: NewtonPinv(rcond=5.0), ValueError, r"^newton_pinv: rcond must be a finite number in \[0, 1\)"),
+    (lambda: NewtonPinv(solver="minres", rcond=0.3), ValueError,  # was silently ignored
+     r"^newton_pinv: rcond applies to solver 'eigh' and 'lanczos' only"),
     # a set's order (and the seeded draws over the flat vector) would change between processes
     (lambda: CureNewton(params={"0.weight", "0.bias"}), TypeError,
      r"^cure_newton: params must be None, a parameter name or an ordered sequence \(list, tuple\) of names, got set"),

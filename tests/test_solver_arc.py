@@ -94,6 +94,10 @@ def test_budget_iterations_and_no_progress(rng):
     at_min = torch.linalg.solve(A, b)
     stuck = adaptive_cubic_newton(value, lambda w: gradient(w) + 1e-9, lambda w: A, at_min, max_iterations=3)
     assert stuck.stop_reason == "no_progress" and stuck.steps == 0 and torch.equal(stuck.w, at_min)
+    # its last Lanczos run is in a trial record (none held it), unevaluated, at the M it stopped with
+    last = stuck.trials[-1]
+    assert stuck.num_hvps == sum(t.hvps for t in stuck.trials) > 0 and last.M == stuck.M
+    assert not last.accepted and math.isnan(last.actual) and math.isnan(last.ratio)
     assert KRYLOV_DEFAULTS["guard"] is False
 
 
@@ -159,6 +163,32 @@ def test_step_beyond_the_dtype_is_a_rejection(rng):
     first = out.trials[0]
     assert not first.accepted and first.actual == -math.inf and first.step_norm > 3.4e38
     assert out.steps >= 1 and bool(torch.isfinite(out.w).all()) and out.value < value(w0)
+
+
+@pytest.mark.parametrize("M", [1e-120, 1e-250])
+def test_a_tiny_m_whose_model_value_overflows_is_a_rejection(rng, M):
+    """An indefinite H and M = 1e-120 give a float64 step of norm ~1e120, whose cubic term (M/6)||s||^3
+    overflowed Python's float power (OverflowError, not a ValueError); at M = 1e-250 the model value was
+    NaN, taken for a step too short to show, and the call returned w0 with no trial ("no_progress"). Both
+    are rejections now: M rises until a step lowers f."""
+    A = sym_with_spectrum(torch.linspace(-1.0, 5.0, D, dtype=torch.float64), rng)[0]
+    b = torch.randn(D, generator=rng, dtype=torch.float64)
+
+    def value(w):  # bounded below, indefinite at 0
+        return float(0.5 * w @ A @ w - b @ w + 0.25 * (w @ w) ** 2)
+
+    def gradient(w):
+        return A @ w - b + (w @ w) * w
+
+    def hessian(w):
+        return A + (w @ w) * torch.eye(D, dtype=torch.float64) + 2.0 * torch.outer(w, w)
+
+    w0 = torch.zeros(D, dtype=torch.float64)
+    out = adaptive_cubic_newton(value, gradient, hessian, w0, M=M, M_min=M, max_iterations=1)
+    first = out.trials[0]
+    assert not first.accepted and first.actual == -math.inf and first.M == M
+    assert out.steps == 1 and out.stop_reason == "max_iterations" and out.value < value(w0)
+    assert out.num_hvps == sum(t.hvps for t in out.trials)
 
 
 def test_seed_near_the_top_of_torchs_range_wraps(rng, monkeypatch):

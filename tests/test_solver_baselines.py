@@ -387,6 +387,10 @@ def test_pinv_refuses_an_rcond_that_drops_every_eigenvalue(singular):
                 pinv_newton_step(H, g, rcond=rcond, solver=solver)
     top = pinv_newton_step(H, g, rcond=0.99)  # just below 1: the largest eigenvalue is kept
     assert top.info["rank"] == 1 and top.step.abs().max() > 0
+    # MINRES has no cut-off: an rcond given with it was silently ignored (rcond 0.3 left the full step)
+    with pytest.raises(ValueError, match=r"^rcond applies to solver 'eigh' and 'lanczos' only"):
+        pinv_newton_step(H, g, rcond=0.3, solver="minres")
+    assert pinv_newton_step(H, g, solver="minres").step.shape == g.shape
     for rcond in (1.0, math.inf):  # the damped eigen-solve reads it the same way
         with pytest.raises(ValueError, match=r"^rcond must be a finite number in \[0, 1\), got"):
             damped_newton_step(H, g, damping=0.1, solver="eigh", rcond=rcond)

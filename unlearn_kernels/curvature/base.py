@@ -616,6 +616,18 @@ class CurvatureOperator(abc.ABC):
             raise ValueError("data is empty: it yields no batches")
         return first
 
+    def probe_entry(self, prepare: Callable[[torch.Tensor, torch.Tensor], tuple[Entry, int]],
+                    x: torch.Tensor, y: torch.Tensor) -> Entry:
+        """``prepare(x, y)``'s entry for a construction probe on the probe batch (x, y) (see
+        :meth:`_probe_batch`), kept as the fixed-weight cache's first entry when that batch is the first
+        and the budget allows: the first pass then takes it instead of building it again."""
+        entry, nbytes = prepare(x, y)
+        first_counted = not every_row_ignored(self.loss_fn, self._first_batch()[1])  # then it is the probe batch
+        if not self._cache and not self._cache_closed and first_counted and nbytes <= self.cache_bytes:
+            self._cache.append((entry, y.shape[0]))
+            self.cached_bytes = nbytes
+        return entry
+
     def _probe_determinism(self) -> None:
         """Two passes must start with the same batch, the model and the loss must run on it, and two
         gradients on it must agree. (The data source has already refused NaN or Inf in it, which would

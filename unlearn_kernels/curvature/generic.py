@@ -35,7 +35,7 @@ from torch import nn
 
 from ..checks import all_finite, check_choice
 from ..ops import softmax_ce_hvp
-from .base import CurvatureOperator, DataSpec, LossFn, check_labels
+from .base import CurvatureOperator, DataSpec, LossFn, check_labels, every_row_ignored
 from .distributed import DistributedOperator
 from .fused_conv import FusedConvHessian
 from .fused_conv import supports as conv_supports
@@ -119,8 +119,10 @@ class _TorchFuncOperator(CurvatureOperator):
         self._probe_product()
 
     @abc.abstractmethod
-    def _batch_products(self, x: torch.Tensor, y: torch.Tensor, tangents: Tangents) -> Tangents:
-        """The batch curvature (of ``loss_fn`` on this batch) applied to K tangents ``{name: (K, *shape)}``."""
+    def _probe_products(self, x: torch.Tensor, y: torch.Tensor, tangents: Tangents) -> Tangents:
+        """The probe batch's curvature (of ``loss_fn`` on it) applied to K tangents ``{name: (K, *shape)}``,
+        as the products compute it; what the fixed-weight cache would hold is kept there
+        (:meth:`~unlearn_kernels.curvature.CurvatureOperator.probe_entry`)."""
 
     def _map(self, fn: Callable[[Tree], Tree], batched: Tree) -> Tree:
         """``fn`` applied to each entry along dim 0 of ``batched``: vmap, or a loop if only vmap fails."""
@@ -137,15 +139,6 @@ class _TorchFuncOperator(CurvatureOperator):
                 return out
         return _loop(fn, batched)
 
-    def _matmat(self, matrix: torch.Tensor) -> torch.Tensor:
-        tangents = self.unflatten_columns(matrix)
-        total = torch.zeros_like(matrix)
-        count = 0
-        for x, y in self.data:
-            total.add_(self.flatten_columns(self._batch_products(x, y, tangents)), alpha=y.shape[0])
-            count += y.shape[0]
-        return total / count
-
     def _probe_vector(self) -> torch.Tensor:
         """The (d, 1) vector of the construction probes (seeded, so probes are reproducible)."""
         gen = torch.Generator().manual_seed(0)
@@ -156,7 +149,7 @@ class _TorchFuncOperator(CurvatureOperator):
         whether vmap works); returns it (d, 1) for :meth:`_probe_vector`. Counted in ``num_products``."""
         x, y = self._probe_batch()
         try:
-            out = self._batch_products(x, y, self.unflatten_columns(self._probe_vector()))
+            out = self._probe_products(x, y, self.unflatten_columns(self._probe_vector()))
         except (RuntimeError, NotImplementedError) as err:
             raise ValueError(f"{type(self).__name__}: {self._derivative_error}: {err}") from err
         self.num_products += 1
@@ -165,6 +158,9 @@ class _TorchFuncOperator(CurvatureOperator):
                              "row the loss counts) is not finite")
         return self.flatten_columns(out)
 
+
+_CHECK_ROWS = 32
+"""Rows of the probe batch the double-backward check runs on (:meth:`GenericHessian._check_rows`)."""
 
 MODES = ("auto", "forward-over-reverse", "reverse-over-reverse")
 """The differentiation modes of :class:`GenericHessian`."""
@@ -191,8 +187,10 @@ class GenericHessian(_TorchFuncOperator):
       the graphs are kept (within ``cache_bytes``; batches beyond it are rebuilt for every product),
       so a product costs one backward pass per batch and :meth:`gradient` reads the kept gradients.
       Double backward silently drops the curvature of a backward that is not differentiable (e.g.
-      ``@once_differentiable``), so the first product is checked against forward-over-reverse on
-      the first batch, or against finite differences of the gradient where that cannot run.
+      ``@once_differentiable``), so at construction it is checked against forward-over-reverse on
+      the first 32 rows of the probe batch (the first with a row the loss counts), or against finite
+      differences of the gradient where that cannot run; the probe's gradient graph of the first
+      batch is kept for the products.
     * ``"forward-over-reverse"``: ``torch.func.jvp`` of ``torch.func.grad``, the K vectors of a matmat
       vmapped; the forward and the gradient are recomputed for every product (no cache). It needs a
       forward-mode derivative of every op's backward (custom ``autograd.Function`` s need
@@ -237,7 +235,7 @@ class GenericHessian(_TorchFuncOperator):
                     raise
                 self.mode, self.uses_vmap = "reverse-over-reverse", False
                 out = super()._probe_product()
-                self._check_against_finite_differences(out)
+                self._check_against_finite_differences(*self._check_rows(out))
                 self.mode_reason = f"forward-over-reverse failed ({err.__cause__})"
                 warnings.warn(
                     f"GenericHessian: forward-over-reverse failed ({err.__cause__}); using reverse-over-reverse "
@@ -253,6 +251,7 @@ class GenericHessian(_TorchFuncOperator):
         except ValueError as err:
             if requested == "reverse-over-reverse":
                 raise
+            self.invalidate()  # the probe's gradient graph, which forward-over-reverse does not use
             self.mode, self.uses_vmap = "forward-over-reverse", True
             out = super()._probe_product()
             self.mode_reason = f"auto: double backward cannot be used ({err})"
@@ -263,32 +262,46 @@ class GenericHessian(_TorchFuncOperator):
         )
         return out
 
-    def _check_double_backward(self, hv: torch.Tensor) -> None:
-        """The first batch's double-backward product ``hv`` of the probe vector must agree with
-        forward-over-reverse to rounding (a backward that is not differentiable makes double
-        backward silently drop curvature); where forward-over-reverse cannot run, with finite
-        differences of the gradient instead."""
+    def _check_rows(self, probe_hv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The rows the double-backward checks compare on, and double backward's product of the probe
+        vector there: the probe batch's first ``_CHECK_ROWS`` rows (a missing curvature term shows on
+        any rows, and forward-over-reverse on a whole batch costs about three gradients), or the whole
+        batch with its product ``probe_hv`` when it is no larger or those rows are all ignored. The
+        inputs are a copy: a model that writes its inputs in place would otherwise change those the
+        cached gradient graph of the probe batch holds."""
         x, y = self._probe_batch()
+        if y.shape[0] <= _CHECK_ROWS or every_row_ignored(self.loss_fn, y[:_CHECK_ROWS]):
+            return x.clone(), y, probe_hv
+        x, y = x[:_CHECK_ROWS].clone(), y[:_CHECK_ROWS]
+        tangents = self.unflatten_columns(self._probe_vector())
+        return x, y, self.flatten_columns(self._graph_products(self._graph(x, y)[0], tangents))
+
+    def _check_double_backward(self, probe_hv: torch.Tensor) -> None:
+        """Double backward's product of the probe vector (``probe_hv`` on the probe batch) must agree
+        with forward-over-reverse to rounding on the check rows (:meth:`_check_rows`): a backward that
+        is not differentiable makes double backward silently drop curvature. Where forward-over-reverse
+        cannot run, with finite differences of the gradient instead."""
+        x, y, hv = self._check_rows(probe_hv)
         v = self._probe_vector()
         try:
             ref = self.flatten_columns(self._forward_over_reverse(x, y, self.unflatten_columns(v)))
         except (RuntimeError, NotImplementedError):
-            self._check_against_finite_differences(hv)
+            self._check_against_finite_differences(x, y, hv)
             return
         self.num_products += 1
         err = float((hv - ref).norm()) / max(float(ref.norm()), torch.finfo(self.dtype).tiny)
         if err > 10 * torch.finfo(self.dtype).eps ** 0.5:
             raise ValueError(
-                f"GenericHessian: double backward disagrees with forward-over-reverse on the probe batch (relative "
-                f"difference {err:.1e}): a backward in the model or loss is not differentiable (e.g. marked "
-                "@once_differentiable); use mode='forward-over-reverse'"
+                f"GenericHessian: double backward disagrees with forward-over-reverse on the probe batch's first "
+                f"rows (relative difference {err:.1e}): a backward in the model or loss is not differentiable "
+                "(e.g. marked @once_differentiable); use mode='forward-over-reverse'"
             )
 
-    def _check_against_finite_differences(self, hv: torch.Tensor) -> None:
+    def _check_against_finite_differences(self, x: torch.Tensor, y: torch.Tensor, hv: torch.Tensor) -> None:
         """Double backward silently drops the curvature of a backward that is not differentiable (e.g.
-        ``@once_differentiable``), so compare the first batch's product ``hv`` of the probe vector v
-        with a central difference of the gradient, (g(w + h v) - g(w - h v)) / 2h, with a loose
-        tolerance.
+        ``@once_differentiable``), so compare its product ``hv`` of the probe vector v on the check rows
+        (x, y) (:meth:`_check_rows`) with a central difference of the gradient there,
+        (g(w + h v) - g(w - h v)) / 2h, with a loose tolerance.
 
         The difference is taken in float64 (on float64 copies of the parameters, buffers and inputs;
         in the operator's dtype if the model cannot run in float64): in float32 its rounding error
@@ -296,7 +309,6 @@ class GenericHessian(_TorchFuncOperator):
         at its kinks, and a step that crosses one is off by jump / h (a relative error of 0.9 was
         seen in float64), so the check passes if any of three step sizes h0, h0/8, h0/64 agrees; a
         missing curvature term is wrong at every step size. Each gradient is counted."""
-        x, y = self._probe_batch()
         hv, v = hv[:, 0].double(), self._probe_vector()[:, 0].double()
         w = self.flatten(self.params).double()
 
@@ -336,16 +348,22 @@ class GenericHessian(_TorchFuncOperator):
         )
 
     # ------------------------------------------------------------------ products
-    def _batch_products(self, x: torch.Tensor, y: torch.Tensor, tangents: Tangents) -> Tangents:
+    def _probe_products(self, x: torch.Tensor, y: torch.Tensor, tangents: Tangents) -> Tangents:
         if self.mode == "reverse-over-reverse":
-            return self._graph_products(self._graph(x, y)[0], tangents)
+            return self._graph_products(self.probe_entry(self._graph, x, y), tangents)
         return self._forward_over_reverse(x, y, tangents)
 
     def _matmat(self, matrix: torch.Tensor) -> torch.Tensor:
-        if self.mode != "reverse-over-reverse":
-            return super()._matmat(matrix)
         tangents = self.unflatten_columns(matrix)
-        return self.cached_mean(self._graph, lambda graph: self.flatten_columns(self._graph_products(graph, tangents)))
+        if self.mode == "reverse-over-reverse":
+            return self.cached_mean(self._graph,
+                                    lambda graph: self.flatten_columns(self._graph_products(graph, tangents)))
+        total = torch.zeros_like(matrix)  # forward-over-reverse: no cache, every batch recomputed
+        count = 0
+        for x, y in self.data:
+            total.add_(self.flatten_columns(self._forward_over_reverse(x, y, tangents)), alpha=y.shape[0])
+            count += y.shape[0]
+        return total / count
 
     def _gradient(self) -> torch.Tensor:
         if self.mode != "reverse-over-reverse":
@@ -453,8 +471,8 @@ class GGNOperator(_TorchFuncOperator):
             check_labels(self.loss_fn, out, y, "ggn_operator")  # the products never call the loss (which would)
         return _ForwardGraph(x, y, out, leaves), _graph_bytes([out], leaves)
 
-    def _batch_products(self, x: torch.Tensor, y: torch.Tensor, tangents: Tangents) -> Tangents:
-        return self._ggn_products(self._forward(x, y)[0], tangents)
+    def _probe_products(self, x: torch.Tensor, y: torch.Tensor, tangents: Tangents) -> Tangents:
+        return self._ggn_products(self.probe_entry(self._forward, x, y), tangents)
 
     def _matmat(self, matrix: torch.Tensor) -> torch.Tensor:
         tangents = self.unflatten_columns(matrix)

@@ -99,6 +99,7 @@ from ..solvers import (
     KRYLOV_DEFAULTS,
     KrylovCubicSolver,
     NewtonStep,
+    NonFiniteProduct,
     adaptive_cubic_newton,
     check_arc_options,
     cubic_gd,
@@ -400,6 +401,18 @@ class _NewtonFamily(Unlearner):
                 raise
             raise type(error)(f"{self.name}: {error}") from error
 
+    def _solving(self, solve: Callable[[], Any]) -> Any:
+        """``solve()`` (a solver run on the method's operator and objective); the solver's own refusal of
+        what it met (a non-finite F at the given weights, a non-finite product: a plain ValueError or
+        :class:`~unlearn_kernels.solvers.NonFiniteProduct`) led by the method's name and followed by the
+        note the method's own errors carry."""
+        try:
+            return solve()
+        except ValueError as error:
+            if type(error) not in (ValueError, NonFiniteProduct) or str(error).startswith(f"{self.name}: "):
+                raise
+            raise type(error)(f"{self.name}: {error}; the caller's model is unchanged") from error
+
     def _objective(self, ws: _Workspace, data: LabeledData) -> Objective | DistributedObjective:
         """F over ``data`` (with a process group: over every rank's ``data``) at the shadow's live weights."""
         if self.process_group is not None:
@@ -476,7 +489,7 @@ class _NewtonFamily(Unlearner):
         op = self._hessian(ws, ws.retain)
         before = objective.value()
         g = self._gradient(ws, objective, ws.retain)
-        solved = solve(ws, self._curvature(op), g)
+        solved = self._solving(lambda: solve(ws, self._curvature(op), g))
         step = solved.pop("step")
         self._apply(ws, step)
         after = self._gradient(ws, objective, ws.retain, moved=True)
@@ -535,7 +548,8 @@ class CureNewton(_NewtonFamily):
         hvp_budget: stop before a new Lanczos run once this many products were used by the call,
             the generic path's construction probes and the ``M="auto"`` estimate included (those two
             always run in full: a budget below their cost, about 2 and 30 products, gives no step;
-            0: no step; None: no budget).
+            with ``solver_options={"guard": True}`` the hard-case probe can add up to its
+            ``probe_steps`` per step beyond it; 0: no step; None: no budget).
         hessian_samples: rows of D_r the Hessian is taken on (default 512; None or a number >= |D_r|:
             all of D_r), drawn from the unlearn seed.
         eta1, eta2, gamma, M_min: the accept threshold (0.1), the very-successful threshold (0.9),
@@ -554,7 +568,9 @@ class CureNewton(_NewtonFamily):
     ``predicted``, ``actual``, ``ratio``, ``accepted``, ``step_norm``, ``hvps``, ``lanczos_steps``,
     ``grad_norm``), ``step_norms`` (of the accepted steps), ``hessian_samples`` (rows used) and
     ``rounding_reverted`` (with another compute ``dtype``: rounding the result to the model's dtype
-    undid the decrease of F, so the given weights were returned).
+    undid the decrease of F, so the given weights were returned). The trials and ``stop_reason`` are
+    those of the iterate in the compute dtype; ``objective_after`` and ``grad_norm_retain_after`` are
+    of the returned (rounded) weights.
     """
 
     name = "cure_newton"
@@ -659,26 +675,28 @@ class CureNewton(_NewtonFamily):
         # the budget covers the whole call: what the probes and the M="auto" estimate used is spent
         budget = None if self.hvp_budget is None else max(0, self.hvp_budget - op.num_products - ws.hvps)
         # a non-finite F(w0), gradient or product raises ValueError here: the caller's model is a different copy
-        result = adaptive_cubic_newton(
+        result = self._solving(lambda: adaptive_cubic_newton(
             value, gradient, hessian, start.clone(), M=M, max_iterations=self.max_iterations, tol=self.tol,
             hvp_budget=budget, eta1=self.eta1, eta2=self.eta2, gamma=self.gamma, M_min=self.M_min,
-            solver_options=self.solver_options, seed=_offset_seed(seed, self.max_iterations))
+            solver_options=self.solver_options, seed=_offset_seed(seed, self.max_iterations)))
         self._set(ws, result.w)
-        # in another compute dtype the returned weights are rounded: F is re-evaluated there, and in the
-        # (rare) case that rounding undid the decrease the given weights are returned (start is exact in
-        # the model's dtype: the shadow was converted from it)
-        after, reverted = result.value, False
+        # in another compute dtype the returned weights are rounded: F and its gradient are re-evaluated
+        # there, and in the (rare) case that rounding undid the decrease the given weights are returned
+        # (start is exact in the model's dtype: the shadow was converted from it)
+        after, grad_after, reverted = result.value, norm64(result.gradient), False
         if ws.shadow is not ws.model:
-            after = objective.value()
+            after, gradient_after = objective.value_and_gradient()
+            ws.gradient_passes += self._batches(ws.retain)
+            grad_after = norm64(gradient_after)
             if after > result.initial_value:
                 self._set(ws, start)
-                after, reverted = result.initial_value, True
+                after, grad_after, reverted = result.initial_value, result.initial_grad_norm, True
         diagnostics = {
             "step_norm": norm64(ws.w - start), "M": result.M, "M_initial": M, "steps": result.steps,
             "stop_reason": result.stop_reason, "iterations": [asdict(t) for t in result.trials],
             "step_norms": [t.step_norm for t in result.trials if t.accepted],
             "grad_norm_retain_before": result.initial_grad_norm,
-            "grad_norm_retain_after": result.initial_grad_norm if reverted else norm64(result.gradient),
+            "grad_norm_retain_after": grad_after,
             "objective_before": result.initial_value, "objective_after": after,
             "hessian_samples": len(sample), "rounding_reverted": reverted, "num_params": op.shape[0],
             "hessian_path": op.path, **extra,
@@ -750,8 +768,8 @@ class StochasticCureNewton(_NewtonFamily):
             grad_data, hess_data = batch(self.grad_batch_size), batch(self.hess_batch_size)
             g = self._gradient(ws, self._objective(ws, grad_data), grad_data, moved=t > 0)
             op = self._hessian(ws, hess_data)
-            sub = cubic_gd(self._curvature(op), g, self.M, K=self.K, eta=self.eta, noise=self.noise,
-                           seed=round_seed + t)
+            sub = self._solving(lambda: cubic_gd(self._curvature(op), g, self.M, K=self.K, eta=self.eta,
+                                                 noise=self.noise, seed=round_seed + t))
             self._apply(ws, sub.step)
             hvps += op.num_products
             iterations += sub.iterations
@@ -785,7 +803,9 @@ class NewtonPinv(_NewtonFamily):
             the ``rank``-dimensional Lanczos space of g; the number of eigenvalues kept is
             ``rank`` in the diagnostics), "minres" (MINRES's minimum-norm solution) or "auto" (the
             default: "eigh" up to d = :data:`~unlearn_kernels.solvers.DENSE_MAX_DIM`, else "lanczos").
-        rcond: eigenvalues with ``|lambda| <= rcond max |lambda|`` count as 0, in [0, 1) (default 1e-6).
+        rcond: "eigh" and "lanczos": eigenvalues with ``|lambda| <= rcond max |lambda|`` count as 0,
+            in [0, 1) (None, the default: 1e-6); with solver="minres", which has no cut-off, an rcond is
+            refused.
         rank: "lanczos": Lanczos steps, the largest possible rank (default 300).
         tol, maxiter: "minres": relative tolerance (1e-10) and iteration cap (None: scipy's 5 d).
         params, loss_fn, dtype, batch_size, weight_decay, path, process_group: see the module docstring.
@@ -794,7 +814,7 @@ class NewtonPinv(_NewtonFamily):
     name = "newton_pinv"
     _divergence_remedy = "raise rcond"
 
-    def __init__(self, solver: str = "auto", rcond: float = 1e-6, rank: int = 300, tol: float = 1e-10,
+    def __init__(self, solver: str = "auto", rcond: float | None = None, rank: int = 300, tol: float = 1e-10,
                  maxiter: int | None = None, *, params: str | Sequence[str] | None = None,
                  loss_fn: LossFn = F.cross_entropy, dtype: torch.dtype | None = None,
                  batch_size: int | None = DEFAULT_BATCH_SIZE,
@@ -803,7 +823,12 @@ class NewtonPinv(_NewtonFamily):
                          weight_decay=weight_decay, path=path, process_group=process_group)
         self.solver = check_choice(f"{self.name}: solver", solver, ("auto", "eigh", "lanczos", "minres"))
         # rcond >= 1 counts every eigenvalue as 0: a zero step, the model returned unchanged
-        self.rcond = check_number(f"{self.name}: rcond", rcond, 0.0, 1.0, strict_high=True)
+        if rcond is not None:
+            rcond = check_number(f"{self.name}: rcond", rcond, 0.0, 1.0, strict_high=True)
+            if self.solver == "minres":
+                raise ValueError(f"{self.name}: rcond applies to solver 'eigh' and 'lanczos' only: MINRES's "
+                                 "minimum-norm solution has no eigenvalue cut-off")
+        self.rcond = rcond
         self.rank = check_int(f"{self.name}: rank", rank)
         self.tol = check_number(f"{self.name}: tol", tol, 0.0)
         self.maxiter = None if maxiter is None else check_int(f"{self.name}: maxiter", maxiter)

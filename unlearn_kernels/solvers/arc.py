@@ -10,7 +10,8 @@ problem on the same Lanczos tridiagonal (no new Hessian-vector products); a very
 (ratio >= ``eta2``) divides M by ``gamma`` for the next iteration. A step whose predicted decrease
 is below what f can resolve (an M too large for the problem: its ratio would be rounding) divides M
 by ``gamma`` and re-solves, down to ``M_min``, unless a rejection in this iteration raised M (then the
-iteration stops: "no_progress"). Since ``eta1 > 0`` and the
+iteration stops: "no_progress"; that last trial is recorded unevaluated). A trial whose step or model
+value overflows (an M far too small) is rejected without evaluating f. Since ``eta1 > 0`` and the
 predicted decrease is positive, every accepted step lowers f: the result is never worse than w0.
 """
 from __future__ import annotations
@@ -40,8 +41,10 @@ class ARCTrial:
         iteration: the index of the accepted step this trial tries to make (0, 1, ...).
         M: the cubic constant it was solved with.
         predicted: the decrease the cubic model predicts, ``-m(s)``.
-        actual: ``f(w) - f(w + s)`` (-inf if f(w + s) is not finite).
-        ratio: ``actual / predicted``.
+        actual: ``f(w) - f(w + s)`` (-inf if f(w + s) is not finite, or the step or its model value
+            overflowed: such a trial is rejected without evaluating f; NaN for the last trial of a
+            "no_progress" stop, whose predicted decrease f cannot resolve: not evaluated either).
+        ratio: ``actual / predicted`` (-inf for an overflowed trial, NaN for the "no_progress" one).
         accepted: whether w moved to w + s.
         step_norm: ||s||.
         hvps: Hessian-vector products this trial used (0 for a re-solve after a rejection; the
@@ -243,18 +246,24 @@ def adaptive_cubic_newton(
                 num_hvps, model_value, step_norm = sub.num_hvps, sub.model_value, sub.step_norm
             hvps = before + num_hvps
             predicted = -model_value
-            if not predicted > resolution:
+            # a step beyond the weights' dtype, or one whose model value overflowed (a tiny M): rejected
+            # unevaluated, M raised
+            overflowed = sub is None or not math.isfinite(predicted)
+            if not overflowed and not predicted > resolution:
                 # a step too short to show in f: M, as given or as lowered, is too large; lower it and
                 # re-solve (no products), unless a rejection raised it here (then it is as low as it may be)
                 if not rejected and M / gamma >= M_min:
                     M /= gamma
                     continue
                 stop = "no_progress"
+                # recorded unevaluated, so that every product of the call is in a trial
+                trials.append(ARCTrial(steps, M, predicted, math.nan, math.nan, False, step_norm,
+                                       num_hvps - recorded, solver.process.n, gnorm))
                 break
-            trial = None if sub is None else w + sub.step
+            trial = None if overflowed else w + sub.step
             f_trial = _value(value, trial, "a trial point") if trial is not None and all_finite(trial) else math.nan
             actual = f - f_trial if math.isfinite(f_trial) else -math.inf
-            ratio = actual / predicted
+            ratio = actual / predicted if math.isfinite(predicted) else -math.inf
             accepted = ratio >= eta1
             trials.append(ARCTrial(steps, M, predicted, actual, ratio, accepted, step_norm, num_hvps - recorded,
                                    solver.process.n, gnorm))

@@ -324,7 +324,7 @@ def _auto(op: SolverOperator, small: str, large: str) -> str:
     return small if op.dense is not None or op.shape[0] <= DENSE_MAX_DIM else large
 
 
-def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float = 1e-6, solver: str = "auto", rank: int = 300,
+def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float | None = None, solver: str = "auto", rank: int = 300,
                      tol: float = 1e-10, maxiter: int | None = None, seed: int = 0) -> NewtonStep:
     """The pseudo-inverse Newton step ``s = -pinv(H) g``.
 
@@ -332,7 +332,8 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float = 1e-6, solver: st
         H: dense symmetric matrix or operator.
         g: (d,) gradient.
         rcond: "eigh" and "lanczos": eigenvalues with ``|lambda| <= rcond max|lambda|`` count as 0; in
-            [0, 1) (checked for every solver: 1 or more counts every eigenvalue as 0, a zero step).
+            [0, 1) (1 or more would count every eigenvalue as 0, a zero step); None: 1e-6. MINRES has
+            no such cut-off: an rcond given with solver="minres" is a ValueError.
         solver: "eigh" (float64 eigendecomposition of the dense H, an operator made dense by d
             products: the exact pseudo-inverse), "lanczos" (the truncated pseudo-inverse: ``rank``
             Lanczos steps from g with full reorthogonalisation give ``H ~ Q T Q^T`` on the Krylov
@@ -352,7 +353,8 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float = 1e-6, solver: st
         A :class:`NewtonStep`; ``info["rank"]`` for "eigh" and "lanczos" (and ``info["lanczos_steps"]``).
     """
     op, g = operator_and_vector(H, g)
-    rcond = check_number("rcond", rcond, 0.0, 1.0, strict_high=True)
+    given_rcond = rcond is not None
+    rcond = check_number("rcond", 1e-6 if rcond is None else rcond, 0.0, 1.0, strict_high=True)
     # every option checked whichever solver runs (a bad value is an error, not ignored)
     rank, seed = check_int("rank", rank, 1), check_seed("seed", seed)
     check_number("tol", tol, 0.0)
@@ -363,6 +365,9 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float = 1e-6, solver: st
     if solver == "auto":
         solver = _auto(op, "eigh", "lanczos")
     if solver == "minres":
+        if given_rcond:
+            raise ValueError("rcond applies to solver 'eigh' and 'lanczos' only: MINRES's minimum-norm solution "
+                             "has no eigenvalue cut-off (leave rcond None, or use solver='eigh' or 'lanczos')")
         sol = minres(op, g, tol=tol, maxiter=maxiter)
         # converged only where MINRES solved H s = -g: on an inconsistent system its step is not -pinv(H) g
         return NewtonStep(-sol.solution, sol.residual, sol.num_hvps, sol.iterations, _solved(sol, g, tol),

@@ -86,16 +86,22 @@ def _check_representable(step: torch.Tensor, norm: float, value: float, num_hvps
     return step
 
 
+def _cubic_term(M: float, norm: float) -> float:
+    """``(M/6) norm^3``, Inf rather than Python's OverflowError where it does not fit a float (a tiny M
+    gives a huge step)."""
+    return M / 6.0 * norm * norm * norm
+
+
 def cubic_model_value(g: torch.Tensor, s: torch.Tensor, Hs: torch.Tensor, M: float) -> float:
     """The cubic model ``m(s) = g^T s + 1/2 s^T H s + (M/6) ||s||^3`` in float64, from ``Hs = H s``."""
     g64, s64 = g.double(), s.double()
-    return float(g64 @ s64 + 0.5 * (s64 @ Hs.double())) + M / 6.0 * norm64(s) ** 3
+    return float(g64 @ s64 + 0.5 * (s64 @ Hs.double())) + _cubic_term(M, norm64(s))
 
 
 def _eigenbasis_value(c: Any, lam: Any, y: Any, M: float) -> float:
     """The cubic model in an eigenbasis of H (eigenvalues ``lam``, gradient ``c``), at ``y``; float64
     tensors or numpy arrays."""
-    return float(c @ y + 0.5 * (lam * y * y).sum()) + M / 6.0 * float((y * y).sum()) ** 1.5
+    return float(c @ y + 0.5 * (lam * y * y).sum()) + _cubic_term(M, math.sqrt(float((y * y).sum())))
 
 
 # --------------------------------------------------------------------------- dense oracle
