@@ -555,6 +555,51 @@ def _fused_problem(kind: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return model, x, torch.randint(0, C, (N,))
 
 
+def _temperature_loss() -> nn.CrossEntropyLoss:
+    loss = nn.CrossEntropyLoss()
+    loss.register_forward_pre_hook(lambda module, args: (args[0] / 4, args[1]))
+    return loss
+
+
+def _own_forward(model: nn.Module, kind: str) -> None:
+    layer = model[-1]  # the Linear (head)
+    layer.forward = lambda h: 3 * F.linear(h, layer.weight, layer.bias)
+
+
+def _plain_tensor_weight(model: nn.Module, kind: str) -> None:
+    layer = model[0]
+    weight = layer.weight.detach().clone()
+    del layer._parameters["weight"]
+    layer.weight = weight  # an attribute, neither a parameter nor a buffer
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+@pytest.mark.parametrize("change, reason", [
+    ("loss hook", "the loss module has a forward hook"),
+    ("own forward", "module '[24]' has a forward of its own"),
+    ("plain tensor weight", "layer '0' has a weight or bias that is (not|neither) a Parameter"),
+])
+def test_fused_paths_decline_what_their_passes_would_not_compute(kind, change, reason):
+    """A hook on the loss module (temperature scaling), a forward set on a layer instance (as accelerate's
+    hooks do): the fused paths computed the plain model's products (relative errors 3.8 and 0.84, no
+    error); a conv weight held as a plain attribute made path='auto' fail with a bare KeyError. Each is
+    declined now: path='auto' runs the generic path, exact."""
+    model, x, y = _fused_problem(kind)
+    loss = nn.CrossEntropyLoss()
+    if change == "loss hook":
+        loss = _temperature_loss()
+    elif change == "own forward":
+        _own_forward(model, kind)
+    else:
+        _plain_tensor_weight(model, kind)
+    with pytest.raises(ValueError, match=f"path='fused' cannot be used: .*{reason}"):
+        hessian_operator(model, loss, (x, y), path="fused")
+    H = hessian_operator(model, loss, (x, y))
+    assert H.path == "generic"
+    names = [n for n, _ in model.named_parameters()]
+    assert relative_error(H.to_dense(), dense_hessian(model, [(x, y)], loss, names)) <= 1e-10
+
+
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
 def test_fused_paths_decline_a_parameter_outside_their_layers(kind):
     """A parameter registered on the Sequential itself is in none of the layers the fused passes run:
@@ -1267,6 +1312,60 @@ def test_cached_products_equal_uncached_ones(kind, name):
     if kind != "ggn":
         torch.testing.assert_close(cached.gradient(), streamed.gradient(), rtol=1e-12, atol=1e-14)
         assert relative_error(cached.to_dense(), dense_hessian(model, batches, loss)) <= 1e-10
+
+
+class _MaskedNet(nn.Module):
+    """An additive mask buffer holding -inf: its sum stays -inf whatever its finite entries are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.out = nn.Linear(4, 5), nn.Linear(5, C)
+        self.register_buffer("mask", torch.tensor([0.0, 0.0, -math.inf, 0.5, 1.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.lin(x) + self.mask).nan_to_num(neginf=-1.0))
+
+
+def _unseen_write_problems():
+    """(name, model, x, path, write): writes that keep every version counter, data pointer and sum."""
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, C)).to(DT).eval()
+    bn = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, C)).to(DT).eval()
+    with torch.no_grad():  # values whose float64 sums are exact, so a permutation keeps them
+        conv[2].weight.copy_(torch.randint(-2, 3, conv[2].weight.shape).to(DT) / 4)
+        bn[1].running_mean.copy_(torch.tensor([1.0, -2.0, 0.5, 3.0, 0.0]))
+    masked = _MaskedNet().to(DT).eval()
+
+    def permute(t: torch.Tensor) -> None:
+        t.data.view(-1).copy_(t.data.view(-1).flip(0).clone())
+
+    def set_entry(t: torch.Tensor) -> None:
+        t.data[3] = -3.0
+
+    x_img, x_vec = torch.randn(6, 2, 6, 6, dtype=DT), torch.randn(6, 4, dtype=DT)
+    return [("conv weight, fused", conv, x_img, "fused", lambda m: permute(m[2].weight)),
+            ("batchnorm statistic", bn, x_vec, "generic", lambda m: permute(m[1].running_mean)),
+            ("mask entry", masked, x_vec, "generic", lambda m: set_entry(m.mask))]
+
+
+@pytest.mark.parametrize("case", range(3), ids=[p[0] for p in _unseen_write_problems()])
+def test_invalidate_takes_weights_and_buffers_again(case):
+    """invalidate() is the documented remedy for a write the operator cannot see: it only dropped the cache,
+    so the fused conv path kept its channels-last weight copies (relative error 0.66 after a permuted conv
+    weight) and every path its copies of the buffers (1.28 after a permuted BatchNorm mean, 0.85 after a
+    mask entry changed)."""
+    _, model, x, path, write = _unseen_write_problems()[case]
+    y = torch.arange(x.shape[0]) % C
+    loss = nn.CrossEntropyLoss()
+    op = hessian_operator(model, loss, (x, y), path=path)
+    op.to_dense(), op.gradient()  # the cache filled
+    versions = [t._version for t in [*model.parameters(), *model.buffers()]]
+    write(model)
+    assert [t._version for t in [*model.parameters(), *model.buffers()]] == versions  # unseen
+    op.invalidate()
+    assert relative_error(op.to_dense(), dense_hessian(model, [(x, y)], loss)) <= 1e-10
+    assert relative_error(op.gradient(), dense_gradient(model, [(x, y)], loss)) <= 1e-10
 
 
 def _change_weights(how: str, model: nn.Module, op: CurvatureOperator) -> None:

@@ -133,6 +133,12 @@ def test_bad_input(problem):
         RegularizedOperator(torch.eye(3), 0.1)
     with pytest.raises(ValueError, match="weight_decay"):
         RegularizedOperator(op, math.nan)
+    # a shift the operator's dtype cannot hold: matvec raised torch's bare overflow, to_dense gave Inf
+    op32 = hessian_operator(copy.deepcopy(model).float(), F.cross_entropy, (x.float(), y), path="generic")
+    with pytest.raises(ValueError, match=r"^RegularizedOperator: weight_decay 1e\+39 overflows the operator's "
+                                         r"torch.float32"):
+        RegularizedOperator(op32, 1e39)
+    assert RegularizedOperator(op, 1e39).weight_decay == 1e39  # float64 holds it
 
 
 def test_checks():

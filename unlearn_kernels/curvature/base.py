@@ -374,7 +374,7 @@ class CurvatureOperator(abc.ABC):
         self.num_gradients = 0
         self.num_data_passes = 0
         self.cache_bytes = cache_bytes
-        self.invalidate()
+        self._drop_cache()
         self._weights_key = self._current_weights_key()
         self._check_finite_weights(self._weights_key)
         check_per_sample_forward(model)
@@ -427,8 +427,14 @@ class CurvatureOperator(abc.ABC):
         return len(self._cache)
 
     def invalidate(self) -> None:
-        """Drop the fixed-weight cache; the next product rebuilds it. Needed only after a weight change
-        that keeps every parameter's version counter, data pointer and sum of values."""
+        """Take the weights again as after a detected change: the fixed-weight cache is dropped (the next
+        product rebuilds it), the copies of the buffers (BatchNorm statistics, masks) are made again,
+        and so are a fused path's own copies of the weights; non-finite weights are refused as at
+        every change. Needed only after a write that keeps every parameter's and buffer's version
+        counter, data pointer and sum of values (see the module docstring)."""
+        self._take_weights(self._current_weights_key())
+
+    def _drop_cache(self) -> None:
         self._cache: list[tuple[Entry, int]] = []  # (entry, rows) of the first cached_batches batches
         self.cached_bytes = 0
         self._cache_complete = False  # every batch is cached
@@ -453,17 +459,20 @@ class CurvatureOperator(abc.ABC):
         check_per_sample_forward(self.model)
         self.data.check_unchanged(type(self).__name__)
         key = self._current_weights_key()
-        if same_weights(key, self._weights_key):
-            return
+        if not same_weights(key, self._weights_key):
+            self._take_weights(key)
+
+    def _take_weights(self, key: WeightsKey) -> None:
+        """After a change of the weights (``key``: :meth:`_current_weights_key`): views of the parameters
+        (one whose data was replaced has a new one; ParameterSlots refuses another layout), copies of the
+        buffers, no cache, and the subclass's own copies (:meth:`_weights_changed`)."""
         # before anything is taken from the new weights; the old key stays, so the next call checks again
         self._check_finite_weights(key)
-        # the parameters' entries come first in the key
-        for (name, p), (_, ptr, _), (_, old_ptr, _) in zip(self._live.items(), key, self._weights_key):
-            if ptr != old_ptr:  # of the same layout: ParameterSlots refuses another one
-                (self.params if name in self.params else self._constants)[name] = p.detach()
+        for name, p in self._live.items():
+            (self.params if name in self.params else self._constants)[name] = p.detach()
         self._copy_buffers()
         self._weights_key = key
-        self.invalidate()
+        self._drop_cache()
         self._weights_changed()
 
     def _check_finite_weights(self, key: WeightsKey) -> None:

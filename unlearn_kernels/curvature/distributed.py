@@ -537,10 +537,10 @@ class DistributedOperator:
         return out
 
     def invalidate(self) -> None:
-        """Drop this rank's fixed-weight cache (see ``CurvatureOperator.invalidate``: needed only after a
-        weight change that keeps every parameter's version counter, data pointer and sum) and compare the
-        ranks' weights again at the next call, as after a change that is seen. Not a collective: a rank
-        may call it alone."""
+        """Take this rank's weights again (see ``CurvatureOperator.invalidate``: the cache dropped, the buffers
+        copied again; needed only after a weight change that keeps every parameter's version counter, data
+        pointer and sum) and compare the ranks' weights again at the next call, as after a change that is
+        seen. Not a collective: a rank may call it alone."""
         if self.local is not None:
             self.local.invalidate()
         self.shards.weights.forget()

@@ -84,6 +84,13 @@ def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[-1]))
 
 
+def _registered(layer: nn.Module) -> bool:
+    """The layer's weight and bias (unless None) are its parameters or buffers (a buffer is a constant);
+    a plain tensor attribute is neither, and the operator could not follow it."""
+    return all(name in layer._parameters or name in layer._buffers
+               for name in ("weight", "bias") if getattr(layer, name) is not None)
+
+
 def _parse_model(model: nn.Module) -> _ConvNet | str:
     """The blocks and head of ``model``, or why it is not a network this path takes."""
     if not plain_sequential(model):
@@ -106,6 +113,8 @@ def _parse_model(model: nn.Module) -> _ConvNet | str:
                 return f"layer {name!r} is a Conv2d with groups, dilation or non-zero padding; the fused path has plain ones"
             if isinstance(child.padding, str):
                 return f"layer {name!r} is a Conv2d with padding={child.padding!r}; give the padding as numbers"
+            if not _registered(child):
+                return f"layer {name!r} has a weight or bias that is neither a Parameter nor a buffer"
             blocks.append({"weight": f"{name}.weight", "bias": f"{name}.bias" if child.bias is not None else None,
                            "kernel": _pair(child.kernel_size), "stride": _pair(child.stride),
                            "padding": _pair(child.padding), "relu": False, "pool": None, "pool_ceil": False})
@@ -129,6 +138,8 @@ def _parse_model(model: nn.Module) -> _ConvNet | str:
                 return f"layer {name!r} is a Flatten that is not Flatten(1, -1)"
             stage = "flat"
         elif kind is nn.Linear and stage == "flat":
+            if not _registered(child):
+                return f"layer {name!r} has a weight or bias that is neither a Parameter nor a buffer"
             head = (f"{name}.weight", f"{name}.bias" if child.bias is not None else None)
             stage = "done"
         else:

@@ -133,12 +133,19 @@ def fused_reason(parsed: object, loss_fn: LossFn, model: nn.Module, params: Para
     device, float32 or float64)."""
     if isinstance(parsed, str):
         return parsed
-    hooked = hooked_module(model, "forward")  # it may change a layer's input or output: not the fused passes'
+    # a hook or a forward set on the instance (as accelerate's hooks do) may change what a layer or the
+    # loss computes: not what the fused passes compute
+    hooked = hooked_module(model, "forward")
     if hooked is not None:
         return hooked
+    own = next((name for name, module in model.named_modules() if "forward" in vars(module)), None)
+    if own is not None:
+        return f"{'module ' + repr(own) if own else 'the model'} has a forward of its own, set on the instance"
     loss = parse_cross_entropy(loss_fn)
     if isinstance(loss, str):
         return loss
+    if isinstance(loss_fn, nn.Module) and (hooked_module(loss_fn, "forward") or "forward" in vars(loss_fn)):
+        return "the loss module has a forward hook or pre-hook, or a forward set on the instance"
     tensors = layer_params(parsed)
     layer_ids = {id(t) for t in tensors}
     if len(layer_ids) < len(tensors):  # the fused passes would miss the tied terms

@@ -251,7 +251,7 @@ class GenericHessian(_TorchFuncOperator):
         except ValueError as err:
             if requested == "reverse-over-reverse":
                 raise
-            self.invalidate()  # the probe's gradient graph, which forward-over-reverse does not use
+            self._drop_cache()  # the probe's gradient graph, which forward-over-reverse does not use
             self.mode, self.uses_vmap = "forward-over-reverse", True
             out = super()._probe_product()
             self.mode_reason = f"auto: double backward cannot be used ({err})"

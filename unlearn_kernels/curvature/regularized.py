@@ -22,7 +22,8 @@ class RegularizedOperator:
 
     Args:
         operator: the curvature operator C (one process's, or a DistributedOperator over ranks).
-        weight_decay: the shift, a finite number >= 0.
+        weight_decay: the shift, a finite number >= 0 that the operator's dtype holds (1e39 overflows
+            float32: a ValueError, not an Inf diagonal).
     """
 
     def __init__(self, operator: CurvatureOperator | DistributedOperator, weight_decay: float) -> None:
@@ -31,6 +32,9 @@ class RegularizedOperator:
                             f"got {type(operator).__name__}")
         self.operator = operator
         self.weight_decay = check_number("RegularizedOperator: weight_decay", weight_decay, 0.0)
+        if self.weight_decay > torch.finfo(operator.dtype).max:
+            raise ValueError(f"RegularizedOperator: weight_decay {self.weight_decay!r} overflows the operator's "
+                             f"{operator.dtype} (at most {torch.finfo(operator.dtype).max:.3g})")
         self.shape: tuple[int, int] = operator.shape
         self.dtype: torch.dtype = operator.dtype
         self.device: torch.device = operator.device
