@@ -32,7 +32,7 @@ from unlearn_kernels.curvature import (
     set_flat_parameters,
 )
 from unlearn_kernels.labeled import LabeledData
-from unlearn_kernels.methods import METHODS
+from unlearn_kernels.methods import METHODS, CureNewtonLoRA
 from unlearn_kernels.solvers import adaptive_cubic_newton, cubic_newton_step, lanczos
 
 ROWS, FEATURES, CLASSES = 37, 6, 4
@@ -226,6 +226,15 @@ def _method_shards_worker(rank: int, world: int, store: str) -> None:
         expect = (ValueError, "not finite") if rank == 1 else (RuntimeError, r"rank\(s\) \[1\] refused their inputs")
         with pytest.raises(expect[0], match=expect[1]):
             method.unlearn(model, forget, bad if rank == 1 else retain, seed=0)
+        # CureNewtonLoRA takes part in the same agreement: it checked each rank alone, so rank 1, without forget
+        # rows, refused them and rank 0 waited in CureNewton's collective until the group's timeout
+        uneven = (forget, retain.subset(torch.arange(0))) if rank == 0 else (forget.subset(torch.arange(0)), retain)
+        lora = CureNewtonLoRA(rank=2, max_iterations=1, process_group=dist.group.WORLD)
+        _same_on_every_rank(get_flat_parameters(lora.unlearn(model, *uneven, seed=0).model))
+        with pytest.raises(expect[0], match=expect[1]):
+            lora.unlearn(model, forget, bad if rank == 1 else retain, seed=0)
+        with pytest.raises(ValueError, match=rf"rank {rank} of 2: rank\(s\) \[{1 - rank}\] were given other options"):
+            CureNewtonLoRA(rank=2 + rank, process_group=dist.group.WORLD).unlearn(model, forget, retain, seed=0)
         # a sample forgotten on rank 0 and kept on rank 1: each rank's own check saw no overlap, and the
         # step treated it as both forgotten and kept; refused on every rank now, before any work
         kept = LabeledData(torch.cat([retain.x, forget.x[2:3]]), torch.cat([retain.y, forget.y[2:3]]))

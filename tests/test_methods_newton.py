@@ -748,7 +748,7 @@ def test_the_options_fingerprint_is_of_values_not_their_types():
     # np.float64(0.5) and 0.5 made two ranks refuse each other; CE class weights (a buffer) and a partial's
     # label_smoothing were not compared at all
     def fingerprint(**options):
-        return CureNewton(**options)._options_fingerprint()
+        return CureNewton(**options)._options_text()
 
     assert fingerprint(solver_options={"kappa": np.float64(0.5)}) == fingerprint(solver_options={"kappa": 0.5})
     assert fingerprint(max_iterations=np.int64(3)) == fingerprint(max_iterations=3)

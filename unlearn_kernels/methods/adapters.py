@@ -39,7 +39,7 @@ from ..lora import (
     unmerge,
 )
 from .base import Unlearner, UnlearnResult
-from .newton import CureNewton, check_per_sample_loss
+from .newton import CureNewton, agree_on_inputs, check_per_sample_loss, options_text
 
 
 class CureNewtonLoRA(Unlearner):
@@ -79,6 +79,18 @@ class CureNewtonLoRA(Unlearner):
         except (TypeError, ValueError) as error:
             raise type(error)(f"{self.name}: {str(error).removeprefix(CureNewton.name + ': ')}") from None
         self.newton_options = newton_options
+
+    def _checked_copy(self, model: nn.Module, forget: LabeledData, retain: LabeledData,
+                      unseen: LabeledData | None) -> nn.Module:
+        # with a process group the ranks agree on their inputs (and options) before any work, as CureNewton's do:
+        # a rank refusing alone left the others waiting in CureNewton's collective until the group's timeout
+        group = self.newton_options.get("process_group")
+        if group is None:
+            return super()._checked_copy(model, forget, retain, unseen)
+        options = {"rank": self.rank, "alpha": self.alpha, "targets": self.targets,
+                   **{k: v for k, v in self.newton_options.items() if k != "process_group"}}
+        return agree_on_inputs(self, group, options_text(type(self).__qualname__, options), model, forget, retain,
+                               unseen)
 
     def _check_parameters(self, model: nn.Module) -> None:
         # else CureNewton refuses these, under its name, after the adapters

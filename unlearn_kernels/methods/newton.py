@@ -179,6 +179,99 @@ def check_per_sample_loss(owner: str, model: nn.Module) -> None:
                            "running statistics, or use a first-order method")
 
 
+def _option_text(value: Any) -> str:
+    """One option value as text for :func:`options_text`."""
+    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
+        value = value.item()  # a numpy scalar (np.True_, np.str_, np.float64) as Python's
+    if isinstance(value, bool) or value is None:
+        return repr(value)
+    if isinstance(value, str):
+        return repr(str(value))
+    if isinstance(value, numbers.Integral):  # numpy's numbers as Python's
+        return repr(int(value))
+    if isinstance(value, numbers.Real):
+        return repr(float(value))
+    if isinstance(value, torch.Tensor):
+        return f"tensor({_option_text(value.tolist())})"
+    if isinstance(value, nn.Module):  # a loss: its settings and buffers (class weights)
+        simple = {k: _option_text(v) for k, v in sorted(vars(value).items()) if isinstance(v, (bool, int, float, str))}
+        buffers = {k: _option_text(b) for k, b in value.named_buffers()}
+        return f"{type(value).__qualname__}{simple}{buffers}"
+    if isinstance(value, functools.partial):
+        return f"partial({_option_text(value.func)}, {_option_text(value.args)}, {_option_text(value.keywords)})"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k!r}: {_option_text(v)}" for k, v in sorted(value.items(), key=repr)) + "}"
+    if isinstance(value, (list, tuple)):
+        return "(" + ", ".join(_option_text(v) for v in value) + ")"
+    if callable(value) and not isinstance(value, type):  # a function by its name (not what a closure holds)
+        return getattr(value, "__qualname__", type(value).__qualname__)
+    return repr(value)
+
+
+def options_text(owner: str, options: Mapping[str, Any]) -> str:
+    """``owner(name=value, ...)`` for a method's constructor options, as text that is the same in every
+    process for the same options: numpy numbers as Python's, a loss module by its class, settings and
+    buffers, a ``functools.partial`` by its function and arguments, another function by its name (what a
+    closure holds is not compared), a mapping sorted."""
+    return f"{owner}({', '.join(f'{name}={_option_text(value)}' for name, value in sorted(options.items()))})"
+
+
+def agree_on_inputs(method: Unlearner, group: dist.ProcessGroup, options: str, model: nn.Module,
+                    forget: LabeledData, retain: LabeledData, unseen: LabeledData | None) -> nn.Module:
+    """:meth:`Unlearner._checked_copy` of a data-parallel method: every rank checks its own shards and the
+    ranks agree in one collective before any work: a rank whose inputs fail raises its own error and the
+    others a RuntimeError naming it (no wait for the timeout), a rank's shard may be empty as long as each
+    set has rows on some rank, and every rank must have been given the same ``options``
+    (:func:`options_text`)."""
+    number = int.from_bytes(hashlib.blake2b(options.encode(), digest_size=7).digest(), "big")
+    fingerprint = (float(number >> 28), float(number & (2**28 - 1)))  # two integers exact in float64
+    work, failure, rows = None, None, {}
+    try:
+        work = checked_local_copy(method, model, forget, retain, unseen)
+        rows = rows_by_role(forget, retain, unseen)
+    except (TypeError, ValueError) as err:  # raised here after the others learn of it
+        failure = err
+    roles = ("forget", "retain", "unseen")
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    # the set sizes, then a failure flag and the options' fingerprint (two numbers) per rank
+    table = torch.zeros(len(roles) + 3 * world, dtype=torch.float64, device=_collective_device(model))
+    table[:len(roles)] = torch.tensor([rows.get(role, 0) for role in roles], dtype=torch.float64)
+    table[len(roles) + rank] = float(failure is not None)
+    fingerprints = len(roles) + world
+    table[fingerprints + 2 * rank:fingerprints + 2 * rank + 2] = torch.tensor(fingerprint)
+    dist.all_reduce(table, group=group)
+    if failure is not None:
+        raise failure
+    failed = [r for r, flag in enumerate(table[len(roles):fingerprints].tolist()) if flag]
+    if failed:
+        raise RuntimeError(f"{method.name}, rank {rank} of {world}: rank(s) {failed} refused their inputs (their own "
+                           "error is raised there)")
+    prints = table[fingerprints:].view(world, 2)
+    others = [r for r in range(world) if not torch.equal(prints[r], prints[rank])]
+    if others:
+        # different options make different collectives: a crash inside gloo, a wait for the timeout, or
+        # another rank's "unknown call"
+        raise ValueError(f"{method.name}, rank {rank} of {world}: rank(s) {others} were given other options; every "
+                         f"rank must build the method alike. This rank's: {options}")
+    totals = {role: int(n) for role, n in zip(roles, table[:len(roles)].tolist()) if role in rows}
+    check_not_empty(method.name, totals, " on every rank")
+    # a sample forgotten on one rank and kept on another: each rank saw its own shards only
+    shared = forget_rows_in_other_retain_shards(forget, retain, group)
+    flags = torch.zeros(world, dtype=torch.float64, device=table.device)
+    flags[rank] = float(bool(shared))
+    dist.all_reduce(flags, group=group)
+    if shared:
+        row, other = shared[0]
+        raise ValueError(f"{method.name}: {len(shared)} forget samples of rank {rank} are also in another rank's "
+                         f"retain set (same input and label; first at forget row {row}, in rank {other}'s): a "
+                         "sample cannot be both forgotten and kept")
+    failed = [r for r, flag in enumerate(flags.tolist()) if flag]
+    if failed:
+        raise RuntimeError(f"{method.name}, rank {rank} of {world}: rank(s) {failed} hold forget samples that "
+                           "another rank keeps in its retain set (their own error is raised there)")
+    return work
+
+
 class _NewtonFamily(Unlearner):
     """Options, data preparation, objective, operators and the guarded update shared by the Newton methods."""
 
@@ -295,98 +388,16 @@ class _NewtonFamily(Unlearner):
 
     def _checked_copy(self, model: nn.Module, forget: LabeledData, retain: LabeledData,
                       unseen: LabeledData | None) -> nn.Module:
-        """With a process group, every rank checks its own shards and the ranks agree in one
-        collective before any work: a rank whose inputs fail raises its own error and the others a
-        RuntimeError naming it (no wait for the timeout), and a rank's shard may be empty as long as
-        each set has rows on some rank."""
+        """With a process group, every rank checks its own shards and the ranks agree in one collective
+        before any work (:func:`agree_on_inputs`)."""
         if self.process_group is None:
             return super()._checked_copy(model, forget, retain, unseen)
-        work, failure, rows = None, None, {}
-        try:
-            work = checked_local_copy(self, model, forget, retain, unseen)
-            rows = rows_by_role(forget, retain, unseen)
-        except (TypeError, ValueError) as err:  # raised here after the others learn of it
-            failure = err
-        roles = ("forget", "retain", "unseen")
-        group = self.process_group
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        # the set sizes, then a failure flag and the options' fingerprint (two numbers) per rank
-        table = torch.zeros(len(roles) + 3 * world, dtype=torch.float64, device=_collective_device(model))
-        table[:len(roles)] = torch.tensor([rows.get(role, 0) for role in roles], dtype=torch.float64)
-        table[len(roles) + rank] = float(failure is not None)
-        fingerprints = len(roles) + world
-        table[fingerprints + 2 * rank:fingerprints + 2 * rank + 2] = torch.tensor(self._options_fingerprint())
-        dist.all_reduce(table, group=group)
-        if failure is not None:
-            raise failure
-        failed = [r for r, flag in enumerate(table[len(roles):fingerprints].tolist()) if flag]
-        if failed:
-            raise RuntimeError(f"{self.name}, rank {rank} of {world}: rank(s) {failed} refused their inputs (their own "
-                               "error is raised there)")
-        prints = table[fingerprints:].view(world, 2)
-        others = [r for r in range(world) if not torch.equal(prints[r], prints[rank])]
-        if others:
-            # different options make different collectives: a crash inside gloo, a wait for the timeout, or
-            # another rank's "unknown call"
-            raise ValueError(f"{self.name}, rank {rank} of {world}: rank(s) {others} were given other options; every "
-                             f"rank must build the method alike. This rank's: {self._options_text()}")
-        totals = {role: int(n) for role, n in zip(roles, table[:len(roles)].tolist()) if role in rows}
-        check_not_empty(self.name, totals, " on every rank")
-        # a sample forgotten on one rank and kept on another: each rank saw its own shards only
-        shared = forget_rows_in_other_retain_shards(forget, retain, group)
-        flags = torch.zeros(world, dtype=torch.float64, device=table.device)
-        flags[rank] = float(bool(shared))
-        dist.all_reduce(flags, group=group)
-        if shared:
-            row, other = shared[0]
-            raise ValueError(f"{self.name}: {len(shared)} forget samples of rank {rank} are also in another rank's "
-                             f"retain set (same input and label; first at forget row {row}, in rank {other}'s): a "
-                             "sample cannot be both forgotten and kept")
-        failed = [r for r, flag in enumerate(flags.tolist()) if flag]
-        if failed:
-            raise RuntimeError(f"{self.name}, rank {rank} of {world}: rank(s) {failed} hold forget samples that "
-                               "another rank keeps in its retain set (their own error is raised there)")
-        return work
+        return agree_on_inputs(self, self.process_group, self._options_text(), model, forget, retain, unseen)
 
     def _options_text(self) -> str:
-        """The method's class and constructor options (the process group left out), as text that is the
-        same in every process for the same options: numpy numbers as Python's, a loss module by its class,
-        settings and buffers, a ``functools.partial`` by its function and arguments, another function by
-        its name (what a closure holds is not compared), a mapping sorted."""
-        def text(value: Any) -> str:
-            if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
-                value = value.item()  # a numpy scalar (np.True_, np.str_, np.float64) as Python's
-            if isinstance(value, bool) or value is None:
-                return repr(value)
-            if isinstance(value, str):
-                return repr(str(value))
-            if isinstance(value, numbers.Integral):  # numpy's numbers as Python's
-                return repr(int(value))
-            if isinstance(value, numbers.Real):
-                return repr(float(value))
-            if isinstance(value, torch.Tensor):
-                return f"tensor({text(value.tolist())})"
-            if isinstance(value, nn.Module):  # a loss: its settings and buffers (class weights)
-                simple = {k: text(v) for k, v in sorted(vars(value).items()) if isinstance(v, (bool, int, float, str))}
-                buffers = {k: text(b) for k, b in value.named_buffers()}
-                return f"{type(value).__qualname__}{simple}{buffers}"
-            if isinstance(value, functools.partial):
-                return f"partial({text(value.func)}, {text(value.args)}, {text(value.keywords)})"
-            if isinstance(value, Mapping):
-                return "{" + ", ".join(f"{k!r}: {text(v)}" for k, v in sorted(value.items(), key=repr)) + "}"
-            if isinstance(value, (list, tuple)):
-                return "(" + ", ".join(text(v) for v in value) + ")"
-            if callable(value) and not isinstance(value, type):  # a function by its name (not what a closure holds)
-                return getattr(value, "__qualname__", type(value).__qualname__)
-            return repr(value)
-
-        options = ", ".join(f"{name}={text(value)}" for name, value in sorted(vars(self).items()) if name != "_group")
-        return f"{type(self).__qualname__}({options})"
-
-    def _options_fingerprint(self) -> tuple[float, float]:
-        """:meth:`_options_text` hashed to two integers below 2**28 (exact in float64, for an all_reduce)."""
-        number = int.from_bytes(hashlib.blake2b(self._options_text().encode(), digest_size=7).digest(), "big")
-        return float(number >> 28), float(number & (2**28 - 1))
+        """The method's class and constructor options (the process group left out), see :func:`options_text`."""
+        return options_text(type(self).__qualname__, {name: value for name, value in vars(self).items()
+                                                      if name != "_group"})
 
     def _batches(self, data: LabeledData) -> int:
         return 1 if self.batch_size is None else math.ceil(len(data) / self.batch_size)
