@@ -20,7 +20,8 @@ from devices import DEVICES  # noqa: E402  (imports the package: after TRITON_IN
 torch.set_num_threads(1)
 
 # Property tests draw the same cases on every run (a fixed seed: a CI failure reproduces locally) and
-# keep no example database (which would otherwise land in the repository root).
+# keep no example database; hypothesis still writes its cache of the code's constants to .hypothesis/ in the
+# working folder (git-ignored).
 settings.register_profile("suite", derandomize=True, database=None)
 settings.load_profile("suite")
 

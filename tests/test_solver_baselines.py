@@ -258,6 +258,19 @@ def test_lissa_growing_but_finite_is_not_converged():
     assert lissa(H, b, scale=2.0, damping=1.5, depth=50).converged  # H + 1.5 I in [0.5, 3.5]: in range
 
 
+def test_lissa_slow_growth_just_past_the_range_is_not_converged():
+    """The rule's boundary: one eigenvalue of H + damping I just past 2 scale grows its component slowly,
+    to a residual of 1.21 ||b|| after 50 steps (computed here in float64), above the (1 + 1e-3) ||b||
+    that counts as converged; a slack of 0.5 would have passed every other LiSSA test."""
+    H = torch.diag(torch.tensor([0.5, 1.0, 1.5, 2.0041], dtype=torch.float64))
+    b = torch.tensor([0.1, 0.1, 0.1, 1.0], dtype=torch.float64)
+    out = lissa(H, b, scale=1.0, depth=50)
+    residual = float(torch.linalg.vector_norm(H @ out.solution - b))
+    assert out.residual == pytest.approx(residual, rel=1e-12) and 1.2 < residual / float(b.norm()) < 1.3
+    assert not out.converged
+    assert lissa(H, b, scale=1.1, depth=50).converged  # every eigenvalue in [0, 2 scale]
+
+
 def test_lissa_divergence_on_a_curvature_operator_is_reported():
     """A curvature operator refuses a non-finite vector (ValueError "vector contains NaN or Inf"): a
     diverging recursion on one raised that error where on a dense H it is reported as not converged; and

@@ -13,6 +13,7 @@ from unlearn_kernels.solvers import (
     adaptive_cubic_newton,
     as_operator,
     conjugate_gradient,
+    cubic_model_value,
     cubic_newton_step,
     damped_solver,
     lanczos,
@@ -188,6 +189,31 @@ def test_diverging_gradient_descent_says_so(problem):
     assert cubic_newton_step(H, g, 1.0, "gd", eta=0.5 / (L + 10.0), K=500).model_value < 0
     with pytest.raises(NonFiniteProduct, match=r"the operator returned NaN or Inf"):  # H's own NaN: as before
         cubic_newton_step(lambda v: v * float("nan"), g, 1.0, "gd")
+
+
+def test_cubic_model_value_checks_its_arguments(problem):
+    """It checked nothing: mismatched lengths leaked torch's messages, a (1, d) g passed silently, M = -1
+    gave a value where the cubic solvers refuse it."""
+    H, g = problem
+    s = torch.linspace(-1.0, 1.0, D, dtype=torch.float64)
+    expected = float(g @ s + 0.5 * s @ H @ s) + 2.0 / 6 * float(s.norm()) ** 3
+    assert cubic_model_value(g, s, H @ s, 2.0) == pytest.approx(expected, rel=1e-14)
+    with pytest.raises(ValueError, match=r"^cubic_model_value: g, s and Hs must have one length, got g \(6,\), "
+                                         r"s \(5,\), Hs \(6,\)"):
+        cubic_model_value(g, s[:5], H @ s, 2.0)
+    with pytest.raises(ValueError, match=r"^g must be a 1-D \(d,\) vector, got shape \(1, 6\)"):
+        cubic_model_value(g[None], s, H @ s, 2.0)
+    for M in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match=r"^M must be a finite number >= 0"):
+            cubic_model_value(g, s, H @ s, M)
+
+
+def test_cubic_newton_step_names_a_misspelt_option(problem):
+    """A misspelt option raised Python's "__init__() got an unexpected keyword argument" from inside."""
+    H, g = problem
+    for method in ("krylov", "gd"):
+        with pytest.raises(TypeError, match=rf"^method '{method}' takes the options \[.*'seed'.*\], got \['kmax'\]"):
+            cubic_newton_step(H, g, 1.0, method=method, kmax=3)
 
 
 def test_sphere_noise_checks_its_arguments():

@@ -121,7 +121,10 @@ def lanczos_step(
         TypeError / ValueError: a bad shape, dtype or device (the shapes of hq and q are checked
             first), a non-finite beta_prev, or NaN or Inf in hq, q, q_prev or basis (seen as a
             non-finite alpha or beta; also raised when their products overflow). The same error
-            from every backend.
+            from every backend, except where float32 intermediates overflow: the compiled kernels
+            form w = hq - alpha q - beta_prev q_prev in the vectors' dtype, the reference in float64,
+            so with entries near float32's largest value (beta_prev 3e38 and hq 3e38, say) the
+            kernels refuse a step the reference computes.
     """
     for name, t in (("hq", hq), ("q", q), ("q_prev", q_prev), ("basis", basis)):
         if t is not None or name not in ("q_prev", "basis"):

@@ -14,6 +14,7 @@ PSD. Three solvers, one entry point :func:`cubic_newton_step`:
 """
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import torch
 from ..checks import all_finite, check_bool, check_int, check_number, check_seed, norm64
 from ..ops.cubic_secular import cubic_secular_solve
 from .lanczos import LanczosProcess, Reorth, replay, ritz_pairs
-from .operators import NonFiniteProduct, SolverOperator, operator_and_vector
+from .operators import NonFiniteProduct, SolverOperator, check_vector, operator_and_vector
 
 
 @dataclass
@@ -93,7 +94,21 @@ def _cubic_term(M: float, norm: float) -> float:
 
 
 def cubic_model_value(g: torch.Tensor, s: torch.Tensor, Hs: torch.Tensor, M: float) -> float:
-    """The cubic model ``m(s) = g^T s + 1/2 s^T H s + (M/6) ||s||^3`` in float64, from ``Hs = H s``."""
+    """The cubic model ``m(s) = g^T s + 1/2 s^T H s + (M/6) ||s||^3`` in float64, from ``Hs = H s``.
+
+    Raises:
+        TypeError / ValueError: g, s or Hs not finite floating point (d,) vectors of one length, or M
+            not a finite number >= 0 (naming which).
+    """
+    vectors = {name: check_vector(v, name) for name, v in (("g", g), ("s", s), ("Hs", Hs))}
+    if len({v.shape for v in vectors.values()}) > 1:
+        raise ValueError(f"cubic_model_value: g, s and Hs must have one length, got "
+                         f"{', '.join(f'{n} {tuple(v.shape)}' for n, v in vectors.items())}")
+    return _model_value(g, s, Hs, check_number("M", M, 0.0))
+
+
+def _model_value(g: torch.Tensor, s: torch.Tensor, Hs: torch.Tensor, M: float) -> float:
+    """:func:`cubic_model_value` of the solvers' own (checked) vectors."""
     g64, s64 = g.double(), s.double()
     return float(g64 @ s64 + 0.5 * (s64 @ Hs.double())) + _cubic_term(M, norm64(s))
 
@@ -410,7 +425,7 @@ def _gd_steps(op: SolverOperator, g: torch.Tensor, M: float, s: torch.Tensor, K:
     for it in range(K):
         Hs = _product_at(op, s, it, eta, M)
         grad = g + Hs + (0.5 * M * norm64(s)) * s
-        grad_norm, value = norm64(grad), cubic_model_value(g, s, Hs, M)
+        grad_norm, value = norm64(grad), _model_value(g, s, Hs, M)
         if it == 0:
             first_value, first_grad = value, grad_norm
         elif value > max(0.0, first_value) and grad_norm > _DIVERGENCE_GROWTH * first_grad:
@@ -431,7 +446,7 @@ def _finish(op: SolverOperator, g: torch.Tensor, M: float, s: torch.Tensor, Hs: 
         num_hvps += 1
     s_norm = norm64(s)
     residual = norm64(g + Hs + (0.5 * M * s_norm) * s)
-    return CubicStep(s, cubic_model_value(g, s, Hs, M), s_norm, 0.5 * M * s_norm, residual, num_hvps, False,
+    return CubicStep(s, _model_value(g, s, Hs, M), s_norm, 0.5 * M * s_norm, residual, num_hvps, False,
                      iterations, converged, "gd")
 
 
@@ -555,6 +570,7 @@ def cubic_newton_step(H: Any, g: torch.Tensor | None, M: float, method: str = "k
     Raises:
         ValueError: M <= 0, g of the wrong size or with NaN/Inf, H non-square, non-symmetric,
             non-finite or of another dimension, an unknown method or option value.
+        TypeError: an option the method does not take (naming the ones it takes).
         StepOverflow: (a ValueError) methods "dense" and "krylov": the step does not fit g's dtype
             (M too small for this H and g).
     """
@@ -562,6 +578,12 @@ def cubic_newton_step(H: Any, g: torch.Tensor | None, M: float, method: str = "k
         if options:
             raise TypeError(f"method 'dense' takes no options, got {sorted(options)}")
         return dense_cubic_step(H, g, M)
+    if method in ("krylov", "gd"):  # a misspelt option: named here, not as a Python signature error inside
+        target = KrylovCubicSolver if method == "krylov" else stochastic_cubic_gd if "sample" in options else cubic_gd
+        accepted = set(inspect.signature(target).parameters) - {"H", "g", "M"}
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            raise TypeError(f"method {method!r} takes the options {sorted(accepted)}, got {unknown}")
     if method == "krylov":
         return KrylovCubicSolver(H, g, **options).solve(M)
     if method == "gd":
