@@ -23,7 +23,7 @@ class LipschitzEstimate:
         value: the estimate (the ``quantile`` of ``ratios``).
         ratios: ``||H(w + r d) v - H(w) v|| / r`` for each direction d (v after the power iteration).
         radius: r.
-        num_hvps: Hessian-vector products used.
+        num_hvps: Hessian-vector products used, the operator's construction probes included.
     """
 
     value: float
@@ -66,9 +66,10 @@ def estimate_hessian_lipschitz(
     D in high dimension, so v is then refined by ``power_iterations`` steps of power iteration on
     the symmetric D (``v <- D v / ||D v||``), which tends to ``||D||_2``, the largest change along
     d. The estimate is the ``quantile`` of the final ratios (1.0: their maximum). Cost:
-    ``2 (power_iterations + 1)`` products per direction; ``power_iterations=0`` is the plain
-    random-pair estimate. One operator is built; the perturbed weights are written into a private
-    copy of the model, which the operator reads live.
+    ``2 (power_iterations + 1)`` products per direction, and those of the operator's construction
+    probes (none on the fused paths, one or two on the generic one); ``power_iterations=0`` is the
+    plain random-pair estimate. One operator is built; the perturbed weights are written into a
+    private copy of the model, which the operator reads live.
 
     The radius sets the scale: choose it near the step lengths expected (a ReLU network's Hessian
     jumps where activation patterns change, so a tiny r sees few of the jumps and a large one
