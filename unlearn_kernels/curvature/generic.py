@@ -234,8 +234,8 @@ class GenericHessian(_TorchFuncOperator):
                 if not isinstance(err.__cause__, (RuntimeError, NotImplementedError)):
                     raise
                 self.mode, self.uses_vmap = "reverse-over-reverse", False
+                self._check_against_finite_differences(*self._check_rows())
                 out = super()._probe_product()
-                self._check_against_finite_differences(*self._check_rows(out))
                 self.mode_reason = f"forward-over-reverse failed ({err.__cause__})"
                 warnings.warn(
                     f"GenericHessian: forward-over-reverse failed ({err.__cause__}); using reverse-over-reverse "
@@ -246,8 +246,9 @@ class GenericHessian(_TorchFuncOperator):
             return out
         self.mode, self.uses_vmap = "reverse-over-reverse", False
         try:
+            # the check first: its transient memory does not then add to the kept graph's
+            self._check_double_backward()
             out = super()._probe_product()
-            self._check_double_backward(out)
         except ValueError as err:
             if requested == "reverse-over-reverse":
                 raise
@@ -262,26 +263,27 @@ class GenericHessian(_TorchFuncOperator):
         )
         return out
 
-    def _check_rows(self, probe_hv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _check_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The rows the double-backward checks compare on, and double backward's product of the probe
         vector there: the probe batch's first ``_CHECK_ROWS`` rows (a missing curvature term shows on
-        any rows, and forward-over-reverse on a whole batch costs about three gradients), or the whole
-        batch with its product ``probe_hv`` when it is no larger or those rows are all ignored. The
-        inputs are a copy: a model that writes its inputs in place would otherwise change those the
-        cached gradient graph of the probe batch holds."""
+        any rows, and forward-over-reverse on a whole batch costs about three gradients), or all of it
+        where those are all ignored. Not counted in ``num_products`` (the probe product is)."""
         x, y = self._probe_batch()
-        if y.shape[0] <= _CHECK_ROWS or every_row_ignored(self.loss_fn, y[:_CHECK_ROWS]):
-            return x.clone(), y, probe_hv
-        x, y = x[:_CHECK_ROWS].clone(), y[:_CHECK_ROWS]
+        if not every_row_ignored(self.loss_fn, y[:_CHECK_ROWS]):
+            x, y = x[:_CHECK_ROWS], y[:_CHECK_ROWS]
         tangents = self.unflatten_columns(self._probe_vector())
-        return x, y, self.flatten_columns(self._graph_products(self._graph(x, y)[0], tangents))
+        try:
+            hv = self.flatten_columns(self._graph_products(self._graph(x, y)[0], tangents))
+        except (RuntimeError, NotImplementedError) as err:
+            raise ValueError(f"{type(self).__name__}: {self._derivative_error}: {err}") from err
+        return x, y, hv
 
-    def _check_double_backward(self, probe_hv: torch.Tensor) -> None:
-        """Double backward's product of the probe vector (``probe_hv`` on the probe batch) must agree
-        with forward-over-reverse to rounding on the check rows (:meth:`_check_rows`): a backward that
-        is not differentiable makes double backward silently drop curvature. Where forward-over-reverse
-        cannot run, with finite differences of the gradient instead."""
-        x, y, hv = self._check_rows(probe_hv)
+    def _check_double_backward(self) -> None:
+        """Double backward's product of the probe vector must agree with forward-over-reverse to
+        rounding on the check rows (:meth:`_check_rows`): a backward that is not differentiable makes
+        double backward silently drop curvature. Where forward-over-reverse cannot run, with finite
+        differences of the gradient instead."""
+        x, y, hv = self._check_rows()
         v = self._probe_vector()
         try:
             ref = self.flatten_columns(self._forward_over_reverse(x, y, self.unflatten_columns(v)))
