@@ -566,6 +566,13 @@ def _own_forward(model: nn.Module, kind: str) -> None:
     layer.forward = lambda h: 3 * F.linear(h, layer.weight, layer.bias)
 
 
+class _ScaledCall(nn.Sequential):
+    """A Sequential whose __call__ scales the outputs (forward is Sequential's)."""
+
+    def __call__(self, *args, **kwargs):
+        return super().__call__(*args, **kwargs) / 4
+
+
 def _plain_tensor_weight(model: nn.Module, kind: str) -> None:
     layer = model[0]
     weight = layer.weight.detach().clone()
@@ -577,6 +584,7 @@ def _plain_tensor_weight(model: nn.Module, kind: str) -> None:
 @pytest.mark.parametrize("change, reason", [
     ("loss hook", "the loss module has a forward hook"),
     ("own forward", "module '[24]' has a forward of its own"),
+    ("call override", "the model has a forward of its own"),
     ("plain tensor weight", "layer '0' has a weight or bias that is (not|neither) a Parameter"),
 ])
 def test_fused_paths_decline_what_their_passes_would_not_compute(kind, change, reason):
@@ -590,6 +598,8 @@ def test_fused_paths_decline_what_their_passes_would_not_compute(kind, change, r
         loss = _temperature_loss()
     elif change == "own forward":
         _own_forward(model, kind)
+    elif change == "call override":
+        model.__class__ = _ScaledCall
     else:
         _plain_tensor_weight(model, kind)
     with pytest.raises(ValueError, match=f"path='fused' cannot be used: .*{reason}"):
@@ -1196,11 +1206,10 @@ class _SquareDroppingCurvature(torch.autograd.Function):
         return 2 * x * tangent
 
 
-def test_double_backward_that_drops_curvature_is_caught_on_a_large_batch():
-    """mode="auto" checks double backward against forward-over-reverse on the first 32 rows of the probe
-    batch (not all 200, where forward-over-reverse costs about three gradients): the dropped curvature shows
-    there, the operator runs forward-over-reverse, exact, and keeps no gradient graph; mode="reverse-over-reverse"
-    is refused."""
+def test_double_backward_that_drops_curvature_is_caught():
+    """mode="auto" checks double backward against forward-over-reverse on the probe batch: the dropped
+    curvature shows, the operator runs forward-over-reverse, exact, and keeps no gradient graph;
+    mode="reverse-over-reverse" is refused."""
     model, x, y = make("mlp", n=200)
 
     def loss(out, target):
@@ -1215,6 +1224,57 @@ def test_double_backward_that_drops_curvature_is_caught_on_a_large_batch():
     assert relative_error(H.to_dense(), dense_hessian(model, [(x, y)], plain)) <= 1e-10
     with pytest.raises(ValueError, match="double backward disagrees with forward-over-reverse"):
         hessian_operator(model, loss, (x, y), path="generic", mode="reverse-over-reverse")
+
+
+def _hinge_terms(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    zy = z.gather(1, y[:, None])
+    return (1 + z - zy).clamp_min(0).scatter(1, y[:, None], 0.0)
+
+
+class _SquaredHingeOnce(torch.autograd.Function):
+    """The mean squared multiclass hinge loss with a backward that is not differentiable."""
+
+    @staticmethod
+    def forward(z, y):
+        return _hinge_terms(z, y).square().sum() / z.shape[0]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        z, y = inputs
+        ctx.save_for_backward(_hinge_terms(z, y), y)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        m, y = ctx.saved_tensors
+        dz = 2 * m / m.shape[0]
+        return g * dz.scatter(1, y[:, None], -dz.sum(1, keepdim=True)), None
+
+
+def test_the_check_covers_the_whole_probe_batch():
+    """The check ran on the probe batch's first 32 rows for a while (2026-12-05): a loss whose curvature is
+    zero there (rows inside a hinge margin) hid a backward that is not differentiable (the Hessian off by
+    1.0, no error), and a loss that runs on whole batches only (per-row weights in a closure) was refused
+    as "not twice differentiable". The whole probe batch is checked."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(DT).eval()
+    with torch.no_grad():
+        model[2].weight.mul_(6)
+        pool = torch.randn(2000, 5, dtype=DT)
+        top2 = model(pool).topk(2, dim=1).values
+        confident = pool[(top2[:, 0] - top2[:, 1]) > 1.5][:32]  # inside the margin: zero loss, zero curvature
+        x = torch.cat([confident, torch.randn(96, 5, dtype=DT)])
+        y = torch.cat([model(confident).argmax(1), torch.randint(0, 3, (96,))])
+    with pytest.raises(ValueError, match="not twice differentiable"):
+        hessian_operator(model, lambda z, t: _SquaredHingeOnce.apply(z, t), (x, y), path="generic")
+    weights = torch.rand(len(y), dtype=DT) + 0.5
+
+    def weighted(out, target):  # runs on the whole batch only
+        return (F.cross_entropy(out, target, reduction="none") * weights).mean()
+
+    H = hessian_operator(model, weighted, (x, y), path="generic")
+    assert H.mode == "reverse-over-reverse" and H.cached_batches == 1
+    assert relative_error(H.to_dense(), dense_hessian(model, [(x, y)], weighted)) <= 1e-10
 
 
 def test_loss_that_is_not_twice_differentiable():
@@ -1366,6 +1426,44 @@ def test_invalidate_takes_weights_and_buffers_again(case):
     op.invalidate()
     assert relative_error(op.to_dense(), dense_hessian(model, [(x, y)], loss)) <= 1e-10
     assert relative_error(op.gradient(), dense_gradient(model, [(x, y)], loss)) <= 1e-10
+
+
+def test_a_refused_invalidate_is_refused_again():
+    """invalidate() refused a NaN written unseen (a buffer holding +Inf and -Inf has a NaN sum before and
+    after) but kept the old weights as taken, so the next matvec ran on the stale copies without an error."""
+    class Clamped(nn.Module):  # a buffer of bounds holding -Inf and +Inf: its float64 sum is NaN
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.out = nn.Linear(4, 5), nn.Linear(5, C)
+            self.register_buffer("mask", torch.tensor([0.0, 0.0, -math.inf, math.inf, 1.0]))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.tanh(self.lin(x) + self.mask))
+
+    torch.manual_seed(0)
+    model = Clamped().to(DT).eval()
+    x = torch.randn(8, 4, dtype=DT)
+    op = hessian_operator(model, nn.CrossEntropyLoss(), (x, torch.arange(8) % C), path="generic")
+    v = torch.randn(op.shape[0], dtype=DT)
+    op.matvec(v)
+    model.mask.data[0] = math.nan  # no version bump, the sum NaN as before: unseen
+    for call in (op.invalidate, lambda: op.matvec(v), op.gradient):
+        with pytest.raises(ValueError, match="buffer 'mask' has NaN values"):
+            call()
+
+
+def test_ggn_declines_a_loss_module_whose_call_is_not_its_class():
+    """A pre-hook (temperature scaling) or a forward set on the loss module: the GGN's products never call the
+    loss, so they were the plain class's (relative error 14.6) while its gradient followed the hook."""
+    model, x, y = make("mlp")
+    hooked = nn.CrossEntropyLoss()
+    hooked.register_forward_pre_hook(lambda module, args: (args[0] / 4, args[1]))
+    replaced = nn.MSELoss()
+    replaced.forward = lambda out, target: F.mse_loss(out / 4, target)
+    for loss in (hooked, replaced):
+        with pytest.raises(ValueError, match=f"^ggn_operator: the {type(loss).__name__} has a forward hook or "
+                                             "pre-hook, or a forward set on the instance"):
+            ggn_operator(model, loss, (x, y if loss is hooked else F.one_hot(y, C).to(DT)))
 
 
 def _change_weights(how: str, model: nn.Module, op: CurvatureOperator) -> None:

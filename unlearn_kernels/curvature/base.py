@@ -432,7 +432,9 @@ class CurvatureOperator(abc.ABC):
         and so are a fused path's own copies of the weights; non-finite weights are refused as at
         every change. Needed only after a write that keeps every parameter's and buffer's version
         counter, data pointer and sum of values (see the module docstring)."""
-        self._take_weights(self._current_weights_key())
+        key = self._current_weights_key()
+        self._weights_key = None  # not taken until this succeeds: a refusal here is repeated at the next call
+        self._take_weights(key)
 
     def _drop_cache(self) -> None:
         self._cache: list[tuple[Entry, int]] = []  # (entry, rows) of the first cached_batches batches
@@ -695,6 +697,15 @@ def hooked_module(model: nn.Module, direction: str) -> str | None:
         if getattr(module, hooks) or getattr(module, pre_hooks):
             return f"{'module ' + repr(name) if name else 'the model'} has a {direction} hook or {direction} pre-hook"
     return None
+
+
+def own_call(module: nn.Module) -> bool:
+    """Whether ``module`` runs other code than its class's ``forward`` when called: a ``forward`` or
+    ``_call_impl`` set on the instance (accelerate's hooks set ``forward``), or a class that overrides
+    ``__call__`` or ``_call_impl``."""
+    kind = type(module)
+    return ("forward" in vars(module) or "_call_impl" in vars(module) or kind.__call__ is not nn.Module.__call__
+            or kind._call_impl is not nn.Module._call_impl)
 
 
 def _func_grad_hint(model: nn.Module) -> str:

@@ -541,9 +541,9 @@ class DistributedOperator:
         copied again; needed only after a weight change that keeps every parameter's version counter, data
         pointer and sum) and compare the ranks' weights again at the next call, as after a change that is
         seen. Not a collective: a rank may call it alone."""
+        self.shards.weights.forget()
         if self.local is not None:
             self.local.invalidate()
-        self.shards.weights.forget()
 
     def gradient(self) -> torch.Tensor:
         """The flat (d,) gradient of the mean loss over all ranks' rows."""

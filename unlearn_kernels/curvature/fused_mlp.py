@@ -23,7 +23,7 @@ from torch import nn
 
 from ..backends import status
 from ..ops.mlp_hvp import mlp_hvp_flat, mlp_hvp_flat_cached, mlp_hvp_state
-from .base import CurvatureOperator, DataSpec, LossFn, hooked_module
+from .base import CurvatureOperator, DataSpec, LossFn, hooked_module, own_call
 from .params import ParamSelection, resolve_parameters
 
 _ACTIVATIONS: dict[type[nn.Module], str] = {nn.ReLU: "relu", nn.GELU: "gelu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
@@ -138,13 +138,14 @@ def fused_reason(parsed: object, loss_fn: LossFn, model: nn.Module, params: Para
     hooked = hooked_module(model, "forward")
     if hooked is not None:
         return hooked
-    own = next((name for name, module in model.named_modules() if "forward" in vars(module)), None)
+    own = next((name for name, module in model.named_modules() if own_call(module)), None)
     if own is not None:
-        return f"{'module ' + repr(own) if own else 'the model'} has a forward of its own, set on the instance"
+        return (f"{'module ' + repr(own) if own else 'the model'} has a forward of its own (set on the instance, "
+                "or a class that overrides __call__)")
     loss = parse_cross_entropy(loss_fn)
     if isinstance(loss, str):
         return loss
-    if isinstance(loss_fn, nn.Module) and (hooked_module(loss_fn, "forward") or "forward" in vars(loss_fn)):
+    if isinstance(loss_fn, nn.Module) and (hooked_module(loss_fn, "forward") or own_call(loss_fn)):
         return "the loss module has a forward hook or pre-hook, or a forward set on the instance"
     tensors = layer_params(parsed)
     layer_ids = {id(t) for t in tensors}

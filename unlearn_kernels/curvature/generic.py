@@ -35,7 +35,7 @@ from torch import nn
 
 from ..checks import all_finite, check_choice
 from ..ops import softmax_ce_hvp
-from .base import CurvatureOperator, DataSpec, LossFn, check_labels, every_row_ignored
+from .base import CurvatureOperator, DataSpec, LossFn, check_labels, hooked_module, own_call
 from .distributed import DistributedOperator
 from .fused_conv import FusedConvHessian
 from .fused_conv import supports as conv_supports
@@ -159,9 +159,6 @@ class _TorchFuncOperator(CurvatureOperator):
         return self.flatten_columns(out)
 
 
-_CHECK_ROWS = 32
-"""Rows of the probe batch the double-backward check runs on (:meth:`GenericHessian._check_rows`)."""
-
 MODES = ("auto", "forward-over-reverse", "reverse-over-reverse")
 """The differentiation modes of :class:`GenericHessian`."""
 PATHS = ("auto", "generic", "fused")
@@ -188,9 +185,9 @@ class GenericHessian(_TorchFuncOperator):
       so a product costs one backward pass per batch and :meth:`gradient` reads the kept gradients.
       Double backward silently drops the curvature of a backward that is not differentiable (e.g.
       ``@once_differentiable``), so at construction it is checked against forward-over-reverse on
-      the first 32 rows of the probe batch (the first with a row the loss counts), or against finite
-      differences of the gradient where that cannot run; the probe's gradient graph of the first
-      batch is kept for the products.
+      the probe batch (the first with a row the loss counts), or against finite differences of the
+      gradient where that cannot run; the probe's gradient graph of the first batch is kept for the
+      products.
     * ``"forward-over-reverse"``: ``torch.func.jvp`` of ``torch.func.grad``, the K vectors of a matmat
       vmapped; the forward and the gradient are recomputed for every product (no cache). It needs a
       forward-mode derivative of every op's backward (custom ``autograd.Function`` s need
@@ -234,8 +231,8 @@ class GenericHessian(_TorchFuncOperator):
                 if not isinstance(err.__cause__, (RuntimeError, NotImplementedError)):
                     raise
                 self.mode, self.uses_vmap = "reverse-over-reverse", False
-                self._check_against_finite_differences(*self._check_rows())
                 out = super()._probe_product()
+                self._check_against_finite_differences(out)
                 self.mode_reason = f"forward-over-reverse failed ({err.__cause__})"
                 warnings.warn(
                     f"GenericHessian: forward-over-reverse failed ({err.__cause__}); using reverse-over-reverse "
@@ -245,10 +242,12 @@ class GenericHessian(_TorchFuncOperator):
                 self.mode_reason = "requested"
             return out
         self.mode, self.uses_vmap = "reverse-over-reverse", False
+        # forward-over-reverse's product first (its transient memory is then not added to the gradient
+        # graph the probe product keeps for the first batch), double backward's second, then compared
+        reference = self._forward_over_reverse_probe()
         try:
-            # the check first: its transient memory does not then add to the kept graph's
-            self._check_double_backward()
             out = super()._probe_product()
+            self._check_double_backward(out, reference)
         except ValueError as err:
             if requested == "reverse-over-reverse":
                 raise
@@ -263,54 +262,49 @@ class GenericHessian(_TorchFuncOperator):
         )
         return out
 
-    def _check_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The rows the double-backward checks compare on, and double backward's product of the probe
-        vector there: the probe batch's first ``_CHECK_ROWS`` rows (a missing curvature term shows on
-        any rows, and forward-over-reverse on a whole batch costs about three gradients), or all of it
-        where those are all ignored. Not counted in ``num_products`` (the probe product is)."""
+    def _forward_over_reverse_probe(self) -> torch.Tensor | None:
+        """Forward-over-reverse's product of the probe vector on the probe batch (counted), or None where
+        it cannot run."""
         x, y = self._probe_batch()
-        if not every_row_ignored(self.loss_fn, y[:_CHECK_ROWS]):
-            x, y = x[:_CHECK_ROWS], y[:_CHECK_ROWS]
-        tangents = self.unflatten_columns(self._probe_vector())
         try:
-            hv = self.flatten_columns(self._graph_products(self._graph(x, y)[0], tangents))
-        except (RuntimeError, NotImplementedError) as err:
-            raise ValueError(f"{type(self).__name__}: {self._derivative_error}: {err}") from err
-        return x, y, hv
-
-    def _check_double_backward(self) -> None:
-        """Double backward's product of the probe vector must agree with forward-over-reverse to
-        rounding on the check rows (:meth:`_check_rows`): a backward that is not differentiable makes
-        double backward silently drop curvature. Where forward-over-reverse cannot run, with finite
-        differences of the gradient instead."""
-        x, y, hv = self._check_rows()
-        v = self._probe_vector()
-        try:
-            ref = self.flatten_columns(self._forward_over_reverse(x, y, self.unflatten_columns(v)))
+            out = self.flatten_columns(self._forward_over_reverse(x, y, self.unflatten_columns(self._probe_vector())))
         except (RuntimeError, NotImplementedError):
-            self._check_against_finite_differences(x, y, hv)
-            return
+            return None
         self.num_products += 1
-        err = float((hv - ref).norm()) / max(float(ref.norm()), torch.finfo(self.dtype).tiny)
+        return out
+
+    def _check_double_backward(self, hv: torch.Tensor, reference: torch.Tensor | None) -> None:
+        """The probe batch's double-backward product ``hv`` of the probe vector must agree with
+        forward-over-reverse's (``reference``) to rounding (a backward that is not differentiable makes
+        double backward silently drop curvature); where forward-over-reverse cannot run (``reference``
+        None), with finite differences of the gradient instead. The whole batch: a missing term may
+        vanish on some rows (a hinge loss inside its margin)."""
+        if reference is None:
+            self._check_against_finite_differences(hv)
+            return
+        err = float((hv - reference).norm()) / max(float(reference.norm()), torch.finfo(self.dtype).tiny)
         if err > 10 * torch.finfo(self.dtype).eps ** 0.5:
             raise ValueError(
-                f"GenericHessian: double backward disagrees with forward-over-reverse on the probe batch's first "
-                f"rows (relative difference {err:.1e}): a backward in the model or loss is not differentiable "
-                "(e.g. marked @once_differentiable); use mode='forward-over-reverse'"
+                f"GenericHessian: double backward disagrees with forward-over-reverse on the probe batch (relative "
+                f"difference {err:.1e}): a backward in the model or loss is not differentiable (e.g. marked "
+                "@once_differentiable); use mode='forward-over-reverse'"
             )
 
-    def _check_against_finite_differences(self, x: torch.Tensor, y: torch.Tensor, hv: torch.Tensor) -> None:
+    def _check_against_finite_differences(self, hv: torch.Tensor) -> None:
         """Double backward silently drops the curvature of a backward that is not differentiable (e.g.
-        ``@once_differentiable``), so compare its product ``hv`` of the probe vector v on the check rows
-        (x, y) (:meth:`_check_rows`) with a central difference of the gradient there,
-        (g(w + h v) - g(w - h v)) / 2h, with a loose tolerance.
+        ``@once_differentiable``), so compare the probe batch's product ``hv`` of the probe vector v
+        with a central difference of the gradient, (g(w + h v) - g(w - h v)) / 2h, with a loose
+        tolerance.
 
         The difference is taken in float64 (on float64 copies of the parameters, buffers and inputs;
         in the operator's dtype if the model cannot run in float64): in float32 its rounding error
         alone reached 3e-2 on a ReLU MLP. A piecewise-linear model (ReLU) has a gradient that jumps
         at its kinks, and a step that crosses one is off by jump / h (a relative error of 0.9 was
         seen in float64), so the check passes if any of three step sizes h0, h0/8, h0/64 agrees; a
-        missing curvature term is wrong at every step size. Each gradient is counted."""
+        missing curvature term is wrong at every step size. Each gradient is counted. The inputs are a
+        copy: a model that writes its inputs in place must not change those the kept graph holds."""
+        x, y = self._probe_batch()
+        x = x.clone()
         hv, v = hv[:, 0].double(), self._probe_vector()[:, 0].double()
         w = self.flatten(self.params).double()
 
@@ -519,6 +513,10 @@ def _ggn_loss(loss_fn: LossFn) -> tuple[str, int]:
     """("ce", ignore_index) or ("mse", 0) for a supported loss; a clear error otherwise."""
     # the exact classes: a subclass may override forward (a scaled loss) and so its Hessian
     kind = type(loss_fn)
+    if kind in (nn.CrossEntropyLoss, nn.MSELoss) and (hooked_module(loss_fn, "forward") or own_call(loss_fn)):
+        # the products never call the loss: they would be the plain class's (the gradient follows the hook)
+        raise ValueError(f"ggn_operator: the {kind.__name__} has a forward hook or pre-hook, or a forward set on the "
+                         "instance; its Hessian is not the class's: use hessian_operator")
     if kind in (nn.CrossEntropyLoss, nn.MSELoss) and loss_fn.reduction != "mean":
         raise ValueError(
             f"ggn_operator: {kind.__name__}(reduction={loss_fn.reduction!r}) is not supported; "

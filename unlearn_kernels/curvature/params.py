@@ -319,9 +319,12 @@ def weights_key(tensors: Iterable[torch.Tensor]) -> WeightsKey:
     return tuple((version_counter(t), t.data_ptr(), total) for t, total in zip(tensors, sums))
 
 
-def same_weights(key: WeightsKey, old: WeightsKey | None) -> bool:
+def same_weights(key: WeightsKey | None, old: WeightsKey | None) -> bool:
     """``key == old``, with a NaN sum equal to a NaN sum: a buffer may hold +Inf and -Inf (an additive
     mask and a clamp bound), whose sum is NaN at every call, and NaN != NaN would read as a change at
-    every product (the cache dropped and rebuilt each time)."""
-    return key == old or (old is not None and len(key) == len(old) and all(
+    every product (the cache dropped and rebuilt each time). None (weights not taken yet) is never the
+    same."""
+    if key is None or old is None:
+        return False
+    return key == old or (len(key) == len(old) and all(
         new == was or (new[:2] == was[:2] and math.isnan(new[2]) and math.isnan(was[2])) for new, was in zip(key, old)))
