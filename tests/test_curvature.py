@@ -573,6 +573,13 @@ class _ScaledCall(nn.Sequential):
         return super().__call__(*args, **kwargs) / 4
 
 
+class _ScaledDropout(nn.Dropout):
+    """A Dropout subclass whose forward scales (in eval mode too)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 3 * x
+
+
 def _plain_tensor_weight(model: nn.Module, kind: str) -> None:
     layer = model[0]
     weight = layer.weight.detach().clone()
@@ -585,6 +592,7 @@ def _plain_tensor_weight(model: nn.Module, kind: str) -> None:
     ("loss hook", "the loss module has a forward hook"),
     ("own forward", "module '[24]' has a forward of its own"),
     ("call override", "the model has a forward of its own"),
+    ("dropout subclass", "layer '1' is _ScaledDropout"),
     ("plain tensor weight", "layer '0' has a weight or bias that is (not|neither) a Parameter"),
 ])
 def test_fused_paths_decline_what_their_passes_would_not_compute(kind, change, reason):
@@ -600,6 +608,8 @@ def test_fused_paths_decline_what_their_passes_would_not_compute(kind, change, r
         _own_forward(model, kind)
     elif change == "call override":
         model.__class__ = _ScaledCall
+    elif change == "dropout subclass":  # was taken for an eval-mode Dropout, an identity: off by 0.82
+        model.insert(1, _ScaledDropout().eval())
     else:
         _plain_tensor_weight(model, kind)
     with pytest.raises(ValueError, match=f"path='fused' cannot be used: .*{reason}"):

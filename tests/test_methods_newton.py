@@ -392,6 +392,26 @@ def test_the_gradient_after_is_that_of_the_returned_weights(mlp, half):
     assert out.diagnostics["objective_after"] == pytest.approx(float(loss), rel=1e-5)
 
 
+class _ArgmaxScores(nn.Module):
+    """Logits made from an argmax: the loss has no gradient with respect to any parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(self.a(x.flatten(1)).argmax(1), 10).float()
+
+
+@pytest.mark.parametrize("name", ["cure_newton", "damped_newton", "stochastic_cure_newton"])
+def test_a_loss_without_a_gradient_is_refused_by_name(mlp, name):
+    """torch's "element 0 of tensors does not require grad" came out of the probe for the parameters the loss
+    uses, where the method's own refusal was meant to."""
+    _, forget, retain = mlp
+    with pytest.raises(ValueError, match=f"^{name}: the loss depends on none of the model's trainable parameters"):
+        METHODS[name]().unlearn(_ArgmaxScores().eval(), forget, retain)
+
+
 def test_a_solvers_refusal_names_the_method(mlp):
     """A retain row whose loss overflows (input 3e38 beyond the probe batch): CureNewton's error was the
     solver's "adaptive_cubic_newton: f(w0) is not finite", StoCuReNU's a bare NonFiniteProduct; both name

@@ -101,7 +101,8 @@ def _parse_model(model: nn.Module) -> _ConvNet | str:
     seen: set[int] = set()
     for name, child in sequential_leaves(model):
         kind = type(child)
-        if kind is nn.Identity or (isinstance(child, nn.Dropout) and not child.training):
+        # the exact class: a subclass of Dropout may compute something else in eval mode
+        if kind is nn.Identity or (kind is nn.Dropout and not child.training):
             continue
         if stage == "done":
             return f"layer {name!r} ({kind.__name__}) comes after the Linear head"

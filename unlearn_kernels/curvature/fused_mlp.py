@@ -64,7 +64,8 @@ def _parse_model(model: nn.Module) -> _Chain | str:
     seen: set[int] = set()
     for name, child in sequential_leaves(model):
         kind = type(child)
-        if kind is nn.Identity or (isinstance(child, nn.Dropout) and not child.training):
+        # the exact class: a subclass of Dropout may compute something else in eval mode
+        if kind is nn.Identity or (kind is nn.Dropout and not child.training):
             continue
         if kind is nn.Flatten:
             if weights or (child.start_dim, child.end_dim) != (1, -1):

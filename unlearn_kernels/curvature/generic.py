@@ -253,7 +253,10 @@ class GenericHessian(_TorchFuncOperator):
                 raise
             self._drop_cache()  # the probe's gradient graph, which forward-over-reverse does not use
             self.mode, self.uses_vmap = "forward-over-reverse", True
-            out = super()._probe_product()
+            try:
+                out = super()._probe_product()
+            except ValueError as failed:  # both modes: say why double backward was not used too
+                raise ValueError(f"{failed}; double backward cannot be used either ({err})") from failed
             self.mode_reason = f"auto: double backward cannot be used ({err})"
             return out
         self.mode_reason = "requested" if requested == "reverse-over-reverse" else (

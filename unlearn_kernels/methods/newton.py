@@ -6,7 +6,8 @@ Every method moves the chosen parameters w (flat) to lower the retain objective
 (an :class:`~unlearn_kernels.curvature.Objective` over all of D_r) and H = its Hessian, an
 operator from :func:`~unlearn_kernels.curvature.hessian_operator` (``path="auto"``: the fused MLP
 kernel or the fused conv path where they apply, the generic operator's exact automatic mode otherwise, so any
-nn.Module works) plus
+twice-differentiable nn.Module that maps a batch to (batch, classes) outputs works; the methods check
+that shape on a forget sample before any work) plus
 ``weight_decay I`` (:class:`~unlearn_kernels.curvature.RegularizedOperator`):
 
 * :class:`CureNewton`: adaptive cubic-regularised Newton steps (ARC,
@@ -356,7 +357,8 @@ class _NewtonFamily(Unlearner):
         first :attr:`USE_PROBE_ROWS` rows of D_r; with a process group, on no rank's): training skips
         their weight decay, and F's decay term over them would shrink them (``newton_pinv`` zeroed them)
         although nothing else moves them. A parameter only later rows reach would be left out too. The
-        probe counts as one gradient pass. ValueError if none is used; with a process group a rank whose
+        probe counts as one gradient pass. ValueError if none is used (a loss made by an argmax, say, has
+        no gradient at all); with a process group a rank whose
         probe fails raises its error and the others a RuntimeError naming it (no wait for a timeout)."""
         params = dict(ws.shadow.named_parameters())
         names = ws.names
@@ -368,7 +370,9 @@ class _NewtonFamily(Unlearner):
             try:
                 with torch.enable_grad():
                     loss = checked_loss(self.loss_fn, ws.shadow(ws.retain.x[:rows]), ws.retain.y[:rows], self.name)
-                    grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+                    # a loss with no graph (outputs made by an argmax, say) uses none: torch's grad would raise
+                    grads = (torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+                             if loss.requires_grad else [None] * len(names))
                 used[:-1] = torch.tensor([g is not None for g in grads], dtype=torch.float64)
             except (RuntimeError, ValueError, TypeError) as error:
                 failure = error
