@@ -412,6 +412,17 @@ def test_a_loss_without_a_gradient_is_refused_by_name(mlp, name):
         METHODS[name]().unlearn(_ArgmaxScores().eval(), forget, retain)
 
 
+def test_a_loss_without_a_gradient_on_parameters_named_explicitly(mlp):
+    """With params= given there is no probe for the parameters the loss uses: the objective's gradient of a
+    loss with no graph raised torch's "does not require grad" inside the first step; it is zero, as the
+    curvature operator's (torch.func.grad) is, so CureNewton stops at once and returns the model as given."""
+    _, forget, retain = mlp
+    model = _ArgmaxScores().eval()
+    out = CureNewton(params=["a.weight"]).unlearn(model, forget, retain)
+    assert out.diagnostics["stop_reason"] == "tolerance" and out.diagnostics["grad_norm_retain_before"] == 0.0
+    assert torch.equal(out.model.a.weight, model.a.weight)
+
+
 def test_a_solvers_refusal_names_the_method(mlp):
     """A retain row whose loss overflows (input 3e38 beyond the probe batch): CureNewton's error was the
     solver's "adaptive_cubic_newton: f(w0) is not finite", StoCuReNU's a bare NonFiniteProduct; both name

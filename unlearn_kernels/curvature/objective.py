@@ -182,9 +182,11 @@ class Objective:
                 leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
                 with torch.enable_grad():
                     loss = self._loss(self._functional(leaves, x), y)
-                    # a parameter the forward does not use has zero gradient
-                    parts = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True,
-                                                materialize_grads=True)
+                    # a parameter the forward does not use has zero gradient, and so has every one of a
+                    # loss with no graph at all (outputs made by an argmax), as torch.func.grad gives it
+                    parts = (torch.autograd.grad(loss, list(leaves.values()), allow_unused=True,
+                                                 materialize_grads=True) if loss.requires_grad
+                             else [torch.zeros_like(p) for p in leaves.values()])
                 flat = flatten_tensors(parts).mul_(n)
                 grad = flat if grad is None else grad.add_(flat)
             else:
