@@ -7,11 +7,12 @@ message everywhere (the caller prefixes ``name`` with its own, e.g. ``"cure_newt
 from __future__ import annotations
 
 import cmath
+import inspect
 import math
 import numbers
 import operator
 import reprlib
-from collections.abc import Container, Iterable
+from collections.abc import Callable, Container, Iterable
 from typing import Any
 
 import numpy as np
@@ -262,3 +263,9 @@ def first_nonfinite_model_weight(model: nn.Module) -> tuple[str, str, str] | Non
 def norm64(v: torch.Tensor) -> float:
     """The Euclidean norm of a tensor, accumulated in float64 (no overflow or loss in float32)."""
     return float(torch.linalg.vector_norm(v.double()))
+
+
+def accepted_options(function: Callable[..., Any], reserved: Iterable[str] = ()) -> list[str]:
+    """The keyword names ``function`` takes (a class: its constructor's) other than ``reserved``, sorted:
+    the options a caller may pass on to it (so that a misspelt one is named before it is passed)."""
+    return sorted(set(inspect.signature(function).parameters) - set(reserved))

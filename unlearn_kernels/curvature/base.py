@@ -700,12 +700,12 @@ def hooked_module(model: nn.Module, direction: str) -> str | None:
 
 
 def own_call(module: nn.Module) -> bool:
-    """Whether ``module`` runs other code than its class's ``forward`` when called: a ``forward`` or
-    ``_call_impl`` set on the instance (accelerate's hooks set ``forward``), or a class that overrides
-    ``__call__`` or ``_call_impl``."""
+    """Whether ``module`` runs other code than its class's ``forward`` when called: a forward hook or
+    pre-hook (:func:`hooked_module`), a ``forward`` or ``_call_impl`` set on the instance (accelerate's
+    hooks set ``forward``), or a class that overrides ``__call__`` or ``_call_impl``."""
     kind = type(module)
-    return ("forward" in vars(module) or "_call_impl" in vars(module) or kind.__call__ is not nn.Module.__call__
-            or kind._call_impl is not nn.Module._call_impl)
+    return (hooked_module(module, "forward") is not None or "forward" in vars(module) or "_call_impl" in vars(module)
+            or kind.__call__ is not nn.Module.__call__ or kind._call_impl is not nn.Module._call_impl)
 
 
 def _func_grad_hint(model: nn.Module) -> str:

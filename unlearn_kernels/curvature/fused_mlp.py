@@ -146,7 +146,7 @@ def fused_reason(parsed: object, loss_fn: LossFn, model: nn.Module, params: Para
     loss = parse_cross_entropy(loss_fn)
     if isinstance(loss, str):
         return loss
-    if isinstance(loss_fn, nn.Module) and (hooked_module(loss_fn, "forward") or own_call(loss_fn)):
+    if isinstance(loss_fn, nn.Module) and own_call(loss_fn):
         return "the loss module has a forward hook or pre-hook, or a forward set on the instance"
     tensors = layer_params(parsed)
     layer_ids = {id(t) for t in tensors}

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..checks import all_finite, check_choice
 from ..ops import softmax_ce_hvp
-from .base import CurvatureOperator, DataSpec, LossFn, check_labels, hooked_module, own_call
+from .base import CurvatureOperator, DataSpec, LossFn, check_labels, own_call
 from .distributed import DistributedOperator
 from .fused_conv import FusedConvHessian
 from .fused_conv import supports as conv_supports
@@ -516,7 +516,7 @@ def _ggn_loss(loss_fn: LossFn) -> tuple[str, int]:
     """("ce", ignore_index) or ("mse", 0) for a supported loss; a clear error otherwise."""
     # the exact classes: a subclass may override forward (a scaled loss) and so its Hessian
     kind = type(loss_fn)
-    if kind in (nn.CrossEntropyLoss, nn.MSELoss) and (hooked_module(loss_fn, "forward") or own_call(loss_fn)):
+    if kind in (nn.CrossEntropyLoss, nn.MSELoss) and own_call(loss_fn):
         # the products never call the loss: they would be the plain class's (the gradient follows the hook)
         raise ValueError(f"ggn_operator: the {kind.__name__} has a forward hook or pre-hook, or a forward set on the "
                          "instance; its Hessian is not the class's: use hessian_operator")

@@ -20,12 +20,12 @@ the adapters, so that the step starts exactly from the trained model like full C
 """
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
+from ..checks import accepted_options
 from ..curvature.params import check_not_wrapped
 from ..labeled import LabeledData
 from ..lora import (
@@ -69,7 +69,7 @@ class CureNewtonLoRA(Unlearner):
         if targets is not None:
             targets = check_targets(self.name, targets)
         self.rank, self.alpha, self.targets = rank, alpha, targets
-        accepted = sorted(set(inspect.signature(CureNewton).parameters) - {"params"})
+        accepted = accepted_options(CureNewton, {"params"})
         unknown = sorted(set(newton_options) - set(accepted))
         if unknown:  # else Python's "CureNewton.__init__() got an unexpected keyword argument"
             raise TypeError(f"{self.name}: unknown option(s) {unknown}; accepted: rank, alpha, targets and "

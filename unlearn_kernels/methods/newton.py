@@ -67,7 +67,6 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
-import inspect
 import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -79,7 +78,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import all_finite, check_batch_statistics, check_choice, check_int, check_number, norm64
+from ..checks import (
+    accepted_options,
+    all_finite,
+    check_batch_statistics,
+    check_choice,
+    check_int,
+    check_number,
+    norm64,
+)
 from ..curvature import (
     PATHS,
     CurvatureOperator,
@@ -524,7 +531,7 @@ def _check_option_names(what: str, options: Mapping[str, Any], function: Callabl
                         reserved: Sequence[str]) -> None:
     """Every key of ``options`` is a keyword of ``function`` other than the ``reserved`` ones (set by the
     method), so that a misspelt option fails in the constructor rather than at the first step."""
-    accepted = sorted(set(inspect.signature(function).parameters) - set(reserved))
+    accepted = accepted_options(function, reserved)
     unknown = [key for key in options if key not in accepted]
     if unknown:
         raise ValueError(f"{what}: unknown option(s) {unknown}; accepted: {accepted}")

@@ -14,7 +14,6 @@ PSD. Three solvers, one entry point :func:`cubic_newton_step`:
 """
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checks import all_finite, check_bool, check_int, check_number, check_seed, norm64
+from ..checks import accepted_options, all_finite, check_bool, check_int, check_number, check_seed, norm64
 from ..ops.cubic_secular import cubic_secular_solve
 from .lanczos import LanczosProcess, Reorth, replay, ritz_pairs
 from .operators import NonFiniteProduct, SolverOperator, check_vector, operator_and_vector
@@ -580,10 +579,10 @@ def cubic_newton_step(H: Any, g: torch.Tensor | None, M: float, method: str = "k
         return dense_cubic_step(H, g, M)
     if method in ("krylov", "gd"):  # a misspelt option: named here, not as a Python signature error inside
         target = KrylovCubicSolver if method == "krylov" else stochastic_cubic_gd if "sample" in options else cubic_gd
-        accepted = set(inspect.signature(target).parameters) - {"H", "g", "M"}
-        unknown = sorted(set(options) - accepted)
+        accepted = accepted_options(target, {"H", "g", "M"})
+        unknown = sorted(set(options) - set(accepted))
         if unknown:
-            raise TypeError(f"method {method!r} takes the options {sorted(accepted)}, got {unknown}")
+            raise TypeError(f"method {method!r} takes the options {accepted}, got {unknown}")
     if method == "krylov":
         return KrylovCubicSolver(H, g, **options).solve(M)
     if method == "gd":
