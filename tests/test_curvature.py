@@ -1837,3 +1837,21 @@ def test_an_embedding_with_a_padding_row_is_refused_by_name():
     bag = nn.Sequential(nn.EmbeddingBag(12, 4, padding_idx=0, mode="mean"), nn.Linear(4, 3)).eval()
     with pytest.raises(ValueError, match="the loss is not twice differentiable"):
         hessian_operator(bag, nn.CrossEntropyLoss(), (x, y))
+
+
+@pytest.mark.parametrize("params", [None, ["2.weight", "2.bias"]])
+def test_a_forward_that_writes_its_parameters_is_refused_before_it_writes_the_model(params):
+    """nn.Embedding(max_norm=...) renormalises its rows in place at each forward: the probe wrote the
+    caller's weights (max change 16.2 here) and the products were of a loss that is no function of the
+    parameters; the weights not chosen are written too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(12, 6, max_norm=1.0), nn.Flatten(), nn.Linear(30, 3)).double().eval()
+    with torch.no_grad():
+        model[0].weight.mul_(5.0)
+    x, y = torch.randint(0, 12, (40, 5)), torch.randint(0, 3, (40,))
+    saved = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for build in (hessian_operator, ggn_operator):
+        with pytest.raises(ValueError, match=r"writes its parameter '0.weight' in place .*max_norm=None"):
+            build(model, nn.CrossEntropyLoss(), (x, y), params=params)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, saved[name]), name

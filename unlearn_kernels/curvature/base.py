@@ -680,8 +680,17 @@ class CurvatureOperator(abc.ABC):
 
     def _probe_forward(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Run the model and the loss on the first batch (see :func:`probe_forward`); a subclass adds
-        the checks of what its own products need of the data here, before the probe's gradients."""
-        probe_forward(functools.partial(self.batch_forward, self.params), self.loss_fn, x, y, self.dtype)
+        the checks of what its own products need of the data here, before the probe's gradients.
+        It runs on copies of the parameters: a forward that writes its parameters in place
+        (``nn.Embedding(max_norm=...)`` renormalises rows) would write the caller's model at every
+        product, and its loss is no function of the weights the operator differentiates: refused."""
+        copies = {name: self._tensor(name).clone() for name in self._live}
+        probe_forward(functools.partial(self.batch_forward, copies), self.loss_fn, x, y, self.dtype)
+        written = [name for name, tensor in copies.items() if version_counter(tensor) != 0]
+        if written:
+            raise ValueError(f"the model's forward writes its parameter {written[0]!r} in place (an nn.Embedding "
+                             "with max_norm renormalises its rows, say): the loss is then no function of the "
+                             "parameters, and every product would write the model; remove the write (max_norm=None)")
 
 
 def hooked_module(model: nn.Module, direction: str) -> str | None:
