@@ -1092,17 +1092,30 @@ def test_running_statistics_made_in_inference_mode_are_taken():
         F.cross_entropy(plain(x), y).item(), rel=1e-12)
 
 
-def test_a_model_that_writes_its_inputs_in_place_is_not_taken_for_changed_data():
+@pytest.mark.parametrize("batch_size", [None, 8])
+def test_a_model_that_writes_its_inputs_in_place_is_not_taken_for_changed_data(batch_size):
     # ReLU(inplace=True) as the first module writes x at every forward, the construction's probes too: the
-    # version check refused the first product ("written in place after it was built"), where it worked before
+    # version check refused the first product ("written in place after it was built"), where it worked before;
+    # then, with chunks of one tensor (batch_size), the write to the second chunk invalidated the first's
+    # cached gradient graph (they share a version counter): the second product failed inside torch's autograd.
+    # The passes get copies of the batches: the caller's data is never written, and stays watched.
     torch.manual_seed(0)
     model = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C)).to(DT).eval()
-    x, y = torch.randn(N, 4, dtype=DT).relu(), torch.randint(0, C, (N,))  # the model's writes leave it as it is
-    reference = dense_hessian(model, [(x.clone(), y)], F.cross_entropy)
+    x, y = torch.randn(N, 4, dtype=DT), torch.randint(0, C, (N,))
+    saved = x.clone()
+    reference = dense_hessian(model, [(x.relu(), y)], F.cross_entropy)
     for path in ("auto", "generic"):
-        op = hessian_operator(model, F.cross_entropy, (x, y), path=path)
+        op = hessian_operator(model, F.cross_entropy, (x, y), path=path, batch_size=batch_size)
+        v = torch.randn(op.shape[0], dtype=DT)
+        torch.testing.assert_close(op.matvec(v), op.matvec(v), rtol=0, atol=0)
         assert relative_error(op.to_dense(), reference) <= 1e-10
-    assert math.isfinite(Objective(model, F.cross_entropy, (x, y)).value())
+    objective = Objective(model, F.cross_entropy, (x, y), batch_size=batch_size)
+    assert objective.value() == pytest.approx(F.cross_entropy(model(x.relu()), y).item(), rel=1e-12)
+    assert torch.equal(x, saved)  # negative entries: a write would show
+    with torch.no_grad():
+        x[0, 0] += 1.0
+    with pytest.raises(ValueError, match=r"the data \(inputs x\) was written in place after it was built"):
+        op.matvec(v)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "conv"])

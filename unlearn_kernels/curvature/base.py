@@ -43,8 +43,9 @@ replaced, appended or removed, a parameter or buffer registered or deleted) is r
 call (:class:`~unlearn_kernels.curvature.params.ModelChanged`), as is a module put in training mode.
 Tensor data written in place after construction is refused at the next call too (a ValueError; the
 tensors' version counters): the caches and checks are of the data given. Watched: an (x, y) pair or a
-LabeledData, a list or tuple of tensor batches, a DataLoader over a TensorDataset; not other iterables,
-nor the data of a model that writes its own inputs in place (its construction probe stops the watch).
+LabeledData, a list or tuple of tensor batches, a DataLoader over a TensorDataset; not other iterables.
+A model that writes its own inputs in place (``ReLU(inplace=True)`` first) is given copies of the
+batches, so no pass writes the caller's data.
 Settings that are not tensors (a layer's ``eps``, the loss's ``label_smoothing``) are read by the fused
 paths once, at construction, and kept in the generic path's cached graphs: build a new operator after
 changing one.
@@ -139,6 +140,7 @@ class BatchSource:
         self._probe: Callable[[torch.Tensor, torch.Tensor], None] | None = None
         self._layouts: set[tuple] = set()  # the layouts the probe accepted
         self._first_layout = ""
+        self._copies = False  # give copies of the batches: the model writes its inputs (run_watching)
         if isinstance(data, LabeledData):
             data = (data.x, data.y)
         if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
@@ -202,16 +204,18 @@ class BatchSource:
         self._names, self._tensors = tuple(tensors), tuple(tensors.values())
         self._versions = tuple(version_counter(t) for t in self._tensors)
 
-    def run_watching(self, forward: Callable[[], Any]) -> None:
-        """``forward()`` (a construction probe: the model on the first batch); if it wrote the data (a
-        model whose first module works in place, ``ReLU(inplace=True)``), every pass writes it, and
-        :meth:`check_unchanged` cannot tell such writes from the caller's: the data is no longer
-        watched (the caches then hold what the model makes of its own writes, as before the check)."""
-        before = tuple(version_counter(t) for t in self._tensors)
-        forward()
-        if tuple(version_counter(t) for t in self._tensors) != before:
-            self._watch({})
-
+    def run_watching(self, probe: Callable[[torch.Tensor, torch.Tensor], Any], x: torch.Tensor,
+                     y: torch.Tensor) -> None:
+        """``probe(x, y)`` (a construction probe: the model on the first batch) on copies of the batch;
+        if it wrote them (a model whose first module works in place, ``ReLU(inplace=True)``), every
+        pass would write its inputs: from now on each pass gives copies of the batches, so that the
+        passes never write the caller's data (which stays watched) and the write of one chunk does
+        not invalidate the cached gradient graph of another (chunks of a tensor share its version
+        counter: the second cached product failed inside torch's autograd)."""
+        x, y = x.clone(), y.clone()
+        probe(x, y)
+        if version_counter(x) or version_counter(y):
+            self._copies = True
     def check_unchanged(self, owner: str) -> None:
         """ValueError if tensor data was written in place since this source was made (their version
         counters): the chunks are views of the caller's tensors, and what an operator cached or checked
@@ -243,6 +247,8 @@ class BatchSource:
                 raise ValueError(f"batch {index} of the data: its {bad[0]} contain NaN or Inf "
                                  f"(first at row {bad[1]}, counted within the batch)")
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if self._copies:
+                x, y = x.clone(), y.clone()
             if self._probe is not None and _layout(x, y) not in self._layouts:
                 try:
                     self._probe(x, y)
@@ -651,7 +657,7 @@ class CurvatureOperator(abc.ABC):
                 "sampler or a random transform): every pass must see the same batches; use a fixed order, "
                 "e.g. LabeledData.loader(batch_size, shuffle=False)"
             )
-        self.data.run_watching(lambda: self._probe_forward(x1, y1))
+        self.data.run_watching(self._probe_forward, x1, y1)
         self.data.watch_layouts((x1, y1), self._probe_forward)
         x, y = self._probe_batch()
         grad_fn = torch.func.grad(self.batch_loss)

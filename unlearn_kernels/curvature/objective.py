@@ -143,7 +143,7 @@ class Objective:
         if first is not None:
             probe = functools.partial(probe_forward, model, loss_fn, dtype=next(iter(chosen.values())).dtype,
                                       owner="Objective")
-            _without_buffer_writes(model, lambda: self.data.run_watching(lambda: probe(*first)))
+            _without_buffer_writes(model, lambda: self.data.run_watching(probe, *first))
             self.data.watch_layouts(first, probe)
         self.num_data_passes = 0
 
