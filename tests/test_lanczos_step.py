@@ -331,3 +331,14 @@ def _triton_ops():
     from unlearn_kernels.triton_kernels import lanczos_step as _  # noqa: F401  (defines the op)
 
     return torch.ops.unlearn_kernels_triton
+
+
+@pytest.mark.parametrize(("backend", "device"), PAIRS)
+def test_results_never_require_grad(backend, device, rng):
+    """The step is not differentiable: with an hq that requires grad the C++ op's alpha claimed
+    requires_grad and a backward gave None (torch only warned), Triton's raised torch's "no autograd
+    formula", the reference's gave a gradient."""
+    hq = torch.randn(6, dtype=torch.float64, generator=rng).to(device).requires_grad_()
+    q = unit(6, torch.float64, rng).to(device).requires_grad_()
+    results = lanczos_step(hq, q, None, 0.0, None, backend=backend)
+    assert not any(t.requires_grad for t in results)

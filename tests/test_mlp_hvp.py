@@ -761,3 +761,22 @@ def test_sequential_subclasses_take_the_fused_path_only_with_sequentials_forward
 
     reason = supports(Scaled(nn.Linear(6, 3)), F.cross_entropy)
     assert reason is not None and "Scaled" in reason
+
+
+@pytest.mark.parametrize("backend, device", PAIRS)
+def test_results_never_require_grad(backend, device, rng):
+    """The op is not differentiable: with inputs that require grad the compiled ops' results claimed
+    requires_grad and a backward gave None gradients (torch only warned), the reference's a gradient."""
+    p = _cast(_problem([5, 4, 3], ["tanh", "identity"], True, 2, rng), device=device)
+    for key in ("x", "weights", "biases", "v_weights", "v_biases"):
+        p[key] = ([t.requires_grad_() for t in p[key]] if isinstance(p[key], list) else p[key].requires_grad_())
+    hv_w, hv_b = ops.mlp_hvp(**p, backend=backend)
+    d = sum(w.numel() for w in p["weights"]) + sum(b.numel() for b in p["biases"])
+    V = torch.randn(d, 2, dtype=torch.float64, generator=rng).to(device).requires_grad_()
+    common = dict(x=p["x"], target=p["target"], weights=p["weights"], biases=p["biases"], activations=p["activations"])
+    flat = ops.mlp_hvp_flat(**common, V=V, weight_offsets=[0, 24], bias_offsets=[20, 36], backend=backend)
+    state = ops.mlp_hvp_state(**common, backend=backend)
+    cached = ops.mlp_hvp_flat_cached(p["x"], state, p["weights"], p["biases"], p["activations"], V, [0, 24], [20, 36],
+                                     backend=backend)
+    results = [*hv_w, *hv_b, flat, cached, *(t for t in state if isinstance(t, torch.Tensor))]
+    assert not any(t.requires_grad for t in results)

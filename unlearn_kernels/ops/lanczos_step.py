@@ -86,6 +86,7 @@ def _triton_ops():
     return torch.ops.unlearn_kernels_triton
 
 
+@torch.no_grad()  # not differentiable on any backend (the reference's graph, the kernels' None)
 def lanczos_step(
     hq: torch.Tensor,
     q: torch.Tensor,
@@ -115,7 +116,8 @@ def lanczos_step(
         ``(q_next, alpha, beta)``: q_next (d,) of the vectors' dtype, alpha and beta float64 0-dim
         tensors on their device. On breakdown (``beta <= 16 eps ||hq||``) beta is 0 and q_next zeros.
         Meta tensors (the reference backend, which "auto" picks for them) give meta results of
-        these shapes and dtypes, with no check of values (they hold none).
+        these shapes and dtypes, with no check of values (they hold none). The step is not
+        differentiable: the results never require grad, whatever the backend.
 
     Raises:
         TypeError / ValueError: a bad shape, dtype or device (the shapes of hq and q are checked

@@ -11,7 +11,8 @@ themselves are never formed; measured costs are in docs/benchmarks.md).
 Backends: C++ CPU (ATen matmuls + fused elementwise loops) and CUDA (cuBLAS through ATen + fused
 kernels): the device-agnostic passes in ``csrc/mlp_hvp.cpp``, the device stages in
 ``csrc/{cpu,cuda}/mlp_hvp.*``; ``mlp_hvp_ref`` below (``torch.func`` jvp of grad)
-is the pure-PyTorch reference. There is no Triton kernel. The op is not differentiable.
+is the pure-PyTorch reference. There is no Triton kernel. The op is not differentiable: its results
+never require grad, whatever the backend (the compiled ops have no derivative formula).
 
 :func:`mlp_hvp_flat` is the same product on flat parameter vectors (a (d, K) matrix of tangents in,
 a (d, K) matrix of products out), the form curvature operators and solvers use: the splitting into
@@ -241,6 +242,7 @@ def _check_targets(target: torch.Tensor, num_classes: int, ignore_index: int) ->
 
 
 # --------------------------------------------------------------------------- public op
+@torch.no_grad()  # not differentiable on any backend (the reference's graph, the kernels' None)
 def mlp_hvp(
     x: torch.Tensor,
     target: torch.Tensor,
@@ -437,6 +439,7 @@ def mlp_hvp_flat_ref(
     return _flat_products(V, weights, weight_offsets, bias_offsets, products)
 
 
+@torch.no_grad()  # not differentiable on any backend (the reference's graph, the kernels' None)
 def mlp_hvp_flat(
     x: torch.Tensor,
     target: torch.Tensor,
@@ -587,6 +590,7 @@ def mlp_hvp_flat_cached_ref(
     return _flat_products(V, weights, weight_offsets, bias_offsets, (hv_w, hv_b))
 
 
+@torch.no_grad()  # not differentiable on any backend (the reference's graph, the kernels' None)
 def mlp_hvp_state(
     x: torch.Tensor,
     target: torch.Tensor,
@@ -631,6 +635,7 @@ def mlp_hvp_state(
         x, target, weights, biases, codes, label_smoothing, ignore_index, check_finite))
 
 
+@torch.no_grad()  # not differentiable on any backend (the reference's graph, the kernels' None)
 def mlp_hvp_flat_cached(
     x: torch.Tensor,
     state: Sequence[torch.Tensor],

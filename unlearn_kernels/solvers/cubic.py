@@ -567,8 +567,11 @@ def cubic_newton_step(H: Any, g: torch.Tensor | None, M: float, method: str = "k
         A :class:`CubicStep`.
 
     Raises:
-        ValueError: M <= 0, g of the wrong size or with NaN/Inf, H non-square, non-symmetric,
-            non-finite or of another dimension, an unknown method or option value.
+        ValueError: M <= 0, g of the wrong size or with NaN/Inf, H non-square, non-finite or of
+            another dimension, a dense H (or, with method "dense", the matrix built from an
+            operator's products) non-symmetric, an unknown method or option value. An operator or
+            function is taken as symmetric, not checked (that would cost products): a non-symmetric
+            one gives a wrong step with no error.
         TypeError: an option the method does not take (naming the ones it takes).
         StepOverflow: (a ValueError) methods "dense" and "krylov": the step does not fit g's dtype
             (M too small for this H and g).

@@ -4,7 +4,11 @@ The solvers accept a dense symmetric torch matrix, a function ``v -> H v``, or a
 ``matvec``/``shape``/``dtype``/``device`` (for example a
 :class:`~unlearn_kernels.curvature.base.CurvatureOperator`). :func:`as_operator` validates the input
 once and returns a :class:`SolverOperator`, which counts the products the solver asks for and
-checks that every product is finite.
+checks that every product is finite. Symmetry is checked where a dense matrix is at hand (a dense
+H, or one built from products by ``to_dense``); an operator or function is taken as symmetric, as
+the curvature operators are by construction: checking it would cost products at every solve (LiSSA
+wraps a new sample at every step), and the Krylov solvers assume it, so a non-symmetric one gives
+wrong results with no error.
 """
 from __future__ import annotations
 
@@ -180,7 +184,8 @@ def as_operator(
 
     Raises:
         ValueError: a non-square, non-symmetric or non-finite matrix, a dimension, device or shape
-            mismatch, a device that is not one. TypeError: an unsupported object (a sparse matrix, a
+            mismatch, a device that is not one (an operator or function is not checked for symmetry:
+            see the module docstring). TypeError: an unsupported object (a sparse matrix, a
             non-callable ``matvec``, a ``shape`` that is not a pair of ints) or a dtype mismatch.
     """
     if isinstance(H, SolverOperator):
