@@ -114,6 +114,30 @@ DEFAULT_CACHE_BYTES = 2**30
 _TRAIN_MODE_MODULES = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 
 
+class RowMean:
+    """The mean over all rows of per-batch means, each weighted by its rows (a plain-mean loss's
+    value, gradient or products over the batches). Summed in float32 at least: in float16 the sum of
+    rows x batch means overflowed to Inf (a row count above 65,504 is no float16 factor at all) and
+    in bfloat16 it lost accuracy with every batch; :meth:`result` rounds to the batches' dtype."""
+
+    def __init__(self) -> None:
+        self._total: torch.Tensor | None = None
+        self._count = 0
+
+    def add(self, mean: torch.Tensor, rows: int) -> None:
+        """Add a batch's mean over its ``rows`` rows (``mean`` is not written)."""
+        wide = mean.float() if mean.dtype in (torch.float16, torch.bfloat16) else mean
+        self._dtype = mean.dtype
+        self._total = wide * rows if self._total is None else self._total.add_(wide, alpha=rows)
+        self._count += rows
+
+    def result(self) -> torch.Tensor:
+        """The mean over every row added, in the batches' dtype (ValueError if none was)."""
+        if self._total is None:
+            raise ValueError("data is empty: it yields no batches")
+        return (self._total / self._count).to(self._dtype)
+
+
 class BatchSource:
     """Re-iterable (x, y) batches on one device, from any :data:`DataSpec`.
 
@@ -496,14 +520,12 @@ class CurvatureOperator(abc.ABC):
                     per_batch: Callable[[Entry], torch.Tensor]) -> torch.Tensor:
         """The mean over all rows of ``per_batch(entry)`` (batches weighted by their rows), the entries
         from :meth:`cached_pass` (``prepare`` builds those of streamed batches too)."""
-        total, count = None, 0
+        mean = RowMean()
         for entry, rows, batch in self.cached_pass(prepare):
             if entry is None:  # beyond the cache's budget: built for this pass only
                 entry = prepare(*batch)[0]
-            out = per_batch(entry)
-            total = out * rows if total is None else total.add_(out, alpha=rows)
-            count += rows
-        return total / count
+            mean.add(per_batch(entry), rows)
+        return mean.result()
 
     def cached_pass(
         self, prepare: Callable[[torch.Tensor, torch.Tensor], tuple[Entry, int]],
@@ -548,12 +570,10 @@ class CurvatureOperator(abc.ABC):
     def _gradient(self) -> torch.Tensor:
         """Gradient of the mean loss, in one pass over the data (torch.func.grad per batch)."""
         grad_fn = torch.func.grad(self.batch_loss)
-        total = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
-        count = 0
+        mean = RowMean()
         for x, y in self.data:
-            total.add_(self.flatten(grad_fn(self.params, x, y)), alpha=y.shape[0])
-            count += y.shape[0]
-        return total / count
+            mean.add(self.flatten(grad_fn(self.params, x, y)), y.shape[0])
+        return mean.result()
 
     # ------------------------------------------------------------------ public interface
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
@@ -783,11 +803,16 @@ def probe_forward(forward: Callable[[torch.Tensor], Any], loss_fn: LossFn, x: to
             raise ValueError(f"{_prefix(owner)}the model cannot run on the data (inputs x of shape {tuple(x.shape)}, "
                              f"{x.dtype}; parameters {dtype}): {err}") from err
         try:
-            checked_loss(loss_fn, out, y, owner)
+            loss = checked_loss(loss_fn, out, y, owner)
         except (RuntimeError, TypeError, IndexError, AttributeError) as err:  # MSE on a tuple: AttributeError
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"{_prefix(owner)}the loss rejects the targets y (shape {tuple(y.shape)}, {y.dtype}) "
                              f"with the model's outputs (shape {shape}): {err}") from err
+    # a half-precision mean over many rows overflows (float16 cross entropy over 80,000 rows: Inf, and a
+    # zero gradient that no finiteness check would catch); finite data and weights are checked already
+    if loss.dtype in (torch.float16, torch.bfloat16) and not all_finite(loss):
+        raise ValueError(f"{_prefix(owner)}the loss on a batch of {y.shape[0]} rows is not finite in {loss.dtype} "
+                         "(its mean overflows): pass a batch_size (a few thousand rows), or use a float32 model")
 
 
 def ignore_index_of(loss_fn: LossFn) -> int:

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..checks import all_finite, check_choice
 from ..ops import softmax_ce_hvp
-from .base import CurvatureOperator, DataSpec, LossFn, check_labels, own_call
+from .base import CurvatureOperator, DataSpec, LossFn, RowMean, check_labels, own_call
 from .distributed import DistributedOperator
 from .fused_conv import FusedConvHessian
 from .fused_conv import supports as conv_supports
@@ -357,27 +357,22 @@ class GenericHessian(_TorchFuncOperator):
         if self.mode == "reverse-over-reverse":
             return self.cached_mean(self._graph,
                                     lambda graph: self.flatten_columns(self._graph_products(graph, tangents)))
-        total = torch.zeros_like(matrix)  # forward-over-reverse: no cache, every batch recomputed
-        count = 0
+        mean = RowMean()  # forward-over-reverse: no cache, every batch recomputed
         for x, y in self.data:
-            total.add_(self.flatten_columns(self._forward_over_reverse(x, y, tangents)), alpha=y.shape[0])
-            count += y.shape[0]
-        return total / count
+            mean.add(self.flatten_columns(self._forward_over_reverse(x, y, tangents)), y.shape[0])
+        return mean.result()
 
     def _gradient(self) -> torch.Tensor:
         if self.mode != "reverse-over-reverse":
             return super()._gradient()
-        total = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
-        count = 0
+        mean = RowMean()
         for graph, rows, batch in self.cached_pass(self._graph):
             if graph is None:  # beyond the cache's budget: a plain gradient, no graph needed
                 x, y = batch
-                grad = torch.func.grad(self.batch_loss)(self.params, x, y)
-                total.add_(self.flatten(grad), alpha=rows)
+                mean.add(self.flatten(torch.func.grad(self.batch_loss)(self.params, x, y)), rows)
             else:
-                total.add_(flatten_tensors(g.detach() for g in graph.grads), alpha=rows)
-            count += rows
-        return total / count
+                mean.add(flatten_tensors(g.detach() for g in graph.grads), rows)
+        return mean.result()
 
     def _forward_over_reverse(self, x: torch.Tensor, y: torch.Tensor, tangents: Tangents) -> Tangents:
         grad_fn = torch.func.grad(self.batch_loss)

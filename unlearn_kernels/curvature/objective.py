@@ -13,6 +13,7 @@ from .base import (
     BatchSource,
     DataSpec,
     LossFn,
+    RowMean,
     check_finite_weights,
     check_per_sample_forward,
     checked_loss,
@@ -173,7 +174,7 @@ class Objective:
 
     def _accumulate(self, with_gradient: bool) -> tuple[float, torch.Tensor | None]:
         total = torch.zeros((), dtype=torch.float64)
-        grad: torch.Tensor | None = None
+        grad = RowMean() if with_gradient else None
         count = 0
         params = self._slots.current()
         for x, y in self.data:
@@ -187,8 +188,7 @@ class Objective:
                     parts = (torch.autograd.grad(loss, list(leaves.values()), allow_unused=True,
                                                  materialize_grads=True) if loss.requires_grad
                              else [torch.zeros_like(p) for p in leaves.values()])
-                flat = flatten_tensors(parts).mul_(n)
-                grad = flat if grad is None else grad.add_(flat)
+                grad.add(flatten_tensors(parts), n)
             else:
                 with torch.no_grad():
                     loss = self._loss(self.model(x), y)
@@ -204,11 +204,10 @@ class Objective:
         w = self.weights() if self.weight_decay else None
         if w is not None:
             value += 0.5 * self.weight_decay * float(w.double().square().sum())
-        if grad is not None:
-            grad.div_(count)
-            if w is not None:
-                grad.add_(w, alpha=self.weight_decay)
-        return value, grad
+        if grad is None:
+            return value, None
+        gradient = grad.result()
+        return value, gradient if w is None else gradient.add_(w, alpha=self.weight_decay)
 
     def value(self) -> float:
         """F at the model's current weights, accumulated in float64 (one forward pass, no graph)."""
