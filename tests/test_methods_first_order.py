@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from sklearn.datasets import load_digits
 
 from unlearn_kernels.data import LabeledData
@@ -610,3 +611,27 @@ def test_bad_hyper_parameters_are_refused_in_the_constructor_by_name(cls, kwargs
     inside unlearn (a raw torch error, or a NaN model)."""
     with pytest.raises(ValueError, match=f"^{cls.name}: {message}"):
         cls(**kwargs)
+
+
+class _CastsItsInputs(nn.Module):
+    """A model that takes bool inputs and casts them itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.float())
+
+
+@pytest.mark.parametrize("name", FORGETTING + ["finetune"])
+def test_bool_inputs_that_the_model_casts_itself(name):
+    """BadTeacher built its forget/retain flag in the inputs' dtype and failed with torch's "Subtraction ...
+    with a bool tensor is not supported", where the other methods run."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(60, 12, generator=gen) > 0.5, torch.randint(0, 3, (60,), generator=gen)
+    model = init_model(_CastsItsInputs, 0).eval()
+    saved = flat(model).clone()
+    method = METHODS[name]() if name == "ssd" else METHODS[name](epochs=1)
+    out = method.unlearn(model, LabeledData(x[:10], y[:10]), LabeledData(x[10:], y[10:]))
+    assert torch.isfinite(flat(out.model)).all() and torch.equal(flat(model), saved)

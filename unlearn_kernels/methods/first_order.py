@@ -442,9 +442,10 @@ class BadTeacher(TrainedUnlearner):
         for epoch in range(self.epochs):
             for x, is_forget in mixed.loader(self.batch_size, shuffle=True, seed=seed + epoch, join_last_row=join):
                 with torch.no_grad():
-                    flag = is_forget.unsqueeze(1).to(x.dtype)
-                    target = (flag * F.softmax(incompetent(x) / self.temperature, dim=1)
-                              + (1 - flag) * F.softmax(competent(x) / self.temperature, dim=1))
+                    bad = F.softmax(incompetent(x) / self.temperature, dim=1)
+                    good = F.softmax(competent(x) / self.temperature, dim=1)
+                    flag = is_forget.unsqueeze(1).to(bad.dtype)  # not x's: integer or bool inputs
+                    target = flag * bad + (1 - flag) * good
                 loss = F.kl_div(F.log_softmax(model(x) / self.temperature, dim=1), target, reduction="batchmean")
                 optimizer_step(optimizer, loss)
                 steps += 1
