@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import unlearn_kernels.checkpoint as checkpoint
+import unlearn_kernels.report as report
 from devices import DEVICE_ERRORS
 from unlearn_kernels.checkpoint import data_fingerprint, read_checkpoint
 from unlearn_kernels.cli import main, parse_method_options
@@ -480,6 +481,35 @@ def test_cli_read_only_cache_is_refused_before_any_work_unless_it_holds_every_or
     saved = cached.read_bytes()
     assert main([*command, "--seeds", "0"]) == 0
     assert list(cache.iterdir()) == [cached] and cached.read_bytes() == saved
+    # the original's record names the threads it was trained with (--threads, 1): the check ran before
+    # --threads was applied, so a process with torch's default of more threads was refused
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main([*command, "--seeds", "0"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cli_a_repeated_set_option_is_refused(capsys):
+    """The last of two values was taken without a word, where a repeated --seeds value is refused."""
+    code = main(["run", "--methods", "cure_newton", "--set", "cure_newton.tol=1e-3", "--set", "cure_newton.tol=1e-9"])
+    assert code == 2
+    assert capsys.readouterr().err == "unlearn-kernels: error: --set gives cure_newton.tol twice\n"
+
+
+def test_cli_a_write_that_fails_is_one_line_and_status_1(tmp_path, capsys, monkeypatch):
+    """A full disk under --out gave PIL's or torch's traceback (status 1): one line now."""
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "write_plots", full)
+    code = main(["run", "--protocol", "random", "--methods", "original", "--seeds", "0", "--epochs", "1", "--no-cache",
+                 "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.endswith("unlearn-kernels: error: [Errno 28] No space left on device\n"), err
+    assert "Traceback" not in err
+    assert (tmp_path / "random" / "results.json").is_file()  # the finished study is written before the plots
 
 
 def test_cli_interrupt_is_one_line_and_status_130(tmp_path, capsys, monkeypatch):

@@ -17,12 +17,13 @@ from unlearn_kernels.checkpoint import (
     atomic_write,
     data_fingerprint,
     load_checkpoint,
+    model_signature,
     read_checkpoint,
     save_checkpoint,
     train_or_load,
 )
 from unlearn_kernels.data import LabeledData
-from unlearn_kernels.models import MLP, ResNet18
+from unlearn_kernels.models import MLP, ResNet18, SmallViT
 from unlearn_kernels.training import (
     TrainConfig,
     check_fits,
@@ -437,6 +438,32 @@ def test_corrupt_files_raise_a_clear_error(tmp_path):
     assert truncated.exists()  # left in place for inspection
     with pytest.raises(ValueError, match="cannot be used: File name too long"):
         load_checkpoint(tmp_path / ("x" * 300), {})
+
+
+def test_damaged_weights_are_refused_by_their_checksum(tmp_path):
+    """torch.load checks no checksum: a file whose weight bytes changed (a flipped exponent bit in every
+    other weight of a layer took the cached original's test accuracy from 0.969 to 0.919) loaded without
+    a word. A file written before the checksum (none stored) still loads."""
+    path = tmp_path / "m.pt"
+    model = factory()
+    save_checkpoint(path, model, {"a": 1})
+    payload = torch.load(path, weights_only=True)
+    name = next(iter(payload["state_dict"]))
+    payload["state_dict"][name].view(torch.int32)[0] ^= 1 << 23  # the lowest exponent bit of one weight
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=r"m.pt is corrupt: its weights do not match the checksum"):
+        load_checkpoint(path, {"a": 1})
+    del payload["digest"]
+    torch.save(payload, path)
+    metadata, state = read_checkpoint(path)
+    assert metadata == {"a": 1} and not torch.equal(state[name], model.state_dict()[name])
+
+
+def test_the_signature_tells_vits_with_other_head_counts_apart():
+    """The head count is no parameter: a ViT checkpoint of one count was reused for another."""
+    one, two = (SmallViT(8, 4, 1, 3, dim=8, depth=1, heads=heads) for heads in (1, 2))
+    assert model_signature(one) != model_signature(two)
+    assert model_signature(two) == model_signature(SmallViT(8, 4, 1, 3, dim=8, depth=1, heads=2))
 
 
 def test_train_or_load_reuses_only_on_matching_recipe_data_and_model(tmp_path):

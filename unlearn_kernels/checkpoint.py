@@ -37,15 +37,20 @@ class CheckpointError(RuntimeError):
     """A checkpoint file exists but cannot be read (corrupt, truncated, or not a checkpoint)."""
 
 
-def data_fingerprint(data: LabeledData) -> str:
-    """SHA-256 (hex) of the inputs' and labels' dtypes, shapes and bytes: equal iff the data are."""
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) of named tensors' names, dtypes, shapes and bytes: equal iff the tensors are."""
     digest = hashlib.sha256()
-    for name, tensor in (("x", data.x), ("y", data.y)):
+    for name, tensor in tensors.items():
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
         # a uint8 view covers every dtype (numpy has no bfloat16)
         digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
     return digest.hexdigest()
+
+
+def data_fingerprint(data: LabeledData) -> str:
+    """SHA-256 (hex) of the inputs' and labels' dtypes, shapes and bytes: equal iff the data are."""
+    return tensors_digest({"x": data.x, "y": data.y})
 
 
 def model_signature(model: nn.Module) -> dict[str, Any]:
@@ -162,12 +167,22 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, metadata: Ma
     On any failure the previous file at ``path`` (if any) is left intact and no temporary file remains.
     """
     path = Path(path)
+    state = {name: t.detach().cpu() for name, t in model.state_dict().items()}
     payload = {
         "format": FORMAT_VERSION,
         "metadata": json.dumps(_normalise(metadata), sort_keys=True),
-        "state_dict": {name: t.detach().cpu() for name, t in model.state_dict().items()},
+        "state_dict": state,
+        # torch.load checks no checksum: flipped bits in the weights loaded without a word
+        "digest": tensors_digest(state),
     }
-    atomic_write(path, lambda handle: torch.save(payload, handle), binary=True)
+
+    def write(handle: IO[Any]) -> None:
+        try:
+            torch.save(payload, handle)
+        except RuntimeError as error:  # torch's zip writer on a full disk: "unexpected pos 1920 vs 1814"
+            raise OSError(f"cannot write the checkpoint {path}: {error}") from error
+
+    atomic_write(path, write, binary=True)
 
 
 def refuse_empty_path(path: str | os.PathLike[str], message: str) -> Path:
@@ -285,6 +300,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
         raise CheckpointError(f"{path} has unreadable metadata: {error}") from error
     if not isinstance(metadata, dict):  # save_checkpoint stores a JSON object
         raise CheckpointError(f"{path} has unreadable metadata: a JSON {type(metadata).__name__}, not an object")
+    # files written before the digest have none (their weights cannot be checked)
+    if "digest" in payload and payload["digest"] != tensors_digest(payload["state_dict"]):
+        raise CheckpointError(f"{path} is corrupt: its weights do not match the checksum stored with them")
     return metadata, payload["state_dict"]
 
 

@@ -160,7 +160,10 @@ def parse_method_options(items: list[str]) -> dict[str, dict[str, Any]]:
         method, dot, option = target.strip().partition(".")
         if not equals or not dot or not method or not option.isidentifier():
             raise UsageError(f"--set expects METHOD.OPTION=VALUE (e.g. cure_newton.M=auto), got {item!r}")
-        options.setdefault(method, {})[option] = _option_value(text.strip())
+        chosen = options.setdefault(method, {})
+        if option in chosen:  # as a repeated --seeds or --methods value is refused
+            raise UsageError(f"--set gives {method}.{option} twice")
+        chosen[option] = _option_value(text.strip())
     return options
 
 
@@ -329,16 +332,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     first = next(iter(configs.values()))
     root = Path(args.out if args.out is not None else f"runs/{first.dataset}-{first.model}")
     _check_out(root, configs)
+    # The default models are small: one intra-op thread is fastest, and OpenMP threads that wait on
+    # each other on a busy machine made training ~30x slower. Larger models: raise --threads. Set before
+    # the cache check: a cached model's record names the threads it was trained with.
+    torch.set_num_threads(args.threads)
     for config in configs.values():  # before any training, not when a later seed's original is saved
         try:
             check_cache(config)
-        except ValueError as exc:
+        except (ValueError, OSError) as exc:  # OSError: e.g. a folder where a read-only cache's file should be
             raise UsageError(str(exc)) from None
         except CheckpointError as exc:
             raise _damaged_checkpoint(exc) from None
-    # The default models are small: one intra-op thread is fastest, and OpenMP threads that wait on
-    # each other on a busy machine made training ~30x slower. Larger models: raise --threads.
-    torch.set_num_threads(args.threads)
     print(f"unlearn-kernels run: {first.dataset}, {first.model}, "
           + (f"{len(configs)} scenarios ({', '.join(configs)})" if len(configs) > 1 else _describe(first))
           + f", seeds {list(first.seeds)}, {len(first.methods)} methods on {first.device}",
@@ -475,6 +479,9 @@ def _run_command(argv: list[str] | None) -> int:
     except UsageError as exc:
         print(f"unlearn-kernels: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a results file or checkpoint on a full disk, say: the work's, not the options'
+        print(f"unlearn-kernels: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

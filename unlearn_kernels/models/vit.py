@@ -20,6 +20,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
+    def extra_repr(self) -> str:
+        # the heads are no parameter: without them here a checkpoint of one head count (model_signature,
+        # Retrain's architecture check) passed for another's
+        return f"heads={self.heads}"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, dim = x.shape
         q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
