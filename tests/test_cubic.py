@@ -11,6 +11,7 @@ from spectra import sym_with_spectrum
 from unlearn_kernels.curvature import GenericHessian
 from unlearn_kernels.solvers import (
     KrylovCubicSolver,
+    NonFiniteProduct,
     StepOverflow,
     cubic_gd,
     cubic_newton_step,
@@ -360,6 +361,28 @@ def test_gd_cauchy_point_and_defaults(rng):
     spd = H @ H.T + torch.eye(H.shape[0], dtype=torch.float64)
     tiny = cubic_newton_step(spd, 1e-3 * g / gn, 1e-14, method="gd", K=0)
     assert tiny.step_norm == pytest.approx(1e-3 / (float(g @ spd @ g) / gn**2), rel=1e-9)
+    # M ||g||^2 underflowing to 0 raised ZeroDivisionError (M = 1e-150 and ||g|| = 1e-150; M = 1e-300 and
+    # ||g|| = 1e-20): the Cauchy point is r = ||g|| / curvature as above
+    for M_tiny, scale in ((1e-150, 1e-150), (1e-300, 1e-20), (1e-120, 1e-110)):
+        tiny = cubic_newton_step(spd, scale * g / gn, M_tiny, method="gd", K=0)
+        assert tiny.step_norm == pytest.approx(scale / (float(g @ spd @ g) / gn**2), rel=1e-9)
+
+
+def test_gd_tells_a_non_finite_hessian_from_divergence(rng):
+    """A product that is NaN at an ordinary iterate was reported as the iteration's divergence ("the step
+    size eta = 0.01 is too large"): one more product at a unit vector along the iterate tells them apart."""
+    H, g, M = problem("indefinite", rng)
+    calls = []
+
+    def nan_after_three(v):
+        calls.append(1)
+        return H @ v if len(calls) <= 3 else torch.full_like(v, float("nan"))
+
+    with pytest.raises(NonFiniteProduct, match=r"^cubic_gd: H's products are not finite: the product at a unit "
+                                               r"vector along the iterate of gradient step \d+ holds NaN"):
+        cubic_newton_step(nan_after_three, g, M, method="gd", K=10, eta=1e-3)
+    with pytest.raises(ValueError, match=r"the step size eta = 1e\+06 is too large"):  # divergence still says so
+        cubic_newton_step(H, g, M, method="gd", K=200, eta=1e6)
 
 
 def test_stochastic_gd(rng):

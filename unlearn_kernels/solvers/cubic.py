@@ -373,14 +373,16 @@ class KrylovCubicSolver:
 
 # --------------------------------------------------------------------------- gradient descent
 def _cauchy_point(op: SolverOperator, g: torch.Tensor, M: float) -> torch.Tensor:
-    """argmin of m along -g: ``-R_c g / ||g||``, R_c = -b + sqrt(b^2 + 2 ||g|| / M), b = g^T H g / (M ||g||^2)."""
+    """argmin of m along -g: ``-R_c g / ||g||``, R_c = (r - q) / M with q = u^T H u (u = g / ||g||) and
+    r = sqrt(q^2 + 2 M ||g||). Written with q and M r, not b = q / M: M ||g||^2 underflowed to 0
+    (M = 1e-150, ||g|| = 1e-150: ZeroDivisionError) and b^2 overflowed."""
     gnorm = norm64(g)
     if gnorm == 0.0:
         return torch.zeros_like(g)
-    b = float(g.double() @ op.matvec(g).double()) / (M * gnorm**2)
-    root = math.sqrt(b * b + 2.0 * gnorm / M)
-    # for b > 0 the same root without the difference that cancels when 2 ||g|| / M << b^2 (a small M)
-    radius = 2.0 * gnorm / M / (b + root) if b > 0 else root - b
+    q = float((g / gnorm).double() @ op.matvec(g / gnorm).double())
+    r = math.hypot(q, math.sqrt(2.0 * gnorm * M))
+    # for q > 0 the same root without the difference that cancels when 2 M ||g|| << q^2 (a small M)
+    radius = 2.0 * gnorm / (q + r) if q > 0 else (r - q) / M
     return g * (-radius / gnorm)
 
 
@@ -404,7 +406,17 @@ def _product_at(op: SolverOperator, s: torch.Tensor, step: int, eta: float, M: f
     try:
         return op.matvec(s)
     except NonFiniteProduct:
-        raise diverged(f"||s|| = {norm64(s):.3e}") from None
+        pass
+    # one more product tells H from the iteration: at a unit vector along s (as LiSSA's check does)
+    norm = norm64(s)
+    if norm > 0.0:
+        try:
+            op.matvec(s / norm)
+        except NonFiniteProduct:
+            raise NonFiniteProduct(f"cubic_gd: H's products are not finite: the product at a unit vector along the "
+                                   f"iterate of gradient step {step} holds NaN or Inf (not the iteration's "
+                                   "divergence)") from None
+    raise diverged(f"||s|| = {norm:.3e}")
 
 
 #: gradient descent on m from the Cauchy point (m <= 0 there) with a step size below 1 / L lowers m at
