@@ -66,13 +66,14 @@ def test_pinv_lanczos_truncated(singular):
     expected = -torch.linalg.pinv(H, hermitian=True) @ g
     # On the whole space (rank >= d, full reorthogonalisation) the truncated pseudo-inverse is the exact one.
     full = pinv_newton_step(lambda v: H @ v, g, solver="lanczos", rank=D)
-    assert full.method == "pinv-lanczos" and full.info["rank"] == D - 5
+    assert full.method == "pinv-lanczos" and full.info["rank"] == D - 5 and full.converged
     assert torch.allclose(full.step, expected, atol=1e-8)
     assert full.residual == pytest.approx(float(torch.linalg.vector_norm(H @ full.step + g)), rel=1e-8)
     # With fewer steps: the pseudo-inverse of H on the Krylov space of g, Q pinv(Q^T H Q) Q^T g.
     k = 6
     part = pinv_newton_step(H, g, solver="lanczos", rank=k)
     assert part.info["lanczos_steps"] == k and part.info["rank"] <= k and part.num_hvps == k + 1
+    assert not part.converged  # a truncated step is not the pseudo-inverse step (it was reported converged)
     Q = torch.linalg.qr(torch.stack([torch.linalg.matrix_power(H, j) @ g for j in range(k)], dim=1))[0]
     T = Q.T @ H @ Q
     projected = -Q @ torch.linalg.pinv(T, hermitian=True, rtol=1e-6) @ (Q.T @ g)
@@ -86,7 +87,7 @@ def test_pinv_lanczos_stops_where_the_krylov_space_of_g_ends(rng):
     g = torch.randn(30, generator=rng, dtype=torch.float64)
     out = pinv_newton_step(H, g, solver="lanczos", rank=25)
     assert torch.allclose(out.step, -torch.linalg.solve(H, g), atol=1e-10)
-    assert out.info == {"rank": 3, "lanczos_steps": 3} and out.num_hvps == 4
+    assert out.info == {"rank": 3, "lanczos_steps": 3} and out.num_hvps == 4 and out.converged
 
 
 def test_auto_solvers_choose_by_dimension(singular):

@@ -173,7 +173,8 @@ def test_diverging_gradient_descent_says_so(problem):
                                          r"step has 0, this call's start -.*\) and its gradient norm from .* to .*: the "
                                          r"iteration diverged \(the step size eta = 10 is too large for H and M = 1"):
         cubic_newton_step(H, g, 1.0, "gd", eta=10.0, K=500)
-    with pytest.raises(NonFiniteProduct, match=r"cubic_gd: the product H s is not finite at gradient step 0 "
+    # (the Cauchy point itself is finite here since it is computed without M ||g||^2: the first step overflows)
+    with pytest.raises(NonFiniteProduct, match=r"cubic_gd: the product H s is not finite at gradient step 1 "
                                                r"\(s itself holds NaN or Inf\): the iteration diverged .*M too small "
                                                r"for g"):
         cubic_newton_step(H, g, 1e-300, "gd")
