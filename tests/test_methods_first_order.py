@@ -635,3 +635,20 @@ def test_bool_inputs_that_the_model_casts_itself(name):
     method = METHODS[name]() if name == "ssd" else METHODS[name](epochs=1)
     out = method.unlearn(model, LabeledData(x[:10], y[:10]), LabeledData(x[10:], y[10:]))
     assert torch.isfinite(flat(out.model)).all() and torch.equal(flat(model), saved)
+
+
+@pytest.mark.parametrize(("name", "options"), [("finetune", {"optimizer": "adam"}), ("bad_teacher", {}),
+                                               ("lotus", {}), ("rfa", {"targets": ["0"]})])
+def test_adam_on_a_float16_model_is_refused_by_name(name, options):
+    """Adam's eps (1e-8) is 0 in float16: the methods returned NaN and blamed the learning rate ("lower its
+    learning rate"), at any rate (1e-7 too)."""
+    gen = torch.Generator().manual_seed(0)
+    model = init_model(lambda: nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3)), 0).half().eval()
+    x, y = torch.randn(60, 12, generator=gen).half(), torch.randint(0, 3, (60,), generator=gen)
+    saved = flat(model).clone()
+    extra = {"unseen": LabeledData(torch.randn(5, 12, generator=gen).half(), y[:5])} if name == "lotus" else {}
+    with pytest.raises(ValueError, match=rf"^{name}: optimizer 'adamw?' cannot train float16 parameters: its eps"):
+        METHODS[name](**options).unlearn(model, LabeledData(x[:10], y[:10]), LabeledData(x[10:], y[10:]), **extra)
+    assert torch.equal(flat(model), saved)
+    with pytest.raises(ValueError, match=r"^train: optimizer 'adam' cannot train float16"):
+        train(model, LabeledData(x, y), TrainConfig(epochs=1, optimizer="adam"))

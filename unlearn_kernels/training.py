@@ -109,9 +109,18 @@ class TrainStats:
 
 
 def make_optimizer(
-    params: Iterable[nn.Parameter], name: str, lr: float, *, momentum: float = 0.9, weight_decay: float = 0.0
+    params: Iterable[nn.Parameter], name: str, lr: float, *, momentum: float = 0.9, weight_decay: float = 0.0,
+    owner: str = "make_optimizer",
 ) -> torch.optim.Optimizer:
-    """The optimizer ``name`` ("sgd", "adam" or "adamw") over ``params``."""
+    """The optimizer ``name`` ("sgd", "adam" or "adamw") over ``params``. Adam and AdamW refuse
+    float16 parameters (a ValueError led by ``owner``): their eps (1e-8) rounds to 0 in float16, and a
+    coordinate with a zero gradient is then 0/0 = NaN after the first step, whatever the learning rate."""
+    if name in ("adam", "adamw"):
+        params = list(params)
+        if any(p.dtype == torch.float16 for p in params):
+            raise ValueError(f"{owner}: optimizer {name!r} cannot train float16 parameters: its eps (1e-8) is 0 in "
+                             "float16, so a zero gradient gives NaN at the first step; use a float32 or bfloat16 "
+                             "model, or optimizer 'sgd'")
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adam":
@@ -354,7 +363,7 @@ def train(
             raise ValueError(f"{owner}: NaN or Inf in the inputs at row {row}")
         check_fits(owner, model, data, role)
     join = join_last_row(owner, model, data, config.batch_size, role)
-    optimizer = make_optimizer(model.parameters(), config.optimizer, config.lr,
+    optimizer = make_optimizer(model.parameters(), config.optimizer, config.lr, owner=owner,
                                momentum=config.momentum, weight_decay=config.weight_decay)
     total_steps = config.epochs * epoch_steps(len(data), config.batch_size, join)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))

@@ -134,7 +134,7 @@ class TrainedUnlearner(Unlearner):
 
     def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         return make_optimizer(model.parameters(), self.optimizer, self.lr, momentum=self.momentum,
-                              weight_decay=self.weight_decay)
+                              weight_decay=self.weight_decay, owner=self.name)
 
     def _config(self, seed: int) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer,

@@ -151,7 +151,8 @@ class RFA(TrainedUnlearner):
 
     def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         adapters = [p for a in adapter_modules(model).values() for p in (a.lora_a, a.lora_b)]
-        return make_optimizer(adapters, self.optimizer, self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        return make_optimizer(adapters, self.optimizer, self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                              owner=self.name)
 
     def _check_parameters(self, model: nn.Module) -> None:
         self._new_layers(model)  # the layers exist and can take an adapter: refused here, not mid-method
