@@ -13,6 +13,8 @@ from torch import nn
 
 from unlearn_kernels import lora
 from unlearn_kernels.curvature import hessian_operator
+from unlearn_kernels.data import LabeledData
+from unlearn_kernels.methods import RFA, CureNewtonLoRA
 from unlearn_kernels.models import MLP, SmallCNN
 from unlearn_kernels.ops import lora_linear_ref
 
@@ -509,3 +511,30 @@ def test_float64_adapters_under_autocast_are_unchanged(device):
     out_off, grads_off = _run(model, x, None)
     assert out.dtype == torch.float64 and torch.equal(out, out_off)
     assert all(torch.equal(grads[n], grads_off[n]) for n in grads)
+
+
+class _ReadsItsWeight(nn.Module):
+    """The mixed-precision idiom: the forward casts its inputs to the first layer's weight dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 8), nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(x.to(self.fc1.weight.dtype))))
+
+
+def test_an_adapter_gives_its_base_layers_weight_and_bias():
+    """A LoRALinear had no .weight: a model reading self.fc1.weight failed inside cure_newton_lora and rfa
+    with a bare AttributeError (PEFT's layers give the base weight)."""
+    linear, conv = nn.Linear(4, 3), nn.Conv2d(2, 3, 3)
+    for base, adapter in ((linear, lora.LoRALinear(linear, 2)), (conv, lora.LoRAConv2d(conv, 2))):
+        assert adapter.weight is base.weight and adapter.bias is base.bias
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(90, 16, generator=gen, dtype=torch.float64), torch.randint(0, 5, (90,), generator=gen)
+    forget, retain, unseen = LabeledData(x[:10], y[:10]), LabeledData(x[10:70], y[10:70]), LabeledData(x[70:], y[70:])
+    torch.manual_seed(0)
+    model = _ReadsItsWeight().double().eval()
+    for method in (CureNewtonLoRA(rank=2, max_iterations=1), RFA(epochs=1)):
+        out = method.unlearn(model, forget, retain, unseen=unseen)
+        assert isinstance(out.model.fc1, nn.Linear)

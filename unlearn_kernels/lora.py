@@ -87,6 +87,17 @@ class _Adapter(nn.Module):
         return (self.scale * (b @ a)).reshape(self.base.weight.shape)
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (with the adapter's delta only while merged), as PEFT's layers give
+        it: a model whose forward reads ``self.fc.weight`` (its dtype, say) runs with the adapter in."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias."""
+        return self.base.bias
+
+    @property
     def merged(self) -> bool:
         """Whether the adapter is merged into the base weight (:meth:`merge`, :meth:`unmerge`; saved in
         the state dict as ``lora_merged``)."""
