@@ -161,6 +161,29 @@ def test_float32_vectors_of_extreme_magnitude(backend, device, scale, rng):
 
 
 @pytest.mark.parametrize(("backend", "device"), PAIRS)
+@pytest.mark.parametrize("beta", [1e-39, 1e-44, 3e41])
+def test_a_float32_beta_whose_reciprocal_leaves_float32(backend, device, beta):
+    """Triton scaled w by 1/beta rounded to float32: beta = 1e-39 gave q_next = [inf, nan, nan, nan] with
+    no error, beta 3e41 (huge entries over 2^20 rows) lost digits; the exact q_next is e_1 here."""
+    d = 4 if beta < 1 else 1 << 20
+    hq = torch.zeros(d, dtype=torch.float32, device=device)
+    hq[0] = beta if beta < 1 else 3e38
+    q = torch.zeros(d, dtype=torch.float32, device=device)
+    q[1] = 1.0
+    if beta > 1:
+        hq[:] = 3e38
+        q[0], q[1] = 2 ** -0.5, -(2 ** -0.5)
+    q_next, alpha, _ = lanczos_step(hq, q, None, 0.0, None, backend=backend)
+    expected = torch.zeros(d, dtype=torch.float64)
+    if beta < 1:
+        expected[0] = 1.0
+    else:
+        expected[:] = d ** -0.5
+    assert torch.isfinite(q_next).all() and float(alpha) == 0.0
+    torch.testing.assert_close(q_next.double().cpu(), expected, rtol=0, atol=1e-7 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize(("backend", "device"), PAIRS)
 def test_first_step_and_layouts(backend, device, rng):
     """q_prev=None / basis=None mean none; a strided basis and a tensor beta_prev are accepted."""
     d = 64

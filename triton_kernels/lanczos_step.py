@@ -127,7 +127,11 @@ def _step(
     beta = norm_part.sum().sqrt()
     breakdown = beta <= BREAKDOWN_RTOL_EPS * eps * hq_norm2.sqrt()
     beta = torch.where(breakdown, 0.0, beta)
-    w.mul_(torch.where(breakdown, 0.0, 1.0 / beta))
+    # 1/beta as two factors, a power of two (exact) and the rest: as one float32 factor it overflowed for
+    # beta < 1.2e-38 (an Inf/NaN q_next) and lost digits above 8.5e37 (the C++ kernel scales in float64)
+    scale = torch.where(breakdown, 0.0, 1.0 / beta)
+    power = torch.where(breakdown, 1.0, torch.exp2(torch.round(torch.log2(scale) / 2)))
+    w.mul_(power.to(w.dtype)).mul_((scale / power).to(w.dtype))
     return w, alpha, beta
 
 
