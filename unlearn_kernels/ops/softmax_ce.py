@@ -137,7 +137,10 @@ def softmax_ce_hvp(
 
     Returns:
         (N, C) contiguous tensor of the logits' dtype. Differentiable w.r.t. logits and tangent, as
-        ``softmax_ce_grad`` is.
+        ``softmax_ce_grad`` is. In float32 the compiled kernels sum ``exp(z - max) u`` over a row in
+        float32, the reference in float64: a tangent near float32's largest value (entries of 3e37
+        over 16 classes, 1e36 over 1,024) overflows that sum in the kernels, which then refuse it as
+        non-finite (or return -Inf with ``check_finite=False``) where the reference computes it.
         Meta tensors give a meta result of that shape, with no finiteness check.
     """
     op = contract.HVP
