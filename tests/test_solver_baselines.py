@@ -208,11 +208,23 @@ def test_conjugate_gradient_counts_and_start(spd):
     H, b = spd
     out = conjugate_gradient(H, b, tol=1e-12)
     assert torch.allclose(out.solution, torch.linalg.solve(H, b), atol=1e-10)
-    assert out.num_hvps == out.iterations <= D
+    assert out.num_hvps == out.iterations + 1 <= D + 1  # and one for the true residual
+    assert out.residual == pytest.approx(float(torch.linalg.vector_norm(H @ out.solution - b)), rel=1e-12)
     warm = conjugate_gradient(H, b, tol=1e-12, x0=out.solution)
     assert warm.iterations == 0 and warm.num_hvps == 1
     capped = conjugate_gradient(H, b, maxiter=3)
     assert capped.iterations == 3 and not capped.converged
+
+
+def test_conjugate_gradient_reports_its_true_residual(rng):
+    """The residual was CG's recursive one: 7.3e-12 and "converged" at tol 1e-12 on a system of condition
+    1e8, where ||H x - b|| was 1.0e-7."""
+    H, _ = sym_with_spectrum(torch.logspace(-8, 0, 60, dtype=torch.float64), rng)
+    b = torch.randn(60, generator=rng, dtype=torch.float64)
+    out = conjugate_gradient(H, b, tol=1e-12, maxiter=2000)
+    true = float(torch.linalg.vector_norm(H @ out.solution - b))
+    assert out.residual == pytest.approx(true, rel=1e-9)
+    assert out.converged == (true <= 1e-12 * float(torch.linalg.vector_norm(b)))
 
 
 @pytest.mark.parametrize("bad, error, match", [
