@@ -541,7 +541,8 @@ def run_study(config: StudyConfig, progress: Progress | None = None) -> dict[str
         recipe = config.train_recipe(seed)
         # before any training: bad input fails fast
         train_split, requests, cache_tag = build_scenario(config, splits, seed)
-        progress(f"seed {seed}: training the original model", done, total)
+        progress(f"seed {seed}: " + ("the original model (from the cache, or trained)" if config.cache_dir is not None
+                                     else "training the original model"), done, total)
         # its refusals (e.g. batches of one row a batch-norm layer cannot train on) name the study, which the
         # user ran, and the set as the original model's
         if config.cache_dir is not None:
