@@ -320,6 +320,17 @@ def test_flat_parameter_helpers():
         unflatten_vector(torch.ones(9), [(2, 3), (4,)])
     with pytest.raises(TypeError, match="dtype"):
         set_flat_parameters(model, flat.float(), ["2.weight", "0.bias"])
+    # parameters of mixed dtypes: get_flat_parameters' (promoted) vector was refused by set_flat_parameters, and
+    # a float32 one accepted (the float64 layer rounded without a word)
+    mixed = copy.deepcopy(model)
+    mixed[2].float()
+    flat = get_flat_parameters(mixed)
+    assert flat.dtype == torch.float64
+    set_flat_parameters(mixed, flat * 2)
+    torch.testing.assert_close(get_flat_parameters(mixed), (flat * 2).float().double(), rtol=0, atol=1e-6)
+    with pytest.raises(TypeError, match=r"vector has dtype torch.float32 but the parameters mix dtypes; their flat "
+                                        r"vector \(get_flat_parameters\) has torch.float64"):
+        set_flat_parameters(mixed, flat.float())
     with pytest.raises(ValueError, match="no parameter named"):
         resolve_parameters(model, ["nope"])
     with pytest.raises(ValueError, match="given twice"):

@@ -6,6 +6,7 @@ parameters, laid out in the order the parameters were given (``None`` = all trai
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 
@@ -278,13 +279,18 @@ def set_flat_parameters(model: nn.Module, vector: torch.Tensor, params: ParamSel
 
     Raises:
         ValueError: wrong length or shape, or a device that differs from the parameters'.
-        TypeError: a dtype that differs from the parameters'.
+        TypeError: a dtype other than :func:`get_flat_parameters`'s: the parameters' (of parameters of
+            mixed dtypes the widest, each parameter then taking its part rounded to its own dtype).
     """
     chosen = resolve_parameters(model, params)
     first = next(iter(chosen.values()))
     check_tensor("vector", vector)
-    if vector.dtype != first.dtype:
-        raise TypeError(f"vector has dtype {vector.dtype} but the parameters have {first.dtype}")
+    # the dtype of get_flat_parameters' vector: its round trip must be accepted, a narrower vector refused
+    flat_dtype = functools.reduce(torch.promote_types, (p.dtype for p in chosen.values()))
+    if vector.dtype != flat_dtype:
+        mixed = len({p.dtype for p in chosen.values()}) > 1
+        kind = "mix dtypes; their flat vector (get_flat_parameters) has" if mixed else "have"
+        raise TypeError(f"vector has dtype {vector.dtype} but the parameters {kind} {flat_dtype}")
     if vector.device != first.device:
         raise ValueError(f"vector is on {vector.device} but the parameters are on {first.device}")
     pieces = unflatten_vector(vector, [p.shape for p in chosen.values()])
