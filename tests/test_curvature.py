@@ -1917,3 +1917,26 @@ def test_half_precision_sums_over_batches_do_not_overflow():
         with pytest.raises(ValueError, match=r"the loss on a batch of 40000 rows is not finite in torch.float16 "
                                              r"\(its mean overflows\): pass a batch_size"):
             build(half, F.cross_entropy, (x16, y))
+
+
+class _CountsItsCalls(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.body(x)
+
+
+def test_a_forward_that_writes_a_buffer_is_refused_by_name():
+    """torch.func's transforms refused it naming only the op ("attempted to call in-place operation
+    aten::add_"); the construction probe names the buffer, as Objective does. The caller's buffer is never
+    written."""
+    model = _CountsItsCalls().to(DT).eval()
+    x, y = torch.randn(N, 4, dtype=DT), torch.randint(0, C, (N,))
+    for build in (functools.partial(hessian_operator, path="generic"), ggn_operator):
+        with pytest.raises(ValueError, match=r"^the model's forward writes its buffer 'calls' in eval mode"):
+            build(model, F.cross_entropy, (x, y))
+    assert int(model.calls) == 0

@@ -711,12 +711,18 @@ class CurvatureOperator(abc.ABC):
         (``nn.Embedding(max_norm=...)`` renormalises rows) would write the caller's model at every
         product, and its loss is no function of the weights the operator differentiates: refused."""
         copies = {name: self._tensor(name).clone() for name in self._live}
+        buffers = {name: version_counter(self._constants[name]) for name in self._live_buffers}  # copies already
         probe_forward(functools.partial(self.batch_forward, copies), self.loss_fn, x, y, self.dtype)
         written = [name for name, tensor in copies.items() if version_counter(tensor) != 0]
         if written:
             raise ValueError(f"the model's forward writes its parameter {written[0]!r} in place (an nn.Embedding "
                              "with max_norm renormalises its rows, say): the loss is then no function of the "
                              "parameters, and every product would write the model; remove the write (max_norm=None)")
+        # (torch.func's transforms refuse such a write later, naming only the in-place op)
+        written = [name for name, version in buffers.items() if version_counter(self._constants[name]) != version]
+        if written:
+            raise ValueError(f"the model's forward writes its buffer {written[0]!r} in eval mode (a call counter, "
+                             "say): its products would change with every call; such a model is refused")
 
 
 def hooked_module(model: nn.Module, direction: str) -> str | None:

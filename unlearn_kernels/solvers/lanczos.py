@@ -18,7 +18,11 @@ Reorthogonalisation (``reorth``):
   mostly lost orthogonality along them: the breakdown test comes after this projection. What the
   projections remove (up to ``sqrt(eps) ||T||`` per step, near repeated eigenvalues) is part of
   ``H Q`` that T does not hold: it is kept, in the coordinates of the Lanczos vectors, and counted
-  in the residual norms, which would otherwise claim more accuracy than the Ritz pairs have.
+  in the residual norms, which would otherwise claim more accuracy than the Ritz pairs have. So
+  the accuracy it reaches has a floor near ``sqrt(eps) ||H||``, which "full" and "none" go below:
+  on a float64 problem with ``||H||`` = 800 (d = 300) the cubic solver's model gradient stayed at
+  2e-4 after 250 steps (full: 2e-8), the smallest Ritz pairs' residuals at 3e-8 to 5e-8 (full:
+  1e-10 in 126 steps). The residuals reported say so; use "full" (the default) for tight tolerances.
 * ``"none"``: the plain three-term recurrence (ghost copies of converged eigenvalues may appear).
 
 Breakdown: when beta falls to rounding level (the op returns 0, or beta <= 100 eps ||T||) the
