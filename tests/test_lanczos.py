@@ -203,6 +203,9 @@ def test_bad_inputs(matrix):
         lanczos(matrix, 5, num_eigs=6)
     with pytest.raises(ValueError, match="num_eigs = 61 .* k = 100, d = 60"):
         lanczos(matrix, 100, num_eigs=61)
+    # "BE" asks for two pairs by default: the error named a num_eigs = 2 the caller never passed
+    with pytest.raises(ValueError, match=r"^which='BE' \(without num_eigs: 2\) Ritz pairs need .* k = 1, d = 60$"):
+        lanczos(matrix, 1, which="BE")
     with pytest.raises(TypeError, match="^two_pass must be a bool, got str$"):
         lanczos(matrix, 5, two_pass="no")
     with pytest.raises(TypeError, match="^return_eigenvectors must be a bool, got int$"):

@@ -397,7 +397,8 @@ def lanczos(
     check_choice("which", which, ("LA", "SA", "BE"))
     m = check_int("num_eigs", 2 if which == "BE" else 1, 1) if num_eigs is None else check_int("num_eigs", num_eigs, 1)
     if m > min(k, d):  # k steps give at most k Ritz pairs
-        raise ValueError(f"num_eigs = {m} Ritz pairs need at least as many Lanczos steps and dimensions: k = {k}, "
+        given = f"num_eigs = {m}" if num_eigs is not None else f"which='BE' (without num_eigs: {m})"
+        raise ValueError(f"{given} Ritz pairs need at least as many Lanczos steps and dimensions: k = {k}, "
                          f"d = {d}")
     check_number("tol", tol, 0.0)
     two_pass, return_eigenvectors = check_bool("two_pass", two_pass), check_bool("return_eigenvectors",
