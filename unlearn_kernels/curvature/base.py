@@ -65,7 +65,9 @@ from __future__ import annotations
 
 import abc
 import functools
+import inspect
 import math
+import weakref
 from collections.abc import Callable, Container, Iterable, Iterator
 from typing import Any
 
@@ -161,7 +163,10 @@ class BatchSource:
         if batch_size is not None:
             batch_size = check_int("batch_size", batch_size)
         self.device = device
-        self._probe: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+        # the probe as a zero-argument callable returning it: a weak reference to an operator's bound method,
+        # which held the operator in a cycle (op.data -> op), so that a dropped operator kept its cache
+        # until the cyclic collector ran
+        self._probe: Callable[[], Callable[[torch.Tensor, torch.Tensor], None] | None] = lambda: None
         self._layouts: set[tuple] = set()  # the layouts the probe accepted
         self._first_layout = ""
         self._copies = False  # give copies of the batches: the model writes its inputs (run_watching)
@@ -256,7 +261,8 @@ class BatchSource:
         docstring); ``first`` is the batch it accepted already. A ValueError it raises is raised
         again naming the batch."""
         x, y = first
-        self._probe, self._layouts = probe, {_layout(x, y)}
+        self._probe = weakref.WeakMethod(probe) if inspect.ismethod(probe) else lambda: probe
+        self._layouts = {_layout(x, y)}
         self._first_layout = (f"inputs x of shape {tuple(x.shape)}, {x.dtype} and targets y of shape "
                               f"{tuple(y.shape)}, {y.dtype}")
 
@@ -273,9 +279,10 @@ class BatchSource:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             if self._copies:
                 x, y = x.clone(), y.clone()
-            if self._probe is not None and _layout(x, y) not in self._layouts:
+            probe = self._probe()
+            if probe is not None and _layout(x, y) not in self._layouts:
                 try:
-                    self._probe(x, y)
+                    probe(x, y)
                 except ValueError as err:
                     raise ValueError(f"batch {index} of the data: {err} (the first batch has {self._first_layout})"
                                      ) from err
