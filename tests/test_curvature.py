@@ -22,6 +22,7 @@ from tolerance import relative_error
 from torch import nn
 from torch.autograd.functional import hessian, jacobian
 from torch.func import functional_call
+from torch.utils.data import DataLoader, TensorDataset
 
 from unlearn_kernels.curvature import (
     CurvatureOperator,
@@ -862,6 +863,52 @@ def test_training_mode_after_construction_is_refused(build):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # no running statistic written
     model.eval()  # back as it was: usable again
     built.value() if build == "objective" else built.matvec(torch.ones(built.shape[0], dtype=DT))
+
+
+class _ScaledInTraining(nn.Module):
+    """A module whose forward reads self.training (neither dropout nor BatchNorm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2.0 * x if self.training else x
+
+
+@pytest.mark.parametrize("path", ["fused", "generic", "ggn"])
+def test_settings_changed_after_construction_are_refused(path):
+    """The caches hold what was computed under the settings at construction: a module reading self.training
+    put in training mode gave the old products (full cache) or a mix (partial), a label smoothing changed with
+    half the batches cached gave exactly half of each, a BatchNorm's eps changed made the GGN asymmetric, a
+    class weight set later was ignored by the fused paths. Each is refused at the next call."""
+    torch.manual_seed(0)
+    x, y = torch.randn(N, 4, dtype=DT), torch.randint(0, C, (N,))
+    build = ggn_operator if path == "ggn" else functools.partial(hessian_operator, path=path)
+
+    def refused(change, match, model=None, loss=None):
+        model = model or nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C)).to(DT).eval()
+        loss = loss or nn.CrossEntropyLoss()
+        op = build(model, loss, uneven_batches(x, y, 6))
+        v = torch.randn(op.shape[0], dtype=DT)
+        op.matvec(v)
+        change(model, loss)
+        with pytest.raises(ValueError, match=match):
+            op.matvec(v)
+
+    for attribute, value in (("label_smoothing", 0.3), ("ignore_index", 1)):
+        refused(lambda model, loss: setattr(loss, attribute, value), r"the loss's settings .* changed after")
+    refused(lambda model, loss: loss.register_buffer("weight", torch.ones(C, dtype=DT)), r"the loss's settings")
+    if path != "fused":  # the fused MLP path takes neither module
+        refused(lambda model, loss: model[1].train(), r"module '1' \(_ScaledInTraining\) was put in training mode",
+                model=nn.Sequential(nn.Linear(4, 5), _ScaledInTraining(), nn.Tanh(), nn.Linear(5, C)).to(DT).eval())
+        normed = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, C)).to(DT).eval()
+        refused(lambda model, loss: setattr(model[1], "eps", 0.5),
+                r"module '1' \(LayerNorm\) was given other settings \('\(5,\), eps=1e-05", model=normed)
+    # a mode toggled and put back: nothing changed
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C)).to(DT).eval()
+    op = build(model, F.cross_entropy, (x, y))
+    v = torch.randn(op.shape[0], dtype=DT)
+    first = op.matvec(v)
+    model.train()
+    model.eval()
+    torch.testing.assert_close(op.matvec(v), first, rtol=0, atol=0)
 
 
 def test_probes_skip_a_first_batch_of_ignored_rows():
@@ -1966,3 +2013,30 @@ def test_a_dropped_operator_is_freed_at_once_and_counts_only_its_own_bytes(build
         assert dropped() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("build", [functools.partial(hessian_operator, path="fused"),
+                                   functools.partial(hessian_operator, path="generic"), ggn_operator])
+def test_data_changed_where_no_version_counter_sees_it_is_refused(build):
+    """A write through .data bumps no version counter: the cached products mixed the new inputs with the
+    activations of the old (relative error 0.36 against the new data's Hessian, 0.85 against the old's). A
+    TensorDataset's tensors replaced, or a batch added to a list, went unread once every batch was cached."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C)).to(DT).eval()
+    x, y = torch.randn(N, 4, dtype=DT), torch.randint(0, C, (N,))
+
+    def refused(data, change, match):
+        op = build(model, F.cross_entropy, data)
+        v = torch.randn(op.shape[0], dtype=DT)
+        op.matvec(v)
+        change()
+        with pytest.raises(ValueError, match=match):
+            op.matvec(v)
+
+    inputs = x.clone()
+    refused((inputs, y), lambda: inputs.data.add_(0.5), r"the data \(inputs x\) was written in place after it")
+    loader = DataLoader(TensorDataset(x.clone(), y), batch_size=6)
+    refused(loader, lambda: setattr(loader.dataset, "tensors", (x + 0.5, y)),
+            r"the data \(the DataLoader's dataset tensor 0\) was replaced after it was built")
+    batches = uneven_batches(x, y)
+    refused(batches, lambda: batches.append((x[:3], y[:3])), r"the data's batches were replaced, added or removed")

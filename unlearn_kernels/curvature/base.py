@@ -41,14 +41,18 @@ holds +Inf and -Inf, whatever its finite entries are: only its version and point
 NaN sum that was NaN before counts as unchanged.) A change of the module tree itself (a submodule
 replaced, appended or removed, a parameter or buffer registered or deleted) is refused at the next
 call (:class:`~unlearn_kernels.curvature.params.ModelChanged`), as is a module put in training mode.
-Tensor data written in place after construction is refused at the next call too (a ValueError; the
-tensors' version counters): the caches and checks are of the data given. Watched: an (x, y) pair or a
-LabeledData, a list or tuple of tensor batches, a DataLoader over a TensorDataset; not other iterables.
+Tensor data written in place or replaced after construction is refused at the next call too (a
+ValueError; the tensors' version counters, data pointers and float64 sums, as for the weights): the
+caches and checks are of the data given. Watched: an (x, y) pair or a LabeledData, a list or tuple of
+tensor batches (their tensors, and which there are), a DataLoader over a TensorDataset (its tensors);
+not other iterables.
 A model that writes its own inputs in place (``ReLU(inplace=True)`` first) is given copies of the
 batches, so no pass writes the caller's data.
-Settings that are not tensors (a layer's ``eps``, the loss's ``label_smoothing``) are read by the fused
-paths once, at construction, and kept in the generic path's cached graphs: build a new operator after
-changing one.
+The settings the products are computed under are taken at construction too: every module's training
+flag and its settings as ``extra_repr`` shows them (a layer's ``eps``, a dropout's ``p``), and a loss
+module's (``label_smoothing``, ``ignore_index``, a class ``weight``): the fused paths read them once
+and the cached graphs hold them, so a change of any is refused at the next call (a ValueError): build
+a new operator after changing one. (Settings a module keeps outside ``extra_repr`` are not seen.)
 
 Non-finite weights. The same float64 sums refuse them, at construction and at the first product,
 matmat or gradient after a change (a ValueError naming the tensor, never a NaN product): a NaN or Inf
@@ -179,7 +183,7 @@ class BatchSource:
                 raise ValueError(f"the data's {bad[0]} contain NaN or Inf (first at row {bad[1]})")
             self._checked = True  # every chunk is finite: no per-pass checks
             # the chunks are views of the caller's tensors, and the caches hold what was computed from them
-            self._watch({"inputs x": x, "targets y": y})
+            self._watch(lambda: {"inputs x": x, "targets y": y})
             step = batch_size or max(x.shape[0], 1)
             self._batches: Iterable[Any] = [(x[i:i + step], y[i:i + step]) for i in range(0, x.shape[0], step)]
         elif isinstance(data, (torch.Tensor, str, bytes)) or not isinstance(data, Iterable):
@@ -204,16 +208,18 @@ class BatchSource:
                     )
             self._checked = False
             self._batches = data
-            # the caller's tensors behind the batches: a list or tuple of tensor batches, or the tensors of a
-            # DataLoader's TensorDataset (its batches are new tensors every pass, the caches are not)
+            # the caller's tensors behind the batches, read again at each check (a list's batches and a
+            # TensorDataset's tensors can be replaced or added): a list or tuple of tensor batches, or the
+            # tensors of a DataLoader's TensorDataset (its batches are new tensors every pass, the caches are not)
             if isinstance(data, DataLoader) and isinstance(data.dataset, TensorDataset):
-                watched = {f"the DataLoader's dataset tensor {i}": t for i, t in enumerate(data.dataset.tensors)}
+                dataset = data.dataset
+                self._watch(lambda: {f"the DataLoader's dataset tensor {i}": t for i, t in enumerate(dataset.tensors)})
+            elif isinstance(data, (list, tuple)):
+                self._watch(lambda: {f"batch {i}'s {role}": t for i, batch in enumerate(data)
+                                     if isinstance(batch, (tuple, list))
+                                     for role, t in zip(("inputs x", "targets y"), batch) if isinstance(t, torch.Tensor)})
             else:
-                watched = {f"batch {i}'s {role}": t for i, batch in enumerate(data if isinstance(data, (list, tuple))
-                                                                               else ())
-                           if isinstance(batch, (tuple, list)) for role, t in zip(("inputs x", "targets y"), batch)
-                           if isinstance(t, torch.Tensor)}
-            self._watch(watched)
+                self._watch(dict)
 
     @staticmethod
     def _check_batch(batch: Any) -> Batch:
@@ -229,9 +235,17 @@ class BatchSource:
             raise ValueError(f"a batch has {x.shape[0]} inputs but {y.shape[0]} targets")
         return x, y
 
-    def _watch(self, tensors: dict[str, torch.Tensor]) -> None:
-        self._names, self._tensors = tuple(tensors), tuple(tensors.values())
-        self._versions = tuple(version_counter(t) for t in self._tensors)
+    def _watch(self, tensors: Callable[[], dict[str, torch.Tensor]]) -> None:
+        """Watch the caller's tensors that ``tensors()`` names (read again at every check)."""
+        self._watched = tensors
+        self._key = self._data_key()
+
+    def _data_key(self) -> tuple[tuple[str, ...], WeightsKey]:
+        """The watched tensors' names, and per tensor its version counter, data pointer and float64 sum
+        (:func:`~unlearn_kernels.curvature.params.weights_key`: a write through ``.data`` bumps no
+        version counter)."""
+        tensors = self._watched()
+        return tuple(tensors), weights_key(tensors.values())
 
     def run_watching(self, probe: Callable[[torch.Tensor, torch.Tensor], Any], x: torch.Tensor,
                      y: torch.Tensor) -> None:
@@ -245,16 +259,24 @@ class BatchSource:
         probe(x, y)
         if version_counter(x) or version_counter(y):
             self._copies = True
+
     def check_unchanged(self, owner: str) -> None:
-        """ValueError if tensor data was written in place since this source was made (their version
-        counters): the chunks are views of the caller's tensors, and what an operator cached or checked
-        (activations, gradient graphs, finiteness) is of the data it was given. A cached fused product
-        then mixed old activations with new inputs (wrong for both), a generic one failed inside torch's
-        autograd, an uncached one read NaN written there unchecked."""
-        for name, tensor, version in zip(self._names, self._tensors, self._versions):
-            if version_counter(tensor) != version:
-                raise ValueError(f"{owner}: the data ({name}) was written in place after it was built: build a "
-                                 "new one on the changed data (or pass a copy of the data)")
+        """ValueError if tensor data was written in place, or replaced, since this source was made
+        (:meth:`_data_key`; one pass over the data for the sums, small beside a product over it): the
+        chunks are views of the caller's tensors, and what an operator cached or checked (activations,
+        gradient graphs, finiteness) is of the data it was given. A cached fused product then mixed old
+        activations with new inputs (wrong for both), a generic one failed inside torch's autograd, an
+        uncached one read NaN written there unchecked; a batch added to a list went unread once every
+        batch was cached."""
+        names, key = self._data_key()
+        if names != self._key[0]:
+            raise ValueError(f"{owner}: the data's batches were replaced, added or removed after it was built: build "
+                             "a new one on the data as it is now")
+        for name, now, was in zip(names, key, self._key[1]):
+            if not same_weights((now,), (was,)):
+                how = "replaced" if now[1] != was[1] else "written in place"
+                raise ValueError(f"{owner}: the data ({name}) was {how} after it was built: build a new one on the "
+                                 "changed data (or pass a copy of the data)")
 
     def watch_layouts(self, first: Batch, probe: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
         """From now on run ``probe(x, y)`` on the first batch of each new layout (see the class
@@ -415,6 +437,7 @@ class CurvatureOperator(abc.ABC):
         self._weights_key = self._current_weights_key()
         self._check_finite_weights(self._weights_key)
         check_per_sample_forward(model)
+        self._modules, self._loss_settings = module_settings(model), loss_settings(loss_fn)
         self.data = BatchSource(data, self.device, batch_size)
         self._probe_determinism()
 
@@ -497,9 +520,31 @@ class CurvatureOperator(abc.ABC):
         since (dropout: random products; BatchNorm: batch statistics) is refused as at construction."""
         check_per_sample_forward(self.model)
         self.data.check_unchanged(type(self).__name__)
-        key = self._current_weights_key()
+        key = self._current_weights_key()  # the module tree first (ModelChanged)
+        self._check_settings()
         if not same_weights(key, self._weights_key):
             self._take_weights(key)
+
+    def _check_settings(self) -> None:
+        """ValueError where a module's training flag or settings (:func:`module_settings`) or the loss
+        module's (:func:`loss_settings`) changed since construction: the fused paths read them once and
+        the cached graphs hold them, so later products mixed old and new (a label smoothing changed with
+        2 of 4 batches cached gave half of each; a module reading ``self.training`` put in training mode,
+        the old products)."""
+        owner = type(self).__name__
+        for (name, module, training, text), (_, _, was_training, was_text) in zip(module_settings(self.model),
+                                                                                   self._modules):
+            if (training, text) != (was_training, was_text):
+                change = (f"put in {'training' if training else 'eval'} mode" if training != was_training
+                          else f"given other settings ({was_text!r}, now {text!r})")
+                raise ValueError(f"{owner}: module {name or '(the model)'!r} ({type(module).__name__}) was {change} "
+                                 "after the operator was built on it, whose caches hold what was computed before: "
+                                 "build a new one on the model as it is now")
+        plain, buffers = loss_settings(self.loss_fn)
+        if plain != self._loss_settings[0] or not same_weights(buffers, self._loss_settings[1]):
+            raise ValueError(f"{owner}: the loss's settings (label_smoothing, ignore_index, a class weight, its mode) "
+                             "changed after the operator was built with it, whose caches hold what was computed "
+                             "before: build a new one")
 
     def _take_weights(self, key: WeightsKey) -> None:
         """After a change of the weights (``key``: :meth:`_current_weights_key`): views of the parameters
@@ -730,6 +775,28 @@ class CurvatureOperator(abc.ABC):
         if written:
             raise ValueError(f"the model's forward writes its buffer {written[0]!r} in eval mode (a call counter, "
                              "say): its products would change with every call; such a model is refused")
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def module_settings(model: nn.Module) -> list[tuple[str, nn.Module, bool, str]]:
+    """(name, module, training flag, settings) of every module: the settings as ``extra_repr`` shows them
+    (a BatchNorm's eps, a Dropout's p, a convolution's stride), what the fused paths read once and the
+    cached graphs hold."""
+    return [(name, module, module.training, module.extra_repr()) for name, module in model.named_modules()]
+
+
+def loss_settings(loss_fn: LossFn) -> tuple[tuple, WeightsKey]:
+    """A loss module's training flag and plain attributes (``label_smoothing``, ``ignore_index``,
+    ``reduction``) with its buffers' weights key (a class weight), or a ``functools.partial``'s plain
+    keywords; nothing for a plain function."""
+    if isinstance(loss_fn, nn.Module):
+        plain = sorted((k, v) for k, v in vars(loss_fn).items() if isinstance(v, _PLAIN))
+        return (loss_fn.extra_repr(), *plain), weights_key(loss_fn.buffers())
+    if isinstance(loss_fn, functools.partial):
+        return tuple(sorted((k, v) for k, v in loss_fn.keywords.items() if isinstance(v, _PLAIN))), ()
+    return (), ()
 
 
 def hooked_module(model: nn.Module, direction: str) -> str | None:
