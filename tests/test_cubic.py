@@ -366,6 +366,9 @@ def test_gd_cauchy_point_and_defaults(rng):
     for M_tiny, scale in ((1e-150, 1e-150), (1e-300, 1e-20), (1e-120, 1e-110)):
         tiny = cubic_newton_step(spd, scale * g / gn, M_tiny, method="gd", K=0)
         assert tiny.step_norm == pytest.approx(scale / (float(g @ spd @ g) / gn**2), rel=1e-9)
+    # zero curvature along g: r = sqrt(2 ||g|| / M), with ||g|| M (1e-330) below float64
+    flat = cubic_newton_step(torch.zeros_like(spd), 1e-150 * g / gn, 1e-180, method="gd", K=0)
+    assert flat.step_norm == pytest.approx(math.sqrt(2e30), rel=1e-12)
 
 
 def test_gd_tells_a_non_finite_hessian_from_divergence(rng):

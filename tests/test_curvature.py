@@ -1152,6 +1152,11 @@ def test_running_statistics_made_in_inference_mode_are_taken():
         F.cross_entropy(plain(x), y).item(), rel=1e-12)
 
 
+class _Doubles(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mul_(2.0)
+
+
 @pytest.mark.parametrize("batch_size", [None, 8])
 def test_a_model_that_writes_its_inputs_in_place_is_not_taken_for_changed_data(batch_size):
     # ReLU(inplace=True) as the first module writes x at every forward, the construction's probes too: the
@@ -1163,6 +1168,11 @@ def test_a_model_that_writes_its_inputs_in_place_is_not_taken_for_changed_data(b
     model = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C)).to(DT).eval()
     x, y = torch.randn(N, 4, dtype=DT), torch.randint(0, C, (N,))
     saved = x.clone()
+    # a write that is not idempotent (x.mul_(2)): the probes' evaluations each get a copy too (two gradients
+    # on one written copy differed: refused as "random")
+    doubling = nn.Sequential(_Doubles(), nn.Linear(4, C)).to(DT).eval()
+    H = hessian_operator(doubling, F.cross_entropy, (x, y), batch_size=batch_size).to_dense()
+    assert relative_error(H, dense_hessian(doubling[1], [(2 * x, y)], F.cross_entropy)) <= 1e-10
     reference = dense_hessian(model, [(x.relu(), y)], F.cross_entropy)
     for path in ("auto", "generic"):
         op = hessian_operator(model, F.cross_entropy, (x, y), path=path, batch_size=batch_size)
@@ -1923,10 +1933,10 @@ def test_a_forward_that_writes_its_parameters_is_refused_before_it_writes_the_mo
         model[0].weight.mul_(5.0)
     x, y = torch.randint(0, 12, (40, 5)), torch.randint(0, 3, (40,))
     saved = {name: p.detach().clone() for name, p in model.named_parameters()}
-    for build in (hessian_operator, ggn_operator):
+    for build in (hessian_operator, ggn_operator, Objective):
         with pytest.raises(ValueError, match=r"writes its parameter '0.weight' in place .*max_norm=None"):
             build(model, nn.CrossEntropyLoss(), (x, y), params=params)
-    for name, p in model.named_parameters():
+    for name, p in model.named_parameters():  # the Objective's probe wrote them too (it runs the live model)
         assert torch.equal(p, saved[name]), name
 
 
@@ -1962,9 +1972,14 @@ def test_half_precision_sums_over_batches_do_not_overflow():
         assert relative_error(g, g64) <= 1e-2, batch_size
         g = Objective(brain, F.cross_entropy, (xb, yb), batch_size=batch_size).gradient().double()
         assert relative_error(g, g64) <= 1e-2, batch_size
+    # a first batch whose rows the loss all ignores has a NaN mean in every dtype: not an overflow
+    ignored = y[:20].clone()
+    ignored[:10] = -100
+    for build in (hessian_operator, Objective):
+        build(half, F.cross_entropy, (x16[:20], ignored), batch_size=10)
     for build in (hessian_operator, ggn_operator):
         with pytest.raises(ValueError, match=r"the loss on a batch of 40000 rows is not finite in torch.float16 "
-                                             r"\(its mean overflows\): pass a batch_size"):
+                                             r"\(its mean overflows\): use batches of a few thousand rows"):
             build(half, F.cross_entropy, (x16, y))
 
 
@@ -2006,6 +2021,12 @@ def test_a_dropped_operator_is_freed_at_once_and_counts_only_its_own_bytes(build
     alone.matvec(v)
     chunked.matvec(v)
     assert chunked.cached_batches == 20 and chunked.cached_bytes == 20 * alone.cached_bytes
+    # a DataLoader's collated batches are the cache's own memory: counted (leaving them out too cached 8
+    # batches of 7.6 MB under a 4 MB budget)
+    loaded = build(model, F.cross_entropy, DataLoader(TensorDataset(x, y), batch_size=100))
+    loaded.matvec(v)
+    if loaded.path != "fused":  # the fused entries count the inputs they hold in either case
+        assert loaded.cached_bytes >= chunked.cached_bytes + 20 * 100 * 6 * 8
     gc.disable()
     try:
         dropped = weakref.ref(chunked)

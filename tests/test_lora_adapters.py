@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from devices import AUTOCAST_DTYPE
 from tolerance import assert_within_rule
 from torch import nn
@@ -524,12 +525,34 @@ class _ReadsItsWeight(nn.Module):
         return self.fc2(torch.tanh(self.fc1(x.to(self.fc1.weight.dtype))))
 
 
-def test_an_adapter_gives_its_base_layers_weight_and_bias():
+class _ComputesWithWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.fc.weight, self.fc.bias)
+
+
+def test_an_adapter_gives_its_effective_weight_and_bias():
     """A LoRALinear had no .weight: a model reading self.fc1.weight failed inside cure_newton_lora and rfa
-    with a bare AttributeError (PEFT's layers give the base weight)."""
+    with a bare AttributeError. Its weight is the effective one (the base weight plus scale B A, or the
+    base alone once merged): the base weight alone left a forward computing with it without the adapter."""
     linear, conv = nn.Linear(4, 3), nn.Conv2d(2, 3, 3)
     for base, adapter in ((linear, lora.LoRALinear(linear, 2)), (conv, lora.LoRAConv2d(conv, 2))):
-        assert adapter.weight is base.weight and adapter.bias is base.bias
+        nn.init.normal_(adapter.lora_b)
+        assert adapter.bias is base.bias
+        torch.testing.assert_close(adapter.weight, base.weight + adapter.delta_weight())
+        adapter.merge()
+        assert adapter.weight is base.weight
+    model = _ComputesWithWeight().double()
+    adapter = lora.LoRALinear(model.fc, 2)
+    nn.init.normal_(adapter.lora_b)
+    model.fc = adapter
+    x = torch.randn(5, 4, dtype=torch.float64)
+    torch.testing.assert_close(model(x), adapter(x))
+    model(x).sum().backward()
+    assert adapter.lora_a.grad is not None and adapter.lora_b.grad.abs().sum() > 0
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(90, 16, generator=gen, dtype=torch.float64), torch.randint(0, 5, (90,), generator=gen)
     forget, retain, unseen = LabeledData(x[:10], y[:10]), LabeledData(x[10:70], y[10:70]), LabeledData(x[70:], y[70:])

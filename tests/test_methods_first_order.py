@@ -652,3 +652,12 @@ def test_adam_on_a_float16_model_is_refused_by_name(name, options):
     assert torch.equal(flat(model), saved)
     with pytest.raises(ValueError, match=r"^train: optimizer 'adam' cannot train float16"):
         train(model, LabeledData(x, y), TrainConfig(epochs=1, optimizer="adam"))
+    # a frozen float16 layer takes no step: no refusal
+    mixed = nn.Sequential(nn.Linear(12, 8).half().requires_grad_(False), _ToFloat(), nn.Linear(8, 3))
+    train(mixed, LabeledData(x, y), TrainConfig(epochs=1, optimizer="adam"))
+    assert torch.isfinite(flat(mixed)).all()
+
+
+class _ToFloat(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float()

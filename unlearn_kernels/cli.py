@@ -480,7 +480,7 @@ def _run_command(argv: list[str] | None) -> int:
         print(f"unlearn-kernels: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a results file or checkpoint on a full disk, say: the work's, not the options'
-        print(f"unlearn-kernels: error: {exc}", file=sys.stderr)
+        print(f"unlearn-kernels: error: {exc or type(exc).__name__}", file=sys.stderr)
         return 1
 
 

@@ -88,9 +88,12 @@ class _Adapter(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The base layer's weight (with the adapter's delta only while merged), as PEFT's layers give
-        it: a model whose forward reads ``self.fc.weight`` (its dtype, say) runs with the adapter in."""
-        return self.base.weight
+        """The layer's effective weight: the base weight plus the adapter's ``scale B A`` (computed at
+        each read, differentiable in A and B), or the base weight alone once merged (it holds the delta
+        then). A model whose forward reads ``self.fc.weight`` (its dtype) or computes with it
+        (``F.linear(h, self.fc.weight, self.fc.bias)``) runs with the adapter in; the base weight alone
+        (PEFT's answer) left a forward that computes with it silently without the adapter."""
+        return self.base.weight if self.merged else self.base.weight + self.delta_weight()
 
     @property
     def bias(self) -> torch.Tensor | None:

@@ -117,7 +117,7 @@ def make_optimizer(
     coordinate with a zero gradient is then 0/0 = NaN after the first step, whatever the learning rate."""
     if name in ("adam", "adamw"):
         params = list(params)
-        if any(p.dtype == torch.float16 for p in params):
+        if any(p.dtype == torch.float16 and p.requires_grad for p in params):  # a frozen one takes no step
             raise ValueError(f"{owner}: optimizer {name!r} cannot train float16 parameters: its eps (1e-8) is 0 in "
                              "float16, so a zero gradient gives NaN at the first step; use a float32 or bfloat16 "
                              "model, or optimizer 'sgd'")

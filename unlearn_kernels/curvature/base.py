@@ -215,7 +215,9 @@ class BatchSource:
                 dataset = data.dataset
                 self._watch(lambda: {f"the DataLoader's dataset tensor {i}": t for i, t in enumerate(dataset.tensors)})
             elif isinstance(data, (list, tuple)):
-                self._watch(lambda: {f"batch {i}'s {role}": t for i, batch in enumerate(data)
+                # the list's own iteration, not a subclass's (one that counts its passes counted the checks)
+                items = list.__iter__ if isinstance(data, list) else tuple.__iter__
+                self._watch(lambda: {f"batch {i}'s {role}": t for i, batch in enumerate(items(data))
                                      if isinstance(batch, (tuple, list))
                                      for role, t in zip(("inputs x", "targets y"), batch) if isinstance(t, torch.Tensor)})
             else:
@@ -245,7 +247,9 @@ class BatchSource:
         (:func:`~unlearn_kernels.curvature.params.weights_key`: a write through ``.data`` bumps no
         version counter)."""
         tensors = self._watched()
-        return tuple(tensors), weights_key(tensors.values())
+        # a sparse or meta tensor has no values to sum: the batch check refuses it when a pass reads it
+        return tuple(tensors), weights_key(t if t.layout == torch.strided and not t.is_meta else torch.zeros(0)
+                                           for t in tensors.values())
 
     def run_watching(self, probe: Callable[[torch.Tensor, torch.Tensor], Any], x: torch.Tensor,
                      y: torch.Tensor) -> None:
@@ -259,6 +263,19 @@ class BatchSource:
         probe(x, y)
         if version_counter(x) or version_counter(y):
             self._copies = True
+
+    @property
+    def copies(self) -> bool:
+        """Whether the passes give copies of the batches (the model writes its inputs)."""
+        return self._copies
+
+    def is_callers(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` shares its storage with the caller's watched data (a chunk of it): memory
+        that exists anyway, where a DataLoader's collated batch, a copy or a batch moved to another device
+        is held only by what keeps it."""
+        ptr = tensor.untyped_storage().data_ptr()
+        return any(t.layout == torch.strided and t.untyped_storage().data_ptr() == ptr
+                   for t in self._watched().values())
 
     def check_unchanged(self, owner: str) -> None:
         """ValueError if tensor data was written in place, or replaced, since this source was made
@@ -733,9 +750,13 @@ class CurvatureOperator(abc.ABC):
         self.data.watch_layouts((x1, y1), self._probe_forward)
         x, y = self._probe_batch()
         grad_fn = torch.func.grad(self.batch_loss)
+
+        def batch() -> Batch:  # a model that writes its inputs (x.mul_(2)) gets its own copy each time, as a pass
+            return (x.clone(), y.clone()) if self.data.copies else (x, y)
+
         try:  # both: a forward that writes a buffer (DDP's broadcast) fails the second time only
-            g1 = self.flatten(grad_fn(self.params, x, y))
-            g2 = self.flatten(grad_fn(self.params, x, y))
+            g1 = self.flatten(grad_fn(self.params, *batch()))
+            g2 = self.flatten(grad_fn(self.params, *batch()))
         except (RuntimeError, NotImplementedError) as err:
             raise ValueError(
                 f"the loss cannot be differentiated w.r.t. the parameters with torch.func.grad: {err}"
@@ -765,11 +786,7 @@ class CurvatureOperator(abc.ABC):
         copies = {name: self._tensor(name).clone() for name in self._live}
         buffers = {name: version_counter(self._constants[name]) for name in self._live_buffers}  # copies already
         probe_forward(functools.partial(self.batch_forward, copies), self.loss_fn, x, y, self.dtype)
-        written = [name for name, tensor in copies.items() if version_counter(tensor) != 0]
-        if written:
-            raise ValueError(f"the model's forward writes its parameter {written[0]!r} in place (an nn.Embedding "
-                             "with max_norm renormalises its rows, say): the loss is then no function of the "
-                             "parameters, and every product would write the model; remove the write (max_norm=None)")
+        refuse_parameter_writes("", copies)
         # (torch.func's transforms refuse such a write later, naming only the in-place op)
         written = [name for name, version in buffers.items() if version_counter(self._constants[name]) != version]
         if written:
@@ -797,6 +814,16 @@ def loss_settings(loss_fn: LossFn) -> tuple[tuple, WeightsKey]:
     if isinstance(loss_fn, functools.partial):
         return tuple(sorted((k, v) for k, v in loss_fn.keywords.items() if isinstance(v, _PLAIN))), ()
     return (), ()
+
+
+def refuse_parameter_writes(owner: str, copies: dict[str, torch.Tensor]) -> None:
+    """ValueError if a forward run on ``copies`` (fresh clones of the model's parameters) wrote one: its
+    loss is then no function of the parameters, and every later pass would write the model."""
+    written = [name for name, tensor in copies.items() if version_counter(tensor) != 0]
+    if written:
+        raise ValueError(f"{_prefix(owner)}the model's forward writes its parameter {written[0]!r} in place (an "
+                         "nn.Embedding with max_norm renormalises its rows, say): the loss is then no function of "
+                         "the parameters, and every pass would write the model; remove the write (max_norm=None)")
 
 
 def hooked_module(model: nn.Module, direction: str) -> str | None:
@@ -890,9 +917,12 @@ def probe_forward(forward: Callable[[torch.Tensor], Any], loss_fn: LossFn, x: to
                              f"with the model's outputs (shape {shape}): {err}") from err
     # a half-precision mean over many rows overflows (float16 cross entropy over 80,000 rows: Inf, and a
     # zero gradient that no finiteness check would catch); finite data and weights are checked already
-    if loss.dtype in (torch.float16, torch.bfloat16) and not all_finite(loss):
+    # (a batch whose rows the loss all ignores has the mean over no rows, NaN in every dtype: it counts 0)
+    if (loss.dtype in (torch.float16, torch.bfloat16) and not all_finite(loss)
+            and not every_row_ignored(loss_fn, y)):
         raise ValueError(f"{_prefix(owner)}the loss on a batch of {y.shape[0]} rows is not finite in {loss.dtype} "
-                         "(its mean overflows): pass a batch_size (a few thousand rows), or use a float32 model")
+                         "(its mean overflows): use batches of a few thousand rows (batch_size= for tensor data, a "
+                         "DataLoader's own batch size), or a float32 model")
 
 
 def ignore_index_of(loss_fn: LossFn) -> int:

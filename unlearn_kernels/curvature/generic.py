@@ -68,8 +68,8 @@ _SAVED_NAMES: dict[type, tuple[str, ...]] = {}
 def _graph_bytes(roots: Iterable[torch.Tensor], exclude: Iterable[torch.Tensor]) -> int:
     """Bytes of the distinct storages an autograd graph keeps alive: the tensors saved by the nodes
     reachable from ``roots`` (and the roots themselves), leaving out the storages of ``exclude``
-    (what exists anyway: the parameters, the operator's constants and the batch, which is a view of
-    the caller's data: its whole storage was counted for each chunk, 41 MB for a 1,000-row chunk of a
+    (what exists anyway: the parameters, the operator's constants and a batch that is a chunk of the
+    caller's data: its whole storage was counted for each chunk, 41 MB for a 1,000-row chunk of a
     100,000-row x, and a 1 GiB budget cached 26 of 100 batches whose graphs held 55 MB in all)."""
     seen_storages = {t.untyped_storage().data_ptr() for t in exclude}
     total = 0
@@ -119,6 +119,11 @@ class _TorchFuncOperator(CurvatureOperator):
         super().__init__(model, loss_fn, data, params, batch_size=batch_size, cache_bytes=cache_bytes)
         self.uses_vmap = True
         self._probe_product()
+
+    def _callers(self, *batch: torch.Tensor) -> list[torch.Tensor]:
+        """The tensors of a batch that are (chunks of) the caller's data, which a cache entry's bytes
+        leave out; a DataLoader's collated batch or a copy is the entry's own memory."""
+        return [t for t in batch if self.data.is_callers(t)]
 
     @abc.abstractmethod
     def _probe_products(self, x: torch.Tensor, y: torch.Tensor, tangents: Tangents) -> Tangents:
@@ -319,16 +324,18 @@ class GenericHessian(_TorchFuncOperator):
         # Float64 copies of the buffers and unchosen parameters override self._constants in batch_loss.
         constants64 = {n: as64(c) for n, c in self._constants.items()}
         x64, y64 = as64(x), as64(y)
-        grad64 = torch.func.grad(lambda params: self.batch_loss({**constants64, **params}, x64, y64))
+        # a model that writes its inputs (x.mul_(2)) gets a fresh copy for each gradient, as a pass does
+        fresh = (lambda t: t.clone()) if self.data.copies else (lambda t: t)
+        grad64 = torch.func.grad(lambda params, inputs: self.batch_loss({**constants64, **params}, inputs, y64))
         grad_own = torch.func.grad(self.batch_loss)
 
         def grad64_at(shift: float) -> torch.Tensor:
             self.num_gradients += 1
-            return self.flatten(grad64(self.unflatten(w + shift * v)))
+            return self.flatten(grad64(self.unflatten(w + shift * v), fresh(x64)))
 
         def grad_own_at(shift: float) -> torch.Tensor:
             self.num_gradients += 1
-            return self.flatten(grad_own(self.unflatten((w + shift * v).to(self.dtype)), x, y)).double()
+            return self.flatten(grad_own(self.unflatten((w + shift * v).to(self.dtype)), fresh(x), y)).double()
 
         try:
             grad64_at(0.0)
@@ -392,7 +399,7 @@ class GenericHessian(_TorchFuncOperator):
             # a parameter the forward does not use has zero gradient (and zero Hessian rows)
             grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True, materialize_grads=True)
         graph = _GradientGraph(leaves, grads, [i for i, g in enumerate(grads) if g.requires_grad])
-        return graph, _graph_bytes(grads, [*leaves, *self._constants.values(), x, y])
+        return graph, _graph_bytes(grads, [*leaves, *self._constants.values(), *self._callers(x, y)])
 
     def _graph_products(self, graph: _GradientGraph, tangents: Tangents) -> Tangents:
         """H v = d(g . v)/dw for each of the K tangents: one backward through the kept graph each."""
@@ -465,7 +472,8 @@ class GGNOperator(_TorchFuncOperator):
             out = self.batch_forward(dict(zip(self.param_names, leaves)), x)
         if self._loss_kind == "ce":
             check_labels(self.loss_fn, out, y, "ggn_operator")  # the products never call the loss (which would)
-        return _ForwardGraph(x, y, out, leaves), _graph_bytes([out], [*leaves, *self._constants.values(), x, y])
+        return _ForwardGraph(x, y, out, leaves), _graph_bytes([out], [*leaves, *self._constants.values(),
+                                                                      *self._callers(x, y)])
 
     def _probe_products(self, x: torch.Tensor, y: torch.Tensor, tangents: Tangents) -> Tangents:
         return self._ggn_products(self.probe_entry(self._forward, x, y), tangents)

@@ -19,6 +19,7 @@ from .base import (
     checked_loss,
     every_row_ignored,
     probe_forward,
+    refuse_parameter_writes,
 )
 from .params import (
     FunctionalForward,
@@ -142,9 +143,13 @@ class Objective:
         self.data = BatchSource(data, devices.pop(), batch_size)
         first = next(iter(self.data), None)  # an empty shard is allowed (DistributedObjective builds one)
         if first is not None:
-            probe = functools.partial(probe_forward, model, loss_fn, dtype=next(iter(chosen.values())).dtype,
-                                      owner="Objective")
+            # on copies of the parameters: a forward that writes them (nn.Embedding(max_norm=...)) wrote the
+            # caller's model here, which the Objective never changes; refused, as by the curvature operators
+            copies = {name: p.detach().clone() for name, p in model.named_parameters()}
+            probe = functools.partial(probe_forward, functools.partial(self._functional, copies), loss_fn,
+                                      dtype=next(iter(chosen.values())).dtype, owner="Objective")
             _without_buffer_writes(model, lambda: self.data.run_watching(probe, *first))
+            refuse_parameter_writes("Objective", copies)
             self.data.watch_layouts(first, probe)
         self.num_data_passes = 0
 

@@ -100,8 +100,11 @@ class _Features:
         logits = getattr(model, "_orig_mod", model)(x)
         missing = [n for n in self.names if n not in self.outputs]
         if missing:
-            raise RuntimeError(f"rfa: the model ran without calling the forward hooks on {missing} (a submodule "
-                               "compiled with torch.compile may replay a graph without them): pass the eager model")
+            raise RuntimeError(f"rfa: the model ran without calling the forward hooks on {missing}: a forward that "
+                               "computes with those layers' weights without calling them (F.linear(h, "
+                               "self.fc.weight)), whose features RFA cannot take (name other layers with targets=), "
+                               "or a submodule compiled with torch.compile, which may replay a graph without them "
+                               "(pass the eager model)")
         return logits, [self.outputs[n] for n in self.names]
 
     def remove(self) -> None:

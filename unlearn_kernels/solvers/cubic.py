@@ -380,7 +380,7 @@ def _cauchy_point(op: SolverOperator, g: torch.Tensor, M: float) -> torch.Tensor
     if gnorm == 0.0:
         return torch.zeros_like(g)
     q = float((g / gnorm).double() @ op.matvec(g / gnorm).double())
-    r = math.hypot(q, math.sqrt(2.0 * gnorm * M))
+    r = math.hypot(q, math.sqrt(2.0 * gnorm) * math.sqrt(M))  # gnorm * M alone underflowed (1e-150 * 1e-180)
     # for q > 0 the same root without the difference that cancels when 2 M ||g|| << q^2 (a small M)
     radius = 2.0 * gnorm / (q + r) if q > 0 else (r - q) / M
     return g * (-radius / gnorm)
