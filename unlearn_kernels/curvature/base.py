@@ -98,6 +98,7 @@ from .params import (
     ParamSelection,
     WeightsKey,
     flatten_tensors,
+    host_floats,
     resolve_curvature_parameters,
     same_weights,
     unflatten_vector,
@@ -243,13 +244,16 @@ class BatchSource:
         self._key = self._data_key()
 
     def _data_key(self) -> tuple[tuple[str, ...], WeightsKey]:
-        """The watched tensors' names, and per tensor its version counter, data pointer and float64 sum
-        (:func:`~unlearn_kernels.curvature.params.weights_key`: a write through ``.data`` bumps no
-        version counter)."""
+        """The watched tensors' names, and per tensor its version counter, data pointer and sum (a write
+        through ``.data`` bumps no version counter). The sums only detect changes, so float32 data is
+        summed in float32 (the float64 sum of the weights' key took 38 us on digits' 80,000 inputs, 6%
+        of a fused product; float32 7 us) and half-precision data in float32."""
         tensors = self._watched()
         # a sparse or meta tensor has no values to sum: the batch check refuses it when a pass reads it
-        return tuple(tensors), weights_key(t if t.layout == torch.strided and not t.is_meta else torch.zeros(0)
-                                           for t in tensors.values())
+        dense = [t if t.layout == torch.strided and not t.is_meta else torch.zeros(0) for t in tensors.values()]
+        sums = host_floats([t.sum(dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum()
+                            for t in dense])
+        return tuple(tensors), tuple((version_counter(t), t.data_ptr(), total) for t, total in zip(dense, sums))
 
     def run_watching(self, probe: Callable[[torch.Tensor, torch.Tensor], Any], x: torch.Tensor,
                      y: torch.Tensor) -> None:
