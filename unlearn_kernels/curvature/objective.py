@@ -142,16 +142,19 @@ class Objective:
         check_per_sample_forward(model, "Objective")  # and a train-mode forward would write running stats
         self.data = BatchSource(data, devices.pop(), batch_size)
         first = next(iter(self.data), None)  # an empty shard is allowed (DistributedObjective builds one)
+        self._dtype = next(iter(chosen.values())).dtype
         if first is not None:
-            # on copies of the parameters: a forward that writes them (nn.Embedding(max_norm=...)) wrote the
-            # caller's model here, which the Objective never changes; refused, as by the curvature operators
-            copies = {name: p.detach().clone() for name, p in model.named_parameters()}
-            probe = functools.partial(probe_forward, functools.partial(self._functional, copies), loss_fn,
-                                      dtype=next(iter(chosen.values())).dtype, owner="Objective")
-            _without_buffer_writes(model, lambda: self.data.run_watching(probe, *first))
-            refuse_parameter_writes("Objective", copies)
-            self.data.watch_layouts(first, probe)
+            _without_buffer_writes(model, lambda: self.data.run_watching(self._probe, *first))
+            self.data.watch_layouts(first, self._probe)
         self.num_data_passes = 0
+
+    def _probe(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """The model and the loss on one batch (:func:`probe_forward`), on copies of the parameters made
+        for the call: a forward that writes them (``nn.Embedding(max_norm=...)``) wrote the caller's model
+        here, which the Objective never changes; refused, as by the curvature operators."""
+        copies = {name: p.detach().clone() for name, p in self.model.named_parameters()}
+        probe_forward(functools.partial(self._functional, copies), self.loss_fn, x, y, self._dtype, owner="Objective")
+        refuse_parameter_writes("Objective", copies)
 
     def weights(self) -> torch.Tensor:
         """A flat copy of the chosen parameters (their dtype and device)."""
