@@ -901,6 +901,17 @@ def test_settings_changed_after_construction_are_refused(path):
         normed = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, C)).to(DT).eval()
         refused(lambda model, loss: setattr(model[1], "eps", 0.5),
                 r"module '1' \(LayerNorm\) was given other settings \('\(5,\), eps=1e-05", model=normed)
+    # a loss wrapping torch's (its settings were not read), a hook added after construction (left out of the
+    # cached products, relative error 0.82), a partial's tensor keyword written in place (torch's autograd error)
+    if path == "generic":  # the fused paths and the GGN take torch's losses only
+        refused(lambda model, loss: setattr(loss.ce, "label_smoothing", 0.9), r"the loss's settings",
+                loss=_WrapsCrossEntropy())
+        weight = torch.ones(C, dtype=DT)
+        refused(lambda model, loss: weight.mul_(2.0), r"the loss's settings",
+                loss=functools.partial(F.cross_entropy, weight=weight))
+    refused(lambda model, loss: model[2].register_forward_hook(lambda module, args, out: 3 * out),
+            r"module '2' \(Linear\) was given a hook or its own forward")
+    refused(lambda model, loss: loss.register_forward_hook(lambda module, args, out: 3 * out), r"the loss's settings")
     # a mode toggled and put back: nothing changed
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C)).to(DT).eval()
     op = build(model, F.cross_entropy, (x, y))
@@ -909,6 +920,37 @@ def test_settings_changed_after_construction_are_refused(path):
     model.train()
     model.eval()
     torch.testing.assert_close(op.matvec(v), first, rtol=0, atol=0)
+    # a module whose extra_repr shows its weights' values (a learnable temperature): a weight change is followed,
+    # not refused as other settings (every product after a step failed)
+    if path == "fused":  # the fused paths do not take such a module
+        return
+    tempered = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C), _Temperature()).to(DT).eval()
+    op = build(tempered, F.cross_entropy, (x, y))
+    op.matvec(v_t := torch.randn(op.shape[0], dtype=DT))
+    set_flat_parameters(tempered, get_flat_parameters(tempered) + 0.01)
+    fresh = build(tempered, F.cross_entropy, (x, y))
+    torch.testing.assert_close(op.matvec(v_t), fresh.matvec(v_t), rtol=1e-12, atol=1e-14)
+
+
+class _WrapsCrossEntropy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ce = nn.CrossEntropyLoss()
+
+    def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.ce(out, y)
+
+
+class _Temperature(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.t = nn.Parameter(torch.tensor(1.5))
+
+    def extra_repr(self) -> str:
+        return f"t={self.t.item():.4f}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x / self.t
 
 
 def test_probes_skip_a_first_batch_of_ignored_rows():
@@ -2046,9 +2088,9 @@ def test_data_changed_where_no_version_counter_sees_it_is_refused(build):
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C)).to(DT).eval()
     x, y = torch.randn(N, 4, dtype=DT), torch.randint(0, C, (N,))
 
-    def refused(data, change, match):
+    def refused(data, change, match, model=model):
         op = build(model, F.cross_entropy, data)
-        v = torch.randn(op.shape[0], dtype=DT)
+        v = torch.randn(op.shape[0], dtype=op.dtype)
         op.matvec(v)
         change()
         with pytest.raises(ValueError, match=match):
@@ -2056,6 +2098,10 @@ def test_data_changed_where_no_version_counter_sees_it_is_refused(build):
 
     inputs = x.clone()
     refused((inputs, y), lambda: inputs.data.add_(0.5), r"the data \(inputs x\) was written in place after it")
+    # one value changed by 1 in large data: a float32 sum (4.1e7 on digits) rounded the change away
+    big = torch.full((4000, 4), 2560.0, dtype=torch.float32)
+    refused((big, torch.randint(0, C, (4000,))), lambda: big.data[0, 0].add_(1.0),
+            r"the data \(inputs x\) was written in place", model=copy.deepcopy(model).float())
     loader = DataLoader(TensorDataset(x.clone(), y), batch_size=6)
     refused(loader, lambda: setattr(loader.dataset, "tensors", (x + 0.5, y)),
             r"the data \(the DataLoader's dataset tensor 0\) was replaced after it was built")

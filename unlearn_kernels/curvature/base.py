@@ -42,7 +42,7 @@ NaN sum that was NaN before counts as unchanged.) A change of the module tree it
 replaced, appended or removed, a parameter or buffer registered or deleted) is refused at the next
 call (:class:`~unlearn_kernels.curvature.params.ModelChanged`), as is a module put in training mode.
 Tensor data written in place or replaced after construction is refused at the next call too (a
-ValueError; the tensors' version counters, data pointers and float64 sums, as for the weights): the
+ValueError; the tensors' version counters, data pointers and the integer sums of their values' bits): the
 caches and checks are of the data given. Watched: an (x, y) pair or a LabeledData, a list or tuple of
 tensor batches (their tensors, and which there are), a DataLoader over a TensorDataset (its tensors);
 not other iterables.
@@ -145,6 +145,11 @@ class RowMean:
         return (self._total / self._count).to(self._dtype)
 
 
+#: the integer type of each floating type's size: the data's change key sums the values' bits
+_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+         torch.bfloat16: torch.int16}
+
+
 class BatchSource:
     """Re-iterable (x, y) batches on one device, from any :data:`DataSpec`.
 
@@ -244,16 +249,18 @@ class BatchSource:
         self._key = self._data_key()
 
     def _data_key(self) -> tuple[tuple[str, ...], WeightsKey]:
-        """The watched tensors' names, and per tensor its version counter, data pointer and sum (a write
-        through ``.data`` bumps no version counter). The sums only detect changes, so float32 data is
-        summed in float32 (the float64 sum of the weights' key took 38 us on digits' 80,000 inputs, 6%
-        of a fused product; float32 7 us) and half-precision data in float32."""
+        """The watched tensors' names, and per tensor its version counter, data pointer and the integer
+        sum of its values' bits (a write through ``.data`` bumps no version counter). The bits, not the
+        values: any single change shows (a float32 sum of digits' 80,000 inputs, 4.1e7, rounded a +1
+        away), and an integer sum costs what a float32 one does (a float64 sum of float32 data took 38
+        us, 6% of a fused product on digits)."""
         tensors = self._watched()
         # a sparse or meta tensor has no values to sum: the batch check refuses it when a pass reads it
         dense = [t if t.layout == torch.strided and not t.is_meta else torch.zeros(0) for t in tensors.values()]
-        sums = host_floats([t.sum(dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum()
-                            for t in dense])
-        return tuple(tensors), tuple((version_counter(t), t.data_ptr(), total) for t, total in zip(dense, sums))
+        sums = [(t.view(_BITS[t.dtype]) if t.dtype in _BITS else t).sum(dtype=torch.int64) for t in dense]
+        exact = ([int(v) for v in sums] if all(v.device.type == "cpu" for v in sums)
+                 else torch.stack([v.to(sums[0].device) for v in sums]).tolist())
+        return tuple(tensors), tuple((version_counter(t), t.data_ptr(), total) for t, total in zip(dense, exact))
 
     def run_watching(self, probe: Callable[[torch.Tensor, torch.Tensor], Any], x: torch.Tensor,
                      y: torch.Tensor) -> None:
@@ -553,19 +560,20 @@ class CurvatureOperator(abc.ABC):
         2 of 4 batches cached gave half of each; a module reading ``self.training`` put in training mode,
         the old products)."""
         owner = type(self).__name__
-        for (name, module, training, text), (_, _, was_training, was_text) in zip(module_settings(self.model),
-                                                                                   self._modules):
-            if (training, text) != (was_training, was_text):
+        for (name, module, training, text, calls), (_, _, was_training, was_text, was_calls) in zip(
+                module_settings(self.model), self._modules):
+            if (training, text, calls) != (was_training, was_text, was_calls):
                 change = (f"put in {'training' if training else 'eval'} mode" if training != was_training
-                          else f"given other settings ({was_text!r}, now {text!r})")
+                          else f"given other settings ({was_text!r}, now {text!r})" if text != was_text
+                          else "given a hook or its own forward, or had one removed")
                 raise ValueError(f"{owner}: module {name or '(the model)'!r} ({type(module).__name__}) was {change} "
                                  "after the operator was built on it, whose caches hold what was computed before: "
                                  "build a new one on the model as it is now")
         plain, buffers = loss_settings(self.loss_fn)
         if plain != self._loss_settings[0] or not same_weights(buffers, self._loss_settings[1]):
-            raise ValueError(f"{owner}: the loss's settings (label_smoothing, ignore_index, a class weight, its mode) "
-                             "changed after the operator was built with it, whose caches hold what was computed "
-                             "before: build a new one")
+            raise ValueError(f"{owner}: the loss's settings (label_smoothing, ignore_index, a class weight, its mode, "
+                             "its hooks) or the global module hooks changed after the operator was built with it, "
+                             "whose caches hold what was computed before: build a new one")
 
     def _take_weights(self, key: WeightsKey) -> None:
         """After a change of the weights (``key``: :meth:`_current_weights_key`): views of the parameters
@@ -801,23 +809,52 @@ class CurvatureOperator(abc.ABC):
 _PLAIN = (bool, int, float, str, type(None))
 
 
-def module_settings(model: nn.Module) -> list[tuple[str, nn.Module, bool, str]]:
-    """(name, module, training flag, settings) of every module: the settings as ``extra_repr`` shows them
-    (a BatchNorm's eps, a Dropout's p, a convolution's stride), what the fused paths read once and the
-    cached graphs hold."""
-    return [(name, module, module.training, module.extra_repr()) for name, module in model.named_modules()]
+def _calls(module: nn.Module) -> tuple:
+    """What decides how ``module`` is called: its hooks (the handles' ids, forward and backward) and a
+    ``forward`` set on the instance; a hook added after construction was silently left out of the
+    cached products (relative error 0.82)."""
+    return (tuple(module._forward_pre_hooks), tuple(module._forward_hooks), tuple(module._backward_pre_hooks),
+            tuple(module._backward_hooks), "forward" in vars(module))
+
+
+def _global_hooks() -> tuple:
+    from torch.nn.modules import module as torch_module  # where torch keeps the global hooks
+
+    return tuple(tuple(getattr(torch_module, f"_global_{kind}")) for kind in
+                 ("forward_pre_hooks", "forward_hooks", "backward_pre_hooks", "backward_hooks"))
+
+
+def _is_torchs(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("torch.nn.")
+
+
+def module_settings(model: nn.Module) -> list[tuple[str, nn.Module, bool, str, tuple]]:
+    """(name, module, training flag, settings, calls) of every module: the settings of torch.nn's own
+    modules as their ``extra_repr`` shows them (a BatchNorm's eps, a Dropout's p, a convolution's
+    stride), what the fused paths read once and the cached graphs hold; and how it is called
+    (:func:`_calls`). Another module's ``extra_repr`` can show its weights' values (a learnable
+    temperature), which are the weights' key's: left out."""
+    return [(name, module, module.training, module.extra_repr() if _is_torchs(module) else "", _calls(module))
+            for name, module in model.named_modules()]
 
 
 def loss_settings(loss_fn: LossFn) -> tuple[tuple, WeightsKey]:
-    """A loss module's training flag and plain attributes (``label_smoothing``, ``ignore_index``,
-    ``reduction``) with its buffers' weights key (a class weight), or a ``functools.partial``'s plain
-    keywords; nothing for a plain function."""
+    """A loss module's, and its submodules', training flags, hooks and plain attributes
+    (``label_smoothing``, ``ignore_index``, ``reduction``; a wrapper's own, and torch.nn's losses'
+    inside it) with their buffers' weights key (a class weight); a ``functools.partial``'s keywords
+    (the tensors' as a weights key); nothing for a plain function. And the global module hooks."""
     if isinstance(loss_fn, nn.Module):
-        plain = sorted((k, v) for k, v in vars(loss_fn).items() if isinstance(v, _PLAIN))
-        return (loss_fn.extra_repr(), *plain), weights_key(loss_fn.buffers())
+        plain = tuple((name, module.training, _calls(module),
+                       tuple(sorted((k, v) for k, v in vars(module).items() if isinstance(v, _PLAIN)))
+                       if not name or _is_torchs(module) else ())
+                      for name, module in loss_fn.named_modules())
+        return (plain, _global_hooks()), weights_key(loss_fn.buffers())
     if isinstance(loss_fn, functools.partial):
-        return tuple(sorted((k, v) for k, v in loss_fn.keywords.items() if isinstance(v, _PLAIN))), ()
-    return (), ()
+        keywords = loss_fn.keywords.items()
+        plain = tuple(sorted((k, v) for k, v in keywords if isinstance(v, _PLAIN)))
+        return (plain, _global_hooks()), weights_key(v for _, v in sorted(keywords, key=lambda kv: kv[0])
+                                                     if isinstance(v, torch.Tensor))
+    return ((), _global_hooks()), ()
 
 
 def refuse_parameter_writes(owner: str, copies: dict[str, torch.Tensor]) -> None:
