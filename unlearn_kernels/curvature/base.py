@@ -98,7 +98,6 @@ from .params import (
     ParamSelection,
     WeightsKey,
     flatten_tensors,
-    host_floats,
     resolve_curvature_parameters,
     same_weights,
     unflatten_vector,
