@@ -49,10 +49,12 @@ not other iterables.
 A model that writes its own inputs in place (``ReLU(inplace=True)`` first) is given copies of the
 batches, so no pass writes the caller's data.
 The settings the products are computed under are taken at construction too: every module's training
-flag and its settings as ``extra_repr`` shows them (a layer's ``eps``, a dropout's ``p``), and a loss
-module's (``label_smoothing``, ``ignore_index``, a class ``weight``): the fused paths read them once
-and the cached graphs hold them, so a change of any is refused at the next call (a ValueError): build
-a new operator after changing one. (Settings a module keeps outside ``extra_repr`` are not seen.)
+flag, hooks and instance ``forward``, torch.nn's modules' settings as their ``extra_repr`` shows them (a
+layer's ``eps``, a dropout's ``p``), and the loss module's and its torch.nn submodules'
+(``label_smoothing``, ``ignore_index``, a class ``weight``): the fused paths read them once and the
+cached graphs hold them, so a change of any is refused at the next call (a ValueError): build a new
+operator after changing one. (The settings of a module of your own are not seen: its ``extra_repr``
+may show its weights' values, which the weights' checks follow.)
 
 Non-finite weights. The same float64 sums refuse them, at construction and at the first product,
 matmat or gradient after a change (a ValueError naming the tensor, never a NaN product): a NaN or Inf
