@@ -22,6 +22,7 @@ from tolerance import relative_error
 from torch import nn
 from torch.autograd.functional import hessian, jacobian
 from torch.func import functional_call
+from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from unlearn_kernels.curvature import (
@@ -920,6 +921,20 @@ def test_settings_changed_after_construction_are_refused(path):
     model.train()
     model.eval()
     torch.testing.assert_close(op.matvec(v), first, rtol=0, atol=0)
+    # not refused: a loss of the user's own that counts its calls (the probes call it: every Newton method failed),
+    # products inside FlopCounterMode (it registers global hooks to observe), a loss's backward hook registered and
+    # removed (it leaves torch's private flag set)
+    if path == "generic":  # the fused paths and the GGN take torch's losses only
+        op = build(model, _LossCountingCalls(), (x, y))
+        first = op.matvec(v)
+        torch.testing.assert_close(op.matvec(v), first, rtol=0, atol=0)
+    loss = nn.CrossEntropyLoss()
+    op = build(model, loss, (x, y))
+    first = op.matvec(v)
+    with FlopCounterMode(display=False):
+        torch.testing.assert_close(op.matvec(v), first, rtol=0, atol=0)
+    loss.register_full_backward_hook(lambda module, grad_in, grad_out: None).remove()
+    torch.testing.assert_close(op.matvec(v), first, rtol=0, atol=0)
     # a module whose extra_repr shows its weights' values (a learnable temperature): a weight change is followed,
     # not refused as other settings (every product after a step failed)
     if path == "fused":  # the fused paths do not take such a module
@@ -930,6 +945,16 @@ def test_settings_changed_after_construction_are_refused(path):
     set_flat_parameters(tempered, get_flat_parameters(tempered) + 0.01)
     fresh = build(tempered, F.cross_entropy, (x, y))
     torch.testing.assert_close(op.matvec(v_t), fresh.matvec(v_t), rtol=1e-12, atol=1e-14)
+
+
+class _LossCountingCalls(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return F.cross_entropy(out, y)
 
 
 class _WrapsCrossEntropy(nn.Module):

@@ -50,11 +50,12 @@ A model that writes its own inputs in place (``ReLU(inplace=True)`` first) is gi
 batches, so no pass writes the caller's data.
 The settings the products are computed under are taken at construction too: every module's training
 flag, hooks and instance ``forward``, torch.nn's modules' settings as their ``extra_repr`` shows them (a
-layer's ``eps``, a dropout's ``p``), and the loss module's and its torch.nn submodules'
-(``label_smoothing``, ``ignore_index``, a class ``weight``): the fused paths read them once and the
-cached graphs hold them, so a change of any is refused at the next call (a ValueError): build a new
-operator after changing one. (The settings of a module of your own are not seen: its ``extra_repr``
-may show its weights' values, which the weights' checks follow.)
+layer's ``eps``, a dropout's ``p``), and the loss's (torch.nn's losses' ``label_smoothing``,
+``ignore_index``, a class ``weight``): the fused paths read them once and the cached graphs hold them,
+so a change of any is refused at the next call (a ValueError): build a new operator after changing one.
+(The settings of a module or loss of your own are not seen: its ``extra_repr`` may show its weights'
+values, which the weights' checks follow, and its attributes may count its calls; nor are global module
+hooks, which observers such as ``FlopCounterMode`` register around a product.)
 
 Non-finite weights. The same float64 sums refuse them, at construction and at the first product,
 matmat or gradient after a change (a ValueError naming the tensor, never a NaN product): a NaN or Inf
@@ -573,8 +574,8 @@ class CurvatureOperator(abc.ABC):
         plain, buffers = loss_settings(self.loss_fn)
         if plain != self._loss_settings[0] or not same_weights(buffers, self._loss_settings[1]):
             raise ValueError(f"{owner}: the loss's settings (label_smoothing, ignore_index, a class weight, its mode, "
-                             "its hooks) or the global module hooks changed after the operator was built with it, "
-                             "whose caches hold what was computed before: build a new one")
+                             "its hooks) changed after the operator was built with it, whose caches hold what was "
+                             "computed before: build a new one")
 
     def _take_weights(self, key: WeightsKey) -> None:
         """After a change of the weights (``key``: :meth:`_current_weights_key`): views of the parameters
@@ -818,13 +819,6 @@ def _calls(module: nn.Module) -> tuple:
             tuple(module._backward_hooks), "forward" in vars(module))
 
 
-def _global_hooks() -> tuple:
-    from torch.nn.modules import module as torch_module  # where torch keeps the global hooks
-
-    return tuple(tuple(getattr(torch_module, f"_global_{kind}")) for kind in
-                 ("forward_pre_hooks", "forward_hooks", "backward_pre_hooks", "backward_hooks"))
-
-
 def _is_torchs(module: nn.Module) -> bool:
     return type(module).__module__.startswith("torch.nn.")
 
@@ -840,22 +834,24 @@ def module_settings(model: nn.Module) -> list[tuple[str, nn.Module, bool, str, t
 
 
 def loss_settings(loss_fn: LossFn) -> tuple[tuple, WeightsKey]:
-    """A loss module's, and its submodules', training flags, hooks and plain attributes
-    (``label_smoothing``, ``ignore_index``, ``reduction``; a wrapper's own, and torch.nn's losses'
-    inside it) with their buffers' weights key (a class weight); a ``functools.partial``'s keywords
-    (the tensors' as a weights key); nothing for a plain function. And the global module hooks."""
+    """A loss module's and its submodules' training flags and hooks, torch.nn's losses' public plain
+    attributes (``label_smoothing``, ``ignore_index``, ``reduction``; not those of a loss of the user's
+    own, which may count its calls: the probes call it) with their buffers' weights key (a class
+    weight); a ``functools.partial``'s keywords (the tensors' as a weights key); nothing for a plain
+    function. (Global module hooks are not read: observers such as ``FlopCounterMode`` register them
+    around a product.)"""
     if isinstance(loss_fn, nn.Module):
         plain = tuple((name, module.training, _calls(module),
-                       tuple(sorted((k, v) for k, v in vars(module).items() if isinstance(v, _PLAIN)))
-                       if not name or _is_torchs(module) else ())
+                       tuple(sorted((k, v) for k, v in vars(module).items()
+                                    if isinstance(v, _PLAIN) and not k.startswith("_")))
+                       if _is_torchs(module) else ())
                       for name, module in loss_fn.named_modules())
-        return (plain, _global_hooks()), weights_key(loss_fn.buffers())
+        return plain, weights_key(loss_fn.buffers())
     if isinstance(loss_fn, functools.partial):
         keywords = loss_fn.keywords.items()
         plain = tuple(sorted((k, v) for k, v in keywords if isinstance(v, _PLAIN)))
-        return (plain, _global_hooks()), weights_key(v for _, v in sorted(keywords, key=lambda kv: kv[0])
-                                                     if isinstance(v, torch.Tensor))
-    return ((), _global_hooks()), ()
+        return plain, weights_key(v for _, v in sorted(keywords, key=lambda kv: kv[0]) if isinstance(v, torch.Tensor))
+    return (), ()
 
 
 def refuse_parameter_writes(owner: str, copies: dict[str, torch.Tensor]) -> None:
