@@ -101,6 +101,7 @@ from .params import (
     ParamSelection,
     WeightsKey,
     flatten_tensors,
+    host_values,
     resolve_curvature_parameters,
     same_weights,
     unflatten_vector,
@@ -265,10 +266,8 @@ class BatchSource:
         tensors = self._watched()
         # a sparse or meta tensor has no values to sum: the batch check refuses it when a pass reads it
         dense = [t if t.layout == torch.strided and not t.is_meta else torch.zeros(0) for t in tensors.values()]
-        sums = [_bit_sum(t) for t in dense]
-        exact = ([v.item() for v in sums] if all(v.device.type == "cpu" for v in sums)
-                 else torch.stack([v.to(sums[0].device, torch.int64) for v in sums]).tolist())
-        return tuple(tensors), tuple((version_counter(t), t.data_ptr(), total) for t, total in zip(dense, exact))
+        sums = host_values([_bit_sum(t) for t in dense], torch.int64)
+        return tuple(tensors), tuple((version_counter(t), t.data_ptr(), total) for t, total in zip(dense, sums))
 
     def run_watching(self, probe: Callable[[torch.Tensor, torch.Tensor], Any], x: torch.Tensor,
                      y: torch.Tensor) -> None:

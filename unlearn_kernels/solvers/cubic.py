@@ -406,9 +406,8 @@ def _product_at(op: SolverOperator, s: torch.Tensor, step: int, eta: float, M: f
     try:
         return op.matvec(s)
     except NonFiniteProduct:
-        pass
+        norm = norm64(s)
     # one more product tells H from the iteration: at a unit vector along s (as LiSSA's check does)
-    norm = norm64(s)
     if norm > 0.0:
         try:
             op.matvec(s / norm)
