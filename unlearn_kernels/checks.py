@@ -265,7 +265,14 @@ def norm64(v: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(v.double()))
 
 
-def accepted_options(function: Callable[..., Any], reserved: Iterable[str] = ()) -> list[str]:
-    """The keyword names ``function`` takes (a class: its constructor's) other than ``reserved``, sorted:
-    the options a caller may pass on to it (so that a misspelt one is named before it is passed)."""
-    return sorted(set(inspect.signature(function).parameters) - set(reserved))
+def check_option_names(what: str, options: Iterable[str], accepted: Callable[..., Any] | Iterable[str],
+                       reserved: Iterable[str] = ()) -> None:
+    """Refuse, before any work, a name in ``options`` that is not an accepted option: a keyword of the
+    function ``accepted`` (a class: its constructor's), or one of the names ``accepted``, other than the
+    ``reserved`` ones (set by the caller). TypeError, as Python's for an unexpected keyword argument, but
+    naming the options that are accepted."""
+    names = set(inspect.signature(accepted).parameters) if callable(accepted) else set(accepted)
+    allowed = sorted(names - set(reserved))
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"{what}: unknown option(s) {unknown}; accepted: {allowed}")

@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from ..checks import accepted_options
+from ..checks import check_option_names
 from ..curvature.params import check_not_wrapped
 from ..labeled import LabeledData
 from ..lora import (
@@ -69,11 +69,7 @@ class CureNewtonLoRA(Unlearner):
         if targets is not None:
             targets = check_targets(self.name, targets)
         self.rank, self.alpha, self.targets = rank, alpha, targets
-        accepted = accepted_options(CureNewton, {"params"})
-        unknown = sorted(set(newton_options) - set(accepted))
-        if unknown:  # else Python's "CureNewton.__init__() got an unexpected keyword argument"
-            raise TypeError(f"{self.name}: unknown option(s) {unknown}; accepted: rank, alpha, targets and "
-                            f"CureNewton's {accepted}")
+        check_option_names(self.name, newton_options, CureNewton, {"params"})
         try:  # the values, now rather than at the first call, under this method's name
             CureNewton(**newton_options)
         except (TypeError, ValueError) as error:

@@ -79,12 +79,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import (
-    accepted_options,
     all_finite,
     check_batch_statistics,
     check_choice,
     check_int,
     check_number,
+    check_option_names,
     norm64,
 )
 from ..curvature import (
@@ -529,15 +529,6 @@ class _NewtonFamily(Unlearner):
 # CureNewton
 
 
-def _check_option_names(what: str, options: Mapping[str, Any], function: Callable[..., Any],
-                        reserved: Sequence[str]) -> None:
-    """Every key of ``options`` is a keyword of ``function`` other than the ``reserved`` ones (set by the
-    method), so that a misspelt option fails in the constructor rather than at the first step."""
-    accepted = accepted_options(function, reserved)
-    unknown = [key for key in options if key not in accepted]
-    if unknown:
-        raise ValueError(f"{what}: unknown option(s) {unknown}; accepted: {accepted}")
-
 #: the smallest M that ``M="auto"`` uses (a quadratic loss estimates ~0; M -> 0 is Newton's step)
 MIN_AUTO_M = 1e-6
 
@@ -632,13 +623,13 @@ class CureNewton(_NewtonFamily):
             # a rejected trial leaves the weights at the trial point, where a replayed basis would be built
             raise ValueError(f"{self.name}: solver_options two_pass is not supported: a re-solve after a rejected "
                              "step reuses the stored Lanczos basis")
-        _check_option_names(f"{self.name}: solver_options", self.solver_options, KrylovCubicSolver, ("H", "g", "seed"))
+        check_option_names(f"{self.name}: solver_options", self.solver_options, KrylovCubicSolver, ("H", "g", "seed"))
         try:  # the values, now rather than at the first step: the solver checks them as it is built
             KrylovCubicSolver(torch.zeros(1, 1), torch.zeros(1), **{**KRYLOV_DEFAULTS, **self.solver_options})
         except (TypeError, ValueError) as error:
             raise ValueError(f"{self.name}: solver_options: {error}") from None
         self.lipschitz_options = dict(lipschitz_options or {})
-        _check_option_names(f"{self.name}: lipschitz_options", self.lipschitz_options, estimate_hessian_lipschitz,
+        check_option_names(f"{self.name}: lipschitz_options", self.lipschitz_options, estimate_hessian_lipschitz,
                             ("model", "loss_fn", "data", "params", "seed", "batch_size", "path"))
         self.lipschitz_options = check_lipschitz_options(f"{self.name}: lipschitz_options", **self.lipschitz_options)
 

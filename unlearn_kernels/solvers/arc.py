@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..checks import all_finite, check_int, check_number, check_seed, norm64
+from ..checks import all_finite, check_int, check_number, check_option_names, check_seed, norm64
 from .cubic import KrylovCubicSolver, StepOverflow
 from .operators import check_vector
 
@@ -206,8 +206,9 @@ def adaptive_cubic_newton(
     if "seed" in options:
         raise ValueError("solver_options must not set 'seed': pass seed= (each step's solver gets "
                          "(seed + step) % 2**63)")
+    check_option_names("solver_options", options, KrylovCubicSolver, {"H", "g", "seed"})
     k_max = check_int("solver_options['k_max']", options.pop("k_max"), 1)
-    try:  # names and values now, before any work, not at the first step (a 1 x 1 problem: no products)
+    try:  # the values now, before any work, not at the first step (a 1 x 1 problem: no products)
         KrylovCubicSolver(torch.zeros(1, 1), torch.zeros(1), seed=seed, **options)
     except (TypeError, ValueError) as error:
         raise type(error)(f"solver_options: {error}") from None

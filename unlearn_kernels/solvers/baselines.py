@@ -27,7 +27,7 @@ import scipy.linalg.lapack
 import scipy.sparse.linalg
 import torch
 
-from ..checks import all_finite, check_int, check_number, check_seed, norm64
+from ..checks import all_finite, check_int, check_number, check_option_names, check_seed, norm64
 from .lanczos import LanczosProcess, ritz_pairs
 from .operators import NonFiniteProduct, SolverOperator, as_operator, check_vector, operator_and_vector
 
@@ -485,9 +485,13 @@ def damped_newton_step(H: Any, g: torch.Tensor, damping: float, *, solver: str =
     damping = check_number("damping", damping, 0.0)
     if solver == "auto":
         solver = _auto(op, "eigh", damped_solver(op.shape[0]))
+    solvers = {"cg": conjugate_gradient, "minres": minres, "minres-ldl": minres, "lissa": lissa, "eigh": ("rcond",),
+               "ldl": ()}
+    if solver not in solvers:
+        raise ValueError("solver must be 'auto', 'eigh', 'ldl', 'minres', 'minres-ldl', 'cg' or 'lissa', "
+                         f"got {solver!r}")
+    check_option_names(f"solver {solver!r}", options, solvers[solver], {"H", "b", "damping"})
     if solver == "ldl":
-        if options:
-            raise TypeError(f"solver 'ldl' takes no options, got {sorted(options)}")
         return _ldl_step(op, g, damping)
     if solver == "minres-ldl":
         budget = options.get("maxiter")
@@ -500,9 +504,6 @@ def damped_newton_step(H: Any, g: torch.Tensor, damping: float, *, solver: str =
         return replace(dense, num_hvps=attempt.num_hvps + dense.num_hvps, iterations=attempt.iterations,
                        info={**dense.info, "minres_iterations": attempt.iterations})
     if solver == "eigh":
-        unknown = set(options) - {"rcond"}
-        if unknown:
-            raise TypeError(f"solver 'eigh' takes only rcond, got {sorted(unknown)}")
         # rcond >= 1 counts every eigenvalue as 0: a zero step
         rcond = check_number("rcond", options.get("rcond", 1e-12), 0.0, 1.0, strict_high=True)
         lam, U = _eigh(op)
@@ -512,10 +513,6 @@ def damped_newton_step(H: Any, g: torch.Tensor, damping: float, *, solver: str =
         residual = float(torch.linalg.vector_norm((lam + damping) * y + c))
         return NewtonStep(s, residual, op.num_hvps, 0, True, "damped-eigh",
                           {"rank": kept, "lambda_min": float(lam[0])})
-    solvers = {"cg": conjugate_gradient, "minres": minres, "lissa": lissa}
-    if solver not in solvers:
-        raise ValueError("solver must be 'auto', 'eigh', 'ldl', 'minres', 'minres-ldl', 'cg' or 'lissa', "
-                         f"got {solver!r}")
     sol = solvers[solver](op, g, damping=damping, **options)
     converged = _solved(sol, g, options.get("tol", MINRES_TOL)) if solver == "minres" else sol.converged
     return NewtonStep(-sol.solution, sol.residual, sol.num_hvps, sol.iterations, converged, f"damped-{solver}",

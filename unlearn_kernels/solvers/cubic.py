@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checks import accepted_options, all_finite, check_bool, check_int, check_number, check_seed, norm64
+from ..checks import all_finite, check_bool, check_int, check_number, check_option_names, check_seed, norm64
 from ..ops.cubic_secular import cubic_secular_solve
 from .lanczos import LanczosProcess, Reorth, replay, ritz_pairs
 from .operators import NonFiniteProduct, SolverOperator, check_vector, operator_and_vector
@@ -588,15 +588,11 @@ def cubic_newton_step(H: Any, g: torch.Tensor | None, M: float, method: str = "k
             (M too small for this H and g).
     """
     if method == "dense":
-        if options:
-            raise TypeError(f"method 'dense' takes no options, got {sorted(options)}")
+        check_option_names("method 'dense'", options, ())
         return dense_cubic_step(H, g, M)
-    if method in ("krylov", "gd"):  # a misspelt option: named here, not as a Python signature error inside
+    if method in ("krylov", "gd"):
         target = KrylovCubicSolver if method == "krylov" else stochastic_cubic_gd if "sample" in options else cubic_gd
-        accepted = accepted_options(target, {"H", "g", "M"})
-        unknown = sorted(set(options) - set(accepted))
-        if unknown:
-            raise TypeError(f"method {method!r} takes the options {accepted}, got {unknown}")
+        check_option_names(f"method {method!r}", options, target, {"H", "g", "M"})
     if method == "krylov":
         return KrylovCubicSolver(H, g, **options).solve(M)
     if method == "gd":
