@@ -213,7 +213,8 @@ def test_cubic_newton_step_names_a_misspelt_option(problem):
     """A misspelt option raised Python's "__init__() got an unexpected keyword argument" from inside."""
     H, g = problem
     for method in ("krylov", "gd"):
-        with pytest.raises(TypeError, match=rf"^method '{method}': unknown option\(s\) \['kmax'\]; accepted: \[.*'seed'"):
+        with pytest.raises(TypeError,
+                           match=rf"^method '{method}': unknown option\(s\) \['kmax'\]; accepted: \[.*'seed'"):
             cubic_newton_step(H, g, 1.0, method=method, kmax=3)
 
 
@@ -267,7 +268,7 @@ def test_arc_checks_its_functions_and_options_before_calling_them(problem):
         adaptive_cubic_newton(value, gradient, P, w0)
     with pytest.raises(TypeError, match=r"solver_options must be None or a mapping .* got list"):
         adaptive_cubic_newton(value, gradient, hessian, w0, solver_options=[("kappa", 0.1)])
-    with pytest.raises(TypeError, match=r"^solver_options: unknown option\(s\) \['kapa'\]; accepted: \['check_every', "):
+    with pytest.raises(TypeError, match=r"^solver_options: unknown option\(s\) \['kapa'\]; accepted: \['check_"):
         adaptive_cubic_newton(value, gradient, hessian, w0, solver_options={"kapa": 0.1})
     with pytest.raises(ValueError, match=r"solver_options: kappa must be a finite number >= 0.0, got -1"):
         adaptive_cubic_newton(value, gradient, hessian, w0, solver_options={"kappa": -1})
