@@ -11,7 +11,7 @@ import torch
 
 from devices import backend_devices
 from unlearn_kernels.checkpoint import refuse_empty_path
-from unlearn_kernels.checks import as_float, check_number, check_tensor
+from unlearn_kernels.checks import as_float, check_number, check_option_names, check_tensor
 from unlearn_kernels.cli import path_argument
 from unlearn_kernels.ops import cubic_secular_solve, lanczos_step, lora_linear, mlp_hvp, softmax_ce_grad
 
@@ -103,3 +103,18 @@ def test_every_op_refuses_a_sparse_argument_on_every_backend(op, backend, device
     "unsupported memory format"), or none: the reference of lanczos_step took a sparse basis."""
     with pytest.raises(TypeError, match=r"must be a dense tensor, got layout torch\.sparse_coo"):
         _sparse_calls(device)[op](backend)
+
+
+def test_check_option_names_names_the_accepted_options():
+    """One check of option names for every method and solver that passes options on (five copies raised
+    ValueError or TypeError in three wordings, or let Python's "unexpected keyword argument" through)."""
+    def solver(H, g, *, tol=1e-6, maxiter=None):
+        return H, g, tol, maxiter
+
+    check_option_names("solver 'x'", {"tol": 1.0}, solver, {"H", "g"})
+    with pytest.raises(TypeError,
+                       match=r"^solver 'x': unknown option\(s\) \['H', 'tols'\]; accepted: \['maxiter', 'tol'\]$"):
+        check_option_names("solver 'x'", {"tols": 1.0, "H": 1}, solver, {"H", "g"})
+    with pytest.raises(TypeError, match=r"^solver 'ldl': unknown option\(s\) \['tol'\]; accepted: \[\]$"):
+        check_option_names("solver 'ldl'", ["tol"], ())
+    check_option_names("wrapper", {"anything": 1}, lambda *args, **kwargs: None)  # **kwargs takes every name

@@ -2132,3 +2132,31 @@ def test_data_changed_where_no_version_counter_sees_it_is_refused(build):
             r"the data \(the DataLoader's dataset tensor 0\) was replaced after it was built")
     batches = uneven_batches(x, y)
     refused(batches, lambda: batches.append((x[:3], y[:3])), r"the data's batches were replaced, added or removed")
+
+
+def test_row_mean_weights_batches_by_rows_and_keeps_the_callers_tensors():
+    """The one mean over batches (the operators' products and gradients, the Objective's value): rows-
+    weighted, summed in float32 for half precision, a single batch's mean returned exactly as it is, and
+    the caller's tensor written only when it is given up (``owned``)."""
+    from unlearn_kernels.curvature.base import RowMean
+
+    a, b = torch.tensor([1.0, 2.0], dtype=torch.float64), torch.tensor([4.0, -1.0], dtype=torch.float64)
+    mean = RowMean()
+    mean.add(a, 3)
+    mean.add(b, 1)
+    torch.testing.assert_close(mean.result(), (3 * a + b) / 4, rtol=0, atol=0)
+    assert mean.rows == 4 and a.tolist() == [1.0, 2.0] and b.tolist() == [4.0, -1.0]
+    one = RowMean()
+    x = torch.randn(5, 2)
+    one.add(x, 1797)
+    result = one.result()
+    assert torch.equal(result, x) and result.data_ptr() != x.data_ptr()  # exact, and a copy
+    owned = RowMean()
+    owned.add(x, 7, owned=True)
+    assert owned.result().data_ptr() == x.data_ptr()  # given up: no copy
+    half = RowMean()
+    for _ in range(4):
+        half.add(torch.full((3,), 60000.0, dtype=torch.float16), 100_000)  # rows x mean overflows float16
+    assert half.result().dtype == torch.float16 and half.result().tolist() == [60000.0] * 3
+    with pytest.raises(ValueError, match="data is empty"):
+        RowMean().result()

@@ -270,8 +270,14 @@ def check_option_names(what: str, options: Iterable[str], accepted: Callable[...
     """Refuse, before any work, a name in ``options`` that is not an accepted option: a keyword of the
     function ``accepted`` (a class: its constructor's), or one of the names ``accepted``, other than the
     ``reserved`` ones (set by the caller). TypeError, as Python's for an unexpected keyword argument, but
-    naming the options that are accepted."""
-    names = set(inspect.signature(accepted).parameters) if callable(accepted) else set(accepted)
+    naming the options that are accepted. A function that takes ``**kwargs`` accepts every name."""
+    if callable(accepted):
+        parameters = inspect.signature(accepted).parameters.values()
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            return
+        names = {p.name for p in parameters}
+    else:
+        names = set(accepted)
     allowed = sorted(names - set(reserved))
     unknown = sorted(set(options) - set(allowed))
     if unknown:

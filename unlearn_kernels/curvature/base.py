@@ -127,25 +127,42 @@ _TRAIN_MODE_MODULES = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._Drop
 class RowMean:
     """The mean over all rows of per-batch means, each weighted by its rows (a plain-mean loss's
     value, gradient or products over the batches). Summed in float32 at least: in float16 the sum of
-    rows x batch means overflowed to Inf (a row count above 65,504 is no float16 factor at all) and
-    in bfloat16 it lost accuracy with every batch; :meth:`result` rounds to the batches' dtype."""
+    rows x batch means overflows to Inf (a row count above 65,504 is no float16 factor at all) and in
+    bfloat16 it loses accuracy with every batch; :meth:`result` rounds to the batches' dtype. A single
+    batch's mean is returned as it is (no scaling by its rows and back)."""
 
     def __init__(self) -> None:
         self._total: torch.Tensor | None = None
         self._count = 0
+        self._summed = False  # whether _total holds the sum (else the mean) of what was added
 
-    def add(self, mean: torch.Tensor, rows: int) -> None:
-        """Add a batch's mean over its ``rows`` rows (``mean`` is not written)."""
+    def add(self, mean: torch.Tensor, rows: int, *, owned: bool = False) -> None:
+        """Add a batch's mean over its ``rows`` rows. ``mean`` is not written unless ``owned`` (the
+        caller gives it up: it may become the running total, saving a copy)."""
         wide = mean.float() if mean.dtype in (torch.float16, torch.bfloat16) else mean
         self._dtype = mean.dtype
-        self._total = wide * rows if self._total is None else self._total.add_(wide, alpha=rows)
+        if self._total is None:
+            self._total = wide if owned or wide is not mean else wide.clone()
+        else:
+            if not self._summed:
+                self._total.mul_(self._count)
+                self._summed = True
+            self._total.add_(wide, alpha=rows)
         self._count += rows
+
+    @property
+    def rows(self) -> int:
+        """The rows added so far."""
+        return self._count
 
     def result(self) -> torch.Tensor:
         """The mean over every row added, in the batches' dtype (ValueError if none was)."""
         if self._total is None:
             raise ValueError("data is empty: it yields no batches")
-        return (self._total / self._count).to(self._dtype)
+        if self._summed:
+            self._total.div_(self._count)
+            self._summed = False
+        return self._total.to(self._dtype)
 
 
 #: the integer type of each element size: the data's change key sums the values' bits in it

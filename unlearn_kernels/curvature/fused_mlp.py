@@ -23,7 +23,7 @@ from torch import nn
 
 from ..backends import status
 from ..ops.mlp_hvp import mlp_hvp_flat, mlp_hvp_flat_cached, mlp_hvp_state
-from .base import CurvatureOperator, DataSpec, LossFn, hooked_module, own_call
+from .base import CurvatureOperator, DataSpec, LossFn, RowMean, hooked_module, own_call
 from .params import ParamSelection, resolve_parameters
 
 _ACTIVATIONS: dict[type[nn.Module], str] = {nn.ReLU: "relu", nn.GELU: "gelu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
@@ -275,27 +275,28 @@ class FusedMLPHessian(CurvatureOperator):
     def _gradient(self) -> torch.Tensor:
         """The gradient from each batch's state: d_l^T h_{l-1} for W_l and the row sums of d_l for b_l
         (the state also serves the products that usually follow at the same weights)."""
-        total = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
-        count, num_layers = 0, len(self._weights)
-        for entry, n, batch in self.cached_pass(self._state):
-            inputs, state = entry if entry is not None else self._state(*batch)[0]
-            count += n
-            if state is None:  # every row ignored
-                continue
+        num_layers = len(self._weights)
+
+        def per_batch(entry: tuple[torch.Tensor, list[torch.Tensor] | None]) -> torch.Tensor:
+            inputs, state = entry
+            grad = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
+            if state is None:  # every row ignored: the batch contributes zero
+                return grad
             layer_inputs, grads = [inputs, *state[:num_layers - 1]], state[num_layers - 1:2 * num_layers - 1]
             for w, h, d, wo, bo in zip(self._weights, layer_inputs, grads, self._weight_offsets, self._bias_offsets):
                 if wo >= 0:
-                    total[wo:wo + w.numel()].add_((d.T @ h).reshape(-1), alpha=n)
+                    grad[wo:wo + w.numel()] = (d.T @ h).reshape(-1)
                 if bo >= 0:
-                    total[bo:bo + w.shape[0]].add_(d.sum(0), alpha=n)
-        return total / count
+                    grad[bo:bo + w.shape[0]] = d.sum(0)
+            return grad
+        return self.cached_mean(self._state, per_batch)
 
     def _matmat(self, matrix: torch.Tensor) -> torch.Tensor:
-        total, count = None, 0
+        mean = RowMean()
         acts = self._chain.activations
         for entry, n, batch in self.cached_pass(self._state):
             out = None  # stays None for a batch whose rows are all ignored: it contributes zero
-            if entry is None:  # beyond the cache's budget: the whole pass
+            if entry is None:  # beyond the cache's budget: the whole pass, keeping no state
                 x, y = batch
                 labels = fused_labels(type(self).__name__, y)
                 if not self._all_ignored(labels):
@@ -308,13 +309,5 @@ class FusedMLPHessian(CurvatureOperator):
                 inputs, state = entry
                 out = mlp_hvp_flat_cached(inputs, state, self._weights, self._biases, acts, matrix,
                                           self._weight_offsets, self._bias_offsets, backend=self.backend)
-            # The mean weighted by batch size, kept as a running mean (one batch: its products as they are).
-            if out is None:
-                if total is not None:
-                    total.mul_(count / (count + n))
-            elif total is None:
-                total = out if count == 0 else out.mul_(n / (count + n))
-            else:
-                total.mul_(count / (count + n)).add_(out, alpha=n / (count + n))
-            count += n
-        return total if total is not None else torch.zeros_like(matrix)
+            mean.add(torch.zeros_like(matrix) if out is None else out, n, owned=True)
+        return mean.result()

@@ -181,9 +181,8 @@ class Objective:
         return _without_buffer_writes(self.model, lambda: self._accumulate(with_gradient))
 
     def _accumulate(self, with_gradient: bool) -> tuple[float, torch.Tensor | None]:
-        total = torch.zeros((), dtype=torch.float64)
+        total = RowMean()  # of the batches' float64 values
         grad = RowMean() if with_gradient else None
-        count = 0
         params = self._slots.current()
         for x, y in self.data:
             n = y.shape[0]
@@ -203,12 +202,11 @@ class Objective:
             batch_value = loss.detach().double().cpu()
             if batch_value.isnan() and every_row_ignored(self.loss_fn, y):
                 batch_value.zero_()  # the mean over no rows: zero, as its gradient and curvature are
-            total += batch_value * n
-            count += n
-        if count == 0:
+            total.add(batch_value, n, owned=True)
+        if total.rows == 0:
             raise ValueError("Objective: data is empty: it yields no samples")
         self.num_data_passes += 1
-        value = float(total) / count
+        value = float(total.result())
         w = self.weights() if self.weight_decay else None
         if w is not None:
             value += 0.5 * self.weight_decay * float(w.double().square().sum())
