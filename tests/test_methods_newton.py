@@ -705,9 +705,27 @@ def test_a_diverging_lissa_step_is_blamed_on_the_step():
     model = init_model(lambda: nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10)), 0)
     model(x)  # train mode: the running statistics move once
     model.eval()
-    with pytest.raises(ValueError, match=r"^lissa: the LiSSA recursion diverged \(scale .* raise scale or damping; "
-                                         "the caller's model is unchanged"):
+    with pytest.raises(ValueError, match=r"^lissa: the LiSSA recursion diverged \(H \+ damping I has negative "
+                                         r"curvature, smallest Ritz value -0\.\d+ below -damping -0\.01, along which it "
+                                         r"grows: raise damping above 0\.\d+\); the caller's model is unchanged"):
         LiSSANewton().unlearn(model, LabeledData(x[:40], y[:40]), LabeledData(x[40:], y[40:]))
+
+
+def test_lissa_on_an_indefinite_hessian_says_so(mlp):
+    """Curvature below -damping makes the recursion grow slowly: at depth 100 its residual stayed under
+    ||g|| (no error) and the step came back with converged True (on a digits MLP, 43% of its norm along
+    the negative eigenvectors). The auto scale's Lanczos run sees it: converged False, its smallest Ritz value (never
+    below the true smallest eigenvalue) as lambda_min."""
+    model, forget, retain = mlp
+    H, _ = retain_hessian(model, retain)
+    smallest = float(torch.linalg.eigvalsh(H)[0])
+    assert smallest < -0.004  # the problem: H + 0.001 I indefinite
+    d = LiSSANewton(damping=1e-3, dtype=torch.float64).unlearn(model, forget, retain).diagnostics
+    assert d["converged"] is False and smallest - 1e-9 <= d["lambda_min"] < -1e-3
+    positive = LiSSANewton(damping=-smallest + 0.01, dtype=torch.float64).unlearn(model, forget, retain)
+    assert positive.diagnostics["converged"] is True and positive.diagnostics["lambda_min"] > smallest - 1e-9
+    given = LiSSANewton(damping=1e-3, scale=10.0, dtype=torch.float64).unlearn(model, forget, retain)
+    assert given.diagnostics["lambda_min"] is None  # a given scale runs no Lanczos
 
 
 def test_a_result_worse_after_rounding_is_not_returned(mlp, monkeypatch):

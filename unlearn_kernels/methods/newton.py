@@ -977,6 +977,10 @@ class LiSSANewton(_NewtonFamily):
     curvature makes it grow. ``scale="auto"`` takes ``max |theta| + damping`` over the extreme Ritz
     values of ``lanczos_steps`` Lanczos steps (products counted). A recursion that overflows, or whose
     residual ``||(H + damping I) s + g||`` exceeds ``||g||`` (a component grew), raises ValueError.
+    Negative curvature below ``-damping`` makes a component grow slowly, unseen by the residual for many
+    steps: where the auto scale's smallest Ritz value shows it, the step (the truncated recursion, as the
+    papers take it on networks) is returned with ``converged`` False and that value as ``lambda_min`` in
+    the diagnostics (None with a given scale, which runs no Lanczos).
 
     Args:
         damping: lambda >= 0 (default 0.01).
@@ -1004,21 +1008,29 @@ class LiSSANewton(_NewtonFamily):
     def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,
                  unseen: LabeledData | None, seed: int) -> UnlearnResult:
         def solve(ws: _Workspace, H: RegularizedOperator, g: torch.Tensor) -> dict[str, Any]:
-            scale = self.scale
+            scale, lambda_min = self.scale, None
             if scale == "auto":
                 ends = lanczos(H, self.lanczos_steps, which="BE", return_eigenvectors=False, seed=seed)
                 scale = float(ends.eigenvalues.abs().max()) + self.damping
+                lambda_min = float(ends.eigenvalues.min())
                 if not scale > 0:
                     raise ValueError(f"{self.name}: the Hessian is zero and damping is 0: no scale for LiSSA")
+            # curvature below -damping: the recursion grows along it, slowly at first (its residual stays
+            # under ||g|| for many steps), so the Ritz value says so before the residual can
+            indefinite = lambda_min is not None and lambda_min + self.damping < 0
             result = lissa(H, g, scale=scale, damping=self.damping, depth=self.depth)
             # not converged: non-finite iterates, or a residual above ||g||, which the truncated recursion
             # cannot leave when every eigenvalue of H + damping I is in [0, 2 scale] (see lissa)
             if not result.converged:
-                raise ValueError(f"{self.name}: the LiSSA recursion diverged (scale {scale:.3g} is below half the "
-                                 "largest eigenvalue of H + damping I, or H has strong negative curvature): raise "
-                                 "scale or damping; the caller's model is unchanged")
+                cause = (f"H + damping I has negative curvature, smallest Ritz value {lambda_min:.3g} below -damping "
+                         f"{-self.damping:g}, along which it grows: raise damping above {-lambda_min:.3g}"
+                         if indefinite else f"scale {scale:.3g} is below half the largest eigenvalue of H + damping "
+                         "I, or H has strong negative curvature: raise scale or damping")
+                raise ValueError(f"{self.name}: the LiSSA recursion diverged ({cause}); the caller's model is "
+                                 "unchanged")
             step = -result.solution
             return {"step": step, "scale": scale,
-                    **_baseline_diagnostics(result, self.damping, self._quadratic_value(H, g, step), "lissa")}
+                    **_baseline_diagnostics(result, self.damping, self._quadratic_value(H, g, step), "lissa"),
+                    "lambda_min": lambda_min, "converged": result.converged and not indefinite}
 
         return self._one_step(model, retain, solve)
