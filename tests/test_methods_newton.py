@@ -706,8 +706,9 @@ def test_a_diverging_lissa_step_is_blamed_on_the_step():
     model(x)  # train mode: the running statistics move once
     model.eval()
     with pytest.raises(ValueError, match=r"^lissa: the LiSSA recursion diverged \(H \+ damping I has negative "
-                                         r"curvature, smallest Ritz value -0\.\d+ below -damping -0\.01, along which it "
-                                         r"grows: raise damping above 0\.\d+\); the caller's model is unchanged"):
+                                         r"curvature, smallest Ritz value -0\.\d+ below -damping -0\.01, along "
+                                         r"which it grows: raise damping above 0\.\d+\); the caller's model is "
+                                         "unchanged"):
         LiSSANewton().unlearn(model, LabeledData(x[:40], y[:40]), LabeledData(x[40:], y[40:]))
 
 
