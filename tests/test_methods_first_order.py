@@ -661,3 +661,50 @@ def test_adam_on_a_float16_model_is_refused_by_name(name, options):
 class _ToFloat(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.float()
+
+
+@pytest.mark.parametrize("dtype, rows, scale", [(torch.float16, 6000, 1000.0), (torch.bfloat16, 20000, 1.0)],
+                         ids=["float16", "bfloat16"])
+def test_salun_saliency_is_summed_wide_in_half_precision(dtype, rows, scale):
+    """The saliency summed the forget batches' gradients in the model's .grad: in float16 it overflowed
+    to Inf on a large forget set (entries tied at Inf, the top-k among them arbitrary: 66 of 650 mask
+    entries wrong here) and in bfloat16 it lost the small increments (4 wrong here). It is held to the
+    same batch gradients summed in float64."""
+    digits = load_digits()
+    gen = torch.Generator().manual_seed(0)
+    model = init_model(lambda: nn.Linear(64, 10), 0).to(dtype)
+    index = torch.randint(0, len(digits.data), (rows,), generator=gen)
+    x = (torch.tensor(digits.data[index], dtype=torch.float32) * scale / 16).to(dtype)
+    forget = LabeledData(x, (torch.tensor(digits.target[index]) + 1) % 10)
+    method = SalUn()
+    masks, batches = method._saliency_mask(model, forget)
+    reference = 0
+    for xb, yb in forget.loader(method.batch_size):
+        model.zero_grad()
+        F.cross_entropy(model(xb), yb, reduction="sum").backward()
+        reference = reference + torch.cat([p.grad.double().flatten() for p in model.parameters()])
+    assert batches == math.ceil(rows / method.batch_size)
+    top = torch.zeros(reference.numel(), dtype=torch.bool)
+    top[torch.topk(reference.abs(), round(0.5 * reference.numel())).indices] = True
+    mask = torch.cat([masks[name].flatten() for name, _ in model.named_parameters()])
+    assert int((mask != top).sum()) <= 1  # float32 against float64 sums: at most a tie at the threshold
+
+
+def test_ssd_importance_is_summed_wide_in_half_precision():
+    """SSD's importances (mean squared batch gradients) were summed in the model's dtype: in float16 the
+    squares of small gradients underflowed to 0 (every one of 640 here), so no weight could be dampened
+    (I_f = 0). They are held to the same batch gradients squared and summed in float64."""
+    digits = load_digits()
+    model = init_model(lambda: nn.Linear(64, 10), 0).half()
+    x = (torch.tensor(digits.data[:640], dtype=torch.float32) / 16 * 0.002).half()  # small gradients
+    data = LabeledData(x, torch.tensor(digits.target[:640]))
+    method = SSD()
+    importance, batches = method._importance(model, data, "forget", 0)
+    reference = 0
+    for xb, yb in data.loader(method.batch_size, shuffle=True, seed=0):
+        model.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        reference = reference + torch.cat([p.grad.double().square().flatten() for p in model.parameters()])
+    got = torch.cat([v.double().flatten() for v in importance.values()])
+    assert all(v.dtype == torch.float32 for v in importance.values())
+    torch.testing.assert_close(got, reference / batches, rtol=1e-6, atol=0)

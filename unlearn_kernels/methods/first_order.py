@@ -298,14 +298,20 @@ class SalUn(RandomLabels):
         params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         join = join_last_row(self.name, model, forget, self.batch_size, "forget", training=False)
         model.eval()
-        model.zero_grad(set_to_none=True)
+        # summed over the batches in float32 at least: in a half-precision .grad the sum over a large
+        # forget set loses accuracy (bfloat16) or overflows to Inf (float16), and the top-k with it
+        total = {name: torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
+                 for name, p in params.items()}
         batches = 0
         for x, y in forget.to(model_device(model)).loader(self.batch_size, join_last_row=join):
+            model.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y, reduction="sum").backward()
+            for name, p in params.items():
+                if p.grad is not None:
+                    total[name] += p.grad
             batches += 1
-        saliency = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).abs().flatten()
-                              for p in params.values()])
         model.zero_grad(set_to_none=True)
+        saliency = torch.cat([t.abs().flatten() for t in total.values()])
         keep = torch.zeros_like(saliency, dtype=torch.bool)
         keep[torch.topk(saliency, max(1, round(self.mask_fraction * saliency.numel()))).indices] = True
         masks, offset = {}, 0
@@ -477,7 +483,10 @@ class SSD(Unlearner):
         """Mean squared batch gradient per parameter, and the number of batches (``role`` names
         ``data`` in an error)."""
         params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        importance = {name: torch.zeros_like(p) for name, p in params.items()}
+        # in float32 at least: half-precision squares underflow to 0 (and sums overflow), which would
+        # turn the dampening factors lam * I_D / I_f into 0/0 or x/0
+        importance = {name: torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
+                      for name, p in params.items()}
         join = join_last_row(self.name, model, data, self.batch_size, role, training=False)
         batches = 0
         for x, y in data.loader(self.batch_size, shuffle=True, seed=seed, join_last_row=join):
@@ -485,7 +494,7 @@ class SSD(Unlearner):
             F.cross_entropy(model(x), y).backward()
             for name, p in params.items():
                 if p.grad is not None:
-                    importance[name] += p.grad.square()
+                    importance[name] += p.grad.to(importance[name].dtype).square()
             batches += 1
         model.zero_grad(set_to_none=True)
         return {name: imp / batches for name, imp in importance.items()}, batches
