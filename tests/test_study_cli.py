@@ -931,3 +931,9 @@ def test_cli_an_unreadable_dataset_file_is_one_line(monkeypatch, capsys, tmp_pat
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"unlearn-kernels: error: [Errno 13] Permission denied: '{tmp_path / 'train-images-idx3-ubyte'}'"]
+
+
+def test_the_default_cache_folder_is_read_when_a_config_is_made(tmp_path, monkeypatch):
+    """It was read once, when unlearn_kernels.study was imported: XDG_CACHE_HOME set later was ignored."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert StudyConfig().cache_dir == str(tmp_path / "unlearn-kernels" / "checkpoints")

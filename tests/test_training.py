@@ -636,3 +636,42 @@ def test_an_empty_path_is_refused_not_read_as_the_working_folder(tmp_path, monke
     assert checkpoint.check_cache_dir("Owner: cache_dir", ".", "the models") == checkpoint.Path(".")
     assert checkpoint.check_cache_dir("Owner: cache_dir", None, "the models") is None
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_of_another_format_is_retrained_not_refused(tmp_path):
+    """A cached file of another FORMAT_VERSION (another version of the package sharing the cache) stopped
+    every run with "not an unlearn-kernels checkpoint of format 1" (delete it to retrain), where the
+    format's own comment promises a retrain; anything else that is no checkpoint is still refused."""
+    path = tmp_path / "orig.pt"
+    data, config = blobs(), TrainConfig(epochs=2, batch_size=32, lr=0.1, seed=0)
+    model, _ = train_or_load(path, factory, data, config)
+    payload = torch.load(path, weights_only=True)
+    payload["format"] = checkpoint.FORMAT_VERSION + 1
+    torch.save(payload, path)
+    with pytest.raises(checkpoint.CheckpointFormatError, match=r"orig.pt is an unlearn-kernels checkpoint of "
+                                                                rf"format {checkpoint.FORMAT_VERSION + 1}, not"):
+        read_checkpoint(path)
+    again, stats = train_or_load(path, factory, data, config)
+    assert stats is not None  # trained, and saved over the other format's file
+    assert torch.load(path, weights_only=True)["format"] == checkpoint.FORMAT_VERSION
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    payload["format"] = "1"  # not a format number: no checkpoint of any version
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="is not an unlearn-kernels checkpoint of format"):
+        train_or_load(path, factory, data, config)
+
+
+def test_the_cache_file_names_the_training_device_and_threads(tmp_path):
+    """The thread count is in the checkpoint's metadata (it changes the trained weights) but was not in the
+    file's name: runs alternating --threads 1 and 2 retrained and overwrote one file in turn."""
+    config, model = TrainConfig(epochs=1), factory()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = checkpoint.cache_path(tmp_path, "orig", model, config, device="cpu")
+        torch.set_num_threads(2)
+        two = checkpoint.cache_path(tmp_path, "orig", model, config, device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert one != two and one.parent == two.parent == tmp_path and one.name.startswith("orig-")
+    assert checkpoint.cache_path(tmp_path, "orig", model, config, device="meta") not in (one, two)

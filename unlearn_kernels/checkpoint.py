@@ -37,6 +37,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint file exists but cannot be read (corrupt, truncated, or not a checkpoint)."""
 
 
+class CheckpointFormatError(CheckpointError):
+    """A checkpoint file of another :data:`FORMAT_VERSION` (another version of this package wrote it)."""
+
+
 def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     """SHA-256 (hex) of named tensors' names, dtypes, shapes and bytes: equal iff the tensors are."""
     digest = hashlib.sha256()
@@ -65,13 +69,15 @@ def model_signature(model: nn.Module) -> dict[str, Any]:
 
 
 def cache_path(folder: str | os.PathLike[str], stem: str, model: nn.Module, config: TrainConfig,
-               model_info: Mapping[str, Any] | None = None) -> Path:
-    """``folder/<stem>-<key>.pt``, the key a short hash of the recipe, the model's signature and
-    ``model_info``: models trained another way (another recipe or architecture on the same data) get
-    files of their own instead of overwriting each other in turn. Versions and training code are
-    left out of the key, so a model made stale by them is overwritten, not kept beside the new one."""
-    key = json.dumps([config.to_dict(), model_signature(model), dict(model_info or {})], sort_keys=True,
-                     default=str)
+               model_info: Mapping[str, Any] | None = None, device: torch.device | str = "cpu") -> Path:
+    """``folder/<stem>-<key>.pt``, the key a short hash of the recipe, the model's signature,
+    ``model_info`` and the training device as checkpoints record it (:func:`device_description`: on
+    the CPU with its thread count): models trained another way (another recipe, architecture or
+    device on the same data) get files of their own instead of overwriting each other in turn.
+    Versions and training code are left out of the key, so a model made stale by them is
+    overwritten, not kept beside the new one."""
+    key = json.dumps([config.to_dict(), model_signature(model), dict(model_info or {}), device_description(device)],
+                     sort_keys=True, default=str)
     return Path(folder) / f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
 
 
@@ -274,7 +280,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
         FileNotFoundError: no file at ``path`` (IsADirectoryError: a directory there).
         ValueError: ``path`` is empty (which ``Path`` would read as the working folder) or cannot be
             looked up (a name longer than the file system takes).
-        CheckpointError: the file is corrupt, truncated or not a checkpoint of this format.
+        CheckpointError: the file is corrupt, truncated or not a checkpoint (CheckpointFormatError: a
+            checkpoint of another format).
     """
     path = refuse_empty_path(path, "checkpoint path is an empty path: name a file")
     if _exists_and_is_dir(path, f"checkpoint path {str(path)!r}")[1]:
@@ -289,6 +296,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
         why = ("torch.load's weights-only unpickler refuses it" if "weights_only" in str(error)
                else (str(error).splitlines() or [f"{type(error).__name__} (an empty file?)"])[0])
         raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated?): {why}") from error
+    if isinstance(payload, dict) and type(payload.get("format")) is int and payload["format"] != FORMAT_VERSION:
+        raise CheckpointFormatError(f"{path} is an unlearn-kernels checkpoint of format {payload['format']}, not "
+                                    f"{FORMAT_VERSION}")
     if not (isinstance(payload, dict) and payload.get("format") == FORMAT_VERSION
             and isinstance(payload.get("metadata"), str) and isinstance(payload.get("state_dict"), dict)
             and all(isinstance(name, str) and isinstance(t, torch.Tensor)
@@ -312,7 +322,7 @@ def load_checkpoint(
     """The state dict stored at ``path`` if its metadata equals ``expected_metadata``, else None.
 
     None means "retrain": the file is absent or was made by another recipe, model, data, device,
-    version or training code.
+    version, training code or file format.
 
     Raises:
         CheckpointError: the file exists but is corrupt (it is left in place for inspection).
@@ -321,7 +331,7 @@ def load_checkpoint(
     expected = _normalise(expected_metadata)
     try:
         metadata, state = read_checkpoint(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, CheckpointFormatError):
         return None
     return state if metadata == expected else None
 

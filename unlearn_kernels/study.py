@@ -183,7 +183,7 @@ class StudyConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     recipe: TrainConfig | None = None
     device: str = "cpu"
-    cache_dir: str | None = str(_default_cache_dir())
+    cache_dir: str | None = field(default_factory=lambda: str(_default_cache_dir()))
 
     def __post_init__(self) -> None:
         check_dataset_and_model(self.dataset, self.model)
@@ -422,7 +422,7 @@ def _original_path(config: StudyConfig, factory: Callable[[], nn.Module], seed: 
     """The cache file of the original model of ``seed`` (``cache_tag``: see :func:`build_scenario`)."""
     recipe = config.train_recipe(seed)
     return cache_path(Path(config.cache_dir), f"original-{config.dataset}-{config.model}-{seed}{cache_tag}",
-                      init_model(factory, recipe.seed), recipe, _model_info(config))
+                      init_model(factory, recipe.seed), recipe, _model_info(config), config.device)
 
 
 def check_cache(config: StudyConfig) -> None:

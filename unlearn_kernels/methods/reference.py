@@ -94,7 +94,7 @@ class Retrain(Unlearner):
         # cached oracle's cost is still its training's steps
         joined = join_last_row(self.name, fresh, retain, self.config.batch_size, "retain")
         path = cache_path(self.cache_dir, f"retrain-{data_fingerprint(retain)[:16]}", fresh, self.config,
-                          self.model_info)
+                          self.model_info, device)
         fresh, stats = train_or_load(path, self.model_factory, retain, self.config, model_info=self.model_info,
                                      device=device, owner=self.name, role="retain")
         steps = self.config.epochs * epoch_steps(len(retain), self.config.batch_size, joined)
