@@ -15,6 +15,7 @@ import torch
 
 import unlearn_kernels.checkpoint as checkpoint
 import unlearn_kernels.report as report
+import unlearn_kernels.study as study_module
 from devices import DEVICE_ERRORS
 from unlearn_kernels.checkpoint import data_fingerprint, read_checkpoint
 from unlearn_kernels.cli import main, parse_method_options
@@ -433,7 +434,7 @@ def test_cli_cache_that_cannot_be_made_is_refused_before_any_work(tmp_path, caps
     blocker = tmp_path / "afile"
     blocker.write_text("the user's file")
     cache = blocker / "checkpoints"
-    monkeypatch.setattr(StudyConfig, "cache_dir", str(cache))  # the CLI's default cache
+    monkeypatch.setattr(study_module, "default_cache_dir", lambda: str(cache))  # the CLI's default cache
     code = main(["run", "--protocol", "random", "--seeds", "0", "--epochs", "1", "--methods", "original",
                  "--out", str(tmp_path / "out")])
     out, err = capsys.readouterr()
@@ -449,7 +450,7 @@ def test_cli_read_only_cache_is_refused_before_any_work_unless_it_holds_every_or
     (os.access and mkstemp stand in for the permission bits, which the root user of a CI container would not
     see); one that holds every original the run needs still serves them."""
     cache = tmp_path / "cache"
-    monkeypatch.setattr(StudyConfig, "cache_dir", str(cache))  # the CLI's default cache
+    monkeypatch.setattr(study_module, "default_cache_dir", lambda: str(cache))  # the CLI's default cache
     command = ["run", "--protocol", "random", "--epochs", "1", "--methods", "original", "--out", str(tmp_path / "out")]
     assert main([*command, "--seeds", "0"]) == 0  # caches seed 0's original
     capsys.readouterr()
@@ -634,7 +635,7 @@ def test_cli_corrupt_cached_original_is_a_clear_error_and_left_in_place(tmp_path
     """A damaged checkpoint in the cache (an interrupted copy, a full disk): one line naming the file,
     status 2 and no traceback, and the file is not overwritten."""
     cache = tmp_path / "cache"
-    monkeypatch.setattr(StudyConfig, "cache_dir", str(cache))  # the CLI's default cache
+    monkeypatch.setattr(study_module, "default_cache_dir", lambda: str(cache))  # the CLI's default cache
     command = ["run", "--protocol", "random", "--seeds", "0", "--epochs", "1", "--methods", "original",
                "--out", str(tmp_path / "out")]
     assert main(command) == 0
@@ -657,7 +658,7 @@ def test_cli_cached_original_that_does_not_fit_or_is_not_finite_is_a_clear_error
     about predict_logits that named no file. Both are damaged checkpoints now: one line, the file
     left in place."""
     cache = tmp_path / "cache"
-    monkeypatch.setattr(StudyConfig, "cache_dir", str(cache))
+    monkeypatch.setattr(study_module, "default_cache_dir", lambda: str(cache))
     command = ["run", "--protocol", "random", "--seeds", "0", "--epochs", "1", "--methods", "original",
                "--out", str(tmp_path / "out")]
     assert main(command) == 0
@@ -686,7 +687,7 @@ def test_cli_a_diverged_original_is_named_and_not_cached(tmp_path, capsys, monke
     and the run failed later naming predict_logits; now the training is named, with the learning rate,
     and nothing is saved."""
     cache = tmp_path / "cache"
-    monkeypatch.setattr(StudyConfig, "cache_dir", str(cache))
+    monkeypatch.setattr(study_module, "default_cache_dir", lambda: str(cache))
     for extra in ([], ["--no-cache"]):
         code = main(["run", "--protocol", "random", "--seeds", "0", "--epochs", "2", "--lr", "1e30", "--methods",
                      "original", "--out", str(tmp_path / "out"), *extra])
@@ -711,12 +712,26 @@ def test_cli_plots_and_results_of_one_run_only(tmp_path, capsys, monkeypatch):
     assert json.loads(results.read_text())["versions"]["cpu_threads"] == str(torch.get_num_threads())
 
     def interrupted(study, out_dir):
-        assert not results.exists()  # the earlier results are gone before any plot is written
+        # the earlier results and plots are gone before any plot is written (Ctrl-C here left the new
+        # results beside the earlier run's plots)
+        assert not results.exists() and not list(out_dir.glob("*.png"))
         raise KeyboardInterrupt
 
     monkeypatch.setattr(report, "write_plots", interrupted)
     assert main([*argv, "--methods", "original"]) == 130
     assert json.loads(results.read_text())["config"]["methods"] == ["retrain", "original"]
+    assert main([*argv, "--methods", "finetune"]) == 130
+
+    def terminated(study, out_dir):  # SIGTERM (kill, timeout) deleted the earlier results and wrote none
+        assert not results.exists() and not list(out_dir.glob("*.png"))
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(report, "write_plots", terminated)
+    capsys.readouterr()
+    assert main([*argv, "--methods", "original"]) == 143
+    assert capsys.readouterr().err.endswith("\nunlearn-kernels: terminated\n")
+    assert json.loads(results.read_text())["config"]["methods"] == ["retrain", "original"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # given back
     results.unlink()
 
     def failing(study, out_dir):
@@ -729,6 +744,50 @@ def test_cli_plots_and_results_of_one_run_only(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.endswith("unlearn-kernels: error: disk full\n") and "Traceback" not in err, err
     assert json.loads(results.read_text())["config"]["methods"] == ["retrain", "original"]
+
+
+def test_cli_refuses_an_out_folder_another_run_is_writing_into(tmp_path, capsys):
+    """Two runs into one --out at once left one run's results.json beside the other's plots, both with
+    status 0: the folder is locked while a run lasts (here by the test, as another run would), and the
+    temporary files of a run killed while it wrote are removed by the next one."""
+    import fcntl
+
+    argv = ["run", "--protocol", "random", "--seeds", "0", "--epochs", "1", "--methods", "original",
+            "--out", str(tmp_path), "--no-cache"]
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        capsys.readouterr()
+        assert main(argv) == 2
+        out, err = capsys.readouterr()
+        assert err == (f"unlearn-kernels: error: --out {str(tmp_path)!r} is in use by another unlearn-kernels run: "
+                       "wait for it to end, or choose another --out\n") and "unlearn-kernels run:" not in out
+    finally:
+        os.close(fd)
+    (tmp_path / "random").mkdir()
+    orphan = tmp_path / "random" / ".results.json.k3x9_a1b.tmp"  # as atomic_write names its temporary files
+    orphan.write_text("{")
+    kept = tmp_path / "random" / ".notes.txt.k3x9_a1b.tmp"  # not a file the run writes: the user's
+    kept.write_text("mine")
+    assert main(argv) == 0
+    assert not orphan.exists() and kept.read_text() == "mine"
+
+
+def test_cli_sigterm_ends_the_program_with_one_line(tmp_path):
+    """SIGTERM killed the process at once (status -15, what it had finished unwritten); it now ends as
+    Ctrl-C does, with one line and the shell's status for SIGTERM, 143."""
+    proc = subprocess.Popen([sys.executable, "-c", PROGRAM, "run", "--protocol", "random", "--seeds", "0",
+                             "--epochs", "10000", "--methods", "original", "--no-cache", "--out", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while not (line := proc.stderr.readline()).startswith("[random "):  # a progress line: the training began
+            assert line, "the run ended before its training"
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 143
+    assert "Traceback" not in err and err.splitlines()[-1:] == ["unlearn-kernels: terminated"], err
 
 
 def test_cli_scenarios_without_the_original_have_no_summary(tmp_path, capsys):

@@ -10,6 +10,7 @@ torn file.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import inspect
 import json
@@ -139,6 +140,18 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None],
         raise
     _fsync_directory(path.parent)
     return path
+
+
+def remove_orphan_temporaries(path: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary files :func:`atomic_write` left beside ``path`` in a process killed while
+    it wrote (SIGKILL: no clean-up runs), and return them. Only for a caller that knows no other
+    process is writing ``path`` now (their temporary files look the same)."""
+    path = Path(path)
+    orphans = sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+    for orphan in orphans:
+        with contextlib.suppress(FileNotFoundError):
+            orphan.unlink()
+    return orphans
 
 
 def save_json(payload: Any, path: str | os.PathLike[str]) -> Path:

@@ -14,7 +14,9 @@ import ast
 import contextlib
 import dataclasses
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,9 +25,20 @@ from typing import TYPE_CHECKING, Any, TextIO
 if TYPE_CHECKING:
     import torch
 
+    from .study import StudyConfig
+
 
 class UsageError(Exception):
     """A wrong option: reported in one line with exit status 2, never as a traceback."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a batch scheduler), raised where the program is, so that it ends
+    as after Ctrl-C: the work finished so far written, one line, no traceback."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 class OutputError(Exception):
@@ -63,16 +76,24 @@ def run_program(prog: str, command: Callable[[list[str] | None], int], argv: lis
     Ctrl-C prints one line, ``<prog>: interrupted``. Called in the same process (``argv`` given, e.g. by
     a test) the status is then 130; run as the program (``argv`` None: the process's own arguments) the
     process ends by SIGINT, so that a shell loop running it stops too (a status of 130 lets it go on).
-    Standard output that cannot be written gives one line and status 1; a reader that went away
-    (``| head``) no line and status 141, the shell's for SIGPIPE. Usage errors (``SystemExit``) pass.
+    SIGTERM, in the main thread, ends it the same way (:class:`Terminated`) with ``<prog>: terminated``
+    and status 143, the shell's for SIGTERM (its default action kills the process at once, losing what
+    it had finished). Standard output that cannot be written gives one line and status 1;
+    a reader that went away (``| head``) no line and status 141, the shell's for SIGPIPE. Usage errors
+    (``SystemExit``) pass.
     """
     stdout = sys.stdout
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers are set there only
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         with contextlib.redirect_stdout(_CheckedStdout(stdout)):
             try:
                 return command(argv)
             finally:
                 sys.stdout.flush()  # buffered output fails here, not in a traceback at exit
+    except Terminated:
+        print(f"{prog}: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         if argv is not None:
@@ -89,6 +110,9 @@ def run_program(prog: str, command: Callable[[list[str] | None], int], argv: lis
             return 141
         print(f"{prog}: error: cannot write to standard output: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if main_thread and previous is not None:  # None: a handler set outside Python, which stays
+            signal.signal(signal.SIGTERM, previous)
 
 
 def path_argument(text: str) -> str:
@@ -117,10 +141,11 @@ def _seeds(text: str) -> tuple[int, ...]:
         raise UsageError(f"--seeds expects comma-separated integers, got {text!r}") from None
 
 
-def _check_out(root: Path, configs: dict[str, Any]) -> None:
+def _check_out(root: Path, configs: dict[str, Any]) -> list[Path]:
     """The output directory (``--out``) and each scenario's directory in it are directories or can
     be made ones, and no file the run will write there is a directory or a file that cannot be
-    overwritten: checked before any work, not when the results are written after the study."""
+    overwritten: checked before any work, not when the results are written after the study. Returns
+    the files the run may write or remove."""
     from . import report
     from .checkpoint import check_writable_folder
 
@@ -145,6 +170,29 @@ def _check_out(root: Path, configs: dict[str, Any]) -> None:
     for path in [*removed, root / report.SUMMARY_FILE, root / report.GAP_CLOSED_PLOT]:
         if path.is_dir():
             raise UsageError(f"--out: {str(path)!r}, where the run writes or removes a file, is a directory")
+    return sorted(set(files) | set(removed))
+
+
+@contextlib.contextmanager
+def _only_run_in(root: Path) -> Iterator[None]:
+    """An exclusive lock on the ``--out`` folder while the run lasts (two runs writing into one folder
+    left one's results beside the other's plots); the system releases it when the process ends,
+    however it ends. Where there are no POSIX locks, no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"--out {str(root)!r} is in use by another unlearn-kernels run: wait for it to end, "
+                             "or choose another --out") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def parse_method_options(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -207,6 +255,7 @@ def _study_configs(args: argparse.Namespace) -> dict:
         SCENARIO_METHODS,
         StudyConfig,
         check_dataset_and_model,
+        default_cache_dir,
         default_scenarios,
     )
 
@@ -238,7 +287,7 @@ def _study_configs(args: argparse.Namespace) -> dict:
     common = dict(dataset=args.dataset, root=args.root, model=args.model, methods=methods,
                   forget_fraction=args.forget_fraction,
                   method_options=parse_method_options(args.set or []), seeds=_seeds(args.seeds),
-                  recipe=recipe, device=args.device, cache_dir=None if args.no_cache else StudyConfig.cache_dir)
+                  recipe=recipe, device=args.device, cache_dir=None if args.no_cache else default_cache_dir())
     try:
         if args.protocol is None:
             return default_scenarios(forget_classes=tuple(args.forget_class or (3,)), **common)
@@ -312,11 +361,8 @@ def check_threads(threads: int) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    import torch
-
-    from . import report
-    from .checkpoint import CheckpointError
-    from .study import check_cache, check_scenario, run_study
+    from .checkpoint import remove_orphan_temporaries
+    from .study import check_scenario
 
     configs = _study_configs(args)
     check_threads(args.threads)
@@ -331,7 +377,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise UsageError(str(exc) + hint) from None
     first = next(iter(configs.values()))
     root = Path(args.out if args.out is not None else f"runs/{first.dataset}-{first.model}")
-    _check_out(root, configs)
+    files = _check_out(root, configs)
+    with _only_run_in(root):
+        for path in files:  # left by a run killed while it wrote them (no other run writes here now)
+            remove_orphan_temporaries(path)
+        return _run_scenarios(args, configs, root)
+
+
+def _run_scenarios(args: argparse.Namespace, configs: dict[str, StudyConfig], root: Path) -> int:
+    """The rest of ``run``, in the ``--out`` folder ``root``, checked and held by this run."""
+    import torch
+
+    from . import report
+    from .checkpoint import CheckpointError
+    from .study import check_cache, run_study
+
+    first = next(iter(configs.values()))
     # The default models are small: one intra-op thread is fastest, and OpenMP threads that wait on
     # each other on a busy machine made training ~30x slower. Larger models: raise --threads. Set before
     # the cache check: a cached model's record names the threads it was trained with.
@@ -376,11 +437,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for stale in report.remove_stale_summary(root, name):
             if len(configs) == 1:
                 print(f"removed {stale}: it summarised the {name} results this run replaces")
-        # the earlier results.json goes first and the new one comes last, so that it is never beside plots
-        # of another run; a plot that fails, or Ctrl-C while the plots are drawn, still gets the finished
-        # study's results written (Ctrl-C there lost the earlier results and the new ones)
-        with contextlib.suppress(FileNotFoundError):
-            (out_dir / report.RESULTS_FILE).unlink()
+        # the earlier results and plots go first and the new results come last, so that they are never
+        # beside plots of another run; a plot that fails, or Ctrl-C or SIGTERM while the plots are drawn,
+        # still gets the finished study's results written, beside the plots drawn by then
+        for stale_file in (report.RESULTS_FILE, *report.PLOT_FILES):
+            with contextlib.suppress(FileNotFoundError):
+                (out_dir / stale_file).unlink()
         try:
             plots = report.write_plots(study, out_dir)
         except BaseException:

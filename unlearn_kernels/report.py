@@ -55,6 +55,8 @@ GAP_CLOSED_TITLES = {"acc_forget": "Acc_f", "avg_gap": "AvgGap"}
 RESULTS_FILE, SUMMARY_FILE = "results.json", "summary.json"
 TIME_PLOT, GAPS_PLOT = "forget_accuracy_vs_time.png", "gaps_to_oracle.png"
 GAP_CLOSED_PLOT, SEQUENTIAL_PLOT = "gap_closed.png", "sequential.png"
+#: every plot a study's folder may hold
+PLOT_FILES = (TIME_PLOT, GAPS_PLOT, GAP_CLOSED_PLOT, SEQUENTIAL_PLOT)
 
 
 def study_files(methods: Iterable[str], requests: int) -> tuple[str, ...]:

@@ -116,9 +116,11 @@ Progress = Callable[[str, int, int], None]  # (phase, done, total)
 ORIGINAL_ROLE = "original model's training"
 
 
-def _default_cache_dir() -> Path:
+def default_cache_dir() -> str:
+    """Where trained original models are cached unless told otherwise: ``$XDG_CACHE_HOME/unlearn-kernels/
+    checkpoints``, or ``~/.cache/unlearn-kernels/checkpoints`` without that variable (read at each call)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "unlearn-kernels" / "checkpoints"
+    return str(Path(base) / "unlearn-kernels" / "checkpoints")
 
 
 def _check_seeds(seeds: Any) -> tuple[int, ...]:
@@ -183,7 +185,7 @@ class StudyConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     recipe: TrainConfig | None = None
     device: str = "cpu"
-    cache_dir: str | None = field(default_factory=lambda: str(_default_cache_dir()))
+    cache_dir: str | None = field(default_factory=default_cache_dir)
 
     def __post_init__(self) -> None:
         check_dataset_and_model(self.dataset, self.model)
