@@ -2160,3 +2160,40 @@ def test_row_mean_weights_batches_by_rows_and_keeps_the_callers_tensors():
     assert half.result().dtype == torch.float16 and half.result().tolist() == [60000.0] * 3
     with pytest.raises(ValueError, match="data is empty"):
         RowMean().result()
+
+
+class _OutOfMemory(nn.Module):
+    """A linear model whose forward fails as torch's CPU allocator does, always or only when a graph is built."""
+
+    def __init__(self, only_with_grad: bool) -> None:
+        super().__init__()
+        self.linear, self.only_with_grad = nn.Linear(4, C), only_with_grad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or not self.only_with_grad:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+                               "memory: you tried to allocate 124470662416 bytes. Error code 12")
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("only_with_grad", [False, True], ids=["forward", "derivatives"])
+def test_running_out_of_memory_is_not_blamed_on_the_model_or_the_loss(only_with_grad):
+    """The construction probes turned the allocator's RuntimeError into ValueErrors saying the model cannot run
+    on the data or the loss cannot be differentiated (or, for forward-over-reverse, fell back to finite
+    differences): it passes through as it is, as CUDA's OutOfMemoryError did in the metrics."""
+    from unlearn_kernels.checks import is_out_of_memory
+    from unlearn_kernels.eval import predict_logits
+    from unlearn_kernels.training import check_fits
+
+    x, y = torch.randn(N, 4), torch.randint(0, C, (N,))
+    for build in (hessian_operator, ggn_operator):
+        with pytest.raises(RuntimeError, match="can't allocate memory") as raised:
+            build(_OutOfMemory(only_with_grad), F.cross_entropy, (x, y))
+        assert is_out_of_memory(raised.value) and not isinstance(raised.value, ValueError)
+    if not only_with_grad:
+        with pytest.raises(RuntimeError, match="can't allocate memory"):
+            predict_logits(_OutOfMemory(False), LabeledData(x, y))
+        with pytest.raises(RuntimeError, match="can't allocate memory"):
+            check_fits("study", _OutOfMemory(False), LabeledData(x, y), "training")
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied (10x4 and 5x3)"))
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))

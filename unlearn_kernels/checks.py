@@ -282,3 +282,17 @@ def check_option_names(what: str, options: Iterable[str], accepted: Callable[...
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise TypeError(f"{what}: unknown option(s) {unknown}; accepted: {allowed}")
+
+
+#: what torch's allocators say when they run out (the CPU's "DefaultCPUAllocator: can't allocate memory: you
+#: tried to allocate N bytes", another platform's "not enough memory"); CUDA raises torch.cuda.OutOfMemoryError
+_OUT_OF_MEMORY = ("can't allocate memory", "not enough memory", "out of memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation that failed (a RuntimeError from torch's CPU allocator, CUDA's
+    OutOfMemoryError): the probes that turn a model's or loss's RuntimeError into a ValueError blaming
+    the data or the loss let it through as it is."""
+    if isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and any(text in str(error).lower() for text in _OUT_OF_MEMORY)

@@ -28,6 +28,7 @@ from .checks import (
     check_seed,
     first_nonfinite_model_weight,
     first_nonfinite_row,
+    is_out_of_memory,
 )
 from .labeled import LabeledData
 
@@ -208,6 +209,8 @@ def check_fits(owner: str, model: nn.Module, data: LabeledData, role: str = "tra
         try:
             out = model(rows.to(model_device(model)))
         except (RuntimeError, ValueError, TypeError, IndexError) as error:  # torch's and the model's own checks
+            if is_out_of_memory(error):
+                raise
             raise ValueError(f"{owner}: the {role} samples ({data.x.dtype}, shape {tuple(data.x.shape[1:])}) do not "
                              f"fit the model: {error}") from error
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != len(rows):

@@ -91,6 +91,7 @@ from ..checks import (
     check_tensor,
     first_nonfinite_row,
     first_nonfinite_weight,
+    is_out_of_memory,
     normalisation_buffers,
 )
 from ..labeled import LabeledData
@@ -794,6 +795,8 @@ class CurvatureOperator(abc.ABC):
             g1 = self.flatten(grad_fn(self.params, *batch()))
             g2 = self.flatten(grad_fn(self.params, *batch()))
         except (RuntimeError, NotImplementedError) as err:
+            if is_out_of_memory(err):
+                raise
             raise ValueError(
                 f"the loss cannot be differentiated w.r.t. the parameters with torch.func.grad: {err}"
                 + _func_grad_hint(self.model)
@@ -967,11 +970,15 @@ def probe_forward(forward: Callable[[torch.Tensor], Any], loss_fn: LossFn, x: to
         try:
             out = forward(x)
         except (RuntimeError, TypeError, ValueError, IndexError) as err:
+            if is_out_of_memory(err):
+                raise
             raise ValueError(f"{_prefix(owner)}the model cannot run on the data (inputs x of shape {tuple(x.shape)}, "
                              f"{x.dtype}; parameters {dtype}): {err}") from err
         try:
             loss = checked_loss(loss_fn, out, y, owner)
         except (RuntimeError, TypeError, IndexError, AttributeError) as err:  # MSE on a tuple: AttributeError
+            if is_out_of_memory(err):
+                raise
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"{_prefix(owner)}the loss rejects the targets y (shape {tuple(y.shape)}, {y.dtype}) "
                              f"with the model's outputs (shape {shape}): {err}") from err

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import all_finite, check_choice
+from ..checks import all_finite, check_choice, is_out_of_memory
 from ..ops import softmax_ce_hvp
 from .base import CurvatureOperator, DataSpec, LossFn, RowMean, check_labels, own_call
 from .distributed import DistributedOperator
@@ -158,6 +158,8 @@ class _TorchFuncOperator(CurvatureOperator):
         try:
             out = self._probe_products(x, y, self.unflatten_columns(self._probe_vector()))
         except (RuntimeError, NotImplementedError) as err:
+            if is_out_of_memory(err):
+                raise
             raise ValueError(f"{type(self).__name__}: {self._derivative_error}: {err}") from err
         self.num_products += 1
         if not all(all_finite(t) for t in out.values()):
@@ -278,7 +280,9 @@ class GenericHessian(_TorchFuncOperator):
         x, y = self._probe_batch()
         try:
             out = self.flatten_columns(self._forward_over_reverse(x, y, self.unflatten_columns(self._probe_vector())))
-        except (RuntimeError, NotImplementedError):
+        except (RuntimeError, NotImplementedError) as err:
+            if is_out_of_memory(err):  # not a mode that cannot run: finite differences would hide it
+                raise
             return None
         self.num_products += 1
         return out

@@ -27,6 +27,7 @@ from ..checks import (
     first_nonfinite_model_weight,
     first_nonfinite_row,
     first_nonfinite_weight,
+    is_out_of_memory,
 )
 from ..labeled import LabeledData
 from ..training import eval_mode, join_last_row, model_device
@@ -124,9 +125,9 @@ def _model_errors(op: str) -> Iterator[None]:
     id beyond an embedding's rows: an IndexError) re-raised as a ValueError naming ``op``."""
     try:
         yield
-    except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError from torch 2.5 on (this is its alias)
-        raise  # not the data's fault: callers may retry with a smaller batch_size
     except (RuntimeError, IndexError) as err:
+        if is_out_of_memory(err):
+            raise  # not the data's fault: callers may retry with a smaller batch_size
         raise ValueError(f"{op}: the model cannot run on the data: {err}") from err
 
 
