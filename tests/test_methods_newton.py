@@ -821,3 +821,24 @@ def test_the_options_fingerprint_is_of_values_not_their_types():
             != fingerprint(loss_fn=nn.CrossEntropyLoss(weight=torch.tensor([1.0, 3.0]))))
     assert (fingerprint(loss_fn=functools.partial(F.cross_entropy, label_smoothing=0.1))
             != fingerprint(loss_fn=functools.partial(F.cross_entropy, label_smoothing=0.3)))
+
+
+def test_damped_minres_beyond_the_dense_sizes_has_a_budget(mlp, monkeypatch):
+    """Beyond DENSE_SOLVE_MAX_DIM damped_newton and influence ran MINRES with scipy's 5 d iterations (two
+    hours of products on a ResNet-18 at width 4): the default is the most "minres-ldl" spends, d // 4 at
+    the largest dense size; a maxiter given is kept."""
+    model, forget, retain = mlp
+    seen = []
+
+    def recording(H, g, damping, *, solver, **options):
+        seen.append((solver, options.get("maxiter")))
+        return damped_newton_step(H, g, damping, solver=solver, **options)
+
+    damped_newton_step = newton.damped_newton_step
+    monkeypatch.setattr(newton, "damped_newton_step", recording)
+    monkeypatch.setattr(newton, "damped_solver", lambda d: "minres")  # as beyond the dense sizes
+    DampedNewton(dtype=torch.float64).unlearn(model, forget, retain)
+    InfluenceNewton(dtype=torch.float64).unlearn(model, forget, retain)
+    DampedNewton(maxiter=7, dtype=torch.float64).unlearn(model, forget, retain)
+    assert newton.MINRES_BUDGET == 11585 // 4
+    assert seen == [("minres", newton.MINRES_BUDGET), ("minres", newton.MINRES_BUDGET), ("minres", 7)]

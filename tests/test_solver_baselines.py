@@ -476,3 +476,33 @@ def test_singular_systems_are_not_reported_solved(singular):
     step = damped_newton_step(H, inside, 0.0, solver="minres-ldl", maxiter=5 * D)
     assert step.method == "damped-minres" and step.converged
     assert torch.allclose(step.step, pinv_newton_step(H, inside).step, atol=1e-8)
+
+
+def test_solves_that_would_not_fit_in_memory_are_refused_before_any_product(monkeypatch, spd):
+    """A dense solve forced at large d failed in the allocator ("you tried to allocate 124470662416 bytes",
+    naming neither the solver nor d), "minres-ldl" only after d // 4 products; newton_pinv's 300-vector
+    Lanczos basis took 12.5 GiB on a ResNet-18 without a word. Each is refused before any product where the
+    memory available (here made 1 MiB) cannot hold it, naming what to change."""
+    import unlearn_kernels.checks as checks
+
+    assert checks.available_memory("cpu") > 0  # Linux's MemAvailable
+    monkeypatch.setattr(checks, "available_memory", lambda device: 2**20)
+    H, g = spd
+    big = as_operator(lambda v: v, 2000, dtype=torch.float32, device="cpu")
+    refusals = [
+        (lambda: damped_newton_step(big, g.new_ones(2000).float(), 0.1, solver="minres-ldl"),
+         r"^solver 'ldl' \(dense float64 matrices of d = 2,000\) needs 99\.2 MiB, more than the 1\.0 MiB available "
+         r"on cpu: use an iterative solver \('minres', or 'lanczos' for the pseudo-inverse\) or fewer parameters$"),
+        (lambda: damped_newton_step(big, g.new_ones(2000).float(), 0.1, solver="eigh"),
+         r"^solver 'eigh' .* 129\.7 MiB"),
+        (lambda: pinv_newton_step(big, g.new_ones(2000).float(), solver="eigh"), r"^solver 'eigh'"),
+        (lambda: pinv_newton_step(big, g.new_ones(2000).float(), solver="lanczos", rank=300),
+         r"^a Lanczos basis of 300 vectors of d = 2,000 \(torch.float32\) needs 2\.3 MiB, more than the 1\.0 MiB "
+         r"available on cpu: take fewer Lanczos steps \(newton_pinv's rank"),
+    ]
+    for call, message in refusals:
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert big.num_hvps == 0
+    step = pinv_newton_step(big, g.new_ones(2000).float(), solver="lanczos", rank=30)  # 0.2 MiB: fits
+    assert step.converged and step.info["rank"] == 1

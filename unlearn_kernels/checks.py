@@ -296,3 +296,32 @@ def is_out_of_memory(error: BaseException) -> bool:
     if isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)):
         return True
     return isinstance(error, RuntimeError) and any(text in str(error).lower() for text in _OUT_OF_MEMORY)
+
+
+def available_memory(device: torch.device | str) -> int | None:
+    """The bytes that can still be allocated on ``device``: a GPU's free memory, the CPU's available
+    memory (Linux's MemAvailable); None where it cannot be told."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def check_fits_in_memory(what: str, nbytes: int, device: torch.device | str, remedy: str) -> None:
+    """ValueError, before the work, where ``what`` needs more than the memory available on ``device``
+    (:func:`available_memory`; nothing is checked where that is unknown): an allocation of many GiB
+    would otherwise fail deep inside with the allocator's message, or push the machine into swap."""
+    free = available_memory(device)
+    if free is not None and nbytes > free:
+        raise ValueError(f"{what} needs {_size(nbytes)}, more than the {_size(free)} available on "
+                         f"{torch.device(device)}: {remedy}")
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"

@@ -104,6 +104,7 @@ from ..curvature.base import checked_loss
 from ..curvature.distributed import GroupRef
 from ..labeled import LabeledData
 from ..solvers import (
+    DENSE_SOLVE_MAX_DIM,
     KRYLOV_DEFAULTS,
     KrylovCubicSolver,
     NewtonStep,
@@ -529,6 +530,11 @@ class _NewtonFamily(Unlearner):
 # CureNewton
 
 
+#: damped_newton's and influence's default MINRES iterations beyond the dense sizes (d > DENSE_SOLVE_MAX_DIM):
+#: the most "minres-ldl" spends before its dense fallback (a ResNet-18 at width 4, d = 44,622: scipy's
+#: default of 5 d products was two hours, with the relative residual at 1.4e-3 after 8,000)
+MINRES_BUDGET = DENSE_SOLVE_MAX_DIM // 4
+
 #: the smallest M that ``M="auto"`` uses (a quadratic loss estimates ~0; M -> 0 is Newton's step)
 MIN_AUTO_M = 1e-6
 
@@ -874,7 +880,9 @@ class DampedNewton(_NewtonFamily):
             :func:`~unlearn_kernels.solvers.damped_newton_step`).
         tol, maxiter: MINRES's relative tolerance (1e-8; with float32 products the true residual
             stops improving near there, docs/methods.md gives measurements) and iteration cap
-            (None: scipy's 5 d for "minres", d // 4 for "minres-ldl").
+            (None: d // 4 for "minres-ldl", and for "minres" :data:`MINRES_BUDGET`, the most "minres-ldl"
+            spends before its dense fallback, where scipy's 5 d took hours beyond the dense sizes; a step
+            not solved to ``tol`` within it comes back with ``converged`` False).
         params, loss_fn, dtype, batch_size, weight_decay, path, process_group: see the module docstring.
     """
 
@@ -898,7 +906,8 @@ class DampedNewton(_NewtonFamily):
     def _damped_solve(self, H: RegularizedOperator, b: torch.Tensor) -> NewtonStep:
         """``-(H + damping I)^{-1} b``."""
         solver = damped_solver(H.shape[0]) if self.solver == "auto" else self.solver
-        options = {"tol": self.tol, "maxiter": self.maxiter} if solver in ("minres", "minres-ldl") else {}
+        maxiter = MINRES_BUDGET if self.maxiter is None and solver == "minres" else self.maxiter
+        options = {"tol": self.tol, "maxiter": maxiter} if solver in ("minres", "minres-ldl") else {}
         return damped_newton_step(H, b, self.damping, solver=solver, **options)
 
     def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,
