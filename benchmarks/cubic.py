@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from unlearn_kernels.checkpoint import save_figure
+from unlearn_kernels.report import pyplot
 from unlearn_kernels.curvature import hessian_operator
 from unlearn_kernels.solvers import cubic_model_value, cubic_newton_step, lanczos
 
@@ -213,11 +214,7 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 0.5) -> 
 def plot_scaling(results: Path = RESULTS_DIR / "cubic_cpu.json",
                  out: Path = Path(__file__).resolve().parent.parent / "docs" / "img" / "cubic_scaling.png") -> Path:
     """Time and Hessian-vector products against d for each method on the synthetic cases (log-log)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     data = json.loads(Path(results).read_text())
     rows = [r for r in data["results"]
             if r["case"].startswith("synthetic") and r["median_s"] is not None]

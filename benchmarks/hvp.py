@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from unlearn_kernels.checkpoint import save_figure
+from unlearn_kernels.report import pyplot
 from unlearn_kernels.curvature import flatten_tensors, hessian_operator, unflatten_vector
 from unlearn_kernels.models import ResNet18, SmallViT
 from unlearn_kernels.models.cnn import SmallCNN
@@ -332,11 +333,7 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 0.5) -> 
 def plot_gradient_units(results: Path = RESULTS_DIR / "hvp_cpu.json",
                         out: Path = Path(__file__).resolve().parent.parent / "docs" / "img" / "hvp_gradient_units.png") -> Path:
     """Bar chart: one HVP in gradient units, per candidate and model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     data = json.loads(Path(results).read_text())
     rows = [r for r in data["results"] if r["case"].endswith(" hvp")]
     models = list(dict.fromkeys(r["case"][: -len(" hvp")] for r in rows))

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from unlearn_kernels import ops
 
-from .common import Measurement, kernel_backends, measure, plain_error_tolerance
+from .common import Measurement, kernel_backends, measure, plain_error_tolerance, time_callable
 
 DEFAULT_SHAPES = ((4096, 1000), (4096, 32000))
 QUICK = {"shapes": ((512, 1000), (64, 32000)), "min_time": 0.1}
@@ -25,8 +25,6 @@ def eager_grad(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _copy_bandwidth(device: torch.device, nbytes: int) -> float:
     """Measured device-to-device copy bandwidth in bytes/s (read + write counted)."""
-    from .common import time_callable
-
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     t = sorted(time_callable(lambda: dst.copy_(src), device, min_time=0.3))[0]

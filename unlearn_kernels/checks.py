@@ -155,6 +155,12 @@ def check_seed(name: str, value: Any, high_bits: int = 63) -> int:
     return value
 
 
+def check_sklearn_seed(name: str, seed: int) -> int:
+    """``seed`` as an int if :func:`check_seed` accepts it and it is below 2**32, the bound of the
+    ``random_state`` of scikit-learn (and of numpy's legacy seeding); else TypeError / ValueError."""
+    return check_seed(name, seed, high_bits=32)
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """Whether every entry of ``t`` is finite (an integer or empty tensor always is).
 

@@ -164,8 +164,9 @@ def _check_out(root: Path, configs: dict[str, Any]) -> list[Path]:
             raise UsageError(f"--out: {str(path)!r}, where the run writes a file, is a directory")
         if path.exists() and not os.access(path, os.W_OK):
             raise UsageError(f"--out: {str(path)!r}, which the run overwrites, is not writable")
-    # what an earlier run left that this one does not replace is removed: a scenario's plots, and the
-    # summary of several scenarios with its plot when it covers a scenario this run writes
+    # what an earlier run left that this one does not replace is removed when the results are written (a
+    # scenario's plots, and the summary of several scenarios with its plot when it covers a scenario this
+    # run writes): none of them may be a directory
     removed = [root / name / plot for name in configs for plot in (report.GAP_CLOSED_PLOT, report.SEQUENTIAL_PLOT)]
     for path in [*removed, root / report.SUMMARY_FILE, root / report.GAP_CLOSED_PLOT]:
         if path.is_dir():

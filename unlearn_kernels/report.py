@@ -423,7 +423,8 @@ def remove_stale_summary(root: Path, scenario: str) -> list[Path]:
     return removed
 
 
-def _pyplot():
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (files only: no display is needed or opened)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -446,7 +447,7 @@ def plot_gap_closed(studies: dict[str, dict[str, Any]], path: Path) -> Path:
         TypeError / ValueError: as :func:`format_scenario_summary`; before anything is drawn or written.
     """
     _check_studies("plot_gap_closed", studies)
-    plt = _pyplot()
+    plt = pyplot()
     floor = -1.0
     per_scenario = {name: _last_request_gap_closed(study["records"]) for name, study in studies.items()}
     methods = [m for m in _method_order({m for c, _ in per_scenario.values() for m in c}) if m != "retrain"]
@@ -512,7 +513,7 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
     if has_gap_closed and not (isinstance(study.get("config"), Mapping) and "protocol" in study["config"]):
         raise ValueError(f"{owner}: the study has gap-closed figures but no 'config' with a 'protocol' to "
                          f"label their plot with")
-    plt = _pyplot()
+    plt = pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
     methods = _method_order(last)
     paths = []

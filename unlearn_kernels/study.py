@@ -34,7 +34,7 @@ from .checkpoint import (
     train_or_load,
     training_metadata,
 )
-from .checks import all_finite, check_choice, check_device, check_int, check_number
+from .checks import all_finite, check_choice, check_device, check_int, check_number, check_sklearn_seed
 from .data import (
     DatasetSplits,
     ForgetRequest,
@@ -49,7 +49,6 @@ from .data import (
     sequential_forget,
     split_forget,
 )
-from .data.datasets import check_sklearn_seed
 from .eval import (
     Measured,
     accuracy,

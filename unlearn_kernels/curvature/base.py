@@ -946,11 +946,11 @@ def _prefix(owner: str) -> str:
 
 def checked_loss(loss_fn: LossFn, out: Any, y: torch.Tensor, owner: str = "") -> torch.Tensor:
     """``loss_fn(out, y)``, checked to be a scalar; a label out of range is a ValueError naming it
-    (see :func:`check_labels`). Messages start with ``"<owner>: "`` when an owner is given."""
+    (see :func:`check_loss_labels`). Messages start with ``"<owner>: "`` when an owner is given."""
     try:
         loss = loss_fn(out, y)
     except IndexError:
-        check_labels(loss_fn, out, y, owner)  # torch's message names neither the row nor the classes
+        check_loss_labels(loss_fn, out, y, owner)  # torch's message names neither the row nor the classes
         raise
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise ValueError(
@@ -1013,7 +1013,7 @@ def every_row_ignored(loss_fn: LossFn, y: torch.Tensor) -> bool:
     return bool((y == ignore_index_of(loss_fn)).all())
 
 
-def check_labels(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor, owner: str = "") -> None:
+def check_loss_labels(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor, owner: str = "") -> None:
     """ValueError naming the first class label in ``y`` outside the model's ``out.shape[1]`` classes
     (and not the loss's ``ignore_index``, -100 by default, as in ``F.cross_entropy``); nothing if
     there is none, or if ``y`` holds no class labels (floating point) or ``out`` has no class dim."""

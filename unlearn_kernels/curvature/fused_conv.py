@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import CurvatureOperator, DataSpec, LossFn, check_labels
+from .base import CurvatureOperator, DataSpec, LossFn, check_loss_labels
 from .fused_mlp import (
     FusedDataError,
     fused_labels,
@@ -335,7 +335,7 @@ class FusedConvHessian(CurvatureOperator):
             logits = F.linear(pooled, head_w, head_b)
             # the probe ran the loss on the first batch only; a later batch's label out of range would
             # index the wrong class (a negative one) or fail as a bare IndexError
-            check_labels(self.loss_fn, logits, y, type(self).__name__)
+            check_loss_labels(self.loss_fn, logits, y, type(self).__name__)
             probs = logits.softmax(dim=1)
             weights = self._row_weights(y)
             dlogits = self._softmax_gradient(probs, y, weights)

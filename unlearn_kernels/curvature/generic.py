@@ -35,7 +35,7 @@ from torch import nn
 
 from ..checks import all_finite, check_choice, is_out_of_memory
 from ..ops import softmax_ce_hvp
-from .base import CurvatureOperator, DataSpec, LossFn, RowMean, check_labels, own_call
+from .base import CurvatureOperator, DataSpec, LossFn, RowMean, check_loss_labels, own_call
 from .distributed import DistributedOperator
 from .fused_conv import FusedConvHessian
 from .fused_conv import supports as conv_supports
@@ -475,7 +475,7 @@ class GGNOperator(_TorchFuncOperator):
         with torch.enable_grad():
             out = self.batch_forward(dict(zip(self.param_names, leaves)), x)
         if self._loss_kind == "ce":
-            check_labels(self.loss_fn, out, y, "ggn_operator")  # the products never call the loss (which would)
+            check_loss_labels(self.loss_fn, out, y, "ggn_operator")  # the products never call the loss (which would)
         return _ForwardGraph(x, y, out, leaves), _graph_bytes([out], [*leaves, *self._constants.values(),
                                                                       *self._callers(x, y)])
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import refuse_empty_path
-from ..checks import check_number, check_seed
+from ..checks import check_number, check_sklearn_seed
 from ..labeled import LabeledData
 from .local_files import load_cifar_files, load_mnist_files
 
@@ -148,12 +148,6 @@ _DEFAULT_TEST_FRACTION = 0.2
 def available_datasets() -> list[str]:
     """Names accepted by :func:`load_dataset`."""
     return list(_DATASETS)
-
-
-def check_sklearn_seed(name: str, seed: int) -> int:
-    """``seed`` as an int if :func:`check_seed` accepts it and it is below 2**32, the bound of the
-    ``random_state`` of scikit-learn (and of numpy's legacy seeding); else TypeError / ValueError."""
-    return check_seed(name, seed, high_bits=32)
 
 
 def _holdout(indices: np.ndarray, y: np.ndarray, count: int, seed: int, pool: str) -> tuple[np.ndarray, np.ndarray]:

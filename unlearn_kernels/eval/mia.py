@@ -24,8 +24,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.svm import SVC
 
-from ..checks import check_choice, check_int
-from ..data.datasets import check_sklearn_seed
+from ..checks import check_choice, check_int, check_sklearn_seed
 from .metrics import check_labels, check_logits
 
 

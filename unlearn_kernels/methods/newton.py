@@ -103,6 +103,7 @@ from ..curvature import (
 from ..curvature.base import checked_loss
 from ..curvature.distributed import GroupRef
 from ..labeled import LabeledData
+from ..training import model_device
 from ..solvers import (
     DENSE_SOLVE_MAX_DIM,
     KRYLOV_DEFAULTS,
@@ -167,9 +168,8 @@ def _offset_seed(seed: int, count: int) -> int:
 def _collective_device(model: Any) -> torch.device:
     """Where this rank's tensors for a collective live: on the model's device, as the curvature
     layer's (NCCL reduces CUDA tensors only, gloo either); the CPU for a model without parameters
-    (refused by the input checks on this rank, which still takes part in the collective)."""
-    first = next(model.parameters(), None) if isinstance(model, nn.Module) else None
-    return first.device if first is not None else torch.device("cpu")
+    (or a non-model, refused by the input checks on this rank, which still takes part in the collective)."""
+    return model_device(model) if isinstance(model, nn.Module) else torch.device("cpu")
 
 
 def check_per_sample_loss(owner: str, model: nn.Module) -> None:

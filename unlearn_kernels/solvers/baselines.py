@@ -155,8 +155,7 @@ def conjugate_gradient(H: Any, b: torch.Tensor, *, damping: float = 0.0, tol: fl
         rs = rs_new
         it += 1
     # the true residual (one more product): the recursive one drifts from it on an ill-conditioned system
-    # (7.3e-12 reported, "converged" at tol 1e-12, where ||(H + damping I) x - b|| was 1.0e-7)
-    residual = math.sqrt(rs) if it == 0 else norm64(op.matvec(x) + damping * x - b)  # no step: r is exact
+    residual = math.sqrt(rs) if it == 0 else _true_residual(op, x, b, damping)  # no step: r is exact
     converged = not negative and residual <= target
     return LinearSolve(x, residual, op.num_hvps, it, converged, {"negative_curvature": negative})
 
