@@ -395,7 +395,7 @@ def _run_scenarios(args: argparse.Namespace, configs: dict[str, StudyConfig], ro
 
     first = next(iter(configs.values()))
     # The default models are small: one intra-op thread is fastest, and OpenMP threads that wait on
-    # each other on a busy machine made training ~30x slower. Larger models: raise --threads. Set before
+    # each other on a busy machine slow training many times over. Larger models: raise --threads. Set before
     # the cache check: a cached model's record names the threads it was trained with.
     torch.set_num_threads(args.threads)
     for config in configs.values():  # before any training, not when a later seed's original is saved

@@ -324,7 +324,7 @@ def weights_key(tensors: Iterable[torch.Tensor]) -> WeightsKey:
 
 def host_values(values: list[torch.Tensor], dtype: torch.dtype) -> list[float | int]:
     """0-dim tensors' values as Python numbers, read from their device at once: on the CPU one by one
-    (a stacked copy cost more than the reads, 20 us of a 1.4 ms product), elsewhere one stacked copy
+    (a stacked copy costs more than the reads there), elsewhere one stacked copy
     in ``dtype`` (one synchronisation)."""
     if all(v.device.type == "cpu" for v in values):
         return [v.item() for v in values]

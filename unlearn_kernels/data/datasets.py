@@ -214,7 +214,7 @@ def _without_duplicates(raw: _Raw) -> _Raw:
     """``raw`` with repeated (input, label) rows of its main file kept once (the first): a copy of a
     forgotten sample left in the retain set would keep teaching it (iris has one such pair)."""
     # a digest per row, not np.unique over an (N, features + 1) float64 matrix: that copy and its sort
-    # took 4.7 GB and 16 s on CIFAR-10; rows with the same digest are compared exactly
+    # take 4.7 GB and 16 s on CIFAR-10; rows with the same digest are compared exactly
     x = raw.x.reshape(len(raw.y), -1).numpy()
     labels = np.asarray(raw.y, dtype=np.int64)
     first: dict[bytes, list[int]] = {}

@@ -93,7 +93,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     path = Path(path)
     with open(path, "rb") as f:
         raw = f.read()
-    if path.suffix == ".gz" or raw[:2] == _GZIP_MAGIC:  # by content too: it was "not an IDX file" without .gz
+    if path.suffix == ".gz" or raw[:2] == _GZIP_MAGIC:  # by content too: a gzipped copy may lack .gz
         try:
             raw = gzip.decompress(raw)
         except (gzip.BadGzipFile, EOFError, zlib.error) as exc:  # not gzip, or cut short

@@ -363,7 +363,7 @@ class _NewtonFamily(Unlearner):
     def _used_by_loss(self, ws: _Workspace) -> tuple[str, ...]:
         """``ws.names`` without the parameters the eval-mode loss does not depend on (no gradient on the
         first :attr:`USE_PROBE_ROWS` rows of D_r; with a process group, on no rank's): training skips
-        their weight decay, and F's decay term over them would shrink them (``newton_pinv`` zeroed them)
+        their weight decay, and F's decay term over them would shrink them (a pseudo-inverse step to zero)
         although nothing else moves them. A parameter only later rows reach would be left out too. The
         probe counts as one gradient pass. ValueError if none is used (a loss made by an argmax, say, has
         no gradient at all); with a process group a rank whose
@@ -516,8 +516,8 @@ class _NewtonFamily(Unlearner):
         step, start = solved.pop("step"), ws.w
         self._apply(ws, step)
         after = self._gradient(ws, objective, ws.retain, moved=True)
-        # how far the returned model moved: the step rounded to the model's dtype (bfloat16 kept 14 of
-        # 181 entries of a small step, 3.0e-4 of its 1.0e-3)
+        # how far the returned model moved: the step rounded to the model's dtype (in bfloat16 most of a
+        # small step can round away)
         diagnostics = {"step_norm": norm64(ws.w - start), "M": None, "grad_norm_retain_before": norm64(g),
                        "grad_norm_retain_after": norm64(after), "objective_before": before,
                        "objective_after": objective.value(), "num_params": op.shape[0], "hessian_path": op.path,

@@ -98,7 +98,7 @@ def cubic_secular_solve_ref(
     # phi < 0 just right of t = 0, and phi(hi) >= 0 since ||y(sigma)|| <= ||c|| / (lambda_min + sigma):
     # hi = sigma_hi - shift, sigma_hi = (-lambda_min + sqrt(lambda_min^2 + 2 M ||c||)) / 2, written without
     # the difference that cancels when 2 M ||c|| << lambda_min^2, and with r = sqrt(2 M ||c||) and a hypot
-    # so that no square overflows (2 M ||c|| = inf gave hi = 0: the Newton step for a huge M)
+    # so that no square overflows (an infinite 2 M ||c|| would give hi = 0: the Newton step for a huge M)
     lo = 0.0
     r = math.sqrt(2.0) * math.sqrt(M) * math.sqrt(c_norm)
     hi = 0.5 * r * (r / (abs(lam_min) + math.hypot(lam_min, r)))
@@ -169,8 +169,8 @@ def cubic_secular_solve(
     """
     _check_inputs(eigvals, coeffs, M, tol, max_iter)
     cpu = torch.device("cpu")  # k scalars: solved on the CPU wherever the inputs live
-    # detached: a solve, not a differentiable op (through the reference, autograd took sigma for a
-    # constant and gave a wrong gradient; through the C++ op, torch's "not used in the graph")
+    # detached: a solve, not a differentiable op (autograd through the reference would take sigma for a
+    # constant, a wrong gradient; through the C++ op, torch's "not used in the graph")
     lam, c = eigvals.detach().to(cpu, torch.float64), coeffs.detach().to(cpu, torch.float64)
     if choose(_OP, cpu, backend) == "reference":
         y, sigma, hard = cubic_secular_solve_ref(lam, c, float(M), float(tol), max_iter)

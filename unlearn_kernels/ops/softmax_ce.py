@@ -195,7 +195,7 @@ def _hvp_on(backend: str):
 
 # Eager calls of the public functions whose result may be differentiated run the kernels through these
 # autograd.Functions, not through the ops' own registered autograd: a registered op carries no
-# forward-mode rule, and torch.func.jvp (or forward_ad) through it gave a zero tangent without an error.
+# forward-mode rule, and torch.func.jvp (or forward_ad) through it gives a zero tangent without an error.
 # Under torch.compile the registered ops are traced as they are (with their registered backward):
 # Dynamo cannot trace a custom jvp.
 class _SoftmaxCEGrad(torch.autograd.Function):

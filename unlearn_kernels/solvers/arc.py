@@ -125,7 +125,7 @@ def _value(value: Callable[[torch.Tensor], float], w: torch.Tensor, where: str) 
 
 def _checked_gradient(gradient: Callable[[torch.Tensor], torch.Tensor], w: torch.Tensor, name: str) -> torch.Tensor:
     """``gradient(w)``, a finite (d,) vector of w's dtype and device (a float64 gradient of a float32 w
-    made the returned w float64; one of another length failed inside torch's arithmetic)."""
+    would make the returned w float64; one of another length would fail inside torch's arithmetic)."""
     g = check_vector(gradient(w), name)
     if g.shape != w.shape or g.dtype != w.dtype or g.device != w.device:
         raise ValueError(f"adaptive_cubic_newton: {name} is a {tuple(g.shape)} {g.dtype} tensor on {g.device}; it "

@@ -422,7 +422,7 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float | None = None, sol
     s = proc.combine((S @ y).numpy())
     residual = norm64(op.matvec(s) + g)
     # exact only where the Krylov space of g is invariant (it closed, or it is the whole space); a truncated
-    # step is not the pseudo-inverse step (it was reported converged, also 46 times as long as it)
+    # step is not the pseudo-inverse step (it can be many times shorter), so it is not reported converged
     exact = proc.betas[-1] == 0.0 or proc.n >= op.shape[0]
     return NewtonStep(s.to(g.dtype), residual, op.num_hvps, proc.n, exact, "pinv-lanczos",
                       {"rank": kept, "lanczos_steps": proc.n})

@@ -37,8 +37,8 @@ class DenseOperator:
 
     def __init__(self, matrix: torch.Tensor) -> None:
         _check_dense(matrix)
-        # detached (the same storage): a matrix that requires grad gave steps with a graph on some paths
-        # and torch's "Can't call numpy() on Tensor that requires grad" on others
+        # detached (the same storage): a matrix that requires grad would give steps with a graph on some
+        # paths and torch's "Can't call numpy() on Tensor that requires grad" on others
         self.matrix = matrix.detach()
         self.shape: tuple[int, int] = (matrix.shape[0], matrix.shape[1])
         self.dtype: torch.dtype = matrix.dtype
