@@ -2138,7 +2138,7 @@ def test_row_mean_weights_batches_by_rows_and_keeps_the_callers_tensors():
     """The one mean over batches (the operators' products and gradients, the Objective's value): rows-
     weighted, summed in float32 for half precision, a single batch's mean returned exactly as it is, and
     the caller's tensor written only when it is given up (``owned``)."""
-    from unlearn_kernels.curvature.base import RowMean
+    from unlearn_kernels.curvature.batches import RowMean
 
     a, b = torch.tensor([1.0, 2.0], dtype=torch.float64), torch.tensor([4.0, -1.0], dtype=torch.float64)
     mean = RowMean()

@@ -5,7 +5,8 @@ Build one with :func:`hessian_operator` or :func:`ggn_operator`; all speak the
 ``gradient``, ``to_scipy``, ``to_dense``, product counters). :mod:`.params` maps a model's
 parameters to and from the flat vectors the operators act on.
 """
-from .base import BatchSource, CurvatureOperator
+from .base import CurvatureOperator
+from .batches import BatchSource
 from .distributed import DistributedObjective, DistributedOperator
 from .fused_conv import FusedConvHessian
 from .fused_mlp import FusedMLPHessian

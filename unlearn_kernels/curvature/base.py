@@ -72,310 +72,53 @@ from __future__ import annotations
 
 import abc
 import functools
-import inspect
 import math
-import weakref
-from collections.abc import Callable, Container, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import scipy.sparse.linalg
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from ..checks import (
     all_finite,
-    check_batch_statistics,
     check_int,
     check_not_meta,
     check_tensor,
-    first_nonfinite_row,
-    first_nonfinite_weight,
     is_out_of_memory,
     normalisation_buffers,
 )
-from ..labeled import LabeledData
 from .linear_operator import dense_by_products, to_scipy_operator
+from .batches import Batch, BatchSource, DataSpec, RowMean
 from .params import (
     FunctionalForward,
     ParameterSlots,
     ParamSelection,
     WeightsKey,
     flatten_tensors,
-    host_values,
     resolve_curvature_parameters,
     same_weights,
     unflatten_vector,
     version_counter,
     weights_key,
 )
+from .probes import (
+    LossFn,
+    check_finite_weights,
+    check_per_sample_forward,
+    checked_loss,
+    every_row_ignored,
+    func_grad_hint,
+    probe_forward,
+    refuse_parameter_writes,
+)
+from .settings import loss_settings, module_settings
 
-Batch = tuple[torch.Tensor, torch.Tensor]
 Entry = Any
 """What a subclass caches for one batch (see :meth:`CurvatureOperator.cached_pass`)."""
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-DataSpec = LabeledData | tuple[torch.Tensor, torch.Tensor] | Iterable[Batch]
-"""What ``data`` arguments accept: a LabeledData, an (x, y) pair of tensors, or a re-iterable of
-(x, y) batches (a list, a DataLoader with a fixed order)."""
 
 DEFAULT_CACHE_BYTES = 2**30
 """The default memory budget (bytes) of an operator's fixed-weight cache: 1 GiB."""
-
-# Modules whose train-mode forward is random (dropout) or couples the samples of a batch (BatchNorm).
-_TRAIN_MODE_MODULES = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
-
-
-class RowMean:
-    """The mean over all rows of per-batch means, each weighted by its rows (a plain-mean loss's
-    value, gradient or products over the batches). Summed in float32 at least: in float16 the sum of
-    rows x batch means overflows to Inf (a row count above 65,504 is no float16 factor at all) and in
-    bfloat16 it loses accuracy with every batch; :meth:`result` rounds to the batches' dtype. A single
-    batch's mean is returned as it is (no scaling by its rows and back)."""
-
-    def __init__(self) -> None:
-        self._total: torch.Tensor | None = None
-        self._count = 0
-        self._summed = False  # whether _total holds the sum (else the mean) of what was added
-
-    def add(self, mean: torch.Tensor, rows: int, *, owned: bool = False) -> None:
-        """Add a batch's mean over its ``rows`` rows. ``mean`` is not written unless ``owned`` (the
-        caller gives it up: it may become the running total, saving a copy)."""
-        wide = mean.float() if mean.dtype in (torch.float16, torch.bfloat16) else mean
-        self._dtype = mean.dtype
-        if self._total is None:
-            self._total = wide if owned or wide is not mean else wide.clone()
-        else:
-            if not self._summed:
-                self._total.mul_(self._count)
-                self._summed = True
-            self._total.add_(wide, alpha=rows)
-        self._count += rows
-
-    @property
-    def rows(self) -> int:
-        """The rows added so far."""
-        return self._count
-
-    def result(self) -> torch.Tensor:
-        """The mean over every row added, in the batches' dtype (ValueError if none was)."""
-        if self._total is None:
-            raise ValueError("data is empty: it yields no batches")
-        if self._summed:
-            self._total.div_(self._count)
-            self._summed = False
-        return self._total.to(self._dtype)
-
-
-#: the integer type of each element size: the data's change key sums the values' bits in it
-_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _bit_sum(t: torch.Tensor) -> torch.Tensor:
-    """The sum of ``t``'s values' bits as integers of their own width, wrapping (a change detector: any
-    single change shows, and no wider copy of the data is made, which would cost as much as a product)."""
-    kind = _BITS.get(t.element_size())
-    return t.sum() if kind is None or t.is_complex() else t.view(kind).sum(dtype=kind)
-
-
-class BatchSource:
-    """Re-iterable (x, y) batches on one device, from any :data:`DataSpec`.
-
-    Each iteration is one pass over the data. Tensor data (LabeledData or a pair) is one batch, or
-    chunks of ``batch_size`` rows when given (chunk to bound memory; the operator is the same for a
-    loss that is a plain mean over rows, see the module docstring).
-    Batches from an iterable are moved to ``device``; their dtypes are left as they are.
-
-    NaN or Inf in the inputs or (floating-point) targets is a ValueError naming the row: tensor data
-    is checked in full here, batches from an iterable as each pass reads them (before they are moved
-    to ``device``), so a bad later batch fails the product or gradient that meets it.
-
-    A batch with no rows is skipped (its weight n_b / N is 0; its mean loss would be 0/0). After
-    :meth:`watch_layouts`, a batch whose layout (the inputs' and targets' shapes past the rows, and
-    their dtypes) is new is first checked by the owner's probe, once per layout, so that data the
-    model or the loss cannot take (a wrong input width or dtype) is a ValueError naming the batch and
-    the first batch's layout, not a raw torch error; batches of a known layout cost a tuple compare.
-    """
-
-    def __init__(self, data: DataSpec, device: torch.device, batch_size: int | None = None) -> None:
-        if batch_size is not None:
-            batch_size = check_int("batch_size", batch_size)
-        self.device = device
-        # the probe as a zero-argument callable returning it: a weak reference to an operator's bound method,
-        # which held the operator in a cycle (op.data -> op), so that a dropped operator kept its cache
-        # until the cyclic collector ran
-        self._probe: Callable[[], Callable[[torch.Tensor, torch.Tensor], None] | None] = lambda: None
-        self._layouts: set[tuple] = set()  # the layouts the probe accepted
-        self._first_layout = ""
-        self._copies = False  # give copies of the batches: the model writes its inputs (run_watching)
-        if isinstance(data, LabeledData):
-            data = (data.x, data.y)
-        if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-            x, y = self._check_batch(data)
-            bad = _first_nonfinite(x, y)
-            if bad is not None:
-                raise ValueError(f"the data's {bad[0]} contain NaN or Inf (first at row {bad[1]})")
-            self._checked = True  # every chunk is finite: no per-pass checks
-            # the chunks are views of the caller's tensors, and the caches hold what was computed from them
-            self._watch(lambda: {"inputs x": x, "targets y": y})
-            step = batch_size or max(x.shape[0], 1)
-            self._batches: Iterable[Any] = [(x[i:i + step], y[i:i + step]) for i in range(0, x.shape[0], step)]
-        elif isinstance(data, (torch.Tensor, str, bytes)) or not isinstance(data, Iterable):
-            raise TypeError(
-                "data must be a LabeledData, an (x, y) tuple of tensors, or a re-iterable of (x, y) batches "
-                f"(a list or DataLoader), got {type(data).__name__}"
-            )
-        elif iter(data) is data:
-            raise TypeError("data is a one-shot iterator (e.g. a generator); pass a list or a DataLoader")
-        else:
-            if batch_size is not None:
-                raise ValueError("batch_size applies to tensor data only; a DataLoader sets its own batch size")
-            if isinstance(data, DataLoader) and data.drop_last and data.batch_size:
-                try:
-                    left = len(data.dataset) % data.batch_size  # type: ignore[arg-type]
-                except TypeError:  # an IterableDataset without __len__
-                    left = 0
-                if left:
-                    raise ValueError(
-                        f"the DataLoader has drop_last=True and drops {left} samples on every pass "
-                        "(different ones if it shuffles): use drop_last=False so the operator covers all the data"
-                    )
-            self._checked = False
-            self._batches = data
-            # the caller's tensors behind the batches, read again at each check (a list's batches and a
-            # TensorDataset's tensors can be replaced or added): a list or tuple of tensor batches, or the
-            # tensors of a DataLoader's TensorDataset (its batches are new tensors every pass, the caches are not)
-            if isinstance(data, DataLoader) and isinstance(data.dataset, TensorDataset):
-                dataset = data.dataset
-                self._watch(lambda: {f"the DataLoader's dataset tensor {i}": t for i, t in enumerate(dataset.tensors)})
-            elif isinstance(data, (list, tuple)):
-                # the list's own iteration, not a subclass's (one that counts its passes counted the checks)
-                items = list.__iter__ if isinstance(data, list) else tuple.__iter__
-                self._watch(lambda: {f"batch {i}'s {role}": t for i, batch in enumerate(items(data))
-                                     if isinstance(batch, (tuple, list))
-                                     for role, t in zip(("inputs x", "targets y"), batch) if isinstance(t, torch.Tensor)})
-            else:
-                self._watch(dict)
-
-    @staticmethod
-    def _check_batch(batch: Any) -> Batch:
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2
-                and all(isinstance(t, torch.Tensor) for t in batch)):
-            raise TypeError(f"each batch must be an (x, y) pair of tensors, got {type(batch).__name__}")
-        x, y = batch
-        check_tensor("a batch's inputs x", x)  # sparse: "reshape is not implemented for sparse tensors" later
-        check_tensor("a batch's targets y", y)
-        if x.is_meta or y.is_meta:  # shapes without values: torch would fail at the first value read
-            raise ValueError("a batch is on the meta device (it has no values)")
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"a batch has {x.shape[0]} inputs but {y.shape[0]} targets")
-        return x, y
-
-    def _watch(self, tensors: Callable[[], dict[str, torch.Tensor]]) -> None:
-        """Watch the caller's tensors that ``tensors()`` names (read again at every check)."""
-        self._watched = tensors
-        self._key = self._data_key()
-
-    def _data_key(self) -> tuple[tuple[str, ...], WeightsKey]:
-        """The watched tensors' names, and per tensor its version counter, data pointer and the integer
-        sum of its values' bits (a write through ``.data`` bumps no version counter; :func:`_bit_sum`). The
-        bits, not the values: any single change shows (a float32 sum of digits' 80,000 inputs, 4.1e7,
-        rounded a +1 away), at the cost of a float32 sum."""
-        tensors = self._watched()
-        # a sparse or meta tensor has no values to sum: the batch check refuses it when a pass reads it
-        dense = [t if t.layout == torch.strided and not t.is_meta else torch.zeros(0) for t in tensors.values()]
-        sums = host_values([_bit_sum(t) for t in dense], torch.int64)
-        return tuple(tensors), tuple((version_counter(t), t.data_ptr(), total) for t, total in zip(dense, sums))
-
-    def run_watching(self, probe: Callable[[torch.Tensor, torch.Tensor], Any], x: torch.Tensor,
-                     y: torch.Tensor) -> None:
-        """``probe(x, y)`` (a construction probe: the model on the first batch) on copies of the batch;
-        if it wrote them (a model whose first module works in place, ``ReLU(inplace=True)``), every
-        pass would write its inputs: from now on each pass gives copies of the batches, so that the
-        passes never write the caller's data (which stays watched) and the write of one chunk does
-        not invalidate the cached gradient graph of another (chunks of a tensor share its version
-        counter: torch's autograd would refuse the next cached product)."""
-        x, y = x.clone(), y.clone()
-        probe(x, y)
-        if version_counter(x) or version_counter(y):
-            self._copies = True
-
-    @property
-    def copies(self) -> bool:
-        """Whether the passes give copies of the batches (the model writes its inputs)."""
-        return self._copies
-
-    def is_callers(self, tensor: torch.Tensor) -> bool:
-        """Whether ``tensor`` shares its storage with the caller's watched data (a chunk of it): memory
-        that exists anyway, where a DataLoader's collated batch, a copy or a batch moved to another device
-        is held only by what keeps it."""
-        ptr = tensor.untyped_storage().data_ptr()
-        return any(t.layout == torch.strided and t.untyped_storage().data_ptr() == ptr
-                   for t in self._watched().values())
-
-    def check_unchanged(self, owner: str) -> None:
-        """ValueError if tensor data was written in place, or replaced, since this source was made
-        (:meth:`_data_key`; one pass over the data for the sums, small beside a product over it): the
-        chunks are views of the caller's tensors, and what an operator cached or checked (activations,
-        gradient graphs, finiteness) is of the data it was given. A cached fused product then mixed old
-        activations with new inputs (wrong for both), a generic one failed inside torch's autograd, an
-        uncached one read NaN written there unchecked; a batch added to a list went unread once every
-        batch was cached."""
-        names, key = self._data_key()
-        if names != self._key[0]:
-            raise ValueError(f"{owner}: the data's batches were replaced, added or removed after it was built: build "
-                             "a new one on the data as it is now")
-        for name, now, was in zip(names, key, self._key[1]):
-            if not same_weights((now,), (was,)):
-                how = "replaced" if now[1] != was[1] else "written in place"
-                raise ValueError(f"{owner}: the data ({name}) was {how} after it was built: build a new one on the "
-                                 "changed data (or pass a copy of the data)")
-
-    def watch_layouts(self, first: Batch, probe: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
-        """From now on run ``probe(x, y)`` on the first batch of each new layout (see the class
-        docstring); ``first`` is the batch it accepted already. A ValueError it raises is raised
-        again naming the batch."""
-        x, y = first
-        self._probe = weakref.WeakMethod(probe) if inspect.ismethod(probe) else lambda: probe
-        self._layouts = {_layout(x, y)}
-        self._first_layout = (f"inputs x of shape {tuple(x.shape)}, {x.dtype} and targets y of shape "
-                              f"{tuple(y.shape)}, {y.dtype}")
-
-    def __iter__(self) -> Iterator[Batch]:
-        for index, batch in enumerate(self._batches):
-            x, y = self._check_batch(batch)
-            if x.shape[0] == 0:
-                continue
-            # an iterable's batches can only be checked as they stream (else NaN products, silently)
-            bad = None if self._checked else _first_nonfinite(x, y)
-            if bad is not None:
-                raise ValueError(f"batch {index} of the data: its {bad[0]} contain NaN or Inf "
-                                 f"(first at row {bad[1]}, counted within the batch)")
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            if self._copies:
-                x, y = x.clone(), y.clone()
-            probe = self._probe()
-            if probe is not None and _layout(x, y) not in self._layouts:
-                try:
-                    probe(x, y)
-                except ValueError as err:
-                    raise ValueError(f"batch {index} of the data: {err} (the first batch has {self._first_layout})"
-                                     ) from err
-                self._layouts.add(_layout(x, y))
-            yield x, y
-
-
-def _layout(x: torch.Tensor, y: torch.Tensor) -> tuple:
-    """What must agree between batches for a model to run on them all: shapes past the rows, dtypes."""
-    return x.shape[1:], x.dtype, y.shape[1:], y.dtype
-
-
-def _first_nonfinite(x: torch.Tensor, y: torch.Tensor) -> tuple[str, int] | None:
-    """("inputs x" or "targets y", row) of the first NaN or Inf in a batch, or None."""
-    for what, t in (("inputs x", x), ("targets y", y)):
-        row = first_nonfinite_row(t)
-        if row is not None:
-            return what, row
-    return None
 
 
 class CurvatureOperator(abc.ABC):
@@ -796,7 +539,7 @@ class CurvatureOperator(abc.ABC):
                 raise
             raise ValueError(
                 f"the loss cannot be differentiated w.r.t. the parameters with torch.func.grad: {err}"
-                + _func_grad_hint(self.model)
+                + func_grad_hint(self.model)
             ) from err
         self.num_gradients += 2
         if not all_finite(g1):
@@ -828,215 +571,3 @@ class CurvatureOperator(abc.ABC):
         if written:
             raise ValueError(f"the model's forward writes its buffer {written[0]!r} in eval mode (a call counter, "
                              "say): its products would change with every call; such a model is refused")
-
-
-_PLAIN = (bool, int, float, str, type(None))
-
-
-def _calls(module: nn.Module) -> tuple:
-    """What decides how ``module`` is called: its hooks (the handles' ids, forward and backward) and a
-    ``forward`` set on the instance; a hook added after construction was silently left out of the
-    cached products (relative error 0.82)."""
-    return (tuple(module._forward_pre_hooks), tuple(module._forward_hooks), tuple(module._backward_pre_hooks),
-            tuple(module._backward_hooks), "forward" in vars(module))
-
-
-def _is_torchs(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("torch.nn.")
-
-
-def module_settings(model: nn.Module) -> list[tuple[str, nn.Module, bool, str, tuple]]:
-    """(name, module, training flag, settings, calls) of every module: the settings of torch.nn's own
-    modules as their ``extra_repr`` shows them (a BatchNorm's eps, a Dropout's p, a convolution's
-    stride), what the fused paths read once and the cached graphs hold; and how it is called
-    (:func:`_calls`). Another module's ``extra_repr`` can show its weights' values (a learnable
-    temperature), which are the weights' key's: left out."""
-    return [(name, module, module.training, module.extra_repr() if _is_torchs(module) else "", _calls(module))
-            for name, module in model.named_modules()]
-
-
-def loss_settings(loss_fn: LossFn) -> tuple[tuple, WeightsKey]:
-    """A loss module's and its submodules' training flags and hooks, torch.nn's losses' public plain
-    attributes (``label_smoothing``, ``ignore_index``, ``reduction``; not those of a loss of the user's
-    own, which may count its calls: the probes call it) with their buffers' weights key (a class
-    weight); a ``functools.partial``'s keywords (the tensors' as a weights key); nothing for a plain
-    function. (Global module hooks are not read: observers such as ``FlopCounterMode`` register them
-    around a product.)"""
-    if isinstance(loss_fn, nn.Module):
-        plain = tuple((name, module.training, _calls(module),
-                       tuple(sorted((k, v) for k, v in vars(module).items()
-                                    if isinstance(v, _PLAIN) and not k.startswith("_")))
-                       if _is_torchs(module) else ())
-                      for name, module in loss_fn.named_modules())
-        return plain, weights_key(loss_fn.buffers())
-    if isinstance(loss_fn, functools.partial):
-        keywords = loss_fn.keywords.items()
-        plain = tuple(sorted((k, v) for k, v in keywords if isinstance(v, _PLAIN)))
-        return plain, weights_key(v for _, v in sorted(keywords, key=lambda kv: kv[0]) if isinstance(v, torch.Tensor))
-    return (), ()
-
-
-def refuse_parameter_writes(owner: str, copies: dict[str, torch.Tensor]) -> None:
-    """ValueError if a forward run on ``copies`` (fresh clones of the model's parameters) wrote one: its
-    loss is then no function of the parameters, and every later pass would write the model."""
-    written = [name for name, tensor in copies.items() if version_counter(tensor) != 0]
-    if written:
-        raise ValueError(f"{_prefix(owner)}the model's forward writes its parameter {written[0]!r} in place (an "
-                         "nn.Embedding with max_norm renormalises its rows, say): the loss is then no function of "
-                         "the parameters, and every pass would write the model; remove the write (max_norm=None)")
-
-
-def hooked_module(model: nn.Module, direction: str) -> str | None:
-    """Where ``model`` has a module hook of ``direction`` ("forward": forward hooks and pre-hooks;
-    "backward": backward hooks and pre-hooks), as the start of a sentence ("module '0' has a forward
-    hook", or a global one registered for every module); None without one."""
-    from torch.nn.modules import module as torch_module  # where torch keeps the global hooks
-
-    hooks, pre_hooks = f"_{direction}_hooks", f"_{direction}_pre_hooks"
-    if getattr(torch_module, f"_global{hooks}") or getattr(torch_module, f"_global{pre_hooks}"):
-        return f"a global module {direction} hook is registered (register_module_{direction}_hook / _pre_hook)"
-    for name, module in model.named_modules():
-        if getattr(module, hooks) or getattr(module, pre_hooks):
-            return f"{'module ' + repr(name) if name else 'the model'} has a {direction} hook or {direction} pre-hook"
-    return None
-
-
-def own_call(module: nn.Module) -> bool:
-    """Whether ``module`` runs other code than its class's ``forward`` when called: a forward hook or
-    pre-hook (:func:`hooked_module`), a ``forward`` or ``_call_impl`` set on the instance (accelerate's
-    hooks set ``forward``), or a class that overrides ``__call__`` or ``_call_impl``."""
-    kind = type(module)
-    return (hooked_module(module, "forward") is not None or "forward" in vars(module) or "_call_impl" in vars(module)
-            or kind.__call__ is not nn.Module.__call__ or kind._call_impl is not nn.Module._call_impl)
-
-
-def _func_grad_hint(model: nn.Module) -> str:
-    """What in ``model`` torch.func's gradient is known to fail on, as the end of its error: a backward
-    hook (torch.func cannot run one), or DistributedDataParallel (whose forward writes the buffers it
-    broadcasts); "" if neither."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return (" (a DistributedDataParallel forward writes the buffers it broadcasts: pass ddp.module with "
-                "process_group=..., which reduces the curvature over the ranks itself)")
-    hooked = hooked_module(model, "backward")
-    if hooked is not None:
-        return f" ({hooked}, which torch.func cannot run through: remove it while the curvature is computed)"
-    return ""
-
-
-def check_finite_weights(owner: str, computed: str, parameters: Iterable[tuple[str, torch.Tensor]],
-                         buffers: Iterable[tuple[str, torch.Tensor]], statistics: Container[str],
-                         sums: Iterable[float]) -> None:
-    """ValueError naming the first weight that :func:`~unlearn_kernels.checks.first_nonfinite_weight`
-    refuses (its arguments, ``sums`` from the caller's
-    :func:`~unlearn_kernels.curvature.params.weights_key`; ``owner`` starts the message, ``computed``
-    is what is not computed), the one message of the curvature operators and the objective."""
-    bad = first_nonfinite_weight(parameters, buffers, statistics, sums)
-    if bad is not None:
-        kind, name, what = bad
-        raise ValueError(f"{owner}: {kind} {name!r} has {what} values (did an update diverge?): no {computed} is "
-                         "computed at such weights")
-
-
-def _prefix(owner: str) -> str:
-    return f"{owner}: " if owner else ""
-
-
-def checked_loss(loss_fn: LossFn, out: Any, y: torch.Tensor, owner: str = "") -> torch.Tensor:
-    """``loss_fn(out, y)``, checked to be a scalar; a label out of range is a ValueError naming it
-    (see :func:`check_loss_labels`). Messages start with ``"<owner>: "`` when an owner is given."""
-    try:
-        loss = loss_fn(out, y)
-    except IndexError:
-        check_loss_labels(loss_fn, out, y, owner)  # torch's message names neither the row nor the classes
-        raise
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise ValueError(
-            f"{_prefix(owner)}loss_fn must return a scalar tensor (a mean-reduced loss such as "
-            "nn.CrossEntropyLoss()), got "
-            + (f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__)
-        )
-    return loss.reshape(())
-
-
-def probe_forward(forward: Callable[[torch.Tensor], Any], loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor,
-                  dtype: torch.dtype, owner: str = "") -> None:
-    """Run ``forward`` (the model at its parameters, of ``dtype``) and the loss on one batch, without
-    a graph, so that data they reject (a wrong dtype, width or label shape, a label out of range) is
-    a ValueError saying so, not a failure to differentiate or a raw torch error later."""
-    with torch.no_grad():
-        try:
-            out = forward(x)
-        except (RuntimeError, TypeError, ValueError, IndexError) as err:
-            if is_out_of_memory(err):
-                raise
-            raise ValueError(f"{_prefix(owner)}the model cannot run on the data (inputs x of shape {tuple(x.shape)}, "
-                             f"{x.dtype}; parameters {dtype}): {err}") from err
-        try:
-            loss = checked_loss(loss_fn, out, y, owner)
-        except (RuntimeError, TypeError, IndexError, AttributeError) as err:  # MSE on a tuple: AttributeError
-            if is_out_of_memory(err):
-                raise
-            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"{_prefix(owner)}the loss rejects the targets y (shape {tuple(y.shape)}, {y.dtype}) "
-                             f"with the model's outputs (shape {shape}): {err}") from err
-    # a half-precision mean over many rows overflows (float16 cross entropy over 80,000 rows: Inf, and a
-    # zero gradient that no finiteness check would catch); finite data and weights are checked already
-    # (a batch whose rows the loss all ignores has the mean over no rows, NaN in every dtype: it counts 0)
-    if (loss.dtype in (torch.float16, torch.bfloat16) and not all_finite(loss)
-            and not every_row_ignored(loss_fn, y)):
-        raise ValueError(f"{_prefix(owner)}the loss on a batch of {y.shape[0]} rows is not finite in {loss.dtype} "
-                         "(its mean overflows): use batches of a few thousand rows (batch_size= for tensor data, a "
-                         "DataLoader's own batch size), or a float32 model")
-
-
-def ignore_index_of(loss_fn: LossFn) -> int:
-    """The class label ``loss_fn`` leaves out of its mean: its ``ignore_index`` attribute
-    (``nn.CrossEntropyLoss``), or the keyword of a ``functools.partial`` of ``F.cross_entropy``, else
-    cross entropy's default -100."""
-    while isinstance(loss_fn, functools.partial) and "ignore_index" not in loss_fn.keywords:
-        loss_fn = loss_fn.func
-    if isinstance(loss_fn, functools.partial):
-        return loss_fn.keywords["ignore_index"]
-    return getattr(loss_fn, "ignore_index", -100)
-
-
-def every_row_ignored(loss_fn: LossFn, y: torch.Tensor) -> bool:
-    """Whether every class label in ``y`` is the loss's ``ignore_index`` (-100 by default, as in
-    ``F.cross_entropy``): cross entropy's mean over the batch is then 0/0 (NaN), and its derivatives
-    are zero. Every path takes such a batch as contributing zero to the loss, the gradient and the
-    curvature (its rows still count in the weights n_b / N)."""
-    if y.is_floating_point() or y.is_complex() or y.numel() == 0:
-        return False
-    return bool((y == ignore_index_of(loss_fn)).all())
-
-
-def check_loss_labels(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor, owner: str = "") -> None:
-    """ValueError naming the first class label in ``y`` outside the model's ``out.shape[1]`` classes
-    (and not the loss's ``ignore_index``, -100 by default, as in ``F.cross_entropy``); nothing if
-    there is none, or if ``y`` holds no class labels (floating point) or ``out`` has no class dim."""
-    if y.is_floating_point() or y.is_complex() or out.dim() < 2:
-        return
-    classes, ignore_index = out.shape[1], ignore_index_of(loss_fn)
-    bad = ((y < 0) | (y >= classes)) & (y != ignore_index)
-    if bool(bad.any()):
-        where = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"{_prefix(owner)}label y[{', '.join(map(str, where))}] = {int(y[where])} (rows counted "
-                         f"within the batch) is out of range for the model's {classes} classes (and is not "
-                         f"ignore_index={ignore_index})")
-
-
-def check_per_sample_forward(model: nn.Module, owner: str = "") -> None:
-    """ValueError naming the first module of ``model`` that makes a sample's output depend on more than
-    the sample: BatchNorm or dropout in training mode, or a BatchNorm without running statistics, which
-    normalises with the batch's statistics in eval mode too. The operators' losses are means over
-    samples, the same for any batching of the data."""
-    for name, module in model.named_modules():
-        if module.training and isinstance(module, _TRAIN_MODE_MODULES):
-            kind = "dropout" if isinstance(module, nn.modules.dropout._DropoutNd) else "BatchNorm"
-            raise ValueError(
-                f"{_prefix(owner)}module {name or type(module).__name__!r} ({type(module).__name__}) is in training "
-                f"mode: {kind} in training mode makes the loss and its curvature "
-                + ("random" if kind == "dropout" else "depend on how the data is batched")
-                + "; call model.eval() first (on a copy if you need train mode elsewhere)"
-            )
-    check_batch_statistics(owner, model, "the loss and its curvature would depend on how the data is batched")

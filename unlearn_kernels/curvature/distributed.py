@@ -55,7 +55,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..labeled import LabeledData
-from .base import BatchSource, CurvatureOperator, DataSpec
+from .base import CurvatureOperator
+from .batches import BatchSource, DataSpec
 from .objective import Objective
 from .params import (
     ParameterSlots,

@@ -39,7 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import CurvatureOperator, DataSpec, LossFn, check_loss_labels
+from .base import CurvatureOperator
+from .batches import DataSpec
+from .probes import check_loss_labels, LossFn
 from .fused_mlp import (
     FusedDataError,
     fused_labels,

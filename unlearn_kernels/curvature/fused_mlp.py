@@ -23,7 +23,10 @@ from torch import nn
 
 from ..backends import status
 from ..ops.mlp_hvp import mlp_hvp_flat, mlp_hvp_flat_cached, mlp_hvp_state
-from .base import CurvatureOperator, DataSpec, LossFn, RowMean, hooked_module, own_call
+from .base import CurvatureOperator
+from .batches import DataSpec, RowMean
+from .probes import LossFn
+from .settings import hooked_module, own_call
 from .params import ParamSelection, resolve_parameters
 
 _ACTIVATIONS: dict[type[nn.Module], str] = {nn.ReLU: "relu", nn.GELU: "gelu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}

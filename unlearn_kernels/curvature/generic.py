@@ -35,7 +35,10 @@ from torch import nn
 
 from ..checks import all_finite, check_choice, is_out_of_memory
 from ..ops import softmax_ce_hvp
-from .base import CurvatureOperator, DataSpec, LossFn, RowMean, check_loss_labels, own_call
+from .base import CurvatureOperator
+from .batches import DataSpec, RowMean
+from .probes import check_loss_labels, LossFn
+from .settings import own_call
 from .distributed import DistributedOperator
 from .fused_conv import FusedConvHessian
 from .fused_conv import supports as conv_supports

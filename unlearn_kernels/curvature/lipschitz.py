@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from ..checks import check_int, check_number, check_seed, norm64
-from .base import DataSpec, LossFn
+from .batches import DataSpec
+from .probes import LossFn
 from .generic import hessian_operator
 from .params import ParamSelection, get_flat_parameters, parameter_names, set_flat_parameters
 

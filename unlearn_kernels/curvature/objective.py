@@ -9,15 +9,13 @@ import torch
 from torch import nn
 
 from ..checks import check_not_meta, check_number, normalisation_buffers
-from .base import (
-    BatchSource,
-    DataSpec,
-    LossFn,
-    RowMean,
+from .batches import BatchSource, DataSpec, RowMean
+from .probes import (
     check_finite_weights,
     check_per_sample_forward,
     checked_loss,
     every_row_ignored,
+    LossFn,
     probe_forward,
     refuse_parameter_writes,
 )

@@ -100,7 +100,7 @@ from ..curvature import (
     resolve_curvature_parameters,
     set_flat_parameters,
 )
-from ..curvature.base import checked_loss
+from ..curvature.probes import checked_loss
 from ..curvature.distributed import GroupRef
 from ..labeled import LabeledData
 from ..training import model_device

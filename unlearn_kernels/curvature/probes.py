@@ -1,0 +1,162 @@
+"""The checks of a model and a loss on a batch that every operator and the Objective make before
+their first product: the model runs on the data, the loss accepts its outputs and the labels, no
+forward writes its parameters, and nothing in train mode makes a sample's loss depend on its batch."""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Container, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checks import all_finite, check_batch_statistics, first_nonfinite_weight, is_out_of_memory
+from .params import version_counter
+from .settings import hooked_module
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# Modules whose train-mode forward is random (dropout) or couples the samples of a batch (BatchNorm).
+_TRAIN_MODE_MODULES = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+
+
+def refuse_parameter_writes(owner: str, copies: dict[str, torch.Tensor]) -> None:
+    """ValueError if a forward run on ``copies`` (fresh clones of the model's parameters) wrote one: its
+    loss is then no function of the parameters, and every later pass would write the model."""
+    written = [name for name, tensor in copies.items() if version_counter(tensor) != 0]
+    if written:
+        raise ValueError(f"{_prefix(owner)}the model's forward writes its parameter {written[0]!r} in place (an "
+                         "nn.Embedding with max_norm renormalises its rows, say): the loss is then no function of "
+                         "the parameters, and every pass would write the model; remove the write (max_norm=None)")
+
+
+def func_grad_hint(model: nn.Module) -> str:
+    """What in ``model`` torch.func's gradient is known to fail on, as the end of its error: a backward
+    hook (torch.func cannot run one), or DistributedDataParallel (whose forward writes the buffers it
+    broadcasts); "" if neither."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return (" (a DistributedDataParallel forward writes the buffers it broadcasts: pass ddp.module with "
+                "process_group=..., which reduces the curvature over the ranks itself)")
+    hooked = hooked_module(model, "backward")
+    if hooked is not None:
+        return f" ({hooked}, which torch.func cannot run through: remove it while the curvature is computed)"
+    return ""
+
+
+def check_finite_weights(owner: str, computed: str, parameters: Iterable[tuple[str, torch.Tensor]],
+                         buffers: Iterable[tuple[str, torch.Tensor]], statistics: Container[str],
+                         sums: Iterable[float]) -> None:
+    """ValueError naming the first weight that :func:`~unlearn_kernels.checks.first_nonfinite_weight`
+    refuses (its arguments, ``sums`` from the caller's
+    :func:`~unlearn_kernels.curvature.params.weights_key`; ``owner`` starts the message, ``computed``
+    is what is not computed), the one message of the curvature operators and the objective."""
+    bad = first_nonfinite_weight(parameters, buffers, statistics, sums)
+    if bad is not None:
+        kind, name, what = bad
+        raise ValueError(f"{owner}: {kind} {name!r} has {what} values (did an update diverge?): no {computed} is "
+                         "computed at such weights")
+
+
+def _prefix(owner: str) -> str:
+    return f"{owner}: " if owner else ""
+
+
+def checked_loss(loss_fn: LossFn, out: Any, y: torch.Tensor, owner: str = "") -> torch.Tensor:
+    """``loss_fn(out, y)``, checked to be a scalar; a label out of range is a ValueError naming it
+    (see :func:`check_loss_labels`). Messages start with ``"<owner>: "`` when an owner is given."""
+    try:
+        loss = loss_fn(out, y)
+    except IndexError:
+        check_loss_labels(loss_fn, out, y, owner)  # torch's message names neither the row nor the classes
+        raise
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ValueError(
+            f"{_prefix(owner)}loss_fn must return a scalar tensor (a mean-reduced loss such as "
+            "nn.CrossEntropyLoss()), got "
+            + (f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__)
+        )
+    return loss.reshape(())
+
+
+def probe_forward(forward: Callable[[torch.Tensor], Any], loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor,
+                  dtype: torch.dtype, owner: str = "") -> None:
+    """Run ``forward`` (the model at its parameters, of ``dtype``) and the loss on one batch, without
+    a graph, so that data they reject (a wrong dtype, width or label shape, a label out of range) is
+    a ValueError saying so, not a failure to differentiate or a raw torch error later."""
+    with torch.no_grad():
+        try:
+            out = forward(x)
+        except (RuntimeError, TypeError, ValueError, IndexError) as err:
+            if is_out_of_memory(err):
+                raise
+            raise ValueError(f"{_prefix(owner)}the model cannot run on the data (inputs x of shape {tuple(x.shape)}, "
+                             f"{x.dtype}; parameters {dtype}): {err}") from err
+        try:
+            loss = checked_loss(loss_fn, out, y, owner)
+        except (RuntimeError, TypeError, IndexError, AttributeError) as err:  # MSE on a tuple: AttributeError
+            if is_out_of_memory(err):
+                raise
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"{_prefix(owner)}the loss rejects the targets y (shape {tuple(y.shape)}, {y.dtype}) "
+                             f"with the model's outputs (shape {shape}): {err}") from err
+    # a half-precision mean over many rows overflows (float16 cross entropy over 80,000 rows: Inf, and a
+    # zero gradient that no finiteness check would catch); finite data and weights are checked already
+    # (a batch whose rows the loss all ignores has the mean over no rows, NaN in every dtype: it counts 0)
+    if (loss.dtype in (torch.float16, torch.bfloat16) and not all_finite(loss)
+            and not every_row_ignored(loss_fn, y)):
+        raise ValueError(f"{_prefix(owner)}the loss on a batch of {y.shape[0]} rows is not finite in {loss.dtype} "
+                         "(its mean overflows): use batches of a few thousand rows (batch_size= for tensor data, a "
+                         "DataLoader's own batch size), or a float32 model")
+
+
+def ignore_index_of(loss_fn: LossFn) -> int:
+    """The class label ``loss_fn`` leaves out of its mean: its ``ignore_index`` attribute
+    (``nn.CrossEntropyLoss``), or the keyword of a ``functools.partial`` of ``F.cross_entropy``, else
+    cross entropy's default -100."""
+    while isinstance(loss_fn, functools.partial) and "ignore_index" not in loss_fn.keywords:
+        loss_fn = loss_fn.func
+    if isinstance(loss_fn, functools.partial):
+        return loss_fn.keywords["ignore_index"]
+    return getattr(loss_fn, "ignore_index", -100)
+
+
+def every_row_ignored(loss_fn: LossFn, y: torch.Tensor) -> bool:
+    """Whether every class label in ``y`` is the loss's ``ignore_index`` (-100 by default, as in
+    ``F.cross_entropy``): cross entropy's mean over the batch is then 0/0 (NaN), and its derivatives
+    are zero. Every path takes such a batch as contributing zero to the loss, the gradient and the
+    curvature (its rows still count in the weights n_b / N)."""
+    if y.is_floating_point() or y.is_complex() or y.numel() == 0:
+        return False
+    return bool((y == ignore_index_of(loss_fn)).all())
+
+
+def check_loss_labels(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor, owner: str = "") -> None:
+    """ValueError naming the first class label in ``y`` outside the model's ``out.shape[1]`` classes
+    (and not the loss's ``ignore_index``, -100 by default, as in ``F.cross_entropy``); nothing if
+    there is none, or if ``y`` holds no class labels (floating point) or ``out`` has no class dim."""
+    if y.is_floating_point() or y.is_complex() or out.dim() < 2:
+        return
+    classes, ignore_index = out.shape[1], ignore_index_of(loss_fn)
+    bad = ((y < 0) | (y >= classes)) & (y != ignore_index)
+    if bool(bad.any()):
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{_prefix(owner)}label y[{', '.join(map(str, where))}] = {int(y[where])} (rows counted "
+                         f"within the batch) is out of range for the model's {classes} classes (and is not "
+                         f"ignore_index={ignore_index})")
+
+
+def check_per_sample_forward(model: nn.Module, owner: str = "") -> None:
+    """ValueError naming the first module of ``model`` that makes a sample's output depend on more than
+    the sample: BatchNorm or dropout in training mode, or a BatchNorm without running statistics, which
+    normalises with the batch's statistics in eval mode too. The operators' losses are means over
+    samples, the same for any batching of the data."""
+    for name, module in model.named_modules():
+        if module.training and isinstance(module, _TRAIN_MODE_MODULES):
+            kind = "dropout" if isinstance(module, nn.modules.dropout._DropoutNd) else "BatchNorm"
+            raise ValueError(
+                f"{_prefix(owner)}module {name or type(module).__name__!r} ({type(module).__name__}) is in training "
+                f"mode: {kind} in training mode makes the loss and its curvature "
+                + ("random" if kind == "dropout" else "depend on how the data is batched")
+                + "; call model.eval() first (on a copy if you need train mode elsewhere)"
+            )
+    check_batch_statistics(owner, model, "the loss and its curvature would depend on how the data is batched")

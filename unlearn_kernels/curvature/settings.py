@@ -1,0 +1,84 @@
+"""What the products are computed under besides the weights, watched from construction on: every
+module's training flag, hooks and instance ``forward``, torch.nn's modules' settings and the loss's
+(see :mod:`.base`), and whether a module runs other code than its class's ``forward``."""
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .params import WeightsKey, weights_key
+
+if TYPE_CHECKING:
+    from .probes import LossFn
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _calls(module: nn.Module) -> tuple:
+    """What decides how ``module`` is called: its hooks (the handles' ids, forward and backward) and a
+    ``forward`` set on the instance (a hook added after construction would be left out of the cached
+    products)."""
+    return (tuple(module._forward_pre_hooks), tuple(module._forward_hooks), tuple(module._backward_pre_hooks),
+            tuple(module._backward_hooks), "forward" in vars(module))
+
+
+def _is_torchs(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("torch.nn.")
+
+
+def module_settings(model: nn.Module) -> list[tuple[str, nn.Module, bool, str, tuple]]:
+    """(name, module, training flag, settings, calls) of every module: the settings of torch.nn's own
+    modules as their ``extra_repr`` shows them (a BatchNorm's eps, a Dropout's p, a convolution's
+    stride), what the fused paths read once and the cached graphs hold; and how it is called
+    (:func:`_calls`). Another module's ``extra_repr`` can show its weights' values (a learnable
+    temperature), which are the weights' key's: left out."""
+    return [(name, module, module.training, module.extra_repr() if _is_torchs(module) else "", _calls(module))
+            for name, module in model.named_modules()]
+
+
+def loss_settings(loss_fn: LossFn) -> tuple[tuple, WeightsKey]:
+    """A loss module's and its submodules' training flags and hooks, torch.nn's losses' public plain
+    attributes (``label_smoothing``, ``ignore_index``, ``reduction``; not those of a loss of the user's
+    own, which may count its calls: the probes call it) with their buffers' weights key (a class
+    weight); a ``functools.partial``'s keywords (the tensors' as a weights key); nothing for a plain
+    function. (Global module hooks are not read: observers such as ``FlopCounterMode`` register them
+    around a product.)"""
+    if isinstance(loss_fn, nn.Module):
+        plain = tuple((name, module.training, _calls(module),
+                       tuple(sorted((k, v) for k, v in vars(module).items()
+                                    if isinstance(v, _PLAIN) and not k.startswith("_")))
+                       if _is_torchs(module) else ())
+                      for name, module in loss_fn.named_modules())
+        return plain, weights_key(loss_fn.buffers())
+    if isinstance(loss_fn, functools.partial):
+        keywords = loss_fn.keywords.items()
+        plain = tuple(sorted((k, v) for k, v in keywords if isinstance(v, _PLAIN)))
+        return plain, weights_key(v for _, v in sorted(keywords, key=lambda kv: kv[0]) if isinstance(v, torch.Tensor))
+    return (), ()
+
+
+def hooked_module(model: nn.Module, direction: str) -> str | None:
+    """Where ``model`` has a module hook of ``direction`` ("forward": forward hooks and pre-hooks;
+    "backward": backward hooks and pre-hooks), as the start of a sentence ("module '0' has a forward
+    hook", or a global one registered for every module); None without one."""
+    from torch.nn.modules import module as torch_module  # where torch keeps the global hooks
+
+    hooks, pre_hooks = f"_{direction}_hooks", f"_{direction}_pre_hooks"
+    if getattr(torch_module, f"_global{hooks}") or getattr(torch_module, f"_global{pre_hooks}"):
+        return f"a global module {direction} hook is registered (register_module_{direction}_hook / _pre_hook)"
+    for name, module in model.named_modules():
+        if getattr(module, hooks) or getattr(module, pre_hooks):
+            return f"{'module ' + repr(name) if name else 'the model'} has a {direction} hook or {direction} pre-hook"
+    return None
+
+
+def own_call(module: nn.Module) -> bool:
+    """Whether ``module`` runs other code than its class's ``forward`` when called: a forward hook or
+    pre-hook (:func:`hooked_module`), a ``forward`` or ``_call_impl`` set on the instance (accelerate's
+    hooks set ``forward``), or a class that overrides ``__call__`` or ``_call_impl``."""
+    kind = type(module)
+    return (hooked_module(module, "forward") is not None or "forward" in vars(module) or "_call_impl" in vars(module)
+            or kind.__call__ is not nn.Module.__call__ or kind._call_impl is not nn.Module._call_impl)
