@@ -10,7 +10,8 @@ from .batches import BatchSource
 from .distributed import DistributedObjective, DistributedOperator
 from .fused_conv import FusedConvHessian
 from .fused_mlp import FusedMLPHessian
-from .generic import MODES, PATHS, GenericHessian, GGNOperator, ggn_operator, hessian_operator
+from .factory import PATHS, ggn_operator, hessian_operator
+from .generic import MODES, GenericHessian, GGNOperator
 from .lipschitz import LipschitzEstimate, check_lipschitz_options, estimate_hessian_lipschitz
 from .objective import Objective
 from .params import (

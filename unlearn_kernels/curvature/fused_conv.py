@@ -42,7 +42,7 @@ from torch import nn
 from .base import CurvatureOperator
 from .batches import DataSpec
 from .probes import check_loss_labels, LossFn
-from .fused_mlp import (
+from .fused_common import (
     FusedDataError,
     fused_labels,
     fused_reason,

@@ -12,7 +12,7 @@ from torch import nn
 from ..checks import check_int, check_number, check_seed, norm64
 from .batches import DataSpec
 from .probes import LossFn
-from .generic import hessian_operator
+from .factory import hessian_operator
 from .params import ParamSelection, get_flat_parameters, parameter_names, set_flat_parameters
 
 
