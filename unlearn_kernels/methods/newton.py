@@ -100,7 +100,7 @@ from ..curvature import (
     resolve_curvature_parameters,
     set_flat_parameters,
 )
-from ..curvature.probes import checked_loss
+from ..curvature.probes import LossFn, checked_loss
 from ..curvature.distributed import GroupRef
 from ..labeled import LabeledData
 from ..training import model_device
@@ -127,8 +127,6 @@ from .base import (
     forget_rows_in_other_retain_shards,
     rows_by_role,
 )
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 #: rows per chunk of every pass over the data (objective, gradient, products): on the CPU, a pass over 29k
 #: digits rows in chunks of 2,048 took 0.67x the time of one batch (the chunk's activations stay in cache)
