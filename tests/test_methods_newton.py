@@ -825,8 +825,8 @@ def test_the_options_fingerprint_is_of_values_not_their_types():
 
 def test_damped_minres_beyond_the_dense_sizes_has_a_budget(mlp, monkeypatch):
     """Beyond DENSE_SOLVE_MAX_DIM damped_newton and influence ran MINRES with scipy's 5 d iterations (two
-    hours of products on a ResNet-18 at width 4): the default is the most "minres-ldl" spends, d // 4 at
-    the largest dense size; a maxiter given is kept."""
+    hours of products on a ResNet-18 at width 4): "auto"'s default is the most "minres-ldl" spends, d // 4
+    at the largest dense size; a maxiter given is kept, and "minres" named keeps scipy's default."""
     model, forget, retain = mlp
     seen = []
 
@@ -840,5 +840,7 @@ def test_damped_minres_beyond_the_dense_sizes_has_a_budget(mlp, monkeypatch):
     DampedNewton(dtype=torch.float64).unlearn(model, forget, retain)
     InfluenceNewton(dtype=torch.float64).unlearn(model, forget, retain)
     DampedNewton(maxiter=7, dtype=torch.float64).unlearn(model, forget, retain)
+    DampedNewton(solver="minres", dtype=torch.float64).unlearn(model, forget, retain)  # named: scipy's 5 d
     assert newton.MINRES_BUDGET == 11585 // 4
-    assert seen == [("minres", newton.MINRES_BUDGET), ("minres", newton.MINRES_BUDGET), ("minres", 7)]
+    assert seen == [("minres", newton.MINRES_BUDGET), ("minres", newton.MINRES_BUDGET), ("minres", 7),
+                    ("minres", None)]

@@ -90,14 +90,17 @@ def test_pinv_lanczos_stops_where_the_krylov_space_of_g_ends(rng):
     assert out.info == {"rank": 3, "lanczos_steps": 3} and out.num_hvps == 4 and out.converged
 
 
-def test_auto_solvers_choose_by_dimension(singular):
+def test_auto_solvers_choose_by_dimension(singular, monkeypatch):
     H, _, g = singular
     op = lambda v: H @ v  # noqa: E731  (an operator: no dense matrix to read)
     assert pinv_newton_step(op, g).method == "pinv-eigh"  # d = 25 <= DENSE_MAX_DIM
     assert damped_newton_step(op, g, 0.5).method == "damped-eigh"
     assert D <= DENSE_MAX_DIM
     # damped solves: the eigendecomposition, then MINRES falling back to the LDL^T factorisation while
-    # the float64 matrix fits in 1 GiB, then MINRES alone
+    # the float64 matrix fits in 1 GiB, then MINRES alone (with the memory to hold them: see below)
+    import unlearn_kernels.checks as checks
+
+    monkeypatch.setattr(checks, "available_memory", lambda device: 2**40)
     assert [damped_solver(d) for d in (1, DENSE_MAX_DIM, DENSE_MAX_DIM + 1, DENSE_SOLVE_MAX_DIM,
                                        DENSE_SOLVE_MAX_DIM + 1)] == ["eigh", "eigh", "minres-ldl", "minres-ldl",
                                                                      "minres"]
@@ -490,7 +493,7 @@ def test_solves_that_would_not_fit_in_memory_are_refused_before_any_product(monk
     H, g = spd
     big = as_operator(lambda v: v, 2000, dtype=torch.float32, device="cpu")
     refusals = [
-        (lambda: damped_newton_step(big, g.new_ones(2000).float(), 0.1, solver="minres-ldl"),
+        (lambda: damped_newton_step(big, g.new_ones(2000).float(), 0.1, solver="ldl"),
          r"^solver 'ldl' \(dense float64 matrices of d = 2,000\) needs 99\.2 MiB, more than the 1\.0 MiB available "
          r"on cpu: use an iterative solver \('minres', or 'lanczos' for the pseudo-inverse\) or fewer parameters$"),
         (lambda: damped_newton_step(big, g.new_ones(2000).float(), 0.1, solver="eigh"),
@@ -498,7 +501,7 @@ def test_solves_that_would_not_fit_in_memory_are_refused_before_any_product(monk
         (lambda: pinv_newton_step(big, g.new_ones(2000).float(), solver="eigh"), r"^solver 'eigh'"),
         (lambda: pinv_newton_step(big, g.new_ones(2000).float(), solver="lanczos", rank=300),
          r"^a Lanczos basis of 300 vectors of d = 2,000 \(torch.float32\) needs 2\.3 MiB, more than the 1\.0 MiB "
-         r"available on cpu: take fewer Lanczos steps \(newton_pinv's rank"),
+         r"available on cpu: lower rank, or choose fewer parameters$"),
     ]
     for call, message in refusals:
         with pytest.raises(ValueError, match=message):
@@ -506,3 +509,9 @@ def test_solves_that_would_not_fit_in_memory_are_refused_before_any_product(monk
     assert big.num_hvps == 0
     step = pinv_newton_step(big, g.new_ones(2000).float(), solver="lanczos", rank=30)  # 0.2 MiB: fits
     assert step.converged and step.info["rank"] == 1
+    # "auto" takes what fits: MINRES for the damped step, the Lanczos pseudo-inverse; "minres-ldl" needs
+    # its dense fallback only where MINRES does not converge (here at once)
+    assert damped_solver(2000) == "minres" and damped_newton_step(big, g.new_ones(2000).float(), 0.1).method == \
+        "damped-minres"
+    assert pinv_newton_step(big, g.new_ones(2000).float(), rank=30).method == "pinv-lanczos"
+    assert damped_newton_step(big, g.new_ones(2000).float(), 0.1, solver="minres-ldl").converged

@@ -996,3 +996,35 @@ def test_the_default_cache_folder_is_read_when_a_config_is_made(tmp_path, monkey
     """It was read once, when unlearn_kernels.study was imported: XDG_CACHE_HOME set later was ignored."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert StudyConfig().cache_dir == str(tmp_path / "unlearn-kernels" / "checkpoints")
+
+
+def test_cli_runs_without_a_lock_where_the_file_system_has_none(tmp_path, monkeypatch):
+    """flock fails with ENOSYS or ENOLCK on some network file systems: the run goes on without a lock (it
+    stopped with "[Errno 38] Function not implemented", status 1)."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert main(["run", "--protocol", "random", "--seeds", "0", "--epochs", "1", "--methods", "original",
+                 "--out", str(tmp_path), "--no-cache"]) == 0
+    assert (tmp_path / "random" / "results.json").exists()
+
+
+def test_a_sigterm_the_process_ignores_stays_ignored():
+    """run_program handles SIGTERM like Ctrl-C, but not where the process was started ignoring it (nohup-
+    style launchers): that choice is the caller's, as Python leaves an ignored SIGINT ignored."""
+    from unlearn_kernels.cli import run_program
+
+    def command(argv):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return 0
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        assert run_program("prog", command, []) == 0
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -308,8 +308,9 @@ def available_memory(device: torch.device | str) -> int | None:
     """The bytes that can still be allocated on ``device``: a GPU's free memory, the CPU's available
     memory (Linux's MemAvailable); None where it cannot be told."""
     device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cuda":  # free, and what torch's caching allocator holds unused
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     if device.type != "cpu":
         return None
     try:

@@ -83,8 +83,10 @@ def run_program(prog: str, command: Callable[[list[str] | None], int], argv: lis
     (``SystemExit``) pass.
     """
     stdout = sys.stdout
-    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers are set there only
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+    # signal handlers are set in the main thread only; a SIGTERM the process was started ignoring stays ignored
+    handled = (threading.current_thread() is threading.main_thread()
+               and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if handled else None
     try:
         with contextlib.redirect_stdout(_CheckedStdout(stdout)):
             try:
@@ -111,7 +113,7 @@ def run_program(prog: str, command: Callable[[list[str] | None], int], argv: lis
         print(f"{prog}: error: cannot write to standard output: {exc}", file=sys.stderr)
         return 1
     finally:
-        if main_thread and previous is not None:  # None: a handler set outside Python, which stays
+        if handled and previous is not None:  # None: a handler set outside Python, which stays
             signal.signal(signal.SIGTERM, previous)
 
 
@@ -191,6 +193,8 @@ def _only_run_in(root: Path) -> Iterator[None]:
         except BlockingIOError:
             raise UsageError(f"--out {str(root)!r} is in use by another unlearn-kernels run: wait for it to end, "
                              "or choose another --out") from None
+        except OSError:  # a file system without locks (ENOSYS, ENOLCK): the run goes on without one
+            pass
         yield
     finally:
         os.close(fd)

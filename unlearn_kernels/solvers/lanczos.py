@@ -46,7 +46,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from ..checks import check_bool, check_choice, check_fits_in_memory, check_int, check_number, check_seed, norm64
+from ..checks import check_bool, check_choice, check_int, check_number, check_seed, norm64
 from ..ops.lanczos_step import lanczos_step
 from .operators import SolverOperator, as_operator, check_vector
 
@@ -122,11 +122,6 @@ class LanczosProcess:
         self.reorth = reorth
         self.generator = generator
         self.capacity = min(capacity, d)
-        if store_basis:
-            check_fits_in_memory(f"a Lanczos basis of {self.capacity} vectors of d = {d:,} ({op.dtype})",
-                                 self.capacity * d * op.dtype.itemsize, op.device,
-                                 "take fewer Lanczos steps (newton_pinv's rank, the Krylov solver's k_max, lanczos's "
-                                 "k), reorth='none' with two_pass=True where it is offered, or fewer parameters")
         self.basis = torch.empty((self.capacity, d), dtype=op.dtype, device=op.device) if store_basis else None
         self.q = _unit(v0)
         self.q_prev: torch.Tensor | None = None
