@@ -94,7 +94,8 @@ def softmax_ce_grad(
     Returns:
         (N, C) contiguous tensor of the logits' dtype. Differentiable w.r.t. ``logits`` (backward, double
         backward, forward mode, ``torch.func`` grad / jvp / vmap; vmap on the reference backend needs
-        ``check_finite=False``, as its check reads values). Meta
+        ``check_finite=False`` and a target vmap does not batch, as its checks read values: the logits'
+        finiteness and the targets' range). Meta
         tensors (the reference backend, which "auto" picks for them) give a meta result of that
         shape, with no check of values (targets in range, finiteness): they hold none.
 
