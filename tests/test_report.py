@@ -259,3 +259,24 @@ def test_a_summary_is_removed_only_where_it_covers_the_scenario(tmp_path):
     assert report.remove_stale_summary(tmp_path, "random") == [] and summary.exists()
     assert report.remove_stale_summary(tmp_path, "class") == [summary, plot]
     assert not summary.exists() and not plot.exists()
+
+
+def test_a_zero_original_gap_keeps_the_closed_column_and_says_why_it_is_empty():
+    """Where the Original's Acc_f gap is 0 on every seed (it fit none of a 2-epoch run's wrong labels, as the
+    oracle) the gap closed is undefined: the column vanished from the table and the note blamed one seed."""
+    records = _study([0.0], [0.0], [0.1], original_avg=0.0)
+    add_gap_closed(records)
+    assert all(r["metrics"]["gap_closed_acc_forget"] is None for r in records if r["method"] != "retrain")
+    table = report.format_table(report.summarize(records)[0])
+    assert "closed Acc_f" in table.splitlines()[0] and "closed AvgGap" in table.splitlines()[0]
+    row = next(line for line in table.splitlines() if line.startswith("cure_newton")).split()
+    assert row[-2:] == ["-", "-"]  # the two closed columns, last
+    note = report.format_noise_note(report.gap_closed_noise(records)[0])
+    assert note.splitlines() == [
+        "Original's Acc_f gap 0.000: nothing to close ('closed Acc_f' is undefined where the Original's gap is 0: "
+        "null in the JSON, '-' in the table).",
+        "Original's AvgGap gap 0.000: nothing to close ('closed AvgGap' is undefined where the Original's gap is 0: "
+        "null in the JSON, '-' in the table).",
+    ]
+    without_original = [r for r in records if r["method"] != "original"]
+    assert "closed" not in report.format_table(report.summarize(without_original)[0])  # no Original: no column

@@ -313,7 +313,7 @@ def test_cli_one_protocol_writes_its_scenario(tmp_path, capsys):
         (["--methods", "original,cure_newton", "--set", "cure_newton.M=-1"], "cure_newton rejects the options"),
         # options naming what the model does not have: refused before the original trains
         (["--methods", "original,cure_newton", "--set", "cure_newton.params=['nope']"],
-         "cure_newton: params: the model has no parameter named 'nope'"),
+         "cure_newton: params: the model has no parameter named 'nope'; its parameters: '1.weight', '1.bias', "),
         (["--methods", "original,rfa", "--set", "rfa.targets=['nope']"], "rfa: target 'nope' names no module"),
         (["--methods", "original,cure_newton_lora", "--set", "cure_newton_lora.targets='2'"],
          "cure_newton_lora: target '2' is a ReLU"),
@@ -327,7 +327,8 @@ def test_cli_one_protocol_writes_its_scenario(tmp_path, capsys):
         (["--device", "meta"], "--device 'meta' cannot run here"),
         (["--lr", "-1"], "lr must be a finite number > 0"),
         (["--batch-size", "0"], "batch_size must be an int >= 1"),
-        (["--epochs", "-1"], "epochs must be an int >= 0"),
+        # the study's bound, where the recipe's ">= 0" contradicted the ">= 1" of --epochs 0
+        (["--epochs", "-1"], "epochs (--epochs), which the retrain oracle uses, must be an int >= 1, got -1"),
         (["--threads", "0"], "--threads must be between 1 and the"),
         # OpenMP could not create 20,000 threads (100,000: a segmentation fault)
         (["--threads", "20000"], "--threads must be between 1 and the"),

@@ -260,6 +260,7 @@ def _study_configs(args: argparse.Namespace) -> dict:
         SCENARIO_METHODS,
         StudyConfig,
         check_dataset_and_model,
+        check_epochs,
         default_cache_dir,
         default_scenarios,
     )
@@ -284,6 +285,8 @@ def _study_configs(args: argparse.Namespace) -> dict:
         if args.sequential < 1:
             raise UsageError(f"--sequential must be >= 1 (the number of requests), got {args.sequential}")
     try:
+        if args.epochs is not None:  # the study's bound (>= 1) before the recipe's (>= 0): one message for both
+            check_epochs(args.epochs)
         recipe = dataclasses.replace(DEFAULT_RECIPES[args.model], **{k: v for k, v in (
             ("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size)) if v is not None})
     except ValueError as exc:  # TrainConfig's checks, e.g. --lr -1

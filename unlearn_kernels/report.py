@@ -242,7 +242,10 @@ def format_table(summary: dict[str, dict[str, tuple[float, float]]], title: str 
             "summary", whose figures are ``{"mean", "std"}`` dicts).
     """
     _check_summary(summary)
-    columns = [c for c in TABLE_COLUMNS if any(c[0] in metrics for metrics in summary.values())]
+    # a gap-closed column stays beside an Original row where the figure is undefined (the Original's gap is 0:
+    # "-", with the note of format_noise_note), rather than vanishing from the table
+    columns = [c for c in TABLE_COLUMNS if any(c[0] in metrics for metrics in summary.values())
+               or (c[0].removeprefix("gap_closed_") in GAP_CLOSED_TITLES and "original" in summary)]
     cells = [["method"] + [title for _, title, _ in columns]]
     for method in _method_order(summary):
         row = [method + (" (oracle)" if method == "retrain" else "")]
@@ -302,7 +305,10 @@ def format_noise_note(noise: dict[str, dict[str, Any]]) -> str:
     for name, title in GAP_CLOSED_TITLES.items():
         n = noise[name]
         head = f"Original's {title} gap {n['original_gap']:.3f}: "
-        if n["within_noise"] is None:
+        if n["original_gap"] == 0:
+            lines.append(head + f"nothing to close ('closed {title}' is undefined where the Original's gap is 0: "
+                         "null in the JSON, '-' in the table).")
+        elif n["within_noise"] is None:
             lines.append(head + "seed noise unknown with one seed; 'closed " + title + "' may not rank methods.")
         elif n["within_noise"]:
             lines.append(head + f"WITHIN seed noise (<= {n['noise']:.3f} = {NOISE_FACTOR:g} standard errors over "

@@ -122,6 +122,12 @@ def default_cache_dir() -> str:
     return str(Path(base) / "unlearn-kernels" / "checkpoints")
 
 
+def check_epochs(epochs: int) -> int:
+    """The training recipe's epochs, an int >= 1: the oracle always runs, and one trained for no epoch
+    would be the random initialisation (Retrain refuses it, but only after the original's training)."""
+    return check_int("the training recipe's epochs (--epochs), which the retrain oracle uses,", epochs)
+
+
 def _check_seeds(seeds: Any) -> tuple[int, ...]:
     """Distinct integers in [0, 2**32) (the data split's scikit-learn seed; a repeated seed would
     count twice in mean ± std), at least one."""
@@ -224,10 +230,7 @@ class StudyConfig:
             check_number("forget_fraction (--forget-fraction)", self.forget_fraction, 0.0, 1.0, strict=True,
                          strict_high=True)
         self.sequential = check_int("sequential", self.sequential, low=0)
-        # the oracle always runs, and one trained for no epoch would be the random initialisation (Retrain
-        # refuses it, but only after the original's training)
-        check_int("the training recipe's epochs (--epochs), which the retrain oracle uses,",
-                  self.train_recipe(0).epochs)
+        check_epochs(self.train_recipe(0).epochs)
         if self.protocol == "class" and self.sequential and self.sequential != len(self.forget_classes):
             raise ValueError(f"the class protocol with {self.sequential} sequential requests forgets one class per "
                              f"request: give {self.sequential} classes (got {list(self.forget_classes)})")

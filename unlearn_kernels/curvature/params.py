@@ -62,7 +62,8 @@ def resolve_parameters(model: nn.Module, params: ParamSelection = None) -> dict[
         for item in params:
             if isinstance(item, str):
                 if item not in named:
-                    raise ValueError(f"params: the model has no parameter named {item!r}")
+                    listed = ", ".join(repr(n) for n in list(named)[:12]) + (", ..." if len(named) > 12 else "")
+                    raise ValueError(f"params: the model has no parameter named {item!r}; its parameters: {listed}")
                 name = item
             elif isinstance(item, torch.Tensor):
                 if id(item) not in name_of:
