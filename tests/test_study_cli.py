@@ -615,21 +615,27 @@ def test_cli_program_whose_reader_went_away_ends_quietly(unbuffered):
     assert (done.returncode, done.stderr) == (141, "")
 
 
-def test_cli_ctrl_c_ends_the_program_by_sigint_so_that_a_shell_loop_stops(tmp_path):
-    """Status 130 let `for s in 0 1 2; do unlearn-kernels run --seeds $s; done` go on to the next run after
-    Ctrl-C: a shell stops only when its child died of SIGINT. One line still, no traceback."""
+@pytest.mark.parametrize("signum, status, line", [
+    (signal.SIGINT, -signal.SIGINT, "unlearn-kernels: interrupted"),
+    (signal.SIGTERM, 143, "unlearn-kernels: terminated"),
+], ids=["ctrl-c", "sigterm"])
+def test_cli_ends_on_a_signal_with_one_line(tmp_path, signum, status, line):
+    """Ctrl-C: status 130 let `for s in 0 1 2; do unlearn-kernels run --seeds $s; done` go on to the next run
+    (a shell stops only when its child died of SIGINT). SIGTERM killed the process at once (status -15, what
+    it had finished unwritten); it ends as Ctrl-C does, with the shell's status for SIGTERM, 143. One line
+    each, no traceback."""
     proc = subprocess.Popen([sys.executable, "-c", PROGRAM, "run", "--protocol", "random", "--seeds", "0",
                              "--epochs", "10000", "--methods", "original", "--no-cache", "--out", str(tmp_path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        while not (line := proc.stderr.readline()).startswith("[random "):  # a progress line: the training began
-            assert line, "the run ended before its training"
-        proc.send_signal(signal.SIGINT)
+        while not (progress := proc.stderr.readline()).startswith("[random "):  # the training began
+            assert progress, "the run ended before its training"
+        proc.send_signal(signum)
         err = proc.communicate(timeout=120)[1]
     finally:
         proc.kill()
-    assert proc.returncode == -signal.SIGINT
-    assert "Traceback" not in err and err.splitlines()[-1:] == ["unlearn-kernels: interrupted"], err
+    assert proc.returncode == status
+    assert "Traceback" not in err and err.splitlines()[-1:] == [line], err
 
 
 def test_cli_corrupt_cached_original_is_a_clear_error_and_left_in_place(tmp_path, capsys, monkeypatch):
@@ -772,23 +778,6 @@ def test_cli_refuses_an_out_folder_another_run_is_writing_into(tmp_path, capsys)
     kept.write_text("mine")
     assert main(argv) == 0
     assert not orphan.exists() and kept.read_text() == "mine"
-
-
-def test_cli_sigterm_ends_the_program_with_one_line(tmp_path):
-    """SIGTERM killed the process at once (status -15, what it had finished unwritten); it now ends as
-    Ctrl-C does, with one line and the shell's status for SIGTERM, 143."""
-    proc = subprocess.Popen([sys.executable, "-c", PROGRAM, "run", "--protocol", "random", "--seeds", "0",
-                             "--epochs", "10000", "--methods", "original", "--no-cache", "--out", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        while not (line := proc.stderr.readline()).startswith("[random "):  # a progress line: the training began
-            assert line, "the run ended before its training"
-        proc.send_signal(signal.SIGTERM)
-        err = proc.communicate(timeout=120)[1]
-    finally:
-        proc.kill()
-    assert proc.returncode == 143
-    assert "Traceback" not in err and err.splitlines()[-1:] == ["unlearn-kernels: terminated"], err
 
 
 def test_cli_scenarios_without_the_original_have_no_summary(tmp_path, capsys):
