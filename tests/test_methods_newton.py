@@ -836,7 +836,7 @@ def test_damped_minres_beyond_the_dense_sizes_has_a_budget(mlp, monkeypatch):
 
     damped_newton_step = newton.damped_newton_step
     monkeypatch.setattr(newton, "damped_newton_step", recording)
-    monkeypatch.setattr(newton, "damped_solver", lambda d: "minres")  # as beyond the dense sizes
+    monkeypatch.setattr(newton, "damped_solver", lambda d, device: "minres")  # as beyond the dense sizes
     DampedNewton(dtype=torch.float64).unlearn(model, forget, retain)
     InfluenceNewton(dtype=torch.float64).unlearn(model, forget, retain)
     DampedNewton(maxiter=7, dtype=torch.float64).unlearn(model, forget, retain)

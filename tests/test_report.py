@@ -280,3 +280,13 @@ def test_a_zero_original_gap_keeps_the_closed_column_and_says_why_it_is_empty():
     ]
     without_original = [r for r in records if r["method"] != "original"]
     assert "closed" not in report.format_table(report.summarize(without_original)[0])  # no Original: no column
+
+
+def test_opposite_original_gaps_that_average_to_zero_are_not_called_undefined():
+    """Signed gaps of +0.1 and -0.1 average to 0: each seed's gap closed is defined (the table shows it), so
+    the note is the seed-noise one, not "nothing to close"."""
+    records = _study([0.0, 0.0], [0.1, -0.1], [0.05, -0.05])
+    add_gap_closed(records)
+    note = report.format_noise_note(report.gap_closed_noise(records)[0])
+    assert "nothing to close" not in note.splitlines()[0] and "WITHIN seed noise" in note.splitlines()[0]
+    assert report.summarize(records)[0]["cure_newton"]["gap_closed_acc_forget"][0] == pytest.approx(0.5)

@@ -15,6 +15,7 @@ from unlearn_kernels.solvers import (
     cubic_newton_step,
     damped_newton_step,
     damped_solver,
+    lanczos,
     lissa,
     minres,
     pinv_newton_step,
@@ -501,7 +502,8 @@ def test_solves_that_would_not_fit_in_memory_are_refused_before_any_product(monk
         (lambda: pinv_newton_step(big, g.new_ones(2000).float(), solver="eigh"), r"^solver 'eigh'"),
         (lambda: pinv_newton_step(big, g.new_ones(2000).float(), solver="lanczos", rank=300),
          r"^a Lanczos basis of 300 vectors of d = 2,000 \(torch.float32\) needs 2\.3 MiB, more than the 1\.0 MiB "
-         r"available on cpu: lower rank, or choose fewer parameters$"),
+         r"available on cpu: take fewer Lanczos steps \(newton_pinv's rank"),
+        (lambda: lanczos(big, 300, v0=torch.ones(2000), tol=0.0), r"^a Lanczos basis of 300 vectors of d = 2,000"),
     ]
     for call, message in refusals:
         with pytest.raises(ValueError, match=message):
@@ -515,3 +517,14 @@ def test_solves_that_would_not_fit_in_memory_are_refused_before_any_product(monk
         "damped-minres"
     assert pinv_newton_step(big, g.new_ones(2000).float(), rank=30).method == "pinv-lanczos"
     assert damped_newton_step(big, g.new_ones(2000).float(), 0.1, solver="minres-ldl").converged
+
+
+def test_auto_checks_the_memory_where_the_dense_solve_runs(monkeypatch):
+    """The eigendecomposition runs on the operator's device, the LDL^T factorisation on the CPU: "auto" read
+    the CPU's memory for both (a full host with a roomy GPU left the GPU's eigh for MINRES)."""
+    import unlearn_kernels.checks as checks
+
+    monkeypatch.setattr(checks, "available_memory",
+                        lambda device: 2**20 if torch.device(device).type == "cpu" else 2**40)
+    assert damped_solver(2000, "meta") == "eigh" and damped_solver(2000, "cpu") == "minres"
+    assert damped_solver(5000, "meta") == "minres"  # "minres-ldl"'s fallback factors on the CPU

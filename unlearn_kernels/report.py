@@ -305,7 +305,7 @@ def format_noise_note(noise: dict[str, dict[str, Any]]) -> str:
     for name, title in GAP_CLOSED_TITLES.items():
         n = noise[name]
         head = f"Original's {title} gap {n['original_gap']:.3f}: "
-        if n["original_gap"] == 0:
+        if n["original_gap"] == 0 and not n["noise"]:  # 0 on every seed (signed gaps of +-g also average to 0)
             lines.append(head + f"nothing to close ('closed {title}' is undefined where the Original's gap is 0: "
                          "null in the JSON, '-' in the table).")
         elif n["within_noise"] is None:

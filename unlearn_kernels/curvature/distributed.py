@@ -455,7 +455,7 @@ class DistributedOperator:
             called for an empty shard).
         model, params: the model and parameter selection ``build`` uses (for d, dtype and device on
             a rank with an empty shard).
-        data: this rank's shard (any :data:`~unlearn_kernels.curvature.base.DataSpec`; may be empty).
+        data: this rank's shard (any :data:`~unlearn_kernels.curvature.batches.DataSpec`; may be empty).
         process_group: an initialised ``torch.distributed`` process group (e.g. ``dist.group.WORLD``).
         refusal: this rank's error in the arguments of the function that builds the operator (an
             unknown path or parameter), raised here after the construction's collective.

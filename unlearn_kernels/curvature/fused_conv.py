@@ -265,7 +265,7 @@ class FusedConvHessian(CurvatureOperator):
         ValueError: :func:`supports` rejects the model or loss, batches are not (N, C, H, W) images
             of the parameters' dtype, or what the base class raises. Inputs of another shape and
             targets that are not (N,) class labels, where the model and the loss take them, are a
-            :class:`~unlearn_kernels.curvature.fused_mlp.FusedDataError` (first batch: at construction).
+            :class:`~unlearn_kernels.curvature.fused_common.FusedDataError` (first batch: at construction).
     """
 
     path = "fused"

@@ -177,7 +177,7 @@ def check_per_sample_loss(owner: str, model: nn.Module) -> None:
     operators are means over samples, the same for any chunking of the data: with such a layer F, its
     gradient and its Hessian would change with ``batch_size`` and the Hessian's subsample, and a chunk
     of one row (a forget set of one row) could not be run at all. The curvature layer refuses such a
-    layer too (:func:`~unlearn_kernels.curvature.base.check_per_sample_forward`, as it refuses
+    layer too (:func:`~unlearn_kernels.curvature.probes.check_per_sample_forward`, as it refuses
     BatchNorm in training mode), but only when an operator or objective is built: this check makes
     the refusal before any work, under the method's name."""
     check_batch_statistics(owner, model, "the Newton methods take the loss, its gradient and its Hessian as means "
@@ -821,7 +821,8 @@ class NewtonPinv(_NewtonFamily):
             d products, O(d^2) memory and O(d^3) time), "lanczos" (the truncated pseudo-inverse on
             the ``rank``-dimensional Lanczos space of g; the number of eigenvalues kept is
             ``rank`` in the diagnostics), "minres" (MINRES's minimum-norm solution) or "auto" (the
-            default: "eigh" up to d = :data:`~unlearn_kernels.solvers.DENSE_MAX_DIM`, else "lanczos").
+            default: "eigh" up to d = :data:`~unlearn_kernels.solvers.DENSE_MAX_DIM` where it fits in the
+            memory available, else "lanczos").
         rcond: "eigh" and "lanczos": eigenvalues with ``|lambda| <= rcond max |lambda|`` count as 0,
             in [0, 1) (None, the default: 1e-6); with solver="minres", which has no cut-off, an rcond is
             refused.
@@ -904,7 +905,7 @@ class DampedNewton(_NewtonFamily):
 
     def _damped_solve(self, H: RegularizedOperator, b: torch.Tensor) -> NewtonStep:
         """``-(H + damping I)^{-1} b``."""
-        solver = damped_solver(H.shape[0]) if self.solver == "auto" else self.solver
+        solver = damped_solver(H.shape[0], H.device) if self.solver == "auto" else self.solver
         auto_minres = self.solver == "auto" and solver == "minres"
         maxiter = MINRES_BUDGET if self.maxiter is None and auto_minres else self.maxiter
         options = {"tol": self.tol, "maxiter": maxiter} if solver in ("minres", "minres-ldl") else {}

@@ -36,7 +36,7 @@ from ..checks import (
     check_seed,
     norm64,
 )
-from .lanczos import LanczosProcess, ritz_pairs
+from .lanczos import LanczosProcess, check_basis_fits, ritz_pairs
 from .operators import NonFiniteProduct, SolverOperator, as_operator, check_vector, operator_and_vector
 
 
@@ -307,10 +307,11 @@ def _check_dense_fits(op: SolverOperator, solver: str) -> None:
                          "use an iterative solver ('minres', or 'lanczos' for the pseudo-inverse) or fewer parameters")
 
 
-def _dense_fits(d: int, solver: str) -> bool:
-    """Whether ``solver``'s dense float64 matrices fit in the CPU memory available for d parameters."""
+def _dense_fits(d: int, solver: str, device: torch.device | str) -> bool:
+    """Whether ``solver``'s dense float64 matrices for d parameters fit in the memory available where it
+    runs: the eigendecomposition on ``device``, the LDL^T factorisation on the CPU."""
     try:
-        check_fits_in_memory("", int(_DENSE_COPIES[solver] * d * d * 8), "cpu", "")
+        check_fits_in_memory("", int(_DENSE_COPIES[solver] * d * d * 8), device if solver == "eigh" else "cpu", "")
     except ValueError:
         return False
     return True
@@ -376,8 +377,8 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float | None = None, sol
             as -H^{-1} g, with a residual of 46 ||g||), "minres" (:func:`minres`:
             the minimum-norm solution, so the pseudo-inverse step, only when g lies in the range of H;
             otherwise its iterate grows along the null space of H and ``converged`` is False: use
-            "eigh" or "lanczos"), or "auto" ("eigh" for a dense matrix or d <= :data:`DENSE_MAX_DIM`,
-            else "lanczos").
+            "eigh" or "lanczos"), or "auto" ("eigh" for a dense matrix or d <= :data:`DENSE_MAX_DIM`
+            where its float64 matrices fit in the memory available, else "lanczos").
         rank: "lanczos": most Lanczos steps (products), the largest possible rank.
         tol, maxiter: MINRES settings.
         seed: "lanczos": seeds a restart vector after a breakdown.
@@ -399,7 +400,7 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float | None = None, sol
         raise ValueError(f"solver must be 'auto', 'eigh', 'lanczos' or 'minres', got {solver!r}")
     if solver == "auto":
         solver = _auto(op, "eigh", "lanczos")
-        if solver == "eigh" and op.dense is None and not _dense_fits(op.shape[0], "eigh"):
+        if solver == "eigh" and op.dense is None and not _dense_fits(op.shape[0], "eigh", op.device):
             solver = "lanczos"
     if solver == "minres":
         if given_rcond:
@@ -420,9 +421,7 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float | None = None, sol
     if gnorm == 0.0:
         return NewtonStep(torch.zeros_like(g), 0.0, 0, 0, True, "pinv-lanczos", {"rank": 0, "lanczos_steps": 0})
     # the truncated pseudo-inverse usually takes every one of its rank steps (the basis is then all written)
-    d = op.shape[0]
-    check_fits_in_memory(f"a Lanczos basis of {min(rank, d)} vectors of d = {d:,} ({op.dtype})",
-                         min(rank, d) * d * op.dtype.itemsize, op.device, "lower rank, or choose fewer parameters")
+    check_basis_fits(min(rank, op.shape[0]), op.shape[0], op.dtype, op.device)
     proc = LanczosProcess(op, g, reorth="full", store_basis=True, capacity=rank,
                           generator=torch.Generator().manual_seed(seed))
     while not proc.exhausted:
@@ -451,15 +450,16 @@ def _rounded(U: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> tuple[torc
     return s, U.T @ s.double()
 
 
-def damped_solver(d: int) -> str:
-    """The solver ``damped_newton_step(..., solver="auto")`` picks for an operator of d parameters:
-    "eigh" up to :data:`DENSE_MAX_DIM`, "minres-ldl" up to :data:`DENSE_SOLVE_MAX_DIM`, else "minres",
-    each dense one only where its float64 matrices fit in the CPU memory available (about four d x d
-    for "eigh", three for the fallback of "minres-ldl"); ValueError unless d is an int >= 1."""
+def damped_solver(d: int, device: torch.device | str = "cpu") -> str:
+    """The solver ``damped_newton_step(..., solver="auto")`` picks for an operator of d parameters on
+    ``device``: "eigh" up to :data:`DENSE_MAX_DIM`, "minres-ldl" up to :data:`DENSE_SOLVE_MAX_DIM`, else
+    "minres", each dense one only where its float64 matrices fit in the memory available where it runs
+    (about four d x d for "eigh", on ``device``; three for the fallback of "minres-ldl", on the CPU);
+    ValueError unless d is an int >= 1."""
     d = check_int("d", d, 1)
-    if d <= DENSE_MAX_DIM and _dense_fits(d, "eigh"):
+    if d <= DENSE_MAX_DIM and _dense_fits(d, "eigh", device):
         return "eigh"
-    if d <= DENSE_SOLVE_MAX_DIM and _dense_fits(d, "ldl"):
+    if d <= DENSE_SOLVE_MAX_DIM and _dense_fits(d, "ldl", device):
         return "minres-ldl"
     return "minres"
 
@@ -523,7 +523,7 @@ def damped_newton_step(H: Any, g: torch.Tensor, damping: float, *, solver: str =
     op, g = operator_and_vector(H, g)
     damping = check_number("damping", damping, 0.0)
     if solver == "auto":
-        solver = "eigh" if op.dense is not None else damped_solver(op.shape[0])
+        solver = "eigh" if op.dense is not None else damped_solver(op.shape[0], op.device)
     solvers = {"cg": conjugate_gradient, "minres": minres, "minres-ldl": minres, "lissa": lissa, "eigh": ("rcond",),
                "ldl": ()}
     if solver not in solvers:

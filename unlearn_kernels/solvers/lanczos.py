@@ -46,7 +46,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from ..checks import check_bool, check_choice, check_int, check_number, check_seed, norm64
+from ..checks import check_bool, check_choice, check_fits_in_memory, check_int, check_number, check_seed, norm64
 from ..ops.lanczos_step import lanczos_step
 from .operators import SolverOperator, as_operator, check_vector
 
@@ -90,6 +90,14 @@ def ritz_pairs(alphas: list[float], betas: list[float]) -> tuple[np.ndarray, np.
                                          np.asarray(betas[:k - 1], dtype=np.float64), check_finite=False)
 
 
+def check_basis_fits(vectors: int, d: int, dtype: torch.dtype, device: torch.device) -> None:
+    """ValueError, before any product, where a basis of ``vectors`` Lanczos vectors of d entries does not
+    fit in the memory available on ``device``."""
+    check_fits_in_memory(f"a Lanczos basis of {vectors} vectors of d = {d:,} ({dtype})", vectors * d * dtype.itemsize,
+                         device, "take fewer Lanczos steps (newton_pinv's rank, lanczos's k, the Krylov solver's "
+                         "k_max) or fewer parameters")
+
+
 class LanczosProcess:
     """The Lanczos recurrence on ``op`` from ``v0``, one product per :meth:`step`.
 
@@ -122,6 +130,8 @@ class LanczosProcess:
         self.reorth = reorth
         self.generator = generator
         self.capacity = min(capacity, d)
+        if store_basis and op.device.type != "cpu":  # on the CPU only the rows written take memory
+            check_basis_fits(self.capacity, d, op.dtype, op.device)
         self.basis = torch.empty((self.capacity, d), dtype=op.dtype, device=op.device) if store_basis else None
         self.q = _unit(v0)
         self.q_prev: torch.Tensor | None = None
@@ -414,6 +424,8 @@ def lanczos(
         # only its direction matters: one whose norm underflows (or overflows) float64 would be normalised to
         # Inf (or 0) entries
         v0 = v0 / v0.abs().max()
+    if not two_pass:  # the k steps fill the basis unless it converges first
+        check_basis_fits(min(k, d), d, op.dtype, op.device)
     proc = LanczosProcess(op, v0, reorth=reorth, store_basis=not two_pass, capacity=k, generator=gen)
 
     def wanted_pairs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
