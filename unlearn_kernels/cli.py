@@ -190,11 +190,10 @@ def _only_run_in(root: Path) -> Iterator[None]:
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UsageError(f"--out {str(root)!r} is in use by another unlearn-kernels run: wait for it to end, "
-                             "or choose another --out") from None
-        except OSError:  # a file system without locks (ENOSYS, ENOLCK): the run goes on without one
-            pass
+        except OSError as error:  # other than "in use": a file system without locks (ENOSYS, ENOLCK), run without
+            if isinstance(error, BlockingIOError):
+                raise UsageError(f"--out {str(root)!r} is in use by another unlearn-kernels run: wait for it to "
+                                 "end, or choose another --out") from None
         yield
     finally:
         os.close(fd)

@@ -299,19 +299,18 @@ DENSE_SOLVE_MAX_DIM = math.isqrt(2**30 // 8)
 _DENSE_COPIES = {"eigh": 4.25, "ldl": 3.25}
 
 
-def _check_dense_fits(op: SolverOperator, solver: str) -> None:
-    """ValueError, before any product, where ``solver``'s dense float64 matrices do not fit in memory."""
-    d = op.shape[0]
+def _check_dense_fits(d: int, solver: str, device: torch.device | str) -> None:
+    """ValueError, before any product, where ``solver``'s dense float64 matrices for d parameters do not fit
+    in the memory available where it runs: the eigendecomposition on ``device``, LDL^T on the CPU."""
     check_fits_in_memory(f"solver {solver!r} (dense float64 matrices of d = {d:,})",
-                         int(_DENSE_COPIES[solver] * d * d * 8), op.device if solver == "eigh" else "cpu",
+                         int(_DENSE_COPIES[solver] * d * d * 8), device if solver == "eigh" else "cpu",
                          "use an iterative solver ('minres', or 'lanczos' for the pseudo-inverse) or fewer parameters")
 
 
 def _dense_fits(d: int, solver: str, device: torch.device | str) -> bool:
-    """Whether ``solver``'s dense float64 matrices for d parameters fit in the memory available where it
-    runs: the eigendecomposition on ``device``, the LDL^T factorisation on the CPU."""
+    """Whether :func:`_check_dense_fits` passes."""
     try:
-        check_fits_in_memory("", int(_DENSE_COPIES[solver] * d * d * 8), device if solver == "eigh" else "cpu", "")
+        _check_dense_fits(d, solver, device)
     except ValueError:
         return False
     return True
@@ -325,7 +324,7 @@ def _dense64(op: SolverOperator) -> torch.Tensor:
 
 def _eigh(op: SolverOperator) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (ascending) and eigenvectors of the symmetrised dense matrix, in float64."""
-    _check_dense_fits(op, "eigh")
+    _check_dense_fits(op.shape[0], "eigh", op.device)
     return torch.linalg.eigh(_dense64(op))
 
 
@@ -421,7 +420,8 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float | None = None, sol
     if gnorm == 0.0:
         return NewtonStep(torch.zeros_like(g), 0.0, 0, 0, True, "pinv-lanczos", {"rank": 0, "lanczos_steps": 0})
     # the truncated pseudo-inverse usually takes every one of its rank steps (the basis is then all written)
-    check_basis_fits(min(rank, op.shape[0]), op.shape[0], op.dtype, op.device)
+    if op.device.type == "cpu":  # elsewhere the process checks its whole reservation
+        check_basis_fits(min(rank, op.shape[0]), op.shape[0], op.dtype, op.device)
     proc = LanczosProcess(op, g, reorth="full", store_basis=True, capacity=rank,
                           generator=torch.Generator().manual_seed(seed))
     while not proc.exhausted:
@@ -467,7 +467,7 @@ def damped_solver(d: int, device: torch.device | str = "cpu") -> str:
 def _ldl_step(op: SolverOperator, g: torch.Tensor, damping: float) -> NewtonStep:
     """``-(H + damping I)^{-1} g`` by the LDL^T factorisation of the dense float64 matrix, on the CPU
     (LAPACK's Bunch-Kaufman; torch's CUDA path for it is not tested here)."""
-    _check_dense_fits(op, "ldl")
+    _check_dense_fits(op.shape[0], "ldl", op.device)
     A = _dense64(op).cpu()
     A.diagonal().add_(damping)
     LD, pivots, info = torch.linalg.ldl_factor_ex(A)

@@ -424,7 +424,8 @@ def lanczos(
         # only its direction matters: one whose norm underflows (or overflows) float64 would be normalised to
         # Inf (or 0) entries
         v0 = v0 / v0.abs().max()
-    if not two_pass:  # the k steps fill the basis unless it converges first
+    # the k steps fill the basis unless it converges first; off the CPU the process checks its reservation
+    if not two_pass and op.device.type == "cpu":
         check_basis_fits(min(k, d), d, op.dtype, op.device)
     proc = LanczosProcess(op, v0, reorth=reorth, store_basis=not two_pass, capacity=k, generator=gen)
 
