@@ -67,6 +67,11 @@ def _run_suites(args: argparse.Namespace, device: torch.device, out: Path) -> li
         print(f"\n{suite}: {SUITES[suite]}")
         print(common.format_table(measurements, baseline))
         print(f"results: {path}")
+        # the docs' plot of a suite is drawn from its committed CPU JSON: redrawn whenever that is replaced
+        plot = getattr(module, "PLOT", None)
+        committed = path.parent.resolve() == common.RESULTS_DIR.resolve()
+        if plot is not None and device.type == "cpu" and committed and not args.quick:
+            print(f"plot: {plot(path)}")
     return failed
 
 

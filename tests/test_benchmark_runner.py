@@ -249,3 +249,21 @@ def test_distributed_suite_stops_waiting_for_a_dead_worker():
     dead.join()
     with pytest.raises(RuntimeError, match=r"worker\(s\) exited \(rank: exit code\) \{0: 3\}"):
         _replies(ctx.Queue(), [dead], timeout=5)  # not "no reply from the workers in 5 s"
+
+
+@pytest.mark.parametrize("out_given", [False, True])
+def test_replacing_the_committed_json_redraws_the_docs_plot(out_given, monkeypatch, tmp_path):
+    """docs/img/hvp_gradient_units.png stayed drawn from an earlier JSON after the committed one was replaced:
+    the runner redraws a suite's plot whenever it writes the committed CPU results, and only then."""
+    import benchmarks.__main__ as runner
+    import benchmarks.cubic
+
+    drawn = []
+    monkeypatch.setattr(runner.common, "RESULTS_DIR", tmp_path / "committed")
+    monkeypatch.setattr(benchmarks.cubic, "run", lambda device, **kwargs: ([], {}))
+    monkeypatch.setattr(benchmarks.cubic, "PLOT", lambda path: drawn.append(path) or tmp_path / "plot.png")
+    (tmp_path / "committed").mkdir()
+    assert main(["cubic", "--threads", "1"] + (["--out", str(tmp_path / "elsewhere")] if out_given else [])) == 0
+    assert drawn == ([] if out_given else [tmp_path / "committed" / "cubic_cpu.json"])
+    assert main(["cubic", "--quick", "--out", str(tmp_path / "committed")]) == 0  # a smoke test draws nothing
+    assert len(drawn) == (0 if out_given else 1)
