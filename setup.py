@@ -7,7 +7,8 @@ Environment flags (all optional):
                                 CUDA kernels are built whenever torch has CUDA and nvcc is found;
                                 no GPU is needed.
   MAX_JOBS=N                    parallel compile jobs (read by torch's ninja build).
-  TORCH_CUDA_ARCH_LIST="9.0"    CUDA architectures to compile for (read by torch).
+  TORCH_CUDA_ARCH_LIST="9.0"    CUDA architectures to compile for (read by torch). Unset, torch compiles
+                                for the GPUs it sees; with none visible the build uses DEFAULT_CUDA_ARCHS.
   UNLEARN_KERNELS_CPU_ARCH=generic  compile the CPU kernels without AVX2 (for a binary that must run
                                 on other x86 machines); by default AVX2+FMA is used when the build
                                 machine has it, as PyTorch's own AVX2 kernels do.
@@ -16,9 +17,17 @@ Always install with ``pip install --no-build-isolation``: nothing is downloaded 
 import glob
 import os
 
+import setuptools
 import torch
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+# pyproject.toml's licence fields (PEP 639) need setuptools 77; an older one, which --no-build-isolation
+# leaves in place (a new venv of Python < 3.12 has 65), fails reading them with a schema error
+if int(setuptools.__version__.split(".")[0]) < 77:
+    raise RuntimeError(f"unlearn-kernels: the build needs setuptools >= 77, found {setuptools.__version__}: "
+                       "pip install -U 'setuptools>=77'")
 
 
 def _flag(name: str) -> bool:
@@ -37,6 +46,21 @@ def _build_cuda() -> bool:
             )
         return True
     return has_toolchain
+
+
+# Turing, Ampere and Hopper binaries (a binary serves the later GPUs of its major version) and PTX that
+# the driver compiles for the GPUs after them
+DEFAULT_CUDA_ARCHS = "7.5;8.0;9.0+PTX"
+
+
+def _cuda_arch_list() -> str | None:
+    """The TORCH_CUDA_ARCH_LIST a CUDA build must set: None where the user set one or a GPU is visible.
+
+    Unset and with no GPU visible, torch's build took the architectures of the GPUs it sees (none) and
+    failed inside torch with an IndexError."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST") or torch.cuda.device_count() > 0:
+        return None
+    return DEFAULT_CUDA_ARCHS
 
 
 def _cpu_vector_flags() -> list[str]:
@@ -61,6 +85,10 @@ def _extension():
     cxx_flags = ["-O3", "-fopenmp", "-DNDEBUG", *_cpu_vector_flags()]
     if _build_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        archs = _cuda_arch_list()
+        if archs is not None:
+            print(f"unlearn-kernels: no GPU visible, CUDA kernels built for TORCH_CUDA_ARCH_LIST={archs}")
+            os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         return CUDAExtension(
             "unlearn_kernels._C",
             sources,

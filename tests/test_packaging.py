@@ -1,0 +1,78 @@
+"""What the sdist and the build script give a user who does not build from a clone: an sdist with every
+source the build reads, and a CUDA build that does not need a visible GPU."""
+import os
+import re
+import runpy
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import setuptools
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def sdist_members(tmp_path_factory) -> set[str]:
+    """The files of the sdist built from this tree, relative to its top folder."""
+    out = tmp_path_factory.mktemp("sdist")
+    subprocess.run([sys.executable, "-c", f"from setuptools import build_meta; build_meta.build_sdist({str(out)!r})"],
+                   cwd=REPOSITORY, check=True, capture_output=True)
+    (archive,) = out.glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        return {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+
+
+def test_the_sdist_holds_every_source_and_header_the_build_reads(sdist_members):
+    """The sdist held the .cpp files setup.py lists but neither the headers they include nor the CUDA
+    sources: building it failed at the first ``#include "../lanczos_step.h"``."""
+    sources = {str(p.relative_to(REPOSITORY)) for p in (REPOSITORY / "csrc").rglob("*")
+               if p.suffix in (".h", ".cpp", ".cu")}
+    assert sources and sources <= sdist_members, sorted(sources - sdist_members)
+    for source in sorted(sources):
+        for include in re.findall(r'#include\s+"([^"]+)"', (REPOSITORY / source).read_text()):
+            assert os.path.normpath(os.path.join(os.path.dirname(source), include)) in sdist_members, (source, include)
+    kernels = {str(p.relative_to(REPOSITORY)) for p in (REPOSITORY / "triton_kernels").glob("*.py")}
+    assert kernels <= sdist_members and {"LICENSE", "README.md", "setup.py", "pyproject.toml"} <= sdist_members
+
+
+def test_the_sdist_leaves_out_the_suite_and_build_outputs(sdist_members):
+    """A part of the suite (it reads the docs, examples and benchmarks of a clone) cannot run from the sdist."""
+    assert not [m for m in sdist_members if m.startswith("tests/") or m.endswith((".so", ".o", ".pyc"))]
+
+
+def _setup_functions(monkeypatch) -> dict:
+    """setup.py's functions, without running setup()."""
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: None)
+    monkeypatch.chdir(REPOSITORY)
+    return runpy.run_path(str(REPOSITORY / "setup.py"), run_name="setup_under_test")
+
+
+@pytest.mark.parametrize("gpus, env, expected", [
+    (0, None, "default"),  # torch took the architectures of the GPUs it sees: none, and an IndexError inside it
+    (0, "8.6", None),  # the user's choice stands
+    (1, None, None),  # torch compiles for the GPU it sees
+])
+def test_a_cuda_build_without_a_visible_gpu_gets_architectures(gpus, env, expected, monkeypatch):
+    import torch
+
+    functions = _setup_functions(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    if env is None:
+        monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    else:
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", env)
+    archs = functions["_cuda_arch_list"]()
+    assert archs == (functions["DEFAULT_CUDA_ARCHS"] if expected == "default" else None)
+    if archs is not None:  # each entry an architecture torch's build takes, the last with PTX for later GPUs
+        assert all(re.fullmatch(r"\d+\.\d+(\+PTX)?", a) for a in archs.split(";")) and archs.endswith("+PTX")
+
+
+def test_an_old_setuptools_is_named_before_the_build(monkeypatch):
+    """With --no-build-isolation a venv's setuptools 65 stays in place, and reading pyproject.toml's licence
+    failed with "`project.license` must be valid exactly by one definition"."""
+    monkeypatch.setattr(setuptools, "__version__", "65.5.0")
+    with pytest.raises(RuntimeError, match=r"needs setuptools >= 77, found 65\.5\.0"):
+        _setup_functions(monkeypatch)
