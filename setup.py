@@ -7,6 +7,8 @@ Environment flags (all optional):
                                 CUDA kernels are built whenever torch has CUDA and nvcc is found;
                                 no GPU is needed.
   MAX_JOBS=N                    parallel compile jobs (read by torch's ninja build).
+  CUDA_HOME=/usr/local/cuda     the CUDA toolkit (read by torch); unset, the one the nvcc on PATH
+                                reports (torch alone took the folder above nvcc, a wrapper script's).
   TORCH_CUDA_ARCH_LIST="9.0"    CUDA architectures to compile for (read by torch). Unset, torch compiles
                                 for the GPUs it sees; with none visible the build uses DEFAULT_CUDA_ARCHS.
   UNLEARN_KERNELS_CPU_ARCH=generic  compile the CPU kernels without AVX2 (for a binary that must run
@@ -16,11 +18,40 @@ Always install with ``pip install --no-build-isolation``: nothing is downloaded 
 """
 import glob
 import os
+import re
+import shutil
+import subprocess
 
 import setuptools
 import torch
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def _toolkit_of_nvcc() -> str | None:
+    """The CUDA toolkit of the nvcc on PATH as nvcc reports it (its ``TOP``), or None.
+
+    torch takes the folder above nvcc's path, which is wrong where nvcc is a wrapper script outside the
+    toolkit (as /usr/local/bin/nvcc on this project's machines): the link then failed with "cannot find
+    -lcudart"."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        run = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True,
+                             timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    top = re.search(r"^#\$ TOP=(.+)$", run.stdout + run.stderr, re.MULTILINE)
+    return os.path.normpath(top.group(1).strip()) if top else None
+
+
+# before torch.utils.cpp_extension reads CUDA_HOME (once, at import)
+if torch.version.cuda is not None and not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
+    toolkit = _toolkit_of_nvcc()
+    if toolkit is not None:
+        os.environ["CUDA_HOME"] = toolkit
+
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
 # pyproject.toml's licence fields (PEP 639) need setuptools 77; an older one, which --no-build-isolation

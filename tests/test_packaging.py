@@ -76,3 +76,17 @@ def test_an_old_setuptools_is_named_before_the_build(monkeypatch):
     monkeypatch.setattr(setuptools, "__version__", "65.5.0")
     with pytest.raises(RuntimeError, match=r"needs setuptools >= 77, found 65\.5\.0"):
         _setup_functions(monkeypatch)
+
+
+@pytest.mark.parametrize("reports, expected", [("#$ TOP=/opt/cuda-13.0/bin/..", "/opt/cuda-13.0"), ("", None)])
+def test_the_toolkit_is_the_one_nvcc_reports(reports, expected, monkeypatch, tmp_path):
+    """torch took the folder above the nvcc on PATH for the toolkit: with /usr/local/bin/nvcc a wrapper script
+    (as on this project's machines) a CUDA build failed to link ("cannot find -lcudart")."""
+    functions = _setup_functions(monkeypatch)
+    wrapper = tmp_path / "nvcc"
+    wrapper.write_text(f"#!/bin/sh\necho '{reports}' >&2\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert functions["_toolkit_of_nvcc"]() == expected
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    assert functions["_toolkit_of_nvcc"]() is None
