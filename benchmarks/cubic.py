@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from unlearn_kernels.checkpoint import save_figure
-from unlearn_kernels.report import pyplot
+from unlearn_kernels.report import new_figure
 from unlearn_kernels.curvature import hessian_operator
 from unlearn_kernels.solvers import cubic_model_value, cubic_newton_step, lanczos
 
@@ -214,11 +214,11 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 0.5) -> 
 def plot_scaling(results: Path = RESULTS_DIR / "cubic_cpu.json",
                  out: Path = Path(__file__).resolve().parent.parent / "docs" / "img" / "cubic_scaling.png") -> Path:
     """Time and Hessian-vector products against d for each method on the synthetic cases (log-log)."""
-    plt = pyplot()
     data = json.loads(Path(results).read_text())
     rows = [r for r in data["results"]
             if r["case"].startswith("synthetic") and r["median_s"] is not None]
-    fig, (ax_t, ax_h) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = new_figure(figsize=(10, 4))
+    ax_t, ax_h = fig.subplots(1, 2)
     for method in ("dense", "krylov", "krylov:no-guard", "gd"):
         pts = sorted((r["extra"]["d"], r["median_s"], r["extra"]["num_hvps"]) for r in rows if r["candidate"] == method)
         if pts:
@@ -236,7 +236,6 @@ def plot_scaling(results: Path = RESULTS_DIR / "cubic_cpu.json",
                  f"(float64, {data['environment']['cpu_threads']} CPU thread(s))")
     fig.tight_layout()
     save_figure(fig, out)
-    plt.close(fig)
     return out
 
 

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from unlearn_kernels.checkpoint import save_figure
-from unlearn_kernels.report import pyplot
+from unlearn_kernels.report import new_figure
 from unlearn_kernels.curvature import flatten_tensors, hessian_operator, unflatten_vector
 from unlearn_kernels.models import ResNet18, SmallViT
 from unlearn_kernels.models.cnn import SmallCNN
@@ -333,12 +333,12 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 0.5) -> 
 def plot_gradient_units(results: Path = RESULTS_DIR / "hvp_cpu.json",
                         out: Path = Path(__file__).resolve().parent.parent / "docs" / "img" / "hvp_gradient_units.png") -> Path:
     """Bar chart: one HVP in gradient units, per candidate and model."""
-    plt = pyplot()
     data = json.loads(Path(results).read_text())
     rows = [r for r in data["results"] if r["case"].endswith(" hvp")]
     models = list(dict.fromkeys(r["case"][: -len(" hvp")] for r in rows))
     names = list(dict.fromkeys(r["candidate"] for r in rows))
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig = new_figure(figsize=(10, 4.5))
+    ax = fig.subplots()
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         units = [next((r["extra"].get("gradient_units") or 0.0 for r in rows
@@ -352,7 +352,6 @@ def plot_gradient_units(results: Path = RESULTS_DIR / "hvp_cpu.json",
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     save_figure(fig, out)
-    plt.close(fig)
     return out
 
 

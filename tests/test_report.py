@@ -290,3 +290,26 @@ def test_opposite_original_gaps_that_average_to_zero_are_not_called_undefined():
     note = report.format_noise_note(report.gap_closed_noise(records)[0])
     assert "nothing to close" not in note.splitlines()[0] and "WITHIN seed noise" in note.splitlines()[0]
     assert report.summarize(records)[0]["cure_newton"]["gap_closed_acc_forget"][0] == pytest.approx(0.5)
+
+
+def test_plots_leave_the_callers_backend_and_pyplot_alone(tmp_path):
+    """The plots called matplotlib.use("Agg"): a notebook's or a GUI's backend was switched for the rest of
+    the process (plt.show() then showed nothing)."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    records = _study([0.0], [0.3], [0.1])
+    for r in records:
+        r["metrics"].update(seconds=0.1)
+    add_gap_closed(records)
+    study = {"config": {"protocol": "mislabeled"}, "records": records}
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        figure = plt.figure()  # the caller's own
+        report.write_plots(study, tmp_path)
+        report.plot_gap_closed({"a": study}, tmp_path / "g.png")
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == [figure.number]
+    finally:
+        plt.close("all")
+        matplotlib.use(before)

@@ -429,14 +429,21 @@ def remove_stale_summary(root: Path, scenario: str) -> list[Path]:
     return removed
 
 
-def pyplot() -> Any:
-    """matplotlib's pyplot on the Agg backend (files only: no display is needed or opened)."""
+def new_figure(**kwargs: Any) -> Any:
+    """A matplotlib ``Figure`` of its own (``kwargs``: Figure's, e.g. ``figsize``), outside pyplot: files only,
+    nothing to close, and the caller's backend (a notebook's, a GUI's) stays as it is, where
+    ``matplotlib.use("Agg")`` switched it for the rest of the process. Saved by
+    :func:`unlearn_kernels.checkpoint.save_figure`."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
+def palette(name: str) -> tuple[Any, ...]:
+    """The colours of matplotlib's qualitative colormap ``name`` (``"tab10"``, ``"tab20"``)."""
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return matplotlib.colormaps[name].colors
 
 
 def _per_seed(records: list[dict[str, Any]], request: int, method: str, key: str) -> list[float]:
@@ -453,13 +460,13 @@ def plot_gap_closed(studies: dict[str, dict[str, Any]], path: Path) -> Path:
         TypeError / ValueError: as :func:`format_scenario_summary`; before anything is drawn or written.
     """
     _check_studies("plot_gap_closed", studies)
-    plt = pyplot()
     floor = -1.0
     per_scenario = {name: _last_request_gap_closed(study["records"]) for name, study in studies.items()}
     methods = [m for m in _method_order({m for c, _ in per_scenario.values() for m in c}) if m != "retrain"]
-    fig, axes = plt.subplots(2, 1, figsize=(min(18, max(8, 0.3 * len(methods) * len(studies))), 7), sharex=True)
+    fig = new_figure(figsize=(min(18, max(8, 0.3 * len(methods) * len(studies))), 7))
+    axes = fig.subplots(2, 1, sharex=True)
     width = 0.8 / len(studies)
-    colors = plt.get_cmap("tab10").colors
+    colors = palette("tab10")
     for ax, (figure, title) in zip(axes, GAP_CLOSED_TITLES.items()):
         for i, (name, study) in enumerate(studies.items()):
             closed, noise = per_scenario[name]
@@ -486,7 +493,6 @@ def plot_gap_closed(studies: dict[str, dict[str, Any]], path: Path) -> Path:
     axes[0].set_title("Gap to the oracle closed (1 = oracle, 0 = Original; points: seeds; red ▼: below -1)")
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -519,14 +525,14 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
     if has_gap_closed and not (isinstance(study.get("config"), Mapping) and "protocol" in study["config"]):
         raise ValueError(f"{owner}: the study has gap-closed figures but no 'config' with a 'protocol' to "
                          f"label their plot with")
-    plt = pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
     methods = _method_order(last)
     paths = []
 
-    colors = plt.get_cmap("tab20").colors
+    colors = palette("tab20")
     markers = "os^Dvp<>h"
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = new_figure(figsize=(8, 5))
+    ax = fig.subplots()
     for i, m in enumerate(methods):
         if "seconds" not in last[m]:  # failed on every seed: no time to place it at
             continue
@@ -543,12 +549,12 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
     fig.tight_layout()
     paths.append(out_dir / TIME_PLOT)
     save_figure(fig, paths[-1], dpi=120)
-    plt.close(fig)
 
     # bars: mean |gap| over seeds; points: each seed's |gap| (never below zero, unlike +-std bars)
     keys = ("gap_acc_forget", "gap_acc_retain", "gap_acc_test", "gap_mia_entropy")
     others = [m for m in methods if m != "retrain"]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig = new_figure(figsize=(8, 4.5))
+    ax = fig.subplots()
     width = 0.8 / len(keys)
     for i, key in enumerate(keys):
         xs = [j + (i - (len(keys) - 1) / 2) * width for j in range(len(others))]
@@ -566,7 +572,6 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
     fig.tight_layout()
     paths.append(out_dir / GAPS_PLOT)
     save_figure(fig, paths[-1], dpi=120)
-    plt.close(fig)
 
     if has_gap_closed:
         paths.append(plot_gap_closed({study["config"]["protocol"]: study}, out_dir / GAP_CLOSED_PLOT))
@@ -574,7 +579,8 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
     if len(summary) > 1:
         panels = {"acc_forgotten_so_far": "accuracy on everything forgotten so far", "acc_test": "test accuracy",
                   "gap_closed_acc_forget": "gap closed in Acc_f (vs the Original at each request)"}
-        fig, axes = plt.subplots(1, len(panels), figsize=(15, 4))
+        fig = new_figure(figsize=(15, 4))
+        axes = fig.subplots(1, len(panels))
         steps = sorted(summary)
         for m in methods:
             for ax, key in zip(axes, panels):
@@ -590,7 +596,6 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
         fig.tight_layout()
         paths.append(out_dir / SEQUENTIAL_PLOT)
         save_figure(fig, paths[-1], dpi=120)
-        plt.close(fig)
     for name in (GAP_CLOSED_PLOT, SEQUENTIAL_PLOT):  # an earlier study's, which this one does not replace
         if out_dir / name not in paths:
             with contextlib.suppress(FileNotFoundError):
