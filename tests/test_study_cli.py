@@ -1018,3 +1018,20 @@ def test_a_sigterm_the_process_ignores_stays_ignored():
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_cli_in_a_callers_process_leaves_its_threads_and_random_state(tmp_path, capsys):
+    """main(["run", ...]) in a caller's process left torch at --threads (1) and drew the check's model from
+    the caller's global generator (torch.rand after it gave other numbers)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(123)
+        expected = torch.rand(3)
+        torch.manual_seed(123)
+        code = main(["run", "--protocol", "mislabeled", "--methods", "original", "--seeds", "0", "--epochs", "1",
+                     "--no-cache", "--out", str(tmp_path)])
+        assert code == 0, capsys.readouterr().err
+        assert torch.get_num_threads() == 2 and torch.equal(torch.rand(3), expected)
+    finally:
+        torch.set_num_threads(threads)

@@ -388,7 +388,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     with _only_run_in(root):
         for path in files:  # left by a run killed while it wrote them (no other run writes here now)
             remove_orphan_temporaries(path)
-        return _run_scenarios(args, configs, root)
+        import torch
+
+        threads = torch.get_num_threads()
+        try:
+            return _run_scenarios(args, configs, root)
+        finally:  # main() called in a process of the caller's: its thread count as it was
+            torch.set_num_threads(threads)
 
 
 def _run_scenarios(args: argparse.Namespace, configs: dict[str, StudyConfig], root: Path) -> int:

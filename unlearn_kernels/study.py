@@ -406,7 +406,9 @@ def check_scenario(config: StudyConfig) -> None:
     seed = config.seeds[0]
     splits = load_dataset(config.dataset, root=config.root, seed=seed)
     build_scenario(config, splits, seed)
-    model = build_model(config.model, splits.input_shape, splits.num_classes, **config.model_kwargs)
+    # its initialisation draws from the seed's generator, not from the caller's global one
+    model = init_model(lambda: build_model(config.model, splits.input_shape, splits.num_classes,
+                                           **config.model_kwargs), seed)
     for name in config.methods:  # what the options name in the model (parameters, adapter targets) exists
         if name not in RECIPE_METHODS:
             METHODS[name](**config.method_kwargs(name)).check_model(model)
