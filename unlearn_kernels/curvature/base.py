@@ -126,8 +126,10 @@ class CurvatureOperator(abc.ABC):
 
     Vectors are flat over the chosen parameters (layout: :func:`~unlearn_kernels.curvature.params.
     resolve_parameters`), with the parameters' dtype and device (float64 is supported throughout).
-    The model is never modified: parameters are read (live: in-place updates to the model are seen
-    by later products, and so are parameters replaced by tensors of the same shape, dtype and device;
+    The model is never modified (it is as it was after every call; not thread-safe: see
+    :func:`~unlearn_kernels.curvature.hessian_operator`): parameters are read (live: in-place updates to
+    the model are seen by later products, and so are parameters replaced by tensors of the same shape,
+    dtype and device;
     a parameter replaced by one of another shape, dtype or device needs a new operator), buffers are copied
     at construction and again after they change (followed as the parameters are, e.g. through
     ``load_state_dict``), and the forward runs through ``torch.func.functional_call``.

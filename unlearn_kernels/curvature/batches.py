@@ -238,6 +238,9 @@ class BatchSource:
     def __iter__(self) -> Iterator[Batch]:
         for index, batch in enumerate(self._batches):
             x, y = self._check_batch(batch)
+            # derivatives are taken in the parameters only: inputs that require grad attached some paths'
+            # products and gradients to the caller's graph, and held products kept each batch's activations
+            x, y = x.detach(), y.detach()
             if x.shape[0] == 0:
                 continue
             # an iterable's batches can only be checked as they stream (else NaN products, silently)

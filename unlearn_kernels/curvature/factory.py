@@ -52,7 +52,10 @@ def hessian_operator(
     """The Hessian of the mean loss over ``data`` w.r.t. ``params``, as a :class:`CurvatureOperator`.
 
     Args:
-        model: any nn.Module, in eval mode if it has BatchNorm or dropout. It is never modified.
+        model: any nn.Module, in eval mode if it has BatchNorm or dropout. It is never modified: it is as it
+            was after every call. Not thread-safe: while a generic-path product or a gradient runs, the
+            model holds the operator's tensors in place of its parameters (``torch.func.functional_call``),
+            so no other thread may train or run it meanwhile (the methods work on a copy of the model).
         loss_fn: ``loss_fn(model(x), y) -> scalar``, a *mean-reduced* loss (``nn.CrossEntropyLoss()``,
             ``F.cross_entropy``, ``nn.MSELoss()``, ...). The operator is ``sum_b (n_b / N)`` times the
             Hessian of ``loss_fn`` on batch b (n_b = rows of batch b, N = all rows): the size-weighted
