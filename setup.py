@@ -7,8 +7,9 @@ Environment flags (all optional):
                                 CUDA kernels are built whenever torch has CUDA and nvcc is found;
                                 no GPU is needed.
   MAX_JOBS=N                    parallel compile jobs (read by torch's ninja build).
-  CUDA_HOME=/usr/local/cuda     the CUDA toolkit (read by torch); unset, the one the nvcc on PATH
-                                reports (torch alone took the folder above nvcc, a wrapper script's).
+  CUDA_HOME=/usr/local/cuda     the CUDA toolkit (read by torch, as is CUDA_PATH); with neither set, the
+                                one the nvcc on PATH reports (torch alone took the folder above nvcc,
+                                a wrapper script's).
   TORCH_CUDA_ARCH_LIST="9.0"    CUDA architectures to compile for (read by torch). Unset, torch compiles
                                 for the GPUs it sees; with none visible the build uses DEFAULT_CUDA_ARCHS.
   UNLEARN_KERNELS_CPU_ARCH=generic  compile the CPU kernels without AVX2 (for a binary that must run

@@ -67,11 +67,17 @@ def _run_suites(args: argparse.Namespace, device: torch.device, out: Path) -> li
         print(f"\n{suite}: {SUITES[suite]}")
         print(common.format_table(measurements, baseline))
         print(f"results: {path}")
-        # the docs' plot of a suite is drawn from its committed CPU JSON: redrawn whenever that is replaced
+        # the docs' plot of a suite is drawn from its committed CPU JSON: redrawn whenever a full run (not a
+        # --quick smoke test) replaces it
         plot = getattr(module, "PLOT", None)
         committed = path.parent.resolve() == common.RESULTS_DIR.resolve()
         if plot is not None and device.type == "cpu" and committed and not args.quick:
-            print(f"plot: {plot(path)}")
+            try:
+                print(f"plot: {plot(path)}")
+            except Exception:  # as a failing suite: the other suites still run
+                print(f"\n{suite}: plot FAILED")
+                traceback.print_exc()
+                failed.append(suite)
     return failed
 
 
@@ -80,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     1 when a suite failed, 2 (``SystemExit``) for a wrong option; Ctrl-C (the suites finished before it
     keep their JSON) and an output that cannot be written end as :func:`unlearn_kernels.cli.run_program`
     says."""
-    return run_program("python -m benchmarks", _run, argv)
+    threads = torch.get_num_threads()
+    try:
+        return run_program("python -m benchmarks", _run, argv)
+    finally:  # main() called in a process of the caller's: its thread count as it was after --threads
+        torch.set_num_threads(threads)
 
 
 def _run(argv: list[str] | None) -> int:

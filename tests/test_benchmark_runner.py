@@ -267,3 +267,38 @@ def test_replacing_the_committed_json_redraws_the_docs_plot(out_given, monkeypat
     assert drawn == ([] if out_given else [tmp_path / "committed" / "cubic_cpu.json"])
     assert main(["cubic", "--quick", "--out", str(tmp_path / "committed")]) == 0  # a smoke test draws nothing
     assert len(drawn) == (0 if out_given else 1)
+
+
+def test_the_runner_in_a_callers_process_leaves_its_thread_count(monkeypatch, tmp_path):
+    """main(["cubic", "--threads", "1"]) left torch at one thread for the rest of the caller's process (and of
+    this test session), also when the arguments were refused."""
+    import benchmarks.cubic
+
+    monkeypatch.setattr(benchmarks.cubic, "run", lambda device, **kwargs: ([], {}))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(["cubic", "--threads", "1", "--out", str(tmp_path)]) == 0
+        assert torch.get_num_threads() == 2
+        with pytest.raises(SystemExit):
+            main(["no-such-suite", "--threads", "1"])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_plot_that_fails_costs_no_other_suite(monkeypatch, capsys, tmp_path):
+    import benchmarks.__main__ as runner
+    import benchmarks.cubic
+    import benchmarks.softmax_ce
+
+    def broken(path):
+        raise OSError("docs/img is read-only")
+
+    monkeypatch.setattr(runner.common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(benchmarks.cubic, "run", lambda device, **kwargs: ([], {}))
+    monkeypatch.setattr(benchmarks.cubic, "PLOT", broken)
+    monkeypatch.setattr(benchmarks.softmax_ce, "run", lambda device, **kwargs: ([], {}))
+    assert main(["cubic", "softmax_ce", "--threads", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "cubic: plot FAILED" in out and (tmp_path / "softmax_ce_cpu.json").is_file()

@@ -44,8 +44,10 @@ def test_the_sdist_leaves_out_the_suite_and_build_outputs(sdist_members):
 
 
 def _setup_functions(monkeypatch) -> dict:
-    """setup.py's functions, without running setup()."""
+    """setup.py's functions, without running setup() (nor its CUDA branch, which sets TORCH_CUDA_ARCH_LIST in the
+    environment where no GPU is visible)."""
     monkeypatch.setattr(setuptools, "setup", lambda **kwargs: None)
+    monkeypatch.setenv("UNLEARN_KERNELS_CPU_ONLY", "1")
     monkeypatch.chdir(REPOSITORY)
     return runpy.run_path(str(REPOSITORY / "setup.py"), run_name="setup_under_test")
 

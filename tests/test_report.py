@@ -307,9 +307,10 @@ def test_plots_leave_the_callers_backend_and_pyplot_alone(tmp_path):
     matplotlib.use("svg")
     try:
         figure = plt.figure()  # the caller's own
+        open_figures = plt.get_fignums()
         report.write_plots(study, tmp_path)
         report.plot_gap_closed({"a": study}, tmp_path / "g.png")
-        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == [figure.number]
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == open_figures
     finally:
-        plt.close("all")
+        plt.close(figure)
         matplotlib.use(before)

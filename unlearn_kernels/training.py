@@ -379,7 +379,7 @@ def train(
             correct = torch.zeros((), device=device, dtype=torch.long)
             batches = 0
             for x, y in data.loader(config.batch_size, shuffle=True, seed=config.seed + epoch, join_last_row=join):
-                logits = model(x)
+                logits = model(x.detach())  # inputs that require grad: backward wrote the caller's x.grad
                 loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
