@@ -38,6 +38,7 @@ from unlearn_kernels.eval import (
 )
 from unlearn_kernels.methods import METHODS
 from unlearn_kernels.models import build_model
+from unlearn_kernels.report import new_figure
 from unlearn_kernels.study import StudyConfig, build_scenario, gap_closed
 from unlearn_kernels.training import init_model, train
 
@@ -176,12 +177,9 @@ def pearson(pairs: list[tuple[float, float]]) -> float:
 
 
 def plots(records: list[dict], out: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = [m for m in METHOD_SPECS if m != "original"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
+    fig = new_figure(figsize=(13, 4.5))
+    axes = fig.subplots(1, 2, sharey=True)
     for ax, model_name in zip(axes, ("mlp", "cnn")):
         for k, protocol in enumerate(PROTOCOLS):
             rows = [r for r in records if r["model"] == model_name and r["protocol"] == protocol]
@@ -199,11 +197,11 @@ def plots(records: list[dict], out: Path) -> None:
     axes[0].legend()
     fig.tight_layout()
     save_figure(fig, out / "gap_closed.png")
-    plt.close(fig)
 
     pairs = [(r["rf_jsd"], r["js_to_oracle"], r["method"]) for r in records
              if "rf_jsd" in r and r["method"] != "retrain"]
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    fig = new_figure(figsize=(5.5, 4.5))
+    ax = fig.subplots()
     ax.set_xlabel("RF-JSD (no oracle needed)")
     ax.set_ylabel("JS to the oracle on D_f")
     for protocol, marker in (("random", "o"), ("mislabeled", "x")):
@@ -215,7 +213,6 @@ def plots(records: list[dict], out: Path) -> None:
     ax.set_title(f"digits, MLP + CNN: Pearson r = {pearson([p[:2] for p in pairs]):.2f} overall")
     fig.tight_layout()
     save_figure(fig, out / "rf_jsd_vs_jsd.png")
-    plt.close(fig)
 
 
 def hvp_modes(out: Path) -> None:
