@@ -2220,3 +2220,75 @@ def test_inputs_that_require_grad_leave_products_and_gradients_detached(build, d
     for got, want in zip(results, (plain.matvec(v), plain.matmat(v[:, None].repeat(1, 2)), plain.gradient())):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
     assert leaf.grad is None
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """Rows of (x, y) one at a time, with or without a length."""
+
+    def __init__(self, x, y, sized):
+        self.x, self.y, self.sized = x, y, sized
+
+    def __iter__(self):
+        return iter(zip(self.x, self.y))
+
+    def __len__(self):
+        if not self.sized:
+            raise TypeError("no length")
+        return len(self.x)
+
+
+def _loaders_that_drop(x, y):
+    dataset = TensorDataset(x, y)
+    return {
+        "batch_sampler": DataLoader(dataset, batch_sampler=torch.utils.data.BatchSampler(
+            torch.utils.data.SequentialSampler(dataset), 4, drop_last=True)),
+        "iterable without a length": DataLoader(_Stream(x, y, sized=False), batch_size=4, drop_last=True),
+        "sampler over a subset": DataLoader(dataset, batch_size=4, sampler=range(7), drop_last=True),
+    }
+
+
+@pytest.mark.parametrize("kind", ["batch_sampler", "iterable without a length", "sampler over a subset"])
+@pytest.mark.parametrize("build", [
+    lambda m, d: hessian_operator(m, F.cross_entropy, d),
+    lambda m, d: ggn_operator(m, F.cross_entropy, d),
+    lambda m, d: Objective(m, F.cross_entropy, d),
+], ids=["hessian", "ggn", "objective"])
+def test_loaders_that_drop_samples_are_refused_in_every_form(kind, build):
+    """drop_last through a batch sampler, over an IterableDataset without a length or over a sampler that draws
+    fewer rows than the dataset went through: the operators covered 8 of 10 rows (a gradient 34% off)."""
+    model, x, y = make("mlp")
+    with pytest.raises(ValueError, match="drop_last=True"):
+        build(model, _loaders_that_drop(x, y)[kind])
+
+
+def test_a_sampler_whose_rows_fill_the_batches_drops_nothing():
+    """drop_last over a sampler of 8 of 10 rows in batches of 4 drops nothing: it was refused ("drops 2 samples")."""
+    model, x, y = make("mlp")
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, sampler=range(8), drop_last=True)
+    op = hessian_operator(model, F.cross_entropy, loader)
+    torch.testing.assert_close(op.gradient(), hessian_operator(model, F.cross_entropy, (x[:8], y[:8])).gradient(),
+                               rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda d: torch.utils.data.Subset(d, range(10)),
+    lambda d: torch.utils.data.ConcatDataset([torch.utils.data.Subset(d, range(5)),
+                                              torch.utils.data.Subset(d, range(5, 10))]),
+], ids=["subset", "concat"])
+def test_data_written_behind_a_subset_is_refused(wrap):
+    """A TensorDataset inside a Subset (what random_split gives) was not watched: data written in place mixed
+    cached and fresh batches in the products with no error."""
+    model, x, y = make("mlp")
+    x = x.clone()
+    op = hessian_operator(model, F.cross_entropy, DataLoader(wrap(TensorDataset(x, y)), batch_size=4), cache_bytes=0)
+    op.gradient()
+    x.mul_(3)
+    with pytest.raises(ValueError, match="written in place"):
+        op.gradient()
+
+
+def test_unbatched_samples_are_named():
+    """A DataLoader with batch_size=None gives one sample at a time: a bare IndexError from the row count."""
+    model, x, y = make("mlp")
+    with pytest.raises(ValueError, match="batch_size=None"):
+        hessian_operator(model, F.cross_entropy, DataLoader(TensorDataset(x, y), batch_size=None))

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import ConcatDataset, DataLoader, IterableDataset, Subset, TensorDataset
 
 from ..checks import check_int, check_tensor, first_nonfinite_row
 from ..labeled import LabeledData
@@ -124,24 +124,19 @@ class BatchSource:
         else:
             if batch_size is not None:
                 raise ValueError("batch_size applies to tensor data only; a DataLoader sets its own batch size")
-            if isinstance(data, DataLoader) and data.drop_last and data.batch_size:
-                try:
-                    left = len(data.dataset) % data.batch_size  # type: ignore[arg-type]
-                except TypeError:  # an IterableDataset without __len__
-                    left = 0
-                if left:
-                    raise ValueError(
-                        f"the DataLoader has drop_last=True and drops {left} samples on every pass "
-                        "(different ones if it shuffles): use drop_last=False so the operator covers all the data"
-                    )
+            if isinstance(data, DataLoader):
+                _check_nothing_dropped(data)
             self._checked = False
             self._batches = data
             # the caller's tensors behind the batches, read again at each check (a list's batches and a
             # TensorDataset's tensors can be replaced or added): a list or tuple of tensor batches, or the
-            # tensors of a DataLoader's TensorDataset (its batches are new tensors every pass, the caches are not)
-            if isinstance(data, DataLoader) and isinstance(data.dataset, TensorDataset):
-                dataset = data.dataset
-                self._watch(lambda: {f"the DataLoader's dataset tensor {i}": t for i, t in enumerate(dataset.tensors)})
+            # tensors of the TensorDatasets under a DataLoader (also inside a Subset, as random_split gives,
+            # or a ConcatDataset): its batches are new tensors every pass, the caches are not
+            tensor_datasets = _tensor_datasets(data.dataset) if isinstance(data, DataLoader) else []
+            if tensor_datasets:
+                self._watch(lambda: {f"the DataLoader's dataset {k} tensor {i}": t
+                                     for k, dataset in enumerate(tensor_datasets)
+                                     for i, t in enumerate(dataset.tensors)})
             elif isinstance(data, (list, tuple)):
                 # the list's own iteration, not a subclass's (one that counts its passes counted the checks)
                 items = list.__iter__ if isinstance(data, list) else tuple.__iter__
@@ -159,6 +154,10 @@ class BatchSource:
         x, y = batch
         check_tensor("a batch's inputs x", x)  # sparse: "reshape is not implemented for sparse tensors" later
         check_tensor("a batch's targets y", y)
+        if x.dim() == 0 or y.dim() == 0:  # one sample at a time (a DataLoader with batch_size=None)
+            raise ValueError(f"a batch has {x.dim()}-d inputs x and {y.dim()}-d targets y: batches have the rows "
+                             "along their first dimension (is it a DataLoader with batch_size=None, giving "
+                             "unbatched samples?)")
         if x.is_meta or y.is_meta:  # shapes without values: torch would fail at the first value read
             raise ValueError("a batch is on the meta device (it has no values)")
         if x.shape[0] != y.shape[0]:
@@ -260,6 +259,37 @@ class BatchSource:
                                      ) from err
                 self._layouts.add(_layout(x, y))
             yield x, y
+
+
+def _check_nothing_dropped(loader: DataLoader) -> None:
+    """ValueError where ``loader`` drops samples on a pass (drop_last, from a batch sampler too), or may and
+    cannot tell how many (a sampler or an IterableDataset without a length)."""
+    batch_sampler = loader.batch_sampler  # the DataLoader's (from batch_size) or the caller's; None: unbatched
+    size = getattr(batch_sampler, "batch_size", None)
+    if not getattr(batch_sampler, "drop_last", False) or not size:
+        return
+    try:  # the rows a pass draws: an IterableDataset's, else its sampler's (a sampler may draw a subset)
+        iterable = isinstance(loader.dataset, IterableDataset)
+        rows = len(loader.dataset if iterable else batch_sampler.sampler)  # type: ignore[arg-type,union-attr]
+    except TypeError:
+        raise ValueError("the DataLoader has drop_last=True over data of unknown length, so it may drop samples on "
+                         "every pass: use drop_last=False so the operator covers all the data") from None
+    if rows % size:
+        raise ValueError(f"the DataLoader has drop_last=True and drops {rows % size} samples on every pass "
+                         "(different ones if it shuffles): use drop_last=False so the operator covers all the data")
+
+
+def _tensor_datasets(dataset: Any) -> list[TensorDataset]:
+    """The TensorDatasets ``dataset`` reads, through Subsets and ConcatDatasets; none for another kind (its
+    tensors cannot be known, and so cannot be watched)."""
+    if isinstance(dataset, TensorDataset):
+        return [dataset]
+    if isinstance(dataset, Subset):
+        return _tensor_datasets(dataset.dataset)
+    if isinstance(dataset, ConcatDataset):
+        found = [_tensor_datasets(part) for part in dataset.datasets]
+        return [d for part in found for d in part] if all(found) else []
+    return []
 
 
 def _layout(x: torch.Tensor, y: torch.Tensor) -> tuple:
