@@ -89,7 +89,7 @@ from ..checks import (
     normalisation_buffers,
 )
 from .linear_operator import dense_by_products, to_scipy_operator
-from .batches import Batch, BatchSource, DataSpec, RowMean
+from .batches import Batch, BatchSource, DataSpec, RowMean, different_passes
 from .params import (
     FunctionalForward,
     ParameterSlots,
@@ -520,11 +520,7 @@ class CurvatureOperator(abc.ABC):
         x1, y1 = self._first_batch()
         x2, y2 = self._first_batch()
         if not (x1.shape == x2.shape and y1.shape == y2.shape and torch.equal(x1, x2) and torch.equal(y1, y2)):
-            raise ValueError(
-                "the data yields different batches on two passes (a DataLoader with shuffle=True, a random "
-                "sampler or a random transform): every pass must see the same batches; use a fixed order, "
-                "e.g. LabeledData.loader(batch_size, shuffle=False)"
-            )
+            raise different_passes("the first batch differs")
         self.data.run_watching(self._probe_forward, x1, y1)
         self.data.watch_layouts((x1, y1), self._probe_forward)
         x, y = self._probe_batch()

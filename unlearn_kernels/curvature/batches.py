@@ -102,6 +102,7 @@ class BatchSource:
         self._layouts: set[tuple] = set()  # the layouts the probe accepted
         self._first_layout = ""
         self._copies = False  # give copies of the batches: the model writes its inputs (run_watching)
+        self._pass_keys: list[tuple] | None = None  # the first complete pass's batch keys (iterable data)
         if isinstance(data, LabeledData):
             data = (data.x, data.y)
         if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
@@ -128,13 +129,17 @@ class BatchSource:
                 _check_nothing_dropped(data)
             self._checked = False
             self._batches = data
+            # a DataLoader's (or another iterable's) batches are new every pass: each pass's are compared with
+            # the first complete pass's (a list's are watched as the caller's tensors below)
+            self._pass_keys = None if isinstance(data, (list, tuple)) else []
             # the caller's tensors behind the batches, read again at each check (a list's batches and a
             # TensorDataset's tensors can be replaced or added): a list or tuple of tensor batches, or the
             # tensors of the TensorDatasets under a DataLoader (also inside a Subset, as random_split gives,
             # or a ConcatDataset): its batches are new tensors every pass, the caches are not
             tensor_datasets = _tensor_datasets(data.dataset) if isinstance(data, DataLoader) else []
             if tensor_datasets:
-                self._watch(lambda: {f"the DataLoader's dataset {k} tensor {i}": t
+                numbered = len(tensor_datasets) > 1  # one dataset, as most are: "the DataLoader's dataset tensor 0"
+                self._watch(lambda: {f"the DataLoader's dataset{f' {k}' if numbered else ''} tensor {i}": t
                                      for k, dataset in enumerate(tensor_datasets)
                                      for i, t in enumerate(dataset.tensors)})
             elif isinstance(data, (list, tuple)):
@@ -235,11 +240,14 @@ class BatchSource:
                               f"{tuple(y.shape)}, {y.dtype}")
 
     def __iter__(self) -> Iterator[Batch]:
+        keys: list[tuple] = []
         for index, batch in enumerate(self._batches):
             x, y = self._check_batch(batch)
             # derivatives are taken in the parameters only: inputs that require grad attached some paths'
             # products and gradients to the caller's graph, and held products kept each batch's activations
             x, y = x.detach(), y.detach()
+            if self._pass_keys is not None:
+                keys.append(self._same_as_first_pass(index, x, y))
             if x.shape[0] == 0:
                 continue
             # an iterable's batches can only be checked as they stream (else NaN products, silently)
@@ -259,6 +267,32 @@ class BatchSource:
                                      ) from err
                 self._layouts.add(_layout(x, y))
             yield x, y
+        if self._pass_keys is not None:
+            if not self._pass_keys:
+                self._pass_keys = keys
+            elif len(keys) != len(self._pass_keys):
+                raise different_passes(f"{len(keys)} batches where the first pass had {len(self._pass_keys)}")
+
+    def _same_as_first_pass(self, index: int, x: torch.Tensor, y: torch.Tensor) -> tuple:
+        """Batch ``index``'s key (shapes, dtypes, bit sums), checked against the first complete pass's.
+
+        The construction probes compare the first batch of two passes; a random transform or sampler that
+        changes only later batches (data sorted by class, augmented in some) made a Hessian that was a
+        different matrix at every product over streamed batches, and an Objective whose value moved at
+        fixed weights."""
+        sums = host_values([_bit_sum(x), _bit_sum(y)], torch.int64)
+        key = (tuple(x.shape), x.dtype, tuple(y.shape), y.dtype, *sums)
+        first = self._pass_keys
+        if first and (index >= len(first) or first[index] != key):
+            raise different_passes(f"batch {index} differs")
+        return key
+
+
+def different_passes(what: str) -> ValueError:
+    """The error for data whose passes differ (``what``: where)."""
+    return ValueError(f"the data yields different batches on two passes ({what}: a DataLoader with shuffle=True, a "
+                      "random sampler or a random transform): every pass must see the same batches; use a fixed "
+                      "order, e.g. LabeledData.loader(batch_size, shuffle=False)")
 
 
 def _check_nothing_dropped(loader: DataLoader) -> None:
