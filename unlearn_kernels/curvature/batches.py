@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, IterableDataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from ..checks import check_int, check_tensor, first_nonfinite_row
 from ..labeled import LabeledData
@@ -134,14 +134,12 @@ class BatchSource:
             self._pass_keys = None if isinstance(data, (list, tuple)) else []
             # the caller's tensors behind the batches, read again at each check (a list's batches and a
             # TensorDataset's tensors can be replaced or added): a list or tuple of tensor batches, or the
-            # tensors of the TensorDatasets under a DataLoader (also inside a Subset, as random_split gives,
-            # or a ConcatDataset): its batches are new tensors every pass, the caches are not
-            tensor_datasets = _tensor_datasets(data.dataset) if isinstance(data, DataLoader) else []
-            if tensor_datasets:
-                numbered = len(tensor_datasets) > 1  # one dataset, as most are: "the DataLoader's dataset tensor 0"
-                self._watch(lambda: {f"the DataLoader's dataset{f' {k}' if numbered else ''} tensor {i}": t
-                                     for k, dataset in enumerate(tensor_datasets)
-                                     for i, t in enumerate(dataset.tensors)})
+            # tensors of a DataLoader's TensorDataset (its batches are new tensors every pass, the caches are
+            # not). Not those behind a Subset: summing a large base tensor at every product to watch a few of
+            # its rows cost 14 times the product; the batches streamed on each pass are compared instead.
+            if isinstance(data, DataLoader) and isinstance(data.dataset, TensorDataset):
+                dataset = data.dataset
+                self._watch(lambda: {f"the DataLoader's dataset tensor {i}": t for i, t in enumerate(dataset.tensors)})
             elif isinstance(data, (list, tuple)):
                 # the list's own iteration, not a subclass's (one that counts its passes counted the checks)
                 items = list.__iter__ if isinstance(data, list) else tuple.__iter__
@@ -291,8 +289,9 @@ class BatchSource:
 def different_passes(what: str) -> ValueError:
     """The error for data whose passes differ (``what``: where)."""
     return ValueError(f"the data yields different batches on two passes ({what}: a DataLoader with shuffle=True, a "
-                      "random sampler or a random transform): every pass must see the same batches; use a fixed "
-                      "order, e.g. LabeledData.loader(batch_size, shuffle=False)")
+                      "random sampler or a random transform, or data written since the first pass): every pass must "
+                      "see the same batches; use a fixed order, e.g. LabeledData.loader(batch_size, shuffle=False), "
+                      "and build a new operator on changed data")
 
 
 def _check_nothing_dropped(loader: DataLoader) -> None:
@@ -302,28 +301,19 @@ def _check_nothing_dropped(loader: DataLoader) -> None:
     size = getattr(batch_sampler, "batch_size", None)
     if not getattr(batch_sampler, "drop_last", False) or not size:
         return
+    iterable = isinstance(loader.dataset, IterableDataset)
+    if iterable and loader.num_workers > 1:  # each worker batches (and drops) its own share
+        raise ValueError(f"the DataLoader has drop_last=True over an IterableDataset read by {loader.num_workers} "
+                         "workers, each of which drops its own remainder: use drop_last=False so the operator "
+                         "covers all the data")
     try:  # the rows a pass draws: an IterableDataset's, else its sampler's (a sampler may draw a subset)
-        iterable = isinstance(loader.dataset, IterableDataset)
         rows = len(loader.dataset if iterable else batch_sampler.sampler)  # type: ignore[arg-type,union-attr]
-    except TypeError:
+    except (TypeError, NotImplementedError, AttributeError):  # no length, or a batch sampler without a sampler
         raise ValueError("the DataLoader has drop_last=True over data of unknown length, so it may drop samples on "
                          "every pass: use drop_last=False so the operator covers all the data") from None
     if rows % size:
         raise ValueError(f"the DataLoader has drop_last=True and drops {rows % size} samples on every pass "
                          "(different ones if it shuffles): use drop_last=False so the operator covers all the data")
-
-
-def _tensor_datasets(dataset: Any) -> list[TensorDataset]:
-    """The TensorDatasets ``dataset`` reads, through Subsets and ConcatDatasets; none for another kind (its
-    tensors cannot be known, and so cannot be watched)."""
-    if isinstance(dataset, TensorDataset):
-        return [dataset]
-    if isinstance(dataset, Subset):
-        return _tensor_datasets(dataset.dataset)
-    if isinstance(dataset, ConcatDataset):
-        found = [_tensor_datasets(part) for part in dataset.datasets]
-        return [d for part in found for d in part] if all(found) else []
-    return []
 
 
 def _layout(x: torch.Tensor, y: torch.Tensor) -> tuple:
