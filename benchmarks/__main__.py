@@ -86,11 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     1 when a suite failed, 2 (``SystemExit``) for a wrong option; Ctrl-C (the suites finished before it
     keep their JSON) and an output that cannot be written end as :func:`unlearn_kernels.cli.run_program`
     says."""
-    threads = torch.get_num_threads()
-    try:
-        return run_program("python -m benchmarks", _run, argv)
-    finally:  # main() called in a process of the caller's: its thread count as it was after --threads
-        torch.set_num_threads(threads)
+    return run_program("python -m benchmarks", _run, argv)
 
 
 def _run(argv: list[str] | None) -> int:

@@ -80,8 +80,11 @@ def run_program(prog: str, command: Callable[[list[str] | None], int], argv: lis
     and status 143, the shell's for SIGTERM (its default action kills the process at once, losing what
     it had finished). Standard output that cannot be written gives one line and status 1;
     a reader that went away (``| head``) no line and status 141, the shell's for SIGPIPE. Usage errors
-    (``SystemExit``) pass.
+    (``SystemExit``) pass. torch's thread count (a command's ``--threads``) is the caller's again afterwards.
     """
+    import torch  # (the package imports it anyway)
+
+    threads = torch.get_num_threads()
     stdout = sys.stdout
     # signal handlers are set in the main thread only; a SIGTERM the process was started ignoring stays ignored
     handled = (threading.current_thread() is threading.main_thread()
@@ -113,6 +116,7 @@ def run_program(prog: str, command: Callable[[list[str] | None], int], argv: lis
         print(f"{prog}: error: cannot write to standard output: {exc}", file=sys.stderr)
         return 1
     finally:
+        torch.set_num_threads(threads)  # called in a process of the caller's: its count as it was
         if handled and previous is not None:  # None: a handler set outside Python, which stays
             signal.signal(signal.SIGTERM, previous)
 
@@ -388,13 +392,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     with _only_run_in(root):
         for path in files:  # left by a run killed while it wrote them (no other run writes here now)
             remove_orphan_temporaries(path)
-        import torch
-
-        threads = torch.get_num_threads()
-        try:
-            return _run_scenarios(args, configs, root)
-        finally:  # main() called in a process of the caller's: its thread count as it was
-            torch.set_num_threads(threads)
+        return _run_scenarios(args, configs, root)
 
 
 def _run_scenarios(args: argparse.Namespace, configs: dict[str, StudyConfig], root: Path) -> int:
