@@ -1,5 +1,6 @@
 """Adaptive cubic regularisation (solvers.adaptive_cubic_newton) on problems with known answers."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -170,7 +171,8 @@ def test_a_tiny_m_whose_model_value_overflows_is_a_rejection(rng, M):
     """An indefinite H and M = 1e-120 give a float64 step of norm ~1e120, whose cubic term (M/6)||s||^3
     overflowed Python's float power (OverflowError, not a ValueError); at M = 1e-250 the model value was
     NaN, taken for a step too short to show, and the call returned w0 with no trial ("no_progress"). Both
-    are rejections now: M rises until a step lowers f."""
+    are rejections now: M rises until a step lowers f. The overflows are expected and handled, so they
+    raise no numpy RuntimeWarning (under -W error the call failed with "overflow encountered in dot")."""
     A = sym_with_spectrum(torch.linspace(-1.0, 5.0, D, dtype=torch.float64), rng)[0]
     b = torch.randn(D, generator=rng, dtype=torch.float64)
 
@@ -184,7 +186,9 @@ def test_a_tiny_m_whose_model_value_overflows_is_a_rejection(rng, M):
         return A + (w @ w) * torch.eye(D, dtype=torch.float64) + 2.0 * torch.outer(w, w)
 
     w0 = torch.zeros(D, dtype=torch.float64)
-    out = adaptive_cubic_newton(value, gradient, hessian, w0, M=M, M_min=M, max_iterations=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = adaptive_cubic_newton(value, gradient, hessian, w0, M=M, M_min=M, max_iterations=1)
     first = out.trials[0]
     assert not first.accepted and first.actual == -math.inf and first.M == M
     assert out.steps == 1 and out.stop_reason == "max_iterations" and out.value < value(w0)

@@ -346,6 +346,13 @@ class KrylovCubicSolver:
                 True on the first call (which builds T), False afterwards (no new products).
         """
         M = _check_M(M)
+        # a tiny M gives a step whose float64 norm or model value overflows to Inf (numpy would warn,
+        # an error under -W error): it is reported as such (StepOverflow, a non-finite model value),
+        # which the adaptive loop rejects
+        with np.errstate(over="ignore"):
+            return self._solve(M, extend)
+
+    def _solve(self, M: float, extend: bool | None) -> CubicStep:
         proc = self.process
         if extend is None:
             extend = proc.n == 0
