@@ -559,7 +559,9 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
     for i, key in enumerate(keys):
         xs = [j + (i - (len(keys) - 1) / 2) * width for j in range(len(others))]
         per_seed = [[abs(v) for v in _per_seed(records, last_request, m, key)] for m in others]
-        bars = ax.bar(xs, [sum(v) / len(v) for v in per_seed], width, alpha=0.7, label=key.replace("gap_", "|Δ| "))
+        # a metric a method's records lack (records made by hand, a study of other metrics): no bar
+        means = [sum(v) / len(v) if v else math.nan for v in per_seed]
+        bars = ax.bar(xs, means, width, alpha=0.7, label=key.replace("gap_", "|Δ| "))
         for x, values in zip(xs, per_seed):
             ax.scatter([x] * len(values), values, s=8, color=bars.patches[0].get_facecolor(), edgecolor="black",
                        linewidths=0.5, zorder=3)
