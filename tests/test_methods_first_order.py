@@ -708,3 +708,26 @@ def test_ssd_importance_is_summed_wide_in_half_precision():
     got = torch.cat([v.double().flatten() for v in importance.values()])
     assert all(v.dtype == torch.float32 for v in importance.values())
     torch.testing.assert_close(got, reference / batches, rtol=1e-6, atol=0)
+
+
+def test_salun_and_ssd_count_their_fractions_over_the_trainable_weights(problem):
+    """SalUn's mask and SSD's dampening touch trainable weights only; their diagnostics are shares of
+    those (SSD's dampened_fraction divided by every parameter, frozen ones included: with the first
+    layer frozen it read a fraction of what it dampened)."""
+    model, forget, retain = problem
+    frozen = copy.deepcopy(model)
+    first = next(p for p in frozen.parameters() if p.dim() == 2)
+    first.requires_grad_(False)
+    trainable = sum(p.numel() for p in frozen.parameters() if p.requires_grad)
+    assert trainable < sum(p.numel() for p in frozen.parameters())
+    for method in (SalUn(epochs=1), SSD(alpha=1.0)):
+        out = method.unlearn(frozen, forget, retain, seed=0)
+        assert torch.equal(dict(out.model.named_parameters())[next(n for n, p in frozen.named_parameters()
+                                                                    if p is first)], first)
+        if isinstance(method, SSD):
+            assert out.diagnostics["dampened_weights"] > 0
+            assert out.diagnostics["dampened_fraction"] == out.diagnostics["dampened_weights"] / trainable
+        else:
+            assert out.diagnostics["mask_fraction"] == pytest.approx(0.5, abs=1e-2)
+            moved = sum(int((p != q).sum()) for p, q in zip(out.model.parameters(), frozen.parameters()))
+            assert 0 < moved <= round(0.5 * trainable)

@@ -275,7 +275,8 @@ class SalUn(RandomLabels):
     """SalUn, saliency unlearning (Fan et al., ICLR 2024).
 
     1. Saliency: g = gradient of the forget loss CE(D_f) (summed over batches, eval mode); the mask
-       keeps the ``mask_fraction`` of all weights with the largest |g| (one global threshold).
+       keeps the ``mask_fraction`` of all trainable weights with the largest |g| (one global threshold;
+       frozen parameters are neither ranked nor trained).
     2. Random-label training (as :class:`RandomLabels`, with its optimizer and that optimizer's own
        weight decay: coupled for SGD and Adam, decoupled for AdamW) of the masked weights only:
        gradients are multiplied by the mask, and after every step the unmasked weights are put back,
@@ -466,7 +467,8 @@ class SSD(Unlearner):
     squared batch gradient of CE: I_f on D_f, I_D on the full training set D = D_r + D_f (shuffled, so
     D_f samples are mixed into D's batches). Every weight with I_f > alpha * I_D is multiplied by
     min(lambda * I_D / I_f, 1). Importances are computed in eval mode (BatchNorm statistics are not
-    touched).
+    touched). Frozen parameters are left as they are; ``dampened_fraction`` in the diagnostics is the
+    share of the trainable weights dampened.
 
     Defaults: alpha 10, lambda 1 (the paper's values for ResNet-18/CIFAR); batch 64.
     """
@@ -508,6 +510,7 @@ class SSD(Unlearner):
         forget_imp, forget_batches = self._importance(model, forget, "forget", seed)
         full_imp, full_batches = self._importance(model, full, "training (D_r and D_f)", seed + 1)
         dampened = 0
+        trainable = sum(p.numel() for name, p in model.named_parameters() if name in forget_imp)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name not in forget_imp:
@@ -520,4 +523,4 @@ class SSD(Unlearner):
                 dampened += int(selected.sum())
         return UnlearnResult(model=model, seconds=0.0, gradients=forget_batches + full_batches,
                              diagnostics={"dampened_weights": dampened,
-                                          "dampened_fraction": dampened / sum(p.numel() for p in model.parameters())})
+                                          "dampened_fraction": dampened / trainable})

@@ -980,13 +980,13 @@ class InfluenceNewton(DampedNewton):
 
 class LiSSANewton(_NewtonFamily):
     """Damped Newton by the LiSSA recursion (Agarwal et al. 2017; Koh and Liang 2017):
-    ``w <- w - (H + damping I)^{-1} g`` with ``h_j = g + h_{j-1} - (H + damping I) h_{j-1} / scale``,
-    ``depth`` steps, on the full D_r.
+    ``w <- w - (H + damping I)^{-1} g``, the inverse applied as ``h_depth / scale`` with
+    ``h_j = g + h_{j-1} - (H + damping I) h_{j-1} / scale`` (``h_0 = g``), on the full D_r.
 
     The recursion converges when the spectrum of ``H + damping I`` lies in ``(0, 2 scale)``; negative
     curvature makes it grow. ``scale="auto"`` takes ``max |theta| + damping`` over the extreme Ritz
     values of ``lanczos_steps`` Lanczos steps (products counted). A recursion that overflows, or whose
-    residual ``||(H + damping I) s + g||`` exceeds ``||g||`` (a component grew), raises ValueError.
+    residual ``||(H + damping I) s + g||`` exceeds ``(1 + 1e-3) ||g||`` (a component grew), raises ValueError.
     Negative curvature below ``-damping`` makes a component grow slowly, unseen by the residual for many
     steps: where the auto scale's smallest Ritz value shows it, the step (the truncated recursion, as the
     papers take it on networks) is returned with ``converged`` False and that value as ``lambda_min`` in
