@@ -561,3 +561,105 @@ def test_an_adapter_gives_its_effective_weight_and_bias():
     for method in (CureNewtonLoRA(rank=2, max_iterations=1), RFA(epochs=1)):
         out = method.unlearn(model, forget, retain, unseen=unseen)
         assert isinstance(out.model.fc1, nn.Linear)
+
+
+@pytest.mark.parametrize("build, x", [(mlp, X), (cnn, IMAGES)])
+def test_adapter_weights_alone_load_into_a_merged_model(build, x):
+    """A state with the adapters' parameters only (``adapter_parameter_names``, ``strict=False``) loaded into a
+    merged model: the merged base weight kept the old delta and the forward ignored the loaded A and B (outputs
+    1.2 from those of the loaded adapter), and unmerge then subtracted the new delta (the base weight 3.4 off).
+    The old adapter is unmerged first now: the loaded one is in effect and the base weight comes back."""
+    source = build(seed=3)
+    lora.add_adapters(source, "*", rank=2)
+    randomize_b(source, seed=4)
+    saved = {k: v.clone() for k, v in source.state_dict().items() if k in set(lora.adapter_parameter_names(source))}
+    model = build()
+    lora.add_adapters(model, "*", rank=2)
+    base = {name: a.base.weight.detach().clone() for name, a in lora.adapter_modules(model).items()}
+    randomize_b(model)
+    lora.merge(model)
+    result = model.load_state_dict(saved, strict=False)
+    assert not result.unexpected_keys
+    assert not any(a.merged for a in lora.adapter_modules(model).values())
+    expected = build()  # the same base weights, with the loaded adapters
+    lora.add_adapters(expected, "*", rank=2)
+    expected.load_state_dict(saved, strict=False)
+    torch.testing.assert_close(model(x), expected(x), rtol=1e-12, atol=1e-12)
+    for name, adapter in lora.adapter_modules(model).items():
+        torch.testing.assert_close(adapter.base.weight, base[name], rtol=1e-12, atol=1e-12)
+    # with the flag among them, merged: the loaded adapter merged into the clean base weight
+    flagged = dict(saved) | {f"{name}.lora_merged": torch.tensor(True) for name in lora.adapter_modules(source)}
+    lora.merge(model)
+    model.load_state_dict(flagged, strict=False)
+    assert all(a.merged for a in lora.adapter_modules(model).values())
+    torch.testing.assert_close(model(x), expected(x), rtol=1e-12, atol=1e-12)
+    lora.unmerge(model)
+    for name, adapter in lora.adapter_modules(model).items():
+        torch.testing.assert_close(adapter.base.weight, base[name], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("call", [lora.merge, lambda m: lora.unload(m, merge=True),
+                                  lambda m: lora.adapter_modules(m)["3"].merge()])
+def test_merging_a_non_finite_adapter_is_refused_and_changes_nothing(call):
+    """Inf in B: merge wrote it into the base weight (4 entries), and unmerge left NaN there for good."""
+    model = mlp()
+    lora.add_adapters(model, "*", rank=2)
+    randomize_b(model)
+    with torch.no_grad():
+        lora.adapter_modules(model)["3"].lora_b[0, 0] = float("inf")
+    before = state(model)
+    modules = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="scale \\* B A holds NaN or Inf"):
+        call(model)
+    assert [type(m) for m in model.modules()] == modules
+    assert not any(a.merged for a in lora.adapter_modules(model).values())
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_a_peft_model_is_refused_by_name_where_adapters_would_be_added(peft):
+    """A PEFT model went through: its lora_A / lora_B Linears (and its base_layer) took adapters of their own, and
+    naming the PEFT layer said it "is a Linear; adapters wrap Linear or Conv2d layers" (PEFT's class is Linear too)."""
+    peft_model = peft.get_peft_model(mlp(), peft.LoraConfig(r=2, target_modules=["1"]))
+    before = [type(m) for m in peft_model.modules()]
+    gen = torch.Generator().manual_seed(0)
+    data = LabeledData(torch.randn(40, 12, generator=gen, dtype=torch.float64), torch.arange(40) % 5)
+    forget, retain = data.subset(torch.arange(4)), data.subset(torch.arange(4, 40))
+    for call in (lambda: lora.add_adapters(peft_model, "*"),
+                 lambda: lora.add_adapters(peft_model, "base_model.model.1"),
+                 lambda: CureNewtonLoRA().unlearn(peft_model, forget, retain)):
+        with pytest.raises(ValueError, match="the model holds PEFT modules .* convert it with "
+                                             "unlearn_kernels.lora.from_peft first"):
+            call()
+    assert [type(m) for m in peft_model.modules()] == before
+
+
+def test_from_peft_keeps_the_adapters_requires_grad_flags(peft):
+    peft_model = peft.get_peft_model(mlp(), peft.LoraConfig(r=2, target_modules=["1"]))
+    for p in peft_model.parameters():
+        p.requires_grad_(False)  # as PeftModel.from_pretrained leaves an inference model
+    ours = lora.from_peft(peft_model)
+    assert not any(p.requires_grad for p in ours.parameters())
+    trainable = lora.from_peft(peft.get_peft_model(mlp(), peft.LoraConfig(r=2, target_modules=["1"])))
+    assert {n for n, p in trainable.named_parameters() if p.requires_grad} == {"1.lora_a", "1.lora_b"}
+
+
+def test_an_unfrozen_base_is_refused_by_both_adapters():
+    """LoRALinear's fused op refused a base weight that requires grad, while LoRAConv2d trained it silently."""
+    model = cnn()
+    lora.add_adapters(model, ["features.0", "head"], rank=2)
+    model.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"LoRAConv2d: the base layer's weight requires grad"):
+        model(IMAGES)
+    with torch.no_grad():
+        model(IMAGES)  # no gradient, nothing to refuse
+    lora.adapter_modules(model)["features.0"].base.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"lora_linear: weight requires grad"):
+        model(IMAGES)
+
+
+def test_a_pattern_that_matches_only_adapted_layers_says_so():
+    model = mlp()
+    lora.add_adapters(model, "1", rank=2)
+    with pytest.raises(ValueError, match=r"pattern '1\*' matches no layer without an adapter: \['1'\] already "):
+        lora.add_adapters(model, "1*")

@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import ops
-from .checks import check_int, check_number
+from .checks import all_finite, check_int, check_number
 
 #: the layer types an adapter can wrap
 ADAPTABLE = (nn.Linear, nn.Conv2d)
@@ -111,11 +111,26 @@ class _Adapter(nn.Module):
         self.lora_merged.fill_(merged)
 
     @torch.no_grad()
+    def checked_delta(self) -> torch.Tensor:
+        """:meth:`delta_weight`, or ValueError where it holds NaN or Inf (non-finite A or B, or ``scale B A``
+        overflowing): merged, it would go into the base weight, and unmerging could not take it out again."""
+        delta = self.delta_weight()
+        if not all_finite(delta):
+            raise ValueError(f"{type(self).__name__}: the adapter's scale * B A holds NaN or Inf (from A, B or an "
+                             "overflow): merging it would write that into the base weight, for good; nothing was "
+                             "merged")
+        return delta
+
+    @torch.no_grad()
     def merge(self) -> None:
-        """Adds the adapter into the base weight (forward then runs the base layer alone)."""
+        """Adds the adapter into the base weight (forward then runs the base layer alone); ValueError,
+        merging nothing, where the adapter's delta is not finite (:meth:`checked_delta`)."""
         if not self.merged:
-            self.base.weight.add_(self.delta_weight())
-            self._set_merged(True)
+            self._merge(self.checked_delta())
+
+    def _merge(self, delta: torch.Tensor) -> None:
+        self.base.weight.add_(delta)
+        self._set_merged(True)
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -127,12 +142,28 @@ class _Adapter(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
         """Loads the merged flag with the weights. A state saved before the flag was (no ``lora_merged``
-        key) still loads strictly and leaves the flag as it is."""
+        key) still loads strictly and leaves the flag as it is.
+
+        A state that gives A or B but not the base weight (the adapter's parameters alone, loaded with
+        ``strict=False``) into a merged adapter: the old adapter is unmerged first, so that the base
+        weight sheds the delta it holds; the new adapter is then merged only if the state says so
+        (``lora_merged``). Otherwise the merged base weight kept the old delta, the forward ignored the
+        loaded A and B, and a later unmerge subtracted the new delta from it."""
         key = prefix + "lora_merged"
+        adapter_only = (any(prefix + name in state_dict for name in ("lora_a", "lora_b"))
+                        and prefix + "base.weight" not in state_dict)  # this module loads before its base
+        if adapter_only:
+            self.unmerge()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if key in state_dict:
-            self._merged = bool(self.lora_merged)
+            merged = bool(self.lora_merged)
+            if adapter_only:  # the base weight holds no delta now: add the loaded adapter's where it says merged
+                self._set_merged(False)
+                if merged:
+                    self.merge()
+            else:
+                self._merged = merged
         elif key in missing_keys:
             missing_keys.remove(key)
 
@@ -233,7 +264,15 @@ class LoRAConv2d(_Adapter):
         self.reset_adapter()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The base convolution plus the scaled low-rank residual (the base alone once merged)."""
+        """The base convolution plus the scaled low-rank residual (the base alone once merged).
+        ValueError where the base layer's weight or bias requires grad while gradients are on, as
+        :class:`LoRALinear`'s fused op refuses it: the base is frozen while wrapped."""
+        if torch.is_grad_enabled():
+            for name, t in (("weight", self.base.weight), ("bias", self.base.bias)):
+                if t is not None and t.requires_grad:
+                    raise ValueError(f"LoRAConv2d: the base layer's {name} requires grad, but an adapted layer "
+                                     f"trains only its adapter; call base.{name}.requires_grad_(False), or unload "
+                                     "the adapters to train the base layer")
         out = self.base(x)
         if self.merged:
             return out
@@ -325,6 +364,11 @@ def resolve_targets(model: nn.Module, targets: str | Sequence[str], owner: str =
     check_module(owner, model)
     targets = check_targets(owner, targets)
     modules = dict(model.named_modules(remove_duplicate=False))  # every name of a module used twice
+    peft = next(((n, m) for n, m in modules.items() if type(m).__module__.split(".")[0] == "peft"), None)
+    if peft is not None:  # PEFT's LoRA layers hold plain Linears (base_layer, lora_A, ...): adapters would nest
+        raise ValueError(f"{owner}: the model holds PEFT modules ({peft[0] or '(the model)'!r} is PEFT's "
+                         f"{type(peft[1]).__name__}): convert it with unlearn_kernels.lora.from_peft first, whose "
+                         "LoRA layers become this package's adapters")
     # layers inside an existing adapter (its .base) are not candidates
     inside = {f"{name}.{child}" for name in adapter_modules(model) for child, _ in modules[name].named_modules()
               if child}
@@ -344,6 +388,10 @@ def resolve_targets(model: nn.Module, targets: str | Sequence[str], owner: str =
                 raise ValueError(f"{owner}: target {target!r} names no module of the model "
                                  f"(modules: {[n for n in modules if n][:12]}...)")
             found = [n for n in matched if isinstance(modules[n], ADAPTABLE)]
+            adapted = [n for n in matched if isinstance(modules[n], _Adapter)]
+            if not found and adapted:
+                raise ValueError(f"{owner}: pattern {target!r} matches no layer without an adapter: "
+                                 f"{adapted[:6]} already have one")
             if not found:
                 raise TypeError(f"{owner}: pattern {target!r} matches no Linear or Conv2d layer "
                                 f"(it matches {matched[:6]})")
@@ -415,11 +463,26 @@ def add_adapters(model: nn.Module, targets: str | Sequence[str], rank: int = 8, 
     return tuple(names)
 
 
+def _checked_deltas(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every unmerged adapter's delta, checked finite (:meth:`LoRALinear.checked_delta`, ValueError naming
+    the adapter) before any is merged."""
+    deltas = {}
+    for name, adapter in adapter_modules(model).items():
+        if not adapter.merged:
+            try:
+                deltas[name] = adapter.checked_delta()
+            except ValueError as error:
+                raise ValueError(f"adapter {name!r}: {error}") from None
+    return deltas
+
+
 def merge(model: nn.Module) -> None:
-    """Merges every adapter into its base weight (in place; :func:`unmerge` undoes it)."""
+    """Merges every adapter into its base weight (in place; :func:`unmerge` undoes it). ValueError,
+    merging none, where an adapter's delta holds NaN or Inf."""
     check_module("merge", model)
-    for adapter in adapter_modules(model).values():
-        adapter.merge()
+    adapters = adapter_modules(model)
+    for name, delta in _checked_deltas(model).items():
+        adapters[name]._merge(delta)
 
 
 def unmerge(model: nn.Module) -> None:
@@ -431,7 +494,9 @@ def unmerge(model: nn.Module) -> None:
 
 def unload(model: nn.Module, *, merge: bool = True) -> nn.Module:
     """Replaces every adapter (in place) by its base layer, with the adapter merged into the weight
-    (``merge=True``) or dropped (``merge=False``, the base weight as it was wrapped), restores the
+    (``merge=True``; ValueError, changing nothing, where an adapter's delta holds NaN or Inf) or dropped
+    (``merge=False``: the base weight as it was wrapped, up to float rounding where the adapter had
+    been merged, see :func:`unmerge`), restores the
     base layer's ``requires_grad`` flags and returns ``model``: the plain architecture again.
     ``model`` must contain its adapters (for an adapter on its own, merge it and take ``.base``)."""
     check_module("unload", model)
@@ -439,10 +504,11 @@ def unload(model: nn.Module, *, merge: bool = True) -> nn.Module:
     if "" in adapters:
         raise ValueError("unload: the model is itself an adapter and cannot replace itself; call merge() (or "
                          "unmerge()) and use its .base")
+    deltas = _checked_deltas(model) if merge else {}  # every one before the first layer is replaced
     for name, adapter in adapters.items():
-        if merge:
-            adapter.merge()
-        else:
+        if name in deltas:
+            adapter._merge(deltas[name])
+        elif not merge:
             adapter.unmerge()
         for parameter, flag in zip(adapter.base.parameters(), adapter.base_requires_grad):
             parameter.requires_grad_(flag)
@@ -519,6 +585,8 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         with torch.no_grad():
             adapter.lora_a.copy_(layer.lora_A[key].weight)
             adapter.lora_b.copy_(layer.lora_B[key].weight)
+        adapter.lora_a.requires_grad_(layer.lora_A[key].weight.requires_grad)  # frozen in a PEFT inference model
+        adapter.lora_b.requires_grad_(layer.lora_B[key].weight.requires_grad)
         adapter.scale = float(layer.scaling[key])  # exact, not alpha / rank re-rounded
         replacements[name] = adapter
     for name, adapter in replacements.items():
