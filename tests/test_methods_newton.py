@@ -602,6 +602,16 @@ def test_lipschitz_estimate_on_known_hessians(mlp):
     assert 0 < first.value < math.inf and first.value == again.value
     assert first.num_hvps == 3 * 2 * 5 and plain.num_hvps == 3 * 2
     assert first.value > plain.value > 0
+    # the estimate is the quantile of the ratios (default 1: their maximum), numpy's linear interpolation
+    five = estimate_hessian_lipschitz(model, F.cross_entropy, retain, seed=1, num_directions=5)
+    assert five.value == max(five.ratios) and len(set(five.ratios)) == 5
+    ordered = sorted(five.ratios)
+    for q in (0.2, 0.5, 0.9):
+        at = estimate_hessian_lipschitz(model, F.cross_entropy, retain, seed=1, num_directions=5, quantile=q)
+        assert at.ratios == five.ratios
+        low, frac = int(q * 4), q * 4 - int(q * 4)
+        expected = ordered[low] + frac * (ordered[min(low + 1, 4)] - ordered[low])
+        assert at.value == pytest.approx(expected, rel=1e-12) and at.value < five.value
 
 
 @pytest.mark.parametrize("kwargs, message", [
