@@ -45,6 +45,57 @@ def test_random_protocol_oracle_and_original(tmp_path):
     assert list(tmp_path.glob("original-digits-mlp-0-*.pt"))
 
 
+def test_every_recorded_metric_is_its_documented_formula_of_the_models_outputs(monkeypatch):
+    """Each record's metrics recomputed from the logits the study scored (captured as it ran): accuracies,
+    KL(f_gold || f_un), JS and the activation distance by hand, the MIAs with the documented roles of D_r, test
+    and D_f, Avg Gap, tug-of-war, the gaps and retrain time / method time. (KL the other way round, an inverted
+    speed-up, swapped MIA roles, 1 - the efficacy and a constant tug-of-war passed every study test.)"""
+    from unlearn_kernels.eval import mia_entropy, mia_loss, mia_salun_efficacy
+
+    scored = []
+    evaluate = study_module.evaluate
+
+    def capture(model, **sets):
+        metrics, logits = evaluate(model, **sets)
+        scored.append((sets, {k: v.double() for k, v in logits.items()}))
+        return metrics, logits
+
+    monkeypatch.setattr(study_module, "evaluate", capture)
+    config = StudyConfig(protocol="mislabeled", methods=("original", "finetune"), seeds=(0,), recipe=FAST,
+                         cache_dir=None)
+    records = run_study(config)["records"]
+    assert [r["method"] for r in records] == ["retrain", "original", "finetune"] and len(scored) == 3
+    gold_sets, gold = scored[0]
+    p_gold = gold["forget"].softmax(1)
+    for record, (sets, logits) in zip(records, scored):
+        m, oracle = record["metrics"], records[0]["metrics"]
+        for name in ("forget", "retain", "test"):
+            expected = float((logits[name].argmax(1) == sets[name].y).double().mean())
+            assert m[f"acc_{name}"] == pytest.approx(expected, abs=1e-12)
+        p = logits["forget"].softmax(1)
+        assert m["kl_to_oracle"] == pytest.approx(float((p_gold * (p_gold.log() - p.log())).sum(1).mean()), abs=1e-9)
+        mid = (p + p_gold) / 2
+        js = 0.5 * (p * (p.log() - mid.log())).sum(1) + 0.5 * (p_gold * (p_gold.log() - mid.log())).sum(1)
+        assert m["js_to_oracle"] == pytest.approx(float(js.mean()), abs=1e-9)
+        assert m["activation_distance"] == pytest.approx(float((p - p_gold).norm(dim=1).mean()), abs=1e-9)
+        f, r, t, seed = sets["forget"], sets["retain"], sets["test"], sets["seed"]
+        assert m["mia_entropy"] == mia_entropy(logits["retain"], logits["test"], logits["forget"], seed=seed)
+        assert m["mia_efficacy"] == mia_salun_efficacy(logits["retain"], r.y, logits["test"], t.y, logits["forget"],
+                                                       f.y, seed=seed)
+        assert m["mia_loss"] == mia_loss(logits["forget"], f.y, logits["test"], t.y, seed=seed,
+                                         folds=study_module.MIA_LOSS_FOLDS)
+        gaps = {k: m[k] - oracle[k] for k in ("mia_entropy", "acc_forget", "acc_retain", "acc_test")}
+        assert all(m[f"gap_{k}"] == pytest.approx(v, abs=1e-12) for k, v in gaps.items())
+        assert m["avg_gap"] == pytest.approx(sum(abs(v) for v in gaps.values()) / 4, abs=1e-12)
+        tow = (1 - abs(gaps["acc_forget"])) * (1 - abs(gaps["acc_retain"])) * (1 - abs(gaps["acc_test"]))
+        assert m["tug_of_war"] == pytest.approx(tow, abs=1e-12)
+        assert m["speedup"] == pytest.approx(oracle["seconds"] / m["seconds"], rel=1e-12)
+    # the comparisons are not all trivially 0: the Original is away from the oracle on every one of them
+    original = records[1]["metrics"]
+    assert min(original["kl_to_oracle"], original["js_to_oracle"], original["avg_gap"]) > 1e-3
+    assert original["tug_of_war"] < 1 and original["speedup"] > 1
+
+
 def test_class_protocol_drives_oracle_forget_accuracy_to_zero(tmp_path):
     config = StudyConfig(protocol="class", forget_classes=(3,), methods=("original",), seeds=(0,), recipe=FAST,
                          cache_dir=None)
