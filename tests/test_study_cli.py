@@ -275,6 +275,13 @@ def test_options_of_a_method_with_keyword_arguments_are_judged_by_its_constructo
         config.to_dict()["effective_method_options"]["cure_newton_lora"]
     with pytest.raises(ValueError, match="cure_newton_lora rejects the options"):
         StudyConfig(methods=("cure_newton_lora",), method_options={"cure_newton_lora": {"telepathy": 1}})
+    # the options its **kwargs pass on to CureNewton are recorded with their defaults too (only M was, as set),
+    # weight_decay 0 among them: the study gives this method none (module docstring of its class)
+    effective = config.to_dict()["effective_method_options"]["cure_newton_lora"]
+    newton = StudyConfig(methods=("cure_newton",)).to_dict()["effective_method_options"]["cure_newton"]
+    assert set(effective) == {"rank", "alpha", "targets"} | (set(newton) - {"params"})
+    assert effective["weight_decay"] == 0.0 and effective["hessian_samples"] == newton["hessian_samples"]
+    assert effective["M"] == 2.0 and effective["rank"] == 4
 
 
 @pytest.mark.parametrize(

@@ -308,9 +308,15 @@ class StudyConfig:
 
 
 def _constructor_defaults(cls: type) -> dict[str, Any]:
-    """The named constructor parameters of ``cls`` with their defaults (``inspect.Parameter.empty`` if none)."""
+    """The named constructor parameters of ``cls`` with their defaults (``inspect.Parameter.empty`` if none),
+    and those of the method its ``**kwargs`` go to (``forwards_options_to``: CureNewtonLoRA's are CureNewton's)."""
     parameters = inspect.signature(cls).parameters.values()
-    return {p.name: p.default for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    named = {p.name: p.default for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    forwarded = getattr(cls, "forwards_options_to", None)
+    if forwarded is None:
+        return named
+    target, excluded = forwarded
+    return named | {k: v for k, v in _constructor_defaults(target).items() if k not in named and k not in excluded}
 
 
 def _takes_any_keyword(cls: type) -> bool:

@@ -60,6 +60,7 @@ class CureNewtonLoRA(Unlearner):
     # not the training objective's decay of the merged weights W + scale B A, so a study passes none.
     name = "cure_newton_lora"
     trains_model_parameters = False  # only the adapters it adds
+    forwards_options_to = (CureNewton, ("params",))
 
     def __init__(self, rank: int = 8, alpha: float | None = None, targets: str | Sequence[str] | None = None,
                  **newton_options: Any) -> None:

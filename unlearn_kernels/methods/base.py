@@ -63,6 +63,10 @@ class Unlearner(abc.ABC):
     #: recipe's, the objective the original and the oracle were trained on
     uses_training_objective: bool = False
 
+    #: for a method whose ``**kwargs`` are another method's options: that method, and the options of it
+    #: that it does not take (a study records those defaults as the method's own)
+    forwards_options_to: tuple[type[Unlearner], tuple[str, ...]] | None = None
+
     def unlearn(
         self,
         model: nn.Module,
