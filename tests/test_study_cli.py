@@ -834,8 +834,16 @@ def test_cli_refuses_an_out_folder_another_run_is_writing_into(tmp_path, capsys)
     orphan.write_text("{")
     kept = tmp_path / "random" / ".notes.txt.k3x9_a1b.tmp"  # not a file the run writes: the user's
     kept.write_text("mine")
+    # a run of another scenario (or of all three) killed while it wrote: its temporaries went on lying there
+    others = [tmp_path / "mislabeled" / ".results.json.k3x9_a1b.tmp", tmp_path / ".summary.json.k3x9_a1b.tmp",
+              tmp_path / ".gap_closed.png.k3x9_a1b.tmp", tmp_path / "class-sequential3" / ".sequential.png.ab_12.tmp"]
+    elsewhere = tmp_path / "notes" / ".results.json.k3x9_a1b.tmp"  # not a scenario folder: the user's
+    for path in [*others, elsewhere]:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("{")
     assert main(argv) == 0
     assert not orphan.exists() and kept.read_text() == "mine"
+    assert not any(path.exists() for path in others) and elsewhere.exists()
 
 
 def test_cli_scenarios_without_the_original_have_no_summary(tmp_path, capsys):

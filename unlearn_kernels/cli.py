@@ -390,9 +390,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
     root = Path(args.out if args.out is not None else f"runs/{first.dataset}-{first.model}")
     files = _check_out(root, configs)
     with _only_run_in(root):
-        for path in files:  # left by a run killed while it wrote them (no other run writes here now)
-            remove_orphan_temporaries(path)
+        for path in _written_by_any_run(root, files):  # left by a run killed while it wrote them (no other run
+            remove_orphan_temporaries(path)             # writes here now), this scenario's or another's
         return _run_scenarios(args, configs, root)
+
+
+def _written_by_any_run(root: Path, files: list[Path]) -> set[Path]:
+    """The files a run into ``root`` writes: this run's (``files``), and those any run may have written
+    there: the summary of several scenarios with its plot, and every study file of the scenario folders
+    already there (a scenario's folder is named after its protocol, ``<protocol>-sequential<K>`` with
+    ``--sequential``)."""
+    from . import report
+    from .study import PROTOCOLS
+
+    names = report.study_files(("original",), 2)  # every file a study can write
+    scenarios = [p for p in root.iterdir() if p.is_dir() and p.name.split("-sequential")[0] in PROTOCOLS]
+    return {*files, root / report.SUMMARY_FILE, root / report.GAP_CLOSED_PLOT,
+            *(folder / name for folder in scenarios for name in names)}
 
 
 def _run_scenarios(args: argparse.Namespace, configs: dict[str, StudyConfig], root: Path) -> int:
