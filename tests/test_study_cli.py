@@ -1101,3 +1101,33 @@ def test_cli_in_a_callers_process_leaves_its_threads_and_random_state(tmp_path, 
         assert torch.get_num_threads() == 2 and torch.equal(torch.rand(3), expected)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX")
+@pytest.mark.parametrize("rows, columns, bar", [(24, 80, True), (0, 0, False)])
+def test_progress_on_a_terminal_that_reports_no_width_is_plain_lines(monkeypatch, rows, columns, bar):
+    """On a pseudo-terminal of 0 x 0 (``script`` without a real terminal) the tqdm bar printed nothing at all;
+    such a terminal gets the plain lines of a log file, one of 80 columns the bar."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    from unlearn_kernels.cli import _progress
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+    stream = os.fdopen(slave, "w")
+    monkeypatch.setattr(sys, "stderr", stream)
+    try:
+        with _progress("run") as update:
+            update("seed 0: training", 0, 2)
+            update("seed 0: cure_newton", 1, 2)
+        stream.flush()
+        written = os.read(master, 65536).decode()
+    finally:
+        stream.close()
+        os.close(master)
+    # the bar's description is "<label>: <phase>"; the plain lines "[<label> done/total] <phase>"
+    assert ("run: seed 0: cure_newton" in written) is bar
+    assert ("[run 1/2] seed 0: cure_newton" in written) is not bar

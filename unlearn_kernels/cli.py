@@ -329,8 +329,9 @@ def _describe(config) -> str:
 @contextlib.contextmanager
 def _progress(label: str) -> Iterator[Callable[[str, int, int], None]]:
     """A progress callback: a tqdm bar on a terminal, otherwise one plain line per phase (a log file
-    or a pipe gets no carriage-return frames)."""
-    if sys.stderr.isatty():
+    or a pipe gets no carriage-return frames; a terminal that reports no width, as a pseudo-terminal of
+    0 x 0 columns does, got an empty bar: nothing at all)."""
+    if _terminal_width(sys.stderr) > 0:
         from tqdm import tqdm
 
         with tqdm(total=1, unit="run", dynamic_ncols=True, file=sys.stderr) as bar:
@@ -346,6 +347,14 @@ def _progress(label: str) -> Iterator[Callable[[str, int, int], None]]:
             print(f"[{label} {done}/{total}] {phase}", file=sys.stderr, flush=True)
 
         yield update
+
+
+def _terminal_width(stream: Any) -> int:
+    """The columns of the terminal ``stream`` writes to; 0 where it is not a terminal or reports none."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns if stream.isatty() else 0
+    except (AttributeError, OSError, ValueError):  # no file descriptor (a StringIO), or a closed one
+        return 0
 
 
 def _damaged_checkpoint(exc: Exception) -> UsageError:
