@@ -528,6 +528,9 @@ def test_cli_read_only_cache_is_refused_before_any_work_unless_it_holds_every_or
     assert err.startswith(f"unlearn-kernels: error: the checkpoint cache (cache_dir) '{cache}' is not writable, and "
                           "it lacks 1 of the study's original models"), err
     assert "unlearn-kernels run:" not in out and "the original model" not in err
+    # refused before --out is made: a new folder was left behind, empty
+    fresh = tmp_path / "fresh"
+    assert main([*command[:-1], str(fresh), "--seeds", "0,1"]) == 2 and not fresh.exists()
     # the Python API refuses it before any work too
     phases = []
     config = StudyConfig(methods=("original",), seeds=(0, 1), recipe=dataclasses.replace(DEFAULT_RECIPES["mlp"],

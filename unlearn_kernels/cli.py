@@ -395,9 +395,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 hint = (" (the default class scenario forgets class 3: pick another with --forget-class, or run one "
                         "scenario with --protocol random or --protocol mislabeled)")
             raise UsageError(str(exc) + hint) from None
+    _check_caches(args, configs)
     first = next(iter(configs.values()))
     root = Path(args.out if args.out is not None else f"runs/{first.dataset}-{first.model}")
-    files = _check_out(root, configs)
+    files = _check_out(root, configs)  # makes --out: every check that needs no folder comes before
     with _only_run_in(root):
         for path in _written_by_any_run(root, files):  # left by a run killed while it wrote them (no other run
             remove_orphan_temporaries(path)             # writes here now), this scenario's or another's
@@ -418,26 +419,34 @@ def _written_by_any_run(root: Path, files: list[Path]) -> set[Path]:
             *(folder / name for folder in scenarios for name in names)}
 
 
-def _run_scenarios(args: argparse.Namespace, configs: dict[str, StudyConfig], root: Path) -> int:
-    """The rest of ``run``, in the ``--out`` folder ``root``, checked and held by this run."""
+def _check_caches(args: argparse.Namespace, configs: dict[str, StudyConfig]) -> None:
+    """Sets torch's threads to ``--threads`` and checks each scenario's cache of original models: before any
+    training (not when a later seed's original is saved) and before --out is made."""
     import torch
 
-    from . import report
     from .checkpoint import CheckpointError
-    from .study import check_cache, run_study
+    from .study import check_cache
 
-    first = next(iter(configs.values()))
     # The default models are small: one intra-op thread is fastest, and OpenMP threads that wait on
     # each other on a busy machine slow training many times over. Larger models: raise --threads. Set before
     # the cache check: a cached model's record names the threads it was trained with.
     torch.set_num_threads(args.threads)
-    for config in configs.values():  # before any training, not when a later seed's original is saved
+    for config in configs.values():
         try:
             check_cache(config)
         except (ValueError, OSError) as exc:  # OSError: e.g. a folder where a read-only cache's file should be
             raise UsageError(str(exc)) from None
         except CheckpointError as exc:
             raise _damaged_checkpoint(exc) from None
+
+
+def _run_scenarios(args: argparse.Namespace, configs: dict[str, StudyConfig], root: Path) -> int:
+    """The rest of ``run``, in the ``--out`` folder ``root``, checked and held by this run."""
+    from . import report
+    from .checkpoint import CheckpointError
+    from .study import run_study
+
+    first = next(iter(configs.values()))
     print(f"unlearn-kernels run: {first.dataset}, {first.model}, "
           + (f"{len(configs)} scenarios ({', '.join(configs)})" if len(configs) > 1 else _describe(first))
           + f", seeds {list(first.seeds)}, {len(first.methods)} methods on {first.device}",
