@@ -128,6 +128,7 @@ class _Adapter(nn.Module):
         if not self.merged:
             self._merge(self.checked_delta())
 
+    @torch.no_grad()
     def _merge(self, delta: torch.Tensor) -> None:
         self.base.weight.add_(delta)
         self._set_merged(True)
