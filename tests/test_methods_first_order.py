@@ -17,7 +17,7 @@ from unlearn_kernels.methods import (
     METHODS, SCRUB, SSD, BadTeacher, Finetune, GradientAscent, NegGradPlus, RandomLabels, Retrain,
     RetrainReseeded, SalUn, Unlearner,
 )
-from unlearn_kernels.methods.first_order import TrainedUnlearner, _random_teacher, _wrong_labels
+from unlearn_kernels.methods.first_order import TrainedUnlearner, _random_teacher, _wrong_labels, flagged_mix
 from unlearn_kernels.models import MLP, SmallViT
 from unlearn_kernels.training import TrainConfig, init_model, train
 
@@ -326,6 +326,64 @@ def test_scrub_moves_the_student_away_from_the_teacher_on_forget(results, proble
         kl_r = F.kl_div(F.log_softmax(student(retain.x), 1), F.softmax(model(retain.x), 1), reduction="batchmean")
     assert kl_f > 1.0 and kl_f > 10 * kl_r
     assert results["scrub"][0].diagnostics["forget_kl_last_max_pass"] > 0
+
+
+def _kl_times_t2(student_logits, teacher_logits, temperature):
+    """KL(softmax(teacher / T) || softmax(student / T)) * T^2, the mean over rows, written out."""
+    p = (teacher_logits / temperature).softmax(1)
+    return (p * (p.log() - (student_logits / temperature).log_softmax(1))).sum(1).mean() * temperature**2
+
+
+def test_scrub_matches_hand_computed_max_and_min_steps(problem):
+    """Two epochs of full-batch plain SGD: a max step -KL_T(teacher || student) on D_f, then a min step
+    gamma CE + alpha KL_T(teacher || student) on D_r, each epoch. (The min step without its KL term, or the KL
+    the other way round, passed the qualitative SCRUB test.) At the start student and teacher agree, so the
+    first max step moves nothing; the min step's CE then separates them and the KL terms act from there."""
+    model, forget, retain = problem
+    model64 = copy.deepcopy(model).double()
+    f64, r64 = LabeledData(forget.x.double(), forget.y), LabeledData(retain.x.double(), retain.y)
+    lr, T, alpha, gamma = 0.5, 2.0, 0.5, 0.7
+    names = [n for n, _ in model64.named_parameters()]
+    weights = [p.detach().clone() for p in model64.parameters()]
+    with torch.no_grad():
+        teacher_f, teacher_r = model64(f64.x), model64(r64.x)
+
+    def step(loss_of):
+        params = [w.clone().requires_grad_() for w in weights]
+        out = lambda x: torch.func.functional_call(model64, dict(zip(names, params)), (x,))  # noqa: E731
+        grads = torch.autograd.grad(loss_of(out), params)
+        return [w - lr * g for w, g in zip(weights, grads)]
+
+    for _ in range(2):
+        weights = step(lambda out: -_kl_times_t2(out(f64.x), teacher_f, T))
+        weights = step(lambda out: gamma * F.cross_entropy(out(r64.x), r64.y)
+                       + alpha * _kl_times_t2(out(r64.x), teacher_r, T))
+    result = SCRUB(epochs=2, max_steps=2, lr=lr, batch_size=10_000, forget_batch_size=10_000, temperature=T,
+                   alpha=alpha, gamma=gamma, momentum=0.0, weight_decay=0.0).unlearn(model64, f64, r64)
+    for p, w in zip(result.model.parameters(), weights):
+        torch.testing.assert_close(p.detach(), w, rtol=1e-9, atol=1e-12)
+
+
+def test_bad_teacher_matches_a_hand_computed_step_at_a_temperature(problem):
+    """One full-batch plain SGD step at T = 4: KL(target || softmax(student / T)), the target the incompetent
+    teacher's softmax(z / T) on D_f rows and the original's on the D_r sample (no test ran another T: the
+    student's logits left undivided passed)."""
+    model, forget, retain = problem
+    model64 = copy.deepcopy(model).double()
+    f64, r64 = LabeledData(forget.x.double(), forget.y), LabeledData(retain.x.double(), retain.y)
+    lr, T = 0.5, 4.0
+    mixed, _ = flagged_mix(f64, r64, 0.3, 0)
+    with torch.no_grad():
+        bad, good = _random_teacher(model64, 0)(mixed.x), model64(mixed.x)
+        flag = mixed.y.double().unsqueeze(1)
+        target = flag * (bad / T).softmax(1) + (1 - flag) * (good / T).softmax(1)
+    student = copy.deepcopy(model64)
+    loss = (target * (target.log() - (student(mixed.x) / T).log_softmax(1))).sum(1).mean()
+    grads = torch.autograd.grad(loss, list(student.parameters()))
+    result = BadTeacher(epochs=1, lr=lr, batch_size=10_000, temperature=T, optimizer="sgd", momentum=0.0,
+                        weight_decay=0.0).unlearn(model64, f64, r64, seed=0)
+    for p, p0, g in zip(result.model.parameters(), model64.parameters(), grads):
+        torch.testing.assert_close(p.detach(), p0 - lr * g, rtol=1e-9, atol=1e-12)
 
 
 def test_ssd_matches_hand_computed_dampening(problem):

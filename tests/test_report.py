@@ -4,6 +4,7 @@ import json
 import math
 import pickle
 
+import numpy as np
 import pytest
 
 from unlearn_kernels import report
@@ -70,6 +71,21 @@ def test_noise_rule_two_standard_errors_of_the_oracle():
         avg = report.gap_closed_noise(_study(oracle, [0.3] * 4, [0.0] * 4, original_avg=original_avg))[0]["avg_gap"]
         assert avg["noise"] == pytest.approx(noise / 4) and avg["original_gap"] == pytest.approx(original_avg)
         assert avg["within_noise"] is within
+
+
+def test_noise_rule_takes_the_larger_standard_error_when_both_move():
+    """Both the oracle's Acc_f and the Original's gap vary over the seeds: the noise is 2 x the larger of their
+    standard errors, not their sum (with a sum, this gap of 0.2 read as within noise; every other noise test
+    moved one source only, where the two agree)."""
+    oracle, gaps = [0.4, 0.6, 0.4, 0.6], [0.1, 0.3, 0.1, 0.3]
+    se_oracle = float(np.std(oracle, ddof=1)) / 2  # sqrt(4 seeds)
+    se_gap = float(np.std(gaps, ddof=1)) / 2
+    verdict = report.gap_closed_noise(_study(oracle, gaps, [0.0] * 4))[0]["acc_forget"]
+    assert verdict["original_gap"] == pytest.approx(0.2)
+    assert verdict["noise"] == pytest.approx(2 * max(se_oracle, se_gap)) and verdict["within_noise"] is False
+    wide = [0.2, 0.8, 0.2, 0.8]  # now the oracle's error is the larger one, and it covers the gap
+    verdict = report.gap_closed_noise(_study(wide, gaps, [0.0] * 4))[0]["acc_forget"]
+    assert verdict["noise"] == pytest.approx(float(np.std(wide, ddof=1))) and verdict["within_noise"] is True
 
 
 def test_an_original_that_matches_the_oracle_on_every_seed_is_within_noise():
