@@ -297,6 +297,25 @@ def test_split_forget_parts_are_disjoint_and_cover_the_set(forget, num_requests,
         [r.forget_idx.tolist() for r in requests]
 
 
+def test_split_forget_shuffles_with_its_seed() -> None:
+    """The parts are a seeded shuffle of the rows, not runs of them in order (a split that ignored its seed
+    passed every test: they checked disjointness and sizes)."""
+    rows = list(range(0, 40, 2))
+    splits = {tuple(tuple(r.forget_idx.tolist()) for r in split_forget(50, rows, 4, seed)) for seed in range(5)}
+    assert len(splits) == 5
+    assert tuple(tuple(rows[5 * k:5 * k + 5]) for k in range(4)) not in splits
+
+
+def test_mislabel_picks_rows_across_classes_unless_stratified() -> None:
+    """90 rows of class 0 and 10 of class 1, 20% corrupted: stratified, always 2 of class 1 (its share); not
+    stratified, a plain random pick whose class-1 count varies with the seed (stratified=False once picked the
+    stratified rows and only said otherwise)."""
+    y = torch.tensor([0] * 90 + [1] * 10)
+    counts = {flag: {int((y[mislabel(y, 0.2, seed, stratified=flag).corrupted_idx] == 1).sum()) for seed in range(20)}
+              for flag in (True, False)}
+    assert counts[True] == {2} and len(counts[False]) > 1
+
+
 def test_split_forget_rejections() -> None:
     with pytest.raises(ValueError, match="nothing would be retained"):
         split_forget(3, [0, 1, 2])

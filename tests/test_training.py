@@ -613,6 +613,19 @@ def test_changed_model_code_or_training_code_or_device_is_not_reused(tmp_path, m
     assert stats is not None
 
 
+def test_code_fingerprint_covers_the_data_loader(tmp_path, monkeypatch):
+    """The loader (labeled.py) decides the shuffle, and so the trained weights: editing it changes the
+    fingerprint (a fingerprint without it passed every test)."""
+    loader_file = tmp_path / "loader_module.py"
+    source = "from unlearn_kernels.labeled import LabeledData as _Plain\n\nclass LabeledData(_Plain):\n    pass{}\n"
+    monkeypatch.setattr(checkpoint, "LabeledData", _module_from_source(loader_file, source.format("")).LabeledData)
+    before = checkpoint.code_fingerprint(factory())
+    assert before == checkpoint.code_fingerprint(factory())
+    edited = _module_from_source(loader_file, source.format("  # edited")).LabeledData
+    monkeypatch.setattr(checkpoint, "LabeledData", edited)
+    assert checkpoint.code_fingerprint(factory()) != before
+
+
 def test_code_fingerprint_covers_every_model_class_outside_torch(tmp_path):
     net_file = tmp_path / "wrapped_module.py"
     first = _module_from_source(net_file, MODEL_SOURCE.format(suffix=""))
