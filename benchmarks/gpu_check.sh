@@ -32,7 +32,8 @@ START=$(date +%s)
 FAILED=()
 
 # The kernel and operator tests; with a GPU visible their cuda parametrisations (ids containing
-# "cuda") and Triton's (compiled for the GPU) are the ones selected below.
+# "cuda"), Triton's (compiled for the GPU) and the tests that run every (backend, device) pair inside
+# their body (marked every_backend) are the ones selected below.
 TESTS=(tests/test_lanczos_step.py tests/test_cubic_secular.py tests/test_softmax_ce.py
        tests/test_softmax_ce_triton.py tests/test_mlp_hvp.py tests/test_lora_linear.py
        tests/test_curvature.py tests/test_fused_conv.py tests/test_lanczos.py tests/test_cubic.py
@@ -88,7 +89,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
     || { echo "gpu_check: the build failed, see $LOGS/build.log"; exit 1; }
 step backends 60 "$PY" -c 'import unlearn_kernels; print(unlearn_kernels.backends())'
 
-step tests 150 "$PY" -m pytest -q -rfEs -p no:cacheprovider -k "cuda or triton" "${TESTS[@]}"
+step tests 150 "$PY" -m pytest -q -rfEs -p no:cacheprovider -k "cuda or triton or every_backend" "${TESTS[@]}"
 
 BENCH_FLAGS=(--device "$DEVICE" --no-compile)
 [[ ${GPU_CHECK_COMPILE:-0} == 1 ]] && BENCH_FLAGS=(--device "$DEVICE")

@@ -302,3 +302,29 @@ def test_a_plot_that_fails_costs_no_other_suite(monkeypatch, capsys, tmp_path):
     assert main(["cubic", "softmax_ce", "--threads", "1"]) == 1
     out = capsys.readouterr().out
     assert "cubic: plot FAILED" in out and (tmp_path / "softmax_ce_cpu.json").is_file()
+
+
+def test_gpu_check_selects_every_test_that_runs_a_cuda_backend():
+    """benchmarks/gpu_check.sh runs its test files with a -k selection. A test whose cuda cases run inside its
+    body (a loop over the op's (backend, device) pairs) has no "cuda" in its id: it must take the ``device``
+    fixture (its ids then name the device) or carry the ``every_backend`` mark, which the selection names. Four
+    accuracy tests of the CUDA MLP HVP and the softmax CE error test were left out of the GPU check before."""
+    import ast
+
+    script = (BENCHMARKS / "gpu_check.sh").read_text()
+    selection = re.search(r'-k "([^"]+)" "\$\{TESTS\[@\]\}"', script).group(1)
+    assert {"cuda", "triton", "every_backend"} <= set(selection.split(" or "))
+    files = re.search(r"TESTS=\(([^)]*)\)", script).group(1).split()
+    tables = r"for [^\n]*\bin (PAIRS|COMPILED|DEVICES|BACKENDS|ERROR_BACKENDS|ERROR_DEVICES|backend_devices\()"
+    looping = []
+    for name in files:
+        source = (BENCHMARKS.parent / name).read_text()
+        for node in ast.parse(source).body:
+            if not (isinstance(node, ast.FunctionDef) and node.name.startswith("test_")):
+                continue
+            if re.search(tables, ast.get_source_segment(source, node)):
+                marked = any("every_backend" in ast.unparse(d) for d in node.decorator_list)
+                takes_device = "device" in [a.arg for a in node.args.args]
+                looping.append((f"{name}::{node.name}", marked or takes_device))
+    assert len(looping) >= 8  # the rule has something to check
+    assert [test for test, selected in looping if not selected] == []

@@ -83,6 +83,7 @@ def _cast(p, dtype=None, device=None):
 
 
 # ----------------------------------------------------------------------------- the op
+@pytest.mark.every_backend  # its cuda pairs run inside the body: benchmarks/gpu_check.sh selects it by this mark
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("k", [1, 3])
@@ -98,6 +99,7 @@ def test_float64_matches_dense_hessian_and_reference(act, bias, k, dims, rng):
         assert relative_error(_flat(hv_w, hv_b).cpu(), exact) <= 1e-10, (backend, device)
 
 
+@pytest.mark.every_backend  # its cuda pairs run inside the body: benchmarks/gpu_check.sh selects it by this mark
 def test_deeper_mixed_chain_with_label_smoothing_and_ignored_rows(rng):
     p = _problem([6, 5, 4, 5, 4], ["gelu", "sigmoid", "relu", "tanh"], [True, False, True, True], 4, rng,
                  n=11, smoothing=0.2)
@@ -171,6 +173,7 @@ def _named_tangents(p):
     yield from ((f"b{l}", v) for l, v in enumerate(p["v_biases"]) if v is not None)
 
 
+@pytest.mark.every_backend  # its cuda pairs run inside the body: benchmarks/gpu_check.sh selects it by this mark
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("chosen", [("w0", "b0", "w1", "b1", "w2"), ("w2", "b1"), ("b0",)])
 def test_flat_form_matches_the_dense_hessian_block(k, chosen, rng):
@@ -378,6 +381,7 @@ def test_meta_tensors_give_the_fakes_shapes(backend, rng):
 
 
 # ----------------------------------------------------------------------------- fixed weights
+@pytest.mark.every_backend  # its cuda pairs run inside the body: benchmarks/gpu_check.sh selects it by this mark
 @pytest.mark.parametrize("acts", [["tanh", "relu", "identity"], ["gelu", "sigmoid", "identity"]])
 @pytest.mark.parametrize("chosen", [("w0", "b0", "w1", "b1", "w2"), ("w2", "b1"), ("b0",), ("w1",)])
 def test_state_and_cached_products_equal_the_whole_pass(acts, chosen, rng):

@@ -249,6 +249,7 @@ def _bad_calls(z, u, y):
     }
 
 
+@pytest.mark.every_backend  # its cuda pairs run inside the body: benchmarks/gpu_check.sh selects it by this mark
 @pytest.mark.parametrize("case", sorted(_bad_calls(*_inputs((4, 5), torch.float32, torch.Generator()))))
 def test_bad_input_raises_the_same_error_from_every_backend(case, rng):
     messages = {}
