@@ -8,7 +8,8 @@
 #   bash benchmarks/gpu_check.sh                       # from anywhere; runs in the repository root
 #
 # Environment (all optional):
-#   PYTHON=python3            the interpreter with torch (CUDA build), triton, numpy, scipy, scikit-learn, pytest
+#   PYTHON=python3            the interpreter with torch (CUDA build), triton, numpy, scipy, scikit-learn,
+#                             pytest, hypothesis, peft, matplotlib, ninja and setuptools >= 77 (checked first)
 #   GPU_CHECK_BUDGET_S=470    seconds for everything
 #   GPU_CHECK_COMPILE=1       also time the torch.compile candidates (slower: compiling takes minutes)
 #   GPU_CHECK_OUT=<dir>       copy the JSON results and the logs there at the end
@@ -72,12 +73,20 @@ print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torc
 if sys.argv[1] == "cuda":
     assert torch.cuda.is_available(), "no CUDA device is visible to torch"
     print("device:", torch.cuda.get_device_name(), "count", torch.cuda.device_count())
+# what the later steps import: the build (setuptools >= 77, ninja), the tests (pytest, hypothesis in their
+# conftest, peft in the LoRA ones), the suites (peft for lora) and the main job (matplotlib for its plots)
 missing = []
-for name in ("triton", "numpy", "scipy", "sklearn", "pytest"):
+for name in ("triton", "numpy", "scipy", "sklearn", "pytest", "hypothesis", "peft", "matplotlib", "ninja",
+             "setuptools"):
     try:
         __import__(name)
     except ImportError:
         missing.append(name)
+if "setuptools" not in missing:
+    from importlib.metadata import version
+    found = version("setuptools")
+    if int(found.split(".")[0]) < 77:
+        missing.append(f"setuptools>=77 (found {found})")
 print("missing:", missing or "none")
 assert not missing, f"install {missing} first"
 ' "$DEVICE" || { echo "gpu_check: the environment cannot run the check"; exit 1; }
