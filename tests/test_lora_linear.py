@@ -483,3 +483,35 @@ def test_autocast_jvp(backend, device, tangents, rng):
                                                    rounded(ta), rounded(tb))
     assert_within_rule(out, plain_out, exact_out)
     assert_within_rule(tangent, plain_tangent, exact_tangent)
+
+
+def test_triton_products_keep_the_row_count_on_the_grids_first_axis(monkeypatch):
+    """With the GPU's tiles (128 columns), the backward's gradient of B computed A x^T, which put the N rows on the
+    grid's second axis: CUDA allows 65,535 tiles there, so N >= 8,388,481 rows (4096 sequences of 2048 tokens)
+    failed to launch. Every product of the forward, backward and JVP keeps N on the first axis now (launches
+    captured, nothing computed), and a product that would pass the limit is refused by name."""
+    from unlearn_kernels.triton_kernels import lora_linear as kernels
+
+    grids = []
+
+    class Capture:
+        def __init__(self, kernel):
+            pass
+
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(kernels, "INTERPRETED", False)  # the launch configuration of a GPU
+    monkeypatch.setattr(kernels, "wrap_triton", Capture)
+    rows = 65_535 * 128 + 1
+    x, gy = torch.empty(rows, 1), torch.empty(rows, 3)
+    weight, a, b = torch.empty(3, 1), torch.empty(2, 1), torch.empty(3, 2)
+    ops_ns = _triton_ops()
+    ops_ns.lora_linear(x, weight, None, a, b, 1.0)
+    ops_ns.lora_linear_backward(gy, x, weight, a, b, 1.0, [True, True, True])
+    ops_ns.lora_linear_jvp(x, weight, None, a, b, 1.0, a, b)
+    assert len(grids) >= 7 and max(grid[1] for grid in grids) == 1
+    with pytest.raises(ValueError, match=r"a product with 8388481 columns needs 65536 column tiles, beyond a GPU "
+                                         r"grid's 65535"):
+        kernels._mm(a, x)

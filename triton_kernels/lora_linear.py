@@ -68,6 +68,10 @@ def _matmul(p_ptr, q_ptr, l_ptr, r_ptr, bias_ptr, c_ptr, M, N, K, R, alpha_bits,
              mask=in_m[:, None] & in_n[None, :])
 
 
+#: the most tiles on a CUDA grid's second axis (the first takes 2**31 - 1)
+MAX_GRID_Y = 65_535
+
+
 def _block(n: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(max(n, 1))))
 
@@ -99,6 +103,9 @@ def _mm(p: torch.Tensor, q: torch.Tensor, *, alpha: float = 1.0, bias: torch.Ten
     rank = l.shape[1] if low is not None else 0
     cfg = _launch_config(m, n, k, rank, p.dtype)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
+    if grid[1] > MAX_GRID_Y:  # the callers keep the rows (N, unbounded) on axis 0, up to 2**31 - 1 tiles
+        raise ValueError(f"lora_linear (Triton): a product with {n} columns needs {grid[1]} column tiles, beyond a "
+                         f"GPU grid's {MAX_GRID_Y}")
     wrap_triton(_matmul)[grid](
         p, q, l, r, bias.contiguous() if bias is not None else out, out, m, n, k, rank, float64_bits(alpha),
         float64_bits(beta),
@@ -135,7 +142,9 @@ def lora_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.
         if need_a:
             grads.append(_mm(g.t(), x.t()))
     if need_b:
-        grads.append(_mm(grad_out.t(), _mm(lora_a, x), alpha=scale))  # s gy^T xa, with xa^T = A x^T
+        # s gy^T xa with xa = x A^T (N, r), whose N rows take the grid's first axis (computed as A x^T they took the
+        # second, whose 65,535 tiles N exceeded from 8.4M rows)
+        grads.append(_mm(grad_out.t(), _mm(x, lora_a).t(), alpha=scale))
     return grads
 
 
