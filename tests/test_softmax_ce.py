@@ -352,6 +352,18 @@ def test_forced_backend_that_cannot_run_says_why(rng):
         ops.softmax_ce_hvp(z.to("meta"), u.to("meta"), backend="cpp")
 
 
+def test_triton_refuses_tensors_on_another_gpu_than_the_current_one(monkeypatch):
+    """Triton launches its kernels on the current CUDA device, whatever device the tensors are on (an illegal
+    address, or work on the wrong stream): a forced Triton backend refuses such tensors, naming the fix."""
+    if not unlearn_kernels.backends()["softmax_ce_hvp"]["triton"].usable:
+        pytest.skip("Triton is not usable here")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert unlearn_kernels.choose_backend("softmax_ce_hvp", "cuda:0", "triton") == "triton"
+    with pytest.raises(BackendUnavailableError, match=r"launch on the current CUDA device, cuda:0, not the tensors' "
+                                                      r"cuda:1: call torch.cuda.set_device\(1\) first"):
+        unlearn_kernels.choose_backend("softmax_ce_hvp", "cuda:1", "triton")
+
+
 def test_backend_registry_knows_only_declared_ops_and_backends():
     with pytest.raises(ValueError, match="unknown op 'softmax_ce_jvp'"):
         backend_status("softmax_ce_jvp", "cpp")

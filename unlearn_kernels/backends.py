@@ -118,6 +118,11 @@ def _fits_device(backend: str, device: torch.device) -> str | None:
 
         if not (INTERPRETED and device.type == "cpu"):
             return f"Triton kernels need CUDA tensors (or CPU tensors in interpreter mode), got {device}"
+    if backend == "triton" and device.type == "cuda" and device.index is not None:
+        current = torch.cuda.current_device()  # Triton launches there, whatever device the tensors are on
+        if device.index != current:
+            return (f"Triton kernels launch on the current CUDA device, cuda:{current}, not the tensors' {device}: "
+                    f"call torch.cuda.set_device({device.index}) first")
     return None
 
 
