@@ -70,7 +70,8 @@ def run(device: torch.device, shapes=DEFAULT_SHAPES, dtype=torch.float32, with_c
         min_time: float = 0.5) -> tuple[list[Measurement], dict]:
     """All candidates on every shape; returns the measurements and the suite's config."""
     gen = torch.Generator(device="cpu").manual_seed(0)
-    # On GPU the finite check costs a synchronisation per call; eager PyTorch does no check either.
+    # On GPU the finite check costs a synchronisation per call; eager PyTorch does no check either. (The
+    # gradient checks its targets on every call, so it synchronises once per call all the same.)
     check = device.type == "cpu"
     compiled = (torch.compile(eager_hvp), torch.compile(eager_grad)) if with_compile else None
     results: list[Measurement] = []

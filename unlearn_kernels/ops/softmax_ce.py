@@ -88,7 +88,9 @@ def softmax_ce_grad(
         ignore_index: target value whose rows are ignored, as in ``F.cross_entropy``: an int
             (Python or numpy, not a bool) in the int64 range.
         check_finite: a bool; True raises ValueError if the logits contain NaN/+Inf (checked inside
-            the kernel; on GPU it costs one synchronisation).
+            the kernel). The targets' range is checked on every call, so on GPU this op synchronises
+            once per call whatever ``check_finite`` says (the HVP, which takes no targets, does so only
+            with ``check_finite``).
         backend: "auto", "cpp", "cuda", "triton" or "reference" (see :func:`unlearn_kernels.backends`).
 
     Returns:
