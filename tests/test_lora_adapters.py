@@ -587,29 +587,47 @@ def test_adapter_weights_alone_load_into_a_merged_model(build, x):
     torch.testing.assert_close(model(x), expected(x), rtol=1e-12, atol=1e-12)
     for name, adapter in lora.adapter_modules(model).items():
         torch.testing.assert_close(adapter.base.weight, base[name], rtol=1e-12, atol=1e-12)
-    # with the flag among them, merged: the loaded adapter merged into the clean base weight
-    flagged = dict(saved) | {f"{name}.lora_merged": torch.tensor(True) for name in lora.adapter_modules(source)}
-    lora.merge(model)
-    model.load_state_dict(flagged, strict=False)
-    assert all(a.merged for a in lora.adapter_modules(model).values())
-    torch.testing.assert_close(model(x), expected(x), rtol=1e-12, atol=1e-12)
-    lora.unmerge(model)
-    for name, adapter in lora.adapter_modules(model).items():
-        torch.testing.assert_close(adapter.base.weight, base[name], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("build, x", [(mlp, X), (cnn, IMAGES)])
+def test_a_merged_state_loaded_in_parts_is_merged_once(build, x):
+    """A merged model's state split by key (the base layers' entries, then the adapters' with their flag, as an
+    alphabetical split of a sharded checkpoint gives) and loaded part by part with strict=False: the flag is
+    taken at its word, so the delta the base weight already holds is not added a second time."""
+    source = build(seed=3)
+    lora.add_adapters(source, "*", rank=2)
+    randomize_b(source, seed=4)
+    lora.merge(source)
+    saved = state(source)
+    fresh = build()
+    lora.add_adapters(fresh, "*", rank=2)
+    base_keys = {k for k in saved if ".base." in k}
+    fresh.load_state_dict({k: v for k, v in saved.items() if k in base_keys}, strict=False)
+    fresh.load_state_dict({k: v for k, v in saved.items() if k not in base_keys}, strict=False)
+    assert all(a.merged for a in lora.adapter_modules(fresh).values())
+    torch.testing.assert_close(fresh(x), source(x), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("call", [lora.merge, lambda m: lora.unload(m, merge=True),
                                   lambda m: lora.adapter_modules(m)["3"].merge()])
-def test_merging_a_non_finite_adapter_is_refused_and_changes_nothing(call):
-    """Inf in B: merge wrote it into the base weight (4 entries), and unmerge left NaN there for good."""
-    model = mlp()
+@pytest.mark.parametrize("overflow", [False, True])
+def test_merging_a_non_finite_adapter_is_refused_and_changes_nothing(call, overflow):
+    """Inf in B: merge wrote it into the base weight (4 entries), and unmerge left NaN there for good. So did a
+    finite delta whose sum with the base weight overflows (float16: 60000 + 10000)."""
+    model = mlp().half() if overflow else mlp()
     lora.add_adapters(model, "*", rank=2)
     randomize_b(model)
     with torch.no_grad():
-        lora.adapter_modules(model)["3"].lora_b[0, 0] = float("inf")
+        adapter = lora.adapter_modules(model)["3"]
+        if overflow:
+            adapter.base.weight[0, 0] = 60000.0
+            adapter.lora_a.zero_()
+            adapter.lora_a[0, 0], adapter.lora_b[0, 0] = 100.0, 100.0  # scale 1: a delta of 10000 there
+        else:
+            adapter.lora_b[0, 0] = float("inf")
     before = state(model)
     modules = [type(m) for m in model.modules()]
-    with pytest.raises(ValueError, match="scale \\* B A holds NaN or Inf"):
+    with pytest.raises(ValueError, match="plus the adapter's scale \\* B A holds NaN or Inf"):
         call(model)
     assert [type(m) for m in model.modules()] == modules
     assert not any(a.merged for a in lora.adapter_modules(model).values())
@@ -644,18 +662,35 @@ def test_from_peft_keeps_the_adapters_requires_grad_flags(peft):
     assert {n for n, p in trainable.named_parameters() if p.requires_grad} == {"1.lora_a", "1.lora_b"}
 
 
-def test_an_unfrozen_base_is_refused_by_both_adapters():
-    """LoRALinear's fused op refused a base weight that requires grad, while LoRAConv2d trained it silently."""
+def test_an_unfrozen_base_gets_its_exact_gradient_or_is_refused():
+    """A base given back to training: where a plain layer runs it (the conv adapter's two convolutions, a merged
+    adapter's base alone) its gradient is the exact one of the same model written without adapters; the fused op
+    of an unmerged LoRALinear, which gives it none, refuses it."""
     model = cnn()
     lora.add_adapters(model, ["features.0", "head"], rank=2)
+    randomize_b(model)
     model.requires_grad_(True)
-    with pytest.raises(ValueError, match=r"LoRAConv2d: the base layer's weight requires grad"):
-        model(IMAGES)
-    with torch.no_grad():
-        model(IMAGES)  # no gradient, nothing to refuse
-    lora.adapter_modules(model)["features.0"].base.requires_grad_(False)
     with pytest.raises(ValueError, match=r"lora_linear: weight requires grad"):
         model(IMAGES)
+    lora.adapter_modules(model)["head"].merge()
+    model(IMAGES).square().sum().backward()
+    plain = lora.unload(copy.deepcopy(model), merge=True)
+    plain.zero_grad()
+    plain(IMAGES).square().sum().backward()
+    for name in ("features.0", "head"):
+        base = lora.adapter_modules(model)[name].base
+        torch.testing.assert_close(base.weight.grad, plain.get_submodule(name).weight.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_merge_and_unload_work_on_meta_models():
+    """A model on the meta device (shapes only, e.g. to plan memory) merges and unloads as before the merge
+    check, which reads values a meta tensor does not hold."""
+    model = mlp().to("meta")
+    lora.add_adapters(model, "*", rank=2)
+    lora.merge(model)
+    assert all(a.merged for a in lora.adapter_modules(model).values())
+    lora.unload(model)
+    assert not lora.adapter_modules(model) and model[1].weight.is_meta
 
 
 def test_a_pattern_that_matches_only_adapted_layers_says_so():

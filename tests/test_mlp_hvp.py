@@ -729,7 +729,7 @@ def test_fused_operator_float32_against_float64(device):
         (nn.Sequential(nn.Linear(4, 3), nn.GELU(approximate="tanh")), nn.CrossEntropyLoss(), "approximate='tanh'"),
         (nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Tanh()), nn.CrossEntropyLoss(), "second activation"),
         (nn.Sequential(nn.ReLU(), nn.Linear(4, 3)), nn.CrossEntropyLoss(), "before the first Linear"),
-        (nn.Sequential(nn.Linear(4, 3), nn.Flatten()), nn.CrossEntropyLoss(), "Flatten"),
+        (nn.Sequential(nn.Linear(4, 3), nn.Flatten()), nn.CrossEntropyLoss(), "is a Flatten after a Linear"),
         (nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)), nn.CrossEntropyLoss(), "Dropout in training mode"),
         (nn.Sequential(nn.Linear(4, 3).half()), nn.CrossEntropyLoss(), "float16"),
         (nn.Sequential(nn.Flatten()), nn.CrossEntropyLoss(), "no Linear"),

@@ -436,13 +436,15 @@ def test_cli_threads_are_bounded_by_the_cpus_this_process_may_use(monkeypatch, t
     assert "--threads must be between 1 and the 1 CPUs this process may use, got 2" in capsys.readouterr().err
 
 
-def test_cli_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
+def test_cli_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the default cache: not made for a refused run
     path = tmp_path / "results"
     path.write_text("the user's file")
     code = main(["run", "--seeds", "0", "--methods", "original", "--protocol", "random", "--out", str(path)])
     out, err = capsys.readouterr()
     assert code == 2 and "is a file, not a directory" in err
     assert "unlearn-kernels run:" not in out and path.read_text() == "the user's file"
+    assert not (tmp_path / "xdg").exists()
     # a scenario's directory inside --out that is a file
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "random").write_text("the user's file")

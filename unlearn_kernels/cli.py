@@ -160,9 +160,9 @@ def _check_out(root: Path, configs: dict[str, Any]) -> list[Path]:
              for file in report.study_files(config.methods, max(1, config.sequential))]
     if len(configs) > 1:
         files += [root / report.SUMMARY_FILE, root / report.GAP_CLOSED_PLOT]
-    for path in folders:  # --out is made here, a scenario's folder when its results are written
+    for path in folders:  # made later: --out by _make_out, a scenario's folder when its results are written
         try:
-            check_writable_folder(path, make=path == root)
+            check_writable_folder(path, make=False)
         except ValueError as exc:
             raise UsageError(f"--out: {exc}") from None
     for path in files:
@@ -395,14 +395,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 hint = (" (the default class scenario forgets class 3: pick another with --forget-class, or run one "
                         "scenario with --protocol random or --protocol mislabeled)")
             raise UsageError(str(exc) + hint) from None
-    _check_caches(args, configs)
     first = next(iter(configs.values()))
     root = Path(args.out if args.out is not None else f"runs/{first.dataset}-{first.model}")
-    files = _check_out(root, configs)  # makes --out: every check that needs no folder comes before
+    files = _check_out(root, configs)
+    _check_caches(args, configs)  # may make the cache folder: after the --out checks, which make nothing
+    _make_out(root)  # last: a refused run leaves no new folder behind
     with _only_run_in(root):
         for path in _written_by_any_run(root, files):  # left by a run killed while it wrote them (no other run
             remove_orphan_temporaries(path)             # writes here now), this scenario's or another's
         return _run_scenarios(args, configs, root)
+
+
+def _make_out(root: Path) -> None:
+    """Makes the ``--out`` folder (with its parents) if missing; UsageError naming why it cannot be."""
+    from .checkpoint import check_writable_folder
+
+    try:
+        check_writable_folder(root)
+    except ValueError as exc:
+        raise UsageError(f"--out: {exc}") from None
 
 
 def _written_by_any_run(root: Path, files: list[Path]) -> set[Path]:

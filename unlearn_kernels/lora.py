@@ -11,8 +11,10 @@
 
 A is initialised like PEFT (Kaiming-uniform with a = sqrt(5)) and B = 0, so a fresh adapter leaves
 the model's outputs unchanged. Wrapping sets ``requires_grad=False`` on the base layer's
-parameters (the fused op gives them no gradient either); :func:`unload` restores the flags the
-base layer had when it was wrapped.
+parameters; :func:`unload` restores the flags the base layer had when it was wrapped. A base
+given back to training (``requires_grad_(True)``) gets its exact gradient where a plain layer runs
+it (the convolutional adapter's two convolutions, a merged adapter's base layer alone); the fused op
+of an unmerged :class:`LoRALinear` gives it none, and refuses it.
 
 Model-level helpers: :func:`add_adapters` (targets by module name or glob pattern),
 :func:`adapter_modules`, :func:`adapter_parameter_names` (the names to pass as ``params=`` to the
@@ -111,27 +113,26 @@ class _Adapter(nn.Module):
         self.lora_merged.fill_(merged)
 
     @torch.no_grad()
-    def checked_delta(self) -> torch.Tensor:
-        """:meth:`delta_weight`, or ValueError where it holds NaN or Inf (non-finite A or B, or ``scale B A``
-        overflowing): merged, it would go into the base weight, and unmerging could not take it out again."""
-        delta = self.delta_weight()
-        if not all_finite(delta):
-            raise ValueError(f"{type(self).__name__}: the adapter's scale * B A holds NaN or Inf (from A, B or an "
-                             "overflow): merging it would write that into the base weight, for good; nothing was "
-                             "merged")
-        return delta
+    def merged_weight(self) -> torch.Tensor:
+        """``base.weight + scale B A``, what :meth:`merge` writes; ValueError where it holds NaN or Inf that
+        the base weight does not (non-finite A or B, ``scale B A`` or the sum overflowing): merged, that
+        would stay in the base weight for good, since unmerging cannot take it out again."""
+        weight = self.base.weight
+        merged = weight + self.delta_weight()
+        if not merged.is_meta and not all_finite(merged) and all_finite(weight):  # meta tensors hold no values
+            raise ValueError(f"{type(self).__name__}: the base weight plus the adapter's scale * B A holds NaN or "
+                             "Inf (from A, B or an overflow): merging would write that into the base weight for "
+                             "good; nothing was merged")
+        return merged
 
     @torch.no_grad()
     def merge(self) -> None:
         """Adds the adapter into the base weight (forward then runs the base layer alone); ValueError,
-        merging nothing, where the adapter's delta is not finite (:meth:`checked_delta`)."""
+        merging nothing, where the result is not finite (:meth:`merged_weight`)."""
         if not self.merged:
-            self._merge(self.checked_delta())
+            self.base.weight.copy_(self.merged_weight())
+            self._set_merged(True)
 
-    @torch.no_grad()
-    def _merge(self, delta: torch.Tensor) -> None:
-        self.base.weight.add_(delta)
-        self._set_merged(True)
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -145,26 +146,21 @@ class _Adapter(nn.Module):
         """Loads the merged flag with the weights. A state saved before the flag was (no ``lora_merged``
         key) still loads strictly and leaves the flag as it is.
 
-        A state that gives A or B but not the base weight (the adapter's parameters alone, loaded with
-        ``strict=False``) into a merged adapter: the old adapter is unmerged first, so that the base
-        weight sheds the delta it holds; the new adapter is then merged only if the state says so
-        (``lora_merged``). Otherwise the merged base weight kept the old delta, the forward ignored the
-        loaded A and B, and a later unmerge subtracted the new delta from it."""
+        A state that gives A or B with neither the base weight nor the flag (the adapter's parameters
+        alone, ``adapter_parameter_names``, loaded with ``strict=False``) into a merged adapter unmerges
+        the old adapter first: the base weight sheds the delta it holds and the loaded adapter is in
+        effect, unmerged (the merged base weight kept the old delta, the forward ignored the loaded A and
+        B, and a later unmerge subtracted the new delta from it). A state with the flag is taken at its
+        word, as describing the base weight loaded with it, in the same call or an earlier one (a state
+        loaded in parts)."""
         key = prefix + "lora_merged"
-        adapter_only = (any(prefix + name in state_dict for name in ("lora_a", "lora_b"))
-                        and prefix + "base.weight" not in state_dict)  # this module loads before its base
-        if adapter_only:
+        if (self.merged and key not in state_dict and prefix + "base.weight" not in state_dict
+                and any(prefix + name in state_dict for name in ("lora_a", "lora_b"))):  # loads before its base
             self.unmerge()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if key in state_dict:
-            merged = bool(self.lora_merged)
-            if adapter_only:  # the base weight holds no delta now: add the loaded adapter's where it says merged
-                self._set_merged(False)
-                if merged:
-                    self.merge()
-            else:
-                self._merged = merged
+            self._merged = bool(self.lora_merged)
         elif key in missing_keys:
             missing_keys.remove(key)
 
@@ -230,7 +226,8 @@ class LoRALinear(_Adapter):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x W^T + b + scale (x A^T) B^T`` by the fused op (the base layer alone once merged); under
-        ``torch.autocast`` it computes in the autocast dtype like ``nn.Linear`` (see the op)."""
+        ``torch.autocast`` it computes in the autocast dtype like ``nn.Linear`` (see the op), which refuses
+        a base weight or bias that requires grad: it gives them no gradient."""
         if self.merged:
             return self.base(x)
         return ops.lora_linear(x, self.base.weight, self.base.bias, self.lora_a, self.lora_b, self.scale)
@@ -265,15 +262,7 @@ class LoRAConv2d(_Adapter):
         self.reset_adapter()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The base convolution plus the scaled low-rank residual (the base alone once merged).
-        ValueError where the base layer's weight or bias requires grad while gradients are on, as
-        :class:`LoRALinear`'s fused op refuses it: the base is frozen while wrapped."""
-        if torch.is_grad_enabled():
-            for name, t in (("weight", self.base.weight), ("bias", self.base.bias)):
-                if t is not None and t.requires_grad:
-                    raise ValueError(f"LoRAConv2d: the base layer's {name} requires grad, but an adapted layer "
-                                     f"trains only its adapter; call base.{name}.requires_grad_(False), or unload "
-                                     "the adapters to train the base layer")
+        """The base convolution plus the scaled low-rank residual (the base alone once merged)."""
         out = self.base(x)
         if self.merged:
             return out
@@ -365,7 +354,7 @@ def resolve_targets(model: nn.Module, targets: str | Sequence[str], owner: str =
     check_module(owner, model)
     targets = check_targets(owner, targets)
     modules = dict(model.named_modules(remove_duplicate=False))  # every name of a module used twice
-    peft = next(((n, m) for n, m in modules.items() if type(m).__module__.split(".")[0] == "peft"), None)
+    peft = next(((n, m) for n, m in modules.items() if _is_peft(m)), None)
     if peft is not None:  # PEFT's LoRA layers hold plain Linears (base_layer, lora_A, ...): adapters would nest
         raise ValueError(f"{owner}: the model holds PEFT modules ({peft[0] or '(the model)'!r} is PEFT's "
                          f"{type(peft[1]).__name__}): convert it with unlearn_kernels.lora.from_peft first, whose "
@@ -421,6 +410,11 @@ def _check_not_shared(owner: str, model: nn.Module, modules: dict[str, nn.Module
                              "freezing or merging an adapter would change the other layer too")
 
 
+def _is_peft(module: nn.Module) -> bool:
+    """Whether ``module`` is one of PEFT's (a layer it injected, or the PeftModel wrapper)."""
+    return type(module).__module__.split(".")[0] == "peft"
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
@@ -464,26 +458,25 @@ def add_adapters(model: nn.Module, targets: str | Sequence[str], rank: int = 8, 
     return tuple(names)
 
 
-def _checked_deltas(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every unmerged adapter's delta, checked finite (:meth:`LoRALinear.checked_delta`, ValueError naming
-    the adapter) before any is merged."""
-    deltas = {}
-    for name, adapter in adapter_modules(model).items():
+def _check_mergeable(adapters: dict[str, Adapter]) -> None:
+    """ValueError naming the first unmerged adapter whose merged weight would hold NaN or Inf
+    (:meth:`LoRALinear.merged_weight`), before any is merged; one merged weight at a time."""
+    for name, adapter in adapters.items():
         if not adapter.merged:
             try:
-                deltas[name] = adapter.checked_delta()
+                adapter.merged_weight()
             except ValueError as error:
                 raise ValueError(f"adapter {name!r}: {error}") from None
-    return deltas
 
 
 def merge(model: nn.Module) -> None:
     """Merges every adapter into its base weight (in place; :func:`unmerge` undoes it). ValueError,
-    merging none, where an adapter's delta holds NaN or Inf."""
+    merging none, where an adapter's merged weight would hold NaN or Inf."""
     check_module("merge", model)
     adapters = adapter_modules(model)
-    for name, delta in _checked_deltas(model).items():
-        adapters[name]._merge(delta)
+    _check_mergeable(adapters)
+    for adapter in adapters.values():
+        adapter.merge()
 
 
 def unmerge(model: nn.Module) -> None:
@@ -495,7 +488,7 @@ def unmerge(model: nn.Module) -> None:
 
 def unload(model: nn.Module, *, merge: bool = True) -> nn.Module:
     """Replaces every adapter (in place) by its base layer, with the adapter merged into the weight
-    (``merge=True``; ValueError, changing nothing, where an adapter's delta holds NaN or Inf) or dropped
+    (``merge=True``; ValueError, changing nothing, where a merged weight would hold NaN or Inf) or dropped
     (``merge=False``: the base weight as it was wrapped, up to float rounding where the adapter had
     been merged, see :func:`unmerge`), restores the
     base layer's ``requires_grad`` flags and returns ``model``: the plain architecture again.
@@ -505,11 +498,12 @@ def unload(model: nn.Module, *, merge: bool = True) -> nn.Module:
     if "" in adapters:
         raise ValueError("unload: the model is itself an adapter and cannot replace itself; call merge() (or "
                          "unmerge()) and use its .base")
-    deltas = _checked_deltas(model) if merge else {}  # every one before the first layer is replaced
+    if merge:
+        _check_mergeable(adapters)  # every one before the first layer is replaced
     for name, adapter in adapters.items():
-        if name in deltas:
-            adapter._merge(deltas[name])
-        elif not merge:
+        if merge:
+            adapter.merge()
+        else:
             adapter.unmerge()
         for parameter, flag in zip(adapter.base.parameters(), adapter.base_requires_grad):
             parameter.requires_grad_(flag)
@@ -555,7 +549,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         raise ValueError("from_peft: the model has no PEFT LoRA layer")
     inside = {f"{name}.{child}" for name, layer in layers.items() for child, _ in layer.named_modules() if child}
     for name, m in modules.items():
-        if name not in layers and name not in inside and type(m).__module__.split(".")[0] == "peft":
+        if name not in layers and name not in inside and _is_peft(m):
             raise ValueError(f"from_peft: module {name!r} is a PEFT {type(m).__name__}, which has no counterpart here")
     replacements = {}
     for name, layer in layers.items():

@@ -24,8 +24,11 @@ def sequential_leaves(module: nn.Sequential, prefix: str = "") -> Iterator[tuple
 
 
 def plain_sequential(module: nn.Module) -> bool:
-    """An nn.Sequential, or a subclass (like our MLP) that keeps Sequential's forward."""
-    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+    """An nn.Sequential, or a subclass (like our MLP) that keeps Sequential's forward and the iteration it
+    runs the layers in (a subclass whose ``__iter__`` reorders them got a wrong Hessian: the parse reads
+    the layers in registration order)."""
+    return (isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+            and type(module).__iter__ is nn.Sequential.__iter__)
 
 
 class FusedDataError(ValueError):

@@ -82,8 +82,11 @@ class _ConvNet:
     head_bias: str | None
 
 
-def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[-1]))
+def _pair(value: int | tuple[int | None, ...]) -> tuple[int | None, int | None]:
+    """A layer's size option as (height, width); None stays None (an AdaptiveAvgPool2d output size that
+    keeps that dimension as it is)."""
+    pair = (value, value) if isinstance(value, int) else (value[0], value[-1])
+    return tuple(None if v is None else int(v) for v in pair)  # type: ignore[return-value]
 
 
 def _registered(layer: nn.Module) -> bool:
@@ -113,7 +116,8 @@ def _parse_model(model: nn.Module) -> _ConvNet | str:
                 return f"layer {name!r} reuses an earlier Conv2d (tied weights)"
             seen.add(id(child))
             if child.groups != 1 or _pair(child.dilation) != (1, 1) or child.padding_mode != "zeros":
-                return f"layer {name!r} is a Conv2d with groups, dilation or non-zero padding; the fused path has plain ones"
+                return (f"layer {name!r} is a Conv2d with groups, dilation or padding_mode={child.padding_mode!r}; the "
+                        "fused path has groups=1, dilation=1 and zero padding")
             if isinstance(child.padding, str):
                 return f"layer {name!r} is a Conv2d with padding={child.padding!r}; give the padding as numbers"
             if not _registered(child):

@@ -62,8 +62,10 @@ def _parse_model(model: nn.Module) -> _Chain | str:
         if kind is nn.Identity or (kind is nn.Dropout and not child.training):
             continue
         if kind is nn.Flatten:
-            if weights or (child.start_dim, child.end_dim) != (1, -1):
-                return f"layer {name!r} is a Flatten that is not Flatten(1, -1) before the first Linear"
+            if weights:
+                return f"layer {name!r} is a Flatten after a Linear; the fused path takes one only before the first"
+            if (child.start_dim, child.end_dim) != (1, -1):
+                return f"layer {name!r} is a Flatten that is not Flatten(1, -1)"
             flatten = True
         elif kind is nn.Linear:
             if id(child) in seen:
