@@ -743,6 +743,17 @@ def test_supports_names_the_reason(model, loss, reason):
         FusedMLPHessian(model, loss, (torch.randn(2, 4), torch.zeros(2, dtype=torch.long)))
 
 
+def test_a_backend_that_cannot_run_is_refused_at_construction():
+    """An unknown backend, or one that cannot run here, was accepted and failed at the first product."""
+    model, data = nn.Sequential(nn.Linear(4, 3)), (torch.randn(5, 4), torch.arange(5) % 3)
+    with pytest.raises(ValueError, match=r"^FusedMLPHessian: mlp_hvp: unknown backend 'bogus'"):
+        FusedMLPHessian(model, nn.CrossEntropyLoss(), data, backend="bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailableError, match=r"^FusedMLPHessian: mlp_hvp: backend 'cuda' cannot run"):
+            FusedMLPHessian(model, nn.CrossEntropyLoss(), data, backend="cuda")
+    assert FusedMLPHessian(model, nn.CrossEntropyLoss(), data, backend="reference").backend == "reference"
+
+
 def test_supports_tied_weights_and_inputs_it_cannot_take():
     shared = nn.Linear(4, 4)
     assert "tied" in supports(nn.Sequential(shared, nn.Tanh(), shared), nn.CrossEntropyLoss())

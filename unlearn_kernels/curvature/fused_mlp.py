@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..backends import status
+from ..backends import BackendUnavailableError, choose, status
 from ..ops.mlp_hvp import mlp_hvp_flat, mlp_hvp_flat_cached, mlp_hvp_state
 from .base import CurvatureOperator
 from .batches import DataSpec, RowMean
@@ -131,7 +131,8 @@ class FusedMLPHessian(CurvatureOperator):
     refuse it: it never reaches them).
 
     Args:
-        backend: the ``mlp_hvp`` backend ("auto", "cpp", "cuda" or "reference").
+        backend: the ``mlp_hvp`` backend ("auto", "cpp", "cuda" or "reference"); one that is unknown or
+            cannot run on the parameters' device is refused at construction.
 
     Raises:
         ValueError: :func:`supports` rejects the model or loss, batches are not (N, features) inputs of
@@ -153,6 +154,10 @@ class FusedMLPHessian(CurvatureOperator):
         self._label_smoothing, self._ignore_index = parse_cross_entropy(loss_fn)  # type: ignore[misc]
         self.backend = backend
         super().__init__(model, loss_fn, data, params, batch_size=batch_size, cache_bytes=cache_bytes)
+        try:  # a backend that is unknown or cannot run here: now, not at the first product
+            choose("mlp_hvp", self.device, backend)
+        except (ValueError, TypeError, BackendUnavailableError) as error:
+            raise type(error)(f"FusedMLPHessian: {error}") from None
         # Per-product arguments of the op, fixed at construction (the tensors are live views).
         chain = self._chain
         self._weights_changed()
