@@ -536,6 +536,76 @@ def test_different_dtypes_are_refused_on_every_rank(tmp_path):
     mp.spawn(_different_dtypes_worker, args=(2, str(tmp_path / "store")), nprocs=2)
 
 
+def _methods_disagree_worker(rank: int, world: int, store: str) -> None:
+    """What the ranks' method calls must agree on, refused on every rank with the same ValueError before any
+    collective is sized by it: a model of another structure (rank 1 without the last bias: damped_newton's
+    first collective crashed gloo, SIGABRT on one rank and "connection reset" on the other), another seed (the
+    Lanczos start vectors differed: products of different vectors summed, then blamed on the weights), and the
+    unseen set given on one rank only (that rank raised alone, the other waited for the timeout). The group stays
+    usable after each."""
+    _init(rank, world, store, timeout_s=20.0)
+    try:
+        model, x, y = model_and_data()
+        part = slice(0, 20) if rank == 0 else slice(20, ROWS)
+        forget, retain = LabeledData(x[part][:3], y[part][:3]), LabeledData(x[part][3:], y[part][3:])
+        group = dist.group.WORLD
+        damped = METHODS["damped_newton"](process_group=group)
+        lissa = METHODS["lissa"](process_group=group)
+        other = copy.deepcopy(model)
+        if rank == 1:
+            other[2].bias = None
+        with pytest.raises(ValueError, match=r"rank\(s\) \[[01]\] were given a model of another structure; "
+                                             r"every rank must build the method alike .* This rank's model: "
+                                             r"0.weight\(5, 6\)"):
+            damped.unlearn(other, forget, retain)
+        with pytest.raises(ValueError, match=r"rank\(s\) \[[01]\] were given another seed.* This rank's seed: "
+                                             + str(rank)):
+            lissa.unlearn(model, forget, retain, seed=rank)
+        unseen = LabeledData(x[:0], y[:0]) if rank == 1 else None
+        with pytest.raises(ValueError, match=r"^damped_newton: the unseen set is given on 1 of 2 ranks; give it on "
+                                             r"every rank"):
+            damped.unlearn(model, forget, retain, unseen=unseen)
+        cure = METHODS["cure_newton"](max_iterations=1, process_group=group)
+        _same_on_every_rank(get_flat_parameters(cure.unlearn(model, forget, retain, seed=3).model))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_method_calls_that_disagree_are_refused_on_every_rank(tmp_path):
+    mp.spawn(_methods_disagree_worker, args=(2, str(tmp_path / "store")), nprocs=2)
+
+
+def _bool_buffer_worker(rank: int, world: int, store: str) -> None:
+    """Ranks whose models differ only in a bool buffer (a mask) were not told apart: the checksum left out
+    buffers that are not floating point, and the operator blended two Hessians (0.44 and 0.72 off each rank's
+    own). Refused now, on every rank."""
+    _init(rank, world, store)
+    try:
+        model, x, y = model_and_data()
+
+        class Masked(nn.Module):
+            def __init__(self, inner: nn.Module, mask: torch.Tensor) -> None:
+                super().__init__()
+                self.inner = inner
+                self.register_buffer("mask", mask)
+
+            def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+                return self.inner(inputs * self.mask)
+
+        mask = torch.ones(FEATURES, dtype=torch.bool)
+        mask[rank] = False  # rank 0 drops feature 0, rank 1 feature 1
+        part = slice(0, 20) if rank == 0 else slice(20, ROWS)
+        with pytest.raises(ValueError, match="different weights"):
+            hessian_operator(Masked(model, mask), nn.CrossEntropyLoss(), (x[part], y[part]),
+                             process_group=dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_differ_in_a_bool_buffer_are_refused(tmp_path):
+    mp.spawn(_bool_buffer_worker, args=(2, str(tmp_path / "store")), nprocs=2)
+
+
 def _absent_worker(rank: int, world: int, store: str, given_up) -> None:
     _init(rank, world, store)
     model, x, y = model_and_data()

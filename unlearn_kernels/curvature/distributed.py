@@ -20,7 +20,7 @@ order (as with any collective).
 
 The ranks must hold the same model: construction compares, in its one collective, the number of
 parameters, the dtype and a float64 checksum of the weights (sum, sum of squares and a position-weighted sum of the
-chosen parameters, and of the model's other parameters and floating-point buffers), and every rank raises the
+chosen parameters, and of the model's other parameters and buffers), and every rank raises the
 same ValueError naming what differs (a different dtype would otherwise crash gloo at the first product,
 different weights would silently blend two Hessians). Each product's all_reduce carries, beside the
 failure flags, one flag per rank: "my weights changed since the last check" (for the operator, read
@@ -31,7 +31,9 @@ per product at fixed weights, and no product computed at different weights is ev
 
 A rank whose shard is empty takes part with zeros. A rank whose local computation fails, or that
 refuses its matvec or matmat input, still takes part in the reduction and raises its own error; the
-others then raise a RuntimeError naming it. A rank that never arrives (a crash, or a call the others
+others then raise a RuntimeError naming it (but for a matmat input that is not a 2-D tensor with at least
+one column: its payload's size is unknown, so that rank raises alone and the others wait for the
+timeout below). A rank that never arrives (a crash, or a call the others
 do not make) makes the others fail after the process group's timeout
 (``torch.distributed.init_process_group(timeout=...)``), or at once when its process ended, instead
 of hanging: with gloo each waiting rank raises a RuntimeError that says so (tested); with NCCL the
@@ -127,7 +129,7 @@ class WeightCheck:
     changed since the ranks last compared them.
 
     ``checksum()`` is (sum, sum of squares, position-weighted sum) of the chosen parameters, then of
-    the model's other parameters and floating-point buffers (six float64 numbers, from one float64 copy
+    the model's other parameters and buffers (six float64 numbers, from one float64 copy
     of the weights). The weighted sum tells apart weights that differ only in where their values sit
     (two weights swapped, a transposed matrix), which the first two cannot.
     ``changed()`` compares ``key()`` (anything that changes when the weights do) with its value when
@@ -167,7 +169,7 @@ class WeightCheck:
         return chosen, sum(t.numel() for t in self._others(live))
 
     def _others(self, live: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        buffers = [b for _, b in self._model.named_buffers() if b.is_floating_point()]
+        buffers = [b for _, b in self._model.named_buffers()]  # integer and bool ones (masks) too
         return [p for name, p in live.items() if name not in self._chosen] + buffers
 
     def checksum(self, device: torch.device) -> torch.Tensor:

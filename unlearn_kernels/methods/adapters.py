@@ -78,16 +78,16 @@ class CureNewtonLoRA(Unlearner):
         self.newton_options = newton_options
 
     def _checked_copy(self, model: nn.Module, forget: LabeledData, retain: LabeledData,
-                      unseen: LabeledData | None) -> nn.Module:
+                      unseen: LabeledData | None, *, seed: int) -> nn.Module:
         # with a process group the ranks agree on their inputs (and options) before any work, as CureNewton's do:
         # a rank refusing alone left the others waiting in CureNewton's collective until the group's timeout
         group = self.newton_options.get("process_group")
         if group is None:
-            return super()._checked_copy(model, forget, retain, unseen)
+            return super()._checked_copy(model, forget, retain, unseen, seed=seed)
         options = {"rank": self.rank, "alpha": self.alpha, "targets": self.targets,
                    **{k: v for k, v in self.newton_options.items() if k != "process_group"}}
         return agree_on_inputs(self, group, options_text(type(self).__qualname__, options), model, forget, retain,
-                               unseen)
+                               unseen, seed=seed)
 
     def _check_parameters(self, model: nn.Module) -> None:
         # else CureNewton refuses these, under its name, after the adapters

@@ -109,7 +109,7 @@ class Unlearner(abc.ABC):
         if torch.is_inference_mode_enabled():
             raise ValueError(f"{self.name}: cannot unlearn inside torch.inference_mode() (the method trains with "
                              "autograd); call it outside")
-        work = self._checked_copy(model, forget, retain, unseen)
+        work = self._checked_copy(model, forget, retain, unseen, seed=seed)
         # inputs that require grad would collect gradients (and graphs) of the method's own passes, and
         # inference tensors cannot be saved for backward
         forget, retain = _detached(forget), _detached(retain)
@@ -125,10 +125,10 @@ class Unlearner(abc.ABC):
         return result
 
     def _checked_copy(self, model: nn.Module, forget: LabeledData, retain: LabeledData,
-                      unseen: LabeledData | None) -> nn.Module:
+                      unseen: LabeledData | None, *, seed: int) -> nn.Module:
         """The input checks of :meth:`unlearn` (raising at the first problem), then the private copy
         of the model, which is run on one sample of each set. Data-parallel methods override it to
-        agree with the other processes first."""
+        agree with the other processes first (on the ``seed`` too, which a single process does not use here)."""
         work = checked_local_copy(self, model, forget, retain, unseen)
         check_not_empty(self.name, rows_by_role(forget, retain, unseen))
         return work

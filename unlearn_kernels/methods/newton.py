@@ -223,15 +223,31 @@ def options_text(owner: str, options: Mapping[str, Any]) -> str:
     return f"{owner}({', '.join(f'{name}={_option_text(value)}' for name, value in sorted(options.items()))})"
 
 
+def _fingerprint(text: str) -> tuple[float, float]:
+    """A hash of ``text`` as two integers that float64 holds exactly (so that an all_reduce can carry it)."""
+    number = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "big")
+    return float(number >> 28), float(number & (2**28 - 1))
+
+
+def _structure_text(model: nn.Module) -> str:
+    """The model's parameters and buffers by name, shape, dtype and (parameters) trainable flag: what the
+    ranks' collectives are sized by, before any value is compared."""
+    parameters = [f"{n}{tuple(p.shape)}:{p.dtype}{'' if p.requires_grad else ':frozen'}"
+                  for n, p in model.named_parameters()]
+    return "; ".join(parameters + [f"{n}{tuple(b.shape)}:{b.dtype}" for n, b in model.named_buffers()])
+
+
 def agree_on_inputs(method: Unlearner, group: dist.ProcessGroup, options: str, model: nn.Module,
-                    forget: LabeledData, retain: LabeledData, unseen: LabeledData | None) -> nn.Module:
+                    forget: LabeledData, retain: LabeledData, unseen: LabeledData | None, *, seed: int) -> nn.Module:
     """:meth:`Unlearner._checked_copy` of a data-parallel method: every rank checks its own shards and the
     ranks agree in one collective before any work: a rank whose inputs fail raises its own error and the
     others a RuntimeError naming it (no wait for the timeout), a rank's shard may be empty as long as each
-    set has rows on some rank, and every rank must have been given the same ``options``
-    (:func:`options_text`)."""
-    number = int.from_bytes(hashlib.blake2b(options.encode(), digest_size=7).digest(), "big")
-    fingerprint = (float(number >> 28), float(number & (2**28 - 1)))  # two integers exact in float64
+    set has rows on some rank (``unseen`` given on every rank or on none), and every rank must have been
+    given the same ``options`` (:func:`options_text`), a model of the same structure (parameter and buffer
+    names, shapes, dtypes and trainable flags: the later collectives are sized by them, and ranks that
+    differ crashed inside gloo) and the same ``seed`` (the ranks draw the same random vectors); otherwise
+    every rank raises a ValueError saying what differs."""
+    agreed = {"options": options, "model": _structure_text(model), "seed": str(seed)}
     work, failure, rows = None, None, {}
     try:
         work = checked_local_copy(method, model, forget, retain, unseen)
@@ -240,27 +256,39 @@ def agree_on_inputs(method: Unlearner, group: dist.ProcessGroup, options: str, m
         failure = err
     roles = ("forget", "retain", "unseen")
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    # the set sizes, then a failure flag and the options' fingerprint (two numbers) per rank
-    table = torch.zeros(len(roles) + 3 * world, dtype=torch.float64, device=_collective_device(model))
-    table[:len(roles)] = torch.tensor([rows.get(role, 0) for role in roles], dtype=torch.float64)
-    table[len(roles) + rank] = float(failure is not None)
-    fingerprints = len(roles) + world
-    table[fingerprints + 2 * rank:fingerprints + 2 * rank + 2] = torch.tensor(fingerprint)
+    # the set sizes and how many ranks were given each set, then per rank a failure flag and the fingerprints
+    # (two numbers each) of what the ranks must agree on
+    sizes, given, flags = 0, len(roles), 2 * len(roles)
+    fingerprints = flags + world
+    table = torch.zeros(fingerprints + 2 * len(agreed) * world, dtype=torch.float64, device=_collective_device(model))
+    table[sizes:given] = torch.tensor([rows.get(role, 0) for role in roles], dtype=torch.float64)
+    table[given:flags] = torch.tensor([float(role in rows) for role in roles], dtype=torch.float64)
+    table[flags + rank] = float(failure is not None)
+    mine = torch.tensor([half for text in agreed.values() for half in _fingerprint(text)], dtype=torch.float64)
+    table[fingerprints + len(mine) * rank:fingerprints + len(mine) * (rank + 1)] = mine
     dist.all_reduce(table, group=group)
     if failure is not None:
         raise failure
-    failed = [r for r, flag in enumerate(table[len(roles):fingerprints].tolist()) if flag]
+    failed = [r for r, flag in enumerate(table[flags:fingerprints].tolist()) if flag]
     if failed:
         raise RuntimeError(f"{method.name}, rank {rank} of {world}: rank(s) {failed} refused their inputs (their own "
                            "error is raised there)")
-    prints = table[fingerprints:].view(world, 2)
-    others = [r for r in range(world) if not torch.equal(prints[r], prints[rank])]
-    if others:
-        # different options make different collectives: a crash inside gloo, a wait for the timeout, or
-        # another rank's "unknown call"
-        raise ValueError(f"{method.name}, rank {rank} of {world}: rank(s) {others} were given other options; every "
-                         f"rank must build the method alike. This rank's: {options}")
-    totals = {role: int(n) for role, n in zip(roles, table[:len(roles)].tolist()) if role in rows}
+    prints = table[fingerprints:].view(world, len(agreed), 2)
+    # different options, models or seeds make different collectives: a crash inside gloo, a wait for the
+    # timeout, another rank's "unknown call", or products of different vectors summed
+    given_other = {"options": "other options", "model": "a model of another structure", "seed": "another seed"}
+    for index, (what, text) in enumerate(agreed.items()):
+        others = [r for r in range(world) if not torch.equal(prints[r, index], prints[rank, index])]
+        if others:
+            raise ValueError(f"{method.name}, rank {rank} of {world}: rank(s) {others} were given {given_other[what]}; "
+                             "every rank must build the method alike and run it on the same model with the same "
+                             f"seed. This rank's {what}: {text}")
+    partly = [(role, int(n)) for role, n in zip(roles, table[given:flags].tolist()) if 0 < n < world]
+    if partly:
+        role, n = partly[0]
+        raise ValueError(f"{method.name}: the {role} set is given on {n} of {world} ranks; give it on every rank (an "
+                         "empty shard where a rank has none) or on none")
+    totals = {role: int(n) for role, n in zip(roles, table[sizes:given].tolist()) if role in rows}
     check_not_empty(method.name, totals, " on every rank")
     # a sample forgotten on one rank and kept on another: each rank saw its own shards only
     shared = forget_rows_in_other_retain_shards(forget, retain, group)
@@ -397,12 +425,13 @@ class _NewtonFamily(Unlearner):
         return kept
 
     def _checked_copy(self, model: nn.Module, forget: LabeledData, retain: LabeledData,
-                      unseen: LabeledData | None) -> nn.Module:
+                      unseen: LabeledData | None, *, seed: int) -> nn.Module:
         """With a process group, every rank checks its own shards and the ranks agree in one collective
         before any work (:func:`agree_on_inputs`)."""
         if self.process_group is None:
-            return super()._checked_copy(model, forget, retain, unseen)
-        return agree_on_inputs(self, self.process_group, self._options_text(), model, forget, retain, unseen)
+            return super()._checked_copy(model, forget, retain, unseen, seed=seed)
+        return agree_on_inputs(self, self.process_group, self._options_text(), model, forget, retain, unseen,
+                               seed=seed)
 
     def _options_text(self) -> str:
         """The method's class and constructor options (the process group left out), see :func:`options_text`."""
