@@ -575,6 +575,33 @@ def test_method_calls_that_disagree_are_refused_on_every_rank(tmp_path):
     mp.spawn(_methods_disagree_worker, args=(2, str(tmp_path / "store")), nprocs=2)
 
 
+def _memory_worker(rank: int, world: int, store: str) -> None:
+    """solver="auto" of damped_newton and newton_pinv picks a dense solver where its matrices fit in free memory:
+    rank 1 with (simulated) little free memory took MINRES or Lanczos while rank 0 took the dense path, and gloo
+    aborted the process. The ranks take the least memory-hungry solver any of them picked, and the same step."""
+    import unlearn_kernels.checks as checks
+
+    _init(rank, world, store)
+    try:
+        if rank == 1:
+            real = checks.available_memory
+            # room for a Lanczos basis of d = 59 (28 KB), not for the dense solvers (about 90 and 118 KB)
+            checks.available_memory = lambda device: 60_000 if torch.device(device).type == "cpu" else real(device)
+        model, x, y = model_and_data()
+        part = slice(0, 20) if rank == 0 else slice(20, ROWS)
+        forget, retain = LabeledData(x[part][:3], y[part][:3]), LabeledData(x[part][3:], y[part][3:])
+        for name, solver in (("damped_newton", "damped-minres"), ("newton_pinv", "pinv-lanczos")):
+            result = METHODS[name](process_group=dist.group.WORLD).unlearn(model, forget, retain)
+            assert result.diagnostics["solver"] == solver, (name, result.diagnostics["solver"])
+            _same_on_every_rank(get_flat_parameters(result.model))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_different_free_memory_take_the_same_solver(tmp_path):
+    mp.spawn(_memory_worker, args=(2, str(tmp_path / "store")), nprocs=2)
+
+
 def _bool_buffer_worker(rank: int, world: int, store: str) -> None:
     """Ranks whose models differ only in a bool buffer (a mask) were not told apart: the checksum left out
     buffers that are not floating point, and the operator blended two Hessians (0.44 and 0.72 off each rank's

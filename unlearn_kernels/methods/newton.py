@@ -115,6 +115,7 @@ from ..solvers import (
     cubic_gd,
     damped_newton_step,
     damped_solver,
+    pinv_solver,
     lanczos,
     lissa,
     pinv_newton_step,
@@ -440,6 +441,18 @@ class _NewtonFamily(Unlearner):
 
     def _batches(self, data: LabeledData) -> int:
         return 1 if self.batch_size is None else math.ceil(len(data) / self.batch_size)
+
+    def _agreed_solver(self, local: str, order: tuple[str, ...], model: nn.Module) -> str:
+        """``local``, the solver that ``solver="auto"`` picks from this process's free memory; with a process
+        group the last in ``order`` (the least memory-hungry) that any rank picked, so that every rank runs
+        the same solver and so the same collectives (ranks with different free memory, GPUs of one machine
+        say, took different paths and crashed gloo)."""
+        group = self.process_group
+        if group is None:
+            return local
+        index = torch.tensor([float(order.index(local))], dtype=torch.float64, device=_collective_device(model))
+        dist.all_reduce(index, op=dist.ReduceOp.MAX, group=group)
+        return order[int(index.item())]
 
     def _named(self, build: Callable[[], Any]) -> Any:
         """``build()``, its plain ValueError/TypeError (the curvature layer's refusal of the model, the
@@ -885,7 +898,9 @@ class NewtonPinv(_NewtonFamily):
     def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,
                  unseen: LabeledData | None, seed: int) -> UnlearnResult:
         def solve(ws: _Workspace, H: RegularizedOperator, g: torch.Tensor) -> dict[str, Any]:
-            result = pinv_newton_step(H, g, rcond=self.rcond, solver=self.solver, rank=self.rank, tol=self.tol,
+            solver = (self._agreed_solver(pinv_solver(H.shape[0], H.device), ("eigh", "lanczos"), ws.shadow)
+                      if self.solver == "auto" else self.solver)
+            result = pinv_newton_step(H, g, rcond=self.rcond, solver=solver, rank=self.rank, tol=self.tol,
                                       maxiter=self.maxiter, seed=seed)
             return {"step": result.step, **_baseline_diagnostics(result, 0.0, self._quadratic_value(H, g, result.step))}
 
@@ -932,9 +947,10 @@ class DampedNewton(_NewtonFamily):
         self.tol = check_number(f"{self.name}: tol", tol, 0.0)
         self.maxiter = None if maxiter is None else check_int(f"{self.name}: maxiter", maxiter)
 
-    def _damped_solve(self, H: RegularizedOperator, b: torch.Tensor) -> NewtonStep:
-        """``-(H + damping I)^{-1} b``."""
-        solver = damped_solver(H.shape[0], H.device) if self.solver == "auto" else self.solver
+    def _damped_solve(self, H: RegularizedOperator, b: torch.Tensor, model: nn.Module) -> NewtonStep:
+        """``-(H + damping I)^{-1} b`` (``model``: the one H is of, for the ranks' agreement on the solver)."""
+        solver = (self._agreed_solver(damped_solver(H.shape[0], H.device), ("eigh", "minres-ldl", "minres"), model)
+                  if self.solver == "auto" else self.solver)
         auto_minres = self.solver == "auto" and solver == "minres"
         maxiter = MINRES_BUDGET if self.maxiter is None and auto_minres else self.maxiter
         options = {"tol": self.tol, "maxiter": maxiter} if solver in ("minres", "minres-ldl") else {}
@@ -943,7 +959,7 @@ class DampedNewton(_NewtonFamily):
     def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,
                  unseen: LabeledData | None, seed: int) -> UnlearnResult:
         def solve(ws: _Workspace, H: RegularizedOperator, g: torch.Tensor) -> dict[str, Any]:
-            result = self._damped_solve(H, g)
+            result = self._damped_solve(H, g, ws.shadow)
             return {"step": result.step,
                     **_baseline_diagnostics(result, self.damping, self._quadratic_value(H, g, result.step))}
 
@@ -973,7 +989,7 @@ class DampedNewtonCG(DampedNewton):
         super().__init__(damping, "auto", tol, maxiter, params=params, loss_fn=loss_fn, dtype=dtype,
                          batch_size=batch_size, weight_decay=weight_decay, path=path, process_group=process_group)
 
-    def _damped_solve(self, H: RegularizedOperator, b: torch.Tensor) -> NewtonStep:
+    def _damped_solve(self, H: RegularizedOperator, b: torch.Tensor, model: nn.Module) -> NewtonStep:
         return damped_newton_step(H, b, self.damping, solver="cg", tol=self.tol, maxiter=self.maxiter)
 
 
@@ -999,7 +1015,7 @@ class InfluenceNewton(DampedNewton):
         def solve(ws: _Workspace, H: RegularizedOperator, g: torch.Tensor) -> dict[str, Any]:
             forget_data = self._cast(forget, ws.w)
             g_forget = self._gradient(ws, self._objective(ws, forget_data), forget_data)
-            result = self._damped_solve(H, -g_forget)
+            result = self._damped_solve(H, -g_forget, ws.shadow)
             step = result.step * (self._global_rows(forget, ws.w.device) / self._global_rows(retain, ws.w.device))
             return {"step": step, "grad_norm_forget": norm64(g_forget),
                     **_baseline_diagnostics(result, self.damping, self._quadratic_value(H, g, step))}

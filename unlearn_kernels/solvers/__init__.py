@@ -25,6 +25,7 @@ from .baselines import (
     lissa,
     minres,
     pinv_newton_step,
+    pinv_solver,
 )
 from .cubic import (
     CubicStep,
@@ -64,6 +65,7 @@ __all__ = [
     "cubic_newton_step",
     "damped_newton_step",
     "damped_solver",
+    "pinv_solver",
     "dense_cubic_step",
     "lanczos",
     "lissa",

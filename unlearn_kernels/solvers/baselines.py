@@ -350,10 +350,6 @@ def _spectral_step(lam: torch.Tensor, c: torch.Tensor, shift: float, rcond: floa
     return torch.where(keep, -c / torch.where(keep, mu, 1.0), 0.0), int(keep.sum())
 
 
-def _auto(op: SolverOperator, small: str, large: str) -> str:
-    return small if op.dense is not None or op.shape[0] <= DENSE_MAX_DIM else large
-
-
 def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float | None = None, solver: str = "auto", rank: int = 300,
                      tol: float = 1e-10, maxiter: int | None = None, seed: int = 0) -> NewtonStep:
     """The pseudo-inverse Newton step ``s = -pinv(H) g``.
@@ -398,9 +394,7 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float | None = None, sol
     if solver not in ("auto", "eigh", "lanczos", "minres"):
         raise ValueError(f"solver must be 'auto', 'eigh', 'lanczos' or 'minres', got {solver!r}")
     if solver == "auto":
-        solver = _auto(op, "eigh", "lanczos")
-        if solver == "eigh" and op.dense is None and not _dense_fits(op.shape[0], "eigh", op.device):
-            solver = "lanczos"
+        solver = "eigh" if op.dense is not None else pinv_solver(op.shape[0], op.device)
     if solver == "minres":
         if given_rcond:
             raise ValueError("rcond applies to solver 'eigh' and 'lanczos' only: MINRES's minimum-norm solution "
@@ -448,6 +442,14 @@ def _rounded(U: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> tuple[torc
     for a true 2.2e-7)."""
     s = (U @ y).to(dtype)
     return s, U.T @ s.double()
+
+
+def pinv_solver(d: int, device: torch.device | str = "cpu") -> str:
+    """The solver ``pinv_newton_step(..., solver="auto")`` picks for an operator of d parameters on
+    ``device``: "eigh" up to :data:`DENSE_MAX_DIM` where its float64 matrices (about four d x d) fit in
+    the memory available there, else "lanczos"; ValueError unless d is an int >= 1."""
+    d = check_int("d", d, 1)
+    return "eigh" if d <= DENSE_MAX_DIM and _dense_fits(d, "eigh", device) else "lanczos"
 
 
 def damped_solver(d: int, device: torch.device | str = "cpu") -> str:
