@@ -358,13 +358,17 @@ def test_forced_backend_that_cannot_run_says_why(rng):
 def test_triton_refuses_tensors_on_another_gpu_than_the_current_one(monkeypatch):
     """Triton launches its kernels on the current CUDA device, whatever device the tensors are on (an illegal
     address, or work on the wrong stream): a forced Triton backend refuses such tensors, naming the fix."""
-    if not unlearn_kernels.backends()["softmax_ce_hvp"]["triton"].usable:
-        pytest.skip("Triton is not usable here")
+    from unlearn_kernels.backends import _fits_device  # what choose() refuses a forced backend by, wherever it runs
+
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    assert unlearn_kernels.choose_backend("softmax_ce_hvp", "cuda:0", "triton") == "triton"
-    with pytest.raises(BackendUnavailableError, match=r"launch on the current CUDA device, cuda:0, not the tensors' "
-                                                      r"cuda:1: call torch.cuda.set_device\(1\) first"):
-        unlearn_kernels.choose_backend("softmax_ce_hvp", "cuda:1", "triton")
+    assert _fits_device("triton", torch.device("cuda:0")) is None
+    assert _fits_device("triton", torch.device("cuda")) is None
+    assert _fits_device("triton", torch.device("cuda:1")) == ("Triton kernels launch on the current CUDA device, cuda:0, "
+                                                              "not the tensors' cuda:1: call torch.cuda.set_device(1) "
+                                                              "first")
+    if unlearn_kernels.backends()["softmax_ce_hvp"]["triton"].usable:  # and through choose(), where Triton runs
+        with pytest.raises(BackendUnavailableError, match=r"cuda:1: call torch.cuda.set_device\(1\) first"):
+            unlearn_kernels.choose_backend("softmax_ce_hvp", "cuda:1", "triton")
 
 
 def test_backend_registry_knows_only_declared_ops_and_backends():
