@@ -363,9 +363,9 @@ def test_triton_refuses_tensors_on_another_gpu_than_the_current_one(monkeypatch)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert _fits_device("triton", torch.device("cuda:0")) is None
     assert _fits_device("triton", torch.device("cuda")) is None
-    assert _fits_device("triton", torch.device("cuda:1")) == ("Triton kernels launch on the current CUDA device, cuda:0, "
-                                                              "not the tensors' cuda:1: call torch.cuda.set_device(1) "
-                                                              "first")
+    assert _fits_device("triton", torch.device("cuda:1")) == (
+        "Triton kernels launch on the current CUDA device, cuda:0, not the tensors' cuda:1: call "
+        "torch.cuda.set_device(1) first")
     if unlearn_kernels.backends()["softmax_ce_hvp"]["triton"].usable:  # and through choose(), where Triton runs
         with pytest.raises(BackendUnavailableError, match=r"cuda:1: call torch.cuda.set_device\(1\) first"):
             unlearn_kernels.choose_backend("softmax_ce_hvp", "cuda:1", "triton")
