@@ -398,7 +398,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     first = next(iter(configs.values()))
     root = Path(args.out if args.out is not None else f"runs/{first.dataset}-{first.model}")
     files = _check_out(root, configs)
-    _check_caches(args, configs)  # may make the cache folder: after the --out checks, which make nothing
+    _set_threads_and_check_caches(args, configs)  # may make the cache folder: after the --out checks (they make none)
     _make_out(root)  # last: a refused run leaves no new folder behind
     with _only_run_in(root):
         for path in _written_by_any_run(root, files):  # left by a run killed while it wrote them (no other run
@@ -430,7 +430,7 @@ def _written_by_any_run(root: Path, files: list[Path]) -> set[Path]:
             *(folder / name for folder in scenarios for name in names)}
 
 
-def _check_caches(args: argparse.Namespace, configs: dict[str, StudyConfig]) -> None:
+def _set_threads_and_check_caches(args: argparse.Namespace, configs: dict[str, StudyConfig]) -> None:
     """Sets torch's threads to ``--threads`` and checks each scenario's cache of original models: before any
     training (not when a later seed's original is saved) and before --out is made."""
     import torch

@@ -248,7 +248,9 @@ def agree_on_inputs(method: Unlearner, group: dist.ProcessGroup, options: str, m
     names, shapes, dtypes and trainable flags: the later collectives are sized by them, and ranks that
     differ crashed inside gloo) and the same ``seed`` (the ranks draw the same random vectors); otherwise
     every rank raises a ValueError saying what differs."""
-    agreed = {"options": options, "model": _structure_text(model), "seed": str(seed)}
+    # what the ranks must agree on: (its text, how a rank that differs is said to have been given it)
+    agreed = {"options": (options, "other options"), "model": (_structure_text(model), "a model of another structure"),
+              "seed": (str(seed), "another seed")}
     work, failure, rows = None, None, {}
     try:
         work = checked_local_copy(method, model, forget, retain, unseen)
@@ -265,7 +267,7 @@ def agree_on_inputs(method: Unlearner, group: dist.ProcessGroup, options: str, m
     table[sizes:given] = torch.tensor([rows.get(role, 0) for role in roles], dtype=torch.float64)
     table[given:flags] = torch.tensor([float(role in rows) for role in roles], dtype=torch.float64)
     table[flags + rank] = float(failure is not None)
-    mine = torch.tensor([half for text in agreed.values() for half in _fingerprint(text)], dtype=torch.float64)
+    mine = torch.tensor([half for text, _ in agreed.values() for half in _fingerprint(text)], dtype=torch.float64)
     table[fingerprints + len(mine) * rank:fingerprints + len(mine) * (rank + 1)] = mine
     dist.all_reduce(table, group=group)
     if failure is not None:
@@ -277,11 +279,10 @@ def agree_on_inputs(method: Unlearner, group: dist.ProcessGroup, options: str, m
     prints = table[fingerprints:].view(world, len(agreed), 2)
     # different options, models or seeds make different collectives: a crash inside gloo, a wait for the
     # timeout, another rank's "unknown call", or products of different vectors summed
-    given_other = {"options": "other options", "model": "a model of another structure", "seed": "another seed"}
-    for index, (what, text) in enumerate(agreed.items()):
+    for index, (what, (text, given_other)) in enumerate(agreed.items()):
         others = [r for r in range(world) if not torch.equal(prints[r, index], prints[rank, index])]
         if others:
-            raise ValueError(f"{method.name}, rank {rank} of {world}: rank(s) {others} were given {given_other[what]}; "
+            raise ValueError(f"{method.name}, rank {rank} of {world}: rank(s) {others} were given {given_other}; "
                              "every rank must build the method alike and run it on the same model with the same "
                              f"seed. This rank's {what}: {text}")
     partly = [(role, int(n)) for role, n in zip(roles, table[given:flags].tolist()) if 0 < n < world]
