@@ -174,7 +174,9 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 2.0,
                                                     outbox), daemon=True) for r in range(WORLD)]
         # Ctrl-C reaches the whole process group: the parent stops the workers (_stop), so that it ends in one
         # line. They start with SIGINT ignored, which spawn's exec and Python keep: ignored only once they ran
-        # _worker, one still importing torch printed a KeyboardInterrupt traceback.
+        # _worker, one still importing torch printed a KeyboardInterrupt traceback. The parent blocks SIGINT
+        # meanwhile: a Ctrl-C while they start waits until the handler is back (ignored, the run went on).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             try:  # inside the try that stops them: a second start that fails stops the first worker
@@ -182,6 +184,7 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 2.0,
                     p.start()
             finally:
                 signal.signal(signal.SIGINT, handler)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
             single = hessian_operator(model.to(device), nn.CrossEntropyLoss(), (x.to(device), y.to(device)))
             v = torch.randn(single.shape[0], generator=torch.Generator().manual_seed(1)).to(device)
             calls = _calls(single, v)
