@@ -341,9 +341,16 @@ def test_cli_one_protocol_writes_its_scenario(tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "10% of the train labels wrong" in out and "Gap closed per scenario" not in out
+    assert "seeds [0], 2 methods on cpu" in out  # the oracle is always run
     payload = json.loads((tmp_path / "mislabeled" / "results.json").read_text())
     assert payload["config"]["protocol"] == "mislabeled" and "acc_forget_true" in payload["records"][0]["metrics"]
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_cli_header_counts_one_method_in_the_singular(tmp_path, capsys):
+    assert main(["run", "--protocol", "random", "--methods", "retrain", "--seeds", "0", "--epochs", "1",
+                 "--out", str(tmp_path), "--no-cache"]) == 0
+    assert "seeds [0], 1 method on cpu" in capsys.readouterr().out  # was "1 methods"
 
 
 @pytest.mark.parametrize(
@@ -433,7 +440,7 @@ def test_cli_threads_are_bounded_by_the_cpus_this_process_may_use(monkeypatch, t
     code = main(["run", "--seeds", "0", "--epochs", "1", "--methods", "original", "--no-cache", "--out", str(tmp_path),
                  "--threads", "2"])
     assert code == 2
-    assert "--threads must be between 1 and the 1 CPUs this process may use, got 2" in capsys.readouterr().err
+    assert "--threads must be between 1 and 1 (the CPUs this process may use), got 2" in capsys.readouterr().err
 
 
 def test_cli_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, monkeypatch):

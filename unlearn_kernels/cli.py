@@ -377,7 +377,7 @@ def check_threads(threads: int) -> None:
     than CPUs only wait on each other."""
     cpus = usable_cpus()
     if not 1 <= threads <= cpus:
-        raise UsageError(f"--threads must be between 1 and the {cpus} CPUs this process may use, got {threads}")
+        raise UsageError(f"--threads must be between 1 and {cpus} (the CPUs this process may use), got {threads}")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -458,9 +458,10 @@ def _run_scenarios(args: argparse.Namespace, configs: dict[str, StudyConfig], ro
     from .study import run_study
 
     first = next(iter(configs.values()))
+    methods = f"{len(first.methods)} method" + "s" * (len(first.methods) != 1)
     print(f"unlearn-kernels run: {first.dataset}, {first.model}, "
           + (f"{len(configs)} scenarios ({', '.join(configs)})" if len(configs) > 1 else _describe(first))
-          + f", seeds {list(first.seeds)}, {len(first.methods)} methods on {first.device}",
+          + f", seeds {list(first.seeds)}, {methods} on {first.device}",
           flush=True)  # an output that cannot be written fails here, before the training
     if not args.methods and not args.protocol:
         print("(damped_newton and influence, exact solves of an indefinite system that take up to about 40 s a "
