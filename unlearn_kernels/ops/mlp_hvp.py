@@ -431,11 +431,14 @@ def mlp_hvp_flat_ref(
     bias_offsets: Sequence[int],
     label_smoothing: float = 0.0,
     ignore_index: int = -100,
+    *,
+    check_finite: bool = False,
 ) -> torch.Tensor:
     """Pure-PyTorch reference of :func:`mlp_hvp_flat` (through :func:`mlp_hvp_ref`); same arguments
     (already validated) and return value."""
     v_weights, v_biases = _flat_tangents(weights, V, weight_offsets, bias_offsets)
-    products = mlp_hvp_ref(x, target, weights, biases, activations, v_weights, v_biases, label_smoothing, ignore_index)
+    products = mlp_hvp_ref(x, target, weights, biases, activations, v_weights, v_biases, label_smoothing, ignore_index,
+                           check_finite=check_finite)
     return _flat_products(V, weights, weight_offsets, bias_offsets, products)
 
 
@@ -492,13 +495,15 @@ def mlp_hvp_flat(
     weight_offsets = _offsets(op, "weight_offsets", weight_offsets)
     bias_offsets = _offsets(op, "bias_offsets", bias_offsets)
     label_smoothing, ignore_index, check_finite = _options(op, label_smoothing, ignore_index, check_finite)
-    if choose(op, x.device, backend) == "reference":
-        _check_tangent_matrix(_OP + "_flat", x, V)
+    if choose(op, x.device, backend) == "reference":  # the C++ op's checks in its order: layout, then mlp_hvp's
+        _check_tangent_matrix(op, x, V)
         _check_flat_layout(weights, biases, weight_offsets, bias_offsets, V.shape[0])
-        v_weights, v_biases = _flat_tangents(weights, V, weight_offsets, bias_offsets)
-        products = mlp_hvp(x, target, weights, biases, activations, v_weights, v_biases, label_smoothing=label_smoothing,
-                           ignore_index=ignore_index, check_finite=check_finite, backend="reference")
-        return _flat_products(V, weights, weight_offsets, bias_offsets, products)
+        _check_inputs(x, target, weights, biases, activations, *_flat_tangents(weights, V, weight_offsets, bias_offsets),
+                      label_smoothing)
+        if not x.is_meta:  # meta tensors hold no values to check: the products' shapes only
+            _check_targets(target, weights[-1].shape[0], ignore_index)
+        return mlp_hvp_flat_ref(x, target, weights, biases, activations, V, weight_offsets, bias_offsets,
+                                label_smoothing, ignore_index, check_finite=check_finite and not x.is_meta)
     return torch.ops.unlearn_kernels.mlp_hvp_flat(
         x, target, weights, biases, codes, V, weight_offsets, bias_offsets, label_smoothing, ignore_index, check_finite)
 
