@@ -393,8 +393,10 @@ class GenericHessian(_TorchFuncOperator):
         leaves = [p.detach().requires_grad_() for p in self.params.values()]
         with torch.enable_grad():
             loss = self.batch_loss(dict(zip(self.param_names, leaves)), x, y)
-            # a parameter the forward does not use has zero gradient (and zero Hessian rows)
-            grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True, materialize_grads=True)
+            # a parameter the forward does not use has zero gradient (and zero Hessian rows); a loss that
+            # uses none of them (a model changed to bypass them since construction) has no graph
+            grads = (torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True, materialize_grads=True)
+                     if loss.requires_grad else [torch.zeros_like(leaf) for leaf in leaves])
         graph = _GradientGraph(leaves, grads, [i for i, g in enumerate(grads) if g.requires_grad])
         return graph, _graph_bytes(grads, [*leaves, *self._constants.values(), *self._callers(x, y)])
 
@@ -496,6 +498,9 @@ class GGNOperator(_TorchFuncOperator):
             u = softmax_ce_hvp(out.expand(k, n, c).reshape(k * n, c), jv.reshape(k * n, c)).reshape(k, n, c)
             # a batch with every row ignored contributes zero, as cross entropy's derivatives do (not 0/0)
             u = u * (keep / keep.sum().clamp_min(1)).unsqueeze(1)
+        if not graph.out.requires_grad:  # outputs that use none of the chosen parameters: J = 0
+            return {name: torch.zeros(u.shape[0], *p.shape, dtype=p.dtype, device=p.device)
+                    for name, p in self.params.items()}
         columns = [
             dict(zip(self.param_names, torch.autograd.grad(graph.out, graph.leaves, u[i], retain_graph=True,
                                                            allow_unused=True, materialize_grads=True)))

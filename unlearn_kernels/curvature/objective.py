@@ -11,6 +11,8 @@ from torch import nn
 from ..checks import check_not_meta, check_number, normalisation_buffers
 from .batches import BatchSource, DataSpec, RowMean
 from .probes import (
+    refuse_global_modes,
+    refuse_inference_mode,
     check_finite_weights,
     check_per_sample_forward,
     checked_loss,
@@ -129,6 +131,9 @@ class Objective:
         if len({p.dtype for p in chosen.values()}) > 1 or len(devices) > 1:
             raise ValueError("Objective: the chosen parameters mix dtypes or devices; choose parameters that share one "
                              "dtype and device")
+        self._device = next(iter(devices))
+        refuse_global_modes("Objective", self._device)
+        refuse_inference_mode("Objective", "be built")  # its probes differentiate the loss
         self.model = model
         self.loss_fn = loss_fn
         self.param_names: tuple[str, ...] = tuple(chosen)
@@ -138,7 +143,7 @@ class Objective:
         self._statistics = normalisation_buffers(model)
         self._check_weights()
         check_per_sample_forward(model, "Objective")  # and a train-mode forward would write running stats
-        self.data = BatchSource(data, devices.pop(), batch_size)
+        self.data = BatchSource(data, self._device, batch_size)
         first = next(iter(self.data), None)  # an empty shard is allowed (DistributedObjective builds one)
         self._dtype = next(iter(chosen.values())).dtype
         if first is not None:
@@ -172,6 +177,9 @@ class Objective:
     def _pass(self, with_gradient: bool) -> tuple[float, torch.Tensor | None]:
         # a module put in training mode since construction: random values, or running statistics the
         # value's forward would write into the caller's model
+        refuse_global_modes("Objective", self._device)
+        if with_gradient:  # the value alone may be taken inside inference mode
+            refuse_inference_mode("Objective", "take a gradient")
         check_per_sample_forward(self.model, "Objective")
         self._check_weights()
         self.data.check_unchanged("Objective")

@@ -26,13 +26,16 @@ def _calls(module: nn.Module) -> tuple:
 
 
 def _is_torchs(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("torch.nn.")
+    """A module of torch.nn's or of this package's (a LoRA adapter's scale), whose ``extra_repr`` shows
+    settings, not weights."""
+    return type(module).__module__.startswith(("torch.nn.", "unlearn_kernels."))
 
 
 def module_settings(model: nn.Module) -> list[tuple[str, nn.Module, bool, str, tuple]]:
     """(name, module, training flag, settings, calls) of every module: the settings of torch.nn's own
-    modules as their ``extra_repr`` shows them (a BatchNorm's eps, a Dropout's p, a convolution's
-    stride), what the fused paths read once and the cached graphs hold; and how it is called
+    modules and this package's as their ``extra_repr`` shows them (a BatchNorm's eps, a Dropout's p, a
+    convolution's stride, a LoRA adapter's scale), what the fused paths read once and the cached graphs
+    hold; and how it is called
     (:func:`_calls`). Another module's ``extra_repr`` can show its weights' values (a learnable
     temperature), which are the weights' key's: left out."""
     return [(name, module, module.training, module.extra_repr() if _is_torchs(module) else "", _calls(module))
