@@ -3,6 +3,7 @@ imported, so that the Triton kernels run through the interpreter on the CPU; wit
 compiled. The ``device`` fixture runs a test on every device of tests/devices.py (the CPU, and
 "cuda" when a GPU is visible)."""
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,11 @@ from devices import DEVICES  # noqa: E402  (imports the package: after TRITON_IN
 # waiting on each other made small ops ~20x slower. Kernel tests that exercise the parallel paths
 # raise the count themselves (see the `threads` fixture).
 torch.set_num_threads(1)
+
+# A suite started in the background by a shell (`pytest &`) inherits SIGINT ignored, and so would the commands
+# the Ctrl-C tests start: those tests then saw no Ctrl-C at all. Python's own handler, as in a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Property tests draw the same cases on every run (a fixed seed: a CI failure reproduces locally) and
 # keep no example database; hypothesis still writes its cache of the code's constants to .hypothesis/ in the

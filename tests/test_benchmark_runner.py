@@ -243,8 +243,8 @@ def test_the_distributed_json_says_what_each_measured_configuration_ran_with(tmp
 
 def test_a_ctrl_c_while_the_distributed_workers_start_is_not_lost(monkeypatch):
     """The parent ignored SIGINT while it started the workers (so that they start with it ignored): a Ctrl-C in
-    that window was dropped and the suite ran on to its end (the Ctrl-C test above failed so, once, in a cold
-    run). It is blocked there now, held until the handler is back, and stops the workers."""
+    that window was dropped and the suite ran on to its end. It is blocked there now, held until the handler
+    is back, and stops the workers."""
     import benchmarks.distributed as suite
 
     spawn = mp.get_context("spawn").Process

@@ -231,10 +231,15 @@ def test_selective_residual_counts_the_step_norm(seed):
     c = torch.randn(10, generator=gen, dtype=torch.float64)
     c[:2] = 0
     g = U @ c
-    out = cubic_newton_step(H, g, 1.0, method="krylov", reorth="selective", k_max=10, kappa=1e-6)
+    M, kappa = 1.0, 1e-6
+    out = cubic_newton_step(H, g, M, method="krylov", reorth="selective", k_max=10, kappa=kappa)
     true = float(torch.linalg.vector_norm(g + H @ out.step + 0.5 * out.step_norm * out.step))
     assert true * (1 - 1e-6) <= out.residual <= 1.1 * true  # a bound, tight
-    assert not out.converged
+    # converged only where the true gradient meets the rule (theta ||s||^2 with theta = kappa M / 2, or kappa
+    # min(1, ||s||) ||g||): how far Q drifts from orthonormal depends on the CPU's rounding (on an AMD EPYC
+    # every seed drifted, on an Intel Xeon with AVX-512 only seed 24), so the test holds the rule, not a drift
+    rule = max(kappa * M / 2 * out.step_norm**2, kappa * min(1.0, out.step_norm) * float(torch.linalg.vector_norm(g)))
+    assert out.converged == (true <= rule) or abs(true - rule) <= 0.1 * rule
 
 
 def test_krylov_residual_estimate_is_exact(rng):
@@ -461,7 +466,7 @@ def test_gd_perturbs_g_by_sphere_noise(rng):
     out = cubic_gd(H, g, M, K=0, noise=noise, seed=7)
     g_it = g + sphere_noise(D, noise, torch.Generator().manual_seed(7))
     expected = cubic_gd(H, g_it, M, K=0)
-    assert torch.allclose(out.step, expected.step, atol=1e-12)
+    assert torch.allclose(out.step, expected.step, rtol=1e-12, atol=1e-12)
     assert float(torch.linalg.vector_norm(g_it - g)) == pytest.approx(noise, rel=1e-12)
 
 

@@ -31,8 +31,8 @@ def test_extremes_match_eigh(matrix, reorth):
     # Ritz vectors are eigenvectors: residuals agree with the reported bounds, and V is orthonormal.
     resid = torch.linalg.vector_norm(matrix @ V - V * res.eigenvalues, dim=0)
     assert float(resid.max()) < 1e-9 * 9.0
-    assert torch.allclose(resid, res.residual_bounds, atol=1e-10)
-    assert torch.allclose(V.T @ V, torch.eye(4, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(resid, res.residual_bounds, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(V.T @ V, torch.eye(4, dtype=torch.float64), rtol=1e-10, atol=1e-10)
     assert res.num_hvps == res.num_steps
 
 
@@ -78,7 +78,7 @@ def test_breakdown_restart_low_rank(rng):
     expected = torch.cat([torch.tensor([-2.0]), torch.zeros(7), torch.tensor([1.0, 3.0, 4.0, 5.0])]).double()
     assert float((res.eigenvalues - expected).abs().max()) < 1e-12
     V = res.eigenvectors
-    assert torch.allclose(V.T @ V, torch.eye(12, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(V.T @ V, torch.eye(12, dtype=torch.float64), rtol=1e-10, atol=1e-10)
 
 
 def test_invariant_start_vector_recovers_whole_spectrum(rng):

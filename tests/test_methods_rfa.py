@@ -488,13 +488,17 @@ def test_other_class_without_another_class_in_the_retain_set_is_refused():
 
 def test_dropout_does_not_move_adapters_that_only_align_the_retain_features():
     # the student trained in train mode (dropout on) against the frozen eval-mode features: with the alignment
-    # alone (no task loss, a negligible shift) the weights moved by 0.131, where B = 0 is the exact minimiser
+    # alone (no task loss, a negligible shift) the weights moved by 0.131 (Adam) or 0.058 (SGD), where B = 0 is
+    # the exact minimiser. SGD here: the student's rows run in a batch twice the teacher's, whose matmul rounds
+    # them differently on some CPUs (Intel AVX-512: gradients of rounding size), and Adam's normalised steps
+    # turn those into lr-sized moves (8.7e-3); SGD's stay at rounding size (9e-10)
     forget, retain = _small_sets()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Dropout(0.3), torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
-    out = RFA(epochs=3, batch_size=8, task_weight=0.0, lam=1e-30).unlearn(model, forget, retain, seed=0).model
+    rfa = RFA(epochs=3, batch_size=8, task_weight=0.0, lam=1e-30, optimizer="sgd")
+    out = rfa.unlearn(model, forget, retain, seed=0).model
     for a, b in zip(model.parameters(), out.parameters()):
-        assert torch.equal(a, b)
+        assert float((a - b).abs().max()) <= 1e-6
 
 
 def test_adapters_of_an_earlier_request_stay_in_the_loss():

@@ -67,9 +67,9 @@ def test_value_and_gradient_match_autograd(problem):
     chunked = Objective(model, F.cross_entropy, (x, y), weight_decay=WD, batch_size=7)  # uneven batches
     for objective in (whole, chunked):
         assert objective.value() == pytest.approx(value, rel=1e-12)
-        assert torch.allclose(objective.gradient(), grad, atol=1e-12)
+        assert torch.allclose(objective.gradient(), grad, rtol=1e-12, atol=1e-12)
         v, g = objective.value_and_gradient()
-        assert v == pytest.approx(value, rel=1e-12) and torch.allclose(g, grad, atol=1e-12)
+        assert v == pytest.approx(value, rel=1e-12) and torch.allclose(g, grad, rtol=1e-12, atol=1e-12)
     assert whole.num_data_passes == 3
     assert all(p.grad is None for p in model.parameters())  # no .grad written into the model
 
@@ -83,7 +83,7 @@ def test_reads_the_weights_live_and_takes_named_frozen_parameters(problem):
     set_flat_parameters(model, w + 0.1, names)
     value, grad, _ = reference(model, x, y, names)
     assert objective.value() == pytest.approx(value, rel=1e-12)
-    assert torch.allclose(objective.gradient(), grad, atol=1e-12)
+    assert torch.allclose(objective.gradient(), grad, rtol=1e-12, atol=1e-12)
     assert torch.equal(objective.weights(), w + 0.1)
 
 
@@ -96,7 +96,7 @@ def test_follows_parameters_replaced_in_the_model(problem):
     value, grad, _ = reference(model, x, y)
     assert objective.value() == pytest.approx(value, rel=1e-12)
     v, g = objective.value_and_gradient()
-    assert v == pytest.approx(value, rel=1e-12) and torch.allclose(g, grad, atol=1e-12)
+    assert v == pytest.approx(value, rel=1e-12) and torch.allclose(g, grad, rtol=1e-12, atol=1e-12)
     assert torch.equal(objective.weights(), get_flat_parameters(model))
 
 
@@ -109,12 +109,12 @@ def test_regularized_operator_is_the_hessian_of_the_objective(problem):
     d = op.shape[0]
     V = torch.randn(d, 3, dtype=torch.float64)
     before = op.num_products
-    assert torch.allclose(reg.matmat(V), H @ V, atol=1e-10)
-    assert torch.allclose(reg.matvec(V[:, 0]), H @ V[:, 0], atol=1e-10)
+    assert torch.allclose(reg.matmat(V), H @ V, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(reg.matvec(V[:, 0]), H @ V[:, 0], rtol=1e-10, atol=1e-10)
     assert reg.num_products == op.num_products == before + 4  # counted by the wrapped operator
-    assert torch.allclose(reg.to_dense(), H, atol=1e-10)
+    assert torch.allclose(reg.to_dense(), H, rtol=1e-10, atol=1e-10)
     sp = reg.to_scipy()
-    assert np.allclose(sp.matvec(V[:, 1].numpy()), (H @ V[:, 1]).numpy(), atol=1e-10)
+    assert np.allclose(sp.matvec(V[:, 1].numpy()), (H @ V[:, 1]).numpy(), rtol=1e-10, atol=1e-10)
     assert torch.equal(RegularizedOperator(op, 0.0).matvec(V[:, 0]), op.matvec(V[:, 0]))
 
 
