@@ -486,3 +486,28 @@ def test_an_embedding_with_a_padding_row_is_refused_by_the_newton_family_up_fron
     result = METHODS[name](params=["2.weight", "2.bias"]).unlearn(model, LabeledData(x[:10], y[:10]),
                                                                   LabeledData(x[10:], y[10:]))
     assert torch.equal(result.model[0].weight, model[0].weight)
+
+
+def test_gradient_hooks_on_the_parameters_stay_with_the_copy(problem):
+    """A hook that masks rows of a weight (Tensor.register_hook) was dropped by the private copy (deepcopy leaves
+    a parameter's hooks out): fine-tune moved the masked rows by 3.3e-3 and returned a model without hooks."""
+    model = copy.deepcopy(problem[0])
+    mask = torch.zeros_like(model[1].weight)
+    mask[:8] = 1
+    model[1].weight.register_hook(lambda grad: grad * mask)
+    seen = []
+    model[3].weight.register_post_accumulate_grad_hook(lambda p: seen.append(1))
+    out = Finetune(epochs=1, weight_decay=0.0).unlearn(model, problem[1], problem[2], seed=0).model
+    assert torch.equal(out[1].weight[8:], model[1].weight[8:])
+    assert not torch.equal(out[1].weight[:8], model[1].weight[:8])
+    assert seen and len(out[1].weight._backward_hooks) == 1
+
+
+def test_a_model_that_cannot_be_copied_is_refused_by_name(problem):
+    import threading
+
+    model = copy.deepcopy(problem[0])
+    model.lock = threading.Lock()
+    with pytest.raises(TypeError, match=r"^finetune: the model cannot be copied, and every method works on a copy "
+                                        r"\(the given model stays as it is\): cannot pickle"):
+        Finetune(epochs=1).unlearn(model, problem[1], problem[2])

@@ -510,3 +510,38 @@ def test_adapters_of_an_earlier_request_stay_in_the_loss():
     first = RFA(targets="0", merge=False, epochs=1, batch_size=8).unlearn(model, forget, retain, seed=0).model
     second = RFA(targets="2", merge=False, epochs=1, batch_size=8).unlearn(first, forget, retain, seed=0)
     assert second.diagnostics["layers"] == ["0", "2"]
+
+
+class _Scalars(torch.nn.Module):
+    """A model of one scalar input per sample (x of shape (N,)), which every other method takes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(1, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x.unsqueeze(1))))
+
+
+def test_one_dimensional_samples_find_their_neighbours():
+    """x of shape (N,) raised a bare IndexError from the neighbours' distances (flatten(1))."""
+    torch.manual_seed(0)
+    x, y = torch.randn(40), torch.arange(40) % 3
+    model = _Scalars()
+    out = RFA(epochs=1, batch_size=8).unlearn(model, LabeledData(x[:5], y[:5]), LabeledData(x[5:], y[5:]), seed=0)
+    columns = RFA(epochs=1, batch_size=8).unlearn(_Columns(model), LabeledData(x[:5, None], y[:5]),
+                                                  LabeledData(x[5:, None], y[5:]), seed=0)
+    assert out.diagnostics["layers"] == columns.diagnostics["layers"]  # the same neighbours as for (N, 1) data
+    for p, q in zip(out.model.parameters(), columns.model.parameters()):
+        assert torch.equal(p, q)
+
+
+class _Columns(torch.nn.Module):
+    """``model`` on (N, 1) inputs."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.a, self.b = copy.deepcopy(model.a), copy.deepcopy(model.b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))

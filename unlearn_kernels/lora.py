@@ -188,6 +188,11 @@ def _layer_problem(layer: nn.Linear | nn.Conv2d, parent: nn.Module | None = None
         return "it is a lazy layer whose weight is not initialised yet; run a forward pass first"
     if weight is None:  # recomputed at each call: a merge into it would be lost
         return "its weight is not a parameter but computed (a parametrization or weight norm); remove that first"
+    if layer._forward_hooks or layer._forward_pre_hooks or "forward" in vars(layer):
+        # the fused op computes the layer's formula without calling it, and a merge would move the adapter's
+        # update under the hooks: the adapted model would not be the given one at B = 0, nor the merged one
+        return ("it has forward hooks or a forward set on the instance, which the adapter would skip or a merge "
+                "would apply to the adapter's update; remove them first")
     if isinstance(layer, nn.Conv2d) and (layer.groups != 1 or layer.dilation != (1, 1)
                                          or layer.padding_mode != "zeros"):
         return (f"an adapted convolution needs groups=1, dilation=1 and zero padding, got groups={layer.groups}, "
@@ -199,8 +204,8 @@ class LoRALinear(_Adapter):
     """A frozen ``nn.Linear`` plus a low-rank residual: ``x W^T + b + scale (x A^T) B^T``.
 
     The base layer must compute ``nn.Linear``'s formula with a weight parameter: a subclass with its
-    own forward, a lazy layer not yet initialised or a parametrized weight (weight norm, spectral
-    norm) is refused with ``ValueError``.
+    own forward, a lazy layer not yet initialised, a parametrized weight (weight norm, spectral
+    norm), forward hooks or a forward set on the instance are refused with ``ValueError``.
 
     Args:
         base: the layer to adapt (its parameters are frozen; it is used, not copied).

@@ -163,8 +163,26 @@ def checked_local_copy(method: Unlearner, model: nn.Module, forget: LabeledData,
     copy of the model, run on one sample of each non-empty set."""
     method.check_model(model)
     sets = _check_sets(method.name, forget, retain, unseen)
-    work = copy.deepcopy(model)
+    work = _private_copy(method.name, model)
     _check_fit(method.name, work, sets)
+    return work
+
+
+def _private_copy(name: str, model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)`` with its parameters' gradient hooks, which deepcopy leaves out (a hook
+    that masks rows of a weight was dropped, and a trained method moved them); a model that cannot be
+    copied is a TypeError that says why a copy is made."""
+    try:
+        work = copy.deepcopy(model)
+    except (RuntimeError, TypeError) as error:  # a non-leaf tensor attribute, an object that cannot be pickled
+        raise TypeError(f"{name}: the model cannot be copied, and every method works on a copy (the given model "
+                        f"stays as it is): {error} (a layer pruned by torch.nn.utils.prune holds a computed weight "
+                        "until a forward under torch.no_grad())") from error
+    for given, copied in zip(model.parameters(), work.parameters()):
+        for hook in (given._backward_hooks or {}).values():
+            copied.register_hook(hook)
+        for hook in (given._post_accumulate_grad_hooks or {}).values():
+            copied.register_post_accumulate_grad_hook(hook)
     return work
 
 

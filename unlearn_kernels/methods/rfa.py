@@ -256,7 +256,8 @@ class RFA(TrainedUnlearner):
         if len(pool) == 0:
             raise ValueError("RFA: the neighbours' pool (unseen data of the classes of D_r) is empty")
         k = min(self.neighbors, len(pool))
-        distances = torch.cdist(forget.x.flatten(1).double(), pool.x.flatten(1).double())
+        # one row per sample, 1-D samples (x of shape (N,)) included
+        distances = torch.cdist(forget.x.reshape(len(forget), -1).double(), pool.x.reshape(len(pool), -1).double())
         nearest = distances.topk(k, dim=1, largest=False).indices
         _, pool_h = self._all_features(teacher, features, pool)
         return [h[nearest].mean(1) for h in pool_h]
