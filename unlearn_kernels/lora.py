@@ -58,8 +58,16 @@ class _Adapter(nn.Module):
     base: nn.Module
     lora_a: nn.Parameter
     lora_b: nn.Parameter
+    _base_type: type[nn.Linear] | type[nn.Conv2d]  # the layer class an adapter wraps
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float) -> None:
+    def __init__(self, base: nn.Module, rank: int, alpha: float | None) -> None:
+        owner = type(self).__name__
+        if not isinstance(base, self._base_type):
+            raise TypeError(f"{owner}: base must be an nn.{self._base_type.__name__}, got {type(base).__name__}")
+        problem = _layer_problem(base)
+        if problem:
+            raise ValueError(f"{owner}: base layer: {problem}")
+        alpha = check_rank_alpha(owner, rank, alpha)
         super().__init__()
         self.base = base
         self.rank = int(rank)  # a checked integer; a numpy one would travel on into diagnostics and configs
@@ -216,13 +224,9 @@ class LoRALinear(_Adapter):
         lora_a: A, (rank, in_features). lora_b: B, (out_features, rank).
     """
 
+    _base_type = nn.Linear
+
     def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None) -> None:
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRALinear: base must be an nn.Linear, got {type(base).__name__}")
-        problem = _layer_problem(base)
-        if problem:
-            raise ValueError(f"LoRALinear: base layer: {problem}")
-        alpha = check_rank_alpha("LoRALinear", rank, alpha)
         super().__init__(base, rank, alpha)
         kwargs = {"dtype": base.weight.dtype, "device": base.weight.device}
         self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, **kwargs))
@@ -253,13 +257,9 @@ class LoRAConv2d(_Adapter):
         lora_a: A, (rank, in_channels, kh, kw). lora_b: B, (out_channels, rank, 1, 1).
     """
 
+    _base_type = nn.Conv2d
+
     def __init__(self, base: nn.Conv2d, rank: int, alpha: float | None = None) -> None:
-        if not isinstance(base, nn.Conv2d):
-            raise TypeError(f"LoRAConv2d: base must be an nn.Conv2d, got {type(base).__name__}")
-        problem = _layer_problem(base)
-        if problem:
-            raise ValueError(f"LoRAConv2d: base layer: {problem}")
-        alpha = check_rank_alpha("LoRAConv2d", rank, alpha)
         super().__init__(base, rank, alpha)
         kwargs = {"dtype": base.weight.dtype, "device": base.weight.device}
         self.lora_a = nn.Parameter(torch.empty(rank, base.in_channels, *base.kernel_size, **kwargs))
