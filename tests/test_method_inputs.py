@@ -511,3 +511,34 @@ def test_a_model_that_cannot_be_copied_is_refused_by_name(problem):
     with pytest.raises(TypeError, match=r"^finetune: the model cannot be copied, and every method works on a copy "
                                         r"\(the given model stays as it is\): cannot pickle"):
         Finetune(epochs=1).unlearn(model, problem[1], problem[2])
+
+
+class _AuxInTraining(nn.Module):
+    """(logits, aux) in training mode, logits in eval mode, as torchvision's Inception3 and GoogLeNet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.norm, self.aux = nn.Linear(64, 10), nn.BatchNorm1d(10), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor):
+        out = self.norm(self.body(x))
+        return (out, self.aux(x)) if self.training else out
+
+
+def test_a_model_whose_training_mode_output_is_no_logits_is_refused_by_the_methods_that_train_in_it(problem):
+    """The fit check ran in eval mode only: fine-tune and the others failed mid-work in torch's cross entropy
+    ("argument 'input' must be Tensor, not tuple"), SCRUB and Bad Teacher in a division, naming no method."""
+    from unlearn_kernels.training import check_fits
+
+    _, forget, retain = problem
+    torch.manual_seed(0)
+    model = _AuxInTraining().eval()
+    with pytest.raises(ValueError, match=r"^finetune: in training mode, which finetune trains it in, the model must "
+                                         r"map a batch of forget samples to \(batch, classes\) logits as in eval mode "
+                                         r"\(10 classes\); two samples gave tuple"):
+        Finetune(epochs=1).unlearn(model, forget, retain)
+    assert CureNewton(M=1.0).unlearn(model, forget, retain).model is not None  # works in eval mode: accepted
+    plain = nn.Sequential(nn.Linear(64, 10), nn.BatchNorm1d(10)).train()
+    before = {name: b.clone() for name, b in plain.named_buffers()}
+    check_fits("probe", plain, forget, in_training_mode=True)  # on copies of the buffers: statistics untouched
+    assert all(torch.equal(before[name], b) for name, b in plain.named_buffers()) and plain.training

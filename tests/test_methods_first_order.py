@@ -527,7 +527,7 @@ def test_methods_that_train_through_train_do_not_check_the_retain_set_again(prob
     hooked, calls = copy.deepcopy(model), []
     hooked.register_forward_hook(lambda *args: calls.append(1))  # the private copy keeps the hook
     result = Finetune(epochs=1).unlearn(hooked, forget, retain)
-    assert len(calls) == 2 + result.gradients  # unlearn()'s check of each set, then the steps
+    assert len(calls) == 4 + result.gradients  # unlearn()'s check of each set (eval and training mode), then the steps
 
     def counted() -> MLP:
         fresh = factory()

@@ -350,8 +350,8 @@ def test_train_names_its_owner_and_set_and_skips_checks_its_caller_made():
         with pytest.raises(ValueError, match=f"^finetune: {message}"):
             train(model, bad, config, owner="finetune", role="retain")
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    # checked already: no check's forward pass (an epoch-free recipe makes no other)
-    for checked, forwards in ((False, 1), (True, 0)):
+    # checked already: no check's forward pass (an epoch-free recipe makes no other); unchecked: eval and training mode
+    for checked, forwards in ((False, 2), (True, 0)):
         model, calls = init_model(factory, 0), []
         model.register_forward_hook(lambda *args: calls.append(1))
         train(model, data, TrainConfig(epochs=0), owner="finetune", role="retain", data_checked=checked)

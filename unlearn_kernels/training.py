@@ -11,7 +11,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,16 +139,22 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 @contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Every submodule in eval mode inside the block; on exit each one gets its own train/eval flag
-    back (a model with mixed train/eval submodules comes back exactly as it was)."""
+def module_mode(model: nn.Module, training: bool) -> Iterator[None]:
+    """Every submodule in training mode (``training``) or eval mode inside the block; on exit each one
+    gets its own train/eval flag back (a model with mixed train/eval submodules comes back exactly as
+    it was)."""
     flags = [(module, module.training) for module in model.modules()]
-    model.eval()
+    model.train(training)
     try:
         yield
     finally:
-        for module, training in flags:
-            module.training = training
+        for module, was_training in flags:
+            module.training = was_training
+
+
+def eval_mode(model: nn.Module) -> AbstractContextManager[None]:
+    """:func:`module_mode` in eval mode."""
+    return module_mode(model, training=False)
 
 
 @contextmanager
@@ -185,6 +191,26 @@ def probe_rows(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x[:1]
 
 
+def _check_training_mode_output(owner: str, model: nn.Module, data: LabeledData, role: str, classes: int) -> None:
+    """:func:`check_fits`' probe in training mode (two rows: batch statistics need them)."""
+    device = model_device(model)
+    rows = data.x[[0, min(1, len(data.x) - 1)]].to(device)
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    with module_mode(model, training=True), seeded_rng(0, device):
+        try:
+            out = torch.func.functional_call(model, buffers, (rows,))
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:
+            if is_out_of_memory(error):
+                raise
+            raise ValueError(f"{owner}: the model fails in training mode, which {owner} trains it in, on two {role} "
+                             f"samples: {error}") from error
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (len(rows), classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{owner}: in training mode, which {owner} trains it in, the model must map a batch of {role} "
+                         f"samples to (batch, classes) logits as in eval mode ({classes} classes); two samples gave "
+                         f"{shape}")
+
+
 def check_converged(owner: str, role: str, config: TrainConfig, model: nn.Module) -> None:
     """ValueError if :func:`train` left ``model`` with a NaN or Inf weight (the recipe diverged), naming
     ``owner``, the ``role`` of the data, the weight and the learning rate: for the trainings whose model
@@ -197,13 +223,17 @@ def check_converged(owner: str, role: str, config: TrainConfig, model: nn.Module
 
 
 @torch.no_grad()
-def check_fits(owner: str, model: nn.Module, data: LabeledData, role: str = "training") -> None:
+def check_fits(owner: str, model: nn.Module, data: LabeledData, role: str = "training", *,
+               in_training_mode: bool = False) -> None:
     """ValueError unless one sample of ``data`` (two where :func:`probe_rows` says so) runs through
     ``model`` (eval mode, each submodule's flag restored) to (batch, C) logits and every label of
     ``data`` is a class in [0, C): the check before any work that turns torch's errors deep inside (an
     IndexError, a CUDA device-side assert that leaves the process unusable, -100 skipped silently as
     ``ignore_index``) into one naming the problem. ``role`` names the set in the message. A model that
-    draws random numbers in its forward leaves the caller's RNG state as it was."""
+    draws random numbers in its forward leaves the caller's RNG state as it was. With
+    ``in_training_mode`` (for a caller that trains the model in that mode) two samples also run in
+    training mode, on copies of the buffers (running statistics stay as they are), and must give
+    (2, C) logits too: torchvision's Inception3 and GoogLeNet return (logits, aux) there."""
     with eval_mode(model), seeded_rng(0, model_device(model)):
         rows = probe_rows(model, data.x)
         try:
@@ -218,6 +248,8 @@ def check_fits(owner: str, model: nn.Module, data: LabeledData, role: str = "tra
         raise ValueError(f"{owner}: the model must map a batch of {role} samples to (batch, classes) logits; "
                          f"{'one sample' if len(rows) == 1 else 'two samples'} gave {shape}")
     classes = out.shape[1]
+    if in_training_mode:
+        _check_training_mode_output(owner, model, data, role, classes)
     bad = (data.y < 0) | (data.y >= classes)
     if bool(bad.any()):
         row = int(bad.nonzero()[0])
@@ -364,7 +396,7 @@ def train(
         row = first_nonfinite_row(data.x)
         if row is not None:  # training would silently give a NaN model
             raise ValueError(f"{owner}: NaN or Inf in the inputs at row {row}")
-        check_fits(owner, model, data, role)
+        check_fits(owner, model, data, role, in_training_mode=True)
     join = join_last_row(owner, model, data, config.batch_size, role)
     optimizer = make_optimizer(model.parameters(), config.optimizer, config.lr, owner=owner,
                                momentum=config.momentum, weight_decay=config.weight_decay)

@@ -58,6 +58,10 @@ class Unlearner(abc.ABC):
     #: method that adds and trains adapters): a model without trainable parameters is then accepted
     trains_model_parameters: bool = True
 
+    #: True for a method that trains the model in training mode: the model must give logits there too
+    #: (checked before any work, on copies of its buffers)
+    trains_in_training_mode: bool = False
+
     #: True for a method whose ``weight_decay`` is the L2 term of the objective it works on and whose
     #: ``loss_fn`` is that objective's loss (the Newton family): a study builds it with the training
     #: recipe's, the objective the original and the oracle were trained on
@@ -164,7 +168,7 @@ def checked_local_copy(method: Unlearner, model: nn.Module, forget: LabeledData,
     method.check_model(model)
     sets = _check_sets(method.name, forget, retain, unseen)
     work = _private_copy(method.name, model)
-    _check_fit(method.name, work, sets)
+    _check_fit(method, work, sets)
     return work
 
 
@@ -377,9 +381,10 @@ def forget_rows_in_other_retain_shards(forget: LabeledData, retain: LabeledData,
     return _confirmed(f, candidates)
 
 
-def _check_fit(name: str, model: nn.Module, sets: dict[str, LabeledData]) -> None:
+def _check_fit(method: Unlearner, model: nn.Module, sets: dict[str, LabeledData]) -> None:
     """One sample of each set through ``model`` (the private copy): the samples must fit it, it must
-    return (1, C) logits, and every label must be in [0, C)."""
+    return (1, C) logits (in training mode too, for a method that trains in it), and every label must be
+    in [0, C)."""
     for role, data in sets.items():
         if len(data):  # a data-parallel shard may be empty: nothing to run
-            check_fits(name, model, data, role)
+            check_fits(method.name, model, data, role, in_training_mode=method.trains_in_training_mode)

@@ -120,6 +120,8 @@ class TrainedUnlearner(Unlearner):
     """Shared hyper-parameters of the methods that run an optimizer (validated once, here; ``epochs``
     must be at least 1: with 0 the call would return the model unchanged)."""
 
+    trains_in_training_mode = True
+
     def __init__(self, *, epochs: int, lr: float, batch_size: int, optimizer: str = "sgd", momentum: float = 0.9,
                  weight_decay: float = 5e-4) -> None:
         # the recipe takes 0 epochs (no training); an unlearning call with 0 would return the model unchanged

@@ -133,6 +133,7 @@ class RFA(TrainedUnlearner):
     """
 
     name = "rfa"
+    trains_in_training_mode = False  # its adapters train in eval mode, as the frozen model runs
     trains_model_parameters = False  # only the adapters it adds train; the model is frozen
 
     def __init__(self, epochs: int = 10, lr: float = 1e-2, batch_size: int = 64, rank: int = 8,
