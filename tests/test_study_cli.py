@@ -1143,3 +1143,36 @@ def test_progress_on_a_terminal_that_reports_no_width_is_plain_lines(monkeypatch
     # the bar's description is "<label>: <phase>"; the plain lines "[<label> done/total] <phase>"
     assert ("run: seed 0: cure_newton" in written) is bar
     assert ("[run 1/2] seed 0: cure_newton" in written) is not bar
+
+
+def test_a_standard_output_that_cannot_show_plus_minus_gets_it_escaped(tmp_path, monkeypatch):
+    """With PYTHONIOENCODING=ascii the run trained and unlearnt, then died on the table's "±" with a traceback
+    (UnicodeEncodeError is no OSError), before results.json was written."""
+    import io
+
+    raw = io.BytesIO()
+    ascii_out = io.TextIOWrapper(raw, encoding="ascii", write_through=True)
+    monkeypatch.setattr(sys, "stdout", ascii_out)
+    assert main(["run", "--protocol", "random", "--methods", "original", "--seeds", "0,1", "--epochs", "1",
+                 "--out", str(tmp_path), "--no-cache"]) == 0
+    assert "\\xb1" in raw.getvalue().decode("ascii")
+    assert (tmp_path / "random" / "results.json").exists()
+
+
+class _GoneReader:
+    """A standard error whose reader went away: every write fails."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_standard_error_that_cannot_be_written_stops_no_work(tmp_path, monkeypatch, capsys):
+    """`run ... 2>&1 | head -1` or `2>/dev/full`: the first progress line raised, and the run ended with status 1
+    before any training, its error report failing on the same stream."""
+    monkeypatch.setattr(sys, "stderr", _GoneReader())
+    assert main(["run", "--protocol", "random", "--methods", "original", "--seeds", "0", "--epochs", "1",
+                 "--out", str(tmp_path), "--no-cache"]) == 0
+    assert (tmp_path / "random" / "results.json").exists()

@@ -54,7 +54,11 @@ class _CheckedStdout:
         self._stream = stream
 
     def write(self, text: str) -> int:
-        return self._checked(self._stream.write, text)
+        try:
+            return self._checked(self._stream.write, text)
+        except UnicodeEncodeError:  # a stream that cannot show "±" (PYTHONIOENCODING=ascii): escaped, not lost
+            encoding = self._stream.encoding or "ascii"
+            return self._checked(self._stream.write, text.encode(encoding, "backslashreplace").decode(encoding))
 
     def flush(self) -> None:
         self._checked(self._stream.flush)
@@ -344,7 +348,9 @@ def _progress(label: str) -> Iterator[Callable[[str, int, int], None]]:
             yield update
     else:
         def update(phase: str, done: int, total: int) -> None:
-            print(f"[{label} {done}/{total}] {phase}", file=sys.stderr, flush=True)
+            # progress only: a standard error that cannot be written (its reader gone, a full disk) stops no work
+            with contextlib.suppress(OSError):
+                print(f"[{label} {done}/{total}] {phase}", file=sys.stderr, flush=True)
 
         yield update
 
