@@ -333,6 +333,11 @@ def test_cifar_missing_files_and_bad_pickles(tmp_path) -> None:
         pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]}, f)  # CIFAR-10 key in CIFAR-100
     with pytest.raises(ValueError, match="fine_labels"):
         load_dataset("cifar100", root=tmp_path)
+    with open(tmp_path / "cifar-100-python" / "test", "wb") as f:  # str and bytes keys: sorting them raised TypeError
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), "fine_labels": [0, 1]}, f)
+    with pytest.raises(ValueError, match=r"test: expected keys b'data' and b'fine_labels', found \['fine_labels', "
+                                         r"b'data'\]"):
+        load_dataset("cifar100", root=tmp_path)
     for data, labels, found in ((np.ones((2, 3072), np.float32), [0, 1], "float32 and int64"),
                                 (np.zeros((2, 3072), np.uint8), [0.5, 1.0], "uint8 and float64")):
         with open(tmp_path / "cifar-100-python" / "test", "wb") as f:
@@ -605,3 +610,26 @@ def test_cifar_missing_batches_are_named_per_folder(tmp_path) -> None:
     message = str(info.value)
     assert f"\n  {folder}, which lacks:\n    {folder / 'data_batch_5'}\n  {tmp_path}, which lacks:" in message
     assert str(folder / "data_batch_4") not in message
+
+
+def test_a_class_study_on_a_test_split_without_that_class(tmp_path) -> None:
+    """A local MNIST whose test file holds no row of the forgotten class ran the original's training and then
+    failed with "class(es) [3] do not occur in the labels", naming no split; a test split of only forgotten
+    classes is refused before any training."""
+    from unlearn_kernels.study import StudyConfig, check_scenario, run_study
+    from unlearn_kernels.training import TrainConfig
+
+    rng = np.random.default_rng(0)
+    data = _mnist_files(tmp_path, rng, gzipped=False, n_train=300)
+    labels = np.array([c for c in range(10) if c != 3] * 4, dtype=np.uint8)
+    _write_idx(str(tmp_path / "t10k-labels-idx1-ubyte"), labels)
+    _write_idx(str(tmp_path / "t10k-images-idx3-ubyte"), data["t10k-images-idx3-ubyte"][:len(labels)])
+    config = StudyConfig(dataset="mnist", root=str(tmp_path), protocol="class", forget_classes=(3,),
+                         methods=("retrain", "original"), seeds=(0,), cache_dir=None,
+                         recipe=TrainConfig(epochs=1, batch_size=64, lr=0.05))
+    check_scenario(config)
+    record = next(r for r in run_study(config)["records"] if r["method"] == "original")
+    assert 0 <= record["metrics"]["acc_test"] <= 1
+    _write_idx(str(tmp_path / "t10k-labels-idx1-ubyte"), np.full(len(labels), 3, dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"the test split holds only the forgotten class\(es\) \[3\]"):
+        check_scenario(config)

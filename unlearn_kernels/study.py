@@ -388,6 +388,9 @@ def build_scenario(config: StudyConfig, splits: DatasetSplits,
     elif config.protocol == "class":
         requests = (sequential_class_forget(labels, config.forget_classes) if config.sequential
                     else [class_forget(labels, config.forget_classes)])
+        if bool(torch.isin(splits.test.y, torch.tensor(config.forget_classes)).all()):
+            raise ValueError(f"the test split holds only the forgotten class(es) {list(config.forget_classes)}: no "
+                             "test accuracy would be left to measure")
     elif config.sequential:
         requests = sequential_forget(labels, config.sequential, config.forget_fraction, seed=seed)
     else:
@@ -573,7 +576,9 @@ def run_study(config: StudyConfig, progress: Progress | None = None) -> dict[str
             forgotten = torch.cat([forgotten, request.forget_idx])
             test = splits.test
             if config.protocol == "class":  # the classes forgotten so far can no longer be predicted
-                test = remove_classes(splits.test, train_split.y[forgotten].unique().tolist())
+                gone = train_split.y[forgotten].unique()
+                gone = gone[torch.isin(gone, splits.test.y)]  # a class the test split lacks: nothing to remove
+                test = remove_classes(splits.test, gone.tolist()) if len(gone) else splits.test
             oracle: dict[str, Any] = {}
             for name in config.methods:  # retrain first
                 progress(f"seed {seed} request {step + 1}/{len(requests)}: {name}", done, total)

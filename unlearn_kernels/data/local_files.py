@@ -219,8 +219,9 @@ def load_cifar_files(
         xs, ys = [], []
         for b in batches:
             batch = read_cifar_batch(folder / b)
-            if b"data" not in batch or layout["label_key"] not in batch:
-                raise ValueError(f"{folder / b}: expected keys b'data' and {layout['label_key']!r}, found {sorted(batch)}")
+            if b"data" not in batch or layout["label_key"] not in batch:  # (bytes and str keys do not compare)
+                raise ValueError(f"{folder / b}: expected keys b'data' and {layout['label_key']!r}, "
+                                 f"found {sorted(batch, key=repr)}")
             try:
                 x, y = np.asarray(batch[b"data"]), np.asarray(batch[layout["label_key"]])
             except ValueError as err:  # ragged lists
