@@ -14,8 +14,9 @@ constexpr const char* kBadTangent = "tangent contains NaN or Inf";
 
 inline void check_logits(const char* op, const at::Tensor& logits) {
   TORCH_CHECK_VALUE(logits.dim() == 2, op, ": logits must be 2-D (N, C), got shape ", logits.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(logits.scalar_type()), op, ": logits must be floating point, got ",
-                   logits.scalar_type());
+  const auto type = logits.scalar_type();  // float8 is a floating type too, which no kernel takes
+  TORCH_CHECK_TYPE(type == at::kHalf || type == at::kBFloat16 || type == at::kFloat || type == at::kDouble, op,
+                   ": logits must be float16, bfloat16, float32 or float64, got ", type);
   // a softmax over no classes is undefined
   TORCH_CHECK_VALUE(logits.size(1) >= 1, op, ": logits must have at least one class (C >= 1), got shape ",
                     logits.sizes());

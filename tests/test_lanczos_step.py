@@ -144,6 +144,24 @@ def test_breakdown_gives_zero(backend, device, dtype, rng):
 
 
 @pytest.mark.parametrize(("backend", "device"), PAIRS)
+@pytest.mark.parametrize("case", ["finite beta", "beta beyond float64"])
+def test_an_overflowing_norm_of_hq_is_refused_not_read_as_a_breakdown(backend, device, case, rng):
+    """With float64 entries above ~1e154, ||hq||^2 is Inf and every beta passed the breakdown test: beta 0 and a
+    zero q_next came back (a Lanczos run would stop as if its Krylov space were invariant), where the true
+    beta was 1e150 or 7e200. The step is refused as an overflow now, by every backend alike."""
+    d = 40
+    q = torch.zeros(d, dtype=torch.float64)
+    q[0] = 1.0
+    if case == "finite beta":
+        hq = torch.zeros(d, dtype=torch.float64)
+        hq[0], hq[1] = 1e160, 1e150
+    else:
+        hq = torch.randn(d, dtype=torch.float64, generator=rng) * 1e200
+    with pytest.raises(ValueError, match="^lanczos_step: alpha or beta is not finite: .* or their products overflow$"):
+        lanczos_step(hq.to(device), q.to(device), None, 0.0, None, backend=backend)
+
+
+@pytest.mark.parametrize(("backend", "device"), PAIRS)
 @pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e20, 1e30])
 def test_float32_vectors_of_extreme_magnitude(backend, device, scale, rng):
     """float32 products far from 1 give the step numpy gives: the C++ kernel summed w's squares in

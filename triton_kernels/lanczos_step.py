@@ -124,8 +124,10 @@ def _step(
     eps = torch.finfo(hq.dtype).eps
     again = (c2.square().sum() > eps * eps * norm_part.sum()).to(torch.int32)
     wrap_triton(_pass3)[grid](basis, w, c2, again, norm_part, d, m, **cfg)
-    beta = norm_part.sum().sqrt()
-    breakdown = beta <= BREAKDOWN_RTOL_EPS * eps * hq_norm2.sqrt()
+    # ||hq||^2 beyond float64: the breakdown test cannot be read; refused as an overflow (beta = Inf), as in C++
+    overflow = ~torch.isfinite(hq_norm2)
+    beta = torch.where(overflow, torch.inf, norm_part.sum().sqrt())
+    breakdown = ~overflow & (beta <= BREAKDOWN_RTOL_EPS * eps * hq_norm2.sqrt())
     beta = torch.where(breakdown, 0.0, beta)
     # 1/beta as two factors, a power of two (exact) and the rest: as one float32 factor it overflowed for
     # beta < 1.2e-38 (an Inf/NaN q_next) and lost digits above 8.5e37 (the C++ kernel scales in float64)

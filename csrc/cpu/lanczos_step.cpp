@@ -211,9 +211,12 @@ std::tuple<double, double> lanczos_step_impl(const T* hq, const T* q, const T* q
     // Pass 3, the second Gram-Schmidt pass, when its correction is above the rounding level of w.
     if (squared_sum(s2, m) > eps * eps * w_norm2) w_norm2 = subtract_pass(s2);
   }
-  const double beta = std::sqrt(w_norm2);
-  const bool breakdown = beta <= kBreakdownRtolEps * eps * hq_norm;
-  const double scale = breakdown ? 0.0 : 1.0 / beta;
+  // ||hq||^2 beyond float64 (entries above ~1e154): the breakdown test cannot be read (every beta passed it, a
+  // false breakdown), so the step is refused as an overflow (beta = Inf, see check_lanczos_step_values)
+  const bool overflow = !std::isfinite(hq_norm);
+  const double beta = overflow ? std::numeric_limits<double>::infinity() : std::sqrt(w_norm2);
+  const bool breakdown = !overflow && beta <= kBreakdownRtolEps * eps * hq_norm;
+  const double scale = breakdown || overflow ? 0.0 : 1.0 / beta;
   at::parallel_for(0, d, kMinBlock, [&](int64_t begin, int64_t end) {
 #pragma omp simd
     for (int64_t i = begin; i < end; ++i) w[i] = static_cast<T>(static_cast<double>(w[i]) * scale);

@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cfloat>
+#include <math_constants.h>
 #include <tuple>
 
 namespace unlearn_kernels {
@@ -180,11 +181,14 @@ __global__ void decide_kernel(const double* __restrict__ sums, int64_t m, double
 // alpha, beta (0 on breakdown) and the scale 1 / beta (0 on breakdown).
 __global__ void finish_kernel(const double* __restrict__ sums1, const double* __restrict__ w_norm2, double eps,
                               double* __restrict__ alpha, double* __restrict__ beta, double* __restrict__ scale) {
-  const double b = sqrt(*w_norm2);
-  const bool breakdown = b <= kBreakdownRtolEps * eps * sqrt(sums1[1]);
+  // ||hq||^2 beyond float64: the breakdown test cannot be read; refused as an overflow (beta = Inf), as on the CPU
+  const double hq_norm = sqrt(sums1[1]);
+  const bool overflow = !isfinite(hq_norm);
+  const double b = overflow ? CUDART_INF : sqrt(*w_norm2);
+  const bool breakdown = !overflow && b <= kBreakdownRtolEps * eps * hq_norm;
   *alpha = sums1[0];
   *beta = breakdown ? 0.0 : b;
-  *scale = breakdown ? 0.0 : 1.0 / b;
+  *scale = breakdown || overflow ? 0.0 : 1.0 / b;
 }
 
 template <typename T>

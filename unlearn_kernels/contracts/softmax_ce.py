@@ -15,11 +15,14 @@ BAD_LOGITS = "logits contain NaN or +Inf (or a row that is all -Inf)"
 BAD_TANGENT = "tangent contains NaN or Inf"
 
 
+LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _check_logits(op: str, logits: torch.Tensor) -> None:
     if logits.dim() != 2:
         raise ValueError(f"{op}: logits must be 2-D (N, C), got shape {shape_text(logits)}")
-    if not logits.is_floating_point():
-        raise TypeError(f"{op}: logits must be floating point, got {dtype_name(logits.dtype)}")
+    if logits.dtype not in LOGIT_DTYPES:  # float8 passed is_floating_point, then each backend failed its own way
+        raise TypeError(f"{op}: logits must be float16, bfloat16, float32 or float64, got {dtype_name(logits.dtype)}")
     if logits.shape[1] == 0:  # a softmax over no classes is undefined
         raise ValueError(f"{op}: logits must have at least one class (C >= 1), got shape {shape_text(logits)}")
 

@@ -60,8 +60,11 @@ def lanczos_step_ref(
     w = h - alpha * v - beta_prev.to(h) * vp
     for _ in range(2):
         w = w - b.T @ (b @ w)
-    beta = torch.linalg.vector_norm(w)
-    breakdown = beta <= BREAKDOWN_RTOL_EPS * torch.finfo(hq.dtype).eps * torch.linalg.vector_norm(h)
+    hq_norm = torch.linalg.vector_norm(h)
+    # ||hq||^2 beyond float64: the breakdown test cannot be read; refused as an overflow (beta = Inf), as the kernels
+    overflow = ~torch.isfinite(hq_norm)
+    beta = torch.where(overflow, torch.inf, torch.linalg.vector_norm(w))
+    breakdown = ~overflow & (beta <= BREAKDOWN_RTOL_EPS * torch.finfo(hq.dtype).eps * hq_norm)
     beta = torch.where(breakdown, torch.zeros_like(beta), beta)
     q_next = torch.where(breakdown, torch.zeros_like(w), w / torch.where(breakdown, 1.0, beta))
     return q_next.to(hq.dtype), alpha, beta

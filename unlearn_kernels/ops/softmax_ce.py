@@ -143,7 +143,11 @@ def softmax_ce_hvp(
         ``softmax_ce_grad`` is. In float32 the compiled kernels sum ``exp(z - max) u`` over a row in
         float32, the reference in float64: a tangent near float32's largest value (entries of 3e37
         over 16 classes, 1e36 over 1,024) overflows that sum in the kernels, which then refuse it as
-        non-finite (or return -Inf with ``check_finite=False``) where the reference computes it.
+        non-finite (or return -Inf with ``check_finite=False``) where the reference computes it. In
+        either float type the kernels form ``u - <p, u>`` before the product with p, the reference
+        ``p u - p <p, u>``: a tangent with entries of both signs within a factor of two of the dtype's
+        largest value (3e38 in float32, 1.7e308 in float64) makes that difference Inf in the kernels,
+        which they return (the check covers the inputs and ``<p, u>``), where the reference is finite.
         Meta tensors give a meta result of that shape, with no finiteness check.
     """
     op = contract.HVP
