@@ -119,7 +119,7 @@ def _stop(procs: list, inboxes: list, *, at_once: bool) -> None:
 
 
 def _worker(rank: int, store: str, device_type: str, quick: bool, inbox, outbox) -> None:
-    # SIGINT is ignored here from the start (see run): the parent stops the workers
+    # SIGINT is blocked here from the start (see run): the parent stops the workers
     torch.set_num_threads(THREADS)
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
     if device_type == "cuda":
@@ -173,18 +173,22 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 2.0,
         procs = [ctx.Process(target=_worker, args=(r, os.path.join(tmp, "store"), device.type, quick, inboxes[r],
                                                     outbox), daemon=True) for r in range(WORLD)]
         # Ctrl-C reaches the whole process group: the parent stops the workers (_stop), so that it ends in one
-        # line. They start with SIGINT ignored, which spawn's exec and Python keep: ignored only once they ran
-        # _worker, one still importing torch printed a KeyboardInterrupt traceback. The parent blocks SIGINT
-        # meanwhile: a Ctrl-C while they start waits until the handler is back (ignored, the run went on).
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # line. They start with SIGINT blocked, a mask that spawn's exec and Python keep (ignored only once they
+        # ran _worker, one still importing torch printed a KeyboardInterrupt traceback). Meanwhile the parent
+        # records a Ctrl-C and raises it once both started: ignoring it here dropped it (the run went on), and
+        # raising it mid-start left a worker reading its start-up data from a closed pipe (a traceback).
+        interrupted: list[int] = []
+        handler = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # this thread's mask: the workers inherit it
         try:
             try:  # inside the try that stops them: a second start that fails stops the first worker
                 for p in procs:
                     p.start()
             finally:
-                signal.signal(signal.SIGINT, handler)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+                signal.signal(signal.SIGINT, handler)
+            if interrupted:
+                raise KeyboardInterrupt
             single = hessian_operator(model.to(device), nn.CrossEntropyLoss(), (x.to(device), y.to(device)))
             v = torch.randn(single.shape[0], generator=torch.Generator().manual_seed(1)).to(device)
             calls = _calls(single, v)

@@ -243,8 +243,9 @@ def test_the_distributed_json_says_what_each_measured_configuration_ran_with(tmp
 
 def test_a_ctrl_c_while_the_distributed_workers_start_is_not_lost(monkeypatch):
     """The parent ignored SIGINT while it started the workers (so that they start with it ignored): a Ctrl-C in
-    that window was dropped and the suite ran on to its end. It is blocked there now, held until the handler
-    is back, and stops the workers."""
+    that window was dropped and the suite ran on to its end. The workers start with it blocked now and the
+    parent records a Ctrl-C meanwhile and raises it once both started (raising it mid-start left a worker
+    reading its start-up data from a closed pipe: an EOFError traceback)."""
     import benchmarks.distributed as suite
 
     spawn = mp.get_context("spawn").Process

@@ -237,6 +237,8 @@ def _hooked(layer: nn.Module, how: str) -> nn.Module:
         layer.register_forward_hook(lambda module, args, out: 0.5 * out)
     elif how == "pre-hook":
         layer.register_forward_pre_hook(lambda module, args: (2 * args[0],))
+    elif how == "backward-hook":
+        layer.register_full_backward_hook(lambda module, grad_in, grad_out: tuple(0 * g for g in grad_in))
     else:  # a forward set on the instance (accelerate's hooks do this)
         plain = layer.forward
         layer.forward = lambda x: 0.5 * plain(x)
@@ -256,10 +258,11 @@ def _hooked(layer: nn.Module, how: str) -> nn.Module:
      r"layer '1.linear1': it is a feed-forward layer of an nn.TransformerEncoderLayer, whose fast path"),
     *[(lambda how=how, conv=conv: nn.Sequential(nn.Linear(4, 4), _hooked(nn.Conv2d(1, 2, 3) if conv else
                                                                        nn.Linear(4, 4), how)), "1",
-       r"layer '1': it has forward hooks or a forward set on the instance")
-      for how in ("forward-hook", "pre-hook", "instance-forward") for conv in (False, True)],
+       r"layer '1': it has module hooks \(forward or backward\) or a forward set on the instance")
+      for how in ("forward-hook", "pre-hook", "backward-hook", "instance-forward") for conv in (False, True)],
 ], ids=["own-forward", "lazy", "parametrized", "attention-out-proj", "encoder-feed-forward",
-        *[f"{how}-{kind}" for how in ("forward-hook", "pre-hook", "instance-forward") for kind in ("linear", "conv")]])
+        *[f"{how}-{kind}" for how in ("forward-hook", "pre-hook", "backward-hook", "instance-forward")
+          for kind in ("linear", "conv")]])
 def test_layers_an_adapter_cannot_stand_in_for_are_refused(build, target, match):
     """Each was wrapped: the subclass's forward and a parametrized weight silently lost (a merge into the
     recomputed weight did nothing), nn.MultiheadAttention's forward failed on the adapter's missing

@@ -542,3 +542,35 @@ def test_a_model_whose_training_mode_output_is_no_logits_is_refused_by_the_metho
     before = {name: b.clone() for name, b in plain.named_buffers()}
     check_fits("probe", plain, forget, in_training_mode=True)  # on copies of the buffers: statistics untouched
     assert all(torch.equal(before[name], b) for name, b in plain.named_buffers()) and plain.training
+
+
+class _CountsGradients(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 8), nn.Linear(8, 10)
+        self.register_buffer("squares", torch.zeros(8, 64))
+
+    def accumulate(self, grad: torch.Tensor) -> torch.Tensor:  # a bound method: acts on its model's buffer
+        self.squares.add_(grad.detach() ** 2)
+        return grad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_a_hook_bound_to_the_model_acts_on_the_copy_and_copying_out_of_memory_is_no_copy_error(problem,
+                                                                                                monkeypatch):
+    """The copied hooks were the given model's own objects: a bound method hook wrote the given model's buffer
+    (0.0295) during fine-tune. Out of memory while copying read as "the model cannot be copied"."""
+    torch.manual_seed(0)
+    model = _CountsGradients()
+    model.fc1.weight.register_hook(model.accumulate)
+    out = Finetune(epochs=1).unlearn(model, problem[1], problem[2], seed=0).model
+    assert float(model.squares.abs().max()) == 0 and float(out.squares.abs().max()) > 0
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 40000000000 bytes.")
+
+    monkeypatch.setattr(copy, "deepcopy", no_memory)
+    with pytest.raises(RuntimeError, match="^DefaultCPUAllocator: not enough memory"):
+        Finetune(epochs=1).unlearn(model, problem[1], problem[2])

@@ -196,11 +196,12 @@ def _layer_problem(layer: nn.Linear | nn.Conv2d, parent: nn.Module | None = None
         return "it is a lazy layer whose weight is not initialised yet; run a forward pass first"
     if weight is None:  # recomputed at each call: a merge into it would be lost
         return "its weight is not a parameter but computed (a parametrization or weight norm); remove that first"
-    if layer._forward_hooks or layer._forward_pre_hooks or "forward" in vars(layer):
+    if (layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks or layer._backward_pre_hooks
+            or "forward" in vars(layer)):
         # the fused op computes the layer's formula without calling it, and a merge would move the adapter's
         # update under the hooks: the adapted model would not be the given one at B = 0, nor the merged one
-        return ("it has forward hooks or a forward set on the instance, which the adapter would skip or a merge "
-                "would apply to the adapter's update; remove them first")
+        return ("it has module hooks (forward or backward) or a forward set on the instance, which the adapter "
+                "would skip or a merge would apply to the adapter's update; remove them first")
     if isinstance(layer, nn.Conv2d) and (layer.groups != 1 or layer.dilation != (1, 1)
                                          or layer.padding_mode != "zeros"):
         return (f"an adapted convolution needs groups=1, dilation=1 and zero padding, got groups={layer.groups}, "
@@ -213,7 +214,7 @@ class LoRALinear(_Adapter):
 
     The base layer must compute ``nn.Linear``'s formula with a weight parameter: a subclass with its
     own forward, a lazy layer not yet initialised, a parametrized weight (weight norm, spectral
-    norm), forward hooks or a forward set on the instance are refused with ``ValueError``.
+    norm), module hooks or a forward set on the instance are refused with ``ValueError``.
 
     Args:
         base: the layer to adapt (its parameters are frozen; it is used, not copied).
@@ -446,7 +447,8 @@ def add_adapters(model: nn.Module, targets: str | Sequence[str], rank: int = 8, 
         ValueError: a bad rank or alpha, a target that names no module, a layer that already has
             an adapter, a layer the adapter cannot wrap (a Conv2d with groups, dilation or non-zero
             padding; a Linear or Conv2d subclass with its own forward; a lazy layer not initialised
-            yet; a parametrized weight; nn.MultiheadAttention's out_proj or an
+            yet; a parametrized weight; module hooks or a forward set on the instance, which the
+            adapter would skip; nn.MultiheadAttention's out_proj or an
             nn.TransformerEncoderLayer's linear1/linear2, whose weights their parent uses without
             calling them), or a layer used elsewhere in the model too (the same module under
             two names, or a parameter tied to another module's). TypeError:

@@ -19,6 +19,7 @@ from ..checks import (
     check_seed,
     first_nonfinite_model_weight,
     first_nonfinite_row,
+    is_out_of_memory,
 )
 from ..labeled import LabeledData
 from ..training import check_fits, model_device, seeded_rng
@@ -95,14 +96,16 @@ class Unlearner(abc.ABC):
         made inside ``torch.inference_mode()``, but not inside inference mode itself.
 
         Raises:
-            TypeError: ``model`` is not an nn.Module, a set is not a LabeledData, ``seed`` not an integer.
+            TypeError: ``model`` is not an nn.Module (or cannot be copied: every method works on a
+                copy), a set is not a LabeledData, ``seed`` not an integer.
             ValueError: before any work, naming the problem: ``seed`` out of range; a call inside
                 ``torch.inference_mode()``; a model or sets on the meta device (no values); NaN/Inf in
                 a parameter or a normalisation layer's running statistic of the model, or NaN in
                 another buffer (which may hold Inf, as the curvature operators allow); a model
                 without trainable parameters (requires_grad=True) for a method that trains them; an
                 empty forget or retain set (or an empty ``unseen`` given), inputs with no features
-                per sample, NaN/Inf in a set's inputs, samples whose shape does not fit the model,
+                per sample, NaN/Inf in a set's inputs, samples whose shape does not fit the model
+                (or no logits in training mode, for a method that trains in it),
                 labels outside the model's classes, forget samples that are also in the retain set,
                 or unseen samples that are also in the forget or retain set (same input and label).
                 After the work: the method diverged (the same check of the unlearned model); the
@@ -174,18 +177,26 @@ def checked_local_copy(method: Unlearner, model: nn.Module, forget: LabeledData,
 
 def _private_copy(name: str, model: nn.Module) -> nn.Module:
     """``copy.deepcopy(model)`` with its parameters' gradient hooks, which deepcopy leaves out (a hook
-    that masks rows of a weight was dropped, and a trained method moved them); a model that cannot be
-    copied is a TypeError that says why a copy is made."""
+    that masks rows of a weight was dropped, and a trained method moved them); each hook is copied with
+    the model (a bound method or a ``functools.partial`` over the model then acts on the copy; a plain
+    function or closure is shared). A model that cannot be copied is a TypeError that says why a copy
+    is made."""
+    memo: dict[int, object] = {}
     try:
-        work = copy.deepcopy(model)
+        work = copy.deepcopy(model, memo)
+        hooks = [[copy.deepcopy(list((getattr(p, kind) or {}).values()), memo) for p in model.parameters()]
+                 for kind in ("_backward_hooks", "_post_accumulate_grad_hooks")]
     except (RuntimeError, TypeError) as error:  # a non-leaf tensor attribute, an object that cannot be pickled
+        if is_out_of_memory(error):
+            raise
+        hint = (" (a layer pruned by torch.nn.utils.prune holds a computed weight until a forward under "
+                "torch.no_grad())") if "graph leaves" in str(error) else ""
         raise TypeError(f"{name}: the model cannot be copied, and every method works on a copy (the given model "
-                        f"stays as it is): {error} (a layer pruned by torch.nn.utils.prune holds a computed weight "
-                        "until a forward under torch.no_grad())") from error
-    for given, copied in zip(model.parameters(), work.parameters()):
-        for hook in (given._backward_hooks or {}).values():
+                        f"stays as it is): {error}{hint}") from error
+    for copied, gradient_hooks, accumulate_hooks in zip(work.parameters(), *hooks):
+        for hook in gradient_hooks:
             copied.register_hook(hook)
-        for hook in (given._post_accumulate_grad_hooks or {}).values():
+        for hook in accumulate_hooks:
             copied.register_post_accumulate_grad_hook(hook)
     return work
 
