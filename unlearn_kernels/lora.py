@@ -333,8 +333,8 @@ def new_adapter_layers(owner: str, model: nn.Module, targets: Sequence[str] | No
         return []
     layers = default(model)
     if not layers:
-        raise ValueError(f"{owner}: the model has no {which}Linear or Conv2d layer that can take an adapter; name "
-                         "the layers with targets=")
+        raise ValueError(f"{owner}: the model has no {which}Linear or Conv2d layer that can take an adapter (naming "
+                         "one with targets= says why it cannot)")
     return resolve_targets(model, layers, owner=owner)
 
 
