@@ -543,3 +543,49 @@ def test_every_seeded_solver_checks_its_seed():
             call("a")
         with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*63\), got -1"):
             call(-1)
+
+
+def test_the_probe_without_reorthogonalisation_finds_the_hard_case():
+    """reorth="none" with the (default) guard went on from the last residual vector, rounding noise inside the
+    Krylov space of g when nothing reorthogonalises: a decoupled hard case (g exactly 0 on the bottom
+    eigenvector of a diagonal H) returned a stationary point, model value -1.06e-8 where the minimum is
+    -1.47e4, reported converged."""
+    lam = torch.tensor([3.04495959, -4.17139043, 1.15261749, 0.60571846, 1.11858457], dtype=torch.float64)
+    g = torch.tensor([2.01832855e-04, 0.0, 3.11575014e-05, 6.10456842e-05, -3.07236257e-05], dtype=torch.float64)
+    M = 0.05737091953221014
+    dense = cubic_newton_step(torch.diag(lam), g, M, method="dense")
+    for reorth in ("full", "selective", "none"):
+        out = cubic_newton_step(torch.diag(lam), g, M, method="krylov", reorth=reorth)
+        assert out.hard_case and out.model_value == pytest.approx(dense.model_value, rel=1e-10)
+
+
+class _InterruptedAt:
+    """H's products, the k-th of which raises KeyboardInterrupt (a Ctrl-C during it)."""
+
+    def __init__(self, H: torch.Tensor, k: int) -> None:
+        self.H, self.k, self.n = H, k, 0
+        self.shape, self.dtype, self.device = H.shape, H.dtype, H.device
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        self.n += 1
+        if self.n == self.k:
+            raise KeyboardInterrupt
+        return self.H @ v
+
+
+@pytest.mark.parametrize("k", [5, 14, 16])  # in the main phase (13 products), the probe's first, the probe
+def test_a_solve_interrupted_by_ctrl_c_goes_on_where_it_stopped(k):
+    """An interrupt during the hard-case probe left it marked as run: the next solve() skipped it and returned
+    a stationary point (model value -0.0665 where the minimum is -5.3685), reported converged."""
+    d = 40
+    gen = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=gen))
+    H = Q @ torch.diag(torch.cat([torch.tensor([-2.0]), torch.linspace(1, 4, d - 1)]).double()) @ Q.T
+    H = (H + H.T) / 2
+    g = Q[:, 1:] @ torch.randn(d - 1, dtype=torch.float64, generator=gen) * 0.1  # the hard case
+    dense = cubic_newton_step(H, g, 1.0, method="dense")
+    solver = KrylovCubicSolver(_InterruptedAt(H, k), g)
+    with pytest.raises(KeyboardInterrupt):
+        solver.solve(1.0)
+    out = solver.solve(1.0)
+    assert out.converged and out.hard_case and out.model_value == pytest.approx(dense.model_value, rel=1e-8)

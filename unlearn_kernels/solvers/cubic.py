@@ -183,11 +183,13 @@ class KrylovCubicSolver:
     instead continues Lanczos until it spans the whole space: Q is then square and T exact.
     Likewise when T is nearly invariant (the last coupling below ``sqrt(eps) ||T||``, e.g. with
     repeated eigenvalues), the probe continues Lanczos from r, which rounding has then filled with
-    the bottom eigenvector. The guard needs the stored basis: it is on by default, and off in
+    the bottom eigenvector (with ``reorth="none"`` r is only rounding inside span(Q): the probe then
+    always starts from a random vector). The guard needs the stored basis: it is on by default, and off in
     two-pass mode. (The alternative, perturbing g, was not chosen: it cannot certify
     ``H + sigma I`` PSD.)
 
-    ``solve(M)`` runs the Lanczos iteration the first time; later calls with another M (a rejected
+    ``solve(M)`` runs the Lanczos iteration the first time (a first call that an exception cut short,
+    a KeyboardInterrupt in a product say, counts as not made); later calls with another M (a rejected
     step) re-solve the small problem on the same T with no new products, unless ``extend=True``
     (then the iteration continues until the stopping rule holds for the new M). In two-pass mode
     every solve pays a second Lanczos pass (n - 1 products) to form s = Q y.
@@ -246,7 +248,8 @@ class KrylovCubicSolver:
         capacity = self.k_max + (self.probe_steps if self.guard else 0)
         self.process = LanczosProcess(self.op, self._v0, reorth=reorth, store_basis=not two_pass,
                                       capacity=capacity, generator=gen)
-        self._probed = False
+        self._probed = False  # the guard's probe block has run (with the main phase it resumed)
+        self._built = False  # a first solve built T to the end
 
     # -- the small problem
     def _small_solve(self, M: float) -> tuple[np.ndarray, float, bool, float, float]:
@@ -298,8 +301,11 @@ class KrylovCubicSolver:
 
     def _run_probe(self) -> None:
         proc = self.process
-        self._probed = True
-        if self.op.shape[0] - proc.n <= self.probe_steps:
+        # Without reorthogonalisation r is rounding noise inside span(Q), not what rounding carried out of it:
+        # going on from it built no new direction (a hard case missed, reported converged), so the probe
+        # always starts from a random vector made orthogonal to the stored basis.
+        fresh_start = proc.reorth == "none" and proc.can_restart
+        if self.op.shape[0] - proc.n <= self.probe_steps and not fresh_start:
             # The probe could reach the whole space: fill it by continuing Lanczos (T stays
             # tridiagonal; a breakdown restarts into what is left).
             while not proc.exhausted:
@@ -310,10 +316,10 @@ class KrylovCubicSolver:
         # docstring), unless a breakdown already restarted, or T is nearly invariant: then the residual
         # vector is what rounding carried out of the Krylov space of g, the bottom eigenvector above
         # all (the hard case), and Lanczos goes on from it.
-        if proc.betas[-1] > tol * max(np.abs(proc.alphas).max(), max(proc.betas)):
+        if fresh_start or proc.betas[-1] > tol * max(np.abs(proc.alphas).max(), max(proc.betas)):
             proc.restart()
-        start = proc.n  # the capacity (k_max + probe_steps, < d here) leaves probe_steps steps
-        for _ in range(self.probe_steps):
+        start = proc.n  # the capacity (k_max + probe_steps, < d but for a fresh start) leaves probe_steps steps
+        for _ in range(min(self.probe_steps, proc.capacity - proc.n)):
             proc.step()
             if proc.betas[-1] == 0.0:  # the probe block is invariant (it may have restarted again)
                 return
@@ -343,7 +349,7 @@ class KrylovCubicSolver:
         Args:
             M: the cubic regularisation constant, > 0.
             extend: continue the Lanczos iteration if the stopping rule fails for this M. Default:
-                True on the first call (which builds T), False afterwards (no new products).
+                True until a call has built T to the end, False afterwards (no new products).
         """
         M = _check_M(M)
         # a tiny M gives a step whose float64 norm or model value overflows to Inf (numpy would warn,
@@ -354,16 +360,17 @@ class KrylovCubicSolver:
 
     def _solve(self, M: float, extend: bool | None) -> CubicStep:
         proc = self.process
-        if extend is None:
-            extend = proc.n == 0
-        else:
-            extend = check_bool("extend", extend)
+        # a first build that an exception (a KeyboardInterrupt in a product) cut short is no build: the next
+        # call goes on with it, and the probe runs again (reported converged on the main phase alone before)
+        extend = not self._built if extend is None else check_bool("extend", extend)
         if extend:
             self._run_main(M)
             if self.guard and not self._probed:
                 main_steps = proc.n
                 self._run_probe()
                 self._resume_main(M, self.k_max - main_steps)
+                self._probed = True
+            self._built = True
         y, sigma, hard, value, _ = self._small_solve(M)
         s = replay(self.op, self._v0, proc.n, y) if self.two_pass else proc.combine(y)
         s = _check_representable(s.to(self.g.dtype), float(np.linalg.norm(y)), value, self.op.num_hvps, M, "krylov")
