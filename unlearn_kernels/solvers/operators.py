@@ -247,13 +247,22 @@ def check_vector(g: Any, name: str = "g") -> torch.Tensor:
     return g.detach()
 
 
+_SMALLEST_SQUARED = math.sqrt(torch.finfo(torch.float64).tiny)
+"""The smallest magnitude whose square is a normal float64 number (1.5e-154)."""
+
+
 def operator_and_vector(H: Any, g: Any, name: str = "g") -> tuple[SolverOperator, torch.Tensor]:
     """Validate a (H, g) pair: g a finite vector whose float64 norm is finite (the solvers scale by it:
-    an overflowing one turns their iterates to NaN, or a residual of Inf into "converged"), H an
-    operator of g's dimension, dtype and device."""
+    an overflowing one turns their iterates to NaN, or a residual of Inf into "converged") and, unless
+    g = 0, with an entry of at least 1.5e-154, the square root of float64's smallest normal number
+    (below that every square underflows, and CG, MINRES, pinv's Lanczos and the Krylov cubic solver
+    returned wrong steps reported converged); H an operator of g's dimension, dtype and device."""
     g = check_vector(g, name)
     gnorm = norm64(g)
+    largest = float(g.abs().max()) if g.numel() else 0.0
     if not math.isfinite(gnorm):
-        raise ValueError(f"{name}'s norm overflows float64 (largest |entry| {float(g.abs().max()):.3e}): "
-                         "scale the problem down")
+        raise ValueError(f"{name}'s norm overflows float64 (largest |entry| {largest:.3e}): scale the problem down")
+    if 0.0 < largest < _SMALLEST_SQUARED:
+        raise ValueError(f"{name}'s entries are all below {_SMALLEST_SQUARED:.1e} (largest |entry| {largest:.3e}), "
+                         "where their squares underflow float64: scale the problem up")
     return as_operator(H, g.shape[0], dtype=g.dtype, device=g.device, name=name), g
