@@ -131,3 +131,13 @@ def test_forward_over_reverse_hvp_matches_double_backward(name, rng):
     expected = torch.autograd.grad(dot, list(leaves.values()))
     for k, e in zip(leaves, expected):
         torch.testing.assert_close(hvp[k], e, rtol=1e-9, atol=1e-10)
+
+
+def test_the_vit_takes_every_square_image_of_the_datasets():
+    """Its default patch of 4 does not divide LFW's 25 pixels: `--dataset lfw --model vit` could not run from the
+    command line ("patch_size 4 does not divide image_size 25"), which has no option to set it."""
+    for side, patch in ((32, 4), (28, 4), (8, 4), (25, 5), (9, 3), (7, 1)):
+        model = build_model("vit", (1, side, side), 3)
+        assert model.patch_embed.kernel_size == (patch, patch)
+        assert model(torch.zeros(2, 1, side, side)).shape == (2, 3)
+        assert build_model("vit", (1, side, side), 3, patch_size=1).patch_embed.kernel_size == (1, 1)  # kept

@@ -61,24 +61,26 @@ def data_fingerprint(data: LabeledData) -> str:
 def model_signature(model: nn.Module) -> dict[str, Any]:
     """What must match to reuse weights: the model's class, its submodules (name, class and options,
     e.g. ``['1', 'ReLU', '']``: modules without parameters, an activation or a dropout, change training
-    too) and the names, shapes and dtypes of its state."""
+    too), the names, shapes and dtypes of its state and which parameters train (a frozen layer trains
+    another model)."""
     return {
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
         "modules": [[name, type(module).__name__, module.extra_repr()] for name, module in model.named_modules() if name],
         "state": [[name, list(t.shape), str(t.dtype)] for name, t in model.state_dict().items()],
+        "trainable": [name for name, p in model.named_parameters() if p.requires_grad],
     }
 
 
 def cache_path(folder: str | os.PathLike[str], stem: str, model: nn.Module, config: TrainConfig,
                model_info: Mapping[str, Any] | None = None, device: torch.device | str = "cpu") -> Path:
-    """``folder/<stem>-<key>.pt``, the key a short hash of the recipe, the model's signature,
-    ``model_info`` and the training device as checkpoints record it (:func:`device_description`: on
-    the CPU with its thread count): models trained another way (another recipe, architecture or
-    device on the same data) get files of their own instead of overwriting each other in turn.
-    Versions and training code are left out of the key, so a model made stale by them is
-    overwritten, not kept beside the new one."""
-    key = json.dumps([config.to_dict(), model_signature(model), dict(model_info or {}), device_description(device)],
-                     sort_keys=True, default=str)
+    """``folder/<stem>-<key>.pt``, the key a short hash of the recipe, the model's signature and
+    starting weights (``model``: as initialised), ``model_info`` and the training device as checkpoints
+    record it (:func:`device_description`: on the CPU with its instruction set and thread count):
+    models trained another way (another recipe, architecture, start or device on the same data) get
+    files of their own instead of overwriting each other in turn. Versions and training code are left
+    out of the key, so a model made stale by them is overwritten, not kept beside the new one."""
+    key = json.dumps([config.to_dict(), model_signature(model), tensors_digest(model.state_dict()),
+                      dict(model_info or {}), device_description(device)], sort_keys=True, default=str)
     return Path(folder) / f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
 
 
@@ -385,14 +387,15 @@ def code_fingerprint(model: nn.Module) -> str:
 
 
 def device_description(device: torch.device | str) -> str:
-    """The device training runs on, as recorded in checkpoints: the CPU with torch's thread count (the
-    order of floating-point sums, and so the trained weights, changes with it), or the GPU's type and
-    name (results differ between devices, so a checkpoint is reused only on the same kind)."""
+    """The device training runs on, as recorded in checkpoints: the CPU with the instruction set torch's
+    kernels use (AVX2, AVX512: their rounding differs) and its thread count (the order of floating-point
+    sums changes with it), the trained weights changing with either; or the GPU's type and name
+    (results differ between devices, so a checkpoint is reused only on the same kind)."""
     device = torch.device(device)
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     if device.type == "cpu":
-        return f"cpu ({torch.get_num_threads()} threads)"
+        return f"cpu ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
     return device.type
 
 
@@ -401,11 +404,13 @@ def training_metadata(
     device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
     """The metadata record :func:`train_or_load` writes and compares: recipe, model (signature plus
-    ``model_info``, e.g. the name and kwargs given to ``build_model``), data fingerprint, the
-    training device, the versions of torch and this package, and :func:`code_fingerprint`."""
+    ``model_info``, e.g. the name and kwargs given to ``build_model``, and its starting weights:
+    ``model`` as initialised, so that a factory that starts elsewhere, from pretrained weights say,
+    trains its own), data fingerprint, the training device, the versions of torch and this package,
+    and :func:`code_fingerprint`."""
     return {
         "recipe": config.to_dict(),
-        "model": {**model_signature(model), "info": dict(model_info or {})},
+        "model": {**model_signature(model), "info": dict(model_info or {}), "init": tensors_digest(model.state_dict())},
         "data": data_fingerprint(data),
         "device": device_description(device),
         "versions": _versions(),

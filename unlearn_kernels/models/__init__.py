@@ -36,7 +36,8 @@ def _vit(input_shape: tuple[int, ...], num_classes: int, **kwargs: Any) -> nn.Mo
     channels, height, width = _image_shape("vit", input_shape)
     if height != width:
         raise ValueError(f"build_model: 'vit' needs square images, got {height}x{width}")
-    kwargs.setdefault("patch_size", 4)
+    # 4, else the first of 5, 3, 2, 1 that divides the side (LFW's 25: 5 x 5 patches of 5)
+    kwargs.setdefault("patch_size", next(p for p in (4, 5, 3, 2, 1) if height % p == 0))
     return SmallViT(height, in_channels=channels, num_classes=num_classes, **kwargs)
 
 
@@ -54,7 +55,8 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, **kwarg
         input_shape: (features,) or (C, H, W) for "mlp"; (C, H, W) for the others.
         num_classes: number of output logits.
         **kwargs: the model's own hyper-parameters (e.g. ``hidden=(64,)`` for "mlp", ``width=8`` for
-            "resnet18", ``dim``/``depth``/``heads``/``patch_size`` (default 4) for "vit").
+            "resnet18", ``dim``/``depth``/``heads``/``patch_size`` (default 4, else the first of 5,
+            3, 2, 1 that divides the image side) for "vit").
     """
     check_choice("build_model: name", name, MODEL_NAMES)
     shape = tuple(int(s) for s in input_shape)
