@@ -25,6 +25,7 @@ from torch import nn
 from unlearn_kernels.curvature import (
     DistributedObjective,
     DistributedOperator,
+    ModelChanged,
     Objective,
     get_flat_parameters,
     ggn_operator,
@@ -260,6 +261,25 @@ def _method_shards_worker(rank: int, world: int, store: str) -> None:
             with pytest.raises(ValueError, match=rf"rank {rank} of 2: rank\(s\) \[{1 - rank}\] were given other "
                                                  "options; every rank must build the method alike"):
                 METHODS[name](process_group=dist.group.WORLD, **options).unlearn(model, forget, retain, seed=0)
+        # refusals of the call itself on one rank (a bad seed, inference mode, no model): that rank raised before
+        # the first collective, and the other waited for the group's timeout (or paired the call with its next)
+        method = METHODS["damped_newton"](process_group=dist.group.WORLD)
+        for case, expect in (("seed", (ValueError, r"seed must be in \[0, 2\*\*63\), got -1")),
+                             ("inference", (ValueError, r"cannot unlearn inside torch.inference_mode\(\)")),
+                             ("model", (TypeError, "model must be a torch.nn.Module, got NoneType"))):
+            if rank == 0:
+                expect = (RuntimeError, r"rank\(s\) \[1\] refused their inputs")
+            with torch.inference_mode(case == "inference" and rank == 1), pytest.raises(expect[0], match=expect[1]):
+                method.unlearn(None if case == "model" and rank == 1 else model, forget, retain,
+                               seed=-1 if case == "seed" and rank == 1 else 0)
+        # a slot tied to another parameter on each rank (the same values): the ranks blended two Hessians
+        tied = [nn.Linear(FEATURES, FEATURES).double() for _ in range(3)]
+        tied[1].load_state_dict(tied[0].state_dict())
+        tied[2].weight = tied[rank].weight
+        with pytest.raises(ValueError, match=rf"rank\(s\) \[{1 - rank}\] were given a model of another structure"):
+            method.unlearn(nn.Sequential(*tied, nn.Tanh(), nn.Linear(FEATURES, CLASSES).double()), forget, retain,
+                           seed=0)
+        assert method.unlearn(model, forget, retain, seed=0).model is not None  # the ranks are in step
     finally:
         dist.destroy_process_group()
 
@@ -343,6 +363,17 @@ def _failure_worker(rank: int, world: int, store: str) -> None:
                 getattr(op, name)((bad if rank == 1 else good)[name])
         single = hessian_operator(model, nn.CrossEntropyLoss(), (x, y), path="generic")
         _close(op.matmat(ones), single.matmat(ones))
+        # A model changed on one rank after an objective was built on it (ModelChanged): the objective read the
+        # model before its collective, so rank 1 raised alone and rank 0 waited for the group's timeout.
+        changed = copy.deepcopy(model)
+        objective = DistributedObjective(changed, nn.CrossEntropyLoss(), shard, process_group=dist.group.WORLD)
+        if rank == 1:
+            changed[1] = nn.Tanh()
+        expect = ((ModelChanged, "modules changed") if rank == 1 else
+                  (RuntimeError, r"rank\(s\) \[1\] failed while computing the objective"))
+        for call in (objective.value, objective.gradient):
+            with pytest.raises(expect[0], match=expect[1]):
+                call()
     finally:
         dist.destroy_process_group()
 

@@ -583,7 +583,8 @@ class DistributedObjective:
                                     batch_size=batch_size),
             data, device, when_empty=True)
         dtype = next((p.dtype for p in chosen.values()), None)
-        self.shards = ShardGroup(process_group, rows, sum(p.numel() for p in chosen.values()), device, failure, dtype,
+        self._size, self._dtype, self._device = sum(p.numel() for p in chosen.values()), dtype, device
+        self.shards = ShardGroup(process_group, rows, self._size, device, failure, dtype,
                                  None if refusal else WeightCheck(model, self.param_names))
         self.num_data_passes = 0
 
@@ -592,19 +593,20 @@ class DistributedObjective:
         return self.local.weights()
 
     def _reduced(self, with_gradient: bool) -> tuple[float, torch.Tensor]:
-        w = self.local.weights()
-        like = torch.empty(1 + (w.numel() if with_gradient else 0), dtype=torch.float64, device=w.device)
+        # sized from construction, not from the model: a model changed since (ModelChanged) is this rank's
+        # failure inside the collective, which the others then raise at once, not after the group's timeout
+        like = torch.empty(1 + (self._size if with_gradient else 0), dtype=torch.float64, device=self._device)
 
         def local() -> torch.Tensor:
             if not with_gradient:
-                return torch.tensor([self.local.value()], dtype=torch.float64, device=w.device)
+                return torch.tensor([self.local.value()], dtype=torch.float64, device=self._device)
             value, grad = self.local.value_and_gradient()
-            return torch.cat([torch.tensor([value], dtype=torch.float64, device=w.device), grad.double()])
+            return torch.cat([torch.tensor([value], dtype=torch.float64, device=self._device), grad.double()])
 
         out = self.shards.combine(local if self.shards.shard_sizes[self.shards.rank] else None, like,
                                   "computing the objective")
         self.num_data_passes += 1
-        return float(out[0]), out[1:].to(w.dtype)
+        return float(out[0]), out[1:].to(self._dtype)
 
     def value(self) -> float:
         """F at the model's current weights."""

@@ -164,7 +164,7 @@ class ParameterSlots:
     def __init__(self, model: nn.Module, names: Iterable[str], *, buffer_names: Iterable[str] = ()) -> None:
         self._model = model
         self._tree = _module_tree(model)
-        self._ties = _tie_pattern(model)
+        self._ties = tie_pattern(model)
         self._slots = {}
         self._layouts = {}
         for kind, selected in (("parameter", names), ("buffer", buffer_names)):
@@ -191,10 +191,9 @@ class ParameterSlots:
                 f"the model's modules changed after the operator or objective was built on it (at module "
                 f"{changed or '(the model)'!r}: replaced, added or removed, or a parameter registered or deleted "
                 "there): build a new one on the model as it is now")
-        ties = _tie_pattern(self._model)
+        ties = tie_pattern(self._model)
         if ties != self._ties:  # the same names in the same order: the tree is the same
-            name, now, was = next((n, *pair) for n, *pair in zip(_parameter_names(self._model), ties, self._ties)
-                                  if pair[0] != pair[1])
+            name, now, was = next((name, now, was) for (name, now), (_, was) in zip(ties, self._ties) if now != was)
             raise ModelChanged(
                 f"the model's tied parameters changed after the operator or objective was built on it: {name!r} "
                 f"was {'its own tensor' if was == name else 'the tensor of ' + repr(was)}, now "
@@ -215,18 +214,14 @@ def _layout(tensor: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype, torch.d
     return tuple(tensor.shape), tensor.dtype, tensor.device
 
 
-def _parameter_names(model: nn.Module) -> list[str]:
-    """Every parameter name of ``model``, a tied parameter under each of its names."""
-    return [name for name, _ in model.named_parameters(remove_duplicate=False)]
-
-
-def _tie_pattern(model: nn.Module) -> tuple[str, ...]:
-    """For each name of :func:`_parameter_names`, the first name that holds its tensor: which slots share
-    one parameter (tied weights). The slots follow each parameter by its first name only, and the
-    functional forward writes it under the others (:class:`FunctionalForward`): tying or untying after
-    that is a change of the model. (Buffers are left out: a forward may register new ones.)"""
+def tie_pattern(model: nn.Module) -> tuple[tuple[str, str], ...]:
+    """(name, the first name that holds its tensor) for every parameter name of ``model``, a tied parameter
+    under each of its names: which slots share one parameter (tied weights). The slots follow each
+    parameter by its first name only, and the functional forward writes it under the others
+    (:class:`FunctionalForward`): tying or untying after that is a change of the model. (Buffers are
+    left out: a forward may register new ones.)"""
     first: dict[int, str] = {}
-    return tuple(first.setdefault(id(t), name) for name, t in model.named_parameters(remove_duplicate=False))
+    return tuple((name, first.setdefault(id(t), name)) for name, t in model.named_parameters(remove_duplicate=False))
 
 
 def _module_tree(model: nn.Module) -> list[tuple[str, nn.Module, tuple[str, ...]]]:

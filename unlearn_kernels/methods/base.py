@@ -4,6 +4,7 @@ from __future__ import annotations
 import abc
 import copy
 import math
+import operator
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -111,12 +112,8 @@ class Unlearner(abc.ABC):
                 After the work: the method diverged (the same check of the unlearned model); the
                 caller's model is unchanged.
         """
-        seed = check_seed(f"{self.name}: seed", seed)
-        # every tensor made under inference mode is an inference tensor, which autograd cannot use: refuse up front
-        if torch.is_inference_mode_enabled():
-            raise ValueError(f"{self.name}: cannot unlearn inside torch.inference_mode() (the method trains with "
-                             "autograd); call it outside")
         work = self._checked_copy(model, forget, retain, unseen, seed=seed)
+        seed = operator.index(seed)  # checked there (check_seed): a Python int from here on
         # inputs that require grad would collect gradients (and graphs) of the method's own passes, and
         # inference tensors cannot be saved for backward
         forget, retain = _detached(forget), _detached(retain)
@@ -136,7 +133,7 @@ class Unlearner(abc.ABC):
         """The input checks of :meth:`unlearn` (raising at the first problem), then the private copy
         of the model, which is run on one sample of each set. Data-parallel methods override it to
         agree with the other processes first (on the ``seed`` too, which a single process does not use here)."""
-        work = checked_local_copy(self, model, forget, retain, unseen)
+        work = checked_local_copy(self, model, forget, retain, unseen, seed)
         check_not_empty(self.name, rows_by_role(forget, retain, unseen))
         return work
 
@@ -165,9 +162,16 @@ class Unlearner(abc.ABC):
 
 
 def checked_local_copy(method: Unlearner, model: nn.Module, forget: LabeledData, retain: LabeledData,
-                        unseen: LabeledData | None) -> nn.Module:
-    """The checks of the model and of the sets this process holds (emptiness aside), then the private
-    copy of the model, run on one sample of each non-empty set."""
+                        unseen: LabeledData | None, seed: Any) -> nn.Module:
+    """The checks of the call (the seed, inference mode), of the model and of the sets this process holds
+    (emptiness aside), then the private copy of the model, run on one sample of each non-empty set. A
+    data-parallel method runs them inside its first collective, so that a rank that fails any of them
+    is named to the others there."""
+    check_seed(f"{method.name}: seed", seed)
+    # every tensor made under inference mode is an inference tensor, which autograd cannot use: refuse up front
+    if torch.is_inference_mode_enabled():
+        raise ValueError(f"{method.name}: cannot unlearn inside torch.inference_mode() (the method trains with "
+                         "autograd); call it outside")
     method.check_model(model)
     sets = _check_sets(method.name, forget, retain, unseen)
     work = _private_copy(method.name, model)

@@ -102,6 +102,7 @@ from ..curvature import (
 )
 from ..curvature.probes import LossFn, checked_loss
 from ..curvature.distributed import GroupRef
+from ..curvature.params import tie_pattern
 from ..labeled import LabeledData
 from ..training import model_device
 from ..solvers import (
@@ -231,11 +232,16 @@ def _fingerprint(text: str) -> tuple[float, float]:
 
 
 def _structure_text(model: nn.Module) -> str:
-    """The model's parameters and buffers by name, shape, dtype and (parameters) trainable flag: what the
-    ranks' collectives are sized by, before any value is compared."""
+    """The model's parameters and buffers by name, shape, dtype and (parameters) trainable flag, and its
+    tied parameters: what the ranks' collectives are sized by, before any value is compared (for a
+    non-model, refused by the input checks inside the collective, its type)."""
+    if not isinstance(model, nn.Module):
+        return type(model).__name__
     parameters = [f"{n}{tuple(p.shape)}:{p.dtype}{'' if p.requires_grad else ':frozen'}"
                   for n, p in model.named_parameters()]
-    return "; ".join(parameters + [f"{n}{tuple(b.shape)}:{b.dtype}" for n, b in model.named_buffers()])
+    # which slots share a parameter: ranks that tie one slot to different parameters blended two Hessians
+    ties = [f"{name}={first}" for name, first in tie_pattern(model) if name != first]
+    return "; ".join(parameters + [f"{n}{tuple(b.shape)}:{b.dtype}" for n, b in model.named_buffers()] + ties)
 
 
 def agree_on_inputs(method: Unlearner, group: dist.ProcessGroup, options: str, model: nn.Module,
@@ -253,7 +259,7 @@ def agree_on_inputs(method: Unlearner, group: dist.ProcessGroup, options: str, m
               "seed": (str(seed), "another seed")}
     work, failure, rows = None, None, {}
     try:
-        work = checked_local_copy(method, model, forget, retain, unseen)
+        work = checked_local_copy(method, model, forget, retain, unseen, seed)
         rows = rows_by_role(forget, retain, unseen)
     except (TypeError, ValueError) as err:  # raised here after the others learn of it
         failure = err
