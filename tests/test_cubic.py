@@ -194,7 +194,9 @@ def test_guard_finds_the_near_hard_case(seed, component):
     ref = cubic_newton_step(H, g, 1.0, method="dense")
     out = cubic_newton_step(H, g, 1.0, method="krylov", k_max=40)
     true = float(torch.linalg.vector_norm(g + H @ out.step + 0.5 * out.step_norm * out.step))
-    assert true * (1 - 1e-6) <= out.residual <= 1.1 * true  # a bound, tight
+    # a bound, tight, up to the rounding of evaluating the true gradient (1.5e-15 against a bound of 5.9e-16 with
+    # AVX2 kernels where the step is exact)
+    assert true * (1 - 1e-6) - 1e-13 <= out.residual <= 1.1 * true + 1e-13
     assert out.converged and out.sigma >= 100.0 * (1 - 1e-12)
     assert out.model_value == pytest.approx(ref.model_value, rel=1e-8)
     assert model(H, g, 1.0, out.step) == pytest.approx(ref.model_value, rel=1e-8)
@@ -234,7 +236,9 @@ def test_selective_residual_counts_the_step_norm(seed):
     M, kappa = 1.0, 1e-6
     out = cubic_newton_step(H, g, M, method="krylov", reorth="selective", k_max=10, kappa=kappa)
     true = float(torch.linalg.vector_norm(g + H @ out.step + 0.5 * out.step_norm * out.step))
-    assert true * (1 - 1e-6) <= out.residual <= 1.1 * true  # a bound, tight
+    # a bound, tight, up to the rounding of evaluating the true gradient (1.5e-15 against a bound of 5.9e-16 with
+    # AVX2 kernels where the step is exact)
+    assert true * (1 - 1e-6) - 1e-13 <= out.residual <= 1.1 * true + 1e-13
     # converged only where the true gradient meets the rule (theta ||s||^2 with theta = kappa M / 2, or kappa
     # min(1, ||s||) ||g||): how far Q drifts from orthonormal depends on the CPU's rounding (on an AMD EPYC
     # every seed drifted, on an Intel Xeon with AVX-512 only seed 24), so the test holds the rule, not a drift
