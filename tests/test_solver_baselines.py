@@ -465,7 +465,7 @@ def test_operator_products_are_held_to_what_it_declares(spd):
 def test_singular_systems_are_not_reported_solved(singular):
     """H + 0 I exactly singular: LDL^T gets a rounding-level pivot, not a zero one, and returned a step of
     norm 7e16 (residual 6 ||g||) marked converged; MINRES reports success on the inconsistent system with
-    a step 1000 times the pseudo-inverse's along the null space, which minres-ldl accepted and
+    a step far along the null space (80 to 1000 times the pseudo-inverse's, by the CPU's rounding), which minres-ldl accepted and
     pinv-minres and damped-minres marked converged."""
     H, U, g = singular
     with pytest.raises(ValueError, match=r"singular to working precision \(damping 0: reciprocal condition number"):
@@ -474,7 +474,8 @@ def test_singular_systems_are_not_reported_solved(singular):
         damped_newton_step(H, g, 0.0, solver="minres-ldl", maxiter=5 * D)
     for step in (pinv_newton_step(H, g, solver="minres"), damped_newton_step(H, g, 0.0, solver="minres")):
         assert step.info["scipy_info"] == 0 and not step.converged
-        assert float(step.step.norm()) > 100 * float(pinv_newton_step(H, g).step.norm())
+        # far along the null space (how far is rounding's doing: 1000x with AVX-512 kernels, 83x without vectors)
+        assert float(step.step.norm()) > 10 * float(pinv_newton_step(H, g).step.norm())
     # consistent (g in range(H)): MINRES's minimum-norm solution is the pseudo-inverse step, and converged
     inside = U[:, 5:] @ (U[:, 5:].T @ g)
     step = damped_newton_step(H, inside, 0.0, solver="minres-ldl", maxiter=5 * D)

@@ -1122,6 +1122,7 @@ def test_progress_on_a_terminal_that_reports_no_width_is_plain_lines(monkeypatch
     such a terminal gets the plain lines of a log file, one of 80 columns the bar."""
     import fcntl
     import pty
+    import select
     import struct
     import termios
 
@@ -1136,7 +1137,10 @@ def test_progress_on_a_terminal_that_reports_no_width_is_plain_lines(monkeypatch
             update("seed 0: training", 0, 2)
             update("seed 0: cure_newton", 1, 2)
         stream.flush()
-        written = os.read(master, 65536).decode()
+        written = b""
+        while select.select([master], [], [], 0.5)[0]:  # a pty hands its output over in pieces: read it all
+            written += os.read(master, 65536)
+        written = written.decode()
     finally:
         stream.close()
         os.close(master)
