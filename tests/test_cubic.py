@@ -593,3 +593,29 @@ def test_a_solve_interrupted_by_ctrl_c_goes_on_where_it_stopped(k):
         solver.solve(1.0)
     out = solver.solve(1.0)
     assert out.converged and out.hard_case and out.model_value == pytest.approx(dense.model_value, rel=1e-8)
+
+
+def test_a_solve_interrupted_after_the_probe_filled_the_basis_goes_on():
+    """An interrupt in the small solve that follows the probe (the basis full: k_max + probe_steps vectors) made
+    the next solve() probe again and fail in Lanczos's restart ("no restart possible: two-pass mode ...")."""
+    d = 40
+    gen = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=gen))
+    H = Q @ torch.diag(torch.cat([torch.tensor([-2.0]), torch.linspace(1, 4, d - 1)]).double()) @ Q.T
+    H = (H + H.T) / 2
+    g = Q[:, 1:] @ torch.randn(d - 1, dtype=torch.float64, generator=gen) * 0.1
+    solver = KrylovCubicSolver(H, g, k_max=5, probe_steps=3)
+    small_solve, calls = solver._small_solve, []
+
+    def interrupted(M: float):
+        calls.append(M)
+        if len(calls) == 6:  # the first small solve after the probe
+            raise KeyboardInterrupt
+        return small_solve(M)
+
+    solver._small_solve = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        solver.solve(1.0)
+    assert solver.process.n == solver.process.capacity
+    out = solver.solve(1.0)
+    assert out.iterations == solver.process.capacity and math.isfinite(out.model_value)

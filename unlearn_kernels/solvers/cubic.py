@@ -317,6 +317,8 @@ class KrylovCubicSolver:
         # vector is what rounding carried out of the Krylov space of g, the bottom eigenvector above
         # all (the hard case), and Lanczos goes on from it.
         if fresh_start or proc.betas[-1] > tol * max(np.abs(proc.alphas).max(), max(proc.betas)):
+            if not proc.can_restart:  # the basis is full (a call cut short after it filled it): nothing to probe
+                return
             proc.restart()
         start = proc.n  # the capacity (k_max + probe_steps, < d but for a fresh start) leaves probe_steps steps
         for _ in range(min(self.probe_steps, proc.capacity - proc.n)):
@@ -368,8 +370,8 @@ class KrylovCubicSolver:
             if self.guard and not self._probed:
                 main_steps = proc.n
                 self._run_probe()
+                self._probed = True  # once: an interrupted resume goes on from the probe, not into another one
                 self._resume_main(M, self.k_max - main_steps)
-                self._probed = True
             self._built = True
         y, sigma, hard, value, _ = self._small_solve(M)
         s = replay(self.op, self._v0, proc.n, y) if self.two_pass else proc.combine(y)
