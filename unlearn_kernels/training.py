@@ -191,24 +191,21 @@ def probe_rows(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x[:1]
 
 
-def _check_training_mode_output(owner: str, model: nn.Module, data: LabeledData, role: str, classes: int) -> None:
-    """:func:`check_fits`' probe in training mode (two rows: batch statistics need them)."""
+def _probe_output(owner: str, model: nn.Module, rows: torch.Tensor, training: bool, fails: str) -> Any:
+    """``model(rows)`` in training mode (on copies of the buffers: running statistics stay as they are)
+    or eval mode, each submodule's flag and the caller's RNG state restored; torch's and the model's
+    own errors as ``ValueError(f"{owner}: {fails}: {error}")`` (running out of memory raised as it is)."""
     device = model_device(model)
-    rows = data.x[[0, min(1, len(data.x) - 1)]].to(device)
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    with module_mode(model, training=True), seeded_rng(0, device):
+    with module_mode(model, training), seeded_rng(0, device):
         try:
-            out = torch.func.functional_call(model, buffers, (rows,))
-        except (RuntimeError, ValueError, TypeError, IndexError) as error:
+            if training:
+                buffers = {name: b.clone() for name, b in model.named_buffers()}
+                return torch.func.functional_call(model, buffers, (rows.to(device),))
+            return model(rows.to(device))
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:  # torch's and the model's own checks
             if is_out_of_memory(error):
                 raise
-            raise ValueError(f"{owner}: the model fails in training mode, which {owner} trains it in, on two {role} "
-                             f"samples: {error}") from error
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (len(rows), classes):
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"{owner}: in training mode, which {owner} trains it in, the model must map a batch of {role} "
-                         f"samples to (batch, classes) logits as in eval mode ({classes} classes); two samples gave "
-                         f"{shape}")
+            raise ValueError(f"{owner}: {fails}: {error}") from error
 
 
 def check_converged(owner: str, role: str, config: TrainConfig, model: nn.Module) -> None:
@@ -234,22 +231,23 @@ def check_fits(owner: str, model: nn.Module, data: LabeledData, role: str = "tra
     ``in_training_mode`` (for a caller that trains the model in that mode) two samples also run in
     training mode, on copies of the buffers (running statistics stay as they are), and must give
     (2, C) logits too: torchvision's Inception3 and GoogLeNet return (logits, aux) there."""
-    with eval_mode(model), seeded_rng(0, model_device(model)):
-        rows = probe_rows(model, data.x)
-        try:
-            out = model(rows.to(model_device(model)))
-        except (RuntimeError, ValueError, TypeError, IndexError) as error:  # torch's and the model's own checks
-            if is_out_of_memory(error):
-                raise
-            raise ValueError(f"{owner}: the {role} samples ({data.x.dtype}, shape {tuple(data.x.shape[1:])}) do not "
-                             f"fit the model: {error}") from error
+    rows = probe_rows(model, data.x)
+    out = _probe_output(owner, model, rows, False,
+                        f"the {role} samples ({data.x.dtype}, shape {tuple(data.x.shape[1:])}) do not fit the model")
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != len(rows):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"{owner}: the model must map a batch of {role} samples to (batch, classes) logits; "
                          f"{'one sample' if len(rows) == 1 else 'two samples'} gave {shape}")
     classes = out.shape[1]
-    if in_training_mode:
-        _check_training_mode_output(owner, model, data, role, classes)
+    if in_training_mode:  # two rows: batch statistics need them
+        rows = data.x[[0, min(1, len(data.x) - 1)]]
+        out = _probe_output(owner, model, rows, True,
+                            f"the model fails in training mode, which {owner} trains it in, on two {role} samples")
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (len(rows), classes):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"{owner}: in training mode, which {owner} trains it in, the model must map a batch of "
+                             f"{role} samples to (batch, classes) logits as in eval mode ({classes} classes); two "
+                             f"samples gave {shape}")
     bad = (data.y < 0) | (data.y >= classes)
     if bool(bad.any()):
         row = int(bad.nonzero()[0])

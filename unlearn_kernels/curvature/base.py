@@ -104,8 +104,7 @@ from .params import (
 )
 from .probes import (
     LossFn,
-    refuse_global_modes,
-    refuse_inference_mode,
+    refuse_modes,
     check_finite_weights,
     check_per_sample_forward,
     checked_loss,
@@ -206,8 +205,7 @@ class CurvatureOperator(abc.ABC):
         self.param_names: tuple[str, ...] = tuple(chosen)
         self.dtype: torch.dtype = dtypes.pop()
         self.device: torch.device = devices.pop()
-        refuse_global_modes(type(self).__name__, self.device)
-        refuse_inference_mode(type(self).__name__, "be built")  # its probes differentiate the loss
+        refuse_modes(type(self).__name__, self.device, "be built")  # its probes differentiate the loss
         self._shapes = [p.shape for p in chosen.values()]
         # Where each chosen parameter starts in the flat (d,) vector (row-major, in param_names order).
         self._param_offsets: dict[str, int] = {}
@@ -319,9 +317,8 @@ class CurvatureOperator(abc.ABC):
         of its values), drop the cache, re-take the views of parameters whose data was replaced and copy
         the buffers again (``load_state_dict`` writes both in place). A module put in training mode
         since (dropout: random products; BatchNorm: batch statistics) is refused as at construction."""
-        refuse_global_modes(type(self).__name__, self.device)
-        # the generic and GGN paths differentiate (a graph built there has no derivatives: wrong products)
-        refuse_inference_mode(type(self).__name__, "take products or gradients")
+        # the generic and GGN paths differentiate (a graph built in inference mode has no derivatives)
+        refuse_modes(type(self).__name__, self.device, "take products or gradients")
         check_per_sample_forward(self.model)
         self.data.check_unchanged(type(self).__name__)
         key = self._current_weights_key()  # the module tree first (ModelChanged)

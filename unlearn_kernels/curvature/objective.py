@@ -11,8 +11,7 @@ from torch import nn
 from ..checks import check_not_meta, check_number, normalisation_buffers
 from .batches import BatchSource, DataSpec, RowMean
 from .probes import (
-    refuse_global_modes,
-    refuse_inference_mode,
+    refuse_modes,
     check_finite_weights,
     check_per_sample_forward,
     checked_loss,
@@ -132,8 +131,7 @@ class Objective:
             raise ValueError("Objective: the chosen parameters mix dtypes or devices; choose parameters that share one "
                              "dtype and device")
         self._device = next(iter(devices))
-        refuse_global_modes("Objective", self._device)
-        refuse_inference_mode("Objective", "be built")  # its probes differentiate the loss
+        refuse_modes("Objective", self._device, "be built")  # its probes differentiate the loss
         self.model = model
         self.loss_fn = loss_fn
         self.param_names: tuple[str, ...] = tuple(chosen)
@@ -177,9 +175,8 @@ class Objective:
     def _pass(self, with_gradient: bool) -> tuple[float, torch.Tensor | None]:
         # a module put in training mode since construction: random values, or running statistics the
         # value's forward would write into the caller's model
-        refuse_global_modes("Objective", self._device)
-        if with_gradient:  # the value alone may be taken inside inference mode
-            refuse_inference_mode("Objective", "take a gradient")
+        # the value alone may be taken inside inference mode
+        refuse_modes("Objective", self._device, "take a gradient" if with_gradient else None)
         check_per_sample_forward(self.model, "Objective")
         self._check_weights()
         self.data.check_unchanged("Objective")

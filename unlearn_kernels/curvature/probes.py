@@ -21,11 +21,13 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _TRAIN_MODE_MODULES = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 
 
-def refuse_global_modes(owner: str, device: torch.device) -> None:
-    """ValueError inside a caller's mode that changes what the model's forward computes: ``torch.autocast``
-    for ``device``'s type (products and gradients in its lower precision, or refused by the fused
-    kernels, instead of the parameters' dtype) and ``torch.nn.utils.parametrize.cached()`` (every
-    batch's forward would reuse the first one's parametrized weight, without its derivatives)."""
+def refuse_modes(owner: str, device: torch.device, needs_autograd: str | None) -> None:
+    """ValueError inside a caller's mode that changes what the model's forward computes:
+    ``torch.autocast`` for ``device``'s type (products and gradients in its lower precision, or refused
+    by the fused kernels, instead of the parameters' dtype) and ``torch.nn.utils.parametrize.cached()``
+    (every batch's forward would reuse the first one's parametrized weight, without its derivatives);
+    and, unless ``needs_autograd`` is None, inside ``torch.inference_mode()``, where autograd records
+    nothing: ``needs_autograd`` says what needs it ("be built", its probes differentiating the loss)."""
     if torch.is_autocast_enabled(device.type):
         raise ValueError(f"{_prefix(owner)}torch.autocast is on for {device.type}: the curvature is computed in the "
                          "parameters' dtype, not autocast's; call it outside autocast (or inside "
@@ -33,14 +35,9 @@ def refuse_global_modes(owner: str, device: torch.device) -> None:
     if parametrize._cache_enabled:  # torch's own flag (no public reader)
         raise ValueError(f"{_prefix(owner)}torch.nn.utils.parametrize.cached() is on: its parametrized weights are "
                          "computed once and held without the derivatives the curvature needs; call it outside")
-
-
-def refuse_inference_mode(owner: str, what: str) -> None:
-    """ValueError inside ``torch.inference_mode()``, where autograd records nothing: ``what`` (e.g. "be
-    built", its construction probes differentiating the loss) needs it."""
-    if torch.is_inference_mode_enabled():
-        raise ValueError(f"{_prefix(owner)}cannot {what} inside torch.inference_mode(), where autograd records "
-                         "nothing: call it outside")
+    if needs_autograd is not None and torch.is_inference_mode_enabled():
+        raise ValueError(f"{_prefix(owner)}cannot {needs_autograd} inside torch.inference_mode(), where autograd "
+                         "records nothing: call it outside")
 
 
 def refuse_parameter_writes(owner: str, copies: dict[str, torch.Tensor]) -> None:

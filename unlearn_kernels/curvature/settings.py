@@ -25,7 +25,7 @@ def _calls(module: nn.Module) -> tuple:
             tuple(module._backward_hooks), "forward" in vars(module))
 
 
-def _is_torchs(module: nn.Module) -> bool:
+def _shows_settings(module: nn.Module) -> bool:
     """A module of torch.nn's or of this package's (a LoRA adapter's scale), whose ``extra_repr`` shows
     settings, not weights."""
     return type(module).__module__.startswith(("torch.nn.", "unlearn_kernels."))
@@ -38,7 +38,7 @@ def module_settings(model: nn.Module) -> list[tuple[str, nn.Module, bool, str, t
     hold; and how it is called
     (:func:`_calls`). Another module's ``extra_repr`` can show its weights' values (a learnable
     temperature), which are the weights' key's: left out."""
-    return [(name, module, module.training, module.extra_repr() if _is_torchs(module) else "", _calls(module))
+    return [(name, module, module.training, module.extra_repr() if _shows_settings(module) else "", _calls(module))
             for name, module in model.named_modules()]
 
 
@@ -53,7 +53,7 @@ def loss_settings(loss_fn: LossFn) -> tuple[tuple, WeightsKey]:
         plain = tuple((name, module.training, _calls(module),
                        tuple(sorted((k, v) for k, v in vars(module).items()
                                     if isinstance(v, _PLAIN) and not k.startswith("_")))
-                       if _is_torchs(module) else ())
+                       if _shows_settings(module) else ())
                       for name, module in loss_fn.named_modules())
         return plain, weights_key(loss_fn.buffers())
     if isinstance(loss_fn, functools.partial):

@@ -248,7 +248,7 @@ class KrylovCubicSolver:
         capacity = self.k_max + (self.probe_steps if self.guard else 0)
         self.process = LanczosProcess(self.op, self._v0, reorth=reorth, store_basis=not two_pass,
                                       capacity=capacity, generator=gen)
-        self._probed = False  # the guard's probe block has run (with the main phase it resumed)
+        self._probed = False  # the guard's probe block has run
         self._built = False  # a first solve built T to the end
 
     # -- the small problem
@@ -304,7 +304,7 @@ class KrylovCubicSolver:
         # Without reorthogonalisation r is rounding noise inside span(Q), not what rounding carried out of it:
         # going on from it built no new direction (a hard case missed, reported converged), so the probe
         # always starts from a random vector made orthogonal to the stored basis.
-        fresh_start = proc.reorth == "none" and proc.can_restart
+        fresh_start = proc.reorth == "none"
         if self.op.shape[0] - proc.n <= self.probe_steps and not fresh_start:
             # The probe could reach the whole space: fill it by continuing Lanczos (T stays
             # tridiagonal; a breakdown restarts into what is left).
