@@ -503,6 +503,20 @@ def test_gradient_hooks_on_the_parameters_stay_with_the_copy(problem):
     assert seen and len(out[1].weight._backward_hooks) == 1
 
 
+def test_a_hooked_weight_that_was_then_frozen_keeps_its_hook_on_the_copy(problem):
+    """torch registers no hook on a frozen tensor, and the copy re-registered the caller's hooks: a weight hooked
+    and then frozen (as RFA(merge=False) returns a model whose base weights are) made every method fail with
+    torch's bare "cannot register a hook on a tensor that doesn't require gradient"."""
+    model = copy.deepcopy(problem[0])
+    model[1].weight.register_hook(lambda grad: grad)
+    model[1].weight.register_post_accumulate_grad_hook(lambda p: None)
+    model[1].weight.requires_grad_(False)
+    out = Finetune(epochs=1, weight_decay=0.0).unlearn(model, problem[1], problem[2], seed=0).model
+    assert not out[1].weight.requires_grad and torch.equal(out[1].weight, model[1].weight)
+    assert len(out[1].weight._backward_hooks) == 1 and len(out[1].weight._post_accumulate_grad_hooks) == 1
+    assert not torch.equal(out[3].weight, model[3].weight)
+
+
 def test_a_model_that_cannot_be_copied_is_refused_by_name(problem):
     import threading
 

@@ -512,6 +512,22 @@ def test_adapters_of_an_earlier_request_stay_in_the_loss():
     assert second.diagnostics["layers"] == ["0", "2"]
 
 
+def test_one_configured_method_applies_to_its_own_output():
+    """RFA(targets=X, merge=False) refused its own output ("module 'X' already has an adapter"), although an
+    earlier request's adapters train on: a named layer with an adapter keeps it, a pattern that selects only
+    such layers selects none, and add_adapters itself still refuses the layer."""
+    forget, retain = _small_sets()
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    for targets in ("0", "[0]"):
+        rfa = RFA(targets=targets, merge=False, epochs=1, batch_size=8)
+        first = rfa.unlearn(model, forget, retain, seed=0).model
+        second = rfa.unlearn(first, forget, retain, seed=1)
+        assert second.diagnostics["layers"] == ["0"]
+        assert not torch.equal(second.model[0].lora_a, first[0].lora_a)
+    with pytest.raises(ValueError, match="module '0' already has an adapter"):
+        lora.add_adapters(first, "0", rank=2)
+
+
 class _Scalars(torch.nn.Module):
     """A model of one scalar input per sample (x of shape (N,)), which every other method takes."""
 

@@ -327,8 +327,8 @@ def new_adapter_layers(owner: str, model: nn.Module, targets: Sequence[str] | No
     if isinstance(model, ADAPTABLE) or "" in existing:
         raise ValueError(f"{owner}: the model is itself a {type(model).__name__} layer; wrap it, e.g. "
                          "nn.Sequential(model)")
-    if targets is not None:
-        return resolve_targets(model, targets, owner=owner)
+    if targets is not None:  # a named layer with an adapter from an earlier request: that adapter trains
+        return resolve_targets(model, targets, owner=owner, skip_adapted=True)
     if existing:
         return []
     layers = default(model)
@@ -348,10 +348,12 @@ def check_targets(owner: str, targets: Any) -> tuple[str, ...]:
     return tuple(names)
 
 
-def resolve_targets(model: nn.Module, targets: str | Sequence[str], owner: str = "add_adapters") -> list[str]:
+def resolve_targets(model: nn.Module, targets: str | Sequence[str], owner: str = "add_adapters",
+                    skip_adapted: bool = False) -> list[str]:
     """Module names selected by ``targets`` (exact names first, else glob patterns), each a Linear or
     Conv2d layer without an adapter that can take one (see :func:`add_adapters`); TypeError/ValueError
-    naming the first target that is not.
+    naming the first target that is not. With ``skip_adapted`` a target that selects layers with an
+    adapter selects none of them instead of being refused.
     A layer that is also used elsewhere in the model (the same module under a second name, or one of
     its parameters shared with another module, as tied weights are) is refused with ValueError: an
     adapter would take only one of its uses, and freezing and merging would change the others.
@@ -372,6 +374,8 @@ def resolve_targets(model: nn.Module, targets: str | Sequence[str], owner: str =
     for target in targets:
         if target in modules:
             module = modules[target]
+            if isinstance(module, _Adapter) and skip_adapted:
+                continue
             if isinstance(module, _Adapter) or target in inside:
                 raise ValueError(f"{owner}: module {target!r} already has an adapter")
             if not isinstance(module, ADAPTABLE):
@@ -385,6 +389,8 @@ def resolve_targets(model: nn.Module, targets: str | Sequence[str], owner: str =
                                  f"(modules: {[n for n in modules if n][:12]}...)")
             found = [n for n in matched if isinstance(modules[n], ADAPTABLE)]
             adapted = [n for n in matched if isinstance(modules[n], _Adapter)]
+            if not found and adapted and skip_adapted:
+                continue
             if not found and adapted:
                 raise ValueError(f"{owner}: pattern {target!r} matches no layer without an adapter: "
                                  f"{adapted[:6]} already have one")

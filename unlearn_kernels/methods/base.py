@@ -198,10 +198,16 @@ def _private_copy(name: str, model: nn.Module) -> nn.Module:
         raise TypeError(f"{name}: the model cannot be copied, and every method works on a copy (the given model "
                         f"stays as it is): {error}{hint}") from error
     for copied, gradient_hooks, accumulate_hooks in zip(work.parameters(), *hooks):
+        # a weight hooked and then frozen keeps its hooks, but torch registers none on a frozen tensor
+        frozen = not copied.requires_grad and bool(gradient_hooks or accumulate_hooks)
+        if frozen:
+            copied.requires_grad_(True)
         for hook in gradient_hooks:
             copied.register_hook(hook)
         for hook in accumulate_hooks:
             copied.register_post_accumulate_grad_hook(hook)
+        if frozen:
+            copied.requires_grad_(False)
     return work
 
 
