@@ -77,6 +77,28 @@ def test_class_forgetting_needs_no_unseen_data_and_targets_zero(digits):
     assert accuracy(result.model, retain) > 0.85
 
 
+def test_a_class_forgotten_by_an_earlier_request_is_not_taught_back(digits):
+    """Class 3 forgotten, then class 5: the second request's forget targets (tau up to 1e13) gave every class,
+    class 3 too, the same share, and LoTUS taught class 3 back (its accuracy 0.16 -> 0.56 on the study's digits
+    MLP). A class neither D_f nor D_r holds now gets none of the targets' mass."""
+    x, y = digits
+    x, y = x[:600], y[:600]
+    model = init_model(lambda: MLP(64, hidden=(32,), num_classes=10), 0)
+    train(model, LabeledData(x, y), TrainConfig(epochs=10, batch_size=32, lr=0.05, seed=0))
+    three, five = y == 3, y == 5
+    kept = ~three
+    first = LoTUS(epochs=10, lr=3e-3).unlearn(model, LabeledData(x[three], y[three]),
+                                              LabeledData(x[kept], y[kept]), seed=0).model
+    before = accuracy(first, LabeledData(x[three], y[three]))
+    kept &= ~five
+    second = LoTUS(epochs=10, lr=3e-3).unlearn(first, LabeledData(x[five], y[five]), LabeledData(x[kept], y[kept]),
+                                               seed=0).model
+    assert accuracy(second, LabeledData(x[five], y[five])) < 0.5
+    assert accuracy(second, LabeledData(x[three], y[three])) <= before
+    with torch.no_grad():  # the share of class 3 on the forgotten rows fell
+        assert (F.softmax(second(x[five]), 1)[:, 3].mean() < F.softmax(first(x[five]), 1)[:, 3].mean())
+
+
 def test_deterministic_per_seed(sample_problem):
     model, forget, retain, unseen = sample_problem
     method = LoTUS(epochs=2)
