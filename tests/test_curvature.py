@@ -1767,6 +1767,30 @@ def test_a_layer_called_twice_leaves_the_model_intact():
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+def test_a_pruned_layer_keeps_no_graph_of_the_products():
+    """torch.nn.utils.prune's pre-hook writes the computed weight as a plain attribute at every forward: from
+    the operators' swapped-in tensors it kept their graph (or, after the GGN's jvp, a torch.func wrapper) in the
+    model, which every method then refused ("cannot be copied") and torch.save could not write."""
+    import torch.nn.utils.prune as prune
+    from torch._C._functorch import is_functorch_wrapped_tensor
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, C)).to(DT)
+    prune.l1_unstructured(model[0], "weight", amount=0.4)
+    x, y = torch.randn(N, 6, dtype=DT), torch.randint(0, C, (N,))
+    with torch.no_grad():  # the computed weight without a graph, as the guide advises
+        model(x)
+    computed = model[0].weight
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=DT)
+    for use in (lambda: hessian_operator(model, F.cross_entropy, (x, y), mode="reverse-over-reverse").matvec(v),
+                lambda: hessian_operator(model, F.cross_entropy, (x, y), mode="forward-over-reverse").matvec(v),
+                lambda: ggn_operator(model, F.cross_entropy, (x, y)).matvec(v),
+                lambda: Objective(model, F.cross_entropy, (x, y)).gradient()):
+        use()
+        assert model[0].weight is computed and not is_functorch_wrapped_tensor(model[0].weight)
+        copy.deepcopy(model)
+
+
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
 def test_batches_with_no_rows_counted_contribute_zero_on_every_path(kind):
     """A batch whose rows are all ignore_index (cross entropy's mean over it is 0/0) and a batch with

@@ -259,7 +259,16 @@ class FunctionalForward:
         if self.aliases:
             tensors = {**tensors, **{alias: tensors[name] for name, others in self.aliases.items()
                                      if name in tensors for alias in others}}
-        return torch.func.functional_call(self.model, tensors, args, tie_weights=False)
+        # a forward pre-hook may write a plain tensor attribute (torch.nn.utils.prune's and the legacy
+        # weight_norm's computed weight): from the swapped-in tensors it would keep their graph, or a
+        # torch.func wrapper, in the model (no deepcopy, no torch.save): each is put back after the call
+        computed = [(module, key, value) for module in self.model.modules()
+                    for key, value in vars(module).items() if isinstance(value, torch.Tensor)]
+        try:
+            return torch.func.functional_call(self.model, tensors, args, tie_weights=False)
+        finally:
+            for module, key, value in computed:
+                module.__dict__[key] = value
 
 
 def _slot(model: nn.Module, name: str) -> tuple[int, str]:
