@@ -171,6 +171,44 @@ def test_checks():
     assert norm64(big) == pytest.approx(6e38, rel=1e-6)
 
 
+class _Sequence(nn.Module):
+    """A classifier over (N, 5, 4) sequences around one randomised module in training mode."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind, self.fc = kind, nn.Linear(4, 3)
+        if kind == "MultiheadAttention":
+            self.inner = nn.MultiheadAttention(4, 2, dropout=0.5, batch_first=True)
+        elif kind == "LSTM":
+            self.inner = nn.LSTM(4, 4, num_layers=2, dropout=0.5, batch_first=True)
+        else:
+            self.inner = nn.RReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "MultiheadAttention":
+            return self.fc(self.inner(x, x, x)[0].mean(1))
+        if self.kind == "LSTM":
+            return self.fc(self.inner(x)[0][:, -1])
+        return self.fc(self.inner(x).mean(1))
+
+
+@pytest.mark.parametrize("kind", ["MultiheadAttention", "LSTM", "RReLU"])
+def test_randomness_in_training_mode_outside_dropout_modules_is_refused(kind):
+    """Attention's and stacked RNNs' own dropout and RReLU's random slopes are no nn.Dropout module: the
+    Objective took them in training mode and gave another value and gradient at every call (1.1496 then 1.1616
+    with attention). In eval mode, or without dropout, they are accepted."""
+    torch.manual_seed(0)
+    model = _Sequence(kind).train()
+    x, y = torch.randn(16, 5, 4), torch.randint(0, 3, (16,))
+    with pytest.raises(ValueError, match=rf"^Objective: module 'inner' \({kind}\) is in training mode: .* random"):
+        Objective(model, F.cross_entropy, (x, y))
+    objective = Objective(model.eval(), F.cross_entropy, (x, y))
+    assert objective.value() == objective.value()
+    if kind != "RReLU":
+        model.inner.dropout = 0.0
+        Objective(model.train(), F.cross_entropy, (x, y))
+
+
 def test_refuses_what_the_curvature_operators_refuse(problem):
     """Train-mode BatchNorm/dropout (the gradient once wrote BatchNorm's running statistics), a BatchNorm
     without running statistics, labels

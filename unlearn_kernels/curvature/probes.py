@@ -17,8 +17,19 @@ from .settings import hooked_module
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-# Modules whose train-mode forward is random (dropout) or couples the samples of a batch (BatchNorm).
-_TRAIN_MODE_MODULES = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+def _train_mode_problem(module: nn.Module) -> str | None:
+    """What ``module``'s train-mode forward does to a sample's loss, or None: random (dropout, its own
+    or inside attention or between stacked RNN layers; RReLU's random slopes) or dependent on the
+    batch (BatchNorm)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return "BatchNorm in training mode makes the loss and its curvature depend on how the data is batched"
+    random = (isinstance(module, (nn.modules.dropout._DropoutNd, nn.RReLU))
+              or (isinstance(module, nn.MultiheadAttention) and module.dropout > 0)
+              or (isinstance(module, nn.RNNBase) and module.dropout > 0 and module.num_layers > 1))
+    if random:
+        what = "its random slopes" if isinstance(module, nn.RReLU) else "dropout"
+        return f"{what} in training mode {'makes' if what == 'dropout' else 'make'} the loss and its curvature random"
+    return None
 
 
 def refuse_modes(owner: str, device: torch.device, needs_autograd: str | None) -> None:
@@ -167,16 +178,13 @@ def check_loss_labels(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor, owner
 
 def check_per_sample_forward(model: nn.Module, owner: str = "") -> None:
     """ValueError naming the first module of ``model`` that makes a sample's output depend on more than
-    the sample: BatchNorm or dropout in training mode, or a BatchNorm without running statistics, which
+    the sample: BatchNorm or randomness (dropout, RReLU) in training mode, or a BatchNorm without running statistics, which
     normalises with the batch's statistics in eval mode too. The operators' losses are means over
     samples, the same for any batching of the data."""
     for name, module in model.named_modules():
-        if module.training and isinstance(module, _TRAIN_MODE_MODULES):
-            kind = "dropout" if isinstance(module, nn.modules.dropout._DropoutNd) else "BatchNorm"
-            raise ValueError(
-                f"{_prefix(owner)}module {name or type(module).__name__!r} ({type(module).__name__}) is in training "
-                f"mode: {kind} in training mode makes the loss and its curvature "
-                + ("random" if kind == "dropout" else "depend on how the data is batched")
-                + "; call model.eval() first (on a copy if you need train mode elsewhere)"
-            )
+        problem = _train_mode_problem(module) if module.training else None
+        if problem is not None:
+            raise ValueError(f"{_prefix(owner)}module {name or type(module).__name__!r} ({type(module).__name__}) is "
+                             f"in training mode: {problem}; call model.eval() first (on a copy if you need train "
+                             "mode elsewhere)")
     check_batch_statistics(owner, model, "the loss and its curvature would depend on how the data is batched")
