@@ -178,9 +178,9 @@ def check_loss_labels(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor, owner
 
 def check_per_sample_forward(model: nn.Module, owner: str = "") -> None:
     """ValueError naming the first module of ``model`` that makes a sample's output depend on more than
-    the sample: BatchNorm or randomness (dropout, RReLU) in training mode, or a BatchNorm without running statistics, which
-    normalises with the batch's statistics in eval mode too. The operators' losses are means over
-    samples, the same for any batching of the data."""
+    the sample: BatchNorm or randomness (dropout, RReLU) in training mode, or a BatchNorm without
+    running statistics, which normalises with the batch's statistics in eval mode too. The operators'
+    losses are means over samples, the same for any batching of the data."""
     for name, module in model.named_modules():
         problem = _train_mode_problem(module) if module.training else None
         if problem is not None:
