@@ -517,6 +517,25 @@ def test_a_hooked_weight_that_was_then_frozen_keeps_its_hook_on_the_copy(problem
     assert not torch.equal(out[3].weight, model[3].weight)
 
 
+@pytest.mark.parametrize("name", ["finetune", "damped_newton", "cure_newton", "rfa"])
+def test_a_model_that_writes_its_input_in_place_leaves_the_callers_data_alone(problem, name):
+    """The methods' probes ran the model on views of the caller's rows: with ReLU(inplace=True) first every method
+    wrote row 0 of each set, and the Newton methods' parameter probe 256 retain rows, on which they then built their
+    objective (damped_newton's step 0.83 off the step on the given data); the metrics wrote every row."""
+    from unlearn_kernels.eval.metrics import gradient_norm, predict_logits
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LeakyReLU(0.1, inplace=True), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
+    _, forget, retain = problem
+    sets = [LabeledData(d.x * 2 - 1, d.y) for d in (forget, retain)]  # negative entries to write
+    sets.append(LabeledData(-sets[0].x, sets[0].y))  # unseen
+    before = [d.x.clone() for d in sets]
+    _make(name).unlearn(model, *sets[:2], unseen=sets[2], seed=0)
+    predict_logits(model, sets[1])
+    gradient_norm(model, F.cross_entropy, sets[1])
+    assert all(torch.equal(d.x, x) for d, x in zip(sets, before))
+
+
 def test_a_model_that_cannot_be_copied_is_refused_by_name(problem):
     import threading
 

@@ -188,7 +188,7 @@ def probe_rows(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     statistics in eval mode, which one row would fail on (what fits is the sample, not the batch size)."""
     if batch_statistics_layer(model) is not None:
         return x[[0, min(1, len(x) - 1)]]
-    return x[:1]
+    return x[:1].clone()  # a copy: a model that writes its input in place would write the caller's data
 
 
 def _probe_output(owner: str, model: nn.Module, rows: torch.Tensor, training: bool, fails: str) -> Any:
@@ -321,7 +321,7 @@ def join_last_row(owner: str, model: nn.Module, data: LabeledData, batch_size: i
     rows = len(data)
     if batch_size > 1 and rows % batch_size != 1:  # no batch of one row
         return False
-    layer = one_row_batch_norm(model, data.x[:1], training)
+    layer = one_row_batch_norm(model, data.x[:1].clone(), training)  # a copy, as in probe_rows
     if layer is None:
         return False
     if batch_size == 1 or rows == 1:

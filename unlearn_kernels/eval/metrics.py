@@ -180,7 +180,8 @@ def predict_logits(model: nn.Module, data: LabeledData, batch_size: int = 1024) 
     bounds = _batch_bounds("predict_logits", model, data, batch_size)
     with eval_mode(model), torch.no_grad():
         for start, stop in bounds:
-            outputs.append(_forward("predict_logits", model, data.x[start:stop].to(device)))
+            # copies: a model that writes its input in place would write the caller's data
+            outputs.append(_forward("predict_logits", model, data.x[start:stop].to(device, copy=True)))
     return torch.cat(outputs)
 
 
@@ -221,7 +222,7 @@ def gradient_norm(
     bounds = _batch_bounds("gradient_norm", model, data, batch_size)
     with eval_mode(model), torch.enable_grad():
         for start, stop in bounds:
-            x = data.x[start:stop].to(device)
+            x = data.x[start:stop].to(device, copy=True)  # as in predict_logits
             y = data.y[start:stop].to(device)
             logits = _forward("gradient_norm", model, x)
             check_labels("gradient_norm: data.y", y, logits)  # before loss_fn: on CUDA a bad class is a device assert

@@ -411,7 +411,9 @@ class _NewtonFamily(Unlearner):
             rows = min(self.USE_PROBE_ROWS, self.batch_size or self.USE_PROBE_ROWS)
             try:
                 with torch.enable_grad():
-                    loss = checked_loss(self.loss_fn, ws.shadow(ws.retain.x[:rows]), ws.retain.y[:rows], self.name)
+                    # a copy of the rows: a model that writes its input in place would write the caller's data
+                    x = ws.retain.x[:rows].clone()
+                    loss = checked_loss(self.loss_fn, ws.shadow(x), ws.retain.y[:rows], self.name)
                     # a loss with no graph (outputs made by an argmax, say) uses none: torch's grad would raise
                     grads = (torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
                              if loss.requires_grad else [None] * len(names))
