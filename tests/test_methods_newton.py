@@ -861,3 +861,43 @@ def test_damped_minres_beyond_the_dense_sizes_has_a_budget(mlp, monkeypatch):
     assert newton.MINRES_BUDGET == 11585 // 4
     assert seen == [("minres", newton.MINRES_BUDGET), ("minres", newton.MINRES_BUDGET), ("minres", 7),
                     ("minres", None)]
+
+
+class _HalfBackbone(nn.Module):
+    """A frozen bfloat16 feature layer under a trainable float32 head (the usual fine-tuning set-up)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(10, 8), nn.ReLU()).to(torch.bfloat16).requires_grad_(False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x).float())
+
+
+def test_a_frozen_half_precision_backbone_takes_the_data_as_given():
+    """The Newton methods cast D_r's inputs to the chosen parameters' dtype also where they did not convert the
+    model: a frozen bfloat16 backbone under a float32 head got float32 inputs and every method failed with torch's
+    bare "mat1 and mat2 must have the same dtype". The step is the damped Newton step over the head."""
+    torch.manual_seed(0)
+    model = _HalfBackbone()
+    x, y = torch.randn(60, 10).to(torch.bfloat16), torch.randint(0, 3, (60,))
+    forget, retain = LabeledData(x[:10], y[:10]), LabeledData(x[10:], y[10:])
+    result = DampedNewton().unlearn(model, forget, retain, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(result.model.backbone.parameters(), model.backbone.parameters()))
+    with torch.no_grad():
+        features = model.backbone(retain.x).double()
+    head = copy.deepcopy(model.head).double()
+    shapes = [p.shape for p in head.parameters()]
+
+    def loss(w: torch.Tensor) -> torch.Tensor:
+        weight, bias = (c.view(s) for c, s in zip(torch.split(w, [math.prod(s) for s in shapes]), shapes))
+        return F.cross_entropy(F.linear(features, weight, bias), retain.y)
+
+    w0 = get_flat_parameters(head)
+    H, g = torch.autograd.functional.hessian(loss, w0), torch.func.grad(loss)(w0)
+    expected = -torch.linalg.solve(H + 0.01 * torch.eye(len(w0), dtype=torch.float64), g)
+    step = get_flat_parameters(result.model.head).double() - w0
+    assert float((step - expected).norm() / expected.norm()) <= 1e-5
+    for name in ("cure_newton", "newton_pinv", "influence"):
+        METHODS[name]().unlearn(model, forget, retain, seed=0)

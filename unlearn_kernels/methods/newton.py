@@ -145,7 +145,7 @@ class _Workspace:
     ``model`` is the private copy returned to the caller, its chosen parameters of dtype
     ``model_dtype``; ``shadow`` is where curvature is computed: the model itself, or a copy converted
     to the compute dtype. ``w`` is the shadow's flat chosen parameters, ``retain`` D_r on the model's
-    device with floating inputs in the compute dtype.
+    device, with floating inputs in the compute dtype where the shadow is a converted copy.
     """
 
     model: nn.Module
@@ -368,10 +368,13 @@ class _NewtonFamily(Unlearner):
         except (TypeError, ValueError) as error:
             raise type(error)(f"{self.name}: {error}") from None
 
-    def _cast(self, data: LabeledData, like: torch.Tensor) -> LabeledData:
-        """``data`` on ``like``'s device, floating inputs in its dtype (integer inputs, e.g. tokens, kept)."""
+    def _cast(self, data: LabeledData, like: torch.Tensor, converted: bool) -> LabeledData:
+        """``data`` on ``like``'s device; where the model was ``converted`` to the compute dtype, floating
+        inputs in that dtype too (integer inputs, e.g. tokens, kept). An unconverted model takes the
+        data as the caller gave it (a frozen bfloat16 backbone under a float32 head takes bfloat16)."""
         x = data.x.to(like.device)
-        return LabeledData(x.to(like.dtype) if x.is_floating_point() else x, data.y.to(like.device))
+        convert = converted and x.is_floating_point()
+        return LabeledData(x.to(like.dtype) if convert else x, data.y.to(like.device))
 
     def _prepare(self, model: nn.Module, retain: LabeledData) -> _Workspace:
         model.eval()
@@ -385,7 +388,7 @@ class _NewtonFamily(Unlearner):
         compute = self.dtype or (torch.float32 if model_dtype in (torch.float16, torch.bfloat16) else model_dtype)
         shadow = model if compute == model_dtype else copy.deepcopy(model).to(compute)
         w = get_flat_parameters(shadow, names)
-        ws = _Workspace(model, model_dtype, shadow, names, w, self._cast(retain, w))
+        ws = _Workspace(model, model_dtype, shadow, names, w, self._cast(retain, w, shadow is not model))
         if self.params is None:
             ws.names = self._used_by_loss(ws)
             ws.w = get_flat_parameters(shadow, ws.names)
@@ -1022,7 +1025,7 @@ class InfluenceNewton(DampedNewton):
     def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,
                  unseen: LabeledData | None, seed: int) -> UnlearnResult:
         def solve(ws: _Workspace, H: RegularizedOperator, g: torch.Tensor) -> dict[str, Any]:
-            forget_data = self._cast(forget, ws.w)
+            forget_data = self._cast(forget, ws.w, ws.shadow is not ws.model)
             g_forget = self._gradient(ws, self._objective(ws, forget_data), forget_data)
             result = self._damped_solve(H, -g_forget, ws.shadow)
             step = result.step * (self._global_rows(forget, ws.w.device) / self._global_rows(retain, ws.w.device))
