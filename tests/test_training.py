@@ -407,6 +407,44 @@ def test_seeded_rng_restores_state():
     assert torch.equal(a, b) and torch.equal(torch.random.get_rng_state(), state)
 
 
+
+def test_seeded_blocks_of_concurrent_threads_run_one_after_the_other():
+    """Two seeded blocks in concurrent threads reseeded and restored torch's one generator under each other:
+    the first block's second draw came from the second's seed, and the caller's state changed."""
+    import threading
+
+    expected = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        expected.append(torch.rand(2))
+    state = torch.random.get_rng_state()
+    draws, first_drew, second_inside, first_done = {}, threading.Event(), threading.Event(), threading.Event()
+
+    def first() -> None:
+        with seeded_rng(1):
+            one = torch.rand(1)
+            first_drew.set()
+            second_inside.wait(timeout=0.5)  # the old code: the second block has reseeded by now
+            draws[1] = torch.cat([one, torch.rand(1)])
+        first_done.set()
+
+    def second() -> None:
+        first_drew.wait(timeout=5)
+        with seeded_rng(2):
+            one = torch.rand(1)
+            second_inside.set()
+            first_done.wait(timeout=0.5)
+            draws[2] = torch.cat([one, torch.rand(1)])
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert torch.equal(draws[1], expected[0]) and torch.equal(draws[2], expected[1])
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
 # ------------------------------------------------------------------------------------- checkpoints
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -157,13 +158,21 @@ def eval_mode(model: nn.Module) -> AbstractContextManager[None]:
     return module_mode(model, training=False)
 
 
+#: held by the thread inside a :func:`seeded_rng` block: torch's generators are one per process
+_SEEDED = threading.RLock()
+
+
 @contextmanager
 def seeded_rng(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
     """Seed the global RNG of the CPU (and of ``device`` if it is an accelerator) inside the block,
-    restoring the caller's RNG state on exit, so that seeding here never disturbs the caller."""
+    restoring the caller's RNG state on exit, so that seeding here never disturbs the caller. One
+    thread at a time runs such a block (another waits): two seeded calls in concurrent threads
+    reseeded and restored the one generator under each other (other results than run one after the
+    other, and the caller's state changed)."""
     device = torch.device(device)
-    accelerators = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=accelerators):
+    accelerators = ([device.index if device.index is not None else torch.cuda.current_device()]
+                    if device.type == "cuda" else [])
+    with _SEEDED, torch.random.fork_rng(devices=accelerators):
         # exactly the generators forked (torch.manual_seed would reseed every GPU, restored or not)
         torch.default_generator.manual_seed(seed)
         for index in accelerators:
