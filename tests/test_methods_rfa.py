@@ -561,3 +561,31 @@ class _Columns(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.b(torch.tanh(self.a(x)))
+
+
+class _Tokens(torch.nn.Module):
+    """A text classifier over (N, 5) token ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.hid, self.fc = torch.nn.Embedding(20, 4), torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.hid(self.emb(x).mean(1))))
+
+
+def test_the_margin_shift_on_token_inputs():
+    """The margin shift took the layers' outputs onto a graph through the input's gradient, which integer token
+    ids cannot take: torch's bare "only Tensors of floating point dtype can require gradients" mid-method. The
+    directions now come through the frozen copy's parameters, whose flags are given back."""
+    torch.manual_seed(0)
+    x = torch.stack([torch.arange(i, i + 5) % 20 for i in range(40)])
+    y = torch.arange(40) % 3
+    model = _Tokens().eval()
+    model.emb.requires_grad_(False)
+    state = copy.deepcopy(model.state_dict())
+    result = RFA(epochs=2, shift="margin", merge=True).unlearn(model, LabeledData(x[:6], y[:6]),
+                                                               LabeledData(x[6:], y[6:]), seed=0)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert not torch.equal(result.model.hid.weight, model.hid.weight)
+    assert [p.requires_grad for p in result.model.parameters()] == [p.requires_grad for p in model.parameters()]

@@ -267,14 +267,22 @@ class RFA(TrainedUnlearner):
         """Per layer, per sample: the unit vector of minus the gradient of the frozen model's logit for
         its own prediction with respect to the layer's output."""
         directions: list[list[torch.Tensor]] = [[] for _ in features.names]
-        for x, _ in data.loader(1024):
-            # the input needs a gradient so that the frozen layers' outputs are on a graph
-            logits, _ = features(teacher, x.detach().requires_grad_(True))
-            own = logits.gather(1, logits.argmax(1, keepdim=True)).sum()
-            grads = torch.autograd.grad(own, [features.raw[n] for n in features.names])
-            for store, g in zip(directions, grads):
-                g = -g.flatten(1)
-                store.append(g / g.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        # the layers' outputs must be on a graph: through the input's gradient, or, for integer inputs (token
+        # ids) that cannot take one, through the frozen copy's parameters, whose flags are given back after
+        frozen = [] if data.x.is_floating_point() else [p for p in teacher.parameters() if not p.requires_grad]
+        try:
+            for p in frozen:
+                p.requires_grad_(True)
+            for x, _ in data.loader(1024):
+                logits, _ = features(teacher, x.detach().requires_grad_(True) if x.is_floating_point() else x)
+                own = logits.gather(1, logits.argmax(1, keepdim=True)).sum()
+                grads = torch.autograd.grad(own, [features.raw[n] for n in features.names])
+                for store, g in zip(directions, grads):
+                    g = -g.flatten(1)
+                    store.append(g / g.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        finally:
+            for p in frozen:
+                p.requires_grad_(False)
         return [torch.cat(d) for d in directions]
 
     def _distance(self, hs: list[torch.Tensor], targets: list[torch.Tensor], scales: list[float]) -> torch.Tensor:
