@@ -536,6 +536,31 @@ def test_a_model_that_writes_its_input_in_place_leaves_the_callers_data_alone(pr
     assert all(torch.equal(d.x, x) for d, x in zip(sets, before))
 
 
+class _SparseTokens(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(20, 4, sparse=True), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.emb(x).mean(1))
+
+
+@pytest.mark.parametrize("name", ["finetune", "bad_teacher", "stochastic_cure_newton"])
+def test_a_sparse_embedding_is_refused_up_front(name):
+    """nn.Embedding(sparse=True) failed mid-method with torch's bare errors ("add(sparse, dense) is not
+    supported", "Adam does not support sparse gradients", "reshape is not implemented for sparse tensors");
+    frozen, it gives no gradient and is accepted."""
+    torch.manual_seed(0)
+    model = _SparseTokens()
+    x, y = torch.randint(0, 20, (40, 5)), torch.arange(40) % 3
+    sets = LabeledData(x[:8], y[:8]), LabeledData(x[8:], y[8:])
+    with pytest.raises(ValueError, match=rf"^{name}: the model's embedding 'emb' has sparse=True, .* set its "
+                                         r"\.sparse = False"):
+        _make(name).unlearn(model, *sets, seed=0)
+    model.emb.requires_grad_(False)
+    _make("finetune").unlearn(model, *sets, seed=0)
+
+
 def test_a_model_that_cannot_be_copied_is_refused_by_name(problem):
     import threading
 

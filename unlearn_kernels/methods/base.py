@@ -226,6 +226,11 @@ def _check_model(name: str, model: nn.Module) -> None:
         raise TypeError(f"{name}: {where} a TorchScript module, whose copies share gradients with it: pass the "
                         "eager nn.Module it was scripted or traced from")
     check_not_meta(name, model)
+    sparse = next((n for n, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+                   and m.sparse and m.weight.requires_grad), None)
+    if sparse is not None:  # the optimizers' weight decay, Adam and the curvature take no sparse gradient
+        raise ValueError(f"{name}: the model's embedding {sparse!r} has sparse=True, whose sparse gradients the "
+                         "methods cannot use: set its .sparse = False (the same weights and outputs)")
     bad = first_nonfinite_model_weight(model)
     if bad is not None:
         kind, key, what = bad
