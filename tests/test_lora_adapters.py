@@ -430,6 +430,22 @@ def test_to_peft_of_our_adapters(peft):
     assert lora.adapter_modules(model)  # ours keeps its adapters
 
 
+def test_peft_conversions_leave_the_callers_rng_alone(peft, device):
+    """Both drew the adapters' random initialisation (then overwritten) from the caller's global RNG."""
+    model = mlp().to(device)
+    lora.add_adapters(model, ["1", "3"], rank=2)
+    randomize_b(model)
+    peft_model = lora.to_peft(model).eval()
+    x = X.to(device)
+    for convert, source in ((lora.to_peft, model), (lora.from_peft, peft_model)):
+        torch.manual_seed(0)
+        expected = torch.randn(3), torch.randn(3, device=device)
+        torch.manual_seed(0)
+        converted = convert(source)
+        assert all(map(torch.equal, (torch.randn(3), torch.randn(3, device=device)), expected)), convert.__name__
+        torch.testing.assert_close(converted(x), model(x))
+
+
 def test_peft_interop_errors(peft):
     with pytest.raises(ValueError, match="no PEFT LoRA layer"):
         lora.from_peft(mlp())

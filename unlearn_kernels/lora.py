@@ -30,6 +30,7 @@ import importlib
 import math
 import re
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from types import ModuleType
 from typing import Any
 
@@ -536,10 +537,17 @@ def _peft() -> ModuleType:
                           ) from err
 
 
+def _keep_rng(model: nn.Module) -> AbstractContextManager[None]:
+    """The caller's global RNG state (the CPU's and that of each CUDA device ``model`` is on) restored on exit:
+    new adapters draw a random initialisation that the copied A and B then overwrite."""
+    cuda = sorted({t.device.index for t in (*model.parameters(), *model.buffers()) if t.device.type == "cuda"})
+    return torch.random.fork_rng(devices=cuda)
+
+
 def from_peft(peft_model: nn.Module) -> nn.Module:
     """A copy of a PEFT LoRA model (a ``PeftModel`` or a model with PEFT LoRA layers injected) with
     every PEFT LoRA layer replaced by :class:`LoRALinear` / :class:`LoRAConv2d` carrying the same
-    A, B and scale; the PEFT model is not modified.
+    A, B and scale; the PEFT model and the caller's global RNG state are not modified.
 
     Supported: plain LoRA on ``nn.Linear`` / ``nn.Conv2d`` layers with one active adapter (scaling
     alpha/r or rsLoRA's alpha/sqrt(r): the scale is copied). LoRA dropout is not carried over (the
@@ -589,7 +597,8 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         if layer.merged:
             layer.unmerge()  # on the copy
         rank = layer.r[key]
-        adapter = _wrap(base_layer, rank, float(layer.scaling[key]) * rank)
+        with _keep_rng(base_layer):
+            adapter = _wrap(base_layer, rank, float(layer.scaling[key]) * rank)
         with torch.no_grad():
             adapter.lora_a.copy_(layer.lora_A[key].weight)
             adapter.lora_b.copy_(layer.lora_B[key].weight)
@@ -605,7 +614,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
 
 def to_peft(model: nn.Module, adapter_name: str = "default") -> nn.Module:
     """A ``PeftModel`` (``peft.get_peft_model`` on a copy of ``model`` without its adapters) whose LoRA
-    layers carry the adapters' A, B and scale; ``model`` is not modified.
+    layers carry the adapters' A, B and scale; ``model`` and the caller's global RNG state are not modified.
 
     Needs at least one adapter, and one rank and one scale shared by all adapters (one
     ``LoraConfig``); otherwise ValueError. ``adapter_name`` must be a non-empty str without "." (PEFT
@@ -631,7 +640,8 @@ def to_peft(model: nn.Module, adapter_name: str = "default") -> nn.Module:
     unload(work, merge=False)
     config = peft.LoraConfig(r=rank, lora_alpha=scale * rank, lora_dropout=0.0, bias="none",
                              target_modules="|".join(re.escape(n) for n in adapters))  # a string: full match
-    peft_model = peft.get_peft_model(work, config, adapter_name=adapter_name)
+    with _keep_rng(work):
+        peft_model = peft.get_peft_model(work, config, adapter_name=adapter_name)
     for name, (a, b) in weights.items():
         layer = peft_model.get_base_model().get_submodule(name)
         with torch.no_grad():
