@@ -561,6 +561,16 @@ def test_a_sparse_embedding_is_refused_up_front(name):
     _make("finetune").unlearn(model, *sets, seed=0)
 
 
+def test_a_data_parallel_model_trains_as_its_module(problem):
+    """The training-mode probe ran torch.func on the nn.DataParallel wrapper, which torch.func refuses: every method
+    that trains in training mode refused a model that runs ("the model fails in training mode ... The stateless API
+    can't be used with nn.DataParallel module"). On the CPU the wrapper calls its module: the same result."""
+    model, forget, retain = problem
+    wrapped = Finetune(epochs=1).unlearn(nn.DataParallel(copy.deepcopy(model)), forget, retain, seed=0).model
+    bare = Finetune(epochs=1).unlearn(model, forget, retain, seed=0).model
+    assert all(torch.equal(a, b) for a, b in zip(wrapped.module.parameters(), bare.parameters()))
+
+
 def test_a_model_that_cannot_be_copied_is_refused_by_name(problem):
     import threading
 

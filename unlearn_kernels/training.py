@@ -208,8 +208,10 @@ def _probe_output(owner: str, model: nn.Module, rows: torch.Tensor, training: bo
     with module_mode(model, training), seeded_rng(0, device):
         try:
             if training:
-                buffers = {name: b.clone() for name, b in model.named_buffers()}
-                return torch.func.functional_call(model, buffers, (rows.to(device),))
+                # the wrapped module: torch.func refuses DataParallel, which only scatters the batch
+                inner = model.module if isinstance(model, nn.DataParallel) else model
+                buffers = {name: b.clone() for name, b in inner.named_buffers()}
+                return torch.func.functional_call(inner, buffers, (rows.to(device),))
             return model(rows.to(device))
         except (RuntimeError, ValueError, TypeError, IndexError) as error:  # torch's and the model's own checks
             if is_out_of_memory(error):
