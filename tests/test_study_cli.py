@@ -635,7 +635,10 @@ def test_cli_reader_that_goes_away_ends_quietly(monkeypatch):
     try:
         assert main(["backends"]) == 141
     finally:
-        stdout.close()
+        try:
+            stdout.close()
+        except BrokenPipeError:  # the output it still holds: main leaves a caller's stream as it is
+            pass
 
 
 PROGRAM = "import sys; from unlearn_kernels.cli import main; sys.exit(main())"
@@ -670,6 +673,25 @@ def test_cli_output_that_cannot_be_written_is_one_line_and_status_1(argv, unbuff
     assert done.returncode == 1
     assert done.stderr == "unlearn-kernels: error: cannot write to standard output: No space left on device\n"
     assert not (tmp_path / "runs" / "digits-mlp" / "random").exists()  # the default --out
+
+
+@DEV_FULL
+def test_cli_in_a_callers_process_leaves_its_standard_output_alone(monkeypatch):
+    """main(argv) with a standard output that could not be written pointed the caller's file descriptor at
+    /dev/null (leaking the one it opened for that): a second call returned 0, its output lost."""
+    full = open("/dev/full", "w")
+    monkeypatch.setattr(sys, "stdout", full)
+    descriptors = len(os.listdir("/proc/self/fd"))
+    try:
+        assert main(["backends"]) == 1
+        assert main(["backends"]) == 1
+        assert os.path.samestat(os.fstat(full.fileno()), os.stat("/dev/full"))
+        assert len(os.listdir("/proc/self/fd")) == descriptors
+    finally:
+        try:
+            full.close()
+        except OSError:  # the output it still holds cannot be written
+            pass
 
 
 @pytest.mark.parametrize("unbuffered", ["1", ""])
@@ -821,6 +843,24 @@ def test_cli_plots_and_results_of_one_run_only(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.endswith("unlearn-kernels: error: disk full\n") and "Traceback" not in err, err
     assert json.loads(results.read_text())["config"]["methods"] == ["retrain", "original"]
+
+
+def test_cli_a_full_disk_names_its_file_and_the_results_written_before_the_error(tmp_path, capsys, monkeypatch):
+    """A plot on a full disk: the error, "[Errno 28] No space left on device", named no file, and the
+    results.json written before it went unmentioned."""
+    import errno
+
+    def full(handle):  # a full disk's write: an OSError that names no file
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    plot = tmp_path / "random" / report.PLOT_FILES[0]
+    monkeypatch.setattr(report, "write_plots", lambda study, out_dir: [checkpoint.atomic_write(plot, full)])
+    code = main(["run", "--protocol", "random", "--seeds", "0", "--epochs", "1", "--methods", "original",
+                 "--out", str(tmp_path), "--no-cache"])
+    out, err = capsys.readouterr()
+    assert code == 1 and f"\nresults: {tmp_path / 'random' / 'results.json'}\n" in out
+    assert err.endswith(f"unlearn-kernels: error: [Errno 28] No space left on device: {str(plot)!r}\n"), err
+    assert json.loads((tmp_path / "random" / "results.json").read_text())["config"]["protocol"] == "random"
 
 
 def test_cli_refuses_an_out_folder_another_run_is_writing_into(tmp_path, capsys):
@@ -1066,6 +1106,39 @@ def test_the_default_cache_folder_is_read_when_a_config_is_made(tmp_path, monkey
     assert StudyConfig().cache_dir == str(tmp_path / "unlearn-kernels" / "checkpoints")
 
 
+def test_the_default_cache_folder_ignores_a_relative_xdg_cache_home(tmp_path, monkeypatch):
+    """XDG_CACHE_HOME=cache put the cache under the working folder; the XDG specification says a relative
+    path is to be ignored."""
+    monkeypatch.setenv("XDG_CACHE_HOME", "cache")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert study_module.default_cache_dir() == str(tmp_path / ".cache" / "unlearn-kernels" / "checkpoints")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the password database is POSIX")
+def test_cli_without_a_home_folder_is_a_usage_error_not_a_cache_in_a_folder_named_tilde(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """HOME unset and a uid the password database does not know (a container run with an arbitrary uid): ~
+    stays ~, and the cache was made in a folder named "~" under the working folder."""
+    import pwd
+
+    def unknown(uid):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", unknown)
+    monkeypatch.chdir(tmp_path)
+    message = ("no home folder to cache original models in: set XDG_CACHE_HOME to an absolute path, or run with "
+               "--no-cache (cache_dir=None)")
+    with pytest.raises(ValueError) as raised:
+        study_module.default_cache_dir()
+    assert str(raised.value) == message
+    code = main(["run", "--protocol", "random", "--seeds", "0", "--epochs", "1", "--methods", "original",
+                 "--out", str(tmp_path / "out")])
+    assert code == 2 and capsys.readouterr().err == f"unlearn-kernels: error: {message}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_runs_without_a_lock_where_the_file_system_has_none(tmp_path, monkeypatch):
     """flock fails with ENOSYS or ENOLCK on some network file systems: the run goes on without a lock (it
     stopped with "[Errno 38] Function not implemented", status 1)."""
@@ -1096,6 +1169,51 @@ def test_a_sigterm_the_process_ignores_stays_ignored():
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_sigterm_handler_set_outside_python_is_left_in_place(monkeypatch):
+    """signal.getsignal gives None for a handler set outside Python (by C code): run_program replaced it with
+    its own for good, as it could not put it back."""
+    from unlearn_kernels.cli import run_program
+
+    getsignal = signal.getsignal
+    monkeypatch.setattr(signal, "getsignal",
+                        lambda signum: None if signum == signal.SIGTERM else getsignal(signum))
+    seen = []
+
+    def command(argv):
+        seen.append(getsignal(signal.SIGTERM))
+        return 0
+
+    def outside(signum, frame):  # stands for the handler Python cannot see
+        pass
+
+    previous = signal.signal(signal.SIGTERM, outside)
+    try:
+        assert run_program("prog", command, []) == 0
+        assert seen == [outside] and getsignal(signal.SIGTERM) is outside
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_an_interrupt_of_the_program_hides_its_own_traceback_only(monkeypatch, capsys):
+    """Run as the program (argv None), Ctrl-C ends the process by its KeyboardInterrupt, reported in one line,
+    whose traceback sys.excepthook must not print: the hook was replaced by one that printed nothing, for
+    good, and a caller that went on lost the traceback of every later error."""
+    from unlearn_kernels.cli import run_program
+
+    printed = []
+    monkeypatch.setattr(sys, "excepthook", lambda exc_type, exc, tb: printed.append(exc))
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as raised:
+        run_program("prog", interrupted, None)
+    sys.excepthook(KeyboardInterrupt, raised.value, raised.value.__traceback__)
+    later = RuntimeError("a later error of the caller")
+    sys.excepthook(RuntimeError, later, None)
+    assert printed == [later] and capsys.readouterr().err == "prog: interrupted\n"
 
 
 def test_cli_in_a_callers_process_leaves_its_threads_and_random_state(tmp_path, capsys):

@@ -508,6 +508,105 @@ def test_atomic_write_text_permissions_and_failure(tmp_path):
     assert path.read_text() == '{"a": 1}' and os.listdir(tmp_path) == ["results.json"]
 
 
+def test_a_full_disk_names_the_file_it_was_writing(tmp_path, monkeypatch):
+    """A full disk's write or fsync raises OSError(28) with no file name: the command line printed
+    "[Errno 28] No space left on device", naming no file. atomic_write names its target; an error that
+    names a file of its own keeps it."""
+    import errno
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint.os, "fsync", full)
+    path = tmp_path / "results.json"
+    with pytest.raises(OSError) as raised:
+        checkpoint.save_json({"a": 1}, path)
+    assert str(raised.value) == f"[Errno 28] No space left on device: {str(path)!r}"
+    assert os.listdir(tmp_path) == []
+
+    def refused(handle):
+        raise PermissionError(errno.EACCES, "Permission denied", "/elsewhere")
+
+    with pytest.raises(PermissionError) as raised:
+        atomic_write(path, refused)
+    assert raised.value.filename == "/elsewhere"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX locks")
+def test_only_the_temporaries_no_live_write_holds_are_removed(tmp_path):
+    """A checkpoint write killed by SIGKILL left its temporary in the cache folder for good. Runs may share
+    the cache at once, so a temporary is removed only when no write holds its lock (a killed one holds none)."""
+    import fcntl
+
+    path = tmp_path / "model.pt"
+    # named as atomic_write names its temporaries
+    orphan, live = tmp_path / ".model.pt.k3x9_a1b.tmp", tmp_path / ".model.pt.z8y7_c2d.tmp"
+    another_files = tmp_path / ".other.pt.k3x9_a1b.tmp"
+    for temporary in (orphan, live, another_files):
+        temporary.write_bytes(b"half")
+    fd = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as a live atomic_write holds it
+        assert checkpoint.remove_orphan_temporaries(path) == [orphan]
+        assert not orphan.exists() and live.exists() and another_files.exists()
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX locks")
+def test_atomic_write_holds_its_temporary_locked_until_it_is_moved(tmp_path, monkeypatch):
+    """Another run's clean-up while the file is written, or between its closing and its move, leaves it alone."""
+    path = tmp_path / "results.json"
+    removed = []
+    replace = os.replace
+
+    def write(handle):
+        handle.write("{}")
+        removed.extend(checkpoint.remove_orphan_temporaries(path))
+
+    def replace_after_a_clean_up(source, target):
+        removed.extend(checkpoint.remove_orphan_temporaries(target))
+        replace(source, target)
+
+    monkeypatch.setattr(checkpoint.os, "replace", replace_after_a_clean_up)
+    atomic_write(path, write)
+    assert removed == [] and path.read_text() == "{}" and os.listdir(tmp_path) == ["results.json"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX locks")
+def test_a_temporary_taken_for_an_orphan_before_its_lock_is_made_again(tmp_path, monkeypatch):
+    """A clean-up may remove a temporary made a moment before, not yet locked: the write makes another."""
+    import tempfile
+
+    made = []
+    mkstemp = tempfile.mkstemp
+
+    def removed_at_once(**kwargs):
+        fd, name = mkstemp(**kwargs)
+        if not made:
+            os.unlink(name)
+        made.append(name)
+        return fd, name
+
+    monkeypatch.setattr(tempfile, "mkstemp", removed_at_once)
+    path = atomic_write(tmp_path / "results.json", lambda handle: handle.write("{}"))
+    assert len(made) == 2 and path.read_text() == "{}" and os.listdir(tmp_path) == ["results.json"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX locks")
+def test_train_or_load_removes_the_temporaries_of_a_killed_save(tmp_path):
+    """The temporary of a save killed by SIGKILL stayed beside the cached model; later runs loaded the model
+    and left it there."""
+    path = tmp_path / "model.pt"
+    orphan = tmp_path / ".model.pt.k3x9_a1b.tmp"
+    orphan.write_bytes(b"half")
+    train_or_load(path, factory, blobs(), CONFIG)
+    assert os.listdir(tmp_path) == ["model.pt"]
+    orphan.write_bytes(b"half")
+    assert train_or_load(path, factory, blobs(), CONFIG)[1] is None  # loaded
+    assert os.listdir(tmp_path) == ["model.pt"]
+
+
 def test_unserialisable_metadata_raises_before_writing(tmp_path):
     with pytest.raises(TypeError, match="JSON"):
         save_checkpoint(tmp_path / "m.pt", factory(), {"data": torch.zeros(2)})

@@ -30,6 +30,11 @@ from .checks import first_nonfinite_model_weight
 from .labeled import LabeledData
 from .training import ProgressCallback, TrainConfig, TrainStats, check_converged, init_model, train
 
+try:
+    import fcntl
+except ImportError:  # no POSIX locks (Windows): temporaries are not locked, and none is taken for an orphan
+    fcntl = None
+
 #: bumped when the layout of the file changes (old files are then retrained, not misread)
 FORMAT_VERSION = 1
 
@@ -118,13 +123,57 @@ def _new_file_mode(path: Path) -> int:
     return 0o666 & ~mask
 
 
+def _locked_duplicate(fd: int) -> int | None:
+    """A duplicate of ``fd`` holding an exclusive lock (``flock``) on its file, which lasts until the
+    duplicate is closed, past ``fd``'s own closing; None where the system or the file system has no locks."""
+    if fcntl is None:
+        return None
+    held = os.dup(fd)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+    except OSError:  # a file system without locks (ENOLCK, ENOSYS, EOPNOTSUPP)
+        os.close(held)
+        return None
+    return held
+
+
+def _new_temporary(path: Path) -> tuple[int, str, int | None]:
+    """``(fd, name, lock)``: a new temporary file beside ``path`` for :func:`atomic_write`, locked (``lock``:
+    see :func:`_locked_duplicate`) so that :func:`remove_orphan_temporaries` leaves it alone."""
+    while True:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        lock, kept = None, False
+        try:
+            lock = _locked_duplicate(fd)
+            # else taken for an orphan and removed between its making and its lock: another is made
+            kept = lock is None or _still_named(name, fd)
+        finally:
+            if not kept:
+                os.close(fd)
+                if lock is not None:
+                    os.close(lock)
+        if kept:
+            return fd, name, lock
+
+
+def _still_named(name: str, fd: int) -> bool:
+    """Whether ``name`` is still the file open at ``fd``."""
+    try:
+        return os.path.samestat(os.stat(name), os.fstat(fd))
+    except FileNotFoundError:
+        return False
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None], *, binary: bool = False) -> Path:
     """Write a file through ``write(handle)`` to a temporary file beside ``path``, flushed to disk,
     then moved over ``path``: on any failure the previous file (if any) is left intact and no
-    temporary file remains. Returns ``path``."""
+    temporary file remains. The temporary is locked until it is moved (``flock``, where the system has
+    it), which tells it from the orphan of a killed process (:func:`remove_orphan_temporaries`).
+    An OSError that names no file (a full disk's ``[Errno 28]``) is given ``path`` as its filename.
+    Returns ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp_name, lock = _new_temporary(path)
     try:
         try:
             os.chmod(tmp_name, _new_file_mode(path))  # mkstemp's 0600 -> what open() would have given
@@ -136,24 +185,38 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None],
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
+            exc.filename = str(path)  # else "[Errno 28] No space left on device" names no file
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)
     _fsync_directory(path.parent)
     return path
 
 
 def remove_orphan_temporaries(path: str | os.PathLike[str]) -> list[Path]:
     """Remove the temporary files :func:`atomic_write` left beside ``path`` in a process killed while
-    it wrote (SIGKILL: no clean-up runs), and return them. Only for a caller that knows no other
-    process is writing ``path`` now (their temporary files look the same)."""
+    it wrote (SIGKILL: no clean-up runs), and return them. A temporary that a live write holds
+    locked is left alone, as is every one where there are no locks (no orphan can be told from a live
+    write there) and one that cannot be opened or removed (another user's, a read-only folder)."""
     path = Path(path)
-    orphans = sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
-    for orphan in orphans:
-        with contextlib.suppress(FileNotFoundError):
-            orphan.unlink()
-    return orphans
+    if fcntl is None:
+        return []
+    removed = []
+    for temporary in sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp")):
+        with contextlib.suppress(OSError):  # BlockingIOError: a live write's
+            fd = os.open(temporary, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                temporary.unlink()  # while locked: a write that made it just now then finds it gone
+                removed.append(temporary)
+            finally:
+                os.close(fd)
+    return removed
 
 
 def save_json(payload: Any, path: str | os.PathLike[str]) -> Path:
@@ -285,7 +348,8 @@ def probe_atomic_write(path: str | os.PathLike[str]) -> None:
     path = Path(path)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    os.unlink(name)
+    with contextlib.suppress(FileNotFoundError):  # taken for an orphan (remove_orphan_temporaries) and removed
+        os.unlink(name)
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -450,6 +514,7 @@ def train_or_load(
             ``data``, named after ``owner``.
     """
     _check_writable_file(path)
+    remove_orphan_temporaries(path)  # of a run killed while it saved here (SIGKILL): they stayed for good
     model = init_model(model_factory, config.seed)
     metadata = training_metadata(model, data, config, model_info, device)
     state = load_checkpoint(path, metadata)

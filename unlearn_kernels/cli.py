@@ -90,9 +90,10 @@ def run_program(prog: str, command: Callable[[list[str] | None], int], argv: lis
 
     threads = torch.get_num_threads()
     stdout = sys.stdout
-    # signal handlers are set in the main thread only; a SIGTERM the process was started ignoring stays ignored
+    # signal handlers are set in the main thread only; a SIGTERM the process was started ignoring stays ignored,
+    # and one handled outside Python (getsignal gives None) is left alone: it could not be put back afterwards
     handled = (threading.current_thread() is threading.main_thread()
-               and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN)
+               and signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, None))
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if handled else None
     try:
         with contextlib.redirect_stdout(_CheckedStdout(stdout)):
@@ -103,26 +104,54 @@ def run_program(prog: str, command: Callable[[list[str] | None], int], argv: lis
     except Terminated:
         print(f"{prog}: terminated", file=sys.stderr)
         return 143
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         if argv is not None:
             return 130  # the shell's status for SIGINT
         # Python ends a program whose KeyboardInterrupt nobody caught by SIGINT, after its clean-up (atexit:
         # multiprocessing's children and semaphores); the line above is the report, without a traceback
-        sys.excepthook = lambda *exc_info: None
+        _print_no_traceback_of(interrupt)
         raise
     except OutputError as exc:
-        # Python flushes stdout at exit: the output it still holds goes nowhere instead of failing again
-        with contextlib.suppress(OSError, ValueError):  # a stream without a file descriptor holds nothing
-            os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())
+        if argv is None:  # the process's own stdout, which Python flushes at exit; a caller's stays the caller's
+            _discard_unwritten_output(stdout)
         if isinstance(exc.__cause__, BrokenPipeError):
             return 141
         print(f"{prog}: error: cannot write to standard output: {exc}", file=sys.stderr)
         return 1
     finally:
         torch.set_num_threads(threads)  # called in a process of the caller's: its count as it was
-        if handled and previous is not None:  # None: a handler set outside Python, which stays
+        if handled:
             signal.signal(signal.SIGTERM, previous)
+
+
+_REPORTED = "_unlearn_kernels_reported"
+"""The attribute that marks an exception already reported in one line (:func:`_print_no_traceback_of`)."""
+
+
+def _print_no_traceback_of(reported: BaseException) -> None:
+    """Makes ``sys.excepthook`` print nothing for ``reported``, an exception already reported in one line,
+    and hand every other exception to the hook it replaces (a caller that goes on gets its tracebacks).
+    ``reported`` is marked, not kept: the hook would otherwise hold its traceback's frames for good."""
+    setattr(reported, _REPORTED, True)
+    previous = sys.excepthook
+
+    def hook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+        if not getattr(exc, _REPORTED, False):
+            previous(exc_type, exc, tb)
+
+    sys.excepthook = hook
+
+
+def _discard_unwritten_output(stream: TextIO) -> None:
+    """Points ``stream``'s file descriptor at the null device: Python flushes stdout at exit, and the output it
+    still holds then goes nowhere instead of failing again."""
+    with contextlib.suppress(OSError, ValueError):  # a stream without a file descriptor holds nothing
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, stream.fileno())
+        finally:
+            os.close(devnull)
 
 
 def path_argument(text: str) -> str:
@@ -298,11 +327,15 @@ def _study_configs(args: argparse.Namespace) -> dict:
             ("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size)) if v is not None})
     except ValueError as exc:  # TrainConfig's checks, e.g. --lr -1
         raise UsageError(str(exc)) from None
+    try:
+        cache_dir = None if args.no_cache else default_cache_dir()
+    except ValueError as exc:  # no home folder to put it in
+        raise UsageError(str(exc)) from None
     # StudyConfig refuses an option of another protocol (--forget-class with random, --forget-fraction with class)
     common = dict(dataset=args.dataset, root=args.root, model=args.model, methods=methods,
                   forget_fraction=args.forget_fraction,
                   method_options=parse_method_options(args.set or []), seeds=_seeds(args.seeds),
-                  recipe=recipe, device=args.device, cache_dir=None if args.no_cache else default_cache_dir())
+                  recipe=recipe, device=args.device, cache_dir=cache_dir)
     try:
         if args.protocol is None:
             return default_scenarios(forget_classes=tuple(args.forget_class or (3,)), **common)
@@ -507,7 +540,7 @@ def _run_scenarios(args: argparse.Namespace, configs: dict[str, StudyConfig], ro
         try:
             plots = report.write_plots(study, out_dir)
         except BaseException:
-            report.write_json(study, out_dir / report.RESULTS_FILE)
+            print(f"results: {report.write_json(study, out_dir / report.RESULTS_FILE)}")  # the plots' error follows
             raise
         results[name] = report.write_json(study, out_dir / report.RESULTS_FILE)
         print(f"results: {results[name]}\nplots: {', '.join(str(p) for p in plots)}")

@@ -117,9 +117,22 @@ ORIGINAL_ROLE = "original model's training"
 
 def default_cache_dir() -> str:
     """Where trained original models are cached unless told otherwise: ``$XDG_CACHE_HOME/unlearn-kernels/
-    checkpoints``, or ``~/.cache/unlearn-kernels/checkpoints`` without that variable (read at each call)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return str(Path(base) / "unlearn-kernels" / "checkpoints")
+    checkpoints``, or ``~/.cache/unlearn-kernels/checkpoints`` without that variable (read at each call).
+    A relative ``XDG_CACHE_HOME`` is ignored, as the XDG Base Directory specification says.
+
+    Raises:
+        ValueError: no absolute folder to cache in: ``XDG_CACHE_HOME`` unset or relative, and no home
+            folder (``HOME`` unset and a user the password database does not know, as in a container run
+            with an arbitrary uid, where ``~`` stays ``~`` and the cache would be made in the working folder).
+    """
+    xdg_cache = os.environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(xdg_cache):
+        return str(Path(xdg_cache) / "unlearn-kernels" / "checkpoints")
+    home = os.path.expanduser("~")
+    if not os.path.isabs(home):
+        raise ValueError("no home folder to cache original models in: set XDG_CACHE_HOME to an absolute path, or "
+                         "run with --no-cache (cache_dir=None)")
+    return str(Path(home) / ".cache" / "unlearn-kernels" / "checkpoints")
 
 
 def check_epochs(epochs: int) -> int:
