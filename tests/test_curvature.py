@@ -2484,3 +2484,149 @@ def test_a_lora_adapters_scale_changed_after_construction_is_refused():
     model[0].scale = 3.0
     with pytest.raises(ValueError, match=r"module '0' \(LoRALinear\) was given other settings"):
         op.matvec(torch.ones(op.shape[0], dtype=DT))
+
+
+# ----------------------------------------------------------------------------- models torch.func cannot take
+class _SelfAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attention(x, x, x)[0].mean(1))
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+@pytest.mark.parametrize("kind", ["multihead", "encoder-layer"])
+def test_ggn_of_eval_mode_attention(kind, fast_path):
+    """Inside torch.func.jvp the parameters are detached, so an eval-mode nn.MultiheadAttention(batch_first=True)
+    took torch's inference fast path (aten::_native_multi_head_attention), and nn.TransformerEncoderLayer a fused
+    attention kernel, neither with a forward-mode derivative: ggn_operator refused both models, blaming them. The
+    products now match J^T H J, and the caller's fast-path setting is as it was."""
+    torch.manual_seed(0)
+    if kind == "multihead":
+        model = _SelfAttention()
+    else:
+        model = nn.Sequential(nn.TransformerEncoderLayer(4, 2, 8, dropout=0.1, batch_first=True), nn.Flatten(),
+                              nn.Linear(20, C))
+    model = model.to(DT).eval()
+    x, y = torch.randn(8, 5, 4, dtype=DT), torch.randint(0, C, (8,))
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(fast_path)
+    try:
+        G = ggn_operator(model, F.cross_entropy, uneven_batches(x, y, 5))
+        assert torch.backends.mha.get_fastpath_enabled() is fast_path
+        dense = G.to_dense()
+        assert torch.backends.mha.get_fastpath_enabled() is fast_path
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+    assert relative_error(dense, dense_ggn(model, uneven_batches(x, y, 5), F.cross_entropy)) <= 1e-10
+
+
+class _PackedClassifier(nn.Module):
+    """The usual text classifier: token ids (0 pads) packed by length through an LSTM."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding, self.rnn, self.head = nn.Embedding(12, 3), nn.LSTM(3, 4, batch_first=True), nn.Linear(4, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lengths = (x != 0).sum(1).clamp_min(1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(self.embedding(x), lengths, batch_first=True, enforce_sorted=False)
+        return self.head(self.rnn(packed)[1][0][-1])
+
+
+@pytest.mark.parametrize("mode", ["auto", "reverse-over-reverse", "forward-over-reverse", "streamed"])
+def test_a_packed_sequence_rnn_on_the_double_backward_path(mode):
+    """torch.func.grad cannot run through a packed sequence ("Cannot access data pointer of Tensor that doesn't
+    have storage"), while plain autograd's double backward is exact: every operator refused the model, in
+    mode="reverse-over-reverse" too, because the construction probes and the gradients used torch.func.grad.
+    They use torch.autograd now; forward-over-reverse falls back to double backward (checked by differences),
+    and the GGN, whose products need a torch.func.jvp, still refuses it, naming the jvp."""
+    torch.manual_seed(0)
+    model = _PackedClassifier().to(DT).eval()
+    x, y = torch.randint(1, 12, (12, 5)), torch.randint(0, C, (12,))
+    x[::2, 3:] = 0
+    batches = uneven_batches(x, y, 5)
+    if mode == "forward-over-reverse":
+        with pytest.warns(RuntimeWarning, match="forward-over-reverse failed"):
+            H = hessian_operator(model, F.cross_entropy, batches, mode=mode)
+    else:  # streamed: no cache, every gradient and product a fresh pass
+        H = hessian_operator(model, F.cross_entropy, batches, mode="auto" if mode == "streamed" else mode,
+                             cache_bytes=0 if mode == "streamed" else None)
+    assert H.mode == "reverse-over-reverse"
+    assert relative_error(H.to_dense(), dense_hessian(model, batches, F.cross_entropy)) <= 1e-10
+    assert relative_error(H.gradient(), dense_gradient(model, batches, F.cross_entropy)) <= 1e-12
+    with pytest.raises(ValueError, match=r"^GGNOperator: the model's Jacobian-vector product \(torch.func.jvp\)"):
+        ggn_operator(model, F.cross_entropy, batches)
+
+
+def test_a_backward_hook_is_refused_on_the_double_backward_path_too():
+    """The probes take their gradients with torch.autograd, which runs a module's full backward hook (and could
+    change the gradient by it): such a hook, of the model or of the loss, is refused on every path, as when
+    torch.func's gradient failed on it; a legacy register_backward_hook, which torch.func runs, is taken."""
+    model, x, y = make("mlp")
+    loss = nn.CrossEntropyLoss()
+    for hooked, which in ((model[2], "module '2'"), (loss, "the loss")):
+        handle = hooked.register_full_backward_pre_hook(lambda module, grad_out: None)
+        try:
+            with pytest.raises(ValueError, match=rf"^GenericHessian: {which} has a backward hook or backward pre-hook"):
+                hessian_operator(model, loss, (x, y), path="generic", mode="reverse-over-reverse")
+        finally:
+            handle.remove()
+    handle = model[2].register_backward_hook(lambda module, grad_in, grad_out: None)
+    try:
+        H = hessian_operator(model, loss, (x, y), path="generic", mode="reverse-over-reverse")
+        assert relative_error(H.to_dense(), dense_hessian(model, [(x, y)], loss)) <= 1e-10
+    finally:
+        handle.remove()
+
+
+def test_a_torchscript_model_is_refused_by_name():
+    """A scripted or traced model failed inside the operators with a pybind TypeError ("contains(): incompatible
+    function arguments"); it is refused as the methods refuse it, naming the module."""
+    model, x, y = make("mlp")
+    inner = copy.deepcopy(model)
+    inner[0] = torch.jit.trace(inner[0], x[:2])
+    builds = (lambda m: hessian_operator(m, F.cross_entropy, (x, y)),
+              lambda m: ggn_operator(m, F.cross_entropy, (x, y)), lambda m: Objective(m, F.cross_entropy, (x, y)),
+              lambda m: estimate_hessian_lipschitz(m, F.cross_entropy, (x, y)))
+    for scripted, where in ((torch.jit.script(model), "the model is"), (torch.jit.trace(model, x[:2]), "the model is"),
+                            (inner, "the model's submodule '0' is")):
+        for build in builds:
+            with pytest.raises(TypeError, match=rf"^{where} a TorchScript module, .*cannot replace: pass the eager "
+                                                r"nn.Module it was scripted or traced from$"):
+                build(scripted)
+
+
+def test_lipschitz_estimate_refuses_a_meta_or_uncopyable_model_by_name():
+    """estimate_hessian_lipschitz met a meta-device model with torch's ".item() cannot be called on meta tensors"
+    (or "Tensor on device meta is not on the expected device cpu!"), and a model its private copy cannot copy
+    with deepcopy's raw RuntimeError or TypeError; both are named now, the model untouched."""
+    import threading
+
+    import torch.nn.utils.prune as prune
+
+    model, x, y = make("mlp")
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C))
+    partly = copy.deepcopy(model)
+    partly[2].to("meta")
+    for net, name in ((meta, "0.weight"), (partly, "2.weight")):
+        with pytest.raises(ValueError, match=rf"^estimate_hessian_lipschitz: the model's parameter '{name}' is on the "
+                                             r"meta device \(it has no values\)"):
+            estimate_hessian_lipschitz(net, F.cross_entropy, (x, y))
+    pruned, locked = copy.deepcopy(model), copy.deepcopy(model)
+    prune.l1_unstructured(pruned[0], "weight", amount=0.3)
+    locked.lock = threading.Lock()
+    copying = (r"^estimate_hessian_lipschitz: the model cannot be copied, and the estimate moves the weights of a "
+               r"private copy \(the given model stays as it is\): ")
+    for net, says in ((pruned, r"Only Tensors created explicitly by the user \(graph leaves\).*a layer pruned by "
+                               r"torch.nn.utils.prune"),
+                      (locked, "cannot pickle '_thread.lock' object")):
+        before = copy.deepcopy(net.state_dict()) if net is locked else None
+        with pytest.raises(TypeError, match=copying + says):
+            estimate_hessian_lipschitz(net, F.cross_entropy, (x, y))
+        if before is not None:
+            assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())

@@ -7,12 +7,13 @@ message everywhere (the caller prefixes ``name`` with its own, e.g. ``"cure_newt
 from __future__ import annotations
 
 import cmath
+import contextlib
 import inspect
 import math
 import numbers
 import operator
 import reprlib
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Container, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -258,6 +259,34 @@ def check_not_meta(owner: str, model: nn.Module) -> None:
             if tensor.is_meta:
                 raise ValueError(f"{owner}: the model's {kind} {key!r} is on the meta device (it has no values): "
                                  "materialise the model first (e.g. to_empty(device=...) and load_state_dict)")
+
+
+def check_not_scripted(owner: str, model: nn.Module, reason: str) -> None:
+    """TypeError naming ``model``, or its first submodule, that is a TorchScript module
+    (``torch.jit.script`` / ``torch.jit.trace``); ``reason`` says why ``owner`` (the prefix of the
+    message; "" for none) cannot take one."""
+    scripted = next((name for name, module in model.named_modules() if isinstance(module, torch.jit.ScriptModule)),
+                    None)
+    if scripted is not None:
+        where = "the model is" if scripted == "" else f"the model's submodule {scripted!r} is"
+        raise TypeError(f"{owner + ': ' if owner else ''}{where} a TorchScript module, {reason}: pass the eager "
+                        "nn.Module it was scripted or traced from")
+
+
+@contextlib.contextmanager
+def refusing_uncopyable(owner: str, reason: str) -> Iterator[None]:
+    """Around a ``copy.deepcopy`` of a model: what the copy raises for a model that cannot be copied (a
+    tensor attribute that is not a graph leaf, an object that cannot be pickled, such as a lock) becomes
+    a TypeError ``"<owner>: the model cannot be copied, and <reason>: <error>"``, with a hint for a layer
+    pruned by torch.nn.utils.prune; running out of memory passes through as it is."""
+    try:
+        yield
+    except (RuntimeError, TypeError) as error:
+        if is_out_of_memory(error):
+            raise
+        hint = (" (a layer pruned by torch.nn.utils.prune holds a computed weight until a forward under "
+                "torch.no_grad())") if "graph leaves" in str(error) else ""
+        raise TypeError(f"{owner}: the model cannot be copied, and {reason}: {error}{hint}") from error
 
 
 def first_nonfinite_model_weight(model: nn.Module) -> tuple[str, str, str] | None:

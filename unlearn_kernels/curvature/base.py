@@ -23,6 +23,7 @@ statistics, and runs the determinism probe), set the class attribute ``path`` an
 (:meth:`CurvatureOperator.cached_pass` or :attr:`CurvatureOperator.data`); the public methods
 validate the input, bring the fixed-weight cache up to date and update the counters. Helpers for
 subclasses: :meth:`~CurvatureOperator.batch_forward`, :meth:`~CurvatureOperator.batch_loss`,
+:meth:`~CurvatureOperator.loss_gradient`,
 :meth:`~CurvatureOperator.flatten`, :meth:`~CurvatureOperator.unflatten`,
 :meth:`~CurvatureOperator.unflatten_columns`.
 
@@ -109,11 +110,10 @@ from .probes import (
     check_per_sample_forward,
     checked_loss,
     every_row_ignored,
-    func_grad_hint,
     probe_forward,
     refuse_parameter_writes,
 )
-from .settings import loss_settings, module_settings
+from .settings import full_backward_hooked_module, loss_settings, module_settings
 
 Entry = Any
 """What a subclass caches for one batch (see :meth:`CurvatureOperator.cached_pass`)."""
@@ -141,8 +141,11 @@ class CurvatureOperator(abc.ABC):
     train-mode BatchNorm/dropout or a BatchNorm without running statistics (see
     :func:`check_per_sample_forward`), for data that changes between passes, for data the
     model or the loss cannot run on ("the model cannot run on the data: ...", "the loss rejects the
-    targets y ...": a wrong dtype, input width or label shape) and for a gradient that is not
-    reproducible. NaN or Inf in the data is a ValueError naming the row (see :class:`BatchSource`:
+    targets y ...": a wrong dtype, input width or label shape), for a gradient that is not
+    reproducible, and for a full backward hook or backward pre-hook of a module of the model or the
+    loss (torch.func cannot run through one). The probes' gradients and :meth:`gradient` are plain
+    ``torch.autograd`` (on detached leaves), which runs where torch.func cannot (a packed sequence
+    through an RNN). NaN or Inf in the data is a ValueError naming the row (see :class:`BatchSource`:
     tensor data is checked in full at construction, an iterable's batches as each pass reads them).
     NaN or Inf in a parameter, or in a BatchNorm running statistic, and NaN in another buffer, is a
     ValueError naming it (``"GenericHessian: parameter 'fc.weight' has NaN or Inf values ..."``),
@@ -254,6 +257,24 @@ class CurvatureOperator(abc.ABC):
     def batch_loss(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``loss_fn(model(x), y)`` as a function of ``params`` (a scalar, checked)."""
         return self._loss(self.batch_forward(params, x), y)
+
+    def loss_gradient(
+        self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, *,
+        constants: dict[str, torch.Tensor] | None = None, create_graph: bool = False,
+    ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
+        """The gradient of :meth:`batch_loss` w.r.t. ``params`` (``constants`` in place of the operator's
+        own where given), by torch.autograd on detached leaves of ``params``: ``(leaves, gradient)``, one
+        entry each per parameter, in ``params``' order; with ``create_graph`` the gradient keeps its graph
+        for a double backward. Plain autograd runs where torch.func's transforms cannot (a packed
+        sequence through an RNN); a parameter the loss does not use gets zeros."""
+        leaves = [p.detach().requires_grad_() for p in params.values()]
+        with torch.enable_grad():
+            loss = self.batch_loss({**(constants or {}), **dict(zip(params, leaves))}, x, y)
+            # a loss that uses none of them (a model changed to bypass them since construction) has no graph
+            grads = (torch.autograd.grad(loss, leaves, create_graph=create_graph, allow_unused=True,
+                                         materialize_grads=True)
+                     if loss.requires_grad else tuple(torch.zeros_like(leaf) for leaf in leaves))
+        return leaves, grads
 
     def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``loss_fn(out, y)``, checked (see :func:`checked_loss`)."""
@@ -420,11 +441,10 @@ class CurvatureOperator(abc.ABC):
         return self._matmat(vector.unsqueeze(1)).squeeze(1)
 
     def _gradient(self) -> torch.Tensor:
-        """Gradient of the mean loss, in one pass over the data (torch.func.grad per batch)."""
-        grad_fn = torch.func.grad(self.batch_loss)
+        """Gradient of the mean loss, in one pass over the data (:meth:`loss_gradient` per batch)."""
         mean = RowMean()
         for x, y in self.data:
-            mean.add(self.flatten(grad_fn(self.params, x, y)), y.shape[0])
+            mean.add(flatten_tensors(self.loss_gradient(self.params, x, y)[1]), y.shape[0])
         return mean.result()
 
     # ------------------------------------------------------------------ public interface
@@ -527,22 +547,19 @@ class CurvatureOperator(abc.ABC):
             raise different_passes("the first batch differs")
         self.data.run_watching(self._probe_forward, x1, y1)
         self.data.watch_layouts((x1, y1), self._probe_forward)
+        self._refuse_backward_hooks()
         x, y = self._probe_batch()
-        grad_fn = torch.func.grad(self.batch_loss)
 
         def batch() -> Batch:  # a model that writes its inputs (x.mul_(2)) gets its own copy each time, as a pass
             return (x.clone(), y.clone()) if self.data.copies else (x, y)
 
         try:  # both: a forward that writes a buffer (DDP's broadcast) fails the second time only
-            g1 = self.flatten(grad_fn(self.params, *batch()))
-            g2 = self.flatten(grad_fn(self.params, *batch()))
+            g1 = flatten_tensors(self.loss_gradient(self.params, *batch())[1])
+            g2 = flatten_tensors(self.loss_gradient(self.params, *batch())[1])
         except (RuntimeError, NotImplementedError) as err:
             if is_out_of_memory(err):
                 raise
-            raise ValueError(
-                f"the loss cannot be differentiated w.r.t. the parameters with torch.func.grad: {err}"
-                + func_grad_hint(self.model)
-            ) from err
+            raise ValueError(f"the loss cannot be differentiated w.r.t. the parameters: {err}") from err
         self.num_gradients += 2
         if not all_finite(g1):
             raise ValueError("the gradient of the loss on the probe batch (the first with a row the loss counts) "
@@ -557,6 +574,17 @@ class CurvatureOperator(abc.ABC):
                 f"{diff / max(float(torch.linalg.vector_norm(g1)), 1e-300):.2e}): the model or loss is random "
                 "(dropout, noise) or keeps state between calls; call model.eval() and remove the randomness"
             )
+
+    def _refuse_backward_hooks(self) -> None:
+        """ValueError naming a module backward hook of the model or the loss that torch.func cannot run
+        through (:func:`full_backward_hooked_module`): forward-mode products cannot take it, and on the
+        autograd paths it could change the gradient the curvature is the derivative of."""
+        for what, module in (("the model", self.model), ("the loss", self.loss_fn)):
+            hooked = full_backward_hooked_module(module, what) if isinstance(module, nn.Module) else None
+            if hooked is not None:
+                raise ValueError(f"{type(self).__name__}: {hooked}, which torch.func cannot run through and which "
+                                 "could change the gradient autograd computes: remove it while the curvature is "
+                                 "computed")
 
     def _probe_forward(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Run the model and the loss on the first batch (see :func:`probe_forward`); a subclass adds

@@ -24,14 +24,16 @@ holds the activations of all K tangents at once: pass fewer columns per ``matmat
 from __future__ import annotations
 
 import abc
+import contextlib
 import functools
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..checks import all_finite, check_choice, is_out_of_memory
 from ..ops import softmax_ce_hvp
@@ -58,6 +60,22 @@ def _stack(trees: list[Tree]) -> Tree:
 def _loop(fn: Callable[[Tree], Tree], batched: Tree) -> Tree:
     k = next(iter(batched.values())).shape[0] if isinstance(batched, dict) else batched.shape[0]
     return _stack([fn(_index(batched, i)) for i in range(k)])
+
+
+@contextlib.contextmanager
+def _forward_mode_attention() -> Iterator[None]:
+    """Attention by ops that have forward-mode derivatives, for a ``torch.func.jvp``: without
+    nn.MultiheadAttention's inference fast path (``aten::_native_multi_head_attention``, which an eval-mode
+    layer takes when no input requires grad, as the jvp's detached parameters do not) and with
+    ``F.scaled_dot_product_attention``'s math kernel (the fused ones, nn.TransformerEncoderLayer's, have
+    none). The fast path's setting is restored after."""
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
 
 
 _SAVED_NAMES: dict[type, tuple[str, ...]] = {}
@@ -191,7 +209,8 @@ class GenericHessian(_TorchFuncOperator):
       ``@once_differentiable``), so at construction it is checked against forward-over-reverse on
       the probe batch (the first with a row the loss counts), or against finite differences of the
       gradient where that cannot run; the probe's gradient graph of the first batch is kept for the
-      products.
+      products. Nothing in this mode needs torch.func, so it takes models torch.func cannot run
+      through (a packed sequence through an RNN: ``mode="auto"`` then checks by finite differences).
     * ``"forward-over-reverse"``: ``torch.func.jvp`` of ``torch.func.grad``, the K vectors of a matmat
       vmapped; the forward and the gradient are recomputed for every product (no cache). It needs a
       forward-mode derivative of every op's backward (custom ``autograd.Function`` s need
@@ -323,16 +342,16 @@ class GenericHessian(_TorchFuncOperator):
         x64, y64 = as64(x), as64(y)
         # a model that writes its inputs (x.mul_(2)) gets a fresh copy for each gradient, as a pass does
         fresh = (lambda t: t.clone()) if self.data.copies else (lambda t: t)
-        grad64 = torch.func.grad(lambda params, inputs: self.batch_loss({**constants64, **params}, inputs, y64))
-        grad_own = torch.func.grad(self.batch_loss)
 
         def grad64_at(shift: float) -> torch.Tensor:
             self.num_gradients += 1
-            return self.flatten(grad64(self.unflatten(w + shift * v), fresh(x64)))
+            return flatten_tensors(self.loss_gradient(self.unflatten(w + shift * v), fresh(x64), y64,
+                                                      constants=constants64)[1])
 
         def grad_own_at(shift: float) -> torch.Tensor:
             self.num_gradients += 1
-            return self.flatten(grad_own(self.unflatten((w + shift * v).to(self.dtype)), fresh(x), y)).double()
+            params = self.unflatten((w + shift * v).to(self.dtype))
+            return flatten_tensors(self.loss_gradient(params, fresh(x), y)[1]).double()
 
         try:
             grad64_at(0.0)
@@ -374,8 +393,7 @@ class GenericHessian(_TorchFuncOperator):
         mean = RowMean()
         for graph, rows, batch in self.cached_pass(self._graph):
             if graph is None:  # beyond the cache's budget: a plain gradient, no graph needed
-                x, y = batch
-                mean.add(self.flatten(torch.func.grad(self.batch_loss)(self.params, x, y)), rows)
+                mean.add(flatten_tensors(self.loss_gradient(self.params, *batch)[1]), rows)
             else:
                 mean.add(flatten_tensors(g.detach() for g in graph.grads), rows)
         return mean.result()
@@ -390,13 +408,8 @@ class GenericHessian(_TorchFuncOperator):
 
     def _graph(self, x: torch.Tensor, y: torch.Tensor) -> tuple[_GradientGraph, int]:
         """The batch's gradient with its graph (for double backward), and the bytes the graph holds."""
-        leaves = [p.detach().requires_grad_() for p in self.params.values()]
-        with torch.enable_grad():
-            loss = self.batch_loss(dict(zip(self.param_names, leaves)), x, y)
-            # a parameter the forward does not use has zero gradient (and zero Hessian rows); a loss that
-            # uses none of them (a model changed to bypass them since construction) has no graph
-            grads = (torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True, materialize_grads=True)
-                     if loss.requires_grad else [torch.zeros_like(leaf) for leaf in leaves])
+        # a parameter the forward does not use has zero gradient, no graph (and zero Hessian rows)
+        leaves, grads = self.loss_gradient(self.params, x, y, create_graph=True)
         graph = _GradientGraph(leaves, grads, [i for i, g in enumerate(grads) if g.requires_grad])
         return graph, _graph_bytes(grads, [*leaves, *self._constants.values(), *self._callers(x, y)])
 
@@ -434,7 +447,10 @@ class GGNOperator(_TorchFuncOperator):
     naming them (the products never call the loss, which would raise for the latter).
 
     Per batch, ``J v`` is a ``torch.func.jvp`` (vmapped over the K vectors) and ``J^T u`` a backward
-    through the batch's forward graph, which is kept at fixed weights (within ``cache_bytes``).
+    through the batch's forward graph, which is kept at fixed weights (within ``cache_bytes``). The jvp
+    runs attention by ops with forward-mode derivatives: without nn.MultiheadAttention's inference fast
+    path and with ``F.scaled_dot_product_attention``'s math kernel (the caller's settings are restored
+    after).
     """
 
     path = "ggn"
@@ -484,7 +500,8 @@ class GGNOperator(_TorchFuncOperator):
     def _ggn_products(self, graph: _ForwardGraph, tangents: Tangents) -> Tangents:
         forward = functools.partial(self.batch_forward, x=graph.x)
         out = graph.out.detach()
-        jv = self._map(lambda t: torch.func.jvp(forward, (self.params,), (t,))[1], tangents)  # (K, *out.shape)
+        with _forward_mode_attention():
+            jv = self._map(lambda t: torch.func.jvp(forward, (self.params,), (t,))[1], tangents)  # (K, *out.shape)
         if self._loss_kind == "mse":
             u = jv * (2.0 / out.numel())
         else:

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checks import check_int, check_number, check_seed, norm64
+from ..checks import check_int, check_not_meta, check_number, check_seed, norm64, refusing_uncopyable
 from .batches import DataSpec
 from .probes import LossFn
 from .factory import hessian_operator
-from .params import ParamSelection, get_flat_parameters, parameter_names, set_flat_parameters
+from .params import ParamSelection, get_flat_parameters, resolve_curvature_parameters, set_flat_parameters
 
 
 @dataclass(frozen=True)
@@ -90,13 +90,17 @@ def estimate_hessian_lipschitz(
     Raises:
         ValueError: a bad ``num_directions``, ``radius`` (also one the weights' dtype cannot resolve),
             ``power_iterations``, ``quantile`` or ``seed`` (out of range), a bad ``params`` selection,
-            or what the operator raises.
-        TypeError: a ``seed`` that is not an int.
+            a model with a parameter or buffer on the meta device, or what the operator raises.
+        TypeError: a ``seed`` that is not an int; a model that cannot be copied (a layer pruned by
+            torch.nn.utils.prune, an attribute that cannot be pickled such as a lock), or one the
+            operators refuse as such (a TorchScript module, a DataParallel wrapper).
     """
     num_directions, radius, power_iterations, quantile = check_lipschitz_options(
         num_directions=num_directions, radius=radius, power_iterations=power_iterations, quantile=quantile).values()
     seed = check_seed("estimate_hessian_lipschitz: seed", seed)
-    names = parameter_names(model, params)  # on the caller's model: its tensors are not the copy's
+    # on the caller's model (its tensors are not the copy's), refused as the operator would refuse it
+    names = tuple(resolve_curvature_parameters(model, params))
+    check_not_meta("estimate_hessian_lipschitz", model)  # before its weights are read
     w = get_flat_parameters(model, names)
     generator = torch.Generator().manual_seed(seed)
 
@@ -114,7 +118,9 @@ def estimate_hessian_lipschitz(
                 f"estimate_hessian_lipschitz: radius={radius!r} is too small for the {w.dtype} weights: w + radius * d "
                 f"moves them by a step off by {off:.1%} of the radius (over 10%); use a larger radius"
             )
-    work = copy.deepcopy(model)
+    with refusing_uncopyable("estimate_hessian_lipschitz", "the estimate moves the weights of a private copy (the "
+                             "given model stays as it is)"):
+        work = copy.deepcopy(model)
     op = hessian_operator(work, loss_fn, data, names, path=path, batch_size=batch_size)
     ratios = []
     for d, v in directions:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..checks import check_tensor
+from ..checks import check_not_scripted, check_tensor
 from ..lora import LoRALinear
 
 ParamSelection = None | str | torch.Tensor | Iterable[str | torch.Tensor]
@@ -88,10 +88,13 @@ def resolve_parameters(model: nn.Module, params: ParamSelection = None) -> dict[
 def resolve_curvature_parameters(model: nn.Module, params: ParamSelection = None) -> dict[str, nn.Parameter]:
     """:func:`resolve_parameters` for the curvature operators and objectives, which also refuse what
     they cannot differentiate twice correctly: a model wrapped in nn.DataParallel
-    (:func:`check_not_wrapped`) and the weight of an embedding with a ``padding_idx`` (TypeError /
-    ValueError naming it)."""
+    (:func:`check_not_wrapped`), a TorchScript module or one holding one, and the weight of an embedding
+    with a ``padding_idx`` (TypeError / ValueError naming it)."""
     if isinstance(model, nn.Module):
         check_not_wrapped(model)
+        # torch.func's stateless calls cannot swap a scripted module's parameters (it failed with a pybind TypeError)
+        check_not_scripted("", model, "whose parameters torch.func's stateless calls, which every curvature "
+                                      "operator and Objective make, cannot replace")
     chosen = resolve_parameters(model, params)
     _check_no_padding_row(model, chosen)
     return chosen

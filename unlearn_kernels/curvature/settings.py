@@ -78,6 +78,23 @@ def hooked_module(model: nn.Module, direction: str) -> str | None:
     return None
 
 
+def full_backward_hooked_module(model: nn.Module, what: str = "the model") -> str | None:
+    """Where ``model`` (``what``, in the message) has a module backward hook that torch.func cannot run
+    through (a full backward hook or a backward pre-hook, its own or a global one, which torch runs in an
+    autograd.Function without ``setup_context``), as the start of a sentence ("module '0' has a backward
+    hook or backward pre-hook"); None without one. A legacy ``register_backward_hook`` is a plain hook on
+    the outputs' graph, which torch.func runs: not one of these."""
+    from torch.nn.modules import module as torch_module  # where torch keeps the global hooks
+
+    if torch_module._global_backward_pre_hooks or (torch_module._global_is_full_backward_hook
+                                                   and torch_module._global_backward_hooks):
+        return "a global module backward hook is registered (register_module_full_backward_hook / _pre_hook)"
+    for name, module in model.named_modules():
+        if module._backward_pre_hooks or (module._is_full_backward_hook and module._backward_hooks):
+            return f"{'module ' + repr(name) if name else what} has a backward hook or backward pre-hook"
+    return None
+
+
 def own_call(module: nn.Module) -> bool:
     """Whether ``module`` runs other code than its class's ``forward`` when called: a forward hook or
     pre-hook (:func:`hooked_module`), a ``forward`` or ``_call_impl`` set on the instance (accelerate's
