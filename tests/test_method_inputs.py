@@ -450,12 +450,12 @@ def test_a_torchscript_model_is_refused_by_name(problem, name):
     zero), SalUn and SSD wrote the caller's .grad, the others failed with torch's own errors."""
     model, forget, retain = problem
     scripted = torch.jit.script(copy.deepcopy(model).eval())
-    with pytest.raises(TypeError, match=f"^{name}: model is a TorchScript module.*pass the eager nn.Module"):
+    with pytest.raises(TypeError, match=f"^{name}: the model is a TorchScript module.*pass the eager nn.Module"):
         _make(name).unlearn(scripted, forget, retain)
     assert all(p.grad is None for p in scripted.parameters())
     inner = copy.deepcopy(model).eval()
     inner[0] = torch.jit.script(inner[0])  # a scripted layer: SSD wrote its .grad
-    with pytest.raises(TypeError, match=f"^{name}: model's submodule '0' is a TorchScript module"):
+    with pytest.raises(TypeError, match=f"^{name}: the model's submodule '0' is a TorchScript module"):
         _make(name).unlearn(inner, forget, retain)
     assert all(p.grad is None for p in inner.parameters())
 

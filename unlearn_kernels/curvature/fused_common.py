@@ -71,7 +71,7 @@ def fused_reason(parsed: object, loss_fn: LossFn, model: nn.Module, params: Para
         return parsed
     # a hook or a forward set on the instance (as accelerate's hooks do) may change what a layer or the
     # loss computes: not what the fused passes compute
-    hooked = hooked_module(model, "forward")
+    hooked = hooked_module(model)
     if hooked is not None:
         return hooked
     own = next((name for name, module in model.named_modules() if own_call(module)), None)

@@ -13,7 +13,6 @@ from torch.nn.utils import parametrize
 
 from ..checks import all_finite, check_batch_statistics, first_nonfinite_weight, is_out_of_memory
 from .params import version_counter
-from .settings import hooked_module
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -59,19 +58,6 @@ def refuse_parameter_writes(owner: str, copies: dict[str, torch.Tensor]) -> None
         raise ValueError(f"{_prefix(owner)}the model's forward writes its parameter {written[0]!r} in place (an "
                          "nn.Embedding with max_norm renormalises its rows, say): the loss is then no function of "
                          "the parameters, and every pass would write the model; remove the write (max_norm=None)")
-
-
-def func_grad_hint(model: nn.Module) -> str:
-    """What in ``model`` torch.func's gradient is known to fail on, as the end of its error: a backward
-    hook (torch.func cannot run one), or DistributedDataParallel (whose forward writes the buffers it
-    broadcasts); "" if neither."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return (" (a DistributedDataParallel forward writes the buffers it broadcasts: pass ddp.module with "
-                "process_group=..., which reduces the curvature over the ranks itself)")
-    hooked = hooked_module(model, "backward")
-    if hooked is not None:
-        return f" ({hooked}, which torch.func cannot run through: remove it while the curvature is computed)"
-    return ""
 
 
 def check_finite_weights(owner: str, computed: str, parameters: Iterable[tuple[str, torch.Tensor]],

@@ -63,18 +63,16 @@ def loss_settings(loss_fn: LossFn) -> tuple[tuple, WeightsKey]:
     return (), ()
 
 
-def hooked_module(model: nn.Module, direction: str) -> str | None:
-    """Where ``model`` has a module hook of ``direction`` ("forward": forward hooks and pre-hooks;
-    "backward": backward hooks and pre-hooks), as the start of a sentence ("module '0' has a forward
-    hook", or a global one registered for every module); None without one."""
+def hooked_module(model: nn.Module) -> str | None:
+    """Where ``model`` has a module forward hook or pre-hook, as the start of a sentence ("module '0' has
+    a forward hook or forward pre-hook", or a global one registered for every module); None without one."""
     from torch.nn.modules import module as torch_module  # where torch keeps the global hooks
 
-    hooks, pre_hooks = f"_{direction}_hooks", f"_{direction}_pre_hooks"
-    if getattr(torch_module, f"_global{hooks}") or getattr(torch_module, f"_global{pre_hooks}"):
-        return f"a global module {direction} hook is registered (register_module_{direction}_hook / _pre_hook)"
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return "a global module forward hook is registered (register_module_forward_hook / _pre_hook)"
     for name, module in model.named_modules():
-        if getattr(module, hooks) or getattr(module, pre_hooks):
-            return f"{'module ' + repr(name) if name else 'the model'} has a {direction} hook or {direction} pre-hook"
+        if module._forward_hooks or module._forward_pre_hooks:
+            return f"{'module ' + repr(name) if name else 'the model'} has a forward hook or forward pre-hook"
     return None
 
 
@@ -100,5 +98,5 @@ def own_call(module: nn.Module) -> bool:
     pre-hook (:func:`hooked_module`), a ``forward`` or ``_call_impl`` set on the instance (accelerate's
     hooks set ``forward``), or a class that overrides ``__call__`` or ``_call_impl``."""
     kind = type(module)
-    return (hooked_module(module, "forward") is not None or "forward" in vars(module) or "_call_impl" in vars(module)
+    return (hooked_module(module) is not None or "forward" in vars(module) or "_call_impl" in vars(module)
             or kind.__call__ is not nn.Module.__call__ or kind._call_impl is not nn.Module._call_impl)

@@ -17,10 +17,11 @@ from torch import nn
 
 from ..checks import (
     check_not_meta,
+    check_not_scripted,
     check_seed,
     first_nonfinite_model_weight,
     first_nonfinite_row,
-    is_out_of_memory,
+    refusing_uncopyable,
 )
 from ..labeled import LabeledData
 from ..training import check_fits, model_device, seeded_rng
@@ -186,17 +187,10 @@ def _private_copy(name: str, model: nn.Module) -> nn.Module:
     function or closure is shared). A model that cannot be copied is a TypeError that says why a copy
     is made."""
     memo: dict[int, object] = {}
-    try:
+    with refusing_uncopyable(name, "every method works on a copy (the given model stays as it is)"):
         work = copy.deepcopy(model, memo)
         hooks = [[copy.deepcopy(list((getattr(p, kind) or {}).values()), memo) for p in model.parameters()]
                  for kind in ("_backward_hooks", "_post_accumulate_grad_hooks")]
-    except (RuntimeError, TypeError) as error:  # a non-leaf tensor attribute, an object that cannot be pickled
-        if is_out_of_memory(error):
-            raise
-        hint = (" (a layer pruned by torch.nn.utils.prune holds a computed weight until a forward under "
-                "torch.no_grad())") if "graph leaves" in str(error) else ""
-        raise TypeError(f"{name}: the model cannot be copied, and every method works on a copy (the given model "
-                        f"stays as it is): {error}{hint}") from error
     for copied, gradient_hooks, accumulate_hooks in zip(work.parameters(), *hooks):
         # a weight hooked and then frozen keeps its hooks, but torch registers none on a frozen tensor
         frozen = not copied.requires_grad and bool(gradient_hooks or accumulate_hooks)
@@ -218,13 +212,9 @@ def _check_model(name: str, model: nn.Module) -> None:
     additive mask is harmless, and the Newton methods' operators accept it)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{name}: model must be a torch.nn.Module, got {type(model).__name__}")
-    scripted = next((n for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)), None)
-    if scripted is not None:
-        # a copy of one shares its autograd graph with the caller's: its parameters are not leaves, its
-        # gradients land in the caller's .grad, and optimizers refuse it
-        where = "model is" if scripted == "" else f"model's submodule {scripted!r} is"
-        raise TypeError(f"{name}: {where} a TorchScript module, whose copies share gradients with it: pass the "
-                        "eager nn.Module it was scripted or traced from")
+    # a copy of one shares its autograd graph with the caller's: its parameters are not leaves, its
+    # gradients land in the caller's .grad, and optimizers refuse it
+    check_not_scripted(name, model, "whose copies share gradients with it")
     check_not_meta(name, model)
     sparse = next((n for n, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
                    and m.sparse and m.weight.requires_grad), None)
