@@ -340,7 +340,8 @@ std::vector<at::Tensor> run_state(const Kernels& kernels, const at::Tensor& x, c
   const int64_t num_kept = kernels.count_kept(target, C, ignore_index);
   TORCH_CHECK_VALUE(num_kept > 0, "mlp_hvp: every target is ignore_index=", ignore_index,
                     " (the mean loss over 0 samples is undefined)");
-  at::Tensor p = at::softmax(g, 1);
+  // in double, cast back: float32's vectorised sum drops a confident row's small classes from the normaliser
+  at::Tensor p = at::softmax(g, 1, at::kDouble).to(g.scalar_type());
   if (num_kept < N) p.mul_((target != ignore_index).unsqueeze(1).to(p.scalar_type()));
   at::Tensor flags = at::zeros({2}, g.options().dtype(at::kInt)), no_tangents = at::empty({N, 0, C}, g.options());
   kernels.loss(g, target, no_tangents, label_smoothing, ignore_index, 1.0 / static_cast<double>(num_kept), flags);
@@ -431,7 +432,9 @@ at::Tensor cached_products(const at::Tensor& x, at::TensorList state, at::Tensor
   at::Tensor rg = rh[L];
   rh[L] = at::Tensor();
   const at::Tensor& p = state[4 * L - 1];
-  const at::Tensor dot = (rg * p.unsqueeze(1)).sum(2, /*keepdim=*/true);
+  // summed in double, as the uncached kernel's rows: in float the lanes that hold a confident row's top class
+  // would drop the small classes' terms
+  const at::Tensor dot = at::sum(rg * p.unsqueeze(1), {2}, /*keepdim=*/true, at::kDouble).to(rg.scalar_type());
   if (check_finite) {
     TORCH_CHECK_VALUE(at::isfinite(dot).all().item<bool>(), "mlp_hvp: the R-derivative of the logits contains NaN or "
                       "Inf (check V, then x and the weights: an Inf weight under a saturating activation leaves "

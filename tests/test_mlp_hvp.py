@@ -801,3 +801,28 @@ def test_results_never_require_grad(backend, device, rng):
                                      backend=backend)
     results = [*hv_w, *hv_b, flat, cached, *(t for t in state if isinstance(t, torch.Tensor))]
     assert not any(t.requires_grad for t in results)
+
+
+def test_many_classes_and_confident_rows_keep_the_small_probabilities():
+    """The CPU kernel summed a softmax row in float32: for a confident row exp(z - max) ~ 2e-9 is below half an
+    ulp of the running sum once the top class is in it, so every later class was dropped and p_y - 1 came out
+    0 (the fused gradient's bias entry of class 0 had the wrong sign with 100,000 classes). Summed in double,
+    the gradient and the uncached and cached products are within twice PyTorch's own float32 error."""
+    classes, n = 20_000, 32
+    y = torch.arange(n) % 10
+    model = nn.Sequential(nn.Linear(10, classes))
+    with torch.no_grad():  # logits 20 at the target, 0 elsewhere
+        model[0].weight.zero_()
+        model[0].bias.zero_()
+        model[0].weight[:10, :10] = torch.eye(10)
+    x = 20.0 * F.one_hot(y, 10).float()
+    exact = hessian_operator(model.double(), F.cross_entropy, (x.double(), y), path="generic")
+    v = torch.randn(exact.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    g64, hv64 = exact.gradient(), exact.matvec(v)
+    model.float()
+    torch32 = hessian_operator(model, F.cross_entropy, (x, y), path="generic")  # plain autograd in float32
+    g_err, hv_err = relative_error(torch32.gradient().double(), g64), relative_error(torch32.matvec(v.float()), hv64)
+    for cache_bytes in (None, 0):
+        fused = hessian_operator(model, F.cross_entropy, (x, y), path="fused", cache_bytes=cache_bytes)
+        assert relative_error(fused.gradient().double(), g64) <= 2 * g_err
+        assert relative_error(fused.matvec(v.float()).double(), hv64) <= 2 * hv_err

@@ -225,9 +225,12 @@ void loss_cpu(at::Tensor& z, const at::Tensor& target, at::Tensor& rz, double la
           const int64_t n = std::min<int64_t>(Vec::size(), C - j);
           Vec::loadu(p.data() + j, n).exp().store(p.data() + j, n);
         }
-        scalar_t sum = 0;
+        // sums in double: in float a confident row's exp(z - m) ~ 1e-9 falls below half an ulp of the
+        // running sum once the top class is in it, and every later class was dropped (p_y - 1 came out 0
+        // with 100,000 classes, where torch's float32 is off by 6%)
+        double sum = 0;
         for (int64_t j = 0; j < C; ++j) sum += p[j];
-        const scalar_t inv_sum = scalar_t(1) / sum;
+        const scalar_t inv_sum = static_cast<scalar_t>(1.0 / sum);
         for (int64_t j = 0; j < C; ++j) {
           p[j] *= inv_sum;
           zi[j] = (p[j] - off) * row_scale;
@@ -235,8 +238,9 @@ void loss_cpu(at::Tensor& z, const at::Tensor& target, at::Tensor& rz, double la
         zi[py[i]] -= on * row_scale;
         for (int64_t k = 0; k < K; ++k) {
           scalar_t* r = prz + (i * K + k) * C;
-          scalar_t dot = 0;
-          for (int64_t j = 0; j < C; ++j) dot += p[j] * r[j];
+          double sum_pr = 0;  // in double, as the sum above
+          for (int64_t j = 0; j < C; ++j) sum_pr += static_cast<double>(p[j]) * r[j];
+          const scalar_t dot = static_cast<scalar_t>(sum_pr);
           if (!std::isfinite(dot)) bt = true;
           for (int64_t j = 0; j < C; ++j) r[j] = p[j] * (r[j] - dot) * row_scale;
         }
