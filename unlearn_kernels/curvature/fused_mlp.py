@@ -194,14 +194,16 @@ class FusedMLPHessian(CurvatureOperator):
 
     def _state(self, x: torch.Tensor, y: torch.Tensor) -> tuple[tuple[torch.Tensor, list[torch.Tensor] | None], int]:
         """The batch's inputs and its fixed-weight state (None when every row is ignored), and the
-        bytes the state holds."""
+        bytes they hold: the inputs' unless they are the caller's data (a DataLoader's batch, a copy
+        moved to the device or made by the input's reshape is held by the entry alone)."""
         inputs, labels = self._inputs(x), fused_labels(type(self).__name__, y)
+        own = 0 if self.data.is_callers(inputs) else inputs.untyped_storage().nbytes()
         if self._all_ignored(labels):
-            return (inputs, None), 0
+            return (inputs, None), own
         state = mlp_hvp_state(inputs, labels, self._weights, self._biases, self._chain.activations,
                               label_smoothing=self._label_smoothing, ignore_index=self._ignore_index,
                               backend=self.backend)
-        return (inputs, state), sum(t.numel() * t.element_size() for t in state)
+        return (inputs, state), own + sum(t.numel() * t.element_size() for t in state)
 
     def _gradient(self) -> torch.Tensor:
         """The gradient from each batch's state: d_l^T h_{l-1} for W_l and the row sums of d_l for b_l

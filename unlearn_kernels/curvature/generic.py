@@ -487,8 +487,10 @@ class GGNOperator(_TorchFuncOperator):
             out = self.batch_forward(dict(zip(self.param_names, leaves)), x)
         if self._loss_kind == "ce":
             check_loss_labels(self.loss_fn, out, y, "ggn_operator")  # the products never call the loss (which would)
-        return _ForwardGraph(x, y, out, leaves), _graph_bytes([out], [*leaves, *self._constants.values(),
-                                                                      *self._callers(x, y)])
+        # the entry keeps the batch too: a DataLoader's batch is held by it alone (the graph may save no x
+        # when the first layer is not chosen)
+        return _ForwardGraph(x, y, out, leaves), _graph_bytes([out, x, y], [*leaves, *self._constants.values(),
+                                                                            *self._callers(x, y)])
 
     def _probe_products(self, x: torch.Tensor, y: torch.Tensor, tangents: Tangents) -> Tangents:
         return self._ggn_products(self.probe_entry(self._forward, x, y), tangents)
