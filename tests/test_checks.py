@@ -118,3 +118,22 @@ def test_check_option_names_names_the_accepted_options():
     with pytest.raises(TypeError, match=r"^solver 'ldl': unknown option\(s\) \['tol'\]; accepted: \[\]$"):
         check_option_names("solver 'ldl'", ["tol"], ())
     check_option_names("wrapper", {"anything": 1}, lambda *args, **kwargs: None)  # **kwargs takes every name
+
+
+def test_the_row_check_reads_large_data_without_a_mask_of_it(monkeypatch):
+    """torch.isfinite over the whole data at once (an abs copy and three masks: 1.75x the data, on a GPU too)
+    made every operator's construction need that much memory beyond the data, whatever its cache budget. A
+    finite sum now decides, and a non-finite one (a NaN, or finite entries that overflow when added) is
+    followed by a check of a chunk of rows at a time, which finds the first bad row."""
+    from unlearn_kernels import checks
+
+    seen = []
+    isfinite = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: seen.append(t.numel()) or isfinite(t))
+    monkeypatch.setattr(checks, "_CHECK_CHUNK", 1000)
+    data = torch.randn(500, 10, 8)
+    assert checks.first_nonfinite_row(data) is None and not seen
+    data[321, 4, 2] = float("nan")
+    assert checks.first_nonfinite_row(data) == 321 and max(seen) <= 1000
+    assert checks.first_nonfinite_row(torch.full((400, 3), 3e38)) is None  # the sum overflows, no entry does
+    assert not checks.all_finite(data) and checks.all_finite(torch.full((5000,), 60000.0, dtype=torch.float16))

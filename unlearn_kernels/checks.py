@@ -168,21 +168,31 @@ def all_finite(t: torch.Tensor) -> bool:
     One sum decides in the usual case: a NaN or Inf entry makes it non-finite, and one scalar
     read-back (``.item()``) is ~10x cheaper than an elementwise ``isfinite(t).all()`` on the small
     vectors the solvers check at every product. Only a non-finite sum (also reached by finite entries
-    that overflow when added) falls back to the elementwise check.
+    that overflow when added) falls back to the elementwise check (:func:`first_nonfinite_row`).
     """
-    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
-        return True
-    total = t.sum().item()
-    return (cmath.isfinite(total) if t.is_complex() else math.isfinite(total)) or bool(torch.isfinite(t).all())
+    return first_nonfinite_row(t.reshape(-1)) is None
+
+
+#: entries :func:`first_nonfinite_row` checks elementwise at a time (its masks: a few bytes per entry)
+_CHECK_CHUNK = 1 << 22
 
 
 def first_nonfinite_row(t: torch.Tensor) -> int | None:
     """The first index along dim 0 whose slice of ``t`` holds NaN or Inf, or None (integer tensors
-    are always finite)."""
+    are always finite). A finite sum decides at once; else the rows are checked a chunk at a time, so
+    that the masks of ``torch.isfinite`` (1.75x the data at once) stay small beside data of gigabytes."""
     if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
         return None
-    finite = torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
-    return None if bool(finite.all()) else int((~finite).nonzero()[0, 0])
+    total = t.sum().item()
+    if cmath.isfinite(total) if t.is_complex() else math.isfinite(total):
+        return None
+    rows = t.reshape(t.shape[0], -1)
+    step = max(1, _CHECK_CHUNK // max(1, rows.shape[1]))
+    for start in range(0, rows.shape[0], step):
+        finite = torch.isfinite(rows[start:start + step]).all(dim=1)
+        if not bool(finite.all()):
+            return start + int((~finite).nonzero()[0, 0])
+    return None
 
 
 def normalisation_buffers(model: nn.Module) -> frozenset[str]:
