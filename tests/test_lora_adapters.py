@@ -62,6 +62,20 @@ def test_fresh_adapters_leave_outputs_unchanged(build, x):
     torch.testing.assert_close(model(x), before, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("adapter, base", [(lora.LoRALinear, lambda: nn.Linear(400, 3)),
+                                           (lora.LoRAConv2d, lambda: nn.Conv2d(16, 4, 5))], ids=["linear", "conv"])
+def test_a_is_initialised_uniformly_within_pefts_bound(adapter, base):
+    """A ~ Kaiming-uniform with a = sqrt(5) (PEFT's init): U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = 400 for both
+    layers; catches a = 1 (bound sqrt(3/fan_in), 1.7 times as wide), which no other test saw."""
+    torch.manual_seed(0)
+    adapter = adapter(base(), rank=32)
+    bound = 1 / np.sqrt(400)
+    largest = float(adapter.lora_a.detach().abs().max())  # of 12800 entries: the bound up to a few 1e-4 of it
+    assert 0.99 * bound < largest <= bound
+    adapter.reset_adapter()  # and again on a reset
+    assert 0.99 * bound < float(adapter.lora_a.detach().abs().max()) <= bound
+
+
 def test_linear_forward_is_the_lora_formula():
     layer = nn.Linear(12, 5).double()
     adapter = lora.LoRALinear(layer, rank=4, alpha=2.0)
@@ -108,6 +122,36 @@ def test_merge_unmerge_and_unload_round_trip(build, x):
     # ... and without merge the original model
     dropped = lora.unload(model, merge=False)
     torch.testing.assert_close(dropped(x), plain(x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [6.0, 0.5])
+@pytest.mark.parametrize("build, x", [(mlp, X), (cnn, IMAGES)])
+def test_merge_and_unload_apply_the_scale(build, x, alpha):
+    """Rank 2 with alpha 6 (scale 3) and 0.5 (scale 0.25), Linear and Conv2d adapters: the merged base weight is
+    W + (alpha / rank) B A, computed here, and merge, unmerge and unload(merge=True) keep the outputs. The tests
+    above use alpha = rank (scale 1), where a delta_weight without the scale merged B A and passed them."""
+    model = build()
+    plain = copy.deepcopy(model)
+    lora.add_adapters(model, "*", rank=2, alpha=alpha)
+    randomize_b(model)
+    expected = copy.deepcopy(plain)  # the plain layers with the scaled update written in by hand
+    with torch.no_grad():
+        for name, adapter in lora.adapter_modules(model).items():
+            weight = expected.get_submodule(name).weight
+            weight += alpha / 2 * (adapter.lora_b.flatten(1) @ adapter.lora_a.flatten(1)).reshape(weight.shape)
+    adapted = model(x)
+    torch.testing.assert_close(adapted, expected(x), rtol=1e-12, atol=1e-12)
+    lora.merge(model)
+    for name, adapter in lora.adapter_modules(model).items():
+        torch.testing.assert_close(adapter.base.weight, expected.get_submodule(name).weight, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model(x), adapted, rtol=1e-12, atol=1e-12)
+    lora.unmerge(model)
+    torch.testing.assert_close(model(x), adapted, rtol=1e-12, atol=1e-12)
+    for name, adapter in lora.adapter_modules(model).items():
+        torch.testing.assert_close(adapter.base.weight, plain.get_submodule(name).weight, rtol=0, atol=1e-13)
+    unloaded = lora.unload(model, merge=True)
+    assert not lora.adapter_modules(unloaded)
+    torch.testing.assert_close(unloaded(x), adapted, rtol=1e-12, atol=1e-12)
 
 
 def test_adapter_parameter_selection():
@@ -346,6 +390,28 @@ def test_state_saved_without_the_merged_flag_still_loads():
     torch.testing.assert_close(fresh(X), model(X), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("build, x", [(mlp, X), (cnn, IMAGES)])
+def test_a_merged_state_without_the_flag_loads_into_a_merged_model_merged(build, x):
+    """An old-format state (no ``lora_merged``) of a merged model, base weights included, loaded into a merged model
+    leaves the flag as it is (merged): the outputs are the source's. Catches unmerging the old adapter first
+    whenever A or B come without the flag (meant for a state of the adapters alone): the loaded merged base
+    weight then got the delta a second time in the forward."""
+    source = build(seed=3)
+    lora.add_adapters(source, "*", rank=2, alpha=4)
+    randomize_b(source, seed=4)
+    lora.merge(source)
+    old = {k: v for k, v in state(source).items() if not k.endswith("lora_merged")}
+    model = build()
+    lora.add_adapters(model, "*", rank=2, alpha=4)
+    randomize_b(model)
+    lora.merge(model)
+    model.load_state_dict(old)
+    assert all(a.merged for a in lora.adapter_modules(model).values())
+    for name, adapter in lora.adapter_modules(model).items():
+        assert torch.equal(adapter.base.weight, old[name + ".base.weight"])
+    torch.testing.assert_close(model(x), source(x), rtol=1e-12, atol=1e-12)
+
+
 def test_adapter_on_a_layer_without_inputs():
     """nn.Linear(0, 3): the output is the bias, as F.linear gives; merge and unmerge work too."""
     layer = nn.Linear(0, 3).double()
@@ -428,6 +494,41 @@ def test_to_peft_of_our_adapters(peft):
     layer = peft_model.get_base_model().get_submodule("1")
     assert layer.r["default"] == 2 and layer.scaling["default"] == 2.0
     assert lora.adapter_modules(model)  # ours keeps its adapters
+
+
+def test_to_peft_config_carries_the_adapters_alpha(peft, tmp_path):
+    """The LoraConfig says lora_alpha = the adapters' alpha (6 at rank 2): a PEFT model saved and loaded again
+    (which rebuilds its scaling from the config) gives our outputs. Catches lora_alpha = rank (scale 1 after
+    loading, while the converted model itself, whose scaling to_peft sets directly, still agreed)."""
+    model = mlp()
+    lora.add_adapters(model, ["1", "3"], rank=2, alpha=6)
+    randomize_b(model)
+    peft_model = lora.to_peft(model)
+    config = peft_model.peft_config["default"]
+    assert config.r == 2 and config.lora_alpha == 6
+    peft_model.save_pretrained(tmp_path)
+    loaded = peft.PeftModel.from_pretrained(lora.unload(copy.deepcopy(model), merge=False), tmp_path).eval()
+    assert loaded.get_base_model().get_submodule("1").scaling["default"] == 3
+    torch.testing.assert_close(loaded(X), model(X), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("build, x, targets", [(mlp, X, ["1", "3"]), (cnn, IMAGES, ["features.0", "head"])])
+def test_from_peft_of_a_merged_peft_model(peft, build, x, targets):
+    """A PEFT model after merge_adapter() (its base weights hold the update): the converted model has the unmerged
+    base weights and the PEFT model's outputs, and the PEFT model stays merged. Catches converting without
+    unmerging the copy first (the update then counted twice)."""
+    config = peft.LoraConfig(r=2, lora_alpha=5, target_modules=targets, init_lora_weights=False)
+    plain = build()
+    peft_model = peft.get_peft_model(copy.deepcopy(plain), config).eval()
+    expected = peft_model(x)
+    peft_model.merge_adapter()
+    ours = lora.from_peft(peft_model)
+    assert all(peft_model.get_base_model().get_submodule(name).merged for name in targets)
+    adapters = lora.adapter_modules(ours)
+    assert set(adapters) == set(targets) and not any(a.merged for a in adapters.values())
+    for name, adapter in adapters.items():
+        torch.testing.assert_close(adapter.base.weight, plain.get_submodule(name).weight, rtol=0, atol=1e-13)
+    torch.testing.assert_close(ours(x), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_peft_conversions_leave_the_callers_rng_alone(peft, device):
