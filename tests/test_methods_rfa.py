@@ -1,6 +1,7 @@
 """RFA on a tiny mislabeled digits problem: it moves the forget predictions away from the wrong labels
 while the retain set keeps its accuracy, only the adapters change (the frozen weights stay
 bit-identical without merging), every shift target runs, and bad input raises before any work.
+Its parts (the scales, the distance, the shift targets, the margin loss) match the documented definitions.
 CureNewton on adapter parameters only (directly and as cure_newton_lora) changes only the adapters."""
 import copy
 
@@ -11,7 +12,7 @@ from sklearn.datasets import load_digits
 from unlearn_kernels import lora
 from unlearn_kernels.data import LabeledData
 from unlearn_kernels.methods import METHODS, RFA, CureNewton, CureNewtonLoRA
-from unlearn_kernels.methods.rfa import SHIFTS, hidden_layers
+from unlearn_kernels.methods.rfa import SHIFTS, _Features, hidden_layers
 from unlearn_kernels.models import MLP, SmallCNN
 from unlearn_kernels.training import TrainConfig, init_model, seeded_rng, train
 
@@ -589,3 +590,132 @@ def test_the_margin_shift_on_token_inputs():
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert not torch.equal(result.model.hid.weight, model.hid.weight)
     assert [p.requires_grad for p in result.model.parameters()] == [p.requires_grad for p in model.parameters()]
+
+
+# RFA's parts against their documented definitions (docs/methods.md), on a small frozen model whose features are
+# computed here from its weights: two adapted layers of different widths ("0": 8 features, "2": 5)
+
+def _frozen_tanh_mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 5), torch.nn.Tanh(),
+                               torch.nn.Linear(5, 4)).eval().requires_grad_(False)
+
+
+def _by_hand(model, x):
+    """The outputs of layers "0" and "2" and the logits, from the weights."""
+    h1 = x @ model[0].weight.T + model[0].bias
+    h2 = torch.tanh(h1) @ model[2].weight.T + model[2].bias
+    return [h1, h2], torch.tanh(h2) @ model[4].weight.T + model[4].bias
+
+
+def _definition_sets():
+    """D_f (labels 0-2, not a palindrome), D_r (classes 0-2) and unseen data that also holds class 3."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(100, 6, generator=generator)
+    forget = LabeledData(x[:6], torch.tensor([0, 1, 2, 2, 0, 1]))
+    return forget, LabeledData(x[6:46], torch.arange(40) % 3), LabeledData(x[46:], torch.arange(54) % 4)
+
+
+def _parts(call):
+    """``call(teacher, features)`` on the frozen model with RFA's feature hooks on the layers "0" and "2"."""
+    model = _frozen_tanh_mlp()
+    features = _Features(model, ("0", "2"))
+    try:
+        return model, call(model, features)
+    finally:
+        features.remove()
+
+
+def test_feature_scales_are_the_mean_square_of_the_frozen_retain_features():
+    """s_l^2 = mean over D_r and the layer's features of h^2 (catches a mean of |h|)."""
+    _, retain, _ = _definition_sets()
+    rfa = RFA()
+    model, scales = _parts(lambda m, f: rfa._feature_scales(m, f, retain))
+    expected = [float(h.square().mean()) for h in _by_hand(model, retain.x)[0]]
+    assert scales == pytest.approx(expected, rel=1e-5)
+
+
+def test_distance_is_the_squared_error_over_size_and_scale_summed_over_layers():
+    """sum_l mean_i ||h - t||^2 / (n_l s_l^2) (catches a distance that leaves out the scales s_l^2)."""
+    generator = torch.Generator().manual_seed(2)
+    hs = [torch.randn(7, 8, generator=generator, dtype=torch.float64), torch.randn(7, 5, generator=generator,
+                                                                                  dtype=torch.float64)]
+    targets = [torch.randn(7, 8, generator=generator, dtype=torch.float64), torch.randn(7, 5, generator=generator,
+                                                                                       dtype=torch.float64)]
+    scales = [0.25, 4.0]
+    expected = sum(float(((h - t) ** 2).sum(1).mean()) / (h.shape[1] * s) for h, t, s in zip(hs, targets, scales))
+    assert float(RFA()._distance(hs, targets, scales)) == pytest.approx(expected, rel=1e-12)
+
+
+def _nearest_mean(forget, pool, pool_features, k):
+    """Per layer, per D_f sample: the mean of the pool's features of its k nearest pool samples (Euclidean)."""
+    nearest = torch.cdist(forget.x.double(), pool.x.double()).argsort(1)[:, :k]
+    return [h[nearest].mean(1) for h in pool_features]
+
+
+def test_neighbors_target_is_the_mean_feature_of_the_nearest_unseen_samples_of_the_retain_classes():
+    """The mean frozen feature of the k = 3 nearest unseen samples, class 3 (not in D_r) left out (catches the k
+    farthest, the nearest one alone, and D_r as the pool although unseen data is given)."""
+    forget, retain, unseen = _definition_sets()
+    rfa = RFA(neighbors=3)
+    model, targets = _parts(lambda m, f: rfa._shift_targets(m, f, forget, retain, unseen))
+    nearest_of_all = torch.cdist(forget.x, unseen.x).argsort(1)[:, :3]
+    assert bool((unseen.y[nearest_of_all] == 3).any())  # the restriction to D_r's classes matters here
+    pool = unseen.subset(unseen.y != 3)
+    expected = _nearest_mean(forget, pool, _by_hand(model, pool.x)[0], 3)
+    assert len(targets) == 2
+    for target, want in zip(targets, expected):
+        torch.testing.assert_close(target, want)
+
+
+def test_neighbors_target_without_unseen_data_is_the_mean_feature_of_the_nearest_retain_samples():
+    """No unseen data: the pool is D_r (catches the k farthest and the nearest one alone)."""
+    forget, retain, _ = _definition_sets()
+    rfa = RFA(neighbors=4)
+    model, targets = _parts(lambda m, f: rfa._shift_targets(m, f, forget, retain, None))
+    expected = _nearest_mean(forget, retain, _by_hand(model, retain.x)[0], 4)
+    for target, want in zip(targets, expected):
+        torch.testing.assert_close(target, want)
+
+
+def test_unseen_class_target_is_the_mean_unseen_feature_of_the_samples_own_label():
+    """Row i: the mean frozen feature of the unseen samples labelled forget.y[i] (catches the labels of other
+    rows)."""
+    forget, retain, unseen = _definition_sets()
+    rfa = RFA(shift="unseen_class")
+    model, targets = _parts(lambda m, f: rfa._shift_targets(m, f, forget, retain, unseen))
+    for target, h in zip(targets, _by_hand(model, unseen.x)[0]):
+        torch.testing.assert_close(target, torch.stack([h[unseen.y == c].mean(0) for c in forget.y.tolist()]))
+
+
+def test_margin_target_is_the_frozen_feature_and_the_unit_direction_down_the_own_logit():
+    """Per layer (N, 2, n_l): h0 and u = -g / ||g||, g the gradient of the logit of the frozen model's own
+    prediction (argmax) with respect to the layer's output (catches +g and the least likely class's logit)."""
+    forget, retain, unseen = _definition_sets()
+    rfa = RFA(shift="margin")
+    model, targets = _parts(lambda m, f: rfa._shift_targets(m, f, forget, retain, unseen))
+    (h1, h2), logits = _by_hand(model, forget.x)
+    own = logits.argmax(1)
+    # d z_c / d h2 = W4[c] * tanh'(h2), d z_c / d h1 = (d z_c / d h2) W2 * tanh'(h1)
+    g2 = model[4].weight[own] * (1 - torch.tanh(h2) ** 2)
+    g1 = (g2 @ model[2].weight) * (1 - torch.tanh(h1) ** 2)
+    for target, h, g in zip(targets, (h1, h2), (g1, g2)):
+        assert target.shape == (len(forget), 2, h.shape[1])
+        torch.testing.assert_close(target[:, 0], h)
+        torch.testing.assert_close(target[:, 1], -g / g.norm(dim=1, keepdim=True))
+
+
+def test_margin_loss_is_the_hinge_on_the_move_along_u_relative_to_the_frozen_norm():
+    """sum_l mean_i max(0, margin - <h - h0, u> / ||h0||)^2 (catches a move not divided by ||h0||)."""
+    generator = torch.Generator().manual_seed(3)
+    hs, targets, expected = [], [], 0.0
+    for n in (8, 5):
+        h0 = 3 * torch.randn(6, n, generator=generator, dtype=torch.float64)  # ||h0|| well above 1
+        u = torch.randn(6, n, generator=generator, dtype=torch.float64)
+        u = u / u.norm(dim=1, keepdim=True)
+        h = h0 + torch.randn(6, n, generator=generator, dtype=torch.float64)
+        moves = [float((h[i] - h0[i]) @ u[i]) / float(h0[i].norm()) for i in range(6)]
+        expected += sum(max(0.0, 0.1 - m) ** 2 for m in moves) / 6  # some moves past the margin: 0 there
+        hs.append(h)
+        targets.append(torch.stack([h0, u], 1))
+    assert float(RFA(shift="margin", margin=0.1)._margin_loss(hs, targets)) == pytest.approx(expected, rel=1e-12)
