@@ -8,11 +8,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from devices import backend_devices
 from unlearn_kernels.checkpoint import refuse_empty_path
-from unlearn_kernels.checks import as_float, check_number, check_option_names, check_tensor
+from unlearn_kernels.checks import (
+    as_float,
+    check_not_meta,
+    check_number,
+    check_option_names,
+    check_tensor,
+    normalisation_buffers,
+)
 from unlearn_kernels.cli import path_argument
+from unlearn_kernels.curvature import hessian_operator
 from unlearn_kernels.ops import cubic_secular_solve, lanczos_step, lora_linear, mlp_hvp, softmax_ce_grad
 
 
@@ -137,3 +147,39 @@ def test_the_row_check_reads_large_data_without_a_mask_of_it(monkeypatch):
     assert checks.first_nonfinite_row(data) == 321 and max(seen) <= 1000
     assert checks.first_nonfinite_row(torch.full((400, 3), 3e38)) is None  # the sum overflows, no entry does
     assert not checks.all_finite(data) and checks.all_finite(torch.full((5000,), 60000.0, dtype=torch.float16))
+
+
+def test_a_buffer_on_the_meta_device_is_refused_by_name():
+    """check_not_meta names a meta buffer as it names a meta parameter (a version that looked at the parameters
+    only let the buffer through to torch's error deep inside the first forward)."""
+    class Shift(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+            self.register_buffer("offset", torch.zeros(4))
+
+        def forward(self, x):
+            return self.fc(x + self.offset)
+
+    model = Shift()
+    check_not_meta("owner", model)  # every tensor has values
+    model.offset = torch.empty(4, device="meta")
+    with pytest.raises(ValueError, match=r"^owner: the model's buffer 'offset' is on the meta device \(it has no "
+                                         r"values\): materialise the model first"):
+        check_not_meta("owner", model)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with pytest.raises(ValueError, match=r"^GenericHessian: the model's buffer 'offset' is on the meta device"):
+        hessian_operator(model, F.cross_entropy, (x, y))
+
+
+def test_an_instance_norms_running_statistics_are_normalisation_buffers():
+    """An InstanceNorm that tracks running statistics is a normalisation layer (_NormBase) like BatchNorm: an Inf
+    running_var there is refused (a version that took BatchNorm only held it to the other buffers' rule, where
+    an Inf is allowed)."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.Unflatten(1, (2, 3)), nn.InstanceNorm1d(2, track_running_stats=True),
+                          nn.Flatten(), nn.Linear(6, 3)).eval()
+    assert normalisation_buffers(model) == {"2.running_mean", "2.running_var", "2.num_batches_tracked"}
+    model[2].running_var.fill_(float("inf"))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with pytest.raises(ValueError, match=r"^GenericHessian: buffer '2\.running_var' has NaN or Inf values"):
+        hessian_operator(model, F.cross_entropy, (x, y))

@@ -444,6 +444,42 @@ def test_cuda_peak_memory_blocks_nest(monkeypatch):
     assert outer.bytes == 1000 and inner.bytes == 10
 
 
+def _simulated_cuda(monkeypatch, state: dict, synchronize=lambda device=None: None) -> None:
+    """One CUDA device whose allocator counters are ``state["now"]`` and ``state["peak"]`` (no GPU on the CI
+    machines), as in test_cuda_peak_memory_blocks_nest."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr("unlearn_kernels.checks._tensor_problem", lambda device: None)  # no tensor there to probe
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: state.update(peak=state["now"]))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: state["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: state["peak"])
+
+
+def test_peak_memory_blocks_on_other_devices_keep_their_own_peaks(monkeypatch):
+    """A block hands the peak so far only to open blocks on its own device: a CUDA block inside a CPU block
+    made the CPU block report the GPU's 10 GiB, and a CPU block inside a CUDA one the process's resident set."""
+    state = {"now": 10 * 2**30, "peak": 10 * 2**30}  # 10 GiB on the (simulated) GPU already
+    _simulated_cuda(monkeypatch, state)
+    with PeakMemory("cpu") as outer:
+        with PeakMemory("cuda") as inner:
+            pass
+    assert outer.bytes < 2**30 and inner.bytes == 0
+    with PeakMemory("cuda") as outer:
+        with PeakMemory("cpu"):
+            pass
+    assert outer.bytes == 0
+
+
+def test_measure_on_cuda_times_the_queued_kernels(monkeypatch):
+    """The synchronize after the call is inside the measured time (a version that read the clock before it
+    timed only the kernels' launch); the synchronize here takes 0.3 s, as kernels still queued would."""
+    _simulated_cuda(monkeypatch, {"now": 0, "peak": 0}, synchronize=lambda device=None: time.sleep(0.3))
+    measured = measure(lambda: 7, device="cuda")
+    assert measured.result == 7 and measured.peak_memory_bytes == 0
+    assert measured.seconds >= 0.3
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_measure_cuda_peak_is_the_allocation():
     n_bytes = 64 * 2**20

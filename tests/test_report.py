@@ -137,6 +137,64 @@ def test_a_gap_closed_defined_on_some_seeds_only_says_so(tmp_path):
     assert cell["gap_closed_acc_forget"]["seeds"] == 1 and cell["acc_forget"]["seeds"] == 3
 
 
+def test_a_figure_on_two_of_three_seeds_says_so():
+    """A gap closed defined on 2 of 3 seeds is marked "(2/3 seeds)" (a version that marked only figures two or
+    more seeds short, count < seeds - 1, left it unmarked)."""
+    records = _study([0.0, 0.0, 0.0], [0.1, 0.2, 0.0], [0.05, 0.05, 0.05])  # closed 0.5, 0.75, undefined
+    add_gap_closed(records)
+    figure = report.summarize(records)[0]["cure_newton"]["gap_closed_acc_forget"]
+    assert figure.seeds == 2 and figure[0] == pytest.approx(0.625) and figure[1] == pytest.approx(0.125 * math.sqrt(2))
+    row = next(line for line in report.format_table(report.summarize(records)[0]).splitlines()
+               if line.startswith("cure_newton"))
+    assert "(2/3 seeds)" in row and row.count("seeds") == 1  # the other figures are over every seed
+    summary = report.format_scenario_summary({"random": {"records": records}})
+    assert "(2/3 seeds)" in next(line for line in summary.splitlines() if line.startswith("cure_newton"))
+
+
+def test_the_scenario_summary_marks_unknown_noise_with_one_seed():
+    """One seed: the noise is unknown and the scenario summary flags each figure "?" (a version that flagged only
+    within-noise figures "~" showed a plain 0.80)."""
+    records = _study([0.0], [0.5], [0.1])
+    add_gap_closed(records)
+    summary = report.format_scenario_summary({"random": {"records": records}})
+    row = next(line for line in summary.splitlines() if line.startswith("cure_newton")).split()
+    assert row[1:] == ["0.80?", "0.75?"]  # 1 - 0.1/0.5 and 1 - 0.05/0.2
+
+
+def test_a_sequential_scenario_is_summarised_at_its_last_request(tmp_path, monkeypatch):
+    """The scenario summary, summary.json and the gap-closed plot take each scenario's last request (a version
+    that took the first one showed request 0's gap closed)."""
+    records = _study([0.0, 0.0], [0.5, 0.5], [0.1, 0.1], method_avg=0.05)  # request 0: closed 0.80 and 0.75
+    records += _study([0.0, 0.0], [0.5, 0.5], [0.4, 0.4], method_avg=0.15, request=1)  # last: 0.20 and 0.25
+    add_gap_closed(records)
+    study = {"config": {"protocol": "random"}, "records": records}
+    summary = report.format_scenario_summary({"random": study})
+    assert next(line for line in summary.splitlines() if line.startswith("cure_newton")).split()[1:] == ["0.20", "0.25"]
+    written = report.write_summary_json({"random": study}, {"random": tmp_path / "results.json"},
+                                        tmp_path / "summary.json")
+    cell = json.loads(written.read_text())["scenarios"]["random"]["gap_closed"]["cure_newton"]
+    assert cell["acc_forget"]["mean"] == pytest.approx(0.2) and cell["avg_gap"]["mean"] == pytest.approx(0.25)
+    drawn = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path, **kwargs: drawn.append(fig) or path)
+    report.plot_gap_closed({"random": study}, tmp_path / "g.png")
+    acc_f, avg_gap = drawn[0].axes[:2]
+    assert [bar.get_height() for bar in acc_f.patches] == pytest.approx([0.0, 0.2])  # original, cure_newton
+    assert [bar.get_height() for bar in avg_gap.patches] == pytest.approx([0.0, 0.25])
+
+
+def test_summary_json_gives_the_mean_and_std_over_seeds(tmp_path):
+    """summary.json's gap closed is the mean and the sample std over seeds (a version that wrote the mean as the
+    std too passed every test whose seeds agreed)."""
+    records = _study([0.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.1, 0.2, 0.3])
+    add_gap_closed(records)
+    written = report.write_summary_json({"random": {"config": {"protocol": "random"}, "records": records}},
+                                        {"random": tmp_path / "results.json"}, tmp_path / "summary.json")
+    cell = json.loads(written.read_text())["scenarios"]["random"]["gap_closed"]["cure_newton"]["acc_forget"]
+    per_seed = [1 - 0.1 / 0.5, 1 - 0.2 / 0.5, 1 - 0.3 / 0.5]
+    assert cell["mean"] == pytest.approx(np.mean(per_seed)) and cell["std"] == pytest.approx(np.std(per_seed, ddof=1))
+    assert cell["seeds"] == 3
+
+
 def test_format_table_takes_plain_mean_std_pairs():
     """A Figure's seed count was read as ``.count``, which every tuple and list has (a method): plain
     (mean, std) pairs, as the docstring allows (e.g. rebuilt from results.json), made format_table raise."""
