@@ -463,6 +463,33 @@ def test_sphere_noise_has_the_given_norm():
     assert not torch.allclose(sphere_noise(50, 1.0, gen), sphere_noise(50, 1.0, gen))
 
 
+def test_sphere_noise_is_centred_and_symmetric():
+    """xi is uniform on the sphere: over many draws each coordinate averages to 0, half the coordinates are
+    positive and E[xi xi^T] = I / d (torch.rand, normalised, put every draw in the positive orthant)."""
+    gen = torch.Generator().manual_seed(0)
+    d = 10
+    Z = torch.stack([sphere_noise(d, 1.0, gen) for _ in range(4000)])
+    assert float(Z.mean(0).abs().max()) < 0.03  # each coordinate's mean: 0 +- 0.005 (1 / sqrt(d * 4000))
+    assert float((Z > 0).double().mean()) == pytest.approx(0.5, abs=0.02)
+    assert torch.allclose(Z.T @ Z / len(Z), torch.eye(d, dtype=torch.float64) / d, atol=0.02)
+
+
+def test_stochastic_gd_draws_fresh_noise_every_round(rng):
+    """Round t perturbs g by the t-th draw of one generator seeded with seed (a generator re-seeded every round
+    gave every round the same direction). Two rounds on the exact (g, H), rebuilt here: round 1 is cubic_gd on
+    g + xi_1, round 2 continues with K gradient steps on the model of g + xi_2."""
+    H, g, M = problem("indefinite", rng)
+    K, eta, noise = 5, 0.01, 0.5
+    out = stochastic_cubic_gd(lambda: (g, H), M, T=2, K=K, eta=eta, noise=noise, seed=3)
+    gen = torch.Generator().manual_seed(3)
+    xi_1, xi_2 = sphere_noise(D, noise, gen), sphere_noise(D, noise, gen)
+    assert not torch.allclose(xi_1, xi_2)
+    s = cubic_gd(H, g + xi_1, M, K=K, eta=eta).step
+    for _ in range(K):
+        s = s - eta * (g + xi_2 + H @ s + 0.5 * M * float(torch.linalg.vector_norm(s)) * s)
+    torch.testing.assert_close(out.step, s, rtol=1e-12, atol=1e-12)
+
+
 def test_gd_perturbs_g_by_sphere_noise(rng):
     # With K = 0 the step is the Cauchy point of the perturbed g: ||g_it - g|| is exactly the noise.
     H, g, M = problem("indefinite", rng)

@@ -283,6 +283,10 @@ def test_cure_newton_never_returns_a_worse_objective(mlp, M):
             assert nxt["hvps"] == 0  # a re-solve on the same tridiagonal
     assert d["step_norms"] == [t["step_norm"] for t in trials if t["accepted"]]
     assert result.hvps == sum(t["hvps"] for t in trials)
+    # M is the constant the next step would use (the last trial's after its update), not the one given
+    last = trials[-1]
+    expected = (max(last["M"] / 2, 1e-6) if last["ratio"] >= 0.9 else last["M"]) if last["accepted"] else last["M"]
+    assert d["M"] == pytest.approx(expected, rel=1e-12) and d["M_initial"] == M
 
 
 def test_cure_newton_rejects_a_step_that_the_sample_misjudges(mlp):
@@ -323,6 +327,7 @@ def test_stop_rules(mlp):
     model, forget, retain = mlp
     one = CureNewton(max_iterations=1).unlearn(model, forget, retain)
     assert one.diagnostics["steps"] == 1 and one.diagnostics["stop_reason"] == "max_iterations"
+    assert one.diagnostics["hessian_samples"] == len(retain)  # the rows used: all 270, fewer than the default 512
     budget = CureNewton(max_iterations=50, hvp_budget=12).unlearn(model, forget, retain)
     assert budget.diagnostics["stop_reason"] == "hvp_budget" and budget.hvps <= 12
     # the budget is the call's: the M="auto" estimate's and the generic path's probe products count too
@@ -503,6 +508,11 @@ def test_m_auto_uses_the_lipschitz_estimate(mlp):
     assert result.diagnostics["M_initial"] == max(estimate.value, MIN_AUTO_M)
     assert result.diagnostics["iterations"][0]["M"] == result.diagnostics["M_initial"]
     assert result.hvps > estimate.num_hvps
+    # the same iteration from that M given: "auto" costs the estimate's products and its probe's gradients more
+    given = CureNewton(M=result.diagnostics["M_initial"], dtype=torch.float64).unlearn(model, forget, retain, seed=3)
+    assert torch.equal(get_flat_parameters(given.model), get_flat_parameters(result.model))
+    assert result.hvps - given.hvps == estimate.num_hvps
+    assert result.gradients - given.gradients == PROBE_GRADIENTS
 
 
 @pytest.mark.parametrize("cls", [CureNewton, StochasticCureNewton])
@@ -518,22 +528,53 @@ def test_the_largest_seed_is_taken(mlp, cls):
 
 def test_stochastic_cure_newton_is_seeded_and_builds_only_mini_batch_operators(mlp, monkeypatch):
     model, forget, retain = mlp
-    sizes, build = [], newton.hessian_operator
+    batches, build = [], newton.hessian_operator
 
     def spy(model_, loss_fn, data, *args, **kwargs):
-        sizes.append(len(data))
+        batches.append(data.x)
         return build(model_, loss_fn, data, *args, **kwargs)
 
     monkeypatch.setattr(newton, "hessian_operator", spy)
     method = StochasticCureNewton(T=3, grad_batch_size=64, hess_batch_size=32)
     a, b = method.unlearn(model, forget, retain, seed=0), method.unlearn(model, forget, retain, seed=0)
-    monkeypatch.undo()
-    assert sizes == [32] * 6  # H on the mini-batches only; gradients need no operator
     c = method.unlearn(model, forget, retain, seed=1)
+    monkeypatch.undo()
+    assert [len(x) for x in batches] == [32] * 9  # H on the mini-batches only; gradients need no operator
+    # the batches come from the seed (a generator seeded with 0 whatever the seed drew the same rows)
+    assert all(torch.equal(x, y) for x, y in zip(batches[:3], batches[3:6]))
+    assert not any(torch.equal(x, y) for x, y in zip(batches[:3], batches[6:]))
     assert torch.equal(get_flat_parameters(a.model), get_flat_parameters(b.model))
     assert not torch.equal(get_flat_parameters(a.model), get_flat_parameters(c.model))
     assert len(a.diagnostics["round_step_norms"]) == 3
     assert a.diagnostics["step_norm"] <= sum(a.diagnostics["round_step_norms"]) * (1 + 1e-6)
+
+
+def test_stochastic_cure_newton_rounds_and_diagnostics(mlp, monkeypatch):
+    """Each round's g is on its grad_batch_size mini-batch (not on all of D_r) and its noise has a seed of its own
+    (one seed for every round repeated the direction); objective_after is F on D_r at the returned weights (it was
+    once objective_before) and step_norm the displacement ||w_T - w_0|| (not the sum of the rounds' norms)."""
+    model, forget, retain = mlp
+    rows, seeds, Objective, cubic_gd = [], [], newton.Objective, newton.cubic_gd
+
+    class Recording(Objective):
+        def __init__(self, model_, loss_fn, data, *args, **kwargs):
+            rows.append(len(data))
+            super().__init__(model_, loss_fn, data, *args, **kwargs)
+
+    def recording_gd(*args, **kwargs):
+        seeds.append(kwargs["seed"])
+        return cubic_gd(*args, **kwargs)
+
+    monkeypatch.setattr(newton, "Objective", Recording)
+    monkeypatch.setattr(newton, "cubic_gd", recording_gd)
+    out = StochasticCureNewton(T=3, grad_batch_size=64, hess_batch_size=32).unlearn(model, forget, retain, seed=0)
+    monkeypatch.undo()
+    assert rows == [len(retain), 64, 64, 64]  # F on all of D_r for the diagnostics, then each round's g
+    assert len(seeds) == len(set(seeds)) == 3
+    d = out.diagnostics
+    assert d["objective_before"] == pytest.approx(objective_of(model, retain, 0.0), rel=1e-5)
+    assert d["objective_after"] == pytest.approx(objective_of(out.model, retain, 0.0), rel=1e-5)
+    assert d["step_norm"] == pytest.approx(dist(out.model, model), rel=1e-5)
 
 
 def test_stochastic_cure_newton_stops_where_its_step_size_diverges():

@@ -119,6 +119,22 @@ def test_an_m_too_large_to_show_a_decrease_is_lowered(rng):
     assert kept.stop_reason == "no_progress" and kept.steps == 0 and torch.equal(kept.w, w0)
 
 
+def test_a_no_progress_stop_after_a_rejection_counts_each_product_once(rng):
+    """A rejection raises M (gamma 1e18) so far that the re-solve's predicted decrease is below f's resolution:
+    the iteration stops ("no_progress") with that re-solve recorded unevaluated. It used no new product, so its
+    record carries 0 hvps and the trials' hvps sum to num_hvps (recording the solver's whole count there
+    counted the Lanczos run twice)."""
+    A, b = spd(rng).float(), torch.randn(D, generator=rng).float()
+    value, gradient = quadratic(A, b)
+    out = adaptive_cubic_newton(value, gradient, lambda w: 0.01 * A, torch.zeros(D), M=1e-4, gamma=1e18,
+                                max_iterations=3, solver_options={"kappa": 1e-12})
+    assert out.stop_reason == "no_progress" and out.steps == 0
+    first, last = out.trials
+    assert not first.accepted and first.ratio < 0.1 and first.hvps > 0
+    assert last.M == first.M * 1e18 and math.isnan(last.ratio) and last.hvps == 0
+    assert out.num_hvps == first.hvps == sum(t.hvps for t in out.trials)
+
+
 def test_lowering_never_raises_an_m_below_m_min(rng):
     """M_min bounds the lowering after a very successful step: an M given below it stays where it is
     (the loop once set it to M_min, multiplying M = 0.1 by 100 after a step with ratio 1)."""
@@ -163,6 +179,7 @@ def test_step_beyond_the_dtype_is_a_rejection(rng):
     out = adaptive_cubic_newton(value, gradient, hessian, w0, M=1e-40, M_min=1e-45, gamma=1e4, max_iterations=3)
     first = out.trials[0]
     assert not first.accepted and first.actual == -math.inf and first.step_norm > 3.4e38
+    assert first.ratio == -math.inf
     assert out.steps >= 1 and bool(torch.isfinite(out.w).all()) and out.value < value(w0)
 
 
@@ -191,6 +208,7 @@ def test_a_tiny_m_whose_model_value_overflows_is_a_rejection(rng, M):
         out = adaptive_cubic_newton(value, gradient, hessian, w0, M=M, M_min=M, max_iterations=1)
     first = out.trials[0]
     assert not first.accepted and first.actual == -math.inf and first.M == M
+    assert first.ratio == -math.inf  # as ARCTrial documents for an overflowed trial (a ratio of 0.0 was recorded)
     assert out.steps == 1 and out.stop_reason == "max_iterations" and out.value < value(w0)
     assert out.num_hvps == sum(t.hvps for t in out.trials)
 
