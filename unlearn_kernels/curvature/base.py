@@ -97,6 +97,7 @@ from .params import (
     ParamSelection,
     WeightsKey,
     flatten_tensors,
+    gradient_on_leaves,
     resolve_curvature_parameters,
     same_weights,
     unflatten_vector,
@@ -265,15 +266,9 @@ class CurvatureOperator(abc.ABC):
         """The gradient of :meth:`batch_loss` w.r.t. ``params`` (``constants`` in place of the operator's
         own where given), by torch.autograd on detached leaves of ``params``: ``(leaves, gradient)``, one
         entry each per parameter, in ``params``' order; with ``create_graph`` the gradient keeps its graph
-        for a double backward. Plain autograd runs where torch.func's transforms cannot (a packed
-        sequence through an RNN); a parameter the loss does not use gets zeros."""
-        leaves = [p.detach().requires_grad_() for p in params.values()]
-        with torch.enable_grad():
-            loss = self.batch_loss({**(constants or {}), **dict(zip(params, leaves))}, x, y)
-            # a loss that uses none of them (a model changed to bypass them since construction) has no graph
-            grads = (torch.autograd.grad(loss, leaves, create_graph=create_graph, allow_unused=True,
-                                         materialize_grads=True)
-                     if loss.requires_grad else tuple(torch.zeros_like(leaf) for leaf in leaves))
+        for a double backward (see :func:`~unlearn_kernels.curvature.params.gradient_on_leaves`)."""
+        leaves, grads, _ = gradient_on_leaves(lambda chosen: self.batch_loss({**(constants or {}), **chosen}, x, y),
+                                              params, create_graph)
         return leaves, grads
 
     def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

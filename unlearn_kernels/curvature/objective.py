@@ -25,6 +25,7 @@ from .params import (
     ParameterSlots,
     ParamSelection,
     flatten_tensors,
+    gradient_on_leaves,
     resolve_curvature_parameters,
     same_weights,
     weights_key,
@@ -190,14 +191,7 @@ class Objective:
         for x, y in self.data:
             n = y.shape[0]
             if with_gradient:
-                leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
-                with torch.enable_grad():
-                    loss = self._loss(self._functional(leaves, x), y)
-                    # a parameter the forward does not use has zero gradient, and so has every one of a
-                    # loss with no graph at all (outputs made by an argmax), as torch.func.grad gives it
-                    parts = (torch.autograd.grad(loss, list(leaves.values()), allow_unused=True,
-                                                 materialize_grads=True) if loss.requires_grad
-                             else [torch.zeros_like(p) for p in leaves.values()])
+                _, parts, loss = gradient_on_leaves(lambda leaves: self._loss(self._functional(leaves, x), y), params)
                 grad.add(flatten_tensors(parts), n)
             else:
                 with torch.no_grad():

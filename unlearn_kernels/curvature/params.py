@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -272,6 +272,24 @@ class FunctionalForward:
         finally:
             for module, key, value in computed:
                 module.__dict__[key] = value
+
+
+def gradient_on_leaves(
+    loss_of: Callable[[dict[str, torch.Tensor]], torch.Tensor], params: dict[str, torch.Tensor],
+    create_graph: bool = False,
+) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...], torch.Tensor]:
+    """``(leaves, gradient, loss)``: the gradient of ``loss = loss_of(leaves)`` by torch.autograd w.r.t. detached leaves of
+    ``params``, one entry each in ``params``' order; with ``create_graph`` the gradient keeps its graph for a
+    double backward. Plain autograd runs where torch.func's transforms cannot (a packed sequence through an
+    RNN). A parameter the loss does not use gets zeros, and so does every one of a loss with no graph at all
+    (outputs made by an argmax, a model changed to bypass them), as torch.func.grad gives them."""
+    leaves = [p.detach().requires_grad_() for p in params.values()]
+    with torch.enable_grad():
+        loss = loss_of(dict(zip(params, leaves)))
+        grads = (torch.autograd.grad(loss, leaves, create_graph=create_graph, allow_unused=True,
+                                     materialize_grads=True)
+                 if loss.requires_grad else tuple(torch.zeros_like(leaf) for leaf in leaves))
+    return leaves, grads, loss
 
 
 def _slot(model: nn.Module, name: str) -> tuple[int, str]:
