@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from unlearn_kernels.curvature import hessian_operator
+from unlearn_kernels.curvature.distributed import all_gather_objects
 from unlearn_kernels.data import load_dataset
 from unlearn_kernels.models import build_model
 from unlearn_kernels.solvers import cubic_newton_step, lanczos
@@ -49,11 +50,12 @@ top = lanczos(H, k=40, num_eigs=5, which="BE", seed=0)
 g = H.gradient()
 step = cubic_newton_step(H, g, M=1.0, method="krylov", seed=0)
 
-# The same result on every process: compare everyone's checksums with rank 0's.
-checks = torch.stack([top.eigenvalues.double().sum(), step.step.double().sum()]).to(device)
-gathered = [torch.empty_like(checks) for _ in range(world)]
-dist.all_gather(gathered, checks)
-same = all(torch.equal(c, gathered[0]) for c in gathered)
+# The same result on every process: compare everyone's checksums with rank 0's. The package's gather waits
+# until gloo's worker thread has let go of its tensors (see all_reduce_released): torch.distributed's own
+# collectives, as a script's last call, now and then abort the process at exit.
+checks = (top.eigenvalues.double().sum().item(), step.step.double().sum().item())
+gathered = all_gather_objects(checks, dist.group.WORLD, device)
+same = all(c == gathered[0] for c in gathered)
 if rank == 0:
     print("extreme eigenvalues:", [f"{v:.4g}" for v in top.eigenvalues.tolist()], f"({top.num_hvps} HVPs)")
     print(f"cubic Newton step: |s| = {step.step_norm:.4f}, model value {step.model_value:.3e}, {step.num_hvps} HVPs")

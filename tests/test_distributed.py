@@ -10,11 +10,13 @@ Each test spawns its processes (torch.multiprocessing, a file store in tmp_path)
 inside the workers, whose assertion errors fail the test through ``spawn``."""
 from __future__ import annotations
 
+import ast
 import copy
 import datetime
 import gc
 import os
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,6 +34,7 @@ from unlearn_kernels.curvature import (
     hessian_operator,
     set_flat_parameters,
 )
+from unlearn_kernels.curvature.distributed import all_gather_objects, all_reduce_released
 from unlearn_kernels.labeled import LabeledData
 from unlearn_kernels.methods import METHODS, CureNewtonLoRA
 from unlearn_kernels.solvers import adaptive_cubic_newton, cubic_newton_step, lanczos
@@ -90,10 +93,10 @@ def _cure_newton(model: nn.Module, objective, H) -> torch.Tensor:
 
 
 def _same_on_every_rank(t: torch.Tensor) -> None:
-    """Broadcast rank 0's tensor and compare bitwise."""
-    theirs = t.clone()
-    dist.broadcast(theirs, src=0)
-    assert torch.equal(theirs, t), "ranks disagree"
+    """Every rank's tensor, gathered by the package's own collective (see all_reduce_released), compared
+    bitwise."""
+    gathered = all_gather_objects(t.cpu(), dist.group.WORLD, torch.device("cpu"))
+    assert all(torch.equal(theirs, t.cpu()) for theirs in gathered), "ranks disagree"
 
 
 def _equivalence_worker(rank: int, world: int, store: str, bounds: list[int]) -> None:
@@ -760,3 +763,48 @@ def test_bad_process_group():
         hessian_operator(model, nn.CrossEntropyLoss(), (x, y), process_group=dist.GroupMember.NON_GROUP_MEMBER)
     with pytest.raises(ValueError, match="cure_newton: this rank is not a member of process_group"):
         METHODS["cure_newton"](process_group=dist.GroupMember.NON_GROUP_MEMBER)
+
+
+def _collectives_worker(rank: int, world: int, store: str) -> None:
+    _init(rank, world, store)
+    try:
+        # gloo's worker thread lets go of a collective's tensor after wait() returned in about a third of the
+        # calls: a tensor whose last Python reference went first then took the GIL in that thread, which
+        # aborted the process when it had begun to exit. The package's collective returns after the release.
+        for i in range(2000):
+            t = torch.full((3,), float(rank + i), dtype=torch.float64)
+            all_reduce_released(t, dist.group.WORLD)
+            assert t._use_count() == 1, f"call {i}: the worker still holds the tensor"
+            assert t.tolist() == [float(sum(r + i for r in range(world)))] * 3
+        m = torch.tensor([float(rank)])
+        all_reduce_released(m, dist.group.WORLD, dist.ReduceOp.MAX)
+        assert m.item() == world - 1
+        # objects of other sizes and kinds per rank, in rank order, as dist.all_gather_object gives them
+        mine = {"rank": rank, "rows": list(range(5 * rank)), "blob": bytes(range(rank * 100 % 256))}
+        assert all_gather_objects(mine, dist.group.WORLD, torch.device("cpu")) == [
+            {"rank": r, "rows": list(range(5 * r)), "blob": bytes(range(r * 100 % 256))} for r in range(world)]
+        assert all_gather_objects(None, dist.group.WORLD, torch.device("cpu")) == [None] * world
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_collectives_return_once_gloo_let_go_of_the_tensor(tmp_path, world):
+    mp.spawn(_collectives_worker, args=(world, str(tmp_path / "store")), nprocs=world)
+
+
+def test_every_collective_of_the_package_waits_for_the_release():
+    """The package calls torch.distributed's collectives only inside all_reduce_released (one place):
+    a direct call would leave its tensors to the exit race described there."""
+    package = Path(__file__).resolve().parents[1] / "unlearn_kernels"
+    collectives = {"all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast",
+                   "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "scatter", "gather",
+                   "gather_object", "all_to_all", "all_to_all_single", "send", "recv", "isend", "irecv", "barrier",
+                   "monitored_barrier"}
+    calls = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in collectives
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "dist"):
+                calls.append((path.relative_to(package).as_posix(), node.func.attr))
+    assert calls == [("curvature/distributed.py", "all_reduce")], calls

@@ -23,6 +23,7 @@ from ..checks import (
     first_nonfinite_row,
     refusing_uncopyable,
 )
+from ..curvature.distributed import all_gather_objects
 from ..labeled import LabeledData
 from ..training import check_fits, model_device, seeded_rng
 
@@ -368,27 +369,24 @@ def _shared_rows(forget: LabeledData, retain: LabeledData) -> list[int]:
     return [i for i, _ in _confirmed(f, candidates)]
 
 
-def forget_rows_in_other_retain_shards(forget: LabeledData, retain: LabeledData,
-                                       group: Any) -> list[tuple[int, int]]:
+def forget_rows_in_other_retain_shards(forget: LabeledData, retain: LabeledData, group: Any,
+                                       device: torch.device) -> list[tuple[int, int]]:
     """``(forget row, rank)`` for each sample of this rank's forget shard that another rank of ``group``
     holds in its retain shard (each rank checks its own shards alone): candidates by the rows' hashes,
     gathered from every rank, confirmed exactly on the rows themselves, as :func:`_shared_rows` does in
-    one process. A collective: every rank of ``group`` calls it."""
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    one process. A collective: every rank of ``group`` calls it, with its tensors on ``device``."""
+    rank = dist.get_rank(group)
     # one dtype on every rank, promoted over all the ranks' sets: each rank's own promotion hashed the same
     # samples (int32 ids on one rank, int64 on another) as different bytes
-    dtypes: list[Any] = [None] * world
-    dist.all_gather_object(dtypes, (str(forget.x.dtype), str(retain.x.dtype)), group=group)
+    dtypes = all_gather_objects((str(forget.x.dtype), str(retain.x.dtype)), group, device)
     common = forget.x.dtype
     for name in (name for pair in dtypes for name in pair):
         common = torch.promote_types(common, getattr(torch, name.removeprefix("torch.")))
     f, r = _hashed(forget, retain, common)
-    hashes: list[Any] = [None] * world
-    dist.all_gather_object(hashes, f.hashes.tolist(), group=group)
+    hashes = all_gather_objects(f.hashes.tolist(), group, device)
     others = np.array([h for k, per_rank in enumerate(hashes) if k != rank for h in per_rank], dtype=np.uint64)
     mine = _by_hash(r, np.nonzero(np.isin(r.hashes, others))[0], lambda j: rank)
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, mine, group=group)
+    gathered = all_gather_objects(mine, group, device)
     candidates: dict[int, list[tuple[bytes, int, int]]] = {}
     for k, per_rank in enumerate(gathered):
         if k != rank:

@@ -101,7 +101,7 @@ from ..curvature import (
     set_flat_parameters,
 )
 from ..curvature.probes import LossFn, checked_loss
-from ..curvature.distributed import GroupRef
+from ..curvature.distributed import GroupRef, all_reduce_released
 from ..curvature.params import tie_pattern
 from ..labeled import LabeledData
 from ..training import model_device
@@ -275,7 +275,7 @@ def agree_on_inputs(method: Unlearner, group: dist.ProcessGroup, options: str, m
     table[flags + rank] = float(failure is not None)
     mine = torch.tensor([half for text, _ in agreed.values() for half in _fingerprint(text)], dtype=torch.float64)
     table[fingerprints + len(mine) * rank:fingerprints + len(mine) * (rank + 1)] = mine
-    dist.all_reduce(table, group=group)
+    all_reduce_released(table, group)
     if failure is not None:
         raise failure
     failed = [r for r, flag in enumerate(table[flags:fingerprints].tolist()) if flag]
@@ -299,10 +299,10 @@ def agree_on_inputs(method: Unlearner, group: dist.ProcessGroup, options: str, m
     totals = {role: int(n) for role, n in zip(roles, table[sizes:given].tolist()) if role in rows}
     check_not_empty(method.name, totals, " on every rank")
     # a sample forgotten on one rank and kept on another: each rank saw its own shards only
-    shared = forget_rows_in_other_retain_shards(forget, retain, group)
+    shared = forget_rows_in_other_retain_shards(forget, retain, group, table.device)
     flags = torch.zeros(world, dtype=torch.float64, device=table.device)
     flags[rank] = float(bool(shared))
-    dist.all_reduce(flags, group=group)
+    all_reduce_released(flags, group)
     if shared:
         row, other = shared[0]
         raise ValueError(f"{method.name}: {len(shared)} forget samples of rank {rank} are also in another rank's "
@@ -426,7 +426,7 @@ class _NewtonFamily(Unlearner):
                 used[-1] = 1.0
             ws.gradient_passes += 1
         if self.process_group is not None:
-            dist.all_reduce(used, op=dist.ReduceOp.MAX, group=self.process_group)
+            all_reduce_released(used, self.process_group, dist.ReduceOp.MAX)
         if failure is not None:
             raise failure
         if used[-1]:
@@ -463,7 +463,7 @@ class _NewtonFamily(Unlearner):
         if group is None:
             return local
         index = torch.tensor([float(order.index(local))], dtype=torch.float64, device=_collective_device(model))
-        dist.all_reduce(index, op=dist.ReduceOp.MAX, group=group)
+        all_reduce_released(index, group, dist.ReduceOp.MAX)
         return order[int(index.item())]
 
     def _named(self, build: Callable[[], Any]) -> Any:
@@ -503,7 +503,7 @@ class _NewtonFamily(Unlearner):
         if self.process_group is None:
             return len(data)
         rows = torch.tensor([len(data)], dtype=torch.float64, device=device)
-        dist.all_reduce(rows, group=self.process_group)
+        all_reduce_released(rows, self.process_group)
         return int(rows.item())
 
     def _hessian(self, ws: _Workspace, data: LabeledData) -> CurvatureOperator:
