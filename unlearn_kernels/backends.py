@@ -126,9 +126,6 @@ def _fits_device(backend: str, device: torch.device) -> str | None:
     return None
 
 
-# The choice depends only on what is installed and on the device, so torch.compile may treat it as
-# a constant instead of tracing the dispatcher queries inside it.
-@torch.compiler.assume_constant_result
 def choose(op: str, device: torch.device | str, backend: str = "auto") -> str:
     """The backend that runs ``op`` for inputs on ``device`` (a torch.device or its name): ``backend``
     itself if forced and able, else the first usable one in the automatic order. Raises
@@ -154,6 +151,13 @@ def choose(op: str, device: torch.device | str, backend: str = "auto") -> str:
     if why is not None:
         raise BackendUnavailableError(f"{op}: backend {backend!r} cannot run these inputs: {why}")
     return backend
+
+
+# The choice depends only on what is installed and on the device, so torch.compile may treat it as a
+# constant instead of tracing the dispatcher queries inside it. This is what @torch.compiler.assume_constant_result
+# does, set by hand: the decorator imports torch._dynamo, which costs seconds at import and sets
+# TORCHINDUCTOR_CACHE_DIR in os.environ (tests/test_backends.py pins the attribute).
+choose._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 class BackendReport(dict):
