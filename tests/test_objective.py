@@ -209,6 +209,38 @@ def test_randomness_in_training_mode_outside_dropout_modules_is_refused(kind):
         Objective(model.train(), F.cross_entropy, (x, y))
 
 
+class _MonteCarloDropout(nn.Module):
+    """Dropout by F.dropout(training=True) in its own forward: random in either mode, and no module
+    the training-mode check can name."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p, self.fc = p, nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.dropout(x, self.p, training=True))
+
+
+def test_randomness_no_module_check_sees_is_refused():
+    """A custom forward's F.dropout(training=True) made every value and gradient of the Objective another
+    draw (the curvature operators refuse it by comparing two gradients): two values on the first batch are
+    compared now. The same model without randomness, and a model that writes its inputs (each run gets its
+    own copy), are accepted with the values computed by hand."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    with pytest.raises(ValueError, match=r"^Objective: two loss evaluations on the same batch differ \(.*\): the "
+                                         r"model or loss is random"):
+        Objective(_MonteCarloDropout(0.3), F.cross_entropy, (x, y))
+    plain = _MonteCarloDropout(0.0)
+    assert Objective(plain, F.cross_entropy, (x, y)).value() == pytest.approx(
+        float(F.cross_entropy(plain.fc(x), y)), rel=1e-6)
+    writes = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(4, 3))
+    given = x.clone()
+    objective = Objective(writes, F.cross_entropy, (given, y))
+    assert torch.equal(given, x)
+    assert objective.value() == pytest.approx(float(F.cross_entropy(writes[1](x.relu()), y)), rel=1e-6)
+
+
 def test_refuses_what_the_curvature_operators_refuse(problem):
     """Train-mode BatchNorm/dropout (the gradient once wrote BatchNorm's running statistics), a BatchNorm
     without running statistics, labels

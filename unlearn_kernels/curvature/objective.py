@@ -104,7 +104,8 @@ class Objective:
 
     Raises:
         ValueError: a bad ``weight_decay``, mixed dtypes or devices among the chosen parameters,
-            train-mode BatchNorm/dropout or a BatchNorm without running statistics, data the model or
+            train-mode BatchNorm/dropout or a BatchNorm without running statistics, a model or loss
+            that gives two values on the first batch (randomness in a custom forward), data the model or
             the loss cannot run on (first batch; a wrong input dtype or width, a wrong label dtype or
             shape) or a class label out of range
             (any batch, where the loss raises IndexError) or non-finite weights (see above, at every
@@ -148,6 +149,7 @@ class Objective:
         if first is not None:
             _without_buffer_writes(model, lambda: self.data.run_watching(self._probe, *first))
             self.data.watch_layouts(first, self._probe)
+            _without_buffer_writes(model, lambda: self._refuse_random_values(*first))
         self.num_data_passes = 0
 
     def _probe(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -157,6 +159,20 @@ class Objective:
         copies = {name: p.detach().clone() for name, p in self.model.named_parameters()}
         probe_forward(functools.partial(self._functional, copies), self.loss_fn, x, y, self._dtype, owner="Objective")
         refuse_parameter_writes("Objective", copies)
+
+    def _refuse_random_values(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """ValueError if two values of the loss on one batch differ: randomness that the check of the
+        modules' training mode cannot see (``F.dropout(x, training=True)`` in a custom forward) made
+        every value and gradient another draw (the curvature operators refuse it by comparing two
+        gradients). Each run gets its own copy of the batch: a model may write its inputs."""
+        copies = {name: p.detach().clone() for name, p in self.model.named_parameters()}
+        with torch.no_grad():
+            first, second = (self._loss(self._functional(copies, x.clone()), y.clone()).double() for _ in range(2))
+        tol = max(1e-12, 16 * torch.finfo(self._dtype).eps)
+        if torch.isfinite(first) and not abs(float(first - second)) <= tol * abs(float(first)):
+            raise ValueError(f"Objective: two loss evaluations on the same batch differ ({float(first):.10g} and "
+                             f"{float(second):.10g}): the model or loss is random (dropout, noise) or keeps state "
+                             "between calls; call model.eval() and remove the randomness")
 
     def weights(self) -> torch.Tensor:
         """A flat copy of the chosen parameters (their dtype and device)."""
