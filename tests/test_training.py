@@ -792,6 +792,21 @@ def test_train_or_load_refuses_a_path_it_cannot_save_to_before_training(tmp_path
         read_checkpoint(tmp_path / "taken")
 
 
+def test_a_symbolic_link_to_nowhere_on_the_way_is_named(tmp_path, monkeypatch):
+    """mkdir through a symbolic link whose target does not exist says only "File exists": the folder
+    check and the checkpoint path name the link and its target."""
+    monkeypatch.setattr(checkpoint, "train", lambda *a, **k: pytest.fail("trained before checking the path"))
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "gone" / "deeper")
+    expect = rf"'{link}' is a symbolic link to '{tmp_path / 'gone' / 'deeper'}', which does not exist"
+    for folder in (link, link / "sub"):
+        with pytest.raises(ValueError, match=rf"^'{folder}' cannot be made: {expect}$"):
+            checkpoint.check_writable_folder(folder)
+    with pytest.raises(ValueError, match=f"its folder cannot be made \\({expect}\\)"):
+        train_or_load(link / "model.pt", factory, blobs(), TrainConfig(epochs=1))
+    assert not (tmp_path / "gone").exists()
+
+
 def test_a_read_only_cache_serves_loads_and_refuses_to_train_into_it(tmp_path, monkeypatch):
     """A folder that takes no new file (read-only; mkstemp fails there even for root only on a
     read-only file system, so it is simulated) trained first and lost the model at the save."""

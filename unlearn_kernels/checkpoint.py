@@ -304,6 +304,15 @@ def _exists_and_is_dir(path: Path, described: str) -> tuple[bool, bool]:
         raise ValueError(f"{described} cannot be used: {error.strerror}") from None
 
 
+def _why_not_made(path: Path, error: OSError) -> str:
+    """Why ``mkdir(parents=True)`` of ``path`` failed: a symbolic link on the way to a target that does not
+    exist (mkdir says only "File exists"), named; else the error."""
+    dangling = next((p for p in (path, *path.parents) if p.is_symlink() and not p.exists()), None)
+    if dangling is None:
+        return str(error)
+    return f"{str(dangling)!r} is a symbolic link to {os.readlink(dangling)!r}, which does not exist"
+
+
 def _check_writable_file(path: str | os.PathLike[str]) -> None:
     # Path("") is the working folder, which would be reported as "'.' is a directory"
     path = refuse_empty_path(path, "checkpoint path is an empty path: name a file")
@@ -312,7 +321,8 @@ def _check_writable_file(path: str | os.PathLike[str]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ValueError(f"checkpoint path {str(path)!r}: its folder cannot be made ({error})") from None
+        raise ValueError(f"checkpoint path {str(path)!r}: its folder cannot be made "
+                         f"({_why_not_made(path.parent, error)})") from None
 
 
 def check_writable_folder(path: str | os.PathLike[str], *, make: bool = True) -> Path:
@@ -322,7 +332,8 @@ def check_writable_folder(path: str | os.PathLike[str], *, make: bool = True) ->
     that work into.
 
     Raises:
-        ValueError: ``'<path>' is a file, not a directory``, ``... cannot be made: <why>``, ``... cannot be
+        ValueError: ``'<path>' is a file, not a directory``, ``... cannot be made: <why>`` (naming a symbolic
+            link on the way whose target does not exist), ``... cannot be
             used: <why>`` (a path the system cannot look up),
             ``... is not writable``, or ``path`` is empty (which ``Path`` would read as the working folder).
     """
@@ -335,7 +346,7 @@ def check_writable_folder(path: str | os.PathLike[str], *, make: bool = True) ->
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise ValueError(f"{str(path)!r} cannot be made: {error}") from None
+            raise ValueError(f"{str(path)!r} cannot be made: {_why_not_made(path, error)}") from None
     if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
         raise ValueError(f"{str(path)!r} is not writable")
     return path
