@@ -792,6 +792,23 @@ def test_train_or_load_refuses_a_path_it_cannot_save_to_before_training(tmp_path
         read_checkpoint(tmp_path / "taken")
 
 
+def test_a_save_that_fails_after_the_training_returns_the_trained_model(tmp_path, monkeypatch):
+    """A disk that filled during the training: the save failed and the trained model was lost with the
+    error (a study ended there). Now it is returned with a warning, and nothing is left at the path."""
+    def full_disk(path, model, metadata):
+        raise OSError(28, "No space left on device")
+
+    expected, _ = train_or_load(tmp_path / "other.pt", factory, blobs(), TrainConfig(epochs=1))
+    monkeypatch.setattr(checkpoint, "save_checkpoint", full_disk)
+    path = tmp_path / "model.pt"
+    with pytest.warns(RuntimeWarning, match=r"^train_or_load: the trained model could not be saved to '.*model.pt' "
+                                            r"\(\[Errno 28\] No space left on device\); it is returned all the same"):
+        model, stats = train_or_load(path, factory, blobs(), TrainConfig(epochs=1))
+    assert stats is not None and not path.exists() and not list(tmp_path.glob(".model.pt*"))
+    for (name, p), q in zip(model.state_dict().items(), expected.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
 def test_a_symbolic_link_to_nowhere_on_the_way_is_named(tmp_path, monkeypatch):
     """mkdir through a symbolic link whose target does not exist says only "File exists": the folder
     check and the checkpoint path name the link and its target."""

@@ -18,6 +18,7 @@ import math
 import os
 import stat
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -514,6 +515,8 @@ def train_or_load(
 
     Returns:
         ``(model, stats)``: the model on ``device`` in eval mode; ``stats`` is None when it was loaded.
+        A trained model whose save fails (a disk that filled meanwhile) is returned with a RuntimeWarning
+        saying so; nothing is left at ``path``.
 
     Raises:
         CheckpointError: a corrupt file is at ``path`` (unreadable, not fitting the model, or holding
@@ -545,5 +548,9 @@ def train_or_load(
         raise ValueError(f"checkpoint path {str(path)!r}: its folder takes no new file ({error})") from None
     stats = train(model, data, config, device=device, progress=progress, owner=owner, role=role)
     check_converged(owner, role, config, model)  # never cached: every later run would load the diverged model
-    save_checkpoint(path, model, metadata)
+    try:
+        save_checkpoint(path, model, metadata)
+    except OSError as error:  # a disk that filled during the training: the trained model is still good
+        warnings.warn(f"{owner}: the trained model could not be saved to {str(path)!r} ({error}); it is returned "
+                      "all the same, and the next run trains again", RuntimeWarning, stacklevel=2)
     return model, stats
