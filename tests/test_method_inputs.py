@@ -561,6 +561,31 @@ def test_a_sparse_embedding_is_refused_up_front(name):
     _make("finetune").unlearn(model, *sets, seed=0)
 
 
+def test_a_sparse_embedding_the_method_does_not_train_is_accepted():
+    """The refusal of a trainable sparse embedding covered every method: the Newton methods on other
+    parameters (params=), the adapter methods and the original, which train none of it, refused a model they
+    ran on before. Now each runs, and the Newton step over the head equals the step on the same model with a
+    dense embedding; naming the embedding in params is refused, as training it is (also by train())."""
+    torch.manual_seed(0)
+    model = _SparseTokens().double()
+    x, y = torch.randint(0, 20, (40, 5)), torch.arange(40) % 3
+    sets = LabeledData(x[:8], y[:8]), LabeledData(x[8:], y[8:])
+    dense = copy.deepcopy(model)
+    dense.emb.sparse = False
+    head = ["fc.weight", "fc.bias"]
+    for name in ("damped_newton", "cure_newton"):
+        got = METHODS[name](params=head).unlearn(model, *sets, seed=0).model
+        expected = METHODS[name](params=head).unlearn(dense, *sets, seed=0).model
+        assert torch.allclose(got.fc.weight, expected.fc.weight, rtol=1e-10, atol=1e-12), name
+        assert torch.equal(got.emb.weight, model.emb.weight), name
+    for name in ("original", "cure_newton_lora"):
+        _make(name).unlearn(model, *sets, seed=0)
+    with pytest.raises(ValueError, match=r"^damped_newton: the model's embedding 'emb' has sparse=True"):
+        METHODS["damped_newton"](params=["emb.weight"]).unlearn(model, *sets, seed=0)
+    with pytest.raises(ValueError, match=r"^train: the model's embedding 'emb' has sparse=True"):
+        train(model, sets[1], TrainConfig(epochs=1))
+
+
 def test_a_data_parallel_model_trains_as_its_module(problem):
     """The training-mode probe ran torch.func on the nn.DataParallel wrapper, which torch.func refuses: every method
     that trains in training mode refused a model that runs ("the model fails in training mode ... The stateless API

@@ -132,6 +132,21 @@ def make_optimizer(
     raise ValueError(f"unknown optimizer {name!r}; choose one of {list(OPTIMIZERS)}")
 
 
+def check_dense_gradients(owner: str, model: nn.Module, trained: Iterable[torch.Tensor] | None = None) -> None:
+    """ValueError naming the first ``nn.Embedding`` / ``nn.EmbeddingBag`` with ``sparse=True`` whose weight
+    is trained: one of ``trained`` where given (the parameters a method differentiates, frozen or not),
+    else one that requires grad. A method that trains or differentiates other parameters only, or none,
+    takes such a model. Its sparse gradient failed mid-run with torch's bare errors ("add(sparse, dense)
+    is not supported", "Adam does not support sparse gradients", "reshape is not implemented for sparse
+    tensors")."""
+    chosen = None if trained is None else {id(t) for t in trained}
+    for name, module in model.named_modules():
+        if (isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse
+                and (module.weight.requires_grad if chosen is None else id(module.weight) in chosen)):
+            raise ValueError(f"{owner}: the model's embedding {name!r} has sparse=True, whose sparse gradients "
+                             f"{owner} cannot use: set its .sparse = False (the same weights and outputs)")
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (or buffer); CPU for a model without either."""
     for tensor in (*model.parameters(), *model.buffers()):
@@ -397,6 +412,7 @@ def train(
         raise TypeError(f"{owner}: data must be a LabeledData, got {type(data).__name__}")
     if len(data) == 0:
         raise ValueError(f"{owner}: the {role} set is empty")
+    check_dense_gradients(owner, model)
     start = time.perf_counter()
     device = torch.device(device)
     model.to(device)

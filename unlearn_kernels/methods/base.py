@@ -25,7 +25,7 @@ from ..checks import (
 )
 from ..curvature.distributed import all_gather_objects
 from ..labeled import LabeledData
-from ..training import check_fits, model_device, seeded_rng
+from ..training import check_dense_gradients, check_fits, model_device, seeded_rng
 
 
 @dataclass
@@ -148,9 +148,12 @@ class Unlearner(abc.ABC):
         self._check_parameters(model)
 
     def _check_parameters(self, model: nn.Module) -> None:
-        """The model has parameters for the method to train (unless it trains none of its own)."""
+        """The model has parameters for the method to train (unless it trains none of its own), none of
+        them a sparse embedding (:func:`~unlearn_kernels.training.check_dense_gradients`)."""
         if self.trains_model_parameters and not any(p.requires_grad for p in model.parameters()):
             raise ValueError(f"{self.name}: the model has no trainable parameters (requires_grad=True)")
+        if self.trains_model_parameters:
+            check_dense_gradients(self.name, model)
 
     @abc.abstractmethod
     def _unlearn(
@@ -217,11 +220,6 @@ def _check_model(name: str, model: nn.Module) -> None:
     # gradients land in the caller's .grad, and optimizers refuse it
     check_not_scripted(name, model, "whose copies share gradients with it")
     check_not_meta(name, model)
-    sparse = next((n for n, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
-                   and m.sparse and m.weight.requires_grad), None)
-    if sparse is not None:  # the optimizers' weight decay, Adam and the curvature take no sparse gradient
-        raise ValueError(f"{name}: the model's embedding {sparse!r} has sparse=True, whose sparse gradients the "
-                         "methods cannot use: set its .sparse = False (the same weights and outputs)")
     bad = first_nonfinite_model_weight(model)
     if bad is not None:
         kind, key, what = bad

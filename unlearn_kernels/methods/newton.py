@@ -104,7 +104,7 @@ from ..curvature.probes import LossFn, checked_loss
 from ..curvature.distributed import GroupRef, all_reduce_released
 from ..curvature.params import tie_pattern
 from ..labeled import LabeledData
-from ..training import model_device
+from ..training import check_dense_gradients, model_device
 from ..solvers import (
     DENSE_SOLVE_MAX_DIM,
     KRYLOV_DEFAULTS,
@@ -364,9 +364,10 @@ class _NewtonFamily(Unlearner):
         if self.params is None:
             super()._check_parameters(model)
         try:
-            resolve_curvature_parameters(model, self.params)
+            chosen = resolve_curvature_parameters(model, self.params)
         except (TypeError, ValueError) as error:
             raise type(error)(f"{self.name}: {error}") from None
+        check_dense_gradients(self.name, model, chosen.values())
 
     def _cast(self, data: LabeledData, like: torch.Tensor, converted: bool) -> LabeledData:
         """``data`` on ``like``'s device; where the model was ``converted`` to the compute dtype, floating
