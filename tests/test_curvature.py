@@ -2142,6 +2142,35 @@ def test_a_dropped_operator_is_freed_at_once_and_counts_only_its_own_bytes(build
         gc.enable()
 
 
+class _RowBlocks:
+    """A re-iterable over row blocks of tensors it holds (as a Dataset of blocks would yield them): each
+    batch is a view into the whole tensor."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, rows: int) -> None:
+        self.x, self.y, self.rows = x, y, rows
+
+    def __iter__(self):
+        return ((self.x[i:i + self.rows], self.y[i:i + self.rows]) for i in range(0, len(self.y), self.rows))
+
+
+@pytest.mark.parametrize("build", [functools.partial(hessian_operator, path="generic"), ggn_operator,
+                                   functools.partial(hessian_operator, path="fused")])
+def test_slices_of_a_tensor_the_data_holds_count_nothing(build):
+    """Since the entries count the batches they keep, a batch that is a slice of a larger tensor was charged
+    that tensor's whole storage, once per batch (10 blocks of 40,000 rows: 1 of 10 fused entries cached under 64
+    MiB, products 1.3-2.1x slower); the data holds that tensor anyway. The cache counts what chunks of the
+    caller's tensors count."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, C)).to(DT).eval()
+    x, y = torch.randn(2000, 6, dtype=DT), torch.randint(0, C, (2000,))
+    blocks = build(model, F.cross_entropy, _RowBlocks(x, y, 100))
+    chunked = build(model, F.cross_entropy, (x, y), batch_size=100)
+    for operator in (blocks, chunked):
+        operator.matvec(torch.ones(operator.shape[0], dtype=DT))
+    assert blocks.cached_batches == chunked.cached_batches == 20
+    assert blocks.cached_bytes == chunked.cached_bytes
+
+
 @pytest.mark.parametrize("build", [functools.partial(hessian_operator, path="fused"),
                                    functools.partial(hessian_operator, path="generic"), ggn_operator])
 def test_data_changed_where_no_version_counter_sees_it_is_refused(build):

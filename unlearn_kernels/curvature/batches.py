@@ -202,10 +202,15 @@ class BatchSource:
         return self._copies
 
     def is_callers(self, tensor: torch.Tensor) -> bool:
-        """Whether ``tensor`` shares its storage with the caller's watched data (a chunk of it): memory
-        that exists anyway, where a DataLoader's collated batch, a copy or a batch moved to another device
-        is held only by what keeps it."""
-        ptr = tensor.untyped_storage().data_ptr()
+        """Whether ``tensor`` is memory that exists anyway: it shares its storage with the caller's watched
+        data (a chunk of it), or it is a slice of a larger storage (the rows ``X[i:j]`` that a re-iterable or a
+        Dataset yields of a tensor it holds, which one batch's count would charge whole, once per batch).
+        A DataLoader's collated batch, a copy or a batch moved to another device has a storage of its own,
+        held only by what keeps it."""
+        storage = tensor.untyped_storage()
+        if storage.nbytes() > tensor.numel() * tensor.element_size():
+            return True
+        ptr = storage.data_ptr()
         return any(t.layout == torch.strided and t.untyped_storage().data_ptr() == ptr
                    for t in self._watched().values())
 
