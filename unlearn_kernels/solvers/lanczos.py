@@ -396,6 +396,9 @@ def lanczos(
         A :class:`LanczosResult`.
     """
     if v0 is None:
+        if callable(H) and not isinstance(H, torch.Tensor) and not hasattr(H, "matvec"):
+            raise ValueError("lanczos: a function v -> H v needs v0 (its length, dtype and device are the "
+                             "operator's)")
         op = as_operator(H)
     else:  # v0 also gives the dimension, dtype and device of a function v -> H v
         v0 = check_vector(v0, "v0")
