@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -248,6 +249,15 @@ def test_an_option_of_another_protocol_is_refused_not_ignored(options, message):
     """The command line refused these; the Python API ignored them without a word."""
     with pytest.raises(ValueError, match=re.escape(message)):
         StudyConfig(**options)
+
+
+def test_forget_classes_must_be_a_sequence_of_ints():
+    """An int (forget_classes=3) failed with Python's bare "'int' object is not iterable"; a list or numpy
+    ints are taken as a tuple of ints (results.json records ints)."""
+    for bad in (3, ("3",), (True,), (3.0,)):
+        with pytest.raises(TypeError, match=r"^forget_classes must be a tuple of class indices \(ints\), got "):
+            StudyConfig(protocol="class", forget_classes=bad)
+    assert StudyConfig(protocol="class", forget_classes=[np.int64(3), 5]).forget_classes == (3, 5)
 
 
 def test_the_forget_fraction_defaults_as_before():

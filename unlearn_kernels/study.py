@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import numbers
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -223,6 +224,10 @@ class StudyConfig:
         # the oracle first: every other method is compared with its model of the same request
         self.methods = ("retrain", *(m for m in self.methods if m != "retrain"))
         check_choice("protocol (--protocol)", self.protocol, PROTOCOLS)
+        if not isinstance(self.forget_classes, (tuple, list)) or not all(
+                isinstance(c, numbers.Integral) and not isinstance(c, bool) for c in self.forget_classes):
+            raise TypeError(f"forget_classes must be a tuple of class indices (ints), got {self.forget_classes!r}")
+        self.forget_classes = tuple(int(c) for c in self.forget_classes)
         # an option of another protocol would be ignored without a word: refused, as the command line does
         if self.protocol == "class":
             if self.forget_fraction is not None:
