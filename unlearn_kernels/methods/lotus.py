@@ -49,8 +49,8 @@ class LoTUS(TrainedUnlearner):
     ``delta <= -0.01``; else ``tau = exp(alpha delta)`` for the epoch. Every batch, with teacher logits
     z_t and fresh Gumbel noise g: retain target = one-hot of ``argmax(z_t + g)`` (a sample of
     softmax(z_t), the hard Gumbel-softmax at temperature 1), forget target =
-    ``softmax((z_t + g) / tau)`` over the classes that D_f or D_r holds (the others, forgotten by an earlier
-    request, get none); loss = batch mean of ``-sum_c t_c log_softmax(z_s)_c``. The loss never reads a
+    ``softmax((z_t + g) / tau)`` over the classes that D_f or D_r holds (the others get none: a class an
+    earlier request forgot, and also an output unit no data of the request has, see docs/methods.md); loss = batch mean of ``-sum_c t_c log_softmax(z_s)_c``. The loss never reads a
     label; labels serve only the two accuracies that set tau and the stop, and the classes present.
 
     Defaults: AdamW with weight decay 5e-4, 10 epochs and retain_fraction 0.3 as in the paper
