@@ -1651,13 +1651,20 @@ def _change_weights(how: str, model: nn.Module, op: CurvatureOperator) -> None:
         model[0].weight = nn.Parameter(model[0].weight.detach() * 2.0)
     elif how == "through .data":  # in place through .data: no version counter sees it either
         model[0].weight.data.mul_(0.5)
+    elif how == "units permuted through .data":  # a re-basin: every sum and the function stay, the coordinates move
+        first, after = model[0], next(m for m in list(model)[1:] if isinstance(m, nn.Linear))
+        order = [1, 0, *range(2, first.out_features)]
+        first.weight.data.copy_(first.weight.data[order].clone())
+        first.bias.data.copy_(first.bias.data[order].clone())
+        after.weight.data.copy_(after.weight.data[:, order].clone())
     else:
         model[0].weight.data.mul_(0.5)
         op.invalidate()
 
 
 @pytest.mark.parametrize("how", ["in place", "set_flat_parameters", "optimizer.step", "fused Adam", "data replaced",
-                                 "load_state_dict(assign=True)", "parameter reassigned", "through .data", "invalidate"])
+                                 "load_state_dict(assign=True)", "parameter reassigned", "through .data",
+                                 "units permuted through .data", "invalidate"])
 @pytest.mark.parametrize("kind", ["reverse-over-reverse", "ggn"])
 def test_cache_is_dropped_when_the_weights_change(how, kind):
     model, x, y = make("mlp", seed=12)
@@ -2566,6 +2573,36 @@ def test_ggn_of_eval_mode_attention(kind, fast_path):
     finally:
         torch.backends.mha.set_fastpath_enabled(before)
     assert relative_error(dense, dense_ggn(model, uneven_batches(x, y, 5), F.cross_entropy)) <= 1e-10
+
+
+@pytest.mark.parametrize("mode", ["auto", "forward-over-reverse", "reverse-over-reverse"])
+@pytest.mark.parametrize("kind", ["multihead", "encoder-layer"])
+def test_hessian_of_eval_mode_attention(kind, mode):
+    """The same fast path and fused attention kernels have no double-backward derivative either: the generic
+    Hessian of an eval-mode nn.TransformerEncoderLayer was refused in every mode ("the loss is not twice
+    differentiable"). Every batch forward of a model with attention now runs them by differentiable ops; the
+    products match a dense Hessian by torch.autograd.functional (with the math kernel, which it needs too), and the
+    caller's fast-path setting is as it was."""
+    torch.manual_seed(0)
+    if kind == "multihead":
+        model = _SelfAttention()
+    else:
+        model = nn.Sequential(nn.TransformerEncoderLayer(4, 2, 8, dropout=0.1, batch_first=True), nn.Flatten(),
+                              nn.Linear(20, C))
+    model = model.to(DT).eval()
+    x, y = torch.randn(8, 5, 4, dtype=DT), torch.randint(0, C, (8,))
+    H = hessian_operator(model, F.cross_entropy, uneven_batches(x, y, 5), path="generic",
+                         **({} if mode == "auto" else {"mode": mode}))
+    assert torch.backends.mha.get_fastpath_enabled()
+    dense = H.to_dense()
+    assert torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            expected = dense_hessian(model, uneven_batches(x, y, 5), F.cross_entropy)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    assert relative_error(dense, expected) <= 1e-10
 
 
 class _PackedClassifier(nn.Module):

@@ -110,7 +110,9 @@ from .probes import (
     check_finite_weights,
     check_per_sample_forward,
     checked_loss,
+    differentiable_attention,
     every_row_ignored,
+    has_attention,
     probe_forward,
     refuse_parameter_writes,
 )
@@ -232,6 +234,7 @@ class CurvatureOperator(abc.ABC):
         self._statistics = normalisation_buffers(model)
         self._copy_buffers()
         self._functional = FunctionalForward(model)
+        self._attention = has_attention(model)
         self.num_products = 0
         self.num_gradients = 0
         self.num_data_passes = 0
@@ -252,7 +255,11 @@ class CurvatureOperator(abc.ABC):
         return self.params[name] if name in self.params else self._constants[name]
 
     def batch_forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """The model's output on ``x`` with the chosen parameters replaced by ``params``."""
+        """The model's output on ``x`` with the chosen parameters replaced by ``params`` (attention by
+        differentiable ops, :func:`~unlearn_kernels.curvature.probes.differentiable_attention`)."""
+        if self._attention:
+            with differentiable_attention():
+                return self._functional({**self._constants, **params}, x)
         return self._functional({**self._constants, **params}, x)
 
     def batch_loss(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -379,7 +386,7 @@ class CurvatureOperator(abc.ABC):
         """ValueError naming the first parameter or buffer the module docstring refuses, read from the
         float64 sums in ``key`` (that of ``_current_weights_key``)."""
         check_finite_weights(type(self).__name__, "curvature", self._live.items(), self._live_buffers.items(),
-                             self._statistics, (total for _, _, total in key))
+                             self._statistics, (entry[2] for entry in key))
 
     def _weights_changed(self) -> None:
         """Hook for subclasses that keep references to parameter views: called after a change."""

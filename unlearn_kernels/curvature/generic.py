@@ -24,16 +24,14 @@ holds the activations of all K tangents at once: pass fewer columns per ``matmat
 from __future__ import annotations
 
 import abc
-import contextlib
 import functools
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..checks import all_finite, check_choice, is_out_of_memory
 from ..ops import softmax_ce_hvp
@@ -60,22 +58,6 @@ def _stack(trees: list[Tree]) -> Tree:
 def _loop(fn: Callable[[Tree], Tree], batched: Tree) -> Tree:
     k = next(iter(batched.values())).shape[0] if isinstance(batched, dict) else batched.shape[0]
     return _stack([fn(_index(batched, i)) for i in range(k)])
-
-
-@contextlib.contextmanager
-def _forward_mode_attention() -> Iterator[None]:
-    """Attention by ops that have forward-mode derivatives, for a ``torch.func.jvp``: without
-    nn.MultiheadAttention's inference fast path (``aten::_native_multi_head_attention``, which an eval-mode
-    layer takes when no input requires grad, as the jvp's detached parameters do not) and with
-    ``F.scaled_dot_product_attention``'s math kernel (the fused ones, nn.TransformerEncoderLayer's, have
-    none). The fast path's setting is restored after."""
-    fast_path = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fast_path)
 
 
 _SAVED_NAMES: dict[type, tuple[str, ...]] = {}
@@ -502,8 +484,7 @@ class GGNOperator(_TorchFuncOperator):
     def _ggn_products(self, graph: _ForwardGraph, tangents: Tangents) -> Tangents:
         forward = functools.partial(self.batch_forward, x=graph.x)
         out = graph.out.detach()
-        with _forward_mode_attention():
-            jv = self._map(lambda t: torch.func.jvp(forward, (self.params,), (t,))[1], tangents)  # (K, *out.shape)
+        jv = self._map(lambda t: torch.func.jvp(forward, (self.params,), (t,))[1], tangents)  # (K, *out.shape)
         if self._loss_kind == "mse":
             u = jv * (2.0 / out.numel())
         else:

@@ -169,7 +169,7 @@ class Objective:
         with torch.no_grad():
             first, second = (self._loss(self._functional(copies, x.clone()), y.clone()).double() for _ in range(2))
         tol = max(1e-12, 16 * torch.finfo(self._dtype).eps)
-        if torch.isfinite(first) and not abs(float(first - second)) <= tol * abs(float(first)):
+        if torch.isfinite(first) and not abs(float(first - second)) <= tol * max(abs(float(first)), abs(float(second))):
             raise ValueError(f"Objective: two loss evaluations on the same batch differ ({float(first):.10g} and "
                              f"{float(second):.10g}): the model or loss is random (dropout, noise) or keeps state "
                              "between calls; call model.eval() and remove the randomness")
@@ -186,7 +186,7 @@ class Objective:
         """ValueError naming the first parameter or buffer (of the whole model: all feed the forward)
         that the curvature operators would refuse, from the float64 sums of their weights key."""
         parameters, buffers = list(self.model.named_parameters()), list(self.model.named_buffers())
-        sums = [total for _, _, total in weights_key([t for _, t in parameters + buffers])]
+        sums = [entry[2] for entry in weights_key([t for _, t in parameters + buffers])]
         check_finite_weights("Objective", "objective", parameters, buffers, self._statistics, sums)
 
     def _pass(self, with_gradient: bool) -> tuple[float, torch.Tensor | None]:

@@ -348,8 +348,35 @@ def set_flat_parameters(model: nn.Module, vector: torch.Tensor, params: ParamSel
             p.copy_(piece)
 
 
-WeightsKey = tuple[tuple[int, int, float], ...]
-"""Per tensor (parameters, then buffers): its version counter, data pointer and float64 sum."""
+WeightsKey = tuple[tuple[int, int, float, float], ...]
+"""Per tensor (parameters, then buffers): its version counter, data pointer, float64 sum and position
+checksum (:func:`_position_checksum`)."""
+
+_RAMP_LENGTH = 4093  # a prime: rows of a weight matrix fall on other ramp positions unless 4093 divides their width
+_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+@functools.lru_cache(maxsize=None)
+def _ramp(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """1 + frac(i * golden ratio), i < _RAMP_LENGTH: weights in [1, 2), no two alike."""
+    i = torch.arange(_RAMP_LENGTH, dtype=torch.float64)
+    return (i * _GOLDEN).frac().add(1.0).to(dtype=dtype, device=device)
+
+
+def _position_checksum(t: torch.Tensor) -> torch.Tensor:
+    """``sum_i t_i a(i mod L) (1 + i div L)`` over the flat values (L = 4093, ``a`` from :func:`_ramp`), 0-dim,
+    in t's dtype, by one matrix-vector product: where values only moved (hidden units permuted through
+    ``.data``, a re-basin), every sum stays and this changes. 0 for a tensor that is not float32 or float64
+    (its sum alone is compared: a half-precision checksum would round changes away)."""
+    if t.dtype not in (torch.float32, torch.float64) or t.layout != torch.strided or t.is_meta or t.numel() == 0:
+        return torch.zeros((), dtype=torch.float64)
+    flat, ramp = t.detach().reshape(-1), _ramp(t.dtype, t.device)
+    rows, tail = divmod(flat.numel(), _RAMP_LENGTH)
+    if not rows:  # most biases and small weights: one product
+        return torch.dot(flat, ramp[:tail])
+    per_row = torch.mv(flat[:rows * _RAMP_LENGTH].view(rows, _RAMP_LENGTH), ramp)
+    total = per_row.cumsum(0).sum()  # row j weighs rows - j: all distinct
+    return total + torch.dot(flat[rows * _RAMP_LENGTH:], ramp[:tail]) * (rows + 1) if tail else total
 
 
 def version_counter(tensor: torch.Tensor) -> int | None:
@@ -363,12 +390,14 @@ def version_counter(tensor: torch.Tensor) -> int | None:
 
 def weights_key(tensors: Iterable[torch.Tensor]) -> WeightsKey:
     """What changes when the weights do: per tensor its version counter, data pointer (a replaced
-    tensor) and float64 sum (in-place writes that bump no version counter: fused optimizer kernels,
-    ``.data``), the sums read back at once."""
+    tensor), float64 sum and position checksum (in-place writes that bump no version counter: fused
+    optimizer kernels, ``.data``; the checksum sees values that only moved), read back at once."""
     tensors = list(tensors)
-    sums = host_values([t.detach().sum(dtype=torch.float64) for t in tensors], torch.float64)
+    values = host_values([v for t in tensors for v in (t.detach().sum(dtype=torch.float64), _position_checksum(t))],
+                         torch.float64)
     # an inference tensor (e.g. running statistics made under inference_mode) keeps no version: its sum still counts
-    return tuple((version_counter(t), t.data_ptr(), total) for t, total in zip(tensors, sums))
+    return tuple((version_counter(t), t.data_ptr(), total, moved)
+                 for t, total, moved in zip(tensors, values[::2], values[1::2]))
 
 
 def host_values(values: list[torch.Tensor], dtype: torch.dtype) -> list[float | int]:
@@ -389,4 +418,6 @@ def same_weights(key: WeightsKey | None, old: WeightsKey | None) -> bool:
     if key is None or old is None:
         return False
     return key == old or (len(key) == len(old) and all(
-        new == was or (new[:2] == was[:2] and math.isnan(new[2]) and math.isnan(was[2])) for new, was in zip(key, old)))
+        new == was or (new[:2] == was[:2] and all(a == b or (math.isnan(a) and math.isnan(b))
+                                                  for a, b in zip(new[2:], was[2:])))
+        for new, was in zip(key, old)))

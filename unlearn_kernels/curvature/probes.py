@@ -3,12 +3,14 @@ their first product: the model runs on the data, the loss accepts its outputs an
 forward writes its parameters, and nothing in train mode makes a sample's loss depend on its batch."""
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Container, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import parametrize
 
 from ..checks import all_finite, check_batch_statistics, first_nonfinite_weight, is_out_of_memory
@@ -29,6 +31,28 @@ def _train_mode_problem(module: nn.Module) -> str | None:
         what = "its random slopes" if isinstance(module, nn.RReLU) else "dropout"
         return f"{what} in training mode {'makes' if what == 'dropout' else 'make'} the loss and its curvature random"
     return None
+
+
+def has_attention(model: nn.Module) -> bool:
+    """Whether ``model`` holds an nn.MultiheadAttention (nn.Transformer*Layer's too): see
+    :func:`differentiable_attention`."""
+    return any(isinstance(module, nn.MultiheadAttention) for module in model.modules())
+
+
+@contextlib.contextmanager
+def differentiable_attention() -> Iterator[None]:
+    """Attention by ops that have forward-mode and double-backward derivatives: without the inference
+    fast path of nn.MultiheadAttention and nn.TransformerEncoderLayer (``aten::_native_multi_head_attention``,
+    ``aten::_transformer_encoder_layer_fwd``, which an eval-mode layer takes when no input requires grad, as
+    a jvp's detached parameters do not) and with ``F.scaled_dot_product_attention``'s math kernel (the fused
+    ones have neither derivative). The fast path's setting is restored after."""
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
 
 
 def refuse_modes(owner: str, device: torch.device, needs_autograd: str | None) -> None:
