@@ -34,10 +34,12 @@ through :meth:`CurvatureOperator.cached_pass` takes cached entries for the first
 The cache is dropped when a parameter or buffer changes: in-place updates (``optimizer.step()``,
 ``set_flat_parameters``, ``p.add_``) bump the tensors' version counters, ``p.data = ...`` moves
 their data pointers, and writes that do neither (fused optimizer kernels, in-place writes through
-``p.data``) change the sum of the values; all three are checked before every product (the sums cost
-one pass over the parameters, small beside a product over a batch). Only a write that keeps every
-parameter's version, pointer and sum would go unseen: call :meth:`CurvatureOperator.invalidate`
-after such a one. (A buffer that holds Inf, allowed below, has an infinite sum, or a NaN one if it
+``p.data``) change the sum of the values, or, where values only moved (units permuted through
+``p.data``), a position checksum (float32/float64 tensors: one matrix-vector product against fixed
+weights); all are checked before every product (about two passes over the parameters, small beside a
+product over a batch). Only a write that keeps every parameter's version, pointer, sum and checksum would
+go unseen (a permutation within a half-precision or integer tensor, which has no checksum): call
+:meth:`CurvatureOperator.invalidate` after such a one. (A buffer that holds Inf, allowed below, has an infinite sum, or a NaN one if it
 holds +Inf and -Inf, whatever its finite entries are: only its version and pointer follow it, and a
 NaN sum that was NaN before counts as unchanged.) A change of the module tree itself (a submodule
 replaced, appended or removed, a parameter or buffer registered or deleted) is refused at the next
@@ -313,7 +315,7 @@ class CurvatureOperator(abc.ABC):
         product rebuilds it), the copies of the buffers (BatchNorm statistics, masks) are made again,
         and so are a fused path's own copies of the weights; non-finite weights are refused as at
         every change. Needed only after a write that keeps every parameter's and buffer's version
-        counter, data pointer and sum of values (see the module docstring)."""
+        counter, data pointer, sum of values and position checksum (see the module docstring)."""
         key = self._current_weights_key()
         self._weights_key = None  # not taken until this succeeds: a refusal here is repeated at the next call
         self._take_weights(key)
