@@ -57,7 +57,8 @@ checks = (top.eigenvalues.double().sum().item(), step.step.double().sum().item()
 gathered = all_gather_objects(checks, dist.group.WORLD, device)
 same = all(c == gathered[0] for c in gathered)
 if rank == 0:
-    print("extreme eigenvalues:", [f"{v:.4g}" for v in top.eigenvalues.tolist()], f"({top.num_hvps} HVPs)")
+    print("extreme Ritz values:", [f"{v:.4g}" for v in top.eigenvalues.tolist()], f"({top.num_hvps} HVPs; residual "
+          f"bounds up to {top.residual_bounds.max():.1e}, converged to tol: {top.converged})")
     print(f"cubic Newton step: |s| = {step.step_norm:.4f}, model value {step.model_value:.3e}, {step.num_hvps} HVPs")
     print(f"the same eigenvalues and step on every process: {same}")
 dist.destroy_process_group()

@@ -27,7 +27,8 @@ HV = H.matmat(torch.randn(H.shape[0], 8))          # 8 products in one pass over
 print(f"|Hv| = {Hv.norm():.4f}, HV: {tuple(HV.shape)}, products so far: {H.num_products}")
 
 top = lanczos(H, k=40, num_eigs=5, which="BE")     # both ends of the spectrum
-print("extreme eigenvalues:", [f"{x:.4g}" for x in top.eigenvalues.tolist()], f"({top.num_hvps} HVPs)")
+print("extreme Ritz values:", [f"{x:.4g}" for x in top.eigenvalues.tolist()], f"({top.num_hvps} HVPs; residual bounds "
+      f"up to {top.residual_bounds.max():.1e}, converged to tol: {top.converged})")
 
 # One cubic-regularised Newton step on the loss: min_s g^T s + 1/2 s^T H s + M/6 |s|^3.
 g = H.gradient()

@@ -24,7 +24,7 @@ def test_second_order_digits_example_runs():
                           text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, _failure(done)
     out = done.stdout
-    assert "path = fused" in out and "extreme eigenvalues" in out and "cubic Newton step" in out, out
+    assert "path = fused" in out and "extreme Ritz values" in out and "cubic Newton step" in out, out
 
 
 def test_distributed_curvature_example_runs_on_two_processes():
