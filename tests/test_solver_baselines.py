@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 from spectra import sym_with_spectrum
+from tolerance import relative_error
 
 from unlearn_kernels.solvers import (
     DENSE_MAX_DIM,
@@ -229,6 +230,21 @@ def test_conjugate_gradient_reports_its_true_residual(rng):
     true = float(torch.linalg.vector_norm(H @ out.solution - b))
     assert out.residual == pytest.approx(true, rel=1e-9)
     assert out.converged == (true <= 1e-12 * float(torch.linalg.vector_norm(b)))
+
+
+def test_conjugate_gradient_converges_in_float32_to_what_rounding_leaves(rng):
+    """In float32 the true residual cannot reach 1e-8 ||b|| (damped_newton_cg's tol): CG solved its systems
+    (the step equal to MINRES's) and said converged=False, negative_curvature=False, in 2 to 11 of 200 iterations.
+    Now the true residual counts up to 100 eps (||(H + damping I) x|| + ||b||); a float32 solve that drifted
+    beyond that is still not converged."""
+    H, _ = sym_with_spectrum(torch.linspace(1, 100, 60, dtype=torch.float64), rng)
+    b = torch.randn(60, generator=rng, dtype=torch.float64)
+    out = conjugate_gradient(H.float(), b.float(), tol=1e-8)
+    exact = torch.linalg.solve(H, b)
+    assert out.converged and not out.info["negative_curvature"]
+    assert 1e-8 < out.residual / float(torch.linalg.vector_norm(b)) < 2.4e-5
+    assert relative_error(out.solution.double(), exact) < 1e-5
+    assert not conjugate_gradient(H.float(), b.float(), tol=1e-8, maxiter=3).converged  # stopped early: not solved
 
 
 @pytest.mark.parametrize("bad, error, match", [

@@ -91,6 +91,9 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
 
 #: MINRES's default relative tolerance
 MINRES_TOL = 1e-10
+#: CG's true residual counts as converged up to this many epsilons of the working dtype times
+#: ``||(H + damping I) x|| + ||b||``: the rounding of the residual itself
+CG_ROUNDING_EPS = 100.0
 
 
 def _true_residual(op: SolverOperator, x: torch.Tensor, b: torch.Tensor, damping: float) -> float:
@@ -114,7 +117,9 @@ def conjugate_gradient(H: Any, b: torch.Tensor, *, damping: float = 0.0, tol: fl
         b: (d,) right-hand side.
         damping: lambda >= 0.
         tol: stop when the recursive residual is ``<= tol ||b||``; ``converged`` asks it of the true
-            residual (one more product), which the recursion can drift from.
+            residual (one more product), which the recursion can drift from, up to what rounding in the
+            working dtype leaves of it (``100 eps (||(H + damping I) x|| + ||b||)``: float32 cannot
+            show a residual of 1e-8 ||b||).
         maxiter: most iterations (default d).
         x0: start (default 0; a non-zero start costs one product).
 
@@ -155,8 +160,14 @@ def conjugate_gradient(H: Any, b: torch.Tensor, *, damping: float = 0.0, tol: fl
         rs = rs_new
         it += 1
     # the true residual (one more product): the recursive one drifts from it on an ill-conditioned system
-    residual = math.sqrt(rs) if it == 0 else _true_residual(op, x, b, damping)  # no step: r is exact
-    converged = not negative and residual <= target
+    if it == 0:  # no step: r is exact
+        residual, attainable = math.sqrt(rs), 0.0
+    else:
+        applied = op.matvec(x) + damping * x
+        residual = norm64(applied - b)
+        # what rounding in forming it leaves (float32: about 1e-5 ||b||, where tol 1e-8 asked for less)
+        attainable = CG_ROUNDING_EPS * torch.finfo(b.dtype).eps * (norm64(applied) + norm64(b))
+    converged = not negative and residual <= max(target, attainable)
     return LinearSolve(x, residual, op.num_hvps, it, converged, {"negative_curvature": negative})
 
 
