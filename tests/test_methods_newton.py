@@ -694,6 +694,8 @@ def test_lipschitz_estimate_rejects_bad_arguments(kwargs, message):
     (lambda: InfluenceNewton(damping=-1.0), ValueError, "damping"),
     (lambda: LiSSANewton(damping=-1.0), ValueError, "damping"),
     (lambda: LiSSANewton(scale=0.0), ValueError, "scale"),
+    # one step gives one Ritz value: scale="auto" (both ends) failed at every call, after the operator was built
+    (lambda: LiSSANewton(lanczos_steps=1), ValueError, r"^lissa: lanczos_steps must be an int >= 2, got 1"),
     (lambda: NewtonPinv(solver="qr"), ValueError, "solver"),
     (lambda: CureNewton(weight_decay=-1.0), ValueError, "weight_decay"),
     (lambda: CureNewton(params=[torch.zeros(2)]), TypeError, "names"),

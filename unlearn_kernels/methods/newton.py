@@ -1054,7 +1054,7 @@ class LiSSANewton(_NewtonFamily):
         damping: lambda >= 0 (default 0.01).
         depth: recursion steps (default 100).
         scale: > 0, or "auto" (the default).
-        lanczos_steps: Lanczos steps for ``scale="auto"`` (default 20).
+        lanczos_steps: Lanczos steps for ``scale="auto"`` (default 20; at least 2, one Ritz value per end).
         params, loss_fn, dtype, batch_size, weight_decay, path, process_group: see the module docstring.
     """
 
@@ -1071,7 +1071,7 @@ class LiSSANewton(_NewtonFamily):
         self.damping = check_number(f"{self.name}: damping", damping, 0.0)
         self.depth = check_int(f"{self.name}: depth", depth)
         self.scale = scale if scale == "auto" else check_number(f"{self.name}: scale", scale, 0.0, strict=True)
-        self.lanczos_steps = check_int(f"{self.name}: lanczos_steps", lanczos_steps)
+        self.lanczos_steps = check_int(f"{self.name}: lanczos_steps", lanczos_steps, low=2)  # both ends: two values
 
     def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,
                  unseen: LabeledData | None, seed: int) -> UnlearnResult:
