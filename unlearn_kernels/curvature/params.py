@@ -352,31 +352,41 @@ WeightsKey = tuple[tuple[int, int, float, float], ...]
 """Per tensor (parameters, then buffers): its version counter, data pointer, float64 sum and position
 checksum (:func:`_position_checksum`)."""
 
-_RAMP_LENGTH = 4093  # a prime: rows of a weight matrix fall on other ramp positions unless 4093 divides their width
+_RAMP_LENGTH = 65521  # a prime (rows of a weight fall on other ramp positions unless it divides their width), and
+# most weights fit it: one dot product each
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 
 @functools.lru_cache(maxsize=None)
-def _ramp(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """1 + frac(i * golden ratio), i < _RAMP_LENGTH: weights in [1, 2), no two alike."""
+def _ramp(dtype: torch.dtype, device: torch.device, length: int = _RAMP_LENGTH) -> torch.Tensor:
+    """1 + frac(i * golden ratio), i < length <= _RAMP_LENGTH: weights in [1, 2), no two alike (a view of
+    the full ramp, kept per length: slicing at every product cost a microsecond)."""
+    if length < _RAMP_LENGTH:
+        return _ramp(dtype, device)[:length]
     i = torch.arange(_RAMP_LENGTH, dtype=torch.float64)
     return (i * _GOLDEN).frac().add(1.0).to(dtype=dtype, device=device)
 
 
+def _has_checksum(t: torch.Tensor) -> bool:
+    """Whether :func:`_position_checksum` covers ``t`` (see there)."""
+    return (t.dim() >= 2 and t.dtype in (torch.float32, torch.float64) and t.layout == torch.strided
+            and not t.is_meta and t.numel() > 0)
+
+
 def _position_checksum(t: torch.Tensor) -> torch.Tensor:
-    """``sum_i t_i a(i mod L) (1 + i div L)`` over the flat values (L = 4093, ``a`` from :func:`_ramp`), 0-dim,
-    in t's dtype, by one matrix-vector product: where values only moved (hidden units permuted through
-    ``.data``, a re-basin), every sum stays and this changes. 0 for a tensor that is not float32 or float64
-    (its sum alone is compared: a half-precision checksum would round changes away)."""
-    if t.dtype not in (torch.float32, torch.float64) or t.layout != torch.strided or t.is_meta or t.numel() == 0:
-        return torch.zeros((), dtype=torch.float64)
-    flat, ramp = t.detach().reshape(-1), _ramp(t.dtype, t.device)
+    """``sum_i t_i a(i mod L) (1 + i div L)`` over the flat values (L = 65521, ``a`` from :func:`_ramp`), 0-dim,
+    in t's dtype, by one dot (or matrix-vector) product: where values only moved (hidden units permuted
+    through ``.data``, a re-basin), every sum stays and this changes. 0 for a tensor of fewer than two
+    dimensions (a bias: a re-basin moves the weights beside it, and the check stays at a few microseconds
+    per weight) or not float32 or float64 (a half-precision checksum would round changes away): their sums
+    alone are compared (:func:`_has_checksum`)."""
+    flat = t.detach().reshape(-1)
     rows, tail = divmod(flat.numel(), _RAMP_LENGTH)
-    if not rows:  # most biases and small weights: one product
-        return torch.dot(flat, ramp[:tail])
-    per_row = torch.mv(flat[:rows * _RAMP_LENGTH].view(rows, _RAMP_LENGTH), ramp)
+    if not rows:  # most weights: one product
+        return torch.dot(flat, _ramp(t.dtype, t.device, tail))
+    per_row = torch.mv(flat[:rows * _RAMP_LENGTH].view(rows, _RAMP_LENGTH), _ramp(t.dtype, t.device))
     total = per_row.cumsum(0).sum()  # row j weighs rows - j: all distinct
-    return total + torch.dot(flat[rows * _RAMP_LENGTH:], ramp[:tail]) * (rows + 1) if tail else total
+    return total + torch.dot(flat[rows * _RAMP_LENGTH:], _ramp(t.dtype, t.device, tail)) * (rows + 1) if tail else total
 
 
 def version_counter(tensor: torch.Tensor) -> int | None:
@@ -393,11 +403,13 @@ def weights_key(tensors: Iterable[torch.Tensor]) -> WeightsKey:
     tensor), float64 sum and position checksum (in-place writes that bump no version counter: fused
     optimizer kernels, ``.data``; the checksum sees values that only moved), read back at once."""
     tensors = list(tensors)
-    values = host_values([v for t in tensors for v in (t.detach().sum(dtype=torch.float64), _position_checksum(t))],
-                         torch.float64)
+    checked = [t for t in tensors if _has_checksum(t)]
+    values = host_values([t.detach().sum(dtype=torch.float64) for t in tensors]
+                         + [_position_checksum(t) for t in checked], torch.float64)
+    sums, checksums = values[:len(tensors)], iter(values[len(tensors):])
     # an inference tensor (e.g. running statistics made under inference_mode) keeps no version: its sum still counts
-    return tuple((version_counter(t), t.data_ptr(), total, moved)
-                 for t, total, moved in zip(tensors, values[::2], values[1::2]))
+    return tuple((version_counter(t), t.data_ptr(), total, next(checksums) if _has_checksum(t) else 0.0)
+                 for t, total in zip(tensors, sums))
 
 
 def host_values(values: list[torch.Tensor], dtype: torch.dtype) -> list[float | int]:
