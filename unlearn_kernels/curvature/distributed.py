@@ -48,6 +48,7 @@ expected size"). The group is held weakly
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import time
 import weakref
@@ -100,6 +101,9 @@ class GroupRef:
         return group
 
 
+_yield = getattr(os, "sched_yield", lambda: time.sleep(0))  # a spin of sleep(0) kept the core from the worker
+
+
 def all_reduce_released(tensor: torch.Tensor, group: dist.ProcessGroup,
                         op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None:
     """``dist.all_reduce(tensor, op, group)`` that returns once the backend has let go of ``tensor``.
@@ -121,7 +125,7 @@ def all_reduce_released(tensor: torch.Tensor, group: dist.ProcessGroup,
         return
     deadline = time.monotonic() + 10.0  # the worker lets go within microseconds; never wait for good
     while tensor._use_count() > before and time.monotonic() < deadline:
-        time.sleep(0)  # gives up the GIL and the core to the worker thread
+        _yield()  # gives up the GIL and the core to the worker thread
 
 
 def all_gather_objects(obj: Any, group: dist.ProcessGroup, device: torch.device) -> list[Any]:
