@@ -210,7 +210,7 @@ def remove_orphan_temporaries(path: str | os.PathLike[str]) -> list[Path]:
     removed = []
     for temporary in sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp")):
         with contextlib.suppress(OSError):  # BlockingIOError: a live write's
-            fd = os.open(temporary, os.O_RDONLY)
+            fd = os.open(temporary, os.O_RDWR)  # for writing: NFS emulates flock by a write lock, which needs it
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 temporary.unlink()  # while locked: a write that made it just now then finds it gone
