@@ -39,8 +39,9 @@ their data pointers, and writes that do neither (fused optimizer kernels, in-pla
 against fixed weights); all are checked before every product (about two passes over the parameters,
 small beside a product over a batch). Only a write that keeps every parameter's version, pointer, sum and
 checksum would go unseen (values moved within a bias alone, or within a half-precision or integer tensor,
-which have no checksum): call :meth:`CurvatureOperator.invalidate` after such a one. (A buffer that holds Inf, allowed below, has an infinite sum, or a NaN one if it
-holds +Inf and -Inf, whatever its finite entries are: only its version and pointer follow it, and a
+which have no checksum): call :meth:`CurvatureOperator.invalidate` after such a one. (A buffer that
+holds Inf, allowed below, has an infinite sum, or a NaN one if it holds +Inf and -Inf, whatever its
+finite entries are: only its version and pointer follow it, and a
 NaN sum that was NaN before counts as unchanged.) A change of the module tree itself (a submodule
 replaced, appended or removed, a parameter or buffer registered or deleted) is refused at the next
 call (:class:`~unlearn_kernels.curvature.params.ModelChanged`), as is a module put in training mode.

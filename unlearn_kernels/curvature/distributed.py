@@ -114,7 +114,7 @@ def all_reduce_released(tensor: torch.Tensor, group: dist.ProcessGroup,
     owned its Python object and the worker's drop took the GIL; when the interpreter had begun to exit,
     CPython ended that thread inside a C++ destructor and the process aborted ("terminate called
     without an active exception"): a process whose last call was a collective died now and then at
-    exit (1 in 5 runs of a two-process test). Waiting here (a yield or two) closes that window for
+    exit (1 in 6 runs of the distributed tests here). Waiting here (a yield or two) closes that window for
     the package's tensors. CPU tensors only: NCCL's watchdog releases its work on its own schedule,
     and waiting for it would stall the host on the GPU (not tested without a GPU)."""
     before = tensor._use_count() if hasattr(tensor, "_use_count") else None

@@ -50,13 +50,15 @@ class LoTUS(TrainedUnlearner):
     z_t and fresh Gumbel noise g: retain target = one-hot of ``argmax(z_t + g)`` (a sample of
     softmax(z_t), the hard Gumbel-softmax at temperature 1), forget target =
     ``softmax((z_t + g) / tau)`` over the classes that D_f or D_r holds (the others get none: a class an
-    earlier request forgot, and also an output unit no data of the request has, see docs/methods.md); loss = batch mean of ``-sum_c t_c log_softmax(z_s)_c``. The loss never reads a
+    earlier request forgot, and also an output unit no data of the request has, see docs/methods.md);
+    loss = batch mean of ``-sum_c t_c log_softmax(z_s)_c``. The loss never reads a
     label; labels serve only the two accuracies that set tau and the stop, and the classes present.
 
     Defaults: AdamW with weight decay 5e-4, 10 epochs and retain_fraction 0.3 as in the paper
     (ResNet-18; ``optimizer="sgd"`` takes ``momentum``, default 0.9, as the other first-order
-    methods); batch 64 instead of their 128 (32 for ViT), as the other first-order baselines here; lr 1e-3 instead of their 1e-4 for ResNet-18 (the small models here barely move in a
-    few dozen steps at 1e-4). ``alpha`` defaults, as in the authors' code, to 8 for sample forgetting
+    methods); batch 64 instead of their 128 (32 for ViT), as the other first-order baselines here; lr
+    1e-3 instead of their 1e-4 for ResNet-18 (the small models here barely move in a few dozen steps at
+    1e-4). ``alpha`` defaults, as in the authors' code, to 8 for sample forgetting
     and 32 when whole classes are forgotten (the paper's text says 2).
 
     ``unseen`` (D_u, e.g. the validation split) is required unless every class of D_f is absent
