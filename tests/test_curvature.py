@@ -2548,6 +2548,18 @@ class _SelfAttention(nn.Module):
         return self.head(self.attention(x, x, x)[0].mean(1))
 
 
+def _eval_mode_attention(kind: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """An eval-mode float64 classifier over (8, 5, 4) sequences around nn.MultiheadAttention ("multihead") or
+    nn.TransformerEncoderLayer ("encoder-layer"), and its data."""
+    torch.manual_seed(0)
+    if kind == "multihead":
+        model = _SelfAttention()
+    else:
+        model = nn.Sequential(nn.TransformerEncoderLayer(4, 2, 8, dropout=0.1, batch_first=True), nn.Flatten(),
+                              nn.Linear(20, C))
+    return model.to(DT).eval(), torch.randn(8, 5, 4, dtype=DT), torch.randint(0, C, (8,))
+
+
 @pytest.mark.parametrize("fast_path", [True, False])
 @pytest.mark.parametrize("kind", ["multihead", "encoder-layer"])
 def test_ggn_of_eval_mode_attention(kind, fast_path):
@@ -2555,14 +2567,7 @@ def test_ggn_of_eval_mode_attention(kind, fast_path):
     took torch's inference fast path (aten::_native_multi_head_attention), and nn.TransformerEncoderLayer a fused
     attention kernel, neither with a forward-mode derivative: ggn_operator refused both models, blaming them. The
     products now match J^T H J, and the caller's fast-path setting is as it was."""
-    torch.manual_seed(0)
-    if kind == "multihead":
-        model = _SelfAttention()
-    else:
-        model = nn.Sequential(nn.TransformerEncoderLayer(4, 2, 8, dropout=0.1, batch_first=True), nn.Flatten(),
-                              nn.Linear(20, C))
-    model = model.to(DT).eval()
-    x, y = torch.randn(8, 5, 4, dtype=DT), torch.randint(0, C, (8,))
+    model, x, y = _eval_mode_attention(kind)
     before = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(fast_path)
     try:
@@ -2583,14 +2588,7 @@ def test_hessian_of_eval_mode_attention(kind, mode):
     differentiable"). Every batch forward of a model with attention now runs them by differentiable ops; the
     products match a dense Hessian by torch.autograd.functional (with the math kernel, which it needs too), and the
     caller's fast-path setting is as it was."""
-    torch.manual_seed(0)
-    if kind == "multihead":
-        model = _SelfAttention()
-    else:
-        model = nn.Sequential(nn.TransformerEncoderLayer(4, 2, 8, dropout=0.1, batch_first=True), nn.Flatten(),
-                              nn.Linear(20, C))
-    model = model.to(DT).eval()
-    x, y = torch.randn(8, 5, 4, dtype=DT), torch.randint(0, C, (8,))
+    model, x, y = _eval_mode_attention(kind)
     H = hessian_operator(model, F.cross_entropy, uneven_batches(x, y, 5), path="generic",
                          **({} if mode == "auto" else {"mode": mode}))
     assert torch.backends.mha.get_fastpath_enabled()

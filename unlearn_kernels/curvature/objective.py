@@ -164,10 +164,11 @@ class Objective:
         """ValueError if two values of the loss on one batch differ: randomness that the check of the
         modules' training mode cannot see (``F.dropout(x, training=True)`` in a custom forward) made
         every value and gradient another draw (the curvature operators refuse it by comparing two
-        gradients). Each run gets its own copy of the batch: a model may write its inputs."""
-        copies = {name: p.detach().clone() for name, p in self.model.named_parameters()}
+        gradients). Each run gets its own copy of the batch: a model may write its inputs (not its
+        parameters: :meth:`_probe`, which runs first, refused that)."""
+        params = {name: p.detach() for name, p in self.model.named_parameters()}
         with torch.no_grad():
-            first, second = (self._loss(self._functional(copies, x.clone()), y.clone()).double() for _ in range(2))
+            first, second = (self._loss(self._functional(params, x.clone()), y.clone()).double() for _ in range(2))
         tol = max(1e-12, 16 * torch.finfo(self._dtype).eps)
         if torch.isfinite(first) and not abs(float(first - second)) <= tol * max(abs(float(first)), abs(float(second))):
             raise ValueError(f"Objective: two loss evaluations on the same batch differ ({float(first):.10g} and "
