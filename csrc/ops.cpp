@@ -58,6 +58,10 @@ TORCH_LIBRARY(unlearn_kernels, m) {
   // Global minimiser y of c^T y + 1/2 sum_i lambda_i y_i^2 + (M/6)||y||^3 (float64, CPU); returns
   // (y, sigma = M||y||/2 as a 0-dim float64 tensor, hard_case as a 0-dim bool tensor).
   m.def("cubic_secular_solve(Tensor eigvals, Tensor coeffs, float M, float tol, int max_iter) -> (Tensor, Tensor, Tensor)");
+  // Per tensor (strided, real or bool, CPU) its float64 sum and position checksum
+  // sum_i t_i r(i mod 65521) (1 + i div 65521) over the row-major values, r(j) = 1 + frac(j * golden ratio):
+  // a (n, 2) float64 tensor.
+  m.def("weights_fingerprint(Tensor[] tensors) -> Tensor");
   // A frozen linear layer with a LoRA adapter, on 2-D x (N, in): y = x W^T + b + scale (x A^T) B^T
   // with W (out, in), b (out,) or None, A (rank, in), B (out, rank).
   m.def("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scale) -> Tensor");

@@ -1657,6 +1657,8 @@ def _change_weights(how: str, model: nn.Module, op: CurvatureOperator) -> None:
         first.weight.data.copy_(first.weight.data[order].clone())
         first.bias.data.copy_(first.bias.data[order].clone())
         after.weight.data.copy_(after.weight.data[:, order].clone())
+    elif how == "a bias permuted through .data":  # values moved within a bias alone: its sum stays
+        model[0].bias.data.copy_(model[0].bias.data.flip(0).clone())
     else:
         model[0].weight.data.mul_(0.5)
         op.invalidate()
@@ -1664,7 +1666,7 @@ def _change_weights(how: str, model: nn.Module, op: CurvatureOperator) -> None:
 
 @pytest.mark.parametrize("how", ["in place", "set_flat_parameters", "optimizer.step", "fused Adam", "data replaced",
                                  "load_state_dict(assign=True)", "parameter reassigned", "through .data",
-                                 "units permuted through .data", "invalidate"])
+                                 "units permuted through .data", "a bias permuted through .data", "invalidate"])
 @pytest.mark.parametrize("kind", ["reverse-over-reverse", "ggn"])
 def test_cache_is_dropped_when_the_weights_change(how, kind):
     model, x, y = make("mlp", seed=12)

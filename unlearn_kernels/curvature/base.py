@@ -35,11 +35,11 @@ The cache is dropped when a parameter or buffer changes: in-place updates (``opt
 ``set_flat_parameters``, ``p.add_``) bump the tensors' version counters, ``p.data = ...`` moves
 their data pointers, and writes that do neither (fused optimizer kernels, in-place writes through
 ``p.data``) change the sum of the values, or, where values only moved (units permuted through
-``p.data``), a position checksum (float32/float64 tensors of two or more dimensions: one dot product
-against fixed weights); all are checked before every product (about two passes over the parameters,
-small beside a product over a batch). Only a write that keeps every parameter's version, pointer, sum and
-checksum would go unseen (values moved within a bias alone, or within a half-precision or integer tensor,
-which have no checksum): call :meth:`CurvatureOperator.invalidate` after such a one. (A buffer that
+``p.data``), a position checksum (values weighted by fixed, distinct weights;
+:func:`~unlearn_kernels.ops.weights_fingerprint`); all are checked before every product (one pass over the
+parameters and buffers, small beside a product over a batch). Only a write that keeps every parameter's
+version, pointer, sum and checksum would go unseen: call :meth:`CurvatureOperator.invalidate` after such a
+one. (A buffer that
 holds Inf, allowed below, has an infinite sum, or a NaN one if it holds +Inf and -Inf, whatever its
 finite entries are: only its version and pointer follow it, and a
 NaN sum that was NaN before counts as unchanged.) A change of the module tree itself (a submodule

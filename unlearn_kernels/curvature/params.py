@@ -16,6 +16,7 @@ from torch.nn.utils import parametrize
 
 from ..checks import check_not_scripted, check_tensor
 from ..lora import LoRALinear
+from ..ops import weights_fingerprint
 
 ParamSelection = None | str | torch.Tensor | Iterable[str | torch.Tensor]
 """What ``params`` arguments accept: None (all trainable), names, or the parameter tensors themselves."""
@@ -350,43 +351,7 @@ def set_flat_parameters(model: nn.Module, vector: torch.Tensor, params: ParamSel
 
 WeightsKey = tuple[tuple[int, int, float, float], ...]
 """Per tensor (parameters, then buffers): its version counter, data pointer, float64 sum and position
-checksum (:func:`_position_checksum`)."""
-
-_RAMP_LENGTH = 65521  # a prime (rows of a weight fall on other ramp positions unless it divides their width), and
-# most weights fit it: one dot product each
-_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
-
-
-@functools.lru_cache(maxsize=None)
-def _ramp(dtype: torch.dtype, device: torch.device, length: int = _RAMP_LENGTH) -> torch.Tensor:
-    """1 + frac(i * golden ratio), i < length <= _RAMP_LENGTH: weights in [1, 2), no two alike (a view of
-    the full ramp, kept per length: slicing at every product cost a microsecond)."""
-    if length < _RAMP_LENGTH:
-        return _ramp(dtype, device)[:length]
-    i = torch.arange(_RAMP_LENGTH, dtype=torch.float64)
-    return (i * _GOLDEN).frac().add(1.0).to(dtype=dtype, device=device)
-
-
-def _has_checksum(t: torch.Tensor) -> bool:
-    """Whether :func:`_position_checksum` covers ``t`` (see there)."""
-    return (t.dim() >= 2 and t.dtype in (torch.float32, torch.float64) and t.layout == torch.strided
-            and not t.is_meta and t.numel() > 0)
-
-
-def _position_checksum(t: torch.Tensor) -> torch.Tensor:
-    """``sum_i t_i a(i mod L) (1 + i div L)`` over the flat values (L = 65521, ``a`` from :func:`_ramp`), 0-dim,
-    in t's dtype, by one dot (or matrix-vector) product: where values only moved (hidden units permuted
-    through ``.data``, a re-basin), every sum stays and this changes. 0 for a tensor of fewer than two
-    dimensions (a bias: a re-basin moves the weights beside it, and the check stays at a few microseconds
-    per weight) or not float32 or float64 (a half-precision checksum would round changes away): their sums
-    alone are compared (:func:`_has_checksum`)."""
-    flat = t.detach().reshape(-1)
-    rows, tail = divmod(flat.numel(), _RAMP_LENGTH)
-    if not rows:  # most weights: one product
-        return torch.dot(flat, _ramp(t.dtype, t.device, tail))
-    per_row = torch.mv(flat[:rows * _RAMP_LENGTH].view(rows, _RAMP_LENGTH), _ramp(t.dtype, t.device))
-    total = per_row.cumsum(0).sum()  # row j weighs rows - j: all distinct
-    return total + torch.dot(flat[rows * _RAMP_LENGTH:], _ramp(t.dtype, t.device, tail)) * (rows + 1) if tail else total
+checksum (:func:`~unlearn_kernels.ops.weights_fingerprint`)."""
 
 
 def version_counter(tensor: torch.Tensor) -> int | None:
@@ -403,13 +368,9 @@ def weights_key(tensors: Iterable[torch.Tensor]) -> WeightsKey:
     tensor), float64 sum and position checksum (in-place writes that bump no version counter: fused
     optimizer kernels, ``.data``; the checksum sees values that only moved), read back at once."""
     tensors = list(tensors)
-    checked = [t for t in tensors if _has_checksum(t)]
-    values = host_values([t.detach().sum(dtype=torch.float64) for t in tensors]
-                         + [_position_checksum(t) for t in checked], torch.float64)
-    sums, checksums = values[:len(tensors)], iter(values[len(tensors):])
     # an inference tensor (e.g. running statistics made under inference_mode) keeps no version: its sum still counts
-    return tuple((version_counter(t), t.data_ptr(), total, next(checksums) if _has_checksum(t) else 0.0)
-                 for t, total in zip(tensors, sums))
+    return tuple((version_counter(t), t.data_ptr(), total, checksum)
+                 for t, (total, checksum) in zip(tensors, weights_fingerprint(tensors)))
 
 
 def host_values(values: list[torch.Tensor], dtype: torch.dtype) -> list[float | int]:

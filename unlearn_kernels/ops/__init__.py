@@ -15,6 +15,7 @@ from .mlp_hvp import (
     mlp_hvp_state_ref,
 )
 from .softmax_ce import softmax_ce_grad, softmax_ce_grad_ref, softmax_ce_hvp, softmax_ce_hvp_ref
+from .weights_fingerprint import weights_fingerprint, weights_fingerprint_ref
 
 # Every op (also its dispatcher name) and the backends it is implemented in; what can run here is
 # decided by unlearn_kernels.backends.
@@ -29,6 +30,7 @@ OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "mlp_hvp_flat_cached": ("cpp", "cuda", "reference"),
     "lora_linear": ("cpp", "cuda", "triton", "reference"),
     "lora_linear_jvp": ("cpp", "cuda", "triton", "reference"),
+    "weights_fingerprint": ("cpp", "reference"),
 }
 register_ops(OP_BACKENDS)
 
@@ -54,4 +56,6 @@ __all__ = [
     "softmax_ce_grad_ref",
     "softmax_ce_hvp",
     "softmax_ce_hvp_ref",
+    "weights_fingerprint",
+    "weights_fingerprint_ref",
 ]

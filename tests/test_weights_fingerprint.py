@@ -1,0 +1,127 @@
+"""weights_fingerprint: the C++ kernel against the reference and against sums written out in float64
+(fractions where they must be exact), every dtype and layout it takes, what it sees and what it refuses."""
+from fractions import Fraction
+import math
+
+import pytest
+import torch
+
+from devices import backend_devices
+from unlearn_kernels.backends import BackendUnavailableError
+from unlearn_kernels.ops import weights_fingerprint
+from unlearn_kernels.ops.weights_fingerprint import RAMP_LENGTH
+
+GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+def by_hand(t: torch.Tensor) -> tuple[float, float]:
+    """The definition, value by value, summed exactly (Fractions of the float64 values) and rounded once."""
+    values = t.detach().cpu().reshape(-1).tolist()
+    total = sum(Fraction(float(v)) for v in values)
+    checksum = Fraction(0)
+    for i, v in enumerate(values):
+        x = (i % RAMP_LENGTH) * GOLDEN
+        checksum += Fraction(float(v)) * Fraction((x - math.trunc(x)) + 1.0) * (1 + i // RAMP_LENGTH)
+    return float(total), float(checksum)
+
+
+def examples(generator: torch.Generator) -> list[torch.Tensor]:
+    """Tensors of every kind the operators fingerprint: weights, biases, half-precision, integer and bool buffers,
+    a transposed (non-contiguous) view, an empty tensor, a 0-dim one."""
+    return [torch.randn(128, 64, generator=generator), torch.randn(10, generator=generator),
+            torch.randn(7, 5, dtype=torch.float64, generator=generator).t(),
+            torch.randn(3, 4, generator=generator).half(), torch.randn(6, generator=generator).bfloat16(),
+            torch.arange(-5, 12), torch.tensor([True, False, True]), torch.zeros(0, 3), torch.tensor(2.5)]
+
+
+@pytest.mark.parametrize(("backend", "device"), backend_devices("weights_fingerprint"))
+def test_matches_the_definition(backend, device, rng):
+    tensors = [t.to(device) for t in examples(rng)]
+    got = weights_fingerprint(tensors, backend=backend)
+    assert len(got) == len(tensors) and all(isinstance(v, float) for pair in got for v in pair)
+    for t, (total, checksum) in zip(tensors, got):
+        want_total, want_checksum = by_hand(t)
+        scale = float(t.detach().double().abs().sum()) * 2 + 1e-300  # ramp weights are below 2
+        assert total == pytest.approx(want_total, rel=0, abs=1e-14 * scale), t.dtype
+        assert checksum == pytest.approx(want_checksum, rel=0, abs=1e-14 * scale), t.dtype
+
+
+@pytest.mark.parametrize(("backend", "device"), backend_devices("weights_fingerprint"))
+def test_long_tensors_weigh_each_chunk(backend, device, rng):
+    """Past 65,521 values the ramp starts again, each chunk weighted by its number: a value moved from one
+    chunk to the same position of the next changes the checksum."""
+    n = 2 * RAMP_LENGTH + 17
+    t = torch.randn(n, dtype=torch.float64, generator=rng).to(device)
+    chunks = t.cpu().split(RAMP_LENGTH)
+    full = torch.arange(RAMP_LENGTH, dtype=torch.float64) * GOLDEN
+    full = full - full.trunc() + 1.0
+    want = sum((c * full[:len(c)]).sum().item() * (k + 1) for k, c in enumerate(chunks))
+    (total, checksum), = weights_fingerprint([t], backend=backend)
+    assert total == pytest.approx(t.sum().item(), rel=1e-13)
+    assert checksum == pytest.approx(want, rel=1e-12)
+    moved = t.clone()
+    moved[[3, RAMP_LENGTH + 3]] = moved[[RAMP_LENGTH + 3, 3]]
+    (moved_total, moved_checksum), = weights_fingerprint([moved], backend=backend)
+    assert moved_total == pytest.approx(total, rel=1e-13) and moved_checksum != checksum
+
+
+@pytest.mark.parametrize(("backend", "device"), backend_devices("weights_fingerprint"))
+def test_sees_values_that_only_moved(backend, device, rng):
+    """A permutation keeps the sum (exactly, for these integer values) and changes the checksum, in a weight,
+    a bias and a half-precision tensor alike; the same values give the same fingerprint at every call."""
+    for t in (torch.arange(24.0).reshape(4, 6), torch.arange(10.0), torch.arange(12.0).half().reshape(3, 4)):
+        t = t.to(device)
+        flat = t.reshape(-1)
+        permuted = flat[torch.randperm(flat.numel(), generator=rng).to(device)].reshape(t.shape)
+        (a_sum, a_check), (b_sum, b_check), (c_sum, c_check) = weights_fingerprint([t, permuted, t.clone()],
+                                                                                   backend=backend)
+        assert a_sum == b_sum == c_sum and a_check == c_check and a_check != b_check
+
+
+def test_backends_agree_and_nonfinite_values_show(rng):
+    """The C++ kernel and the reference agree to rounding; NaN and Inf show in both numbers."""
+    tensors = examples(rng)
+    cpp = weights_fingerprint(tensors, backend="cpp")
+    ref = weights_fingerprint(tensors, backend="reference")
+    for (a, b), (c, d) in zip(cpp, ref):
+        assert a == pytest.approx(c, rel=1e-12, abs=1e-12) and b == pytest.approx(d, rel=1e-12, abs=1e-12)
+    bad = torch.tensor([[1.0, float("nan")], [2.0, 3.0]])
+    inf = torch.tensor([[1.0, float("inf")]])
+    for backend in ("cpp", "reference"):
+        (nan_sum, nan_check), (inf_sum, inf_check) = weights_fingerprint([bad, inf], backend=backend)
+        assert math.isnan(nan_sum) and math.isnan(nan_check) and inf_sum == inf_check == math.inf
+
+
+def test_sparse_and_complex_tensors():
+    """A sparse tensor gets its sum and no checksum (from the reference, also where the others go to the C++
+    kernel); a complex one is fingerprinted as its real and imaginary parts side by side."""
+    sparse = torch.tensor([[0.0, 2.0], [3.0, 0.0]]).to_sparse()
+    dense = torch.tensor([[1.0, 2.0]])
+    assert weights_fingerprint([sparse, dense]) == [(5.0, 0.0), weights_fingerprint([dense])[0]]
+    complex_value = torch.tensor([[1.0 + 2.0j, -3.0 + 0.5j]])
+    for backend in ("cpp", "reference"):
+        assert (weights_fingerprint([complex_value], backend=backend)
+                == weights_fingerprint([torch.view_as_real(complex_value)], backend=backend))
+        assert weights_fingerprint([complex_value.conj()], backend=backend)[0][0] == 1.0 - 3.0 - 2.0 - 0.5
+    with pytest.raises(BackendUnavailableError, match="backend 'cpp' needs strided tensors on one device"):
+        weights_fingerprint([sparse], backend="cpp")
+
+
+def test_nothing_to_fingerprint_and_inputs_untouched(rng):
+    assert weights_fingerprint([]) == []
+    weight = torch.randn(4, 3, generator=rng, requires_grad=True)
+    before = weight.detach().clone()
+    version = weight._version
+    weights_fingerprint([weight, weight.t()], backend="cpp")  # a parameter that requires grad: read, not recorded
+    assert torch.equal(weight.detach(), before) and weight._version == version
+
+
+def test_backend_refusals():
+    with pytest.raises(ValueError, match="weights_fingerprint: unknown backend 'gpu'"):
+        weights_fingerprint([torch.ones(2)], backend="gpu")
+    with pytest.raises(BackendUnavailableError, match="weights_fingerprint: backend 'cuda' cannot run here"):
+        weights_fingerprint([torch.ones(2)], backend="cuda")
+    with pytest.raises(BackendUnavailableError, match="weights_fingerprint: backend 'cpp' cannot run these inputs"):
+        weights_fingerprint([torch.ones(2, device="meta")], backend="cpp")
+    with pytest.raises(BackendUnavailableError, match="needs strided tensors on one device"):
+        weights_fingerprint([torch.ones(2), torch.ones(2, device="meta")], backend="cpp")
