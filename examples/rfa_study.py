@@ -15,7 +15,6 @@ writes ``hvp_modes.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unlearn_kernels.checkpoint import atomic_write, check_writable_folder, probe_atomic_write, save_figure
+from unlearn_kernels.checkpoint import atomic_write, check_writable_folder, probe_atomic_write, save_figure, save_json
 from unlearn_kernels.cli import path_argument
 from unlearn_kernels.data import load_dataset, remove_classes
 from unlearn_kernels.eval import (
@@ -134,12 +133,11 @@ def summary(records: list[dict]) -> str:
             lines += [f"### {model_name}, {protocol}", "",
                       "| method | Acc_f | Acc_f gap closed | Acc_r | Acc_test | MIA | Avg Gap | JS to oracle | "
                       "activation distance | RF-JSD | seconds |", "|---" * 11 + "|"]
-            orig = {r["seed"]: r for r in rows if r["method"] == "original"}
-            oracle = {r["seed"]: r for r in rows if r["method"] == "retrain"}
+            orig = {r["seed"]: r["acc_forget"] for r in rows if r["method"] == "original"}
+            oracle = {r["seed"]: r["acc_forget"] for r in rows if r["method"] == "retrain"}
             for label in ["retrain", *METHOD_SPECS]:
                 mine = [r for r in rows if r["method"] == label]
-                closed = [_closed(r["acc_forget"], orig[r["seed"]]["acc_forget"], oracle[r["seed"]]["acc_forget"])
-                          for r in mine]
+                closed = _closed(mine, orig, oracle)
 
                 def fmt(key, digits=3):
                     values = [r[key] for r in mine if key in r]
@@ -149,9 +147,19 @@ def summary(records: list[dict]) -> str:
                         return f"{values[0]:.{digits}f}"
                     # the sample std, as the study's
                     return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
-                lines.append(f"| {label} | {fmt('acc_forget')} | {np.mean(closed):.2f} | {fmt('acc_retain')} | "
+                # as the study's tables: the mean over the seeds where it is defined, marked when fewer; "-" if none
+                closed_cell = "-"
+                if closed:
+                    seeds = f" ({len(closed)}/{len(mine)} seeds)" if len(closed) < len(mine) else ""
+                    closed_cell = f"{np.mean(closed):.2f}{seeds}"
+                lines.append(f"| {label} | {fmt('acc_forget')} | {closed_cell} | {fmt('acc_retain')} | "
                              f"{fmt('acc_test')} | {fmt('mia')} | {fmt('avg_gap')} | {fmt('js_to_oracle', 4)} | "
                              f"{fmt('activation_distance')} | {fmt('rf_jsd', 4)} | {fmt('seconds', 2)} |")
+            nothing = [seed for seed in orig if orig[seed] == oracle[seed]]
+            if nothing:  # the wording of the study's own note (report.format_noise_note)
+                lines.append(f"Original's Acc_f gap 0 on seed(s) {nothing}: nothing to close there ('Acc_f gap closed' "
+                             "is undefined where the Original's gap is 0: left out of the mean over seeds, marked "
+                             "(k/n seeds), '-' where no seed has it).")
             lines.append("")
     lines += ["Pearson correlation of RF-JSD and JS to the oracle over (model, seed, method) records, the oracle's "
               "own rows left out:", "", "| records | RF-JSD from | n | Pearson r |", "|---|---|---|---|"]
@@ -166,10 +174,12 @@ def summary(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _closed(acc_forget: float, original: float, oracle: float) -> float:
-    """The Acc_f gap closed (NaN where the Original's gap is 0)."""
-    closed = gap_closed(acc_forget - oracle, original - oracle)
-    return float("nan") if closed is None else closed
+def _closed(records: list[dict], original: dict[int, float], oracle: dict[int, float]) -> list[float]:
+    """The Acc_f gap closed of each record against the Original's and the oracle's Acc_f of its seed, the
+    seeds where the Original's gap is 0 left out (nothing to close: undefined, as in the study's reports)."""
+    closed = (gap_closed(r["acc_forget"] - oracle[r["seed"]], original[r["seed"]] - oracle[r["seed"]])
+              for r in records)
+    return [c for c in closed if c is not None]
 
 
 def pearson(pairs: list[tuple[float, float]]) -> float:
@@ -187,8 +197,8 @@ def plots(records: list[dict], out: Path) -> None:
                 continue
             oracle = {r["seed"]: r["acc_forget"] for r in rows if r["method"] == "retrain"}
             orig = {r["seed"]: r["acc_forget"] for r in rows if r["method"] == "original"}
-            closed = [np.mean([_closed(r["acc_forget"], orig[r["seed"]], oracle[r["seed"]])
-                               for r in rows if r["method"] == label]) for label in labels]
+            per_seed = [_closed([r for r in rows if r["method"] == label], orig, oracle) for label in labels]
+            closed = [np.mean(values) if values else np.nan for values in per_seed]  # nan: no bar
             ax.bar(np.arange(len(labels)) + (k - 1) * 0.27, closed, width=0.27, label=protocol)
         ax.axhline(0, color="k", lw=0.8)
         ax.set_ylim(-1.05, 1.1)  # a bar below -1 (a gap within seed noise, e.g. random) is cut; the table has it
@@ -245,7 +255,7 @@ def hvp_modes(out: Path) -> None:
     measure_interleaved(timed, torch.device("cpu"), min_time=1.0)
     rows = [{"candidate": m.candidate, "median_ms": m.median_s * 1e3, "iqr_ms": m.iqr_s * 1e3,
              "relative_difference_to_double_backward": m.max_abs_err, "d": int(v.shape[0])} for m, _ in timed]
-    write_text(out / "hvp_modes.json", json.dumps(rows, indent=1))
+    save_json(rows, out / "hvp_modes.json")
     for row in rows:
         print(f"{row['candidate']:36s} {row['median_ms']:8.2f} ms (IQR {row['iqr_ms']:.2f})")
 
@@ -292,9 +302,9 @@ def main() -> None:
         hvp_modes(out)
         return
     records = run(models, seeds)
-    write_text(out / "results.json", json.dumps({"config": {"dataset": "digits", "seeds": seeds,
-                                                            "models": models, "methods": METHOD_SPECS},
-                                                 "records": records}, indent=1))
+    # strict JSON: an undefined value (NaN) is null, as in the study's results.json
+    save_json({"config": {"dataset": "digits", "seeds": seeds, "models": models, "methods": METHOD_SPECS},
+               "records": records}, out / "results.json")
     text = summary(records)
     write_text(out / "summary.md", text + "\n")
     plots(records, out)

@@ -128,3 +128,38 @@ def test_rfa_study_plots_are_written_atomically(rfa_example, tmp_path, interrupt
     with pytest.raises(KeyboardInterrupt):
         rfa_example.plots(records, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_rfa_study_writes_strict_json_and_no_nan_gap_closed(rfa_example, tmp_path, monkeypatch, capsys):
+    """A seed where the Original's Acc_f equals the oracle's (nothing to close) printed "nan" for the whole
+    gap-closed mean, and a NaN value was written as the token NaN, which strict JSON readers refuse."""
+    gaps = {"random": (0.0, 0.2), "mislabeled": (0.3, 0.2), "class": (0.0, 0.0)}  # the Original's, per seed
+    records = [{"model": "mlp", "protocol": protocol, "seed": seed, "method": label, "seconds": 1.0,
+                "acc_forget": 0.5 + (gaps[protocol][seed] if label == "original" else 0.02 * i),
+                "acc_retain": 0.9, "acc_test": 0.8, "mia": float("nan") if label == "lotus" else 0.5,
+                "avg_gap": 0.01 * i, "js_to_oracle": 0.01 * i * (1 + i % 3 + seed), "activation_distance": 0.1,
+                "rf_jsd": 0.02 * i}
+               for protocol in rfa_example.PROTOCOLS for seed in (0, 1)
+               for i, label in enumerate(["retrain", *rfa_example.METHOD_SPECS])]
+    monkeypatch.setattr(rfa_example, "run", lambda models, seeds: records)
+    monkeypatch.setattr(sys, "argv", ["rfa_study.py", "--out", str(tmp_path), "--models", "mlp", "--seeds", "0", "1"])
+    rfa_example.main()
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"not JSON: {token}")
+
+    written = json.loads((tmp_path / "results.json").read_text(), parse_constant=refuse)["records"]
+    assert [r["mia"] for r in written if r["method"] == "lotus"] == [None] * 6
+    closed = {}  # (protocol, method) -> the gap-closed cell of the printed table
+    for table in capsys.readouterr().out.split("### mlp, ")[1:]:
+        protocol = table.split("\n")[0]
+        for row in table.split("\n")[4:]:
+            if row.startswith("| "):
+                cells = [cell.strip() for cell in row.split("|")]
+                closed[protocol, cells[1]] = cells[3]
+    assert closed["mislabeled", "retrain"] == "1.00" and closed["mislabeled", "original"] == "0.00"
+    assert closed["random", "retrain"] == "1.00 (1/2 seeds)" and closed["random", "finetune"] == "0.80 (1/2 seeds)"
+    assert closed["class", "retrain"] == "-" and closed["class", "rfa"] == "-"
+    summary = (tmp_path / "summary.md").read_text()
+    assert "Original's Acc_f gap 0 on seed(s) [0]: nothing to close there" in summary
+    assert "Original's Acc_f gap 0 on seed(s) [0, 1]: nothing to close there" in summary

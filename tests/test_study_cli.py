@@ -1,6 +1,7 @@
 """The evaluation study and the `unlearn-kernels` command line: tiny end-to-end runs of every
 protocol (random, mislabeled, class, sequential), method options, the three-scenario default, the
 progress lines of a non-terminal, and clear errors for wrong options."""
+import atexit
 import dataclasses
 import json
 import os
@@ -686,18 +687,25 @@ def test_cli_output_that_cannot_be_written_is_one_line_and_status_1(argv, unbuff
 
 
 @DEV_FULL
-def test_cli_in_a_callers_process_leaves_its_standard_output_alone(monkeypatch):
+@pytest.mark.parametrize("argv", [["backends"], None], ids=["argv", "sys.argv"])
+def test_cli_in_a_callers_process_leaves_its_standard_output_alone(argv, monkeypatch):
     """main(argv) with a standard output that could not be written pointed the caller's file descriptor at
-    /dev/null (leaking the one it opened for that): a second call returned 0, its output lost."""
+    /dev/null (leaking the one it opened for that): a second call returned 0, its output lost. main() without
+    argv (the process's own arguments, as the program) did so too, for good, in a caller's process: its file
+    descriptor is pointed there only at exit, and only if it still cannot be written then."""
+    from unlearn_kernels import cli
+
     full = open("/dev/full", "w")
     monkeypatch.setattr(sys, "stdout", full)
+    monkeypatch.setattr(sys, "argv", ["unlearn-kernels", "backends"])
     descriptors = len(os.listdir("/proc/self/fd"))
     try:
-        assert main(["backends"]) == 1
-        assert main(["backends"]) == 1
+        assert main(argv) == 1
+        assert main(argv) == 1
         assert os.path.samestat(os.fstat(full.fileno()), os.stat("/dev/full"))
         assert len(os.listdir("/proc/self/fd")) == descriptors
     finally:
+        atexit.unregister(cli._discard_unwritten_output)  # this test's stream, closed below: nothing to do at exit
         try:
             full.close()
         except OSError:  # the output it still holds cannot be written

@@ -445,6 +445,41 @@ def test_seeded_blocks_of_concurrent_threads_run_one_after_the_other():
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_while_another_thread_holds_the_seeded_lock_can_seed():
+    """A fork (a DataLoader worker, multiprocessing's "fork" start) while another thread was inside a seeded
+    block copied the held lock into the child, where no thread would release it: its first seeded call hung."""
+    import multiprocessing
+    import threading
+
+    def seeded_draw() -> None:
+        with seeded_rng(3):
+            torch.rand(1)
+
+    inside, leave = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with seeded_rng(1):
+            inside.set()
+            leave.wait(timeout=60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    child = None
+    try:
+        assert inside.wait(timeout=10)
+        child = multiprocessing.get_context("fork").Process(target=seeded_draw)
+        child.start()
+        child.join(timeout=20)
+        assert child.exitcode == 0, f"the child's exit code: {child.exitcode} (None: it hung in its seeded call)"
+    finally:
+        if child is not None and child.is_alive():
+            child.kill()
+            child.join()
+        leave.set()
+        holder.join()
+
+
 # ------------------------------------------------------------------------------------- checkpoints
 
 

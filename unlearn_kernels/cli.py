@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import atexit
 import contextlib
 import dataclasses
 import os
@@ -113,8 +114,8 @@ def run_program(prog: str, command: Callable[[list[str] | None], int], argv: lis
         _print_no_traceback_of(interrupt)
         raise
     except OutputError as exc:
-        if argv is None:  # the process's own stdout, which Python flushes at exit; a caller's stays the caller's
-            _discard_unwritten_output(stdout)
+        if argv is None:  # run as the program: Python flushes its stdout again at exit
+            atexit.register(_discard_unwritten_output, stdout)
         if isinstance(exc.__cause__, BrokenPipeError):
             return 141
         print(f"{prog}: error: cannot write to standard output: {exc}", file=sys.stderr)
@@ -144,14 +145,21 @@ def _print_no_traceback_of(reported: BaseException) -> None:
 
 
 def _discard_unwritten_output(stream: TextIO) -> None:
-    """Points ``stream``'s file descriptor at the null device: Python flushes stdout at exit, and the output it
-    still holds then goes nowhere instead of failing again."""
-    with contextlib.suppress(OSError, ValueError):  # a stream without a file descriptor holds nothing
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(devnull, stream.fileno())
-        finally:
-            os.close(devnull)
+    """Run at exit (atexit runs before Python's own flush of stdout): if ``stream`` still cannot be written,
+    its file descriptor points at the null device, so that the output it holds goes nowhere instead of
+    failing again at that flush ("Exception ignored", status 120). Not done when the write failed: a
+    caller that ran ``main()`` in its own process keeps its descriptor, and what it writes later, as it was."""
+    try:
+        stream.flush()
+    except ValueError:  # closed since: it holds nothing
+        pass
+    except OSError:
+        with contextlib.suppress(OSError, ValueError):  # a stream without a file descriptor holds nothing
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, stream.fileno())
+            finally:
+                os.close(devnull)
 
 
 def path_argument(text: str) -> str:

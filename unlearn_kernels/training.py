@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -175,6 +176,18 @@ def eval_mode(model: nn.Module) -> AbstractContextManager[None]:
 
 #: held by the thread inside a :func:`seeded_rng` block: torch's generators are one per process
 _SEEDED = threading.RLock()
+
+
+def _unheld_seeded_lock_in_child() -> None:
+    """A forked child's own, unheld :data:`_SEEDED`: a thread of the parent that held the lock at the fork
+    (a DataLoader worker or a multiprocessing "fork" child started meanwhile) does not exist in the child,
+    so the copied lock would never be released and the child's first seeded call would wait for ever."""
+    global _SEEDED
+    _SEEDED = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only: elsewhere a child process starts afresh
+    os.register_at_fork(after_in_child=_unheld_seeded_lock_in_child)
 
 
 @contextmanager

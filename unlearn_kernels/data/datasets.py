@@ -24,7 +24,7 @@ import torch
 from ..checkpoint import refuse_empty_path
 from ..checks import check_number, check_sklearn_seed
 from ..labeled import LabeledData
-from .local_files import load_cifar_files, load_mnist_files
+from .local_files import how_to_get_files, load_cifar_files, load_mnist_files
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ def _need_root(name: str, root: str | Path | None) -> Path:
     path = refuse_empty_path(root, f"{name}: root '' names no folder")
     if not path.is_dir():  # said here: the list of files looked for would not tell
         raise FileNotFoundError(f"{name}: root {path} {'is not a folder' if path.exists() else 'does not exist'}. "
-                                "Nothing is downloaded; pass the folder that holds the dataset files")
+                                f"{how_to_get_files(name)}")
     return path
 
 

@@ -60,6 +60,14 @@ _MNIST_FILES = {
 # Folder that torchvision uses under its root, also searched so that an existing download works.
 _TORCHVISION_DIRS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 
+# What to get for each dataset: its standard distribution (nothing is downloaded here)
+_DISTRIBUTIONS = {
+    "mnist": "the four MNIST IDX files (gzipped or not)",
+    "fashion_mnist": "the four Fashion-MNIST IDX files (gzipped or not)",
+    "cifar10": "the CIFAR-10 python version (cifar-10-python.tar.gz, extracted)",
+    "cifar100": "the CIFAR-100 python version (cifar-100-python.tar.gz, extracted)",
+}
+
 _CIFAR_LAYOUT = {
     "cifar10": {
         "folder": "cifar-10-batches-py",
@@ -146,32 +154,37 @@ def read_cifar_batch(path: str | Path) -> dict[bytes, Any]:
     return batch
 
 
-def _folder_with_all(name: str, folders: list[Path], files: list[str],
+def how_to_get_files(name: str) -> str:
+    """What an error that did not find the files of dataset ``name`` ("mnist", "fashion_mnist", "cifar10" or
+    "cifar100") tells the user to do: nothing is downloaded, so get the standard files and pass their folder."""
+    return (f"Nothing is downloaded: get {_DISTRIBUTIONS[name]} and pass the folder holding them as root (--root); "
+            "a root that torchvision downloaded the dataset to works too")
+
+
+def _folder_with_all(name: str, root: Path, folders: list[Path], files: list[str],
                      extensions: tuple[str, ...] = ("",)) -> tuple[Path, list[Path]]:
-    """The first of ``folders`` that holds every one of ``files``, each as ``<file><ext>`` for one of
-    ``extensions`` (the first found), with the path of each file in the order of ``files``.
+    """The first of ``folders`` (under ``root``) that holds every one of ``files``, each as ``<file><ext>``
+    for one of ``extensions`` (the first found), with the path of each file in the order of ``files``.
 
     All files come from one folder: a set pieced together from two (an old copy beside a new one)
-    could pair one copy's images with another's labels. If no folder holds them all,
-    FileNotFoundError names each folder and the files it lacks.
+    could pair one copy's images with another's labels. If no folder holds them all, FileNotFoundError
+    in one line names ``root``, the files looked for, what each folder lacks, and how to get the files.
     """
-    lacking: dict[Path, list[str]] = {}
+    lacking = []
     for folder in folders:
         paths, missing = [], []
         for base in files:
-            candidates = [folder / (base + ext) for ext in extensions]
-            found = next((p for p in candidates if p.is_file()), None)
+            found = next((p for p in (folder / (base + ext) for ext in extensions) if p.is_file()), None)
             if found is None:
-                missing.append(" or ".join(str(p) for p in candidates))
+                missing.append(base)
             else:
                 paths.append(found)
         if not missing:
             return folder, paths
-        lacking[folder] = missing
-    listing = "".join(f"\n  {folder}, which lacks:" + "".join(f"\n    {m}" for m in missing)
-                      for folder, missing in lacking.items())
-    raise FileNotFoundError(f"{name}: dataset files not found. Nothing is downloaded; place the standard files "
-                            f"together in one of these folders:{listing}")
+        lacking.append(f"{folder} has none" if len(missing) == len(files) else f"{folder} lacks {', '.join(missing)}")
+    forms = f" (each also with {' or '.join(e for e in extensions if e)})" if len(extensions) > 1 else ""
+    raise FileNotFoundError(f"{name}: dataset files not found in root {root}: looked for {', '.join(files)}{forms}, "
+                            f"all in one folder: {'; '.join(lacking)}. {how_to_get_files(name)}")
 
 
 def load_mnist_files(root: str | Path, name: str = "mnist") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -182,8 +195,8 @@ def load_mnist_files(root: str | Path, name: str = "mnist") -> tuple[np.ndarray,
     Returns ``(x_train, y_train, x_test, y_test)``: uint8 images (N, 28, 28) and int64 labels.
     """
     root = Path(root)
-    _, paths = _folder_with_all(name, [root, root / _TORCHVISION_DIRS[name] / "raw"], list(_MNIST_FILES.values()),
-                                ("", ".gz"))
+    _, paths = _folder_with_all(name, root, [root, root / _TORCHVISION_DIRS[name] / "raw"],
+                                list(_MNIST_FILES.values()), ("", ".gz"))
     arrays = {key: read_idx(path) for key, path in zip(_MNIST_FILES, paths)}
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
@@ -213,7 +226,7 @@ def load_cifar_files(
     """
     layout = _CIFAR_LAYOUT[name]
     root = Path(root)
-    folder, _ = _folder_with_all(name, [root / layout["folder"], root], layout["train"] + layout["test"])
+    folder, _ = _folder_with_all(name, root, [root / layout["folder"], root], layout["train"] + layout["test"])
 
     def read(batches: list[str]) -> tuple[np.ndarray, np.ndarray]:
         xs, ys = [], []
