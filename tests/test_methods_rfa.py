@@ -719,3 +719,23 @@ def test_margin_loss_is_the_hinge_on_the_move_along_u_relative_to_the_frozen_nor
         hs.append(h)
         targets.append(torch.stack([h0, u], 1))
     assert float(RFA(shift="margin", margin=0.1)._margin_loss(hs, targets)) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_a_diverged_training_is_said_as_such_whether_or_not_it_merges(merge):
+    """With merge=True (the default) a diverged adapter reached the merge first, whose refusal spoke of merging
+    ("the base weight plus the adapter's scale * B A holds NaN or Inf ... nothing was merged"), naming neither
+    the method nor the cause; merge=False gave the divergence message every method gives."""
+    gen = torch.Generator().manual_seed(0)
+
+    def data(rows: int) -> LabeledData:
+        return LabeledData(torch.randn(rows, 4, generator=gen), torch.randint(0, 3, (rows,), generator=gen))
+
+    retain, forget, unseen = data(30), data(6), data(12)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"^rfa: the unlearned model has NaN or Inf in its parameter '0.lora_a' "
+                                         r"\(the method diverged: lower its learning rate or step size\)"):
+        RFA(epochs=3, lr=1e38, optimizer="sgd", merge=merge).unlearn(model, forget, retain, unseen=unseen, seed=0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

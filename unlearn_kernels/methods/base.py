@@ -125,7 +125,7 @@ class Unlearner(abc.ABC):
             start = time.perf_counter()
             result = self._unlearn(work, forget, retain, unseen=unseen, seed=seed)
             result.seconds = time.perf_counter() - start
-        _check_finite_result(self.name, result.model)
+        check_finite_result(self.name, result.model)
         for p in result.model.parameters():  # the last step's gradients: memory, and a stale step for an optimizer
             p.grad = None
         return result
@@ -226,10 +226,10 @@ def _check_model(name: str, model: nn.Module) -> None:
         raise ValueError(f"{name}: the model's {kind} {key!r} contains {what}")
 
 
-def _check_finite_result(name: str, model: nn.Module) -> None:
+def check_finite_result(name: str, model: nn.Module) -> None:
     """The unlearned model's weights pass the same rule as the given model's: a step size too large
     makes a first-order method return a NaN model without any error of its own (one pass, one
-    read-back per tensor)."""
+    read-back per tensor). ValueError naming the method, the tensor and the likely cause."""
     bad = first_nonfinite_model_weight(model)
     if bad is not None:
         kind, key, what = bad

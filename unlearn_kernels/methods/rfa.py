@@ -59,7 +59,7 @@ from ..lora import (
     unmerge,
 )
 from ..training import make_optimizer, model_device
-from .base import UnlearnResult
+from .base import UnlearnResult, check_finite_result
 from .first_order import TrainedUnlearner, endless_batches, frozen_copy, optimizer_step
 
 SHIFTS = ("neighbors", "unseen_class", "other_class", "margin")
@@ -191,6 +191,8 @@ class RFA(TrainedUnlearner):
             student_features.remove()
             teacher_features.remove()
         if self.merge:
+            # a diverged adapter is the method's failure, said as for any method (merging would refuse it first)
+            check_finite_result(self.name, model)
             unload(model, merge=True)
         # a step's forward and backward run over a D_r and a D_f batch: two batch gradients, as NegGrad+ counts
         return UnlearnResult(model=model.eval(), seconds=0.0, gradients=2 * steps,
