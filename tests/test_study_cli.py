@@ -686,6 +686,16 @@ def test_cli_output_that_cannot_be_written_is_one_line_and_status_1(argv, unbuff
     assert not (tmp_path / "runs" / "digits-mlp" / "random").exists()  # the default --out
 
 
+@pytest.mark.parametrize("argv", [["backends"], ["--help"]])
+def test_cli_started_with_standard_output_closed_is_one_line_and_status_1(argv):
+    """`unlearn-kernels backends >&-` (Python's sys.stdout is then None) ended in a 30-line AttributeError
+    traceback ("'NoneType' object has no attribute 'flush'")."""
+    done = subprocess.run([sys.executable, "-c", PROGRAM, *argv], stderr=subprocess.PIPE, text=True,
+                          preexec_fn=lambda: os.close(1))
+    assert done.returncode == 1
+    assert done.stderr == "unlearn-kernels: error: cannot write to standard output: standard output is closed\n"
+
+
 @DEV_FULL
 @pytest.mark.parametrize("argv", [["backends"], None], ids=["argv", "sys.argv"])
 def test_cli_in_a_callers_process_leaves_its_standard_output_alone(argv, monkeypatch):

@@ -16,7 +16,7 @@ GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 def by_hand(t: torch.Tensor) -> tuple[float, float]:
     """The definition, value by value, summed exactly (Fractions of the float64 values) and rounded once."""
-    values = t.detach().cpu().reshape(-1).tolist()
+    values = t.detach().cpu().reshape(-1).to(torch.float64).tolist()
     total = sum(Fraction(float(v)) for v in values)
     checksum = Fraction(0)
     for i, v in enumerate(values):
@@ -26,12 +26,16 @@ def by_hand(t: torch.Tensor) -> tuple[float, float]:
 
 
 def examples(generator: torch.Generator) -> list[torch.Tensor]:
-    """Tensors of every kind the operators fingerprint: weights, biases, half-precision, integer and bool buffers,
-    a transposed (non-contiguous) view, an empty tensor, a 0-dim one."""
+    """Tensors of every kind the operators fingerprint: weights, biases, half-precision, float8, integer (signed
+    and unsigned) and bool buffers, a transposed (non-contiguous) view, an empty tensor, a 0-dim one."""
     return [torch.randn(128, 64, generator=generator), torch.randn(10, generator=generator),
             torch.randn(7, 5, dtype=torch.float64, generator=generator).t(),
             torch.randn(3, 4, generator=generator).half(), torch.randn(6, generator=generator).bfloat16(),
-            torch.arange(-5, 12), torch.tensor([True, False, True]), torch.zeros(0, 3), torch.tensor(2.5)]
+            torch.randn(2, 5, generator=generator).to(torch.float8_e4m3fn),
+            torch.randn(5, generator=generator).to(torch.float8_e5m2),
+            torch.arange(-5, 12), torch.arange(7, dtype=torch.int8), torch.arange(9, dtype=torch.uint8),
+            *(torch.arange(60000, 60011).to(dtype) for dtype in (torch.uint16, torch.uint32, torch.uint64)),
+            torch.tensor([True, False, True]), torch.zeros(0, 3), torch.tensor(2.5)]
 
 
 @pytest.mark.parametrize(("backend", "device"), backend_devices("weights_fingerprint"))
@@ -121,7 +125,14 @@ def test_backend_refusals():
         weights_fingerprint([torch.ones(2)], backend="gpu")
     with pytest.raises(BackendUnavailableError, match="weights_fingerprint: backend 'cuda' cannot run here"):
         weights_fingerprint([torch.ones(2)], backend="cuda")
-    with pytest.raises(BackendUnavailableError, match="weights_fingerprint: backend 'cpp' cannot run these inputs"):
-        weights_fingerprint([torch.ones(2, device="meta")], backend="cpp")
     with pytest.raises(BackendUnavailableError, match="needs strided tensors on one device"):
-        weights_fingerprint([torch.ones(2), torch.ones(2, device="meta")], backend="cpp")
+        weights_fingerprint([torch.ones(2), torch.ones(2).to_sparse()], backend="cpp")
+    for backend in ("auto", "cpp", "reference"):  # torch's own error was "Cannot copy out of meta tensor"
+        with pytest.raises(ValueError, match="weights_fingerprint: tensor 1 is on the meta device: it holds no"):
+            weights_fingerprint([torch.ones(2), torch.ones(2, device="meta")], backend=backend)
+
+
+def test_opcheck(rng):
+    """The registered op passes torch.library's checks (schema, fake tensor, autograd registration)."""
+    tensors = [torch.randn(4, 3, generator=rng), torch.randn(3, generator=rng).double(), torch.arange(5)]
+    torch.library.opcheck(torch.ops.unlearn_kernels.weights_fingerprint.default, (tensors,))

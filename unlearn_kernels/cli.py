@@ -51,10 +51,11 @@ class _CheckedStdout:
     the OSErrors of the work itself (a results file on a full disk), and argparse, which drops an OSError
     of its ``--help`` (status 0, no help), lets them through."""
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO | None) -> None:
         self._stream = stream
 
     def write(self, text: str) -> int:
+        self._refuse_closed()
         try:
             return self._checked(self._stream.write, text)
         except UnicodeEncodeError:  # a stream that cannot show "±" (PYTHONIOENCODING=ascii): escaped, not lost
@@ -62,7 +63,12 @@ class _CheckedStdout:
             return self._checked(self._stream.write, text.encode(encoding, "backslashreplace").decode(encoding))
 
     def flush(self) -> None:
+        self._refuse_closed()
         self._checked(self._stream.flush)
+
+    def _refuse_closed(self) -> None:
+        if self._stream is None:  # started with standard output closed (`>&-`): Python's sys.stdout is None
+            raise OutputError("standard output is closed")
 
     @staticmethod
     def _checked(call: Callable[..., Any], *args: Any) -> Any:
@@ -114,7 +120,7 @@ def run_program(prog: str, command: Callable[[list[str] | None], int], argv: lis
         _print_no_traceback_of(interrupt)
         raise
     except OutputError as exc:
-        if argv is None:  # run as the program: Python flushes its stdout again at exit
+        if argv is None and stdout is not None:  # run as the program: Python flushes its stdout again at exit
             atexit.register(_discard_unwritten_output, stdout)
         if isinstance(exc.__cause__, BrokenPipeError):
             return 141

@@ -3,7 +3,7 @@
 // r(j) = 1 + frac(j * golden ratio) and L = 65521, both accumulated in double over the row-major values.
 // The curvature operators fingerprint every parameter and buffer before each product; one call for
 // all of them replaces two torch ops and a read-back per tensor (65 of the digits MLP's ~1,800 us).
-#include <ATen/Dispatch.h>
+#include <ATen/Dispatch_v2.h>
 #include <ATen/Functions.h>
 #include <torch/library.h>
 
@@ -60,11 +60,13 @@ at::Tensor weights_fingerprint_cpu(at::TensorList tensors) {
                 "weights_fingerprint: the C++ CPU kernel needs strided CPU tensors, got ", t.device(), " ",
                 t.layout(), " for tensor ", i);
     const at::Tensor flat = t.contiguous();  // row-major order, as the reference's reshape(-1)
-    AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, flat.scalar_type(), "weights_fingerprint", [&] {
+    // every real dtype a parameter or buffer may have: integers signed and unsigned, bool, every float
+    AT_DISPATCH_V2(flat.scalar_type(), "weights_fingerprint", AT_WRAP([&] {
       const auto [sum, checksum] = fingerprint(flat.const_data_ptr<scalar_t>(), flat.numel());
       values[2 * i] = sum;
       values[2 * i + 1] = checksum;
-    });
+    }), AT_EXPAND(AT_ALL_TYPES), AT_EXPAND(AT_BAREBONES_UNSIGNED_TYPES), AT_EXPAND(AT_FLOAT8_TYPES), at::kHalf,
+                   at::kBFloat16, at::kBool);
   }
   return out;
 }

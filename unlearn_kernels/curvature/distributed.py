@@ -182,8 +182,8 @@ class WeightCheck:
     (two weights swapped, a transposed matrix), which the first two cannot.
     ``changed()`` compares ``key()`` (anything that changes when the weights do) with its value when
     the ranks last agreed; by default the key is, per parameter of the model, its version counter,
-    data pointer and float64 sum, and the same of its buffers (the change detection of the curvature
-    operators' cache).
+    data pointer, float64 sum and position checksum, and the same of its buffers (the change detection of
+    the curvature operators' cache).
 
     Args:
         model: the model whose weights the ranks must share.

@@ -9,8 +9,9 @@ Per tensor two float64 numbers over its row-major values t_0 .. t_{n-1}:
   ``r(j) = 1 + frac(j g)``, g the golden ratio's fractional part: weights in [1, 2), no two alike, so values
   that only moved (hidden units permuted, a re-basin), which keep every sum, change it.
 
-Both are accumulated in float64 from the values converted exactly (every dtype: a complex tensor as its real
-and imaginary parts side by side; a tensor that is not strided, e.g. sparse, gets its sum and a checksum of 0).
+Both are accumulated in float64 from the values converted to float64 (exactly, but for integers beyond 2**53);
+every dtype: a complex tensor as its real and imaginary parts side by side; a tensor that is not strided, e.g.
+sparse, gets its sum and a checksum of 0.
 
 Backends: C++ CPU (all tensors in one call, one pass over each: the ops of the reference cost ~15 us per
 tensor and value, as much as 4% of a small model's product) and the reference :func:`weights_fingerprint_ref`
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import _extension
 from ..backends import BackendUnavailableError, choose
 
 _OP = "weights_fingerprint"
@@ -53,6 +55,10 @@ def _fingerprint_ref(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([flat.sum(), checksum])
 
 
+def _fake(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0].new_empty((len(tensors), 2), dtype=torch.float64)
+
+
 def weights_fingerprint_ref(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Pure-PyTorch reference of :func:`weights_fingerprint`: a (n, 2) float64 tensor of (sum, checksum) rows
     on the first tensor's device."""
@@ -70,6 +76,7 @@ def weights_fingerprint(tensors: Sequence[torch.Tensor], *, backend: str = "auto
             "reference".
 
     Raises:
+        ValueError: a tensor on the meta device (it holds no values), named by its index.
         BackendUnavailableError: a forced backend that cannot run here or on these tensors (the C++ one
             on tensors that are not all strided CPU tensors).
     """
@@ -77,6 +84,9 @@ def weights_fingerprint(tensors: Sequence[torch.Tensor], *, backend: str = "auto
     tensors = [torch.view_as_real(t.resolve_conj()) if t.is_complex() else t for t in (t.detach() for t in tensors)]
     if not tensors:
         return []
+    meta = next((i for i, t in enumerate(tensors) if t.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"{_OP}: tensor {meta} is on the meta device: it holds no values to fingerprint")
     devices = {t.device for t in tensors}
     if len(devices) == 1 and all(t.layout == torch.strided for t in tensors):
         name = choose(_OP, devices.pop(), backend)
@@ -89,3 +99,7 @@ def weights_fingerprint(tensors: Sequence[torch.Tensor], *, backend: str = "auto
     values = (weights_fingerprint_ref(tensors) if name == "reference"
               else torch.ops.unlearn_kernels.weights_fingerprint(tensors))
     return [(total, checksum) for total, checksum in values.tolist()]
+
+
+if _extension.extension_loaded():
+    torch.library.register_fake(f"unlearn_kernels::{_OP}")(_fake)
