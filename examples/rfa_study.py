@@ -15,6 +15,7 @@ writes ``hvp_modes.json``.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -137,21 +138,10 @@ def summary(records: list[dict]) -> str:
             oracle = {r["seed"]: r["acc_forget"] for r in rows if r["method"] == "retrain"}
             for label in ["retrain", *METHOD_SPECS]:
                 mine = [r for r in rows if r["method"] == label]
-                closed = _closed(mine, orig, oracle)
+                closed_cell = _cell(_closed(mine, orig, oracle), len(mine), 2, spread=False)
 
                 def fmt(key, digits=3):
-                    values = [r[key] for r in mine if key in r]
-                    if not values:
-                        return "-"
-                    if len(values) == 1:  # no spread from one seed (a sample std would be nan)
-                        return f"{values[0]:.{digits}f}"
-                    # the sample std, as the study's
-                    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
-                # as the study's tables: the mean over the seeds where it is defined, marked when fewer; "-" if none
-                closed_cell = "-"
-                if closed:
-                    seeds = f" ({len(closed)}/{len(mine)} seeds)" if len(closed) < len(mine) else ""
-                    closed_cell = f"{np.mean(closed):.2f}{seeds}"
+                    return _cell([r[key] for r in mine if key in r], len(mine), digits)
                 lines.append(f"| {label} | {fmt('acc_forget')} | {closed_cell} | {fmt('acc_retain')} | "
                              f"{fmt('acc_test')} | {fmt('mia')} | {fmt('avg_gap')} | {fmt('js_to_oracle', 4)} | "
                              f"{fmt('activation_distance')} | {fmt('rf_jsd', 4)} | {fmt('seconds', 2)} |")
@@ -172,6 +162,19 @@ def summary(records: list[dict]) -> str:
             source = "the true labels" if key == "rf_jsd_true" else "D_f's labels"
             lines.append(f"| {what} | {source} | {len(pairs)} | {pearson(pairs):.3f} |")
     return "\n".join(lines)
+
+
+def _cell(values: list[float], seeds: int, digits: int, spread: bool = True) -> str:
+    """A table cell as the study's tables write one: the mean over the seeds where the value is defined
+    (NaN is undefined: left out) with, where ``spread``, the sample std over two or more of them,
+    " (k/n seeds)" where they are fewer than the method's ``seeds``, "-" where there is none."""
+    defined = [v for v in values if not math.isnan(v)]
+    if not defined:
+        return "-"
+    cell = f"{np.mean(defined):.{digits}f}"
+    if spread and len(defined) > 1:  # no spread from one seed (a sample std would be nan)
+        cell += f" ± {np.std(defined, ddof=1):.{digits}f}"
+    return cell + (f" ({len(defined)}/{seeds} seeds)" if len(defined) < seeds else "")
 
 
 def _closed(records: list[dict], original: dict[int, float], oracle: dict[int, float]) -> list[float]:

@@ -163,3 +163,20 @@ def test_rfa_study_writes_strict_json_and_no_nan_gap_closed(rfa_example, tmp_pat
     summary = (tmp_path / "summary.md").read_text()
     assert "Original's Acc_f gap 0 on seed(s) [0]: nothing to close there" in summary
     assert "Original's Acc_f gap 0 on seed(s) [0, 1]: nothing to close there" in summary
+
+
+def test_rfa_study_summary_leaves_undefined_metrics_out_of_the_mean(rfa_example):
+    """A metric undefined (NaN) on some seeds made its cell "nan ± nan"; as the study's tables (and the
+    example's own gap-closed column) do, it is left out of the mean, marked (k/n seeds), "-" where no seed has it."""
+    nan = float("nan")
+    mia = {"lotus": (nan, 0.4, 0.6), "rfa": (nan, nan, nan), "finetune": (0.5, nan, nan)}
+    records = [{"model": "mlp", "protocol": "random", "seed": seed, "method": label, "seconds": 1.0,
+                "acc_forget": 0.7 if label == "original" else 0.5, "acc_retain": 0.9, "acc_test": 0.8,
+                "mia": mia.get(label, (0.5,) * 3)[seed], "avg_gap": 0.01, "js_to_oracle": 0.01,
+                "activation_distance": 0.1, "rf_jsd": 0.02}
+               for seed in range(3) for label in ["retrain", *rfa_example.METHOD_SPECS]]
+    rows = [row.split("|") for row in rfa_example.summary(records).split("\n")]
+    cells = {row[1].strip(): row[6].strip() for row in rows if len(row) == 13}  # method -> its MIA cell
+    assert cells["lotus"] == "0.500 ± 0.141 (2/3 seeds)"
+    assert cells["finetune"] == "0.500 (1/3 seeds)" and cells["rfa"] == "-"
+    assert cells["retrain"] == "0.500 ± 0.000"  # defined on every seed: as before

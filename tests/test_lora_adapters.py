@@ -593,6 +593,20 @@ def test_from_peft_refuses_what_it_cannot_convert_by_name(peft):
         lora.from_peft(two)
 
 
+@pytest.mark.parametrize("build, target", [(mlp, "1"), (cnn, "features.0")])
+@pytest.mark.parametrize("alpha", [-8, 0])
+def test_from_peft_refuses_a_scaling_not_above_zero_by_layer(peft, build, target, alpha):
+    """PEFT takes a zero or negative lora_alpha; the refusal came from the adapter's own check as "LoRAConv2d:
+    alpha must be a finite number > 0.0, got -8.0", naming neither from_peft nor the layer (and, for rsLoRA,
+    an alpha that was not the configured one)."""
+    for rslora in (False, True):
+        config = peft.LoraConfig(r=4, lora_alpha=alpha, target_modules=[target], use_rslora=rslora)
+        scaling = alpha / (2 if rslora else 4)
+        with pytest.raises(ValueError, match=rf"^from_peft: layer '{target}' \(lora_alpha={alpha}, r=4\): its LoRA "
+                                             rf"scaling must be a finite number > 0.0, got {scaling}$"):
+            lora.from_peft(peft.get_peft_model(build(), config))
+
+
 def test_missing_peft_gives_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # what an environment without peft looks like to import
     with pytest.raises(ImportError, match=r"unlearn-kernels\[peft\]"):

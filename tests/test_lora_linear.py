@@ -257,7 +257,13 @@ def _valid():
         ({"x": torch.ones(4, 6, dtype=torch.int64)}, TypeError, "x must be float16"),
         ({"lora_b": torch.ones(5, 2, device="meta")}, ValueError, "lora_b is on meta"),
         ({"scale": float("nan")}, ValueError, "scale must be finite"),
-        ({"scale": 2**2000}, ValueError, "scale must be finite"),  # past float64: no OverflowError
+        ({"scale": -float("inf")}, ValueError, "scale must be finite, got -inf"),
+        # an int past float64 is too large, not "not finite" (nor an OverflowError), shown in 40 characters
+        ({"scale": 2**2000}, ValueError, r"scale 11481306952742545\d+\.\.\.\d+ is beyond the range of x's dtype "
+                                         r"torch.float32 \(largest finite 3.40282e\+38\)$"),
+        ({**{k: torch.ones(*v.shape, dtype=torch.float64) for k, v in _valid().items() if k != "scale"},
+          "scale": -2**2000}, ValueError, r"scale -\d+\.\.\.\d+ is beyond the range of x's dtype torch.float64 "
+                                          r"\(largest finite 1.79769e\+308\)$"),
         ({"scale": "2"}, TypeError, "scale must be a Python float"),
         ({"scale": 1e39}, ValueError, r"scale 1e\+39 is beyond the range of x's dtype torch.float32"),
         ({**{k: torch.ones(*v.shape, dtype=torch.float16) for k, v in _valid().items() if k != "scale"}, "scale": 1e5},
@@ -342,6 +348,25 @@ def test_reduced_precision_keeps_a_small_adapter_update(backend, dtype):
     assert 0.8 < slope < 1.2, slope
     torch.testing.assert_close(out[:8], lora_linear(x[:8], weight, None, lora_a, lora_b, 1.0, backend=backend),
                                rtol=0, atol=float(out.abs().max()) * 2**-7)  # an ulp or two of the largest entry
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [5, 200])  # below and above the C++ pass's merge threshold (in * out / (in + out))
+def test_reduced_precision_on_the_cpu_accumulates_in_float32(backend, dtype, rows):
+    """The docstring said float16 / bfloat16 "on GPU"; the CPU takes them too, and accumulates in float32
+    as documented: over 4000 products the error stays within an ulp of the largest output (0.46-0.55; a
+    sum in the input dtype is off by 12-20)."""
+    gen = torch.Generator().manual_seed(0)
+    n_in, n_out, rank = 4000, 40, 4
+    x = torch.randn(rows, n_in, generator=gen).to(dtype)
+    weight = torch.randn(n_out, n_in, generator=gen).to(dtype)
+    lora_a = (torch.randn(rank, n_in, generator=gen) / n_in**0.5).to(dtype)
+    lora_b = torch.randn(n_out, rank, generator=gen).to(dtype)
+    out = lora_linear(x, weight, None, lora_a, lora_b, 0.5, backend=backend)
+    assert out.dtype == dtype and out.device.type == "cpu"
+    exact = x.double() @ weight.double().T + 0.5 * (x.double() @ lora_a.double().T) @ lora_b.double().T
+    assert (out.double() - exact).abs().max() <= torch.finfo(dtype).eps * exact.abs().max()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

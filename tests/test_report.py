@@ -366,6 +366,34 @@ def test_opposite_original_gaps_that_average_to_zero_are_not_called_undefined():
     assert report.summarize(records)[0]["cure_newton"]["gap_closed_acc_forget"][0] == pytest.approx(0.5)
 
 
+def test_a_zero_original_gap_is_nothing_to_close_even_where_the_oracle_moves():
+    """The Original's gap is 0 on every seed while the oracle's Acc_f varies (so the noise is > 0): the closed
+    columns are '-', yet the note said "WITHIN seed noise (<= 0.115 ...): 'closed Acc_f' does not rank methods
+    here" (the "nothing to close" branch ran only at noise 0). Opposite gaps that average to 0 keep the
+    seed-noise note: their gap closed is defined on each seed."""
+    records = _study([0.4, 0.6, 0.4, 0.6], [0.0] * 4, [0.1] * 4, original_avg=0.0)
+    add_gap_closed(records)
+    row = next(line for line in report.format_table(report.summarize(records)[0]).splitlines()
+               if line.startswith("cure_newton")).split()
+    assert row[-2:] == ["-", "-"]
+    verdict = report.gap_closed_noise(records)[0]
+    assert report.format_noise_note(verdict).splitlines() == [
+        "Original's Acc_f gap 0.000: nothing to close ('closed Acc_f' is undefined where the Original's gap is 0: "
+        "null in the JSON, '-' in the table).",
+        "Original's AvgGap gap 0.000: nothing to close ('closed AvgGap' is undefined where the Original's gap is 0: "
+        "null in the JSON, '-' in the table).",
+    ]
+    assert verdict["acc_forget"]["noise"] > 0 and verdict["avg_gap"]["noise"] > 0
+    assert verdict["acc_forget"]["nothing_to_close"] is True and verdict["avg_gap"]["nothing_to_close"] is True
+    opposite = _study([0.4, 0.6, 0.4, 0.6], [0.1, -0.1, 0.1, -0.1], [0.05] * 4)
+    add_gap_closed(opposite)
+    verdict = report.gap_closed_noise(opposite)[0]["acc_forget"]
+    assert verdict["original_gap"] == 0 and verdict["nothing_to_close"] is False and verdict["within_noise"] is True
+    assert report.format_noise_note(report.gap_closed_noise(opposite)[0]).splitlines()[0].startswith(
+        "Original's Acc_f gap 0.000: WITHIN seed noise (<= 0.115 = 2 standard errors over 4 seeds)")
+    assert report.summarize(opposite)[0]["cure_newton"]["gap_closed_acc_forget"][0] == pytest.approx(0.5)
+
+
 def test_plots_leave_the_callers_backend_and_pyplot_alone(tmp_path):
     """The plots called matplotlib.use("Agg"): a notebook's or a GUI's backend was switched for the rest of
     the process (plt.show() then showed nothing)."""

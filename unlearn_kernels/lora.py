@@ -555,8 +555,9 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     bfloat16 or float16 layer: the outputs then agree to that dtype's rounding). Raises ValueError for
     DoRA and other variants, a LoRA bias, ``fan_in_fan_out``, several active adapters, other PEFT
     tuner layers or LoRA on other layer types (Embedding, ...), a base layer :func:`add_adapters`
-    would refuse, or no LoRA layer at all. The copy keeps the PEFT model's ``requires_grad`` flags:
-    PEFT freezes every parameter but the adapters, so the layers without an
+    would refuse, a LoRA scaling that is not > 0 (PEFT allows a zero or negative ``lora_alpha``; the
+    adapters here take alpha > 0), or no LoRA layer at all. The copy keeps the PEFT model's
+    ``requires_grad`` flags: PEFT freezes every parameter but the adapters, so the layers without an
     adapter come frozen; ``requires_grad_(True)`` on them gives them back to training.
     """
     check_module("from_peft", peft_model)
@@ -597,14 +598,17 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         if layer.merged:
             layer.unmerge()  # on the copy
         rank = layer.r[key]
+        # PEFT allows a lora_alpha <= 0, the adapters a scale > 0 only: checked here, where the layer is known
+        scale = check_number(f"from_peft: layer {name!r} (lora_alpha={layer.lora_alpha[key]:g}, r={rank}): its "
+                             "LoRA scaling", layer.scaling[key], 0.0, strict=True)
         with _keep_rng(base_layer):
-            adapter = _wrap(base_layer, rank, float(layer.scaling[key]) * rank)
+            adapter = _wrap(base_layer, rank, scale * rank)
         with torch.no_grad():
             adapter.lora_a.copy_(layer.lora_A[key].weight)
             adapter.lora_b.copy_(layer.lora_B[key].weight)
         adapter.lora_a.requires_grad_(layer.lora_A[key].weight.requires_grad)  # frozen in a PEFT inference model
         adapter.lora_b.requires_grad_(layer.lora_B[key].weight.requires_grad)
-        adapter.scale = float(layer.scaling[key])  # exact, not alpha / rank re-rounded
+        adapter.scale = scale  # exact, not alpha / rank re-rounded
         replacements[name] = adapter
     for name, adapter in replacements.items():
         _set_module(model, name, adapter)

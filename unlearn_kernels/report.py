@@ -191,16 +191,18 @@ def summarize(records: list[dict[str, Any]]) -> dict[int, dict[str, dict[str, Fi
 def gap_closed_noise(records: list[dict[str, Any]]) -> dict[int, dict[str, dict[str, Any]]]:
     """Per request, for Acc_f and Avg Gap: the Original's gap and whether it is within seed noise.
 
-    ``{request: {"acc_forget" | "avg_gap": {"original_gap", "noise", "within_noise", "seeds"}}}``:
-    ``original_gap`` is |mean over seeds of the Original's gap| (Avg Gap: its mean Avg Gap);
+    ``{request: {"acc_forget" | "avg_gap": {"original_gap", "noise", "within_noise", "nothing_to_close",
+    "seeds"}}}``: ``original_gap`` is |mean over seeds of the Original's gap| (Avg Gap: its mean Avg Gap);
     ``noise`` is :data:`NOISE_FACTOR` x the larger of two standard errors over seeds: that of the
     oracle's metric (Avg Gap: the mean of the standard errors of its four metrics), i.e. how much
     the target itself moves, and that of the Original's gap, i.e. whether the gap is consistently
     there; ``within_noise`` is ``original_gap <= noise`` (a gap of 0 is within any noise: there is
     nothing to close; a gap equal to the noise is within it, compared with a relative tolerance of
     1e-9, since with three seeds per-seed gaps (0, g, g) put the mean exactly on two standard errors
-    up to rounding). With one seed ``noise`` and
-    ``within_noise`` are None (unknown); requests without an "original" record are left out.
+    up to rounding). ``nothing_to_close`` says whether the Original's gap is 0 on every seed (it has the
+    oracle's value: gap closed is undefined for every method), which opposite gaps that average to 0 are
+    not. With one seed ``noise`` and ``within_noise`` are None (unknown); requests without an "original"
+    record are left out.
 
     Raises:
         TypeError / ValueError: as :func:`summarize`, and a record without an int ``seed``.
@@ -228,7 +230,8 @@ def gap_closed_noise(records: list[dict[str, Any]]) -> dict[int, dict[str, dict[
             noise = NOISE_FACTOR * se if n > 1 else None
             out[request][name] = {"original_gap": gap, "noise": noise,
                                   "within_noise": None if noise is None else bool(gap <= noise * (1 + 1e-9)),
-                                  "seeds": n}
+                                  # every seed's gap is 0 (opposite gaps that average to 0 are something to close)
+                                  "nothing_to_close": not any(original[GAP_CLOSED[name]]), "seeds": n}
     return out
 
 
@@ -305,7 +308,7 @@ def format_noise_note(noise: dict[str, dict[str, Any]]) -> str:
     for name, title in GAP_CLOSED_TITLES.items():
         n = noise[name]
         head = f"Original's {title} gap {n['original_gap']:.3f}: "
-        if n["original_gap"] == 0 and not n["noise"]:  # 0 on every seed (signed gaps of +-g also average to 0)
+        if n["nothing_to_close"]:  # whatever the noise: there is no gap closed to rank ('-' in the table)
             lines.append(head + f"nothing to close ('closed {title}' is undefined where the Original's gap is 0: "
                          "null in the JSON, '-' in the table).")
         elif n["within_noise"] is None:

@@ -53,9 +53,11 @@ def check_args(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
             raise ValueError(f"{op}: {name} must have the shape {tuple(expected)} of its parameter, got {tuple(t.shape)}")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"{op}: scale must be a Python float, got {type(scale).__name__}")
-    if not math.isfinite(as_float(scale)):
-        raise ValueError(f"{op}: scale must be finite, got {reprlib.repr(scale)}")  # 2**2000: 40 characters, not 600
+    if isinstance(scale, float) and not math.isfinite(scale):
+        raise ValueError(f"{op}: scale must be finite, got {scale}")
     largest = torch.finfo(x.dtype).max  # the kernels convert scale to x's dtype: beyond it, an Inf factor
+    # as_float: an int beyond a float's range (2**2000) is +-inf, and too large for every dtype;
+    # reprlib shows it in 40 characters, not 600
     if abs(as_float(scale)) > largest:
         raise ValueError(f"{op}: scale {reprlib.repr(scale)} is beyond the range of x's dtype {x.dtype} "
                          f"(largest finite {largest:g})")

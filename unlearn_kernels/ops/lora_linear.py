@@ -274,8 +274,8 @@ def lora_linear(
     """A frozen linear layer with a LoRA adapter: ``x W^T + b + scale (x A^T) B^T``.
 
     Args:
-        x: (..., in) input, any leading dims, any strides; float32/float64 (float16/bfloat16 on
-            GPU, accumulated in float32).
+        x: (..., in) input, any leading dims, any strides; float16, bfloat16, float32 or float64 on
+            CPU and GPU (float16/bfloat16 accumulated in float32).
         weight: (out, in) frozen weight W; must not require grad.
         bias: (out,) frozen bias or None; must not require grad.
         lora_a: (rank, in) adapter A (PEFT's ``lora_A.weight``), rank >= 1.
