@@ -255,3 +255,16 @@ def test_property_extremes(d, seed, log_scale):
     res = lanczos(H, d, which="BE", num_eigs=2, tol=0, seed=seed)
     ev = torch.linalg.eigvalsh(H)
     assert float((res.eigenvalues - ev[[0, -1]]).abs().max()) <= 1e-8 * float(ev.abs().max())
+
+
+@pytest.mark.parametrize("scale", [1e-170, 1e-200])
+def test_products_whose_squares_underflow_are_refused(scale):
+    """Entries of H q below 1.5e-154 square to subnormals or 0: beta came out 0 at every step, read as a
+    breakdown each time, and lanczos returned [1.2e-171, 9.2e-171] for [-1e-170, 2e-170], reported converged."""
+    gen = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(40, 40, dtype=torch.float64, generator=gen))
+    H = (Q * (torch.linspace(-1, 2, 40, dtype=torch.float64) * scale)) @ Q.T
+    with pytest.raises(ValueError, match="the products H q have entries all below 1.5e-154 .* scale the operator up"):
+        lanczos(H, k=40, num_eigs=2, which="BE")
+    result = lanczos(H / scale, k=40, num_eigs=2, which="BE")  # the same problem scaled: right
+    np.testing.assert_allclose(result.eigenvalues, [-1.0, 2.0], rtol=1e-12)

@@ -48,7 +48,7 @@ import torch
 
 from ..checks import check_bool, check_choice, check_fits_in_memory, check_int, check_number, check_seed, norm64
 from ..ops.lanczos_step import lanczos_step
-from .operators import SolverOperator, as_operator, check_vector
+from .operators import SMALLEST_SQUARED, SolverOperator, as_operator, check_vector
 
 Reorth = Literal["full", "selective", "none"]
 Which = Literal["LA", "SA", "BE"]
@@ -106,7 +106,9 @@ class LanczosProcess:
     ``basis[:n]`` (rows; only when ``store_basis``), ``couplings``: the residual vectors dropped at
     forced restarts (see :class:`Coupling`), which keep the projection of H on the basis and the
     residual norms exact (see :meth:`ritz_pairs`, :meth:`residual_norm`); with "selective", ``drift``:
-    the parts of ``H q_j`` the purges removed, as pairs ``(j, g)`` meaning ``basis[:len(g)]^T g``.
+    the parts of ``H q_j`` the purges removed, as pairs ``(j, g)`` meaning ``basis[:len(g)]^T g``;
+    ``dropped``: the largest coupling a breakdown set to 0 (a beta at most 100 eps ||T||; 0.0 where every
+    breakdown was an exact 0), the error the closed space carries.
 
     Args:
         op: a validated operator.
@@ -144,6 +146,7 @@ class LanczosProcess:
         self.drift: list[tuple[int, np.ndarray]] = []
         self._anorm = 0.0
         self.stopped = False
+        self.dropped = 0.0  # the largest coupling a breakdown set to 0 (0.0: every breakdown was exact)
         self._eps = torch.finfo(op.dtype).eps
 
     @property
@@ -198,8 +201,17 @@ class LanczosProcess:
             # sqrt(eps)), and only the projection on the converged Ritz vectors removes it.
             self._purge()
             self._update_ritz()
+        # every product so far below the smallest entry whose square is a normal float64 (the norms that
+        # alpha and beta bound say when to look): the steps' norms lose those squares (beta 0, read as a
+        # breakdown at every step, at 1e-170; eigenvalues off in the fourth digit at 1e-160), as the solvers
+        # refuse for g
+        if self._anorm < SMALLEST_SQUARED * math.sqrt(hq.numel()) and 0.0 < float(hq.abs().max()) < SMALLEST_SQUARED:
+            raise ValueError(f"the products H q have entries all below {SMALLEST_SQUARED:.1e} (largest |entry| "
+                             f"{float(hq.abs().max()):.3e}), where their squares underflow float64: scale the "
+                             "operator up")
         if self.betas[-1] <= BREAKDOWN_RTOL_EPS * self._eps * self._anorm:
             # Drop the rounding-level coupling (an error of at most 100 eps ||T|| in T).
+            self.dropped = max(self.dropped, self.betas[-1])
             self.betas[-1] = 0.0
             if self.can_restart:
                 self.restart()

@@ -247,7 +247,7 @@ def check_vector(g: Any, name: str = "g") -> torch.Tensor:
     return g.detach()
 
 
-_SMALLEST_SQUARED = math.sqrt(torch.finfo(torch.float64).tiny)
+SMALLEST_SQUARED = math.sqrt(torch.finfo(torch.float64).tiny)
 """The smallest magnitude whose square is a normal float64 number (1.5e-154)."""
 
 
@@ -262,7 +262,7 @@ def operator_and_vector(H: Any, g: Any, name: str = "g") -> tuple[SolverOperator
     largest = float(g.abs().max()) if g.numel() else 0.0
     if not math.isfinite(gnorm):
         raise ValueError(f"{name}'s norm overflows float64 (largest |entry| {largest:.3e}): scale the problem down")
-    if 0.0 < largest < _SMALLEST_SQUARED:
-        raise ValueError(f"{name}'s entries are all below {_SMALLEST_SQUARED:.1e} (largest |entry| {largest:.3e}), "
+    if 0.0 < largest < SMALLEST_SQUARED:
+        raise ValueError(f"{name}'s entries are all below {SMALLEST_SQUARED:.1e} (largest |entry| {largest:.3e}), "
                          "where their squares underflow float64: scale the problem up")
     return as_operator(H, g.shape[0], dtype=g.dtype, device=g.device, name=name), g
