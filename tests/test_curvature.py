@@ -12,6 +12,7 @@ import functools
 import gc
 import math
 import re
+import warnings
 import weakref
 
 import numpy as np
@@ -1253,6 +1254,27 @@ def test_a_model_that_writes_its_inputs_in_place_is_not_taken_for_changed_data(b
         x[0, 0] += 1.0
     with pytest.raises(ValueError, match=r"the data \(inputs x\) was written in place after it was built"):
         op.matvec(v)
+
+
+@pytest.mark.parametrize("batch_size", [None, 8])
+def test_the_torch_func_products_of_a_model_that_writes_its_inputs(batch_size):
+    """The GGN refused such a model at construction (torch.func's "in-place operation ... would mutate a
+    captured Tensor", reported as a missing derivative), and forward-over-reverse fell back to double backward
+    with a warning: their transforms captured the batch the forward then wrote. Given copies, the GGN also ran
+    its forwards on the batch its cache had written once already (0.41 off for x.mul_(2))."""
+    torch.manual_seed(0)
+    x, y = torch.randn(N, 4, dtype=DT), torch.randint(0, C, (N,))
+    saved = x.clone()
+    for first, applied in ((nn.ReLU(inplace=True), x.relu()), (_Doubles(), 2 * x)):
+        model = nn.Sequential(first, nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C)).to(DT).eval()
+        G = ggn_operator(model, F.cross_entropy, (x, y), batch_size=batch_size)
+        assert relative_error(G.to_dense(), dense_ggn(model[1:], [(applied, y)], F.cross_entropy)) <= 1e-10
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback to another mode
+            H = hessian_operator(model, F.cross_entropy, (x, y), mode="forward-over-reverse", batch_size=batch_size)
+        assert H.mode == "forward-over-reverse"
+        assert relative_error(H.to_dense(), dense_hessian(model[1:], [(applied, y)], F.cross_entropy)) <= 1e-10
+    assert torch.equal(x, saved)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "conv"])

@@ -24,7 +24,6 @@ holds the activations of all K tangents at once: pass fewer columns per ``matmat
 from __future__ import annotations
 
 import abc
-import functools
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -116,6 +115,12 @@ class _TorchFuncOperator(CurvatureOperator):
         super().__init__(model, loss_fn, data, params, batch_size=batch_size, cache_bytes=cache_bytes)
         self.uses_vmap = True
         self._probe_product()
+
+    def _own_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``, or a copy of it where the model writes its inputs (``data.copies``): torch.func refuses a
+        forward that writes a batch its transform captured, and a kept batch must stay as it was for the
+        next product."""
+        return x.clone() if self.data.copies else x
 
     def _callers(self, *batch: torch.Tensor) -> list[torch.Tensor]:
         """The tensors of a batch that are (chunks of) the caller's data, which a cache entry's bytes
@@ -384,7 +389,7 @@ class GenericHessian(_TorchFuncOperator):
         grad_fn = torch.func.grad(self.batch_loss)
 
         def hvp(tangent: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            return torch.func.jvp(lambda p: grad_fn(p, x, y), (self.params,), (tangent,))[1]
+            return torch.func.jvp(lambda p: grad_fn(p, self._own_input(x), y), (self.params,), (tangent,))[1]
 
         return self._map(hvp, tangents)
 
@@ -465,8 +470,8 @@ class GGNOperator(_TorchFuncOperator):
         targets checked first."""
         self._check_targets(y)
         leaves = [p.detach().requires_grad_() for p in self.params.values()]
-        with torch.enable_grad():
-            out = self.batch_forward(dict(zip(self.param_names, leaves)), x)
+        with torch.enable_grad():  # x kept as given: the products' forwards run on it again
+            out = self.batch_forward(dict(zip(self.param_names, leaves)), self._own_input(x))
         if self._loss_kind == "ce":
             check_loss_labels(self.loss_fn, out, y, "ggn_operator")  # the products never call the loss (which would)
         # the entry keeps the batch too: a DataLoader's batch is held by it alone (the graph may save no x
@@ -482,7 +487,9 @@ class GGNOperator(_TorchFuncOperator):
         return self.cached_mean(self._forward, lambda graph: self.flatten_columns(self._ggn_products(graph, tangents)))
 
     def _ggn_products(self, graph: _ForwardGraph, tangents: Tangents) -> Tangents:
-        forward = functools.partial(self.batch_forward, x=graph.x)
+        def forward(params: dict[str, torch.Tensor]) -> torch.Tensor:
+            return self.batch_forward(params, self._own_input(graph.x))
+
         out = graph.out.detach()
         jv = self._map(lambda t: torch.func.jvp(forward, (self.params,), (t,))[1], tangents)  # (K, *out.shape)
         if self._loss_kind == "mse":
