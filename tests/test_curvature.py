@@ -979,6 +979,32 @@ class _Temperature(nn.Module):
         return x / self.t
 
 
+@pytest.mark.parametrize("weighted", ["module", "partial"])
+@pytest.mark.parametrize("first", [False, True])
+def test_a_batch_whose_classes_all_weigh_zero_contributes_zero(weighted, first):
+    """Class weights of 0 (a forgotten class): a batch whose labels all weigh 0 has torch's mean 0/0, and its
+    gradient NaN: matvec, gradient and Objective.value() returned NaN; as the first batch, construction failed
+    with "the gradient ... contains NaN or Inf". It now counts as a batch of ignore_index rows does: zero."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C)).to(DT).eval()
+    weight = torch.ones(C, dtype=DT)
+    weight[0] = 0.0
+    loss = (nn.CrossEntropyLoss(weight=weight) if weighted == "module"
+            else functools.partial(F.cross_entropy, weight=weight))
+    x, y = torch.randn(N, 4, dtype=DT), torch.randint(1, C, (N,))
+    y[:5] = 0
+    y[5] = -100  # ignored and zero-weight rows together
+    counted, zero = (x[6:], y[6:]), (x[:6], y[:6])
+    batches = [zero, counted] if first else [counted, zero]
+    H = hessian_operator(model, loss, batches)
+    share = (N - 6) / N  # the zero batch's rows still count in the weights n_b / N
+    assert relative_error(H.to_dense(), dense_hessian(model, [counted], loss) * share) <= 1e-10
+    assert relative_error(H.gradient(), dense_gradient(model, [counted], loss) * share) <= 1e-10
+    objective = Objective(model, loss, batches)
+    assert objective.value() == pytest.approx(loss(model(counted[0]), counted[1]).item() * share, rel=1e-12)
+    assert relative_error(objective.gradient(), dense_gradient(model, [counted], loss) * share) <= 1e-10
+
+
 def test_probes_skip_a_first_batch_of_ignored_rows():
     """The construction probes compare derivatives (two gradients; double backward against
     forward-over-reverse): on a first batch whose rows are all ignore_index every derivative is zero,

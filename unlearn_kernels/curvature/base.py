@@ -12,8 +12,8 @@ the mean loss over the data, so splitting the same data into different batches g
 operator (for models without batch coupling, which is why BatchNorm must be in eval mode and keep
 running statistics). L is not that mean, and depends on the batching, when a batch's mean has another
 denominator (rows with cross entropy's ``ignore_index``, left out of its mean; class weights) or the
-loss is not a mean (reduction="sum"). A batch whose rows are all ``ignore_index`` (its mean is 0/0)
-and a batch with no rows contribute zero on every path, as their derivatives do.
+loss is not a mean (reduction="sum"). A batch whose rows are all ``ignore_index`` or of classes whose
+weight is 0 (its mean is 0/0) and a batch with no rows contribute zero on every path.
 
 Writing a new operator (e.g. a fused kernel path): subclass, call ``super().__init__`` (it resolves
 the parameters, wraps the data, rejects train-mode BatchNorm/dropout and BatchNorm without running

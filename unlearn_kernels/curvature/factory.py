@@ -63,7 +63,8 @@ def hessian_operator(
             data when ``loss_fn`` is a plain mean over rows. It is not, and depends on the batching,
             when a batch's mean has another denominator (``ignore_index`` rows, which cross entropy
             leaves out of its mean; class weights) or the loss is not a mean (reduction="sum"). A batch
-            whose rows are all ``ignore_index`` contributes zero, on every path.
+            whose rows are all ``ignore_index`` or of classes whose weight is 0 contributes zero, on every
+            path.
         data: a LabeledData, an (x, y) pair of tensors, or a re-iterable of (x, y) batches (a list or
             a DataLoader with a fixed order and no dropped samples). Batches are moved to the
             parameters' device.

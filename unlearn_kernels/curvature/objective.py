@@ -15,7 +15,6 @@ from .probes import (
     check_finite_weights,
     check_per_sample_forward,
     checked_loss,
-    every_row_ignored,
     LossFn,
     probe_forward,
     refuse_parameter_writes,
@@ -72,8 +71,8 @@ class Objective:
     curvature operators weight them: the size-weighted mean of the per-batch losses, which is the mean
     loss over the data when ``loss_fn`` is a plain mean over rows (not with ``ignore_index`` rows or
     class weights, whose batch means have other denominators, nor with reduction="sum": then L
-    depends on the batching). A batch whose rows are all ``ignore_index`` adds zero (not its NaN mean),
-    as in the curvature operators.
+    depends on the batching). A batch whose rows are all ``ignore_index`` or of classes whose weight is 0
+    adds zero (not its NaN mean), as in the curvature operators.
 
     Like the curvature operators it reads the model's parameters live: after an in-place update
     (:func:`~unlearn_kernels.curvature.set_flat_parameters`) :meth:`value` and :meth:`gradient`
@@ -213,10 +212,8 @@ class Objective:
             else:
                 with torch.no_grad():
                     loss = self._loss(self.model(x), y)
-            batch_value = loss.detach().double().cpu()
-            if batch_value.isnan() and every_row_ignored(self.loss_fn, y):
-                batch_value.zero_()  # the mean over no rows: zero, as its gradient and curvature are
-            total.add(batch_value, n, owned=True)
+            # a batch whose mean has no row (every label ignore_index or of class weight 0) gives 0 (checked_loss)
+            total.add(loss.detach().double().cpu(), n, owned=True)
         if total.rows == 0:
             raise ValueError("Objective: data is empty: it yields no samples")
         self.num_data_passes += 1

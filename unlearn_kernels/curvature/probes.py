@@ -116,7 +116,12 @@ def checked_loss(loss_fn: LossFn, out: Any, y: torch.Tensor, owner: str = "") ->
             "nn.CrossEntropyLoss()), got "
             + (f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__)
         )
-    return loss.reshape(())
+    loss = loss.reshape(())
+    if isinstance(out, torch.Tensor) and not all_finite(loss) and every_row_ignored(loss_fn, y):
+        # the mean over no rows, 0/0: zero, with zero derivatives (torch's gradient is NaN where every class
+        # weight is 0, and zero only where every label is ignore_index)
+        return out.sum() * 0.0
+    return loss
 
 
 def probe_forward(forward: Callable[[torch.Tensor], Any], loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor,
@@ -161,14 +166,32 @@ def ignore_index_of(loss_fn: LossFn) -> int:
     return getattr(loss_fn, "ignore_index", -100)
 
 
+def class_weights_of(loss_fn: LossFn) -> torch.Tensor | None:
+    """The class weights of a weighted loss (``nn.CrossEntropyLoss(weight=...)``, ``nn.NLLLoss``), or the
+    ``weight`` keyword of a ``functools.partial``, else None."""
+    while isinstance(loss_fn, functools.partial) and "weight" not in loss_fn.keywords:
+        loss_fn = loss_fn.func
+    if isinstance(loss_fn, functools.partial):
+        weight = loss_fn.keywords["weight"]
+    else:
+        weight = loss_fn.weight if isinstance(loss_fn, nn.modules.loss._WeightedLoss) else None
+    return weight if isinstance(weight, torch.Tensor) else None
+
+
 def every_row_ignored(loss_fn: LossFn, y: torch.Tensor) -> bool:
-    """Whether every class label in ``y`` is the loss's ``ignore_index`` (-100 by default, as in
-    ``F.cross_entropy``): cross entropy's mean over the batch is then 0/0 (NaN), and its derivatives
-    are zero. Every path takes such a batch as contributing zero to the loss, the gradient and the
-    curvature (its rows still count in the weights n_b / N)."""
+    """Whether cross entropy's mean over the batch has no row: every class label in ``y`` is the loss's
+    ``ignore_index`` (-100 by default, as in ``F.cross_entropy``) or of a class whose weight is 0. The
+    mean is then 0/0 (NaN); every path takes such a batch as contributing zero to the loss, the gradient
+    and the curvature (its rows still count in the weights n_b / N)."""
     if y.is_floating_point() or y.is_complex() or y.numel() == 0:
         return False
-    return bool((y == ignore_index_of(loss_fn)).all())
+    counted = y[y != ignore_index_of(loss_fn)]
+    weights = class_weights_of(loss_fn)
+    if weights is not None and counted.numel():
+        if bool(((counted < 0) | (counted >= weights.numel())).any()):  # the loss names a label out of range
+            return False
+        counted = counted[weights.to(counted.device)[counted] != 0]
+    return counted.numel() == 0
 
 
 def check_loss_labels(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor, owner: str = "") -> None:
