@@ -157,8 +157,9 @@ def _discard_unwritten_output(stream: TextIO) -> None:
     caller that ran ``main()`` in its own process keeps its descriptor, and what it writes later, as it was."""
     try:
         stream.flush()
+        return  # written after all
     except ValueError:  # closed since: it holds nothing
-        pass
+        return
     except OSError:
         with contextlib.suppress(OSError, ValueError):  # a stream without a file descriptor holds nothing
             devnull = os.open(os.devnull, os.O_WRONLY)

@@ -147,9 +147,8 @@ def probe_forward(forward: Callable[[torch.Tensor], Any], loss_fn: LossFn, x: to
                              f"with the model's outputs (shape {shape}): {err}") from err
     # a half-precision mean over many rows overflows (float16 cross entropy over 80,000 rows: Inf, and a
     # zero gradient that no finiteness check would catch); finite data and weights are checked already
-    # (a batch whose rows the loss all ignores has the mean over no rows, NaN in every dtype: it counts 0)
-    if (loss.dtype in (torch.float16, torch.bfloat16) and not all_finite(loss)
-            and not every_row_ignored(loss_fn, y)):
+    # (a batch whose mean has no row is 0 already: checked_loss)
+    if loss.dtype in (torch.float16, torch.bfloat16) and not all_finite(loss):
         raise ValueError(f"{_prefix(owner)}the loss on a batch of {y.shape[0]} rows is not finite in {loss.dtype} "
                          "(its mean overflows): use batches of a few thousand rows (batch_size= for tensor data, a "
                          "DataLoader's own batch size), or a float32 model")

@@ -55,10 +55,6 @@ def _fingerprint_ref(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([flat.sum(), checksum])
 
 
-def _fake(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return tensors[0].new_empty((len(tensors), 2), dtype=torch.float64)
-
-
 def weights_fingerprint_ref(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Pure-PyTorch reference of :func:`weights_fingerprint`: a (n, 2) float64 tensor of (sum, checksum) rows
     on the first tensor's device."""
@@ -99,6 +95,10 @@ def weights_fingerprint(tensors: Sequence[torch.Tensor], *, backend: str = "auto
     values = (weights_fingerprint_ref(tensors) if name == "reference"
               else torch.ops.unlearn_kernels.weights_fingerprint(tensors))
     return [(total, checksum) for total, checksum in values.tolist()]
+
+
+def _fake(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0].new_empty((len(tensors), 2), dtype=torch.float64)
 
 
 if _extension.extension_loaded():
