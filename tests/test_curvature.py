@@ -1775,6 +1775,53 @@ def test_a_replaced_parameter_of_another_shape_is_refused():
         op.matvec(torch.ones(op.shape[0], dtype=DT))
 
 
+class _BufferEveryCall(nn.Module):
+    """A Linear that registers a new buffer (a cache of its last output) at every forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x)
+        self.register_buffer("last", out.detach().clone(), persistent=False)
+        return out
+
+
+@pytest.mark.parametrize("path", ["fused", "generic"])
+def test_module_tree_checks_skipped_at_an_unchanged_tree_still_see_every_change(path):
+    """Before each product the module tree's checks (the per-sample check, the parameter slots, the settings)
+    run only where one look at the tree (settings.watched_state) differs from the last that passed them. Changes
+    that keep every module, flag, setting and tensor object, and which only the full checks saw, must change the
+    look: a parameter given a view of another shape over the same data (same pointer, sums and version), and an
+    attention layer's dropout raised while it is in training mode (its extra_repr shows nothing). A buffer that
+    a forward registers anew at each call changes the look without being a change: no refusal, right products."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, C)).to(DT).eval()
+    x, y = torch.randn(N, 4, dtype=DT), torch.randint(0, C, (N,))
+    op = hessian_operator(model, F.cross_entropy, (x, y), path=path)
+    v = torch.ones(op.shape[0], dtype=DT)
+    op.matvec(v)
+    model[0].weight.data = model[0].weight.data.view(4, 6)
+    with pytest.raises(ModelChanged, match=r"parameter '0.weight' is now \(4, 6\), .* \(was \(6, 4\)"):
+        op.matvec(v)
+
+    model, x = _SelfAttention().to(DT).eval(), torch.randn(8, 5, 4, dtype=DT)
+    model.attention.dropout = 0.0
+    model.attention.train()  # allowed: no dropout
+    op = hessian_operator(model, F.cross_entropy, (x, y[:8]))
+    op.matvec(torch.ones(op.shape[0], dtype=DT))
+    model.attention.dropout = 0.5
+    with pytest.raises(ValueError, match=r"module 'attention' \(MultiheadAttention\) is in training mode: dropout"):
+        op.matvec(torch.ones(op.shape[0], dtype=DT))
+
+    model, x = _BufferEveryCall().to(DT).eval(), torch.randn(N, 4, dtype=DT)
+    op = hessian_operator(model, F.cross_entropy, (x, y))
+    v = torch.randn(op.shape[0], dtype=DT)
+    for _ in range(2):
+        torch.testing.assert_close(op.matvec(v), op.to_dense() @ v, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("kind", ["reverse-over-reverse", "ggn"])
 def test_cache_budget_falls_back_to_streaming(kind):
     model, x, y = make("cnn", seed=13, n=12)

@@ -18,7 +18,7 @@ from .params import version_counter
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-def _train_mode_problem(module: nn.Module) -> str | None:
+def train_mode_problem(module: nn.Module) -> str | None:
     """What ``module``'s train-mode forward does to a sample's loss, or None: random (dropout, its own
     or inside attention or between stacked RNN layers; RReLU's random slopes) or dependent on the
     batch (BatchNorm)."""
@@ -214,7 +214,7 @@ def check_per_sample_forward(model: nn.Module, owner: str = "") -> None:
     running statistics, which normalises with the batch's statistics in eval mode too. The operators'
     losses are means over samples, the same for any batching of the data."""
     for name, module in model.named_modules():
-        problem = _train_mode_problem(module) if module.training else None
+        problem = train_mode_problem(module) if module.training else None
         if problem is not None:
             raise ValueError(f"{_prefix(owner)}module {name or type(module).__name__!r} ({type(module).__name__}) is "
                              f"in training mode: {problem}; call model.eval() first (on a copy if you need train "

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .params import WeightsKey, weights_key
+from .probes import train_mode_problem
 
 if TYPE_CHECKING:
     from .probes import LossFn
@@ -39,6 +40,26 @@ def module_settings(model: nn.Module) -> list[tuple[str, nn.Module, bool, str, t
     (:func:`_calls`). Another module's ``extra_repr`` can show its weights' values (a learnable
     temperature), which are the weights' key's: left out."""
     return [(name, module, module.training, module.extra_repr() if _shows_settings(module) else "", _calls(module))
+            for name, module in model.named_modules()]
+
+
+def _tensors_seen(tensors: dict[str, torch.Tensor | None]) -> tuple:
+    """(name, id, shape) of a module's own parameters or buffers (None where one is registered as None)."""
+    return tuple((name, id(t), None if t is None else t.shape) for name, t in tensors.items())
+
+
+def watched_state(model: nn.Module) -> list[tuple]:
+    """One look at all that the operators' checks of the module tree read, in one walk over it: per module
+    its name, the module, its training flag and what its train mode does (the per-sample check), its
+    settings and calls (:func:`module_settings`), and its own parameters' and buffers' names, ids and
+    shapes (the parameter slots, their ties and layouts). Equal to a look taken when those checks passed,
+    they would pass again on the same tensors, so the operators skip them before a product (the modules
+    are held, so no new one can take an old one's id; the parameters and buffers by the operator). Unequal
+    is not yet a change: the checks then run (a buffer that a forward registers on the fly makes the look
+    differ without being one)."""
+    return [(name, module, module.training, train_mode_problem(module) if module.training else None,
+             module.extra_repr() if _shows_settings(module) else "", _calls(module),
+             _tensors_seen(module._parameters), _tensors_seen(module._buffers))
             for name, module in model.named_modules()]
 
 
