@@ -1,5 +1,6 @@
 """The cubic-regularised Newton subproblem: every method against the float64 dense oracle, and the
 oracle against the global optimality conditions and closed forms."""
+import decimal
 import math
 
 import pytest
@@ -14,6 +15,7 @@ from unlearn_kernels.solvers import (
     NonFiniteProduct,
     StepOverflow,
     cubic_gd,
+    cubic_model_value,
     cubic_newton_step,
     sphere_noise,
     stochastic_cubic_gd,
@@ -338,6 +340,31 @@ def test_float32_step_beyond_the_dtype_is_refused(method, rng):
     assert caught.value.step_norm > 3.4e38 and caught.value.model_value < 0 and isinstance(caught.value, ValueError)
     # in float64 the same step fits
     assert math.isfinite(cubic_newton_step(H, g, 1e-40, method=method).step_norm)
+
+
+@pytest.mark.parametrize("method", ["dense", "krylov"])
+@pytest.mark.parametrize("M", [1e-154, 1e-160])
+def test_a_huge_float64_step_reports_its_norm_and_model_value(method, M):
+    """With a tiny M on a small problem (bottom eigenvalue -1: ||s|| ~ 2 / M) the step fits float64 but its
+    squares do not: step_norm was Inf, model_value NaN (Inf - Inf of its terms) and the residual Inf, with
+    converged True. The figures are checked against a hand computation on the returned step's exact entries
+    (Decimal, 40 digits): at M = 1e-154 the value (-6.7e307) fits float64, at 1e-160 (-6.7e319) it does not and
+    is -Inf, the honest rounding."""
+    H = torch.diag(torch.tensor([-1.0, 2.0, 3.0], dtype=torch.float64))
+    g = torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)
+    out = cubic_newton_step(H, g, M, method=method)
+    with decimal.localcontext(prec=40):
+        s = [decimal.Decimal(float(x)) for x in out.step]
+        norm = sum(x * x for x in s).sqrt()
+        value = (sum(decimal.Decimal(float(a)) * x for a, x in zip(g, s))
+                 + sum(decimal.Decimal(float(h)) * x * x for h, x in zip(H.diagonal(), s)) / 2
+                 + decimal.Decimal(M) / 6 * norm**3)
+    assert float(norm) == pytest.approx(2.0 / M, rel=1e-12) and out.step_norm == pytest.approx(float(norm), rel=1e-15)
+    assert out.model_value == pytest.approx(float(value), rel=1e-14)  # -inf == -inf at M = 1e-160
+    assert math.isfinite(out.residual) and out.residual <= 1e-14 * out.step_norm and out.converged
+    assert out.sigma == pytest.approx(0.5 * M * out.step_norm, rel=1e-12)
+    # the public model value of the same step, from H s
+    assert cubic_model_value(g, out.step, H @ out.step, M) == pytest.approx(float(value), rel=1e-14)
 
 
 # ----------------------------------------------------------------------------- gradient descent

@@ -299,6 +299,19 @@ def test_cure_newton_rejects_a_step_that_the_sample_misjudges(mlp):
     assert result.diagnostics["objective_after"] < result.diagnostics["objective_before"]
 
 
+def test_cure_newton_stops_after_max_rejections_with_the_model_unchanged(mlp):
+    """max_rejections reaches the ARC loop: a tiny M on the Hessian of 3 rows (a step of norm 1.6e28 that D_r
+    does not bear) with gamma just above 1 is rejected again and again; after 3 in a row the call stops and
+    returns the given weights."""
+    model, forget, retain = mlp
+    result = CureNewton(M=1e-30, hessian_samples=3, gamma=1.0001, max_rejections=3).unlearn(model, forget, retain,
+                                                                                          seed=1)
+    d = result.diagnostics
+    assert d["stop_reason"] == "max_rejections" and d["steps"] == 0 and d["step_norm"] == 0.0
+    assert len(d["iterations"]) == 3 and not any(t["accepted"] for t in d["iterations"])
+    assert dist(result.model, model) == 0.0 and d["objective_after"] == d["objective_before"]
+
+
 def test_hessian_subsample(mlp, monkeypatch):
     model, forget, retain = mlp
     made, build = [], newton.hessian_operator
@@ -684,6 +697,7 @@ def test_lipschitz_estimate_rejects_bad_arguments(kwargs, message):
     (lambda: CureNewton(eta1=0.5, eta2=0.4), ValueError, "eta2"),
     (lambda: CureNewton(gamma=1.0), ValueError, "gamma"),
     (lambda: CureNewton(M_min=0.0), ValueError, "M_min"),
+    (lambda: CureNewton(max_rejections=0), ValueError, "^cure_newton: max_rejections must be an int >= 1"),
     (lambda: CureNewton(solver_options={"seed": 3}), ValueError, "seed"),
     (lambda: CureNewton(solver_options={"two_pass": True}), ValueError, "two_pass"),
     (lambda: CureNewton(M="auto", process_group=object()), TypeError, "process_group"),

@@ -6,6 +6,7 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 
 from unlearn_kernels import report
 from unlearn_kernels.study import GAP_METRICS, add_gap_closed
@@ -241,6 +242,18 @@ def test_json_and_plots(tmp_path):
     assert summary["scenarios"]["mislabeled"]["gap_closed"]["original"]["acc_forget"]["mean"] == 0.0
     for path in [*paths, report.plot_gap_closed({"a": study, "b": study}, tmp_path / "g.png")]:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_cpu_threads_are_recorded_as_a_number(tmp_path):
+    """versions.cpu_threads was the string "1" in results.json and summary.json, where the benchmarks' JSON
+    records the number 1."""
+    study = {"config": {"protocol": "random"}, "records": _study([0.4], [0.3], [0.05])}
+    results = json.loads(report.write_json(study, tmp_path / "results.json").read_text())
+    summary = json.loads(report.write_summary_json({"random": study}, {"random": tmp_path / "results.json"},
+                                                   tmp_path / "summary.json").read_text())
+    for payload in (results, summary):
+        assert payload["versions"]["cpu_threads"] == torch.get_num_threads()
+        assert type(payload["versions"]["cpu_threads"]) is int
 
 
 def _strict(text: str) -> dict:

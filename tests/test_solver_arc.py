@@ -205,6 +205,7 @@ def test_a_tiny_m_whose_model_value_overflows_is_a_rejection(rng, M):
     w0 = torch.zeros(D, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        # doubling M from 1e-250 to a workable one takes some 800 trials, within the default cap
         out = adaptive_cubic_newton(value, gradient, hessian, w0, M=M, M_min=M, max_iterations=1)
     first = out.trials[0]
     assert not first.accepted and first.actual == -math.inf and first.M == M
@@ -237,6 +238,36 @@ def test_seed_near_the_top_of_torchs_range_wraps(rng, monkeypatch):
         assert out.steps == 4 and seeds == expected
 
 
+def test_rejections_in_a_row_are_capped(rng):
+    """With gamma just above 1 and a Hessian a hundredth of the true one, every trial is rejected and M rises
+    by 0.01% a trial: the loop went on for millions of trials (in CureNewton a pass over D_r each). After
+    max_rejections rejected trials in a row (default 1000) it stops ("max_rejections") at the last accepted point,
+    every trial recorded."""
+    A, b = spd(rng), torch.randn(D, generator=rng, dtype=torch.float64)
+    f, gradient = quadratic(A, b)
+    evaluations = 0
+
+    def value(w):
+        nonlocal evaluations
+        evaluations += 1
+        assert evaluations <= 2000, "the rejected trials have no cap"
+        return f(w)
+
+    w0 = torch.zeros(D, dtype=torch.float64)
+    # the true Hessian at w0 (a quadratic: the step is accepted), a hundredth of it after: rejections
+    out = adaptive_cubic_newton(value, gradient, lambda w: A if torch.equal(w, w0) else 0.01 * A, w0, M=1e-4,
+                                gamma=1.0001, max_iterations=3)
+    first, rest = out.trials[0], out.trials[1:]
+    assert out.stop_reason == "max_rejections" and out.steps == 1 and first.accepted
+    assert len(rest) == 1000 and not any(t.accepted for t in rest) and {t.iteration for t in rest} == {1}
+    assert not torch.equal(out.w, w0) and out.value == f(out.w) == pytest.approx(f(w0) - first.actual, rel=1e-12)
+    assert out.M == rest[-1].M * 1.0001 and out.num_hvps == sum(t.hvps for t in out.trials)
+    # no step accepted: w0 comes back, with the cap given
+    stuck = adaptive_cubic_newton(f, gradient, lambda w: 0.01 * A, w0, M=1e-4, gamma=1.0001, max_rejections=3)
+    assert stuck.stop_reason == "max_rejections" and stuck.steps == 0 and torch.equal(stuck.w, w0)
+    assert len(stuck.trials) == 3 and not any(t.accepted for t in stuck.trials) and stuck.value == f(w0)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"M": 0.0}, "M must be"),
     ({"max_iterations": 0}, "max_iterations"),
@@ -247,6 +278,7 @@ def test_seed_near_the_top_of_torchs_range_wraps(rng, monkeypatch):
     ({"eta1": 0.5, "eta2": 0.5}, "eta2"),
     ({"gamma": 1.0}, "gamma"),
     ({"M_min": 0.0}, "M_min"),
+    ({"max_rejections": 0}, "max_rejections must be an int >= 1"),
     ({"solver_options": {"k_max": 0}}, "k_max"),
     ({"solver_options": {"seed": 1}}, "seed"),
 ])

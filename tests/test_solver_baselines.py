@@ -93,6 +93,24 @@ def test_pinv_lanczos_stops_where_the_krylov_space_of_g_ends(rng):
     assert out.info["dropped_coupling"] <= 100 * torch.finfo(torch.float64).eps * 3  # closed at rounding level
 
 
+def test_pinv_lanczos_dropped_coupling_tells_an_exact_close_from_no_close():
+    """info["dropped_coupling"] read 0.0 both where the Krylov space of g closed exactly (nothing to drop) and
+    where the run stopped at rank steps without closing (nothing dropped either, but the step truncated): the
+    second is None now."""
+    H = torch.diag(torch.arange(1.0, 31.0, dtype=torch.float64))
+    g = torch.zeros(30, dtype=torch.float64)
+    g[0] = 2.0  # an eigenvector: the first coupling is exactly 0
+    closed = pinv_newton_step(H, g, solver="lanczos", rank=10)
+    assert closed.info["dropped_coupling"] == 0.0 and closed.info["lanczos_steps"] == 1 and closed.converged
+    assert torch.allclose(closed.step, -g, rtol=0, atol=1e-15)
+    truncated = pinv_newton_step(H, torch.ones(30, dtype=torch.float64), solver="lanczos", rank=5)
+    assert truncated.info["dropped_coupling"] is None and truncated.info["lanczos_steps"] == 5
+    assert not truncated.converged
+    # g = 0: no run, nothing dropped; the same keys
+    zero = pinv_newton_step(H, torch.zeros(30, dtype=torch.float64), solver="lanczos")
+    assert zero.info == {"rank": 0, "lanczos_steps": 0, "dropped_coupling": None}
+
+
 def test_auto_solvers_choose_by_dimension(singular, monkeypatch):
     H, _, g = singular
     op = lambda v: H @ v  # noqa: E731  (an operator: no dense matrix to read)

@@ -836,7 +836,7 @@ def test_cli_plots_and_results_of_one_run_only(tmp_path, capsys, monkeypatch):
     assert main([*argv, "--methods", "finetune"]) == 0
     assert not (tmp_path / "random" / "gap_closed.png").exists()
     assert json.loads(results.read_text())["config"]["methods"] == ["retrain", "finetune"]
-    assert json.loads(results.read_text())["versions"]["cpu_threads"] == str(torch.get_num_threads())
+    assert json.loads(results.read_text())["versions"]["cpu_threads"] == torch.get_num_threads()
 
     def interrupted(study, out_dir):
         # the earlier results and plots are gone before any plot is written (Ctrl-C here left the new

@@ -358,12 +358,13 @@ def format_scenario_summary(studies: dict[str, dict[str, Any]]) -> str:
                           "~ = the Original's gap is within seed noise, ? = noise unknown)")
 
 
-def _versions() -> dict[str, str]:
+def _versions() -> dict[str, str | int]:
     import unlearn_kernels
 
-    # torch's CPU threads beside the versions: the results change with them (see the guide)
+    # torch's CPU threads beside the versions: the results change with them (see the guide); a number, as the
+    # benchmarks' JSON records it
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "unlearn_kernels": unlearn_kernels.__version__, "cpu_threads": str(torch.get_num_threads())}
+            "unlearn_kernels": unlearn_kernels.__version__, "cpu_threads": torch.get_num_threads()}
 
 
 def write_json(study: dict[str, Any], path: Path) -> Path:

@@ -628,6 +628,8 @@ class CureNewton(_NewtonFamily):
             all of D_r), drawn from the unlearn seed.
         eta1, eta2, gamma, M_min: the accept threshold (0.1), the very-successful threshold (0.9),
             the factor M changes by (2.0) and the smallest M after lowering (1e-6).
+        max_rejections: most rejected trials in a row at one point (default 1000); the last of them
+            ends the call ("max_rejections"), with the last accepted weights.
         solver_options: options of :class:`~unlearn_kernels.solvers.KrylovCubicSolver` over
             :data:`~unlearn_kernels.solvers.KRYLOV_DEFAULTS` (``k_max`` 50, ``kappa`` 0.5, no
             hard-case probe); ``seed`` comes from the unlearn seed; ``two_pass`` is refused (a re-solve
@@ -638,9 +640,9 @@ class CureNewton(_NewtonFamily):
 
     Diagnostics (besides the shared ones): ``M`` (the constant the next step would use),
     ``M_initial``, ``steps`` (accepted), ``stop_reason`` ("tolerance", "max_iterations",
-    "hvp_budget" or "no_progress"), ``iterations`` (one record per trial: ``iteration``, ``M``,
-    ``predicted``, ``actual``, ``ratio``, ``accepted``, ``step_norm``, ``hvps``, ``lanczos_steps``,
-    ``grad_norm``), ``step_norms`` (of the accepted steps), ``hessian_samples`` (rows used) and
+    "hvp_budget", "no_progress" or "max_rejections"), ``iterations`` (one record per trial:
+    ``iteration``, ``M``, ``predicted``, ``actual``, ``ratio``, ``accepted``, ``step_norm``, ``hvps``,
+    ``lanczos_steps``, ``grad_norm``), ``step_norms`` (of the accepted steps), ``hessian_samples`` (rows used) and
     ``rounding_reverted`` (with another compute ``dtype``: rounding the result to the model's dtype
     undid the decrease of F, so the given weights were returned). The trials and ``stop_reason`` are
     those of the iterate in the compute dtype; ``objective_after`` and ``grad_norm_retain_after`` are
@@ -651,7 +653,7 @@ class CureNewton(_NewtonFamily):
 
     def __init__(self, M: float | str = 0.1, max_iterations: int = 8, tol: float = 1e-4,
                  hvp_budget: int | None = None, hessian_samples: int | None = 512, *, eta1: float = 0.1,
-                 eta2: float = 0.9, gamma: float = 2.0, M_min: float = 1e-6,
+                 eta2: float = 0.9, gamma: float = 2.0, M_min: float = 1e-6, max_rejections: int = 1000,
                  solver_options: Mapping[str, Any] | None = None, lipschitz_options: Mapping[str, Any] | None = None,
                  params: str | Sequence[str] | None = None, loss_fn: LossFn = F.cross_entropy,
                  dtype: torch.dtype | None = None, batch_size: int | None = DEFAULT_BATCH_SIZE,
@@ -663,12 +665,13 @@ class CureNewton(_NewtonFamily):
             raise ValueError(f"{self.name}: M='auto' estimates the Lipschitz constant on one process's data; with a "
                              "process_group give M as a number")
         checked = check_arc_options(self.name, M=1.0 if M == "auto" else M, max_iterations=max_iterations, tol=tol,
-                                    hvp_budget=hvp_budget, eta1=eta1, eta2=eta2, gamma=gamma, M_min=M_min)
+                                    hvp_budget=hvp_budget, eta1=eta1, eta2=eta2, gamma=gamma, M_min=M_min,
+                                    max_rejections=max_rejections)
         self.M = M if M == "auto" else checked["M"]
         self.max_iterations, self.tol, self.hvp_budget = (checked["max_iterations"], checked["tol"],
                                                           checked["hvp_budget"])
         self.eta1, self.eta2 = checked["eta1"], checked["eta2"]
-        self.gamma, self.M_min = checked["gamma"], checked["M_min"]
+        self.gamma, self.M_min, self.max_rejections = checked["gamma"], checked["M_min"], checked["max_rejections"]
         self.hessian_samples = (None if hessian_samples is None
                                 else check_int(f"{self.name}: hessian_samples", hessian_samples))
         for option, value in (("solver_options", solver_options), ("lipschitz_options", lipschitz_options)):
@@ -752,7 +755,8 @@ class CureNewton(_NewtonFamily):
         result = self._solving(lambda: adaptive_cubic_newton(
             value, gradient, hessian, start.clone(), M=M, max_iterations=self.max_iterations, tol=self.tol,
             hvp_budget=budget, eta1=self.eta1, eta2=self.eta2, gamma=self.gamma, M_min=self.M_min,
-            solver_options=self.solver_options, seed=_offset_seed(seed, self.max_iterations)))
+            max_rejections=self.max_rejections, solver_options=self.solver_options,
+            seed=_offset_seed(seed, self.max_iterations)))
         self._set(ws, result.w)
         # in another compute dtype the returned weights are rounded: F and its gradient are re-evaluated
         # there, and in the (rare) case that rounding undid the decrease the given weights are returned

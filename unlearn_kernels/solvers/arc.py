@@ -11,8 +11,11 @@ problem on the same Lanczos tridiagonal (no new Hessian-vector products); a very
 is below what f can resolve (an M too large for the problem: its ratio would be rounding) divides M
 by ``gamma`` and re-solves, down to ``M_min``, unless a rejection in this iteration raised M (then the
 iteration stops: "no_progress"; that last trial is recorded unevaluated). A trial whose step or model
-value overflows (an M far too small) is rejected without evaluating f. Since ``eta1 > 0`` and the
-predicted decrease is positive, every accepted step lowers f: the result is never worse than w0.
+value overflows (an M far too small) is rejected without evaluating f. After ``max_rejections``
+rejected trials in a row in one iteration the call stops ("max_rejections"): with ``gamma`` near 1 and
+an M far too small, raising M to a workable value could otherwise take millions of trials. Since
+``eta1 > 0`` and the predicted decrease is positive, every accepted step lowers f: the result is never
+worse than w0.
 """
 from __future__ import annotations
 
@@ -76,9 +79,11 @@ class ARCResult:
         steps: accepted steps.
         num_hvps: Hessian-vector products used in all.
         M: the cubic constant the next step would have used (a warm start for a later call).
-        stop_reason: "tolerance" (``||g|| <= tol``), "max_iterations", "hvp_budget" or
+        stop_reason: "tolerance" (``||g|| <= tol``), "max_iterations", "hvp_budget",
             "no_progress" (the predicted decrease fell below the resolution of f after a rejection
-            raised M, or with M at M_min: no step can be told apart from rounding).
+            raised M, or with M at M_min: no step can be told apart from rounding) or
+            "max_rejections" (that many trials in a row were rejected in one iteration; M is then the
+            raised one the next trial would have used).
         trials: every trial in order.
         initial_value: f(w0).
         initial_grad_norm: ||grad f(w0)||.
@@ -97,7 +102,7 @@ class ARCResult:
 
 
 def check_arc_options(owner: str, *, M: Any, max_iterations: Any, tol: Any, hvp_budget: Any, eta1: Any,
-                      eta2: Any, gamma: Any, M_min: Any) -> dict[str, Any]:
+                      eta2: Any, gamma: Any, M_min: Any, max_rejections: Any) -> dict[str, Any]:
     """The numeric options of :func:`adaptive_cubic_newton`, checked and normalised (ValueError
     naming ``"<owner>: <option>"``; methods that wrap the loop check them when they are built)."""
     prefix = f"{owner}: " if owner else ""
@@ -109,7 +114,8 @@ def check_arc_options(owner: str, *, M: Any, max_iterations: Any, tol: Any, hvp_
             "eta1": eta1,
             "eta2": check_number(f"{prefix}eta2", eta2, eta1, strict=True),
             "gamma": check_number(f"{prefix}gamma", gamma, 1.0, strict=True),
-            "M_min": check_number(f"{prefix}M_min", M_min, 0.0, strict=True)}
+            "M_min": check_number(f"{prefix}M_min", M_min, 0.0, strict=True),
+            "max_rejections": check_int(f"{prefix}max_rejections", max_rejections, 1)}
 
 
 def _value(value: Callable[[torch.Tensor], float], w: torch.Tensor, where: str) -> float:
@@ -147,6 +153,7 @@ def adaptive_cubic_newton(
     eta2: float = 0.9,
     gamma: float = 2.0,
     M_min: float = 1e-6,
+    max_rejections: int = 1000,
     solver_options: Mapping[str, Any] | None = None,
     seed: int = 0,
 ) -> ARCResult:
@@ -163,7 +170,7 @@ def adaptive_cubic_newton(
         w0: the (d,) start point (floating point, finite).
         M: the cubic constant of the first trial, > 0.
         max_iterations: most accepted steps, >= 1 (1: one cubic step, with M raised until the
-            step is accepted).
+            step is accepted, at most ``max_rejections`` times).
         tol: stop when ``||grad f(w)|| <= tol`` (>= 0; checked before every step).
         hvp_budget: stop before a new Lanczos run once this many products were used; a run's
             ``k_max`` is capped at what is left (the hard-case probe, off by default, can add up to
@@ -173,6 +180,10 @@ def adaptive_cubic_newton(
         gamma: the factor M is raised by after a rejection and lowered by after a very
             successful step, > 1.
         M_min: the smallest M after lowering, > 0 (lowering never raises an M given below it).
+        max_rejections: most rejected trials in a row in one iteration, >= 1 (default 1000: M raised by
+            up to gamma**1000, 1e301 at gamma 2, so any M > 0 reaches a step there, while a gamma near 1
+            cannot run for ever); the last of them ends the call ("max_rejections") at the last accepted
+            point (w0 if none).
         solver_options: options of :class:`~.cubic.KrylovCubicSolver` over
             :data:`KRYLOV_DEFAULTS` (not ``seed``).
         seed: seeds the Krylov solver's random vectors, an int in [0, 2**63): the solver of accepted
@@ -184,9 +195,10 @@ def adaptive_cubic_newton(
 
     Raises:
         ValueError: bad options, a non-finite w0, f(w0) or gradient (what ``gradient`` returns at
-            an accepted point must be finite, and of w's shape, dtype and device). TypeError: ``value``, ``gradient`` or ``hessian`` not
-            callable, a w0 that is not float32 or float64, ``value`` returning something that is not a
-            number, ``solver_options`` not a mapping or with an unknown option.
+            an accepted point must be finite, and of w's shape, dtype and device). TypeError: ``value``,
+            ``gradient`` or ``hessian`` not callable, a w0 that is not float32 or float64, ``value``
+            returning something that is not a number, ``solver_options`` not a mapping or with an unknown
+            option.
     """
     for name, function in (("value", value), ("gradient", gradient), ("hessian", hessian)):
         if not callable(function):
@@ -195,9 +207,10 @@ def adaptive_cubic_newton(
     if w.dtype not in (torch.float32, torch.float64):  # the Krylov solver's Lanczos steps take these only
         raise TypeError(f"adaptive_cubic_newton: w0 must be float32 or float64, got {w.dtype}")
     checked = check_arc_options("", M=M, max_iterations=max_iterations, tol=tol, hvp_budget=hvp_budget, eta1=eta1,
-                                eta2=eta2, gamma=gamma, M_min=M_min)
+                                eta2=eta2, gamma=gamma, M_min=M_min, max_rejections=max_rejections)
     M, max_iterations, tol, hvp_budget = checked["M"], checked["max_iterations"], checked["tol"], checked["hvp_budget"]
     eta1, eta2, gamma, M_min = checked["eta1"], checked["eta2"], checked["gamma"], checked["M_min"]
+    max_rejections = checked["max_rejections"]
     seed = check_seed("seed", seed)
     if solver_options is not None and not isinstance(solver_options, Mapping):
         raise TypeError(f"solver_options must be None or a mapping of KrylovCubicSolver option names to values, "
@@ -236,7 +249,7 @@ def adaptive_cubic_newton(
                                    seed=(seed + steps) % 2**63, **options)
         before = hvps  # products of earlier iterations; this solver's own count is cumulative
         recorded = 0  # of this solver's products, those given to a trial record (a lowered M's re-solve has none)
-        rejected = False
+        rejections = 0  # trials rejected in a row in this iteration
         while True:
             try:
                 sub = solver.solve(M)
@@ -253,7 +266,7 @@ def adaptive_cubic_newton(
             if not overflowed and not predicted > resolution:
                 # a step too short to show in f: M, as given or as lowered, is too large; lower it and
                 # re-solve (no products), unless a rejection raised it here (then it is as low as it may be)
-                if not rejected and M / gamma >= M_min:
+                if not rejections and M / gamma >= M_min:
                     M /= gamma
                     continue
                 stop = "no_progress"
@@ -277,8 +290,11 @@ def adaptive_cubic_newton(
                     M = max(M / gamma, min(M, M_min))
                 break
             M *= gamma
-            rejected = True
-        if stop == "no_progress":
+            rejections += 1
+            if rejections >= max_rejections:  # w stays the last accepted point
+                stop = "max_rejections"
+                break
+        if stop in ("no_progress", "max_rejections"):
             break
     return ARCResult(w=w, value=f, gradient=g, steps=steps, num_hvps=hvps, M=M, stop_reason=stop, trials=trials,
                      initial_value=f0, initial_grad_norm=g0_norm)

@@ -384,7 +384,8 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float | None = None, sol
             g lives wholly; ``info["rank"]`` counts the Ritz values kept; ``converged`` only where
             that space closed (a coupling of exactly 0, or one dropped at the rounding level,
             ``info["dropped_coupling"]``, at most :data:`PINV_CLOSED_RTOL` times the smallest kept
-            |Ritz value|) or is the whole space, when the step is exact: a truncated step can be
+            |Ritz value|; None where the run did not close, so dropped nothing: it stopped at ``rank``
+            steps) or is the whole space, when the step is exact: a truncated step can be
             far from the pseudo-inverse one, longer too, since on an indefinite H the Ritz values
             between its negative and positive eigenvalues can lie near 0 where no eigenvalue does:
             eigenvalues in [-5, -1] and [1, 5] at d = 400 and rank 21 gave a step 48 times as long
@@ -400,7 +401,9 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float | None = None, sol
     Every option is checked whichever solver runs (ValueError naming it).
 
     Returns:
-        A :class:`NewtonStep`; ``info["rank"]`` for "eigh" and "lanczos" (and ``info["lanczos_steps"]``).
+        A :class:`NewtonStep`; ``info["rank"]`` for "eigh" and "lanczos" (and ``info["lanczos_steps"]`` and
+        ``info["dropped_coupling"]``: 0.0 where the space closed exactly, the coupling dropped where it closed at
+        the rounding level, None where it did not close).
     """
     op, g = operator_and_vector(H, g)
     given_rcond = rcond is not None
@@ -431,7 +434,8 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float | None = None, sol
         return NewtonStep(s, residual, op.num_hvps, 0, True, "pinv-eigh", {"rank": kept})
     gnorm = norm64(g)
     if gnorm == 0.0:
-        return NewtonStep(torch.zeros_like(g), 0.0, 0, 0, True, "pinv-lanczos", {"rank": 0, "lanczos_steps": 0})
+        return NewtonStep(torch.zeros_like(g), 0.0, 0, 0, True, "pinv-lanczos",
+                          {"rank": 0, "lanczos_steps": 0, "dropped_coupling": None})
     # the truncated pseudo-inverse usually takes every one of its rank steps (the basis is then all written)
     if op.device.type == "cpu":  # elsewhere the process checks its whole reservation
         check_basis_fits(min(rank, op.shape[0]), op.shape[0], op.dtype, op.device)
@@ -453,10 +457,12 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float | None = None, sol
     # A space closed by dropping a rounding-level coupling beta is invariant only to first order in
     # beta / (the smallest kept |Ritz value|), which in float32 reached 10 (the step 70% off)
     smallest_kept = float(theta.abs()[theta.abs() > rcond * theta.abs().max()].min()) if kept else 0.0
-    closed = proc.betas[-1] == 0.0 and proc.dropped <= PINV_CLOSED_RTOL * smallest_kept
+    # the loop ends at the first breakdown (its coupling then set to 0); without one nothing was dropped
+    dropped = proc.dropped if proc.betas[-1] == 0.0 else None
+    closed = dropped is not None and dropped <= PINV_CLOSED_RTOL * smallest_kept
     exact = closed or proc.n >= op.shape[0]
     return NewtonStep(s.to(g.dtype), residual, op.num_hvps, proc.n, exact, "pinv-lanczos",
-                      {"rank": kept, "lanczos_steps": proc.n, "dropped_coupling": proc.dropped})
+                      {"rank": kept, "lanczos_steps": proc.n, "dropped_coupling": dropped})
 
 
 def _rounded(U: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

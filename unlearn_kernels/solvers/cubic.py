@@ -25,7 +25,7 @@ import torch
 from ..checks import all_finite, check_bool, check_int, check_number, check_option_names, check_seed, norm64
 from ..ops.cubic_secular import cubic_secular_solve
 from .lanczos import LanczosProcess, Reorth, replay, ritz_pairs
-from .operators import NonFiniteProduct, SolverOperator, check_vector, operator_and_vector
+from .operators import NonFiniteProduct, SolverOperator, check_vector, norm_scale, operator_and_vector, scaled_norm
 
 
 @dataclass
@@ -34,8 +34,9 @@ class CubicStep:
 
     Attributes:
         step: s, a (d,) tensor of g's dtype and device.
-        model_value: m(s) (float64; for "krylov" computed in the subspace, exact when Q is orthonormal).
-        step_norm: ||s||.
+        model_value: m(s) (float64; for "krylov" computed in the subspace, exact when Q is orthonormal;
+            -Inf where it lies below float64's range, as a tiny M's huge step can give).
+        step_norm: ||s|| (scaled before squaring: finite for every finite step, 2e160 say).
         sigma: the multiplier of the optimality conditions, ``(M/2) ||s||``.
         residual: ``||g + H s + (M/2) ||s|| s||``, the norm of the model's gradient at s
             ("krylov": a bound, the free Lanczos estimate plus ``|(M/2) ||s|| - sigma| ||s||``, which holds
@@ -87,13 +88,22 @@ def _check_representable(step: torch.Tensor, norm: float, value: float, num_hvps
 
 
 def _cubic_term(M: float, norm: float) -> float:
-    """``(M/6) norm^3``, Inf rather than Python's OverflowError where it does not fit a float (a tiny M
-    gives a huge step)."""
+    """``(M/6) norm^3``, Inf rather than Python's OverflowError where it does not fit a float."""
     return M / 6.0 * norm * norm * norm
 
 
+def _scaled_value(scale: float, linear: float, quadratic: float, norm: float, M: float) -> float:
+    """The cubic model at ``s = scale u`` from u's terms (``linear = g^T u``, ``quadratic = u^T H u``,
+    ``norm = ||u||``, u's entries at most 2): ``scale (g^T u + scale (u^T H u / 2 + scale (M/6) ||u||^3))``.
+    Only the products by ``scale`` can overflow, and only where the value is beyond float64's range: then it
+    is an infinity of the value's sign (a tiny M's huge step), never the NaN of Inf - Inf that the unscaled
+    terms give. Taken where those are not finite (the model values' bits are otherwise the plain terms')."""
+    return scale * (linear + scale * (0.5 * quadratic + scale * _cubic_term(M, norm)))
+
+
 def cubic_model_value(g: torch.Tensor, s: torch.Tensor, Hs: torch.Tensor, M: float) -> float:
-    """The cubic model ``m(s) = g^T s + 1/2 s^T H s + (M/6) ||s||^3`` in float64, from ``Hs = H s``.
+    """The cubic model ``m(s) = g^T s + 1/2 s^T H s + (M/6) ||s||^3`` in float64, from ``Hs = H s``
+    (s scaled, so that a huge s gives its value, or an infinity of its sign beyond float64's range, not NaN).
 
     Raises:
         TypeError / ValueError: g, s or Hs not finite floating point (d,) vectors of one length, or M
@@ -109,13 +119,25 @@ def cubic_model_value(g: torch.Tensor, s: torch.Tensor, Hs: torch.Tensor, M: flo
 def _model_value(g: torch.Tensor, s: torch.Tensor, Hs: torch.Tensor, M: float) -> float:
     """:func:`cubic_model_value` of the solvers' own (checked) vectors."""
     g64, s64 = g.double(), s.double()
-    return float(g64 @ s64 + 0.5 * (s64 @ Hs.double())) + _cubic_term(M, norm64(s))
+    plain = float(g64 @ s64 + 0.5 * (s64 @ Hs.double())) + _cubic_term(M, norm64(s))
+    if math.isfinite(plain):
+        return plain
+    scale = norm_scale(s)
+    u = s64 / scale
+    # H u = Hs / scale: finite wherever H's products are
+    return _scaled_value(scale, float(g64 @ u), float(u @ (Hs.double() / scale)), float(torch.linalg.vector_norm(u)), M)
 
 
 def _eigenbasis_value(c: Any, lam: Any, y: Any, M: float) -> float:
     """The cubic model in an eigenbasis of H (eigenvalues ``lam``, gradient ``c``), at ``y``; float64
     tensors or numpy arrays."""
-    return float(c @ y + 0.5 * (lam * y * y).sum()) + _cubic_term(M, math.sqrt(float((y * y).sum())))
+    plain = float(c @ y + 0.5 * (lam * y * y).sum()) + _cubic_term(M, math.sqrt(float((y * y).sum())))
+    if math.isfinite(plain):
+        return plain
+    c, lam, y = (torch.as_tensor(v) for v in (c, lam, y))
+    scale = norm_scale(y)
+    u = y / scale
+    return _scaled_value(scale, float(c @ u), float((lam * u * u).sum()), float(torch.linalg.vector_norm(u)), M)
 
 
 # --------------------------------------------------------------------------- dense oracle
@@ -133,13 +155,12 @@ def dense_cubic_step(H: Any, g: torch.Tensor, M: float) -> CubicStep:
     lam, U = torch.linalg.eigh(0.5 * (H64 + H64.T))
     c = U.T @ g.double()
     y, sigma, hard = cubic_secular_solve(lam, c, M)
-    s = _check_representable((U @ y).to(g.dtype), norm64(y), _eigenbasis_value(c, lam, y, M), op.num_hvps, M,
+    s = _check_representable((U @ y).to(g.dtype), scaled_norm(y), _eigenbasis_value(c, lam, y, M), op.num_hvps, M,
                              "dense")
     y = U.T @ s.double()  # the returned step in the eigenbasis: its rounding to g's dtype included
-    y_norm = float(torch.linalg.vector_norm(y))
     value = _eigenbasis_value(c, lam, y, M)
-    residual = float(torch.linalg.vector_norm(c + lam * y + 0.5 * M * y_norm * y))
-    return CubicStep(s, value, norm64(s), sigma, residual, op.num_hvps, hard, 0, True, "dense")
+    residual = scaled_norm(c + lam * y + 0.5 * M * scaled_norm(y) * y)
+    return CubicStep(s, value, scaled_norm(s), sigma, residual, op.num_hvps, hard, 0, True, "dense")
 
 
 # --------------------------------------------------------------------------- Krylov
@@ -261,17 +282,18 @@ class KrylovCubicSolver:
         y_eig, sigma, hard = cubic_secular_solve(torch.from_numpy(theta), torch.from_numpy(c), M)
         y_eig = y_eig.numpy()
         y = S @ y_eig
-        residual = _residual_bound(proc.residual_norm(y), M, sigma, float(np.linalg.norm(y)))
+        residual = _residual_bound(proc.residual_norm(y), M, sigma, scaled_norm(y))
         return y, sigma, hard, _eigenbasis_value(c, theta, y_eig, M), residual
 
     def _accept(self, M: float, y: np.ndarray, residual: float) -> bool:
-        y_norm = float(np.linalg.norm(y))
+        y_norm = scaled_norm(y)
         theta = self.kappa * M / 2.0 if self.theta is None else self.theta
         if self.gnorm == 0.0 and not self._bottom_converged():
             # g = 0: s = 0 is stationary (residual 0), the minimiser only if H has no negative curvature,
             # which the random start's Krylov space shows once its bottom Ritz pair has converged
             return False
-        return residual <= theta * y_norm**2 or residual <= self.kappa * min(1.0, y_norm) * self.gnorm
+        # theta * y_norm first: y_norm**2 alone overflows (Python's OverflowError) for a huge step
+        return residual <= theta * y_norm * y_norm or residual <= self.kappa * min(1.0, y_norm) * self.gnorm
 
     def _bottom_converged(self) -> bool:
         theta, S = self.process.ritz_pairs()
@@ -354,9 +376,10 @@ class KrylovCubicSolver:
                 True until a call has built T to the end, False afterwards (no new products).
         """
         M = _check_M(M)
-        # a tiny M gives a step whose float64 norm or model value overflows to Inf (numpy would warn,
-        # an error under -W error): it is reported as such (StepOverflow, a non-finite model value),
-        # which the adaptive loop rejects
+        # a tiny M gives a huge step: its norm and model value are scaled, but numpy arithmetic on its
+        # coefficients (the residual's beta y_k) may still overflow to Inf, which numpy would warn of (an
+        # error under -W error); a step beyond the dtype is StepOverflow, a model value beyond float64's range
+        # -Inf, both of which the adaptive loop rejects
         with np.errstate(over="ignore"):
             return self._solve(M, extend)
 
@@ -375,8 +398,8 @@ class KrylovCubicSolver:
             self._built = True
         y, sigma, hard, value, _ = self._small_solve(M)
         s = replay(self.op, self._v0, proc.n, y) if self.two_pass else proc.combine(y)
-        s = _check_representable(s.to(self.g.dtype), float(np.linalg.norm(y)), value, self.op.num_hvps, M, "krylov")
-        s_norm = norm64(s)
+        s = _check_representable(s.to(self.g.dtype), scaled_norm(y), value, self.op.num_hvps, M, "krylov")
+        s_norm = scaled_norm(s)
         # at the formed s: Q is orthonormal to about sqrt(eps) ("selective") or not at all ("none"), so
         # ||s|| = ||Q y|| is not ||y||
         residual = _residual_bound(proc.residual_norm(y), M, sigma, s_norm)
@@ -470,8 +493,8 @@ def _finish(op: SolverOperator, g: torch.Tensor, M: float, s: torch.Tensor, Hs: 
     if Hs is None:
         Hs = _product_at(op, s, iterations, eta, M)
         num_hvps += 1
-    s_norm = norm64(s)
-    residual = norm64(g + Hs + (0.5 * M * s_norm) * s)
+    s_norm = scaled_norm(s)
+    residual = scaled_norm(g + Hs + (0.5 * M * s_norm) * s)
     return CubicStep(s, _model_value(g, s, Hs, M), s_norm, 0.5 * M * s_norm, residual, num_hvps, False,
                      iterations, converged, "gd")
 

@@ -48,7 +48,7 @@ import torch
 
 from ..checks import check_bool, check_choice, check_fits_in_memory, check_int, check_number, check_seed, norm64
 from ..ops.lanczos_step import lanczos_step
-from .operators import SMALLEST_SQUARED, SolverOperator, as_operator, check_vector
+from .operators import SMALLEST_SQUARED, SolverOperator, as_operator, check_vector, scaled_norm
 
 Reorth = Literal["full", "selective", "none"]
 Which = Literal["LA", "SA", "BE"]
@@ -293,14 +293,15 @@ class LanczosProcess:
             outside = tail * self.q.double()
             for cp in self.couplings:
                 outside = outside + (cp.beta * z[cp.row]) * cp.rest
-            tail = norm64(outside)
+            tail = scaled_norm(outside)
         parts = [tail]
         if self.drift:
             drift = np.zeros(self.n)
             for j, g in self.drift:
                 drift[:len(g)] += z[j] * g
-            parts.append(float(np.linalg.norm(drift)))
-        return float(np.linalg.norm(parts))
+            parts.append(scaled_norm(drift))
+        # scaled: z may be a huge step's coefficients (a tiny cubic M), whose squares overflow
+        return scaled_norm(np.array(parts))
 
     def combine(self, coeffs: np.ndarray) -> torch.Tensor:
         """``Q coeffs`` for a (n,) or (n, m) float64 array, from the stored basis."""
