@@ -310,6 +310,32 @@ def norm64(v: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(v.double()))
 
 
+SMALLEST_SQUARED = math.sqrt(torch.finfo(torch.float64).tiny)
+"""The smallest magnitude whose square is a normal float64 number (1.5e-154)."""
+
+
+def norm_scale(v: torch.Tensor) -> float:
+    """A power of two within a factor 2 below ``max |v_i|`` (``v / scale`` has entries of at most 2 in
+    magnitude, and dividing by it is exact); 1.0 where v is empty, zero or not finite (nothing to scale)."""
+    largest = float(v.abs().max()) if v.numel() else 0.0
+    if largest == 0.0 or not math.isfinite(largest):
+        return 1.0
+    return math.ldexp(1.0, math.frexp(largest)[1] - 1)
+
+
+def scaled_norm(v: torch.Tensor | np.ndarray) -> float:
+    """The Euclidean norm of ``v`` in float64, finite for every finite v (a step of norm 2e160 was reported
+    as Inf): where the plain norm (:func:`norm64` of a tensor, numpy's of an array: the solvers' bits as
+    before) over- or underflows, v is scaled by :func:`norm_scale` before squaring. For the norms the solvers report and the secular solve; the argument checks keep norm64,
+    whose overflow is how they refuse a vector too large to square."""
+    plain = float(np.linalg.norm(v)) if isinstance(v, np.ndarray) else norm64(v)
+    if SMALLEST_SQUARED <= plain < math.inf or not plain == plain:  # no square lost (NaN stays NaN)
+        return plain
+    v = torch.as_tensor(v).double()
+    scale = norm_scale(v)
+    return scale * float(torch.linalg.vector_norm(v / scale))
+
+
 def check_option_names(what: str, options: Iterable[str], accepted: Callable[..., Any] | Iterable[str],
                        reserved: Iterable[str] = ()) -> None:
     """Refuse, before any work, a name in ``options`` that is not an accepted option: a keyword of the

@@ -27,7 +27,7 @@ import torch
 
 from .. import _extension
 from ..backends import choose
-from ..checks import all_finite, check_int, check_number, check_tensor
+from ..checks import all_finite, check_int, check_number, check_tensor, scaled_norm
 
 _CPP_OPS = "unlearn_kernels"
 _OP = "cubic_secular_solve"
@@ -36,15 +36,6 @@ CLUSTER_RTOL_EPS = 8.0
 """Eigenvalues within this many eps of the largest |lambda| of lambda_min form the bottom eigenspace."""
 HARD_CASE_RTOL_EPS = 8.0
 """Coefficients below this many eps of ``||c|| + sigma ||y||`` on the bottom eigenspace count as zero."""
-
-
-def _norm(v: torch.Tensor) -> float:
-    """||v||, scaled by max |v_i| so that no square over- or underflows (torch's vector_norm squares as is:
-    it gives 0 for entries of 1e-200)."""
-    if v.numel() == 0:
-        return 0.0
-    amax = float(v.abs().max())
-    return amax * float(torch.linalg.vector_norm(v / amax)) if amax > 0.0 else 0.0
 
 
 def cubic_secular_solve_ref(
@@ -62,15 +53,15 @@ def cubic_secular_solve_ref(
     scale = float(lam.abs().max())
     shift = max(0.0, -lam_min)
     s = lam + shift  # lambda_i + sigma = s_i + t; s_i >= 0, and exactly 0 at lambda_min when it is < 0
-    c_norm = _norm(c)
+    c_norm = scaled_norm(c)
 
     if lam_min < 0:
         # Hard case test at sigma = -lambda_min, on the coordinates off the bottom eigenspace.
         bottom = lam - lam_min <= CLUSTER_RTOL_EPS * _EPS * scale
         radius = 2.0 * shift / M
-        c_bottom = _norm(c[bottom])
+        c_bottom = scaled_norm(c[bottom])
         y_rest = torch.where(bottom, 0.0, -c / torch.where(bottom, 1.0, s))
-        rest_norm = _norm(y_rest)
+        rest_norm = scaled_norm(y_rest)
         if c_bottom <= HARD_CASE_RTOL_EPS * _EPS * (c_norm + shift * radius) and rest_norm < radius:
             i = int(bottom.nonzero()[0, 0])
             ratio = rest_norm / radius  # tau = sqrt(radius^2 - rest^2), written so that radius^2 cannot overflow
@@ -84,7 +75,7 @@ def cubic_secular_solve_ref(
         """phi(t), phi'(t) and the relative residual 1 - M ||y|| / (2 sigma) = phi ||y||."""
         d = s + t
         y = c / d
-        y_norm = _norm(y)
+        y_norm = scaled_norm(y)
         if y_norm == 0.0:  # underflow (a huge M): phi = +inf as in the C++ kernel's arithmetic, bisect
             return math.inf, math.inf, 1.0
         sigma = shift + t

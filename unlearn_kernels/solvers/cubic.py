@@ -22,10 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checks import all_finite, check_bool, check_int, check_number, check_option_names, check_seed, norm64
+from ..checks import (all_finite, check_bool, check_int, check_number, check_option_names, check_seed, norm64, norm_scale,
+                      scaled_norm)
 from ..ops.cubic_secular import cubic_secular_solve
 from .lanczos import LanczosProcess, Reorth, replay, ritz_pairs
-from .operators import NonFiniteProduct, SolverOperator, check_vector, norm_scale, operator_and_vector, scaled_norm
+from .operators import NonFiniteProduct, SolverOperator, check_vector, operator_and_vector
 
 
 @dataclass

@@ -46,9 +46,10 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from ..checks import check_bool, check_choice, check_fits_in_memory, check_int, check_number, check_seed, norm64
+from ..checks import (SMALLEST_SQUARED, check_bool, check_choice, check_fits_in_memory, check_int, check_number, check_seed,
+                      norm64, scaled_norm)
 from ..ops.lanczos_step import lanczos_step
-from .operators import SMALLEST_SQUARED, SolverOperator, as_operator, check_vector, scaled_norm
+from .operators import SolverOperator, as_operator, check_vector
 
 Reorth = Literal["full", "selective", "none"]
 Which = Literal["LA", "SA", "BE"]

@@ -16,11 +16,10 @@ import math
 import numbers
 from typing import Any
 
-import numpy as np
 import scipy.sparse.linalg
 import torch
 
-from ..checks import all_finite, as_device, check_tensor, norm64
+from ..checks import SMALLEST_SQUARED, all_finite, as_device, check_tensor, norm64
 from ..curvature.linear_operator import MatVec, dense_by_products, to_scipy_operator
 
 
@@ -246,33 +245,6 @@ def check_vector(g: Any, name: str = "g") -> torch.Tensor:
     if not all_finite(g):
         raise ValueError(f"{name} contains NaN or Inf")
     return g.detach()
-
-
-SMALLEST_SQUARED = math.sqrt(torch.finfo(torch.float64).tiny)
-"""The smallest magnitude whose square is a normal float64 number (1.5e-154)."""
-
-
-def norm_scale(v: torch.Tensor) -> float:
-    """A power of two within a factor 2 below ``max |v_i|`` (``v / scale`` has entries of at most 2 in
-    magnitude, and dividing by it is exact); 1.0 where v is empty, zero or not finite (nothing to scale)."""
-    largest = float(v.abs().max()) if v.numel() else 0.0
-    if largest == 0.0 or not math.isfinite(largest):
-        return 1.0
-    return math.ldexp(1.0, math.frexp(largest)[1] - 1)
-
-
-def scaled_norm(v: torch.Tensor | np.ndarray) -> float:
-    """The Euclidean norm of ``v`` in float64, finite for every finite v (a step of norm 2e160 was reported
-    as Inf): where the plain norm (:func:`~unlearn_kernels.checks.norm64` of a tensor, numpy's of an
-    array: the solvers' bits as before) over- or underflows, v is scaled by :func:`norm_scale` before
-    squaring. For the norms the solvers report; the argument checks keep norm64, whose overflow is how
-    they refuse a vector too large to square."""
-    plain = float(np.linalg.norm(v)) if isinstance(v, np.ndarray) else norm64(v)
-    if SMALLEST_SQUARED <= plain < math.inf or not plain == plain:  # no square lost (NaN stays NaN)
-        return plain
-    v = torch.as_tensor(v).double()
-    scale = norm_scale(v)
-    return scale * float(torch.linalg.vector_norm(v / scale))
 
 
 def operator_and_vector(H: Any, g: Any, name: str = "g") -> tuple[SolverOperator, torch.Tensor]:
