@@ -2527,6 +2527,21 @@ class _TiedAutoencoder(nn.Module):
         return self.dec(torch.tanh(self.mid(torch.tanh(self.enc(x)))))
 
 
+def test_a_tied_parameter_is_chosen_by_any_of_its_names():
+    """params=["dec.weight"], the second name of a tied weight, was refused: "the model has no parameter named
+    'dec.weight'". It is the tensor of 'enc.weight', the name the operator knows it by; naming both is a
+    duplicate that says so."""
+    torch.manual_seed(0)
+    model = _TiedAutoencoder().to(DT)
+    x, y = torch.randn(N, 4, dtype=DT), torch.randint(0, 4, (N,))
+    by_second = hessian_operator(model, F.cross_entropy, (x, y), ["dec.weight"])
+    by_first = hessian_operator(model, F.cross_entropy, (x, y), ["enc.weight"])
+    assert by_second.param_names == ("enc.weight",)
+    torch.testing.assert_close(by_second.to_dense(), by_first.to_dense(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"parameter 'enc.weight' is given twice \('dec.weight' is tied to it"):
+        hessian_operator(model, F.cross_entropy, (x, y), ["enc.weight", "dec.weight"])
+
+
 @pytest.mark.parametrize("build", ["generic", "ggn", "objective"])
 def test_tying_or_untying_weights_after_construction_is_refused(build):
     """Untying (load_state_dict(assign=True) of cloned tensors) after construction left products 1.62 and the

@@ -39,7 +39,8 @@ def resolve_parameters(model: nn.Module, params: ParamSelection = None) -> dict[
         params: None for every parameter with ``requires_grad=True`` (in ``named_parameters`` order);
             or an iterable of parameter names (``"fc.weight"``) and/or parameter tensors of ``model``
             (e.g. ``model.fc.parameters()``), kept in the given order. A parameter with
-            ``requires_grad=False`` may be named explicitly.
+            ``requires_grad=False`` may be named explicitly; a tied one (one tensor under several names) by
+            any of its names, and is known by its first (``named_parameters``') name.
 
     Raises:
         TypeError: ``model`` is not an nn.Module, an entry is neither a name nor a tensor, or a
@@ -59,13 +60,15 @@ def resolve_parameters(model: nn.Module, params: ParamSelection = None) -> dict[
         if isinstance(params, (str, torch.Tensor)):
             params = [params]
         name_of = {id(p): name for name, p in named.items()}
+        # every name of a tied parameter, to its first name
+        first_name = {name: name_of[id(p)] for name, p in model.named_parameters(remove_duplicate=False)}
         chosen = {}
         for item in params:
             if isinstance(item, str):
-                if item not in named:
+                if item not in first_name:
                     listed = ", ".join(repr(n) for n in list(named)[:12]) + (", ..." if len(named) > 12 else "")
                     raise ValueError(f"params: the model has no parameter named {item!r}; its parameters: {listed}")
-                name = item
+                name = first_name[item]
             elif isinstance(item, torch.Tensor):
                 if id(item) not in name_of:
                     raise ValueError(
@@ -75,7 +78,8 @@ def resolve_parameters(model: nn.Module, params: ParamSelection = None) -> dict[
             else:
                 raise TypeError(f"params entries must be parameter names or tensors, got {type(item).__name__}")
             if name in chosen:
-                raise ValueError(f"params: parameter {name!r} is given twice")
+                tied = f" ({item!r} is tied to it: the same tensor)" if isinstance(item, str) and item != name else ""
+                raise ValueError(f"params: parameter {name!r} is given twice{tied}")
             chosen[name] = named[name]
         if not chosen:
             raise ValueError("params selects no parameters")
