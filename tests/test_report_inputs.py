@@ -98,6 +98,11 @@ def test_a_file_of_the_format_without_a_metadata_object_or_tensors_is_not_a_chec
     torch.save({"format": 1, "metadata": "{}", "state_dict": {"weight": 3}}, numbers)
     with pytest.raises(CheckpointError, match="numbers.pt is not an unlearn-kernels checkpoint"):
         read_checkpoint(numbers)  # was returned as a state dict holding an int
+    for fake in (True, 1.0):  # equal to 1, but no format number: read as format 1
+        flagged = tmp_path / "flagged.pt"
+        torch.save({"format": fake, "metadata": "{}", "state_dict": {}}, flagged)
+        with pytest.raises(CheckpointError, match="flagged.pt is not an unlearn-kernels checkpoint of format 1"):
+            read_checkpoint(flagged)
     good = tmp_path / "good.pt"
     save_checkpoint(good, torch.nn.Linear(2, 1), {"a": 1})
     assert read_checkpoint(good)[0] == {"a": 1}

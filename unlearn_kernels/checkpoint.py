@@ -390,7 +390,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
     if isinstance(payload, dict) and type(payload.get("format")) is int and payload["format"] != FORMAT_VERSION:
         raise CheckpointFormatError(f"{path} is an unlearn-kernels checkpoint of format {payload['format']}, not "
                                     f"{FORMAT_VERSION}")
-    if not (isinstance(payload, dict) and payload.get("format") == FORMAT_VERSION
+    if not (isinstance(payload, dict) and type(payload.get("format")) is int and payload["format"] == FORMAT_VERSION
             and isinstance(payload.get("metadata"), str) and isinstance(payload.get("state_dict"), dict)
             and all(isinstance(name, str) and isinstance(t, torch.Tensor)
                     for name, t in payload["state_dict"].items())):

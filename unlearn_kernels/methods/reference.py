@@ -45,6 +45,8 @@ class Retrain(Unlearner):
             or dtype of a parameter or buffer), naming the first difference; batches of one row that
             a batch-norm layer of the model cannot train on (``config.batch_size`` 1 or a retain set
             of one row; see :func:`~unlearn_kernels.training.join_last_row`).
+        CheckpointError: from :meth:`unlearn`, a corrupt cached oracle in ``cache_dir`` (see
+            :func:`~unlearn_kernels.checkpoint.train_or_load`; delete it to retrain).
     """
 
     name = "retrain"
