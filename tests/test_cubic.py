@@ -2,6 +2,7 @@
 oracle against the global optimality conditions and closed forms."""
 import decimal
 import math
+import warnings
 
 import pytest
 import torch
@@ -365,6 +366,22 @@ def test_a_huge_float64_step_reports_its_norm_and_model_value(method, M):
     assert out.sigma == pytest.approx(0.5 * M * out.step_norm, rel=1e-12)
     # the public model value of the same step, from H s
     assert cubic_model_value(g, out.step, H @ out.step, M) == pytest.approx(float(value), rel=1e-14)
+
+
+def test_a_huge_step_on_a_positive_definite_h_raises_no_numpy_warning():
+    """H positive definite and tiny, g huge (a step of norm 1.1e160): in the Krylov solver's model value
+    g^T s is -Inf and s^T H s +Inf, whose sum made numpy warn "invalid value encountered" before the scaled
+    value was taken: under -W error "krylov" and the ARC loop on it failed. Both now give the dense oracle's
+    figures (the value, -7.9e309, is below float64's range: -Inf)."""
+    H = torch.diag(torch.tensor([1e-10, 2e-10, 3e-10], dtype=torch.float64))
+    g = torch.tensor([1e150, -1e150, 5e149], dtype=torch.float64)
+    dense = cubic_newton_step(H, g, 1e-300, method="dense")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        krylov = cubic_newton_step(H, g, 1e-300, method="krylov")
+    assert krylov.step_norm == pytest.approx(dense.step_norm, rel=1e-12) and dense.step_norm == pytest.approx(
+        1.1303883305e160, rel=1e-9)
+    assert krylov.model_value == dense.model_value == -math.inf
 
 
 # ----------------------------------------------------------------------------- gradient descent

@@ -1793,8 +1793,10 @@ def test_module_tree_checks_skipped_at_an_unchanged_tree_still_see_every_change(
     """Before each product the module tree's checks (the per-sample check, the parameter slots, the settings)
     run only where one look at the tree (settings.watched_state) differs from the last that passed them. Changes
     that keep every module, flag, setting and tensor object, and which only the full checks saw, must change the
-    look: a parameter given a view of another shape over the same data (same pointer, sums and version), and an
-    attention layer's dropout raised while it is in training mode (its extra_repr shows nothing). A buffer that
+    look: a parameter given a view of another shape over the same data (same pointer, sums and version), the
+    parameters of a model without buffers made float32 by model.float() (the same objects, given new data: the
+    products failed inside torch or the fused kernel), and an attention layer's dropout raised while it is in
+    training mode (its extra_repr shows nothing). A buffer that
     a forward registers anew at each call changes the look without being a change: no refusal, right products."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, C)).to(DT).eval()
@@ -1804,6 +1806,12 @@ def test_module_tree_checks_skipped_at_an_unchanged_tree_still_see_every_change(
     op.matvec(v)
     model[0].weight.data = model[0].weight.data.view(4, 6)
     with pytest.raises(ModelChanged, match=r"parameter '0.weight' is now \(4, 6\), .* \(was \(6, 4\)"):
+        op.matvec(v)
+    model[0].weight.data = model[0].weight.data.view(6, 4)
+    op.matvec(v)  # as it was: usable again
+    model.float()
+    with pytest.raises(ModelChanged, match=r"parameter '0.weight' is now \(6, 4\), torch.float32 on cpu \(was "
+                                           r"\(6, 4\), torch.float64"):
         op.matvec(v)
 
     model, x = _SelfAttention().to(DT).eval(), torch.randn(8, 5, 4, dtype=DT)
@@ -2530,7 +2538,7 @@ class _TiedAutoencoder(nn.Module):
 def test_a_tied_parameter_is_chosen_by_any_of_its_names():
     """params=["dec.weight"], the second name of a tied weight, was refused: "the model has no parameter named
     'dec.weight'". It is the tensor of 'enc.weight', the name the operator knows it by; naming both is a
-    duplicate that says so."""
+    duplicate that says so, and a name given twice is named as given."""
     torch.manual_seed(0)
     model = _TiedAutoencoder().to(DT)
     x, y = torch.randn(N, 4, dtype=DT), torch.randint(0, 4, (N,))
@@ -2538,8 +2546,11 @@ def test_a_tied_parameter_is_chosen_by_any_of_its_names():
     by_first = hessian_operator(model, F.cross_entropy, (x, y), ["enc.weight"])
     assert by_second.param_names == ("enc.weight",)
     torch.testing.assert_close(by_second.to_dense(), by_first.to_dense(), rtol=0, atol=0)
-    with pytest.raises(ValueError, match=r"parameter 'enc.weight' is given twice \('dec.weight' is tied to it"):
+    with pytest.raises(ValueError, match=r"parameter 'dec.weight' is given twice \(as 'enc.weight' and 'dec.weight': "
+                                         r"tied names of one tensor\)"):
         hessian_operator(model, F.cross_entropy, (x, y), ["enc.weight", "dec.weight"])
+    with pytest.raises(ValueError, match=r"parameter 'dec.weight' is given twice$"):
+        hessian_operator(model, F.cross_entropy, (x, y), ["dec.weight", "dec.weight"])
 
 
 @pytest.mark.parametrize("build", ["generic", "ggn", "objective"])

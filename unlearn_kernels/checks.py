@@ -326,9 +326,11 @@ def norm_scale(v: torch.Tensor) -> float:
 def scaled_norm(v: torch.Tensor | np.ndarray) -> float:
     """The Euclidean norm of ``v`` in float64, finite for every finite v (a step of norm 2e160 was reported
     as Inf): where the plain norm (:func:`norm64` of a tensor, numpy's of an array: the solvers' bits as
-    before) over- or underflows, v is scaled by :func:`norm_scale` before squaring. For the norms the solvers report and the secular solve; the argument checks keep norm64,
-    whose overflow is how they refuse a vector too large to square."""
-    plain = float(np.linalg.norm(v)) if isinstance(v, np.ndarray) else norm64(v)
+    before) over- or underflows, v is scaled by :func:`norm_scale` before squaring. For the norms the
+    solvers report and the secular solve; the argument checks keep norm64, whose overflow is how they
+    refuse a vector too large to square."""
+    with np.errstate(over="ignore"):  # an overflowing square is what the scaled norm below is for
+        plain = float(np.linalg.norm(v)) if isinstance(v, np.ndarray) else norm64(v)
     if SMALLEST_SQUARED <= plain < math.inf or not plain == plain:  # no square lost (NaN stays NaN)
         return plain
     v = torch.as_tensor(v).double()

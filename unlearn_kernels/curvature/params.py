@@ -62,7 +62,7 @@ def resolve_parameters(model: nn.Module, params: ParamSelection = None) -> dict[
         name_of = {id(p): name for name, p in named.items()}
         # every name of a tied parameter, to its first name
         first_name = {name: name_of[id(p)] for name, p in model.named_parameters(remove_duplicate=False)}
-        chosen = {}
+        chosen, given = {}, {}  # given: how each chosen parameter was named (or its name, for a tensor)
         for item in params:
             if isinstance(item, str):
                 if item not in first_name:
@@ -77,10 +77,11 @@ def resolve_parameters(model: nn.Module, params: ParamSelection = None) -> dict[
                 name = name_of[id(item)]
             else:
                 raise TypeError(f"params entries must be parameter names or tensors, got {type(item).__name__}")
+            shown = item if isinstance(item, str) else name
             if name in chosen:
-                tied = f" ({item!r} is tied to it: the same tensor)" if isinstance(item, str) and item != name else ""
-                raise ValueError(f"params: parameter {name!r} is given twice{tied}")
-            chosen[name] = named[name]
+                tied = "" if shown == given[name] else f" (as {given[name]!r} and {shown!r}: tied names of one tensor)"
+                raise ValueError(f"params: parameter {shown!r} is given twice{tied}")
+            chosen[name], given[name] = named[name], shown
         if not chosen:
             raise ValueError("params selects no parameters")
     for name, p in chosen.items():

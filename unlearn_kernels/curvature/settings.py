@@ -44,15 +44,16 @@ def module_settings(model: nn.Module) -> list[tuple[str, nn.Module, bool, str, t
 
 
 def _tensors_seen(tensors: dict[str, torch.Tensor | None]) -> tuple:
-    """(name, id, shape) of a module's own parameters or buffers (None where one is registered as None)."""
-    return tuple((name, id(t), None if t is None else t.shape) for name, t in tensors.items())
+    """(name, id, layout) of a module's own parameters or buffers (None where one is registered as None):
+    their shape, dtype and device, which ``p.data = ...`` changes in the same object (``model.float()``)."""
+    return tuple((name, id(t), None if t is None else (t.shape, t.dtype, t.device)) for name, t in tensors.items())
 
 
 def watched_state(model: nn.Module) -> list[tuple]:
     """One look at all that the operators' checks of the module tree read, in one walk over it: per module
     its name, the module, its training flag and what its train mode does (the per-sample check), its
     settings and calls (:func:`module_settings`), and its own parameters' and buffers' names, ids and
-    shapes (the parameter slots, their ties and layouts). Equal to a look taken when those checks passed,
+    layouts (the parameter slots, their ties and layouts). Equal to a look taken when those checks passed,
     they would pass again on the same tensors, so the operators skip them before a product (the modules
     are held, so no new one can take an old one's id; the parameters and buffers by the operator). Unequal
     is not yet a change: the checks then run (a buffer that a forward registers on the fly makes the look

@@ -181,9 +181,9 @@ def adaptive_cubic_newton(
             successful step, > 1.
         M_min: the smallest M after lowering, > 0 (lowering never raises an M given below it).
         max_rejections: most rejected trials in a row in one iteration, >= 1 (default 1000: M raised by
-            up to gamma**1000, 1e301 at gamma 2, so any M > 0 reaches a step there, while a gamma near 1
-            cannot run for ever); the last of them ends the call ("max_rejections") at the last accepted
-            point (w0 if none).
+            up to gamma**1000, 1e301 at gamma 2, so an M down to about 1e-300 of a workable one still
+            reaches a step, while a gamma near 1 cannot run for ever); the last of them ends the call
+            ("max_rejections") at the last accepted point (w0 if none).
         solver_options: options of :class:`~.cubic.KrylovCubicSolver` over
             :data:`KRYLOV_DEFAULTS` (not ``seed``).
         seed: seeds the Krylov solver's random vectors, an int in [0, 2**63): the solver of accepted

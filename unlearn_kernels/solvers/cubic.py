@@ -378,10 +378,11 @@ class KrylovCubicSolver:
         """
         M = _check_M(M)
         # a tiny M gives a huge step: its norm and model value are scaled, but numpy arithmetic on its
-        # coefficients (the residual's beta y_k) may still overflow to Inf, which numpy would warn of (an
-        # error under -W error); a step beyond the dtype is StepOverflow, a model value beyond float64's range
-        # -Inf, both of which the adaptive loop rejects
-        with np.errstate(over="ignore"):
+        # coefficients (the residual's beta y_k, the plain model value's -Inf + Inf before its scaled one) may
+        # still overflow to Inf or NaN, which numpy would warn of (an error under -W error); a step beyond the
+        # dtype is StepOverflow, a model value beyond float64's range -Inf, both of which the adaptive loop
+        # rejects
+        with np.errstate(over="ignore", invalid="ignore"):
             return self._solve(M, extend)
 
     def _solve(self, M: float, extend: bool | None) -> CubicStep:
