@@ -1,6 +1,7 @@
 """The shared argument checks of unlearn_kernels.checks, through the ops that use them: a sparse
 tensor and an integer too large for a float get one clear error on every backend."""
 import argparse
+import decimal
 import math
 from fractions import Fraction
 from pathlib import Path
@@ -19,7 +20,9 @@ from unlearn_kernels.checks import (
     check_number,
     check_option_names,
     check_tensor,
+    norm64,
     normalisation_buffers,
+    scaled_norm,
 )
 from unlearn_kernels.cli import path_argument
 from unlearn_kernels.curvature import hessian_operator
@@ -184,3 +187,19 @@ def test_an_instance_norms_running_statistics_are_normalisation_buffers():
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
     with pytest.raises(ValueError, match=r"^GenericHessian: buffer '2\.running_var' has NaN or Inf values"):
         hessian_operator(model, F.cross_entropy, (x, y))
+
+
+def test_scaled_norm_is_the_plain_norm_where_no_square_is_lost_and_scales_elsewhere():
+    """scaled_norm keeps norm64's (numpy's, for an array) bits where no square over- or underflows, and scales
+    where they would: squares beyond float64 (a norm of 1.4e200 read as Inf), and 2.3 million entries of
+    1e-157, whose subnormal squares summed to a norm 3e-11 off although it lies above 1.5e-154 (the test of
+    the norm alone let that through)."""
+    v = torch.randn(1000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert scaled_norm(v) == norm64(v) and scaled_norm(v.numpy()) == float(np.linalg.norm(v.numpy()))
+    assert scaled_norm(torch.tensor([1e200, -1e200], dtype=torch.float64)) == pytest.approx(2**0.5 * 1e200, rel=1e-15)
+    tiny = torch.full((2_300_000,), 1e-157, dtype=torch.float64)
+    tiny[::2] = 1.2345678901234e-157
+    exact = float((decimal.Decimal(1_150_000) * (decimal.Decimal(1e-157)**2
+                                                 + decimal.Decimal(1.2345678901234e-157)**2)).sqrt())
+    assert scaled_norm(tiny) == pytest.approx(exact, rel=1e-11, abs=0.0)  # 3e-11 off unscaled; 2e-12: 2.3M terms
+    assert scaled_norm(torch.zeros(3)) == 0.0 and scaled_norm(torch.zeros(0)) == 0.0

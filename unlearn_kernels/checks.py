@@ -331,7 +331,10 @@ def scaled_norm(v: torch.Tensor | np.ndarray) -> float:
     refuse a vector too large to square."""
     with np.errstate(over="ignore"):  # an overflowing square is what the scaled norm below is for
         plain = float(np.linalg.norm(v)) if isinstance(v, np.ndarray) else norm64(v)
-    if SMALLEST_SQUARED <= plain < math.inf or not plain == plain:  # no square lost (NaN stays NaN)
+    # no square lost: above SMALLEST_SQUARED sqrt(n) the subnormal squares' rounding is below eps of the sum
+    # (NaN stays NaN)
+    if SMALLEST_SQUARED * math.sqrt(max(1, v.size if isinstance(v, np.ndarray) else v.numel())) <= plain < math.inf \
+            or not plain == plain:
         return plain
     v = torch.as_tensor(v).double()
     scale = norm_scale(v)

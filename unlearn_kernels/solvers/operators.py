@@ -257,7 +257,8 @@ def operator_and_vector(H: Any, g: Any, name: str = "g") -> tuple[SolverOperator
     gnorm = norm64(g)
     largest = float(g.abs().max()) if g.numel() else 0.0
     if not math.isfinite(gnorm):
-        raise ValueError(f"{name}'s norm overflows float64 (largest |entry| {largest:.3e}): scale the problem down")
+        raise ValueError(f"{name}'s squared norm overflows float64 (largest |entry| {largest:.3e}): scale the problem "
+                         "down")
     if 0.0 < largest < SMALLEST_SQUARED:
         raise ValueError(f"{name}'s entries are all below {SMALLEST_SQUARED:.1e} (largest |entry| {largest:.3e}), "
                          "where their squares underflow float64: scale the problem up")
