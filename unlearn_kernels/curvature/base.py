@@ -350,9 +350,9 @@ class CurvatureOperator(abc.ABC):
         of its values), drop the cache, re-take the views of parameters whose data was replaced and copy
         the buffers again (``load_state_dict`` writes both in place). A module put in training mode
         since (dropout: random products; BatchNorm: batch statistics) is refused as at construction. The
-        checks of the module tree (that, the slots, the modules' settings) run only where one look at it
-        (:func:`watched_state`, ~3 us a module) differs from the last one they passed: they cost ~40 us, 3% of
-        a digits-MLP product."""
+        checks of the module tree (training modes, parameter slots, modules' settings) run only where one
+        look at it (:func:`watched_state`, ~3 us a module) differs from the last one they passed: they cost
+        ~40 us, 3% of a digits-MLP product."""
         # the generic and GGN paths differentiate (a graph built in inference mode has no derivatives)
         refuse_modes(type(self).__name__, self.device, "take products or gradients")
         state = watched_state(self.model)
