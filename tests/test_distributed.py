@@ -14,6 +14,7 @@ import ast
 import copy
 import datetime
 import gc
+import math
 import os
 import weakref
 from pathlib import Path
@@ -282,6 +283,19 @@ def _method_shards_worker(rank: int, world: int, store: str) -> None:
         with pytest.raises(ValueError, match=rf"rank\(s\) \[{1 - rank}\] were given a model of another structure"):
             method.unlearn(nn.Sequential(*tied, nn.Tanh(), nn.Linear(FEATURES, CLASSES).double()), forget, retain,
                            seed=0)
+        # a token id past an embedding in a later row of rank 1's retain shard (the input check runs one sample):
+        # the probe of the parameters the loss uses raised a raw IndexError there, and rank 0 waited for the
+        # group's timeout
+        embedded = nn.Sequential(nn.Embedding(10, 3), nn.Flatten(), nn.Linear(6, CLASSES)).double()
+        pairs = torch.cartesian_prod(torch.arange(10), torch.arange(10))  # distinct rows: no sample both forgotten
+        tokens = pairs[torch.randperm(100, generator=torch.Generator().manual_seed(1))[:ROWS]]  # and kept
+        retain_tokens = LabeledData(tokens[10:].clone(), y[10:])
+        if rank == 1:
+            retain_tokens.x[5, 1] = 12
+        expect = ((ValueError, r"^damped_newton: the model cannot run on its retain rows: index out of range") if rank
+                  else (RuntimeError, r"^damped_newton: another rank failed to run the loss on its retain rows"))
+        with pytest.raises(expect[0], match=expect[1]):
+            method.unlearn(embedded, LabeledData(tokens[:10], y[:10]), retain_tokens, seed=0)
         assert method.unlearn(model, forget, retain, seed=0).model is not None  # the ranks are in step
     finally:
         dist.destroy_process_group()
@@ -463,7 +477,8 @@ def _different_weights_worker(rank: int, world: int, store: str) -> None:
             for differing in (moved, swapped):
                 with pytest.raises(ValueError, match=r"the ranks hold different weights when the operator or "
                                                      r"objective was built \(checksums \(sum, sum of squares, "
-                                                     r"position-weighted sum\) of the chosen parameters: \(.*\) on "
+                                                     r"position-weighted sum, non-finite pattern\) of the chosen "
+                                                     r"parameters: \(.*\) on "
                                                      r"rank 0, \(.*\) on rank 1\)"):
                     build(differing)
         # The same weights at construction; then rank 1 alone moves them.
@@ -665,6 +680,57 @@ def _bool_buffer_worker(rank: int, world: int, store: str) -> None:
 
 def test_ranks_that_differ_in_a_bool_buffer_are_refused(tmp_path):
     mp.spawn(_bool_buffer_worker, args=(2, str(tmp_path / "store")), nprocs=2)
+
+
+class _LogitMask(nn.Module):
+    """A model whose logits get an additive mask buffer (-inf on a class: a buffer the operators allow)."""
+
+    def __init__(self, inner: nn.Module, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("mask", mask)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.inner(inputs) + self.mask
+
+
+def _inf_mask_worker(rank: int, world: int, store: str) -> None:
+    """An additive -inf mask made every sum of its half of the weights checksum infinite on every rank, which hid
+    any other difference there: ranks masking different classes, and ranks whose first layer differed (only the
+    last chosen), returned a blend of their Hessians (0.49 and 0.44 off each rank's own) without a word. Both are
+    refused now on every rank, and equal models still give the one-process products."""
+    _init(rank, world, store)
+    try:
+        model, x, y = model_and_data()
+        y = y % (CLASSES - 2)  # no row of the masked classes: a finite loss
+        part = slice(0, 20) if rank == 0 else slice(20, ROWS)
+        group, loss = dist.group.WORLD, nn.CrossEntropyLoss()
+
+        def mask(cls: int) -> torch.Tensor:
+            m = torch.zeros(CLASSES, dtype=torch.float64)
+            m[cls] = -math.inf
+            return m
+
+        with pytest.raises(ValueError, match=r"different weights .* non-finite pattern\) of the model's other"):
+            hessian_operator(_LogitMask(model, mask(CLASSES - 1 - rank)), loss, (x[part], y[part]),
+                             process_group=group)
+        other = copy.deepcopy(model)
+        if rank == 1:
+            with torch.no_grad():
+                other[0].weight.mul_(3.0)
+        with pytest.raises(ValueError, match="different weights"):
+            hessian_operator(_LogitMask(other, mask(CLASSES - 1)), loss, (x[part], y[part]), ["inner.2.weight"],
+                             process_group=group)
+        masked = _LogitMask(model, mask(CLASSES - 1))
+        op = hessian_operator(masked, loss, (x[part], y[part]), process_group=group)
+        v = torch.linspace(-1, 1, op.shape[0], dtype=torch.float64)
+        _close(op.matvec(v), hessian_operator(masked, loss, (x, y)).matvec(v))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_differ_beside_an_inf_mask_are_refused(tmp_path):
+    mp.spawn(_inf_mask_worker, args=(2, str(tmp_path / "store")), nprocs=2)
 
 
 def _absent_worker(rank: int, world: int, store: str, given_up) -> None:

@@ -20,7 +20,8 @@ order (as with any collective).
 
 The ranks must hold the same model: construction compares, in its one collective, the number of
 parameters, the dtype and a float64 checksum of the weights (sum, sum of squares and a position-weighted sum of the
-chosen parameters, and of the model's other parameters and buffers), and every rank raises the
+finite entries of the chosen parameters, and of the model's other parameters and buffers, with where and which entries
+are Inf or NaN: a -inf mask buffer), and every rank raises the
 same ValueError naming what differs (a different dtype would otherwise crash gloo at the first product,
 different weights would silently blend two Hessians). Each product's all_reduce carries, beside the
 failure flags, one flag per rank: "my weights changed since the last check" (for the operator, read
@@ -176,10 +177,13 @@ class WeightCheck:
     """The weights every rank must hold identically, as a float64 fingerprint, and whether they
     changed since the ranks last compared them.
 
-    ``checksum()`` is (sum, sum of squares, position-weighted sum) of the chosen parameters, then of
-    the model's other parameters and buffers (six float64 numbers, from one float64 copy
-    of the weights). The weighted sum tells apart weights that differ only in where their values sit
-    (two weights swapped, a transposed matrix), which the first two cannot.
+    ``checksum()`` is (sum, sum of squares, position-weighted sum, non-finite pattern) of the chosen
+    parameters, then of the model's other parameters and buffers (eight float64 numbers, from one float64
+    copy of the weights). The weighted sum tells apart weights that differ only in where their values sit
+    (two weights swapped, a transposed matrix), which the first two cannot. The sums are over the finite
+    entries, and the pattern is the position-weighted sum of a code for each entry that is not (+Inf 1,
+    -Inf 2, NaN 3): an additive -Inf mask, a buffer the operators allow, made every sum of its half
+    infinite on every rank, which hid any other difference there.
     ``changed()`` compares ``key()`` (anything that changes when the weights do) with its value when
     the ranks last agreed; by default the key is, per parameter of the model, its version counter,
     data pointer, float64 sum and position checksum, and the same of its buffers (the change detection of
@@ -192,7 +196,7 @@ class WeightCheck:
             replaced parameter is followed).
     """
 
-    SIZE = 6
+    SIZE = 8
     PER_HALF = SIZE // 2
 
     def __init__(self, model: nn.Module, chosen: Iterable[str], key: Callable[[], WeightsKey] | None = None) -> None:
@@ -221,9 +225,10 @@ class WeightCheck:
         return [p for name, p in live.items() if name not in self._chosen] + buffers
 
     def checksum(self, device: torch.device) -> torch.Tensor:
-        """(sum, sum of squares, weighted sum) of the chosen parameters, then of the rest, float64 on
-        ``device``; entry i of a half is weighted by 1 + frac(i * golden ratio), an equidistributed
-        sequence, so that values moved to other places (a swap, a transposed matrix) change the sum.
+        """(sum, sum of squares, weighted sum, non-finite pattern) of the chosen parameters, then of the
+        rest, float64 on ``device`` (see the class docstring); entry i of a half is weighted by
+        1 + frac(i * golden ratio), an equidistributed sequence, so that values moved to other places (a
+        swap, a transposed matrix) change the sum.
         (Values traded between two positions whose weights differ by less than the tolerance pass
         unseen; 200 random swaps each among 10^5, 10^6 and 10^7 numbers were all caught.)"""
         self._pending = self._key()
@@ -234,7 +239,12 @@ class WeightCheck:
                 # one float64 copy per half, then three reductions: a few ops, not a few per tensor
                 flat = torch.cat([t.detach().reshape(-1).to(device, torch.float64) for t in tensors]
                                  or [torch.zeros(0, dtype=torch.float64, device=device)])
-                halves += [flat.sum(), torch.dot(flat, flat), _position_weighted_sum(flat)]
+                finite = torch.isfinite(flat)
+                pattern = torch.zeros((), dtype=torch.float64, device=device)
+                if not bool(finite.all()):  # copies only for weights that hold Inf or NaN (a -inf mask)
+                    codes = (flat == math.inf).double() + 2 * (flat == -math.inf).double() + 3 * flat.isnan().double()
+                    flat, pattern = flat.where(finite, 0.0), _position_weighted_sum(codes)
+                halves += [flat.sum(), torch.dot(flat, flat), _position_weighted_sum(flat), pattern]
         return torch.stack(halves)
 
     def agreed(self) -> None:
@@ -253,9 +263,9 @@ class WeightCheck:
         for half, (count, what) in enumerate(zip(self.counts(), ("of the chosen parameters",
                                                                   "of the model's other parameters and buffers"))):
             pairs = [tuple(row[self.PER_HALF * half:self.PER_HALF * (half + 1)]) for row in rows]
-            squares = max((abs(q) for _, q, _ in pairs if math.isfinite(q)), default=0.0)
-            # |sum| <= sqrt(n * sum of squares), and twice that with weights up to 2
-            scales = (math.sqrt(count * squares), squares, 2 * math.sqrt(count * squares))
+            squares = max((abs(q) for _, q, _, _ in pairs if math.isfinite(q)), default=0.0)
+            # |sum| <= sqrt(n * sum of squares), and twice that with weights up to 2; codes up to 3 weigh up to 2
+            scales = (math.sqrt(count * squares), squares, 2 * math.sqrt(count * squares), 6.0 * count)
             differ = [r for r, pair in enumerate(pairs)
                       if not all(_close(a, b, scale) for a, b, scale in zip(pair, pairs[0], scales))]
             if differ:
@@ -264,9 +274,9 @@ class WeightCheck:
                 more = f" and {len(differ) - 3} more rank(s)" if len(differ) > 3 else ""
                 raise ValueError(
                     f"distributed curvature, rank {rank}: the ranks hold different weights {when} (checksums (sum, "
-                    f"sum of squares, position-weighted sum) {what}: {listed}{more}): every rank must hold the same "
-                    "model (e.g. broadcast rank 0's weights with dist.broadcast(p.data, src=0) for each parameter "
-                    "and buffer) and apply the same updates")
+                    f"sum of squares, position-weighted sum, non-finite pattern) {what}: {listed}{more}): every rank "
+                    "must hold the same model (e.g. broadcast rank 0's weights with dist.broadcast(p.data, src=0) for "
+                    "each parameter and buffer) and apply the same updates")
         self.agreed()
 
 

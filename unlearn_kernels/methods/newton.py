@@ -85,6 +85,7 @@ from ..checks import (
     check_int,
     check_number,
     check_option_names,
+    is_out_of_memory,
     norm64,
 )
 from ..curvature import (
@@ -261,7 +262,7 @@ def agree_on_inputs(method: Unlearner, group: dist.ProcessGroup, options: str, m
     try:
         work = checked_local_copy(method, model, forget, retain, unseen, seed)
         rows = rows_by_role(forget, retain, unseen)
-    except (TypeError, ValueError) as err:  # raised here after the others learn of it
+    except Exception as err:  # any: raised here after the others learn of it (a narrower catch left them waiting)
         failure = err
     roles = ("forget", "retain", "unseen")
     rank, world = dist.get_rank(group), dist.get_world_size(group)
@@ -404,8 +405,9 @@ class _NewtonFamily(Unlearner):
         their weight decay, and F's decay term over them would shrink them (a pseudo-inverse step to zero)
         although nothing else moves them. A parameter only later rows reach would be left out too. The
         probe counts as one gradient pass. ValueError if none is used (a loss made by an argmax, say, has
-        no gradient at all); with a process group a rank whose
-        probe fails raises its error and the others a RuntimeError naming it (no wait for a timeout)."""
+        no gradient at all); the model's or torch's error on the rows (a token id past an embedding, say) as a
+        ValueError naming the method. With a process group a rank whose probe fails raises its error and the
+        others a RuntimeError naming it (no wait for a timeout)."""
         params = dict(ws.shadow.named_parameters())
         names = ws.names
         # the flags of the parameters, then this rank's failure
@@ -422,12 +424,14 @@ class _NewtonFamily(Unlearner):
                     grads = (torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
                              if loss.requires_grad else [None] * len(names))
                 used[:-1] = torch.tensor([g is not None for g in grads], dtype=torch.float64)
-            except (RuntimeError, ValueError, TypeError) as error:
+            except Exception as error:  # any: raised below, after the other ranks learn of it
                 failure = error
                 used[-1] = 1.0
             ws.gradient_passes += 1
         if self.process_group is not None:
             all_reduce_released(used, self.process_group, dist.ReduceOp.MAX)
+        if isinstance(failure, (RuntimeError, IndexError)) and not is_out_of_memory(failure):
+            raise ValueError(f"{self.name}: the model cannot run on its retain rows: {failure}") from failure
         if failure is not None:
             raise failure
         if used[-1]:
