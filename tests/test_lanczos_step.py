@@ -270,6 +270,8 @@ def _bad_calls(device):
         "basis dtype": (TypeError, "basis dtype Double must equal hq dtype Float",
                         (hq, q, q_prev, 0.0, basis.double())),
         "q device": (ValueError, f"q is on meta but hq is on {hq.device}", (hq, q.to("meta"), q_prev, 0.0, basis)),
+        "beta_prev device": (ValueError, f"beta_prev is on meta but hq is on {hq.device}",
+                             (hq, q, q_prev, torch.tensor(0.5, device="meta"), basis)),
         "beta_prev type": (TypeError, "beta_prev must be a float or a 0-dim tensor, got str",
                            (hq, q, q_prev, "0.5", basis)),
         "beta_prev shape": (ValueError, r"beta_prev must be a real scalar, got a torch.float32 tensor of shape \(2,\)",

@@ -130,6 +130,12 @@ def test_backend_refusals():
     for backend in ("auto", "cpp", "reference"):  # torch's own error was "Cannot copy out of meta tensor"
         with pytest.raises(ValueError, match="weights_fingerprint: tensor 1 is on the meta device: it holds no"):
             weights_fingerprint([torch.ones(2), torch.ones(2, device="meta")], backend=backend)
+    # a number among the tensors was torch's "'float' object has no attribute 'detach'"; a bare tensor was
+    # fingerprinted row by row
+    with pytest.raises(TypeError, match=r"^weights_fingerprint: tensors\[0\] must be a torch.Tensor, got float$"):
+        weights_fingerprint([1.0, torch.ones(2)])
+    with pytest.raises(TypeError, match=r"^weights_fingerprint: tensors must be a sequence of tensors, got a tensor"):
+        weights_fingerprint(torch.ones(3, 2))
 
 
 def test_opcheck(rng):

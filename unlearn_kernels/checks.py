@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 
 
 def check_int(name: str, value: Any, low: int = 1, high: int = 2**63 - 1) -> int:
@@ -372,6 +373,17 @@ def is_out_of_memory(error: BaseException) -> bool:
     if isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)):
         return True
     return isinstance(error, RuntimeError) and any(text in str(error).lower() for text in _OUT_OF_MEMORY)
+
+
+def derivative_possible(*tensors: torch.Tensor) -> bool:
+    """Whether a derivative of the result may be asked for: autograd records, a tensor is a forward-mode
+    dual, or a ``torch.func`` transform wraps it. The ops run their kernels through their autograd.Function
+    only then (its call costs about 50 us on the CPU, three times softmax_ce's product of 64 x 10 logits):
+    a registered op has no forward-mode rule, and forward-mode AD through it gave a zero tangent."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return True
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) or forward_ad.unpack_dual(t).tangent is not None
+               for t in tensors)
 
 
 def available_memory(device: torch.device | str) -> int | None:

@@ -75,6 +75,8 @@ def _beta_tensor(beta_prev: float | torch.Tensor, device: torch.device) -> torch
         if beta_prev.numel() != 1 or beta_prev.is_complex() or beta_prev.dtype == torch.bool:
             raise ValueError(f"{_OP}: beta_prev must be a real scalar, got a {beta_prev.dtype} tensor of shape "
                              f"{tuple(beta_prev.shape)}")
+        if beta_prev.is_meta and device.type != "meta":  # no value to move (torch's "Cannot copy out of meta tensor")
+            raise ValueError(f"{_OP}: beta_prev is on meta but hq is on {device}")
         return beta_prev.reshape(()).to(device=device, dtype=torch.float64)
     if isinstance(beta_prev, bool) or not isinstance(beta_prev, numbers.Real):  # numpy scalars too
         raise TypeError(f"{_OP}: beta_prev must be a float or a 0-dim tensor, got {type(beta_prev).__name__}")

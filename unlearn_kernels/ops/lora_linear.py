@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 from .. import _extension
 from ..backends import choose
+from ..checks import derivative_possible
 from ..contracts.lora_linear import check_args, fake_backward, fake_forward, fake_jvp
 
 _CPP_OPS = "unlearn_kernels"
@@ -352,8 +353,8 @@ def _lora_linear_jvp(x, weight, bias, lora_a, lora_b, scale, tangent_a, tangent_
     if tangent_a is None and tangent_b is None:
         out = lora_linear(x, weight, bias, lora_a, lora_b, scale, backend=name)
         return out, torch.zeros_like(out)
-    recording = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x2, lora_a, lora_b, tangent_a, tangent_b))
+    # under forward-mode AD too (a dual, a torch.func transform): the compiled op's tangent would be zero
+    recording = derivative_possible(*(t for t in (x2, lora_a, lora_b, tangent_a, tangent_b) if t is not None))
     if name == "reference" or recording:
         out = _LoRALinearFunction.apply(x2, weight, bias, lora_a, lora_b, float(scale), name)
         tangent = _tangent_aten(x2, lora_a, lora_b, float(scale), tangent_a, tangent_b)

@@ -276,7 +276,10 @@ def mlp_hvp(
         check_finite: a bool; True raises ValueError if the logits or their directional derivatives
             would make the loss's rows non-finite (a kept row with a NaN or +Inf or all -Inf, an ignored
             row with any NaN or Inf), the same test on every backend: a NaN or Inf in the inputs counts
-            only through them (an infinite pre-activation that tanh, sigmoid or ReLU saturates passes).
+            only through them (an infinite pre-activation that tanh, sigmoid or ReLU saturates passes, but
+            for one case: the reference, by forward-mode AD, multiplies the inputs' zero tangent by an
+            infinite first-layer weight under tanh or sigmoid, 0 * Inf = NaN, and refuses what the kernels
+            compute as its finite limit).
             False passes non-finite values through to the products. On GPU it costs one synchronisation.
         backend: "auto", "cpp", "cuda" or "reference" (see :func:`unlearn_kernels.backends`).
 
@@ -290,7 +293,7 @@ def mlp_hvp(
         ValueError / TypeError: a non-tensor argument, mismatched layer shapes, K, dtypes or devices,
             unknown activation names, options of the wrong type or range (label_smoothing,
             ignore_index, check_finite), targets out of range, or non-finite values (see
-            ``check_finite``). The same error from every backend.
+            ``check_finite``). The same error from every backend (but for the case ``check_finite`` names).
         BackendUnavailableError: a forced backend that cannot run here.
     """
     # Argument types and the plain Python options first, for every backend: the schema would raise

@@ -19,11 +19,10 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from torch.autograd import forward_ad
 
 from .. import _extension
 from ..backends import choose
-from ..checks import check_bool, check_int64, check_number, check_tensor
+from ..checks import check_bool, check_int64, check_number, check_tensor, derivative_possible
 from ..contracts import softmax_ce as contract
 
 
@@ -117,7 +116,7 @@ def softmax_ce_grad(
     ignore_index = check_int64(f"{op}: ignore_index", ignore_index)
     check_finite = check_bool(f"{op}: check_finite", check_finite)
     name = choose(op, device, backend)
-    if torch.compiler.is_compiling() or not _derivative_possible(logits):  # see _SoftmaxCEGrad
+    if torch.compiler.is_compiling() or not derivative_possible(logits):  # see _SoftmaxCEGrad
         return _grad_kernel(logits, target, label_smoothing, ignore_index, check_finite, name)
     return _SoftmaxCEGrad.apply(logits, target, label_smoothing, ignore_index, check_finite, name)
 
@@ -155,7 +154,7 @@ def softmax_ce_hvp(
     check_tensor(f"{op}: tangent", tangent)
     check_finite = check_bool(f"{op}: check_finite", check_finite)
     name = choose(op, device, backend)
-    if torch.compiler.is_compiling() or not _derivative_possible(logits, tangent):  # see _SoftmaxCEGrad
+    if torch.compiler.is_compiling() or not derivative_possible(logits, tangent):  # see _SoftmaxCEGrad
         return _hvp_kernel(logits, tangent, check_finite, name)
     return _SoftmaxCEHvp.apply(logits, tangent, check_finite, name)
 
@@ -183,16 +182,6 @@ def _hvp_kernel(logits, tangent, check_finite, backend):
         return softmax_ce_hvp_ref(logits, tangent)
     ops = _triton_ops() if backend == "triton" else torch.ops.unlearn_kernels
     return ops.softmax_ce_hvp(logits, tangent, check_finite)
-
-
-def _derivative_possible(*tensors: torch.Tensor) -> bool:
-    """Whether a derivative of the result may be asked for: autograd records, a tensor is a forward-mode
-    dual, or a ``torch.func`` transform wraps it. Otherwise the kernel runs without the autograd.Function,
-    whose call costs about 50 us (on the CPU, three times the product of 64 x 10 logits)."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return True
-    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) or forward_ad.unpack_dual(t).tangent is not None
-               for t in tensors)
 
 
 def _hvp_on(backend: str):

@@ -72,10 +72,17 @@ def weights_fingerprint(tensors: Sequence[torch.Tensor], *, backend: str = "auto
             "reference".
 
     Raises:
+        TypeError: ``tensors`` is a tensor itself (not a sequence of them), or an entry is not a tensor
+            (named by its index).
         ValueError: a tensor on the meta device (it holds no values), named by its index.
         BackendUnavailableError: a forced backend that cannot run here or on these tensors (the C++ one
             on tensors that are not all strided CPU tensors).
     """
+    if isinstance(tensors, torch.Tensor):  # iterating it would fingerprint its rows
+        raise TypeError(f"{_OP}: tensors must be a sequence of tensors, got a tensor (give [tensor])")
+    other = next(((i, t) for i, t in enumerate(tensors) if not isinstance(t, torch.Tensor)), None)
+    if other is not None:
+        raise TypeError(f"{_OP}: tensors[{other[0]}] must be a torch.Tensor, got {type(other[1]).__name__}")
     # a complex tensor as its real and imaginary parts side by side (the sums of float64 values)
     tensors = [torch.view_as_real(t.resolve_conj()) if t.is_complex() else t for t in (t.detach() for t in tensors)]
     if not tensors:
