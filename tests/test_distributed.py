@@ -733,6 +733,38 @@ def test_ranks_that_differ_beside_an_inf_mask_are_refused(tmp_path):
     mp.spawn(_inf_mask_worker, args=(2, str(tmp_path / "store")), nprocs=2)
 
 
+def _other_setup_worker(rank: int, world: int, store: str) -> None:
+    """Ranks that built another kind of operator, with another loss setting, or an objective with another weight
+    decay, on the same model: each rank's products were all-reduced into a blend (norms 0.36 and 1.54, the same
+    on both ranks) without a word. Refused now on every rank at construction, naming the other rank; what does
+    not change the operator (the path, the mode) still may differ."""
+    _init(rank, world, store)
+    try:
+        model, x, y = model_and_data()
+        part = slice(0, 20) if rank == 0 else slice(20, ROWS)
+        data, group = (x[part], y[part]), dist.group.WORLD
+        refused = rf"rank {rank}: rank\(s\) \[{1 - rank}\] built another operator or objective than this rank's"
+        with pytest.raises(ValueError, match=refused + r" \((Hessian|GGN) of the loss"):
+            (hessian_operator if rank == 0 else ggn_operator)(model, nn.CrossEntropyLoss(), data, process_group=group)
+        with pytest.raises(ValueError, match=refused):
+            hessian_operator(model, nn.CrossEntropyLoss(label_smoothing=0.1 * rank), data, process_group=group)
+        with pytest.raises(ValueError, match=refused + r" \(objective with weight decay"):
+            DistributedObjective(model, nn.CrossEntropyLoss(), data, process_group=group, weight_decay=0.1 * rank)
+        op = hessian_operator(model, nn.CrossEntropyLoss(), data, path="fused" if rank == 0 else "generic",
+                              mode="auto" if rank == 0 else "reverse-over-reverse", process_group=group)
+        v = torch.linspace(-1, 1, op.shape[0], dtype=torch.float64)
+        _close(op.matvec(v), hessian_operator(model, nn.CrossEntropyLoss(), (x, y)).matvec(v))
+        objective = DistributedObjective(model, nn.CrossEntropyLoss(), data, process_group=group, weight_decay=0.1)
+        single = Objective(model, nn.CrossEntropyLoss(), (x, y), weight_decay=0.1)
+        assert objective.value() == pytest.approx(single.value(), rel=1e-12)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_build_other_operators_are_refused(tmp_path):
+    mp.spawn(_other_setup_worker, args=(2, str(tmp_path / "store")), nprocs=2)
+
+
 def _absent_worker(rank: int, world: int, store: str, given_up) -> None:
     _init(rank, world, store)
     model, x, y = model_and_data()

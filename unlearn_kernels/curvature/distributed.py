@@ -18,17 +18,18 @@ so solvers and methods that draw their random vectors from the same seed take th
 every rank, and run on these objects unchanged. Every rank must make the same calls in the same
 order (as with any collective).
 
-The ranks must hold the same model: construction compares, in its one collective, the number of
-parameters, the dtype and a float64 checksum of the weights (sum, sum of squares and a position-weighted sum of the
-finite entries of the chosen parameters, and of the model's other parameters and buffers, with where and which entries
-are Inf or NaN: a -inf mask buffer), and every rank raises the
-same ValueError naming what differs (a different dtype would otherwise crash gloo at the first product,
-different weights would silently blend two Hessians). Each product's all_reduce carries, beside the
-failure flags, one flag per rank: "my weights changed since the last check" (for the operator, read
-from the local operator's own change detection, so it costs nothing); when any rank set it, every
-rank takes part in one more small all_reduce of the checksums, and the same ValueError is raised on
-every rank if they differ. So the check costs one collective of a few numbers per weight change, none
-per product at fixed weights, and no product computed at different weights is ever returned.
+The ranks must hold the same model: construction compares, in its one collective, the number of parameters,
+the dtype, what each rank builds (the operator's kind or an objective's weight decay, the loss and its
+settings: :func:`~unlearn_kernels.curvature.settings.loss_text`) and a float64 checksum of the weights (sum,
+sum of squares and a position-weighted sum of the finite entries of the chosen parameters, and of the model's
+other parameters and buffers, with where and which entries are Inf or NaN: a -inf mask buffer), and every rank
+raises the same ValueError naming what differs (a different dtype would otherwise crash gloo at the first
+product, different weights would silently blend two Hessians). Each product's all_reduce carries, beside the
+failure flags, one flag per rank: "my weights changed since the last check" (for the operator, read from the
+local operator's own change detection, so it costs nothing); when any rank set it, every rank takes part in
+one more small all_reduce of the checksums, and the same ValueError is raised on every rank if they differ. So
+the check costs one collective of a few numbers per weight change, none per product at fixed weights, and no
+product computed at different weights is ever returned.
 
 A rank whose shard is empty takes part with zeros. A rank whose local computation fails, or that
 refuses its matvec or matmat input, still takes part in the reduction and raises its own error; the
@@ -48,6 +49,7 @@ expected size"). The group is held weakly
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import pickle
@@ -72,6 +74,7 @@ from .params import (
     same_weights,
     weights_key,
 )
+from .settings import loss_text
 
 
 class GroupRef:
@@ -297,6 +300,12 @@ def _position_weighted_sum(flat: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def text_fingerprint(text: str) -> tuple[float, float]:
+    """A hash of ``text`` as two integers that float64 holds exactly (so that an all_reduce can carry it)."""
+    number = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "big")
+    return float(number >> 28), float(number & (2**28 - 1))
+
+
 def _close(a: float, b: float, scale: float) -> bool:
     if a == b or (math.isnan(a) and math.isnan(b)):
         return True
@@ -321,9 +330,10 @@ class ShardGroup:
     that every rank holds the same weights.
 
     Construction is itself a collective: every rank passes its row count and ``size`` (the
-    dimension that must agree, e.g. the number of parameters), its ``dtype`` and ``weights`` (a
+    dimension that must agree, e.g. the number of parameters), its ``dtype``, its ``setup`` (what it
+    builds: the operator's kind, the loss, options; compared as :func:`text_fingerprint`), ``weights`` (a
     :class:`WeightCheck`), and whether building its local object failed. Every rank raises the same
-    ValueError when the sizes, dtypes or weights differ.
+    ValueError when the sizes, dtypes, setups or weights differ.
 
     Attributes:
         rank, world_size: this rank's index in the group and the group's size.
@@ -334,18 +344,18 @@ class ShardGroup:
 
     def __init__(self, process_group: dist.ProcessGroup, rows: int, size: int, device: torch.device,
                  failure: BaseException | None, dtype: torch.dtype | None = None,
-                 weights: WeightCheck | None = None) -> None:
+                 weights: WeightCheck | None = None, setup: str = "") -> None:
         self._group = GroupRef(process_group, "distributed curvature")
         self.rank, self.world_size = dist.get_rank(process_group), dist.get_world_size(process_group)
         self.serial = _SERIALS[process_group] = _SERIALS.get(process_group, 0) + 1
         self.device, self.weights = device, weights
-        # per rank: rows, size, dtype code, the weights' checksum
-        table = torch.zeros(self.world_size, 3 + WeightCheck.SIZE, dtype=torch.float64, device=device)
-        table[self.rank, :3] = torch.tensor([rows, size, _dtype_code(dtype) if dtype is not None else -1],
-                                            dtype=torch.float64)
+        # per rank: rows, size, dtype code, the setup's fingerprint (two numbers), the weights' checksum
+        table = torch.zeros(self.world_size, 5 + WeightCheck.SIZE, dtype=torch.float64, device=device)
+        table[self.rank, :5] = torch.tensor([rows, size, _dtype_code(dtype) if dtype is not None else -1,
+                                             *text_fingerprint(setup)], dtype=torch.float64)
         if weights is not None and failure is None:
             try:
-                table[self.rank, 3:] = weights.checksum(device)
+                table[self.rank, 5:] = weights.checksum(device)
             except Exception as err:  # reported to the other ranks, then raised here
                 failure = err
         table = self.reduce(table, failure, "building its local operator or objective")
@@ -360,8 +370,14 @@ class ShardGroup:
             others = ", ".join(f"rank {r} computes in {_dtype_name(c)}" for r, c in enumerate(codes) if c != codes[0])
             raise ValueError(f"the ranks compute in different dtypes: {others}, rank 0 in {_dtype_name(codes[0])}: "
                              "every rank must pass the same model in the same dtype")
+        setups = [tuple(row) for row in table[:, 3:5].tolist()]
+        if len(set(setups)) > 1:
+            others = [r for r, fingerprint in enumerate(setups) if fingerprint != setups[self.rank]]
+            raise ValueError(f"distributed curvature, rank {self.rank}: rank(s) {others} built another operator or "
+                             f"objective than this rank's ({setup}): every rank must build the same kind (Hessian, "
+                             "GGN, objective) with the same loss, loss settings and options")
         if weights is not None:
-            weights.compare(table[:, 3:], self.rank, "when the operator or objective was built")
+            weights.compare(table[:, 5:], self.rank, "when the operator or objective was built")
         if self.num_rows == 0:
             raise ValueError("every rank's shard is empty: at least one rank needs rows")
         self.weight = self.shard_sizes[self.rank] / self.num_rows
@@ -488,6 +504,17 @@ def _resolved(model: nn.Module, params: ParamSelection,
     return chosen, torch.device("cpu") if first is None else first.device, refusal
 
 
+def _setup(describe: Callable[[], str], failure: BaseException | None) -> tuple[str, BaseException | None]:
+    """(``describe()``, failure), or ("", its exception) where it fails: what the ranks compare of what they build
+    (no text where the build failed already: that failure is raised first)."""
+    if failure is not None:
+        return "", failure
+    try:
+        return describe(), None
+    except Exception as err:  # reported to the other ranks by ShardGroup, then raised here
+        return "", err
+
+
 def _build(build: Callable[[DataSpec], Any], data: DataSpec, device: torch.device,
            when_empty: bool) -> tuple[int, Any, BaseException | None]:
     """(rows, build(data) or None, the exception if either failed); ``build`` is not called on an
@@ -518,6 +545,9 @@ class DistributedOperator:
         process_group: an initialised ``torch.distributed`` process group (e.g. ``dist.group.WORLD``).
         refusal: this rank's error in the arguments of the function that builds the operator (an
             unknown path or parameter), raised here after the construction's collective.
+        kind: what ``build`` builds ("Hessian", "GGN"), compared between the ranks with ``loss_fn``
+            (:func:`~unlearn_kernels.curvature.settings.loss_text`).
+        loss_fn: the loss ``build`` uses.
 
     Attributes:
         local: this rank's operator (None on an empty shard).
@@ -525,9 +555,9 @@ class DistributedOperator:
         num_products, num_gradients, num_data_passes: this operator's calls (the same on every rank).
 
     Raises:
-        ValueError: on every rank, when the ranks disagree on the parameter count, the dtype or the
-            weights (at construction, and at the first product after the weights changed), or all
-            shards are empty.
+        ValueError: on every rank, when the ranks disagree on the parameter count, the dtype, the kind
+            of operator or the loss and its settings (at construction), or the weights (at construction,
+            and at the first product after the weights changed), or all shards are empty.
         RuntimeError: on the other ranks, when some rank's arguments are refused or its local operator
             cannot be built (that rank raises its own error).
         TypeError: ``process_group`` is not a ProcessGroup.
@@ -542,18 +572,19 @@ class DistributedOperator:
 
     def __init__(self, build: Callable[[DataSpec], CurvatureOperator], model: nn.Module, data: DataSpec,
                  params: ParamSelection, process_group: dist.ProcessGroup, *,
-                 refusal: BaseException | None = None) -> None:
+                 refusal: BaseException | None = None, kind: str, loss_fn: Any) -> None:
         chosen, self.device, refusal = _resolved(model, params, refusal)
         self.dtype = next((p.dtype for p in chosen.values()), None)
         self.param_names = tuple(chosen)
         rows, self.local, failure = ((0, None, refusal) if refusal else
                                      _build(build, data, self.device, when_empty=False))
+        setup, failure = _setup(lambda: f"{kind} of the loss {loss_text(loss_fn)}", failure)
         d = self.local.shape[0] if self.local is not None else sum(p.numel() for p in chosen.values())
         # The local operator notices every weight change before its products (its cache depends on it):
         # its key costs nothing more to read. An empty shard's rank keys the weights itself.
         key = None if not isinstance(self.local, CurvatureOperator) else (lambda: self.local._weights_key)
         self.shards = ShardGroup(process_group, rows, d, self.device, failure, self.dtype,
-                                 None if refusal else WeightCheck(model, self.param_names, key))
+                                 None if refusal else WeightCheck(model, self.param_names, key), setup)
         self.shape = (d, d)
         self.num_products = self.num_gradients = self.num_data_passes = 0
 
@@ -639,10 +670,12 @@ class DistributedObjective:
             lambda shard: Objective(model, loss_fn, shard, self.param_names, weight_decay=weight_decay,
                                     batch_size=batch_size),
             data, device, when_empty=True)
+        setup, failure = _setup(lambda: f"objective with weight decay {self.local.weight_decay!r} of the loss "
+                                        f"{loss_text(loss_fn)}", failure)
         dtype = next((p.dtype for p in chosen.values()), None)
         self._size, self._dtype, self._device = sum(p.numel() for p in chosen.values()), dtype, device
         self.shards = ShardGroup(process_group, rows, self._size, device, failure, dtype,
-                                 None if refusal else WeightCheck(model, self.param_names))
+                                 None if refusal else WeightCheck(model, self.param_names), setup)
         self.num_data_passes = 0
 
     def weights(self) -> torch.Tensor:

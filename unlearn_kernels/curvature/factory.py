@@ -114,7 +114,7 @@ def hessian_operator(
         return DistributedOperator(
             lambda shard: hessian_operator(model, loss_fn, shard, names, path, batch_size=batch_size, mode=mode,
                                            cache_bytes=cache_bytes),
-            model, data, names, process_group, refusal=refusal)
+            model, data, names, process_group, refusal=refusal, kind="Hessian", loss_fn=loss_fn)
     check_choice("path", path, PATHS)
     check_choice("mode", mode, MODES)
     params = parameter_names(model, params)  # read by the support checks and the operator (a generator: once)
@@ -164,6 +164,6 @@ def ggn_operator(
         names, refusal = _on_every_rank(lambda: parameter_names(model, params))
         return DistributedOperator(
             lambda shard: GGNOperator(model, loss_fn, shard, names, batch_size=batch_size, cache_bytes=cache_bytes),
-            model, data, names, process_group, refusal=refusal)
+            model, data, names, process_group, refusal=refusal, kind="GGN", loss_fn=loss_fn)
     params = parameter_names(model, params)
     return GGNOperator(model, loss_fn, data, params, batch_size=batch_size, cache_bytes=cache_bytes)

@@ -85,6 +85,25 @@ def loss_settings(loss_fn: LossFn) -> tuple[tuple, WeightsKey]:
     return (), ()
 
 
+def loss_text(loss_fn: LossFn) -> str:
+    """The loss as processes that build one distributed operator must agree on it: its kind, torch.nn's
+    losses' settings (:func:`loss_settings`' plain attributes, without the hooks, whose handle numbers
+    differ between processes), a ``functools.partial``'s keywords, and each tensor's float64 sum and
+    position checksum (a class weight; not its version counter or pointer, which differ too)."""
+    if isinstance(loss_fn, nn.Module):
+        plain = [(name, attributes) for name, _, _, attributes in loss_settings(loss_fn)[0]]
+        tensors = list(loss_fn.buffers())
+        kind = type(loss_fn).__qualname__
+    elif isinstance(loss_fn, functools.partial):
+        plain = loss_settings(loss_fn)[0]
+        tensors = [v for _, v in sorted(loss_fn.keywords.items(), key=lambda kv: kv[0]) if isinstance(v, torch.Tensor)]
+        kind = f"partial of {loss_text(loss_fn.func)}"
+    else:
+        plain, tensors = (), []
+        kind = f"{getattr(loss_fn, '__module__', '')}.{getattr(loss_fn, '__qualname__', type(loss_fn).__qualname__)}"
+    return f"{kind} {plain!r} {[entry[2:] for entry in weights_key(tensors)]!r}"
+
+
 def hooked_module(model: nn.Module) -> str | None:
     """Where ``model`` has a module forward hook or pre-hook, as the start of a sentence ("module '0' has
     a forward hook or forward pre-hook", or a global one registered for every module); None without one."""

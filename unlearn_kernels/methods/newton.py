@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -102,7 +101,7 @@ from ..curvature import (
     set_flat_parameters,
 )
 from ..curvature.probes import LossFn, checked_loss
-from ..curvature.distributed import GroupRef, all_reduce_released
+from ..curvature.distributed import GroupRef, all_reduce_released, text_fingerprint
 from ..curvature.params import tie_pattern
 from ..labeled import LabeledData
 from ..training import check_dense_gradients, model_device
@@ -226,12 +225,6 @@ def options_text(owner: str, options: Mapping[str, Any]) -> str:
     return f"{owner}({', '.join(f'{name}={_option_text(value)}' for name, value in sorted(options.items()))})"
 
 
-def _fingerprint(text: str) -> tuple[float, float]:
-    """A hash of ``text`` as two integers that float64 holds exactly (so that an all_reduce can carry it)."""
-    number = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "big")
-    return float(number >> 28), float(number & (2**28 - 1))
-
-
 def _structure_text(model: nn.Module) -> str:
     """The model's parameters and buffers by name, shape, dtype and (parameters) trainable flag, and its
     tied parameters: what the ranks' collectives are sized by, before any value is compared (for a
@@ -274,7 +267,7 @@ def agree_on_inputs(method: Unlearner, group: dist.ProcessGroup, options: str, m
     table[sizes:given] = torch.tensor([rows.get(role, 0) for role in roles], dtype=torch.float64)
     table[given:flags] = torch.tensor([float(role in rows) for role in roles], dtype=torch.float64)
     table[flags + rank] = float(failure is not None)
-    mine = torch.tensor([half for text, _ in agreed.values() for half in _fingerprint(text)], dtype=torch.float64)
+    mine = torch.tensor([half for text, _ in agreed.values() for half in text_fingerprint(text)], dtype=torch.float64)
     table[fingerprints + len(mine) * rank:fingerprints + len(mine) * (rank + 1)] = mine
     all_reduce_released(table, group)
     if failure is not None:
