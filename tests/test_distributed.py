@@ -794,6 +794,30 @@ def test_absent_rank_times_out(tmp_path):
     mp.spawn(_absent_worker, args=(2, str(tmp_path / "store"), given_up), nprocs=2)
 
 
+def _absent_from_method_worker(rank: int, world: int, store: str, given_up) -> None:
+    """The same for a method: rank 1 never calls damped_newton, and rank 0's first collective (agreeing on the
+    inputs) timed out with gloo's bare message, which named neither the method nor what it waited for."""
+    _init(rank, world, store)
+    model, x, y = model_and_data()
+    dist.barrier()
+    group = dist.new_group(timeout=datetime.timedelta(seconds=2))
+    if rank == 0:
+        with pytest.raises(RuntimeError, match=r"^damped_newton, rank 0 of 2, agreeing on the inputs: the all_reduce "
+                                               r"failed or timed out \(.*\): another rank crashed, or the ranks did "
+                                               r"not make the same sequence of calls"):
+            METHODS["damped_newton"](process_group=group).unlearn(model, LabeledData(x[:10], y[:10]),
+                                                                  LabeledData(x[10:], y[10:]), seed=0)
+        given_up.set()
+    else:
+        given_up.wait()
+    os._exit(0)  # as _absent_worker: a group whose collective timed out cannot be torn down
+
+
+def test_rank_absent_from_a_method_times_out_with_the_methods_name(tmp_path):
+    given_up = mp.get_context("spawn").Event()
+    mp.spawn(_absent_from_method_worker, args=(2, str(tmp_path / "store"), given_up), nprocs=2)
+
+
 def _nccl_worker(rank: int, world: int, store: str) -> None:
     """One NCCL rank on the GPU: operator, objective and the Newton methods with the process group
     equal the same calls without one (NCCL reduces CUDA tensors only: every collective must get

@@ -109,8 +109,11 @@ _yield = getattr(os, "sched_yield", lambda: time.sleep(0))  # a spin of sleep(0)
 
 
 def all_reduce_released(tensor: torch.Tensor, group: dist.ProcessGroup,
-                        op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None:
-    """``dist.all_reduce(tensor, op, group)`` that returns once the backend has let go of ``tensor``.
+                        op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM, *, during: str | None = None) -> None:
+    """``dist.all_reduce(tensor, op, group)`` that returns once the backend has let go of ``tensor``;
+    with ``during`` (who calls it and what for, "cure_newton, rank 0 of 2, agreeing on the inputs"), the
+    backend's error when it fails or times out (another rank crashed or made other calls) is a RuntimeError
+    saying so, led by ``during``.
 
     Every collective of the package goes through here (or :func:`all_gather_objects`). gloo's worker
     thread drops its reference to a collective's tensors a moment after ``wait()`` has returned (in 35%
@@ -122,8 +125,14 @@ def all_reduce_released(tensor: torch.Tensor, group: dist.ProcessGroup,
     the package's tensors. CPU tensors only: NCCL's watchdog releases its work on its own schedule,
     and waiting for it would stall the host on the GPU (not tested without a GPU)."""
     before = tensor._use_count() if hasattr(tensor, "_use_count") else None
-    work = dist.all_reduce(tensor, op=op, group=group, async_op=True)
-    work.wait()
+    try:
+        work = dist.all_reduce(tensor, op=op, group=group, async_op=True)
+        work.wait()
+    except RuntimeError as err:
+        if during is None:
+            raise
+        raise RuntimeError(f"{during}: the all_reduce failed or timed out ({err}): another rank crashed, or the "
+                           "ranks did not make the same sequence of calls") from err
     del work  # its Python handle holds the tensors too
     if before is None or tensor.device.type != "cpu":
         return

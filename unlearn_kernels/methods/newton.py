@@ -269,7 +269,7 @@ def agree_on_inputs(method: Unlearner, group: dist.ProcessGroup, options: str, m
     table[flags + rank] = float(failure is not None)
     mine = torch.tensor([half for text, _ in agreed.values() for half in text_fingerprint(text)], dtype=torch.float64)
     table[fingerprints + len(mine) * rank:fingerprints + len(mine) * (rank + 1)] = mine
-    all_reduce_released(table, group)
+    all_reduce_released(table, group, during=f"{method.name}, rank {rank} of {world}, agreeing on the inputs")
     if failure is not None:
         raise failure
     failed = [r for r, flag in enumerate(table[flags:fingerprints].tolist()) if flag]
@@ -296,7 +296,7 @@ def agree_on_inputs(method: Unlearner, group: dist.ProcessGroup, options: str, m
     shared = forget_rows_in_other_retain_shards(forget, retain, group, table.device)
     flags = torch.zeros(world, dtype=torch.float64, device=table.device)
     flags[rank] = float(bool(shared))
-    all_reduce_released(flags, group)
+    all_reduce_released(flags, group, during=f"{method.name}, rank {rank} of {world}, comparing the sets' rows")
     if shared:
         row, other = shared[0]
         raise ValueError(f"{method.name}: {len(shared)} forget samples of rank {rank} are also in another rank's "
@@ -422,7 +422,8 @@ class _NewtonFamily(Unlearner):
                 used[-1] = 1.0
             ws.gradient_passes += 1
         if self.process_group is not None:
-            all_reduce_released(used, self.process_group, dist.ReduceOp.MAX)
+            all_reduce_released(used, self.process_group, dist.ReduceOp.MAX,
+                                during=f"{self.name}, finding the parameters the loss uses")
         if isinstance(failure, (RuntimeError, IndexError)) and not is_out_of_memory(failure):
             raise ValueError(f"{self.name}: the model cannot run on its retain rows: {failure}") from failure
         if failure is not None:
@@ -461,7 +462,7 @@ class _NewtonFamily(Unlearner):
         if group is None:
             return local
         index = torch.tensor([float(order.index(local))], dtype=torch.float64, device=_collective_device(model))
-        all_reduce_released(index, group, dist.ReduceOp.MAX)
+        all_reduce_released(index, group, dist.ReduceOp.MAX, during=f"{self.name}, agreeing on the solver")
         return order[int(index.item())]
 
     def _named(self, build: Callable[[], Any]) -> Any:
@@ -501,7 +502,7 @@ class _NewtonFamily(Unlearner):
         if self.process_group is None:
             return len(data)
         rows = torch.tensor([len(data)], dtype=torch.float64, device=device)
-        all_reduce_released(rows, self.process_group)
+        all_reduce_released(rows, self.process_group, during=f"{self.name}, counting the rows")
         return int(rows.item())
 
     def _hessian(self, ws: _Workspace, data: LabeledData) -> CurvatureOperator:
