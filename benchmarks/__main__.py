@@ -39,7 +39,7 @@ QUICK_DIR = Path(tempfile.gettempdir()) / "unlearn_kernels_benchmarks_quick"
 
 def _run_suites(args: argparse.Namespace, device: torch.device, out: Path) -> list[str]:
     """Runs each suite of ``args.suites`` on ``device``, writes its JSON into ``out`` and prints its table;
-    returns the suites that failed."""
+    returns the suites that failed: raised, or gave a wrong result from one of the package's candidates."""
     failed = []
     for suite in args.suites:
         module = importlib.import_module(f".{suite}", __package__)
@@ -67,6 +67,14 @@ def _run_suites(args: argparse.Namespace, device: torch.device, out: Path) -> li
         print(f"\n{suite}: {SUITES[suite]}")
         print(common.format_table(measurements, baseline))
         print(f"results: {path}")
+        # a kernel of ours that fails its correctness gate fails the run (an anchor's, curvlinops's on the ViT
+        # say, is reported in the table only); its JSON is written all the same
+        ours = getattr(module, "OURS", ())
+        wrong = [f"{m.candidate} on {m.case}" for m in measurements
+                 if m.status == "wrong" and (m.candidate.startswith("ours") or m.candidate in ours)]
+        if wrong:
+            print(f"\n{suite}: FAILED its correctness gates: {'; '.join(wrong)}")
+            failed.append(suite)
         # the docs' plot of a suite is drawn from its committed CPU JSON: redrawn whenever a full run (not a
         # --quick smoke test) replaces it
         plot = getattr(module, "PLOT", None)
@@ -83,9 +91,9 @@ def _run_suites(args: argparse.Namespace, device: torch.device, out: Path) -> li
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the suites ``argv`` names (default: ``sys.argv[1:]``, as the program) and returns the exit status:
-    1 when a suite failed, 2 (``SystemExit``) for a wrong option; Ctrl-C (the suites finished before it
-    keep their JSON) and an output that cannot be written end as :func:`unlearn_kernels.cli.run_program`
-    says."""
+    1 when a suite failed (raised, or one of the package's candidates failed its correctness gate), 2
+    (``SystemExit``) for a wrong option; Ctrl-C (the suites finished before it keep their JSON) and an output
+    that cannot be written end as :func:`unlearn_kernels.cli.run_program` says."""
     return run_program("python -m benchmarks", _run, argv)
 
 

@@ -27,6 +27,7 @@ DEVICE=cuda
 
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
 LOGS=${GPU_CHECK_LOGS:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
+mkdir -p "$LOGS"  # a folder given by GPU_CHECK_LOGS may not exist yet
 RESULTS=benchmarks/results
 [[ $DRY_RUN == 1 ]] && RESULTS=$LOGS/results  # quick CPU numbers must not replace the committed ones
 START=$(date +%s)
@@ -104,6 +105,7 @@ BENCH_FLAGS=(--device "$DEVICE" --no-compile)
 [[ ${GPU_CHECK_COMPILE:-0} == 1 ]] && BENCH_FLAGS=(--device "$DEVICE")
 [[ $DRY_RUN == 1 ]] && BENCH_FLAGS+=(--quick)
 SUITES=$("$PY" -c 'from benchmarks.__main__ import SUITES; print(" ".join(SUITES))')
+[[ -z $SUITES ]] && FAILED+=("suites (the runner's list of suites could not be read: none ran)")
 for suite in $SUITES; do
     step "bench_$suite" 120 "$PY" -m benchmarks "$suite" "${BENCH_FLAGS[@]}" --out "$RESULTS"
 done
@@ -116,9 +118,11 @@ echo
 echo "gpu_check: $(($(date +%s) - START))s in all; results:"
 TAG=gpu
 [[ $DRY_RUN == 1 ]] && TAG=cpu
-ls -l "$RESULTS"/*_$TAG.json 2>/dev/null || echo "  (no *_$TAG.json written)"
+# this run's files only: an older *_$TAG.json of a suite that failed now is not listed as if it were current
+WRITTEN=$(find "$RESULTS" -maxdepth 1 -name "*_$TAG.json" -newermt "@$START" 2>/dev/null | sort)
+if [[ -n $WRITTEN ]]; then ls -l $WRITTEN; else echo "  (no *_$TAG.json written by this run)"; fi
 if [[ -n ${GPU_CHECK_OUT:-} ]]; then
-    mkdir -p "$GPU_CHECK_OUT" && cp "$RESULTS"/*_$TAG.json "$LOGS"/*.log "$GPU_CHECK_OUT"/ 2>/dev/null
+    mkdir -p "$GPU_CHECK_OUT" && cp $WRITTEN "$LOGS"/*.log "$GPU_CHECK_OUT"/ 2>/dev/null
 fi
 if ((${#FAILED[@]})); then
     printf 'gpu_check: FAILED: %s\n' "${FAILED[@]}"

@@ -350,3 +350,24 @@ def test_gpu_check_selects_every_test_that_runs_a_cuda_backend():
                 looping.append((f"{name}::{node.name}", marked or takes_device))
     assert len(looping) >= 8  # the rule has something to check
     assert [test for test, selected in looping if not selected] == []
+
+
+def test_a_wrong_result_of_ours_fails_the_run_and_an_anchors_does_not(monkeypatch, capsys, tmp_path):
+    """A kernel of ours marked wrong by its correctness gate left the runner's status 0 (benchmarks/gpu_check.sh
+    then counted the step as passed); it fails the run now, its JSON written all the same. An anchor's wrong
+    result (curvlinops on the ViT, in the committed hvp run) is reported in the table only."""
+    import benchmarks.cubic
+    import benchmarks.lora
+    from benchmarks.common import Measurement
+
+    def suite(candidate):
+        return lambda device, **kwargs: ([Measurement("a case", candidate, None, None, 0.5, "wrong")], {})
+
+    for module, candidate, status in ((benchmarks.lora, "ours:cpp", 1), (benchmarks.cubic, "krylov", 1),
+                                      (benchmarks.lora, "peft", 0)):
+        monkeypatch.setattr(module, "run", suite(candidate))
+        name = module.__name__.rsplit(".", 1)[1]
+        assert main([name, "--quick", "--out", str(tmp_path)]) == status
+        out = capsys.readouterr().out
+        assert (f"{name}: FAILED its correctness gates: {candidate} on a case" in out) == bool(status)
+        assert json.loads((tmp_path / f"{name}_cpu.json").read_text())["results"][0]["status"] == "wrong"
