@@ -119,10 +119,10 @@ echo "gpu_check: $(($(date +%s) - START))s in all; results:"
 TAG=gpu
 [[ $DRY_RUN == 1 ]] && TAG=cpu
 # this run's files only: an older *_$TAG.json of a suite that failed now is not listed as if it were current
-WRITTEN=$(find "$RESULTS" -maxdepth 1 -name "*_$TAG.json" -newermt "@$START" 2>/dev/null | sort)
-if [[ -n $WRITTEN ]]; then ls -l $WRITTEN; else echo "  (no *_$TAG.json written by this run)"; fi
+mapfile -t WRITTEN < <(find "$RESULTS" -maxdepth 1 -name "*_$TAG.json" -newermt "@$START" 2>/dev/null | sort)
+if ((${#WRITTEN[@]})); then ls -l "${WRITTEN[@]}"; else echo "  (no *_$TAG.json written by this run)"; fi
 if [[ -n ${GPU_CHECK_OUT:-} ]]; then
-    mkdir -p "$GPU_CHECK_OUT" && cp $WRITTEN "$LOGS"/*.log "$GPU_CHECK_OUT"/ 2>/dev/null
+    mkdir -p "$GPU_CHECK_OUT" && cp "${WRITTEN[@]}" "$LOGS"/*.log "$GPU_CHECK_OUT"/ 2>/dev/null
 fi
 if ((${#FAILED[@]})); then
     printf 'gpu_check: FAILED: %s\n' "${FAILED[@]}"

@@ -13,15 +13,18 @@ from __future__ import annotations
 import ast
 import copy
 import datetime
+import functools
 import gc
 import math
 import os
 import weakref
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import torch.multiprocessing as mp
 from torch import nn
 
@@ -35,7 +38,8 @@ from unlearn_kernels.curvature import (
     hessian_operator,
     set_flat_parameters,
 )
-from unlearn_kernels.curvature.distributed import all_gather_objects, all_reduce_released
+from unlearn_kernels.curvature.distributed import WeightCheck, all_gather_objects, all_reduce_released
+from unlearn_kernels.curvature.settings import loss_text
 from unlearn_kernels.labeled import LabeledData
 from unlearn_kernels.methods import METHODS, CureNewtonLoRA
 from unlearn_kernels.solvers import adaptive_cubic_newton, cubic_newton_step, lanczos
@@ -731,6 +735,60 @@ def _inf_mask_worker(rank: int, world: int, store: str) -> None:
 
 def test_ranks_that_differ_beside_an_inf_mask_are_refused(tmp_path):
     mp.spawn(_inf_mask_worker, args=(2, str(tmp_path / "store")), nprocs=2)
+
+
+def test_a_moved_inf_entry_changes_the_weights_checksum():
+    """The non-finite entries' places are compared exactly: a position-weighted sum of their codes, compared
+    with the sums' tolerance (relative to the half's size), let one -inf of a 10^6-entry mask moved by 196,418
+    places pass as the same weights (2.360679775 against 2.360684329). Two "ranks" compared in one process."""
+    torch.manual_seed(0)
+    model = nn.Linear(2, 2).double()
+    model.register_buffer("mask", torch.zeros(1_000_000, dtype=torch.float64))
+    check = WeightCheck(model, ["weight", "bias"])
+
+    def checksum(where: int) -> torch.Tensor:
+        model.mask.zero_()
+        model.mask[where] = -math.inf
+        return check.checksum(torch.device("cpu"))
+
+    first = checksum(10)
+    for moved in (11, 10 + 196_418, 10 + 317_811):  # Fibonacci numbers: their weights differ least
+        with pytest.raises(ValueError, match="the ranks hold different weights"):
+            check.compare(torch.stack([first, checksum(moved)]), 0, "now")
+    check.compare(torch.stack([first, checksum(10)]), 0, "now")  # the same: no error
+
+
+class _ScaledLoss(nn.Module):
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.cross_entropy(out, y)
+
+
+def _scaled(out: torch.Tensor, y: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    return scale * F.cross_entropy(out, y)
+
+
+def test_what_the_ranks_compare_of_a_loss():
+    """loss_text, what the ranks compare of the loss they build with: equal for losses that compute the same
+    (0 and 0.0, numpy's and Python's numbers, a loss module in eval mode: each was refused as another operator),
+    other for losses that do not (a user module's attribute and a partial's positional argument passed unseen:
+    the operators blended the ranks' Hessians, 0.32 and 0.83 off each rank's own)."""
+    same = [(nn.CrossEntropyLoss(label_smoothing=0), nn.CrossEntropyLoss(label_smoothing=0.0)),
+            (nn.CrossEntropyLoss(), nn.CrossEntropyLoss().eval()),
+            (functools.partial(F.cross_entropy, label_smoothing=0), functools.partial(F.cross_entropy,
+                                                                                     label_smoothing=0.0)),
+            (nn.CrossEntropyLoss(label_smoothing=np.float64(0.1)), nn.CrossEntropyLoss(label_smoothing=0.1)),
+            (nn.CrossEntropyLoss(weight=torch.ones(3)), nn.CrossEntropyLoss(weight=torch.ones(3)))]
+    other = [(_ScaledLoss(1.0), _ScaledLoss(2.0)), (functools.partial(_scaled, 1.0), functools.partial(_scaled, 3.0)),
+             (nn.CrossEntropyLoss(label_smoothing=0.1), nn.CrossEntropyLoss()),
+             (nn.CrossEntropyLoss(weight=torch.ones(3)), nn.CrossEntropyLoss(weight=2 * torch.ones(3)))]
+    assert all(loss_text(a) == loss_text(b) for a, b in same)
+    assert all(loss_text(a) != loss_text(b) for a, b in other)
+    # a function by its qualified name, not its module (__main__ in one process, __mp_main__ in a spawned one)
+    assert loss_text(_scaled) == "_scaled"
 
 
 def _other_setup_worker(rank: int, world: int, store: str) -> None:

@@ -136,6 +136,11 @@ def test_backend_refusals():
         weights_fingerprint([1.0, torch.ones(2)])
     with pytest.raises(TypeError, match=r"^weights_fingerprint: tensors must be a sequence of tensors, got a tensor"):
         weights_fingerprint(torch.ones(3, 2))
+    with pytest.raises(TypeError, match=r"^weights_fingerprint: tensors must be a sequence of tensors, got int$"):
+        weights_fingerprint(3)
+    # a generator is read once: the check of its entries left nothing to fingerprint ([] came back)
+    layer = torch.nn.Linear(3, 2)
+    assert weights_fingerprint(layer.parameters()) == weights_fingerprint(list(layer.parameters())) != []
 
 
 def test_opcheck(rng):

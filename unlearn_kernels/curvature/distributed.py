@@ -74,7 +74,7 @@ from .params import (
     same_weights,
     weights_key,
 )
-from .settings import loss_text
+from .settings import loss_text, value_text
 
 
 class GroupRef:
@@ -141,20 +141,21 @@ def all_reduce_released(tensor: torch.Tensor, group: dist.ProcessGroup,
         _yield()  # gives up the GIL and the core to the worker thread
 
 
-def all_gather_objects(obj: Any, group: dist.ProcessGroup, device: torch.device) -> list[Any]:
+def all_gather_objects(obj: Any, group: dist.ProcessGroup, device: torch.device, *,
+                       during: str | None = None) -> list[Any]:
     """Every rank's ``obj`` (picklable), in rank order, as ``dist.all_gather_object`` gives them, by
-    :func:`all_reduce_released` (its internal tensors would be left to the race described there):
-    the sizes, then one row of bytes per rank. ``device``: where the collective's tensors live (CUDA
-    for NCCL). A collective: every rank of ``group`` calls it."""
+    :func:`all_reduce_released` (its internal tensors would be left to the race described there; ``during``
+    as there): the sizes, then one row of bytes per rank. ``device``: where the collective's tensors live
+    (CUDA for NCCL). A collective: every rank of ``group`` calls it."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     data = pickle.dumps(obj)
     sizes = torch.zeros(world, dtype=torch.int64, device=device)
     sizes[rank] = len(data)
-    all_reduce_released(sizes, group)
+    all_reduce_released(sizes, group, during=during)
     lengths = sizes.tolist()
     table = torch.zeros(world, max(lengths), dtype=torch.uint8, device=device)
     table[rank, :len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
-    all_reduce_released(table, group)  # one rank's bytes per row: the sum is the gather
+    all_reduce_released(table, group, during=during)  # one rank's bytes per row: the sum is the gather
     rows = table.cpu()
     return [pickle.loads(rows[k, :lengths[k]].numpy().tobytes()) for k in range(world)]
 
@@ -189,13 +190,13 @@ class WeightCheck:
     """The weights every rank must hold identically, as a float64 fingerprint, and whether they
     changed since the ranks last compared them.
 
-    ``checksum()`` is (sum, sum of squares, position-weighted sum, non-finite pattern) of the chosen
-    parameters, then of the model's other parameters and buffers (eight float64 numbers, from one float64
-    copy of the weights). The weighted sum tells apart weights that differ only in where their values sit
-    (two weights swapped, a transposed matrix), which the first two cannot. The sums are over the finite
-    entries, and the pattern is the position-weighted sum of a code for each entry that is not (+Inf 1,
-    -Inf 2, NaN 3): an additive -Inf mask, a buffer the operators allow, made every sum of its half
-    infinite on every rank, which hid any other difference there.
+    ``checksum()`` is (sum, sum of squares, position-weighted sum, and the non-finite pattern as two numbers)
+    of the chosen parameters, then of the model's other parameters and buffers (ten float64 numbers, from one
+    float64 copy of the weights). The weighted sum tells apart weights that differ only in where their values
+    sit (two weights swapped, a transposed matrix), which the first two cannot. Where a half holds Inf or NaN
+    (an additive -Inf mask, a buffer the operators allow, made every sum of its half infinite on every rank,
+    which hid any other difference there) the sums are over its finite entries and the pattern is a hash of
+    the positions and kinds (+Inf, -Inf, NaN) of the others, compared exactly; else it is 0.
     ``changed()`` compares ``key()`` (anything that changes when the weights do) with its value when
     the ranks last agreed; by default the key is, per parameter of the model, its version counter,
     data pointer, float64 sum and position checksum, and the same of its buffers (the change detection of
@@ -208,7 +209,7 @@ class WeightCheck:
             replaced parameter is followed).
     """
 
-    SIZE = 8
+    SIZE = 10
     PER_HALF = SIZE // 2
 
     def __init__(self, model: nn.Module, chosen: Iterable[str], key: Callable[[], WeightsKey] | None = None) -> None:
@@ -251,13 +252,18 @@ class WeightCheck:
                 # one float64 copy per half, then three reductions: a few ops, not a few per tensor
                 flat = torch.cat([t.detach().reshape(-1).to(device, torch.float64) for t in tensors]
                                  or [torch.zeros(0, dtype=torch.float64, device=device)])
-                finite = torch.isfinite(flat)
-                pattern = torch.zeros((), dtype=torch.float64, device=device)
-                if not bool(finite.all()):  # copies only for weights that hold Inf or NaN (a -inf mask)
-                    codes = (flat == math.inf).double() + 2 * (flat == -math.inf).double() + 3 * flat.isnan().double()
-                    flat, pattern = flat.where(finite, 0.0), _position_weighted_sum(codes)
-                halves += [flat.sum(), torch.dot(flat, flat), _position_weighted_sum(flat), pattern]
-        return torch.stack(halves)
+                sums = torch.stack([flat.sum(), torch.dot(flat, flat), _position_weighted_sum(flat)])
+                pattern = (0.0, 0.0)
+                if not bool(sums.isfinite().all()):  # an Inf or NaN entry (a -inf mask), or squares beyond float64
+                    finite = torch.isfinite(flat)
+                    where = (~finite).nonzero().reshape(-1)
+                    # which entries, and +Inf 1, -Inf 2, NaN 3: hashed, compared exactly on every rank
+                    codes = torch.where(flat[where].isnan(), 3, torch.where(flat[where] > 0, 1, 2)).to(torch.int8)
+                    pattern = text_fingerprint(where.cpu().numpy().tobytes() + codes.cpu().numpy().tobytes())
+                    flat = flat.where(finite, 0.0)
+                    sums = torch.stack([flat.sum(), torch.dot(flat, flat), _position_weighted_sum(flat)])
+                halves += [sums, torch.tensor(pattern, dtype=torch.float64, device=device)]
+        return torch.cat(halves)
 
     def agreed(self) -> None:
         """The ranks compared the checksum of the last ``checksum()`` call and agree."""
@@ -275,9 +281,9 @@ class WeightCheck:
         for half, (count, what) in enumerate(zip(self.counts(), ("of the chosen parameters",
                                                                   "of the model's other parameters and buffers"))):
             pairs = [tuple(row[self.PER_HALF * half:self.PER_HALF * (half + 1)]) for row in rows]
-            squares = max((abs(q) for _, q, _, _ in pairs if math.isfinite(q)), default=0.0)
-            # |sum| <= sqrt(n * sum of squares), and twice that with weights up to 2; codes up to 3 weigh up to 2
-            scales = (math.sqrt(count * squares), squares, 2 * math.sqrt(count * squares), 6.0 * count)
+            squares = max((abs(q) for _, q, _, _, _ in pairs if math.isfinite(q)), default=0.0)
+            # |sum| <= sqrt(n * sum of squares), and twice that with weights up to 2; the pattern's hash exactly
+            scales = (math.sqrt(count * squares), squares, 2 * math.sqrt(count * squares), 0.0, 0.0)
             differ = [r for r, pair in enumerate(pairs)
                       if not all(_close(a, b, scale) for a, b, scale in zip(pair, pairs[0], scales))]
             if differ:
@@ -309,9 +315,10 @@ def _position_weighted_sum(flat: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def text_fingerprint(text: str) -> tuple[float, float]:
+def text_fingerprint(text: str | bytes) -> tuple[float, float]:
     """A hash of ``text`` as two integers that float64 holds exactly (so that an all_reduce can carry it)."""
-    number = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "big")
+    number = int.from_bytes(hashlib.blake2b(text.encode() if isinstance(text, str) else text, digest_size=7).digest(),
+                            "big")
     return float(number >> 28), float(number & (2**28 - 1))
 
 
@@ -515,7 +522,7 @@ def _resolved(model: nn.Module, params: ParamSelection,
 
 def _setup(describe: Callable[[], str], failure: BaseException | None) -> tuple[str, BaseException | None]:
     """(``describe()``, failure), or ("", its exception) where it fails: what the ranks compare of what they build
-    (no text where the build failed already: that failure is raised first)."""
+    (no text where the arguments were refused already: that refusal is raised first)."""
     if failure is not None:
         return "", failure
     try:
@@ -581,13 +588,14 @@ class DistributedOperator:
 
     def __init__(self, build: Callable[[DataSpec], CurvatureOperator], model: nn.Module, data: DataSpec,
                  params: ParamSelection, process_group: dist.ProcessGroup, *,
-                 refusal: BaseException | None = None, kind: str, loss_fn: Any) -> None:
+                 refusal: BaseException | None = None, kind: str = "operator", loss_fn: Any = None) -> None:
         chosen, self.device, refusal = _resolved(model, params, refusal)
         self.dtype = next((p.dtype for p in chosen.values()), None)
         self.param_names = tuple(chosen)
+        # before the build, whose probes call the loss (a loss of the user's own may count its calls)
+        setup, refusal = _setup(lambda: f"{kind} of the loss {loss_text(loss_fn)}", refusal)
         rows, self.local, failure = ((0, None, refusal) if refusal else
                                      _build(build, data, self.device, when_empty=False))
-        setup, failure = _setup(lambda: f"{kind} of the loss {loss_text(loss_fn)}", failure)
         d = self.local.shape[0] if self.local is not None else sum(p.numel() for p in chosen.values())
         # The local operator notices every weight change before its products (its cache depends on it):
         # its key costs nothing more to read. An empty shard's rank keys the weights itself.
@@ -675,12 +683,13 @@ class DistributedObjective:
                  process_group: dist.ProcessGroup, weight_decay: float = 0.0, batch_size: int | None = None) -> None:
         chosen, device, refusal = _resolved(model, params, None)
         self.param_names = tuple(chosen)  # the selection again for the local Objective (params may be a generator)
+        # before the build, whose probes call the loss (as for DistributedOperator)
+        setup, refusal = _setup(lambda: f"objective with weight decay {value_text(weight_decay)} of the loss "
+                                        f"{loss_text(loss_fn)}", refusal)
         rows, self.local, failure = (0, None, refusal) if refusal else _build(
             lambda shard: Objective(model, loss_fn, shard, self.param_names, weight_decay=weight_decay,
                                     batch_size=batch_size),
             data, device, when_empty=True)
-        setup, failure = _setup(lambda: f"objective with weight decay {self.local.weight_decay!r} of the loss "
-                                        f"{loss_text(loss_fn)}", failure)
         dtype = next((p.dtype for p in chosen.values()), None)
         self._size, self._dtype, self._device = sum(p.numel() for p in chosen.values()), dtype, device
         self.shards = ShardGroup(process_group, rows, self._size, device, failure, dtype,

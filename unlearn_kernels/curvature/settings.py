@@ -4,7 +4,10 @@ module's training flag, hooks and instance ``forward``, torch.nn's modules' sett
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
+import numbers
+import types
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -85,23 +88,46 @@ def loss_settings(loss_fn: LossFn) -> tuple[tuple, WeightsKey]:
     return (), ()
 
 
+def value_text(value: Any) -> str:
+    """``value`` as text that is the same in every process for equal values, for processes that must agree
+    on what they were given (a loss, a method's options): numbers by value (0 and 0.0, numpy's and Python's
+    alike), a tensor by its entries, a module or another callable object by its class and plain attributes
+    (not ``training``, which no loss reads, nor private ones) with a module's buffers, a ``functools.partial``
+    by its function and arguments, a function by its qualified name (not its module, ``__main__`` in one
+    process and ``__mp_main__`` in a spawned one, nor what a closure holds), a mapping sorted."""
+    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
+        value = value.item()  # a numpy scalar (np.True_, np.str_, np.float64) as Python's
+    if isinstance(value, bool) or value is None:
+        return repr(value)
+    if isinstance(value, str):
+        return repr(str(value))
+    if isinstance(value, numbers.Integral):
+        return repr(int(value))
+    if isinstance(value, numbers.Real):
+        number = float(value)
+        return repr(int(number)) if number.is_integer() and abs(number) < 2**53 else repr(number)
+    if isinstance(value, torch.Tensor):
+        return f"tensor({value_text(value.tolist())})"
+    if isinstance(value, functools.partial):
+        return f"partial({value_text(value.func)}, {value_text(value.args)}, {value_text(value.keywords)})"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k!r}: {value_text(v)}" for k, v in sorted(value.items(), key=repr)) + "}"
+    if isinstance(value, (list, tuple)):
+        return "(" + ", ".join(value_text(v) for v in value) + ")"
+    if isinstance(value, (types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
+        return value.__qualname__
+    if callable(value) and not isinstance(value, type):  # a module (a loss) or another callable object
+        plain = {k: value_text(v) for k, v in sorted(vars(value).items())
+                 if isinstance(v, (bool, int, float, str)) and k != "training" and not k.startswith("_")}
+        buffers = {k: value_text(b) for k, b in value.named_buffers()} if isinstance(value, nn.Module) else {}
+        return f"{type(value).__qualname__}{plain}{buffers}"
+    return repr(value)
+
+
 def loss_text(loss_fn: LossFn) -> str:
-    """The loss as processes that build one distributed operator must agree on it: its kind, torch.nn's
-    losses' settings (:func:`loss_settings`' plain attributes, without the hooks, whose handle numbers
-    differ between processes), a ``functools.partial``'s keywords, and each tensor's float64 sum and
-    position checksum (a class weight; not its version counter or pointer, which differ too)."""
-    if isinstance(loss_fn, nn.Module):
-        plain = [(name, attributes) for name, _, _, attributes in loss_settings(loss_fn)[0]]
-        tensors = list(loss_fn.buffers())
-        kind = type(loss_fn).__qualname__
-    elif isinstance(loss_fn, functools.partial):
-        plain = loss_settings(loss_fn)[0]
-        tensors = [v for _, v in sorted(loss_fn.keywords.items(), key=lambda kv: kv[0]) if isinstance(v, torch.Tensor)]
-        kind = f"partial of {loss_text(loss_fn.func)}"
-    else:
-        plain, tensors = (), []
-        kind = f"{getattr(loss_fn, '__module__', '')}.{getattr(loss_fn, '__qualname__', type(loss_fn).__qualname__)}"
-    return f"{kind} {plain!r} {[entry[2:] for entry in weights_key(tensors)]!r}"
+    """The loss as processes that build one distributed operator must agree on it (:func:`value_text`): its
+    kind, settings and arguments, a class weight's entries."""
+    return value_text(loss_fn)
 
 
 def hooked_module(model: nn.Module) -> str | None:

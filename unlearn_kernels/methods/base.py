@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import abc
 import copy
+import functools
 import math
 import operator
 import time
@@ -368,23 +369,26 @@ def _shared_rows(forget: LabeledData, retain: LabeledData) -> list[int]:
 
 
 def forget_rows_in_other_retain_shards(forget: LabeledData, retain: LabeledData, group: Any,
-                                       device: torch.device) -> list[tuple[int, int]]:
+                                       device: torch.device, owner: str) -> list[tuple[int, int]]:
     """``(forget row, rank)`` for each sample of this rank's forget shard that another rank of ``group``
     holds in its retain shard (each rank checks its own shards alone): candidates by the rows' hashes,
     gathered from every rank, confirmed exactly on the rows themselves, as :func:`_shared_rows` does in
-    one process. A collective: every rank of ``group`` calls it, with its tensors on ``device``."""
+    one process. A collective: every rank of ``group`` calls it, with its tensors on ``device``; ``owner`` (the
+    method) leads the error of a collective that fails or times out."""
     rank = dist.get_rank(group)
+    gather = functools.partial(all_gather_objects, group=group, device=device,
+                               during=f"{owner}, rank {rank} of {dist.get_world_size(group)}, comparing the sets' rows")
     # one dtype on every rank, promoted over all the ranks' sets: each rank's own promotion hashed the same
     # samples (int32 ids on one rank, int64 on another) as different bytes
-    dtypes = all_gather_objects((str(forget.x.dtype), str(retain.x.dtype)), group, device)
+    dtypes = gather((str(forget.x.dtype), str(retain.x.dtype)))
     common = forget.x.dtype
     for name in (name for pair in dtypes for name in pair):
         common = torch.promote_types(common, getattr(torch, name.removeprefix("torch.")))
     f, r = _hashed(forget, retain, common)
-    hashes = all_gather_objects(f.hashes.tolist(), group, device)
+    hashes = gather(f.hashes.tolist())
     others = np.array([h for k, per_rank in enumerate(hashes) if k != rank for h in per_rank], dtype=np.uint64)
     mine = _by_hash(r, np.nonzero(np.isin(r.hashes, others))[0], lambda j: rank)
-    gathered = all_gather_objects(mine, group, device)
+    gathered = gather(mine)
     candidates: dict[int, list[tuple[bytes, int, int]]] = {}
     for k, per_rank in enumerate(gathered):
         if k != rank:

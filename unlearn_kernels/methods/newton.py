@@ -65,9 +65,7 @@ model with the current remaining set; g and H are recomputed at the current weig
 from __future__ import annotations
 
 import copy
-import functools
 import math
-import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -103,6 +101,7 @@ from ..curvature import (
 from ..curvature.probes import LossFn, checked_loss
 from ..curvature.distributed import GroupRef, all_reduce_released, text_fingerprint
 from ..curvature.params import tie_pattern
+from ..curvature.settings import value_text
 from ..labeled import LabeledData
 from ..training import check_dense_gradients, model_device
 from ..solvers import (
@@ -188,41 +187,10 @@ def check_per_sample_loss(owner: str, model: nn.Module) -> None:
                            "running statistics, or use a first-order method")
 
 
-def _option_text(value: Any) -> str:
-    """One option value as text for :func:`options_text`."""
-    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
-        value = value.item()  # a numpy scalar (np.True_, np.str_, np.float64) as Python's
-    if isinstance(value, bool) or value is None:
-        return repr(value)
-    if isinstance(value, str):
-        return repr(str(value))
-    if isinstance(value, numbers.Integral):  # numpy's numbers as Python's
-        return repr(int(value))
-    if isinstance(value, numbers.Real):
-        return repr(float(value))
-    if isinstance(value, torch.Tensor):
-        return f"tensor({_option_text(value.tolist())})"
-    if isinstance(value, nn.Module):  # a loss: its settings and buffers (class weights)
-        simple = {k: _option_text(v) for k, v in sorted(vars(value).items()) if isinstance(v, (bool, int, float, str))}
-        buffers = {k: _option_text(b) for k, b in value.named_buffers()}
-        return f"{type(value).__qualname__}{simple}{buffers}"
-    if isinstance(value, functools.partial):
-        return f"partial({_option_text(value.func)}, {_option_text(value.args)}, {_option_text(value.keywords)})"
-    if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{k!r}: {_option_text(v)}" for k, v in sorted(value.items(), key=repr)) + "}"
-    if isinstance(value, (list, tuple)):
-        return "(" + ", ".join(_option_text(v) for v in value) + ")"
-    if callable(value) and not isinstance(value, type):  # a function by its name (not what a closure holds)
-        return getattr(value, "__qualname__", type(value).__qualname__)
-    return repr(value)
-
-
 def options_text(owner: str, options: Mapping[str, Any]) -> str:
     """``owner(name=value, ...)`` for a method's constructor options, as text that is the same in every
-    process for the same options: numpy numbers as Python's, a loss module by its class, settings and
-    buffers, a ``functools.partial`` by its function and arguments, another function by its name (what a
-    closure holds is not compared), a mapping sorted."""
-    return f"{owner}({', '.join(f'{name}={_option_text(value)}' for name, value in sorted(options.items()))})"
+    process for the same options (:func:`~unlearn_kernels.curvature.settings.value_text`)."""
+    return f"{owner}({', '.join(f'{name}={value_text(value)}' for name, value in sorted(options.items()))})"
 
 
 def _structure_text(model: nn.Module) -> str:
@@ -293,7 +261,7 @@ def agree_on_inputs(method: Unlearner, group: dist.ProcessGroup, options: str, m
     totals = {role: int(n) for role, n in zip(roles, table[sizes:given].tolist()) if role in rows}
     check_not_empty(method.name, totals, " on every rank")
     # a sample forgotten on one rank and kept on another: each rank saw its own shards only
-    shared = forget_rows_in_other_retain_shards(forget, retain, group, table.device)
+    shared = forget_rows_in_other_retain_shards(forget, retain, group, table.device, method.name)
     flags = torch.zeros(world, dtype=torch.float64, device=table.device)
     flags[rank] = float(bool(shared))
     all_reduce_released(flags, group, during=f"{method.name}, rank {rank} of {world}, comparing the sets' rows")
@@ -423,7 +391,7 @@ class _NewtonFamily(Unlearner):
             ws.gradient_passes += 1
         if self.process_group is not None:
             all_reduce_released(used, self.process_group, dist.ReduceOp.MAX,
-                                during=f"{self.name}, finding the parameters the loss uses")
+                                during=f"{self._where()}, finding the parameters the loss uses")
         if isinstance(failure, (RuntimeError, IndexError)) and not is_out_of_memory(failure):
             raise ValueError(f"{self.name}: the model cannot run on its retain rows: {failure}") from failure
         if failure is not None:
@@ -462,8 +430,13 @@ class _NewtonFamily(Unlearner):
         if group is None:
             return local
         index = torch.tensor([float(order.index(local))], dtype=torch.float64, device=_collective_device(model))
-        all_reduce_released(index, group, dist.ReduceOp.MAX, during=f"{self.name}, agreeing on the solver")
+        all_reduce_released(index, group, dist.ReduceOp.MAX, during=f"{self._where()}, agreeing on the solver")
         return order[int(index.item())]
+
+    def _where(self) -> str:
+        """The method and this rank of its process group ("cure_newton, rank 0 of 2"), for a collective's errors."""
+        group = self.process_group
+        return f"{self.name}, rank {dist.get_rank(group)} of {dist.get_world_size(group)}"
 
     def _named(self, build: Callable[[], Any]) -> Any:
         """``build()``, its plain ValueError/TypeError (the curvature layer's refusal of the model, the
@@ -502,7 +475,7 @@ class _NewtonFamily(Unlearner):
         if self.process_group is None:
             return len(data)
         rows = torch.tensor([len(data)], dtype=torch.float64, device=device)
-        all_reduce_released(rows, self.process_group, during=f"{self.name}, counting the rows")
+        all_reduce_released(rows, self.process_group, during=f"{self._where()}, counting the rows")
         return int(rows.item())
 
     def _hessian(self, ws: _Workspace, data: LabeledData) -> CurvatureOperator:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -62,12 +62,12 @@ def weights_fingerprint_ref(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([_fingerprint_ref(t.detach()).to(where) for t in tensors])
 
 
-def weights_fingerprint(tensors: Sequence[torch.Tensor], *, backend: str = "auto") -> list[tuple[float, float]]:
+def weights_fingerprint(tensors: Iterable[torch.Tensor], *, backend: str = "auto") -> list[tuple[float, float]]:
     """Per tensor ``(sum, position checksum)`` of its values as Python floats (see the module docstring).
 
     Args:
-        tensors: any tensors (parameters and buffers), on any devices; read, not written, and not
-            differentiated.
+        tensors: any tensors (parameters and buffers), on any devices, as a sequence or an iterable
+            (``model.parameters()``); read, not written, and not differentiated.
         backend: "auto" (C++ when every tensor is a strided CPU tensor, else the reference), "cpp" or
             "reference".
 
@@ -80,6 +80,9 @@ def weights_fingerprint(tensors: Sequence[torch.Tensor], *, backend: str = "auto
     """
     if isinstance(tensors, torch.Tensor):  # iterating it would fingerprint its rows
         raise TypeError(f"{_OP}: tensors must be a sequence of tensors, got a tensor (give [tensor])")
+    if not isinstance(tensors, Iterable):
+        raise TypeError(f"{_OP}: tensors must be a sequence of tensors, got {type(tensors).__name__}")
+    tensors = list(tensors)  # a generator (model.parameters()) is read once
     other = next(((i, t) for i, t in enumerate(tensors) if not isinstance(t, torch.Tensor)), None)
     if other is not None:
         raise TypeError(f"{_OP}: tensors[{other[0]}] must be a torch.Tensor, got {type(other[1]).__name__}")
