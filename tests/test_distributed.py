@@ -756,6 +756,16 @@ def test_a_moved_inf_entry_changes_the_weights_checksum():
         with pytest.raises(ValueError, match="the ranks hold different weights"):
             check.compare(torch.stack([first, checksum(moved)]), 0, "now")
     check.compare(torch.stack([first, checksum(10)]), 0, "now")  # the same: no error
+    # review r7: finite weights whose squares overflow (every sum Inf on both ranks), and a complex buffer's
+    # imaginary part (dropped by the float64 cast), hid any difference
+    for build in (lambda x: torch.tensor([1.7e308, 1.7e308, x], dtype=torch.float64),
+                  lambda x: torch.tensor([1 + x * 1j], dtype=torch.complex128)):
+        sums = []
+        for x in (1.0, 2.0):
+            model.mask = build(x)
+            sums.append(WeightCheck(model, ["weight", "bias"]).checksum(torch.device("cpu")))
+        with pytest.raises(ValueError, match="the ranks hold different weights"):
+            WeightCheck(model, ["weight", "bias"]).compare(torch.stack(sums), 0, "now")
 
 
 class _ScaledLoss(nn.Module):
@@ -769,6 +779,39 @@ class _ScaledLoss(nn.Module):
 
 def _scaled(out: torch.Tensor, y: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     return scale * F.cross_entropy(out, y)
+
+
+class _Wrapped(nn.Module):
+    """A loss of the user's own around torch's: its settings are its submodule's."""
+
+    def __init__(self, smoothing: float) -> None:
+        super().__init__()
+        self.ce = nn.CrossEntropyLoss(label_smoothing=smoothing)
+
+    def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.ce(out, y)
+
+
+class _Slotted:
+    """A callable loss without a __dict__."""
+
+    __slots__ = ("scale",)
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+    def __call__(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.cross_entropy(out, y)
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self(out, y)
+
+
+class _Config:
+    """A plain object, whose default repr holds its address (other in every process)."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
 
 
 def test_what_the_ranks_compare_of_a_loss():
@@ -785,6 +828,19 @@ def test_what_the_ranks_compare_of_a_loss():
     other = [(_ScaledLoss(1.0), _ScaledLoss(2.0)), (functools.partial(_scaled, 1.0), functools.partial(_scaled, 3.0)),
              (nn.CrossEntropyLoss(label_smoothing=0.1), nn.CrossEntropyLoss()),
              (nn.CrossEntropyLoss(weight=torch.ones(3)), nn.CrossEntropyLoss(weight=2 * torch.ones(3)))]
+    # review r7: a wrapped torch loss, a bound method, a slotted callable (vars() raised), a tensor attribute, a
+    # numpy array (its repr elides the middle), an object by its default repr (an address), a set (hash order)
+    same += [(functools.partial(_scaled, scale=_Config(2.0)), functools.partial(_scaled, scale=_Config(2.0))),
+             (_Slotted(1.0), _Slotted(1.0)), (functools.partial(_scaled, scale={"a", "b", "c", "d"}),
+                                              functools.partial(_scaled, scale={"d", "c", "b", "a"})),
+             (functools.partial(_scaled, scale=2**60), functools.partial(_scaled, scale=2.0**60))]
+    flat = np.zeros(2000)
+    moved = flat.copy()
+    moved[1000] = 1.0
+    other += [(_Wrapped(0.0), _Wrapped(0.5)), (_Slotted(1.0).loss, _Slotted(2.0).loss), (_Slotted(1.0), _Slotted(2.0)),
+              (functools.partial(_scaled, scale=flat), functools.partial(_scaled, scale=moved)),
+              (functools.partial(_scaled, scale=_Config(1.0)), functools.partial(_scaled, scale=_Config(2.0))),
+              (functools.partial(_scaled, scale=torch.zeros(5000)), functools.partial(_scaled, scale=torch.ones(5000)))]
     assert all(loss_text(a) == loss_text(b) for a, b in same)
     assert all(loss_text(a) != loss_text(b) for a, b in other)
     # a function by its qualified name, not its module (__main__ in one process, __mp_main__ in a spawned one)

@@ -196,7 +196,8 @@ class WeightCheck:
     sit (two weights swapped, a transposed matrix), which the first two cannot. Where a half holds Inf or NaN
     (an additive -Inf mask, a buffer the operators allow, made every sum of its half infinite on every rank,
     which hid any other difference there) the sums are over its finite entries and the pattern is a hash of
-    the positions and kinds (+Inf, -Inf, NaN) of the others, compared exactly; else it is 0.
+    the positions and kinds (+Inf, -Inf, NaN) of the others, compared exactly (and of every value, where the
+    sums of the finite entries overflow); else it is 0. A complex tensor counts as its real and imaginary parts.
     ``changed()`` compares ``key()`` (anything that changes when the weights do) with its value when
     the ranks last agreed; by default the key is, per parameter of the model, its version counter,
     data pointer, float64 sum and position checksum, and the same of its buffers (the change detection of
@@ -250,7 +251,9 @@ class WeightCheck:
         with torch.no_grad():
             for tensors in ([live[name] for name in self._chosen], self._others(live)):
                 # one float64 copy per half, then three reductions: a few ops, not a few per tensor
-                flat = torch.cat([t.detach().reshape(-1).to(device, torch.float64) for t in tensors]
+                # a complex tensor as its real and imaginary parts (a float64 cast would drop the latter)
+                flat = torch.cat([(torch.view_as_real(t.resolve_conj()) if t.is_complex() else t).detach().reshape(-1)
+                                  .to(device, torch.float64) for t in tensors]
                                  or [torch.zeros(0, dtype=torch.float64, device=device)])
                 sums = torch.stack([flat.sum(), torch.dot(flat, flat), _position_weighted_sum(flat)])
                 pattern = (0.0, 0.0)
@@ -262,6 +265,9 @@ class WeightCheck:
                     pattern = text_fingerprint(where.cpu().numpy().tobytes() + codes.cpu().numpy().tobytes())
                     flat = flat.where(finite, 0.0)
                     sums = torch.stack([flat.sum(), torch.dot(flat, flat), _position_weighted_sum(flat)])
+                    if not bool(sums.isfinite().all()):  # finite entries whose squares overflow: every value hashed
+                        pattern = text_fingerprint(where.cpu().numpy().tobytes() + codes.cpu().numpy().tobytes()
+                                                   + flat.cpu().numpy().tobytes())
                 halves += [sums, torch.tensor(pattern, dtype=torch.float64, device=device)]
         return torch.cat(halves)
 

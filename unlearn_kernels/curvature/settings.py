@@ -88,39 +88,69 @@ def loss_settings(loss_fn: LossFn) -> tuple[tuple, WeightsKey]:
     return (), ()
 
 
+#: tensors with more entries are described by their fingerprint (a float64 sum and position checksum), not listed
+_LISTED_ENTRIES = 4096
+
+
+def _attributes(value: Any) -> dict[str, Any]:
+    """An object's public attributes, from its ``__dict__`` and ``__slots__`` (``training`` left out: no loss reads
+    it, and a loss in eval mode computes what one in training mode does)."""
+    found = dict(getattr(value, "__dict__", {}))
+    for cls in type(value).__mro__:
+        slots = getattr(cls, "__slots__", ())
+        for slot in (slots,) if isinstance(slots, str) else slots:
+            if hasattr(value, slot):
+                found.setdefault(slot, getattr(value, slot))
+    return {k: v for k, v in found.items() if not k.startswith("_") and k != "training"}
+
+
 def value_text(value: Any) -> str:
-    """``value`` as text that is the same in every process for equal values, for processes that must agree
-    on what they were given (a loss, a method's options): numbers by value (0 and 0.0, numpy's and Python's
-    alike), a tensor by its entries, a module or another callable object by its class and plain attributes
-    (not ``training``, which no loss reads, nor private ones) with a module's buffers, a ``functools.partial``
-    by its function and arguments, a function by its qualified name (not its module, ``__main__`` in one
-    process and ``__mp_main__`` in a spawned one, nor what a closure holds), a mapping sorted."""
-    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
+    """``value`` as text that is the same in every process for equal values and differs for different ones, for
+    processes that must agree on what they were given (a loss, a method's options): numbers by value (0 and 0.0,
+    numpy's and Python's alike), a tensor or numpy array by its entries (a large one by its fingerprint), a
+    container by its items (a set sorted), a ``functools.partial`` by its function and arguments, a function or
+    class by its qualified name (not its module, ``__main__`` in one process and ``__mp_main__`` in a spawned one,
+    nor what a closure holds), a bound method by its object and name, a module by its class, public attributes,
+    buffers and submodules, another object by its class and public attributes (``__dict__`` or ``__slots__``)."""
+    module = type(value).__module__
+    if module == "numpy" and getattr(value, "shape", None) == ():
         value = value.item()  # a numpy scalar (np.True_, np.str_, np.float64) as Python's
+    elif module == "numpy" and hasattr(value, "tolist"):  # an array: by its entries, as a tensor
+        return f"array({value_text(value.tolist())})" if value.dtype == object else value_text(torch.as_tensor(value))
     if isinstance(value, bool) or value is None:
         return repr(value)
-    if isinstance(value, str):
-        return repr(str(value))
+    if isinstance(value, (str, bytes)):
+        return repr(value)
     if isinstance(value, numbers.Integral):
         return repr(int(value))
     if isinstance(value, numbers.Real):
         number = float(value)
-        return repr(int(number)) if number.is_integer() and abs(number) < 2**53 else repr(number)
+        return repr(int(number)) if number.is_integer() else repr(number)  # 2**60 and 2.0**60 alike
+    if isinstance(value, numbers.Complex):
+        return repr(complex(value))
     if isinstance(value, torch.Tensor):
-        return f"tensor({value_text(value.tolist())})"
+        if value.numel() <= _LISTED_ENTRIES:
+            return f"tensor({value_text(value.tolist())}, {value.dtype})"
+        return f"tensor{tuple(value.shape)}, {value.dtype}, {weights_key([value])[0][2:]!r}"
     if isinstance(value, functools.partial):
         return f"partial({value_text(value.func)}, {value_text(value.args)}, {value_text(value.keywords)})"
     if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{k!r}: {value_text(v)}" for k, v in sorted(value.items(), key=repr)) + "}"
+        return "{" + ", ".join(sorted(f"{value_text(k)}: {value_text(v)}" for k, v in value.items())) + "}"
     if isinstance(value, (list, tuple)):
         return "(" + ", ".join(value_text(v) for v in value) + ")"
-    if isinstance(value, (types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
+    if isinstance(value, (set, frozenset)):
+        return "{" + ", ".join(sorted(value_text(v) for v in value)) + "}"
+    if isinstance(value, types.MethodType):
+        return f"{value_text(value.__self__)}.{value.__func__.__qualname__}"
+    if isinstance(value, (type, types.FunctionType, types.BuiltinFunctionType)):
         return value.__qualname__
-    if callable(value) and not isinstance(value, type):  # a module (a loss) or another callable object
-        plain = {k: value_text(v) for k, v in sorted(vars(value).items())
-                 if isinstance(v, (bool, int, float, str)) and k != "training" and not k.startswith("_")}
-        buffers = {k: value_text(b) for k, b in value.named_buffers()} if isinstance(value, nn.Module) else {}
-        return f"{type(value).__qualname__}{plain}{buffers}"
+    if isinstance(value, nn.Module):
+        buffers = {k: value_text(b) for k, b in value.named_buffers(recurse=False)}
+        children = {k: value_text(child) for k, child in value.named_children()}
+        return f"{type(value).__qualname__}{value_text(_attributes(value))}{buffers}{children}"
+    if hasattr(value, "__dict__") or hasattr(type(value), "__slots__") or type(value).__repr__ is object.__repr__:
+        # another object (a callable loss): by what it holds, never by its address
+        return f"{type(value).__qualname__}{value_text(_attributes(value))}"
     return repr(value)
 
 
