@@ -39,7 +39,7 @@ from unlearn_kernels.curvature import (
     set_flat_parameters,
 )
 from unlearn_kernels.curvature.distributed import WeightCheck, all_gather_objects, all_reduce_released
-from unlearn_kernels.curvature.settings import loss_text
+from unlearn_kernels.curvature.settings import value_text
 from unlearn_kernels.labeled import LabeledData
 from unlearn_kernels.methods import METHODS, CureNewtonLoRA
 from unlearn_kernels.solvers import adaptive_cubic_newton, cubic_newton_step, lanczos
@@ -815,7 +815,7 @@ class _Config:
 
 
 def test_what_the_ranks_compare_of_a_loss():
-    """loss_text, what the ranks compare of the loss they build with: equal for losses that compute the same
+    """value_text, what the ranks compare of the loss they build with: equal for losses that compute the same
     (0 and 0.0, numpy's and Python's numbers, a loss module in eval mode: each was refused as another operator),
     other for losses that do not (a user module's attribute and a partial's positional argument passed unseen:
     the operators blended the ranks' Hessians, 0.32 and 0.83 off each rank's own)."""
@@ -841,10 +841,10 @@ def test_what_the_ranks_compare_of_a_loss():
               (functools.partial(_scaled, scale=flat), functools.partial(_scaled, scale=moved)),
               (functools.partial(_scaled, scale=_Config(1.0)), functools.partial(_scaled, scale=_Config(2.0))),
               (functools.partial(_scaled, scale=torch.zeros(5000)), functools.partial(_scaled, scale=torch.ones(5000)))]
-    assert all(loss_text(a) == loss_text(b) for a, b in same)
-    assert all(loss_text(a) != loss_text(b) for a, b in other)
+    assert all(value_text(a) == value_text(b) for a, b in same)
+    assert all(value_text(a) != value_text(b) for a, b in other)
     # a function by its qualified name, not its module (__main__ in one process, __mp_main__ in a spawned one)
-    assert loss_text(_scaled) == "_scaled"
+    assert value_text(_scaled) == "_scaled"
 
 
 def _other_setup_worker(rank: int, world: int, store: str) -> None:

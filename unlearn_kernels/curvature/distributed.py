@@ -20,7 +20,7 @@ order (as with any collective).
 
 The ranks must hold the same model: construction compares, in its one collective, the number of parameters,
 the dtype, what each rank builds (the operator's kind or an objective's weight decay, the loss and its
-settings: :func:`~unlearn_kernels.curvature.settings.loss_text`) and a float64 checksum of the weights (sum,
+settings: :func:`~unlearn_kernels.curvature.settings.value_text`) and a float64 checksum of the weights (sum,
 sum of squares and a position-weighted sum of the finite entries of the chosen parameters, and of the model's
 other parameters and buffers, with where and which entries are Inf or NaN: a -inf mask buffer), and every rank
 raises the same ValueError naming what differs (a different dtype would otherwise crash gloo at the first
@@ -74,7 +74,7 @@ from .params import (
     same_weights,
     weights_key,
 )
-from .settings import loss_text, value_text
+from .settings import value_text
 
 
 class GroupRef:
@@ -255,19 +255,19 @@ class WeightCheck:
                 flat = torch.cat([(torch.view_as_real(t.resolve_conj()) if t.is_complex() else t).detach().reshape(-1)
                                   .to(device, torch.float64) for t in tensors]
                                  or [torch.zeros(0, dtype=torch.float64, device=device)])
-                sums = torch.stack([flat.sum(), torch.dot(flat, flat), _position_weighted_sum(flat)])
+                sums = _sums(flat)
                 pattern = (0.0, 0.0)
                 if not bool(sums.isfinite().all()):  # an Inf or NaN entry (a -inf mask), or squares beyond float64
                     finite = torch.isfinite(flat)
                     where = (~finite).nonzero().reshape(-1)
                     # which entries, and +Inf 1, -Inf 2, NaN 3: hashed, compared exactly on every rank
                     codes = torch.where(flat[where].isnan(), 3, torch.where(flat[where] > 0, 1, 2)).to(torch.int8)
-                    pattern = text_fingerprint(where.cpu().numpy().tobytes() + codes.cpu().numpy().tobytes())
+                    marks = where.cpu().numpy().tobytes() + codes.cpu().numpy().tobytes()
                     flat = flat.where(finite, 0.0)
-                    sums = torch.stack([flat.sum(), torch.dot(flat, flat), _position_weighted_sum(flat)])
+                    sums = _sums(flat)
                     if not bool(sums.isfinite().all()):  # finite entries whose squares overflow: every value hashed
-                        pattern = text_fingerprint(where.cpu().numpy().tobytes() + codes.cpu().numpy().tobytes()
-                                                   + flat.cpu().numpy().tobytes())
+                        marks += flat.cpu().numpy().tobytes()
+                    pattern = text_fingerprint(marks)
                 halves += [sums, torch.tensor(pattern, dtype=torch.float64, device=device)]
         return torch.cat(halves)
 
@@ -309,6 +309,11 @@ _GOLDEN = (math.sqrt(5) - 1) / 2
 
 _CHUNK = 1 << 20
 """Positions per piece of the weighted sum: its weights take 8 MB at a time, not another copy of the model."""
+
+
+def _sums(flat: torch.Tensor) -> torch.Tensor:
+    """(sum, sum of squares, position-weighted sum) of a flat float64 tensor, as one (3,) tensor."""
+    return torch.stack([flat.sum(), torch.dot(flat, flat), _position_weighted_sum(flat)])
 
 
 def _position_weighted_sum(flat: torch.Tensor) -> torch.Tensor:
@@ -475,13 +480,8 @@ class ShardGroup:
         flags[_SERIAL_HIGH, self.rank] = self.serial // _DIGIT % _DIGIT
         if moved:
             flags[_MOVED, self.rank] = 1
-        try:
-            all_reduce_released(flat, self.group)
-        except RuntimeError as err:
-            raise RuntimeError(
-                f"distributed curvature, rank {self.rank} of {self.world_size}: the all_reduce while {what} failed or "
-                f"timed out ({err}): another rank crashed, or the ranks did not make the same sequence of calls"
-            ) from err
+        all_reduce_released(flat, self.group,
+                            during=f"distributed curvature, rank {self.rank} of {self.world_size}, {what}")
         if failure is not None:
             raise failure
         flags = flags.tolist()  # one read-back
@@ -568,7 +568,7 @@ class DistributedOperator:
         refusal: this rank's error in the arguments of the function that builds the operator (an
             unknown path or parameter), raised here after the construction's collective.
         kind: what ``build`` builds ("Hessian", "GGN"), compared between the ranks with ``loss_fn``
-            (:func:`~unlearn_kernels.curvature.settings.loss_text`).
+            (:func:`~unlearn_kernels.curvature.settings.value_text`).
         loss_fn: the loss ``build`` uses.
 
     Attributes:
@@ -599,7 +599,7 @@ class DistributedOperator:
         self.dtype = next((p.dtype for p in chosen.values()), None)
         self.param_names = tuple(chosen)
         # before the build, whose probes call the loss (a loss of the user's own may count its calls)
-        setup, refusal = _setup(lambda: f"{kind} of the loss {loss_text(loss_fn)}", refusal)
+        setup, refusal = _setup(lambda: f"{kind} of the loss {value_text(loss_fn)}", refusal)
         rows, self.local, failure = ((0, None, refusal) if refusal else
                                      _build(build, data, self.device, when_empty=False))
         d = self.local.shape[0] if self.local is not None else sum(p.numel() for p in chosen.values())
@@ -691,7 +691,7 @@ class DistributedObjective:
         self.param_names = tuple(chosen)  # the selection again for the local Objective (params may be a generator)
         # before the build, whose probes call the loss (as for DistributedOperator)
         setup, refusal = _setup(lambda: f"objective with weight decay {value_text(weight_decay)} of the loss "
-                                        f"{loss_text(loss_fn)}", refusal)
+                                        f"{value_text(loss_fn)}", refusal)
         rows, self.local, failure = (0, None, refusal) if refusal else _build(
             lambda shard: Objective(model, loss_fn, shard, self.param_names, weight_decay=weight_decay,
                                     batch_size=batch_size),

@@ -154,12 +154,6 @@ def value_text(value: Any) -> str:
     return repr(value)
 
 
-def loss_text(loss_fn: LossFn) -> str:
-    """The loss as processes that build one distributed operator must agree on it (:func:`value_text`): its
-    kind, settings and arguments, a class weight's entries."""
-    return value_text(loss_fn)
-
-
 def hooked_module(model: nn.Module) -> str | None:
     """Where ``model`` has a module forward hook or pre-hook, as the start of a sentence ("module '0' has
     a forward hook or forward pre-hook", or a global one registered for every module); None without one."""

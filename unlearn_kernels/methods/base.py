@@ -369,15 +369,15 @@ def _shared_rows(forget: LabeledData, retain: LabeledData) -> list[int]:
 
 
 def forget_rows_in_other_retain_shards(forget: LabeledData, retain: LabeledData, group: Any,
-                                       device: torch.device, owner: str) -> list[tuple[int, int]]:
+                                       device: torch.device, during: str) -> list[tuple[int, int]]:
     """``(forget row, rank)`` for each sample of this rank's forget shard that another rank of ``group``
     holds in its retain shard (each rank checks its own shards alone): candidates by the rows' hashes,
     gathered from every rank, confirmed exactly on the rows themselves, as :func:`_shared_rows` does in
-    one process. A collective: every rank of ``group`` calls it, with its tensors on ``device``; ``owner`` (the
-    method) leads the error of a collective that fails or times out."""
+    one process. A collective: every rank of ``group`` calls it, with its tensors on ``device``; ``during`` leads
+    the error of a collective that fails or times out (as in
+    :func:`~unlearn_kernels.curvature.distributed.all_reduce_released`)."""
     rank = dist.get_rank(group)
-    gather = functools.partial(all_gather_objects, group=group, device=device,
-                               during=f"{owner}, rank {rank} of {dist.get_world_size(group)}, comparing the sets' rows")
+    gather = functools.partial(all_gather_objects, group=group, device=device, during=during)
     # one dtype on every rank, promoted over all the ranks' sets: each rank's own promotion hashed the same
     # samples (int32 ids on one rank, int64 on another) as different bytes
     dtypes = gather((str(forget.x.dtype), str(retain.x.dtype)))

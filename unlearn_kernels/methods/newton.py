@@ -261,10 +261,11 @@ def agree_on_inputs(method: Unlearner, group: dist.ProcessGroup, options: str, m
     totals = {role: int(n) for role, n in zip(roles, table[sizes:given].tolist()) if role in rows}
     check_not_empty(method.name, totals, " on every rank")
     # a sample forgotten on one rank and kept on another: each rank saw its own shards only
-    shared = forget_rows_in_other_retain_shards(forget, retain, group, table.device, method.name)
+    comparing = f"{method.name}, rank {rank} of {world}, comparing the sets' rows"
+    shared = forget_rows_in_other_retain_shards(forget, retain, group, table.device, comparing)
     flags = torch.zeros(world, dtype=torch.float64, device=table.device)
     flags[rank] = float(bool(shared))
-    all_reduce_released(flags, group, during=f"{method.name}, rank {rank} of {world}, comparing the sets' rows")
+    all_reduce_released(flags, group, during=comparing)
     if shared:
         row, other = shared[0]
         raise ValueError(f"{method.name}: {len(shared)} forget samples of rank {rank} are also in another rank's "
