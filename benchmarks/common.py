@@ -146,12 +146,16 @@ def check(case: str, candidate: str, fn: Callable[[], torch.Tensor], exact: torc
           tolerance: float) -> Measurement:
     """The correctness gate alone: one call, max abs error against ``exact`` <= tolerance, and the
     call's peak memory (:func:`peak_memory` on ``exact``'s device). The result has no time yet; its
-    status says "ok", "wrong" or "unavailable: <why>"."""
+    status says "ok", "wrong" (also for an output of another shape, which would broadcast against
+    ``exact``; ``extra["shape"]`` then names it) or "unavailable: <why>"."""
     try:
         with peak_memory(exact.device) as peak:
             out = fn()
     except Exception as exc:  # a candidate that cannot run here is reported, not fatal
         return Measurement(case, candidate, None, None, None, f"unavailable: {type(exc).__name__}: {exc}"[:200])
+    if out.shape != exact.shape:
+        return Measurement(case, candidate, None, None, None, "wrong", {"shape": list(out.shape)},
+                           peak_memory_bytes=peak.bytes)
     err = (out.double() - exact).abs().max().item()
     return Measurement(case, candidate, None, None, err, "ok" if err <= tolerance else "wrong",
                        peak_memory_bytes=peak.bytes)

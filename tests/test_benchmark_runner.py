@@ -371,3 +371,14 @@ def test_a_wrong_result_of_ours_fails_the_run_and_an_anchors_does_not(monkeypatc
         out = capsys.readouterr().out
         assert (f"{name}: FAILED its correctness gates: {candidate} on a case" in out) == bool(status)
         assert json.loads((tmp_path / f"{name}_cpu.json").read_text())["results"][0]["status"] == "wrong"
+
+
+def test_the_correctness_gate_refuses_an_output_of_another_shape():
+    """A candidate returning (3, n) where the exact answer is (n,) broadcast against it: its error was read
+    from the broadcast difference and passed the gate where every row matched. It is wrong now, shape named."""
+    from benchmarks.common import check
+
+    exact = torch.arange(4, dtype=torch.float64)
+    broadcast = check("a case", "ours", lambda: exact.float().expand(3, 4), exact, 1e-6)
+    assert (broadcast.status, broadcast.max_abs_err, broadcast.extra) == ("wrong", None, {"shape": [3, 4]})
+    assert check("a case", "ours", lambda: exact.float(), exact, 1e-6).status == "ok"

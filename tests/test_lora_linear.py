@@ -444,15 +444,18 @@ def test_cpp_row_chunks_in_parallel(threads, merged, rng):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_finite_values_propagate_like_f_linear(backend):
     """The documented contract: a forward-pass layer, unchecked; a NaN in one row of x gives a NaN
-    row and leaves the other rows exact, on every backend."""
+    row, an Inf a row with no finite entry (+-Inf where the C++ kernel folds the adapter into W,
+    NaN where Inf - Inf is summed), and the other rows are exact, on every backend."""
     args = _valid()
     args["x"] = torch.arange(24, dtype=torch.float32).reshape(4, 6) / 10
     args["x"][1, 2] = float("nan")
+    args["x"][2, 4] = float("inf")
     out = lora_linear(*args.values(), backend=backend)
     expected = torch.nn.functional.linear(args["x"], args["weight"], args["bias"]) + (
         args["x"] @ args["lora_a"].T @ args["lora_b"].T)
     assert out[1].isnan().all()
-    rows = [0, 2, 3]
+    assert not out[2].isfinite().any()
+    rows = [0, 3]
     torch.testing.assert_close(out[rows], expected[rows])
 
 
