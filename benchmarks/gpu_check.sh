@@ -18,6 +18,11 @@
 #                             build (the existing one is used), suites with --device cpu --quick
 # Exit status: 0 when every step passed, else 1 (the summary at the end says which failed).
 set -uo pipefail
+# the caller's relative paths are the caller's: made absolute before the cd into the repository
+for var in GPU_CHECK_LOGS GPU_CHECK_OUT; do
+    [[ -n ${!var:-} ]] && declare "$var=$(realpath -ms -- "${!var}")"
+done
+[[ ${PYTHON:-} == */* ]] && PYTHON=$(realpath -ms -- "$PYTHON")
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PY=${PYTHON:-python3}
