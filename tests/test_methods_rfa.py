@@ -46,6 +46,32 @@ def test_default_layers_are_the_hidden_ones():
     assert hidden_layers(MLP(64, hidden=(), num_classes=10)) == ()
 
 
+class _HeadRegisteredFirst(torch.nn.Module):
+    """A two-layer network whose output layer is registered before the hidden layer it runs after."""
+
+    def __init__(self):
+        super().__init__()
+        self.head, self.body = torch.nn.Linear(16, 10), torch.nn.Linear(64, 16)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x.flatten(1))))
+
+
+def test_the_output_layer_is_the_last_linear_the_forward_calls(problem):
+    """A model that registers its head first had the head adapted by default (the last Linear registered
+    was taken for the output layer) and its hidden layer left alone; the forward's order decides now."""
+    _, forget, retain, unseen = problem
+    torch.manual_seed(0)
+    model = _HeadRegisteredFirst().eval()
+    model.body.train()
+    assert hidden_layers(model) == ("head",)  # without a probe: the order of registration
+    assert hidden_layers(model, forget.x[:1]) == ("body",)
+    assert [m.training for m in model.modules()] == [False, False, True]
+    result = RFA(epochs=1, merge=False).unlearn(model, forget, retain, unseen=unseen, seed=0)
+    assert result.diagnostics["layers"] == ["body"]
+    assert type(result.model.head) is torch.nn.Linear
+
+
 def test_a_model_without_hidden_layers_needs_targets(problem):
     _, forget, retain, unseen = problem
     linear = MLP(64, hidden=(), num_classes=10)

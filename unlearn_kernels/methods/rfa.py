@@ -58,18 +58,33 @@ from ..lora import (
     unload,
     unmerge,
 )
-from ..training import make_optimizer, model_device
+from ..training import eval_mode, make_optimizer, model_device
 from .base import UnlearnResult, check_finite_result
 from .first_order import TrainedUnlearner, endless_batches, frozen_copy, optimizer_step
 
 SHIFTS = ("neighbors", "unseen_class", "other_class", "margin")
 
 
-def hidden_layers(model: nn.Module) -> tuple[str, ...]:
+def hidden_layers(model: nn.Module, probe: torch.Tensor | None = None) -> tuple[str, ...]:
     """The default adapter targets: every Linear and Conv2d layer that can take an adapter
-    (:func:`~unlearn_kernels.lora.adaptable_layers`) except the last Linear (the output layer), in
-    module order."""
-    linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    (:func:`~unlearn_kernels.lora.adaptable_layers`) except the output layer, in module order.
+
+    The output layer is the last Linear that ``model(probe)`` calls (one forward in eval mode, under
+    no_grad, every module's mode restored), where ``probe`` is a batch of inputs; without one, the last
+    Linear registered, which is the same layer unless the model registers its head before the layers
+    that run before it."""
+    modules = dict(model.named_modules())
+    linear = [name for name, m in modules.items() if isinstance(m, nn.Linear)]
+    if probe is not None and linear:
+        called: list[str] = []
+        handles = [modules[n].register_forward_hook(lambda *_, n=n: called.append(n)) for n in linear]
+        try:
+            with torch.no_grad(), eval_mode(model):
+                model(probe)
+        finally:
+            for handle in handles:
+                handle.remove()
+        linear = called or linear
     return tuple(n for n in adaptable_layers(model) if not linear or n != linear[-1])
 
 
@@ -171,7 +186,7 @@ class RFA(TrainedUnlearner):
         unseen = unseen.to(device) if unseen is not None else None
         if self.shift == "unseen_class":
             self._check_unseen_classes(forget, unseen)
-        new = self._new_layers(model)
+        new = self._new_layers(model, forget.x[:1])  # the output layer: the last Linear the forward calls
         unmerge(model)  # adapters the model had merged (in this private copy): merged, A and B get no gradient
         if new:
             add_adapters(model, new, self.rank, self.alpha)
@@ -202,17 +217,20 @@ class RFA(TrainedUnlearner):
     # ----------------------------------------------------------------------------------------
     # the parts
 
-    def _new_layers(self, model: nn.Module) -> list[str]:
-        """The layers that get fresh adapters (checked): ``targets``, else :func:`hidden_layers`, or
-        none on a model that already has adapters (those train)."""
-        return new_adapter_layers(self.name, model, self.targets, hidden_layers, "hidden ")
+    def _new_layers(self, model: nn.Module, probe: torch.Tensor | None = None) -> list[str]:
+        """The layers that get fresh adapters (checked): ``targets``, else :func:`hidden_layers` (its
+        output layer found by a forward of ``probe`` where one is given), or none on a model that
+        already has adapters (those train)."""
+        return new_adapter_layers(self.name, model, self.targets, lambda m: hidden_layers(m, probe), "hidden ")
 
     def _check_unseen_classes(self, forget: LabeledData, unseen: LabeledData | None) -> None:
         if unseen is None or len(unseen) == 0:
-            raise ValueError("RFA: shift='unseen_class' needs unseen data (unseen=..., e.g. the validation split)")
+            raise ValueError(f"{self.name}: shift='unseen_class' needs unseen data (unseen=..., e.g. the validation "
+                             "split)")
         missing = sorted(set(forget.y.unique().tolist()) - set(unseen.y.unique().tolist()))
         if missing:
-            raise ValueError(f"RFA: shift='unseen_class' needs unseen samples of every forget class; none of {missing}")
+            raise ValueError(f"{self.name}: shift='unseen_class' needs unseen samples of every forget class; none of "
+                             f"{missing}")
 
     @torch.no_grad()
     def _all_features(self, teacher: nn.Module, features: _Features, data: LabeledData
@@ -249,15 +267,15 @@ class RFA(TrainedUnlearner):
             absent[retain.y.unique()] = False
             ranked[:, absent] = -math.inf  # only classes that D_r holds
             if not bool(torch.isfinite(ranked.amax(1)).all()):  # argmax would pick class 0, a mean of no rows
-                raise ValueError(f"RFA: shift='other_class' needs a class of D_r other than a forget sample's own "
-                                 f"label; D_r holds only class(es) {retain.y.unique().tolist()}")
+                raise ValueError(f"{self.name}: shift='other_class' needs a class of D_r other than a forget sample's "
+                                 f"own label; D_r holds only class(es) {retain.y.unique().tolist()}")
             other = ranked.argmax(1)
             return [_class_means(h, retain.y, ranked.shape[1])[other] for h in retain_h]
         # neighbors: the pool is unseen data (else D_r), limited to the classes of D_r
         pool = unseen if unseen is not None and len(unseen) else retain
         pool = pool.subset(torch.isin(pool.y, retain.y.unique()))
         if len(pool) == 0:
-            raise ValueError("RFA: the neighbours' pool (unseen data of the classes of D_r) is empty")
+            raise ValueError(f"{self.name}: the neighbours' pool (unseen data of the classes of D_r) is empty")
         k = min(self.neighbors, len(pool))
         # one row per sample, 1-D samples (x of shape (N,)) included
         distances = torch.cdist(forget.x.reshape(len(forget), -1).double(), pool.x.reshape(len(pool), -1).double())
