@@ -10,7 +10,7 @@ Writes ``results.json`` (one record per model, protocol, seed and method), ``sum
 of docs/rfa.md) and two plots into ``--out``. One thread (timings comparable across methods).
 ``--hvp-modes`` instead times the Hessian-vector products on the adapter parameters of the digits MLP
 by double backward and by forward-over-reverse (the LoRA op's forward-mode rule), interleaved, and
-writes ``hvp_modes.json``.
+writes ``hvp_modes.json`` (what it ran on, as the benchmarks' JSONs say it, and a row per candidate).
 """
 from __future__ import annotations
 
@@ -230,7 +230,7 @@ def plots(records: list[dict], out: Path) -> None:
 
 def hvp_modes(out: Path) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for benchmarks/
-    from benchmarks.common import Measurement, measure_interleaved
+    from benchmarks.common import Measurement, environment, measure_interleaved
     from unlearn_kernels import lora
     from unlearn_kernels.curvature import hessian_operator
 
@@ -261,7 +261,7 @@ def hvp_modes(out: Path) -> None:
     measure_interleaved(timed, torch.device("cpu"), min_time=1.0)
     rows = [{"candidate": m.candidate, "median_ms": m.median_s * 1e3, "iqr_ms": m.iqr_s * 1e3,
              "relative_difference_to_double_backward": m.max_abs_err, "d": int(v.shape[0])} for m, _ in timed]
-    save_json(rows, out / "hvp_modes.json")
+    save_json({"environment": environment(torch.device("cpu")), "results": rows}, out / "hvp_modes.json")
     for row in rows:
         print(f"{row['candidate']:36s} {row['median_ms']:8.2f} ms (IQR {row['iqr_ms']:.2f})")
 
