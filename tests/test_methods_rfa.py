@@ -361,10 +361,12 @@ def _small_mlp():
     return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
 
 
-def _tied():
-    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.ReLU(), torch.nn.Linear(6, 6), torch.nn.ReLU(),
-                                torch.nn.Linear(6, 3))
+def _tied(head: bool = True):
+    """Two tied Linear layers (the second's weight is the first's), then an untied head unless ``head`` is False."""
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.ReLU(), torch.nn.Linear(6, 6))
     model[2].weight = model[0].weight
+    if head:
+        model.extend([torch.nn.ReLU(), torch.nn.Linear(6, 3)])
     return model
 
 
@@ -381,8 +383,8 @@ class _NoLayer(torch.nn.Module):
     (lambda: torch.nn.Linear(6, 3), r"the model is itself a Linear layer; wrap it"),
     (lambda: lora.LoRALinear(torch.nn.Linear(6, 3), rank=2), r"the model is itself a LoRALinear layer; wrap it"),
     (_NoLayer, r"the model has no Linear or Conv2d layer that can take an adapter"),
-    (_tied, r"layer '0' shares its parameter '0.weight' with '2.weight'"),
-], ids=["a-linear-layer", "an-adapter", "no-layer", "tied-weights"])
+    (lambda: _tied(head=False), r"the model has no Linear or Conv2d layer that can take an adapter"),
+], ids=["a-linear-layer", "an-adapter", "no-layer", "only-tied-layers"])
 def test_cure_newton_lora_refuses_a_model_without_layers_it_can_adapt_up_front(build, match):
     """The default targets were resolved mid-method: add_adapters' messages about targets the caller never
     gave (got [''], got []), and check_model let tied weights through."""
@@ -394,6 +396,18 @@ def test_cure_newton_lora_refuses_a_model_without_layers_it_can_adapt_up_front(b
     with pytest.raises(ValueError, match=r"^cure_newton_lora: " + match):
         CureNewtonLoRA(max_iterations=1).unlearn(model, forget, retain, seed=0)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_default_targets_leave_out_tied_layers_and_named_ones_are_refused():
+    """The defaults refused a model with tied layers outright (the tie's error), where the docs leave out of
+    the default every layer an adapter cannot stand in for; named, a tied layer is still refused."""
+    forget, retain = _small_sets()
+    assert lora.adaptable_layers(_tied()) == ["4"]
+    assert hidden_layers(_tied()) == ()
+    result = CureNewtonLoRA(max_iterations=1).unlearn(_tied(), forget, retain, seed=0)
+    assert result.diagnostics["layers"] == ["4"]
+    with pytest.raises(ValueError, match=r"^cure_newton_lora: layer '0' shares its parameter '0.weight' with"):
+        CureNewtonLoRA(targets="0").check_model(_tied())
 
 
 def test_cure_newton_lora_trains_merged_adapters_and_names_every_adapter_it_trained():

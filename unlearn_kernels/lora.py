@@ -306,16 +306,19 @@ def adapter_parameter_names(model: nn.Module) -> tuple[str, ...]:
 
 def adaptable_layers(model: nn.Module) -> list[str]:
     """Names of the Linear and Conv2d layers of ``model`` (module order) that an adapter can stand in
-    for: not the model itself, not inside an existing adapter, and none that :func:`add_adapters`
+    for: not the model itself, not inside an existing adapter, none that :func:`add_adapters`
     would refuse for its kind (e.g. nn.MultiheadAttention's out_proj, whose weight its parent reads
-    directly). The methods' default targets: a layer that cannot take an adapter is left out, not
-    refused, so that a model holding one (any torch Transformer layer) works with the defaults."""
+    directly), and none used under a second name or sharing a parameter (tied weights). The methods'
+    default targets: a layer that cannot take an adapter is left out, not refused, so that a model
+    holding one (any torch Transformer layer, a tied layer) works with the defaults."""
     modules = dict(model.named_modules())
+    every_name = dict(model.named_modules(remove_duplicate=False))
     inside = {f"{name}.{child}" for name in adapter_modules(model) for child, _ in modules[name].named_modules()
               if child}
     return [name for name, module in modules.items()
             if name and name not in inside and isinstance(module, ADAPTABLE)
-            and _layer_problem(module, modules[name.rpartition(".")[0]]) is None]
+            and _layer_problem(module, modules[name.rpartition(".")[0]]) is None
+            and _shared_problem(model, every_name, name) is None]
 
 
 def new_adapter_layers(owner: str, model: nn.Module, targets: Sequence[str] | None,
@@ -402,25 +405,29 @@ def resolve_targets(model: nn.Module, targets: str | Sequence[str], owner: str =
             problem = _layer_problem(modules[name], modules[name.rpartition(".")[0]])
             if problem:
                 raise ValueError(f"{owner}: layer {name!r}: {problem}")
-            _check_not_shared(owner, model, modules, name)
+            shared = _shared_problem(model, modules, name)
+            if shared:
+                raise ValueError(f"{owner}: {shared}")
         chosen += [n for n in found if n not in chosen]
     return chosen
 
 
-def _check_not_shared(owner: str, model: nn.Module, modules: dict[str, nn.Module], name: str) -> None:
-    """ValueError if the layer ``name`` (or one of its parameters) is also used under another name."""
+def _shared_problem(model: nn.Module, modules: dict[str, nn.Module], name: str) -> str | None:
+    """Why the layer ``name`` (or one of its parameters) is also used under another name, or None.
+    ``modules``: ``model.named_modules(remove_duplicate=False)`` as a dict."""
     layer = modules[name]
     others = [n for n, m in modules.items() if m is layer and n != name]
     if others:
-        raise ValueError(f"{owner}: layer {name!r} is also the model's module {others[0]!r} (one module under two "
-                         "names): an adapter would replace only one of them; give each use its own layer")
+        return (f"layer {name!r} is also the model's module {others[0]!r} (one module under two names): an adapter "
+                "would replace only one of them; give each use its own layer")
     own = {id(p) for p in layer.parameters()}
     inside = name + "."
     for pname, p in model.named_parameters(remove_duplicate=False):
         if id(p) in own and not pname.startswith(inside):
             mine = next(f"{name}.{n}" for n, q in layer.named_parameters(remove_duplicate=False) if q is p)
-            raise ValueError(f"{owner}: layer {name!r} shares its parameter {mine!r} with {pname!r} (tied weights): "
-                             "freezing or merging an adapter would change the other layer too")
+            return (f"layer {name!r} shares its parameter {mine!r} with {pname!r} (tied weights): freezing or "
+                    "merging an adapter would change the other layer too")
+    return None
 
 
 def _is_peft(module: nn.Module) -> bool:
