@@ -50,7 +50,8 @@ def check_values(beta_prev: torch.Tensor, alpha: torch.Tensor, beta: torch.Tenso
                          "or their products overflow")
 
 
-def fake(hq, q, q_prev, beta_prev, basis):
+def fake(hq: torch.Tensor, q: torch.Tensor, q_prev: torch.Tensor, beta_prev: torch.Tensor,
+         basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fake (meta) implementation: the next vector (hq's dtype, contiguous), alpha and beta (float64).
     It checks the arguments too: under torch.compile it is what runs, and with inputs on mixed
     devices the dispatcher may pick the Meta kernel, which is the fake."""

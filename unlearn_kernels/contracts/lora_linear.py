@@ -81,17 +81,22 @@ def check_op_args(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
             raise ValueError(f"{op}: grad_out is on {grad_out.device} but x is on {x.device}")
 
 
-def fake_forward(x, weight, bias, lora_a, lora_b, scale):
+def fake_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                 lora_b: torch.Tensor, scale: float) -> torch.Tensor:
     """y: (N, out) like x."""
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-def fake_backward(grad_out, x, weight, lora_a, lora_b, scale, output_mask):
+def fake_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
+                  lora_b: torch.Tensor, scale: float, output_mask: Sequence[bool],
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(grad_x, grad_a, grad_b), each None where ``output_mask`` does not ask for it."""
     need_x, need_a, need_b = output_mask
     return tuple(t.new_empty(t.shape) if need else None for t, need in ((x, need_x), (lora_a, need_a), (lora_b, need_b)))
 
 
-def fake_jvp(x, weight, bias, lora_a, lora_b, scale, tangent_a, tangent_b):
+def fake_jvp(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+             lora_b: torch.Tensor, scale: float, tangent_a: torch.Tensor, tangent_b: torch.Tensor,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, its tangent): both (N, out) like x."""
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], weight.shape[0])

@@ -3,6 +3,8 @@ Triton): argument checks and error messages identical to ``csrc/softmax_ce.h``, 
 row, and the autograd formulas every namespace of the op registers."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..checks import check_number
@@ -77,12 +79,16 @@ def _hvp_setup_context(ctx, inputs, output):
 # or the public function with its backend), so that higher derivatives stay on one backend.
 # The grad's Jacobian w.r.t. z is the (symmetric) softmax Hessian J = diag(p) - p p^T, zero on
 # ignored rows; h = hvp(z, u) = p*u - p<p,u> moves with z as dh = q*u - q<p,u> - p<q,u>, q = J dz.
+HvpOp = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""A softmax-CE hvp op, ``hvp(logits, direction)``: the namespace's own, as :func:`register_autograd` passes it."""
+
+
 def _probs(logits: torch.Tensor) -> torch.Tensor:
     low = logits.dtype in (torch.float16, torch.bfloat16)
     return torch.softmax(logits.float() if low else logits, dim=1).to(logits.dtype)
 
 
-def grad_derivative(hvp, logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
+def grad_derivative(hvp: HvpOp, logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
                     direction: torch.Tensor) -> torch.Tensor:
     """J G of ``softmax_ce_grad`` for a direction G: its backward (G an output gradient) and its jvp
     (G a tangent of the logits) alike, J being symmetric."""
@@ -90,7 +96,7 @@ def grad_derivative(hvp, logits: torch.Tensor, target: torch.Tensor, ignore_inde
     return hvp(logits, direction * keep)
 
 
-def hvp_logits_vjp(hvp, logits: torch.Tensor, tangent: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+def hvp_logits_vjp(hvp: HvpOp, logits: torch.Tensor, tangent: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
     """dh^T G = J (G*u - <p,u> G - <G,p> u): the gradient of ``softmax_ce_hvp`` w.r.t. the logits."""
     p = _probs(logits)
     inner = (grad_out * tangent - (p * tangent).sum(1, keepdim=True) * grad_out
@@ -98,7 +104,7 @@ def hvp_logits_vjp(hvp, logits: torch.Tensor, tangent: torch.Tensor, grad_out: t
     return hvp(logits, inner)
 
 
-def hvp_logits_jvp(hvp, logits: torch.Tensor, tangent: torch.Tensor, dlogits: torch.Tensor) -> torch.Tensor:
+def hvp_logits_jvp(hvp: HvpOp, logits: torch.Tensor, tangent: torch.Tensor, dlogits: torch.Tensor) -> torch.Tensor:
     """dh = q*u - q<p,u> - p<q,u> with q = J dz: how ``softmax_ce_hvp`` moves with the logits."""
     p, q = _probs(logits), hvp(logits, dlogits)
     return q * tangent - q * (p * tangent).sum(1, keepdim=True) - p * (q * tangent).sum(1, keepdim=True)

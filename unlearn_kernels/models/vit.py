@@ -21,11 +21,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def extra_repr(self) -> str:
+        """The head count, shown in the module's repr."""
         # the heads are no parameter: without them here a checkpoint of one head count (model_signature,
         # Retrain's architecture check) passed for another's
         return f"heads={self.heads}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Multi-head self-attention over the tokens of x (batch, tokens, dim)."""
         batch, tokens, dim = x.shape
         q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
         weights = torch.softmax(q @ k.transpose(-2, -1) * (dim // self.heads) ** -0.5, dim=-1)
@@ -43,6 +45,7 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block on x (batch, tokens, dim), shape kept."""
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
