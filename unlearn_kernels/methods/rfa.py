@@ -141,7 +141,8 @@ class RFA(TrainedUnlearner):
         targets: module names or glob patterns of the layers to adapt (None: :func:`hidden_layers`).
         shift: one of :data:`SHIFTS`.
         lam: the weight of L_shift, > 0.
-        neighbors: k of the "neighbors" target, >= 1.
+        neighbors: k of the "neighbors" target, >= 1 (where the pool holds fewer samples, each forget
+            sample's target is the mean over the whole pool).
         margin: how far the "margin" target moves the features along u, relative to ||h0||, > 0.
         task_weight: weight of the cross entropy on D_r, >= 0 (0: features only).
         merge: merge the adapters into the weights (True) or return the model with its adapters.
