@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -984,3 +985,16 @@ def test_a_factory_that_starts_elsewhere_or_freezes_a_layer_trains_its_own_model
         assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), alone.state_dict().values()))
     assert len({cache_path(tmp_path, "orig", init_model(f, CONFIG.seed), CONFIG)
                 for f in (plain, zero_head, frozen_first)}) == 3
+
+
+def test_warm_up_leaves_an_optimizers_one_off_imports_done():
+    """After warm_up, building an optimizer imports no module (torch imports torch._dynamo at a process's first
+    optimizer, 0.8 s: a cost that belongs to no measured call). In a fresh process, where nothing ran before."""
+    script = ("import sys, torch\n"
+              "from unlearn_kernels.training import warm_up\n"
+              "warm_up()\n"
+              "before = set(sys.modules)\n"
+              "torch.optim.Adam([torch.zeros(2, requires_grad=True)], lr=0.1)\n"
+              "print(sorted(set(sys.modules) - before))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -72,7 +72,7 @@ from .eval import (
 from .lora import adapter_modules, unload
 from .methods import METHODS, Retrain, RetrainReseeded, Unlearner, UnlearnResult
 from .models import build_model
-from .training import TrainConfig, check_converged, init_model, train
+from .training import TrainConfig, check_converged, init_model, train, warm_up
 
 #: the methods run by default, oracle first (it is the reference of every other row)
 DEFAULT_METHODS = ("retrain", "original", "cure_newton", "stochastic_cure_newton", "newton_pinv", "damped_newton",
@@ -563,6 +563,7 @@ def run_study(config: StudyConfig, progress: Progress | None = None) -> dict[str
     """
     progress = progress or (lambda phase, done, total: None)
     check_cache(config)
+    warm_up()  # the same timings whether the original model is trained here or loaded from the cache
     records: list[dict[str, Any]] = []
     device = torch.device(config.device)
     total = len(config.seeds) * max(1, config.sequential) * len(config.methods)
