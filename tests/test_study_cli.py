@@ -207,6 +207,18 @@ def test_newton_family_gets_the_recipes_weight_decay_and_user_options_win(monkey
     json.dumps(config.to_dict())  # every option is JSON-friendly (loss functions by name)
 
 
+def test_a_config_of_numpy_and_tensor_values_is_written_as_json():
+    """StudyConfig accepted a numpy or tensor forget_fraction and numpy model_kwargs, then write_json failed after
+    the whole study (float32 is not JSON serializable), leaving nothing written."""
+    for fraction in (np.float32(0.25), torch.tensor(0.25)):
+        config = StudyConfig(forget_fraction=fraction, model_kwargs={"hidden": (np.int64(32),)},
+                             method_options={"cure_newton": {"M": np.float64(0.5)}})
+        assert type(config.forget_fraction) is float
+        written = json.loads(json.dumps(config.to_dict(), allow_nan=False))
+        assert (written["forget_fraction"], written["model_kwargs"]) == (0.25, {"hidden": [32]})
+        assert written["method_options"] == {"cure_newton": {"M": 0.5}}
+
+
 def test_newton_family_gets_the_recipes_loss_and_no_decoupled_decay():
     """AdamW's decoupled decay was passed as an L2 term (the vit recipe's 5e-2: F far from stationary at
     the trained model), and a recipe's label smoothing never reached the Newton family's loss."""

@@ -247,6 +247,7 @@ class StudyConfig:
                 self.forget_fraction = DEFAULT_FORGET_FRACTION
             check_number("forget_fraction (--forget-fraction)", self.forget_fraction, 0.0, 1.0, strict=True,
                          strict_high=True)
+            self.forget_fraction = float(self.forget_fraction)  # a numpy or tensor scalar too: a float from here on
         self.sequential = check_int("sequential", self.sequential, low=0)
         check_epochs(self.train_recipe(0).epochs)
         if self.protocol == "class" and self.sequential and self.sequential != len(self.forget_classes):
@@ -320,9 +321,8 @@ class StudyConfig:
         """The config as JSON-friendly values, with the recipe and every method's effective options."""
         d = dataclasses.asdict(self)
         d["recipe"] = self.train_recipe(0).to_dict() | {"seed": "per study seed"}
-        d["method_options"] = {m: {k: _json_value(v) for k, v in o.items()} for m, o in self.method_options.items()}
         d["effective_method_options"] = self.effective_method_options()
-        return d
+        return _json_value(d)  # numpy or tensor values a caller gave (model_kwargs, method_options) too
 
 
 def _constructor_defaults(cls: type) -> dict[str, Any]:
