@@ -140,8 +140,10 @@ def test_sequential_forget_disjoint_and_shrinking(labels, num_requests, fraction
 
 def test_sequential_forget_rejects_too_many_requests() -> None:
     y = torch.arange(20) % 2
-    with pytest.raises(ValueError, match="would forget all 20"):
+    with pytest.raises(ValueError, match="would forget 20 samples, which leaves none of the 20 to retain"):
         sequential_forget(y, 5, 0.2, 0)  # 5 x 4 = 20
+    with pytest.raises(ValueError, match="would forget 80 samples, which leaves none of the 20"):
+        sequential_forget(y, 20, 0.2, 0)  # far beyond: the count, not "all 20"
     with pytest.raises(ValueError, match="num_requests"):
         sequential_forget(y, 0, 0.1, 0)
     with pytest.raises(ValueError, match="num_requests must be an int >= 1, got True"):

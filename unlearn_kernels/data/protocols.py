@@ -246,7 +246,8 @@ def sequential_forget(
     count = _forget_count(fraction, len(labels))
     if num_requests * count >= len(labels):
         raise ValueError(
-            f"{num_requests} requests of {count} samples (fraction={fraction}) would forget all {len(labels)} samples"
+            f"{num_requests} requests of {count} samples (fraction={fraction}) would forget {num_requests * count} "
+            f"samples, which leaves none of the {len(labels)} to retain"
         )
     stratified = check_bool("stratified", stratified)
     generator = _seed(seed)
