@@ -187,7 +187,8 @@ class RFA(TrainedUnlearner):
         unseen = unseen.to(device) if unseen is not None else None
         if self.shift == "unseen_class":
             self._check_unseen_classes(forget, unseen)
-        new = self._new_layers(model, forget.x[:1])  # the output layer: the last Linear the forward calls
+        # the output layer: the last Linear the forward calls (on a copy: a model may write its input in place)
+        new = self._new_layers(model, forget.x[:1].clone())
         unmerge(model)  # adapters the model had merged (in this private copy): merged, A and B get no gradient
         if new:
             add_adapters(model, new, self.rank, self.alpha)
