@@ -781,8 +781,8 @@ def test_a_diverging_lissa_step_is_blamed_on_the_step():
     model.eval()
     with pytest.raises(ValueError, match=r"^lissa: the LiSSA recursion diverged \(H \+ damping I has negative "
                                          r"curvature, smallest Ritz value -0\.\d+ below -damping -0\.01, along "
-                                         r"which it grows: raise damping above 0\.\d+\); the caller's model is "
-                                         "unchanged"):
+                                         r"which it grows: raise damping above 0\.\d+ at least \(a Ritz value: the "
+                                         r"smallest eigenvalue may be lower\)\); the caller's model is unchanged"):
         LiSSANewton().unlearn(model, LabeledData(x[:40], y[:40]), LabeledData(x[40:], y[40:]))
 
 

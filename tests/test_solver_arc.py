@@ -34,6 +34,10 @@ def test_quadratic_every_step_is_accepted_and_m_falls(rng):
     assert out.M == 2.0 ** -len(out.trials)
     assert out.value == pytest.approx(value(out.w), rel=1e-12) and out.initial_value == 0.0
     assert out.num_hvps == sum(t.hvps for t in out.trials) > 0
+    # the same run capped at the steps it took: its last step reached the tolerance (it said "max_iterations")
+    capped = adaptive_cubic_newton(value, gradient, lambda w: A, torch.zeros(D, dtype=torch.float64), M=1.0,
+                                   max_iterations=out.steps, tol=1e-6, solver_options={"kappa": 1e-12, "k_max": D})
+    assert (capped.stop_reason, capped.steps) == ("tolerance", out.steps) and torch.equal(capped.w, out.w)
 
 
 def test_wrong_curvature_is_rejected_until_m_is_large_enough(rng):

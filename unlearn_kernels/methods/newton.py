@@ -905,7 +905,8 @@ class DampedNewton(_NewtonFamily):
         damping: lambda >= 0 (default 0.01, the damping Koh and Liang use for influence functions).
         solver: "eigh" (float64 eigendecomposition of the dense Hessian: exact), "ldl" (the dense
             float64 matrix factored as L D L^T: exact, 1/25 of the eigendecomposition's time at d =
-            9,610), "minres" (to ``tol``), "minres-ldl" (MINRES, then "ldl" where MINRES has not
+            9,610), "minres" (to ``tol``; ``converged`` also needs a true residual <= ``sqrt(tol) ||g||``),
+            "minres-ldl" (MINRES, then "ldl" where MINRES has not
             converged within ``maxiter`` iterations, default d // 4) or "auto" (the default: "eigh" up
             to d = :data:`~unlearn_kernels.solvers.DENSE_MAX_DIM`, "minres-ldl" up to
             :data:`~unlearn_kernels.solvers.DENSE_SOLVE_MAX_DIM`, else "minres", a dense one only where it
@@ -1024,7 +1025,9 @@ class LiSSANewton(_NewtonFamily):
     Negative curvature below ``-damping`` makes a component grow slowly, unseen by the residual for many
     steps: where the auto scale's smallest Ritz value shows it, the step (the truncated recursion, as the
     papers take it on networks) is returned with ``converged`` False and that value as ``lambda_min`` in
-    the diagnostics (None with a given scale, which runs no Lanczos).
+    the diagnostics (None with a given scale, which runs no Lanczos). ``converged`` True says that the
+    recursion did not grow, not that the system is solved: the truncated recursion's residual is the
+    diagnostics' ``residual``.
 
     Args:
         damping: lambda >= 0 (default 0.01).
@@ -1067,7 +1070,8 @@ class LiSSANewton(_NewtonFamily):
             # cannot leave when every eigenvalue of H + damping I is in [0, 2 scale] (see lissa)
             if not result.converged:
                 cause = (f"H + damping I has negative curvature, smallest Ritz value {lambda_min:.3g} below -damping "
-                         f"{-self.damping:g}, along which it grows: raise damping above {-lambda_min:.3g}"
+                         f"{-self.damping:g}, along which it grows: raise damping above {-lambda_min:.3g} at least (a "
+                         "Ritz value: the smallest eigenvalue may be lower)"
                          if indefinite else f"scale {scale:.3g} is below half the largest eigenvalue of H + damping "
                          "I, or H has strong negative curvature: raise scale or damping")
                 raise ValueError(f"{self.name}: the LiSSA recursion diverged ({cause}); the caller's model is "

@@ -79,7 +79,8 @@ class ARCResult:
         steps: accepted steps.
         num_hvps: Hessian-vector products used in all.
         M: the cubic constant the next step would have used (a warm start for a later call).
-        stop_reason: "tolerance" (``||g|| <= tol``), "max_iterations", "hvp_budget",
+        stop_reason: "tolerance" (``||g|| <= tol`` at ``w``, also where the last step allowed reached it),
+            "max_iterations", "hvp_budget",
             "no_progress" (the predicted decrease fell below the resolution of f after a rejection
             raised M, or with M at M_min: no step can be told apart from rounding) or
             "max_rejections" (that many trials in a row were rejected in one iteration; M is then the
@@ -296,5 +297,7 @@ def adaptive_cubic_newton(
                 break
         if stop in ("no_progress", "max_rejections"):
             break
+    if stop == "max_iterations" and norm64(g) <= tol:  # the last step reached the tolerance
+        stop = "tolerance"
     return ARCResult(w=w, value=f, gradient=g, steps=steps, num_hvps=hvps, M=M, stop_reason=stop, trials=trials,
                      initial_value=f0, initial_grad_norm=g0_norm)
