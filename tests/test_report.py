@@ -429,3 +429,22 @@ def test_plots_leave_the_callers_backend_and_pyplot_alone(tmp_path):
     finally:
         plt.close(figure)
         matplotlib.use(before)
+
+
+def test_plots_need_no_mathtext(tmp_path, monkeypatch):
+    """The time axis's default 10^k tick labels are mathtext, whose fallback fonts a stale matplotlib font cache
+    (left by a deleted environment) cannot find: the main job printed 21 "findfont" warnings. No text of the
+    plots goes through the mathtext parser now."""
+    import matplotlib.mathtext
+
+    def no_mathtext(self, s, *args, **kwargs):
+        raise AssertionError(f"mathtext parsed {s!r}")
+
+    monkeypatch.setattr(matplotlib.mathtext.MathTextParser, "parse", no_mathtext)
+    records = _study([0.4, 0.6], [0.3, 0.2], [0.05, 0.1])
+    for r, seconds in zip(records, (0.002, 3.0, 0.02, 0.5, 0.04, 0.7)):
+        r["metrics"].update(seconds=seconds, speedup=1.0, js_to_oracle=0.0, tug_of_war=1.0)
+    add_gap_closed(records)
+    study = {"config": {"protocol": "mislabeled"}, "records": records}
+    report.write_plots(study, tmp_path)
+    report.plot_gap_closed({"mislabeled": study}, tmp_path / "g.png")

@@ -443,6 +443,17 @@ def new_figure(**kwargs: Any) -> Any:
     return Figure(**kwargs)
 
 
+def _plain_log_x(ax: Any) -> None:
+    """A log x axis with plain tick labels (0.01, 0.1, 1), not matplotlib's default 10^k ones: those are
+    mathtext, whose fallback fonts a stale matplotlib font cache (one left by a deleted environment)
+    cannot find, which printed 21 "findfont" warnings into the study's output."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def palette(name: str) -> tuple[Any, ...]:
     """The colours of matplotlib's qualitative colormap ``name`` (``"tab10"``, ``"tab20"``)."""
     import matplotlib
@@ -545,7 +556,7 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
                     ms=12 if m == "retrain" else 6, color=colors[i % len(colors)], capsize=3, label=m)
     gold = last["retrain"]["acc_forget"][0]
     ax.axhline(gold, color="grey", ls="--", lw=1, label="oracle Acc_f")
-    ax.set_xscale("log")
+    _plain_log_x(ax)
     ax.set_xlabel("unlearning time (s, log scale)")
     ax.set_ylabel("accuracy on the forget set")
     ax.set_title("Forget accuracy vs cost (mean ± std over seeds)")
