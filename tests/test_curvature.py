@@ -1070,6 +1070,16 @@ def test_meta_model_or_data_is_refused_by_name():
         hessian_operator(nn.Linear(4, C), F.cross_entropy, (x.to("meta"), y.to("meta")))
 
 
+def test_numpy_data_is_refused_with_the_conversion():
+    """(numpy x, numpy y) said only "got ndarray"; LabeledData's own refusal names torch.as_tensor."""
+    x, y = np.zeros((N, 4), np.float32), np.zeros(N, np.int64)
+    for data in ((x, y), [(x, torch.from_numpy(y))]):
+        with pytest.raises(TypeError, match=r"an \(x, y\) pair of tensors, got \w+ \(torch.as_tensor converts numpy"):
+            hessian_operator(nn.Linear(4, C), F.cross_entropy, data)
+    with pytest.raises(TypeError, match=r"pair of tensors, got tuple$"):
+        hessian_operator(nn.Linear(4, C), F.cross_entropy, [(1, 2, 3)])
+
+
 def test_partial_cross_entropy_ignore_index():
     """A functools.partial of F.cross_entropy with its own ignore_index: a batch of ignored rows is a
     zero term of Objective's value (it was NaN), as it is of the gradient and the operators."""

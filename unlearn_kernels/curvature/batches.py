@@ -153,7 +153,10 @@ class BatchSource:
     def _check_batch(batch: Any) -> Batch:
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2
                 and all(isinstance(t, torch.Tensor) for t in batch)):
-            raise TypeError(f"each batch must be an (x, y) pair of tensors, got {type(batch).__name__}")
+            parts = list(batch[:3]) if isinstance(batch, (tuple, list)) else [batch]
+            hint = (" (torch.as_tensor converts numpy arrays)"
+                    if any(type(part).__module__ == "numpy" for part in parts) else "")
+            raise TypeError(f"each batch must be an (x, y) pair of tensors, got {type(batch).__name__}{hint}")
         x, y = batch
         check_tensor("a batch's inputs x", x)  # sparse: "reshape is not implemented for sparse tensors" later
         check_tensor("a batch's targets y", y)

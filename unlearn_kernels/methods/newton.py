@@ -633,6 +633,8 @@ class CureNewton(_NewtonFamily):
                  path: str = "auto", process_group: Any = None) -> None:
         super().__init__(params=params, loss_fn=loss_fn, dtype=dtype, batch_size=batch_size,
                          weight_decay=weight_decay, path=path, process_group=process_group)
+        if isinstance(M, str) and M != "auto":  # else check_number's "a finite number", hiding the one word it takes
+            raise ValueError(f"{self.name}: M must be a number > 0 or 'auto', got {M!r}")
         if M == "auto" and process_group is not None:
             raise ValueError(f"{self.name}: M='auto' estimates the Lipschitz constant on one process's data; with a "
                              "process_group give M as a number")
