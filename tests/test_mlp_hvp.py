@@ -804,11 +804,13 @@ def test_results_never_require_grad(backend, device, rng):
     assert not any(t.requires_grad for t in results)
 
 
-def test_many_classes_and_confident_rows_keep_the_small_probabilities():
+def test_many_classes_and_confident_rows_keep_the_small_probabilities(device):
     """The CPU kernel summed a softmax row in float32: for a confident row exp(z - max) ~ 2e-9 is below half an
     ulp of the running sum once the top class is in it, so every later class was dropped and p_y - 1 came out
-    0 (the fused gradient's bias entry of class 0 had the wrong sign with 100,000 classes). Summed in double,
-    the gradient and the uncached and cached products are within twice PyTorch's own float32 error."""
+    0 (the fused gradient's bias entry of class 0 had the wrong sign with 100,000 classes). The CUDA kernel's
+    lanes did the same, each lane's sum (the top class's lane drops 1/32 of the mass: 3% off, an emulation
+    of its float32 sums in that order). Summed in double, the gradient is within a tenth of PyTorch's own
+    float32 error (6.3e-2 here; ours 6.6e-4 on the CPU) and the uncached and cached products within twice it."""
     classes, n = 20_000, 32
     y = torch.arange(n) % 10
     model = nn.Sequential(nn.Linear(10, classes))
@@ -823,7 +825,8 @@ def test_many_classes_and_confident_rows_keep_the_small_probabilities():
     model.float()
     torch32 = hessian_operator(model, F.cross_entropy, (x, y), path="generic")  # plain autograd in float32
     g_err, hv_err = relative_error(torch32.gradient().double(), g64), relative_error(torch32.matvec(v.float()), hv64)
+    model, x, y, v = model.to(device), x.to(device), y.to(device), v.to(device)
     for cache_bytes in (None, 0):
         fused = hessian_operator(model, F.cross_entropy, (x, y), path="fused", cache_bytes=cache_bytes)
-        assert relative_error(fused.gradient().double(), g64) <= 2 * g_err
-        assert relative_error(fused.matvec(v.float()).double(), hv64) <= 2 * hv_err
+        assert relative_error(fused.gradient().cpu(), g64) <= g_err / 10
+        assert relative_error(fused.matvec(v.float()).cpu(), hv64) <= 2 * hv_err
