@@ -36,6 +36,10 @@ def test_triton_kernels_compile_for_sm90(op: str) -> None:
     assert not failed, "\n".join(failed)
     too_big = [f"{r['variant']}: {r['shared']} bytes" for r in records if r["shared"] > SM90_SHARED_BYTES]
     assert not too_big, f"more shared memory than an sm_90 block has ({SM90_SHARED_BYTES} bytes): {too_big}"
+    # softmax_ce's rows and lora_linear's row tiles took tl.program_id(0) * ROWS in int32: from 2**31 rows on
+    # the first row of a program wrapped negative, passed the rows < N mask and was read and written out of bounds
+    wrapping = [r["variant"] for r in records if not r["int64_ids"]]
+    assert not wrapping, f"program ids used in int32 arithmetic: {wrapping}"
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="with a GPU the kernels run compiled")

@@ -2,9 +2,11 @@
 without a GPU: Triton ships ptxas. Run by tests/test_triton_compile.py in a fresh process, because
 the kernels must be defined compiled, not interpreted. Each kernel is compiled with the launch
 configuration its module uses on a GPU, for every input dtype the op accepts; one JSON line per
-compiled variant: op, variant, ok, shared (bytes of shared memory), error. Run without
-TRITON_INTERPRET, so that the kernels are defined compiled."""
+compiled variant: op, variant, ok, shared (bytes of shared memory), int64_ids (every program id is
+widened to int64 before any arithmetic: a tile index times the tile's size wraps in int32 from 2**31
+rows on), error. Run without TRITON_INTERPRET, so that the kernels are defined compiled."""
 import json
+import re
 import sys
 
 import torch
@@ -66,6 +68,17 @@ def _lora_linear():
 KERNELS = {"softmax_ce": _softmax_ce, "lanczos_step": _lanczos_step, "lora_linear": _lora_linear}
 
 
+def _int64_ids(ttir: str) -> bool:
+    """Whether every use of every ``tt.get_program_id`` value in the Triton IR is its sign extension to i64."""
+    lines = ttir.splitlines()
+    for name in re.findall(r"(%[\w.]+) = tt\.get_program_id", ttir):
+        uses = [line.strip() for line in lines if re.search(re.escape(name) + r"(?![\w.])", line)
+                and "tt.get_program_id" not in line]
+        if not all(re.match(r"%[\w.]+ = arith\.extsi " + re.escape(name) + r" : i32 to i64", use) for use in uses):
+            return False
+    return True
+
+
 def main(ops: list[str]) -> None:
     for op in ops:
         for variant, kernel, signature, config in KERNELS[op]():
@@ -77,7 +90,8 @@ def main(ops: list[str]) -> None:
                 src = ASTSource(kernel, signature={name: types[name] for name in kernel.arg_names},
                                 constexprs=constexprs)
                 compiled = triton.compile(src, target=TARGET, options=options)
-                record.update(ok=bool(compiled.asm["cubin"]), shared=compiled.metadata.shared)
+                record.update(ok=bool(compiled.asm["cubin"]), shared=compiled.metadata.shared,
+                              int64_ids=_int64_ids(compiled.asm["ttir"]))
             except Exception as err:  # reported to the test, which names the variant
                 record.update(ok=False, error=f"{type(err).__name__}: {err}"[-3000:])
             print(json.dumps(record), flush=True)

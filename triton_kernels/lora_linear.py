@@ -31,20 +31,17 @@ def _matmul(p_ptr, q_ptr, l_ptr, r_ptr, bias_ptr, c_ptr, M, N, K, R, alpha_bits,
             DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """C[M, N] (contiguous) = alpha P[M, K] Q[N, K]^T + bias[N] (contiguous) + beta L[M, R] R[N, R]^T; alpha
     and beta arrive as the bits of float64s (Triton's float arguments are fp32)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # int64 first: the rows (tile pid_m * BLOCK_M) pass 2**31 from tile 2**24 on, where int32 wraps negative
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_m = rows < M
     in_n = cols < N
-    rows64 = rows.to(tl.int64)
-    cols64 = cols.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if ACC_F64 else tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)  # a transposed view's k stride is a whole row
         in_k = ks < K
-        p = tl.load(p_ptr + rows64[:, None] * s_pm + ks[None, :] * s_pk, mask=in_m[:, None] & in_k[None, :], other=0.0)
-        q = tl.load(q_ptr + ks[:, None] * s_qk + cols64[None, :] * s_qn, mask=in_k[:, None] & in_n[None, :], other=0.0)
+        p = tl.load(p_ptr + rows[:, None] * s_pm + ks[None, :] * s_pk, mask=in_m[:, None] & in_k[None, :], other=0.0)
+        q = tl.load(q_ptr + ks[:, None] * s_qk + cols[None, :] * s_qn, mask=in_k[:, None] & in_n[None, :], other=0.0)
         if CAST_F32:  # reduced-precision tl.dot is wrong in the interpreter
             p, q = p.to(tl.float32), q.to(tl.float32)
         acc += tl.dot(p, q, input_precision=DOT_PRECISION)
@@ -54,9 +51,9 @@ def _matmul(p_ptr, q_ptr, l_ptr, r_ptr, bias_ptr, c_ptr, M, N, K, R, alpha_bits,
         for r0 in range(0, R, BLOCK_R):
             rs = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
             in_r = rs < R
-            lt = tl.load(l_ptr + rows64[:, None] * s_lm + rs[None, :] * s_lr, mask=in_m[:, None] & in_r[None, :],
+            lt = tl.load(l_ptr + rows[:, None] * s_lm + rs[None, :] * s_lr, mask=in_m[:, None] & in_r[None, :],
                          other=0.0)
-            rt = tl.load(r_ptr + rs[:, None] * s_rr + cols64[None, :] * s_rn, mask=in_r[:, None] & in_n[None, :],
+            rt = tl.load(r_ptr + rs[:, None] * s_rr + cols[None, :] * s_rn, mask=in_r[:, None] & in_n[None, :],
                          other=0.0)
             if CAST_F32:
                 lt, rt = lt.to(tl.float32), rt.to(tl.float32)
@@ -64,7 +61,7 @@ def _matmul(p_ptr, q_ptr, l_ptr, r_ptr, bias_ptr, c_ptr, M, N, K, R, alpha_bits,
         acc += low * beta_bits.to(tl.int64).to(tl.float64, bitcast=True).to(acc.dtype)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=in_n, other=0.0).to(acc.dtype)[None, :]
-    tl.store(c_ptr + rows64[:, None] * N + cols64[None, :], acc.to(c_ptr.dtype.element_ty),
+    tl.store(c_ptr + rows[:, None] * N + cols[None, :], acc.to(c_ptr.dtype.element_ty),
              mask=in_m[:, None] & in_n[None, :])
 
 

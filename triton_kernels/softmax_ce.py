@@ -43,8 +43,8 @@ def _row_stats(z_ptr, u_ptr, rows, row_ok, C, z_stride, u_stride,
     s = tl.zeros([ROWS], ACC)
     d = tl.zeros([ROWS], ACC)
     nan = tl.zeros([ROWS], tl.int32)
-    z_row = z_ptr + rows.to(tl.int64) * z_stride
-    u_row = u_ptr + rows.to(tl.int64) * u_stride
+    z_row = z_ptr + rows * z_stride
+    u_row = u_ptr + rows * u_stride
     for start in range(0, C, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = row_ok[:, None] & (cols < C)[None, :]
@@ -70,7 +70,7 @@ def _row_stats(z_ptr, u_ptr, rows, row_ok, C, z_stride, u_stride,
 def _grad_kernel(z_ptr, y_ptr, out_ptr, flag_ptr, N, C, z_stride, smoothing_bits, ignore_index,
                  FP64: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # int64: from 2**31 rows on int32 wraps
     row_ok = rows < N
     y = tl.load(y_ptr + rows, mask=row_ok, other=ignore_index)
     kept = row_ok & (y != ignore_index)
@@ -87,8 +87,8 @@ def _grad_kernel(z_ptr, y_ptr, out_ptr, flag_ptr, N, C, z_stride, smoothing_bits
     off = (smoothing / C).to(ACC)  # smoothed target mass on every class
     on = (1.0 - smoothing).to(ACC)  # extra mass on the target class
     inv_sum = 1.0 / tl.where(active, s, 1.0)  # rows not computed would divide by 0
-    z_row = z_ptr + rows.to(tl.int64) * z_stride
-    out_row = out_ptr + rows.to(tl.int64) * C
+    z_row = z_ptr + rows * z_stride
+    out_row = out_ptr + rows * C
     for start in range(0, C, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = row_ok[:, None] & (cols < C)[None, :]
@@ -103,7 +103,7 @@ def _grad_kernel(z_ptr, y_ptr, out_ptr, flag_ptr, N, C, z_stride, smoothing_bits
 def _hvp_kernel(z_ptr, u_ptr, out_ptr, flag_ptr, N, C, z_stride, u_stride,
                 FP64: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # int64: from 2**31 rows on int32 wraps
     row_ok = rows < N
     shift, s, d, bad = _row_stats(z_ptr, u_ptr, rows, row_ok, C, z_stride, u_stride,
                                   ACC, True, ROWS, BLOCK)
@@ -113,9 +113,9 @@ def _hvp_kernel(z_ptr, u_ptr, out_ptr, flag_ptr, N, C, z_stride, u_stride,
     bad_u = row_ok & ~(tl.abs(mean_u) < float("inf"))
     tl.store(flag_ptr + 1, 1, mask=tl.max(bad_u.to(tl.int32), axis=0) > 0)
 
-    z_row = z_ptr + rows.to(tl.int64) * z_stride
-    u_row = u_ptr + rows.to(tl.int64) * u_stride
-    out_row = out_ptr + rows.to(tl.int64) * C
+    z_row = z_ptr + rows * z_stride
+    u_row = u_ptr + rows * u_stride
+    out_row = out_ptr + rows * C
     for start in range(0, C, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = row_ok[:, None] & (cols < C)[None, :]
