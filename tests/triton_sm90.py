@@ -24,7 +24,8 @@ def _softmax_ce():
 
     common = {"flag_ptr": "*i32", "N": "i32", "C": "i32", "z_stride": "i32"}
     for ty in DTYPES:
-        for n_cols in (10, 1000, 50_000):  # one row per block, several rows per program, several blocks per row
+        # two classes (the smallest block), one row per block, several rows per program, several blocks per row
+        for n_cols in (2, 10, 1000, 50_000):
             cfg = m._launch_config(4096, n_cols)
             grad = {"z_ptr": "*" + ty, "y_ptr": "*i64", "out_ptr": "*" + ty, **common, "smoothing_bits": "i64",
                     "ignore_index": "i32"}
@@ -59,10 +60,11 @@ def _lora_linear():
         v = "*" + ty
         sig = {"p_ptr": v, "q_ptr": v, "l_ptr": v, "r_ptr": v, "bias_ptr": v, "c_ptr": v, "M": "i32", "N": "i32",
                "K": "i32", "R": "i32", "alpha_bits": "i64", "beta_bits": "i64", **{s: "i32" for s in strides}}
-        for low, bias in ((True, True), (False, False)):  # the forward's epilogue, a plain product
-            cfg = m._launch_config(4096, 4096, 4096, 16 if low else 0, dtype)
-            flags = {"HAS_LOW_RANK": low, "HAS_BIAS": bias}
-            yield f"_matmul {ty} low_rank={low} bias={bias}", m._matmul, sig, {**flags, **cfg}
+        # the forward's epilogue at rank 16 and at rank 32 (the largest BLOCK_R: the most shared memory), a plain product
+        for rank, bias in ((16, True), (32, True), (0, False)):
+            cfg = m._launch_config(4096, 4096, 4096, rank, dtype)
+            flags = {"HAS_LOW_RANK": rank > 0, "HAS_BIAS": bias}
+            yield f"_matmul {ty} rank={rank} bias={bias}", m._matmul, sig, {**flags, **cfg}
 
 
 KERNELS = {"softmax_ce": _softmax_ce, "lanczos_step": _lanczos_step, "lora_linear": _lora_linear}
