@@ -448,3 +448,21 @@ def test_plots_need_no_mathtext(tmp_path, monkeypatch):
     study = {"config": {"protocol": "mislabeled"}, "records": records}
     report.write_plots(study, tmp_path)
     report.plot_gap_closed({"mislabeled": study}, tmp_path / "g.png")
+
+
+@pytest.mark.parametrize("times, labels", [
+    ((0.002, 3.0), ["0.01", "0.1", "1"]),
+    ((0.113, 0.686), ["0.2", "0.3", "0.5"]),  # no power of ten inside: its first version left the axis unlabelled
+    ((1.5e5, 9e5), ["200000", "300000", "500000"]),
+])
+def test_the_time_axis_is_labelled_plainly_at_every_span(times, labels):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = report.new_figure()
+    ax = fig.subplots()
+    ax.plot(times, [0, 1])
+    report._plain_log_x(ax)
+    FigureCanvasAgg(fig).draw()
+    low, high = ax.get_xlim()
+    ticks = [*ax.xaxis.get_major_ticks(), *ax.xaxis.get_minor_ticks()]
+    assert [t.label1.get_text() for t in ticks if low <= t.get_loc() <= high and t.label1.get_text()] == labels

@@ -444,14 +444,23 @@ def new_figure(**kwargs: Any) -> Any:
 
 
 def _plain_log_x(ax: Any) -> None:
-    """A log x axis with plain tick labels (0.01, 0.1, 1), not matplotlib's default 10^k ones: those are
-    mathtext, whose fallback fonts a stale matplotlib font cache (one left by a deleted environment)
-    cannot find, which printed 21 "findfont" warnings into the study's output."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    """A log x axis (call it once the data are plotted) with plain tick labels (0.01, 0.1, 1), not
+    matplotlib's default 10^k ones: those are mathtext, whose fallback fonts a stale matplotlib font
+    cache (one left by a deleted environment) cannot find, which printed 21 "findfont" warnings into
+    the study's output. An axis spanning less than a decade, which may hold no power of ten, also
+    labels its minor ticks at 2, 3 and 5 times one (0.2, 0.3, 0.5)."""
+    from matplotlib.ticker import FuncFormatter
 
     ax.set_xscale("log")
+    low, high = ax.get_xlim()
+    narrow = high < 10 * low
+
+    def minor(value: float, _: Any) -> str:
+        leading = round(value / 10 ** math.floor(math.log10(value)))
+        return f"{value:g}" if narrow and leading in (2, 3, 5) else ""
+
     ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_minor_formatter(FuncFormatter(minor))
 
 
 def palette(name: str) -> tuple[Any, ...]:
