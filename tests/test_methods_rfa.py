@@ -41,9 +41,10 @@ def test_registered_under_its_name():
 
 
 def test_default_layers_are_the_hidden_ones():
-    assert hidden_layers(MLP(64, hidden=(32, 16), num_classes=10)) == ("1", "3")
-    assert hidden_layers(SmallCNN(1, 10, channels=(4, 8))) == ("features.0", "features.3")
-    assert hidden_layers(MLP(64, hidden=(), num_classes=10)) == ()
+    row, image = torch.zeros(1, 64), torch.zeros(1, 1, 8, 8)
+    assert hidden_layers(MLP(64, hidden=(32, 16), num_classes=10), row) == ("1", "3")
+    assert hidden_layers(SmallCNN(1, 10, channels=(4, 8)), image) == ("features.0", "features.3")
+    assert hidden_layers(MLP(64, hidden=(), num_classes=10), row) == ()
 
 
 class _HeadRegisteredFirst(torch.nn.Module):
@@ -64,12 +65,45 @@ def test_the_output_layer_is_the_last_linear_the_forward_calls(problem):
     torch.manual_seed(0)
     model = _HeadRegisteredFirst().eval()
     model.body.train()
-    assert hidden_layers(model) == ("head",)  # without a probe: the order of registration
     assert hidden_layers(model, forget.x[:1]) == ("body",)
     assert [m.training for m in model.modules()] == [False, False, True]
     result = RFA(epochs=1, merge=False).unlearn(model, forget, retain, unseen=unseen, seed=0)
     assert result.diagnostics["layers"] == ["body"]
     assert type(result.model.head) is torch.nn.Linear
+
+
+class _TwoTasks(torch.nn.Module):
+    """A trunk and a head per task, of which the forward runs the first only; a cosine-style head (a Linear
+    subclass with a forward of its own: no adapter can stand in for it) registered before the trunk."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = _ScaledLinear(16, 10)
+        self.trunk = torch.nn.Linear(64, 16)
+        self.other_heads = torch.nn.ModuleList([torch.nn.Linear(16, 10), torch.nn.Linear(16, 3)])
+
+    def forward(self, x):
+        return self.head(torch.relu(self.trunk(x.flatten(1))))
+
+
+class _ScaledLinear(torch.nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_default_targets_are_the_hidden_layers_the_forward_calls(problem):
+    """Review r15 of the first forward-order version: a Linear the forward never calls (another task's head)
+    became a default target and RFA failed on its hooks ("the model ran without calling the forward hooks"),
+    and the check before the copy took the output layer by registration, refusing a model whose only
+    adaptable layer is hidden behind a head no adapter can stand in for."""
+    _, forget, retain, unseen = problem
+    torch.manual_seed(0)
+    model = _TwoTasks().eval()
+    assert lora.adaptable_layers(model) == ["trunk", "other_heads.0", "other_heads.1"]
+    assert hidden_layers(model, forget.x[:1]) == ("trunk",)
+    RFA().check_model(model)
+    result = RFA(epochs=1, merge=False).unlearn(model, forget, retain, unseen=unseen, seed=0)
+    assert result.diagnostics["layers"] == ["trunk"]
 
 
 def test_a_model_without_hidden_layers_needs_targets(problem):
@@ -403,7 +437,7 @@ def test_default_targets_leave_out_tied_layers_and_named_ones_are_refused():
     the default every layer an adapter cannot stand in for; named, a tied layer is still refused."""
     forget, retain = _small_sets()
     assert lora.adaptable_layers(_tied()) == ["4"]
-    assert hidden_layers(_tied()) == ()
+    assert hidden_layers(_tied(), torch.zeros(1, 6)) == ()
     result = CureNewtonLoRA(max_iterations=1).unlearn(_tied(), forget, retain, seed=0)
     assert result.diagnostics["layers"] == ["4"]
     with pytest.raises(ValueError, match=r"^cure_newton_lora: layer '0' shares its parameter '0.weight' with"):
@@ -445,7 +479,7 @@ def _attention_model() -> torch.nn.Module:
 def test_default_targets_leave_out_layers_an_adapter_cannot_stand_in_for():
     model = _attention_model()
     assert lora.adaptable_layers(model) == ["1", "5"]
-    assert hidden_layers(model) == ("1",)
+    assert hidden_layers(model, torch.zeros(1, 64)) == ("1",)
     lora.add_adapters(model, "1", rank=2)
     assert lora.adaptable_layers(model) == ["5"]  # not the adapter's own base layer
     with pytest.raises(ValueError, match=r"^rfa: layer '3.self_attn.out_proj': it is the out_proj"):

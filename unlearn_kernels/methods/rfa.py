@@ -65,27 +65,26 @@ from .first_order import TrainedUnlearner, endless_batches, frozen_copy, optimiz
 SHIFTS = ("neighbors", "unseen_class", "other_class", "margin")
 
 
-def hidden_layers(model: nn.Module, probe: torch.Tensor | None = None) -> tuple[str, ...]:
-    """The default adapter targets: every Linear and Conv2d layer that can take an adapter
-    (:func:`~unlearn_kernels.lora.adaptable_layers`) except the output layer, in module order.
-
-    The output layer is the last Linear that ``model(probe)`` calls (one forward in eval mode, under
-    no_grad, every module's mode restored), where ``probe`` is a batch of inputs; without one, the last
-    Linear registered, which is the same layer unless the model registers its head before the layers
-    that run before it."""
+def hidden_layers(model: nn.Module, probe: torch.Tensor) -> tuple[str, ...]:
+    """The default adapter targets: the Linear and Conv2d layers that can take an adapter
+    (:func:`~unlearn_kernels.lora.adaptable_layers`) and that ``model(probe)`` calls, but the output
+    layer, the last Linear it calls (adaptable or not); in module order. ``probe``: a batch of inputs,
+    run once in eval mode under no_grad, every module's mode restored (a torch.compile'd model through its
+    eager module, whose modules call the hooks). A layer the forward does not call (a head of another
+    task) has no features to align."""
     modules = dict(model.named_modules())
-    linear = [name for name, m in modules.items() if isinstance(m, nn.Linear)]
-    if probe is not None and linear:
-        called: list[str] = []
-        handles = [modules[n].register_forward_hook(lambda *_, n=n: called.append(n)) for n in linear]
-        try:
-            with torch.no_grad(), eval_mode(model):
-                model(probe)
-        finally:
-            for handle in handles:
-                handle.remove()
-        linear = called or linear
-    return tuple(n for n in adaptable_layers(model) if not linear or n != linear[-1])
+    adaptable = adaptable_layers(model)
+    watched = [n for n, m in modules.items() if n in adaptable or isinstance(m, nn.Linear)]
+    called: list[str] = []
+    handles = [modules[n].register_forward_hook(lambda *_, n=n: called.append(n)) for n in watched]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            getattr(model, "_orig_mod", model)(probe)
+    finally:
+        for handle in handles:
+            handle.remove()
+    linear = [n for n in called if isinstance(modules[n], nn.Linear)]
+    return tuple(n for n in adaptable if n in called and (not linear or n != linear[-1]))
 
 
 class _Features:
@@ -175,7 +174,9 @@ class RFA(TrainedUnlearner):
                               owner=self.name)
 
     def _check_parameters(self, model: nn.Module) -> None:
-        self._new_layers(model)  # the layers exist and can take an adapter: refused here, not mid-method
+        # the named layers exist and can take an adapter, or, for the default targets, some layer can: refused
+        # here, not mid-method (which of those are hidden layers takes a forward: the unlearn call's)
+        new_adapter_layers(self.name, model, self.targets)
         # the frozen model's features of a sample are targets for that sample in another batch
         check_batch_statistics(self.name, model, "a sample's features depend on the batch it comes in, and RFA "
                                "aligns them with features of the frozen model computed in other batches")
@@ -187,8 +188,9 @@ class RFA(TrainedUnlearner):
         unseen = unseen.to(device) if unseen is not None else None
         if self.shift == "unseen_class":
             self._check_unseen_classes(forget, unseen)
-        # the output layer: the last Linear the forward calls (on a copy: a model may write its input in place)
-        new = self._new_layers(model, forget.x[:1].clone())
+        # the default targets: what a forward of a forget row calls (a copy: a model may write its input in place)
+        probe = forget.x[:1].clone()
+        new = new_adapter_layers(self.name, model, self.targets, lambda m: hidden_layers(m, probe), "hidden ")
         unmerge(model)  # adapters the model had merged (in this private copy): merged, A and B get no gradient
         if new:
             add_adapters(model, new, self.rank, self.alpha)
@@ -218,12 +220,6 @@ class RFA(TrainedUnlearner):
 
     # ----------------------------------------------------------------------------------------
     # the parts
-
-    def _new_layers(self, model: nn.Module, probe: torch.Tensor | None = None) -> list[str]:
-        """The layers that get fresh adapters (checked): ``targets``, else :func:`hidden_layers` (its
-        output layer found by a forward of ``probe`` where one is given), or none on a model that
-        already has adapters (those train)."""
-        return new_adapter_layers(self.name, model, self.targets, lambda m: hidden_layers(m, probe), "hidden ")
 
     def _check_unseen_classes(self, forget: LabeledData, unseen: LabeledData | None) -> None:
         if unseen is None or len(unseen) == 0:
