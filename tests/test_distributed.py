@@ -17,6 +17,7 @@ import functools
 import gc
 import math
 import os
+import sys
 import weakref
 from pathlib import Path
 
@@ -60,6 +61,26 @@ def model_and_data() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 
 def shard(rank: int, bounds: list[int]) -> slice:
     return slice(bounds[rank], bounds[rank + 1])
+
+
+def _spawn(worker, args: tuple, nprocs: int) -> None:
+    """``mp.spawn(worker, args, nprocs)``, each process leaving through :func:`_leave_after` (see there)."""
+    mp.spawn(_leave_after, args=(worker, *args), nprocs=nprocs)
+
+
+def _leave_after(rank: int, worker, *args) -> None:
+    """Runs ``worker(rank, *args)`` (its checks, then its ``destroy_process_group``); once it has returned,
+    the process leaves without the interpreter's finalisation (``os._exit(0)``). gloo's worker threads can
+    still drop a finished collective's objects then, and one that takes the GIL while CPython finalises
+    aborts the process ("terminate called without an active exception"; a core dump of 2026-12-04 showed it
+    in Py_FinalizeEx): PyTorch's own race at exit, which the package narrows for its tensors
+    (``all_reduce_released``, tested below) but which still aborted rank 2 of the three-process equivalence
+    test in one CI run of 2026-12-06 (not seen in 20 runs of that test and 12 of this file since). A failing
+    worker raises as before, for spawn to report."""
+    worker(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _init(rank: int, world: int, store: str, timeout_s: float = 60.0) -> None:
@@ -167,7 +188,7 @@ def _equivalence_worker(rank: int, world: int, store: str, bounds: list[int]) ->
 
 @pytest.mark.parametrize(("world", "bounds"), [(2, [0, 20, ROWS]), (3, [0, 5, 30, ROWS])])
 def test_equals_one_process_over_all_rows(world, bounds, tmp_path):
-    mp.spawn(_equivalence_worker, args=(world, str(tmp_path / "store"), bounds), nprocs=world)
+    _spawn(_equivalence_worker, (world, str(tmp_path / "store"), bounds), world)
 
 
 def _empty_shard_worker(rank: int, world: int, store: str) -> None:
@@ -200,7 +221,7 @@ def _empty_shard_worker(rank: int, world: int, store: str) -> None:
 
 def test_empty_shards(tmp_path):
     """One empty shard: the operator of the other's rows; all empty: a ValueError on every rank."""
-    mp.spawn(_empty_shard_worker, args=(2, str(tmp_path / "store")), nprocs=2)
+    _spawn(_empty_shard_worker, (2, str(tmp_path / "store")), 2)
 
 
 def _newton_methods_match_one_process(model: nn.Module, shards: tuple[LabeledData, LabeledData],
@@ -317,7 +338,7 @@ class _AsDouble(nn.Module):
 
 
 def test_newton_methods_with_empty_and_bad_shards(tmp_path):
-    mp.spawn(_method_shards_worker, args=(2, str(tmp_path / "store")), nprocs=2)
+    _spawn(_method_shards_worker, (2, str(tmp_path / "store")), 2)
 
 
 class _CanFail(nn.Module):
@@ -400,7 +421,7 @@ def _failure_worker(rank: int, world: int, store: str) -> None:
 
 
 def test_failing_rank_gives_a_clear_error(tmp_path):
-    mp.spawn(_failure_worker, args=(2, str(tmp_path / "store")), nprocs=2)
+    _spawn(_failure_worker, (2, str(tmp_path / "store")), 2)
 
 
 def _different_calls_worker(rank: int, world: int, store: str) -> None:
@@ -428,7 +449,7 @@ def _different_calls_worker(rank: int, world: int, store: str) -> None:
 
 
 def test_different_calls_are_refused_on_every_rank(tmp_path):
-    mp.spawn(_different_calls_worker, args=(2, str(tmp_path / "store")), nprocs=2)
+    _spawn(_different_calls_worker, (2, str(tmp_path / "store")), 2)
 
 
 def _bfloat16_tags_worker(rank: int, world: int, store: str) -> None:
@@ -453,7 +474,7 @@ def _bfloat16_tags_worker(rank: int, world: int, store: str) -> None:
 
 
 def test_call_tags_are_exact_in_bfloat16(tmp_path):
-    mp.spawn(_bfloat16_tags_worker, args=(2, str(tmp_path / "store")), nprocs=2)
+    _spawn(_bfloat16_tags_worker, (2, str(tmp_path / "store")), 2)
 
 
 def _different_weights_worker(rank: int, world: int, store: str) -> None:
@@ -553,11 +574,11 @@ def _invalidate_worker(rank: int, world: int, store: str) -> None:
 
 
 def test_invalidate_compares_the_weights_again(tmp_path):
-    mp.spawn(_invalidate_worker, args=(2, str(tmp_path / "store")), nprocs=2)
+    _spawn(_invalidate_worker, (2, str(tmp_path / "store")), 2)
 
 
 def test_different_weights_are_refused_on_every_rank(tmp_path):
-    mp.spawn(_different_weights_worker, args=(2, str(tmp_path / "store")), nprocs=2)
+    _spawn(_different_weights_worker, (2, str(tmp_path / "store")), 2)
 
 
 def _different_dtypes_worker(rank: int, world: int, store: str) -> None:
@@ -586,7 +607,7 @@ def _different_dtypes_worker(rank: int, world: int, store: str) -> None:
 
 
 def test_different_dtypes_are_refused_on_every_rank(tmp_path):
-    mp.spawn(_different_dtypes_worker, args=(2, str(tmp_path / "store")), nprocs=2)
+    _spawn(_different_dtypes_worker, (2, str(tmp_path / "store")), 2)
 
 
 def _methods_disagree_worker(rank: int, world: int, store: str) -> None:
@@ -625,7 +646,7 @@ def _methods_disagree_worker(rank: int, world: int, store: str) -> None:
 
 
 def test_method_calls_that_disagree_are_refused_on_every_rank(tmp_path):
-    mp.spawn(_methods_disagree_worker, args=(2, str(tmp_path / "store")), nprocs=2)
+    _spawn(_methods_disagree_worker, (2, str(tmp_path / "store")), 2)
 
 
 def _memory_worker(rank: int, world: int, store: str) -> None:
@@ -652,7 +673,7 @@ def _memory_worker(rank: int, world: int, store: str) -> None:
 
 
 def test_ranks_with_different_free_memory_take_the_same_solver(tmp_path):
-    mp.spawn(_memory_worker, args=(2, str(tmp_path / "store")), nprocs=2)
+    _spawn(_memory_worker, (2, str(tmp_path / "store")), 2)
 
 
 def _bool_buffer_worker(rank: int, world: int, store: str) -> None:
@@ -683,7 +704,7 @@ def _bool_buffer_worker(rank: int, world: int, store: str) -> None:
 
 
 def test_ranks_that_differ_in_a_bool_buffer_are_refused(tmp_path):
-    mp.spawn(_bool_buffer_worker, args=(2, str(tmp_path / "store")), nprocs=2)
+    _spawn(_bool_buffer_worker, (2, str(tmp_path / "store")), 2)
 
 
 class _LogitMask(nn.Module):
@@ -734,7 +755,7 @@ def _inf_mask_worker(rank: int, world: int, store: str) -> None:
 
 
 def test_ranks_that_differ_beside_an_inf_mask_are_refused(tmp_path):
-    mp.spawn(_inf_mask_worker, args=(2, str(tmp_path / "store")), nprocs=2)
+    _spawn(_inf_mask_worker, (2, str(tmp_path / "store")), 2)
 
 
 def test_a_moved_inf_entry_changes_the_weights_checksum():
@@ -876,7 +897,7 @@ def _other_setup_worker(rank: int, world: int, store: str) -> None:
 
 
 def test_ranks_that_build_other_operators_are_refused(tmp_path):
-    mp.spawn(_other_setup_worker, args=(2, str(tmp_path / "store")), nprocs=2)
+    _spawn(_other_setup_worker, (2, str(tmp_path / "store")), 2)
 
 
 def _absent_worker(rank: int, world: int, store: str, given_up) -> None:
@@ -905,7 +926,7 @@ def _absent_worker(rank: int, world: int, store: str, given_up) -> None:
 def test_absent_rank_times_out(tmp_path):
     """A rank that never makes the call: the other fails after the group's timeout instead of hanging."""
     given_up = mp.get_context("spawn").Event()
-    mp.spawn(_absent_worker, args=(2, str(tmp_path / "store"), given_up), nprocs=2)
+    _spawn(_absent_worker, (2, str(tmp_path / "store"), given_up), 2)
 
 
 def _absent_from_method_worker(rank: int, world: int, store: str, given_up) -> None:
@@ -929,7 +950,7 @@ def _absent_from_method_worker(rank: int, world: int, store: str, given_up) -> N
 
 def test_rank_absent_from_a_method_times_out_with_the_methods_name(tmp_path):
     given_up = mp.get_context("spawn").Event()
-    mp.spawn(_absent_from_method_worker, args=(2, str(tmp_path / "store"), given_up), nprocs=2)
+    _spawn(_absent_from_method_worker, (2, str(tmp_path / "store"), given_up), 2)
 
 
 def _nccl_worker(rank: int, world: int, store: str) -> None:
@@ -959,7 +980,7 @@ def _nccl_worker(rank: int, world: int, store: str) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="NCCL needs a GPU")
 def test_nccl_on_one_cuda_device(tmp_path):
     """The GPU backend, one rank (NCCL takes one GPU per process; the machines lend one)."""
-    mp.spawn(_nccl_worker, args=(1, str(tmp_path / "store")), nprocs=1)
+    _spawn(_nccl_worker, (1, str(tmp_path / "store")), 1)
 
 
 def _destroyed_group_worker(rank: int, world: int, store: str) -> None:
@@ -985,7 +1006,7 @@ def _destroyed_group_worker(rank: int, world: int, store: str) -> None:
 
 
 def test_destroyed_process_group_is_not_kept_alive(tmp_path):
-    mp.spawn(_destroyed_group_worker, args=(1, str(tmp_path / "store")), nprocs=1)
+    _spawn(_destroyed_group_worker, (1, str(tmp_path / "store")), 1)
 
 
 def test_bad_process_group():
@@ -1026,7 +1047,7 @@ def _collectives_worker(rank: int, world: int, store: str) -> None:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_collectives_return_once_gloo_let_go_of_the_tensor(tmp_path, world):
-    mp.spawn(_collectives_worker, args=(world, str(tmp_path / "store")), nprocs=world)
+    _spawn(_collectives_worker, (world, str(tmp_path / "store")), world)
 
 
 def test_every_collective_of_the_package_waits_for_the_release():
