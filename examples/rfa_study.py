@@ -112,7 +112,7 @@ def run(models, seeds) -> list[dict]:
                     result = method.unlearn(s["original"], s["forget"], s["retain"], unseen=s["unseen"], seed=seed)
                     seconds = time.perf_counter() - start
                     m, forget_logits = metrics(result.model, s, seed)
-                    m["avg_gap"] = avg_gap(m, oracle_m)
+                    m["avg_gap"] = avg_gap(m, oracle_m, keys=("mia", "acc_forget", "acc_retain", "acc_test"))
                     m["js_to_oracle"] = js_divergence(forget_logits, oracle_forget)
                     m["activation_distance"] = activation_distance(forget_logits, oracle_forget)
                     if protocol != "class":  # RF-JSD compares with unseen data of the forget classes

@@ -180,13 +180,14 @@ def test_rf_jsd_missing_unseen_class_raises():
 
 # --------------------------------------------------------------------------- summaries
 def test_avg_gap_and_tug_of_war_hand_computed():
-    un = {"mia": 0.30, "acc_forget": 0.90, "acc_retain": 0.95, "acc_test": 0.80}
-    gold = {"mia": 0.20, "acc_forget": 0.70, "acc_retain": 0.99, "acc_test": 0.82}
+    """The default keys are the study records' own (mia_entropy: "mia" refused the package's records)."""
+    un = {"mia_entropy": 0.30, "acc_forget": 0.90, "acc_retain": 0.95, "acc_test": 0.80}
+    gold = {"mia_entropy": 0.20, "acc_forget": 0.70, "acc_retain": 0.99, "acc_test": 0.82}
     assert avg_gap(un, gold) == pytest.approx((0.10 + 0.20 + 0.04 + 0.02) / 4)
     assert avg_gap(un, gold, keys=("acc_forget",)) == pytest.approx(0.20)
     assert tug_of_war(un, gold) == pytest.approx(0.80 * 0.96 * 0.98)
     assert avg_gap(gold, gold) == 0.0 and tug_of_war(gold, gold) == 1.0
-    with pytest.raises(ValueError, match="has no 'mia'"):
+    with pytest.raises(ValueError, match="has no 'mia_entropy'"):
         avg_gap({"acc_forget": 1, "acc_retain": 1, "acc_test": 1}, gold)
     with pytest.raises(ValueError, match="not a fraction"):
         tug_of_war({**un, "acc_test": 80.0}, gold)
@@ -538,15 +539,15 @@ def test_mia_seeds_and_class_counts_are_checked():
 
 
 def test_summary_values_must_be_numbers():
-    gold = {"mia": 0.2, "acc_forget": 0.7, "acc_retain": 0.9, "acc_test": 0.8}
-    with pytest.raises(ValueError, match=r"avg_gap: metrics\['mia'\] must be a finite number, got None"):
-        avg_gap({**gold, "mia": None}, gold)
+    gold = {"mia_entropy": 0.2, "acc_forget": 0.7, "acc_retain": 0.9, "acc_test": 0.8}
+    with pytest.raises(ValueError, match=r"avg_gap: metrics\['mia_entropy'\] must be a finite number, got None"):
+        avg_gap({**gold, "mia_entropy": None}, gold)
     with pytest.raises(ValueError, match=r"avg_gap: oracle_metrics\['acc_test'\] must be a finite number, got 'x'"):
         avg_gap(gold, {**gold, "acc_test": "x"})
     with pytest.raises(ValueError, match=r"tug_of_war: metrics\['acc_test'\] must be a finite number, got None"):
         tug_of_war({**gold, "acc_test": None}, gold)
-    with pytest.raises(ValueError, match=r"avg_gap: metrics\['mia'\] must be a finite number, got nan"):
-        avg_gap({**gold, "mia": math.nan}, gold)
+    with pytest.raises(ValueError, match=r"avg_gap: metrics\['mia_entropy'\] must be a finite number, got nan"):
+        avg_gap({**gold, "mia_entropy": math.nan}, gold)
     # a single name, not a sequence of them: its characters were taken as the keys ("metrics has no 'm'")
     with pytest.raises(TypeError, match="avg_gap: keys must be a sequence of metric names, got the string 'mia'"):
         avg_gap(gold, gold, keys="mia")

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from unlearn_kernels import report
-from unlearn_kernels.study import GAP_METRICS, add_gap_closed
+from unlearn_kernels.eval import AVG_GAP_KEYS
+from unlearn_kernels.study import add_gap_closed
 
 
 def _record(seed: int, method: str, request: int = 0, **metrics: float) -> dict:
-    base = {key: 0.5 for key in GAP_METRICS} | {f"gap_{key}": 0.0 for key in GAP_METRICS} | {"avg_gap": 0.0}
+    base = {key: 0.5 for key in AVG_GAP_KEYS} | {f"gap_{key}": 0.0 for key in AVG_GAP_KEYS} | {"avg_gap": 0.0}
     return {"seed": seed, "request": request, "method": method, "metrics": base | metrics, "diagnostics": {}}
 
 

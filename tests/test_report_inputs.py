@@ -9,8 +9,8 @@ import torch
 
 from unlearn_kernels import report
 from unlearn_kernels.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from unlearn_kernels.eval import AVG_GAP_KEYS
 from unlearn_kernels.labeled import LabeledData
-from unlearn_kernels.study import GAP_METRICS
 
 
 def _data(n: int = 4) -> LabeledData:
@@ -112,7 +112,7 @@ def test_a_file_of_the_format_without_a_metadata_object_or_tensors_is_not_a_chec
 
 
 def _records() -> list[dict]:
-    metrics = {key: 0.5 for key in GAP_METRICS} | {f"gap_{key}": 0.0 for key in GAP_METRICS} | {"avg_gap": 0.0,
+    metrics = {key: 0.5 for key in AVG_GAP_KEYS} | {f"gap_{key}": 0.0 for key in AVG_GAP_KEYS} | {"avg_gap": 0.0,
                                                                                                   "seconds": 1.0}
     return [{"seed": 0, "request": 0, "method": method, "metrics": dict(metrics), "diagnostics": {}}
             for method in ("retrain", "finetune")]

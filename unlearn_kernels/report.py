@@ -25,7 +25,8 @@ import torch
 
 from .checkpoint import refuse_empty_path, save_figure, save_json
 from .checks import check_int
-from .study import GAP_CLOSED, GAP_METRICS
+from .eval import AVG_GAP_KEYS
+from .study import GAP_CLOSED
 
 #: (metric key, column title, format) of the printed table (a column no method has is left out, e.g.
 #: "Acc_f so far" outside sequential runs); the JSON has every metric
@@ -218,7 +219,7 @@ def gap_closed_noise(records: list[dict[str, Any]]) -> dict[int, dict[str, dict[
         original, oracle, n = per_method.get("original"), per_method.get("retrain"), len(seeds[request])
         if original is None or oracle is None:
             continue
-        standard_error = {key: oracle[key][1] / math.sqrt(n) for key in GAP_METRICS}
+        standard_error = {key: oracle[key][1] / math.sqrt(n) for key in AVG_GAP_KEYS}
         candidates = {
             "acc_forget": (abs(original["gap_acc_forget"][0]),
                            max(standard_error["acc_forget"], original["gap_acc_forget"][1] / math.sqrt(n))),

@@ -32,8 +32,8 @@ from ..checks import (
 from ..labeled import LabeledData
 from ..training import eval_mode, join_last_row, model_device
 
-#: the keys :func:`avg_gap` compares by default
-AVG_GAP_KEYS = ("mia", "acc_forget", "acc_retain", "acc_test")
+#: the keys :func:`avg_gap` compares by default, as the study's records name them (the entropy MIA)
+AVG_GAP_KEYS = ("mia_entropy", "acc_forget", "acc_retain", "acc_test")
 #: the accuracies :func:`tug_of_war` multiplies
 TOW_KEYS = ("acc_forget", "acc_retain", "acc_test")
 
@@ -436,8 +436,10 @@ def avg_gap(
 ) -> float:
     """Avg Gap = (1/|keys|) sum_k |metrics[k] - oracle_metrics[k]|, against the retrain oracle f_gold.
 
-    The default keys are MIA, Acc_f, Acc_r, Acc_test (in the units given: fractions here; the
-    literature reports them in percent, i.e. 100 x this value). Name which MIA convention "mia" is.
+    The default keys (:data:`AVG_GAP_KEYS`) are the entropy MIA, Acc_f, Acc_r, Acc_test under the names of
+    the study's records (``mia_entropy``, ``acc_forget``, ``acc_retain``, ``acc_test``), in the units given
+    (fractions there; the literature reports them in percent, i.e. 100 x this value). Another MIA convention:
+    name its key in ``keys``.
 
     Raises:
         TypeError: ``metrics`` or ``oracle_metrics`` is not a mapping, or ``keys`` is a string or not a
