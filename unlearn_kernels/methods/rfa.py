@@ -65,12 +65,18 @@ from .first_order import TrainedUnlearner, endless_batches, frozen_copy, optimiz
 SHIFTS = ("neighbors", "unseen_class", "other_class", "margin")
 
 
+def _eager(model: nn.Module) -> nn.Module:
+    """The module whose forward calls hooks: a torch.compile'd model may replay a graph compiled before the hooks
+    were added (dynamo does not guard on hooks); its eager module (the same modules, the same result) calls them."""
+    return getattr(model, "_orig_mod", model)
+
+
 def hidden_layers(model: nn.Module, probe: torch.Tensor) -> tuple[str, ...]:
     """The default adapter targets: the Linear and Conv2d layers that can take an adapter
     (:func:`~unlearn_kernels.lora.adaptable_layers`) and that ``model(probe)`` calls, but the output
     layer, the last Linear it calls (adaptable or not); in module order. ``probe``: a batch of inputs,
     run once in eval mode under no_grad, every module's mode restored (a torch.compile'd model through its
-    eager module, whose modules call the hooks). A layer the forward does not call (a head of another
+    eager module: :func:`_eager`). A layer the forward does not call (a head of another
     task) has no features to align."""
     modules = dict(model.named_modules())
     adaptable = adaptable_layers(model)
@@ -79,7 +85,7 @@ def hidden_layers(model: nn.Module, probe: torch.Tensor) -> tuple[str, ...]:
     handles = [modules[n].register_forward_hook(lambda *_, n=n: called.append(n)) for n in watched]
     try:
         with torch.no_grad(), eval_mode(model):
-            getattr(model, "_orig_mod", model)(probe)
+            _eager(model)(probe)
     finally:
         for handle in handles:
             handle.remove()
@@ -109,9 +115,7 @@ class _Features:
     def __call__(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         self.outputs.clear()
         self.raw.clear()
-        # a torch.compile'd model may replay a graph compiled before the hooks were added (dynamo does not
-        # guard on hooks): its eager module (the same modules, the same result) calls them
-        logits = getattr(model, "_orig_mod", model)(x)
+        logits = _eager(model)(x)
         missing = [n for n in self.names if n not in self.outputs]
         if missing:
             raise RuntimeError(f"rfa: the model ran without calling the forward hooks on {missing}: a forward that "
