@@ -208,6 +208,23 @@ def test_a_model_or_sets_on_the_meta_device_are_refused_by_name(problem, name):
         _make(name).unlearn(model, forget.to("meta"), retain.to("meta"))
 
 
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_a_model_with_one_logit_is_refused_by_name(problem, name):
+    """A model with one output passes every label check when every label is 0, and cross-entropy over
+    one class is then 0 for every sample: each method refuses it before any work, where it once ran
+    and returned the model unchanged without a word."""
+    _, forget, retain = problem
+    model = MLP(64, hidden=(16,), num_classes=1)
+    state, modes = _snapshot(model)
+    forget, unseen, retain = (LabeledData(x, torch.zeros_like(y)) for x, y in
+                              ((forget.x, forget.y), (retain.x[:20], retain.y[:20]), (retain.x[20:], retain.y[20:])))
+    with pytest.raises(ValueError, match=rf"^{name}: the model maps forget samples to \(batch, 1\) logits; "
+                                         r"cross-entropy needs two or more classes"):
+        _make(name).unlearn(model, forget, retain, unseen=unseen)
+    after, modes_after = _snapshot(model)
+    assert modes_after == modes and all(torch.equal(after[k], v) for k, v in state.items())
+
+
 def test_same_input_with_another_label_is_not_a_shared_sample(problem):
     """Only a sample (input and label) in both sets is refused: an input repeated with another label
     is a different sample, and the method runs."""

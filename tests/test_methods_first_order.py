@@ -13,11 +13,12 @@ from torch import nn
 from sklearn.datasets import load_digits
 
 from unlearn_kernels.data import LabeledData
+from unlearn_kernels.labeled import wrong_labels
 from unlearn_kernels.methods import (
     METHODS, SCRUB, SSD, BadTeacher, Finetune, GradientAscent, NegGradPlus, RandomLabels, Retrain,
     RetrainReseeded, SalUn, Unlearner,
 )
-from unlearn_kernels.methods.first_order import TrainedUnlearner, _random_teacher, _wrong_labels, flagged_mix
+from unlearn_kernels.methods.first_order import TrainedUnlearner, _random_teacher, flagged_mix
 from unlearn_kernels.models import MLP, SmallViT
 from unlearn_kernels.training import TrainConfig, init_model, train
 
@@ -419,19 +420,9 @@ def test_bad_teacher_random_teacher_is_fresh_and_frozen():
 
 def test_wrong_labels_are_always_wrong():
     y = torch.arange(1000) % 7
-    wrong = _wrong_labels("random_labels", y, 7, seed=0)
+    wrong = wrong_labels(y, 7, torch.Generator().manual_seed(0))
     assert (wrong != y).all() and wrong.min() >= 0 and wrong.max() <= 6
     assert set(wrong[y == 3].tolist()) == {0, 1, 2, 4, 5, 6}
-
-
-@pytest.mark.parametrize("cls", [RandomLabels, SalUn])
-def test_random_labels_on_a_one_class_model_are_refused_by_name(cls):
-    model = torch.nn.Linear(64, 1)
-    forget = LabeledData(torch.rand(4, 64), torch.zeros(4, dtype=torch.long))
-    retain = LabeledData(torch.rand(8, 64) + 1, torch.zeros(8, dtype=torch.long))
-    with pytest.raises(ValueError, match=f"^{cls.name}: random wrong labels need a model with at least 2 classes, "
-                                         "got 1$"):
-        cls(epochs=1).unlearn(model, forget, retain)
 
 
 # every method that trains for a number of epochs (the first-order ones, LoTUS, RFA)

@@ -243,6 +243,13 @@ def test_train_refuses_data_the_model_cannot_train_on_before_any_step():
         assert torch.equal(weights(model), before)
     with pytest.raises(TypeError, match="data must be a LabeledData"):
         train(factory(), (data.x, data.y), CONFIG)
+    # one logit: every label must be 0 to pass the label check, and every cross-entropy is then 0
+    one_logit = torch.nn.Linear(4, 1)
+    before = one_logit.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"^train: the model maps training samples to \(batch, 1\) logits; "
+                                         r"cross-entropy needs two or more classes"):
+        train(one_logit, LabeledData(data.x, torch.zeros_like(data.y)), CONFIG)
+    assert torch.equal(one_logit.weight, before)
 
 
 def batch_norm_net(hidden: int = 8) -> torch.nn.Sequential:

@@ -270,7 +270,7 @@ def check_converged(owner: str, role: str, config: TrainConfig, model: nn.Module
 def check_fits(owner: str, model: nn.Module, data: LabeledData, role: str = "training", *,
                in_training_mode: bool = False) -> None:
     """ValueError unless one sample of ``data`` (two where :func:`probe_rows` says so) runs through
-    ``model`` (eval mode, each submodule's flag restored) to (batch, C) logits and every label of
+    ``model`` (eval mode, each submodule's flag restored) to (batch, C) logits, C >= 2, and every label of
     ``data`` is a class in [0, C): the check before any work that turns torch's errors deep inside (an
     IndexError, a CUDA device-side assert that leaves the process unusable, -100 skipped silently as
     ``ignore_index``) into one naming the problem. ``role`` names the set in the message. A model that
@@ -286,6 +286,9 @@ def check_fits(owner: str, model: nn.Module, data: LabeledData, role: str = "tra
         raise ValueError(f"{owner}: the model must map a batch of {role} samples to (batch, classes) logits; "
                          f"{'one sample' if len(rows) == 1 else 'two samples'} gave {shape}")
     classes = out.shape[1]
+    if classes < 2:  # every label would be class 0 and every cross-entropy 0: nothing to learn or unlearn
+        raise ValueError(f"{owner}: the model maps {role} samples to (batch, {classes}) logits; cross-entropy needs "
+                         f"two or more classes (a binary classifier gives two logits)")
     if in_training_mode:  # two rows: batch statistics need them
         rows = data.x[[0, min(1, len(data.x) - 1)]]
         out = _probe_output(owner, model, rows, True,

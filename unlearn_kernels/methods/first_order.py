@@ -55,13 +55,6 @@ def _num_classes(model: nn.Module, data: LabeledData) -> int:
         return model(probe_rows(model, data.x)).shape[-1]
 
 
-def _wrong_labels(owner: str, y: torch.Tensor, num_classes: int, seed: int) -> torch.Tensor:
-    """A label != y for every sample, uniform over the other classes (``owner`` names the method in an error)."""
-    if num_classes < 2:
-        raise ValueError(f"{owner}: random wrong labels need a model with at least 2 classes, got {num_classes}")
-    return wrong_labels(y, num_classes, torch.Generator().manual_seed(seed))
-
-
 def frozen_copy(model: nn.Module) -> nn.Module:
     """An eval-mode copy without gradients: a teacher."""
     teacher = copy.deepcopy(model).eval()
@@ -262,7 +255,8 @@ class RandomLabels(TrainedUnlearner):
     def _relabelled_union(self, model: nn.Module, forget: LabeledData, retain: LabeledData, seed: int) -> LabeledData:
         device = model_device(model)
         forget, retain = forget.to(device), retain.to(device)
-        wrong = _wrong_labels(self.name, forget.y, _num_classes(model, forget), seed)
+        # unlearn() refused a model with fewer than two classes
+        wrong = wrong_labels(forget.y, _num_classes(model, forget), torch.Generator().manual_seed(seed))
         return LabeledData(torch.cat([retain.x, forget.x]), torch.cat([retain.y, wrong]))
 
     def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,
