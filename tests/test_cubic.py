@@ -310,6 +310,24 @@ def test_krylov_reuse_when_M_changes(rng):
     assert tighter.solve(1.0, extend=True).iterations > short.iterations
 
 
+def test_krylov_extend_after_the_probe_resumes_the_krylov_space_of_g():
+    """With the guard on, a first solve ends in the probe's block: ``extend=True`` for a smaller M grew
+    that block (a random start's Krylov space, which g has no coefficient on) and charged the probe's
+    steps to k_max, ending well above the minimum; it resumes the main phase from what the probe left
+    of g's residual vector, with k_max main-phase steps on top of the probe's."""
+    gen = torch.Generator().manual_seed(1)
+    Q, _ = torch.linalg.qr(torch.randn(150, 150, generator=gen, dtype=torch.float64))
+    H = Q @ torch.diag(torch.linspace(-1.0, 3.0, 150, dtype=torch.float64)) @ Q.T
+    H = 0.5 * (H + H.T)
+    g = torch.randn(150, generator=gen, dtype=torch.float64)
+    solver = KrylovCubicSolver(H, g)  # k_max 100, probe_steps 20
+    solver.solve(1.0)
+    extended = solver.solve(0.01, extend=True)
+    assert extended.iterations > 100  # the probe's steps are not the main phase's
+    best = cubic_newton_step(H, g, 0.01, method="dense").model_value
+    assert extended.model_value == pytest.approx(best, rel=1e-3)
+
+
 def test_krylov_two_pass(rng):
     H, g, M = problem("indefinite", rng)
     one = cubic_newton_step(H, g, M, method="krylov", reorth="none", guard=False, k_max=20, kappa=0.0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from spectra import sym_with_spectrum
 
-from unlearn_kernels.solvers import KRYLOV_DEFAULTS, adaptive_cubic_newton
+from unlearn_kernels.solvers import KRYLOV_DEFAULTS, StepOverflow, adaptive_cubic_newton, cubic_newton_step
 
 D = 12
 
@@ -107,29 +107,60 @@ def test_budget_iterations_and_no_progress(rng):
 
 
 def test_an_m_too_large_to_show_a_decrease_is_lowered(rng):
-    """M = 1e14 on a float32 problem: the first step's predicted decrease (8.5e-7) is below what f
-    can resolve (16 eps max(|f|, 1) = 1.9e-6), and the loop stopped at once ("no_progress", the point
-    unchanged), whatever the problem. M is now divided by gamma, with no new product, until the
-    prediction shows; the iteration then runs as usual, and a rejection still ends in "no_progress"."""
+    """M = 1e14 on a float32 problem whose value is 100 at w0: the first step's predicted decrease
+    (8.5e-7) is below what f can resolve there (16 eps |f| = 1.9e-4), and the loop stopped at once
+    ("no_progress", the point unchanged), whatever the problem. M is now divided by gamma, with no new
+    product, until the prediction shows; the iteration then runs as usual, and a rejection still ends
+    in "no_progress"."""
     A, b = spd(rng).float(), torch.randn(D, generator=rng).float()
-    value, gradient = quadratic(A, b)
+    quadratic_value, gradient = quadratic(A, b)
+
+    def value(w):
+        return quadratic_value(w) + 100.0
+
     w0 = torch.zeros(D)
     out = adaptive_cubic_newton(value, gradient, lambda w: A, w0, M=1e14, max_iterations=4)
     assert out.steps == 4 and out.stop_reason == "max_iterations" and out.value < value(w0)
-    assert out.trials[0].M < 1e14 and out.trials[0].predicted > 16 * torch.finfo(torch.float32).eps
+    assert out.trials[0].M < 1e14 and out.trials[0].predicted > 16 * torch.finfo(torch.float32).eps * 100
     assert out.num_hvps == sum(t.hvps for t in out.trials)
     # never below M_min: with M_min = M, the step stays unresolvable and the loop stops as before
     kept = adaptive_cubic_newton(value, gradient, lambda w: A, w0, M=1e14, M_min=1e14, max_iterations=4)
     assert kept.stop_reason == "no_progress" and kept.steps == 0 and torch.equal(kept.w, w0)
 
 
+def test_the_resolution_of_f_follows_f_down():
+    """The smallest decrease f can resolve was taken once, at w0, as 16 eps max(|f(w0)|, 1): from (-30, 1)
+    Rosenbrock's f falls from 8.1e7 to below 1e-7, where that threshold (2.9e-7) stopped the run
+    ("no_progress", ||w - w*|| = 2.9e-4) although f still resolved steps 1e15 times smaller. It is 16 eps |f|
+    at each accepted point: the run reaches the minimiser. A scaled copy of f (times 1e-10, M scaled
+    alike) ends there too, where the floor at 1 left it 7.5e-3 away."""
+    def rosenbrock(w):
+        return 100.0 * (w[1] - w[0] ** 2) ** 2 + (1.0 - w[0]) ** 2
+
+    def gradient(w, c):
+        w = w.detach().clone().requires_grad_(True)
+        return c * torch.autograd.grad(rosenbrock(w), w)[0]
+
+    for c in (1.0, 1e-10):
+        out = adaptive_cubic_newton(lambda w: c * float(rosenbrock(w)), lambda w: gradient(w, c),
+                                    lambda w: c * torch.autograd.functional.hessian(rosenbrock, w),
+                                    torch.tensor([-30.0, 1.0], dtype=torch.float64), M=c, max_iterations=500,
+                                    tol=1e-10 * c)
+        assert out.stop_reason == "tolerance", c
+        assert float(torch.linalg.vector_norm(out.w - 1.0)) < 1e-8, c
+
+
 def test_a_no_progress_stop_after_a_rejection_counts_each_product_once(rng):
     """A rejection raises M (gamma 1e18) so far that the re-solve's predicted decrease is below f's resolution:
     the iteration stops ("no_progress") with that re-solve recorded unevaluated. It used no new product, so its
     record carries 0 hvps and the trials' hvps sum to num_hvps (recording the solver's whole count there
-    counted the Lanczos run twice)."""
+    counted the Lanczos run twice). f is 100 at w0, where it resolves decreases down to 1.9e-4."""
     A, b = spd(rng).float(), torch.randn(D, generator=rng).float()
-    value, gradient = quadratic(A, b)
+    quadratic_value, gradient = quadratic(A, b)
+
+    def value(w):
+        return quadratic_value(w) + 100.0
+
     out = adaptive_cubic_newton(value, gradient, lambda w: 0.01 * A, torch.zeros(D), M=1e-4, gamma=1e18,
                                 max_iterations=3, solver_options={"kappa": 1e-12})
     assert out.stop_reason == "no_progress" and out.steps == 0
@@ -187,13 +218,15 @@ def test_step_beyond_the_dtype_is_a_rejection(rng):
     assert out.steps >= 1 and bool(torch.isfinite(out.w).all()) and out.value < value(w0)
 
 
-@pytest.mark.parametrize("M", [1e-120, 1e-250])
-def test_a_tiny_m_whose_model_value_overflows_is_a_rejection(rng, M):
+@pytest.mark.parametrize("M, gamma", [(1e-120, 2.0), (1e-250, 2.0), (1e-310, 10.0)])
+def test_a_tiny_m_whose_model_value_overflows_is_a_rejection(rng, M, gamma):
     """An indefinite H and M = 1e-120 give a float64 step of norm ~1e120, whose cubic term (M/6)||s||^3
     overflowed Python's float power (OverflowError, not a ValueError); at M = 1e-250 the model value was
-    NaN, taken for a step too short to show, and the call returned w0 with no trial ("no_progress"). Both
-    are rejections now: M rises until a step lowers f. The overflows are expected and handled, so they
-    raise no numpy RuntimeWarning (under -W error the call failed with "overflow encountered in dot")."""
+    NaN, taken for a step too short to show, and the call returned w0 with no trial ("no_progress"); at
+    M = 1e-310 the step's norm, 2 sigma / M, is beyond float64 itself, and the secular solve's ValueError
+    ended the call. All are rejections now: M rises until a step lowers f. The overflows are expected
+    and handled, so they raise no numpy RuntimeWarning (under -W error the call failed with "overflow
+    encountered in dot")."""
     A = sym_with_spectrum(torch.linspace(-1.0, 5.0, D, dtype=torch.float64), rng)[0]
     b = torch.randn(D, generator=rng, dtype=torch.float64)
 
@@ -210,9 +243,14 @@ def test_a_tiny_m_whose_model_value_overflows_is_a_rejection(rng, M):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         # doubling M from 1e-250 to a workable one takes some 800 trials, within the default cap
-        out = adaptive_cubic_newton(value, gradient, hessian, w0, M=M, M_min=M, max_iterations=1)
+        out = adaptive_cubic_newton(value, gradient, hessian, w0, M=M, M_min=M, gamma=gamma, max_iterations=1)
     first = out.trials[0]
     assert not first.accepted and first.actual == -math.inf and first.M == M
+    if M < 1e-300:  # one step alone: StepOverflow, the solvers' error for a step beyond the dtype
+        assert first.step_norm == math.inf
+        for method in ("dense", "krylov"):
+            with pytest.raises(StepOverflow, match=f"method '{method}'.*does not fit float64: M = 1e-310"):
+                cubic_newton_step(hessian(w0), gradient(w0), M, method=method)
     assert first.ratio == -math.inf  # as ARCTrial documents for an overflowed trial (a ratio of 0.0 was recorded)
     assert out.steps == 1 and out.stop_reason == "max_iterations" and out.value < value(w0)
     assert out.num_hvps == sum(t.hvps for t in out.trials)

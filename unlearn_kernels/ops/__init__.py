@@ -1,7 +1,7 @@
 """Public kernel ops. Each takes ``backend="auto"|"cpp"|"cuda"|"triton"|"reference"``; each has a
 pure-PyTorch reference ``<op>_ref`` beside it. ``unlearn_kernels.backends()`` says what runs here."""
 from ..backends import register_ops
-from .cubic_secular import cubic_secular_solve, cubic_secular_solve_ref
+from .cubic_secular import SolutionOverflow, cubic_secular_solve, cubic_secular_solve_ref
 from .lanczos_step import lanczos_step, lanczos_step_ref
 from .lora_linear import lora_linear, lora_linear_jvp, lora_linear_jvp_ref, lora_linear_ref
 from .mlp_hvp import (
@@ -36,6 +36,7 @@ register_ops(OP_BACKENDS)
 
 __all__ = [
     "OP_BACKENDS",
+    "SolutionOverflow",
     "cubic_secular_solve",
     "cubic_secular_solve_ref",
     "lanczos_step",

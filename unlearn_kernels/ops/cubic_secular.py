@@ -38,6 +38,11 @@ HARD_CASE_RTOL_EPS = 8.0
 """Coefficients below this many eps of ``||c|| + sigma ||y||`` on the bottom eigenspace count as zero."""
 
 
+class SolutionOverflow(ValueError):
+    """The minimiser does not fit float64: M is too small for these eigenvalues and coefficients. Its
+    own type, so that a solver can tell it from a bad input and reject the M (the adaptive loop raises M)."""
+
+
 def cubic_secular_solve_ref(
     eigvals: torch.Tensor, coeffs: torch.Tensor, M: float, tol: float = 1e-12, max_iter: int = 100
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -157,6 +162,9 @@ def cubic_secular_solve(
         (then y has a component tau along the bottom eigen-coordinate that the gradient lacks).
         coeffs = 0 with eigvals >= 0 gives y = 0, sigma = 0. Not differentiable: y carries no
         autograd graph, whether or not the inputs require grad.
+
+    Raises:
+        SolutionOverflow: the solution's norm, 2 sigma / M, does not fit float64 (an M far too small).
     """
     _check_inputs(eigvals, coeffs, M, tol, max_iter)
     cpu = torch.device("cpu")  # k scalars: solved on the CPU wherever the inputs live
@@ -168,7 +176,7 @@ def cubic_secular_solve(
     else:
         y, sigma, hard = torch.ops.unlearn_kernels.cubic_secular_solve(lam, c, float(M), float(tol), max_iter)
     if not all_finite(y):
-        raise ValueError(f"{_OP}: the solution is not finite: M = {M!r} is too small for these eigenvalues and "
+        raise SolutionOverflow(f"{_OP}: the solution is not finite: M = {M!r} is too small for these eigenvalues and "
                          "coefficients (the step's norm 2 sigma / M overflows)")
     return y.to(eigvals.device), float(sigma), bool(hard)
 

@@ -8,10 +8,11 @@ accepted when the actual decrease ``f(w) - f(w + s)`` is at least ``eta1`` times
 model predicts, ``-m(s)``. A rejected trial multiplies M by ``gamma`` and re-solves the small
 problem on the same Lanczos tridiagonal (no new Hessian-vector products); a very successful one
 (ratio >= ``eta2``) divides M by ``gamma`` for the next iteration. A step whose predicted decrease
-is below what f can resolve (an M too large for the problem: its ratio would be rounding) divides M
-by ``gamma`` and re-solves, down to ``M_min``, unless a rejection in this iteration raised M (then the
-iteration stops: "no_progress"; that last trial is recorded unevaluated). A trial whose step or model
-value overflows (an M far too small) is rejected without evaluating f. After ``max_rejections``
+is below what f can resolve (16 eps |f(w)| in w's precision: an M too large for the problem, whose
+ratio would be rounding) divides M by ``gamma`` and re-solves, down to ``M_min``, unless a rejection
+in this iteration raised M (then the iteration stops: "no_progress"; that last trial is recorded
+unevaluated). A trial whose step or model value overflows (an M far too small, in g's dtype or beyond
+float64) is rejected without evaluating f. After ``max_rejections``
 rejected trials in a row in one iteration the call stops ("max_rejections"): with ``gamma`` near 1 and
 an M far too small, raising M to a workable value could otherwise take millions of trials. Since
 ``eta1 > 0`` and the predicted decrease is positive, every accepted step lowers f: the result is never
@@ -117,6 +118,13 @@ def check_arc_options(owner: str, *, M: Any, max_iterations: Any, tol: Any, hvp_
             "gamma": check_number(f"{prefix}gamma", gamma, 1.0, strict=True),
             "M_min": check_number(f"{prefix}M_min", M_min, 0.0, strict=True),
             "max_rejections": check_int(f"{prefix}max_rejections", max_rejections, 1)}
+
+
+def _resolution(f: float, dtype: torch.dtype) -> float:
+    """The smallest decrease of f that rounding cannot fake at a point where f has this value: 16 eps |f|
+    in w's precision, taken at each accepted point (taken once at w0, with |f| floored at 1, it stopped
+    a run with "no_progress" where f had fallen by orders of magnitude and still resolved its steps)."""
+    return 16.0 * torch.finfo(dtype).eps * max(abs(f), torch.finfo(torch.float64).tiny)
 
 
 def _value(value: Callable[[torch.Tensor], float], w: torch.Tensor, where: str) -> float:
@@ -232,8 +240,7 @@ def adaptive_cubic_newton(
         raise ValueError(f"adaptive_cubic_newton: f(w0) is not finite ({f})")
     g = _checked_gradient(gradient, w, "gradient(w0)")
     f0, g0_norm = f, norm64(g)
-    # The smallest decrease f can resolve: rounding of f in w's precision.
-    resolution = 16.0 * torch.finfo(w.dtype).eps * max(abs(f), 1.0)
+    resolution = _resolution(f, w.dtype)
     trials: list[ARCTrial] = []
     hvps = steps = 0
     stop = "max_iterations"
@@ -285,6 +292,7 @@ def adaptive_cubic_newton(
             recorded = num_hvps
             if accepted:
                 w, f = trial, f_trial
+                resolution = _resolution(f, w.dtype)
                 g = _checked_gradient(gradient, w, "gradient(w)")
                 steps += 1
                 if ratio >= eta2:  # lowered, never below M_min; an M given below it is not raised to it

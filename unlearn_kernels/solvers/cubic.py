@@ -24,7 +24,7 @@ import torch
 
 from ..checks import (all_finite, check_bool, check_int, check_number, check_option_names, check_seed, norm64, norm_scale,
                       scaled_norm)
-from ..ops.cubic_secular import cubic_secular_solve
+from ..ops.cubic_secular import SolutionOverflow, cubic_secular_solve
 from .lanczos import LanczosProcess, Reorth, replay, ritz_pairs
 from .operators import NonFiniteProduct, SolverOperator, check_vector, operator_and_vector
 
@@ -86,6 +86,18 @@ def _check_representable(step: torch.Tensor, norm: float, value: float, num_hvps
                            f"{step.dtype}: M = {M!r} is too small for this H and g (raise M, or solve in float64)",
                            norm, value, num_hvps)
     return step
+
+
+def _secular_solve(eigvals: torch.Tensor, coeffs: torch.Tensor, M: float, num_hvps: int,
+                   method: str) -> tuple[torch.Tensor, float, bool]:
+    """:func:`cubic_secular_solve`, with a solution beyond float64 (an M far too small) raised as
+    :class:`StepOverflow` (norm Inf, model value -Inf), which the adaptive loop rejects like any step
+    that does not fit its dtype."""
+    try:
+        return cubic_secular_solve(eigvals, coeffs, M)
+    except SolutionOverflow:
+        raise StepOverflow(f"cubic_newton_step (method {method!r}): the step does not fit float64: M = {M!r} is "
+                           "too small for this H and g (raise M)", math.inf, -math.inf, num_hvps) from None
 
 
 def _cubic_term(M: float, norm: float) -> float:
@@ -155,7 +167,7 @@ def dense_cubic_step(H: Any, g: torch.Tensor, M: float) -> CubicStep:
     H64 = op.to_dense().double()
     lam, U = torch.linalg.eigh(0.5 * (H64 + H64.T))
     c = U.T @ g.double()
-    y, sigma, hard = cubic_secular_solve(lam, c, M)
+    y, sigma, hard = _secular_solve(lam, c, M, op.num_hvps, "dense")
     s = _check_representable((U @ y).to(g.dtype), scaled_norm(y), _eigenbasis_value(c, lam, y, M), op.num_hvps, M,
                              "dense")
     y = U.T @ s.double()  # the returned step in the eigenbasis: its rounding to g's dtype included
@@ -213,7 +225,8 @@ class KrylovCubicSolver:
     ``solve(M)`` runs the Lanczos iteration the first time (a first call that an exception cut short,
     a KeyboardInterrupt in a product say, counts as not made); later calls with another M (a rejected
     step) re-solve the small problem on the same T with no new products, unless ``extend=True``
-    (then the iteration continues until the stopping rule holds for the new M). In two-pass mode
+    (then the iteration continues until the stopping rule holds for the new M; after the probe, the
+    main phase resumes as above, within what is left of ``k_max``). In two-pass mode
     every solve pays a second Lanczos pass (n - 1 products) to form s = Q y.
 
     Args:
@@ -271,6 +284,7 @@ class KrylovCubicSolver:
         self.process = LanczosProcess(self.op, self._v0, reorth=reorth, store_basis=not two_pass,
                                       capacity=capacity, generator=gen)
         self._probed = False  # the guard's probe block has run
+        self._probe_steps = 0  # the steps it took (k_max counts the main phase's only)
         self._built = False  # a first solve built T to the end
 
     # -- the small problem
@@ -280,7 +294,8 @@ class KrylovCubicSolver:
         proc = self.process
         theta, S = proc.ritz_pairs()
         c = self.gnorm * S[0, :]
-        y_eig, sigma, hard = cubic_secular_solve(torch.from_numpy(theta), torch.from_numpy(c), M)
+        y_eig, sigma, hard = _secular_solve(torch.from_numpy(theta), torch.from_numpy(c), M, self.op.num_hvps,
+                                            "krylov")
         y_eig = y_eig.numpy()
         y = S @ y_eig
         residual = _residual_bound(proc.residual_norm(y), M, sigma, scaled_norm(y))
@@ -391,12 +406,16 @@ class KrylovCubicSolver:
         # call goes on with it, and the probe runs again (reported converged on the main phase alone before)
         extend = not self._built if extend is None else check_bool("extend", extend)
         if extend:
-            self._run_main(M)
-            if self.guard and not self._probed:
-                main_steps = proc.n
-                self._run_probe()
-                self._probed = True  # once: an interrupted resume goes on from the probe, not into another one
-                self._resume_main(M, self.k_max - main_steps)
+            if self._probed:  # the probe's block may be the current one: resume the Krylov space of g instead
+                self._resume_main(M, self.k_max - (proc.n - self._probe_steps))
+            else:
+                self._run_main(M)
+                if self.guard:
+                    main_steps = proc.n
+                    self._run_probe()
+                    self._probed = True  # once: an interrupted resume goes on from the probe, not into another one
+                    self._probe_steps = proc.n - main_steps
+                    self._resume_main(M, self.k_max - main_steps)
             self._built = True
         y, sigma, hard, value, _ = self._small_solve(M)
         s = replay(self.op, self._v0, proc.n, y) if self.two_pass else proc.combine(y)
