@@ -2,6 +2,9 @@
 
 Environment flags (all optional):
   UNLEARN_KERNELS_CPU_ONLY=1    build only the C++ CPU kernels, even where CUDA is available.
+  UNLEARN_KERNELS_NO_EXTENSION=1  build nothing (a machine without a C++ compiler): the package then runs
+                                every op through its pure-PyTorch reference. Without it, a build that
+                                fails stops the install.
   UNLEARN_KERNELS_FORCE_CUDA=1  fail if the CUDA kernels cannot be built (torch without CUDA, or no
                                 nvcc) instead of building the CPU kernels alone. Without it, the
                                 CUDA kernels are built whenever torch has CUDA and nvcc is found;
@@ -140,6 +143,6 @@ setup(
     # triton_kernels/ lives at the top of the repository but installs inside our namespace:
     # PyPI already owns the top-level import name `triton_kernels`.
     package_dir={"unlearn_kernels.triton_kernels": "triton_kernels"},
-    ext_modules=[_extension()],
+    ext_modules=[] if _flag("UNLEARN_KERNELS_NO_EXTENSION") else [_extension()],
     cmdclass={"build_ext": BuildExtension},
 )

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from unlearn_kernels.backends import choose
@@ -31,3 +32,29 @@ def test_importing_the_package_leaves_dynamo_and_inductor_alone(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["False", "None"], out.stdout
     assert not list(tmp_path.iterdir())
+
+
+def test_triton_kernels_that_cannot_be_imported_make_triton_unavailable(monkeypatch):
+    """In a source tree used without installing the package, ``unlearn_kernels.triton_kernels`` does not
+    exist (setup.py maps the top-level triton_kernels/ into it): ``backends()`` and every choice that
+    looks at Triton failed with ModuleNotFoundError; Triton is now unavailable, with the reason."""
+    import importlib
+    import importlib.util
+
+    module = importlib.import_module("unlearn_kernels.backends")  # the package's name `backends` is the function
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed: triton_available() stops before the import")
+    monkeypatch.setitem(sys.modules, "unlearn_kernels.triton_kernels", None)  # import raises ImportError
+    monkeypatch.delattr(sys.modules["unlearn_kernels"], "triton_kernels", raising=False)
+    module.triton_available.cache_clear()
+    module.status.cache_clear()
+    try:
+        usable, reason = module.triton_available()
+        assert not usable and "the package's Triton kernels cannot be imported" in reason
+        assert "pip install --no-build-isolation -e ." in reason
+        report = module.backends()
+        assert not report["softmax_ce_hvp"]["triton"].usable and report["softmax_ce_hvp"]["reference"].usable
+        assert module.choose("softmax_ce_hvp", "cpu") in ("cpp", "reference")
+    finally:
+        module.triton_available.cache_clear()
+        module.status.cache_clear()

@@ -16,7 +16,7 @@ from torch import nn
 from torch.autograd.functional import hessian
 
 from unlearn_kernels import backends, choose_backend, ops
-from unlearn_kernels.backends import BackendUnavailableError
+from unlearn_kernels.backends import BackendStatus, BackendUnavailableError
 from unlearn_kernels.curvature import GenericHessian, hessian_operator
 from unlearn_kernels.curvature.fused_mlp import FusedMLPHessian, supports
 from unlearn_kernels.ops.mlp_hvp import ACTIVATIONS
@@ -759,6 +759,24 @@ def test_a_backend_that_cannot_run_is_refused_at_construction():
         with pytest.raises(BackendUnavailableError, match=r"^FusedMLPHessian: mlp_hvp: backend 'cuda' cannot run"):
             FusedMLPHessian(model, nn.CrossEntropyLoss(), data, backend="cuda")
     assert FusedMLPHessian(model, nn.CrossEntropyLoss(), data, backend="reference").backend == "reference"
+
+
+def test_the_reference_backend_needs_no_compiled_kernel(monkeypatch):
+    """Without the extension (its status stood in for here) ``backend="reference"``, which runs, was refused
+    at construction ("the cpp mlp_hvp kernel cannot run"): only "auto" needs a compiled kernel (without one
+    ``hessian_operator`` takes the generic path, faster than the fused reference)."""
+    import unlearn_kernels.curvature.fused_mlp as fused_mlp
+
+    missing = BackendStatus(False, "extension not loaded: test")
+    monkeypatch.setattr(fused_mlp, "status", lambda op, backend: missing)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    data = (torch.randn(6, 4, dtype=torch.float64), torch.arange(6) % 3)
+    assert "the cpp mlp_hvp kernel cannot run: extension not loaded: test" in supports(model, nn.CrossEntropyLoss())
+    with pytest.raises(ValueError, match="cannot be used: the cpp mlp_hvp kernel cannot run"):
+        FusedMLPHessian(model, nn.CrossEntropyLoss(), data)
+    fused = FusedMLPHessian(model, nn.CrossEntropyLoss(), data, backend="reference")
+    v = torch.randn(fused.shape[0], dtype=torch.float64)
+    assert relative_error(fused.matvec(v), GenericHessian(model, nn.CrossEntropyLoss(), data).matvec(v)) <= 1e-12
 
 
 def test_supports_tied_weights_and_inputs_it_cannot_take():

@@ -92,3 +92,17 @@ def test_the_toolkit_is_the_one_nvcc_reports(reports, expected, monkeypatch, tmp
     assert functions["_toolkit_of_nvcc"]() == expected
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
     assert functions["_toolkit_of_nvcc"]() is None
+
+
+@pytest.mark.parametrize("no_extension", [False, True])
+def test_the_extension_can_be_left_out_of_the_build(no_extension, monkeypatch):
+    """On a machine without a C++ compiler the build failed and nothing was installed, and no flag left the
+    extension out, although the package runs every op through its reference without it."""
+    kept = {}
+    _setup_functions(monkeypatch)  # the environment it sets (CPU only, the repository as working folder)
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: kept.update(kwargs))
+    if no_extension:
+        monkeypatch.setenv("UNLEARN_KERNELS_NO_EXTENSION", "1")
+    runpy.run_path(str(REPOSITORY / "setup.py"), run_name="setup_under_test")
+    names = [extension.name for extension in kept["ext_modules"]]
+    assert names == ([] if no_extension else ["unlearn_kernels._C"])

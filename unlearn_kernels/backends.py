@@ -68,8 +68,11 @@ def triton_available() -> tuple[bool, str]:
     """Whether Triton kernels can run here: (usable, reason)."""
     if importlib.util.find_spec("triton") is None:
         return False, "triton is not installed: pip install triton"
-    from .triton_kernels import INTERPRETED
-
+    try:  # installed into the package from the top-level triton_kernels/ (setup.py): a source tree lacks them
+        from .triton_kernels import INTERPRETED
+    except ImportError as error:
+        return False, (f"the package's Triton kernels cannot be imported ({error}): install the package "
+                       "(pip install --no-build-isolation -e .) rather than run it from the source tree")
     if INTERPRETED:
         return True, "TRITON_INTERPRET=1: runs through the Triton interpreter, on CPU tensors too (for testing; slow)"
     if torch.cuda.is_available():

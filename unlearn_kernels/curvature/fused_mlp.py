@@ -92,8 +92,11 @@ def _parse_model(model: nn.Module) -> _Chain | str:
     return _Chain(flatten, tuple(weights), tuple(biases), tuple(acts))
 
 
-def supports(model: nn.Module, loss_fn: LossFn, params: ParamSelection = None) -> str | None:
+def supports(model: nn.Module, loss_fn: LossFn, params: ParamSelection = None, backend: str = "auto") -> str | None:
     """None if :class:`FusedMLPHessian` applies to ``model``, ``loss_fn`` and ``params``, else why not.
+    For ``backend`` "auto" that includes a compiled kernel for the parameters' device (the reference
+    alone is slower than the generic path, which ``hessian_operator`` then takes); a backend named
+    by the caller is checked by the operator itself.
 
     Raises what :func:`~unlearn_kernels.curvature.params.resolve_parameters` raises for a bad ``params``.
     """
@@ -104,14 +107,14 @@ def supports(model: nn.Module, loss_fn: LossFn, params: ParamSelection = None) -
         return [tensors[n] for n in (*chain.weight_names, *chain.bias_names) if n is not None]
 
     reason = fused_reason(chain, loss_fn, model, params, layer_params, "the Linear layers")
-    if reason is not None:
+    if reason is not None or backend != "auto":
         return reason
     device = layer_params(chain)[0].device  # type: ignore[arg-type]
-    backend = {"cpu": "cpp", "cuda": "cuda"}.get(device.type)
-    if backend is None:
+    kernel = {"cpu": "cpp", "cuda": "cuda"}.get(device.type)
+    if kernel is None:
         return f"no fused kernel for parameters on {device}"
-    st = status("mlp_hvp", backend)
-    return None if st.usable else f"the {backend} mlp_hvp kernel cannot run: {st.reason}"
+    st = status("mlp_hvp", kernel)
+    return None if st.usable else f"the {kernel} mlp_hvp kernel cannot run: {st.reason}"
 
 
 class FusedMLPHessian(CurvatureOperator):
@@ -147,7 +150,7 @@ class FusedMLPHessian(CurvatureOperator):
         self, model: nn.Module, loss_fn: LossFn, data: DataSpec, params: ParamSelection = None,
         *, batch_size: int | None = None, backend: str = "auto", cache_bytes: int | None = None,
     ) -> None:
-        reason = supports(model, loss_fn, params)
+        reason = supports(model, loss_fn, params, backend)
         if reason is not None:
             raise ValueError(f"FusedMLPHessian cannot be used: {reason}")
         self._chain: _Chain = _parse_model(model)  # type: ignore[assignment]
