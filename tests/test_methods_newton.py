@@ -511,6 +511,24 @@ def test_hvps_are_the_operators_products(mlp, monkeypatch, name):
     assert math.isfinite(d["step_norm"]) and d["step_norm"] > 0
 
 
+def test_m_auto_on_a_quadratic_loss_starts_from_the_floor():
+    """A quadratic loss of a linear model has a constant Hessian: its Lipschitz estimate is 0, and M="auto"
+    starts from MIN_AUTO_M (an M of 0 would be refused as out of range) and solves the problem."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 5, generator=gen, dtype=torch.float64), torch.arange(60) % 3
+
+    def squared(outputs, targets):
+        return 0.5 * (outputs - F.one_hot(targets, 3).to(outputs.dtype)).square().sum(1).mean()
+
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3).double()
+    result = CureNewton(M="auto", loss_fn=squared).unlearn(model, LabeledData(x[:10], y[:10]),
+                                                           LabeledData(x[10:], y[10:]), seed=0)
+    d = result.diagnostics
+    assert d["lipschitz_estimate"] == pytest.approx(0.0, abs=1e-6) and d["M_initial"] == MIN_AUTO_M
+    assert d["grad_norm_retain_after"] < 1e-8 * d["grad_norm_retain_before"]
+
+
 def test_m_auto_uses_the_lipschitz_estimate(mlp):
     model, forget, retain = mlp
     result = CureNewton(M="auto", dtype=torch.float64, lipschitz_options={"num_directions": 2}).unlearn(

@@ -174,12 +174,18 @@ def test_mislabeled_sequential_forgets_the_corrupted_rows_in_parts():
     assert all("acc_forgotten_so_far" in r["metrics"] and "acc_forget_true" in r["metrics"] for r in records)
 
 
-def test_sequential_class_requests_one_class_each():
+def test_sequential_class_requests_one_class_each(monkeypatch):
+    tested = []  # the classes of the test split each evaluation scored on: every class forgotten so far left out
+    evaluate = study_module.evaluate
+    monkeypatch.setattr(study_module, "evaluate",
+                        lambda model, **sets: tested.append(set(sets["test"].y.tolist())) or evaluate(model, **sets))
     config = StudyConfig(protocol="class", forget_classes=(3, 5), sequential=2, methods=("original",), seeds=(0,),
                          recipe=FAST, cache_dir=None)
     records = [r for r in run_study(config)["records"] if r["method"] == "retrain"]
     assert [r["request"] for r in records] == [0, 1]
     assert records[1]["metrics"]["acc_forget"] == 0.0 and records[1]["metrics"]["acc_forgotten_so_far"] == 0.0
+    everything = set(range(10))
+    assert tested == [everything - {3}] * 2 + [everything - {3, 5}] * 2  # (retrain, original) per request
     with pytest.raises(ValueError, match="one class per request: give 3 classes"):
         StudyConfig(protocol="class", forget_classes=(3, 5), sequential=3)
 
@@ -295,6 +301,18 @@ def test_the_forget_fraction_defaults_as_before():
     scenarios = default_scenarios(methods=("original",))
     assert [c.forget_fraction for c in scenarios.values()] == [0.1, 0.1, None]
     assert [c.forget_classes for c in scenarios.values()] == [(), (), (3,)]
+
+
+def test_the_main_command_runs_three_seeds_by_default():
+    """`unlearn-kernels run` with no arguments: three seeds per scenario, as its help, the README and the
+    guide say (the gap-closed noise rule depends on how many)."""
+    from unlearn_kernels.cli import _study_configs, build_parser
+
+    configs = _study_configs(build_parser().parse_args(["run"]))
+    assert list(configs) == ["random", "mislabeled", "class"]
+    assert all(config.seeds == (0, 1, 2) for config in configs.values())
+    with_protocol = _study_configs(build_parser().parse_args(["run", "--protocol", "mislabeled"]))
+    assert [config.seeds for config in with_protocol.values()] == [(0, 1, 2)]
 
 
 def test_a_reseeded_oracle_row_shows_how_far_two_retrains_are(tmp_path):

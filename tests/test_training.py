@@ -99,6 +99,29 @@ def test_train_is_deterministic_for_a_seed_and_leaves_the_global_rng_alone():
     assert not torch.equal(weights(a), weights(c))
 
 
+def test_each_epoch_shuffles_with_seed_plus_epoch():
+    """The module's promise: epoch e's batch order is the loader's shuffle from ``seed + e`` (a fresh order
+    each epoch, the same for the same seed)."""
+    x, y = torch.arange(32, dtype=torch.float32).unsqueeze(1), (torch.arange(32) >= 16).long()
+
+    class Recorder(torch.nn.Linear):
+        def __init__(self):
+            super().__init__(1, 2)
+            self.orders = []
+
+        def forward(self, inputs):
+            if self.training and len(inputs) == 32:  # not the two-row probe of the input checks
+                self.orders.append(inputs[:, 0].long().tolist())
+            return super().forward(inputs)
+
+    model = Recorder()
+    train(model, LabeledData(x, y), TrainConfig(epochs=3, batch_size=32, lr=0.01, seed=5))
+    data = LabeledData(x, y)
+    expected = [next(iter(data.loader(32, shuffle=True, seed=5 + epoch)))[0][:, 0].long().tolist()
+                for epoch in range(3)]
+    assert model.orders == expected and len({tuple(order) for order in expected}) == 3
+
+
 def test_init_model_is_seeded():
     assert torch.equal(weights(init_model(factory, 1)), weights(init_model(factory, 1)))
 
