@@ -1,5 +1,6 @@
 """Bad input to the public solvers: a clear error naming the argument and the problem, before any work
 (or, for a diverging iteration, a message that says so), and the same results as before for good input."""
+import re
 import warnings
 
 import numpy as np
@@ -53,6 +54,21 @@ def test_sparse_matrix_is_refused_by_name(problem):
         lanczos(H.to_sparse(), 3)
     with pytest.raises(TypeError, match=r"H must be a dense tensor"):
         cubic_newton_step(H.to_sparse(), g, 1.0)
+
+
+def test_meta_tensors_are_refused_by_name(problem):
+    """A matrix or vector on the meta device (shapes without values) met torch's "Tensor.item() cannot be
+    called on meta tensors" in the finiteness checks of every solver."""
+    H, g = problem
+    meta = "is on the meta device (it has a shape but no values)"
+    calls = [("H", lambda: lanczos(H.to("meta"), 3)), ("v0", lambda: lanczos(H, 3, v0=g.to("meta"))),
+             ("H", lambda: cubic_newton_step(H.to("meta"), g, 1.0)),
+             *[("g", lambda method=method: cubic_newton_step(H, g.to("meta"), 1.0, method=method))
+               for method in ("dense", "krylov")],
+             ("g", lambda: damped_newton_step(H, g.to("meta"), 0.1)), ("b", lambda: minres(H, g.to("meta")))]
+    for name, call in calls:
+        with pytest.raises(ValueError, match=rf"^{name} {re.escape(meta)}"):
+            call()
 
 
 def test_operator_shape_must_be_a_pair_of_non_negative_ints(problem):

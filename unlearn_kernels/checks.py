@@ -84,6 +84,15 @@ def check_tensor(name: str, value: Any) -> torch.Tensor:
     return value
 
 
+def check_has_values(name: str, value: torch.Tensor) -> torch.Tensor:
+    """``value`` unless it lives on the meta device (shapes without values), which a computation that reads
+    values cannot take: ValueError naming ``name`` (not torch's "Tensor.item() cannot be called on meta
+    tensors" at the first value read)."""
+    if value.is_meta:
+        raise ValueError(f"{name} is on the meta device (it has a shape but no values): give it on cpu or cuda")
+    return value
+
+
 def as_device(name: str, value: Any, problem: str = "is not a device name: use cpu, cuda or cuda:N") -> torch.device:
     """``torch.device(value)``, or ValueError ``"<name> <value!r> <problem>"`` for what torch cannot read
     as a device (an unknown type, ''; torch's own message lists all twenty types it knows)."""

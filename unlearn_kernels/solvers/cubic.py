@@ -43,7 +43,7 @@ class CubicStep:
             ("krylov": a bound, the free Lanczos estimate plus ``|(M/2) ||s|| - sigma| ||s||``, which holds
             the secular equation's tolerance and, for a basis that is not orthonormal, ``||s|| != ||y||``,
             in float64 on the computed basis: in float32 it leaves out the rounding of s, about
-            ``eps32 ||H|| ||s||``; "dense"/"gd": computed, at the returned s in its dtype).
+            ``eps32 (||H|| + sigma) ||s||``; "dense"/"gd": computed, at the returned s in its dtype).
         num_hvps: Hessian-vector products used.
         hard_case: the hard-case branch was taken (g has no component along H's bottom eigenvector).
         iterations: Lanczos steps ("krylov"), gradient steps ("gd"), 0 ("dense").
@@ -159,7 +159,7 @@ def dense_cubic_step(H: Any, g: torch.Tensor, M: float) -> CubicStep:
 
     The step is solved in float64 and returned in g's dtype; ``model_value`` and ``residual`` are
     those of the returned step (computed in float64, in the eigenbasis: no products), so for a
-    float32 g the residual includes the step's rounding to float32 (about ``eps_32 ||H|| ||s||``),
+    float32 g the residual includes the step's rounding to float32 (about ``eps32 (||H|| + sigma) ||s||``),
     what a user of the step gets. ``sigma`` and ``hard_case`` are the float64 solution's.
     """
     op, g = operator_and_vector(H, g)

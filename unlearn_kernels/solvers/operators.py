@@ -19,7 +19,7 @@ from typing import Any
 import scipy.sparse.linalg
 import torch
 
-from ..checks import SMALLEST_SQUARED, all_finite, as_device, check_tensor, norm64
+from ..checks import SMALLEST_SQUARED, all_finite, as_device, check_has_values, check_tensor, norm64
 from ..curvature.linear_operator import MatVec, dense_by_products, to_scipy_operator
 
 
@@ -144,7 +144,8 @@ class SolverOperator:
 
 
 def _check_dense(matrix: torch.Tensor) -> None:
-    check_tensor("H", matrix)  # sparse: refused here by name, not by torch in the symmetry check below
+    # sparse or meta: refused here by name, not by torch in the checks below
+    check_has_values("H", check_tensor("H", matrix))
     if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
         raise ValueError(f"H must be a square (d, d) matrix, got shape {tuple(matrix.shape)}")
     if not matrix.is_floating_point():
@@ -235,7 +236,7 @@ def _device(name: str, value: Any) -> torch.device:
 def check_vector(g: Any, name: str = "g") -> torch.Tensor:
     """``g`` as a validated 1-D finite floating point tensor, detached (the solvers never
     differentiate through it; raises TypeError/ValueError)."""
-    check_tensor(name, g)
+    check_has_values(name, check_tensor(name, g))
     if g.dim() != 1:
         raise ValueError(f"{name} must be a 1-D (d,) vector, got shape {tuple(g.shape)}")
     if not g.is_floating_point():
