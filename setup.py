@@ -117,7 +117,8 @@ def _cpu_vector_flags() -> list[str]:
 def _extension():
     # csrc/*.cpp: the schemas and the device-agnostic passes, compiled in every build.
     sources = [*sorted(glob.glob("csrc/*.cpp")), *sorted(glob.glob("csrc/cpu/*.cpp"))]
-    cxx_flags = ["-O3", "-fopenmp", "-DNDEBUG", *_cpu_vector_flags()]
+    # -g0: Python's CFLAGS carry -g, which made the library 30 times larger (15.7 MB, 0.5 MB without)
+    cxx_flags = ["-O3", "-g0", "-fopenmp", "-DNDEBUG", *_cpu_vector_flags()]
     if _build_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         archs = _cuda_arch_list()
