@@ -352,6 +352,34 @@ def test_gpu_check_selects_every_test_that_runs_a_cuda_backend():
     assert [test for test, selected in looping if not selected] == []
 
 
+FAKE_PYTHON = """#!/usr/bin/env bash
+# stands in for the interpreter: every step passes at once, but a benchmark suite ignores SIGINT (a call hung
+# in the driver, say) and sleeps until it is killed
+case "$1 $2" in
+    "-c from benchmarks.__main__"*) echo "softmax_ce hvp"; exit 0;;
+    "-m benchmarks") trap '' INT; exec sleep 1000;;
+esac
+echo "ok"
+"""
+
+
+def test_gpu_check_ends_within_its_budget_when_a_step_ignores_sigint(tmp_path):
+    """A step that ignores the timeout's SIGINT is killed 10 s later: that grace came on top of the time left,
+    so a run could end 10 s past its budget (25% of a 40 s one), and its exit 137 was not called a timeout."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "GPU_CHECK_DRY_RUN": "1", "GPU_CHECK_BUDGET_S": "16",
+           "GPU_CHECK_LOGS": str(tmp_path / "logs")}
+    start = time.monotonic()
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh")], capture_output=True, text=True, env=env,
+                          timeout=120)
+    wall = time.monotonic() - start
+    assert done.returncode == 1 and wall < 16 + 3, (wall, done.stdout[-3000:])
+    assert "gpu_check: FAILED: bench_softmax_ce (exit 137, timed out)" in done.stdout, done.stdout[-3000:]
+    assert "gpu_check: FAILED: bench_hvp (no time left)" in done.stdout, done.stdout[-3000:]
+
+
 def test_a_wrong_result_of_ours_fails_the_run_and_an_anchors_does_not(monkeypatch, capsys, tmp_path):
     """A kernel of ours marked wrong by its correctness gate left the runner's status 0 (benchmarks/gpu_check.sh
     then counted the step as passed); it fails the run now, its JSON written all the same. An anchor's wrong
