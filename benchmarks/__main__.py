@@ -67,14 +67,21 @@ def _run_suites(args: argparse.Namespace, device: torch.device, out: Path) -> li
         print(f"\n{suite}: {SUITES[suite]}")
         print(common.format_table(measurements, baseline))
         print(f"results: {path}")
-        # a kernel of ours that fails its correctness gate fails the run (an anchor's, curvlinops's on the ViT
+        # a kernel of ours that fails its correctness gate, or cannot run for a reason the suite does not
+        # expect (a build without it, an error in it), fails the run (an anchor's, curvlinops's on the ViT
         # say, is reported in the table only); its JSON is written all the same
-        ours = getattr(module, "OURS", ())
-        wrong = [f"{m.candidate} on {m.case}" for m in measurements
-                 if m.status == "wrong" and (m.candidate.startswith("ours") or m.candidate in ours)]
+        ours = [m for m in measurements if m.candidate.startswith("ours") or m.candidate in getattr(module, "OURS", ())]
+        wrong = [f"{m.candidate} on {m.case}" for m in ours if m.status == "wrong"]
         if wrong:
             print(f"\n{suite}: FAILED its correctness gates: {'; '.join(wrong)}")
             failed.append(suite)
+        expected = getattr(module, "EXPECTED_UNAVAILABLE", ())
+        broken = [f"{m.candidate} on {m.case} ({m.status})" for m in ours if m.status.startswith("unavailable")
+                  and not any(reason in m.status for reason in expected)]
+        if broken:
+            print(f"\n{suite}: FAILED: candidates of ours that could not run: {'; '.join(broken)}")
+            if suite not in failed:
+                failed.append(suite)
         # the docs' plot of a suite is drawn from its committed CPU JSON: redrawn whenever a full run (not a
         # --quick smoke test) replaces it
         plot = getattr(module, "PLOT", None)

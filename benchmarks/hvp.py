@@ -75,6 +75,9 @@ OURS = {
 }
 """Our candidates and their ``hessian_operator`` options."""
 MATMAT = ("ours:fused", "ours:generic")
+EXPECTED_UNAVAILABLE = ("not a fused MLP",)
+"""Why a candidate of ours may be unavailable without failing the run: the fused path on a model that is not
+an MLP (ResNet-18, the ViT)."""
 """Our candidates timed with matmat over K vectors too."""
 STREAM_OF = {"ours:fused": "ours:fused-stream", "ours:generic": "ours:generic-stream"}
 

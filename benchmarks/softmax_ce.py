@@ -50,7 +50,7 @@ def _shape(n: int, c: int, device: torch.device, dtype: torch.dtype, gen: torch.
         compiled_hvp, compiled_grad = compiled
         cands_hvp["torch.compile"] = lambda: compiled_hvp(z, u)
         cands_grad["torch.compile"] = lambda: compiled_grad(z, y)
-    for b in kernel_backends("softmax_ce_hvp", device):
+    for b in kernel_backends(device):
         cands_hvp[f"ours:{b}"] = lambda b=b: ops.softmax_ce_hvp(z, u, backend=b, check_finite=check)
         cands_grad[f"ours:{b}"] = lambda b=b: ops.softmax_ce_grad(z, y, backend=b, check_finite=check)
     hvp_bytes = 3 * z.numel() * z.element_size()

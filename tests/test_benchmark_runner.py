@@ -401,6 +401,66 @@ def test_a_wrong_result_of_ours_fails_the_run_and_an_anchors_does_not(monkeypatc
         assert json.loads((tmp_path / f"{name}_cpu.json").read_text())["results"][0]["status"] == "wrong"
 
 
+def test_a_wrong_gradient_descent_step_is_not_taken_for_one_that_stopped_short(monkeypatch, capsys, tmp_path):
+    """The cubic suite relabelled every wrong result of "gd" as stopped short of the target (its step cap, or its
+    own tolerance), so a gd returning half its step passed the run. Only a step that meets its own stopping rule,
+    or one at the step cap, is relabelled now; this one stays wrong and fails the run."""
+    import dataclasses
+
+    import benchmarks.cubic as cubic
+
+    solve = cubic.cubic_newton_step
+
+    def halved(H, g, M, *, method, **options):
+        step = solve(H, g, M, method=method, **options)
+        if method != "gd":
+            return step
+        half = 0.5 * step.step
+        return dataclasses.replace(step, step=half, model_value=cubic.model_value_and_residual(H, g, half, M)[0])
+
+    problems = cubic._problems
+    monkeypatch.setattr(cubic, "_problems", lambda quick: problems(quick)[:1])  # d = 1,000 alone
+    monkeypatch.setattr(cubic, "cubic_newton_step", halved)
+    assert main(["cubic", "--quick", "--out", str(tmp_path)]) == 1
+    assert "cubic: FAILED its correctness gates: gd on synthetic d=1000" in capsys.readouterr().out
+    monkeypatch.setattr(cubic, "cubic_newton_step", solve)
+    assert main(["cubic", "--quick", "--out", str(tmp_path)]) == 0
+
+
+def test_a_kernel_of_ours_that_cannot_run_fails_the_run_unless_the_suite_expects_it(monkeypatch, capsys, tmp_path):
+    """A kernel of ours that raised on its inputs, or was not built, was a row "unavailable" (or no row at all:
+    the suites timed only the backends that could run) and the run passed, so benchmarks/gpu_check.sh could
+    report every step passed with a crashing CUDA kernel. It fails the run now, but where the suite expects it
+    (the fused path on a model that is not an MLP)."""
+    import benchmarks.hvp
+    import benchmarks.softmax_ce
+    from unlearn_kernels import ops
+
+    hvp = ops.softmax_ce_hvp
+
+    def crashing(*args, backend="auto", **kwargs):
+        if backend == "cpp":
+            raise RuntimeError("kernel launch failed")
+        return hvp(*args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(ops, "softmax_ce_hvp", crashing)
+    assert main(["softmax_ce", "--quick", "--no-compile", "--out", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "softmax_ce: FAILED: candidates of ours that could not run: ours:cpp on" in out
+    assert "RuntimeError: kernel launch failed" in out
+    monkeypatch.setattr(ops, "softmax_ce_hvp", hvp)
+    assert benchmarks.softmax_ce.kernel_backends(torch.device("cpu")) == ("cpp",)  # timed whether or not it runs
+
+    def suite(status):
+        return lambda device, **kwargs: ([benchmarks.hvp.Measurement("a case", "ours:fused", None, None, None,
+                                                                     status)], {})
+
+    for status, code in (("unavailable: ValueError: ... not a fused MLP (the model is ResNet18)", 0),
+                         ("unavailable: RuntimeError: CUDA error", 1)):
+        monkeypatch.setattr(benchmarks.hvp, "run", suite(status))
+        assert main(["hvp", "--quick", "--out", str(tmp_path)]) == code, status
+
+
 def test_the_correctness_gate_refuses_an_output_of_another_shape():
     """A candidate returning (3, n) where the exact answer is (n,) broadcast against it: its error was read
     from the broadcast difference and passed the gate where every row matched. It is wrong now, shape named."""
