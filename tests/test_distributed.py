@@ -144,7 +144,9 @@ def _equivalence_worker(rank: int, world: int, store: str, bounds: list[int]) ->
                               (op.gradient(), single.gradient())):
                 _close(got, want)
                 _same_on_every_rank(got)
-            assert op.num_products == 4 and op.num_data_passes == 3
+            # with the construction's products (the generic path's check), as one process counts them: a rank
+            # with an empty shard counts them too (0 were counted, and a budget allowed more work than one process)
+            assert op.num_products == single.num_products == 4 + (path == "generic") * 2 and op.num_data_passes == 3
         ggn = ggn_operator(model, loss, (x[part], y[part]), process_group=dist.group.WORLD)
         _close(ggn.matvec(v), ggn_operator(model, loss, (x, y)).matvec(v))
         # Solvers run on it unchanged, with the same result on every rank.
@@ -172,16 +174,23 @@ def _equivalence_worker(rank: int, world: int, store: str, bounds: list[int]) ->
         retain_part = torch.tensor_split(torch.arange(10, ROWS), world)[rank]
         data = {"all": (LabeledData(x[:10], y[:10]), LabeledData(x[10:], y[10:])),
                 "shard": (LabeledData(x[forget_part], y[forget_part]), LabeledData(x[retain_part], y[retain_part]))}
-        options = {"cure_newton": dict(max_iterations=3, hessian_samples=None), "newton_pinv": {},
-                   "damped_newton": dict(damping=0.1), "influence": dict(damping=0.1)}
-        for name, kwargs in options.items():
-            weights = {}
+        # hessian_samples: one draw over all ranks' rows (a draw of 9 rows per rank, each weighing the same,
+        # made another step); the generic path's construction check counts in hvps and the budget (it did not
+        # with a process group: fewer products counted, and a budget allowed more steps than one process takes)
+        options = [("cure_newton", dict(max_iterations=3, hessian_samples=None)),
+                   ("cure_newton", dict(max_iterations=3, hessian_samples=9)),
+                   ("cure_newton", dict(max_iterations=3, hessian_samples=None, path="generic", hvp_budget=12)),
+                   ("newton_pinv", {}), ("damped_newton", dict(damping=0.1)), ("influence", dict(damping=0.1))]
+        for name, kwargs in options:
+            weights, hvps = {}, {}
             for which, group in (("shard", dist.group.WORLD), ("all", None)):
                 method = METHODS[name](weight_decay=1e-3, process_group=group, **kwargs)
-                unlearned = method.unlearn(model, *data[which], seed=0).model
-                weights[which] = get_flat_parameters(unlearned, [n for n, _ in unlearned.named_parameters()])
+                result = method.unlearn(model, *data[which], seed=0)
+                weights[which] = get_flat_parameters(result.model, [n for n, _ in result.model.named_parameters()])
+                hvps[which] = result.hvps
             _same_on_every_rank(weights["shard"])
             _close(weights["shard"], weights["all"])
+            assert hvps["shard"] == hvps["all"], (name, kwargs, hvps)
     finally:
         dist.destroy_process_group()
 
@@ -203,6 +212,11 @@ def _empty_shard_worker(rank: int, world: int, store: str) -> None:
         _close(op.matvec(v), single.matvec(v))
         _close(op.gradient(), single.gradient())
         _close(op.to_dense(), single.to_dense())
+        generic = hessian_operator(model, nn.CrossEntropyLoss(), (x[part], y[part]), path="generic",
+                                   process_group=dist.group.WORLD)
+        # the construction's check (two products) counts on the rank that made none too
+        one_process = hessian_operator(model, nn.CrossEntropyLoss(), (x, y), path="generic")
+        assert generic.num_products == one_process.num_products == 2
         # the empty shard's rank checks its input too, inside the collective
         expect = (TypeError, "dtype torch.float32") if rank == 1 else (RuntimeError, r"rank\(s\) \[1\] failed while")
         with pytest.raises(expect[0], match=expect[1]):
@@ -991,7 +1005,7 @@ def _destroyed_group_worker(rank: int, world: int, store: str) -> None:
     group = dist.group.WORLD
     op = hessian_operator(model, nn.CrossEntropyLoss(), (x, y), process_group=group)
     objective = DistributedObjective(model, nn.CrossEntropyLoss(), (x, y), process_group=group)
-    method = METHODS["cure_newton"](process_group=group)
+    methods = [METHODS["cure_newton"](process_group=group), METHODS["cure_newton_lora"](rank=2, process_group=group)]
     alive = weakref.ref(group)
     del group
     dist.destroy_process_group()
@@ -1001,8 +1015,9 @@ def _destroyed_group_worker(rank: int, world: int, store: str) -> None:
         op.matvec(torch.ones(op.shape[0], dtype=torch.float64))
     with pytest.raises(RuntimeError, match="the process group was destroyed"):
         objective.value()
-    with pytest.raises(RuntimeError, match="cure_newton: the process group was destroyed"):
-        method.unlearn(model, LabeledData(x[:10], y[:10]), LabeledData(x[10:], y[10:]), seed=0)
+    for method in methods:  # cure_newton_lora held it strongly: alive after destroy, torch's error at the call
+        with pytest.raises(RuntimeError, match=f"^{method.name}: the process group was destroyed"):
+            method.unlearn(model, LabeledData(x[:10], y[:10]), LabeledData(x[10:], y[10:]), seed=0)
 
 
 def test_destroyed_process_group_is_not_kept_alive(tmp_path):

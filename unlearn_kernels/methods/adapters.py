@@ -23,9 +23,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch.distributed as dist
 from torch import nn
 
 from ..checks import check_option_names
+from ..curvature.distributed import GroupRef
 from ..curvature.params import check_not_wrapped
 from ..labeled import LabeledData
 from ..lora import (
@@ -75,17 +77,24 @@ class CureNewtonLoRA(Unlearner):
             CureNewton(**newton_options)
         except (TypeError, ValueError) as error:
             raise type(error)(f"{self.name}: {str(error).removeprefix(CureNewton.name + ': ')}") from None
+        # held weakly, as CureNewton holds it: a strong reference kept the group alive past destroy_process_group
+        group = newton_options.pop("process_group", None)
+        self._group = None if group is None else GroupRef(group, self.name)
         self.newton_options = newton_options
+
+    @property
+    def process_group(self) -> dist.ProcessGroup | None:
+        """The process group (held weakly, see :class:`~unlearn_kernels.curvature.distributed.GroupRef`), or None."""
+        return None if self._group is None else self._group()
 
     def _checked_copy(self, model: nn.Module, forget: LabeledData, retain: LabeledData,
                       unseen: LabeledData | None, *, seed: int) -> nn.Module:
         # with a process group the ranks agree on their inputs (and options) before any work, as CureNewton's do:
         # a rank refusing alone left the others waiting in CureNewton's collective until the group's timeout
-        group = self.newton_options.get("process_group")
+        group = self.process_group
         if group is None:
             return super()._checked_copy(model, forget, retain, unseen, seed=seed)
-        options = {"rank": self.rank, "alpha": self.alpha, "targets": self.targets,
-                   **{k: v for k, v in self.newton_options.items() if k != "process_group"}}
+        options = {"rank": self.rank, "alpha": self.alpha, "targets": self.targets, **self.newton_options}
         return agree_on_inputs(self, group, options_text(type(self).__qualname__, options), model, forget, retain,
                                unseen, seed=seed)
 
@@ -102,7 +111,8 @@ class CureNewtonLoRA(Unlearner):
             add_adapters(model, new, self.rank, self.alpha)
         unmerge(model)  # adapters the model had merged (in this private copy): merged, A and B get no gradient
         adapters = adapter_modules(model)  # the new ones and those the model had (e.g. RFA's, unmerged): all train
-        newton = CureNewton(params=adapter_parameter_names(model), **self.newton_options)
+        newton = CureNewton(params=adapter_parameter_names(model), process_group=self.process_group,
+                            **self.newton_options)
         result = newton.unlearn(model, forget, retain, unseen=unseen, seed=seed)
         merged = unload(result.model, merge=True)
         return UnlearnResult(model=merged.eval(), seconds=0.0, hvps=result.hvps, gradients=result.gradients,

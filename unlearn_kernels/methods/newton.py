@@ -46,8 +46,9 @@ Options shared by all (constructor arguments):
   calls ``unlearn`` with the same model, options and seed (other options are refused on every rank)
   and its own shard of D_f and D_r; F, its gradient and the Hessian products are reduced over all
   ranks' rows (weighted by shard size), so every rank takes the same step. CureNewton's
-  ``hessian_samples`` (and StoCuReNU's batch sizes) then count rows of each rank's shard, and
-  ``M="auto"`` is refused (the Lipschitz estimate is not distributed). None (the default): one process.
+  ``hessian_samples`` is one draw over all ranks' rows (each rank keeps its own), StoCuReNU's batch
+  sizes count rows of each rank's shard, and ``M="auto"`` is refused (the Lipschitz estimate is not
+  distributed). None (the default): one process.
 
 Every method returns the model in eval mode (curvature is defined on the deterministic eval-mode
 loss), never writes a non-finite value into it (a NaN/Inf step raises ValueError), reports the
@@ -473,11 +474,15 @@ class _NewtonFamily(Unlearner):
     def _global_rows(self, data: LabeledData, device: torch.device) -> int:
         """Rows of ``data`` over every rank (this rank's alone without a process group); ``device``:
         the model's."""
-        if self.process_group is None:
-            return len(data)
-        rows = torch.tensor([len(data)], dtype=torch.float64, device=device)
-        all_reduce_released(rows, self.process_group, during=f"{self._where()}, counting the rows")
-        return int(rows.item())
+        return len(data) if self.process_group is None else sum(self._shard_sizes(len(data), device))
+
+    def _shard_sizes(self, rows: int, device: torch.device) -> list[int]:
+        """Every rank's ``rows``, in rank order (one all_reduce over the process group)."""
+        group = self.process_group
+        sizes = torch.zeros(dist.get_world_size(group), dtype=torch.float64, device=device)
+        sizes[dist.get_rank(group)] = rows
+        all_reduce_released(sizes, group, during=f"{self._where()}, counting the rows")
+        return [int(n) for n in sizes.tolist()]
 
     def _hessian(self, ws: _Workspace, data: LabeledData) -> CurvatureOperator:
         """The Hessian of the mean loss over ``data`` (reads the shadow's weights live); its construction
@@ -597,7 +602,8 @@ class CureNewton(_NewtonFamily):
             with ``solver_options={"guard": True}`` the hard-case probe can add up to its
             ``probe_steps`` per step beyond it; 0: no step; None: no budget).
         hessian_samples: rows of D_r the Hessian is taken on (default 512; None or a number >= |D_r|:
-            all of D_r), drawn from the unlearn seed.
+            all of D_r), drawn from the unlearn seed (with a process group, over all ranks' rows in rank
+            order: the sample one process draws over those rows).
         eta1, eta2, gamma, M_min: the accept threshold (0.1), the very-successful threshold (0.9),
             the factor M changes by (2.0) and the smallest M after lowering (1e-6).
         max_rejections: most rejected trials in a row at one point (default 1000); the last of them
@@ -614,9 +620,9 @@ class CureNewton(_NewtonFamily):
     ``M_initial``, ``steps`` (accepted), ``stop_reason`` ("tolerance", "max_iterations",
     "hvp_budget", "no_progress" or "max_rejections"), ``iterations`` (one record per trial:
     ``iteration``, ``M``, ``predicted``, ``actual``, ``ratio``, ``accepted``, ``step_norm``, ``hvps``,
-    ``lanczos_steps``, ``grad_norm``), ``step_norms`` (of the accepted steps), ``hessian_samples`` (rows used) and
-    ``rounding_reverted`` (with another compute ``dtype``: rounding the result to the model's dtype
-    undid the decrease of F, so the given weights were returned). The trials and ``stop_reason`` are
+    ``lanczos_steps``, ``grad_norm``), ``step_norms`` (of the accepted steps), ``hessian_samples`` (rows
+    used, over every rank) and ``rounding_reverted`` (with another compute ``dtype``: rounding the result
+    to the model's dtype undid the decrease of F, so the given weights were returned). The trials and ``stop_reason`` are
     those of the iterate in the compute dtype; ``objective_after`` and ``grad_norm_retain_after`` are
     of the returned (rounded) weights.
     """
@@ -669,19 +675,26 @@ class CureNewton(_NewtonFamily):
                             ("model", "loss_fn", "data", "params", "seed", "batch_size", "path"))
         self.lipschitz_options = check_lipschitz_options(f"{self.name}: lipschitz_options", **self.lipschitz_options)
 
-    def _sample(self, data: LabeledData, seed: int) -> LabeledData:
-        """The seeded Hessian subsample of D_r (in the data's order), or all of it."""
-        n = len(data)
+    def _sample(self, data: LabeledData, seed: int, device: torch.device) -> tuple[LabeledData, int]:
+        """The seeded Hessian subsample of D_r (in the data's order), or all of it, and its rows over every
+        rank. With a process group it is one draw over all ranks' rows in rank order, of which each rank keeps
+        its own: the sample one process draws from those rows, whatever the shards' sizes (a draw of
+        ``hessian_samples`` rows per rank, each rank's weighing the same, leaned towards the small shards).
+        ``device``: the model's."""
+        sizes = [len(data)] if self.process_group is None else self._shard_sizes(len(data), device)
+        n = sum(sizes)
         if self.hessian_samples is None or self.hessian_samples >= n:
-            return data
+            return data, n
         chosen = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:self.hessian_samples]
-        return data.subset(chosen.sort().values.to(data.device))
+        start = 0 if self.process_group is None else sum(sizes[:dist.get_rank(self.process_group)])
+        mine = chosen[(chosen >= start) & (chosen < start + len(data))] - start
+        return data.subset(mine.sort().values.to(data.device)), self.hessian_samples
 
     def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,
                  unseen: LabeledData | None, seed: int) -> UnlearnResult:
         ws = self._prepare(model, retain)
         objective = self._objective(ws, ws.retain)
-        sample = self._sample(ws.retain, seed)
+        sample, sampled_rows = self._sample(ws.retain, seed, ws.w.device)
         op = self._hessian(ws, sample)
         H = self._curvature(op)
         extra: dict[str, Any] = {}
@@ -750,7 +763,7 @@ class CureNewton(_NewtonFamily):
             "grad_norm_retain_before": result.initial_grad_norm,
             "grad_norm_retain_after": grad_after,
             "objective_before": result.initial_value, "objective_after": after,
-            "hessian_samples": len(sample), "rounding_reverted": reverted, "num_params": op.shape[0],
+            "hessian_samples": sampled_rows, "rounding_reverted": reverted, "num_params": op.shape[0],
             "hessian_path": op.path, **extra,
         }
         return UnlearnResult(model=ws.model, seconds=0.0, hvps=op.num_products + ws.hvps,
