@@ -1179,6 +1179,14 @@ def test_the_default_cache_folder_is_read_when_a_config_is_made(tmp_path, monkey
     assert StudyConfig().cache_dir == str(tmp_path / "unlearn-kernels" / "checkpoints")
 
 
+def test_an_empty_home_is_no_home_folder(monkeypatch):
+    """HOME="" made ~ the root folder, and the cache went to /.cache/unlearn-kernels."""
+    monkeypatch.setenv("HOME", "")
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative")
+    with pytest.raises(ValueError, match="^no home folder to cache original models in"):
+        study_module.default_cache_dir()
+
+
 def test_the_default_cache_folder_ignores_a_relative_xdg_cache_home(tmp_path, monkeypatch):
     """XDG_CACHE_HOME=cache put the cache under the working folder; the XDG specification says a relative
     path is to be ignored."""

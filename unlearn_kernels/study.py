@@ -120,13 +120,15 @@ def default_cache_dir() -> str:
 
     Raises:
         ValueError: no absolute folder to cache in: ``XDG_CACHE_HOME`` unset or relative, and no home
-            folder (``HOME`` unset and a user the password database does not know, as in a container run
-            with an arbitrary uid, where ``~`` stays ``~`` and the cache would be made in the working folder).
+            folder (``HOME`` empty, where ``~`` is "/"; or unset with a user the password database does not
+            know, as in a container run with an arbitrary uid, where ``~`` stays ``~`` and the cache would be
+            made in the working folder).
     """
     xdg_cache = os.environ.get("XDG_CACHE_HOME", "")
     if os.path.isabs(xdg_cache):
         return str(Path(xdg_cache) / "unlearn-kernels" / "checkpoints")
-    home = os.path.expanduser("~")
+    # an empty HOME is none (expanduser would give "/", the root folder); a relative ~ says there is none either
+    home = os.path.expanduser("~") if os.environ.get("HOME") != "" else ""
     if not os.path.isabs(home):
         raise ValueError("no home folder to cache original models in: set XDG_CACHE_HOME to an absolute path, or "
                          "run with --no-cache (cache_dir=None)")
