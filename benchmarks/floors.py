@@ -7,9 +7,10 @@ product can skip. Per Linear or Conv2d layer with input h, output gradient d, we
 ``Rd W + d V`` and the weight product ``Rd^T h + d^T Rh``; the first layer, whose input does not depend
 on the weights, needs only ``h V^T`` and ``Rd^T h`` (for a convolution: the same six as convolutions,
 ``conv``, its input gradient and its weight gradient, in the fastest form we know: channels-last, and
-the first layer's two as matmuls with its input's im2col matrix, which is fixed). This suite times exactly those operations on
-tensors of the products' shapes (``floor``), interleaved with ``ours`` (``hessian_operator``,
-``path="auto"``) and PyHessian's cached graph, on the wide MLP and the CNN of the hvp suite; every
+the first layer's two as matmuls with its input's im2col matrix, which is fixed). This suite times exactly those
+operations on tensors of the products' shapes (``floor``), interleaved with ours (``hessian_operator``'s
+``ours:fused`` and ``ours:generic`` paths) and PyHessian's cached graph, on the wide MLP and the CNN of the hvp
+suite; every
 row's ``vs_floor`` is floor time / its time (1 = at the floor), and ``floor_bound`` on the anchor is
 the most any exact product could gain on it (anchor time / floor time). Elementwise work (activations,
 pooling, the loss rows) is left out of the floor, so it is a lower bound.
