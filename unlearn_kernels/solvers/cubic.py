@@ -225,8 +225,9 @@ class KrylovCubicSolver:
     ``solve(M)`` runs the Lanczos iteration the first time (a first call that an exception cut short,
     a KeyboardInterrupt in a product say, counts as not made); later calls with another M (a rejected
     step) re-solve the small problem on the same T with no new products, unless ``extend=True``
-    (then the iteration continues until the stopping rule holds for the new M; after the probe, the
-    main phase resumes as above, within what is left of ``k_max``). In two-pass mode
+    (then the iteration continues until the stopping rule holds for the new M; once the probe has run,
+    no continuation of its block is g's Krylov space, so the iteration starts again from g, its products
+    spent again and counted). In two-pass mode
     every solve pays a second Lanczos pass (n - 1 products) to form s = Q y.
 
     Args:
@@ -274,18 +275,22 @@ class KrylovCubicSolver:
             raise ValueError("the hard-case guard needs the stored basis: use guard=False with two_pass=True")
         self.two_pass = two_pass
         self.gnorm = norm64(self.g)
-        gen = torch.Generator().manual_seed(check_seed("seed", seed))
+        self._seed, self._reorth = check_seed("seed", seed), reorth
+        self._start()
+        self._built = False  # a first solve built T to the end
+
+    def _start(self) -> None:
+        """A new Lanczos process from g (from the seed's random vector where g = 0), as at construction."""
+        gen = torch.Generator().manual_seed(self._seed)
         if self.gnorm > 0:
             self._v0 = self.g
         else:  # g = 0: the coefficient vector is 0 and any start vector will do (the secular op
             # then returns 0, or the hard-case step along the bottom Ritz vector).
             self._v0 = torch.randn(self.g.shape[0], generator=gen, dtype=torch.float64).to(self.g)
         capacity = self.k_max + (self.probe_steps if self.guard else 0)
-        self.process = LanczosProcess(self.op, self._v0, reorth=reorth, store_basis=not two_pass,
+        self.process = LanczosProcess(self.op, self._v0, reorth=self._reorth, store_basis=not self.two_pass,
                                       capacity=capacity, generator=gen)
         self._probed = False  # the guard's probe block has run
-        self._probe_steps = 0  # the steps it took (k_max counts the main phase's only)
-        self._built = False  # a first solve built T to the end
 
     # -- the small problem
     def _small_solve(self, M: float) -> tuple[np.ndarray, float, bool, float, float]:
@@ -406,16 +411,17 @@ class KrylovCubicSolver:
         # call goes on with it, and the probe runs again (reported converged on the main phase alone before)
         extend = not self._built if extend is None else check_bool("extend", extend)
         if extend:
-            if self._probed:  # the probe's block may be the current one: resume the Krylov space of g instead
-                self._resume_main(M, self.k_max - (proc.n - self._probe_steps))
-            else:
-                self._run_main(M)
-                if self.guard:
-                    main_steps = proc.n
-                    self._run_probe()
-                    self._probed = True  # once: an interrupted resume goes on from the probe, not into another one
-                    self._probe_steps = proc.n - main_steps
-                    self._resume_main(M, self.k_max - main_steps)
+            if self._probed:
+                # Past the probe's block no continuation of it is g's Krylov space (growing it, or the main block
+                # from what the probe left of its residual vector, ended short of the minimum): start again from g
+                self._start()
+                proc = self.process
+            self._run_main(M)
+            if self.guard and not self._probed:
+                main_steps = proc.n
+                self._run_probe()
+                self._probed = True  # once: an interrupted resume goes on from the probe, not into another one
+                self._resume_main(M, self.k_max - main_steps)
             self._built = True
         y, sigma, hard, value, _ = self._small_solve(M)
         s = replay(self.op, self._v0, proc.n, y) if self.two_pass else proc.combine(y)
