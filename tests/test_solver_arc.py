@@ -150,6 +150,24 @@ def test_the_resolution_of_f_follows_f_down():
         assert float(torch.linalg.vector_norm(out.w - 1.0)) < 1e-8, c
 
 
+def test_a_trial_that_leaves_f_unchanged_to_the_last_bit_stops_the_iteration():
+    """Where f rounds to 0 (a float32 loss on confidently classified rows), 16 eps |f| is 0: every trial was
+    evaluated, each f(w + s) == f(w), and M was raised until max_rejections (1,000 passes over the data).
+    A trial that leaves f unchanged to the last bit ends the iteration ("no_progress"): a raised M only
+    gives shorter steps."""
+    g = torch.linspace(-1.0, 1.0, D, dtype=torch.float64)
+    calls = []
+
+    def value(w):
+        calls.append(1)
+        return 0.0
+
+    out = adaptive_cubic_newton(value, lambda w: g, lambda w: torch.eye(D, dtype=torch.float64),
+                                torch.zeros(D, dtype=torch.float64), max_iterations=3)
+    assert out.stop_reason == "no_progress" and out.steps == 0 and len(out.trials) == 1 and len(calls) == 2
+    assert out.trials[0].actual == 0.0 and not out.trials[0].accepted
+
+
 def test_a_no_progress_stop_after_a_rejection_counts_each_product_once(rng):
     """A rejection raises M (gamma 1e18) so far that the re-solve's predicted decrease is below f's resolution:
     the iteration stops ("no_progress") with that re-solve recorded unevaluated. It used no new product, so its

@@ -11,7 +11,8 @@ problem on the same Lanczos tridiagonal (no new Hessian-vector products); a very
 is below what f can resolve (16 eps |f(w)| in w's precision: an M too large for the problem, whose
 ratio would be rounding) divides M by ``gamma`` and re-solves, down to ``M_min``, unless a rejection
 in this iteration raised M (then the iteration stops: "no_progress"; that last trial is recorded
-unevaluated). A trial whose step or model value overflows (an M far too small, in g's dtype or beyond
+unevaluated). A trial whose f equals f(w) to the last bit stops it too ("no_progress": a raised M only
+gives shorter steps). A trial whose step or model value overflows (an M far too small, in g's dtype or beyond
 float64) is rejected without evaluating f. After ``max_rejections``
 rejected trials in a row in one iteration the call stops ("max_rejections"): with ``gamma`` near 1 and
 an M far too small, raising M to a workable value could otherwise take millions of trials. Since
@@ -83,7 +84,8 @@ class ARCResult:
         stop_reason: "tolerance" (``||g|| <= tol`` at ``w``, also where the last step allowed reached it),
             "max_iterations", "hvp_budget",
             "no_progress" (the predicted decrease fell below the resolution of f after a rejection
-            raised M, or with M at M_min: no step can be told apart from rounding) or
+            raised M, or with M at M_min, or a trial's f equals f(w) to the last bit: no step can be
+            told apart from rounding) or
             "max_rejections" (that many trials in a row were rejected in one iteration; M is then the
             raised one the next trial would have used).
         trials: every trial in order.
@@ -297,6 +299,11 @@ def adaptive_cubic_newton(
                 steps += 1
                 if ratio >= eta2:  # lowered, never below M_min; an M given below it is not raised to it
                     M = max(M / gamma, min(M, M_min))
+                break
+            if actual == 0.0:
+                # f(w + s) == f(w) to the last bit: f cannot show this step, nor the shorter ones a raised M gives
+                # (where f rounds to 0, every trial was evaluated until max_rejections)
+                stop = "no_progress"
                 break
             M *= gamma
             rejections += 1
