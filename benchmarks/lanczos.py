@@ -26,7 +26,6 @@ import scipy.sparse.linalg
 import torch
 from torch import nn
 
-from unlearn_kernels.backends import status
 from unlearn_kernels.curvature import CurvatureOperator, flatten_tensors, hessian_operator, unflatten_vector
 from unlearn_kernels.data import load_dataset
 from unlearn_kernels.ops import lanczos_step, lanczos_step_ref
@@ -35,7 +34,7 @@ from unlearn_kernels.solvers.lanczos import LanczosProcess
 from unlearn_kernels.solvers.operators import as_operator
 from unlearn_kernels.training import TrainConfig, train
 
-from .common import Measurement, check, measure, measure_interleaved, plain_error_tolerance
+from .common import Measurement, check, kernel_backends, measure, measure_interleaved, plain_error_tolerance
 from .hvp import Problem, autograd_hvp, seeded_mlp
 
 BASELINE = "scipy eigsh"
@@ -141,8 +140,7 @@ def run_steps(problem: Problem, device: torch.device, min_time: float) -> tuple[
     """The step cases on the problem's float32 Hessian: ``torch float32`` and the op's compiled
     backends, gated, then timed interleaved."""
     results, cases = [], []
-    compiled = ("cpp",) if device.type == "cpu" else ("cuda", "triton")  # Triton on a CPU is the interpreter
-    backends = [b for b in compiled if status("lanczos_step", b).usable]
+    backends = kernel_backends(device)
     for case, args in step_states(problem, torch.float32):
         hq, q, q_prev, beta_prev, basis = args
         exact = lanczos_step_ref(*(t.double() for t in (hq, q, q_prev)), torch.tensor(beta_prev, dtype=torch.float64),

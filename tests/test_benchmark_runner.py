@@ -450,12 +450,26 @@ def test_a_kernel_of_ours_that_cannot_run_fails_the_run_unless_the_suite_expects
     assert "RuntimeError: kernel launch failed" in out
     monkeypatch.setattr(ops, "softmax_ce_hvp", hvp)
     assert benchmarks.softmax_ce.kernel_backends(torch.device("cpu")) == ("cpp",)  # timed whether or not it runs
+    # the lanczos suite filtered its step's backends by their status itself: an unbuilt kernel left no row
+    import benchmarks.lanczos
+
+    def crashing_step(*args, backend):
+        if backend == "cpp":
+            raise RuntimeError("kernel launch failed")
+        return ops.lanczos_step(*args, backend=backend)
+
+    monkeypatch.setattr(benchmarks.lanczos, "lanczos_step", crashing_step)
+    assert main(["lanczos", "--quick", "--out", str(tmp_path)]) == 1
+    assert "lanczos: FAILED: candidates of ours that could not run: ours:cpp on" in capsys.readouterr().out
 
     def suite(status):
         return lambda device, **kwargs: ([benchmarks.hvp.Measurement("a case", "ours:fused", None, None, None,
                                                                      status)], {})
 
-    for status, code in (("unavailable: ValueError: ... not a fused MLP (the model is ResNet18)", 0),
+    structure = "not an nn.Sequential of Linear layers and activations"
+    for status, code in ((f"unavailable: ValueError: ... not a fused MLP (the model is ResNet18, {structure})", 0),
+                         ("unavailable: ValueError: ... not a fused MLP (the cpp mlp_hvp kernel cannot run: extension "
+                          "not loaded)", 1),  # an MLP without its kernel: the words "not a fused MLP" excused it
                          ("unavailable: RuntimeError: CUDA error", 1)):
         monkeypatch.setattr(benchmarks.hvp, "run", suite(status))
         assert main(["hvp", "--quick", "--out", str(tmp_path)]) == code, status

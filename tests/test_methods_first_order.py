@@ -640,7 +640,8 @@ NAN = float("nan")
     (SCRUB, {"gamma": NAN}, "gamma must be a finite number >= 0"),
     (SCRUB, {"max_steps": 1.5}, "max_steps must be an int >= 0"),
     # returned the model unchanged (or only weight-decayed), though methods.md refuses such values
-    (SCRUB, {"max_steps": 0, "alpha": 0, "gamma": 0.0}, "max_steps=0 runs no max pass, and alpha=0 with gamma=0"),
+    *[(SCRUB, {"max_steps": 0, "alpha": alpha, "gamma": 0.0}, "max_steps=0 runs no max pass, and with gamma=0")
+      for alpha in (0.0, 1.0)],
     (SCRUB, {"forget_batch_size": 2.0}, "forget_batch_size must be an int >= 1"),
     (Finetune, {"epochs": 1.5}, "epochs must be an int >= 1"),
     (Finetune, {"epochs": NAN}, "epochs must be an int >= 1"),

@@ -368,9 +368,10 @@ class SCRUB(TrainedUnlearner):
         self.temperature = check_number(f"{self.name}: temperature", temperature, 0.0, strict=True)
         self.alpha = check_number(f"{self.name}: alpha", alpha, 0.0)
         self.gamma = check_number(f"{self.name}: gamma", gamma, 0.0)
-        if self.max_steps == 0 and self.alpha == 0 and self.gamma == 0:  # every loss term 0: the model stays
-            raise ValueError(f"{self.name}: max_steps=0 runs no max pass, and alpha=0 with gamma=0 leaves the min "
-                             "pass no loss: set one of them above 0")
+        if self.max_steps == 0 and self.gamma == 0:  # the min pass alone distils the model into itself: it stays
+            raise ValueError(f"{self.name}: max_steps=0 runs no max pass, and with gamma=0 the min pass only distils "
+                             "the model into itself (its KL to the teacher starts at its minimum, 0): set max_steps "
+                             "or gamma above 0")
 
     def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,
                  unseen: LabeledData | None, seed: int) -> UnlearnResult:
