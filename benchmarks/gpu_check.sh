@@ -71,8 +71,12 @@ step() {
     tail -n 25 "$LOGS/$name.log"
     echo "== $name: exit $rc after $((SECONDS - t0))s"
     if ((rc != 0)); then
-        # 124: stopped by the timeout; 137: killed GRACE seconds after it (SIGINT was not heeded)
-        FAILED+=("$name (exit $rc$( ((rc == 124 || rc == 137)) && echo ', timed out'))")
+        # 124: stopped by the timeout; 137: SIGKILL, from the timeout GRACE seconds after its SIGINT (not heeded)
+        # or from elsewhere (the kernel's out-of-memory killer)
+        local why=""
+        ((rc == 124)) && why=", timed out"
+        ((rc == 137)) && why=", killed: timed out or out of memory"
+        FAILED+=("$name (exit $rc$why)")
     fi
     return $rc
 }

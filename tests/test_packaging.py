@@ -106,3 +106,8 @@ def test_the_extension_can_be_left_out_of_the_build(no_extension, monkeypatch):
     runpy.run_path(str(REPOSITORY / "setup.py"), run_name="setup_under_test")
     names = [extension.name for extension in kept["ext_modules"]]
     assert names == ([] if no_extension else ["unlearn_kernels._C"])
+    if no_extension:  # with FORCE_CUDA, which asks for the CUDA kernels, it built nothing without a word
+        monkeypatch.setenv("UNLEARN_KERNELS_FORCE_CUDA", "1")
+        with pytest.raises(RuntimeError, match="UNLEARN_KERNELS_NO_EXTENSION=1 builds nothing, "
+                                               "UNLEARN_KERNELS_FORCE_CUDA=1 the CUDA kernels: set one of them"):
+            runpy.run_path(str(REPOSITORY / "setup.py"), run_name="setup_under_test")

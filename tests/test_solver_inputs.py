@@ -69,6 +69,9 @@ def test_meta_tensors_are_refused_by_name(problem):
     for name, call in calls:
         with pytest.raises(ValueError, match=rf"^{name} {re.escape(meta)}"):
             call()
+    # an operator object on the meta device: torch's "Cannot copy out of meta tensor; no data!" in lanczos
+    with pytest.raises(ValueError, match=r"^the operator's device is the meta device \(shapes without values\)"):
+        lanczos(Operator(H.to("meta"), device=torch.device("meta")), 3)
 
 
 def test_operator_shape_must_be_a_pair_of_non_negative_ints(problem):

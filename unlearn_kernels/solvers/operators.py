@@ -230,7 +230,11 @@ def as_operator(
 
 
 def _device(name: str, value: Any) -> torch.device:
-    return as_device(name, value, "is not a torch device (e.g. 'cpu', 'cuda:0')")
+    device = as_device(name, value, "is not a torch device (e.g. 'cpu', 'cuda:0')")
+    if device.type == "meta":  # its products would have shapes but no values for the solvers to read
+        raise ValueError(f"{name} is the meta device (shapes without values): the solvers need an operator on cpu or "
+                         "cuda")
+    return device
 
 
 def check_vector(g: Any, name: str = "g") -> torch.Tensor:
