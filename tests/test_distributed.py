@@ -899,6 +899,13 @@ def _other_setup_worker(rank: int, world: int, store: str) -> None:
             hessian_operator(model, nn.CrossEntropyLoss(label_smoothing=0.1 * rank), data, process_group=group)
         with pytest.raises(ValueError, match=refused + r" \(objective with weight decay"):
             DistributedObjective(model, nn.CrossEntropyLoss(), data, process_group=group, weight_decay=0.1 * rank)
+        # parameters of the same sizes under other names (each layer's bias): "the ranks hold different weights",
+        # whose advice, to broadcast them, would not have helped
+        bias = ["0.bias"] if rank == 0 else ["2.bias"]
+        torch.manual_seed(1)  # the same weights on both ranks
+        other = nn.Sequential(nn.Linear(FEATURES, CLASSES), nn.Tanh(), nn.Linear(CLASSES, CLASSES)).double()
+        with pytest.raises(ValueError, match=refused + rf" \(Hessian of the loss .* over the parameters '{bias[0]}'\)"):
+            hessian_operator(other, nn.CrossEntropyLoss(), data, bias, process_group=group)
         op = hessian_operator(model, nn.CrossEntropyLoss(), data, path="fused" if rank == 0 else "generic",
                               mode="auto" if rank == 0 else "reverse-over-reverse", process_group=group)
         v = torch.linspace(-1, 1, op.shape[0], dtype=torch.float64)

@@ -55,7 +55,7 @@ import os
 import pickle
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -405,7 +405,7 @@ class ShardGroup:
             others = [r for r, fingerprint in enumerate(setups) if fingerprint != setups[self.rank]]
             raise ValueError(f"distributed curvature, rank {self.rank}: rank(s) {others} built another operator or "
                              f"objective than this rank's ({setup}): every rank must build the same kind (Hessian, "
-                             "GGN, objective) with the same loss, loss settings and options")
+                             "GGN, objective) with the same loss, loss settings, parameters and options")
         self.setup_products = int(table[:, 5].max())
         if weights is not None:
             weights.compare(table[:, 6:], self.rank, "when the operator or objective was built")
@@ -530,6 +530,16 @@ def _resolved(model: nn.Module, params: ParamSelection,
     return chosen, torch.device("cpu") if first is None else first.device, refusal
 
 
+def _parameters_text(names: Sequence[str]) -> str:
+    """The chosen parameters, for the setup the ranks compare: all names where few, else the first and last with
+    their number and a hash of all (parameters of the same sizes under other names were taken for other weights,
+    and the refusal said to broadcast them)."""
+    if len(names) <= 4:
+        return "the parameters " + ", ".join(repr(name) for name in names)
+    digest = hashlib.blake2b("\n".join(names).encode(), digest_size=4).hexdigest()
+    return f"{len(names)} parameters {names[0]!r} ... {names[-1]!r} (names {digest})"
+
+
 def _setup(describe: Callable[[], str], failure: BaseException | None) -> tuple[str, BaseException | None]:
     """(``describe()``, failure), or ("", its exception) where it fails: what the ranks compare of what they build
     (no text where the arguments were refused already: that refusal is raised first)."""
@@ -605,7 +615,8 @@ class DistributedOperator:
         self.dtype = next((p.dtype for p in chosen.values()), None)
         self.param_names = tuple(chosen)
         # before the build, whose probes call the loss (a loss of the user's own may count its calls)
-        setup, refusal = _setup(lambda: f"{kind} of the loss {value_text(loss_fn)}", refusal)
+        setup, refusal = _setup(lambda: f"{kind} of the loss {value_text(loss_fn)} over "
+                                        f"{_parameters_text(self.param_names)}", refusal)
         rows, self.local, failure = ((0, None, refusal) if refusal else
                                      _build(build, data, self.device, when_empty=False))
         d = self.local.shape[0] if self.local is not None else sum(p.numel() for p in chosen.values())
@@ -700,7 +711,7 @@ class DistributedObjective:
         self.param_names = tuple(chosen)  # the selection again for the local Objective (params may be a generator)
         # before the build, whose probes call the loss (as for DistributedOperator)
         setup, refusal = _setup(lambda: f"objective with weight decay {value_text(weight_decay)} of the loss "
-                                        f"{value_text(loss_fn)}", refusal)
+                                        f"{value_text(loss_fn)} over {_parameters_text(self.param_names)}", refusal)
         rows, self.local, failure = (0, None, refusal) if refusal else _build(
             lambda shard: Objective(model, loss_fn, shard, self.param_names, weight_decay=weight_decay,
                                     batch_size=batch_size),
