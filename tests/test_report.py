@@ -184,6 +184,56 @@ def test_a_sequential_scenario_is_summarised_at_its_last_request(tmp_path, monke
     assert [bar.get_height() for bar in avg_gap.patches] == pytest.approx([0.0, 0.25])
 
 
+def test_a_method_that_raised_is_marked_in_the_scenario_summary_its_json_and_the_plots(tmp_path, monkeypatch):
+    """A method that raised on every seed holds the model it was given: its gap closed, 0, read in the scenario
+    summary, summary.json and the plots as a result no better than the Original; only the per-request table said
+    it had raised. Each of them says so now."""
+    records = _study([0.0, 0.0], [0.5, 0.5], [0.5, 0.5], method_avg=0.2)  # its metrics: the Original's
+    for r in records:  # as the study writes a failed row: no time
+        failed = r["method"] == "cure_newton"
+        r["metrics"].update(failed=float(failed), **({} if failed else {"seconds": 1.0}))
+    add_gap_closed(records)
+    study = {"config": {"protocol": "random"}, "records": records}
+    summary = report.format_scenario_summary({"random": study})
+    assert next(line for line in summary.splitlines() if line.startswith("cure_newton")).split()[1:] == ["0.00!",
+                                                                                                        "0.00!"]
+    assert "cure_newton raised on 100% of the seeds of random" in summary.splitlines()[-1]
+    written = report.write_summary_json({"random": study}, {"random": tmp_path / "results.json"},
+                                        tmp_path / "summary.json")
+    assert json.loads(written.read_text())["scenarios"]["random"]["failed"] == {"cure_newton": 1.0}
+    drawn = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path, **kwargs: drawn.append(fig) or path)
+    report.write_plots(study, tmp_path)
+    time_plot, gaps_plot, closed_plot = drawn
+    assert "not shown, raised on every seed: cure_newton" in time_plot.axes[0].get_title()
+    for fig in (gaps_plot, closed_plot):
+        labels = [label.get_text() for label in fig.axes[-1].get_xticklabels()]
+        assert "cure_newton (raised on 100% of seeds)" in labels and "original" in labels
+
+
+def test_a_nan_metric_is_left_out_as_results_json_leaves_it_out(tmp_path):
+    """A NaN metric (records made by hand) made the mean NaN in memory, while results.json stores it as null,
+    which is skipped: the summary read back differed from the one written, and a NaN Original gap got the
+    verdict "outside seed noise". NaN is skipped in memory too."""
+    records = _study([0.0, 0.0, 0.0], [0.5, 0.4, 0.6], [0.1, 0.2, 0.3])
+    records[2]["metrics"]["acc_forget"] = math.nan  # cure_newton, seed 0
+    records[1]["metrics"]["gap_acc_forget"] = math.nan  # the Original, seed 0
+    add_gap_closed(records)
+    written = json.loads(report.write_json({"config": {}, "records": records}, tmp_path / "results.json").read_text())
+    for key, method in (("acc_forget", "cure_newton"), ("gap_acc_forget", "original")):
+        figure = report.summarize(records)[0][method][key]
+        assert written["summary"]["0"][method][key] == {"mean": figure[0], "std": figure[1], "seeds": 2}
+        reread = report.summarize(written["records"])[0][method][key]
+        assert tuple(reread) == tuple(figure) and reread.seeds == figure.seeds == 2
+    noise = report.gap_closed_noise(records)[0]["acc_forget"]
+    assert noise == report.gap_closed_noise(written["records"])[0]["acc_forget"]
+    assert noise["original_gap"] == pytest.approx(0.5)  # seeds 1 and 2
+    for r in records:  # no finite Original gap on any seed: no verdict, as without an Original
+        if r["method"] == "original":
+            r["metrics"]["gap_acc_forget"] = math.nan
+    assert report.gap_closed_noise(records) == {}
+
+
 def test_summary_json_gives_the_mean_and_std_over_seeds(tmp_path):
     """summary.json's gap closed is the mean and the sample std over seeds (a version that wrote the mean as the
     std too passed every test whose seeds agreed)."""

@@ -153,9 +153,8 @@ def _figure(values: list[float]) -> Figure:
     rounding residue that a table would print as "±0.000")."""
     if all(v == values[0] for v in values):
         return Figure(values[0], 0.0, len(values))
-    add = math.fsum if all(math.isfinite(v) for v in values) else sum  # fsum raises on inf - inf
-    mean = add(values) / len(values)
-    return Figure(mean, math.sqrt(add((v - mean) ** 2 for v in values) / (len(values) - 1)), len(values))
+    mean = math.fsum(values) / len(values)  # finite values: summarize leaves NaN and Inf out
+    return Figure(mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1)), len(values))
 
 
 def _seeds_of(figure: Any) -> int | None:
@@ -172,8 +171,9 @@ def seeds_note(figure: Any, seeds: int) -> str:
 def summarize(records: list[dict[str, Any]]) -> dict[int, dict[str, dict[str, Figure]]]:
     """``{request: {method: {metric: Figure (mean, std over seeds)}}}`` (std is 0 for a single seed).
 
-    Metrics that are not numbers in some record (e.g. a gap closed that is undefined) are averaged
-    over the records where they are; the figure's ``seeds`` says over how many.
+    Metrics that are not finite numbers in some record (e.g. a gap closed that is undefined, None; a NaN,
+    which results.json stores as null) are averaged over the records where they are; the figure's ``seeds``
+    says over how many.
 
     Raises:
         TypeError / ValueError: ``records`` is not a list of study records (dicts with ``request``,
@@ -183,7 +183,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[int, dict[str, dict[str, Fi
     grouped: dict[int, dict[str, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in records:
         for key, value in r["metrics"].items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # NaN and Inf as None, as results.json writes them: the summary is the same read back from it
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 grouped[r["request"]][r["method"]][key].append(float(value))
     return {request: {method: {key: _figure(values) for key, values in metrics.items()}
                       for method, metrics in methods.items()} for request, methods in grouped.items()}
@@ -203,7 +204,7 @@ def gap_closed_noise(records: list[dict[str, Any]]) -> dict[int, dict[str, dict[
     up to rounding). ``nothing_to_close`` says whether the Original's gap is 0 on every seed (it has the
     oracle's value: gap closed is undefined for every method), which opposite gaps that average to 0 are
     not. With one seed ``noise`` and ``within_noise`` are None (unknown); requests without an "original"
-    record are left out.
+    record, or without a finite value on any seed of a figure the rule reads, are left out.
 
     Raises:
         TypeError / ValueError: as :func:`summarize`, and a record without an int ``seed``.
@@ -217,7 +218,8 @@ def gap_closed_noise(records: list[dict[str, Any]]) -> dict[int, dict[str, dict[
     out: dict[int, dict[str, dict[str, Any]]] = {}
     for request, per_method in summary.items():
         original, oracle, n = per_method.get("original"), per_method.get("retrain"), len(seeds[request])
-        if original is None or oracle is None:
+        if (original is None or oracle is None or not {"gap_acc_forget", "avg_gap"} <= original.keys()
+                or not set(AVG_GAP_KEYS) <= oracle.keys()):  # no figure of the rule's on any seed (all NaN)
             continue
         standard_error = {key: oracle[key][1] / math.sqrt(n) for key in AVG_GAP_KEYS}
         candidates = {
@@ -263,7 +265,7 @@ def format_table(summary: dict[str, dict[str, tuple[float, float]]], title: str 
                 row.append("-")
         cells.append(row)
     table = _layout(cells, title)
-    failed = {m: metrics["failed"][0] for m, metrics in summary.items() if metrics.get("failed", (0.0, 0.0))[0] > 0}
+    failed = _failed_shares(summary)
     if failed:
         table += "\n" + "; ".join(f"{m} raised on {share:.0%} of the seeds" for m, share in sorted(failed.items())) + \
             " (its error is in the JSON diagnostics; those rows measure the model it was given, unchanged)"
@@ -323,13 +325,26 @@ def format_noise_note(noise: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _last_request_gap_closed(records: list[dict[str, Any]]) -> tuple[dict[str, dict[str, tuple[float, float]]], dict]:
-    """(``{method: {name: (mean, std)}}`` of the gap-closed figures, noise) at the last request."""
+def _last_request_gap_closed(records: list[dict[str, Any]]) -> tuple[dict[str, dict[str, tuple[float, float]]], dict,
+                                                                     dict[str, float]]:
+    """(``{method: {name: (mean, std)}}`` of the gap-closed figures, noise, ``{method: share of seeds it raised
+    on}`` for the methods that raised on some) at the last request."""
     summary = summarize(records)
     last = max(summary)
     closed = {m: {name: metrics[f"gap_closed_{name}"] for name in GAP_CLOSED if f"gap_closed_{name}" in metrics}
               for m, metrics in summary[last].items()}
-    return closed, gap_closed_noise(records).get(last, {})
+    return closed, gap_closed_noise(records).get(last, {}), _failed_shares(summary[last])
+
+
+def _failed_shares(last: dict[str, dict[str, tuple[float, float]]]) -> dict[str, float]:
+    """``{method: share of the seeds it raised on}`` for the methods of one request's summary that raised on
+    some: their rows measure the model they were given (a 0 gap closed that is no result)."""
+    return {m: metrics["failed"][0] for m, metrics in last.items() if metrics.get("failed", (0.0, 0.0))[0] > 0}
+
+
+def _raised_label(method: str, share: float | None) -> str:
+    """A plot's label of ``method``, saying so where it raised on some seeds."""
+    return f"{method} (raised on {share:.0%} of seeds)" if share else method
 
 
 def format_scenario_summary(studies: dict[str, dict[str, Any]]) -> str:
@@ -342,21 +357,26 @@ def format_scenario_summary(studies: dict[str, dict[str, Any]]) -> str:
     """
     _check_studies("format_scenario_summary", studies)
     per_scenario = {name: _last_request_gap_closed(study["records"]) for name, study in studies.items()}
-    methods = _method_order({m for closed, _ in per_scenario.values() for m in closed})
+    methods = _method_order({m for closed, _, _ in per_scenario.values() for m in closed})
     cells = [["method"] + [f"{name} {title}" for name in studies for title in GAP_CLOSED_TITLES.values()]]
     for method in methods:
         row = [method + (" (oracle)" if method == "retrain" else "")]
         for name in studies:
-            closed, noise = per_scenario[name]
+            closed, noise, failed = per_scenario[name]
             for figure in GAP_CLOSED_TITLES:
                 value = closed.get(method, {}).get(figure)
                 verdict = noise.get(figure, {}).get("within_noise")
-                flag = "~" if verdict is True else "?" if verdict is None else ""
+                flag = ("~" if verdict is True else "?" if verdict is None else "") + ("!" if method in failed else "")
                 seeds = noise.get(figure, {}).get("seeds") or 0
                 row.append("-" if value is None else f"{value[0]:.2f}{flag}{seeds_note(value, seeds)}")
         cells.append(row)
-    return _layout(cells, "Gap closed per scenario (1 - |gap| / |Original's gap|, mean over seeds, last request; "
-                          "~ = the Original's gap is within seed noise, ? = noise unknown)")
+    table = _layout(cells, "Gap closed per scenario (1 - |gap| / |Original's gap|, mean over seeds, last request; "
+                           "~ = the Original's gap is within seed noise, ? = noise unknown, ! = the method raised)")
+    raised = [f"{m} raised on {share:.0%} of the seeds of {name}" for name, (_, _, failed) in per_scenario.items()
+              for m, share in sorted(failed.items())]
+    if raised:
+        table += "\n" + "; ".join(raised) + " (those rows measure the model it was given, unchanged)"
+    return table
 
 
 def _versions() -> dict[str, str | int]:
@@ -405,13 +425,14 @@ def write_summary_json(studies: dict[str, dict[str, Any]], results: dict[str, Pa
             raise ValueError(f"{owner}: results has no results file for scenario {name!r}")
     scenarios = {}
     for name, study in studies.items():
-        closed, noise = _last_request_gap_closed(study["records"])
+        closed, noise, failed = _last_request_gap_closed(study["records"])
         scenarios[name] = {
             "results": os.path.relpath(results[name], path.parent),
             "protocol": study["config"]["protocol"],
             "gap_closed": {m: {figure: {"mean": v[0], "std": v[1], "seeds": v.seeds} for figure, v in per.items()}
                            for m, per in closed.items()},
             "gap_closed_noise": noise,
+            "failed": failed,
         }
     payload = {"versions": _versions(), "scenarios": scenarios}
     return save_json(payload, path)
@@ -487,14 +508,15 @@ def plot_gap_closed(studies: dict[str, dict[str, Any]], path: Path) -> Path:
     _check_studies("plot_gap_closed", studies)
     floor = -1.0
     per_scenario = {name: _last_request_gap_closed(study["records"]) for name, study in studies.items()}
-    methods = [m for m in _method_order({m for c, _ in per_scenario.values() for m in c}) if m != "retrain"]
+    methods = [m for m in _method_order({m for c, _, _ in per_scenario.values() for m in c}) if m != "retrain"]
+    raised = {m: max(failed.get(m, 0.0) for _, _, failed in per_scenario.values()) for m in methods}
     fig = new_figure(figsize=(min(18, max(8, 0.3 * len(methods) * len(studies))), 7))
     axes = fig.subplots(2, 1, sharex=True)
     width = 0.8 / len(studies)
     colors = palette("tab10")
     for ax, (figure, title) in zip(axes, GAP_CLOSED_TITLES.items()):
         for i, (name, study) in enumerate(studies.items()):
-            closed, noise = per_scenario[name]
+            closed, noise, _ = per_scenario[name]
             last = max(r["request"] for r in study["records"])
             xs = [j + (i - (len(studies) - 1) / 2) * width for j in range(len(methods))]
             means = [closed.get(m, {}).get(figure, (math.nan, 0))[0] for m in methods]
@@ -514,7 +536,7 @@ def plot_gap_closed(studies: dict[str, dict[str, Any]], path: Path) -> Path:
         ax.set_ylabel(f"gap closed, {title}")
         ax.legend(fontsize=7)
     axes[-1].set_xticks(range(len(methods)))
-    axes[-1].set_xticklabels(methods, rotation=30, ha="right")
+    axes[-1].set_xticklabels([_raised_label(m, raised[m]) for m in methods], rotation=30, ha="right")
     axes[0].set_title("Gap to the oracle closed (1 = oracle, 0 = Original; points: seeds; red ▼: below -1)")
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
@@ -552,6 +574,7 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
                          f"label their plot with")
     out_dir.mkdir(parents=True, exist_ok=True)
     methods = _method_order(last)
+    raised = _failed_shares(last)
     paths = []
 
     colors = palette("tab20")
@@ -563,13 +586,16 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
             continue
         (t, t_sd), (a, a_sd) = last[m]["seconds"], last[m]["acc_forget"]
         ax.errorbar(max(t, 1e-4), a, xerr=t_sd, yerr=a_sd, fmt="*" if m == "retrain" else markers[i % len(markers)],
-                    ms=12 if m == "retrain" else 6, color=colors[i % len(colors)], capsize=3, label=m)
+                    ms=12 if m == "retrain" else 6, color=colors[i % len(colors)], capsize=3,
+                    label=_raised_label(m, raised.get(m)))
     gold = last["retrain"]["acc_forget"][0]
     ax.axhline(gold, color="grey", ls="--", lw=1, label="oracle Acc_f")
     _plain_log_x(ax)
     ax.set_xlabel("unlearning time (s, log scale)")
     ax.set_ylabel("accuracy on the forget set")
-    ax.set_title("Forget accuracy vs cost (mean ± std over seeds)")
+    unplaced = [m for m in methods if "seconds" not in last[m]]
+    ax.set_title("Forget accuracy vs cost (mean ± std over seeds)"
+                 + (f"\nnot shown, raised on every seed: {', '.join(unplaced)}" if unplaced else ""))
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     paths.append(out_dir / TIME_PLOT)
@@ -591,7 +617,7 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
             ax.scatter([x] * len(values), values, s=8, color=bars.patches[0].get_facecolor(), edgecolor="black",
                        linewidths=0.5, zorder=3)
     ax.set_xticks(range(len(others)))
-    ax.set_xticklabels(others, rotation=30, ha="right")
+    ax.set_xticklabels([_raised_label(m, raised.get(m)) for m in others], rotation=30, ha="right")
     ax.set_ylim(bottom=0)
     ax.set_ylabel("absolute gap to the retrain oracle")
     ax.set_title("Gap to the oracle per metric (bars: mean over seeds, points: seeds; lower is better)")
