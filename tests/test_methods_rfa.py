@@ -58,6 +58,33 @@ class _HeadRegisteredFirst(torch.nn.Module):
         return self.head(torch.relu(self.body(x.flatten(1))))
 
 
+class _CalledTwice(torch.nn.Module):
+    """A hidden layer applied twice (a weight-shared block) before the output layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.shared, self.head = torch.nn.Linear(64, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x.flatten(1)))
+        return self.head(torch.relu(self.shared(torch.relu(self.shared(h)))))
+
+
+def test_a_layer_the_forward_calls_twice_is_not_aligned(problem):
+    """A layer called twice in one forward was adapted by default, and its feature hook kept the last call's
+    output: the first call's features were neither aligned nor shifted. By default it is left out; named in
+    targets it is refused before training."""
+    _, forget, retain, unseen = problem
+    torch.manual_seed(0)
+    model = _CalledTwice().eval()
+    assert hidden_layers(model, forget.x[:1]) == ("inp",)
+    result = RFA(epochs=1).unlearn(model, forget, retain, unseen=unseen, seed=0)
+    assert result.diagnostics["layers"] == ["inp"]
+    with pytest.raises(ValueError, match=r"^rfa: layer 'shared' is called 2 times in one forward: RFA aligns the "
+                                         r"features of one call per layer"):
+        RFA(epochs=1, targets=["inp", "shared"]).unlearn(model, forget, retain, unseen=unseen, seed=0)
+
+
 def test_the_output_layer_is_the_last_linear_the_forward_calls(problem):
     """A model that registers its head first had the head adapted by default (the last Linear registered
     was taken for the output layer) and its hidden layer left alone; the forward's order decides now."""

@@ -71,26 +71,43 @@ def _eager(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def hidden_layers(model: nn.Module, probe: torch.Tensor) -> tuple[str, ...]:
-    """The default adapter targets: the Linear and Conv2d layers that can take an adapter
-    (:func:`~unlearn_kernels.lora.adaptable_layers`) and that ``model(probe)`` calls, but the output
-    layer, the last Linear it calls (adaptable or not); in module order. ``probe``: a batch of inputs,
-    run once in eval mode under no_grad, every module's mode restored (a torch.compile'd model through its
-    eager module: :func:`_eager`). A layer the forward does not call (a head of another
-    task) has no features to align."""
+def _called(model: nn.Module, probe: torch.Tensor, names: Sequence[str]) -> list[str]:
+    """The named modules that ``model(probe)`` calls, in call order, once per call: one forward in eval mode
+    under no_grad, every module's mode restored (a torch.compile'd model through its eager module: :func:`_eager`)."""
     modules = dict(model.named_modules())
-    adaptable = adaptable_layers(model)
-    watched = [n for n, m in modules.items() if n in adaptable or isinstance(m, nn.Linear)]
     called: list[str] = []
-    handles = [modules[n].register_forward_hook(lambda *_, n=n: called.append(n)) for n in watched]
+    handles = [modules[n].register_forward_hook(lambda *_, n=n: called.append(n)) for n in names]
     try:
         with torch.no_grad(), eval_mode(model):
             _eager(model)(probe)
     finally:
         for handle in handles:
             handle.remove()
+    return called
+
+
+def hidden_layers(model: nn.Module, probe: torch.Tensor) -> tuple[str, ...]:
+    """The default adapter targets: the Linear and Conv2d layers that can take an adapter
+    (:func:`~unlearn_kernels.lora.adaptable_layers`) and that ``model(probe)`` calls once, but the output
+    layer, the last Linear it calls (adaptable or not); in module order. ``probe``: a batch of inputs (see
+    :func:`_called`). A layer the forward does not call (a head of another task) has no features to align; one
+    it calls twice has two, of which the feature hooks keep one."""
+    modules = dict(model.named_modules())
+    adaptable = adaptable_layers(model)
+    called = _called(model, probe, [n for n, m in modules.items() if n in adaptable or isinstance(m, nn.Linear)])
     linear = [n for n in called if isinstance(modules[n], nn.Linear)]
-    return tuple(n for n in adaptable if n in called and (not linear or n != linear[-1]))
+    return tuple(n for n in adaptable if called.count(n) == 1 and (not linear or n != linear[-1]))
+
+
+def _check_called_once(owner: str, model: nn.Module, probe: torch.Tensor, layers: Sequence[str]) -> None:
+    """ValueError, before training, naming a layer of ``layers`` that ``model(probe)`` calls more than once: its
+    feature hook keeps the last call's output, so the other calls' features would be neither aligned nor shifted."""
+    called = _called(model, probe, layers)
+    twice = [(n, called.count(n)) for n in layers if called.count(n) > 1]
+    if twice:
+        name, count = twice[0]
+        raise ValueError(f"{owner}: layer {name!r} is called {count} times in one forward: RFA aligns the features of "
+                         "one call per layer (name other layers with targets=)")
 
 
 class _Features:
@@ -201,6 +218,7 @@ class RFA(TrainedUnlearner):
         # every adapter trains (an earlier request's too), so every adapted layer is in the loss: the earlier
         # ones were trained by the task loss alone, with no alignment of their features
         layers = tuple(adapter_modules(model))
+        _check_called_once(self.name, model, probe, layers)
         # the frozen features come from the plain layers (adapters merged in: B = 0 for fresh ones), at
         # the same module names, without paying for the adapters in every teacher forward
         teacher = unload(frozen_copy(model), merge=True).requires_grad_(False)
