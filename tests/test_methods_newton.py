@@ -24,7 +24,8 @@ from unlearn_kernels.methods import (
     METHODS, CureNewton, DampedNewton, DampedNewtonCG, InfluenceNewton, LiSSANewton, NewtonPinv, StochasticCureNewton,
 )
 from unlearn_kernels.methods import newton
-from unlearn_kernels.methods.newton import MIN_AUTO_M, PROBE_GRADIENTS
+from unlearn_kernels.curvature.base import PROBE_GRADIENTS
+from unlearn_kernels.methods.newton import MIN_AUTO_M
 from unlearn_kernels.models import MLP
 from unlearn_kernels.solvers import ARCResult
 from unlearn_kernels.training import TrainConfig, init_model, train

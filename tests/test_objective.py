@@ -29,7 +29,7 @@ from unlearn_kernels.curvature import (
 )
 from unlearn_kernels.data import LabeledData
 from unlearn_kernels.methods import CureNewton
-from unlearn_kernels.methods.newton import PROBE_GRADIENTS
+from unlearn_kernels.curvature.base import PROBE_GRADIENTS
 
 WD = 0.03
 

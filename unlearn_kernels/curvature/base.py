@@ -126,6 +126,9 @@ Entry = Any
 
 DEFAULT_CACHE_BYTES = 2**30
 """The default memory budget (bytes) of an operator's fixed-weight cache: 1 GiB."""
+PROBE_GRADIENTS = 2
+"""The gradients every operator's construction takes on its probe batch (its determinism check), counted in
+``num_gradients``."""
 
 
 class CurvatureOperator(abc.ABC):
@@ -587,7 +590,7 @@ class CurvatureOperator(abc.ABC):
             if is_out_of_memory(err):
                 raise
             raise ValueError(f"the loss cannot be differentiated w.r.t. the parameters: {err}") from err
-        self.num_gradients += 2
+        self.num_gradients += PROBE_GRADIENTS
         if not all_finite(g1):
             raise ValueError("the gradient of the loss on the probe batch (the first with a row the loss counts) "
                              "contains NaN or Inf")

@@ -359,14 +359,14 @@ class ShardGroup:
     Construction is itself a collective: every rank passes its row count and ``size`` (the
     dimension that must agree, e.g. the number of parameters), its ``dtype``, its ``setup`` (what it
     builds: the operator's kind, the loss, options; compared as :func:`text_fingerprint`), ``weights`` (a
-    :class:`WeightCheck`), the products its local object's construction made (``products``), and whether
-    building its local object failed. Every rank raises the same ValueError when the sizes, dtypes, setups
-    or weights differ.
+    :class:`WeightCheck`), the products and gradients its local object's construction took (``products``,
+    ``gradients``), and whether building its local object failed. Every rank raises the same ValueError when
+    the sizes, dtypes, setups or weights differ.
 
     Attributes:
         rank, world_size: this rank's index in the group and the group's size.
-        setup_products: the most products a rank's construction made (an empty shard's makes none): what
-            one process over all rows makes.
+        setup_products, setup_gradients: the most products and gradients a rank's construction took (an empty
+            shard's takes none): what one process over all rows takes.
         shard_sizes: rows per rank, in rank order; ``num_rows`` their sum.
         weight: this rank's share of the rows, ``n_rank / N``.
         weights: the :class:`WeightCheck` (None: the weights are not compared).
@@ -374,18 +374,20 @@ class ShardGroup:
 
     def __init__(self, process_group: dist.ProcessGroup, rows: int, size: int, device: torch.device,
                  failure: BaseException | None, dtype: torch.dtype | None = None,
-                 weights: WeightCheck | None = None, setup: str = "", products: int = 0) -> None:
+                 weights: WeightCheck | None = None, setup: str = "", products: int = 0,
+                 gradients: int = 0) -> None:
         self._group = GroupRef(process_group, "distributed curvature")
         self.rank, self.world_size = dist.get_rank(process_group), dist.get_world_size(process_group)
         self.serial = _SERIALS[process_group] = _SERIALS.get(process_group, 0) + 1
         self.device, self.weights = device, weights
-        # per rank: rows, size, dtype code, the setup's fingerprint (two numbers), products, the weights' checksum
-        table = torch.zeros(self.world_size, 6 + WeightCheck.SIZE, dtype=torch.float64, device=device)
-        table[self.rank, :6] = torch.tensor([rows, size, _dtype_code(dtype) if dtype is not None else -1,
-                                             *text_fingerprint(setup), products], dtype=torch.float64)
+        # per rank: rows, size, dtype code, the setup's fingerprint (two numbers), products, gradients, the weights'
+        # checksum
+        table = torch.zeros(self.world_size, 7 + WeightCheck.SIZE, dtype=torch.float64, device=device)
+        table[self.rank, :7] = torch.tensor([rows, size, _dtype_code(dtype) if dtype is not None else -1,
+                                             *text_fingerprint(setup), products, gradients], dtype=torch.float64)
         if weights is not None and failure is None:
             try:
-                table[self.rank, 6:] = weights.checksum(device)
+                table[self.rank, 7:] = weights.checksum(device)
             except Exception as err:  # reported to the other ranks, then raised here
                 failure = err
         table = self.reduce(table, failure, "building its local operator or objective")
@@ -406,9 +408,9 @@ class ShardGroup:
             raise ValueError(f"distributed curvature, rank {self.rank}: rank(s) {others} built another operator or "
                              f"objective than this rank's ({setup}): every rank must build the same kind (Hessian, "
                              "GGN, objective) with the same loss, loss settings, parameters and options")
-        self.setup_products = int(table[:, 5].max())
+        self.setup_products, self.setup_gradients = int(table[:, 5].max()), int(table[:, 6].max())
         if weights is not None:
-            weights.compare(table[:, 6:], self.rank, "when the operator or objective was built")
+            weights.compare(table[:, 7:], self.rank, "when the operator or objective was built")
         if self.num_rows == 0:
             raise ValueError("every rank's shard is empty: at least one rank needs rows")
         self.weight = self.shard_sizes[self.rank] / self.num_rows
@@ -589,8 +591,8 @@ class DistributedOperator:
         local: this rank's operator (None on an empty shard).
         shards: the :class:`ShardGroup` (rank, world size, ``shard_sizes``, ``num_rows``).
         num_products, num_gradients, num_data_passes: this operator's calls (the same on every rank);
-            ``num_products`` starts at the products of the local construction (the generic path's check),
-            as a single process's operator does.
+            ``num_products`` and ``num_gradients`` start at the local construction's (its probes, the generic
+            path's check), as a single process's operator's do.
 
     Raises:
         ValueError: on every rank, when the ranks disagree on the parameter count, the dtype, the kind
@@ -625,11 +627,13 @@ class DistributedOperator:
         key = None if not isinstance(self.local, CurvatureOperator) else (lambda: self.local._weights_key)
         self.shards = ShardGroup(process_group, rows, d, self.device, failure, self.dtype,
                                  None if refusal else WeightCheck(model, self.param_names, key), setup,
-                                 products=0 if self.local is None else self.local.num_products)
+                                 products=0 if self.local is None else self.local.num_products,
+                                 gradients=0 if self.local is None else self.local.num_gradients)
         self.shape = (d, d)
-        # the local construction's products (the generic path's check) count, as they do in one process
-        self.num_products = self.shards.setup_products
-        self.num_gradients = self.num_data_passes = 0
+        # the local construction's products and gradients (its probes, the generic path's check) count, as they
+        # do in one process
+        self.num_products, self.num_gradients = self.shards.setup_products, self.shards.setup_gradients
+        self.num_data_passes = 0
 
     def __repr__(self) -> str:
         return (f"DistributedOperator(rank={self.shards.rank}/{self.shards.world_size}, d={self.shape[0]}, "

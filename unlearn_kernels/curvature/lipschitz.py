@@ -25,12 +25,15 @@ class LipschitzEstimate:
         ratios: ``||H(w + r d) v - H(w) v|| / r`` for each direction d (v after the power iteration).
         radius: r.
         num_hvps: Hessian-vector products used, the operator's construction probes included.
+        num_gradients: the gradients its operator's construction took (its probes, and the finite-difference
+            check of a model whose double backward it tests).
     """
 
     value: float
     ratios: tuple[float, ...]
     radius: float
     num_hvps: int
+    num_gradients: int
 
 
 def check_lipschitz_options(owner: str = "", *, num_directions: Any = 3, radius: Any = 0.1,
@@ -135,4 +138,5 @@ def estimate_hessian_lipschitz(
                 break
             v = change / ratio
         ratios.append(ratio)
-    return LipschitzEstimate(float(np.quantile(ratios, quantile)), tuple(ratios), radius, op.num_products)
+    return LipschitzEstimate(float(np.quantile(ratios, quantile)), tuple(ratios), radius, op.num_products,
+                             op.num_gradients)

@@ -102,19 +102,28 @@ def resolve_curvature_parameters(model: nn.Module, params: ParamSelection = None
         check_not_scripted("", model, "whose parameters torch.func's stateless calls, which every curvature "
                                       "operator and Objective make, cannot replace")
     chosen = resolve_parameters(model, params)
-    _check_no_padding_row(model, chosen)
+    _check_embedding_gradients(model, chosen)
     return chosen
 
 
-def _check_no_padding_row(model: nn.Module, chosen: dict[str, nn.Parameter]) -> None:
-    """ValueError naming a chosen embedding weight with a ``padding_idx``: torch's backward gives that
-    row a zero gradient whatever the loss, while the row still acts on the loss, so derivatives of the
-    gradient are not those of any function (forward-over-reverse products are not symmetric, and the
-    solvers assume they are)."""
+def _check_embedding_gradients(model: nn.Module, chosen: dict[str, nn.Parameter]) -> None:
+    """ValueError naming a chosen embedding weight whose gradient torch changes: with a ``padding_idx`` its
+    backward gives that row a zero gradient whatever the loss, while the row still acts on the loss; with
+    ``scale_grad_by_freq`` it divides each row's gradient by how often the batch uses it. Either way the
+    derivatives of the gradient are not those of any function (products are not symmetric, and the
+    solvers assume they are; with scale_grad_by_freq the gradient itself is not the loss's)."""
     chosen_ids = {id(p): name for name, p in chosen.items()}
     for module_name, module in model.named_modules():
         # (nn.EmbeddingBag is not twice differentiable at all: the operators refuse it as such)
-        if not isinstance(module, nn.Embedding) or module.padding_idx is None:
+        if not isinstance(module, nn.Embedding):
+            continue
+        if module.padding_idx is not None:
+            change = (f"padding_idx={module.padding_idx}, whose row torch gives a zero gradient whatever the loss, "
+                      "so its curvature is not symmetric")
+        elif module.scale_grad_by_freq:
+            change = ("scale_grad_by_freq=True, whose backward divides each row's gradient by how often the batch "
+                      "uses it, so neither the gradient nor the curvature is the loss's")
+        else:
             continue
         # the stored tensor, not module.weight: a parametrization would compute that (spectral norm's
         # power iteration writes its state into the caller's model)
@@ -125,9 +134,7 @@ def _check_no_padding_row(model: nn.Module, chosen: dict[str, nn.Parameter]) -> 
         if weight is not None and id(weight) in chosen_ids:
             raise ValueError(
                 f"params: {chosen_ids[id(weight)]!r} is the weight of {type(module).__name__} {module_name!r} "
-                f"with padding_idx={module.padding_idx}, whose row torch gives a zero gradient whatever the loss, so "
-                "its curvature is not symmetric; leave the embedding out of params (or freeze it, "
-                "requires_grad_(False))")
+                f"with {change}; leave the embedding out of params (or freeze it, requires_grad_(False))")
 
 
 def _check_no_adapter_base(model: nn.Module, chosen: dict[str, nn.Parameter]) -> None:

@@ -134,9 +134,6 @@ from .base import (
 #: digits rows in chunks of 2,048 took 0.67x the time of one batch (the chunk's activations stay in cache)
 DEFAULT_BATCH_SIZE = 2048
 
-#: the gradients each operator's construction probe takes on its probe batch (counted in ``gradients``)
-PROBE_GRADIENTS = 2
-
 
 @dataclass
 class _Workspace:
@@ -485,11 +482,12 @@ class _NewtonFamily(Unlearner):
         return [int(n) for n in sizes.tolist()]
 
     def _hessian(self, ws: _Workspace, data: LabeledData) -> CurvatureOperator:
-        """The Hessian of the mean loss over ``data`` (reads the shadow's weights live); its construction
-        probe's gradients are counted."""
-        ws.gradient_passes += PROBE_GRADIENTS
-        return self._named(lambda: hessian_operator(ws.shadow, self.loss_fn, data, ws.names, path=self.path,
-                                                    batch_size=self.batch_size, process_group=self.process_group))
+        """The Hessian of the mean loss over ``data`` (reads the shadow's weights live); the gradients its
+        construction took (its probes; the finite-difference check of a double backward) are counted."""
+        op = self._named(lambda: hessian_operator(ws.shadow, self.loss_fn, data, ws.names, path=self.path,
+                                                  batch_size=self.batch_size, process_group=self.process_group))
+        ws.gradient_passes += op.num_gradients
+        return op
 
     def _curvature(self, op: CurvatureOperator) -> RegularizedOperator:
         """The Hessian of F: ``op + weight_decay I``."""
@@ -703,7 +701,7 @@ class CureNewton(_NewtonFamily):
             estimate = estimate_hessian_lipschitz(ws.shadow, self.loss_fn, ws.retain, params=ws.names, seed=seed,
                                                   batch_size=self.batch_size, path=self.path, **self.lipschitz_options)
             ws.hvps += estimate.num_hvps
-            ws.gradient_passes += PROBE_GRADIENTS
+            ws.gradient_passes += estimate.num_gradients
             M = max(estimate.value, MIN_AUTO_M)
             extra["lipschitz_estimate"] = estimate.value
         start = ws.w
