@@ -1444,6 +1444,67 @@ def test_double_backward_that_drops_curvature_is_caught():
         hessian_operator(model, loss, (x, y), path="generic", mode="reverse-over-reverse")
 
 
+class _SquareDetachedInput(torch.autograd.Function):
+    """x^2 with a right jvp whose backward reads its input detached: double backward and forward-over-reverse
+    (which differentiates the same backward) both drop the curvature through x, and agree."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x.detach() * grad
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        (x,) = ctx.saved_tensors
+        return 2 * x * tangent
+
+
+class _SquareOnceWithJvp(_SquareDetachedInput):
+    """The same with a backward marked @once_differentiable: double backward drops its curvature, and so does
+    forward-over-reverse through it."""
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class _SquareActivation(nn.Module):
+    def __init__(self, function: type[torch.autograd.Function]) -> None:
+        super().__init__()
+        self.function = function
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.function.apply(x)
+
+
+@pytest.mark.parametrize("function", [_SquareDetachedInput, _SquareOnceWithJvp])
+def test_a_custom_function_whose_curvature_no_mode_computes_is_refused_in_every_mode(function):
+    """As a hidden activation, with a detached input mode "auto" took double backward as exact ("checked on the
+    first batch": it agreed with forward-over-reverse) and every mode was 33% off; with @once_differentiable,
+    "auto" fell back to forward-over-reverse, 72% off, which the refusal of "reverse-over-reverse" advised. Where
+    a custom Function runs, the products are checked against finite differences of the gradient: every mode is
+    refused."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 5), _SquareActivation(function), nn.Linear(5, 3)).to(DT)
+    x, y = torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,))
+    for mode in ("auto", "reverse-over-reverse", "forward-over-reverse"):
+        with pytest.raises(ValueError, match="not twice differentiable|disagrees with forward-over-reverse"):
+            hessian_operator(model, nn.CrossEntropyLoss(), (x, y), path="generic", mode=mode)
+
+
 def _hinge_terms(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     zy = z.gather(1, y[:, None])
     return (1 + z - zy).clamp_min(0).scatter(1, y[:, None], 0.0)

@@ -204,9 +204,14 @@ class GenericHessian(_TorchFuncOperator):
       ``setup_context`` and ``jvp``); when the construction probe finds one missing (or an op that
       fails under it, like ``F.mse_loss`` in torch 2.13), the operator switches to double backward
       (checked by finite differences) and emits a RuntimeWarning.
-    * ``"auto"`` (default): double backward when its check passes, else forward-over-reverse. With the
-      graphs kept, a product does strictly less work than plain double backward (no forward and no
-      gradient), and without them the same work.
+    * ``"auto"`` (default): double backward when its check passes, else forward-over-reverse, checked by
+      finite differences of the gradient. With the graphs kept, a product does strictly less work than
+      plain double backward (no forward and no gradient), and without them the same work.
+
+    Where the loss on the probe batch runs a custom ``autograd.Function`` (other than this package's),
+    whose backward may drop curvature that both modes then drop (one that reads its input detached), every
+    mode's probe product is also checked against finite differences of the gradient, and a mode that fails
+    the check is refused.
 
     Piecewise-linear activations (ReLU) are fine: their second derivative is zero. Prefer
     :func:`hessian_operator`, which also picks a fused kernel path when one applies.
@@ -249,6 +254,8 @@ class GenericHessian(_TorchFuncOperator):
                     "(double backward, a loop over the vectors)", RuntimeWarning, stacklevel=4,
                 )
             else:
+                if self._runs_custom_function():  # its backward may drop curvature that forward-over-reverse drops too
+                    self._check_against_finite_differences(out, "forward-over-reverse")
                 self.mode_reason = "requested"
             return out
         self.mode, self.uses_vmap = "reverse-over-reverse", False
@@ -258,6 +265,10 @@ class GenericHessian(_TorchFuncOperator):
         try:
             out = super()._probe_product()
             self._check_double_backward(out, reference)
+            if reference is not None and self._runs_custom_function():
+                # a custom Function's backward may drop curvature that forward-over-reverse, which differentiates
+                # the same backward, drops too (one that reads a detached input): the two agreed on a wrong product
+                self._check_against_finite_differences(out, "double backward")
         except ValueError as err:
             if requested == "reverse-over-reverse":
                 raise
@@ -265,15 +276,38 @@ class GenericHessian(_TorchFuncOperator):
             self.mode, self.uses_vmap = "forward-over-reverse", True
             try:
                 out = super()._probe_product()
+                # forward-over-reverse through a backward marked @once_differentiable drops its curvature too
+                self._check_against_finite_differences(out, "forward-over-reverse")
             except ValueError as failed:  # both modes: say why double backward was not used too
                 raise ValueError(f"{failed}; double backward cannot be used either ({err})") from failed
-            self.mode_reason = f"auto: double backward cannot be used ({err})"
+            self.mode_reason = (f"auto: double backward cannot be used ({err}); forward-over-reverse checked by "
+                                "finite differences")
             return out
         self.mode_reason = "requested" if requested == "reverse-over-reverse" else (
             "auto: double backward is exact here (checked on the first batch) and keeps each batch's gradient "
             "graph at fixed weights, so a product is one backward pass"
         )
         return out
+
+    def _runs_custom_function(self) -> bool:
+        """Whether the loss on the probe batch runs a custom ``autograd.Function`` other than this package's
+        (whose second derivatives its tests check: the LoRA op): one forward, its graph walked and dropped."""
+        x, y = self._probe_batch()
+        with torch.enable_grad():
+            params = {name: p.detach().requires_grad_(True) for name, p in self.params.items()}
+            loss = self.batch_loss(params, self._own_input(x), y)
+        seen, stack = set(), [loss.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            if isinstance(node, torch.autograd.function.BackwardCFunction):
+                function = getattr(node, "_forward_cls", None)
+                if not getattr(function, "__module__", "").startswith("unlearn_kernels."):
+                    return True
+            seen.add(node)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+        return False
 
     def _forward_over_reverse_probe(self) -> torch.Tensor | None:
         """Forward-over-reverse's product of the probe vector on the probe batch (counted), or None where
@@ -300,14 +334,14 @@ class GenericHessian(_TorchFuncOperator):
             raise ValueError(
                 f"GenericHessian: double backward disagrees with forward-over-reverse on the probe batch (relative "
                 f"difference {err:.1e}): a backward in the model or loss is not differentiable (e.g. marked "
-                "@once_differentiable); use mode='forward-over-reverse'"
+                "@once_differentiable); mode='auto' takes forward-over-reverse where finite differences confirm it"
             )
 
-    def _check_against_finite_differences(self, hv: torch.Tensor) -> None:
+    def _check_against_finite_differences(self, hv: torch.Tensor, mode: str = "double backward") -> None:
         """Double backward silently drops the curvature of a backward that is not differentiable (e.g.
-        ``@once_differentiable``), so compare the probe batch's product ``hv`` of the probe vector v
-        with a central difference of the gradient, (g(w + h v) - g(w - h v)) / 2h, with a loose
-        tolerance.
+        ``@once_differentiable``), and forward-over-reverse through such a backward too, so compare the probe
+        batch's product ``hv`` of the probe vector v (made by ``mode``, named in the error) with a central
+        difference of the gradient, (g(w + h v) - g(w - h v)) / 2h, with a loose tolerance.
 
         The difference is taken in float64 (on float64 copies of the parameters, buffers and inputs;
         in the operator's dtype if the model cannot run in float64): in float32 its rounding error
@@ -353,7 +387,7 @@ class GenericHessian(_TorchFuncOperator):
             if errors[-1] <= 1e-2:
                 return
         raise ValueError(
-            f"GenericHessian: {self._derivative_error}; double backward disagrees with finite differences of the "
+            f"GenericHessian: {self._derivative_error}; {mode} disagrees with finite differences of the "
             f"gradient (relative differences {', '.join(f'{e:.1e}' for e in errors)} at three step sizes): a "
             "backward in the model or loss is not differentiable (e.g. marked @once_differentiable)"
         )
