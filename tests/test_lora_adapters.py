@@ -851,3 +851,31 @@ def test_a_pattern_that_matches_only_adapted_layers_says_so():
     lora.add_adapters(model, "1", rank=2)
     with pytest.raises(ValueError, match=r"pattern '1\*' matches no layer without an adapter: \['1'\] already "):
         lora.add_adapters(model, "1*")
+
+
+def test_an_adapter_reads_through_its_base_layers_settings():
+    """A forward that reads a layer's settings (``self.fc.in_features``) ran on the model and failed with an
+    AttributeError once the layer was adapted (cure_newton_lora got through its checks and failed mid-run);
+    PEFT's layers read them through too."""
+    class Reads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.conv = nn.Linear(6, 8), nn.Conv2d(2, 3, (3, 2), stride=2, padding=1)
+
+        def forward(self, x):
+            h = self.conv(x.reshape(-1, self.conv.in_channels, 6, 6)).flatten(1)[:, :self.fc.in_features]
+            return self.fc(h)
+
+    torch.manual_seed(0)
+    model, x = Reads().eval(), torch.randn(5, 72)
+    expected = model(x)
+    lora.add_adapters(model, ["fc", "conv"], rank=2)
+    assert torch.equal(model(x), expected)
+    fc, conv = model.fc, model.conv
+    assert (fc.in_features, fc.out_features) == (6, 8)
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding) == (2, 3, (3, 2), (2, 2),
+                                                                                                   (1, 1))
+    with pytest.raises(AttributeError, match="no attribute 'weight_norm'"):
+        fc.weight_norm
+    restored = copy.deepcopy(model)
+    assert restored.fc.in_features == 6 and torch.equal(restored(x), expected)

@@ -60,6 +60,18 @@ class _Adapter(nn.Module):
     lora_a: nn.Parameter
     lora_b: nn.Parameter
     _base_type: type[nn.Linear] | type[nn.Conv2d]  # the layer class an adapter wraps
+    _base_settings: tuple[str, ...]  # the base layer's settings an adapter reads through, as PEFT's layers do
+
+    def __getattr__(self, name: str) -> Any:
+        """nn.Module's attributes, then the base layer's settings (``in_features``, ``kernel_size``, ...): a
+        forward that reads ``self.fc.in_features`` ran before the layer was adapted and failed after."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base")
+            if base is None or name not in self._base_settings:
+                raise
+            return getattr(base, name)
 
     def __init__(self, base: nn.Module, rank: int, alpha: float | None) -> None:
         owner = type(self).__name__
@@ -227,6 +239,7 @@ class LoRALinear(_Adapter):
     """
 
     _base_type = nn.Linear
+    _base_settings = ("in_features", "out_features")
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None) -> None:
         super().__init__(base, rank, alpha)
@@ -260,6 +273,8 @@ class LoRAConv2d(_Adapter):
     """
 
     _base_type = nn.Conv2d
+    _base_settings = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                      "padding_mode")
 
     def __init__(self, base: nn.Conv2d, rank: int, alpha: float | None = None) -> None:
         super().__init__(base, rank, alpha)
