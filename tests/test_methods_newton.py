@@ -403,6 +403,18 @@ def test_a_half_precision_model_is_unlearned_in_float32(mlp, half):
     assert auto.diagnostics["steps"] >= 1
 
 
+@pytest.mark.parametrize("name", ["cure_newton", "damped_newton"])
+def test_a_compute_dtype_narrower_than_the_parameters_is_refused(mlp, name):
+    """dtype=float32 on a float64 model rounded every chosen weight to float32: with no step taken (tol
+    reached at once) all 460 weights moved and F rose, while the diagnostics said step_norm 0."""
+    model, forget, retain = (copy.deepcopy(mlp[0]).double(), *(LabeledData(d.x.double(), d.y) for d in mlp[1:]))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=rf"^{name}: dtype=torch.float32 is narrower than the chosen parameters' "
+                                         r"torch.float64"):
+        METHODS[name](dtype=torch.float32).unlearn(model, forget, retain)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 @pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
 def test_the_gradient_after_is_that_of_the_returned_weights(mlp, half):
     """On a half model the loop runs in float32 and the returned weights are rounded: grad_norm_retain_after

@@ -32,7 +32,8 @@ Options shared by all (constructor arguments):
 * ``loss_fn``: the per-batch mean loss, ``F.cross_entropy`` by default.
 * ``dtype``: compute g, H and s in this dtype (e.g. ``torch.float64``) on a converted copy of the
   model; the returned model keeps its own dtype. None = the parameters' dtype (float32 for a float16 or
-  bfloat16 model: the curvature kernels and solvers compute in float32 or float64).
+  bfloat16 model: the curvature kernels and solvers compute in float32 or float64). One narrower than
+  the parameters' is refused (rounding every weight to it could make the model worse with no step).
 * ``batch_size``: stream the data through the objective and the operators in chunks of this many
   rows (same objective, same operator; default :data:`DEFAULT_BATCH_SIZE`, 2,048; None: all rows in
   one batch).
@@ -346,6 +347,10 @@ class _NewtonFamily(Unlearner):
             raise ValueError(f"{self.name}: the chosen parameters mix dtypes {sorted(map(str, dtypes))}; "
                              "choose parameters of one dtype")
         names, model_dtype = tuple(chosen), dtypes.pop()
+        if self.dtype is not None and torch.finfo(self.dtype).eps > torch.finfo(model_dtype).eps:
+            raise ValueError(f"{self.name}: dtype={self.dtype} is narrower than the chosen parameters' {model_dtype}: "
+                             "the copy computed in it rounds every weight, so the model returned could be worse on F "
+                             "than the one given with no step taken; pass dtype=None or a wider one")
         # the curvature kernels and solvers compute in float32 or float64: a half-precision model gets float32
         compute = self.dtype or (torch.float32 if model_dtype in (torch.float16, torch.bfloat16) else model_dtype)
         shadow = model if compute == model_dtype else copy.deepcopy(model).to(compute)
@@ -620,9 +625,9 @@ class CureNewton(_NewtonFamily):
     ``iteration``, ``M``, ``predicted``, ``actual``, ``ratio``, ``accepted``, ``step_norm``, ``hvps``,
     ``lanczos_steps``, ``grad_norm``), ``step_norms`` (of the accepted steps), ``hessian_samples`` (rows
     used, over every rank) and ``rounding_reverted`` (with another compute ``dtype``: rounding the result
-    to the model's dtype undid the decrease of F, so the given weights were returned). The trials and ``stop_reason`` are
-    those of the iterate in the compute dtype; ``objective_after`` and ``grad_norm_retain_after`` are
-    of the returned (rounded) weights.
+    to the model's dtype undid the decrease of F, so the given weights were returned). The trials and
+    ``stop_reason`` are those of the iterate in the compute dtype; ``objective_after`` and
+    ``grad_norm_retain_after`` are of the returned (rounded) weights.
     """
 
     name = "cure_newton"
