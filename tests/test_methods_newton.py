@@ -403,6 +403,43 @@ def test_a_half_precision_model_is_unlearned_in_float32(mlp, half):
     assert auto.diagnostics["steps"] >= 1
 
 
+class _SquareWithoutJvp(torch.autograd.Function):
+    """x^2 with a differentiable backward and no jvp: the generic operator checks double backward by finite
+    differences of the gradient (more gradients at construction than its two probes)."""
+
+    @staticmethod
+    def forward(x):
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+def test_gradients_count_every_gradient_an_operator_takes_at_construction(mlp, monkeypatch):
+    """``gradients`` added a constant 2 per operator (its probes): the finite-difference check of a loss without
+    a forward-mode derivative took more, which the count left out."""
+    model, forget, retain = mlp
+
+    def loss(out, target):
+        return _SquareWithoutJvp.apply(out - F.one_hot(target, out.shape[1]).to(out.dtype)).mean()
+
+    made = []
+    build = newton.hessian_operator
+    monkeypatch.setattr(newton, "hessian_operator", lambda *args, **kwargs: made.append(build(*args, **kwargs))
+                        or made[-1])
+    checked = DampedNewton(loss_fn=loss, damping=1.0).unlearn(model, forget, retain)
+    plain = DampedNewton(loss_fn=lambda out, t: (out - F.one_hot(t, out.shape[1]).to(out.dtype)).square().mean(),
+                         damping=1.0).unlearn(model, forget, retain)
+    assert made[0].num_gradients > PROBE_GRADIENTS == made[1].num_gradients
+    assert checked.gradients - plain.gradients == made[0].num_gradients - PROBE_GRADIENTS
+
+
 @pytest.mark.parametrize("name", ["cure_newton", "damped_newton"])
 def test_a_compute_dtype_narrower_than_the_parameters_is_refused(mlp, name):
     """dtype=float32 on a float64 model rounded every chosen weight to float32: with no step taken (tol
