@@ -239,7 +239,8 @@ def test_newton_family_gets_the_recipes_loss_and_no_decoupled_decay():
     effective = json.loads(json.dumps(smoothed.to_dict()))["effective_method_options"]["cure_newton"]
     assert effective["loss_fn"] == "torch.nn.CrossEntropyLoss(label_smoothing=0.1, ignore_index=-100, reduction='mean')"
     weighted = StudyConfig(methods=("cure_newton",), method_options={"cure_newton": {
-        "loss_fn": torch.nn.CrossEntropyLoss(weight=torch.ones(10))}}).to_dict()["effective_method_options"]
+        "loss_fn": torch.nn.CrossEntropyLoss(weight=torch.ones(10)), "batch_size": None}}
+    ).to_dict()["effective_method_options"]
     assert weighted["cure_newton"]["loss_fn"].endswith("weight=<per-class weights>)")  # not shown as unweighted
 
 

@@ -29,7 +29,9 @@ Options shared by all (constructor arguments):
   sequence of them (a set is refused: its order changes between processes, and the seeded draws
   with it); None = all trainable ones that the loss uses (see ``weight_decay``). Names, not
   tensors: the method works on a copy of the model, so the caller's tensors are not its.
-* ``loss_fn``: the per-batch mean loss, ``F.cross_entropy`` by default.
+* ``loss_fn``: the per-batch mean loss, ``F.cross_entropy`` by default (a torch loss, or a
+  ``functools.partial`` of one, with a reduction other than the mean is refused; with class weights it
+  needs ``batch_size=None``: each chunk's weighted mean divides by its own sum of weights).
 * ``dtype``: compute g, H and s in this dtype (e.g. ``torch.float64``) on a converted copy of the
   model; the returned model keeps its own dtype. None = the parameters' dtype (float32 for a float16 or
   bfloat16 model: the curvature kernels and solvers compute in float32 or float64). One narrower than
@@ -67,6 +69,7 @@ model with the current remaining set; g and H are recomputed at the current weig
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -186,6 +189,29 @@ def check_per_sample_loss(owner: str, model: nn.Module) -> None:
                            "running statistics, or use a first-order method")
 
 
+def _check_mean_loss(owner: str, loss_fn: LossFn, batch_size: Any) -> None:
+    """ValueError where ``loss_fn``'s values on chunks of the data do not combine into its value on all of it,
+    as F, its gradient and the Hessian do (a mean over rows, weighted by the chunks' rows): a reduction other
+    than the mean, or class weights (each chunk's weighted mean divides by its own sum of weights) unless the
+    data is one chunk (``batch_size=None``). Read from a torch loss module or a ``functools.partial`` of a loss
+    function; a loss of the user's own is taken at its word."""
+    if isinstance(loss_fn, functools.partial):
+        options = dict(loss_fn.keywords)
+    elif isinstance(loss_fn, nn.Module):
+        options = {"reduction": getattr(loss_fn, "reduction", "mean"), "weight": getattr(loss_fn, "weight", None)}
+    else:
+        return
+    reduction = options.get("reduction", "mean")
+    if reduction != "mean":
+        raise ValueError(f"{owner}: loss_fn has reduction={reduction!r}: the Newton methods take the loss as a mean "
+                         "over rows (F, its gradient and Hessian combine the chunks of the data by their rows); use "
+                         "reduction='mean'")
+    if options.get("weight") is not None and batch_size is not None:
+        raise ValueError(f"{owner}: loss_fn has class weights, whose mean over a chunk of the data divides by that "
+                         f"chunk's sum of weights, so F would change with batch_size ({batch_size}): pass "
+                         "batch_size=None (all rows in one chunk)")
+
+
 def options_text(owner: str, options: Mapping[str, Any]) -> str:
     """``owner(name=value, ...)`` for a method's constructor options, as text that is the same in every
     process for the same options (:func:`~unlearn_kernels.curvature.settings.value_text`)."""
@@ -301,6 +327,7 @@ class _NewtonFamily(Unlearner):
         if not callable(loss_fn):
             raise TypeError(f"{self.name}: loss_fn must be callable (outputs, targets) -> scalar, "
                             f"got {type(loss_fn).__name__}")
+        _check_mean_loss(self.name, loss_fn, batch_size)
         if dtype not in (None, torch.float32, torch.float64):  # the curvature kernels compute in these two
             raise TypeError(f"{self.name}: dtype must be None, torch.float32 or torch.float64, got {dtype!r}")
         check_choice(f"{self.name}: path", path, PATHS)
