@@ -189,8 +189,8 @@ def _head(c: int) -> list[nn.Module]:
 @pytest.mark.parametrize(
     "model, loss, reason",
     [
-        (nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), *_head(2)), nn.CrossEntropyLoss(), "groups, dilation"),
-        (nn.Sequential(nn.Conv2d(1, 2, 3, dilation=2), *_head(2)), nn.CrossEntropyLoss(), "groups, dilation"),
+        (nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), *_head(2)), nn.CrossEntropyLoss(), "with groups=2, dilation=(1, 1)"),
+        (nn.Sequential(nn.Conv2d(1, 2, 3, dilation=2), *_head(2)), nn.CrossEntropyLoss(), "with groups=1, dilation=(2, 2)"),
         (nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), *_head(2)), nn.CrossEntropyLoss(),
          "padding_mode='reflect'"),
         (nn.Sequential(nn.Conv2d(1, 2, 3, padding="same"), *_head(2)), nn.CrossEntropyLoss(), "padding='same'"),

@@ -879,3 +879,9 @@ def test_an_adapter_reads_through_its_base_layers_settings():
         fc.weight_norm
     restored = copy.deepcopy(model)
     assert restored.fc.in_features == 6 and torch.equal(restored(x), expected)
+
+
+def test_a_numpy_rank_gives_a_python_scale():
+    """alpha / rank used the rank as given: a numpy rank made the scale a numpy float (into diagnostics)."""
+    adapter = lora.LoRALinear(nn.Linear(3, 2), np.int64(2), alpha=3.0)
+    assert type(adapter.rank) is int and type(adapter.scale) is float and adapter.scale == 1.5

@@ -811,6 +811,9 @@ def test_lipschitz_estimate_rejects_bad_arguments(kwargs, message):
      r"^cure_newton: lipschitz_options: quantile must be a finite number in \(0, 1\], got 5"),
     (lambda: CureNewton(M="auto", lipschitz_options={"num_directions": -1}), ValueError,
      r"^cure_newton: lipschitz_options: num_directions must be an int >= 1"),
+    # given with a number for M: accepted and never used
+    (lambda: CureNewton(M=0.5, lipschitz_options={"radius": 1e-3}), ValueError,
+     r"^cure_newton: lipschitz_options configure the estimate M='auto' makes; with M=0.5 there is none"),
     (lambda: CureNewton(batch_size=0), ValueError, "batch_size"),
     (lambda: CureNewton(path="fast"), ValueError, "path"),
     # rcond >= 1 drops every eigenvalue: a zero step

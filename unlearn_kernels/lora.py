@@ -85,7 +85,7 @@ class _Adapter(nn.Module):
         self.base = base
         self.rank = int(rank)  # a checked integer; a numpy one would travel on into diagnostics and configs
         self.alpha = alpha
-        self.scale = alpha / rank
+        self.scale = alpha / self.rank  # the checked int: a numpy rank made the scale a numpy float
         # Whether the adapter is merged into base.weight: a Python bool for the forward (no device read),
         # mirrored in the persistent buffer lora_merged so that it travels with the state dict (a merged
         # model's state loaded into a fresh adapted model is merged there too, not given the delta twice).

@@ -116,8 +116,9 @@ def _parse_model(model: nn.Module) -> _ConvNet | str:
                 return f"layer {name!r} reuses an earlier Conv2d (tied weights)"
             seen.add(id(child))
             if child.groups != 1 or _pair(child.dilation) != (1, 1) or child.padding_mode != "zeros":
-                return (f"layer {name!r} is a Conv2d with groups, dilation or padding_mode={child.padding_mode!r}; the "
-                        "fused path has groups=1, dilation=1 and zero padding")
+                return (f"layer {name!r} is a Conv2d with groups={child.groups}, dilation={child.dilation}, "
+                        f"padding_mode={child.padding_mode!r}; the fused path has groups=1, dilation=1 and zero "
+                        "padding")
             if isinstance(child.padding, str):
                 return f"layer {name!r} is a Conv2d with padding={child.padding!r}; give the padding as numbers"
             if not _registered(child):

@@ -700,6 +700,9 @@ class CureNewton(_NewtonFamily):
             KrylovCubicSolver(torch.zeros(1, 1), torch.zeros(1), **{**KRYLOV_DEFAULTS, **self.solver_options})
         except (TypeError, ValueError) as error:
             raise ValueError(f"{self.name}: solver_options: {error}") from None
+        if lipschitz_options and M != "auto":  # else given and silently unused
+            raise ValueError(f"{self.name}: lipschitz_options configure the estimate M='auto' makes; with M={M!r} "
+                             "there is none")
         self.lipschitz_options = dict(lipschitz_options or {})
         check_option_names(f"{self.name}: lipschitz_options", self.lipschitz_options, estimate_hessian_lipschitz,
                             ("model", "loss_fn", "data", "params", "seed", "batch_size", "path"))
