@@ -204,9 +204,9 @@ class GenericHessian(_TorchFuncOperator):
       ``setup_context`` and ``jvp``); when the construction probe finds one missing (or an op that
       fails under it, like ``F.mse_loss`` in torch 2.13), the operator switches to double backward
       (checked by finite differences) and emits a RuntimeWarning.
-    * ``"auto"`` (default): double backward when its check passes, else forward-over-reverse, checked by
-      finite differences of the gradient. With the graphs kept, a product does strictly less work than
-      plain double backward (no forward and no gradient), and without them the same work.
+    * ``"auto"`` (default): double backward when its check passes, else forward-over-reverse. With the
+      graphs kept, a product does strictly less work than plain double backward (no forward and no
+      gradient), and without them the same work.
 
     Where the loss on the probe batch runs a custom ``autograd.Function`` (other than this package's),
     whose backward may drop curvature that both modes then drop (one that reads its input detached), every
@@ -276,12 +276,11 @@ class GenericHessian(_TorchFuncOperator):
             self.mode, self.uses_vmap = "forward-over-reverse", True
             try:
                 out = super()._probe_product()
-                # forward-over-reverse through a backward marked @once_differentiable drops its curvature too
-                self._check_against_finite_differences(out, "forward-over-reverse")
+                if self._runs_custom_function():  # through a custom backward it may drop curvature too
+                    self._check_against_finite_differences(out, "forward-over-reverse")
             except ValueError as failed:  # both modes: say why double backward was not used too
                 raise ValueError(f"{failed}; double backward cannot be used either ({err})") from failed
-            self.mode_reason = (f"auto: double backward cannot be used ({err}); forward-over-reverse checked by "
-                                "finite differences")
+            self.mode_reason = f"auto: double backward cannot be used ({err})"
             return out
         self.mode_reason = "requested" if requested == "reverse-over-reverse" else (
             "auto: double backward is exact here (checked on the first batch) and keeps each batch's gradient "
@@ -334,7 +333,8 @@ class GenericHessian(_TorchFuncOperator):
             raise ValueError(
                 f"GenericHessian: double backward disagrees with forward-over-reverse on the probe batch (relative "
                 f"difference {err:.1e}): a backward in the model or loss is not differentiable (e.g. marked "
-                "@once_differentiable); mode='auto' takes forward-over-reverse where finite differences confirm it"
+                "@once_differentiable); mode='auto' takes forward-over-reverse (checked by finite differences "
+                "where a custom autograd.Function runs)"
             )
 
     def _check_against_finite_differences(self, hv: torch.Tensor, mode: str = "double backward") -> None:
