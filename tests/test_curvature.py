@@ -2197,6 +2197,10 @@ def test_an_embedding_with_a_padding_row_is_refused_by_name():
         with pytest.raises(ValueError, match=r"params: '0.weight' is the weight of Embedding '0' with "
                                              r"scale_grad_by_freq=True, whose backward divides"):
             build(scaled, nn.CrossEntropyLoss(), (x, y))
+    # an EmbeddingBag's too: the Objective's gradient was 6x off (the operators refuse a bag anyway)
+    bagged = nn.Sequential(nn.EmbeddingBag(12, 4, mode="sum", scale_grad_by_freq=True), nn.Linear(4, 3)).eval()
+    with pytest.raises(ValueError, match=r"'0.weight' is the weight of EmbeddingBag '0' with scale_grad_by_freq"):
+        Objective(bagged, nn.CrossEntropyLoss(), (x, y))
     # an EmbeddingBag has no second derivative at all: refused as such, not for its padding row
     bag = nn.Sequential(nn.EmbeddingBag(12, 4, padding_idx=0, mode="mean"), nn.Linear(4, 3)).eval()
     with pytest.raises(ValueError, match="the loss is not twice differentiable"):

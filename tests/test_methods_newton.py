@@ -435,6 +435,19 @@ def test_a_loss_whose_chunks_do_not_combine_into_its_mean_is_refused():
         for loss in (nn.CrossEntropyLoss(reduction="sum"), functools.partial(F.cross_entropy, reduction="sum")):
             with pytest.raises(ValueError, match=rf"^{name}: loss_fn has reduction='sum': the Newton methods take"):
                 METHODS[name](loss_fn=loss, batch_size=None)
+        # a partial of a weighted module; a loss of the user's own with a `weight` of its own is taken at its word
+        with pytest.raises(ValueError, match=rf"^{name}: loss_fn has class weights"):
+            METHODS[name](loss_fn=functools.partial(nn.CrossEntropyLoss(weight=weights)))
+
+        class Focal(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.weight = weights
+
+            def forward(self, out, target):
+                return (self.weight[target] * F.cross_entropy(out, target, reduction="none")).mean()
+
+        METHODS[name](loss_fn=Focal())
 
 
 def test_gradients_count_every_gradient_an_operator_takes_at_construction(mlp, monkeypatch):

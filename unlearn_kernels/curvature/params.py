@@ -114,10 +114,11 @@ def _check_embedding_gradients(model: nn.Module, chosen: dict[str, nn.Parameter]
     solvers assume they are; with scale_grad_by_freq the gradient itself is not the loss's)."""
     chosen_ids = {id(p): name for name, p in chosen.items()}
     for module_name, module in model.named_modules():
-        # (nn.EmbeddingBag is not twice differentiable at all: the operators refuse it as such)
-        if not isinstance(module, nn.Embedding):
+        # (nn.EmbeddingBag is not twice differentiable at all: the operators refuse it as such; its padding rows are
+        # left out of the bag, but scale_grad_by_freq gives even Objective a wrong gradient)
+        if not isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
             continue
-        if module.padding_idx is not None:
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
             change = (f"padding_idx={module.padding_idx}, whose row torch gives a zero gradient whatever the loss, "
                       "so its curvature is not symmetric")
         elif module.scale_grad_by_freq:

@@ -56,8 +56,9 @@ Options shared by all (constructor arguments):
 Every method returns the model in eval mode (curvature is defined on the deterministic eval-mode
 loss), never writes a non-finite value into it (a NaN/Inf step raises ValueError), reports the
 Hessian-vector products from the operators' counters in ``UnlearnResult.hvps`` and counts every
-gradient pass in ``gradients`` (batches per pass), including the two gradients on the first batch
-(the first with a row the loss counts) that each operator's construction probe takes, and the probe
+gradient pass in ``gradients`` (batches per pass), including those each operator's construction takes
+(the probe's two on the first batch with a row the loss counts, and the finite-difference check's where
+the generic path makes one), and the probe
 for parameters the loss does not use (with ``params=None``) (its probe product is in the operators' product
 counters, so in ``hvps``). ``diagnostics`` hold at least ``step_norm`` (||w_new - w||), ``M`` (None for
 the baselines), ``grad_norm_retain_before`` / ``_after`` (``||g||`` at the old and new weights),
@@ -189,18 +190,27 @@ def check_per_sample_loss(owner: str, model: nn.Module) -> None:
                            "running statistics, or use a first-order method")
 
 
+def _torch_loss_options(loss_fn: Any) -> dict[str, Any]:
+    """The ``reduction`` and class ``weight`` of a torch loss: a module of torch.nn's losses (weight: cross
+    entropy and NLL's), a function of torch.nn.functional, or a ``functools.partial`` of either (its keywords
+    over the function's); {} for a loss of the user's own, taken at its word."""
+    if isinstance(loss_fn, functools.partial):
+        inner = _torch_loss_options(loss_fn.func)
+        if getattr(loss_fn.func, "__module__", None) == F.__name__:  # F.cross_entropy(..., weight=, reduction=)
+            inner.update({k: v for k, v in loss_fn.keywords.items() if k in ("weight", "reduction")})
+        return inner
+    if isinstance(loss_fn, nn.modules.loss._Loss):
+        weighted = isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss))
+        return {"reduction": loss_fn.reduction, **({"weight": loss_fn.weight} if weighted else {})}
+    return {}
+
+
 def _check_mean_loss(owner: str, loss_fn: LossFn, batch_size: Any) -> None:
     """ValueError where ``loss_fn``'s values on chunks of the data do not combine into its value on all of it,
     as F, its gradient and the Hessian do (a mean over rows, weighted by the chunks' rows): a reduction other
     than the mean, or class weights (each chunk's weighted mean divides by its own sum of weights) unless the
-    data is one chunk (``batch_size=None``). Read from a torch loss module or a ``functools.partial`` of a loss
-    function; a loss of the user's own is taken at its word."""
-    if isinstance(loss_fn, functools.partial):
-        options = dict(loss_fn.keywords)
-    elif isinstance(loss_fn, nn.Module):
-        options = {"reduction": getattr(loss_fn, "reduction", "mean"), "weight": getattr(loss_fn, "weight", None)}
-    else:
-        return
+    data is one chunk (``batch_size=None``); read by :func:`_torch_loss_options`."""
+    options = _torch_loss_options(loss_fn)
     reduction = options.get("reduction", "mean")
     if reduction != "mean":
         raise ValueError(f"{owner}: loss_fn has reduction={reduction!r}: the Newton methods take the loss as a mean "
