@@ -211,6 +211,23 @@ def test_a_method_that_raised_is_marked_in_the_scenario_summary_its_json_and_the
         assert "cure_newton (raised on 100% of seeds)" in labels and "original" in labels
 
 
+def test_a_method_that_raised_at_an_earlier_request_is_marked_at_the_last(tmp_path):
+    """In a sequential study a method that raised at request 0 went on from the model it was given; at the last
+    request, which the summary and summary.json show, it ran, and nothing said its chain skipped a request."""
+    records = _study([0.0, 0.0], [0.5, 0.5], [0.25, 0.25]) + _study([0.0, 0.0], [0.5, 0.5], [0.25, 0.25], request=1)
+    for r in records:
+        r["metrics"]["failed"] = float(r["method"] == "cure_newton" and r["request"] == 0)
+    add_gap_closed(records)
+    study = {"config": {"protocol": "random"}, "records": records}
+    summary = report.format_scenario_summary({"random": study})
+    assert next(line for line in summary.splitlines() if line.startswith("cure_newton")).split()[1:] == ["0.50!",
+                                                                                                        "0.75!"]
+    assert "cure_newton raised on 100% of the seeds of random" in summary
+    written = report.write_summary_json({"random": study}, {"random": tmp_path / "results.json"},
+                                        tmp_path / "summary.json")
+    assert json.loads(written.read_text())["scenarios"]["random"]["failed"] == {"cure_newton": 1.0}
+
+
 def test_a_nan_metric_is_left_out_as_results_json_leaves_it_out(tmp_path):
     """A NaN metric (records made by hand) made the mean NaN in memory, while results.json stores it as null,
     which is skipped: the summary read back differed from the one written, and a NaN Original gap got the

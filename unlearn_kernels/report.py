@@ -327,13 +327,26 @@ def format_noise_note(noise: dict[str, dict[str, Any]]) -> str:
 
 def _last_request_gap_closed(records: list[dict[str, Any]]) -> tuple[dict[str, dict[str, tuple[float, float]]], dict,
                                                                      dict[str, float]]:
-    """(``{method: {name: (mean, std)}}`` of the gap-closed figures, noise, ``{method: share of seeds it raised
-    on}`` for the methods that raised on some) at the last request."""
+    """(``{method: {name: (mean, std)}}`` of the gap-closed figures, noise, :func:`_raised_shares`) at the last
+    request."""
     summary = summarize(records)
     last = max(summary)
     closed = {m: {name: metrics[f"gap_closed_{name}"] for name in GAP_CLOSED if f"gap_closed_{name}" in metrics}
               for m, metrics in summary[last].items()}
-    return closed, gap_closed_noise(records).get(last, {}), _failed_shares(summary[last])
+    return closed, gap_closed_noise(records).get(last, {}), _raised_shares(records)
+
+
+def _raised_shares(records: list[dict[str, Any]]) -> dict[str, float]:
+    """``{method: share of its seeds on which it raised at some request}`` for the methods that did: from there on
+    a sequential chain goes on from the model it was given, so its last request's row measures a chain that skipped
+    a request."""
+    seeds: dict[str, set] = defaultdict(set)
+    raised: dict[str, set] = defaultdict(set)
+    for r in records:
+        seeds[r["method"]].add(r.get("seed"))
+        if r["metrics"].get("failed"):
+            raised[r["method"]].add(r.get("seed"))
+    return {m: len(raised[m]) / len(seeds[m]) for m in seeds if raised[m]}
 
 
 def _failed_shares(last: dict[str, dict[str, tuple[float, float]]]) -> dict[str, float]:
@@ -375,7 +388,7 @@ def format_scenario_summary(studies: dict[str, dict[str, Any]]) -> str:
     raised = [f"{m} raised on {share:.0%} of the seeds of {name}" for name, (_, _, failed) in per_scenario.items()
               for m, share in sorted(failed.items())]
     if raised:
-        table += "\n" + "; ".join(raised) + " (those rows measure the model it was given, unchanged)"
+        table += "\n" + "; ".join(raised) + " (at a request, which then left the model it was given unchanged)"
     return table
 
 
@@ -574,7 +587,7 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
                          f"label their plot with")
     out_dir.mkdir(parents=True, exist_ok=True)
     methods = _method_order(last)
-    raised = _failed_shares(last)
+    raised = _raised_shares(records)
     paths = []
 
     colors = palette("tab20")
