@@ -2197,6 +2197,11 @@ def test_an_embedding_with_a_padding_row_is_refused_by_name():
         with pytest.raises(ValueError, match=r"params: '0.weight' is the weight of Embedding '0' with "
                                              r"scale_grad_by_freq=True, whose backward divides"):
             build(scaled, nn.CrossEntropyLoss(), (x, y))
+    # sparse=True: torch's "reshape is not implemented for sparse tensors" from the operators; named now
+    sparse = nn.Sequential(nn.Embedding(12, 6, sparse=True), nn.Flatten(), nn.Linear(30, 3)).eval()
+    for build in (hessian_operator, Objective):
+        with pytest.raises(ValueError, match=r"'0.weight' is the weight of Embedding '0' with sparse=True"):
+            build(sparse, nn.CrossEntropyLoss(), (x, y))
     # an EmbeddingBag's too: the Objective's gradient was 6x off (the operators refuse a bag anyway)
     bagged = nn.Sequential(nn.EmbeddingBag(12, 4, mode="sum", scale_grad_by_freq=True), nn.Linear(4, 3)).eval()
     with pytest.raises(ValueError, match=r"'0.weight' is the weight of EmbeddingBag '0' with scale_grad_by_freq"):

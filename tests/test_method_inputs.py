@@ -597,7 +597,8 @@ def test_a_sparse_embedding_the_method_does_not_train_is_accepted():
         assert torch.equal(got.emb.weight, model.emb.weight), name
     for name in ("original", "cure_newton_lora"):
         _make(name).unlearn(model, *sets, seed=0)
-    with pytest.raises(ValueError, match=r"^damped_newton: the model's embedding 'emb' has sparse=True"):
+    with pytest.raises(ValueError, match=r"^damped_newton: params: 'emb.weight' is the weight of Embedding 'emb' "
+                                         r"with sparse=True"):
         METHODS["damped_newton"](params=["emb.weight"]).unlearn(model, *sets, seed=0)
     with pytest.raises(ValueError, match=r"^train: the model's embedding 'emb' has sparse=True"):
         train(model, sets[1], TrainConfig(epochs=1))

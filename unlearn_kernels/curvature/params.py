@@ -107,7 +107,8 @@ def resolve_curvature_parameters(model: nn.Module, params: ParamSelection = None
 
 
 def _check_embedding_gradients(model: nn.Module, chosen: dict[str, nn.Parameter]) -> None:
-    """ValueError naming a chosen embedding weight whose gradient torch changes: with a ``padding_idx`` its
+    """ValueError naming a chosen embedding weight whose gradient torch changes: with ``sparse=True`` it is a sparse
+    tensor (torch's "reshape is not implemented for sparse tensors" met it); with a ``padding_idx`` its
     backward gives that row a zero gradient whatever the loss, while the row still acts on the loss; with
     ``scale_grad_by_freq`` it divides each row's gradient by how often the batch uses it. Either way the
     derivatives of the gradient are not those of any function (products are not symmetric, and the
@@ -118,7 +119,10 @@ def _check_embedding_gradients(model: nn.Module, chosen: dict[str, nn.Parameter]
         # left out of the bag, but scale_grad_by_freq gives even Objective a wrong gradient)
         if not isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
             continue
-        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+        if module.sparse:
+            change = ("sparse=True, whose backward gives a sparse gradient, which the operators and the objective "
+                      "do not take (sparse=False computes the same dense)")
+        elif isinstance(module, nn.Embedding) and module.padding_idx is not None:
             change = (f"padding_idx={module.padding_idx}, whose row torch gives a zero gradient whatever the loss, "
                       "so its curvature is not symmetric")
         elif module.scale_grad_by_freq:

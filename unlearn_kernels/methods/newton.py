@@ -109,7 +109,7 @@ from ..curvature.distributed import GroupRef, all_reduce_released, text_fingerpr
 from ..curvature.params import tie_pattern
 from ..curvature.settings import value_text
 from ..labeled import LabeledData
-from ..training import check_dense_gradients, model_device
+from ..training import model_device
 from ..solvers import (
     DENSE_SOLVE_MAX_DIM,
     KRYLOV_DEFAULTS,
@@ -362,11 +362,10 @@ class _NewtonFamily(Unlearner):
         check_per_sample_loss(self.name, model)
         if self.params is None:
             super()._check_parameters(model)
-        try:
-            chosen = resolve_curvature_parameters(model, self.params)
+        try:  # also a chosen sparse embedding, whose sparse gradient the operators do not take
+            resolve_curvature_parameters(model, self.params)
         except (TypeError, ValueError) as error:
             raise type(error)(f"{self.name}: {error}") from None
-        check_dense_gradients(self.name, model, chosen.values())
 
     def _cast(self, data: LabeledData, like: torch.Tensor, converted: bool) -> LabeledData:
         """``data`` on ``like``'s device; where the model was ``converted`` to the compute dtype, floating
