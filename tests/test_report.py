@@ -163,6 +163,18 @@ def test_the_scenario_summary_marks_unknown_noise_with_one_seed():
     assert row[1:] == ["0.80?", "0.75?"]  # 1 - 0.1/0.5 and 1 - 0.05/0.2
 
 
+def test_the_gap_closed_plot_says_where_one_seed_leaves_the_noise_unknown(tmp_path, monkeypatch):
+    """The summary table marks a figure over one seed "?"; the plot drew it as a plain bar, like a verdict of
+    "outside seed noise". Its legend says the noise is unknown now."""
+    records = _study([0.0], [0.5], [0.1])
+    add_gap_closed(records)
+    drawn = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path, **kwargs: drawn.append(fig) or path)
+    report.plot_gap_closed({"random": {"config": {"protocol": "random"}, "records": records}}, tmp_path / "g.png")
+    for ax in drawn[0].axes[:2]:
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["random (seed noise unknown: one seed)"]
+
+
 def test_a_sequential_scenario_is_summarised_at_its_last_request(tmp_path, monkeypatch):
     """The scenario summary, summary.json and the gap-closed plot take each scenario's last request (a version
     that took the first one showed request 0's gap closed)."""
