@@ -284,6 +284,19 @@ def test_cure_newton_lora_names_itself_and_the_options_it_takes():
         CureNewtonLoRA(M=-1)
 
 
+def test_cure_newton_lora_refuses_a_narrower_dtype_under_its_name_before_any_adapter(problem):
+    """dtype=float32 on a float64 model was refused under CureNewton's name, after the adapters were added to
+    the private copy; refused under this method's name, before any work now."""
+    model, forget, retain, _ = problem
+    wide = copy.deepcopy(model).double()
+    sets = [LabeledData(d.x.double(), d.y) for d in (forget, retain)]
+    state = {k: v.clone() for k, v in wide.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^cure_newton_lora: dtype=torch.float32 is narrower than the torch.float64 "
+                                         r"of layer '1'"):
+        CureNewtonLoRA(dtype=torch.float32).unlearn(wide, *sets, seed=0)
+    assert not lora.adapter_modules(wide) and all(torch.equal(v, state[k]) for k, v in wide.state_dict().items())
+
+
 def test_cure_newton_lora_trains_the_adapters_a_model_has(problem):
     model, forget, retain, unseen = problem
     adapted = RFA(epochs=1, merge=False).unlearn(model, forget, retain, unseen=unseen, seed=0).model  # RFA's adapters

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -102,7 +103,16 @@ class CureNewtonLoRA(Unlearner):
         # else CureNewton refuses these, under its name, after the adapters
         check_not_wrapped(model, self.name)
         check_per_sample_loss(self.name, model)
-        new_adapter_layers(self.name, model, self.targets)  # the layers can take adapters: refused here, not mid-run
+        # the layers can take adapters: refused here, not mid-run
+        layers = [*new_adapter_layers(self.name, model, self.targets), *adapter_modules(model)]
+        dtype = self.newton_options.get("dtype")
+        modules = dict(model.named_modules())
+        for name in layers:  # an adapter takes its layer's dtype: CureNewton refused a narrower one after adding them
+            weight = modules[name].weight
+            if dtype is not None and torch.finfo(dtype).eps > torch.finfo(weight.dtype).eps:
+                raise ValueError(f"{self.name}: dtype={dtype} is narrower than the {weight.dtype} of layer {name!r}, "
+                                 "whose adapter computes in it: rounding every adapter weight to it could make the "
+                                 "model worse with no step; pass dtype=None or a wider one")
 
     def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,
                  unseen: LabeledData | None, seed: int) -> UnlearnResult:
