@@ -173,6 +173,12 @@ def test_the_gap_closed_plot_says_where_one_seed_leaves_the_noise_unknown(tmp_pa
     report.plot_gap_closed({"random": {"config": {"protocol": "random"}, "records": records}}, tmp_path / "g.png")
     for ax in drawn[0].axes[:2]:
         assert [t.get_text() for t in ax.get_legend().get_texts()] == ["random (seed noise unknown: one seed)"]
+    # an Original with the oracle's Acc_f on every seed: an empty panel, which said nothing
+    records = _study([0.0, 0.0], [0.0, 0.0], [0.1, 0.1])
+    add_gap_closed(records)
+    report.plot_gap_closed({"random": {"config": {"protocol": "random"}, "records": records}}, tmp_path / "g.png")
+    assert [t.get_text() for t in drawn[1].axes[0].get_legend().get_texts()] == [
+        "random (nothing to close: the Original has the oracle's value)"]
 
 
 def test_a_sequential_scenario_is_summarised_at_its_last_request(tmp_path, monkeypatch):

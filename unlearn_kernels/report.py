@@ -513,8 +513,8 @@ def _per_seed(records: list[dict[str, Any]], request: int, method: str, key: str
 def plot_gap_closed(studies: dict[str, dict[str, Any]], path: Path) -> Path:
     """Gap closed in Acc_f and Avg Gap per method: one bar per scenario (mean over seeds at its last
     request) with every seed's value as a point; hatched bars: the Original's gap is within seed
-    noise (the legend says so, and where one seed leaves the noise unknown). Values below -1 are drawn at -1
-    as downward triangles.
+    noise (the legend says so, where one seed leaves the noise unknown, and where the Original has the oracle's
+    value, so that there is no bar). Values below -1 are drawn at -1 as downward triangles.
 
     Raises:
         TypeError / ValueError: as :func:`format_scenario_summary`; before anything is drawn or written.
@@ -536,7 +536,9 @@ def plot_gap_closed(studies: dict[str, dict[str, Any]], path: Path) -> Path:
             means = [closed.get(m, {}).get(figure, (math.nan, 0))[0] for m in methods]
             verdict = noise.get(figure, {}).get("within_noise")
             noisy = verdict is True
-            note = (" (Original's gap within seed noise)" if noisy else
+            note = (" (nothing to close: the Original has the oracle's value)"
+                    if noise.get(figure, {}).get("nothing_to_close") else
+                    " (Original's gap within seed noise)" if noisy else
                     " (seed noise unknown: one seed)" if verdict is None and figure in noise else "")
             ax.bar(xs, [max(v, floor) for v in means], width, color=colors[i % len(colors)], alpha=0.6,
                    hatch="//" if noisy else None, label=name + note)
