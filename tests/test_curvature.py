@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from custom_functions import square_function
 from tolerance import relative_error
 from torch import nn
 from torch.autograd.functional import hessian, jacobian
@@ -1328,30 +1329,9 @@ def test_uint8_labels_work_on_the_fused_paths(kind):
             assert relative_error(H.to_dense(), ref) <= 1e-10 and relative_error(H.gradient(), grad) <= 1e-12
 
 
-def _square_function(differentiable_backward: bool) -> type[torch.autograd.Function]:
-    """x^2 with a backward but no forward-mode derivative (jvp)."""
-
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return 2 * x * grad
-
-    class Square(torch.autograd.Function):
-        @staticmethod
-        def forward(x):
-            return x * x
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            ctx.save_for_backward(inputs[0])
-
-    once = torch.autograd.function.once_differentiable
-    Square.backward = staticmethod(backward if differentiable_backward else once(backward))
-    return Square
-
-
 def test_missing_forward_mode_falls_back_to_double_backward():
     model, x, y = make("mlp")
-    square = _square_function(differentiable_backward=True)
+    square = square_function(differentiable_backward=True)
 
     def loss(out, target):
         return square.apply(out - F.one_hot(target, C)).mean()
@@ -1368,11 +1348,11 @@ def test_missing_forward_mode_falls_back_to_double_backward():
 
 def test_requested_reverse_mode_is_checked_and_needs_no_forward_mode():
     model, x, y = make("mlp")
-    no_jvp = _square_function(differentiable_backward=True)  # double backward only: checked by finite differences
+    no_jvp = square_function(differentiable_backward=True)  # double backward only: checked by finite differences
     H = hessian_operator(model, lambda out, t: no_jvp.apply(out - F.one_hot(t, C)).mean(), (x, y), path="generic",
                          mode="reverse-over-reverse")
     assert H.mode == "reverse-over-reverse"
-    once = _square_function(differentiable_backward=False)
+    once = square_function(differentiable_backward=False)
     with pytest.raises(ValueError, match="not twice differentiable"):
         hessian_operator(model, lambda out, t: once.apply(out).mean(), (x, y), path="generic",
                          mode="reverse-over-reverse")
@@ -1384,7 +1364,7 @@ def test_fallback_check_survives_relu_kinks_in_float32():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 256), nn.ReLU(), nn.Linear(256, 3))
     x, y = torch.randn(512, 6), torch.randint(0, 3, (512,))
-    square = _square_function(differentiable_backward=True)
+    square = square_function(differentiable_backward=True)
 
     def loss(out, target):
         return square.apply(out - F.one_hot(target, 3).to(out.dtype)).mean()
@@ -1444,30 +1424,14 @@ def test_double_backward_that_drops_curvature_is_caught():
         hessian_operator(model, loss, (x, y), path="generic", mode="reverse-over-reverse")
 
 
-class _SquareDetachedInput(torch.autograd.Function):
-    """x^2 with a right jvp whose backward reads its input detached: double backward and forward-over-reverse
-    (which differentiates the same backward) both drop the curvature through x, and agree."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x):
-        return x * x
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-        ctx.save_for_forward(inputs[0])
+class _SquareDetachedInput(_SquareDroppingCurvature):
+    """The same x^2 whose backward reads its input detached: double backward and forward-over-reverse (which
+    differentiates the same backward) both drop the curvature through x, and agree."""
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         return 2 * x.detach() * grad
-
-    @staticmethod
-    def jvp(ctx, tangent):
-        (x,) = ctx.saved_tensors
-        return 2 * x * tangent
 
 
 class _SquareOnceWithJvp(_SquareDetachedInput):
@@ -1558,7 +1522,7 @@ def test_the_check_covers_the_whole_probe_batch():
 
 def test_loss_that_is_not_twice_differentiable():
     model, x, y = make("mlp")
-    square = _square_function(differentiable_backward=False)
+    square = square_function(differentiable_backward=False)
 
     def loss(out, target):
         return square.apply(out).mean()
