@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from custom_functions import square_function
+from custom_functions import Square, square_function
 from tolerance import relative_error
 from torch import nn
 from torch.autograd.functional import hessian, jacobian
@@ -1377,20 +1377,11 @@ def test_fallback_check_survives_relu_kinks_in_float32():
     assert relative_error(H.matvec(v).double(), H64.matvec(v.double())) <= 1e-5
 
 
-class _SquareDroppingCurvature(torch.autograd.Function):
+class _SquareDroppingCurvature(Square):
     """x^2 whose backward runs under no_grad: double backward runs without an error and silently drops the
     curvature through x; the jvp is right, so forward-over-reverse is exact."""
 
     generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x):
-        return x * x
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-        ctx.save_for_forward(inputs[0])
 
     @staticmethod
     def backward(ctx, grad):
