@@ -120,8 +120,8 @@ def _cure_newton(model: nn.Module, objective, H) -> torch.Tensor:
 
 def _same_on_every_rank(t: torch.Tensor) -> None:
     """Every rank's tensor, gathered by the package's own collective (see all_reduce_released), compared
-    bitwise."""
-    gathered = all_gather_objects(t.cpu(), dist.group.WORLD, torch.device("cpu"))
+    bitwise; the collective's tensors on t's device (NCCL reduces CUDA tensors only)."""
+    gathered = all_gather_objects(t.cpu(), dist.group.WORLD, t.device)
     assert all(torch.equal(theirs, t.cpu()) for theirs in gathered), "ranks disagree"
 
 
