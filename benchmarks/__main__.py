@@ -135,6 +135,9 @@ def _run(argv: list[str] | None) -> int:
         device = check_device(args.device, types=("cpu", "cuda"))  # the suites run on these
     except UsageError as exc:
         parser.error(str(exc))
+    if device.type == "cuda":  # float32 at full precision, as on the CPU: cuDNN's default rounds convolutions to TF32
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     # checked before any suite runs, not when the first one writes its results
     out = Path(args.out) if args.out is not None else QUICK_DIR if args.quick else common.RESULTS_DIR
     try:

@@ -77,6 +77,8 @@ def environment(device: torch.device) -> dict:
         "unlearn_kernels": unlearn_kernels.__version__,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if device.type == "cuda":  # float32 convolutions and matmuls rounded to TF32 or not
+        env["tf32"] = torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32
     try:
         import triton
 

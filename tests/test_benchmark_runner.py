@@ -191,6 +191,31 @@ def test_a_quick_run_does_not_replace_the_committed_results(monkeypatch, tmp_pat
     assert (tmp_path / "quick" / "softmax_ce_cpu.json").is_file() and not (tmp_path / "committed").exists()
 
 
+def test_a_cuda_run_measures_float32_without_tf32(monkeypatch, tmp_path):
+    """cuDNN's default rounds float32 convolutions to TF32: on an H100 the ResNet-18 gradient row failed its float64
+    gate (7.0e-5) and every CNN product was 10x less accurate than on the CPU. A CUDA run turns TF32 off, and its
+    JSON says which it measured."""
+    import benchmarks.__main__ as runner
+
+    seen = {}
+
+    def run_suites(args, device, out):
+        seen["flags"] = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        return []
+
+    monkeypatch.setattr(runner, "check_device", lambda *args, **kwargs: torch.device("cuda"))
+    monkeypatch.setattr(runner, "_run_suites", run_suites)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # PyTorch's default for cuDNN
+    try:
+        assert main(["softmax_ce", "--out", str(tmp_path)]) == 0
+        assert seen["flags"] == (False, False)
+        assert environment(torch.device("cuda"))["tf32"] is False and "tf32" not in environment(torch.device("cpu"))
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, a folder nobody can add files to")
 def test_out_that_refuses_new_files_is_refused_before_any_suite(capsys):
     # mkdir(exist_ok=True) accepts it; the suite's work was lost when the JSON could not be written
