@@ -10,6 +10,8 @@
 #include <initializer_list>
 #include <utility>
 
+#include "message.h"
+
 namespace unlearn_kernels {
 
 // Shapes, dtypes and devices: the shapes of hq and q first.
@@ -17,25 +19,27 @@ inline void check_lanczos_step_inputs(const at::Tensor& hq, const at::Tensor& q,
                                       const at::Tensor& beta_prev, const at::Tensor& basis) {
   constexpr const char* op = "lanczos_step";
   using Named = std::pair<const char*, const at::Tensor*>;
-  TORCH_CHECK_VALUE(hq.dim() == 1, op, ": hq must be 1-D (d,), got shape ", hq.sizes());
+  TORCH_CHECK_VALUE(hq.dim() == 1, message(op, ": hq must be 1-D (d,), got shape ", hq.sizes()));
   for (const auto& [name, t] : {Named{"q", &q}, Named{"q_prev", &q_prev}}) {
-    TORCH_CHECK_VALUE(t->sizes() == hq.sizes(), op, ": ", name, " must have the shape of hq ", hq.sizes(), ", got ",
-                      t->sizes());
+    TORCH_CHECK_VALUE(t->sizes() == hq.sizes(),
+                      message(op, ": ", name, " must have the shape of hq ", hq.sizes(), ", got ", t->sizes()));
   }
   const int64_t d = hq.size(0);
-  TORCH_CHECK_VALUE(basis.dim() == 2 && basis.size(1) == d, op, ": basis must have shape (m, ", d, "), got ",
-                    basis.sizes());
-  TORCH_CHECK_VALUE(beta_prev.numel() == 1, op, ": beta_prev must hold one number, got shape ", beta_prev.sizes());
+  TORCH_CHECK_VALUE(basis.dim() == 2 && basis.size(1) == d,
+                    message(op, ": basis must have shape (m, ", d, "), got ", basis.sizes()));
+  TORCH_CHECK_VALUE(beta_prev.numel() == 1,
+                    message(op, ": beta_prev must hold one number, got shape ", beta_prev.sizes()));
   const auto dtype = hq.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, op, ": hq must be float32 or float64, got ", dtype);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble,
+                   message(op, ": hq must be float32 or float64, got ", dtype));
   for (const auto& [name, t] : {Named{"q", &q}, Named{"q_prev", &q_prev}, Named{"basis", &basis}}) {
-    TORCH_CHECK_TYPE(t->scalar_type() == dtype, op, ": ", name, " dtype ", t->scalar_type(), " must equal hq dtype ",
-                     dtype);
+    TORCH_CHECK_TYPE(t->scalar_type() == dtype,
+                     message(op, ": ", name, " dtype ", t->scalar_type(), " must equal hq dtype ", dtype));
   }
   for (const auto& [name, t] :
        {Named{"q", &q}, Named{"q_prev", &q_prev}, Named{"beta_prev", &beta_prev}, Named{"basis", &basis}}) {
-    TORCH_CHECK_VALUE(t->device() == hq.device(), op, ": ", name, " is on ", t->device(), " but hq is on ",
-                      hq.device());
+    TORCH_CHECK_VALUE(t->device() == hq.device(),
+                      message(op, ": ", name, " is on ", t->device(), " but hq is on ", hq.device()));
   }
 }
 
@@ -44,10 +48,11 @@ inline void check_lanczos_step_inputs(const at::Tensor& hq, const at::Tensor& q,
 // beta), so these two scalars cover the vectors without another pass over them.
 inline void check_lanczos_step_values(double beta_prev, double alpha, double beta) {
   constexpr const char* op = "lanczos_step";
-  TORCH_CHECK_VALUE(std::isfinite(beta_prev), op, ": beta_prev must be finite, got NaN or Inf");
-  TORCH_CHECK_VALUE(std::isfinite(alpha) && std::isfinite(beta), op,
-                    ": alpha or beta is not finite: hq, q, q_prev or basis contains NaN or Inf, "
-                    "or their products overflow");
+  TORCH_CHECK_VALUE(std::isfinite(beta_prev), message(op, ": beta_prev must be finite, got NaN or Inf"));
+  TORCH_CHECK_VALUE(std::isfinite(alpha) && std::isfinite(beta),
+                    message(op,
+                            ": alpha or beta is not finite: hq, q, q_prev or basis contains NaN or Inf, "
+                            "or their products overflow"));
 }
 
 }  // namespace unlearn_kernels

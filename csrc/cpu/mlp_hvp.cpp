@@ -4,6 +4,7 @@
 // and one row loop for the loss (one softmax per row serves the gradient and all K tangents, which
 // the single-tangent softmax_ce_hvp op cannot do without copying the logits K times).
 #include "../mlp_hvp.h"
+#include "../message.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -181,8 +182,8 @@ int64_t count_kept_cpu(const at::Tensor& target, int64_t C, int64_t ignore_index
   int64_t kept = 0;
   for (int64_t i = 0; i < y.numel(); ++i) {
     if (py[i] == ignore_index) continue;
-    TORCH_CHECK_VALUE(py[i] >= 0 && py[i] < C, "mlp_hvp: target[", i, "] = ", py[i], " is out of range for ", C,
-                      " classes (and is not ignore_index=", ignore_index, ")");
+    TORCH_CHECK_VALUE(py[i] >= 0 && py[i] < C, message("mlp_hvp: target[", i, "] = ", py[i], " is out of range for ", C,
+                                                       " classes (and is not ignore_index=", ignore_index, ")"));
     ++kept;
   }
   return kept;

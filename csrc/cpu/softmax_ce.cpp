@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "../softmax_ce.h"
+#include "../message.h"
 
 namespace unlearn_kernels {
 namespace {
@@ -172,8 +173,8 @@ at::Tensor softmax_ce_hvp_cpu(const at::Tensor& logits_in, const at::Tensor& tan
     });
   });
   if (check_finite) {
-    TORCH_CHECK_VALUE(!bad_logits, "softmax_ce_hvp: ", softmax_ce::kBadLogits);
-    TORCH_CHECK_VALUE(!bad_tangent, "softmax_ce_hvp: ", softmax_ce::kBadTangent);
+    TORCH_CHECK_VALUE(!bad_logits, message("softmax_ce_hvp: ", softmax_ce::kBadLogits));
+    TORCH_CHECK_VALUE(!bad_tangent, message("softmax_ce_hvp: ", softmax_ce::kBadTangent));
   }
   return out;
 }
@@ -208,7 +209,7 @@ at::Tensor softmax_ce_grad_cpu(const at::Tensor& logits_in, const at::Tensor& ta
   });
   if (bad_target) softmax_ce::check_targets(target, C, ignore_index);  // names the first bad row
   if (check_finite) {
-    TORCH_CHECK_VALUE(!bad_logits, "softmax_ce_grad: ", softmax_ce::kBadLogits);
+    TORCH_CHECK_VALUE(!bad_logits, message("softmax_ce_grad: ", softmax_ce::kBadLogits));
   }
   return out;
 }

@@ -11,6 +11,8 @@
 #include <cmath>
 #include <vector>
 
+#include "../message.h"
+
 namespace unlearn_kernels {
 namespace {
 
@@ -57,8 +59,8 @@ at::Tensor weights_fingerprint_cpu(at::TensorList tensors) {
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
     TORCH_CHECK(t.device().is_cpu() && t.layout() == at::kStrided,
-                "weights_fingerprint: the C++ CPU kernel needs strided CPU tensors, got ", t.device(), " ",
-                t.layout(), " for tensor ", i);
+                message("weights_fingerprint: the C++ CPU kernel needs strided CPU tensors, got ", t.device(), " ",
+                        t.layout(), " for tensor ", i));
     const at::Tensor flat = t.contiguous();  // row-major order, as the reference's reshape(-1)
     // every real dtype a parameter or buffer may have: integers signed and unsigned, bool, every float
     AT_DISPATCH_V2(flat.scalar_type(), "weights_fingerprint", AT_WRAP([&] {

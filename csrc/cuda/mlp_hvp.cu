@@ -6,6 +6,7 @@
 // updates); the target count (ATen ops); and the loss rows (one warp per row: one softmax serves
 // the gradient and the K tangents).
 #include "../mlp_hvp.h"
+#include "../message.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -207,8 +208,9 @@ int64_t count_kept_cuda(const at::Tensor& target, int64_t C, int64_t ignore_inde
   const at::Tensor bad_target = (kept & ((target < 0) | (target >= C))).nonzero();
   if (bad_target.numel() > 0) {
     const int64_t row = bad_target[0][0].item<int64_t>();
-    TORCH_CHECK_VALUE(false, "mlp_hvp: target[", row, "] = ", target[row].item<int64_t>(), " is out of range for ",
-                      C, " classes (and is not ignore_index=", ignore_index, ")");
+    TORCH_CHECK_VALUE(false,
+                      message("mlp_hvp: target[", row, "] = ", target[row].item<int64_t>(), " is out of range for ", C,
+                              " classes (and is not ignore_index=", ignore_index, ")"));
   }
   return kept.sum().item<int64_t>();
 }
