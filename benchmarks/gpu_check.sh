@@ -9,7 +9,8 @@
 #
 # Environment (all optional):
 #   PYTHON=python3            the interpreter with torch (CUDA build), triton, numpy, scipy, scikit-learn,
-#                             pytest, hypothesis, peft, matplotlib, ninja and setuptools >= 77 (checked first)
+#                             pytest, hypothesis, peft, matplotlib, ninja and setuptools >= 77 (checked first);
+#                             with pytest-xdist too, the tests run in eight workers
 #   GPU_CHECK_BUDGET_S=470    seconds for everything
 #   GPU_CHECK_COMPILE=1       also time the torch.compile candidates (slower: compiling takes minutes)
 #   GPU_CHECK_OUT=<dir>       copy the JSON results and the logs there at the end
@@ -90,13 +91,10 @@ if sys.argv[1] == "cuda":
     print("device:", torch.cuda.get_device_name(), "count", torch.cuda.device_count())
 # what the later steps import: the build (setuptools >= 77, ninja), the tests (pytest, hypothesis in their
 # conftest, peft in the LoRA ones), the suites (peft for lora) and the main job (matplotlib for its plots)
-missing = []
-for name in ("triton", "numpy", "scipy", "sklearn", "pytest", "hypothesis", "peft", "matplotlib", "ninja",
-             "setuptools"):
-    try:
-        __import__(name)
-    except ImportError:
-        missing.append(name)
+# found, not imported: importing them (peft brings in transformers) is slow, and this step took 25 s on an H100
+from importlib.util import find_spec
+missing = [name for name in ("triton", "numpy", "scipy", "sklearn", "pytest", "hypothesis", "peft", "matplotlib",
+                             "ninja", "setuptools") if find_spec(name) is None]
 if "setuptools" not in missing:
     from importlib.metadata import version
     found = version("setuptools")
@@ -113,7 +111,13 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
     || { echo "gpu_check: the build failed, see $LOGS/build.log"; exit 1; }
 step backends 60 "$PY" -c 'import unlearn_kernels; print(unlearn_kernels.backends())'
 
-step tests 150 "$PY" -m pytest -q -rfEs -p no:cacheprovider -k "cuda or triton or every_backend" "${TESTS[@]}"
+# With pytest-xdist installed (it is optional), eight workers: each new shape compiles the Triton kernels anew,
+# and serially the LoRA tests alone took over 100 s on an H100 machine; a worker that crashes is reported with
+# its test and replaced, where a crash ended the serial run (and hid every later file).
+PARALLEL=()
+"$PY" -c 'import xdist' 2>/dev/null && PARALLEL=(-n 8)
+step tests 150 "$PY" -m pytest -q -rfEs -p no:cacheprovider "${PARALLEL[@]}" \
+    -k "cuda or triton or every_backend" "${TESTS[@]}"
 
 BENCH_FLAGS=(--device "$DEVICE" --no-compile)
 [[ ${GPU_CHECK_COMPILE:-0} == 1 ]] && BENCH_FLAGS=(--device "$DEVICE")
