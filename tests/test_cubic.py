@@ -157,6 +157,21 @@ def test_krylov_matches_dense(kind, reorth, seed):
     assert out.num_hvps == out.iterations
 
 
+@pytest.mark.parametrize("kind", ["indefinite", "hard"])
+def test_every_method_on_every_device(kind, device):
+    """H and g on the device (cuda too where a GPU is visible: the Lanczos steps run the CUDA kernel there): each
+    method's step comes back on it and matches the CPU's dense float64 oracle."""
+    H, g, M = problem(kind, torch.Generator().manual_seed(5))
+    ref = cubic_newton_step(H, g, M, method="dense")
+    for method, options in (("dense", {}), ("krylov", {"k_max": D, "kappa": 1e-12, "probe_steps": D}),
+                            ("gd", {"K": 50000, "eta": 0.1, "tol": 1e-9, "noise": 1e-6 if kind == "hard" else 0.0})):
+        out = cubic_newton_step(H.to(device), g.to(device), M, method=method, **options)
+        assert out.step.device.type == device.type, method
+        rel = 1e-7 if method == "gd" else 1e-8  # gd's documented tolerance (test_gd_matches_dense)
+        assert out.model_value == pytest.approx(ref.model_value, rel=rel), method
+        assert model(H, g, M, out.step.cpu()) == pytest.approx(ref.model_value, rel=rel), method
+
+
 def test_krylov_without_guard_misses_hard_case(rng):
     H, g, M = problem("hard", rng)
     ref = cubic_newton_step(H, g, M, method="dense")

@@ -36,6 +36,19 @@ def test_extremes_match_eigh(matrix, reorth):
     assert res.num_hvps == res.num_steps
 
 
+@pytest.mark.parametrize("reorth", ["full", "selective", "none"])
+def test_on_every_device(matrix, reorth, device):
+    """The matrix on the device (cuda too where a GPU is visible: each step runs the CUDA kernel there): the
+    extremes of eigh on the CPU, eigenvectors on the device."""
+    ev = torch.linalg.eigvalsh(matrix)
+    res = lanczos(matrix.to(device), 60, reorth=reorth, which="BE", num_eigs=2, tol=1e-12)
+    assert res.eigenvectors.device.type == device.type
+    assert rel_err(res.eigenvalues.cpu(), ev[[0, -1]]) < 1e-8
+    resid = torch.linalg.vector_norm(matrix @ res.eigenvectors.cpu() - res.eigenvectors.cpu() * res.eigenvalues.cpu(),
+                                     dim=0)
+    assert float(resid.max()) < 1e-7
+
+
 def test_no_reorth_extremes_and_ghosts(matrix):
     ev = torch.linalg.eigvalsh(matrix)
     short = lanczos(matrix, 40, reorth="none", which="BE", num_eigs=2, tol=0)
