@@ -82,6 +82,18 @@ def test_sees_values_that_only_moved(backend, device, rng):
         assert a_sum == b_sum == c_sum and a_check == c_check and a_check != b_check
 
 
+@pytest.mark.parametrize(("backend", "device"), backend_devices("weights_fingerprint"))
+def test_nonfinite_values_show_and_empty_tensors_give_zeros(backend, device):
+    """NaN and Inf reach both numbers on every backend (the operators refuse such weights from them); an empty
+    tensor, alone or beside others, gives (0, 0)."""
+    bad = torch.tensor([[1.0, float("nan")], [2.0, 3.0]], device=device)
+    inf = torch.tensor([[1.0, float("inf")]], device=device)
+    empty = torch.zeros(0, 3, device=device)
+    (nan_sum, nan_check), (inf_sum, inf_check), nothing = weights_fingerprint([bad, inf, empty], backend=backend)
+    assert math.isnan(nan_sum) and math.isnan(nan_check) and inf_sum == inf_check == math.inf
+    assert nothing == (0.0, 0.0) and weights_fingerprint([empty], backend=backend) == [(0.0, 0.0)]
+
+
 def test_backends_agree_and_nonfinite_values_show(rng):
     """The C++ kernel and the reference agree to rounding; NaN and Inf show in both numbers."""
     tensors = examples(rng)

@@ -30,7 +30,7 @@ OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "mlp_hvp_flat_cached": ("cpp", "cuda", "reference"),
     "lora_linear": ("cpp", "cuda", "triton", "reference"),
     "lora_linear_jvp": ("cpp", "cuda", "triton", "reference"),
-    "weights_fingerprint": ("cpp", "reference"),
+    "weights_fingerprint": ("cpp", "cuda", "reference"),
 }
 register_ops(OP_BACKENDS)
 

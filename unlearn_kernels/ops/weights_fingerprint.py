@@ -14,8 +14,9 @@ every dtype: a complex tensor as its real and imaginary parts side by side; a te
 sparse, gets its sum and a checksum of 0.
 
 Backends: C++ CPU (all tensors in one call, one pass over each: the ops of the reference cost ~15 us per
-tensor and value, as much as 4% of a small model's product) and the reference :func:`weights_fingerprint_ref`
-(GPU tensors, tensors on several devices; one read-back).
+tensor and value, as much as 4% of a small model's product), CUDA (all tensors of one GPU in a launch per dtype
+and one more: the reference launches about 37 kernels per tensor) and the reference
+:func:`weights_fingerprint_ref` (tensors on several devices, sparse ones; one read-back).
 """
 from __future__ import annotations
 
@@ -68,15 +69,15 @@ def weights_fingerprint(tensors: Iterable[torch.Tensor], *, backend: str = "auto
     Args:
         tensors: any tensors (parameters and buffers), on any devices, as a sequence or an iterable
             (``model.parameters()``); read, not written, and not differentiated.
-        backend: "auto" (C++ when every tensor is a strided CPU tensor, else the reference), "cpp" or
-            "reference".
+        backend: "auto" (C++ when every tensor is a strided CPU tensor, CUDA when all are strided on one
+            GPU, else the reference), "cpp", "cuda" or "reference".
 
     Raises:
         TypeError: ``tensors`` is a tensor itself (not a sequence of them), or an entry is not a tensor
             (named by its index).
         ValueError: a tensor on the meta device (it holds no values), named by its index.
-        BackendUnavailableError: a forced backend that cannot run here or on these tensors (the C++ one
-            on tensors that are not all strided CPU tensors).
+        BackendUnavailableError: a forced backend that cannot run here or on these tensors (the C++ and
+            CUDA ones on tensors that are not all strided on one device of their kind).
     """
     if isinstance(tensors, torch.Tensor):  # iterating it would fingerprint its rows
         raise TypeError(f"{_OP}: tensors must be a sequence of tensors, got a tensor (give [tensor])")
@@ -96,9 +97,9 @@ def weights_fingerprint(tensors: Iterable[torch.Tensor], *, backend: str = "auto
     devices = {t.device for t in tensors}
     if len(devices) == 1 and all(t.layout == torch.strided for t in tensors):
         name = choose(_OP, devices.pop(), backend)
-    else:  # the C++ kernel takes one call's strided CPU tensors
+    else:  # the compiled kernels take one call's strided tensors of one device
         if backend not in ("auto", "reference"):
-            choose(_OP, "cpu", backend)  # an unknown or unusable backend is named as for one device
+            choose(_OP, tensors[0].device, backend)  # an unknown or unusable backend is named as for one device
             raise BackendUnavailableError(f"{_OP}: backend {backend!r} needs strided tensors on one device, got "
                                           f"{sorted({str(t.layout) for t in tensors})} on {sorted(map(str, devices))}")
         name = "reference"
