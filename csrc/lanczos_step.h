@@ -19,27 +19,27 @@ inline void check_lanczos_step_inputs(const at::Tensor& hq, const at::Tensor& q,
                                       const at::Tensor& beta_prev, const at::Tensor& basis) {
   constexpr const char* op = "lanczos_step";
   using Named = std::pair<const char*, const at::Tensor*>;
-  TORCH_CHECK_VALUE(hq.dim() == 1, message(op, ": hq must be 1-D (d,), got shape ", hq.sizes()));
+  TORCH_CHECK_VALUE(hq.dim() == 1, message(op, ": hq must be 1-D (d,), got shape ", hq.sizes()).c_str());
   for (const auto& [name, t] : {Named{"q", &q}, Named{"q_prev", &q_prev}}) {
     TORCH_CHECK_VALUE(t->sizes() == hq.sizes(),
-                      message(op, ": ", name, " must have the shape of hq ", hq.sizes(), ", got ", t->sizes()));
+                      message(op, ": ", name, " must have the shape of hq ", hq.sizes(), ", got ", t->sizes()).c_str());
   }
   const int64_t d = hq.size(0);
   TORCH_CHECK_VALUE(basis.dim() == 2 && basis.size(1) == d,
-                    message(op, ": basis must have shape (m, ", d, "), got ", basis.sizes()));
+                    message(op, ": basis must have shape (m, ", d, "), got ", basis.sizes()).c_str());
   TORCH_CHECK_VALUE(beta_prev.numel() == 1,
-                    message(op, ": beta_prev must hold one number, got shape ", beta_prev.sizes()));
+                    message(op, ": beta_prev must hold one number, got shape ", beta_prev.sizes()).c_str());
   const auto dtype = hq.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble,
-                   message(op, ": hq must be float32 or float64, got ", dtype));
+                   message(op, ": hq must be float32 or float64, got ", dtype).c_str());
   for (const auto& [name, t] : {Named{"q", &q}, Named{"q_prev", &q_prev}, Named{"basis", &basis}}) {
     TORCH_CHECK_TYPE(t->scalar_type() == dtype,
-                     message(op, ": ", name, " dtype ", t->scalar_type(), " must equal hq dtype ", dtype));
+                     message(op, ": ", name, " dtype ", t->scalar_type(), " must equal hq dtype ", dtype).c_str());
   }
   for (const auto& [name, t] :
        {Named{"q", &q}, Named{"q_prev", &q_prev}, Named{"beta_prev", &beta_prev}, Named{"basis", &basis}}) {
     TORCH_CHECK_VALUE(t->device() == hq.device(),
-                      message(op, ": ", name, " is on ", t->device(), " but hq is on ", hq.device()));
+                      message(op, ": ", name, " is on ", t->device(), " but hq is on ", hq.device()).c_str());
   }
 }
 
@@ -48,11 +48,12 @@ inline void check_lanczos_step_inputs(const at::Tensor& hq, const at::Tensor& q,
 // beta), so these two scalars cover the vectors without another pass over them.
 inline void check_lanczos_step_values(double beta_prev, double alpha, double beta) {
   constexpr const char* op = "lanczos_step";
-  TORCH_CHECK_VALUE(std::isfinite(beta_prev), message(op, ": beta_prev must be finite, got NaN or Inf"));
+  TORCH_CHECK_VALUE(std::isfinite(beta_prev), message(op, ": beta_prev must be finite, got NaN or Inf").c_str());
   TORCH_CHECK_VALUE(std::isfinite(alpha) && std::isfinite(beta),
                     message(op,
                             ": alpha or beta is not finite: hq, q, q_prev or basis contains NaN or Inf, "
-                            "or their products overflow"));
+                            "or their products overflow")
+                        .c_str());
 }
 
 }  // namespace unlearn_kernels

@@ -2,10 +2,13 @@
 // into a std::ostringstream (c10::str); on an H100 machine (torch 2.11.0+cu130, Python 3.12, the extension built
 // there) every check of ours whose message formatted a number crashed the process with a segmentation fault, and
 // every one that formatted only text raised as it should (the cause there is not known; a build of the same code
-// elsewhere raises both). A message built here is one std::string, which c10::str passes through untouched: the
-// numbers are formatted by std::to_string and snprintf, the way a stream prints them, and no stream runs.
+// elsewhere raises both). A message built here is one string, its numbers formatted by std::to_string and
+// snprintf the way a stream prints them, and passed as a C string: TORCH_CHECK takes a single C string as the
+// message itself, with no stream (a std::string would still go through one in c10::str).
 //
-//   TORCH_CHECK_VALUE(x.dim() == 2, message("op: x must be 2-D, got shape ", x.sizes()));
+//   TORCH_CHECK_VALUE(x.dim() == 2, message("op: x must be 2-D, got shape ", x.sizes()).c_str());
+//
+// The temporary string lives to the end of the throw expression, which copies it into the error.
 #pragma once
 
 #include <c10/core/Device.h>
@@ -27,6 +30,9 @@ inline void append(std::string& out, char c) { out += c; }
 
 template <typename T, std::enable_if_t<std::is_integral_v<T> && !std::is_same_v<T, char>, int> = 0>
 void append(std::string& out, T value) {
+  // a stream prints these as characters: cast such a value to int (a number) or pass a char (a character)
+  static_assert(!std::is_same_v<T, signed char> && !std::is_same_v<T, unsigned char>,
+                "message(): int8_t / uint8_t would print as a number here but as a character in a stream");
   out += std::to_string(value);  // bool as 1 or 0, as a stream prints it
 }
 

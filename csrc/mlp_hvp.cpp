@@ -41,45 +41,50 @@ namespace {
 constexpr int64_t kNumActivations = 5;
 
 void check_like(const char* op, const at::Tensor& x, const at::Tensor& t, const char* what, size_t l) {
-  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(),
-                   message(op, ": ", what, "[", l, "] has dtype ", t.scalar_type(), " but x has ", x.scalar_type()));
+  TORCH_CHECK_TYPE(
+      t.scalar_type() == x.scalar_type(),
+      message(op, ": ", what, "[", l, "] has dtype ", t.scalar_type(), " but x has ", x.scalar_type()).c_str());
   TORCH_CHECK_VALUE(t.device() == x.device(),
-                    message(op, ": ", what, "[", l, "] is on ", t.device(), " but x on ", x.device()));
+                    message(op, ": ", what, "[", l, "] is on ", t.device(), " but x on ", x.device()).c_str());
 }
 
 // x, the layers' shapes, dtypes and devices, and the activation codes.
 void check_layers(const char* op, const at::Tensor& x, at::TensorList weights,
                   const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations) {
   const size_t L = weights.size();
-  TORCH_CHECK_VALUE(L >= 1, message(op, ": at least one layer is needed, got 0 weights"));
+  TORCH_CHECK_VALUE(L >= 1, message(op, ": at least one layer is needed, got 0 weights").c_str());
   TORCH_CHECK_VALUE(biases.size() == L && activations.size() == L,
                     message(op,
                             ": weights, biases and activations must all "
                             "have one entry per layer, got ",
-                            L, ", ", biases.size(), " and ", activations.size()));
-  TORCH_CHECK_VALUE(x.dim() == 2, message(op, ": x must be 2-D (N, in_features), got shape ", x.sizes()));
-  TORCH_CHECK_VALUE(x.size(0) > 0, message(op, ": x has no rows (the mean loss over 0 samples is undefined)"));
+                            L, ", ", biases.size(), " and ", activations.size())
+                        .c_str());
+  TORCH_CHECK_VALUE(x.dim() == 2, message(op, ": x must be 2-D (N, in_features), got shape ", x.sizes()).c_str());
+  TORCH_CHECK_VALUE(x.size(0) > 0, message(op, ": x has no rows (the mean loss over 0 samples is undefined)").c_str());
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-                   message(op, ": x must be float32 or float64, got ", x.scalar_type()));
+                   message(op, ": x must be float32 or float64, got ", x.scalar_type()).c_str());
   int64_t in_features = x.size(1);
   for (size_t l = 0; l < L; ++l) {
     const at::Tensor& w = weights[l];
-    TORCH_CHECK_VALUE(w.dim() == 2, message(op, ": weights[", l, "] must be 2-D (out, in), got shape ", w.sizes()));
+    TORCH_CHECK_VALUE(w.dim() == 2,
+                      message(op, ": weights[", l, "] must be 2-D (out, in), got shape ", w.sizes()).c_str());
     TORCH_CHECK_VALUE(w.size(1) == in_features,
                       message(op, ": weights[", l, "] has shape ", w.sizes(), " but its input has ", in_features,
-                              " features (", l == 0 ? "x" : "the previous layer's output", ")"));
+                              " features (", l == 0 ? "x" : "the previous layer's output", ")")
+                          .c_str());
     check_like(op, x, w, "weights", l);
     const int64_t out = w.size(0);
-    TORCH_CHECK_VALUE(out > 0, message(op, ": weights[", l, "] has no output features"));
+    TORCH_CHECK_VALUE(out > 0, message(op, ": weights[", l, "] has no output features").c_str());
     const std::optional<at::Tensor> b = biases[l];
     if (b.has_value()) {
       TORCH_CHECK_VALUE(b->dim() == 1 && b->size(0) == out,
-                        message(op, ": biases[", l, "] must have shape (", out, ",), got ", b->sizes()));
+                        message(op, ": biases[", l, "] must have shape (", out, ",), got ", b->sizes()).c_str());
       check_like(op, x, *b, "biases", l);
     }
     TORCH_CHECK_VALUE(activations[l] >= 0 && activations[l] < kNumActivations,
                       message(op, ": activations[", l, "] = ", activations[l],
-                              " is not an activation code (0 identity, 1 relu, 2 gelu, 3 tanh, 4 sigmoid)"));
+                              " is not an activation code (0 identity, 1 relu, 2 gelu, 3 tanh, 4 sigmoid)")
+                          .c_str());
     in_features = out;
   }
 }
@@ -90,13 +95,13 @@ void check_model(const at::Tensor& x, const at::Tensor& target, at::TensorList w
                  double label_smoothing) {
   check_layers("mlp_hvp", x, weights, biases, activations);
   TORCH_CHECK_TYPE(target.scalar_type() == at::kLong,
-                   message("mlp_hvp: target must be int64 class indices, got ", target.scalar_type()));
+                   message("mlp_hvp: target must be int64 class indices, got ", target.scalar_type()).c_str());
   TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == x.size(0),
-                    message("mlp_hvp: target must have shape (", x.size(0), ",), got ", target.sizes()));
+                    message("mlp_hvp: target must have shape (", x.size(0), ",), got ", target.sizes()).c_str());
   TORCH_CHECK_VALUE(target.device() == x.device(),
-                    message("mlp_hvp: target is on ", target.device(), " but x on ", x.device()));
+                    message("mlp_hvp: target is on ", target.device(), " but x on ", x.device()).c_str());
   TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
-                    message("mlp_hvp: label_smoothing must be in [0, 1], got ", label_smoothing));
+                    message("mlp_hvp: label_smoothing must be in [0, 1], got ", label_smoothing).c_str());
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& target, at::TensorList weights,
@@ -108,25 +113,30 @@ void check_inputs(const at::Tensor& x, const at::Tensor& target, at::TensorList 
       biases.size() == L && activations.size() == L && v_weights.size() == L && v_biases.size() == L,
       message("mlp_hvp: weights, biases, activations, v_weights and v_biases must all have one entry per "
               "layer, got ",
-              L, ", ", biases.size(), ", ", activations.size(), ", ", v_weights.size(), " and ", v_biases.size()));
+              L, ", ", biases.size(), ", ", activations.size(), ", ", v_weights.size(), " and ", v_biases.size())
+          .c_str());
   check_model(x, target, weights, biases, activations, label_smoothing);
   const int64_t K = v_weights[0].dim() == 3 ? v_weights[0].size(0) : -1;
   TORCH_CHECK_VALUE(
-      K >= 1, message("mlp_hvp: v_weights[0] must be 3-D (K, out, in) with K >= 1, got shape ", v_weights[0].sizes()));
+      K >= 1,
+      message("mlp_hvp: v_weights[0] must be 3-D (K, out, in) with K >= 1, got shape ", v_weights[0].sizes()).c_str());
   for (size_t l = 0; l < L; ++l) {
     const int64_t out = weights[l].size(0), in = weights[l].size(1);
     const at::Tensor& v = v_weights[l];
     TORCH_CHECK_VALUE(v.dim() == 3 && v.size(0) == K && v.size(1) == out && v.size(2) == in,
                       message("mlp_hvp: v_weights[", l, "] must have shape (K, out, in) = (", K, ", ", out, ", ", in,
-                              "), got ", v.sizes()));
+                              "), got ", v.sizes())
+                          .c_str());
     check_like("mlp_hvp", x, v, "v_weights", l);
     const std::optional<at::Tensor> vb = v_biases[l];
     if (vb.has_value()) {
       const std::optional<at::Tensor> b = biases[l];
-      TORCH_CHECK_VALUE(b.has_value(), message("mlp_hvp: v_biases[", l, "] is given but layer ", l, " has no bias"));
+      TORCH_CHECK_VALUE(b.has_value(),
+                        message("mlp_hvp: v_biases[", l, "] is given but layer ", l, " has no bias").c_str());
       TORCH_CHECK_VALUE(
           vb->dim() == 2 && vb->size(0) == K && vb->size(1) == out,
-          message("mlp_hvp: v_biases[", l, "] must have shape (K, out) = (", K, ", ", out, "), got ", vb->sizes()));
+          message("mlp_hvp: v_biases[", l, "] must have shape (K, out) = (", K, ", ", out, "), got ", vb->sizes())
+              .c_str());
       check_like("mlp_hvp", x, *vb, "v_biases", l);
     }
   }
@@ -176,7 +186,8 @@ std::vector<at::Tensor> run(const Kernels& kernels, const at::Tensor& x, const a
   const int64_t C = g.size(1);
   const int64_t num_kept = kernels.count_kept(target, C, ignore_index);
   TORCH_CHECK_VALUE(num_kept > 0, message("mlp_hvp: every target is ignore_index=", ignore_index,
-                                          " (the mean loss over 0 samples is undefined)"));
+                                          " (the mean loss over 0 samples is undefined)")
+                                      .c_str());
   at::Tensor flags = at::zeros({2}, g.options().dtype(at::kInt));
   kernels.loss(g, target, rg, label_smoothing, ignore_index, 1.0 / static_cast<double>(num_kept), flags);
   if (check_finite) {
@@ -223,26 +234,30 @@ size_t check_flat_layout(const at::Tensor& x, at::TensorList weights, const c10:
                          const at::Tensor& V, at::IntArrayRef weight_offsets, at::IntArrayRef bias_offsets) {
   const size_t L = weights.size();
   TORCH_CHECK_VALUE(V.dim() == 2 && V.size(1) >= 1,
-                    message("mlp_hvp_flat: V must be 2-D (d, K) with K >= 1, got shape ", V.sizes()));
+                    message("mlp_hvp_flat: V must be 2-D (d, K) with K >= 1, got shape ", V.sizes()).c_str());
   TORCH_CHECK_TYPE(V.scalar_type() == x.scalar_type(),
-                   message("mlp_hvp_flat: V has dtype ", V.scalar_type(), " but x has ", x.scalar_type()));
-  TORCH_CHECK_VALUE(V.device() == x.device(), message("mlp_hvp_flat: V is on ", V.device(), " but x on ", x.device()));
+                   message("mlp_hvp_flat: V has dtype ", V.scalar_type(), " but x has ", x.scalar_type()).c_str());
+  TORCH_CHECK_VALUE(V.device() == x.device(),
+                    message("mlp_hvp_flat: V is on ", V.device(), " but x on ", x.device()).c_str());
   TORCH_CHECK_VALUE(
       weight_offsets.size() == L && bias_offsets.size() == L && biases.size() == L,
       message("mlp_hvp_flat: weights, biases, weight_offsets and bias_offsets must have one entry per layer, got ", L,
-              ", ", biases.size(), ", ", weight_offsets.size(), " and ", bias_offsets.size()));
+              ", ", biases.size(), ", ", weight_offsets.size(), " and ", bias_offsets.size())
+          .c_str());
   const int64_t d = V.size(0);
   // The chosen blocks as (offset, size, layer, is_bias), checked to tile [0, d).
   struct Block { int64_t offset, size; size_t layer; bool bias; };
   std::vector<Block> blocks;  // a bias block's size is its layer's width (the passes check the bias shape)
   for (size_t l = 0; l < L; ++l) {
-    TORCH_CHECK_VALUE(weights[l].dim() == 2,
-                      message("mlp_hvp_flat: weights[", l, "] must be 2-D (out, in), got shape ", weights[l].sizes()));
+    TORCH_CHECK_VALUE(
+        weights[l].dim() == 2,
+        message("mlp_hvp_flat: weights[", l, "] must be 2-D (out, in), got shape ", weights[l].sizes()).c_str());
     if (weight_offsets[l] >= 0) blocks.push_back({weight_offsets[l], weights[l].numel(), l, false});
     if (bias_offsets[l] >= 0) {
       const std::optional<at::Tensor> b = biases[l];
-      TORCH_CHECK_VALUE(b.has_value(), message("mlp_hvp_flat: bias_offsets[", l, "] = ", bias_offsets[l], " but layer ",
-                                               l, " has no bias"));
+      TORCH_CHECK_VALUE(
+          b.has_value(),
+          message("mlp_hvp_flat: bias_offsets[", l, "] = ", bias_offsets[l], " but layer ", l, " has no bias").c_str());
       blocks.push_back({bias_offsets[l], weights[l].size(0), l, true});
     }
   }
@@ -254,12 +269,13 @@ size_t check_flat_layout(const at::Tensor& x, at::TensorList weights, const c10:
     TORCH_CHECK_VALUE(b.offset == next,
                       message("mlp_hvp_flat: the chosen parameter blocks must tile the ", d,
                               " rows of V in order without gaps or overlaps, but ", b.bias ? "bias" : "weight",
-                              "_offsets[", b.layer, "] = ", b.offset, " where row ", next, " was expected"));
+                              "_offsets[", b.layer, "] = ", b.offset, " where row ", next, " was expected")
+                          .c_str());
     next += b.size;
     lowest = std::min(lowest, b.layer);
   }
-  TORCH_CHECK_VALUE(next == d,
-                    message("mlp_hvp_flat: the chosen parameters have ", next, " entries but V has ", d, " rows"));
+  TORCH_CHECK_VALUE(
+      next == d, message("mlp_hvp_flat: the chosen parameters have ", next, " entries but V has ", d, " rows").c_str());
   return lowest;
 }
 
@@ -351,7 +367,8 @@ std::vector<at::Tensor> run_state(const Kernels& kernels, const at::Tensor& x, c
   const int64_t C = g.size(1);
   const int64_t num_kept = kernels.count_kept(target, C, ignore_index);
   TORCH_CHECK_VALUE(num_kept > 0, message("mlp_hvp: every target is ignore_index=", ignore_index,
-                                          " (the mean loss over 0 samples is undefined)"));
+                                          " (the mean loss over 0 samples is undefined)")
+                                      .c_str());
   // in double, cast back: float32's vectorised sum drops a confident row's small classes from the normaliser
   at::Tensor p = at::softmax(g, 1, at::kDouble).to(g.scalar_type());
   if (num_kept < N) p.mul_((target != ignore_index).unsqueeze(1).to(p.scalar_type()));
@@ -493,7 +510,8 @@ at::Tensor run_cached_flat(const at::Tensor& x, at::TensorList state, at::Tensor
   const auto act = [&](int64_t l) { return static_cast<Activation>(activations[l]); };
   TORCH_CHECK_VALUE(static_cast<int64_t>(state.size()) == 4 * L + 1,
                     message(op, ": state must be the ", 4 * L + 1, " tensors mlp_hvp_state returns for ", L,
-                            " layers, got ", state.size()));
+                            " layers, got ", state.size())
+                        .c_str());
   const auto check_state = [&](int64_t i, bool present, int64_t width) {
     const at::Tensor& t = state[i];
     check_like(op, x, t, "state", static_cast<size_t>(i));
@@ -501,14 +519,16 @@ at::Tensor run_cached_flat(const at::Tensor& x, at::TensorList state, at::Tensor
       TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == N && t.size(1) == width,
                         message(op, ": state[", i, "] has shape ", t.sizes(), " but (", N, ", ", width,
                                 ") was expected: pass the state that mlp_hvp_state "
-                                "returned for these x, weights and activations"));
+                                "returned for these x, weights and activations")
+                            .c_str());
     } else {
       TORCH_CHECK_VALUE(
           t.numel() == 0,
           message(op, ": state[", i, "] has shape ", t.sizes(),
                   " but is empty for this "
                   "layer's activation: pass the state that mlp_hvp_state returned for these x, weights and "
-                  "activations"));
+                  "activations")
+              .c_str());
     }
   };
   for (int64_t l = 0; l < L; ++l) {

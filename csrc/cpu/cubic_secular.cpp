@@ -55,20 +55,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cubic_secular_solve_cpu(const at:
   constexpr const char* op = "cubic_secular_solve";
   TORCH_CHECK_VALUE(eigvals_in.dim() == 1 && coeffs_in.sizes() == eigvals_in.sizes(),
                     message(op, ": eigvals and coeffs must be 1-D of one length, got ", eigvals_in.sizes(), " and ",
-                            coeffs_in.sizes()));
+                            coeffs_in.sizes())
+                        .c_str());
   TORCH_CHECK_TYPE(eigvals_in.scalar_type() == at::kDouble && coeffs_in.scalar_type() == at::kDouble,
                    message(op, ": eigvals and coeffs must be float64, got ", eigvals_in.scalar_type(), " and ",
-                           coeffs_in.scalar_type()));
-  TORCH_CHECK_VALUE(std::isfinite(M) && M > 0, message(op, ": M must be finite and > 0, got ", M));
-  TORCH_CHECK_VALUE(tol > 0 && tol < 1, message(op, ": tol must be in (0, 1), got ", tol));
-  TORCH_CHECK_VALUE(max_iter >= 1, message(op, ": max_iter must be >= 1, got ", max_iter));
+                           coeffs_in.scalar_type())
+                       .c_str());
+  TORCH_CHECK_VALUE(std::isfinite(M) && M > 0, message(op, ": M must be finite and > 0, got ", M).c_str());
+  TORCH_CHECK_VALUE(tol > 0 && tol < 1, message(op, ": tol must be in (0, 1), got ", tol).c_str());
+  TORCH_CHECK_VALUE(max_iter >= 1, message(op, ": max_iter must be >= 1, got ", max_iter).c_str());
   const at::Tensor eigvals = eigvals_in.contiguous(), coeffs = coeffs_in.contiguous();
   const int64_t k = eigvals.size(0);
   const double* lam = eigvals.const_data_ptr<double>();
   const double* c = coeffs.const_data_ptr<double>();
   for (int64_t i = 0; i < k; ++i) {
     TORCH_CHECK_VALUE(std::isfinite(lam[i]) && std::isfinite(c[i]),
-                      message(op, ": eigvals or coeffs contain NaN or Inf"));
+                      message(op, ": eigvals or coeffs contain NaN or Inf").c_str());
   }
   const auto f64 = eigvals.options();
   at::Tensor y = at::zeros({k}, f64);

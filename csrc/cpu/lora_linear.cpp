@@ -24,48 +24,54 @@ namespace {
 // The checks of the Python op, for callers of the dispatcher op itself.
 void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const at::Tensor& lora_a, const at::Tensor& lora_b, double scale) {
-  TORCH_CHECK_VALUE(x.dim() == 2, message(op, ": x must be 2-D (N, in), got shape ", x.sizes()));
+  TORCH_CHECK_VALUE(x.dim() == 2, message(op, ": x must be 2-D (N, in), got shape ", x.sizes()).c_str());
   TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == x.size(1),
-                    message(op, ": weight must have shape (out, ", x.size(1), "), got ", weight.sizes()));
+                    message(op, ": weight must have shape (out, ", x.size(1), "), got ", weight.sizes()).c_str());
   const int64_t n_out = weight.size(0), n_in = x.size(1);
-  TORCH_CHECK_VALUE(lora_a.dim() == 2 && lora_a.size(0) >= 1 && lora_a.size(1) == n_in,
-                    message(op, ": lora_a must have shape (rank, ", n_in, ") with rank >= 1, got ", lora_a.sizes()));
+  TORCH_CHECK_VALUE(
+      lora_a.dim() == 2 && lora_a.size(0) >= 1 && lora_a.size(1) == n_in,
+      message(op, ": lora_a must have shape (rank, ", n_in, ") with rank >= 1, got ", lora_a.sizes()).c_str());
   const int64_t rank = lora_a.size(0);
   TORCH_CHECK_VALUE(
       lora_b.dim() == 2 && lora_b.size(0) == n_out && lora_b.size(1) == rank,
-      message(op, ": lora_b must have shape (", n_out, ", ", rank, ") = (out, rank), got ", lora_b.sizes()));
+      message(op, ": lora_b must have shape (", n_out, ", ", rank, ") = (out, rank), got ", lora_b.sizes()).c_str());
   TORCH_CHECK_VALUE(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == n_out),
-                    message(op, ": bias must have shape (", n_out, ",), got ", bias->sizes()));
-  TORCH_CHECK_VALUE(std::isfinite(scale), message(op, ": scale must be finite, got ", scale));
+                    message(op, ": bias must have shape (", n_out, ",), got ", bias->sizes()).c_str());
+  TORCH_CHECK_VALUE(std::isfinite(scale), message(op, ": scale must be finite, got ", scale).c_str());
   TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()),
-                   message(op, ": x must be floating point, got ", x.scalar_type()));
+                   message(op, ": x must be floating point, got ", x.scalar_type()).c_str());
   for (const at::Tensor* t : {&weight, &lora_a, &lora_b}) {
-    TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(),
-                     message(op, ": every tensor must have x's dtype ", x.scalar_type(), ", got ", t->scalar_type()));
+    TORCH_CHECK_TYPE(
+        t->scalar_type() == x.scalar_type(),
+        message(op, ": every tensor must have x's dtype ", x.scalar_type(), ", got ", t->scalar_type()).c_str());
     TORCH_CHECK_VALUE(t->device() == x.device(),
-                      message(op, ": every tensor must be on x's device ", x.device(), ", got ", t->device()));
+                      message(op, ": every tensor must be on x's device ", x.device(), ", got ", t->device()).c_str());
   }
   if (bias.has_value()) {
-    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(),
-                     message(op, ": bias dtype ", bias->scalar_type(), " must equal x dtype ", x.scalar_type()));
+    TORCH_CHECK_TYPE(
+        bias->scalar_type() == x.scalar_type(),
+        message(op, ": bias dtype ", bias->scalar_type(), " must equal x dtype ", x.scalar_type()).c_str());
     TORCH_CHECK_VALUE(bias->device() == x.device(),
-                      message(op, ": bias is on ", bias->device(), " but x is on ", x.device()));
+                      message(op, ": bias is on ", bias->device(), " but x is on ", x.device()).c_str());
   }
   // ATen converts a Scalar to the tensor's dtype: a scale beyond it would be an Inf factor (or an error).
   double largest = 0.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_linear_scale_range",
                                   [&] { largest = static_cast<double>(std::numeric_limits<scalar_t>::max()); });
   TORCH_CHECK_VALUE(std::abs(scale) <= largest, message(op, ": scale ", scale, " is beyond the range of x's dtype ",
-                                                        x.scalar_type(), " (largest finite ", largest, ")"));
+                                                        x.scalar_type(), " (largest finite ", largest, ")")
+                                                    .c_str());
 }
 
 // t has the given shape, and x's dtype and device.
 void check_like(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& x) {
-  TORCH_CHECK_VALUE(t.sizes() == shape, message(op, ": ", name, " must have shape ", shape, ", got ", t.sizes()));
-  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(),
-                   message(op, ": ", name, " dtype ", t.scalar_type(), " must equal x dtype ", x.scalar_type()));
+  TORCH_CHECK_VALUE(t.sizes() == shape,
+                    message(op, ": ", name, " must have shape ", shape, ", got ", t.sizes()).c_str());
+  TORCH_CHECK_TYPE(
+      t.scalar_type() == x.scalar_type(),
+      message(op, ": ", name, " dtype ", t.scalar_type(), " must equal x dtype ", x.scalar_type()).c_str());
   TORCH_CHECK_VALUE(t.device() == x.device(),
-                    message(op, ": ", name, " is on ", t.device(), " but x is on ", x.device()));
+                    message(op, ": ", name, " is on ", t.device(), " but x is on ", x.device()).c_str());
 }
 
 // Whether to merge the adapter into the weight, W' = W + s B A, for the big GEMMs. Forming W' costs

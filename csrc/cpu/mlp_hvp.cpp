@@ -183,7 +183,8 @@ int64_t count_kept_cpu(const at::Tensor& target, int64_t C, int64_t ignore_index
   for (int64_t i = 0; i < y.numel(); ++i) {
     if (py[i] == ignore_index) continue;
     TORCH_CHECK_VALUE(py[i] >= 0 && py[i] < C, message("mlp_hvp: target[", i, "] = ", py[i], " is out of range for ", C,
-                                                       " classes (and is not ignore_index=", ignore_index, ")"));
+                                                       " classes (and is not ignore_index=", ignore_index, ")")
+                                                   .c_str());
     ++kept;
   }
   return kept;

@@ -173,8 +173,8 @@ at::Tensor softmax_ce_hvp_cpu(const at::Tensor& logits_in, const at::Tensor& tan
     });
   });
   if (check_finite) {
-    TORCH_CHECK_VALUE(!bad_logits, message("softmax_ce_hvp: ", softmax_ce::kBadLogits));
-    TORCH_CHECK_VALUE(!bad_tangent, message("softmax_ce_hvp: ", softmax_ce::kBadTangent));
+    TORCH_CHECK_VALUE(!bad_logits, message("softmax_ce_hvp: ", softmax_ce::kBadLogits).c_str());
+    TORCH_CHECK_VALUE(!bad_tangent, message("softmax_ce_hvp: ", softmax_ce::kBadTangent).c_str());
   }
   return out;
 }
@@ -209,7 +209,7 @@ at::Tensor softmax_ce_grad_cpu(const at::Tensor& logits_in, const at::Tensor& ta
   });
   if (bad_target) softmax_ce::check_targets(target, C, ignore_index);  // names the first bad row
   if (check_finite) {
-    TORCH_CHECK_VALUE(!bad_logits, message("softmax_ce_grad: ", softmax_ce::kBadLogits));
+    TORCH_CHECK_VALUE(!bad_logits, message("softmax_ce_grad: ", softmax_ce::kBadLogits).c_str());
   }
   return out;
 }

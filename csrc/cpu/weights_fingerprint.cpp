@@ -60,7 +60,8 @@ at::Tensor weights_fingerprint_cpu(at::TensorList tensors) {
     const at::Tensor& t = tensors[i];
     TORCH_CHECK(t.device().is_cpu() && t.layout() == at::kStrided,
                 message("weights_fingerprint: the C++ CPU kernel needs strided CPU tensors, got ", t.device(), " ",
-                        t.layout(), " for tensor ", i));
+                        t.layout(), " for tensor ", i)
+                    .c_str());
     const at::Tensor flat = t.contiguous();  // row-major order, as the reference's reshape(-1)
     // every real dtype a parameter or buffer may have: integers signed and unsigned, bool, every float
     AT_DISPATCH_V2(flat.scalar_type(), "weights_fingerprint", AT_WRAP([&] {

@@ -227,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lanczos_step_cuda(const at::Tenso
   if (d == 0) return checked();
 
   const int64_t n_tiles = (d + kTile - 1) / kTile;
-  TORCH_CHECK(n_tiles <= INT32_MAX, message(op, ": d = ", d, " is too large"));
+  TORCH_CHECK(n_tiles <= INT32_MAX, message(op, ": d = ", d, " is too large").c_str());
   at::Tensor part1 = at::empty({2, n_tiles}, f64), sums1 = at::empty({2}, f64);
   at::Tensor part2 = at::empty({m, n_tiles}, f64), c1 = at::empty({m}, f64);
   at::Tensor part3 = at::empty({m + 1, n_tiles}, f64), sums3 = at::empty({m + 1}, f64);

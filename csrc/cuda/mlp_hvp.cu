@@ -210,7 +210,8 @@ int64_t count_kept_cuda(const at::Tensor& target, int64_t C, int64_t ignore_inde
     const int64_t row = bad_target[0][0].item<int64_t>();
     TORCH_CHECK_VALUE(false,
                       message("mlp_hvp: target[", row, "] = ", target[row].item<int64_t>(), " is out of range for ", C,
-                              " classes (and is not ignore_index=", ignore_index, ")"));
+                              " classes (and is not ignore_index=", ignore_index, ")")
+                          .c_str());
   }
   return kept.sum().item<int64_t>();
 }

@@ -222,7 +222,7 @@ void launch_rows(int64_t N, int64_t C, int vec, Launch&& launch) {
     constexpr int kTpr = decltype(tpr)::value;
     const int threads = kTpr == kSmallTpr ? kBlockThreads : kTpr;
     const int64_t blocks = (N + threads / kTpr - 1) / (threads / kTpr);
-    TORCH_CHECK(blocks <= 0x7fffffff, message("softmax_ce: too many rows (", N, ") for one launch"));
+    TORCH_CHECK(blocks <= 0x7fffffff, message("softmax_ce: too many rows (", N, ") for one launch").c_str());
     launch(std::integral_constant<int, kTpr>{}, v, static_cast<unsigned>(blocks), threads);
   };
   using Small = std::integral_constant<int, kSmallTpr>;
@@ -259,8 +259,8 @@ at::Tensor softmax_ce_hvp_cuda(const at::Tensor& logits_in, const at::Tensor& ta
   });
   if (check_finite) {
     const at::Tensor f = flags.cpu();  // the one synchronisation
-    TORCH_CHECK_VALUE(f[0].item<int>() == 0, message("softmax_ce_hvp: ", softmax_ce::kBadLogits));
-    TORCH_CHECK_VALUE(f[1].item<int>() == 0, message("softmax_ce_hvp: ", softmax_ce::kBadTangent));
+    TORCH_CHECK_VALUE(f[0].item<int>() == 0, message("softmax_ce_hvp: ", softmax_ce::kBadLogits).c_str());
+    TORCH_CHECK_VALUE(f[1].item<int>() == 0, message("softmax_ce_hvp: ", softmax_ce::kBadTangent).c_str());
   }
   return out;
 }
@@ -291,7 +291,7 @@ at::Tensor softmax_ce_grad_cuda(const at::Tensor& logits_in, const at::Tensor& t
   const at::Tensor f = flags.cpu();
   if (f[1].item<int>() != 0) softmax_ce::check_targets(target.cpu(), C, ignore_index);  // the first bad row
   if (check_finite) {
-    TORCH_CHECK_VALUE(f[0].item<int>() == 0, message("softmax_ce_grad: ", softmax_ce::kBadLogits));
+    TORCH_CHECK_VALUE(f[0].item<int>() == 0, message("softmax_ce_grad: ", softmax_ce::kBadLogits).c_str());
   }
   return out;
 }

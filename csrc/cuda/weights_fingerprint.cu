@@ -76,7 +76,8 @@ at::Tensor weights_fingerprint_cuda(at::TensorList tensors) {
     const at::Tensor& t = tensors[i];
     TORCH_CHECK(t.device() == device && t.layout() == at::kStrided,
                 message("weights_fingerprint: the CUDA kernel needs strided tensors on one CUDA device, got ",
-                        t.device(), " ", t.layout(), " for tensor ", i, " (tensor 0 is on ", device, ")"));
+                        t.device(), " ", t.layout(), " for tensor ", i, " (tensor 0 is on ", device, ")")
+                    .c_str());
   }
   const c10::cuda::CUDAGuard guard(device);
   // row-major order, as the reference's reshape(-1); kept alive until the kernels have run
