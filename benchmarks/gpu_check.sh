@@ -116,7 +116,8 @@ step backends 60 "$PY" -c 'import unlearn_kernels; print(unlearn_kernels.backend
 # its test and replaced, where a crash ended the serial run (and hid every later file).
 PARALLEL=()
 "$PY" -c 'import xdist' 2>/dev/null && PARALLEL=(-n 8)
-step tests 150 "$PY" -m pytest -q -rfEs -p no:cacheprovider "${PARALLEL[@]}" \
+# (the expansion below is empty for an empty array, also under set -u in bash <= 4.3)
+step tests 150 "$PY" -m pytest -q -rfEs -p no:cacheprovider ${PARALLEL[@]+"${PARALLEL[@]}"} \
     -k "cuda or triton or every_backend" "${TESTS[@]}"
 
 BENCH_FLAGS=(--device "$DEVICE" --no-compile)

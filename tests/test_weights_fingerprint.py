@@ -80,6 +80,8 @@ def test_sees_values_that_only_moved(backend, device, rng):
         (a_sum, a_check), (b_sum, b_check), (c_sum, c_check) = weights_fingerprint([t, permuted, t.clone()],
                                                                                    backend=backend)
         assert a_sum == b_sum == c_sum and a_check == c_check and a_check != b_check
+        # and at every call: the operators compare the fingerprint before each product with the last one
+        assert weights_fingerprint([t], backend=backend) == [(a_sum, a_check)]
 
 
 @pytest.mark.parametrize(("backend", "device"), backend_devices("weights_fingerprint"))
@@ -135,7 +137,9 @@ def test_nothing_to_fingerprint_and_inputs_untouched(rng):
 def test_backend_refusals():
     with pytest.raises(ValueError, match="weights_fingerprint: unknown backend 'gpu'"):
         weights_fingerprint([torch.ones(2)], backend="gpu")
-    with pytest.raises(BackendUnavailableError, match="weights_fingerprint: backend 'cuda' cannot run here"):
+    # without a GPU or a CUDA build: not here; with both: not on CPU tensors
+    with pytest.raises(BackendUnavailableError, match="weights_fingerprint: backend 'cuda' cannot run (here|these "
+                                                      "inputs: the CUDA kernel needs CUDA tensors, got cpu)"):
         weights_fingerprint([torch.ones(2)], backend="cuda")
     with pytest.raises(BackendUnavailableError, match="needs strided tensors on one device"):
         weights_fingerprint([torch.ones(2), torch.ones(2).to_sparse()], backend="cpp")
