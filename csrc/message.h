@@ -4,7 +4,8 @@
 // every one that formatted only text raised as it should (the cause there is not known; a build of the same code
 // elsewhere raises both). A message built here is one string, its numbers formatted by std::to_string and
 // snprintf the way a stream prints them, and passed as a C string: TORCH_CHECK takes a single C string as the
-// message itself, with no stream (a std::string would still go through one in c10::str).
+// message itself, with no stream in our library (a std::string would still go through one in c10::str; c10::Error
+// assembles its final text with a stream inside libc10, for every torch error).
 //
 //   TORCH_CHECK_VALUE(x.dim() == 2, message("op: x must be 2-D, got shape ", x.sizes()).c_str());
 //
