@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cub/block/block_reduce.cuh>
@@ -105,8 +106,12 @@ at::Tensor weights_fingerprint_cuda(at::TensorList tensors) {
     launches.emplace_back(dtype, static_cast<int64_t>(host.size()));
     host.insert(host.end(), table.begin(), table.end());
   }
-  const at::Tensor uploaded =
-      at::tensor(host, at::TensorOptions().dtype(at::kLong)).to(device, /*non_blocking=*/false);
+  // from pinned memory, asynchronously: no synchronisation before the launches (the caching host allocator keeps
+  // the staging block until the copy has run); the caller's read-back of the result is the call's only one
+  at::Tensor staged = at::empty({static_cast<int64_t>(host.size())},
+                                at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  std::copy(host.begin(), host.end(), staged.mutable_data_ptr<int64_t>());
+  const at::Tensor uploaded = staged.to(at::TensorOptions().device(device), /*non_blocking=*/true);
   const auto f64 = at::TensorOptions().dtype(at::kDouble).device(device);
   const at::Tensor partials = at::empty({std::max<int64_t>(slots, 1), 2}, f64);
   at::Tensor out = at::empty({n, 2}, f64);
