@@ -1883,13 +1883,17 @@ def test_module_tree_checks_skipped_at_an_unchanged_tree_still_see_every_change(
 
 @pytest.mark.parametrize("kind", ["reverse-over-reverse", "ggn"])
 def test_cache_budget_falls_back_to_streaming(kind):
-    model, x, y = make("cnn", seed=13, n=12)
+    """The streamed batches weigh their own rows: with equal batches, weighting them by the cached batch's
+    rows passed; here the last one is smaller (4, 4, 2 rows)."""
+    model, x, y = make("cnn", seed=13, n=10)
     loss = nn.CrossEntropyLoss()
-    batches = _CountingBatches(uneven_batches(x, y, size=4))  # three equal batches
+    batches = _CountingBatches(uneven_batches(x, y, size=4))
     full = _operators(kind, model, loss, batches)
     V = torch.randn(full.shape[0], 2, dtype=DT, generator=torch.Generator().manual_seed(6))
     expected = full.matmat(V)
-    per_batch = full.cached_bytes / 3
+    torch.testing.assert_close(expected, _operators(kind, model, loss, batches, cache_bytes=0).matmat(V), rtol=1e-12,
+                               atol=1e-14)
+    per_batch = full.cached_bytes / 3  # the first batch's entry is 0.4 of it: 1.5 of this keeps one batch only
     partial = _operators(kind, model, loss, batches, cache_bytes=int(1.5 * per_batch))
     torch.testing.assert_close(partial.matmat(V), expected, rtol=1e-12, atol=1e-14)
     assert partial.cached_batches == 1 and partial.cached_bytes <= partial.cache_bytes

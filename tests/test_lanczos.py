@@ -49,6 +49,18 @@ def test_on_every_device(matrix, reorth, device):
     assert float(resid.max()) < 1e-7
 
 
+@pytest.mark.parametrize("scale", [1e-6, 1e6])
+def test_the_stopping_rule_is_relative(matrix, scale):
+    """tol bounds the residuals relative to the largest Ritz value: the matrix scaled takes the steps it takes
+    unscaled, to the same relative accuracy (an absolute rule stopped the 1e-6-scaled one after 12 steps of 19,
+    unconverged and 1.9e-7 off, and ran the 1e6-scaled one to 30)."""
+    ev = torch.linalg.eigvalsh(matrix)[[0, 1, -2, -1]]
+    plain = lanczos(matrix, 60, which="BE", num_eigs=4, tol=1e-8)
+    scaled = lanczos(matrix * scale, 60, which="BE", num_eigs=4, tol=1e-8)
+    assert plain.converged and scaled.converged and scaled.num_steps == plain.num_steps
+    assert rel_err(scaled.eigenvalues / scale, ev) < 1e-10
+
+
 def test_no_reorth_extremes_and_ghosts(matrix):
     ev = torch.linalg.eigvalsh(matrix)
     short = lanczos(matrix, 40, reorth="none", which="BE", num_eigs=2, tol=0)

@@ -307,6 +307,11 @@ def test_salun_trains_only_the_salient_weights(results, problem):
     moved = flat(out.model) != flat(model)
     assert 0.3 < moved.float().mean() <= 0.5 + 1e-3  # weight decay included: unmasked weights never move
     assert out.diagnostics["mask_fraction"] == pytest.approx(0.5, abs=1e-3)
+    # the mask keeps round(fraction x weights) of them (int() kept one fewer)
+    total = flat(model).numel()
+    assert 0.77 * total % 1 > 0.5  # where round and int differ
+    kept = SalUn(mask_fraction=0.77, epochs=1).unlearn(model, forget, retain, seed=3).diagnostics["mask_fraction"]
+    assert round(kept * total) == round(0.77 * total)
     # with the mask covering everything, SalUn is random labelling, with every optimizer's own weight decay
     # (AdamW's decoupled decay was once folded into the gradient as coupled L2: 7.6e-2 apart)
     for optimizer in ("sgd", "adam", "adamw"):
@@ -416,6 +421,24 @@ def test_bad_teacher_random_teacher_is_fresh_and_frozen():
             assert not torch.equal(p, q), name
     assert not teacher.training
     assert torch.equal(flat(_random_teacher(model, seed=0)), flat(teacher))
+
+
+def test_bad_teacher_draws_its_random_teacher_from_the_seed(problem, monkeypatch):
+    """The incompetent teacher of an unlearning call is drawn from its seed (a fixed draw for every seed passed
+    the determinism tests: the shuffles differ by seed)."""
+    import unlearn_kernels.methods.first_order as first_order
+
+    model, forget, retain = problem
+    teachers, draw = [], first_order._random_teacher
+
+    def recording(model_, seed):
+        teachers.append(flat(draw(model_, seed)))
+        return draw(model_, seed)
+
+    monkeypatch.setattr(first_order, "_random_teacher", recording)
+    for seed in (0, 1, 0):
+        BadTeacher(epochs=1).unlearn(model, forget, retain, seed=seed)
+    assert not torch.equal(teachers[0], teachers[1]) and torch.equal(teachers[0], teachers[2])
 
 
 def test_wrong_labels_are_always_wrong():

@@ -120,15 +120,22 @@ def test_gumbel_max_samples_the_softmax():
     torch.testing.assert_close(freq, F.softmax(z[0].double(), 0), atol=4e-3, rtol=0)
 
 
-def test_one_step_is_the_documented_distillation_with_the_noise_in_both_targets(sample_problem, monkeypatch):
+@pytest.mark.parametrize("kind", ["samples", "class"])
+def test_one_step_is_the_documented_distillation_with_the_noise_in_both_targets(kind, sample_problem, monkeypatch):
     """One plain SGD step on one batch of the mixed set against the formula written out here: the retain target
-    the one-hot of argmax(z + g), the forget target softmax((z + g) / tau), the loss the mean cross entropy
-    between target and student. The noise g is fixed (one vector for every row) so that the targets can be
-    computed by hand; leaving it out of either target passed every other test of the method."""
+    the one-hot of argmax(z + g), the forget target softmax((z + g) / tau) over every class D_f or D_r holds, the
+    loss the mean cross entropy between target and student. The noise g is fixed (one vector for every row) so
+    that the targets can be computed by hand; leaving it out of either target passed every other test of the
+    method, and so did a class-forgetting target without the forgotten class (the classes of D_r only)."""
     import unlearn_kernels.methods.lotus as lotus_module
     from unlearn_kernels.methods.first_order import flagged_mix
 
     model, forget, retain, unseen = sample_problem
+    if kind == "class":  # every row of class 3 forgotten: no unseen data needed, acc_u = 0
+        rows = LabeledData(torch.cat([forget.x, retain.x]), torch.cat([forget.y, retain.y]))
+        three = rows.y == 3
+        forget, retain = LabeledData(rows.x[three], rows.y[three]), LabeledData(rows.x[~three], rows.y[~three])
+        unseen = None
     g = torch.linspace(-2.0, 2.5, 10)[torch.randperm(10, generator=torch.Generator().manual_seed(3))]
     monkeypatch.setattr(lotus_module, "_gumbel",
                         lambda shape, generator, device, dtype: g.to(device, dtype).expand(shape))
@@ -165,6 +172,13 @@ def test_bad_input_is_rejected_clearly(sample_problem):
     model, forget, retain, unseen = sample_problem
     with pytest.raises(ValueError, match="^lotus: needs unseen data"):  # the method's name, as its other errors
         LoTUS(epochs=1).unlearn(model, forget, retain)
+    # a whole class and a few rows of a kept class: D_f shares a class with D_r, so acc_u is needed (with "any
+    # class of D_f absent from D_r" for "every", the method ran with acc_u = 0 and drove those rows to 0 too)
+    rows = LabeledData(torch.cat([forget.x, retain.x]), torch.cat([forget.y, retain.y]))
+    picked = (rows.y == 3) | (torch.arange(len(rows)) == int(torch.nonzero(rows.y == 4)[0]))
+    with pytest.raises(ValueError, match="^lotus: needs unseen data"):
+        LoTUS(epochs=1).unlearn(model, LabeledData(rows.x[picked], rows.y[picked]),
+                                LabeledData(rows.x[~picked], rows.y[~picked]))
     with pytest.raises(ValueError, match="unseen set is empty"):
         LoTUS(epochs=1).unlearn(model, forget, retain, unseen=LabeledData(unseen.x[:0], unseen.y[:0]))
     with pytest.raises(ValueError, match="alpha must be"):

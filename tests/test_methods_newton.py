@@ -629,12 +629,26 @@ def test_stochastic_cure_newton_is_seeded_and_builds_only_mini_batch_operators(m
         batches.append(data.x)
         return build(model_, loss_fn, data, *args, **kwargs)
 
+    grad_batches, Objective = [], newton.Objective
+
+    class Recording(Objective):
+        def __init__(self, model_, loss_fn, data, *args, **kwargs):
+            if len(data) == 64:
+                grad_batches.append(data.x)
+            super().__init__(model_, loss_fn, data, *args, **kwargs)
+
     monkeypatch.setattr(newton, "hessian_operator", spy)
+    monkeypatch.setattr(newton, "Objective", Recording)
     method = StochasticCureNewton(T=3, grad_batch_size=64, hess_batch_size=32)
     a, b = method.unlearn(model, forget, retain, seed=0), method.unlearn(model, forget, retain, seed=0)
     c = method.unlearn(model, forget, retain, seed=1)
     monkeypatch.undo()
     assert [len(x) for x in batches] == [32] * 9  # H on the mini-batches only; gradients need no operator
+    # every round draws new rows, for g and for H, and H's are not g's first rows (one generator seeded with the
+    # seed in every round drew the same rows each time, H's the first 32 of g's)
+    for drawn in (batches[:3], grad_batches[:3]):
+        assert not any(torch.equal(drawn[i], drawn[j]) for i, j in ((0, 1), (1, 2), (0, 2)))
+    assert len(grad_batches) == 9 and not torch.equal(batches[0], grad_batches[0][:32])
     # the batches come from the seed (a generator seeded with 0 whatever the seed drew the same rows)
     assert all(torch.equal(x, y) for x, y in zip(batches[:3], batches[3:6]))
     assert not any(torch.equal(x, y) for x, y in zip(batches[:3], batches[6:]))
