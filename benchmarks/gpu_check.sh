@@ -109,6 +109,10 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 [[ $DRY_RUN == 1 ]] || step build 300 env UNLEARN_KERNELS_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
     MAX_JOBS="${MAX_JOBS:-16}" "$PY" -m pip install --no-build-isolation --no-deps -e . \
     || { echo "gpu_check: the build failed, see $LOGS/build.log"; exit 1; }
+# the toolchain behind the build, for a crash inside the library: the compiler, the C++ runtime it loads
+if [[ $DRY_RUN != 1 ]]; then
+    { c++ --version | head -n 1; ldd unlearn_kernels/_C*.so | grep -E 'libstdc|libgomp|libc10'; } 2>/dev/null || true
+fi
 step backends 60 "$PY" -c 'import unlearn_kernels; print(unlearn_kernels.backends())'
 
 # With pytest-xdist installed (it is optional), eight workers: each new shape compiles the Triton kernels anew,
