@@ -981,6 +981,30 @@ def test_a_batch_norm_layer_without_running_statistics_is_refused_up_front(digit
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) and model.training
 
 
+class _CountsCalls(nn.Module):
+    """A forward that writes a buffer: the Newton family refuses it (its objective would change as it is read)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+        self.first, self.second = nn.Linear(64, 16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.second(torch.relu(self.first(x.flatten(1))))
+
+
+@pytest.mark.parametrize("name", [*NEWTON, "cure_newton_lora"])
+def test_a_refusal_at_run_time_names_the_method_called(digits, name):
+    """cure_newton_lora's run-time refusals (its CureNewton's objective refusing the model) were raised under the
+    name cure_newton, which the caller had not called."""
+    model = init_model(_CountsCalls, 0)
+    data = digits.subset(torch.arange(60))
+    options = {"rank": 2} if name == "cure_newton_lora" else {}
+    with pytest.raises(ValueError, match=rf"^{name}: Objective: the model's forward writes its buffer 'calls'"):
+        METHODS[name](**options).unlearn(model, data.subset(torch.arange(10)), data.subset(torch.arange(10, 60)))
+
+
 def test_the_options_fingerprint_is_of_values_not_their_types():
     # np.float64(0.5) and 0.5 made two ranks refuse each other; CE class weights (a buffer) and a partial's
     # label_smoothing were not compared at all

@@ -123,7 +123,14 @@ class CureNewtonLoRA(Unlearner):
         adapters = adapter_modules(model)  # the new ones and those the model had (e.g. RFA's, unmerged): all train
         newton = CureNewton(params=adapter_parameter_names(model), process_group=self.process_group,
                             **self.newton_options)
-        result = newton.unlearn(model, forget, retain, unseen=unseen, seed=seed)
+        try:
+            result = newton.unlearn(model, forget, retain, unseen=unseen, seed=seed)
+        except (TypeError, ValueError) as error:
+            # CureNewton's refusals of the model (a forward that writes a buffer, a loss that differs between two
+            # evaluations) under this method's name, as its option errors; other errors and subclasses as raised
+            if type(error) not in (TypeError, ValueError) or not str(error).startswith(CureNewton.name + ": "):
+                raise
+            raise type(error)(f"{self.name}: {str(error).removeprefix(CureNewton.name + ': ')}") from None
         merged = unload(result.model, merge=True)
         return UnlearnResult(model=merged.eval(), seconds=0.0, hvps=result.hvps, gradients=result.gradients,
                              diagnostics={**result.diagnostics, "layers": list(adapters),
