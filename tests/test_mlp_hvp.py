@@ -100,6 +100,19 @@ def test_float64_matches_dense_hessian_and_reference(act, bias, k, dims, rng):
 
 
 @pytest.mark.every_backend  # its cuda pairs run inside the body: benchmarks/gpu_check.sh selects it by this mark
+def test_relu_at_an_exactly_zero_pre_activation(rng):
+    """A pruned hidden unit (a zero weight row, no bias) has pre-activation exactly 0 on every row, where
+    torch's relu' is 0: a kernel with relu'(0) = 1 gave products 1.84 off (on a scale of 1) and every other test
+    passed, their weights being random and continuous."""
+    p = _problem([5, 4, 3], ["relu", "identity"], False, 2, rng)
+    p["weights"][0][1] = 0.0
+    exact = _dense_products(p)
+    for backend, device in PAIRS:
+        out = _flat(*ops.mlp_hvp(**_cast(p, device=device), backend=backend)).cpu()
+        assert relative_error(out, exact) <= 1e-10, (backend, device)
+
+
+@pytest.mark.every_backend  # its cuda pairs run inside the body: benchmarks/gpu_check.sh selects it by this mark
 def test_deeper_mixed_chain_with_label_smoothing_and_ignored_rows(rng):
     p = _problem([6, 5, 4, 5, 4], ["gelu", "sigmoid", "relu", "tanh"], [True, False, True, True], 4, rng,
                  n=11, smoothing=0.2)

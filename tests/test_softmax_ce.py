@@ -111,14 +111,29 @@ def test_non_contiguous_inputs(backend, rng):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 # C = 300 takes the CUDA kernels' scalar loads; 2048 (a multiple of 8, aligned, over 1024) their 16-byte vectors
-# and a block per row
-@pytest.mark.parametrize("shape", [(50, 300), (6, 2048)])
-def test_reduced_precision_inputs_accumulate_in_fp32(backend, dtype, shape, rng):
+# and a block per row; at C = 10 label smoothing's share per class (0.01) is far above float16's rounding
+@pytest.mark.parametrize("shape", [(50, 300), (6, 2048), (40, 10)])
+# label smoothing, and logits near 100 (exp overflows float32 without the row's max taken off): the C++ kernel's
+# reduced-precision gradient once dropped either and passed at smoothing 0 and |z| <= 12
+@pytest.mark.parametrize(("smoothing", "offset"), [(0.0, 0.0), (0.1, 0.0), (0.0, 100.0)])
+def test_reduced_precision_inputs_accumulate_in_fp32(backend, dtype, shape, smoothing, offset, rng):
     z, u, y = _inputs(shape, dtype, rng, DEVICES[backend])
+    z = z + offset
     out = ops.softmax_ce_hvp(z, u, backend=backend)
     assert out.dtype == dtype
     assert_within_rule(out, ops.softmax_ce_hvp_ref(z, u), _exact_hvp(z, u))
+    assert_within_rule(ops.softmax_ce_grad(z, y, label_smoothing=smoothing, backend=backend),
+                       ops.softmax_ce_grad_ref(z, y, smoothing), _exact_grad(z, y, smoothing))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_row_maximum_in_the_last_column(backend, rng):
+    """The row's largest logit (200: exp overflows without it taken off) in the last of 41 columns, which the C++
+    kernel reads in its scalar tail: a row maximum that skipped the tail gave NaN gradients."""
+    z, u, y = _inputs((6, 41), torch.float32, rng, DEVICES[backend])
+    z[2, 40] = 200.0
     assert_within_rule(ops.softmax_ce_grad(z, y, backend=backend), ops.softmax_ce_grad_ref(z, y), _exact_grad(z, y))
+    assert_within_rule(ops.softmax_ce_hvp(z, u, backend=backend), ops.softmax_ce_hvp_ref(z, u), _exact_hvp(z, u))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -323,10 +338,12 @@ def test_meta_tensors_give_the_fakes_shape(backend, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_non_finite_inputs_are_reported(backend, value, rng):
-    z, u, y = _inputs((6, 40), torch.float32, rng, DEVICES[backend])
+# a column of the vectorised body, and the last of 41, which the C++ kernel reaches in its scalar tail
+@pytest.mark.parametrize(("classes", "column"), [(40, 17), (41, 40)])
+def test_non_finite_inputs_are_reported(backend, value, classes, column, rng):
+    z, u, y = _inputs((6, classes), torch.float32, rng, DEVICES[backend])
     z_bad = z.clone()
-    z_bad[3, 17] = value
+    z_bad[3, column] = value
     with pytest.raises(ValueError, match="logits contain NaN"):
         ops.softmax_ce_hvp(z_bad, u, backend=backend)
     with pytest.raises(ValueError, match="logits contain NaN"):
