@@ -145,7 +145,7 @@ TAG=gpu
 mapfile -t WRITTEN < <(find "$RESULTS" -maxdepth 1 -name "*_$TAG.json" -newermt "@$START" 2>/dev/null | sort)
 if ((${#WRITTEN[@]})); then ls -l "${WRITTEN[@]}"; else echo "  (no *_$TAG.json written by this run)"; fi
 if [[ -n ${GPU_CHECK_OUT:-} ]]; then
-    mkdir -p "$GPU_CHECK_OUT" && cp "${WRITTEN[@]}" "$LOGS"/*.log "$GPU_CHECK_OUT"/ 2>/dev/null
+    mkdir -p "$GPU_CHECK_OUT" && cp ${WRITTEN[@]+"${WRITTEN[@]}"} "$LOGS"/*.log "$GPU_CHECK_OUT"/ 2>/dev/null
 fi
 if ((${#FAILED[@]})); then
     printf 'gpu_check: FAILED: %s\n' "${FAILED[@]}"

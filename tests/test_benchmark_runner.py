@@ -212,6 +212,8 @@ def test_a_cuda_run_measures_float32_without_tf32(monkeypatch, tmp_path):
         assert main(["softmax_ce", "--out", str(tmp_path)]) == 0
         assert seen["flags"] == (False, False)
         assert environment(torch.device("cuda"))["tf32"] is False and "tf32" not in environment(torch.device("cpu"))
+        torch.backends.cudnn.allow_tf32 = True  # cuDNN's alone (matmul's default is off): recorded as TF32
+        assert environment(torch.device("cuda"))["tf32"] is True
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 

@@ -81,7 +81,8 @@ at::Tensor weights_fingerprint_cuda(at::TensorList tensors) {
                     .c_str());
   }
   const c10::cuda::CUDAGuard guard(device);
-  // row-major order, as the reference's reshape(-1); kept alive until the kernels have run
+  // row-major order, as the reference's reshape(-1); the copies are freed at the return, before the kernels may
+  // have run: safe, as the caching allocator hands their memory out again only in this stream's order
   std::vector<at::Tensor> flats;
   flats.reserve(n);
   std::map<at::ScalarType, std::vector<int64_t>> tables;  // the blocks of each dtype, kTableColumns per block

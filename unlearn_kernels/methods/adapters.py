@@ -77,11 +77,15 @@ class CureNewtonLoRA(Unlearner):
         try:  # the values, now rather than at the first call, under this method's name
             CureNewton(**newton_options)
         except (TypeError, ValueError) as error:
-            raise type(error)(f"{self.name}: {str(error).removeprefix(CureNewton.name + ': ')}") from None
+            raise self._under_own_name(error) from None
         # held weakly, as CureNewton holds it: a strong reference kept the group alive past destroy_process_group
         group = newton_options.pop("process_group", None)
         self._group = None if group is None else GroupRef(group, self.name)
         self.newton_options = newton_options
+
+    def _under_own_name(self, error: TypeError | ValueError) -> TypeError | ValueError:
+        """CureNewton's error (its message starts with its name) with this method's name instead."""
+        return type(error)(f"{self.name}: {str(error).removeprefix(CureNewton.name + ': ')}")
 
     @property
     def process_group(self) -> dist.ProcessGroup | None:
@@ -130,7 +134,7 @@ class CureNewtonLoRA(Unlearner):
             # evaluations) under this method's name, as its option errors; other errors and subclasses as raised
             if type(error) not in (TypeError, ValueError) or not str(error).startswith(CureNewton.name + ": "):
                 raise
-            raise type(error)(f"{self.name}: {str(error).removeprefix(CureNewton.name + ': ')}") from None
+            raise self._under_own_name(error) from None
         merged = unload(result.model, merge=True)
         return UnlearnResult(model=merged.eval(), seconds=0.0, hvps=result.hvps, gradients=result.gradients,
                              diagnostics={**result.diagnostics, "layers": list(adapters),
