@@ -441,6 +441,24 @@ def test_bad_teacher_draws_its_random_teacher_from_the_seed(problem, monkeypatch
     assert not torch.equal(teachers[0], teachers[1]) and torch.equal(teachers[0], teachers[2])
 
 
+def test_scrub_reports_the_mean_retain_loss_of_its_last_pass(problem):
+    """retain_loss_last_pass is the min pass's loss averaged over its batches (no test read it: the sum passed).
+    With a vanishing lr the student stays the teacher: the loss is gamma x the cross entropy, the KL term 0."""
+    model, forget, retain = problem
+    retain = retain.subset(torch.arange(512))  # 8 full batches of 64: the mean of batch means is the mean
+    result = SCRUB(epochs=1, max_steps=0, lr=1e-12, batch_size=64).unlearn(model, forget, retain, seed=0)
+    with torch.no_grad():
+        expected = 0.99 * float(F.cross_entropy(model(retain.x), retain.y))
+    assert result.diagnostics["retain_loss_last_pass"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_bad_teacher_reports_the_retain_rows_it_mixed_in(problem):
+    model, forget, retain = problem
+    method = BadTeacher(epochs=1)
+    result = method.unlearn(model, forget, retain, seed=0)
+    assert result.diagnostics["retain_samples"] == round(method.retain_fraction * len(retain)) > 0
+
+
 def test_wrong_labels_are_always_wrong():
     y = torch.arange(1000) % 7
     wrong = wrong_labels(y, 7, torch.Generator().manual_seed(0))

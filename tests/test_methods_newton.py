@@ -670,9 +670,12 @@ def test_stochastic_cure_newton_rounds_and_diagnostics(mlp, monkeypatch):
             rows.append(len(data))
             super().__init__(model_, loss_fn, data, *args, **kwargs)
 
+    steps = []
+
     def recording_gd(*args, **kwargs):
         seeds.append(kwargs["seed"])
-        return cubic_gd(*args, **kwargs)
+        steps.append(cubic_gd(*args, **kwargs))
+        return steps[-1]
 
     monkeypatch.setattr(newton, "Objective", Recording)
     monkeypatch.setattr(newton, "cubic_gd", recording_gd)
@@ -681,6 +684,11 @@ def test_stochastic_cure_newton_rounds_and_diagnostics(mlp, monkeypatch):
     assert rows == [len(retain), 64, 64, 64]  # F on all of D_r for the diagnostics, then each round's g
     assert len(seeds) == len(set(seeds)) == 3
     d = out.diagnostics
+    # the last round's subproblem, as the docstring says (no test read them: 2 sigma and -model_value passed)
+    last = steps[-1]
+    assert d["sigma"] == last.sigma == pytest.approx(0.5 * out.diagnostics["M"] * last.step_norm, rel=1e-12)
+    assert d["model_value"] == last.model_value < 0 and d["hard_case"] == last.hard_case
+    assert d["residual"] == last.residual and d["solver_iterations"] == sum(step.iterations for step in steps)
     assert d["objective_before"] == pytest.approx(objective_of(model, retain, 0.0), rel=1e-5)
     assert d["objective_after"] == pytest.approx(objective_of(out.model, retain, 0.0), rel=1e-5)
     assert d["step_norm"] == pytest.approx(dist(out.model, model), rel=1e-5)
@@ -979,6 +987,31 @@ def test_a_batch_norm_layer_without_running_statistics_is_refused_up_front(digit
     with pytest.raises(ValueError, match=message):  # what the study checks before any training
         METHODS[name]().check_model(model)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) and model.training
+
+
+@pytest.mark.parametrize("name", ["newton_pinv", "damped_newton", "damped_newton_cg", "influence", "lissa"])
+def test_a_one_step_baseline_reports_the_quadratic_model_at_its_step(mlp, monkeypatch, name):
+    """diagnostics["model_value"] is g^T s + 1/2 s^T H s at the step taken (no test read it: 1 s^T H s passed)."""
+    model, forget, retain = mlp
+    seen, quadratic = [], newton._NewtonFamily._quadratic_value
+
+    def recording(self, H, g, s):
+        value = quadratic(self, H, g, s)
+        seen.append((float(g.double() @ s.double()), float(s.double() @ H.matvec(s).double()), value))
+        return value
+
+    monkeypatch.setattr(newton._NewtonFamily, "_quadratic_value", recording)
+    result = METHODS[name]().unlearn(model, forget, retain, seed=0)
+    (gs, sHs, value), = seen
+    assert value == pytest.approx(gs + 0.5 * sHs, rel=1e-12, abs=1e-15) and sHs != 0
+    assert result.diagnostics["model_value"] == value
+
+
+def test_influence_reports_the_forget_gradient_norm(mlp):
+    model, forget, retain = mlp
+    result = METHODS["influence"](weight_decay=0.0).unlearn(model, forget, retain, seed=0)
+    assert result.diagnostics["grad_norm_forget"] == pytest.approx(gradient_norm(model, F.cross_entropy, forget),
+                                                                   rel=1e-5)
 
 
 class _CountsCalls(nn.Module):
