@@ -459,6 +459,16 @@ def test_bad_teacher_reports_the_retain_rows_it_mixed_in(problem):
     assert result.diagnostics["retain_samples"] == round(method.retain_fraction * len(retain)) > 0
 
 
+def test_finetune_reports_its_accuracy_on_the_retain_batches(problem):
+    """train_accuracy is the accuracy on the batches of the last epoch; with a vanishing lr the model does not
+    move, so it is the model's accuracy on D_r."""
+    model, forget, retain = problem
+    result = Finetune(epochs=1, lr=1e-12).unlearn(model, forget, retain, seed=0)
+    with torch.no_grad():
+        expected = int((model(retain.x).argmax(1) == retain.y).sum()) / len(retain)
+    assert result.diagnostics["train_accuracy"] == pytest.approx(expected, abs=1e-12)
+
+
 def test_wrong_labels_are_always_wrong():
     y = torch.arange(1000) % 7
     wrong = wrong_labels(y, 7, torch.Generator().manual_seed(0))

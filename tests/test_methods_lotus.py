@@ -158,6 +158,13 @@ def test_one_step_is_the_documented_distillation_with_the_noise_in_both_targets(
     assert moved > 1e-2  # a step the tolerance can tell apart from none
 
 
+def test_reports_the_retain_rows_it_mixed_in(sample_problem):
+    model, forget, retain, unseen = sample_problem
+    method = LoTUS(epochs=1)
+    result = method.unlearn(model, forget, retain, unseen=unseen, seed=0)
+    assert result.diagnostics["retain_samples"] == round(method.retain_fraction * len(retain)) > 0
+
+
 def test_sgd_takes_the_momentum_given(sample_problem):
     """optimizer="sgd" ran with momentum 0.9 that LoTUS neither documented nor let the caller set (a bare
     "unexpected keyword argument"); it is an option now: momentum 0 is plain SGD, another run."""
