@@ -24,6 +24,7 @@ holds the activations of all K tangents at once: pass fewer columns per ``matmat
 from __future__ import annotations
 
 import abc
+import functools
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -254,7 +255,7 @@ class GenericHessian(_TorchFuncOperator):
                     "(double backward, a loop over the vectors)", RuntimeWarning, stacklevel=4,
                 )
             else:
-                if self._runs_custom_function():  # its backward may drop curvature that forward-over-reverse drops too
+                if self._runs_custom_function:  # its backward may drop curvature that forward-over-reverse drops too
                     self._check_against_finite_differences(out, "forward-over-reverse")
                 self.mode_reason = "requested"
             return out
@@ -265,7 +266,7 @@ class GenericHessian(_TorchFuncOperator):
         try:
             out = super()._probe_product()
             self._check_double_backward(out, reference)
-            if reference is not None and self._runs_custom_function():
+            if reference is not None and self._runs_custom_function:
                 # a custom Function's backward may drop curvature that forward-over-reverse, which differentiates
                 # the same backward, drops too (one that reads a detached input): the two agreed on a wrong product
                 self._check_against_finite_differences(out, "double backward")
@@ -276,7 +277,7 @@ class GenericHessian(_TorchFuncOperator):
             self.mode, self.uses_vmap = "forward-over-reverse", True
             try:
                 out = super()._probe_product()
-                if self._runs_custom_function():  # through a custom backward it may drop curvature too
+                if self._runs_custom_function:  # through a custom backward it may drop curvature too
                     self._check_against_finite_differences(out, "forward-over-reverse")
             except ValueError as failed:  # both modes: say why double backward was not used too
                 raise ValueError(f"{failed}; double backward cannot be used either ({err})") from failed
@@ -288,9 +289,11 @@ class GenericHessian(_TorchFuncOperator):
         )
         return out
 
+    @functools.cached_property
     def _runs_custom_function(self) -> bool:
         """Whether the loss on the probe batch runs a custom ``autograd.Function`` other than this package's
-        (whose second derivatives its tests check: the LoRA op): one forward, its graph walked and dropped."""
+        (whose second derivatives its tests check: the LoRA op): one forward, its graph walked and dropped,
+        once per operator (the probe asks it for each mode it checks)."""
         x, y = self._probe_batch()
         with torch.enable_grad():
             params = {name: p.detach().requires_grad_(True) for name, p in self.params.items()}

@@ -23,7 +23,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -42,7 +41,7 @@ from ..lora import (
     unmerge,
 )
 from .base import Unlearner, UnlearnResult
-from .newton import CureNewton, agree_on_inputs, check_per_sample_loss, options_text
+from .newton import CureNewton, agree_on_inputs, check_per_sample_loss, narrower, options_text
 
 
 class CureNewtonLoRA(Unlearner):
@@ -113,7 +112,7 @@ class CureNewtonLoRA(Unlearner):
         modules = dict(model.named_modules())
         for name in layers:  # an adapter takes its layer's dtype: CureNewton refused a narrower one after adding them
             weight = modules[name].weight
-            if dtype is not None and torch.finfo(dtype).eps > torch.finfo(weight.dtype).eps:
+            if narrower(dtype, weight.dtype):
                 raise ValueError(f"{self.name}: dtype={dtype} is narrower than the {weight.dtype} of layer {name!r}, "
                                  "whose adapter computes in it: rounding every adapter weight to it could make the "
                                  "model worse with no step; pass dtype=None or a wider one")

@@ -222,6 +222,12 @@ def _check_mean_loss(owner: str, loss_fn: LossFn, batch_size: Any) -> None:
                          "batch_size=None (all rows in one chunk)")
 
 
+def narrower(dtype: torch.dtype | None, than: torch.dtype) -> bool:
+    """Whether computing in ``dtype`` (None: in the weights' own) rounds weights of dtype ``than``: a copy in it
+    could make the model worse on F with no step taken."""
+    return dtype is not None and torch.finfo(dtype).eps > torch.finfo(than).eps
+
+
 def options_text(owner: str, options: Mapping[str, Any]) -> str:
     """``owner(name=value, ...)`` for a method's constructor options, as text that is the same in every
     process for the same options (:func:`~unlearn_kernels.curvature.settings.value_text`)."""
@@ -383,7 +389,7 @@ class _NewtonFamily(Unlearner):
             raise ValueError(f"{self.name}: the chosen parameters mix dtypes {sorted(map(str, dtypes))}; "
                              "choose parameters of one dtype")
         names, model_dtype = tuple(chosen), dtypes.pop()
-        if self.dtype is not None and torch.finfo(self.dtype).eps > torch.finfo(model_dtype).eps:
+        if narrower(self.dtype, model_dtype):
             raise ValueError(f"{self.name}: dtype={self.dtype} is narrower than the chosen parameters' {model_dtype}: "
                              "the copy computed in it rounds every weight, so the model returned could be worse on F "
                              "than the one given with no step taken; pass dtype=None or a wider one")
