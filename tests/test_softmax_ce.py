@@ -17,7 +17,10 @@ from tolerance import assert_within_rule
 # backend -> the device of its inputs; the CUDA kernels run only where torch sees a GPU
 DEVICES = {"cpp": "cpu", "reference": "cpu", **({"cuda": "cuda"} if torch.cuda.is_available() else {})}
 BACKENDS = list(DEVICES)
-SHAPES = [(1, 1), (3, 2), (7, 10), (64, 17), (256, 1000), (33, 4099), (4, 50000)]
+# On CUDA: up to 1,024 classes a warp per row; above, a block per row, which keeps rows of 32 KB and more in shared
+# memory between its passes, as much as fits: (5, 12288) whole (float32 16-byte vectors), (3, 9001) whole in scalar
+# loads, (4, 50000) in part (the hvp's float32 rows and every float64 row), (33, 4099) not at all in float32.
+SHAPES = [(1, 1), (3, 2), (7, 10), (64, 17), (256, 1000), (33, 4099), (5, 12288), (3, 9001), (4, 50000)]
 
 
 def _inputs(shape, dtype, rng, device="cpu", scale=3.0):
@@ -111,8 +114,9 @@ def test_non_contiguous_inputs(backend, rng):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 # C = 300 takes the CUDA kernels' scalar loads; 2048 (a multiple of 8, aligned, over 1024) their 16-byte vectors
-# and a block per row; at C = 10 label smoothing's share per class (0.01) is far above float16's rounding
-@pytest.mark.parametrize("shape", [(50, 300), (6, 2048), (40, 10)])
+# and a block per row; 16384 (rows of 32 KB) a row kept in shared memory; at C = 10 label smoothing's share per
+# class (0.01) is far above float16's rounding
+@pytest.mark.parametrize("shape", [(50, 300), (6, 2048), (3, 16384), (40, 10)])
 # label smoothing, and logits near 100 (exp overflows float32 without the row's max taken off): the C++ kernel's
 # reduced-precision gradient once dropped either and passed at smoothing 0 and |z| <= 12
 @pytest.mark.parametrize(("smoothing", "offset"), [(0.0, 0.0), (0.1, 0.0), (0.0, 100.0)])
@@ -134,6 +138,28 @@ def test_a_row_maximum_in_the_last_column(backend, rng):
     z[2, 40] = 200.0
     assert_within_rule(ops.softmax_ce_grad(z, y, backend=backend), ops.softmax_ce_grad_ref(z, y), _exact_grad(z, y))
     assert_within_rule(ops.softmax_ce_hvp(z, u, backend=backend), ops.softmax_ce_hvp_ref(z, u), _exact_hvp(z, u))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("column", [5, 49_990])
+def test_long_rows_see_every_column(backend, column, rng):
+    """Rows of 200 KB (float32, C = 50,000), which the CUDA kernels keep in shared memory between their passes only
+    in part (the first columns; the hvp's z and u together exceed what one block can hold): a row maximum, a NaN
+    logit and a bad tangent are seen both in the kept part (column 5) and in the part read twice (column 49,990)."""
+    z, u, y = _inputs((3, 50_000), torch.float32, rng, DEVICES[backend])
+    z[1, column] = 200.0
+    assert_within_rule(ops.softmax_ce_grad(z, y, backend=backend), ops.softmax_ce_grad_ref(z, y), _exact_grad(z, y))
+    assert_within_rule(ops.softmax_ce_hvp(z, u, backend=backend), ops.softmax_ce_hvp_ref(z, u), _exact_hvp(z, u))
+    z_bad = z.clone()
+    z_bad[2, column] = float("nan")
+    with pytest.raises(ValueError, match="logits contain NaN"):
+        ops.softmax_ce_hvp(z_bad, u, backend=backend)
+    with pytest.raises(ValueError, match="logits contain NaN"):
+        ops.softmax_ce_grad(z_bad, y, backend=backend)
+    u_bad = u.clone()
+    u_bad[0, column] = float("inf")
+    with pytest.raises(ValueError, match="tangent contains NaN"):
+        ops.softmax_ce_hvp(z, u_bad, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,8 +1,13 @@
 // CUDA kernels for the softmax cross-entropy gradient and Hessian-vector product on logits.
 // One fused kernel per op. A group of kTpr threads owns a row (a warp for up to 1024 classes, a
-// 512-thread block above): pass 1 keeps an online max and rescaled sums per thread (one exp per
-// element) and merges them across the group, pass 2 rereads the row (from cache for moderate C)
-// and writes the output. Loads and stores are 16-byte vectors where every row is aligned.
+// 512-thread block above, a 1024-thread block for rows of 32 KB and more): pass 1 keeps an online
+// max and rescaled sums per thread (one exp per element) and merges them across the group, pass 2
+// writes the output. Pass 2 needs the row again: moderate rows come back from cache, but rows of
+// 32 KB and more would come back from DRAM (the rows in flight overflow L2), so there the block
+// keeps as much of its row in shared memory as the device allows (all of it up to about 28,000
+// float32 classes for the hvp, 56,000 for the grad, on an H100) and rereads only the rest: about 3
+// units of DRAM traffic per element (read z and u, write out) instead of 5.
+// Loads and stores are 16-byte vectors where every row is aligned.
 // Errors (non-finite inputs, targets out of range) set a device int flag, read back with one
 // synchronisation: always by the grad (targets are always checked, as on CPU), by the hvp only
 // when check_finite. The messages are the C++ CPU kernel's, raised as ValueError.
@@ -18,6 +23,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -30,8 +36,13 @@ namespace {
 constexpr int kWarp = 32;
 constexpr int kSmallTpr = kWarp;  // threads per row for C <= kSmallMaxC
 constexpr int kLargeTpr = 512;    // threads per row (one row per block) above
+constexpr int kCachedTpr = 1024;  // threads per row (one row per block) for rows kept in shared memory
 constexpr int kSmallMaxC = 1024;
+constexpr int64_t kCachedMinRowBytes = 32 * 1024;  // logits rows from this size on are kept in shared memory
 constexpr int kBlockThreads = 256;  // block size when a warp owns a row
+constexpr int kLoadBatch = 4;       // vectors per array a thread loads before storing them to shared memory
+
+constexpr int block_threads(int tpr) { return tpr == kSmallTpr ? kBlockThreads : tpr; }
 
 // Flag slots: [0] bad logits; [1] a target out of range (grad) or a bad tangent (hvp).
 constexpr int kBadLogits = 0;
@@ -106,19 +117,66 @@ __device__ Stats<acc_t> merge_row(Stats<acc_t> st) {
   return st;
 }
 
-// Pass 1 over a row: the online state of z (and of <exp(z - m), u> when u is given).
+// The part of a row kept in shared memory between the passes: its first `vectors` vectors of z
+// (and of u, for the hvp). Each thread reads back only the vectors it stored itself, so the cache
+// needs no barrier. Empty (vectors = 0) but in the 1024-thread mode.
+template <typename P>
+struct RowCache {
+  P* z;
+  P* u;
+  int64_t vectors;
+
+  __device__ P z_at(const P* row, int64_t k) const { return k < vectors ? z[k] : row[k]; }
+  __device__ P u_at(const P* row, int64_t k) const { return k < vectors ? u[k] : row[k]; }
+};
+
+// The block's dynamic shared memory as a cache of `vectors` vectors of z (and as many of u when
+// with_u).
+template <typename P>
+__device__ RowCache<P> row_cache(int64_t vectors, bool with_u) {
+  extern __shared__ __align__(16) unsigned char cache_bytes[];
+  P* z = reinterpret_cast<P*>(cache_bytes);
+  return {z, with_u ? z + vectors : nullptr, vectors};
+}
+
+// Pass 1 over a row: the online state of z (and of <exp(z - m), u> when u is given). The cached
+// vectors are loaded first, kLoadBatch per array at a time with no arithmetic in between (many
+// loads in flight per thread: the cached mode runs one 1024-thread block per SM), then the rest of
+// the row is summed from global memory and the cached part from shared memory.
 template <int kTpr, int kVec, typename scalar_t, typename acc_t>
-__device__ Stats<acc_t> row_stats(const scalar_t* z, const scalar_t* u, int64_t C, int lane) {
+__device__ Stats<acc_t> row_stats(const scalar_t* z_row, const scalar_t* u_row, int64_t C, int lane,
+                                  const RowCache<Pack<scalar_t, kVec>>& cache) {
+  using P = Pack<scalar_t, kVec>;
+  const P* z = reinterpret_cast<const P*>(z_row);
+  const P* u = reinterpret_cast<const P*>(u_row);
+  for (int64_t k0 = lane; k0 < cache.vectors; k0 += kLoadBatch * kTpr) {
+    P zb[kLoadBatch], ub[kLoadBatch];
+#pragma unroll
+    for (int b = 0; b < kLoadBatch; ++b) {
+      const int64_t k = k0 + b * kTpr;
+      if (k < cache.vectors) {
+        zb[b] = z[k];
+        if (u != nullptr) ub[b] = u[k];
+      }
+    }
+#pragma unroll
+    for (int b = 0; b < kLoadBatch; ++b) {
+      const int64_t k = k0 + b * kTpr;
+      if (k < cache.vectors) {
+        cache.z[k] = zb[b];
+        if (u != nullptr) cache.u[k] = ub[b];
+      }
+    }
+  }
   Stats<acc_t> st = Stats<acc_t>::empty();
-  for (int64_t k = lane; k < C / kVec; k += kTpr) {
-    const auto zv = reinterpret_cast<const Pack<scalar_t, kVec>*>(z)[k];
-    Pack<scalar_t, kVec> uv{};
-    if (u != nullptr) uv = reinterpret_cast<const Pack<scalar_t, kVec>*>(u)[k];
+  const auto add = [&](const P& zv, const P& uv) {
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
       st.add(static_cast<acc_t>(zv.v[e]), u != nullptr ? static_cast<acc_t>(uv.v[e]) : acc_t(0));
     }
-  }
+  };
+  for (int64_t k = cache.vectors + lane; k < C / kVec; k += kTpr) add(z[k], u != nullptr ? u[k] : P{});
+  for (int64_t k = lane; k < cache.vectors; k += kTpr) add(cache.z[k], u != nullptr ? cache.u[k] : P{});
   return merge_row<kTpr>(st);
 }
 
@@ -130,9 +188,10 @@ __device__ int64_t group_row(int* lane) {
 }
 
 template <int kTpr, int kVec, typename scalar_t>
-__global__ void softmax_ce_grad_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ target,
-                                       scalar_t* __restrict__ out, int* __restrict__ flags, int64_t N, int64_t C,
-                                       int64_t z_stride, double smoothing, int64_t ignore_index) {
+__global__ void __launch_bounds__(block_threads(kTpr))
+    softmax_ce_grad_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ target,
+                           scalar_t* __restrict__ out, int* __restrict__ flags, int64_t N, int64_t C, int64_t z_stride,
+                           double smoothing, int64_t ignore_index, int64_t cached) {
   using acc_t = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, kVec>;
   int lane;
@@ -146,14 +205,15 @@ __global__ void softmax_ce_grad_kernel(const scalar_t* __restrict__ logits, cons
     return;  // the whole group (in block mode, the whole block) leaves together
   }
   const scalar_t* z = logits + row * z_stride;
-  const Stats<acc_t> st = row_stats<kTpr, kVec, scalar_t, acc_t>(z, nullptr, C, lane);
+  const RowCache<P> cache = row_cache<P>(cached, false);
+  const Stats<acc_t> st = row_stats<kTpr, kVec, scalar_t, acc_t>(z, nullptr, C, lane, cache);
   if (lane == 0 && (st.nan || !isfinite(st.m))) flags[kBadLogits] = 1;
   const acc_t shift = st.m == -INFINITY ? acc_t(0) : st.m;
   const acc_t inv_sum = acc_t(1) / st.s;
   const acc_t off = static_cast<acc_t>(smoothing / C);  // smoothed target mass on every class
   const acc_t on = static_cast<acc_t>(1.0 - smoothing);  // extra mass on the target class
   for (int64_t k = lane; k < C / kVec; k += kTpr) {
-    const P zv = reinterpret_cast<const P*>(z)[k];
+    const P zv = cache.z_at(reinterpret_cast<const P*>(z), k);
     P g;
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
@@ -166,9 +226,10 @@ __global__ void softmax_ce_grad_kernel(const scalar_t* __restrict__ logits, cons
 }
 
 template <int kTpr, int kVec, typename scalar_t>
-__global__ void softmax_ce_hvp_kernel(const scalar_t* __restrict__ logits, const scalar_t* __restrict__ tangent,
-                                      scalar_t* __restrict__ out, int* __restrict__ flags, int64_t N, int64_t C,
-                                      int64_t z_stride, int64_t u_stride) {
+__global__ void __launch_bounds__(block_threads(kTpr))
+    softmax_ce_hvp_kernel(const scalar_t* __restrict__ logits, const scalar_t* __restrict__ tangent,
+                          scalar_t* __restrict__ out, int* __restrict__ flags, int64_t N, int64_t C, int64_t z_stride,
+                          int64_t u_stride, int64_t cached) {
   using acc_t = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, kVec>;
   int lane;
@@ -176,7 +237,8 @@ __global__ void softmax_ce_hvp_kernel(const scalar_t* __restrict__ logits, const
   if (row >= N) return;  // only in warp-per-row mode, where no block-wide barrier follows
   const scalar_t* z = logits + row * z_stride;
   const scalar_t* u = tangent + row * u_stride;
-  const Stats<acc_t> st = row_stats<kTpr, kVec, scalar_t, acc_t>(z, u, C, lane);
+  const RowCache<P> cache = row_cache<P>(cached, true);
+  const Stats<acc_t> st = row_stats<kTpr, kVec, scalar_t, acc_t>(z, u, C, lane, cache);
   const acc_t shift = st.m == -INFINITY ? acc_t(0) : st.m;
   const acc_t inv_sum = acc_t(1) / st.s;
   const acc_t mean_u = st.d * inv_sum;  // <p, u>
@@ -186,8 +248,8 @@ __global__ void softmax_ce_hvp_kernel(const scalar_t* __restrict__ logits, const
   }
   P* o = reinterpret_cast<P*>(out + row * C);
   for (int64_t k = lane; k < C / kVec; k += kTpr) {
-    const P zv = reinterpret_cast<const P*>(z)[k];
-    const P uv = reinterpret_cast<const P*>(u)[k];
+    const P zv = cache.z_at(reinterpret_cast<const P*>(z), k);
+    const P uv = cache.u_at(reinterpret_cast<const P*>(u), k);
     P h;
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
@@ -213,26 +275,58 @@ int vector_width(int64_t C, std::initializer_list<std::pair<const void*, int64_t
   return kVec;
 }
 
-// Launches kernel<kTpr, kVec> for the row-group size that suits C and the vector width that
-// suits the alignment (kVec is either 1 or 16 bytes' worth of scalar_t).
+// Launches kernel<kTpr, kVec> for the row-group size that suits the row (kSmallTpr up to
+// kSmallMaxC classes, kCachedTpr for rows of kCachedMinRowBytes and more, kLargeTpr between) and
+// the vector width that suits the alignment (kVec is either 1 or 16 bytes' worth of scalar_t).
 template <typename scalar_t, typename Launch>
 void launch_rows(int64_t N, int64_t C, int vec, Launch&& launch) {
   constexpr int kVec = 16 / sizeof(scalar_t);
   const auto go = [&](auto tpr, auto v) {
     constexpr int kTpr = decltype(tpr)::value;
-    const int threads = kTpr == kSmallTpr ? kBlockThreads : kTpr;
+    const int threads = block_threads(kTpr);
     const int64_t blocks = (N + threads / kTpr - 1) / (threads / kTpr);
     TORCH_CHECK(blocks <= 0x7fffffff, message("softmax_ce: too many rows (", N, ") for one launch").c_str());
-    launch(std::integral_constant<int, kTpr>{}, v, static_cast<unsigned>(blocks), threads);
+    launch(tpr, v, static_cast<unsigned>(blocks), threads);
   };
   using Small = std::integral_constant<int, kSmallTpr>;
   using Large = std::integral_constant<int, kLargeTpr>;
+  using Cached = std::integral_constant<int, kCachedTpr>;
   using V1 = std::integral_constant<int, 1>;
   using VN = std::integral_constant<int, kVec>;
   if (C <= kSmallMaxC) {
     vec == 1 ? go(Small{}, V1{}) : go(Small{}, VN{});
+  } else if (C * static_cast<int64_t>(sizeof(scalar_t)) >= kCachedMinRowBytes) {
+    vec == 1 ? go(Cached{}, V1{}) : go(Cached{}, VN{});
   } else {
     vec == 1 ? go(Large{}, V1{}) : go(Large{}, VN{});
+  }
+}
+
+// The shared memory row cache of one launch: vectors per array, and the bytes for all arrays.
+struct CacheSize {
+  int64_t vectors;
+  size_t bytes;
+};
+
+// In the cached mode, as many vectors of each of `arrays` row arrays (z, and u for the hvp) as one
+// block may hold on the current device (its opt-in limit less the kernel's static shared memory),
+// up to the whole row, with the kernel's dynamic shared memory limit raised to that; else none.
+template <int kTpr, typename Kernel>
+CacheSize cache_size(Kernel* kernel, int64_t row_vectors, size_t vector_bytes, int arrays) {
+  if constexpr (kTpr != kCachedTpr) {
+    return {0, 0};
+  } else {
+    int device = 0, optin = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    cudaFuncAttributes attributes{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+    const size_t limit = static_cast<size_t>(optin);
+    const size_t room = limit > attributes.sharedSizeBytes ? limit - attributes.sharedSizeBytes : 0;
+    const int64_t vectors = std::min<int64_t>(row_vectors, static_cast<int64_t>(room / (arrays * vector_bytes)));
+    const size_t bytes = static_cast<size_t>(vectors) * arrays * vector_bytes;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    return {vectors, bytes};
   }
 }
 
@@ -252,8 +346,11 @@ at::Tensor softmax_ce_hvp_cuda(const at::Tensor& logits_in, const at::Tensor& ta
     const int64_t zs = logits.stride(0), us = tangent.stride(0);
     const int vec = vector_width<scalar_t>(C, {{z, zs}, {u, us}, {o, C}});
     launch_rows<scalar_t>(N, C, vec, [&](auto tpr, auto v, unsigned blocks, int threads) {
-      softmax_ce_hvp_kernel<decltype(tpr)::value, decltype(v)::value, scalar_t>
-          <<<blocks, threads, 0, stream>>>(z, u, o, flags.mutable_data_ptr<int>(), N, C, zs, us);
+      constexpr int kTpr = decltype(tpr)::value, kV = decltype(v)::value;
+      const auto kernel = softmax_ce_hvp_kernel<kTpr, kV, scalar_t>;
+      const CacheSize cache = cache_size<kTpr>(kernel, C / kV, sizeof(Pack<scalar_t, kV>), 2);
+      kernel<<<blocks, threads, cache.bytes, stream>>>(z, u, o, flags.mutable_data_ptr<int>(), N, C, zs, us,
+                                                       cache.vectors);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -281,9 +378,12 @@ at::Tensor softmax_ce_grad_cuda(const at::Tensor& logits_in, const at::Tensor& t
     const int64_t zs = logits.stride(0);
     const int vec = vector_width<scalar_t>(C, {{z, zs}, {o, C}});
     launch_rows<scalar_t>(N, C, vec, [&](auto tpr, auto v, unsigned blocks, int threads) {
-      softmax_ce_grad_kernel<decltype(tpr)::value, decltype(v)::value, scalar_t><<<blocks, threads, 0, stream>>>(
-          z, target.const_data_ptr<int64_t>(), o, flags.mutable_data_ptr<int>(), N, C, zs, label_smoothing,
-          ignore_index);
+      constexpr int kTpr = decltype(tpr)::value, kV = decltype(v)::value;
+      const auto kernel = softmax_ce_grad_kernel<kTpr, kV, scalar_t>;
+      const CacheSize cache = cache_size<kTpr>(kernel, C / kV, sizeof(Pack<scalar_t, kV>), 1);
+      kernel<<<blocks, threads, cache.bytes, stream>>>(z, target.const_data_ptr<int64_t>(), o,
+                                                       flags.mutable_data_ptr<int>(), N, C, zs, label_smoothing,
+                                                       ignore_index, cache.vectors);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
