@@ -4,8 +4,8 @@
 // max and rescaled sums per thread (one exp per element) and merges them across the group, pass 2
 // writes the output. Pass 2 needs the row again: moderate rows come back from cache, but rows of
 // 32 KB and more would come back from DRAM (the rows in flight overflow L2), so there the block
-// keeps as much of its row in shared memory as the device allows (all of it up to about 28,000
-// float32 classes for the hvp, 56,000 for the grad, on an H100) and rereads only the rest: about 3
+// keeps as much of its row in shared memory as the device allows (all of it up to about 29,000
+// float32 classes for the hvp, 58,000 for the grad, on an H100) and rereads only the rest: about 3
 // units of DRAM traffic per element (read z and u, write out) instead of 5.
 // Loads and stores are 16-byte vectors where every row is aligned.
 // Errors (non-finite inputs, targets out of range) set a device int flag, read back with one
@@ -111,32 +111,51 @@ __device__ Stats<acc_t> merge_row(Stats<acc_t> st) {
     __shared__ Stats<acc_t> warp_stats[kTpr / kWarp];
     if (threadIdx.x % kWarp == 0) warp_stats[threadIdx.x / kWarp] = st;
     __syncthreads();
-    st = warp_stats[0];
-    for (int w = 1; w < kTpr / kWarp; ++w) st.merge(warp_stats[w]);
+    // each warp merges the warps' states by the same butterfly (log2 of the warp count steps, not one
+    // step per warp), every group of kTpr / kWarp lanes holding them all
+    constexpr int kWarps = kTpr / kWarp;
+    st = warp_stats[threadIdx.x % kWarps];
+    for (int mask = kWarps / 2; mask > 0; mask /= 2) st.merge(shfl_xor(st, mask));
   }
   return st;
 }
 
 // The part of a row kept in shared memory between the passes: its first `vectors` vectors of z
 // (and of u, for the hvp). Each thread reads back only the vectors it stored itself, so the cache
-// needs no barrier. Empty (vectors = 0) but in the 1024-thread mode.
-template <typename P>
+// needs no barrier. Only the 1024-thread mode has one: the other modes compile none of its code
+// (the loads it batches in registers would lower their occupancy).
+template <int kTpr, typename P>
 struct RowCache {
+  static constexpr bool kUsed = kTpr == kCachedTpr;
   P* z;
   P* u;
   int64_t vectors;
 
-  __device__ P z_at(const P* row, int64_t k) const { return k < vectors ? z[k] : row[k]; }
-  __device__ P u_at(const P* row, int64_t k) const { return k < vectors ? u[k] : row[k]; }
+  __device__ P z_at(const P* row, int64_t k) const {
+    if constexpr (kUsed) {
+      if (k < vectors) return z[k];
+    }
+    return row[k];
+  }
+  __device__ P u_at(const P* row, int64_t k) const {
+    if constexpr (kUsed) {
+      if (k < vectors) return u[k];
+    }
+    return row[k];
+  }
 };
 
 // The block's dynamic shared memory as a cache of `vectors` vectors of z (and as many of u when
-// with_u).
-template <typename P>
-__device__ RowCache<P> row_cache(int64_t vectors, bool with_u) {
-  extern __shared__ __align__(16) unsigned char cache_bytes[];
-  P* z = reinterpret_cast<P*>(cache_bytes);
-  return {z, with_u ? z + vectors : nullptr, vectors};
+// with_u), in the 1024-thread mode; an empty cache in the others.
+template <int kTpr, typename P>
+__device__ RowCache<kTpr, P> row_cache(int64_t vectors, bool with_u) {
+  if constexpr (RowCache<kTpr, P>::kUsed) {
+    extern __shared__ __align__(16) unsigned char cache_bytes[];
+    P* z = reinterpret_cast<P*>(cache_bytes);
+    return {z, with_u ? z + vectors : nullptr, vectors};
+  } else {
+    return {nullptr, nullptr, 0};
+  }
 }
 
 // Pass 1 over a row: the online state of z (and of <exp(z - m), u> when u is given). The cached
@@ -145,38 +164,44 @@ __device__ RowCache<P> row_cache(int64_t vectors, bool with_u) {
 // the row is summed from global memory and the cached part from shared memory.
 template <int kTpr, int kVec, typename scalar_t, typename acc_t>
 __device__ Stats<acc_t> row_stats(const scalar_t* z_row, const scalar_t* u_row, int64_t C, int lane,
-                                  const RowCache<Pack<scalar_t, kVec>>& cache) {
+                                  const RowCache<kTpr, Pack<scalar_t, kVec>>& cache) {
   using P = Pack<scalar_t, kVec>;
+  constexpr bool kCached = RowCache<kTpr, P>::kUsed;
   const P* z = reinterpret_cast<const P*>(z_row);
   const P* u = reinterpret_cast<const P*>(u_row);
-  for (int64_t k0 = lane; k0 < cache.vectors; k0 += kLoadBatch * kTpr) {
-    P zb[kLoadBatch], ub[kLoadBatch];
+  if constexpr (kCached) {
+    for (int64_t k0 = lane; k0 < cache.vectors; k0 += kLoadBatch * kTpr) {
+      P zb[kLoadBatch], ub[kLoadBatch];
 #pragma unroll
-    for (int b = 0; b < kLoadBatch; ++b) {
-      const int64_t k = k0 + b * kTpr;
-      if (k < cache.vectors) {
-        zb[b] = z[k];
-        if (u != nullptr) ub[b] = u[k];
+      for (int b = 0; b < kLoadBatch; ++b) {
+        const int64_t k = k0 + b * kTpr;
+        if (k < cache.vectors) {
+          zb[b] = z[k];
+          if (u != nullptr) ub[b] = u[k];
+        }
       }
-    }
 #pragma unroll
-    for (int b = 0; b < kLoadBatch; ++b) {
-      const int64_t k = k0 + b * kTpr;
-      if (k < cache.vectors) {
-        cache.z[k] = zb[b];
-        if (u != nullptr) cache.u[k] = ub[b];
+      for (int b = 0; b < kLoadBatch; ++b) {
+        const int64_t k = k0 + b * kTpr;
+        if (k < cache.vectors) {
+          cache.z[k] = zb[b];
+          if (u != nullptr) cache.u[k] = ub[b];
+        }
       }
     }
   }
   Stats<acc_t> st = Stats<acc_t>::empty();
-  const auto add = [&](const P& zv, const P& uv) {
+  const auto add = [&](const P zv, const P uv) {  // by value: one vector load each, not one per element
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
       st.add(static_cast<acc_t>(zv.v[e]), u != nullptr ? static_cast<acc_t>(uv.v[e]) : acc_t(0));
     }
   };
-  for (int64_t k = cache.vectors + lane; k < C / kVec; k += kTpr) add(z[k], u != nullptr ? u[k] : P{});
-  for (int64_t k = lane; k < cache.vectors; k += kTpr) add(cache.z[k], u != nullptr ? cache.u[k] : P{});
+  const int64_t cached = kCached ? cache.vectors : 0;
+  for (int64_t k = cached + lane; k < C / kVec; k += kTpr) add(z[k], u != nullptr ? u[k] : P{});
+  if constexpr (kCached) {
+    for (int64_t k = lane; k < cached; k += kTpr) add(cache.z[k], u != nullptr ? cache.u[k] : P{});
+  }
   return merge_row<kTpr>(st);
 }
 
@@ -205,7 +230,7 @@ __global__ void __launch_bounds__(block_threads(kTpr))
     return;  // the whole group (in block mode, the whole block) leaves together
   }
   const scalar_t* z = logits + row * z_stride;
-  const RowCache<P> cache = row_cache<P>(cached, false);
+  const RowCache<kTpr, P> cache = row_cache<kTpr, P>(cached, false);
   const Stats<acc_t> st = row_stats<kTpr, kVec, scalar_t, acc_t>(z, nullptr, C, lane, cache);
   if (lane == 0 && (st.nan || !isfinite(st.m))) flags[kBadLogits] = 1;
   const acc_t shift = st.m == -INFINITY ? acc_t(0) : st.m;
@@ -237,7 +262,7 @@ __global__ void __launch_bounds__(block_threads(kTpr))
   if (row >= N) return;  // only in warp-per-row mode, where no block-wide barrier follows
   const scalar_t* z = logits + row * z_stride;
   const scalar_t* u = tangent + row * u_stride;
-  const RowCache<P> cache = row_cache<P>(cached, true);
+  const RowCache<kTpr, P> cache = row_cache<kTpr, P>(cached, true);
   const Stats<acc_t> st = row_stats<kTpr, kVec, scalar_t, acc_t>(z, u, C, lane, cache);
   const acc_t shift = st.m == -INFINITY ? acc_t(0) : st.m;
   const acc_t inv_sum = acc_t(1) / st.s;
@@ -310,7 +335,8 @@ struct CacheSize {
 
 // In the cached mode, as many vectors of each of `arrays` row arrays (z, and u for the hvp) as one
 // block may hold on the current device (its opt-in limit less the kernel's static shared memory),
-// up to the whole row, with the kernel's dynamic shared memory limit raised to that; else none.
+// up to the whole row; else none. The kernel's dynamic shared memory limit is raised to all that
+// room, the same value whatever the row, so that host threads launching other shapes do not race.
 template <int kTpr, typename Kernel>
 CacheSize cache_size(Kernel* kernel, int64_t row_vectors, size_t vector_bytes, int arrays) {
   if constexpr (kTpr != kCachedTpr) {
@@ -324,9 +350,8 @@ CacheSize cache_size(Kernel* kernel, int64_t row_vectors, size_t vector_bytes, i
     const size_t limit = static_cast<size_t>(optin);
     const size_t room = limit > attributes.sharedSizeBytes ? limit - attributes.sharedSizeBytes : 0;
     const int64_t vectors = std::min<int64_t>(row_vectors, static_cast<int64_t>(room / (arrays * vector_bytes)));
-    const size_t bytes = static_cast<size_t>(vectors) * arrays * vector_bytes;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-    return {vectors, bytes};
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(room)));
+    return {vectors, static_cast<size_t>(vectors) * arrays * vector_bytes};
   }
 }
 
