@@ -560,18 +560,30 @@ def _different_weights_worker(rank: int, world: int, store: str) -> None:
         dist.destroy_process_group()
 
 
+class _Scaled(nn.Module):
+    """Logits times a scale kept in a buffer beside clamp bounds [-inf, inf] (no bound): the buffer's sum (and
+    position checksum) is NaN whatever the scale, so a write to the scale through ``.data`` changes no part of
+    the weights key."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("bounds_and_scale", torch.tensor([-math.inf, math.inf, 1.0], dtype=torch.float64))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        low, high, scale = self.bounds_and_scale
+        return z.clamp(low, high) * scale
+
+
 def _invalidate_worker(rank: int, world: int, store: str) -> None:
-    """``invalidate()`` is the way out after a weight change that keeps every version counter, data pointer
-    and sum (here rank 1 moves the two entries of a bias through ``.data``, keeping their sum): the
-    distributed operator had none (AttributeError). It drops the local cache and makes the next call
-    compare the ranks' weights."""
+    """``invalidate()`` is the way out after a weight change that keeps every version counter, data pointer,
+    sum and checksum (here rank 1 alone writes a buffer's finite entry through ``.data`` beside +-inf, whose sum
+    stays NaN): the distributed operator had none (AttributeError). It drops the local cache and makes the next
+    call compare the ranks' weights (without that, the product mixed the two ranks' different Hessians)."""
     _init(rank, world, store)
     try:
         gen = torch.Generator().manual_seed(0)
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(FEATURES, 2)).double().eval()
-        with torch.no_grad():
-            model[0].bias.copy_(torch.tensor([0.25, -0.75]))
+        model = nn.Sequential(nn.Linear(FEATURES, 2), _Scaled()).double().eval()
         x = torch.randn(ROWS, FEATURES, generator=gen, dtype=torch.float64)
         y = torch.randint(0, 2, (ROWS,), generator=gen)
         part = slice(0, 20) if rank == 0 else slice(20, ROWS)
@@ -579,7 +591,7 @@ def _invalidate_worker(rank: int, world: int, store: str) -> None:
         v = torch.ones(op.shape[0], dtype=torch.float64)
         op.matvec(v)
         if rank == 1:
-            model[0].bias.data[:] = torch.tensor([0.5, -1.0])  # the same sum, version counter and data pointer
+            model[1].bounds_and_scale.data[2] = 2.0  # the same version counter, data pointer, NaN sum and checksum
             op.invalidate()
         with pytest.raises(ValueError, match=r"the ranks hold different weights after the weights changed"):
             op.matvec(v)

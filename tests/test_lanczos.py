@@ -61,6 +61,12 @@ def test_the_stopping_rule_is_relative(matrix, scale):
     assert rel_err(scaled.eigenvalues / scale, ev) < 1e-10
 
 
+
+def test_an_odd_count_of_both_ends_takes_the_extra_one_from_the_top():
+    """which="BE": half from each end, the extra one from the top, as ARPACK does."""
+    res = lanczos(torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64)), 10, which="BE", num_eigs=3, tol=0)
+    assert res.eigenvalues.tolist() == pytest.approx([1.0, 9.0, 10.0], rel=1e-12)
+
 def test_no_reorth_extremes_and_ghosts(matrix):
     ev = torch.linalg.eigvalsh(matrix)
     short = lanczos(matrix, 40, reorth="none", which="BE", num_eigs=2, tol=0)

@@ -228,6 +228,15 @@ def test_damped_solvers_return_the_step_on_the_gradients_device(singular, solver
     assert out.step.device == device and torch.allclose(out.step, expected, rtol=1e-7, atol=1e-7)
 
 
+
+@pytest.mark.parametrize("diagonal", [[0.0] * 6, [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]], ids=["zero", "singular"])
+def test_conjugate_gradient_stops_at_zero_curvature(diagonal):
+    """p^T H p <= 0 stops CG (documented: negative_curvature covers zero); a test of < 0 divided by zero here."""
+    H = torch.diag(torch.tensor(diagonal, dtype=torch.float64))
+    b = torch.ones(6, dtype=torch.float64) if not any(diagonal) else torch.eye(6, dtype=torch.float64)[4]
+    out = conjugate_gradient(H, b)
+    assert not out.converged and out.info["negative_curvature"]
+
 def test_conjugate_gradient_counts_and_start(spd):
     H, b = spd
     out = conjugate_gradient(H, b, tol=1e-12)
