@@ -1485,6 +1485,64 @@ def test_a_custom_function_whose_curvature_no_mode_computes_is_refused_in_every_
             hessian_operator(model, nn.CrossEntropyLoss(), (x, y), path="generic", mode=mode)
 
 
+
+class _Reverse(torch.autograd.Function):
+    """A gradient reversal layer (domain-adversarial training): identity forward, negated backward, with the
+    forward-mode and vmap support torch.func needs. Its "Hessian" is the Jacobian of a field that is no gradient."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        return tangent
+
+
+class _VmappedCube(_Cube):
+    """x^3 with its true backward and jvp, and a vmap rule: a custom Function whose curvature is symmetric."""
+
+    generate_vmap_rule = True
+
+
+class _CubeActivation(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x ** 3
+
+
+@pytest.mark.parametrize("build", [
+    lambda m, d: hessian_operator(m, F.cross_entropy, d, path="generic"),
+    lambda m, d: hessian_operator(m, F.cross_entropy, d, path="generic", mode="forward-over-reverse"),
+    lambda m, d: ggn_operator(m, F.cross_entropy, d),
+], ids=["auto", "forward-over-reverse", "ggn"])
+def test_a_custom_function_that_makes_the_curvature_non_symmetric_is_refused(build):
+    """With a gradient reversal layer the generic operator (forward-over-reverse) and the GGN were built without a
+    word, their dense matrices 160% and 93% from symmetric (|A - A^T| / |A|): Lanczos and the cubic solvers would
+    run on them. The construction checks (A v)^T (A v) = v^T A (A v) where a custom Function runs; a custom
+    Function with a true backward passes (one more product) and gives the plain model's matrix."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(5, 6), nn.Tanh(), None, nn.Linear(6, 3)]
+    x, y = torch.randn(30, 5, dtype=DT), torch.randint(0, 3, (30,))
+    reversed_model = nn.Sequential(*layers[:2], _SquareActivation(_Reverse), layers[3]).to(DT)
+    with pytest.raises(ValueError, match=r"the curvature is not symmetric on the probe batch: .* \(a gradient "
+                                         r"reversal layer\?\)"):
+        build(reversed_model, (x, y))
+    cubed = nn.Sequential(*layers[:2], _SquareActivation(_VmappedCube), layers[3]).to(DT)
+    plain = nn.Sequential(*layers[:2], _CubeActivation(), layers[3]).to(DT)
+    checked, reference = build(cubed, (x, y)), build(plain, (x, y))
+    assert checked.num_products == reference.num_products + 1
+    torch.testing.assert_close(checked.to_dense(), reference.to_dense(), rtol=1e-10, atol=1e-12)
+
 def _hinge_terms(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     zy = z.gather(1, y[:, None])
     return (1 + z - zy).clamp_min(0).scatter(1, y[:, None], 0.0)

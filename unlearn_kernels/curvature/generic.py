@@ -115,7 +115,9 @@ class _TorchFuncOperator(CurvatureOperator):
     ) -> None:
         super().__init__(model, loss_fn, data, params, batch_size=batch_size, cache_bytes=cache_bytes)
         self.uses_vmap = True
-        self._probe_product()
+        probe = self._probe_product()
+        if self._runs_custom_function:
+            self._check_symmetric(probe)
 
     def _own_input(self, x: torch.Tensor) -> torch.Tensor:
         """``x``, or a copy of it where the model writes its inputs (``data.copies``): torch.func refuses a
@@ -127,6 +129,49 @@ class _TorchFuncOperator(CurvatureOperator):
         """The tensors of a batch that are (chunks of) the caller's data, which a cache entry's bytes
         leave out; a DataLoader's collated batch or a copy is the entry's own memory."""
         return [t for t in batch if self.data.is_callers(t)]
+
+    @functools.cached_property
+    def _runs_custom_function(self) -> bool:
+        """Whether the loss on the probe batch runs a custom ``autograd.Function`` other than this package's
+        (whose second derivatives its tests check: the LoRA op): one forward, its graph walked and dropped,
+        once per operator (the probe asks it for each mode it checks)."""
+        x, y = self._probe_batch()
+        with torch.enable_grad():
+            params = {name: p.detach().requires_grad_(True) for name, p in self.params.items()}
+            loss = self.batch_loss(params, self._own_input(x), y)
+        seen, stack = set(), [loss.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            if isinstance(node, torch.autograd.function.BackwardCFunction):
+                function = getattr(node, "_forward_cls", None)
+                if not getattr(function, "__module__", "").startswith("unlearn_kernels."):
+                    return True
+            seen.add(node)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+        return False
+
+    def _check_symmetric(self, hv: torch.Tensor) -> None:
+        """A custom ``autograd.Function`` whose backward is not the derivative of its forward (a gradient reversal
+        layer: identity forward, negated backward) makes the products those of a matrix that is not symmetric,
+        which no other probe sees (finite differences of the gradient differentiate the same backward), and
+        Lanczos and the Krylov solvers then return meaningless values. With ``hv`` = A v for the probe vector v:
+        (A v)^T (A v) and v^T A (A v) are equal for a symmetric A, up to rounding far below the tolerance (4e-9
+        relative in float32 on a custom activation, d = 85,002; the reversal layer of the tests leaves them 17% and
+        69% apart). One more product, only where such a Function runs."""
+        x, y = self._probe_batch()
+        twice = self.flatten_columns(self._probe_products(x, y, self.unflatten_columns(hv)))[:, 0].double()
+        self.num_products += 1
+        once, v = hv[:, 0].double(), self._probe_vector()[:, 0].double()
+        square, mixed = float(once @ once), float(v @ twice)
+        if square > 0.0 and not abs(square - mixed) <= 1e-2 * square:
+            raise ValueError(
+                f"{type(self).__name__}: the curvature is not symmetric on the probe batch: with A its matrix and v "
+                f"a probe vector, (A v)^T (A v) = {square:.4g} but v^T A (A v) = {mixed:.4g}; a custom "
+                "autograd.Function's backward is not the derivative of its forward (a gradient reversal layer?), so "
+                "the loss has no Hessian for second-order methods to use"
+            )
 
     @abc.abstractmethod
     def _probe_products(self, x: torch.Tensor, y: torch.Tensor, tangents: Tangents) -> Tangents:
@@ -288,28 +333,6 @@ class GenericHessian(_TorchFuncOperator):
             "graph at fixed weights, so a product is one backward pass"
         )
         return out
-
-    @functools.cached_property
-    def _runs_custom_function(self) -> bool:
-        """Whether the loss on the probe batch runs a custom ``autograd.Function`` other than this package's
-        (whose second derivatives its tests check: the LoRA op): one forward, its graph walked and dropped,
-        once per operator (the probe asks it for each mode it checks)."""
-        x, y = self._probe_batch()
-        with torch.enable_grad():
-            params = {name: p.detach().requires_grad_(True) for name, p in self.params.items()}
-            loss = self.batch_loss(params, self._own_input(x), y)
-        seen, stack = set(), [loss.grad_fn]
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen:
-                continue
-            if isinstance(node, torch.autograd.function.BackwardCFunction):
-                function = getattr(node, "_forward_cls", None)
-                if not getattr(function, "__module__", "").startswith("unlearn_kernels."):
-                    return True
-            seen.add(node)
-            stack.extend(next_node for next_node, _ in node.next_functions)
-        return False
 
     def _forward_over_reverse_probe(self) -> torch.Tensor | None:
         """Forward-over-reverse's product of the probe vector on the probe batch (counted), or None where
