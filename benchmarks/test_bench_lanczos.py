@@ -17,7 +17,7 @@ from unlearn_kernels.backends import status
 from unlearn_kernels.curvature import hessian_operator
 from unlearn_kernels.ops import lanczos_step, lanczos_step_ref
 
-from .common import plain_error_tolerance, synchronized
+from .common import kernel_backends, plain_error_tolerance, synchronized
 from .hvp import digits_problem
 from .lanczos import (
     NUM_EIGS, REFERENCE_TOLERANCE, STEP_BASELINE, TOLERANCE, reference_operator, step_states, top_eigsh, top_lanczos,
@@ -25,8 +25,7 @@ from .lanczos import (
 )
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-COMPILED = ("cpp",) if DEVICE.type == "cpu" else ("cuda", "triton")  # Triton on a CPU is the interpreter
-STEP_CANDIDATES = [STEP_BASELINE] + [f"ours:{b}" for b in COMPILED if status("lanczos_step", b).usable]
+STEP_CANDIDATES = [STEP_BASELINE] + [f"ours:{b}" for b in kernel_backends(DEVICE) if status("lanczos_step", b).usable]
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,11 @@ default ``--benchmark-group-by=group``)."""
 import pytest
 import torch
 
-from .common import plain_error_tolerance, synchronized
+from .common import kernel_backends, plain_error_tolerance, synchronized
 from .lora import FLOOR, candidates, exact_outputs
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-CANDIDATES = (["ours:cpp"] if DEVICE.type == "cpu" else ["ours:cuda", "ours:triton"]) + ["peft", "eager", FLOOR]
+CANDIDATES = [f"ours:{b}" for b in kernel_backends(DEVICE)] + ["peft", "eager", FLOOR]
 
 
 @pytest.fixture(scope="module", params=[16, 64], ids=lambda r: f"r{r}")

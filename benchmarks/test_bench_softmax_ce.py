@@ -6,12 +6,12 @@ import torch
 
 from unlearn_kernels import ops
 
-from .common import plain_error_tolerance, synchronized
+from .common import kernel_backends, plain_error_tolerance, synchronized
 from .softmax_ce import eager_grad, eager_hvp
 
 SHAPES = [(4096, 1000), (4096, 32000)]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-CANDIDATES = ["eager", "torch.compile"] + (["cpp"] if DEVICE.type == "cpu" else ["cuda", "triton"])
+CANDIDATES = ["eager", "torch.compile", *kernel_backends(DEVICE)]
 
 
 @pytest.fixture(scope="module", params=SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
