@@ -271,7 +271,8 @@ class GenericHessian(_TorchFuncOperator):
     _derivative_error = (
         "the loss is not twice differentiable by forward-over-reverse (torch.func.jvp of torch.func.grad) "
         "nor by double backward (torch.autograd); every op needs a derivative of its backward "
-        "(custom autograd.Functions need a differentiable backward or a jvp). "
+        "(custom autograd.Functions need a differentiable backward or a jvp; activation checkpointing, "
+        "torch.utils.checkpoint, is not twice differentiable here: turn it off). "
         "ggn_operator needs only first derivatives of the model"
     )
 
