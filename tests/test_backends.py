@@ -1,4 +1,5 @@
 """Backend choice: ``choose`` is marked constant for torch.compile without importing torch._dynamo."""
+import importlib
 import os
 import subprocess
 import sys
@@ -37,7 +38,6 @@ def test_triton_kernels_that_cannot_be_imported_make_triton_unavailable(monkeypa
     """In a source tree used without installing the package, ``unlearn_kernels.triton_kernels`` does not
     exist (setup.py maps the top-level triton_kernels/ into it): ``backends()`` and every choice that
     looks at Triton failed with ModuleNotFoundError; Triton is now unavailable, with the reason."""
-    import importlib
     import importlib.util
 
     module = importlib.import_module("unlearn_kernels.backends")  # the package's name `backends` is the function
@@ -58,3 +58,16 @@ def test_triton_kernels_that_cannot_be_imported_make_triton_unavailable(monkeypa
     finally:
         module.triton_available.cache_clear()
         module.status.cache_clear()
+
+
+def test_declaring_an_op_again_refreshes_its_status(monkeypatch):
+    """``status`` is cached per (op, backend): a new declaration must clear it, or the old answer stays."""
+    backends = importlib.import_module("unlearn_kernels.backends")  # the package's name `backends` is a function
+    monkeypatch.setattr(backends, "_IMPLEMENTED", dict(backends._IMPLEMENTED))
+    try:
+        backends.register_ops({"declared_twice": ("cpp",)})
+        assert not backends.status("declared_twice", "reference").usable
+        backends.register_ops({"declared_twice": ("cpp", "reference")})
+        assert backends.status("declared_twice", "reference").usable
+    finally:
+        backends.status.cache_clear()

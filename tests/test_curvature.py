@@ -2392,8 +2392,22 @@ def test_half_precision_sums_over_batches_do_not_overflow():
         build(half, F.cross_entropy, (x16[:20], ignored), batch_size=10)
     for build in (hessian_operator, ggn_operator):
         with pytest.raises(ValueError, match=r"the loss on a batch of 40000 rows is not finite in torch.float16 "
-                                             r"\(its mean overflows\): use batches of a few thousand rows"):
+                                             r"\(its mean overflows, or the forward does\): use batches of a few "
+                                             r"thousand rows"):
             build(half, F.cross_entropy, (x16, y))
+
+
+def test_a_bfloat16_loss_that_overflows_in_the_forward_is_refused():
+    """bfloat16 keeps float32's range, so its loss overflows in the forward (finite weights of 3e38) rather than in
+    the mean: refused as float16's is, where the Objective otherwise returned NaN values."""
+    model = nn.Sequential(nn.Linear(4, 3)).eval().bfloat16()
+    with torch.no_grad():
+        model[0].weight.fill_(3e38)
+    data = (torch.ones(8, 4, dtype=torch.bfloat16), torch.zeros(8, dtype=torch.long))
+    for build in (Objective, hessian_operator):
+        with pytest.raises(ValueError, match=r"the loss on a batch of 8 rows is not finite in torch.bfloat16 \(its "
+                                             r"mean overflows, or the forward does\)"):
+            build(model, F.cross_entropy, data)
 
 
 class _CountsItsCalls(nn.Module):

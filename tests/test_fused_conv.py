@@ -116,6 +116,7 @@ def test_matmat_equals_matvecs_and_the_generic_path(device, dense):
     (3, 4, (3, 3), (1, 1), (1, 1), (2, 2)),
     (2, 5, (3, 3), (1, 1), (1, 1), (3, 3)),
     (2, 3, (2, 3), (2, 1), (0, 1), (3, 2)),  # non-square kernel, stride and map
+    (2, 3, (3, 3), (1, 2), (1, 1), (3, 3)),  # the row stride apart from the column stride, over 3 output rows
     (3, 2, (1, 1), (1, 1), (0, 0), (1, 1)),
     (2, 2, (3, 3), (2, 2), (2, 2), (3, 3)),  # padding wider than the map's edge
 ])

@@ -173,6 +173,33 @@ def test_torch_func_transforms(backend, device, rng):
     close(ror(ours), ror(ref))
 
 
+
+@pytest.mark.parametrize(("backend", "device"), CASES)
+def test_adapter_gradients_when_x_needs_none(backend, device, rng):
+    """The usual LoRA training step: only A and B need gradients. The backward returns one gradient per input slot
+    (a backward that packed the two present ones into the first slots gave A's gradient to x, B's to A)."""
+    x, weight, b, lora_a, lora_b, scale = make((9,), 7, 5, 3, torch.float64, device, rng)
+    grad_out = torch.randn(9, 5, dtype=torch.float64, generator=rng).to(device)
+
+    def adapter_grads(fn):
+        leaves = [lora_a.clone().requires_grad_(), lora_b.clone().requires_grad_()]
+        return torch.autograd.grad(fn(x, weight, b, *leaves, scale), leaves, grad_out)
+
+    for got, want in zip(adapter_grads(lambda *a: lora_linear(*a, backend=backend)), adapter_grads(lora_linear_ref)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("backend", "device"), CASES)
+def test_vmap_over_stacked_weights_and_biases(backend, device, rng):
+    """Several frozen layers at once (vmap over W and b): each batched bias is broadcast over its layer's rows."""
+    x, _, _, lora_a, lora_b, scale = make((5,), 6, 4, 2, torch.float64, device, rng)
+    weights = torch.randn(3, 4, 6, dtype=torch.float64, generator=rng).to(device)
+    biases = torch.randn(3, 4, dtype=torch.float64, generator=rng).to(device)
+    out = torch.func.vmap(lambda w, bias: lora_linear(x, w, bias, lora_a, lora_b, scale, backend=backend))(weights,
+                                                                                                              biases)
+    expected = torch.stack([lora_linear_ref(x, w, bias, lora_a, lora_b, scale) for w, bias in zip(weights, biases)])
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
 def test_plain_backward_runs_the_compiled_op(rng):
     x, weight, b, lora_a, lora_b, scale = make((16,), 8, 6, 2, torch.float32, "cpu", rng)
     lora_b.requires_grad_()
@@ -288,6 +315,7 @@ def _valid():
           "scale": -2**2000}, ValueError, r"scale -\d+\.\.\.\d+ is beyond the range of x's dtype torch.float64 "
                                           r"\(largest finite 1.79769e\+308\)$"),
         ({"scale": "2"}, TypeError, "scale must be a Python float"),
+        ({"scale": True}, TypeError, "scale must be a Python float, got bool"),  # an int to Python, 1 to the kernels
         ({"scale": 1e39}, ValueError, r"scale 1e\+39 is beyond the range of x's dtype torch.float32"),
         ({**{k: torch.ones(*v.shape, dtype=torch.float16) for k, v in _valid().items() if k != "scale"}, "scale": 1e5},
          ValueError, "beyond the range of x's dtype torch.float16"),  # converted to float16, the factor would be Inf

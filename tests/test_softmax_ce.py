@@ -232,6 +232,8 @@ def _bad_calls(z, u, y):
     """case -> (exception type, message regex, call(backend)); y has 4 rows, z and u are (4, 5)."""
     two_bad = y.clone()
     two_bad[1], two_bad[3] = -3, 5  # the message names the first bad row, whatever the kernel met first
+    at_c = y.clone()
+    at_c[2] = 5
     return {
         "1-D logits": (ValueError, r"softmax_ce_hvp: logits must be 2-D \(N, C\), got shape \[5\]$",
                        lambda b: ops.softmax_ce_hvp(z[0], u[0], backend=b)),
@@ -257,6 +259,10 @@ def _bad_calls(z, u, y):
         "target range": (ValueError, r"softmax_ce_grad: target\[1\] = -3 is out of range for 5 classes "
                                      r"\(and is not ignore_index=-100\)$",
                          lambda b: ops.softmax_ce_grad(z, two_bad, backend=b)),
+        # one past the last class: the bound is exclusive (Triton zeroed such a row, the reference raised torch's error)
+        "target equal to C": (ValueError, r"softmax_ce_grad: target\[2\] = 5 is out of range for 5 classes "
+                                          r"\(and is not ignore_index=-100\)$",
+                              lambda b: ops.softmax_ce_grad(z, at_c, backend=b)),
         "target device": (ValueError, "softmax_ce_grad: target is on meta but logits on (cpu|cuda:0)$",
                           lambda b: ops.softmax_ce_grad(z, y.to("meta"), backend=b)),
         "tangent device": (ValueError, "softmax_ce_hvp: tangent is on meta but logits on (cpu|cuda:0)$",
@@ -402,6 +408,9 @@ def test_forced_backend_that_cannot_run_says_why(rng):
         unlearn_kernels.choose_backend("softmax_ce_hvp", "gpu")
     with pytest.raises(BackendUnavailableError, match="CPU tensors"):
         ops.softmax_ce_hvp(z.to("meta"), u.to("meta"), backend="cpp")
+    if backend_status("softmax_ce_hvp", "triton").usable:  # the interpreter takes CPU tensors, not meta ones
+        with pytest.raises(BackendUnavailableError, match="Triton kernels need CUDA tensors .*got meta"):
+            ops.softmax_ce_hvp(z.to("meta"), u.to("meta"), backend="triton")
 
 
 def test_triton_refuses_tensors_on_another_gpu_than_the_current_one(monkeypatch):
@@ -464,6 +473,13 @@ def test_forward_mode_and_torch_func_match_the_formulas(backend, rng):
     gradient = torch.func.grad(lambda a: (ops.softmax_ce_hvp(a, u, backend=backend) * weights).sum())(z)
     expected = torch.func.grad(lambda a: (_hvp_formula(a, u) * weights).sum())(z)
     torch.testing.assert_close(gradient, expected, rtol=1e-12, atol=1e-14)
+    # along the tangent alone, the logits constant: the forward rule runs (a check of the logits alone skipped it and
+    # gave a zero tangent) and the backward fills the tangent's slot (read from the logits' flag it gave None)
+    _, moved = torch.func.jvp(lambda b: ops.softmax_ce_hvp(z, b, backend=backend), (u,), (du,))
+    torch.testing.assert_close(moved, _hvp_formula(z, du), rtol=1e-12, atol=1e-14)
+    leaf = u.clone().requires_grad_(True)
+    (gradient,) = torch.autograd.grad((ops.softmax_ce_hvp(z, leaf, backend=backend) * weights).sum(), leaf)
+    torch.testing.assert_close(gradient, _hvp_formula(z, weights), rtol=1e-12, atol=1e-14)
     # forward over reverse: the Hessian of the summed loss along dz, through the grad op's two rules
     hessian_dz = torch.func.jvp(torch.func.grad(lambda a: (ops.softmax_ce_grad(a, y, backend=backend) * z.detach()).sum()),
                                 (z,), (dz,))[1]

@@ -146,12 +146,13 @@ def probe_forward(forward: Callable[[torch.Tensor], Any], loss_fn: LossFn, x: to
             raise ValueError(f"{_prefix(owner)}the loss rejects the targets y (shape {tuple(y.shape)}, {y.dtype}) "
                              f"with the model's outputs (shape {shape}): {err}") from err
     # a half-precision mean over many rows overflows (float16 cross entropy over 80,000 rows: Inf, and a
-    # zero gradient that no finiteness check would catch); finite data and weights are checked already
-    # (a batch whose mean has no row is 0 already: checked_loss)
+    # zero gradient that no finiteness check would catch), or the forward itself does (bfloat16 keeps float32's
+    # range, so there mostly the forward); finite data and weights are checked already (a batch whose mean has
+    # no row is 0 already: checked_loss)
     if loss.dtype in (torch.float16, torch.bfloat16) and not all_finite(loss):
         raise ValueError(f"{_prefix(owner)}the loss on a batch of {y.shape[0]} rows is not finite in {loss.dtype} "
-                         "(its mean overflows): use batches of a few thousand rows (batch_size= for tensor data, a "
-                         "DataLoader's own batch size), or a float32 model")
+                         "(its mean overflows, or the forward does): use batches of a few thousand rows "
+                         "(batch_size= for tensor data, a DataLoader's own batch size), or a float32 model")
 
 
 def ignore_index_of(loss_fn: LossFn) -> int:
