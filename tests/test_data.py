@@ -224,12 +224,14 @@ def test_missing_dataset_files_are_one_line_naming_the_root_the_files_and_how_to
         "torchvision downloaded the dataset to works too")
 
 
-def test_labels_outside_the_classes_are_rejected(tmp_path) -> None:
+# the bound itself (two rows: one row of an eleventh class is refused by the stratified split first)
+@pytest.mark.parametrize("bad, rows", [(12, 1), (10, 2)])
+def test_labels_outside_the_classes_are_rejected(tmp_path, bad: int, rows: int) -> None:
     data = _mnist_files(tmp_path, np.random.default_rng(0), gzipped=False)
     labels = data["train-labels-idx1-ubyte"].copy()
-    labels[0] = 12
+    labels[:rows] = bad
     _write_idx(str(tmp_path / "train-labels-idx1-ubyte"), labels)
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+    with pytest.raises(ValueError, match=rf"labels must lie in \[0, 10\), found \[0, {bad}\]"):
         load_dataset("mnist", root=tmp_path)
 
 
@@ -332,6 +334,30 @@ def test_cifar_rows_are_red_green_blue_planes(tmp_path) -> None:
     assert (x_train[0, 0] == 10).all() and (x_train[0, 1] == 20).all() and (x_train[0, 2] == 30).all()
 
 
+
+def test_a_constant_channel_is_standardised_to_zero_not_nan(tmp_path) -> None:
+    """A blank blue channel has standard deviation 0 over the train rows: it stays 0 (was 0 / 0 = NaN in every
+    split without the guard)."""
+    _cifar_files(tmp_path, "cifar10", np.random.default_rng(0))
+    folder = tmp_path / "cifar-10-batches-py"
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = read_cifar_batch(folder / name)
+        batch[b"data"][:, 2048:] = 0  # the third of the red, green, blue planes
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    splits = load_dataset("cifar10", root=tmp_path, seed=0, val_fraction=0.2)
+    for part in (splits.train, splits.val, splits.test):
+        assert torch.isfinite(part.x).all() and (part.x[:, 2] == 0).all()
+
+
+def test_cifar100_without_a_meta_file_names_each_of_its_100_classes(tmp_path) -> None:
+    """Without its meta file CIFAR-100's classes are named by their numbers, all 100 (a fallback to CIFAR-10's
+    names gave 10)."""
+    _cifar_files(tmp_path, "cifar100", np.random.default_rng(0))
+    (tmp_path / "cifar-100-python" / "meta").unlink()
+    splits = load_dataset("cifar100", root=tmp_path, seed=0, val_fraction=0.2)
+    assert splits.num_classes == 100 and splits.class_names == tuple(str(c) for c in range(100))
+
 def test_cifar_missing_files_and_bad_pickles(tmp_path) -> None:
     with pytest.raises(FileNotFoundError) as info:
         load_dataset("cifar10", root=tmp_path)
@@ -421,6 +447,23 @@ def test_labeled_data_names_what_it_cannot_hold():
     with pytest.raises(TypeError, match=r"LabeledData: y must be a dense tensor, got layout torch.sparse_coo"):
         LabeledData(x, y.to_sparse())
 
+
+
+def test_subset_refuses_an_index_out_of_range_with_its_own_error():
+    """The documented ValueError, also at the bound itself (index n reached torch's IndexError)."""
+    data = LabeledData(torch.randn(5, 2), torch.arange(5))
+    with pytest.raises(ValueError, match="index 5 is out of range for 5 rows"):
+        data.subset(torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match="index -6 is out of range for 5 rows"):
+        data.subset(torch.tensor([-6]))
+    assert torch.equal(data.subset(torch.tensor([4, -5])).y, torch.tensor([4, 0]))
+
+
+def test_drop_last_drops_the_single_row_that_join_last_row_would_join():
+    """Nine rows in batches of 4: drop_last drops the ninth also with join_last_row, which joins it otherwise."""
+    data = LabeledData(torch.randn(9, 2), torch.arange(9))
+    assert [len(y) for _, y in data.loader(4, drop_last=True, join_last_row=True)] == [4, 4]
+    assert [len(y) for _, y in data.loader(4, join_last_row=True)] == [4, 5]
 
 def test_load_dataset_checks_the_seed() -> None:
     with pytest.raises(ValueError, match=r"load_dataset: seed must be in \[0, 2\*\*32\), got -1"):

@@ -136,8 +136,84 @@ def test_forward_over_reverse_hvp_matches_double_backward(name, rng):
 def test_the_vit_takes_every_square_image_of_the_datasets():
     """Its default patch of 4 does not divide LFW's 25 pixels: `--dataset lfw --model vit` could not run from the
     command line ("patch_size 4 does not divide image_size 25"), which has no option to set it."""
-    for side, patch in ((32, 4), (28, 4), (8, 4), (25, 5), (9, 3), (7, 1)):
+    for side, patch in ((32, 4), (28, 4), (8, 4), (20, 4), (40, 4), (25, 5), (9, 3), (7, 1)):  # 4 before 5
         model = build_model("vit", (1, side, side), 3)
         assert model.patch_embed.kernel_size == (patch, patch)
         assert model(torch.zeros(2, 1, side, side)).shape == (2, 3)
         assert build_model("vit", (1, side, side), 3, patch_size=1).patch_embed.kernel_size == (1, 1)  # kept
+
+
+# independent float64 forwards of the architectures the docstrings describe
+def _layer_norm(module, t):
+    return F.layer_norm(t, module.normalized_shape, module.weight, module.bias, module.eps)
+
+
+def _attention(module, t, heads):
+    batch, tokens, dim = t.shape
+    head_dim = dim // heads
+    q, k, v = F.linear(t, module.qkv.weight, module.qkv.bias).split(dim, dim=-1)
+    q, k, v = (z.reshape(batch, tokens, heads, head_dim).transpose(1, 2) for z in (q, k, v))
+    weights = torch.softmax(q @ k.transpose(-1, -2) / head_dim ** 0.5, dim=-1)
+    return F.linear((weights @ v).transpose(1, 2).reshape(batch, tokens, dim), module.proj.weight, module.proj.bias)
+
+
+def test_vit_forward_is_the_documented_architecture():
+    """Patch embedding, class token and positions, pre-norm blocks of multi-head attention (scaled by the head
+    width) and a GELU MLP, the class token's logits: written out in float64. Shapes alone let through a scale by
+    the model width, a mean over the tokens, post-norm blocks and heads split the wrong way."""
+    torch.manual_seed(0)
+    model = SmallViT(8, 4, 1, 3, dim=8, depth=2, heads=2).double().eval()
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    t = F.conv2d(x, model.patch_embed.weight, model.patch_embed.bias, stride=4).flatten(2).transpose(1, 2)
+    t = torch.cat([model.cls_token.expand(3, -1, -1), t], 1) + model.pos_embed
+    for block in model.blocks:
+        t = t + _attention(block.attn, _layer_norm(block.norm1, t), 2)
+        hidden = F.gelu(F.linear(_layer_norm(block.norm2, t), block.mlp[0].weight, block.mlp[0].bias))
+        t = t + F.linear(hidden, block.mlp[2].weight, block.mlp[2].bias)
+    expected = F.linear(_layer_norm(model.norm, t)[:, 0], model.head.weight, model.head.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_resnet18_forward_is_the_documented_architecture():
+    """The CIFAR stem, four stages of two basic blocks (strides 1, 2, 2, 2; projection shortcuts), global average
+    pooling: written out in float64 in eval mode, with running statistics and scales that are not the defaults."""
+    torch.manual_seed(0)
+    model = ResNet18(num_classes=3, in_channels=1, width=2).double()
+    for module in model.modules():  # non-trivial running statistics and scales
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 1.5)
+            module.weight.data.uniform_(0.5, 1.5)
+    model.eval()
+
+    def bn(b, t):
+        return F.batch_norm(t, b.running_mean, b.running_var, b.weight, b.bias, False, 0.0, b.eps)
+
+    def block(b, t, stride):
+        out = F.relu(bn(b.bn1, F.conv2d(t, b.conv1.weight, stride=stride, padding=1)))
+        out = bn(b.bn2, F.conv2d(out, b.conv2.weight, padding=1))
+        short = (t if isinstance(b.shortcut, nn.Identity)
+                 else bn(b.shortcut[1], F.conv2d(t, b.shortcut[0].weight, stride=stride)))
+        return F.relu(out + short)
+
+    x = torch.randn(2, 1, 16, 16, dtype=torch.float64)
+    t = F.relu(bn(model.bn1, F.conv2d(x, model.conv1.weight, padding=1)))
+    for stage, stride in zip(model.layers, (1, 2, 2, 2)):
+        t = block(stage[1], block(stage[0], t, stride), 1)
+    assert t.shape[-2:] == (2, 2)
+    expected = F.linear(t.mean(dim=(2, 3)), model.fc.weight, model.fc.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_cnn_blocks_halve_the_resolution_floored_at_one_pixel():
+    """Each block halves the resolution, rounding up (ceil-mode pooling): four blocks run on 8x8 digits, and a
+    25-pixel LFW image is 13 pixels wide after the first block (floor-mode pooling: 12, and 8x8 fails)."""
+    model = build_model("cnn", (1, 8, 8), 10, channels=(4, 4, 4, 4))
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    sizes = []
+    model = build_model("cnn", (1, 25, 25), 2, channels=(4, 4))
+    model.features[2].register_forward_hook(lambda module, inputs, out: sizes.append(tuple(out.shape[-2:])))
+    model(torch.zeros(1, 1, 25, 25))
+    assert sizes == [(13, 13)]

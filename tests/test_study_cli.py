@@ -28,6 +28,7 @@ from unlearn_kernels.study import DEFAULT_RECIPES, METHODS, StudyConfig, default
 from unlearn_kernels.training import TrainConfig
 
 FAST = TrainConfig(epochs=8, batch_size=64, lr=0.05)
+ONE_EPOCH = TrainConfig(epochs=1, batch_size=64, lr=0.05)
 
 
 def test_the_study_warms_up_before_its_first_measured_call(tmp_path, monkeypatch):
@@ -1380,3 +1381,99 @@ def test_a_standard_error_that_cannot_be_written_stops_no_work(tmp_path, monkeyp
     assert main(["run", "--protocol", "random", "--methods", "original", "--seeds", "0", "--epochs", "1",
                  "--out", str(tmp_path), "--no-cache"]) == 0
     assert (tmp_path / "random" / "results.json").exists()
+
+
+def test_each_study_seed_trains_its_original_from_that_seed(tmp_path):
+    """Each seed trains its original from that seed (its starting weights and shuffle): a recipe that kept seed 0
+    for every seed would make the seeds' spread meaningless."""
+    from unlearn_kernels.checkpoint import read_checkpoint
+    from unlearn_kernels.study import StudyConfig, run_study
+
+    config = StudyConfig(methods=("original",), seeds=(0, 1), recipe=ONE_EPOCH, cache_dir=str(tmp_path))
+    assert [config.train_recipe(s).seed for s in (0, 1, 7)] == [0, 1, 7]
+    run_study(config)
+    recorded = {}
+    for path in tmp_path.glob("original-digits-mlp-*.pt"):
+        metadata, _ = read_checkpoint(path)
+        recorded[int(path.name.split("-")[3])] = (metadata["recipe"]["seed"], metadata["model"]["init"])
+    assert recorded[0][0] == 0 and recorded[1][0] == 1
+    assert recorded[0][1] != recorded[1][1]  # another starting point
+
+
+def test_sequential_requests_chain_each_method_and_time_it_against_the_same_request(monkeypatch):
+    """Each method continues its own chain (request 2 starts from its request-1 model, not from the original),
+    and each request's speed-ups are against that request's retraining (the oracle's own speed-up is 1)."""
+    from unlearn_kernels import methods
+    from unlearn_kernels.checkpoint import tensors_digest
+    from unlearn_kernels.eval import speedup
+    from unlearn_kernels.study import StudyConfig, run_study
+
+    cls = methods.METHODS["gradient_ascent"]
+    real, calls = cls.unlearn, []
+
+    def spy(self, model, forget, retain, **kwargs):
+        result = real(self, model, forget, retain, **kwargs)
+        calls.append((tensors_digest(model.state_dict()), tensors_digest(result.model.state_dict())))
+        return result
+
+    monkeypatch.setattr(cls, "unlearn", spy)
+    config = StudyConfig(methods=("gradient_ascent",), seeds=(0,), sequential=2, recipe=ONE_EPOCH, cache_dir=None)
+    records = run_study(config)["records"]
+    assert len(calls) == 2 and calls[1][0] == calls[0][1]
+    oracle = {r["request"]: r["metrics"]["seconds"] for r in records if r["method"] == "retrain"}
+    for r in records:
+        assert r["metrics"]["speedup"] == speedup(r["metrics"]["seconds"], oracle[r["request"]])
+
+
+def test_acc_unseen_is_measured_on_the_validation_split(tmp_path):
+    """acc_unseen is the accuracy on the validation split (the guide's definition), acc_test on the test split:
+    recomputed from the study's cached original."""
+    from unlearn_kernels.checkpoint import train_or_load
+    from unlearn_kernels.eval import accuracy, predict_logits
+    from unlearn_kernels.study import (
+        StudyConfig, _model_factory, _model_info, _original_path, build_scenario, run_study)
+
+    config = StudyConfig(methods=("original",), seeds=(0,), recipe=ONE_EPOCH, cache_dir=str(tmp_path))
+    metrics = next(r for r in run_study(config)["records"] if r["method"] == "original")["metrics"]
+    splits = load_dataset("digits", seed=0)
+    train_split, _, tag = build_scenario(config, splits, 0)
+    factory = _model_factory(config, splits)
+    model, stats = train_or_load(_original_path(config, factory, 0, tag), factory, train_split,
+                                 config.train_recipe(0), model_info=_model_info(config))
+    assert stats is None  # the study's cached original
+    assert metrics["acc_unseen"] == accuracy(predict_logits(model, splits.val), splits.val.y)
+    assert metrics["acc_test"] == accuracy(predict_logits(model, splits.test), splits.test.y)
+
+
+def test_plain_run_leaves_out_the_two_exact_damped_solves():
+    """A plain `unlearn-kernels run` runs the three scenarios without the two exact damped solves (up to ~40 s a
+    call), as its output says; `--protocol` runs one scenario with every default method."""
+    from unlearn_kernels.cli import _study_configs, build_parser
+    from unlearn_kernels.study import DEFAULT_METHODS, SCENARIO_METHODS
+
+    configs = _study_configs(build_parser().parse_args(["run", "--no-cache"]))
+    assert set(configs) == {"random", "mislabeled", "class"}
+    for config in configs.values():
+        assert config.methods == SCENARIO_METHODS
+    (config,) = _study_configs(build_parser().parse_args(["run", "--no-cache", "--protocol", "random"])).values()
+    assert config.methods == DEFAULT_METHODS
+
+
+def test_cli_refuses_before_any_work_a_results_file_it_could_not_overwrite(tmp_path, capsys, monkeypatch):
+    """A results.json the run would overwrite but cannot write is refused before any work (status 2), the file
+    untouched (os.access stands in for the permission bits, which a root user does not see); without the check
+    the stale file was deleted and written anew."""
+    from pathlib import Path
+
+    from unlearn_kernels.cli import main
+
+    (tmp_path / "random").mkdir()
+    locked = tmp_path / "random" / "results.json"
+    locked.write_text("{}")
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, *a, **k: Path(path) != locked and access(path, mode, *a, **k))
+    code = main(["run", "--seeds", "0", "--epochs", "1", "--methods", "original", "--no-cache", "--protocol", "random",
+                 "--out", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert code == 2 and f"--out: '{locked}', which the run overwrites, is not writable" in err
+    assert locked.read_text() == "{}" and "unlearn-kernels run:" not in out

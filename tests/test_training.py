@@ -1015,6 +1015,44 @@ def test_a_factory_that_starts_elsewhere_or_freezes_a_layer_trains_its_own_model
         assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), alone.state_dict().values()))
     assert len({cache_path(tmp_path, "orig", init_model(f, CONFIG.seed), CONFIG)
                 for f in (plain, zero_head, frozen_first)}) == 3
+    # one fixed path for two factories: the record's starting weights tell them apart (not only cache_path's key)
+    first, _ = train_or_load(tmp_path / "one.pt", plain, data, CONFIG)
+    second, stats = train_or_load(tmp_path / "one.pt", zero_head, data, CONFIG)
+    assert stats is not None and not torch.equal(first[2].weight, second[2].weight)
+
+
+def test_a_loaded_model_is_in_eval_mode_as_a_trained_one_is(tmp_path):
+    """train_or_load returns its model in eval mode either way: a batch-norm model loaded in train mode
+    normalised with the batch's statistics (outputs 1.6 off the trained model's)."""
+    g = torch.Generator().manual_seed(0)
+    data = LabeledData(torch.randn(32, 1, 8, 8, generator=g), torch.arange(32) % 3)
+    recipe = TrainConfig(epochs=1, batch_size=16, lr=0.05)
+
+    def resnet() -> nn.Module:
+        return ResNet18(num_classes=3, in_channels=1, width=2)
+
+    trained, stats = train_or_load(tmp_path / "resnet.pt", resnet, data, recipe)
+    loaded, again = train_or_load(tmp_path / "resnet.pt", resnet, data, recipe)
+    assert stats is not None and again is None
+    assert not trained.training and not loaded.training
+    with torch.no_grad():
+        assert torch.equal(loaded(data.x[:4]), trained(data.x[:4]))
+
+
+def test_tensors_digest_tells_dtypes_apart_where_the_bytes_agree():
+    """Zeros of float32 and int32 have equal bytes: the digest (and so the data fingerprint) keeps the dtype."""
+    assert checkpoint.tensors_digest({"w": torch.zeros(4)}) != checkpoint.tensors_digest(
+        {"w": torch.zeros(4, dtype=torch.int32)})
+    y = torch.arange(4)
+    assert data_fingerprint(LabeledData(torch.zeros(4, 3), y)) != data_fingerprint(
+        LabeledData(torch.zeros(4, 3, dtype=torch.int32), y))
+
+
+def test_save_json_writes_non_finite_numbers_as_null_at_any_depth(tmp_path):
+    """Strict JSON has no NaN or infinity: save_json writes them as null in dicts, lists and tuples alike."""
+    path = checkpoint.save_json({"curve": (1.0, float("nan"), float("-inf")), "nested": [{"t": (float("inf"),)}]},
+                                tmp_path / "r.json")
+    assert json.loads(path.read_text()) == {"curve": [1.0, None, None], "nested": [{"t": [None]}]}
 
 
 def test_warm_up_leaves_an_optimizers_one_off_imports_done():
