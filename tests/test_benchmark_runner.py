@@ -429,10 +429,13 @@ def test_a_wrong_result_of_ours_fails_the_run_and_an_anchors_does_not(monkeypatc
         assert json.loads((tmp_path / f"{name}_cpu.json").read_text())["results"][0]["status"] == "wrong"
 
 
-def test_a_wrong_gradient_descent_step_is_not_taken_for_one_that_stopped_short(monkeypatch, capsys, tmp_path):
+# gd halved as such; krylov halved and also reported at gd's step cap, unconverged (what gd's relabelling looks at)
+@pytest.mark.parametrize("broken, at_the_cap", [("gd", False), ("krylov", True)])
+def test_a_wrong_step_is_not_taken_for_one_that_stopped_short(monkeypatch, capsys, tmp_path, broken, at_the_cap):
     """The cubic suite relabelled every wrong result of "gd" as stopped short of the target (its step cap, or its
-    own tolerance), so a gd returning half its step passed the run. Only a step that meets its own stopping rule,
-    or one at the step cap, is relabelled now; this one stays wrong and fails the run."""
+    own tolerance), so a gd returning half its step passed the run. Only a gd step that meets its own stopping
+    rule, or one at the step cap, is relabelled now; this one stays wrong and fails the run. A wrong Krylov step
+    stays wrong whatever its iteration count."""
     import dataclasses
 
     import benchmarks.cubic as cubic
@@ -441,16 +444,18 @@ def test_a_wrong_gradient_descent_step_is_not_taken_for_one_that_stopped_short(m
 
     def halved(H, g, M, *, method, **options):
         step = solve(H, g, M, method=method, **options)
-        if method != "gd":
+        if method != broken:
             return step
         half = 0.5 * step.step
-        return dataclasses.replace(step, step=half, model_value=cubic.model_value_and_residual(H, g, half, M)[0])
+        capped = {"converged": False, "iterations": cubic.GD_MAX_STEPS} if at_the_cap else {}
+        return dataclasses.replace(step, step=half, model_value=cubic.model_value_and_residual(H, g, half, M)[0],
+                                   **capped)
 
     problems = cubic._problems
     monkeypatch.setattr(cubic, "_problems", lambda quick: problems(quick)[:1])  # d = 1,000 alone
     monkeypatch.setattr(cubic, "cubic_newton_step", halved)
     assert main(["cubic", "--quick", "--out", str(tmp_path)]) == 1
-    assert "cubic: FAILED its correctness gates: gd on synthetic d=1000" in capsys.readouterr().out
+    assert f"cubic: FAILED its correctness gates: {broken} on synthetic d=1000" in capsys.readouterr().out
     monkeypatch.setattr(cubic, "cubic_newton_step", solve)
     assert main(["cubic", "--quick", "--out", str(tmp_path)]) == 0
 
