@@ -190,18 +190,23 @@ def _kind(case):
 
 def test_the_hvp_suites_ratios(monkeypatch):
     """vs_fastest_anchor against the fastest anchor only (never one of ours), gradient_units, and matmat's
-    vs_8_matvecs / vs_8_streamed_products against its own path's products, with the config naming that anchor."""
+    vs_8_matvecs / vs_8_streamed_products against its own path's products, with the config naming that anchor. The
+    anchor libraries (curvlinops, PyHessian) are optional: an anchor that is not installed is an unavailable row, and
+    the fastest is taken among those that ran."""
     import benchmarks.hvp as hvp
 
     monkeypatch.setattr(hvp, "problems", lambda device, quick=False: [tiny_mlp_problem()])
     monkeypatch.setattr(hvp, "measure_interleaved", fixed_times(lambda m: HVP_TIMES[_kind(m.case)][m.candidate]))
     results, config = hvp.run(torch.device("cpu"), quick=True, min_time=0.0)
-    assert all(m.status == "ok" for m in results), [(m.candidate, m.status) for m in results]
-    rows = {(_kind(m.case), m.candidate): m.extra for m in results}
-    assert config["cases"][0]["fastest_anchor"] == "pyhessian:cached-graph"
+    assert all(m.status == "ok" or (m.candidate in hvp.ANCHORS and m.status.startswith("unavailable"))
+               for m in results), [(m.candidate, m.status) for m in results]
+    rows = {(_kind(m.case), m.candidate): m.extra for m in results if m.median_s}
+    fastest = min((a for a in hvp.ANCHORS if ("hvp", a) in rows), key=HVP_TIMES["hvp"].get)  # plain autograd at least
+    assert config["cases"][0]["fastest_anchor"] == fastest
     for name, t in HVP_TIMES["hvp"].items():
-        assert rows["hvp", name]["gradient_units"] == t
-        assert rows["hvp", name]["vs_fastest_anchor"] == 4.0 / t  # PyHessian's cached graph, not ours:fused
+        if ("hvp", name) in rows:
+            assert rows["hvp", name]["gradient_units"] == t
+            assert rows["hvp", name]["vs_fastest_anchor"] == HVP_TIMES["hvp"][fastest] / t  # an anchor, not ours:fused
     fused, generic = rows["matmat", "ours:fused"], rows["matmat", "ours:generic"]
     assert (fused["vs_8_matvecs"], generic["vs_8_matvecs"]) == (8 * 2.0 / 8.0, 8 * 3.0 / 12.0)
     assert (fused["vs_8_streamed_products"], generic["vs_8_streamed_products"]) == (8 * 5.0 / 8.0, 8 * 6.0 / 12.0)
@@ -216,10 +221,12 @@ def test_the_floors_suites_ratios(monkeypatch):
     monkeypatch.setattr(floors, "problems", lambda device, quick=False: [tiny_mlp_problem()])
     monkeypatch.setattr(floors, "measure_interleaved", fixed_times(lambda m: times[m.candidate]))
     results, _ = floors.run(torch.device("cpu"), quick=True, min_time=0.0)
-    rows = {m.candidate: m.extra for m in results}
-    assert {name: rows[name]["vs_floor"] for name in times if name != "floor"} == \
-        {"ours:fused": 0.5, "ours:generic": 0.25, "pyhessian:cached-graph": 0.4}
-    assert rows["pyhessian:cached-graph"]["floor_bound"] == 2.5
+    rows = {m.candidate: m.extra for m in results if m.median_s}  # PyHessian's row only where it is installed
+    assert {name: rows[name]["vs_floor"] for name in times if name in rows and name != "floor"} == \
+        {name: ratio for name, ratio in (("ours:fused", 0.5), ("ours:generic", 0.25), ("pyhessian:cached-graph", 0.4))
+         if name in rows}
+    if "pyhessian:cached-graph" in rows:
+        assert rows["pyhessian:cached-graph"]["floor_bound"] == 2.5
 
 
 # ---------------------------------------------------------------------------------------------- lanczos
