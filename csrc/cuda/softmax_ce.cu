@@ -131,15 +131,10 @@ struct RowCache {
   P* u;
   int64_t vectors;
 
-  __device__ P z_at(const P* row, int64_t k) const {
+  // Vector k of a row: from its cached copy (z or u) where the cache holds it, else from global memory.
+  __device__ P at(const P* cached, const P* row, int64_t k) const {
     if constexpr (kUsed) {
-      if (k < vectors) return z[k];
-    }
-    return row[k];
-  }
-  __device__ P u_at(const P* row, int64_t k) const {
-    if constexpr (kUsed) {
-      if (k < vectors) return u[k];
+      if (k < vectors) return cached[k];
     }
     return row[k];
   }
@@ -238,7 +233,7 @@ __global__ void __launch_bounds__(block_threads(kTpr))
   const acc_t off = static_cast<acc_t>(smoothing / C);  // smoothed target mass on every class
   const acc_t on = static_cast<acc_t>(1.0 - smoothing);  // extra mass on the target class
   for (int64_t k = lane; k < C / kVec; k += kTpr) {
-    const P zv = cache.z_at(reinterpret_cast<const P*>(z), k);
+    const P zv = cache.at(cache.z, reinterpret_cast<const P*>(z), k);
     P g;
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
@@ -273,8 +268,8 @@ __global__ void __launch_bounds__(block_threads(kTpr))
   }
   P* o = reinterpret_cast<P*>(out + row * C);
   for (int64_t k = lane; k < C / kVec; k += kTpr) {
-    const P zv = cache.z_at(reinterpret_cast<const P*>(z), k);
-    const P uv = cache.u_at(reinterpret_cast<const P*>(u), k);
+    const P zv = cache.at(cache.z, reinterpret_cast<const P*>(z), k);
+    const P uv = cache.at(cache.u, reinterpret_cast<const P*>(u), k);
     P h;
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
