@@ -59,8 +59,11 @@ def candidates(device, x, weight, bias, lora_a, lora_b, scale, alpha, grad_out, 
     for b in kernel_backends(device):
         cands[f"ours:{b}"] = (lambda b=b: ops.lora_linear(x, weight, bias, lora_a, lora_b, scale, backend=b),
                               lambda b=b: grads(ops.lora_linear(xg, weight, bias, ag, bg, scale, backend=b), (xg, ag, bg)))
-    layer, pa, pb = _peft_layer(weight, bias, lora_a, lora_b, alpha)
-    cands["peft"] = (lambda: layer(x), lambda: grads(layer(xg), (xg, pa, pb)))
+    try:
+        layer, pa, pb = _peft_layer(weight, bias, lora_a, lora_b, alpha)
+        cands["peft"] = (lambda: layer(x), lambda: grads(layer(xg), (xg, pa, pb)))
+    except ImportError as exc:  # the baseline is an optional library: its rows say "unavailable", ours still run
+        cands["peft"] = (_raises(exc), _raises(exc))
     cands["eager"] = (lambda: eager(x, weight, bias, lora_a, lora_b, scale),
                       lambda: grads(eager(xg, weight, bias, ag, bg, scale), (xg, ag, bg)))
     if with_compile:
@@ -128,6 +131,13 @@ def run(device: torch.device, cases=None, with_compile: bool = True,
               "forward": "under torch.no_grad", "forward+backward": "gradients of x, A, B (frozen linear: x)",
               "timing": "measure_interleaved per case", "min_time_s": min_time, "torch_compile": with_compile}
     return results, config
+
+
+def _raises(exc: Exception):
+    """A candidate's fn that fails as ``exc`` did (the gate's call reports it as "unavailable: <why>")."""
+    def fn():
+        raise exc
+    return fn
 
 
 def _no_grad(fn):

@@ -29,6 +29,8 @@ def layer(request):
 
 @pytest.mark.parametrize("candidate", CANDIDATES)
 def test_lora_forward_backward(benchmark, layer, candidate):
+    if candidate == "peft":
+        pytest.importorskip("peft")  # the baseline is optional (the test extra installs it)
     rank, cands, exact = layer
     kind = "frozen" if candidate == FLOOR else "lora"
     plain = cands["eager" if kind == "lora" else FLOOR][1]()

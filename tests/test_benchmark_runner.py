@@ -429,6 +429,18 @@ def test_a_wrong_result_of_ours_fails_the_run_and_an_anchors_does_not(monkeypatc
         assert json.loads((tmp_path / f"{name}_cpu.json").read_text())["results"][0]["status"] == "wrong"
 
 
+def test_the_lora_suite_without_peft_reports_its_baseline_unavailable_and_times_ours(monkeypatch, capsys, tmp_path):
+    """PEFT, the LoRA suite's baseline, is an optional library: without it the suite raised ImportError and
+    wrote no JSON. Its rows are "unavailable" now, the run passes, and our kernel is still timed."""
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft raises ModuleNotFoundError
+    assert main(["lora", "--quick", "--no-compile", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "lora_cpu.json").read_text())["results"]
+    peft = [r for r in rows if r["candidate"] == "peft"]
+    assert peft and all(r["status"].startswith("unavailable: ModuleNotFoundError") for r in peft)
+    assert all(r["status"] == "ok" and r["median_s"] > 0 for r in rows if r["candidate"] == "ours:cpp")
+    assert "peft" in capsys.readouterr().out
+
+
 # gd halved as such; krylov halved and also reported at gd's step cap, unconverged (what gd's relabelling looks at)
 @pytest.mark.parametrize("broken, at_the_cap", [("gd", False), ("krylov", True)])
 def test_a_wrong_step_is_not_taken_for_one_that_stopped_short(monkeypatch, capsys, tmp_path, broken, at_the_cap):
