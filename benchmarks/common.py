@@ -45,16 +45,19 @@ def synchronized(fn: Callable[..., object], device: torch.device) -> Callable[..
     return call
 
 
+MIN_SAMPLES = 5  # a median and quartiles of fewer calls say little, however long each call
+
+
 def time_callable(fn: Callable[[], object], device: torch.device, *, min_time: float = 0.5, max_reps: int = 200,
                   warmup: int = 2) -> list[float]:
     """Seconds per call, one sample per call after ``warmup`` calls, until ``min_time`` is spent
-    (at least 5 samples)."""
+    (at least :data:`MIN_SAMPLES` samples)."""
     for _ in range(warmup):
         fn()
     synchronize(device)
     samples: list[float] = []
     spent = 0.0
-    while (spent < min_time or len(samples) < 5) and len(samples) < max_reps:
+    while (spent < min_time or len(samples) < MIN_SAMPLES) and len(samples) < max_reps:
         start = time.perf_counter()
         fn()
         synchronize(device)

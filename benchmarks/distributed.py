@@ -40,7 +40,7 @@ from torch import nn
 
 from unlearn_kernels.curvature import flatten_tensors, hessian_operator, unflatten_vector
 
-from .common import Measurement, peak_memory, plain_error_tolerance, synchronize
+from .common import MIN_SAMPLES, Measurement, peak_memory, plain_error_tolerance, synchronize
 from .hvp import autograd_hvp, seeded_mlp
 
 BASELINE = "1 process"
@@ -243,7 +243,8 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 2.0,
                 samples: tuple[list[tuple[float, float]], ...] = ([], [], [])
                 once = _timed(fn, device, 1)[0][0]
                 counts = max(1, round(burst / once)), max(1, round(burst * WORLD / once))  # about burst seconds each
-                while status == "ok" and min(sum(wall for wall, _ in s) for s in samples) < min_time:
+                while status == "ok" and (min(sum(wall for wall, _ in s) for s in samples) < min_time
+                                          or min(len(s) for s in samples) < MIN_SAMPLES):
                     samples[0].extend(_timed(fn, device, counts[0]))
                     for which in (1, 2):  # the distributed call, then the control
                         for box in inboxes:
@@ -257,6 +258,7 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 2.0,
                         q = statistics.quantiles(walls, n=4) if len(walls) >= 2 else [walls[0]] * 3
                         m.iqr_s = q[2] - q[0]
                         m.extra["cpu_s"] = statistics.median(cpu for _, cpu in s)
+                        m.extra["samples"] = len(s)
                 results += [base, dist_m, control]
         except BaseException:
             _stop(procs, inboxes, at_once=True)

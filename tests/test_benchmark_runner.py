@@ -268,6 +268,16 @@ def test_the_distributed_json_says_what_each_measured_configuration_ran_with(tmp
     assert {row["candidate"] for row in written["results"]} == set(env["processes"])
 
 
+def test_the_distributed_suite_takes_at_least_five_samples_of_each_call():
+    """It timed bursts until each candidate had spent ``min_time``, so a call longer than that had one or two
+    samples (none at all with min_time 0): a median of too few. At least five now, recorded in the JSON."""
+    import benchmarks.distributed
+
+    results, _ = benchmarks.distributed.run(torch.device("cpu"), quick=True, min_time=0.0, burst=0.0)
+    assert len(results) == 6 and all(m.status == "ok" for m in results)
+    assert all(m.extra["samples"] >= 5 and m.median_s > 0 for m in results)
+
+
 def test_a_ctrl_c_while_the_distributed_workers_start_is_not_lost(monkeypatch):
     """The parent ignored SIGINT while it started the workers (so that they start with it ignored): a Ctrl-C in
     that window was dropped and the suite ran on to its end. The workers start with it blocked now and the
