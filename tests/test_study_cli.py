@@ -715,6 +715,18 @@ def test_cli_an_empty_folder_option_is_refused_not_read_as_the_working_folder(ar
     assert list(tmp_path.iterdir()) == []
 
 
+def test_cli_out_after_an_equals_sign_takes_a_leading_tilde_as_the_home_folder(monkeypatch, tmp_path):
+    """The shell leaves ``~`` as it is after ``=``: ``--out=~/runs`` made a folder named ``~`` in the working
+    folder."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    assert main(["run", "--protocol", "random", "--seeds", "0", "--epochs", "1", "--methods", "original",
+                 "--no-cache", "--out=~/runs"]) == 0
+    assert list(work.iterdir()) == [] and (home / "runs" / "random" / "results.json").is_file()
+
+
 @DEV_FULL
 @pytest.mark.parametrize("argv, unbuffered", [
     (["backends"], "1"), (["backends"], ""),

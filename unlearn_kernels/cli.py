@@ -172,14 +172,15 @@ def _discard_unwritten_output(stream: TextIO) -> None:
 def path_argument(text: str) -> str:
     """The argparse ``type`` of a folder option: ``''`` (``--out "$DIR"`` with DIR unset) is refused
     (:func:`~unlearn_kernels.checkpoint.refuse_empty_path`), not read as the working folder; argparse
-    prints an ArgumentTypeError as a usage error, after the option's name."""
+    prints an ArgumentTypeError as a usage error, after the option's name. A leading ``~`` is the home
+    folder, as in the shell, which leaves it unexpanded after ``=`` (``--out=~/runs``)."""
     from .checkpoint import refuse_empty_path
 
     try:
         refuse_empty_path(text, "'' names no folder")
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+    return os.path.expanduser(text)
 
 
 def _comma_list(text: str) -> list[str]:
