@@ -534,6 +534,23 @@ def test_a_hooked_weight_that_was_then_frozen_keeps_its_hook_on_the_copy(problem
     assert not torch.equal(out[3].weight, model[3].weight)
 
 
+@pytest.mark.parametrize("name", ["cure_newton", "stochastic_cure_newton", "damped_newton", "lissa"])
+def test_the_newton_family_refuses_a_gradient_hook_it_cannot_run(problem, name):
+    """The curvature operators never run a parameter's gradient hook, so a hook that masks rows of a weight left
+    the Newton methods moving those rows (CureNewton 0.48, as much as the free rows). Refused by name before any
+    work, the caller's model as it was; with the hooked weight left out of ``params`` the method runs."""
+    model = copy.deepcopy(problem[0])
+    mask = torch.zeros_like(model[1].weight)
+    mask[:8] = 1
+    model[1].weight.register_hook(lambda grad: grad * mask)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=rf"^{name}: .*parameter '1.weight' has a gradient hook"):
+        METHODS[name]().unlearn(model, problem[1], problem[2], seed=0)
+    assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
+    out = METHODS[name](params=["3.weight", "3.bias"]).unlearn(model, problem[1], problem[2], seed=0).model
+    assert torch.equal(out[1].weight, model[1].weight) and not torch.equal(out[3].weight, model[3].weight)
+
+
 @pytest.mark.parametrize("name", ["finetune", "damped_newton", "cure_newton", "rfa"])
 def test_a_model_that_writes_its_input_in_place_leaves_the_callers_data_alone(problem, name):
     """The methods' probes ran the model on views of the caller's rows: with ReLU(inplace=True) first every method

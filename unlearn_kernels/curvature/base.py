@@ -608,13 +608,23 @@ class CurvatureOperator(abc.ABC):
     def _refuse_backward_hooks(self) -> None:
         """ValueError naming a module backward hook of the model or the loss that torch.func cannot run
         through (:func:`full_backward_hooked_module`): forward-mode products cannot take it, and on the
-        autograd paths it could change the gradient the curvature is the derivative of."""
+        autograd paths it could change the gradient the curvature is the derivative of. Likewise a gradient
+        hook on a differentiated parameter (``Tensor.register_hook``, ``register_post_accumulate_grad_hook``):
+        the operators differentiate the loss functionally and never run it, so a hook that masks rows of a
+        weight, say, would not keep a second-order step off them."""
         for what, module in (("the model", self.model), ("the loss", self.loss_fn)):
             hooked = full_backward_hooked_module(module, what) if isinstance(module, nn.Module) else None
             if hooked is not None:
                 raise ValueError(f"{type(self).__name__}: {hooked}, which torch.func cannot run through and which "
                                  "could change the gradient autograd computes: remove it while the curvature is "
                                  "computed")
+        for name in self.params:
+            p = self._live[name]
+            if getattr(p, "_backward_hooks", None) or getattr(p, "_post_accumulate_grad_hooks", None):
+                raise ValueError(f"{type(self).__name__}: parameter {name!r} has a gradient hook (register_hook or "
+                                 "register_post_accumulate_grad_hook), which the curvature's products and gradients "
+                                 "do not run, so a step would ignore what it does (masking rows, say): remove it, "
+                                 "or freeze that parameter (requires_grad_(False)) or leave it out of params")
 
     def _probe_forward(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Run the model and the loss on the first batch (see :func:`probe_forward`); a subclass adds
