@@ -225,7 +225,9 @@ def test_the_probe_continues_from_the_residual_vector_near_the_hard_case():
     """Bottom eigenvalue -1 with the next at -0.99 (a small gap), g in five other eigendirections and 1e-11 along
     the bottom one: the main phase's Krylov space becomes nearly invariant and the probe continues Lanczos from its
     residual vector (which holds the bottom direction). Restarted from a random vector instead, the step took 50
-    products, did not converge and was 2e-5 off the dense one; here 25 products, 3.4e-6."""
+    products, did not converge and was 2e-5 off the dense one; here 25 products, 3.4e-6 (Intel Xeon) or 1.1e-5 (AMD
+    EPYC: so near the hard case the step's error is its residual amplified by 1 / (lambda_min + sigma), about 1e5,
+    and rounding decides it), the cubic model's value within 5e-12 of the dense step's on both."""
     d = 400
     lam = torch.cat([torch.tensor([-1.0]), torch.linspace(-0.99, 10.0, d - 1)]).double()
     Q = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64))[0]
@@ -237,7 +239,8 @@ def test_the_probe_continues_from_the_residual_vector_near_the_hard_case():
     dense = cubic_newton_step(H, g, 1.0, method="dense")
     out = cubic_newton_step(H, g, 1.0, method="krylov", k_max=30, probe_steps=20)
     assert out.converged and out.num_hvps <= 35
-    assert float(torch.linalg.vector_norm(out.step - dense.step) / torch.linalg.vector_norm(dense.step)) < 1e-5
+    assert out.model_value == pytest.approx(dense.model_value, rel=1e-10)
+    assert float(torch.linalg.vector_norm(out.step - dense.step) / torch.linalg.vector_norm(dense.step)) < 5e-5
 
 @pytest.mark.parametrize("seed", range(3))
 def test_guard_finds_the_hard_case_when_the_krylov_space_is_nearly_invariant(seed):
