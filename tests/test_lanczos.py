@@ -1,4 +1,6 @@
 """Lanczos (unlearn_kernels.solvers.lanczos) against torch.linalg.eigh of the dense float64 matrix."""
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ from hypothesis import strategies as st
 from spectra import sym_with_spectrum
 
 from unlearn_kernels.solvers import as_operator, lanczos
-from unlearn_kernels.solvers.lanczos import LanczosProcess
+from unlearn_kernels.solvers.lanczos import LanczosProcess, distinct_pairs
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -80,6 +82,78 @@ def test_no_reorth_extremes_and_ghosts(matrix):
             proc.step()
         Q = proc.basis[:proc.n]
         assert (float((Q @ Q.T - torch.eye(proc.n, dtype=torch.float64)).abs().max()) > 1e-3) == lost
+
+
+@pytest.fixture
+def isolated_top():
+    """A spectrum whose top eigenvalue (0.9) stands apart from the rest (-0.6 to 0.6): without
+    reorthogonalisation it converges early and comes back as ghost copies."""
+    gen = torch.Generator().manual_seed(1)
+    Q = torch.linalg.qr(torch.randn(70, 70, dtype=torch.float64, generator=gen))[0]
+    lam = torch.linspace(-0.6, 0.6, 70, dtype=torch.float64)
+    lam[-1] = 0.9
+    H = Q @ torch.diag(lam) @ Q.T
+    return (H + H.T) / 2
+
+
+@pytest.mark.parametrize("two_pass", [False, True])
+@pytest.mark.parametrize("which, num_eigs, expected", [("LA", 3, [-3, -2, -1]), ("BE", 5, [0, 1, -3, -2, -1])])
+def test_no_reorth_reports_each_eigenvalue_once(isolated_top, two_pass, which, num_eigs, expected):
+    """reorth="none" (and so two-pass mode) returned the top eigenvalue twice, [0.5826, 0.9, 0.9] for the top
+    three [0.5652, 0.5826, 0.9], and called it converged: a ghost copy passes the residual test. One Ritz pair
+    per eigenvalue now."""
+    ev = torch.linalg.eigvalsh(isolated_top)
+    res = lanczos(isolated_top, 70, reorth="none", two_pass=two_pass, which=which, num_eigs=num_eigs, tol=1e-10)
+    assert res.converged
+    assert rel_err(res.eigenvalues, ev[expected]) < 1e-10
+    resid = torch.linalg.vector_norm(isolated_top @ res.eigenvectors - res.eigenvectors * res.eigenvalues, dim=0)
+    assert float((resid / torch.linalg.vector_norm(res.eigenvectors, dim=0)).max()) < 1e-9
+
+
+def test_no_reorth_is_not_converged_before_it_has_every_wanted_eigenvalue(isolated_top):
+    """Ghost copies dropped, the run stops only once num_eigs distinct eigenvalues have converged (it stopped
+    at the ghost before)."""
+    full = lanczos(isolated_top, 70, reorth="full", num_eigs=3, tol=1e-10)
+    none = lanczos(isolated_top, 70, reorth="none", num_eigs=3, tol=1e-10)
+    assert full.converged and none.converged and len(none.eigenvalues) == 3
+    assert torch.allclose(none.eigenvalues, full.eigenvalues, rtol=1e-10, atol=0)
+
+
+def test_fewer_distinct_eigenvalues_than_asked_for_are_not_converged(isolated_top, monkeypatch):
+    """Where the pairs tell apart fewer eigenvalues than num_eigs (here made so: one pair kept), the run goes on
+    to k and reports converged=False, with what it has."""
+    module = sys.modules[LanczosProcess.__module__]  # the package exports a function of the module's name
+    monkeypatch.setattr(module, "distinct_pairs", lambda theta, bounds, eps: np.array([int(np.argmin(bounds))]))
+    res = lanczos(isolated_top, 30, reorth="none", num_eigs=3, tol=1e-10)
+    assert not res.converged and res.num_steps == 30 and len(res.eigenvalues) == 1
+
+
+def test_two_pass_ending_at_an_invariant_subspace_is_converged_with_fewer_eigenvalues(rng):
+    """Two-pass mode stops at a breakdown (no basis to restart from): the start vector's Krylov space holds two
+    distinct eigenvalues, both found exactly, so the run is converged though num_eigs asked for three."""
+    H = sym_with_spectrum(torch.tensor([1.0] * 5 + [2.0] * 5, dtype=torch.float64), rng)[0]
+    res = lanczos(H, 10, reorth="none", two_pass=True, num_eigs=3, tol=1e-10)
+    assert res.converged and res.num_steps == 2 and res.restarts == 0
+    assert res.eigenvalues.tolist() == pytest.approx([1.0, 2.0], rel=1e-12)
+
+
+def test_no_reorth_keeps_an_eigenvalue_found_again_after_a_breakdown(rng):
+    """A breakdown restarts from a vector orthogonal to the stored basis, so an eigenvalue the next block finds
+    again is repeated, not a ghost: kept, as "full" keeps it (here 0, of multiplicity 25)."""
+    lam = torch.zeros(30, dtype=torch.float64)
+    lam[:5] = torch.tensor([5.0, 3.0, -2.0, 1.0, 4.0])
+    H = sym_with_spectrum(lam, rng)[0]
+    full, none = (lanczos(H, 12, num_eigs=12, tol=0, reorth=reorth) for reorth in ("full", "none"))
+    assert none.restarts >= 1 and len(none.eigenvalues) == 12
+    assert float((none.eigenvalues - full.eigenvalues).abs().max()) < 1e-12
+
+
+def test_distinct_pairs_drops_pairs_that_may_be_one_eigenvalue():
+    """Two pairs whose intervals (Ritz value +- residual bound, widened by rounding) overlap certify one
+    eigenvalue: the one with the smaller bound stays. Disjoint intervals certify two."""
+    theta = np.array([1.0, 1.0 + 1e-15, 2.0, 2.05, 3.0, 3.0 + 1e-9])
+    bounds = np.array([1e-17, 1e-20, 1e-12, 0.1, 1e-14, 1e-14])
+    assert distinct_pairs(theta, bounds, np.finfo(np.float64).eps).tolist() == [1, 2, 4, 5]
 
 
 @pytest.mark.parametrize("which,expected", [("LA", [-3, -2, -1]), ("SA", [0, 1, 2])])

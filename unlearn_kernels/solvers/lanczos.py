@@ -23,7 +23,12 @@ Reorthogonalisation (``reorth``):
   on a float64 problem with ``||H||`` = 800 (d = 300) the cubic solver's model gradient stayed at
   2e-4 after 250 steps (full: 2e-8), the smallest Ritz pairs' residuals at 3e-8 to 5e-8 (full:
   1e-10 in 126 steps). The residuals reported say so; use "full" (the default) for tight tolerances.
-* ``"none"``: the plain three-term recurrence (ghost copies of converged eigenvalues may appear).
+* ``"none"``: the plain three-term recurrence. Without reorthogonalisation a converged eigenvalue
+  comes back as "ghost" copies (T holds it several times, each copy with a tiny residual bound).
+  :func:`lanczos` keeps one Ritz pair per eigenvalue that the pairs of a block (the steps between
+  two breakdowns) can tell apart (see :func:`distinct_pairs`), so a ghost neither takes the place of
+  a wanted eigenvalue nor counts as converged. A repeated eigenvalue shows once per block, as in
+  exact arithmetic (the recurrence cannot tell its copies from ghosts).
 
 Breakdown: when beta falls to rounding level (the op returns 0, or beta <= 100 eps ||T||) the
 Krylov space is invariant: beta is set to 0. With stored vectors the process then restarts from a
@@ -148,7 +153,7 @@ class LanczosProcess:
         self._anorm = 0.0
         self.stopped = False
         self.dropped = 0.0  # the largest coupling a breakdown set to 0 (0.0: every breakdown was exact)
-        self._eps = torch.finfo(op.dtype).eps
+        self.eps = torch.finfo(op.dtype).eps
 
     @property
     def n(self) -> int:
@@ -210,7 +215,7 @@ class LanczosProcess:
             raise ValueError(f"the products H q have entries all below {SMALLEST_SQUARED:.1e} (largest |entry| "
                              f"{float(hq.abs().max()):.3e}), where their squares underflow float64: scale the "
                              "operator up")
-        if self.betas[-1] <= BREAKDOWN_RTOL_EPS * self._eps * self._anorm:
+        if self.betas[-1] <= BREAKDOWN_RTOL_EPS * self.eps * self._anorm:
             # Drop the rounding-level coupling (an error of at most 100 eps ||T|| in T).
             self.dropped = max(self.dropped, self.betas[-1])
             self.betas[-1] = 0.0
@@ -259,7 +264,7 @@ class LanczosProcess:
         # so the later vectors are kept orthogonal to them
         theta, S = ritz_pairs(self.alphas, self.betas)
         bounds = np.abs(self.betas[-1] * S[-1, :])
-        good = bounds <= np.sqrt(self._eps) * max(np.abs(theta).max(), np.finfo(np.float64).tiny)
+        good = bounds <= np.sqrt(self.eps) * max(np.abs(theta).max(), np.finfo(np.float64).tiny)
         if good.sum() <= self._ritz.shape[0]:
             return
         self._ritz_coef = S[:, good]
@@ -341,7 +346,9 @@ class LanczosResult:
             for "selective" what its projections removed), in float64 on the computed basis: for a
             float32 operator they leave out the rounding of the Ritz vectors to float32 (about
             ``eps32 ||H||``), so a ``tol`` below that is met on paper only.
-        converged: every wanted pair has ``residual_bound <= tol * max|theta|``.
+        converged: every wanted pair has ``residual_bound <= tol * max|theta|``, and there are
+            ``num_eigs`` of them, or as many as steps taken (an invariant subspace ended the iteration); under
+            reorth="none" fewer distinct eigenvalues than that may have been found (see the module docstring).
         num_hvps: products used (both passes).
         num_steps: n, the size of T.
         restarts: restarts after a breakdown.
@@ -356,6 +363,46 @@ class LanczosResult:
     num_hvps: int
     num_steps: int
     restarts: int
+
+
+GHOST_RTOL_EPS = 100.0
+"""Ritz values closer than this many machine epsilons of ||T|| (plus their residual bounds) may be one
+eigenvalue: ghost copies under reorth="none" agree to a few eps ||T||."""
+
+
+def distinct_pairs(theta: np.ndarray, bounds: np.ndarray, eps: float) -> np.ndarray:
+    """Indices (ascending) of Ritz pairs that certify distinct eigenvalues: each pair certifies an
+    eigenvalue within its residual bound of its Ritz value, so two pairs whose intervals (widened by
+    ``GHOST_RTOL_EPS * eps * max|theta|``, the rounding of the values themselves) overlap may be one
+    eigenvalue seen twice. The pairs are taken in order of increasing bound; one that overlaps a pair
+    already taken is dropped (the ghost copies of reorth="none", and an unconverged copy on its way
+    there)."""
+    slack = GHOST_RTOL_EPS * eps * max(np.abs(theta).max(initial=0.0), np.finfo(np.float64).tiny)
+    kept: list[int] = []
+    for i in np.argsort(bounds, kind="stable"):
+        if all(abs(theta[i] - theta[j]) > bounds[i] + bounds[j] + slack for j in kept):
+            kept.append(int(i))
+    return np.sort(np.asarray(kept, dtype=np.int64))
+
+
+def _distinct_blocks(proc: LanczosProcess) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ritz values (ascending), vectors and residual bounds of a reorth="none" process, ghost copies
+    dropped (:func:`distinct_pairs`) within each block of T. A block ends at a breakdown (beta 0, the
+    restart's vector orthogonal to the stored basis), so a value found again in a later block is a
+    repeated eigenvalue, kept (``lanczos`` makes no forced restart: T is block tridiagonal)."""
+    n = proc.n
+    cuts = [j + 1 for j in range(n - 1) if proc.betas[j] == 0.0]
+    thetas, vectors, bounds = [], [], []
+    for a, b in zip([0, *cuts], [*cuts, n]):
+        theta, S = ritz_pairs(proc.alphas[a:b], proc.betas[a:b])
+        block_bounds = np.abs(proc.betas[b - 1] * S[-1, :])  # 0 for a block a breakdown closed
+        keep = distinct_pairs(theta, block_bounds, proc.eps)
+        padded = np.zeros((n, len(keep)))
+        padded[a:b] = S[:, keep]
+        thetas.append(theta[keep]), vectors.append(padded), bounds.append(block_bounds[keep])
+    theta = np.concatenate(thetas)
+    order = np.argsort(theta, kind="stable")
+    return theta[order], np.concatenate(vectors, axis=1)[:, order], np.concatenate(bounds)[order]
 
 
 def _wanted(theta: np.ndarray, which: Which, m: int) -> np.ndarray:
@@ -448,9 +495,19 @@ def lanczos(
 
     def wanted_pairs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         theta, S = proc.ritz_pairs()
+        if reorth == "none":  # one pair per eigenvalue each block tells apart: ghost copies dropped
+            theta, S, bounds = _distinct_blocks(proc)
+            idx = _wanted(theta, which, m)
+            return theta[idx], S[:, idx], bounds[idx]
         idx = _wanted(theta, which, m)
         bounds = np.array([proc.residual_norm(S[:, i]) for i in idx])
         return theta[idx], S[:, idx], bounds
+
+    def converged(theta: np.ndarray, bounds: np.ndarray) -> bool:
+        """Every pair within tol, and as many as asked for (or as steps taken: an invariant subspace ended the
+        iteration early)."""
+        scale = max(np.abs(theta).max(initial=0.0), np.finfo(np.float64).tiny)
+        return len(theta) >= min(m, proc.n) and bool(np.all(bounds <= tol * scale))
 
     def block_converged(start: int) -> bool:
         """Whether the block begun by the last restart (at step ``start``) has converged its own wanted Ritz
@@ -470,7 +527,7 @@ def lanczos(
             block_start = proc.n
         if tol > 0 and proc.n >= m:
             theta, _, bounds = wanted_pairs()
-            if np.all(bounds <= tol * np.abs(theta).max()) and (block_start == 0 or block_converged(block_start)):
+            if converged(theta, bounds) and (block_start == 0 or block_converged(block_start)):
                 break
     theta, S, bounds = wanted_pairs()
     vectors = None
@@ -482,7 +539,7 @@ def lanczos(
         alphas=torch.tensor(proc.alphas, dtype=torch.float64),
         betas=torch.tensor(proc.betas, dtype=torch.float64),
         residual_bounds=torch.as_tensor(bounds),
-        converged=bool(np.all(bounds <= tol * max(np.abs(theta).max(), np.finfo(np.float64).tiny))),
+        converged=converged(theta, bounds),
         num_hvps=op.num_hvps,
         num_steps=proc.n,
         restarts=proc.restarts,
