@@ -18,14 +18,26 @@ def to_scipy_operator(shape: tuple[int, int], dtype: torch.dtype, device: torch.
 
     Inputs are converted to ``dtype`` on ``device`` (so a float32 operator computes in float32),
     outputs back to float64 numpy arrays on the CPU. ``matvec`` takes a (d,) tensor, ``matmat`` a
-    (d, K) tensor; the transposed products are the same functions (the operator is symmetric).
+    (d, K) tensor; the transposed products are the same functions (the operator is symmetric). A
+    complex input (scipy's ``eigs`` with a complex shift, ``gmres`` on a complex right-hand side) is
+    two real products, ``H (a + ib) = H a + i H b``, and its result complex128: converted to float64,
+    its imaginary part was dropped with at most a ComplexWarning.
     """
     def convert(a: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.asarray(a, dtype=np.float64)).to(device, dtype)
 
+    def real_or_complex(product: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+        def apply(a: np.ndarray) -> np.ndarray:
+            if np.iscomplexobj(a):
+                return product(a.real) + 1j * product(a.imag)
+            return product(a)
+        return apply
+
+    @real_or_complex
     def mv(a: np.ndarray) -> np.ndarray:
         return matvec(convert(a).reshape(-1)).double().cpu().numpy()
 
+    @real_or_complex
     def mm(a: np.ndarray) -> np.ndarray:
         return matmat(convert(a)).double().cpu().numpy()
 
