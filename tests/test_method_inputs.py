@@ -534,6 +534,27 @@ def test_a_hooked_weight_that_was_then_frozen_keeps_its_hook_on_the_copy(problem
     assert not torch.equal(out[3].weight, model[3].weight)
 
 
+def test_the_dense_newton_baselines_take_a_confident_models_float32_hessian():
+    """A well-fitted model's Hessian is a small difference of far larger terms, so its float32 products are
+    asymmetric well above sqrt(eps) of max |H| (1.7e-3 here): damped_newton, newton_pinv and influence refused it
+    as "not symmetric", and float64 on 10 retain rows too (5e-8). Taken now; where rounding is most of the matrix
+    (float32, 10 rows: 0.6 of max |H|) the refusal says so and points at float64, which runs."""
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (300,), generator=gen)
+    x = 3 * (3 * torch.randn(3, 8, generator=gen)[y] + torch.randn(300, 8, generator=gen))  # separated blobs
+    model = init_model(lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)), 0)
+    train(model, LabeledData(x, y), TrainConfig(epochs=50, lr=0.05, batch_size=32, seed=0))
+    forget = LabeledData(x[:20], y[:20])
+    for name in ("damped_newton", "newton_pinv", "influence"):
+        step = METHODS[name]().unlearn(model, forget, LabeledData(x[20:70], y[20:70]), seed=0)
+        assert all_finite(step.model[2].weight) and step.diagnostics["solver"].endswith("-eigh")
+    few = LabeledData(x[20:30], y[20:30])
+    with pytest.raises(ValueError, match=r"products must be symmetric: .* \(more than 0.01 of it\): the matrix is "
+                                         r"not symmetric, or its entries are mostly rounding .* compute it in float64"):
+        METHODS["damped_newton"]().unlearn(model, forget, few, seed=0)
+    METHODS["damped_newton"](dtype=torch.float64).unlearn(model, forget, few, seed=0)
+
+
 @pytest.mark.parametrize("name", ["cure_newton", "stochastic_cure_newton", "damped_newton", "lissa"])
 def test_the_newton_family_refuses_a_gradient_hook_it_cannot_run(problem, name):
     """The curvature operators never run a parameter's gradient hook, so a hook that masks rows of a weight left

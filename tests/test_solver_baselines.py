@@ -506,6 +506,21 @@ def test_operator_products_are_held_to_what_it_declares(spd):
     assert not step.solution.requires_grad and torch.allclose(step.solution, minres(H, g).solution)
 
 
+@pytest.mark.parametrize("asymmetry, refused", [(5e-3, False), (2e-2, True)])
+def test_a_dense_matrix_is_held_to_one_percent_asymmetry(spd, asymmetry, refused):
+    """Rounding is not bounded relative to H (a confident model's float32 Hessian: 1.7e-3 of max |H|), so a
+    matrix given or built from products may be that far from symmetric; beyond 1% of max |H| it is refused."""
+    H, g = spd
+    skewed = H + asymmetry * float(H.abs().max()) * torch.triu(torch.ones_like(H), 1)
+    products = _Products(skewed)
+    for make in (lambda: as_operator(skewed), lambda: damped_newton_step(products, g, 0.1, solver="eigh")):
+        if refused:
+            with pytest.raises(ValueError, match=r"must be symmetric: .* \(more than 0.01 of it\)"):
+                make()
+        else:
+            make()
+
+
 def test_singular_systems_are_not_reported_solved(singular):
     """H + 0 I exactly singular: LDL^T gets a rounding-level pivot, not a zero one, and returned a step of
     norm 7e16 (residual 6 ||g||) marked converged; MINRES reports success on the inconsistent system with
