@@ -518,6 +518,14 @@ def test_cli_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, mon
     out, err = capsys.readouterr()
     assert code == 2 and f"--out: '{tmp_path / 'out' / 'random'}' is a file, not a directory" in err
     assert "unlearn-kernels run:" not in out and (tmp_path / "out" / "random").read_text() == "the user's file"
+    # ... or a symbolic link that resolves to nothing: found when the results were written, after the study
+    (tmp_path / "out" / "random").unlink()
+    (tmp_path / "out" / "random").symlink_to(tmp_path / "nowhere")
+    code = main(["run", "--seeds", "0", "--methods", "original", "--protocol", "random",
+                 "--out", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert code == 2 and f"is a symbolic link to '{tmp_path / 'nowhere'}', which does not exist" in err
+    assert "unlearn-kernels run:" not in out and "the original model" not in err
 
 
 def test_cli_output_file_that_is_a_directory_is_refused_before_any_work(tmp_path, capsys):

@@ -890,6 +890,23 @@ def test_a_symbolic_link_to_nowhere_on_the_way_is_named(tmp_path, monkeypatch):
     assert not (tmp_path / "gone").exists()
 
 
+def test_a_folder_checked_before_it_is_made_names_a_link_that_resolves_to_nothing(tmp_path):
+    """check_writable_folder(make=False), the command line's check of each scenario's folder before the study,
+    passed a symbolic link to nowhere or in a loop as a folder still to be made (Path.exists is False for
+    both): the study ran, and then mkdir failed with "File exists" or "Too many levels of symbolic links"."""
+    gone, loop = tmp_path / "gone", tmp_path / "loop"
+    gone.symlink_to(tmp_path / "nowhere")
+    loop.symlink_to("loop")
+    to_nowhere = rf"'{gone}' is a symbolic link to '{tmp_path / 'nowhere'}', which does not exist"
+    for folder, why in ((gone, to_nowhere), (gone / "sub", to_nowhere),
+                        (loop, rf"'{loop}' is a symbolic link in a loop of links \('loop'\)")):
+        for make in (False, True):
+            with pytest.raises(ValueError, match=rf"^'{folder}' cannot be made: {why}$"):
+                checkpoint.check_writable_folder(folder, make=make)
+    assert checkpoint.check_writable_folder(tmp_path / "new" / "sub", make=False) == tmp_path / "new" / "sub"
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_read_only_cache_serves_loads_and_refuses_to_train_into_it(tmp_path, monkeypatch):
     """A folder that takes no new file (read-only; mkstemp fails there even for root only on a
     read-only file system, so it is simulated) trained first and lost the model at the save."""

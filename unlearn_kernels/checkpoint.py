@@ -10,6 +10,7 @@ torn file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import inspect
@@ -305,13 +306,25 @@ def _exists_and_is_dir(path: Path, described: str) -> tuple[bool, bool]:
         raise ValueError(f"{described} cannot be used: {error.strerror}") from None
 
 
+def _dangling_link(path: Path) -> str | None:
+    """Why ``path`` cannot be made a folder, where a symbolic link on the way (``path`` included) resolves to
+    nothing: its target does not exist, or links lead back to themselves (mkdir says only "File exists", and
+    ``Path.exists`` is False for both, so the folder looks merely missing); None where there is none."""
+    for p in (path, *path.parents):
+        if p.is_symlink() and not p.exists():
+            try:
+                os.stat(p)
+            except OSError as error:
+                if error.errno == errno.ELOOP:
+                    return f"{str(p)!r} is a symbolic link in a loop of links ({os.readlink(p)!r})"
+            return f"{str(p)!r} is a symbolic link to {os.readlink(p)!r}, which does not exist"
+    return None
+
+
 def _why_not_made(path: Path, error: OSError) -> str:
-    """Why ``mkdir(parents=True)`` of ``path`` failed: a symbolic link on the way to a target that does not
-    exist (mkdir says only "File exists"), named; else the error."""
-    dangling = next((p for p in (path, *path.parents) if p.is_symlink() and not p.exists()), None)
-    if dangling is None:
-        return str(error)
-    return f"{str(dangling)!r} is a symbolic link to {os.readlink(dangling)!r}, which does not exist"
+    """Why ``mkdir(parents=True)`` of ``path`` failed: a symbolic link on the way that resolves to nothing,
+    named (:func:`_dangling_link`); else the error."""
+    return _dangling_link(path) or str(error)
 
 
 def _check_writable_file(path: str | os.PathLike[str]) -> None:
@@ -348,6 +361,8 @@ def check_writable_folder(path: str | os.PathLike[str], *, make: bool = True) ->
             path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise ValueError(f"{str(path)!r} cannot be made: {_why_not_made(path, error)}") from None
+    elif not exists and (dangling := _dangling_link(path)) is not None:  # else found only when it is made
+        raise ValueError(f"{str(path)!r} cannot be made: {dangling}")
     if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
         raise ValueError(f"{str(path)!r} is not writable")
     return path
