@@ -761,6 +761,29 @@ def test_adam_on_a_float16_model_is_refused_by_name(name, options):
     assert torch.isfinite(flat(mixed)).all()
 
 
+@pytest.mark.parametrize("name", ["finetune", "neggrad_plus", "rfa"])
+def test_a_learning_rate_beyond_the_parameters_dtype_is_refused_by_name(name):
+    """A finite lr of 1e39 passed every check and failed at the first step with torch's "value cannot be
+    converted to type float without overflow" (a traceback from the command line's --lr). Refused by name now;
+    in float64, where it fits, the step runs (and diverges as such)."""
+    gen = torch.Generator().manual_seed(0)
+    model = init_model(lambda: nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3)), 0).eval()
+    x, y = torch.randn(60, 12, generator=gen), torch.randint(0, 3, (60,), generator=gen)
+    saved = flat(model).clone()
+    options = {"targets": ["0"]} if name == "rfa" else {}
+    with pytest.raises(ValueError, match=rf"^{name}: lr = 1e\+39 does not fit the parameters' torch.float32 \(largest "
+                                         r"3.403e\+38\)$"):
+        METHODS[name](lr=1e39, **options).unlearn(model, LabeledData(x[:10], y[:10]), LabeledData(x[10:], y[10:]))
+    assert torch.equal(flat(model), saved)
+    for what in ("lr", "weight_decay"):
+        config = TrainConfig(epochs=1, **{what: 1e39})
+        with pytest.raises(ValueError, match=rf"^train: {what} = 1e\+39 does not fit the parameters' torch.float32"):
+            train(model, LabeledData(x, y), config)
+    wide = copy.deepcopy(model).double()  # where it fits, it is no refusal's business (one step of it: 5e37 weights)
+    train(wide, LabeledData(x.double(), y), TrainConfig(epochs=1, lr=1e39))
+    assert float(flat(wide).abs().max()) > 1e30
+
+
 class _ToFloat(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.float()

@@ -888,6 +888,13 @@ def test_cli_a_diverged_original_is_named_and_not_cached(tmp_path, capsys, monke
         err = capsys.readouterr().err
         assert code == 2 and "training on the original model's training set diverged" in err and "lr=1e+30" in err
     assert not list(cache.glob("*.pt"))
+    # a finite --lr beyond float32 failed at the first step with a traceback through torch's SGD
+    code = main(["run", "--protocol", "random", "--seeds", "0", "--epochs", "2", "--lr", "1e39", "--methods",
+                 "original", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.endswith("error: study: lr = 1e+39 does not fit the parameters' torch.float32 (largest "
+                                      "3.403e+38)\n") and "Traceback" not in err
+    assert not list(cache.glob("*.pt"))
 
 
 def test_cli_plots_and_results_of_one_run_only(tmp_path, capsys, monkeypatch):

@@ -117,9 +117,17 @@ def make_optimizer(
 ) -> torch.optim.Optimizer:
     """The optimizer ``name`` ("sgd", "adam" or "adamw") over ``params``. Adam and AdamW refuse
     float16 parameters (a ValueError led by ``owner``): their eps (1e-8) rounds to 0 in float16, and a
-    coordinate with a zero gradient is then 0/0 = NaN after the first step, whatever the learning rate."""
+    coordinate with a zero gradient is then 0/0 = NaN after the first step, whatever the learning rate.
+    A learning rate or weight decay beyond the largest value of a trained parameter's dtype is refused
+    too (a finite 1e39 for float32 failed at the first step with torch's "value cannot be converted to
+    type float without overflow")."""
+    params = list(params)
+    for what, value in (("lr", lr), ("weight_decay", weight_decay)):
+        dtype = next((p.dtype for p in params if p.requires_grad and value > torch.finfo(p.dtype).max), None)
+        if dtype is not None:
+            raise ValueError(f"{owner}: {what} = {value:g} does not fit the parameters' {dtype} (largest "
+                             f"{torch.finfo(dtype).max:.4g})")
     if name in ("adam", "adamw"):
-        params = list(params)
         if any(p.dtype == torch.float16 and p.requires_grad for p in params):  # a frozen one takes no step
             raise ValueError(f"{owner}: optimizer {name!r} cannot train float16 parameters: its eps (1e-8) is 0 in "
                              "float16, so a zero gradient gives NaN at the first step; use a float32 or bfloat16 "
