@@ -32,6 +32,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <utility>
 
 namespace unlearn_kernels::mlp_hvp {
 
@@ -252,6 +253,14 @@ size_t check_flat_layout(const at::Tensor& x, at::TensorList weights, const c10:
     TORCH_CHECK_VALUE(
         weights[l].dim() == 2,
         message("mlp_hvp_flat: weights[", l, "] must be 2-D (out, in), got shape ", weights[l].sizes()).c_str());
+    // not read as "not chosen": a sign slip would drop a block
+    for (const auto& [kind, offset] : {std::pair<const char*, int64_t>{"weight", weight_offsets[l]},
+                                       std::pair<const char*, int64_t>{"bias", bias_offsets[l]}}) {
+      TORCH_CHECK_VALUE(offset >= -1, message("mlp_hvp_flat: ", kind, "_offsets[", l, "] = ", offset,
+                                              ": an offset is a row of V (>= 0), or -1 for a parameter that is not "
+                                              "chosen")
+                                          .c_str());
+    }
     if (weight_offsets[l] >= 0) blocks.push_back({weight_offsets[l], weights[l].numel(), l, false});
     if (bias_offsets[l] >= 0) {
       const std::optional<at::Tensor> b = biases[l];

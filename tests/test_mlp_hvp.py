@@ -227,6 +227,11 @@ def test_flat_form_bad_layout_raises_clear_errors(backend, device, rng):
             ops.mlp_hvp_flat(**{**base, **changes}, backend=backend)
 
     call(ValueError, r"weight_offsets\[1\] = 23 where row 24 was expected", weight_offsets=[0, 23])
+    # any negative offset was "not chosen", and a tiling that then failed blamed another entry
+    call(ValueError, r"weight_offsets\[1\] = -2: an offset is a row of V \(>= 0\), or -1 for a parameter that is not "
+                     r"chosen", weight_offsets=[0, -2])
+    call(ValueError, r"bias_offsets\[0\] = -1099511627776: an offset", bias_offsets=[-(2**40), -1],
+         V=torch.randn(32, 2, dtype=torch.float64, device=device))
     call(ValueError, "have 36 entries but V has 40 rows", V=torch.randn(40, 2, dtype=torch.float64, device=device))
     call(ValueError, r"bias_offsets\[1\] = 36 but layer 1 has no bias", bias_offsets=[20, 36])
     call(ValueError, "one entry per layer", weight_offsets=[0])

@@ -332,6 +332,10 @@ def _check_flat_layout(weights, biases, weight_offsets, bias_offsets, d: int) ->
     for l, (w, b, wo, bo) in enumerate(zip(weights, biases, weight_offsets, bias_offsets)):
         if w.dim() != 2:
             raise ValueError(f"{_OP}_flat: weights[{l}] must be 2-D (out, in), got shape {shape_text(w)}")
+        for kind, offset in (("weight", wo), ("bias", bo)):  # not read as "not chosen": a sign slip would drop a block
+            if offset < -1:
+                raise ValueError(f"{_OP}_flat: {kind}_offsets[{l}] = {offset}: an offset is a row of V (>= 0), or -1 "
+                                 "for a parameter that is not chosen")
         if wo >= 0:
             blocks.append((wo, w.numel(), l, False))
         if bo >= 0:
