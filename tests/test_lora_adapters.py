@@ -412,6 +412,55 @@ def test_a_merged_state_without_the_flag_loads_into_a_merged_model_merged(build,
     torch.testing.assert_close(model(x), source(x), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("source_merged", [False, True])
+@pytest.mark.parametrize("target_merged", [False, True])
+def test_an_adapter_alone_loads_onto_the_layers_own_base_weight(source_merged, target_merged):
+    """The adapter's keys alone (A, B and the flag, PEFT's way of saving an adapter) took the flag at its word
+    as describing a base weight they do not hold: loaded into a merged model the old delta stayed in its base
+    weight under an unmerged flag (outputs 1.36 off on a small MLP), and a merged source's state left a plain
+    base weight under a merged flag (the loaded adapter ignored, 0.73 off). The loaded adapter now acts on the
+    layer's own base weight, merged where the source's was."""
+    source = mlp()  # the same base weights as the model below: the adapters differ
+    lora.add_adapters(source, "*", rank=2)
+    randomize_b(source, seed=4)
+    expected = source(X)
+    if source_merged:
+        lora.merge(source)
+    adapter_alone = {k: v for k, v in state(source).items() if "lora_" in k}
+    plain = mlp()
+    model = mlp()
+    lora.add_adapters(model, "*", rank=2)
+    randomize_b(model)
+    if target_merged:
+        lora.merge(model)
+    result = model.load_state_dict(adapter_alone, strict=False)
+    assert not result.unexpected_keys
+    assert [a.merged for a in lora.adapter_modules(model).values()] == [source_merged] * 3
+    torch.testing.assert_close(model(X), expected, rtol=1e-12, atol=1e-12)
+    lora.unmerge(model)
+    torch.testing.assert_close(model(X), expected, rtol=1e-12, atol=1e-12)
+    for name, adapter in lora.adapter_modules(model).items():  # the model's own base weights, back as they were
+        torch.testing.assert_close(adapter.base.weight, plain.get_submodule(name).weight, rtol=1e-12, atol=1e-12)
+
+
+def test_a_merged_state_loaded_in_parts_takes_the_flag_as_describing_the_base_weight_loaded_before():
+    """A whole merged state loaded in two calls, the base weights first, then the adapters with their flags: the
+    flag describes the base weight already loaded (merged), so the delta is not added a second time."""
+    source = mlp(seed=3)
+    lora.add_adapters(source, "*", rank=2)
+    randomize_b(source, seed=4)
+    lora.merge(source)
+    saved = state(source)
+    model = mlp()
+    lora.add_adapters(model, "*", rank=2)
+    model.load_state_dict({k: v for k, v in saved.items() if "lora_" not in k}, strict=False)
+    model.load_state_dict({k: v for k, v in saved.items() if "lora_" in k}, strict=False)
+    assert all(a.merged for a in lora.adapter_modules(model).values())
+    torch.testing.assert_close(model(X), source(X), rtol=1e-12, atol=1e-12)
+    for name, adapter in lora.adapter_modules(model).items():
+        assert torch.equal(adapter.base.weight, saved[name + ".base.weight"])
+
+
 def test_adapter_on_a_layer_without_inputs():
     """nn.Linear(0, 3): the output is the bias, as F.linear gives; merge and unmerge work too."""
     layer = nn.Linear(0, 3).double()

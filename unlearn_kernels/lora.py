@@ -91,6 +91,7 @@ class _Adapter(nn.Module):
         # model's state loaded into a fresh adapted model is merged there too, not given the delta twice).
         self._merged = False
         self.register_buffer("lora_merged", torch.tensor(False, device=base.weight.device))
+        self._base_loaded_alone = False  # the last state loaded gave the base weight alone (a state in parts)
         # restored by unload(); the base is frozen while wrapped
         self.base_requires_grad = tuple(p.requires_grad for p in base.parameters())
         base.requires_grad_(False)
@@ -164,26 +165,39 @@ class _Adapter(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
-        """Loads the merged flag with the weights. A state saved before the flag was (no ``lora_merged``
-        key) still loads strictly and leaves the flag as it is.
+        """Loads the merged flag with the weights, so that the base weight and the flag agree afterwards.
 
-        A state that gives A or B with neither the base weight nor the flag (the adapter's parameters
-        alone, ``adapter_parameter_names``, loaded with ``strict=False``) into a merged adapter unmerges
-        the old adapter first: the base weight sheds the delta it holds and the loaded adapter is in
-        effect, unmerged (the merged base weight kept the old delta, the forward ignored the loaded A and
-        B, and a later unmerge subtracted the new delta from it). A state with the flag is taken at its
-        word, as describing the base weight loaded with it, in the same call or an earlier one (a state
-        loaded in parts)."""
+        * A state with the base weight (a whole model's) takes the flag at its word, as describing that
+          base weight; one saved before the flag was (no ``lora_merged`` key) still loads strictly and
+          leaves the flag as it is.
+        * A state of the adapter alone (A, B and perhaps the flag, without the base weight: the
+          ``lora_`` keys, or ``adapter_parameter_names``, loaded with ``strict=False``) applies that
+          adapter to this layer's own base weight: a merged adapter is unmerged first (the base weight
+          sheds the old delta), and the loaded one is merged where its flag says the source was merged,
+          else left unmerged. Taken at its word, the flag left a merged base weight holding the old delta
+          under a loaded unmerged adapter (outputs 1.36 off), or an unmerged one under a merged flag
+          (the loaded adapter ignored, and a later unmerge subtracted a delta never added).
+        * After a state that gave the base weight alone, the adapter's keys with the flag are the rest of
+          a state loaded in parts: the flag is taken at its word, as describing that base weight."""
         key = prefix + "lora_merged"
-        if (self.merged and key not in state_dict and prefix + "base.weight" not in state_dict
-                and any(prefix + name in state_dict for name in ("lora_a", "lora_b"))):  # loads before its base
+        has_base, has_flag = prefix + "base.weight" in state_dict, key in state_dict
+        has_adapter = any(prefix + name in state_dict for name in ("lora_a", "lora_b"))
+        adapter_alone = not has_base and (has_adapter or has_flag) and not self._base_loaded_alone
+        if adapter_alone and self.merged:  # loads before its base
             self.unmerge()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if key in state_dict:
-            self._merged = bool(self.lora_merged)
+        if has_flag:
+            loaded = bool(self.lora_merged)
+            if adapter_alone:
+                self._set_merged(False)  # the base weight holds no delta now
+                if loaded:
+                    self.merge()
+            else:
+                self._merged = loaded
         elif key in missing_keys:
             missing_keys.remove(key)
+        self._base_loaded_alone = has_base and not (has_flag or has_adapter)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}, merged={self.merged}"
