@@ -200,7 +200,8 @@ class _Adapter(nn.Module):
         self._base_loaded_alone = has_base and not (has_flag or has_adapter)
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}, merged={self.merged}"
+        # every digit: the curvature operators compare a module's settings by it (a 6-digit scale hid a change)
+        return f"rank={self.rank}, alpha={self.alpha!r}, scale={self.scale!r}, merged={self.merged}"
 
 
 def _layer_problem(layer: nn.Linear | nn.Conv2d, parent: nn.Module | None = None) -> str | None:
