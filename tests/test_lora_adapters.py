@@ -504,6 +504,20 @@ def test_to_peft_checks_the_adapter_name(name, error, match):
         lora.to_peft(model, adapter_name=name)
 
 
+@pytest.mark.parametrize("call, layer", [
+    (lambda: lora.add_adapters(nn.Linear(3, 2), "*"), "Linear"),
+    (lambda: lora.add_adapters(lora.LoRALinear(nn.Linear(3, 2), rank=1), "*"), "LoRALinear"),
+    (lambda: lora.resolve_targets(nn.Conv2d(1, 2, 3), "*"), "Conv2d"),
+    (lambda: lora.to_peft(lora.LoRALinear(nn.Linear(3, 2), rank=1)), "LoRALinear"),
+], ids=["add_adapters", "add_adapters-adapter", "resolve_targets", "to_peft"])
+def test_a_model_that_is_a_layer_alone_is_told_to_wrap_it(call, layer):
+    """add_adapters said "target '*' names no module of the model (modules: [])", and to_peft gave unload's
+    refusal, which advised taking the adapter's .base (dropping the adapter it was to convert)."""
+    with pytest.raises(ValueError, match=rf"^\w+: the model is itself a {layer} layer; wrap it, e.g. "
+                                         r"nn.Sequential\(model\)$"):
+        call()
+
+
 def test_unload_of_a_bare_adapter_is_refused():
     with pytest.raises(ValueError, match="itself an adapter"):
         lora.unload(lora.LoRALinear(nn.Linear(3, 2), rank=1))

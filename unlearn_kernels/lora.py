@@ -351,6 +351,14 @@ def adaptable_layers(model: nn.Module) -> list[str]:
             and _shared_problem(model, every_name, name) is None]
 
 
+def refuse_a_bare_layer(owner: str, model: nn.Module) -> None:
+    """ValueError naming ``owner`` where the model is itself a Linear or Conv2d layer or an adapter: an
+    adapter replaces a submodule of the model, which a layer alone does not have."""
+    if isinstance(model, (*ADAPTABLE, _Adapter)):
+        raise ValueError(f"{owner}: the model is itself a {type(model).__name__} layer; wrap it, e.g. "
+                         "nn.Sequential(model)")
+
+
 def new_adapter_layers(owner: str, model: nn.Module, targets: Sequence[str] | None,
                        default: Callable[[nn.Module], Sequence[str]] = adaptable_layers, which: str = "") -> list[str]:
     """The layers of ``model`` that a method gives fresh adapters (checked; nothing is changed): those
@@ -358,9 +366,7 @@ def new_adapter_layers(owner: str, model: nn.Module, targets: Sequence[str] | No
     ``default(model)``. ValueError naming ``owner`` where the model is itself a layer (an adapter
     replaces a submodule) or the default finds none (``which`` qualifies the layers, e.g. "hidden ")."""
     existing = adapter_modules(model)
-    if isinstance(model, ADAPTABLE) or "" in existing:
-        raise ValueError(f"{owner}: the model is itself a {type(model).__name__} layer; wrap it, e.g. "
-                         "nn.Sequential(model)")
+    refuse_a_bare_layer(owner, model)
     if targets is not None:  # a named layer with an adapter from an earlier request: that adapter trains
         return resolve_targets(model, targets, owner=owner, skip_adapted=True)
     if existing:
@@ -394,6 +400,7 @@ def resolve_targets(model: nn.Module, targets: str | Sequence[str], owner: str =
     Changes nothing (what :func:`add_adapters` checks before it adds any adapter); ``owner`` prefixes
     the messages."""
     check_module(owner, model)
+    refuse_a_bare_layer(owner, model)  # else "target '*' names no module of the model (modules: [])"
     targets = check_targets(owner, targets)
     modules = dict(model.named_modules(remove_duplicate=False))  # every name of a module used twice
     peft = next(((n, m) for n, m in modules.items() if _is_peft(m)), None)
@@ -662,6 +669,7 @@ def to_peft(model: nn.Module, adapter_name: str = "default") -> nn.Module:
     keys its per-adapter modules by it): TypeError / ValueError otherwise.
     """
     check_module("to_peft", model)
+    refuse_a_bare_layer("to_peft", model)  # else unload's refusal, which advised dropping the adapter (.base)
     if not isinstance(adapter_name, str):
         raise TypeError(f"to_peft: adapter_name must be a str, got {type(adapter_name).__name__}")
     if not adapter_name or "." in adapter_name:
