@@ -355,6 +355,19 @@ def test_pairwise_bad_input(fn):
         fn(torch.zeros(0, 4), torch.zeros(0, 4))
     with pytest.raises(ValueError, match="2-D"):
         fn(torch.zeros(4), torch.zeros(4))
+    # torch's "Tensor.item() cannot be called on meta tensors" before
+    with pytest.raises(ValueError, match=r"is on the meta device \(it has a shape but no values\)"):
+        fn(good.to("meta"), good.to("meta"))
+
+
+def test_metrics_refuse_meta_tensors_by_name():
+    """A logit or label tensor on the meta device failed with torch's "Tensor.item() cannot be called on meta
+    tensors"; named now, as the ops do."""
+    logits, y = torch.zeros(3, 2), torch.zeros(3, dtype=torch.long)
+    for args, name in (((logits.to("meta"), y), "logits"), ((logits, y.to("meta")), "y")):
+        with pytest.raises(ValueError, match=rf"^accuracy: {name} is on the meta device \(it has a shape but no "
+                                             r"values\): give it on cpu or cuda$"):
+            accuracy(*args)
 
 
 def test_label_and_set_bad_input():

@@ -21,6 +21,7 @@ from torch import nn
 from ..checks import (
     all_finite,
     check_choice,
+    check_has_values,
     check_int,
     check_number,
     check_tensor,
@@ -40,8 +41,8 @@ TOW_KEYS = ("acc_forget", "acc_retain", "acc_test")
 
 # --------------------------------------------------------------------------- validation
 def check_logits(name: str, logits: torch.Tensor) -> None:
-    """A non-empty, finite, floating-point (N, C) tensor."""
-    check_tensor(name, logits)
+    """A non-empty, finite, floating-point (N, C) tensor with values (not on the meta device)."""
+    check_has_values(name, check_tensor(name, logits))
     if logits.dim() != 2:
         raise ValueError(f"{name} must be 2-D (N, C), got shape {tuple(logits.shape)}")
     if not logits.is_floating_point():
@@ -54,7 +55,7 @@ def check_logits(name: str, logits: torch.Tensor) -> None:
 
 def check_labels(name: str, labels: torch.Tensor, logits: torch.Tensor) -> None:
     """Integer labels, one per row of ``logits``, each a valid class index."""
-    check_tensor(name, labels)
+    check_has_values(name, check_tensor(name, labels))
     if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"{name} must be a 1-D integer tensor, got {labels.dtype} of shape {tuple(labels.shape)}")
     if labels.dtype in (torch.uint16, torch.uint32, torch.uint64):  # torch cannot even compare them on the CPU
