@@ -466,6 +466,40 @@ def test_different_calls_are_refused_on_every_rank(tmp_path):
     _spawn(_different_calls_worker, (2, str(tmp_path / "store")), 2)
 
 
+def _different_inputs_worker(rank: int, world: int, store: str) -> None:
+    """Ranks that pass different vectors (a per-rank seed): each rank's product was of its own vector and the
+    all_reduce returned their weighted sum, H v on no rank (0.996 and 0.625 off), and Lanczos with seed=rank gave
+    each rank other eigenvalues, all without an error. Every rank raises the same ValueError now, at the first
+    product, in float64 and in bfloat16 (the checksums travel as digits, exact in any dtype); the same vector
+    passes."""
+    _init(rank, world, store)
+    try:
+        model, x, y = model_and_data()
+        part = slice(0, 20) if rank == 0 else slice(20, ROWS)
+        for dtype in (torch.float64, torch.bfloat16):
+            op = hessian_operator(copy.deepcopy(model).to(dtype), nn.CrossEntropyLoss(), (x[part].to(dtype), y[part]),
+                                  path="generic", process_group=dist.group.WORLD)
+            mine = torch.randn(op.shape[0], 2, generator=torch.Generator().manual_seed(rank)).to(dtype)
+            refused = r"the ranks passed different inputs while computing a (matvec|matmat) \(checksums \(sum, sum of"
+            calls = [lambda: op.matvec(mine[:, 0]), lambda: op.matmat(mine)]
+            if dtype == torch.float64:  # Lanczos takes float32 and float64
+                calls.append(lambda: lanczos(op, 4, seed=rank, return_eigenvectors=False))
+            for call in calls:
+                with pytest.raises(ValueError, match=rf"^distributed curvature, rank {rank}: {refused}"):
+                    call()
+            same = torch.ones(op.shape[0], dtype=dtype)
+            op.matvec(same)
+            if dtype == torch.float64:
+                single = hessian_operator(model, nn.CrossEntropyLoss(), (x, y), path="generic")
+                _close(op.matvec(same), single.matvec(same))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_different_inputs_are_refused_on_every_rank(tmp_path):
+    _spawn(_different_inputs_worker, (2, str(tmp_path / "store")), 2)
+
+
 def _bfloat16_tags_worker(rank: int, world: int, store: str) -> None:
     """The call tags travel in the payload's dtype: in bfloat16 the serial was one number, rounded above
     256 (301 became 300), so products of the 300th and 301st operators of a group were summed. Here the

@@ -53,6 +53,7 @@ import hashlib
 import math
 import os
 import pickle
+import struct
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -311,19 +312,23 @@ _CHUNK = 1 << 20
 """Positions per piece of the weighted sum: its weights take 8 MB at a time, not another copy of the model."""
 
 
+_INPUT_SUMS = ("sum", "sum of squares", "position-weighted sum")
+"""What a product's input checksum holds (:func:`_sums`), compared across the ranks at every product."""
+_INPUT_DIGITS = 8 * len(_INPUT_SUMS)
+"""The checksum's float64 numbers as base-256 digits (their bytes): exact in every dtype, bfloat16 included."""
+
+
 def _sums(flat: torch.Tensor) -> torch.Tensor:
-    """(sum, sum of squares, position-weighted sum) of a flat float64 tensor, as one (3,) tensor."""
-    return torch.stack([flat.sum(), torch.dot(flat, flat), _position_weighted_sum(flat)])
-
-
-def _position_weighted_sum(flat: torch.Tensor) -> torch.Tensor:
-    """sum_i flat[i] * (1 + frac(i * golden ratio)) in float64, in pieces of :data:`_CHUNK` positions."""
-    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    """(sum, sum of squares, position-weighted sum: entry i weighted by 1 + frac(i * golden ratio)) of a flat
+    tensor, in float64, as one (3,) tensor; in pieces of :data:`_CHUNK` positions, each taken to float64 on its own
+    (a product's input is not copied whole)."""
+    totals = torch.zeros(3, dtype=torch.float64, device=flat.device)
     for start in range(0, flat.numel(), _CHUNK):
-        piece = flat[start:start + _CHUNK]
+        piece = flat[start:start + _CHUNK].to(torch.float64)
         weights = torch.arange(start, start + piece.numel(), dtype=torch.float64, device=flat.device)
-        total += torch.dot(piece, weights.mul_(_GOLDEN).frac_().add_(1))
-    return total
+        totals += torch.stack([piece.sum(), torch.dot(piece, piece),
+                               torch.dot(piece, weights.mul_(_GOLDEN).frac_().add_(1))])
+    return totals
 
 
 def text_fingerprint(text: str | bytes) -> tuple[float, float]:
@@ -427,35 +432,64 @@ class ShardGroup:
         flat[:payload.numel()] = payload.reshape(-1)
         return self._all_reduce(flat, payload.shape, failure, what)[0]
 
-    def combine(self, local: Callable[[], torch.Tensor | None] | None, like: torch.Tensor, what: str) -> torch.Tensor:
+    def combine(self, local: Callable[[], torch.Tensor | None] | None, like: torch.Tensor, what: str,
+                given: torch.Tensor | None = None) -> torch.Tensor:
         """``sum_r (n_r / N) result_r``: this rank's result (``local()``; zeros shaped like ``like``
         where ``local`` is or returns None, as on an empty shard), weighted and all-reduced.
 
         With :attr:`weights`, the all_reduce also carries one flag per rank, set where the weights
         changed since the ranks last compared them (asked after ``local()``, which may itself look
         at the weights); if any rank set it, every rank takes part in one more all_reduce of the
-        checksums and raises the same ValueError if they differ."""
-        rows = _MOVED + (self.weights is not None)  # the failure and call tags, then weights changed, per rank
+        checksums and raises the same ValueError if they differ. With ``given`` (the vector or matrix
+        the product is of, which ``local()`` has checked), the same all_reduce carries its checksum (sum,
+        sum of squares, position-weighted sum, each float64 as 8 base-256 digits: exact in every dtype),
+        and every rank raises the same ValueError if the ranks' differ: each rank's product is of its own
+        input, so different ones made a blend of products that is none of them."""
+        # per rank: the failure and call tags, weights changed, then the input's checksum (sent by every call, 0 without
+        # an input, so that calls of one payload size have one size: the tags tell them apart)
+        rows = _MOVED + (self.weights is not None) + _INPUT_DIGITS
         flat = like.new_empty(like.numel() + rows * self.world_size)  # the result, then the flags
-        out, failure = flat[:like.numel()].view_as(like), None
+        out, failure, sums = flat[:like.numel()].view_as(like), None, None
         try:
             result = None if local is None else local()
+            if given is not None:
+                sums = _sums(given.detach().reshape(-1)).tolist()
             if result is None:
                 out.zero_()
             else:
                 torch.mul(result, self.weight, out=out)  # written in place: no copy of a d-long vector
         except Exception as err:  # reported to the other ranks, then raised here
             failure = err
-        moved = False
+        moved = None
         if self.weights is not None:
+            moved = False
             try:
                 moved = self.weights.changed()
             except Exception as err:  # reported to the other ranks, then raised here
                 failure = err if failure is None else failure
-        out, any_moved = self._all_reduce(flat, like.shape, failure, what, moved)
+        sent = [0] * _INPUT_DIGITS if sums is None else [d for value in sums for d in struct.pack("<d", value)]
+        out, any_moved, received = self._all_reduce(flat, like.shape, failure, what, moved, sent)
+        if given is not None:
+            self._check_inputs([struct.unpack(f"<{len(_INPUT_SUMS)}d", bytes(r)) for r in received], given.numel(),
+                               what)
         if any_moved:
             self.check_weights()
         return out
+
+    def _check_inputs(self, sums: list[tuple[float, ...]], count: int, what: str) -> None:
+        """The same ValueError on every rank if the ranks' input checksums (``_sums`` of each, in rank
+        order) differ beyond rounding."""
+        squares = max((abs(q) for _, q, _ in sums if math.isfinite(q)), default=0.0)
+        scales = (math.sqrt(count * squares), squares, 2 * math.sqrt(count * squares))
+        differ = [r for r, row in enumerate(sums) if not all(_close(a, b, scale)
+                                                               for a, b, scale in zip(row, sums[0], scales))]
+        if differ:
+            listed = ", ".join(f"({', '.join(f'{v:.17g}' for v in sums[r])}) on rank {r}" for r in [0, *differ[:3]])
+            more = f" and {len(differ) - 3} more rank(s)" if len(differ) > 3 else ""
+            raise ValueError(f"distributed curvature, rank {self.rank}: the ranks passed different inputs while "
+                             f"{what} (checksums ({', '.join(_INPUT_SUMS)}) {listed}{more}): each rank's product is of "
+                             "its own input, so the combined result would be none of them; every rank must pass the "
+                             "same vectors (the same seeds, start vectors and arguments)")
 
     def check_weights(self) -> None:
         """Every rank's checksum in one all_reduce; the same ValueError on every rank if they differ."""
@@ -469,12 +503,13 @@ class ShardGroup:
         self.weights.compare(table, self.rank, "after the weights changed")
 
     def _all_reduce(self, flat: torch.Tensor, shape: torch.Size, failure: BaseException | None,
-                    what: str, moved: bool | None = None) -> tuple[torch.Tensor, bool]:
+                    what: str, moved: bool | None = None,
+                    digits: Sequence[int] = ()) -> tuple[torch.Tensor, bool, list[list[int]]]:
         """All-reduces ``flat`` (the payload, then per rank a failure flag, the call's tags (its kind and
-        this group's serial modulo 2**16, as two digits) and, where ``flat`` has room for it, a weights-changed flag
-        (``moved``); set here) and returns the payload's sum shaped ``shape`` and whether any rank's
-        weights changed, or raises as :meth:`reduce` says; a RuntimeError on every rank if the ranks'
-        tags differ."""
+        this group's serial modulo 2**16, as two digits), a weights-changed flag (``moved``, unless None) and
+        ``digits`` (integers in [0, 256), the flags' last rows); set here) and returns the payload's sum shaped
+        ``shape``, whether any rank's weights changed and every rank's digits (in rank order), or raises as
+        :meth:`reduce` says; a RuntimeError on every rank if the ranks' tags differ."""
         n = math.prod(shape)
         payload, flags = flat[:n], flat[n:].view(-1, self.world_size)
         flags.zero_()
@@ -486,6 +521,8 @@ class ShardGroup:
         flags[_SERIAL_HIGH, self.rank] = self.serial // _DIGIT % _DIGIT
         if moved:
             flags[_MOVED, self.rank] = 1
+        if digits and failure is None:
+            flags[len(flags) - len(digits):, self.rank] = torch.tensor(digits, dtype=flags.dtype)
         all_reduce_released(flat, self.group,
                             during=f"distributed curvature, rank {self.rank} of {self.world_size}, {what}")
         if failure is not None:
@@ -497,7 +534,8 @@ class ShardGroup:
         if failed:
             raise RuntimeError(f"distributed curvature, rank {self.rank} of {self.world_size}: rank(s) {failed} failed "
                                f"while {what} (their own error is raised there)")
-        return payload.view(shape), len(flags) > _MOVED and any(flags[_MOVED])
+        received = [[int(row[r]) for row in flags[len(flags) - len(digits):]] for r in range(self.world_size)]
+        return payload.view(shape), moved is not None and any(flags[_MOVED]), received
 
     def _check_tags(self, tags: list[tuple[int, int]]) -> None:
         """The same RuntimeError on every rank if the ranks' (kind, serial) tags differ."""
@@ -658,7 +696,7 @@ class DistributedOperator:
             return None if self.local is None else (self.local.matvec if ndim == 1 else self.local.matmat)(X)
 
         like = torch.empty(shape, dtype=self.dtype, device=self.device)
-        return self.shards.combine(local, like, "computing a matvec" if ndim == 1 else "computing a matmat")
+        return self.shards.combine(local, like, "computing a matvec" if ndim == 1 else "computing a matmat", given=X)
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """C @ v for a flat (d,) vector (one all_reduce); the same result on every rank."""
