@@ -415,6 +415,10 @@ def test_a_loss_whose_chunks_do_not_combine_into_its_mean_is_refused():
                                                  r"\(2048\): pass batch_size=None"):
                 METHODS[name](loss_fn=loss)
             METHODS[name](loss_fn=loss, batch_size=None)  # one chunk: the weighted mean over all rows
+            # but each rank's shard is a chunk of its own (a step 16% off the one-process step, F 1.141 for 1.126)
+            with pytest.raises(ValueError, match=rf"^{name}: loss_fn has class weights, whose mean over each rank's "
+                                                 r"shard .* with a process_group the loss must be a plain mean"):
+                METHODS[name](loss_fn=loss, batch_size=None, process_group=object())  # refused before it is read
         for loss in (nn.CrossEntropyLoss(reduction="sum"), functools.partial(F.cross_entropy, reduction="sum")):
             with pytest.raises(ValueError, match=rf"^{name}: loss_fn has reduction='sum': the Newton methods take"):
                 METHODS[name](loss_fn=loss, batch_size=None)

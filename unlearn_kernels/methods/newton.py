@@ -205,11 +205,12 @@ def _torch_loss_options(loss_fn: Any) -> dict[str, Any]:
     return {}
 
 
-def _check_mean_loss(owner: str, loss_fn: LossFn, batch_size: Any) -> None:
+def _check_mean_loss(owner: str, loss_fn: LossFn, batch_size: Any, process_group: Any = None) -> None:
     """ValueError where ``loss_fn``'s values on chunks of the data do not combine into its value on all of it,
     as F, its gradient and the Hessian do (a mean over rows, weighted by the chunks' rows): a reduction other
     than the mean, or class weights (each chunk's weighted mean divides by its own sum of weights) unless the
-    data is one chunk (``batch_size=None``); read by :func:`_torch_loss_options`."""
+    data is one chunk (``batch_size=None``, in one process: each rank's shard is a chunk too); read by
+    :func:`_torch_loss_options`."""
     options = _torch_loss_options(loss_fn)
     reduction = options.get("reduction", "mean")
     if reduction != "mean":
@@ -220,6 +221,10 @@ def _check_mean_loss(owner: str, loss_fn: LossFn, batch_size: Any) -> None:
         raise ValueError(f"{owner}: loss_fn has class weights, whose mean over a chunk of the data divides by that "
                          f"chunk's sum of weights, so F would change with batch_size ({batch_size}): pass "
                          "batch_size=None (all rows in one chunk)")
+    if options.get("weight") is not None and process_group is not None:
+        raise ValueError(f"{owner}: loss_fn has class weights, whose mean over each rank's shard divides by that "
+                         "shard's sum of weights, so F would change with how the rows are sharded: with a "
+                         "process_group the loss must be a plain mean over rows (no class weights)")
 
 
 def narrower(dtype: torch.dtype | None, than: torch.dtype) -> bool:
@@ -343,7 +348,7 @@ class _NewtonFamily(Unlearner):
         if not callable(loss_fn):
             raise TypeError(f"{self.name}: loss_fn must be callable (outputs, targets) -> scalar, "
                             f"got {type(loss_fn).__name__}")
-        _check_mean_loss(self.name, loss_fn, batch_size)
+        _check_mean_loss(self.name, loss_fn, batch_size, process_group)
         if dtype not in (None, torch.float32, torch.float64):  # the curvature kernels compute in these two
             raise TypeError(f"{self.name}: dtype must be None, torch.float32 or torch.float64, got {dtype!r}")
         check_choice(f"{self.name}: path", path, PATHS)
