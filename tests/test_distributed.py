@@ -177,20 +177,23 @@ def _equivalence_worker(rank: int, world: int, store: str, bounds: list[int]) ->
         # hessian_samples: one draw over all ranks' rows (a draw of 9 rows per rank, each weighing the same,
         # made another step); the generic path's construction check counts in hvps and the budget (it did not
         # with a process group: fewer products counted, and a budget allowed more steps than one process takes)
+        # gradients: counted as one process over all rows takes them, as hvps (each rank counted its own shard's
+        # batches, 27 and 123 against one process's 147 at batch_size 7)
         options = [("cure_newton", dict(max_iterations=3, hessian_samples=None)),
                    ("cure_newton", dict(max_iterations=3, hessian_samples=9)),
+                   ("cure_newton", dict(max_iterations=3, hessian_samples=None, batch_size=7)),
                    ("cure_newton", dict(max_iterations=3, hessian_samples=None, path="generic", hvp_budget=12)),
                    ("newton_pinv", {}), ("damped_newton", dict(damping=0.1)), ("influence", dict(damping=0.1))]
         for name, kwargs in options:
-            weights, hvps = {}, {}
+            weights, counts = {}, {}
             for which, group in (("shard", dist.group.WORLD), ("all", None)):
                 method = METHODS[name](weight_decay=1e-3, process_group=group, **kwargs)
                 result = method.unlearn(model, *data[which], seed=0)
                 weights[which] = get_flat_parameters(result.model, [n for n, _ in result.model.named_parameters()])
-                hvps[which] = result.hvps
+                counts[which] = (result.hvps, result.gradients)
             _same_on_every_rank(weights["shard"])
             _close(weights["shard"], weights["all"])
-            assert hvps["shard"] == hvps["all"], (name, kwargs, hvps)
+            assert counts["shard"] == counts["all"], (name, kwargs, counts)
     finally:
         dist.destroy_process_group()
 
@@ -229,6 +232,13 @@ def _empty_shard_worker(rank: int, world: int, store: str) -> None:
         _close(chosen.gradient(), Objective(model, nn.CrossEntropyLoss(), (x, y), ["2.weight", "2.bias"]).gradient())
         with pytest.raises(ValueError, match="every rank's shard is empty"):
             hessian_operator(model, nn.CrossEntropyLoss(), (x[:0], y[:0]), process_group=dist.group.WORLD)
+        # a method whose retain shard is empty on rank 1: the same step, hvps and gradients as one process (the
+        # probe for the parameters the loss uses counted on the rank that ran it alone: 15 against 2)
+        forget, retain = (slice(0, 5), slice(10, ROWS)) if rank == 0 else (slice(5, 10), slice(0, 0))
+        results = [METHODS["cure_newton"](max_iterations=2, process_group=group).unlearn(
+                   model, LabeledData(x[rows], y[rows]), LabeledData(x[kept], y[kept]), seed=0)
+                   for group, rows, kept in ((dist.group.WORLD, forget, retain), (None, slice(0, 10), slice(10, ROWS)))]
+        assert [(r.hvps, r.gradients) for r in results[:1]] == [(r.hvps, r.gradients) for r in results[1:]]
     finally:
         dist.destroy_process_group()
 

@@ -422,8 +422,9 @@ class _NewtonFamily(Unlearner):
         others a RuntimeError naming it (no wait for a timeout)."""
         params = dict(ws.shadow.named_parameters())
         names = ws.names
-        # the flags of the parameters, then this rank's failure
-        used = torch.zeros(len(names) + 1, dtype=torch.float64, device=_collective_device(ws.shadow))
+        # the flags of the parameters, whether this rank probed (the probe counts once, as one process's would), then
+        # this rank's failure
+        used = torch.zeros(len(names) + 2, dtype=torch.float64, device=_collective_device(ws.shadow))
         failure = None
         if len(ws.retain):
             rows = min(self.USE_PROBE_ROWS, self.batch_size or self.USE_PROBE_ROWS)
@@ -435,11 +436,11 @@ class _NewtonFamily(Unlearner):
                     # a loss with no graph (outputs made by an argmax, say) uses none: torch's grad would raise
                     grads = (torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
                              if loss.requires_grad else [None] * len(names))
-                used[:-1] = torch.tensor([g is not None for g in grads], dtype=torch.float64)
+                used[:-2] = torch.tensor([g is not None for g in grads], dtype=torch.float64)
             except Exception as error:  # any: raised below, after the other ranks learn of it
                 failure = error
                 used[-1] = 1.0
-            ws.gradient_passes += 1
+            used[-2] = 1.0
         if self.process_group is not None:
             all_reduce_released(used, self.process_group, dist.ReduceOp.MAX,
                                 during=f"{self._where()}, finding the parameters the loss uses")
@@ -450,7 +451,8 @@ class _NewtonFamily(Unlearner):
         if used[-1]:
             raise RuntimeError(f"{self.name}: another rank failed to run the loss on its retain rows (its own error "
                                "is raised there)")
-        kept = tuple(name for name, flag in zip(names, used[:-1].tolist()) if flag)
+        ws.gradient_passes += int(used[-2])
+        kept = tuple(name for name, flag in zip(names, used[:-2].tolist()) if flag)
         if not kept:
             raise ValueError(f"{self.name}: the loss depends on none of the model's trainable parameters")
         return kept
@@ -469,8 +471,12 @@ class _NewtonFamily(Unlearner):
         return options_text(type(self).__qualname__, {name: value for name, value in vars(self).items()
                                                       if name != "_group"})
 
-    def _batches(self, data: LabeledData) -> int:
-        return 1 if self.batch_size is None else math.ceil(len(data) / self.batch_size)
+    def _batches(self, data: LabeledData, objective: Objective | DistributedObjective) -> int:
+        """Batch gradients in one pass of ``objective`` over ``data``: over every rank's rows with a process
+        group, as one process over all of them (as ``hvps`` counts; this rank's own batches made the count
+        differ between the ranks, and match neither)."""
+        rows = objective.shards.num_rows if isinstance(objective, DistributedObjective) else len(data)
+        return 1 if self.batch_size is None else math.ceil(rows / self.batch_size)
 
     def _agreed_solver(self, local: str, order: tuple[str, ...], model: nn.Module) -> str:
         """``local``, the solver that ``solver="auto"`` picks from this process's free memory; with a process
@@ -550,7 +556,7 @@ class _NewtonFamily(Unlearner):
         """grad F over ``data`` (``objective``'s) at the shadow's current weights (counted, checked finite;
         ``moved``: the weights are no longer the given ones)."""
         g = objective.gradient()
-        ws.gradient_passes += self._batches(data)
+        ws.gradient_passes += self._batches(data, objective)
         return self._check_finite(g, moved=moved)
 
     def _check_finite(self, g: torch.Tensor, *, moved: bool = False) -> torch.Tensor:
@@ -775,7 +781,7 @@ class CureNewton(_NewtonFamily):
             move(w)
             f, last["gradient"] = objective.value_and_gradient()
             last["w"] = w
-            ws.gradient_passes += self._batches(ws.retain)
+            ws.gradient_passes += self._batches(ws.retain, objective)
             return f
 
         def gradient(w: torch.Tensor) -> torch.Tensor:
@@ -804,7 +810,7 @@ class CureNewton(_NewtonFamily):
         after, grad_after, reverted = result.value, norm64(result.gradient), False
         if ws.shadow is not ws.model:
             after, gradient_after = objective.value_and_gradient()
-            ws.gradient_passes += self._batches(ws.retain)
+            ws.gradient_passes += self._batches(ws.retain, objective)
             grad_after = norm64(gradient_after)
             if after > result.initial_value:
                 self._set(ws, start)
