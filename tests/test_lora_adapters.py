@@ -443,24 +443,6 @@ def test_an_adapter_alone_loads_onto_the_layers_own_base_weight(source_merged, t
         torch.testing.assert_close(adapter.base.weight, plain.get_submodule(name).weight, rtol=1e-12, atol=1e-12)
 
 
-def test_a_merged_state_loaded_in_parts_takes_the_flag_as_describing_the_base_weight_loaded_before():
-    """A whole merged state loaded in two calls, the base weights first, then the adapters with their flags: the
-    flag describes the base weight already loaded (merged), so the delta is not added a second time."""
-    source = mlp(seed=3)
-    lora.add_adapters(source, "*", rank=2)
-    randomize_b(source, seed=4)
-    lora.merge(source)
-    saved = state(source)
-    model = mlp()
-    lora.add_adapters(model, "*", rank=2)
-    model.load_state_dict({k: v for k, v in saved.items() if "lora_" not in k}, strict=False)
-    model.load_state_dict({k: v for k, v in saved.items() if "lora_" in k}, strict=False)
-    assert all(a.merged for a in lora.adapter_modules(model).values())
-    torch.testing.assert_close(model(X), source(X), rtol=1e-12, atol=1e-12)
-    for name, adapter in lora.adapter_modules(model).items():
-        assert torch.equal(adapter.base.weight, saved[name + ".base.weight"])
-
-
 def test_adapter_on_a_layer_without_inputs():
     """nn.Linear(0, 3): the output is the bias, as F.linear gives; merge and unmerge work too."""
     layer = nn.Linear(0, 3).double()
