@@ -443,6 +443,25 @@ def test_an_adapter_alone_loads_onto_the_layers_own_base_weight(source_merged, t
         torch.testing.assert_close(adapter.base.weight, plain.get_submodule(name).weight, rtol=1e-12, atol=1e-12)
 
 
+def test_an_adapter_alone_after_a_merge_that_followed_a_base_only_load_is_applied_to_the_base():
+    """A base-only load marks the next adapter state as the rest of a state in parts; a merge (or unmerge) in
+    between changes the base weight, so that mark must go: it stayed, and the adapter loaded after a merge was
+    taken as describing the merged base, which kept the old delta (outputs 1.83 off)."""
+    source = mlp()
+    lora.add_adapters(source, "*", rank=2)
+    randomize_b(source, seed=4)
+    expected = source(X)
+    adapter_alone = {k: v for k, v in state(source).items() if "lora_" in k}
+    model = mlp()
+    lora.add_adapters(model, "*", rank=2)
+    randomize_b(model)
+    model.load_state_dict({k: v for k, v in state(model).items() if ".base." in k}, strict=False)
+    lora.merge(model)
+    model.load_state_dict(adapter_alone, strict=False)
+    assert not any(a.merged for a in lora.adapter_modules(model).values())
+    torch.testing.assert_close(model(X), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_adapter_on_a_layer_without_inputs():
     """nn.Linear(0, 3): the output is the bias, as F.linear gives; merge and unmerge work too."""
     layer = nn.Linear(0, 3).double()

@@ -133,6 +133,7 @@ class _Adapter(nn.Module):
     def _set_merged(self, merged: bool) -> None:
         self._merged = merged
         self.lora_merged.fill_(merged)
+        self._base_loaded_alone = False  # the base weight changed since: a later adapter state is one alone
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
