@@ -32,6 +32,7 @@ from unlearn_kernels.training import (
     check_fits,
     init_model,
     join_last_row,
+    make_optimizer,
     one_row_batch_norm,
     seeded_rng,
     train,
@@ -1083,3 +1084,18 @@ def test_warm_up_leaves_an_optimizers_one_off_imports_done():
               "print(sorted(set(sys.modules) - before))\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_make_optimizer_takes_parameter_groups_and_checks_each_groups_options():
+    """The check of lr and weight_decay against the parameters' dtype read every item as a tensor: parameter
+    groups (dicts, as torch's optimizers take) failed with AttributeError; an int weight decay beyond float64 made
+    the refusal's own message raise OverflowError."""
+    layer = nn.Linear(3, 2)
+    optimizer = make_optimizer([{"params": layer.parameters(), "lr": 0.2}], "sgd", 0.1)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.2] and len(optimizer.param_groups[0]["params"]) == 2
+    with pytest.raises(ValueError, match=r"^make_optimizer: lr = 1e\+39 does not fit the parameters' torch.float32"):
+        make_optimizer([{"params": layer.parameters(), "lr": 1e39}], "sgd", 0.1)
+    with pytest.raises(ValueError, match=r"^make_optimizer: weight_decay = 1.000e\+400 does not fit"):
+        make_optimizer(layer.parameters(), "sgd", 0.1, weight_decay=10**400)
+    with pytest.raises(ValueError, match="cannot train float16 parameters"):
+        make_optimizer([{"params": nn.Linear(3, 2).half().parameters()}], "adam", 0.1)

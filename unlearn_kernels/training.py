@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import torch
@@ -121,14 +122,20 @@ def make_optimizer(
     A learning rate or weight decay beyond the largest value of a trained parameter's dtype is refused
     too (a finite 1e39 for float32 failed at the first step with torch's "value cannot be converted to
     type float without overflow")."""
-    params = list(params)
+    # parameter groups (dicts) as torch's optimizers take them, each with its own options
+    params = [dict(item, params=list(item["params"])) if isinstance(item, dict) else item for item in params]
+    groups = [(item["params"], item) if isinstance(item, dict) else ([item], {}) for item in params]
     for what, value in (("lr", lr), ("weight_decay", weight_decay)):
-        dtype = next((p.dtype for p in params if p.requires_grad and value > torch.finfo(p.dtype).max), None)
-        if dtype is not None:
-            raise ValueError(f"{owner}: {what} = {value:g} does not fit the parameters' {dtype} (largest "
-                             f"{torch.finfo(dtype).max:.4g})")
+        for tensors, options in groups:
+            given = options.get(what, value)
+            dtype = next((p.dtype for p in tensors if p.requires_grad and given > torch.finfo(p.dtype).max), None)
+            if dtype is not None:
+                # an int beyond float64 (10**400) has no :g form
+                shown = f"{given:g}" if isinstance(given, float) or abs(given) < 2**1000 else f"{Decimal(given):.4g}"
+                raise ValueError(f"{owner}: {what} = {shown} does not fit the parameters' {dtype} (largest "
+                                 f"{torch.finfo(dtype).max:.4g})")
     if name in ("adam", "adamw"):
-        if any(p.dtype == torch.float16 and p.requires_grad for p in params):  # a frozen one takes no step
+        if any(p.dtype == torch.float16 and p.requires_grad for tensors, _ in groups for p in tensors):
             raise ValueError(f"{owner}: optimizer {name!r} cannot train float16 parameters: its eps (1e-8) is 0 in "
                              "float16, so a zero gradient gives NaN at the first step; use a float32 or bfloat16 "
                              "model, or optimizer 'sgd'")
