@@ -1093,6 +1093,8 @@ def test_make_optimizer_takes_parameter_groups_and_checks_each_groups_options():
     layer = nn.Linear(3, 2)
     optimizer = make_optimizer([{"params": layer.parameters(), "lr": 0.2}], "sgd", 0.1)
     assert [g["lr"] for g in optimizer.param_groups] == [0.2] and len(optimizer.param_groups[0]["params"]) == 2
+    one = make_optimizer([{"params": layer.weight}], "sgd", 0.1)  # a tensor alone, as torch takes it
+    assert one.param_groups[0]["params"] == [layer.weight]
     with pytest.raises(ValueError, match=r"^make_optimizer: lr = 1e\+39 does not fit the parameters' torch.float32"):
         make_optimizer([{"params": layer.parameters(), "lr": 1e39}], "sgd", 0.1)
     with pytest.raises(ValueError, match=r"^make_optimizer: weight_decay = 1.000e\+400 does not fit"):

@@ -123,7 +123,8 @@ def make_optimizer(
     too (a finite 1e39 for float32 failed at the first step with torch's "value cannot be converted to
     type float without overflow")."""
     # parameter groups (dicts) as torch's optimizers take them, each with its own options
-    params = [dict(item, params=list(item["params"])) if isinstance(item, dict) else item for item in params]
+    params = [dict(item, params=[item["params"]] if isinstance(item["params"], torch.Tensor) else list(item["params"]))
+              if isinstance(item, dict) else item for item in params]
     groups = [(item["params"], item) if isinstance(item, dict) else ([item], {}) for item in params]
     for what, value in (("lr", lr), ("weight_decay", weight_decay)):
         for tensors, options in groups:
