@@ -103,6 +103,12 @@ def test_class_forget_accepts_one_class_and_rejects_bad_ones() -> None:
         class_forget(y, [])
     with pytest.raises(TypeError, match="integers"):
         class_forget(y, 1.5)
+    # a nested one was flattened ([[1, 2]] as [1, 2]), where sequential_class_forget refuses it
+    for nested in (torch.tensor([[1, 2]]), np.array([[1], [2]])):
+        data = LabeledData(torch.zeros(7, 2), y)
+        for call in (lambda: class_forget(y, nested), lambda: remove_classes(data, nested)):
+            with pytest.raises(TypeError, match=r"^classes must be a class id or a flat sequence of them, got shape "):
+                call()
 
 
 @settings(max_examples=40, deadline=None)

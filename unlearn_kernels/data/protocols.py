@@ -146,7 +146,10 @@ def _classes(classes: int | Iterable[int], present: torch.Tensor) -> torch.Tenso
     # sets and generators too; an array goes in whole (a 0-d one, np.array(2), cannot be iterated)
     if isinstance(classes, Iterable) and not isinstance(classes, (torch.Tensor, np.ndarray)):
         classes = list(classes)
-    asked = _as_tensor(classes, "classes").reshape(-1)
+    asked = _as_tensor(classes, "classes")
+    if asked.dim() > 1:  # flattened, [[1, 2]] read as [1, 2]; sequential_class_forget refuses it
+        raise TypeError(f"classes must be a class id or a flat sequence of them, got shape {tuple(asked.shape)}")
+    asked = asked.reshape(-1)
     if asked.numel() == 0:
         raise ValueError("no class given to forget")
     if asked.is_floating_point() or asked.dtype == torch.bool:
