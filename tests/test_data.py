@@ -420,9 +420,28 @@ def test_repeated_rows_are_found_by_value_and_label_and_the_first_is_kept():
     # value, the same input under another label is another sample, the order of the rows is kept
     x = torch.tensor([[2.0, 3.0], [0.0, 1.0], [-0.0, 1.0], [0.0, 1.0], [2.0, 3.0]], dtype=torch.float64)
     raw = _Raw(x, np.array([0, 0, 0, 1, 0]), ("a", "b"))
-    kept = _without_duplicates(raw)
+    kept = _without_duplicates("toy", raw)
     assert torch.equal(kept.x, x[[0, 1, 3]]) and kept.y.tolist() == [0, 0, 1]
-    assert _without_duplicates(_Raw(x[:2], np.array([0, 0]), ("a", "b"))).x.shape == (2, 2)
+    assert _without_duplicates("toy", _Raw(x[:2], np.array([0, 0]), ("a", "b"))).x.shape == (2, 2)
+
+
+def test_official_test_rows_that_repeat_a_training_row_are_dropped(tmp_path):
+    """An official test file may hold copies of training rows: the model trains (or forgets) them, so as test
+    rows they counted as unseen in the test accuracy and the attacks' non-members (50 of 80 in this file). The
+    same input under another label is another sample (kept); a file of copies alone is refused."""
+    data = _mnist_files(tmp_path, np.random.default_rng(0), gzipped=False, n_test=30)
+    train_x, train_y = data["train-images-idx3-ubyte"], data["train-labels-idx1-ubyte"]
+    test_x = np.concatenate([train_x[:50], data["t10k-images-idx3-ubyte"]])
+    test_y = np.concatenate([train_y[:50], data["t10k-labels-idx1-ubyte"]])
+    test_y[0] = (test_y[0] + 1) % 10
+    _write_idx(str(tmp_path / "t10k-images-idx3-ubyte"), test_x)
+    _write_idx(str(tmp_path / "t10k-labels-idx1-ubyte"), test_y)
+    splits = load_dataset("mnist", root=tmp_path)
+    assert len(splits.test) == 31 and splits.test.y.tolist() == [int(test_y[0]), *data["t10k-labels-idx1-ubyte"]]
+    _write_idx(str(tmp_path / "t10k-images-idx3-ubyte"), train_x[:5])
+    _write_idx(str(tmp_path / "t10k-labels-idx1-ubyte"), train_y[:5])
+    with pytest.raises(ValueError, match="^mnist: every row of the official test file is a copy of a training row"):
+        load_dataset("mnist", root=tmp_path)
 
 
 def test_labeled_data_names_what_it_cannot_hold():

@@ -210,9 +210,16 @@ def _standardize(train: torch.Tensor, *others: torch.Tensor) -> None:
         t.sub_(mean.to(t.dtype).view(shape)).div_(std.to(t.dtype).view(shape))
 
 
-def _without_duplicates(raw: _Raw) -> _Raw:
+def _row_key(row: np.ndarray, label: np.int64) -> bytes:
+    return hashlib.blake2b(row.tobytes() + label.tobytes(), digest_size=16).digest()
+
+
+def _without_duplicates(name: str, raw: _Raw) -> _Raw:
     """``raw`` with repeated (input, label) rows of its main file kept once (the first): a copy of a
-    forgotten sample left in the retain set would keep teaching it (iris has one such pair)."""
+    forgotten sample left in the retain set would keep teaching it (iris has one such pair). Rows of an
+    official test file that repeat a row of the main file are dropped too: the model trains (or
+    forgets) them, so as test rows they would count as unseen data in the test accuracy and the
+    membership attacks' non-members."""
     # a digest per row, not np.unique over an (N, features + 1) float64 matrix: that copy and its sort
     # take 4.7 GB and 16 s on CIFAR-10; rows with the same digest are compared exactly
     x = raw.x.reshape(len(raw.y), -1).numpy()
@@ -221,15 +228,26 @@ def _without_duplicates(raw: _Raw) -> _Raw:
     keep = []
     for i in range(len(labels)):
         row = x[i] + 0  # + 0 turns -0.0 into 0.0: rows equal in value are one row
-        key = hashlib.blake2b(row.tobytes() + labels[i].tobytes(), digest_size=16).digest()
-        earlier = first.setdefault(key, [])
+        earlier = first.setdefault(_row_key(row, labels[i]), [])
         if not any(labels[j] == labels[i] and np.array_equal(x[j], row) for j in earlier):
             earlier.append(i)
             keep.append(i)
-    if len(keep) == len(labels):
+    if len(keep) < len(labels):
+        keep_index = np.asarray(keep)
+        raw = replace(raw, x=raw.x[torch.from_numpy(keep_index)], y=raw.y[keep_index])
+    if raw.x_test is None:
         return raw
-    keep_index = np.asarray(keep)
-    return replace(raw, x=raw.x[torch.from_numpy(keep_index)], y=raw.y[keep_index])
+    x_test = raw.x_test.reshape(len(raw.y_test), -1).numpy()
+    test_labels = np.asarray(raw.y_test, dtype=np.int64)
+    unseen = [i for i in range(len(test_labels))
+              if not any(labels[j] == test_labels[i] and np.array_equal(x[j], x_test[i] + 0)
+                         for j in first.get(_row_key(x_test[i] + 0, test_labels[i]), ()))]
+    if not unseen:
+        raise ValueError(f"{name}: every row of the official test file is a copy of a training row: no test data left")
+    if len(unseen) == len(test_labels):
+        return raw
+    unseen_index = np.asarray(unseen)
+    return replace(raw, x_test=raw.x_test[torch.from_numpy(unseen_index)], y_test=raw.y_test[unseen_index])
 
 
 def load_dataset(
@@ -284,7 +302,7 @@ def load_dataset(
     for labels in (raw.y, raw.y_test):
         if labels is not None and labels.size and not 0 <= labels.min() <= labels.max() < num_classes:
             raise ValueError(f"{name}: labels must lie in [0, {num_classes}), found [{labels.min()}, {labels.max()}]")
-    raw = _without_duplicates(raw)
+    raw = _without_duplicates(name, raw)
     train_idx, val_idx, test_idx = _split_indices(raw.y, seed, val_fraction, test_fraction)
     if official_test:
         x_test, y_test = raw.x_test, raw.y_test
