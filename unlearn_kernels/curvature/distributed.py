@@ -287,19 +287,11 @@ class WeightCheck:
         rows = table.tolist()
         for half, (count, what) in enumerate(zip(self.counts(), ("of the chosen parameters",
                                                                   "of the model's other parameters and buffers"))):
-            pairs = [tuple(row[self.PER_HALF * half:self.PER_HALF * (half + 1)]) for row in rows]
-            squares = max((abs(q) for _, q, _, _, _ in pairs if math.isfinite(q)), default=0.0)
-            # |sum| <= sqrt(n * sum of squares), and twice that with weights up to 2; the pattern's hash exactly
-            scales = (math.sqrt(count * squares), squares, 2 * math.sqrt(count * squares), 0.0, 0.0)
-            differ = [r for r, pair in enumerate(pairs)
-                      if not all(_close(a, b, scale) for a, b, scale in zip(pair, pairs[0], scales))]
+            differ = _differing([tuple(row[self.PER_HALF * half:self.PER_HALF * (half + 1)]) for row in rows], count)
             if differ:
-                listed = ", ".join(f"({', '.join(f'{v:.17g}' for v in pairs[r])}) on rank {r}"
-                                   for r in [0, *differ[:3]])
-                more = f" and {len(differ) - 3} more rank(s)" if len(differ) > 3 else ""
                 raise ValueError(
                     f"distributed curvature, rank {rank}: the ranks hold different weights {when} (checksums (sum, "
-                    f"sum of squares, position-weighted sum, non-finite pattern) {what}: {listed}{more}): every rank "
+                    f"sum of squares, position-weighted sum, non-finite pattern) {what}: {differ}): every rank "
                     "must hold the same model (e.g. broadcast rank 0's weights with dist.broadcast(p.data, src=0) for "
                     "each parameter and buffer) and apply the same updates")
         self.agreed()
@@ -338,10 +330,24 @@ def text_fingerprint(text: str | bytes) -> tuple[float, float]:
     return float(number >> 28), float(number & (2**28 - 1))
 
 
-def _close(a: float, b: float, scale: float, rtol: float = _CHECKSUM_RTOL) -> bool:
+def _close(a: float, b: float, scale: float, rtol: float) -> bool:
     if a == b or (math.isnan(a) and math.isnan(b)):
         return True
     return math.isfinite(a - b) and abs(a - b) <= rtol * scale
+
+
+def _differing(rows: list[tuple[float, ...]], count: int, rtol: float = _CHECKSUM_RTOL) -> str | None:
+    """The ranks' checksums (one row per rank, in rank order: :func:`_sums` of ``count`` numbers, then any
+    entries compared exactly) listed for a message where a rank's differ from rank 0's beyond ``rtol`` of
+    their scale; None where they agree. |sum| <= sqrt(n * sum of squares), and twice that with weights up to 2."""
+    squares = max((abs(row[1]) for row in rows if math.isfinite(row[1])), default=0.0)
+    scales = (math.sqrt(count * squares), squares, 2 * math.sqrt(count * squares), *(0.0,) * (len(rows[0]) - 3))
+    differ = [r for r, row in enumerate(rows) if not all(_close(a, b, scale, rtol)
+                                                          for a, b, scale in zip(row, rows[0], scales))]
+    if not differ:
+        return None
+    listed = ", ".join(f"({', '.join(f'{v:.17g}' for v in rows[r])}) on rank {r}" for r in [0, *differ[:3]])
+    return listed + (f" and {len(differ) - 3} more rank(s)" if len(differ) > 3 else "")
 
 
 _INPUT_ROUNDING_EPS = 8.0
@@ -487,15 +493,10 @@ class ShardGroup:
     def _check_inputs(self, sums: list[tuple[float, ...]], count: int, rtol: float, what: str) -> None:
         """The same ValueError on every rank if the ranks' input checksums (``_sums`` of each, in rank
         order) differ by more than ``rtol`` of their scale (the rounding of the input's dtype)."""
-        squares = max((abs(q) for _, q, _ in sums if math.isfinite(q)), default=0.0)
-        scales = (math.sqrt(count * squares), squares, 2 * math.sqrt(count * squares))
-        differ = [r for r, row in enumerate(sums) if not all(_close(a, b, scale, rtol)
-                                                               for a, b, scale in zip(row, sums[0], scales))]
+        differ = _differing(sums, count, rtol)
         if differ:
-            listed = ", ".join(f"({', '.join(f'{v:.17g}' for v in sums[r])}) on rank {r}" for r in [0, *differ[:3]])
-            more = f" and {len(differ) - 3} more rank(s)" if len(differ) > 3 else ""
             raise ValueError(f"distributed curvature, rank {self.rank}: the ranks passed different inputs while "
-                             f"{what} (checksums ({', '.join(_INPUT_SUMS)}) {listed}{more}): each rank's product is of "
+                             f"{what} (checksums ({', '.join(_INPUT_SUMS)}) {differ}): each rank's product is of "
                              "its own input, so the combined result would be none of them; every rank must pass the "
                              "same vectors (the same seeds, start vectors and arguments)")
 

@@ -224,12 +224,16 @@ def _without_duplicates(name: str, raw: _Raw) -> _Raw:
     # take 4.7 GB and 16 s on CIFAR-10; rows with the same digest are compared exactly
     x = raw.x.reshape(len(raw.y), -1).numpy()
     labels = np.asarray(raw.y, dtype=np.int64)
-    first: dict[bytes, list[int]] = {}
+    first: dict[bytes, list[int]] = {}  # digest -> the kept rows with it
+
+    def repeats(row: np.ndarray, label: np.int64, kept: list[int]) -> bool:
+        return any(labels[j] == label and np.array_equal(x[j], row) for j in kept)
+
     keep = []
     for i in range(len(labels)):
         row = x[i] + 0  # + 0 turns -0.0 into 0.0: rows equal in value are one row
         earlier = first.setdefault(_row_key(row, labels[i]), [])
-        if not any(labels[j] == labels[i] and np.array_equal(x[j], row) for j in earlier):
+        if not repeats(row, labels[i], earlier):
             earlier.append(i)
             keep.append(i)
     if len(keep) < len(labels):
@@ -239,9 +243,11 @@ def _without_duplicates(name: str, raw: _Raw) -> _Raw:
         return raw
     x_test = raw.x_test.reshape(len(raw.y_test), -1).numpy()
     test_labels = np.asarray(raw.y_test, dtype=np.int64)
-    unseen = [i for i in range(len(test_labels))
-              if not any(labels[j] == test_labels[i] and np.array_equal(x[j], x_test[i] + 0)
-                         for j in first.get(_row_key(x_test[i] + 0, test_labels[i]), ()))]
+    unseen = []
+    for i in range(len(test_labels)):
+        row = x_test[i] + 0
+        if not repeats(row, test_labels[i], first.get(_row_key(row, test_labels[i]), [])):
+            unseen.append(i)
     if not unseen:
         raise ValueError(f"{name}: every row of the official test file is a copy of a training row: no test data left")
     if len(unseen) == len(test_labels):

@@ -494,11 +494,11 @@ def lanczos(
     proc = LanczosProcess(op, v0, reorth=reorth, store_basis=not two_pass, capacity=k, generator=gen)
 
     def wanted_pairs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        theta, S = proc.ritz_pairs()
         if reorth == "none":  # one pair per eigenvalue each block tells apart: ghost copies dropped
             theta, S, bounds = _distinct_blocks(proc)
             idx = _wanted(theta, which, m)
             return theta[idx], S[:, idx], bounds[idx]
+        theta, S = proc.ritz_pairs()
         idx = _wanted(theta, which, m)
         bounds = np.array([proc.residual_norm(S[:, i]) for i in idx])
         return theta[idx], S[:, idx], bounds
