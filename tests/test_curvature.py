@@ -3129,3 +3129,87 @@ def test_lipschitz_estimate_refuses_a_meta_or_uncopyable_model_by_name():
             estimate_hessian_lipschitz(net, F.cross_entropy, (x, y))
         if before is not None:
             assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+@pytest.mark.parametrize("path", ["generic", "fused"])
+def test_a_fixed_weights_run_checks_at_its_two_ends(path, monkeypatch):
+    """Inside fixed_weights() the products and gradients skip the checks each call makes (weights, data, module
+    tree): they run when the outermost run starts and ends, and the results are those of checked calls. A run
+    that an exception ends does not check again; the next call outside does."""
+    model, x, y = make("mlp")
+    H = hessian_operator(model, F.cross_entropy, (x, y), path=path)
+    v = torch.randn(H.shape[0], dtype=DT)
+    product, gradient = H.matvec(v), H.gradient()
+    calls = []
+    sync = H._sync_weights
+    monkeypatch.setattr(H, "_sync_weights", lambda: (calls.append(1), sync())[-1])
+    with H.fixed_weights() as same:
+        assert same is H
+        with H.fixed_weights():
+            inside = [H.matvec(v), H.matmat(v[:, None])[:, 0], H.matvec(v)]
+            assert torch.equal(H.gradient(), gradient)
+        assert len(calls) == 1
+    assert len(calls) == 2
+    assert torch.equal(inside[0], product) and torch.equal(inside[2], product)
+    assert relative_error(inside[1], product) <= 1e-14
+    with pytest.raises(RuntimeError, match="stop"):
+        with H.fixed_weights():
+            raise RuntimeError("stop")
+    assert len(calls) == 3
+    H.matvec(v)
+    assert len(calls) == 4
+
+
+@pytest.mark.parametrize("change, message", [
+    ("weights", r"^FusedMLPHessian: the weights changed during a run of products at fixed weights"),
+    ("data", r"^FusedMLPHessian: the data \(inputs x\) was written in place after it was built"),
+    ("train", r"^FusedMLPHessian: module '0' \(Linear\) was put in training mode"),
+])
+def test_a_change_inside_a_fixed_weights_run_is_refused_when_it_ends(change, message):
+    """What a product would have refused is refused at the end of the run in which it changed (the run's
+    products may mix two states); a weight change, taken silently between runs, is refused there too. After
+    it the operator computes at the new weights, as a new one does."""
+    model, x, y = make("mlp")
+    model.eval()
+    H = hessian_operator(model, F.cross_entropy, (x, y), path="fused")
+    v = torch.randn(H.shape[0], dtype=DT)
+    with pytest.raises(ValueError, match=message):
+        with H.fixed_weights():
+            H.matvec(v)
+            with torch.no_grad():
+                {"weights": lambda: model[2].weight.mul_(1.5), "data": lambda: x.add_(0.25),
+                 "train": lambda: model[0].train()}[change]()
+            H.matvec(v)
+    assert H._fixed_depth == 0
+    if change == "weights":
+        fresh = hessian_operator(model, F.cross_entropy, (x, y), path="fused")
+        assert torch.equal(H.matvec(v), fresh.matvec(v))
+
+
+def test_the_solvers_take_their_products_in_one_fixed_weights_run(monkeypatch):
+    """Each solver iteration (Krylov cubic, Lanczos, CG, MINRES, LiSSA, cubic GD) makes its products in one
+    run at fixed weights: the operator checks the model twice, not before every product (through a
+    RegularizedOperator too)."""
+    from unlearn_kernels.curvature import RegularizedOperator
+    from unlearn_kernels.solvers import conjugate_gradient, lanczos, lissa, minres
+
+    model, x, y = make("mlp")
+    H = hessian_operator(model, F.cross_entropy, (x, y), path="fused")
+    calls = []
+    sync = H._sync_weights
+    monkeypatch.setattr(H, "_sync_weights", lambda: (calls.append(1), sync())[-1])
+    g = torch.randn(H.shape[0], dtype=DT)
+    solves = {
+        "krylov": lambda op: cubic_newton_step(op, g, 1.0, method="krylov"),
+        "gd": lambda op: cubic_newton_step(op, g, 1.0, method="gd", K=3),
+        "lanczos": lambda op: lanczos(op, k=8),
+        "cg": lambda op: conjugate_gradient(op, g, damping=10.0, maxiter=5),
+        "minres": lambda op: minres(op, g, maxiter=5),
+        "lissa": lambda op: lissa(op, g, scale=100.0, depth=5),
+    }
+    for name, solve in solves.items():
+        for op in (H, RegularizedOperator(H, 0.1)):
+            calls.clear()
+            before = H.num_products
+            solve(op)
+            assert H.num_products - before >= 3 and len(calls) == 2, name

@@ -1,6 +1,8 @@
 """The curvature of a weight-decayed objective: ``H + weight_decay I``."""
 from __future__ import annotations
 
+import contextlib
+
 import scipy.sparse.linalg
 import torch
 
@@ -48,6 +50,12 @@ class RegularizedOperator:
     def path(self) -> str:
         """The wrapped operator's path ("generic", "fused", ...)."""
         return self.operator.path
+
+    def fixed_weights(self) -> contextlib.AbstractContextManager:
+        """C's :meth:`~unlearn_kernels.curvature.CurvatureOperator.fixed_weights` run (a DistributedOperator,
+        which compares the ranks' weights at every product, has none: nothing then)."""
+        run = getattr(self.operator, "fixed_weights", None)
+        return run() if run is not None else contextlib.nullcontext()
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``(C + weight_decay I) v`` for a (d,) vector (one product of C)."""

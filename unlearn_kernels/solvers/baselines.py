@@ -132,7 +132,7 @@ def conjugate_gradient(H: Any, b: torch.Tensor, *, damping: float = 0.0, tol: fl
     tol = check_number("tol", tol, 0.0)
     maxiter = op.shape[0] if maxiter is None else check_int("maxiter", maxiter, 1)
     if x0 is None:
-        x, r = torch.zeros_like(b), b.clone()
+        x = torch.zeros_like(b)
     else:
         x = check_vector(x0, "x0").clone()
         if x.shape != b.shape or x.device != b.device:
@@ -140,33 +140,34 @@ def conjugate_gradient(H: Any, b: torch.Tensor, *, damping: float = 0.0, tol: fl
                              f"on {x.device}")
         if x.dtype != b.dtype:
             raise TypeError(f"x0 must have b's dtype {b.dtype}, got {x.dtype}")
-        r = b - op.matvec(x) - damping * x
-    p = r.clone()
-    rs = _dot(r, r)
-    target = tol * norm64(b)
-    negative = False
-    it = 0
-    while math.sqrt(rs) > target and it < maxiter:
-        Ap = op.matvec(p) + damping * p
-        curvature = _dot(p, Ap)
-        if curvature <= 0:
-            negative = True
-            break
-        a = rs / curvature
-        x = x + a * p
-        r = r - a * Ap
-        rs_new = _dot(r, r)
-        p = r + (rs_new / rs) * p
-        rs = rs_new
-        it += 1
-    # the true residual (one more product): the recursive one drifts from it on an ill-conditioned system
-    if it == 0:  # no step: r is exact
-        residual, attainable = math.sqrt(rs), 0.0
-    else:
-        applied = op.matvec(x) + damping * x
-        residual = norm64(applied - b)
-        # what rounding in forming it leaves (float32: about 1e-5 ||b||, where tol 1e-8 asked for less)
-        attainable = CG_ROUNDING_EPS * torch.finfo(b.dtype).eps * (norm64(applied) + norm64(b))
+    with op.fixed_weights():  # the iteration's products, at one H
+        r = b.clone() if x0 is None else b - op.matvec(x) - damping * x
+        p = r.clone()
+        rs = _dot(r, r)
+        target = tol * norm64(b)
+        negative = False
+        it = 0
+        while math.sqrt(rs) > target and it < maxiter:
+            Ap = op.matvec(p) + damping * p
+            curvature = _dot(p, Ap)
+            if curvature <= 0:
+                negative = True
+                break
+            a = rs / curvature
+            x = x + a * p
+            r = r - a * Ap
+            rs_new = _dot(r, r)
+            p = r + (rs_new / rs) * p
+            rs = rs_new
+            it += 1
+        # the true residual (one more product): the recursive one drifts from it on an ill-conditioned system
+        if it == 0:  # no step: r is exact
+            residual, attainable = math.sqrt(rs), 0.0
+        else:
+            applied = op.matvec(x) + damping * x
+            residual = norm64(applied - b)
+            # what rounding in forming it leaves (float32: about 1e-5 ||b||, where tol 1e-8 asked for less)
+            attainable = CG_ROUNDING_EPS * torch.finfo(b.dtype).eps * (norm64(applied) + norm64(b))
     converged = not negative and residual <= max(target, attainable)
     return LinearSolve(x, residual, op.num_hvps, it, converged, {"negative_curvature": negative})
 
@@ -201,10 +202,11 @@ def minres(H: Any, b: torch.Tensor, *, damping: float = 0.0, tol: float = MINRES
         nonlocal iterations
         iterations += 1
 
-    x_np, info = scipy.sparse.linalg.minres(op.to_scipy(), b.double().cpu().numpy(), shift=-damping,
-                                            rtol=tol, maxiter=maxiter, callback=count)
-    x = torch.as_tensor(x_np).to(device=b.device, dtype=b.dtype)
-    residual = _true_residual(op, x, b, damping)
+    with op.fixed_weights():  # the iteration's products, at one H
+        x_np, info = scipy.sparse.linalg.minres(op.to_scipy(), b.double().cpu().numpy(), shift=-damping,
+                                                rtol=tol, maxiter=maxiter, callback=count)
+        x = torch.as_tensor(x_np).to(device=b.device, dtype=b.dtype)
+        residual = _true_residual(op, x, b, damping)
     return LinearSolve(x, residual, op.num_hvps, iterations, info == 0, {"scipy_info": int(info)})
 
 
@@ -248,35 +250,36 @@ def lissa(H: Any, b: torch.Tensor, *, scale: float, damping: float = 0.0, depth:
     check_int("repeats", repeats, 1)
     if sample is not None and not callable(sample):
         raise TypeError(f"sample must be a callable returning an operator, got {type(sample).__name__}")
-    total = torch.zeros_like(b)
-    sampled_hvps = steps = 0
-    finite = True
-    for _ in range(repeats):
-        h = b.clone()
-        for _ in range(depth):
-            # the recursion diverged to Inf/NaN (scale too small): an operator that checks its input (a
-            # CurvatureOperator) would refuse h with an error that does not say so
-            if not all_finite(h):
-                finite = False
+    with op.fixed_weights():  # H's products, at one H (a sampled step's operator checks its own)
+        total = torch.zeros_like(b)
+        sampled_hvps = steps = 0
+        finite = True
+        for _ in range(repeats):
+            h = b.clone()
+            for _ in range(depth):
+                # the recursion diverged to Inf/NaN (scale too small): an operator that checks its input (a
+                # CurvatureOperator) would refuse h with an error that does not say so
+                if not all_finite(h):
+                    finite = False
+                    break
+                step_op = op if sample is None else as_operator(sample(), b.shape[0], dtype=b.dtype, device=b.device,
+                                                                        name="b")
+                try:
+                    Hh = step_op.matvec(h)
+                except NonFiniteProduct:  # diverged within the product, or a non-finite operator: one more
+                    _check_unit_product(step_op, h)  # product, on h's direction, tells them apart
+                    sampled_hvps += 0 if sample is None else step_op.num_hvps  # both products count
+                    finite = False
+                    break
+                sampled_hvps += 0 if sample is None else step_op.num_hvps
+                h = b + h - (Hh + damping * h) / scale
+                steps += 1
+            if not finite:
                 break
-            step_op = op if sample is None else as_operator(sample(), b.shape[0], dtype=b.dtype, device=b.device,
-                                                                    name="b")
-            try:
-                Hh = step_op.matvec(h)
-            except NonFiniteProduct:  # diverged within the product, or a non-finite operator: one more
-                _check_unit_product(step_op, h)  # product, on h's direction, tells them apart
-                sampled_hvps += 0 if sample is None else step_op.num_hvps  # both products count
-                finite = False
-                break
-            sampled_hvps += 0 if sample is None else step_op.num_hvps
-            h = b + h - (Hh + damping * h) / scale
-            steps += 1
-        if not finite:
-            break
-        total += h / scale
-    x = total / repeats
-    finite = finite and all_finite(x)  # the last step may overflow after a finite product
-    residual = _true_residual(op, x, b, damping) if finite else math.inf
+            total += h / scale
+        x = total / repeats
+        finite = finite and all_finite(x)  # the last step may overflow after a finite product
+        residual = _true_residual(op, x, b, damping) if finite else math.inf
     converged = finite and residual <= (1.0 + LISSA_RESIDUAL_SLACK) * norm64(b)
     return LinearSolve(x, residual, op.num_hvps + sampled_hvps, steps, converged)
 

@@ -411,18 +411,20 @@ class KrylovCubicSolver:
         # call goes on with it, and the probe runs again (reported converged on the main phase alone before)
         extend = not self._built if extend is None else check_bool("extend", extend)
         if extend:
-            if self._probed:
-                # Past the probe's block no continuation of it is g's Krylov space (growing it, or the main block
-                # from what the probe left of its residual vector, ended short of the minimum): start again from g
-                self._start()
-                proc = self.process
-            self._run_main(M)
-            if self.guard and not self._probed:
-                main_steps = proc.n
-                self._run_probe()
-                self._probed = True  # once: an interrupted resume goes on from the probe, not into another one
-                self._resume_main(M, self.k_max - main_steps)
-            self._built = True
+            with self.op.fixed_weights():  # the Lanczos iteration's products, at one H
+                if self._probed:
+                    # Past the probe's block no continuation of it is g's Krylov space (growing it, or the main
+                    # block from what the probe left of its residual vector, ended short of the minimum): start
+                    # again from g
+                    self._start()
+                    proc = self.process
+                self._run_main(M)
+                if self.guard and not self._probed:
+                    main_steps = proc.n
+                    self._run_probe()
+                    self._probed = True  # once: an interrupted resume goes on from the probe, not into another one
+                    self._resume_main(M, self.k_max - main_steps)
+                self._built = True
         y, sigma, hard, value, _ = self._small_solve(M)
         s = replay(self.op, self._v0, proc.n, y) if self.two_pass else proc.combine(y)
         s = _check_representable(s.to(self.g.dtype), scaled_norm(y), value, self.op.num_hvps, M, "krylov")
@@ -578,11 +580,12 @@ def cubic_gd(H: Any, g: torch.Tensor, M: float, *, K: int = 5, eta: float = 0.01
     M = _check_M(M)
     _check_gd_options(K, eta, noise, tol)
     g_it = _perturbed(g, noise, torch.Generator().manual_seed(check_seed("seed", seed)))
-    s = _cauchy_point(op, g_it, M)
-    s, Hs, steps, stopped = _gd_steps(op, g_it, M, s, K, eta, tol)
-    if noise != 0:
-        Hs = None  # H s is reported for the true g, recompute it against the unperturbed model
-    return _finish(op, g, M, s, Hs, op.num_hvps, steps, stopped, eta)
+    with op.fixed_weights():
+        s = _cauchy_point(op, g_it, M)
+        s, Hs, steps, stopped = _gd_steps(op, g_it, M, s, K, eta, tol)
+        if noise != 0:
+            Hs = None  # H s is reported for the true g, recompute it against the unperturbed model
+        return _finish(op, g, M, s, Hs, op.num_hvps, steps, stopped, eta)
 
 
 def stochastic_cubic_gd(sample: Callable[[], tuple[torch.Tensor, Any]], M: float = 5.0, *, T: int = 10,

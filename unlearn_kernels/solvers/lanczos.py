@@ -324,11 +324,12 @@ def replay(op: SolverOperator, v0: torch.Tensor, num_steps: int, coeffs: np.ndar
     c = torch.as_tensor(coeffs, dtype=op.dtype, device=op.device)
     q, q_prev, beta = _unit(v0), None, torch.zeros((), dtype=torch.float64)
     out = torch.zeros((op.shape[0],) + tuple(c.shape[1:]), dtype=op.dtype, device=op.device)
-    for j in range(num_steps):
-        out += q.unsqueeze(-1) * c[j] if c.dim() == 2 else q * c[j]
-        if j + 1 < num_steps:
-            q_next, _, beta = lanczos_step(op.matvec(q), q, q_prev, beta, None)
-            q_prev, q = q, q_next
+    with op.fixed_weights():
+        for j in range(num_steps):
+            out += q.unsqueeze(-1) * c[j] if c.dim() == 2 else q * c[j]
+            if j + 1 < num_steps:
+                q_next, _, beta = lanczos_step(op.matvec(q), q, q_prev, beta, None)
+                q_prev, q = q, q_next
     return out
 
 
@@ -520,15 +521,16 @@ def lanczos(
         return all(abs(proc.betas[-1] * S[-1, i]) <= tol * scale for i in _wanted(theta, which, m))
 
     block_start = 0  # where the block after the last breakdown began
-    while not proc.exhausted:
-        restarts = proc.restarts
-        proc.step()
-        if proc.restarts > restarts:
-            block_start = proc.n
-        if tol > 0 and proc.n >= m:
-            theta, _, bounds = wanted_pairs()
-            if converged(theta, bounds) and (block_start == 0 or block_converged(block_start)):
-                break
+    with op.fixed_weights():  # the iteration's products, at one H
+        while not proc.exhausted:
+            restarts = proc.restarts
+            proc.step()
+            if proc.restarts > restarts:
+                block_start = proc.n
+            if tol > 0 and proc.n >= m:
+                theta, _, bounds = wanted_pairs()
+                if converged(theta, bounds) and (block_start == 0 or block_converged(block_start)):
+                    break
     theta, S, bounds = wanted_pairs()
     vectors = None
     if return_eigenvectors:

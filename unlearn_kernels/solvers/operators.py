@@ -12,6 +12,7 @@ wrong results with no error.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from typing import Any
@@ -113,6 +114,13 @@ class SolverOperator:
         if not all_finite(out):
             raise NonFiniteProduct("the operator returned NaN or Inf (non-finite Hessian or Hessian-vector product)")
         return out.detach()  # the solvers are not differentiable: no graph through their iterations
+
+    def fixed_weights(self) -> contextlib.AbstractContextManager:
+        """A run of products that the solver makes at one H (an iteration): the wrapped object's
+        ``fixed_weights()`` where it has one (a curvature operator then checks the model at the run's two
+        ends, not at every product), else nothing."""
+        run = getattr(self.base, "fixed_weights", None)
+        return run() if callable(run) else contextlib.nullcontext()
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` for a (d,) vector of the operator's dtype and device."""
