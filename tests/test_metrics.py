@@ -271,8 +271,24 @@ def test_mia_loss_folds_are_shuffled():
     x = np.concatenate([-F.log_softmax(z, 1)[:, :1].numpy() for z in (forget, test)])
     labels = np.concatenate([np.ones(200), np.zeros(200)])
     cv = StratifiedKFold(n_splits=5, shuffle=True, random_state=0)
-    expected = cross_val_score(LogisticRegression(random_state=0), x, labels, cv=cv, scoring="accuracy").mean()
+    scale = x.max()  # the losses in units of their largest, with C = scale^2: the same optimum
+    expected = cross_val_score(LogisticRegression(C=scale * scale, random_state=0), x / scale, labels, cv=cv,
+                               scoring="accuracy").mean()
     assert mia_loss(forget, y, test, y, seed=0) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mia_loss_tells_apart_sets_of_large_losses(dtype):
+    """Forget losses in [2b, 3b) against test losses in [b, 2b): one threshold tells them apart at any scale b.
+    The fit in the loss's own units stopped early from b = 1e7 (float32 logits) or 1e9 (float64) and called
+    every row a member: exactly 0.5, "cannot tell them apart", for a model whose logits had blown up."""
+    gen = torch.Generator().manual_seed(0)
+    y = torch.zeros(100, dtype=torch.long)
+    for base in (1.0, 1e4, 1e7, 1e9, 1e12):
+        forget, test = torch.zeros(100, 2, dtype=dtype), torch.zeros(100, 2, dtype=dtype)
+        forget[:, 1] = base * (2 + torch.rand(100, generator=gen, dtype=dtype))
+        test[:, 1] = base * (1 + torch.rand(100, generator=gen, dtype=dtype))
+        assert mia_loss(forget, y, test, y) >= 0.98, base
 
 
 def test_mia_loss_separable_and_chance():

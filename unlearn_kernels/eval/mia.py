@@ -121,7 +121,9 @@ def mia_loss(
     Feature: the per-sample cross-entropy loss -ln softmax(f(x))_y. The larger of D_f (label 1) /
     test (label 0) is subsampled to the size of the smaller with ``seed``; the score is the mean
     accuracy of a scikit-learn ``LogisticRegression`` over a stratified, shuffled ``folds``-fold
-    cross-validation (``StratifiedKFold(folds, shuffle=True, random_state=seed)``), in [0, 1].
+    cross-validation (``StratifiedKFold(folds, shuffle=True, random_state=seed)``), in [0, 1]. It is fit
+    on the losses divided by their largest, s, with ``C = s^2``: the optimum of the default ``C = 1`` in
+    the loss's units, where the solver stops early on large losses.
     0.5 = the attacker cannot tell D_f from test. The ideal is f_gold's value, not 0.5 (the
     challenge kit uses 10 ``StratifiedShuffleSplit`` splits; k-fold uses every sample once).
     Each group needs at least ``folds`` samples. Logits that require grad are read detached.
@@ -145,8 +147,13 @@ def mia_loss(
         raise ValueError(f"mia_loss: {folds}-fold cross-validation needs >= {folds} forget and test samples, got {n}")
     x, labels = _balanced(_cross_entropy(forget_logits, forget_y), _cross_entropy(test_logits, test_y),
                           np.random.default_rng(seed))
+    # The fit in the loss's own units stopped early where losses are large (from about 1e7: every row predicted a
+    # member, exactly 0.5, for sets one threshold separates): it runs on losses / s with C = s^2 instead (s their
+    # largest), the same optimum in other units, within [1e-150, 1e150] so that C stays a normal float
+    scale = min(max(float(x.max()), 1e-150), 1e150)
+    attacker = LogisticRegression(C=scale * scale, random_state=seed)
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    scores = cross_val_score(LogisticRegression(random_state=seed), x, labels, cv=cv, scoring="accuracy")
+    scores = cross_val_score(attacker, x / scale, labels, cv=cv, scoring="accuracy")
     return float(scores.mean())
 
 
