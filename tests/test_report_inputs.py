@@ -2,8 +2,10 @@
 a checkpoint path that is empty or holds another file, and the report's functions on records, summaries
 and studies that are not of their form. Each is refused with a message naming the argument and the
 problem, before any work, and writes nothing."""
+import math
 import os
 
+import matplotlib.axes
 import pytest
 import torch
 
@@ -189,6 +191,21 @@ def test_write_plots_draws_records_without_some_gap_metrics(tmp_path):
     paths = report.write_plots({"config": {}, "records": records}, tmp_path)
     assert [p.name for p in paths] == [report.TIME_PLOT, report.GAPS_PLOT]
     assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_write_plots_leaves_out_a_method_without_a_forget_accuracy(tmp_path, monkeypatch):
+    """A method whose acc_forget is NaN on every seed (null in results.json) has no mean in the summary: the
+    table shows "-", and the time plot raised a bare KeyError: 'acc_forget'; it is left out now, and its title
+    says so (apart from the methods that raised, which have no time)."""
+    records = _records()
+    records[1]["metrics"]["acc_forget"] = math.nan
+    records.append({"seed": 0, "request": 0, "method": "ssd", "diagnostics": {},
+                    "metrics": {k: v for k, v in records[0]["metrics"].items() if k != "seconds"}})
+    titles = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda ax, text, *a, **k: titles.append(text))
+    paths = report.write_plots({"config": {}, "records": records}, tmp_path)
+    assert [p.name for p in paths] == [report.TIME_PLOT, report.GAPS_PLOT]
+    assert titles[0].endswith("\nnot shown, raised on every seed: ssd\nnot shown, no finite Acc_f: finetune")
 
 
 def test_write_json_and_the_scenario_summary_name_a_missing_part(tmp_path):

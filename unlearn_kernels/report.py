@@ -600,8 +600,12 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
     markers = "os^Dvp<>h"
     fig = new_figure(figsize=(8, 5))
     ax = fig.subplots()
+    # a method that failed on every seed has no time to place it at; one whose forget accuracy is NaN on every
+    # seed (a model whose logits are not finite, in records made elsewhere) no height
+    no_time = [m for m in methods if "seconds" not in last[m]]
+    no_acc = [m for m in methods if "seconds" in last[m] and "acc_forget" not in last[m]]
     for i, m in enumerate(methods):
-        if "seconds" not in last[m]:  # failed on every seed: no time to place it at
+        if m in no_time or m in no_acc:
             continue
         (t, t_sd), (a, a_sd) = last[m]["seconds"], last[m]["acc_forget"]
         ax.errorbar(max(t, 1e-4), a, xerr=t_sd, yerr=a_sd, fmt="*" if m == "retrain" else markers[i % len(markers)],
@@ -612,9 +616,9 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
     _plain_log_x(ax)
     ax.set_xlabel("unlearning time (s, log scale)")
     ax.set_ylabel("accuracy on the forget set")
-    unplaced = [m for m in methods if "seconds" not in last[m]]
     ax.set_title("Forget accuracy vs cost (mean ± std over seeds)"
-                 + (f"\nnot shown, raised on every seed: {', '.join(unplaced)}" if unplaced else ""))
+                 + (f"\nnot shown, raised on every seed: {', '.join(no_time)}" if no_time else "")
+                 + (f"\nnot shown, no finite Acc_f: {', '.join(no_acc)}" if no_acc else ""))
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     paths.append(out_dir / TIME_PLOT)
