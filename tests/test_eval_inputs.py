@@ -207,3 +207,19 @@ def test_weight_distance_refuses_non_finite_weights():
     with torch.no_grad():
         b[0].weight[1, 2] = a[0].weight[1, 2] + 3.0
     assert weight_distance(a, b) == 3.0
+
+
+def test_model_helpers_refuse_a_model_or_inputs_on_the_meta_device(rng):
+    """torch's "Tensor.item() cannot be called on meta tensors" came from deep inside the finiteness checks; the
+    metrics of logits named it already (check_has_values), the model helpers now do too."""
+    data, meta = _data(rng), _model().to("meta")
+    on_meta = LabeledData(data.x.to("meta"), data.y.to("meta"))
+    for call, owner in ((lambda m, d: predict_logits(m, d), "predict_logits"),
+                        (lambda m, d: gradient_norm(m, F.cross_entropy, d), "gradient_norm")):
+        with pytest.raises(ValueError, match=rf"^{owner}: the model's parameter '0.weight' is on the meta device"):
+            call(meta, data)
+        with pytest.raises(ValueError, match=rf"^{owner}: data's inputs x is on the meta device"):
+            call(_model(), on_meta)
+    with pytest.raises(ValueError, match=r"^weight_distance: model_a: the model's parameter '0.weight' is on the "
+                                         r"meta device"):
+        weight_distance(meta, _model())

@@ -23,6 +23,7 @@ from ..checks import (
     check_choice,
     check_has_values,
     check_int,
+    check_not_meta,
     check_number,
     check_tensor,
     first_nonfinite_model_weight,
@@ -111,6 +112,9 @@ def _check_model_data(op: str, model: nn.Module, data: LabeledData, batch_size: 
     if len(data) == 0:
         raise ValueError(f"{op}: data is empty")
     check_int(f"{op}: batch_size", batch_size)
+    # on the meta device: torch's "Tensor.item() cannot be called on meta tensors" at the first value read
+    check_has_values(f"{op}: data's inputs x", data.x)
+    check_not_meta(op, model)
     row = first_nonfinite_row(data.x)  # would silently give NaN logits / a NaN norm
     if row is not None:
         raise ValueError(f"{op}: NaN or Inf in the inputs at row {row}")
@@ -169,8 +173,9 @@ def predict_logits(model: nn.Module, data: LabeledData, batch_size: int = 1024) 
     Raises:
         TypeError: ``model`` is not a module, ``data`` not a :class:`LabeledData`, or the model does
             not return (batch, C) logits.
-        ValueError: an empty set, a bad ``batch_size``, NaN or Inf in the inputs, a weight that the
-            rule of :func:`~unlearn_kernels.checks.first_nonfinite_weight` refuses (NaN or Inf in a
+        ValueError: an empty set, a bad ``batch_size``, inputs or a model on the meta device, NaN or Inf
+            in the inputs, a weight that the rule of
+            :func:`~unlearn_kernels.checks.first_nonfinite_weight` refuses (NaN or Inf in a
             parameter or a normalisation layer's running statistic, NaN in another buffer: the logits
             would be NaN), or samples the model cannot run on (torch's error from the forward pass: a
             wrong width or dtype, a token id beyond an embedding's rows), each naming ``predict_logits``.
@@ -204,8 +209,9 @@ def gradient_norm(
 
     Raises:
         TypeError: ``model`` is not a module, ``data`` not a :class:`LabeledData`, ``loss_fn`` not callable.
-        ValueError: an empty set, a bad ``batch_size``, NaN or Inf in the inputs, a parameter or a
-            normalisation layer's running statistic that holds NaN or Inf (the norm would be NaN), no
+        ValueError: an empty set, a bad ``batch_size``, inputs or a model on the meta device, NaN or Inf
+            in the inputs, a parameter or a normalisation layer's running statistic that holds NaN or
+            Inf (the norm would be NaN), no
             parameter that requires grad, samples the model cannot run on, labels outside the model's
             classes, a ``loss_fn`` result that is not a real floating-point scalar, does not depend on
             the parameters or is NaN or Inf, or a gradient that holds NaN or Inf.
@@ -256,12 +262,13 @@ def weight_distance(model_a: nn.Module, model_b: nn.Module) -> float:
 
     Raises:
         TypeError: either model is not a torch.nn.Module.
-        ValueError: different parameter names or shapes, no parameters, or a parameter that holds NaN
-            or Inf (the distance would be NaN or Inf).
+        ValueError: different parameter names or shapes, no parameters, a model on the meta device, or a
+            parameter that holds NaN or Inf (the distance would be NaN or Inf).
     """
     for name, model in (("model_a", model_a), ("model_b", model_b)):
         if not isinstance(model, nn.Module):
             raise TypeError(f"weight_distance: {name} must be a torch.nn.Module, got {type(model).__name__}")
+        check_not_meta(f"weight_distance: {name}", model)
     params_a = dict(model_a.named_parameters())
     params_b = dict(model_b.named_parameters())
     if params_a.keys() != params_b.keys():
