@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from spectra import sym_with_spectrum
 
 from unlearn_kernels.solvers import as_operator, lanczos
-from unlearn_kernels.solvers.lanczos import LanczosProcess, distinct_pairs
+from unlearn_kernels.solvers.lanczos import LanczosProcess, distinct_pairs, ritz_pairs
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -373,3 +373,18 @@ def test_products_whose_squares_underflow_are_refused(scale):
         lanczos(H, k=40, num_eigs=2, which="BE")
     result = lanczos(H / scale, k=40, num_eigs=2, which="BE")  # the same problem scaled: right
     np.testing.assert_allclose(result.eigenvalues, [-1.0, 2.0], rtol=1e-12)
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 40])
+def test_ritz_pairs_are_the_tridiagonal_eigenpairs(k):
+    """ritz_pairs calls LAPACK's dstevd itself (scipy's eigh_tridiagonal around it cost 3x): the eigenpairs of T
+    against numpy's dense eigh, a breakdown's zero coupling and a 1 x 1 T (which the binding cannot take) too."""
+    rng = np.random.default_rng(k)
+    alphas, betas = list(rng.normal(size=k)), list(np.abs(rng.normal(size=k)))
+    if k > 2:
+        betas[k // 2] = 0.0
+    T = np.diag(alphas) + np.diag(betas[:k - 1], 1) + np.diag(betas[:k - 1], -1)
+    theta, S = ritz_pairs(alphas, betas)
+    assert theta.dtype == S.dtype == np.float64 and S.shape == (k, k)
+    assert np.allclose(theta, np.linalg.eigvalsh(T), atol=1e-13)
+    assert np.allclose(T @ S, S * theta, atol=1e-12) and np.allclose(S.T @ S, np.eye(k), atol=1e-12)
