@@ -24,9 +24,12 @@ from unlearn_kernels.checkpoint import (
     read_checkpoint,
     save_checkpoint,
     train_or_load,
+    training_metadata,
 )
 from unlearn_kernels.data import LabeledData
+from unlearn_kernels.methods import Retrain, RetrainReseeded
 from unlearn_kernels.models import MLP, ResNet18, SmallViT
+from unlearn_kernels.study import StudyConfig, run_study
 from unlearn_kernels.training import (
     TrainConfig,
     check_fits,
@@ -1101,3 +1104,144 @@ def test_make_optimizer_takes_parameter_groups_and_checks_each_groups_options():
         make_optimizer(layer.parameters(), "sgd", 0.1, weight_decay=10**400)
     with pytest.raises(ValueError, match="cannot train float16 parameters"):
         make_optimizer([{"params": nn.Linear(3, 2).half().parameters()}], "adam", 0.1)
+
+
+# ------------------------------------------------------------------------- factories, arguments, cache files
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_retrain_refuses_a_factory_that_hands_out_modules_of_the_model_to_unlearn(tmp_path, cached):
+    """Retrain trained its factory's model in place: a factory returning the model to unlearn (``lambda: model``)
+    or built around a backbone made outside it had the caller's model trained on the retain set (cached or not)."""
+    data = blobs(48)
+    forget, retain = LabeledData(data.x[:8], data.y[:8]), LabeledData(data.x[8:], data.y[8:])
+    backbone = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+
+    def around_backbone() -> nn.Module:
+        return nn.Sequential(backbone, nn.Linear(8, 3))
+
+    model = init_model(around_backbone, 0)
+    before = {key: t.clone() for key, t in model.state_dict().items()}
+    cache = tmp_path / "cache" if cached else None
+    methods = [Retrain(around_backbone, CONFIG, cache_dir=cache), Retrain(lambda: model, CONFIG, cache_dir=cache)]
+    methods += [] if cached else [RetrainReseeded(around_backbone, CONFIG)]
+    for method in methods:
+        with pytest.raises(ValueError, match=rf"^{method.name}: model_factory must build a new model each call; two "
+                                             r"calls returned models sharing the parameter '0\.0\.weight'"):
+            method.unlearn(model, forget, retain)
+    assert all(torch.equal(t, before[key]) for key, t in model.state_dict().items())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_train_or_load_refuses_a_factory_sharing_a_tensor_before_loading_into_it(tmp_path):
+    """train_or_load copied a cached model's weights into the modules its factory handed out (and trained them
+    where nothing was cached): a model built once and returned by every call got the cached weights."""
+    path = tmp_path / "model.pt"
+    train_or_load(path, factory, blobs(), CONFIG)
+    shared = init_model(factory, CONFIG.seed)  # the starting weights of the cached model: its record matches
+    before = weights(shared)
+    with pytest.raises(ValueError, match=r"^train_or_load: model_factory must build a new model each call; two calls "
+                                         r"returned models sharing the parameter '1\.weight'"):
+        train_or_load(path, lambda: shared, blobs(), CONFIG)
+    norm = nn.BatchNorm1d(3, affine=False)  # buffers only: its running statistics would move in training
+
+    def around_norm() -> nn.Module:
+        return nn.Sequential(nn.Linear(4, 3), norm)
+
+    with pytest.raises(ValueError, match=r"sharing the buffer '1\.running_mean'"):
+        train_or_load(tmp_path / "norm.pt", around_norm, blobs(), CONFIG)
+    assert torch.equal(weights(shared), before) and [f.name for f in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_a_cache_file_that_cannot_be_read_raises_its_oserror_not_a_damaged_file_error(tmp_path, monkeypatch):
+    """A cache file without read permission (another user's, mode 000) was reported as "not a readable
+    checkpoint (corrupt or truncated?)", and the command line advised deleting it. (As root, chmod 000 does not
+    stop reading: the read is made to fail.)"""
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, factory(), {})
+
+    def denied(file, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(file))
+
+    monkeypatch.setattr(checkpoint.torch, "load", denied)
+    for read in (lambda: read_checkpoint(path), lambda: load_checkpoint(path, {}),
+                 lambda: train_or_load(path, factory, blobs(), CONFIG)):
+        with pytest.raises(PermissionError, match="Permission denied: .*model.pt"):
+            read()
+
+
+def test_arguments_of_the_wrong_type_or_a_device_that_cannot_run_are_named_before_any_work(tmp_path):
+    """A model given for its factory met "Sequential.forward() missing 1 required positional argument", a tuple for
+    the data or a dict for the recipe an AttributeError, a device without CUDA torch's AssertionError ("Torch not
+    compiled with CUDA enabled")."""
+    data, path, model = blobs(), tmp_path / "model.pt", factory()
+    before = weights(model)
+    cases = [
+        (lambda: train_or_load(path, model, data, CONFIG),
+         TypeError, r"^train_or_load: model_factory must be a callable that builds a fresh model .* got MLP"),
+        (lambda: train_or_load(path, factory, (data.x, data.y), CONFIG),
+         TypeError, r"^train_or_load: data must be a LabeledData, got tuple"),
+        (lambda: train_or_load(path, factory, data, {"epochs": 1}),
+         TypeError, r"^train_or_load: config must be a TrainConfig, got dict"),
+        (lambda: train_or_load(path, factory, data, CONFIG, device="cuda:99"),
+         ValueError, r"^train_or_load: device 'cuda:99' cannot run here"),
+        (lambda: cache_path(tmp_path, "model", model, {"epochs": 1}),
+         TypeError, r"^cache_path: config must be a TrainConfig, got dict"),
+        (lambda: cache_path(tmp_path, "model", factory, CONFIG),
+         TypeError, r"^cache_path: model must be a torch.nn.Module, got function"),
+        (lambda: train("notamodel", data, CONFIG), TypeError, r"^train: model must be a torch.nn.Module, got str"),
+        (lambda: train(model, data, CONFIG, device="cuda:99"), ValueError, r"^train: device 'cuda:99' cannot run here"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+    assert torch.equal(weights(model), before) and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("make", [nn.Identity, lambda: factory().requires_grad_(False)], ids=["none", "frozen"])
+def test_train_refuses_a_model_with_nothing_to_train_before_any_change(make):
+    """A model without a parameter that trains met torch's "optimizer got an empty parameter list" or "element 0 of
+    tensors does not require grad", and was left in training mode."""
+    model = make().eval()
+    with pytest.raises(ValueError, match=r"^train: the model has no trainable parameters \(requires_grad=True\): "
+                                         "nothing to train"):
+        train(model, blobs(), CONFIG)
+    assert not any(module.training for module in model.modules())
+
+
+def test_a_failure_during_training_leaves_each_submodule_in_its_mode():
+    """train put the model in training mode and left it there when a step failed: each submodule now gets its own
+    mode back (eval mode is set only after a training that ends)."""
+    model = init_model(factory, 0)
+    model[1].eval()  # mixed modes: each comes back as it was
+    modes = [module.training for module in model.modules()]
+
+    def fail() -> None:
+        raise RuntimeError("stopped")
+
+    with pytest.raises(RuntimeError, match="stopped"):
+        train(model, blobs(), CONFIG, after_step=fail)
+    assert [module.training for module in model.modules()] == modes
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_names_each_mismatch(tmp_path):
+    """Only the first line of load_state_dict's error was kept: the message ended at its heading, "Error(s) in
+    loading state_dict for MLP:", naming no tensor."""
+    data, path = blobs(), tmp_path / "model.pt"
+    metadata = training_metadata(init_model(factory, CONFIG.seed), data, CONFIG)
+    save_checkpoint(path, MLP(4, hidden=(8,), num_classes=5), metadata)  # another head, under the factory's record
+    with pytest.raises(CheckpointError, match=r"model.pt does not fit the model it was saved for \(damaged\?\): size "
+                                              r"mismatch for 3\.weight: .*; size mismatch for 3\.bias: ") as raised:
+        train_or_load(path, factory, data, CONFIG)
+    assert "\n" not in str(raised.value) and ".;" not in str(raised.value)
+
+
+def test_a_study_caches_a_model_whose_options_hold_numpy_values(tmp_path):
+    """model_kwargs with numpy values ran without a cache and failed with one: "checkpoint metadata must be
+    JSON-serialisable: Object of type int64", the options being stored raw (StudyConfig.to_dict converts them)."""
+    recipe = TrainConfig(epochs=1, batch_size=64, lr=0.05)
+    config = StudyConfig(methods=("original",), seeds=(0,), recipe=recipe, model_kwargs={"hidden": (np.int64(8),)},
+                         cache_dir=str(tmp_path))
+    run_study(config)
+    (path,) = tmp_path.iterdir()
+    assert read_checkpoint(path)[0]["model"]["info"]["kwargs"] == {"hidden": [8]}

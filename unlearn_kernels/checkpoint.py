@@ -28,9 +28,21 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .checks import first_nonfinite_model_weight
+from .checks import check_device, first_nonfinite_model_weight
 from .labeled import LabeledData
-from .training import ProgressCallback, TrainConfig, TrainStats, check_converged, init_model, train
+from .training import (
+    ProgressCallback,
+    TrainConfig,
+    TrainStats,
+    check_config,
+    check_converged,
+    check_data,
+    check_model_factory,
+    check_module,
+    check_new_each_call,
+    init_model,
+    train,
+)
 
 try:
     import fcntl
@@ -85,7 +97,13 @@ def cache_path(folder: str | os.PathLike[str], stem: str, model: nn.Module, conf
     record it (:func:`device_description`: on the CPU with its instruction set and thread count):
     models trained another way (another recipe, architecture, start or device on the same data) get
     files of their own instead of overwriting each other in turn. Versions and training code are left
-    out of the key, so a model made stale by them is overwritten, not kept beside the new one."""
+    out of the key, so a model made stale by them is overwritten, not kept beside the new one.
+
+    Raises:
+        TypeError: ``model`` is not an nn.Module or ``config`` not a TrainConfig.
+    """
+    check_module("cache_path", model)
+    check_config("cache_path", config)
     key = json.dumps([config.to_dict(), model_signature(model), tensors_digest(model.state_dict()),
                       dict(model_info or {}), device_description(device)], sort_keys=True, default=str)
     return Path(folder) / f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
@@ -384,6 +402,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
 
     Raises:
         FileNotFoundError: no file at ``path`` (IsADirectoryError: a directory there).
+        OSError: the file cannot be read (PermissionError: no permission), as raised by ``open``.
         ValueError: ``path`` is empty (which ``Path`` would read as the working folder) or cannot be
             looked up (a name longer than the file system takes).
         CheckpointError: the file is corrupt, truncated or not a checkpoint (CheckpointFormatError: a
@@ -396,6 +415,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:  # the file cannot be read (no permission, an I/O error): not a damaged file
+        raise
     except Exception as error:  # torch.load raises many types for a damaged file
         # its weights-only refusal advises loading with weights_only=False: unsafe, and no help for a damaged file
         # (an empty file gives EOFError with no message)
@@ -432,6 +453,7 @@ def load_checkpoint(
 
     Raises:
         CheckpointError: the file exists but is corrupt (it is left in place for inspection).
+        OSError: the file cannot be read (PermissionError: no permission).
         IsADirectoryError: ``path`` is a directory; ValueError: it is empty or cannot be looked up.
     """
     expected = _normalise(expected_metadata)
@@ -534,25 +556,39 @@ def train_or_load(
         saying so; nothing is left at ``path``.
 
     Raises:
+        TypeError: ``model_factory`` is not a callable (a module instance is refused), ``data`` not a
+            LabeledData or ``config`` not a TrainConfig.
         CheckpointError: a corrupt file is at ``path`` (unreadable, not fitting the model, or holding
             NaN/Inf weights; delete it to retrain).
-        ValueError: the training diverged (NaN/Inf weights: nothing is saved); ``path`` is empty, a
-            directory or cannot be looked up, or its folder cannot be made or (when a model must
-            be trained) takes no new file, as a read-only one: checked before training, which would
-            otherwise be lost when the save fails; as :func:`~unlearn_kernels.training.train` refuses
-            ``data``, named after ``owner``.
+        OSError: the file at ``path`` cannot be read (PermissionError: no permission).
+        ValueError: ``model_factory`` returns models that share a parameter or buffer (see
+            :func:`~unlearn_kernels.training.check_new_each_call`: loading or training would write into
+            the modules shared), checked before any load or training; a ``device`` that cannot run here
+            (see :func:`~unlearn_kernels.checks.check_device`); the training diverged (NaN/Inf weights:
+            nothing is saved); ``path`` is empty, a directory or cannot be looked up, or its folder
+            cannot be made or (when a model must be trained) takes no new file, as a read-only one:
+            checked before training, which would otherwise be lost when the save fails; as
+            :func:`~unlearn_kernels.training.train` refuses ``data`` or the model, named after ``owner``.
     """
+    check_model_factory(owner, model_factory)
+    check_data(owner, data)
+    check_config(owner, config)
+    check_device(f"{owner}: device", device)
+    model = init_model(model_factory, config.seed)
+    check_new_each_call(owner, model_factory, model, config.seed)  # before a load or training writes into it
     _check_writable_file(path)
     remove_orphan_temporaries(path)  # of a run killed while it saved here (SIGKILL): they stayed for good
-    model = init_model(model_factory, config.seed)
     metadata = training_metadata(model, data, config, model_info, device)
     state = load_checkpoint(path, metadata)
     if state is not None:
         try:
             model.load_state_dict(state)
         except (RuntimeError, KeyError) as error:  # tensors of other shapes, missing or extra names
+            # torch's heading ("Error(s) in loading state_dict for Sequential:"), then a line per mismatch: those
+            # lines, on one (a one-line message is all there is)
+            lines = [line.strip().rstrip(".") for line in str(error).splitlines() if line.strip()]
             raise CheckpointError(f"{path} does not fit the model it was saved for (damaged?): "
-                                  f"{str(error).splitlines()[0]}") from None
+                                  f"{'; '.join(lines[1:] or lines)}") from None
         bad = first_nonfinite_model_weight(model)
         if bad is not None:
             raise CheckpointError(f"{path} holds a model whose {bad[0]} {bad[1]!r} has {bad[2]} values")

@@ -441,8 +441,10 @@ def check_scenario(config: StudyConfig) -> None:
 
 
 def _model_info(config: StudyConfig) -> dict[str, Any]:
-    """The model's name, options and dataset: what its checkpoints record beside its signature."""
-    return {"name": config.model, "kwargs": config.model_kwargs, "dataset": config.dataset}
+    """The model's name, options and dataset: what its checkpoints record beside its signature (the options
+    as :meth:`StudyConfig.to_dict` writes them: a numpy or tensor value as a number or list, which the
+    checkpoint's JSON metadata can hold)."""
+    return {"name": config.model, "kwargs": _json_value(config.model_kwargs), "dataset": config.dataset}
 
 
 def _model_factory(config: StudyConfig, splits: DatasetSplits) -> Callable[[], nn.Module]:

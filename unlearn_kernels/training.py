@@ -26,6 +26,7 @@ from .checks import (
     batch_statistics,
     batch_statistics_layer,
     check_choice,
+    check_device,
     check_int,
     check_number,
     check_seed,
@@ -243,6 +244,60 @@ def init_model(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
     return model
 
 
+def check_model_factory(owner: str, factory: Any) -> None:
+    """TypeError naming ``owner`` unless ``factory`` is a callable other than a module (an nn.Module is
+    callable too: it would be called as its forward, with no input)."""
+    if isinstance(factory, nn.Module) or not callable(factory):
+        raise TypeError(f"{owner}: model_factory must be a callable that builds a fresh model (e.g. "
+                        f"lambda: MLP(...)), got {type(factory).__name__}")
+
+
+def check_new_each_call(owner: str, factory: Callable[[], nn.Module], model: nn.Module, seed: int) -> None:
+    """ValueError naming ``owner`` where another call of ``factory`` (seeded with ``seed``, as ``model``, its
+    model of an earlier call, was) returns a model sharing a parameter's or buffer's storage with ``model``.
+    Such a factory hands out modules that live on elsewhere (the model given to the caller, a pretrained
+    backbone), which training ``model`` or loading weights into it would change in place. One more model is
+    built to tell: ``model`` itself cannot show what else holds its tensors."""
+    built = _storages(model)
+    shared = next((built[key] for key in _storages(init_model(factory, seed)) if key in built), None)
+    if shared is not None:
+        kind, name = shared
+        raise ValueError(f"{owner}: model_factory must build a new model each call; two calls returned models "
+                         f"sharing the {kind} {name!r}, which training or loading weights into one would change in "
+                         "every model that holds it (the caller's too): build new modules in the factory "
+                         "(copy.deepcopy a shared one)")
+
+
+def _storages(model: nn.Module) -> dict[tuple[torch.device, int], tuple[str, str]]:
+    """``(kind, name)`` of ``model``'s first parameter or buffer on each storage (device, address) that holds
+    data."""
+    found: dict[tuple[torch.device, int], tuple[str, str]] = {}
+    for kind, tensors in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, tensor in tensors:
+            address = tensor.untyped_storage().data_ptr() if tensor.layout == torch.strided else 0
+            if address:  # 0: no data (an empty or meta tensor), which two models cannot share
+                found.setdefault((tensor.device, address), (kind, name))
+    return found
+
+
+def check_module(owner: str, model: Any) -> None:
+    """TypeError naming ``owner`` unless ``model`` is an nn.Module."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{owner}: model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def check_config(owner: str, config: Any) -> None:
+    """TypeError naming ``owner`` unless ``config`` is a :class:`TrainConfig`."""
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"{owner}: config must be a TrainConfig, got {type(config).__name__}")
+
+
+def check_data(owner: str, data: Any) -> None:
+    """TypeError naming ``owner`` unless ``data`` is a LabeledData."""
+    if not isinstance(data, LabeledData):
+        raise TypeError(f"{owner}: data must be a LabeledData, got {type(data).__name__}")
+
+
 def probe_rows(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The rows of ``x`` (non-empty) to run through ``model`` in eval mode to see what it makes of them:
     the first row; the first two (the one row twice) where a batch-norm layer of the model uses batch
@@ -440,21 +495,25 @@ def train(
         after_step: called after every optimizer step (e.g. to put back weights a method keeps fixed).
 
     Raises:
-        TypeError: ``config`` is not a TrainConfig or ``data`` not a LabeledData.
-        ValueError: before any step: empty data, NaN or Inf inputs, inputs the model cannot take
+        TypeError: ``model`` is not an nn.Module, ``config`` not a TrainConfig or ``data`` not a LabeledData.
+        ValueError: before any step: a ``device`` that cannot run here (see
+            :func:`~unlearn_kernels.checks.check_device`), empty data, a model without trainable
+            parameters, NaN or Inf inputs, inputs the model cannot take
             (another dtype or width), labels outside the model's classes, or batches of one row that
             a batch-norm layer of the model cannot train on (``batch_size`` 1 or one row of data; a
             last batch of one row is joined to the one before it, see :func:`join_last_row`).
+            An error raised during the training leaves each submodule in the mode it had.
     """
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"{owner}: config must be a TrainConfig, got {type(config).__name__}")
-    if not isinstance(data, LabeledData):
-        raise TypeError(f"{owner}: data must be a LabeledData, got {type(data).__name__}")
+    check_module(owner, model)
+    check_data(owner, data)
+    check_config(owner, config)
+    device = check_device(f"{owner}: device", device)
     if len(data) == 0:
         raise ValueError(f"{owner}: the {role} set is empty")
+    if not any(p.requires_grad for p in model.parameters()):  # else torch's errors, at the optimizer or backward
+        raise ValueError(f"{owner}: the model has no trainable parameters (requires_grad=True): nothing to train")
     check_dense_gradients(owner, model)
     start = time.perf_counter()
-    device = torch.device(device)
     model.to(device)
     data = data.to(device)
     if not data_checked:
@@ -469,8 +528,8 @@ def train(
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
                  if config.lr_schedule == "cosine" else None)
     stats = TrainStats()
-    model.train()
-    with seeded_rng(config.seed, device):
+    # each submodule's own mode back where a step fails (set to eval mode below where the training ends)
+    with module_mode(model, training=True), seeded_rng(config.seed, device):
         for epoch in range(config.epochs):
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)

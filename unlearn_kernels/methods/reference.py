@@ -12,7 +12,17 @@ from torch import nn
 from ..checkpoint import cache_path, check_cache_dir, data_fingerprint, model_signature, train_or_load
 from ..checks import check_int, check_seed
 from ..labeled import LabeledData
-from ..training import TrainConfig, epoch_steps, init_model, join_last_row, model_device, train
+from ..training import (
+    TrainConfig,
+    check_config,
+    check_model_factory,
+    check_new_each_call,
+    epoch_steps,
+    init_model,
+    join_last_row,
+    model_device,
+    train,
+)
 from .base import Unlearner, UnlearnResult
 
 
@@ -42,7 +52,10 @@ class Retrain(Unlearner):
             an empty path (pass None for no cache, "." for the working folder); from
             :meth:`unlearn`, before training: the factory's model differs from the
             model to unlearn (class, modules and their options, e.g. an activation, or the shape
-            or dtype of a parameter or buffer), naming the first difference; batches of one row that
+            or dtype of a parameter or buffer), naming the first difference; two calls of the
+            factory return models that share a parameter or buffer (``lambda: model``, a backbone
+            built outside the factory: training would change it in the model to unlearn, see
+            :func:`~unlearn_kernels.training.check_new_each_call`); batches of one row that
             a batch-norm layer of the model cannot train on (``config.batch_size`` 1 or a retain set
             of one row; see :func:`~unlearn_kernels.training.join_last_row`).
         CheckpointError: from :meth:`unlearn`, a corrupt cached oracle in ``cache_dir`` (see
@@ -61,11 +74,8 @@ class Retrain(Unlearner):
         model_info: Mapping[str, Any] | None = None,
     ) -> None:
         owner = type(self).__name__  # RetrainReseeded's checks too
-        if isinstance(model_factory, nn.Module) or not callable(model_factory):  # a module is callable too
-            raise TypeError(f"{owner}: model_factory must be a callable that builds a fresh model (e.g. "
-                            f"lambda: MLP(...)), got {type(model_factory).__name__}")
-        if not isinstance(config, TrainConfig):
-            raise TypeError(f"{owner}: config must be a TrainConfig, got {type(config).__name__}")
+        check_model_factory(owner, model_factory)
+        check_config(owner, config)
         # the recipe takes 0 epochs, but an oracle trained for none is the factory's random initialisation
         check_int(f"{owner}: config.epochs", config.epochs)
         self.cache_dir = check_cache_dir(f"{owner}: cache_dir", cache_dir, "the oracles")
@@ -87,6 +97,8 @@ class Retrain(Unlearner):
             raise ValueError(f"{self.name}: model_factory builds a different architecture from the model to unlearn: "
                              f"{difference}")
         if self.cache_dir is None:
+            # a factory that hands out the caller's modules would have them trained here (train_or_load checks its own)
+            check_new_each_call(self.name, self.model_factory, fresh, self.config.seed)
             # unlearn() checked the retain set on a model of this architecture: train() checks only its batches
             stats = train(fresh, retain, self.config, device=device, owner=self.name, role="retain",
                           data_checked=True)
