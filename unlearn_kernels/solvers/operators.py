@@ -197,7 +197,8 @@ def as_operator(
 
     Args:
         H: a dense symmetric (d, d) torch matrix; an object with ``matvec(v)``, ``shape``, ``dtype``
-            and ``device`` (and optionally ``matmat(V)`` and a ``num_products`` counter), such as a
+            and ``device`` (and optionally ``matmat(V)``, a ``num_products`` counter and
+            ``fixed_weights()``, a context manager the solvers enter around each iteration), such as a
             ``CurvatureOperator`` or a :class:`DenseOperator`; a :class:`SolverOperator` (rewrapped so
             its count starts at 0); or a function ``v -> H v``, which needs ``dim``, ``dtype`` and
             ``device``.
