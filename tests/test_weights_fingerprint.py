@@ -163,3 +163,13 @@ def test_opcheck(rng):
     """The registered op passes torch.library's checks (schema, fake tensor, autograd registration)."""
     tensors = [torch.randn(4, 3, generator=rng), torch.randn(3, generator=rng).double(), torch.arange(5)]
     torch.library.opcheck(torch.ops.unlearn_kernels.weights_fingerprint.default, (tensors,))
+
+
+def test_no_tensors_still_checks_the_backend_name():
+    """An empty list returned [] before the backend was looked at: any value passed, where every other op refuses
+    an unknown backend (or one that is not a str) whatever its inputs."""
+    assert weights_fingerprint([], backend="reference") == []
+    with pytest.raises(ValueError, match=r"^weights_fingerprint: unknown backend 'bogus'"):
+        weights_fingerprint([], backend="bogus")
+    with pytest.raises(TypeError, match=r"^weights_fingerprint: backend must be a str"):
+        weights_fingerprint([], backend=None)

@@ -7,6 +7,7 @@ without a GPU. The variable must be set that early because Triton's own library 
 ``tl.max``...) is made of ``@triton.jit`` functions whose mode is fixed when they are defined: an
 interpreted kernel calling a compiled one fails.
 """
+import os
 import struct
 from typing import Callable
 
@@ -14,8 +15,18 @@ import torch
 import triton
 from torch.library import triton_op
 
-#: Whether the kernels are interpreted (Triton read TRITON_INTERPRET when it was imported).
-INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
+
+def _interpreted() -> bool:
+    """Whether Triton runs its kernels through the interpreter: its knobs from Triton 3.4 on (which read
+    TRITON_INTERPRET when Triton was imported), the variable itself before (where ``triton.knobs`` is missing)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+#: Whether the kernels are interpreted.
+INTERPRETED: bool = _interpreted()
 
 
 def float64_bits(x: float) -> int:

@@ -16,6 +16,7 @@ import functools
 import importlib.util
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -57,6 +58,10 @@ class BackendStatus:
         return ("usable" if self.usable else "unavailable") + f" ({self.reason})"
 
 
+#: how to build the compiled extension (for the reasons a C++ or CUDA backend cannot run)
+_REBUILD = "rebuild it with `pip install --no-build-isolation -e .` from the source tree"
+
+
 def _has_kernel(op: str, dispatch_key: str) -> bool:
     return _extension.extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
         f"unlearn_kernels::{op}", dispatch_key
@@ -68,11 +73,15 @@ def triton_available() -> tuple[bool, str]:
     """Whether Triton kernels can run here: (usable, reason)."""
     if importlib.util.find_spec("triton") is None:
         return False, "triton is not installed: pip install triton"
-    try:  # installed into the package from the top-level triton_kernels/ (setup.py): a source tree lacks them
-        from .triton_kernels import INTERPRETED
-    except ImportError as error:
-        return False, (f"the package's Triton kernels cannot be imported ({error}): install the package "
+    if importlib.util.find_spec(f"{__package__}.triton_kernels") is None:
+        # installed into the package from the top-level triton_kernels/ (setup.py): a source tree lacks them
+        return False, ("the package's Triton kernels are not installed: install the package "
                        "(pip install --no-build-isolation -e .) rather than run it from the source tree")
+    try:
+        from .triton_kernels import INTERPRETED
+    except ImportError as error:  # torch before 2.6 has no torch.library.triton_op
+        return False, (f"the package's Triton kernels cannot be imported ({error}): they need torch >= 2.6 "
+                       "(torch.library.triton_op) and the triton that torch pins")
     if INTERPRETED:
         return True, "TRITON_INTERPRET=1: runs through the Triton interpreter, on CPU tensors too (for testing; slow)"
     if torch.cuda.is_available():
@@ -94,13 +103,13 @@ def status(op: str, backend: str) -> BackendStatus:
         return BackendStatus(True, "pure PyTorch, runs on any device")
     if backend == "cpp":
         if not _extension.extension_loaded():
-            return BackendStatus(False, f"extension not loaded: {_extension.LOAD_ERROR}")
+            return BackendStatus(False, f"extension not loaded: {_extension.LOAD_ERROR}; {_REBUILD}")
         if not _has_kernel(op, "CPU"):
             return BackendStatus(False, "no C++ CPU kernel registered for this op")
         return BackendStatus(True, "compiled C++ CPU kernel")
     if backend == "cuda":
         if not _extension.extension_loaded():
-            return BackendStatus(False, f"extension not loaded: {_extension.LOAD_ERROR}")
+            return BackendStatus(False, f"extension not loaded: {_extension.LOAD_ERROR}; {_REBUILD}")
         if not _has_kernel(op, "CUDA"):
             why = "torch is a CPU build" if torch.version.cuda is None else "built without nvcc or CPU-only"
             return BackendStatus(False, f"CUDA kernels not compiled ({why})")
@@ -121,6 +130,8 @@ def _fits_device(backend: str, device: torch.device) -> str | None:
 
         if not (INTERPRETED and device.type == "cpu"):
             return f"Triton kernels need CUDA tensors (or CPU tensors in interpreter mode), got {device}"
+    if backend == "triton" and device.type == "cuda" and not torch.cuda.is_available():
+        return f"no CUDA device is visible for tensors on {device} (the interpreter takes CPU tensors)"
     if backend == "triton" and device.type == "cuda" and device.index is not None:
         current = torch.cuda.current_device()  # Triton launches there, whatever device the tensors are on
         if device.index != current:
@@ -129,15 +140,21 @@ def _fits_device(backend: str, device: torch.device) -> str | None:
     return None
 
 
-def choose(op: str, device: torch.device | str, backend: str = "auto") -> str:
-    """The backend that runs ``op`` for inputs on ``device`` (a torch.device or its name): ``backend``
-    itself if forced and able, else the first usable one in the automatic order. Raises
-    BackendUnavailableError with the reason, ValueError for an unknown backend or device name."""
+def check_backend_name(op: str, backend: Any) -> None:
+    """TypeError unless ``backend`` is a str, ValueError unless it is "auto" or a backend's name, named by
+    the op (also for a call with no tensors, whose device is unknown)."""
     if not isinstance(backend, str):  # the status cache would fail on an unhashable value first
         raise TypeError(f"{op}: backend must be a str, one of {('auto',) + BACKEND_NAMES}, "
                         f"got {type(backend).__name__}")
     if backend != "auto" and backend not in BACKEND_NAMES:  # named by the op, as the other refusals are
         raise ValueError(f"{op}: unknown backend {backend!r}; choose one of {('auto',) + BACKEND_NAMES}")
+
+
+def choose(op: str, device: torch.device | str, backend: str = "auto") -> str:
+    """The backend that runs ``op`` for inputs on ``device`` (a torch.device or its name): ``backend``
+    itself if forced and able, else the first usable one in the automatic order. Raises
+    BackendUnavailableError with the reason, ValueError for an unknown backend or device name."""
+    check_backend_name(op, backend)
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as err:  # torch's "Expected one of cpu, cuda, ... device type" for "gpu"

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from .. import _extension
-from ..backends import BackendUnavailableError, choose
+from ..backends import BackendUnavailableError, check_backend_name, choose
 
 _OP = "weights_fingerprint"
 RAMP_LENGTH = 65521
@@ -90,6 +90,7 @@ def weights_fingerprint(tensors: Iterable[torch.Tensor], *, backend: str = "auto
     # a complex tensor as its real and imaginary parts side by side (the sums of float64 values)
     tensors = [torch.view_as_real(t.resolve_conj()) if t.is_complex() else t for t in (t.detach() for t in tensors)]
     if not tensors:
+        check_backend_name(_OP, backend)  # no device to choose for: the name alone
         return []
     meta = next((i for i, t in enumerate(tensors) if t.is_meta), None)
     if meta is not None:
