@@ -132,6 +132,13 @@ def lanczos_step(
             form w = hq - alpha q - beta_prev q_prev in the vectors' dtype, the reference in float64,
             so with entries near float32's largest value (beta_prev 3e38 and hq 3e38, say) the
             kernels refuse a step the reference computes.
+
+    The norms are sums of squares in float64, unscaled (the step's cost is two passes over the basis): a
+    float64 ``hq`` whose entries are all below about 1.5e-154 (:data:`~unlearn_kernels.checks.SMALLEST_SQUARED`)
+    has squares that underflow, so its beta loses accuracy (1.6e-6 relative at 1e-160 for d = 1,000) and
+    from about 1e-165 on reads as a breakdown (beta 0) with no error.
+    :class:`~unlearn_kernels.solvers.lanczos.LanczosProcess` refuses such products before they reach the
+    step; a direct caller scales ``hq`` up first.
     """
     for name, t in (("hq", hq), ("q", q), ("q_prev", q_prev), ("basis", basis)):
         if t is not None or name not in ("q_prev", "basis"):
