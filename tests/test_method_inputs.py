@@ -723,3 +723,33 @@ def test_a_hook_bound_to_the_model_acts_on_the_copy_and_copying_out_of_memory_is
     monkeypatch.setattr(copy, "deepcopy", no_memory)
     with pytest.raises(RuntimeError, match="^DefaultCPUAllocator: not enough memory"):
         Finetune(epochs=1).unlearn(model, problem[1], problem[2])
+
+
+def test_a_fused_path_no_fused_kernel_takes_is_refused_before_any_work():
+    """path='fused' on a model neither fused path takes was accepted up front and refused at the first product:
+    in a study, after the original and the oracle had trained (hours on ResNet-18). Refused by check_model now,
+    so also by a study's checks before any training; LoRA adapters are never fused: refused at construction."""
+    from unlearn_kernels.methods import CureNewtonLoRA
+    from unlearn_kernels.models import build_model
+    from unlearn_kernels.study import StudyConfig, check_scenario
+
+    for name in ("cure_newton", "newton_pinv", "damped_newton"):
+        method = METHODS[name](path="fused")
+        with pytest.raises(ValueError, match=rf"^{name}: path='fused' cannot be used: not a fused MLP \(the model is "
+                                             r"SmallViT"):
+            method.check_model(build_model("vit", (1, 8, 8), 10))
+        for ok in ("mlp", "cnn"):
+            method.check_model(build_model(ok, (1, 8, 8), 10))
+    # the parameters the loss uses are chosen from the data: one registered beside the layers is not refused here
+    extra = build_model("mlp", (1, 8, 8), 10)
+    extra.register_parameter("unused", nn.Parameter(torch.zeros(3)))
+    CureNewton(path="fused").check_model(extra)
+    with pytest.raises(ValueError, match=r"parameter 'unused' is in none of the Linear layers"):
+        CureNewton(path="fused", params=["1.weight", "unused"]).check_model(extra)
+    CureNewton(path="fused").check_model(build_model("vit", (1, 8, 8), 10).half())  # converted to float32 first
+    with pytest.raises(ValueError, match=r"^cure_newton_lora: path='fused' cannot be used: the fused paths take"):
+        CureNewtonLoRA(path="fused")
+    config = StudyConfig(model="vit", methods=("cure_newton",), method_options={"cure_newton": {"path": "fused"}},
+                         seeds=(0,), cache_dir=None)
+    with pytest.raises(ValueError, match=r"cure_newton: path='fused' cannot be used"):
+        check_scenario(config)

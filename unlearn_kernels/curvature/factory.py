@@ -129,12 +129,29 @@ def hessian_operator(
             except FusedDataError as err:  # data only the generic path takes (the probe's, before its gradients)
                 reason = str(err)
         else:
-            reason = f"not a fused MLP ({mlp_reason}) nor a fused conv net ({conv_reason})"
+            reason = _neither(mlp_reason, conv_reason)
         if path == "fused":
             raise ValueError(f"hessian_operator: path='fused' cannot be used: {reason}")
     operator = GenericHessian(model, loss_fn, data, params, batch_size=batch_size, mode=mode, cache_bytes=cache_bytes)
     operator.path_reason = reason
     return operator
+
+
+def _neither(mlp_reason: str, conv_reason: str) -> str:
+    return f"not a fused MLP ({mlp_reason}) nor a fused conv net ({conv_reason})"
+
+
+def fused_path_refusal(model: nn.Module, loss_fn: LossFn, params: ParamSelection = None, *,
+                       check_selection: bool = True) -> str | None:
+    """Why ``hessian_operator(..., path="fused")`` refuses ``model``, ``loss_fn`` and ``params`` whatever the
+    data, or None where a fused path takes them (data it cannot take is found when it is built). With
+    ``check_selection`` False the parameters chosen are not asked about (a caller that chooses them from the
+    data later: a Newton method's parameters the loss uses). Raises what ``params`` raises there."""
+    mlp_reason = mlp_supports(model, loss_fn, params, check_selection=check_selection)
+    if mlp_reason is None:
+        return None
+    conv_reason = conv_supports(model, loss_fn, params, check_selection=check_selection)
+    return None if conv_reason is None else _neither(mlp_reason, conv_reason)
 
 
 def ggn_operator(

@@ -61,12 +61,14 @@ def parse_cross_entropy(loss_fn: LossFn) -> tuple[float, int] | str:
 
 
 def fused_reason(parsed: object, loss_fn: LossFn, model: nn.Module, params: ParamSelection,
-                 layer_params: Callable[[object], list[torch.Tensor]], layers: str) -> str | None:
+                 layer_params: Callable[[object], list[torch.Tensor]], layers: str, *,
+                 check_selection: bool = True) -> str | None:
     """The checks both fused paths share, or None when they pass: ``parsed`` is the path's parse of the
     model (a string: why it does not qualify), then the loss, ``params`` (raises what
     :func:`~unlearn_kernels.curvature.params.resolve_parameters` raises; each chosen parameter must
-    be one of the layers' tensors) and the layers' tensors (``layer_params(parsed)``: one dtype and
-    device, float32 or float64)."""
+    be one of the layers' tensors, unless ``check_selection`` is False: for a caller that learns the
+    parameters it will choose only later, from the data) and the layers' tensors (``layer_params(parsed)``:
+    one dtype and device, float32 or float64)."""
     if isinstance(parsed, str):
         return parsed
     # a hook or a forward set on the instance (as accelerate's hooks do) may change what a layer or the
@@ -90,7 +92,7 @@ def fused_reason(parsed: object, loss_fn: LossFn, model: nn.Module, params: Para
     # e.g. a parameter registered on the Sequential itself: the forward never uses it, and the fused
     # passes have no rows for it (the generic path gives it its zero rows)
     unused = [name for name, p in resolve_parameters(model, params).items() if id(p) not in layer_ids]
-    if unused:
+    if unused and check_selection:
         return f"parameter {unused[0]!r} is in none of {layers}"
     dtypes, devices = {p.dtype for p in tensors}, {p.device for p in tensors}
     if len(dtypes) > 1 or len(devices) > 1:

@@ -162,8 +162,10 @@ def _parse_model(model: nn.Module) -> _ConvNet | str:
     return _ConvNet(tuple(_Block(**b) for b in blocks), *head)
 
 
-def supports(model: nn.Module, loss_fn: LossFn, params: ParamSelection = None) -> str | None:
-    """None if :class:`FusedConvHessian` applies to ``model``, ``loss_fn`` and ``params``, else why not.
+def supports(model: nn.Module, loss_fn: LossFn, params: ParamSelection = None, *,
+             check_selection: bool = True) -> str | None:
+    """None if :class:`FusedConvHessian` applies to ``model``, ``loss_fn`` and ``params``, else why not
+    (``check_selection``: as in :func:`~.fused_mlp.supports`).
 
     Raises what :func:`~unlearn_kernels.curvature.params.resolve_parameters` raises for a bad ``params``.
     """
@@ -173,7 +175,8 @@ def supports(model: nn.Module, loss_fn: LossFn, params: ParamSelection = None) -
         names = [n for b in net.blocks for n in (b.weight, b.bias)] + [net.head_weight, net.head_bias]
         return [tensors[n] for n in names if n in tensors]  # not a layer's buffer (a constant)
 
-    return fused_reason(_parse_model(model), loss_fn, model, params, layer_params, "the layers")
+    return fused_reason(_parse_model(model), loss_fn, model, params, layer_params, "the layers",
+                        check_selection=check_selection)
 
 
 def _nhwc(t: torch.Tensor) -> torch.Tensor:

@@ -92,11 +92,13 @@ def _parse_model(model: nn.Module) -> _Chain | str:
     return _Chain(flatten, tuple(weights), tuple(biases), tuple(acts))
 
 
-def supports(model: nn.Module, loss_fn: LossFn, params: ParamSelection = None, backend: str = "auto") -> str | None:
+def supports(model: nn.Module, loss_fn: LossFn, params: ParamSelection = None, backend: str = "auto", *,
+             check_selection: bool = True) -> str | None:
     """None if :class:`FusedMLPHessian` applies to ``model``, ``loss_fn`` and ``params``, else why not.
     For ``backend`` "auto" that includes a compiled kernel for the parameters' device (the reference
     alone is slower than the generic path, which ``hessian_operator`` then takes); a backend named
-    by the caller is checked by the operator itself.
+    by the caller is checked by the operator itself. ``check_selection`` False: whether each chosen
+    parameter is a layer's is not asked (see :func:`~.fused_common.fused_reason`).
 
     Raises what :func:`~unlearn_kernels.curvature.params.resolve_parameters` raises for a bad ``params``.
     """
@@ -106,7 +108,8 @@ def supports(model: nn.Module, loss_fn: LossFn, params: ParamSelection = None, b
     def layer_params(chain: _Chain) -> list[torch.Tensor]:
         return [tensors[n] for n in (*chain.weight_names, *chain.bias_names) if n is not None]
 
-    reason = fused_reason(chain, loss_fn, model, params, layer_params, "the Linear layers")
+    reason = fused_reason(chain, loss_fn, model, params, layer_params, "the Linear layers",
+                          check_selection=check_selection)
     if reason is not None or backend != "auto":
         return reason
     device = layer_params(chain)[0].device  # type: ignore[arg-type]

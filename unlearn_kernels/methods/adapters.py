@@ -73,6 +73,9 @@ class CureNewtonLoRA(Unlearner):
             targets = check_targets(self.name, targets)
         self.rank, self.alpha, self.targets = rank, alpha, targets
         check_option_names(self.name, newton_options, CureNewton, {"params"})
+        if newton_options.get("path") == "fused":  # else refused at the first product, after the adapters
+            raise ValueError(f"{self.name}: path='fused' cannot be used: the fused paths take plain Linear and Conv2d "
+                             "layers, not the LoRA layers this method trains (use 'auto' or 'generic')")
         try:  # the values, now rather than at the first call, under this method's name
             CureNewton(**newton_options)
         except (TypeError, ValueError) as error:

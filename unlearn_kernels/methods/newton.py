@@ -44,7 +44,8 @@ Options shared by all (constructor arguments):
   paper's L_r) by default. With ``params=None`` the parameters the eval-mode loss does not use (no
   gradient, e.g. a head that ``forward`` never calls) are left out, as training leaves them out of
   its decay: they come back unchanged.
-* ``path``: the Hessian path ("auto", "generic" or "fused").
+* ``path``: the Hessian path ("auto", "generic" or "fused"; "fused" on a model that neither fused path
+  takes is refused by ``check_model``, so before any work).
 * ``process_group``: a ``torch.distributed`` process group for data-parallel unlearning: every rank
   calls ``unlearn`` with the same model, options and seed (other options are refused on every rank)
   and its own shard of D_f and D_r; F, its gradient and the Hessian products are reduced over all
@@ -106,6 +107,7 @@ from ..curvature import (
 )
 from ..curvature.probes import LossFn, checked_loss
 from ..curvature.distributed import GroupRef, all_reduce_released, text_fingerprint
+from ..curvature.factory import fused_path_refusal
 from ..curvature.params import tie_pattern
 from ..curvature.settings import value_text
 from ..labeled import LabeledData
@@ -374,9 +376,16 @@ class _NewtonFamily(Unlearner):
         if self.params is None:
             super()._check_parameters(model)
         try:  # also a chosen sparse embedding, whose sparse gradient the operators do not take
-            resolve_curvature_parameters(model, self.params)
+            chosen = resolve_curvature_parameters(model, self.params)
         except (TypeError, ValueError) as error:
             raise type(error)(f"{self.name}: {error}") from None
+        # path="fused" on a model no fused path takes was refused at the first product: in a study, after the
+        # original and the oracle had trained. Not on a half-precision model, which the method converts first;
+        # with params=None the parameters the loss uses are chosen from the data, later.
+        if self.path == "fused" and not any(p.dtype in (torch.float16, torch.bfloat16) for p in chosen.values()):
+            reason = fused_path_refusal(model, self.loss_fn, self.params, check_selection=self.params is not None)
+            if reason is not None:
+                raise ValueError(f"{self.name}: path='fused' cannot be used: {reason}")
 
     def _cast(self, data: LabeledData, like: torch.Tensor, converted: bool) -> LabeledData:
         """``data`` on ``like``'s device; where the model was ``converted`` to the compute dtype, floating
