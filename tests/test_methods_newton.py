@@ -798,6 +798,8 @@ def test_lipschitz_estimate_rejects_bad_arguments(kwargs, message):
     (lambda: CureNewton(M=float("nan")), ValueError, "^cure_newton: M must be a finite number > 0"),
     (lambda: CureNewton(M="large"), ValueError, "^cure_newton: M must be a number > 0 or 'auto', got 'large'"),
     (lambda: CureNewton(M="Auto"), ValueError, "^cure_newton: M must be a number > 0 or 'auto', got 'Auto'"),
+    # check_number's "a finite number > 0.0" hid the one word it takes, its default
+    (lambda: LiSSANewton(scale="bogus"), ValueError, "^lissa: scale must be a number > 0 or 'auto', got 'bogus'"),
     (lambda: CureNewton(max_iterations=0), ValueError, "max_iterations"),
     (lambda: CureNewton(tol=-1.0), ValueError, "tol"),
     (lambda: CureNewton(hvp_budget=-1), ValueError, "hvp_budget"),

@@ -473,8 +473,13 @@ def test_cli_header_counts_one_method_in_the_singular(tmp_path, capsys):
         (["--epochs", "0"], "epochs (--epochs), which the retrain oracle uses, must be an int >= 1, got 0"),
         # failed after the training before: the loss MIA's 5-fold cross-validation needs 5 forget rows
         (["--dataset", "iris", "--protocol", "random", "--forget-fraction", "0.02"],
-         "the request forgets 2 rows, fewer than the 5 the loss MIA's 5-fold cross-validation needs"),
+         "the request forgets 2 rows, fewer than the 5 the loss MIA's 5-fold cross-validation needs: raise "
+         "forget_fraction (--forget-fraction)"),
         (["--protocol", "mislabeled", "--sequential", "30"], "request 7 of 30 forgets 4 rows, fewer than the 5"),
+        # with the three default scenarios the message named neither the scenario nor the option
+        (["--forget-fraction", "0.003"], "error: the random scenario: the request forgets 4 rows, fewer than the 5 "
+                                         "the loss MIA's 5-fold cross-validation needs: raise forget_fraction "
+                                         "(--forget-fraction)"),
         # accepted and ignored before: digits is bundled
         (["--root", "/data"], "--root is for the datasets read from local files (mnist, fashion_mnist, cifar10, "
                               "cifar100); digits is bundled"),

@@ -449,7 +449,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             if config.protocol == "class" and args.protocol is None and not args.forget_class:
                 hint = (" (the default class scenario forgets class 3: pick another with --forget-class, or run one "
                         "scenario with --protocol random or --protocol mislabeled)")
-            raise UsageError(str(exc) + hint) from None
+            # with several scenarios, which one: an option such as --forget-fraction serves two of them
+            scenario = f"the {config.protocol} scenario: " if len(configs) > 1 else ""
+            raise UsageError(scenario + str(exc) + hint) from None
     first = next(iter(configs.values()))
     root = Path(args.out if args.out is not None else f"runs/{first.dataset}-{first.model}")
     files = _check_out(root, configs)

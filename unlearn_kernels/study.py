@@ -415,8 +415,11 @@ def build_scenario(config: StudyConfig, splits: DatasetSplits,
     for k, request in enumerate(requests):
         if len(request.forget_idx) < MIA_LOSS_FOLDS:
             which = f"request {k + 1} of {len(requests)}" if len(requests) > 1 else "the request"
+            more = ("forget more classes" if config.protocol == "class" else
+                    "raise forget_fraction (--forget-fraction)" + (" or lower sequential (--sequential)"
+                                                                   if config.sequential else ""))
             raise ValueError(f"{which} forgets {len(request.forget_idx)} rows, fewer than the {MIA_LOSS_FOLDS} the "
-                             f"loss MIA's {MIA_LOSS_FOLDS}-fold cross-validation needs (forget more rows per request)")
+                             f"loss MIA's {MIA_LOSS_FOLDS}-fold cross-validation needs: {more}")
     return train_split, requests, cache_tag
 
 

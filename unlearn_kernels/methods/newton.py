@@ -1132,6 +1132,8 @@ class LiSSANewton(_NewtonFamily):
                          weight_decay=weight_decay, path=path, process_group=process_group)
         self.damping = check_number(f"{self.name}: damping", damping, 0.0)
         self.depth = check_int(f"{self.name}: depth", depth)
+        if isinstance(scale, str) and scale != "auto":  # else check_number's "a finite number", hiding the one word
+            raise ValueError(f"{self.name}: scale must be a number > 0 or 'auto', got {scale!r}")
         self.scale = scale if scale == "auto" else check_number(f"{self.name}: scale", scale, 0.0, strict=True)
         self.lanczos_steps = check_int(f"{self.name}: lanczos_steps", lanczos_steps, low=2)  # both ends: two values
 
