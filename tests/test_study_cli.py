@@ -480,6 +480,9 @@ def test_cli_header_counts_one_method_in_the_singular(tmp_path, capsys):
         (["--forget-fraction", "0.003"], "error: the random scenario: the request forgets 4 rows, fewer than the 5 "
                                          "the loss MIA's 5-fold cross-validation needs: raise forget_fraction "
                                          "(--forget-fraction)"),
+        # failed after the original's training before: the oracle cannot train a batch-norm layer on one row
+        (["--model", "resnet18", "--protocol", "random", "--forget-fraction", "0.999"],
+         "retrain: the retain set has 1 row (batch_size 128), and the model's batch-norm layer"),
         # accepted and ignored before: digits is bundled
         (["--root", "/data"], "--root is for the datasets read from local files (mnist, fashion_mnist, cifar10, "
                               "cifar100); digits is bundled"),

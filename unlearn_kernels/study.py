@@ -73,7 +73,7 @@ from .eval import (
 from .lora import adapter_modules, unload
 from .methods import METHODS, Retrain, RetrainReseeded, Unlearner, UnlearnResult
 from .models import build_model
-from .training import TrainConfig, check_converged, init_model, train, warm_up
+from .training import TrainConfig, check_converged, init_model, join_last_row, train, warm_up
 
 #: the methods run by default, oracle first (it is the reference of every other row)
 DEFAULT_METHODS = ("retrain", "original", "cure_newton", "stochastic_cure_newton", "newton_pinv", "damped_newton",
@@ -426,18 +426,22 @@ def build_scenario(config: StudyConfig, splits: DatasetSplits,
 def check_scenario(config: StudyConfig) -> None:
     """Loads the first seed's data, builds its forget requests (labels only, no training) and the
     model, and checks each method's options against the model, so that a missing dataset, a class that
-    does not occur, more requests than rows, a model that does not fit the data or a method option
-    naming a layer the model does not have fail before any work.
+    does not occur, more requests than rows, a model that does not fit the data, a retain set of one
+    row that the oracle cannot train a batch-norm layer on or a method option naming a layer the model
+    does not have fail before any work.
 
     Raises:
         ValueError, FileNotFoundError, ImportError: as :func:`run_study` would on that seed.
     """
     seed = config.seeds[0]
     splits = load_dataset(config.dataset, root=config.root, seed=seed)
-    build_scenario(config, splits, seed)
+    train_split, requests, _ = build_scenario(config, splits, seed)
     # its initialisation draws from the seed's generator, not from the caller's global one
     model = init_model(lambda: build_model(config.model, splits.input_shape, splits.num_classes,
                                            **config.model_kwargs), seed)
+    for request in requests:  # a retain set of one row the oracle cannot train a batch-norm layer on
+        join_last_row("retrain", model, request.apply(train_split)[1], config.train_recipe(seed).batch_size,
+                      role="retain")
     for name in config.methods:  # what the options name in the model (parameters, adapter targets) exists
         if name not in RECIPE_METHODS:
             METHODS[name](**config.method_kwargs(name)).check_model(model)
