@@ -1153,6 +1153,28 @@ def test_train_or_load_refuses_a_factory_sharing_a_tensor_before_loading_into_it
     assert torch.equal(weights(shared), before) and [f.name for f in tmp_path.iterdir()] == ["model.pt"]
 
 
+def test_a_factory_may_share_a_constant_buffer(tmp_path):
+    """Only what training writes (parameters, normalisation statistics) must be new at each call: a constant held
+    at module level (an input normalisation's mean) was refused as if training would change it in every model."""
+    mean = torch.tensor([0.5, -0.2, 0.1, 0.0])
+
+    class Centre(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("mean", mean)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x - self.mean
+
+    def centred() -> nn.Module:
+        return nn.Sequential(Centre(), nn.Linear(4, 3))
+
+    data = blobs(48)
+    model, _ = train_or_load(tmp_path / "m.pt", centred, data, CONFIG)
+    Retrain(centred, CONFIG).unlearn(model, LabeledData(data.x[:8], data.y[:8]), LabeledData(data.x[8:], data.y[8:]))
+    assert torch.equal(mean, torch.tensor([0.5, -0.2, 0.1, 0.0]))
+
+
 def test_a_cache_file_that_cannot_be_read_raises_its_oserror_not_a_damaged_file_error(tmp_path, monkeypatch):
     """A cache file without read permission (another user's, mode 000) was reported as "not a readable
     checkpoint (corrupt or truncated?)", and the command line advised deleting it. (As root, chmod 000 does not

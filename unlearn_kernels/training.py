@@ -33,6 +33,7 @@ from .checks import (
     first_nonfinite_model_weight,
     first_nonfinite_row,
     is_out_of_memory,
+    normalisation_buffers,
 )
 from .labeled import LabeledData
 
@@ -254,10 +255,12 @@ def check_model_factory(owner: str, factory: Any) -> None:
 
 def check_new_each_call(owner: str, factory: Callable[[], nn.Module], model: nn.Module, seed: int) -> None:
     """ValueError naming ``owner`` where another call of ``factory`` (seeded with ``seed``, as ``model``, its
-    model of an earlier call, was) returns a model sharing a parameter's or buffer's storage with ``model``.
-    Such a factory hands out modules that live on elsewhere (the model given to the caller, a pretrained
-    backbone), which training ``model`` or loading weights into it would change in place. One more model is
-    built to tell: ``model`` itself cannot show what else holds its tensors."""
+    model of an earlier call, was) returns a model sharing the storage of a parameter or of a normalisation
+    layer's statistic with ``model``: what training writes. Such a factory hands out modules that live on
+    elsewhere (the model given to the caller, a pretrained backbone), which training ``model`` or loading
+    weights into it would change in place. Other buffers (a constant held at module level, a mask) may be
+    shared: training does not write them, and a checkpoint of the same factory holds their values. One more
+    model is built to tell: ``model`` itself cannot show what else holds its tensors."""
     built = _storages(model)
     shared = next((built[key] for key in _storages(init_model(factory, seed)) if key in built), None)
     if shared is not None:
@@ -269,10 +272,12 @@ def check_new_each_call(owner: str, factory: Callable[[], nn.Module], model: nn.
 
 
 def _storages(model: nn.Module) -> dict[tuple[torch.device, int], tuple[str, str]]:
-    """``(kind, name)`` of ``model``'s first parameter or buffer on each storage (device, address) that holds
-    data."""
+    """``(kind, name)`` of ``model``'s first parameter or normalisation statistic (what training writes) on each
+    storage (device, address) that holds data."""
     found: dict[tuple[torch.device, int], tuple[str, str]] = {}
-    for kind, tensors in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+    statistics = normalisation_buffers(model)
+    written = [(name, t) for name, t in model.named_buffers() if name in statistics]
+    for kind, tensors in (("parameter", model.named_parameters()), ("buffer", written)):
         for name, tensor in tensors:
             address = tensor.untyped_storage().data_ptr() if tensor.layout == torch.strided else 0
             if address:  # 0: no data (an empty or meta tensor), which two models cannot share
