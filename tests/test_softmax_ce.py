@@ -419,6 +419,7 @@ def test_triton_refuses_tensors_on_another_gpu_than_the_current_one(monkeypatch)
     from unlearn_kernels.backends import _fits_device  # what choose() refuses a forced backend by, wherever it runs
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine (without one Triton refuses cuda)
     assert _fits_device("triton", torch.device("cuda:0")) is None
     assert _fits_device("triton", torch.device("cuda")) is None
     assert _fits_device("triton", torch.device("cuda:1")) == (

@@ -439,9 +439,11 @@ def check_scenario(config: StudyConfig) -> None:
     # its initialisation draws from the seed's generator, not from the caller's global one
     model = init_model(lambda: build_model(config.model, splits.input_shape, splits.num_classes,
                                            **config.model_kwargs), seed)
-    for request in requests:  # a retain set of one row the oracle cannot train a batch-norm layer on
-        join_last_row("retrain", model, request.apply(train_split)[1], config.train_recipe(seed).batch_size,
-                      role="retain")
+    # batches of one row that a batch-norm layer cannot train on: the original's, then each oracle's
+    batch_size = config.train_recipe(seed).batch_size
+    join_last_row("study", model, train_split, batch_size, role=ORIGINAL_ROLE)
+    for request in requests:
+        join_last_row("retrain", model, request.apply(train_split)[1], batch_size, role="retain")
     for name in config.methods:  # what the options name in the model (parameters, adapter targets) exists
         if name not in RECIPE_METHODS:
             METHODS[name](**config.method_kwargs(name)).check_model(model)
