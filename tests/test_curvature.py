@@ -3213,3 +3213,40 @@ def test_the_solvers_take_their_products_in_one_fixed_weights_run(monkeypatch):
             before = H.num_products
             solve(op)
             assert H.num_products - before >= 3 and len(calls) == 2, name
+
+
+def test_a_fixed_weights_run_still_refuses_autocast_and_inference_mode_at_each_call():
+    """The run skipped every per-call check: a product under autocast inside it came out at bfloat16 precision
+    with no error, and the mode was gone by the run's end. The modes are refused at every call, as outside."""
+    model, x, y = make("mlp")
+    H = hessian_operator(model, F.cross_entropy, (x, y), path="generic")
+    v = torch.randn(H.shape[0], dtype=DT)
+    with H.fixed_weights():
+        with pytest.raises(ValueError, match=r"^GenericHessian: torch.autocast is on for cpu"):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                H.matvec(v)
+        with pytest.raises(ValueError, match=r"^GenericHessian: cannot take products or gradients inside "
+                                             r"torch.inference_mode\(\)"):
+            with torch.inference_mode():
+                H.matvec(v)
+        H.matvec(v)
+
+
+def test_an_operator_whose_fixed_weights_is_no_context_manager_is_named():
+    """A duck-typed operator's own fixed_weights() that returns something else (here its matrix) failed with
+    Python's bare "'Tensor' object does not support the context manager protocol"."""
+    from unlearn_kernels.solvers import conjugate_gradient
+
+    class Op:
+        def __init__(self, A: torch.Tensor) -> None:
+            self.A, self.shape, self.dtype, self.device = A, tuple(A.shape), A.dtype, A.device
+
+        def matvec(self, v: torch.Tensor) -> torch.Tensor:
+            return self.A @ v
+
+        def fixed_weights(self) -> torch.Tensor:
+            return self.A
+
+    with pytest.raises(TypeError, match=r"^the operator's fixed_weights\(\) must return a context manager .*got "
+                                        r"Tensor from Op"):
+        conjugate_gradient(Op(torch.eye(3, dtype=DT) * 2), torch.ones(3, dtype=DT))

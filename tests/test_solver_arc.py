@@ -341,6 +341,9 @@ def test_rejections_in_a_row_are_capped(rng):
     ({"max_rejections": 0}, "max_rejections must be an int >= 1"),
     ({"solver_options": {"k_max": 0}}, "k_max"),
     ({"solver_options": {"seed": 1}}, "seed"),
+    # a rejected trial's re-solve replayed the products at the trial's weights (an operator reading the model's): a
+    # wrong step with no error
+    ({"solver_options": {"two_pass": True, "reorth": "none", "guard": False}}, "two_pass is not supported"),
 ])
 def test_bad_arguments(rng, kwargs, message):
     A, b = spd(rng), torch.randn(D, generator=rng, dtype=torch.float64)

@@ -486,7 +486,8 @@ class CurvatureOperator(abc.ABC):
         """A run of products and gradients at unchanging weights (a solver's Lanczos or Krylov iteration):
         the checks that each call makes of the weights, the data and the module tree
         (:meth:`_sync_weights`, 30-70 us against 350-400 us for a digits-MLP product on 512 rows) run when
-        the run starts and once more when it ends, not before every call. Whatever changed inside the run is
+        the run starts and once more when it ends, not before every call (the refusal of autocast,
+        inference mode and cached parametrizations still runs at every call). Whatever changed inside the run is
         refused at its end, as the next call would have refused it (a ValueError; the weights too, which
         between runs are simply taken again): the run's products may mix two models. Runs may nest (the
         outermost one checks). The solvers open one around each iteration; a caller need not."""
@@ -509,6 +510,8 @@ class CurvatureOperator(abc.ABC):
     def _sync_unless_fixed(self) -> None:
         if not self._fixed_depth:
             self._sync_weights()
+        else:  # a mode entered inside the run (autocast, inference mode) would be gone by its end: every call
+            refuse_modes(type(self).__name__, self.device, "take products or gradients")
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """C @ v for a flat (d,) vector of the operator's dtype and device; returns a new (d,) tensor."""

@@ -196,7 +196,7 @@ def adaptive_cubic_newton(
             reaches a step, while a gamma near 1 cannot run for ever); the last of them ends the call
             ("max_rejections") at the last accepted point (w0 if none).
         solver_options: options of :class:`~.cubic.KrylovCubicSolver` over
-            :data:`KRYLOV_DEFAULTS` (not ``seed``).
+            :data:`KRYLOV_DEFAULTS` (not ``seed``, nor ``two_pass``: see the Raises).
         seed: seeds the Krylov solver's random vectors, an int in [0, 2**63): the solver of accepted
             step k gets ``(seed + k) % 2**63`` (so a seed near the top wraps around to 0 rather than
             leave torch's seed range).
@@ -205,7 +205,9 @@ def adaptive_cubic_newton(
         An :class:`ARCResult`.
 
     Raises:
-        ValueError: bad options, a non-finite w0, f(w0) or gradient (what ``gradient`` returns at
+        ValueError: bad options (``two_pass`` among the solver options: the re-solve after a rejected
+            trial would replay the Lanczos products with an operator that, reading the model's weights, takes
+            them at the trial point), a non-finite w0, f(w0) or gradient (what ``gradient`` returns at
             an accepted point must be finite, and of w's shape, dtype and device). TypeError: ``value``,
             ``gradient`` or ``hessian`` not callable, a w0 that is not float32 or float64, ``value``
             returning something that is not a number, ``solver_options`` not a mapping or with an unknown
@@ -231,6 +233,12 @@ def adaptive_cubic_newton(
         raise ValueError("solver_options must not set 'seed': pass seed= (each step's solver gets "
                          "(seed + step) % 2**63)")
     check_option_names("solver_options", options, KrylovCubicSolver, {"H", "g", "seed"})
+    if options.get("two_pass"):
+        # a rejected trial's re-solve forms its step by replaying the Lanczos products with hessian(w)'s operator,
+        # which, reading the model's weights, would take them at the trial point value() left (a wrong step)
+        raise ValueError("solver_options two_pass is not supported: the re-solve after a rejected trial replays the "
+                         "Lanczos products, which an operator that reads the model's weights would take at the "
+                         "trial point")
     k_max = check_int("solver_options['k_max']", options.pop("k_max"), 1)
     try:  # the values now, before any work, not at the first step (a 1 x 1 problem: no products)
         KrylovCubicSolver(torch.zeros(1, 1), torch.zeros(1), seed=seed, **options)

@@ -236,7 +236,8 @@ class KrylovCubicSolver:
         k_max: most Lanczos steps of the main phase (with the steps it resumes after the probe).
         reorth: "full", "selective" or "none" (see :mod:`.lanczos`).
         two_pass: store no Lanczos vectors (O(d) memory); s is formed by a second pass. Needs
-            reorth="none".
+            reorth="none". Every solve replays the products, so H must be the operator of the first
+            pass then: an operator that reads a model's weights must find them as they were.
         guard: the hard-case probe (default: on unless two_pass).
         probe_steps: most steps of the probe block (or of filling the space, see above).
         kappa: relative tolerance of the ``kappa min(1, ||y||) ||g||`` rule.

@@ -120,7 +120,13 @@ class SolverOperator:
         ``fixed_weights()`` where it has one (a curvature operator then checks the model at the run's two
         ends, not at every product), else nothing."""
         run = getattr(self.base, "fixed_weights", None)
-        return run() if callable(run) else contextlib.nullcontext()
+        if not callable(run):
+            return contextlib.nullcontext()
+        context = run()
+        if not (hasattr(context, "__enter__") and hasattr(context, "__exit__")):
+            raise TypeError(f"the operator's fixed_weights() must return a context manager (the solvers enter it "
+                            f"around each iteration), got {type(context).__name__} from {type(self.base).__name__}")
+        return context
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` for a (d,) vector of the operator's dtype and device."""
