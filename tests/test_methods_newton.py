@@ -1121,3 +1121,23 @@ def test_a_frozen_half_precision_backbone_takes_the_data_as_given():
     assert float((step - expected).norm() / expected.norm()) <= 1e-5
     for name in ("cure_newton", "newton_pinv", "influence"):
         METHODS[name]().unlearn(model, forget, retain, seed=0)
+
+
+def test_lissa_finds_its_scale_on_a_single_parameter():
+    """scale='auto' asked Lanczos for both ends of the spectrum, two Ritz values: with one chosen parameter (a
+    temperature) it was refused with a message about which='BE' and num_eigs. Its one eigenvalue is both ends:
+    the step is the damped Newton step, as with a given scale."""
+    class Tempered(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.t = nn.Linear(4, 3), nn.Parameter(torch.tensor(1.0))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) * self.t
+
+    torch.manual_seed(0)
+    model, x, y = Tempered().double(), torch.randn(40, 4, dtype=torch.float64), torch.randint(0, 3, (40,))
+    forget, retain = LabeledData(x[:5], y[:5]), LabeledData(x[5:], y[5:])
+    auto = LiSSANewton(params="t").unlearn(model, forget, retain).diagnostics
+    damped = DampedNewton(params="t").unlearn(model, forget, retain).diagnostics
+    assert auto["converged"] and auto["step_norm"] == pytest.approx(damped["step_norm"], rel=1e-6)

@@ -973,7 +973,7 @@ class NewtonPinv(_NewtonFamily):
             solver = (self._agreed_solver(pinv_solver(H.shape[0], H.device), ("eigh", "lanczos"), ws.shadow)
                       if self.solver == "auto" else self.solver)
             result = pinv_newton_step(H, g, rcond=self.rcond, solver=solver, rank=self.rank, tol=self.tol,
-                                      maxiter=self.maxiter, seed=seed)
+                                      maxiter=self.maxiter)
             return {"step": result.step, **_baseline_diagnostics(result, 0.0, self._quadratic_value(H, g, result.step))}
 
         return self._one_step(model, retain, solve)
@@ -1142,7 +1142,9 @@ class LiSSANewton(_NewtonFamily):
         def solve(ws: _Workspace, H: RegularizedOperator, g: torch.Tensor) -> dict[str, Any]:
             scale, lambda_min = self.scale, None
             if scale == "auto":
-                ends = lanczos(H, self.lanczos_steps, which="BE", return_eigenvectors=False, seed=seed)
+                # one parameter: one eigenvalue, both ends (two were asked for: a refusal about Ritz pairs)
+                ends = lanczos(H, self.lanczos_steps, which="BE", num_eigs=min(2, H.shape[0]),
+                               return_eigenvectors=False, seed=seed)
                 scale = float(ends.eigenvalues.abs().max()) + self.damping
                 lambda_min = float(ends.eigenvalues.min())
                 if not scale > 0:

@@ -33,7 +33,6 @@ from ..checks import (
     check_int,
     check_number,
     check_option_names,
-    check_seed,
     norm64,
 )
 from .lanczos import LanczosProcess, check_basis_fits, ritz_pairs
@@ -371,7 +370,7 @@ def _spectral_step(lam: torch.Tensor, c: torch.Tensor, shift: float, rcond: floa
 
 
 def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float | None = None, solver: str = "auto", rank: int = 300,
-                     tol: float = 1e-10, maxiter: int | None = None, seed: int = 0) -> NewtonStep:
+                     tol: float = 1e-10, maxiter: int | None = None) -> NewtonStep:
     """The pseudo-inverse Newton step ``s = -pinv(H) g``.
 
     Args:
@@ -399,7 +398,6 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float | None = None, sol
             where its float64 matrices fit in the memory available, else "lanczos").
         rank: "lanczos": most Lanczos steps (products), the largest possible rank.
         tol, maxiter: MINRES settings.
-        seed: "lanczos": seeds a restart vector after a breakdown.
 
     Every option is checked whichever solver runs (ValueError naming it).
 
@@ -412,7 +410,7 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float | None = None, sol
     given_rcond = rcond is not None
     rcond = check_number("rcond", 1e-6 if rcond is None else rcond, 0.0, 1.0, strict_high=True)
     # every option checked whichever solver runs (a bad value is an error, not ignored)
-    rank, seed = check_int("rank", rank, 1), check_seed("seed", seed)
+    rank = check_int("rank", rank, 1)
     check_number("tol", tol, 0.0)
     if maxiter is not None:
         check_int("maxiter", maxiter, 1)
@@ -442,8 +440,8 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float | None = None, sol
     # the truncated pseudo-inverse usually takes every one of its rank steps (the basis is then all written)
     if op.device.type == "cpu":  # elsewhere the process checks its whole reservation
         check_basis_fits(min(rank, op.shape[0]), op.shape[0], op.dtype, op.device)
-    proc = LanczosProcess(op, g, reorth="full", store_basis=True, capacity=rank,
-                          generator=torch.Generator().manual_seed(seed))
+    # the run stops at the first breakdown: the random vector a restart draws is never used
+    proc = LanczosProcess(op, g, reorth="full", store_basis=True, capacity=rank, generator=torch.Generator())
     while not proc.exhausted:
         proc.step()
         if proc.betas[-1] == 0.0:
