@@ -71,6 +71,13 @@ def test_resnet18_has_cifar_stem_and_width():
     (lambda: SmallViT(8, 4, 1, 10, dim=10, heads=4), "divisible"),
     (lambda: SmallCNN(1, 10, channels=()), "block"),
     (lambda: ResNet18(width=0), "ResNet18: width must be an int >= 1, got 0"),
+    # int() read 8.7 features as 8 and "8" as 8 (a model of another size); a bare int: "'int' object is not iterable"
+    (lambda: build_model("mlp", (8.7,), 3), "build_model: input_shape[0] must be an int >= 0, got 8.7"),
+    (lambda: build_model("cnn", ("1", 8, 8), 3), "build_model: input_shape[0] must be an int >= 0, got '1'"),
+    (lambda: build_model("mlp", 64, 3), "build_model: input_shape must be a sequence of sizes"),
+    # "'int' object is not iterable", as MLP's hidden gave before it was checked
+    (lambda: SmallCNN(1, 3, channels=16), "SmallCNN: channels must be a sequence of block widths, e.g. (16, 32), "
+                                          "got 16"),
 ])
 def test_bad_arguments_raise(call, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -217,3 +224,16 @@ def test_cnn_blocks_halve_the_resolution_floored_at_one_pixel():
     model.features[2].register_forward_hook(lambda module, inputs, out: sizes.append(tuple(out.shape[-2:])))
     model(torch.zeros(1, 1, 25, 25))
     assert sizes == [(13, 13)]
+
+
+def test_the_vit_refuses_images_of_another_size():
+    """An 11 x 11 image gave exactly the logits of its top-left 8 x 8 crop (the patch convolution leaves out what
+    is beyond the grid), a 4 x 16 one was read as another grid, a 16 x 16 one met a bare broadcast error: so a
+    method's check of a sample's fit let the first two through. Refused by name now."""
+    vit = build_model("vit", (1, 8, 8), 10).eval()
+    for shape in ((1, 1, 11, 11), (1, 1, 4, 16), (1, 1, 16, 16), (1, 3, 8, 8), (1, 8, 8)):
+        with pytest.raises(ValueError, match=re.escape(f"SmallViT: inputs must be (N, 1, 8, 8) images, the size it "
+                                                       f"was built for (its position embedding has one entry per "
+                                                       f"patch), got {shape}")):
+            vit(torch.randn(shape))
+    assert vit(torch.randn(2, 1, 8, 8)).shape == (2, 10)

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from ..checks import check_choice
+from ..checks import check_choice, check_int
 from .cnn import SmallCNN
 from .mlp import ACTIVATIONS, MLP
 from .resnet import ResNet18
@@ -59,7 +59,11 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, **kwarg
             3, 2, 1 that divides the image side) for "vit").
     """
     check_choice("build_model: name", name, MODEL_NAMES)
-    shape = tuple(int(s) for s in input_shape)
+    if isinstance(input_shape, (str, bytes)) or not hasattr(input_shape, "__iter__"):  # an int: "not iterable"
+        raise ValueError(f"build_model: input_shape must be a sequence of sizes, e.g. (64,) or (1, 28, 28), got "
+                         f"{input_shape!r}")
+    # an int each: int() truncated 8.7 features to 8 and read "8" as 8 (a model of another size, silently)
+    shape = tuple(check_int(f"build_model: input_shape[{i}]", s, low=0) for i, s in enumerate(input_shape))
     if not shape or min(shape) < 1:
         raise ValueError(f"build_model: input_shape must be non-empty and positive, got {tuple(input_shape)}")
     return _BUILDERS[name](shape, num_classes, **kwargs)

@@ -27,6 +27,8 @@ class SmallCNN(nn.Sequential):
     def __init__(self, in_channels: int, num_classes: int, channels: Sequence[int] = (16, 32, 64)) -> None:
         in_channels = check_int("SmallCNN: in_channels", in_channels)
         num_classes = check_int("SmallCNN: num_classes", num_classes)
+        if isinstance(channels, (str, bytes)) or not hasattr(channels, "__iter__"):  # an int: "not iterable"
+            raise ValueError(f"SmallCNN: channels must be a sequence of block widths, e.g. (16, 32), got {channels!r}")
         channels = [check_int(f"SmallCNN: channels[{i}]", width) for i, width in enumerate(channels)]
         if not channels:
             raise ValueError("SmallCNN: channels must name at least one block, got ()")

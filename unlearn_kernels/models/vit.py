@@ -79,6 +79,7 @@ class SmallViT(nn.Module):
         if dim % heads:
             raise ValueError(f"SmallViT: dim {dim} is not divisible by heads {heads}")
         num_patches = (image_size // patch_size) ** 2
+        self.in_channels, self.image_size = in_channels, image_size  # what forward takes (see there)
         self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.empty(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.empty(1, num_patches + 1, dim))
@@ -94,7 +95,12 @@ class SmallViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N, num_classes) of images ``x`` (N, in_channels, image_size, image_size), read
-        from the class token."""
+        from the class token. Other shapes are refused (ValueError): the patch convolution would leave out the
+        rows and columns beyond the grid (an 11 x 11 image read as its top-left 8 x 8) or read another grid."""
+        expected = (self.in_channels, self.image_size, self.image_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"SmallViT: inputs must be (N, {', '.join(map(str, expected))}) images, the size it was "
+                             f"built for (its position embedding has one entry per patch), got {tuple(x.shape)}")
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
         tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1) + self.pos_embed
         return self.head(self.norm(self.blocks(tokens))[:, 0])
