@@ -784,8 +784,34 @@ def test_lipschitz_estimate_on_known_hessians(mlp):
 ])
 def test_lipschitz_estimate_rejects_bad_arguments(kwargs, message):
     data = (torch.zeros(2, 1, dtype=torch.float64), torch.zeros(2))
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=rf"^estimate_hessian_lipschitz: {message}"):  # the option's name alone before
         estimate_hessian_lipschitz(Cubic(2), cubic_loss, data, **kwargs)
+
+
+def test_lipschitz_estimate_names_overflow_and_non_finite_weights():
+    """A radius too large for the model (its loss overflows at w + radius * d) returned a NaN estimate (no power
+    iteration), or met "vector contains NaN or Inf" in the next product, and CureNewton's M='auto' then read
+    "M must be a finite number > 0.0, got nan"; a NaN weight was taken for a radius too small to resolve."""
+    class Exp(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.exp(x)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(20, 3), torch.randint(0, 3, (20,))
+    model = nn.Sequential(nn.Linear(3, 4), Exp(), nn.Linear(4, 3))
+    overflow = r"estimate_hessian_lipschitz: the Hessian products at w \+ radius \* d are not finite \(radius=200.0\)"
+    for iterations in (0, 4):
+        with pytest.raises(ValueError, match="^" + overflow):
+            estimate_hessian_lipschitz(model, F.cross_entropy, (x, y), radius=200.0, power_iterations=iterations)
+    with pytest.raises(ValueError, match=r"^cure_newton: M='auto' \(lipschitz_options \{'num_directions': 3, 'radius': "
+                                         r"200.0.*\}\): " + overflow):
+        CureNewton(M="auto", lipschitz_options={"radius": 200.0}).unlearn(model, LabeledData(x[:5], y[:5]),
+                                                                         LabeledData(x[5:], y[5:]))
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^estimate_hessian_lipschitz: the model's parameter '2.weight' contains "
+                                         r"NaN or Inf"):
+        estimate_hessian_lipschitz(model, F.cross_entropy, (x, y))
 
 
 # ---------------------------------------------------------------------------------------------

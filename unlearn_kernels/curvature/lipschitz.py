@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,7 +10,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checks import check_int, check_not_meta, check_number, check_seed, norm64, refusing_uncopyable
+from ..checks import (
+    check_int,
+    check_not_meta,
+    check_number,
+    check_seed,
+    first_nonfinite_model_weight,
+    norm64,
+    refusing_uncopyable,
+)
 from .batches import DataSpec
 from .probes import LossFn
 from .factory import hessian_operator
@@ -91,19 +100,26 @@ def estimate_hessian_lipschitz(
         seed: seeds the random vectors, an int in [0, 2**63).
 
     Raises:
-        ValueError: a bad ``num_directions``, ``radius`` (also one the weights' dtype cannot resolve),
+        ValueError: a bad ``num_directions``, ``radius`` (also one the weights' dtype cannot resolve, and
+            one so large that the products at ``w + radius d`` are not finite: the loss overflows there),
             ``power_iterations``, ``quantile`` or ``seed`` (out of range), a bad ``params`` selection,
-            a model with a parameter or buffer on the meta device, or what the operator raises.
+            a model with a parameter or buffer on the meta device, or a NaN/Inf weight (named), or what the
+            operator raises.
         TypeError: a ``seed`` that is not an int; a model that cannot be copied (a layer pruned by
             torch.nn.utils.prune, an attribute that cannot be pickled such as a lock), or one the
             operators refuse as such (a TorchScript module, a DataParallel wrapper).
     """
     num_directions, radius, power_iterations, quantile = check_lipschitz_options(
-        num_directions=num_directions, radius=radius, power_iterations=power_iterations, quantile=quantile).values()
+        "estimate_hessian_lipschitz", num_directions=num_directions, radius=radius,
+        power_iterations=power_iterations, quantile=quantile).values()
     seed = check_seed("estimate_hessian_lipschitz: seed", seed)
     # on the caller's model (its tensors are not the copy's), refused as the operator would refuse it
     names = tuple(resolve_curvature_parameters(model, params))
     check_not_meta("estimate_hessian_lipschitz", model)  # before its weights are read
+    bad = first_nonfinite_model_weight(model)  # else read below as a radius the weights cannot resolve
+    if bad is not None:
+        kind, key, what = bad
+        raise ValueError(f"estimate_hessian_lipschitz: the model's {kind} {key!r} contains {what}")
     w = get_flat_parameters(model, names)
     generator = torch.Generator().manual_seed(seed)
 
@@ -134,6 +150,10 @@ def estimate_hessian_lipschitz(
             set_flat_parameters(work, w, names)
             change = (moved - at_w) / radius
             ratio = norm64(change)
+            if not math.isfinite(ratio):  # NaN fed to the next product, or the estimate, with no word
+                raise ValueError(f"estimate_hessian_lipschitz: the Hessian products at w + radius * d are not finite "
+                                 f"(radius={radius!r}): the loss overflows that far from the weights; use a smaller "
+                                 "radius")
             if ratio == 0.0:  # H does not change along d (a quadratic loss in exact arithmetic)
                 break
             v = change / ratio

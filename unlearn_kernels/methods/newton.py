@@ -768,8 +768,13 @@ class CureNewton(_NewtonFamily):
         extra: dict[str, Any] = {}
         M = self.M
         if M == "auto":
-            estimate = estimate_hessian_lipschitz(ws.shadow, self.loss_fn, ws.retain, params=ws.names, seed=seed,
-                                                  batch_size=self.batch_size, path=self.path, **self.lipschitz_options)
+            try:
+                estimate = estimate_hessian_lipschitz(ws.shadow, self.loss_fn, ws.retain, params=ws.names, seed=seed,
+                                                      batch_size=self.batch_size, path=self.path,
+                                                      **self.lipschitz_options)
+            except ValueError as error:  # its radius and options are this method's lipschitz_options: say so
+                raise ValueError(f"{self.name}: M='auto' (lipschitz_options {self.lipschitz_options}): "
+                                 f"{error}") from None
             ws.hvps += estimate.num_hvps
             ws.gradient_passes += estimate.num_gradients
             M = max(estimate.value, MIN_AUTO_M)
