@@ -32,7 +32,7 @@ from ..checks import (
     is_out_of_memory,
 )
 from ..labeled import LabeledData
-from ..training import eval_mode, join_last_row, model_device
+from ..training import check_data, check_module, eval_mode, join_last_row, model_device
 
 #: the keys :func:`avg_gap` compares by default, as the study's records name them (the entropy MIA)
 AVG_GAP_KEYS = ("mia_entropy", "acc_forget", "acc_retain", "acc_test")
@@ -105,10 +105,8 @@ def _js_lotus_probs(p: torch.Tensor, q: torch.Tensor, scale: float, eps: float) 
 
 # --------------------------------------------------------------------------- model helpers
 def _check_model_data(op: str, model: nn.Module, data: LabeledData, batch_size: int) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{op}: model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(data, LabeledData):
-        raise TypeError(f"{op}: data must be a LabeledData, got {type(data).__name__}")
+    check_module(op, model)
+    check_data(op, data)
     if len(data) == 0:
         raise ValueError(f"{op}: data is empty")
     check_int(f"{op}: batch_size", batch_size)

@@ -26,7 +26,7 @@ from ..checks import (
 )
 from ..curvature.distributed import all_gather_objects
 from ..labeled import LabeledData
-from ..training import check_dense_gradients, check_fits, model_device, seeded_rng
+from ..training import check_dense_gradients, check_fits, check_module, model_device, seeded_rng
 
 
 @dataclass
@@ -215,8 +215,7 @@ def _check_model(name: str, model: nn.Module) -> None:
     operators apply (:func:`~unlearn_kernels.checks.first_nonfinite_weight`: a NaN/Inf weight would
     make every method return a NaN model, or fail deep inside its work; an Inf in a buffer such as an
     additive mask is harmless, and the Newton methods' operators accept it)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{name}: model must be a torch.nn.Module, got {type(model).__name__}")
+    check_module(name, model)
     # a copy of one shares its autograd graph with the caller's: its parameters are not leaves, its
     # gradients land in the caller's .grad, and optimizers refuse it
     check_not_scripted(name, model, "whose copies share gradients with it")

@@ -229,6 +229,13 @@ def _check_mean_loss(owner: str, loss_fn: LossFn, batch_size: Any, process_group
                          "process_group the loss must be a plain mean over rows (no class weights)")
 
 
+def _check_not_another_word(owner: str, option: str, value: Any) -> None:
+    """ValueError for a str other than "auto" given to an option that takes a number > 0 or "auto" (check_number's
+    "a finite number" would hide the one word it takes)."""
+    if isinstance(value, str) and value != "auto":
+        raise ValueError(f"{owner}: {option} must be a number > 0 or 'auto', got {value!r}")
+
+
 def narrower(dtype: torch.dtype | None, than: torch.dtype) -> bool:
     """Whether computing in ``dtype`` (None: in the weights' own) rounds weights of dtype ``than``: a copy in it
     could make the model worse on F with no step taken."""
@@ -704,8 +711,7 @@ class CureNewton(_NewtonFamily):
                  path: str = "auto", process_group: Any = None) -> None:
         super().__init__(params=params, loss_fn=loss_fn, dtype=dtype, batch_size=batch_size,
                          weight_decay=weight_decay, path=path, process_group=process_group)
-        if isinstance(M, str) and M != "auto":  # else check_number's "a finite number", hiding the one word it takes
-            raise ValueError(f"{self.name}: M must be a number > 0 or 'auto', got {M!r}")
+        _check_not_another_word(self.name, "M", M)
         if M == "auto" and process_group is not None:
             raise ValueError(f"{self.name}: M='auto' estimates the Lipschitz constant on one process's data; with a "
                              "process_group give M as a number")
@@ -1137,8 +1143,7 @@ class LiSSANewton(_NewtonFamily):
                          weight_decay=weight_decay, path=path, process_group=process_group)
         self.damping = check_number(f"{self.name}: damping", damping, 0.0)
         self.depth = check_int(f"{self.name}: depth", depth)
-        if isinstance(scale, str) and scale != "auto":  # else check_number's "a finite number", hiding the one word
-            raise ValueError(f"{self.name}: scale must be a number > 0 or 'auto', got {scale!r}")
+        _check_not_another_word(self.name, "scale", scale)
         self.scale = scale if scale == "auto" else check_number(f"{self.name}: scale", scale, 0.0, strict=True)
         self.lanczos_steps = check_int(f"{self.name}: lanczos_steps", lanczos_steps, low=2)  # both ends: two values
 

@@ -53,7 +53,7 @@ class Retrain(Unlearner):
             :meth:`unlearn`, before training: the factory's model differs from the
             model to unlearn (class, modules and their options, e.g. an activation, or the shape
             or dtype of a parameter or buffer), naming the first difference; two calls of the
-            factory return models that share a parameter or buffer (``lambda: model``, a backbone
+            factory return models that share a parameter or a normalisation statistic (``lambda: model``, a backbone
             built outside the factory: training would change it in the model to unlearn, see
             :func:`~unlearn_kernels.training.check_new_each_call`); batches of one row that
             a batch-norm layer of the model cannot train on (``config.batch_size`` 1 or a retain set
