@@ -31,7 +31,9 @@
 #include <c10/util/irange.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
+#include <tuple>
 #include <utility>
 
 namespace unlearn_kernels::mlp_hvp {
@@ -229,34 +231,28 @@ std::vector<at::Tensor> run(const Kernels& kernels, const at::Tensor& x, const a
 // --------------------------------------------------------------------------- the flat-vector form
 namespace {
 
-// Checks V (d, K) against x and that the chosen blocks (weight_offsets / bias_offsets, -1 = not
-// chosen) tile V's d rows; returns the lowest layer with a chosen block.
-size_t check_flat_layout(const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
-                         const at::Tensor& V, at::IntArrayRef weight_offsets, at::IntArrayRef bias_offsets) {
+// The chosen blocks of a flat parameter vector (weight_offsets / bias_offsets, -1 = not chosen):
+// checks that they tile its first rows in order (a vector of `d` rows, or any length for d = -1), and
+// returns the lowest layer with a chosen block and the vector's length. `op` names the op in messages.
+std::pair<size_t, int64_t> check_blocks(const char* op, at::TensorList weights,
+                                        const c10::List<std::optional<at::Tensor>>& biases,
+                                        at::IntArrayRef weight_offsets, at::IntArrayRef bias_offsets, int64_t d) {
   const size_t L = weights.size();
-  TORCH_CHECK_VALUE(V.dim() == 2 && V.size(1) >= 1,
-                    message("mlp_hvp_flat: V must be 2-D (d, K) with K >= 1, got shape ", V.sizes()).c_str());
-  TORCH_CHECK_TYPE(V.scalar_type() == x.scalar_type(),
-                   message("mlp_hvp_flat: V has dtype ", V.scalar_type(), " but x has ", x.scalar_type()).c_str());
-  TORCH_CHECK_VALUE(V.device() == x.device(),
-                    message("mlp_hvp_flat: V is on ", V.device(), " but x on ", x.device()).c_str());
   TORCH_CHECK_VALUE(
       weight_offsets.size() == L && bias_offsets.size() == L && biases.size() == L,
-      message("mlp_hvp_flat: weights, biases, weight_offsets and bias_offsets must have one entry per layer, got ", L,
+      message(op, ": weights, biases, weight_offsets and bias_offsets must have one entry per layer, got ", L,
               ", ", biases.size(), ", ", weight_offsets.size(), " and ", bias_offsets.size())
           .c_str());
-  const int64_t d = V.size(0);
   // The chosen blocks as (offset, size, layer, is_bias), checked to tile [0, d).
   struct Block { int64_t offset, size; size_t layer; bool bias; };
   std::vector<Block> blocks;  // a bias block's size is its layer's width (the passes check the bias shape)
   for (size_t l = 0; l < L; ++l) {
-    TORCH_CHECK_VALUE(
-        weights[l].dim() == 2,
-        message("mlp_hvp_flat: weights[", l, "] must be 2-D (out, in), got shape ", weights[l].sizes()).c_str());
+    TORCH_CHECK_VALUE(weights[l].dim() == 2,
+                      message(op, ": weights[", l, "] must be 2-D (out, in), got shape ", weights[l].sizes()).c_str());
     // not read as "not chosen": a sign slip would drop a block
     for (const auto& [kind, offset] : {std::pair<const char*, int64_t>{"weight", weight_offsets[l]},
                                        std::pair<const char*, int64_t>{"bias", bias_offsets[l]}}) {
-      TORCH_CHECK_VALUE(offset >= -1, message("mlp_hvp_flat: ", kind, "_offsets[", l, "] = ", offset,
+      TORCH_CHECK_VALUE(offset >= -1, message(op, ": ", kind, "_offsets[", l, "] = ", offset,
                                               ": an offset is a row of V (>= 0), or -1 for a parameter that is not "
                                               "chosen")
                                           .c_str());
@@ -264,9 +260,8 @@ size_t check_flat_layout(const at::Tensor& x, at::TensorList weights, const c10:
     if (weight_offsets[l] >= 0) blocks.push_back({weight_offsets[l], weights[l].numel(), l, false});
     if (bias_offsets[l] >= 0) {
       const std::optional<at::Tensor> b = biases[l];
-      TORCH_CHECK_VALUE(
-          b.has_value(),
-          message("mlp_hvp_flat: bias_offsets[", l, "] = ", bias_offsets[l], " but layer ", l, " has no bias").c_str());
+      TORCH_CHECK_VALUE(b.has_value(),
+                        message(op, ": bias_offsets[", l, "] = ", bias_offsets[l], " but layer ", l, " has no bias").c_str());
       blocks.push_back({bias_offsets[l], weights[l].size(0), l, true});
     }
   }
@@ -276,16 +271,30 @@ size_t check_flat_layout(const at::Tensor& x, at::TensorList weights, const c10:
   size_t lowest = L;
   for (const Block& b : blocks) {
     TORCH_CHECK_VALUE(b.offset == next,
-                      message("mlp_hvp_flat: the chosen parameter blocks must tile the ", d,
-                              " rows of V in order without gaps or overlaps, but ", b.bias ? "bias" : "weight",
+                      message(op, ": the chosen parameter blocks must tile the ",
+                              d >= 0 ? message(d, " rows of V") : std::string("flat vector"),
+                              " in order without gaps or overlaps, but ", b.bias ? "bias" : "weight",
                               "_offsets[", b.layer, "] = ", b.offset, " where row ", next, " was expected")
                           .c_str());
     next += b.size;
     lowest = std::min(lowest, b.layer);
   }
-  TORCH_CHECK_VALUE(
-      next == d, message("mlp_hvp_flat: the chosen parameters have ", next, " entries but V has ", d, " rows").c_str());
-  return lowest;
+  TORCH_CHECK_VALUE(d < 0 || next == d,
+                    message(op, ": the chosen parameters have ", next, " entries but V has ", d, " rows").c_str());
+  return {lowest, next};
+}
+
+// Checks V (d, K) against x and that the chosen blocks tile V's d rows; returns the lowest layer
+// with a chosen block.
+size_t check_flat_layout(const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+                         const at::Tensor& V, at::IntArrayRef weight_offsets, at::IntArrayRef bias_offsets) {
+  TORCH_CHECK_VALUE(V.dim() == 2 && V.size(1) >= 1,
+                    message("mlp_hvp_flat: V must be 2-D (d, K) with K >= 1, got shape ", V.sizes()).c_str());
+  TORCH_CHECK_TYPE(V.scalar_type() == x.scalar_type(),
+                   message("mlp_hvp_flat: V has dtype ", V.scalar_type(), " but x has ", x.scalar_type()).c_str());
+  TORCH_CHECK_VALUE(V.device() == x.device(),
+                    message("mlp_hvp_flat: V is on ", V.device(), " but x on ", x.device()).c_str());
+  return check_blocks("mlp_hvp_flat", weights, biases, weight_offsets, bias_offsets, V.size(0)).first;
 }
 
 // The block of V (d, K) that starts at row `offset` as K tangents of `shape` (a copy where V's
@@ -338,10 +347,93 @@ at::Tensor run_flat(const Kernels& kernels, const at::Tensor& x, const at::Tenso
   return gather_flat(out_w, out_b, V, weight_offsets, bias_offsets);
 }
 
-// --------------------------------------------------------------------------- fixed weights
+// --------------------------------------------------------------------------- value and gradient
 namespace {
 
 const at::Tensor kNone;
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> run_value_grad_flat(
+    const Kernels& kernels, const at::Tensor& x, const at::Tensor& target, at::TensorList weights,
+    const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations, at::IntArrayRef weight_offsets,
+    at::IntArrayRef bias_offsets, double label_smoothing, int64_t ignore_index, bool with_gradient,
+    bool check_finite) {
+  constexpr const char* op = "mlp_value_grad_flat";
+  check_model(x, target, weights, biases, activations, label_smoothing);
+  const auto [lowest, d] = check_blocks(op, weights, biases, weight_offsets, bias_offsets, -1);
+  const int64_t L = static_cast<int64_t>(weights.size()), N = x.size(0);
+  const auto act = [&](int64_t l) { return static_cast<Activation>(activations[l]); };
+  // The forward through the backend's activation stage with no tangents; act' is kept for the backward.
+  std::vector<at::Tensor> h(L + 1), d1(L);
+  h[0] = x;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t out = weights[l].size(0);
+    h[l + 1] = at::empty({N, out}, x.options());
+    at::Tensor rh = at::empty({N, 0, out}, x.options()), d2, ra;
+    if (has_first(act(l))) d1[l] = at::empty({N, out}, x.options());
+    if (has_second(act(l))) {  // written by the stage, not needed by the gradient
+      d2 = at::empty({N, out}, x.options());
+      ra = at::empty({N, 0, out}, x.options());
+    }
+    const std::optional<at::Tensor> b = biases[l];
+    kernels.activate(act(l), at::mm(h[l], weights[l].t()), kNone, b.has_value() ? *b : kNone, kNone, h[l + 1], d1[l],
+                     d2, rh, ra);
+    if (l > 0 && (!with_gradient || l - 1 < static_cast<int64_t>(lowest))) h[l - 1] = at::Tensor();
+  }
+  // The mean loss over the kept rows, in double from the logits: lse(z) - (1 - eps) z_t - (eps / C) sum_c z_c
+  // per row (F.cross_entropy with label smoothing eps).
+  at::Tensor z = h[L];
+  const int64_t C = z.size(1);
+  const int64_t num_kept = kernels.count_kept(target, C, ignore_index);
+  TORCH_CHECK_VALUE(num_kept > 0, message("mlp_hvp: every target is ignore_index=", ignore_index,
+                                          " (the mean loss over 0 samples is undefined)")
+                                      .c_str());
+  const at::Tensor z64 = z.to(at::kDouble);
+  const at::Tensor kept = target != ignore_index;
+  const at::Tensor safe_target = num_kept < N ? at::where(kept, target, 0) : target;
+  at::Tensor rows = at::logsumexp(z64, {1}).sub_(z64.gather(1, safe_target.unsqueeze(1)).squeeze(1),
+                                                  1.0 - label_smoothing);
+  if (label_smoothing > 0) rows.sub_(z64.sum(1), label_smoothing / static_cast<double>(C));
+  if (num_kept < N) rows.masked_fill_(kept.logical_not(), 0.0);
+  const at::Tensor value = rows.sum().div_(static_cast<double>(num_kept));
+  if (check_finite) {
+    TORCH_CHECK_VALUE(std::isfinite(value.item<double>()),
+                      message(op, ": the loss is not finite (NaN or Inf in the logits: check x, the weights and the "
+                                  "biases)")
+                          .c_str());
+  }
+  if (!with_gradient) return {value, at::empty({0}, x.options())};
+
+  // The backward: the loss rows turn the logits into g = dL/dz, then per layer from the top
+  // d_l = act'(a_l) g_l, dW_l = d_l^T h_{l-1}, db_l = sum_rows d_l and g_{l-1} = d_l W_l, down to the
+  // lowest chosen layer, each block written into its place in the flat gradient.
+  at::Tensor flags = at::zeros({2}, z.options().dtype(at::kInt)), no_tangents = at::empty({N, 0, C}, z.options());
+  kernels.loss(z, target, no_tangents, label_smoothing, ignore_index, 1.0 / static_cast<double>(num_kept), flags);
+  at::Tensor grad = at::empty({d}, x.options());
+  at::Tensor g = z;
+  for (int64_t l = L - 1; l >= static_cast<int64_t>(lowest); --l) {
+    const int64_t out = weights[l].size(0), in = weights[l].size(1);
+    if (has_first(act(l))) {
+      at::Tensor no_r = at::empty({N, 0, out}, x.options());
+      kernels.backward(d1[l], kNone, kNone, g, no_r);  // g <- act'(a_l) g
+    }
+    if (weight_offsets[l] >= 0) {
+      at::Tensor block = grad.narrow(0, weight_offsets[l], out * in).view({out, in});
+      at::mm_out(block, g.t(), h[l]);
+    }
+    if (bias_offsets[l] >= 0) {
+      at::Tensor block = grad.narrow(0, bias_offsets[l], out);
+      at::sum_out(block, g, {0});
+    }
+    if (l > static_cast<int64_t>(lowest)) g = at::mm(g, weights[l]);
+    h[l] = d1[l] = at::Tensor();
+  }
+  return {value, grad};
+}
+
+// --------------------------------------------------------------------------- fixed weights
+namespace {
 
 // An absent state entry (no act' for the identity, no act'' term for the identity and ReLU).
 at::Tensor absent(const at::Tensor& like) { return at::empty({0}, like.options()); }

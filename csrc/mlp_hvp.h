@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 namespace unlearn_kernels::mlp_hvp {
@@ -76,6 +77,15 @@ at::Tensor run_flat(const Kernels& kernels, const at::Tensor& x, const at::Tenso
                     const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations,
                     const at::Tensor& V, at::IntArrayRef weight_offsets, at::IntArrayRef bias_offsets,
                     double label_smoothing, int64_t ignore_index, bool check_finite);
+
+// The mean loss (a float64 0-dim tensor) and, with `with_gradient`, its gradient w.r.t. the chosen
+// weights and biases as one flat vector in the blocks' layout (see mlp_value_grad_flat in csrc/ops.cpp;
+// an empty tensor without): the forward through the backend's activation stage, the loss in double
+// from the logits, and the backward down to the lowest chosen layer.
+std::tuple<at::Tensor, at::Tensor> run_value_grad_flat(
+    const Kernels& kernels, const at::Tensor& x, const at::Tensor& target, at::TensorList weights,
+    const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations, at::IntArrayRef weight_offsets,
+    at::IntArrayRef bias_offsets, double label_smoothing, int64_t ignore_index, bool with_gradient, bool check_finite);
 
 // What stays fixed between products at fixed weights (see mlp_hvp_state in csrc/ops.cpp): validates
 // the inputs, runs the forward and the gradient's backward and returns, for L layers, the layer

@@ -39,6 +39,14 @@ TORCH_LIBRARY(unlearn_kernels, m) {
       "mlp_hvp_flat(Tensor x, Tensor target, Tensor[] weights, Tensor?[] biases, int[] activations, "
       "Tensor V, int[] weight_offsets, int[] bias_offsets, float label_smoothing, int ignore_index, "
       "bool check_finite) -> Tensor");
+  // The mean softmax cross entropy of that MLP (as F.cross_entropy, computed in float64 from the logits)
+  // as a float64 0-dim tensor and, with with_gradient, its gradient w.r.t. the chosen weights and biases
+  // as one flat vector (the blocks of weight_offsets / bias_offsets, as in mlp_hvp_flat, tiling it from
+  // row 0; an empty tensor without). check_finite: a loss that is not finite is an error.
+  m.def(
+      "mlp_value_grad_flat(Tensor x, Tensor target, Tensor[] weights, Tensor?[] biases, int[] activations, "
+      "int[] weight_offsets, int[] bias_offsets, float label_smoothing, int ignore_index, bool with_gradient, "
+      "bool check_finite) -> (Tensor, Tensor)");
   // What stays fixed between products of mlp_hvp at fixed weights, for mlp_hvp_flat_cached: for L
   // layers the inputs h_1 .. h_{L-1} of layers 2 .. L, then d_l = act'(a_l) g_l (g_l the gradient
   // w.r.t. the layer's output), act'(a_l) and act''(a_l) g_l per layer (empty where the activation

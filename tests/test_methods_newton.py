@@ -474,15 +474,17 @@ def test_a_compute_dtype_narrower_than_the_parameters_is_refused(mlp, name):
 def test_the_gradient_after_is_that_of_the_returned_weights(mlp, half):
     """On a half model the loop runs in float32 and the returned weights are rounded: grad_norm_retain_after
     was the float32 iterate's (2.2e-4 where the returned model's is 4.0e-3, bfloat16); it is now taken at the
-    returned weights, as objective_after is (the model's weights and data read in float32, exactly)."""
+    returned weights, as objective_after is (the model's weights and data read in float32, exactly; on this MLP
+    the objective takes the loss in float64 from the float32 logits: float32's cross entropy is 5e-5 off at a loss
+    of 7e-5)."""
     model, forget, retain = (copy.deepcopy(mlp[0]).to(half), *(LabeledData(d.x.to(half), d.y) for d in mlp[1:]))
     out = CureNewton().unlearn(model, forget, retain)
     returned = copy.deepcopy(out.model).float()
-    loss = F.cross_entropy(returned(retain.x.float()), retain.y)
+    loss = F.cross_entropy(returned(retain.x.float()).double(), retain.y)
     grads = torch.autograd.grad(loss, list(returned.parameters()))
     expected = float(torch.sqrt(sum(g.double().square().sum() for g in grads)))
     assert out.diagnostics["grad_norm_retain_after"] == pytest.approx(expected, rel=1e-4)
-    assert out.diagnostics["objective_after"] == pytest.approx(float(loss), rel=1e-5)
+    assert out.diagnostics["objective_after"] == pytest.approx(float(loss), rel=1e-9)
 
 
 

@@ -273,6 +273,14 @@ at::Tensor mlp_hvp_flat_cpu(const at::Tensor& x, const at::Tensor& target, at::T
                   label_smoothing, ignore_index, check_finite);
 }
 
+std::tuple<at::Tensor, at::Tensor> mlp_value_grad_flat_cpu(
+    const at::Tensor& x, const at::Tensor& target, at::TensorList weights,
+    const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations, at::IntArrayRef weight_offsets,
+    at::IntArrayRef bias_offsets, double label_smoothing, int64_t ignore_index, bool with_gradient, bool check_finite) {
+  return run_value_grad_flat(kCpuKernels, x, target, weights, biases, activations, weight_offsets, bias_offsets,
+                             label_smoothing, ignore_index, with_gradient, check_finite);
+}
+
 std::vector<at::Tensor> mlp_hvp_state_cpu(const at::Tensor& x, const at::Tensor& target, at::TensorList weights,
                                           const c10::List<std::optional<at::Tensor>>& biases,
                                           at::IntArrayRef activations, double label_smoothing, int64_t ignore_index,
@@ -285,6 +293,7 @@ std::vector<at::Tensor> mlp_hvp_state_cpu(const at::Tensor& x, const at::Tensor&
 TORCH_LIBRARY_IMPL(unlearn_kernels, CPU, m) {
   m.impl("mlp_hvp", &mlp_hvp_cpu);
   m.impl("mlp_hvp_flat", &mlp_hvp_flat_cpu);
+  m.impl("mlp_value_grad_flat", &mlp_value_grad_flat_cpu);
   m.impl("mlp_hvp_state", &mlp_hvp_state_cpu);
   m.impl("mlp_hvp_flat_cached", &run_cached_flat);
 }

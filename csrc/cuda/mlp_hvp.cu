@@ -252,6 +252,15 @@ at::Tensor mlp_hvp_flat_cuda(const at::Tensor& x, const at::Tensor& target, at::
                   label_smoothing, ignore_index, check_finite);
 }
 
+std::tuple<at::Tensor, at::Tensor> mlp_value_grad_flat_cuda(
+    const at::Tensor& x, const at::Tensor& target, at::TensorList weights,
+    const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations, at::IntArrayRef weight_offsets,
+    at::IntArrayRef bias_offsets, double label_smoothing, int64_t ignore_index, bool with_gradient, bool check_finite) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return run_value_grad_flat(kCudaKernels, x, target, weights, biases, activations, weight_offsets, bias_offsets,
+                             label_smoothing, ignore_index, with_gradient, check_finite);
+}
+
 std::vector<at::Tensor> mlp_hvp_state_cuda(const at::Tensor& x, const at::Tensor& target, at::TensorList weights,
                                            const c10::List<std::optional<at::Tensor>>& biases,
                                            at::IntArrayRef activations, double label_smoothing, int64_t ignore_index,
@@ -273,6 +282,7 @@ at::Tensor mlp_hvp_flat_cached_cuda(const at::Tensor& x, at::TensorList state, a
 TORCH_LIBRARY_IMPL(unlearn_kernels, CUDA, m) {
   m.impl("mlp_hvp", &mlp_hvp_cuda);
   m.impl("mlp_hvp_flat", &mlp_hvp_flat_cuda);
+  m.impl("mlp_value_grad_flat", &mlp_value_grad_flat_cuda);
   m.impl("mlp_hvp_state", &mlp_hvp_state_cuda);
   m.impl("mlp_hvp_flat_cached", &mlp_hvp_flat_cached_cuda);
 }

@@ -747,7 +747,7 @@ class DistributedObjective:
     :class:`DistributedOperator` (at construction, and at the first call after they changed).
 
     Args:
-        model, loss_fn, data, params, weight_decay, batch_size: as for ``Objective``; ``data`` is
+        model, loss_fn, data, params, weight_decay, batch_size, path: as for ``Objective``; ``data`` is
             this rank's shard (may be empty).
         process_group: an initialised ``torch.distributed`` process group.
 
@@ -757,7 +757,8 @@ class DistributedObjective:
     """
 
     def __init__(self, model: nn.Module, loss_fn: Any, data: DataSpec, params: ParamSelection = None, *,
-                 process_group: dist.ProcessGroup, weight_decay: float = 0.0, batch_size: int | None = None) -> None:
+                 process_group: dist.ProcessGroup, weight_decay: float = 0.0, batch_size: int | None = None,
+                 path: str = "auto") -> None:
         chosen, device, refusal = _resolved(model, params, None)
         self.param_names = tuple(chosen)  # the selection again for the local Objective (params may be a generator)
         # before the build, whose probes call the loss (as for DistributedOperator)
@@ -765,7 +766,7 @@ class DistributedObjective:
                                         f"{value_text(loss_fn)} over {_parameters_text(self.param_names)}", refusal)
         rows, self.local, failure = (0, None, refusal) if refusal else _build(
             lambda shard: Objective(model, loss_fn, shard, self.param_names, weight_decay=weight_decay,
-                                    batch_size=batch_size),
+                                    batch_size=batch_size, path=path),
             data, device, when_empty=True)
         dtype = next((p.dtype for p in chosen.values()), None)
         self._size, self._dtype, self._device = sum(p.numel() for p in chosen.values()), dtype, device

@@ -11,6 +11,8 @@ weights the forward, the softmax and the gradient's backward are computed once p
 (:func:`unlearn_kernels.ops.mlp_hvp_state`) and each product runs only the R-passes
 (:func:`unlearn_kernels.ops.mlp_hvp_flat_cached`).
 :func:`supports` says why a model/loss does not qualify; ``hessian_operator(path="auto")`` uses it.
+:class:`FusedMLPLoss` computes the loss and its gradient per batch by one compiled forward and
+backward (:func:`unlearn_kernels.ops.mlp_value_grad_flat`), for :class:`~.objective.Objective`.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 
 from ..backends import BackendUnavailableError, choose, status
-from ..ops.mlp_hvp import mlp_hvp_flat, mlp_hvp_flat_cached, mlp_hvp_state
+from ..ops.mlp_hvp import mlp_hvp_flat, mlp_hvp_flat_cached, mlp_hvp_state, mlp_value_grad_flat
 from .base import CurvatureOperator
 from .batches import DataSpec, RowMean
 from .probes import LossFn
@@ -250,3 +252,57 @@ class FusedMLPHessian(CurvatureOperator):
                                           self._weight_offsets, self._bias_offsets, backend=self.backend)
             mean.add(torch.zeros_like(matrix) if out is None else out, n, owned=True)
         return mean.result()
+
+
+class FusedMLPLoss:
+    """The mean loss of a batch and its gradient w.r.t. the chosen parameters, for a model and loss that
+    :func:`supports` accepts, by one compiled forward and backward
+    (:func:`~unlearn_kernels.ops.mlp_value_grad_flat`: no autograd graph, the loss in float64 from the
+    logits): :class:`~.objective.Objective`'s pass where it applies.
+
+    Args:
+        model, loss_fn: as accepted by :func:`supports` (checked by the caller).
+        chosen: the chosen parameters by name, in the flat vector's order (each a Linear layer's weight or
+            bias, as :func:`supports` checks).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, chosen: dict[str, torch.Tensor]) -> None:
+        self._chain: _Chain = _parse_model(model)  # type: ignore[assignment]
+        self._label_smoothing, self._ignore_index = parse_cross_entropy(loss_fn)  # type: ignore[misc]
+        offsets, start = {}, 0
+        for name, tensor in chosen.items():
+            offsets[name], start = start, start + tensor.numel()
+        self._size = start
+        self._weight_offsets = [offsets.get(n, -1) for n in self._chain.weight_names]
+        self._bias_offsets = [offsets.get(n, -1) if n is not None else -1 for n in self._chain.bias_names]
+        self._dtype = next(iter(chosen.values())).dtype
+        self.num_classes: int = model.get_parameter(self._chain.weight_names[-1]).shape[0]
+        #: every layer tensor the pass reads (the caller looks them up live, by name)
+        self.layer_names: tuple[str, ...] = tuple(
+            n for n in (*self._chain.weight_names, *self._chain.bias_names) if n is not None)
+
+    def batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The batch as the op's (N, features) inputs and int64 labels, or None where the pass cannot
+        take it (inputs of another shape or dtype, class-probability targets: the caller's autograd
+        pass then does)."""
+        if self._chain.flatten:
+            x = x.reshape(x.shape[0], -1)
+        if x.dim() != 2 or x.dtype != self._dtype or y.dim() != 1 or y.is_floating_point() or y.is_complex():
+            return None
+        return x, y.long()
+
+    def __call__(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, labels: torch.Tensor,
+                 with_gradient: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The batch's mean loss (a float64 0-dim tensor; 0 where every row is ``ignore_index``, as the
+        other paths add such a batch) and, with ``with_gradient``, its flat gradient. ``tensors``: the
+        layer tensors by name (:attr:`layer_names`); ``x``, ``labels``: from :meth:`batch`. A loss that is
+        not finite is returned as it is."""
+        if bool((labels == self._ignore_index).all()):
+            grad = torch.zeros(self._size, dtype=x.dtype, device=x.device) if with_gradient else None
+            return torch.zeros((), dtype=torch.float64, device=x.device), grad
+        value, grad = mlp_value_grad_flat(
+            x, labels, [tensors[n] for n in self._chain.weight_names],
+            [tensors[n] if n is not None else None for n in self._chain.bias_names], self._chain.activations,
+            self._weight_offsets, self._bias_offsets, label_smoothing=self._label_smoothing,
+            ignore_index=self._ignore_index, with_gradient=with_gradient, check_finite=False)
+        return value, grad if with_gradient else None

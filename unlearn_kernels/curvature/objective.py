@@ -8,13 +8,15 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from ..checks import check_not_meta, check_number, normalisation_buffers
+from ..checks import check_choice, check_not_meta, check_number, normalisation_buffers
 from .batches import BatchSource, DataSpec, RowMean
+from .fused_mlp import FusedMLPLoss, supports as fused_mlp_supports
 from .probes import (
     refuse_modes,
     check_finite_weights,
     check_per_sample_forward,
     checked_loss,
+    check_loss_labels,
     LossFn,
     probe_forward,
     refuse_parameter_writes,
@@ -84,6 +86,13 @@ class Objective:
     another layout: when a call first reads it, naming the batch). A parameter the
     forward does not use has zero gradient.
 
+    Where the fused Hessian path applies (an ``nn.Sequential`` MLP under cross entropy with a compiled
+    kernel for its device, see :func:`~unlearn_kernels.curvature.fused_mlp.supports`) each batch's value
+    and gradient come from one compiled forward and backward
+    (:func:`~unlearn_kernels.ops.mlp_value_grad_flat`, the loss in float64 from the logits) instead of
+    autograd: the same function, rounded differently (``path="generic"`` keeps autograd); a batch the
+    kernel cannot take (another input shape or dtype, class-probability targets) goes through autograd.
+
     Non-finite weights are refused as the curvature operators refuse them, with their message (one
     rule, :func:`~unlearn_kernels.checks.first_nonfinite_weight`: NaN or Inf in a parameter, chosen
     or not, or a normalisation layer's running statistic; NaN in another buffer, which may hold Inf),
@@ -100,6 +109,8 @@ class Objective:
         weight_decay: the L2 coefficient, >= 0.
         batch_size: split tensor data into chunks of this many rows (the same objective for a loss
             that is a plain mean over rows, see above).
+        path: "auto" (the compiled MLP pass where it applies, see above; :attr:`path` says which runs)
+            or "generic" (autograd always).
 
     Raises:
         ValueError: a bad ``weight_decay``, mixed dtypes or devices among the chosen parameters,
@@ -117,11 +128,13 @@ class Objective:
 
     Attributes:
         param_names: the chosen parameters' names, in vector order.
+        path: "fused" (the compiled MLP pass) or "generic" (autograd).
         num_data_passes: passes over the data so far (one per value, gradient or value_and_gradient).
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: DataSpec, params: ParamSelection = None, *,
-                 weight_decay: float = 0.0, batch_size: int | None = None) -> None:
+                 weight_decay: float = 0.0, batch_size: int | None = None, path: str = "auto") -> None:
+        check_choice("Objective: path", path, ("auto", "generic"))
         if not callable(loss_fn):
             raise TypeError(f"Objective: loss_fn must be callable (outputs, targets) -> scalar, "
                             f"got {type(loss_fn).__name__}")
@@ -136,7 +149,12 @@ class Objective:
         self.model = model
         self.loss_fn = loss_fn
         self.param_names: tuple[str, ...] = tuple(chosen)
-        self._slots = ParameterSlots(model, chosen)  # read at every call: replaced parameters are followed
+        self._fused = (FusedMLPLoss(model, loss_fn, chosen)
+                       if path == "auto" and fused_mlp_supports(model, loss_fn, chosen) is None else None)
+        self.path = "generic" if self._fused is None else "fused"
+        layers = () if self._fused is None else tuple(n for n in self._fused.layer_names if n not in chosen)
+        # read at every call: replaced parameters are followed (the fused pass reads every layer's tensors)
+        self._slots = ParameterSlots(model, (*chosen, *layers))
         self._functional = FunctionalForward(model)
         self.weight_decay = check_number("Objective: weight_decay", weight_decay, 0.0)
         self._statistics = normalisation_buffers(model)
@@ -177,7 +195,8 @@ class Objective:
     def weights(self) -> torch.Tensor:
         """A flat copy of the chosen parameters (their dtype and device)."""
         with torch.no_grad():
-            return flatten_tensors(p.detach() for p in self._slots.current().values())
+            tensors = self._slots.current()
+            return flatten_tensors(tensors[name].detach() for name in self.param_names)
 
     def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return checked_loss(self.loss_fn, out, y, "Objective")
@@ -203,10 +222,20 @@ class Objective:
     def _accumulate(self, with_gradient: bool) -> tuple[float, torch.Tensor | None]:
         total = RowMean()  # of the batches' float64 values
         grad = RowMean() if with_gradient else None
-        params = self._slots.current()
+        tensors = self._slots.current()
+        params = {name: tensors[name] for name in self.param_names}
         for x, y in self.data:
             n = y.shape[0]
-            if with_gradient:
+            fused = None if self._fused is None else self._fused.batch(x, y)
+            if fused is not None:
+                try:
+                    loss, part = self._fused(tensors, *fused, with_gradient)
+                except ValueError:  # a label out of range, named as the autograd pass names it
+                    check_loss_labels(self.loss_fn, x.new_empty(0, self._fused.num_classes), y, "Objective")
+                    raise
+                if with_gradient:
+                    grad.add(part, n, owned=True)
+            elif with_gradient:
                 _, parts, loss = gradient_on_leaves(lambda leaves: self._loss(self._functional(leaves, x), y), params)
                 grad.add(flatten_tensors(parts), n)
             else:
@@ -218,7 +247,7 @@ class Objective:
             raise ValueError("Objective: data is empty: it yields no samples")
         self.num_data_passes += 1
         value = float(total.result())
-        w = self.weights() if self.weight_decay else None
+        w = flatten_tensors(p.detach() for p in params.values()) if self.weight_decay else None
         if w is not None:
             value += 0.5 * self.weight_decay * float(w.double().square().sum())
         if grad is None:

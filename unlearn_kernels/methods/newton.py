@@ -534,13 +534,16 @@ class _NewtonFamily(Unlearner):
             raise type(error)(f"{self.name}: {error}; the caller's model is unchanged") from error
 
     def _objective(self, ws: _Workspace, data: LabeledData) -> Objective | DistributedObjective:
-        """F over ``data`` (with a process group: over every rank's ``data``) at the shadow's live weights."""
+        """F over ``data`` (with a process group: over every rank's ``data``) at the shadow's live weights;
+        autograd with ``path="generic"``, else the compiled MLP pass where it applies (a fused path forced
+        for the Hessian may be the convolutional one, which the objective does not have)."""
+        path = "generic" if self.path == "generic" else "auto"
         if self.process_group is not None:
             return self._named(lambda: DistributedObjective(
                 ws.shadow, self.loss_fn, data, ws.names, process_group=self.process_group,
-                weight_decay=self.weight_decay, batch_size=self.batch_size))
+                weight_decay=self.weight_decay, batch_size=self.batch_size, path=path))
         return self._named(lambda: Objective(ws.shadow, self.loss_fn, data, ws.names, weight_decay=self.weight_decay,
-                                             batch_size=self.batch_size))
+                                             batch_size=self.batch_size, path=path))
 
     def _global_rows(self, data: LabeledData, device: torch.device) -> int:
         """Rows of ``data`` over every rank (this rank's alone without a process group); ``device``:

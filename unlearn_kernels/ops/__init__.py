@@ -13,6 +13,8 @@ from .mlp_hvp import (
     mlp_hvp_ref,
     mlp_hvp_state,
     mlp_hvp_state_ref,
+    mlp_value_grad_flat,
+    mlp_value_grad_flat_ref,
 )
 from .softmax_ce import softmax_ce_grad, softmax_ce_grad_ref, softmax_ce_hvp, softmax_ce_hvp_ref
 from .weights_fingerprint import weights_fingerprint, weights_fingerprint_ref
@@ -28,6 +30,7 @@ OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "mlp_hvp_flat": ("cpp", "cuda", "reference"),
     "mlp_hvp_state": ("cpp", "cuda", "reference"),
     "mlp_hvp_flat_cached": ("cpp", "cuda", "reference"),
+    "mlp_value_grad_flat": ("cpp", "cuda", "reference"),
     "lora_linear": ("cpp", "cuda", "triton", "reference"),
     "lora_linear_jvp": ("cpp", "cuda", "triton", "reference"),
     "weights_fingerprint": ("cpp", "cuda", "reference"),
@@ -53,6 +56,8 @@ __all__ = [
     "mlp_hvp_ref",
     "mlp_hvp_state",
     "mlp_hvp_state_ref",
+    "mlp_value_grad_flat",
+    "mlp_value_grad_flat_ref",
     "softmax_ce_grad",
     "softmax_ce_grad_ref",
     "softmax_ce_hvp",

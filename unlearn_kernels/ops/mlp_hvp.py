@@ -321,39 +321,47 @@ def mlp_hvp(
 
 
 # --------------------------------------------------------------------------- flat-vector form
-def _check_flat_layout(weights, biases, weight_offsets, bias_offsets, d: int) -> None:
-    """The chosen blocks must tile [0, d) (the C++ op checks the same, with the same messages)."""
+def _check_blocks(op: str, weights, biases, weight_offsets, bias_offsets, d: int | None) -> int:
+    """The chosen blocks must tile [0, d) (any length for d None); returns their total size
+    (``check_blocks`` in csrc/mlp_hvp.cpp: the same checks, with the same messages)."""
     if not (len(weight_offsets) == len(bias_offsets) == len(weights) == len(biases)):
         raise ValueError(
-            f"{_OP}_flat: weights, biases, weight_offsets and bias_offsets must have one entry per layer, got "
+            f"{op}: weights, biases, weight_offsets and bias_offsets must have one entry per layer, got "
             f"{len(weights)}, {len(biases)}, {len(weight_offsets)} and {len(bias_offsets)}"
         )
     blocks = []
     for l, (w, b, wo, bo) in enumerate(zip(weights, biases, weight_offsets, bias_offsets)):
         if w.dim() != 2:
-            raise ValueError(f"{_OP}_flat: weights[{l}] must be 2-D (out, in), got shape {shape_text(w)}")
+            raise ValueError(f"{op}: weights[{l}] must be 2-D (out, in), got shape {shape_text(w)}")
         for kind, offset in (("weight", wo), ("bias", bo)):  # not read as "not chosen": a sign slip would drop a block
             if offset < -1:
-                raise ValueError(f"{_OP}_flat: {kind}_offsets[{l}] = {offset}: an offset is a row of V (>= 0), or -1 "
+                raise ValueError(f"{op}: {kind}_offsets[{l}] = {offset}: an offset is a row of V (>= 0), or -1 "
                                  "for a parameter that is not chosen")
         if wo >= 0:
             blocks.append((wo, w.numel(), l, False))
         if bo >= 0:
             if b is None:
-                raise ValueError(f"{_OP}_flat: bias_offsets[{l}] = {bo} but layer {l} has no bias")
+                raise ValueError(f"{op}: bias_offsets[{l}] = {bo} but layer {l} has no bias")
             blocks.append((bo, w.shape[0], l, True))
     expected = 0
     # by offset alone, stably (layer order, weight before bias), as the C++ check: overlapping blocks
     # are reported alike
     for offset, size, l, is_bias in sorted(blocks, key=lambda block: block[0]):
         if offset != expected:
+            where = "flat vector" if d is None else f"{d} rows of V"
             raise ValueError(
-                f"{_OP}_flat: the chosen parameter blocks must tile the {d} rows of V in order without gaps or "
+                f"{op}: the chosen parameter blocks must tile the {where} in order without gaps or "
                 f"overlaps, but {'bias' if is_bias else 'weight'}_offsets[{l}] = {offset} where row {expected} was expected"
             )
         expected += size
-    if expected != d:
-        raise ValueError(f"{_OP}_flat: the chosen parameters have {expected} entries but V has {d} rows")
+    if d is not None and expected != d:
+        raise ValueError(f"{op}: the chosen parameters have {expected} entries but V has {d} rows")
+    return expected
+
+
+def _check_flat_layout(weights, biases, weight_offsets, bias_offsets, d: int) -> None:
+    """The chosen blocks must tile the d rows of V."""
+    _check_blocks(_OP + "_flat", weights, biases, weight_offsets, bias_offsets, d)
 
 
 def _check_tangent_matrix(op: str, x: torch.Tensor, V: torch.Tensor) -> None:
@@ -513,6 +521,107 @@ def mlp_hvp_flat(
                                 label_smoothing, ignore_index, check_finite=check_finite and not x.is_meta)
     return torch.ops.unlearn_kernels.mlp_hvp_flat(
         x, target, weights, biases, codes, V, weight_offsets, bias_offsets, label_smoothing, ignore_index, check_finite)
+
+
+# --------------------------------------------------------------------------- value and gradient
+_VALUE_GRAD_OP = "mlp_value_grad_flat"
+_BAD_LOSS = "the loss is not finite (NaN or Inf in the logits: check x, the weights and the biases)"
+
+
+def mlp_value_grad_flat_ref(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    activations: Sequence[str],
+    weight_offsets: Sequence[int],
+    bias_offsets: Sequence[int],
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    *,
+    with_gradient: bool = True,
+    check_finite: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure-PyTorch reference of :func:`mlp_value_grad_flat` (``F.cross_entropy`` of the float64 logits,
+    differentiated by autograd); same arguments (already validated) and return value."""
+    fns = [_ACTIVATION_FNS[a] for a in activations]
+    chosen = [(t, o) for t, o in (*zip(weights, weight_offsets), *zip(biases, bias_offsets)) if o >= 0]
+    leaves = {id(t): t.detach().requires_grad_(with_gradient) for t, _ in chosen}
+    with torch.enable_grad():
+        h = x
+        for w, b, fn in zip(weights, biases, fns):
+            h = fn(F.linear(h, leaves.get(id(w), w), None if b is None else leaves.get(id(b), b)))
+        value = F.cross_entropy(h.double(), target, label_smoothing=label_smoothing, ignore_index=ignore_index)
+        if check_finite and not all_finite(value):
+            raise ValueError(f"{_VALUE_GRAD_OP}: {_BAD_LOSS}")
+        grad = x.new_empty(sum(t.numel() for t, _ in chosen) if with_gradient else 0)
+        if with_gradient and chosen:
+            for (t, o), g in zip(chosen, torch.autograd.grad(value, [leaves[id(t)] for t, _ in chosen])):
+                grad[o:o + t.numel()] = g.reshape(-1)
+    return value.detach(), grad
+
+
+@torch.no_grad()  # not differentiable on any backend (the reference's graph, the kernels' None)
+def mlp_value_grad_flat(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    activations: Sequence[str],
+    weight_offsets: Sequence[int],
+    bias_offsets: Sequence[int],
+    *,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    with_gradient: bool = True,
+    check_finite: bool = True,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean softmax cross entropy of the MLP and its gradient w.r.t. the chosen parameters, in one
+    forward and one backward pass (no autograd graph).
+
+    The loss is ``F.cross_entropy(z, target, label_smoothing=..., ignore_index=...)`` of the logits z,
+    evaluated in float64 from them (``logsumexp(z) - (1 - eps) z_t - (eps / C) sum_c z_c`` per kept
+    row); the gradient is computed in x's dtype, the backward stopping at the lowest chosen layer.
+
+    Args:
+        x, target, weights, biases, activations, label_smoothing, ignore_index, backend: as in
+            :func:`mlp_hvp` (biases: one entry per layer, None for a layer without bias).
+        weight_offsets, bias_offsets: where each chosen weight (row-major) and bias starts in the flat
+            gradient, -1 for a parameter that is not chosen; the chosen blocks tile it from 0.
+        with_gradient: False: the value only (the backward is skipped; an empty gradient is returned).
+        check_finite: a loss that is not finite is a ValueError (False: it is returned as it is).
+
+    Returns:
+        ``(value, grad)``: a float64 0-dim tensor on x's device, and the (d,) gradient in x's dtype
+        (d the chosen parameters' total size; (0,) without ``with_gradient``).
+
+    Raises:
+        What :func:`mlp_hvp_flat` raises for the same model, targets and offsets (an offset layout that
+        does not tile the flat vector from 0).
+    """
+    op = _VALUE_GRAD_OP
+    check_tensor(f"{op}: x", x)
+    check_tensor(f"{op}: target", target)
+    weights = _tensor_list("weights", weights, None, optional=False, op=op)
+    biases = _tensor_list("biases", biases, len(weights), optional=True, op=op)
+    codes = _activation_codes(activations)
+    weight_offsets = _offsets(op, "weight_offsets", weight_offsets)
+    bias_offsets = _offsets(op, "bias_offsets", bias_offsets)
+    label_smoothing, ignore_index, check_finite = _options(op, label_smoothing, ignore_index, check_finite)
+    with_gradient = check_bool(f"{op}: with_gradient", with_gradient)
+    if choose(op, x.device, backend) == "reference":  # the C++ op's checks in its order: the model, then the layout
+        _check_model_inputs(x, target, weights, biases, activations, label_smoothing)
+        _check_blocks(op, weights, biases, weight_offsets, bias_offsets, None)
+        if not x.is_meta:  # meta tensors hold no values to check: the results' shapes only
+            _check_targets(target, weights[-1].shape[0], ignore_index)
+        return mlp_value_grad_flat_ref(x, target, weights, biases, activations, weight_offsets, bias_offsets,
+                                       label_smoothing, ignore_index, with_gradient=with_gradient,
+                                       check_finite=check_finite and not x.is_meta)
+    value, grad = torch.ops.unlearn_kernels.mlp_value_grad_flat(
+        x, target, weights, biases, codes, weight_offsets, bias_offsets, label_smoothing, ignore_index, with_gradient,
+        check_finite)
+    return value, grad
 
 
 # --------------------------------------------------------------------------- fixed weights
@@ -729,6 +838,13 @@ def _fake_flat(x, target, weights, biases, activations, V, weight_offsets, bias_
     return V.new_empty((V.shape[1], V.shape[0])).T  # the kernel's layout: (K, d) storage, transposed
 
 
+def _fake_value_grad_flat(x, target, weights, biases, activations, weight_offsets, bias_offsets, label_smoothing,
+                          ignore_index, with_gradient, check_finite):
+    _check_model_inputs(x, target, weights, biases, activations, label_smoothing)
+    d = _check_blocks(_VALUE_GRAD_OP, weights, biases, weight_offsets, bias_offsets, None)
+    return x.new_empty((), dtype=torch.float64), x.new_empty(d if with_gradient else 0)
+
+
 def _fake_state(x, target, weights, biases, activations, label_smoothing, ignore_index, check_finite):
     _check_model_inputs(x, target, weights, biases, activations, label_smoothing)
     n, codes = x.shape[0], [_CODE_NAMES[c] for c in activations]
@@ -750,5 +866,6 @@ _CODE_NAMES = {code: name for name, code in ACTIVATIONS.items()}
 if _extension.extension_loaded():
     torch.library.register_fake(f"{_CPP_OPS}::{_OP}")(_fake)
     torch.library.register_fake(f"{_CPP_OPS}::{_OP}_flat")(_fake_flat)
+    torch.library.register_fake(f"{_CPP_OPS}::{_VALUE_GRAD_OP}")(_fake_value_grad_flat)
     torch.library.register_fake(f"{_CPP_OPS}::{_OP}_state")(_fake_state)
     torch.library.register_fake(f"{_CPP_OPS}::{_OP}_flat_cached")(_fake_flat_cached)

@@ -1,0 +1,229 @@
+"""mlp_value_grad_flat (the MLP's mean cross entropy and its gradient in one compiled pass) and the
+Objective's fused path that uses it.
+
+Oracle: ``F.cross_entropy`` of the float64 model (the value) and ``torch.autograd.grad`` of it (the
+gradient), written out here independently of the op's reference. Every backend runs on every device it
+takes (the CUDA kernel too where a GPU is visible).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from devices import backend_devices
+from torch import nn
+
+from unlearn_kernels import ops
+from unlearn_kernels.curvature import Objective
+from unlearn_kernels.ops.mlp_hvp import ACTIVATIONS
+
+PAIRS = backend_devices("mlp_value_grad_flat")
+FNS = {"identity": lambda a: a, "relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+
+
+def _problem(dims, acts, bias, rng, n=11, dtype=torch.float64):
+    layers = list(zip(dims[:-1], dims[1:]))
+    has_bias = bias if isinstance(bias, list) else [bias] * len(layers)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=rng, dtype=torch.float64) * scale).to(dtype)
+
+    return dict(x=rand(n, dims[0]), target=torch.randint(0, dims[-1], (n,), generator=rng),
+                weights=[rand(o, i, scale=1.5 / i**0.5) for i, o in layers],
+                biases=[rand(o, scale=0.5) if b else None for (_, o), b in zip(layers, has_bias)],
+                activations=acts)
+
+
+def _layout(p, chosen=None):
+    """Offsets of the chosen blocks (weights then biases per layer, in layer order), all by default."""
+    weight_offsets, bias_offsets, start = [], [], 0
+    for l, (w, b) in enumerate(zip(p["weights"], p["biases"])):
+        weight_offsets.append(start if chosen is None or (l, "w") in chosen else -1)
+        start += w.numel() if weight_offsets[-1] >= 0 else 0
+        bias_offsets.append(start if b is not None and (chosen is None or (l, "b") in chosen) else -1)
+        start += b.numel() if bias_offsets[-1] >= 0 else 0
+    return weight_offsets, bias_offsets
+
+
+def _oracle(p, weight_offsets, bias_offsets, smoothing=0.0, ignore_index=-100):
+    """The float64 loss and its gradient by autograd, in the flat layout."""
+    ws = [w.double().clone().requires_grad_() for w in p["weights"]]
+    bs = [None if b is None else b.double().clone().requires_grad_() for b in p["biases"]]
+    h = p["x"].double()
+    for w, b, act in zip(ws, bs, p["activations"]):
+        h = FNS[act](F.linear(h, w, b))
+    loss = F.cross_entropy(h, p["target"], label_smoothing=smoothing, ignore_index=ignore_index)
+    grads = torch.autograd.grad(loss, [t for t in (*ws, *bs) if t is not None])
+    by_tensor = dict(zip([id(t) for t in (*ws, *bs) if t is not None], grads))
+    size = sum(t.numel() for t, o in (*zip(ws, weight_offsets), *zip(bs, bias_offsets)) if o >= 0)
+    flat = torch.zeros(size, dtype=torch.float64)
+    for t, o in (*zip(ws, weight_offsets), *zip(bs, bias_offsets)):
+        if o >= 0:
+            flat[o:o + t.numel()] = by_tensor[id(t)].reshape(-1)
+    return float(loss), flat
+
+
+def _on(p, device):
+    return {**p, "x": p["x"].to(device), "target": p["target"].to(device),
+            "weights": [w.to(device) for w in p["weights"]],
+            "biases": [None if b is None else b.to(device) for b in p["biases"]]}
+
+
+@pytest.mark.every_backend  # its cuda pairs run inside the body: benchmarks/gpu_check.sh selects it by this mark
+@pytest.mark.parametrize("act", list(ACTIVATIONS))
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dims", [[5, 4, 3], [6, 17, 3]])
+def test_float64_value_and_gradient_match_autograd(act, bias, dims, rng):
+    p = _problem(dims, [act, act], bias, rng)
+    layout = _layout(p)
+    value, grad = _oracle(p, *layout)
+    for backend, device in PAIRS:
+        v, g = ops.mlp_value_grad_flat(**_on(p, device), weight_offsets=layout[0], bias_offsets=layout[1],
+                                       backend=backend)
+        assert v.dtype == torch.float64 and v.dim() == 0 and v.device.type == device
+        assert g.dtype == torch.float64 and g.device.type == device
+        assert abs(float(v) - value) <= 1e-13 * max(1.0, abs(value)), (backend, device)
+        torch.testing.assert_close(g.cpu(), grad, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.every_backend  # its cuda pairs run inside the body: benchmarks/gpu_check.sh selects it by this mark
+@pytest.mark.parametrize("chosen", [None, {(2, "w"), (2, "b")}, {(1, "w")}, {(0, "b"), (3, "w")}])
+def test_deeper_chain_with_smoothing_ignored_rows_and_a_chosen_subset(chosen, rng):
+    p = _problem([6, 5, 4, 5, 4], ["gelu", "sigmoid", "relu", "tanh"], [True, False, True, True], rng, n=13)
+    p["target"][[2, 7]] = -3
+    layout = _layout(p, chosen)
+    value, grad = _oracle(p, *layout, smoothing=0.2, ignore_index=-3)
+    for backend, device in PAIRS:
+        v, g = ops.mlp_value_grad_flat(**_on(p, device), weight_offsets=layout[0], bias_offsets=layout[1],
+                                       label_smoothing=0.2, ignore_index=-3, backend=backend)
+        assert abs(float(v) - value) <= 1e-13 * max(1.0, abs(value)), (backend, device)
+        torch.testing.assert_close(g.cpu(), grad, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("backend, device", PAIRS)
+def test_value_only_and_float32(backend, device, rng):
+    p = _problem([8, 12, 5], ["relu", "identity"], True, rng, n=40)
+    layout = _layout(p)
+    value, grad = _oracle(p, *layout)
+    v, g = ops.mlp_value_grad_flat(**_on(p, device), weight_offsets=layout[0], bias_offsets=layout[1],
+                                   with_gradient=False, backend=backend)
+    assert g.shape == (0,) and abs(float(v) - value) <= 1e-13 * abs(value)
+    p32 = _on({**p, "x": p["x"].float(), "weights": [w.float() for w in p["weights"]],
+               "biases": [b.float() for b in p["biases"]]}, device)
+    v32, g32 = ops.mlp_value_grad_flat(**p32, weight_offsets=layout[0], bias_offsets=layout[1], backend=backend)
+    assert v32.dtype == torch.float64 and g32.dtype == torch.float32
+    assert abs(float(v32) - value) <= 1e-6 * abs(value)  # float32 logits, summed in float64
+    torch.testing.assert_close(g32.cpu().double(), grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend, device", PAIRS)
+def test_bad_input_raises_clear_errors(backend, device, rng):
+    p = _on(_problem([5, 4, 3], ["relu", "identity"], True, rng), device)
+    wo, bo = _layout(p)
+
+    def call(error, match, **change):
+        args = {**p, "weight_offsets": wo, "bias_offsets": bo, **change}
+        with pytest.raises(error, match=match):
+            ops.mlp_value_grad_flat(**args, backend=backend)
+
+    call(ValueError, r"mlp_value_grad_flat: the chosen parameter blocks must tile the flat vector in order without "
+                     r"gaps or overlaps, but bias_offsets\[1\] = 36 where row 24 was expected",
+         weight_offsets=[0, 99])
+    call(ValueError, r"mlp_value_grad_flat: bias_offsets\[0\] = 20 but layer 0 has no bias",
+         biases=[None, p["biases"][1]])
+    call(ValueError, r"mlp_value_grad_flat: weights, biases, weight_offsets and bias_offsets must have one entry per "
+                     r"layer, got 2, 2, 1 and 2", weight_offsets=[0])
+    call(ValueError, r"mlp_hvp: target\[0\] = 7 is out of range for 3 classes", target=torch.full_like(p["target"], 7))
+    call(ValueError, r"mlp_hvp: every target is ignore_index=-100",
+         target=torch.full_like(p["target"], -100))
+    call(TypeError, r"mlp_hvp: target must be int64 class indices, got Double", target=p["target"].double())
+    call(ValueError, r"mlp_hvp: weights\[1\] has shape \[3, 5\] but its input has 4 features",
+         weights=[p["weights"][0], p["weights"][1].new_zeros(3, 5)])
+    call(TypeError, r"mlp_value_grad_flat: with_gradient must be", with_gradient="yes")
+    bad_x = p["x"].clone()
+    bad_x[3, 1] = float("nan")
+    call(ValueError, r"mlp_value_grad_flat: the loss is not finite \(NaN or Inf in the logits", x=bad_x)
+    v, g = ops.mlp_value_grad_flat(**{**p, "x": bad_x}, weight_offsets=wo, bias_offsets=bo, check_finite=False,
+                                   backend=backend)
+    assert torch.isnan(v)  # returned as it is
+
+
+def test_opcheck_and_meta_shapes(rng):
+    p = _problem([5, 4, 3], ["tanh", "relu"], [True, False], rng)
+    wo, bo = _layout(p)
+    args = (p["x"], p["target"], p["weights"], p["biases"], [3, 1], wo, bo, 0.1, -100, True, True)
+    torch.library.opcheck(torch.ops.unlearn_kernels.mlp_value_grad_flat.default, args)
+    meta = {**p, "x": p["x"].to("meta"), "target": p["target"].to("meta"),
+            "weights": [w.to("meta") for w in p["weights"]], "biases": [None if b is None else b.to("meta")
+                                                                        for b in p["biases"]]}
+    for backend in ("reference", "auto"):
+        v, g = ops.mlp_value_grad_flat(**meta, weight_offsets=wo, bias_offsets=bo, backend=backend)
+        assert v.shape == () and v.dtype == torch.float64 and g.shape == (4 * 5 + 4 + 3 * 4,)
+
+
+# ----------------------------------------------------------------------------- the Objective's fused path
+def _mlp(dtype=torch.float64):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 9), nn.Tanh(), nn.Linear(9, 7), nn.ReLU(),
+                         nn.Linear(7, 4)).to(dtype).eval()
+
+
+@pytest.mark.parametrize("params", [None, ["5.weight", "5.bias"], ["3.weight", "1.bias"]])
+@pytest.mark.parametrize("loss_fn", [F.cross_entropy, nn.CrossEntropyLoss(label_smoothing=0.1, ignore_index=2)])
+def test_objective_fused_path_equals_autograd(params, loss_fn, device):
+    model = _mlp().to(device)
+    gen = torch.Generator().manual_seed(1)
+    data = (torch.randn(50, 3, 4, generator=gen, dtype=torch.float64).to(device),
+            torch.randint(0, 4, (50,), generator=gen).to(device))
+    fused = Objective(model, loss_fn, data, params, weight_decay=0.01, batch_size=16)
+    plain = Objective(model, loss_fn, data, params, weight_decay=0.01, batch_size=16, path="generic")
+    assert (fused.path, plain.path) == ("fused", "generic")
+    for _ in range(2):  # and after the weights change in place
+        (vf, gf), (vp, gp) = fused.value_and_gradient(), plain.value_and_gradient()
+        assert abs(vf - vp) <= 1e-13 and abs(fused.value() - vp) <= 1e-13
+        torch.testing.assert_close(gf, gp, rtol=1e-11, atol=1e-13)
+        torch.testing.assert_close(fused.gradient(), gp, rtol=1e-11, atol=1e-13)
+        with torch.no_grad():
+            model[5].weight.mul_(1.5)
+
+
+def test_objective_fused_path_takes_what_the_kernel_cannot_through_autograd():
+    """Class-probability targets (not class labels) go through autograd per batch; a batch of only
+    ignored rows adds zero on both paths; a non-MLP or a path='generic' keeps autograd."""
+    model = _mlp()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(20, 12, dtype=torch.float64, generator=gen)
+    soft = torch.softmax(torch.randn(20, 4, dtype=torch.float64, generator=gen), 1)
+    batches = [(x[:10], torch.randint(0, 4, (10,), generator=gen)), (x[10:], soft[10:])]
+    fused, plain = (Objective(model, F.cross_entropy, batches, path=path) for path in ("auto", "generic"))
+    assert fused.path == "fused"
+    torch.testing.assert_close(fused.gradient(), plain.gradient(), rtol=1e-11, atol=1e-13)
+    ignored = [(x, torch.full((20,), -100)), (x, torch.randint(0, 4, (20,), generator=gen))]
+    fused, plain = (Objective(model, F.cross_entropy, ignored, path=path) for path in ("auto", "generic"))
+    (vf, gf), (vp, gp) = fused.value_and_gradient(), plain.value_and_gradient()
+    assert abs(vf - vp) <= 1e-13
+    torch.testing.assert_close(gf, gp, rtol=1e-11, atol=1e-13)
+    cnn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3)).double().eval()
+    assert Objective(cnn, F.cross_entropy, (torch.randn(5, 1, 4, 4, dtype=torch.float64),
+                                            torch.randint(0, 3, (5,)))).path == "generic"
+    with pytest.raises(ValueError, match=r"Objective: path must be one of \['auto', 'generic'\], got 'fused'"):
+        Objective(model, F.cross_entropy, ignored, path="fused")
+
+
+def test_objective_fused_path_returns_a_non_finite_value_and_leaves_the_model():
+    """An overflowing step gives a non-finite loss, returned (as autograd's) for the caller to reject, not
+    raised; the model is never written."""
+    model = _mlp(torch.float32)
+    before = copy.deepcopy(model.state_dict())
+    x, y = torch.randn(8, 12), torch.randint(0, 4, (8,))
+    objective = Objective(model, F.cross_entropy, (x, y))
+    with torch.no_grad():
+        model[5].weight.fill_(3e38)
+        model[3].weight.fill_(3e38)
+    value, _ = objective.value_and_gradient()
+    assert not torch.isfinite(torch.tensor(value))
+    with torch.no_grad():
+        model.load_state_dict(before)
+    assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
