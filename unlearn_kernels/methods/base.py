@@ -309,13 +309,16 @@ def _row_bytes(data: LabeledData, dtype: torch.dtype) -> np.ndarray:
 
 def _row_hashes(rows: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """A 64-bit hash of each row's bytes and label, vectorised (a random linear form over the row's
-    64-bit words; uint64 arithmetic wraps around)."""
+    64-bit words, zero-padded; uint64 arithmetic wraps around). A matrix-vector product: no (N, words)
+    temporary (a product then a sum took 3.5 ms a set of 29k rows of 256 bytes in a call, this 0.4)."""
     n, width = rows.shape
-    padded = np.zeros((n, -(-width // 8) * 8), dtype=np.uint8)
-    padded[:, :width] = rows
-    words = padded.view(np.uint64)
+    if width % 8:
+        padded = np.zeros((n, -(-width // 8) * 8), dtype=np.uint8)
+        padded[:, :width] = rows
+        rows = padded
+    words = np.ascontiguousarray(rows).view(np.uint64)
     weights = np.random.default_rng(0).integers(1, 2**63, size=words.shape[1], dtype=np.uint64) | np.uint64(1)
-    return (words * weights).sum(axis=1, dtype=np.uint64) ^ (labels.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    return (words @ weights) ^ (labels.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
 
 
 class _HashedRows(NamedTuple):
