@@ -192,7 +192,8 @@ std::vector<at::Tensor> run(const Kernels& kernels, const at::Tensor& x, const a
                                           " (the mean loss over 0 samples is undefined)")
                                       .c_str());
   at::Tensor flags = at::zeros({2}, g.options().dtype(at::kInt));
-  kernels.loss(g, target, rg, label_smoothing, ignore_index, 1.0 / static_cast<double>(num_kept), flags);
+  at::Tensor no_values;
+  kernels.loss(g, target, rg, label_smoothing, ignore_index, 1.0 / static_cast<double>(num_kept), flags, no_values);
   if (check_finite) {
     const at::Tensor f = flags.cpu();
     TORCH_CHECK_VALUE(f[0].item<int>() == 0,
@@ -381,21 +382,19 @@ std::tuple<at::Tensor, at::Tensor> run_value_grad_flat(
                      d2, rh, ra);
     if (l > 0 && (!with_gradient || l - 1 < static_cast<int64_t>(lowest))) h[l - 1] = at::Tensor();
   }
-  // The mean loss over the kept rows, in double from the logits: lse(z) - (1 - eps) z_t - (eps / C) sum_c z_c
-  // per row (F.cross_entropy with label smoothing eps).
+  // The loss rows turn the logits into g = dL/dz and give each row's loss in double (from the row's max and
+  // its sum of exp(z - max), as F.cross_entropy with label smoothing eps: lse(z) - (1 - eps) z_t - (eps / C)
+  // sum_c z_c); their mean over the kept rows is the value.
   at::Tensor z = h[L];
   const int64_t C = z.size(1);
   const int64_t num_kept = kernels.count_kept(target, C, ignore_index);
   TORCH_CHECK_VALUE(num_kept > 0, message("mlp_hvp: every target is ignore_index=", ignore_index,
                                           " (the mean loss over 0 samples is undefined)")
                                       .c_str());
-  const at::Tensor z64 = z.to(at::kDouble);
-  const at::Tensor kept = target != ignore_index;
-  const at::Tensor safe_target = num_kept < N ? at::where(kept, target, 0) : target;
-  at::Tensor rows = at::logsumexp(z64, {1}).sub_(z64.gather(1, safe_target.unsqueeze(1)).squeeze(1),
-                                                  1.0 - label_smoothing);
-  if (label_smoothing > 0) rows.sub_(z64.sum(1), label_smoothing / static_cast<double>(C));
-  if (num_kept < N) rows.masked_fill_(kept.logical_not(), 0.0);
+  at::Tensor flags = at::zeros({2}, z.options().dtype(at::kInt)), no_tangents = at::empty({N, 0, C}, z.options());
+  at::Tensor rows = at::empty({N}, z.options().dtype(at::kDouble));
+  kernels.loss(z, target, no_tangents, label_smoothing, ignore_index, 1.0 / static_cast<double>(num_kept), flags,
+               rows);
   const at::Tensor value = rows.sum().div_(static_cast<double>(num_kept));
   if (check_finite) {
     TORCH_CHECK_VALUE(std::isfinite(value.item<double>()),
@@ -405,11 +404,8 @@ std::tuple<at::Tensor, at::Tensor> run_value_grad_flat(
   }
   if (!with_gradient) return {value, at::empty({0}, x.options())};
 
-  // The backward: the loss rows turn the logits into g = dL/dz, then per layer from the top
-  // d_l = act'(a_l) g_l, dW_l = d_l^T h_{l-1}, db_l = sum_rows d_l and g_{l-1} = d_l W_l, down to the
-  // lowest chosen layer, each block written into its place in the flat gradient.
-  at::Tensor flags = at::zeros({2}, z.options().dtype(at::kInt)), no_tangents = at::empty({N, 0, C}, z.options());
-  kernels.loss(z, target, no_tangents, label_smoothing, ignore_index, 1.0 / static_cast<double>(num_kept), flags);
+  // The backward: per layer from the top d_l = act'(a_l) g_l, dW_l = d_l^T h_{l-1}, db_l = sum_rows d_l and
+  // g_{l-1} = d_l W_l, down to the lowest chosen layer, each block written into its place in the flat gradient.
   at::Tensor grad = at::empty({d}, x.options());
   at::Tensor g = z;
   for (int64_t l = L - 1; l >= static_cast<int64_t>(lowest); --l) {
@@ -474,7 +470,9 @@ std::vector<at::Tensor> run_state(const Kernels& kernels, const at::Tensor& x, c
   at::Tensor p = at::softmax(g, 1, at::kDouble).to(g.scalar_type());
   if (num_kept < N) p.mul_((target != ignore_index).unsqueeze(1).to(p.scalar_type()));
   at::Tensor flags = at::zeros({2}, g.options().dtype(at::kInt)), no_tangents = at::empty({N, 0, C}, g.options());
-  kernels.loss(g, target, no_tangents, label_smoothing, ignore_index, 1.0 / static_cast<double>(num_kept), flags);
+  at::Tensor no_values;
+  kernels.loss(g, target, no_tangents, label_smoothing, ignore_index, 1.0 / static_cast<double>(num_kept), flags,
+               no_values);
   if (check_finite) {
     TORCH_CHECK_VALUE(flags.cpu()[0].item<int>() == 0,
                       "mlp_hvp: the logits contain NaN or +Inf (check x, the weights and the biases)");

@@ -49,9 +49,11 @@ struct Kernels {
   // target is ignore_index become 0. Targets are in range (count_kept checked them). Sets flags[0] if a kept
   // row max of z, or an ignored row of z, is not finite, flags[1] if some kept <p, rz_k>, or an ignored
   // row of rz, is not finite (flags: int32 (2,) on
-  // the device of z).
+  // the device of z). Where `values` (float64 (N,) on z's device) is defined it receives each row's loss,
+  // logsumexp(z) - (1 - eps) z_t - (eps / C) sum_c z_c from the row's max and its sum of exp(z - max) (0 on an
+  // ignored row).
   void (*loss)(at::Tensor& z, const at::Tensor& target, at::Tensor& rz, double label_smoothing,
-               int64_t ignore_index, double scale, at::Tensor& flags);
+               int64_t ignore_index, double scale, at::Tensor& flags, at::Tensor& values);
 };
 
 // What every Kernels::activate relies on (the pass allocates the buffers so).

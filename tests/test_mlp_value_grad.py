@@ -227,3 +227,28 @@ def test_objective_fused_path_returns_a_non_finite_value_and_leaves_the_model():
     with torch.no_grad():
         model.load_state_dict(before)
     assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
+
+
+@pytest.mark.parametrize("backend, device", PAIRS)
+def test_float32_loss_of_confident_rows_keeps_its_digits(backend, device, rng):
+    """Rows the model fits with a margin of ~20 have a loss of ~1e-9, below float32's resolution next to 1: torch's
+    float32 cross entropy rounds it to 0 or a multiple of 6e-8; the op's rows, from the row's max and its sum of
+    exp(z - max) in float64, keep it to float32's rounding of the logits (a relative 1e-5 here)."""
+    p = _problem([6, 10, 4], ["tanh", "identity"], True, rng, n=60)
+    logits = F.linear(torch.tanh(F.linear(p["x"], p["weights"][0], p["biases"][0])), p["weights"][1], p["biases"][1])
+    top = logits.topk(2).values
+    margins = top[:, 0] - top[:, 1]
+    keep = margins >= margins.median()  # the rows with the larger margins, scaled to at least 20
+    scale = 20.0 / float(margins[keep].min())
+    p = {**p, "x": p["x"][keep], "target": logits.argmax(1)[keep], "weights": [p["weights"][0], p["weights"][1] * scale],
+         "biases": [p["biases"][0], p["biases"][1] * scale]}
+    p32 = {**p, "x": p["x"].float(), "weights": [w.float() for w in p["weights"]],
+           "biases": [b.float() for b in p["biases"]]}
+    p32_in_64 = {**p32, "x": p32["x"].double(), "weights": [w.double() for w in p32["weights"]],
+                 "biases": [b.double() for b in p32["biases"]]}
+    layout = _layout(p)
+    exact, _ = _oracle(p32_in_64, *layout)
+    assert 0 < exact < 1e-6
+    v32, _ = ops.mlp_value_grad_flat(**_on(p32, device), weight_offsets=layout[0], bias_offsets=layout[1],
+                                     backend=backend)
+    assert abs(float(v32) - exact) <= 1e-5 * exact, (backend, device)

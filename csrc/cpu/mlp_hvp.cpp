@@ -191,8 +191,10 @@ int64_t count_kept_cpu(const at::Tensor& target, int64_t C, int64_t ignore_index
 }
 
 void loss_cpu(at::Tensor& z, const at::Tensor& target, at::Tensor& rz, double label_smoothing, int64_t ignore_index,
-              double scale, at::Tensor& flags) {
+              double scale, at::Tensor& flags, at::Tensor& values) {
   TORCH_INTERNAL_ASSERT(z.is_contiguous() && rz.is_contiguous() && rz.dim() == 3);
+  TORCH_INTERNAL_ASSERT(!values.defined() || (values.is_contiguous() && values.scalar_type() == at::kDouble));
+  double* pv = values.defined() ? values.mutable_data_ptr<double>() : nullptr;
   const int64_t N = z.size(0), C = z.size(1), K = rz.size(1);
   const at::Tensor y = target.contiguous();
   std::atomic<bool> bad_logits{false}, bad_tangent{false};
@@ -216,6 +218,7 @@ void loss_cpu(at::Tensor& z, const at::Tensor& target, at::Tensor& rz, double la
           if (!all_finite(prz + i * K * C, K * C)) bt = true;
           std::fill(zi, zi + C, scalar_t(0));
           std::fill(prz + i * K * C, prz + (i + 1) * K * C, scalar_t(0));
+          if (pv != nullptr) pv[i] = 0.0;
           continue;
         }
         scalar_t m = -std::numeric_limits<scalar_t>::infinity();
@@ -232,6 +235,14 @@ void loss_cpu(at::Tensor& z, const at::Tensor& target, at::Tensor& rz, double la
         // with 100,000 classes, where torch's float32 is off by 6%)
         double sum = 0;
         for (int64_t j = 0; j < C; ++j) sum += p[j];
+        if (pv != nullptr) {  // the row's loss, before the logits are overwritten
+          double z_sum = 0;
+          if (label_smoothing > 0) {
+            for (int64_t j = 0; j < C; ++j) z_sum += zi[j];
+          }
+          pv[i] = static_cast<double>(m) + std::log(sum) - (1.0 - label_smoothing) * zi[py[i]] -
+                  label_smoothing / static_cast<double>(C) * z_sum;
+        }
         const scalar_t inv_sum = static_cast<scalar_t>(1.0 / sum);
         for (int64_t j = 0; j < C; ++j) {
           p[j] *= inv_sum;

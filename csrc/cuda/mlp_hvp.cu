@@ -125,7 +125,8 @@ __device__ scalar_t warp_max(scalar_t v) {
 template <typename scalar_t>
 __global__ void loss_kernel(scalar_t* __restrict__ z, const int64_t* __restrict__ y, scalar_t* __restrict__ rz,
                             int64_t N, int64_t C, int64_t K, scalar_t off, scalar_t on, scalar_t scale,
-                            int64_t ignore_index, int* __restrict__ flags) {
+                            int64_t ignore_index, int* __restrict__ flags, double* __restrict__ values,
+                            double label_smoothing) {
   const int lane = threadIdx.x % kWarp;
   const int64_t row = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarp;
   if (row >= N) return;  // uniform across the warp: blockDim is a multiple of 32
@@ -146,6 +147,7 @@ __global__ void loss_kernel(scalar_t* __restrict__ z, const int64_t* __restrict_
     }
     if (!finite_z) flags[0] = 1;  // every writer stores the same 1
     if (!finite_r) flags[1] = 1;
+    if (values != nullptr && lane == 0) values[row] = 0.0;
     return;
   }
   scalar_t m = -INFINITY;
@@ -157,7 +159,19 @@ __global__ void loss_kernel(scalar_t* __restrict__ z, const int64_t* __restrict_
   // the small probabilities: p_y - 1 3% off with 20,000 classes)
   double sum = 0;
   for (int64_t j = lane; j < C; j += kWarp) sum += static_cast<double>(exp(zi[j] - m));
-  const scalar_t inv_sum = static_cast<scalar_t>(1.0 / warp_sum(sum));
+  const double total = warp_sum(sum);
+  if (values != nullptr) {  // the row's loss, as loss_cpu's, before the logits are overwritten
+    double z_sum = 0;
+    if (label_smoothing > 0) {  // uniform across the warp
+      for (int64_t j = lane; j < C; j += kWarp) z_sum += static_cast<double>(zi[j]);
+      z_sum = warp_sum(z_sum);
+    }
+    if (lane == 0) {
+      values[row] = static_cast<double>(m) + log(total) - (1.0 - label_smoothing) * static_cast<double>(zi[target]) -
+                    label_smoothing / static_cast<double>(C) * z_sum;
+    }
+  }
+  const scalar_t inv_sum = static_cast<scalar_t>(1.0 / total);
   for (int64_t k = 0; k < K; ++k) {
     scalar_t* r = ri + k * C;
     double sum_pr = 0;  // in double, as the sum above
@@ -217,8 +231,9 @@ int64_t count_kept_cuda(const at::Tensor& target, int64_t C, int64_t ignore_inde
 }
 
 void loss_cuda(at::Tensor& z, const at::Tensor& target, at::Tensor& rz, double label_smoothing, int64_t ignore_index,
-               double scale, at::Tensor& flags) {
+               double scale, at::Tensor& flags, at::Tensor& values) {
   TORCH_INTERNAL_ASSERT(z.is_contiguous() && rz.is_contiguous() && rz.dim() == 3);
+  TORCH_INTERNAL_ASSERT(!values.defined() || (values.is_contiguous() && values.scalar_type() == at::kDouble));
   const int64_t N = z.size(0), C = z.size(1), K = rz.size(1);
   const at::Tensor y = target.contiguous();
   constexpr int rows_per_block = kThreads / kWarp;
@@ -227,7 +242,8 @@ void loss_cuda(at::Tensor& z, const at::Tensor& target, at::Tensor& rz, double l
     loss_kernel<scalar_t><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         z.mutable_data_ptr<scalar_t>(), y.const_data_ptr<int64_t>(), rz.mutable_data_ptr<scalar_t>(), N, C, K,
         static_cast<scalar_t>(label_smoothing / C), static_cast<scalar_t>(1.0 - label_smoothing),
-        static_cast<scalar_t>(scale), ignore_index, flags.mutable_data_ptr<int>());
+        static_cast<scalar_t>(scale), ignore_index, flags.mutable_data_ptr<int>(),
+        values.defined() ? values.mutable_data_ptr<double>() : nullptr, label_smoothing);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
