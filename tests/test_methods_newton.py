@@ -475,8 +475,8 @@ def test_the_gradient_after_is_that_of_the_returned_weights(mlp, half):
     """On a half model the loop runs in float32 and the returned weights are rounded: grad_norm_retain_after
     was the float32 iterate's (2.2e-4 where the returned model's is 4.0e-3, bfloat16); it is now taken at the
     returned weights, as objective_after is (the model's weights and data read in float32, exactly; on this MLP
-    the objective takes the loss in float64 from the float32 logits: float32's cross entropy is 5e-5 off at a loss
-    of 7e-5)."""
+    the objective sums each row's loss in float64 from the float32 logits, to float32's rounding of the row's
+    exponentials: float32's cross entropy is 5e-5 off at a loss of 7e-5)."""
     model, forget, retain = (copy.deepcopy(mlp[0]).to(half), *(LabeledData(d.x.to(half), d.y) for d in mlp[1:]))
     out = CureNewton().unlearn(model, forget, retain)
     returned = copy.deepcopy(out.model).float()
@@ -484,7 +484,7 @@ def test_the_gradient_after_is_that_of_the_returned_weights(mlp, half):
     grads = torch.autograd.grad(loss, list(returned.parameters()))
     expected = float(torch.sqrt(sum(g.double().square().sum() for g in grads)))
     assert out.diagnostics["grad_norm_retain_after"] == pytest.approx(expected, rel=1e-4)
-    assert out.diagnostics["objective_after"] == pytest.approx(float(loss), rel=1e-9)
+    assert out.diagnostics["objective_after"] == pytest.approx(float(loss), rel=1e-6)
 
 
 
