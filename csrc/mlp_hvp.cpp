@@ -253,9 +253,9 @@ std::pair<size_t, int64_t> check_blocks(const char* op, at::TensorList weights,
     // not read as "not chosen": a sign slip would drop a block
     for (const auto& [kind, offset] : {std::pair<const char*, int64_t>{"weight", weight_offsets[l]},
                                        std::pair<const char*, int64_t>{"bias", bias_offsets[l]}}) {
-      TORCH_CHECK_VALUE(offset >= -1, message(op, ": ", kind, "_offsets[", l, "] = ", offset,
-                                              ": an offset is a row of V (>= 0), or -1 for a parameter that is not "
-                                              "chosen")
+      TORCH_CHECK_VALUE(offset >= -1, message(op, ": ", kind, "_offsets[", l, "] = ", offset, ": an offset is a row of ",
+                                              d >= 0 ? "V" : "the flat gradient",
+                                              " (>= 0), or -1 for a parameter that is not chosen")
                                           .c_str());
     }
     if (weight_offsets[l] >= 0) blocks.push_back({weight_offsets[l], weights[l].numel(), l, false});
@@ -396,7 +396,9 @@ std::tuple<at::Tensor, at::Tensor> run_value_grad_flat(
   kernels.loss(z, target, no_tangents, label_smoothing, ignore_index, 1.0 / static_cast<double>(num_kept), flags,
                rows);
   const at::Tensor value = rows.sum().div_(static_cast<double>(num_kept));
-  if (check_finite) {
+  if (check_finite) {  // as run's: a NaN or Inf in an ignored row reaches the gradient through 0 * Inf
+    TORCH_CHECK_VALUE(flags.cpu()[0].item<int>() == 0,
+                      "mlp_hvp: the logits contain NaN or +Inf (check x, the weights and the biases)");
     TORCH_CHECK_VALUE(std::isfinite(value.item<double>()),
                       message(op, ": the loss is not finite (NaN or Inf in the logits: check x, the weights and the "
                                   "biases)")
@@ -424,6 +426,12 @@ std::tuple<at::Tensor, at::Tensor> run_value_grad_flat(
     }
     if (l > static_cast<int64_t>(lowest)) g = at::mm(g, weights[l]);
     h[l] = d1[l] = at::Tensor();
+  }
+  if (check_finite) {
+    TORCH_CHECK_VALUE(at::isfinite(grad).all().item<bool>(),
+                      message(op, ": the gradient is not finite (check x and the weights: an Inf under a saturating "
+                                  "activation leaves the logits finite)")
+                          .c_str());
   }
   return {value, grad};
 }

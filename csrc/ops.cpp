@@ -42,7 +42,8 @@ TORCH_LIBRARY(unlearn_kernels, m) {
   // The mean softmax cross entropy of that MLP (as F.cross_entropy, computed in float64 from the logits)
   // as a float64 0-dim tensor and, with with_gradient, its gradient w.r.t. the chosen weights and biases
   // as one flat vector (the blocks of weight_offsets / bias_offsets, as in mlp_hvp_flat, tiling it from
-  // row 0; an empty tensor without). check_finite: a loss that is not finite is an error.
+  // row 0; an empty tensor without). check_finite: NaN or +Inf logits (as mlp_hvp's), a loss or a gradient that is
+  // not finite are errors.
   m.def(
       "mlp_value_grad_flat(Tensor x, Tensor target, Tensor[] weights, Tensor?[] biases, int[] activations, "
       "int[] weight_offsets, int[] bias_offsets, float label_smoothing, int ignore_index, bool with_gradient, "

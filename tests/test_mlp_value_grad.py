@@ -144,10 +144,56 @@ def test_bad_input_raises_clear_errors(backend, device, rng):
     call(TypeError, r"mlp_value_grad_flat: with_gradient must be", with_gradient="yes")
     bad_x = p["x"].clone()
     bad_x[3, 1] = float("nan")
-    call(ValueError, r"mlp_value_grad_flat: the loss is not finite \(NaN or Inf in the logits", x=bad_x)
+    call(ValueError, r"mlp_hvp: the logits contain NaN or \+Inf \(check x, the weights and the biases\)", x=bad_x)
+    minus_inf = [p["biases"][0], p["biases"][1].clone()]
+    minus_inf[1][int(p["target"][0])] = -float("inf")  # a target class's logit -Inf: the row max is finite
+    call(ValueError, r"mlp_value_grad_flat: the loss is not finite \(NaN or Inf in the logits", biases=minus_inf)
     v, g = ops.mlp_value_grad_flat(**{**p, "x": bad_x}, weight_offsets=wo, bias_offsets=bo, check_finite=False,
                                    backend=backend)
     assert torch.isnan(v)  # returned as it is
+    call(ValueError, r"mlp_value_grad_flat: weight_offsets\[0\] = -2: an offset is a row of the flat gradient \(>= 0\), "
+                     r"or -1 for a parameter that is not chosen", weight_offsets=[-2, 24])
+
+
+@pytest.mark.parametrize("backend, device", PAIRS)
+def test_non_finite_that_leaves_the_loss_finite_is_refused(backend, device, rng):
+    """A NaN in an ignored row leaves the loss finite but reaches the gradient through 0 * NaN, and an Inf input
+    under a saturating tanh leaves the logits finite with a NaN gradient: both returned a NaN gradient with
+    check_finite=True before (mlp_hvp_flat refuses the first)."""
+    p = _on(_problem([5, 4, 3], ["tanh", "identity"], True, rng), device)
+    wo, bo = _layout(p)
+    ignored_nan = p["x"].clone()
+    ignored_nan[2, 1] = float("nan")
+    target = p["target"].clone()
+    target[2] = -100
+    with pytest.raises(ValueError, match=r"^mlp_hvp: the logits contain NaN or \+Inf"):
+        ops.mlp_value_grad_flat(**{**p, "x": ignored_nan, "target": target}, weight_offsets=wo, bias_offsets=bo,
+                                backend=backend)
+    saturated = p["x"].clone()
+    saturated[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"^mlp_value_grad_flat: the gradient is not finite"):
+        ops.mlp_value_grad_flat(**{**p, "x": saturated}, weight_offsets=wo, bias_offsets=bo, backend=backend)
+    v, g = ops.mlp_value_grad_flat(**{**p, "x": saturated}, weight_offsets=wo, bias_offsets=bo, with_gradient=False,
+                                   backend=backend)
+    assert torch.isfinite(v)  # no gradient, nothing to refuse
+
+
+@pytest.mark.parametrize("backend, device", PAIRS)
+def test_one_tensor_passed_for_two_layers_has_a_gradient_per_layer(backend, device, rng):
+    """A tensor given for two layers (a shared zero bias, one weight twice): each layer's block is the gradient
+    w.r.t. that layer's use, as for distinct copies (the reference summed the uses into every block, and added
+    the use of a layer that was not chosen)."""
+    W = torch.randn(4, 4, generator=rng, dtype=torch.float64)
+    b = torch.zeros(4, dtype=torch.float64)
+    p = dict(x=torch.randn(7, 4, generator=rng, dtype=torch.float64), target=torch.randint(0, 4, (7,), generator=rng),
+             weights=[W, W], biases=[b, b], activations=["tanh", "identity"])
+    copies = {**p, "weights": [W.clone(), W.clone()], "biases": [b.clone(), b.clone()]}
+    for chosen in (None, {(1, "w")}):
+        layout = _layout(p, chosen)
+        _, grad = _oracle(copies, *layout)
+        _, g = ops.mlp_value_grad_flat(**_on(p, device), weight_offsets=layout[0], bias_offsets=layout[1],
+                                       backend=backend)
+        torch.testing.assert_close(g.cpu(), grad, rtol=1e-11, atol=1e-13)
 
 
 def test_opcheck_and_meta_shapes(rng):
@@ -252,3 +298,33 @@ def test_float32_loss_of_confident_rows_keeps_its_digits(backend, device, rng):
     v32, _ = ops.mlp_value_grad_flat(**_on(p32, device), weight_offsets=layout[0], bias_offsets=layout[1],
                                      backend=backend)
     assert abs(float(v32) - exact) <= 1e-5 * exact, (backend, device)
+
+
+def test_objective_follows_a_model_or_loss_changed_after_construction():
+    """A hook, another GELU form or other loss settings after construction: the fused pass, built on the old
+    ones, kept computing the old function (autograd follows the change); now the pass is chosen again, and the
+    objective equals autograd's (path says which runs)."""
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(30, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (30,), generator=gen)
+    model = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3)).double().eval()
+    loss = nn.CrossEntropyLoss()
+    fused, plain = (Objective(model, loss, (x, y), path=path) for path in ("auto", "generic"))
+
+    def same(path):
+        assert fused.path == path
+        (vf, gf), (vp, gp) = fused.value_and_gradient(), plain.value_and_gradient()
+        assert abs(vf - vp) <= 1e-13
+        torch.testing.assert_close(gf, gp, rtol=1e-11, atol=1e-13)
+
+    same("fused")
+    loss.label_smoothing = 0.5
+    same("fused")  # the kernel takes label smoothing: read again
+    loss.label_smoothing = 0.0
+    handle = model[2].register_forward_hook(lambda module, inputs, out: 2 * out)
+    same("generic")
+    handle.remove()
+    same("fused")
+    model[1].approximate = "tanh"
+    same("generic")
+    model[1].approximate = "none"
+    same("fused")

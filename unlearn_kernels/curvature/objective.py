@@ -11,6 +11,7 @@ from torch import nn
 from ..checks import check_choice, check_not_meta, check_number, normalisation_buffers
 from .batches import BatchSource, DataSpec, RowMean
 from .fused_mlp import FusedMLPLoss, supports as fused_mlp_supports
+from .settings import loss_settings, watched_state
 from .probes import (
     refuse_modes,
     check_finite_weights,
@@ -128,7 +129,9 @@ class Objective:
 
     Attributes:
         param_names: the chosen parameters' names, in vector order.
-        path: "fused" (the compiled MLP pass) or "generic" (autograd).
+        path: "fused" where the next pass takes the compiled MLP pass (for each batch it can take), else "generic"
+            (autograd): a model or loss changed since construction so that the pass no longer applies (a hook
+            added, GELU's tanh approximation, class weights) goes through autograd, as it would have been built.
         num_data_passes: passes over the data so far (one per value, gradient or value_and_gradient).
     """
 
@@ -151,7 +154,9 @@ class Objective:
         self.param_names: tuple[str, ...] = tuple(chosen)
         self._fused = (FusedMLPLoss(model, loss_fn, chosen)
                        if path == "auto" and fused_mlp_supports(model, loss_fn, chosen) is None else None)
-        self.path = "generic" if self._fused is None else "fused"
+        # what the fused pass was chosen on: after a change of it, supports() decides again (see _fused_pass)
+        self._fused_setup = None if self._fused is None else self._setup()
+        self._fused_applies = self._fused is not None
         layers = () if self._fused is None else tuple(n for n in self._fused.layer_names if n not in chosen)
         # read at every call: replaced parameters are followed (the fused pass reads every layer's tensors)
         self._slots = ParameterSlots(model, (*chosen, *layers))
@@ -192,6 +197,33 @@ class Objective:
                              f"{float(second):.10g}): the model or loss is random (dropout, noise) or keeps state "
                              "between calls; call model.eval() and remove the randomness")
 
+    @property
+    def path(self) -> str:
+        """"fused" where the next pass takes the compiled MLP pass (for each batch it can take), else "generic"."""
+        return "generic" if self._fused_pass() is None else "fused"
+
+    def _setup(self) -> tuple:
+        """The modules' settings and calls and the loss's settings (what :func:`~.fused_mlp.supports` and the
+        fused pass read: a hook, GELU's approximation, the loss's label smoothing or ignore_index)."""
+        plain, buffers = loss_settings(self.loss_fn)
+        return watched_state(self.model), plain, buffers
+
+    def _fused_pass(self) -> FusedMLPLoss | None:
+        """The compiled pass while the setup it was chosen on holds; after a change (a hook added, a loss
+        setting changed) :func:`~.fused_mlp.supports` decides again, and where it refuses, autograd runs: the
+        objective follows the model and the loss as autograd would."""
+        if self._fused is None:
+            return None
+        state, plain, buffers = self._setup()
+        seen_state, seen_plain, seen_buffers = self._fused_setup
+        if state != seen_state or plain != seen_plain or not same_weights(buffers, seen_buffers):
+            tensors = self._slots.current()
+            self._fused_applies = fused_mlp_supports(self.model, self.loss_fn, self.param_names) is None
+            if self._fused_applies:  # the loss's label smoothing and ignore_index read again
+                self._fused = FusedMLPLoss(self.model, self.loss_fn, {n: tensors[n] for n in self.param_names})
+            self._fused_setup = (state, plain, buffers)
+        return self._fused if self._fused_applies else None
+
     def weights(self) -> torch.Tensor:
         """A flat copy of the chosen parameters (their dtype and device)."""
         with torch.no_grad():
@@ -224,14 +256,15 @@ class Objective:
         grad = RowMean() if with_gradient else None
         tensors = self._slots.current()
         params = {name: tensors[name] for name in self.param_names}
+        fused_pass = self._fused_pass()
         for x, y in self.data:
             n = y.shape[0]
-            fused = None if self._fused is None else self._fused.batch(x, y)
+            fused = None if fused_pass is None else fused_pass.batch(x, y)
             if fused is not None:
                 try:
-                    loss, part = self._fused(tensors, *fused, with_gradient)
+                    loss, part = fused_pass(tensors, *fused, with_gradient)
                 except ValueError:  # a label out of range, named as the autograd pass names it
-                    check_loss_labels(self.loss_fn, x.new_empty(0, self._fused.num_classes), y, "Objective")
+                    check_loss_labels(self.loss_fn, x.new_empty(0, fused_pass.num_classes), y, "Objective")
                     raise
                 if with_gradient:
                     grad.add(part, n, owned=True)

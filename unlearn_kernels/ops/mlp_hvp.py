@@ -335,8 +335,9 @@ def _check_blocks(op: str, weights, biases, weight_offsets, bias_offsets, d: int
             raise ValueError(f"{op}: weights[{l}] must be 2-D (out, in), got shape {shape_text(w)}")
         for kind, offset in (("weight", wo), ("bias", bo)):  # not read as "not chosen": a sign slip would drop a block
             if offset < -1:
-                raise ValueError(f"{op}: {kind}_offsets[{l}] = {offset}: an offset is a row of V (>= 0), or -1 "
-                                 "for a parameter that is not chosen")
+                raise ValueError(f"{op}: {kind}_offsets[{l}] = {offset}: an offset is a row of "
+                                 f"{'the flat gradient' if d is None else 'V'} (>= 0), or -1 for a parameter that is "
+                                 "not chosen")
         if wo >= 0:
             blocks.append((wo, w.numel(), l, False))
         if bo >= 0:
@@ -526,6 +527,8 @@ def mlp_hvp_flat(
 # --------------------------------------------------------------------------- value and gradient
 _VALUE_GRAD_OP = "mlp_value_grad_flat"
 _BAD_LOSS = "the loss is not finite (NaN or Inf in the logits: check x, the weights and the biases)"
+_BAD_GRADIENT = ("the gradient is not finite (check x and the weights: an Inf under a saturating activation leaves "
+                 "the logits finite)")
 
 
 def mlp_value_grad_flat_ref(
@@ -545,19 +548,28 @@ def mlp_value_grad_flat_ref(
     """Pure-PyTorch reference of :func:`mlp_value_grad_flat` (``F.cross_entropy`` of the float64 logits,
     differentiated by autograd); same arguments (already validated) and return value."""
     fns = [_ACTIVATION_FNS[a] for a in activations]
-    chosen = [(t, o) for t, o in (*zip(weights, weight_offsets), *zip(biases, bias_offsets)) if o >= 0]
-    leaves = {id(t): t.detach().requires_grad_(with_gradient) for t, _ in chosen}
+
+    def leaf(t: torch.Tensor | None, offset: int) -> torch.Tensor | None:
+        # a leaf per layer and kind: a tensor passed for two layers (a shared zero bias) has a gradient per layer
+        return t.detach().requires_grad_(with_gradient) if t is not None and offset >= 0 else t
+
+    ws, bs = [leaf(w, o) for w, o in zip(weights, weight_offsets)], [leaf(b, o) for b, o in zip(biases, bias_offsets)]
+    chosen = [(t, o) for t, o in (*zip(ws, weight_offsets), *zip(bs, bias_offsets)) if o >= 0]
     with torch.enable_grad():
         h = x
-        for w, b, fn in zip(weights, biases, fns):
-            h = fn(F.linear(h, leaves.get(id(w), w), None if b is None else leaves.get(id(b), b)))
+        for w, b, fn in zip(ws, bs, fns):
+            h = fn(F.linear(h, w, b))
+        if check_finite:
+            _check_logits(h, target != ignore_index)
         value = F.cross_entropy(h.double(), target, label_smoothing=label_smoothing, ignore_index=ignore_index)
         if check_finite and not all_finite(value):
             raise ValueError(f"{_VALUE_GRAD_OP}: {_BAD_LOSS}")
         grad = x.new_empty(sum(t.numel() for t, _ in chosen) if with_gradient else 0)
         if with_gradient and chosen:
-            for (t, o), g in zip(chosen, torch.autograd.grad(value, [leaves[id(t)] for t, _ in chosen])):
+            for (t, o), g in zip(chosen, torch.autograd.grad(value, [t for t, _ in chosen])):
                 grad[o:o + t.numel()] = g.reshape(-1)
+    if check_finite and with_gradient and not all_finite(grad):
+        raise ValueError(f"{_VALUE_GRAD_OP}: {_BAD_GRADIENT}")
     return value.detach(), grad
 
 
@@ -590,7 +602,9 @@ def mlp_value_grad_flat(
         weight_offsets, bias_offsets: where each chosen weight (row-major) and bias starts in the flat
             gradient, -1 for a parameter that is not chosen; the chosen blocks tile it from 0.
         with_gradient: False: the value only (the backward is skipped; an empty gradient is returned).
-        check_finite: a loss that is not finite is a ValueError (False: it is returned as it is).
+        check_finite: a ValueError for logits with NaN or +Inf (a kept row's max, or any entry of an ignored row,
+            which reaches the gradient through 0 * Inf), a loss or a gradient that is not finite (False: they are
+            returned as they are).
 
     Returns:
         ``(value, grad)``: a float64 0-dim tensor on x's device, and the (d,) gradient in x's dtype
