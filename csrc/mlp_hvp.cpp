@@ -145,6 +145,45 @@ void check_inputs(const at::Tensor& x, const at::Tensor& target, at::TensorList 
   }
 }
 
+// The rows whose target is not ignore_index, the mean's denominator (count_kept checks the targets); a
+// ValueError where there is none.
+int64_t kept_rows(const Kernels& kernels, const at::Tensor& target, int64_t C, int64_t ignore_index) {
+  const int64_t num_kept = kernels.count_kept(target, C, ignore_index);
+  TORCH_CHECK_VALUE(num_kept > 0, message("mlp_hvp: every target is ignore_index=", ignore_index,
+                                          " (the mean loss over 0 samples is undefined)")
+                                      .c_str());
+  return num_kept;
+}
+
+// The forward with no tangents through the backend's activation stage: h[0] = x and h[l + 1] = act_l(h[l]
+// W_l^T + b_l) (h[L] the logits), with act'(a_l) in d1[l] and act''(a_l) in d2[l] where the activation has
+// them. A layer input h[l] with 0 < l < keep_from is released once the next layer has read it.
+void forward(const Kernels& kernels, const at::Tensor& x, at::TensorList weights,
+             const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations, int64_t keep_from,
+             std::vector<at::Tensor>& h, std::vector<at::Tensor>& d1, std::vector<at::Tensor>& d2) {
+  const int64_t L = static_cast<int64_t>(weights.size()), N = x.size(0);
+  h.assign(L + 1, at::Tensor());
+  d1.assign(L, at::Tensor());
+  d2.assign(L, at::Tensor());
+  h[0] = x;
+  for (int64_t l = 0; l < L; ++l) {
+    const auto act = static_cast<Activation>(activations[l]);
+    const int64_t out = weights[l].size(0);
+    h[l + 1] = at::empty({N, out}, x.options());
+    at::Tensor rh = at::empty({N, 0, out}, x.options()), ra;
+    if (has_first(act)) d1[l] = at::empty({N, out}, x.options());
+    if (has_second(act)) {
+      d2[l] = at::empty({N, out}, x.options());
+      ra = at::empty({N, 0, out}, x.options());
+    }
+    const std::optional<at::Tensor> b = biases[l];
+    const at::Tensor none;
+    kernels.activate(act, at::mm(h[l], weights[l].t()), none, b.has_value() ? *b : none, none, h[l + 1], d1[l], d2[l],
+                     rh, ra);
+    if (l > 0 && l < keep_from) h[l] = at::Tensor();
+  }
+}
+
 }  // namespace
 
 std::vector<at::Tensor> run(const Kernels& kernels, const at::Tensor& x, const at::Tensor& target,
@@ -186,11 +225,7 @@ std::vector<at::Tensor> run(const Kernels& kernels, const at::Tensor& x, const a
   // Loss rows, in place: the logits become the gradient g, their R-derivative becomes Rg.
   at::Tensor g = h[L], rg = rh[L];
   h[L] = rh[L] = at::Tensor();
-  const int64_t C = g.size(1);
-  const int64_t num_kept = kernels.count_kept(target, C, ignore_index);
-  TORCH_CHECK_VALUE(num_kept > 0, message("mlp_hvp: every target is ignore_index=", ignore_index,
-                                          " (the mean loss over 0 samples is undefined)")
-                                      .c_str());
+  const int64_t num_kept = kept_rows(kernels, target, g.size(1), ignore_index);
   at::Tensor flags = at::zeros({2}, g.options().dtype(at::kInt));
   at::Tensor no_values;
   kernels.loss(g, target, rg, label_smoothing, ignore_index, 1.0 / static_cast<double>(num_kept), flags, no_values);
@@ -365,32 +400,16 @@ std::tuple<at::Tensor, at::Tensor> run_value_grad_flat(
   const auto [lowest, d] = check_blocks(op, weights, biases, weight_offsets, bias_offsets, -1);
   const int64_t L = static_cast<int64_t>(weights.size()), N = x.size(0);
   const auto act = [&](int64_t l) { return static_cast<Activation>(activations[l]); };
-  // The forward through the backend's activation stage with no tangents; act' is kept for the backward.
-  std::vector<at::Tensor> h(L + 1), d1(L);
-  h[0] = x;
-  for (int64_t l = 0; l < L; ++l) {
-    const int64_t out = weights[l].size(0);
-    h[l + 1] = at::empty({N, out}, x.options());
-    at::Tensor rh = at::empty({N, 0, out}, x.options()), d2, ra;
-    if (has_first(act(l))) d1[l] = at::empty({N, out}, x.options());
-    if (has_second(act(l))) {  // written by the stage, not needed by the gradient
-      d2 = at::empty({N, out}, x.options());
-      ra = at::empty({N, 0, out}, x.options());
-    }
-    const std::optional<at::Tensor> b = biases[l];
-    kernels.activate(act(l), at::mm(h[l], weights[l].t()), kNone, b.has_value() ? *b : kNone, kNone, h[l + 1], d1[l],
-                     d2, rh, ra);
-    if (l > 0 && (!with_gradient || l - 1 < static_cast<int64_t>(lowest))) h[l - 1] = at::Tensor();
-  }
+  // act' is kept for the backward, and the inputs of the layers it reaches
+  std::vector<at::Tensor> h, d1, d2;
+  forward(kernels, x, weights, biases, activations, with_gradient ? static_cast<int64_t>(lowest) : L, h, d1, d2);
+  d2.clear();  // act'' g enters the Hessian, not the gradient
   // The loss rows turn the logits into g = dL/dz and give each row's loss in double (from the row's max and
   // its sum of exp(z - max), as F.cross_entropy with label smoothing eps: lse(z) - (1 - eps) z_t - (eps / C)
   // sum_c z_c); their mean over the kept rows is the value.
   at::Tensor z = h[L];
   const int64_t C = z.size(1);
-  const int64_t num_kept = kernels.count_kept(target, C, ignore_index);
-  TORCH_CHECK_VALUE(num_kept > 0, message("mlp_hvp: every target is ignore_index=", ignore_index,
-                                          " (the mean loss over 0 samples is undefined)")
-                                      .c_str());
+  const int64_t num_kept = kept_rows(kernels, target, C, ignore_index);
   at::Tensor flags = at::zeros({2}, z.options().dtype(at::kInt)), no_tangents = at::empty({N, 0, C}, z.options());
   at::Tensor rows = at::empty({N}, z.options().dtype(at::kDouble));
   kernels.loss(z, target, no_tangents, label_smoothing, ignore_index, 1.0 / static_cast<double>(num_kept), flags,
@@ -451,29 +470,12 @@ std::vector<at::Tensor> run_state(const Kernels& kernels, const at::Tensor& x, c
   check_model(x, target, weights, biases, activations, label_smoothing);
   const int64_t L = static_cast<int64_t>(weights.size()), N = x.size(0);
   const auto act = [&](int64_t l) { return static_cast<Activation>(activations[l]); };
-  // The forward through the backend's activation stage with K = 0 tangents.
-  std::vector<at::Tensor> h(L + 1), d1(L), d2(L);
-  h[0] = x;
-  for (int64_t l = 0; l < L; ++l) {
-    const int64_t out = weights[l].size(0);
-    h[l + 1] = at::empty({N, out}, x.options());
-    at::Tensor rh = at::empty({N, 0, out}, x.options()), ra;
-    if (has_first(act(l))) d1[l] = at::empty({N, out}, x.options());
-    if (has_second(act(l))) {
-      d2[l] = at::empty({N, out}, x.options());
-      ra = at::empty({N, 0, out}, x.options());
-    }
-    const std::optional<at::Tensor> b = biases[l];
-    kernels.activate(act(l), at::mm(h[l], weights[l].t()), kNone, b.has_value() ? *b : kNone, kNone, h[l + 1], d1[l],
-                     d2[l], rh, ra);
-  }
+  std::vector<at::Tensor> h, d1, d2;
+  forward(kernels, x, weights, biases, activations, 0, h, d1, d2);
   // softmax(z) (zero on ignored rows) for the loss's R-rows, then the logits become the gradient.
   at::Tensor g = h[L];
   const int64_t C = g.size(1);
-  const int64_t num_kept = kernels.count_kept(target, C, ignore_index);
-  TORCH_CHECK_VALUE(num_kept > 0, message("mlp_hvp: every target is ignore_index=", ignore_index,
-                                          " (the mean loss over 0 samples is undefined)")
-                                      .c_str());
+  const int64_t num_kept = kept_rows(kernels, target, C, ignore_index);
   // in double, cast back: float32's vectorised sum drops a confident row's small classes from the normaliser
   at::Tensor p = at::softmax(g, 1, at::kDouble).to(g.scalar_type());
   if (num_kept < N) p.mul_((target != ignore_index).unsqueeze(1).to(p.scalar_type()));
