@@ -857,3 +857,16 @@ def test_salun_and_ssd_count_their_fractions_over_the_trainable_weights(problem)
             assert out.diagnostics["mask_fraction"] == pytest.approx(0.5, abs=1e-2)
             moved = sum(int((p != q).sum()) for p, q in zip(out.model.parameters(), frozen.parameters()))
             assert 0 < moved <= round(0.5 * trainable)
+
+
+def test_distillation_kl_is_computed_in_float32_at_least():
+    """In bfloat16 the KL of two equal distributions came out -0.003 (the size of SCRUB's real values, ~0.005): the
+    loss and its diagnostic are now taken in float32 for half-precision logits, as SSD's and SalUn's sums are."""
+    from unlearn_kernels.methods.first_order import _distill_kl
+
+    z = torch.randn(30, 10, generator=torch.Generator().manual_seed(0)) * 3
+    for dtype in (torch.bfloat16, torch.float16):
+        half = z.to(dtype)
+        assert abs(float(_distill_kl(half, half, 4.0))) < 1e-6
+        assert _distill_kl(half, half, 4.0).dtype == torch.float32
+    assert _distill_kl(z.double(), z.double(), 4.0).dtype == torch.float64

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 from sklearn.datasets import load_digits
 
 from unlearn_kernels import lora
@@ -853,3 +854,51 @@ def test_a_diverged_training_is_said_as_such_whether_or_not_it_merges(merge):
                                          r"\(the method diverged: lower its learning rate or step size\)"):
         RFA(epochs=3, lr=1e38, optimizer="sgd", merge=merge).unlearn(model, forget, retain, unseen=unseen, seed=0)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class _AuxHead(nn.Module):
+    """fc1 feeds the head and an auxiliary head whose output never reaches the logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.aux, self.head = nn.Linear(16, 32), nn.Linear(32, 3), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        self.aux_out = self.aux(h)
+        return self.head(torch.relu(h))
+
+
+class _TwoHeads(nn.Module):
+    """A second task's head that this forward never calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.head, self.other = nn.Linear(16, 32), nn.Linear(32, 4), nn.Linear(32, 7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc(x)))
+
+
+def test_layers_whose_features_do_not_reach_the_logits_or_are_never_computed():
+    """margin's directions through a layer whose output never reaches the logits raised torch's "appears to not have
+    been used in the graph" (now direction 0); a named layer the forward never calls failed mid-method with advice
+    about F.linear and torch.compile (now a ValueError before training), and an earlier request's adapter on such a
+    layer made RFA fail on the model whatever the targets (now left as it is)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(120, 16), torch.randint(0, 4, (120,))
+    forget, retain = LabeledData(x[:20], y[:20]), LabeledData(x[20:], y[20:])
+    out = METHODS["rfa"](epochs=1, shift="margin").unlearn(_AuxHead(), forget, retain)
+    assert out.diagnostics["layers"] == ["fc1", "aux"]
+    assert all(torch.isfinite(p).all() for p in out.model.parameters())
+    with pytest.raises(ValueError, match=r"^rfa: layer 'other' is not called by a forward of the model"):
+        METHODS["rfa"](epochs=1, targets=["fc", "other"]).unlearn(_TwoHeads(), forget, retain)
+    adapted = _TwoHeads()
+    lora.add_adapters(adapted, "*", rank=2)
+    before = copy.deepcopy(adapted.state_dict())
+    for targets in (None, "fc"):
+        out = METHODS["rfa"](epochs=1, targets=targets, merge=False).unlearn(adapted, forget, retain)
+        assert out.diagnostics["layers"] == ["fc", "head"]
+        other = {k: v for k, v in out.model.state_dict().items() if k.startswith("other.")}
+        assert all(torch.equal(v, before[k]) for k, v in other.items())  # left as it is
+    assert all(torch.equal(v, before[k]) for k, v in adapted.state_dict().items())

@@ -497,8 +497,8 @@ def add_adapters(model: nn.Module, targets: str | Sequence[str], rank: int = 8, 
 
     Raises:
         ValueError: a bad rank or alpha, a target that names no module, a layer that already has
-            an adapter, a layer the adapter cannot wrap (a Conv2d with groups, dilation or non-zero
-            padding; a Linear or Conv2d subclass with its own forward; a lazy layer not initialised
+            an adapter, a layer the adapter cannot wrap (a Conv2d with groups, dilation or a padding_mode
+            other than "zeros"; a Linear or Conv2d subclass with its own forward; a lazy layer not initialised
             yet; a parametrized weight; module hooks or a forward set on the instance, which the
             adapter would skip; nn.MultiheadAttention's out_proj or an
             nn.TransformerEncoderLayer's linear1/linear2, whose weights their parent uses without

@@ -78,8 +78,11 @@ def _random_teacher(model: nn.Module, seed: int) -> nn.Module:
 
 
 def _distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(softmax(t/T) || softmax(s/T)) * T^2, mean over the batch (Hinton et al.'s distillation loss)."""
-    return F.kl_div(F.log_softmax(student_logits / temperature, dim=1), F.softmax(teacher_logits / temperature, dim=1),
+    """KL(softmax(t/T) || softmax(s/T)) * T^2, mean over the batch (Hinton et al.'s distillation loss), in float32
+    at least: in bfloat16 the KL of two equal distributions came out -0.003, the size of SCRUB's real values."""
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    student, teacher = student_logits.to(dtype), teacher_logits.to(dtype)
+    return F.kl_div(F.log_softmax(student / temperature, dim=1), F.softmax(teacher / temperature, dim=1),
                     reduction="batchmean") * temperature**2
 
 

@@ -35,7 +35,9 @@ model has the original architecture. With ``merge=False`` the returned model kee
 unmerged, and its frozen weights are bit-identical to the given model's, except under an adapter
 the given model had merged: that one is unmerged first (its base weight is the merged weight minus
 the adapter's delta, up to float rounding). A model that already has adapters (an earlier
-``merge=False`` request) trains those, with its current outputs as the frozen features.
+``merge=False`` request) trains those, with its current outputs as the frozen features (but one on a
+layer the forward does not call, another task's head: no features, no gradient; it is left as it is).
+A layer named in ``targets`` that the forward does not call, or calls twice, is refused before training.
 """
 from __future__ import annotations
 
@@ -99,15 +101,18 @@ def hidden_layers(model: nn.Module, probe: torch.Tensor) -> tuple[str, ...]:
     return tuple(n for n in adaptable if called.count(n) == 1 and (not linear or n != linear[-1]))
 
 
-def _check_called_once(owner: str, model: nn.Module, probe: torch.Tensor, layers: Sequence[str]) -> None:
-    """ValueError, before training, naming a layer of ``layers`` that ``model(probe)`` calls more than once: its
-    feature hook keeps the last call's output, so the other calls' features would be neither aligned nor shifted."""
-    called = _called(model, probe, layers)
-    twice = [(n, called.count(n)) for n in layers if called.count(n) > 1]
-    if twice:
-        name, count = twice[0]
-        raise ValueError(f"{owner}: layer {name!r} is called {count} times in one forward: RFA aligns the features of "
-                         "one call per layer (name other layers with targets=)")
+def _check_called_once(owner: str, called: Sequence[str], layers: Sequence[str]) -> None:
+    """ValueError, before training, naming a layer of ``layers`` that a forward (``called``: :func:`_called`'s
+    list) does not call, or calls more than once: the first has no features to align, and of the second the feature
+    hook keeps the last call's output, so the other calls' features would be neither aligned nor shifted."""
+    for name in layers:
+        count = called.count(name)
+        if count == 0:
+            raise ValueError(f"{owner}: layer {name!r} is not called by a forward of the model (another task's head, "
+                             "say): it has no features to align (leave it out of targets=)")
+        if count > 1:
+            raise ValueError(f"{owner}: layer {name!r} is called {count} times in one forward: RFA aligns the features "
+                             "of one call per layer (name other layers with targets=)")
 
 
 class _Features:
@@ -218,7 +223,11 @@ class RFA(TrainedUnlearner):
         # every adapter trains (an earlier request's too), so every adapted layer is in the loss: the earlier
         # ones were trained by the task loss alone, with no alignment of their features
         layers = tuple(adapter_modules(model))
-        _check_called_once(self.name, model, probe, layers)
+        called = _called(model, probe, layers)
+        # but an earlier request's adapter on a layer this forward never calls (another task's head): no features to
+        # align, and no gradient to train it by; left as it is
+        layers = tuple(n for n in layers if n in new or n in called)
+        _check_called_once(self.name, called, layers)
         # the frozen features come from the plain layers (adapters merged in: B = 0 for fresh ones), at
         # the same module names, without paying for the adapters in every teacher forward
         teacher = unload(frozen_copy(model), merge=True).requires_grad_(False)
@@ -316,9 +325,10 @@ class RFA(TrainedUnlearner):
             for x, _ in data.loader(1024):
                 logits, _ = features(teacher, x.detach().requires_grad_(True) if x.is_floating_point() else x)
                 own = logits.gather(1, logits.argmax(1, keepdim=True)).sum()
-                grads = torch.autograd.grad(own, [features.raw[n] for n in features.names])
-                for store, g in zip(directions, grads):
-                    g = -g.flatten(1)
+                # allow_unused: a layer whose output does not reach the logits (an auxiliary head) has direction 0
+                grads = torch.autograd.grad(own, [features.raw[n] for n in features.names], allow_unused=True)
+                for store, g, n in zip(directions, grads, features.names):
+                    g = -(torch.zeros_like(features.raw[n]) if g is None else g).flatten(1)
                     store.append(g / g.norm(dim=1, keepdim=True).clamp_min(1e-12))
         finally:
             for p in frozen:
