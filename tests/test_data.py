@@ -476,6 +476,10 @@ def test_subset_refuses_an_index_out_of_range_with_its_own_error():
     with pytest.raises(ValueError, match="index -6 is out of range for 5 rows"):
         data.subset(torch.tensor([-6]))
     assert torch.equal(data.subset(torch.tensor([4, -5])).y, torch.tensor([4, 0]))
+    # a uint64 index from 2**63 up wrapped to a negative number in the message (r60): named as given
+    with pytest.raises(ValueError, match=f"index {2**63} is out of range for 5 rows"):
+        data.subset(np.array([1, 2**63], dtype=np.uint64))
+    assert torch.equal(data.subset(np.array([4, 1], dtype=np.uint64)).y, torch.tensor([4, 1]))
 
 
 def test_drop_last_drops_the_single_row_that_join_last_row_would_join():

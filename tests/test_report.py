@@ -427,8 +427,13 @@ def test_a_summary_is_removed_only_where_it_covers_the_scenario(tmp_path):
     assert report.remove_stale_summary(tmp_path, "random") == []  # none there
     summary.write_text("not json")
     assert report.remove_stale_summary(tmp_path, "random") == [] and summary.exists()  # not one of ours
-    summary.write_text(json.dumps({"scenarios": {"class": {}}}))
     plot.write_bytes(b"png")
+    # a string that merely contains the scenario's name, or an entry of another shape, is someone else's file (r60)
+    for other in ({"scenarios": "notes about a random walk"}, {"scenarios": {"random": "x"}},
+                  {"scenarios": {"random": {"notes": 1}}}):
+        summary.write_text(json.dumps(other))
+        assert report.remove_stale_summary(tmp_path, "random") == [] and summary.exists() and plot.exists()
+    summary.write_text(json.dumps({"scenarios": {"class": {"protocol": "class", "results": "class/results.json"}}}))
     assert report.remove_stale_summary(tmp_path, "random") == [] and summary.exists()
     assert report.remove_stale_summary(tmp_path, "class") == [summary, plot]
     assert not summary.exists() and not plot.exists()

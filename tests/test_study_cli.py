@@ -440,9 +440,10 @@ def test_cli_header_counts_one_method_in_the_singular(tmp_path, capsys):
         (["--methods", "original,rfa", "--set", "rfa.targets=['nope']"], "rfa: target 'nope' names no module"),
         (["--methods", "original,cure_newton_lora", "--set", "cure_newton_lora.targets='2'"],
          "cure_newton_lora: target '2' is a ReLU"),
-        (["--set", "retrain.epochs=1"], "retrain takes no method options"),
+        (["--set", "retrain.epochs=1"], "retrain takes no method options here"),
         (["--methods", "original,retrain_reseeded", "--set", "retrain_reseeded.seed_offset=1"],
-         "retrain_reseeded takes no method options"),
+         "retrain_reseeded takes no method options here: it uses the training recipe (--epochs, --lr, --batch-size) "
+         "with its seed offset by 1000 (RetrainReseeded(seed_offset=) in Python)"),
         (["--set", "cure_newton.M"], "--set expects METHOD.OPTION=VALUE"),
         (["--set", "M=2"], "--set expects METHOD.OPTION=VALUE"),
         (["--device", "tpu"], "--device 'tpu' is not a device name: use cpu, cuda or cuda:N"),
@@ -1123,7 +1124,8 @@ def test_a_run_that_replaces_a_scenarios_results_removes_the_summary_of_the_old_
     """`run` then `run --protocol random` into the same --out left summary.json (and its plot) describing the
     random results the second run had replaced: a summary that disagreed with random/results.json."""
     summary, plot = tmp_path / "summary.json", tmp_path / "gap_closed.png"
-    summary.write_text(json.dumps({"scenarios": {"random": {}, "mislabeled": {}, "class": {}}}))
+    summary.write_text(json.dumps({"scenarios": {name: {"protocol": name, "results": f"{name}/results.json"}
+                                                 for name in ("random", "mislabeled", "class")}}))
     plot.write_bytes(b"\x89PNG old")
     argv = ["run", "--methods", "original", "--seeds", "0", "--epochs", "1", "--out", str(tmp_path), "--no-cache"]
     assert main([*argv, "--protocol", "random", "--sequential", "2", "--forget-fraction", "0.05"]) == 0

@@ -457,9 +457,13 @@ def remove_stale_summary(root: Path, scenario: str) -> list[Path]:
     name ``scenario``, or cannot be read as one, is left alone. Returns the files removed."""
     path = root / SUMMARY_FILE
     try:
-        covered = scenario in json.loads(path.read_text())["scenarios"]
+        scenarios = json.loads(path.read_text())["scenarios"]
     except (OSError, ValueError, KeyError, TypeError):  # none there, or not a summary of ours
         return []
+    # ours maps each scenario to its protocol and results (write_summary_json); a string that merely contains
+    # the scenario's name ("a random-walk study") is someone else's file
+    covered = (isinstance(scenarios, dict) and isinstance(scenarios.get(scenario), dict)
+               and {"protocol", "results"} <= scenarios[scenario].keys())
     removed = []
     for stale in (path, root / GAP_CLOSED_PLOT) if covered else ():
         with contextlib.suppress(FileNotFoundError):

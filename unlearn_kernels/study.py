@@ -266,8 +266,10 @@ class StudyConfig:
             if name not in METHODS:
                 raise ValueError(f"method options for unknown method {name!r}; choose from {sorted(METHODS)}")
             if name in RECIPE_METHODS:
-                raise ValueError(f"{name} takes no method options: it uses the training recipe (--epochs, --lr, "
-                                 "--batch-size)")
+                offset = " with its seed offset by 1000 (RetrainReseeded(seed_offset=) in Python)" \
+                    if name == "retrain_reseeded" else ""
+                raise ValueError(f"{name} takes no method options here: it uses the training recipe (--epochs, --lr, "
+                                 f"--batch-size){offset}")
             if name not in self.methods:
                 raise ValueError(f"method options for {name!r}, which is not among the methods run "
                                  f"({', '.join(self.methods)})")
