@@ -3186,6 +3186,36 @@ def test_a_change_inside_a_fixed_weights_run_is_refused_when_it_ends(change, mes
         assert torch.equal(H.matvec(v), fresh.matvec(v))
 
 
+@pytest.mark.parametrize("build", ["generic", "ggn"])
+def test_a_change_inside_a_run_that_breaks_a_product_is_named_by_the_skipped_check(build):
+    """Inside a run the per-call checks are skipped, so a change that breaks the next product reached the user in
+    the product's words: data written in place as torch's "modified by an inplace operation" (the kept graphs of the
+    generic path and the GGN hold the caller's x), a NaN weight on the GGN as "softmax_ce_hvp: tangent contains NaN
+    or Inf" (r61). The skipped checks now explain such an error first, as outside a run."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
+
+    def operator():
+        return (hessian_operator(model, F.cross_entropy, (x, y), path="generic") if build == "generic"
+                else ggn_operator(model, F.cross_entropy, (x, y)))
+
+    for change, message in ((lambda: x.mul_(2), r"the data \(inputs x\) was written in place"),
+                            (lambda: model[0].weight.data.__setitem__((0, 0), float("nan")),
+                             r"parameter '0.weight' has NaN or Inf values")):
+        H = operator()
+        v = torch.randn(H.shape[0])
+        before = (x.clone(), model[0].weight.detach().clone())
+        with pytest.raises(ValueError, match=message):
+            with H.fixed_weights():
+                H.matvec(v)
+                change()
+                H.matvec(v)
+        with torch.no_grad():
+            x.copy_(before[0])
+            model[0].weight.copy_(before[1])
+
+
 def test_the_solvers_take_their_products_in_one_fixed_weights_run(monkeypatch):
     """Each solver iteration (Krylov cubic, Lanczos, CG, MINRES, LiSSA, cubic GD) makes its products in one
     run at fixed weights: the operator checks the model twice, not before every product (through a

@@ -513,11 +513,23 @@ class CurvatureOperator(abc.ABC):
         else:  # a mode entered inside the run (autocast, inference mode) would be gone by its end: every call
             refuse_modes(type(self).__name__, self.device, "take products or gradients")
 
+    def _explained(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``compute()``; inside a :meth:`fixed_weights` run, an error it raises is first explained by the checks
+        the run skips, which raise their own ValueError naming the cause: data written in place reaches the
+        generic path's kept graphs as torch's "modified by an inplace operation", a NaN weight the GGN's loss
+        Hessian as a NaN tangent."""
+        try:
+            return compute()
+        except (RuntimeError, ValueError):
+            if self._fixed_depth:
+                self._sync_weights()
+            raise
+
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """C @ v for a flat (d,) vector of the operator's dtype and device; returns a new (d,) tensor."""
         self._check_input(v, ndim=1)
         self._sync_unless_fixed()
-        out = self._matvec(v)
+        out = self._explained(lambda: self._matvec(v))
         self.num_products += 1
         self.num_data_passes += 1
         return out
@@ -526,7 +538,7 @@ class CurvatureOperator(abc.ABC):
         """C @ V for a (d, K) matrix: K products in one pass over the data; returns a new (d, K) tensor."""
         self._check_input(V, ndim=2)
         self._sync_unless_fixed()
-        out = self._matmat(V)
+        out = self._explained(lambda: self._matmat(V))
         self.num_products += V.shape[1]
         self.num_data_passes += 1
         return out
@@ -534,7 +546,7 @@ class CurvatureOperator(abc.ABC):
     def gradient(self) -> torch.Tensor:
         """The flat (d,) gradient of the mean loss at the model's current parameters (one data pass)."""
         self._sync_unless_fixed()
-        out = self._gradient()
+        out = self._explained(self._gradient)
         self.num_gradients += 1
         self.num_data_passes += 1
         return out
