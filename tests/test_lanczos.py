@@ -388,3 +388,13 @@ def test_ritz_pairs_are_the_tridiagonal_eigenpairs(k):
     assert theta.dtype == S.dtype == np.float64 and S.shape == (k, k)
     assert np.allclose(theta, np.linalg.eigvalsh(T), atol=1e-13)
     assert np.allclose(T @ S, S * theta, atol=1e-12) and np.allclose(S.T @ S, np.eye(k), atol=1e-12)
+
+
+def test_float32_products_below_the_smallest_normal_number_are_refused():
+    """A float32 H of entries ~1e-44 (subnormal products, digits lost) gave eigenvalues ~5e3 with no error (r62);
+    float64's underflow was refused already."""
+    rng = np.random.default_rng(14)
+    Q, _ = np.linalg.qr(rng.standard_normal((30, 30)))
+    H = torch.tensor(Q @ np.diag(np.linspace(-1, 1, 30)) @ Q.T * 1e-44, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"the products H q have entries all below 1\.2e-38 .* smallest normal number"):
+        lanczos((H + H.T) / 2, 30, which="BE", num_eigs=2)

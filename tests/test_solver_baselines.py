@@ -612,3 +612,17 @@ def test_pinv_lanczos_in_float32_is_not_exact_where_its_dropped_coupling_exceeds
     # the same matrix in float64 closes exactly or fills the space: reported converged, and it is
     step64 = pinv_newton_step(H.double(), g.double(), solver="lanczos")
     assert step64.converged is True and relative_error(step64.step, exact) < 1e-8
+
+
+def test_a_dense_matrix_that_requires_grad_gives_no_warning():
+    """The symmetry check read float() of the matrix before detaching it: torch's "Converting a tensor with
+    requires_grad=True to a scalar" warning, an error under -W error (r62)."""
+    import warnings
+
+    from unlearn_kernels.solvers import cubic_newton_step
+
+    H = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step = cubic_newton_step(H, torch.tensor([1.0, -1.0], dtype=torch.float64), 1.0).step
+    assert not step.requires_grad

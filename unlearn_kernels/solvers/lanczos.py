@@ -218,10 +218,14 @@ class LanczosProcess:
         # alpha and beta bound say when to look): the steps' norms lose those squares (beta 0, read as a
         # breakdown at every step, at 1e-170; eigenvalues off in the fourth digit at 1e-160), as the solvers
         # refuse for g
-        if self._anorm < SMALLEST_SQUARED * math.sqrt(hq.numel()) and 0.0 < float(hq.abs().max()) < SMALLEST_SQUARED:
-            raise ValueError(f"the products H q have entries all below {SMALLEST_SQUARED:.1e} (largest |entry| "
-                             f"{float(hq.abs().max()):.3e}), where their squares underflow float64: scale the "
-                             "operator up")
+        # (float32 products below float32's smallest normal number are subnormal, their few digits as lost: an
+        # H of entries ~1e-44 gave eigenvalues ~5e3)
+        floor = max(SMALLEST_SQUARED, torch.finfo(hq.dtype).tiny)
+        if self._anorm < floor * math.sqrt(hq.numel()) and 0.0 < float(hq.abs().max()) < floor:
+            where = ("where their squares underflow float64" if floor == SMALLEST_SQUARED
+                     else f"below {hq.dtype}'s smallest normal number (subnormal: digits lost)")
+            raise ValueError(f"the products H q have entries all below {floor:.1e} (largest |entry| "
+                             f"{float(hq.abs().max()):.3e}), {where}: scale the operator up")
         if self.betas[-1] <= BREAKDOWN_RTOL_EPS * self.eps * self._anorm:
             # Drop the rounding-level coupling (an error of at most 100 eps ||T|| in T).
             self.dropped = max(self.dropped, self.betas[-1])

@@ -37,7 +37,7 @@ class DenseOperator:
     """
 
     def __init__(self, matrix: torch.Tensor) -> None:
-        _check_dense(matrix)
+        _check_dense(matrix.detach())  # its float() reads of a matrix that requires grad warned (an error under -W error)
         # detached (the same storage): a matrix that requires grad would give steps with a graph on some
         # paths and torch's "Can't call numpy() on Tensor that requires grad" on others
         self.matrix = matrix.detach()
