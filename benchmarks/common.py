@@ -146,6 +146,17 @@ def plain_error_tolerance(plain: torch.Tensor, exact: torch.Tensor, floor: float
     return 2 * (plain.double() - exact).abs().max().item() + floor
 
 
+def check_plain(plain: torch.Tensor, exact: torch.Tensor, rtol: float = 0.05) -> None:
+    """AssertionError unless the plain PyTorch computation's max abs error against the float64 ``exact`` is at
+    most ``rtol`` of the output's scale. The gates are twice that error, so a baseline candidate, which is the
+    plain computation, is gated by itself and would pass whatever it computed: a plain computation of something
+    else (a sign, a missing term) is off by about the output's scale, while float32's rounding stays far below
+    (1.6e-3 of it under the lanczos suite's near-span cancellation, 1.3e-5 for the C = 32,000 softmax HVP)."""
+    scale = exact.abs().max().item() if exact.numel() else 0.0
+    error = (plain.double() - exact).abs().max().item() if exact.numel() else 0.0
+    assert error <= rtol * scale, f"the plain PyTorch computation's error {error:.3e} > {rtol:g} x its scale {scale:.3e}"
+
+
 def check(case: str, candidate: str, fn: Callable[[], torch.Tensor], exact: torch.Tensor,
           tolerance: float) -> Measurement:
     """The correctness gate alone: one call, max abs error against ``exact`` <= tolerance, and the

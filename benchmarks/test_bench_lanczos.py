@@ -17,7 +17,7 @@ from unlearn_kernels.backends import status
 from unlearn_kernels.curvature import hessian_operator
 from unlearn_kernels.ops import lanczos_step, lanczos_step_ref
 
-from .common import kernel_backends, plain_error_tolerance, synchronized
+from .common import check_plain, kernel_backends, plain_error_tolerance, synchronized
 from .hvp import digits_problem
 from .lanczos import (
     NUM_EIGS, REFERENCE_TOLERANCE, STEP_BASELINE, TOLERANCE, reference_operator, step_states, top_eigsh, top_lanczos,
@@ -49,6 +49,7 @@ def test_lanczos_step(benchmark, step_case, candidate):
     else:
         fn = lambda: lanczos_step(*args, backend=candidate.removeprefix("ours:"))[0]  # noqa: E731
     floor = 16 * torch.finfo(torch.float32).eps * exact.abs().max().item()
+    check_plain(torch_step(*args), exact)  # the baseline is the plain step: its gate alone would pass it
     gate = plain_error_tolerance(torch_step(*args), exact, floor)
     assert (fn().double() - exact).abs().max().item() <= gate
     benchmark.group = case

@@ -5,7 +5,7 @@ default ``--benchmark-group-by=group``)."""
 import pytest
 import torch
 
-from .common import kernel_backends, plain_error_tolerance, synchronized
+from .common import check_plain, kernel_backends, plain_error_tolerance, synchronized
 from .lora import FLOOR, candidates, exact_outputs
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -37,6 +37,7 @@ def test_lora_forward_backward(benchmark, layer, candidate):
     ref = exact[kind][1]
     out = cands[candidate][1]()
     floor = 16 * torch.finfo(out.dtype).eps * max(ref.abs().max().item(), 1.0)
+    check_plain(plain, ref)  # the eager and frozen candidates are the plain computations: gated by themselves
     assert (out.double() - ref).abs().max().item() <= plain_error_tolerance(plain, ref, floor)
     benchmark.group = f"forward+backward r{rank}"
     fn = cands[candidate][1]

@@ -6,7 +6,7 @@ import torch
 
 from unlearn_kernels import ops
 
-from .common import kernel_backends, plain_error_tolerance, synchronized
+from .common import check_plain, kernel_backends, plain_error_tolerance, synchronized
 from .softmax_ce import eager_grad, eager_hvp
 
 SHAPES = [(4096, 1000), (4096, 32000)]
@@ -37,6 +37,7 @@ def _candidate(name, op):
 def _run(benchmark, fn, args, exact, plain):
     out = fn(*args)
     floor = 16 * torch.finfo(out.dtype).eps * max(exact.abs().max().item(), 1)
+    check_plain(plain(*args), exact)  # the eager candidate is the plain computation: its gate alone would pass it
     assert (out.double() - exact).abs().max().item() <= plain_error_tolerance(plain(*args), exact, floor)
     benchmark(synchronized(fn, DEVICE), *args)
 

@@ -216,9 +216,21 @@ def _mlp(dtype=torch.float64):
                          nn.Linear(7, 4)).to(dtype).eval()
 
 
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The compiled calls the Objective's fused pass makes (a list, one entry per batch): ``path`` and equal values
+    alone would pass an Objective whose batches all fell back to autograd."""
+    from unlearn_kernels.curvature import fused_mlp
+
+    calls = []
+    op = fused_mlp.mlp_value_grad_flat
+    monkeypatch.setattr(fused_mlp, "mlp_value_grad_flat", lambda *a, **k: (calls.append(1), op(*a, **k))[1])
+    return calls
+
+
 @pytest.mark.parametrize("params", [None, ["5.weight", "5.bias"], ["3.weight", "1.bias"]])
 @pytest.mark.parametrize("loss_fn", [F.cross_entropy, nn.CrossEntropyLoss(label_smoothing=0.1, ignore_index=2)])
-def test_objective_fused_path_equals_autograd(params, loss_fn, device):
+def test_objective_fused_path_equals_autograd(params, loss_fn, device, kernel_calls):
     model = _mlp().to(device)
     gen = torch.Generator().manual_seed(1)
     data = (torch.randn(50, 3, 4, generator=gen, dtype=torch.float64).to(device),
@@ -227,7 +239,9 @@ def test_objective_fused_path_equals_autograd(params, loss_fn, device):
     plain = Objective(model, loss_fn, data, params, weight_decay=0.01, batch_size=16, path="generic")
     assert (fused.path, plain.path) == ("fused", "generic")
     for _ in range(2):  # and after the weights change in place
+        kernel_calls.clear()
         (vf, gf), (vp, gp) = fused.value_and_gradient(), plain.value_and_gradient()
+        assert len(kernel_calls) == 4  # 50 rows in batches of 16: every batch through the kernel
         assert abs(vf - vp) <= 1e-13 and abs(fused.value() - vp) <= 1e-13
         torch.testing.assert_close(gf, gp, rtol=1e-11, atol=1e-13)
         torch.testing.assert_close(fused.gradient(), gp, rtol=1e-11, atol=1e-13)
@@ -235,7 +249,7 @@ def test_objective_fused_path_equals_autograd(params, loss_fn, device):
             model[5].weight.mul_(1.5)
 
 
-def test_objective_fused_path_takes_what_the_kernel_cannot_through_autograd():
+def test_objective_fused_path_takes_what_the_kernel_cannot_through_autograd(kernel_calls):
     """Class-probability targets (not class labels) go through autograd per batch; a batch of only
     ignored rows adds zero on both paths; a non-MLP or a path='generic' keeps autograd."""
     model = _mlp()
@@ -245,7 +259,9 @@ def test_objective_fused_path_takes_what_the_kernel_cannot_through_autograd():
     batches = [(x[:10], torch.randint(0, 4, (10,), generator=gen)), (x[10:], soft[10:])]
     fused, plain = (Objective(model, F.cross_entropy, batches, path=path) for path in ("auto", "generic"))
     assert fused.path == "fused"
+    kernel_calls.clear()
     torch.testing.assert_close(fused.gradient(), plain.gradient(), rtol=1e-11, atol=1e-13)
+    assert len(kernel_calls) == 1  # the labelled batch; the class-probability one through autograd
     ignored = [(x, torch.full((20,), -100)), (x, torch.randint(0, 4, (20,), generator=gen))]
     fused, plain = (Objective(model, F.cross_entropy, ignored, path=path) for path in ("auto", "generic"))
     (vf, gf), (vp, gp) = fused.value_and_gradient(), plain.value_and_gradient()
@@ -262,17 +278,16 @@ def test_objective_fused_path_returns_a_non_finite_value_and_leaves_the_model():
     """An overflowing step gives a non-finite loss, returned (as autograd's) for the caller to reject, not
     raised; the model is never written."""
     model = _mlp(torch.float32)
-    before = copy.deepcopy(model.state_dict())
     x, y = torch.randn(8, 12), torch.randint(0, 4, (8,))
     objective = Objective(model, F.cross_entropy, (x, y))
+    assert objective.path == "fused"
     with torch.no_grad():
         model[5].weight.fill_(3e38)
         model[3].weight.fill_(3e38)
+    filled = copy.deepcopy(model.state_dict())
     value, _ = objective.value_and_gradient()
     assert not torch.isfinite(torch.tensor(value))
-    with torch.no_grad():
-        model.load_state_dict(before)
-    assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
+    assert all(torch.equal(t, filled[k]) for k, t in model.state_dict().items())
 
 
 @pytest.mark.parametrize("backend, device", PAIRS)
@@ -300,7 +315,7 @@ def test_float32_loss_of_confident_rows_keeps_its_digits(backend, device, rng):
     assert abs(float(v32) - exact) <= 1e-5 * exact, (backend, device)
 
 
-def test_objective_follows_a_model_or_loss_changed_after_construction():
+def test_objective_follows_a_model_or_loss_changed_after_construction(kernel_calls):
     """A hook, another GELU form or other loss settings after construction: the fused pass, built on the old
     ones, kept computing the old function (autograd follows the change); now the pass is chosen again, and the
     objective equals autograd's (path says which runs)."""
@@ -312,7 +327,9 @@ def test_objective_follows_a_model_or_loss_changed_after_construction():
 
     def same(path):
         assert fused.path == path
+        kernel_calls.clear()
         (vf, gf), (vp, gp) = fused.value_and_gradient(), plain.value_and_gradient()
+        assert len(kernel_calls) == (path == "fused")
         assert abs(vf - vp) <= 1e-13
         torch.testing.assert_close(gf, gp, rtol=1e-11, atol=1e-13)
 
