@@ -101,6 +101,7 @@ from .params import (
     ParameterSlots,
     ParamSelection,
     WeightsKey,
+    flat_offsets,
     flatten_tensors,
     gradient_on_leaves,
     resolve_curvature_parameters,
@@ -222,11 +223,7 @@ class CurvatureOperator(abc.ABC):
         refuse_modes(type(self).__name__, self.device, "be built")  # its probes differentiate the loss
         self._shapes = [p.shape for p in chosen.values()]
         # Where each chosen parameter starts in the flat (d,) vector (row-major, in param_names order).
-        self._param_offsets: dict[str, int] = {}
-        d = 0
-        for name, p in chosen.items():
-            self._param_offsets[name] = d
-            d += p.numel()
+        self._param_offsets, d = flat_offsets(chosen)
         self.shape: tuple[int, int] = (d, d)
         # Detached views of the chosen parameters (no copy); the rest of the state is passed as
         # constants: other parameters detached, buffers cloned so no forward can write to the model.

@@ -36,10 +36,22 @@ class FusedDataError(ValueError):
     ``hessian_operator(path="auto")`` then uses the generic path."""
 
 
+def is_class_labels(y: torch.Tensor) -> bool:
+    """Whether a batch's targets are (N,) integer class labels, what the fused kernels take (not class
+    probabilities)."""
+    return y.dim() == 1 and not (y.is_floating_point() or y.is_complex())
+
+
+def all_ignored(labels: torch.Tensor, ignore_index: int) -> bool:
+    """Whether every row of a batch is ``ignore_index``: the batch contributes zero (as on the other paths), where
+    the kernels refuse it (a mean over 0 rows)."""
+    return bool((labels == ignore_index).all())
+
+
 def fused_labels(owner: str, y: torch.Tensor) -> torch.Tensor:
     """A batch's targets as the int64 (N,) class labels the fused kernels take (uint8 labels, which
     cross entropy accepts, would index as a mask); FusedDataError for other targets."""
-    if y.dim() != 1 or y.is_floating_point() or y.is_complex():
+    if not is_class_labels(y):
         raise FusedDataError(
             f"{owner}: targets y of shape {tuple(y.shape)}, {y.dtype} are not (N,) integer class labels (the fused "
             "kernels take no class probabilities); use hessian_operator(..., path='generic')"

@@ -28,13 +28,15 @@ from .batches import DataSpec, RowMean
 from .probes import LossFn
 from .fused_common import (
     FusedDataError,
+    all_ignored,
+    is_class_labels,
     fused_labels,
     fused_reason,
     parse_cross_entropy,
     plain_sequential,
     sequential_leaves,
 )
-from .params import ParamSelection
+from .params import ParamSelection, flat_offsets
 
 _ACTIVATIONS: dict[type[nn.Module], str] = {nn.ReLU: "relu", nn.GELU: "gelu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
 
@@ -47,6 +49,16 @@ class _Chain:
     weight_names: tuple[str, ...]
     bias_names: tuple[str | None, ...]
     activations: tuple[str, ...]
+
+    def offsets(self, param_offsets: dict[str, int]) -> tuple[list[int], list[int]]:
+        """The ops' weight_offsets and bias_offsets: where each layer's weight and bias start in the flat
+        vector (``param_offsets``, by name), -1 for one that is not chosen (or absent)."""
+        return ([param_offsets.get(n, -1) for n in self.weight_names],
+                [param_offsets.get(n, -1) if n is not None else -1 for n in self.bias_names])
+
+    def matrix(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch's inputs as the first Linear reads them (flattened after a leading nn.Flatten)."""
+        return x.reshape(x.shape[0], -1) if self.flatten else x
 
 
 def _parse_model(model: nn.Module) -> _Chain | str:
@@ -169,9 +181,7 @@ class FusedMLPHessian(CurvatureOperator):
         # Per-product arguments of the op, fixed at construction (the tensors are live views).
         chain = self._chain
         self._weights_changed()
-        offsets = self._param_offsets
-        self._weight_offsets = [offsets.get(n, -1) for n in chain.weight_names]
-        self._bias_offsets = [offsets.get(n, -1) if n is not None else -1 for n in chain.bias_names]
+        self._weight_offsets, self._bias_offsets = chain.offsets(self._param_offsets)
 
     def _weights_changed(self) -> None:
         self._weights = [self._tensor(n) for n in self._chain.weight_names]
@@ -184,8 +194,7 @@ class FusedMLPHessian(CurvatureOperator):
 
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
         """A batch's inputs as the (N, features) matrix the first Linear reads."""
-        if self._chain.flatten:
-            x = x.reshape(x.shape[0], -1)
+        x = self._chain.matrix(x)
         if x.dim() != 2:
             raise FusedDataError(
                 f"FusedMLPHessian: inputs of shape {tuple(x.shape)} are not (N, features) (and the model does not "
@@ -195,18 +204,13 @@ class FusedMLPHessian(CurvatureOperator):
             raise ValueError(f"FusedMLPHessian: inputs are {x.dtype} but the parameters are {self.dtype}")
         return x
 
-    def _all_ignored(self, labels: torch.Tensor) -> bool:
-        """Whether every row of a batch is ignored: the batch contributes zero (as on the other paths),
-        where the kernels refuse it (a mean over 0 rows)."""
-        return bool((labels == self._ignore_index).all())
-
     def _state(self, x: torch.Tensor, y: torch.Tensor) -> tuple[tuple[torch.Tensor, list[torch.Tensor] | None], int]:
         """The batch's inputs and its fixed-weight state (None when every row is ignored), and the
         bytes they hold: the inputs' unless they are the caller's data (a DataLoader's batch, a copy
         moved to the device or made by the input's reshape is held by the entry alone)."""
         inputs, labels = self._inputs(x), fused_labels(type(self).__name__, y)
         own = 0 if self.data.is_callers(inputs) else inputs.untyped_storage().nbytes()
-        if self._all_ignored(labels):
+        if all_ignored(labels, self._ignore_index):
             return (inputs, None), own
         state = mlp_hvp_state(inputs, labels, self._weights, self._biases, self._chain.activations,
                               label_smoothing=self._label_smoothing, ignore_index=self._ignore_index,
@@ -240,7 +244,7 @@ class FusedMLPHessian(CurvatureOperator):
             if entry is None:  # beyond the cache's budget: the whole pass, keeping no state
                 x, y = batch
                 labels = fused_labels(type(self).__name__, y)
-                if not self._all_ignored(labels):
+                if not all_ignored(labels, self._ignore_index):
                     out = mlp_hvp_flat(
                         self._inputs(x), labels, self._weights, self._biases, acts, matrix,
                         self._weight_offsets, self._bias_offsets, label_smoothing=self._label_smoothing,
@@ -269,12 +273,8 @@ class FusedMLPLoss:
     def __init__(self, model: nn.Module, loss_fn: LossFn, chosen: dict[str, torch.Tensor]) -> None:
         self._chain: _Chain = _parse_model(model)  # type: ignore[assignment]
         self._label_smoothing, self._ignore_index = parse_cross_entropy(loss_fn)  # type: ignore[misc]
-        offsets, start = {}, 0
-        for name, tensor in chosen.items():
-            offsets[name], start = start, start + tensor.numel()
-        self._size = start
-        self._weight_offsets = [offsets.get(n, -1) for n in self._chain.weight_names]
-        self._bias_offsets = [offsets.get(n, -1) if n is not None else -1 for n in self._chain.bias_names]
+        offsets, self._size = flat_offsets(chosen)
+        self._weight_offsets, self._bias_offsets = self._chain.offsets(offsets)
         self._dtype = next(iter(chosen.values())).dtype
         self.num_classes: int = model.get_parameter(self._chain.weight_names[-1]).shape[0]
         #: every layer tensor the pass reads (the caller looks them up live, by name)
@@ -285,9 +285,8 @@ class FusedMLPLoss:
         """The batch as the op's (N, features) inputs and int64 labels, or None where the pass cannot
         take it (inputs of another shape or dtype, class-probability targets: the caller's autograd
         pass then does)."""
-        if self._chain.flatten:
-            x = x.reshape(x.shape[0], -1)
-        if x.dim() != 2 or x.dtype != self._dtype or y.dim() != 1 or y.is_floating_point() or y.is_complex():
+        x = self._chain.matrix(x)
+        if x.dim() != 2 or x.dtype != self._dtype or not is_class_labels(y):
             return None
         return x, y.long()
 
@@ -297,7 +296,7 @@ class FusedMLPLoss:
         other paths add such a batch) and, with ``with_gradient``, its flat gradient. ``tensors``: the
         layer tensors by name (:attr:`layer_names`); ``x``, ``labels``: from :meth:`batch`. A loss that is
         not finite is returned as it is."""
-        if bool((labels == self._ignore_index).all()):
+        if all_ignored(labels, self._ignore_index):
             grad = torch.zeros(self._size, dtype=x.dtype, device=x.device) if with_gradient else None
             return torch.zeros((), dtype=torch.float64, device=x.device), grad
         value, grad = mlp_value_grad_flat(

@@ -241,10 +241,10 @@ class Objective:
         check_finite_weights("Objective", "objective", parameters, buffers, self._statistics, sums)
 
     def _pass(self, with_gradient: bool) -> tuple[float, torch.Tensor | None]:
-        # a module put in training mode since construction: random values, or running statistics the
-        # value's forward would write into the caller's model
         # the value alone may be taken inside inference mode
         refuse_modes("Objective", self._device, "take a gradient" if with_gradient else None)
+        # a module put in training mode since construction: random values, or running statistics the
+        # value's forward would write into the caller's model
         check_per_sample_forward(self.model, "Objective")
         self._check_weights()
         self.data.check_unchanged("Objective")

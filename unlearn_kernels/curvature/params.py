@@ -172,6 +172,15 @@ class ModelChanged(ValueError):
     cached state describe the model as it was, so it refuses to go on."""
 
 
+def flat_offsets(chosen: dict[str, torch.Tensor]) -> tuple[dict[str, int], int]:
+    """Where each chosen tensor starts in the flat vector (row-major, in the dict's order), and its length d."""
+    offsets, d = {}, 0
+    for name, tensor in chosen.items():
+        offsets[name] = d
+        d += tensor.numel()
+    return offsets, d
+
+
 class ParameterSlots:
     """Where each named parameter (and each of ``buffer_names``) of a model lives (its module's
     parameter or buffer dict and attribute), so that an object replaced there (``load_state_dict(...,
