@@ -92,19 +92,22 @@ void check_layers(const char* op, const at::Tensor& x, at::TensorList weights,
   }
 }
 
-// check_layers, and the targets and label smoothing of the loss.
-void check_model(const at::Tensor& x, const at::Tensor& target, at::TensorList weights,
+// The refusal of NaN or +Inf logits (a kept row's max, or any entry of an ignored row), after "<op>: ".
+constexpr const char* kBadLogits = "the logits contain NaN or +Inf (check x, the weights and the biases)";
+
+// check_layers, and the targets and label smoothing of the loss; `op` names the op in messages.
+void check_model(const char* op, const at::Tensor& x, const at::Tensor& target, at::TensorList weights,
                  const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations,
                  double label_smoothing) {
-  check_layers("mlp_hvp", x, weights, biases, activations);
+  check_layers(op, x, weights, biases, activations);
   TORCH_CHECK_TYPE(target.scalar_type() == at::kLong,
-                   message("mlp_hvp: target must be int64 class indices, got ", target.scalar_type()).c_str());
+                   message(op, ": target must be int64 class indices, got ", target.scalar_type()).c_str());
   TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == x.size(0),
-                    message("mlp_hvp: target must have shape (", x.size(0), ",), got ", target.sizes()).c_str());
+                    message(op, ": target must have shape (", x.size(0), ",), got ", target.sizes()).c_str());
   TORCH_CHECK_VALUE(target.device() == x.device(),
-                    message("mlp_hvp: target is on ", target.device(), " but x on ", x.device()).c_str());
+                    message(op, ": target is on ", target.device(), " but x on ", x.device()).c_str());
   TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
-                    message("mlp_hvp: label_smoothing must be in [0, 1], got ", label_smoothing).c_str());
+                    message(op, ": label_smoothing must be in [0, 1], got ", label_smoothing).c_str());
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& target, at::TensorList weights,
@@ -118,7 +121,7 @@ void check_inputs(const at::Tensor& x, const at::Tensor& target, at::TensorList 
               "layer, got ",
               L, ", ", biases.size(), ", ", activations.size(), ", ", v_weights.size(), " and ", v_biases.size())
           .c_str());
-  check_model(x, target, weights, biases, activations, label_smoothing);
+  check_model("mlp_hvp", x, target, weights, biases, activations, label_smoothing);
   const int64_t K = v_weights[0].dim() == 3 ? v_weights[0].size(0) : -1;
   TORCH_CHECK_VALUE(
       K >= 1,
@@ -147,9 +150,9 @@ void check_inputs(const at::Tensor& x, const at::Tensor& target, at::TensorList 
 
 // The rows whose target is not ignore_index, the mean's denominator (count_kept checks the targets); a
 // ValueError where there is none.
-int64_t kept_rows(const Kernels& kernels, const at::Tensor& target, int64_t C, int64_t ignore_index) {
-  const int64_t num_kept = kernels.count_kept(target, C, ignore_index);
-  TORCH_CHECK_VALUE(num_kept > 0, message("mlp_hvp: every target is ignore_index=", ignore_index,
+int64_t kept_rows(const char* op, const Kernels& kernels, const at::Tensor& target, int64_t C, int64_t ignore_index) {
+  const int64_t num_kept = kernels.count_kept(op, target, C, ignore_index);
+  TORCH_CHECK_VALUE(num_kept > 0, message(op, ": every target is ignore_index=", ignore_index,
                                           " (the mean loss over 0 samples is undefined)")
                                       .c_str());
   return num_kept;
@@ -225,14 +228,13 @@ std::vector<at::Tensor> run(const Kernels& kernels, const at::Tensor& x, const a
   // Loss rows, in place: the logits become the gradient g, their R-derivative becomes Rg.
   at::Tensor g = h[L], rg = rh[L];
   h[L] = rh[L] = at::Tensor();
-  const int64_t num_kept = kept_rows(kernels, target, g.size(1), ignore_index);
+  const int64_t num_kept = kept_rows("mlp_hvp", kernels, target, g.size(1), ignore_index);
   at::Tensor flags = at::zeros({2}, g.options().dtype(at::kInt));
   at::Tensor no_values;
   kernels.loss(g, target, rg, label_smoothing, ignore_index, 1.0 / static_cast<double>(num_kept), flags, no_values);
   if (check_finite) {
     const at::Tensor f = flags.cpu();
-    TORCH_CHECK_VALUE(f[0].item<int>() == 0,
-                      "mlp_hvp: the logits contain NaN or +Inf (check x, the weights and the biases)");
+    TORCH_CHECK_VALUE(f[0].item<int>() == 0, message("mlp_hvp: ", kBadLogits).c_str());
     TORCH_CHECK_VALUE(f[1].item<int>() == 0, "mlp_hvp: the R-derivative of the logits contains NaN or Inf "
                       "(check v_weights and v_biases, then x and the weights: an Inf weight under a saturating "
                       "activation leaves the logits finite)");
@@ -396,7 +398,7 @@ std::tuple<at::Tensor, at::Tensor> run_value_grad_flat(
     at::IntArrayRef bias_offsets, double label_smoothing, int64_t ignore_index, bool with_gradient,
     bool check_finite) {
   constexpr const char* op = "mlp_value_grad_flat";
-  check_model(x, target, weights, biases, activations, label_smoothing);
+  check_model(op, x, target, weights, biases, activations, label_smoothing);
   const auto [lowest, d] = check_blocks(op, weights, biases, weight_offsets, bias_offsets, -1);
   const int64_t L = static_cast<int64_t>(weights.size()), N = x.size(0);
   const auto act = [&](int64_t l) { return static_cast<Activation>(activations[l]); };
@@ -409,15 +411,14 @@ std::tuple<at::Tensor, at::Tensor> run_value_grad_flat(
   // sum_c z_c); their mean over the kept rows is the value.
   at::Tensor z = h[L];
   const int64_t C = z.size(1);
-  const int64_t num_kept = kept_rows(kernels, target, C, ignore_index);
+  const int64_t num_kept = kept_rows(op, kernels, target, C, ignore_index);
   at::Tensor flags = at::zeros({2}, z.options().dtype(at::kInt)), no_tangents = at::empty({N, 0, C}, z.options());
   at::Tensor rows = at::empty({N}, z.options().dtype(at::kDouble));
   kernels.loss(z, target, no_tangents, label_smoothing, ignore_index, 1.0 / static_cast<double>(num_kept), flags,
                rows);
   const at::Tensor value = rows.sum().div_(static_cast<double>(num_kept));
   if (check_finite) {  // as run's: a NaN or Inf in an ignored row reaches the gradient through 0 * Inf
-    TORCH_CHECK_VALUE(flags.cpu()[0].item<int>() == 0,
-                      "mlp_hvp: the logits contain NaN or +Inf (check x, the weights and the biases)");
+    TORCH_CHECK_VALUE(flags.cpu()[0].item<int>() == 0, message(op, ": ", kBadLogits).c_str());
     TORCH_CHECK_VALUE(std::isfinite(value.item<double>()),
                       message(op, ": the loss is not finite (NaN or Inf in the logits: check x, the weights and the "
                                   "biases)")
@@ -467,7 +468,7 @@ std::vector<at::Tensor> run_state(const Kernels& kernels, const at::Tensor& x, c
                                   at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
                                   at::IntArrayRef activations, double label_smoothing, int64_t ignore_index,
                                   bool check_finite) {
-  check_model(x, target, weights, biases, activations, label_smoothing);
+  check_model("mlp_hvp", x, target, weights, biases, activations, label_smoothing);
   const int64_t L = static_cast<int64_t>(weights.size()), N = x.size(0);
   const auto act = [&](int64_t l) { return static_cast<Activation>(activations[l]); };
   std::vector<at::Tensor> h, d1, d2;
@@ -475,7 +476,7 @@ std::vector<at::Tensor> run_state(const Kernels& kernels, const at::Tensor& x, c
   // softmax(z) (zero on ignored rows) for the loss's R-rows, then the logits become the gradient.
   at::Tensor g = h[L];
   const int64_t C = g.size(1);
-  const int64_t num_kept = kept_rows(kernels, target, C, ignore_index);
+  const int64_t num_kept = kept_rows("mlp_hvp", kernels, target, C, ignore_index);
   // in double, cast back: float32's vectorised sum drops a confident row's small classes from the normaliser
   at::Tensor p = at::softmax(g, 1, at::kDouble).to(g.scalar_type());
   if (num_kept < N) p.mul_((target != ignore_index).unsqueeze(1).to(p.scalar_type()));
@@ -484,8 +485,7 @@ std::vector<at::Tensor> run_state(const Kernels& kernels, const at::Tensor& x, c
   kernels.loss(g, target, no_tangents, label_smoothing, ignore_index, 1.0 / static_cast<double>(num_kept), flags,
                no_values);
   if (check_finite) {
-    TORCH_CHECK_VALUE(flags.cpu()[0].item<int>() == 0,
-                      "mlp_hvp: the logits contain NaN or +Inf (check x, the weights and the biases)");
+    TORCH_CHECK_VALUE(flags.cpu()[0].item<int>() == 0, message("mlp_hvp: ", kBadLogits).c_str());
   }
   // The gradient's backward: d_l = act'(a_l) g_l and act''(a_l) g_l per layer.
   std::vector<at::Tensor> d(L), s(L);

@@ -42,8 +42,8 @@ struct Kernels {
   void (*backward)(const at::Tensor& d1, const at::Tensor& d2, const at::Tensor& ra, at::Tensor& g,
                    at::Tensor& rg);
   // The number of rows whose target is not ignore_index (the mean's denominator); raises a
-  // ValueError naming the first kept target outside [0, C).
-  int64_t (*count_kept)(const at::Tensor& target, int64_t C, int64_t ignore_index);
+  // ValueError naming the first kept target outside [0, C) (after "<op>: ").
+  int64_t (*count_kept)(const char* op, const at::Tensor& target, int64_t C, int64_t ignore_index);
   // Rows of the mean softmax cross entropy, in place: z (N, C) logits -> (softmax(z) - t) * scale,
   // rz (N, K, C) -> (diag(p) - p p^T) rz * scale per tangent, with scale = 1 / (rows kept); rows whose
   // target is ignore_index become 0. Targets are in range (count_kept checked them). Sets flags[0] if a kept

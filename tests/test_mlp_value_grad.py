@@ -135,16 +135,17 @@ def test_bad_input_raises_clear_errors(backend, device, rng):
          biases=[None, p["biases"][1]])
     call(ValueError, r"mlp_value_grad_flat: weights, biases, weight_offsets and bias_offsets must have one entry per "
                      r"layer, got 2, 2, 1 and 2", weight_offsets=[0])
-    call(ValueError, r"mlp_hvp: target\[0\] = 7 is out of range for 3 classes", target=torch.full_like(p["target"], 7))
-    call(ValueError, r"mlp_hvp: every target is ignore_index=-100",
+    call(ValueError, r"mlp_value_grad_flat: target\[0\] = 7 is out of range for 3 classes", target=torch.full_like(p["target"], 7))
+    call(ValueError, r"mlp_value_grad_flat: every target is ignore_index=-100",
          target=torch.full_like(p["target"], -100))
-    call(TypeError, r"mlp_hvp: target must be int64 class indices, got Double", target=p["target"].double())
-    call(ValueError, r"mlp_hvp: weights\[1\] has shape \[3, 5\] but its input has 4 features",
+    call(TypeError, r"mlp_value_grad_flat: target must be int64 class indices, got Double", target=p["target"].double())
+    call(ValueError, r"mlp_value_grad_flat: weights\[1\] has shape \[3, 5\] but its input has 4 features",
          weights=[p["weights"][0], p["weights"][1].new_zeros(3, 5)])
     call(TypeError, r"mlp_value_grad_flat: with_gradient must be", with_gradient="yes")
+    call(ValueError, r"mlp_value_grad_flat: activations\[1\] = 'swish' is not one of", activations=["relu", "swish"])
     bad_x = p["x"].clone()
     bad_x[3, 1] = float("nan")
-    call(ValueError, r"mlp_hvp: the logits contain NaN or \+Inf \(check x, the weights and the biases\)", x=bad_x)
+    call(ValueError, r"mlp_value_grad_flat: the logits contain NaN or \+Inf \(check x, the weights and the biases\)", x=bad_x)
     minus_inf = [p["biases"][0], p["biases"][1].clone()]
     minus_inf[1][int(p["target"][0])] = -float("inf")  # a target class's logit -Inf: the row max is finite
     call(ValueError, r"mlp_value_grad_flat: the loss is not finite \(NaN or Inf in the logits", biases=minus_inf)
@@ -166,7 +167,7 @@ def test_non_finite_that_leaves_the_loss_finite_is_refused(backend, device, rng)
     ignored_nan[2, 1] = float("nan")
     target = p["target"].clone()
     target[2] = -100
-    with pytest.raises(ValueError, match=r"^mlp_hvp: the logits contain NaN or \+Inf"):
+    with pytest.raises(ValueError, match=r"^mlp_value_grad_flat: the logits contain NaN or \+Inf"):
         ops.mlp_value_grad_flat(**{**p, "x": ignored_nan, "target": target}, weight_offsets=wo, bias_offsets=bo,
                                 backend=backend)
     saturated = p["x"].clone()

@@ -176,13 +176,13 @@ bool all_finite(const scalar_t* x, int64_t n) {
   return finite;
 }
 
-int64_t count_kept_cpu(const at::Tensor& target, int64_t C, int64_t ignore_index) {
+int64_t count_kept_cpu(const char* op, const at::Tensor& target, int64_t C, int64_t ignore_index) {
   const at::Tensor y = target.contiguous();
   const int64_t* py = y.const_data_ptr<int64_t>();
   int64_t kept = 0;
   for (int64_t i = 0; i < y.numel(); ++i) {
     if (py[i] == ignore_index) continue;
-    TORCH_CHECK_VALUE(py[i] >= 0 && py[i] < C, message("mlp_hvp: target[", i, "] = ", py[i], " is out of range for ", C,
+    TORCH_CHECK_VALUE(py[i] >= 0 && py[i] < C, message(op, ": target[", i, "] = ", py[i], " is out of range for ", C,
                                                        " classes (and is not ignore_index=", ignore_index, ")")
                                                    .c_str());
     ++kept;

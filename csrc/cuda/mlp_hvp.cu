@@ -219,13 +219,13 @@ void backward_cuda(const at::Tensor& d1, const at::Tensor& d2, const at::Tensor&
   });
 }
 
-int64_t count_kept_cuda(const at::Tensor& target, int64_t C, int64_t ignore_index) {
+int64_t count_kept_cuda(const char* op, const at::Tensor& target, int64_t C, int64_t ignore_index) {
   const at::Tensor kept = target != ignore_index;
   const at::Tensor bad_target = (kept & ((target < 0) | (target >= C))).nonzero();
   if (bad_target.numel() > 0) {
     const int64_t row = bad_target[0][0].item<int64_t>();
     TORCH_CHECK_VALUE(false,
-                      message("mlp_hvp: target[", row, "] = ", target[row].item<int64_t>(), " is out of range for ", C,
+                      message(op, ": target[", row, "] = ", target[row].item<int64_t>(), " is out of range for ", C,
                               " classes (and is not ignore_index=", ignore_index, ")")
                           .c_str());
   }

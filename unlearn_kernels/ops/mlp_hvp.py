@@ -21,6 +21,10 @@ per-layer tangents and the gathering of the products happen in the compiled op, 
 At fixed weights, :func:`mlp_hvp_state` computes once what does not depend on the tangents (the
 forward, the softmax and the gradient's backward) and :func:`mlp_hvp_flat_cached` answers each
 product from it with the R-passes alone.
+
+:func:`mlp_value_grad_flat` is the same MLP's loss (in float64 from the logits) and its gradient on
+flat vectors, one forward and one backward through the same passes and device stages (what
+``curvature.Objective`` runs on such a model instead of autograd).
 """
 from __future__ import annotations
 
@@ -96,12 +100,12 @@ _BAD_R_LOGITS = ("the R-derivative of the logits contains NaN or Inf (check {}, 
                  "weight under a saturating activation leaves the logits finite)")
 
 
-def _check_logits(z: torch.Tensor, kept: torch.Tensor) -> None:
+def _check_logits(z: torch.Tensor, kept: torch.Tensor, op: str = _OP) -> None:
     """ValueError if the logits z (N, C) make the loss's rows non-finite, as the kernels flag them: a
     kept row (``kept``: (N,) bool) whose max is not finite (a NaN or +Inf, or all -Inf), or an ignored
     row with a NaN or Inf (it reaches every product through the backward's 0 * Inf)."""
     if not all_finite(torch.where(kept, z.amax(1), z.abs().amax(1))):
-        raise ValueError(f"{_OP}: {_BAD_LOGITS}")
+        raise ValueError(f"{op}: {_BAD_LOGITS}")
 
 
 def _check_r_logits(dots: torch.Tensor, tangents: str) -> None:
@@ -192,18 +196,18 @@ def _check_layers(op: str, x: torch.Tensor, weights, biases, activations) -> Non
         in_features = out
 
 
-def _check_model_inputs(x, target, weights, biases, activations, label_smoothing) -> None:
+def _check_model_inputs(x, target, weights, biases, activations, label_smoothing, op: str = _OP) -> None:
     """``check_model`` in csrc/mlp_hvp.cpp: :func:`_check_layers`, then the targets and the label
-    smoothing (the checks of the ops without per-layer tangents)."""
-    _check_layers(_OP, x, weights, biases, activations)
+    smoothing (the checks of the ops without per-layer tangents); ``op`` names the op in messages."""
+    _check_layers(op, x, weights, biases, activations)
     if not isinstance(target, torch.Tensor) or target.dtype != torch.long:
         got = dtype_name(target.dtype) if isinstance(target, torch.Tensor) else type(target).__name__
-        raise TypeError(f"{_OP}: target must be int64 class indices, got {got}")
+        raise TypeError(f"{op}: target must be int64 class indices, got {got}")
     if target.dim() != 1 or target.shape[0] != x.shape[0]:
-        raise ValueError(f"{_OP}: target must have shape ({x.shape[0]},), got {shape_text(target)}")
+        raise ValueError(f"{op}: target must have shape ({x.shape[0]},), got {shape_text(target)}")
     if target.device != x.device:
-        raise ValueError(f"{_OP}: target is on {target.device} but x on {x.device}")
-    check_number(f"{_OP}: label_smoothing", label_smoothing, 0.0, 1.0)
+        raise ValueError(f"{op}: target is on {target.device} but x on {x.device}")
+    check_number(f"{op}: label_smoothing", label_smoothing, 0.0, 1.0)
 
 
 def _check_inputs(x, target, weights, biases, activations, v_weights, v_biases, label_smoothing) -> None:
@@ -233,12 +237,12 @@ def _check_inputs(x, target, weights, biases, activations, v_weights, v_biases, 
             _check_like(_OP, x, vb, "v_biases", l)
 
 
-def _check_targets(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+def _check_targets(target: torch.Tensor, num_classes: int, ignore_index: int, op: str = _OP) -> None:
     """The target checks the compiled kernels do inside the pass, for the reference backend (before
     the finiteness of the logits, as there)."""
-    check_targets(target, num_classes, ignore_index, op=_OP)
+    check_targets(target, num_classes, ignore_index, op=op)
     if not bool((target != ignore_index).any()):
-        raise ValueError(f"{_OP}: every target is ignore_index={ignore_index} (the mean loss over 0 samples is undefined)")
+        raise ValueError(f"{op}: every target is ignore_index={ignore_index} (the mean loss over 0 samples is undefined)")
 
 
 # --------------------------------------------------------------------------- public op
@@ -560,7 +564,7 @@ def mlp_value_grad_flat_ref(
         for w, b, fn in zip(ws, bs, fns):
             h = fn(F.linear(h, w, b))
         if check_finite:
-            _check_logits(h, target != ignore_index)
+            _check_logits(h, target != ignore_index, _VALUE_GRAD_OP)
         value = F.cross_entropy(h.double(), target, label_smoothing=label_smoothing, ignore_index=ignore_index)
         if check_finite and not all_finite(value):
             raise ValueError(f"{_VALUE_GRAD_OP}: {_BAD_LOSS}")
@@ -619,16 +623,16 @@ def mlp_value_grad_flat(
     check_tensor(f"{op}: target", target)
     weights = _tensor_list("weights", weights, None, optional=False, op=op)
     biases = _tensor_list("biases", biases, len(weights), optional=True, op=op)
-    codes = _activation_codes(activations)
+    codes = _activation_codes(activations, op)
     weight_offsets = _offsets(op, "weight_offsets", weight_offsets)
     bias_offsets = _offsets(op, "bias_offsets", bias_offsets)
     label_smoothing, ignore_index, check_finite = _options(op, label_smoothing, ignore_index, check_finite)
     with_gradient = check_bool(f"{op}: with_gradient", with_gradient)
     if choose(op, x.device, backend) == "reference":  # the C++ op's checks in its order: the model, then the layout
-        _check_model_inputs(x, target, weights, biases, activations, label_smoothing)
+        _check_model_inputs(x, target, weights, biases, activations, label_smoothing, op)
         _check_blocks(op, weights, biases, weight_offsets, bias_offsets, None)
         if not x.is_meta:  # meta tensors hold no values to check: the results' shapes only
-            _check_targets(target, weights[-1].shape[0], ignore_index)
+            _check_targets(target, weights[-1].shape[0], ignore_index, op)
         return mlp_value_grad_flat_ref(x, target, weights, biases, activations, weight_offsets, bias_offsets,
                                        label_smoothing, ignore_index, with_gradient=with_gradient,
                                        check_finite=check_finite and not x.is_meta)
@@ -823,13 +827,13 @@ def mlp_hvp_flat_cached(
         x, state, weights, biases, codes, V, weight_offsets, bias_offsets, check_finite)
 
 
-def _activation_codes(activations: Sequence[str]) -> list[int]:
+def _activation_codes(activations: Sequence[str], op: str = _OP) -> list[int]:
     """The schema's codes of the activation names (the one check of the names, for every op and path)."""
     if isinstance(activations, str) or not isinstance(activations, Sequence):
-        raise TypeError(f"{_OP}: activations must be a list of names, got {type(activations).__name__}")
+        raise TypeError(f"{op}: activations must be a list of names, got {type(activations).__name__}")
     for i, a in enumerate(activations):
         if a not in ACTIVATIONS:
-            raise ValueError(f"{_OP}: activations[{i}] = {a!r} is not one of {sorted(ACTIVATIONS)}")
+            raise ValueError(f"{op}: activations[{i}] = {a!r} is not one of {sorted(ACTIVATIONS)}")
     return [ACTIVATIONS[a] for a in activations]
 
 
@@ -854,7 +858,7 @@ def _fake_flat(x, target, weights, biases, activations, V, weight_offsets, bias_
 
 def _fake_value_grad_flat(x, target, weights, biases, activations, weight_offsets, bias_offsets, label_smoothing,
                           ignore_index, with_gradient, check_finite):
-    _check_model_inputs(x, target, weights, biases, activations, label_smoothing)
+    _check_model_inputs(x, target, weights, biases, activations, label_smoothing, _VALUE_GRAD_OP)
     d = _check_blocks(_VALUE_GRAD_OP, weights, biases, weight_offsets, bias_offsets, None)
     return x.new_empty((), dtype=torch.float64), x.new_empty(d if with_gradient else 0)
 
