@@ -1092,6 +1092,28 @@ def test_destroyed_process_group_is_not_kept_alive(tmp_path):
     _spawn(_destroyed_group_worker, (1, str(tmp_path / "store")), 1)
 
 
+def _held_destroyed_group_worker(rank: int, world: int, store: str) -> None:
+    """A group destroyed while the caller still holds it (``pg = dist.new_group(...)`` in scope): the objects
+    went on computing on it (an operator) or met torch's "Group ... is not registered" (a method) (r68); they
+    now say it was destroyed, and a new object on it is refused so."""
+    _init(rank, world, store)
+    model, x, y = model_and_data()
+    group = dist.new_group([0])
+    op = hessian_operator(model, nn.CrossEntropyLoss(), (x, y), process_group=group)
+    method = METHODS["cure_newton"](process_group=group)
+    dist.destroy_process_group(group)
+    with pytest.raises(RuntimeError, match="distributed curvature: the process group was destroyed"):
+        op.gradient()
+    with pytest.raises(RuntimeError, match="^cure_newton: the process group was destroyed"):
+        method.unlearn(model, LabeledData(x[:10], y[:10]), LabeledData(x[10:], y[10:]), seed=0)
+    with pytest.raises(RuntimeError, match="the process group was destroyed"):
+        hessian_operator(model, nn.CrossEntropyLoss(), (x, y), process_group=group)
+
+
+def test_a_destroyed_process_group_the_caller_still_holds(tmp_path):
+    _spawn(_held_destroyed_group_worker, (1, str(tmp_path / "store")), 1)
+
+
 def test_bad_process_group():
     model, x, y = model_and_data()
     with pytest.raises(TypeError, match="ProcessGroup"):

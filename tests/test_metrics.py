@@ -639,3 +639,18 @@ def test_a_batch_norm_layer_without_running_statistics_gets_a_last_row_of_one_jo
     plain = _trained_like_model()
     with torch.no_grad():
         assert torch.equal(predict_logits(plain, data, 64), torch.cat([plain.eval()(x[:64]), plain(x[64:65])]))
+
+
+def test_the_mias_take_finite_logits_whose_softmax_underflows():
+    """Finite float64 logits 1e308 apart: mia_entropy's 0 * -inf made a NaN feature (sklearn's raw "Input X contains
+    NaN"), mia_loss's infinite loss failed every fold, which cross_val_score turned into a NaN score (r67). The
+    entropy's 0 ln 0 is 0, and a loss beyond 1e150 counts as 1e150."""
+    from unlearn_kernels.eval import mia_entropy, mia_loss
+
+    gen = torch.Generator().manual_seed(0)
+    big = torch.tensor([[1e308, -1e308], [0.0, 1.0]], dtype=torch.float64)
+    norm = torch.randn(10, 2, dtype=torch.float64, generator=gen)
+    score = mia_entropy(torch.cat([big, norm]), norm, norm)
+    assert 0.0 <= score <= 1.0
+    score = mia_loss(torch.cat([big, norm]), torch.ones(12, dtype=torch.long), norm, torch.zeros(10, dtype=torch.long))
+    assert 0.0 <= score <= 1.0

@@ -557,3 +557,13 @@ def test_the_time_axis_is_labelled_plainly_at_every_span(times, labels):
     low, high = ax.get_xlim()
     ticks = [*ax.xaxis.get_major_ticks(), *ax.xaxis.get_minor_ticks()]
     assert [t.label1.get_text() for t in ticks if low <= t.get_loc() <= high and t.label1.get_text()] == labels
+
+
+def test_summarize_takes_numpy_scalars():
+    """A record holding np.float32(0.9) was summarised without it, as if it were None (r67)."""
+    import numpy as np
+
+    recs = [{"seed": s, "request": 0, "method": "x", "metrics": {"acc_test": v}}
+            for s, v in ((0, 0.5), (1, np.float32(0.75)), (2, np.int64(1)))]
+    figure = report.summarize(recs)[0]["x"]["acc_test"]
+    assert figure.seeds == 3 and figure[0] == pytest.approx(0.75)

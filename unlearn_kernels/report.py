@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .checkpoint import refuse_empty_path, save_figure, save_json
@@ -184,7 +185,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[int, dict[str, dict[str, Fi
     for r in records:
         for key, value in r["metrics"].items():
             # NaN and Inf as None, as results.json writes them: the summary is the same read back from it
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            # (numpy scalars too: np.float32(0.9) was left out like None)
+            if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value):
                 grouped[r["request"]][r["method"]][key].append(float(value))
     return {request: {method: {key: _figure(values) for key, values in metrics.items()}
                       for method, metrics in methods.items()} for request, methods in grouped.items()}

@@ -97,9 +97,15 @@ class GroupRef:
             raise TypeError(f"{owner}: process_group must be a torch.distributed ProcessGroup (e.g. dist.group.WORLD "
                             f"after init_process_group), got {type(group).__name__}")
         self._ref, self._owner = weakref.ref(group), owner
+        self()  # a group destroyed already
 
     def __call__(self) -> dist.ProcessGroup:
         group = self._ref()
+        if group is not None:
+            try:  # destroyed while the caller still holds it: torch no longer has it registered
+                dist.get_rank(group)
+            except (ValueError, RuntimeError):
+                group = None
         if group is None:
             raise RuntimeError(f"{self._owner}: the process group was destroyed (destroy_process_group); build it "
                                "again on a live group")

@@ -31,9 +31,11 @@ from .metrics import check_labels, check_logits
 # The features are read with .detach(): logits straight from a model's forward (requires_grad) are valid
 # input, and numpy() refuses them ("Can't call numpy() on Tensor that requires grad").
 def _entropy(logits: torch.Tensor) -> np.ndarray:
-    """Prediction entropy -sum_c p_c ln p_c of each row, (N, 1) float64."""
+    """Prediction entropy -sum_c p_c ln p_c of each row, (N, 1) float64 (0 ln 0 = 0: a class whose softmax
+    underflows, logits 1e308 apart, gave 0 * -inf = NaN and sklearn's "Input X contains NaN")."""
     log_p = torch.log_softmax(logits.detach().double(), dim=1)
-    return (-(log_p.exp() * log_p).sum(dim=1)).cpu().numpy().reshape(-1, 1)
+    terms = torch.where(torch.isinf(log_p), torch.zeros_like(log_p), log_p.exp() * log_p)
+    return (-terms.sum(dim=1)).cpu().numpy().reshape(-1, 1)
 
 
 def _cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> np.ndarray:
@@ -149,11 +151,14 @@ def mia_loss(
                           np.random.default_rng(seed))
     # The fit in the loss's own units stopped early where losses are large (from about 1e7: every row predicted a
     # member, exactly 0.5, for sets one threshold separates): it runs on losses / s with C = s^2 instead (s their
-    # largest), the same optimum in other units, within [1e-150, 1e150] so that C stays a normal float
+    # largest), the same optimum in other units, within [1e-150, 1e150] so that C stays a normal float; a loss
+    # beyond 1e150 (an infinite one too: finite logits 1e308 apart) counts as 1e150, the order kept (an infinite
+    # loss failed every fold's fit, which cross_val_score turned into a NaN score)
+    x = np.minimum(x, 1e150)
     scale = min(max(float(x.max()), 1e-150), 1e150)
     attacker = LogisticRegression(C=scale * scale, random_state=seed)
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    scores = cross_val_score(attacker, x / scale, labels, cv=cv, scoring="accuracy")
+    scores = cross_val_score(attacker, x / scale, labels, cv=cv, scoring="accuracy", error_score="raise")
     return float(scores.mean())
 
 
