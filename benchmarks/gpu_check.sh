@@ -43,9 +43,9 @@ FAILED=()
 # "cuda"), Triton's (compiled for the GPU) and the tests that run every (backend, device) pair inside
 # their body (marked every_backend) are the ones selected below.
 TESTS=(tests/test_lanczos_step.py tests/test_cubic_secular.py tests/test_softmax_ce.py
-       tests/test_softmax_ce_triton.py tests/test_mlp_hvp.py tests/test_lora_linear.py
+       tests/test_softmax_ce_triton.py tests/test_mlp_hvp.py tests/test_mlp_value_grad.py tests/test_lora_linear.py
        tests/test_curvature.py tests/test_fused_conv.py tests/test_lanczos.py tests/test_cubic.py
-       tests/test_distributed.py tests/test_weights_fingerprint.py)
+       tests/test_distributed.py tests/test_weights_fingerprint.py tests/test_checks.py)
 
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 

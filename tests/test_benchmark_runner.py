@@ -385,6 +385,11 @@ def test_gpu_check_selects_every_test_that_runs_a_cuda_backend():
                 looping.append((f"{name}::{node.name}", marked or takes_device))
     assert len(looping) >= 8  # the rule has something to check
     assert [test for test, selected in looping if not selected] == []
+    # and every test file that runs an op on each (backend, device) pair is in the list (tests/test_mlp_value_grad.py
+    # was not: its CUDA cases would not have run on a lent GPU)
+    pairs = sorted(f"tests/{p.name}" for p in (BENCHMARKS.parent / "tests").glob("test_*.py")
+                   if re.search(r"backend_devices\(|@pytest\.mark\.every_backend", p.read_text()))
+    assert [name for name in pairs if name not in files] == []
 
 
 FAKE_PYTHON = """#!/usr/bin/env bash
