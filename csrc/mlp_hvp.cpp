@@ -172,7 +172,6 @@ void forward(const Kernels& kernels, const at::Tensor& x, at::TensorList weights
   for (int64_t l = 0; l < L; ++l) {
     const auto act = static_cast<Activation>(activations[l]);
     const int64_t out = weights[l].size(0);
-    h[l + 1] = at::empty({N, out}, x.options());
     at::Tensor rh = at::empty({N, 0, out}, x.options()), ra;
     if (has_first(act)) d1[l] = at::empty({N, out}, x.options());
     if (has_second(act)) {
@@ -181,8 +180,8 @@ void forward(const Kernels& kernels, const at::Tensor& x, at::TensorList weights
     }
     const std::optional<at::Tensor> b = biases[l];
     const at::Tensor none;
-    kernels.activate(act, at::mm(h[l], weights[l].t()), none, b.has_value() ? *b : none, none, h[l + 1], d1[l], d2[l],
-                     rh, ra);
+    h[l + 1] = at::mm(h[l], weights[l].t());  // activated in place: one fresh buffer per layer
+    kernels.activate(act, h[l + 1], none, b.has_value() ? *b : none, none, h[l + 1], d1[l], d2[l], rh, ra);
     if (l > 0 && l < keep_from) h[l] = at::Tensor();
   }
 }
@@ -444,7 +443,8 @@ std::tuple<at::Tensor, at::Tensor> run_value_grad_flat(
       at::Tensor block = grad.narrow(0, bias_offsets[l], out);
       at::sum_out(block, g, {0});
     }
-    if (l > static_cast<int64_t>(lowest)) g = at::mm(g, weights[l]);
+    // g_{l-1} goes into h[l]'s buffer (ours, as l > 0; its last reader was dW_l above)
+    if (l > static_cast<int64_t>(lowest)) g = at::mm_out(h[l], g, weights[l]);
     h[l] = d1[l] = at::Tensor();
   }
   if (check_finite) {

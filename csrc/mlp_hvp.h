@@ -32,7 +32,8 @@ struct Kernels {
   // first layer, where Rh = 0); b (d) and vb (K, d) are the bias and its tangents (each may be
   // undefined). With a = ar_0 + b and r_k = ar_k + vb_k + t_k, writes h = act(a) (N, d),
   // d1 = act'(a) and d2 = act''(a) where defined (d1 undefined for the identity, d2 for the
-  // identity and ReLU), rh_k = act'(a) r_k (N, K, d), and ra_k = r_k where d2 is defined.
+  // identity and ReLU), rh_k = act'(a) r_k (N, K, d), and ra_k = r_k where d2 is defined. With K = 0, h may
+  // be ar itself (in place: each element is read before it is written).
   void (*activate)(Activation act, const at::Tensor& ar, const at::Tensor& t, const at::Tensor& b,
                    const at::Tensor& vb, at::Tensor& h, at::Tensor& d1, at::Tensor& d2, at::Tensor& rh,
                    at::Tensor& ra);

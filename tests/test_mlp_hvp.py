@@ -124,6 +124,24 @@ def test_deeper_mixed_chain_with_label_smoothing_and_ignored_rows(rng):
         assert relative_error(out.cpu(), exact) <= 1e-10, (backend, device)
 
 
+@pytest.mark.every_backend  # its cuda pairs run inside the body: benchmarks/gpu_check.sh selects it by this mark
+def test_rows_over_several_loss_tiles_with_ignored_rows_at_their_edges(rng):
+    # the CPU loss takes rows 64 at a time (max, exps, sums, logs per tile): 133 rows are two full tiles and
+    # a partial one, with ignored rows on both sides of each edge; then an ignored row with a NaN in the
+    # third tile (its exps run with the tile's) is still refused
+    p = _problem([5, 6, 4], ["tanh", "identity"], True, 3, rng, n=133, smoothing=0.1)
+    p["target"][[0, 63, 64, 65, 127, 128, 132]] = -100
+    exact = _dense_products(p)
+    for backend, device in PAIRS:
+        out = _flat(*ops.mlp_hvp(**_cast(p, device=device), backend=backend))
+        assert relative_error(out.cpu(), exact) <= 1e-10, (backend, device)
+    p["x"][130, 2] = float("nan")
+    p["target"][130] = -100
+    for backend, device in PAIRS:
+        with pytest.raises(ValueError, match="NaN or"):
+            ops.mlp_hvp(**_cast(p, device=device), backend=backend)
+
+
 @pytest.mark.parametrize("backend, device", COMPILED)
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("k", [1, 5])

@@ -102,6 +102,21 @@ def test_deeper_chain_with_smoothing_ignored_rows_and_a_chosen_subset(chosen, rn
         torch.testing.assert_close(g.cpu(), grad, rtol=1e-11, atol=1e-13)
 
 
+@pytest.mark.every_backend  # its cuda pairs run inside the body: benchmarks/gpu_check.sh selects it by this mark
+def test_rows_over_several_loss_tiles_with_ignored_rows_at_their_edges(rng):
+    # the CPU loss takes rows 64 at a time (its per-row logs a vector at a time): 133 rows are two full tiles
+    # and a partial one, with ignored rows on both sides of each edge
+    p = _problem([5, 6, 4], ["relu", "identity"], True, rng, n=133)
+    p["target"][[0, 63, 64, 65, 127, 128, 132]] = -100
+    layout = _layout(p)
+    value, grad = _oracle(p, *layout, smoothing=0.1)
+    for backend, device in PAIRS:
+        v, g = ops.mlp_value_grad_flat(**_on(p, device), weight_offsets=layout[0], bias_offsets=layout[1],
+                                       label_smoothing=0.1, backend=backend)
+        assert abs(float(v) - value) <= 1e-13 * max(1.0, abs(value)), (backend, device)
+        torch.testing.assert_close(g.cpu(), grad, rtol=1e-11, atol=1e-13)
+
+
 @pytest.mark.parametrize("backend, device", PAIRS)
 def test_value_only_and_float32(backend, device, rng):
     p = _problem([8, 12, 5], ["relu", "identity"], True, rng, n=40)

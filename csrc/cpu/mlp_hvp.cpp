@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <limits>
@@ -24,6 +25,8 @@ namespace {
 
 // Elements (or row elements) per parallel task: enough work that scheduling is negligible.
 constexpr int64_t kGrain = 32768;
+// Rows the loss takes at a time (its per-row sums and logs are kept on the stack).
+constexpr int64_t kLossTile = 64;
 
 // act, act' and act'' of one vector of pre-activations, in one go (they share exp/erf/tanh). The
 // activation is a template parameter so that each row loop below is compiled without a switch.
@@ -200,6 +203,7 @@ void loss_cpu(at::Tensor& z, const at::Tensor& target, at::Tensor& rz, double la
   std::atomic<bool> bad_logits{false}, bad_tangent{false};
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "mlp_hvp_loss_cpu", [&] {
     using Vec = at::vec::Vectorized<scalar_t>;
+    using DVec = at::vec::Vectorized<double>;
     const int64_t* py = y.const_data_ptr<int64_t>();
     scalar_t* pz = z.mutable_data_ptr<scalar_t>();
     scalar_t* prz = rz.mutable_data_ptr<scalar_t>();
@@ -208,54 +212,79 @@ void loss_cpu(at::Tensor& z, const at::Tensor& target, at::Tensor& rz, double la
     const scalar_t on = static_cast<scalar_t>(1.0 - label_smoothing);
     at::parallel_for(0, N, std::max<int64_t>(1, kGrain / ((K + 1) * C)), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> p(C);
+      std::array<double, kLossTile> sum, base;  // per row of a tile: sum_c exp(z_c - max), the loss less log(sum)
+      std::array<bool, kLossTile> ignored;
       bool bl = false, bt = false;
-      for (int64_t i = begin; i < end; ++i) {
-        scalar_t* zi = pz + i * C;
-        if (py[i] == ignore_index) {
-          // An ignored row adds nothing only while it is finite: a NaN or Inf there (from x or a
-          // hidden layer) reaches every product through the backward's 0 * Inf.
-          if (!all_finite(zi, C)) bl = true;
-          if (!all_finite(prz + i * K * C, K * C)) bt = true;
-          std::fill(zi, zi + C, scalar_t(0));
-          std::fill(prz + i * K * C, prz + (i + 1) * K * C, scalar_t(0));
-          if (pv != nullptr) pv[i] = 0.0;
-          continue;
-        }
-        scalar_t m = -std::numeric_limits<scalar_t>::infinity();
-        for (int64_t j = 0; j < C; ++j) m = (std::isnan(zi[j]) || zi[j] > m) ? zi[j] : m;
-        if (!std::isfinite(m)) bl = true;
-        // exp(z - m) a vector at a time (the padded lanes of the last one are not stored).
-        for (int64_t j = 0; j < C; ++j) p[j] = zi[j] - m;
-        for (int64_t j = 0; j < C; j += Vec::size()) {
-          const int64_t n = std::min<int64_t>(Vec::size(), C - j);
-          Vec::loadu(p.data() + j, n).exp().store(p.data() + j, n);
-        }
-        // sums in double: in float a confident row's exp(z - m) ~ 1e-9 falls below half an ulp of the
-        // running sum once the top class is in it, and every later class was dropped (p_y - 1 came out 0
-        // with 100,000 classes, where torch's float32 is off by 6%)
-        double sum = 0;
-        for (int64_t j = 0; j < C; ++j) sum += p[j];
-        if (pv != nullptr) {  // the row's loss, before the logits are overwritten
+      // Tiles of rows: the row max, exp(z - max) over the tile's logits at once (full vectors: a row of C < 8
+      // classes would fill part of one), the double sums, their logs a vector at a time (a scalar log per
+      // row cost as much as the rest of the row), then each row's gradient and tangents.
+      for (int64_t first = begin; first < end; first += kLossTile) {
+        const int64_t rows = std::min<int64_t>(kLossTile, end - first);
+        for (int64_t r = 0; r < rows; ++r) {
+          scalar_t* zi = pz + (first + r) * C;
+          ignored[r] = py[first + r] == ignore_index;
+          if (ignored[r]) {
+            // An ignored row adds nothing only while it is finite: a NaN or Inf there (from x or a
+            // hidden layer) reaches every product through the backward's 0 * Inf.
+            if (!all_finite(zi, C)) bl = true;
+            continue;
+          }
+          scalar_t m = -std::numeric_limits<scalar_t>::infinity();
+          for (int64_t j = 0; j < C; ++j) m = (std::isnan(zi[j]) || zi[j] > m) ? zi[j] : m;
+          if (!std::isfinite(m)) bl = true;
           double z_sum = 0;
           if (label_smoothing > 0) {
             for (int64_t j = 0; j < C; ++j) z_sum += zi[j];
           }
-          pv[i] = static_cast<double>(m) + std::log(sum) - (1.0 - label_smoothing) * zi[py[i]] -
-                  label_smoothing / static_cast<double>(C) * z_sum;
+          // the row's loss is m + log(sum) - (1 - eps) z_t - (eps / C) sum_c z_c
+          base[r] = static_cast<double>(m) - (1.0 - label_smoothing) * zi[py[first + r]] -
+                    label_smoothing / static_cast<double>(C) * z_sum;
+          for (int64_t j = 0; j < C; ++j) zi[j] -= m;
         }
-        const scalar_t inv_sum = static_cast<scalar_t>(1.0 / sum);
-        for (int64_t j = 0; j < C; ++j) {
-          p[j] *= inv_sum;
-          zi[j] = (p[j] - off) * row_scale;
+        scalar_t* tile = pz + first * C;  // an ignored row's exps are overwritten by its zeros below
+        for (int64_t j = 0; j < rows * C; j += Vec::size()) {
+          const int64_t n = std::min<int64_t>(Vec::size(), rows * C - j);
+          Vec::loadu(tile + j, n).exp().store(tile + j, n);
         }
-        zi[py[i]] -= on * row_scale;
-        for (int64_t k = 0; k < K; ++k) {
-          scalar_t* r = prz + (i * K + k) * C;
-          double sum_pr = 0;  // in double, as the sum above
-          for (int64_t j = 0; j < C; ++j) sum_pr += static_cast<double>(p[j]) * r[j];
-          const scalar_t dot = static_cast<scalar_t>(sum_pr);
-          if (!std::isfinite(dot)) bt = true;
-          for (int64_t j = 0; j < C; ++j) r[j] = p[j] * (r[j] - dot) * row_scale;
+        // sums in double: in float a confident row's exp(z - m) ~ 1e-9 falls below half an ulp of the
+        // running sum once the top class is in it, and every later class was dropped (p_y - 1 came out 0
+        // with 100,000 classes, where torch's float32 is off by 6%)
+        for (int64_t r = 0; r < rows; ++r) {
+          const scalar_t* ei = tile + r * C;
+          double total = 0;
+          for (int64_t j = 0; j < C; ++j) total += ei[j];
+          sum[r] = ignored[r] ? 1.0 : total;
+        }
+        if (pv != nullptr) {
+          for (int64_t r = 0; r < rows; r += DVec::size()) {
+            const int64_t n = std::min<int64_t>(DVec::size(), rows - r);
+            (DVec::loadu(base.data() + r, n) + DVec::loadu(sum.data() + r, n).log()).store(pv + first + r, n);
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t i = first + r;
+          scalar_t* zi = pz + i * C;
+          if (ignored[r]) {
+            if (!all_finite(prz + i * K * C, K * C)) bt = true;
+            std::fill(zi, zi + C, scalar_t(0));
+            std::fill(prz + i * K * C, prz + (i + 1) * K * C, scalar_t(0));
+            if (pv != nullptr) pv[i] = 0.0;
+            continue;
+          }
+          const scalar_t inv_sum = static_cast<scalar_t>(1.0 / sum[r]);
+          for (int64_t j = 0; j < C; ++j) {
+            p[j] = zi[j] * inv_sum;
+            zi[j] = (p[j] - off) * row_scale;
+          }
+          zi[py[i]] -= on * row_scale;
+          for (int64_t k = 0; k < K; ++k) {
+            scalar_t* rk = prz + (i * K + k) * C;
+            double sum_pr = 0;  // in double, as the sum above
+            for (int64_t j = 0; j < C; ++j) sum_pr += static_cast<double>(p[j]) * rk[j];
+            const scalar_t dot = static_cast<scalar_t>(sum_pr);
+            if (!std::isfinite(dot)) bt = true;
+            for (int64_t j = 0; j < C; ++j) rk[j] = p[j] * (rk[j] - dot) * row_scale;
+          }
         }
       }
       if (bl) bad_logits = true;

@@ -32,11 +32,12 @@ unsigned int grid_for(int64_t n) {
 }
 
 // One thread per (row, feature) of the layer (see Kernels::activate): the biases, (act, act',
-// act'') and, looping over K, the R-derivatives of all tangents.
+// act'') and, looping over K, the R-derivatives of all tangents. ar and h are not __restrict__: the
+// forward passes them as one buffer (K = 0), which each thread reads at its element before writing it.
 template <typename scalar_t>
-__global__ void activate_kernel(Activation act, const scalar_t* __restrict__ ar, const scalar_t* __restrict__ t,
+__global__ void activate_kernel(Activation act, const scalar_t* ar, const scalar_t* __restrict__ t,
                                 const scalar_t* __restrict__ b, const scalar_t* __restrict__ vb,
-                                scalar_t* __restrict__ h, scalar_t* __restrict__ d1, scalar_t* __restrict__ d2,
+                                scalar_t* h, scalar_t* __restrict__ d1, scalar_t* __restrict__ d2,
                                 scalar_t* __restrict__ rh, scalar_t* __restrict__ ra, int64_t N, int64_t K,
                                 int64_t d) {
   const scalar_t one = 1, two = 2, half = 0.5;
