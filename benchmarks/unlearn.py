@@ -10,7 +10,10 @@ them (forget accuracy 0.4% in a trial run: no gap to close). The original model,
 digits MLP, trains on all n rows with the study's MLP recipe; the request forgets the mislabeled
 rows (D_f, with their wrong labels) and keeps the rest (D_r).
 
-Methods, each timed once by its ``unlearn`` (the original's training is not counted):
+Methods, each timed by its ``unlearn`` (the original's training is not counted) in ``REPEATS`` rounds that
+take the three methods in turn, so that each meets the machine's slow and fast spells alike; a row's time is the
+median of its calls (seeded: ``calls_identical`` in each row says whether every call returned the first one's
+weights):
 
 * ``retrain``: the oracle, the same recipe on D_r from a fresh initialisation;
 * ``cure_newton``: CureNewton with the Hessian on a subsample of ``HESSIAN_SAMPLES`` rows of D_r
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -42,7 +46,8 @@ from .common import Measurement, peak_memory
 
 BASELINE = "retrain"
 SIZES = (2_000, 8_000, 32_000)
-QUICK = {"sizes": (500, 1_000), "epochs": 3}
+REPEATS = 3
+QUICK = {"sizes": (500, 1_000), "epochs": 3, "repeats": 1}
 """What the runner passes for ``--quick``: small data and a short recipe (a smoke test)."""
 NOISE = 0.1
 CORRUPTED = 0.1
@@ -72,19 +77,21 @@ def _accuracy(model: torch.nn.Module, data: LabeledData) -> float:
     return accuracy(predict_logits(model, data), data.y)
 
 
-def run(device: torch.device, *, sizes: tuple[int, ...] = SIZES,
-        epochs: int | None = None) -> tuple[list[Measurement], dict]:
+def run(device: torch.device, *, sizes: tuple[int, ...] = SIZES, epochs: int | None = None,
+        repeats: int = REPEATS) -> tuple[list[Measurement], dict]:
     """Original, then retrain, CureNewton and fine-tuning at each n (see the module docstring).
 
     Args:
         device: where the models train and unlearn.
         sizes: the training-set sizes n.
         epochs: override the recipe's epochs (None: the study's MLP recipe as it is).
+        repeats: the rounds of calls (>= 1).
 
     Returns:
-        Measurements per (n, method) (``median_s``: the one timed call; ``extra``: ``acc_forget``,
-        ``acc_test`` and, for the methods, ``gap_closed``), and the config with ``rows``, the table
-        of the module docstring.
+        Measurements per (n, method) (``median_s`` and ``iqr_s`` of its calls; ``extra``: ``seconds``, every
+        call's, ``calls_identical``, ``acc_forget``, ``acc_test`` and, for the methods, ``gap_closed``;
+        ``peak_memory_bytes`` of the first call), and the config with ``rows``, the table of the module
+        docstring.
     """
     recipe = DEFAULT_RECIPES["mlp"] if epochs is None else dataclasses.replace(DEFAULT_RECIPES["mlp"], epochs=epochs)
     recipe = dataclasses.replace(recipe, seed=SEED)
@@ -112,16 +119,25 @@ def run(device: torch.device, *, sizes: tuple[int, ...] = SIZES,
         original.eval()
         case = f"n={n}"
         acc_f = {"original": _accuracy(original, forget)}
-        seconds = {}
-        for name, method in methods.items():
-            with peak_memory(device) as peak:
-                result = method.unlearn(original, forget, retain, seed=SEED)
-            seconds[name] = result.seconds
-            acc_f[name] = _accuracy(result.model, forget)
-            acc_test = _accuracy(result.model, test)
-            results.append(Measurement(case, name, result.seconds, None, None,  # one call: no spread to report
-                                       extra={"acc_forget": acc_f[name], "acc_test": acc_test},
-                                       peak_memory_bytes=peak.bytes))
+        calls: dict[str, list[float]] = {name: [] for name in methods}
+        first: dict[str, tuple[torch.nn.Module, int | None]] = {}
+        identical = dict.fromkeys(methods, True)  # every call's weights equal to the first's
+        for _ in range(repeats):
+            for name, method in methods.items():
+                with peak_memory(device) as peak:
+                    result = method.unlearn(original, forget, retain, seed=SEED)
+                calls[name].append(result.seconds)
+                model, _ = first.setdefault(name, (result.model, peak.bytes))
+                identical[name] &= all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                                          result.model.state_dict().values()))
+        seconds = {name: float(np.median(times)) for name, times in calls.items()}
+        for name, (model, peak_bytes) in first.items():
+            acc_f[name] = _accuracy(model, forget)
+            q25, q75 = np.percentile(calls[name], [25, 75])
+            results.append(Measurement(case, name, seconds[name], float(q75 - q25), None,
+                                       extra={"seconds": calls[name], "calls_identical": identical[name],
+                                              "acc_forget": acc_f[name], "acc_test": _accuracy(model, test)},
+                                       peak_memory_bytes=peak_bytes))
         closed = {name: gap_closed(acc_f[name] - acc_f["retrain"], acc_f["original"] - acc_f["retrain"])
                   for name in ("cure_newton", "finetune")}
         for m in results[-len(methods):]:
@@ -137,5 +153,7 @@ def run(device: torch.device, *, sizes: tuple[int, ...] = SIZES,
                       "the source images mislabeled (stratified, seed 0) with every row grown from them; "
                       "D_f = the mislabeled rows",
               "cure_newton": {"hessian_samples": HESSIAN_SAMPLES, "weight_decay": recipe.weight_decay},
-              "finetune": "defaults", "timing": "one call per method (Unlearner.unlearn's seconds)"}
+              "finetune": "defaults",
+              "timing": f"median of {repeats} calls per method (Unlearner.unlearn's seconds), in rounds taking the "
+                        "methods in turn"}
     return results, config

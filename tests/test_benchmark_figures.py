@@ -330,15 +330,20 @@ def test_the_lora_suites_ratios_and_gates(monkeypatch, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- unlearn
-def test_the_unlearn_rows_speedup_and_gap_closed(monkeypatch):
-    """speedup = retrain / CureNewton, and gap closed = 1 - |acc - oracle's| / |original's - oracle's|, recomputed
-    from the rows' own seconds and forget accuracies."""
+def test_the_unlearn_rows_speedup_gap_closed_and_median_of_the_calls(monkeypatch):
+    """speedup = retrain / CureNewton (medians of the calls), and gap closed = 1 - |acc - oracle's| /
+    |original's - oracle's|, recomputed from the rows' own seconds and forget accuracies."""
     import benchmarks.unlearn as unlearn
 
-    results, config = unlearn.run(torch.device("cpu"), sizes=(400,), epochs=2)
+    results, config = unlearn.run(torch.device("cpu"), sizes=(400,), epochs=2, repeats=2)
     row = config["rows"][0]
     acc = {m.candidate: m.extra["acc_forget"] for m in results}
     assert row["speedup"] == pytest.approx(row["retrain_seconds"] / row["cure_newton_seconds"])
+    for m in results:  # each row's time is the median of its calls
+        assert len(m.extra["seconds"]) == 2 and m.median_s == pytest.approx(sum(m.extra["seconds"]) / 2), m.candidate
+        assert m.iqr_s == pytest.approx(abs(m.extra["seconds"][1] - m.extra["seconds"][0]) / 2), m.candidate
+        assert m.extra["calls_identical"], m.candidate  # seeded calls on the CPU
+    assert row["cure_newton_seconds"] == next(m.median_s for m in results if m.candidate == "cure_newton")
     original_gap = abs(row["acc_forget_original"] - row["acc_forget_retrain"])
     assert original_gap > 0  # the figure is defined
     for name, key in (("cure_newton", "gap_closed"), ("finetune", "finetune_gap_closed")):
