@@ -389,6 +389,46 @@ namespace {
 
 const at::Tensor kNone;
 
+// The rows of a block of the value-and-gradient pass (see Kernels::value_grad_block_elements): at least 64, so
+// that a very wide layer still gets matmuls of some height.
+int64_t block_rows(const Kernels& kernels, at::TensorList weights, int64_t N) {
+  if (kernels.value_grad_block_elements <= 0) return std::max<int64_t>(N, 1);
+  int64_t width = 1;
+  for (const at::Tensor& w : weights) width = std::max(width, w.size(0));
+  return std::max<int64_t>(64, kernels.value_grad_block_elements / width);
+}
+
+// A block's backward: per layer from the top d_l = act'(a_l) g_l (g in place), dW_l = d_l^T h_{l-1}, db_l =
+// sum_rows d_l and g_{l-1} = d_l W_l, down to the lowest chosen layer, each block's part written (the first
+// block) or added into its place in the flat gradient. g_{l-1} goes into h[l]'s buffer (the pass's own, as l > 0;
+// its last reader was dW_l).
+void add_block_gradient(const Kernels& kernels, at::Tensor g, std::vector<at::Tensor>& h, std::vector<at::Tensor>& d1,
+                        at::TensorList weights, at::IntArrayRef activations, at::IntArrayRef weight_offsets,
+                        at::IntArrayRef bias_offsets, int64_t lowest, bool first, at::Tensor& grad) {
+  const int64_t L = static_cast<int64_t>(weights.size()), n = g.size(0);
+  for (int64_t l = L - 1; l >= lowest; --l) {
+    const int64_t out = weights[l].size(0), in = weights[l].size(1);
+    if (has_first(static_cast<Activation>(activations[l]))) {
+      at::Tensor no_r = at::empty({n, 0, out}, g.options());
+      kernels.backward(d1[l], kNone, kNone, g, no_r);  // g <- act'(a_l) g
+    }
+    if (weight_offsets[l] >= 0) {
+      at::Tensor part = grad.narrow(0, weight_offsets[l], out * in).view({out, in});
+      at::addmm_out(part, part, g.t(), h[l], first ? 0 : 1);  // beta 0: part is not read
+    }
+    if (bias_offsets[l] >= 0) {
+      at::Tensor part = grad.narrow(0, bias_offsets[l], out);
+      if (first) {
+        at::sum_out(part, g, {0});
+      } else {
+        part.add_(g.sum(0));
+      }
+    }
+    if (l > lowest) g = at::mm_out(h[l], g, weights[l]);
+    h[l] = d1[l] = at::Tensor();
+  }
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> run_value_grad_flat(
@@ -399,56 +439,36 @@ std::tuple<at::Tensor, at::Tensor> run_value_grad_flat(
   constexpr const char* op = "mlp_value_grad_flat";
   check_model(op, x, target, weights, biases, activations, label_smoothing);
   const auto [lowest, d] = check_blocks(op, weights, biases, weight_offsets, bias_offsets, -1);
-  const int64_t L = static_cast<int64_t>(weights.size()), N = x.size(0);
-  const auto act = [&](int64_t l) { return static_cast<Activation>(activations[l]); };
-  // act' is kept for the backward, and the inputs of the layers it reaches
-  std::vector<at::Tensor> h, d1, d2;
-  forward(kernels, x, weights, biases, activations, with_gradient ? static_cast<int64_t>(lowest) : L, h, d1, d2);
-  d2.clear();  // act'' g enters the Hessian, not the gradient
-  // The loss rows turn the logits into g = dL/dz and give each row's loss in double (from the row's max and
-  // its sum of exp(z - max), as F.cross_entropy with label smoothing eps: lse(z) - (1 - eps) z_t - (eps / C)
-  // sum_c z_c); their mean over the kept rows is the value.
-  at::Tensor z = h[L];
-  const int64_t C = z.size(1);
+  const int64_t L = static_cast<int64_t>(weights.size()), N = x.size(0), C = weights[L - 1].size(0);
   const int64_t num_kept = kept_rows(op, kernels, target, C, ignore_index);
-  at::Tensor flags = at::zeros({2}, z.options().dtype(at::kInt)), no_tangents = at::empty({N, 0, C}, z.options());
-  at::Tensor rows = at::empty({N}, z.options().dtype(at::kDouble));
-  kernels.loss(z, target, no_tangents, label_smoothing, ignore_index, 1.0 / static_cast<double>(num_kept), flags,
-               rows);
+  at::Tensor flags = at::zeros({2}, x.options().dtype(at::kInt)), rows = at::empty({N}, x.options().dtype(at::kDouble));
+  at::Tensor grad = at::empty({with_gradient ? d : 0}, x.options());
+  const int64_t block = block_rows(kernels, weights, N);
+  for (int64_t first = 0; first < N; first += block) {
+    const int64_t n = std::min(block, N - first);
+    // act' is kept for the backward, and the inputs of the layers it reaches
+    std::vector<at::Tensor> h, d1, d2;
+    forward(kernels, x.narrow(0, first, n), weights, biases, activations,
+            with_gradient ? static_cast<int64_t>(lowest) : L, h, d1, d2);
+    // The loss rows turn the logits into g = dL/dz and give each row's loss in double (from the row's max and
+    // its sum of exp(z - max), as F.cross_entropy with label smoothing eps: lse(z) - (1 - eps) z_t - (eps / C)
+    // sum_c z_c); their mean over the kept rows is the value.
+    at::Tensor g = h[L], no_tangents = at::empty({n, 0, C}, x.options()), block_losses = rows.narrow(0, first, n);
+    kernels.loss(g, target.narrow(0, first, n), no_tangents, label_smoothing, ignore_index,
+                 1.0 / static_cast<double>(num_kept), flags, block_losses);
+    if (check_finite) {  // as run's: a NaN or Inf in an ignored row reaches the gradient through 0 * Inf
+      TORCH_CHECK_VALUE(flags.cpu()[0].item<int>() == 0, message(op, ": ", kBadLogits).c_str());
+    }
+    if (with_gradient) add_block_gradient(kernels, g, h, d1, weights, activations, weight_offsets, bias_offsets,
+                                          static_cast<int64_t>(lowest), first == 0, grad);
+  }
   const at::Tensor value = rows.sum().div_(static_cast<double>(num_kept));
-  if (check_finite) {  // as run's: a NaN or Inf in an ignored row reaches the gradient through 0 * Inf
-    TORCH_CHECK_VALUE(flags.cpu()[0].item<int>() == 0, message(op, ": ", kBadLogits).c_str());
+  if (check_finite) {
     TORCH_CHECK_VALUE(std::isfinite(value.item<double>()),
                       message(op, ": the loss is not finite (NaN or Inf in the logits: check x, the weights and the "
                                   "biases)")
                           .c_str());
-  }
-  if (!with_gradient) return {value, at::empty({0}, x.options())};
-
-  // The backward: per layer from the top d_l = act'(a_l) g_l, dW_l = d_l^T h_{l-1}, db_l = sum_rows d_l and
-  // g_{l-1} = d_l W_l, down to the lowest chosen layer, each block written into its place in the flat gradient.
-  at::Tensor grad = at::empty({d}, x.options());
-  at::Tensor g = z;
-  for (int64_t l = L - 1; l >= static_cast<int64_t>(lowest); --l) {
-    const int64_t out = weights[l].size(0), in = weights[l].size(1);
-    if (has_first(act(l))) {
-      at::Tensor no_r = at::empty({N, 0, out}, x.options());
-      kernels.backward(d1[l], kNone, kNone, g, no_r);  // g <- act'(a_l) g
-    }
-    if (weight_offsets[l] >= 0) {
-      at::Tensor block = grad.narrow(0, weight_offsets[l], out * in).view({out, in});
-      at::mm_out(block, g.t(), h[l]);
-    }
-    if (bias_offsets[l] >= 0) {
-      at::Tensor block = grad.narrow(0, bias_offsets[l], out);
-      at::sum_out(block, g, {0});
-    }
-    // g_{l-1} goes into h[l]'s buffer (ours, as l > 0; its last reader was dW_l above)
-    if (l > static_cast<int64_t>(lowest)) g = at::mm_out(h[l], g, weights[l]);
-    h[l] = d1[l] = at::Tensor();
-  }
-  if (check_finite) {
-    TORCH_CHECK_VALUE(at::isfinite(grad).all().item<bool>(),
+    TORCH_CHECK_VALUE(!with_gradient || at::isfinite(grad).all().item<bool>(),
                       message(op, ": the gradient is not finite (check x and the weights: an Inf under a saturating "
                                   "activation leaves the logits finite)")
                           .c_str());

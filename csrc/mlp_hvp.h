@@ -55,6 +55,9 @@ struct Kernels {
   // ignored row).
   void (*loss)(at::Tensor& z, const at::Tensor& target, at::Tensor& rz, double label_smoothing,
                int64_t ignore_index, double scale, at::Tensor& flags, at::Tensor& values);
+  // The value-and-gradient pass takes its rows in blocks whose widest layer output has about this many
+  // entries, so that a block's buffers stay in the cache from its forward to its backward (0: all rows at once).
+  int64_t value_grad_block_elements;
 };
 
 // What every Kernels::activate relies on (the pass allocates the buffers so).

@@ -117,6 +117,33 @@ def test_rows_over_several_loss_tiles_with_ignored_rows_at_their_edges(rng):
         torch.testing.assert_close(g.cpu(), grad, rtol=1e-11, atol=1e-13)
 
 
+@pytest.mark.every_backend  # its cuda pairs run inside the body: benchmarks/gpu_check.sh selects it by this mark
+@pytest.mark.parametrize("chosen", [None, {(1, "w"), (1, "b")}])
+def test_rows_in_several_blocks(chosen, rng):
+    # the CPU pass takes rows in blocks of about 131,072 / (widest layer) rows, at least 64: with a layer of
+    # 2,048 units 133 rows are three blocks (64, 64, 5), each block's gradient added to the first's; the value
+    # alone too, and a NaN in a kept row of the last block is still refused
+    p = _problem([5, 2048, 4], ["tanh", "identity"], True, rng, n=133)
+    p["target"][[0, 63, 64, 127, 130]] = -100
+    layout = _layout(p, chosen)
+    value, grad = _oracle(p, *layout, smoothing=0.1)
+    for backend, device in PAIRS:
+        v, g = ops.mlp_value_grad_flat(**_on(p, device), weight_offsets=layout[0], bias_offsets=layout[1],
+                                       label_smoothing=0.1, backend=backend)
+        assert abs(float(v) - value) <= 1e-13 * max(1.0, abs(value)), (backend, device)
+        torch.testing.assert_close(g.cpu(), grad, rtol=1e-11, atol=1e-13)
+        v, g = ops.mlp_value_grad_flat(**_on(p, device), weight_offsets=layout[0], bias_offsets=layout[1],
+                                       label_smoothing=0.1, with_gradient=False, backend=backend)
+        assert abs(float(v) - value) <= 1e-13 * max(1.0, abs(value)) and g.numel() == 0, (backend, device)
+    for row in (131, 63):  # a kept row of the last block; an ignored row of the first, which later blocks pass
+        bad = {**p, "x": p["x"].clone()}
+        bad["x"][row, 2] = float("nan")
+        for backend, device in PAIRS:
+            with pytest.raises(ValueError, match="the logits contain NaN or"):
+                ops.mlp_value_grad_flat(**_on(bad, device), weight_offsets=layout[0], bias_offsets=layout[1],
+                                        backend=backend)
+
+
 @pytest.mark.parametrize("backend, device", PAIRS)
 def test_value_only_and_float32(backend, device, rng):
     p = _problem([8, 12, 5], ["relu", "identity"], True, rng, n=40)
