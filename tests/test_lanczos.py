@@ -211,6 +211,21 @@ def test_early_stop_waits_for_the_block_after_a_breakdown(rng, which, index):
     assert float((res.eigenvalues - 2.0).abs().max()) < 1e-9
 
 
+@pytest.mark.parametrize("which, num_eigs, expected", [
+    ("LA", 8, [0.0, 0.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0]),
+    ("BE", 8, [0.0, 0.0, 0.0, 0.0, 2.0, 3.0, 4.0, 5.0]),
+])
+def test_a_null_space_costs_a_product_a_block_not_the_rest_of_k(rng, which, num_eigs, expected):
+    # rank 5 in d = 200: past the first block (the 5 eigenvalues and v0's null-space part) each restart is a
+    # null vector whose block breaks down at once with an exact 0; the stop waited for the empty block after
+    # it and spent all k = 60 products (53 restarts) for three zeros
+    lam = torch.cat([torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0]), torch.zeros(195)]).double()
+    H, _ = sym_with_spectrum(lam, rng)
+    res = lanczos(H, 60, which=which, num_eigs=num_eigs, tol=1e-10)
+    assert res.converged and float((res.eigenvalues - torch.tensor(expected).double()).abs().max()) < 1e-9
+    assert res.num_hvps <= 12, res.num_hvps  # 6 + one a zero found + one block that finds nothing new
+
+
 def test_early_stop_after_a_breakdown_waits_for_every_wanted_value_of_the_new_block():
     # v0 in the invariant block {5, 4, 3}; the top three are {10, 5, 4.2}: with three wanted, the stop waited only
     # for the new block's top value (10) and returned [10, 5, 4] (the exact 4 hid 4.2) on 10 of 60 seeds

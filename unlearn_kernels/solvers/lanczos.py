@@ -461,7 +461,9 @@ def lanczos(
             an extreme one: a start vector with no component along an eigenvector never sees it. After
             a breakdown (the pairs of an invariant subspace, converged exactly) the process restarts
             from a random vector and stops no earlier than that block has converged its own wanted
-            Ritz values (``num_eigs`` of them, or all it has).
+            Ritz values (``num_eigs`` of them, or all it has), or has broken down in turn without
+            moving the wanted values outwards (then the space the earlier blocks left holds nothing
+            beyond them: a null space of a low-rank H costs one product a block, not the rest of ``k``).
         seed: seeds the start and restart vectors (an int in [0, 2**63), Python or numpy).
         return_eigenvectors: form the Ritz vectors (one-pass: from the basis; two-pass: second pass).
 
@@ -531,16 +533,42 @@ def lanczos(
         scale = max(np.abs(theta).max(), np.finfo(np.float64).tiny)
         return all(abs(proc.betas[-1] * S[-1, i]) <= tol * scale for i in _wanted(theta, which, m))
 
+    def frontier() -> np.ndarray | None:
+        """The wanted Ritz values, signed so that larger is more extreme and sorted per side (each entry can
+        only grow as pairs are added; None while there are fewer than ``num_eigs`` pairs)."""
+        theta = wanted_pairs()[0]
+        if len(theta) < m:
+            return None
+        bottom = {"LA": 0, "SA": m, "BE": m - (m + 1) // 2}[which]  # the wanted values at the low end
+        return np.concatenate([theta[bottom:], np.sort(-theta[:bottom])])
+
+    def moved(before: np.ndarray | None, after: np.ndarray | None) -> bool:
+        """Whether some wanted value moved outwards by more than the tolerance between two frontiers."""
+        if before is None or after is None:
+            return True
+        theta = wanted_pairs()[0]
+        slack = tol * max(np.abs(theta).max(initial=0.0), np.finfo(np.float64).tiny)
+        return bool(np.any(after > before + slack))
+
     block_start = 0  # where the block after the last breakdown began
+    begun_at: np.ndarray | None = None  # the frontier when that block began
     with op.fixed_weights():  # the iteration's products, at one H
         while not proc.exhausted:
             restarts = proc.restarts
             proc.step()
+            settled = False  # the block this step closed moved no wanted value: a further restart finds none
+            if proc.restarts > restarts and tol > 0:
+                now = frontier()
+                # A closed block is an invariant subspace holding a copy of every eigenvalue its random start
+                # vector touches (all, with probability 1, of the space orthogonal to the earlier blocks): if it
+                # found nothing beyond the frontier, that space holds nothing beyond it (a null space of H, say)
+                settled = block_start > 0 and not moved(begun_at, now)
+                begun_at = now
             if proc.restarts > restarts:
                 block_start = proc.n
             if tol > 0 and proc.n >= m:
                 theta, _, bounds = wanted_pairs()
-                if converged(theta, bounds) and (block_start == 0 or block_converged(block_start)):
+                if converged(theta, bounds) and (block_start == 0 or settled or block_converged(block_start)):
                     break
     theta, S, bounds = wanted_pairs()
     vectors = None
