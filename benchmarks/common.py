@@ -176,7 +176,9 @@ def check(case: str, candidate: str, fn: Callable[[], torch.Tensor], exact: torc
                        peak_memory_bytes=peak.bytes)
 
 
-def _set_time(m: Measurement, samples: list[float]) -> Measurement:
+def set_time(m: Measurement, samples: list[float]) -> Measurement:
+    """Sets ``m``'s median and interquartile range (``statistics.quantiles``' exclusive rule) of the timed
+    ``samples`` (seconds); returns ``m``."""
     q = statistics.quantiles(samples, n=4) if len(samples) >= 2 else [samples[0]] * 3
     m.median_s, m.iqr_s = statistics.median(samples), q[2] - q[0]
     return m
@@ -186,7 +188,7 @@ def measure(case: str, candidate: str, fn: Callable[[], torch.Tensor], exact: to
             device: torch.device, **timing) -> Measurement:
     """Correctness gate against ``exact`` (max abs error <= tolerance), then timing."""
     m = check(case, candidate, fn, exact, tolerance)
-    return _set_time(m, time_callable(fn, device, **timing)) if m.status == "ok" else m
+    return set_time(m, time_callable(fn, device, **timing)) if m.status == "ok" else m
 
 
 def measure_interleaved(timed: list[tuple[Measurement, Callable[[], object]]], device: torch.device, *,
@@ -216,7 +218,7 @@ def measure_interleaved(timed: list[tuple[Measurement, Callable[[], object]]], d
         if all(len(s) >= 5 and sum(s) >= min_time for s in samples):
             break
     for (m, _), s in zip(timed, samples):
-        _set_time(m, s)
+        set_time(m, s)
 
 
 def write_results(suite: str, device: torch.device, measurements: list[Measurement], baseline: str,

@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from unlearn_kernels.checks import check_int
 from unlearn_kernels.data import LabeledData, load_dataset
 from unlearn_kernels.data.protocols import index_forget, mislabel
 from unlearn_kernels.eval.metrics import accuracy, predict_logits
@@ -42,11 +42,12 @@ from unlearn_kernels.models import build_model
 from unlearn_kernels.study import DEFAULT_RECIPES, gap_closed
 from unlearn_kernels.training import init_model, train
 
-from .common import Measurement, peak_memory
+from .common import Measurement, peak_memory, set_time
 
 BASELINE = "retrain"
 SIZES = (2_000, 8_000, 32_000)
 REPEATS = 3
+MIN_SIZE = 100
 QUICK = {"sizes": (500, 1_000), "epochs": 3, "repeats": 1}
 """What the runner passes for ``--quick``: small data and a short recipe (a smoke test)."""
 NOISE = 0.1
@@ -83,7 +84,7 @@ def run(device: torch.device, *, sizes: tuple[int, ...] = SIZES, epochs: int | N
 
     Args:
         device: where the models train and unlearn.
-        sizes: the training-set sizes n.
+        sizes: the training-set sizes n, each >= ``MIN_SIZE`` (fewer rows may hold no mislabeled one).
         epochs: override the recipe's epochs (None: the study's MLP recipe as it is).
         repeats: the rounds of calls (>= 1).
 
@@ -93,6 +94,9 @@ def run(device: torch.device, *, sizes: tuple[int, ...] = SIZES, epochs: int | N
         ``peak_memory_bytes`` of the first call), and the config with ``rows``, the table of the module
         docstring.
     """
+    # before any training: a bad value would otherwise fail after the first n's original was trained
+    sizes = tuple(check_int(f"unlearn: sizes[{i}]", n, MIN_SIZE) for i, n in enumerate(sizes))
+    repeats = check_int("unlearn: repeats", repeats)
     recipe = DEFAULT_RECIPES["mlp"] if epochs is None else dataclasses.replace(DEFAULT_RECIPES["mlp"], epochs=epochs)
     recipe = dataclasses.replace(recipe, seed=SEED)
     digits = load_dataset("digits")
@@ -130,14 +134,15 @@ def run(device: torch.device, *, sizes: tuple[int, ...] = SIZES, epochs: int | N
                 model, _ = first.setdefault(name, (result.model, peak.bytes))
                 identical[name] &= all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
                                                                           result.model.state_dict().values()))
-        seconds = {name: float(np.median(times)) for name, times in calls.items()}
+        seconds = {}
         for name, (model, peak_bytes) in first.items():
             acc_f[name] = _accuracy(model, forget)
-            q25, q75 = np.percentile(calls[name], [25, 75])
-            results.append(Measurement(case, name, seconds[name], float(q75 - q25), None,
-                                       extra={"seconds": calls[name], "calls_identical": identical[name],
-                                              "acc_forget": acc_f[name], "acc_test": _accuracy(model, test)},
-                                       peak_memory_bytes=peak_bytes))
+            m = set_time(Measurement(case, name, None, None, None, peak_memory_bytes=peak_bytes,
+                                     extra={"seconds": calls[name], "calls_identical": identical[name],
+                                            "acc_forget": acc_f[name], "acc_test": _accuracy(model, test)}),
+                         calls[name])
+            seconds[name] = m.median_s
+            results.append(m)
         closed = {name: gap_closed(acc_f[name] - acc_f["retrain"], acc_f["original"] - acc_f["retrain"])
                   for name in ("cure_newton", "finetune")}
         for m in results[-len(methods):]:

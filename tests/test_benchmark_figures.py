@@ -331,23 +331,63 @@ def test_the_lora_suites_ratios_and_gates(monkeypatch, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- unlearn
 def test_the_unlearn_rows_speedup_gap_closed_and_median_of_the_calls(monkeypatch):
-    """speedup = retrain / CureNewton (medians of the calls), and gap closed = 1 - |acc - oracle's| /
-    |original's - oracle's|, recomputed from the rows' own seconds and forget accuracies."""
-    import benchmarks.unlearn as unlearn
+    """Each row's time is the median of its calls (faked, distinct: a mean, the first or the last call would
+    differ), speedup = retrain / CureNewton of those medians, the IQR by the other suites' rule, the peak memory
+    the first call's, and gap closed = 1 - |acc - oracle's| / |original's - oracle's|, recomputed from the rows'
+    own forget accuracies."""
+    import contextlib
+    import dataclasses
+    import statistics
 
-    results, config = unlearn.run(torch.device("cpu"), sizes=(400,), epochs=2, repeats=2)
+    import benchmarks.unlearn as unlearn
+    from unlearn_kernels.methods.base import Unlearner
+
+    times = {"retrain": [3.0, 9.0, 4.0], "cure_newton": [0.5, 0.1, 0.2], "finetune": [2.0, 1.0, 7.0]}
+    left = {name: list(t) for name, t in times.items()}
+    real_unlearn = Unlearner.unlearn
+
+    def scripted(self, *args, **kwargs):
+        return dataclasses.replace(real_unlearn(self, *args, **kwargs), seconds=left[self.name].pop(0))
+
+    peaks = iter(range(1, 100))
+
+    @contextlib.contextmanager
+    def counted_peak(device):
+        block = type("Peak", (), {"bytes": None})()
+        yield block
+        block.bytes = next(peaks)  # each call's block its own number: the first call's is the lowest
+
+    monkeypatch.setattr(Unlearner, "unlearn", scripted)
+    monkeypatch.setattr(unlearn, "peak_memory", counted_peak)
+    results, config = unlearn.run(torch.device("cpu"), sizes=(400,), epochs=2, repeats=3)
     row = config["rows"][0]
+    by_name = {m.candidate: m for m in results}
+    for name, t in times.items():
+        m = by_name[name]
+        q = statistics.quantiles(t, n=4)
+        assert m.extra["seconds"] == t and m.median_s == statistics.median(t) and m.iqr_s == q[2] - q[0], name
+        assert row[f"{name}_seconds"] == statistics.median(t), name
+        assert m.extra["calls_identical"], name  # seeded calls on the CPU
+    assert row["speedup"] == 4.0 / 0.2
+    # the calls run in rounds, the methods in turn: the first call of each has the lowest of its peaks
+    assert [by_name[n].peak_memory_bytes for n in ("retrain", "cure_newton", "finetune")] == [1, 2, 3]
     acc = {m.candidate: m.extra["acc_forget"] for m in results}
-    assert row["speedup"] == pytest.approx(row["retrain_seconds"] / row["cure_newton_seconds"])
-    for m in results:  # each row's time is the median of its calls
-        assert len(m.extra["seconds"]) == 2 and m.median_s == pytest.approx(sum(m.extra["seconds"]) / 2), m.candidate
-        assert m.iqr_s == pytest.approx(abs(m.extra["seconds"][1] - m.extra["seconds"][0]) / 2), m.candidate
-        assert m.extra["calls_identical"], m.candidate  # seeded calls on the CPU
-    assert row["cure_newton_seconds"] == next(m.median_s for m in results if m.candidate == "cure_newton")
     original_gap = abs(row["acc_forget_original"] - row["acc_forget_retrain"])
     assert original_gap > 0  # the figure is defined
     for name, key in (("cure_newton", "gap_closed"), ("finetune", "finetune_gap_closed")):
         assert row[key] == pytest.approx(1 - abs(acc[name] - acc["retrain"]) / original_gap), name
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"repeats": 0}, "repeats must be an int >= 1"), ({"repeats": True}, "repeats must be an int >= 1"),
+    ({"sizes": (400, 50)}, r"sizes\[1\] must be an int >= 100"),
+])
+def test_the_unlearn_suite_refuses_bad_options_before_any_training(monkeypatch, options, message):
+    import benchmarks.unlearn as unlearn
+
+    monkeypatch.setattr(unlearn, "train", lambda *args, **kwargs: pytest.fail("trained before the check"))
+    with pytest.raises(ValueError, match=message):
+        unlearn.run(torch.device("cpu"), **{"sizes": (400,), "epochs": 1, **options})
 
 
 # ---------------------------------------------------------------------------------------------- distributed
