@@ -103,18 +103,43 @@ def test_deeper_chain_with_smoothing_ignored_rows_and_a_chosen_subset(chosen, rn
 
 
 @pytest.mark.every_backend  # its cuda pairs run inside the body: benchmarks/gpu_check.sh selects it by this mark
-def test_rows_over_several_loss_tiles_with_ignored_rows_at_their_edges(rng):
-    # the CPU loss takes rows 64 at a time (its per-row logs a vector at a time): 133 rows are two full tiles
-    # and a partial one, with ignored rows on both sides of each edge
-    p = _problem([5, 6, 4], ["relu", "identity"], True, rng, n=133)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rows_over_several_loss_tiles_with_ignored_rows_at_their_edges(dtype, rng):
+    # the CPU loss takes rows 64 at a time (the exps of a tile's logits in full vectors, which with 7 classes
+    # span rows; its per-row logs a vector at a time): 133 rows are two full tiles and a partial one, with
+    # ignored rows on both sides of each edge; the inputs are left as they were
+    p = _problem([5, 6, 7], ["relu", "identity"], True, rng, n=133, dtype=dtype)
     p["target"][[0, 63, 64, 65, 127, 128, 132]] = -100
     layout = _layout(p)
     value, grad = _oracle(p, *layout, smoothing=0.1)
+    tol = 1e-13 if dtype == torch.float64 else 1e-6
     for backend, device in PAIRS:
-        v, g = ops.mlp_value_grad_flat(**_on(p, device), weight_offsets=layout[0], bias_offsets=layout[1],
+        given = _on(p, device)
+        inputs = [given["x"], *given["weights"], *given["biases"]]
+        before = [t.clone() for t in inputs]
+        v, g = ops.mlp_value_grad_flat(**given, weight_offsets=layout[0], bias_offsets=layout[1],
                                        label_smoothing=0.1, backend=backend)
-        assert abs(float(v) - value) <= 1e-13 * max(1.0, abs(value)), (backend, device)
-        torch.testing.assert_close(g.cpu(), grad, rtol=1e-11, atol=1e-13)
+        assert abs(float(v) - value) <= tol * max(1.0, abs(value)), (backend, device)
+        torch.testing.assert_close(g.cpu().double(), grad.double(), rtol=tol * 100, atol=tol)
+        assert all(torch.equal(a, b) for a, b in zip(inputs, before)), (backend, device)
+
+
+def test_rows_of_many_classes_over_two_threads(rng):
+    # with 3,000 classes the loss gives each thread a few rows at a time (its grain is 32,768 entries): the
+    # tiles then start at rows that are not multiples of 64
+    p = _problem([4, 5, 3000], ["tanh", "identity"], True, rng, n=133)
+    p["target"][[1, 64, 100]] = -100
+    layout = _layout(p)
+    value, grad = _oracle(p, *layout, smoothing=0.1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        v, g = ops.mlp_value_grad_flat(**p, weight_offsets=layout[0], bias_offsets=layout[1], label_smoothing=0.1,
+                                       backend="cpp")
+    finally:
+        torch.set_num_threads(threads)
+    assert abs(float(v) - value) <= 1e-13 * max(1.0, abs(value))
+    torch.testing.assert_close(g, grad, rtol=1e-11, atol=1e-13)
 
 
 @pytest.mark.every_backend  # its cuda pairs run inside the body: benchmarks/gpu_check.sh selects it by this mark
