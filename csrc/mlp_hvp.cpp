@@ -450,6 +450,7 @@ std::tuple<at::Tensor, at::Tensor> run_value_grad_flat(
     std::vector<at::Tensor> h, d1, d2;
     forward(kernels, x.narrow(0, first, n), weights, biases, activations,
             with_gradient ? static_cast<int64_t>(lowest) : L, h, d1, d2);
+    d2.clear();  // act'' g enters the Hessian, not the gradient
     // The loss rows turn the logits into g = dL/dz and give each row's loss in double (from the row's max and
     // its sum of exp(z - max), as F.cross_entropy with label smoothing eps: lse(z) - (1 - eps) z_t - (eps / C)
     // sum_c z_c); their mean over the kept rows is the value.
