@@ -557,14 +557,14 @@ def lanczos(
             restarts = proc.restarts
             proc.step()
             settled = False  # the block this step closed moved no wanted value: a further restart finds none
-            if proc.restarts > restarts and tol > 0:
-                now = frontier()
-                # A closed block is an invariant subspace holding a copy of every eigenvalue its random start
-                # vector touches (all, with probability 1, of the space orthogonal to the earlier blocks): if it
-                # found nothing beyond the frontier, that space holds nothing beyond it (a null space of H, say)
-                settled = block_start > 0 and not moved(begun_at, now)
-                begun_at = now
-            if proc.restarts > restarts:
+            if proc.restarts > restarts:  # a breakdown closed a block, and a restart began the next
+                if tol > 0:
+                    # A closed block is an invariant subspace holding a copy of every eigenvalue its random start
+                    # vector touches (all, with probability 1, of the space orthogonal to the earlier blocks): if it
+                    # found nothing beyond the frontier, that space holds nothing beyond it (a null space of H, say)
+                    now = frontier()
+                    settled = block_start > 0 and not moved(begun_at, now)
+                    begun_at = now
                 block_start = proc.n
             if tol > 0 and proc.n >= m:
                 theta, _, bounds = wanted_pairs()
