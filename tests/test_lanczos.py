@@ -226,6 +226,29 @@ def test_a_null_space_costs_a_product_a_block_not_the_rest_of_k(rng, which, num_
     assert res.num_hvps <= 12, res.num_hvps  # 6 + one a zero found + one block that finds nothing new
 
 
+def test_a_block_with_one_more_copy_of_the_top_is_not_settled_by_small_gaps():
+    # eight distinct top values 0.9 tol max|theta| apart (v0 sees one copy of each) and seven more copies of the
+    # top one: every block after the first finds a copy of 10, which moved no wanted value by more than the
+    # tolerance (each shifts up by one gap) and so ended the wait, with six copies of 10 missing (0.054 off)
+    tol, gap = 1e-3, 0.9 * 1e-3 * 10.0
+    lam = torch.tensor([10.0 - gap * i for i in range(8)] + [10.0] * 7 + [0.0] * 65, dtype=torch.float64)
+    v0 = torch.zeros(80, dtype=torch.float64)
+    v0[:8] = 1.0
+    for reorth in ("full", "selective", "none"):
+        res = lanczos(torch.diag(lam), 80, v0=v0, num_eigs=8, tol=tol, reorth=reorth)
+        assert res.converged and float((res.eigenvalues - 10.0).abs().max()) < 1e-9, reorth
+
+
+@pytest.mark.parametrize("reorth", ["full", "selective"])
+def test_wanted_values_at_zero_converge_relative_to_the_largest_ritz_value(rng, reorth):
+    # the smallest eigenvalues of a PSD H of rank 5 are a null space: tol relative to the wanted values (about
+    # 1e-16) could not be met, and "selective" ran all k = 100 products to report exact zeros unconverged
+    lam = torch.cat([torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0]), torch.zeros(195)]).double()
+    H, _ = sym_with_spectrum(lam, rng)
+    res = lanczos(H, 100, which="SA", num_eigs=8, tol=1e-6, reorth=reorth, return_eigenvectors=False)
+    assert res.converged and float(res.eigenvalues.abs().max()) < 1e-12 and res.num_hvps <= 20, res.num_hvps
+
+
 def test_early_stop_after_a_breakdown_waits_for_every_wanted_value_of_the_new_block():
     # v0 in the invariant block {5, 4, 3}; the top three are {10, 5, 4.2}: with three wanted, the stop waited only
     # for the new block's top value (10) and returned [10, 5, 4] (the exact 4 hid 4.2) on 10 of 60 seeds

@@ -26,9 +26,13 @@ Reorthogonalisation (``reorth``):
 * ``"none"``: the plain three-term recurrence. Without reorthogonalisation a converged eigenvalue
   comes back as "ghost" copies (T holds it several times, each copy with a tiny residual bound).
   :func:`lanczos` keeps one Ritz pair per eigenvalue that the pairs of a block (the steps between
-  two breakdowns) can tell apart (see :func:`distinct_pairs`), so a ghost neither takes the place of
-  a wanted eigenvalue nor counts as converged. A repeated eigenvalue shows once per block, as in
-  exact arithmetic (the recurrence cannot tell its copies from ghosts).
+  two breakdowns) can tell apart (see :func:`distinct_pairs`), so within a block a ghost neither takes
+  the place of a wanted eigenvalue nor counts as converged. A repeated eigenvalue shows once per block,
+  as in exact arithmetic (the recurrence cannot tell its copies from ghosts); so a block after a restart,
+  whose vectors lose their orthogonality to the earlier blocks as its own values converge, can grow a ghost
+  of an earlier block's eigenvalue that is then taken for a repeated copy (a simple top eigenvalue 10
+  returned twice, in place of the second one, 5, on a rotated H of d = 200 whose v0 was the top eigenvector):
+  use "full" or "selective" where eigenvalues may repeat or a breakdown may come.
 
 Breakdown: when beta falls to rounding level (the op returns 0, or beta <= 100 eps ||T||) the
 Krylov space is invariant: beta is set to 0. With stored vectors the process then restarts from a
@@ -358,7 +362,8 @@ class LanczosResult:
             for "selective" what its projections removed), in float64 on the computed basis: for a
             float32 operator they leave out the rounding of the Ritz vectors to float32 (about
             ``eps32 ||H||``), so a ``tol`` below that is met on paper only.
-        converged: every wanted pair has ``residual_bound <= tol * max|theta|``, and there are
+        converged: every wanted pair has ``residual_bound <= tol * max|theta|`` (the largest |Ritz value| of
+            all, wanted or not), and there are
             ``num_eigs`` of them, or as many as steps taken (an invariant subspace ended the iteration); under
             reorth="none" fewer distinct eigenvalues than that may have been found (see the module docstring).
         num_hvps: products used (both passes).
@@ -417,6 +422,11 @@ def _distinct_blocks(proc: LanczosProcess) -> tuple[np.ndarray, np.ndarray, np.n
     return theta[order], np.concatenate(vectors, axis=1)[:, order], np.concatenate(bounds)[order]
 
 
+def _scale(theta: np.ndarray) -> float:
+    """What ``tol`` is relative to: the largest |Ritz value| (not 0)."""
+    return max(float(np.abs(theta).max(initial=0.0)), np.finfo(np.float64).tiny)
+
+
 def _wanted(theta: np.ndarray, which: Which, m: int) -> np.ndarray:
     """Indices (into ascending theta) of the m wanted Ritz values, ascending."""
     n = len(theta)
@@ -456,14 +466,17 @@ def lanczos(
         which: "LA" largest, "SA" smallest, "BE" both ends (half each, one more from the top).
         num_eigs: how many Ritz pairs to return (default 1, or 2 for "BE"), at most ``min(k, d)``;
             fewer only where an invariant subspace of smaller dimension ends the iteration.
-        tol: stop early once every wanted pair has residual bound <= tol * max|theta|
-            (0 runs all k steps). A bound certifies that a Ritz value is an eigenvalue, not that it is
-            an extreme one: a start vector with no component along an eigenvector never sees it. After
+        tol: stop early once every wanted pair has residual bound <= tol * max|theta| (the largest
+            |Ritz value|, wanted or not; 0 runs all k steps). A bound certifies that a Ritz value is an
+            eigenvalue, not that it is an extreme one: a start vector with no component along an
+            eigenvector never sees it (nor, in rounding, one whose block falls just short of a breakdown:
+            an invariant block is only taken for one when its beta reaches 100 eps ||T||). After
             a breakdown (the pairs of an invariant subspace, converged exactly) the process restarts
             from a random vector and stops no earlier than that block has converged its own wanted
-            Ritz values (``num_eigs`` of them, or all it has), or has broken down in turn without
-            moving the wanted values outwards (then the space the earlier blocks left holds nothing
-            beyond them: a null space of a low-rank H costs one product a block, not the rest of ``k``).
+            Ritz values (``num_eigs`` of them, or all it has), or has broken down in turn with no Ritz
+            value beyond the least extreme wanted one (by more than the tolerance; then the space the
+            earlier blocks left holds nothing beyond the wanted values: a null space of a low-rank H costs
+            one product a block, not the rest of ``k``).
         seed: seeds the start and restart vectors (an int in [0, 2**63), Python or numpy).
         return_eigenvectors: form the Ritz vectors (one-pass: from the basis; two-pass: second pass).
 
@@ -507,70 +520,71 @@ def lanczos(
         check_basis_fits(min(k, d), d, op.dtype, op.device)
     proc = LanczosProcess(op, v0, reorth=reorth, store_basis=not two_pass, capacity=k, generator=gen)
 
-    def wanted_pairs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def wanted_pairs() -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """The wanted Ritz values, vectors and residual bounds, and the scale of ``tol``: the largest |Ritz
+        value| of all (T's norm, so that wanted values near 0, a null space, can converge too)."""
         if reorth == "none":  # one pair per eigenvalue each block tells apart: ghost copies dropped
             theta, S, bounds = _distinct_blocks(proc)
             idx = _wanted(theta, which, m)
-            return theta[idx], S[:, idx], bounds[idx]
+            return theta[idx], S[:, idx], bounds[idx], _scale(theta)
         theta, S = proc.ritz_pairs()
         idx = _wanted(theta, which, m)
         bounds = np.array([proc.residual_norm(S[:, i]) for i in idx])
-        return theta[idx], S[:, idx], bounds
+        return theta[idx], S[:, idx], bounds, _scale(theta)
 
-    def converged(theta: np.ndarray, bounds: np.ndarray) -> bool:
+    def converged(theta: np.ndarray, bounds: np.ndarray, scale: float) -> bool:
         """Every pair within tol, and as many as asked for (or as steps taken: an invariant subspace ended the
         iteration early)."""
-        scale = max(np.abs(theta).max(initial=0.0), np.finfo(np.float64).tiny)
         return len(theta) >= min(m, proc.n) and bool(np.all(bounds <= tol * scale))
 
-    def block_converged(start: int) -> bool:
+    def block_converged(start: int, scale: float) -> bool:
         """Whether the block begun by the last restart (at step ``start``) has converged its own wanted Ritz
         values (as many as ``num_eigs``, on the wanted side): until then the space the restart opened may
         hold more extreme eigenvalues (the pairs of an invariant subspace converge exactly, extreme or not)."""
         if proc.n == start:
             return False
         theta, S = ritz_pairs(proc.alphas[start:], proc.betas[start:])
-        scale = max(np.abs(theta).max(), np.finfo(np.float64).tiny)
         return all(abs(proc.betas[-1] * S[-1, i]) <= tol * scale for i in _wanted(theta, which, m))
 
-    def frontier() -> np.ndarray | None:
-        """The wanted Ritz values, signed so that larger is more extreme and sorted per side (each entry can
-        only grow as pairs are added; None while there are fewer than ``num_eigs`` pairs)."""
+    def least_extreme() -> np.ndarray | None:
+        """The least extreme wanted value on each wanted side, signed so that larger is more extreme (None
+        while there are fewer than ``num_eigs`` pairs)."""
         theta = wanted_pairs()[0]
         if len(theta) < m:
             return None
-        bottom = {"LA": 0, "SA": m, "BE": m - (m + 1) // 2}[which]  # the wanted values at the low end
-        return np.concatenate([theta[bottom:], np.sort(-theta[:bottom])])
+        bottom = {"LA": 0, "SA": m, "BE": m - (m + 1) // 2}[which]  # how many wanted values are at the low end
+        return np.array(([theta[bottom]] if bottom < m else []) + ([-theta[bottom - 1]] if bottom else []))
 
-    def moved(before: np.ndarray | None, after: np.ndarray | None) -> bool:
-        """Whether some wanted value moved outwards by more than the tolerance between two frontiers."""
-        if before is None or after is None:
+    def found_beyond(start: int, end: int, edge: np.ndarray | None) -> bool:
+        """Whether the block of steps [start, end) has a Ritz value beyond ``edge`` on a wanted side, by more
+        than the tolerance (None: the wanted values were not all there yet)."""
+        if edge is None:
             return True
-        theta = wanted_pairs()[0]
-        slack = tol * max(np.abs(theta).max(initial=0.0), np.finfo(np.float64).tiny)
-        return bool(np.any(after > before + slack))
+        theta, _ = ritz_pairs(proc.alphas[start:end], proc.betas[start:end])
+        extremes = np.array(([theta[-1]] if which != "SA" else []) + ([-theta[0]] if which != "LA" else []))
+        return bool(np.any(extremes > edge + tol * wanted_pairs()[3]))
 
     block_start = 0  # where the block after the last breakdown began
-    begun_at: np.ndarray | None = None  # the frontier when that block began
+    edge_then: np.ndarray | None = None  # the least extreme wanted values when that block began
     with op.fixed_weights():  # the iteration's products, at one H
         while not proc.exhausted:
             restarts = proc.restarts
             proc.step()
-            settled = False  # the block this step closed moved no wanted value: a further restart finds none
+            settled = False  # the block this step closed found nothing beyond the wanted values
             if proc.restarts > restarts:  # a breakdown closed a block, and a restart began the next
                 if tol > 0:
                     # A closed block is an invariant subspace holding a copy of every eigenvalue its random start
                     # vector touches (all, with probability 1, of the space orthogonal to the earlier blocks): if it
-                    # found nothing beyond the frontier, that space holds nothing beyond it (a null space of H, say)
-                    now = frontier()
-                    settled = block_start > 0 and not moved(begun_at, now)
-                    begun_at = now
+                    # found nothing beyond the wanted values, that space holds nothing beyond them (a null space)
+                    settled = block_start > 0 and not found_beyond(block_start, proc.n, edge_then)
+                    edge_then = least_extreme()
                 block_start = proc.n
             if tol > 0 and proc.n >= m:
-                theta, _, bounds = wanted_pairs()
-                if converged(theta, bounds) and (block_start == 0 or settled or block_converged(block_start)):
+                theta, _, bounds, scale = wanted_pairs()
+                if converged(theta, bounds, scale) and (block_start == 0 or settled
+                                                        or block_converged(block_start, scale)):
                     break
-    theta, S, bounds = wanted_pairs()
+    theta, S, bounds, scale = wanted_pairs()
     vectors = None
     if return_eigenvectors:
         vectors = replay(op, v0, proc.n, S) if two_pass else proc.combine(S)
@@ -580,7 +594,7 @@ def lanczos(
         alphas=torch.tensor(proc.alphas, dtype=torch.float64),
         betas=torch.tensor(proc.betas, dtype=torch.float64),
         residual_bounds=torch.as_tensor(bounds),
-        converged=converged(theta, bounds),
+        converged=converged(theta, bounds, scale),
         num_hvps=op.num_hvps,
         num_steps=proc.n,
         restarts=proc.restarts,
