@@ -40,7 +40,7 @@ from torch import nn
 
 from unlearn_kernels.curvature import flatten_tensors, hessian_operator, unflatten_vector
 
-from .common import MIN_SAMPLES, Measurement, peak_memory, plain_error_tolerance, synchronize
+from .common import MIN_SAMPLES, Measurement, peak_memory, plain_error_tolerance, set_time, synchronize
 from .hvp import autograd_hvp, seeded_mlp
 
 BASELINE = "1 process"
@@ -253,10 +253,7 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 2.0,
                         samples[which].extend(per_rank[0])
                 for m, s in zip((base, dist_m, control), samples):
                     if s:
-                        walls = [wall for wall, _ in s]
-                        m.median_s = statistics.median(walls)
-                        q = statistics.quantiles(walls, n=4) if len(walls) >= 2 else [walls[0]] * 3
-                        m.iqr_s = q[2] - q[0]
+                        set_time(m, [wall for wall, _ in s])
                         m.extra["cpu_s"] = statistics.median(cpu for _, cpu in s)
                         m.extra["samples"] = len(s)
                 results += [base, dist_m, control]

@@ -159,6 +159,6 @@ def run(device: torch.device, *, sizes: tuple[int, ...] = SIZES, epochs: int | N
                       "D_f = the mislabeled rows",
               "cure_newton": {"hessian_samples": HESSIAN_SAMPLES, "weight_decay": recipe.weight_decay},
               "finetune": "defaults",
-              "timing": f"median of {repeats} calls per method (Unlearner.unlearn's seconds), in rounds taking the "
-                        "methods in turn"}
+              "timing": (f"median of {repeats} calls per method (Unlearner.unlearn's seconds), in rounds taking the "
+                         "methods in turn" if repeats > 1 else "one call per method (Unlearner.unlearn's seconds)")}
     return results, config

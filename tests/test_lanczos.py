@@ -249,6 +249,18 @@ def test_wanted_values_at_zero_converge_relative_to_the_largest_ritz_value(rng, 
     assert res.converged and float(res.eigenvalues.abs().max()) < 1e-12 and res.num_hvps <= 20, res.num_hvps
 
 
+def test_both_ends_with_one_value_is_the_top_alone_after_a_breakdown():
+    # which="BE" with num_eigs=1 wants the top value only: the closed block's bottom (-50) was compared with the
+    # top's edge (5) and taken for a find, costing another block
+    lam = torch.zeros(50, dtype=torch.float64)
+    lam[:3] = torch.tensor([5.0, 4.0, -50.0], dtype=torch.float64)
+    v0 = torch.zeros(50, dtype=torch.float64)
+    v0[:2] = 1.0
+    top, both = (lanczos(torch.diag(lam), 50, v0=v0, which=w, num_eigs=1, tol=1e-8) for w in ("LA", "BE"))
+    assert top.eigenvalues.tolist() == both.eigenvalues.tolist() == [5.0] and both.converged
+    assert both.num_hvps == top.num_hvps
+
+
 def test_early_stop_after_a_breakdown_waits_for_every_wanted_value_of_the_new_block():
     # v0 in the invariant block {5, 4, 3}; the top three are {10, 5, 4.2}: with three wanted, the stop waited only
     # for the new block's top value (10) and returned [10, 5, 4] (the exact 4 hid 4.2) on 10 of 60 seeds

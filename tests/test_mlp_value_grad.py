@@ -145,7 +145,7 @@ def test_rows_of_many_classes_over_two_threads(rng):
 @pytest.mark.every_backend  # its cuda pairs run inside the body: benchmarks/gpu_check.sh selects it by this mark
 @pytest.mark.parametrize("chosen", [None, {(1, "w"), (1, "b")}])
 def test_rows_in_several_blocks(chosen, rng):
-    # the CPU pass takes rows in blocks of about 131,072 / (widest layer) rows, at least 64: with a layer of
+    # the CPU pass takes rows in blocks of about 131,072 / (widest layer output) rows, at least 64: with a layer of
     # 2,048 units 133 rows are three blocks (64, 64, 5), each block's gradient added to the first's; the value
     # alone too, and a NaN in a kept row of the last block is still refused
     p = _problem([5, 2048, 4], ["tanh", "identity"], True, rng, n=133)

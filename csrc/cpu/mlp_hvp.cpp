@@ -227,6 +227,7 @@ void loss_cpu(at::Tensor& z, const at::Tensor& target, at::Tensor& rz, double la
             // An ignored row adds nothing only while it is finite: a NaN or Inf there (from x or a
             // hidden layer) reaches every product through the backward's 0 * Inf.
             if (!all_finite(zi, C)) bl = true;
+            base[r] = 0.0;  // read by the tile's vector of logs, then overwritten by the row's 0
             continue;
           }
           scalar_t m = -std::numeric_limits<scalar_t>::infinity();

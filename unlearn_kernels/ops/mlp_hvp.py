@@ -23,7 +23,7 @@ forward, the softmax and the gradient's backward) and :func:`mlp_hvp_flat_cached
 product from it with the R-passes alone.
 
 :func:`mlp_value_grad_flat` is the same MLP's loss (in float64 from the logits) and its gradient on
-flat vectors, one forward and one backward through the same passes and device stages (what
+flat vectors, a forward and a backward (per block of rows on the CPU) through the same passes and device stages (what
 ``curvature.Objective`` runs on such a model instead of autograd).
 """
 from __future__ import annotations
@@ -593,13 +593,15 @@ def mlp_value_grad_flat(
     check_finite: bool = True,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean softmax cross entropy of the MLP and its gradient w.r.t. the chosen parameters, in one
-    forward and one backward pass (no autograd graph).
+    """The mean softmax cross entropy of the MLP and its gradient w.r.t. the chosen parameters, by a
+    forward and a backward through the compiled stages (no autograd graph): over blocks of rows on the
+    CPU, over all rows at once on CUDA.
 
     The loss is ``F.cross_entropy(z, target, label_smoothing=..., ignore_index=...)`` of the logits z,
     evaluated in float64 from them (``logsumexp(z) - (1 - eps) z_t - (eps / C) sum_c z_c`` per kept
     row); the gradient is computed in x's dtype, the backward stopping at the lowest chosen layer. The C++
-    CPU kernel takes the rows in blocks of about 131,072 / (widest layer) rows (at least 64), so that a
+    CPU kernel takes the rows in blocks of about 131,072 / (widest layer output) rows (the weights' rows; at
+    least 64), so that a
     block's activations stay in the cache from its forward to its backward, and adds each block's gradient
     to the first's (rounded accordingly); the CUDA kernel takes all rows at once.
 

@@ -546,14 +546,16 @@ def lanczos(
         theta, S = ritz_pairs(proc.alphas[start:], proc.betas[start:])
         return all(abs(proc.betas[-1] * S[-1, i]) <= tol * scale for i in _wanted(theta, which, m))
 
+    bottom = {"LA": 0, "SA": m, "BE": m - (m + 1) // 2}[which]  # how many wanted values are at the low end
+    top_wanted, bottom_wanted = bottom < m, bottom > 0  # the wanted sides ("BE" with one value: the top only)
+
     def least_extreme() -> np.ndarray | None:
-        """The least extreme wanted value on each wanted side, signed so that larger is more extreme (None
-        while there are fewer than ``num_eigs`` pairs)."""
+        """The least extreme wanted value on each wanted side (top, then bottom), signed so that larger is more
+        extreme (None while there are fewer than ``num_eigs`` pairs)."""
         theta = wanted_pairs()[0]
         if len(theta) < m:
             return None
-        bottom = {"LA": 0, "SA": m, "BE": m - (m + 1) // 2}[which]  # how many wanted values are at the low end
-        return np.array(([theta[bottom]] if bottom < m else []) + ([-theta[bottom - 1]] if bottom else []))
+        return np.array(([theta[bottom]] if top_wanted else []) + ([-theta[bottom - 1]] if bottom_wanted else []))
 
     def found_beyond(start: int, end: int, edge: np.ndarray | None) -> bool:
         """Whether the block of steps [start, end) has a Ritz value beyond ``edge`` on a wanted side, by more
@@ -561,7 +563,7 @@ def lanczos(
         if edge is None:
             return True
         theta, _ = ritz_pairs(proc.alphas[start:end], proc.betas[start:end])
-        extremes = np.array(([theta[-1]] if which != "SA" else []) + ([-theta[0]] if which != "LA" else []))
+        extremes = np.array(([theta[-1]] if top_wanted else []) + ([-theta[0]] if bottom_wanted else []))
         return bool(np.any(extremes > edge + tol * wanted_pairs()[3]))
 
     block_start = 0  # where the block after the last breakdown began
