@@ -261,6 +261,17 @@ def test_both_ends_with_one_value_is_the_top_alone_after_a_breakdown():
     assert both.num_hvps == top.num_hvps
 
 
+def test_no_reorth_keeps_a_block_after_a_restart_off_the_earlier_blocks(rng):
+    # v0 the top eigenvector of a rotated H: the first step breaks down; the next block, without
+    # reorthogonalisation, lost its orthogonality to the first and regrew the simple eigenvalue 10, which the
+    # block structure took for a repeated copy: [10, 10] for the top two, [5, 10], with converged=True
+    lam = torch.cat([torch.tensor([10.0]), torch.linspace(0, 5, 199)]).double()
+    H, U = sym_with_spectrum(lam, rng)
+    res = lanczos(H, 150, v0=U[:, 0].clone(), reorth="none", num_eigs=2, tol=1e-10)
+    assert res.restarts >= 1 and res.converged
+    assert float((res.eigenvalues - torch.tensor([5.0, 10.0]).double()).abs().max()) < 1e-8
+
+
 def test_early_stop_after_a_breakdown_waits_for_every_wanted_value_of_the_new_block():
     # v0 in the invariant block {5, 4, 3}; the top three are {10, 5, 4.2}: with three wanted, the stop waited only
     # for the new block's top value (10) and returned [10, 5, 4] (the exact 4 hid 4.2) on 10 of 60 seeds

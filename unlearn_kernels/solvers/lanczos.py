@@ -28,11 +28,10 @@ Reorthogonalisation (``reorth``):
   :func:`lanczos` keeps one Ritz pair per eigenvalue that the pairs of a block (the steps between
   two breakdowns) can tell apart (see :func:`distinct_pairs`), so within a block a ghost neither takes
   the place of a wanted eigenvalue nor counts as converged. A repeated eigenvalue shows once per block,
-  as in exact arithmetic (the recurrence cannot tell its copies from ghosts); so a block after a restart,
-  whose vectors lose their orthogonality to the earlier blocks as its own values converge, can grow a ghost
-  of an earlier block's eigenvalue that is then taken for a repeated copy (a simple top eigenvalue 10
-  returned twice, in place of the second one, 5, on a rotated H of d = 200 whose v0 was the top eigenvector):
-  use "full" or "selective" where eigenvalues may repeat or a breakdown may come.
+  as in exact arithmetic (the recurrence cannot tell its copies from ghosts); so each vector of a block
+  after a restart is reorthogonalised against the earlier blocks' vectors (not its own block's): without it
+  rounding regrew an earlier block's eigenvalue there, taken for a repeated copy (a simple top eigenvalue 10
+  returned twice, in place of the second one, 5, on a rotated H of d = 200 whose v0 was the top eigenvector).
 
 Breakdown: when beta falls to rounding level (the op returns 0, or beta <= 100 eps ||T||) the
 Krylov space is invariant: beta is set to 0. With stored vectors the process then restarts from a
@@ -157,6 +156,7 @@ class LanczosProcess:
         self.alphas: list[float] = []
         self.betas: list[float] = []
         self.restarts = 0
+        self._block_start = 0  # the first step after the last restart
         self.couplings: list[Coupling] = []
         self._ritz = torch.empty((0, d), dtype=op.dtype, device=op.device)
         self._ritz_coef = np.zeros((0, 0))  # the Ritz vectors' coefficients in the basis (columns)
@@ -189,6 +189,10 @@ class LanczosProcess:
         if self.basis is not None:
             self.basis[j] = self.q
         against = self.basis[:j + 1] if self.reorth == "full" else None
+        if self.reorth == "none" and self._block_start > 0:
+            # the earlier blocks only: without it rounding regrows their eigenvalues here, which the block
+            # structure then takes for repeated copies (within a block the ghosts are told apart)
+            against = self.basis[:self._block_start]
         beta_prev = self.betas[-1] if j else 0.0
         q_next, alpha_t, beta_t = lanczos_step(hq, self.q, self.q_prev, beta_prev, against)
         alpha, beta = float(alpha_t), float(beta_t)
@@ -260,6 +264,7 @@ class LanczosProcess:
             v = v - against.T @ (against @ v)
         self.q, self.q_prev = _unit(v), None
         self.restarts += 1
+        self._block_start = self.n
 
     def ritz_pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """Eigenvalues (ascending) and eigenvectors (columns) of the projection of H on the basis,
