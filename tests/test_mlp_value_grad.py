@@ -309,7 +309,10 @@ def test_objective_fused_path_equals_autograd(params, loss_fn, device, kernel_ca
     for _ in range(2):  # and after the weights change in place
         kernel_calls.clear()
         (vf, gf), (vp, gp) = fused.value_and_gradient(), plain.value_and_gradient()
-        assert len(kernel_calls) == 4  # 50 rows in batches of 16: every batch through the kernel
+        # 50 rows in batches of 16, every batch through the kernel; on the CPU in one call, where no label is
+        # ignore_index (with one, the batches' means have their own denominators: batched as autograd)
+        whole = device.type == "cpu" and not bool((data[1] == getattr(loss_fn, "ignore_index", -100)).any())
+        assert len(kernel_calls) == (1 if whole else 4)
         assert abs(vf - vp) <= 1e-13 and abs(fused.value() - vp) <= 1e-13
         torch.testing.assert_close(gf, gp, rtol=1e-11, atol=1e-13)
         torch.testing.assert_close(fused.gradient(), gp, rtol=1e-11, atol=1e-13)

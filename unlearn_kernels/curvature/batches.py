@@ -115,6 +115,7 @@ class BatchSource:
             self._watch(lambda: {"inputs x": x, "targets y": y})
             step = batch_size or max(x.shape[0], 1)
             self._batches: Iterable[Any] = [(x[i:i + step], y[i:i + step]) for i in range(0, x.shape[0], step)]
+            self._whole: Iterable[Any] = [(x, y)]
         elif isinstance(data, (torch.Tensor, str, bytes)) or not isinstance(data, Iterable):
             raise TypeError(
                 "data must be a LabeledData, an (x, y) tuple of tensors, or a re-iterable of (x, y) batches "
@@ -128,7 +129,7 @@ class BatchSource:
             if isinstance(data, DataLoader):
                 _check_nothing_dropped(data)
             self._checked = False
-            self._batches = data
+            self._batches = self._whole = data
             # a DataLoader's (or another iterable's) batches are new every pass: each pass's are compared with
             # the first complete pass's (a list's are watched as the caller's tensors below)
             self._pass_keys = None if isinstance(data, (list, tuple)) else []
@@ -246,8 +247,16 @@ class BatchSource:
                               f"{tuple(y.shape)}, {y.dtype}")
 
     def __iter__(self) -> Iterator[Batch]:
+        return self._iterate(self._batches)
+
+    def whole(self) -> Iterator[Batch]:
+        """Tensor data in one batch, whatever ``batch_size`` (for a pass that bounds its own memory); an
+        iterable's batches as they come. The same checks as iterating."""
+        return self._iterate(self._whole)
+
+    def _iterate(self, batches: Iterable[Any]) -> Iterator[Batch]:
         keys: list[tuple] = []
-        for index, batch in enumerate(self._batches):
+        for index, batch in enumerate(batches):
             x, y = self._check_batch(batch)
             # derivatives are taken in the parameters only: inputs that require grad attached some paths'
             # products and gradients to the caller's graph, and held products kept each batch's activations

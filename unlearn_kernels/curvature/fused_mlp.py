@@ -290,6 +290,11 @@ class FusedMLPLoss:
             return None
         return x, y.long()
 
+    def ignores_none(self, labels: torch.Tensor) -> bool:
+        """Whether no label is the loss's ``ignore_index``: then the mean over all rows is the size-weighted
+        mean of any chunks' means (each divides by its own rows), and the data may be passed in one call."""
+        return not bool((labels == self._ignore_index).any())
+
     def __call__(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, labels: torch.Tensor,
                  with_gradient: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The batch's mean loss (a float64 0-dim tensor; 0 where every row is ``ignore_index``, as the
