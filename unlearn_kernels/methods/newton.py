@@ -38,7 +38,8 @@ Options shared by all (constructor arguments):
   the parameters' is refused (rounding every weight to it could make the model worse with no step).
 * ``batch_size``: stream the data through the objective and the operators in chunks of this many
   rows (same objective, same operator; default :data:`DEFAULT_BATCH_SIZE`, 2,048; None: all rows in
-  one batch).
+  one batch). The objective's compiled MLP pass on the CPU takes tensor data in one call whatever it is
+  (see :class:`~unlearn_kernels.curvature.Objective`).
 * ``weight_decay``: the L2 coefficient of F over the chosen parameters: pass the weight decay the
   model was trained with, so that the step aims at the retrained model's objective. 0 (the
   paper's L_r) by default. With ``params=None`` the parameters the eval-mode loss does not use (no
