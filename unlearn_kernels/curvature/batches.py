@@ -249,6 +249,11 @@ class BatchSource:
     def __iter__(self) -> Iterator[Batch]:
         return self._iterate(self._batches)
 
+    @property
+    def tensor_data(self) -> bool:
+        """Whether the data is one (x, y) pair of tensors (chunked by ``batch_size``), not an iterable of batches."""
+        return self._whole is not self._batches
+
     def whole(self) -> Iterator[Batch]:
         """Tensor data in one batch, whatever ``batch_size`` (for a pass that bounds its own memory); an
         iterable's batches as they come. The same checks as iterating."""

@@ -175,7 +175,8 @@ class Objective:
         # call each (a pass over 28,888 rows in chunks of 2,048: 9-14% slower). Not where the pass cannot take the
         # data's batches (class-probability targets, say: autograd then takes them in chunks), nor where a label is
         # ignore_index (the chunks' means would then have other denominators: another function).
-        whole = next(self.data.whole(), None) if self._fused is not None and self._device.type == "cpu" else None
+        whole = (next(self.data.whole(), None) if self._fused is not None and self._device.type == "cpu"
+                 and self.data.tensor_data else None)
         self._fused_whole = (whole is not None and first is not None and self._fused.batch(*first) is not None
                              and self._fused.ignores_none(whole[1]))
         if first is not None:
