@@ -48,6 +48,12 @@ def all_ignored(labels: torch.Tensor, ignore_index: int) -> bool:
     return bool((labels == ignore_index).all())
 
 
+def none_ignored(labels: torch.Tensor, ignore_index: int) -> bool:
+    """Whether no row is ``ignore_index``: then the mean over all rows is the size-weighted mean of any chunks'
+    means (each divides by its own rows)."""
+    return not bool((labels == ignore_index).any())
+
+
 def fused_labels(owner: str, y: torch.Tensor) -> torch.Tensor:
     """A batch's targets as the int64 (N,) class labels the fused kernels take (uint8 labels, which
     cross entropy accepts, would index as a mask); FusedDataError for other targets."""

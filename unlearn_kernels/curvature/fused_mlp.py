@@ -29,6 +29,7 @@ from .probes import LossFn
 from .fused_common import (
     FusedDataError,
     all_ignored,
+    none_ignored,
     is_class_labels,
     fused_labels,
     fused_reason,
@@ -291,9 +292,9 @@ class FusedMLPLoss:
         return x, y.long()
 
     def ignores_none(self, labels: torch.Tensor) -> bool:
-        """Whether no label is the loss's ``ignore_index``: then the mean over all rows is the size-weighted
-        mean of any chunks' means (each divides by its own rows), and the data may be passed in one call."""
-        return not bool((labels == self._ignore_index).any())
+        """Whether no label is the loss's ``ignore_index`` (:func:`~.fused_common.none_ignored`): then the data
+        may be passed in one call."""
+        return none_ignored(labels, self._ignore_index)
 
     def __call__(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, labels: torch.Tensor,
                  with_gradient: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

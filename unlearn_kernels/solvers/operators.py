@@ -37,10 +37,11 @@ class DenseOperator:
     """
 
     def __init__(self, matrix: torch.Tensor) -> None:
-        _check_dense(matrix.detach())  # its float() reads of a matrix that requires grad warned (an error under -W error)
-        # detached (the same storage): a matrix that requires grad would give steps with a graph on some
-        # paths and torch's "Can't call numpy() on Tensor that requires grad" on others
+        # detached (the same storage), before the checks too: a matrix that requires grad would give steps with a
+        # graph on some paths and torch's "Can't call numpy() on Tensor that requires grad" on others, and the
+        # checks' float() reads of it warned (an error under -W error)
         self.matrix = matrix.detach()
+        _check_dense(self.matrix)
         self.shape: tuple[int, int] = (matrix.shape[0], matrix.shape[1])
         self.dtype: torch.dtype = matrix.dtype
         self.device: torch.device = matrix.device
