@@ -158,6 +158,16 @@ int64_t kept_rows(const char* op, const Kernels& kernels, const at::Tensor& targ
   return num_kept;
 }
 
+// The rows of a block of the passes that take their rows in blocks (the value-and-gradient pass, the cached
+// product), for K tangents: about Kernels::block_elements / (K x the widest layer output), at least 64, so that
+// a very wide layer still gets matmuls of some height; all N rows where the backend takes no blocks.
+int64_t block_rows(const Kernels& kernels, at::TensorList weights, int64_t N, int64_t K) {
+  if (kernels.block_elements <= 0) return std::max<int64_t>(N, 1);
+  int64_t width = 1;
+  for (const at::Tensor& w : weights) width = std::max(width, w.size(0));
+  return std::max<int64_t>(64, kernels.block_elements / (K * width));
+}
+
 // The forward with no tangents through the backend's activation stage: h[0] = x and h[l + 1] = act_l(h[l]
 // W_l^T + b_l) (h[L] the logits), with act'(a_l) in d1[l] and act''(a_l) in d2[l] where the activation has
 // them. A layer input h[l] with 0 < l < keep_from is released once the next layer has read it.
@@ -389,15 +399,6 @@ namespace {
 
 const at::Tensor kNone;
 
-// The rows of a block of the value-and-gradient pass (see Kernels::value_grad_block_elements): at least 64, so
-// that a very wide layer still gets matmuls of some height.
-int64_t block_rows(const Kernels& kernels, at::TensorList weights, int64_t N) {
-  if (kernels.value_grad_block_elements <= 0) return std::max<int64_t>(N, 1);
-  int64_t width = 1;
-  for (const at::Tensor& w : weights) width = std::max(width, w.size(0));
-  return std::max<int64_t>(64, kernels.value_grad_block_elements / width);
-}
-
 // A block's backward: per layer from the top d_l = act'(a_l) g_l (g in place), dW_l = d_l^T h_{l-1}, db_l =
 // sum_rows d_l and g_{l-1} = d_l W_l, down to the lowest chosen layer, each block's part written (the first
 // block) or added into its place in the flat gradient. g_{l-1} goes into h[l]'s buffer (the pass's own, as l > 0;
@@ -443,7 +444,7 @@ std::tuple<at::Tensor, at::Tensor> run_value_grad_flat(
   const int64_t num_kept = kept_rows(op, kernels, target, C, ignore_index);
   at::Tensor flags = at::zeros({2}, x.options().dtype(at::kInt)), rows = at::empty({N}, x.options().dtype(at::kDouble));
   at::Tensor grad = at::empty({with_gradient ? d : 0}, x.options());
-  const int64_t block = block_rows(kernels, weights, N);
+  const int64_t block = block_rows(kernels, weights, N, 1);
   for (int64_t first = 0; first < N; first += block) {
     const int64_t n = std::min(block, N - first);
     // act' is kept for the backward, and the inputs of the layers it reaches
@@ -546,78 +547,124 @@ at::Tensor narrow_r_forward(const at::Tensor& input, const at::Tensor& rh, const
   return rt.permute({2, 0, 1}).contiguous().view({N, K * out});
 }
 
-// The products of run_cached_flat for the (d, K) tangents V (validated), from the lowest chosen
-// layer `lo` up, in gather_flat's layout.
-at::Tensor cached_products(const at::Tensor& x, at::TensorList state, at::TensorList weights,
-                           at::IntArrayRef activations, const at::Tensor& V, at::IntArrayRef weight_offsets,
-                           at::IntArrayRef bias_offsets, int64_t lo, bool check_finite) {
-  const int64_t L = static_cast<int64_t>(weights.size()), N = x.size(0), K = V.size(1);
-  const auto act = [&](int64_t l) { return static_cast<Activation>(activations[l]); };
-  const auto input = [&](int64_t l) -> const at::Tensor& { return l == 0 ? x : state[l - 1]; };
-  const auto grad = [&](int64_t l) -> const at::Tensor& { return state[L - 1 + l]; };
-  const auto first = [&](int64_t l) -> const at::Tensor& { return state[2 * L - 1 + l]; };
-  const auto second = [&](int64_t l) -> const at::Tensor& { return state[3 * L - 1 + l]; };
+// The cached state's tensors by role, narrowed to the rows [row, row + n) of a block.
+struct BlockState {
+  const at::Tensor& x;
+  at::TensorList state;
+  int64_t L, row, n;
+  at::Tensor rows(const at::Tensor& t) const { return t.narrow(0, row, n); }
+  at::Tensor input(int64_t l) const { return rows(l == 0 ? x : state[l - 1]); }
+  at::Tensor grad(int64_t l) const { return rows(state[L - 1 + l]); }
+  at::Tensor first(int64_t l) const { return rows(state[2 * L - 1 + l]); }
+  at::Tensor second(int64_t l) const { return rows(state[3 * L - 1 + l]); }
+  at::Tensor softmax() const { return rows(state[4 * L - 1]); }
+  at::Tensor scaled_softmax() const { return rows(state[4 * L]); }
+};
 
-  // Tangents: layers below the lowest chosen block have zero tangents, so Rh is zero up to it and
-  // both passes start (and stop) there; weights that are not chosen skip their h V^T and d V terms.
-  std::vector<at::Tensor> v_weights(L), v_biases(L), rh(L + 1), ra(L);
-  for (int64_t l = lo; l < L; ++l) {
-    v_weights[l] = tangent_block(V, weight_offsets[l], weights[l].sizes());
-    v_biases[l] = tangent_block(V, bias_offsets[l], {weights[l].size(0)});
-  }
+// One block's products, from the lowest chosen layer `lo` up, written (the first block) or added into
+// out_w[l] ((K out, in): Rd^T h), out_wt[l] ((out, K in): d^T Rh) and out_b[l] ((K, out)) for the chosen blocks.
+void add_block_products(const BlockState& s, at::TensorList weights, at::IntArrayRef activations,
+                        const std::vector<at::Tensor>& v_weights, const std::vector<at::Tensor>& v_biases,
+                        at::IntArrayRef weight_offsets, at::IntArrayRef bias_offsets, int64_t K, int64_t lo,
+                        bool check_finite, bool first_block, std::vector<at::Tensor>& out_w,
+                        std::vector<at::Tensor>& out_wt, std::vector<at::Tensor>& out_b) {
+  const int64_t L = s.L, n = s.n;
+  const auto act = [&](int64_t l) { return static_cast<Activation>(activations[l]); };
+  // Rh is zero up to the lowest chosen layer (the tangents below it are zero), so both passes start (and
+  // stop) there; weights that are not chosen skip their h V^T and d V terms.
+  std::vector<at::Tensor> rh(L + 1), ra(L);
   for (int64_t l = lo; l < L; ++l) {
     const int64_t out = weights[l].size(0), in = weights[l].size(1);
-    at::Tensor r;  // Ra_l without its bias tangent, (N, K out)
-    if (out < kNarrowLayer && x.is_cpu()) {
-      r = narrow_r_forward(input(l), l > lo ? rh[l] : at::Tensor(), weights[l], v_weights[l], K);
+    const at::Tensor input = s.input(l);
+    at::Tensor r;  // Ra_l without its bias tangent, (n, K out)
+    if (out < kNarrowLayer && input.is_cpu()) {
+      r = narrow_r_forward(input, l > lo ? rh[l] : at::Tensor(), weights[l], v_weights[l], K);
     } else if (v_weights[l].defined()) {
-      r = at::mm(input(l), v_weights[l].reshape({K * out, in}).t());
-      if (l > lo) r.view({N * K, out}).addmm_(rh[l].view({N * K, in}), weights[l].t());
+      r = at::mm(input, v_weights[l].reshape({K * out, in}).t());
+      if (l > lo) r.view({n * K, out}).addmm_(rh[l].view({n * K, in}), weights[l].t());
     } else {
-      r = l > lo ? at::mm(rh[l].view({N * K, in}), weights[l].t()).view({N, K * out}) : at::zeros({N, K * out}, x.options());
+      r = l > lo ? at::mm(rh[l].view({n * K, in}), weights[l].t()).view({n, K * out})
+                 : at::zeros({n, K * out}, input.options());
     }
-    at::Tensor r3 = r.view({N, K, out});
+    at::Tensor r3 = r.view({n, K, out});
     if (v_biases[l].defined()) r3.add_(v_biases[l]);
     if (!has_first(act(l))) {
       rh[l + 1] = r3;
     } else if (has_second(act(l))) {
       ra[l] = r3;
-      rh[l + 1] = r3 * first(l).unsqueeze(1);
+      rh[l + 1] = r3 * s.first(l).unsqueeze(1);
     } else {
-      rh[l + 1] = r3.mul_(first(l).unsqueeze(1));
+      rh[l + 1] = r3.mul_(s.first(l).unsqueeze(1));
     }
   }
   // The loss's R-rows: Rg = (diag(p) - p p^T) Rz / N per tangent (p is zero on ignored rows).
   at::Tensor rg = rh[L];
   rh[L] = at::Tensor();
-  const at::Tensor& p = state[4 * L - 1];
   // summed in double, as the uncached kernel's rows: in float the lanes that hold a confident row's top class
   // would drop the small classes' terms
-  const at::Tensor dot = at::sum(rg * p.unsqueeze(1), {2}, /*keepdim=*/true, at::kDouble).to(rg.scalar_type());
+  const at::Tensor dot =
+      at::sum(rg * s.softmax().unsqueeze(1), {2}, /*keepdim=*/true, at::kDouble).to(rg.scalar_type());
   if (check_finite) {
     TORCH_CHECK_VALUE(at::isfinite(dot).all().item<bool>(), "mlp_hvp: the R-derivative of the logits contains NaN or "
                       "Inf (check V, then x and the weights: an Inf weight under a saturating activation leaves "
                       "the logits finite)");
   }
-  rg.sub_(dot).mul_(state[4 * L].unsqueeze(1));
+  rg.sub_(dot).mul_(s.scaled_softmax().unsqueeze(1));
   // The R-backward, layer by layer from the top down to the lowest chosen layer.
-  std::vector<at::Tensor> out_w(L), out_b(L);
+  const double beta = first_block ? 0.0 : 1.0;  // beta 0: the first block's products are written, not read
   for (int64_t l = L - 1; l >= lo; --l) {
     const int64_t out = weights[l].size(0), in = weights[l].size(1);
-    if (has_first(act(l))) rg.mul_(first(l).unsqueeze(1));
-    if (has_second(act(l))) rg.addcmul_(second(l).unsqueeze(1), ra[l]);
+    if (has_first(act(l))) rg.mul_(s.first(l).unsqueeze(1));
+    if (has_second(act(l))) rg.addcmul_(s.second(l).unsqueeze(1), ra[l]);
     ra[l] = at::Tensor();
+    const at::Tensor input = s.input(l);
     if (weight_offsets[l] >= 0) {
-      out_w[l] = at::mm(rg.view({N, K * out}).t(), input(l)).view({K, out, in});
-      if (l > lo) out_w[l].add_(at::mm(grad(l).t(), rh[l].view({N, K * in})).view({out, K, in}).transpose(0, 1));
+      if (first_block) out_w[l] = at::empty({K * out, in}, input.options());
+      at::addmm_out(out_w[l], out_w[l], rg.view({n, K * out}).t(), input, beta);
+      if (l > lo) {
+        if (first_block) out_wt[l] = at::empty({out, K * in}, input.options());
+        at::addmm_out(out_wt[l], out_wt[l], s.grad(l).t(), rh[l].view({n, K * in}), beta);
+      }
     }
-    if (bias_offsets[l] >= 0) out_b[l] = rg.sum(0);
+    if (bias_offsets[l] >= 0) {
+      if (first_block) {
+        out_b[l] = rg.sum(0);
+      } else {
+        out_b[l].add_(rg.sum(0));
+      }
+    }
     if (l > lo) {
-      at::Tensor rg_next = at::mm(rg.view({N * K, out}), weights[l]).view({N, K * in});
-      if (v_weights[l].defined()) rg_next.addmm_(grad(l), v_weights[l].transpose(0, 1).reshape({out, K * in}));
-      rg = rg_next.view({N, K, in});
+      at::Tensor rg_next = at::mm(rg.view({n * K, out}), weights[l]).view({n, K * in});
+      if (v_weights[l].defined()) rg_next.addmm_(s.grad(l), v_weights[l].transpose(0, 1).reshape({out, K * in}));
+      rg = rg_next.view({n, K, in});
     }
     rh[l] = at::Tensor();
+  }
+}
+
+// The products of run_cached_flat for the (d, K) tangents V (validated), from the lowest chosen
+// layer `lo` up, in gather_flat's layout; the rows go through in blocks (block_rows).
+at::Tensor cached_products(const Kernels& kernels, const at::Tensor& x, at::TensorList state, at::TensorList weights,
+                           at::IntArrayRef activations, const at::Tensor& V, at::IntArrayRef weight_offsets,
+                           at::IntArrayRef bias_offsets, int64_t lo, bool check_finite) {
+  const int64_t L = static_cast<int64_t>(weights.size()), N = x.size(0), K = V.size(1);
+  std::vector<at::Tensor> v_weights(L), v_biases(L);
+  for (int64_t l = lo; l < L; ++l) {
+    v_weights[l] = tangent_block(V, weight_offsets[l], weights[l].sizes());
+    v_biases[l] = tangent_block(V, bias_offsets[l], {weights[l].size(0)});
+  }
+  const int64_t block = block_rows(kernels, weights, N, K);
+  std::vector<at::Tensor> out_w(L), out_wt(L), out_b(L);
+  for (int64_t row = 0; row < N; row += block) {
+    const BlockState s{x, state, L, row, std::min(block, N - row)};
+    add_block_products(s, weights, activations, v_weights, v_biases, weight_offsets, bias_offsets, K, lo,
+                       check_finite, row == 0, out_w, out_wt, out_b);
+  }
+  for (int64_t l = lo; l < L; ++l) {
+    if (weight_offsets[l] < 0) continue;
+    const int64_t out = weights[l].size(0), in = weights[l].size(1);
+    out_w[l] = out_w[l].view({K, out, in});
+    if (out_wt[l].defined()) out_w[l].add_(out_wt[l].view({out, K, in}).transpose(0, 1));
   }
   return gather_flat(out_w, out_b, V, weight_offsets, bias_offsets);
 }
@@ -629,7 +676,7 @@ constexpr int64_t kChunkElements = int64_t{1} << 18;
 
 }  // namespace
 
-at::Tensor run_cached_flat(const at::Tensor& x, at::TensorList state, at::TensorList weights,
+at::Tensor run_cached_flat(const Kernels& kernels, const at::Tensor& x, at::TensorList state, at::TensorList weights,
                            const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations,
                            const at::Tensor& V, at::IntArrayRef weight_offsets, at::IntArrayRef bias_offsets,
                            bool check_finite) {
@@ -675,14 +722,14 @@ at::Tensor run_cached_flat(const at::Tensor& x, at::TensorList state, at::Tensor
   for (const at::Tensor& w : weights) width = std::max(width, w.size(0));
   const int64_t chunk = std::max<int64_t>(1, kChunkElements / (N * width));
   if (chunk >= K) {
-    return cached_products(x, state, weights, activations, V, weight_offsets, bias_offsets, lo, check_finite);
+    return cached_products(kernels, x, state, weights, activations, V, weight_offsets, bias_offsets, lo, check_finite);
   }
   at::Tensor result = at::empty({K, V.size(0)}, V.options());
   for (int64_t k = 0; k < K; k += chunk) {
     const int64_t kc = std::min(chunk, K - k);
     const at::Tensor Vk = V.narrow(1, k, kc).contiguous();  // contiguous tangent blocks for the matmuls
     result.narrow(0, k, kc).copy_(
-        cached_products(x, state, weights, activations, Vk, weight_offsets, bias_offsets, lo, check_finite).t());
+        cached_products(kernels, x, state, weights, activations, Vk, weight_offsets, bias_offsets, lo, check_finite).t());
   }
   return result.t();
 }

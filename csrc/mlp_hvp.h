@@ -55,9 +55,10 @@ struct Kernels {
   // ignored row).
   void (*loss)(at::Tensor& z, const at::Tensor& target, at::Tensor& rz, double label_smoothing,
                int64_t ignore_index, double scale, at::Tensor& flags, at::Tensor& values);
-  // The value-and-gradient pass takes its rows in blocks whose widest layer output has about this many
-  // entries, so that a block's buffers stay in the cache from its forward to its backward (0: all rows at once).
-  int64_t value_grad_block_elements;
+  // The value-and-gradient pass and the cached product take their rows in blocks whose widest layer output has
+  // about this many entries (over all tangents), so that a block's buffers stay in the cache from its forward to
+  // its backward (0: all rows at once).
+  int64_t block_elements;
 };
 
 // What every Kernels::activate relies on (the pass allocates the buffers so).
@@ -104,8 +105,8 @@ std::vector<at::Tensor> run_state(const Kernels& kernels, const at::Tensor& x, c
                                   bool check_finite);
 
 // run_flat from that state (see mlp_hvp_flat_cached in csrc/ops.cpp): the R-forward, the loss's
-// R-rows and the R-backward only, in ATen ops on any device.
-at::Tensor run_cached_flat(const at::Tensor& x, at::TensorList state, at::TensorList weights,
+// R-rows and the R-backward only, in ATen ops on any device (the kernels give only the blocks' size).
+at::Tensor run_cached_flat(const Kernels& kernels, const at::Tensor& x, at::TensorList state, at::TensorList weights,
                            const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations,
                            const at::Tensor& V, at::IntArrayRef weight_offsets, at::IntArrayRef bias_offsets,
                            bool check_finite);

@@ -457,6 +457,31 @@ def test_cached_products_in_chunks_of_tangents(backend, device, rng):
     assert out.shape == V.shape and out.T.is_contiguous() and relative_error(out.cpu(), exact) <= 1e-12
 
 
+@pytest.mark.every_backend  # its cuda pairs run inside the body: benchmarks/gpu_check.sh selects it by this mark
+@pytest.mark.parametrize("chosen", [("w0", "b0", "w1", "b1", "w2", "b2"), ("w2", "b1"), ("w1",)])
+def test_cached_products_over_rows_in_several_blocks(chosen, rng):
+    # the CPU pass takes rows in blocks of about 131,072 / (K x the widest layer output) rows, at least 64: with a
+    # layer of 2,048 units 133 rows are three blocks (64, 64, 5), each block's products added to the first's (the
+    # hidden layers' d^T Rh terms in their own sums); a NaN in the kept state of the last block is still refused
+    p = _problem([5, 2048, 17, 4], ["tanh", "gelu", "identity"], True, 2, rng, n=133, smoothing=0.1)
+    p["target"][[0, 63, 64, 127, 130]] = -100
+    offsets, w_off, b_off = _flat_layout(p, ["w0", "b0", "w1", "b1", "w2", "b2"], chosen)
+    V = _flat_tangents(p, offsets)
+    model = dict(x=p["x"], target=p["target"], weights=p["weights"], biases=p["biases"], activations=p["activations"])
+    exact = ops.mlp_hvp_flat_ref(**model, V=V, weight_offsets=w_off, bias_offsets=b_off, label_smoothing=0.1)
+    for backend, device in PAIRS:
+        on = _cast(model, device=device)
+        state = ops.mlp_hvp_state(**on, label_smoothing=0.1, backend=backend)
+        out = ops.mlp_hvp_flat_cached(on["x"], state, on["weights"], on["biases"], on["activations"], V.to(device),
+                                      w_off, b_off, backend=backend)
+        assert relative_error(out.cpu(), exact) <= 1e-12, (backend, device)
+        bad = [t.clone() for t in state]
+        bad[6][131, 7] = float("nan")  # act'(a_1) of a kept row of the last block
+        with pytest.raises(ValueError, match="the R-derivative of the logits contains NaN or Inf"):
+            ops.mlp_hvp_flat_cached(on["x"], bad, on["weights"], on["biases"], on["activations"], V.to(device),
+                                    w_off, b_off, backend=backend)
+
+
 def test_state_and_cached_opcheck(rng):
     p = _problem([5, 4, 3], ["gelu", "relu"], [True, False], 2, rng)
     codes = [ACTIVATIONS[a] for a in p["activations"]]

@@ -293,7 +293,8 @@ at::Tensor mlp_hvp_flat_cached_cuda(const at::Tensor& x, at::TensorList state, a
                                     const at::Tensor& V, at::IntArrayRef weight_offsets, at::IntArrayRef bias_offsets,
                                     bool check_finite) {
   const c10::cuda::CUDAGuard guard(x.device());
-  return run_cached_flat(x, state, weights, biases, activations, V, weight_offsets, bias_offsets, check_finite);
+  return run_cached_flat(kCudaKernels, x, state, weights, biases, activations, V, weight_offsets, bias_offsets,
+                         check_finite);
 }
 
 }  // namespace
