@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from unlearn_kernels.checkpoint import save_json
+from unlearn_kernels.checkpoint import save_json, software_versions
 from unlearn_kernels.eval import PeakMemory
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -68,16 +68,12 @@ def time_callable(fn: Callable[[], object], device: torch.device, *, min_time: f
 
 def environment(device: torch.device) -> dict:
     """What the numbers were measured on."""
-    import unlearn_kernels
-
     env = {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "unlearn_kernels": unlearn_kernels.__version__,
+        **software_versions(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if device.type == "cuda":  # float32 convolutions and matmuls rounded to TF32 or not

@@ -17,6 +17,7 @@ import inspect
 import json
 import math
 import os
+import platform
 import stat
 import tempfile
 import warnings
@@ -464,8 +465,10 @@ def load_checkpoint(
     return state if metadata == expected else None
 
 
-def _versions() -> dict[str, str]:
-    return {"torch": torch.__version__, "unlearn_kernels": __version__}
+def software_versions() -> dict[str, str]:
+    """The versions of Python, torch and this package, as every record of a result names them (checkpoints,
+    results.json, the benchmarks' JSON)."""
+    return {"python": platform.python_version(), "torch": torch.__version__, "unlearn_kernels": __version__}
 
 
 def _source_file(cls: type) -> str | None:
@@ -519,14 +522,14 @@ def training_metadata(
     """The metadata record :func:`train_or_load` writes and compares: recipe, model (signature plus
     ``model_info``, e.g. the name and kwargs given to ``build_model``, and its starting weights:
     ``model`` as initialised, so that a factory that starts elsewhere, from pretrained weights say,
-    trains its own), data fingerprint, the training device, the versions of torch and this package,
+    trains its own), data fingerprint, the training device, the versions of Python, torch and this package,
     and :func:`code_fingerprint`."""
     return {
         "recipe": config.to_dict(),
         "model": {**model_signature(model), "info": dict(model_info or {}), "init": tensors_digest(model.state_dict())},
         "data": data_fingerprint(data),
         "device": device_description(device),
-        "versions": _versions(),
+        "versions": software_versions(),
         "code": code_fingerprint(model),
     }
 

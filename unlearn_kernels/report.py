@@ -15,7 +15,6 @@ import json
 import math
 import numbers
 import os
-import platform
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import refuse_empty_path, save_figure, save_json
+from .checkpoint import refuse_empty_path, save_figure, save_json, software_versions
 from .checks import check_int
 from .eval import AVG_GAP_KEYS
 from .study import GAP_CLOSED
@@ -395,12 +394,9 @@ def format_scenario_summary(studies: dict[str, dict[str, Any]]) -> str:
 
 
 def _versions() -> dict[str, str | int]:
-    import unlearn_kernels
-
     # torch's CPU threads beside the versions: the results change with them (see the guide); a number, as the
     # benchmarks' JSON records it
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "unlearn_kernels": unlearn_kernels.__version__, "cpu_threads": torch.get_num_threads()}
+    return {**software_versions(), "cpu_threads": torch.get_num_threads()}
 
 
 def write_json(study: dict[str, Any], path: Path) -> Path:
