@@ -796,7 +796,10 @@ def mlp_hvp_flat_cached(
     """:func:`mlp_hvp_flat` from the ``state`` that :func:`mlp_hvp_state` returned for the same ``x``,
     weights, biases and activations (and the target and loss options it was given): only the
     R-forward, the loss's R-rows and the R-backward run, with no activation function and no softmax
-    evaluated. Layers below the lowest chosen parameter are skipped (their tangents are zero).
+    evaluated. Layers below the lowest chosen parameter are skipped (their tangents are zero). The C++
+    CPU kernel takes the rows in blocks of about 131,072 / (K x widest layer output) rows (at least 64), so
+    that a block's R-quantities stay in the cache from its R-forward to its R-backward, and adds each
+    block's products to the first's (rounded accordingly); the CUDA kernel takes all rows at once.
 
     Args:
         x, weights, biases, activations: as given to :func:`mlp_hvp_state` (``x`` is not in the state).
