@@ -32,6 +32,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <tuple>
 #include <utility>
@@ -527,6 +528,63 @@ std::vector<at::Tensor> run_state(const Kernels& kernels, const at::Tensor& x, c
 
 namespace {
 
+// Memory for a call's per-block buffers, kept by the CPU thread between calls. glibc serves a buffer above its
+// mmap threshold (128 KiB at first) with fresh pages and gives them back to the system when it is freed, so each
+// product paid page faults on zeroed pages for buffers of the same sizes (about 200 a product on the digits MLP,
+// 5-20% of its time, more or less as the threshold moved); the blocks' buffers have the same sizes block after
+// block and call after call. A call takes views of the thread's buffer (uninitialised), or fresh tensors where it
+// is too small, and grows it when it ends to what one block needed, up to kMaxKeptBytes. Elsewhere take() is
+// at::empty: a device's caching allocator keeps its memory already.
+class BlockScratch {
+ public:
+  explicit BlockScratch(const at::TensorOptions& options) : options_(options), on_cpu_(options.device().is_cpu()) {}
+  BlockScratch(const BlockScratch&) = delete;
+  BlockScratch& operator=(const BlockScratch&) = delete;
+  ~BlockScratch() {
+    if (on_cpu_) kept().reserve(std::max(needed_, used_));
+  }
+
+  // A new block begins: the views taken so far are not read again.
+  void next_block() {
+    needed_ = std::max(needed_, used_);
+    used_ = 0;
+  }
+
+  // An uninitialised contiguous tensor of `shape`, valid until the call ends (a view of the kept buffer).
+  at::Tensor take(at::IntArrayRef shape) {
+    if (!on_cpu_) return at::empty(shape, options_);
+    const size_t bytes = c10::multiply_integers(shape) * c10::elementSize(c10::typeMetaToScalarType(options_.dtype()));
+    const size_t offset = used_;
+    used_ += (bytes + kAlign - 1) / kAlign * kAlign;
+    const Kept& k = kept();
+    if (used_ > k.bytes) return at::empty(shape, options_);
+    return at::from_blob(static_cast<char*>(k.data) + offset, shape, options_);
+  }
+
+ private:
+  static constexpr size_t kAlign = 64;
+  static constexpr size_t kMaxKeptBytes = size_t{64} << 20;
+  struct Kept {
+    void* data = nullptr;
+    size_t bytes = 0;
+    ~Kept() { std::free(data); }
+    void reserve(size_t wanted) {
+      if (wanted <= bytes || wanted > kMaxKeptBytes) return;
+      std::free(data);
+      data = std::aligned_alloc(kAlign, wanted);  // a multiple of kAlign
+      bytes = data ? wanted : 0;
+    }
+  };
+  static Kept& kept() {
+    thread_local Kept buffer;
+    return buffer;
+  }
+
+  at::TensorOptions options_;
+  bool on_cpu_;
+  size_t used_ = 0, needed_ = 0;
+};
+
 // Layers narrower than this (the logits of a classifier) compute their R-forward transposed on the
 // CPU: MKL's row-major GEMM with an (N, out) result of under 16 columns ran 1.1-1.8x slower than the
 // (out, N) product plus a copy back (N = 1,797 and 2,048; docs/benchmarks.md).
@@ -534,8 +592,8 @@ constexpr int64_t kNarrowLayer = 16;
 
 // Ra_l without its bias tangent, (N, K out), for a narrow layer: h V^T and Rh W^T as (out, N)
 // products. `v` (K, out, in) or undefined (weight not chosen), `rh` (N, K, in) or undefined (l == lo).
-at::Tensor narrow_r_forward(const at::Tensor& input, const at::Tensor& rh, const at::Tensor& weight,
-                            const at::Tensor& v, int64_t K) {
+at::Tensor narrow_r_forward(BlockScratch& scratch, const at::Tensor& input, const at::Tensor& rh,
+                            const at::Tensor& weight, const at::Tensor& v, int64_t K) {
   const int64_t N = input.size(0), out = weight.size(0), in = weight.size(1);
   at::Tensor rt;  // (K, out, N)
   if (v.defined()) rt = at::mm(v.reshape({K * out, in}), input.t()).view({K, out, N});
@@ -543,8 +601,9 @@ at::Tensor narrow_r_forward(const at::Tensor& input, const at::Tensor& rh, const
     at::Tensor w_rh = at::mm(weight, rh.view({N * K, in}).t()).view({out, N, K}).permute({2, 0, 1});
     rt = rt.defined() ? rt.add_(w_rh) : w_rh;
   }
-  if (!rt.defined()) return at::zeros({N, K * out}, input.options());
-  return rt.permute({2, 0, 1}).contiguous().view({N, K * out});
+  at::Tensor r = scratch.take({N, K * out});
+  if (!rt.defined()) return r.zero_();
+  return r.view({N, K, out}).copy_(rt.permute({2, 0, 1})).view({N, K * out});
 }
 
 // The cached state's tensors by role, narrowed to the rows [row, row + n) of a block.
@@ -563,7 +622,7 @@ struct BlockState {
 
 // One block's products, from the lowest chosen layer `lo` up, written (the first block) or added into
 // out_w[l] ((K out, in): Rd^T h), out_wt[l] ((out, K in): d^T Rh) and out_b[l] ((K, out)) for the chosen blocks.
-void add_block_products(const BlockState& s, at::TensorList weights, at::IntArrayRef activations,
+void add_block_products(BlockScratch& scratch, const BlockState& s, at::TensorList weights, at::IntArrayRef activations,
                         const std::vector<at::Tensor>& v_weights, const std::vector<at::Tensor>& v_biases,
                         at::IntArrayRef weight_offsets, at::IntArrayRef bias_offsets, int64_t K, int64_t lo,
                         bool check_finite, bool first_block, std::vector<at::Tensor>& out_w,
@@ -578,13 +637,17 @@ void add_block_products(const BlockState& s, at::TensorList weights, at::IntArra
     const at::Tensor input = s.input(l);
     at::Tensor r;  // Ra_l without its bias tangent, (n, K out)
     if (out < kNarrowLayer && input.is_cpu()) {
-      r = narrow_r_forward(input, l > lo ? rh[l] : at::Tensor(), weights[l], v_weights[l], K);
+      r = narrow_r_forward(scratch, input, l > lo ? rh[l] : at::Tensor(), weights[l], v_weights[l], K);
     } else if (v_weights[l].defined()) {
-      r = at::mm(input, v_weights[l].reshape({K * out, in}).t());
+      r = scratch.take({n, K * out});
+      at::mm_out(r, input, v_weights[l].reshape({K * out, in}).t());
       if (l > lo) r.view({n * K, out}).addmm_(rh[l].view({n * K, in}), weights[l].t());
+    } else if (l > lo) {
+      r = scratch.take({n, K * out});
+      at::Tensor r2 = r.view({n * K, out});
+      at::mm_out(r2, rh[l].view({n * K, in}), weights[l].t());
     } else {
-      r = l > lo ? at::mm(rh[l].view({n * K, in}), weights[l].t()).view({n, K * out})
-                 : at::zeros({n, K * out}, input.options());
+      r = scratch.take({n, K * out}).zero_();
     }
     at::Tensor r3 = r.view({n, K, out});
     if (v_biases[l].defined()) r3.add_(v_biases[l]);
@@ -592,7 +655,8 @@ void add_block_products(const BlockState& s, at::TensorList weights, at::IntArra
       rh[l + 1] = r3;
     } else if (has_second(act(l))) {
       ra[l] = r3;
-      rh[l + 1] = r3 * s.first(l).unsqueeze(1);
+      rh[l + 1] = scratch.take({n, K, out});
+      at::mul_out(rh[l + 1], r3, s.first(l).unsqueeze(1));
     } else {
       rh[l + 1] = r3.mul_(s.first(l).unsqueeze(1));
     }
@@ -602,8 +666,9 @@ void add_block_products(const BlockState& s, at::TensorList weights, at::IntArra
   rh[L] = at::Tensor();
   // summed in double, as the uncached kernel's rows: in float the lanes that hold a confident row's top class
   // would drop the small classes' terms
-  const at::Tensor dot =
-      at::sum(rg * s.softmax().unsqueeze(1), {2}, /*keepdim=*/true, at::kDouble).to(rg.scalar_type());
+  at::Tensor terms = scratch.take(rg.sizes());
+  at::mul_out(terms, rg, s.softmax().unsqueeze(1));
+  const at::Tensor dot = at::sum(terms, {2}, /*keepdim=*/true, at::kDouble).to(rg.scalar_type());
   if (check_finite) {
     TORCH_CHECK_VALUE(at::isfinite(dot).all().item<bool>(), "mlp_hvp: the R-derivative of the logits contains NaN or "
                       "Inf (check V, then x and the weights: an Inf weight under a saturating activation leaves "
@@ -634,7 +699,9 @@ void add_block_products(const BlockState& s, at::TensorList weights, at::IntArra
       }
     }
     if (l > lo) {
-      at::Tensor rg_next = at::mm(rg.view({n * K, out}), weights[l]).view({n, K * in});
+      at::Tensor rg_next = scratch.take({n * K, in});
+      at::mm_out(rg_next, rg.view({n * K, out}), weights[l]);
+      rg_next = rg_next.view({n, K * in});
       if (v_weights[l].defined()) rg_next.addmm_(s.grad(l), v_weights[l].transpose(0, 1).reshape({out, K * in}));
       rg = rg_next.view({n, K, in});
     }
@@ -655,9 +722,11 @@ at::Tensor cached_products(const Kernels& kernels, const at::Tensor& x, at::Tens
   }
   const int64_t block = block_rows(kernels, weights, N, K);
   std::vector<at::Tensor> out_w(L), out_wt(L), out_b(L);
+  BlockScratch scratch(x.options());
   for (int64_t row = 0; row < N; row += block) {
+    scratch.next_block();
     const BlockState s{x, state, L, row, std::min(block, N - row)};
-    add_block_products(s, weights, activations, v_weights, v_biases, weight_offsets, bias_offsets, K, lo,
+    add_block_products(scratch, s, weights, activations, v_weights, v_biases, weight_offsets, bias_offsets, K, lo,
                        check_finite, row == 0, out_w, out_wt, out_b);
   }
   for (int64_t l = lo; l < L; ++l) {

@@ -482,6 +482,34 @@ def test_cached_products_over_rows_in_several_blocks(chosen, rng):
                                     w_off, b_off, backend=backend)
 
 
+@pytest.mark.parametrize("backend, device", COMPILED)
+def test_cached_products_of_successive_calls_stay_apart(backend, device, rng):
+    # the CPU pass keeps its blocks' scratch memory between calls (per thread): calls of other sizes and dtypes in
+    # between, growing it, change neither a later call's products nor an earlier call's result
+    def case(dims, n, dtype):
+        p = _problem(dims, ["tanh"] * (len(dims) - 2) + ["identity"], True, 2, rng, n=n)
+        names = [f"{kind}{layer}" for layer in range(len(dims) - 1) for kind in "wb"]
+        offsets, w_off, b_off = _flat_layout(p, names, names)
+        V = _flat_tangents(p, offsets)
+        model = dict(x=p["x"], target=p["target"], weights=p["weights"], biases=p["biases"],
+                     activations=p["activations"])
+        exact = ops.mlp_hvp_flat_ref(**model, V=V, weight_offsets=w_off, bias_offsets=b_off)
+        on = _cast(model, dtype=dtype, device=device)
+        state = ops.mlp_hvp_state(**on, backend=backend)
+        return lambda: ops.mlp_hvp_flat_cached(on["x"], state, on["weights"], on["biases"], on["activations"],
+                                               V.to(dtype=dtype, device=device), w_off, b_off, backend=backend), exact
+
+    calls = [case([5, 300, 3], 700, torch.float64), case([4, 40, 17, 6], 90, torch.float32),
+             case([6, 1500, 20, 3], 200, torch.float64)]
+    first = [call() for call, _ in calls]
+    kept = [out.clone() for out in first]
+    for (call, exact), out, copy_of_out in zip(calls * 2, first * 2, kept * 2):
+        again = call()
+        tol = 1e-12 if again.dtype == torch.float64 else 1e-5
+        assert relative_error(again.double().cpu(), exact) <= tol
+        torch.testing.assert_close(out, copy_of_out, rtol=0, atol=0)  # not overwritten by later calls
+
+
 def test_state_and_cached_opcheck(rng):
     p = _problem([5, 4, 3], ["gelu", "relu"], [True, False], 2, rng)
     codes = [ACTIVATIONS[a] for a in p["activations"]]
