@@ -530,8 +530,8 @@ namespace {
 
 // Memory for a call's per-block buffers, kept by the CPU thread between calls. glibc serves a buffer above its
 // mmap threshold (128 KiB at first) with fresh pages and gives them back to the system when it is freed, so each
-// product paid page faults on zeroed pages for buffers of the same sizes (about 200 a product on the digits MLP,
-// 5-20% of its time, more or less as the threshold moved); the blocks' buffers have the same sizes block after
+// product paid page faults on zeroed pages for buffers of the same sizes (115-310 a product on the digits MLP,
+// up to a quarter of its time, as the threshold moved); the blocks' buffers have the same sizes block after
 // block and call after call. A call takes views of the thread's buffer (uninitialised), or fresh tensors where it
 // is too small, and grows it when it ends to what one block needed, up to kMaxKeptBytes. Elsewhere take() is
 // at::empty: a device's caching allocator keeps its memory already.
@@ -798,7 +798,8 @@ at::Tensor run_cached_flat(const Kernels& kernels, const at::Tensor& x, at::Tens
     const int64_t kc = std::min(chunk, K - k);
     const at::Tensor Vk = V.narrow(1, k, kc).contiguous();  // contiguous tangent blocks for the matmuls
     result.narrow(0, k, kc).copy_(
-        cached_products(kernels, x, state, weights, activations, Vk, weight_offsets, bias_offsets, lo, check_finite).t());
+        cached_products(kernels, x, state, weights, activations, Vk, weight_offsets, bias_offsets, lo, check_finite)
+            .t());
   }
   return result.t();
 }
