@@ -567,3 +567,14 @@ def test_summarize_takes_numpy_scalars():
             for s, v in ((0, 0.5), (1, np.float32(0.75)), (2, np.int64(1)))]
     figure = report.summarize(recs)[0]["x"]["acc_test"]
     assert figure.seeds == 3 and figure[0] == pytest.approx(0.75)
+
+
+def test_write_summary_json_takes_a_str_path_as_write_json_does(tmp_path):
+    records = _study([0.0, 0.0], [0.5, 0.5], [0.1, 0.1], method_avg=0.05)
+    add_gap_closed(records)
+    study = {"config": {"protocol": "random"}, "records": records}
+    written = report.write_summary_json({"random": study}, {"random": tmp_path / "results.json"},
+                                        str(tmp_path / "summary.json"))  # was: 'str' object has no attribute 'parent'
+    assert json.loads(written.read_text())["scenarios"]["random"]["results"] == "results.json"
+    with pytest.raises(ValueError, match="write_summary_json: path is an empty path"):
+        report.write_summary_json({"random": study}, {"random": tmp_path / "results.json"}, "")

@@ -1267,3 +1267,77 @@ def test_a_study_caches_a_model_whose_options_hold_numpy_values(tmp_path):
     run_study(config)
     (path,) = tmp_path.iterdir()
     assert read_checkpoint(path)[0]["model"]["info"]["kwargs"] == {"hidden": [8]}
+
+
+@pytest.mark.parametrize("shipped", ["bytecode", "zip"])
+def test_a_model_class_whose_source_file_is_not_there_is_fingerprinted_by_name(tmp_path, monkeypatch, shipped):
+    # inspect names a source file for a class from a .pyc-only module or a zip archive that does not exist:
+    # the fingerprint read it (FileNotFoundError / NotADirectoryError) where plain train() worked
+    import py_compile
+    import zipfile
+
+    source = tmp_path / "shipped_net.py"
+    source.write_text(MODEL_SOURCE.format(suffix=""))
+    if shipped == "bytecode":
+        py_compile.compile(str(source), cfile=str(tmp_path / "shipped_net.pyc"))
+        folder = tmp_path
+    else:
+        folder = tmp_path / "models.zip"
+        with zipfile.ZipFile(folder, "w") as archive:
+            archive.write(source, "shipped_net.py")
+    source.unlink()
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delitem(sys.modules, "shipped_net", raising=False)
+    module = importlib.import_module("shipped_net")
+    assert not os.path.isfile(module.__file__ if shipped == "zip" else str(source))
+    fingerprint = checkpoint.code_fingerprint(module.Net())
+    assert fingerprint == checkpoint.code_fingerprint(module.Net())
+    path = tmp_path / "cache" / "net.pt"
+    _, stats = train_or_load(path, module.Net, blobs(), CONFIG)
+    assert stats is not None and path.is_file()
+    assert train_or_load(path, module.Net, blobs(), CONFIG)[1] is None  # reused
+
+
+def test_a_model_whose_state_holds_a_non_tensor_is_refused_with_the_entry_named(tmp_path):
+    class Tagged(nn.Linear):  # a module's extra state (get_extra_state) may be any object
+        def get_extra_state(self):
+            return {"tag": "v1"}
+
+        def set_extra_state(self, state):
+            pass
+
+    def tagged():
+        return nn.Sequential(Tagged(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    path = tmp_path / "tagged.pt"
+    for call in (lambda: train_or_load(path, tagged, blobs(), CONFIG),
+                 lambda: cache_path(tmp_path, "tagged", tagged(), CONFIG),
+                 lambda: training_metadata(tagged(), blobs(), CONFIG)):
+        with pytest.raises(ValueError, match=r"state entry '0\._extra_state' is a dict, not a tensor"):
+            call()
+    assert not path.exists()
+
+
+def test_an_unreadable_checkpoint_names_the_error_not_a_bare_key(tmp_path):
+    path = tmp_path / "hello.pt"
+    path.write_bytes(b"hello world\n")  # torch.load raises KeyError(101): the message was "...: 101"
+    with pytest.raises(CheckpointError, match=r"not a readable checkpoint \(corrupt or truncated\?\): KeyError: 101$"):
+        read_checkpoint(path)
+
+
+def test_training_metadata_checks_its_arguments_as_train_or_load_does():
+    for arguments, error, message in (
+            (("model", blobs(), CONFIG), TypeError, "training_metadata: model must be a torch.nn.Module"),
+            ((factory(), "data", CONFIG), TypeError, "training_metadata: data"),
+            ((factory(), blobs(), {"epochs": 1}), TypeError, "training_metadata: config"),
+    ):
+        with pytest.raises(error, match=message):
+            training_metadata(*arguments)
+    with pytest.raises(ValueError, match="training_metadata: device"):
+        training_metadata(factory(), blobs(), CONFIG, device="nonsense")
+
+
+def test_a_checkpoint_path_with_a_nul_character_is_named(tmp_path):
+    with pytest.raises(ValueError, match="cannot be used: it contains a NUL character"):
+        train_or_load(str(tmp_path / "a\0b.pt"), factory, blobs(), CONFIG)
+    assert list(tmp_path.iterdir()) == []

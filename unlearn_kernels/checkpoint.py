@@ -82,7 +82,17 @@ def model_signature(model: nn.Module) -> dict[str, Any]:
     """What must match to reuse weights: the model's class, its submodules (name, class and options,
     e.g. ``['1', 'ReLU', '']``: modules without parameters, an activation or a dropout, change training
     too), the names, shapes and dtypes of its state and which parameters train (a frozen layer trains
-    another model)."""
+    another model).
+
+    Raises:
+        ValueError: an entry of the model's state is not a tensor (a module's ``get_extra_state``): checkpoints
+            hold tensors only.
+    """
+    for name, value in model.state_dict().items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"the model cannot be checkpointed: its state entry {name!r} is a "
+                             f"{type(value).__name__}, not a tensor (a module's get_extra_state); checkpoints hold "
+                             "tensors only: train it without a cache")
     return {
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
         "modules": [[name, type(module).__name__, module.extra_repr()] for name, module in model.named_modules() if name],
@@ -317,8 +327,10 @@ def check_cache_dir(name: str, cache_dir: Any, cached: str) -> Path | None:
 
 def _exists_and_is_dir(path: Path, described: str) -> tuple[bool, bool]:
     """Whether something is at ``path`` and whether it is a directory; ValueError ``"<described> cannot be
-    used: <why>"`` for a path the system cannot look up (a name longer than the file system takes), where
-    ``Path.exists`` and ``Path.is_dir`` raise OSError."""
+    used: <why>"`` for a path the system cannot look up (a name longer than the file system takes, where
+    ``Path.exists`` and ``Path.is_dir`` raise OSError, or one with a NUL character)."""
+    if "\0" in str(path):  # Path.exists answers False for it, and the write fails later with "embedded null byte"
+        raise ValueError(f"{described} cannot be used: it contains a NUL character")
     try:
         return path.exists(), path.is_dir()
     except OSError as error:
@@ -421,8 +433,10 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
     except Exception as error:  # torch.load raises many types for a damaged file
         # its weights-only refusal advises loading with weights_only=False: unsafe, and no help for a damaged file
         # (an empty file gives EOFError with no message)
+        first_line = (str(error).splitlines() or [""])[0]
         why = ("torch.load's weights-only unpickler refuses it" if "weights_only" in str(error)
-               else (str(error).splitlines() or [f"{type(error).__name__} (an empty file?)"])[0])
+               else f"{type(error).__name__}: {first_line}" if first_line
+               else f"{type(error).__name__} (an empty file?)")
         raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated?): {why}") from error
     if isinstance(payload, dict) and type(payload.get("format")) is int and payload["format"] != FORMAT_VERSION:
         raise CheckpointFormatError(f"{path} is an unlearn-kernels checkpoint of format {payload['format']}, not "
@@ -473,9 +487,11 @@ def software_versions() -> dict[str, str]:
 
 def _source_file(cls: type) -> str | None:
     try:
-        return inspect.getsourcefile(cls)
+        path = inspect.getsourcefile(cls)
     except TypeError:  # a class without a file (built in, or defined in an interactive session)
         return None
+    # a module shipped as bytecode only, or inside a zip archive, names a source file that is not there
+    return path if path is not None and os.path.isfile(path) else None
 
 
 def code_fingerprint(model: nn.Module) -> str:
@@ -483,7 +499,8 @@ def code_fingerprint(model: nn.Module) -> str:
     module (``training.py``), the data loader's (``labeled.py``) and the source files of the
     model's module classes outside torch (e.g. ``models/mlp.py``). Editing any of them changes the
     fingerprint, so a checkpoint trained by older code is not reused. A class whose source file
-    cannot be found (defined interactively) contributes its qualified name only."""
+    cannot be found (defined interactively, or shipped as bytecode only or in a zip archive) contributes
+    its qualified name only."""
     names = {f"{type(m).__module__}.{type(m).__qualname__}": type(m) for m in model.modules()}
     files = {inspect.getsourcefile(train), inspect.getsourcefile(LabeledData)}
     without_file = []
@@ -523,7 +540,17 @@ def training_metadata(
     ``model_info``, e.g. the name and kwargs given to ``build_model``, and its starting weights:
     ``model`` as initialised, so that a factory that starts elsewhere, from pretrained weights say,
     trains its own), data fingerprint, the training device, the versions of Python, torch and this package,
-    and :func:`code_fingerprint`."""
+    and :func:`code_fingerprint`.
+
+    Raises:
+        TypeError / ValueError: ``model``, ``data``, ``config`` or ``device`` is not what :func:`train_or_load`
+            takes (its checks), or the model's state holds a non-tensor (:func:`model_signature`).
+    """
+    owner = "training_metadata"
+    check_module(owner, model)
+    check_data(owner, data)
+    check_config(owner, config)
+    check_device(f"{owner}: device", device)
     return {
         "recipe": config.to_dict(),
         "model": {**model_signature(model), "info": dict(model_info or {}), "init": tensors_digest(model.state_dict())},

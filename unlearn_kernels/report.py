@@ -419,7 +419,8 @@ def write_json(study: dict[str, Any], path: Path) -> Path:
     return save_json(payload, path)
 
 
-def write_summary_json(studies: dict[str, dict[str, Any]], results: dict[str, Path], path: Path) -> Path:
+def write_summary_json(studies: dict[str, dict[str, Any]], results: dict[str, Path],
+                       path: str | os.PathLike[str]) -> Path:
     """The summary of several scenarios: per scenario its results file, protocol and, at its last
     request, every method's gap closed (mean, std over seeds) and the seed-noise verdict.
 
@@ -428,6 +429,7 @@ def write_summary_json(studies: dict[str, dict[str, Any]], results: dict[str, Pa
             or a scenario without its results file in ``results``; before anything is written.
     """
     owner = "write_summary_json"
+    path = refuse_empty_path(path, f"{owner}: path is an empty path: name a file")
     _check_studies(owner, studies)
     for name, study in studies.items():
         if not isinstance(study.get("config"), Mapping) or "protocol" not in study["config"]:
