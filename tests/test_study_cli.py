@@ -427,7 +427,10 @@ def test_cli_header_counts_one_method_in_the_singular(tmp_path, capsys):
         (["--sequential", "2"], "--sequential needs --protocol"),
         # the third default scenario's class, found before the first trains
         (["--forget-class", "42"], "class(es) [42] do not occur in the labels"),
-        (["--protocol", "mislabeled", "--sequential", "500"], "into 500 non-empty requests"),
+        # the message named neither option ("cannot split 126 rows into 500 non-empty requests")
+        (["--protocol", "mislabeled", "--sequential", "500"],
+         "sequential (--sequential) asks for 500 requests, but the forget fraction (--forget-fraction) gives 126 "
+         "wrong-label rows"),
         (["--protocol", "class", "--forget-class", "3", "--sequential", "2"], "give 2 classes"),
         (["--set", "telepathy.x=1"], "unknown method 'telepathy'"),
         (["--set", "original.M=1"], "original takes no option 'M'"),
@@ -449,8 +452,12 @@ def test_cli_header_counts_one_method_in_the_singular(tmp_path, capsys):
         (["--device", "tpu"], "--device 'tpu' is not a device name: use cpu, cuda or cuda:N"),
         (["--device", "cuda:99"], "--device 'cuda:99' cannot run here"),  # no GPU, or not that many
         (["--device", "meta"], "--device 'meta' cannot run here"),
-        (["--lr", "-1"], "lr must be a finite number > 0"),
-        (["--batch-size", "0"], "batch_size must be an int >= 1"),
+        # the options' names, not TrainConfig's fields
+        (["--lr", "-1"], "the training recipe's lr (--lr) must be a finite number > 0"),
+        (["--lr", "nan"], "the training recipe's lr (--lr) must be a finite number > 0"),
+        (["--batch-size", "0"], "the training recipe's batch size (--batch-size) must be an int >= 1"),
+        (["--protocol", "class", "--forget-class", str(2**70)],
+         f"forget_classes (--forget-class) must lie in the int64 range, got {2**70}"),
         # the study's bound, where the recipe's ">= 0" contradicted the ">= 1" of --epochs 0
         (["--epochs", "-1"], "epochs (--epochs), which the retrain oracle uses, must be an int >= 1, got -1"),
         (["--threads", "0"], "--threads must be between 1 and "),

@@ -305,6 +305,7 @@ def _cmd_backends(args: argparse.Namespace) -> int:
 
 def _study_configs(args: argparse.Namespace) -> dict:
     """``{scenario name: StudyConfig}``: the three default scenarios, or the one ``--protocol`` names."""
+    from .checks import check_int, check_number
     from .data.datasets import LOCAL_DATASETS
     from .study import (
         DEFAULT_METHODS,
@@ -339,6 +340,10 @@ def _study_configs(args: argparse.Namespace) -> dict:
     try:
         if args.epochs is not None:  # the study's bound (>= 1) before the recipe's (>= 0): one message for both
             check_epochs(args.epochs)
+        if args.lr is not None:  # the recipe's rules, under the options' names (TrainConfig names its fields)
+            check_number("the training recipe's lr (--lr)", args.lr, 0.0, strict=True)
+        if args.batch_size is not None:
+            check_int("the training recipe's batch size (--batch-size)", args.batch_size)
         recipe = dataclasses.replace(DEFAULT_RECIPES[args.model], **{k: v for k, v in (
             ("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size)) if v is not None})
     except ValueError as exc:  # TrainConfig's checks, e.g. --lr -1

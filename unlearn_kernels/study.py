@@ -227,6 +227,9 @@ class StudyConfig:
                 isinstance(c, numbers.Integral) and not isinstance(c, bool) for c in self.forget_classes):
             raise TypeError(f"forget_classes must be a tuple of class indices (ints), got {self.forget_classes!r}")
         self.forget_classes = tuple(int(c) for c in self.forget_classes)
+        beyond = [c for c in self.forget_classes if not -2**63 <= c < 2**63]
+        if beyond:
+            raise ValueError(f"forget_classes (--forget-class) must lie in the int64 range, got {beyond[0]}")
         # an option of another protocol would be ignored without a word: refused, as the command line does
         if self.protocol == "class":
             if self.forget_fraction is not None:
@@ -400,6 +403,11 @@ def build_scenario(config: StudyConfig, splits: DatasetSplits,
     train_split, cache_tag = splits.train, ""
     if config.protocol == "mislabeled":
         corruption = mislabel(labels, config.forget_fraction, seed=seed, num_classes=splits.num_classes)
+        num_wrong = len(corruption.corrupted_idx)
+        if config.sequential > num_wrong:  # split_forget's own message would name neither option
+            raise ValueError(f"sequential (--sequential) asks for {config.sequential} requests, but the forget "
+                             f"fraction (--forget-fraction) gives {num_wrong} wrong-label rows: lower sequential or "
+                             "raise forget_fraction")
         requests = split_forget(len(labels), corruption.corrupted_idx, max(1, config.sequential), seed=seed,
                                 description=corruption.description)
         # the corrupted split has its own cache file: a clean original is never overwritten or reused
