@@ -92,7 +92,8 @@ def _run_suites(args: argparse.Namespace, device: torch.device, out: Path) -> li
             except Exception:  # as a failing suite: the other suites still run
                 print(f"\n{suite}: plot FAILED")
                 traceback.print_exc()
-                failed.append(suite)
+                if suite not in failed:
+                    failed.append(suite)
     return failed
 
 

@@ -153,6 +153,13 @@ def check_plain(plain: torch.Tensor, exact: torch.Tensor, rtol: float = 0.05) ->
     assert error <= rtol * scale, f"the plain PyTorch computation's error {error:.3e} > {rtol:g} x its scale {scale:.3e}"
 
 
+def unavailable(exc: BaseException) -> str:
+    """The status of a candidate that cannot run here: ``"unavailable: <type>: <message>"``, the message whole
+    (the runner looks in it for the reasons a suite expects, which may come after a long class name; it was cut
+    at 200 characters), on one line of the table."""
+    return f"unavailable: {type(exc).__name__}: {exc}".replace("\n", " ")
+
+
 def check(case: str, candidate: str, fn: Callable[[], torch.Tensor], exact: torch.Tensor,
           tolerance: float) -> Measurement:
     """The correctness gate alone: one call, max abs error against ``exact`` <= tolerance, and the
@@ -163,7 +170,7 @@ def check(case: str, candidate: str, fn: Callable[[], torch.Tensor], exact: torc
         with peak_memory(exact.device) as peak:
             out = fn()
     except Exception as exc:  # a candidate that cannot run here is reported, not fatal
-        return Measurement(case, candidate, None, None, None, f"unavailable: {type(exc).__name__}: {exc}"[:200])
+        return Measurement(case, candidate, None, None, None, unavailable(exc))
     if out.shape != exact.shape:
         return Measurement(case, candidate, None, None, None, "wrong", {"shape": list(out.shape)},
                            peak_memory_bytes=peak.bytes)

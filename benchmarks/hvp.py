@@ -57,6 +57,7 @@ from .common import (
     package_version,
     peak_memory,
     plain_error_tolerance,
+    unavailable,
 )
 
 ANCHORS = ("curvlinops", "pyhessian", "autograd", "pyhessian:cached-graph")
@@ -230,7 +231,7 @@ def gated(case: str, name: str, builder: Callable[[], Callable[[], torch.Tensor]
         try:
             fn = builder()
         except (ValueError, ImportError, RuntimeError) as exc:  # e.g. no fused path for a CNN
-            return Measurement(case, name, None, None, None, f"unavailable: {type(exc).__name__}: {exc}"[:200]), None
+            return Measurement(case, name, None, None, None, unavailable(exc)), None
         m = check(case, name, fn, exact, tol)
     m.peak_memory_bytes = peak.bytes if m.status == "ok" else None
     return m, (fn if m.status == "ok" else None)

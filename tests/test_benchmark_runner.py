@@ -542,3 +542,26 @@ def test_the_correctness_gate_refuses_an_output_of_another_shape():
     broadcast = check("a case", "ours", lambda: exact.float().expand(3, 4), exact, 1e-6)
     assert (broadcast.status, broadcast.max_abs_err, broadcast.extra) == ("wrong", None, {"shape": [3, 4]})
     assert check("a case", "ours", lambda: exact.float(), exact, 1e-6).status == "ok"
+
+
+def test_an_unavailable_candidates_reason_is_kept_whole_for_the_runner_to_read(monkeypatch, capsys, tmp_path):
+    """The status was cut at 200 characters, before the runner looked in it for a reason the suite expects: a
+    model class with a long name pushed "not an nn.Sequential of Linear layers ..." past the cut, and the run
+    failed for what the suite expects."""
+    import benchmarks.hvp
+    from benchmarks.common import check, unavailable
+
+    structure = "not an nn.Sequential of Linear layers and activations"
+    long_reason = (f"hessian_operator: path='fused' cannot be used: not a fused MLP (the model is {'A' * 200}, "
+                   f"{structure})")
+
+    def raising():
+        raise ValueError(long_reason + "\nsecond line")
+
+    exact = torch.zeros(3)
+    status = check("a case", "ours:fused", raising, exact, 1e-6).status
+    assert status == unavailable(ValueError(long_reason + "\nsecond line"))
+    assert structure in status and "\n" not in status and status.startswith("unavailable: ValueError: ")
+    monkeypatch.setattr(benchmarks.hvp, "run", lambda device, **kwargs: (
+        [benchmarks.hvp.Measurement("a case", "ours:fused", None, None, None, status)], {}))
+    assert main(["hvp", "--quick", "--out", str(tmp_path)]) == 0
