@@ -88,7 +88,8 @@ def model_signature(model: nn.Module) -> dict[str, Any]:
         ValueError: an entry of the model's state is not a tensor (a module's ``get_extra_state``): checkpoints
             hold tensors only.
     """
-    for name, value in model.state_dict().items():
+    state = model.state_dict()
+    for name, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"the model cannot be checkpointed: its state entry {name!r} is a "
                              f"{type(value).__name__}, not a tensor (a module's get_extra_state); checkpoints hold "
@@ -96,7 +97,7 @@ def model_signature(model: nn.Module) -> dict[str, Any]:
     return {
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
         "modules": [[name, type(module).__name__, module.extra_repr()] for name, module in model.named_modules() if name],
-        "state": [[name, list(t.shape), str(t.dtype)] for name, t in model.state_dict().items()],
+        "state": [[name, list(t.shape), str(t.dtype)] for name, t in state.items()],
         "trainable": [name for name, p in model.named_parameters() if p.requires_grad],
     }
 
