@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from unlearn_kernels.backends import cpu_gemm
 from unlearn_kernels.checkpoint import save_json, software_versions
 from unlearn_kernels.eval import PeakMemory
 
@@ -73,6 +74,7 @@ def environment(device: torch.device) -> dict:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_gemm": cpu_gemm(),  # the GEMM of our compiled float32 CPU passes: "onednn" or "aten" (torch.mm's)
         **software_versions(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

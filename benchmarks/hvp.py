@@ -12,6 +12,9 @@ many times at the same weights (as Lanczos, the Krylov cubic solver and CureNewt
 * ``ours:fused-stream`` / ``ours:generic-stream``: the same with ``cache_bytes=0`` (every product
   recomputes the forward and the gradient);
 * ``ours:generic-fwd``: ``mode="forward-over-reverse"`` (torch.func ``jvp(grad)``, no cache);
+* ``ours:fused-aten-gemm`` (MLPs): ``ours:fused`` within :func:`unlearn_kernels.aten_gemm`, its float32 GEMMs
+  through ATen's GEMM (``torch.mm``'s, as the anchors') where ``ours:fused`` takes oneDNN's (the environment's
+  ``cpu_gemm``): how much of our lead is the GEMM library's;
 * ``curvlinops``: ``curvlinops.HessianLinearOperator`` (torch.func forward-over-reverse, vmapped);
 * ``pyhessian``: PyHessian's ``dataloader_hv_product`` (forward, gradient with create_graph, double backward);
 * ``autograd``: plain ``torch.autograd.grad`` double backward, the same three steps written out;
@@ -41,9 +44,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from unlearn_kernels.backends import aten_gemm
 from unlearn_kernels.checkpoint import save_figure
 from unlearn_kernels.report import new_figure
 from unlearn_kernels.curvature import flatten_tensors, hessian_operator, unflatten_vector
+from unlearn_kernels.curvature.fused_mlp import supports
 from unlearn_kernels.models import ResNet18, SmallViT
 from unlearn_kernels.models.cnn import SmallCNN
 from unlearn_kernels.models.mlp import MLP
@@ -211,6 +216,15 @@ def candidates(p: Problem, loss_fn: nn.Module, v: torch.Tensor) -> dict[str, Cal
         "autograd": lambda: (lambda: flatten_tensors(autograd_hvp(p.model, loss_fn, p.x, p.y, vs))),
         "pyhessian:cached-graph": lambda: pyhessian(True),
     })
+    if supports(p.model, loss_fn) is None:  # an MLP: the compiled passes' GEMMs (a CNN's convolutions are torch's)
+        def ours_aten_gemm() -> Callable[[], torch.Tensor]:
+            product = ours("ours:fused")
+
+            def call() -> torch.Tensor:
+                with aten_gemm():
+                    return product()
+            return call
+        out["ours:fused-aten-gemm"] = ours_aten_gemm
     if p.large:
         for name in ("ours:fused-stream", "ours:generic-stream", "ours:generic-fwd"):
             del out[name]

@@ -19,11 +19,12 @@
 // R-backward: per layer h V^T, Rh W^T, Rd^T h, d^T Rh, Rd W and d V, with no activation function
 // evaluated and no softmax.
 //
-// This file holds the device-agnostic passes (ATen matmuls, so MKL/OpenBLAS on CPU and cuBLAS on
-// GPU); each backend supplies its fused elementwise stages through `Kernels` (csrc/cpu/mlp_hvp.cpp,
-// csrc/cuda/mlp_hvp.cu) and registers the ops for its dispatch key. The cached pass uses ATen
-// elementwise ops only.
+// This file holds the device-agnostic passes (GEMMs through gemm.h: oneDNN or MKL/OpenBLAS on CPU,
+// cuBLAS on GPU); each backend supplies its fused elementwise stages through `Kernels`
+// (csrc/cpu/mlp_hvp.cpp, csrc/cuda/mlp_hvp.cu) and registers the ops for its dispatch key. The cached
+// pass uses ATen elementwise ops only.
 #include "mlp_hvp.h"
+#include "gemm.h"
 #include "message.h"
 
 #include <ATen/ATen.h>
@@ -191,7 +192,7 @@ void forward(const Kernels& kernels, const at::Tensor& x, at::TensorList weights
     }
     const std::optional<at::Tensor> b = biases[l];
     const at::Tensor none;
-    h[l + 1] = at::mm(h[l], weights[l].t());  // activated in place: one fresh buffer per layer
+    h[l + 1] = gemm(h[l], weights[l].t());  // activated in place: one fresh buffer per layer
     kernels.activate(act, h[l + 1], none, b.has_value() ? *b : none, none, h[l + 1], d1[l], d2[l], rh, ra);
     if (l > 0 && l < keep_from) h[l] = at::Tensor();
   }
@@ -230,8 +231,8 @@ std::vector<at::Tensor> run(const Kernels& kernels, const at::Tensor& x, const a
       d2[l] = at::empty({N, out}, x.options());
       ra[l] = at::empty({N, K, out}, x.options());
     }
-    const at::Tensor ar = at::mm(h[l], stacked);
-    const at::Tensor t = l > 0 ? at::mm(rh[l].view({N * K, in}), weights[l].t()) : at::Tensor();
+    const at::Tensor ar = gemm(h[l], stacked);
+    const at::Tensor t = l > 0 ? gemm(rh[l].view({N * K, in}), weights[l].t()) : at::Tensor();
     kernels.activate(act(l), ar, t, bias(biases, l), bias(v_biases, l), h[l + 1], d1[l], d2[l], rh[l + 1], ra[l]);
   }
 
@@ -257,15 +258,15 @@ std::vector<at::Tensor> run(const Kernels& kernels, const at::Tensor& x, const a
     if (has_first(act(l))) kernels.backward(d1[l], d2[l], ra[l], g, rg);  // g, rg become d_l, Rd_l
     d1[l] = d2[l] = ra[l] = at::Tensor();
     const at::Tensor rg_flat = rg.view({N, K * out});
-    out_w[l] = at::mm(rg_flat.t(), h[l]).view({K, out, in});
-    if (l > 0) out_w[l].add_(at::mm(g.t(), rh[l].view({N, K * in})).view({out, K, in}).transpose(0, 1));
+    out_w[l] = gemm(rg_flat.t(), h[l]).view({K, out, in});
+    if (l > 0) out_w[l].add_(gemm(g.t(), rh[l].view({N, K * in})).view({out, K, in}).transpose(0, 1));
     if (bias(biases, l).defined()) out_b.push_back(rg.sum(0));
     if (l > 0) {
-      at::Tensor rg_next = at::mm(rg.view({N * K, out}), weights[l]).view({N, K * in});
-      rg_next.addmm_(g, v_weights[l].transpose(0, 1).reshape({out, K * in}));
+      at::Tensor rg_next = gemm(rg.view({N * K, out}), weights[l]).view({N, K * in});
+      gemm_into(rg_next, g, v_weights[l].transpose(0, 1).reshape({out, K * in}), 1.0);
       // g_{l-1} feeds d_{l-1}^T Rh_{l-2} (only above the first layer) and the act'' term: on the
       // first layer of a ReLU MLP neither exists, and one matmul is saved.
-      g = (l - 1 > 0 || has_second(act(l - 1))) ? at::mm(g, weights[l]) : at::Tensor();
+      g = (l - 1 > 0 || has_second(act(l - 1))) ? gemm(g, weights[l]) : at::Tensor();
       rg = rg_next.view({N, K, in});
     }
     h[l] = rh[l] = at::Tensor();
@@ -416,7 +417,7 @@ void add_block_gradient(const Kernels& kernels, at::Tensor g, std::vector<at::Te
     }
     if (weight_offsets[l] >= 0) {
       at::Tensor part = grad.narrow(0, weight_offsets[l], out * in).view({out, in});
-      at::addmm_out(part, part, g.t(), h[l], first ? 0 : 1);  // beta 0: part is not read
+      gemm_into(part, g.t(), h[l], first ? 0.0 : 1.0);  // beta 0: part is not read
     }
     if (bias_offsets[l] >= 0) {
       at::Tensor part = grad.narrow(0, bias_offsets[l], out);
@@ -426,7 +427,10 @@ void add_block_gradient(const Kernels& kernels, at::Tensor g, std::vector<at::Te
         part.add_(g.sum(0));
       }
     }
-    if (l > lowest) g = at::mm_out(h[l], g, weights[l]);
+    if (l > lowest) {
+      gemm_into(h[l], g, weights[l]);
+      g = h[l];
+    }
     h[l] = d1[l] = at::Tensor();
   }
 }
@@ -515,7 +519,7 @@ std::vector<at::Tensor> run_state(const Kernels& kernels, const at::Tensor& x, c
   for (int64_t l = L - 1; l >= 0; --l) {
     if (has_second(act(l))) s[l] = d2[l] * g;
     d[l] = has_first(act(l)) ? d1[l] * g : g;
-    if (l > 0) g = at::mm(d[l], weights[l]);
+    if (l > 0) g = gemm(d[l], weights[l]);
   }
   std::vector<at::Tensor> state(h.begin() + 1, h.end() - 1);  // h_1 .. h_{L-1}
   state.insert(state.end(), d.begin(), d.end());
@@ -596,9 +600,9 @@ at::Tensor narrow_r_forward(BlockScratch& scratch, const at::Tensor& input, cons
                             const at::Tensor& weight, const at::Tensor& v, int64_t K) {
   const int64_t N = input.size(0), out = weight.size(0), in = weight.size(1);
   at::Tensor rt;  // (K, out, N)
-  if (v.defined()) rt = at::mm(v.reshape({K * out, in}), input.t()).view({K, out, N});
+  if (v.defined()) rt = gemm(v.reshape({K * out, in}), input.t()).view({K, out, N});
   if (rh.defined()) {
-    at::Tensor w_rh = at::mm(weight, rh.view({N * K, in}).t()).view({out, N, K}).permute({2, 0, 1});
+    at::Tensor w_rh = gemm(weight, rh.view({N * K, in}).t()).view({out, N, K}).permute({2, 0, 1});
     rt = rt.defined() ? rt.add_(w_rh) : w_rh;
   }
   at::Tensor r = scratch.take({N, K * out});
@@ -640,12 +644,12 @@ void add_block_products(BlockScratch& scratch, const BlockState& s, at::TensorLi
       r = narrow_r_forward(scratch, input, l > lo ? rh[l] : at::Tensor(), weights[l], v_weights[l], K);
     } else if (v_weights[l].defined()) {
       r = scratch.take({n, K * out});
-      at::mm_out(r, input, v_weights[l].reshape({K * out, in}).t());
-      if (l > lo) r.view({n * K, out}).addmm_(rh[l].view({n * K, in}), weights[l].t());
+      gemm_into(r, input, v_weights[l].reshape({K * out, in}).t());
+      if (l > lo) gemm_into(r.view({n * K, out}), rh[l].view({n * K, in}), weights[l].t(), 1.0);
     } else if (l > lo) {
       r = scratch.take({n, K * out});
       at::Tensor r2 = r.view({n * K, out});
-      at::mm_out(r2, rh[l].view({n * K, in}), weights[l].t());
+      gemm_into(r2, rh[l].view({n * K, in}), weights[l].t());
     } else {
       r = scratch.take({n, K * out}).zero_();
     }
@@ -685,10 +689,10 @@ void add_block_products(BlockScratch& scratch, const BlockState& s, at::TensorLi
     const at::Tensor input = s.input(l);
     if (weight_offsets[l] >= 0) {
       if (first_block) out_w[l] = at::empty({K * out, in}, input.options());
-      at::addmm_out(out_w[l], out_w[l], rg.view({n, K * out}).t(), input, beta);
+      gemm_into(out_w[l], rg.view({n, K * out}).t(), input, beta);
       if (l > lo) {
         if (first_block) out_wt[l] = at::empty({out, K * in}, input.options());
-        at::addmm_out(out_wt[l], out_wt[l], s.grad(l).t(), rh[l].view({n, K * in}), beta);
+        gemm_into(out_wt[l], s.grad(l).t(), rh[l].view({n, K * in}), beta);
       }
     }
     if (bias_offsets[l] >= 0) {
@@ -700,9 +704,11 @@ void add_block_products(BlockScratch& scratch, const BlockState& s, at::TensorLi
     }
     if (l > lo) {
       at::Tensor rg_next = scratch.take({n * K, in});
-      at::mm_out(rg_next, rg.view({n * K, out}), weights[l]);
+      gemm_into(rg_next, rg.view({n * K, out}), weights[l]);
       rg_next = rg_next.view({n, K * in});
-      if (v_weights[l].defined()) rg_next.addmm_(s.grad(l), v_weights[l].transpose(0, 1).reshape({out, K * in}));
+      if (v_weights[l].defined()) {
+        gemm_into(rg_next, s.grad(l), v_weights[l].transpose(0, 1).reshape({out, K * in}), 1.0);
+      }
       rg = rg_next.view({n, K, in});
     }
     rh[l] = at::Tensor();

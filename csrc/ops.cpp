@@ -4,6 +4,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "gemm.h"
+
+#include <string>
+
 extern "C" {
 // An importable (empty) module: `from unlearn_kernels import _C` loads this library, which
 // runs the static registrations below and in the per-backend files.
@@ -83,4 +87,7 @@ TORCH_LIBRARY(unlearn_kernels, m) {
   m.def(
       "lora_linear_jvp(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scale, "
       "Tensor? tangent_a, Tensor? tangent_b) -> (Tensor, Tensor)");
+  // Which GEMM the compiled passes' float32 CPU matmuls of enough work take here and now (csrc/gemm.h):
+  // "onednn" or "aten". No tensor argument: one kernel for every dispatch key.
+  m.def("cpu_gemm() -> str", [] { return std::string(unlearn_kernels::onednn_gemm_available() ? "onednn" : "aten"); });
 }

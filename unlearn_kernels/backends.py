@@ -12,9 +12,10 @@ import this module and never the other way round.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -196,3 +197,28 @@ def backends() -> BackendReport:
     ``{"softmax_ce_hvp": {"cpp": BackendStatus(True, ...), "cuda": BackendStatus(False, ...), ...}}``;
     printing it gives a table."""
     return BackendReport({op: {b: status(op, b) for b in BACKEND_NAMES} for op in _IMPLEMENTED})
+
+
+def cpu_gemm() -> str:
+    """Which GEMM the compiled passes (the fused MLP products and loss) use for float32 CPU matmuls of at
+    least 786,432 multiply-adds, here and now: ``"onednn"`` (torch's own oneDNN matmul, on an x86 CPU with
+    AVX-512, where it ran 2.0-2.3x faster than torch's MKL on an AMD EPYC: MKL takes its AVX2 path on
+    AMD), ``"aten"`` (ATen's GEMM, as ``torch.mm``: elsewhere, for other dtypes, and within :func:`aten_gemm`
+    or wherever ``torch.backends.mkldnn.enabled`` is False) or ``"unavailable"`` (the extension
+    is not loaded). The two differ in rounding only."""
+    if not _extension.extension_loaded():
+        return "unavailable"
+    return torch.ops.unlearn_kernels.cpu_gemm()
+
+
+@contextlib.contextmanager
+def aten_gemm() -> Iterator[None]:
+    """Within: the compiled passes' float32 CPU GEMMs run through ATen's GEMM (``cpu_gemm()`` is ``"aten"``), for
+    results rounded as ``torch.mm`` rounds them or to time the two routes. It sets ``torch.backends.mkldnn.enabled``
+    to False (torch's own oneDNN paths, such as CPU convolutions, are off too) and back to what it was."""
+    was = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = was

@@ -22,7 +22,13 @@ import torch
 from torch import nn
 
 from ..backends import BackendUnavailableError, choose, status
-from ..ops.mlp_hvp import mlp_hvp_flat, mlp_hvp_flat_cached, mlp_hvp_state, mlp_value_grad_flat
+from ..ops.mlp_hvp import (
+    activation_codes,
+    mlp_hvp_flat,
+    mlp_hvp_flat_cached_prechecked,
+    mlp_hvp_state,
+    mlp_value_grad_flat,
+)
 from .base import CurvatureOperator
 from .batches import DataSpec, RowMean
 from .probes import LossFn
@@ -177,12 +183,15 @@ class FusedMLPHessian(CurvatureOperator):
         super().__init__(model, loss_fn, data, params, batch_size=batch_size, cache_bytes=cache_bytes)
         try:  # a backend that is unknown or cannot run here: now, not at the first product
             choose("mlp_hvp", self.device, backend)
+            # the cached products' kernel, chosen once: each product calls it without the op's Python checks
+            self._cached_kernel = choose("mlp_hvp_flat_cached", self.device, backend)
         except (ValueError, TypeError, BackendUnavailableError) as error:
             raise type(error)(f"FusedMLPHessian: {error}") from None
         # Per-product arguments of the op, fixed at construction (the tensors are live views).
         chain = self._chain
         self._weights_changed()
         self._weight_offsets, self._bias_offsets = chain.offsets(self._param_offsets)
+        self._activation_codes = activation_codes(chain.activations)
 
     def _weights_changed(self) -> None:
         self._weights = [self._tensor(n) for n in self._chain.weight_names]
@@ -253,8 +262,9 @@ class FusedMLPHessian(CurvatureOperator):
                     )
             elif entry[1] is not None:
                 inputs, state = entry
-                out = mlp_hvp_flat_cached(inputs, state, self._weights, self._biases, acts, matrix,
-                                          self._weight_offsets, self._bias_offsets, backend=self.backend)
+                out = mlp_hvp_flat_cached_prechecked(
+                    self._cached_kernel, inputs, state, self._weights, self._biases, self._activation_codes, matrix,
+                    self._weight_offsets, self._bias_offsets)
             mean.add(torch.zeros_like(matrix) if out is None else out, n, owned=True)
         return mean.result()
 

@@ -394,6 +394,8 @@ def weights_key(tensors: Iterable[torch.Tensor]) -> WeightsKey:
     tensor), float64 sum and position checksum (in-place writes that bump no version counter: fused
     optimizer kernels, ``.data``; the checksum sees values that only moved), read back at once."""
     tensors = list(tensors)
+    if not tensors:  # a loss without buffers, at every product: no fingerprint call
+        return ()
     # an inference tensor (e.g. running statistics made under inference_mode) keeps no version: its sum still counts
     return tuple((version_counter(t), t.data_ptr(), total, checksum)
                  for t, (total, checksum) in zip(tensors, weights_fingerprint(tensors)))

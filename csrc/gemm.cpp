@@ -1,0 +1,64 @@
+// See gemm.h.
+#include "gemm.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+
+#if defined(__x86_64__)
+namespace at::native {
+// torch's oneDNN GEMM, result = beta * result + alpha * mat1 mat2, declared in a header torch does not
+// ship (aten/src/ATen/native/mkldnn/Matmul.h). Weak: a torch that exports no function of this signature
+// leaves it null, and every GEMM takes ATen's route.
+TORCH_API void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2, const Tensor& result, float beta,
+                             float alpha) __attribute__((weak));
+}  // namespace at::native
+#endif
+
+namespace unlearn_kernels {
+namespace {
+
+// The conditions of the oneDNN route that do not change in a process: the function is exported, torch
+// was built with oneDNN, and the CPU has what oneDNN's float32 matmul in torch requires on x86
+// (AVX-512 BW, VL and DQ; torch refuses the call otherwise).
+bool onednn_present() {
+#if defined(__x86_64__)
+  static const bool present = &at::native::mkldnn_matmul != nullptr && at::hasMKLDNN() &&
+                              __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                              __builtin_cpu_supports("avx512dq");
+  return present;
+#else
+  return false;
+#endif
+}
+
+bool takes_onednn(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  return out.is_cpu() && a.is_cpu() && b.is_cpu() && out.scalar_type() == at::kFloat &&
+         a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.dim() == 2 && b.dim() == 2 &&
+         out.dim() == 2 && a.size(0) * a.size(1) * b.size(1) >= kOneDnnMinWork && onednn_gemm_available();
+}
+
+}  // namespace
+
+bool onednn_gemm_available() { return onednn_present() && at::globalContext().userEnabledMkldnn(); }
+
+void gemm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta) {
+#if defined(__x86_64__)
+  if (takes_onednn(out, a, b)) {
+    at::native::mkldnn_matmul(a, b, out, static_cast<float>(beta), 1.0f);
+    return;
+  }
+#endif
+  if (beta == 0.0) {
+    at::mm_out(const_cast<at::Tensor&>(out), a, b);
+  } else {
+    at::addmm_out(const_cast<at::Tensor&>(out), out, a, b, beta, 1);
+  }
+}
+
+at::Tensor gemm(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  gemm_into(out, a, b);
+  return out;
+}
+
+}  // namespace unlearn_kernels

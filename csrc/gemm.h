@@ -1,0 +1,30 @@
+// The GEMMs of the compiled passes: out = beta * out + a b for 2-D tensors on any device. On an x86
+// CPU with AVX-512, a float32 GEMM of at least kOneDnnMinWork multiply-adds runs through torch's own
+// oneDNN matmul (at::native::mkldnn_matmul, inside libtorch), elsewhere through ATen's GEMM (MKL or
+// OpenBLAS on CPU, cuBLAS on GPU). Why: torch's MKL takes its AVX2 path on AMD CPUs, where oneDNN
+// runs AVX-512 at full width (2.0-2.3x MKL's speed on the AMD EPYC of docs/benchmarks.md, float32,
+// one thread); on Intel CPUs both run AVX-512. torch.backends.mkldnn.enabled = False (the Python
+// unlearn_kernels.aten_gemm()) turns the route off (ATen's GEMM for every call), as it does torch's own
+// oneDNN paths.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace unlearn_kernels {
+
+// oneDNN's per-call set-up is ~10 us: below about this many multiply-adds (M K N) ATen's GEMM is as fast or
+// faster (measured on the AMD EPYC, one thread: 64 x 64 x 128 11 vs 14 us, 96 x 64 x 128 15.6 vs 16.6 us,
+// 10 x 128 x 773 28 vs 20 us, 256 x 64 x 128 39 vs 26 us; 1-4 rows: 1-2 vs 11 us).
+constexpr int64_t kOneDnnMinWork = int64_t{3} << 18;
+
+// out = beta * out + a b (out (M, N), a (M, K), b (K, N), one dtype and device; beta 0: out is not read).
+void gemm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta = 0.0);
+
+// a b as a new tensor.
+at::Tensor gemm(const at::Tensor& a, const at::Tensor& b);
+
+// Whether gemm_into takes the oneDNN route for float32 CPU GEMMs of enough work here and now (this torch
+// exports the function and has oneDNN, the CPU has AVX-512 BW/VL/DQ, oneDNN is not turned off).
+bool onednn_gemm_available();
+
+}  // namespace unlearn_kernels

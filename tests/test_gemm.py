@@ -1,0 +1,125 @@
+"""The compiled passes' GEMM route (csrc/gemm.h): on an x86 CPU with AVX-512, float32 CPU matmuls of enough work
+run through torch's own oneDNN matmul, elsewhere (other dtypes, small GEMMs, ``torch.backends.mkldnn`` turned
+off) through ATen's GEMM. Both routes are held to the float64 reference under the accuracy rule, for every
+compiled pass that takes them, on a problem where every GEMM of the pass is above the route's threshold (the
+cached product's rows in several blocks, each block's products added to the first's: the accumulating GEMMs)."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from tolerance import assert_within_rule
+
+from unlearn_kernels import _extension, aten_gemm, cpu_gemm, ops
+
+ROUTES = ("default", "aten")
+
+
+def route(name: str) -> contextlib.AbstractContextManager:
+    """The GEMM route of the compiled passes: as this machine picks it, or ATen's."""
+    return contextlib.nullcontext() if name == "default" else aten_gemm()
+
+
+def _problem(dtype: torch.dtype, n: int = 2100, k: int = 3, seed: int = 0) -> dict:
+    """An MLP 64-128-128-10 (tanh, gelu, logits), n rows with two ignored, and K flat tangents over every
+    parameter: with K = 3 the cached product takes ~340 rows a block (seven blocks), and each of its GEMMs,
+    like the uncached pass's and the gradient's, has at least 1.3 M multiply-adds (the oneDNN route's
+    threshold is 786,432)."""
+    gen = torch.Generator().manual_seed(seed)
+    dims = [64, 128, 128, 10]
+    weights = [torch.randn(o, i, generator=gen, dtype=torch.float64) * 1.5 / i**0.5 for i, o in zip(dims, dims[1:])]
+    biases = [torch.randn(o, generator=gen, dtype=torch.float64) * 0.5 for o in dims[1:]]
+    target = torch.randint(0, 10, (n,), generator=gen)
+    target[[5, n - 3]] = -100
+    sizes = [w.numel() for w in weights] + [b.numel() for b in biases]
+    starts = torch.tensor([0, *sizes]).cumsum(0).tolist()
+    return dict(
+        x=torch.randn(n, dims[0], generator=gen, dtype=torch.float64).to(dtype),
+        target=target,
+        weights=[w.to(dtype) for w in weights],
+        biases=[b.to(dtype) for b in biases],
+        activations=["tanh", "gelu", "identity"],
+        V=torch.randn(starts[-1], k, generator=gen, dtype=torch.float64).to(dtype),
+        weight_offsets=starts[:3],
+        bias_offsets=starts[3:6],
+    )
+
+
+def _cast(p: dict, dtype: torch.dtype) -> dict:
+    return {key: (value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point()
+                  else [t.to(dtype) for t in value] if key in ("weights", "biases") else value)
+            for key, value in p.items()}
+
+
+def _model(p: dict) -> dict:
+    return {key: p[key] for key in ("x", "target", "weights", "biases", "activations")}
+
+
+def _passes(p: dict) -> dict[str, torch.Tensor]:
+    """Each compiled pass that takes the GEMM route, on the C++ CPU backend: the uncached product, the cached one
+    (state, then the product from it) and the loss with its gradient."""
+    layout = dict(weight_offsets=p["weight_offsets"], bias_offsets=p["bias_offsets"])
+    state = ops.mlp_hvp_state(**_model(p), backend="cpp")
+    value, grad = ops.mlp_value_grad_flat(**_model(p), **layout, backend="cpp")
+    return {
+        "mlp_hvp_flat": ops.mlp_hvp_flat(**_model(p), V=p["V"], **layout, backend="cpp"),
+        "mlp_hvp_flat_cached": ops.mlp_hvp_flat_cached(p["x"], state, p["weights"], p["biases"], p["activations"],
+                                                       p["V"], **layout, backend="cpp"),
+        "mlp_value_grad_flat value": value.reshape(1),
+        "mlp_value_grad_flat gradient": grad,
+    }
+
+
+def _references(p: dict) -> dict[str, torch.Tensor]:
+    """The same results from the pure-PyTorch references (in ``p``'s dtype)."""
+    layout = dict(weight_offsets=p["weight_offsets"], bias_offsets=p["bias_offsets"])
+    product = ops.mlp_hvp_flat_ref(**_model(p), V=p["V"], **layout)
+    value, grad = ops.mlp_value_grad_flat_ref(**_model(p), **layout)
+    return {"mlp_hvp_flat": product, "mlp_hvp_flat_cached": product, "mlp_value_grad_flat value": value.reshape(1),
+            "mlp_value_grad_flat gradient": grad}
+
+
+def test_cpu_gemm_names_the_route(monkeypatch):
+    assert cpu_gemm() in ("onednn", "aten")
+    with route("aten"):
+        assert cpu_gemm() == "aten"
+    assert torch.backends.mkldnn.enabled  # set back
+    monkeypatch.setattr(_extension, "extension_loaded", lambda: False)
+    assert cpu_gemm() == "unavailable"
+
+
+@pytest.mark.parametrize("name", ROUTES)
+def test_float32_passes_on_each_route_meet_the_accuracy_rule(name):
+    p32 = _problem(torch.float32)
+    exact = _references(_cast(p32, torch.float64))
+    plain = _references(p32)
+    with route(name):
+        outputs = _passes(p32)
+    for op, out in outputs.items():
+        # the loss is a float64 number computed from float32 logits: held to float32's rule
+        assert_within_rule(out.float(), plain[op].float(), exact[op], ulps=16.0)
+
+
+def test_the_onednn_route_runs_and_differs_from_atens_in_rounding_only():
+    if cpu_gemm() != "onednn":
+        pytest.skip("no oneDNN route on this machine (not x86 with AVX-512 BW/VL/DQ, or torch without oneDNN)")
+    p32 = _problem(torch.float32)
+    default = _passes(p32)
+    with route("aten"):
+        aten = _passes(p32)
+    for op in default:
+        scale = aten[op].abs().max()
+        assert (default[op] - aten[op]).abs().max() <= 1e-5 * scale, op
+    # the products differ in their last bits (other summation orders): the route was taken
+    assert not torch.equal(default["mlp_hvp_flat_cached"], aten["mlp_hvp_flat_cached"])
+    assert not torch.equal(default["mlp_hvp_flat"], aten["mlp_hvp_flat"])
+
+
+def test_float64_passes_take_atens_gemm_on_every_route():
+    p64 = _problem(torch.float64, n=700)
+    default = _passes(p64)
+    with route("aten"):
+        aten = _passes(p64)
+    for op in default:
+        assert torch.equal(default[op], aten[op]), op
