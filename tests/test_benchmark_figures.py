@@ -180,7 +180,7 @@ def test_a_gpu_run_does_not_redraw_the_docs_plot(monkeypatch, tmp_path):
 HVP_TIMES = {"gradient": {"autograd": 1.0},
              "hvp": {"autograd": 8.0, "pyhessian": 10.0, "curvlinops": 12.0, "pyhessian:cached-graph": 4.0,
                      "ours:fused": 2.0, "ours:generic": 3.0, "ours:fused-stream": 5.0, "ours:generic-stream": 6.0,
-                     "ours:generic-fwd": 7.0},
+                     "ours:generic-fwd": 7.0, "ours:fused-aten-gemm": 2.5},
              "matmat": {"ours:fused": 8.0, "ours:generic": 12.0}}
 
 
@@ -203,6 +203,7 @@ def test_the_hvp_suites_ratios(monkeypatch):
     rows = {(_kind(m.case), m.candidate): m.extra for m in results if m.median_s}
     fastest = min((a for a in hvp.ANCHORS if ("hvp", a) in rows), key=HVP_TIMES["hvp"].get)  # plain autograd at least
     assert config["cases"][0]["fastest_anchor"] == fastest
+    assert ("hvp", "ours:fused-aten-gemm") in rows  # an MLP: our product on torch's GEMM beside it
     for name, t in HVP_TIMES["hvp"].items():
         if ("hvp", name) in rows:
             assert rows["hvp", name]["gradient_units"] == t
@@ -217,14 +218,16 @@ def test_the_floors_suites_ratios(monkeypatch):
     """vs_floor = the floor's time / the candidate's, floor_bound = PyHessian's time / the floor's."""
     import benchmarks.floors as floors
 
-    times = {"floor": 2.0, "ours:fused": 4.0, "ours:generic": 8.0, "pyhessian:cached-graph": 5.0}
+    times = {"floor": 2.0, "ours:fused": 4.0, "ours:fused-aten-gemm": 10.0, "ours:generic": 8.0,
+             "pyhessian:cached-graph": 5.0}
     monkeypatch.setattr(floors, "problems", lambda device, quick=False: [tiny_mlp_problem()])
     monkeypatch.setattr(floors, "measure_interleaved", fixed_times(lambda m: times[m.candidate]))
     results, _ = floors.run(torch.device("cpu"), quick=True, min_time=0.0)
     rows = {m.candidate: m.extra for m in results if m.median_s}  # PyHessian's row only where it is installed
     assert {name: rows[name]["vs_floor"] for name in times if name in rows and name != "floor"} == \
-        {name: ratio for name, ratio in (("ours:fused", 0.5), ("ours:generic", 0.25), ("pyhessian:cached-graph", 0.4))
-         if name in rows}
+        {name: ratio for name, ratio in (("ours:fused", 0.5), ("ours:fused-aten-gemm", 0.2), ("ours:generic", 0.25),
+                                          ("pyhessian:cached-graph", 0.4)) if name in rows}
+    assert "ours:fused-aten-gemm" in rows  # the MLP's row of our product on torch's GEMM
     if "pyhessian:cached-graph" in rows:
         assert rows["pyhessian:cached-graph"]["floor_bound"] == 2.5
 
