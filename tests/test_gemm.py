@@ -6,6 +6,7 @@ cached product's rows in several blocks, each block's products added to the firs
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import pytest
 import torch
@@ -78,6 +79,36 @@ def _references(p: dict) -> dict[str, torch.Tensor]:
     value, grad = ops.mlp_value_grad_flat_ref(**_model(p), **layout)
     return {"mlp_hvp_flat": product, "mlp_hvp_flat_cached": product, "mlp_value_grad_flat value": value.reshape(1),
             "mlp_value_grad_flat gradient": grad}
+
+
+def test_aten_gemm_sets_the_flag_back_after_the_last_of_overlapping_runs():
+    # two threads whose runs overlap (B enters while A is inside, and leaves last): the flag is set back to what it
+    # was before the first, not to what B saw on entering; an exception inside a run sets it back too
+    a_inside, b_inside, a_left = threading.Event(), threading.Event(), threading.Event()
+    seen = []
+
+    def a():
+        with aten_gemm():
+            a_inside.set()
+            b_inside.wait(10)
+        a_left.set()
+
+    def b():
+        a_inside.wait(10)
+        with aten_gemm():
+            b_inside.set()
+            a_left.wait(10)
+            seen.append(cpu_gemm())
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == ["aten"] and torch.backends.mkldnn.enabled
+    with pytest.raises(RuntimeError, match="inside"), aten_gemm(), aten_gemm():
+        raise RuntimeError("inside")
+    assert torch.backends.mkldnn.enabled
 
 
 def test_cpu_gemm_names_the_route(monkeypatch):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -211,14 +212,30 @@ def cpu_gemm() -> str:
     return torch.ops.unlearn_kernels.cpu_gemm()
 
 
+class _AtenGemm:
+    """The state behind :func:`aten_gemm`: how many runs are open (in any thread) and the flag before the first."""
+
+    lock = threading.Lock()
+    depth = 0
+    was = True
+
+
 @contextlib.contextmanager
 def aten_gemm() -> Iterator[None]:
     """Within: the compiled passes' float32 CPU GEMMs run through ATen's GEMM (``cpu_gemm()`` is ``"aten"``), for
-    results rounded as ``torch.mm`` rounds them or to time the two routes. It sets ``torch.backends.mkldnn.enabled``
-    to False (torch's own oneDNN paths, such as CPU convolutions, are off too) and back to what it was."""
-    was = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
+    results rounded as ``torch.mm`` rounds them or to time the two routes. It sets ``torch.backends.mkldnn.enabled``,
+    a process-wide flag, to False: while any run is open, in any thread, torch's own oneDNN paths (such as CPU
+    convolutions) are off too, in every thread. The flag is set back to what it was once the last open run ends
+    (runs may nest and overlap across threads)."""
+    with _AtenGemm.lock:
+        if _AtenGemm.depth == 0:
+            _AtenGemm.was = torch.backends.mkldnn.enabled
+            torch.backends.mkldnn.enabled = False
+        _AtenGemm.depth += 1
     try:
         yield
     finally:
-        torch.backends.mkldnn.enabled = was
+        with _AtenGemm.lock:
+            _AtenGemm.depth -= 1
+            if _AtenGemm.depth == 0:
+                torch.backends.mkldnn.enabled = _AtenGemm.was
