@@ -4,6 +4,9 @@ frozen layer alone, forward and forward+backward, on the same inputs, checked ag
 Candidates (the baseline is PEFT's layer):
 
 * ``ours:<backend>``: ``ops.lora_linear`` (C++ on CPU; CUDA and Triton on GPU);
+* ``ours:cpp-aten-gemm`` (CPU): ``ours:cpp`` within :func:`unlearn_kernels.aten_gemm`, its big float32 GEMMs
+  through torch's own GEMM (``torch.mm``'s, as every other candidate's) where ``ours:cpp`` may take oneDNN's (the
+  environment's ``cpu_gemm``): how much of our lead is the GEMM library's;
 * ``peft``: ``peft.tuners.lora.Linear`` around the frozen ``nn.Linear`` (dropout 0);
 * ``eager``: ``x W^T + b + s (x A^T) B^T`` in plain autograd (W and b frozen);
 * ``torch.compile``: the eager expression compiled (unless ``--no-compile``/``--quick``);
@@ -18,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from unlearn_kernels import ops
+from unlearn_kernels import aten_gemm, ops
 
 from .common import Measurement, check, kernel_backends, measure_interleaved, plain_error_tolerance
 
@@ -59,6 +62,8 @@ def candidates(device, x, weight, bias, lora_a, lora_b, scale, alpha, grad_out, 
     for b in kernel_backends(device):
         cands[f"ours:{b}"] = (lambda b=b: ops.lora_linear(x, weight, bias, lora_a, lora_b, scale, backend=b),
                               lambda b=b: grads(ops.lora_linear(xg, weight, bias, ag, bg, scale, backend=b), (xg, ag, bg)))
+    if "ours:cpp" in cands:
+        cands["ours:cpp-aten-gemm"] = tuple(_within_aten_gemm(fn) for fn in cands["ours:cpp"])
     try:
         layer, pa, pb = _peft_layer(weight, bias, lora_a, lora_b, alpha)
         cands["peft"] = (lambda: layer(x), lambda: grads(layer(xg), (xg, pa, pb)))
@@ -131,6 +136,13 @@ def run(device: torch.device, cases=None, with_compile: bool = True,
               "forward": "under torch.no_grad", "forward+backward": "gradients of x, A, B (frozen linear: x)",
               "timing": "measure_interleaved per case", "min_time_s": min_time, "torch_compile": with_compile}
     return results, config
+
+
+def _within_aten_gemm(fn):
+    def call():
+        with aten_gemm():
+            return fn()
+    return call
 
 
 def _raises(exc: Exception):

@@ -31,27 +31,27 @@ bool onednn_present() {
 #endif
 }
 
-bool takes_onednn(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
-  return out.is_cpu() && a.is_cpu() && b.is_cpu() && out.scalar_type() == at::kFloat &&
-         a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.dim() == 2 && b.dim() == 2 &&
-         out.dim() == 2 && a.size(0) * a.size(1) * b.size(1) >= kOneDnnMinWork && onednn_gemm_available();
-}
-
 }  // namespace
 
 bool onednn_gemm_available() { return onednn_present() && at::globalContext().userEnabledMkldnn(); }
 
-void gemm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta) {
+bool takes_onednn(const at::Tensor& a, const at::Tensor& b) {
+  return a.is_cpu() && b.is_cpu() && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
+         a.dim() == 2 && b.dim() == 2 && a.size(0) * a.size(1) * b.size(1) >= kOneDnnMinWork &&
+         onednn_gemm_available();
+}
+
+void gemm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta, double alpha) {
 #if defined(__x86_64__)
-  if (takes_onednn(out, a, b)) {
-    at::native::mkldnn_matmul(a, b, out, static_cast<float>(beta), 1.0f);
+  if (out.is_cpu() && out.scalar_type() == at::kFloat && out.dim() == 2 && takes_onednn(a, b)) {
+    at::native::mkldnn_matmul(a, b, out, static_cast<float>(beta), static_cast<float>(alpha));
     return;
   }
 #endif
-  if (beta == 0.0) {
+  if (beta == 0.0 && alpha == 1.0) {
     at::mm_out(const_cast<at::Tensor&>(out), a, b);
   } else {
-    at::addmm_out(const_cast<at::Tensor&>(out), out, a, b, beta, 1);
+    at::addmm_out(const_cast<at::Tensor&>(out), out, a, b, beta, alpha);
   }
 }
 

@@ -17,11 +17,16 @@ namespace unlearn_kernels {
 // 10 x 128 x 773 28 vs 20 us, 256 x 64 x 128 39 vs 26 us; 1-4 rows: 1-2 vs 11 us).
 constexpr int64_t kOneDnnMinWork = int64_t{3} << 18;
 
-// out = beta * out + a b (out (M, N), a (M, K), b (K, N), one dtype and device; beta 0: out is not read).
-void gemm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta = 0.0);
+// out = beta * out + alpha * a b (out (M, N), a (M, K), b (K, N), one dtype and device; beta 0: out is not read).
+void gemm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta = 0.0,
+               double alpha = 1.0);
 
 // a b as a new tensor.
 at::Tensor gemm(const at::Tensor& a, const at::Tensor& b);
+
+// Whether gemm_into takes the oneDNN route for a b (for a caller that would otherwise fold work into ATen's GEMM,
+// such as a bias added by at::addmm).
+bool takes_onednn(const at::Tensor& a, const at::Tensor& b);
 
 // Whether gemm_into takes the oneDNN route for float32 CPU GEMMs of enough work here and now (this torch
 // exports the function and has oneDNN, the CPU has AVX-512 BW/VL/DQ, oneDNN is not turned off).

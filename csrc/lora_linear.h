@@ -1,5 +1,6 @@
 // The fused LoRA linear layer y = x W^T + b + s (x A^T) B^T, its backward and its JVP, as one
-// device-agnostic pass of ATen GEMMs (cuBLAS on CUDA tensors): every rank-r term is folded into a
+// device-agnostic pass of GEMMs (cuBLAS on CUDA tensors; on the CPU ATen's, or oneDNN's through
+// csrc/gemm.h for the large float32 ones outside its parallel regions): every rank-r term is folded into a
 // big GEMM's output (addmm with beta = 1) instead of a separate pass over it. Defined in
 // csrc/cpu/lora_linear.cpp and registered for CPU there; csrc/cuda/lora_linear.cu registers the
 // same functions for CUDA under a device guard. x is 2-D (N, in); the Python op flattens the

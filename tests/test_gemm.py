@@ -1,8 +1,9 @@
 """The compiled passes' GEMM route (csrc/gemm.h): on an x86 CPU with AVX-512, float32 CPU matmuls of enough work
 run through torch's own oneDNN matmul, elsewhere (other dtypes, small GEMMs, ``torch.backends.mkldnn`` turned
 off) through ATen's GEMM. Both routes are held to the float64 reference under the accuracy rule, for every
-compiled pass that takes them, on a problem where every GEMM of the pass is above the route's threshold (the
-cached product's rows in several blocks, each block's products added to the first's: the accumulating GEMMs)."""
+compiled pass that takes them (the MLP passes, the LoRA layer's forward, backward and JVP), on problems where
+their GEMMs are above the route's threshold (the cached product's rows in several blocks, each block's products
+added to the first's: the accumulating GEMMs; the LoRA layer with its adapter merged and apart, with a bias)."""
 from __future__ import annotations
 
 import contextlib
@@ -13,6 +14,7 @@ import torch
 from tolerance import assert_within_rule
 
 from unlearn_kernels import _extension, aten_gemm, cpu_gemm, ops
+from unlearn_kernels.ops import lora_linear, lora_linear_jvp, lora_linear_jvp_ref, lora_linear_ref
 
 ROUTES = ("default", "aten")
 
@@ -154,3 +156,42 @@ def test_float64_passes_take_atens_gemm_on_every_route():
         aten = _passes(p64)
     for op in default:
         assert torch.equal(default[op], aten[op]), op
+
+
+@pytest.mark.parametrize("name", ROUTES)
+@pytest.mark.parametrize("rows", [200, 1024])  # 200: the rank-r terms apart from the big GEMMs; 1024: merged into W
+def test_lora_ops_on_each_route_meet_the_accuracy_rule(name, rows):
+    gen = torch.Generator().manual_seed(rows)
+    n_in, n_out, rank, scale = 512, 384, 16, 0.75
+
+    def rand(*shape, std=1.0):
+        return torch.randn(*shape, dtype=torch.float64, generator=gen) * std
+
+    args64 = (rand(rows, n_in), rand(n_out, n_in, std=n_in**-0.5), rand(n_out), rand(rank, n_in, std=n_in**-0.5),
+              rand(n_out, rank, std=rank**-0.5), scale)
+    tangents64 = (rand(rank, n_in), rand(n_out, rank))
+    grad_out64 = rand(rows, n_out)
+    args32 = tuple(t.float() if isinstance(t, torch.Tensor) else t for t in args64)
+    tangents32, grad_out32 = tuple(t.float() for t in tangents64), grad_out64.float()
+
+    def grads(fn, args, grad_out):  # of x, A and B
+        x, weight, bias, a, b, s = args
+        leaves = [t.clone().requires_grad_() for t in (x, a, b)]
+        return torch.autograd.grad(fn(leaves[0], weight, bias, leaves[1], leaves[2], s), leaves, grad_out)
+
+    def exact(x, weight, bias, a, b, s):  # written out, independent of the package
+        return x @ (weight + s * b @ a).T + bias
+
+    with route(name):
+        out = lora_linear(*args32)
+        got_grads = grads(lora_linear, args32, grad_out32)
+        jvp_out, tangent = lora_linear_jvp(*args32, *tangents32)
+    assert_within_rule(out, lora_linear_ref(*args32), exact(*args64))
+    for got, plain, want in zip(got_grads, grads(lora_linear_ref, args32, grad_out32),
+                                grads(exact, args64, grad_out64)):
+        assert_within_rule(got, plain, want)
+    x, weight, bias, a, b, s = args64
+    _, exact_tangent = torch.func.jvp(lambda a_, b_: exact(x, weight, bias, a_, b_, s), (a, b), tangents64)
+    plain_out, plain_tangent = lora_linear_jvp_ref(*args32, *tangents32)
+    assert_within_rule(jvp_out, plain_out, exact(*args64))
+    assert_within_rule(tangent, plain_tangent, exact_tangent)

@@ -1,10 +1,13 @@
-// The fused LoRA linear pass (see csrc/lora_linear.h): ATen GEMMs, written once for every device.
+// The fused LoRA linear pass (see csrc/lora_linear.h): GEMMs written once for every device, the big ones outside
+// the parallel regions through csrc/gemm.h (oneDNN's for large float32 ones on an AVX-512 CPU), those inside
+// them ATen's.
 // The adapter is folded into the frozen layer's big GEMMs, by merging it into the weight (many
 // rows) or as a rank-r update accumulated into their output (few rows); the scale s is applied to
 // the small operands, never to a full (N, out) tensor. On CPU all rank-r work of a pass runs in
 // one parallel region (see for_chunks): the forward and the backward each add one to the frozen
 // layer's.
 #include "../lora_linear.h"
+#include "../gemm.h"
 #include "../message.h"
 
 #include <ATen/ATen.h>
@@ -143,8 +146,14 @@ std::pair<at::Tensor, at::Tensor> adapted_linear(const at::Tensor& x, const at::
       at::addmm_out(w_rows, rows_of(weight, block), rows_of(lora_b, block), lora_a, /*beta=*/1, /*alpha=*/scale);
     }
   });
-  at::Tensor out = bias.has_value() ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
-  if (!merged) out.addmm_(left.narrow(1, 0, lora_a.size(0)), lora_b.t(), /*beta=*/1, /*alpha=*/scale);
+  at::Tensor out;
+  if (bias.has_value() && takes_onednn(x, w.t())) {  // oneDNN's GEMM adds to the bias rows: beta 1
+    out = bias->expand({rows, n_out}).contiguous();
+    gemm_into(out, x, w.t(), /*beta=*/1);
+  } else {
+    out = bias.has_value() ? at::addmm(*bias, x, w.t()) : gemm(x, w.t());
+  }
+  if (!merged) gemm_into(out, left.narrow(1, 0, lora_a.size(0)), lora_b.t(), /*beta=*/1, /*alpha=*/scale);
   return {out, left};
 }
 
@@ -212,7 +221,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
       at::mul_out(grad_b, part_b.select(0, 0).t(), scale);
     }
   }
-  if (need_x) grad_x = merged ? at::mm(grad_out, w) : at::mm(grad_out, weight).addmm_(g, lora_a);
+  if (need_x) {
+    grad_x = gemm(grad_out, merged ? w : weight);
+    if (!merged) gemm_into(grad_x, g, lora_a, /*beta=*/1);
+  }
   return {grad_x, grad_a, grad_b};
 }
 
@@ -231,11 +243,11 @@ std::tuple<at::Tensor, at::Tensor> jvp(const at::Tensor& x, const at::Tensor& we
   auto [out, left] = adapted_linear(x, weight, bias, lora_a, lora_b, scale, left_weight);
   at::Tensor tangent;
   if (tangent_a.has_value() && tangent_b.has_value()) {
-    tangent = at::mm(left, at::cat({*tangent_b, lora_b}, 1).mul_(scale).t());  // [xa, x dA^T] s[dB, B]^T
+    tangent = gemm(left, at::cat({*tangent_b, lora_b}, 1).mul_(scale).t());  // [xa, x dA^T] s[dB, B]^T
   } else if (tangent_a.has_value()) {
-    tangent = at::mm(left.narrow(1, rank, rank), lora_b.mul(scale).t());
+    tangent = gemm(left.narrow(1, rank, rank), lora_b.mul(scale).t());
   } else if (tangent_b.has_value()) {
-    tangent = at::mm(left, tangent_b->mul(scale).t());
+    tangent = gemm(left, tangent_b->mul(scale).t());
   } else {
     tangent = at::zeros_like(out);
   }
