@@ -60,8 +60,9 @@ def candidates(device, x, weight, bias, lora_a, lora_b, scale, alpha, grad_out, 
     xg, ag, bg = (t.detach().clone().requires_grad_() for t in (x, lora_a, lora_b))
     cands = {}
     for b in kernel_backends(device):
-        cands[f"ours:{b}"] = (lambda b=b: ops.lora_linear(x, weight, bias, lora_a, lora_b, scale, backend=b),
-                              lambda b=b: grads(ops.lora_linear(xg, weight, bias, ag, bg, scale, backend=b), (xg, ag, bg)))
+        cands[f"ours:{b}"] = (
+            lambda b=b: ops.lora_linear(x, weight, bias, lora_a, lora_b, scale, backend=b),
+            lambda b=b: grads(ops.lora_linear(xg, weight, bias, ag, bg, scale, backend=b), (xg, ag, bg)))
     if "ours:cpp" in cands:
         cands["ours:cpp-aten-gemm"] = tuple(_within_aten_gemm(fn) for fn in cands["ours:cpp"])
     try:

@@ -201,9 +201,9 @@ def backends() -> BackendReport:
 
 
 def cpu_gemm() -> str:
-    """Which GEMM the compiled passes (the fused MLP products and loss) use for float32 CPU matmuls of at
-    least 786,432 multiply-adds, here and now: ``"onednn"`` (torch's own oneDNN matmul, on an x86 CPU with
-    AVX-512, where it ran 2.0-2.3x faster than torch's MKL on an AMD EPYC: MKL takes its AVX2 path on
+    """Which GEMM the compiled passes (the fused MLP products and loss, the LoRA layer's big GEMMs) use for float32
+    CPU matmuls of at least 786,432 multiply-adds, here and now: ``"onednn"`` (torch's own oneDNN matmul, on an x86
+    CPU with AVX-512, where it ran 2.0-2.3x faster than torch's MKL on an AMD EPYC: MKL takes its AVX2 path on
     AMD), ``"aten"`` (ATen's GEMM, as ``torch.mm``: elsewhere, for other dtypes, and within :func:`aten_gemm`
     or wherever ``torch.backends.mkldnn.enabled`` is False) or ``"unavailable"`` (the extension
     is not loaded). The two differ in rounding only."""
