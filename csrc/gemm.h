@@ -1,4 +1,4 @@
-// The GEMMs of the compiled passes: out = beta * out + a b for 2-D tensors on any device. On an x86
+// The GEMMs of the compiled passes: out = beta * out + alpha * a b for 2-D tensors on any device. On an x86
 // CPU with AVX-512, a float32 GEMM of at least kOneDnnMinWork multiply-adds runs through torch's own
 // oneDNN matmul (at::native::mkldnn_matmul, inside libtorch), elsewhere through ATen's GEMM (MKL or
 // OpenBLAS on CPU, cuBLAS on GPU). Why: torch's MKL takes its AVX2 path on AMD CPUs, where oneDNN
