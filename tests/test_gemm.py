@@ -195,3 +195,21 @@ def test_lora_ops_on_each_route_meet_the_accuracy_rule(name, rows):
     plain_out, plain_tangent = lora_linear_jvp_ref(*args32, *tangents32)
     assert_within_rule(jvp_out, plain_out, exact(*args64))
     assert_within_rule(tangent, plain_tangent, exact_tangent)
+
+
+@pytest.mark.parametrize("shape", [(1, 1024), (1, 1, 1024)])
+def test_lora_layer_of_one_row_leaves_the_bias_alone(shape):
+    # one row of a 1024 -> 1024 layer is above the oneDNN route's threshold, and the bias expanded to one row is the
+    # bias itself: the output must be a buffer of its own (the GEMM adds into it), not the caller's bias
+    gen = torch.Generator().manual_seed(3)
+    x, weight = torch.randn(*shape, generator=gen), torch.randn(1024, 1024, generator=gen) / 32
+    bias, lora_a, lora_b = torch.randn(1024, generator=gen), torch.randn(4, 1024, generator=gen) / 32, \
+        torch.randn(1024, 4, generator=gen)
+    kept = bias.clone()
+    exact = x.double() @ (weight.double() + 0.5 * lora_b.double() @ lora_a.double()).T + bias.double()
+    for call in (lambda: lora_linear(x, weight, bias, lora_a, lora_b, 0.5),
+                 lambda: lora_linear_jvp(x, weight, bias, lora_a, lora_b, 0.5, torch.ones_like(lora_a), None)[0]):
+        first, second = call(), call()
+        assert torch.equal(bias, kept) and first.data_ptr() != bias.data_ptr()
+        assert torch.equal(first, second)
+        assert (first.double() - exact).abs().max() <= 1e-5 * exact.abs().max()

@@ -148,7 +148,9 @@ std::pair<at::Tensor, at::Tensor> adapted_linear(const at::Tensor& x, const at::
   });
   at::Tensor out;
   if (bias.has_value() && takes_onednn(x, w.t())) {  // oneDNN's GEMM adds to the bias rows: beta 1
-    out = bias->expand({rows, n_out}).contiguous();
+    // a new buffer: the expanded bias of one row is the bias itself, which the GEMM would then write
+    out = at::empty({rows, n_out}, x.options());
+    out.copy_(bias->expand({rows, n_out}));
     gemm_into(out, x, w.t(), /*beta=*/1);
   } else {
     out = bias.has_value() ? at::addmm(*bias, x, w.t()) : gemm(x, w.t());
