@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -59,19 +60,27 @@ def _model(p: dict) -> dict:
     return {key: p[key] for key in ("x", "target", "weights", "biases", "activations")}
 
 
-def _passes(p: dict) -> dict[str, torch.Tensor]:
-    """Each compiled pass that takes the GEMM route, on the C++ CPU backend: the uncached product, the cached one
-    (state, then the product from it) and the loss with its gradient."""
+def _pass_calls(p: dict) -> dict[str, Callable[[], torch.Tensor]]:
+    """Each compiled pass that takes the GEMM route, on the C++ CPU backend, as a call: the uncached product, the
+    state of the cached one, the cached product (from a state made beforehand) and the loss with its gradient."""
     layout = dict(weight_offsets=p["weight_offsets"], bias_offsets=p["bias_offsets"])
     state = ops.mlp_hvp_state(**_model(p), backend="cpp")
-    value, grad = ops.mlp_value_grad_flat(**_model(p), **layout, backend="cpp")
     return {
-        "mlp_hvp_flat": ops.mlp_hvp_flat(**_model(p), V=p["V"], **layout, backend="cpp"),
-        "mlp_hvp_flat_cached": ops.mlp_hvp_flat_cached(p["x"], state, p["weights"], p["biases"], p["activations"],
-                                                       p["V"], **layout, backend="cpp"),
-        "mlp_value_grad_flat value": value.reshape(1),
-        "mlp_value_grad_flat gradient": grad,
+        "mlp_hvp_flat": lambda: ops.mlp_hvp_flat(**_model(p), V=p["V"], **layout, backend="cpp"),
+        "mlp_hvp_state": lambda: torch.cat([t.reshape(-1) for t in ops.mlp_hvp_state(**_model(p), backend="cpp")]),
+        "mlp_hvp_flat_cached": lambda: ops.mlp_hvp_flat_cached(p["x"], state, p["weights"], p["biases"],
+                                                               p["activations"], p["V"], **layout, backend="cpp"),
+        "mlp_value_grad_flat": lambda: torch.cat([t.reshape(-1).to(p["x"].dtype) for t in
+                                                  ops.mlp_value_grad_flat(**_model(p), **layout, backend="cpp")]),
     }
+
+
+def _passes(p: dict) -> dict[str, torch.Tensor]:
+    """The results of :func:`_pass_calls` but the state's: the products, the loss and its gradient."""
+    calls = _pass_calls(p)
+    value_grad = calls["mlp_value_grad_flat"]()
+    return {"mlp_hvp_flat": calls["mlp_hvp_flat"](), "mlp_hvp_flat_cached": calls["mlp_hvp_flat_cached"](),
+            "mlp_value_grad_flat value": value_grad[:1].double(), "mlp_value_grad_flat gradient": value_grad[1:]}
 
 
 def _references(p: dict) -> dict[str, torch.Tensor]:
@@ -134,19 +143,32 @@ def test_float32_passes_on_each_route_meet_the_accuracy_rule(name):
         assert_within_rule(out.float(), plain[op].float(), exact[op], ulps=16.0)
 
 
-def test_the_onednn_route_runs_and_differs_from_atens_in_rounding_only():
+def _onednn_matmuls(capfd, fn) -> int:
+    """How many oneDNN matmuls ``fn()`` ran, from oneDNN's own execution log (torch's verbose mode, on stdout)."""
+    capfd.readouterr()
+    with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+        fn()
+    return capfd.readouterr().out.count("primitive,exec,cpu,matmul")
+
+
+def test_the_onednn_route_runs_and_differs_from_atens_in_rounding_only(capfd):
     if cpu_gemm() != "onednn":
         pytest.skip("no oneDNN route on this machine (not x86 with AVX-512 BW/VL/DQ, or torch without oneDNN)")
     p32 = _problem(torch.float32)
+    lora_args = (torch.randn(1024, 512), torch.randn(256, 512), torch.randn(256), torch.randn(4, 512),
+                 torch.randn(256, 4), 0.5)
+    calls = {**_pass_calls(p32), "lora_linear": lambda: lora_linear(*lora_args)}
+    # each pass ran oneDNN's matmul (oneDNN logs every one it executes), and none within aten_gemm()
+    for name, call in calls.items():
+        assert _onednn_matmuls(capfd, call) > 0, name
+        with route("aten"):
+            assert _onednn_matmuls(capfd, call) == 0, name
     default = _passes(p32)
     with route("aten"):
         aten = _passes(p32)
     for op in default:
         scale = aten[op].abs().max()
         assert (default[op] - aten[op]).abs().max() <= 1e-5 * scale, op
-    # the products differ in their last bits (other summation orders): the route was taken
-    assert not torch.equal(default["mlp_hvp_flat_cached"], aten["mlp_hvp_flat_cached"])
-    assert not torch.equal(default["mlp_hvp_flat"], aten["mlp_hvp_flat"])
 
 
 def test_float64_passes_take_atens_gemm_on_every_route():
