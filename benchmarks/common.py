@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from unlearn_kernels.backends import cpu_gemm
+from unlearn_kernels.backends import aten_gemm, cpu_gemm
 from unlearn_kernels.checkpoint import save_json, software_versions
 from unlearn_kernels.eval import PeakMemory
 
@@ -153,6 +153,15 @@ def check_plain(plain: torch.Tensor, exact: torch.Tensor, rtol: float = 0.05) ->
     scale = exact.abs().max().item() if exact.numel() else 0.0
     error = (plain.double() - exact).abs().max().item() if exact.numel() else 0.0
     assert error <= rtol * scale, f"the plain PyTorch computation's error {error:.3e} > {rtol:g} x its scale {scale:.3e}"
+
+
+def within_aten_gemm(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` called within :func:`unlearn_kernels.aten_gemm`: a candidate of ours whose compiled float32 GEMMs take
+    torch's own GEMM, as the anchors' do, beside the one that may take oneDNN's."""
+    def call() -> object:
+        with aten_gemm():
+            return fn()
+    return call
 
 
 def unavailable(exc: BaseException) -> str:

@@ -44,7 +44,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from unlearn_kernels.backends import aten_gemm
 from unlearn_kernels.checkpoint import save_figure
 from unlearn_kernels.report import new_figure
 from unlearn_kernels.curvature import flatten_tensors, hessian_operator, unflatten_vector
@@ -63,6 +62,7 @@ from .common import (
     peak_memory,
     plain_error_tolerance,
     unavailable,
+    within_aten_gemm,
 )
 
 ANCHORS = ("curvlinops", "pyhessian", "autograd", "pyhessian:cached-graph")
@@ -217,14 +217,7 @@ def candidates(p: Problem, loss_fn: nn.Module, v: torch.Tensor) -> dict[str, Cal
         "pyhessian:cached-graph": lambda: pyhessian(True),
     })
     if supports(p.model, loss_fn) is None:  # an MLP: the compiled passes' GEMMs (a CNN's convolutions are torch's)
-        def ours_aten_gemm() -> Callable[[], torch.Tensor]:
-            product = ours("ours:fused")
-
-            def call() -> torch.Tensor:
-                with aten_gemm():
-                    return product()
-            return call
-        out["ours:fused-aten-gemm"] = ours_aten_gemm
+        out["ours:fused-aten-gemm"] = lambda: within_aten_gemm(ours("ours:fused"))
     if p.large:
         for name in ("ours:fused-stream", "ours:generic-stream", "ours:generic-fwd"):
             del out[name]

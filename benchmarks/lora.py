@@ -21,9 +21,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from unlearn_kernels import aten_gemm, ops
+from unlearn_kernels import ops
 
-from .common import Measurement, check, kernel_backends, measure_interleaved, plain_error_tolerance
+from .common import (
+    Measurement,
+    check,
+    kernel_backends,
+    measure_interleaved,
+    plain_error_tolerance,
+    within_aten_gemm,
+)
 
 BASELINE = "peft"
 FLOOR = "frozen linear"
@@ -64,7 +71,7 @@ def candidates(device, x, weight, bias, lora_a, lora_b, scale, alpha, grad_out, 
             lambda b=b: ops.lora_linear(x, weight, bias, lora_a, lora_b, scale, backend=b),
             lambda b=b: grads(ops.lora_linear(xg, weight, bias, ag, bg, scale, backend=b), (xg, ag, bg)))
     if "ours:cpp" in cands:
-        cands["ours:cpp-aten-gemm"] = tuple(_within_aten_gemm(fn) for fn in cands["ours:cpp"])
+        cands["ours:cpp-aten-gemm"] = tuple(within_aten_gemm(fn) for fn in cands["ours:cpp"])
     try:
         layer, pa, pb = _peft_layer(weight, bias, lora_a, lora_b, alpha)
         cands["peft"] = (lambda: layer(x), lambda: grads(layer(xg), (xg, pa, pb)))
@@ -137,13 +144,6 @@ def run(device: torch.device, cases=None, with_compile: bool = True,
               "forward": "under torch.no_grad", "forward+backward": "gradients of x, A, B (frozen linear: x)",
               "timing": "measure_interleaved per case", "min_time_s": min_time, "torch_compile": with_compile}
     return results, config
-
-
-def _within_aten_gemm(fn):
-    def call():
-        with aten_gemm():
-            return fn()
-    return call
 
 
 def _raises(exc: Exception):

@@ -31,15 +31,15 @@ bool onednn_present() {
 #endif
 }
 
-}  // namespace
-
-bool onednn_gemm_available() { return onednn_present() && at::globalContext().userEnabledMkldnn(); }
-
 bool takes_onednn(const at::Tensor& a, const at::Tensor& b) {
   return a.is_cpu() && b.is_cpu() && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
          a.dim() == 2 && b.dim() == 2 && a.size(0) * a.size(1) * b.size(1) >= kOneDnnMinWork &&
          onednn_gemm_available();
 }
+
+}  // namespace
+
+bool onednn_gemm_available() { return onednn_present() && at::globalContext().userEnabledMkldnn(); }
 
 void gemm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta, double alpha) {
 #if defined(__x86_64__)
@@ -53,6 +53,15 @@ void gemm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
   } else {
     at::addmm_out(const_cast<at::Tensor&>(out), out, a, b, beta, alpha);
   }
+}
+
+at::Tensor gemm_bias(const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b) {
+  if (!takes_onednn(a, b)) return at::addmm(bias, a, b);
+  // a buffer of its own: the bias expanded to one row is the bias itself, which the GEMM would then write
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  out.copy_(bias.expand({a.size(0), b.size(1)}));
+  gemm_into(out, a, b, /*beta=*/1);
+  return out;
 }
 
 at::Tensor gemm(const at::Tensor& a, const at::Tensor& b) {

@@ -24,9 +24,9 @@ void gemm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
 // a b as a new tensor.
 at::Tensor gemm(const at::Tensor& a, const at::Tensor& b);
 
-// Whether gemm_into takes the oneDNN route for a b (for a caller that would otherwise fold work into ATen's GEMM,
-// such as a bias added by at::addmm).
-bool takes_onednn(const at::Tensor& a, const at::Tensor& b);
+// bias (N,) added to every row of a b (M, N), as a new tensor (at::addmm(bias, a, b) on ATen's route; on oneDNN's,
+// the bias rows copied into a buffer of the result's own that the GEMM adds to).
+at::Tensor gemm_bias(const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b);
 
 // Whether gemm_into takes the oneDNN route for float32 CPU GEMMs of enough work here and now (this torch
 // exports the function and has oneDNN, the CPU has AVX-512 BW/VL/DQ, oneDNN is not turned off).

@@ -648,8 +648,7 @@ void add_block_products(BlockScratch& scratch, const BlockState& s, at::TensorLi
       if (l > lo) gemm_into(r.view({n * K, out}), rh[l].view({n * K, in}), weights[l].t(), 1.0);
     } else if (l > lo) {
       r = scratch.take({n, K * out});
-      at::Tensor r2 = r.view({n * K, out});
-      gemm_into(r2, rh[l].view({n * K, in}), weights[l].t());
+      gemm_into(r.view({n * K, out}), rh[l].view({n * K, in}), weights[l].t());
     } else {
       r = scratch.take({n, K * out}).zero_();
     }

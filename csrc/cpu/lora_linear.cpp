@@ -146,15 +146,7 @@ std::pair<at::Tensor, at::Tensor> adapted_linear(const at::Tensor& x, const at::
       at::addmm_out(w_rows, rows_of(weight, block), rows_of(lora_b, block), lora_a, /*beta=*/1, /*alpha=*/scale);
     }
   });
-  at::Tensor out;
-  if (bias.has_value() && takes_onednn(x, w.t())) {  // oneDNN's GEMM adds to the bias rows: beta 1
-    // a new buffer: the expanded bias of one row is the bias itself, which the GEMM would then write
-    out = at::empty({rows, n_out}, x.options());
-    out.copy_(bias->expand({rows, n_out}));
-    gemm_into(out, x, w.t(), /*beta=*/1);
-  } else {
-    out = bias.has_value() ? at::addmm(*bias, x, w.t()) : gemm(x, w.t());
-  }
+  at::Tensor out = bias.has_value() ? gemm_bias(*bias, x, w.t()) : gemm(x, w.t());
   if (!merged) gemm_into(out, left.narrow(1, 0, lora_a.size(0)), lora_b.t(), /*beta=*/1, /*alpha=*/scale);
   return {out, left};
 }

@@ -483,8 +483,8 @@ class CurvatureOperator(abc.ABC):
         """A run of products and gradients at unchanging weights (a solver's Lanczos or Krylov iteration):
         the checks that each call makes of the weights, the data and the module tree
         (:meth:`_sync_weights`: about 40 us, 80 us in front of a product, whose own time on 512 rows of the
-        digits MLP is 300 us) run when the run starts and once more when it ends, not before every call (the refusal of autocast,
-        inference mode and cached parametrizations still runs at every call). Whatever changed inside the run is
+        digits MLP is 300 us) run when the run starts and once more when it ends, not before every call (the
+        refusal of autocast, inference mode and cached parametrizations still runs at every call). Whatever changed inside the run is
         refused at its end, as the next call would have refused it (a ValueError; the weights too, which
         between runs are simply taken again): the run's products may mix two models. Runs may nest (the
         outermost one checks). The solvers open one around each iteration; a caller need not."""
