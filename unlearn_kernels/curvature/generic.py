@@ -37,6 +37,7 @@ from ..checks import all_finite, check_choice, is_out_of_memory
 from ..ops import softmax_ce_hvp
 from .base import CurvatureOperator
 from .batches import DataSpec, RowMean
+from .conv_double_backward import conv_double_backward
 from .probes import check_loss_labels, LossFn
 from .settings import own_call
 from .params import ParamSelection, flatten_tensors
@@ -89,8 +90,10 @@ def _graph_bytes(roots: Iterable[torch.Tensor], exclude: Iterable[torch.Tensor])
             continue
         seen_nodes.add(node)
         names = _SAVED_NAMES.get(type(node))
-        if names is None:
-            names = _SAVED_NAMES[type(node)] = tuple(n for n in dir(node) if n.startswith("_saved_"))
+        if names is None:  # a custom autograd.Function's node holds what its ctx saved as saved_tensors
+            custom = isinstance(node, torch.autograd.function.BackwardCFunction)
+            names = _SAVED_NAMES[type(node)] = (
+                ("saved_tensors",) if custom else tuple(n for n in dir(node) if n.startswith("_saved_")))
         for name in names:
             try:
                 value = getattr(node, name)
@@ -457,7 +460,8 @@ class GenericHessian(_TorchFuncOperator):
     def _graph(self, x: torch.Tensor, y: torch.Tensor) -> tuple[_GradientGraph, int]:
         """The batch's gradient with its graph (for double backward), and the bytes the graph holds."""
         # a parameter the forward does not use has zero gradient, no graph (and zero Hessian rows)
-        leaves, grads = self.loss_gradient(self.params, x, y, create_graph=True)
+        with conv_double_backward():  # convolutions' second derivatives at their backward's speed
+            leaves, grads = self.loss_gradient(self.params, x, y, create_graph=True)
         graph = _GradientGraph(leaves, grads, [i for i, g in enumerate(grads) if g.requires_grad])
         return graph, _graph_bytes(grads, [*leaves, *self._constants.values(), *self._callers(x, y)])
 

@@ -1,0 +1,157 @@
+"""curvature.conv_double_backward: convolutions whose second derivatives run as convolutions and one
+convolution backward, held to torch's own double backward (float64) on every device, and the generic
+Hessian operator that builds its gradient graphs under it."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unlearn_kernels.curvature import hessian_operator
+from unlearn_kernels.curvature.conv_double_backward import conv_double_backward
+from unlearn_kernels.curvature import generic
+from unlearn_kernels.models import ResNet18
+
+CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _node_names(*outputs: torch.Tensor) -> set[str]:
+    """The type names of the autograd nodes that ``outputs`` reach."""
+    nodes, stack = set(), [t.grad_fn for t in outputs]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in nodes:
+            nodes.add(node)
+            stack.extend(n for n, _ in node.next_functions)
+    return {type(n).__name__ for n in nodes}
+
+# (dims, stride, padding, dilation, groups, bias, input needs a gradient, weight needs a gradient)
+CASES = [
+    (1, 1, 1, 1, 1, True, True, True),
+    (1, 2, 0, 1, 2, False, True, True),
+    (2, 1, 1, 1, 1, True, True, True),
+    (2, 2, 0, 1, 2, False, True, True),
+    (2, (2, 1), (1, 0), (1, 2), 2, True, True, True),
+    (2, 1, 2, 2, 1, True, False, True),  # a first layer: the input needs no gradient
+    (2, 1, 1, 1, 1, True, True, False),  # a frozen weight: the input's curvature only
+    (3, 1, 1, 1, 1, True, True, True),
+    (3, 2, 1, 1, 2, False, False, True),
+]
+
+
+def _second_order(case: tuple, device: torch.device, under_mode: bool, rng: torch.Generator):
+    """(output, gradient, Hessian-vector product, output's grad_fn) of a tanh-squared loss of one convolution."""
+    dims, stride, padding, dilation, groups, with_bias, x_grad, w_grad = case
+    make = lambda *shape: torch.randn(*shape, generator=rng, dtype=torch.float64).to(device)  # noqa: E731
+    x = make(3, 4, *[9] * dims).requires_grad_(x_grad)
+    w = make(6, 4 // groups, *[3] * dims).requires_grad_(w_grad)
+    b = make(6).requires_grad_() if with_bias else None
+    inputs = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    vectors = [make(*t.shape) for t in inputs]
+
+    def grads():
+        y = CONVS[dims](x, w, b, stride, padding, dilation, groups)
+        return y, torch.autograd.grad((y.tanh() ** 2).sum(), inputs, create_graph=True)
+
+    if under_mode:
+        with conv_double_backward():
+            y, g = grads()
+    else:
+        y, g = grads()
+    hv = torch.autograd.grad(g, inputs, vectors)
+    return y, g, hv, type(y.grad_fn).__name__
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_second_derivatives_match_torch(case, device):
+    ours = _second_order(case, device, True, torch.Generator().manual_seed(0))
+    torchs = _second_order(case, device, False, torch.Generator().manual_seed(0))
+    assert ours[3] == "_ConvBackward" and torchs[3] == "ConvolutionBackward0"
+    # forward and gradient: the same kernels as torch's, bitwise
+    assert torch.equal(ours[0], torchs[0])
+    assert all(torch.equal(a, b) for a, b in zip(ours[1], torchs[1]))
+    for a, b in zip(ours[2], torchs[2]):
+        assert float((a - b).abs().max()) <= 1e-12 * float(b.abs().max())
+
+
+def test_gradgradcheck():
+    """Second derivatives against finite differences of the backward (torch.autograd.gradgradcheck)."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def conv(x, w, b):
+        with conv_double_backward():
+            return F.conv2d(x, w, b, 2, 1)
+
+    assert torch.autograd.gradcheck(conv, (x, w, b))
+    assert torch.autograd.gradgradcheck(conv, (x, w, b))
+
+
+def test_third_derivative_matches_torch():
+    """Every op of the double backward is differentiable: the derivative of v . H v is torch's."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 6, 6, generator=gen, dtype=torch.float64)
+    w = torch.randn(4, 3, 3, 3, generator=gen, dtype=torch.float64)
+    v = torch.randn(4, 3, 3, 3, generator=gen, dtype=torch.float64)
+
+    def third(under_mode: bool) -> torch.Tensor:
+        leaf = w.clone().requires_grad_()
+        if under_mode:
+            with conv_double_backward():
+                y = F.conv2d(x, leaf, padding=1)
+        else:
+            y = F.conv2d(x, leaf, padding=1)
+        g, = torch.autograd.grad((y.sin()).sum(), leaf, create_graph=True)
+        hv, = torch.autograd.grad(g, leaf, v, create_graph=True)
+        return torch.autograd.grad((hv * v).sum(), leaf)[0]
+
+    ours, torchs = third(True), third(False)
+    assert float((ours - torchs).abs().max()) <= 1e-12 * float(torchs.abs().max())
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, w: F.conv2d(x, w, padding="same"),  # string padding
+    lambda x, w: F.conv2d(x[0], w, padding=1),  # an unbatched input
+])
+def test_torch_runs_where_it_does_not_apply(call):
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    with conv_double_backward():
+        y = call(x, w)
+        with torch.no_grad():
+            plain = call(x, w)
+    names = _node_names(y)
+    assert "ConvolutionBackward0" in names and "_ConvBackward" not in names
+    assert plain.grad_fn is None and torch.equal(plain, call(x, w).detach())
+    with conv_double_backward():
+        frozen = F.conv2d(x, w.detach(), padding=1)  # nothing needs a gradient
+    assert frozen.grad_fn is None
+
+
+def test_generic_operator_runs_convolutions_under_it(device, monkeypatch):
+    """The generic Hessian's kept gradient graph holds our convolutions; its products are plain double backward's,
+    and its cache counts the tensors our Functions save as it counts torch's nodes'."""
+    torch.manual_seed(0)
+    model = ResNet18(10, 3, 8).double().eval().to(device)
+    x = torch.randn(8, 3, 8, 8, dtype=torch.float64, device=device)
+    y = torch.randint(0, 10, (8,), device=device)
+    op = hessian_operator(model, nn.CrossEntropyLoss(), (x, y), path="generic")
+    assert op.mode == "reverse-over-reverse" and op.cached_batches == 1
+    names = _node_names(*op._cache[0][0].grads)
+    assert {"_ConvGradientsBackward", "_ConvBackward"} <= names and "ConvolutionBackward0" not in names
+
+    params = list(model.parameters())
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), params, create_graph=True)
+    v = torch.randn(op.shape[0], dtype=torch.float64, device=device)
+    pieces = [piece.view_as(p) for piece, p in zip(torch.split(v, [p.numel() for p in params]), params)]
+    reference = torch.cat([h.reshape(-1) for h in torch.autograd.grad(grads, params, pieces)])
+    assert float((op.matvec(v) - reference).norm()) <= 1e-10 * float(reference.norm())
+    monkeypatch.setattr(generic, "conv_double_backward", contextlib.nullcontext)  # torch's convolutions
+    plain = hessian_operator(model, nn.CrossEntropyLoss(), (x, y), path="generic")
+    assert "ConvolutionBackward0" in _node_names(*plain._cache[0][0].grads)
+    assert op.cached_bytes == plain.cached_bytes  # the same activations, gradients and weights kept

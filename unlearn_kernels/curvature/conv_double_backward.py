@@ -1,0 +1,144 @@
+"""Convolutions whose second derivatives run at the speed of a convolution's backward.
+
+PyTorch's double backward of a convolution (``_convolution_double_backward``) computes the term for the
+weight, ``wgrad(gy, ggx)``, as a convolution of the input with the output gradient, batch and channels
+swapped: a convolution whose kernel is the whole output map. On the CPU oneDNN runs that at a fraction of
+its speed: in one Hessian-vector product of ResNet-18 (batch 64, 3x32x32, one thread of the AMD EPYC of
+docs/benchmarks.md) the seven shapes of that term took 0.82 of the product's 2.9 s, at 68 GFLOP/s where
+the model's own convolutions run at 155-171.
+
+Under :func:`conv_double_backward`, ``F.conv1d`` / ``conv2d`` / ``conv3d`` run as :class:`_Conv`,
+with the same forward and the same backward kernels (the gradient is bitwise torch's), its backward a
+function whose own derivative, for the cotangents ``ggx``, ``ggW``, ``ggb`` of the gradients w.r.t. the
+input, weight and bias, is
+
+    d gy          = conv(ggx, W) + conv(x, ggW) + ggb
+    (d x, d W)    = convolution_backward(gy, input=ggx, weight=ggW)  # conv_T(gy, ggW), wgrad(gy, ggx)
+
+the second line one call of the backward kernels, which compute the weight term at full speed (the same
+product then takes 2.4-2.6 s). The second derivatives differ from torch's by rounding only; every op in
+them is differentiable, so higher derivatives are too. Convolutions it does not take run as torch's:
+padding given as a string ("same", "valid"), an unbatched input, a tensor subclass, no gradient needed.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+_CONVOLUTIONS: dict[Callable[..., torch.Tensor], int] = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_PLAIN = (torch.Tensor, nn.Parameter)
+
+
+class _Setting(NamedTuple):
+    """A convolution's arguments besides its tensors, as ``aten::convolution_backward`` takes them."""
+
+    conv: Callable[..., torch.Tensor]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+
+    def backward(self, gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                 mask: tuple[bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
+        """(grad input, grad weight, grad bias) of the convolution of ``x`` by ``weight`` for the output gradient
+        ``gy``, each only where ``mask`` asks (else None)."""
+        zeros = [0] * len(self.stride)
+        return torch.ops.aten.convolution_backward(
+            gy, x, weight, [weight.shape[0]] if mask[2] else None, self.stride, self.padding, self.dilation,
+            False, zeros, self.groups, list(mask),
+        )
+
+
+class _ConvGradients(torch.autograd.Function):
+    """(gx, gW, gb) of a convolution as a function of (gy, x, W), with the derivative in the module's docstring."""
+
+    @staticmethod
+    def forward(ctx: Any, gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, setting: _Setting,
+                mask: tuple[bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
+        ctx.setting, ctx.mask = setting, mask
+        ctx.save_for_backward(gy, x, weight)
+        ctx.set_materialize_grads(False)  # an unused gradient's cotangent stays None: no work for it
+        return setting.backward(gy, x, weight, mask)
+
+    @staticmethod
+    def backward(ctx: Any, ggx: torch.Tensor | None, ggw: torch.Tensor | None,
+                 ggb: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        gy, x, weight = ctx.saved_tensors
+        setting = ctx.setting
+        need_gy, need_x, need_w = ctx.needs_input_grad[:3]
+        d_gy = None
+        if need_gy:
+            terms = []
+            if ggx is not None:
+                terms.append(setting.conv(ggx, weight, None, setting.stride, setting.padding, setting.dilation,
+                                          setting.groups))
+            if ggw is not None:
+                terms.append(setting.conv(x, ggw, ggb, setting.stride, setting.padding, setting.dilation,
+                                          setting.groups))
+            elif ggb is not None:
+                terms.append(ggb.view(1, -1, *[1] * (gy.dim() - 2)).expand_as(gy))
+            d_gy = sum(terms[1:], terms[0]) if terms else None
+        want_x, want_w = need_x and ggw is not None, need_w and ggx is not None
+        d_x = d_w = None
+        if want_x or want_w:
+            # the kernels read only the shapes of the arguments whose results are not asked for
+            d_x, d_w, _ = setting.backward(gy, ggx if want_w else x, ggw if want_x else weight,
+                                           (want_x, want_w, False))
+        return d_gy, d_x, d_w, None, None
+
+
+class _Conv(torch.autograd.Function):
+    """``conv(x, W, b)`` whose backward is :class:`_ConvGradients` (twice differentiable)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                setting: _Setting) -> torch.Tensor:
+        ctx.setting = setting
+        ctx.save_for_backward(x, weight)
+        return setting.conv(x, weight, bias, setting.stride, setting.padding, setting.dilation, setting.groups)
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        mask = tuple(ctx.needs_input_grad[:3])
+        gx, gw, gb = _ConvGradients.apply(gy, x, weight, ctx.setting, mask)
+        return gx, gw, gb, None
+
+
+def _as_tuple(value: int | tuple[int, ...] | list[int], dims: int) -> tuple[int, ...]:
+    return (value,) * dims if isinstance(value, int) else tuple(value)
+
+
+def _convolution(conv: Callable[..., torch.Tensor], args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The convolution as :class:`_Conv`, or None where torch's own runs (see the module's docstring)."""
+    given = {**dict(zip(_ARGUMENTS, args)), **kwargs}
+    x, weight, bias = given["input"], given["weight"], given.get("bias")
+    padding = given.get("padding", 0)
+    dims = _CONVOLUTIONS[conv]
+    tensors = [t for t in (x, weight, bias) if t is not None]
+    if (isinstance(padding, str) or not torch.is_grad_enabled() or x.dim() != dims + 2
+            or not all(type(t) in _PLAIN for t in tensors) or not any(t.requires_grad for t in tensors)):
+        return None
+    setting = _Setting(conv, _as_tuple(given.get("stride", 1), dims), _as_tuple(padding, dims),
+                       _as_tuple(given.get("dilation", 1), dims), given.get("groups", 1))
+    return _Conv.apply(x, weight, bias, setting)
+
+
+class conv_double_backward(TorchFunctionMode):  # noqa: N801 (used as a context, like torch.no_grad)
+    """A context under which ``F.conv1d`` / ``conv2d`` / ``conv3d`` record a backward whose own backward runs
+    as convolutions and one convolution backward (see the module's docstring). Graphs built under it stay so
+    after it ends."""
+
+    def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _CONVOLUTIONS:
+            out = _convolution(func, args, kwargs)
+            if out is not None:
+                return out
+        return func(*args, **kwargs)
