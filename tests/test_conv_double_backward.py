@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd import forward_ad
 
 from unlearn_kernels.curvature import hessian_operator
 from unlearn_kernels.curvature.conv_double_backward import conv_double_backward
@@ -155,3 +157,87 @@ def test_generic_operator_runs_convolutions_under_it(device, monkeypatch):
     plain = hessian_operator(model, nn.CrossEntropyLoss(), (x, y), path="generic")
     assert "ConvolutionBackward0" in _node_names(*plain._cache[0][0].grads)
     assert op.cached_bytes == plain.cached_bytes  # the same activations, gradients and weights kept
+
+
+def test_numpy_integer_settings():
+    """A stride, padding or dilation given as a numpy integer (which torch takes) is read as an int."""
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    with conv_double_backward():
+        y = F.conv2d(x, w, None, np.int64(2), np.int64(1), np.int64(1))
+    assert type(y.grad_fn).__name__ == "_ConvBackward" and torch.equal(y, F.conv2d(x, w, None, 2, 1, 1))
+
+
+def _torch_func_hvp(under_mode: bool) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 6, 6, generator=gen, dtype=torch.float64)
+    w = torch.randn(4, 3, 3, 3, generator=gen, dtype=torch.float64)
+    v = torch.randn(4, 3, 3, 3, generator=gen, dtype=torch.float64)
+    grad = torch.func.grad(lambda w: F.conv2d(x, w, padding=1).tanh().square().sum())
+    with conv_double_backward() if under_mode else contextlib.nullcontext():
+        return torch.func.jvp(grad, (w,), (v,))[1]
+
+
+def test_torch_func_and_forward_ad_run_as_torch():
+    """Inside torch.func's transforms, and with forward-mode tangents, torch's convolution runs (the Functions have no
+    vmap rule and no jvp): the same results as without the mode."""
+    assert torch.equal(_torch_func_hvp(True), _torch_func_hvp(False))
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.randn_like(w)
+    with forward_ad.dual_level(), conv_double_backward():
+        out = F.conv2d(x, forward_ad.make_dual(w, t), padding=1)
+        tangent = forward_ad.unpack_dual(out).tangent
+    assert torch.equal(tangent, F.conv2d(x, t, padding=1))
+
+
+def test_autocast_and_complex_run_as_torch():
+    x = torch.randn(2, 3, 6, 6)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    with conv_double_backward(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = F.conv2d(x, w, padding=1)
+    assert y.dtype == torch.bfloat16 and "_ConvBackward" not in _node_names(y)
+    z = torch.randn(2, 3, 6, 6, dtype=torch.complex128)
+    k = torch.randn(4, 3, 3, 3, dtype=torch.complex128, requires_grad=True)
+    with conv_double_backward():
+        c = F.conv2d(z, k, padding=1)
+    assert "_ConvBackward" not in _node_names(c) and torch.equal(c, F.conv2d(z, k, padding=1))
+
+
+class _AutocastConv(nn.Module):
+    """A conv run under autocast inside the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z = self.conv(x)
+        return self.head(z.float().tanh().mean((2, 3)))
+
+
+class _VmappedConv(nn.Module):
+    """A conv applied through torch.vmap inside the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.vmap(self.conv)(torch.stack([x, x.flip(-1)])).tanh().mean((0, 3, 4)))
+
+
+@pytest.mark.parametrize("make, dtype", [(_AutocastConv, torch.float32), (_VmappedConv, torch.float64)])
+def test_operator_on_models_that_torch_runs_the_convolution_of(make, dtype, monkeypatch):
+    """Models whose convolutions run under autocast or inside torch.vmap keep double backward (the mode leaves their
+    convolutions to torch): the same products as the operator without the mode."""
+    torch.manual_seed(0)
+    model = make().to(dtype)
+    x, y = torch.randn(4, 3, 8, 8, dtype=dtype), torch.randint(0, 5, (4,))
+    op = hessian_operator(model, nn.CrossEntropyLoss(), (x, y), path="generic")
+    assert op.mode == "reverse-over-reverse"
+    v = torch.randn(op.shape[0], dtype=dtype)
+    monkeypatch.setattr(generic, "conv_double_backward", contextlib.nullcontext)
+    plain = hessian_operator(model, nn.CrossEntropyLoss(), (x, y), path="generic")
+    assert torch.equal(op.matvec(v), plain.matvec(v))

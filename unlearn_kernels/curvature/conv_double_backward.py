@@ -18,16 +18,21 @@ input, weight and bias, is
 the second line one call of the backward kernels, which compute the weight term at full speed (the same
 product then takes 2.4-2.6 s). The second derivatives differ from torch's by rounding only; every op in
 them is differentiable, so higher derivatives are too. Convolutions it does not take run as torch's:
-padding given as a string ("same", "valid"), an unbatched input, a tensor subclass, no gradient needed.
+padding given as a string ("same", "valid"), an unbatched input, a tensor subclass, a dtype that is not
+floating point, no gradient needed, and convolutions under autocast, inside torch.func's transforms
+(``vmap``, ``grad``, ``jvp``) or with forward-mode tangents, which the Functions would change or cannot
+take.
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd import forward_ad
 from torch.overrides import TorchFunctionMode
 
 _CONVOLUTIONS: dict[Callable[..., torch.Tensor], int] = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
@@ -112,7 +117,21 @@ class _Conv(torch.autograd.Function):
 
 
 def _as_tuple(value: int | tuple[int, ...] | list[int], dims: int) -> tuple[int, ...]:
-    return (value,) * dims if isinstance(value, int) else tuple(value)
+    """A stride, padding or dilation as ``dims`` ints (one int, or a numpy one, stands for every dimension)."""
+    if isinstance(value, (tuple, list, torch.Size)):
+        return tuple(operator.index(v) for v in value)
+    return (operator.index(value),) * dims
+
+
+def _torch_runs(x: torch.Tensor, tensors: list[torch.Tensor], padding: object, dims: int) -> bool:
+    """Whether a convolution is left to torch: what the Functions do not take (see the module's docstring), or
+    what they would change: autocast (which casts the arguments after the mode has seen them), torch.func's
+    transforms and forward-mode AD (the Functions have no vmap rule and no jvp)."""
+    return (isinstance(padding, str) or not torch.is_grad_enabled() or x.dim() != dims + 2
+            or not all(type(t) in _PLAIN and t.is_floating_point() for t in tensors)
+            or not any(t.requires_grad for t in tensors)
+            or torch.is_autocast_enabled(x.device.type) or torch._C._are_functorch_transforms_active()
+            or any(forward_ad.unpack_dual(t).tangent is not None for t in tensors))
 
 
 def _convolution(conv: Callable[..., torch.Tensor], args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -121,9 +140,7 @@ def _convolution(conv: Callable[..., torch.Tensor], args: tuple, kwargs: dict) -
     x, weight, bias = given["input"], given["weight"], given.get("bias")
     padding = given.get("padding", 0)
     dims = _CONVOLUTIONS[conv]
-    tensors = [t for t in (x, weight, bias) if t is not None]
-    if (isinstance(padding, str) or not torch.is_grad_enabled() or x.dim() != dims + 2
-            or not all(type(t) in _PLAIN for t in tensors) or not any(t.requires_grad for t in tensors)):
+    if _torch_runs(x, [t for t in (x, weight, bias) if t is not None], padding, dims):
         return None
     setting = _Setting(conv, _as_tuple(given.get("stride", 1), dims), _as_tuple(padding, dims),
                        _as_tuple(given.get("dilation", 1), dims), given.get("groups", 1))
