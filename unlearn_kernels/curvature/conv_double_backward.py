@@ -4,10 +4,10 @@ PyTorch's double backward of a convolution (``_convolution_double_backward``) co
 weight, ``wgrad(gy, ggx)``, as a convolution of the input with the output gradient, batch and channels
 swapped: a convolution whose kernel is the whole output map. On the CPU oneDNN runs that at a fraction of
 its speed: in one Hessian-vector product of ResNet-18 (batch 64, 3x32x32, one thread of the AMD EPYC of
-docs/benchmarks.md) the seven shapes of that term took 0.82 of the product's 2.9 s, at 68 GFLOP/s where
+docs/benchmarks.md) the seven shapes of that term took 0.82 s of the product's 2.9 s, at 68 GFLOP/s where
 the model's own convolutions run at 155-171.
 
-Under :func:`conv_double_backward`, ``F.conv1d`` / ``conv2d`` / ``conv3d`` run as :class:`_Conv`,
+Under :class:`conv_double_backward`, ``F.conv1d`` / ``conv2d`` / ``conv3d`` run as :class:`_Conv`,
 with the same forward and the same backward kernels (the gradient is bitwise torch's), its backward a
 function whose own derivative, for the cotangents ``ggx``, ``ggW``, ``ggb`` of the gradients w.r.t. the
 input, weight and bias, is
@@ -16,7 +16,7 @@ input, weight and bias, is
     (d x, d W)    = convolution_backward(gy, input=ggx, weight=ggW)  # conv_T(gy, ggW), wgrad(gy, ggx)
 
 the second line one call of the backward kernels, which compute the weight term at full speed (the same
-product then takes 2.4-2.6 s). The second derivatives differ from torch's by rounding only; every op in
+product then takes 2.3-2.5 s). The second derivatives differ from torch's by rounding only; every op in
 them is differentiable, so higher derivatives are too. Convolutions it does not take run as torch's:
 padding given as a string ("same", "valid"), an unbatched input, a tensor subclass, a dtype that is not
 floating point, no gradient needed, and convolutions under autocast, inside torch.func's transforms
@@ -66,7 +66,7 @@ class _ConvGradients(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, setting: _Setting,
                 mask: tuple[bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
-        ctx.setting, ctx.mask = setting, mask
+        ctx.setting = setting
         ctx.save_for_backward(gy, x, weight)
         ctx.set_materialize_grads(False)  # an unused gradient's cotangent stays None: no work for it
         return setting.backward(gy, x, weight, mask)
