@@ -15,6 +15,9 @@ many times at the same weights (as Lanczos, the Krylov cubic solver and CureNewt
 * ``ours:fused-aten-gemm`` (MLPs): ``ours:fused`` within :func:`unlearn_kernels.aten_gemm`, its float32 GEMMs
   through ATen's GEMM (``torch.mm``'s, as the anchors') where ``ours:fused`` takes oneDNN's (the environment's
   ``cpu_gemm``): how much of our lead is the GEMM library's;
+* ``ours:generic-aten-gemm`` (the MLPs and the ViT, whose work is mostly in linear layers): ``ours:generic``
+  within :func:`unlearn_kernels.aten_gemm`, where ``ours:generic``'s float32 linear layers take
+  :func:`unlearn_kernels.ops.gemm`'s oneDNN route (its convolutions' second derivatives are ours on both);
 * ``curvlinops``: ``curvlinops.HessianLinearOperator`` (torch.func forward-over-reverse, vmapped);
 * ``pyhessian``: PyHessian's ``dataloader_hv_product`` (forward, gradient with create_graph, double backward);
 * ``autograd``: plain ``torch.autograd.grad`` double backward, the same three steps written out;
@@ -218,6 +221,8 @@ def candidates(p: Problem, loss_fn: nn.Module, v: torch.Tensor) -> dict[str, Cal
     })
     if supports(p.model, loss_fn) is None:  # an MLP: the compiled passes' GEMMs (a CNN's convolutions are torch's)
         out["ours:fused-aten-gemm"] = lambda: within_aten_gemm(ours("ours:fused"))
+    if supports(p.model, loss_fn) is None or isinstance(p.model, SmallViT):  # most of the work in linear layers
+        out["ours:generic-aten-gemm"] = lambda: within_aten_gemm(ours("ours:generic"))
     if p.large:
         for name in ("ours:fused-stream", "ours:generic-stream", "ours:generic-fwd"):
             del out[name]

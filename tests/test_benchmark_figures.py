@@ -180,7 +180,7 @@ def test_a_gpu_run_does_not_redraw_the_docs_plot(monkeypatch, tmp_path):
 HVP_TIMES = {"gradient": {"autograd": 1.0},
              "hvp": {"autograd": 8.0, "pyhessian": 10.0, "curvlinops": 12.0, "pyhessian:cached-graph": 4.0,
                      "ours:fused": 2.0, "ours:generic": 3.0, "ours:fused-stream": 5.0, "ours:generic-stream": 6.0,
-                     "ours:generic-fwd": 7.0, "ours:fused-aten-gemm": 2.5},
+                     "ours:generic-fwd": 7.0, "ours:fused-aten-gemm": 2.5, "ours:generic-aten-gemm": 3.5},
              "matmat": {"ours:fused": 8.0, "ours:generic": 12.0}}
 
 
@@ -204,6 +204,7 @@ def test_the_hvp_suites_ratios(monkeypatch):
     fastest = min((a for a in hvp.ANCHORS if ("hvp", a) in rows), key=HVP_TIMES["hvp"].get)  # plain autograd at least
     assert config["cases"][0]["fastest_anchor"] == fastest
     assert ("hvp", "ours:fused-aten-gemm") in rows  # an MLP: our product on torch's GEMM beside it
+    assert ("hvp", "ours:generic-aten-gemm") in rows  # and the generic path's
     for name, t in HVP_TIMES["hvp"].items():
         if ("hvp", name) in rows:
             assert rows["hvp", name]["gradient_units"] == t

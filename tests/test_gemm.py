@@ -246,3 +246,83 @@ def test_lora_layer_of_one_row_leaves_the_bias_alone(shape):
         assert torch.equal(bias, kept) and first.data_ptr() != bias.data_ptr()
         assert torch.equal(first, second)
         assert (first.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
+
+
+# ----------------------------------------------------------------------------- the gemm op
+GEMM_BACKENDS = ("cpp", "reference")
+
+
+@pytest.mark.parametrize("name", ROUTES)
+@pytest.mark.parametrize("backend", GEMM_BACKENDS)
+@pytest.mark.parametrize("shape, transposed, with_bias", [
+    ((1536, 128, 64), False, True),  # 12.6 M multiply-adds: above the route's threshold
+    ((4160, 64, 192), True, False),  # a transposed a (a gradient's x^T g)
+    ((7, 5, 3), False, True),  # below it: ATen's GEMM on every route
+])
+def test_gemm_meets_the_accuracy_rule(name, backend, shape, transposed, with_bias):
+    gen = torch.Generator().manual_seed(4)
+    m, k, n = shape
+    a64 = torch.randn(k, m, generator=gen, dtype=torch.float64).T if transposed else \
+        torch.randn(m, k, generator=gen, dtype=torch.float64)
+    b64 = torch.randn(k, n, generator=gen, dtype=torch.float64)
+    bias64 = torch.randn(n, generator=gen, dtype=torch.float64) if with_bias else None
+    a, b = a64.float(), b64.float()
+    bias = None if bias64 is None else bias64.float()
+    with route(name):
+        out = ops.gemm(a, b, bias, backend=backend)
+    assert_within_rule(out, ops.gemm_ref(a, b, bias), ops.gemm_ref(a64, b64, bias64))
+    assert_within_rule(ops.gemm(a64, b64, bias64, backend=backend), ops.gemm_ref(a64, b64, bias64),
+                       ops.gemm_ref(a64, b64, bias64))
+
+
+def test_gemm_takes_the_route_the_machine_has(capfd):
+    a, b = torch.randn(1536, 128), torch.randn(128, 64)
+    assert (_onednn_matmuls(capfd, lambda: ops.gemm(a, b)) > 0) == _machine_has_the_route()
+    with route("aten"):
+        assert _onednn_matmuls(capfd, lambda: ops.gemm(a, b)) == 0
+    assert _onednn_matmuls(capfd, lambda: ops.gemm(a[:6, :5], b[:5, :4])) == 0  # below the threshold
+
+
+@pytest.mark.parametrize("backend", GEMM_BACKENDS)
+def test_gemm_derivatives(backend):
+    """First and second derivatives against finite differences (the C++ op's backward is the op again)."""
+    gen = torch.Generator().manual_seed(5)
+    a, b, bias = (torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True)
+                  for s in ((6, 5), (5, 4), (4,)))
+
+    def fn(a, b, bias):
+        return ops.gemm(a, b, bias, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (a, b, bias))
+    assert torch.autograd.gradgradcheck(fn, (a, b, bias))
+    assert torch.autograd.gradcheck(lambda a, b: ops.gemm(a, b, backend=backend), (a, b))
+
+
+def test_gemm_opcheck():
+    a, b, bias = torch.randn(6, 5, requires_grad=True), torch.randn(5, 4, requires_grad=True), torch.randn(4)
+    torch.library.opcheck(torch.ops.unlearn_kernels.gemm.default, (a, b, bias))
+    torch.library.opcheck(torch.ops.unlearn_kernels.gemm.default, (a, b, None))
+
+
+@pytest.mark.parametrize("backend", GEMM_BACKENDS)
+@pytest.mark.parametrize("args, error, match", [
+    ((torch.randn(3, 4), torch.randn(4)), ValueError, "a and b must be 2-D"),
+    ((torch.randn(3, 4), torch.randn(5, 2)), ValueError, "a's columns must match b's rows"),
+    ((torch.randn(3, 4), torch.randn(4, 2, dtype=torch.float64)), ValueError, "one floating dtype"),
+    ((torch.ones(3, 4, dtype=torch.long), torch.ones(4, 2, dtype=torch.long)), ValueError, "one floating dtype"),
+    ((torch.randn(3, 4), torch.randn(4, 2), torch.randn(3)), ValueError, r"bias must be a \(2,\) tensor"),
+    ((torch.randn(3, 4), [[1.0, 2.0]] * 4), TypeError, "b must be a tensor"),
+])
+def test_gemm_refuses_bad_input(backend, args, error, match):
+    with pytest.raises(error, match=match):
+        ops.gemm(*args, backend=backend)
+
+
+@pytest.mark.parametrize("args, match", [
+    ((torch.randn(3, 4), torch.randn(5, 2), None), "a's columns must match b's rows"),
+    ((torch.randn(3, 4), torch.randn(4, 2), torch.randn(2, 1)), r"bias must be a \(2,\) CPU tensor"),
+])
+def test_gemm_cpp_op_checks_its_own_input(args, match):
+    """Callers of the registered op itself get the same checks from the C++ kernel."""
+    with pytest.raises(ValueError, match=match):
+        torch.ops.unlearn_kernels.gemm(*args)

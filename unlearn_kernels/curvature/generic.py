@@ -37,7 +37,7 @@ from ..checks import all_finite, check_choice, is_out_of_memory
 from ..ops import softmax_ce_hvp
 from .base import CurvatureOperator
 from .batches import DataSpec, RowMean
-from .conv_double_backward import conv_double_backward
+from .graph_ops import graph_ops
 from .probes import check_loss_labels, LossFn
 from .settings import own_call
 from .params import ParamSelection, flatten_tensors
@@ -460,7 +460,7 @@ class GenericHessian(_TorchFuncOperator):
     def _graph(self, x: torch.Tensor, y: torch.Tensor) -> tuple[_GradientGraph, int]:
         """The batch's gradient with its graph (for double backward), and the bytes the graph holds."""
         # a parameter the forward does not use has zero gradient, no graph (and zero Hessian rows)
-        with conv_double_backward():  # convolutions' second derivatives at their backward's speed
+        with graph_ops():  # convolutions' second derivatives and linear layers' GEMMs at full speed
             leaves, grads = self.loss_gradient(self.params, x, y, create_graph=True)
         graph = _GradientGraph(leaves, grads, [i for i, g in enumerate(grads) if g.requires_grad])
         return graph, _graph_bytes(grads, [*leaves, *self._constants.values(), *self._callers(x, y)])

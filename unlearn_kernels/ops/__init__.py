@@ -2,6 +2,7 @@
 pure-PyTorch reference ``<op>_ref`` beside it. ``unlearn_kernels.backends()`` says what runs here."""
 from ..backends import register_ops
 from .cubic_secular import SolutionOverflow, cubic_secular_solve, cubic_secular_solve_ref
+from .gemm import gemm, gemm_ref
 from .lanczos_step import lanczos_step, lanczos_step_ref
 from .lora_linear import lora_linear, lora_linear_jvp, lora_linear_jvp_ref, lora_linear_ref
 from .mlp_hvp import (
@@ -26,6 +27,7 @@ OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "softmax_ce_hvp": ("cpp", "cuda", "triton", "reference"),
     "lanczos_step": ("cpp", "cuda", "triton", "reference"),
     "cubic_secular_solve": ("cpp", "reference"),
+    "gemm": ("cpp", "reference"),
     "mlp_hvp": ("cpp", "cuda", "reference"),
     "mlp_hvp_flat": ("cpp", "cuda", "reference"),
     "mlp_hvp_state": ("cpp", "cuda", "reference"),
@@ -42,6 +44,8 @@ __all__ = [
     "SolutionOverflow",
     "cubic_secular_solve",
     "cubic_secular_solve_ref",
+    "gemm",
+    "gemm_ref",
     "lanczos_step",
     "lanczos_step_ref",
     "lora_linear",

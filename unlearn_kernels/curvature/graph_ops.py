@@ -1,27 +1,35 @@
-"""Convolutions whose second derivatives run at the speed of a convolution's backward.
+"""The ops the generic Hessian builds its kept gradient graphs with: convolutions whose second derivatives run at
+the speed of a convolution's backward, and linear layers on the compiled passes' GEMM route.
 
-PyTorch's double backward of a convolution (``_convolution_double_backward``) computes the term for the
-weight, ``wgrad(gy, ggx)``, as a convolution of the input with the output gradient, batch and channels
-swapped: a convolution whose kernel is the whole output map. On the CPU oneDNN runs that at a fraction of
-its speed: in one Hessian-vector product of ResNet-18 (batch 64, 3x32x32, one thread of the AMD EPYC of
-docs/benchmarks.md) the seven shapes of that term took 0.82 s of the product's 2.9 s, at 68 GFLOP/s where
-the model's own convolutions run at 155-171.
-
-Under :class:`conv_double_backward`, ``F.conv1d`` / ``conv2d`` / ``conv3d`` run as :class:`_Conv`,
-with the same forward and the same backward kernels (the gradient is bitwise torch's), its backward a
-function whose own derivative, for the cotangents ``ggx``, ``ggW``, ``ggb`` of the gradients w.r.t. the
-input, weight and bias, is
+**Convolutions.** PyTorch's double backward of a convolution (``_convolution_double_backward``) computes the
+term for the weight, ``wgrad(gy, ggx)``, as a convolution of the input with the output gradient, batch and
+channels swapped: a convolution whose kernel is the whole output map. On the CPU oneDNN runs that at a fraction
+of its speed: in one Hessian-vector product of ResNet-18 (batch 64, 3x32x32, one thread of the AMD EPYC of
+docs/benchmarks.md) the seven shapes of that term took 0.82 s of the product's 2.9 s, at 68 GFLOP/s where the
+model's own convolutions run at 155-171. Under :class:`graph_ops`, ``F.conv1d`` / ``conv2d`` / ``conv3d`` run
+as :class:`_Conv`, with the same forward and the same backward kernels (the gradient is bitwise torch's), its
+backward a function whose own derivative, for the cotangents ``ggx``, ``ggW``, ``ggb`` of the gradients
+w.r.t. the input, weight and bias, is
 
     d gy          = conv(ggx, W) + conv(x, ggW) + ggb
     (d x, d W)    = convolution_backward(gy, input=ggx, weight=ggW)  # conv_T(gy, ggW), wgrad(gy, ggx)
 
 the second line one call of the backward kernels, which compute the weight term at full speed (the same
 product then takes 2.3-2.5 s). The second derivatives differ from torch's by rounding only; every op in
-them is differentiable, so higher derivatives are too. Convolutions it does not take run as torch's:
-padding given as a string ("same", "valid"), an unbatched input, a tensor subclass, a dtype that is not
-floating point, no gradient needed, and convolutions under autocast, inside torch.func's transforms
-(``vmap``, ``grad``, ``jvp``) or with forward-mode tangents, which the Functions would change or cannot
-take.
+them is differentiable, so higher derivatives are too.
+
+**Linear layers.** Where :func:`unlearn_kernels.cpu_gemm` is "onednn" (a CPU with AVX-512, whose float32
+GEMMs torch's MKL runs on its AVX2 path on AMD CPUs), float32 CPU ``F.linear`` runs as
+:func:`unlearn_kernels.ops.gemm` on the input's rows, whose backward is that op again: the gradient's GEMMs
+and the double backward's take oneDNN's matmul where they are large enough (2.0-2.3x MKL's speed there;
+the small ViT's products 1.21x faster, its GEMMs 2.2-2.3x). Forward and gradient then differ from torch's by
+float32 rounding; elsewhere (other dtypes and devices, other CPUs, within :func:`unlearn_kernels.aten_gemm`)
+``F.linear`` is torch's.
+
+What either leaves to torch: padding given as a string ("same", "valid"), an unbatched convolution or a 1-D
+input to a linear layer, a tensor subclass, a dtype that is not floating point, no gradient needed, and
+calls under autocast, inside torch.func's transforms (``vmap``, ``grad``, ``jvp``) or with forward-mode
+tangents, which the replacements would change or cannot take.
 """
 from __future__ import annotations
 
@@ -34,6 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd import forward_ad
 from torch.overrides import TorchFunctionMode
+
+from ..backends import cpu_gemm
+from ..ops import gemm
 
 _CONVOLUTIONS: dict[Callable[..., torch.Tensor], int] = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -123,14 +134,14 @@ def _as_tuple(value: int | tuple[int, ...] | list[int], dims: int) -> tuple[int,
     return (operator.index(value),) * dims
 
 
-def _torch_runs(x: torch.Tensor, tensors: list[torch.Tensor], padding: object, dims: int) -> bool:
-    """Whether a convolution is left to torch: what the Functions do not take (see the module's docstring), or
-    what they would change: autocast (which casts the arguments after the mode has seen them), torch.func's
-    transforms and forward-mode AD (the Functions have no vmap rule and no jvp)."""
-    return (isinstance(padding, str) or not torch.is_grad_enabled() or x.dim() != dims + 2
-            or not all(type(t) in _PLAIN and t.is_floating_point() for t in tensors)
+def _torch_runs(tensors: list[torch.Tensor]) -> bool:
+    """Whether a call on ``tensors`` (the input first) is left to torch whatever the op: no gradient needed, a
+    tensor subclass or a dtype that is not floating point, or what the replacements would change: autocast
+    (which casts the arguments after the mode has seen them), torch.func's transforms and forward-mode AD (the
+    replacements have no vmap rule and no jvp)."""
+    return (not torch.is_grad_enabled() or not all(type(t) in _PLAIN and t.is_floating_point() for t in tensors)
             or not any(t.requires_grad for t in tensors)
-            or torch.is_autocast_enabled(x.device.type) or torch._C._are_functorch_transforms_active()
+            or torch.is_autocast_enabled(tensors[0].device.type) or torch._C._are_functorch_transforms_active()
             or any(forward_ad.unpack_dual(t).tangent is not None for t in tensors))
 
 
@@ -140,22 +151,35 @@ def _convolution(conv: Callable[..., torch.Tensor], args: tuple, kwargs: dict) -
     x, weight, bias = given["input"], given["weight"], given.get("bias")
     padding = given.get("padding", 0)
     dims = _CONVOLUTIONS[conv]
-    if _torch_runs(x, [t for t in (x, weight, bias) if t is not None], padding, dims):
+    if isinstance(padding, str) or x.dim() != dims + 2 or _torch_runs([t for t in (x, weight, bias) if t is not None]):
         return None
     setting = _Setting(conv, _as_tuple(given.get("stride", 1), dims), _as_tuple(padding, dims),
                        _as_tuple(given.get("dilation", 1), dims), given.get("groups", 1))
     return _Conv.apply(x, weight, bias, setting)
 
 
-class conv_double_backward(TorchFunctionMode):  # noqa: N801 (used as a context, like torch.no_grad)
-    """A context under which ``F.conv1d`` / ``conv2d`` / ``conv3d`` record a backward whose own backward runs
-    as convolutions and one convolution backward (see the module's docstring). Graphs built under it stay so
-    after it ends."""
+def _linear(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """``F.linear`` as :func:`~unlearn_kernels.ops.gemm` on the input's rows, or None where torch's own runs."""
+    given = {**dict(zip(("input", "weight", "bias"), args)), **kwargs}
+    x, weight, bias = given["input"], given["weight"], given.get("bias")
+    tensors = [t for t in (x, weight, bias) if t is not None]
+    if (_torch_runs(tensors) or x.dim() < 2 or x.device.type != "cpu" or x.dtype != torch.float32
+            or cpu_gemm() != "onednn"):
+        return None
+    rows = gemm(x.reshape(-1, x.shape[-1]), weight.mT, bias)
+    return rows if x.dim() == 2 else rows.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class graph_ops(TorchFunctionMode):  # noqa: N801 (used as a context, like torch.no_grad)
+    """A context under which convolutions record a backward whose own backward runs as convolutions and one
+    convolution backward, and float32 CPU linear layers run on the compiled passes' GEMM route (see the module's
+    docstring). Graphs built under it stay so after it ends."""
 
     def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        out = None
         if func in _CONVOLUTIONS:
             out = _convolution(func, args, kwargs)
-            if out is not None:
-                return out
-        return func(*args, **kwargs)
+        elif func is F.linear:
+            out = _linear(args, kwargs)
+        return func(*args, **kwargs) if out is None else out

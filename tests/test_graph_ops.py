@@ -1,6 +1,7 @@
-"""curvature.conv_double_backward: convolutions whose second derivatives run as convolutions and one
-convolution backward, held to torch's own double backward (float64) on every device, and the generic
-Hessian operator that builds its gradient graphs under it."""
+"""curvature.graph_ops: convolutions whose second derivatives run as convolutions and one convolution backward,
+held to torch's own double backward (float64) on every device; float32 CPU linear layers on the compiled passes'
+GEMM route (ops.gemm), held to float64 under the accuracy rule; and the generic Hessian operator that builds its
+gradient graphs under the mode."""
 from __future__ import annotations
 
 import contextlib
@@ -9,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerance import assert_within_rule
 from torch import nn
 from torch.autograd import forward_ad
 
-from unlearn_kernels.curvature import hessian_operator
-from unlearn_kernels.curvature.conv_double_backward import conv_double_backward
-from unlearn_kernels.curvature import generic
+from unlearn_kernels import aten_gemm, cpu_gemm
+from unlearn_kernels.curvature import generic, hessian_operator
+from unlearn_kernels.curvature.graph_ops import graph_ops
 from unlearn_kernels.models import ResNet18
 
 CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -59,7 +61,7 @@ def _second_order(case: tuple, device: torch.device, under_mode: bool, rng: torc
         return y, torch.autograd.grad((y.tanh() ** 2).sum(), inputs, create_graph=True)
 
     if under_mode:
-        with conv_double_backward():
+        with graph_ops():
             y, g = grads()
     else:
         y, g = grads()
@@ -87,7 +89,7 @@ def test_gradgradcheck():
     b = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
 
     def conv(x, w, b):
-        with conv_double_backward():
+        with graph_ops():
             return F.conv2d(x, w, b, 2, 1)
 
     assert torch.autograd.gradcheck(conv, (x, w, b))
@@ -104,7 +106,7 @@ def test_third_derivative_matches_torch():
     def third(under_mode: bool) -> torch.Tensor:
         leaf = w.clone().requires_grad_()
         if under_mode:
-            with conv_double_backward():
+            with graph_ops():
                 y = F.conv2d(x, leaf, padding=1)
         else:
             y = F.conv2d(x, leaf, padding=1)
@@ -123,14 +125,14 @@ def test_third_derivative_matches_torch():
 def test_torch_runs_where_it_does_not_apply(call):
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
-    with conv_double_backward():
+    with graph_ops():
         y = call(x, w)
         with torch.no_grad():
             plain = call(x, w)
     names = _node_names(y)
     assert "ConvolutionBackward0" in names and "_ConvBackward" not in names
     assert plain.grad_fn is None and torch.equal(plain, call(x, w).detach())
-    with conv_double_backward():
+    with graph_ops():
         frozen = F.conv2d(x, w.detach(), padding=1)  # nothing needs a gradient
     assert frozen.grad_fn is None
 
@@ -153,7 +155,7 @@ def test_generic_operator_runs_convolutions_under_it(device, monkeypatch):
     pieces = [piece.view_as(p) for piece, p in zip(torch.split(v, [p.numel() for p in params]), params)]
     reference = torch.cat([h.reshape(-1) for h in torch.autograd.grad(grads, params, pieces)])
     assert float((op.matvec(v) - reference).norm()) <= 1e-10 * float(reference.norm())
-    monkeypatch.setattr(generic, "conv_double_backward", contextlib.nullcontext)  # torch's convolutions
+    monkeypatch.setattr(generic, "graph_ops", contextlib.nullcontext)  # torch's convolutions
     plain = hessian_operator(model, nn.CrossEntropyLoss(), (x, y), path="generic")
     assert "ConvolutionBackward0" in _node_names(*plain._cache[0][0].grads)
     assert op.cached_bytes == plain.cached_bytes  # the same activations, gradients and weights kept
@@ -163,7 +165,7 @@ def test_numpy_integer_settings():
     """A stride, padding or dilation given as a numpy integer (which torch takes) is read as an int."""
     x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
     w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
-    with conv_double_backward():
+    with graph_ops():
         y = F.conv2d(x, w, None, np.int64(2), np.int64(1), np.int64(1))
     assert type(y.grad_fn).__name__ == "_ConvBackward" and torch.equal(y, F.conv2d(x, w, None, 2, 1, 1))
 
@@ -174,7 +176,7 @@ def _torch_func_hvp(under_mode: bool) -> torch.Tensor:
     w = torch.randn(4, 3, 3, 3, generator=gen, dtype=torch.float64)
     v = torch.randn(4, 3, 3, 3, generator=gen, dtype=torch.float64)
     grad = torch.func.grad(lambda w: F.conv2d(x, w, padding=1).tanh().square().sum())
-    with conv_double_backward() if under_mode else contextlib.nullcontext():
+    with graph_ops() if under_mode else contextlib.nullcontext():
         return torch.func.jvp(grad, (w,), (v,))[1]
 
 
@@ -185,7 +187,7 @@ def test_torch_func_and_forward_ad_run_as_torch():
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
     t = torch.randn_like(w)
-    with forward_ad.dual_level(), conv_double_backward():
+    with forward_ad.dual_level(), graph_ops():
         out = F.conv2d(x, forward_ad.make_dual(w, t), padding=1)
         tangent = forward_ad.unpack_dual(out).tangent
     assert torch.equal(tangent, F.conv2d(x, t, padding=1))
@@ -194,12 +196,12 @@ def test_torch_func_and_forward_ad_run_as_torch():
 def test_autocast_and_complex_run_as_torch():
     x = torch.randn(2, 3, 6, 6)
     w = torch.randn(4, 3, 3, 3, requires_grad=True)
-    with conv_double_backward(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with graph_ops(), torch.autocast("cpu", dtype=torch.bfloat16):
         y = F.conv2d(x, w, padding=1)
     assert y.dtype == torch.bfloat16 and "_ConvBackward" not in _node_names(y)
     z = torch.randn(2, 3, 6, 6, dtype=torch.complex128)
     k = torch.randn(4, 3, 3, 3, dtype=torch.complex128, requires_grad=True)
-    with conv_double_backward():
+    with graph_ops():
         c = F.conv2d(z, k, padding=1)
     assert "_ConvBackward" not in _node_names(c) and torch.equal(c, F.conv2d(z, k, padding=1))
 
@@ -238,6 +240,69 @@ def test_operator_on_models_that_torch_runs_the_convolution_of(make, dtype, monk
     op = hessian_operator(model, nn.CrossEntropyLoss(), (x, y), path="generic")
     assert op.mode == "reverse-over-reverse"
     v = torch.randn(op.shape[0], dtype=dtype)
-    monkeypatch.setattr(generic, "conv_double_backward", contextlib.nullcontext)
+    monkeypatch.setattr(generic, "graph_ops", contextlib.nullcontext)
     plain = hessian_operator(model, nn.CrossEntropyLoss(), (x, y), path="generic")
     assert torch.equal(op.matvec(v), plain.matvec(v))
+
+
+# ----------------------------------------------------------------------------- linear layers
+_GEMM_NODE = "GeneratedBackwardFor_unlearn_kernels_gemm_defaultBackward"
+
+
+def _layer_norm_mlp(dtype: torch.dtype) -> nn.Module:
+    """An MLP the fused path does not take (LayerNorm), whose linear layers' GEMMs pass the oneDNN route's threshold
+    at 1,024 rows."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 256), nn.LayerNorm(256), nn.Tanh(), nn.Linear(256, 256), nn.GELU(),
+                         nn.Linear(256, 10)).to(dtype)
+
+
+def test_linear_layers_take_the_gemm_route_where_the_machine_has_it():
+    x = torch.randn(700, 64)
+    w, b = torch.randn(128, 64, requires_grad=True), torch.randn(128, requires_grad=True)
+    with graph_ops():
+        ours = F.linear(x, w, b)
+        batched = F.linear(x.view(7, 100, 64), w)
+        with aten_gemm():
+            atens = F.linear(x, w, b)
+        plain = [F.linear(x.double(), w.double(), b.double()), F.linear(x[0], w, b)]  # float64, a 1-D input
+        with torch.no_grad():
+            plain.append(F.linear(x, w, b))
+    onednn = cpu_gemm() == "onednn"
+    assert (_GEMM_NODE in _node_names(ours)) == onednn and (_GEMM_NODE in _node_names(batched)) == onednn
+    assert batched.shape == (7, 100, 128)
+    for out in (atens, *plain):
+        assert _GEMM_NODE not in _node_names(out)
+    torch.testing.assert_close(ours, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_second_derivatives_meet_the_accuracy_rule():
+    """The double backward of a float32 model built under the mode (its GEMMs on oneDNN's route where the machine
+    has it) against float64 double backward, no less accurate than torch's own float32 double backward."""
+    x64 = torch.randn(1024, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    y = torch.randint(0, 10, (1024,), generator=torch.Generator().manual_seed(7))
+
+    def hvp(dtype: torch.dtype, under_mode: bool) -> torch.Tensor:
+        model = _layer_norm_mlp(dtype)
+        params = list(model.parameters())
+        vectors = [torch.ones_like(p) / p.numel() ** 0.5 for p in params]
+        with graph_ops() if under_mode else contextlib.nullcontext():
+            grads = torch.autograd.grad(F.cross_entropy(model(x64.to(dtype)), y), params, create_graph=True)
+        return torch.cat([h.reshape(-1) for h in torch.autograd.grad(grads, params, vectors)])
+
+    assert_within_rule(hvp(torch.float32, True), hvp(torch.float32, False), hvp(torch.float64, False), ulps=16.0)
+
+
+def test_generic_operator_builds_linear_layers_on_the_gemm_route(monkeypatch):
+    model = _layer_norm_mlp(torch.float32)
+    x, y = torch.randn(1024, 64), torch.randint(0, 10, (1024,))
+    op = hessian_operator(model, nn.CrossEntropyLoss(), (x, y))
+    assert op.path == "generic" and op.mode == "reverse-over-reverse"
+    assert (_GEMM_NODE in _node_names(*op._cache[0][0].grads)) == (cpu_gemm() == "onednn")
+    v = torch.randn(op.shape[0])
+    model64 = _layer_norm_mlp(torch.float64)
+    exact = hessian_operator(model64, nn.CrossEntropyLoss(), (x.double(), y)).matvec(v.double())
+    monkeypatch.setattr(generic, "graph_ops", contextlib.nullcontext)  # torch's linear layers
+    plain = hessian_operator(model, nn.CrossEntropyLoss(), (x, y))
+    assert _GEMM_NODE not in _node_names(*plain._cache[0][0].grads)
+    assert_within_rule(op.matvec(v), plain.matvec(v), exact, ulps=16.0)
