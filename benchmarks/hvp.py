@@ -12,12 +12,13 @@ many times at the same weights (as Lanczos, the Krylov cubic solver and CureNewt
 * ``ours:fused-stream`` / ``ours:generic-stream``: the same with ``cache_bytes=0`` (every product
   recomputes the forward and the gradient);
 * ``ours:generic-fwd``: ``mode="forward-over-reverse"`` (torch.func ``jvp(grad)``, no cache);
-* ``ours:fused-aten-gemm`` (MLPs): ``ours:fused`` within :func:`unlearn_kernels.aten_gemm`, its float32 GEMMs
-  through ATen's GEMM (``torch.mm``'s, as the anchors') where ``ours:fused`` takes oneDNN's (the environment's
-  ``cpu_gemm``): how much of our lead is the GEMM library's;
-* ``ours:generic-aten-gemm`` (the MLPs and the ViT, whose work is mostly in linear layers): ``ours:generic``
-  within :func:`unlearn_kernels.aten_gemm`, where ``ours:generic``'s float32 linear layers take
-  :func:`unlearn_kernels.ops.gemm`'s oneDNN route (its convolutions' second derivatives are ours on both);
+* ``ours:fused-aten-gemm`` (MLPs): ``ours:fused`` built and run within :func:`unlearn_kernels.aten_gemm`, its
+  float32 GEMMs through ATen's GEMM (``torch.mm``'s, as the anchors') where ``ours:fused`` takes oneDNN's (the
+  environment's ``cpu_gemm``): how much of our lead is the GEMM library's;
+* ``ours:generic-aten-gemm`` (the MLPs and the ViT, whose work is mostly in linear layers): ``ours:generic`` built
+  and run within :func:`unlearn_kernels.aten_gemm`, so that its graph has torch's own linear layers, as on a
+  machine without the oneDNN route, where ``ours:generic``'s take :func:`unlearn_kernels.ops.gemm`'s (its
+  convolutions' second derivatives are ours on both);
 * ``curvlinops``: ``curvlinops.HessianLinearOperator`` (torch.func forward-over-reverse, vmapped);
 * ``pyhessian``: PyHessian's ``dataloader_hv_product`` (forward, gradient with create_graph, double backward);
 * ``autograd``: plain ``torch.autograd.grad`` double backward, the same three steps written out;
@@ -47,6 +48,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from unlearn_kernels import aten_gemm
 from unlearn_kernels.checkpoint import save_figure
 from unlearn_kernels.report import new_figure
 from unlearn_kernels.curvature import flatten_tensors, hessian_operator, unflatten_vector
@@ -194,6 +196,10 @@ def candidates(p: Problem, loss_fn: nn.Module, v: torch.Tensor) -> dict[str, Cal
         op = hessian_operator(p.model, loss_fn, (p.x, p.y), **OURS[name])
         return lambda: op.matvec(v)
 
+    def ours_on_atens_gemm(name: str) -> Callable[[], torch.Tensor]:
+        with aten_gemm():  # built there too: the generic path's graph then has torch's own linear layers
+            return within_aten_gemm(ours(name))
+
     def curvlinops() -> Callable[[], torch.Tensor]:
         from curvlinops import HessianLinearOperator
 
@@ -220,9 +226,9 @@ def candidates(p: Problem, loss_fn: nn.Module, v: torch.Tensor) -> dict[str, Cal
         "pyhessian:cached-graph": lambda: pyhessian(True),
     })
     if supports(p.model, loss_fn) is None:  # an MLP: the compiled passes' GEMMs (a CNN's convolutions are torch's)
-        out["ours:fused-aten-gemm"] = lambda: within_aten_gemm(ours("ours:fused"))
+        out["ours:fused-aten-gemm"] = lambda: ours_on_atens_gemm("ours:fused")
     if supports(p.model, loss_fn) is None or isinstance(p.model, SmallViT):  # most of the work in linear layers
-        out["ours:generic-aten-gemm"] = lambda: within_aten_gemm(ours("ours:generic"))
+        out["ours:generic-aten-gemm"] = lambda: ours_on_atens_gemm("ours:generic")
     if p.large:
         for name in ("ours:fused-stream", "ours:generic-stream", "ours:generic-fwd"):
             del out[name]
