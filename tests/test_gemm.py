@@ -16,6 +16,7 @@ import torch
 from tolerance import assert_within_rule
 
 from unlearn_kernels import _extension, aten_gemm, cpu_gemm, ops
+from unlearn_kernels.backends import BackendUnavailableError
 from unlearn_kernels.ops import lora_linear, lora_linear_jvp, lora_linear_jvp_ref, lora_linear_ref
 
 ROUTES = ("default", "aten")
@@ -326,3 +327,16 @@ def test_gemm_cpp_op_checks_its_own_input(args, match):
     """Callers of the registered op itself get the same checks from the C++ kernel."""
     with pytest.raises(ValueError, match=match):
         torch.ops.unlearn_kernels.gemm(*args)
+
+
+def test_gemm_auto_on_every_device(device):
+    """"auto" runs the C++ kernel on the CPU and the reference (cuBLAS) on a GPU; both against float64."""
+    gen = torch.Generator().manual_seed(8)
+    a64, b64, bias64 = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((1536, 128), (128, 64), (64,)))
+    a, b, bias = (t.float().to(device) for t in (a64, b64, bias64))
+    out = ops.gemm(a, b, bias)
+    assert out.device == a.device
+    assert_within_rule(out.cpu(), ops.gemm_ref(a, b, bias).cpu(), ops.gemm_ref(a64, b64, bias64))
+    if device.type != "cpu":
+        with pytest.raises(BackendUnavailableError, match="gemm"):
+            ops.gemm(a, b, bias, backend="cpp")
