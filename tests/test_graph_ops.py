@@ -5,6 +5,7 @@ gradient graphs under the mode."""
 from __future__ import annotations
 
 import contextlib
+import re
 
 import numpy as np
 import pytest
@@ -306,3 +307,22 @@ def test_generic_operator_builds_linear_layers_on_the_gemm_route(monkeypatch):
     plain = hessian_operator(model, nn.CrossEntropyLoss(), (x, y))
     assert _GEMM_NODE not in _node_names(*plain._cache[0][0].grads)
     assert_within_rule(op.matvec(v), plain.matvec(v), exact, ulps=16.0)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, w, b: F.linear(x, w, b[0]),  # a 0-dim bias, which torch broadcasts
+    lambda x, w, b: F.linear(x, w.double(), b.double()),  # mixed dtypes: torch's own error
+    lambda x, w, b: F.linear(x, w[:, :3], b),  # sizes that do not fit: torch's own error
+])
+def test_linear_calls_the_gemm_does_not_take_run_as_torch(call):
+    x = torch.randn(5, 4)
+    w, b = torch.randn(3, 4, requires_grad=True), torch.randn(3, requires_grad=True)
+    try:
+        expected = call(x, w, b)
+    except RuntimeError as err:
+        with graph_ops(), pytest.raises(RuntimeError, match=re.escape(str(err)[:30])):
+            call(x, w, b)
+        return
+    with graph_ops():
+        out = call(x, w, b)
+    assert torch.equal(out, expected) and _GEMM_NODE not in _node_names(out)

@@ -163,8 +163,10 @@ def _linear(args: tuple, kwargs: dict) -> torch.Tensor | None:
     given = {**dict(zip(("input", "weight", "bias"), args)), **kwargs}
     x, weight, bias = given["input"], given["weight"], given.get("bias")
     tensors = [t for t in (x, weight, bias) if t is not None]
-    if (_torch_runs(tensors) or x.dim() < 2 or x.device.type != "cpu" or x.dtype != torch.float32
-            or cpu_gemm() != "onednn"):
+    # what torch's own takes or refuses with its own error: other shapes (a 0-dim bias), dtypes, devices
+    if (_torch_runs(tensors) or x.dim() < 2 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]
+            or (bias is not None and bias.shape != (weight.shape[0],))
+            or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors) or cpu_gemm() != "onednn"):
         return None
     rows = gemm(x.reshape(-1, x.shape[-1]), weight.mT, bias)
     return rows if x.dim() == 2 else rows.reshape(*x.shape[:-1], weight.shape[0])
