@@ -14,6 +14,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from tolerance import assert_within_rule
+from torch.autograd import forward_ad
 
 from unlearn_kernels import _extension, aten_gemm, cpu_gemm, ops
 from unlearn_kernels.backends import BackendUnavailableError
@@ -313,6 +314,7 @@ def test_gemm_opcheck():
     ((torch.ones(3, 4, dtype=torch.long), torch.ones(4, 2, dtype=torch.long)), ValueError, "one floating dtype"),
     ((torch.randn(3, 4), torch.randn(4, 2), torch.randn(3)), ValueError, r"bias must be a \(2,\) tensor"),
     ((torch.randn(3, 4), [[1.0, 2.0]] * 4), TypeError, "b must be a tensor"),
+    ((None, torch.randn(4, 2)), TypeError, "a must be a tensor"),
 ])
 def test_gemm_refuses_bad_input(backend, args, error, match):
     with pytest.raises(error, match=match):
@@ -340,3 +342,27 @@ def test_gemm_auto_on_every_device(device):
     if device.type != "cpu":
         with pytest.raises(BackendUnavailableError, match="gemm"):
             ops.gemm(a, b, bias, backend="cpp")
+
+
+@pytest.mark.parametrize("backend", GEMM_BACKENDS)
+def test_gemm_forward_mode_and_torch_func(backend):
+    """Forward-mode tangents and torch.func's transforms get the product's derivatives (the registered op has a
+    backward only: they run the reference), not a zero tangent."""
+    gen = torch.Generator().manual_seed(9)
+    a, da, b, db = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((6, 5), (6, 5), (5, 4), (5, 4)))
+    expected = da @ b + a @ db
+    tangent = torch.func.jvp(lambda a, b: ops.gemm(a, b, backend=backend), (a, b), (da, db))[1]
+    torch.testing.assert_close(tangent, expected, rtol=1e-12, atol=1e-12)
+    with forward_ad.dual_level():
+        out = ops.gemm(forward_ad.make_dual(a, da), forward_ad.make_dual(b, db), backend=backend)
+        torch.testing.assert_close(forward_ad.unpack_dual(out).tangent, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.func.grad(lambda a: ops.gemm(a, b, backend=backend).square().sum())(a)
+    torch.testing.assert_close(grad, 2 * (a @ b) @ b.T, rtol=1e-12, atol=1e-12)
+
+
+def test_gemm_keeps_only_what_its_backward_reads():
+    """As torch.mm: b is kept where a needs a gradient, a where b does (a frozen layer keeps no input copy)."""
+    x, w = torch.randn(5, 4), torch.randn(4, 3)
+    saved = lambda out: [None if t is None else t.shape for t in out.grad_fn.saved_tensors]  # noqa: E731
+    assert saved(ops.gemm(x, w.requires_grad_())) == [x.shape, None]
+    assert saved(ops.gemm(x.requires_grad_(), w.detach())) == [None, w.shape]

@@ -326,3 +326,33 @@ def test_linear_calls_the_gemm_does_not_take_run_as_torch(call):
     with graph_ops():
         out = call(x, w, b)
     assert torch.equal(out, expected) and _GEMM_NODE not in _node_names(out)
+
+
+class _WithEmptyLayer(nn.Module):
+    """A linear layer of no inputs (its output is its bias) beside a plain one: legal, and torch's graph takes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.empty, self.layer = nn.Linear(0, 3), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x).tanh() + self.empty(x[:, :0])
+
+
+@pytest.mark.parametrize("make, params", [
+    (_layer_norm_mlp, None),
+    (_layer_norm_mlp, ["0.weight", "5.weight"]),  # the middle layer not chosen: its input needs no copy
+    (_WithEmptyLayer, None),
+])
+def test_operator_keeps_what_torchs_graph_keeps(make, params, monkeypatch):
+    """The same bytes cached as with torch's own linear layers (ops.gemm keeps only what its backward reads), and the
+    same products up to float32 rounding; a layer of no inputs runs as torch's."""
+    model = make(torch.float32) if make is _layer_norm_mlp else make()
+    x, y = torch.randn(512, 64 if make is _layer_norm_mlp else 8), torch.randint(0, 3, (512,))
+    op = hessian_operator(model, nn.CrossEntropyLoss(), (x, y), params, mode="reverse-over-reverse")
+    v = torch.randn(op.shape[0])
+    monkeypatch.setattr(generic, "graph_ops", contextlib.nullcontext)
+    plain = hessian_operator(model, nn.CrossEntropyLoss(), (x, y), params, mode="reverse-over-reverse")
+    assert op.cached_bytes == plain.cached_bytes
+    expected = plain.matvec(v)
+    assert float((op.matvec(v) - expected).norm()) <= 1e-5 * float(expected.norm())

@@ -21,8 +21,9 @@ them is differentiable, so higher derivatives are too.
 **Linear layers.** Where :func:`unlearn_kernels.cpu_gemm` is "onednn" (a CPU with AVX-512, whose float32
 GEMMs torch's MKL runs on its AVX2 path on AMD CPUs), float32 CPU ``F.linear`` runs as
 :func:`unlearn_kernels.ops.gemm` on the input's rows, whose backward is that op again: the gradient's GEMMs
-and the double backward's take oneDNN's matmul where they are large enough (2.0-2.3x MKL's speed there;
-the small ViT's products 1.21x faster, its GEMMs 2.2-2.3x). Forward and gradient then differ from torch's by
+and the double backward's take oneDNN's matmul where they are large enough (2.0-2.3x MKL's speed there, 2.2-2.3x
+on the small ViT's GEMM shapes; in the hvp suite of docs/benchmarks.md its products took 2.14 gradients against
+2.42 with torch's own linear layers). Forward and gradient then differ from torch's by
 float32 rounding; elsewhere (other dtypes and devices, other CPUs, within :func:`unlearn_kernels.aten_gemm`)
 ``F.linear`` is torch's.
 
@@ -163,8 +164,8 @@ def _linear(args: tuple, kwargs: dict) -> torch.Tensor | None:
     given = {**dict(zip(("input", "weight", "bias"), args)), **kwargs}
     x, weight, bias = given["input"], given["weight"], given.get("bias")
     tensors = [t for t in (x, weight, bias) if t is not None]
-    # what torch's own takes or refuses with its own error: other shapes (a 0-dim bias), dtypes, devices
-    if (_torch_runs(tensors) or x.dim() < 2 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]
+    # what torch's own takes or refuses with its own error: other shapes (a 0-dim bias, no values), dtypes, devices
+    if (_torch_runs(tensors) or x.dim() < 2 or x.numel() == 0 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]
             or (bias is not None and bias.shape != (weight.shape[0],))
             or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors) or cpu_gemm() != "onednn"):
         return None

@@ -8,12 +8,15 @@ route. The generic curvature operators build the linear layers of their gradient
 :mod:`unlearn_kernels.curvature.graph_ops`), so that the double backward's GEMMs take that route too.
 
 Backends: C++ CPU and the reference :func:`gemm_ref` (``torch.addmm`` / ``torch.mm``; "auto" takes it on
-GPUs, where it is cuBLAS). Differentiable to any order: the C++ op's backward is this op again
-(``ga = g b^T``, ``gb = a^T g``, ``gbias = sum of g's rows``).
+GPUs, where it is cuBLAS). Differentiable to any order in reverse mode: the C++ op's backward is this op again
+(``ga = g b^T``, ``gb = a^T g``, ``gbias = sum of g's rows``), and it keeps only the operands that backward reads
+(``b`` where ``a`` needs a gradient, ``a`` where ``b`` does), as ``torch.mm`` does. Forward-mode tangents and
+torch.func's transforms (``jvp``, ``grad``, ``vmap``), for which the registered op has no rule, run the reference.
 """
 from __future__ import annotations
 
 import torch
+from torch.autograd import forward_ad
 
 from .. import _extension
 from ..backends import choose
@@ -28,7 +31,7 @@ def gemm_ref(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None)
 
 def _check_inputs(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> None:
     for name, t in (("a", a), ("b", b), ("bias", bias)):
-        if t is not None and not isinstance(t, torch.Tensor):
+        if not isinstance(t, torch.Tensor) and not (name == "bias" and t is None):
             raise TypeError(f"{_OP}: {name} must be a tensor, got {type(t).__name__}")
     if a.dim() != 2 or b.dim() != 2:
         raise ValueError(f"{_OP}: a and b must be 2-D, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
@@ -61,9 +64,16 @@ def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *, 
         BackendUnavailableError: a forced backend that cannot run here or on these tensors.
     """
     _check_inputs(a, b, bias)
-    if choose(_OP, a.device, backend) == "reference":
+    if choose(_OP, a.device, backend) == "reference" or _needs_reference(a, b, bias):
         return gemm_ref(a, b, bias)
     return torch.ops.unlearn_kernels.gemm(a, b, bias)
+
+
+def _needs_reference(*tensors: torch.Tensor | None) -> bool:
+    """Whether a forward-mode tangent or one of torch.func's transforms reaches the call (the registered op has a
+    backward only: forward mode would give it a zero tangent)."""
+    return torch._C._are_functorch_transforms_active() or any(
+        t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _fake(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -72,7 +82,8 @@ def _fake(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.
 
 def _setup_context(ctx, inputs, output) -> None:
     a, b, bias = inputs
-    ctx.save_for_backward(a, b)
+    need_a, need_b = ctx.needs_input_grad[:2]
+    ctx.save_for_backward(a if need_b else None, b if need_a else None)  # what the backward reads, as torch.mm
     ctx.has_bias = bias is not None
 
 
