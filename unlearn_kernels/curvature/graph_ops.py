@@ -22,8 +22,8 @@ them is differentiable, so higher derivatives are too.
 GEMMs torch's MKL runs on its AVX2 path on AMD CPUs), float32 CPU ``F.linear`` runs as
 :func:`unlearn_kernels.ops.gemm` on the input's rows, whose backward is that op again: the gradient's GEMMs
 and the double backward's take oneDNN's matmul where they are large enough (2.0-2.3x MKL's speed there, 2.2-2.3x
-on the small ViT's GEMM shapes; in the hvp suite of docs/benchmarks.md its products took 2.14 gradients against
-2.42 with torch's own linear layers). Forward and gradient then differ from torch's by
+on the small ViT's GEMM shapes; in the hvp suite of docs/benchmarks.md its products took 2.12 gradients against
+2.45 with torch's own linear layers). Forward and gradient then differ from torch's by
 float32 rounding; elsewhere (other dtypes and devices, other CPUs, within :func:`unlearn_kernels.aten_gemm`)
 ``F.linear`` is torch's.
 
