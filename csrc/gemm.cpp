@@ -32,9 +32,12 @@ bool onednn_present() {
 }
 
 bool takes_onednn(const at::Tensor& a, const at::Tensor& b) {
-  return a.is_cpu() && b.is_cpu() && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
-         a.dim() == 2 && b.dim() == 2 && a.size(0) * a.size(1) * b.size(1) >= kOneDnnMinWork &&
-         onednn_gemm_available();
+  if (!(a.is_cpu() && b.is_cpu() && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
+        a.dim() == b.dim() && (a.dim() == 2 || a.dim() == 3))) {
+    return false;
+  }
+  const int64_t batch = a.dim() == 3 ? a.size(0) : 1;  // oneDNN's matmul takes a batch of products too
+  return batch * a.size(-2) * a.size(-1) * b.size(-1) >= kOneDnnMinWork && onednn_gemm_available();
 }
 
 }  // namespace
@@ -43,15 +46,22 @@ bool onednn_gemm_available() { return onednn_present() && at::globalContext().us
 
 void gemm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta, double alpha) {
 #if defined(__x86_64__)
-  if (out.is_cpu() && out.scalar_type() == at::kFloat && out.dim() == 2 && takes_onednn(a, b)) {
+  if (out.is_cpu() && out.scalar_type() == at::kFloat && out.dim() == a.dim() && takes_onednn(a, b)) {
     at::native::mkldnn_matmul(a, b, out, static_cast<float>(beta), static_cast<float>(alpha));
     return;
   }
 #endif
-  if (beta == 0.0 && alpha == 1.0) {
-    at::mm_out(const_cast<at::Tensor&>(out), a, b);
+  at::Tensor& result = const_cast<at::Tensor&>(out);
+  if (a.dim() == 3) {
+    if (beta == 0.0 && alpha == 1.0) {
+      at::bmm_out(result, a, b);
+    } else {
+      at::baddbmm_out(result, out, a, b, beta, alpha);
+    }
+  } else if (beta == 0.0 && alpha == 1.0) {
+    at::mm_out(result, a, b);
   } else {
-    at::addmm_out(const_cast<at::Tensor&>(out), out, a, b, beta, alpha);
+    at::addmm_out(result, out, a, b, beta, alpha);
   }
 }
 
@@ -65,7 +75,8 @@ at::Tensor gemm_bias(const at::Tensor& bias, const at::Tensor& a, const at::Tens
 }
 
 at::Tensor gemm(const at::Tensor& a, const at::Tensor& b) {
-  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  at::Tensor out = a.dim() == 3 ? at::empty({a.size(0), a.size(1), b.size(2)}, a.options())
+                                : at::empty({a.size(0), b.size(1)}, a.options());
   gemm_into(out, a, b);
   return out;
 }

@@ -17,11 +17,12 @@ namespace unlearn_kernels {
 // 10 x 128 x 773 28 vs 20 us, 256 x 64 x 128 39 vs 26 us; 1-4 rows: 1-2 vs 11 us).
 constexpr int64_t kOneDnnMinWork = int64_t{3} << 18;
 
-// out = beta * out + alpha * a b (out (M, N), a (M, K), b (K, N), one dtype and device; beta 0: out is not read).
+// out = beta * out + alpha * a b (out (M, N), a (M, K), b (K, N), one dtype and device; beta 0: out is not read), or
+// the same for a batch of products (out (B, M, N), a (B, M, K), b (B, K, N); the route counts B M K N).
 void gemm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta = 0.0,
                double alpha = 1.0);
 
-// a b as a new tensor.
+// a b (2-D, or a batch of 3-D) as a new tensor.
 at::Tensor gemm(const at::Tensor& a, const at::Tensor& b);
 
 // bias (N,) added to every row of a b (M, N), as a new tensor (at::addmm(bias, a, b) on ATen's route; on oneDNN's,

@@ -87,8 +87,9 @@ TORCH_LIBRARY(unlearn_kernels, m) {
   m.def(
       "lora_linear_jvp(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scale, "
       "Tensor? tangent_a, Tensor? tangent_b) -> (Tensor, Tensor)");
-  // a b + bias (bias (N,) added to every row, or none) for 2-D a (M, K), b (K, N) of one floating dtype, through
-  // csrc/gemm.h's route (oneDNN for float32 CPU GEMMs of enough work where the CPU has AVX-512).
+  // a b + bias (bias (N,) added to every row, or none) for 2-D a (M, K), b (K, N) of one floating dtype, or a batch
+  // a (B, M, K), b (B, K, N) without bias, through csrc/gemm.h's route (oneDNN for float32 CPU GEMMs of enough
+  // work where the CPU has AVX-512).
   m.def("gemm(Tensor a, Tensor b, Tensor? bias) -> Tensor");
   // Which GEMM the compiled passes' float32 CPU matmuls of enough work take here and now (csrc/gemm.h):
   // "onednn" or "aten". No tensor argument: one kernel for every dispatch key.

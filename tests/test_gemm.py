@@ -366,3 +366,41 @@ def test_gemm_keeps_only_what_its_backward_reads():
     saved = lambda out: [None if t is None else t.shape for t in out.grad_fn.saved_tensors]  # noqa: E731
     assert saved(ops.gemm(x, w.requires_grad_())) == [x.shape, None]
     assert saved(ops.gemm(x.requires_grad_(), w.detach())) == [None, w.shape]
+
+
+@pytest.mark.parametrize("name", ROUTES)
+@pytest.mark.parametrize("backend", GEMM_BACKENDS)
+def test_batched_gemm_meets_the_accuracy_rule(name, backend, capfd):
+    """A batch of products (attention's shapes: 256 heads x 65 tokens x 16), on oneDNN's route where the machine
+    has it."""
+    gen = torch.Generator().manual_seed(10)
+    a64, b64 = torch.randn(256, 65, 16, generator=gen, dtype=torch.float64), \
+        torch.randn(256, 65, 16, generator=gen, dtype=torch.float64).mT  # a transposed batch, as k^T
+    a, b = a64.float(), b64.float()
+    with route(name):
+        out = ops.gemm(a, b, backend=backend)
+        matmuls = _onednn_matmuls(capfd, lambda: ops.gemm(a, b, backend=backend))
+    assert_within_rule(out, ops.gemm_ref(a, b), ops.gemm_ref(a64, b64))
+    assert (matmuls > 0) == (name == "default" and backend == "cpp" and _machine_has_the_route())
+
+
+@pytest.mark.parametrize("backend", GEMM_BACKENDS)
+def test_batched_gemm_derivatives(backend):
+    gen = torch.Generator().manual_seed(11)
+    a, b = (torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True) for s in ((3, 4, 5), (3, 5, 2)))
+    fn = lambda a, b: ops.gemm(a, b, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (a, b)) and torch.autograd.gradgradcheck(fn, (a, b))
+    torch.library.opcheck(torch.ops.unlearn_kernels.gemm.default, (a.float(), b.float(), None))
+
+
+@pytest.mark.parametrize("backend", GEMM_BACKENDS)
+@pytest.mark.parametrize("args, match", [
+    ((torch.randn(2, 3, 4), torch.randn(3, 4, 5)), "3-D with one batch size"),
+    ((torch.randn(2, 3, 4), torch.randn(4, 5)), "3-D with one batch size"),
+    ((torch.randn(2, 3, 4), torch.randn(2, 4, 5), torch.randn(5)), "a bias needs 2-D a and b"),
+])
+def test_batched_gemm_refuses_bad_input(backend, args, match):
+    with pytest.raises(ValueError, match=match):
+        ops.gemm(*args, backend=backend)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.unlearn_kernels.gemm(*args, *([None] if len(args) == 2 else []))

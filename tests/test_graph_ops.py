@@ -5,6 +5,7 @@ gradient graphs under the mode."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 
 import numpy as np
@@ -356,3 +357,38 @@ def test_operator_keeps_what_torchs_graph_keeps(make, params, monkeypatch):
     assert op.cached_bytes == plain.cached_bytes
     expected = plain.matvec(v)
     assert float((op.matvec(v) - expected).norm()) <= 1e-5 * float(expected.norm())
+
+
+def test_matrix_products_take_the_gemm_route_where_the_machine_has_it():
+    """``@`` / ``torch.matmul`` of two float32 CPU tensors of one batch shape (attention's) run as ops.gemm's batch;
+    broadcasting, mixed dimensions and other dtypes as torch's."""
+    gen = torch.Generator().manual_seed(12)
+    q = torch.randn(8, 4, 65, 16, generator=gen, requires_grad=True)
+    k = torch.randn(8, 4, 65, 16, generator=gen, requires_grad=True)
+    with graph_ops():
+        scores, via_function = q @ k.transpose(-2, -1), torch.matmul(q, k.transpose(-2, -1))
+        plain = [q @ k[0].transpose(-2, -1),  # broadcast over the batch
+                 q.double() @ k.double().transpose(-2, -1), q[0, 0] @ k[0, 0, 0]]  # float64; a matrix times a vector
+    onednn = cpu_gemm() == "onednn"
+    assert (_GEMM_NODE in _node_names(scores)) == onednn and (_GEMM_NODE in _node_names(via_function)) == onednn
+    for out in plain:
+        assert _GEMM_NODE not in _node_names(out)
+    torch.testing.assert_close(scores, q @ k.transpose(-2, -1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain[0], q @ k[0].transpose(-2, -1), rtol=0, atol=0)
+
+
+def test_vit_products_under_the_accuracy_rule(monkeypatch):
+    """The small ViT's products (linear layers and attention's products on the GEMM route) against float64, no less
+    accurate than torch's own float32 graph."""
+    from unlearn_kernels.models import SmallViT
+
+    torch.manual_seed(0)
+    model = SmallViT(8, 4, 3, 10).eval()
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))
+    op = hessian_operator(model, nn.CrossEntropyLoss(), (x, y), path="generic")
+    v = torch.randn(op.shape[0])
+    model64 = copy.deepcopy(model).double()
+    exact = hessian_operator(model64, nn.CrossEntropyLoss(), (x.double(), y), path="generic").matvec(v.double())
+    monkeypatch.setattr(generic, "graph_ops", contextlib.nullcontext)
+    plain = hessian_operator(model, nn.CrossEntropyLoss(), (x, y), path="generic")
+    assert_within_rule(op.matvec(v), plain.matvec(v), exact, ulps=16.0)

@@ -18,14 +18,14 @@ the second line one call of the backward kernels, which compute the weight term 
 product then takes 2.3-2.5 s). The second derivatives differ from torch's by rounding only; every op in
 them is differentiable, so higher derivatives are too.
 
-**Linear layers.** Where :func:`unlearn_kernels.cpu_gemm` is "onednn" (a CPU with AVX-512, whose float32
-GEMMs torch's MKL runs on its AVX2 path on AMD CPUs), float32 CPU ``F.linear`` runs as
-:func:`unlearn_kernels.ops.gemm` on the input's rows, whose backward is that op again: the gradient's GEMMs
-and the double backward's take oneDNN's matmul where they are large enough (2.0-2.3x MKL's speed there, 2.2-2.3x
-on the small ViT's GEMM shapes; in the hvp suite of docs/benchmarks.md its products took 2.12 gradients against
-2.45 with torch's own linear layers). Forward and gradient then differ from torch's by
-float32 rounding; elsewhere (other dtypes and devices, other CPUs, within :func:`unlearn_kernels.aten_gemm`)
-``F.linear`` is torch's.
+**Linear layers and matrix products.** Where :func:`unlearn_kernels.cpu_gemm` is "onednn" (a CPU with AVX-512,
+whose float32 GEMMs torch's MKL runs on its AVX2 path on AMD CPUs), float32 CPU ``F.linear`` runs as
+:func:`unlearn_kernels.ops.gemm` on the input's rows, and ``torch.matmul`` / ``@`` of two tensors of one batch
+shape (attention's ``q @ k^T`` and ``weights @ v``) as its batched form; the op's backward is the op again, so
+the gradient's GEMMs and the double backward's take oneDNN's matmul where they are large enough (2.0-2.3x MKL's
+speed there; 2.2-2.3x on the small ViT's linear layers and 2.1-2.9x on its attention products, timed alone).
+Forward and gradient then differ from torch's by float32 rounding; elsewhere (other dtypes and devices, other
+CPUs, within :func:`unlearn_kernels.aten_gemm`) both are torch's.
 
 What either leaves to torch: padding given as a string ("same", "valid"), an unbatched convolution or a 1-D
 input to a linear layer, a tensor subclass, a dtype that is not floating point, no gradient needed, and
@@ -173,10 +173,26 @@ def _linear(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return rows if x.dim() == 2 else rows.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def _matmul(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """``torch.matmul`` / ``@`` of two float32 CPU tensors of one batch shape (no broadcasting) as
+    :func:`~unlearn_kernels.ops.gemm` on their flattened batch, or None where torch's own runs."""
+    if kwargs or len(args) != 2 or not all(isinstance(t, torch.Tensor) for t in args):
+        return None
+    a, b = args
+    if (_torch_runs([a, b]) or a.dim() != b.dim() or a.dim() < 2 or a.shape[:-2] != b.shape[:-2]
+            or a.shape[-1] != b.shape[-2] or a.numel() == 0 or b.numel() == 0
+            or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (a, b)) or cpu_gemm() != "onednn"):
+        return None
+    if a.dim() == 2:
+        return gemm(a, b)
+    out = gemm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
+    return out if a.dim() == 3 else out.reshape(*a.shape[:-1], b.shape[-1])
+
+
 class graph_ops(TorchFunctionMode):  # noqa: N801 (used as a context, like torch.no_grad)
     """A context under which convolutions record a backward whose own backward runs as convolutions and one
-    convolution backward, and float32 CPU linear layers run on the compiled passes' GEMM route (see the module's
-    docstring). Graphs built under it stay so after it ends."""
+    convolution backward, and float32 CPU linear layers and matrix products run on the compiled passes' GEMM route
+    (see the module's docstring). Graphs built under it stay so after it ends."""
 
     def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -185,4 +201,6 @@ class graph_ops(TorchFunctionMode):  # noqa: N801 (used as a context, like torch
             out = _convolution(func, args, kwargs)
         elif func is F.linear:
             out = _linear(args, kwargs)
+        elif func is torch.matmul or func is torch.Tensor.matmul or func is torch.Tensor.__matmul__:
+            out = _matmul(args, kwargs)
         return func(*args, **kwargs) if out is None else out

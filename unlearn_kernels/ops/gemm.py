@@ -1,4 +1,5 @@
-"""A matrix product with an optional bias row, ``a b + bias``, through the compiled passes' GEMM route.
+"""A matrix product with an optional bias row, ``a b + bias``, or a batch of products, through the compiled passes'
+GEMM route.
 
 torch's float32 CPU matmuls run through MKL, which takes its AVX2 path on AMD CPUs; the C++ kernel runs a
 float32 GEMM of at least 786,432 multiply-adds through torch's own oneDNN matmul where the CPU has AVX-512
@@ -26,6 +27,8 @@ _OP = "gemm"
 
 def gemm_ref(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Pure-PyTorch reference of :func:`gemm`."""
+    if a.dim() == 3:
+        return torch.bmm(a, b)
     return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
 
 
@@ -33,30 +36,33 @@ def _check_inputs(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -
     for name, t in (("a", a), ("b", b), ("bias", bias)):
         if not isinstance(t, torch.Tensor) and not (name == "bias" and t is None):
             raise TypeError(f"{_OP}: {name} must be a tensor, got {type(t).__name__}")
-    if a.dim() != 2 or b.dim() != 2:
-        raise ValueError(f"{_OP}: a and b must be 2-D, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.shape[1] != b.shape[0]:
+    if a.dim() != b.dim() or not (a.dim() == 2 or (a.dim() == 3 and a.shape[0] == b.shape[0])):
+        raise ValueError(f"{_OP}: a and b must be 2-D, or 3-D with one batch size, got shapes {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    if a.shape[-1] != b.shape[-2]:
         raise ValueError(f"{_OP}: a's columns must match b's rows, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
     if not a.is_floating_point() or a.dtype != b.dtype:
         raise ValueError(f"{_OP}: a and b must have one floating dtype, got {a.dtype} and {b.dtype}")
     if a.device != b.device:
         raise ValueError(f"{_OP}: a and b must be on one device, got {a.device} and {b.device}")
+    if bias is not None and a.dim() == 3:
+        raise ValueError(f"{_OP}: a bias needs 2-D a and b, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
     if bias is not None and (bias.shape != (b.shape[1],) or bias.dtype != a.dtype or bias.device != a.device):
         raise ValueError(f"{_OP}: bias must be a ({b.shape[1]},) tensor of dtype {a.dtype} on {a.device}, got shape "
                          f"{tuple(bias.shape)}, {bias.dtype} on {bias.device}")
 
 
 def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
-    """``a b``, plus ``bias`` added to every row when given.
+    """``a b``, plus ``bias`` added to every row when given; or the batch of products ``a[i] b[i]``.
 
     Args:
-        a: (M, K) floating tensor (any strides: a transposed view is read as it is).
-        b: (K, N) tensor of a's dtype and device.
-        bias: None or (N,) tensor of a's dtype and device.
+        a: (M, K) floating tensor (any strides: a transposed view is read as it is), or (B, M, K).
+        b: (K, N) tensor of a's dtype and device, or (B, K, N) for a batch.
+        bias: None or (N,) tensor of a's dtype and device (2-D products only).
         backend: "auto" (C++ on the CPU, the reference elsewhere), "cpp" or "reference".
 
     Returns:
-        A new (M, N) tensor; differentiable w.r.t. a, b and bias (to any order).
+        A new (M, N) or (B, M, N) tensor; differentiable w.r.t. a, b and bias (to any order).
 
     Raises:
         TypeError: an argument that is not a tensor.
@@ -77,7 +83,7 @@ def _needs_reference(*tensors: torch.Tensor | None) -> bool:
 
 
 def _fake(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return a.new_empty((a.shape[0], b.shape[1]))
+    return a.new_empty((*a.shape[:-1], b.shape[-1]))
 
 
 def _setup_context(ctx, inputs, output) -> None:
