@@ -392,3 +392,19 @@ def test_vit_products_under_the_accuracy_rule(monkeypatch):
     monkeypatch.setattr(generic, "graph_ops", contextlib.nullcontext)
     plain = hessian_operator(model, nn.CrossEntropyLoss(), (x, y), path="generic")
     assert_within_rule(op.matvec(v), plain.matvec(v), exact, ulps=16.0)
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x, y: (x @ y) * 2 + 1,
+    lambda x, y: (x @ y).sin().sum(),
+    lambda x, y: F.linear(x, y.mT[0]).flatten(1)[:, :3],
+])
+def test_compiled_functions_run_as_torch_under_the_mode(fn):
+    """Inside torch.compile's tracing the mode leaves every call to torch: a compiled function with a batched ``@``
+    traced through it gave wrong values and shapes."""
+    torch._dynamo.reset()
+    x, y = torch.randn(4, 8, 16, requires_grad=True), torch.randn(4, 16, 8)
+    with graph_ops():
+        compiled, eager = torch.compile(fn, backend="aot_eager")(x, y), fn(x, y)
+    assert compiled.shape == eager.shape
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)

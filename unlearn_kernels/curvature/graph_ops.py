@@ -29,8 +29,8 @@ CPUs, within :func:`unlearn_kernels.aten_gemm`) both are torch's.
 
 What either leaves to torch: padding given as a string ("same", "valid"), an unbatched convolution or a 1-D
 input to a linear layer, a tensor subclass, a dtype that is not floating point, no gradient needed, and
-calls under autocast, inside torch.func's transforms (``vmap``, ``grad``, ``jvp``) or with forward-mode
-tangents, which the replacements would change or cannot take.
+calls under autocast, inside torch.func's transforms (``vmap``, ``grad``, ``jvp``), with forward-mode
+tangents or inside a ``torch.compile`` d function, which the replacements would change or cannot take.
 """
 from __future__ import annotations
 
@@ -139,8 +139,10 @@ def _torch_runs(tensors: list[torch.Tensor]) -> bool:
     """Whether a call on ``tensors`` (the input first) is left to torch whatever the op: no gradient needed, a
     tensor subclass or a dtype that is not floating point, or what the replacements would change: autocast
     (which casts the arguments after the mode has seen them), torch.func's transforms and forward-mode AD (the
-    replacements have no vmap rule and no jvp)."""
-    return (not torch.is_grad_enabled() or not all(type(t) in _PLAIN and t.is_floating_point() for t in tensors)
+    replacements have no vmap rule and no jvp), and torch.compile's tracing (a compiled function with a batched
+    ``@`` traced through the mode gave wrong values and shapes)."""
+    return (torch.compiler.is_compiling() or not torch.is_grad_enabled()
+            or not all(type(t) in _PLAIN and t.is_floating_point() for t in tensors)
             or not any(t.requires_grad for t in tensors)
             or torch.is_autocast_enabled(tensors[0].device.type) or torch._C._are_functorch_transforms_active()
             or any(forward_ad.unpack_dual(t).tangent is not None for t in tensors))
