@@ -148,6 +148,13 @@ def _torch_runs(tensors: list[torch.Tensor]) -> bool:
             or any(forward_ad.unpack_dual(t).tangent is not None for t in tensors))
 
 
+def _on_gemm_route(tensors: list[torch.Tensor]) -> bool:
+    """Whether a linear layer's or matrix product's tensors go to :func:`~unlearn_kernels.ops.gemm`: float32 CPU
+    tensors of a call not left to torch, where the GEMM route is oneDNN's."""
+    return (not _torch_runs(tensors) and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and cpu_gemm() == "onednn")
+
+
 def _convolution(conv: Callable[..., torch.Tensor], args: tuple, kwargs: dict) -> torch.Tensor | None:
     """The convolution as :class:`_Conv`, or None where torch's own runs (see the module's docstring)."""
     given = {**dict(zip(_ARGUMENTS, args)), **kwargs}
@@ -167,9 +174,8 @@ def _linear(args: tuple, kwargs: dict) -> torch.Tensor | None:
     x, weight, bias = given["input"], given["weight"], given.get("bias")
     tensors = [t for t in (x, weight, bias) if t is not None]
     # what torch's own takes or refuses with its own error: other shapes (a 0-dim bias, no values), dtypes, devices
-    if (_torch_runs(tensors) or x.dim() < 2 or x.numel() == 0 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]
-            or (bias is not None and bias.shape != (weight.shape[0],))
-            or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors) or cpu_gemm() != "onednn"):
+    if (x.dim() < 2 or x.numel() == 0 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]
+            or (bias is not None and bias.shape != (weight.shape[0],)) or not _on_gemm_route(tensors)):
         return None
     rows = gemm(x.reshape(-1, x.shape[-1]), weight.mT, bias)
     return rows if x.dim() == 2 else rows.reshape(*x.shape[:-1], weight.shape[0])
@@ -181,9 +187,8 @@ def _matmul(args: tuple, kwargs: dict) -> torch.Tensor | None:
     if kwargs or len(args) != 2 or not all(isinstance(t, torch.Tensor) for t in args):
         return None
     a, b = args
-    if (_torch_runs([a, b]) or a.dim() != b.dim() or a.dim() < 2 or a.shape[:-2] != b.shape[:-2]
-            or a.shape[-1] != b.shape[-2] or a.numel() == 0 or b.numel() == 0
-            or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (a, b)) or cpu_gemm() != "onednn"):
+    if (a.dim() != b.dim() or a.dim() < 2 or a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]
+            or a.numel() == 0 or b.numel() == 0 or not _on_gemm_route([a, b])):
         return None
     if a.dim() == 2:
         return gemm(a, b)
