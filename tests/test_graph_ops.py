@@ -1,7 +1,7 @@
 """curvature.graph_ops: convolutions whose second derivatives run as convolutions and one convolution backward,
-held to torch's own double backward (float64) on every device; float32 CPU linear layers on the compiled passes'
-GEMM route (ops.gemm), held to float64 under the accuracy rule; and the generic Hessian operator that builds its
-gradient graphs under the mode."""
+and eval-mode batch norms, held to torch's own double backward (float64) on every device; float32 CPU linear
+layers on the compiled passes' GEMM route (ops.gemm), held to float64 under the accuracy rule; and the generic
+Hessian operator that builds its gradient graphs under the mode."""
 from __future__ import annotations
 
 import contextlib
@@ -140,8 +140,8 @@ def test_torch_runs_where_it_does_not_apply(call):
 
 
 def test_generic_operator_runs_convolutions_under_it(device, monkeypatch):
-    """The generic Hessian's kept gradient graph holds our convolutions; its products are plain double backward's,
-    and its cache counts the tensors our Functions save as it counts torch's nodes'."""
+    """The generic Hessian's kept gradient graph holds our convolutions and batch norms; its products are plain
+    double backward's, and its cache counts the tensors our Functions save as it counts torch's nodes'."""
     torch.manual_seed(0)
     model = ResNet18(10, 3, 8).double().eval().to(device)
     x = torch.randn(8, 3, 8, 8, dtype=torch.float64, device=device)
@@ -149,7 +149,8 @@ def test_generic_operator_runs_convolutions_under_it(device, monkeypatch):
     op = hessian_operator(model, nn.CrossEntropyLoss(), (x, y), path="generic")
     assert op.mode == "reverse-over-reverse" and op.cached_batches == 1
     names = _node_names(*op._cache[0][0].grads)
-    assert {"_ConvGradientsBackward", "_ConvBackward"} <= names and "ConvolutionBackward0" not in names
+    assert {"_ConvGradientsBackward", "_ConvBackward", "_BatchNormGradientsBackward"} <= names
+    assert not {"ConvolutionBackward0", "NativeBatchNormBackward0"} & names
 
     params = list(model.parameters())
     grads = torch.autograd.grad(F.cross_entropy(model(x), y), params, create_graph=True)
@@ -245,6 +246,84 @@ def test_operator_on_models_that_torch_runs_the_convolution_of(make, dtype, monk
     monkeypatch.setattr(generic, "graph_ops", contextlib.nullcontext)
     plain = hessian_operator(model, nn.CrossEntropyLoss(), (x, y), path="generic")
     assert torch.equal(op.matvec(v), plain.matvec(v))
+
+
+# ----------------------------------------------------------------------------- batch normalisation (eval mode)
+# (input's shape, affine, input needs a gradient, weight needs a gradient)
+BN_CASES = [((5, 4), True, True, True), ((3, 4, 7), True, True, True), ((3, 4, 5, 5), True, True, True),
+            ((2, 4, 3, 3, 3), True, True, True), ((3, 4, 5, 5), False, True, True), ((3, 4, 5, 5), True, False, True),
+            ((3, 4, 5, 5), True, True, False)]
+
+
+def _batch_norm_orders(case: tuple, device: torch.device, under_mode: bool):
+    """(output, gradient, H v, derivative of (H v)^2, output's grad_fn) of a loss of one eval-mode batch norm."""
+    shape, affine, x_grad, w_grad = case
+    gen = torch.Generator().manual_seed(4)
+    make = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(device)  # noqa: E731
+    x = make(*shape).requires_grad_(x_grad)
+    mean, var = make(shape[1]), make(shape[1]).exp()
+    w, b = (make(shape[1]).requires_grad_(w_grad), make(shape[1]).requires_grad_()) if affine else (None, None)
+    inputs = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    vectors = [make(*t.shape) for t in inputs]
+    with graph_ops() if under_mode else contextlib.nullcontext():
+        y = F.batch_norm(x, mean, var, w, b, False, 0.1, 1e-3)
+        g = torch.autograd.grad(y.tanh().square().sum() + y.sum() * y.mean(), inputs, create_graph=True)
+    hv = torch.autograd.grad(g, inputs, vectors, create_graph=True)
+    third = torch.autograd.grad(sum(h.square().sum() for h in hv), inputs)
+    return y, g, hv, third, type(y.grad_fn).__name__
+
+
+@pytest.mark.parametrize("case", BN_CASES)
+def test_batch_norm_derivatives_match_torch(case, device):
+    ours, torchs = _batch_norm_orders(case, device, True), _batch_norm_orders(case, device, False)
+    assert ours[4] == "_BatchNormEvalBackward" and torchs[4] == "NativeBatchNormBackward0"
+    # forward and gradient: torch's kernels, bitwise; second and third derivatives to rounding
+    assert torch.equal(ours[0], torchs[0])
+    assert all(torch.equal(a, b) for a, b in zip(ours[1], torchs[1]))
+    for a, b in [*zip(ours[2], torchs[2]), *zip(ours[3], torchs[3])]:
+        assert float((a - b).abs().max()) <= 1e-12 * float(b.abs().max())
+
+
+def test_batch_norm_gradgradcheck():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    w, b = (torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    mean, var = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
+
+    def norm(x, w, b):
+        with graph_ops():
+            return F.batch_norm(x, mean, var, w, b, False, 0.1, 1e-5)
+
+    assert torch.autograd.gradcheck(norm, (x, w, b))
+    assert torch.autograd.gradgradcheck(norm, (x, w, b))
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, m, v, w: F.batch_norm(x, m, v, w, None, True),  # training mode: batch statistics
+    lambda x, m, v, w: F.batch_norm(x[..., 0].unsqueeze(0)[:, :, :1], m, v, w, None, True),  # one value per channel
+    lambda x, m, v, w: F.batch_norm(x, None, None, w, None, False),  # eval mode without running statistics
+    lambda x, m, v, w: F.batch_norm(x, m.float(), v.float(), w, None, False),  # statistics of another dtype
+    lambda x, m, v, w: F.batch_norm(x, m.requires_grad_(), v, w, None, False),  # statistics that need a gradient
+    lambda x, m, v, w: F.batch_norm(x, m[:3], v[:3], w, None, False),  # statistics of the wrong size
+])
+def test_batch_norm_torch_runs_where_it_does_not_apply(call):
+    """Torch's own batch norm runs: its values, its graph, or its own error."""
+    def run(under_mode: bool) -> torch.Tensor | str:
+        gen = torch.Generator().manual_seed(6)
+        x = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
+        m, v = torch.randn(4, generator=gen, dtype=torch.float64), torch.rand(4, generator=gen, dtype=torch.float64)
+        try:
+            with graph_ops() if under_mode else contextlib.nullcontext():
+                return call(x, m, v, w)
+        except (RuntimeError, ValueError) as error:
+            return str(error)
+
+    ours, torchs = run(True), run(False)
+    if isinstance(torchs, str):
+        assert ours == torchs
+    else:
+        assert "_BatchNormEvalBackward" not in _node_names(ours) and torch.equal(ours, torchs)
 
 
 # ----------------------------------------------------------------------------- linear layers

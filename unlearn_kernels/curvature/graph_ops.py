@@ -1,5 +1,6 @@
 """The ops the generic Hessian builds its kept gradient graphs with: convolutions whose second derivatives run at
-the speed of a convolution's backward, and linear layers on the compiled passes' GEMM route.
+the speed of a convolution's backward, eval-mode batch norms with second derivatives of a few passes, and linear
+layers on the compiled passes' GEMM route.
 
 **Convolutions.** PyTorch's double backward of a convolution (``_convolution_double_backward``) computes the
 term for the weight, ``wgrad(gy, ggx)``, as a convolution of the input with the output gradient, batch and
@@ -18,6 +19,18 @@ the second line one call of the backward kernels, which compute the weight term 
 product then takes 2.3-2.5 s). The second derivatives differ from torch's by rounding only; every op in
 them is differentiable, so higher derivatives are too.
 
+**Batch normalisation in eval mode** (running statistics, no update: ``y = (x - m) s w + b`` with
+``s = 1 / sqrt(v + eps)`` per channel) runs as :class:`_BatchNormEval`: torch's forward and backward kernels (the
+gradient is bitwise torch's), whose backward's derivative for the cotangents ``ggx``, ``ggw``, ``ggb`` is
+
+    d gy = ggx s w + (x - m) s ggw + ggb     # the second and third terms one batch_norm of x
+    d x  = gy s ggw
+    d w  = sum over rows and positions of gy ggx s
+
+four to five passes over the feature map where torch's general formula (``batchnorm_double_backward``, written
+for training mode too) makes about twelve: in a ResNet-18 product (as above) the batch norms' second derivatives
+took ~200 ms of 2.2 s in the profiler, ~80 ms since.
+
 **Linear layers and matrix products.** Where :func:`unlearn_kernels.cpu_gemm` is "onednn" (a CPU with AVX-512,
 whose float32 GEMMs torch's MKL runs on its AVX2 path on AMD CPUs), float32 CPU ``F.linear`` runs as
 :func:`unlearn_kernels.ops.gemm` on the input's rows, and ``torch.matmul`` / ``@`` of two tensors of one batch
@@ -27,8 +40,9 @@ speed there; 2.2-2.3x on the small ViT's linear layers and 2.1-2.9x on its atten
 Forward and gradient then differ from torch's by float32 rounding; elsewhere (other dtypes and devices, other
 CPUs, within :func:`unlearn_kernels.aten_gemm`) both are torch's.
 
-What either leaves to torch: padding given as a string ("same", "valid"), an unbatched convolution or a 1-D
-input to a linear layer, a tensor subclass, a dtype that is not floating point, no gradient needed, and
+What these leave to torch: batch normalisation in training mode, without running statistics or with statistics
+of another dtype, padding given as a string ("same", "valid"), an unbatched convolution or a 1-D input to a
+linear layer, a tensor subclass, a dtype that is not floating point, no gradient needed, and
 calls under autocast, inside torch.func's transforms (``vmap``, ``grad``, ``jvp``), with forward-mode
 tangents or inside a ``torch.compile`` d function, which the replacements would change or cannot take.
 """
@@ -128,6 +142,64 @@ class _Conv(torch.autograd.Function):
         return gx, gw, gb, None
 
 
+def _channels(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-channel (C,) tensor shaped to broadcast over ``like``'s (N, C, ...) maps."""
+    return t.view(1, -1, *[1] * (like.dim() - 2))
+
+
+class _BatchNormGradients(torch.autograd.Function):
+    """(gx, gw, gb) of an eval-mode batch norm as a function of (gy, x, w), with the derivative in the module's
+    docstring."""
+
+    @staticmethod
+    def forward(ctx: Any, gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
+                var: torch.Tensor, eps: float, mask: tuple[bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
+        ctx.eps = eps
+        ctx.save_for_backward(gy, x, weight, mean, var)
+        ctx.set_materialize_grads(False)
+        return torch.ops.aten.native_batch_norm_backward(gy, x, weight, mean, var, None, None, False, eps, list(mask))
+
+    @staticmethod
+    def backward(ctx: Any, ggx: torch.Tensor | None, ggw: torch.Tensor | None,
+                 ggb: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        gy, x, weight, mean, var = ctx.saved_tensors
+        need_gy, need_x, need_w = ctx.needs_input_grad[:3]
+        invstd = (var + ctx.eps).rsqrt()
+        d_gy = d_x = d_w = None
+        if need_gy:
+            if ggw is not None:  # (x - m) s ggw + ggb: a batch norm of x by ggw and ggb, one pass
+                d_gy = torch.batch_norm(x, ggw, ggb, mean, var, False, 0.0, ctx.eps, torch.backends.cudnn.enabled)
+            elif ggb is not None:
+                d_gy = _channels(ggb, gy).expand_as(gy)
+            if ggx is not None:
+                scale = _channels(invstd if weight is None else weight * invstd, ggx)
+                d_gy = ggx * scale if d_gy is None else torch.addcmul(d_gy, ggx, scale)
+        if need_x and ggw is not None:
+            d_x = gy * _channels(ggw * invstd, gy)
+        if need_w and ggx is not None:
+            d_w = (gy * ggx).sum([d for d in range(gy.dim()) if d != 1]) * invstd
+        return d_gy, d_x, d_w, None, None, None, None
+
+
+class _BatchNormEval(torch.autograd.Function):
+    """Eval-mode ``batch_norm(x, m, v, w, b)`` whose backward is :class:`_BatchNormGradients` (twice
+    differentiable)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                mean: torch.Tensor, var: torch.Tensor, eps: float) -> torch.Tensor:
+        ctx.eps = eps
+        ctx.save_for_backward(x, weight, mean, var)
+        return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, mean, var = ctx.saved_tensors
+        mask = tuple(ctx.needs_input_grad[:3])
+        gx, gw, gb = _BatchNormGradients.apply(gy, x, weight, mean, var, ctx.eps, mask)
+        return gx, gw, gb, None, None, None
+
+
 def _as_tuple(value: int | tuple[int, ...] | list[int], dims: int) -> tuple[int, ...]:
     """A stride, padding or dilation as ``dims`` ints (one int, or a numpy one, stands for every dimension)."""
     if isinstance(value, (tuple, list, torch.Size)):
@@ -168,6 +240,24 @@ def _convolution(conv: Callable[..., torch.Tensor], args: tuple, kwargs: dict) -
     return _Conv.apply(x, weight, bias, setting)
 
 
+def _batch_norm(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """``F.batch_norm`` in eval mode as :class:`_BatchNormEval`, or None where torch's own runs."""
+    given = {**dict(zip(("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+                        args)), **kwargs}
+    x, mean, var = given["input"], given["running_mean"], given["running_var"]
+    weight, bias = given.get("weight"), given.get("bias")
+    if given.get("training", False) or mean is None or var is None or x.dim() < 2:
+        return None
+    channels = (x.shape[1],)
+    params = [t for t in (weight, bias) if t is not None]
+    # running statistics that need a gradient, or shapes and dtypes torch refuses with its own error
+    if (any(t.shape != channels for t in (mean, var, *params)) or mean.requires_grad or var.requires_grad
+            or any(t.dtype != x.dtype or t.device != x.device for t in (mean, var, *params))
+            or _torch_runs([x, *params, mean, var])):
+        return None
+    return _BatchNormEval.apply(x, weight, bias, mean, var, float(given.get("eps", 1e-5)))
+
+
 def _linear(args: tuple, kwargs: dict) -> torch.Tensor | None:
     """``F.linear`` as :func:`~unlearn_kernels.ops.gemm` on the input's rows, or None where torch's own runs."""
     given = {**dict(zip(("input", "weight", "bias"), args)), **kwargs}
@@ -197,15 +287,18 @@ def _matmul(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 
 class graph_ops(TorchFunctionMode):  # noqa: N801 (used as a context, like torch.no_grad)
-    """A context under which convolutions record a backward whose own backward runs as convolutions and one
-    convolution backward, and float32 CPU linear layers and matrix products run on the compiled passes' GEMM route
-    (see the module's docstring). Graphs built under it stay so after it ends."""
+    """A context under which convolutions and eval-mode batch norms record a backward whose own backward runs as
+    convolutions and one convolution backward (a batch norm's as a few passes over the maps), and float32 CPU linear
+    layers and matrix products run on the compiled passes' GEMM route (see the module's docstring). Graphs built
+    under it stay so after it ends."""
 
     def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         out = None
         if func in _CONVOLUTIONS:
             out = _convolution(func, args, kwargs)
+        elif func is F.batch_norm:
+            out = _batch_norm(args, kwargs)
         elif func is F.linear:
             out = _linear(args, kwargs)
         elif func is torch.matmul or func is torch.Tensor.matmul or func is torch.Tensor.__matmul__:
