@@ -91,6 +91,9 @@ TORCH_LIBRARY(unlearn_kernels, m) {
   // a (B, M, K), b (B, K, N) without bias, through csrc/gemm.h's route (oneDNN for float32 CPU GEMMs of enough
   // work where the CPU has AVX-512).
   m.def("gemm(Tensor a, Tensor b, Tensor? bias) -> Tensor");
+  // For softmax's backward over the last dim, gx = y (gy - sum(gy y)), and a cotangent ggx of gx: the derivatives
+  // (d gy, d y) of <ggx, gx>, one row at a time.
+  m.def("softmax_double_backward(Tensor gy, Tensor y, Tensor ggx) -> (Tensor, Tensor)");
   // Which GEMM the compiled passes' float32 CPU matmuls of enough work take here and now (csrc/gemm.h):
   // "onednn" or "aten". No tensor argument: one kernel for every dispatch key.
   m.def("cpu_gemm() -> str", [] { return std::string(unlearn_kernels::onednn_gemm_available() ? "onednn" : "aten"); });

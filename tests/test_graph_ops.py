@@ -1,7 +1,7 @@
 """curvature.graph_ops: convolutions whose second derivatives run as convolutions and one convolution backward,
-and eval-mode batch norms, held to torch's own double backward (float64) on every device; float32 CPU linear
-layers on the compiled passes' GEMM route (ops.gemm), held to float64 under the accuracy rule; and the generic
-Hessian operator that builds its gradient graphs under the mode."""
+eval-mode batch norms and softmaxes, held to torch's own double backward (float64) on every device; float32 CPU
+linear layers on the compiled passes' GEMM route (ops.gemm), held to float64 under the accuracy rule; and the
+generic Hessian operator that builds its gradient graphs under the mode."""
 from __future__ import annotations
 
 import contextlib
@@ -326,6 +326,53 @@ def test_batch_norm_torch_runs_where_it_does_not_apply(call):
         assert "_BatchNormEvalBackward" not in _node_names(ours) and torch.equal(ours, torchs)
 
 
+# ----------------------------------------------------------------------------- softmax over the last dim
+SOFTMAXES = [
+    lambda x: torch.softmax(x, -1),
+    lambda x: F.softmax(x, dim=-1),
+    lambda x: x.softmax(-1),
+    lambda x: x.softmax(dim=2),  # the last dim by its index
+]
+
+
+def _softmax_orders(call, device: torch.device, under_mode: bool):
+    """(output, gradient, H v, derivative of (H v)^2, output's grad_fn) of a loss of one softmax."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 4, 9, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    v, weights = (torch.randn(3, 4, 9, generator=gen, dtype=torch.float64).to(device) for _ in range(2))
+    with graph_ops() if under_mode else contextlib.nullcontext():
+        y = call(x)
+        g, = torch.autograd.grad((y.sin() * weights).sum(), x, create_graph=True)
+    hv, = torch.autograd.grad(g, x, v, create_graph=True)
+    third, = torch.autograd.grad(hv.square().sum(), x)
+    return y, g, hv, third, type(y.grad_fn).__name__
+
+
+@pytest.mark.parametrize("call", SOFTMAXES)
+def test_softmax_derivatives_match_torch(call, device):
+    """On the CPU the softmax's second derivatives run as ops.softmax_double_backward: torch's forward and gradient
+    bitwise, second and third derivatives to rounding; on a GPU torch's own softmax runs."""
+    ours, torchs = _softmax_orders(call, device, True), _softmax_orders(call, device, False)
+    assert ours[4] == ("_SoftmaxBackward" if device.type == "cpu" else "SoftmaxBackward0")
+    assert torchs[4] == "SoftmaxBackward0"
+    assert torch.equal(ours[0], torchs[0]) and torch.equal(ours[1], torchs[1])
+    for a, b in ((ours[2], torchs[2]), (ours[3], torchs[3])):
+        assert float((a - b).abs().max()) <= 1e-12 * float(b.abs().max())
+
+
+@pytest.mark.parametrize("call", [
+    lambda x: torch.softmax(x, 1),  # not the last dim
+    lambda x: torch.softmax(x, -1, dtype=torch.float64),  # a dtype to compute in
+    lambda x: torch.softmax(x.bfloat16(), -1),  # a dtype the C++ kernel does not take
+    lambda x: torch.softmax(x.detach(), -1),  # nothing needs a gradient
+])
+def test_softmax_torch_runs_where_it_does_not_apply(call):
+    x = torch.randn(3, 4, 5, requires_grad=True)
+    with graph_ops():
+        y = call(x)
+    assert "_SoftmaxBackward" not in _node_names(y) and torch.equal(y, call(x))
+
+
 # ----------------------------------------------------------------------------- linear layers
 _GEMM_NODE = "GeneratedBackwardFor_unlearn_kernels_gemm_defaultBackward"
 
@@ -457,8 +504,8 @@ def test_matrix_products_take_the_gemm_route_where_the_machine_has_it():
 
 
 def test_vit_products_under_the_accuracy_rule(monkeypatch):
-    """The small ViT's products (linear layers and attention's products on the GEMM route) against float64, no less
-    accurate than torch's own float32 graph."""
+    """The small ViT's products (linear layers and attention's products on the GEMM route, attention's softmax on
+    ops.softmax_double_backward) against float64, no less accurate than torch's own float32 graph."""
     from unlearn_kernels.models import SmallViT
 
     torch.manual_seed(0)
@@ -468,6 +515,7 @@ def test_vit_products_under_the_accuracy_rule(monkeypatch):
     v = torch.randn(op.shape[0])
     model64 = copy.deepcopy(model).double()
     exact = hessian_operator(model64, nn.CrossEntropyLoss(), (x.double(), y), path="generic").matvec(v.double())
+    assert "_SoftmaxGradientsBackward" in _node_names(*op._cache[0][0].grads)
     monkeypatch.setattr(generic, "graph_ops", contextlib.nullcontext)
     plain = hessian_operator(model, nn.CrossEntropyLoss(), (x, y), path="generic")
     assert_within_rule(op.matvec(v), plain.matvec(v), exact, ulps=16.0)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.autograd import forward_ad
 
 from . import _extension
 
@@ -173,6 +174,13 @@ def choose(op: str, device: torch.device | str, backend: str = "auto") -> str:
     if why is not None:
         raise BackendUnavailableError(f"{op}: backend {backend!r} cannot run these inputs: {why}")
     return backend
+
+
+def reverse_mode_only(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call must run an op's reference because a forward-mode tangent or one of torch.func's transforms
+    reaches it: a compiled op registered with a backward only would give it a zero tangent (or no vmap rule)."""
+    return torch._C._are_functorch_transforms_active() or any(
+        t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 # The choice depends only on what is installed and on the device, so torch.compile may treat it as a

@@ -1,6 +1,6 @@
 """The ops the generic Hessian builds its kept gradient graphs with: convolutions whose second derivatives run at
-the speed of a convolution's backward, eval-mode batch norms with second derivatives of a few passes, and linear
-layers on the compiled passes' GEMM route.
+the speed of a convolution's backward, eval-mode batch norms with second derivatives of a few passes, softmaxes
+whose second derivatives are one C++ pass, and linear layers on the compiled passes' GEMM route.
 
 **Convolutions.** PyTorch's double backward of a convolution (``_convolution_double_backward``) computes the
 term for the weight, ``wgrad(gy, ggx)``, as a convolution of the input with the output gradient, batch and
@@ -31,6 +31,12 @@ four to five passes over the feature map where torch's general formula (``batchn
 for training mode too) makes about twelve: in a ResNet-18 product (as above) the batch norms' second derivatives
 took ~200 ms of 2.2 s in the profiler, ~80 ms since.
 
+**Softmax over the last dim** of a float32 or float64 CPU tensor (attention's) runs as :class:`_Softmax`: torch's
+forward and backward kernels, the backward's derivative :func:`unlearn_kernels.ops.softmax_double_backward`, a C++
+kernel that computes both of its terms a row at a time, where torch's formula makes about ten passes over the
+whole map (in the small ViT's product, as below, the four attention maps' second derivatives took 22 ms of
+150 ms in the profiler; the product 1.12x faster with the op, interleaved).
+
 **Linear layers and matrix products.** Where :func:`unlearn_kernels.cpu_gemm` is "onednn" (a CPU with AVX-512,
 whose float32 GEMMs torch's MKL runs on its AVX2 path on AMD CPUs), float32 CPU ``F.linear`` runs as
 :func:`unlearn_kernels.ops.gemm` on the input's rows, and ``torch.matmul`` / ``@`` of two tensors of one batch
@@ -41,7 +47,8 @@ Forward and gradient then differ from torch's by float32 rounding; elsewhere (ot
 CPUs, within :func:`unlearn_kernels.aten_gemm`) both are torch's.
 
 What these leave to torch: batch normalisation in training mode, without running statistics or with statistics
-of another dtype, padding given as a string ("same", "valid"), an unbatched convolution or a 1-D input to a
+of another dtype, a softmax over another dim, with a dtype argument, of another dtype or on a GPU, padding given
+as a string ("same", "valid"), an unbatched convolution or a 1-D input to a
 linear layer, a tensor subclass, a dtype that is not floating point, no gradient needed, and
 calls under autocast, inside torch.func's transforms (``vmap``, ``grad``, ``jvp``), with forward-mode
 tangents or inside a ``torch.compile`` d function, which the replacements would change or cannot take.
@@ -59,7 +66,7 @@ from torch.autograd import forward_ad
 from torch.overrides import TorchFunctionMode
 
 from ..backends import cpu_gemm
-from ..ops import gemm
+from ..ops import gemm, softmax_double_backward
 
 _CONVOLUTIONS: dict[Callable[..., torch.Tensor], int] = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -200,6 +207,36 @@ class _BatchNormEval(torch.autograd.Function):
         return gx, gw, gb, None, None, None
 
 
+class _SoftmaxGradients(torch.autograd.Function):
+    """Softmax's backward over the last dim, ``gx = y (gy - sum(gy y))``, as a function of (gy, y), whose own
+    backward is :func:`~unlearn_kernels.ops.softmax_double_backward`."""
+
+    @staticmethod
+    def forward(ctx: Any, gy: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gy, y)
+        return torch._softmax_backward_data(gy, y, -1, y.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, ggx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gy, y = ctx.saved_tensors
+        return softmax_double_backward(gy, y, ggx)
+
+
+class _Softmax(torch.autograd.Function):
+    """``softmax(x)`` over the last dim whose backward is :class:`_SoftmaxGradients` (twice differentiable)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        y = torch._softmax(x, -1, False)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor) -> torch.Tensor:
+        y, = ctx.saved_tensors
+        return _SoftmaxGradients.apply(gy, y)
+
+
 def _as_tuple(value: int | tuple[int, ...] | list[int], dims: int) -> tuple[int, ...]:
     """A stride, padding or dilation as ``dims`` ints (one int, or a numpy one, stands for every dimension)."""
     if isinstance(value, (tuple, list, torch.Size)):
@@ -258,6 +295,18 @@ def _batch_norm(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return _BatchNormEval.apply(x, weight, bias, mean, var, float(given.get("eps", 1e-5)))
 
 
+def _softmax(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """``softmax`` over the last dim of a float32 or float64 CPU tensor as :class:`_Softmax`, or None where torch's
+    own runs."""
+    given = {**dict(zip(("input", "dim"), args)), **kwargs}
+    x, dim = given.get("input", given.get("self")), given.get("dim")
+    if (not isinstance(x, torch.Tensor) or not isinstance(dim, int) or given.get("dtype") is not None or x.dim() < 1
+            or dim not in (-1, x.dim() - 1) or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
+            or _torch_runs([x])):
+        return None
+    return _Softmax.apply(x)
+
+
 def _linear(args: tuple, kwargs: dict) -> torch.Tensor | None:
     """``F.linear`` as :func:`~unlearn_kernels.ops.gemm` on the input's rows, or None where torch's own runs."""
     given = {**dict(zip(("input", "weight", "bias"), args)), **kwargs}
@@ -287,10 +336,10 @@ def _matmul(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 
 class graph_ops(TorchFunctionMode):  # noqa: N801 (used as a context, like torch.no_grad)
-    """A context under which convolutions and eval-mode batch norms record a backward whose own backward runs as
-    convolutions and one convolution backward (a batch norm's as a few passes over the maps), and float32 CPU linear
-    layers and matrix products run on the compiled passes' GEMM route (see the module's docstring). Graphs built
-    under it stay so after it ends."""
+    """A context under which convolutions, eval-mode batch norms and softmaxes record a backward whose own backward
+    runs as convolutions and one convolution backward (a batch norm's as a few passes over the maps, a softmax's as
+    one C++ pass), and float32 CPU linear layers and matrix products run on the compiled passes' GEMM route (see the
+    module's docstring). Graphs built under it stay so after it ends."""
 
     def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -299,6 +348,8 @@ class graph_ops(TorchFunctionMode):  # noqa: N801 (used as a context, like torch
             out = _convolution(func, args, kwargs)
         elif func is F.batch_norm:
             out = _batch_norm(args, kwargs)
+        elif func is torch.softmax or func is F.softmax or func is torch.Tensor.softmax:
+            out = _softmax(args, kwargs)
         elif func is F.linear:
             out = _linear(args, kwargs)
         elif func is torch.matmul or func is torch.Tensor.matmul or func is torch.Tensor.__matmul__:

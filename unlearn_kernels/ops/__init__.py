@@ -18,6 +18,7 @@ from .mlp_hvp import (
     mlp_value_grad_flat_ref,
 )
 from .softmax_ce import softmax_ce_grad, softmax_ce_grad_ref, softmax_ce_hvp, softmax_ce_hvp_ref
+from .softmax_double_backward import softmax_double_backward, softmax_double_backward_ref
 from .weights_fingerprint import weights_fingerprint, weights_fingerprint_ref
 
 # Every op (also its dispatcher name) and the backends it is implemented in; what can run here is
@@ -28,6 +29,7 @@ OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "lanczos_step": ("cpp", "cuda", "triton", "reference"),
     "cubic_secular_solve": ("cpp", "reference"),
     "gemm": ("cpp", "reference"),
+    "softmax_double_backward": ("cpp", "reference"),
     "mlp_hvp": ("cpp", "cuda", "reference"),
     "mlp_hvp_flat": ("cpp", "cuda", "reference"),
     "mlp_hvp_state": ("cpp", "cuda", "reference"),
@@ -66,6 +68,8 @@ __all__ = [
     "softmax_ce_grad_ref",
     "softmax_ce_hvp",
     "softmax_ce_hvp_ref",
+    "softmax_double_backward",
+    "softmax_double_backward_ref",
     "weights_fingerprint",
     "weights_fingerprint_ref",
 ]

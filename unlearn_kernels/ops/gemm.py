@@ -17,10 +17,9 @@ torch.func's transforms (``jvp``, ``grad``, ``vmap``), for which the registered 
 from __future__ import annotations
 
 import torch
-from torch.autograd import forward_ad
 
 from .. import _extension
-from ..backends import choose
+from ..backends import choose, reverse_mode_only
 
 _OP = "gemm"
 
@@ -70,16 +69,9 @@ def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *, 
         BackendUnavailableError: a forced backend that cannot run here or on these tensors.
     """
     _check_inputs(a, b, bias)
-    if choose(_OP, a.device, backend) == "reference" or _needs_reference(a, b, bias):
+    if choose(_OP, a.device, backend) == "reference" or reverse_mode_only(a, b, bias):
         return gemm_ref(a, b, bias)
     return torch.ops.unlearn_kernels.gemm(a, b, bias)
-
-
-def _needs_reference(*tensors: torch.Tensor | None) -> bool:
-    """Whether a forward-mode tangent or one of torch.func's transforms reaches the call (the registered op has a
-    backward only: forward mode would give it a zero tangent)."""
-    return torch._C._are_functorch_transforms_active() or any(
-        t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _fake(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
