@@ -94,6 +94,11 @@ TORCH_LIBRARY(unlearn_kernels, m) {
   // For softmax's backward over the last dim, gx = y (gy - sum(gy y)), and a cotangent ggx of gx: the derivatives
   // (d gy, d y) of <ggx, gx>, one row at a time.
   m.def("softmax_double_backward(Tensor gy, Tensor y, Tensor ggx) -> (Tensor, Tensor)");
+  // For a layer norm over the last dim (gradients gx, gw, gb from gy, x, weight) and cotangents ggx, ggw, ggb of
+  // them: the derivatives (d gy, d x, d w) of <ggx, gx> + <ggw, gw> + <ggb, gb>, one row at a time.
+  m.def(
+      "layer_norm_double_backward(Tensor gy, Tensor x, Tensor weight, Tensor ggx, Tensor ggw, Tensor ggb, float eps) "
+      "-> (Tensor, Tensor, Tensor)");
   // Which GEMM the compiled passes' float32 CPU matmuls of enough work take here and now (csrc/gemm.h):
   // "onednn" or "aten". No tensor argument: one kernel for every dispatch key.
   m.def("cpu_gemm() -> str", [] { return std::string(unlearn_kernels::onednn_gemm_available() ? "onednn" : "aten"); });

@@ -1,7 +1,7 @@
 """curvature.graph_ops: convolutions whose second derivatives run as convolutions and one convolution backward,
-eval-mode batch norms and softmaxes, held to torch's own double backward (float64) on every device; float32 CPU
-linear layers on the compiled passes' GEMM route (ops.gemm), held to float64 under the accuracy rule; and the
-generic Hessian operator that builds its gradient graphs under the mode."""
+eval-mode batch norms, layer norms and softmaxes, held to torch's own double backward (float64) on every device;
+float32 CPU linear layers on the compiled passes' GEMM route (ops.gemm), held to float64 under the accuracy rule;
+and the generic Hessian operator that builds its gradient graphs under the mode."""
 from __future__ import annotations
 
 import contextlib
@@ -305,6 +305,7 @@ def test_batch_norm_gradgradcheck():
     lambda x, m, v, w: F.batch_norm(x, m.float(), v.float(), w, None, False),  # statistics of another dtype
     lambda x, m, v, w: F.batch_norm(x, m.requires_grad_(), v, w, None, False),  # statistics that need a gradient
     lambda x, m, v, w: F.batch_norm(x, m[:3], v[:3], w, None, False),  # statistics of the wrong size
+    lambda x, m, v, w: F.batch_norm(x[:0], m, v, w, None, False),  # no rows (torch's kernel divides by them)
 ])
 def test_batch_norm_torch_runs_where_it_does_not_apply(call):
     """Torch's own batch norm runs: its values, its graph, or its own error."""
@@ -324,6 +325,88 @@ def test_batch_norm_torch_runs_where_it_does_not_apply(call):
         assert ours == torchs
     else:
         assert "_BatchNormEvalBackward" not in _node_names(ours) and torch.equal(ours, torchs)
+
+
+# ----------------------------------------------------------------------------- layer norm over the last dim
+# (input's shape, weight, bias, input needs a gradient)
+LN_CASES = [((3, 5, 8), True, True, True), ((4, 8), False, False, True), ((4, 8), True, False, True),
+            ((2, 3, 8), True, True, False), ((6, 1), True, True, True), ((2, 70), True, True, True)]
+
+
+def _layer_norm_parts(case: tuple, device: torch.device):
+    gen = torch.Generator().manual_seed(8)
+    shape, with_weight, with_bias, x_grad = case
+    make = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(device)  # noqa: E731
+    n = shape[-1]
+    x = make(*shape).requires_grad_(x_grad)
+    w = make(n).requires_grad_() if with_weight else None
+    b = make(n).requires_grad_() if with_bias else None
+    return x, w, b, make(*shape)
+
+
+def _layer_norm_hvp(x, w, b, weights, under_mode: bool, create_graph: bool = False):
+    """(output, gradient, H v, output's grad_fn) of a loss of one layer norm, v seeded Gaussian."""
+    inputs = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    with graph_ops() if under_mode else contextlib.nullcontext():
+        y = F.layer_norm(x, (x.shape[-1],), w, b, 1e-3)
+        g = torch.autograd.grad((y.tanh() * weights).sum() + y.square().sum() * y.mean(), inputs, create_graph=True)
+    gen = torch.Generator().manual_seed(10)
+    vectors = [torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device) for t in inputs]
+    hv = torch.autograd.grad(g, inputs, vectors, create_graph=create_graph)
+    return y, g, hv, type(y.grad_fn).__name__
+
+
+@pytest.mark.parametrize("case", LN_CASES)
+def test_layer_norm_second_derivatives_match_torch(case, device):
+    """On the CPU the layer norm's second derivatives run as ops.layer_norm_double_backward: torch's forward and
+    gradient bitwise, second derivatives to rounding; on a GPU torch's own layer norm runs."""
+    x, w, b, weights = _layer_norm_parts(case, device)
+    ours, torchs = _layer_norm_hvp(x, w, b, weights, True), _layer_norm_hvp(x, w, b, weights, False)
+    assert ours[3] == ("_LayerNormBackward" if device.type == "cpu" else "NativeLayerNormBackward0")
+    assert torch.equal(ours[0], torchs[0]) and all(torch.equal(p, q) for p, q in zip(ours[1], torchs[1]))
+    for p, q in zip(ours[2], torchs[2]):
+        assert float((p - q).abs().max()) <= 1e-12 * float(q.abs().max())
+
+
+def test_layer_norm_third_derivatives_against_finite_differences():
+    """The double backward is differentiable again, in x through the row statistics too (gradcheck of H v as a
+    function of x and w). Torch's own third derivative of a layer norm takes its saved statistics as constants:
+    the same check fails for it."""
+    x, w, b, weights = _layer_norm_parts(((3, 6), True, True, True), torch.device("cpu"))
+
+    def hvp(x, w, under_mode=True):
+        return _layer_norm_hvp(x, w, b.detach(), weights, under_mode, create_graph=True)[2]
+
+    assert torch.autograd.gradcheck(hvp, (x, w))
+    assert not torch.autograd.gradcheck(lambda x, w: hvp(x, w, False), (x, w), raise_exception=False)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, w: F.layer_norm(x, x.shape[-2:], None, None),  # over two dims
+    lambda x, w: F.layer_norm(x.bfloat16(), (5,), w.bfloat16(), None),  # a dtype the C++ kernel does not take
+    lambda x, w: F.layer_norm(x.detach(), (5,), w.detach(), None),  # nothing needs a gradient
+    lambda x, w: F.layer_norm(x, (5,), w.double(), None),  # a weight of another dtype: torch's own error
+    lambda x, w: F.layer_norm(x, (4,), None, None),  # a shape that does not fit: torch's own error
+    lambda x, w: F.layer_norm(x[:0], (5,), w, None),  # no rows
+    lambda x, w: F.layer_norm(x, 5, w, None),  # a shape torch refuses: its own error
+    lambda x, w: F.layer_norm(x, torch.tensor([5]), w, None),
+])
+def test_layer_norm_torch_runs_where_it_does_not_apply(call):
+    def run(under_mode: bool) -> torch.Tensor | str:
+        gen = torch.Generator().manual_seed(9)
+        x = torch.randn(3, 4, 5, generator=gen, requires_grad=True)
+        w = torch.randn(5, generator=gen, requires_grad=True)
+        try:
+            with graph_ops() if under_mode else contextlib.nullcontext():
+                return call(x, w)
+        except (RuntimeError, TypeError, ValueError) as error:
+            return str(error)
+
+    ours, torchs = run(True), run(False)
+    if isinstance(torchs, str):
+        assert ours == torchs
+    else:
+        assert "_LayerNormBackward" not in _node_names(ours) and torch.equal(ours, torchs)
 
 
 # ----------------------------------------------------------------------------- softmax over the last dim
@@ -363,6 +446,9 @@ def test_softmax_derivatives_match_torch(call, device):
 @pytest.mark.parametrize("call", [
     lambda x: torch.softmax(x, 1),  # not the last dim
     lambda x: torch.softmax(x, -1, dtype=torch.float64),  # a dtype to compute in
+    lambda x: torch.softmax(x, -1, torch.float64),  # the same, positional
+    lambda x: x.softmax(-1, torch.float64),
+    lambda x: F.softmax(x, -1, 3, torch.float64),
     lambda x: torch.softmax(x.bfloat16(), -1),  # a dtype the C++ kernel does not take
     lambda x: torch.softmax(x.detach(), -1),  # nothing needs a gradient
 ])
@@ -504,8 +590,8 @@ def test_matrix_products_take_the_gemm_route_where_the_machine_has_it():
 
 
 def test_vit_products_under_the_accuracy_rule(monkeypatch):
-    """The small ViT's products (linear layers and attention's products on the GEMM route, attention's softmax on
-    ops.softmax_double_backward) against float64, no less accurate than torch's own float32 graph."""
+    """The small ViT's products (linear layers and attention's products on the GEMM route, attention's softmax and the
+    layer norms on their double-backward ops) against float64, no less accurate than torch's own float32 graph."""
     from unlearn_kernels.models import SmallViT
 
     torch.manual_seed(0)
@@ -515,7 +601,7 @@ def test_vit_products_under_the_accuracy_rule(monkeypatch):
     v = torch.randn(op.shape[0])
     model64 = copy.deepcopy(model).double()
     exact = hessian_operator(model64, nn.CrossEntropyLoss(), (x.double(), y), path="generic").matvec(v.double())
-    assert "_SoftmaxGradientsBackward" in _node_names(*op._cache[0][0].grads)
+    assert {"_SoftmaxGradientsBackward", "_LayerNormGradientsBackward"} <= _node_names(*op._cache[0][0].grads)
     monkeypatch.setattr(generic, "graph_ops", contextlib.nullcontext)
     plain = hessian_operator(model, nn.CrossEntropyLoss(), (x, y), path="generic")
     assert_within_rule(op.matvec(v), plain.matvec(v), exact, ulps=16.0)

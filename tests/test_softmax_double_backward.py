@@ -77,7 +77,12 @@ def test_derivatives(backend, device):
 
 
 def test_opcheck():
+    """Also on transposed and channels-last inputs: the fake kernel's outputs are contiguous, as the C++ kernel's."""
     gy, y, ggx = (t.float().requires_grad_() for t in _inputs((3, 4, 9), seed=2))
+    torch.library.opcheck(torch.ops.unlearn_kernels.softmax_double_backward.default, (gy, y, ggx))
+    gy, y, ggx = (t.float() for t in _inputs((7, 3), seed=3))
+    torch.library.opcheck(torch.ops.unlearn_kernels.softmax_double_backward.default, (gy.T, y.T, ggx.T))
+    gy, y, ggx = (t.float().contiguous(memory_format=torch.channels_last) for t in _inputs((2, 3, 4, 5), seed=4))
     torch.library.opcheck(torch.ops.unlearn_kernels.softmax_double_backward.default, (gy, y, ggx))
 
 

@@ -1,6 +1,7 @@
 """The ops the generic Hessian builds its kept gradient graphs with: convolutions whose second derivatives run at
-the speed of a convolution's backward, eval-mode batch norms with second derivatives of a few passes, softmaxes
-whose second derivatives are one C++ pass, and linear layers on the compiled passes' GEMM route.
+the speed of a convolution's backward, eval-mode batch norms with second derivatives of a few passes, layer norms
+and softmaxes whose second derivatives are one C++ pass each, and linear layers on the compiled passes' GEMM
+route.
 
 **Convolutions.** PyTorch's double backward of a convolution (``_convolution_double_backward``) computes the
 term for the weight, ``wgrad(gy, ggx)``, as a convolution of the input with the output gradient, batch and
@@ -37,6 +38,14 @@ kernel that computes both of its terms a row at a time, where torch's formula ma
 whole map (in the small ViT's product, as below, the four attention maps' second derivatives took 22 ms of
 150 ms in the profiler; the product 1.12x faster with the op, interleaved).
 
+**Layer norms over the last dim** of float32 or float64 CPU tensors run as :class:`_LayerNorm`: torch's forward and
+backward kernels, the backward's derivative :func:`unlearn_kernels.ops.layer_norm_double_backward`, a C++ kernel
+that computes all three of its terms a row at a time (torch's formula: dozens of passes over the tensor; in the
+small ViT's product its nine layer norms' second derivatives took 15 ms of 150 ms in the profiler, and the product
+ran 1.07x faster with the op, interleaved). Where a higher derivative is recorded the op's reference runs, whose
+row statistics are functions of x: the third derivative is then exact, where torch's own takes its saved
+statistics as constants (its third derivative of a layer norm w.r.t. the input is wrong; tested).
+
 **Linear layers and matrix products.** Where :func:`unlearn_kernels.cpu_gemm` is "onednn" (a CPU with AVX-512,
 whose float32 GEMMs torch's MKL runs on its AVX2 path on AMD CPUs), float32 CPU ``F.linear`` runs as
 :func:`unlearn_kernels.ops.gemm` on the input's rows, and ``torch.matmul`` / ``@`` of two tensors of one batch
@@ -47,11 +56,12 @@ Forward and gradient then differ from torch's by float32 rounding; elsewhere (ot
 CPUs, within :func:`unlearn_kernels.aten_gemm`) both are torch's.
 
 What these leave to torch: batch normalisation in training mode, without running statistics or with statistics
-of another dtype, a softmax over another dim, with a dtype argument, of another dtype or on a GPU, padding given
-as a string ("same", "valid"), an unbatched convolution or a 1-D input to a
-linear layer, a tensor subclass, a dtype that is not floating point, no gradient needed, and
-calls under autocast, inside torch.func's transforms (``vmap``, ``grad``, ``jvp``), with forward-mode
-tangents or inside a ``torch.compile`` d function, which the replacements would change or cannot take.
+of another dtype, a layer norm over more than the last dim, a softmax over another dim or with a dtype argument,
+a layer norm or softmax of another dtype or on a GPU, batch and layer norms of no rows, padding given as a string
+("same", "valid"), an unbatched convolution or a 1-D input to a linear layer, a tensor subclass, a dtype that is
+not floating point, no gradient needed, and calls under autocast, inside torch.func's transforms (``vmap``,
+``grad``, ``jvp``), with forward-mode tangents or inside a ``torch.compile`` d function, which the replacements
+would change or cannot take.
 """
 from __future__ import annotations
 
@@ -66,7 +76,7 @@ from torch.autograd import forward_ad
 from torch.overrides import TorchFunctionMode
 
 from ..backends import cpu_gemm
-from ..ops import gemm, softmax_double_backward
+from ..ops import gemm, layer_norm_double_backward, softmax_double_backward
 
 _CONVOLUTIONS: dict[Callable[..., torch.Tensor], int] = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -207,6 +217,53 @@ class _BatchNormEval(torch.autograd.Function):
         return gx, gw, gb, None, None, None
 
 
+class _LayerNormGradients(torch.autograd.Function):
+    """(gx, gw, gb) of a layer norm over the last dim as a function of (gy, x, w), whose own backward is
+    :func:`~unlearn_kernels.ops.layer_norm_double_backward`."""
+
+    @staticmethod
+    def forward(ctx: Any, gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                mean: torch.Tensor, rstd: torch.Tensor, eps: float,
+                mask: tuple[bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
+        ctx.eps = eps
+        ctx.save_for_backward(gy, x, weight)
+        ctx.set_materialize_grads(False)
+        return torch.ops.aten.native_layer_norm_backward(gy, x, [x.shape[-1]], mean, rstd, weight, bias, list(mask))
+
+    @staticmethod
+    def backward(ctx: Any, ggx: torch.Tensor | None, ggw: torch.Tensor | None,
+                 ggb: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        gy, x, weight = ctx.saved_tensors
+        need_gy, need_x, need_w = ctx.needs_input_grad[:3]
+        if ggx is None and ggw is None and ggb is None:
+            return (None,) * 8
+        row = x.new_zeros(x.shape[-1])  # an absent weight is ones, an absent cotangent zeros
+        d_gy, d_x, d_w = layer_norm_double_backward(
+            gy, x, row + 1 if weight is None else weight, torch.zeros_like(x) if ggx is None else ggx,
+            row if ggw is None else ggw, row if ggb is None else ggb, ctx.eps)
+        return (d_gy if need_gy else None, d_x if need_x else None, d_w if need_w else None, *(None,) * 5)
+
+
+class _LayerNorm(torch.autograd.Function):
+    """``layer_norm(x, (n,), w, b)`` over the last dim whose backward is :class:`_LayerNormGradients` (twice
+    differentiable)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                eps: float) -> torch.Tensor:
+        y, mean, rstd = torch.native_layer_norm(x, [x.shape[-1]], weight, bias, eps)
+        ctx.eps = eps
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        mask = tuple(ctx.needs_input_grad[:3])
+        gx, gw, gb = _LayerNormGradients.apply(gy, x, weight, bias, mean, rstd, ctx.eps, mask)
+        return gx, gw, gb, None
+
+
 class _SoftmaxGradients(torch.autograd.Function):
     """Softmax's backward over the last dim, ``gx = y (gy - sum(gy y))``, as a function of (gy, y), whose own
     backward is :func:`~unlearn_kernels.ops.softmax_double_backward`."""
@@ -283,7 +340,7 @@ def _batch_norm(args: tuple, kwargs: dict) -> torch.Tensor | None:
                         args)), **kwargs}
     x, mean, var = given["input"], given["running_mean"], given["running_var"]
     weight, bias = given.get("weight"), given.get("bias")
-    if given.get("training", False) or mean is None or var is None or x.dim() < 2:
+    if given.get("training", False) or mean is None or var is None or x.dim() < 2 or x.numel() == 0:
         return None
     channels = (x.shape[1],)
     params = [t for t in (weight, bias) if t is not None]
@@ -295,10 +352,30 @@ def _batch_norm(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return _BatchNormEval.apply(x, weight, bias, mean, var, float(given.get("eps", 1e-5)))
 
 
-def _softmax(args: tuple, kwargs: dict) -> torch.Tensor | None:
+def _layer_norm(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """``F.layer_norm`` over the last dim of a float32 or float64 CPU tensor as :class:`_LayerNorm`, or None where
+    torch's own runs."""
+    given = {**dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), args)), **kwargs}
+    x, shape = given["input"], given["normalized_shape"]
+    weight, bias, eps = given.get("weight"), given.get("bias"), given.get("eps", 1e-5)
+    params = [t for t in (weight, bias) if t is not None]
+    # a shape given otherwise than as a tuple, list or torch.Size of ints: torch's own error
+    if (not isinstance(shape, (tuple, list)) or not all(type(n) is int for n in shape)
+            or x.dim() < 1 or x.numel() == 0 or tuple(shape) != (x.shape[-1],) or x.device.type != "cpu"
+            or x.dtype not in (torch.float32, torch.float64) or isinstance(eps, bool)
+            or not isinstance(eps, (int, float)) or not eps >= 0
+            or any(t.shape != (x.shape[-1],) or t.dtype != x.dtype or t.device != x.device for t in params)
+            or _torch_runs([x, *params])):
+        return None
+    return _LayerNorm.apply(x, weight, bias, float(eps))
+
+
+def _softmax(func: Callable, args: tuple, kwargs: dict) -> torch.Tensor | None:
     """``softmax`` over the last dim of a float32 or float64 CPU tensor as :class:`_Softmax`, or None where torch's
     own runs."""
-    given = {**dict(zip(("input", "dim"), args)), **kwargs}
+    # the third positional argument is F.softmax's _stacklevel, torch.softmax's and Tensor.softmax's dtype
+    names = ("input", "dim", "_stacklevel", "dtype") if func is F.softmax else ("input", "dim", "dtype")
+    given = {**dict(zip(names, args)), **kwargs}
     x, dim = given.get("input", given.get("self")), given.get("dim")
     if (not isinstance(x, torch.Tensor) or not isinstance(dim, int) or given.get("dtype") is not None or x.dim() < 1
             or dim not in (-1, x.dim() - 1) or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
@@ -336,10 +413,10 @@ def _matmul(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 
 class graph_ops(TorchFunctionMode):  # noqa: N801 (used as a context, like torch.no_grad)
-    """A context under which convolutions, eval-mode batch norms and softmaxes record a backward whose own backward
-    runs as convolutions and one convolution backward (a batch norm's as a few passes over the maps, a softmax's as
-    one C++ pass), and float32 CPU linear layers and matrix products run on the compiled passes' GEMM route (see the
-    module's docstring). Graphs built under it stay so after it ends."""
+    """A context under which convolutions, eval-mode batch norms, layer norms and softmaxes record a backward whose
+    own backward runs as convolutions and one convolution backward (a batch norm's as a few passes over the maps, a
+    layer norm's and a softmax's as one C++ pass), and float32 CPU linear layers and matrix products run on the
+    compiled passes' GEMM route (see the module's docstring). Graphs built under it stay so after it ends."""
 
     def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -348,8 +425,10 @@ class graph_ops(TorchFunctionMode):  # noqa: N801 (used as a context, like torch
             out = _convolution(func, args, kwargs)
         elif func is F.batch_norm:
             out = _batch_norm(args, kwargs)
+        elif func is F.layer_norm:
+            out = _layer_norm(args, kwargs)
         elif func is torch.softmax or func is F.softmax or func is torch.Tensor.softmax:
-            out = _softmax(args, kwargs)
+            out = _softmax(func, args, kwargs)
         elif func is F.linear:
             out = _linear(args, kwargs)
         elif func is torch.matmul or func is torch.Tensor.matmul or func is torch.Tensor.__matmul__:

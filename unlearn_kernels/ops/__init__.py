@@ -4,6 +4,7 @@ from ..backends import register_ops
 from .cubic_secular import SolutionOverflow, cubic_secular_solve, cubic_secular_solve_ref
 from .gemm import gemm, gemm_ref
 from .lanczos_step import lanczos_step, lanczos_step_ref
+from .layer_norm_double_backward import layer_norm_double_backward, layer_norm_double_backward_ref
 from .lora_linear import lora_linear, lora_linear_jvp, lora_linear_jvp_ref, lora_linear_ref
 from .mlp_hvp import (
     mlp_hvp,
@@ -30,6 +31,7 @@ OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "cubic_secular_solve": ("cpp", "reference"),
     "gemm": ("cpp", "reference"),
     "softmax_double_backward": ("cpp", "reference"),
+    "layer_norm_double_backward": ("cpp", "reference"),
     "mlp_hvp": ("cpp", "cuda", "reference"),
     "mlp_hvp_flat": ("cpp", "cuda", "reference"),
     "mlp_hvp_state": ("cpp", "cuda", "reference"),
@@ -50,6 +52,8 @@ __all__ = [
     "gemm_ref",
     "lanczos_step",
     "lanczos_step_ref",
+    "layer_norm_double_backward",
+    "layer_norm_double_backward_ref",
     "lora_linear",
     "lora_linear_jvp",
     "lora_linear_jvp_ref",
