@@ -359,19 +359,22 @@ def plot_gradient_units(results: Path = RESULTS_DIR / "hvp_cpu.json",
     rows = [r for r in data["results"] if r["case"].endswith(" hvp")]
     models = list(dict.fromkeys(r["case"][: -len(" hvp")] for r in rows))
     names = list(dict.fromkeys(r["candidate"] for r in rows))
-    fig = new_figure(figsize=(10, 4.5))
+    from matplotlib import colormaps
+
+    fig = new_figure(figsize=(12, 4.5))
     ax = fig.subplots()
     width = 0.8 / len(names)
+    colours = colormaps["tab20"]  # one colour a candidate: the default cycle has 10 for the suite's 11
     for i, name in enumerate(names):
         units = [next((r["extra"].get("gradient_units") or 0.0 for r in rows
                        if r["candidate"] == name and r["case"] == f"{m} hvp"), 0.0) for m in models]
-        ax.bar([j + i * width for j in range(len(models))], units, width, label=name)
+        ax.bar([j + i * width for j in range(len(models))], units, width, label=name, color=colours(i % 20))
     labels = [textwrap.fill(m, 20) for m in models]  # six long case names side by side
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(models))], labels, fontsize=8)
     ax.set_ylabel("time of one HVP / time of one gradient")
     ax.set_title(f"Hessian-vector products at fixed weights ({data['environment']['cpu_threads']} CPU thread(s); "
                  "missing bar: not run or not applicable)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, covering none
     fig.tight_layout()
     save_figure(fig, out)
     return out

@@ -42,7 +42,7 @@ whole map (in the small ViT's product, as below, the four attention maps' second
 backward kernels, the backward's derivative :func:`unlearn_kernels.ops.layer_norm_double_backward`, a C++ kernel
 that computes all three of its terms a row at a time (torch's formula: dozens of passes over the tensor; in the
 small ViT's product its nine layer norms' second derivatives took 15 ms of 150 ms in the profiler, and the product
-ran 1.07x faster with the op, interleaved). Where a higher derivative is recorded the op's reference runs, whose
+ran 1.07-1.11x faster with the op, interleaved). Where a higher derivative is recorded the op's reference runs, whose
 row statistics are functions of x: the third derivative is then exact, where torch's own takes its saved
 statistics as constants (its third derivative of a layer norm w.r.t. the input is wrong; tested).
 
