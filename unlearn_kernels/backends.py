@@ -176,6 +176,20 @@ def choose(op: str, device: torch.device | str, backend: str = "auto") -> str:
     return backend
 
 
+def choose_for_dtype(op: str, device: torch.device | str, dtype: torch.dtype, backend: str,
+                     cpp_dtypes: tuple[torch.dtype, ...]) -> str:
+    """:func:`choose` for an op whose C++ kernel takes only ``cpp_dtypes``: for another ``dtype`` "auto" takes the
+    reference and a forced "cpp" is refused (BackendUnavailableError)."""
+    chosen = choose(op, device, backend)
+    if chosen == "cpp" and dtype not in cpp_dtypes:
+        if backend == "cpp":
+            names = " and ".join(str(t).removeprefix("torch.") for t in cpp_dtypes)
+            raise BackendUnavailableError(f"{op}: backend 'cpp' cannot run these inputs: the C++ kernel takes "
+                                          f"{names}, got {dtype}")
+        return "reference"
+    return chosen
+
+
 def reverse_mode_only(*tensors: torch.Tensor | None) -> bool:
     """Whether a call must run an op's reference because a forward-mode tangent or one of torch.func's transforms
     reaches it: a compiled op registered with a backward only would give it a zero tangent (or no vmap rule)."""

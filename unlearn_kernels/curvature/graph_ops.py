@@ -83,6 +83,11 @@ _ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "group
 _PLAIN = (torch.Tensor, nn.Parameter)
 
 
+def _channels(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-channel (C,) tensor shaped to broadcast over ``like``'s (N, C, ...) maps."""
+    return t.view(1, -1, *[1] * (like.dim() - 2))
+
+
 class _Setting(NamedTuple):
     """A convolution's arguments besides its tensors, as ``aten::convolution_backward`` takes them."""
 
@@ -130,7 +135,7 @@ class _ConvGradients(torch.autograd.Function):
                 terms.append(setting.conv(x, ggw, ggb, setting.stride, setting.padding, setting.dilation,
                                           setting.groups))
             elif ggb is not None:
-                terms.append(ggb.view(1, -1, *[1] * (gy.dim() - 2)).expand_as(gy))
+                terms.append(_channels(ggb, gy).expand_as(gy))
             d_gy = sum(terms[1:], terms[0]) if terms else None
         want_x, want_w = need_x and ggw is not None, need_w and ggx is not None
         d_x = d_w = None
@@ -157,11 +162,6 @@ class _Conv(torch.autograd.Function):
         mask = tuple(ctx.needs_input_grad[:3])
         gx, gw, gb = _ConvGradients.apply(gy, x, weight, ctx.setting, mask)
         return gx, gw, gb, None
-
-
-def _channels(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A per-channel (C,) tensor shaped to broadcast over ``like``'s (N, C, ...) maps."""
-    return t.view(1, -1, *[1] * (like.dim() - 2))
 
 
 class _BatchNormGradients(torch.autograd.Function):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .. import _extension
-from ..backends import BackendUnavailableError, choose, reverse_mode_only
+from ..backends import choose_for_dtype, reverse_mode_only
 
 _OP = "layer_norm_double_backward"
 
@@ -105,12 +105,7 @@ def layer_norm_double_backward(
     """
     _check_inputs(gy, x, weight, ggx, ggw, ggb, eps)
     tensors = (gy, x, weight, ggx, ggw, ggb)
-    chosen = choose(_OP, x.device, backend)
-    if chosen == "cpp" and x.dtype not in (torch.float32, torch.float64):
-        if backend == "cpp":
-            raise BackendUnavailableError(f"{_OP}: backend 'cpp' cannot run these inputs: the C++ kernel takes "
-                                          f"float32 and float64, got {x.dtype}")
-        chosen = "reference"
+    chosen = choose_for_dtype(_OP, x.device, x.dtype, backend, (torch.float32, torch.float64))
     recording = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if chosen == "reference" or recording or reverse_mode_only(*tensors):
         return layer_norm_double_backward_ref(*tensors, float(eps))

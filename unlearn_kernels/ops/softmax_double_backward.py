@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .. import _extension
-from ..backends import BackendUnavailableError, choose, reverse_mode_only
+from ..backends import choose_for_dtype, reverse_mode_only
 
 _OP = "softmax_double_backward"
 
@@ -67,12 +67,7 @@ def softmax_double_backward(gy: torch.Tensor, y: torch.Tensor, ggx: torch.Tensor
         BackendUnavailableError: a forced backend that cannot run here or on these tensors.
     """
     _check_inputs(gy, y, ggx)
-    chosen = choose(_OP, gy.device, backend)
-    if chosen == "cpp" and gy.dtype not in (torch.float32, torch.float64):
-        if backend == "cpp":
-            raise BackendUnavailableError(f"{_OP}: backend 'cpp' cannot run these inputs: the C++ kernel takes "
-                                          f"float32 and float64, got {gy.dtype}")
-        chosen = "reference"
+    chosen = choose_for_dtype(_OP, gy.device, gy.dtype, backend, (torch.float32, torch.float64))
     if chosen == "reference" or reverse_mode_only(gy, y, ggx):
         return softmax_double_backward_ref(gy, y, ggx)
     return torch.ops.unlearn_kernels.softmax_double_backward(gy, y, ggx)
