@@ -76,10 +76,12 @@ def test_second_derivatives_match_torch(case, device):
     ours = _second_order(case, device, True, torch.Generator().manual_seed(0))
     torchs = _second_order(case, device, False, torch.Generator().manual_seed(0))
     assert ours[3] == "_ConvBackward" and torchs[3] == "ConvolutionBackward0"
-    # forward and gradient: the same kernels as torch's, bitwise
-    assert torch.equal(ours[0], torchs[0])
-    assert all(torch.equal(a, b) for a, b in zip(ours[1], torchs[1]))
-    for a, b in zip(ours[2], torchs[2]):
+    # forward and gradient: the same kernels as torch's, bitwise on the CPU (cuDNN may pick an algorithm of another
+    # summation order from one call to the next: there to rounding)
+    if device.type == "cpu":
+        assert torch.equal(ours[0], torchs[0])
+        assert all(torch.equal(a, b) for a, b in zip(ours[1], torchs[1]))
+    for a, b in [(ours[0], torchs[0]), *zip(ours[1], torchs[1]), *zip(ours[2], torchs[2])]:
         assert float((a - b).abs().max()) <= 1e-12 * float(b.abs().max())
 
 
@@ -161,7 +163,8 @@ def test_generic_operator_runs_convolutions_under_it(device, monkeypatch):
     monkeypatch.setattr(generic, "graph_ops", contextlib.nullcontext)  # torch's convolutions
     plain = hessian_operator(model, nn.CrossEntropyLoss(), (x, y), path="generic")
     assert "ConvolutionBackward0" in _node_names(*plain._cache[0][0].grads)
-    assert op.cached_bytes == plain.cached_bytes  # the same activations, gradients and weights kept
+    if device.type == "cpu":  # on a GPU torch's batch norm may be cuDNN's, which keeps other tensors
+        assert op.cached_bytes == plain.cached_bytes  # the same activations, gradients and weights kept
 
 
 def test_numpy_integer_settings():
@@ -292,12 +295,15 @@ def _batch_norm_orders(case: tuple, device: torch.device, under_mode: bool):
 
 @pytest.mark.parametrize("case", BN_CASES)
 def test_batch_norm_derivatives_match_torch(case, device):
+    """Forward: torch's kernel, bitwise. Gradient: torch's native backward kernel, bitwise where torch's own batch
+    norm takes it (the CPU; on a GPU torch may take cuDNN's: then to rounding). Second and third derivatives to
+    rounding."""
     ours, torchs = _batch_norm_orders(case, device, True), _batch_norm_orders(case, device, False)
-    assert ours[4] == "_BatchNormEvalBackward" and torchs[4] == "NativeBatchNormBackward0"
-    # forward and gradient: torch's kernels, bitwise; second and third derivatives to rounding
+    assert ours[4] == "_BatchNormEvalBackward" and torchs[4] in ("NativeBatchNormBackward0", "CudnnBatchNormBackward0")
     assert torch.equal(ours[0], torchs[0])
-    assert all(torch.equal(a, b) for a, b in zip(ours[1], torchs[1]))
-    for a, b in [*zip(ours[2], torchs[2]), *zip(ours[3], torchs[3])]:
+    if torchs[4] == "NativeBatchNormBackward0":
+        assert all(torch.equal(a, b) for a, b in zip(ours[1], torchs[1]))
+    for a, b in [*zip(ours[1], torchs[1]), *zip(ours[2], torchs[2]), *zip(ours[3], torchs[3])]:
         assert float((a - b).abs().max()) <= 1e-12 * float(b.abs().max())
 
 

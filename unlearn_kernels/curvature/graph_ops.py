@@ -21,8 +21,9 @@ product then takes 2.3-2.5 s). The second derivatives differ from torch's by rou
 them is differentiable, so higher derivatives are too.
 
 **Batch normalisation in eval mode** (running statistics, no update: ``y = (x - m) s w + b`` with
-``s = 1 / sqrt(v + eps)`` per channel) runs as :class:`_BatchNormEval`: torch's forward and backward kernels (the
-gradient is bitwise torch's), whose backward's derivative for the cotangents ``ggx``, ``ggw``, ``ggb`` is
+``s = 1 / sqrt(v + eps)`` per channel) runs as :class:`_BatchNormEval`: torch's forward, and its native backward
+kernel (the gradient bitwise torch's where torch's own takes that kernel, as on the CPU; where it takes cuDNN's,
+equal to rounding), whose backward's derivative for the cotangents ``ggx``, ``ggw``, ``ggb`` is
 
     d gy = ggx s w + (x - m) s ggw + ggb     # the second and third terms one batch_norm of x
     d x  = gy s ggw
