@@ -46,7 +46,8 @@ TESTS=(tests/test_lanczos_step.py tests/test_cubic_secular.py tests/test_softmax
        tests/test_softmax_ce_triton.py tests/test_mlp_hvp.py tests/test_mlp_value_grad.py tests/test_lora_linear.py
        tests/test_curvature.py tests/test_fused_conv.py tests/test_lanczos.py tests/test_cubic.py
        tests/test_distributed.py tests/test_weights_fingerprint.py tests/test_checks.py tests/test_graph_ops.py
-       tests/test_softmax_double_backward.py tests/test_layer_norm_double_backward.py)
+       tests/test_softmax_double_backward.py tests/test_layer_norm_double_backward.py
+       tests/test_gelu_double_backward.py)
 
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 

@@ -99,6 +99,9 @@ TORCH_LIBRARY(unlearn_kernels, m) {
   m.def(
       "layer_norm_double_backward(Tensor gy, Tensor x, Tensor weight, Tensor ggx, Tensor ggw, Tensor ggb, float eps) "
       "-> (Tensor, Tensor, Tensor)");
+  // For GELU's backward gx = gy f'(x) (approximate "none" or "tanh") and a cotangent ggx of gx: the derivatives
+  // (d gy, d x) = (ggx f'(x), ggx gy f''(x)) of <ggx, gx>, in one pass.
+  m.def("gelu_double_backward(Tensor gy, Tensor x, Tensor ggx, str approximate) -> (Tensor, Tensor)");
   // Which GEMM the compiled passes' float32 CPU matmuls of enough work take here and now (csrc/gemm.h):
   // "onednn" or "aten". No tensor argument: one kernel for every dispatch key.
   m.def("cpu_gemm() -> str", [] { return std::string(unlearn_kernels::onednn_gemm_available() ? "onednn" : "aten"); });

@@ -1,7 +1,7 @@
 """curvature.graph_ops: convolutions whose second derivatives run as convolutions and one convolution backward,
-eval-mode batch norms, layer norms and softmaxes, held to torch's own double backward (float64) on every device;
-float32 CPU linear layers on the compiled passes' GEMM route (ops.gemm), held to float64 under the accuracy rule;
-and the generic Hessian operator that builds its gradient graphs under the mode."""
+eval-mode batch norms, layer norms, softmaxes and GELUs, held to torch's own double backward (float64) on every
+device; float32 CPU linear layers on the compiled passes' GEMM route (ops.gemm), held to float64 under the accuracy
+rule; and the generic Hessian operator that builds its gradient graphs under the mode."""
 from __future__ import annotations
 
 import contextlib
@@ -416,6 +416,49 @@ def test_layer_norm_torch_runs_where_it_does_not_apply(call):
     _assert_left_to_torch(fresh_call, "_LayerNormBackward")
 
 
+# ----------------------------------------------------------------------------- GELU
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_derivatives_match_torch(approximate, device):
+    """On the CPU GELU's second derivatives run as ops.gelu_double_backward: torch's forward and gradient bitwise,
+    second and third derivatives to rounding; on a GPU torch's own GELU runs."""
+    def orders(under_mode: bool):
+        gen = torch.Generator().manual_seed(11)
+        x = (3 * torch.randn(5, 7, generator=gen, dtype=torch.float64)).to(device).requires_grad_()
+        weights, v = (torch.randn(5, 7, generator=gen, dtype=torch.float64).to(device) for _ in range(2))
+        with graph_ops() if under_mode else contextlib.nullcontext():
+            y = F.gelu(x, approximate=approximate)
+            g, = torch.autograd.grad((y.sin() * weights).sum(), x, create_graph=True)
+        hv, = torch.autograd.grad(g, x, v, create_graph=True)
+        third, = torch.autograd.grad(hv.square().sum(), x)
+        return y, g, hv, third, type(y.grad_fn).__name__
+
+    ours, torchs = orders(True), orders(False)
+    assert ours[4] == ("_GeluBackward" if device.type == "cpu" else "GeluBackward0")
+    assert torch.equal(ours[0], torchs[0]) and torch.equal(ours[1], torchs[1])
+    for a, b in ((ours[2], torchs[2]), (ours[3], torchs[3])):
+        assert float((a - b).abs().max()) <= 1e-12 * float(b.abs().max())
+
+
+@pytest.mark.parametrize("call", [
+    lambda x: F.gelu(x.bfloat16()),  # a dtype the C++ kernel does not take
+    lambda x: F.gelu(x.detach()),  # nothing needs a gradient
+    lambda x: F.gelu(x, approximate="erf"),  # an approximation torch refuses: its own error
+])
+def test_gelu_torch_runs_where_it_does_not_apply(call):
+    def fresh_call() -> torch.Tensor:
+        return call(torch.randn(3, 4, generator=torch.Generator().manual_seed(12), requires_grad=True))
+
+    _assert_left_to_torch(fresh_call, "_GeluBackward")
+
+
+def test_gelu_module_is_taken():
+    x = torch.randn(3, 4, requires_grad=True)
+    for module in (nn.GELU(), nn.GELU(approximate="tanh")):
+        with graph_ops():
+            y = module(x)
+        assert type(y.grad_fn).__name__ == "_GeluBackward" and torch.equal(y, module(x))
+
+
 # ----------------------------------------------------------------------------- softmax over the last dim
 SOFTMAXES = [
     lambda x: torch.softmax(x, -1),
@@ -608,7 +651,8 @@ def test_vit_products_under_the_accuracy_rule(monkeypatch):
     v = torch.randn(op.shape[0])
     model64 = copy.deepcopy(model).double()
     exact = hessian_operator(model64, nn.CrossEntropyLoss(), (x.double(), y), path="generic").matvec(v.double())
-    assert {"_SoftmaxGradientsBackward", "_LayerNormGradientsBackward"} <= _node_names(*op._cache[0][0].grads)
+    assert {"_SoftmaxGradientsBackward", "_LayerNormGradientsBackward", "_GeluGradientsBackward"} <= _node_names(
+        *op._cache[0][0].grads)
     monkeypatch.setattr(generic, "graph_ops", contextlib.nullcontext)
     plain = hessian_operator(model, nn.CrossEntropyLoss(), (x, y), path="generic")
     assert_within_rule(op.matvec(v), plain.matvec(v), exact, ulps=16.0)

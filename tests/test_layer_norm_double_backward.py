@@ -166,6 +166,7 @@ def _bad(change: dict) -> list:
     ({"eps": -1.0}, ValueError, "eps must be a number >= 0"),
     ({"eps": True}, ValueError, "eps must be a number >= 0"),
     ({"x": [[0.5] * 4] * 3}, TypeError, "x must be a tensor"),
+    ({"x": torch.randn(3, 4).to_sparse()}, ValueError, "x must be a dense"),
 ])
 def test_refuses_bad_input(backend, change, error, match):
     with pytest.raises(error, match=match):
@@ -187,3 +188,10 @@ def test_cpp_op_checks_its_own_input(change, match):
     """Callers of the registered op itself get the same checks from the C++ kernel."""
     with pytest.raises(ValueError, match=match):
         torch.ops.unlearn_kernels.layer_norm_double_backward(*_bad(change))
+
+
+def test_fake_kernel_checks_its_input():
+    """Tracing (fake or meta tensors) refuses what the kernel refuses: tensors on two devices."""
+    cpu, meta, row = torch.randn(2, 3), torch.empty(2, 3, device="meta"), torch.randn(3)
+    with pytest.raises(ValueError, match="must be on one device"):
+        torch.ops.unlearn_kernels.layer_norm_double_backward(cpu, meta, row, cpu, row, row, EPS)

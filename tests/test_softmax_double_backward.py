@@ -128,6 +128,7 @@ def test_auto_on_every_device(device):
     ((torch.randn(3, 4), torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4)), ValueError, "one floating dtype"),
     ((torch.ones(3, 4, dtype=torch.long),) * 3, ValueError, "one floating dtype"),
     ((torch.randn(3, 4), [[0.25] * 4] * 3, torch.randn(3, 4)), TypeError, "y must be a tensor"),
+    ((torch.randn(3, 4).to_sparse(),) * 3, ValueError, "gy must be a dense"),
 ])
 def test_refuses_bad_input(backend, args, error, match):
     with pytest.raises(error, match=match):
@@ -148,3 +149,10 @@ def test_cpp_op_checks_its_own_input(args, match):
     """Callers of the registered op itself get the same checks from the C++ kernel."""
     with pytest.raises(ValueError, match=match):
         torch.ops.unlearn_kernels.softmax_double_backward(*args)
+
+
+def test_fake_kernel_checks_its_input():
+    """Tracing (fake or meta tensors) refuses what the kernel refuses: tensors on two devices."""
+    cpu, meta = torch.randn(2, 3), torch.empty(2, 3, device="meta")
+    with pytest.raises(ValueError, match="must be on one device"):
+        torch.ops.unlearn_kernels.softmax_double_backward(cpu, meta, cpu)

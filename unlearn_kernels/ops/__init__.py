@@ -2,6 +2,7 @@
 pure-PyTorch reference ``<op>_ref`` beside it. ``unlearn_kernels.backends()`` says what runs here."""
 from ..backends import register_ops
 from .cubic_secular import SolutionOverflow, cubic_secular_solve, cubic_secular_solve_ref
+from .gelu_double_backward import gelu_double_backward, gelu_double_backward_ref
 from .gemm import gemm, gemm_ref
 from .lanczos_step import lanczos_step, lanczos_step_ref
 from .layer_norm_double_backward import layer_norm_double_backward, layer_norm_double_backward_ref
@@ -32,6 +33,7 @@ OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "gemm": ("cpp", "reference"),
     "softmax_double_backward": ("cpp", "reference"),
     "layer_norm_double_backward": ("cpp", "reference"),
+    "gelu_double_backward": ("cpp", "reference"),
     "mlp_hvp": ("cpp", "cuda", "reference"),
     "mlp_hvp_flat": ("cpp", "cuda", "reference"),
     "mlp_hvp_state": ("cpp", "cuda", "reference"),
@@ -48,6 +50,8 @@ __all__ = [
     "SolutionOverflow",
     "cubic_secular_solve",
     "cubic_secular_solve_ref",
+    "gelu_double_backward",
+    "gelu_double_backward_ref",
     "gemm",
     "gemm_ref",
     "lanczos_step",

@@ -60,6 +60,8 @@ def _check_inputs(gy, x, weight, ggx, ggw, ggb, eps) -> None:
     for name, t in zip(names, (gy, x, weight, ggx, ggw, ggb)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{_OP}: {name} must be a tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise ValueError(f"{_OP}: {name} must be a dense (strided) tensor, got layout {t.layout}")
     if x.dim() < 1 or not (gy.shape == x.shape == ggx.shape):
         raise ValueError(f"{_OP}: gy, x and ggx must have one shape of at least one dim, got {tuple(gy.shape)}, "
                          f"{tuple(x.shape)} and {tuple(ggx.shape)}")
@@ -113,6 +115,7 @@ def layer_norm_double_backward(
 
 
 def _fake(gy, x, weight, ggx, ggw, ggb, eps):
+    _check_inputs(gy, x, weight, ggx, ggw, ggb, eps)  # as the kernel checks them, for tracing (torch.compile)
     return x.new_empty(x.shape), x.new_empty(x.shape), weight.new_empty(weight.shape)  # contiguous, as the kernel's
 
 

@@ -37,6 +37,8 @@ def _check_inputs(gy: torch.Tensor, y: torch.Tensor, ggx: torch.Tensor) -> None:
     for name, t in (("gy", gy), ("y", y), ("ggx", ggx)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{_OP}: {name} must be a tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise ValueError(f"{_OP}: {name} must be a dense (strided) tensor, got layout {t.layout}")
     if gy.dim() < 1 or not (gy.shape == y.shape == ggx.shape):
         raise ValueError(f"{_OP}: gy, y and ggx must have one shape of at least one dim, got {tuple(gy.shape)}, "
                          f"{tuple(y.shape)} and {tuple(ggx.shape)}")
@@ -74,6 +76,7 @@ def softmax_double_backward(gy: torch.Tensor, y: torch.Tensor, ggx: torch.Tensor
 
 
 def _fake(gy: torch.Tensor, y: torch.Tensor, ggx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_inputs(gy, y, ggx)  # as the kernel checks them, for tracing (torch.compile)
     return gy.new_empty(gy.shape), gy.new_empty(gy.shape)  # contiguous, as the kernel's
 
 
