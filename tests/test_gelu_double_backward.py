@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 from devices import backend_devices
+from forward_mode import assert_forward_mode_runs_the_reference
 from tolerance import assert_within_rule
-from torch.autograd import forward_ad
 
 from unlearn_kernels import ops
 from unlearn_kernels.backends import BackendUnavailableError
@@ -118,19 +118,9 @@ def test_opcheck():
 def test_forward_mode_and_torch_func(backend):
     """Forward-mode tangents and torch.func's transforms get the op's derivatives (the reference runs), not a zero
     tangent."""
-    args, tangents = _inputs((3, 7), seed=3), _inputs((3, 7), seed=4)
-
-    def fn(*args):
-        return ops.gelu_double_backward(*args, backend=backend)
-
-    expected = torch.func.jvp(ops.gelu_double_backward_ref, args, tangents)[1]
-    assert all(float(e.abs().max()) > 0 for e in expected)
-    for got, want in zip(torch.func.jvp(fn, args, tangents)[1], expected):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    with forward_ad.dual_level():
-        outs = fn(*(forward_ad.make_dual(p, t) for p, t in zip(args, tangents)))
-        for out, want in zip(outs, expected):
-            torch.testing.assert_close(forward_ad.unpack_dual(out).tangent, want, rtol=1e-12, atol=1e-12)
+    assert_forward_mode_runs_the_reference(
+        lambda *a: ops.gelu_double_backward(*a, backend=backend), ops.gelu_double_backward_ref,
+        _inputs((3, 7), seed=3), _inputs((3, 7), seed=4), atol=1e-12)
 
 
 def test_auto_on_every_device(device):

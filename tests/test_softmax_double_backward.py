@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from devices import backend_devices
+from forward_mode import assert_forward_mode_runs_the_reference
 from tolerance import assert_within_rule
-from torch.autograd import forward_ad
 
 from unlearn_kernels import ops
 from unlearn_kernels.backends import BackendUnavailableError
@@ -90,21 +90,9 @@ def test_opcheck():
 def test_forward_mode_and_torch_func(backend):
     """Forward-mode tangents and torch.func's transforms get the op's derivatives (the registered op has a backward
     only: they run the reference), not a zero tangent."""
-    gy, y, ggx = _inputs((3, 7), seed=3)
-    tangents = _inputs((3, 7), seed=4)
-
-    def fn(gy, y, ggx):
-        return ops.softmax_double_backward(gy, y, ggx, backend=backend)
-
-    expected = torch.func.jvp(ops.softmax_double_backward_ref, (gy, y, ggx), tangents)[1]
-    got = torch.func.jvp(fn, (gy, y, ggx), tangents)[1]
-    assert all(float(e.abs().max()) > 0 for e in expected)
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
-    with forward_ad.dual_level():
-        outs = fn(*(forward_ad.make_dual(p, t) for p, t in zip((gy, y, ggx), tangents)))
-        for out, b in zip(outs, expected):
-            torch.testing.assert_close(forward_ad.unpack_dual(out).tangent, b, rtol=1e-12, atol=1e-14)
+    assert_forward_mode_runs_the_reference(
+        lambda *a: ops.softmax_double_backward(*a, backend=backend), ops.softmax_double_backward_ref,
+        _inputs((3, 7), seed=3), _inputs((3, 7), seed=4), atol=1e-14)
 
 
 def test_auto_on_every_device(device):

@@ -351,6 +351,12 @@ def _torch_runs(tensors: list[torch.Tensor]) -> bool:
             or any(forward_ad.unpack_dual(t).tangent is not None for t in tensors))
 
 
+def _cpu_kernel_takes(x: torch.Tensor) -> bool:
+    """Whether the double-backward ops' C++ kernels take ``x``: float32 or float64 on the CPU (elsewhere the
+    replacements would run their references, no faster than torch's own)."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+
+
 def _on_gemm_route(tensors: list[torch.Tensor]) -> bool:
     """Whether a linear layer's or matrix product's tensors go to :func:`~unlearn_kernels.ops.gemm`: float32 CPU
     tensors of a call not left to torch, where the GEMM route is oneDNN's."""
@@ -398,9 +404,8 @@ def _layer_norm(args: tuple, kwargs: dict) -> torch.Tensor | None:
     params = [t for t in (weight, bias) if t is not None]
     # a shape given otherwise than as a tuple, list or torch.Size of ints: torch's own error
     if (not isinstance(shape, (tuple, list)) or not all(type(n) is int for n in shape)
-            or x.dim() < 1 or x.numel() == 0 or tuple(shape) != (x.shape[-1],) or x.device.type != "cpu"
-            or x.dtype not in (torch.float32, torch.float64) or isinstance(eps, bool)
-            or not isinstance(eps, (int, float)) or not eps >= 0
+            or x.dim() < 1 or x.numel() == 0 or tuple(shape) != (x.shape[-1],) or not _cpu_kernel_takes(x)
+            or isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0
             or any(t.shape != (x.shape[-1],) or t.dtype != x.dtype or t.device != x.device for t in params)
             or _torch_runs([x, *params])):
         return None
@@ -411,8 +416,8 @@ def _gelu(args: tuple, kwargs: dict) -> torch.Tensor | None:
     """``F.gelu`` of a float32 or float64 CPU tensor as :class:`_Gelu`, or None where torch's own runs."""
     given = {**dict(zip(("input", "approximate"), args)), **kwargs}
     x, approximate = given["input"], given.get("approximate", "none")
-    if (not isinstance(x, torch.Tensor) or approximate not in ("none", "tanh") or x.device.type != "cpu"
-            or x.dtype not in (torch.float32, torch.float64) or _torch_runs([x])):
+    if (not isinstance(x, torch.Tensor) or approximate not in ("none", "tanh") or not _cpu_kernel_takes(x)
+            or _torch_runs([x])):
         return None
     return _Gelu.apply(x, approximate)
 
@@ -425,8 +430,7 @@ def _softmax(func: Callable, args: tuple, kwargs: dict) -> torch.Tensor | None:
     given = {**dict(zip(names, args)), **kwargs}
     x, dim = given.get("input", given.get("self")), given.get("dim")
     if (not isinstance(x, torch.Tensor) or not isinstance(dim, int) or given.get("dtype") is not None or x.dim() < 1
-            or dim not in (-1, x.dim() - 1) or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
-            or _torch_runs([x])):
+            or dim not in (-1, x.dim() - 1) or not _cpu_kernel_takes(x) or _torch_runs([x])):
         return None
     return _Softmax.apply(x)
 
