@@ -18,8 +18,11 @@ from unlearn_kernels.checks import (
     as_float,
     check_not_meta,
     check_number,
+    check_one_floating_dtype_and_device,
+    check_one_shape,
     check_option_names,
     check_tensor,
+    check_tensors,
     norm64,
     normalisation_buffers,
     scaled_norm,
@@ -117,6 +120,31 @@ def test_every_op_refuses_a_sparse_argument_on_every_backend(op, backend, device
     "unsupported memory format"), or none: the reference of lanczos_step took a sparse basis."""
     with pytest.raises(TypeError, match=r"must be a dense tensor, got layout torch\.sparse_coo"):
         _sparse_calls(device)[op](backend)
+
+
+def test_the_tensor_group_checks_name_every_tensor_and_what_it_has():
+    """One message for the ops whose arguments must be dense tensors of one shape, dtype and device."""
+    a, b, c = torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 4)
+    check_tensors("op", [("a", a), ("b", b)])
+    with pytest.raises(TypeError, match=r"^op: b must be a torch\.Tensor, got list$"):
+        check_tensors("op", [("a", a), ("b", [1.0])])
+    with pytest.raises(TypeError, match=r"^op: a must be a dense tensor, got layout torch\.sparse_coo"):
+        check_tensors("op", [("a", a.to_sparse())])
+    check_one_shape("op", [("a", a), ("b", b)], nonscalar=True)
+    with pytest.raises(ValueError, match=r"^op: a, b and c must have one shape, got a \(2, 3\), b \(2, 3\) "
+                                         r"and c \(2, 4\)$"):
+        check_one_shape("op", [("a", a), ("b", b), ("c", c)])
+    with pytest.raises(ValueError, match=r"^op: a and b must have one shape of at least one dim, got a \(\) "
+                                         r"and b \(\)$"):
+        check_one_shape("op", [("a", torch.zeros(())), ("b", torch.zeros(()))], nonscalar=True)
+    check_one_floating_dtype_and_device("op", [("a", a), ("c", c)])
+    with pytest.raises(ValueError, match=r"^op: a and b must have one floating dtype, got a torch\.float32 and "
+                                         r"b torch\.float64$"):
+        check_one_floating_dtype_and_device("op", [("a", a), ("b", b.double())])
+    with pytest.raises(ValueError, match=r"^op: a must have one floating dtype, got a torch\.int64$"):
+        check_one_floating_dtype_and_device("op", [("a", a.long())])
+    with pytest.raises(ValueError, match=r"^op: a and b must be on one device, got a on cpu and b on meta$"):
+        check_one_floating_dtype_and_device("op", [("a", a), ("b", b.to("meta"))])
 
 
 def test_check_option_names_names_the_accepted_options():

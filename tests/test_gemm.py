@@ -313,8 +313,8 @@ def test_gemm_opcheck():
     ((torch.randn(3, 4), torch.randn(4, 2, dtype=torch.float64)), ValueError, "one floating dtype"),
     ((torch.ones(3, 4, dtype=torch.long), torch.ones(4, 2, dtype=torch.long)), ValueError, "one floating dtype"),
     ((torch.randn(3, 4), torch.randn(4, 2), torch.randn(3)), ValueError, r"bias must be a \(2,\) tensor"),
-    ((torch.randn(3, 4), [[1.0, 2.0]] * 4), TypeError, "b must be a tensor"),
-    ((None, torch.randn(4, 2)), TypeError, "a must be a tensor"),
+    ((torch.randn(3, 4), [[1.0, 2.0]] * 4), TypeError, "b must be a torch.Tensor"),
+    ((None, torch.randn(4, 2)), TypeError, "a must be a torch.Tensor"),
 ])
 def test_gemm_refuses_bad_input(backend, args, error, match):
     with pytest.raises(error, match=match):

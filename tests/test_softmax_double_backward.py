@@ -115,8 +115,8 @@ def test_auto_on_every_device(device):
     ((torch.randn(()), torch.randn(()), torch.randn(())), ValueError, "at least one dim"),
     ((torch.randn(3, 4), torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4)), ValueError, "one floating dtype"),
     ((torch.ones(3, 4, dtype=torch.long),) * 3, ValueError, "one floating dtype"),
-    ((torch.randn(3, 4), [[0.25] * 4] * 3, torch.randn(3, 4)), TypeError, "y must be a tensor"),
-    ((torch.randn(3, 4).to_sparse(),) * 3, ValueError, "gy must be a dense"),
+    ((torch.randn(3, 4), [[0.25] * 4] * 3, torch.randn(3, 4)), TypeError, "y must be a torch.Tensor"),
+    ((torch.randn(3, 4).to_sparse(),) * 3, TypeError, "gy must be a dense"),
 ])
 def test_refuses_bad_input(backend, args, error, match):
     with pytest.raises(error, match=match):

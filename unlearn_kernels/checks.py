@@ -84,6 +84,37 @@ def check_tensor(name: str, value: Any) -> torch.Tensor:
     return value
 
 
+def check_tensors(owner: str, named: Iterable[tuple[str, Any]]) -> None:
+    """:func:`check_tensor` on each ``(name, value)``, naming it ``"<owner>: <name>"``."""
+    for name, value in named:
+        check_tensor(f"{owner}: {name}", value)
+
+
+def _listing(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def check_one_shape(owner: str, named: list[tuple[str, torch.Tensor]], nonscalar: bool = False) -> None:
+    """ValueError naming every tensor and its shape unless all have one shape (``nonscalar``: of at least one dim)."""
+    shapes = [t.shape for _, t in named]
+    if (nonscalar and not shapes[0]) or any(shape != shapes[0] for shape in shapes):
+        raise ValueError(f"{owner}: {_listing([name for name, _ in named])} must have one shape"
+                         f"{' of at least one dim' if nonscalar else ''}, got "
+                         + _listing([f"{name} {tuple(t.shape)}" for name, t in named]))
+
+
+def check_one_floating_dtype_and_device(owner: str, named: list[tuple[str, torch.Tensor]]) -> None:
+    """ValueError naming every tensor and its dtype (device) unless all have one floating dtype (one device)."""
+    names = _listing([name for name, _ in named])
+    first = named[0][1]
+    if not first.is_floating_point() or any(t.dtype != first.dtype for _, t in named):
+        raise ValueError(f"{owner}: {names} must have one floating dtype, got "
+                         + _listing([f"{name} {t.dtype}" for name, t in named]))
+    if any(t.device != first.device for _, t in named):
+        raise ValueError(f"{owner}: {names} must be on one device, got "
+                         + _listing([f"{name} on {t.device}" for name, t in named]))
+
+
 def check_has_values(name: str, value: torch.Tensor) -> torch.Tensor:
     """``value`` unless it lives on the meta device (shapes without values), which a computation that reads
     values cannot take: ValueError naming ``name`` (not torch's "Tensor.item() cannot be called on meta

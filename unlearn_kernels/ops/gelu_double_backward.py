@@ -25,6 +25,7 @@ import torch
 
 from .. import _extension
 from ..backends import choose_for_dtype, reverse_mode_only
+from ..checks import check_one_floating_dtype_and_device, check_one_shape, check_tensors
 
 _OP = "gelu_double_backward"
 _APPROXIMATIONS = ("none", "tanh")
@@ -57,19 +58,10 @@ def gelu_double_backward_ref(gy: torch.Tensor, x: torch.Tensor, ggx: torch.Tenso
 
 
 def _check_inputs(gy: torch.Tensor, x: torch.Tensor, ggx: torch.Tensor, approximate: str) -> None:
-    for name, t in (("gy", gy), ("x", x), ("ggx", ggx)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{_OP}: {name} must be a tensor, got {type(t).__name__}")
-        if t.layout != torch.strided:
-            raise ValueError(f"{_OP}: {name} must be a dense (strided) tensor, got layout {t.layout}")
-    if not (gy.shape == x.shape == ggx.shape):
-        raise ValueError(f"{_OP}: gy, x and ggx must have one shape, got {tuple(gy.shape)}, {tuple(x.shape)} and "
-                         f"{tuple(ggx.shape)}")
-    if not x.is_floating_point() or not (gy.dtype == x.dtype == ggx.dtype):
-        raise ValueError(f"{_OP}: gy, x and ggx must have one floating dtype, got {gy.dtype}, {x.dtype} and "
-                         f"{ggx.dtype}")
-    if not (gy.device == x.device == ggx.device):
-        raise ValueError(f"{_OP}: gy, x and ggx must be on one device, got {gy.device}, {x.device} and {ggx.device}")
+    named = [("gy", gy), ("x", x), ("ggx", ggx)]
+    check_tensors(_OP, named)
+    check_one_shape(_OP, named)
+    check_one_floating_dtype_and_device(_OP, named)
     if approximate not in _APPROXIMATIONS:
         raise ValueError(f"{_OP}: approximate must be 'none' or 'tanh', got {approximate!r}")
 

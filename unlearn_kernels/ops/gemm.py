@@ -20,6 +20,7 @@ import torch
 
 from .. import _extension
 from ..backends import choose, reverse_mode_only
+from ..checks import check_one_floating_dtype_and_device, check_tensors
 
 _OP = "gemm"
 
@@ -32,18 +33,13 @@ def gemm_ref(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None)
 
 
 def _check_inputs(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> None:
-    for name, t in (("a", a), ("b", b), ("bias", bias)):
-        if not isinstance(t, torch.Tensor) and not (name == "bias" and t is None):
-            raise TypeError(f"{_OP}: {name} must be a tensor, got {type(t).__name__}")
+    check_tensors(_OP, [("a", a), ("b", b)] + ([("bias", bias)] if bias is not None else []))
     if a.dim() != b.dim() or not (a.dim() == 2 or (a.dim() == 3 and a.shape[0] == b.shape[0])):
         raise ValueError(f"{_OP}: a and b must be 2-D, or 3-D with one batch size, got shapes {tuple(a.shape)} and "
                          f"{tuple(b.shape)}")
     if a.shape[-1] != b.shape[-2]:
         raise ValueError(f"{_OP}: a's columns must match b's rows, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
-    if not a.is_floating_point() or a.dtype != b.dtype:
-        raise ValueError(f"{_OP}: a and b must have one floating dtype, got {a.dtype} and {b.dtype}")
-    if a.device != b.device:
-        raise ValueError(f"{_OP}: a and b must be on one device, got {a.device} and {b.device}")
+    check_one_floating_dtype_and_device(_OP, [("a", a), ("b", b)])
     if bias is not None and a.dim() == 3:
         raise ValueError(f"{_OP}: a bias needs 2-D a and b, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
     if bias is not None and (bias.shape != (b.shape[1],) or bias.dtype != a.dtype or bias.device != a.device):

@@ -26,6 +26,7 @@ import torch
 
 from .. import _extension
 from ..backends import choose_for_dtype, reverse_mode_only
+from ..checks import check_one_floating_dtype_and_device, check_one_shape, check_tensors
 
 _OP = "layer_norm_double_backward"
 
@@ -56,26 +57,14 @@ def layer_norm_double_backward_ref(
 
 
 def _check_inputs(gy, x, weight, ggx, ggw, ggb, eps) -> None:
-    names = ("gy", "x", "weight", "ggx", "ggw", "ggb")
-    for name, t in zip(names, (gy, x, weight, ggx, ggw, ggb)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{_OP}: {name} must be a tensor, got {type(t).__name__}")
-        if t.layout != torch.strided:
-            raise ValueError(f"{_OP}: {name} must be a dense (strided) tensor, got layout {t.layout}")
-    if x.dim() < 1 or not (gy.shape == x.shape == ggx.shape):
-        raise ValueError(f"{_OP}: gy, x and ggx must have one shape of at least one dim, got {tuple(gy.shape)}, "
-                         f"{tuple(x.shape)} and {tuple(ggx.shape)}")
+    named = [("gy", gy), ("x", x), ("weight", weight), ("ggx", ggx), ("ggw", ggw), ("ggb", ggb)]
+    check_tensors(_OP, named)
+    check_one_shape(_OP, [("gy", gy), ("x", x), ("ggx", ggx)], nonscalar=True)
     n = x.shape[-1]
     if not (weight.shape == ggw.shape == ggb.shape == (n,)):
         raise ValueError(f"{_OP}: weight, ggw and ggb must be ({n},) tensors (x's last dim), got shapes "
                          f"{tuple(weight.shape)}, {tuple(ggw.shape)} and {tuple(ggb.shape)}")
-    tensors = (gy, x, weight, ggx, ggw, ggb)
-    if not x.is_floating_point() or any(t.dtype != x.dtype for t in tensors):
-        raise ValueError(f"{_OP}: every tensor must have one floating dtype, got "
-                         + ", ".join(f"{name} {t.dtype}" for name, t in zip(names, tensors)))
-    if any(t.device != x.device for t in tensors):
-        raise ValueError(f"{_OP}: every tensor must be on one device, got "
-                         + ", ".join(f"{name} on {t.device}" for name, t in zip(names, tensors)))
+    check_one_floating_dtype_and_device(_OP, named)
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
         raise ValueError(f"{_OP}: eps must be a number >= 0, got {eps!r}")
 

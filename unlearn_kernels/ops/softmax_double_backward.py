@@ -21,6 +21,7 @@ import torch
 
 from .. import _extension
 from ..backends import choose_for_dtype, reverse_mode_only
+from ..checks import check_one_floating_dtype_and_device, check_one_shape, check_tensors
 
 _OP = "softmax_double_backward"
 
@@ -34,19 +35,10 @@ def softmax_double_backward_ref(gy: torch.Tensor, y: torch.Tensor,
 
 
 def _check_inputs(gy: torch.Tensor, y: torch.Tensor, ggx: torch.Tensor) -> None:
-    for name, t in (("gy", gy), ("y", y), ("ggx", ggx)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{_OP}: {name} must be a tensor, got {type(t).__name__}")
-        if t.layout != torch.strided:
-            raise ValueError(f"{_OP}: {name} must be a dense (strided) tensor, got layout {t.layout}")
-    if gy.dim() < 1 or not (gy.shape == y.shape == ggx.shape):
-        raise ValueError(f"{_OP}: gy, y and ggx must have one shape of at least one dim, got {tuple(gy.shape)}, "
-                         f"{tuple(y.shape)} and {tuple(ggx.shape)}")
-    if not gy.is_floating_point() or not (gy.dtype == y.dtype == ggx.dtype):
-        raise ValueError(f"{_OP}: gy, y and ggx must have one floating dtype, got {gy.dtype}, {y.dtype} and "
-                         f"{ggx.dtype}")
-    if not (gy.device == y.device == ggx.device):
-        raise ValueError(f"{_OP}: gy, y and ggx must be on one device, got {gy.device}, {y.device} and {ggx.device}")
+    named = [("gy", gy), ("y", y), ("ggx", ggx)]
+    check_tensors(_OP, named)
+    check_one_shape(_OP, named, nonscalar=True)
+    check_one_floating_dtype_and_device(_OP, named)
 
 
 def softmax_double_backward(gy: torch.Tensor, y: torch.Tensor, ggx: torch.Tensor, *,
