@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 
+#include <atomic>
+
 #if defined(__x86_64__)
 namespace at::native {
 // torch's oneDNN GEMM, result = beta * result + alpha * mat1 mat2, declared in a header torch does not
@@ -31,6 +33,21 @@ bool onednn_present() {
 #endif
 }
 
+// Whether this CPU's vendor makes oneDNN the faster route (see gemm.h): any x86 vendor but Intel.
+bool onednn_preferred() {
+#if defined(__x86_64__)
+  static const bool preferred = [] {
+    __builtin_cpu_init();
+    return !__builtin_cpu_is("intel");
+  }();
+  return preferred;
+#else
+  return false;
+#endif
+}
+
+std::atomic<bool> onednn_forced{false};
+
 bool takes_onednn(const at::Tensor& a, const at::Tensor& b) {
   if (!(a.is_cpu() && b.is_cpu() && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
         a.dim() == b.dim() && (a.dim() == 2 || a.dim() == 3))) {
@@ -42,7 +59,11 @@ bool takes_onednn(const at::Tensor& a, const at::Tensor& b) {
 
 }  // namespace
 
-bool onednn_gemm_available() { return onednn_present() && at::globalContext().userEnabledMkldnn(); }
+bool onednn_gemm_available() {
+  return onednn_present() && at::globalContext().userEnabledMkldnn() && (onednn_preferred() || onednn_forced.load());
+}
+
+void set_onednn_gemm_forced(bool forced) { onednn_forced.store(forced); }
 
 void gemm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta, double alpha) {
 #if defined(__x86_64__)

@@ -1,11 +1,13 @@
-// The GEMMs of the compiled passes: out = beta * out + alpha * a b for 2-D tensors on any device. On an x86
-// CPU with AVX-512, a float32 GEMM of at least kOneDnnMinWork multiply-adds runs through torch's own
-// oneDNN matmul (at::native::mkldnn_matmul, inside libtorch), elsewhere through ATen's GEMM (MKL or
-// OpenBLAS on CPU, cuBLAS on GPU). Why: torch's MKL takes its AVX2 path on AMD CPUs, where oneDNN
-// runs AVX-512 at full width (2.0-2.3x MKL's speed on the AMD EPYC of docs/benchmarks.md, float32,
-// one thread); on Intel CPUs both run AVX-512. torch.backends.mkldnn.enabled = False (the Python
-// unlearn_kernels.aten_gemm()) turns the route off (ATen's GEMM for every call), as it does torch's own
-// oneDNN paths.
+// The GEMMs of the compiled passes: out = beta * out + alpha * a b for 2-D tensors on any device. On a non-Intel
+// x86 CPU with AVX-512 (AMD's), a float32 GEMM of at least kOneDnnMinWork multiply-adds runs through torch's own
+// oneDNN matmul (at::native::mkldnn_matmul, inside libtorch), elsewhere through ATen's GEMM (MKL or OpenBLAS on
+// CPU, cuBLAS on GPU). Why: torch's MKL takes its AVX2 path on AMD CPUs, where oneDNN runs AVX-512 at full width
+// (2.0-2.3x MKL's speed on the AMD EPYC of docs/benchmarks.md, float32, one thread); on Intel CPUs MKL runs
+// AVX-512 too and was the faster of the two on every shape of our passes (oneDNN 0.46-1.02x MKL's speed on the
+// Intel Xeon of docs/benchmarks.md), so there the route stays ATen's. torch.backends.mkldnn.enabled = False (the
+// Python unlearn_kernels.aten_gemm()) turns the route off (ATen's GEMM for every call), as it does torch's own
+// oneDNN paths; set_onednn_gemm_forced(true) (the Python unlearn_kernels.onednn_gemm()) takes it on an Intel CPU
+// with AVX-512 too, to test or time it.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -30,7 +32,12 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b);
 at::Tensor gemm_bias(const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b);
 
 // Whether gemm_into takes the oneDNN route for float32 CPU GEMMs of enough work here and now (this torch
-// exports the function and has oneDNN, the CPU has AVX-512 BW/VL/DQ, oneDNN is not turned off).
+// exports the function and has oneDNN, the CPU has AVX-512 BW/VL/DQ, oneDNN is not turned off, and the CPU is not
+// Intel's or the route is forced).
 bool onednn_gemm_available();
+
+// Take the oneDNN route where the CPU can run it even if it is Intel's (true), or as the CPU's vendor decides
+// (false: the default). Process-wide; the Python onednn_gemm() counts nested and concurrent uses.
+void set_onednn_gemm_forced(bool forced);
 
 }  // namespace unlearn_kernels

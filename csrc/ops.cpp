@@ -89,7 +89,7 @@ TORCH_LIBRARY(unlearn_kernels, m) {
       "Tensor? tangent_a, Tensor? tangent_b) -> (Tensor, Tensor)");
   // a b + bias (bias (N,) added to every row, or none) for 2-D a (M, K), b (K, N) of one floating dtype, or a batch
   // a (B, M, K), b (B, K, N) without bias, through csrc/gemm.h's route (oneDNN for float32 CPU GEMMs of enough
-  // work where the CPU has AVX-512).
+  // work on a non-Intel CPU with AVX-512).
   m.def("gemm(Tensor a, Tensor b, Tensor? bias) -> Tensor");
   // For softmax's backward over the last dim, gx = y (gy - sum(gy y)), and a cotangent ggx of gx: the derivatives
   // (d gy, d y) of <ggx, gx>, one row at a time.
@@ -105,4 +105,7 @@ TORCH_LIBRARY(unlearn_kernels, m) {
   // Which GEMM the compiled passes' float32 CPU matmuls of enough work take here and now (csrc/gemm.h):
   // "onednn" or "aten". No tensor argument: one kernel for every dispatch key.
   m.def("cpu_gemm() -> str", [] { return std::string(unlearn_kernels::onednn_gemm_available() ? "onednn" : "aten"); });
+  // Take the oneDNN route on an Intel CPU with AVX-512 too (true) or as the CPU's vendor decides (false).
+  m.def("set_onednn_gemm_forced(bool forced) -> ()",
+        [](bool forced) { unlearn_kernels::set_onednn_gemm_forced(forced); });
 }

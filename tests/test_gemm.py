@@ -1,6 +1,7 @@
-"""The compiled passes' GEMM route (csrc/gemm.h): on an x86 CPU with AVX-512, float32 CPU matmuls of enough work
-run through torch's own oneDNN matmul, elsewhere (other dtypes, small GEMMs, ``torch.backends.mkldnn`` turned
-off) through ATen's GEMM. Both routes are held to the float64 reference under the accuracy rule, for every
+"""The compiled passes' GEMM route (csrc/gemm.h): on a non-Intel x86 CPU with AVX-512 (and within
+``onednn_gemm()`` on an Intel one), float32 CPU matmuls of enough work run through torch's own oneDNN matmul,
+elsewhere (Intel CPUs, other dtypes, small GEMMs, ``torch.backends.mkldnn`` turned off) through ATen's GEMM.
+Both routes are held to the float64 reference under the accuracy rule, for every
 compiled pass that takes them (the MLP passes, the LoRA layer's forward, backward and JVP), on problems where
 their GEMMs are above the route's threshold (the cached product's rows in several blocks, each block's products
 added to the first's: the accumulating GEMMs; the LoRA layer with its adapter merged and apart, with a bias)."""
@@ -16,16 +17,17 @@ import torch
 from tolerance import assert_within_rule
 from torch.autograd import forward_ad
 
-from unlearn_kernels import _extension, aten_gemm, cpu_gemm, ops
+from unlearn_kernels import _extension, aten_gemm, cpu_gemm, onednn_gemm, ops
 from unlearn_kernels.backends import BackendUnavailableError
 from unlearn_kernels.ops import lora_linear, lora_linear_jvp, lora_linear_jvp_ref, lora_linear_ref
 
-ROUTES = ("default", "aten")
+ROUTES = ("default", "onednn", "aten")
 
 
 def route(name: str) -> contextlib.AbstractContextManager:
-    """The GEMM route of the compiled passes: as this machine picks it, or ATen's."""
-    return contextlib.nullcontext() if name == "default" else aten_gemm()
+    """The GEMM route of the compiled passes: as this machine picks it, oneDNN's where the CPU can run it, or
+    ATen's."""
+    return {"default": contextlib.nullcontext, "onednn": onednn_gemm, "aten": aten_gemm}[name]()
 
 
 def _problem(dtype: torch.dtype, n: int = 2100, k: int = 3, seed: int = 0) -> dict:
@@ -125,23 +127,41 @@ def test_aten_gemm_sets_the_flag_back_after_the_last_of_overlapping_runs():
     assert torch.backends.mkldnn.enabled
 
 
-def _machine_has_the_route() -> bool:
+def _cpuinfo(key: str) -> str:
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].strip() for line in f if line.startswith(key)), "")
+
+
+def _machine_can_take_the_route() -> bool:
     """What csrc/gemm.cpp requires of the machine, read independently of it: x86-64 with AVX-512 BW, VL and DQ (the
     CPU's flags) and a torch built with oneDNN."""
     if platform.machine() not in ("x86_64", "AMD64") or not torch.backends.mkldnn.is_available():
         return False
-    with open("/proc/cpuinfo") as f:
-        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    return {"avx512bw", "avx512vl", "avx512dq"} <= set(flags)
+    return {"avx512bw", "avx512vl", "avx512dq"} <= set(_cpuinfo("flags").split())
+
+
+def _machine_takes_the_route() -> bool:
+    """Whether the route is this machine's default: it can take it and its CPU is not Intel's."""
+    return _machine_can_take_the_route() and _cpuinfo("vendor_id") != "GenuineIntel"
 
 
 def test_cpu_gemm_names_the_route(monkeypatch):
-    assert cpu_gemm() == ("onednn" if _machine_has_the_route() else "aten")
+    assert cpu_gemm() == ("onednn" if _machine_takes_the_route() else "aten")
+    with route("onednn"):
+        assert cpu_gemm() == ("onednn" if _machine_can_take_the_route() else "aten")
+        with route("aten"):  # wins
+            assert cpu_gemm() == "aten"
+        with route("onednn"):  # nested: the outer run keeps it
+            pass
+        assert cpu_gemm() == ("onednn" if _machine_can_take_the_route() else "aten")
     with route("aten"):
         assert cpu_gemm() == "aten"
     assert torch.backends.mkldnn.enabled  # set back
+    assert cpu_gemm() == ("onednn" if _machine_takes_the_route() else "aten")
     monkeypatch.setattr(_extension, "extension_loaded", lambda: False)
     assert cpu_gemm() == "unavailable"
+    with route("onednn"):  # does nothing without the extension
+        assert cpu_gemm() == "unavailable"
 
 
 @pytest.mark.parametrize("name", ROUTES)
@@ -169,28 +189,35 @@ def test_each_pass_takes_the_route_the_machine_has_and_differs_from_atens_in_rou
     lora_args = (torch.randn(1024, 512), torch.randn(256, 512), torch.randn(256), torch.randn(4, 512),
                  torch.randn(256, 4), 0.5)
     calls = {**_pass_calls(p32), "lora_linear": lambda: lora_linear(*lora_args)}
-    # where the machine has the route, each pass runs oneDNN's matmul (oneDNN logs every one it executes); where it
-    # has not (no AVX-512 BW/VL/DQ, no oneDNN in torch), none does; within aten_gemm(), none does anywhere
-    has_route = _machine_has_the_route()
+    # where the machine takes the route, each pass runs oneDNN's matmul (oneDNN logs every one it executes); where it
+    # does not (an Intel CPU, no AVX-512 BW/VL/DQ, no oneDNN in torch), none does; within onednn_gemm(), each does
+    # wherever the CPU can; within aten_gemm(), none does anywhere
     for name, call in calls.items():
-        assert (_onednn_matmuls(capfd, call) > 0) == has_route, name
+        assert (_onednn_matmuls(capfd, call) > 0) == _machine_takes_the_route(), name
+        with route("onednn"):
+            assert (_onednn_matmuls(capfd, call) > 0) == _machine_can_take_the_route(), name
         with route("aten"):
             assert _onednn_matmuls(capfd, call) == 0, name
     default = _passes(p32)
+    with route("onednn"):
+        onednn = _passes(p32)
     with route("aten"):
         aten = _passes(p32)
     for op in default:
         scale = aten[op].abs().max()
         assert (default[op] - aten[op]).abs().max() <= 1e-5 * scale, op
+        assert (onednn[op] - aten[op]).abs().max() <= 1e-5 * scale, op
 
 
 def test_float64_passes_take_atens_gemm_on_every_route():
     p64 = _problem(torch.float64, n=700)
     default = _passes(p64)
+    with route("onednn"):
+        onednn = _passes(p64)
     with route("aten"):
         aten = _passes(p64)
     for op in default:
-        assert torch.equal(default[op], aten[op]), op
+        assert torch.equal(default[op], aten[op]) and torch.equal(onednn[op], aten[op]), op
 
 
 @pytest.mark.parametrize("name", ROUTES)
@@ -279,7 +306,9 @@ def test_gemm_meets_the_accuracy_rule(name, backend, shape, transposed, with_bia
 
 def test_gemm_takes_the_route_the_machine_has(capfd):
     a, b = torch.randn(1536, 128), torch.randn(128, 64)
-    assert (_onednn_matmuls(capfd, lambda: ops.gemm(a, b)) > 0) == _machine_has_the_route()
+    assert (_onednn_matmuls(capfd, lambda: ops.gemm(a, b)) > 0) == _machine_takes_the_route()
+    with route("onednn"):
+        assert (_onednn_matmuls(capfd, lambda: ops.gemm(a, b)) > 0) == _machine_can_take_the_route()
     with route("aten"):
         assert _onednn_matmuls(capfd, lambda: ops.gemm(a, b)) == 0
     assert _onednn_matmuls(capfd, lambda: ops.gemm(a[:6, :5], b[:5, :4])) == 0  # below the threshold
@@ -381,7 +410,8 @@ def test_batched_gemm_meets_the_accuracy_rule(name, backend, capfd):
         out = ops.gemm(a, b, backend=backend)
         matmuls = _onednn_matmuls(capfd, lambda: ops.gemm(a, b, backend=backend))
     assert_within_rule(out, ops.gemm_ref(a, b), ops.gemm_ref(a64, b64))
-    assert (matmuls > 0) == (name == "default" and backend == "cpp" and _machine_has_the_route())
+    takes = {"default": _machine_takes_the_route(), "onednn": _machine_can_take_the_route(), "aten": False}[name]
+    assert (matmuls > 0) == (backend == "cpp" and takes)
 
 
 @pytest.mark.parametrize("backend", GEMM_BACKENDS)

@@ -16,7 +16,7 @@ from tolerance import assert_within_rule
 from torch import nn
 from torch.autograd import forward_ad
 
-from unlearn_kernels import aten_gemm, cpu_gemm
+from unlearn_kernels import aten_gemm, cpu_gemm, onednn_gemm
 from unlearn_kernels.curvature import generic, hessian_operator
 from unlearn_kernels.curvature.graph_ops import graph_ops
 from unlearn_kernels.models import ResNet18
@@ -513,6 +513,14 @@ def test_softmax_torch_runs_where_it_does_not_apply(call):
 _GEMM_NODE = "GeneratedBackwardFor_unlearn_kernels_gemm_defaultBackward"
 
 
+@pytest.fixture(params=["default", "onednn"])
+def gemm_route(request):
+    """The test on this machine's own GEMM route, then within onednn_gemm() (oneDNN's wherever the CPU can run it):
+    on an Intel CPU the default route is ATen's, and the mode leaves linear layers and matrix products to torch."""
+    with onednn_gemm() if request.param == "onednn" else contextlib.nullcontext():
+        yield request.param
+
+
 def _layer_norm_mlp(dtype: torch.dtype) -> nn.Module:
     """An MLP the fused path does not take (LayerNorm), whose linear layers' GEMMs pass the oneDNN route's threshold
     at 1,024 rows."""
@@ -521,7 +529,7 @@ def _layer_norm_mlp(dtype: torch.dtype) -> nn.Module:
                          nn.Linear(256, 10)).to(dtype)
 
 
-def test_linear_layers_take_the_gemm_route_where_the_machine_has_it():
+def test_linear_layers_take_the_gemm_route_where_the_machine_has_it(gemm_route):
     x = torch.randn(700, 64)
     w, b = torch.randn(128, 64, requires_grad=True), torch.randn(128, requires_grad=True)
     with graph_ops():
@@ -540,7 +548,7 @@ def test_linear_layers_take_the_gemm_route_where_the_machine_has_it():
     torch.testing.assert_close(ours, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
-def test_linear_second_derivatives_meet_the_accuracy_rule():
+def test_linear_second_derivatives_meet_the_accuracy_rule(gemm_route):
     """The double backward of a float32 model built under the mode (its GEMMs on oneDNN's route where the machine
     has it) against float64 double backward, no less accurate than torch's own float32 double backward."""
     x64 = torch.randn(1024, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
@@ -557,7 +565,7 @@ def test_linear_second_derivatives_meet_the_accuracy_rule():
     assert_within_rule(hvp(torch.float32, True), hvp(torch.float32, False), hvp(torch.float64, False), ulps=16.0)
 
 
-def test_generic_operator_builds_linear_layers_on_the_gemm_route(monkeypatch):
+def test_generic_operator_builds_linear_layers_on_the_gemm_route(monkeypatch, gemm_route):
     model = _layer_norm_mlp(torch.float32)
     x, y = torch.randn(1024, 64), torch.randint(0, 10, (1024,))
     op = hessian_operator(model, nn.CrossEntropyLoss(), (x, y))
@@ -607,7 +615,7 @@ class _WithEmptyLayer(nn.Module):
     (_layer_norm_mlp, ["0.weight", "5.weight"]),  # the middle layer not chosen: its input needs no copy
     (_WithEmptyLayer, None),
 ])
-def test_operator_keeps_what_torchs_graph_keeps(make, params, monkeypatch):
+def test_operator_keeps_what_torchs_graph_keeps(make, params, monkeypatch, gemm_route):
     """The same bytes cached as with torch's own linear layers (ops.gemm keeps only what its backward reads), and the
     same products up to float32 rounding; a layer of no inputs runs as torch's."""
     model = make(torch.float32) if make is _layer_norm_mlp else make()
@@ -621,7 +629,7 @@ def test_operator_keeps_what_torchs_graph_keeps(make, params, monkeypatch):
     assert float((op.matvec(v) - expected).norm()) <= 1e-5 * float(expected.norm())
 
 
-def test_matrix_products_take_the_gemm_route_where_the_machine_has_it():
+def test_matrix_products_take_the_gemm_route_where_the_machine_has_it(gemm_route):
     """``@`` / ``torch.matmul`` of two float32 CPU tensors of one batch shape (attention's) run as ops.gemm's batch;
     broadcasting, mixed dimensions and other dtypes as torch's."""
     gen = torch.Generator().manual_seed(12)
@@ -639,7 +647,7 @@ def test_matrix_products_take_the_gemm_route_where_the_machine_has_it():
     torch.testing.assert_close(plain[0], q @ k[0].transpose(-2, -1), rtol=0, atol=0)
 
 
-def test_vit_products_under_the_accuracy_rule(monkeypatch):
+def test_vit_products_under_the_accuracy_rule(monkeypatch, gemm_route):
     """The small ViT's products (linear layers and attention's products on the GEMM route, attention's softmax and the
     layer norms on their double-backward ops) against float64, no less accurate than torch's own float32 graph."""
     from unlearn_kernels.models import SmallViT

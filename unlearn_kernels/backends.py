@@ -223,22 +223,25 @@ def backends() -> BackendReport:
 
 
 def cpu_gemm() -> str:
-    """Which GEMM the compiled passes (the fused MLP products and loss, the LoRA layer's big GEMMs) use for float32
-    CPU matmuls of at least 786,432 multiply-adds, here and now: ``"onednn"`` (torch's own oneDNN matmul, on an x86
-    CPU with AVX-512, where it ran 2.0-2.3x faster than torch's MKL on an AMD EPYC: MKL takes its AVX2 path on
-    AMD), ``"aten"`` (ATen's GEMM, as ``torch.mm``: elsewhere, for other dtypes, and within :func:`aten_gemm`
-    or wherever ``torch.backends.mkldnn.enabled`` is False) or ``"unavailable"`` (the extension
-    is not loaded). The two differ in rounding only."""
+    """Which GEMM the compiled passes (the fused MLP products and loss, the LoRA layer's big GEMMs, ``ops.gemm``)
+    use for float32 CPU matmuls of at least 786,432 multiply-adds, here and now: ``"onednn"`` (torch's own oneDNN
+    matmul, on a non-Intel x86 CPU with AVX-512, where it ran 2.0-2.3x faster than torch's MKL on an AMD EPYC: MKL
+    takes its AVX2 path on AMD; and within :func:`onednn_gemm` on an Intel one), ``"aten"`` (ATen's GEMM, as
+    ``torch.mm``: on Intel CPUs, whose MKL runs AVX-512 and was the faster on every shape we time, elsewhere, for
+    other dtypes, and within :func:`aten_gemm` or wherever ``torch.backends.mkldnn.enabled`` is False) or
+    ``"unavailable"`` (the extension is not loaded). The two differ in rounding only."""
     if not _extension.extension_loaded():
         return "unavailable"
     return torch.ops.unlearn_kernels.cpu_gemm()
 
 
-class _AtenGemm:
-    """The state behind :func:`aten_gemm`: how many runs are open (in any thread) and the flag before the first."""
+class _GemmRoute:
+    """The state behind :func:`aten_gemm` and :func:`onednn_gemm`: how many runs of each are open (in any thread)
+    and the mkldnn flag before the first ``aten_gemm``."""
 
     lock = threading.Lock()
-    depth = 0
+    aten_depth = 0
+    onednn_depth = 0
     was = True
 
 
@@ -248,16 +251,35 @@ def aten_gemm() -> Iterator[None]:
     results rounded as ``torch.mm`` rounds them or to time the two routes. It sets ``torch.backends.mkldnn.enabled``,
     a process-wide flag, to False: while any run is open, in any thread, torch's own oneDNN paths (such as CPU
     convolutions) are off too, in every thread. The flag is set back to what it was once the last open run ends
-    (runs may nest and overlap across threads)."""
-    with _AtenGemm.lock:
-        if _AtenGemm.depth == 0:
-            _AtenGemm.was = torch.backends.mkldnn.enabled
+    (runs may nest and overlap across threads). It wins over :func:`onednn_gemm`."""
+    with _GemmRoute.lock:
+        if _GemmRoute.aten_depth == 0:
+            _GemmRoute.was = torch.backends.mkldnn.enabled
             torch.backends.mkldnn.enabled = False
-        _AtenGemm.depth += 1
+        _GemmRoute.aten_depth += 1
     try:
         yield
     finally:
-        with _AtenGemm.lock:
-            _AtenGemm.depth -= 1
-            if _AtenGemm.depth == 0:
-                torch.backends.mkldnn.enabled = _AtenGemm.was
+        with _GemmRoute.lock:
+            _GemmRoute.aten_depth -= 1
+            if _GemmRoute.aten_depth == 0:
+                torch.backends.mkldnn.enabled = _GemmRoute.was
+
+
+@contextlib.contextmanager
+def onednn_gemm() -> Iterator[None]:
+    """Within: the compiled passes take oneDNN's GEMM wherever the CPU can run it (x86 with AVX-512, torch built
+    with oneDNN), on an Intel CPU too, where ``cpu_gemm()`` otherwise says ``"aten"``: to test or time that route.
+    Process-wide while any run is open, in any thread (runs may nest and overlap); :func:`aten_gemm` wins over it.
+    Without the extension it does nothing."""
+    with _GemmRoute.lock:
+        if _GemmRoute.onednn_depth == 0 and _extension.extension_loaded():
+            torch.ops.unlearn_kernels.set_onednn_gemm_forced(True)
+        _GemmRoute.onednn_depth += 1
+    try:
+        yield
+    finally:
+        with _GemmRoute.lock:
+            _GemmRoute.onednn_depth -= 1
+            if _GemmRoute.onednn_depth == 0 and _extension.extension_loaded():
+                torch.ops.unlearn_kernels.set_onednn_gemm_forced(False)

@@ -1,6 +1,6 @@
 // C++ CPU kernel of the gemm op (see unlearn_kernels/ops/gemm.py): a b (+ bias rows), or a batch of products,
-// through csrc/gemm.h, so that a float32 GEMM of enough work takes torch's oneDNN matmul where the CPU has AVX-512
-// (2.0-2.3x torch's MKL on the AMD EPYC of docs/benchmarks.md). The generic curvature operators build their gradient
+// through csrc/gemm.h, so that a float32 GEMM of enough work takes torch's oneDNN matmul on a non-Intel CPU with
+// AVX-512 (2.0-2.3x torch's MKL on the AMD EPYC of docs/benchmarks.md). The generic curvature operators build their gradient
 // graphs' linear layers and matrix products on it.
 #include <ATen/Functions.h>
 #include <torch/library.h>

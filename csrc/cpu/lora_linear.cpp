@@ -1,5 +1,5 @@
 // The fused LoRA linear pass (see csrc/lora_linear.h): GEMMs written once for every device, the big ones outside
-// the parallel regions through csrc/gemm.h (oneDNN's for large float32 ones on an AVX-512 CPU), those inside
+// the parallel regions through csrc/gemm.h (oneDNN's for large float32 ones on an AMD AVX-512 CPU), those inside
 // them ATen's.
 // The adapter is folded into the frozen layer's big GEMMs, by merging it into the weight (many
 // rows) or as a rank-r update accumulated into their output (few rows); the scale s is applied to

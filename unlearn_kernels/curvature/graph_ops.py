@@ -52,14 +52,15 @@ backward kernels, the backward's derivative :func:`unlearn_kernels.ops.gelu_doub
 torch's formula makes about ten; the small ViT's product 1.01-1.05x faster with it, in runs of 16 and 24
 interleaved rounds).
 
-**Linear layers and matrix products.** Where :func:`unlearn_kernels.cpu_gemm` is "onednn" (a CPU with AVX-512,
-whose float32 GEMMs torch's MKL runs on its AVX2 path on AMD CPUs), float32 CPU ``F.linear`` runs as
+**Linear layers and matrix products.** Where :func:`unlearn_kernels.cpu_gemm` is "onednn" (a non-Intel x86 CPU with
+AVX-512, such as AMD's, whose float32 GEMMs torch's MKL runs on its AVX2 path; an Intel one only within
+:func:`unlearn_kernels.onednn_gemm`), float32 CPU ``F.linear`` runs as
 :func:`unlearn_kernels.ops.gemm` on the input's rows, and ``torch.matmul`` / ``@`` of two tensors of one batch
 shape (attention's ``q @ k^T`` and ``weights @ v``) as its batched form; the op's backward is the op again, so
 the gradient's GEMMs and the double backward's take oneDNN's matmul where they are large enough (2.0-2.3x MKL's
 speed there; 2.2-2.3x on the small ViT's linear layers and 2.1-2.9x on its attention products, timed alone).
-Forward and gradient then differ from torch's by float32 rounding; elsewhere (other dtypes and devices, other
-CPUs, within :func:`unlearn_kernels.aten_gemm`) both are torch's.
+Forward and gradient then differ from torch's by float32 rounding; elsewhere (other dtypes and devices, Intel's and
+other CPUs, within :func:`unlearn_kernels.aten_gemm`) both are torch's.
 
 What these leave to torch: batch normalisation in training mode, without running statistics or with statistics
 of another dtype, a layer norm over more than the last dim, a softmax over another dim or with a dtype argument,
