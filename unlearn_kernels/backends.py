@@ -227,7 +227,7 @@ def cpu_gemm() -> str:
     use for float32 CPU matmuls of at least 786,432 multiply-adds, here and now: ``"onednn"`` (torch's own oneDNN
     matmul, on a non-Intel x86 CPU with AVX-512, where it ran 2.0-2.3x faster than torch's MKL on an AMD EPYC: MKL
     takes its AVX2 path on AMD; and within :func:`onednn_gemm` on an Intel one), ``"aten"`` (ATen's GEMM, as
-    ``torch.mm``: on Intel CPUs, whose MKL runs AVX-512 and was the faster on every shape we time, elsewhere, for
+    ``torch.mm``: on Intel CPUs, whose MKL runs AVX-512 and beat oneDNN on 13 of the 14 shapes we timed, elsewhere, for
     other dtypes, and within :func:`aten_gemm` or wherever ``torch.backends.mkldnn.enabled`` is False) or
     ``"unavailable"`` (the extension is not loaded). The two differ in rounding only."""
     if not _extension.extension_loaded():
@@ -243,6 +243,7 @@ class _GemmRoute:
     aten_depth = 0
     onednn_depth = 0
     was = True
+    forced = False  # whether the outermost onednn_gemm() set the extension's flag
 
 
 @contextlib.contextmanager
@@ -271,15 +272,18 @@ def onednn_gemm() -> Iterator[None]:
     """Within: the compiled passes take oneDNN's GEMM wherever the CPU can run it (x86 with AVX-512, torch built
     with oneDNN), on an Intel CPU too, where ``cpu_gemm()`` otherwise says ``"aten"``: to test or time that route.
     Process-wide while any run is open, in any thread (runs may nest and overlap); :func:`aten_gemm` wins over it.
-    Without the extension it does nothing."""
+    A generic Hessian's linear layers take the route in force when its gradient graphs are built (at its
+    construction): build the operator inside the block too. Without the extension it does nothing."""
     with _GemmRoute.lock:
         if _GemmRoute.onednn_depth == 0 and _extension.extension_loaded():
             torch.ops.unlearn_kernels.set_onednn_gemm_forced(True)
+            _GemmRoute.forced = True
         _GemmRoute.onednn_depth += 1
     try:
         yield
     finally:
         with _GemmRoute.lock:
             _GemmRoute.onednn_depth -= 1
-            if _GemmRoute.onednn_depth == 0 and _extension.extension_loaded():
+            if _GemmRoute.onednn_depth == 0 and _GemmRoute.forced:
                 torch.ops.unlearn_kernels.set_onednn_gemm_forced(False)
+                _GemmRoute.forced = False

@@ -4,7 +4,7 @@ GEMM route.
 torch's float32 CPU matmuls run through MKL, which takes its AVX2 path on AMD CPUs; the C++ kernel runs a
 float32 GEMM of at least 786,432 multiply-adds through torch's own oneDNN matmul on a non-Intel x86 CPU with AVX-512
 (2.0-2.3x MKL's speed on the AMD EPYC of docs/benchmarks.md, one thread), and ATen's GEMM otherwise (Intel CPUs,
-whose MKL runs AVX-512 and was the faster there, other dtypes, small GEMMs, within
+whose MKL runs AVX-512 and beat oneDNN there, other dtypes, small GEMMs, within
 :func:`unlearn_kernels.aten_gemm`): :func:`unlearn_kernels.cpu_gemm` names the
 route. The generic curvature operators build the linear layers of their gradient graphs on it (see
 :mod:`unlearn_kernels.curvature.graph_ops`), so that the double backward's GEMMs take that route too.
