@@ -444,6 +444,37 @@ def test_state_and_cached_products_equal_the_whole_pass(acts, chosen, rng):
 
 
 @pytest.mark.parametrize("backend, device", COMPILED)
+@pytest.mark.parametrize("form", ["mlp_hvp", "mlp_hvp_flat"])
+def test_float32_products_of_confident_rows_keep_float32s_relative_accuracy(backend, device, form):
+    """Rows whose top class has p_c between 1 - 2e-4 and 1 - 4e-6 (an unlearning method's retain rows, near an
+    interpolating model), the target that class on some rows and another on the others: each row's float32 product
+    within 1e-5 of float64, relative to the row's largest entry. The loss's R-rows p (r - sum_j p_j r_j) lost up to
+    1.6e-2 of it where r_c - sum_j p_j r_j cancelled; the uncached passes now take them relative to the top class.
+    (The cached form, mlp_hvp_flat_cached, still loses that much: its rows are ATen ops over the block, where
+    finding each row's top class, an argmax, would cost ~75 us of a ~1.2 ms digits product.)"""
+    n, classes, k = 41, 3, 2
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.zeros(classes, n, dtype=torch.float64)
+    weight[0], weight[2] = torch.linspace(9.0, 13.0, n, dtype=torch.float64), -0.5
+    # row i's logits are (margin_i, 0, -0.5): each row's product is a column of the weight's, apart from the others'
+    x, target = torch.eye(n, dtype=torch.float64), (torch.arange(n) % 4 == 3).long()  # every fourth row misfit
+    V = torch.randn(classes * n, k, generator=gen, dtype=torch.float64)
+    exact = ops.mlp_hvp_flat_ref(x, target, [weight], [None], ["identity"], V, [0], [-1])
+    x32, w32, V32 = x.float().to(device), weight.float().to(device), V.float().to(device)
+    t = target.to(device)
+    if form == "mlp_hvp":
+        products = ops.mlp_hvp(x32, t, [w32], [None], ["identity"], [V32.T.reshape(k, classes, n)], [None],
+                               backend=backend)[0][0]
+        got = products.reshape(k, -1).T
+    else:
+        got = ops.mlp_hvp_flat(x32, t, [w32], [None], ["identity"], V32, [0], [-1], backend=backend)
+    assert got.dtype == torch.float32
+    rows = lambda m: m.reshape(classes, n, k).transpose(0, 1)  # noqa: E731 - (row, class, tangent)
+    error = (rows(got.cpu().double()) - rows(exact)).abs().amax(1) / rows(exact).abs().amax(1)
+    assert float(error.max()) <= 1e-5
+
+
+@pytest.mark.parametrize("backend, device", COMPILED)
 def test_cached_products_in_chunks_of_tangents(backend, device, rng):
     # N x width above the chunk size (2^18 elements): the tangents go through one at a time.
     p = _problem([5, 300, 3], ["tanh", "identity"], [True, True], 3, rng, n=1000)

@@ -211,7 +211,10 @@ void loss_cpu(at::Tensor& z, const at::Tensor& target, at::Tensor& rz, double la
     const scalar_t off = static_cast<scalar_t>(label_smoothing / C);  // smoothed mass on every class
     at::parallel_for(0, N, std::max<int64_t>(1, kGrain / ((K + 1) * C)), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> p(C);
-      std::array<double, kLossTile> sum, base;  // per row of a tile: sum_c exp(z_c - max), the loss less log(sum)
+      // per row of a tile: sum_c exp(z_c - max), its part over the classes other than the target, the loss less
+      // log(sum), and the top class (the first at the max)
+      std::array<double, kLossTile> sum, rest, base;
+      std::array<int64_t, kLossTile> top;
       std::array<bool, kLossTile> ignored;
       bool bl = false, bt = false;
       // Tiles of rows: the row max, exp(z - max) over the tile's logits at once (full vectors: a row of C < 8
@@ -230,7 +233,13 @@ void loss_cpu(at::Tensor& z, const at::Tensor& target, at::Tensor& rz, double la
             continue;
           }
           scalar_t m = -std::numeric_limits<scalar_t>::infinity();
-          for (int64_t j = 0; j < C; ++j) m = (std::isnan(zi[j]) || zi[j] > m) ? zi[j] : m;
+          top[r] = 0;
+          for (int64_t j = 0; j < C; ++j) {
+            if (std::isnan(zi[j]) || zi[j] > m) {
+              m = zi[j];
+              top[r] = j;
+            }
+          }
           if (!std::isfinite(m)) bl = true;
           double z_sum = 0;
           if (label_smoothing > 0) {
@@ -249,11 +258,20 @@ void loss_cpu(at::Tensor& z, const at::Tensor& target, at::Tensor& rz, double la
         // sums in double: in float a confident row's exp(z - m) ~ 1e-9 falls below half an ulp of the
         // running sum once the top class is in it, and every later class was dropped (p_y - 1 came out 0
         // with 100,000 classes, where torch's float32 is off by 6%)
+        // the target's term apart: the target's p_y - 1 below is minus rest / sum, where (sum - e_y) / sum would
+        // cancel in double too once 1 - p_y falls below ~1e-9
         for (int64_t r = 0; r < rows; ++r) {
           const scalar_t* ei = tile + r * C;
-          double total = 0;
-          for (int64_t j = 0; j < C; ++j) total += ei[j];
-          sum[r] = ignored[r] ? 1.0 : total;
+          if (ignored[r]) {
+            sum[r] = 1.0;
+            continue;
+          }
+          const int64_t t = py[first + r];
+          double others = 0;
+          for (int64_t j = 0; j < t; ++j) others += ei[j];
+          for (int64_t j = t + 1; j < C; ++j) others += ei[j];
+          rest[r] = others;
+          sum[r] = others + ei[t];
         }
         if (pv != nullptr) {
           for (int64_t r = 0; r < rows; r += DVec::size()) {
@@ -272,23 +290,25 @@ void loss_cpu(at::Tensor& z, const at::Tensor& target, at::Tensor& rz, double la
             continue;
           }
           const scalar_t inv_sum = static_cast<scalar_t>(1.0 / sum[r]);
-          const double e_target = zi[py[i]];
           for (int64_t j = 0; j < C; ++j) {
             p[j] = zi[j] * inv_sum;
             zi[j] = (p[j] - off) * row_scale;
           }
-          // the target's p_y - 1 as minus the other classes' share, from the double sum: in float32, p_y - 1 of a
-          // well-fit row (1 - p_y ~ 1e-5, where an unlearning method meets its retain rows) kept an absolute
-          // error of ~6e-8, a relative error of ~1e-2 in the row's largest gradient entry
-          zi[py[i]] = static_cast<scalar_t>((label_smoothing * (1.0 - 1.0 / C) - (sum[r] - e_target) / sum[r]) *
-                                            scale);
+          // the target's p_y - 1 as minus the other classes' share: in float32, p_y - 1 of a well-fit row
+          // (1 - p_y ~ 1e-5, where an unlearning method meets its retain rows) kept an absolute error of ~6e-8, a
+          // relative error of ~1e-2 in the row's largest gradient entry
+          zi[py[i]] = static_cast<scalar_t>((label_smoothing * (1.0 - 1.0 / C) - rest[r] / sum[r]) * scale);
+          // R-rows p (r - sum_j p_j r_j) taken relative to the top class c: (r_j - r_c) - sum_k p_k (r_k - r_c),
+          // the same as sum_k p_k = 1; r_c - sum_j p_j r_j cancelled in float32 where p_c ~ 1 (1.6e-2 relative)
+          const int64_t c = top[r];
           for (int64_t k = 0; k < K; ++k) {
             scalar_t* rk = prz + (i * K + k) * C;
+            const scalar_t rc = rk[c];
             double sum_pr = 0;  // in double, as the sum above
-            for (int64_t j = 0; j < C; ++j) sum_pr += static_cast<double>(p[j]) * rk[j];
+            for (int64_t j = 0; j < C; ++j) sum_pr += static_cast<double>(p[j]) * (rk[j] - rc);
             const scalar_t dot = static_cast<scalar_t>(sum_pr);
             if (!std::isfinite(dot)) bt = true;
-            for (int64_t j = 0; j < C; ++j) rk[j] = p[j] * (rk[j] - dot) * row_scale;
+            for (int64_t j = 0; j < C; ++j) rk[j] = p[j] * ((rk[j] - rc) - dot) * row_scale;
           }
         }
       }

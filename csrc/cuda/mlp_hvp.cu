@@ -160,9 +160,27 @@ __global__ void loss_kernel(scalar_t* __restrict__ z, const int64_t* __restrict_
   // the small probabilities: p_y - 1 3% off with 20,000 classes)
   // read by every lane before the shuffles of warp_sum: lane target % 32 overwrites it in the last loop
   const double z_target = static_cast<double>(zi[target]);
-  double sum = 0;
-  for (int64_t j = lane; j < C; j += kWarp) sum += static_cast<double>(exp(zi[j] - m));
-  const double total = warp_sum(sum);
+  // the top class (the first at the max; 0 for a NaN row, which is reported as bad)
+  int64_t top = C;
+  for (int64_t j = lane; j < C; j += kWarp) {
+    if (zi[j] == m) {
+      top = j;
+      break;
+    }
+  }
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    const int64_t other = __shfl_xor_sync(0xffffffffu, top, offset);
+    top = other < top ? other : top;
+  }
+  if (top == C) top = 0;
+  // the target's term apart (as loss_cpu's): the target's p_y - 1 below is minus rest / total, where
+  // (total - e_y) / total would cancel in double too once 1 - p_y falls below ~1e-9
+  double others = 0;
+  for (int64_t j = lane; j < C; j += kWarp) {
+    if (j != target) others += static_cast<double>(exp(zi[j] - m));
+  }
+  const double rest = warp_sum(others);
+  const double total = rest + static_cast<double>(exp(static_cast<scalar_t>(z_target) - m));
   if (values != nullptr) {  // the row's loss, as loss_cpu's, before the logits are overwritten
     double z_sum = 0;
     if (label_smoothing > 0) {  // uniform across the warp
@@ -175,18 +193,22 @@ __global__ void loss_kernel(scalar_t* __restrict__ z, const int64_t* __restrict_
     }
   }
   const scalar_t inv_sum = static_cast<scalar_t>(1.0 / total);
+  // R-rows relative to the top class c, as loss_cpu's: (r_j - r_c) - sum_k p_k (r_k - r_c); every lane reads r_c
+  // before the shuffles of warp_sum, after which lane c % 32 overwrites it
   for (int64_t k = 0; k < K; ++k) {
     scalar_t* r = ri + k * C;
+    const scalar_t rc = r[top];
     double sum_pr = 0;  // in double, as the sum above
-    for (int64_t j = lane; j < C; j += kWarp) sum_pr += static_cast<double>(exp(zi[j] - m) * inv_sum) * r[j];
+    for (int64_t j = lane; j < C; j += kWarp) {
+      sum_pr += static_cast<double>(exp(zi[j] - m) * inv_sum) * static_cast<double>(r[j] - rc);
+    }
     const scalar_t dot = static_cast<scalar_t>(warp_sum(sum_pr));
     if (lane == 0 && !isfinite(dot)) flags[1] = 1;
-    for (int64_t j = lane; j < C; j += kWarp) r[j] = exp(zi[j] - m) * inv_sum * (r[j] - dot) * scale;
+    for (int64_t j = lane; j < C; j += kWarp) r[j] = exp(zi[j] - m) * inv_sum * ((r[j] - rc) - dot) * scale;
   }
-  // the target's p_y - 1 as minus the other classes' share, from the double sum (as loss_cpu's: float's p_y - 1
-  // of a well-fit row kept ~6e-8 absolute of a 1 - p_y ~ 1e-5)
-  const double e_target = static_cast<double>(exp(static_cast<scalar_t>(z_target) - m));
-  const double target_grad = label_smoothing * (1.0 - 1.0 / static_cast<double>(C)) - (total - e_target) / total;
+  // the target's p_y - 1 as minus the other classes' share (as loss_cpu's: float's p_y - 1 of a well-fit row
+  // kept ~6e-8 absolute of a 1 - p_y ~ 1e-5)
+  const double target_grad = label_smoothing * (1.0 - 1.0 / static_cast<double>(C)) - rest / total;
   for (int64_t j = lane; j < C; j += kWarp) {
     zi[j] = j == target ? static_cast<scalar_t>(target_grad * static_cast<double>(scale))
                         : (exp(zi[j] - m) * inv_sum - off) * scale;
