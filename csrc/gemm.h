@@ -3,11 +3,11 @@
 // oneDNN matmul (at::native::mkldnn_matmul, inside libtorch), elsewhere through ATen's GEMM (MKL or OpenBLAS on
 // CPU, cuBLAS on GPU). Why: torch's MKL takes its AVX2 path on AMD CPUs, where oneDNN runs AVX-512 at full width
 // (2.0-2.3x MKL's speed on the AMD EPYC of docs/benchmarks.md, float32, one thread); on Intel CPUs MKL runs
-// AVX-512 too and oneDNN was slower on 13 of 14 shapes of our passes (0.42-0.95x MKL's speed on the Intel Xeon of
-// docs/benchmarks.md, 1.07x on one) and on the MLP products as a whole, so there the route stays ATen's. torch.backends.mkldnn.enabled = False (the
-// Python unlearn_kernels.aten_gemm()) turns the route off (ATen's GEMM for every call), as it does torch's own
-// oneDNN paths; set_onednn_gemm_forced(true) (the Python unlearn_kernels.onednn_gemm()) takes it on an Intel CPU
-// with AVX-512 too, to test or time it.
+// AVX-512 too and oneDNN was slower on every shape of our passes (0.33-0.95x MKL's speed on the Intel Xeon of
+// docs/benchmarks.md) and on the MLP products as a whole, so there the route stays ATen's.
+// torch.backends.mkldnn.enabled = False (the Python unlearn_kernels.aten_gemm()) turns the route off (ATen's GEMM
+// for every call), as it does torch's own oneDNN paths; set_onednn_gemm_forced(true) (the Python
+// unlearn_kernels.onednn_gemm()) takes it on an Intel CPU with AVX-512 too, to test or time it.
 #pragma once
 
 #include <ATen/core/Tensor.h>
