@@ -3,8 +3,9 @@
 // oneDNN matmul (at::native::mkldnn_matmul, inside libtorch), elsewhere through ATen's GEMM (MKL or OpenBLAS on
 // CPU, cuBLAS on GPU). Why: torch's MKL takes its AVX2 path on AMD CPUs, where oneDNN runs AVX-512 at full width
 // (2.0-2.3x MKL's speed on the AMD EPYC of docs/benchmarks.md, float32, one thread); on Intel CPUs MKL runs
-// AVX-512 too and oneDNN was slower on every shape of our passes (0.33-0.95x MKL's speed on the Intel Xeon of
-// docs/benchmarks.md) and on the MLP products as a whole, so there the route stays ATen's.
+// AVX-512 too, and on the Intel Xeon of docs/benchmarks.md oneDNN was slower on 12 of the 14 shapes of our passes
+// (0.62-0.96x MKL's speed; 1.00x and 1.04x on the other two) and on the MLP products as a whole (1.10-1.60x their
+// time), so there the route stays ATen's.
 // torch.backends.mkldnn.enabled = False (the Python unlearn_kernels.aten_gemm()) turns the route off (ATen's GEMM
 // for every call), as it does torch's own oneDNN paths; set_onednn_gemm_forced(true) (the Python
 // unlearn_kernels.onednn_gemm()) takes it on an Intel CPU with AVX-512 too, to test or time it.

@@ -227,7 +227,7 @@ def cpu_gemm() -> str:
     use for float32 CPU matmuls of at least 786,432 multiply-adds, here and now: ``"onednn"`` (torch's own oneDNN
     matmul, on a non-Intel x86 CPU with AVX-512, where it ran 2.0-2.3x faster than torch's MKL on an AMD EPYC: MKL
     takes its AVX2 path on AMD; and within :func:`onednn_gemm` on an Intel one), ``"aten"`` (ATen's GEMM, as
-    ``torch.mm``: on Intel CPUs, whose MKL runs AVX-512 and beat oneDNN on every shape we timed, elsewhere, for
+    ``torch.mm``: on Intel CPUs, whose MKL runs AVX-512 and made our products faster, elsewhere, for
     other dtypes, and within :func:`aten_gemm` or wherever ``torch.backends.mkldnn.enabled`` is False) or
     ``"unavailable"`` (the extension is not loaded). The two differ in rounding only."""
     if not _extension.extension_loaded():
