@@ -530,6 +530,17 @@ std::vector<at::Tensor> run_state(const Kernels& kernels, const at::Tensor& x, c
   return state;
 }
 
+bool cached_loss_rows_aten(const at::Tensor& p, const at::Tensor& sp, at::Tensor& rg, bool check_finite) {
+  const int64_t n = rg.size(0), K = rg.size(1);
+  rg.sub_(rg.gather(2, p.argmax(1).view({n, 1, 1}).expand({n, K, 1})));
+  // summed in double, as the uncached kernel's rows: in float the lanes that hold a confident row's top class
+  // would drop the small classes' terms
+  const at::Tensor dot = at::sum(rg * p.unsqueeze(1), {2}, /*keepdim=*/true, at::kDouble).to(rg.scalar_type());
+  const bool finite = !check_finite || at::isfinite(dot).all().item<bool>();
+  rg.sub_(dot).mul_(sp.unsqueeze(1));
+  return finite;
+}
+
 namespace {
 
 // Memory for a call's per-block buffers, kept by the CPU thread between calls. glibc serves a buffer above its
@@ -626,7 +637,8 @@ struct BlockState {
 
 // One block's products, from the lowest chosen layer `lo` up, written (the first block) or added into
 // out_w[l] ((K out, in): Rd^T h), out_wt[l] ((out, K in): d^T Rh) and out_b[l] ((K, out)) for the chosen blocks.
-void add_block_products(BlockScratch& scratch, const BlockState& s, at::TensorList weights, at::IntArrayRef activations,
+void add_block_products(const Kernels& kernels, BlockScratch& scratch, const BlockState& s, at::TensorList weights,
+                        at::IntArrayRef activations,
                         const std::vector<at::Tensor>& v_weights, const std::vector<at::Tensor>& v_biases,
                         at::IntArrayRef weight_offsets, at::IntArrayRef bias_offsets, int64_t K, int64_t lo,
                         bool check_finite, bool first_block, std::vector<at::Tensor>& out_w,
@@ -667,17 +679,9 @@ void add_block_products(BlockScratch& scratch, const BlockState& s, at::TensorLi
   // The loss's R-rows: Rg = (diag(p) - p p^T) Rz / N per tangent (p is zero on ignored rows).
   at::Tensor rg = rh[L];
   rh[L] = at::Tensor();
-  // summed in double, as the uncached kernel's rows: in float the lanes that hold a confident row's top class
-  // would drop the small classes' terms
-  at::Tensor terms = scratch.take(rg.sizes());
-  at::mul_out(terms, rg, s.softmax().unsqueeze(1));
-  const at::Tensor dot = at::sum(terms, {2}, /*keepdim=*/true, at::kDouble).to(rg.scalar_type());
-  if (check_finite) {
-    TORCH_CHECK_VALUE(at::isfinite(dot).all().item<bool>(), "mlp_hvp: the R-derivative of the logits contains NaN or "
-                      "Inf (check V, then x and the weights: an Inf weight under a saturating activation leaves "
-                      "the logits finite)");
-  }
-  rg.sub_(dot).mul_(s.scaled_softmax().unsqueeze(1));
+  TORCH_CHECK_VALUE(kernels.cached_loss_rows(s.softmax(), s.scaled_softmax(), rg, check_finite),
+                    "mlp_hvp: the R-derivative of the logits contains NaN or Inf (check V, then x and the weights: an "
+                    "Inf weight under a saturating activation leaves the logits finite)");
   // The R-backward, layer by layer from the top down to the lowest chosen layer.
   const double beta = first_block ? 0.0 : 1.0;  // beta 0: the first block's products are written, not read
   for (int64_t l = L - 1; l >= lo; --l) {
@@ -731,8 +735,8 @@ at::Tensor cached_products(const Kernels& kernels, const at::Tensor& x, at::Tens
   for (int64_t row = 0; row < N; row += block) {
     scratch.next_block();
     const BlockState s{x, state, L, row, std::min(block, N - row)};
-    add_block_products(scratch, s, weights, activations, v_weights, v_biases, weight_offsets, bias_offsets, K, lo,
-                       check_finite, row == 0, out_w, out_wt, out_b);
+    add_block_products(kernels, scratch, s, weights, activations, v_weights, v_biases, weight_offsets, bias_offsets,
+                       K, lo, check_finite, row == 0, out_w, out_wt, out_b);
   }
   for (int64_t l = lo; l < L; ++l) {
     if (weight_offsets[l] < 0) continue;

@@ -55,11 +55,19 @@ struct Kernels {
   // ignored row).
   void (*loss)(at::Tensor& z, const at::Tensor& target, at::Tensor& rz, double label_smoothing,
                int64_t ignore_index, double scale, at::Tensor& flags, at::Tensor& values);
+  // The cached product's loss R-rows, in place: rg (n, K, C) -> (diag(p) - p p^T) rg per tangent, scaled, from a
+  // block's kept softmax p (n, C) and scaled softmax sp (p / rows kept, 0 on ignored rows), each row taken relative
+  // to its top class c ((r_j - r_c) - sum_k p_k (r_k - r_c), as sum_k p_k = 1: r_c - <p, r> cancels in float32 where
+  // p_c ~ 1), the sums in double. Returns false if check_finite and some <p, r_k> is not finite.
+  bool (*cached_loss_rows)(const at::Tensor& p, const at::Tensor& sp, at::Tensor& rg, bool check_finite);
   // The value-and-gradient pass and the cached product take their rows in blocks whose widest layer output has
   // about this many entries (over all tangents), so that a block's buffers stay in the cache from its forward to
   // its backward (0: all rows at once).
   int64_t block_elements;
 };
+
+// Kernels::cached_loss_rows in ATen ops, for any device (the CUDA table's; the CPU's for strided inputs).
+bool cached_loss_rows_aten(const at::Tensor& p, const at::Tensor& sp, at::Tensor& rg, bool check_finite);
 
 // What every Kernels::activate relies on (the pass allocates the buffers so).
 inline void assert_activate_layout(Activation act, const at::Tensor& ar, const at::Tensor& t, const at::Tensor& h,

@@ -444,14 +444,12 @@ def test_state_and_cached_products_equal_the_whole_pass(acts, chosen, rng):
 
 
 @pytest.mark.parametrize("backend, device", COMPILED)
-@pytest.mark.parametrize("form", ["mlp_hvp", "mlp_hvp_flat"])
+@pytest.mark.parametrize("form", ["mlp_hvp", "mlp_hvp_flat", "mlp_hvp_flat_cached"])
 def test_float32_products_of_confident_rows_keep_float32s_relative_accuracy(backend, device, form):
     """Rows whose top class has p_c between 1 - 2e-4 and 1 - 4e-6 (an unlearning method's retain rows, near an
     interpolating model), the target that class on some rows and another on the others: each row's float32 product
     within 1e-5 of float64, relative to the row's largest entry. The loss's R-rows p (r - sum_j p_j r_j) lost up to
-    1.6e-2 of it where r_c - sum_j p_j r_j cancelled; the uncached passes now take them relative to the top class.
-    (The cached form, mlp_hvp_flat_cached, still loses that much: its rows are ATen ops over the block, where
-    finding each row's top class, an argmax, would cost ~75 us of a ~1.2 ms digits product.)"""
+    1.6e-2 of it where r_c - sum_j p_j r_j cancelled; every form now takes them relative to the top class."""
     n, classes, k = 41, 3, 2
     gen = torch.Generator().manual_seed(3)
     weight = torch.zeros(classes, n, dtype=torch.float64)
@@ -466,8 +464,16 @@ def test_float32_products_of_confident_rows_keep_float32s_relative_accuracy(back
         products = ops.mlp_hvp(x32, t, [w32], [None], ["identity"], [V32.T.reshape(k, classes, n)], [None],
                                backend=backend)[0][0]
         got = products.reshape(k, -1).T
-    else:
+    elif form == "mlp_hvp_flat":
         got = ops.mlp_hvp_flat(x32, t, [w32], [None], ["identity"], V32, [0], [-1], backend=backend)
+    else:
+        state = ops.mlp_hvp_state(x32, t, [w32], [None], ["identity"], backend=backend)
+        got = ops.mlp_hvp_flat_cached(x32, state, [w32], [None], ["identity"], V32, [0], [-1], backend=backend)
+        # the same rows in ATen ops (the C++ CPU kernel's form for a strided state, the CUDA kernel's always)
+        strided = [*state[:-2], *(kept.T.contiguous().T for kept in state[-2:])]
+        assert not strided[-1].is_contiguous()
+        aten = ops.mlp_hvp_flat_cached(x32, strided, [w32], [None], ["identity"], V32, [0], [-1], backend=backend)
+        assert float((aten - got).norm() / got.norm()) <= 1e-6
     assert got.dtype == torch.float32
     rows = lambda m: m.reshape(classes, n, k).transpose(0, 1)  # noqa: E731 - (row, class, tangent)
     error = (rows(got.cpu().double()) - rows(exact)).abs().amax(1) / rows(exact).abs().amax(1)

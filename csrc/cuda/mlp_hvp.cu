@@ -276,7 +276,8 @@ void loss_cuda(at::Tensor& z, const at::Tensor& target, at::Tensor& rz, double l
   });
 }
 
-const Kernels kCudaKernels{&activate_cuda, &backward_cuda, &count_kept_cuda, &loss_cuda, 0};  // all rows at once
+const Kernels kCudaKernels{&activate_cuda, &backward_cuda, &count_kept_cuda, &loss_cuda, &cached_loss_rows_aten,
+                           0};  // all rows at once
 
 std::vector<at::Tensor> mlp_hvp_cuda(const at::Tensor& x, const at::Tensor& target, at::TensorList weights,
                                      const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations,
