@@ -193,6 +193,20 @@ int64_t count_kept_cpu(const char* op, const at::Tensor& target, int64_t C, int6
   return kept;
 }
 
+// One tangent's loss R-row r (C entries) in place, relative to the row's top class c: r_j <- weighted(j, v_j) with
+// v_j = (r_j - r_c) - sum_k p_k (r_k - r_c), the same as r_j - <p, r> since sum_k p_k = 1, where r_c - <p, r> cancels
+// in float32 at p_c ~ 1 (1.6e-2 of a confident row's product); the sum in double. Returns that sum, rounded (for the
+// finiteness check). The uncached loss rows and the cached product's both take their rows so.
+template <typename scalar_t, typename Weighted>
+scalar_t loss_r_row(const scalar_t* p, const Weighted& weighted, scalar_t* r, int64_t c, int64_t C) {
+  const scalar_t rc = r[c];
+  double sum_pr = 0;
+  for (int64_t j = 0; j < C; ++j) sum_pr += static_cast<double>(p[j]) * (r[j] - rc);
+  const scalar_t dot = static_cast<scalar_t>(sum_pr);
+  for (int64_t j = 0; j < C; ++j) r[j] = weighted(j, (r[j] - rc) - dot);
+  return dot;
+}
+
 void loss_cpu(at::Tensor& z, const at::Tensor& target, at::Tensor& rz, double label_smoothing, int64_t ignore_index,
               double scale, at::Tensor& flags, at::Tensor& values) {
   TORCH_INTERNAL_ASSERT(z.is_contiguous() && rz.is_contiguous() && rz.dim() == 3);
@@ -298,17 +312,9 @@ void loss_cpu(at::Tensor& z, const at::Tensor& target, at::Tensor& rz, double la
           // (1 - p_y ~ 1e-5, where an unlearning method meets its retain rows) kept an absolute error of ~6e-8, a
           // relative error of ~1e-2 in the row's largest gradient entry
           zi[py[i]] = static_cast<scalar_t>((label_smoothing * (1.0 - 1.0 / C) - rest[r] / sum[r]) * scale);
-          // R-rows p (r - sum_j p_j r_j) taken relative to the top class c: (r_j - r_c) - sum_k p_k (r_k - r_c),
-          // the same as sum_k p_k = 1; r_c - sum_j p_j r_j cancelled in float32 where p_c ~ 1 (1.6e-2 relative)
-          const int64_t c = top[r];
+          const auto weighted = [&](int64_t j, scalar_t v) { return p[j] * v * row_scale; };
           for (int64_t k = 0; k < K; ++k) {
-            scalar_t* rk = prz + (i * K + k) * C;
-            const scalar_t rc = rk[c];
-            double sum_pr = 0;  // in double, as the sum above
-            for (int64_t j = 0; j < C; ++j) sum_pr += static_cast<double>(p[j]) * (rk[j] - rc);
-            const scalar_t dot = static_cast<scalar_t>(sum_pr);
-            if (!std::isfinite(dot)) bt = true;
-            for (int64_t j = 0; j < C; ++j) rk[j] = p[j] * ((rk[j] - rc) - dot) * row_scale;
+            if (!std::isfinite(loss_r_row(p.data(), weighted, prz + (i * K + k) * C, top[r], C))) bt = true;
           }
         }
       }
@@ -345,14 +351,9 @@ bool cached_loss_rows_cpu(const at::Tensor& p, const at::Tensor& sp, at::Tensor&
         const scalar_t* si = psp + i * C;
         int64_t c = 0;
         for (int64_t j = 1; j < C; ++j) c = pi[j] > pi[c] ? j : c;
+        const auto weighted = [&](int64_t j, scalar_t v) { return si[j] * v; };
         for (int64_t k = 0; k < K; ++k) {
-          scalar_t* r = pr + (i * K + k) * C;
-          const scalar_t rc = r[c];
-          double sum_pr = 0;
-          for (int64_t j = 0; j < C; ++j) sum_pr += static_cast<double>(pi[j]) * (r[j] - rc);
-          const scalar_t dot = static_cast<scalar_t>(sum_pr);
-          if (!std::isfinite(dot)) b = true;
-          for (int64_t j = 0; j < C; ++j) r[j] = si[j] * ((r[j] - rc) - dot);
+          if (!std::isfinite(loss_r_row(pi, weighted, pr + (i * K + k) * C, c, C))) b = true;
         }
       }
       if (b) bad = true;
