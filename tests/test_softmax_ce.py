@@ -221,11 +221,58 @@ def test_torch_compile_traces_the_op(rng):
     torch.testing.assert_close(compiled(z, u), 2 * ops.softmax_ce_hvp_ref(z, u))
 
 
+# ----------------------------------------------------------------------------- well-fit rows
+# Triton too where it runs (through the interpreter without a GPU: the calls that take it have few rows).
+TRITON_TOO = BACKENDS + (["triton"] if backend_status("softmax_ce_grad", "triton").usable else [])
+TRITON_TOO_DEVICES = {**DEVICES, "triton": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
+def _well_fit(rows, classes, margin, rng):
+    """float64 logits whose target is the top class by `margin` (a range) over a standard normal row: at C = 10 and
+    margins 9-13, 1 - p_y is ~1e-5, where an unlearning method's retain rows sit. Rows of over 8,192 classes have
+    their target in the last 1,000 and column 2 above the rest by half the smallest margin: Triton's 4,096-wide
+    column blocks meet a top class in the first block and the row's own in the third."""
+    z, u, y = _inputs((rows, classes), torch.float64, rng, scale=1.0)
+    if classes > 8192:
+        y = torch.randint(classes - 1000, classes, (rows,), generator=rng)
+        z[:, 2] = z.amax(dim=1) + margin[0] / 2
+    gap = torch.empty(rows, dtype=torch.float64).uniform_(*margin, generator=rng)
+    z[torch.arange(rows), y] = z.amax(dim=1) + gap
+    return z, u, y
+
+
+def _row_relative_error(out, exact):
+    """The largest |out - exact| of each row over that row's largest |exact|, the worst row's."""
+    return ((out.double() - exact).abs().amax(dim=1) / exact.abs().amax(dim=1)).max().item()
+
+
+@pytest.mark.parametrize("backend", [b for b in TRITON_TOO if b != "reference"])  # the reference is torch's formula
+# bfloat16 for the C++ kernel's reduced-precision path (float16 holds a row's entries of ~1e-5 as subnormals)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# C = 10 one block everywhere; C = 10,000 several vector blocks (C++), three column blocks (Triton, see _well_fit),
+# a block per row (CUDA)
+@pytest.mark.parametrize(("classes", "margin"), [(10, (9.0, 13.0)), (10_000, (20.0, 24.0))])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_well_fit_rows_keep_their_digits(backend, dtype, classes, margin, smoothing, rng):
+    """At a well-fit row (p_y ~ 1) p_y - 1 and u_y - <p, u> cancel in plain float32, as in torch's formula (4e-2 of
+    the row's largest entry at 1 - p_y ~ 1e-5): the kernels take the top class's share apart, so each row keeps the
+    accuracy of its own scale."""
+    z, u, y = _well_fit(16 if classes == 10 else 3, classes, margin, rng)
+    z, u = z.to(dtype), u.to(dtype)
+    exact_hvp, exact_grad = _exact_hvp(z, u), _exact_grad(z, y, smoothing)
+    device = TRITON_TOO_DEVICES[backend]
+    hvp = ops.softmax_ce_hvp(z.to(device), u.to(device), backend=backend).cpu()
+    grad = ops.softmax_ce_grad(z.to(device), y.to(device), label_smoothing=smoothing, backend=backend).cpu()
+    bound = 16 * torch.finfo(torch.float32).eps if dtype == torch.float32 else torch.finfo(dtype).eps
+    assert _row_relative_error(hvp, exact_hvp) <= bound
+    assert _row_relative_error(grad, exact_grad) <= bound
+    if dtype == torch.float32 and smoothing == 0.0:  # the plain float32 formulas do cancel on these rows
+        assert _row_relative_error(ops.softmax_ce_hvp_ref(z, u), exact_hvp) > 100 * bound
+        assert _row_relative_error(ops.softmax_ce_grad_ref(z, y), exact_grad) > 100 * bound
+
+
 # ----------------------------------------------------------------------------- bad input
-# Every backend, Triton included where it runs (through the interpreter without a GPU; these calls
-# are a few rows), must raise the same error, word for word, for the same bad input.
-ERROR_BACKENDS = BACKENDS + (["triton"] if backend_status("softmax_ce_grad", "triton").usable else [])
-ERROR_DEVICES = {**DEVICES, "triton": "cuda" if torch.cuda.is_available() else "cpu"}
+# Every backend, Triton included where it runs, must raise the same error, word for word, for the same bad input.
 
 
 def _bad_calls(z, u, y):
@@ -309,8 +356,8 @@ def _bad_calls(z, u, y):
 @pytest.mark.parametrize("case", sorted(_bad_calls(*_inputs((4, 5), torch.float32, torch.Generator()))))
 def test_bad_input_raises_the_same_error_from_every_backend(case, rng):
     messages = {}
-    for backend in ERROR_BACKENDS:
-        z, u, y = _inputs((4, 5), torch.float32, rng, ERROR_DEVICES[backend])
+    for backend in TRITON_TOO:
+        z, u, y = _inputs((4, 5), torch.float32, rng, TRITON_TOO_DEVICES[backend])
         exc, pattern, call = _bad_calls(z, u, y)[case]
         with pytest.raises(exc, match=pattern) as info:
             call(backend)
@@ -318,11 +365,11 @@ def test_bad_input_raises_the_same_error_from_every_backend(case, rng):
     assert len(set(messages.values())) == 1, messages
 
 
-@pytest.mark.parametrize("backend", ERROR_BACKENDS)
+@pytest.mark.parametrize("backend", TRITON_TOO)
 def test_integer_ignore_index_of_any_kind(backend, rng):
     """A numpy or negative integer ignore_index works on every backend (and is not confused with a
     float that the schema would truncate: see the "ignore_index float" case above)."""
-    z, _, y = _inputs((6, 4), torch.float64, rng, ERROR_DEVICES[backend])
+    z, _, y = _inputs((6, 4), torch.float64, rng, TRITON_TOO_DEVICES[backend])
     y[1] = 1
     for ignore_index in (np.int64(1), np.int32(1), 1):
         out = ops.softmax_ce_grad(z, y, ignore_index=ignore_index, backend=backend)
@@ -333,11 +380,11 @@ def test_integer_ignore_index_of_any_kind(backend, rng):
     torch.testing.assert_close(out, _exact_grad(z, y, ignore_index=-7), rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("backend", ERROR_BACKENDS)
+@pytest.mark.parametrize("backend", TRITON_TOO)
 def test_ignored_rows_are_zero_whatever_they_hold(backend, rng):
     """An ignored row's gradient is 0 even where its logits are NaN or all -inf (the reference once
     multiplied the row by a 0 mask, which keeps a NaN, while the kernels wrote zeros)."""
-    z, _, y = _inputs((5, 4), torch.float64, rng, ERROR_DEVICES[backend])
+    z, _, y = _inputs((5, 4), torch.float64, rng, TRITON_TOO_DEVICES[backend])
     z[1, 2], z[3] = float("nan"), float("-inf")
     y[1] = y[3] = -100
     out = ops.softmax_ce_grad(z, y, label_smoothing=0.1, backend=backend)
@@ -449,14 +496,14 @@ def _hvp_formula(z, u):
     return p * u - p * (p * u).sum(1, keepdim=True)
 
 
-@pytest.mark.parametrize("backend", ERROR_BACKENDS)
+@pytest.mark.parametrize("backend", TRITON_TOO)
 def test_forward_mode_and_torch_func_match_the_formulas(backend, rng):
     # A registered op carries no forward-mode rule: torch.func.jvp through the C++ and Triton kernels gave a
     # zero tangent without an error, forward_ad no tangent, and torch.func.grad torch's setup_context error.
     from torch.autograd import forward_ad
 
-    z, u, y = _inputs((5, 7), torch.float64, rng, ERROR_DEVICES[backend])
-    dz, du, _ = _inputs((5, 7), torch.float64, rng, ERROR_DEVICES[backend])
+    z, u, y = _inputs((5, 7), torch.float64, rng, TRITON_TOO_DEVICES[backend])
+    dz, du, _ = _inputs((5, 7), torch.float64, rng, TRITON_TOO_DEVICES[backend])
     y[2] = -100
     keep = (y != -100).unsqueeze(1).double()
 

@@ -4,7 +4,8 @@ Defines the ops ``unlearn_kernels_triton::softmax_ce_grad`` and ``unlearn_kernel
 (same schemas, semantics and errors as the C++ ops: the checks and messages come from
 ``unlearn_kernels.contracts.softmax_ce``; the public functions are in ``unlearn_kernels.ops.softmax_ce``). Each program
 owns ``ROWS`` rows and sweeps their classes in ``BLOCK``-wide column blocks twice: pass 1 keeps an
-online row max and rescaled sums (sum of exp, and <exp, u> for the HVP), pass 2 writes the output.
+online row max and rescaled sums (sum of exp, and <exp, u - u_top> relative to the row's top class for the
+HVP and, with the target's indicator as u, the gradient), pass 2 writes the output.
 So any number of classes works with a fixed register footprint and no (N, C) temporary.
 Accumulation is fp32 for fp16/bf16/fp32 inputs and fp64 for fp64 inputs.
 
@@ -34,14 +35,18 @@ _MAX_TILE = 4096
 
 
 @triton.jit
-def _row_stats(z_ptr, u_ptr, rows, row_ok, C, z_stride, u_stride,
-               ACC: tl.constexpr, WITH_U: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """Pass 1 over the rows. Returns, per row: the shift for exp (the row max, or 0 for an all -inf
-    row), sum_j exp(z_j - shift), sum_j exp(z_j - shift) u_j (0 unless WITH_U), and whether the
-    row is bad (a NaN, or a row max that is not finite)."""
+def _row_stats(z_ptr, u_ptr, y, rows, row_ok, C, z_stride, u_stride,
+               ACC: tl.constexpr, TANGENT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 1 over the rows. TANGENT: 0 none, 1 the tangent u at u_ptr, 2 the target's indicator u_j = [j == y].
+    Returns, per row: the shift for exp (the row max, or 0 for an all -inf row), sum_j exp(z_j - shift),
+    sum_j exp(z_j - shift) (u_j - u_top) with u_top the tangent at the row's top class (0s without a tangent),
+    u_top, and whether the row is bad (a NaN, or a row max that is not finite). Relative to the top class, the sum
+    holds no p_top u_top term to cancel at a well-fit row (p_top ~ 1); the top class may change from block to block,
+    and the sum so far is moved to the new one (it adds s (u_top_old - u_top_new))."""
     m = tl.full([ROWS], float("-inf"), ACC)
     s = tl.zeros([ROWS], ACC)
     d = tl.zeros([ROWS], ACC)
+    u_top = tl.zeros([ROWS], ACC)
     nan = tl.zeros([ROWS], tl.int32)
     z_row = z_ptr + rows * z_stride
     u_row = u_ptr + rows * u_stride
@@ -51,19 +56,27 @@ def _row_stats(z_ptr, u_ptr, rows, row_ok, C, z_stride, u_stride,
         x = tl.load(z_row[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(ACC)
         # tl.max does not promise to propagate NaN, so NaNs are tracked on their own.
         nan = tl.maximum(nan, tl.max((x != x).to(tl.int32), axis=1))
-        m_new = tl.maximum(m, tl.max(x, axis=1))
+        block_max = tl.max(x, axis=1)
+        m_new = tl.maximum(m, block_max)
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # keeps exp(-inf - -inf) out
         scale = tl.exp(m - shift)
         e = tl.exp(x - shift[:, None])
+        if TANGENT != 0:
+            if TANGENT == 1:
+                u = tl.load(u_row[:, None] + cols[None, :], mask=mask, other=0.0).to(ACC)
+            else:
+                u = (cols[None, :] == y[:, None]).to(ACC)
+            top = start + tl.argmax(x, axis=1)
+            u_block_top = tl.sum(tl.where(cols[None, :] == top[:, None], u, 0.0), axis=1)
+            u_new = tl.where(block_max > m, u_block_top, u_top)
+            d = (d + s * (u_top - u_new)) * scale + tl.sum(e * (u - u_new[:, None]), axis=1)
+            u_top = u_new
         s = s * scale + tl.sum(e, axis=1)
-        if WITH_U:
-            u = tl.load(u_row[:, None] + cols[None, :], mask=mask, other=0.0).to(ACC)
-            d = d * scale + tl.sum(e * u, axis=1)
         m = m_new
     shift = tl.where(m == float("-inf"), 0.0, m)
     # The C++ kernel's condition: a row max that is not finite (NaN, +inf, or an all -inf row).
     bad = (nan > 0) | ~(tl.abs(m) < float("inf"))
-    return shift, s, d, bad
+    return shift, s, d, u_top, bad
 
 
 @triton.jit
@@ -78,15 +91,18 @@ def _grad_kernel(z_ptr, y_ptr, out_ptr, flag_ptr, N, C, z_stride, smoothing_bits
     active = kept & in_range
     tl.store(flag_ptr + 1, 1, mask=tl.max((kept & ~in_range).to(tl.int32), axis=0) > 0)
 
-    shift, s, _d, bad = _row_stats(z_ptr, z_ptr, rows, active, C, z_stride, 0,
-                                   ACC, False, ROWS, BLOCK)
+    # p_y - 1 = <p, [j == y]> - 1 = (y_top - 1) + d / s: where the target is the top class (y_top = 1) that is minus
+    # the other classes' share, with no 1 / s - 1 to cancel at a well-fit row
+    shift, s, d, y_top, bad = _row_stats(z_ptr, z_ptr, y, rows, active, C, z_stride, 0,
+                                         ACC, 2, ROWS, BLOCK)
     tl.store(flag_ptr, 1, mask=tl.max((active & bad).to(tl.int32), axis=0) > 0)
 
     # The smoothing arrives as the bits of a float64 (Triton float arguments are fp32).
     smoothing = smoothing_bits.to(tl.int64).to(tl.float64, bitcast=True)
     off = (smoothing / C).to(ACC)  # smoothed target mass on every class
-    on = (1.0 - smoothing).to(ACC)  # extra mass on the target class
+    extra = (smoothing - smoothing / C).to(ACC)  # the target's entry is p_y - 1 + extra
     inv_sum = 1.0 / tl.where(active, s, 1.0)  # rows not computed would divide by 0
+    target_entry = (y_top - 1.0) + d * inv_sum + extra
     z_row = z_ptr + rows * z_stride
     out_row = out_ptr + rows * C
     for start in range(0, C, BLOCK):
@@ -94,7 +110,7 @@ def _grad_kernel(z_ptr, y_ptr, out_ptr, flag_ptr, N, C, z_stride, smoothing_bits
         mask = row_ok[:, None] & (cols < C)[None, :]
         x = tl.load(z_row[:, None] + cols[None, :], mask=mask & active[:, None], other=0.0).to(ACC)
         g = tl.exp(x - shift[:, None]) * inv_sum[:, None] - off
-        g = tl.where(cols[None, :] == y[:, None], g - on, g)
+        g = tl.where(cols[None, :] == y[:, None], target_entry[:, None], g)
         g = tl.where(active[:, None], g, 0.0)  # ignored rows are zero
         tl.store(out_row[:, None] + cols[None, :], g.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -105,12 +121,13 @@ def _hvp_kernel(z_ptr, u_ptr, out_ptr, flag_ptr, N, C, z_stride, u_stride,
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # int64: from 2**31 rows on int32 wraps
     row_ok = rows < N
-    shift, s, d, bad = _row_stats(z_ptr, u_ptr, rows, row_ok, C, z_stride, u_stride,
-                                  ACC, True, ROWS, BLOCK)
+    # p (u - <p, u>) = p ((u - u_top) - <p, u - u_top>), as sum_j p_j = 1
+    shift, s, d, u_top, bad = _row_stats(z_ptr, u_ptr, rows, rows, row_ok, C, z_stride, u_stride,
+                                         ACC, 1, ROWS, BLOCK)
     inv_sum = 1.0 / tl.where(row_ok, s, 1.0)  # padding rows would divide by 0
-    mean_u = d * inv_sum  # <p, u>
+    mean_r = d * inv_sum  # <p, u - u_top>
     tl.store(flag_ptr, 1, mask=tl.max((row_ok & bad).to(tl.int32), axis=0) > 0)
-    bad_u = row_ok & ~(tl.abs(mean_u) < float("inf"))
+    bad_u = row_ok & ~(tl.abs(mean_r) < float("inf"))
     tl.store(flag_ptr + 1, 1, mask=tl.max(bad_u.to(tl.int32), axis=0) > 0)
 
     z_row = z_ptr + rows * z_stride
@@ -122,8 +139,8 @@ def _hvp_kernel(z_ptr, u_ptr, out_ptr, flag_ptr, N, C, z_stride, u_stride,
         x = tl.load(z_row[:, None] + cols[None, :], mask=mask, other=0.0).to(ACC)
         u = tl.load(u_row[:, None] + cols[None, :], mask=mask, other=0.0).to(ACC)
         p = tl.exp(x - shift[:, None]) * inv_sum[:, None]
-        tl.store(out_row[:, None] + cols[None, :], (p * (u - mean_u[:, None])).to(out_ptr.dtype.element_ty),
-                 mask=mask)
+        out = p * ((u - u_top[:, None]) - mean_r[:, None])
+        tl.store(out_row[:, None] + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- launch helpers

@@ -53,40 +53,50 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
-// Online softmax state of a set of columns: max m, sum_j exp(z_j - m), sum_j exp(z_j - m) u_j,
-// and whether a NaN was seen (max comparisons silently drop NaNs).
+// Online softmax state of a set of columns: max m, sum_j exp(z_j - m), the tangent t at the top class
+// (the column at m), sum_j exp(z_j - m) (u_j - t), and whether a NaN was seen (max comparisons silently
+// drop NaNs). Relative to the top class, the last sum holds no p_top t term to cancel at a well-fit row
+// (p_top ~ 1, where u_top - <p, u> kept 4e-2 of the row's product in float32); when the top class changes,
+// the sum so far moves to the new one (it adds s (t_old - t_new)).
 // Trivially constructible, so that it can live in __shared__ memory: start from empty().
 template <typename acc_t>
 struct Stats {
-  acc_t m, s, d;
+  acc_t m, s, t, d;
   bool nan;
 
-  __device__ static Stats empty() { return {acc_t(-INFINITY), acc_t(0), acc_t(0), false}; }
+  __device__ static Stats empty() { return {acc_t(-INFINITY), acc_t(0), acc_t(0), acc_t(0), false}; }
 
   __device__ void add(acc_t x, acc_t u) {
     if (x > m) {
       const acc_t scale = exp(m - x);  // 0 while m = -inf
+      d = (d + s * (t - u)) * scale;  // the new top class adds exp(0) (u - u) = 0
       s = s * scale + acc_t(1);
-      d = d * scale + u;
+      t = u;
       m = x;
     } else {
       // an all -inf prefix adds nothing to s (and exp(-inf + inf) is NaN), but 0 * u still carries
-      // a NaN or Inf tangent into d, as on the CPU: <p, u> then reports it
+      // a NaN or Inf tangent into d, as on the CPU: <p, u - t> then reports it
       const acc_t e = m != -INFINITY ? exp(x - m) : acc_t(0);
       s += e;
-      d += e * u;
+      d += e * (u - t);
     }
     nan |= x != x;
   }
 
   __device__ void merge(const Stats& o) {
-    const acc_t m_new = m > o.m ? m : o.m;
+    const bool mine = m >= o.m;  // whose top class the merged state keeps
+    const acc_t m_new = mine ? m : o.m;
     if (m_new != -INFINITY) {
       const acc_t a = exp(m - m_new), b = exp(o.m - m_new);
+      if (mine) {
+        d = d * a + (o.d + o.s * (o.t - t)) * b;
+      } else {
+        d = (d + s * (t - o.t)) * a + o.d * b;
+        t = o.t;
+      }
       s = s * a + o.s * b;
-      d = d * a + o.d * b;
     } else {
-      d += o.d;  // both all -inf: s stays 0, d holds only 0 * u (NaN for a bad tangent)
+      d += o.d;  // both all -inf: s stays 0, d holds only 0 * (u - t) (NaN for a bad tangent)
     }
     m = m_new;
     nan |= o.nan;
@@ -98,6 +108,7 @@ __device__ Stats<acc_t> shfl_xor(const Stats<acc_t>& st, int lane_mask) {
   Stats<acc_t> o;
   o.m = __shfl_xor_sync(0xffffffffu, st.m, lane_mask);
   o.s = __shfl_xor_sync(0xffffffffu, st.s, lane_mask);
+  o.t = __shfl_xor_sync(0xffffffffu, st.t, lane_mask);
   o.d = __shfl_xor_sync(0xffffffffu, st.d, lane_mask);
   o.nan = __shfl_xor_sync(0xffffffffu, static_cast<int>(st.nan), lane_mask) != 0;
   return o;
@@ -153,12 +164,13 @@ __device__ RowCache<kTpr, P> row_cache(int64_t vectors, bool with_u) {
   }
 }
 
-// Pass 1 over a row: the online state of z (and of <exp(z - m), u> when u is given). The cached
+// Pass 1 over a row: the online state of z and of the tangent: u where given, else the indicator of
+// column `target` (of no column for target < 0). The cached
 // vectors are loaded first, kLoadBatch per array at a time with no arithmetic in between (many
 // loads in flight per thread: the cached mode runs one 1024-thread block per SM), then the rest of
 // the row is summed from global memory and the cached part from shared memory.
 template <int kTpr, int kVec, typename scalar_t, typename acc_t>
-__device__ Stats<acc_t> row_stats(const scalar_t* z_row, const scalar_t* u_row, int64_t C, int lane,
+__device__ Stats<acc_t> row_stats(const scalar_t* z_row, const scalar_t* u_row, int64_t target, int64_t C, int lane,
                                   const RowCache<kTpr, Pack<scalar_t, kVec>>& cache) {
   using P = Pack<scalar_t, kVec>;
   constexpr bool kCached = RowCache<kTpr, P>::kUsed;
@@ -186,16 +198,18 @@ __device__ Stats<acc_t> row_stats(const scalar_t* z_row, const scalar_t* u_row, 
     }
   }
   Stats<acc_t> st = Stats<acc_t>::empty();
-  const auto add = [&](const P zv, const P uv) {  // by value: one vector load each, not one per element
+  // by value: one vector load each, not one per element
+  const auto add = [&](int64_t k, const P zv, const P uv) {
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
-      st.add(static_cast<acc_t>(zv.v[e]), u != nullptr ? static_cast<acc_t>(uv.v[e]) : acc_t(0));
+      st.add(static_cast<acc_t>(zv.v[e]),
+             u != nullptr ? static_cast<acc_t>(uv.v[e]) : acc_t(k * kVec + e == target ? 1 : 0));
     }
   };
   const int64_t cached = kCached ? cache.vectors : 0;
-  for (int64_t k = cached + lane; k < C / kVec; k += kTpr) add(z[k], u != nullptr ? u[k] : P{});
+  for (int64_t k = cached + lane; k < C / kVec; k += kTpr) add(k, z[k], u != nullptr ? u[k] : P{});
   if constexpr (kCached) {
-    for (int64_t k = lane; k < cached; k += kTpr) add(cache.z[k], u != nullptr ? cache.u[k] : P{});
+    for (int64_t k = lane; k < cached; k += kTpr) add(k, cache.z[k], u != nullptr ? cache.u[k] : P{});
   }
   return merge_row<kTpr>(st);
 }
@@ -226,20 +240,21 @@ __global__ void __launch_bounds__(block_threads(kTpr))
   }
   const scalar_t* z = logits + row * z_stride;
   const RowCache<kTpr, P> cache = row_cache<kTpr, P>(cached, false);
-  const Stats<acc_t> st = row_stats<kTpr, kVec, scalar_t, acc_t>(z, nullptr, C, lane, cache);
+  // the target's indicator as the tangent: p_y - 1 = <p, [j == y]> - 1 = (t - 1) + d / s, where the target is
+  // the top class (t = 1) minus the other classes' share, with no 1 / s - 1 to cancel at a well-fit row
+  const Stats<acc_t> st = row_stats<kTpr, kVec, scalar_t, acc_t>(z, nullptr, y, C, lane, cache);
   if (lane == 0 && (st.nan || !isfinite(st.m))) flags[kBadLogits] = 1;
   const acc_t shift = st.m == -INFINITY ? acc_t(0) : st.m;
   const acc_t inv_sum = acc_t(1) / st.s;
   const acc_t off = static_cast<acc_t>(smoothing / C);  // smoothed target mass on every class
-  const acc_t on = static_cast<acc_t>(1.0 - smoothing);  // extra mass on the target class
+  const acc_t target_entry = (st.t - acc_t(1)) + st.d * inv_sum + static_cast<acc_t>(smoothing - smoothing / C);
   for (int64_t k = lane; k < C / kVec; k += kTpr) {
     const P zv = cache.at(cache.z, reinterpret_cast<const P*>(z), k);
     P g;
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
-      acc_t v = exp(static_cast<acc_t>(zv.v[e]) - shift) * inv_sum - off;
-      if (k * kVec + e == y) v -= on;
-      g.v[e] = static_cast<scalar_t>(v);
+      const acc_t v = exp(static_cast<acc_t>(zv.v[e]) - shift) * inv_sum - off;
+      g.v[e] = static_cast<scalar_t>(k * kVec + e == y ? target_entry : v);
     }
     o[k] = g;
   }
@@ -258,13 +273,14 @@ __global__ void __launch_bounds__(block_threads(kTpr))
   const scalar_t* z = logits + row * z_stride;
   const scalar_t* u = tangent + row * u_stride;
   const RowCache<kTpr, P> cache = row_cache<kTpr, P>(cached, true);
-  const Stats<acc_t> st = row_stats<kTpr, kVec, scalar_t, acc_t>(z, u, C, lane, cache);
+  // p (u - <p, u>) = p ((u - t) - <p, u - t>), as sum_j p_j = 1
+  const Stats<acc_t> st = row_stats<kTpr, kVec, scalar_t, acc_t>(z, u, -1, C, lane, cache);
   const acc_t shift = st.m == -INFINITY ? acc_t(0) : st.m;
   const acc_t inv_sum = acc_t(1) / st.s;
-  const acc_t mean_u = st.d * inv_sum;  // <p, u>
+  const acc_t mean_r = st.d * inv_sum;  // <p, u - t>
   if (lane == 0) {
     if (st.nan || !isfinite(st.m)) flags[kBadLogits] = 1;
-    if (!isfinite(mean_u)) flags[kBadOther] = 1;
+    if (!isfinite(mean_r)) flags[kBadOther] = 1;
   }
   P* o = reinterpret_cast<P*>(out + row * C);
   for (int64_t k = lane; k < C / kVec; k += kTpr) {
@@ -274,7 +290,7 @@ __global__ void __launch_bounds__(block_threads(kTpr))
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
       const acc_t p = exp(static_cast<acc_t>(zv.v[e]) - shift) * inv_sum;
-      h.v[e] = static_cast<scalar_t>(p * (static_cast<acc_t>(uv.v[e]) - mean_u));
+      h.v[e] = static_cast<scalar_t>(p * ((static_cast<acc_t>(uv.v[e]) - st.t) - mean_r));
     }
     o[k] = h;
   }
