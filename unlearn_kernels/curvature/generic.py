@@ -438,6 +438,14 @@ class GenericHessian(_TorchFuncOperator):
             mean.add(self.flatten_columns(self._forward_over_reverse(x, y, tangents)), y.shape[0])
         return mean.result()
 
+    def _matvec(self, vector: torch.Tensor) -> torch.Tensor:
+        if self.mode != "reverse-over-reverse":
+            return super()._matvec(vector)
+        # the vector as the parameters' views of it (contiguous, as a matmat's rows: the same values), without a
+        # matmat's per-parameter stacks and (d, K) layout: ~0.07 ms of a digits-MLP product's 2.8, a d-sized copy
+        tangents = list(self.unflatten(vector.contiguous()).values())
+        return self.cached_mean(self._graph, lambda graph: flatten_tensors(self._graph_product(graph, tangents)))
+
     def _gradient(self) -> torch.Tensor:
         if self.mode != "reverse-over-reverse":
             return super()._gradient()
@@ -468,18 +476,16 @@ class GenericHessian(_TorchFuncOperator):
     def _graph_products(self, graph: _GradientGraph, tangents: Tangents) -> Tangents:
         """H v = d(g . v)/dw for each of the K tangents: one backward through the kept graph each."""
         k = tangents[self.param_names[0]].shape[0]
-        names = [self.param_names[i] for i in graph.live]
-        columns = []
-        for i in range(k):
-            if not graph.live:
-                columns.append({n: torch.zeros_like(p) for n, p in self.params.items()})
-                continue
-            hv = torch.autograd.grad(
-                [graph.grads[j] for j in graph.live], graph.leaves, grad_outputs=[tangents[n][i] for n in names],
-                retain_graph=True, allow_unused=True, materialize_grads=True,
-            )
-            columns.append(dict(zip(self.param_names, hv)))
-        return _stack(columns)
+        columns = [self._graph_product(graph, [tangents[n][i] for n in self.param_names]) for i in range(k)]
+        return _stack([dict(zip(self.param_names, hv)) for hv in columns])
+
+    def _graph_product(self, graph: _GradientGraph, vector: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """H v for one tangent ``vector`` (a tensor per parameter): one backward through the kept graph."""
+        if not graph.live:
+            return tuple(torch.zeros_like(p) for p in self.params.values())
+        return torch.autograd.grad([graph.grads[j] for j in graph.live], graph.leaves,
+                                   grad_outputs=[vector[j] for j in graph.live], retain_graph=True,
+                                   allow_unused=True, materialize_grads=True)
 
 
 class GGNOperator(_TorchFuncOperator):
