@@ -52,9 +52,19 @@ acc_t row_max(const scalar_t* z, int64_t C) {
 }
 
 // The row's top class: its first column at the row max m (column 0 where m is NaN, which is reported).
+// A vector at a time, as row_max.
 template <typename scalar_t, typename acc_t>
 int64_t top_class(const scalar_t* z, int64_t C, acc_t m) {
-  for (int64_t j = 0; j < C; ++j) {
+  int64_t j = 0;
+  if constexpr (kVectorised<scalar_t>) {
+    using Vec = at::vec::Vectorized<scalar_t>;
+    const Vec vm(m);
+    for (; j + Vec::size() <= C; j += Vec::size()) {
+      const int at_max = (Vec::loadu(z + j) != vm).zero_mask();  // a bit per lane equal to m
+      if (at_max != 0) return j + __builtin_ctz(at_max);
+    }
+  }
+  for (; j < C; ++j) {
     if (static_cast<acc_t>(z[j]) == m) return j;
   }
   return 0;
