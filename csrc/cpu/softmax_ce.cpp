@@ -142,13 +142,17 @@ void hvp_row(const scalar_t* z, const scalar_t* u, scalar_t* out, int64_t C, boo
     const acc_t inv_sum = static_cast<acc_t>(1.0 / sum);
     const acc_t mean_r = static_cast<acc_t>(dot / sum);  // <p, u - u_top>
     if (!std::isfinite(mean_r)) *bad_tangent = true;
+    // u_j - <p, u> for the other classes: their p_j <= 1 - p_top keeps the rounding of <p, u> to the row's scale
+    const acc_t mean_u = u_top + mean_r;
     using Vec = at::vec::Vectorized<scalar_t>;
-    const Vec vinv(inv_sum), vmean(mean_r), vtop(u_top);
+    const Vec vinv(inv_sum), vmean(mean_u);
+    const scalar_t e_top = out[top];
     int64_t j = 0;
     for (; j + Vec::size() <= C; j += Vec::size()) {
-      (Vec::loadu(out + j) * vinv * ((Vec::loadu(u + j) - vtop) - vmean)).store(out + j);
+      (Vec::loadu(out + j) * vinv * (Vec::loadu(u + j) - vmean)).store(out + j);
     }
-    for (; j < C; ++j) out[j] = out[j] * inv_sum * ((u[j] - u_top) - mean_r);
+    for (; j < C; ++j) out[j] = out[j] * inv_sum * (u[j] - mean_u);
+    out[top] = e_top * inv_sum * -mean_r;
   } else {
     const acc_t u_top = static_cast<acc_t>(u[top]);
     double sum = 0, dot = 0;
