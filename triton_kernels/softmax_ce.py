@@ -122,7 +122,7 @@ def _hvp_kernel(z_ptr, u_ptr, out_ptr, flag_ptr, N, C, z_stride, u_stride,
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # int64: from 2**31 rows on int32 wraps
     row_ok = rows < N
     # p (u - <p, u>) = p ((u - u_top) - <p, u - u_top>), as sum_j p_j = 1
-    shift, s, d, u_top, bad = _row_stats(z_ptr, u_ptr, rows, rows, row_ok, C, z_stride, u_stride,
+    shift, s, d, u_top, bad = _row_stats(z_ptr, u_ptr, 0, rows, row_ok, C, z_stride, u_stride,  # no target (0)
                                          ACC, 1, ROWS, BLOCK)
     inv_sum = 1.0 / tl.where(row_ok, s, 1.0)  # padding rows would divide by 0
     mean_r = d * inv_sum  # <p, u - u_top>

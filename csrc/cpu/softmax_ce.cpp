@@ -1,7 +1,9 @@
 // C++ CPU kernels for the softmax cross-entropy gradient and Hessian-vector product on logits.
-// One row at a time (rows in parallel): pass 1 finds the row max, pass 2 writes exp(z - max)
-// into the output row while accumulating its sum (and <exp, u>), pass 3 rescales the output row
-// in place. The row stays in cache between passes, so no N x C temporary is ever allocated.
+// One row at a time (rows in parallel): pass 1 finds the row max (and the hvp its top class), pass 2
+// writes exp(z - max) into the output row while accumulating its sum (and <exp, u - u_top>), pass 3
+// rescales the output row in place (the gradient of a row whose target is its top class sums the other
+// classes' exponentials before). The row stays in cache between passes, so no N x C temporary is ever
+// allocated.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Functions.h>
@@ -142,17 +144,15 @@ void hvp_row(const scalar_t* z, const scalar_t* u, scalar_t* out, int64_t C, boo
     const acc_t inv_sum = static_cast<acc_t>(1.0 / sum);
     const acc_t mean_r = static_cast<acc_t>(dot / sum);  // <p, u - u_top>
     if (!std::isfinite(mean_r)) *bad_tangent = true;
-    // u_j - <p, u> for the other classes: their p_j <= 1 - p_top keeps the rounding of <p, u> to the row's scale
-    const acc_t mean_u = u_top + mean_r;
+    // every class relative to the top class too: u_j - (u_top + mean_r) would round to eps |u_top|, 4.6e-5 of a
+    // well-fit row's largest entry where the tangent's entries share an offset of 100
     using Vec = at::vec::Vectorized<scalar_t>;
-    const Vec vinv(inv_sum), vmean(mean_u);
-    const scalar_t e_top = out[top];
+    const Vec vinv(inv_sum), vmean(mean_r), vtop(u_top);
     int64_t j = 0;
     for (; j + Vec::size() <= C; j += Vec::size()) {
-      (Vec::loadu(out + j) * vinv * (Vec::loadu(u + j) - vmean)).store(out + j);
+      (Vec::loadu(out + j) * vinv * ((Vec::loadu(u + j) - vtop) - vmean)).store(out + j);
     }
-    for (; j < C; ++j) out[j] = out[j] * inv_sum * (u[j] - mean_u);
-    out[top] = e_top * inv_sum * -mean_r;
+    for (; j < C; ++j) out[j] = out[j] * inv_sum * ((u[j] - u_top) - mean_r);
   } else {
     const acc_t u_top = static_cast<acc_t>(u[top]);
     double sum = 0, dot = 0;

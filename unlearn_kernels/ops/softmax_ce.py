@@ -50,8 +50,9 @@ def softmax_ce_hvp_ref(logits: torch.Tensor, tangent: torch.Tensor) -> torch.Ten
 
 # --------------------------------------------------------------------------- checks
 def _check_finite_ref(op: str, logits: torch.Tensor, tangent: torch.Tensor | None) -> None:
-    """The reference backend's finiteness check, the kernels' conditions: a finite row max, and a
-    finite <p, u>."""
+    """The reference backend's finiteness check: a finite row max, and a finite <p, u> (the kernels'
+    conditions, which take <p, u - u_top> with u_top the tangent at the row's top class: the same verdict
+    but for a finite tangent near the dtype's largest value, see ``softmax_ce_hvp``)."""
     if not bool(torch.isfinite(logits.amax(dim=1)).all()):
         raise ValueError(f"{op}: {contract.BAD_LOGITS}")
     if tangent is not None:
@@ -139,14 +140,14 @@ def softmax_ce_hvp(
 
     Returns:
         (N, C) contiguous tensor of the logits' dtype. Differentiable w.r.t. logits and tangent, as
-        ``softmax_ce_grad`` is. In float32 the compiled kernels sum ``exp(z - max) u`` over a row in
-        float32, the reference in float64: a tangent near float32's largest value (entries of 3e37
-        over 16 classes, 1e36 over 1,024) overflows that sum in the kernels, which then refuse it as
-        non-finite (or return -Inf with ``check_finite=False``) where the reference computes it. In
-        either float type the kernels form ``u - <p, u>`` before the product with p, the reference
-        ``p u - p <p, u>``: a tangent with entries of both signs within a factor of two of the dtype's
-        largest value (3e38 in float32, 1.7e308 in float64) makes that difference Inf in the kernels,
-        which they return (the check covers the inputs and ``<p, u>``), where the reference is finite.
+        ``softmax_ce_grad`` is. The compiled kernels take the tangent relative to the row's top class,
+        ``p ((u - u_top) - <p, u - u_top>)``, which keeps a well-fit row's digits (``u_top - <p, u>``
+        cancels there), and sum ``exp(z - max) (u - u_top)`` over a row in float32 for float32 input;
+        the reference sums ``p u`` in float64. So a tangent whose entries differ by nearly the dtype's
+        largest value (entries of both signs within a factor of two of it, 3e38 in float32, 1.7e308 in
+        float64; or differences of 3e37 over 16 equally likely classes in float32) overflows in the
+        kernels, which then refuse it as non-finite (or return Inf or NaN with ``check_finite=False``),
+        where the reference computes it.
         Meta tensors give a meta result of that shape, with no finiteness check.
     """
     op = contract.HVP
