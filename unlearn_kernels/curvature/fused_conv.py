@@ -8,7 +8,7 @@ windows). Losses: those of the fused MLP path (``nn.CrossEntropyLoss`` with mean
 label smoothing and ignore_index, no class weights; ``F.cross_entropy``).
 
 At fixed weights each batch keeps its forward state: every block's input, each pool's selected
-positions, the ReLU masks, the gradient w.r.t. every convolution's output, the softmax, and the first
+positions, the ReLU masks, the gradient w.r.t. every convolution's output, the logits, and the first
 convolution's input as an im2col matrix. A product is then only the tangent-dependent work, per block
 (input h, output gradient d, weight W, tangent V; R marks the directional derivative):
 
@@ -16,7 +16,8 @@ convolution's input as an im2col matrix. A product is then only the tangent-depe
     R-backward   Rd = mask * unpool(R d_out),   R d_in = conv_in(Rd, W) + conv_in(d, V),
                  R grad_W = conv_w(h, Rd) + conv_w(Rh, d),   R grad_b = sum Rd
 
-and the softmax's R-rows at the head. Two choices make it faster than a double backward through
+and the softmax's R-rows at the head (``ops.softmax_ce_hvp``, which takes each row's tangent relative to its top
+class, as the gradient ``ops.softmax_ce_grad`` takes p_y - 1: float32 keeps a well-fit row's digits). Two choices make it faster than a double backward through
 the model's gradient graph (PyHessian's single-batch mode) on the CPU, with the same convolutions:
 the state is stored channels-last (oneDNN's convolutions with 16-64 channels run 10-40% faster in
 that layout), and the first convolution, whose input does not depend on the weights, is a matmul
@@ -39,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import softmax_ce_grad, softmax_ce_hvp
 from .base import CurvatureOperator
 from .batches import DataSpec
 from .probes import check_loss_labels, LossFn
@@ -346,9 +348,11 @@ class FusedConvHessian(CurvatureOperator):
             # the probe ran the loss on the first batch only; a later batch's label out of range would
             # index the wrong class (a negative one) or fail as a bare IndexError
             check_loss_labels(self.loss_fn, logits, y, type(self).__name__)
-            probs = logits.softmax(dim=1)
             weights = self._row_weights(y)
-            dlogits = self._softmax_gradient(probs, y, weights)
+            # the ops take a well-fit row's p_y - 1 as minus the other classes' share: probs - onehot kept float32's
+            # absolute error of ~6e-8 there, a few percent of the row's gradient
+            dlogits = softmax_ce_grad(logits, y, label_smoothing=self._label_smoothing, ignore_index=self._ignore_index,
+                                      check_finite=False) * weights[:, None]
             d_out = self._spread(dlogits @ head_w, blocks[-1].out_shape)
             for i in reversed(range(len(blocks))):
                 st = blocks[i]
@@ -356,7 +360,7 @@ class FusedConvHessian(CurvatureOperator):
                 if i:
                     d_in = self._conv_backward(st.d, st.h, self._weights[i], i, (True, False, False))[0]
                     d_out = _nhwc(d_in).reshape(-1)
-        head = (pooled, probs, dlogits, weights)
+        head = (pooled, logits, dlogits, weights)
         tensors = [t for st in blocks for t in (st.h, st.select, st.mask, st.d) if t is not None] + list(head)
         tensors += [st.dense_weight for st in blocks if st.dense_weight is not None]
         return (blocks, head), sum(t.numel() * t.element_size() for t in tensors)
@@ -416,14 +420,6 @@ class FusedConvHessian(CurvatureOperator):
         every row is ignored: the batch contributes zero, as on the other paths, not 0/0)."""
         valid = (y != self._ignore_index).to(self.dtype)
         return valid / valid.sum().clamp_min(1)
-
-    def _softmax_gradient(self, probs: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """d loss / d logits: each row's weight times (softmax - smoothed one-hot target)."""
-        classes = probs.shape[1]
-        target = torch.full_like(probs, self._label_smoothing / classes)
-        valid = y != self._ignore_index
-        target[valid, y[valid]] += 1.0 - self._label_smoothing
-        return (probs - target) * weights[:, None]
 
     @staticmethod
     def _spread(d_pooled: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -523,7 +519,7 @@ class FusedConvHessian(CurvatureOperator):
 
     def _product(self, entry: tuple, column: torch.Tensor) -> torch.Tensor:
         """H v on one batch's state for one flat tangent ``column``."""
-        blocks, (pooled, probs, dlogits, weights) = entry
+        blocks, (pooled, logits, dlogits, weights) = entry
         out = torch.zeros_like(column)
 
         def put(name: str | None, value: torch.Tensor) -> None:
@@ -561,14 +557,15 @@ class FusedConvHessian(CurvatureOperator):
         v_hw = self._tangent(column, self._net.head_weight)
         v_hb = self._tangent(column, self._net.head_bias)
         r_pooled = r_h.mean(dim=(2, 3)) if r_h is not None else None
-        r_logits = torch.zeros_like(probs)
+        r_logits = torch.zeros_like(logits)
         if r_pooled is not None:
             r_logits += r_pooled @ head_w.T
         if v_hw is not None:
             r_logits += pooled @ v_hw.T
         if v_hb is not None:
             r_logits += v_hb
-        r_dlogits = probs * (r_logits - (probs * r_logits).sum(dim=1, keepdim=True)) * weights[:, None]
+        # p (r - <p, r>) relative to each row's top class (the op): r_top - <p, r> cancelled at a well-fit row
+        r_dlogits = softmax_ce_hvp(logits, r_logits, check_finite=False) * weights[:, None]
         head_grad = r_dlogits.T @ pooled
         if r_pooled is not None:
             head_grad += dlogits.T @ r_pooled
