@@ -17,10 +17,10 @@ convolution's input as an im2col matrix. A product is then only the tangent-depe
                  R grad_W = conv_w(h, Rd) + conv_w(Rh, d),   R grad_b = sum Rd
 
 and the softmax's R-rows at the head (``ops.softmax_ce_hvp``, which takes each row's tangent relative to its top
-class, as the gradient ``ops.softmax_ce_grad`` takes p_y - 1: float32 keeps a well-fit row's digits). Two choices make it faster than a double backward through
-the model's gradient graph (PyHessian's single-batch mode) on the CPU, with the same convolutions:
-the state is stored channels-last (oneDNN's convolutions with 16-64 channels run 10-40% faster in
-that layout), and the first convolution, whose input does not depend on the weights, is a matmul
+class, as the gradient ``ops.softmax_ce_grad`` takes p_y - 1: float32 keeps a well-fit row's digits). Two choices
+make it faster than a double backward through the model's gradient graph (PyHessian's single-batch mode) on the
+CPU, with the same convolutions: the state is stored channels-last (oneDNN's convolutions with 16-64 channels run
+10-40% faster in that layout), and the first convolution, whose input does not depend on the weights, is a matmul
 with its cached im2col matrix (a convolution with one or three input channels runs far below the
 machine's matmul speed). Pooling and masks are one gather and one scatter per block over precomputed
 flat indices. A later convolution whose input map has no more pixels than its kernel has taps (a 2x2
