@@ -20,8 +20,10 @@ BACKENDS = list(DEVICES)
 # On CUDA: up to 1,024 classes a warp per row; above, a block per row, which keeps rows of 32 KB and more in shared
 # memory between its passes, as much as fits (on an H100): (5, 12288) whole (float32 16-byte vectors), (3, 9001)
 # whole in scalar loads, (4, 50000) in part (the hvp's float32 rows and every float64 row), (3, 50001) in part in
-# scalar loads, (33, 4099) not at all in float32.
-SHAPES = [(1, 1), (3, 2), (7, 10), (64, 17), (256, 1000), (33, 4099), (5, 12288), (3, 9001), (4, 50000), (3, 50001)]
+# scalar loads, (33, 4099) not at all in float32. On the CPU rows of under 16 classes go in tiles of rows ((1000, 7):
+# two).
+SHAPES = [(1, 1), (3, 2), (7, 10), (1000, 7), (64, 17), (256, 1000), (33, 4099), (5, 12288), (3, 9001), (4, 50000),
+          (3, 50001)]
 
 
 def _inputs(shape, dtype, rng, device="cpu", scale=3.0):
@@ -82,16 +84,21 @@ def test_grad_matches_float64_formula(backend, shape, dtype, smoothing, rng):
     assert_within_rule(out, ops.softmax_ce_grad_ref(z, y, smoothing), _exact_grad(z, y, smoothing))
 
 
-def test_parallel_rows_match_serial(threads, rng):
+# C = 33 a row at a time; C = 7 (under 16 classes) tiles of 585 rows in the C++ kernel
+@pytest.mark.parametrize("classes", [33, 7])
+def test_parallel_rows_match_serial(threads, classes, rng):
     """Many short rows split across threads; errors raised from worker threads still surface."""
-    z, u, y = _inputs((5000, 33), torch.float32, rng)
+    z, u, y = _inputs((5000, classes), torch.float32, rng)
     assert_within_rule(ops.softmax_ce_hvp(z, u, backend="cpp"), ops.softmax_ce_hvp_ref(z, u), _exact_hvp(z, u))
     assert_within_rule(ops.softmax_ce_grad(z, y, backend="cpp"), ops.softmax_ce_grad_ref(z, y), _exact_grad(z, y))
-    y[[4900, 4321, 2500]] = torch.tensor([40, 33, -7])  # several bad rows in different threads' blocks
+    y[[4900, 4321, 2500]] = torch.tensor([40, classes, -7])  # several bad rows in different threads' blocks
     with pytest.raises(ValueError, match=r"target\[2500\] = -7 is out of range"):
         ops.softmax_ce_grad(z, y, backend="cpp")
     z[4999, 0] = float("nan")
     with pytest.raises(ValueError, match="logits contain NaN"):
+        ops.softmax_ce_hvp(z, u, backend="cpp")
+    u[4999], z[4999, 0] = float("inf"), 0.0
+    with pytest.raises(ValueError, match="tangent contains NaN or Inf"):
         ops.softmax_ce_hvp(z, u, backend="cpp")
 
 

@@ -213,6 +213,91 @@ void grad_row(const scalar_t* z, int64_t y, scalar_t* out, int64_t C, double smo
   }
 }
 
+// Rows of fewer than kTileClasses classes go a tile of rows at a time (float32 and float64): each row's max and
+// z - max into the output, the tile's exponentials in full vectors, then each row's double sums and its entries.
+// There a row's own vectors hold few or none of its classes (a scalar exp each): 4,096 x 10 rows 183 -> 149 us for
+// the hvp, 1,797 x 10 87 -> 70 us (best of 25 x 40 calls, one thread, on an Intel Xeon); from 16 classes on the
+// rows' own vectors were as fast or faster (the tile's sums go a class at a time).
+constexpr int64_t kTileClasses = 16;
+constexpr int64_t kTileElements = 4096;
+
+int64_t tile_rows(int64_t C) { return std::max<int64_t>(1, kTileElements / C); }
+
+// exp in place over n contiguous values, in full vectors (the tail a partial one).
+template <typename scalar_t>
+void exp_in_place(scalar_t* x, int64_t n) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  for (int64_t j = 0; j < n; j += Vec::size()) {
+    const int64_t k = std::min<int64_t>(Vec::size(), n - j);
+    Vec::loadu(x + j, k).exp().store(x + j, k);
+  }
+}
+
+// Rows [0, rows) of a tile: z, u strided by zs, us; out dense. As hvp_row: every class relative to the top class.
+template <typename scalar_t>
+void hvp_tile(const scalar_t* z, int64_t zs, const scalar_t* u, int64_t us, scalar_t* out, int64_t rows, int64_t C,
+              int64_t* top, bool* bad_logits, bool* bad_tangent) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* zr = z + r * zs;
+    const scalar_t m = row_max<scalar_t, scalar_t>(zr, C);
+    if (!std::isfinite(m)) *bad_logits = true;
+    top[r] = top_class<scalar_t, scalar_t>(zr, C, m);
+    for (int64_t j = 0; j < C; ++j) out[r * C + j] = zr[j] - m;
+  }
+  exp_in_place(out, rows * C);
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* ur = u + r * us;
+    scalar_t* e = out + r * C;
+    const scalar_t u_top = ur[top[r]];
+    double sum = 0, dot = 0;
+    for (int64_t j = 0; j < C; ++j) {
+      sum += e[j];
+      dot += static_cast<double>(e[j]) * static_cast<double>(ur[j] - u_top);
+    }
+    const scalar_t inv_sum = static_cast<scalar_t>(1.0 / sum), mean_r = static_cast<scalar_t>(dot / sum);
+    if (!std::isfinite(mean_r)) *bad_tangent = true;
+    for (int64_t j = 0; j < C; ++j) e[j] = e[j] * inv_sum * ((ur[j] - u_top) - mean_r);
+  }
+}
+
+// As grad_row, a tile at a time; p_y - 1 is always minus the other classes' share (their sum comes with the row's).
+// Rows whose target is ignore_index are zero, and out of range ones are flagged (their logits unread).
+template <typename scalar_t>
+void grad_tile(const scalar_t* z, int64_t zs, const int64_t* y, scalar_t* out, int64_t rows, int64_t C,
+               double smoothing, int64_t ignore_index, bool* bad_logits, bool* bad_target) {
+  const auto kept = [&](int64_t r) { return y[r] != ignore_index && y[r] >= 0 && y[r] < C; };
+  for (int64_t r = 0; r < rows; ++r) {
+    scalar_t* o = out + r * C;
+    if (!kept(r)) {
+      if (y[r] != ignore_index) *bad_target = true;
+      std::fill(o, o + C, scalar_t(0));  // exp(0) below, then zeroed again
+      continue;
+    }
+    const scalar_t* zr = z + r * zs;
+    const scalar_t m = row_max<scalar_t, scalar_t>(zr, C);
+    if (!std::isfinite(m)) *bad_logits = true;
+    for (int64_t j = 0; j < C; ++j) o[j] = zr[j] - m;
+  }
+  exp_in_place(out, rows * C);
+  const scalar_t off = static_cast<scalar_t>(smoothing / C);  // smoothed target mass on every class
+  const double target_extra = smoothing - smoothing / C;      // the target's entry is p_y - 1 + this
+  for (int64_t r = 0; r < rows; ++r) {
+    scalar_t* e = out + r * C;
+    if (!kept(r)) {
+      std::fill(e, e + C, scalar_t(0));
+      continue;
+    }
+    double sum = 0, rest = 0;
+    for (int64_t j = 0; j < C; ++j) {
+      sum += e[j];
+      if (j != y[r]) rest += e[j];
+    }
+    const scalar_t inv_sum = static_cast<scalar_t>(1.0 / sum);
+    for (int64_t j = 0; j < C; ++j) e[j] = e[j] * inv_sum - off;
+    e[y[r]] = static_cast<scalar_t>(target_extra - rest / sum);
+  }
+}
+
 // Rows may be strided; the class dimension must be dense.
 at::Tensor rows_dense(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
 
@@ -230,7 +315,18 @@ at::Tensor softmax_ce_hvp_cpu(const at::Tensor& logits_in, const at::Tensor& tan
     const int64_t zs = logits.stride(0), us = tangent.stride(0);
     at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
       bool bl = false, bt = false;
-      for (int64_t i = begin; i < end; ++i) hvp_row<scalar_t>(z + i * zs, u + i * us, o + i * C, C, &bl, &bt);
+      int64_t i = begin;
+      if constexpr (kVectorised<scalar_t>) {
+        if (C < kTileClasses) {
+          const int64_t step = tile_rows(C);
+          std::vector<int64_t> top(step);
+          for (; i < end; i += step) {
+            hvp_tile<scalar_t>(z + i * zs, zs, u + i * us, us, o + i * C, std::min(end - i, step), C, top.data(), &bl,
+                               &bt);
+          }
+        }
+      }
+      for (; i < end; ++i) hvp_row<scalar_t>(z + i * zs, u + i * us, o + i * C, C, &bl, &bt);
       if (bl) bad_logits = true;
       if (bt) bad_tangent = true;
     });
@@ -257,7 +353,17 @@ at::Tensor softmax_ce_grad_cpu(const at::Tensor& logits_in, const at::Tensor& ta
     const int64_t zs = logits.stride(0);
     at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
       bool bl = false, bt = false;
-      for (int64_t i = begin; i < end; ++i) {
+      int64_t i = begin;
+      if constexpr (kVectorised<scalar_t>) {
+        if (C < kTileClasses) {
+          const int64_t step = tile_rows(C);
+          for (; i < end; i += step) {
+            grad_tile<scalar_t>(z + i * zs, zs, y + i, o + i * C, std::min(end - i, step), C, label_smoothing,
+                                ignore_index, &bl, &bt);
+          }
+        }
+      }
+      for (; i < end; ++i) {
         if (y[i] == ignore_index) {
           std::fill(o + i * C, o + (i + 1) * C, scalar_t(0));
         } else if (y[i] < 0 || y[i] >= C) {
