@@ -259,7 +259,7 @@ def _row_relative_error(out, exact):
     return ((out.double() - exact).abs().amax(dim=1) / exact.abs().amax(dim=1)).max().item()
 
 
-@pytest.mark.parametrize("backend", [b for b in TRITON_TOO if b != "reference"])  # the reference is torch's formula
+@pytest.mark.parametrize("backend", TRITON_TOO)
 # bfloat16 for the C++ kernel's reduced-precision path (float16 holds a row's entries of ~1e-5 as subnormals)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 # C = 10 one block everywhere; C = 10,000 several vector blocks (C++), three column blocks (Triton, see _well_fit),
@@ -271,8 +271,8 @@ def _row_relative_error(out, exact):
 @pytest.mark.parametrize("tangent_offset", [0.0, 100.0])
 def test_well_fit_rows_keep_their_digits(backend, dtype, classes, margin, smoothing, tangent_offset, rng):
     """At a well-fit row (p_y ~ 1) p_y - 1 and u_y - <p, u> cancel in plain float32, as in torch's formula (4e-2 of
-    the row's largest entry at 1 - p_y ~ 1e-5): the kernels take the top class's share apart, so each row keeps the
-    accuracy of its own scale."""
+    the row's largest entry at 1 - p_y ~ 1e-5): every backend (the kernels and the references) takes the top class's
+    share apart, so each row keeps the accuracy of its own scale."""
     z, u, y = _well_fit(16 if classes == 10 else 3, classes, margin, rng)
     z, u = z.to(dtype), (u + tangent_offset).to(dtype)
     exact_hvp, exact_grad = _exact_hvp(z, u), _exact_grad(z, y, smoothing)
@@ -282,9 +282,12 @@ def test_well_fit_rows_keep_their_digits(backend, dtype, classes, margin, smooth
     bound = 16 * torch.finfo(torch.float32).eps if dtype == torch.float32 else torch.finfo(dtype).eps
     assert _row_relative_error(hvp, exact_hvp) <= bound
     assert _row_relative_error(grad, exact_grad) <= bound
-    if dtype == torch.float32 and smoothing == 0.0:  # the plain float32 formulas do cancel on these rows
-        assert _row_relative_error(ops.softmax_ce_hvp_ref(z, u), exact_hvp) > 100 * bound
-        assert _row_relative_error(ops.softmax_ce_grad_ref(z, y), exact_grad) > 100 * bound
+    if dtype == torch.float32 and smoothing == 0.0:  # torch's float32 formulas do cancel on these rows
+        p = torch.softmax(z, dim=1)
+        assert _row_relative_error(p * u - p * (p * u).sum(dim=1, keepdim=True), exact_hvp) > 100 * bound
+        z_grad = z.clone().requires_grad_(True)
+        F.cross_entropy(z_grad, y, reduction="sum").backward()
+        assert _row_relative_error(z_grad.grad, exact_grad) > 100 * bound
 
 
 # ----------------------------------------------------------------------------- bad input
