@@ -118,6 +118,8 @@ def test_non_contiguous_inputs(backend, rng):
     y = torch.randint(0, z.shape[1], (z.shape[0],), generator=rng).to(z.device)
     assert_within_rule(ops.softmax_ce_hvp(z, u, backend=backend), ops.softmax_ce_hvp_ref(z, u), _exact_hvp(z, u))
     assert_within_rule(ops.softmax_ce_grad(z, y, backend=backend), ops.softmax_ce_grad_ref(z, y), _exact_grad(z, y))
+    z, u = big_z[::3, 3:10], big_u[::3, 5:12]  # strided rows of 7 classes: the C++ kernel's tiles
+    assert_within_rule(ops.softmax_ce_hvp(z, u, backend=backend), ops.softmax_ce_hvp_ref(z, u), _exact_hvp(z, u))
     zt, ut = big_z[:, :40].t(), big_u[:, :40].t()  # column-major: classes not dense
     assert_within_rule(ops.softmax_ce_hvp(zt, ut, backend=backend), ops.softmax_ce_hvp_ref(zt, ut), _exact_hvp(zt, ut))
 

@@ -1,5 +1,6 @@
 // C++ CPU kernels for the softmax cross-entropy gradient and Hessian-vector product on logits.
-// One row at a time (rows in parallel): pass 1 finds the row max (and the hvp its top class), pass 2
+// Rows of under kTileClasses classes go in tiles of rows (see hvp_tile); the others one row at a time (rows in
+// parallel): pass 1 finds the row max (and the hvp its top class), pass 2
 // writes exp(z - max) into the output row while accumulating its sum (and <exp, u - u_top>), pass 3
 // rescales the output row in place (the gradient of a row whose target is its top class sums the other
 // classes' exponentials before). The row stays in cache between passes, so no N x C temporary is ever
@@ -12,10 +13,12 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "../softmax_ce.h"
 #include "../message.h"
@@ -215,9 +218,9 @@ void grad_row(const scalar_t* z, int64_t y, scalar_t* out, int64_t C, double smo
 
 // Rows of fewer than kTileClasses classes go a tile of rows at a time (float32 and float64): each row's max and
 // z - max into the output, the tile's exponentials in full vectors, then each row's double sums and its entries.
-// There a row's own vectors hold few or none of its classes (a scalar exp each): 4,096 x 10 rows 183 -> 149 us for
-// the hvp, 1,797 x 10 87 -> 70 us (best of 25 x 40 calls, one thread, on an Intel Xeon); from 16 classes on the
-// rows' own vectors were as fast or faster (the tile's sums go a class at a time).
+// There a row's own vectors hold few or none of its classes (a scalar exp each): against the row path, 4,096 x 10
+// rows 205 -> 139 us for the hvp, 1,797 x 10 96 -> 66 us (best of many calls, one thread, on an Intel Xeon); from
+// 16 classes on the rows' own vectors were as fast or faster (the tile's sums go a class at a time).
 constexpr int64_t kTileClasses = 16;
 constexpr int64_t kTileElements = 4096;
 
