@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from .. import _extension
 from ..backends import choose
