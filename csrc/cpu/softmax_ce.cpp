@@ -175,15 +175,16 @@ void hvp_row(const scalar_t* z, const scalar_t* u, scalar_t* out, int64_t C, boo
 
 // Where the target is a top class, its p_y - 1 is minus the other classes' share, rest / sum: 1 / sum - 1 kept
 // float32's absolute error of ~6e-8, 4e-2 of a well-fit row's gradient at 1 - p_y ~ 1e-5 (torch's float32 too).
+// The reduced-precision path (and the tiles) sum the others in the same loop as the row, so take it so always.
 template <typename scalar_t>
 void grad_row(const scalar_t* z, int64_t y, scalar_t* out, int64_t C, double smoothing, bool* bad_logits) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t m = row_max<scalar_t, acc_t>(z, C);
   if (!std::isfinite(m)) *bad_logits = true;
-  const bool target_on_top = static_cast<acc_t>(z[y]) == m;
   const acc_t off = static_cast<acc_t>(smoothing / C);  // smoothed target mass on every class
   const double target_extra = smoothing - smoothing / C;  // the target's entry is p_y - 1 + this
   if constexpr (kVectorised<scalar_t>) {
+    const bool target_on_top = static_cast<acc_t>(z[y]) == m;
     const double sum = row_exp<scalar_t, acc_t>(z, nullptr, scalar_t(0), out, C, m, nullptr);
     const scalar_t e_y = out[y];
     double p_y_minus_1 = e_y / sum - 1.0;
@@ -208,10 +209,9 @@ void grad_row(const scalar_t* z, int64_t y, scalar_t* out, int64_t C, double smo
       if (j != y) rest += e;
     }
     const acc_t inv_sum = static_cast<acc_t>(1.0 / sum);
-    const double p_y_minus_1 = target_on_top ? -rest / sum : (sum - rest) / sum - 1.0;
     for (int64_t j = 0; j < C; ++j) {
       const acc_t g = std::exp(static_cast<acc_t>(z[j]) - m) * inv_sum - off;
-      out[j] = static_cast<scalar_t>(j == y ? static_cast<acc_t>(p_y_minus_1 + target_extra) : g);
+      out[j] = static_cast<scalar_t>(j == y ? static_cast<acc_t>(target_extra - rest / sum) : g);
     }
   }
 }
@@ -301,6 +301,20 @@ void grad_tile(const scalar_t* z, int64_t zs, const int64_t* y, scalar_t* out, i
   }
 }
 
+// Rows [begin, end) of one parallel task: tile(first, rows) over tiles of rows where a row has under kTileClasses
+// classes (float32 and float64; tile is a generic lambda, so only those dtypes instantiate it), else row(i) a row at a
+// time.
+template <typename scalar_t, typename Tile, typename Row>
+void tiles_or_rows(int64_t begin, int64_t end, int64_t C, const Tile& tile, const Row& row) {
+  int64_t i = begin;
+  if constexpr (kVectorised<scalar_t>) {
+    if (C < kTileClasses) {
+      for (const int64_t step = tile_rows(C); i < end; i += step) tile(i, std::min(end - i, step));
+    }
+  }
+  for (; i < end; ++i) row(i);
+}
+
 // Rows may be strided; the class dimension must be dense.
 at::Tensor rows_dense(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
 
@@ -318,18 +332,14 @@ at::Tensor softmax_ce_hvp_cpu(const at::Tensor& logits_in, const at::Tensor& tan
     const int64_t zs = logits.stride(0), us = tangent.stride(0);
     at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
       bool bl = false, bt = false;
-      int64_t i = begin;
-      if constexpr (kVectorised<scalar_t>) {
-        if (C < kTileClasses) {
-          const int64_t step = tile_rows(C);
-          std::vector<int64_t> top(step);
-          for (; i < end; i += step) {
-            hvp_tile<scalar_t>(z + i * zs, zs, u + i * us, us, o + i * C, std::min(end - i, step), C, top.data(), &bl,
-                               &bt);
-          }
-        }
-      }
-      for (; i < end; ++i) hvp_row<scalar_t>(z + i * zs, u + i * us, o + i * C, C, &bl, &bt);
+      std::vector<int64_t> top;  // a tile's top classes
+      tiles_or_rows<scalar_t>(
+          begin, end, C,
+          [&](auto i, auto rows) {
+            top.resize(rows);
+            hvp_tile<scalar_t>(z + i * zs, zs, u + i * us, us, o + i * C, rows, C, top.data(), &bl, &bt);
+          },
+          [&](int64_t i) { hvp_row<scalar_t>(z + i * zs, u + i * us, o + i * C, C, &bl, &bt); });
       if (bl) bad_logits = true;
       if (bt) bad_tangent = true;
     });
@@ -356,25 +366,20 @@ at::Tensor softmax_ce_grad_cpu(const at::Tensor& logits_in, const at::Tensor& ta
     const int64_t zs = logits.stride(0);
     at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
       bool bl = false, bt = false;
-      int64_t i = begin;
-      if constexpr (kVectorised<scalar_t>) {
-        if (C < kTileClasses) {
-          const int64_t step = tile_rows(C);
-          for (; i < end; i += step) {
-            grad_tile<scalar_t>(z + i * zs, zs, y + i, o + i * C, std::min(end - i, step), C, label_smoothing,
-                                ignore_index, &bl, &bt);
-          }
-        }
-      }
-      for (; i < end; ++i) {
-        if (y[i] == ignore_index) {
-          std::fill(o + i * C, o + (i + 1) * C, scalar_t(0));
-        } else if (y[i] < 0 || y[i] >= C) {
-          bt = true;
-        } else {
-          grad_row<scalar_t>(z + i * zs, y[i], o + i * C, C, label_smoothing, &bl);
-        }
-      }
+      tiles_or_rows<scalar_t>(
+          begin, end, C,
+          [&](auto i, auto rows) {
+            grad_tile<scalar_t>(z + i * zs, zs, y + i, o + i * C, rows, C, label_smoothing, ignore_index, &bl, &bt);
+          },
+          [&](int64_t i) {
+            if (y[i] == ignore_index) {
+              std::fill(o + i * C, o + (i + 1) * C, scalar_t(0));
+            } else if (y[i] < 0 || y[i] >= C) {
+              bt = true;
+            } else {
+              grad_row<scalar_t>(z + i * zs, y[i], o + i * C, C, label_smoothing, &bl);
+            }
+          });
       if (bl) bad_logits = true;
       if (bt) bad_target = true;
     });
