@@ -603,6 +603,65 @@ def test_a_model_that_writes_its_input_in_place_leaves_the_callers_data_alone(pr
     assert all(torch.equal(d.x, x) for d, x in zip(sets, before))
 
 
+class _Centred(nn.Module):
+    """x - 0.25, then an MLP: in place (``x.sub_``) or not, the same function."""
+
+    def __init__(self, in_place: bool) -> None:
+        super().__init__()
+        self.in_place = in_place
+        self.net = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.sub_(0.25) if self.in_place else x - 0.25)
+
+
+@pytest.mark.parametrize("name", ["scrub", "bad_teacher", "lotus", "rfa"])
+def test_a_teacher_that_writes_its_input_in_place_leaves_the_students_batch_alone(problem, name):
+    """The distillation methods run their teacher, then the student, on one batch: with a model that centres its
+    input in place the student saw the batch centred twice (weights 0.01-0.13 off the same model written out of
+    place). The teacher now runs on a copy, and the two models give the same weights."""
+    _, forget, retain = problem
+    plain = init_model(lambda: _Centred(in_place=False), 0)
+    train(plain, LabeledData(torch.cat([forget.x, retain.x]), torch.cat([forget.y, retain.y])),
+          TrainConfig(epochs=2, batch_size=64, seed=0))
+    in_place = _Centred(in_place=True)
+    in_place.load_state_dict(plain.state_dict())
+    results = [_make(name).unlearn(m, LabeledData(forget.x.clone(), forget.y), LabeledData(retain.x.clone(), retain.y),
+                                   unseen=LabeledData(retain.x[:30] + 0.1, retain.y[:30]), seed=0).model
+               for m in (plain, in_place)]
+    for (key, a), b in zip(results[0].state_dict().items(), results[1].state_dict().values()):
+        assert torch.equal(a, b), key
+
+
+class _RenormalisedTokens(nn.Module):
+    """Digits' pixel values (0-16) as tokens through an embedding with ``max_norm``, whose forward renormalises the
+    rows it looks up in place (in eval mode too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(17, 4, max_norm=1.0), nn.Linear(4 * 64, 10)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.emb(tokens).flatten(1))
+
+
+def test_the_input_probe_does_not_change_the_weights_a_method_starts_from():
+    """The check that one sample of each set fits the model runs it on the private copy: an embedding with max_norm
+    renormalised the probed rows there, and ``original`` returned them changed (up to 9.5 off the caller's)."""
+    digits = load_digits()
+    tokens, y = torch.tensor(digits.data[:120], dtype=torch.long), torch.tensor(digits.target[:120])
+    torch.manual_seed(0)
+    model = _RenormalisedTokens().eval()
+    with torch.no_grad():
+        model.emb.weight.mul_(3.0)  # rows of norm above max_norm, as after an optimizer step
+    given = copy.deepcopy(model.state_dict())
+    result = METHODS["original"]().unlearn(model, LabeledData(tokens[:20], y[:20]), LabeledData(tokens[20:], y[20:]),
+                                           seed=0)
+    for key, value in result.model.state_dict().items():
+        assert torch.equal(value, given[key]), key
+        assert torch.equal(model.state_dict()[key], given[key]), key
+
+
 class _SparseTokens(nn.Module):
     def __init__(self) -> None:
         super().__init__()

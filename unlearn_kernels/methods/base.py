@@ -4,6 +4,7 @@ from __future__ import annotations
 import abc
 import copy
 import functools
+import itertools
 import math
 import operator
 import time
@@ -25,6 +26,7 @@ from ..checks import (
     refusing_uncopyable,
 )
 from ..curvature.distributed import all_gather_objects
+from ..curvature.params import WeightsKey, weights_key
 from ..labeled import LabeledData
 from ..training import check_dense_gradients, check_fits, check_module, model_device, seeded_rng
 
@@ -170,7 +172,8 @@ class Unlearner(abc.ABC):
 def checked_local_copy(method: Unlearner, model: nn.Module, forget: LabeledData, retain: LabeledData,
                         unseen: LabeledData | None, seed: Any) -> nn.Module:
     """The checks of the call (the seed, inference mode), of the model and of the sets this process holds
-    (emptiness aside), then the private copy of the model, run on one sample of each non-empty set. A
+    (emptiness aside), then the private copy of the model, run on one sample of each non-empty set (and made
+    again where that forward wrote the copy's parameters or buffers: the method starts from the given ones). A
     data-parallel method runs them inside its first collective, so that a rank that fails any of them
     is named to the others there."""
     check_seed(f"{method.name}: seed", seed)
@@ -181,8 +184,16 @@ def checked_local_copy(method: Unlearner, model: nn.Module, forget: LabeledData,
     method.check_model(model)
     sets = _check_sets(method.name, forget, retain, unseen)
     work = _private_copy(method.name, model)
+    state = _state_key(work)
     _check_fit(method, work, sets)
+    if _state_key(work) != state:  # the probe's forward wrote the copy's own state (an Embedding with max_norm
+        work = _private_copy(method.name, model)  # renormalises its rows in place): the given weights again
     return work
+
+
+def _state_key(model: nn.Module) -> WeightsKey:
+    """What changes when any of ``model``'s parameters or buffers is written (:func:`weights_key`)."""
+    return weights_key(itertools.chain(model.parameters(), model.buffers()))
 
 
 def _private_copy(name: str, model: nn.Module) -> nn.Module:

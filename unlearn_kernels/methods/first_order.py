@@ -16,6 +16,7 @@ import copy
 import itertools
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -56,10 +57,18 @@ def _num_classes(model: nn.Module, data: LabeledData) -> int:
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
-    """An eval-mode copy without gradients: a teacher."""
+    """An eval-mode copy without gradients: a teacher. Its forward runs on copies of its tensor
+    arguments: the student runs on the same batch after it, and a model that writes its input in place
+    (``x.sub_(mean)``) would otherwise hand the student the batch as the teacher's pass left it."""
     teacher = copy.deepcopy(model).eval()
     teacher.requires_grad_(False)
+    teacher.register_forward_pre_hook(_copied_arguments)
     return teacher
+
+
+def _copied_arguments(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A forward pre-hook: the call's tensor arguments replaced by copies."""
+    return tuple(arg.clone() if isinstance(arg, torch.Tensor) else arg for arg in args)
 
 
 def _random_teacher(model: nn.Module, seed: int) -> nn.Module:
