@@ -487,6 +487,41 @@ def test_non_finite_values_propagate_like_f_linear(backend):
     torch.testing.assert_close(out[rows], expected[rows])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("dtype", "scale"), [(torch.float32, 1e37), (torch.float64, 1e306)], ids=str)
+def test_an_adapter_whose_folded_weight_overflows_gives_the_finite_output(backend, dtype, scale):
+    """Enough rows make the C++ kernel fold the adapter into the weight, W + s B A: where s B A overflows the dtype
+    while s (x A^T) B^T does not, its output and input gradient were Inf in every entry (300 rows). Such a folded
+    weight is not used on the CPU: every backend gives the finite output and gradients of the reference."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(20, 24, dtype=dtype, generator=gen)
+    lora_a, lora_b = torch.full((4, 24), 10.0, dtype=dtype), torch.full((20, 4), 10.0, dtype=dtype)
+    x = torch.full((300, 24), 1e-10, dtype=dtype)
+    results = []
+    for op in (lambda *a: lora_linear(*a, backend=backend), lora_linear_ref):
+        leaves = _leaves(x, lora_b)
+        out = op(leaves[0], weight, None, lora_a, leaves[1], scale)
+        grads = torch.autograd.grad(out, leaves, torch.full_like(out, 1e-30))
+        results.append((out, *grads))
+    for ours, plain in zip(*results):  # sums of 300 rows: float32 rounding apart
+        assert ours.isfinite().all()
+        torch.testing.assert_close(ours, plain, rtol=2e-5 if dtype == torch.float32 else 1e-12, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_inf_in_the_adapter_gives_the_references_non_finite_entries(backend):
+    """An Inf in lora_b, with rows enough to fold the adapter into W: the folded weight holds it, and x W'^T met
+    Inf - Inf (NaN) where the unfolded sum is +-Inf. The C++ kernel now sums unfolded there: the same values as
+    the reference, NaN, +-Inf and finite alike."""
+    gen = torch.Generator().manual_seed(0)
+    x, weight, b, lora_a, lora_b, scale = make((300,), 24, 20, 4, torch.float64, "cpu", gen)
+    lora_b[3, 1] = float("inf")
+    ours, plain = lora_linear(x, weight, b, lora_a, lora_b, scale, backend=backend), lora_linear_ref(
+        x, weight, b, lora_a, lora_b, scale)
+    assert not ours[:, 3].isfinite().any()
+    torch.testing.assert_close(ours, plain, equal_nan=True)
+
+
 def _leaves(*tensors):
     return [t.detach().clone().requires_grad_() for t in tensors]
 

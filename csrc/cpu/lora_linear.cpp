@@ -89,6 +89,13 @@ bool merge(const at::Tensor& x, int64_t n_out) {
   return rows * (n_in + n_out) >= n_in * n_out;
 }
 
+// Whether the merged weight w = W + s B A holds a NaN or Inf. On the CPU its sum is checked (a pass
+// over w, ~1/500 of the GEMM that reads it; an overflowing sum of finite entries counts too): where
+// s B A overflows, or W, A or B hold non-finite values, the caller takes the unmerged path, whose
+// output is finite where x W^T + s (x A^T) B^T is and non-finite where the reference's is. Off the
+// CPU the check would wait for the device at every call, so the merged weight is taken as it is.
+bool merged_overflows(const at::Tensor& w) { return w.is_cpu() && !std::isfinite(w.sum().item<double>()); }
+
 // Chunks for the rank-r work: on CPU one per thread once there are kMinRows rows per chunk; off
 // the CPU one (the current stream is per thread, and the GPU is parallel by itself).
 int64_t num_chunks(const at::Tensor& x) {
@@ -129,7 +136,7 @@ std::pair<at::Tensor, at::Tensor> adapted_linear(const at::Tensor& x, const at::
                                                  const at::Tensor& lora_b, double scale,
                                                  const std::optional<at::Tensor>& left_weight) {
   const int64_t rows = x.size(0), n_out = weight.size(0);
-  const bool merged = merge(x, n_out);
+  bool merged = merge(x, n_out);
   const at::Tensor& l = left_weight.has_value() ? *left_weight : lora_a;
   const bool need_left = left_weight.has_value() || !merged;
   at::Tensor left = need_left ? at::empty({rows, l.size(0)}, x.options()) : at::Tensor();
@@ -146,6 +153,11 @@ std::pair<at::Tensor, at::Tensor> adapted_linear(const at::Tensor& x, const at::
       at::addmm_out(w_rows, rows_of(weight, block), rows_of(lora_b, block), lora_a, /*beta=*/1, /*alpha=*/scale);
     }
   });
+  if (merged && merged_overflows(w)) {
+    merged = false;
+    w = weight;
+    if (!need_left) left = at::mm(x, l.t());
+  }
   at::Tensor out = bias.has_value() ? gemm_bias(*bias, x, w.t()) : gemm(x, w.t());
   if (!merged) gemm_into(out, left.narrow(1, 0, lora_a.size(0)), lora_b.t(), /*beta=*/1, /*alpha=*/scale);
   return {out, left};
@@ -168,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
   check_like(op, "grad_out", grad_out, std::array<int64_t, 2>{x.size(0), weight.size(0)}, x);
   const auto [need_x, need_a, need_b] = output_mask;
   const int64_t rows = x.size(0), n_in = x.size(1), n_out = weight.size(0), rank = lora_a.size(0);
-  const bool merged = need_x && merge(x, n_out);
+  bool merged = need_x && merge(x, n_out);
   // g = s gy B (N, r), for grad_a and, without merging, for grad_x = gy W + g A.
   const bool need_g = need_a || (need_x && !merged);
   const int64_t chunks = num_chunks(x);
@@ -214,6 +226,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
       grad_b = at::empty({n_out, rank}, x.options());
       at::mul_out(grad_b, part_b.select(0, 0).t(), scale);
     }
+  }
+  if (merged && merged_overflows(w)) {
+    merged = false;
+    if (!need_g) g = at::mm(grad_out, lora_b).mul_(scale);
   }
   if (need_x) {
     grad_x = gemm(grad_out, merged ? w : weight);

@@ -299,10 +299,13 @@ def lora_linear(
     check the model's weights and data once, up front). One backend difference: with ``scale`` 0 the
     C++ kernel's BLAS calls skip the adapter's product (alpha 0), so a NaN or Inf in lora_a or lora_b
     does not reach its output, where the Triton and reference ones give NaN. Which non-finite value
-    an Inf gives can differ too: where the C++ kernel folds the adapter into W (enough rows, see
-    above), an Inf in x gives +-Inf where the unfolded sum meets Inf - Inf (NaN), and an Inf in lora_a
-    or lora_b gives NaN where the unfolded sum is +-Inf (W + s B A holds the Inf, and x W'^T meets
-    Inf - Inf); the same entries are non-finite on every backend.
+    an Inf in x gives can differ too: where the C++ kernel folds the adapter into W (enough rows, see
+    above), +-Inf where the unfolded sum meets Inf - Inf (NaN); the same entries are non-finite on
+    every backend. A folded weight W + s B A that is not finite (a NaN or Inf in W, lora_a or lora_b,
+    or s B A beyond the dtype's range) is not used on the CPU: the kernel sums unfolded there, as the
+    reference does. On CUDA it is used as it is (the check would wait for the GPU at every call): there
+    s B A beyond the dtype's range gives Inf where the reference's output is finite, and an Inf in
+    lora_a or lora_b NaN where the unfolded sum is +-Inf.
     """
     return _with_autocast_policy(_lora_linear, x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b,
                                  scale=scale, backend=backend)
