@@ -128,6 +128,18 @@ def test_an_m_too_large_to_show_a_decrease_is_lowered(rng):
     assert kept.stop_reason == "no_progress" and kept.steps == 0 and torch.equal(kept.w, w0)
 
 
+def test_the_lowered_re_solves_are_capped_too():
+    """f = 1 + ||w||^2 from w = (1e-9, 0): every step's decrease (at most 1e-18) is below what f resolves (16 eps),
+    so M is lowered and the step re-solved; the lowerings had no cap: with gamma = 1.0001 and M = 1e3 the loop
+    re-solved about 207,000 times (38 s) down to M_min. They count against max_rejections as rejections do: after
+    10 here the call stops ("no_progress") at w0, M lowered 10 times."""
+    w0 = torch.tensor([1e-9, 0.0], dtype=torch.float64)
+    out = adaptive_cubic_newton(lambda w: float(1.0 + (w**2).sum()), lambda w: 2 * w,
+                                lambda w: 2 * torch.eye(2, dtype=w.dtype), w0, M=1e3, gamma=1.0001, max_rejections=10)
+    assert out.stop_reason == "no_progress" and out.steps == 0 and torch.equal(out.w, w0)
+    assert len(out.trials) == 1 and out.M == pytest.approx(1e3 / 1.0001**10, rel=1e-12)
+
+
 def test_the_resolution_of_f_follows_f_down():
     """The smallest decrease f can resolve was taken once, at w0, as 16 eps max(|f(w0)|, 1): from (-30, 1)
     Rosenbrock's f falls from 8.1e7 to below 1e-7, where that threshold (2.9e-7) stopped the run

@@ -9,8 +9,9 @@ model predicts, ``-m(s)``. A rejected trial multiplies M by ``gamma`` and re-sol
 problem on the same Lanczos tridiagonal (no new Hessian-vector products); a very successful one
 (ratio >= ``eta2``) divides M by ``gamma`` for the next iteration. A step whose predicted decrease
 is below what f can resolve (16 eps |f(w)| in w's precision: an M too large for the problem, whose
-ratio would be rounding) divides M by ``gamma`` and re-solves, down to ``M_min``, unless a rejection
-in this iteration raised M (then the iteration stops: "no_progress"; that last trial is recorded
+ratio would be rounding) divides M by ``gamma`` and re-solves, down to ``M_min`` and at most
+``max_rejections`` times in one iteration, unless a rejection in this iteration raised M (then, or once
+those re-solves are spent, the iteration stops: "no_progress"; that last trial is recorded
 unevaluated). A trial whose f equals f(w) to the last bit stops it too ("no_progress": a raised M only
 gives shorter steps). A trial whose step or model value overflows (an M far too small, in g's dtype or beyond
 float64) is rejected without evaluating f. After ``max_rejections``
@@ -194,7 +195,9 @@ def adaptive_cubic_newton(
         max_rejections: most rejected trials in a row in one iteration, >= 1 (default 1000: M raised by
             up to gamma**1000, 1e301 at gamma 2, so an M down to about 1e-300 of a workable one still
             reaches a step, while a gamma near 1 cannot run for ever); the last of them ends the call
-            ("max_rejections") at the last accepted point (w0 if none).
+            ("max_rejections") at the last accepted point (w0 if none). It caps the re-solves with M
+            lowered in one iteration too (a step too short to show in f), after which the call ends
+            ("no_progress").
         solver_options: options of :class:`~.cubic.KrylovCubicSolver` over
             :data:`KRYLOV_DEFAULTS` (not ``seed``, nor ``two_pass``: see the Raises).
         seed: seeds the Krylov solver's random vectors, an int in [0, 2**63): the solver of accepted
@@ -268,6 +271,7 @@ def adaptive_cubic_newton(
         before = hvps  # products of earlier iterations; this solver's own count is cumulative
         recorded = 0  # of this solver's products, those given to a trial record (a lowered M's re-solve has none)
         rejections = 0  # trials rejected in a row in this iteration
+        lowerings = 0  # re-solves with M lowered in this iteration: as capped as the rejections (gamma near 1)
         while True:
             try:
                 sub = solver.solve(M)
@@ -284,8 +288,9 @@ def adaptive_cubic_newton(
             if not overflowed and not predicted > resolution:
                 # a step too short to show in f: M, as given or as lowered, is too large; lower it and
                 # re-solve (no products), unless a rejection raised it here (then it is as low as it may be)
-                if not rejections and M / gamma >= M_min:
+                if not rejections and M / gamma >= M_min and lowerings < max_rejections:
                     M /= gamma
+                    lowerings += 1
                     continue
                 stop = "no_progress"
                 # recorded unevaluated, so that every product of the call is in a trial
