@@ -3,6 +3,7 @@ import copy
 import json
 import math
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -403,6 +404,25 @@ def test_sequential_plot_per_request(tmp_path):
     assert "Acc_f so far" in report.format_table(report.summarize(records)[1])
     assert "Acc_f so far" not in report.format_table(report.summarize(_study([0.0], [0.3], [0.1]))[0])
     assert (tmp_path / "sequential.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sixteen_methods_keep_their_own_line_style_in_the_sequential_plot(tmp_path, monkeypatch):
+    """The sequential plot drew its lines in matplotlib's 10-colour cycle without markers: with the study's 16
+    methods six pairs (the oracle and random_labels among them) had one colour. Each method now has its own
+    colour and marker, the ones it has in the time plot."""
+    methods = ["retrain", "original", *(f"method_{i}" for i in range(14))]
+    records = [_record(seed, m, request, seconds=0.1, acc_forget=0.1 * i, acc_forgotten_so_far=0.5, acc_test=0.9)
+               for request in (0, 1) for seed in (0, 1) for i, m in enumerate(methods)]
+    add_gap_closed(records)
+    figures = {}
+    monkeypatch.setattr(report, "save_figure", lambda fig, path, **kwargs: figures.__setitem__(Path(path).name, fig))
+    report.write_plots({"config": {"protocol": "mislabeled"}, "records": records}, tmp_path)
+    styles = {}
+    for ax in figures["sequential.png"].axes:
+        for line in ax.get_lines():
+            styles.setdefault(line.get_label(), set()).add((line.get_color(), line.get_marker()))
+    assert set(styles) == set(methods) and all(len(s) == 1 for s in styles.values())
+    assert len({s.pop() for s in styles.values()}) == len(methods)
 
 
 def test_an_interrupted_plot_leaves_the_old_one_and_no_temporary(tmp_path, interrupt_plots):

@@ -509,6 +509,14 @@ def palette(name: str) -> tuple[Any, ...]:
     return matplotlib.colormaps[name].colors
 
 
+def _method_style(index: int, method: str) -> dict[str, Any]:
+    """The colour and marker of the ``index``-th method in a plot (the oracle a large star): tab20's colours with
+    nine markers, so that the 16 methods of a study stay apart where matplotlib's 10-colour cycle repeats."""
+    retrain = method == "retrain"
+    return {"color": palette("tab20")[index % 20], "marker": "*" if retrain else "os^Dvp<>h"[index % 9],
+            "markersize": 12 if retrain else 6}
+
+
 def _per_seed(records: list[dict[str, Any]], request: int, method: str, key: str) -> list[float]:
     return [r["metrics"][key] for r in records if r["request"] == request and r["method"] == method
             and isinstance(r["metrics"].get(key), (int, float))]
@@ -600,8 +608,6 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
     raised = _raised_shares(records)
     paths = []
 
-    colors = palette("tab20")
-    markers = "os^Dvp<>h"
     fig = new_figure(figsize=(8, 5))
     ax = fig.subplots()
     # a method that failed on every seed has no time to place it at; one whose forget accuracy is NaN on every
@@ -612,8 +618,7 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
         if m in no_time or m in no_acc:
             continue
         (t, t_sd), (a, a_sd) = last[m]["seconds"], last[m]["acc_forget"]
-        ax.errorbar(max(t, 1e-4), a, xerr=t_sd, yerr=a_sd, fmt="*" if m == "retrain" else markers[i % len(markers)],
-                    ms=12 if m == "retrain" else 6, color=colors[i % len(colors)], capsize=3,
+        ax.errorbar(max(t, 1e-4), a, xerr=t_sd, yerr=a_sd, linestyle="none", capsize=3, **_method_style(i, m),
                     label=_raised_label(m, raised.get(m)))
     gold = last["retrain"]["acc_forget"][0]
     ax.axhline(gold, color="grey", ls="--", lw=1, label="oracle Acc_f")
@@ -662,11 +667,11 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
         fig = new_figure(figsize=(15, 4))
         axes = fig.subplots(1, len(panels))
         steps = sorted(summary)
-        for m in methods:
+        for i, m in enumerate(methods):
             for ax, key in zip(axes, panels):
                 points = [(s + 1, summary[s][m][key][0]) for s in steps if key in summary[s][m]]
                 if points:
-                    ax.plot(*zip(*points), marker="o", label=m)
+                    ax.plot(*zip(*points), **_method_style(i, m), label=m)
         for ax, title in zip(axes, panels.values()):
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("request")
