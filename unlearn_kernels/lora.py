@@ -159,7 +159,9 @@ class _Adapter(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtracts the adapter from the base weight again (equal up to float rounding)."""
+        """Subtracts the adapter from the base weight again: equal up to the rounding of W + s B A in the
+        weight's dtype (a few eps of |W| + |s B A| per entry; in bfloat16 or float16 an adapter far larger than
+        the weight leaves little of it)."""
         if self.merged:
             self.base.weight.sub_(self.delta_weight())
             self._set_merged(False)
@@ -539,7 +541,8 @@ def merge(model: nn.Module) -> None:
 
 
 def unmerge(model: nn.Module) -> None:
-    """Undoes :func:`merge` (in place; the base weights come back up to float rounding)."""
+    """Undoes :func:`merge` (in place; the base weights come back up to the rounding of the merged weights,
+    see :meth:`LoRALinear.unmerge`)."""
     check_module("unmerge", model)
     for adapter in adapter_modules(model).values():
         adapter.unmerge()
