@@ -348,7 +348,8 @@ def test_lissa_divergence_on_a_curvature_operator_is_reported():
     g = H.gradient()
     for op in (H, H.to_dense(), H.matvec):
         out = lissa(op, g, scale=1e-3, depth=2000)
-        assert not out.converged and out.residual == math.inf
+        # the zero solution returned, and its residual ||g|| (see test_lissa_reports_the_returned_solutions_residual)
+        assert not out.converged and not out.solution.any() and out.residual == pytest.approx(float(g.norm()))
         assert 0 < out.iterations < 2000
 
 
@@ -361,9 +362,9 @@ def test_lissa_tells_a_non_finite_operator_from_its_own_divergence():
         lissa(lambda v: torch.full_like(v, float("nan")), b, scale=10.0)
     H = torch.diag(torch.tensor([-1e300, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64))
     diverged = lissa(H, b, scale=1.0)
-    assert not diverged.converged and diverged.residual == math.inf  # overflow with the iterate's size only
+    assert not diverged.converged and diverged.residual == float(b.norm())  # overflow with the iterate's size only
     sampled = lissa(H, b, scale=1.0, sample=lambda: H)  # the failed product and the probe count (the norm of the
-    assert sampled.num_hvps == 3 and sampled.iterations == 1  # 1e300 iterate overflowed: no probe was made)
+    assert sampled.num_hvps == 3 and sampled.iterations == 1  # 1e300 iterate overflowed, and the probe)
 
 
 def test_lissa_at_non_finite_weights_raises_instead_of_reporting_divergence():
@@ -626,3 +627,93 @@ def test_a_dense_matrix_that_requires_grad_gives_no_warning():
         warnings.simplefilter("error")
         step = cubic_newton_step(H, torch.tensor([1.0, -1.0], dtype=torch.float64), 1.0).step
     assert not step.requires_grad
+
+
+def test_lissa_reports_the_returned_solutions_residual():
+    """A float32 recursion that overflowed at step 65 (scale 0.2 below half the largest eigenvalue 1) returned
+    x = 0 with residual Inf, where ``residual`` is ||(H + damping I) x - b|| of the x returned: ||b|| = 1.414.
+    Without ``scale``, damped_newton_step(solver="lissa") met Python's "lissa() missing 1 required keyword-only
+    argument: 'scale'"."""
+    H = torch.diag(torch.tensor([1.0, 0.5], dtype=torch.float32))
+    b = torch.ones(2, dtype=torch.float32)
+    out = lissa(H, b, scale=0.2, depth=2000)
+    assert out.iterations == 65 and not out.converged and not out.solution.any()
+    assert out.residual == pytest.approx(math.sqrt(2.0), rel=1e-6)
+    assert out.num_hvps == 65  # the iterate overflowed before a product; x = 0's residual needs none
+    with pytest.raises(TypeError, match=r"^damped_newton_step: solver 'lissa' needs the option\(s\) \['scale'\] "
+                                        r".*scale > 0, at least half the largest eigenvalue"):
+        damped_newton_step(H, b, 0.1, solver="lissa")
+    assert damped_newton_step(H, b, 0.1, solver="lissa", scale=1.0, depth=200).converged
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda H, g: damped_newton_step(H, g, 0.0, solver="eigh"), r"damped_newton_step \(solver 'eigh'\)"),
+    (lambda H, g: damped_newton_step(H, g, 0.0, solver="ldl"), r"damped_newton_step \(solver 'ldl'\)"),
+    (lambda H, g: damped_newton_step(H, g, 0.0, solver="minres"), r"minres: the solution"),
+    (lambda H, g: damped_newton_step(H, g, 0.0, solver="minres-ldl"), r"minres: the solution"),
+])
+def test_a_damped_step_beyond_the_dtype_raises_step_overflow(call, message):
+    """float32, H = diag(1e-10, 1), g = (1e30, 1): the step (-1e40, -1) is beyond float32's 3.4e38. The dense
+    solves ran in float64 and cast it to (-inf, -1), returned with converged=True and residual NaN; MINRES's
+    residual product then blamed H ("non-finite Hessian"). StepOverflow now, as cubic_newton_step raises."""
+    from unlearn_kernels.solvers import StepOverflow
+
+    H = torch.diag(torch.tensor([1e-10, 1.0], dtype=torch.float32))
+    g = torch.tensor([1e30, 1.0], dtype=torch.float32)
+    with pytest.raises(StepOverflow, match=rf"^{message}.*, of norm 1e\+40, does not fit torch.float32") as error:
+        call(H, g)
+    assert error.value.step_norm == pytest.approx(1e40, rel=1e-6)
+    assert error.value.model_value == pytest.approx(-0.5e70, rel=1e-6)  # g^T s / 2
+    # float64 holds it
+    step = damped_newton_step(H.double(), g.double(), 0.0, solver="eigh")
+    assert step.converged and step.step[0] == pytest.approx(-1e40, rel=1e-6)
+
+
+@pytest.mark.parametrize("solver", ["eigh", "lanczos"])
+def test_a_pinv_step_beyond_the_dtype_raises_step_overflow(solver):
+    """float32, H = diag(1e-5, 1) (1e-5 kept by rcond 1e-6), g = (1e34, 1): -pinv(H) g = (-1e39, -1). "eigh"
+    returned (-inf, -1) with converged=True and residual NaN, "lanczos" blamed H ("non-finite Hessian")."""
+    from unlearn_kernels.solvers import StepOverflow
+
+    H = torch.diag(torch.tensor([1e-5, 1.0], dtype=torch.float32))
+    g = torch.tensor([1e34, 1.0], dtype=torch.float32)
+    with pytest.raises(StepOverflow, match=rf"^pinv_newton_step \(solver '{solver}'\): the step, of norm 1e\+39, "
+                                           r"does not fit torch.float32: .*raise rcond"):
+        pinv_newton_step(H, g, solver=solver)
+
+
+def test_minres_is_invariant_to_the_scale_of_b():
+    """scipy's MINRES estimates ||A|| from the Lanczos coefficients including ||b||: for b = (1, -2) 1e10 on a
+    2x2 SPD matrix it stopped after 1 iteration at a relative residual of 0.124 (the solution 5% off), reported
+    converged; damped and pinv MINRES steps then were not converged. MINRES now runs on b / ||b|| and the
+    matrix scaled by ||A b|| / ||b||, and ``converged`` is the true residual's <= tol ||b||."""
+    A = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    for size in (1.0, 1e10, 1e30, 1e100):
+        b = torch.tensor([1.0, -2.0], dtype=torch.float64) * size
+        expected = torch.linalg.solve(A, b)
+        out = minres(A, b)
+        assert out.converged and out.residual <= 1e-10 * float(b.norm())
+        assert relative_error(out.solution, expected) < 1e-12
+        assert out.num_hvps == out.iterations + 1 == 3  # the estimate's product is MINRES's first
+        for step in (damped_newton_step(A, b, 0.0, solver="minres"), pinv_newton_step(A, b, solver="minres")):
+            assert step.converged and relative_error(-step.step, expected) < 1e-12
+
+
+def test_minres_converged_is_its_true_residual_at_tol():
+    """Eigenvalues in [1e-6, 1e-3] (d = 50), ||b|| = 8.75: scipy stopped after 59 iterations at a relative
+    residual of 2.0e-4 and said converged at tol 1e-10 (its test is ||r|| <= tol ||A|| ||x||, its ||A|| that of
+    ||b||); damped_newton_step's MINRES was not converged. The normalised run reaches 1.0e-7 in 87 iterations; a
+    second, from 0 with rtol lowered by what it missed, 2.0e-11 (190 in all)."""
+    gen = torch.Generator().manual_seed(0)
+    H, _ = sym_with_spectrum(torch.logspace(-6, -3, 50, dtype=torch.float64), gen)
+    b = torch.randn(50, generator=gen, dtype=torch.float64)
+    out = minres(H, b, tol=1e-10)
+    true = float(torch.linalg.vector_norm(H @ out.solution - b))
+    assert out.residual == pytest.approx(true, rel=1e-6) and true <= 1e-10 * float(b.norm()) and out.converged
+    # the estimate's product serves each run's first
+    assert out.info["runs"] == 2 and out.num_hvps == out.iterations + 1
+    step = damped_newton_step(H, b, 0.0, solver="minres")
+    assert step.converged and step.residual <= 1e-5 * float(b.norm())
+    # a tolerance it cannot reach in its iterations: not converged
+    short = minres(H, b, tol=1e-10, maxiter=10)
+    assert not short.converged and short.iterations == 10

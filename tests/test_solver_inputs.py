@@ -315,3 +315,38 @@ def test_a_vector_whose_squares_underflow_is_refused_by_every_solver():
                                              r"their squares underflow float64"):
             call()
     assert conjugate_gradient(H, g * 1e10).converged  # 1e-152: above the limit, solved
+
+
+def test_an_overflowing_iterate_is_not_blamed_on_a_finite_hessian():
+    """float32 CG on a finite PSD diagonal H with 16 zero eigenvalues (max |H| = 5): the iterate grows along
+    the null space to |x| = 2.6e38 at iteration 30 and overflows, and the error said "the operator returned
+    NaN or Inf (non-finite Hessian or Hessian-vector product)". Where the vector given to the operator is not
+    finite, or its product overflows while the product at it scaled to entries at most 1 does not, the error
+    now says the iterate grew beyond the dtype; an operator whose own products are not finite is still named."""
+    ev = torch.linspace(0.0, 5.0, 50, dtype=torch.float64)
+    ev[:16] = 0.0
+    H = torch.diag(ev).float()
+    g = torch.randn(50, generator=torch.Generator().manual_seed(1))
+    grew = r"the solver's iterate grew beyond torch.float32's range \(not a non-finite Hessian"
+    with pytest.raises(NonFiniteProduct, match=grew) as error:
+        conjugate_gradient(H, g)
+    assert error.value.operator_fault is False
+    # a curvature operator refuses a non-finite vector itself ("vector contains NaN or Inf"): the same message
+    model = torch.nn.Linear(D, 2)
+    x, y = torch.randn(40, D), torch.randint(0, 2, (40,))
+    op = as_operator(hessian_operator(model, torch.nn.functional.cross_entropy, (x, y)))
+    v = torch.full((op.shape[0],), float("inf"))
+    with pytest.raises(NonFiniteProduct, match=r"^the vector given to the operator holds NaN or Inf: " + grew):
+        op.matvec(v)
+    # a finite vector whose product overflows (3e38 * 5), while the product at it scaled to entries <= 1 is finite
+    big = as_operator(H)
+    with pytest.raises(NonFiniteProduct, match=r"^the operator's product of a vector of largest \|entry\| 3e\+38 "
+                                               r"holds NaN or Inf, while .* is finite: " + grew):
+        big.matvec(torch.full((50,), 3e38))
+    assert big.num_hvps == 2  # the product and its probe
+    # the operator's own NaN: as before, whatever the vector
+    nan = as_operator(lambda v: v * float("nan"), 50, dtype=torch.float32, device="cpu")
+    for vector in (torch.ones(50), torch.full((50,), 1e30)):
+        with pytest.raises(NonFiniteProduct, match=r"^the operator returned NaN or Inf \(non-finite Hessian") as error:
+            nan.matvec(vector)
+        assert error.value.operator_fault is True

@@ -17,6 +17,7 @@ Newton steps ``s = -(H + damping I)^{-1} g`` built on them:
 """
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -34,7 +35,9 @@ from ..checks import (
     check_number,
     check_option_names,
     norm64,
+    scaled_norm,
 )
+from .cubic import StepOverflow
 from .lanczos import LanczosProcess, check_basis_fits, ritz_pairs
 from .operators import NonFiniteProduct, SolverOperator, as_operator, check_vector, operator_and_vector
 
@@ -100,10 +103,31 @@ def _true_residual(op: SolverOperator, x: torch.Tensor, b: torch.Tensor, damping
 
 
 def _solved(sol: LinearSolve, b: torch.Tensor, tol: float) -> bool:
-    """Whether a MINRES result solves its system: scipy's success and a true residual <= sqrt(tol) ||b||.
-    scipy also reports success on an inconsistent system, where its iterate has grown so far along the
-    null space that ``tol (||A|| ||x|| + ||b||)`` exceeds the residual left outside the range."""
-    return sol.converged and sol.residual <= math.sqrt(tol) * norm64(b)
+    """Whether a MINRES result (one run, :func:`_minres`) solves its system: scipy's success (or the true
+    residual at ``tol``) and a true residual <= sqrt(tol) ||b||. scipy also reports success on an inconsistent
+    system, where its iterate has grown so far along the null space that ``tol ||A|| ||x||`` exceeds the
+    residual left outside the range."""
+    return (sol.converged or sol.info["scipy_info"] == 0) and sol.residual <= math.sqrt(tol) * norm64(b)
+
+
+def _check_fits(step: torch.Tensor, coords: torch.Tensor, g_coords: torch.Tensor, num_hvps: int, what: str,
+                remedy: str, noun: str = "step") -> torch.Tensor:
+    """``step`` (the float64 solution cast to g's dtype) if every entry is finite, else :class:`StepOverflow`, as
+    the cubic solvers raise for a step beyond the dtype: the dense solves ran in float64 and their cast returned
+    +-Inf reported converged with a residual of NaN (float32, H = diag(1e-10, 1), g = (1e30, 1): a step of
+    norm 1e40). ``coords``: the float64 step's coordinates in an orthonormal basis (or the step itself), and
+    ``g_coords`` g's there; the error carries the step's norm and the quadratic model's value at it,
+    ``g^T s + s^T (H + damping I) s / 2 = g^T s / 2`` (s solves the system; for pinv on range(H); for
+    :func:`minres`'s solution x of ``(H + damping I) x = b``, at the step ``s = -x`` with g = b)."""
+    if not all_finite(step):
+        norm = scaled_norm(coords)
+        raise StepOverflow(f"{what}: the {noun}, of norm {norm:.3g}, does not fit {step.dtype}: {remedy}", norm,
+                           0.5 * float(g_coords.double() @ coords.double()), num_hvps)
+    return step
+
+
+_DAMPED_REMEDY = "H + damping I is too close to singular for g (add damping, or solve in float64)"
+_PINV_REMEDY = "an eigenvalue that rcond keeps is too small for g (raise rcond, or solve in float64)"
 
 
 # --------------------------------------------------------------------------- linear solvers
@@ -171,30 +195,71 @@ def conjugate_gradient(H: Any, b: torch.Tensor, *, damping: float = 0.0, tol: fl
     return LinearSolve(x, residual, op.num_hvps, it, converged, {"negative_curvature": negative})
 
 
+#: :func:`minres` runs scipy at most this many times (from 0, with a tighter ``rtol``) where it stopped before
+#: the true residual met the tolerance, keeping a run only where it at least halves the residual
+MINRES_RUNS = 4
+
+
 def minres(H: Any, b: torch.Tensor, *, damping: float = 0.0, tol: float = MINRES_TOL,
            maxiter: int | None = None) -> LinearSolve:
     """MINRES (``scipy.sparse.linalg.minres``, float64) for ``(H + damping I) x = b``.
 
     Works for symmetric indefinite and singular systems; for a consistent singular system started
     at 0 it returns the minimum-norm solution. An inconsistent one (b not in the range) has no
-    solution, and in floating point the iterate may grow without bound along the null space while
-    scipy still reports success.
+    solution, and in floating point the iterate may grow without bound along the null space.
+
+    scipy runs on the normalised system ``(H + damping I) / a`` and ``b / ||b||``, ``a = ||(H + damping I) b||
+    / ||b||`` (an estimate of ``||H + damping I||`` from the product MINRES takes first, so no extra one), and
+    the solution is scaled back. scipy's stopping test is not invariant to those scales (its estimate of
+    ``||A||`` includes ``||b||``): it stopped after 1 iteration at a relative residual of 0.124 for
+    ``||b|| = 2.2e10`` on a 2x2 system, and at 1.07e-4 on eigenvalues in [1e-6, 1e-3], both reported
+    converged at tol 1e-10. scipy's own test (``||r|| <= rtol ||A|| ||x||``) can stop short of ``tol`` on the
+    true residual (``||A|| ||x||`` up to cond(A) ``||b||``): it is then run again from 0 with ``rtol`` lowered by
+    the factor missed (at most :data:`MINRES_RUNS` runs, while iterations are left; from 0, not from its
+    iterate, so that a consistent singular system keeps its minimum-norm solution), a run kept only where it
+    halves the residual (an inconsistent system's residual stays: its first run is kept).
 
     Args:
         H, b, damping: the system (damping may be any finite number here).
-        tol: scipy's relative tolerance ``rtol``.
-        maxiter: most iterations (default 5 d, scipy's).
+        tol: relative tolerance: ``converged`` asks ``||(H + damping I) x - b|| <= tol ||b||`` of the true
+            residual, or what rounding in the operator's dtype leaves of it (``100 eps (||(H + damping I) x|| +
+            ||b||)``, as :func:`conjugate_gradient`); also scipy's ``rtol``.
+        maxiter: most iterations, over all runs (default 5 d, scipy's).
 
     Returns:
-        A :class:`LinearSolve` whose ``converged`` is scipy's success flag, which it also sets on an
-        inconsistent system: ``residual`` (the true one) says whether x solves it (H = 0 gives x = 0,
-        converged, and residual ``||b||``).
+        A :class:`LinearSolve`; ``residual`` is the true one (one product per run), and ``converged``
+        says the tolerance was met by it (an inconsistent system, where scipy reports success, is not
+        solved: H = 0 gives x = 0 and residual ``||b||``). ``info["scipy_info"]`` is scipy's flag of the run
+        whose x is returned (0: its own test passed, else the iterations ran out), ``info["runs"]`` the runs made.
+
+    Raises:
+        StepOverflow: (a ValueError) the solution does not fit b's dtype (a float32 solution beyond 3.4e38).
     """
     op, b = operator_and_vector(H, b, "b")
     damping = check_number("damping", damping)
     tol = check_number("tol", tol, 0.0)
     if maxiter is not None:
         check_int("maxiter", maxiter, 1)
+    return _minres(op, b, damping, tol, maxiter, MINRES_RUNS)
+
+
+def _step_minres(H: SolverOperator, b: torch.Tensor, *, damping: float = 0.0, tol: float = MINRES_TOL,
+                 maxiter: int | None = None) -> LinearSolve:
+    """:func:`minres` as the Newton steps run it: one run of scipy (see :func:`_minres`)."""
+    tol = check_number("tol", tol, 0.0)
+    if maxiter is not None:
+        check_int("maxiter", maxiter, 1)
+    return _minres(H, b, damping, tol, maxiter, 1)
+
+
+def _minres(op: SolverOperator, b: torch.Tensor, damping: float, tol: float, maxiter: int | None,
+            max_runs: int) -> LinearSolve:
+    """:func:`minres` on checked arguments, with at most ``max_runs`` runs of scipy (the Newton steps make one: they
+    accept scipy's success with a true residual of at most ``sqrt(tol) ||g||``, see :func:`_solved`)."""
+    budget = 5 * op.shape[0] if maxiter is None else maxiter
+    bnorm = norm64(b)
+    if bnorm == 0.0:  # x = 0 is exact
+        return LinearSolve(torch.zeros_like(b), 0.0, 0, 0, True, {"scipy_info": 0, "runs": 0})
     iterations = 0
 
     def count(_: np.ndarray) -> None:
@@ -202,11 +267,51 @@ def minres(H: Any, b: torch.Tensor, *, damping: float = 0.0, tol: float = MINRES
         iterations += 1
 
     with op.fixed_weights():  # the iteration's products, at one H
-        x_np, info = scipy.sparse.linalg.minres(op.to_scipy(), b.double().cpu().numpy(), shift=-damping,
-                                                rtol=tol, maxiter=maxiter, callback=count)
-        x = torch.as_tensor(x_np).to(device=b.device, dtype=b.dtype)
-        residual = _true_residual(op, x, b, damping)
-    return LinearSolve(x, residual, op.num_hvps, iterations, info == 0, {"scipy_info": int(info)})
+        products = op.to_scipy()
+        b64 = b.double().cpu().numpy()
+        unit = b64 / bnorm
+        first = products.matvec(unit)  # H b / ||b||: the estimate of ||H + damping I||, and MINRES's first product
+        scale = scaled_norm(first + damping * unit)
+        scale = scale if 0.0 < scale < math.inf else 1.0
+        cached: list[np.ndarray] = []
+
+        def scaled(v: np.ndarray) -> np.ndarray:
+            v = np.ravel(v)
+            if cached:  # a run's first product is of b / ||b|| (to rounding): the estimate's product serves it
+                u, Hu = cached
+                cached.clear()
+                along = float(u @ v)
+                if np.linalg.norm(v - along * u) <= 8 * np.finfo(np.float64).eps * abs(along):
+                    return along * Hu / scale
+            return products.matvec(v) / scale
+
+        A = scipy.sparse.linalg.LinearOperator(op.shape, matvec=scaled, rmatvec=scaled, dtype=np.float64)
+        eps = torch.finfo(b.dtype).eps
+        target = tol * bnorm
+        x, residual, attainable, info, runs, rtol = torch.zeros_like(b), bnorm, 0.0, 0, 0, tol
+        while runs < max_runs and iterations < budget:
+            cached[:] = [unit, first]
+            xs, run_info = scipy.sparse.linalg.minres(A, unit, shift=-damping / scale, rtol=rtol,
+                                                      maxiter=budget - iterations, callback=count)
+            runs += 1
+            with np.errstate(over="ignore"):  # a solution beyond float64: StepOverflow below
+                step64 = -torch.from_numpy(xs * bnorm / scale)  # the Newton step -x, for an overflow's message
+            trial = _check_fits((-step64).to(device=b.device, dtype=b.dtype), step64, b.double().cpu(), op.num_hvps,
+                                "minres", "H + damping I is too close to singular for b, or b is not in its range "
+                                "(add damping, or solve in float64)", noun="solution")
+            applied = op.matvec(trial) + damping * trial
+            trial_residual = norm64(applied - b)
+            if runs > 1 and not trial_residual <= 0.5 * residual:  # no progress (an inconsistent system): keep x
+                break
+            x, residual, info = trial, trial_residual, run_info
+            # what rounding in forming it leaves (float32: about 1e-5 ||b||, where tol 1e-10 asked for less)
+            attainable = CG_ROUNDING_EPS * eps * (norm64(applied) + bnorm)
+            wanted = max(target, attainable)
+            if residual <= wanted or info != 0:
+                break
+            rtol *= 0.5 * wanted / residual  # scipy's test missed the true residual by residual / wanted
+    converged = residual <= max(target, attainable)
+    return LinearSolve(x, residual, op.num_hvps, iterations, converged, {"scipy_info": int(info), "runs": runs})
 
 
 #: :func:`lissa` counts a residual up to ``(1 + this) ||b||`` as converged (float32 products' rounding)
@@ -237,6 +342,8 @@ def lissa(H: Any, b: torch.Tensor, *, scale: float, damping: float = 0.0, depth:
         truncated recursion leaves ``(I - (H + damping I) / scale)^(depth + 1) b``, of norm at most
         ``||b||``, so a larger residual means a component grew (negative curvature below -damping,
         or scale too small) even where the iterates stayed finite (1e-3 absorbs float32 rounding).
+        Where the recursion diverged to NaN or Inf, ``solution`` is the mean over the repeats before it
+        (0 where the first diverged) and ``residual`` that solution's (``||b||`` for 0), not converged.
 
     Raises:
         NonFiniteProduct: the operator's product of a vector of entries at most 1 is not finite (a non-finite Hessian,
@@ -265,9 +372,13 @@ def lissa(H: Any, b: torch.Tensor, *, scale: float, damping: float = 0.0, depth:
                                                                         name="b")
                 try:
                     Hh = step_op.matvec(h)
-                except NonFiniteProduct:  # diverged within the product, or a non-finite operator: one more
-                    _check_unit_product(step_op, h)  # product, on h's direction, tells them apart
-                    sampled_hvps += 0 if sample is None else step_op.num_hvps  # both products count
+                except NonFiniteProduct as error:  # diverged within the product, or a non-finite operator: the
+                    # operator's one more product, on h's direction, told them apart (both products count)
+                    sampled_hvps += 0 if sample is None else step_op.num_hvps
+                    if error.operator_fault:
+                        raise NonFiniteProduct("the operator returned NaN or Inf for a vector of entries at most 1: "
+                                               "the Hessian (or its product) is not finite, which no scale or damping "
+                                               "of LiSSA can fix") from None
                     finite = False
                     break
                 sampled_hvps += 0 if sample is None else step_op.num_hvps
@@ -278,23 +389,21 @@ def lissa(H: Any, b: torch.Tensor, *, scale: float, damping: float = 0.0, depth:
             total += h / scale
         x = total / repeats
         finite = finite and all_finite(x)  # the last step may overflow after a finite product
-        residual = _true_residual(op, x, b, damping) if finite else math.inf
+        # the returned x's residual: a diverged recursion returns the repeats before it (x = 0 for the first,
+        # whose residual is ||b||: it was reported as Inf)
+        if not all_finite(x):
+            residual = math.inf
+        elif not bool(x.any()):
+            residual = norm64(b)  # exact, without a product
+        else:
+            try:
+                residual = _true_residual(op, x, b, damping)
+            except NonFiniteProduct as error:  # finite, but its product overflows the dtype
+                if error.operator_fault:
+                    raise
+                residual = math.inf
     converged = finite and residual <= (1.0 + LISSA_RESIDUAL_SLACK) * norm64(b)
     return LinearSolve(x, residual, op.num_hvps + sampled_hvps, steps, converged)
-
-
-def _check_unit_product(op: SolverOperator, h: torch.Tensor) -> None:
-    """NonFiniteProduct unless the product of ``h / max|h|`` is finite: a recursion that diverged overflows
-    with h's size, a non-finite Hessian with any vector (it was reported as a divergence: "raise scale").
-    (The max, not the norm: the norm of an iterate near 1e300 overflows.)"""
-    size = float(h.abs().max())
-    if size == 0.0 or not math.isfinite(size):
-        return
-    try:
-        op.matvec(h / size)
-    except NonFiniteProduct:
-        raise NonFiniteProduct("the operator returned NaN or Inf for a vector of entries at most 1: the Hessian "
-                               "(or its product) is not finite, which no scale or damping of LiSSA can fix") from None
 
 
 # --------------------------------------------------------------------------- Newton steps
@@ -399,7 +508,8 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float | None = None, sol
         rank: "lanczos": most Lanczos steps (products), the largest possible rank.
         tol, maxiter: MINRES settings.
 
-    Every option is checked whichever solver runs (ValueError naming it).
+    Every option is checked whichever solver runs (ValueError naming it). A step that does not fit g's dtype
+    (a float32 step beyond 3.4e38) raises :class:`StepOverflow` (a ValueError) with its float64 norm.
 
     Returns:
         A :class:`NewtonStep`; ``info["rank"]`` for "eigh" and "lanczos" (and ``info["lanczos_steps"]`` and
@@ -422,7 +532,7 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float | None = None, sol
         if given_rcond:
             raise ValueError("rcond applies to solver 'eigh' and 'lanczos' only: MINRES's minimum-norm solution "
                              "has no eigenvalue cut-off (leave rcond None, or use solver='eigh' or 'lanczos')")
-        sol = minres(op, g, tol=tol, maxiter=maxiter)
+        sol = _minres(op, g, 0.0, tol, maxiter, 1)
         # converged only where MINRES solved H s = -g: on an inconsistent system its step is not -pinv(H) g
         return NewtonStep(-sol.solution, sol.residual, sol.num_hvps, sol.iterations, _solved(sol, g, tol),
                           "pinv-minres", sol.info)
@@ -430,7 +540,7 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float | None = None, sol
         lam, U = _eigh(op)
         c = U.T @ g.double()
         y, kept = _spectral_step(lam, c, 0.0, rcond)
-        s, y = _rounded(U, y, g.dtype)
+        s, y = _rounded(U, y, c, g.dtype, op.num_hvps, "pinv_newton_step (solver 'eigh')", _PINV_REMEDY)
         residual = float(torch.linalg.vector_norm(lam * y + c))
         return NewtonStep(s, residual, op.num_hvps, 0, True, "pinv-eigh", {"rank": kept})
     gnorm = norm64(g)
@@ -450,8 +560,10 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float | None = None, sol
             break
     theta, S = ritz_pairs(proc.alphas, proc.betas)
     theta, S = torch.from_numpy(theta), torch.from_numpy(S)
-    y, kept = _spectral_step(theta, gnorm * S[0, :], 0.0, rcond)
-    s = proc.combine((S @ y).numpy())
+    c = gnorm * S[0, :]
+    y, kept = _spectral_step(theta, c, 0.0, rcond)
+    s = _check_fits(proc.combine((S @ y).numpy()), y, c, op.num_hvps, "pinv_newton_step (solver 'lanczos')",
+                    _PINV_REMEDY)
     residual = norm64(op.matvec(s) + g)
     # exact only where the Krylov space of g is invariant (it closed, or it is the whole space); a truncated
     # step is not the pseudo-inverse step (it can be many times shorter), so it is not reported converged.
@@ -462,15 +574,16 @@ def pinv_newton_step(H: Any, g: torch.Tensor, *, rcond: float | None = None, sol
     dropped = proc.dropped if proc.betas[-1] == 0.0 else None
     closed = dropped is not None and dropped <= PINV_CLOSED_RTOL * smallest_kept
     exact = closed or proc.n >= op.shape[0]
-    return NewtonStep(s.to(g.dtype), residual, op.num_hvps, proc.n, exact, "pinv-lanczos",
+    return NewtonStep(s, residual, op.num_hvps, proc.n, exact, "pinv-lanczos",
                       {"rank": kept, "lanczos_steps": proc.n, "dropped_coupling": dropped})
 
 
-def _rounded(U: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _rounded(U: torch.Tensor, y: torch.Tensor, c: torch.Tensor, dtype: torch.dtype, num_hvps: int, what: str,
+             remedy: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The step ``U y`` in ``dtype`` and its float64 coordinates in the eigenbasis U after that rounding, so that
     a residual computed from them is the returned step's (float32 rounding was left out: 1.6e-16 reported
-    for a true 2.2e-7)."""
-    s = (U @ y).to(dtype)
+    for a true 2.2e-7); :class:`StepOverflow` where it does not fit ``dtype`` (c: g's coordinates)."""
+    s = _check_fits((U @ y).to(dtype), y, c, num_hvps, what, remedy)
     return s, U.T @ s.double()
 
 
@@ -513,7 +626,8 @@ def _ldl_step(op: SolverOperator, g: torch.Tensor, damping: float) -> NewtonStep
         raise ValueError(f"H + damping I is singular to working precision (damping {damping:g}: reciprocal "
                          f"condition number {rcond:.1e}, or an overflowing solution); use solver='eigh' (the "
                          "pseudo-inverse) or a larger damping")
-    x = x.to(g.dtype)
+    x = _check_fits(x.to(g.dtype), x, c.squeeze(1), op.num_hvps, "damped_newton_step (solver 'ldl')",
+                    _DAMPED_REMEDY)
     residual = norm64(A @ x.double() + c.squeeze(1))  # at the step returned, rounded to g's dtype
     return NewtonStep(x.to(g.device), residual, op.num_hvps, 0, True, "damped-ldl",
                       {"negative_eigenvalues": _negative_eigenvalues(LD, pivots)})
@@ -551,22 +665,34 @@ def damped_newton_step(H: Any, g: torch.Tensor, damping: float, *, solver: str =
 
     Raises:
         ValueError: "ldl" (or "minres-ldl" falling back to it) on a singular ``H + damping I``.
+        StepOverflow: (a ValueError) "eigh", "ldl", "minres" and "minres-ldl": the step does not fit g's dtype
+            (a float32 step beyond 3.4e38), with its float64 norm and quadratic model value ``g^T s / 2``.
     """
     op, g = operator_and_vector(H, g)
     damping = check_number("damping", damping, 0.0)
     if solver == "auto":
         solver = "eigh" if op.dense is not None else damped_solver(op.shape[0], op.device)
-    solvers = {"cg": conjugate_gradient, "minres": minres, "minres-ldl": minres, "lissa": lissa, "eigh": ("rcond",),
-               "ldl": ()}
+    solvers = {"cg": conjugate_gradient, "minres": _step_minres, "minres-ldl": _step_minres, "lissa": lissa,
+               "eigh": ("rcond",), "ldl": ()}
     if solver not in solvers:
         raise ValueError("solver must be 'auto', 'eigh', 'ldl', 'minres', 'minres-ldl', 'cg' or 'lissa', "
                          f"got {solver!r}")
     check_option_names(f"solver {solver!r}", options, solvers[solver], {"H", "b", "damping"})
+    if callable(solvers[solver]):  # a required option left out (lissa's scale) met Python's "lissa() missing 1
+        # required keyword-only argument: 'scale'", naming a function the caller did not call
+        missing = [p.name for p in inspect.signature(solvers[solver]).parameters.values()
+                   if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty
+                   and p.name not in options]
+        if missing:
+            raise TypeError(f"damped_newton_step: solver {solver!r} needs the option(s) {missing} (passed as "
+                            f"keywords, e.g. damped_newton_step(H, g, damping, solver={solver!r}, {missing[0]}=...)"
+                            + ("; scale > 0, at least half the largest eigenvalue of H + damping I" if
+                               missing == ["scale"] else "") + ")")
     if solver == "ldl":
         return _ldl_step(op, g, damping)
     if solver == "minres-ldl":  # its fallback's memory is checked where it runs (_ldl_step)
         budget = options.get("maxiter")
-        attempt = minres(op, g, damping=damping,
+        attempt = _step_minres(op, g, damping=damping,
                          **{**options, "maxiter": max(1, op.shape[0] // 4) if budget is None else budget})
         if _solved(attempt, g, options.get("tol", MINRES_TOL)):
             return NewtonStep(-attempt.solution, attempt.residual, attempt.num_hvps, attempt.iterations, True,
@@ -580,7 +706,7 @@ def damped_newton_step(H: Any, g: torch.Tensor, damping: float, *, solver: str =
         lam, U = _eigh(op)
         c = U.T @ g.double()
         y, kept = _spectral_step(lam, c, damping, rcond)
-        s, y = _rounded(U, y, g.dtype)
+        s, y = _rounded(U, y, c, g.dtype, op.num_hvps, "damped_newton_step (solver 'eigh')", _DAMPED_REMEDY)
         residual = float(torch.linalg.vector_norm((lam + damping) * y + c))
         return NewtonStep(s, residual, op.num_hvps, 0, True, "damped-eigh",
                           {"rank": kept, "lambda_min": float(lam[0])})

@@ -25,7 +25,17 @@ from ..curvature.linear_operator import MatVec, dense_by_products, to_scipy_oper
 
 
 class NonFiniteProduct(ValueError):
-    """An operator's product held NaN or Inf (a diverging recursion such as LiSSA's meets it)."""
+    """An operator's product held NaN or Inf (a diverging recursion such as LiSSA's meets it).
+
+    ``operator_fault`` tells the two causes apart where a :class:`SolverOperator` raised it: True where the
+    operator's products are not finite (its product of a finite vector of entries at most 1 holds NaN or Inf),
+    False where the vector it was given is (or, multiplied, became) too large for the dtype: the solver's
+    iterate overflowed, not H. (Raised elsewhere without that test: True.)
+    """
+
+    def __init__(self, *args: Any, operator_fault: bool = True) -> None:
+        super().__init__(*args)
+        self.operator_fault = operator_fault
 
 
 class DenseOperator:
@@ -105,7 +115,21 @@ class SolverOperator:
         """The dense matrix when the operator wraps one, else None."""
         return self.base.matrix if isinstance(self.base, DenseOperator) else None
 
-    def _check(self, out: Any, expected: tuple[int, ...]) -> torch.Tensor:
+    def _product(self, apply: MatVec, v: torch.Tensor, expected: tuple[int, ...]) -> torch.Tensor:
+        """``apply(v)``, checked; a NaN or Inf in it (or the operator's refusal of a non-finite v, as a
+        curvature operator's "vector contains NaN or Inf") is told apart: the vector's own overflow (the
+        solver's iterate grew beyond the dtype) or the operator's products (H, or its product, not finite)."""
+        try:
+            out = apply(v)
+        except Exception as error:
+            if isinstance(v, torch.Tensor) and not all_finite(v):
+                raise NonFiniteProduct(self._overflow_message("the vector given to the operator holds NaN or Inf",
+                                                              v.dtype), operator_fault=False) from error
+            raise
+        return self._check(out, expected, apply, v)
+
+    def _check(self, out: Any, expected: tuple[int, ...], apply: MatVec | None = None,
+               v: torch.Tensor | None = None) -> torch.Tensor:
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"the operator returned {got} for a product, expected shape {expected}")
@@ -113,8 +137,36 @@ class SolverOperator:
             raise ValueError(f"the operator returned a {out.dtype} product on {out.device}, but it declares "
                              f"{self.dtype} on {self.device}")
         if not all_finite(out):
-            raise NonFiniteProduct("the operator returned NaN or Inf (non-finite Hessian or Hessian-vector product)")
+            raise self._non_finite(apply, v)
         return out.detach()  # the solvers are not differentiable: no graph through their iterations
+
+    def _non_finite(self, apply: MatVec | None, v: torch.Tensor | None) -> NonFiniteProduct:
+        """The error for a product that holds NaN or Inf. A finite H was blamed where the solver's iterate had
+        overflowed (float32 CG on a singular PSD diagonal H: |x| 2.6e38 at iteration 30): the vector is checked,
+        and one more product, at the vector scaled to entries at most 1 (only where it has a larger one), tells
+        an overflowing product of a large vector from an operator whose products are not finite."""
+        if isinstance(v, torch.Tensor) and v.numel():
+            if not all_finite(v):
+                return NonFiniteProduct(self._overflow_message("the vector given to the operator holds NaN or Inf",
+                                                               v.dtype), operator_fault=False)
+            size = float(v.abs().max())
+            if size > 1.0 and apply is not None:
+                self._calls += 1 if v.dim() == 1 else v.shape[1]
+                try:
+                    unit = apply(v / size)
+                except Exception:  # the operator's own error for a finite vector: H's fault
+                    unit = None
+                if isinstance(unit, torch.Tensor) and tuple(unit.shape) == tuple(v.shape) and all_finite(unit):
+                    return NonFiniteProduct(self._overflow_message(
+                        f"the operator's product of a vector of largest |entry| {size:.3g} holds NaN or Inf, while "
+                        "its product at that vector scaled to entries at most 1 is finite", v.dtype),
+                        operator_fault=False)
+        return NonFiniteProduct("the operator returned NaN or Inf (non-finite Hessian or Hessian-vector product)")
+
+    @staticmethod
+    def _overflow_message(what: str, dtype: torch.dtype) -> str:
+        return (f"{what}: the solver's iterate grew beyond {dtype}'s range (not a non-finite Hessian; e.g. a "
+                "singular or indefinite system, or a diverging recursion): solve in float64 or add damping")
 
     def fixed_weights(self) -> contextlib.AbstractContextManager:
         """A run of products that the solver makes at one H (an iteration): the wrapped object's
@@ -132,14 +184,14 @@ class SolverOperator:
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` for a (d,) vector of the operator's dtype and device."""
         self._calls += 1
-        return self._check(self._matvec(v), (self.shape[0],))
+        return self._product(self._matvec, v, (self.shape[0],))
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """``H V`` for a (d, K) matrix: one ``matmat`` of the wrapped object if it has one."""
         self._calls += V.shape[1]
         if self._matmat is None:
-            return torch.stack([self._check(self._matvec(c), (self.shape[0],)) for c in V.T], dim=1)
-        return self._check(self._matmat(V), tuple(V.shape))
+            return torch.stack([self._product(self._matvec, c, (self.shape[0],)) for c in V.T], dim=1)
+        return self._product(self._matmat, V, tuple(V.shape))
 
     def to_dense(self, chunk_size: int = 256) -> torch.Tensor:
         """The (d, d) matrix: the wrapped one, or d products, ``chunk_size`` columns per ``matmat``
