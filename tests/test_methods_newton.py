@@ -28,7 +28,7 @@ from unlearn_kernels.methods import newton
 from unlearn_kernels.curvature.base import PROBE_GRADIENTS
 from unlearn_kernels.methods.newton import MIN_AUTO_M
 from unlearn_kernels.models import MLP
-from unlearn_kernels.solvers import ARCResult
+from unlearn_kernels.solvers import ARCResult, StepOverflow
 from unlearn_kernels.training import TrainConfig, init_model, train
 
 LAM = 1e-2  # weight decay of the logistic regression (its strong convexity)
@@ -542,6 +542,23 @@ def test_a_solvers_refusal_names_the_method(mlp):
     for method in (CureNewton(batch_size=16), StochasticCureNewton(batch_size=16, grad_batch_size=len(bad))):
         with pytest.raises(ValueError, match=f"^{method.name}: .*not finite.*; the caller's model is unchanged$"):
             method.unlearn(model, forget, bad)
+
+
+def test_a_step_beyond_the_dtype_names_the_method_and_keeps_its_figures(mlp, monkeypatch):
+    """damped_newton_step raises StepOverflow where a float32 step does not fit (it returned +-Inf before): the
+    method passed such subclasses of ValueError on without its name, since rebuilding one from its message alone
+    loses its fields. The same exception now comes with the method's name and its step norm kept."""
+    model, forget, retain = mlp
+
+    def overflow(*args, **kwargs):
+        raise StepOverflow("damped_newton_step (solver 'eigh'): the step, of norm 1e+40, does not fit torch.float32",
+                           1e40, -1e30, 0)
+
+    monkeypatch.setattr(newton, "damped_newton_step", overflow)
+    with pytest.raises(StepOverflow, match="^damped_newton: damped_newton_step .*; the caller's model is unchanged$") \
+            as raised:
+        DampedNewton().unlearn(model, forget, retain)
+    assert raised.value.step_norm == 1e40
 
 
 def test_batch_streaming_gives_the_same_step_and_counts_batches(mlp):

@@ -118,7 +118,6 @@ from ..solvers import (
     KRYLOV_DEFAULTS,
     KrylovCubicSolver,
     NewtonStep,
-    NonFiniteProduct,
     adaptive_cubic_newton,
     check_arc_options,
     cubic_gd,
@@ -524,15 +523,16 @@ class _NewtonFamily(Unlearner):
 
     def _solving(self, solve: Callable[[], Any]) -> Any:
         """``solve()`` (a solver run on the method's operator and objective); the solver's own refusal of
-        what it met (a non-finite F at the given weights, a non-finite product: a plain ValueError or
-        :class:`~unlearn_kernels.solvers.NonFiniteProduct`) led by the method's name and followed by the
-        note the method's own errors carry."""
+        what it met (a non-finite F at the given weights, a non-finite product, a step beyond the dtype: a
+        ValueError, :class:`~unlearn_kernels.solvers.NonFiniteProduct`, ``StepOverflow``) led by the method's
+        name and followed by the note the method's own errors carry: the same exception, its attributes kept."""
         try:
             return solve()
         except ValueError as error:
-            if type(error) not in (ValueError, NonFiniteProduct) or str(error).startswith(f"{self.name}: "):
+            if len(error.args) != 1 or str(error).startswith(f"{self.name}: "):
                 raise
-            raise type(error)(f"{self.name}: {error}; the caller's model is unchanged") from error
+            error.args = (f"{self.name}: {error}; the caller's model is unchanged",)
+            raise
 
     def _objective(self, ws: _Workspace, data: LabeledData) -> Objective | DistributedObjective:
         """F over ``data`` (with a process group: over every rank's ``data``) at the shadow's live weights;
