@@ -25,7 +25,7 @@ import torch
 from ..checks import (all_finite, check_bool, check_int, check_number, check_option_names, check_seed, norm64, norm_scale,
                       scaled_norm)
 from ..ops.cubic_secular import SolutionOverflow, cubic_secular_solve
-from .lanczos import LanczosProcess, Reorth, replay, ritz_pairs
+from .lanczos import BREAKDOWN_RTOL_EPS, LanczosProcess, Reorth, replay, ritz_pairs
 from .operators import NonFiniteProduct, SolverOperator, check_vector, operator_and_vector
 
 
@@ -41,8 +41,10 @@ class CubicStep:
         sigma: the multiplier of the optimality conditions, ``(M/2) ||s||``.
         residual: ``||g + H s + (M/2) ||s|| s||``, the norm of the model's gradient at s
             ("krylov": a bound, the free Lanczos estimate plus ``|(M/2) ||s|| - sigma| ||s||``, which holds
-            the secular equation's tolerance and, for a basis that is not orthonormal, ``||s|| != ||y||``,
-            in float64 on the computed basis: in float32 it leaves out the rounding of s, about
+            the secular equation's tolerance and, for a basis that is not orthonormal, ``||s|| != ||y||``, plus
+            the bound on what the Lanczos breakdowns dropped (:meth:`.lanczos.LanczosProcess.breakdown_error`;
+            under "full" only a residual vector at rounding inside the basis's span is dropped), in float64
+            on the computed basis: in float32 it leaves out the rounding of s, about
             ``eps32 (||H|| + sigma) ||s||``; under ``reorth="selective"``, whose basis is orthonormal to about
             sqrt(eps) only, an estimate: the true norm was up to 19% above it on d = 200 (not under "full" or
             "none"); "dense"/"gd": computed, at the returned s in its dtype).
@@ -188,6 +190,13 @@ def _residual_bound(lanczos_residual: float, M: float, sigma: float, s_norm: flo
     return lanczos_residual + abs(0.5 * M * s_norm - sigma) * s_norm
 
 
+def _lanczos_residual(proc: LanczosProcess, y: np.ndarray) -> float:
+    """``||H Q y - Q A y||``: the process's residual norm and its bound on the couplings its breakdowns dropped
+    (:meth:`.lanczos.LanczosProcess.breakdown_error`: left out, a float32 near-hard case reported 6.2e-7 for a
+    model gradient of 1.4e-3, and converged)."""
+    return proc.residual_norm(y) + proc.breakdown_error(y)
+
+
 class KrylovCubicSolver:
     """The cubic subproblem in the Krylov space of (H, g), by Lanczos from q1 = g / ||g||.
 
@@ -291,8 +300,14 @@ class KrylovCubicSolver:
             # then returns 0, or the hard-case step along the bottom Ritz vector).
             self._v0 = torch.randn(self.g.shape[0], generator=gen, dtype=torch.float64).to(self.g)
         capacity = self.k_max + (self.probe_steps if self.guard else 0)
+        # under "full" a breakdown is only the step op's (beta <= 16 eps ||H q||): the process's 100 eps ||T||
+        # (1.2e-5 ||T|| in float32) dropped couplings that were not rounding (a float32 near-hard case's 2.7e-5,
+        # whose later vector is the long step along the bottom eigenvector: a model gradient of 1.4e-3), and what
+        # follows such a beta is made orthogonal to the basis whatever it holds. "selective" and "none" keep the
+        # process's threshold: their next vector would not be (their dropped couplings are counted in the bound)
+        rtol = 0.0 if self._reorth == "full" else BREAKDOWN_RTOL_EPS
         self.process = LanczosProcess(self.op, self._v0, reorth=self._reorth, store_basis=not self.two_pass,
-                                      capacity=capacity, generator=gen)
+                                      capacity=capacity, generator=gen, breakdown_rtol=rtol)
         self._probed = False  # the guard's probe block has run
 
     # -- the small problem
@@ -306,7 +321,7 @@ class KrylovCubicSolver:
                                             "krylov")
         y_eig = y_eig.numpy()
         y = S @ y_eig
-        residual = _residual_bound(proc.residual_norm(y), M, sigma, scaled_norm(y))
+        residual = _residual_bound(_lanczos_residual(proc, y), M, sigma, scaled_norm(y))
         return y, sigma, hard, _eigenbasis_value(c, theta, y_eig, M), residual
 
     def _accept(self, M: float, y: np.ndarray, residual: float) -> bool:
@@ -322,7 +337,7 @@ class KrylovCubicSolver:
     def _bottom_converged(self) -> bool:
         theta, S = self.process.ritz_pairs()
         scale = max(float(np.abs(theta).max()), np.finfo(np.float64).tiny)
-        return self.process.residual_norm(S[:, 0]) <= self.kappa * scale
+        return _lanczos_residual(self.process, S[:, 0]) <= self.kappa * scale
 
     # -- the Lanczos phases
     def _run_main(self, M: float, limit: int | None = None) -> None:
@@ -434,7 +449,7 @@ class KrylovCubicSolver:
         s_norm = scaled_norm(s)
         # at the formed s: Q is orthonormal to about sqrt(eps) ("selective") or not at all ("none"), so
         # ||s|| = ||Q y|| is not ||y||
-        residual = _residual_bound(proc.residual_norm(y), M, sigma, s_norm)
+        residual = _residual_bound(_lanczos_residual(proc, y), M, sigma, s_norm)
         return CubicStep(
             step=s, model_value=value, step_norm=s_norm, sigma=sigma, residual=residual,
             num_hvps=self.op.num_hvps, hard_case=hard, iterations=proc.n,

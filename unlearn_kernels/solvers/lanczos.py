@@ -56,13 +56,15 @@ import torch
 
 from ..checks import (SMALLEST_SQUARED, check_bool, check_choice, check_fits_in_memory, check_int, check_number, check_seed,
                       norm64, scaled_norm)
+from ..contracts.lanczos_step import BREAKDOWN_RTOL_EPS as STEP_BREAKDOWN_RTOL_EPS
 from ..ops.lanczos_step import lanczos_step
 from .operators import SolverOperator, as_operator, check_vector
 
 Reorth = Literal["full", "selective", "none"]
 Which = Literal["LA", "SA", "BE"]
 BREAKDOWN_RTOL_EPS = 100.0
-"""A beta below this many machine epsilons of ||T|| (largest |alpha|, beta so far) is a breakdown."""
+"""A beta below this many machine epsilons of ||T|| (largest |alpha|, beta so far) is a breakdown (the default of
+:class:`LanczosProcess`'s ``breakdown_rtol``)."""
 
 
 def _unit(v: torch.Tensor) -> torch.Tensor:
@@ -123,8 +125,12 @@ class LanczosProcess:
     forced restarts (see :class:`Coupling`), which keep the projection of H on the basis and the
     residual norms exact (see :meth:`ritz_pairs`, :meth:`residual_norm`); with "selective", ``drift``:
     the parts of ``H q_j`` the purges removed, as pairs ``(j, g)`` meaning ``basis[:len(g)]^T g``;
-    ``dropped``: the largest coupling a breakdown set to 0 (a beta at most 100 eps ||T||; 0.0 where every
-    breakdown was an exact 0), the error the closed space carries.
+    ``dropped``: the largest coupling a breakdown set to 0 (a beta at most ``breakdown_rtol`` eps ||T||; 0.0
+    where every breakdown was the step op's 0), the error the closed space carries; ``breakdowns``: every
+    breakdown as ``(row, bound)``: the coupling between ``basis[row]`` and the residual vector set to 0 there
+    was at most ``bound`` (the beta dropped; for the step op's 0 the norm formed again, see ``breakdown_rtol``,
+    else its threshold ``16 eps ||H q_row||``), which :meth:`breakdown_error` turns into a bound on what T
+    leaves out (none recorded where the basis fills the space).
 
     Args:
         op: a validated operator.
@@ -133,10 +139,18 @@ class LanczosProcess:
         store_basis: keep the Lanczos vectors (needed for "full"/"selective", restarts and Q y).
         capacity: most steps (the basis is allocated once, capacity x d).
         generator: random source for restart vectors.
+        breakdown_rtol: a beta at most this many machine epsilons of ||T|| is a breakdown (default
+            :data:`BREAKDOWN_RTOL_EPS`). 0 with reorth="full": only a residual vector of exactly 0 is one;
+            where the step op reads a breakdown (``beta <= 16 eps ||H q||``, returned as 0) the residual
+            vector is formed again (float64, one pass over the basis) and the process goes on from it. The
+            cubic solver takes 0 under "full": a beta of 100 eps ||T|| (1.2e-5 ||T|| in float32) or 16 eps
+            ||H q|| is not always rounding (float32 Lanczos vectors have a residual of 8e-6 where the exact
+            Krylov space is invariant to 1e-7), T keeps it, and what follows is made orthogonal to the basis
+            whatever it holds.
     """
 
     def __init__(self, op: SolverOperator, v0: torch.Tensor, *, reorth: Reorth, store_basis: bool,
-                 capacity: int, generator: torch.Generator) -> None:
+                 capacity: int, generator: torch.Generator, breakdown_rtol: float = BREAKDOWN_RTOL_EPS) -> None:
         check_choice("reorth", reorth, ("full", "selective", "none"))
         if op.dtype not in (torch.float32, torch.float64):  # what the Lanczos step's kernels take
             raise TypeError(f"Lanczos needs float32 or float64 vectors, got the operator's dtype {op.dtype}: "
@@ -163,7 +177,9 @@ class LanczosProcess:
         self.drift: list[tuple[int, np.ndarray]] = []
         self._anorm = 0.0
         self.stopped = False
-        self.dropped = 0.0  # the largest coupling a breakdown set to 0 (0.0: every breakdown was exact)
+        self.dropped = 0.0  # the largest coupling a breakdown set to 0 (0.0: every breakdown was the op's 0)
+        self.breakdowns: list[tuple[int, float]] = []  # (row, bound on the coupling set to 0 there)
+        self.breakdown_rtol = check_number("breakdown_rtol", breakdown_rtol, 0.0)
         self.eps = torch.finfo(op.dtype).eps
 
     @property
@@ -196,6 +212,15 @@ class LanczosProcess:
         beta_prev = self.betas[-1] if j else 0.0
         q_next, alpha_t, beta_t = lanczos_step(hq, self.q, self.q_prev, beta_prev, against)
         alpha, beta = float(alpha_t), float(beta_t)
+        recovered = None  # the norm of the residual vector behind the op's breakdown, where formed again
+        if beta == 0.0 and self.breakdown_rtol == 0.0 and self.reorth == "full" and j + 1 < self.op.shape[0]:
+            # the op's breakdown (beta <= 16 eps ||H q||) may hold a coupling that is not rounding (the
+            # residual of float32 vectors): formed again, the process goes on from it (see breakdown_rtol)
+            # where it is above eps ||H q||; below, what is left is rounding inside span(Q) (a decoupled
+            # hard case: 6e-33 eps ||H q||), whose direction no reorthogonalisation makes new: a breakdown
+            q_rec, recovered = self._recover(hq, alpha, beta_prev, against)
+            if recovered > self.eps * norm64(hq):
+                q_next, beta = q_rec, recovered
         q64 = self.q.double() if self.couplings else None
         for cp in self.couplings:
             # q is orthogonal to the vectors before the restart, but H q has the part beta <r, q> along
@@ -234,8 +259,16 @@ class LanczosProcess:
                      else f"below {hq.dtype}'s smallest normal number (subnormal: digits lost)")
             raise ValueError(f"the products H q have entries all below {floor:.1e} (largest |entry| "
                              f"{float(hq.abs().max()):.3e}), {where}: scale the operator up")
-        if self.betas[-1] <= BREAKDOWN_RTOL_EPS * self.eps * self._anorm:
-            # Drop the rounding-level coupling (an error of at most 100 eps ||T|| in T).
+        if self.betas[-1] <= self.breakdown_rtol * self.eps * self._anorm:
+            # Drop the rounding-level coupling (an error of at most breakdown_rtol eps ||T|| in T), recorded for
+            # breakdown_error: the op's 0 stands for a beta up to its threshold, 16 eps ||H q|| (one norm, at a
+            # breakdown only), or the norm formed again. Where the basis fills the space the residual of a square
+            # Q is the rounding of every step, which no bound here counts: not recorded
+            if j + 1 < self.op.shape[0]:
+                bound = (self.betas[-1] if float(beta_t) != 0.0 else recovered if recovered is not None
+                         else STEP_BREAKDOWN_RTOL_EPS * self.eps * norm64(hq))
+                if bound > 0.0:
+                    self.breakdowns.append((j, bound))
             self.dropped = max(self.dropped, self.betas[-1])
             self.betas[-1] = 0.0
             if self.can_restart:
@@ -243,6 +276,19 @@ class LanczosProcess:
             else:
                 self.stopped = True
         return hq
+
+    def _recover(self, hq: torch.Tensor, alpha: float, beta_prev: float,
+                 against: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The residual vector that the step op read as a breakdown (returned as 0), formed again at a
+        breakdown only: ``w = H q - alpha q - beta_prev q_prev`` in float64, made orthogonal to ``against``
+        twice; returns ``(w / ||w||, ||w||)`` (zeros and 0.0 where w is 0)."""
+        w = hq.double() - alpha * self.q.double()
+        if self.q_prev is not None:
+            w = w - beta_prev * self.q_prev.double()
+        for _ in range(2):
+            w = w - (against.T @ (against @ w.to(against.dtype))).double()
+        beta = norm64(w)
+        return ((w / beta).to(hq.dtype) if beta > 0.0 else torch.zeros_like(hq)), beta
 
     def restart(self, start: torch.Tensor | None = None) -> None:
         """Continue from ``start`` (default: a random vector), made orthogonal to all stored vectors
@@ -328,6 +374,24 @@ class LanczosProcess:
             parts.append(scaled_norm(drift))
         # scaled: z may be a huge step's coefficients (a tiny cubic M), whose squares overflow
         return scaled_norm(np.array(parts))
+
+    def breakdown_error(self, z: np.ndarray) -> float:
+        """A bound on the part of ``||H Q z - Q A z||`` that the breakdowns' dropped couplings hold, which
+        :meth:`residual_norm` leaves out (0.0 where none was dropped; scalar work only). A breakdown at
+        ``row`` dropped ``beta r`` from ``H q_row`` (r a unit vector orthogonal to the basis then), and with
+        it the entries ``beta <r, q_j>`` of A between q_row and every later vector q_j (their products' part
+        along q_row, which the reorthogonalisation removes): r is not orthogonal to a restart's vector (in a
+        basis that fills the space the restart's vector is r). Their sum ``beta (z_row r + q_row <r, Q_later
+        z_later>)`` has norm at most ``beta sqrt(z_row^2 + ||z_later||^2)``; the breakdowns' bounds are added
+        (a true bound, to rounding). Near the hard case z_later is the long step along the bottom
+        eigenvector: a coupling of 2.7e-5 dropped at a float32 breakdown held a model gradient of 1.4e-3."""
+        if not self.breakdowns:
+            return 0.0
+        total = 0.0
+        for row, bound in self.breakdowns:
+            later = scaled_norm(z[row + 1:]) if row + 1 < len(z) else 0.0
+            total += bound * math.hypot(float(z[row]), later)
+        return total
 
     def combine(self, coeffs: np.ndarray) -> torch.Tensor:
         """``Q coeffs`` for a (n,) or (n, m) float64 array, from the stored basis."""
