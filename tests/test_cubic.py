@@ -803,3 +803,15 @@ def test_krylov_float32_clustered_g_zero_breakdown_is_in_the_residual():
     assert out.converged and true <= 1e-6 * M / 2 * out.step_norm ** 2
     assert out.step_norm == pytest.approx(2.0, rel=1e-5)
 
+
+def test_gd_cauchy_point_whose_factor_overflows_float32():
+    """float32 H = [[-1]], g = [1e-30], M = 1e-12: the Cauchy point -2e12 fits float32, but it was formed as
+    g * (-radius / ||g||), a factor of 2e42 that is Inf in float32: cubic_gd raised NonFiniteProduct blaming
+    the step size and M ("the Cauchy point is too long: M too small"); dense and Krylov give -2.0e12."""
+    H = torch.tensor([[-1.0]])
+    g = torch.tensor([1e-30])
+    dense = cubic_newton_step(H, g, 1e-12, method="dense")
+    for K in (0, 5):
+        out = cubic_newton_step(H, g, 1e-12, method="gd", K=K)
+        assert out.step.dtype == torch.float32 and torch.isfinite(out.step).all()
+        assert float(out.step[0]) == pytest.approx(float(dense.step[0]), rel=1e-6)

@@ -469,7 +469,13 @@ def _cauchy_point(op: SolverOperator, g: torch.Tensor, M: float) -> torch.Tensor
     r = math.hypot(q, math.sqrt(2.0 * gnorm) * math.sqrt(M))  # gnorm * M alone underflowed (1e-150 * 1e-180)
     # for q > 0 the same root without the difference that cancels when 2 M ||g|| << q^2 (a small M)
     radius = 2.0 * gnorm / (q + r) if q > 0 else (r - q) / M
-    return g * (-radius / gnorm)
+    factor = -radius / gnorm
+    if factor == 0.0 or torch.finfo(g.dtype).tiny <= abs(factor) <= torch.finfo(g.dtype).max:
+        return g * factor
+    # the factor alone beyond g's dtype (float32: g = 1e-30 with a step of 2e12 is a factor of 2e42, which
+    # made the Cauchy point Inf and cubic_gd blame M; or below its normal range): the unit vector g / ||g||
+    # in float64 times the radius
+    return ((g.double() / gnorm) * -radius).to(g.dtype)
 
 
 _DIVERGED = ("the iteration diverged (the step size eta = {eta:g} is too large for H and M = {M:g}: it needs "
