@@ -72,8 +72,9 @@ def _check_M(M: Any) -> float:
 
 
 class StepOverflow(ValueError):
-    """The solution of the cubic model does not fit the step's dtype (a float32 step beyond 3.4e38):
-    M is too small for this H and g. ``step_norm`` and ``model_value`` are the float64 solution's,
+    """A Newton-type step does not fit its dtype (a float32 step beyond 3.4e38): for the cubic model M is
+    too small for this H and g; for the damped and pseudo-inverse steps (``baselines``) the damping or
+    ``rcond`` is, or H is nearly singular. ``step_norm`` and ``model_value`` are the float64 solution's,
     ``num_hvps`` the products used (the adaptive loop records the trial as rejected and raises M)."""
 
     def __init__(self, message: str, step_norm: float, model_value: float, num_hvps: int) -> None:
