@@ -27,6 +27,9 @@ unlearn-kernels run --seeds 10,11,12 --out mlp-oracle-noise-seeds10-12 --protoco
 # the same on 20 more seeds: how often a 3-seed study meets the per-pair target (make_tables.py counts)
 unlearn-kernels run --seeds "$(seq -s, 20 39)" --out mlp-oracle-noise-seeds20-39 --protocol mislabeled \
     --forget-fraction 0.1 --sequential 10 --methods retrain,original,cure_newton,retrain_reseeded
+# the mislabeled target on seeds held out from the choice of CureNewton's defaults (made on seeds 0-2)
+unlearn-kernels run --seeds 10,11,12 --out mlp-heldout-seeds10-12 --protocol mislabeled --forget-fraction 0.1 \
+    --methods retrain,original,cure_newton,finetune,retrain_reseeded
 # variants: CureNewton's one-step form, damped Newton and the influence update at larger damping
 run mlp-one-step --protocol mislabeled --forget-fraction 0.1 --methods retrain,original,cure_newton --set cure_newton.max_iterations=1
 run mlp-one-step --protocol class --forget-class 3 --methods retrain,original,cure_newton --set cure_newton.max_iterations=1
