@@ -102,11 +102,19 @@ def model_signature(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def starting_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a model starts training from: its state dict and its non-persistent buffers, which the
+    state dict leaves out but the forward may read (a buffer that scales the input: a model built with
+    another value reused the cached weights of the first, test accuracy 0.10)."""
+    state = model.state_dict()
+    return {**state, **{f"{name} (non-persistent buffer)": b for name, b in model.named_buffers() if name not in state}}
+
+
 def cache_path(folder: str | os.PathLike[str], stem: str, model: nn.Module, config: TrainConfig,
                model_info: Mapping[str, Any] | None = None, device: torch.device | str = "cpu") -> Path:
     """``folder/<stem>-<key>.pt``, the key a short hash of the recipe, the model's signature and
-    starting weights (``model``: as initialised), ``model_info`` and the training device as checkpoints
-    record it (:func:`device_description`: on the CPU with its instruction set and thread count):
+    starting state (``model``: as initialised; :func:`starting_state`), ``model_info`` and the training device
+    as checkpoints record it (:func:`device_description`: on the CPU with its instruction set and thread count):
     models trained another way (another recipe, architecture, start or device on the same data) get
     files of their own instead of overwriting each other in turn. Versions and training code are left
     out of the key, so a model made stale by them is overwritten, not kept beside the new one.
@@ -116,7 +124,7 @@ def cache_path(folder: str | os.PathLike[str], stem: str, model: nn.Module, conf
     """
     check_module("cache_path", model)
     check_config("cache_path", config)
-    key = json.dumps([config.to_dict(), model_signature(model), tensors_digest(model.state_dict()),
+    key = json.dumps([config.to_dict(), model_signature(model), tensors_digest(starting_state(model)),
                       dict(model_info or {}), device_description(device)], sort_keys=True, default=str)
     return Path(folder) / f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
 
@@ -411,6 +419,17 @@ def probe_atomic_write(path: str | os.PathLike[str]) -> None:
         os.unlink(name)
 
 
+def _reads_to_end(path: Path) -> bool:
+    """Whether ``path`` can be opened and read to its end (an OSError of doing so: no)."""
+    try:
+        with open(path, "rb") as handle:
+            while handle.read(1 << 20):
+                pass
+    except OSError:
+        return False
+    return True
+
+
 def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(metadata, state_dict)`` stored at ``path``.
 
@@ -429,8 +448,13 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:  # the file cannot be read (no permission, an I/O error): not a damaged file
-        raise
+    except OSError as error:
+        # the file cannot be read (no permission, an I/O error): not a damaged file. But torch's zip reader
+        # raises OSError too, "[Errno 22] Invalid argument", for a truncated archive (241 of 352 cut lengths of
+        # a checkpoint): where the file reads to its end, the error is the file's content
+        if not _reads_to_end(path):
+            raise
+        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated?): {error}") from error
     except Exception as error:  # torch.load raises many types for a damaged file
         # its weights-only refusal advises loading with weights_only=False: unsafe, and no help for a damaged file
         # (an empty file gives EOFError with no message)
@@ -498,11 +522,13 @@ def _source_file(cls: type) -> str | None:
 def code_fingerprint(model: nn.Module) -> str:
     """SHA-256 (hex) of the code that decides what training produces: the training recipe's own
     module (``training.py``), the data loader's (``labeled.py``) and the source files of the
-    model's module classes outside torch (e.g. ``models/mlp.py``). Editing any of them changes the
-    fingerprint, so a checkpoint trained by older code is not reused. A class whose source file
+    model's module classes outside torch and of their base classes (e.g. ``models/mlp.py``). Editing any of
+    them changes the fingerprint, so a checkpoint trained by older code is not reused. A class whose source file
     cannot be found (defined interactively, or shipped as bytecode only or in a zip archive) contributes
     its qualified name only."""
-    names = {f"{type(m).__module__}.{type(m).__qualname__}": type(m) for m in model.modules()}
+    # every class a module's behaviour comes from: a forward inherited from a base class in another file too
+    names = {f"{cls.__module__}.{cls.__qualname__}": cls for m in model.modules() for cls in type(m).__mro__
+             if cls is not object}
     files = {inspect.getsourcefile(train), inspect.getsourcefile(LabeledData)}
     without_file = []
     for name, cls in sorted(names.items()):
@@ -554,7 +580,8 @@ def training_metadata(
     check_device(f"{owner}: device", device)
     return {
         "recipe": config.to_dict(),
-        "model": {**model_signature(model), "info": dict(model_info or {}), "init": tensors_digest(model.state_dict())},
+        "model": {**model_signature(model), "info": dict(model_info or {}),
+                  "init": tensors_digest(starting_state(model))},
         "data": data_fingerprint(data),
         "device": device_description(device),
         "versions": software_versions(),
