@@ -437,6 +437,31 @@ def test_a_loss_whose_chunks_do_not_combine_into_its_mean_is_refused():
         METHODS[name](loss_fn=Focal())
 
 
+def test_an_ignore_index_that_is_a_class_is_refused_as_class_weights_are(mlp):
+    """nn.CrossEntropyLoss(ignore_index=3) with class-3 rows: each chunk's mean divides by its own count of rows
+    kept, so damped_newton's step moved by 0.96 of its size between batch_size 7 and 2,048 and by 0.77 between two
+    shardings, without a word (class weights were refused for the same reason). Refused now, but over one chunk;
+    a negative ignore_index (the default -100) matches no label the methods take."""
+    model, forget, retain = mlp
+    for name in ("cure_newton", "damped_newton"):
+        for loss in (nn.CrossEntropyLoss(ignore_index=3), functools.partial(F.cross_entropy, ignore_index=3)):
+            with pytest.raises(ValueError, match=rf"^{name}: loss_fn has ignore_index=3, a class label: .*"
+                                                 r"batch_size \(2048\)"):
+                METHODS[name](loss_fn=loss)
+            with pytest.raises(ValueError, match=rf"^{name}: loss_fn has ignore_index=3, .* sharded"):
+                METHODS[name](loss_fn=loss, batch_size=None, process_group=object())  # refused before it is read
+            METHODS[name](loss_fn=loss, batch_size=None)  # one chunk: the mean over the rows kept
+        METHODS[name](loss_fn=nn.CrossEntropyLoss(ignore_index=-1))
+    # over one chunk the ignored rows are left out of F: the step is the one on the rows kept
+    kept = retain.y != 3
+    one_chunk = METHODS["damped_newton"](loss_fn=nn.CrossEntropyLoss(ignore_index=3), batch_size=None,
+                                         dtype=torch.float64).unlearn(model, forget, retain)
+    without = METHODS["damped_newton"](batch_size=None, dtype=torch.float64).unlearn(
+        model, forget, LabeledData(retain.x[kept], retain.y[kept]))
+    for a, b in zip(one_chunk.model.parameters(), without.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
 def test_gradients_count_every_gradient_an_operator_takes_at_construction(mlp, monkeypatch):
     """``gradients`` added a constant 2 per operator (its probes): the finite-difference check of a loss without
     a forward-mode derivative took more, which the count left out."""

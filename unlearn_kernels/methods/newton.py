@@ -193,25 +193,28 @@ def check_per_sample_loss(owner: str, model: nn.Module) -> None:
 
 
 def _torch_loss_options(loss_fn: Any) -> dict[str, Any]:
-    """The ``reduction`` and class ``weight`` of a torch loss: a module of torch.nn's losses (weight: cross
-    entropy and NLL's), a function of torch.nn.functional, or a ``functools.partial`` of either (its keywords
-    over the function's); {} for a loss of the user's own, taken at its word."""
+    """The ``reduction``, class ``weight`` and ``ignore_index`` of a torch loss: a module of torch.nn's losses
+    (weight and ignore_index: cross entropy and NLL's), a function of torch.nn.functional, or a
+    ``functools.partial`` of either (its keywords over the function's); {} for a loss of the user's own, taken at
+    its word."""
     if isinstance(loss_fn, functools.partial):
         inner = _torch_loss_options(loss_fn.func)
         if getattr(loss_fn.func, "__module__", None) == F.__name__:  # F.cross_entropy(..., weight=, reduction=)
-            inner.update({k: v for k, v in loss_fn.keywords.items() if k in ("weight", "reduction")})
+            inner.update({k: v for k, v in loss_fn.keywords.items() if k in ("weight", "reduction", "ignore_index")})
         return inner
     if isinstance(loss_fn, nn.modules.loss._Loss):
-        weighted = isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss))
-        return {"reduction": loss_fn.reduction, **({"weight": loss_fn.weight} if weighted else {})}
+        if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
+            return {"reduction": loss_fn.reduction, "weight": loss_fn.weight, "ignore_index": loss_fn.ignore_index}
+        return {"reduction": loss_fn.reduction}
     return {}
 
 
 def _check_mean_loss(owner: str, loss_fn: LossFn, batch_size: Any, process_group: Any = None) -> None:
     """ValueError where ``loss_fn``'s values on chunks of the data do not combine into its value on all of it,
     as F, its gradient and the Hessian do (a mean over rows, weighted by the chunks' rows): a reduction other
-    than the mean, or class weights (each chunk's weighted mean divides by its own sum of weights) unless the
-    data is one chunk (``batch_size=None``, in one process: each rank's shard is a chunk too); read by
+    than the mean, or class weights or an ``ignore_index`` that is a class (each chunk's mean divides by its own
+    sum of weights, or count of rows kept) unless the data is one chunk (``batch_size=None``, in one process: each
+    rank's shard is a chunk too); read by
     :func:`_torch_loss_options`."""
     options = _torch_loss_options(loss_fn)
     reduction = options.get("reduction", "mean")
@@ -227,6 +230,15 @@ def _check_mean_loss(owner: str, loss_fn: LossFn, batch_size: Any, process_group
         raise ValueError(f"{owner}: loss_fn has class weights, whose mean over each rank's shard divides by that "
                          "shard's sum of weights, so F would change with how the rows are sharded: with a "
                          "process_group the loss must be a plain mean over rows (no class weights)")
+    # an ignore_index below 0 matches no label the methods take (every label is a class in [0, C))
+    ignored = options.get("ignore_index")
+    if isinstance(ignored, int) and ignored >= 0 and (batch_size is not None or process_group is not None):
+        chunks = (f"batch_size ({batch_size})" if process_group is None
+                  else "how the rows are sharded over the process group")
+        raise ValueError(f"{owner}: loss_fn has ignore_index={ignored}, a class label: each chunk's mean divides by "
+                         f"its own count of rows not ignored, so F would change with {chunks} (a damped step by 0.77 "
+                         "of its size between two shardings): pass batch_size=None in one process, or leave "
+                         "ignore_index at its default")
 
 
 def _check_not_another_word(owner: str, option: str, value: Any) -> None:
