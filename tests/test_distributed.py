@@ -515,6 +515,36 @@ def test_different_inputs_are_refused_on_every_rank(tmp_path):
     _spawn(_different_inputs_worker, (2, str(tmp_path / "store")), 2)
 
 
+def _matmat_columns_worker(rank: int, world: int, store: str) -> None:
+    """Ranks whose matmat inputs have different numbers of columns (2 on rank 0, 3 on rank 1) sent payloads of
+    different sizes: gloo aborted rank 0's process (SIGABRT), the other got its "all_reduce failed". Every rank
+    raises the same ValueError now, naming each rank's count; a rank whose input is no matrix raises its refusal
+    and the others a RuntimeError naming it, at once; the same K passes."""
+    _init(rank, world, store)
+    try:
+        model, x, y = model_and_data()
+        part = slice(0, 20) if rank == 0 else slice(20, ROWS)
+        op = hessian_operator(model, nn.CrossEntropyLoss(), (x[part], y[part]), process_group=dist.group.WORLD)
+        V = torch.ones(op.shape[0], 3, dtype=torch.float64)
+        with pytest.raises(ValueError, match=rf"^distributed curvature, rank {rank}: the ranks passed matmat inputs "
+                                             r"of different numbers of columns \(2, 3, in rank order\)"):
+            op.matmat(V[:, :2 + rank])
+        if rank == 1:
+            with pytest.raises(ValueError, match=r"matrix must have shape \(\d+, K\) with K >= 1"):
+                op.matmat(V[:, 0])  # a vector, no matrix
+        else:
+            with pytest.raises(RuntimeError, match=r"rank\(s\) \[1\] failed while computing a matmat"):
+                op.matmat(V)
+        single = hessian_operator(model, nn.CrossEntropyLoss(), (x, y))
+        _close(op.matmat(V), single.matmat(V))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_matmat_inputs_of_different_widths_are_refused_on_every_rank(tmp_path):
+    _spawn(_matmat_columns_worker, (2, str(tmp_path / "store")), 2)
+
+
 def _bfloat16_tags_worker(rank: int, world: int, store: str) -> None:
     """The call tags travel in the payload's dtype: in bfloat16 the serial was one number, rounded above
     256 (301 became 300), so products of the 300th and 301st operators of a group were summed. Here the

@@ -44,7 +44,7 @@ what every rank is doing (the call's kind and which operator or objective of the
 so ranks that make different calls at the same point with payloads of one size (a matvec on one rank
 and a gradient on another, or products of two operators) all raise a RuntimeError naming the calls
 instead of summing them; payloads of different sizes abort gloo ("Received data size doesn't match
-expected size"). The group is held weakly
+expected size"), so a matmat first agrees on its number of columns (one small all_reduce). The group is held weakly
 (:class:`GroupRef`): ``destroy_process_group`` frees it while operators and objectives are alive.
 """
 from __future__ import annotations
@@ -702,9 +702,7 @@ class DistributedOperator:
         payload is sized by the operator, never by a bad ``X``, so every rank's has the same size."""
         shape = (self.shape[0],)
         if ndim == 2:
-            if not (isinstance(X, torch.Tensor) and X.dim() == 2 and X.shape[1] > 0):
-                self._check_input(X, ndim)  # raises, here alone: without K no payload size matches the others'
-            shape += (X.shape[1],)
+            shape += (self._agreed_columns(X),)
 
         def local() -> torch.Tensor | None:
             self._check_input(X, ndim)
@@ -712,6 +710,28 @@ class DistributedOperator:
 
         like = torch.empty(shape, dtype=self.dtype, device=self.device)
         return self.shards.combine(local, like, "computing a matvec" if ndim == 1 else "computing a matmat", given=X)
+
+    def _agreed_columns(self, X: Any) -> int:
+        """K, the columns of a matmat's ``X``, once the ranks agree on it: their payloads are sized by it, and
+        payloads of different sizes abort gloo's process (SIGABRT: 2 columns on one rank, 3 on the other) where
+        they should raise. One small all_reduce of every rank's K; the same ValueError on every rank where they
+        differ, and a rank whose ``X`` has no K (not a matrix) raises its refusal, the others a RuntimeError
+        naming it."""
+        failure = None
+        if not (isinstance(X, torch.Tensor) and X.dim() == 2 and X.shape[1] > 0):
+            try:
+                self._check_input(X, 2)
+            except Exception as err:  # reported to the other ranks, then raised here
+                failure = err
+        table = torch.zeros(self.shards.world_size, dtype=torch.float64, device=self.device)
+        if failure is None:
+            table[self.shards.rank] = X.shape[1]
+        counts = [int(k) for k in self.shards.reduce(table, failure, "computing a matmat").tolist()]
+        if len(set(counts)) > 1:
+            raise ValueError(f"distributed curvature, rank {self.shards.rank}: the ranks passed matmat inputs of "
+                             f"different numbers of columns ({', '.join(map(str, counts))}, in rank order): every "
+                             "rank must pass the same vectors (the same seeds, start vectors and arguments)")
+        return counts[0]
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """C @ v for a flat (d,) vector (one all_reduce); the same result on every rank."""
@@ -721,7 +741,8 @@ class DistributedOperator:
         return out
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        """C @ V for a (d, K) matrix: K products in one data pass and one all_reduce."""
+        """C @ V for a (d, K) matrix: K products in one data pass and one all_reduce (and a small one before it,
+        of the ranks' K)."""
         out = self._product(V, 2)
         self.num_products += V.shape[1]
         self.num_data_passes += 1
