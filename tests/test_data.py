@@ -231,7 +231,19 @@ def test_labels_outside_the_classes_are_rejected(tmp_path, bad: int, rows: int) 
     labels = data["train-labels-idx1-ubyte"].copy()
     labels[:rows] = bad
     _write_idx(str(tmp_path / "train-labels-idx1-ubyte"), labels)
-    with pytest.raises(ValueError, match=rf"labels must lie in \[0, 10\), found \[0, {bad}\]"):
+    # the split and the folder named (with root and torchvision's raw folder both present, which files were read)
+    with pytest.raises(ValueError, match=rf"the train labels must lie in \[0, 10\), found \[0, {bad}\] "
+                                         rf"\(files under {tmp_path}\)"):
+        load_dataset("mnist", root=tmp_path)
+
+
+def test_images_and_labels_of_different_counts_name_the_files_read(tmp_path) -> None:
+    """200 images and 199 labels said "mnist: train images (200, 28, 28) and labels (199,) do not match" without
+    the files: with root and torchvision's MNIST/raw both holding files, which pair was read was not said."""
+    data = _mnist_files(tmp_path, np.random.default_rng(0), gzipped=False)
+    _write_idx(str(tmp_path / "train-labels-idx1-ubyte"), data["train-labels-idx1-ubyte"][:-1])
+    with pytest.raises(ValueError, match=r"train images \(200, 28, 28\) and labels \(199,\) do not match \("
+                                         + str(tmp_path / "train-images-idx3-ubyte") + ", "):
         load_dataset("mnist", root=tmp_path)
 
 

@@ -305,9 +305,11 @@ def load_dataset(
 
     loader, num_classes = _DATASETS[name]
     raw = loader(root)
-    for labels in (raw.y, raw.y_test):
+    for split, labels in (("train", raw.y), ("test", raw.y_test)):
         if labels is not None and labels.size and not 0 <= labels.min() <= labels.max() < num_classes:
-            raise ValueError(f"{name}: labels must lie in [0, {num_classes}), found [{labels.min()}, {labels.max()}]")
+            where = f" (files under {root})" if root is not None else ""
+            raise ValueError(f"{name}: the {split} labels must lie in [0, {num_classes}), found [{labels.min()}, "
+                             f"{labels.max()}]{where}")
     raw = _without_duplicates(name, raw)
     train_idx, val_idx, test_idx = _split_indices(raw.y, seed, val_fraction, test_fraction)
     if official_test:

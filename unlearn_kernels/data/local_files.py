@@ -198,16 +198,19 @@ def load_mnist_files(root: str | Path, name: str = "mnist") -> tuple[np.ndarray,
     _, paths = _folder_with_all(name, root, [root, root / _TORCHVISION_DIRS[name] / "raw"],
                                 list(_MNIST_FILES.values()), ("", ".gz"))
     arrays = {key: read_idx(path) for key, path in zip(_MNIST_FILES, paths)}
+    files = dict(zip(_MNIST_FILES, paths))
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        # the files named: with root and torchvision's raw folder both present, which were read is not obvious
+        read = f"({files[f'{split}_images']}, {files[f'{split}_labels']})"
         if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-            raise ValueError(f"{name}: {split} images {images.shape} and labels {labels.shape} do not match")
+            raise ValueError(f"{name}: {split} images {images.shape} and labels {labels.shape} do not match {read}")
         if not len(labels):
-            raise ValueError(f"{name}: the {split} files hold no sample")
+            raise ValueError(f"{name}: the {split} files hold no sample {read}")
         # a cast would silently truncate float labels, and only uint8 images are scaled right (by 1/255)
         if images.dtype != np.uint8 or not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(f"{name}: expected uint8 {split} images and integer labels, got {images.dtype} "
-                             f"and {labels.dtype}")
+                             f"and {labels.dtype} {read}")
     if arrays["train_images"].shape[1:] != arrays["test_images"].shape[1:]:
         raise ValueError(f"{name}: train images are {arrays['train_images'].shape[1:]} but test images "
                          f"{arrays['test_images'].shape[1:]}")
