@@ -420,11 +420,12 @@ def probe_atomic_write(path: str | os.PathLike[str]) -> None:
 
 
 def _reads_to_end(path: Path) -> bool:
-    """Whether ``path`` can be opened and read to its end (an OSError of doing so: no)."""
+    """Whether ``path`` can be opened and read to its end (an OSError of doing so: no), a MiB at a time."""
     try:
         with open(path, "rb") as handle:
-            while handle.read(1 << 20):
-                pass
+            left = os.fstat(handle.fileno()).st_size
+            while left > 0 and (chunk := handle.read(min(left, 1 << 20))):
+                left -= len(chunk)
     except OSError:
         return False
     return True

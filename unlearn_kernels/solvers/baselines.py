@@ -37,7 +37,7 @@ from ..checks import (
     norm64,
     scaled_norm,
 )
-from .cubic import StepOverflow
+from .cubic import check_step_fits
 from .lanczos import LanczosProcess, check_basis_fits, ritz_pairs
 from .operators import NonFiniteProduct, SolverOperator, as_operator, check_vector, operator_and_vector
 
@@ -119,11 +119,8 @@ def _check_fits(step: torch.Tensor, coords: torch.Tensor, g_coords: torch.Tensor
     ``g_coords`` g's there; the error carries the step's norm and the quadratic model's value at it,
     ``g^T s + s^T (H + damping I) s / 2 = g^T s / 2`` (s solves the system; for pinv on range(H); for
     :func:`minres`'s solution x of ``(H + damping I) x = b``, at the step ``s = -x`` with g = b)."""
-    if not all_finite(step):
-        norm = scaled_norm(coords)
-        raise StepOverflow(f"{what}: the {noun}, of norm {norm:.3g}, does not fit {step.dtype}: {remedy}", norm,
-                           0.5 * float(g_coords.double() @ coords.double()), num_hvps)
-    return step
+    return check_step_fits(step, lambda: (scaled_norm(coords), 0.5 * float(g_coords.double() @ coords.double())),
+                           num_hvps, what, remedy, noun)
 
 
 _DAMPED_REMEDY = "H + damping I is too close to singular for g (add damping, or solve in float64)"

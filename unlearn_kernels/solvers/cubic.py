@@ -82,15 +82,20 @@ class StepOverflow(ValueError):
         self.step_norm, self.model_value, self.num_hvps = step_norm, model_value, num_hvps
 
 
-def _check_representable(step: torch.Tensor, norm: float, value: float, num_hvps: int, M: float,
-                         method: str) -> torch.Tensor:
-    """``step`` if every entry is finite, else :class:`StepOverflow` (``norm`` and ``value``: the float64
-    solution's)."""
+def check_step_fits(step: torch.Tensor, norm_and_value: Callable[[], tuple[float, float]], num_hvps: int,
+                    what: str, remedy: str, noun: str = "step") -> torch.Tensor:
+    """``step`` (a float64 solution cast to its dtype) if every entry is finite, else :class:`StepOverflow`
+    carrying the float64 solution's norm and model value (``norm_and_value()``, asked only then), the message
+    naming ``what`` solved and the ``remedy``: the cubic solvers' and the Newton baselines' one check."""
     if not all_finite(step):
-        raise StepOverflow(f"cubic_newton_step (method {method!r}): the step, of norm {norm:.3g}, does not fit "
-                           f"{step.dtype}: M = {M!r} is too small for this H and g (raise M, or solve in float64)",
-                           norm, value, num_hvps)
+        norm, value = norm_and_value()
+        raise StepOverflow(f"{what}: the {noun}, of norm {norm:.3g}, does not fit {step.dtype}: {remedy}", norm,
+                           value, num_hvps)
     return step
+
+
+def _cubic_remedy(M: float) -> str:
+    return f"M = {M!r} is too small for this H and g (raise M, or solve in float64)"
 
 
 def _secular_solve(eigvals: torch.Tensor, coeffs: torch.Tensor, M: float, num_hvps: int,
@@ -173,8 +178,8 @@ def dense_cubic_step(H: Any, g: torch.Tensor, M: float) -> CubicStep:
     lam, U = torch.linalg.eigh(0.5 * (H64 + H64.T))
     c = U.T @ g.double()
     y, sigma, hard = _secular_solve(lam, c, M, op.num_hvps, "dense")
-    s = _check_representable((U @ y).to(g.dtype), scaled_norm(y), _eigenbasis_value(c, lam, y, M), op.num_hvps, M,
-                             "dense")
+    s = check_step_fits((U @ y).to(g.dtype), lambda: (scaled_norm(y), _eigenbasis_value(c, lam, y, M)), op.num_hvps,
+                        "cubic_newton_step (method 'dense')", _cubic_remedy(M))
     y = U.T @ s.double()  # the returned step in the eigenbasis: its rounding to g's dtype included
     value = _eigenbasis_value(c, lam, y, M)
     residual = scaled_norm(c + lam * y + 0.5 * M * scaled_norm(y) * y)
@@ -446,7 +451,8 @@ class KrylovCubicSolver:
                 self._built = True
         y, sigma, hard, value, _ = self._small_solve(M)
         s = replay(self.op, self._v0, proc.n, y) if self.two_pass else proc.combine(y)
-        s = _check_representable(s.to(self.g.dtype), scaled_norm(y), value, self.op.num_hvps, M, "krylov")
+        s = check_step_fits(s.to(self.g.dtype), lambda: (scaled_norm(y), value), self.op.num_hvps,
+                            "cubic_newton_step (method 'krylov')", _cubic_remedy(M))
         s_norm = scaled_norm(s)
         # at the formed s: Q is orthonormal to about sqrt(eps) ("selective") or not at all ("none"), so
         # ||s|| = ||Q y|| is not ||y||
