@@ -15,7 +15,7 @@ from sklearn.datasets import load_digits
 from unlearn_kernels.data import LabeledData
 from unlearn_kernels.labeled import wrong_labels
 from unlearn_kernels.methods import (
-    METHODS, SCRUB, SSD, BadTeacher, Finetune, GradientAscent, NegGradPlus, RandomLabels, Retrain,
+    METHODS, SCRUB, SSD, UNSIR, BadTeacher, Finetune, GradientAscent, NegGradPlus, RandomLabels, Retrain,
     RetrainReseeded, SalUn, Unlearner,
 )
 from unlearn_kernels.methods.first_order import TrainedUnlearner, _random_teacher, flagged_mix
@@ -23,7 +23,7 @@ from unlearn_kernels.models import MLP, SmallViT
 from unlearn_kernels.training import TrainConfig, init_model, train
 
 CONFIG = TrainConfig(epochs=10, batch_size=32, lr=0.05, seed=0)
-FORGETTING = ["gradient_ascent", "neggrad_plus", "random_labels", "salun", "scrub", "bad_teacher", "ssd"]
+FORGETTING = ["gradient_ascent", "neggrad_plus", "random_labels", "salun", "scrub", "bad_teacher", "ssd", "unsir"]
 
 
 def factory() -> MLP:
@@ -89,7 +89,7 @@ def flat(model):
 
 def test_registry_names_match():
     assert set(METHODS) >= {"retrain", "original", "finetune", "gradient_ascent", "neggrad_plus", "random_labels",
-                            "salun", "scrub", "bad_teacher", "ssd"}
+                            "salun", "scrub", "bad_teacher", "ssd", "unsir"}
     assert all(cls.name == name for name, cls in METHODS.items())
 
 
@@ -120,6 +120,9 @@ def expected_gradients(method: Unlearner, n_f: int, n_r: int) -> int:
         return method.epochs * batches(n_f + round(method.retain_fraction * n_r))
     if name == "ssd":
         return batches(n_f) + batches(n_f + n_r)  # the two importance passes
+    if name == "unsir":  # the noise's steps per forget batch, the impair passes, the repair passes (all of D_r here)
+        return (method.noise_steps * batches(n_f) + method.epochs * batches(n_f + n_r)
+                + method.repair_epochs * batches(n_r))
     raise AssertionError(f"no expected count for {name}")
 
 
@@ -517,6 +520,8 @@ ONE_ROW_LAST = {
     "salun": ({"batch_size": 57}, 1 + 2 * 1),
     "scrub": ({"batch_size": 8, "forget_batch_size": 8}, 2 * (2 + 5)),
     "bad_teacher": ({"batch_size": 28}, 2 * 1),
+    # the noise over D_f (eval mode: plain batches), the impair set (58 rows) joined, then the repair over D_r
+    "unsir": ({"batch_size": 57, "noise_steps": 1}, 1 + 2 * 1 + 1),
     "lotus": ({"batch_size": 28, "lr": 1e-4}, 2 * 1),
     # keeps batch norm in eval mode: its batches are the plain ones; a D_r and a D_f batch per step
     "rfa": ({"batch_size": 8}, 2 * 6 * 2),
@@ -612,6 +617,7 @@ def no_running_statistics_factory() -> torch.nn.Sequential:
     ("scrub", {"batch_size": 8, "forget_batch_size": 8}, 2 * (2 + 5)),
     ("bad_teacher", {"batch_size": 28}, 2 * 1),
     ("ssd", {"batch_size": 8}, 2 + 8),
+    ("unsir", {"batch_size": 8, "noise_steps": 1}, 2 + 2 * 8 + 5),  # noise over D_f in eval mode, its last row joined
     ("retrain", {"batch_size": 8}, 2 * 5),
 ])
 def test_a_batch_norm_layer_without_running_statistics_trains_end_to_end(batch_norm_problem, name, kwargs, gradients):
@@ -633,7 +639,7 @@ def test_a_batch_norm_layer_without_running_statistics_trains_end_to_end(batch_n
     one = LabeledData(forget.x[:1], forget.y[:1])
     if name in ("finetune", "retrain", "random_labels", "bad_teacher"):  # a forget row never batched alone
         assert method.unlearn(model, one, retain, seed=0).gradients > 0
-    elif name in ("salun", "ssd"):  # their pass over D_f in eval mode cannot take it
+    elif name in ("salun", "ssd", "unsir"):  # their pass over D_f in eval mode cannot take it
         with pytest.raises(ValueError, match=rf"^{name}: the forget set has 1 row \(batch_size 8\), and the model's "
                                              r"batch-norm layer '2' cannot take a batch of one row, in eval mode"):
             method.unlearn(model, one, retain, seed=0)
@@ -727,7 +733,7 @@ class _CastsItsInputs(nn.Module):
         return self.linear(x.float())
 
 
-@pytest.mark.parametrize("name", FORGETTING + ["finetune"])
+@pytest.mark.parametrize("name", [n for n in FORGETTING if n != "unsir"] + ["finetune"])
 def test_bool_inputs_that_the_model_casts_itself(name):
     """BadTeacher built its forget/retain flag in the inputs' dtype and failed with torch's "Subtraction ...
     with a bool tensor is not supported", where the other methods run."""
@@ -870,3 +876,76 @@ def test_distillation_kl_is_computed_in_float32_at_least():
         assert abs(float(_distill_kl(half, half, 4.0))) < 1e-6
         assert _distill_kl(half, half, 4.0).dtype == torch.float32
     assert _distill_kl(z.double(), z.double(), 4.0).dtype == torch.float64
+
+
+# ---------------------------------------------------------------------------------------------
+# UNSIR
+
+
+def test_unsir_noise_takes_the_documented_first_adam_step(problem):
+    """One noise step from the seeded N(0, 1) draw is Adam's first step, lr * g / (|g| + eps), on
+    -CE(f(n), y) + noise_l2 * ||n||^2 summed over the forget rows, here from a float64 autograd gradient."""
+    model, forget, _ = problem
+    method = UNSIR(noise_steps=1, noise_lr=0.05, noise_l2=0.3, batch_size=16)
+    noise, batches = method._noise(copy.deepcopy(model), forget, seed=7)
+    assert batches == math.ceil(len(forget) / 16)
+    start = torch.randn(forget.x.shape, generator=torch.Generator().manual_seed(7)).double().requires_grad_(True)
+    reference = copy.deepcopy(model).double().eval()
+    objective = -F.cross_entropy(reference(start), forget.y, reduction="sum") + 0.3 * start.square().sum()
+    grad, = torch.autograd.grad(objective, start)
+    expected = start.detach() - 0.05 * grad / (grad.abs() + 1e-8)
+    clear = grad.abs() > 1e-4  # where float32 and float64 agree on the gradient's sign
+    assert clear.float().mean() > 0.9
+    torch.testing.assert_close(noise.double()[clear], expected[clear], rtol=0, atol=1e-5)
+    assert ((noise.double() - start.detach()).abs() <= 0.05 + 1e-6).all()
+
+
+def test_unsir_noise_raises_the_loss_on_the_forget_labels_and_ignores_the_batching(problem):
+    model, forget, _ = problem
+    initial = torch.randn(forget.x.shape, generator=torch.Generator().manual_seed(0))
+    by_16, _ = UNSIR(batch_size=16)._noise(copy.deepcopy(model), forget, seed=0)
+    by_64, _ = UNSIR(batch_size=64)._noise(copy.deepcopy(model), forget, seed=0)
+    torch.testing.assert_close(by_16, by_64, rtol=0, atol=1e-4)  # each row's objective is its own
+    with torch.no_grad():
+        losses = [F.cross_entropy(model.eval()(x), forget.y).item() for x in (forget.x, initial, by_16)]
+    assert losses[2] > losses[1] + 1.0 and losses[2] > losses[0] + 1.0
+    # the L2 term keeps the noise small: a heavier one gives smaller noise
+    heavy, _ = UNSIR(noise_l2=10.0)._noise(copy.deepcopy(model), forget, seed=0)
+    assert heavy.norm() < 0.5 * by_16.norm()
+
+
+def test_unsir_retain_subset_keeps_at_most_the_cap_per_class_by_seed():
+    gen = torch.Generator().manual_seed(0)
+    y = torch.cat([torch.full((n,), c) for c, n in enumerate((3, 9, 20))])[torch.randperm(32, generator=gen)]
+    retain = LabeledData(torch.arange(32.0).unsqueeze(1), y)
+    subsets = [UNSIR(retain_per_class=5)._retain_subset(retain, seed) for seed in (0, 0, 1)]
+    for subset in subsets:
+        assert torch.bincount(subset.y, minlength=3).tolist() == [3, 5, 5]
+        rows = subset.x.squeeze(1).long()
+        assert torch.equal(retain.y[rows], subset.y) and bool((rows.diff() > 0).all())  # rows of D_r, in order
+    assert torch.equal(subsets[0].x, subsets[1].x) and not torch.equal(subsets[0].x, subsets[2].x)
+    assert UNSIR(retain_per_class=None)._retain_subset(retain, 0) is retain
+
+
+def test_unsir_refuses_inputs_that_are_not_floating_point():
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(60, 12, generator=gen) > 0.5, torch.randint(0, 3, (60,), generator=gen)
+    model = init_model(_CastsItsInputs, 0).eval()
+    saved = flat(model).clone()
+    with pytest.raises(ValueError, match=r"^unsir: needs floating-point inputs \(its noise is optimised in input "
+                                         r"space\); the forget set's inputs are torch.bool$"):
+        UNSIR().unlearn(model, LabeledData(x[:10], y[:10]), LabeledData(x[10:], y[10:]))
+    assert torch.equal(flat(model), saved)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"noise_steps": -1}, "noise_steps must be an int >= 0"),
+    ({"noise_lr": 0.0}, "noise_lr must be a finite number > 0"),
+    ({"noise_l2": NAN}, "noise_l2 must be a finite number >= 0"),
+    ({"repair_lr": NAN}, "repair_lr must be a finite number > 0"),
+    ({"repair_epochs": 1.5}, "repair_epochs must be an int >= 0"),
+    ({"retain_per_class": 0}, "retain_per_class must be an int >= 1"),
+])
+def test_unsir_bad_options_are_refused_by_name(kwargs, message):
+    with pytest.raises(ValueError, match=f"^unsir: {message}"):
+        UNSIR(**kwargs)

@@ -78,7 +78,7 @@ from .training import TrainConfig, check_converged, init_model, join_last_row, t
 #: the methods run by default, oracle first (it is the reference of every other row)
 DEFAULT_METHODS = ("retrain", "original", "cure_newton", "stochastic_cure_newton", "newton_pinv", "damped_newton",
                    "influence", "lissa", "finetune", "gradient_ascent", "neggrad_plus", "random_labels", "salun",
-                   "scrub", "bad_teacher", "ssd", "lotus", "rfa")
+                   "scrub", "bad_teacher", "ssd", "unsir", "lotus", "rfa")
 
 #: the rows built from the training recipe (no method options): the oracle and a second, reseeded one
 RECIPE_METHODS = ("retrain", "retrain_reseeded")

@@ -1,7 +1,7 @@
 """Unlearning methods behind one interface, :class:`Unlearner`."""
 from .adapters import CureNewtonLoRA
 from .base import Unlearner, UnlearnResult
-from .first_order import SCRUB, SSD, BadTeacher, Finetune, GradientAscent, NegGradPlus, RandomLabels, SalUn
+from .first_order import SCRUB, SSD, UNSIR, BadTeacher, Finetune, GradientAscent, NegGradPlus, RandomLabels, SalUn
 from .lotus import LoTUS
 from .newton import (
     CureNewton,
@@ -19,10 +19,10 @@ from .rfa import RFA
 METHODS: dict[str, type[Unlearner]] = {
     method.name: method
     for method in (Retrain, RetrainReseeded, Original, Finetune, GradientAscent, NegGradPlus, RandomLabels, SalUn, SCRUB,
-                   BadTeacher, SSD, LoTUS, RFA, CureNewton, CureNewtonLoRA, StochasticCureNewton, NewtonPinv, DampedNewton, DampedNewtonCG,
+                   BadTeacher, SSD, UNSIR, LoTUS, RFA, CureNewton, CureNewtonLoRA, StochasticCureNewton, NewtonPinv, DampedNewton, DampedNewtonCG,
                    InfluenceNewton, LiSSANewton)
 }
 
 __all__ = ["METHODS", "SCRUB", "SSD", "BadTeacher", "CureNewton", "CureNewtonLoRA", "DampedNewton", "DampedNewtonCG", "Finetune", "GradientAscent",
            "InfluenceNewton", "LiSSANewton", "LoTUS", "NegGradPlus", "NewtonPinv", "Original", "RFA", "RandomLabels", "Retrain", "RetrainReseeded", "SalUn",
-           "StochasticCureNewton", "UnlearnResult", "Unlearner"]
+           "StochasticCureNewton", "UNSIR", "UnlearnResult", "Unlearner"]

@@ -1,5 +1,5 @@
 """First-order unlearning baselines: fine-tuning, gradient ascent, NegGrad+, random labels, SalUn,
-SCRUB, Bad Teacher and SSD.
+SCRUB, Bad Teacher, SSD and UNSIR.
 
 Every method works on the private copy the :class:`~.base.Unlearner` base class hands it, trains
 on the model's own device, returns the model in eval mode, and is deterministic for its ``seed``
@@ -13,6 +13,7 @@ is scaled for the small models of this package and the docstring says so.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 from collections.abc import Iterator
@@ -536,3 +537,110 @@ class SSD(Unlearner):
         return UnlearnResult(model=model, seconds=0.0, gradients=forget_batches + full_batches,
                              diagnostics={"dampened_weights": dampened,
                                           "dampened_fraction": dampened / trainable})
+
+
+class UNSIR(TrainedUnlearner):
+    """UNSIR (Tarun, Chundawat, Mandal, Kankanhalli, IEEE TNNLS 2023, "Fast Yet Effective Machine
+    Unlearning"): impair the model with error-maximising noise, then repair it on retained data.
+
+    1. Noise: one noise input n_i of the forget inputs' shape per forget sample (x_i, y_i), drawn from
+       N(0, 1) and moved by Adam (``noise_lr``, ``noise_steps`` steps; the model frozen, in eval mode)
+       to raise the model's loss on the forget label while staying small, minimising
+       -CE(f(n_i), y_i) + ``noise_l2`` * ||n_i||^2. The paper learns one batch of noise per forgotten
+       class, labelled with that class; a noise input per forget sample, labelled with the sample's
+       label, is that for a class request and carries it over to requests of single samples. Each
+       n_i's objective is its own (a sum over the batch, Adam per element), so the noise does not
+       depend on how the forget set is cut into batches.
+    2. Impair: ``epochs`` pass(es) over the noise, labelled y_i, shuffled with a retain subset, at ``lr``.
+    3. Repair: ``repair_epochs`` pass(es) over the retain subset at ``repair_lr`` (a fresh optimizer).
+
+    The retain subset keeps at most ``retain_per_class`` rows of each class of D_r, drawn with the
+    seed (the paper: 1,000 per class of CIFAR-10; None keeps all of D_r). The inputs must be floating
+    point: the noise is optimised in input space.
+
+    Defaults from the paper: noise Adam lr 0.1 for 40 steps (5 x 8), noise_l2 0.1, impair and repair
+    one epoch each with Adam at lr 0.02 and 0.01, no weight decay; batch 64 instead of 256 for the
+    small data sets here.
+    """
+
+    name = "unsir"
+
+    def __init__(self, epochs: int = 1, lr: float = 0.02, repair_epochs: int = 1, repair_lr: float = 0.01,
+                 noise_steps: int = 40, noise_lr: float = 0.1, noise_l2: float = 0.1,
+                 retain_per_class: int | None = 1000, batch_size: int = 64, optimizer: str = "adam",
+                 momentum: float = 0.9, weight_decay: float = 0.0) -> None:
+        super().__init__(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, momentum=momentum,
+                         weight_decay=weight_decay)
+        self.repair_epochs = check_int(f"{self.name}: repair_epochs", repair_epochs, low=0)
+        self.repair_lr = check_number(f"{self.name}: repair_lr", repair_lr, 0.0, strict=True)
+        self.noise_steps = check_int(f"{self.name}: noise_steps", noise_steps, low=0)
+        self.noise_lr = check_number(f"{self.name}: noise_lr", noise_lr, 0.0, strict=True)
+        self.noise_l2 = check_number(f"{self.name}: noise_l2", noise_l2, 0.0)
+        self.retain_per_class = (None if retain_per_class is None
+                                 else check_int(f"{self.name}: retain_per_class", retain_per_class))
+
+    def _retain_subset(self, retain: LabeledData, seed: int) -> LabeledData:
+        """At most ``retain_per_class`` rows of each class of ``retain``, a seeded random choice, in the
+        order they had."""
+        if self.retain_per_class is None:
+            return retain
+        order = torch.randperm(len(retain), generator=torch.Generator().manual_seed(seed)).to(retain.y.device)
+        labels = retain.y[order]
+        # rank of each drawn row among the drawn rows of its class: rows ranked below the cap are kept
+        by_class = torch.argsort(labels, stable=True)
+        sorted_labels = labels[by_class]
+        first_of_class = torch.searchsorted(sorted_labels, sorted_labels)
+        rank = torch.empty_like(by_class)
+        rank[by_class] = torch.arange(len(labels), device=labels.device) - first_of_class
+        kept = order[rank < self.retain_per_class].sort().values
+        return LabeledData(retain.x[kept], retain.y[kept])
+
+    def _noise(self, model: nn.Module, forget: LabeledData, seed: int) -> tuple[torch.Tensor, int]:
+        """The error-maximising noise, one input per forget sample, and the batch gradients it cost."""
+        generator = torch.Generator().manual_seed(seed)
+        # optimised in float32 at least (Adam's moments in half precision lose the small steps)
+        dtype = torch.promote_types(forget.x.dtype, torch.float32)
+        noise = torch.randn(forget.x.shape, generator=generator, dtype=dtype).to(forget.x.device)
+        join = join_last_row(self.name, model, forget, self.batch_size, "forget", training=False)
+        model.eval()
+        batches = 0
+        starts = list(range(0, len(forget), self.batch_size))
+        if join:  # a last batch of one row goes with the one before it
+            starts.pop()
+        for start, end in zip(starts, starts[1:] + [len(forget)]):
+            rows = slice(start, end)
+            part = noise[rows].clone().requires_grad_(True)
+            labels = forget.y[rows]
+            optimizer = torch.optim.Adam([part], lr=self.noise_lr)
+            for _ in range(self.noise_steps):
+                loss = (-F.cross_entropy(model(part.to(forget.x.dtype)), labels, reduction="sum")
+                        + self.noise_l2 * part.square().sum())
+                optimizer.zero_grad(set_to_none=True)
+                part.grad, = torch.autograd.grad(loss, part)
+                optimizer.step()
+                batches += 1
+            noise[rows] = part.detach()
+        return noise.to(forget.x.dtype), batches
+
+    def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,
+                 unseen: LabeledData | None, seed: int) -> UnlearnResult:
+        if not forget.x.is_floating_point():
+            raise ValueError(f"{self.name}: needs floating-point inputs (its noise is optimised in input space); "
+                             f"the forget set's inputs are {forget.x.dtype}")
+        device = model_device(model)
+        forget, retain = forget.to(device), retain.to(device)
+        subset = self._retain_subset(retain, seed)
+        noise, noise_batches = self._noise(model, forget, seed)
+        impair = LabeledData(torch.cat([noise, subset.x]), torch.cat([forget.y, subset.y]))
+        # the noise and D_r's rows are finite, fit the model and hold its labels (unlearn() checked D_f and D_r)
+        impaired = train(model, impair, self._config(seed), device=device, owner=self.name,
+                         role="impair (noise and a retain subset)", data_checked=True)
+        repair_config = dataclasses.replace(self._config(seed + 1), epochs=self.repair_epochs, lr=self.repair_lr)
+        repaired = train(model, subset, repair_config, device=device, owner=self.name, role="retain subset",
+                         data_checked=True) if self.repair_epochs else None
+        return UnlearnResult(
+            model=model.eval(), seconds=0.0,
+            gradients=noise_batches + impaired.steps + (repaired.steps if repaired else 0),
+            diagnostics={"noise_norm_mean": noise.flatten(1).norm(dim=1).mean().item(),
+                         "retain_samples": len(subset), "impair_accuracy": impaired.train_accuracy,
+                         "repair_accuracy": repaired.train_accuracy if repaired else math.nan})
