@@ -18,11 +18,12 @@ from .rfa import RFA
 #: every method by its ``name``
 METHODS: dict[str, type[Unlearner]] = {
     method.name: method
-    for method in (Retrain, RetrainReseeded, Original, Finetune, GradientAscent, NegGradPlus, RandomLabels, SalUn, SCRUB,
-                   BadTeacher, SSD, UNSIR, LoTUS, RFA, CureNewton, CureNewtonLoRA, StochasticCureNewton, NewtonPinv, DampedNewton, DampedNewtonCG,
-                   InfluenceNewton, LiSSANewton)
+    for method in (Retrain, RetrainReseeded, Original, Finetune, GradientAscent, NegGradPlus, RandomLabels, SalUn,
+                   SCRUB, BadTeacher, SSD, UNSIR, LoTUS, RFA, CureNewton, CureNewtonLoRA, StochasticCureNewton,
+                   NewtonPinv, DampedNewton, DampedNewtonCG, InfluenceNewton, LiSSANewton)
 }
 
-__all__ = ["METHODS", "SCRUB", "SSD", "BadTeacher", "CureNewton", "CureNewtonLoRA", "DampedNewton", "DampedNewtonCG", "Finetune", "GradientAscent",
-           "InfluenceNewton", "LiSSANewton", "LoTUS", "NegGradPlus", "NewtonPinv", "Original", "RFA", "RandomLabels", "Retrain", "RetrainReseeded", "SalUn",
-           "StochasticCureNewton", "UNSIR", "UnlearnResult", "Unlearner"]
+__all__ = ["METHODS", "RFA", "SCRUB", "SSD", "UNSIR", "BadTeacher", "CureNewton", "CureNewtonLoRA", "DampedNewton",
+           "DampedNewtonCG", "Finetune", "GradientAscent", "InfluenceNewton", "LiSSANewton", "LoTUS", "NegGradPlus",
+           "NewtonPinv", "Original", "RandomLabels", "Retrain", "RetrainReseeded", "SalUn", "StochasticCureNewton",
+           "UnlearnResult", "Unlearner"]
