@@ -204,11 +204,13 @@ __global__ void loss_kernel(scalar_t* __restrict__ z, const int64_t* __restrict_
     }
     const scalar_t dot = static_cast<scalar_t>(warp_sum(sum_pr));
     if (lane == 0 && !isfinite(dot)) flags[1] = 1;
+    __syncwarp();  // every lane's read of r_c is done (a shuffle orders no memory)
     for (int64_t j = lane; j < C; j += kWarp) r[j] = exp(zi[j] - m) * inv_sum * ((r[j] - rc) - dot) * scale;
   }
   // the target's p_y - 1 as minus the other classes' share (as loss_cpu's: float's p_y - 1 of a well-fit row
   // kept ~6e-8 absolute of a 1 - p_y ~ 1e-5)
   const double target_grad = label_smoothing * (1.0 - 1.0 / static_cast<double>(C)) - rest / total;
+  __syncwarp();  // every lane's read of z_target is done before lane target % 32 writes it (K = 0: no shuffle between)
   for (int64_t j = lane; j < C; j += kWarp) {
     zi[j] = j == target ? static_cast<scalar_t>(target_grad * static_cast<double>(scale))
                         : (exp(zi[j] - m) * inv_sum - off) * scale;

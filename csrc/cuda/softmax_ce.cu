@@ -245,7 +245,9 @@ __global__ void __launch_bounds__(block_threads(kTpr))
   const Stats<acc_t> st = row_stats<kTpr, kVec, scalar_t, acc_t>(z, nullptr, y, C, lane, cache);
   if (lane == 0 && (st.nan || !isfinite(st.m))) flags[kBadLogits] = 1;
   const acc_t shift = st.m == -INFINITY ? acc_t(0) : st.m;
-  const acc_t inv_sum = acc_t(1) / st.s;
+  // a NaN logit seen only by a thread still at -inf added nothing to s (its flag remembers it): the row is NaN,
+  // as on the CPU, also where the caller (the autograd formulas) asked for no finiteness check
+  const acc_t inv_sum = st.nan ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(1) / st.s;
   const acc_t off = static_cast<acc_t>(smoothing / C);  // smoothed target mass on every class
   const acc_t target_entry = (st.t - acc_t(1)) + st.d * inv_sum + static_cast<acc_t>(smoothing - smoothing / C);
   for (int64_t k = lane; k < C / kVec; k += kTpr) {
@@ -276,7 +278,9 @@ __global__ void __launch_bounds__(block_threads(kTpr))
   // p (u - <p, u>) = p ((u - t) - <p, u - t>), as sum_j p_j = 1
   const Stats<acc_t> st = row_stats<kTpr, kVec, scalar_t, acc_t>(z, u, -1, C, lane, cache);
   const acc_t shift = st.m == -INFINITY ? acc_t(0) : st.m;
-  const acc_t inv_sum = acc_t(1) / st.s;
+  // a NaN logit seen only by a thread still at -inf added nothing to s (its flag remembers it): the row is NaN,
+  // as on the CPU, also where the caller (the autograd formulas) asked for no finiteness check
+  const acc_t inv_sum = st.nan ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(1) / st.s;
   const acc_t mean_r = st.d * inv_sum;  // <p, u - t>
   if (lane == 0) {
     if (st.nan || !isfinite(st.m)) flags[kBadLogits] = 1;
