@@ -869,6 +869,28 @@ def test_a_peft_model_is_refused_by_name_where_adapters_would_be_added(peft):
     assert [type(m) for m in peft_model.modules()] == before
 
 
+@pytest.mark.parametrize("helper", ["merge", "unmerge", "unload", "adapter_modules", "adapter_parameter_names",
+                                    "adaptable_layers", "to_peft"])
+def test_the_model_level_helpers_refuse_a_peft_model_by_name(peft, helper):
+    """They saw only this package's adapters: merge, unmerge and unload did nothing to a PEFT model (unload returned
+    it with its LoRA layers), adapter_modules and adapter_parameter_names found none, adaptable_layers offered PEFT's
+    inner base_layer / lora_A / lora_B Linears as targets."""
+    peft_model = peft.get_peft_model(mlp(), peft.LoraConfig(r=2, target_modules=["1"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    before = {k: v.clone() for k, v in peft_model.state_dict().items()}
+    modules = [type(m) for m in peft_model.modules()]
+    for model, where in ((peft_model, "'\\(the model\\)' is PEFT's PeftModel"),
+                         (peft_model.get_base_model(), "'1' is PEFT's Linear")):
+        with pytest.raises(ValueError, match=f"^{helper}: the model holds PEFT modules \\({where}\\): convert it with "
+                                             "unlearn_kernels.lora.from_peft first"):
+            getattr(lora, helper)(model)
+    assert [type(m) for m in peft_model.modules()] == modules
+    assert all(torch.equal(v, before[k]) for k, v in peft_model.state_dict().items())
+
+
 def test_from_peft_keeps_the_adapters_requires_grad_flags(peft):
     peft_model = peft.get_peft_model(mlp(), peft.LoraConfig(r=2, target_modules=["1"]))
     for p in peft_model.parameters():

@@ -902,3 +902,24 @@ def test_layers_whose_features_do_not_reach_the_logits_or_are_never_computed():
         other = {k: v for k, v in out.model.state_dict().items() if k.startswith("other.")}
         assert all(torch.equal(v, before[k]) for k, v in other.items())  # left as it is
     assert all(torch.equal(v, before[k]) for k, v in adapted.state_dict().items())
+
+
+@pytest.mark.parametrize("shift", ["neighbors", "margin"])
+def test_float16_features_above_256_train_the_adapters_as_in_float32(shift):
+    """The scales s_l^2 and the distances were squared in the model's dtype: float16 features of ~300 gave
+    s_l^2 = Inf, every distance term a zero gradient, B stayed 0 and the model came back unchanged."""
+    gen = torch.Generator().manual_seed(0)
+    model = init_model(lambda: nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)), 0)
+    with torch.no_grad():
+        model[0].weight.mul_(300.0)  # hidden features up to ~400, well inside float16's range
+    x, y = torch.randn(36, 4, generator=gen), torch.randint(0, 3, (36,), generator=gen)
+    runs = {}
+    for dtype in (torch.float32, torch.float16):
+        forget, retain = LabeledData(x[:6].to(dtype), y[:6]), LabeledData(x[6:].to(dtype), y[6:])
+        result = RFA(epochs=2, optimizer="sgd", lr=1e-2, merge=False, task_weight=0.0, shift=shift, targets=["0"]
+                     ).unlearn(copy.deepcopy(model).to(dtype), forget, retain)
+        assert all(torch.isfinite(torch.tensor(v)) for v in (result.diagnostics["align_loss"],
+                                                               result.diagnostics["shift_loss"]))
+        runs[dtype] = next(iter(lora.adapter_modules(result.model).values())).lora_b.double()
+    assert runs[torch.float32].norm() > 0
+    torch.testing.assert_close(runs[torch.float16], runs[torch.float32], rtol=0.05, atol=1e-6)

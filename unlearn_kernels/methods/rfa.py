@@ -276,7 +276,7 @@ class RFA(TrainedUnlearner):
     def _feature_scales(self, teacher: nn.Module, features: _Features, retain: LabeledData) -> list[float]:
         """s_l^2: the mean square of the frozen features of each layer on D_r (floored above 0)."""
         _, hs = self._all_features(teacher, features, retain)
-        return [max(float(h.square().mean()), 1e-12) for h in hs]
+        return [max(float(_at_least_float32(h).square().mean()), 1e-12) for h in hs]
 
     def _shift_targets(self, teacher: nn.Module, features: _Features, forget: LabeledData, retain: LabeledData,
                        unseen: LabeledData | None) -> list[torch.Tensor]:
@@ -337,12 +337,14 @@ class RFA(TrainedUnlearner):
 
     def _distance(self, hs: list[torch.Tensor], targets: list[torch.Tensor], scales: list[float]) -> torch.Tensor:
         """sum_l mean over samples of ||h - t||^2 / (n_l s_l^2)."""
-        return sum(((h - t).square().mean(1) / s).mean() for h, t, s in zip(hs, targets, scales))
+        return sum(((_at_least_float32(h) - _at_least_float32(t)).square().mean(1) / s).mean()
+                   for h, t, s in zip(hs, targets, scales))
 
     def _margin_loss(self, hs: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
         """sum_l mean over samples of max(0, margin - <h - h0, u> / ||h0||)^2."""
         total = 0.0
         for h, target in zip(hs, targets):
+            h, target = _at_least_float32(h), _at_least_float32(target)
             h0, u = target[:, 0], target[:, 1]
             moved = ((h - h0) * u).sum(1) / h0.norm(dim=1).clamp_min(1e-12)
             total = total + F.relu(self.margin - moved).square().mean()
@@ -386,6 +388,12 @@ class RFA(TrainedUnlearner):
         for p, flag in flags:
             p.requires_grad_(flag)
         return steps, last
+
+
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 if it is in a narrower float: the squares of float16 features above 256 overflow (s_l^2 was
+    Inf, every distance term's gradient 0, and a float16 model came back unchanged)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _class_means(h: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
