@@ -652,6 +652,18 @@ def test_cli_a_repeated_set_option_is_refused(capsys):
     assert capsys.readouterr().err == "unlearn-kernels: error: --set gives cure_newton.tol twice\n"
 
 
+@pytest.mark.parametrize("method, option", [("rfa", "targets"), ("cure_newton_lora", "targets")])
+def test_cli_an_option_read_as_a_number_where_text_is_taken_says_how_to_quote_it(capsys, method, option):
+    """--set rfa.targets=1 (the MLP's layers are named '0' to '3') was refused with "got 1", which reads as a
+    valid name: the note says --set read the int 1, and how to give the text."""
+    assert main(["run", "--protocol", "random", "--methods", method, "--set", f"{method}.{option}=1"]) == 2
+    assert capsys.readouterr().err.endswith(f"got 1 (--set read {method}.{option} as the int 1; for text, quote it: "
+                                            f"--set \"{method}.{option}='1'\")\n")
+    # a number the method refuses as text too gets no note
+    assert main(["run", "--protocol", "random", "--methods", "finetune", "--set", "finetune.lr=-1"]) == 2
+    assert capsys.readouterr().err.endswith("lr must be a finite number > 0.0, got -1\n")
+
+
 def test_cli_interrupt_is_one_line_and_status_130(tmp_path, capsys, monkeypatch):
     """Ctrl-C printed a long traceback. Now one line and the shell's status for SIGINT; the scenario finished
     before the interrupt is written whole and nothing half-written is left."""
@@ -858,6 +870,24 @@ def test_cli_corrupt_cached_original_is_a_clear_error_and_left_in_place(tmp_path
     (line,) = [line for line in err.splitlines() if line.startswith("unlearn-kernels: error: ")]
     assert f"{corrupt} is not a readable checkpoint" in line and "--no-cache" in line
     assert corrupt.read_bytes() == b"not a checkpoint"
+
+
+def test_cli_a_damaged_original_of_a_later_seed_stops_the_run_before_any_work(tmp_path, capsys, monkeypatch):
+    """Found when its seed was reached, a damaged original of seed 1 threw away seed 0's finished work, which
+    the error's status 2 (a usage error) said nothing of: it is read before any training now."""
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(study_module, "default_cache_dir", lambda: str(cache))
+    command = ["run", "--protocol", "random", "--seeds", "0,1", "--epochs", "1", "--methods", "original",
+               "--out", str(tmp_path / "out")]
+    assert main(command) == 0
+    (corrupt,) = cache.glob("original-digits-mlp-1-*.pt")
+    corrupt.write_bytes(corrupt.read_bytes()[:1000])  # an interrupted copy
+    capsys.readouterr()
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert "[random " not in err and "Traceback" not in err, err  # no seed began
+    (line,) = [line for line in err.splitlines() if line.startswith("unlearn-kernels: error: ")]
+    assert f"{corrupt} is not a readable checkpoint" in line
 
 
 @pytest.mark.parametrize("damage", ["shape", "missing", "nan"])

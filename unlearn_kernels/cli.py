@@ -353,9 +353,9 @@ def _study_configs(args: argparse.Namespace) -> dict:
     except ValueError as exc:  # no home folder to put it in
         raise UsageError(str(exc)) from None
     # StudyConfig refuses an option of another protocol (--forget-class with random, --forget-fraction with class)
+    method_options = parse_method_options(args.set or [])
     common = dict(dataset=args.dataset, root=args.root, model=args.model, methods=methods,
-                  forget_fraction=args.forget_fraction,
-                  method_options=parse_method_options(args.set or []), seeds=_seeds(args.seeds),
+                  forget_fraction=args.forget_fraction, method_options=method_options, seeds=_seeds(args.seeds),
                   recipe=recipe, device=args.device, cache_dir=cache_dir)
     try:
         if args.protocol is None:
@@ -364,7 +364,25 @@ def _study_configs(args: argparse.Namespace) -> dict:
         return {name: StudyConfig(protocol=args.protocol, forget_classes=tuple(args.forget_class or ()),
                                   sequential=args.sequential or 0, **common)}
     except (ValueError, TypeError) as exc:  # StudyConfig's own checks (method options among them)
-        raise UsageError(str(exc)) from None
+        raise UsageError(str(exc) + _read_as_numbers(method_options, str(exc))) from None
+
+
+def _read_as_numbers(method_options: dict[str, dict[str, Any]], message: str) -> str:
+    """Where ``message`` is a method's refusal of its options: a note on an option that ``--set`` read as a
+    number and that the method takes as text (``rfa.targets=1`` is the int 1, the layer's name the text '1'),
+    else ""."""
+    from .methods import METHODS
+
+    for method, options in method_options.items():
+        if not message.startswith(f"{method} rejects the options"):
+            continue
+        for option, value in options.items():
+            if isinstance(value, (bool, int, float, complex)):
+                with contextlib.suppress(TypeError, ValueError):
+                    METHODS[method](**{**options, option: str(value)})
+                    return (f" (--set read {method}.{option} as the {type(value).__name__} {value!r}; for text, "
+                            f"quote it: --set \"{method}.{option}='{value}'\")")
+    return ""
 
 
 def _percent(fraction: float) -> str:

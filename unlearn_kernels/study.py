@@ -482,13 +482,13 @@ def check_cache(config: StudyConfig) -> None:
     """Refuses, before any training, a cache folder (``cache_dir``) that could not take the original
     models the study trains: a file in its place, a folder that cannot be made or one that takes no
     writes. Such a folder passes only if it already holds every original the study needs (a
-    read-only cache still serves its models); only then are the seeds' data loaded to tell.
+    read-only cache still serves its models). The originals cached for the study's seeds are read here
+    (the seeds' data loaded to find them), so that a damaged one stops the run before any work: found
+    when its seed was reached, it threw away the earlier seeds' results.
 
     Raises:
         ValueError: naming the folder, why it cannot be written and how many originals it lacks.
-        CheckpointError: a cached original there is corrupt (as :func:`run_study` would raise), found
-            here only for a folder that cannot be written (whose originals are read to count them);
-            in a writable folder a damaged original is found when its seed is reached.
+        CheckpointError: a cached original there is corrupt (as :func:`run_study` would raise).
     """
     if config.cache_dir is None:
         return
@@ -497,7 +497,7 @@ def check_cache(config: StudyConfig) -> None:
     except ValueError as exc:
         problem = str(exc)
     else:
-        return
+        problem = None
     lacking = 0
     for seed in config.seeds:
         splits = load_dataset(config.dataset, root=config.root, seed=seed)
@@ -506,7 +506,7 @@ def check_cache(config: StudyConfig) -> None:
         metadata = training_metadata(init_model(factory, recipe.seed), train_split, recipe, _model_info(config),
                                      config.device)
         lacking += load_checkpoint(_original_path(config, factory, seed, cache_tag), metadata) is None
-    if lacking:
+    if lacking and problem is not None:
         raise ValueError(f"the checkpoint cache (cache_dir) {problem}, and it lacks {lacking} of the study's original "
                          "models, which could not be saved there after their training (run with --no-cache, or set "
                          "XDG_CACHE_HOME to a writable folder)")
