@@ -113,6 +113,16 @@ def test_unknown_dataset_and_bad_fractions_are_rejected() -> None:
         load_dataset("iris", val_fraction=0.001)
 
 
+def test_fractions_given_as_one_element_tensors_split_as_the_floats() -> None:
+    """The checks took a one-element tensor, but the tensor itself was kept: rounding its share of the rows
+    failed ("type Tensor doesn't define __round__ method") after the data was read."""
+    plain = load_dataset("iris", seed=0, val_fraction=0.2, test_fraction=0.3)
+    tensors = load_dataset("iris", seed=0, val_fraction=torch.tensor(0.2, dtype=torch.float64),
+                           test_fraction=torch.tensor([0.3], dtype=torch.float64))
+    for part in ("train", "val", "test"):
+        assert torch.equal(getattr(plain, part).x, getattr(tensors, part).x)
+
+
 def test_lfw_without_scikit_image_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "skimage.data", None)  # makes the import fail
     with pytest.raises(ImportError, match="scikit-image"):

@@ -1405,3 +1405,33 @@ def test_a_checkpoint_path_with_a_nul_character_is_named(tmp_path):
     with pytest.raises(ValueError, match="cannot be used: it contains a NUL character"):
         train_or_load(str(tmp_path / "a\0b.pt"), factory, blobs(), CONFIG)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("seed, error, message", [
+    (1.5, TypeError, "must be an int"), ("3", TypeError, "must be an int"), (True, TypeError, "must be an int"),
+    (-1, ValueError, r"\[0, 2\*\*63\)"), (2**63, ValueError, r"\[0, 2\*\*63\)"),
+])
+def test_init_model_and_seeded_rng_refuse_a_bad_seed_by_name(seed, error, message):
+    """torch's manual_seed raised "expected a long, but got float" naming nothing, and took -1 as 2**64 - 1."""
+    with pytest.raises(error, match=rf"^init_model: seed .*{message}"):
+        init_model(lambda: nn.Linear(2, 2), seed)
+    with pytest.raises(error, match=rf"^seeded_rng: seed .*{message}"):
+        with seeded_rng(seed):
+            pass
+
+
+def test_init_model_refuses_a_module_as_its_factory():
+    """A module is callable too: it was called as its forward, with no input."""
+    with pytest.raises(TypeError, match=r"^init_model: model_factory must be a callable that builds a fresh model"):
+        init_model(nn.Linear(2, 2), 0)
+
+
+@pytest.mark.parametrize("option", ["progress", "after_step"])
+def test_train_refuses_a_callback_that_is_not_callable_before_any_step(option):
+    """A bad callback failed with torch's TypeError after an epoch or a step: the model was trained already."""
+    model = init_model(lambda: nn.Linear(4, 3), 0)
+    before = [p.detach().clone() for p in model.parameters()]
+    data = LabeledData(torch.randn(20, 4), torch.arange(20) % 3)
+    with pytest.raises(TypeError, match=rf"^train: {option} must be a callable or None, got int$"):
+        train(model, data, TrainConfig(epochs=1), **{option: 5})
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))

@@ -3,7 +3,9 @@
 One function, :func:`train`, trains a model in place with cross-entropy and a :class:`TrainConfig`.
 It is deterministic for a seed: the shuffling order of each epoch comes from ``seed + epoch``, and
 any other randomness inside the model (dropout) draws from a generator seeded with ``seed`` that is
-forked from, and restored to, the global one.
+forked from, and restored to, the global one. So seeds s and s + 1 share their epochs' orders, one
+epoch apart (epoch e of s + 1 is epoch e + 1 of s): seeds meant to give independent shuffles of the
+same data differ by more than the epochs (``RetrainReseeded``'s default offset is 1000).
 """
 from __future__ import annotations
 
@@ -222,7 +224,9 @@ def seeded_rng(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
     restoring the caller's RNG state on exit, so that seeding here never disturbs the caller. One
     thread at a time runs such a block (another waits): two seeded calls in concurrent threads
     reseeded and restored the one generator under each other (other results than run one after the
-    other, and the caller's state changed)."""
+    other, and the caller's state changed). ``seed``: an integer in [0, 2**63) (ValueError or TypeError
+    naming it; torch took -1 as 2**64 - 1)."""
+    seed = check_seed("seeded_rng: seed", seed)
     device = torch.device(device)
     accelerators = ([device.index if device.index is not None else torch.cuda.current_device()]
                     if device.type == "cuda" else [])
@@ -237,7 +241,11 @@ def seeded_rng(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
 
 def init_model(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
     """``factory()`` with its random initialisation drawn from ``seed`` (reproducible): the CPU's
-    generator and, where a GPU is visible, the current GPU's (a factory may build on it)."""
+    generator and, where a GPU is visible, the current GPU's (a factory may build on it). TypeError or
+    ValueError naming the argument for a factory that is not a callable other than a module, or a seed
+    that is not an integer in [0, 2**63)."""
+    check_model_factory("init_model", factory)
+    seed = check_seed("init_model: seed", seed)
     with seeded_rng(seed, "cuda" if torch.cuda.is_available() else "cpu"):
         model = factory()
     if not isinstance(model, nn.Module):
@@ -500,7 +508,8 @@ def train(
         after_step: called after every optimizer step (e.g. to put back weights a method keeps fixed).
 
     Raises:
-        TypeError: ``model`` is not an nn.Module, ``config`` not a TrainConfig or ``data`` not a LabeledData.
+        TypeError: ``model`` is not an nn.Module, ``config`` not a TrainConfig, ``data`` not a LabeledData, or
+            ``progress`` or ``after_step`` not a callable (or None).
         ValueError: before any step: a ``device`` that cannot run here (see
             :func:`~unlearn_kernels.checks.check_device`), empty data, a model without trainable
             parameters, NaN or Inf inputs, inputs the model cannot take
@@ -518,6 +527,9 @@ def train(
     if not any(p.requires_grad for p in model.parameters()):  # else torch's errors, at the optimizer or backward
         raise ValueError(f"{owner}: the model has no trainable parameters (requires_grad=True): nothing to train")
     check_dense_gradients(owner, model)
+    for what, callback in (("progress", progress), ("after_step", after_step)):
+        if callback is not None and not callable(callback):  # else torch's TypeError after a step, the model changed
+            raise TypeError(f"{owner}: {what} must be a callable or None, got {type(callback).__name__}")
     start = time.perf_counter()
     model.to(device)
     data = data.to(device)

@@ -290,7 +290,8 @@ def load_dataset(
     if not isinstance(name, str) or name not in _DATASETS:  # a list would fail as unhashable
         raise ValueError(f"unknown dataset {name!r}; available: {', '.join(available_datasets())}")
     seed = check_sklearn_seed("load_dataset: seed", seed)
-    check_number("val_fraction", val_fraction, 0.0, 1.0, strict=True, strict_high=True)
+    # the checked value, a float (a one-element tensor is taken, and rounding it failed after the data was read)
+    val_fraction = check_number("val_fraction", val_fraction, 0.0, 1.0, strict=True, strict_high=True)
     official_test = name in LOCAL_DATASETS
     if official_test:  # no test split is carved: refused, not ignored, as the caller expects it to matter
         if test_fraction is not None:
@@ -298,7 +299,7 @@ def load_dataset(
                              "official test split, which is the test split; leave test_fraction unset")
     else:
         test_fraction = _DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction
-        check_number("test_fraction", test_fraction, 0.0, 1.0, strict=True, strict_high=True)
+        test_fraction = check_number("test_fraction", test_fraction, 0.0, 1.0, strict=True, strict_high=True)
         if val_fraction + test_fraction >= 1.0:
             raise ValueError(f"val_fraction + test_fraction must be < 1 to leave train data, got {val_fraction} + "
                              f"{test_fraction}")
