@@ -272,9 +272,54 @@ def test_mia_loss_folds_are_shuffled():
     labels = np.concatenate([np.ones(200), np.zeros(200)])
     cv = StratifiedKFold(n_splits=5, shuffle=True, random_state=0)
     scale = x.max()  # the losses in units of their largest, with C = scale^2: the same optimum
-    expected = cross_val_score(LogisticRegression(C=scale * scale, random_state=0), x / scale, labels, cv=cv,
-                               scoring="accuracy").mean()
+    attacker = LogisticRegression(C=scale * scale, solver="newton-cholesky", tol=1e-12, max_iter=1000, random_state=0)
+    expected = cross_val_score(attacker, x / scale, labels, cv=cv, scoring="accuracy").mean()
     assert mia_loss(forget, y, test, y, seed=0) == pytest.approx(expected, abs=1e-12)
+
+
+def _exact_logistic_c1(x: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """argmin over (w, b) of sum_i logloss(w x_i + b, label_i) + w^2 / 2 (C = 1, the intercept not penalised), by
+    Newton's method in float64."""
+    from scipy.special import expit
+
+    w = b = 0.0
+    for _ in range(100):
+        p = expit(w * x + b)
+        grad = np.array([np.sum((p - labels) * x) + w, np.sum(p - labels)])
+        s = p * (1 - p)
+        hess = np.array([[np.sum(s * x * x) + 1.0, np.sum(s * x)], [np.sum(s * x), np.sum(s)]])
+        w, b = np.array([w, b]) - np.linalg.solve(hess, grad)
+    return w, b
+
+
+@pytest.mark.parametrize("level", [1e-2, 1e-4, 1e-6])
+@pytest.mark.parametrize("outlier", [False, True])
+def test_mia_loss_is_the_c1_optimum_when_every_loss_is_small(level, outlier):
+    """A confident model (every loss below ~1e-3) scored exactly 0.5, "cannot tell them apart", for forget losses
+    one threshold separates from the test losses: lbfgs at its default tolerance left the intercept off by more
+    than the tiny decision values. Against the exact C = 1 optimum on the same subsample and folds."""
+    from sklearn.model_selection import StratifiedKFold
+
+    rng = np.random.default_rng(0)
+    forget_loss = level * rng.uniform(0.05, 0.4, 200)
+    test_loss = level * rng.uniform(0.6, 1.0, 200)
+    if outlier:  # one badly misclassified test row: the largest loss, which the fit's units follow, is large
+        test_loss[0] = 5.0
+
+    def logits(loss: np.ndarray) -> torch.Tensor:  # two classes, label 0: -log softmax_0 = loss
+        z = np.zeros((len(loss), 2))
+        z[:, 0] = -np.log(np.expm1(loss))
+        return torch.tensor(z)
+
+    y = torch.zeros(200, dtype=torch.long)
+    x = np.concatenate([forget_loss, test_loss])  # 200 rows each: the balanced subsample keeps every row, in order
+    labels = np.concatenate([np.ones(200), np.zeros(200)])
+    accuracies = []
+    for train_rows, test_rows in StratifiedKFold(5, shuffle=True, random_state=0).split(x[:, None], labels):
+        w, b = _exact_logistic_c1(x[train_rows], labels[train_rows])
+        accuracies.append(np.mean(((w * x[test_rows] + b) > 0) == labels[test_rows]))
+    assert mia_loss(logits(forget_loss), y, logits(test_loss), y, seed=0) == pytest.approx(np.mean(accuracies))
+    assert np.mean(accuracies) >= (0.6 if outlier else 1.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -154,9 +154,13 @@ def mia_loss(
     # largest), the same optimum in other units, within [1e-150, 1e150] so that C stays a normal float; a loss
     # beyond 1e150 (an infinite one too: finite logits 1e308 apart) counts as 1e150, the order kept (an infinite
     # loss failed every fold's fit, which cross_val_score turned into a NaN score)
+    # Newton's method to a tight tolerance: with small losses (all below ~1e-3) C = s^2 is tiny, the decision values
+    # ~1e-6, and lbfgs at its default tol left the intercept off by more than that: every row on one side, 0.5
+    # for sets one threshold separates (the exact optimum scores 1.0)
     x = np.minimum(x, 1e150)
     scale = min(max(float(x.max()), 1e-150), 1e150)
-    attacker = LogisticRegression(C=scale * scale, random_state=seed)
+    attacker = LogisticRegression(C=scale * scale, solver="newton-cholesky", tol=1e-12, max_iter=1000,
+                                  random_state=seed)
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     scores = cross_val_score(attacker, x / scale, labels, cv=cv, scoring="accuracy", error_score="raise")
     return float(scores.mean())
