@@ -87,6 +87,11 @@ def mia_entropy(
     smaller with ``seed``; ``"class_weight"`` uses all samples with ``class_weight="balanced"``
     (what the LoTUS code does). Logits that require grad (straight from a forward pass) are read detached.
 
+    The default settings are the convention's, and their limit too: where every retain and test entropy is below
+    ~1e-3 (a model confident on every row), lbfgs stops at a zero slope and predicts no member, a score of 0
+    however the entropies separate (the exact C = 1 optimum there: 1.0); one less confident row in a hundred is
+    enough to avoid it. :func:`mia_loss`, which is ours, fits to the optimum.
+
     Raises:
         TypeError: logits that are not floating-point tensors, or a ``seed`` that is not an int.
         ValueError: logits that are not 2-D, empty, or hold NaN or Inf, logits with different numbers of
