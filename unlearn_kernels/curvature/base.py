@@ -55,10 +55,15 @@ A model that writes its own inputs in place (``ReLU(inplace=True)`` first) is gi
 batches, so no pass writes the caller's data.
 The settings the products are computed under are taken at construction too: every module's training
 flag, hooks and instance ``forward``, torch.nn's modules' settings as their ``extra_repr`` shows them (a
-layer's ``eps``, a dropout's ``p``), and the loss's (torch.nn's losses' ``label_smoothing``,
-``ignore_index``, a class ``weight``): the fused paths read them once and the cached graphs hold them,
-so a change of any is refused at the next call (a ValueError): build a new operator after changing one.
-(The settings of a module or loss of your own are not seen: its ``extra_repr`` may show its weights'
+layer's ``eps``, a dropout's ``p``) and as their public plain attributes hold them (numbers, strings,
+flags, tuples of them, plain functions: a TransformerEncoderLayer's ``norm_first`` or a
+MultiheadAttention's ``batch_first``, which their empty ``extra_repr`` does not show), and the loss's
+(torch.nn's losses' ``label_smoothing``, ``ignore_index``; the loss module's parameters and buffers, a
+class ``weight`` or a learnable temperature, by their version counters, pointers, sums and checksums: the
+operators differentiate the model's weights only): the fused paths read them once and the cached graphs
+hold them, so a change of any is refused at the next call (a ValueError), before a kept graph is reused:
+build a new operator after changing one.
+(The plain settings of a module or loss of your own are not seen: its ``extra_repr`` may show its weights'
 values, which the weights' checks follow, and its attributes may count its calls; nor are global module
 hooks, which observers such as ``FlopCounterMode`` register around a product.)
 
@@ -122,7 +127,13 @@ from .probes import (
     probe_forward,
     refuse_parameter_writes,
 )
-from .settings import full_backward_hooked_module, loss_settings, module_settings, watched_state
+from .settings import (
+    full_backward_hooked_module,
+    loss_settings,
+    module_settings,
+    settings_change,
+    watched_state,
+)
 
 Entry = Any
 """What a subclass caches for one batch (see :meth:`CurvatureOperator.cached_pass`)."""
@@ -354,7 +365,7 @@ class CurvatureOperator(abc.ABC):
         the buffers again (``load_state_dict`` writes both in place). A module put in training mode
         since (dropout: random products; BatchNorm: batch statistics) is refused as at construction. The
         checks of the module tree (training modes, parameter slots, modules' settings) run only where one
-        look at it (:func:`watched_state`, ~3 us a module) differs from the last one they passed: they cost
+        look at it (:func:`watched_state`, ~5 us a module) differs from the last one they passed: they cost
         ~40 us, 5% of a digits-MLP product over its 1,797 rows."""
         # the generic and GGN paths differentiate (a graph built in inference mode has no derivatives)
         refuse_modes(type(self).__name__, self.device, "take products or gradients")
@@ -377,11 +388,12 @@ class CurvatureOperator(abc.ABC):
         construction: the fused paths read them once and the cached graphs hold them, so later products
         would mix old and new."""
         owner = type(self).__name__
-        for (name, module, training, text, calls), (_, _, was_training, was_text, was_calls) in zip(
+        for (name, module, training, settings, calls), (_, _, was_training, was_settings, was_calls) in zip(
                 module_settings(self.model), self._modules):
-            if (training, text, calls) != (was_training, was_text, was_calls):
+            if (training, settings, calls) != (was_training, was_settings, was_calls):
                 change = (f"put in {'training' if training else 'eval'} mode" if training != was_training
-                          else f"given other settings ({was_text!r}, now {text!r})" if text != was_text
+                          else f"given other settings {settings_change(was_settings, settings)}"
+                          if settings != was_settings
                           else "given a hook or its own forward, or had one removed")
                 raise ValueError(f"{owner}: module {name or '(the model)'!r} ({type(module).__name__}) was {change} "
                                  "after the operator was built on it, whose caches hold what was computed before: "
@@ -391,11 +403,11 @@ class CurvatureOperator(abc.ABC):
         """ValueError where the loss module's settings (:func:`loss_settings`) changed since construction
         (see :meth:`_check_modules`)."""
         owner = type(self).__name__
-        plain, buffers = loss_settings(self.loss_fn)
-        if plain != self._loss_settings[0] or not same_weights(buffers, self._loss_settings[1]):
-            raise ValueError(f"{owner}: the loss's settings (label_smoothing, ignore_index, a class weight, its mode, "
-                             "its hooks) changed after the operator was built with it, whose caches hold what was "
-                             "computed before: build a new one")
+        plain, tensors = loss_settings(self.loss_fn)
+        if plain != self._loss_settings[0] or not same_weights(tensors, self._loss_settings[1]):
+            raise ValueError(f"{owner}: the loss's settings (label_smoothing, ignore_index, a class weight or another "
+                             "of its parameters or buffers, its mode, its hooks) changed after the operator was built "
+                             "with it, whose caches hold what was computed before: build a new one")
 
     def _take_weights(self, key: WeightsKey) -> None:
         """After a change of the weights (``key``: :meth:`_current_weights_key`): views of the parameters
