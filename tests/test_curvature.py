@@ -2763,6 +2763,39 @@ def test_inputs_that_require_grad_leave_products_and_gradients_detached(build, d
     assert leaf.grad is None
 
 
+_DETACHED_BUILDS = {
+    "generic": lambda m, d: hessian_operator(m, F.cross_entropy, d, path="generic"),
+    "forward-over-reverse": lambda m, d: hessian_operator(m, F.cross_entropy, d, path="generic",
+                                                          mode="forward-over-reverse"),
+    "ggn": lambda m, d: ggn_operator(m, F.cross_entropy, d),
+    "fused": lambda m, d: hessian_operator(m, F.cross_entropy, d, path="fused"),
+    "loss-parameter": lambda m, d: hessian_operator(m, _TemperedCE(), d, path="generic", mode="forward-over-reverse"),
+}
+
+
+@pytest.mark.parametrize("name", list(_DETACHED_BUILDS))
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_vectors_that_require_grad_give_products_on_no_graph(name, kind):
+    """The fused conv path and the generic path's forward-over-reverse mode ran their products on the caller's
+    vector outside no_grad: a v with requires_grad gave matvec and matmat results attached to the caller's graph
+    (grad_fn SqueezeBackward1 on the fused conv path), unlike the other paths; a loss parameter that requires grad
+    did so on forward-over-reverse. Every path's products are new tensors on no graph, equal to those of the
+    detached vectors (and to the float64 Hessian-vector product)."""
+    model, x, y = _fused_problem(kind)
+    op = _DETACHED_BUILDS[name](model, (x, y))
+    if name == "fused":
+        assert type(op).__name__ == ("FusedMLPHessian" if kind == "mlp" else "FusedConvHessian")
+    v = torch.randn(op.shape[0], 2, dtype=DT)
+    leaf = v.clone().requires_grad_()
+    results = (op.matvec(leaf[:, 0]), op.matmat(leaf))
+    assert not any(r.requires_grad or r.grad_fn is not None for r in results)
+    torch.testing.assert_close(results[0], op.matvec(v[:, 0]), rtol=0, atol=0)
+    torch.testing.assert_close(results[1], op.matmat(v), rtol=0, atol=0)
+    if name != "ggn":
+        assert relative_error(results[1][:, 0], _hvp_reference(model, op.loss_fn, x, y, v[:, 0])) <= 1e-10
+    assert leaf.grad is None
+
+
 class _Stream(torch.utils.data.IterableDataset):
     """Rows of (x, y) one at a time, with or without a length."""
 

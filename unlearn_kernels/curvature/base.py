@@ -21,7 +21,8 @@ statistics, and runs the determinism probe), set the class attribute ``path`` an
 :meth:`CurvatureOperator._matmat`; override ``_matvec`` and ``_gradient`` only for speed. Each
 ``_matmat``/``_matvec``/``_gradient`` call must do exactly one pass over the batches
 (:meth:`CurvatureOperator.cached_pass` or :attr:`CurvatureOperator.data`); the public methods
-validate the input, bring the fixed-weight cache up to date and update the counters. Helpers for
+validate the input, bring the fixed-weight cache up to date, detach the vectors going in and the
+products coming out (no product is attached to a caller's graph) and update the counters. Helpers for
 subclasses: :meth:`~CurvatureOperator.batch_forward`, :meth:`~CurvatureOperator.batch_loss`,
 :meth:`~CurvatureOperator.loss_gradient`,
 :meth:`~CurvatureOperator.flatten`, :meth:`~CurvatureOperator.unflatten`,
@@ -536,19 +537,24 @@ class CurvatureOperator(abc.ABC):
             raise
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """C @ v for a flat (d,) vector of the operator's dtype and device; returns a new (d,) tensor."""
+        """C @ v for a flat (d,) vector of the operator's dtype and device; returns a new (d,) tensor, not
+        attached to any graph (neither ``v``'s, where it requires grad, nor a loss parameter's)."""
         self._check_input(v, ndim=1)
         self._sync_unless_fixed()
-        out = self._explained(lambda: self._matvec(v))
+        out = self._explained(lambda: self._matvec(v.detach())).detach()  # see matmat
         self.num_products += 1
         self.num_data_passes += 1
         return out
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        """C @ V for a (d, K) matrix: K products in one pass over the data; returns a new (d, K) tensor."""
+        """C @ V for a (d, K) matrix: K products in one pass over the data; returns a new (d, K) tensor, not
+        attached to any graph (see :meth:`matvec`)."""
         self._check_input(V, ndim=2)
         self._sync_unless_fixed()
-        out = self._explained(lambda: self._matmat(V))
+        # C is a constant here: the caller's vectors enter detached (the fused conv path and forward-over-reverse
+        # ran their products on them outside no_grad, and returned them attached to the caller's graph), and the
+        # result leaves detached (a loss parameter that requires grad attached forward-over-reverse products)
+        out = self._explained(lambda: self._matmat(V.detach())).detach()
         self.num_products += V.shape[1]
         self.num_data_passes += 1
         return out
