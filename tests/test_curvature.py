@@ -2668,6 +2668,15 @@ def test_data_changed_where_no_version_counter_sees_it_is_refused(build):
     big = torch.full((4000, 4), 2560.0, dtype=torch.float32)
     refused((big, torch.randint(0, C, (4000,))), lambda: big.data[0, 0].add_(1.0),
             r"the data \(inputs x\) was written in place", model=copy.deepcopy(model).float())
+    # two feature columns swapped in place through numpy: no version bump, every sum kept (cached products 0.31
+    # relative off the float64 Hessian-vector product); the position checksum of the bits sees it
+    swapped = x.clone()
+    refused((swapped, y), lambda: swapped.numpy().__setitem__((slice(None), [0, 1]), swapped.numpy()[:, [1, 0]]),
+            r"the data \(inputs x\) was written in place after it")
+    assert not torch.equal(swapped, x) and torch.equal(swapped[:, [1, 0]], x[:, :2])
+    labels = y.clone()  # two rows' labels swapped through .data
+    refused((x, labels), lambda: labels.data.copy_(labels[torch.arange(N).roll(1)]),
+            r"the data \(targets y\) was written in place after it")
     loader = DataLoader(TensorDataset(x.clone(), y), batch_size=6)
     refused(loader, lambda: setattr(loader.dataset, "tensors", (x + 0.5, y)),
             r"the data \(the DataLoader's dataset tensor 0\) was replaced after it was built")
@@ -2906,6 +2915,28 @@ def test_data_whose_later_batches_change_between_passes_is_refused(build):
     op.matvec(v)
     with pytest.raises(ValueError, match=r"different batches on two passes \(batch [12] differs"):
         op.matvec(v)
+
+
+class _FlippedLater(_AugmentedLater):
+    """Rows in a fixed order whose later half has its features reversed at random reads (a random flip: every
+    batch keeps its values, so its sums)."""
+
+    def __getitem__(self, i):
+        flip = i >= len(self.x) // 2 and bool(torch.randint(2, ()))
+        return (self.x[i].flip(0) if flip else self.x[i]), self.y[i]
+
+
+@STREAMING_BUILDS
+def test_data_flipped_at_random_between_passes_is_refused(build):
+    """Batches were compared between passes by their bit sums only, which a random flip keeps: products over
+    streamed batches were another matrix at each call, unrefused. Their position checksums differ."""
+    model, x, y = make("mlp")
+    torch.manual_seed(1)
+    op = build(model, DataLoader(_FlippedLater(x, y), batch_size=4))
+    v = torch.randn(op.shape[0], dtype=DT)
+    with pytest.raises(ValueError, match=r"different batches on two passes \(batch [12] differs"):
+        for _ in range(4):  # (each read flips each later row or not at random: a few reads differ)
+            op.matvec(v)
 
 
 class _LosesItsLastBatch:

@@ -48,8 +48,9 @@ NaN sum that was NaN before counts as unchanged.) A change of the module tree it
 replaced, appended or removed, a parameter or buffer registered or deleted) is refused at the next
 call (:class:`~unlearn_kernels.curvature.params.ModelChanged`), as is a module put in training mode.
 Tensor data written in place or replaced after construction is refused at the next call too (a
-ValueError; the tensors' version counters, data pointers and the integer sums of their values' bits): the
-caches and checks are of the data given. Watched: an (x, y) pair or a LabeledData, a list or tuple of
+ValueError; the tensors' version counters, data pointers, and the integer sums and position checksums of
+their values' bits, which see values that only moved, two columns swapped through numpy): the caches and
+checks are of the data given. Watched: an (x, y) pair or a LabeledData, a list or tuple of
 tensor batches (their tensors, and which there are), a DataLoader over a TensorDataset (its tensors);
 not other iterables.
 A model that writes its own inputs in place (``ReLU(inplace=True)`` first) is given copies of the
