@@ -499,11 +499,12 @@ class CurvatureOperator(abc.ABC):
         """A run of products and gradients at unchanging weights (a solver's Lanczos or Krylov iteration):
         the checks that each call makes of the weights, the data and the module tree
         (:meth:`_sync_weights`: about 140 us on the digits MLP over its 1,797 rows, 45 of them the data's
-        checksum, where the product itself takes 1.4 ms) run when the run starts and once more when it ends, not before every call (the
-        refusal of autocast, inference mode and cached parametrizations still runs at every call). Whatever changed inside the run is
-        refused at its end, as the next call would have refused it (a ValueError; the weights too, which
-        between runs are simply taken again): the run's products may mix two models. Runs may nest (the
-        outermost one checks). The solvers open one around each iteration; a caller need not."""
+        checksum, where the product itself takes 1.4 ms) run when the run starts and once more when it ends,
+        not before every call (the refusal of autocast, inference mode and cached parametrizations still runs
+        at every call). Whatever changed inside the run is refused at its end, as the next call would have
+        refused it (a ValueError; the weights too, which between runs are simply taken again): the run's
+        products may mix two models. Runs may nest (the outermost one checks). The solvers open one around each
+        iteration; a caller need not."""
         outermost = self._fixed_depth == 0
         if outermost:
             self._sync_weights()
