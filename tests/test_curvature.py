@@ -996,6 +996,97 @@ def test_settings_changed_after_construction_are_refused(path):
     torch.testing.assert_close(op.matvec(v_t), fresh.matvec(v_t), rtol=1e-12, atol=1e-14)
 
 
+def _hvp_reference(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """H v of the mean loss over (x, y) w.r.t. all the model's parameters, by torch.autograd.functional.hvp on
+    float64 copies of the model and the loss (an independent float64 reference)."""
+    model, loss_fn = copy.deepcopy(model).double(), copy.deepcopy(loss_fn)
+    if isinstance(loss_fn, nn.Module):
+        loss_fn.double()
+    names = [name for name, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    x = x.double() if x.is_floating_point() else x
+
+    def objective(w):
+        return loss_fn(functional_call(model, dict(zip(names, unflatten_vector(w, shapes))), (x,)), y)
+
+    w0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return torch.autograd.functional.hvp(objective, w0, v.double())[1]
+
+
+class _TemperedCE(nn.Module):
+    """Cross entropy of the outputs times a learnable temperature of the loss's own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.t = nn.Parameter(torch.tensor(1.0, dtype=DT))
+
+    def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out * self.t, y)
+
+
+@pytest.mark.parametrize("write", ["data", "no_grad"])
+def test_a_loss_parameter_changed_after_construction_is_refused(write):
+    """The loss's own parameters were not watched (only its buffers): a temperature doubled through .data after
+    the first product gave cached products 0.31 (relative) off the float64 Hessian-vector product, and one doubled
+    in place under no_grad torch's raw "modified by an inplace operation" from the kept graphs. The loss's
+    parameters are settings the caches hold, as a class weight is: refused by name."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C)).to(DT).eval()
+    x, y = torch.randn(40, 4, dtype=DT), torch.randint(0, C, (40,))
+    loss = _TemperedCE()
+    op = hessian_operator(model, loss, (x, y), batch_size=8, path="generic")
+    v = torch.randn(op.shape[0], dtype=DT)
+    assert relative_error(op.matvec(v), _hvp_reference(model, loss, x, y, v)) <= 1e-12
+    if write == "data":
+        loss.t.data.mul_(2.0)
+    else:
+        with torch.no_grad():
+            loss.t.mul_(2.0)
+    with pytest.raises(ValueError, match=r"GenericHessian: the loss's settings \(.*its parameters or buffers"):
+        op.matvec(v)
+    fresh = hessian_operator(model, loss, (x, y), batch_size=8, path="generic")  # the new temperature's
+    assert relative_error(fresh.matvec(v), _hvp_reference(model, loss, x, y, v)) <= 1e-12
+
+
+class _EncoderClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(4, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(x).mean(1))
+
+
+@pytest.mark.parametrize("build", [functools.partial(hessian_operator, path="generic"), ggn_operator])
+def test_settings_no_extra_repr_shows_are_refused_when_changed(build):
+    """torch.nn's modules' settings were read from their extra_repr only, which is empty for a
+    TransformerEncoderLayer and a MultiheadAttention: norm_first set after the first product gave cached products
+    0.97 (relative) off the float64 Hessian-vector product, without a word. Their public plain attributes are
+    watched too."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    model = _EncoderClassifier().to(DT).eval()
+    x, y = torch.randn(12, 3, 4, dtype=DT), torch.randint(0, C, (12,))
+    op = build(model, F.cross_entropy, (x, y), batch_size=4)
+    v = torch.randn(op.shape[0], dtype=DT)
+    if build is not ggn_operator:
+        with sdpa_kernel(SDPBackend.MATH):  # the reference differentiates twice through attention
+            assert relative_error(op.matvec(v), _hvp_reference(model, F.cross_entropy, x, y, v)) <= 1e-10
+    op.matvec(v)
+    model.enc.norm_first = True
+    with pytest.raises(ValueError, match=re.escape("module 'enc' (TransformerEncoderLayer) was given other settings "
+                                                   "(norm_first=False, now True)")):
+        op.matvec(v)
+    model.enc.norm_first = False  # back as it was: usable again
+    op.matvec(v)
+    model.enc.self_attn.batch_first = False
+    with pytest.raises(ValueError, match=re.escape("module 'enc.self_attn' (MultiheadAttention) was given other "
+                                                   "settings (batch_first=True, now False)")):
+        op.matvec(v)
+
+
 class _LossCountingCalls(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -2577,6 +2668,15 @@ def test_data_changed_where_no_version_counter_sees_it_is_refused(build):
     big = torch.full((4000, 4), 2560.0, dtype=torch.float32)
     refused((big, torch.randint(0, C, (4000,))), lambda: big.data[0, 0].add_(1.0),
             r"the data \(inputs x\) was written in place", model=copy.deepcopy(model).float())
+    # two feature columns swapped in place through numpy: no version bump, every sum kept (cached products 0.31
+    # relative off the float64 Hessian-vector product); the position checksum of the bits sees it
+    swapped = x.clone()
+    refused((swapped, y), lambda: swapped.numpy().__setitem__((slice(None), [0, 1]), swapped.numpy()[:, [1, 0]]),
+            r"the data \(inputs x\) was written in place after it")
+    assert not torch.equal(swapped, x) and torch.equal(swapped[:, [1, 0]], x[:, :2])
+    labels = y.clone()  # two rows' labels swapped through .data
+    refused((x, labels), lambda: labels.data.copy_(labels[torch.arange(N).roll(1)]),
+            r"the data \(targets y\) was written in place after it")
     loader = DataLoader(TensorDataset(x.clone(), y), batch_size=6)
     refused(loader, lambda: setattr(loader.dataset, "tensors", (x + 0.5, y)),
             r"the data \(the DataLoader's dataset tensor 0\) was replaced after it was built")
@@ -2669,6 +2769,39 @@ def test_inputs_that_require_grad_leave_products_and_gradients_detached(build, d
     assert not any(r.requires_grad or r.grad_fn is not None for r in results)
     for got, want in zip(results, (plain.matvec(v), plain.matmat(v[:, None].repeat(1, 2)), plain.gradient())):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    assert leaf.grad is None
+
+
+_DETACHED_BUILDS = {
+    "generic": lambda m, d: hessian_operator(m, F.cross_entropy, d, path="generic"),
+    "forward-over-reverse": lambda m, d: hessian_operator(m, F.cross_entropy, d, path="generic",
+                                                          mode="forward-over-reverse"),
+    "ggn": lambda m, d: ggn_operator(m, F.cross_entropy, d),
+    "fused": lambda m, d: hessian_operator(m, F.cross_entropy, d, path="fused"),
+    "loss-parameter": lambda m, d: hessian_operator(m, _TemperedCE(), d, path="generic", mode="forward-over-reverse"),
+}
+
+
+@pytest.mark.parametrize("name", list(_DETACHED_BUILDS))
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_vectors_that_require_grad_give_products_on_no_graph(name, kind):
+    """The fused conv path and the generic path's forward-over-reverse mode ran their products on the caller's
+    vector outside no_grad: a v with requires_grad gave matvec and matmat results attached to the caller's graph
+    (grad_fn SqueezeBackward1 on the fused conv path), unlike the other paths; a loss parameter that requires grad
+    did so on forward-over-reverse. Every path's products are new tensors on no graph, equal to those of the
+    detached vectors (and to the float64 Hessian-vector product)."""
+    model, x, y = _fused_problem(kind)
+    op = _DETACHED_BUILDS[name](model, (x, y))
+    if name == "fused":
+        assert type(op).__name__ == ("FusedMLPHessian" if kind == "mlp" else "FusedConvHessian")
+    v = torch.randn(op.shape[0], 2, dtype=DT)
+    leaf = v.clone().requires_grad_()
+    results = (op.matvec(leaf[:, 0]), op.matmat(leaf))
+    assert not any(r.requires_grad or r.grad_fn is not None for r in results)
+    torch.testing.assert_close(results[0], op.matvec(v[:, 0]), rtol=0, atol=0)
+    torch.testing.assert_close(results[1], op.matmat(v), rtol=0, atol=0)
+    if name != "ggn":
+        assert relative_error(results[1][:, 0], _hvp_reference(model, op.loss_fn, x, y, v[:, 0])) <= 1e-10
     assert leaf.grad is None
 
 
@@ -2782,6 +2915,28 @@ def test_data_whose_later_batches_change_between_passes_is_refused(build):
     op.matvec(v)
     with pytest.raises(ValueError, match=r"different batches on two passes \(batch [12] differs"):
         op.matvec(v)
+
+
+class _FlippedLater(_AugmentedLater):
+    """Rows in a fixed order whose later half has its features reversed at random reads (a random flip: every
+    batch keeps its values, so its sums)."""
+
+    def __getitem__(self, i):
+        flip = i >= len(self.x) // 2 and bool(torch.randint(2, ()))
+        return (self.x[i].flip(0) if flip else self.x[i]), self.y[i]
+
+
+@STREAMING_BUILDS
+def test_data_flipped_at_random_between_passes_is_refused(build):
+    """Batches were compared between passes by their bit sums only, which a random flip keeps: products over
+    streamed batches were another matrix at each call, unrefused. Their position checksums differ."""
+    model, x, y = make("mlp")
+    torch.manual_seed(1)
+    op = build(model, DataLoader(_FlippedLater(x, y), batch_size=4))
+    v = torch.randn(op.shape[0], dtype=DT)
+    with pytest.raises(ValueError, match=r"different batches on two passes \(batch [12] differs"):
+        for _ in range(4):  # (each read flips each later row or not at random: a few reads differ)
+            op.matvec(v)
 
 
 class _LosesItsLastBatch:

@@ -21,7 +21,8 @@ statistics, and runs the determinism probe), set the class attribute ``path`` an
 :meth:`CurvatureOperator._matmat`; override ``_matvec`` and ``_gradient`` only for speed. Each
 ``_matmat``/``_matvec``/``_gradient`` call must do exactly one pass over the batches
 (:meth:`CurvatureOperator.cached_pass` or :attr:`CurvatureOperator.data`); the public methods
-validate the input, bring the fixed-weight cache up to date and update the counters. Helpers for
+validate the input, bring the fixed-weight cache up to date, detach the vectors going in and the
+products coming out (no product is attached to a caller's graph) and update the counters. Helpers for
 subclasses: :meth:`~CurvatureOperator.batch_forward`, :meth:`~CurvatureOperator.batch_loss`,
 :meth:`~CurvatureOperator.loss_gradient`,
 :meth:`~CurvatureOperator.flatten`, :meth:`~CurvatureOperator.unflatten`,
@@ -47,18 +48,24 @@ NaN sum that was NaN before counts as unchanged.) A change of the module tree it
 replaced, appended or removed, a parameter or buffer registered or deleted) is refused at the next
 call (:class:`~unlearn_kernels.curvature.params.ModelChanged`), as is a module put in training mode.
 Tensor data written in place or replaced after construction is refused at the next call too (a
-ValueError; the tensors' version counters, data pointers and the integer sums of their values' bits): the
-caches and checks are of the data given. Watched: an (x, y) pair or a LabeledData, a list or tuple of
+ValueError; the tensors' version counters, data pointers, and the integer sums and position checksums of
+their values' bits, which see values that only moved, two columns swapped through numpy): the caches and
+checks are of the data given. Watched: an (x, y) pair or a LabeledData, a list or tuple of
 tensor batches (their tensors, and which there are), a DataLoader over a TensorDataset (its tensors);
 not other iterables.
 A model that writes its own inputs in place (``ReLU(inplace=True)`` first) is given copies of the
 batches, so no pass writes the caller's data.
 The settings the products are computed under are taken at construction too: every module's training
 flag, hooks and instance ``forward``, torch.nn's modules' settings as their ``extra_repr`` shows them (a
-layer's ``eps``, a dropout's ``p``), and the loss's (torch.nn's losses' ``label_smoothing``,
-``ignore_index``, a class ``weight``): the fused paths read them once and the cached graphs hold them,
-so a change of any is refused at the next call (a ValueError): build a new operator after changing one.
-(The settings of a module or loss of your own are not seen: its ``extra_repr`` may show its weights'
+layer's ``eps``, a dropout's ``p``) and as their public plain attributes hold them (numbers, strings,
+flags, tuples of them, plain functions: a TransformerEncoderLayer's ``norm_first`` or a
+MultiheadAttention's ``batch_first``, which their empty ``extra_repr`` does not show), and the loss's
+(torch.nn's losses' ``label_smoothing``, ``ignore_index``; the loss module's parameters and buffers, a
+class ``weight`` or a learnable temperature, by their version counters, pointers, sums and checksums: the
+operators differentiate the model's weights only): the fused paths read them once and the cached graphs
+hold them, so a change of any is refused at the next call (a ValueError), before a kept graph is reused:
+build a new operator after changing one.
+(The plain settings of a module or loss of your own are not seen: its ``extra_repr`` may show its weights'
 values, which the weights' checks follow, and its attributes may count its calls; nor are global module
 hooks, which observers such as ``FlopCounterMode`` register around a product.)
 
@@ -122,7 +129,13 @@ from .probes import (
     probe_forward,
     refuse_parameter_writes,
 )
-from .settings import full_backward_hooked_module, loss_settings, module_settings, watched_state
+from .settings import (
+    full_backward_hooked_module,
+    loss_settings,
+    module_settings,
+    settings_change,
+    watched_state,
+)
 
 Entry = Any
 """What a subclass caches for one batch (see :meth:`CurvatureOperator.cached_pass`)."""
@@ -354,8 +367,9 @@ class CurvatureOperator(abc.ABC):
         the buffers again (``load_state_dict`` writes both in place). A module put in training mode
         since (dropout: random products; BatchNorm: batch statistics) is refused as at construction. The
         checks of the module tree (training modes, parameter slots, modules' settings) run only where one
-        look at it (:func:`watched_state`, ~3 us a module) differs from the last one they passed: they cost
-        ~40 us, 5% of a digits-MLP product over its 1,797 rows."""
+        look at it (:func:`watched_state`, ~5 us a module) differs from the last one they passed: they cost
+        ~40 us, where all that runs before a digits-MLP product over its 1,797 rows takes ~140 us (the
+        product ~1.4 ms)."""
         # the generic and GGN paths differentiate (a graph built in inference mode has no derivatives)
         refuse_modes(type(self).__name__, self.device, "take products or gradients")
         state = watched_state(self.model)
@@ -377,11 +391,12 @@ class CurvatureOperator(abc.ABC):
         construction: the fused paths read them once and the cached graphs hold them, so later products
         would mix old and new."""
         owner = type(self).__name__
-        for (name, module, training, text, calls), (_, _, was_training, was_text, was_calls) in zip(
+        for (name, module, training, settings, calls), (_, _, was_training, was_settings, was_calls) in zip(
                 module_settings(self.model), self._modules):
-            if (training, text, calls) != (was_training, was_text, was_calls):
+            if (training, settings, calls) != (was_training, was_settings, was_calls):
                 change = (f"put in {'training' if training else 'eval'} mode" if training != was_training
-                          else f"given other settings ({was_text!r}, now {text!r})" if text != was_text
+                          else f"given other settings {settings_change(was_settings, settings)}"
+                          if settings != was_settings
                           else "given a hook or its own forward, or had one removed")
                 raise ValueError(f"{owner}: module {name or '(the model)'!r} ({type(module).__name__}) was {change} "
                                  "after the operator was built on it, whose caches hold what was computed before: "
@@ -391,11 +406,11 @@ class CurvatureOperator(abc.ABC):
         """ValueError where the loss module's settings (:func:`loss_settings`) changed since construction
         (see :meth:`_check_modules`)."""
         owner = type(self).__name__
-        plain, buffers = loss_settings(self.loss_fn)
-        if plain != self._loss_settings[0] or not same_weights(buffers, self._loss_settings[1]):
-            raise ValueError(f"{owner}: the loss's settings (label_smoothing, ignore_index, a class weight, its mode, "
-                             "its hooks) changed after the operator was built with it, whose caches hold what was "
-                             "computed before: build a new one")
+        plain, tensors = loss_settings(self.loss_fn)
+        if plain != self._loss_settings[0] or not same_weights(tensors, self._loss_settings[1]):
+            raise ValueError(f"{owner}: the loss's settings (label_smoothing, ignore_index, a class weight or another "
+                             "of its parameters or buffers, its mode, its hooks) changed after the operator was built "
+                             "with it, whose caches hold what was computed before: build a new one")
 
     def _take_weights(self, key: WeightsKey) -> None:
         """After a change of the weights (``key``: :meth:`_current_weights_key`): views of the parameters
@@ -483,12 +498,13 @@ class CurvatureOperator(abc.ABC):
     def fixed_weights(self) -> Iterator[CurvatureOperator]:
         """A run of products and gradients at unchanging weights (a solver's Lanczos or Krylov iteration):
         the checks that each call makes of the weights, the data and the module tree
-        (:meth:`_sync_weights`: about 40 us, 80 us in front of a product, whose own time on 512 rows of the
-        digits MLP is 300 us) run when the run starts and once more when it ends, not before every call (the
-        refusal of autocast, inference mode and cached parametrizations still runs at every call). Whatever changed inside the run is
-        refused at its end, as the next call would have refused it (a ValueError; the weights too, which
-        between runs are simply taken again): the run's products may mix two models. Runs may nest (the
-        outermost one checks). The solvers open one around each iteration; a caller need not."""
+        (:meth:`_sync_weights`: about 140 us on the digits MLP over its 1,797 rows, 45 of them the data's
+        checksum, where the product itself takes 1.4 ms) run when the run starts and once more when it ends,
+        not before every call (the refusal of autocast, inference mode and cached parametrizations still runs
+        at every call). Whatever changed inside the run is refused at its end, as the next call would have
+        refused it (a ValueError; the weights too, which between runs are simply taken again): the run's
+        products may mix two models. Runs may nest (the outermost one checks). The solvers open one around each
+        iteration; a caller need not."""
         outermost = self._fixed_depth == 0
         if outermost:
             self._sync_weights()
@@ -524,19 +540,24 @@ class CurvatureOperator(abc.ABC):
             raise
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """C @ v for a flat (d,) vector of the operator's dtype and device; returns a new (d,) tensor."""
+        """C @ v for a flat (d,) vector of the operator's dtype and device; returns a new (d,) tensor, not
+        attached to any graph (neither ``v``'s, where it requires grad, nor a loss parameter's)."""
         self._check_input(v, ndim=1)
         self._sync_unless_fixed()
-        out = self._explained(lambda: self._matvec(v))
+        out = self._explained(lambda: self._matvec(v.detach())).detach()  # see matmat
         self.num_products += 1
         self.num_data_passes += 1
         return out
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        """C @ V for a (d, K) matrix: K products in one pass over the data; returns a new (d, K) tensor."""
+        """C @ V for a (d, K) matrix: K products in one pass over the data; returns a new (d, K) tensor, not
+        attached to any graph (see :meth:`matvec`)."""
         self._check_input(V, ndim=2)
         self._sync_unless_fixed()
-        out = self._explained(lambda: self._matmat(V))
+        # C is a constant here: the caller's vectors enter detached (the fused conv path and forward-over-reverse
+        # ran their products on them outside no_grad, and returned them attached to the caller's graph), and the
+        # result leaves detached (a loss parameter that requires grad attached forward-over-reverse products)
+        out = self._explained(lambda: self._matmat(V.detach())).detach()
         self.num_products += V.shape[1]
         self.num_data_passes += 1
         return out

@@ -1,6 +1,7 @@
 """What the products are computed under besides the weights, watched from construction on: every
-module's training flag, hooks and instance ``forward``, torch.nn's modules' settings and the loss's
-(see :mod:`.base`), and whether a module runs other code than its class's ``forward``."""
+module's training flag, hooks and instance ``forward``, torch.nn's modules' settings (their ``extra_repr`` and
+public plain attributes) and the loss's (see :mod:`.base`), and whether a module runs other code than its
+class's ``forward``."""
 from __future__ import annotations
 
 import functools
@@ -35,15 +36,55 @@ def _shows_settings(module: nn.Module) -> bool:
     return type(module).__module__.startswith(("torch.nn.", "unlearn_kernels."))
 
 
-def module_settings(model: nn.Module) -> list[tuple[str, nn.Module, bool, str, tuple]]:
+#: the types of the attributes read as settings (:func:`plain_attributes`): plain values, and plain functions (a
+#: TransformerEncoderLayer's ``activation``, compared by identity)
+_SETTING_TYPES = (*_PLAIN, types.FunctionType, types.BuiltinFunctionType)
+_EXACT = frozenset(_SETTING_TYPES)  # a set lookup first: isinstance alone doubled watched_state's cost
+
+
+def plain_attributes(module: nn.Module) -> tuple[tuple[str, Any], ...]:
+    """(name, value) of a module's public plain attributes in ``vars`` order: bools, numbers, strings, None,
+    plain functions and tuples of them (a kernel size, a normalised shape); settings that no ``extra_repr``
+    shows (a TransformerEncoderLayer's ``norm_first``, a MultiheadAttention's ``batch_first``: their
+    ``extra_repr`` is empty). ``training`` is left out: it is watched apart."""
+    found = []
+    for k, v in vars(module).items():  # a loop: ~1 us a module, before every product (watched_state)
+        if k[0] == "_" or k == "training":
+            continue
+        if (type(v) in _EXACT or isinstance(v, _SETTING_TYPES)
+                or isinstance(v, tuple) and all(isinstance(e, _SETTING_TYPES) for e in v)):
+            found.append((k, v))
+    return tuple(found)
+
+
+def _settings(module: nn.Module) -> tuple[str, tuple]:
+    """A torch.nn or package module's settings (:func:`module_settings`): its ``extra_repr`` and public plain
+    attributes; ("", ()) for another's."""
+    return (module.extra_repr(), plain_attributes(module)) if _shows_settings(module) else ("", ())
+
+
+def module_settings(model: nn.Module) -> list[tuple[str, nn.Module, bool, tuple[str, tuple], tuple]]:
     """(name, module, training flag, settings, calls) of every module: the settings of torch.nn's own
     modules and this package's as their ``extra_repr`` shows them (a BatchNorm's eps, a Dropout's p, a
-    convolution's stride, a LoRA adapter's scale), what the fused paths read once and the cached graphs
-    hold; and how it is called
+    convolution's stride, a LoRA adapter's scale) and as their public plain attributes hold them
+    (:func:`plain_attributes`: a TransformerEncoderLayer's ``norm_first``, which its empty ``extra_repr``
+    does not show), what the fused paths read once and the cached graphs hold; and how it is called
     (:func:`_calls`). Another module's ``extra_repr`` can show its weights' values (a learnable
-    temperature), which are the weights' key's: left out."""
-    return [(name, module, module.training, module.extra_repr() if _shows_settings(module) else "", _calls(module))
+    temperature), which are the weights' key's, and its attributes may count its calls: left out."""
+    return [(name, module, module.training, _settings(module), _calls(module))
             for name, module in model.named_modules()]
+
+
+def settings_change(was: tuple[str, tuple], now: tuple[str, tuple]) -> str:
+    """What differs between two settings of a module (:func:`module_settings`), for a message:
+    ``"('eps=1e-05', now 'eps=0.5')"`` or ``"(norm_first=False, now True)"``."""
+    if was[0] != now[0]:
+        return f"({was[0]!r}, now {now[0]!r})"
+    before, after = dict(was[1]), dict(now[1])
+    for key in (*before, *after):
+        if key not in before or key not in after or before[key] is not after[key] and before[key] != after[key]:
+            return f"({key}={before.get(key, '(unset)')!r}, now {after.get(key, '(unset)')!r})"
+    return "(their order)"
 
 
 def _tensors_seen(tensors: dict[str, torch.Tensor | None]) -> tuple:
@@ -62,7 +103,7 @@ def watched_state(model: nn.Module) -> list[tuple]:
     is not yet a change: the checks then run (a buffer that a forward registers on the fly makes the look
     differ without being one)."""
     return [(name, module, module.training, train_mode_problem(module) if module.training else None,
-             module.extra_repr() if _shows_settings(module) else "", _calls(module),
+             _settings(module), _calls(module),
              _tensors_seen(module._parameters), _tensors_seen(module._buffers))
             for name, module in model.named_modules()]
 
@@ -70,17 +111,15 @@ def watched_state(model: nn.Module) -> list[tuple]:
 def loss_settings(loss_fn: LossFn) -> tuple[tuple, WeightsKey]:
     """A loss module's and its submodules' training flags and hooks, torch.nn's losses' public plain
     attributes (``label_smoothing``, ``ignore_index``, ``reduction``; not those of a loss of the user's
-    own, which may count its calls: the probes call it) with their buffers' weights key (a class
-    weight); a ``functools.partial``'s keywords (the tensors' as a weights key); nothing for a plain
-    function. (Global module hooks are not read: observers such as ``FlopCounterMode`` register them
-    around a product.)"""
+    own, which may count its calls: the probes call it) with the weights key of all their parameters and
+    buffers (a class weight, a learnable temperature: the operators differentiate the model's weights
+    only, so the loss's are fixed settings, held by the cached graphs); a ``functools.partial``'s keywords
+    (the tensors' as a weights key); nothing for a plain function. (Global module hooks are not read:
+    observers such as ``FlopCounterMode`` register them around a product.)"""
     if isinstance(loss_fn, nn.Module):
-        plain = tuple((name, module.training, _calls(module),
-                       tuple(sorted((k, v) for k, v in vars(module).items()
-                                    if isinstance(v, _PLAIN) and not k.startswith("_")))
-                       if _shows_settings(module) else ())
+        plain = tuple((name, module.training, _calls(module), _settings(module)[1])
                       for name, module in loss_fn.named_modules())
-        return plain, weights_key(loss_fn.buffers())
+        return plain, weights_key([*loss_fn.parameters(), *loss_fn.buffers()])
     if isinstance(loss_fn, functools.partial):
         keywords = loss_fn.keywords.items()
         plain = tuple(sorted((k, v) for k, v in keywords if isinstance(v, _PLAIN)))
