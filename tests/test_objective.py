@@ -116,6 +116,10 @@ def test_regularized_operator_is_the_hessian_of_the_objective(problem):
     sp = reg.to_scipy()
     assert np.allclose(sp.matvec(V[:, 1].numpy()), (H @ V[:, 1]).numpy(), rtol=1e-10, atol=1e-10)
     assert torch.equal(RegularizedOperator(op, 0.0).matvec(V[:, 0]), op.matvec(V[:, 0]))
+    # a vector that requires grad: the shift's term is added detached, as C's products are (it was on v's graph)
+    leaf = V.clone().requires_grad_()
+    for out, plain in ((reg.matvec(leaf[:, 0]), reg.matvec(V[:, 0])), (reg.matmat(leaf), reg.matmat(V))):
+        assert out.grad_fn is None and not out.requires_grad and torch.equal(out, plain)
 
 
 def test_bad_input(problem):

@@ -48,8 +48,8 @@ NaN sum that was NaN before counts as unchanged.) A change of the module tree it
 replaced, appended or removed, a parameter or buffer registered or deleted) is refused at the next
 call (:class:`~unlearn_kernels.curvature.params.ModelChanged`), as is a module put in training mode.
 Tensor data written in place or replaced after construction is refused at the next call too (a
-ValueError; the tensors' version counters, data pointers, and the integer sums and position checksums of
-their values' bits, which see values that only moved, two columns swapped through numpy): the caches and
+ValueError; the tensors' version counters, data pointers and the integer sums of their values' bits, which
+a write that only moves values keeps: build a new operator after swapping columns in place): the caches and
 checks are of the data given. Watched: an (x, y) pair or a LabeledData, a list or tuple of
 tensor batches (their tensors, and which there are), a DataLoader over a TensorDataset (its tensors);
 not other iterables.
@@ -368,8 +368,8 @@ class CurvatureOperator(abc.ABC):
         since (dropout: random products; BatchNorm: batch statistics) is refused as at construction. The
         checks of the module tree (training modes, parameter slots, modules' settings) run only where one
         look at it (:func:`watched_state`, ~5 us a module) differs from the last one they passed: they cost
-        ~40 us, where all that runs before a digits-MLP product over its 1,797 rows takes ~140 us (the
-        product ~1.4 ms)."""
+        ~40 us, where all that runs before a digits-MLP product over its 1,797 rows takes ~75 us (the
+        product ~1.5 ms)."""
         # the generic and GGN paths differentiate (a graph built in inference mode has no derivatives)
         refuse_modes(type(self).__name__, self.device, "take products or gradients")
         state = watched_state(self.model)
@@ -498,8 +498,8 @@ class CurvatureOperator(abc.ABC):
     def fixed_weights(self) -> Iterator[CurvatureOperator]:
         """A run of products and gradients at unchanging weights (a solver's Lanczos or Krylov iteration):
         the checks that each call makes of the weights, the data and the module tree
-        (:meth:`_sync_weights`: about 140 us on the digits MLP over its 1,797 rows, 45 of them the data's
-        checksum, where the product itself takes 1.4 ms) run when the run starts and once more when it ends,
+        (:meth:`_sync_weights`: about 75 us on the digits MLP over its 1,797 rows, where the product itself
+        takes 1.5 ms) run when the run starts and once more when it ends,
         not before every call (the refusal of autocast, inference mode and cached parametrizations still runs
         at every call). Whatever changed inside the run is refused at its end, as the next call would have
         refused it (a ValueError; the weights too, which between runs are simply taken again): the run's

@@ -66,20 +66,29 @@ class RowMean:
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _fingerprints(tensors: list[torch.Tensor]) -> list[tuple[int | float, float]]:
-    """Per tensor (a change detector of its values, made without a wider copy of the data, which would cost as
-    much as a product): the sum of its values' bits as integers of their own width, wrapping (any single change
-    shows: a float sum of digits' 80,000 inputs, 4.1e7, rounded a +1 away), and the position checksum of those
-    integers (:func:`~unlearn_kernels.ops.weights_fingerprint`: weights fixed per position, so values that only
-    moved, two feature columns swapped in place through numpy, which keep every sum, change it). A complex tensor
-    or one of another element size by its values."""
+def _bits(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor's values' bits as integers of their own width (views: no copy); a complex tensor or one of
+    another element size as it is."""
     bits = []
     for t in tensors:
         kind = _BITS.get(t.element_size())
-        bits.append(t if kind is None or t.is_complex() else t.view(kind))  # a view: no copy
-    sums = host_values([b.sum() if b.is_floating_point() or b.is_complex() else b.sum(dtype=b.dtype) for b in bits],
-                       torch.int64)
-    return [(total, checksum) for total, (_, checksum) in zip(sums, weights_fingerprint(bits))]
+        bits.append(t if kind is None or t.is_complex() else t.view(kind))
+    return bits
+
+
+def _bit_sums(tensors: list[torch.Tensor]) -> list[int | float]:
+    """Per tensor the sum of its values' bits (:func:`_bits`), wrapping: a change detector made without a wider
+    copy of the data, which would cost as much as a product; any single change shows (a float sum of digits'
+    80,000 inputs, 4.1e7, rounded a +1 away)."""
+    return host_values([b.sum() if b.is_floating_point() or b.is_complex() else b.sum(dtype=b.dtype)
+                        for b in _bits(tensors)], torch.int64)
+
+
+def _fingerprints(tensors: list[torch.Tensor]) -> list[tuple[int | float, float]]:
+    """Per tensor its bit sum (:func:`_bit_sums`) and the position checksum of its bits
+    (:func:`~unlearn_kernels.ops.weights_fingerprint`: weights fixed per position, so values that only moved,
+    a batch flipped at random, which keep every sum, change it): a second pass over the data."""
+    return [(total, checksum) for total, (_, checksum) in zip(_bit_sums(tensors), weights_fingerprint(_bits(tensors)))]
 
 
 class BatchSource:
@@ -187,15 +196,17 @@ class BatchSource:
         self._key = self._data_key()
 
     def _data_key(self) -> tuple[tuple[str, ...], WeightsKey]:
-        """The watched tensors' names, and per tensor its version counter, data pointer, and the integer sum
-        and position checksum of its values' bits (:func:`_fingerprints`: a write through ``.data`` or numpy
-        bumps no version counter, and one that only moves values keeps the sum). On digits' 1,797 x 64 float32
-        inputs ~50 us (a product over them: ~2 ms), on 60,000 x 784 ~40 ms, two passes over the data."""
+        """The watched tensors' names, and per tensor its version counter, data pointer and the integer sum
+        of its values' bits (:func:`_bit_sums`: a write through ``.data`` or numpy bumps no version counter),
+        one pass over the data before every product (~15 us on digits' 1,797 x 64 inputs). Not the position
+        checksum the passes over batches compare (:meth:`_same_as_first_pass`): a second pass, ~45 us more there,
+        3-6% of a digits-MLP product, for writes that only move values in place through ``.data`` or numpy (two
+        columns swapped), which go unseen: build a new operator after such a write."""
         tensors = self._watched()
         # a sparse or meta tensor has no values to sum: the batch check refuses it when a pass reads it
         dense = [t if t.layout == torch.strided and not t.is_meta else torch.zeros(0) for t in tensors.values()]
-        return tuple(tensors), tuple((version_counter(t), t.data_ptr(), *fingerprint)
-                                     for t, fingerprint in zip(dense, _fingerprints(dense)))
+        return tuple(tensors), tuple((version_counter(t), t.data_ptr(), total)
+                                     for t, total in zip(dense, _bit_sums(dense)))
 
     def run_watching(self, probe: Callable[[torch.Tensor, torch.Tensor], Any], x: torch.Tensor,
                      y: torch.Tensor) -> None:
@@ -230,7 +241,7 @@ class BatchSource:
 
     def check_unchanged(self, owner: str) -> None:
         """ValueError if tensor data was written in place, or replaced, since this source was made
-        (:meth:`_data_key`; two passes over the data for the sums and checksums, small beside a product over it): the
+        (:meth:`_data_key`; one pass over the data for the sums, small beside a product over it): the
         chunks are views of the caller's tensors, and what an operator cached or checked (activations,
         gradient graphs, finiteness) is of the data it was given. A cached fused product then mixed old
         activations with new inputs (wrong for both), a generic one failed inside torch's autograd, an

@@ -58,14 +58,14 @@ class RegularizedOperator:
         return run() if run is not None else contextlib.nullcontext()
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """``(C + weight_decay I) v`` for a (d,) vector (one product of C)."""
+        """``(C + weight_decay I) v`` for a (d,) vector (one product of C), on no autograd graph, as C's."""
         out = self.operator.matvec(v)
-        return out.add_(v, alpha=self.weight_decay) if self.weight_decay else out
+        return out.add_(v.detach(), alpha=self.weight_decay) if self.weight_decay else out
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        """``(C + weight_decay I) V`` for a (d, K) matrix (K products of C, one data pass)."""
+        """``(C + weight_decay I) V`` for a (d, K) matrix (K products of C, one data pass), on no autograd graph."""
         out = self.operator.matmat(V)
-        return out.add_(V, alpha=self.weight_decay) if self.weight_decay else out
+        return out.add_(V.detach(), alpha=self.weight_decay) if self.weight_decay else out
 
     def to_dense(self, chunk_size: int = 256) -> torch.Tensor:
         """The d x d matrix (d products of C; small d only)."""
