@@ -754,6 +754,48 @@ def test_method_calls_that_disagree_are_refused_on_every_rank(tmp_path):
     _spawn(_methods_disagree_worker, (2, str(tmp_path / "store")), 2)
 
 
+def _meta_model_worker(rank: int, world: int, store: str) -> None:
+    """A model on the meta device on rank 1 alone, refused there: that rank's collectives were on the meta device,
+    where torch's all_reduce returns at once and sends nothing, so rank 0 never learnt of the refusal: its call
+    was matched with rank 1's next one and returned a model, and its own next call waited for the group's
+    timeout. The same for an operator or objective built on it. Rank 1 takes part on the CPU now: rank 0 raises
+    at once naming it, the ranks stay in step, and the package's collective refuses a meta tensor."""
+    _init(rank, world, store, timeout_s=20.0)
+    try:
+        model, x, y = model_and_data()
+        part = slice(0, 20) if rank == 0 else slice(20, ROWS)
+        forget, retain = LabeledData(x[part][:3], y[part][:3]), LabeledData(x[part][3:], y[part][3:])
+        group, loss = dist.group.WORLD, nn.CrossEntropyLoss()
+        mine = copy.deepcopy(model).to("meta") if rank == 1 else model
+        expect = ((ValueError, "on the meta device") if rank == 1 else
+                  (RuntimeError, r"rank 0 of 2: rank\(s\) \[1\] refused their inputs"))
+        for name in ("cure_newton", "damped_newton"):
+            with pytest.raises(expect[0], match=expect[1]):
+                METHODS[name](process_group=group).unlearn(mine, forget, retain, seed=0)
+        cure = METHODS["cure_newton"](max_iterations=1, process_group=group)
+        _same_on_every_rank(get_flat_parameters(cure.unlearn(model, forget, retain, seed=0).model))
+        shard = (x[part], y[part])
+        builds = (lambda m: hessian_operator(m, loss, shard, process_group=group),
+                  lambda m: ggn_operator(m, loss, shard, process_group=group),
+                  lambda m: DistributedObjective(m, loss, shard, process_group=group))
+        expect = ((ValueError, "meta device") if rank == 1 else
+                  (RuntimeError, r"rank\(s\) \[1\] failed while building its local operator"))
+        for build in builds:
+            with pytest.raises(expect[0], match=expect[1]):
+                build(mine)
+        op = hessian_operator(model, loss, shard, process_group=group)
+        v = torch.ones(op.shape[0], dtype=torch.float64)
+        _close(op.matvec(v), hessian_operator(model, loss, (x, y)).matvec(v))
+        with pytest.raises(ValueError, match="on the meta device has no values"):  # on every rank: no collective
+            all_reduce_released(torch.zeros(3, device="meta"), group)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_model_on_the_meta_device_on_one_rank_is_refused_on_every_rank(tmp_path):
+    _spawn(_meta_model_worker, (2, str(tmp_path / "store")), 2)
+
+
 def _memory_worker(rank: int, world: int, store: str) -> None:
     """solver="auto" of damped_newton and newton_pinv picks a dense solver where its matrices fit in free memory:
     rank 1 with (simulated) little free memory took MINRES or Lanczos while rank 0 took the dense path, and gloo

@@ -131,6 +131,10 @@ def all_reduce_released(tensor: torch.Tensor, group: dist.ProcessGroup,
     exit (1 in 6 runs of the distributed tests here). Waiting here (a yield or two) closes that window for
     the package's tensors. CPU tensors only: NCCL's watchdog releases its work on its own schedule,
     and waiting for it would stall the host on the GPU (not tested without a GPU)."""
+    if tensor.is_meta:  # torch returns at once, sending nothing: the other ranks would pair it with a later call
+        raise ValueError(f"{during or 'all_reduce_released'}: a tensor on the meta device has no values, and torch's "
+                         "all_reduce of one sends nothing (the other ranks' call would be matched with this rank's "
+                         "next one): put the collective's tensors on the CPU or a GPU (collective_device)")
     before = tensor._use_count() if hasattr(tensor, "_use_count") else None
     try:
         work = dist.all_reduce(tensor, op=op, group=group, async_op=True)
@@ -146,6 +150,15 @@ def all_reduce_released(tensor: torch.Tensor, group: dist.ProcessGroup,
     deadline = time.monotonic() + 10.0  # the worker lets go within microseconds; never wait for good
     while tensor._use_count() > before and time.monotonic() < deadline:
         _yield()  # gives up the GIL and the core to the worker thread
+
+
+def collective_device(device: torch.device) -> torch.device:
+    """Where a rank's tensors for a collective live, given the device of its model: that device (NCCL reduces
+    CUDA tensors only), but the CPU for the meta device. A collective of meta tensors sends nothing (torch
+    returns at once), so a rank whose model is on the meta device, refused by its own checks, would not tell
+    the others of its refusal: their call was matched with its next one. On the CPU it takes part, the others
+    raise at once naming it, and the ranks stay in step."""
+    return torch.device("cpu") if device.type == "meta" else device
 
 
 def all_gather_objects(obj: Any, group: dist.ProcessGroup, device: torch.device, *,
@@ -582,7 +595,7 @@ def _resolved(model: nn.Module, params: ParamSelection,
     first = next(iter(chosen.values()), None)
     if first is None and isinstance(model, nn.Module):
         first = next(model.parameters(), None)
-    return chosen, torch.device("cpu") if first is None else first.device, refusal
+    return chosen, torch.device("cpu") if first is None else collective_device(first.device), refusal
 
 
 def _parameters_text(names: Sequence[str]) -> str:

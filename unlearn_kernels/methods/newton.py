@@ -107,7 +107,7 @@ from ..curvature import (
     set_flat_parameters,
 )
 from ..curvature.probes import LossFn, checked_loss
-from ..curvature.distributed import GroupRef, all_reduce_released, text_fingerprint
+from ..curvature.distributed import GroupRef, all_reduce_released, collective_device, text_fingerprint
 from ..curvature.factory import fused_path_refusal
 from ..curvature.params import tie_pattern
 from ..curvature.settings import value_text
@@ -171,9 +171,10 @@ def _offset_seed(seed: int, count: int) -> int:
 
 def _collective_device(model: Any) -> torch.device:
     """Where this rank's tensors for a collective live: on the model's device, as the curvature
-    layer's (NCCL reduces CUDA tensors only, gloo either); the CPU for a model without parameters
-    (or a non-model, refused by the input checks on this rank, which still takes part in the collective)."""
-    return model_device(model) if isinstance(model, nn.Module) else torch.device("cpu")
+    layer's (NCCL reduces CUDA tensors only, gloo either); the CPU for a model without parameters, a model on
+    the meta device (:func:`~unlearn_kernels.curvature.distributed.collective_device`) or a non-model: refused by
+    the input checks on this rank, which still takes part in the collective."""
+    return collective_device(model_device(model)) if isinstance(model, nn.Module) else torch.device("cpu")
 
 
 def check_per_sample_loss(owner: str, model: nn.Module) -> None:
