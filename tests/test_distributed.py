@@ -796,6 +796,35 @@ def test_a_model_on_the_meta_device_on_one_rank_is_refused_on_every_rank(tmp_pat
     _spawn(_meta_model_worker, (2, str(tmp_path / "store")), 2)
 
 
+def _thread_counts_worker(rank: int, world: int, store: str) -> None:
+    """Ranks with other thread counts (rank 0 one thread, rank 1 two): the dense solves (eigh, LDL) run on each
+    rank alone, and LAPACK's rounding depends on its thread count, so each rank applied its own step: damped_newton's
+    models came back 1e-14 apart here (d = 460; 3e-13 at d = 3,610) and newton_pinv's 5e-13 (at d = 3,610 its check
+    product refused the ranks' steps as "different inputs"). Every rank takes the group's first rank's step now."""
+    _init(rank, world, store)
+    torch.set_num_threads(1 + rank)
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 6), nn.Tanh(), nn.Linear(6, 10)).double().eval()  # d = 460
+    x = torch.randn(200, 64, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 10, (200,), generator=gen)
+    forget = LabeledData(x[10 * rank:10 * rank + 10], y[10 * rank:10 * rank + 10])
+    retain = LabeledData(x[20 + 90 * rank:110 + 90 * rank], y[20 + 90 * rank:110 + 90 * rank])
+    try:
+        for name, options in (("damped_newton", {"solver": "eigh"}), ("damped_newton", {"solver": "ldl"}),
+                              ("newton_pinv", {"solver": "eigh"})):
+            result = METHODS[name](process_group=dist.group.WORLD, **options).unlearn(model, forget, retain, seed=0)
+            _same_on_every_rank(get_flat_parameters(result.model, [n for n, _ in model.named_parameters()]))
+            assert result.diagnostics["step_norm"] > 0
+            _same_on_every_rank(torch.tensor([result.diagnostics["model_value"]]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_other_thread_counts_take_the_same_step(tmp_path):
+    _spawn(_thread_counts_worker, (2, str(tmp_path / "store")), 2)
+
+
 def _memory_worker(rank: int, world: int, store: str) -> None:
     """solver="auto" of damped_newton and newton_pinv picks a dense solver where its matrices fit in free memory:
     rank 1 with (simulated) little free memory took MINRES or Lanczos while rank 0 took the dense path, and gloo

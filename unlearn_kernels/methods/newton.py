@@ -602,10 +602,44 @@ class _NewtonFamily(Unlearner):
                          "or the loss); the caller's model is unchanged")
 
     # -- the update
+    def _agreed(self, ws: _Workspace, value: Callable[[], torch.Tensor], what: str) -> torch.Tensor:
+        """``value()``, a tensor of ``ws.w``'s size (a step, new weights), in ``ws.w``'s dtype; with a process group
+        the group's first rank's, bit for bit, on every rank. The ranks' dense solves (eigh, LDL) run on each rank
+        alone, and LAPACK's bits depend on its thread count: ranks with 1 and 2 threads took damped_newton steps
+        3e-13 apart (d = 3,610), and newton_pinv's check product refused the ranks' different steps. One
+        all_reduce of ``numel + world`` numbers: the first rank's tensor (summed with the others' zeros: exact)
+        and a failure flag per rank, so a rank whose ``value()`` fails (its local solve, say) raises its own
+        error and the others a RuntimeError naming it, at once. ``what``: what the ranks are doing, for the
+        errors ("agreeing on the step")."""
+        group = self.process_group
+        if group is None:
+            return value()
+        rank, world, n = dist.get_rank(group), dist.get_world_size(group), ws.w.numel()
+        flat = torch.zeros(n + world, dtype=ws.w.dtype, device=collective_device(ws.w.device))
+        failure = None
+        try:
+            mine = value()
+            if rank == 0:
+                flat[:n] = mine.reshape(-1)
+        except Exception as err:  # any: raised below, after the other ranks learn of it
+            failure = err
+        flat[n + rank] = float(failure is not None)
+        all_reduce_released(flat, group, during=f"{self._where()}, {what}")
+        if failure is not None:
+            raise failure
+        failed = [r for r, flag in enumerate(flat[n:].tolist()) if flag]
+        if failed:
+            raise RuntimeError(f"{self._where()}: rank(s) {failed} failed while {what} (their own error is raised "
+                               "there)")
+        return flat[:n]
+
     def _set(self, ws: _Workspace, w: torch.Tensor) -> None:
         """Write w (the compute dtype) into the returned model (its dtype) and the shadow, refusing
-        non-finite values; ``ws.w`` becomes the shadow's (rounded) weights."""
-        new = w.to(ws.model_dtype)
+        non-finite values; ``ws.w`` becomes the shadow's (rounded) weights. With a process group the weights
+        written are the group's first rank's w on every rank (:meth:`_agreed`): the one place every Newton
+        method writes its result, so the ranks return the same model bit for bit whatever their solvers'
+        rounding (one all_reduce of d numbers)."""
+        new = self._agreed(ws, lambda: w, "agreeing on the new weights").to(ws.model_dtype)
         if not all_finite(new):
             raise ValueError(f"{self.name}: the computed step is not finite (NaN/Inf; a singular or badly scaled "
                              "system, or overflow in the model's dtype: try dtype=torch.float64); the caller's model "
@@ -625,14 +659,23 @@ class _NewtonFamily(Unlearner):
 
     def _one_step(self, model: nn.Module, retain: LabeledData, solve: Callable[..., dict[str, Any]]) -> UnlearnResult:
         """The common shape of the one-step baselines: F and H on D_r; ``solve(ws, H, g)`` returns the
-        step and its diagnostics; apply; F and its gradient after."""
+        step and its diagnostics; the ranks agree on the step (:meth:`_agreed`: the group's first rank's, before
+        anything compares or uses it: newton_pinv's check product refused ranks whose eigendecompositions
+        rounded apart); ``model_value`` at it; apply; F and its gradient after."""
         ws = self._prepare(model, retain)
         objective = self._objective(ws, ws.retain)
         op = self._hessian(ws, ws.retain)
         before = objective.value()
         g = self._gradient(ws, objective, ws.retain)
-        solved = self._solving(lambda: solve(ws, self._curvature(op), g))
-        step, start = solved.pop("step"), ws.w
+        H = self._curvature(op)
+        solved: dict[str, Any] = {}
+
+        def step_of_this_rank() -> torch.Tensor:
+            solved.update(self._solving(lambda: solve(ws, H, g)))
+            return solved.pop("step")
+
+        step, start = self._agreed(ws, step_of_this_rank, "solving for the step"), ws.w
+        solved["model_value"] = self._quadratic_value(H, g, step)
         self._apply(ws, step)
         after = self._gradient(ws, objective, ws.retain, moved=True)
         # how far the returned model moved: the step rounded to the model's dtype (in bfloat16 most of a
@@ -946,10 +989,10 @@ class StochasticCureNewton(_NewtonFamily):
                              diagnostics=diagnostics)
 
 
-def _baseline_diagnostics(result: Any, sigma: float, model_value: float, solver: str | None = None) -> dict[str, Any]:
-    """The diagnostics of a NewtonStep/LinearSolve-based baseline (no M, no hard case); ``solver``
-    names it where the result does not (a LinearSolve)."""
-    return {"sigma": sigma, "model_value": model_value, "solver": solver or result.method,
+def _baseline_diagnostics(result: Any, sigma: float, solver: str | None = None) -> dict[str, Any]:
+    """The diagnostics of a NewtonStep/LinearSolve-based baseline (no M, no hard case; ``model_value`` is added by
+    ``_one_step``, at the step the ranks agreed on); ``solver`` names it where the result does not (a LinearSolve)."""
+    return {"sigma": sigma, "solver": solver or result.method,
             "solver_iterations": result.iterations, "residual": result.residual, "converged": result.converged,
             **result.info}
 
@@ -1002,7 +1045,7 @@ class NewtonPinv(_NewtonFamily):
                       if self.solver == "auto" else self.solver)
             result = pinv_newton_step(H, g, rcond=self.rcond, solver=solver, rank=self.rank, tol=self.tol,
                                       maxiter=self.maxiter)
-            return {"step": result.step, **_baseline_diagnostics(result, 0.0, self._quadratic_value(H, g, result.step))}
+            return {"step": result.step, **_baseline_diagnostics(result, 0.0)}
 
         return self._one_step(model, retain, solve)
 
@@ -1061,8 +1104,7 @@ class DampedNewton(_NewtonFamily):
                  unseen: LabeledData | None, seed: int) -> UnlearnResult:
         def solve(ws: _Workspace, H: RegularizedOperator, g: torch.Tensor) -> dict[str, Any]:
             result = self._damped_solve(H, g, ws.shadow)
-            return {"step": result.step,
-                    **_baseline_diagnostics(result, self.damping, self._quadratic_value(H, g, result.step))}
+            return {"step": result.step, **_baseline_diagnostics(result, self.damping)}
 
         return self._one_step(model, retain, solve)
 
@@ -1119,7 +1161,7 @@ class InfluenceNewton(DampedNewton):
             result = self._damped_solve(H, -g_forget, ws.shadow)
             step = result.step * (self._global_rows(forget, ws.w.device) / self._global_rows(retain, ws.w.device))
             return {"step": step, "grad_norm_forget": norm64(g_forget),
-                    **_baseline_diagnostics(result, self.damping, self._quadratic_value(H, g, step))}
+                    **_baseline_diagnostics(result, self.damping)}
 
         return self._one_step(model, retain, solve)
 
@@ -1192,7 +1234,7 @@ class LiSSANewton(_NewtonFamily):
                                  "unchanged")
             step = -result.solution
             return {"step": step, "scale": scale,
-                    **_baseline_diagnostics(result, self.damping, self._quadratic_value(H, g, step), "lissa"),
+                    **_baseline_diagnostics(result, self.damping, "lissa"),
                     "lambda_min": lambda_min, "converged": result.converged and not indefinite}
 
         return self._one_step(model, retain, solve)
