@@ -825,6 +825,38 @@ def test_ranks_with_other_thread_counts_take_the_same_step(tmp_path):
     _spawn(_thread_counts_worker, (2, str(tmp_path / "store")), 2)
 
 
+def _unseen_elsewhere_worker(rank: int, world: int, store: str) -> None:
+    """Unseen samples of rank 0 that rank 1 keeps in its retain set, or forgets: each rank compared its unseen set
+    with its own shards only, and the call went through on both, where one process refuses it. Refused now with
+    one process's words and the other rank's, and the ranks stay in step."""
+    _init(rank, world, store, timeout_s=20.0)
+    try:
+        model, x, y = model_and_data()
+        forget = LabeledData(x[5 * rank:5 * rank + 5], y[5 * rank:5 * rank + 5])
+        retain = LabeledData(x[10:20], y[10:20]) if rank == 0 else LabeledData(x[20:], y[20:])
+        none = LabeledData(x[:0], y[:0])
+        method = METHODS["damped_newton"](process_group=dist.group.WORLD)
+        for role, rows in (("retain", slice(22, 24)), ("forget", slice(7, 8))):
+            unseen = LabeledData(x[rows], y[rows]) if rank == 0 else none
+            count = rows.stop - rows.start
+            expect = ((ValueError, rf"^damped_newton: {count} unseen samples of rank 0 are also in another rank's "
+                                   rf"{role} set \(same input and label; first at unseen row 0, in rank 1's\): unseen "
+                                   "data must be data the model was not trained on") if rank == 0 else
+                      (RuntimeError, r"rank 1 of 2: rank\(s\) \[0\] hold unseen samples that another rank holds in "
+                                     "its forget or retain set"))
+            with pytest.raises(expect[0], match=expect[1]):
+                method.unlearn(model, forget, retain, unseen=unseen, seed=0)
+        fresh = torch.randn(3, FEATURES, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        unseen = LabeledData(fresh, y[:3]) if rank == 0 else none
+        _same_on_every_rank(get_flat_parameters(method.unlearn(model, forget, retain, unseen=unseen, seed=0).model))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_unseen_samples_in_another_ranks_sets_are_refused(tmp_path):
+    _spawn(_unseen_elsewhere_worker, (2, str(tmp_path / "store")), 2)
+
+
 def _memory_worker(rank: int, world: int, store: str) -> None:
     """solver="auto" of damped_newton and newton_pinv picks a dense solver where its matrices fit in free memory:
     rank 1 with (simulated) little free memory took MINRES or Lanczos while rank 0 took the dense path, and gloo

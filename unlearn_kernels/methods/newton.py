@@ -133,8 +133,8 @@ from .base import (
     UnlearnResult,
     check_not_empty,
     checked_local_copy,
-    forget_rows_in_other_retain_shards,
     rows_by_role,
+    rows_in_other_ranks_sets,
 )
 
 #: rows per chunk of every pass over the data (objective, gradient, products): on the CPU, a pass over 29k
@@ -283,7 +283,10 @@ def agree_on_inputs(method: Unlearner, group: dist.ProcessGroup, options: str, m
     given the same ``options`` (:func:`options_text`), a model of the same structure (parameter and buffer
     names, shapes, dtypes and trainable flags: the later collectives are sized by them, and ranks that
     differ crashed inside gloo) and the same ``seed`` (the ranks draw the same random vectors); otherwise
-    every rank raises a ValueError saying what differs."""
+    every rank raises a ValueError saying what differs. Then the ranks compare their sets' rows (by hashes,
+    confirmed on the rows): a rank whose forget samples another rank keeps in its retain set, or whose unseen
+    samples another rank holds in its forget or retain set, raises the ValueError one process raises for them
+    (naming the other rank), and the others a RuntimeError naming it."""
     # what the ranks must agree on: (its text, how a rank that differs is said to have been given it)
     agreed = {"options": (options, "other options"), "model": (_structure_text(model), "a model of another structure"),
               "seed": (str(seed), "another seed")}
@@ -328,21 +331,37 @@ def agree_on_inputs(method: Unlearner, group: dist.ProcessGroup, options: str, m
                          "empty shard where a rank has none) or on none")
     totals = {role: int(n) for role, n in zip(roles, table[sizes:given].tolist()) if role in rows}
     check_not_empty(method.name, totals, " on every rank")
-    # a sample forgotten on one rank and kept on another: each rank saw its own shards only
+    # a sample forgotten on one rank and kept on another, or an unseen sample of one rank in another's forget or
+    # retain set: each rank saw its own shards only (in the same three gathers, with or without unseen)
     comparing = f"{method.name}, rank {rank} of {world}, comparing the sets' rows"
-    shared = forget_rows_in_other_retain_shards(forget, retain, group, table.device, comparing)
-    flags = torch.zeros(world, dtype=torch.float64, device=table.device)
-    flags[rank] = float(bool(shared))
+    pairs = [("forget", "retain"), *([("unseen", "forget"), ("unseen", "retain")] if unseen is not None else [])]
+    sets = {"forget": forget, "retain": retain, **({"unseen": unseen} if unseen is not None else {})}
+    shared = rows_in_other_ranks_sets(sets, pairs, group, table.device, comparing)
+    # per rank: whether it holds forget samples kept elsewhere, and unseen samples forgotten or kept elsewhere
+    flags = torch.zeros(2, world, dtype=torch.float64, device=table.device)
+    flags[0, rank] = float(bool(shared[("forget", "retain")]))
+    flags[1, rank] = float(any(shared.get(("unseen", role)) for role in ("forget", "retain")))
     all_reduce_released(flags, group, during=comparing)
-    if shared:
-        row, other = shared[0]
-        raise ValueError(f"{method.name}: {len(shared)} forget samples of rank {rank} are also in another rank's "
+    if shared[("forget", "retain")]:
+        found = shared[("forget", "retain")]
+        row, other = found[0]
+        raise ValueError(f"{method.name}: {len(found)} forget samples of rank {rank} are also in another rank's "
                          f"retain set (same input and label; first at forget row {row}, in rank {other}'s): a "
                          "sample cannot be both forgotten and kept")
-    failed = [r for r, flag in enumerate(flags.tolist()) if flag]
-    if failed:
-        raise RuntimeError(f"{method.name}, rank {rank} of {world}: rank(s) {failed} hold forget samples that "
+    for role in ("forget", "retain"):
+        found = shared.get(("unseen", role))
+        if found:
+            row, other = found[0]
+            raise ValueError(f"{method.name}: {len(found)} unseen samples of rank {rank} are also in another rank's "
+                             f"{role} set (same input and label; first at unseen row {row}, in rank {other}'s): "
+                             "unseen data must be data the model was not trained on")
+    kept, seen = ([r for r, flag in enumerate(row) if flag] for row in flags.tolist())
+    if kept:
+        raise RuntimeError(f"{method.name}, rank {rank} of {world}: rank(s) {kept} hold forget samples that "
                            "another rank keeps in its retain set (their own error is raised there)")
+    if seen:
+        raise RuntimeError(f"{method.name}, rank {rank} of {world}: rank(s) {seen} hold unseen samples that another "
+                           "rank holds in its forget or retain set (their own error is raised there)")
     return work
 
 
