@@ -1289,8 +1289,9 @@ def test_collectives_return_once_gloo_let_go_of_the_tensor(tmp_path, world):
 
 
 def test_every_collective_of_the_package_waits_for_the_release():
-    """The package calls torch.distributed's collectives only inside all_reduce_released (one place):
-    a direct call would leave its tensors to the exit race described there."""
+    """The package calls torch.distributed's collectives only inside all_reduce_released and broadcast_released
+    (one place, the release wait they share): a direct call would leave its tensors to the exit race described
+    there."""
     package = Path(__file__).resolve().parents[1] / "unlearn_kernels"
     collectives = {"all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast",
                    "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "scatter", "gather",
@@ -1302,4 +1303,4 @@ def test_every_collective_of_the_package_waits_for_the_release():
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in collectives
                     and isinstance(node.func.value, ast.Name) and node.func.value.id == "dist"):
                 calls.append((path.relative_to(package).as_posix(), node.func.attr))
-    assert calls == [("curvature/distributed.py", "all_reduce")], calls
+    assert calls == [("curvature/distributed.py", "all_reduce"), ("curvature/distributed.py", "broadcast")], calls

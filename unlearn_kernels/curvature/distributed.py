@@ -120,9 +120,12 @@ def all_reduce_released(tensor: torch.Tensor, group: dist.ProcessGroup,
     """``dist.all_reduce(tensor, op, group)`` that returns once the backend has let go of ``tensor``;
     with ``during`` (who calls it and what for, "cure_newton, rank 0 of 2, agreeing on the inputs"), the
     backend's error when it fails or times out (another rank crashed or made other calls) is a RuntimeError
-    saying so, led by ``during``.
+    saying so, led by ``during``. A tensor on the meta device is refused (ValueError, before any
+    communication): torch's all_reduce of one returns at once and sends nothing, so the other ranks' call
+    would be matched with this rank's next one (see :func:`collective_device`).
 
-    Every collective of the package goes through here (or :func:`all_gather_objects`). gloo's worker
+    Every collective of the package goes through here (or :func:`all_gather_objects`, or
+    :func:`broadcast_released`). gloo's worker
     thread drops its reference to a collective's tensors a moment after ``wait()`` has returned (in 35%
     of 20,000 all_reduces, PyTorch 2.13). Where the caller's own reference was gone by then, the tensor
     owned its Python object and the worker's drop took the GIL; when the interpreter had begun to exit,
@@ -131,18 +134,33 @@ def all_reduce_released(tensor: torch.Tensor, group: dist.ProcessGroup,
     exit (1 in 6 runs of the distributed tests here). Waiting here (a yield or two) closes that window for
     the package's tensors. CPU tensors only: NCCL's watchdog releases its work on its own schedule,
     and waiting for it would stall the host on the GPU (not tested without a GPU)."""
+    _run_released(lambda: dist.all_reduce(tensor, op=op, group=group, async_op=True), tensor, "all_reduce", during)
+
+
+def broadcast_released(tensor: torch.Tensor, group: dist.ProcessGroup, *, during: str | None = None) -> None:
+    """``dist.broadcast(tensor, src=<the group's first rank>, group=group)``, run as :func:`all_reduce_released`
+    runs its collective (returns once the backend has let go of ``tensor``, ``during`` leads its errors, a meta
+    tensor refused): every rank's ``tensor`` then holds the group's first rank's, bit for bit. A collective:
+    every rank of ``group`` calls it with a tensor of the same size and dtype."""
+    src = dist.get_global_rank(group, 0)
+    _run_released(lambda: dist.broadcast(tensor, src=src, group=group, async_op=True), tensor, "broadcast", during)
+
+
+def _run_released(start: Callable[[], Any], tensor: torch.Tensor, name: str, during: str | None) -> None:
+    """Runs the collective ``start()`` (asynchronous, on ``tensor``; ``name`` for the errors), waits for it and
+    then for the backend's release of ``tensor`` (see :func:`all_reduce_released`)."""
     if tensor.is_meta:  # torch returns at once, sending nothing: the other ranks would pair it with a later call
-        raise ValueError(f"{during or 'all_reduce_released'}: a tensor on the meta device has no values, and torch's "
-                         "all_reduce of one sends nothing (the other ranks' call would be matched with this rank's "
-                         "next one): put the collective's tensors on the CPU or a GPU (collective_device)")
+        raise ValueError(f"{during or name}: a tensor on the meta device has no values, and torch's {name} of one "
+                         "sends nothing (the other ranks' call would be matched with this rank's next one): put the "
+                         "collective's tensors on the CPU or a GPU (collective_device)")
     before = tensor._use_count() if hasattr(tensor, "_use_count") else None
     try:
-        work = dist.all_reduce(tensor, op=op, group=group, async_op=True)
+        work = start()
         work.wait()
     except RuntimeError as err:
         if during is None:
             raise
-        raise RuntimeError(f"{during}: the all_reduce failed or timed out ({err}): another rank crashed, or the "
+        raise RuntimeError(f"{during}: the {name} failed or timed out ({err}): another rank crashed, or the "
                            "ranks did not make the same sequence of calls") from err
     del work  # its Python handle holds the tensors too
     if before is None or tensor.device.type != "cpu":

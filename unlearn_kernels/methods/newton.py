@@ -107,7 +107,13 @@ from ..curvature import (
     set_flat_parameters,
 )
 from ..curvature.probes import LossFn, checked_loss
-from ..curvature.distributed import GroupRef, all_reduce_released, collective_device, text_fingerprint
+from ..curvature.distributed import (
+    GroupRef,
+    all_reduce_released,
+    broadcast_released,
+    collective_device,
+    text_fingerprint,
+)
 from ..curvature.factory import fused_path_refusal
 from ..curvature.params import tie_pattern
 from ..curvature.settings import value_text
@@ -621,44 +627,32 @@ class _NewtonFamily(Unlearner):
                          "or the loss); the caller's model is unchanged")
 
     # -- the update
-    def _agreed(self, ws: _Workspace, value: Callable[[], torch.Tensor], what: str) -> torch.Tensor:
-        """``value()``, a tensor of ``ws.w``'s size (a step, new weights), in ``ws.w``'s dtype; with a process group
-        the group's first rank's, bit for bit, on every rank. The ranks' dense solves (eigh, LDL) run on each rank
-        alone, and LAPACK's bits depend on its thread count: ranks with 1 and 2 threads took damped_newton steps
-        3e-13 apart (d = 3,610), and newton_pinv's check product refused the ranks' different steps. One
-        all_reduce of ``numel + world`` numbers: the first rank's tensor (summed with the others' zeros: exact)
-        and a failure flag per rank, so a rank whose ``value()`` fails (its local solve, say) raises its own
-        error and the others a RuntimeError naming it, at once. ``what``: what the ranks are doing, for the
-        errors ("agreeing on the step")."""
+    def _agreed(self, ws: _Workspace, value: torch.Tensor, what: str) -> torch.Tensor:
+        """``value``, a flat tensor of ``ws.w``'s size and dtype (a step, new weights); with a process group the
+        group's first rank's, bit for bit, on every rank (one broadcast of d numbers,
+        :func:`~unlearn_kernels.curvature.distributed.broadcast_released`). The ranks' dense solves (eigh, LDL)
+        run on each rank alone, and LAPACK's bits depend on its thread count: ranks with 1 and 2 threads took
+        damped_newton steps 3e-13 apart (d = 3,610), and newton_pinv's product at its step refused the ranks'
+        steps as different inputs. ``what``: what the ranks are doing, for the errors ("agreeing on the step").
+        A rank that fails before it (its local solve) raises alone, as before: the others, which may still be in
+        the solver's collectives, wait for the group's timeout."""
         group = self.process_group
         if group is None:
-            return value()
-        rank, world, n = dist.get_rank(group), dist.get_world_size(group), ws.w.numel()
-        flat = torch.zeros(n + world, dtype=ws.w.dtype, device=collective_device(ws.w.device))
-        failure = None
-        try:
-            mine = value()
-            if rank == 0:
-                flat[:n] = mine.reshape(-1)
-        except Exception as err:  # any: raised below, after the other ranks learn of it
-            failure = err
-        flat[n + rank] = float(failure is not None)
-        all_reduce_released(flat, group, during=f"{self._where()}, {what}")
-        if failure is not None:
-            raise failure
-        failed = [r for r, flag in enumerate(flat[n:].tolist()) if flag]
-        if failed:
-            raise RuntimeError(f"{self._where()}: rank(s) {failed} failed while {what} (their own error is raised "
-                               "there)")
-        return flat[:n]
+            return value
+        first = dist.get_rank(group) == 0
+        device = collective_device(ws.w.device)
+        out = (value.detach().reshape(-1).to(device, ws.w.dtype).contiguous() if first
+               else torch.empty(ws.w.numel(), dtype=ws.w.dtype, device=device))
+        broadcast_released(out, group, during=f"{self._where()}, {what}")
+        return out
 
     def _set(self, ws: _Workspace, w: torch.Tensor) -> None:
         """Write w (the compute dtype) into the returned model (its dtype) and the shadow, refusing
         non-finite values; ``ws.w`` becomes the shadow's (rounded) weights. With a process group the weights
         written are the group's first rank's w on every rank (:meth:`_agreed`): the one place every Newton
         method writes its result, so the ranks return the same model bit for bit whatever their solvers'
-        rounding (one all_reduce of d numbers)."""
-        new = self._agreed(ws, lambda: w, "agreeing on the new weights").to(ws.model_dtype)
+        rounding (one broadcast of d numbers)."""
+        new = self._agreed(ws, w, "agreeing on the new weights").to(ws.model_dtype)
         if not all_finite(new):
             raise ValueError(f"{self.name}: the computed step is not finite (NaN/Inf; a singular or badly scaled "
                              "system, or overflow in the model's dtype: try dtype=torch.float64); the caller's model "
@@ -687,13 +681,8 @@ class _NewtonFamily(Unlearner):
         before = objective.value()
         g = self._gradient(ws, objective, ws.retain)
         H = self._curvature(op)
-        solved: dict[str, Any] = {}
-
-        def step_of_this_rank() -> torch.Tensor:
-            solved.update(self._solving(lambda: solve(ws, H, g)))
-            return solved.pop("step")
-
-        step, start = self._agreed(ws, step_of_this_rank, "solving for the step"), ws.w
+        solved = self._solving(lambda: solve(ws, H, g))
+        step, start = self._agreed(ws, solved.pop("step"), "agreeing on the step"), ws.w
         solved["model_value"] = self._quadratic_value(H, g, step)
         self._apply(ws, step)
         after = self._gradient(ws, objective, ws.retain, moved=True)
