@@ -15,8 +15,15 @@ weights) this is the operator one process builds with the shards as its batches,
 the value and gradient of an :class:`~unlearn_kernels.curvature.objective.Objective`. One
 ``all_reduce`` per call (gloo on CPU, NCCL on GPU). Collectives return the same bits on every rank,
 so solvers and methods that draw their random vectors from the same seed take the same steps on
-every rank, and run on these objects unchanged. Every rank must make the same calls in the same
-order (as with any collective).
+every rank, and run on these objects unchanged, as far as their own computations between products round
+alike on every rank. A dense factorisation does not: LAPACK's bits depend on its thread count (ranks with 1
+and 2 threads took damped_newton steps 3e-13 apart at d = 3,610, and newton_pinv's product at its step refused
+them as different inputs), so the Newton-family methods take the group's first rank's step and weights on every
+rank (one broadcast of d numbers, :func:`broadcast_released`, before the step is used and when the weights are
+written). Every rank must make the same calls in the same order (as with any collective). A rank's collective
+tensors live on its model's device, or on the CPU where that is the meta device (:func:`collective_device`): a
+rank whose model is on the meta device is refused by its own checks and still takes part, so the others raise at
+once naming it (a collective of meta tensors sends nothing: their call was matched with its next one).
 
 The ranks must hold the same model: construction compares, in its one collective, the number of parameters,
 the dtype, what each rank builds (the operator's kind or an objective's weight decay, the loss and its

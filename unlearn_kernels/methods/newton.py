@@ -50,7 +50,8 @@ Options shared by all (constructor arguments):
 * ``process_group``: a ``torch.distributed`` process group for data-parallel unlearning: every rank
   calls ``unlearn`` with the same model, options and seed (other options are refused on every rank)
   and its own shard of D_f and D_r; F, its gradient and the Hessian products are reduced over all
-  ranks' rows (weighted by shard size), so every rank takes the same step. CureNewton's
+  ranks' rows (weighted by shard size), and every rank takes the group's first rank's step (one broadcast:
+  dense solves round apart with other thread counts), so every rank returns the same model. CureNewton's
   ``hessian_samples`` is one draw over all ranks' rows (each rank keeps its own), StoCuReNU's batch
   sizes count rows of each rank's shard, and ``M="auto"`` is refused (the Lipschitz estimate is not
   distributed). None (the default): one process.
