@@ -754,6 +754,109 @@ def test_method_calls_that_disagree_are_refused_on_every_rank(tmp_path):
     _spawn(_methods_disagree_worker, (2, str(tmp_path / "store")), 2)
 
 
+def _meta_model_worker(rank: int, world: int, store: str) -> None:
+    """A model on the meta device on rank 1 alone, refused there: that rank's collectives were on the meta device,
+    where torch's all_reduce returns at once and sends nothing, so rank 0 never learnt of the refusal: its call
+    was matched with rank 1's next one and returned a model, and its own next call waited for the group's
+    timeout. The same for an operator or objective built on it. Rank 1 takes part on the CPU now: rank 0 raises
+    at once naming it, the ranks stay in step, and the package's collective refuses a meta tensor."""
+    _init(rank, world, store, timeout_s=20.0)
+    try:
+        model, x, y = model_and_data()
+        part = slice(0, 20) if rank == 0 else slice(20, ROWS)
+        forget, retain = LabeledData(x[part][:3], y[part][:3]), LabeledData(x[part][3:], y[part][3:])
+        group, loss = dist.group.WORLD, nn.CrossEntropyLoss()
+        mine = copy.deepcopy(model).to("meta") if rank == 1 else model
+        expect = ((ValueError, "on the meta device") if rank == 1 else
+                  (RuntimeError, r"rank 0 of 2: rank\(s\) \[1\] refused their inputs"))
+        for name in ("cure_newton", "damped_newton"):
+            with pytest.raises(expect[0], match=expect[1]):
+                METHODS[name](process_group=group).unlearn(mine, forget, retain, seed=0)
+        cure = METHODS["cure_newton"](max_iterations=1, process_group=group)
+        _same_on_every_rank(get_flat_parameters(cure.unlearn(model, forget, retain, seed=0).model))
+        shard = (x[part], y[part])
+        builds = (lambda m: hessian_operator(m, loss, shard, process_group=group),
+                  lambda m: ggn_operator(m, loss, shard, process_group=group),
+                  lambda m: DistributedObjective(m, loss, shard, process_group=group))
+        expect = ((ValueError, "meta device") if rank == 1 else
+                  (RuntimeError, r"rank\(s\) \[1\] failed while building its local operator"))
+        for build in builds:
+            with pytest.raises(expect[0], match=expect[1]):
+                build(mine)
+        op = hessian_operator(model, loss, shard, process_group=group)
+        v = torch.ones(op.shape[0], dtype=torch.float64)
+        _close(op.matvec(v), hessian_operator(model, loss, (x, y)).matvec(v))
+        with pytest.raises(ValueError, match="on the meta device has no values"):  # on every rank: no collective
+            all_reduce_released(torch.zeros(3, device="meta"), group)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_model_on_the_meta_device_on_one_rank_is_refused_on_every_rank(tmp_path):
+    _spawn(_meta_model_worker, (2, str(tmp_path / "store")), 2)
+
+
+def _thread_counts_worker(rank: int, world: int, store: str) -> None:
+    """Ranks with other thread counts (rank 0 one thread, rank 1 two): the dense solves (eigh, LDL) run on each
+    rank alone, and LAPACK's rounding depends on its thread count, so each rank applied its own step: damped_newton's
+    models came back 1e-14 apart here (d = 460; 3e-13 at d = 3,610) and newton_pinv's 5e-13 (at d = 3,610 its check
+    product refused the ranks' steps as "different inputs"). Every rank takes the group's first rank's step now."""
+    _init(rank, world, store)
+    torch.set_num_threads(1 + rank)
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 6), nn.Tanh(), nn.Linear(6, 10)).double().eval()  # d = 460
+    x = torch.randn(200, 64, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 10, (200,), generator=gen)
+    forget = LabeledData(x[10 * rank:10 * rank + 10], y[10 * rank:10 * rank + 10])
+    retain = LabeledData(x[20 + 90 * rank:110 + 90 * rank], y[20 + 90 * rank:110 + 90 * rank])
+    try:
+        for name, options in (("damped_newton", {"solver": "eigh"}), ("damped_newton", {"solver": "ldl"}),
+                              ("newton_pinv", {"solver": "eigh"})):
+            result = METHODS[name](process_group=dist.group.WORLD, **options).unlearn(model, forget, retain, seed=0)
+            _same_on_every_rank(get_flat_parameters(result.model, [n for n, _ in model.named_parameters()]))
+            assert result.diagnostics["step_norm"] > 0
+            _same_on_every_rank(torch.tensor([result.diagnostics["model_value"]]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_other_thread_counts_take_the_same_step(tmp_path):
+    _spawn(_thread_counts_worker, (2, str(tmp_path / "store")), 2)
+
+
+def _unseen_elsewhere_worker(rank: int, world: int, store: str) -> None:
+    """Unseen samples of rank 0 that rank 1 keeps in its retain set, or forgets: each rank compared its unseen set
+    with its own shards only, and the call went through on both, where one process refuses it. Refused now with
+    one process's words and the other rank's, and the ranks stay in step."""
+    _init(rank, world, store, timeout_s=20.0)
+    try:
+        model, x, y = model_and_data()
+        forget = LabeledData(x[5 * rank:5 * rank + 5], y[5 * rank:5 * rank + 5])
+        retain = LabeledData(x[10:20], y[10:20]) if rank == 0 else LabeledData(x[20:], y[20:])
+        none = LabeledData(x[:0], y[:0])
+        method = METHODS["damped_newton"](process_group=dist.group.WORLD)
+        for role, rows in (("retain", slice(22, 24)), ("forget", slice(7, 8))):
+            unseen = LabeledData(x[rows], y[rows]) if rank == 0 else none
+            count = rows.stop - rows.start
+            expect = ((ValueError, rf"^damped_newton: {count} unseen samples of rank 0 are also in another rank's "
+                                   rf"{role} set \(same input and label; first at unseen row 0, in rank 1's\): unseen "
+                                   "data must be data the model was not trained on") if rank == 0 else
+                      (RuntimeError, r"rank 1 of 2: rank\(s\) \[0\] hold unseen samples that another rank holds in "
+                                     "its forget or retain set"))
+            with pytest.raises(expect[0], match=expect[1]):
+                method.unlearn(model, forget, retain, unseen=unseen, seed=0)
+        fresh = torch.randn(3, FEATURES, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        unseen = LabeledData(fresh, y[:3]) if rank == 0 else none
+        _same_on_every_rank(get_flat_parameters(method.unlearn(model, forget, retain, unseen=unseen, seed=0).model))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_unseen_samples_in_another_ranks_sets_are_refused(tmp_path):
+    _spawn(_unseen_elsewhere_worker, (2, str(tmp_path / "store")), 2)
+
+
 def _memory_worker(rank: int, world: int, store: str) -> None:
     """solver="auto" of damped_newton and newton_pinv picks a dense solver where its matrices fit in free memory:
     rank 1 with (simulated) little free memory took MINRES or Lanczos while rank 0 took the dense path, and gloo
@@ -1186,8 +1289,9 @@ def test_collectives_return_once_gloo_let_go_of_the_tensor(tmp_path, world):
 
 
 def test_every_collective_of_the_package_waits_for_the_release():
-    """The package calls torch.distributed's collectives only inside all_reduce_released (one place):
-    a direct call would leave its tensors to the exit race described there."""
+    """The package calls torch.distributed's collectives only inside all_reduce_released and broadcast_released
+    (one place, the release wait they share): a direct call would leave its tensors to the exit race described
+    there."""
     package = Path(__file__).resolve().parents[1] / "unlearn_kernels"
     collectives = {"all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast",
                    "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "scatter", "gather",
@@ -1199,4 +1303,4 @@ def test_every_collective_of_the_package_waits_for_the_release():
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in collectives
                     and isinstance(node.func.value, ast.Name) and node.func.value.id == "dist"):
                 calls.append((path.relative_to(package).as_posix(), node.func.attr))
-    assert calls == [("curvature/distributed.py", "all_reduce")], calls
+    assert calls == [("curvature/distributed.py", "all_reduce"), ("curvature/distributed.py", "broadcast")], calls

@@ -15,8 +15,15 @@ weights) this is the operator one process builds with the shards as its batches,
 the value and gradient of an :class:`~unlearn_kernels.curvature.objective.Objective`. One
 ``all_reduce`` per call (gloo on CPU, NCCL on GPU). Collectives return the same bits on every rank,
 so solvers and methods that draw their random vectors from the same seed take the same steps on
-every rank, and run on these objects unchanged. Every rank must make the same calls in the same
-order (as with any collective).
+every rank, and run on these objects unchanged, as far as their own computations between products round
+alike on every rank. A dense factorisation does not: LAPACK's bits depend on its thread count (ranks with 1
+and 2 threads took damped_newton steps 3e-13 apart at d = 3,610, and newton_pinv's product at its step refused
+them as different inputs), so the Newton-family methods take the group's first rank's step and weights on every
+rank (one broadcast of d numbers, :func:`broadcast_released`, before the step is used and when the weights are
+written). Every rank must make the same calls in the same order (as with any collective). A rank's collective
+tensors live on its model's device, or on the CPU where that is the meta device (:func:`collective_device`): a
+rank whose model is on the meta device is refused by its own checks and still takes part, so the others raise at
+once naming it (a collective of meta tensors sends nothing: their call was matched with its next one).
 
 The ranks must hold the same model: construction compares, in its one collective, the number of parameters,
 the dtype, what each rank builds (the operator's kind or an objective's weight decay, the loss and its
@@ -120,9 +127,12 @@ def all_reduce_released(tensor: torch.Tensor, group: dist.ProcessGroup,
     """``dist.all_reduce(tensor, op, group)`` that returns once the backend has let go of ``tensor``;
     with ``during`` (who calls it and what for, "cure_newton, rank 0 of 2, agreeing on the inputs"), the
     backend's error when it fails or times out (another rank crashed or made other calls) is a RuntimeError
-    saying so, led by ``during``.
+    saying so, led by ``during``. A tensor on the meta device is refused (ValueError, before any
+    communication): torch's all_reduce of one returns at once and sends nothing, so the other ranks' call
+    would be matched with this rank's next one (see :func:`collective_device`).
 
-    Every collective of the package goes through here (or :func:`all_gather_objects`). gloo's worker
+    Every collective of the package goes through here (or :func:`all_gather_objects`, or
+    :func:`broadcast_released`). gloo's worker
     thread drops its reference to a collective's tensors a moment after ``wait()`` has returned (in 35%
     of 20,000 all_reduces, PyTorch 2.13). Where the caller's own reference was gone by then, the tensor
     owned its Python object and the worker's drop took the GIL; when the interpreter had begun to exit,
@@ -131,14 +141,33 @@ def all_reduce_released(tensor: torch.Tensor, group: dist.ProcessGroup,
     exit (1 in 6 runs of the distributed tests here). Waiting here (a yield or two) closes that window for
     the package's tensors. CPU tensors only: NCCL's watchdog releases its work on its own schedule,
     and waiting for it would stall the host on the GPU (not tested without a GPU)."""
+    _run_released(lambda: dist.all_reduce(tensor, op=op, group=group, async_op=True), tensor, "all_reduce", during)
+
+
+def broadcast_released(tensor: torch.Tensor, group: dist.ProcessGroup, *, during: str | None = None) -> None:
+    """``dist.broadcast(tensor, src=<the group's first rank>, group=group)``, run as :func:`all_reduce_released`
+    runs its collective (returns once the backend has let go of ``tensor``, ``during`` leads its errors, a meta
+    tensor refused): every rank's ``tensor`` then holds the group's first rank's, bit for bit. A collective:
+    every rank of ``group`` calls it with a tensor of the same size and dtype."""
+    src = dist.get_global_rank(group, 0)
+    _run_released(lambda: dist.broadcast(tensor, src=src, group=group, async_op=True), tensor, "broadcast", during)
+
+
+def _run_released(start: Callable[[], Any], tensor: torch.Tensor, name: str, during: str | None) -> None:
+    """Runs the collective ``start()`` (asynchronous, on ``tensor``; ``name`` for the errors), waits for it and
+    then for the backend's release of ``tensor`` (see :func:`all_reduce_released`)."""
+    if tensor.is_meta:  # torch returns at once, sending nothing: the other ranks would pair it with a later call
+        raise ValueError(f"{during or name}: a tensor on the meta device has no values, and torch's {name} of one "
+                         "sends nothing (the other ranks' call would be matched with this rank's next one): put the "
+                         "collective's tensors on the CPU or a GPU (collective_device)")
     before = tensor._use_count() if hasattr(tensor, "_use_count") else None
     try:
-        work = dist.all_reduce(tensor, op=op, group=group, async_op=True)
+        work = start()
         work.wait()
     except RuntimeError as err:
         if during is None:
             raise
-        raise RuntimeError(f"{during}: the all_reduce failed or timed out ({err}): another rank crashed, or the "
+        raise RuntimeError(f"{during}: the {name} failed or timed out ({err}): another rank crashed, or the "
                            "ranks did not make the same sequence of calls") from err
     del work  # its Python handle holds the tensors too
     if before is None or tensor.device.type != "cpu":
@@ -146,6 +175,15 @@ def all_reduce_released(tensor: torch.Tensor, group: dist.ProcessGroup,
     deadline = time.monotonic() + 10.0  # the worker lets go within microseconds; never wait for good
     while tensor._use_count() > before and time.monotonic() < deadline:
         _yield()  # gives up the GIL and the core to the worker thread
+
+
+def collective_device(device: torch.device) -> torch.device:
+    """Where a rank's tensors for a collective live, given the device of its model: that device (NCCL reduces
+    CUDA tensors only), but the CPU for the meta device. A collective of meta tensors sends nothing (torch
+    returns at once), so a rank whose model is on the meta device, refused by its own checks, would not tell
+    the others of its refusal: their call was matched with its next one. On the CPU it takes part, the others
+    raise at once naming it, and the ranks stay in step."""
+    return torch.device("cpu") if device.type == "meta" else device
 
 
 def all_gather_objects(obj: Any, group: dist.ProcessGroup, device: torch.device, *,
@@ -582,7 +620,7 @@ def _resolved(model: nn.Module, params: ParamSelection,
     first = next(iter(chosen.values()), None)
     if first is None and isinstance(model, nn.Module):
         first = next(model.parameters(), None)
-    return chosen, torch.device("cpu") if first is None else first.device, refusal
+    return chosen, torch.device("cpu") if first is None else collective_device(first.device), refusal
 
 
 def _parameters_text(names: Sequence[str]) -> str:

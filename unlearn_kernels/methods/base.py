@@ -8,7 +8,7 @@ import itertools
 import math
 import operator
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -345,11 +345,13 @@ def _hashed(forget: LabeledData, retain: LabeledData,
     """Both sets hashed in ``dtype``, by default their promoted dtype (int32 and int64 token ids, float16
     and float32 inputs of a model that casts them: the same samples)."""
     dtype = dtype or torch.promote_types(forget.x.dtype, retain.x.dtype)
-    hashed = []
-    for data in (forget, retain):
-        rows, labels = _row_bytes(data, dtype), data.y.cpu().numpy()
-        hashed.append(_HashedRows(rows, labels, _row_hashes(rows, labels)))
-    return hashed[0], hashed[1]
+    return _hashed_set(forget, dtype), _hashed_set(retain, dtype)
+
+
+def _hashed_set(data: LabeledData, dtype: torch.dtype) -> _HashedRows:
+    """One set's rows hashed in ``dtype``."""
+    rows, labels = _row_bytes(data, dtype), data.y.cpu().numpy()
+    return _HashedRows(rows, labels, _row_hashes(rows, labels))
 
 
 def _confirmed(forget: _HashedRows, candidates: dict[int, list[tuple[bytes, int, int]]]) -> list[tuple[int, int]]:
@@ -381,33 +383,44 @@ def _shared_rows(forget: LabeledData, retain: LabeledData) -> list[int]:
     return [i for i, _ in _confirmed(f, candidates)]
 
 
-def forget_rows_in_other_retain_shards(forget: LabeledData, retain: LabeledData, group: Any,
-                                       device: torch.device, during: str) -> list[tuple[int, int]]:
-    """``(forget row, rank)`` for each sample of this rank's forget shard that another rank of ``group``
-    holds in its retain shard (each rank checks its own shards alone): candidates by the rows' hashes,
-    gathered from every rank, confirmed exactly on the rows themselves, as :func:`_shared_rows` does in
-    one process. A collective: every rank of ``group`` calls it, with its tensors on ``device``; ``during`` leads
-    the error of a collective that fails or times out (as in
+def rows_in_other_ranks_sets(sets: dict[str, LabeledData], pairs: Sequence[tuple[str, str]], group: Any,
+                             device: torch.device, during: str) -> dict[tuple[str, str], list[tuple[int, int]]]:
+    """For each ``(mine, theirs)`` of ``pairs`` (roles of ``sets``, this rank's shards by role), ``(row of mine,
+    rank)`` for each sample of this rank's ``mine`` shard that another rank of ``group`` holds in its ``theirs``
+    shard (each rank checks its own shards alone): candidates by the rows' hashes, gathered from every rank,
+    confirmed exactly on the rows themselves, as :func:`_shared_rows` does in one process. Three gathers
+    whatever the number of pairs (the sets' dtypes, the hashes of the ``mine`` sets, the candidates). A
+    collective: every rank of ``group`` calls it with the same roles and pairs, with its tensors on ``device``;
+    ``during`` leads the error of a collective that fails or times out (as in
     :func:`~unlearn_kernels.curvature.distributed.all_reduce_released`)."""
     rank = dist.get_rank(group)
     gather = functools.partial(all_gather_objects, group=group, device=device, during=during)
     # one dtype on every rank, promoted over all the ranks' sets: each rank's own promotion hashed the same
     # samples (int32 ids on one rank, int64 on another) as different bytes
-    dtypes = gather((str(forget.x.dtype), str(retain.x.dtype)))
-    common = forget.x.dtype
-    for name in (name for pair in dtypes for name in pair):
+    dtypes = gather([str(data.x.dtype) for data in sets.values()])
+    common = next(iter(sets.values())).x.dtype
+    for name in (name for names in dtypes for name in names):
         common = torch.promote_types(common, getattr(torch, name.removeprefix("torch.")))
-    f, r = _hashed(forget, retain, common)
-    hashes = gather(f.hashes.tolist())
-    others = np.array([h for k, per_rank in enumerate(hashes) if k != rank for h in per_rank], dtype=np.uint64)
-    mine = _by_hash(r, np.nonzero(np.isin(r.hashes, others))[0], lambda j: rank)
-    gathered = gather(mine)
-    candidates: dict[int, list[tuple[bytes, int, int]]] = {}
-    for k, per_rank in enumerate(gathered):
-        if k != rank:
-            for h, entries in per_rank.items():
-                candidates.setdefault(h, []).extend(entries)
-    return _confirmed(f, candidates)
+    hashed = {role: _hashed_set(data, common) for role, data in sets.items()}
+    asked = list(dict.fromkeys(mine for mine, _ in pairs))
+    hashes = gather({role: hashed[role].hashes.tolist() for role in asked})
+    # this rank's rows of each pair's theirs set that another rank's mine set may hold, by hash
+    offered = []
+    for mine, theirs in pairs:
+        others = np.array([h for k, per_rank in enumerate(hashes) if k != rank for h in per_rank[mine]],
+                          dtype=np.uint64)
+        offered.append(_by_hash(hashed[theirs], np.nonzero(np.isin(hashed[theirs].hashes, others))[0],
+                                lambda j: rank))
+    gathered = gather(offered)
+    found = {}
+    for index, (mine, theirs) in enumerate(pairs):
+        candidates: dict[int, list[tuple[bytes, int, int]]] = {}
+        for k, per_rank in enumerate(gathered):
+            if k != rank:
+                for h, entries in per_rank[index].items():
+                    candidates.setdefault(h, []).extend(entries)
+        found[(mine, theirs)] = _confirmed(hashed[mine], candidates)
+    return found
 
 
 def _check_fit(method: Unlearner, model: nn.Module, sets: dict[str, LabeledData]) -> None:

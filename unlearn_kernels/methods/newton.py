@@ -50,7 +50,8 @@ Options shared by all (constructor arguments):
 * ``process_group``: a ``torch.distributed`` process group for data-parallel unlearning: every rank
   calls ``unlearn`` with the same model, options and seed (other options are refused on every rank)
   and its own shard of D_f and D_r; F, its gradient and the Hessian products are reduced over all
-  ranks' rows (weighted by shard size), so every rank takes the same step. CureNewton's
+  ranks' rows (weighted by shard size), and every rank takes the group's first rank's step (one broadcast:
+  dense solves round apart with other thread counts), so every rank returns the same model. CureNewton's
   ``hessian_samples`` is one draw over all ranks' rows (each rank keeps its own), StoCuReNU's batch
   sizes count rows of each rank's shard, and ``M="auto"`` is refused (the Lipschitz estimate is not
   distributed). None (the default): one process.
@@ -107,7 +108,13 @@ from ..curvature import (
     set_flat_parameters,
 )
 from ..curvature.probes import LossFn, checked_loss
-from ..curvature.distributed import GroupRef, all_reduce_released, text_fingerprint
+from ..curvature.distributed import (
+    GroupRef,
+    all_reduce_released,
+    broadcast_released,
+    collective_device,
+    text_fingerprint,
+)
 from ..curvature.factory import fused_path_refusal
 from ..curvature.params import tie_pattern
 from ..curvature.settings import value_text
@@ -133,8 +140,8 @@ from .base import (
     UnlearnResult,
     check_not_empty,
     checked_local_copy,
-    forget_rows_in_other_retain_shards,
     rows_by_role,
+    rows_in_other_ranks_sets,
 )
 
 #: rows per chunk of every pass over the data (objective, gradient, products): on the CPU, a pass over 29k
@@ -171,9 +178,10 @@ def _offset_seed(seed: int, count: int) -> int:
 
 def _collective_device(model: Any) -> torch.device:
     """Where this rank's tensors for a collective live: on the model's device, as the curvature
-    layer's (NCCL reduces CUDA tensors only, gloo either); the CPU for a model without parameters
-    (or a non-model, refused by the input checks on this rank, which still takes part in the collective)."""
-    return model_device(model) if isinstance(model, nn.Module) else torch.device("cpu")
+    layer's (NCCL reduces CUDA tensors only, gloo either); the CPU for a model without parameters, a model on
+    the meta device (:func:`~unlearn_kernels.curvature.distributed.collective_device`) or a non-model: refused by
+    the input checks on this rank, which still takes part in the collective."""
+    return collective_device(model_device(model)) if isinstance(model, nn.Module) else torch.device("cpu")
 
 
 def check_per_sample_loss(owner: str, model: nn.Module) -> None:
@@ -282,7 +290,10 @@ def agree_on_inputs(method: Unlearner, group: dist.ProcessGroup, options: str, m
     given the same ``options`` (:func:`options_text`), a model of the same structure (parameter and buffer
     names, shapes, dtypes and trainable flags: the later collectives are sized by them, and ranks that
     differ crashed inside gloo) and the same ``seed`` (the ranks draw the same random vectors); otherwise
-    every rank raises a ValueError saying what differs."""
+    every rank raises a ValueError saying what differs. Then the ranks compare their sets' rows (by hashes,
+    confirmed on the rows): a rank whose forget samples another rank keeps in its retain set, or whose unseen
+    samples another rank holds in its forget or retain set, raises the ValueError one process raises for them
+    (naming the other rank), and the others a RuntimeError naming it."""
     # what the ranks must agree on: (its text, how a rank that differs is said to have been given it)
     agreed = {"options": (options, "other options"), "model": (_structure_text(model), "a model of another structure"),
               "seed": (str(seed), "another seed")}
@@ -327,21 +338,37 @@ def agree_on_inputs(method: Unlearner, group: dist.ProcessGroup, options: str, m
                          "empty shard where a rank has none) or on none")
     totals = {role: int(n) for role, n in zip(roles, table[sizes:given].tolist()) if role in rows}
     check_not_empty(method.name, totals, " on every rank")
-    # a sample forgotten on one rank and kept on another: each rank saw its own shards only
+    # a sample forgotten on one rank and kept on another, or an unseen sample of one rank in another's forget or
+    # retain set: each rank saw its own shards only (in the same three gathers, with or without unseen)
     comparing = f"{method.name}, rank {rank} of {world}, comparing the sets' rows"
-    shared = forget_rows_in_other_retain_shards(forget, retain, group, table.device, comparing)
-    flags = torch.zeros(world, dtype=torch.float64, device=table.device)
-    flags[rank] = float(bool(shared))
+    pairs = [("forget", "retain"), *([("unseen", "forget"), ("unseen", "retain")] if unseen is not None else [])]
+    sets = {"forget": forget, "retain": retain, **({"unseen": unseen} if unseen is not None else {})}
+    shared = rows_in_other_ranks_sets(sets, pairs, group, table.device, comparing)
+    # per rank: whether it holds forget samples kept elsewhere, and unseen samples forgotten or kept elsewhere
+    flags = torch.zeros(2, world, dtype=torch.float64, device=table.device)
+    flags[0, rank] = float(bool(shared[("forget", "retain")]))
+    flags[1, rank] = float(any(shared.get(("unseen", role)) for role in ("forget", "retain")))
     all_reduce_released(flags, group, during=comparing)
-    if shared:
-        row, other = shared[0]
-        raise ValueError(f"{method.name}: {len(shared)} forget samples of rank {rank} are also in another rank's "
+    if shared[("forget", "retain")]:
+        found = shared[("forget", "retain")]
+        row, other = found[0]
+        raise ValueError(f"{method.name}: {len(found)} forget samples of rank {rank} are also in another rank's "
                          f"retain set (same input and label; first at forget row {row}, in rank {other}'s): a "
                          "sample cannot be both forgotten and kept")
-    failed = [r for r, flag in enumerate(flags.tolist()) if flag]
-    if failed:
-        raise RuntimeError(f"{method.name}, rank {rank} of {world}: rank(s) {failed} hold forget samples that "
+    for role in ("forget", "retain"):
+        found = shared.get(("unseen", role))
+        if found:
+            row, other = found[0]
+            raise ValueError(f"{method.name}: {len(found)} unseen samples of rank {rank} are also in another rank's "
+                             f"{role} set (same input and label; first at unseen row {row}, in rank {other}'s): "
+                             "unseen data must be data the model was not trained on")
+    kept, seen = ([r for r, flag in enumerate(row) if flag] for row in flags.tolist())
+    if kept:
+        raise RuntimeError(f"{method.name}, rank {rank} of {world}: rank(s) {kept} hold forget samples that "
                            "another rank keeps in its retain set (their own error is raised there)")
+    if seen:
+        raise RuntimeError(f"{method.name}, rank {rank} of {world}: rank(s) {seen} hold unseen samples that another "
+                           "rank holds in its forget or retain set (their own error is raised there)")
     return work
 
 
@@ -601,10 +628,32 @@ class _NewtonFamily(Unlearner):
                          "or the loss); the caller's model is unchanged")
 
     # -- the update
+    def _agreed(self, ws: _Workspace, value: torch.Tensor, what: str) -> torch.Tensor:
+        """``value``, a flat tensor of ``ws.w``'s size and dtype (a step, new weights); with a process group the
+        group's first rank's, bit for bit, on every rank (one broadcast of d numbers,
+        :func:`~unlearn_kernels.curvature.distributed.broadcast_released`). The ranks' dense solves (eigh, LDL)
+        run on each rank alone, and LAPACK's bits depend on its thread count: ranks with 1 and 2 threads took
+        damped_newton steps 3e-13 apart (d = 3,610), and newton_pinv's product at its step refused the ranks'
+        steps as different inputs. ``what``: what the ranks are doing, for the errors ("agreeing on the step").
+        A rank that fails before it (its local solve) raises alone, as before: the others, which may still be in
+        the solver's collectives, wait for the group's timeout."""
+        group = self.process_group
+        if group is None:
+            return value
+        first = dist.get_rank(group) == 0
+        device = collective_device(ws.w.device)
+        out = (value.detach().reshape(-1).to(device, ws.w.dtype).contiguous() if first
+               else torch.empty(ws.w.numel(), dtype=ws.w.dtype, device=device))
+        broadcast_released(out, group, during=f"{self._where()}, {what}")
+        return out
+
     def _set(self, ws: _Workspace, w: torch.Tensor) -> None:
         """Write w (the compute dtype) into the returned model (its dtype) and the shadow, refusing
-        non-finite values; ``ws.w`` becomes the shadow's (rounded) weights."""
-        new = w.to(ws.model_dtype)
+        non-finite values; ``ws.w`` becomes the shadow's (rounded) weights. With a process group the weights
+        written are the group's first rank's w on every rank (:meth:`_agreed`): the one place every Newton
+        method writes its result, so the ranks return the same model bit for bit whatever their solvers'
+        rounding (one broadcast of d numbers)."""
+        new = self._agreed(ws, w, "agreeing on the new weights").to(ws.model_dtype)
         if not all_finite(new):
             raise ValueError(f"{self.name}: the computed step is not finite (NaN/Inf; a singular or badly scaled "
                              "system, or overflow in the model's dtype: try dtype=torch.float64); the caller's model "
@@ -624,14 +673,18 @@ class _NewtonFamily(Unlearner):
 
     def _one_step(self, model: nn.Module, retain: LabeledData, solve: Callable[..., dict[str, Any]]) -> UnlearnResult:
         """The common shape of the one-step baselines: F and H on D_r; ``solve(ws, H, g)`` returns the
-        step and its diagnostics; apply; F and its gradient after."""
+        step and its diagnostics; the ranks agree on the step (:meth:`_agreed`: the group's first rank's, before
+        anything compares or uses it: newton_pinv's check product refused ranks whose eigendecompositions
+        rounded apart); ``model_value`` at it; apply; F and its gradient after."""
         ws = self._prepare(model, retain)
         objective = self._objective(ws, ws.retain)
         op = self._hessian(ws, ws.retain)
         before = objective.value()
         g = self._gradient(ws, objective, ws.retain)
-        solved = self._solving(lambda: solve(ws, self._curvature(op), g))
-        step, start = solved.pop("step"), ws.w
+        H = self._curvature(op)
+        solved = self._solving(lambda: solve(ws, H, g))
+        step, start = self._agreed(ws, solved.pop("step"), "agreeing on the step"), ws.w
+        solved["model_value"] = self._quadratic_value(H, g, step)
         self._apply(ws, step)
         after = self._gradient(ws, objective, ws.retain, moved=True)
         # how far the returned model moved: the step rounded to the model's dtype (in bfloat16 most of a
@@ -945,10 +998,10 @@ class StochasticCureNewton(_NewtonFamily):
                              diagnostics=diagnostics)
 
 
-def _baseline_diagnostics(result: Any, sigma: float, model_value: float, solver: str | None = None) -> dict[str, Any]:
-    """The diagnostics of a NewtonStep/LinearSolve-based baseline (no M, no hard case); ``solver``
-    names it where the result does not (a LinearSolve)."""
-    return {"sigma": sigma, "model_value": model_value, "solver": solver or result.method,
+def _baseline_diagnostics(result: Any, sigma: float, solver: str | None = None) -> dict[str, Any]:
+    """The diagnostics of a NewtonStep/LinearSolve-based baseline (no M, no hard case; ``model_value`` is added by
+    ``_one_step``, at the step the ranks agreed on); ``solver`` names it where the result does not (a LinearSolve)."""
+    return {"sigma": sigma, "solver": solver or result.method,
             "solver_iterations": result.iterations, "residual": result.residual, "converged": result.converged,
             **result.info}
 
@@ -1001,7 +1054,7 @@ class NewtonPinv(_NewtonFamily):
                       if self.solver == "auto" else self.solver)
             result = pinv_newton_step(H, g, rcond=self.rcond, solver=solver, rank=self.rank, tol=self.tol,
                                       maxiter=self.maxiter)
-            return {"step": result.step, **_baseline_diagnostics(result, 0.0, self._quadratic_value(H, g, result.step))}
+            return {"step": result.step, **_baseline_diagnostics(result, 0.0)}
 
         return self._one_step(model, retain, solve)
 
@@ -1060,8 +1113,7 @@ class DampedNewton(_NewtonFamily):
                  unseen: LabeledData | None, seed: int) -> UnlearnResult:
         def solve(ws: _Workspace, H: RegularizedOperator, g: torch.Tensor) -> dict[str, Any]:
             result = self._damped_solve(H, g, ws.shadow)
-            return {"step": result.step,
-                    **_baseline_diagnostics(result, self.damping, self._quadratic_value(H, g, result.step))}
+            return {"step": result.step, **_baseline_diagnostics(result, self.damping)}
 
         return self._one_step(model, retain, solve)
 
@@ -1118,7 +1170,7 @@ class InfluenceNewton(DampedNewton):
             result = self._damped_solve(H, -g_forget, ws.shadow)
             step = result.step * (self._global_rows(forget, ws.w.device) / self._global_rows(retain, ws.w.device))
             return {"step": step, "grad_norm_forget": norm64(g_forget),
-                    **_baseline_diagnostics(result, self.damping, self._quadratic_value(H, g, step))}
+                    **_baseline_diagnostics(result, self.damping)}
 
         return self._one_step(model, retain, solve)
 
@@ -1191,7 +1243,7 @@ class LiSSANewton(_NewtonFamily):
                                  "unchanged")
             step = -result.solution
             return {"step": step, "scale": scale,
-                    **_baseline_diagnostics(result, self.damping, self._quadratic_value(H, g, step), "lissa"),
+                    **_baseline_diagnostics(result, self.damping, "lissa"),
                     "lambda_min": lambda_min, "converged": result.converged and not indefinite}
 
         return self._one_step(model, retain, solve)
