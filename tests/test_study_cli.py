@@ -853,14 +853,21 @@ def test_cli_ends_on_a_signal_with_one_line(tmp_path, signum, status, line):
     assert "Traceback" not in err and err.splitlines()[-1:] == [line], err
 
 
+def _cached_originals(tmp_path, monkeypatch, seeds: str = "0") -> tuple[list[str], Path]:
+    """A run of the original alone (1 epoch) that cached its models in a fresh folder, the CLI's default cache:
+    the run's command, to repeat, and the folder."""
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(study_module, "default_cache_dir", lambda: str(cache))
+    command = ["run", "--protocol", "random", "--seeds", seeds, "--epochs", "1", "--methods", "original",
+               "--out", str(tmp_path / "out")]
+    assert main(command) == 0
+    return command, cache
+
+
 def test_cli_corrupt_cached_original_is_a_clear_error_and_left_in_place(tmp_path, capsys, monkeypatch):
     """A damaged checkpoint in the cache (an interrupted copy, a full disk): one line naming the file,
     status 2 and no traceback, and the file is not overwritten."""
-    cache = tmp_path / "cache"
-    monkeypatch.setattr(study_module, "default_cache_dir", lambda: str(cache))  # the CLI's default cache
-    command = ["run", "--protocol", "random", "--seeds", "0", "--epochs", "1", "--methods", "original",
-               "--out", str(tmp_path / "out")]
-    assert main(command) == 0
+    command, cache = _cached_originals(tmp_path, monkeypatch)
     (corrupt,) = cache.glob("original-digits-mlp-0-*.pt")
     corrupt.write_bytes(b"not a checkpoint")
     capsys.readouterr()
@@ -875,11 +882,7 @@ def test_cli_corrupt_cached_original_is_a_clear_error_and_left_in_place(tmp_path
 def test_cli_a_damaged_original_of_a_later_seed_stops_the_run_before_any_work(tmp_path, capsys, monkeypatch):
     """Found when its seed was reached, a damaged original of seed 1 threw away seed 0's finished work, which
     the error's status 2 (a usage error) said nothing of: it is read before any training now."""
-    cache = tmp_path / "cache"
-    monkeypatch.setattr(study_module, "default_cache_dir", lambda: str(cache))
-    command = ["run", "--protocol", "random", "--seeds", "0,1", "--epochs", "1", "--methods", "original",
-               "--out", str(tmp_path / "out")]
-    assert main(command) == 0
+    command, cache = _cached_originals(tmp_path, monkeypatch, seeds="0,1")
     (corrupt,) = cache.glob("original-digits-mlp-1-*.pt")
     corrupt.write_bytes(corrupt.read_bytes()[:1000])  # an interrupted copy
     capsys.readouterr()
@@ -897,11 +900,7 @@ def test_cli_cached_original_that_does_not_fit_or_is_not_finite_is_a_clear_error
     another shape, a missing one) gave load_state_dict's traceback; one with NaN weights gave an error
     about predict_logits that named no file. Both are damaged checkpoints now: one line, the file
     left in place."""
-    cache = tmp_path / "cache"
-    monkeypatch.setattr(study_module, "default_cache_dir", lambda: str(cache))
-    command = ["run", "--protocol", "random", "--seeds", "0", "--epochs", "1", "--methods", "original",
-               "--out", str(tmp_path / "out")]
-    assert main(command) == 0
+    command, cache = _cached_originals(tmp_path, monkeypatch)
     (path,) = cache.glob("original-digits-mlp-0-*.pt")
     payload = torch.load(path, weights_only=True)
     state = payload["state_dict"]
