@@ -44,3 +44,9 @@ run cnn --model cnn --protocol class --forget-class 3 --methods $CNN
 run cnn --model cnn --protocol random --forget-fraction 0.1 --methods $CNN
 run breast-cancer --dataset breast_cancer --protocol mislabeled --forget-fraction 0.1 --methods $ALL
 run breast-cancer --dataset breast_cancer --protocol random --forget-fraction 0.1 --methods $ALL
+# UNSIR (added 2026-12-07) beside the oracle, CureNewton and fine-tuning
+UNSIR=retrain,original,cure_newton,finetune,unsir
+run mlp-unsir --protocol mislabeled --forget-fraction 0.1 --methods $UNSIR
+run mlp-unsir --protocol mislabeled --forget-fraction 0.1 --sequential 10 --methods $UNSIR
+run cnn-unsir --model cnn --protocol mislabeled --forget-fraction 0.1 --methods $UNSIR
+run breast-cancer-unsir --dataset breast_cancer --protocol mislabeled --forget-fraction 0.1 --methods $UNSIR
