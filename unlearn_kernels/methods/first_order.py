@@ -560,7 +560,8 @@ class UNSIR(TrainedUnlearner):
 
     Defaults from the paper: noise Adam lr 0.1 for 40 steps (5 x 8), noise_l2 0.1, impair and repair
     one epoch each with Adam at lr 0.02 and 0.01, no weight decay; batch 64 instead of 256 for the
-    small data sets here.
+    small data sets here. Cost: ``noise_steps`` forward and backward passes over D_f (the paper's one
+    batch of noise per class costs ``noise_steps`` passes over a batch), then the two epochs.
     """
 
     name = "unsir"
