@@ -191,9 +191,10 @@ def pearson(pairs: list[tuple[float, float]]) -> float:
 
 def plots(records: list[dict], out: Path) -> None:
     labels = [m for m in METHOD_SPECS if m != "original"]
-    fig = new_figure(figsize=(13, 4.5))
-    axes = fig.subplots(1, 2, sharey=True)
-    for ax, model_name in zip(axes, ("mlp", "cnn")):
+    models = list(dict.fromkeys(r["model"] for r in records))  # those run (--models), in their order
+    fig = new_figure(figsize=(6.5 * len(models), 4.5))
+    axes = np.atleast_1d(fig.subplots(1, len(models), sharey=True))
+    for ax, model_name in zip(axes, models):
         for k, protocol in enumerate(PROTOCOLS):
             rows = [r for r in records if r["model"] == model_name and r["protocol"] == protocol]
             if not rows:
@@ -223,7 +224,8 @@ def plots(records: list[dict], out: Path) -> None:
         ax.scatter([p[0] for p in mine], [p[1] for p in mine], s=14, marker=marker,
                    label=f"{protocol} (r = {pearson(mine):.2f})")
     ax.legend()
-    ax.set_title(f"digits, MLP + CNN: Pearson r = {pearson([p[:2] for p in pairs]):.2f} overall")
+    ax.set_title(f"digits, {' + '.join(m.upper() for m in models)}: Pearson r = "
+                 f"{pearson([p[:2] for p in pairs]):.2f} overall")
     fig.tight_layout()
     save_figure(fig, out / "rf_jsd_vs_jsd.png")
 

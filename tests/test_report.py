@@ -247,6 +247,42 @@ def test_a_method_that_raised_at_an_earlier_request_is_marked_at_the_last(tmp_pa
     assert json.loads(written.read_text())["scenarios"]["random"]["failed"] == {"cure_newton": 1.0}
 
 
+def test_a_method_that_raised_is_named_so_in_the_sequential_plot_and_its_titles_say_the_request(tmp_path,
+                                                                                                   monkeypatch):
+    """sequential.png drew a method that raised under its plain name, its line the model it was given (on the
+    Original's); the other plots of a sequential study showed its last request without saying so."""
+    records = _study([0.0, 0.0], [0.5, 0.5], [0.25, 0.25]) + _study([0.0, 0.0], [0.5, 0.5], [0.25, 0.25], request=1)
+    for r in records:
+        r["metrics"].update(failed=float(r["method"] == "cure_newton" and r["request"] == 0), seconds=1.0,
+                            acc_forgotten_so_far=0.2, acc_test=0.9)
+    add_gap_closed(records)
+    figures = {}
+    monkeypatch.setattr(report, "save_figure", lambda fig, path, **kwargs: figures.__setitem__(Path(path).name, fig))
+    report.write_plots({"config": {"protocol": "random"}, "records": records}, tmp_path)
+    for ax in figures["sequential.png"].axes:
+        assert "cure_newton (raised on 100% of seeds)" in [line.get_label() for line in ax.get_lines()]
+    assert "request 2 of 2" in figures["forget_accuracy_vs_time.png"].axes[0].get_title()
+    assert "request 2 of 2" in figures["gaps_to_oracle.png"].axes[0].get_title()
+    assert "last request" in figures["gap_closed.png"].axes[0].get_title()
+    single = _study([0.0, 0.0], [0.5, 0.5], [0.25, 0.25])
+    add_gap_closed(single)
+    report.write_plots({"config": {"protocol": "random"}, "records": single}, tmp_path)
+    assert "request" not in figures["forget_accuracy_vs_time.png"].axes[0].get_title()
+
+
+def test_the_gaps_plot_leaves_out_a_nan_seed_as_the_table_does(tmp_path, monkeypatch):
+    """A NaN gap on one seed (records made in memory) made the method's bar NaN, no bar, where the table and the
+    same records read back from results.json give the other seed's."""
+    records = _study([0.0, 0.0], [0.5, 0.5], [0.1, 0.3])
+    records[2]["metrics"]["gap_acc_forget"] = math.nan  # cure_newton, seed 0
+    drawn = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path, **kwargs: drawn.append(fig) or path)
+    report.write_plots({"config": {}, "records": records}, tmp_path)
+    bars = drawn[1].axes[0].containers[0]  # |gap| acc_forget, one bar per method but the oracle
+    methods = [label.get_text() for label in drawn[1].axes[0].get_xticklabels()]
+    assert bars.patches[methods.index("cure_newton")].get_height() == pytest.approx(0.3)
+
+
 def test_a_nan_metric_is_left_out_as_results_json_leaves_it_out(tmp_path):
     """A NaN metric (records made by hand) made the mean NaN in memory, while results.json stores it as null,
     which is skipped: the summary read back differed from the one written, and a NaN Original gap got the

@@ -168,6 +168,12 @@ def seeds_note(figure: Any, seeds: int) -> str:
     return f" ({count}/{seeds} seeds)" if count is not None and count < seeds else ""
 
 
+def _is_figure(value: Any) -> bool:
+    """Whether a record's metric value counts as a figure: a finite real number, not a bool (NaN and Inf are what
+    results.json stores as null, numpy scalars count)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+
+
 def summarize(records: list[dict[str, Any]]) -> dict[int, dict[str, dict[str, Figure]]]:
     """``{request: {method: {metric: Figure (mean, std over seeds)}}}`` (std is 0 for a single seed).
 
@@ -185,7 +191,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[int, dict[str, dict[str, Fi
         for key, value in r["metrics"].items():
             # NaN and Inf as None, as results.json writes them: the summary is the same read back from it
             # (numpy scalars too: np.float32(0.9) was left out like None)
-            if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value):
+            if _is_figure(value):
                 grouped[r["request"]][r["method"]][key].append(float(value))
     return {request: {method: {key: _figure(values) for key, values in metrics.items()}
                       for method, metrics in methods.items()} for request, methods in grouped.items()}
@@ -518,8 +524,10 @@ def _method_style(index: int, method: str) -> dict[str, Any]:
 
 
 def _per_seed(records: list[dict[str, Any]], request: int, method: str, key: str) -> list[float]:
-    return [r["metrics"][key] for r in records if r["request"] == request and r["method"] == method
-            and isinstance(r["metrics"].get(key), (int, float))]
+    """Each seed's ``key`` of ``method`` at ``request``, where it is a finite number (:func:`_is_figure`), as
+    :func:`summarize` takes them: a NaN made the plot's bar NaN (no bar) where the table showed the other seeds'."""
+    return [float(r["metrics"][key]) for r in records if r["request"] == request and r["method"] == method
+            and _is_figure(r["metrics"].get(key))]
 
 
 def plot_gap_closed(studies: dict[str, dict[str, Any]], path: Path) -> Path:
@@ -568,7 +576,9 @@ def plot_gap_closed(studies: dict[str, dict[str, Any]], path: Path) -> Path:
         ax.legend(fontsize=7)
     axes[-1].set_xticks(range(len(methods)))
     axes[-1].set_xticklabels([_raised_label(m, raised[m]) for m in methods], rotation=30, ha="right")
-    axes[0].set_title("Gap to the oracle closed (1 = oracle, 0 = Original; points: seeds; red ▼: below -1)")
+    sequential = any(max(r["request"] for r in study["records"]) > 0 for study in studies.values())
+    axes[0].set_title("Gap to the oracle closed (1 = oracle, 0 = Original; points: seeds; red ▼: below -1)"
+                      + ("\nat each scenario's last request" if sequential else ""))
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
     return path
@@ -606,6 +616,8 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     methods = _method_order(last)
     raised = _raised_shares(records)
+    # a sequential study's plots but sequential.png show its last request (the time that request's)
+    at_last = f", request {last_request + 1} of {len(summary)}" if len(summary) > 1 else ""
     paths = []
 
     fig = new_figure(figsize=(8, 5))
@@ -625,7 +637,7 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
     _plain_log_x(ax)
     ax.set_xlabel("unlearning time (s, log scale)")
     ax.set_ylabel("accuracy on the forget set")
-    ax.set_title("Forget accuracy vs cost (mean ± std over seeds)"
+    ax.set_title(f"Forget accuracy vs cost (mean ± std over seeds){at_last}"
                  + (f"\nnot shown, raised on every seed: {', '.join(no_time)}" if no_time else "")
                  + (f"\nnot shown, no finite Acc_f: {', '.join(no_acc)}" if no_acc else ""))
     ax.legend(fontsize=7, ncol=2)
@@ -652,7 +664,8 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_xticklabels([_raised_label(m, raised.get(m)) for m in others], rotation=30, ha="right")
     ax.set_ylim(bottom=0)
     ax.set_ylabel("absolute gap to the retrain oracle")
-    ax.set_title("Gap to the oracle per metric (bars: mean over seeds, points: seeds; lower is better)")
+    ax.set_title(f"Gap to the oracle per metric{at_last} (bars: mean over seeds, points: seeds; lower is better)",
+                 fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(out_dir / GAPS_PLOT)
@@ -670,8 +683,8 @@ def write_plots(study: dict[str, Any], out_dir: Path) -> list[Path]:
         for i, m in enumerate(methods):
             for ax, key in zip(axes, panels):
                 points = [(s + 1, summary[s][m][key][0]) for s in steps if key in summary[s][m]]
-                if points:
-                    ax.plot(*zip(*points), **_method_style(i, m), label=m)
+                if points:  # a method that raised is named so: its line is the model it was given
+                    ax.plot(*zip(*points), **_method_style(i, m), label=_raised_label(m, raised.get(m)))
         for ax, title in zip(axes, panels.values()):
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("request")
