@@ -13,7 +13,8 @@
 #                             with pytest-xdist too, the tests run in eight workers
 #   GPU_CHECK_BUDGET_S=470    seconds for everything
 #   GPU_CHECK_COMPILE=1       also time the torch.compile candidates (slower: compiling takes minutes)
-#   GPU_CHECK_OUT=<dir>       copy the JSON results and the logs there at the end
+#   GPU_CHECK_OUT=<dir>       copy the JSON results, the logs and the main job's files there at the end
+#                             (also when a step before the suites stops the script)
 #   TORCH_CUDA_ARCH_LIST=9.0  MAX_JOBS=16   passed to the extension build
 #   GPU_CHECK_DRY_RUN=1       the same steps on the CPU, to test the script where no GPU is: no
 #                             build (the existing one is used), suites with --device cpu --quick
@@ -27,6 +28,9 @@ done
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PY=${PYTHON:-python3}
+# the interpreter's own bin folder first: torch's extension build runs `ninja` from PATH, and without it (a venv
+# named by PYTHON but not activated) builds serially, ignoring MAX_JOBS, with only a warning
+[[ $PY == */* ]] && PATH="$(dirname "$PY"):$PATH"
 DRY_RUN=${GPU_CHECK_DRY_RUN:-0}
 DEVICE=cuda
 [[ $DRY_RUN == 1 ]] && DEVICE=cpu
@@ -50,6 +54,19 @@ TESTS=(tests/test_lanczos_step.py tests/test_cubic_secular.py tests/test_softmax
        tests/test_gelu_double_backward.py)
 
 left() { echo $((BUDGET - ($(date +%s) - START))); }
+
+# GPU_CHECK_OUT gets this run's JSON results, logs and main job whatever ends the script (an early exit too:
+# a failed build kept only 25 lines of its log on the screen)
+copy_out() {
+    [[ -n ${GPU_CHECK_OUT:-} ]] || return 0
+    mkdir -p "$GPU_CHECK_OUT" || return 0
+    find "$RESULTS" -maxdepth 1 -name '*_gpu.json' -newermt "@$START" -exec cp {} "$GPU_CHECK_OUT"/ \; 2>/dev/null
+    [[ $DRY_RUN == 1 ]] && find "$RESULTS" -maxdepth 1 -name '*_cpu.json' -exec cp {} "$GPU_CHECK_OUT"/ \; 2>/dev/null
+    cp "$LOGS"/*.log "$GPU_CHECK_OUT"/ 2>/dev/null
+    [[ -d $LOGS/main_job ]] && cp -r "$LOGS/main_job" "$GPU_CHECK_OUT"/ 2>/dev/null
+    return 0
+}
+trap copy_out EXIT
 
 # A step that ignores the timeout's SIGINT (a call hung in the driver) is killed this many seconds later.
 GRACE=10
@@ -146,9 +163,6 @@ TAG=gpu
 # this run's files only: an older *_$TAG.json of a suite that failed now is not listed as if it were current
 mapfile -t WRITTEN < <(find "$RESULTS" -maxdepth 1 -name "*_$TAG.json" -newermt "@$START" 2>/dev/null | sort)
 if ((${#WRITTEN[@]})); then ls -l "${WRITTEN[@]}"; else echo "  (no *_$TAG.json written by this run)"; fi
-if [[ -n ${GPU_CHECK_OUT:-} ]]; then
-    mkdir -p "$GPU_CHECK_OUT" && cp ${WRITTEN[@]+"${WRITTEN[@]}"} "$LOGS"/*.log "$GPU_CHECK_OUT"/ 2>/dev/null
-fi
 if ((${#FAILED[@]})); then
     printf 'gpu_check: FAILED: %s\n' "${FAILED[@]}"
     exit 1

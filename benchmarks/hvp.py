@@ -225,9 +225,11 @@ def candidates(p: Problem, loss_fn: nn.Module, v: torch.Tensor) -> dict[str, Cal
         "autograd": lambda: (lambda: flatten_tensors(autograd_hvp(p.model, loss_fn, p.x, p.y, vs))),
         "pyhessian:cached-graph": lambda: pyhessian(True),
     })
-    if supports(p.model, loss_fn) is None:  # an MLP: the compiled passes' GEMMs (a CNN's convolutions are torch's)
-        out["ours:fused-aten-gemm"] = lambda: ours_on_atens_gemm("ours:fused")
-    if supports(p.model, loss_fn) is None or isinstance(p.model, SmallViT):  # most of the work in linear layers
+    # the CPU's GEMM route (aten_gemm() toggles oneDNN, which a GPU does not use: there they repeat the rows above)
+    on_cpu = p.x.device.type == "cpu"
+    if on_cpu and supports(p.model, loss_fn) is None:  # an MLP: the compiled passes' GEMMs (a CNN's convolutions
+        out["ours:fused-aten-gemm"] = lambda: ours_on_atens_gemm("ours:fused")  # are torch's)
+    if on_cpu and (supports(p.model, loss_fn) is None or isinstance(p.model, SmallViT)):  # mostly linear layers
         out["ours:generic-aten-gemm"] = lambda: ours_on_atens_gemm("ours:generic")
     if p.large:
         for name in ("ours:fused-stream", "ours:generic-stream", "ours:generic-fwd"):

@@ -10,9 +10,9 @@ them (forget accuracy 0.4% in a trial run: no gap to close). The original model,
 digits MLP, trains on all n rows with the study's MLP recipe; the request forgets the mislabeled
 rows (D_f, with their wrong labels) and keeps the rest (D_r).
 
-Methods, each timed by its ``unlearn`` (the original's training is not counted) in ``REPEATS`` rounds that
-take the three methods in turn, so that each meets the machine's slow and fast spells alike; a row's time is the
-median of its calls (seeded: ``calls_identical`` in each row says whether every call returned the first one's
+Methods, each timed by its ``unlearn`` (the original's training is not counted) in ``REPEATS`` rounds (one on a
+GPU) that take the three methods in turn, so that each meets the machine's slow and fast spells alike; a row's time
+is the median of its calls (seeded: ``calls_identical`` in each row says whether every call returned the first one's
 weights):
 
 * ``retrain``: the oracle, the same recipe on D_r from a fresh initialisation;
@@ -79,14 +79,15 @@ def _accuracy(model: torch.nn.Module, data: LabeledData) -> float:
 
 
 def run(device: torch.device, *, sizes: tuple[int, ...] = SIZES, epochs: int | None = None,
-        repeats: int = REPEATS) -> tuple[list[Measurement], dict]:
+        repeats: int | None = None) -> tuple[list[Measurement], dict]:
     """Original, then retrain, CureNewton and fine-tuning at each n (see the module docstring).
 
     Args:
         device: where the models train and unlearn.
         sizes: the training-set sizes n, each >= ``MIN_SIZE`` (fewer rows may hold no mislabeled one).
         epochs: override the recipe's epochs (None: the study's MLP recipe as it is).
-        repeats: the rounds of calls (>= 1).
+        repeats: the rounds of calls (>= 1); None: ``REPEATS`` on the CPU, 1 on a GPU (whose calls vary less, and
+            the GPU check's time for this suite holds one round: three took about 148 s of its 120).
 
     Returns:
         Measurements per (n, method) (``median_s`` and ``iqr_s`` of its calls; ``extra``: ``seconds``, every
@@ -96,7 +97,7 @@ def run(device: torch.device, *, sizes: tuple[int, ...] = SIZES, epochs: int | N
     """
     # before any training: a bad value would otherwise fail after the first n's original was trained
     sizes = tuple(check_int(f"unlearn: sizes[{i}]", n, MIN_SIZE) for i, n in enumerate(sizes))
-    repeats = check_int("unlearn: repeats", repeats)
+    repeats = check_int("unlearn: repeats", (REPEATS if device.type == "cpu" else 1) if repeats is None else repeats)
     recipe = DEFAULT_RECIPES["mlp"] if epochs is None else dataclasses.replace(DEFAULT_RECIPES["mlp"], epochs=epochs)
     recipe = dataclasses.replace(recipe, seed=SEED)
     digits = load_dataset("digits")

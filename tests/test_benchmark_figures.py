@@ -409,3 +409,18 @@ def test_the_distributed_rows_are_wrong_when_the_single_process_fails_its_float6
         assert rows[call, suite.BASELINE].status == "wrong"
         assert rows[call, suite.DISTRIBUTED].extra["rel_diff"] <= suite.GATE_RTOL
         assert (rows[call, suite.DISTRIBUTED].status, rows[call, suite.DISTRIBUTED].median_s) == ("wrong", None)
+
+
+def test_the_cpu_gemm_route_rows_are_timed_on_the_cpu_only():
+    """aten_gemm() toggles oneDNN, which a GPU does not use: on CUDA the hvp and floors suites' aten-gemm rows
+    repeated the rows beside them, in the GPU check's time. A problem whose tensors are elsewhere (meta here:
+    no GPU on the CI machines) gets none."""
+    from torch import nn
+
+    from benchmarks import hvp
+
+    p = hvp.digits_problem((16,), "tanh")
+    v = torch.randn(sum(q.numel() for q in p.params))
+    assert {"ours:fused-aten-gemm", "ours:generic-aten-gemm"} <= set(hvp.candidates(p, nn.CrossEntropyLoss(), v))
+    elsewhere = dataclasses.replace(p, x=p.x.to("meta"))
+    assert not any("aten-gemm" in name for name in hvp.candidates(elsewhere, nn.CrossEntropyLoss(), v))

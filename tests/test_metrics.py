@@ -568,6 +568,20 @@ def test_peak_memory_blocks_on_other_devices_keep_their_own_peaks(monkeypatch):
     assert outer.bytes == 0
 
 
+def test_a_cuda_block_named_without_an_index_hands_its_peak_to_one_named_with_it(monkeypatch):
+    """torch.device("cuda") != torch.device("cuda:0"): an outer block on "cuda" (the benchmarks' --device) did not
+    get the peak that a nested block on "cuda:0" (a tensor's device) erased by its reset: 15 bytes for 100."""
+    state = {"now": 0, "peak": 0}
+    _simulated_cuda(monkeypatch, state)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    with PeakMemory("cuda") as outer:
+        state.update(now=100, peak=100)  # a set-up that allocates and frees before the inner block
+        state.update(now=10)
+        with PeakMemory("cuda:0"):
+            state.update(now=15, peak=15)
+    assert outer.device == torch.device("cuda", 0) and outer.bytes == 100
+
+
 def test_measure_on_cuda_times_the_queued_kernels(monkeypatch):
     """The synchronize after the call is inside the measured time (a version that read the clock before it
     timed only the kernels' launch); the synchronize here takes 0.3 s, as kernels still queued would."""

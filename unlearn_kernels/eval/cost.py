@@ -49,6 +49,9 @@ class PeakMemory:
 
     def __init__(self, device: torch.device | str | None = None) -> None:
         self.device = check_device("PeakMemory: device", "cpu" if device is None else device, ("cpu", "cuda"))
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda" and "cuda:0" are one counter, but
+            # torch.device("cuda") != torch.device("cuda:0"): a nested block on the other name kept its peak apart
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.bytes = 0
         self._start = 0
         self._high_water_mark = True  # VmHWM, reset at the start; else ru_maxrss growth
