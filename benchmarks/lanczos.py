@@ -34,7 +34,15 @@ from unlearn_kernels.solvers.lanczos import LanczosProcess
 from unlearn_kernels.solvers.operators import as_operator
 from unlearn_kernels.training import TrainConfig, train
 
-from .common import Measurement, check, kernel_backends, measure, measure_interleaved, plain_error_tolerance
+from .common import (
+    Measurement,
+    check,
+    check_plain,
+    kernel_backends,
+    measure,
+    measure_interleaved,
+    plain_error_tolerance,
+)
 from .hvp import Problem, autograd_hvp, seeded_mlp
 
 BASELINE = "scipy eigsh"
@@ -146,6 +154,7 @@ def run_steps(problem: Problem, device: torch.device, min_time: float) -> tuple[
         exact = lanczos_step_ref(*(t.double() for t in (hq, q, q_prev)), torch.tensor(beta_prev, dtype=torch.float64),
                                  basis.double())[0]
         plain = torch_step(*args)
+        check_plain(plain, exact)  # the baseline is the plain step, gated by itself; and the reference is the package's
         gate = plain_error_tolerance(plain, exact, 16 * torch.finfo(torch.float32).eps * exact.abs().max().item())
         candidates = {STEP_BASELINE: lambda args=args: torch_step(*args)}
         for b in backends:

@@ -26,6 +26,7 @@ from unlearn_kernels import ops
 from .common import (
     Measurement,
     check,
+    check_plain,
     kernel_backends,
     measure_interleaved,
     plain_error_tolerance,
@@ -126,6 +127,7 @@ def run(device: torch.device, cases=None, with_compile: bool = True,
                 kind = "frozen" if cand == FLOOR else "lora"
                 ref = exact[kind][idx]
                 floor = 16 * torch.finfo(dtype).eps * max(ref.abs().max().item(), 1.0)
+                check_plain(plain[kind][idx], ref)  # the eager and frozen candidates are gated by themselves
                 tol = plain_error_tolerance(plain[kind][idx], ref, floor)
                 fn = fns[idx] if idx == 1 else (lambda f=fns[0]: _no_grad(f))
                 m = check(case, cand, fn, ref, tol)

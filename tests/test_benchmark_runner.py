@@ -565,3 +565,18 @@ def test_an_unavailable_candidates_reason_is_kept_whole_for_the_runner_to_read(m
     monkeypatch.setattr(benchmarks.hvp, "run", lambda device, **kwargs: (
         [benchmarks.hvp.Measurement("a case", "ours:fused", None, None, None, status)], {}))
     assert main(["hvp", "--quick", "--out", str(tmp_path)]) == 0
+
+
+def test_a_reference_wrong_like_the_kernel_fails_the_softmax_suite(monkeypatch, capsys, tmp_path):
+    """The gates are twice the plain computation's error against the package's own reference: a reference and a
+    kernel wrong alike (1.5x here) passed every candidate, the eager expression at 25% error too, and the run
+    passed. The plain expression is held to the reference first now."""
+    import benchmarks.softmax_ce
+    from unlearn_kernels import ops
+
+    reference, kernel = ops.softmax_ce_hvp_ref, ops.softmax_ce_hvp
+    monkeypatch.setattr(benchmarks.softmax_ce.ops, "softmax_ce_hvp_ref", lambda *a, **k: 1.5 * reference(*a, **k))
+    monkeypatch.setattr(benchmarks.softmax_ce.ops, "softmax_ce_hvp", lambda *a, **k: 1.5 * kernel(*a, **k))
+    assert main(["softmax_ce", "--quick", "--no-compile", "--out", str(tmp_path)]) != 0
+    captured = capsys.readouterr()
+    assert "softmax_ce: FAILED" in captured.out and "the plain PyTorch computation's error" in captured.err
