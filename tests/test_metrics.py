@@ -527,6 +527,7 @@ def test_cuda_peak_memory_blocks_nest(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr("unlearn_kernels.checks._tensor_problem", lambda device: None)  # no tensor there to probe
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: state.update(peak=state["now"]))
@@ -546,6 +547,7 @@ def _simulated_cuda(monkeypatch, state: dict, synchronize=lambda device=None: No
     machines), as in test_cuda_peak_memory_blocks_nest."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr("unlearn_kernels.checks._tensor_problem", lambda device: None)  # no tensor there to probe
     monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: state.update(peak=state["now"]))
@@ -573,7 +575,6 @@ def test_a_cuda_block_named_without_an_index_hands_its_peak_to_one_named_with_it
     get the peak that a nested block on "cuda:0" (a tensor's device) erased by its reset: 15 bytes for 100."""
     state = {"now": 0, "peak": 0}
     _simulated_cuda(monkeypatch, state)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     with PeakMemory("cuda") as outer:
         state.update(now=100, peak=100)  # a set-up that allocates and frees before the inner block
         state.update(now=10)
