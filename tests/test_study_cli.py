@@ -160,6 +160,10 @@ def test_mislabeled_protocol_trains_on_and_forgets_the_wrong_labels(tmp_path):
     run_study(StudyConfig(methods=("original",), seeds=(0,), recipe=FAST, cache_dir=str(tmp_path)))
     assert sorted(p.name.rsplit("-", 1)[0] for p in tmp_path.glob("original-*.pt")) == [
         "original-digits-mlp-0", "original-digits-mlp-0-mislabeled0.1"]
+    # a fraction that prints as 0.1 to six digits has a file of its own (they shared one, each run retraining)
+    run_study(dataclasses.replace(config, forget_fraction=0.1000001, methods=("original",)))
+    assert sorted(p.name.rsplit("-", 1)[0] for p in tmp_path.glob("original-*mislabeled*.pt")) == [
+        "original-digits-mlp-0-mislabeled0.1", "original-digits-mlp-0-mislabeled0.1000001"]
 
 
 def test_mislabeled_sequential_forgets_the_corrupted_rows_in_parts():

@@ -410,8 +410,9 @@ def build_scenario(config: StudyConfig, splits: DatasetSplits,
                              "raise forget_fraction")
         requests = split_forget(len(labels), corruption.corrupted_idx, max(1, config.sequential), seed=seed,
                                 description=corruption.description)
-        # the corrupted split has its own cache file: a clean original is never overwritten or reused
-        train_split, cache_tag = corruption.apply(splits.train), f"-mislabeled{config.forget_fraction:g}"
+        # the corrupted split has its own cache file: a clean original is never overwritten or reused; the
+        # fraction as repr writes it (":g" gave 0.1 and 0.1000001 one file, each run replacing the other's model)
+        train_split, cache_tag = corruption.apply(splits.train), f"-mislabeled{config.forget_fraction!r}"
     elif config.protocol == "class":
         requests = (sequential_class_forget(labels, config.forget_classes) if config.sequential
                     else [class_forget(labels, config.forget_classes)])
