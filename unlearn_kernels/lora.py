@@ -327,7 +327,12 @@ def check_module(owner: str, model: Any) -> nn.Module:
 def adapter_modules(model: nn.Module) -> dict[str, Adapter]:
     """Every LoRA adapter of ``model`` by its module name, in module order."""
     check_module("adapter_modules", model)
-    refuse_peft("adapter_modules", model)
+    return _adapters("adapter_modules", model)
+
+
+def _adapters(owner: str, model: nn.Module) -> dict[str, Adapter]:
+    """:func:`adapter_modules` for ``owner``, whose name the refusal of a PEFT model (:func:`_refuse_peft`) takes."""
+    _refuse_peft(owner, model)
     return {name: m for name, m in model.named_modules() if isinstance(m, _Adapter)}
 
 
@@ -335,9 +340,8 @@ def adapter_parameter_names(model: nn.Module) -> tuple[str, ...]:
     """Names of the adapter parameters (``<module>.lora_a``, ``<module>.lora_b``), e.g. for
     ``hessian_operator(..., params=...)`` or ``CureNewton(params=...)``; empty if there is none."""
     check_module("adapter_parameter_names", model)
-    refuse_peft("adapter_parameter_names", model)
     return tuple(f"{name}.{p}" if name else p  # name "": the model is itself an adapter
-                 for name in adapter_modules(model) for p in ("lora_a", "lora_b"))
+                 for name in _adapters("adapter_parameter_names", model) for p in ("lora_a", "lora_b"))
 
 
 def adaptable_layers(model: nn.Module) -> list[str]:
@@ -348,11 +352,10 @@ def adaptable_layers(model: nn.Module) -> list[str]:
     default targets: a layer that cannot take an adapter is left out, not refused, so that a model
     holding one (any torch Transformer layer, a tied layer) works with the defaults."""
     check_module("adaptable_layers", model)
-    refuse_peft("adaptable_layers", model)
+    adapters = _adapters("adaptable_layers", model)
     modules = dict(model.named_modules())
     every_name = dict(model.named_modules(remove_duplicate=False))
-    inside = {f"{name}.{child}" for name in adapter_modules(model) for child, _ in modules[name].named_modules()
-              if child}
+    inside = {f"{name}.{child}" for name in adapters for child, _ in modules[name].named_modules() if child}
     return [name for name, module in modules.items()
             if name and name not in inside and isinstance(module, ADAPTABLE)
             and _layer_problem(module, modules[name.rpartition(".")[0]]) is None
@@ -373,8 +376,7 @@ def new_adapter_layers(owner: str, model: nn.Module, targets: Sequence[str] | No
     ``targets`` selects; else none on a model that already has adapters (those train); else
     ``default(model)``. ValueError naming ``owner`` where the model is itself a layer (an adapter
     replaces a submodule) or the default finds none (``which`` qualifies the layers, e.g. "hidden ")."""
-    refuse_peft(owner, model)
-    existing = adapter_modules(model)
+    existing = _adapters(owner, model)
     refuse_a_bare_layer(owner, model)
     if targets is not None:  # a named layer with an adapter from an earlier request: that adapter trains
         return resolve_targets(model, targets, owner=owner, skip_adapted=True)
@@ -412,9 +414,9 @@ def resolve_targets(model: nn.Module, targets: str | Sequence[str], owner: str =
     refuse_a_bare_layer(owner, model)  # else "target '*' names no module of the model (modules: [])"
     targets = check_targets(owner, targets)
     modules = dict(model.named_modules(remove_duplicate=False))  # every name of a module used twice
-    refuse_peft(owner, model)  # PEFT's LoRA layers hold plain Linears (base_layer, lora_A, ...): adapters would nest
-    # layers inside an existing adapter (its .base) are not candidates
-    inside = {f"{name}.{child}" for name in adapter_modules(model) for child, _ in modules[name].named_modules()
+    # PEFT's LoRA layers hold plain Linears (base_layer, lora_A, ...): adapters would nest (refused here); layers
+    # inside an existing adapter (its .base) are not candidates
+    inside = {f"{name}.{child}" for name in _adapters(owner, model) for child, _ in modules[name].named_modules()
               if child}
     chosen: list[str] = []
     for target in targets:
@@ -472,7 +474,7 @@ def _shared_problem(model: nn.Module, modules: dict[str, nn.Module], name: str) 
     return None
 
 
-def refuse_peft(owner: str, model: nn.Module) -> None:
+def _refuse_peft(owner: str, model: nn.Module) -> None:
     """ValueError naming ``owner`` where ``model`` holds PEFT modules: this module's functions see only this
     package's adapters, and would pass over PEFT's LoRA layers (merge nothing, unload nothing, offer their
     inner Linears as targets)."""
@@ -547,8 +549,7 @@ def merge(model: nn.Module) -> None:
     """Merges every adapter into its base weight (in place; :func:`unmerge` undoes it). ValueError,
     merging none, where an adapter's merged weight would hold NaN or Inf."""
     check_module("merge", model)
-    refuse_peft("merge", model)
-    adapters = adapter_modules(model)
+    adapters = _adapters("merge", model)
     _check_mergeable(adapters)
     for adapter in adapters.values():
         adapter.merge()
@@ -558,8 +559,7 @@ def unmerge(model: nn.Module) -> None:
     """Undoes :func:`merge` (in place; the base weights come back up to the rounding of the merged weights,
     see :meth:`LoRALinear.unmerge`)."""
     check_module("unmerge", model)
-    refuse_peft("unmerge", model)
-    for adapter in adapter_modules(model).values():
+    for adapter in _adapters("unmerge", model).values():
         adapter.unmerge()
 
 
@@ -571,8 +571,7 @@ def unload(model: nn.Module, *, merge: bool = True) -> nn.Module:
     base layer's ``requires_grad`` flags and returns ``model``: the plain architecture again.
     ``model`` must contain its adapters (for an adapter on its own, merge it and take ``.base``)."""
     check_module("unload", model)
-    refuse_peft("unload", model)
-    adapters = adapter_modules(model)
+    adapters = _adapters("unload", model)
     if "" in adapters:
         raise ValueError("unload: the model is itself an adapter and cannot replace itself; call merge() (or "
                          "unmerge()) and use its .base")
@@ -690,13 +689,12 @@ def to_peft(model: nn.Module, adapter_name: str = "default") -> nn.Module:
     """
     check_module("to_peft", model)
     refuse_a_bare_layer("to_peft", model)  # else unload's refusal, which advised dropping the adapter (.base)
-    refuse_peft("to_peft", model)
+    adapters = _adapters("to_peft", model)
     if not isinstance(adapter_name, str):
         raise TypeError(f"to_peft: adapter_name must be a str, got {type(adapter_name).__name__}")
     if not adapter_name or "." in adapter_name:
         raise ValueError(f"to_peft: adapter_name must be a non-empty name without '.', got {adapter_name!r}")
     peft = _peft()
-    adapters = adapter_modules(model)
     if not adapters:
         raise ValueError("to_peft: the model has no LoRA adapter (add_adapters adds them)")
     ranks = {a.rank for a in adapters.values()}
