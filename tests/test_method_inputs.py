@@ -1,9 +1,11 @@
 """Bad input to a method gets a clear ValueError/TypeError naming the problem and the set, before any
 work, and leaves the caller's model and data exactly as they were: for a first-order method
 (fine-tune) and a Newton method (CureNewton), on a small MLP over 300 digits."""
+import contextlib
 import copy
 import inspect
 import math
+import time
 
 import numpy as np
 import pytest
@@ -193,6 +195,36 @@ def test_a_non_finite_unlearned_model_is_refused(problem):
         _NanBuffer().unlearn(model, forget, retain)
     assert "scale" not in dict(model.named_buffers())
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+class _Instant(Unlearner):
+    """Returns its copy at once: its time is what the base class measures around it."""
+
+    name = "instant"
+
+    def _unlearn(self, model, forget, retain, *, unseen, seed):
+        return UnlearnResult(model=model, seconds=0.0)
+
+
+def test_the_time_of_a_method_on_cuda_waits_for_its_queued_kernels(problem, monkeypatch):
+    """On a GPU a method returns with kernels still queued: the device is synchronised before the clock starts
+    (the copy's kernels are not the method's) and before it stops (the code before read it at once, 0 s here).
+    The GPU is simulated: each synchronize takes 0.15 s, as queued kernels would."""
+    import unlearn_kernels.methods.base as base
+
+    model, forget, retain = problem
+    waits = []
+
+    def synchronize(device=None):
+        waits.append(torch.device(device))
+        time.sleep(0.15)
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(base, "model_device", lambda module: cuda)
+    monkeypatch.setattr(base, "seeded_rng", lambda seed, device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    result = _Instant().unlearn(model, forget, retain)
+    assert waits == [cuda, cuda] and 0.15 <= result.seconds < 0.3
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

@@ -37,7 +37,7 @@ class UnlearnResult:
 
     Attributes:
         model: the unlearned model (a new module; the caller's model is never modified).
-        seconds: wall time of the unlearning itself.
+        seconds: wall time of the unlearning itself (on a CUDA device, until its queued kernels have run).
         hvps: Hessian-vector products used (0 for first-order methods).
         gradients: per-batch gradient evaluations used (a rough cost unit).
         diagnostics: method-specific values (step norm, gradient norm on D_r, epochs run, ...).
@@ -124,9 +124,12 @@ class Unlearner(abc.ABC):
         forget, retain = _detached(forget), _detached(retain)
         unseen = None if unseen is None else _detached(unseen)
         # seeded, and the caller's RNG state is left as it was; autograd on even under the caller's no_grad()
-        with seeded_rng(seed, model_device(work)), torch.enable_grad():
+        device = model_device(work)
+        with seeded_rng(seed, device), torch.enable_grad():
+            _wait_for_kernels(device)  # the copy's queued kernels are not the method's time
             start = time.perf_counter()
             result = self._unlearn(work, forget, retain, unseen=unseen, seed=seed)
+            _wait_for_kernels(device)  # a GPU method's last kernels may still be queued at its return
             result.seconds = time.perf_counter() - start
         check_finite_result(self.name, result.model)
         for p in result.model.parameters():  # the last step's gradients: memory, and a stale step for an optimizer
@@ -246,6 +249,12 @@ def check_finite_result(name: str, model: nn.Module) -> None:
         kind, key, what = bad
         raise ValueError(f"{name}: the unlearned model has {what} in its {kind} {key!r} (the method diverged: lower "
                          "its learning rate or step size); the caller's model is unchanged")
+
+
+def _wait_for_kernels(device: torch.device) -> None:
+    """Wait for the kernels queued on ``device`` (a CUDA device runs them after the call returns)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _detached(data: LabeledData) -> LabeledData:
