@@ -361,6 +361,29 @@ def test_a_plot_that_fails_costs_no_other_suite(monkeypatch, capsys, tmp_path):
     assert "cubic: plot FAILED" in out and (tmp_path / "softmax_ce_cpu.json").is_file()
 
 
+
+def test_a_suite_that_cannot_load_costs_no_other_suite(monkeypatch, capsys, tmp_path):
+    """The code before imported each suite outside the per-suite catch: one suite's import error ended the run."""
+    import importlib
+
+    import benchmarks.__main__ as runner
+    import benchmarks.softmax_ce
+
+    load = importlib.import_module
+
+    def import_module(name, package=None):
+        if name == ".cubic":
+            raise ImportError("an anchor of the cubic suite is broken")
+        return load(name, package)
+
+    monkeypatch.setattr(runner.common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(runner.importlib, "import_module", import_module)
+    monkeypatch.setattr(benchmarks.softmax_ce, "run", lambda device, **kwargs: ([], {}))
+    assert main(["cubic", "softmax_ce", "--threads", "1"]) == 1
+    captured = capsys.readouterr()
+    assert "cubic: FAILED to load" in captured.out and "an anchor of the cubic suite is broken" in captured.err
+    assert (tmp_path / "softmax_ce_cpu.json").is_file()
+
 def test_gpu_check_selects_every_test_that_runs_a_cuda_backend():
     """benchmarks/gpu_check.sh runs its test files with a -k selection. A test whose cuda cases run inside its
     body (a loop over the op's (backend, device) pairs) has no "cuda" in its id: it must take the ``device``
