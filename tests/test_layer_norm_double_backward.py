@@ -4,6 +4,8 @@ accuracy rule on every device, against torch's own double backward, its derivati
 refusals of bad input."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -60,6 +62,14 @@ def test_meets_the_accuracy_rule(backend, device, shape):
             assert out.device == args[0].device and out.dtype == dtype
             assert_within_rule(out.cpu(), plain.cpu(), ref)
 
+
+
+def test_the_reference_on_no_rows_warns_of_nothing():
+    """No rows: empty d gy and d x, a zero d w, and no warning (var() warned "degrees of freedom <= 0")."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d_gy, d_x, d_w = ops.layer_norm_double_backward_ref(*_inputs((0, 5)), EPS)
+    assert d_gy.shape == d_x.shape == (0, 5) and torch.equal(d_w, torch.zeros(5, dtype=torch.float64))
 
 @pytest.mark.parametrize("backend, device", PAIRS)
 def test_strided_inputs_and_threads(backend, device):

@@ -38,7 +38,8 @@ def layer_norm_double_backward_ref(
     """Pure-PyTorch reference of :func:`layer_norm_double_backward`."""
     n = x.shape[-1]
     mean = x.mean(-1, keepdim=True)
-    rstd = (x.var(-1, unbiased=False, keepdim=True) + eps).rsqrt()
+    # the biased variance as a mean of squares: var() warns of "degrees of freedom <= 0" on zero rows
+    rstd = ((x - mean).square().mean(-1, keepdim=True) + eps).rsqrt()
     xh = (x - mean) * rstd
 
     def project(u: torch.Tensor) -> torch.Tensor:
