@@ -205,6 +205,22 @@ def test_float32_residual_is_the_returned_steps(singular, step):
     assert out.method == "pinv-eigh" or out.residual > 1e-9  # float32 rounding shows
 
 
+
+@pytest.mark.parametrize("step", [
+    lambda H, g: pinv_newton_step(H, g, rcond=0.0, solver="eigh"),
+    lambda H, g: damped_newton_step(H, g, 0.0, rcond=0.0, solver="eigh"),
+])
+def test_an_eigh_residual_is_the_true_one_when_rounding_level_eigenvalues_are_inverted(step):
+    """rcond = 0 keeps the zero eigenvalues' rounding noise (~1e-16), so the step is ~1e16 long: the residual was
+    computed in the eigenbasis, exact for U diag(lam) U^T but not for H (20.1 reported for a true 5.6)."""
+    generator = torch.Generator().manual_seed(3)
+    H, _ = sym_with_spectrum(torch.tensor([-3.0, -1, 0, 0, 0, 1, 2, 3, 4, 5], dtype=torch.float64), generator)
+    H = (H + H.T) / 2  # the solvers' symmetrised matrix, bit for bit: with ||s|| ~ 1e16 any rounding shows
+    g = torch.randn(10, dtype=torch.float64, generator=generator)
+    out = step(H, g)
+    assert out.info["rank"] == 10 and float(out.step.norm()) > 1e12
+    assert out.residual == pytest.approx(float(torch.linalg.vector_norm(H @ out.step + g)), rel=1e-12)
+
 def test_a_matrix_or_products_that_require_grad_give_detached_steps(singular):
     # the solvers are not differentiable: the LDL^T, MINRES and pinv-MINRES paths failed with torch's "Can't call
     # numpy() on Tensor that requires grad", the eigh and cubic paths returned steps with a graph

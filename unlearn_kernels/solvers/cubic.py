@@ -51,7 +51,8 @@ class CubicStep:
         num_hvps: Hessian-vector products used.
         hard_case: the hard-case branch was taken (g has no component along H's bottom eigenvector).
         iterations: Lanczos steps ("krylov"), gradient steps ("gd"), 0 ("dense").
-        converged: the solver's stopping rule held (always True for "dense").
+        converged: the solver's stopping rule held (always True for "dense"; for "gd" with ``noise``, on the
+            perturbed model, so ``residual``, of the unperturbed one, may be above ``tol ||g||``).
         method: "dense", "krylov" or "gd".
     """
 
