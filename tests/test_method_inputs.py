@@ -434,6 +434,8 @@ def test_seed_range_and_numpy_integers(problem):
     numpy_one = Finetune(epochs=1).unlearn(model, forget, retain, seed=np.int64(1)).model
     assert all(torch.equal(a, b) for a, b in zip(one.state_dict().values(), numpy_one.state_dict().values()))
     Finetune(epochs=1).unlearn(model, forget, retain, seed=2**63 - 1)
+    # UNSIR's repair took seed + 1, refused by its TrainConfig after the noise and the impair epoch
+    METHODS["unsir"](noise_steps=1).unlearn(model, forget, retain, seed=2**63 - 1)
     for seed in (-1, 2**63, 2**70):
         with pytest.raises(ValueError, match=r"^finetune: seed must be in \[0, 2\*\*63\)"):
             Finetune(epochs=1).unlearn(model, forget, retain, seed=seed)
@@ -616,11 +618,13 @@ def test_the_newton_family_refuses_a_gradient_hook_it_cannot_run(problem, name):
     assert torch.equal(out[1].weight, model[1].weight) and not torch.equal(out[3].weight, model[3].weight)
 
 
-@pytest.mark.parametrize("name", ["finetune", "damped_newton", "cure_newton", "rfa"])
+@pytest.mark.parametrize("name", ["finetune", "damped_newton", "cure_newton", "rfa", "unsir"])
 def test_a_model_that_writes_its_input_in_place_leaves_the_callers_data_alone(problem, name):
     """The methods' probes ran the model on views of the caller's rows: with ReLU(inplace=True) first every method
     wrote row 0 of each set, and the Newton methods' parameter probe 256 retain rows, on which they then built their
-    objective (damped_newton's step 0.83 off the step on the given data); the metrics wrote every row."""
+    objective (damped_newton's step 0.83 off the step on the given data); the metrics wrote every row. UNSIR gave
+    the model its noise leaf itself: torch's "a leaf Variable that requires grad is being used in an in-place
+    operation"."""
     from unlearn_kernels.eval.metrics import gradient_norm, predict_logits
 
     torch.manual_seed(0)

@@ -567,6 +567,34 @@ def test_batches_of_one_row_no_joining_helps_are_refused_by_name(batch_norm_prob
         assert SCRUB(max_steps=0, epochs=1).unlearn(model, forget, retain).gradients == 1
 
 
+
+def _single_class(data: LabeledData) -> LabeledData:
+    rows = data.y == data.y[0]
+    return LabeledData(data.x[rows], data.y[rows])
+
+
+@pytest.mark.parametrize("method, work, single_class_retain, message", [
+    (UNSIR(batch_size=1), "_noise", False,
+     r"batch_size 1 makes every batch of the impair \(noise and a retain subset\) set \(58 rows\) one row"),
+    (UNSIR(retain_per_class=1), "_noise", True, r"the repair \(the retain subset\) set has 1 row \(batch_size 64\)"),
+    (SalUn(batch_size=1), "_saliency_mask", False, rf"batch_size 1 makes every batch of the {RELABELLED} one row"),
+])
+def test_sets_no_joining_helps_are_refused_before_the_first_phase(batch_norm_problem, monkeypatch, method, work,
+                                                                  single_class_retain, message):
+    """UNSIR optimised its noise (1,200 Adam steps here) and trained the impair epoch before train() refused the
+    repair's one-row subset; SalUn ran its saliency pass before train() refused its set. The first phase now
+    fails the test if it runs."""
+    model, forget, retain, _ = batch_norm_problem
+    retain = _single_class(retain) if single_class_retain else retain
+
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{work} ran before the refusal")
+
+    monkeypatch.setattr(type(method), work, fail)
+    with pytest.raises(ValueError, match=rf"^{method.name}: {message}, and the model's batch-norm layer '2' cannot "
+                                         r"train on a batch of one row"):
+        method.unlearn(model, forget, retain)
+
 def test_methods_that_train_through_train_do_not_check_the_retain_set_again(problem):
     """unlearn() checks the sets (finite, fitting the model, labels among its classes); train() ran the
     same checks again, one more forward pass over the retain set each call."""

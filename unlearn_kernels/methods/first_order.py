@@ -102,6 +102,9 @@ MIXED_ROLE = "training (D_f and a sample of D_r)"
 #: how errors name the set :class:`RandomLabels` and :class:`SalUn` train on
 RELABELLED_ROLE = "training (D_r and D_f with random labels)"
 
+#: how errors name the sets :class:`UNSIR` impairs and repairs the model on
+IMPAIR_ROLE, REPAIR_ROLE = "impair (noise and a retain subset)", "repair (the retain subset)"
+
 
 def flagged_mix(forget: LabeledData, retain: LabeledData, retain_fraction: float, seed: int) -> tuple[LabeledData, int]:
     """All of D_f plus a seeded random ``retain_fraction`` of D_r, as one set whose "labels" are flags
@@ -332,8 +335,10 @@ class SalUn(RandomLabels):
 
     def _unlearn(self, model: nn.Module, forget: LabeledData, retain: LabeledData, *,
                  unseen: LabeledData | None, seed: int) -> UnlearnResult:
-        masks, mask_batches = self._saliency_mask(model, forget)
         data = self._relabelled_union(model, forget, retain, seed)
+        # a set that no joining of batches can train is refused before the saliency pass, not after it
+        join_last_row(self.name, model, data, self.batch_size, RELABELLED_ROLE)
+        masks, mask_batches = self._saliency_mask(model, forget)
         masked = [(p, masks[name], p.detach().clone()) for name, p in model.named_parameters() if name in masks]
         # the optimizer's weight decay is applied as it applies it (AdamW's is not a gradient term), and
         # the step's change to the unmasked weights (decay, momentum of it) undone
@@ -614,7 +619,8 @@ class UNSIR(TrainedUnlearner):
             labels = forget.y[rows]
             optimizer = torch.optim.Adam([part], lr=self.noise_lr)
             for _ in range(self.noise_steps):
-                loss = (-F.cross_entropy(model(part.to(forget.x.dtype)), labels, reduction="sum")
+                # a copy for the model (one that writes its input in place would write the leaf)
+                loss = (-F.cross_entropy(model(part.to(forget.x.dtype, copy=True)), labels, reduction="sum")
                         + self.noise_l2 * part.square().sum())
                 optimizer.zero_grad(set_to_none=True)
                 part.grad, = torch.autograd.grad(loss, part)
@@ -631,13 +637,21 @@ class UNSIR(TrainedUnlearner):
         device = model_device(model)
         forget, retain = forget.to(device), retain.to(device)
         subset = self._retain_subset(retain, seed)
+        # the sets that no joining of batches can train are refused before the noise is made: the impair set
+        # (the noise has the forget inputs' shape) and the repair's subset
+        join_last_row(self.name, model, LabeledData(torch.cat([forget.x, subset.x]), torch.cat([forget.y, subset.y])),
+                      self.batch_size, IMPAIR_ROLE)
+        if self.repair_epochs:
+            join_last_row(self.name, model, subset, self.batch_size, REPAIR_ROLE)
         noise, noise_batches = self._noise(model, forget, seed)
         impair = LabeledData(torch.cat([noise, subset.x]), torch.cat([forget.y, subset.y]))
         # the noise and D_r's rows are finite, fit the model and hold its labels (unlearn() checked D_f and D_r)
-        impaired = train(model, impair, self._config(seed), device=device, owner=self.name,
-                         role="impair (noise and a retain subset)", data_checked=True)
-        repair_config = dataclasses.replace(self._config(seed + 1), epochs=self.repair_epochs, lr=self.repair_lr)
-        repaired = train(model, subset, repair_config, device=device, owner=self.name, role="retain subset",
+        impaired = train(model, impair, self._config(seed), device=device, owner=self.name, role=IMPAIR_ROLE,
+                         data_checked=True)
+        # another shuffle for the repair; folded back at the top seed (2**63 - 1 + 1 is no torch seed)
+        repair_config = dataclasses.replace(self._config((seed + 1) % 2**63), epochs=self.repair_epochs,
+                                            lr=self.repair_lr)
+        repaired = train(model, subset, repair_config, device=device, owner=self.name, role=REPAIR_ROLE,
                          data_checked=True) if self.repair_epochs else None
         return UnlearnResult(
             model=model.eval(), seconds=0.0,
