@@ -220,7 +220,7 @@ class NegGradPlus(TrainedUnlearner):
     one D_r batch and one D_f batch per step (D_f batches cycle). The minus sign is in the loss,
     so the optimizer (momentum, weight decay) sees the true gradient of the combined objective.
 
-    Defaults: SGD lr 0.01, momentum 0.9, weight decay 5e-4, 5 epochs over D_r. alpha is tuned per
+    Defaults: SGD lr 0.01, momentum 0.9, weight decay 5e-4, 5 epochs over D_r, batch 64. alpha is tuned per
     experiment in Kurmanji et al., with the retain term weighted close to 1; 0.95 here (on an MLP
     over digits forgetting one class, 0.95 forgets partly, 0.9 fully at some cost in retain accuracy).
     """
@@ -437,8 +437,8 @@ class BadTeacher(TrainedUnlearner):
 
     The data are all of D_f plus a random ``retain_fraction`` of D_r, shuffled together.
     Defaults from the authors' code: 1 epoch, Adam, T 1, retain_fraction 0.3, no weight decay;
-    their lr 1e-4 (about 70 steps of batch 256 for ResNet-18 on CIFAR-10) is scaled to 3e-3 for the
-    small data sets here, where one epoch is a handful of steps.
+    their lr 1e-4 (about 70 steps of batch 256 for ResNet-18 on CIFAR-10) is scaled to 3e-3, and their batch
+    256 to 64, for the small data sets here, where one epoch is a handful of steps.
     Their loss is ``kl_div`` with elementwise-mean reduction; batch mean is the true KL (a constant
     factor of the number of classes, absorbed by Adam's scale invariance).
     """

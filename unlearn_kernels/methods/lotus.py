@@ -26,13 +26,13 @@ _MAX_LOG_TAU = math.log(sys.float_info.max)
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, data: LabeledData, batch_size: int, join: bool) -> float:
-    """Eval-mode accuracy of ``model`` on ``data``, rounded to 2 decimals as in the authors' code
+def _accuracy(model: nn.Module, data: LabeledData, batch_size: int, join: bool, decimals: int | None = 2) -> float:
+    """Eval-mode accuracy of ``model`` on ``data``, rounded to ``decimals`` as in the authors' code (None: exact)
     (``join``: the last row joins the batch before it, see :func:`~unlearn_kernels.training.join_last_row`)."""
     with eval_mode(model):
         correct = sum(int((model(x).argmax(1) == y).sum())
                       for x, y in data.loader(batch_size, shuffle=False, join_last_row=join))
-    return round(correct / len(data), 2)
+    return correct / len(data) if decimals is None else round(correct / len(data), decimals)
 
 
 def _gumbel(shape: torch.Size, generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -135,7 +135,7 @@ class LoTUS(TrainedUnlearner):
                 optimizer_step(optimizer, loss)
                 steps += 1
             epochs_run += 1
-        final_accuracy = _accuracy(model, forget, self.batch_size, join_forget)
+        final_accuracy = _accuracy(model, forget, self.batch_size, join_forget, decimals=None)  # reported exact
         return UnlearnResult(model=model.eval(), seconds=0.0, gradients=steps,
                              diagnostics={"epochs": epochs_run, "acc_u": acc_u, "alpha": alpha, "taus": taus,
                                           "final_forget_accuracy": final_accuracy, "retain_samples": num_retain})
