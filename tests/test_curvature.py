@@ -360,6 +360,17 @@ def test_flat_parameter_helpers():
     with pytest.raises(TypeError, match=r"vector has dtype torch.float32 but the parameters mix dtypes; their flat "
                                         r"vector \(get_flat_parameters\) has torch.float64"):
         set_flat_parameters(mixed, flat.float())
+    # NaN, or a finite value beyond a narrower parameter's range, was written into the model without a word (the
+    # float32 layer's bias became Inf); every part is checked before any is written
+    state = copy.deepcopy(mixed.state_dict())
+    for where, value, rounded in ((0, math.nan, ""), (-1, 1e300, r" \(rounded to its dtype\)")):
+        bad = flat.clone()
+        bad[where] = value
+        name = "0.weight" if where == 0 else "2.bias"
+        with pytest.raises(ValueError, match=rf"^vector holds NaN or Inf for parameter '{name}'{rounded}: the model's "
+                                             r"parameters are left as they were$"):
+            set_flat_parameters(mixed, bad)
+        assert all(torch.equal(v, state[k]) for k, v in mixed.state_dict().items())
     with pytest.raises(ValueError, match="no parameter named"):
         resolve_parameters(model, ["nope"])
     with pytest.raises(ValueError, match="given twice"):

@@ -198,6 +198,9 @@ def test_forget_request_checks_its_own_invariants() -> None:
         ForgetRequest(torch.tensor([1], dtype=torch.int32), torch.tensor([2]))
     with pytest.raises(ValueError, match="overlap"):
         ForgetRequest(torch.tensor([1, 2]), torch.tensor([2, 3]))
+    # torch's "Tensor.item() cannot be called on meta tensors" named no argument
+    with pytest.raises(ValueError, match=r"^ForgetRequest: forget_idx is on the meta device"):
+        ForgetRequest(torch.tensor([1, 2], device="meta"), torch.tensor([3]))
 
 
 def test_apply_returns_the_rows(rng: torch.Generator) -> None:

@@ -541,7 +541,13 @@ class CurvatureOperator(abc.ABC):
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """C @ v for a flat (d,) vector of the operator's dtype and device; returns a new (d,) tensor, not
-        attached to any graph (neither ``v``'s, where it requires grad, nor a loss parameter's)."""
+        attached to any graph (neither ``v``'s, where it requires grad, nor a loss parameter's).
+
+        The product of a finite ``v`` is not checked for overflow: on the generic path it may hold Inf or NaN
+        where the computation leaves the dtype's range (float16 with entries of ~1e4, float32 near 1e37), as
+        any torch computation would (the fused kernels refuse such an intermediate by name). The solvers
+        check every product and tell the vector's overflow from the operator's
+        (:class:`~unlearn_kernels.solvers.NonFiniteProduct`)."""
         self._check_input(v, ndim=1)
         self._sync_unless_fixed()
         out = self._explained(lambda: self._matvec(v.detach())).detach()  # see matmat

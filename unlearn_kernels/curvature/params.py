@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..checks import check_not_scripted, check_tensor
+from ..checks import all_finite, check_not_scripted, check_tensor
 from ..lora import LoRALinear
 from ..ops import weights_fingerprint
 
@@ -354,7 +354,9 @@ def set_flat_parameters(model: nn.Module, vector: torch.Tensor, params: ParamSel
     This modifies ``model``: call it on the copy you mean to change.
 
     Raises:
-        ValueError: wrong length or shape, or a device that differs from the parameters'.
+        ValueError: wrong length or shape, or a device that differs from the parameters'; NaN or Inf in
+            ``vector``, or in a part rounded to its parameter's narrower dtype (1e6 for a float16 one), named
+            by the parameter: nothing is written then.
         TypeError: a dtype other than :func:`get_flat_parameters`'s: the parameters' (of parameters of
             mixed dtypes the widest, each parameter then taking its part rounded to its own dtype).
     """
@@ -370,6 +372,13 @@ def set_flat_parameters(model: nn.Module, vector: torch.Tensor, params: ParamSel
     if vector.device != first.device:
         raise ValueError(f"vector is on {vector.device} but the parameters are on {first.device}")
     pieces = unflatten_vector(vector, [p.shape for p in chosen.values()])
+    # every part checked before any is written: the model refuses non-finite weights everywhere after this
+    pieces = [piece.to(p.dtype) for p, piece in zip(chosen.values(), pieces)]
+    for (name, p), piece in zip(chosen.items(), pieces):
+        if not all_finite(piece):
+            rounded = " (rounded to its dtype)" if p.dtype != vector.dtype else ""
+            raise ValueError(f"vector holds NaN or Inf for parameter {name!r}{rounded}: the model's parameters "
+                             "are left as they were")
     with torch.no_grad():
         for p, piece in zip(chosen.values(), pieces):
             p.copy_(piece)

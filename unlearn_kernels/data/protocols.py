@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from ..checks import check_bool, check_int, check_number, check_seed
+from ..checks import check_bool, check_has_values, check_int, check_number, check_seed
 from ..labeled import LabeledData, wrong_labels
 
 IndexLike = torch.Tensor | Sequence[int]
@@ -53,6 +53,7 @@ class ForgetRequest:
                 raise TypeError(f"ForgetRequest: {name} must be a 1-D int64 tensor (use make_request to build one from a list)")
             if idx.numel() == 0:
                 raise ValueError(f"ForgetRequest: {name} is empty")
+            check_has_values(f"ForgetRequest: {name}", idx)
             if idx[0] < 0 or not bool((idx[1:] > idx[:-1]).all()):
                 raise ValueError(f"ForgetRequest: {name} must be non-negative, sorted and free of duplicates")
         overlap = self.forget_idx[torch.isin(self.forget_idx, self.retain_idx)]
