@@ -357,6 +357,41 @@ def test_stop_rules(mlp):
     assert torch.equal(get_flat_parameters(loose.model), get_flat_parameters(model))
 
 
+@pytest.mark.parametrize("budget, solver_options", [(1, {}), (12, {}), (40, {}),
+                                                    (12, {"guard": True, "probe_steps": 4})],
+                         ids=["1", "12", "40", "12-guard"])
+def test_the_hvp_budget_holds_the_products_counted_at_the_operator(mlp, monkeypatch, budget, solver_options):
+    """The products CureNewton makes, counted by the test at its Hessian operator's ``matvec`` and ``matmat`` (a
+    block of K counts K; the fused path's construction makes none), are its ``hvps`` and the sum of its trials'
+    ``hvps``, and the budget is used exactly: not exceeded, nor left unused by the call it stops. With the hard-case
+    probe on, the overshoot is at most ``probe_steps`` (12 + 4 here: the bound itself)."""
+    model, forget, retain = mlp
+    counted, build = [], newton.hessian_operator
+
+    def counting(*args, **kwargs):
+        op = build(*args, **kwargs)
+        matvec, matmat = op.matvec, op.matmat
+
+        def counted_matvec(v):
+            counted.append(1)
+            return matvec(v)
+
+        def counted_matmat(V):
+            counted.append(V.shape[1])
+            return matmat(V)
+
+        op.matvec, op.matmat = counted_matvec, counted_matmat
+        return op
+
+    monkeypatch.setattr(newton, "hessian_operator", counting)
+    result = CureNewton(max_iterations=50, hvp_budget=budget, solver_options=solver_options).unlearn(
+        model, forget, retain)
+    d = result.diagnostics
+    assert d["stop_reason"] == "hvp_budget" and d["hessian_path"] == "fused"
+    assert sum(counted) == result.hvps == sum(t["hvps"] for t in d["iterations"])
+    assert budget <= sum(counted) <= budget + solver_options.get("probe_steps", 0)
+
+
 def test_params_subset_updates_only_those_parameters(mlp):
     model, forget, retain = mlp
     out = CureNewton(params=["3.weight", "3.bias"], dtype=torch.float64).unlearn(model, forget, retain)

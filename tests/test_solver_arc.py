@@ -1,6 +1,8 @@
 """Adaptive cubic regularisation (solvers.adaptive_cubic_newton) on problems with known answers."""
+import functools
 import math
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,6 +20,44 @@ def spd(gen: torch.Generator, low: float = 0.5, high: float = 5.0) -> torch.Tens
 def quadratic(A: torch.Tensor, b: torch.Tensor):
     """f(w) = 1/2 w^T A w - b^T w with its gradient; the minimiser is A^{-1} b."""
     return (lambda w: float(0.5 * w @ A @ w - b @ w)), (lambda w: A @ w - b)
+
+
+def cauchy_loss(rng: torch.Generator):
+    """f(w) = sum log(1 + (a_i^T w - y_i)^2) (Cauchy loss: non-convex) on 30 random rows, with its gradient, its
+    exact Hessian and a random w0 (where the Hessian is indefinite)."""
+    X = torch.randn(30, D, generator=rng, dtype=torch.float64)
+    y = 3 * torch.randn(30, generator=rng, dtype=torch.float64)
+
+    def value(w):
+        return float(torch.log1p((X @ w - y) ** 2).sum())
+
+    def gradient(w):
+        r = X @ w - y
+        return X.T @ (2 * r / (1 + r**2))
+
+    def hessian(w):
+        r = X @ w - y
+        return (X.T * (2 * (1 - r**2) / (1 + r**2) ** 2)) @ X
+
+    return value, gradient, hessian, torch.randn(D, generator=rng, dtype=torch.float64)
+
+
+class CountedHessian:
+    """``w -> H(w)`` handed to the loop as an operator with ``matvec`` only, which counts every product in
+    :attr:`count`: the test's own count, not the solvers' (the operator has no ``num_products`` counter for them
+    to read, and no ``matmat``: a block product goes through ``matvec`` column by column)."""
+
+    def __init__(self, hessian):
+        self.hessian, self.count = hessian, 0
+
+    def __call__(self, w):
+        H = self.hessian(w)
+        return SimpleNamespace(shape=tuple(H.shape), dtype=H.dtype, device=H.device,
+                               matvec=functools.partial(self._product, H))
+
+    def _product(self, H, v):
+        self.count += 1
+        return H @ v
 
 
 def test_quadratic_every_step_is_accepted_and_m_falls(rng):
@@ -61,29 +101,92 @@ def test_wrong_curvature_is_rejected_until_m_is_large_enough(rng):
     assert out.value == pytest.approx(values[-1], rel=1e-12) and out.value < value(w0)
 
 
-def test_nonconvex_function_never_gets_worse(rng):
-    # f(w) = sum log(1 + (a_i^T w - y_i)^2) (Cauchy loss: non-convex), exact Hessian, any M.
-    X = torch.randn(30, D, generator=rng, dtype=torch.float64)
-    y = 3 * torch.randn(30, generator=rng, dtype=torch.float64)
-
-    def value(w):
-        return float(torch.log1p((X @ w - y) ** 2).sum())
-
-    def gradient(w):
-        r = X @ w - y
-        return X.T @ (2 * r / (1 + r**2))
-
-    def hessian(w):
-        r = X @ w - y
-        return (X.T * (2 * (1 - r**2) / (1 + r**2) ** 2)) @ X
-
-    w0 = torch.randn(D, generator=rng, dtype=torch.float64)
+@pytest.mark.parametrize("eta1, eta2, gamma", [(0.1, 0.9, 2.0), (0.5, 0.6, 1.5), (0.01, 5.0, 10.0)])
+@pytest.mark.parametrize("M", [1e-6, 1e-2, 1.0, 1e2, 1e6])
+def test_nonconvex_function_never_gets_worse(rng, M, eta1, eta2, gamma):
+    """The Cauchy loss, exact Hessian, from a w0 where it is indefinite: whatever M > 0 starts the loop (the
+    documented range, 1e-6 to 1e6) and whatever eta1, eta2 and gamma (the defaults; a strict accept test with
+    little room to lower M; a lax one that never lowers it and raises it tenfold), the result is never worse than
+    w0, its value and gradient are f's and grad f's at it, and w0 is left as given. Each trial follows the rules
+    with the settings given: accepted iff ratio >= eta1; M times gamma after a rejection, divided by gamma
+    (down to M_min, 1e-6) after a ratio >= eta2."""
+    value, gradient, hessian, w0 = cauchy_loss(rng)
     assert float(torch.linalg.eigvalsh(hessian(w0))[0]) < 0  # indefinite where it starts
-    for M in (1e-6, 1e-2, 1.0, 1e2, 1e6):
-        out = adaptive_cubic_newton(value, gradient, hessian, w0, M=M, max_iterations=10)
-        assert value(out.w) <= value(w0)
-        assert out.value == value(out.w)
-        assert torch.equal(out.gradient, gradient(out.w))
+    given = w0.clone()
+    out = adaptive_cubic_newton(value, gradient, hessian, w0, M=M, max_iterations=10, eta1=eta1, eta2=eta2,
+                                gamma=gamma)
+    assert torch.equal(w0, given)
+    assert out.value == value(out.w) <= value(w0) == out.initial_value
+    assert torch.equal(out.gradient, gradient(out.w))
+    assert out.trials and out.steps == sum(t.accepted for t in out.trials)
+    for t, nxt in zip(out.trials, out.trials[1:]):
+        assert t.accepted == (t.ratio >= eta1)
+        if not t.accepted:
+            assert nxt.M == t.M * gamma
+        else:
+            assert nxt.M == (max(t.M / gamma, min(t.M, 1e-6)) if t.ratio >= eta2 else t.M)
+
+
+@pytest.mark.parametrize("budget, stop", [(None, "max_iterations"), (1, "hvp_budget"), (7, "hvp_budget"),
+                                          (25, "hvp_budget")])
+def test_hvp_counts_are_the_products_made(rng, budget, stop):
+    """The products counted at the operator, by the test, are the loop's ``num_hvps`` and the sum of its trials'
+    ``hvps`` (an M of 1e-3 gives rejected trials, whose re-solves make no product). The budget is never exceeded,
+    and a call it stops has used it exactly: the last Lanczos run's k_max is capped at what is left."""
+    value, gradient, hessian, w0 = cauchy_loss(rng)
+    counted = CountedHessian(hessian)
+    out = adaptive_cubic_newton(value, gradient, counted, w0, M=1e-3, max_iterations=10, hvp_budget=budget)
+    assert out.stop_reason == stop and any(not t.accepted for t in out.trials)
+    assert counted.count == out.num_hvps == sum(t.hvps for t in out.trials) > 0
+    if budget is not None:
+        assert counted.count == budget  # stopped by it: used to the last product, not beyond
+
+
+@pytest.mark.parametrize("M", [1e-6, 1e-2, 1.0, 1e4])
+def test_trial_records_are_those_of_the_points_evaluated(rng, M):
+    """Every trial's record against the points ``value()`` was called at (w0, then each trial point in order):
+    ``step_norm`` is ||p - w|| of its trial point p from the point w it started at, ``actual`` is f(w) - f(p),
+    ``ratio`` is actual / predicted, ``predicted`` is -m(s) of the cubic model at s = p - w, recomputed here,
+    ``m(s) = g^T s + 1/2 s^T H s + (M/6) ||s||^3`` with g and H of w and the trial's M, and ``grad_norm`` is
+    ||g||. The loop moves to p exactly when the trial is accepted. M from 1e-6 (many rejections) to 1e4 (short
+    steps, all accepted)."""
+    value, gradient, hessian, w0 = cauchy_loss(rng)
+    seen = []
+
+    def recorded(w):
+        seen.append(w.clone())
+        return value(w)
+
+    out = adaptive_cubic_newton(recorded, gradient, hessian, w0, M=M, max_iterations=6)
+    assert out.stop_reason == "max_iterations" and len(seen) == 1 + len(out.trials)  # every trial evaluated
+    assert torch.equal(seen[0], w0)
+    w, steps = w0, 0
+    for t, p in zip(out.trials, seen[1:]):
+        s, g, H = p - w, gradient(w), hessian(w)
+        assert t.iteration == steps
+        assert t.step_norm == pytest.approx(float(s.norm()), rel=1e-12)
+        assert t.actual == value(w) - value(p) and t.ratio == t.actual / t.predicted
+        assert t.predicted == pytest.approx(-float(g @ s + 0.5 * s @ H @ s + t.M / 6 * s.norm() ** 3), rel=1e-12)
+        assert t.grad_norm == pytest.approx(float(g.norm()), rel=1e-12)
+        if t.accepted:
+            w, steps = p, steps + 1
+    assert torch.equal(out.w, w) and out.steps == steps
+
+
+@pytest.mark.parametrize("probe_steps", [2, 5])
+@pytest.mark.parametrize("budget", [1, 7, 13])
+def test_the_guard_exceeds_the_budget_by_at_most_its_probe(rng, budget, probe_steps):
+    """With the hard-case probe on (``guard=True``) the products counted at the operator, by the test, exceed
+    the budget by at most ``probe_steps``, as adaptive_cubic_newton documents: the Lanczos run is capped at what is
+    left, the probe's block is not. With a tight kappa the run uses all that is left, so the probe lands past it:
+    a budget of 1 uses 1 + probe_steps, the bound itself. The count is ``num_hvps`` and the trials' sum still."""
+    value, gradient, hessian, w0 = cauchy_loss(rng)
+    counted = CountedHessian(hessian)
+    out = adaptive_cubic_newton(value, gradient, counted, w0, M=1e-3, max_iterations=10, hvp_budget=budget,
+                                solver_options={"guard": True, "probe_steps": probe_steps, "k_max": 6, "kappa": 1e-12})
+    assert out.stop_reason == "hvp_budget"
+    assert counted.count == out.num_hvps == sum(t.hvps for t in out.trials)
+    assert budget <= counted.count <= budget + probe_steps
 
 
 def test_budget_iterations_and_no_progress(rng):
