@@ -789,7 +789,7 @@ def test_neighbors_target_without_unseen_data_is_the_mean_feature_of_the_nearest
     rfa = RFA(neighbors=4)
     model, targets = _parts(lambda m, f: rfa._shift_targets(m, f, forget, retain, None))
     expected = _nearest_mean(forget, retain, _by_hand(model, retain.x)[0], 4)
-    for target, want in zip(targets, expected):
+    for target, want in zip(targets, expected, strict=True):  # every layer (a plain zip passed with one missing)
         torch.testing.assert_close(target, want)
 
 
@@ -799,8 +799,30 @@ def test_unseen_class_target_is_the_mean_unseen_feature_of_the_samples_own_label
     forget, retain, unseen = _definition_sets()
     rfa = RFA(shift="unseen_class")
     model, targets = _parts(lambda m, f: rfa._shift_targets(m, f, forget, retain, unseen))
-    for target, h in zip(targets, _by_hand(model, unseen.x)[0]):
+    for target, h in zip(targets, _by_hand(model, unseen.x)[0], strict=True):
         torch.testing.assert_close(target, torch.stack([h[unseen.y == c].mean(0) for c in forget.y.tolist()]))
+
+
+def test_other_class_target_is_the_mean_retain_feature_of_the_likeliest_other_class_of_d_r():
+    """Row i: the mean frozen D_r feature of the class the frozen model ranks highest among D_r's classes other than
+    forget.y[i] (catches the sample's own class, a class D_r lacks, and the least likely class)."""
+    forget, retain, unseen = _definition_sets()
+    logits = _by_hand(_frozen_tanh_mlp(), forget.x)[1]
+
+    def likeliest_other(classes):
+        return [next(c for c in sorted(range(len(row)), key=lambda c: -row[c]) if c != label and c in classes)
+                for row, label in zip(logits.tolist(), forget.y.tolist())]
+
+    # D_r without the class most often ranked first among the others: the restriction to D_r's classes matters
+    lacking = max((0, 1, 2, 3), key=likeliest_other((0, 1, 2, 3)).count)
+    retain = retain.subset(retain.y != lacking)
+    classes = set(retain.y.tolist())
+    rfa = RFA(shift="other_class")
+    model, targets = _parts(lambda m, f: rfa._shift_targets(m, f, forget, retain, unseen))
+    other = likeliest_other(classes)
+    assert lacking in likeliest_other((0, 1, 2, 3)) and len(set(other)) > 1  # the rows' targets differ
+    for target, h in zip(targets, _by_hand(model, retain.x)[0], strict=True):
+        torch.testing.assert_close(target, torch.stack([h[retain.y == c].mean(0) for c in other]))
 
 
 def test_margin_target_is_the_frozen_feature_and_the_unit_direction_down_the_own_logit():
@@ -814,7 +836,7 @@ def test_margin_target_is_the_frozen_feature_and_the_unit_direction_down_the_own
     # d z_c / d h2 = W4[c] * tanh'(h2), d z_c / d h1 = (d z_c / d h2) W2 * tanh'(h1)
     g2 = model[4].weight[own] * (1 - torch.tanh(h2) ** 2)
     g1 = (g2 @ model[2].weight) * (1 - torch.tanh(h1) ** 2)
-    for target, h, g in zip(targets, (h1, h2), (g1, g2)):
+    for target, h, g in zip(targets, (h1, h2), (g1, g2), strict=True):
         assert target.shape == (len(forget), 2, h.shape[1])
         torch.testing.assert_close(target[:, 0], h)
         torch.testing.assert_close(target[:, 1], -g / g.norm(dim=1, keepdim=True))

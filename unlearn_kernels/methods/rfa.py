@@ -269,7 +269,7 @@ class RFA(TrainedUnlearner):
         for x, _ in data.loader(1024):
             z, hs = features(teacher, x)
             logits.append(z)
-            for store, h in zip(per_layer, hs):
+            for store, h in zip(per_layer, hs, strict=True):
                 store.append(h)
         return torch.cat(logits), [torch.cat(s) for s in per_layer]
 
@@ -284,7 +284,8 @@ class RFA(TrainedUnlearner):
         the directions u stacked, (N, 2, n_l))."""
         forget_logits, forget_h = self._all_features(teacher, features, forget)
         if self.shift == "margin":
-            return [torch.stack([h, u], 1) for h, u in zip(forget_h, self._away_directions(teacher, features, forget))]
+            return [torch.stack([h, u], 1)
+                    for h, u in zip(forget_h, self._away_directions(teacher, features, forget), strict=True)]
         if self.shift == "unseen_class":
             _, pool_h = self._all_features(teacher, features, unseen)
             return [_class_means(h, unseen.y, forget_logits.shape[1])[forget.y] for h in pool_h]
@@ -327,7 +328,7 @@ class RFA(TrainedUnlearner):
                 own = logits.gather(1, logits.argmax(1, keepdim=True)).sum()
                 # allow_unused: a layer whose output does not reach the logits (an auxiliary head) has direction 0
                 grads = torch.autograd.grad(own, [features.raw[n] for n in features.names], allow_unused=True)
-                for store, g, n in zip(directions, grads, features.names):
+                for store, g, n in zip(directions, grads, features.names, strict=True):
                     g = -(torch.zeros_like(features.raw[n]) if g is None else g).flatten(1)
                     store.append(g / g.norm(dim=1, keepdim=True).clamp_min(1e-12))
         finally:
@@ -338,12 +339,12 @@ class RFA(TrainedUnlearner):
     def _distance(self, hs: list[torch.Tensor], targets: list[torch.Tensor], scales: list[float]) -> torch.Tensor:
         """sum_l mean over samples of ||h - t||^2 / (n_l s_l^2)."""
         return sum(((_at_least_float32(h) - _at_least_float32(t)).square().mean(1) / s).mean()
-                   for h, t, s in zip(hs, targets, scales))
+                   for h, t, s in zip(hs, targets, scales, strict=True))
 
     def _margin_loss(self, hs: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
         """sum_l mean over samples of max(0, margin - <h - h0, u> / ||h0||)^2."""
         total = 0.0
-        for h, target in zip(hs, targets):
+        for h, target in zip(hs, targets, strict=True):  # every layer's term (plain zip dropped a missing one)
             h, target = _at_least_float32(h), _at_least_float32(target)
             h0, u = target[:, 0], target[:, 1]
             moved = ((h - h0) * u).sum(1) / h0.norm(dim=1).clamp_min(1e-12)
