@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unlearn_kernels.checkpoint import atomic_write, check_writable_folder, probe_atomic_write, save_figure, save_json
-from unlearn_kernels.cli import path_argument
+from unlearn_kernels.checkpoint import atomic_write, save_figure, save_json
+from unlearn_kernels.cli import UsageError, check_out_folder, path_argument
 from unlearn_kernels.data import load_dataset, remove_classes
 from unlearn_kernels.eval import (
     accuracy,
@@ -294,17 +294,11 @@ def main() -> None:
         StudyConfig(methods=("original",), seeds=tuple(seeds), cache_dir=None)  # the study's seed rules
     except ValueError as exc:
         parser.error(str(exc))
-    out, outputs = Path(args.out), OUTPUTS["hvp_modes" if args.hvp_modes else "study"]
-    for name in outputs:
-        if (out / name).is_dir():
-            parser.error(f"--out: {str(out / name)!r}, where the study writes a file, is a folder")
+    out = Path(args.out)
     try:
-        check_writable_folder(out)
-        probe_atomic_write(out / outputs[0])  # a folder that exists may still refuse new files (a read-only mount)
-    except ValueError as exc:
-        parser.error(f"--out: {exc}")
-    except OSError as exc:
-        parser.error(f"--out {str(out)!r} cannot be written: {exc}")
+        check_out_folder(out, [out / name for name in OUTPUTS["hvp_modes" if args.hvp_modes else "study"]])
+    except UsageError as exc:
+        parser.error(str(exc))
     torch.set_num_threads(1)
     if args.hvp_modes:
         hvp_modes(out)

@@ -224,14 +224,30 @@ def test_out_that_refuses_new_files_is_refused_before_any_suite(capsys):
     err = capsys.readouterr().err
     # permission bits refuse it (a user) or, for root, the trial file does
     assert exit_info.value.code == 2
-    assert "--out: '/proc' is not writable" in err or "--out '/proc' cannot be written" in err
+    assert "--out: '/proc' is not writable" in err or "--out: '/proc' cannot be written" in err
 
 
 def test_out_whose_result_path_is_a_folder_is_refused_before_any_suite(capsys, tmp_path):
     (tmp_path / "softmax_ce_cpu.json").mkdir()
     with pytest.raises(SystemExit) as exit_info:
         main(["softmax_ce", "--quick", "--out", str(tmp_path)])
-    assert exit_info.value.code == 2 and "the results would replace folders" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert f"--out: '{tmp_path / 'softmax_ce_cpu.json'}', where the run writes a file, is a directory" in err
+
+
+def test_out_whose_result_file_cannot_be_overwritten_is_refused_before_any_suite(capsys, tmp_path, monkeypatch):
+    """A results file the run would replace and may not (os.access stands in for its permission bits, which root
+    would not see): refused as `unlearn-kernels run` refuses one, with its words (the runner did not look)."""
+    locked = tmp_path / "softmax_ce_cpu.json"
+    locked.write_text("the user's file")
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and access(path, mode))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["softmax_ce", "--quick", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert f"--out: '{locked}', which the run overwrites, is not writable" in capsys.readouterr().err
+    assert locked.read_text() == "the user's file"
 
 
 @pytest.mark.parametrize("device, gpus, message", DEVICE_ERRORS)

@@ -92,7 +92,22 @@ def test_rfa_study_refuses_an_output_file_that_is_a_folder_before_the_study(rfa_
     with pytest.raises(SystemExit) as exit_:
         rfa_example.main()
     assert exit_.value.code == 2
-    assert f"--out: '{tmp_path / 'summary.md'}', where the study writes a file, is a folder" in capsys.readouterr().err
+    assert f"--out: '{tmp_path / 'summary.md'}', where the run writes a file, is a directory" in capsys.readouterr().err
+
+
+def test_rfa_study_refuses_an_output_file_it_may_not_overwrite_before_the_study(rfa_example, tmp_path, monkeypatch,
+                                                                                capsys):
+    """A results file that the study would replace and may not (os.access stands in for its permission bits): refused
+    at once, as `unlearn-kernels run` and the benchmark runner refuse one (the example did not look)."""
+    locked = tmp_path / "results.json"
+    locked.write_text("the user's file")
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and access(path, mode))
+    monkeypatch.setattr(sys, "argv", ["rfa_study.py", "--out", str(tmp_path), "--models", "mlp", "--seeds", "0"])
+    with pytest.raises(SystemExit) as exit_:
+        rfa_example.main()
+    assert exit_.value.code == 2
+    assert f"--out: '{locked}', which the run overwrites, is not writable" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
