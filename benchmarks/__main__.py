@@ -27,6 +27,8 @@ SUITES = {
     "lanczos": "top-10 Hessian eigenvalues: our lanczos vs scipy eigsh on the same operator",
     "cubic": "cubic-regularised Newton subproblem: dense, krylov and gd from d = 1e3 to 1e6",
     "lora": "fused LoRA linear forward and forward+backward vs PEFT's layer, the eager expression and the frozen layer",
+    "lora_hvp": "Hessian-vector products on LoRA adapters (the RFA study's digits MLP): double backward vs "
+                "forward-over-reverse",
     "distributed": "Hessian-vector product and gradient over a large batch: 2 processes x 1 thread vs 1 process",
     "unlearn": "unlearning cost as the data grows: retrain vs CureNewton (subsampled Hessian) and fine-tuning",
     "floors": "the matmuls / convolutions an exact product cannot skip, timed alone, vs ours and PyHessian's "

@@ -179,6 +179,18 @@ def test_a_quick_run_says_so_in_its_json(tmp_path):
     assert written["config"]["quick"] is True and written["results"]
 
 
+def test_the_lora_hvp_suite_gates_and_times_both_modes(tmp_path):
+    """The adapter HVP timing of docs/rfa.md (once examples/rfa_study.py --hvp-modes): both modes pass their gate
+    and are timed, each with its difference to double backward."""
+    assert main(["lora_hvp", "--quick", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "lora_hvp_cpu.json").read_text())["results"]
+    modes = ("reverse-over-reverse", "forward-over-reverse")
+    assert {("matvec" if "matvec" in r["case"] else "matmat", r["candidate"]) for r in rows} == \
+        {(product, mode) for product in ("matvec", "matmat") for mode in modes}
+    assert all(r["status"] == "ok" and r["median_s"] and r["extra"]["relative_difference_to_double_backward"] < 1e-5
+               for r in rows), rows
+
+
 def test_a_quick_run_does_not_replace_the_committed_results(monkeypatch, tmp_path):
     """Without --out, a quick run (a smoke test) writes to QUICK_DIR, not beside the committed JSON."""
     import benchmarks.__main__ as runner
