@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-from unlearn_kernels.checkpoint import check_writable_folder, probe_atomic_write
-from unlearn_kernels.cli import UsageError, check_device, check_threads, path_argument, run_program
+from unlearn_kernels.cli import UsageError, check_device, check_out_folder, check_threads, path_argument, run_program
 
 from . import common
 
@@ -28,6 +27,8 @@ SUITES = {
     "lanczos": "top-10 Hessian eigenvalues: our lanczos vs scipy eigsh on the same operator",
     "cubic": "cubic-regularised Newton subproblem: dense, krylov and gd from d = 1e3 to 1e6",
     "lora": "fused LoRA linear forward and forward+backward vs PEFT's layer, the eager expression and the frozen layer",
+    "lora_hvp": "Hessian-vector products on LoRA adapters (the RFA study's digits MLP): double backward vs "
+                "forward-over-reverse",
     "distributed": "Hessian-vector product and gradient over a large batch: 2 processes x 1 thread vs 1 process",
     "unlearn": "unlearning cost as the data grows: retrain vs CureNewton (subsampled Hessian) and fine-tuning",
     "floors": "the matmuls / convolutions an exact product cannot skip, timed alone, vs ours and PyHessian's "
@@ -148,16 +149,9 @@ def _run(argv: list[str] | None) -> int:
     # checked before any suite runs, not when the first one writes its results
     out = Path(args.out) if args.out is not None else QUICK_DIR if args.quick else common.RESULTS_DIR
     try:
-        check_writable_folder(out)
-        # permission bits may allow writes a read-only file system still refuses
-        probe_atomic_write(common.result_path(args.suites[0], device, out))
-    except ValueError as exc:
-        parser.error(f"--out: {exc}")
-    except OSError as exc:
-        parser.error(f"--out {str(out)!r} cannot be written: {exc}")
-    folders = [str(path) for path in (common.result_path(suite, device, out) for suite in args.suites) if path.is_dir()]
-    if folders:
-        parser.error(f"--out {str(out)!r}: the results would replace folders {folders}")
+        check_out_folder(out, [common.result_path(suite, device, out) for suite in args.suites])
+    except UsageError as exc:
+        parser.error(str(exc))
     env = common.environment(device)
     print(f"device: {env['device_name']} ({env['device']}), torch {env['torch']}, threads {env['cpu_threads']}",
           flush=True)  # an output that cannot be written fails here, before the suites

@@ -47,18 +47,20 @@ def synchronized(fn: Callable[..., object], device: torch.device) -> Callable[..
 
 
 MIN_SAMPLES = 5  # a median and quartiles of fewer calls say little, however long each call
+MAX_SAMPLES = 200  # time_callable's cap on its samples
+MAX_ROUNDS = 100  # measure_interleaved's cap on its rounds
 
 
-def time_callable(fn: Callable[[], object], device: torch.device, *, min_time: float = 0.5, max_reps: int = 200,
+def time_callable(fn: Callable[[], object], device: torch.device, *, min_time: float = 0.5,
                   warmup: int = 2) -> list[float]:
     """Seconds per call, one sample per call after ``warmup`` calls, until ``min_time`` is spent
-    (at least :data:`MIN_SAMPLES` samples)."""
+    (at least :data:`MIN_SAMPLES` samples, at most :data:`MAX_SAMPLES`)."""
     for _ in range(warmup):
         fn()
     synchronize(device)
     samples: list[float] = []
     spent = 0.0
-    while (spent < min_time or len(samples) < MIN_SAMPLES) and len(samples) < max_reps:
+    while (spent < min_time or len(samples) < MIN_SAMPLES) and len(samples) < MAX_SAMPLES:
         start = time.perf_counter()
         fn()
         synchronize(device)
@@ -206,7 +208,7 @@ def measure(case: str, candidate: str, fn: Callable[[], torch.Tensor], exact: to
 
 
 def measure_interleaved(timed: list[tuple[Measurement, Callable[[], object]]], device: torch.device, *,
-                        min_time: float = 0.5, burst: float = 0.05, max_rounds: int = 100, warmup: int = 1) -> None:
+                        min_time: float = 0.5, burst: float = 0.05, warmup: int = 1) -> None:
     """Times candidates that passed :func:`check` in turn and sets their median and IQR.
 
     A shared machine has slow phases that last seconds: timing one candidate after another lets
@@ -214,10 +216,10 @@ def measure_interleaved(timed: list[tuple[Measurement, Callable[[], object]]], d
     burst of calls (``warmup`` untimed calls, which restore its caches and allocator state after
     the others ran, then timed calls for about ``burst`` seconds, at least one), so slow phases are
     spread over all candidates alike while each is still timed in steady state, as in a solver
-    loop. Rounds go on until every candidate has ``min_time`` of samples (at least 5), or for
-    ``max_rounds``."""
+    loop. Rounds go on until every candidate has ``min_time`` of samples (at least :data:`MIN_SAMPLES`),
+    or for :data:`MAX_ROUNDS`."""
     samples: list[list[float]] = [[] for _ in timed]
-    for _ in range(max_rounds):
+    for _ in range(MAX_ROUNDS):
         for (_, fn), out in zip(timed, samples):
             for _ in range(warmup):
                 fn()
@@ -229,7 +231,7 @@ def measure_interleaved(timed: list[tuple[Measurement, Callable[[], object]]], d
                 synchronize(device)
                 out.append(time.perf_counter() - start)
                 spent += out[-1]
-        if all(len(s) >= 5 and sum(s) >= min_time for s in samples):
+        if all(len(s) >= MIN_SAMPLES and sum(s) >= min_time for s in samples):
             break
     for (m, _), s in zip(timed, samples):
         set_time(m, s)

@@ -9,7 +9,7 @@ shape at every d isolates the cost of d itself.
 Every method gets the same kind of stopping rule, on the norm of the model's gradient (krylov: its
 Lanczos residual estimate; gd: computed): ``<= 1e-5 ||g||``. The target is a model value within 1e-8
 (relative) of the reference m*, computed by numpy and scipy, not by the package's solvers (see
-``_reference``: Woodbury solves for the synthetic operators at every d, numpy's eigh of the model's dense
+``reference_step``: Woodbury solves for the synthetic operators at every d, numpy's eigh of the model's dense
 Hessian). The check recomputes m(s) from the returned step (one extra product, untimed).
 gd uses the step size 1 / (lambda_max + M ||s*||), with lambda_max from a 60-step Lanczos and ||s*||
 from the reference (the best fixed step, a setting favourable to gd); a gd run that hits its step
@@ -119,7 +119,7 @@ def _secular_root(step_at: Callable[[float], np.ndarray], low: float, M: float) 
     return scipy.optimize.brentq(phi, a, b, xtol=1e-15, rtol=4 * np.finfo(float).eps, maxiter=500)
 
 
-def _reference(H, g: torch.Tensor, M: float) -> tuple[float, float, str]:
+def reference_step(H, g: torch.Tensor, M: float) -> tuple[float, float, str]:
     """(m*, ||s*||, how), by numpy and scipy, not by the package's solvers (the candidates): the
     synthetic operators by the Woodbury identity on their diagonal-plus-low-rank form (any d; H +
     sigma I is positive definite for sigma > -min D, as the rank-10 part is PSD), the model's Hessian
@@ -173,7 +173,7 @@ def run(device: torch.device, *, quick: bool = False, min_time: float = 0.5) -> 
     cases = []
     for name, H, g, M in _problems(quick):
         d = g.shape[0]
-        m_star, s_norm, how = _reference(H, g, M)
+        m_star, s_norm, how = reference_step(H, g, M)
         lam_max = lanczos(H, 60, v0=g, tol=1e-6, return_eigenvectors=False).eigenvalues.max().item()
         eta = 1.0 / (lam_max + M * s_norm)
         methods: dict[str, Callable] = {

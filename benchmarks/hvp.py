@@ -53,6 +53,7 @@ from unlearn_kernels.checkpoint import save_figure
 from unlearn_kernels.report import new_figure
 from unlearn_kernels.curvature import flatten_tensors, hessian_operator, unflatten_vector
 from unlearn_kernels.curvature.fused_mlp import supports
+from unlearn_kernels.data import load_digits_all
 from unlearn_kernels.models import ResNet18, SmallViT
 from unlearn_kernels.models.cnn import SmallCNN
 from unlearn_kernels.models.mlp import MLP
@@ -114,29 +115,23 @@ def seeded_mlp(in_features: int, hidden: tuple[int, ...], num_classes: int = 10,
     return init_model(lambda: MLP(in_features, hidden, num_classes, activation=activation), seed)
 
 
-def _digits() -> tuple[torch.Tensor, torch.Tensor]:
-    """All 1,797 rows of scikit-learn's digits: pixels / 16 as (N, 64) and the labels."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    return torch.tensor(digits.data / 16.0, dtype=torch.float32), torch.tensor(digits.target, dtype=torch.long)
-
-
 def digits_problem(hidden: tuple[int, ...], activation: str = "tanh", device: torch.device | str = "cpu") -> Problem:
-    """An MLP 64-hidden-10 (seeded initialisation, eval mode) on all of digits as one batch."""
-    x, y = _digits()
+    """An MLP 64-hidden-10 (seeded initialisation, eval mode) on all of digits (pixels / 16, float32, as rows of
+    64) as one batch."""
+    digits = load_digits_all()
     model = seeded_mlp(64, hidden, activation=activation)
-    name = f"digits {activation} mlp 64-{'-'.join(map(str, hidden))}-10 n={len(y)}"
-    return Problem(name, model.to(device).eval(), x.to(device), y.to(device))
+    name = f"digits {activation} mlp 64-{'-'.join(map(str, hidden))}-10 n={len(digits)}"
+    x = digits.x.to(device, torch.float32).view(len(digits), 64)
+    return Problem(name, model.to(device).eval(), x, digits.y.to(device))
 
 
 def digits_cnn_problem(channels: tuple[int, ...], device: torch.device | str = "cpu") -> Problem:
-    """The package's SmallCNN (seeded) on all of digits as 8x8 images, one batch: the fidelity study's
-    CNN, whose maps shrink to 4x4 and 2x2."""
-    x, y = _digits()
+    """The package's SmallCNN (seeded) on all of digits as 8x8 images (pixels / 16, float32), one batch: the
+    fidelity study's CNN, whose maps shrink to 4x4 and 2x2."""
+    digits = load_digits_all()
     model = init_model(lambda: SmallCNN(1, 10, channels), 0)
-    name = f"digits cnn {'-'.join(map(str, channels))} 8x8 n={len(y)}"
-    return Problem(name, model.to(device).eval(), x.view(-1, 1, 8, 8).to(device), y.to(device))
+    name = f"digits cnn {'-'.join(map(str, channels))} 8x8 n={len(digits)}"
+    return Problem(name, model.to(device).eval(), digits.x.to(device, torch.float32), digits.y.to(device))
 
 
 def problems(device: torch.device, quick: bool = False) -> list[Problem]:

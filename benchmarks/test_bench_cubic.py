@@ -13,7 +13,7 @@ import torch
 from unlearn_kernels.solvers import cubic_newton_step, lanczos
 
 from .cubic import (
-    DENSE_MAX, GD_MAX_STEPS, QUICK_DIMENSIONS, STOP_TOL, SYNTHETIC_M, TARGET, LowRankPlusDiagonal, _reference,
+    DENSE_MAX, GD_MAX_STEPS, QUICK_DIMENSIONS, STOP_TOL, SYNTHETIC_M, TARGET, LowRankPlusDiagonal, reference_step,
     model_value_and_residual,
 )
 
@@ -23,7 +23,7 @@ def case(request):
     d = request.param
     H = LowRankPlusDiagonal(d)
     g = torch.randn(d, generator=torch.Generator().manual_seed(d), dtype=torch.float64) / math.sqrt(d)
-    m_star, s_norm, _ = _reference(H, g, SYNTHETIC_M)
+    m_star, s_norm, _ = reference_step(H, g, SYNTHETIC_M)
     lam_max = lanczos(H, 60, v0=g, tol=1e-6, return_eigenvectors=False).eigenvalues.max().item()
     return H, g, m_star, 1.0 / (lam_max + SYNTHETIC_M * s_norm)
 

@@ -4,28 +4,23 @@ and the CNN, under the random (10%), mislabeled (10%) and class (class 3) protoc
 
     python examples/rfa_study.py [--out runs/rfa] [--seeds 0 1 2] [--models mlp cnn]
     python examples/rfa_study.py --out docs/rfa   # rewrites the committed study
-    python examples/rfa_study.py --hvp-modes   # in a source checkout (uses benchmarks.common)
 
 Writes ``results.json`` (one record per model, protocol, seed and method), ``summary.md`` (the tables
 of docs/rfa.md) and two plots into ``--out``. One thread (timings comparable across methods).
-``--hvp-modes`` instead times the Hessian-vector products on the adapter parameters of the digits MLP
-by double backward and by forward-over-reverse (the LoRA op's forward-mode rule), interleaved, and
-writes ``hvp_modes.json`` (what it ran on, as the benchmarks' JSONs say it, and a row per candidate).
+The timing of docs/rfa.md's adapter Hessian-vector products is a benchmark: ``python -m benchmarks lora_hvp``.
 """
 from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from unlearn_kernels.checkpoint import atomic_write, check_writable_folder, probe_atomic_write, save_figure, save_json
-from unlearn_kernels.cli import path_argument
+from unlearn_kernels.checkpoint import atomic_write, save_figure, save_json
+from unlearn_kernels.cli import UsageError, check_out_folder, path_argument
 from unlearn_kernels.data import load_dataset, remove_classes
 from unlearn_kernels.eval import (
     accuracy,
@@ -43,9 +38,8 @@ from unlearn_kernels.study import StudyConfig, build_scenario, gap_closed
 from unlearn_kernels.training import init_model, train
 
 PROTOCOLS = ("random", "mislabeled", "class")
-#: the files each mode writes into --out
-OUTPUTS = {"study": ("results.json", "summary.md", "gap_closed.png", "rf_jsd_vs_jsd.png"),
-           "hvp_modes": ("hvp_modes.json",)}
+#: the files the study writes into --out
+OUTPUTS = ("results.json", "summary.md", "gap_closed.png", "rf_jsd_vs_jsd.png")
 FORGET_CLASS = 3
 #: label -> (method name, options); Newton methods get the recipe's weight decay (their training objective)
 METHOD_SPECS = {
@@ -230,44 +224,6 @@ def plots(records: list[dict], out: Path) -> None:
     save_figure(fig, out / "rf_jsd_vs_jsd.png")
 
 
-def hvp_modes(out: Path) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for benchmarks/
-    from benchmarks.common import Measurement, environment, measure_interleaved
-    from unlearn_kernels import lora
-    from unlearn_kernels.curvature import hessian_operator
-
-    s = setting("mlp", "mislabeled", 0)
-    model = s["original"]
-    lora.add_adapters(model, "*", rank=8)
-    with torch.no_grad():  # B != 0, as after a first step
-        for adapter in lora.adapter_modules(model).values():
-            adapter.lora_b.normal_(0.0, 0.01, generator=torch.Generator().manual_seed(0))
-    names = lora.adapter_parameter_names(model)
-    data = (s["retain"].x[:512], s["retain"].y[:512])
-    operators = {mode: hessian_operator(model, F.cross_entropy, data, params=names, mode=mode)
-                 for mode in ("reverse-over-reverse", "forward-over-reverse")}
-    generator = torch.Generator().manual_seed(1)
-    v = torch.randn(operators["reverse-over-reverse"].shape[0], generator=generator)
-    block = torch.randn(v.shape[0], 8, generator=generator)
-    # the references: double backward's products, one vector at a time (a matmat is checked against them too)
-    exact = operators["reverse-over-reverse"].matvec(v)
-    exact_block = torch.stack([operators["reverse-over-reverse"].matvec(column) for column in block.T], dim=1)
-    timed = []
-    for mode, op in operators.items():
-        error = float((op.matvec(v) - exact).norm() / exact.norm())
-        block_error = float((op.matmat(block) - exact_block).norm() / exact_block.norm())
-        timed += [(Measurement("digits-mlp adapters r8, 512 rows", f"{mode} matvec", None, None, error),
-                   lambda op=op: op.matvec(v)),
-                  (Measurement("digits-mlp adapters r8, 512 rows", f"{mode} matmat K=8", None, None, block_error),
-                   lambda op=op: op.matmat(block))]
-    measure_interleaved(timed, torch.device("cpu"), min_time=1.0)
-    rows = [{"candidate": m.candidate, "median_ms": m.median_s * 1e3, "iqr_ms": m.iqr_s * 1e3,
-             "relative_difference_to_double_backward": m.max_abs_err, "d": int(v.shape[0])} for m, _ in timed]
-    save_json({"environment": environment(torch.device("cpu")), "results": rows}, out / "hvp_modes.json")
-    for row in rows:
-        print(f"{row['candidate']:36s} {row['median_ms']:8.2f} ms (IQR {row['iqr_ms']:.2f})")
-
-
 def write_text(path: Path, text: str) -> None:
     """``text`` to ``path`` atomically, as the study writes its results (an interrupted run leaves the
     committed file as it was)."""
@@ -281,12 +237,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2)")
     # the plots have a panel for each of these two
     parser.add_argument("--models", nargs="+", choices=("mlp", "cnn"), help="mlp and/or cnn (default both)")
-    parser.add_argument("--hvp-modes", action="store_true",
-                        help="time the adapter HVP modes instead (the digits MLP of seed 0)")
     args = parser.parse_args()
     # every check before the study, not when a later model or seed, or the results, fail after it
-    if args.hvp_modes and (args.seeds or args.models):
-        parser.error("--hvp-modes times the digits MLP of seed 0: --seeds and --models do not apply")
     seeds, models = args.seeds or [0, 1, 2], args.models or ["mlp", "cnn"]
     if len(set(models)) < len(models):  # its records would count twice in mean ± std
         parser.error(f"--models repeats a model: {models}")
@@ -294,21 +246,12 @@ def main() -> None:
         StudyConfig(methods=("original",), seeds=tuple(seeds), cache_dir=None)  # the study's seed rules
     except ValueError as exc:
         parser.error(str(exc))
-    out, outputs = Path(args.out), OUTPUTS["hvp_modes" if args.hvp_modes else "study"]
-    for name in outputs:
-        if (out / name).is_dir():
-            parser.error(f"--out: {str(out / name)!r}, where the study writes a file, is a folder")
+    out = Path(args.out)
     try:
-        check_writable_folder(out)
-        probe_atomic_write(out / outputs[0])  # a folder that exists may still refuse new files (a read-only mount)
-    except ValueError as exc:
-        parser.error(f"--out: {exc}")
-    except OSError as exc:
-        parser.error(f"--out {str(out)!r} cannot be written: {exc}")
+        check_out_folder(out, [out / name for name in OUTPUTS])
+    except UsageError as exc:
+        parser.error(str(exc))
     torch.set_num_threads(1)
-    if args.hvp_modes:
-        hvp_modes(out)
-        return
     records = run(models, seeds)
     # strict JSON: an undefined value (NaN) is null, as in the study's results.json
     save_json({"config": {"dataset": "digits", "seeds": seeds, "models": models, "methods": METHOD_SPECS},

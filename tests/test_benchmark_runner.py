@@ -179,6 +179,18 @@ def test_a_quick_run_says_so_in_its_json(tmp_path):
     assert written["config"]["quick"] is True and written["results"]
 
 
+def test_the_lora_hvp_suite_gates_and_times_both_modes(tmp_path):
+    """The adapter HVP timing of docs/rfa.md (once examples/rfa_study.py --hvp-modes): both modes pass their gate
+    and are timed, each with its difference to double backward."""
+    assert main(["lora_hvp", "--quick", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "lora_hvp_cpu.json").read_text())["results"]
+    modes = ("reverse-over-reverse", "forward-over-reverse")
+    assert {("matvec" if "matvec" in r["case"] else "matmat", r["candidate"]) for r in rows} == \
+        {(product, mode) for product in ("matvec", "matmat") for mode in modes}
+    assert all(r["status"] == "ok" and r["median_s"] and r["extra"]["relative_difference_to_double_backward"] < 1e-5
+               for r in rows), rows
+
+
 def test_a_quick_run_does_not_replace_the_committed_results(monkeypatch, tmp_path):
     """Without --out, a quick run (a smoke test) writes to QUICK_DIR, not beside the committed JSON."""
     import benchmarks.__main__ as runner
@@ -224,14 +236,30 @@ def test_out_that_refuses_new_files_is_refused_before_any_suite(capsys):
     err = capsys.readouterr().err
     # permission bits refuse it (a user) or, for root, the trial file does
     assert exit_info.value.code == 2
-    assert "--out: '/proc' is not writable" in err or "--out '/proc' cannot be written" in err
+    assert "--out: '/proc' is not writable" in err or "--out: '/proc' cannot be written" in err
 
 
 def test_out_whose_result_path_is_a_folder_is_refused_before_any_suite(capsys, tmp_path):
     (tmp_path / "softmax_ce_cpu.json").mkdir()
     with pytest.raises(SystemExit) as exit_info:
         main(["softmax_ce", "--quick", "--out", str(tmp_path)])
-    assert exit_info.value.code == 2 and "the results would replace folders" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert f"--out: '{tmp_path / 'softmax_ce_cpu.json'}', where the run writes a file, is a directory" in err
+
+
+def test_out_whose_result_file_cannot_be_overwritten_is_refused_before_any_suite(capsys, tmp_path, monkeypatch):
+    """A results file the run would replace and may not (os.access stands in for its permission bits, which root
+    would not see): refused as `unlearn-kernels run` refuses one, with its words (the runner did not look)."""
+    locked = tmp_path / "softmax_ce_cpu.json"
+    locked.write_text("the user's file")
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and access(path, mode))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["softmax_ce", "--quick", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert f"--out: '{locked}', which the run overwrites, is not writable" in capsys.readouterr().err
+    assert locked.read_text() == "the user's file"
 
 
 @pytest.mark.parametrize("device, gpus, message", DEVICE_ERRORS)

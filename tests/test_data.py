@@ -12,7 +12,14 @@ import pytest
 import torch
 from sklearn import datasets as skdatasets
 
-from unlearn_kernels.data import LabeledData, available_datasets, load_dataset, read_cifar_batch, read_idx
+from unlearn_kernels.data import (
+    LabeledData,
+    available_datasets,
+    load_dataset,
+    load_digits_all,
+    read_cifar_batch,
+    read_idx,
+)
 from unlearn_kernels.data.datasets import LOCAL_DATASETS, _Raw, _split_indices, _without_duplicates
 from unlearn_kernels.data.local_files import load_cifar_files, load_mnist_files
 
@@ -50,6 +57,21 @@ def _check_stratified(y: np.ndarray, splits: list[np.ndarray], bound: float) -> 
 
 BUNDLED = ["digits", "breast_cancer", "wine", "iris", "lfw"]
 CLASSES = {"digits": 10, "breast_cancer": 2, "wine": 3, "iris": 3, "lfw": 2}
+
+
+def test_load_digits_all_is_every_digit_scaled_and_unsplit() -> None:
+    """The whole digits set, as the benchmarks take it: every sample (repeats too), pixels / 16, float64, in
+    scikit-learn's order; load_dataset("digits") splits and standardises these same images."""
+    raw, y, shape = _raw("digits")
+    digits = load_digits_all()
+    assert isinstance(digits, LabeledData) and digits.x.dtype == torch.float64 and digits.y.dtype == torch.int64
+    assert digits.x.shape == (1797, *shape)
+    assert torch.equal(digits.x, torch.from_numpy(raw)) and torch.equal(digits.y, torch.from_numpy(y).long())
+    assert 0.0 <= digits.x.min() and digits.x.max() == 1.0
+    splits = load_dataset("digits", seed=3, val_fraction=0.15, test_fraction=0.25)
+    train_idx, _, _ = _split_indices(y, 3, 0.15, 0.25)
+    torch.testing.assert_close(splits.train.x.double(), torch.from_numpy(_standardized(raw, train_idx)[train_idx]),
+                               atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", BUNDLED)

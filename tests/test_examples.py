@@ -52,7 +52,7 @@ def test_distributed_curvature_example_run_directly_needs_no_free_port():
 
 
 def test_rfa_study_example_runs(tmp_path):
-    """The smallest study (the MLP, seed 0: every protocol and method once); --hvp-modes is a benchmark, not run."""
+    """The smallest study (the MLP, seed 0: every protocol and method once)."""
     out = tmp_path / "rfa"
     done = subprocess.run([sys.executable, str(ROOT / "examples" / "rfa_study.py"), "--out", str(out),
                            "--models", "mlp", "--seeds", "0"], capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -70,7 +70,7 @@ def test_rfa_study_example_runs(tmp_path):
 
 @pytest.fixture
 def rfa_example(monkeypatch):
-    """examples/rfa_study.py as a module, whose study and HVP timing fail the test if they start."""
+    """examples/rfa_study.py as a module, whose study fails the test if it starts."""
     spec = importlib.util.spec_from_file_location("rfa_study", ROOT / "examples" / "rfa_study.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
@@ -79,7 +79,6 @@ def rfa_example(monkeypatch):
         raise AssertionError("the study ran")
 
     monkeypatch.setattr(example, "run", study_ran)
-    monkeypatch.setattr(example, "hvp_modes", study_ran)
     return example
 
 
@@ -92,7 +91,22 @@ def test_rfa_study_refuses_an_output_file_that_is_a_folder_before_the_study(rfa_
     with pytest.raises(SystemExit) as exit_:
         rfa_example.main()
     assert exit_.value.code == 2
-    assert f"--out: '{tmp_path / 'summary.md'}', where the study writes a file, is a folder" in capsys.readouterr().err
+    assert f"--out: '{tmp_path / 'summary.md'}', where the run writes a file, is a directory" in capsys.readouterr().err
+
+
+def test_rfa_study_refuses_an_output_file_it_may_not_overwrite_before_the_study(rfa_example, tmp_path, monkeypatch,
+                                                                                capsys):
+    """A results file that the study would replace and may not (os.access stands in for its permission bits): refused
+    at once, as `unlearn-kernels run` and the benchmark runner refuse one (the example did not look)."""
+    locked = tmp_path / "results.json"
+    locked.write_text("the user's file")
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and access(path, mode))
+    monkeypatch.setattr(sys, "argv", ["rfa_study.py", "--out", str(tmp_path), "--models", "mlp", "--seeds", "0"])
+    with pytest.raises(SystemExit) as exit_:
+        rfa_example.main()
+    assert exit_.value.code == 2
+    assert f"--out: '{locked}', which the run overwrites, is not writable" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -101,7 +115,7 @@ def test_rfa_study_refuses_an_output_file_that_is_a_folder_before_the_study(rfa_
     (["--models", "mlp", "mlp"], "--models repeats a model: ['mlp', 'mlp']"),
     (["--seeds", "0", "0"], "seeds (--seeds) repeat a seed: [0, 0]"),
     (["--seeds", "-1"], "seeds (--seeds) must be in [0, 2**32), got -1"),
-    (["--hvp-modes", "--seeds", "1"], "--hvp-modes times the digits MLP of seed 0: --seeds and --models do not"),
+    (["--hvp-modes"], "unrecognized arguments: --hvp-modes"),  # a benchmark now: python -m benchmarks lora_hvp
     (["--out", ""], "argument --out: '' names no folder"),  # not the working folder
     (["--out", "{file}/out"], "cannot be made"),  # a traceback from mkdir
 ])

@@ -1,6 +1,7 @@
 """The layers of docs/ARCHITECTURE.md hold: every import inside the package goes to its own layer or
 one below, and the package's parts import one another without cycles (read from the source with
-``ast``, so imports inside functions count too)."""
+``ast``, so imports inside functions count too). The examples import only the package's public names and
+nothing from benchmarks/; the benchmarks import no private name of another module."""
 import ast
 from pathlib import Path
 
@@ -104,3 +105,34 @@ def test_parts_import_one_another_without_cycles():
     for node in sorted(graph):
         if node not in state:
             visit(node, [])
+
+
+def _imported(path: Path) -> list[tuple[str, str | None]]:
+    """(module, name) for every import in ``path`` (those inside functions too): name None for ``import
+    module``; a relative module keeps its leading dots."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, None) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            found += [("." * node.level + (node.module or ""), alias.name) for alias in node.names]
+    return found
+
+
+def _private(module: str, name: str | None) -> bool:
+    return any(part.startswith("_") for part in module.split(".") if part) or (name or "").startswith("_")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.py")), ids=lambda path: path.name)
+def test_examples_import_only_the_packages_public_names(path):
+    # the examples are what users copy: what they import, a user can (benchmarks/ is not installed)
+    wrong = [(module, name) for module, name in _imported(path) if module.split(".")[0] == "benchmarks"
+             or module.split(".")[0] == "unlearn_kernels" and _private(module, name)]
+    assert not wrong, f"{path.name} imports {wrong}"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "benchmarks").glob("*.py")), ids=lambda path: path.name)
+def test_benchmarks_import_no_private_name(path):
+    # what one suite or the runner takes from another module (a sibling, the package) is public there
+    wrong = [(module, name) for module, name in _imported(path) if _private(module, name)]
+    assert not wrong, f"benchmarks/{path.name} imports {wrong}"

@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -183,6 +183,34 @@ def path_argument(text: str) -> str:
     return os.path.expanduser(text)
 
 
+def check_out_folder(folder: Path, files: Sequence[Path] = (), *, make: bool = True) -> None:
+    """The one check of an ``--out`` folder (this command's, the benchmark runner's, the examples'), before any
+    work rather than when its results are written after it: ``folder`` is a folder or can be made one (made, with
+    its parents, when ``make``), it takes writes, and none of ``files``, those the caller writes there, is a
+    directory or a file that cannot be overwritten. When ``make`` and ``files`` are given, a trial file is written
+    where the first of them goes: permission bits may allow writes a read-only file system still refuses.
+
+    Raises:
+        UsageError: ``--out: <why>``, naming the folder or the file.
+    """
+    from .checkpoint import check_writable_folder, probe_atomic_write
+
+    try:
+        check_writable_folder(folder, make=make)
+    except ValueError as exc:
+        raise UsageError(f"--out: {exc}") from None
+    for path in files:
+        if path.is_dir():
+            raise UsageError(f"--out: {str(path)!r}, where the run writes a file, is a directory")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise UsageError(f"--out: {str(path)!r}, which the run overwrites, is not writable")
+    if make and files:
+        try:
+            probe_atomic_write(files[0])
+        except OSError as exc:
+            raise UsageError(f"--out: {str(folder)!r} cannot be written: {exc}") from None
+
+
 def _comma_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
@@ -202,23 +230,15 @@ def _check_out(root: Path, configs: dict[str, Any]) -> list[Path]:
     overwritten: checked before any work, not when the results are written after the study. Returns
     the files the run may write or remove."""
     from . import report
-    from .checkpoint import check_writable_folder
 
-    folders = (root, *(root / name for name in configs))
     files = [root / name / file for name, config in configs.items()
              for file in report.study_files(config.methods, max(1, config.sequential))]
     if len(configs) > 1:
         files += [root / report.SUMMARY_FILE, root / report.GAP_CLOSED_PLOT]
-    for path in folders:  # made later: --out by _make_out, a scenario's folder when its results are written
-        try:
-            check_writable_folder(path, make=False)
-        except ValueError as exc:
-            raise UsageError(f"--out: {exc}") from None
-    for path in files:
-        if path.is_dir():
-            raise UsageError(f"--out: {str(path)!r}, where the run writes a file, is a directory")
-        if path.exists() and not os.access(path, os.W_OK):
-            raise UsageError(f"--out: {str(path)!r}, which the run overwrites, is not writable")
+    # each folder with the files the run writes there; made later: --out after every check, a scenario's folder
+    # when its results are written
+    for folder in (root, *(root / name for name in configs)):
+        check_out_folder(folder, [f for f in files if f.parent == folder], make=False)
     # what an earlier run left that this one does not replace is removed when the results are written (a
     # scenario's plots, and the summary of several scenarios with its plot when it covers a scenario this
     # run writes): none of them may be a directory
@@ -479,21 +499,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     root = Path(args.out if args.out is not None else f"runs/{first.dataset}-{first.model}")
     files = _check_out(root, configs)
     _set_threads_and_check_caches(args, configs)  # may make the cache folder: after the --out checks (they make none)
-    _make_out(root)  # last: a refused run leaves no new folder behind
+    check_out_folder(root)  # makes it, last: a refused run leaves no new folder behind
     with _only_run_in(root):
         for path in _written_by_any_run(root, files):  # left by a run killed while it wrote them (no other run
             remove_orphan_temporaries(path)             # writes here now), this scenario's or another's
         return _run_scenarios(args, configs, root)
-
-
-def _make_out(root: Path) -> None:
-    """Makes the ``--out`` folder (with its parents) if missing; UsageError naming why it cannot be."""
-    from .checkpoint import check_writable_folder
-
-    try:
-        check_writable_folder(root)
-    except ValueError as exc:
-        raise UsageError(f"--out: {exc}") from None
 
 
 def _written_by_any_run(root: Path, files: list[Path]) -> set[Path]:

@@ -1,6 +1,6 @@
 """Offline datasets, splits and forget protocols."""
 from ..labeled import LabeledData
-from .datasets import DatasetSplits, available_datasets, load_dataset
+from .datasets import DatasetSplits, available_datasets, load_dataset, load_digits_all
 from .local_files import read_cifar_batch, read_idx
 from .protocols import (
     ForgetRequest,
@@ -25,6 +25,7 @@ __all__ = [
     "class_forget",
     "index_forget",
     "load_dataset",
+    "load_digits_all",
     "make_request",
     "mislabel",
     "random_forget",

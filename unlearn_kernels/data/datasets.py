@@ -57,12 +57,19 @@ _CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog"
 
 # scikit-learn is imported inside the functions that use it: importing it takes seconds, and every
 # user of LabeledData imports this package.
-def _digits(root: str | Path | None) -> _Raw:
+def load_digits_all() -> LabeledData:
+    """All 1,797 samples of scikit-learn's 8x8 digits as they are bundled: not split, not standardised, repeats
+    kept. ``x`` holds the images (N, 1, 8, 8) as float64 pixel values / 16 (the pixels are 0..16, so ``x`` lies
+    in [0, 1]), ``y`` the labels 0-9. ``load_dataset("digits")`` splits and standardises these."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = torch.from_numpy(d.images / 16.0).unsqueeze(1)  # pixel values are 0..16
-    return _Raw(x, d.target, tuple(str(c) for c in d.target_names))
+    return LabeledData(torch.from_numpy(d.images / 16.0).unsqueeze(1), torch.as_tensor(d.target, dtype=torch.long))
+
+
+def _digits(root: str | Path | None) -> _Raw:
+    d = load_digits_all()
+    return _Raw(d.x, d.y.numpy(), tuple(str(c) for c in range(10)))
 
 
 def _tabular(name: str) -> Callable[[str | Path | None], _Raw]:
