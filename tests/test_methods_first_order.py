@@ -247,6 +247,7 @@ def test_retrain_names_a_cache_dir_or_model_info_of_the_wrong_type(kwargs, messa
     ("random_labels", {"lr": 1e30, "epochs": 1}),
     ("scrub", {"lr": 1e30, "epochs": 1}),
     ("bad_teacher", {"lr": 1e30}),
+    ("unsir", {"lr": 1e30}),  # the impair diverges: said before the repair trains
 ])
 def test_a_diverging_method_raises_and_leaves_the_model(problem, name, kwargs):
     """A step size that blows the weights up to NaN/Inf is an error naming the method, not a NaN model."""

@@ -346,6 +346,18 @@ def first_nonfinite_model_weight(model: nn.Module) -> tuple[str, str, str] | Non
     return first_nonfinite_weight(model.named_parameters(), model.named_buffers(), normalisation_buffers(model))
 
 
+def check_finite_model(owner: str, model: nn.Module) -> None:
+    """ValueError ``"<owner>: the model's <kind> <name> has <what> values (did an update diverge?)"`` for
+    the first weight of ``model`` that :func:`first_nonfinite_model_weight` refuses: the one refusal of a
+    given model with a NaN or Inf weight (training, the methods, the evaluation, the Lipschitz estimate),
+    before any work (a NaN weight makes every output, loss and update NaN). The model is on a device
+    with values (:func:`check_not_meta` first)."""
+    bad = first_nonfinite_model_weight(model)
+    if bad is not None:
+        kind, key, what = bad
+        raise ValueError(f"{owner}: the model's {kind} {key!r} has {what} values (did an update diverge?)")
+
+
 def norm64(v: torch.Tensor) -> float:
     """The Euclidean norm of a tensor, accumulated in float64 (no overflow or loss in float32)."""
     return float(torch.linalg.vector_norm(v.double()))

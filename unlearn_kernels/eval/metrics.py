@@ -21,12 +21,12 @@ from torch import nn
 from ..checks import (
     all_finite,
     check_choice,
+    check_finite_model,
     check_has_values,
     check_int,
     check_not_meta,
     check_number,
     check_tensor,
-    first_nonfinite_model_weight,
     first_nonfinite_row,
     first_nonfinite_weight,
     is_out_of_memory,
@@ -116,10 +116,7 @@ def _check_model_data(op: str, model: nn.Module, data: LabeledData, batch_size: 
     row = first_nonfinite_row(data.x)  # would silently give NaN logits / a NaN norm
     if row is not None:
         raise ValueError(f"{op}: NaN or Inf in the inputs at row {row}")
-    bad = first_nonfinite_model_weight(model)
-    if bad is not None:  # the logits (and a loss or norm from them) would be NaN
-        kind, name, what = bad
-        raise ValueError(f"{op}: the model's {kind} {name!r} has {what} values (did an update diverge?)")
+    check_finite_model(op, model)  # the logits (and a loss or norm from them) would be NaN
 
 
 @contextmanager

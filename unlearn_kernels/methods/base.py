@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..checks import (
+    check_finite_model,
     check_not_meta,
     check_not_scripted,
     check_seed,
@@ -234,10 +235,7 @@ def _check_model(name: str, model: nn.Module) -> None:
     # gradients land in the caller's .grad, and optimizers refuse it
     check_not_scripted(name, model, "whose copies share gradients with it")
     check_not_meta(name, model)
-    bad = first_nonfinite_model_weight(model)
-    if bad is not None:
-        kind, key, what = bad
-        raise ValueError(f"{name}: the model's {kind} {key!r} contains {what}")
+    check_finite_model(name, model)
 
 
 def check_finite_result(name: str, model: nn.Module) -> None:
