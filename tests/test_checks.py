@@ -16,6 +16,7 @@ from devices import backend_devices
 from unlearn_kernels.checkpoint import refuse_empty_path
 from unlearn_kernels.checks import (
     as_float,
+    check_module,
     check_not_meta,
     check_number,
     check_one_floating_dtype_and_device,
@@ -39,6 +40,26 @@ def test_check_tensor_refuses_a_sparse_tensor():
     for sparse in (dense.to_sparse(), dense.to_sparse_csr()):
         with pytest.raises(TypeError, match=r"x must be a dense tensor, got layout torch\.sparse_c"):
             check_tensor("x", sparse)
+
+
+def test_one_check_module_with_one_message_everywhere():
+    """Two check_module functions (training's "model must be a torch.nn.Module", lora's "expected an
+    nn.Module") and two inline copies gave one bad model two messages; one now, naming the argument."""
+    from unlearn_kernels import lora, training
+    from unlearn_kernels.curvature import resolve_parameters
+    from unlearn_kernels.eval import weight_distance
+
+    layer = nn.Linear(2, 2)
+    assert check_module("x", layer) is layer
+    for call, message in ((lambda: training.train(None, None, None), "train: model"),
+                          (lambda: lora.merge("m"), "merge: model"),
+                          (lambda: lora.from_peft(None), "from_peft: peft_model"),
+                          (lambda: resolve_parameters(None), "model"),
+                          (lambda: weight_distance(layer, 3), "weight_distance: model_b")):
+        with pytest.raises(TypeError, match=rf"^{message} must be a torch\.nn\.Module, got \w+$"):
+            call()
+    assert not hasattr(lora, "check_module") or lora.check_module is check_module
+    assert training.check_module is check_module
 
 
 @pytest.mark.parametrize("value", [2**2000, -(2**2000)], ids=["2**2000", "-2**2000"])

@@ -84,6 +84,14 @@ def check_tensor(name: str, value: Any) -> torch.Tensor:
     return value
 
 
+def check_module(name: str, value: Any) -> nn.Module:
+    """``value`` if it is an nn.Module, else TypeError naming ``name`` (the caller's, with its prefix:
+    ``"train: model"``, ``"from_peft: peft_model"``)."""
+    if not isinstance(value, nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module, got {type(value).__name__}")
+    return value
+
+
 def check_tensors(owner: str, named: Iterable[tuple[str, Any]]) -> None:
     """:func:`check_tensor` on each ``(name, value)``, naming it ``"<owner>: <name>"``."""
     for name, value in named:

@@ -31,6 +31,7 @@ from .checks import (
     check_device,
     check_finite_model,
     check_int,
+    check_module,
     check_not_meta,
     check_number,
     check_seed,
@@ -295,12 +296,6 @@ def _storages(model: nn.Module) -> dict[tuple[torch.device, int], tuple[str, str
     return found
 
 
-def check_module(owner: str, model: Any) -> None:
-    """TypeError naming ``owner`` unless ``model`` is an nn.Module."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{owner}: model must be a torch.nn.Module, got {type(model).__name__}")
-
-
 def check_config(owner: str, config: Any) -> None:
     """TypeError naming ``owner`` unless ``config`` is a :class:`TrainConfig`."""
     if not isinstance(config, TrainConfig):
@@ -524,7 +519,7 @@ def train(
             Every such refusal comes before the model is moved to ``device``: it stays where it was.
             An error raised during the training leaves each submodule in the mode it had.
     """
-    check_module(owner, model)
+    check_module(f"{owner}: model", model)
     check_data(owner, data)
     check_config(owner, config)
     device = check_device(f"{owner}: device", device)

@@ -24,6 +24,7 @@ from ..checks import (
     check_finite_model,
     check_has_values,
     check_int,
+    check_module,
     check_not_meta,
     check_number,
     check_tensor,
@@ -32,7 +33,7 @@ from ..checks import (
     is_out_of_memory,
 )
 from ..labeled import LabeledData
-from ..training import check_data, check_module, eval_mode, join_last_row, model_device
+from ..training import check_data, eval_mode, join_last_row, model_device
 
 #: the keys :func:`avg_gap` compares by default, as the study's records name them (the entropy MIA)
 AVG_GAP_KEYS = ("mia_entropy", "acc_forget", "acc_retain", "acc_test")
@@ -105,7 +106,7 @@ def _js_lotus_probs(p: torch.Tensor, q: torch.Tensor, scale: float, eps: float) 
 
 # --------------------------------------------------------------------------- model helpers
 def _check_model_data(op: str, model: nn.Module, data: LabeledData, batch_size: int) -> None:
-    check_module(op, model)
+    check_module(f"{op}: model", model)
     check_data(op, data)
     if len(data) == 0:
         raise ValueError(f"{op}: data is empty")
@@ -261,8 +262,7 @@ def weight_distance(model_a: nn.Module, model_b: nn.Module) -> float:
             parameter that holds NaN or Inf (the distance would be NaN or Inf).
     """
     for name, model in (("model_a", model_a), ("model_b", model_b)):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"weight_distance: {name} must be a torch.nn.Module, got {type(model).__name__}")
+        check_module(f"weight_distance: {name}", model)
         check_not_meta(f"weight_distance: {name}", model)
     params_a = dict(model_a.named_parameters())
     params_b = dict(model_b.named_parameters())

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..checks import (
     check_finite_model,
+    check_module,
     check_not_meta,
     check_not_scripted,
     check_seed,
@@ -29,7 +30,7 @@ from ..checks import (
 from ..curvature.distributed import all_gather_objects
 from ..curvature.params import WeightsKey, weights_key
 from ..labeled import LabeledData
-from ..training import check_dense_gradients, check_fits, check_module, model_device, seeded_rng
+from ..training import check_dense_gradients, check_fits, model_device, seeded_rng
 
 
 @dataclass
@@ -230,7 +231,7 @@ def _check_model(name: str, model: nn.Module) -> None:
     operators apply (:func:`~unlearn_kernels.checks.first_nonfinite_weight`: a NaN/Inf weight would
     make every method return a NaN model, or fail deep inside its work; an Inf in a buffer such as an
     additive mask is harmless, and the Newton methods' operators accept it)."""
-    check_module(name, model)
+    check_module(f"{name}: model", model)
     # a copy of one shares its autograd graph with the caller's: its parameters are not leaves, its
     # gradients land in the caller's .grad, and optimizers refuse it
     check_not_scripted(name, model, "whose copies share gradients with it")
