@@ -62,6 +62,28 @@ def test_one_check_module_with_one_message_everywhere():
     assert training.check_module is check_module
 
 
+def test_non_finite_inputs_get_one_message_everywhere():
+    """train and the evaluation said "NaN or Inf in the inputs at row N", the methods "the <role> set has
+    inputs that are not finite (...)": one check (checks.check_finite_inputs), one wording naming the set."""
+    from unlearn_kernels.data import LabeledData
+    from unlearn_kernels.eval import predict_logits
+    from unlearn_kernels.methods import METHODS
+    from unlearn_kernels.training import TrainConfig, train
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(8, 3), torch.tensor([0, 1] * 4)
+    bad = x.clone()
+    bad[5, 1] = math.inf
+    tail = r" has inputs that are not finite \(NaN or Inf; first at row 5\)$"
+    for call, what in ((lambda: train(model, LabeledData(bad, y), TrainConfig(epochs=1)), "train: the training set"),
+                       (lambda: predict_logits(model, LabeledData(bad, y)), "predict_logits: data"),
+                       (lambda: METHODS["finetune"]().unlearn(model, LabeledData(x[:2], y[:2]), LabeledData(bad, y)),
+                        "finetune: the retain set")):
+        with pytest.raises(ValueError, match="^" + what + tail):
+            call()
+
+
 @pytest.mark.parametrize("value", [2**2000, -(2**2000)], ids=["2**2000", "-2**2000"])
 def test_check_number_refuses_an_int_beyond_a_float(value):
     """It raised OverflowError from math.isfinite instead of naming the argument."""

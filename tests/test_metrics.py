@@ -621,7 +621,8 @@ def test_model_helpers_bad_input():
     bad[2, 1] = float("nan")
     for op, call in (("gradient_norm", lambda d: gradient_norm(model, F.cross_entropy, d)),
                      ("predict_logits", lambda d: predict_logits(model, d))):
-        with pytest.raises(ValueError, match=f"{op}: NaN or Inf in the inputs at row 2"):
+        with pytest.raises(ValueError,
+                           match=rf"^{op}: data has inputs that are not finite \(NaN or Inf; first at row 2\)$"):
             call(LabeledData(bad, y))
         with pytest.raises(ValueError, match=f"{op}: the model cannot run on the data: mat1 and mat2 shapes"):
             call(LabeledData(x[:, :2], y))

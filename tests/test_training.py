@@ -257,7 +257,8 @@ def test_train_refuses_data_the_model_cannot_train_on_before_any_step():
     too_high[7] = 3
     ignored = data.y.clone()
     ignored[7] = -100
-    cases = [(LabeledData(nan_x, data.y), "NaN or Inf in the inputs at row 5"),
+    cases = [(LabeledData(nan_x, data.y),
+              r"the training set has inputs that are not finite \(NaN or Inf; first at row 5\)"),
              (LabeledData(data.x, too_high),
               r"training set has labels outside the model's 3 classes \(first at row 7: label 3\)"),
              (LabeledData(data.x, ignored), r"first at row 7: label -100"),
@@ -410,7 +411,7 @@ def test_a_refused_train_leaves_the_model_where_it_was():
     nan_x[5, 2] = math.nan
     too_high = data.y.clone()
     too_high[7] = 3
-    for bad, config, message in ((LabeledData(nan_x, data.y), CONFIG, "NaN or Inf in the inputs at row 5"),
+    for bad, config, message in ((LabeledData(nan_x, data.y), CONFIG, "inputs that are not finite"),
                                  (LabeledData(data.x, too_high), CONFIG, "labels outside the model's 3 classes"),
                                  (data, TrainConfig(batch_size=1), "batch_size 1 makes every batch")):
         torch.manual_seed(0)
@@ -430,7 +431,8 @@ def test_train_names_its_owner_and_set_and_skips_checks_its_caller_made():
     nan_x[3, 1] = math.inf
     too_high = data.y.clone()
     too_high[2] = 5
-    cases = [(LabeledData(nan_x, data.y), CONFIG, "NaN or Inf in the inputs at row 3"),
+    cases = [(LabeledData(nan_x, data.y), CONFIG,
+              r"the retain set has inputs that are not finite \(NaN or Inf; first at row 3\)"),
              (LabeledData(data.x, too_high), CONFIG, r"the retain set has labels outside the model's 3 classes"),
              (LabeledData(data.x[:, :3], data.y), CONFIG, r"the retain samples \(torch.float32, shape \(3,\)\)"),
              (LabeledData(data.x[:0], data.y[:0]), CONFIG, "the retain set is empty"),

@@ -244,6 +244,16 @@ def first_nonfinite_row(t: torch.Tensor) -> int | None:
     return None
 
 
+def check_finite_inputs(owner: str, what: str, x: torch.Tensor) -> None:
+    """ValueError ``"<owner>: <what> has inputs that are not finite (NaN or Inf; first at row N)"``
+    (``what``: the set as the caller calls it, ``"the retain set"``, ``"data"``) where a row of ``x``
+    holds NaN or Inf (:func:`first_nonfinite_row`): the one refusal of such inputs before training,
+    unlearning or evaluating on them, which would silently give a NaN model, NaN logits or a NaN norm."""
+    row = first_nonfinite_row(x)
+    if row is not None:
+        raise ValueError(f"{owner}: {what} has inputs that are not finite (NaN or Inf; first at row {row})")
+
+
 def normalisation_buffers(model: nn.Module) -> frozenset[str]:
     """The names of ``model``'s buffers that belong to a normalisation layer (BatchNorm's
     ``running_mean`` and ``running_var``): the buffers :func:`first_nonfinite_weight` holds to

@@ -29,6 +29,7 @@ from .checks import (
     batch_statistics_layer,
     check_choice,
     check_device,
+    check_finite_inputs,
     check_finite_model,
     check_int,
     check_module,
@@ -36,7 +37,6 @@ from .checks import (
     check_number,
     check_seed,
     first_nonfinite_model_weight,
-    first_nonfinite_row,
     is_out_of_memory,
     normalisation_buffers,
 )
@@ -537,9 +537,7 @@ def train(
     # every check before the model moves: a refused call leaves the caller's model where it was (the
     # probes run the model where it is, on rows moved there)
     if not data_checked:
-        row = first_nonfinite_row(data.x)
-        if row is not None:  # training would silently give a NaN model
-            raise ValueError(f"{owner}: NaN or Inf in the inputs at row {row}")
+        check_finite_inputs(owner, f"the {role} set", data.x)
         check_fits(owner, model, data, role, in_training_mode=True)
     join = join_last_row(owner, model, data, config.batch_size, role)
     model.to(device)

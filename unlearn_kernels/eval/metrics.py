@@ -21,6 +21,7 @@ from torch import nn
 from ..checks import (
     all_finite,
     check_choice,
+    check_finite_inputs,
     check_finite_model,
     check_has_values,
     check_int,
@@ -28,7 +29,6 @@ from ..checks import (
     check_not_meta,
     check_number,
     check_tensor,
-    first_nonfinite_row,
     first_nonfinite_weight,
     is_out_of_memory,
 )
@@ -114,9 +114,7 @@ def _check_model_data(op: str, model: nn.Module, data: LabeledData, batch_size: 
     # on the meta device: torch's "Tensor.item() cannot be called on meta tensors" at the first value read
     check_has_values(f"{op}: data's inputs x", data.x)
     check_not_meta(op, model)
-    row = first_nonfinite_row(data.x)  # would silently give NaN logits / a NaN norm
-    if row is not None:
-        raise ValueError(f"{op}: NaN or Inf in the inputs at row {row}")
+    check_finite_inputs(op, "data", data.x)  # would silently give NaN logits / a NaN norm
     check_finite_model(op, model)  # the logits (and a loss or norm from them) would be NaN
 
 

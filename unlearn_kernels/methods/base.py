@@ -18,13 +18,13 @@ import torch.distributed as dist
 from torch import nn
 
 from ..checks import (
+    check_finite_inputs,
     check_finite_model,
     check_module,
     check_not_meta,
     check_not_scripted,
     check_seed,
     first_nonfinite_model_weight,
-    first_nonfinite_row,
     refusing_uncopyable,
 )
 from ..curvature.distributed import all_gather_objects
@@ -296,9 +296,7 @@ def _check_sets(name: str, forget: LabeledData, retain: LabeledData,
             raise ValueError(f"{name}: the {role} set has no input features per sample (x of shape "
                              f"{tuple(data.x.shape)})")
     for role, data in sets.items():
-        row = first_nonfinite_row(data.x)
-        if row is not None:
-            raise ValueError(f"{name}: the {role} set has inputs that are not finite (NaN or Inf; first at row {row})")
+        check_finite_inputs(name, f"the {role} set", data.x)
     for role, data in sets.items():
         if data.x.shape[1:] != forget.x.shape[1:]:
             raise ValueError(f"{name}: the {role} samples have shape {tuple(data.x.shape[1:])} but the forget "
