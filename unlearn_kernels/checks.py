@@ -194,6 +194,26 @@ def check_int64(name: str, value: Any) -> int:
     return value
 
 
+def first_beyond_int64(t: torch.Tensor) -> int | None:
+    """The first value of a uint64 tensor ``t`` from 2**63 up, which int64 cannot hold (the cast every
+    caller makes would wrap it to a negative), or None (for every other dtype too)."""
+    if t.dtype != torch.uint64:
+        return None
+    signed = t.view(torch.int64)  # the same bits: values from 2**63 up read negative
+    wraps = signed < 0
+    return int(signed[wraps][0]) + 2**64 if bool(wraps.any()) else None
+
+
+def as_int64(name: str, t: torch.Tensor) -> torch.Tensor:
+    """The integer tensor ``t`` (labels, indices) as int64: the ids it holds, whatever its width and sign
+    (torch compares no uint16/32/64 tensor on the CPU, and indexes with int64); ValueError naming ``name``
+    for a uint64 value int64 cannot hold (:func:`first_beyond_int64`). The one rule for integer ids."""
+    beyond = first_beyond_int64(t)
+    if beyond is not None:
+        raise ValueError(f"{name} must lie in the int64 range, got {beyond}")
+    return t.long()
+
+
 def check_seed(name: str, value: Any, high_bits: int = 63) -> int:
     """``value`` as an int if it is an integer (Python or numpy; not a bool) in [0, 2**high_bits)
     (torch's seeds: 63 bits; scikit-learn's: 32), else TypeError / ValueError naming ``name``."""

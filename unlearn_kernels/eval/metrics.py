@@ -20,6 +20,7 @@ from torch import nn
 
 from ..checks import (
     all_finite,
+    as_int64,
     check_choice,
     check_finite_inputs,
     check_finite_model,
@@ -55,18 +56,19 @@ def check_logits(name: str, logits: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or Inf")
 
 
-def check_labels(name: str, labels: torch.Tensor, logits: torch.Tensor) -> None:
-    """Integer labels, one per row of ``logits``, each a valid class index."""
+def check_labels(name: str, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Integer labels, one per row of ``logits``, each a valid class index; returned as int64 (labels of
+    any integer dtype are the ids they hold, as the data protocols read them: see
+    :func:`~unlearn_kernels.checks.as_int64`), which the caller computes with."""
     check_has_values(name, check_tensor(name, labels))
     if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"{name} must be a 1-D integer tensor, got {labels.dtype} of shape {tuple(labels.shape)}")
-    if labels.dtype in (torch.uint16, torch.uint32, torch.uint64):  # torch cannot even compare them on the CPU
-        raise TypeError(f"{name} is {labels.dtype}, which torch's comparisons do not take: pass the labels as "
-                        f"int64 (.long())")
     if labels.shape[0] != logits.shape[0]:
         raise ValueError(f"{name} has {labels.shape[0]} labels but the logits have {logits.shape[0]} rows")
+    labels = as_int64(name, labels)  # first: torch compares no uint16/32/64 tensor on the CPU
     if bool(((labels < 0) | (labels >= logits.shape[1])).any()):
         raise ValueError(f"{name} has labels outside [0, {logits.shape[1]}) (the number of classes)")
+    return labels
 
 
 def _check_pair(p_name: str, p_logits: torch.Tensor, q_name: str, q_logits: torch.Tensor) -> None:
@@ -226,7 +228,8 @@ def gradient_norm(
             x = data.x[start:stop].to(device, copy=True)  # as in predict_logits
             y = data.y[start:stop].to(device)
             logits = _forward("gradient_norm", model, x)
-            check_labels("gradient_norm: data.y", y, logits)  # before loss_fn: on CUDA a bad class is a device assert
+            # before loss_fn: on CUDA a bad class is a device assert
+            y = check_labels("gradient_norm: data.y", y, logits)
             loss = loss_fn(logits, y)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise ValueError("gradient_norm: loss_fn must return a scalar tensor (the batch mean)")
@@ -295,7 +298,7 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     Ties take the first maximal class (``torch.argmax``). UA (unlearning accuracy) = 1 - Acc on D_f.
     """
     check_logits("accuracy: logits", logits)
-    check_labels("accuracy: y", y, logits)
+    y = check_labels("accuracy: y", y, logits)
     return float((logits.argmax(dim=1) == y.to(logits.device)).double().mean())
 
 
@@ -388,9 +391,9 @@ def rf_jsd(
     ``ValueError`` (Q_c would be undefined).
     """
     check_logits("rf_jsd: unlearned_forget_logits", unlearned_forget_logits)
-    check_labels("rf_jsd: forget_y", forget_y, unlearned_forget_logits)
+    forget_y = check_labels("rf_jsd: forget_y", forget_y, unlearned_forget_logits)
     check_logits("rf_jsd: original_unseen_logits", original_unseen_logits)
-    check_labels("rf_jsd: unseen_y", unseen_y, original_unseen_logits)
+    unseen_y = check_labels("rf_jsd: unseen_y", unseen_y, original_unseen_logits)
     if unlearned_forget_logits.shape[1] != original_unseen_logits.shape[1]:
         raise ValueError(
             f"rf_jsd: the forget logits have {unlearned_forget_logits.shape[1]} classes but the unseen "
