@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from devices import backend_devices
+from pathlike import EmptyPath
 from unlearn_kernels.checkpoint import refuse_empty_path
 from unlearn_kernels.checks import (
     as_float,
@@ -121,10 +122,6 @@ def test_an_op_refuses_an_int_beyond_a_float_as_not_finite(op, value):
 def test_refuse_empty_path_and_path_argument(tmp_path):
     """The one check of an empty path (which Path reads as the working folder): the caller's message, an
     os.PathLike of "" too; the command line's argparse type turns it into a usage error."""
-    class EmptyPath:
-        def __fspath__(self) -> str:
-            return ""
-
     for empty in ("", EmptyPath()):
         with pytest.raises(ValueError, match=r"^--thing is an empty path: name a file$"):
             refuse_empty_path(empty, "--thing is an empty path: name a file")
