@@ -118,6 +118,20 @@ def test_a_backend_the_extension_lacks_says_how_to_build_it(monkeypatch):
         module.status.cache_clear()
 
 
+def test_the_build_command_is_written_once():
+    """The command that builds the extension was written three times (the import warning, the C++/CUDA
+    backends' reason, the Triton one), free to drift apart: _extension.BUILD_COMMAND now, which each takes."""
+    from pathlib import Path
+
+    from unlearn_kernels import _extension
+
+    package = Path(_extension.__file__).parent
+    holding = sorted(str(p.relative_to(package)) for p in package.rglob("*.py")
+                     if _extension.BUILD_COMMAND in p.read_text(encoding="utf-8"))
+    assert holding == ["_extension.py"]
+    assert f"`{_extension.BUILD_COMMAND}`" in _extension.REBUILD
+
+
 def test_declaring_an_op_again_refreshes_its_status(monkeypatch):
     """``status`` is cached per (op, backend): a new declaration must clear it, or the old answer stays."""
     backends = importlib.import_module("unlearn_kernels.backends")  # the package's name `backends` is a function

@@ -13,9 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from devices import backend_devices
+from pathlike import EmptyPath
 from unlearn_kernels.checkpoint import refuse_empty_path
 from unlearn_kernels.checks import (
     as_float,
+    check_module,
     check_not_meta,
     check_number,
     check_one_floating_dtype_and_device,
@@ -39,6 +41,48 @@ def test_check_tensor_refuses_a_sparse_tensor():
     for sparse in (dense.to_sparse(), dense.to_sparse_csr()):
         with pytest.raises(TypeError, match=r"x must be a dense tensor, got layout torch\.sparse_c"):
             check_tensor("x", sparse)
+
+
+def test_one_check_module_with_one_message_everywhere():
+    """Two check_module functions (training's "model must be a torch.nn.Module", lora's "expected an
+    nn.Module") and two inline copies gave one bad model two messages; one now, naming the argument."""
+    from unlearn_kernels import lora, training
+    from unlearn_kernels.curvature import resolve_parameters
+    from unlearn_kernels.eval import weight_distance
+
+    layer = nn.Linear(2, 2)
+    assert check_module("x", layer) is layer
+    for call, message in ((lambda: training.train(None, None, None), "train: model"),
+                          (lambda: lora.merge("m"), "merge: model"),
+                          (lambda: lora.from_peft(None), "from_peft: peft_model"),
+                          (lambda: resolve_parameters(None), "model"),
+                          (lambda: weight_distance(layer, 3), "weight_distance: model_b")):
+        with pytest.raises(TypeError, match=rf"^{message} must be a torch\.nn\.Module, got \w+$"):
+            call()
+    assert not hasattr(lora, "check_module") or lora.check_module is check_module
+    assert training.check_module is check_module
+
+
+def test_non_finite_inputs_get_one_message_everywhere():
+    """train and the evaluation said "NaN or Inf in the inputs at row N", the methods "the <role> set has
+    inputs that are not finite (...)": one check (checks.check_finite_inputs), one wording naming the set."""
+    from unlearn_kernels.data import LabeledData
+    from unlearn_kernels.eval import predict_logits
+    from unlearn_kernels.methods import METHODS
+    from unlearn_kernels.training import TrainConfig, train
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(8, 3), torch.tensor([0, 1] * 4)
+    bad = x.clone()
+    bad[5, 1] = math.inf
+    tail = r" has inputs that are not finite \(NaN or Inf; first at row 5\)$"
+    for call, what in ((lambda: train(model, LabeledData(bad, y), TrainConfig(epochs=1)), "train: the training set"),
+                       (lambda: predict_logits(model, LabeledData(bad, y)), "predict_logits: data"),
+                       (lambda: METHODS["finetune"]().unlearn(model, LabeledData(x[:2], y[:2]), LabeledData(bad, y)),
+                        "finetune: the retain set")):
+        with pytest.raises(ValueError, match="^" + what + tail):
+            call()
 
 
 @pytest.mark.parametrize("value", [2**2000, -(2**2000)], ids=["2**2000", "-2**2000"])
@@ -78,10 +122,6 @@ def test_an_op_refuses_an_int_beyond_a_float_as_not_finite(op, value):
 def test_refuse_empty_path_and_path_argument(tmp_path):
     """The one check of an empty path (which Path reads as the working folder): the caller's message, an
     os.PathLike of "" too; the command line's argparse type turns it into a usage error."""
-    class EmptyPath:
-        def __fspath__(self) -> str:
-            return ""
-
     for empty in ("", EmptyPath()):
         with pytest.raises(ValueError, match=r"^--thing is an empty path: name a file$"):
             refuse_empty_path(empty, "--thing is an empty path: name a file")

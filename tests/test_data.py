@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from pathlike import EmptyPath
 from sklearn import datasets as skdatasets
 
 from unlearn_kernels.data import (
@@ -559,15 +560,10 @@ def test_the_local_datasets_are_the_ones_that_need_a_root(name):
         load_dataset(name)
 
 
-class _EmptyPath(os.PathLike):
-    def __fspath__(self) -> str:
-        return ""
-
-
 @pytest.mark.parametrize("root, error, message", [
     (3, TypeError, "mnist: root must be a folder path \\(str or os.PathLike\\), got int"),  # was pathlib's message
     ("", ValueError, "mnist: root '' names no folder"),  # was read as the working folder
-    (_EmptyPath(), ValueError, "mnist: root '' names no folder"),  # an os.PathLike of '' was too
+    (EmptyPath(), ValueError, "mnist: root '' names no folder"),  # an os.PathLike of '' was too
 ], ids=["int", "empty", "empty-pathlike"])
 def test_root_that_is_no_path_is_refused(root, error, message: str) -> None:
     with pytest.raises(error, match=message):

@@ -489,7 +489,7 @@ def test_adapter_on_a_layer_without_inputs():
 ], ids=["add_adapters", "resolve_targets", "from_peft-None", "from_peft-str", "merge", "unmerge", "unload",
         "to_peft", "adapter_modules"])
 def test_a_model_that_is_not_a_module_is_a_type_error(call):
-    with pytest.raises(TypeError, match=r"^\w+: expected an nn.Module, got (NoneType|str)$"):
+    with pytest.raises(TypeError, match=r"^\w+: (peft_)?model must be a torch.nn.Module, got (NoneType|str)$"):
         call()
 
 

@@ -345,7 +345,8 @@ def test_non_finite_weights_raise_before_any_work(problem, name):
         with torch.no_grad():
             dict([*bad.named_parameters(), *bad.named_buffers()])[key][1] = value
         state, modes = _snapshot(bad)
-        with pytest.raises(ValueError, match=f"^{name}: the model's {kind} '{key}' contains {what}$"):
+        with pytest.raises(ValueError,
+                           match=rf"^{name}: the model's {kind} '{key}' has {what} values \(did an update diverge\?\)"):
             _make(name).unlearn(bad, forget, retain)
         after, modes_after = _snapshot(bad)
         assert modes_after == modes
@@ -395,7 +396,7 @@ def test_an_infinite_mask_buffer_is_accepted(problem, method):
     bad = copy.deepcopy(model)
     with torch.no_grad():
         bad[1].running_var[3] = math.inf
-    with pytest.raises(ValueError, match=rf"^{method}: the model's buffer '1.running_var' contains NaN or Inf$"):
+    with pytest.raises(ValueError, match=rf"^{method}: the model's buffer '1.running_var' has NaN or Inf values"):
         METHOD_FACTORIES[method]().unlearn(bad, forget, retain)
     with pytest.raises(ValueError, match=r"^GenericHessian: buffer '1.running_var' has NaN or Inf values"):
         hessian_operator(bad, F.cross_entropy, (retain.x, retain.y), path="generic")

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from sklearn.datasets import load_digits
 
+from pathlike import EmptyPath
 from unlearn_kernels.data import LabeledData
 from unlearn_kernels.labeled import wrong_labels
 from unlearn_kernels.methods import (
@@ -247,6 +248,7 @@ def test_retrain_names_a_cache_dir_or_model_info_of_the_wrong_type(kwargs, messa
     ("random_labels", {"lr": 1e30, "epochs": 1}),
     ("scrub", {"lr": 1e30, "epochs": 1}),
     ("bad_teacher", {"lr": 1e30}),
+    ("unsir", {"lr": 1e30}),  # the impair diverges: said before the repair trains
 ])
 def test_a_diverging_method_raises_and_leaves_the_model(problem, name, kwargs):
     """A step size that blows the weights up to NaN/Inf is an error naming the method, not a NaN model."""
@@ -616,10 +618,6 @@ def test_methods_that_train_through_train_do_not_check_the_retain_set_again(prob
 
 def test_retrain_refuses_an_empty_cache_dir(tmp_path, monkeypatch):
     """Path("") is the working folder: an empty cache_dir cached the oracles there silently."""
-    class EmptyPath:
-        def __fspath__(self) -> str:
-            return ""
-
     monkeypatch.chdir(tmp_path)
     for empty in ("", EmptyPath()):
         with pytest.raises(ValueError, match=r"^Retrain: cache_dir is an empty path, which would cache the oracles in "

@@ -415,6 +415,23 @@ def test_complex_and_uint64_labels() -> None:
     assert random_forget(y.astype(np.uint64), 0.5).forget_idx.tolist() == random_forget(y, 0.5).forget_idx.tolist()
 
 
+def test_unsigned_labels_are_one_rule_for_the_protocols_and_the_metrics() -> None:
+    """mislabel took uint32 labels while the metrics' check_labels refused them (TypeError), and the uint64
+    wrap check was written twice: one rule now (checks.as_int64), labels of any integer dtype are the ids
+    they hold, a uint64 value int64 cannot hold is refused by name, at both entry points."""
+    from unlearn_kernels.eval import accuracy
+
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    logits = torch.nn.functional.one_hot(y, 3).float()
+    for dtype in (torch.uint8, torch.uint16, torch.uint32, torch.uint64):
+        assert mislabel(y.to(dtype), 0.5).labels.tolist() == mislabel(y, 0.5).labels.tolist()
+        assert accuracy(logits, y.to(dtype)) == 1.0
+    wrapped = torch.cat([y[:-1], torch.tensor([-1])]).view(torch.uint64)  # its last value is 2**64 - 1
+    for call in (lambda: mislabel(wrapped, 0.5), lambda: accuracy(logits, wrapped)):
+        with pytest.raises(ValueError, match=r"must lie in the int64 range, got 18446744073709551615$"):
+            call()
+
+
 def test_indices_beyond_int64_name_the_argument() -> None:
     with pytest.raises(ValueError, match=r"^indices must lie in the int64 range, got \[1180591620717411303424\]$"):
         split_forget(20, [2**70])  # was torch's "Overflow when unpacking long long", then "must be integers"

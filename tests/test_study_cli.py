@@ -19,6 +19,7 @@ import unlearn_kernels.checkpoint as checkpoint
 import unlearn_kernels.report as report
 import unlearn_kernels.study as study_module
 from devices import DEVICE_ERRORS
+from pathlike import EmptyPath
 from unlearn_kernels.checkpoint import data_fingerprint, read_checkpoint
 from unlearn_kernels.cli import main, parse_method_options
 from unlearn_kernels.data import load_dataset, mislabel
@@ -1178,10 +1179,6 @@ def test_a_run_that_replaces_a_scenarios_results_removes_the_summary_of_the_old_
 def test_an_empty_cache_dir_is_refused_not_read_as_no_cache(tmp_path, monkeypatch):
     """``StudyConfig(cache_dir="")`` ran the study without a cache (``if not config.cache_dir``), where
     ``Retrain(cache_dir="")`` is refused: an empty path is the working folder to pathlib."""
-    class EmptyPath:
-        def __fspath__(self) -> str:
-            return ""
-
     monkeypatch.chdir(tmp_path)
     for empty in ("", EmptyPath()):
         with pytest.raises(ValueError, match=r"^cache_dir is an empty path, which would cache the original models in "

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -256,7 +257,8 @@ def test_train_refuses_data_the_model_cannot_train_on_before_any_step():
     too_high[7] = 3
     ignored = data.y.clone()
     ignored[7] = -100
-    cases = [(LabeledData(nan_x, data.y), "NaN or Inf in the inputs at row 5"),
+    cases = [(LabeledData(nan_x, data.y),
+              r"the training set has inputs that are not finite \(NaN or Inf; first at row 5\)"),
              (LabeledData(data.x, too_high),
               r"training set has labels outside the model's 3 classes \(first at row 7: label 3\)"),
              (LabeledData(data.x, ignored), r"first at row 7: label -100"),
@@ -368,6 +370,59 @@ def test_batches_of_one_row_no_joining_helps_are_refused_before_any_step(rows, b
     assert train(init_model(factory, 0), blobs(rows), TrainConfig(epochs=1, batch_size=batch_size)).steps == rows
 
 
+def test_train_refuses_a_model_with_non_finite_weights_before_any_step():
+    """One NaN weight trained silently: after the first step every parameter of the caller's model was NaN
+    (and an Inf BatchNorm running variance trained too). Refused now as every other entry point refuses it
+    (checks.check_finite_model), the model untouched; a model on the meta device is named, not met by torch."""
+    data = blobs()
+    for net, key, value, what in ((factory, "1.weight", math.nan, "parameter"),
+                                  (batch_norm_net, "1.running_var", math.inf, "buffer")):
+        model = init_model(net, 0)
+        with torch.no_grad():
+            dict([*model.named_parameters(), *model.named_buffers()])[key].view(-1)[0] = value
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=rf"^finetune: the model's {what} '{re.escape(key)}' has NaN or Inf "
+                                             r"values \(did an update diverge\?\)$"):
+            train(model, data, CONFIG, owner="finetune")
+        after = model.state_dict()
+        assert all(torch.equal(v.nan_to_num(), before[k].nan_to_num()) for k, v in after.items())
+    with pytest.raises(ValueError, match=r"^train: the model's parameter '0.weight' is on the meta device"):
+        train(nn.Sequential(nn.Linear(4, 3, device="meta")), data, CONFIG)
+
+
+class _RecordsMoves(nn.Sequential):
+    """Records its ``to`` calls (what train() does with device=)."""
+
+    def __init__(self, *layers: nn.Module) -> None:
+        super().__init__(*layers)
+        self.moves: list[tuple] = []
+
+    def to(self, *args, **kwargs):
+        self.moves.append(args)
+        return super().to(*args, **kwargs)
+
+
+def test_a_refused_train_leaves_the_model_where_it_was():
+    """train() moved the caller's model to ``device`` and then checked the data: a refused call with
+    device="cuda" left the model on the GPU. Every refusal now comes before the move (recorded here as
+    ``to`` calls, which need no GPU); a call that trains moves it once."""
+    data = blobs()
+    nan_x = data.x.clone()
+    nan_x[5, 2] = math.nan
+    too_high = data.y.clone()
+    too_high[7] = 3
+    for bad, config, message in ((LabeledData(nan_x, data.y), CONFIG, "inputs that are not finite"),
+                                 (LabeledData(data.x, too_high), CONFIG, "labels outside the model's 3 classes"),
+                                 (data, TrainConfig(batch_size=1), "batch_size 1 makes every batch")):
+        torch.manual_seed(0)
+        model = _RecordsMoves(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        with pytest.raises(ValueError, match=message):
+            train(model, bad, config)
+        assert model.moves == []
+    train(model, data, TrainConfig(epochs=1))
+    assert model.moves == [(torch.device("cpu"),)]
+
+
 def test_train_names_its_owner_and_set_and_skips_checks_its_caller_made():
     """A method that trains through train() (finetune, random_labels, salun, retrain) was reported as
     "train: ...", a function its caller never called; and it ran the input checks unlearn() had made."""
@@ -376,7 +431,8 @@ def test_train_names_its_owner_and_set_and_skips_checks_its_caller_made():
     nan_x[3, 1] = math.inf
     too_high = data.y.clone()
     too_high[2] = 5
-    cases = [(LabeledData(nan_x, data.y), CONFIG, "NaN or Inf in the inputs at row 3"),
+    cases = [(LabeledData(nan_x, data.y), CONFIG,
+              r"the retain set has inputs that are not finite \(NaN or Inf; first at row 3\)"),
              (LabeledData(data.x, too_high), CONFIG, r"the retain set has labels outside the model's 3 classes"),
              (LabeledData(data.x[:, :3], data.y), CONFIG, r"the retain samples \(torch.float32, shape \(3,\)\)"),
              (LabeledData(data.x[:0], data.y[:0]), CONFIG, "the retain set is empty"),

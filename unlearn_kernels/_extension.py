@@ -7,6 +7,12 @@ from pathlib import Path
 
 import torch  # noqa: F401  (the extension links against torch: torch must be loaded first)
 
+#: the command that builds the extension (and installs the Triton kernels), run from the source tree: the one
+#: place every message that says how to build it takes it from (this warning, ``backends``' reasons)
+BUILD_COMMAND = "pip install --no-build-isolation -e ."
+#: how to build the compiled extension, for the reasons it cannot be used
+REBUILD = f"rebuild it with `{BUILD_COMMAND}` from the source tree"
+
 try:
     from . import _C  # noqa: F401  (loading the library registers the C++/CUDA kernels)
 
@@ -19,8 +25,7 @@ except ImportError as exc:  # not built, or built against another torch
         LOAD_ERROR = f"it is not built: no _C library in {here}"
     warnings.warn(
         "unlearn_kernels: the compiled extension could not be loaded "
-        f"({LOAD_ERROR}); the pure-PyTorch reference kernels will be used. Rebuild it with "
-        "`pip install --no-build-isolation -e .` from the source tree.",
+        f"({LOAD_ERROR}); the pure-PyTorch reference kernels will be used: {REBUILD}.",
         RuntimeWarning,
         stacklevel=2,
     )

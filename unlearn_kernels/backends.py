@@ -61,10 +61,6 @@ class BackendStatus:
         return ("usable" if self.usable else "unavailable") + f" ({self.reason})"
 
 
-#: how to build the compiled extension (for the reasons a C++ or CUDA backend cannot run)
-_REBUILD = "rebuild it with `pip install --no-build-isolation -e .` from the source tree"
-
-
 def _has_kernel(op: str, dispatch_key: str) -> bool:
     return _extension.extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
         f"unlearn_kernels::{op}", dispatch_key
@@ -79,7 +75,7 @@ def triton_available() -> tuple[bool, str]:
     if importlib.util.find_spec(f"{__package__}.triton_kernels") is None:
         # installed into the package from the top-level triton_kernels/ (setup.py): a source tree lacks them
         return False, ("the package's Triton kernels are not installed: install the package "
-                       "(pip install --no-build-isolation -e .) rather than run it from the source tree")
+                       f"({_extension.BUILD_COMMAND}) rather than run it from the source tree")
     try:
         from .triton_kernels import INTERPRETED
     except ImportError as error:  # torch before 2.6 has no torch.library.triton_op
@@ -106,13 +102,13 @@ def status(op: str, backend: str) -> BackendStatus:
         return BackendStatus(True, "pure PyTorch, runs on any device")
     if backend == "cpp":
         if not _extension.extension_loaded():
-            return BackendStatus(False, f"extension not loaded: {_extension.LOAD_ERROR}; {_REBUILD}")
+            return BackendStatus(False, f"extension not loaded: {_extension.LOAD_ERROR}; {_extension.REBUILD}")
         if not _has_kernel(op, "CPU"):
             return BackendStatus(False, "no C++ CPU kernel registered for this op")
         return BackendStatus(True, "compiled C++ CPU kernel")
     if backend == "cuda":
         if not _extension.extension_loaded():
-            return BackendStatus(False, f"extension not loaded: {_extension.LOAD_ERROR}; {_REBUILD}")
+            return BackendStatus(False, f"extension not loaded: {_extension.LOAD_ERROR}; {_extension.REBUILD}")
         if not _has_kernel(op, "CUDA"):
             why = "torch is a CPU build" if torch.version.cuda is None else "built without nvcc or CPU-only"
             return BackendStatus(False, f"CUDA kernels not compiled ({why})")

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .checks import check_device, first_nonfinite_model_weight
+from .checks import check_device, check_module, first_nonfinite_model_weight
 from .labeled import LabeledData
 from .training import (
     ProgressCallback,
@@ -39,7 +39,6 @@ from .training import (
     check_converged,
     check_data,
     check_model_factory,
-    check_module,
     check_new_each_call,
     init_model,
     train,
@@ -122,7 +121,7 @@ def cache_path(folder: str | os.PathLike[str], stem: str, model: nn.Module, conf
     Raises:
         TypeError: ``model`` is not an nn.Module or ``config`` not a TrainConfig.
     """
-    check_module("cache_path", model)
+    check_module("cache_path: model", model)
     check_config("cache_path", config)
     key = json.dumps([config.to_dict(), model_signature(model), tensors_digest(starting_state(model)),
                       dict(model_info or {}), device_description(device)], sort_keys=True, default=str)
@@ -575,7 +574,7 @@ def training_metadata(
             takes (its checks), or the model's state holds a non-tensor (:func:`model_signature`).
     """
     owner = "training_metadata"
-    check_module(owner, model)
+    check_module(f"{owner}: model", model)
     check_data(owner, data)
     check_config(owner, config)
     check_device(f"{owner}: device", device)

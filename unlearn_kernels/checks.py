@@ -84,6 +84,14 @@ def check_tensor(name: str, value: Any) -> torch.Tensor:
     return value
 
 
+def check_module(name: str, value: Any) -> nn.Module:
+    """``value`` if it is an nn.Module, else TypeError naming ``name`` (the caller's, with its prefix:
+    ``"train: model"``, ``"from_peft: peft_model"``)."""
+    if not isinstance(value, nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module, got {type(value).__name__}")
+    return value
+
+
 def check_tensors(owner: str, named: Iterable[tuple[str, Any]]) -> None:
     """:func:`check_tensor` on each ``(name, value)``, naming it ``"<owner>: <name>"``."""
     for name, value in named:
@@ -186,6 +194,26 @@ def check_int64(name: str, value: Any) -> int:
     return value
 
 
+def first_beyond_int64(t: torch.Tensor) -> int | None:
+    """The first value of a uint64 tensor ``t`` from 2**63 up, which int64 cannot hold (the cast every
+    caller makes would wrap it to a negative), or None (for every other dtype too)."""
+    if t.dtype != torch.uint64:
+        return None
+    signed = t.view(torch.int64)  # the same bits: values from 2**63 up read negative
+    wraps = signed < 0
+    return int(signed[wraps][0]) + 2**64 if bool(wraps.any()) else None
+
+
+def as_int64(name: str, t: torch.Tensor) -> torch.Tensor:
+    """The integer tensor ``t`` (labels, indices) as int64: the ids it holds, whatever its width and sign
+    (torch compares no uint16/32/64 tensor on the CPU, and indexes with int64); ValueError naming ``name``
+    for a uint64 value int64 cannot hold (:func:`first_beyond_int64`). The one rule for integer ids."""
+    beyond = first_beyond_int64(t)
+    if beyond is not None:
+        raise ValueError(f"{name} must lie in the int64 range, got {beyond}")
+    return t.long()
+
+
 def check_seed(name: str, value: Any, high_bits: int = 63) -> int:
     """``value`` as an int if it is an integer (Python or numpy; not a bool) in [0, 2**high_bits)
     (torch's seeds: 63 bits; scikit-learn's: 32), else TypeError / ValueError naming ``name``."""
@@ -234,6 +262,16 @@ def first_nonfinite_row(t: torch.Tensor) -> int | None:
         if not bool(finite.all()):
             return start + int((~finite).nonzero()[0, 0])
     return None
+
+
+def check_finite_inputs(owner: str, what: str, x: torch.Tensor) -> None:
+    """ValueError ``"<owner>: <what> has inputs that are not finite (NaN or Inf; first at row N)"``
+    (``what``: the set as the caller calls it, ``"the retain set"``, ``"data"``) where a row of ``x``
+    holds NaN or Inf (:func:`first_nonfinite_row`): the one refusal of such inputs before training,
+    unlearning or evaluating on them, which would silently give a NaN model, NaN logits or a NaN norm."""
+    row = first_nonfinite_row(x)
+    if row is not None:
+        raise ValueError(f"{owner}: {what} has inputs that are not finite (NaN or Inf; first at row {row})")
 
 
 def normalisation_buffers(model: nn.Module) -> frozenset[str]:
@@ -344,6 +382,18 @@ def first_nonfinite_model_weight(model: nn.Module) -> tuple[str, str, str] | Non
     """:func:`first_nonfinite_weight` of all of ``model``'s parameters and buffers, with its
     normalisation layers' running statistics (:func:`normalisation_buffers`) held to the parameters' rule."""
     return first_nonfinite_weight(model.named_parameters(), model.named_buffers(), normalisation_buffers(model))
+
+
+def check_finite_model(owner: str, model: nn.Module) -> None:
+    """ValueError ``"<owner>: the model's <kind> <name> has <what> values (did an update diverge?)"`` for
+    the first weight of ``model`` that :func:`first_nonfinite_model_weight` refuses: the one refusal of a
+    given model with a NaN or Inf weight (training, the methods, the evaluation, the Lipschitz estimate),
+    before any work (a NaN weight makes every output, loss and update NaN). The model is on a device
+    with values (:func:`check_not_meta` first)."""
+    bad = first_nonfinite_model_weight(model)
+    if bad is not None:
+        kind, key, what = bad
+        raise ValueError(f"{owner}: the model's {kind} {key!r} has {what} values (did an update diverge?)")
 
 
 def norm64(v: torch.Tensor) -> float:

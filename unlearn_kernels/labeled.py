@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, SequentialSampler, TensorDataset
 
-from .checks import check_bool, check_int, check_tensor
+from .checks import check_bool, check_int, check_tensor, first_beyond_int64
 
 
 @dataclass(frozen=True)
@@ -72,11 +72,9 @@ class LabeledData:
             raise TypeError(f"LabeledData.subset: index must be integer indices or a boolean mask, got {index.dtype}")
         if index.dim() != 1:
             raise ValueError(f"LabeledData.subset: index must be 1-D, got shape {tuple(index.shape)}")
-        if index.dtype == torch.uint64:  # values from 2**63 up would wrap to negatives in int64: named as given
-            wraps = index.view(torch.int64) < 0
-            if bool(wraps.any()):
-                bad = int(index.view(torch.int64)[wraps.nonzero()[0, 0]]) + 2**64
-                raise ValueError(f"LabeledData.subset: index {bad} is out of range for {len(self)} rows")
+        beyond = first_beyond_int64(index)  # would wrap to a negative in int64: named as given
+        if beyond is not None:
+            raise ValueError(f"LabeledData.subset: index {beyond} is out of range for {len(self)} rows")
         if index.dtype != torch.bool:
             # int64, as torch indexes with: it reads uint8 values as a mask, refuses int8/int16 and has no
             # min/max for uint16/32/64

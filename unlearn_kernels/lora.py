@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import ops
-from .checks import all_finite, check_int, check_number
+from .checks import all_finite, check_int, check_module, check_number
 
 #: the layer types an adapter can wrap
 ADAPTABLE = (nn.Linear, nn.Conv2d)
@@ -317,16 +317,9 @@ Adapter = LoRALinear | LoRAConv2d
 # model-level helpers
 
 
-def check_module(owner: str, model: Any) -> nn.Module:
-    """``model`` if it is an nn.Module, else TypeError naming ``owner``."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{owner}: expected an nn.Module, got {type(model).__name__}")
-    return model
-
-
 def adapter_modules(model: nn.Module) -> dict[str, Adapter]:
     """Every LoRA adapter of ``model`` by its module name, in module order."""
-    check_module("adapter_modules", model)
+    check_module("adapter_modules: model", model)
     return _adapters("adapter_modules", model)
 
 
@@ -339,7 +332,7 @@ def _adapters(owner: str, model: nn.Module) -> dict[str, Adapter]:
 def adapter_parameter_names(model: nn.Module) -> tuple[str, ...]:
     """Names of the adapter parameters (``<module>.lora_a``, ``<module>.lora_b``), e.g. for
     ``hessian_operator(..., params=...)`` or ``CureNewton(params=...)``; empty if there is none."""
-    check_module("adapter_parameter_names", model)
+    check_module("adapter_parameter_names: model", model)
     return tuple(f"{name}.{p}" if name else p  # name "": the model is itself an adapter
                  for name in _adapters("adapter_parameter_names", model) for p in ("lora_a", "lora_b"))
 
@@ -351,7 +344,7 @@ def adaptable_layers(model: nn.Module) -> list[str]:
     directly), and none used under a second name or sharing a parameter (tied weights). The methods'
     default targets: a layer that cannot take an adapter is left out, not refused, so that a model
     holding one (any torch Transformer layer, a tied layer) works with the defaults."""
-    check_module("adaptable_layers", model)
+    check_module("adaptable_layers: model", model)
     adapters = _adapters("adaptable_layers", model)
     modules = dict(model.named_modules())
     every_name = dict(model.named_modules(remove_duplicate=False))
@@ -410,7 +403,7 @@ def resolve_targets(model: nn.Module, targets: str | Sequence[str], owner: str =
     adapter would take only one of its uses, and freezing and merging would change the others.
     Changes nothing (what :func:`add_adapters` checks before it adds any adapter); ``owner`` prefixes
     the messages."""
-    check_module(owner, model)
+    check_module(f"{owner}: model", model)
     refuse_a_bare_layer(owner, model)  # else "target '*' names no module of the model (modules: [])"
     targets = check_targets(owner, targets)
     modules = dict(model.named_modules(remove_duplicate=False))  # every name of a module used twice
@@ -524,7 +517,7 @@ def add_adapters(model: nn.Module, targets: str | Sequence[str], rank: int = 8, 
             ``model`` not an nn.Module, or a target that is not a Linear/Conv2d layer. Nothing is
             changed when it raises.
     """
-    check_module("add_adapters", model)
+    check_module("add_adapters: model", model)
     check_rank_alpha("add_adapters", rank, alpha)
     names = resolve_targets(model, targets)
     modules = dict(model.named_modules(remove_duplicate=False))
@@ -548,7 +541,7 @@ def _check_mergeable(adapters: dict[str, Adapter]) -> None:
 def merge(model: nn.Module) -> None:
     """Merges every adapter into its base weight (in place; :func:`unmerge` undoes it). ValueError,
     merging none, where an adapter's merged weight would hold NaN or Inf."""
-    check_module("merge", model)
+    check_module("merge: model", model)
     adapters = _adapters("merge", model)
     _check_mergeable(adapters)
     for adapter in adapters.values():
@@ -558,7 +551,7 @@ def merge(model: nn.Module) -> None:
 def unmerge(model: nn.Module) -> None:
     """Undoes :func:`merge` (in place; the base weights come back up to the rounding of the merged weights,
     see :meth:`LoRALinear.unmerge`)."""
-    check_module("unmerge", model)
+    check_module("unmerge: model", model)
     for adapter in _adapters("unmerge", model).values():
         adapter.unmerge()
 
@@ -570,7 +563,7 @@ def unload(model: nn.Module, *, merge: bool = True) -> nn.Module:
     been merged, see :func:`unmerge`), restores the
     base layer's ``requires_grad`` flags and returns ``model``: the plain architecture again.
     ``model`` must contain its adapters (for an adapter on its own, merge it and take ``.base``)."""
-    check_module("unload", model)
+    check_module("unload: model", model)
     adapters = _adapters("unload", model)
     if "" in adapters:
         raise ValueError("unload: the model is itself an adapter and cannot replace itself; call merge() (or "
@@ -623,7 +616,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     ``requires_grad`` flags: PEFT freezes every parameter but the adapters, so the layers without an
     adapter come frozen; ``requires_grad_(True)`` on them gives them back to training.
     """
-    check_module("from_peft", peft_model)
+    check_module("from_peft: peft_model", peft_model)
     peft = _peft()
     lora_layer = peft.tuners.lora.LoraLayer
     base = peft_model.get_base_model() if isinstance(peft_model, peft.PeftModel) else peft_model
@@ -687,7 +680,7 @@ def to_peft(model: nn.Module, adapter_name: str = "default") -> nn.Module:
     ``LoraConfig``); otherwise ValueError. ``adapter_name`` must be a non-empty str without "." (PEFT
     keys its per-adapter modules by it): TypeError / ValueError otherwise.
     """
-    check_module("to_peft", model)
+    check_module("to_peft: model", model)
     refuse_a_bare_layer("to_peft", model)  # else unload's refusal, which advised dropping the adapter (.base)
     adapters = _adapters("to_peft", model)
     if not isinstance(adapter_name, str):

@@ -29,11 +29,14 @@ from .checks import (
     batch_statistics_layer,
     check_choice,
     check_device,
+    check_finite_inputs,
+    check_finite_model,
     check_int,
+    check_module,
+    check_not_meta,
     check_number,
     check_seed,
     first_nonfinite_model_weight,
-    first_nonfinite_row,
     is_out_of_memory,
     normalisation_buffers,
 )
@@ -293,12 +296,6 @@ def _storages(model: nn.Module) -> dict[tuple[torch.device, int], tuple[str, str
     return found
 
 
-def check_module(owner: str, model: Any) -> None:
-    """TypeError naming ``owner`` unless ``model`` is an nn.Module."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{owner}: model must be a torch.nn.Module, got {type(model).__name__}")
-
-
 def check_config(owner: str, config: Any) -> None:
     """TypeError naming ``owner`` unless ``config`` is a :class:`TrainConfig`."""
     if not isinstance(config, TrainConfig):
@@ -512,13 +509,17 @@ def train(
             ``progress`` or ``after_step`` not a callable (or None).
         ValueError: before any step: a ``device`` that cannot run here (see
             :func:`~unlearn_kernels.checks.check_device`), empty data, a model without trainable
-            parameters, NaN or Inf inputs, inputs the model cannot take
-            (another dtype or width), labels outside the model's classes, or batches of one row that
-            a batch-norm layer of the model cannot train on (``batch_size`` 1 or one row of data; a
-            last batch of one row is joined to the one before it, see :func:`join_last_row`).
+            parameters, a model on the meta device or with a weight that the rule of
+            :func:`~unlearn_kernels.checks.first_nonfinite_weight` refuses (NaN or Inf in a parameter
+            or a normalisation layer's running statistic: one step would make every weight NaN), NaN or
+            Inf inputs, inputs the model cannot take (another dtype or width), labels outside the
+            model's classes, or batches of one row that a batch-norm layer of the model cannot train on
+            (``batch_size`` 1 or one row of data; a last batch of one row is joined to the one before
+            it, see :func:`join_last_row`).
+            Every such refusal comes before the model is moved to ``device``: it stays where it was.
             An error raised during the training leaves each submodule in the mode it had.
     """
-    check_module(owner, model)
+    check_module(f"{owner}: model", model)
     check_data(owner, data)
     check_config(owner, config)
     device = check_device(f"{owner}: device", device)
@@ -530,15 +531,17 @@ def train(
     for what, callback in (("progress", progress), ("after_step", after_step)):
         if callback is not None and not callable(callback):  # else torch's TypeError after a step, the model changed
             raise TypeError(f"{owner}: {what} must be a callable or None, got {type(callback).__name__}")
+    check_not_meta(owner, model)
+    check_finite_model(owner, model)  # one NaN weight makes every weight NaN after the first step
     start = time.perf_counter()
-    model.to(device)
-    data = data.to(device)
+    # every check before the model moves: a refused call leaves the caller's model where it was (the
+    # probes run the model where it is, on rows moved there)
     if not data_checked:
-        row = first_nonfinite_row(data.x)
-        if row is not None:  # training would silently give a NaN model
-            raise ValueError(f"{owner}: NaN or Inf in the inputs at row {row}")
+        check_finite_inputs(owner, f"the {role} set", data.x)
         check_fits(owner, model, data, role, in_training_mode=True)
     join = join_last_row(owner, model, data, config.batch_size, role)
+    model.to(device)
+    data = data.to(device)
     optimizer = make_optimizer(model.parameters(), config.optimizer, config.lr, owner=owner,
                                momentum=config.momentum, weight_decay=config.weight_decay)
     total_steps = config.epochs * epoch_steps(len(data), config.batch_size, join)

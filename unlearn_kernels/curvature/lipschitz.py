@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from ..checks import (
+    check_finite_model,
     check_int,
     check_not_meta,
     check_number,
     check_seed,
-    first_nonfinite_model_weight,
     norm64,
     refusing_uncopyable,
 )
@@ -116,10 +116,7 @@ def estimate_hessian_lipschitz(
     # on the caller's model (its tensors are not the copy's), refused as the operator would refuse it
     names = tuple(resolve_curvature_parameters(model, params))
     check_not_meta("estimate_hessian_lipschitz", model)  # before its weights are read
-    bad = first_nonfinite_model_weight(model)  # else read below as a radius the weights cannot resolve
-    if bad is not None:
-        kind, key, what = bad
-        raise ValueError(f"estimate_hessian_lipschitz: the model's {kind} {key!r} contains {what}")
+    check_finite_model("estimate_hessian_lipschitz", model)  # else read below as a radius the weights cannot resolve
     w = get_flat_parameters(model, names)
     generator = torch.Generator().manual_seed(seed)
 

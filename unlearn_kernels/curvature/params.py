@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..checks import all_finite, check_not_scripted, check_tensor
+from ..checks import all_finite, check_module, check_not_scripted, check_tensor
 from ..lora import LoRALinear
 from ..ops import weights_fingerprint
 
@@ -49,8 +49,7 @@ def resolve_parameters(model: nn.Module, params: ParamSelection = None) -> dict[
             empty selection, or the frozen base layer of an unmerged :class:`~unlearn_kernels.lora.LoRALinear`
             (its fused op gives the base no derivatives).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_module("model", model)
     named = dict(model.named_parameters())
     if params is None:
         chosen = {name: p for name, p in named.items() if p.requires_grad}

@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from ..checks import check_bool, check_has_values, check_int, check_number, check_seed
+from ..checks import as_int64, check_bool, check_has_values, check_int, check_number, check_seed
 from ..labeled import LabeledData, wrong_labels
 
 IndexLike = torch.Tensor | Sequence[int]
@@ -84,10 +84,7 @@ def _as_tensor(values: object, name: str) -> torch.Tensor:
             raise ValueError(f"{name} must lie in the int64 range, got {reprlib.repr(values)}") from None
         raise TypeError(f"{name} must be integers, got {reprlib.repr(values)} ({err})") from None
     # uint64 values from 2**63 would wrap to negative ids at the int64 cast every caller makes
-    if tensor.dtype == torch.uint64 and bool((tensor.view(torch.int64) < 0).any()):
-        beyond = int(tensor.view(torch.int64)[tensor.view(torch.int64) < 0][0]) + 2**64
-        raise ValueError(f"{name} must lie in the int64 range, got {beyond}")
-    return tensor
+    return as_int64(name, tensor) if tensor.dtype == torch.uint64 else tensor
 
 
 def _labels(labels: IndexLike) -> torch.Tensor:

@@ -20,19 +20,21 @@ from torch import nn
 
 from ..checks import (
     all_finite,
+    as_int64,
     check_choice,
+    check_finite_inputs,
+    check_finite_model,
     check_has_values,
     check_int,
+    check_module,
     check_not_meta,
     check_number,
     check_tensor,
-    first_nonfinite_model_weight,
-    first_nonfinite_row,
     first_nonfinite_weight,
     is_out_of_memory,
 )
 from ..labeled import LabeledData
-from ..training import check_data, check_module, eval_mode, join_last_row, model_device
+from ..training import check_data, eval_mode, join_last_row, model_device
 
 #: the keys :func:`avg_gap` compares by default, as the study's records name them (the entropy MIA)
 AVG_GAP_KEYS = ("mia_entropy", "acc_forget", "acc_retain", "acc_test")
@@ -54,18 +56,19 @@ def check_logits(name: str, logits: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or Inf")
 
 
-def check_labels(name: str, labels: torch.Tensor, logits: torch.Tensor) -> None:
-    """Integer labels, one per row of ``logits``, each a valid class index."""
+def check_labels(name: str, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Integer labels, one per row of ``logits``, each a valid class index; returned as int64 (labels of
+    any integer dtype are the ids they hold, as the data protocols read them: see
+    :func:`~unlearn_kernels.checks.as_int64`), which the caller computes with."""
     check_has_values(name, check_tensor(name, labels))
     if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"{name} must be a 1-D integer tensor, got {labels.dtype} of shape {tuple(labels.shape)}")
-    if labels.dtype in (torch.uint16, torch.uint32, torch.uint64):  # torch cannot even compare them on the CPU
-        raise TypeError(f"{name} is {labels.dtype}, which torch's comparisons do not take: pass the labels as "
-                        f"int64 (.long())")
     if labels.shape[0] != logits.shape[0]:
         raise ValueError(f"{name} has {labels.shape[0]} labels but the logits have {logits.shape[0]} rows")
+    labels = as_int64(name, labels)  # first: torch compares no uint16/32/64 tensor on the CPU
     if bool(((labels < 0) | (labels >= logits.shape[1])).any()):
         raise ValueError(f"{name} has labels outside [0, {logits.shape[1]}) (the number of classes)")
+    return labels
 
 
 def _check_pair(p_name: str, p_logits: torch.Tensor, q_name: str, q_logits: torch.Tensor) -> None:
@@ -105,7 +108,7 @@ def _js_lotus_probs(p: torch.Tensor, q: torch.Tensor, scale: float, eps: float) 
 
 # --------------------------------------------------------------------------- model helpers
 def _check_model_data(op: str, model: nn.Module, data: LabeledData, batch_size: int) -> None:
-    check_module(op, model)
+    check_module(f"{op}: model", model)
     check_data(op, data)
     if len(data) == 0:
         raise ValueError(f"{op}: data is empty")
@@ -113,13 +116,8 @@ def _check_model_data(op: str, model: nn.Module, data: LabeledData, batch_size: 
     # on the meta device: torch's "Tensor.item() cannot be called on meta tensors" at the first value read
     check_has_values(f"{op}: data's inputs x", data.x)
     check_not_meta(op, model)
-    row = first_nonfinite_row(data.x)  # would silently give NaN logits / a NaN norm
-    if row is not None:
-        raise ValueError(f"{op}: NaN or Inf in the inputs at row {row}")
-    bad = first_nonfinite_model_weight(model)
-    if bad is not None:  # the logits (and a loss or norm from them) would be NaN
-        kind, name, what = bad
-        raise ValueError(f"{op}: the model's {kind} {name!r} has {what} values (did an update diverge?)")
+    check_finite_inputs(op, "data", data.x)  # would silently give NaN logits / a NaN norm
+    check_finite_model(op, model)  # the logits (and a loss or norm from them) would be NaN
 
 
 @contextmanager
@@ -230,7 +228,8 @@ def gradient_norm(
             x = data.x[start:stop].to(device, copy=True)  # as in predict_logits
             y = data.y[start:stop].to(device)
             logits = _forward("gradient_norm", model, x)
-            check_labels("gradient_norm: data.y", y, logits)  # before loss_fn: on CUDA a bad class is a device assert
+            # before loss_fn: on CUDA a bad class is a device assert
+            y = check_labels("gradient_norm: data.y", y, logits)
             loss = loss_fn(logits, y)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise ValueError("gradient_norm: loss_fn must return a scalar tensor (the batch mean)")
@@ -264,8 +263,7 @@ def weight_distance(model_a: nn.Module, model_b: nn.Module) -> float:
             parameter that holds NaN or Inf (the distance would be NaN or Inf).
     """
     for name, model in (("model_a", model_a), ("model_b", model_b)):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"weight_distance: {name} must be a torch.nn.Module, got {type(model).__name__}")
+        check_module(f"weight_distance: {name}", model)
         check_not_meta(f"weight_distance: {name}", model)
     params_a = dict(model_a.named_parameters())
     params_b = dict(model_b.named_parameters())
@@ -300,7 +298,7 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     Ties take the first maximal class (``torch.argmax``). UA (unlearning accuracy) = 1 - Acc on D_f.
     """
     check_logits("accuracy: logits", logits)
-    check_labels("accuracy: y", y, logits)
+    y = check_labels("accuracy: y", y, logits)
     return float((logits.argmax(dim=1) == y.to(logits.device)).double().mean())
 
 
@@ -393,9 +391,9 @@ def rf_jsd(
     ``ValueError`` (Q_c would be undefined).
     """
     check_logits("rf_jsd: unlearned_forget_logits", unlearned_forget_logits)
-    check_labels("rf_jsd: forget_y", forget_y, unlearned_forget_logits)
+    forget_y = check_labels("rf_jsd: forget_y", forget_y, unlearned_forget_logits)
     check_logits("rf_jsd: original_unseen_logits", original_unseen_logits)
-    check_labels("rf_jsd: unseen_y", unseen_y, original_unseen_logits)
+    unseen_y = check_labels("rf_jsd: unseen_y", unseen_y, original_unseen_logits)
     if unlearned_forget_logits.shape[1] != original_unseen_logits.shape[1]:
         raise ValueError(
             f"rf_jsd: the forget logits have {unlearned_forget_logits.shape[1]} classes but the unseen "

@@ -143,9 +143,9 @@ def mia_loss(
             int >= 2, fewer than ``folds`` forget or test samples, or a ``seed`` outside [0, 2**32).
     """
     check_logits("mia_loss: forget_logits", forget_logits)
-    check_labels("mia_loss: forget_y", forget_y, forget_logits)
+    forget_y = check_labels("mia_loss: forget_y", forget_y, forget_logits)
     check_logits("mia_loss: test_logits", test_logits)
-    check_labels("mia_loss: test_y", test_y, test_logits)
+    test_y = check_labels("mia_loss: test_y", test_y, test_logits)
     _check_classes("mia_loss", forget_logits=forget_logits, test_logits=test_logits)
     folds = check_int("mia_loss: folds", folds, low=2)
     seed = check_sklearn_seed("mia_loss: seed", seed)
@@ -197,10 +197,12 @@ def mia_salun_efficacy(
         ValueError: logits that are not 2-D, empty, or hold NaN or Inf, logits with different numbers of
             classes, labels of the wrong length or outside [0, C), or a ``seed`` outside [0, 2**32).
     """
+    checked = {}
     for name, logits, y in (("retain", retain_logits, retain_y), ("test", test_logits, test_y),
                             ("forget", forget_logits, forget_y)):
         check_logits(f"mia_salun_efficacy: {name}_logits", logits)
-        check_labels(f"mia_salun_efficacy: {name}_y", y, logits)
+        checked[name] = check_labels(f"mia_salun_efficacy: {name}_y", y, logits)
+    retain_y, test_y, forget_y = checked["retain"], checked["test"], checked["forget"]
     _check_classes("mia_salun_efficacy", retain_logits=retain_logits, test_logits=test_logits,
                    forget_logits=forget_logits)
     seed = check_sklearn_seed("mia_salun_efficacy: seed", seed)

@@ -18,17 +18,19 @@ import torch.distributed as dist
 from torch import nn
 
 from ..checks import (
+    check_finite_inputs,
+    check_finite_model,
+    check_module,
     check_not_meta,
     check_not_scripted,
     check_seed,
     first_nonfinite_model_weight,
-    first_nonfinite_row,
     refusing_uncopyable,
 )
 from ..curvature.distributed import all_gather_objects
 from ..curvature.params import WeightsKey, weights_key
 from ..labeled import LabeledData
-from ..training import check_dense_gradients, check_fits, check_module, model_device, seeded_rng
+from ..training import check_dense_gradients, check_fits, model_device, seeded_rng
 
 
 @dataclass
@@ -229,15 +231,12 @@ def _check_model(name: str, model: nn.Module) -> None:
     operators apply (:func:`~unlearn_kernels.checks.first_nonfinite_weight`: a NaN/Inf weight would
     make every method return a NaN model, or fail deep inside its work; an Inf in a buffer such as an
     additive mask is harmless, and the Newton methods' operators accept it)."""
-    check_module(name, model)
+    check_module(f"{name}: model", model)
     # a copy of one shares its autograd graph with the caller's: its parameters are not leaves, its
     # gradients land in the caller's .grad, and optimizers refuse it
     check_not_scripted(name, model, "whose copies share gradients with it")
     check_not_meta(name, model)
-    bad = first_nonfinite_model_weight(model)
-    if bad is not None:
-        kind, key, what = bad
-        raise ValueError(f"{name}: the model's {kind} {key!r} contains {what}")
+    check_finite_model(name, model)
 
 
 def check_finite_result(name: str, model: nn.Module) -> None:
@@ -297,9 +296,7 @@ def _check_sets(name: str, forget: LabeledData, retain: LabeledData,
             raise ValueError(f"{name}: the {role} set has no input features per sample (x of shape "
                              f"{tuple(data.x.shape)})")
     for role, data in sets.items():
-        row = first_nonfinite_row(data.x)
-        if row is not None:
-            raise ValueError(f"{name}: the {role} set has inputs that are not finite (NaN or Inf; first at row {row})")
+        check_finite_inputs(name, f"the {role} set", data.x)
     for role, data in sets.items():
         if data.x.shape[1:] != forget.x.shape[1:]:
             raise ValueError(f"{name}: the {role} samples have shape {tuple(data.x.shape[1:])} but the forget "

@@ -35,7 +35,7 @@ from ..training import (
     seeded_rng,
     train,
 )
-from .base import Unlearner, UnlearnResult
+from .base import Unlearner, UnlearnResult, check_finite_result
 
 # ---------------------------------------------------------------------------------------------
 # helpers shared by the methods
@@ -648,6 +648,7 @@ class UNSIR(TrainedUnlearner):
         # the noise and D_r's rows are finite, fit the model and hold its labels (unlearn() checked D_f and D_r)
         impaired = train(model, impair, self._config(seed), device=device, owner=self.name, role=IMPAIR_ROLE,
                          data_checked=True)
+        check_finite_result(self.name, model)  # a diverged impair said as such, not as the repair's NaN model
         # another shuffle for the repair; folded back at the top seed (2**63 - 1 + 1 is no torch seed)
         repair_config = dataclasses.replace(self._config((seed + 1) % 2**63), epochs=self.repair_epochs,
                                             lr=self.repair_lr)
