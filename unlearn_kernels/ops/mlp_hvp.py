@@ -95,7 +95,8 @@ def mlp_hvp_ref(
     return list(hv_w), [next(present) if with_bias else None for with_bias in has_bias]
 
 
-#: The check_finite refusals, after "mlp_hvp: " (csrc/mlp_hvp.cpp raises them for the compiled kernels).
+#: The check_finite refusals, after "mlp_hvp: " for the products and the state, after "mlp_value_grad_flat: " for
+#: the loss and its gradient (csrc/mlp_hvp.cpp raises them so for the compiled kernels).
 _BAD_LOGITS = "the logits contain NaN or +Inf (check x, the weights and the biases)"
 _BAD_R_LOGITS = ("the R-derivative of the logits contains NaN or Inf (check {}, then x and the weights: an Inf "
                  "weight under a saturating activation leaves the logits finite)")
