@@ -25,7 +25,7 @@ import torch
 from ..checks import (all_finite, check_bool, check_int, check_number, check_option_names, check_seed, norm64, norm_scale,
                       scaled_norm)
 from ..ops.cubic_secular import SolutionOverflow, cubic_secular_solve
-from .lanczos import BREAKDOWN_RTOL_EPS, LanczosProcess, Reorth, replay, ritz_pairs
+from .lanczos import PROCESS_BREAKDOWN_EPS, LanczosProcess, Reorth, replay, ritz_pairs
 from .operators import NonFiniteProduct, SolverOperator, check_vector, operator_and_vector
 
 
@@ -312,7 +312,7 @@ class KrylovCubicSolver:
         # whose later vector is the long step along the bottom eigenvector: a model gradient of 1.4e-3), and what
         # follows such a beta is made orthogonal to the basis whatever it holds. "selective" and "none" keep the
         # process's threshold: their next vector would not be (their dropped couplings are counted in the bound)
-        rtol = 0.0 if self._reorth == "full" else BREAKDOWN_RTOL_EPS
+        rtol = 0.0 if self._reorth == "full" else PROCESS_BREAKDOWN_EPS
         self.process = LanczosProcess(self.op, self._v0, reorth=self._reorth, store_basis=not self.two_pass,
                                       capacity=capacity, generator=gen, breakdown_rtol=rtol)
         self._probed = False  # the guard's probe block has run
