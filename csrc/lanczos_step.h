@@ -1,6 +1,7 @@
-// Checks of the lanczos_step op, shared by its CPU and CUDA kernels (csrc/cpu/lanczos_step.cpp,
-// csrc/cuda/lanczos_step.cu). The messages are word for word those of the Python backends' checks
-// (unlearn_kernels/contracts/lanczos_step.py), so every backend raises the same error for the same input.
+// Checks of the lanczos_step op and its breakdown threshold, shared by its CPU and CUDA kernels
+// (csrc/cpu/lanczos_step.cpp, csrc/cuda/lanczos_step.cu). The messages are word for word those of the
+// Python backends' checks (unlearn_kernels/contracts/lanczos_step.py), so every backend raises the same
+// error for the same input.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -13,6 +14,10 @@
 #include "message.h"
 
 namespace unlearn_kernels {
+
+// Breakdown: a beta <= kStepBreakdownEps eps ||hq|| is returned as 0 (STEP_BREAKDOWN_EPS in
+// unlearn_kernels/contracts/lanczos_step.py, the Python backends' threshold).
+constexpr double kStepBreakdownEps = 16.0;
 
 // Shapes, dtypes and devices: the shapes of hq and q first.
 inline void check_lanczos_step_inputs(const at::Tensor& hq, const at::Tensor& q, const at::Tensor& q_prev,

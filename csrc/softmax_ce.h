@@ -1,7 +1,7 @@
-// Input checks of the softmax_ce_grad / softmax_ce_hvp ops, shared by their CPU and CUDA kernels
-// (csrc/cpu/softmax_ce.cpp, csrc/cuda/softmax_ce.cu). The messages are word for word those of the
-// Python backends' checks (unlearn_kernels/contracts/softmax_ce.py), so every backend raises the
-// same error for the same input.
+// Input checks of the softmax_ce_grad / softmax_ce_hvp ops and the row layout their kernels take,
+// shared by their CPU and CUDA kernels (csrc/cpu/softmax_ce.cpp, csrc/cuda/softmax_ce.cu). The
+// messages are word for word those of the Python backends' checks
+// (unlearn_kernels/contracts/softmax_ce.py), so every backend raises the same error for the same input.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -13,6 +13,9 @@ namespace unlearn_kernels::softmax_ce {
 
 constexpr const char* kBadLogits = "logits contain NaN or +Inf (or a row that is all -Inf)";
 constexpr const char* kBadTangent = "tangent contains NaN or Inf";
+
+// Rows may be strided; the class dimension must be dense (copied where it is not).
+inline at::Tensor rows_dense(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
 
 inline void check_logits(const char* op, const at::Tensor& logits) {
   TORCH_CHECK_VALUE(logits.dim() == 2, message(op, ": logits must be 2-D (N, C), got shape ", logits.sizes()).c_str());

@@ -157,10 +157,18 @@ def _bad(change: dict) -> list:
     return list(args.values())
 
 
+# A last dim of 0: the C++ kernel returned empty results where the reference raised torch's reshape error.
+_NO_FEATURES = dict(gy=torch.randn(3, 0), x=torch.randn(3, 0), weight=torch.randn(0), ggx=torch.randn(3, 0),
+                    ggw=torch.randn(0), ggb=torch.randn(0))
+_NO_FEATURES_MESSAGE = (r"^layer_norm_double_backward: x's last dim must be at least 1 \(a layer norm over 0 features "
+                        r"is undefined\), got shape \[3, 0\]$")
+
+
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
 @pytest.mark.parametrize("change, error, match", [
     ({"ggx": torch.randn(3, 5)}, ValueError, "gy, x and ggx must have one shape"),
     ({"gy": torch.randn(()), "x": torch.randn(()), "ggx": torch.randn(())}, ValueError, "at least one dim"),
+    (_NO_FEATURES, ValueError, _NO_FEATURES_MESSAGE),
     ({"weight": torch.randn(5)}, ValueError, r"must be \(4,\) tensors"),
     ({"ggb": torch.randn(4, 1)}, ValueError, r"must be \(4,\) tensors"),
     ({"ggw": torch.randn(4, dtype=torch.float64)}, ValueError, "one floating dtype, got .*ggw torch.float64"),
@@ -182,6 +190,7 @@ def test_cpp_refuses_dtypes_it_has_no_kernel_for():
 @pytest.mark.parametrize("change, match", [
     ({"ggx": torch.randn(3, 5)}, "must have one shape"),
     ({"weight": torch.randn(5)}, r"must be \(4,\) tensors"),
+    (_NO_FEATURES, _NO_FEATURES_MESSAGE),
     ({"x": torch.randn(3, 4, dtype=torch.float64)}, "every tensor must be float32"),
     ({"eps": -1.0}, "eps must be >= 0"),
 ])

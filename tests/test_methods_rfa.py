@@ -279,7 +279,7 @@ def test_cure_newton_lora_names_itself_and_the_options_it_takes():
     with pytest.raises(TypeError, match=r"^cure_newton_lora: unknown option\(s\) \['N'\]; accepted: \['M', 'M_min', "):
         CureNewtonLoRA(N=1)
     with pytest.raises(TypeError, match=r"^cure_newton_lora: solver_options: unknown option\(s\) \['bogus'\]; "
-                                         r"accepted: \['check_every', "):
+                                         r"accepted: \['guard', 'k_max', "):
         CureNewtonLoRA(solver_options={"bogus": 1})
     with pytest.raises(ValueError, match=r"^cure_newton_lora: M must be a finite number > 0"):
         CureNewtonLoRA(M=-1)

@@ -354,6 +354,32 @@ def test_bad_input_raises_clear_errors(backend, device, rng):
     assert torch.isnan(out[0]).any()
 
 
+@pytest.mark.parametrize("backend, device", PAIRS)
+def test_each_public_function_names_itself_for_a_bad_activation(backend, device, rng):
+    """The activation names are checked by one helper for every public function; each error names the
+    function called (mlp_hvp_flat and mlp_hvp_state named mlp_hvp)."""
+    p = _cast(_problem([5, 4, 3], ["tanh", "identity"], [True, False], 2, rng), device=device)
+    model = dict(x=p["x"], target=p["target"], weights=p["weights"], biases=p["biases"])
+    V = torch.randn(36, 2, dtype=torch.float64, device=device)
+    offsets = dict(weight_offsets=[0, 24], bias_offsets=[20, -1])
+    state = ops.mlp_hvp_state(**model, activations=p["activations"], backend=backend)
+    calls = {
+        "mlp_hvp": lambda acts: ops.mlp_hvp(**model, activations=acts, v_weights=p["v_weights"],
+                                            v_biases=p["v_biases"], backend=backend),
+        "mlp_hvp_flat": lambda acts: ops.mlp_hvp_flat(**model, activations=acts, V=V, **offsets, backend=backend),
+        "mlp_value_grad_flat": lambda acts: ops.mlp_value_grad_flat(**model, activations=acts, **offsets,
+                                                                    backend=backend),
+        "mlp_hvp_state": lambda acts: ops.mlp_hvp_state(**model, activations=acts, backend=backend),
+        "mlp_hvp_flat_cached": lambda acts: ops.mlp_hvp_flat_cached(p["x"], state, p["weights"], p["biases"], acts, V,
+                                                                    **offsets, backend=backend),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=rf"^{name}: activations\[0\] = 'bogus' is not one of"):
+            call(["bogus", "identity"])
+        with pytest.raises(TypeError, match=f"^{name}: activations must be a list of names, got str$"):
+            call("tanh")
+
+
 def test_direct_dispatcher_call_checks_its_inputs(rng):
     p = _problem([5, 4, 3], ["tanh", "relu"], True, 2, rng)
     op = torch.ops.unlearn_kernels.mlp_hvp

@@ -22,7 +22,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..contracts import lanczos_step as contract
-from ..contracts.lanczos_step import BREAKDOWN_RTOL_EPS
+from ..contracts.lanczos_step import STEP_BREAKDOWN_EPS
 from . import INTERPRETED, can_read, define_op
 
 
@@ -127,7 +127,7 @@ def _step(
     # ||hq||^2 beyond float64: the breakdown test cannot be read; refused as an overflow (beta = Inf), as in C++
     overflow = ~torch.isfinite(hq_norm2)
     beta = torch.where(overflow, torch.inf, norm_part.sum().sqrt())
-    breakdown = ~overflow & (beta <= BREAKDOWN_RTOL_EPS * eps * hq_norm2.sqrt())
+    breakdown = ~overflow & (beta <= STEP_BREAKDOWN_EPS * eps * hq_norm2.sqrt())
     beta = torch.where(breakdown, 0.0, beta)
     # 1/beta as two factors, a power of two (exact) and the rest: as one float32 factor it overflowed for
     # beta < 1.2e-38 (an Inf/NaN q_next) and lost digits above 8.5e37 (the C++ kernel scales in float64)

@@ -43,7 +43,6 @@ namespace {
 constexpr int64_t kTile = 1024;        // elements of w per tile: the tile of B (m x kTile) stays in L2
 constexpr int64_t kMinBlock = 8192;    // elements per parallel task, at least
 constexpr int64_t kMaxBlocks = 128;    // parallel tasks, at most (bounds the partial-sum buffers)
-constexpr double kBreakdownRtolEps = 16.0;  // breakdown: beta <= 16 eps ||hq||
 
 struct Blocks {
   int64_t size, count;
@@ -215,7 +214,7 @@ std::tuple<double, double> lanczos_step_impl(const T* hq, const T* q, const T* q
   // false breakdown), so the step is refused as an overflow (beta = Inf, see check_lanczos_step_values)
   const bool overflow = !std::isfinite(hq_norm);
   const double beta = overflow ? std::numeric_limits<double>::infinity() : std::sqrt(w_norm2);
-  const bool breakdown = !overflow && beta <= kBreakdownRtolEps * eps * hq_norm;
+  const bool breakdown = !overflow && beta <= kStepBreakdownEps * eps * hq_norm;
   const double scale = breakdown || overflow ? 0.0 : 1.0 / beta;
   at::parallel_for(0, d, kMinBlock, [&](int64_t begin, int64_t end) {
 #pragma omp simd

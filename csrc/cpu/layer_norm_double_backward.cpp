@@ -109,6 +109,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_double_backward_cpu(
                             gy.sizes(), ", ", x.sizes(), " and ", ggx.sizes())
                         .c_str());
   const int64_t n = x.size(-1);
+  TORCH_CHECK_VALUE(n > 0, message("layer_norm_double_backward: x's last dim must be at least 1 (a layer norm over 0 "
+                                   "features is undefined), got shape ",
+                                   x.sizes())
+                               .c_str());
   for (const at::Tensor* t : {&weight, &ggw, &ggb}) {
     TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == n,
                       message("layer_norm_double_backward: weight, ggw and ggb must be (", n, ",) tensors, got shapes ",

@@ -315,12 +315,9 @@ void tiles_or_rows(int64_t begin, int64_t end, int64_t C, const Tile& tile, cons
   for (; i < end; ++i) row(i);
 }
 
-// Rows may be strided; the class dimension must be dense.
-at::Tensor rows_dense(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
-
 at::Tensor softmax_ce_hvp_cpu(const at::Tensor& logits_in, const at::Tensor& tangent_in, bool check_finite) {
   softmax_ce::check_hvp_args(logits_in, tangent_in);
-  const at::Tensor logits = rows_dense(logits_in), tangent = rows_dense(tangent_in);
+  const at::Tensor logits = softmax_ce::rows_dense(logits_in), tangent = softmax_ce::rows_dense(tangent_in);
   const int64_t N = logits.size(0), C = logits.size(1);
   at::Tensor out = at::empty({N, C}, logits.options().memory_format(at::MemoryFormat::Contiguous));
   if (N == 0) return out;
@@ -354,7 +351,7 @@ at::Tensor softmax_ce_hvp_cpu(const at::Tensor& logits_in, const at::Tensor& tan
 at::Tensor softmax_ce_grad_cpu(const at::Tensor& logits_in, const at::Tensor& target_in, double label_smoothing,
                                int64_t ignore_index, bool check_finite) {
   softmax_ce::check_grad_args(logits_in, target_in, label_smoothing);
-  const at::Tensor logits = rows_dense(logits_in), target = target_in.contiguous();
+  const at::Tensor logits = softmax_ce::rows_dense(logits_in), target = target_in.contiguous();
   const int64_t N = logits.size(0), C = logits.size(1);
   at::Tensor out = at::empty({N, C}, logits.options().memory_format(at::MemoryFormat::Contiguous));
   if (N == 0) return out;

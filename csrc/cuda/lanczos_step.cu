@@ -32,7 +32,6 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kTile = 1024;  // columns per block
 constexpr int kPer = kTile / kThreads;  // columns per thread
-constexpr double kBreakdownRtolEps = 16.0;  // breakdown: beta <= 16 eps ||hq||
 
 template <typename T>
 struct Eps;
@@ -186,7 +185,7 @@ __global__ void finish_kernel(const double* __restrict__ sums1, const double* __
   const double hq_norm = sqrt(sums1[1]);
   const bool overflow = !isfinite(hq_norm);
   const double b = overflow ? CUDART_INF : sqrt(*w_norm2);
-  const bool breakdown = !overflow && b <= kBreakdownRtolEps * eps * hq_norm;
+  const bool breakdown = !overflow && b <= kStepBreakdownEps * eps * hq_norm;
   *alpha = sums1[0];
   *beta = breakdown ? 0.0 : b;
   *scale = breakdown || overflow ? 0.0 : 1.0 / b;

@@ -301,9 +301,6 @@ __global__ void __launch_bounds__(block_threads(kTpr))
 }
 
 // --------------------------------------------------------------------------- host side
-// Rows may be strided; the class dimension must be dense.
-at::Tensor rows_dense(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
-
 // 16-byte vectors when every row of every tensor starts 16-byte aligned and C fills whole vectors.
 template <typename scalar_t>
 int vector_width(int64_t C, std::initializer_list<std::pair<const void*, int64_t>> rows) {
@@ -373,7 +370,7 @@ CacheSize cache_size(Kernel* kernel, int64_t row_vectors, size_t vector_bytes, i
 at::Tensor softmax_ce_hvp_cuda(const at::Tensor& logits_in, const at::Tensor& tangent_in, bool check_finite) {
   softmax_ce::check_hvp_args(logits_in, tangent_in);
   const c10::cuda::CUDAGuard guard(logits_in.device());
-  const at::Tensor logits = rows_dense(logits_in), tangent = rows_dense(tangent_in);
+  const at::Tensor logits = softmax_ce::rows_dense(logits_in), tangent = softmax_ce::rows_dense(tangent_in);
   const int64_t N = logits.size(0), C = logits.size(1);
   at::Tensor out = at::empty({N, C}, logits.options().memory_format(at::MemoryFormat::Contiguous));
   if (N == 0) return out;
@@ -406,7 +403,7 @@ at::Tensor softmax_ce_grad_cuda(const at::Tensor& logits_in, const at::Tensor& t
                                 int64_t ignore_index, bool check_finite) {
   softmax_ce::check_grad_args(logits_in, target_in, label_smoothing);
   const c10::cuda::CUDAGuard guard(logits_in.device());
-  const at::Tensor logits = rows_dense(logits_in), target = target_in.contiguous();
+  const at::Tensor logits = softmax_ce::rows_dense(logits_in), target = target_in.contiguous();
   const int64_t N = logits.size(0), C = logits.size(1);
   at::Tensor out = at::empty({N, C}, logits.options().memory_format(at::MemoryFormat::Contiguous));
   if (N == 0) return out;

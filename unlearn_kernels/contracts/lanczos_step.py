@@ -10,8 +10,10 @@ import torch
 from .text import dtype_name, shape_text
 
 OP = "lanczos_step"
-BREAKDOWN_RTOL_EPS = 16.0
-"""Breakdown threshold in units of the vectors' machine epsilon, relative to ||hq||."""
+STEP_BREAKDOWN_EPS = 16.0
+"""The step's breakdown threshold: a beta at most this many machine epsilons of ||hq|| is returned as 0
+(``kStepBreakdownEps`` in csrc/lanczos_step.h; :data:`unlearn_kernels.solvers.lanczos.PROCESS_BREAKDOWN_EPS` is
+the process's, relative to ||T||)."""
 
 
 def check_args(hq: torch.Tensor, q: torch.Tensor, q_prev: torch.Tensor, beta_prev: torch.Tensor,

@@ -120,16 +120,12 @@ def hessian_operator(
     params = parameter_names(model, params)  # read by the support checks and the operator (a generator: once)
     reason = None
     if path != "generic":
-        mlp_reason = mlp_supports(model, loss_fn, params)
-        conv_reason = None if mlp_reason is None else conv_supports(model, loss_fn, params)
-        if mlp_reason is None or conv_reason is None:
-            fused = FusedMLPHessian if mlp_reason is None else FusedConvHessian
+        fused, reason = _fused_choice(model, loss_fn, params, check_selection=True)
+        if fused is not None:
             try:
                 return fused(model, loss_fn, data, params, batch_size=batch_size, cache_bytes=cache_bytes)
             except FusedDataError as err:  # data only the generic path takes (the probe's, before its gradients)
                 reason = str(err)
-        else:
-            reason = _neither(mlp_reason, conv_reason)
         if path == "fused":
             raise ValueError(f"hessian_operator: path='fused' cannot be used: {reason}")
     operator = GenericHessian(model, loss_fn, data, params, batch_size=batch_size, mode=mode, cache_bytes=cache_bytes)
@@ -137,8 +133,17 @@ def hessian_operator(
     return operator
 
 
-def _neither(mlp_reason: str, conv_reason: str) -> str:
-    return f"not a fused MLP ({mlp_reason}) nor a fused conv net ({conv_reason})"
+def _fused_choice(model: nn.Module, loss_fn: LossFn, params: ParamSelection, *, check_selection: bool
+                  ) -> tuple[type[FusedMLPHessian] | type[FusedConvHessian] | None, str | None]:
+    """The fused operator that takes ``model``, ``loss_fn`` and ``params`` whatever the data (the MLP's
+    first), with None for the reason; or None and why neither does."""
+    mlp_reason = mlp_supports(model, loss_fn, params, check_selection=check_selection)
+    if mlp_reason is None:
+        return FusedMLPHessian, None
+    conv_reason = conv_supports(model, loss_fn, params, check_selection=check_selection)
+    if conv_reason is None:
+        return FusedConvHessian, None
+    return None, f"not a fused MLP ({mlp_reason}) nor a fused conv net ({conv_reason})"
 
 
 def fused_path_refusal(model: nn.Module, loss_fn: LossFn, params: ParamSelection = None, *,
@@ -147,11 +152,7 @@ def fused_path_refusal(model: nn.Module, loss_fn: LossFn, params: ParamSelection
     data, or None where a fused path takes them (data it cannot take is found when it is built). With
     ``check_selection`` False the parameters chosen are not asked about (a caller that chooses them from the
     data later: a Newton method's parameters the loss uses). Raises what ``params`` raises there."""
-    mlp_reason = mlp_supports(model, loss_fn, params, check_selection=check_selection)
-    if mlp_reason is None:
-        return None
-    conv_reason = conv_supports(model, loss_fn, params, check_selection=check_selection)
-    return None if conv_reason is None else _neither(mlp_reason, conv_reason)
+    return _fused_choice(model, loss_fn, params, check_selection=check_selection)[1]
 
 
 def ggn_operator(

@@ -191,7 +191,7 @@ class FusedMLPHessian(CurvatureOperator):
         chain = self._chain
         self._weights_changed()
         self._weight_offsets, self._bias_offsets = chain.offsets(self._param_offsets)
-        self._activation_codes = activation_codes(chain.activations)
+        self._activation_codes = activation_codes(chain.activations, "FusedMLPHessian")
 
     def _weights_changed(self) -> None:
         self._weights = [self._tensor(n) for n in self._chain.weight_names]

@@ -45,7 +45,7 @@ import torch
 from .. import _extension
 from ..backends import choose
 from ..checks import as_float, check_tensor
-from ..contracts.lanczos_step import BREAKDOWN_RTOL_EPS, check_args, check_values, fake
+from ..contracts.lanczos_step import STEP_BREAKDOWN_EPS, check_args, check_values, fake
 from ..contracts.lanczos_step import OP as _OP
 
 _CPP_OPS = "unlearn_kernels"
@@ -64,7 +64,7 @@ def lanczos_step_ref(
     # ||hq||^2 beyond float64: the breakdown test cannot be read; refused as an overflow (beta = Inf), as the kernels
     overflow = ~torch.isfinite(hq_norm)
     beta = torch.where(overflow, torch.inf, torch.linalg.vector_norm(w))
-    breakdown = ~overflow & (beta <= BREAKDOWN_RTOL_EPS * torch.finfo(hq.dtype).eps * hq_norm)
+    breakdown = ~overflow & (beta <= STEP_BREAKDOWN_EPS * torch.finfo(hq.dtype).eps * hq_norm)
     beta = torch.where(breakdown, torch.zeros_like(beta), beta)
     q_next = torch.where(breakdown, torch.zeros_like(w), w / torch.where(breakdown, 1.0, beta))
     return q_next.to(hq.dtype), alpha, beta

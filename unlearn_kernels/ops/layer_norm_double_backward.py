@@ -27,6 +27,7 @@ import torch
 from .. import _extension
 from ..backends import choose_for_dtype, reverse_mode_only
 from ..checks import check_one_floating_dtype_and_device, check_one_shape, check_tensors
+from ..contracts.text import shape_text
 
 _OP = "layer_norm_double_backward"
 
@@ -62,6 +63,9 @@ def _check_inputs(gy, x, weight, ggx, ggw, ggb, eps) -> None:
     check_tensors(_OP, named)
     check_one_shape(_OP, [("gy", gy), ("x", x), ("ggx", ggx)], nonscalar=True)
     n = x.shape[-1]
+    if n == 0:  # the mean and variance over no features are undefined (the reference's reshape raised torch's error)
+        raise ValueError(f"{_OP}: x's last dim must be at least 1 (a layer norm over 0 features is undefined), got "
+                         f"shape {shape_text(x)}")
     if not (weight.shape == ggw.shape == ggb.shape == (n,)):
         raise ValueError(f"{_OP}: weight, ggw and ggb must be ({n},) tensors (x's last dim), got shapes "
                          f"{tuple(weight.shape)}, {tuple(ggw.shape)} and {tuple(ggb.shape)}")
@@ -78,7 +82,7 @@ def layer_norm_double_backward(
     over the last dim (see the module's docstring).
 
     Args:
-        gy: the layer norm output's gradient, any shape of at least one dim, floating.
+        gy: the layer norm output's gradient, any shape of at least one dim with a last dim of at least 1, floating.
         x: the layer norm's input, of gy's shape, dtype and device.
         weight: the (n,) weight (ones for a layer norm without one), n = x's last dim.
         ggx: the cotangent of the input's gradient, of x's shape (zeros where there is none).
@@ -92,7 +96,7 @@ def layer_norm_double_backward(
 
     Raises:
         TypeError: an argument that is not a tensor.
-        ValueError: shapes, dtypes, devices or eps that do not fit (named).
+        ValueError: shapes (a last dim of 0 too), dtypes, devices or eps that do not fit (named).
         BackendUnavailableError: a forced backend that cannot run here or on these tensors.
     """
     _check_inputs(gy, x, weight, ggx, ggw, ggb, eps)

@@ -95,7 +95,8 @@ def mlp_hvp_ref(
     return list(hv_w), [next(present) if with_bias else None for with_bias in has_bias]
 
 
-#: The check_finite refusals, after "mlp_hvp: " (csrc/mlp_hvp.cpp raises them for the compiled kernels).
+#: The check_finite refusals, after "mlp_hvp: " for the products and the state, after "mlp_value_grad_flat: " for
+#: the loss and its gradient (csrc/mlp_hvp.cpp raises them so for the compiled kernels).
 _BAD_LOGITS = "the logits contain NaN or +Inf (check x, the weights and the biases)"
 _BAD_R_LOGITS = ("the R-derivative of the logits contains NaN or Inf (check {}, then x and the weights: an Inf "
                  "weight under a saturating activation leaves the logits finite)")
@@ -132,6 +133,21 @@ def _tensor_list(name: str, values: object, length: int | None, optional: bool, 
             kind = "a tensor or None" if optional else "a tensor"
             raise TypeError(f"{op}: {name}[{i}] must be {kind}, got {type(v).__name__}")
     return values if type(values) is list else list(values)
+
+
+def _model_args(op: str, weights: object, biases: object, activations: object, *, count_biases: bool,
+                none_for_no_biases: bool) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[int]]:
+    """The model's arguments of every public function, checked in one order under ``op``'s name:
+    ``(weights, biases, codes)``, the weights and biases as lists of tensors (None where a layer has no
+    bias) and the activations' codes. ``count_biases``: biases must have one entry per weight here (the
+    flat ops leave the count to their layout check, whose message counts the offsets too);
+    ``none_for_no_biases``: biases None means no layer has a bias (mlp_hvp's signature)."""
+    weights = _tensor_list("weights", weights, None, optional=False, op=op)
+    if none_for_no_biases and biases is None:
+        biases = [None] * len(weights)
+    else:
+        biases = _tensor_list("biases", biases, len(weights) if count_biases else None, optional=True, op=op)
+    return weights, biases, activation_codes(activations, op)
 
 
 def _offsets(op: str, name: str, values: object) -> list[int]:
@@ -305,10 +321,9 @@ def mlp_hvp(
     # the dispatcher's own error (or truncate a float ignore_index) where the reference is clear.
     check_tensor(f"{_OP}: x", x)
     check_tensor(f"{_OP}: target", target)
-    codes = activation_codes(activations)
-    weights = _tensor_list("weights", weights, None, optional=False)
+    weights, biases, codes = _model_args(_OP, weights, biases, activations, count_biases=True,
+                                         none_for_no_biases=True)
     num_layers = len(weights)
-    biases = [None] * num_layers if biases is None else _tensor_list("biases", biases, num_layers, optional=True)
     v_weights = _tensor_list("v_weights", v_weights, num_layers, optional=False)
     v_biases = [None] * num_layers if v_biases is None else _tensor_list("v_biases", v_biases, num_layers, optional=True)
     label_smoothing, ignore_index, check_finite = _options(_OP, label_smoothing, ignore_index, check_finite)
@@ -510,9 +525,8 @@ def mlp_hvp_flat(
     check_tensor(f"{op}: target", target)
     if check_tensor(f"{op}: V", V).dim() != 2 or V.shape[1] == 0:
         raise ValueError(f"{op}: V must be a 2-D (d, K) tensor with K >= 1, got {tuple(V.shape)}")
-    codes = activation_codes(activations)
-    weights = _tensor_list("weights", weights, None, optional=False, op=op)
-    biases = _tensor_list("biases", biases, None, optional=True, op=op)
+    weights, biases, codes = _model_args(op, weights, biases, activations, count_biases=False,
+                                         none_for_no_biases=False)
     weight_offsets = _offsets(op, "weight_offsets", weight_offsets)
     bias_offsets = _offsets(op, "bias_offsets", bias_offsets)
     label_smoothing, ignore_index, check_finite = _options(op, label_smoothing, ignore_index, check_finite)
@@ -629,9 +643,8 @@ def mlp_value_grad_flat(
     op = _VALUE_GRAD_OP
     check_tensor(f"{op}: x", x)
     check_tensor(f"{op}: target", target)
-    weights = _tensor_list("weights", weights, None, optional=False, op=op)
-    biases = _tensor_list("biases", biases, len(weights), optional=True, op=op)
-    codes = activation_codes(activations, op)
+    weights, biases, codes = _model_args(op, weights, biases, activations, count_biases=True,
+                                         none_for_no_biases=False)
     weight_offsets = _offsets(op, "weight_offsets", weight_offsets)
     bias_offsets = _offsets(op, "bias_offsets", bias_offsets)
     label_smoothing, ignore_index, check_finite = _options(op, label_smoothing, ignore_index, check_finite)
@@ -768,9 +781,8 @@ def mlp_hvp_state(
     op = _OP + "_state"
     check_tensor(f"{op}: x", x)
     check_tensor(f"{op}: target", target)
-    weights = _tensor_list("weights", weights, None, optional=False, op=op)
-    biases = _tensor_list("biases", biases, len(weights), optional=True, op=op)
-    codes = activation_codes(activations)
+    weights, biases, codes = _model_args(op, weights, biases, activations, count_biases=True,
+                                         none_for_no_biases=False)
     label_smoothing, ignore_index, check_finite = _options(op, label_smoothing, ignore_index, check_finite)
     if choose(op, x.device, backend) == "reference":
         _check_model_inputs(x, target, weights, biases, activations, label_smoothing)
@@ -822,9 +834,8 @@ def mlp_hvp_flat_cached(
     if check_tensor(f"{op}: V", V).dim() != 2 or V.shape[1] == 0:
         raise ValueError(f"{op}: V must be a 2-D (d, K) tensor with K >= 1, got {tuple(V.shape)}")
     state = _tensor_list("state", state, None, optional=False, op=op, what="those mlp_hvp_state returned")
-    weights = _tensor_list("weights", weights, None, optional=False, op=op)
-    biases = _tensor_list("biases", biases, None, optional=True, op=op)
-    codes = activation_codes(activations)
+    weights, biases, codes = _model_args(op, weights, biases, activations, count_biases=False,
+                                         none_for_no_biases=False)
     weight_offsets = _offsets(op, "weight_offsets", weight_offsets)
     bias_offsets = _offsets(op, "bias_offsets", bias_offsets)
     check_finite = check_bool(f"{op}: check_finite", check_finite)
@@ -864,8 +875,9 @@ def mlp_hvp_flat_cached_prechecked(
         x, state, weights, biases, codes, V, weight_offsets, bias_offsets, check_finite)
 
 
-def activation_codes(activations: Sequence[str], op: str = _OP) -> list[int]:
-    """The schema's codes of the activation names (the one check of the names, for every op and path)."""
+def activation_codes(activations: Sequence[str], op: str) -> list[int]:
+    """The schema's codes of the activation names (the one check of the names, for every op and path);
+    ``op`` names the public function in its errors."""
     if isinstance(activations, str) or not isinstance(activations, Sequence):
         raise TypeError(f"{op}: activations must be a list of names, got {type(activations).__name__}")
     for i, a in enumerate(activations):

@@ -25,7 +25,7 @@ import torch
 from ..checks import (all_finite, check_bool, check_int, check_number, check_option_names, check_seed, norm64, norm_scale,
                       scaled_norm)
 from ..ops.cubic_secular import SolutionOverflow, cubic_secular_solve
-from .lanczos import BREAKDOWN_RTOL_EPS, LanczosProcess, Reorth, replay, ritz_pairs
+from .lanczos import PROCESS_BREAKDOWN_EPS, LanczosProcess, Reorth, replay, ritz_pairs
 from .operators import NonFiniteProduct, SolverOperator, check_vector, operator_and_vector
 
 
@@ -207,7 +207,7 @@ def _lanczos_residual(proc: LanczosProcess, y: np.ndarray) -> float:
 class KrylovCubicSolver:
     """The cubic subproblem in the Krylov space of (H, g), by Lanczos from q1 = g / ||g||.
 
-    After each ``check_every`` steps the k x k problem ``min ||g|| e1^T y + 1/2 y^T T y +
+    After each step the k x k problem ``min ||g|| e1^T y + 1/2 y^T T y +
     (M/6) ||y||^3`` is solved by the secular op on the eigendecomposition of T (float64). The
     full-space model gradient at s = Q y has norm ``beta_k |e_k^T y|`` (free); the iteration stops
     when it is ``<= theta ||y||^2`` or ``<= kappa min(1, ||y||) ||g||``, or at ``k_max`` steps. For
@@ -261,7 +261,6 @@ class KrylovCubicSolver:
         kappa: relative tolerance of the ``kappa min(1, ||y||) ||g||`` rule.
         theta: tolerance of the ``theta ||y||^2`` rule; default ``kappa * M / 2`` (the residual is
             then a kappa fraction of the cubic term's gradient ``(M/2) ||y||^2``).
-        check_every: solve the small problem every this many steps (it costs O(k^2), no product).
         seed: seeds the probe's (and, for g = 0, the start) vector.
     """
 
@@ -277,13 +276,11 @@ class KrylovCubicSolver:
         probe_steps: int = 20,
         kappa: float = 1e-6,
         theta: float | None = None,
-        check_every: int = 1,
         seed: int = 0,
     ) -> None:
         self.op, self.g = operator_and_vector(H, g)
         self.k_max = check_int("k_max", k_max, 1)
         self.probe_steps = check_int("probe_steps", probe_steps, 1)
-        self.check_every = check_int("check_every", check_every, 1)
         self.kappa = check_number("kappa", kappa, 0.0)
         self.theta = None if theta is None else check_number("theta", theta, 0.0)
         two_pass = check_bool("two_pass", two_pass)
@@ -312,7 +309,7 @@ class KrylovCubicSolver:
         # whose later vector is the long step along the bottom eigenvector: a model gradient of 1.4e-3), and what
         # follows such a beta is made orthogonal to the basis whatever it holds. "selective" and "none" keep the
         # process's threshold: their next vector would not be (their dropped couplings are counted in the bound)
-        rtol = 0.0 if self._reorth == "full" else BREAKDOWN_RTOL_EPS
+        rtol = 0.0 if self._reorth == "full" else PROCESS_BREAKDOWN_EPS
         self.process = LanczosProcess(self.op, self._v0, reorth=self._reorth, store_basis=not self.two_pass,
                                       capacity=capacity, generator=gen, breakdown_rtol=rtol)
         self._probed = False  # the guard's probe block has run
@@ -356,16 +353,11 @@ class KrylovCubicSolver:
             y, _, _, _, residual = self._small_solve(M)
             if self._accept(M, y, residual):
                 return
-        since = 0
         while proc.n < limit and not proc.exhausted:
             proc.step()
-            since += 1
-            done = proc.n >= limit or proc.exhausted or proc.betas[-1] == 0.0
-            if since >= self.check_every or done:
-                since = 0
-                y, _, _, _, residual = self._small_solve(M)
-                if self._accept(M, y, residual):
-                    return
+            y, _, _, _, residual = self._small_solve(M)  # O(k^2), no product: after every step
+            if self._accept(M, y, residual):
+                return
 
     def _run_probe(self) -> None:
         proc = self.process

@@ -56,13 +56,13 @@ import torch
 
 from ..checks import (SMALLEST_SQUARED, check_bool, check_choice, check_fits_in_memory, check_int, check_number, check_seed,
                       norm64, scaled_norm)
-from ..contracts.lanczos_step import BREAKDOWN_RTOL_EPS as STEP_BREAKDOWN_RTOL_EPS
+from ..contracts.lanczos_step import STEP_BREAKDOWN_EPS
 from ..ops.lanczos_step import lanczos_step
 from .operators import SolverOperator, as_operator, check_vector
 
 Reorth = Literal["full", "selective", "none"]
 Which = Literal["LA", "SA", "BE"]
-BREAKDOWN_RTOL_EPS = 100.0
+PROCESS_BREAKDOWN_EPS = 100.0
 """A beta below this many machine epsilons of ||T|| (largest |alpha|, beta so far) is a breakdown (the default of
 :class:`LanczosProcess`'s ``breakdown_rtol``)."""
 
@@ -140,7 +140,7 @@ class LanczosProcess:
         capacity: most steps (the basis is allocated once, capacity x d).
         generator: random source for restart vectors.
         breakdown_rtol: a beta at most this many machine epsilons of ||T|| is a breakdown (default
-            :data:`BREAKDOWN_RTOL_EPS`). 0 with reorth="full": only a residual vector of exactly 0 is one;
+            :data:`PROCESS_BREAKDOWN_EPS`). 0 with reorth="full": only a residual vector of exactly 0 is one;
             where the step op reads a breakdown (``beta <= 16 eps ||H q||``, returned as 0) the residual
             vector is formed again (float64, one pass over the basis) and the process goes on from it. The
             cubic solver takes 0 under "full": a beta of 100 eps ||T|| (1.2e-5 ||T|| in float32) or 16 eps
@@ -150,7 +150,7 @@ class LanczosProcess:
     """
 
     def __init__(self, op: SolverOperator, v0: torch.Tensor, *, reorth: Reorth, store_basis: bool,
-                 capacity: int, generator: torch.Generator, breakdown_rtol: float = BREAKDOWN_RTOL_EPS) -> None:
+                 capacity: int, generator: torch.Generator, breakdown_rtol: float = PROCESS_BREAKDOWN_EPS) -> None:
         check_choice("reorth", reorth, ("full", "selective", "none"))
         if op.dtype not in (torch.float32, torch.float64):  # what the Lanczos step's kernels take
             raise TypeError(f"Lanczos needs float32 or float64 vectors, got the operator's dtype {op.dtype}: "
@@ -266,7 +266,7 @@ class LanczosProcess:
             # Q is the rounding of every step, which no bound here counts: not recorded
             if j + 1 < self.op.shape[0]:
                 bound = (self.betas[-1] if float(beta_t) != 0.0 else recovered if recovered is not None
-                         else STEP_BREAKDOWN_RTOL_EPS * self.eps * norm64(hq))
+                         else STEP_BREAKDOWN_EPS * self.eps * norm64(hq))
                 if bound > 0.0:
                     self.breakdowns.append((j, bound))
             self.dropped = max(self.dropped, self.betas[-1])
