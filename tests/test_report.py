@@ -508,9 +508,9 @@ def test_a_zero_original_gap_keeps_the_closed_column_and_says_why_it_is_empty():
     note = report.format_noise_note(report.gap_closed_noise(records)[0])
     assert note.splitlines() == [
         "Original's Acc_f gap 0.000: nothing to close ('closed Acc_f' is undefined where the Original's gap is 0: "
-        "null in the JSON, '-' in the table).",
+        "null in the JSON's records, '-' in the table).",
         "Original's AvgGap gap 0.000: nothing to close ('closed AvgGap' is undefined where the Original's gap is 0: "
-        "null in the JSON, '-' in the table).",
+        "null in the JSON's records, '-' in the table).",
     ]
     without_original = [r for r in records if r["method"] != "original"]
     assert "closed" not in report.format_table(report.summarize(without_original)[0])  # no Original: no column
@@ -539,9 +539,9 @@ def test_a_zero_original_gap_is_nothing_to_close_even_where_the_oracle_moves():
     verdict = report.gap_closed_noise(records)[0]
     assert report.format_noise_note(verdict).splitlines() == [
         "Original's Acc_f gap 0.000: nothing to close ('closed Acc_f' is undefined where the Original's gap is 0: "
-        "null in the JSON, '-' in the table).",
+        "null in the JSON's records, '-' in the table).",
         "Original's AvgGap gap 0.000: nothing to close ('closed AvgGap' is undefined where the Original's gap is 0: "
-        "null in the JSON, '-' in the table).",
+        "null in the JSON's records, '-' in the table).",
     ]
     assert verdict["acc_forget"]["noise"] > 0 and verdict["avg_gap"]["noise"] > 0
     assert verdict["acc_forget"]["nothing_to_close"] is True and verdict["avg_gap"]["nothing_to_close"] is True

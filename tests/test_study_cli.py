@@ -3,6 +3,7 @@ protocol (random, mislabeled, class, sequential), method options, the three-scen
 progress lines of a non-terminal, and clear errors for wrong options."""
 import atexit
 import dataclasses
+import io
 import json
 import os
 import re
@@ -437,6 +438,11 @@ def test_cli_header_counts_one_method_in_the_singular(tmp_path, capsys):
          "sequential (--sequential) asks for 500 requests, but the forget fraction (--forget-fraction) gives 126 "
          "wrong-label rows"),
         (["--protocol", "class", "--forget-class", "3", "--sequential", "2"], "give 2 classes"),
+        # the message named neither option ("12 requests of 126 samples (fraction=0.1) would forget ...")
+        (["--protocol", "random", "--sequential", "12"],
+         "sequential (--sequential) asks for 12 requests of 126 rows (the forget fraction, --forget-fraction, 0.1 of "
+         "1258), which would forget every row: lower sequential or forget_fraction (at most 9 requests of this "
+         "fraction fit)"),
         (["--set", "telepathy.x=1"], "unknown method 'telepathy'"),
         (["--set", "original.M=1"], "original takes no option 'M'"),
         (["--set", "finetune.epochs=2"], "'finetune', which is not among the methods run"),
@@ -1078,6 +1084,18 @@ def test_cli_backends(capsys):
     assert "softmax_ce_hvp" in capsys.readouterr().out
 
 
+def test_cli_version_and_what_backends_does(capsys):
+    """There was no --version, and `backends --help` said nothing of what the command does."""
+    from unlearn_kernels import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"unlearn-kernels {__version__}\n"
+    with pytest.raises(SystemExit):
+        main(["backends", "--help"])
+    assert "whether each is built and usable on this machine" in " ".join(capsys.readouterr().out.split())
+
+
 def test_default_scenarios_leave_out_the_exact_damped_solves_and_say_so():
     from unlearn_kernels.study import DEFAULT_METHODS, SCENARIO_METHODS
 
@@ -1456,6 +1474,24 @@ def test_a_standard_error_that_cannot_be_written_stops_no_work(tmp_path, monkeyp
                  "--out", str(tmp_path), "--no-cache"]) == 0
     assert (tmp_path / "random" / "results.json").exists()
 
+
+class _ReaderGoneAtTheTables(io.StringIO):
+    """A standard output whose reader (``| head -3``) went away once the run's header had been read."""
+
+    def write(self, text: str) -> int:
+        if "Acc_f" in text:
+            raise BrokenPipeError(32, "Broken pipe")
+        return super().write(text)
+
+
+def test_a_reader_that_goes_away_at_the_tables_loses_no_finished_study(tmp_path, monkeypatch):
+    """`run ... | head -3`: the tables were printed before the results were written, so status 141 came with an
+    empty --out folder, the finished study lost."""
+    monkeypatch.setattr(sys, "stdout", _ReaderGoneAtTheTables())
+    assert main(["run", "--protocol", "random", "--methods", "original", "--seeds", "0", "--epochs", "1",
+                 "--out", str(tmp_path), "--no-cache"]) == 141
+    assert json.loads((tmp_path / "random" / "results.json").read_text())["config"]["protocol"] == "random"
+    assert (tmp_path / "random" / report.PLOT_FILES[0]).exists()
 
 def test_each_study_seed_trains_its_original_from_that_seed(tmp_path):
     """Each seed trains its original from that seed (its starting weights and shuffle): a recipe that kept seed 0

@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from ._version import __version__
+
 if TYPE_CHECKING:
     import torch
 
@@ -568,14 +570,6 @@ def _run_scenarios(args: argparse.Namespace, configs: dict[str, StudyConfig], ro
                 raise UsageError(str(exc)) from None
             except CheckpointError as exc:
                 raise _damaged_checkpoint(exc) from None
-        summary = report.summarize(study["records"])
-        noise = report.gap_closed_noise(study["records"])
-        for request in sorted(summary):
-            print()
-            print(report.format_table(summary[request],
-                                      title=f"request {request + 1} of {len(summary)}" if len(summary) > 1 else ""))
-            if request in noise:
-                print(report.format_noise_note(noise[request]))
         out_dir = root / name
         # a summary of earlier results of this scenario would disagree with the new ones (a run of several
         # scenarios writes a new summary once all are done)
@@ -594,6 +588,15 @@ def _run_scenarios(args: argparse.Namespace, configs: dict[str, StudyConfig], ro
             print(f"results: {report.write_json(study, out_dir / report.RESULTS_FILE)}")  # the plots' error follows
             raise
         results[name] = report.write_json(study, out_dir / report.RESULTS_FILE)
+        # the tables after the files: a reader that goes away (| head) ends the run at a print, the study kept
+        summary = report.summarize(study["records"])
+        noise = report.gap_closed_noise(study["records"])
+        for request in sorted(summary):
+            print()
+            print(report.format_table(summary[request],
+                                      title=f"request {request + 1} of {len(summary)}" if len(summary) > 1 else ""))
+            if request in noise:
+                print(report.format_noise_note(noise[request]))
         print(f"results: {results[name]}\nplots: {', '.join(str(p) for p in plots)}")
         studies[name] = study
     if len(configs) > 1 and "original" not in first.methods:
@@ -612,7 +615,9 @@ def _run_scenarios(args: argparse.Namespace, configs: dict[str, StudyConfig], ro
           f"oracle on D_f; AvgGap: mean |gap| to the oracle over MIA and the three accuracies; closed Acc_f, "
           f"closed AvgGap: 1 - |gap| / |Original's gap| (1 = the oracle's value, 0 = no better than the Original, "
           f"< 0 = further from the oracle; \"(k/n seeds)\": defined on k seeds only, where the Original's gap "
-          f"is not 0); mean±std over {len(first.seeds)} seed(s).")
+          f"is not 0); ToW: tug of war, the product over the forget, retain and test sets of 1 - |accuracy gap to "
+          f"the oracle|; time s: wall time of the unlearning call (the Original's: returning the model as it is); "
+          f"speed-up: the oracle's retraining time / that time; mean±std over {len(first.seeds)} seed(s).")
     print(f"total time {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -621,8 +626,11 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of the ``backends`` and ``run`` commands."""
     parser = argparse.ArgumentParser(prog="unlearn-kernels",
                                      description="Fast second-order machine unlearning for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("backends", help="which kernel backends are built and usable here, and why not")
+    p = sub.add_parser("backends", help="which kernel backends are built and usable here, and why not",
+                       description="List each kernel op's backends (C++, CUDA, Triton, reference) and whether each "
+                                   "is built and usable on this machine, with the reason where it is not.")
     p.set_defaults(func=_cmd_backends)
 
     p = sub.add_parser("run", help="run the unlearning study and print its result table",
@@ -666,7 +674,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=path_argument, default=None, help="output directory (default "
                    "runs/<dataset>-<model>); each scenario writes <out>/<scenario>/results.json and plots")
     p.add_argument("--no-cache", action="store_true",
-                   help="retrain the original model even if a matching one is cached")
+                   help="no checkpoint cache: train the original model even if a matching one is cached, and "
+                        "save none")
     p.set_defaults(func=_cmd_run)
     return parser
 

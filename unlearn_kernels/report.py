@@ -320,7 +320,7 @@ def format_noise_note(noise: dict[str, dict[str, Any]]) -> str:
         head = f"Original's {title} gap {n['original_gap']:.3f}: "
         if n["nothing_to_close"]:  # whatever the noise: there is no gap closed to rank ('-' in the table)
             lines.append(head + f"nothing to close ('closed {title}' is undefined where the Original's gap is 0: "
-                         "null in the JSON, '-' in the table).")
+                         "null in the JSON's records, '-' in the table).")
         elif n["within_noise"] is None:
             lines.append(head + "seed noise unknown with one seed; 'closed " + title + "' may not rank methods.")
         elif n["within_noise"]:

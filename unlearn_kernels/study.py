@@ -42,6 +42,7 @@ from .data import (
     LabeledData,
     available_datasets,
     class_forget,
+    forget_count,
     load_dataset,
     mislabel,
     random_forget,
@@ -420,6 +421,12 @@ def build_scenario(config: StudyConfig, splits: DatasetSplits,
             raise ValueError(f"the test split holds only the forgotten class(es) {list(config.forget_classes)}: no "
                              "test accuracy would be left to measure")
     elif config.sequential:
+        count = forget_count(config.forget_fraction, len(labels))
+        if config.sequential * count >= len(labels):  # sequential_forget's own message would name neither option
+            raise ValueError(f"sequential (--sequential) asks for {config.sequential} requests of {count} rows (the "
+                             f"forget fraction, --forget-fraction, {config.forget_fraction:g} of {len(labels)}), which "
+                             f"would forget every row: lower sequential or forget_fraction (at most "
+                             f"{(len(labels) - 1) // count} requests of this fraction fit)")
         requests = sequential_forget(labels, config.sequential, config.forget_fraction, seed=seed)
     else:
         requests = [random_forget(labels, config.forget_fraction, seed=seed)]

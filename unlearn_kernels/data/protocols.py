@@ -127,7 +127,9 @@ def _num_samples(num_samples: int) -> int:
     return check_int("num_samples", num_samples, low=2)  # one row to forget, one to retain
 
 
-def _forget_count(fraction: float, num_samples: int) -> int:
+def forget_count(fraction: float, num_samples: int) -> int:
+    """The rows a ``fraction`` of ``num_samples`` forgets, ``round(fraction * num_samples)`` (the random and
+    mislabeled protocols' count); ValueError where that is no row or every row."""
     fraction = check_number("fraction", fraction, 0.0, 1.0, strict=True, strict_high=True)
     count = round(fraction * num_samples)
     if count == 0:
@@ -207,7 +209,7 @@ def _describe_fraction(fraction: float, seed: int, stratified: bool) -> str:
 def random_forget(labels: IndexLike, fraction: float, seed: int = 0, stratified: bool = True) -> ForgetRequest:
     """Forget ``round(fraction * N)`` random train rows; stratified keeps each class's share within one sample."""
     labels = _labels(labels)
-    count = _forget_count(fraction, len(labels))
+    count = forget_count(fraction, len(labels))
     stratified = check_bool("stratified", stratified)
     generator = _seed(seed)
     forget = _pick(labels, torch.arange(len(labels)), count, generator, stratified)
@@ -244,7 +246,7 @@ def sequential_forget(
     """
     labels = _labels(labels)
     num_requests = check_int("num_requests", num_requests)
-    count = _forget_count(fraction, len(labels))
+    count = forget_count(fraction, len(labels))
     if num_requests * count >= len(labels):
         raise ValueError(
             f"{num_requests} requests of {count} samples (fraction={fraction}) would forget {num_requests * count} "
@@ -324,7 +326,7 @@ def mislabel(labels: IndexLike, fraction: float, seed: int = 0, stratified: bool
     :func:`split_forget` on ``corrupted_idx`` and the corrupted split (:meth:`LabelCorruption.apply`).
     """
     labels = _labels(labels)
-    count = _forget_count(fraction, len(labels))
+    count = forget_count(fraction, len(labels))
     stratified = check_bool("stratified", stratified)
     if num_classes is None:
         num_classes = int(labels.max()) + 1
