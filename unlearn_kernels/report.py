@@ -573,7 +573,7 @@ def plot_gap_closed(studies: dict[str, dict[str, Any]], path: Path) -> Path:
         ax.axhline(0.0, color="black", lw=0.8)
         ax.set_ylim(floor - 0.1, 1.1)
         ax.set_ylabel(f"gap closed, {title}")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars: inside, it hid some
     axes[-1].set_xticks(range(len(methods)))
     axes[-1].set_xticklabels([_raised_label(m, raised[m]) for m in methods], rotation=30, ha="right")
     sequential = any(max(r["request"] for r in study["records"]) > 0 for study in studies.values())
