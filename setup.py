@@ -16,8 +16,9 @@ Environment flags (all optional):
   TORCH_CUDA_ARCH_LIST="9.0"    CUDA architectures to compile for (read by torch). Unset, torch compiles
                                 for the GPUs it sees; with none visible the build uses DEFAULT_CUDA_ARCHS.
   UNLEARN_KERNELS_CPU_ARCH=generic  compile the CPU kernels without AVX2 (for a binary that must run
-                                on other x86 machines); by default AVX2+FMA is used when the build
-                                machine has it, as PyTorch's own AVX2 kernels do.
+                                on other x86 machines); by default ("auto") AVX2+FMA+F16C is used when the
+                                build machine has it, as PyTorch's own AVX2 kernels do, and the package
+                                does not load such a build on a CPU without it. Another value is an error.
 Always install with ``pip install --no-build-isolation``: nothing is downloaded during the build.
 """
 import glob
@@ -72,7 +73,9 @@ def _flag(name: str) -> bool:
 def _build_cuda() -> bool:
     if _flag("UNLEARN_KERNELS_CPU_ONLY"):
         return False
-    has_toolchain = torch.version.cuda is not None and CUDA_HOME is not None
+    # torch sets CUDA_HOME wherever /usr/local/cuda exists, also in runtime images without nvcc
+    has_toolchain = (torch.version.cuda is not None and CUDA_HOME is not None
+                     and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")))
     if _flag("UNLEARN_KERNELS_FORCE_CUDA"):
         if not has_toolchain:
             raise RuntimeError(
@@ -101,8 +104,13 @@ def _cuda_arch_list() -> str | None:
 def _cpu_vector_flags() -> list[str]:
     """AVX2 flags for ATen's vector types (at::vec) when this x86 machine has AVX2, FMA and F16C.
 
-    Without CPU_CAPABILITY_AVX2, at::vec::Vectorized falls back to scalar loops and scalar exp."""
-    if os.environ.get("UNLEARN_KERNELS_CPU_ARCH", "auto") == "generic":
+    Without CPU_CAPABILITY_AVX2, at::vec::Vectorized falls back to scalar loops and scalar exp. The library
+    records the choice (csrc/ops.cpp), and the package does not load an AVX2 build on a CPU without AVX2."""
+    arch = os.environ.get("UNLEARN_KERNELS_CPU_ARCH", "auto").strip().lower()
+    if arch not in ("auto", "generic"):  # "x86-64" or a typo gave the AVX2 build without a word
+        raise RuntimeError(f"UNLEARN_KERNELS_CPU_ARCH must be 'auto' or 'generic', got "
+                           f"{os.environ['UNLEARN_KERNELS_CPU_ARCH']!r}")
+    if arch == "generic":
         return []
     try:
         with open("/proc/cpuinfo") as f:

@@ -9,6 +9,15 @@
 #include <string>
 
 extern "C" {
+// The CPU features the kernels were compiled for (setup.py's AVX2 flags), as text in the library that
+// unlearn_kernels/_extension.py reads before loading it: on a CPU without them the load itself dies of an
+// illegal instruction, which no Python `except` can catch.
+#ifdef CPU_CAPABILITY_AVX2
+__attribute__((used)) const char unlearn_kernels_cpu_features[] = "unlearn_kernels_cpu_features=avx2,fma,f16c;";
+#else
+__attribute__((used)) const char unlearn_kernels_cpu_features[] = "unlearn_kernels_cpu_features=;";
+#endif
+
 // An importable (empty) module: `from unlearn_kernels import _C` loads this library, which
 // runs the static registrations below and in the per-backend files.
 PyObject* PyInit__C(void) {

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import unlearn_kernels
 
 PACKAGE = Path(unlearn_kernels.__file__).parent
@@ -41,3 +43,53 @@ def test_a_missing_library_is_named_and_the_references_serve(tmp_path):
     warnings = out.stdout.strip().splitlines()
     assert len(warnings) == 1 and f"it is not built: no _C library in {copy}" in warnings[0], out.stdout
     assert "circular import" not in warnings[0] and "pip install --no-build-isolation -e ." in warnings[0]
+
+
+def test_the_cpu_features_a_library_needs_are_read_from_its_marker(tmp_path):
+    from unlearn_kernels._extension import CPU_FEATURES_MARKER, missing_cpu_features
+
+    library = tmp_path / "_C.so"
+    library.write_bytes(b"\x7fELF..." + CPU_FEATURES_MARKER + b"avx2,fma,f16c;\x00more")
+    assert missing_cpu_features(library, {"sse2", "avx", "fma"}) == ["avx2", "f16c"]
+    assert missing_cpu_features(library, {"avx2", "fma", "f16c", "avx512f"}) == []
+    assert missing_cpu_features(library, None) == []  # not Linux: unknown, loaded as before
+    library.write_bytes(b"\x7fELF..." + CPU_FEATURES_MARKER + b";")  # a generic build needs nothing
+    assert missing_cpu_features(library, set()) == []
+    library.write_bytes(b"\x7fELF without the marker")  # an older build
+    assert missing_cpu_features(library, set()) == []
+
+
+def _library() -> Path:
+    return next(PACKAGE.glob("_C.*"))
+
+
+def test_the_built_library_names_the_cpu_features_it_was_compiled_for():
+    """csrc/ops.cpp's marker is in the library, and this machine (which built it) has every feature it names."""
+    from unlearn_kernels._extension import CPU_FEATURES_MARKER, _cpu_flags, missing_cpu_features
+
+    assert CPU_FEATURES_MARKER in _library().read_bytes()
+    assert missing_cpu_features(_library(), _cpu_flags()) == []
+
+
+def test_a_library_for_cpu_features_this_cpu_lacks_is_not_loaded(tmp_path):
+    """An AVX2 build on a CPU without AVX2 ended the process with an illegal instruction at `import
+    unlearn_kernels` (no Python except catches SIGILL); the marker rewritten here names a feature no CPU has:
+    the library is left unloaded, one warning says why, and the references serve."""
+    from unlearn_kernels._extension import CPU_FEATURES_MARKER
+
+    data = _library().read_bytes()
+    needed = CPU_FEATURES_MARKER + b"avx2,fma,f16c;"
+    if needed not in data:
+        pytest.skip("a generic build (UNLEARN_KERNELS_CPU_ARCH=generic): it needs no CPU feature")
+    copy = tmp_path / "unlearn_kernels"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("_C.*", "__pycache__", "triton_kernels"))
+    triton_kernels = PACKAGE / "triton_kernels"
+    shutil.copytree(triton_kernels if triton_kernels.is_dir() else REPOSITORY / "triton_kernels",
+                    copy / "triton_kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / _library().name).write_bytes(data.replace(needed, CPU_FEATURES_MARKER + b"avx9,fma,f16c;"))
+    out = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    warnings = out.stdout.strip().splitlines()
+    assert len(warnings) == 1 and "compiled for CPU features this CPU lacks (avx9)" in warnings[0], out.stdout
+    assert "UNLEARN_KERNELS_CPU_ARCH=generic" in warnings[0]

@@ -111,3 +111,31 @@ def test_the_extension_can_be_left_out_of_the_build(no_extension, monkeypatch):
         with pytest.raises(RuntimeError, match="UNLEARN_KERNELS_NO_EXTENSION=1 builds nothing, "
                                                "UNLEARN_KERNELS_FORCE_CUDA=1 the CUDA kernels: set one of them"):
             runpy.run_path(str(REPOSITORY / "setup.py"), run_name="setup_under_test")
+
+
+def test_an_unknown_cpu_arch_is_refused_and_generic_read_in_any_case(monkeypatch):
+    """"x86-64" or "Generic" gave the AVX2 build without a word (only the exact string "generic" was read)."""
+    functions = _setup_functions(monkeypatch)
+    for value in ("x86-64", "avx512"):
+        monkeypatch.setenv("UNLEARN_KERNELS_CPU_ARCH", value)
+        with pytest.raises(RuntimeError, match=rf"UNLEARN_KERNELS_CPU_ARCH must be 'auto' or 'generic', got '{value}'"):
+            functions["_cpu_vector_flags"]()
+    monkeypatch.setenv("UNLEARN_KERNELS_CPU_ARCH", " Generic ")
+    assert functions["_cpu_vector_flags"]() == []
+
+
+def test_a_cuda_home_without_nvcc_builds_the_cpu_kernels(monkeypatch, tmp_path):
+    """torch sets CUDA_HOME wherever /usr/local/cuda exists, as in CUDA runtime images without nvcc: the build then
+    took the CUDA kernels and failed at the first .cu file instead of building the CPU kernels alone."""
+    import torch
+
+    functions = _setup_functions(monkeypatch)
+    monkeypatch.delenv("UNLEARN_KERNELS_CPU_ONLY")
+    monkeypatch.delenv("UNLEARN_KERNELS_FORCE_CUDA", raising=False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    build_cuda = functions["_build_cuda"]
+    monkeypatch.setitem(build_cuda.__globals__, "CUDA_HOME", str(tmp_path))
+    assert build_cuda() is False
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("")
+    assert build_cuda() is True

@@ -13,16 +13,53 @@ BUILD_COMMAND = "pip install --no-build-isolation -e ."
 #: how to build the compiled extension, for the reasons it cannot be used
 REBUILD = f"rebuild it with `{BUILD_COMMAND}` from the source tree"
 
-try:
-    from . import _C  # noqa: F401  (loading the library registers the C++/CUDA kernels)
+#: the marker csrc/ops.cpp compiles into the library: the CPU features its kernels need, comma-separated, then ";"
+CPU_FEATURES_MARKER = b"unlearn_kernels_cpu_features="
 
-    LOAD_ERROR: str | None = None
-except ImportError as exc:  # not built, or built against another torch
+
+def missing_cpu_features(library: Path, cpu_flags: set[str] | None) -> list[str]:
+    """The CPU features ``library`` was compiled for (its :data:`CPU_FEATURES_MARKER`) that are not among
+    ``cpu_flags`` (those of /proc/cpuinfo; None where unknown: nothing is missing then, nor for a library
+    without the marker)."""
+    data = library.read_bytes()
+    start = data.find(CPU_FEATURES_MARKER)
+    if cpu_flags is None or start < 0:
+        return []
+    start += len(CPU_FEATURES_MARKER)
+    needed = data[start:data.index(b";", start)].decode("ascii").split(",")
+    return [feature for feature in needed if feature and feature not in cpu_flags]
+
+
+def _cpu_flags() -> set[str] | None:
+    """This CPU's feature flags as Linux lists them (/proc/cpuinfo), None elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(f.read().split())
+    except OSError:
+        return None
+
+
+def _load() -> str | None:
+    """Loads ``_C``; None, or why it cannot be used. A library compiled for CPU features this CPU lacks (an
+    AVX2 build on an older x86) is not loaded: loading it would end the process with an illegal instruction."""
     here = Path(__file__).parent
-    if any((here / f"_C{suffix}").exists() for suffix in importlib.machinery.EXTENSION_SUFFIXES):
-        LOAD_ERROR = f"{type(exc).__name__}: {exc}"
-    else:  # Python's own message would blame "a circular import"
-        LOAD_ERROR = f"it is not built: no _C library in {here}"
+    libraries = [here / f"_C{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+    library = next((path for path in libraries if path.exists()), None)
+    if library is None:  # Python's own message would blame "a circular import"
+        return f"it is not built: no _C library in {here}"
+    missing = missing_cpu_features(library, _cpu_flags())
+    if missing:
+        return (f"it was compiled for CPU features this CPU lacks ({', '.join(missing)}), so loading it would end "
+                f"the process with an illegal instruction: build it here with UNLEARN_KERNELS_CPU_ARCH=generic")
+    try:
+        from . import _C  # noqa: F401  (loading the library registers the C++/CUDA kernels)
+    except ImportError as exc:  # built against another torch
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+LOAD_ERROR: str | None = _load()
+if LOAD_ERROR is not None:
     warnings.warn(
         "unlearn_kernels: the compiled extension could not be loaded "
         f"({LOAD_ERROR}); the pure-PyTorch reference kernels will be used: {REBUILD}.",
