@@ -93,3 +93,20 @@ def test_a_library_for_cpu_features_this_cpu_lacks_is_not_loaded(tmp_path):
     warnings = out.stdout.strip().splitlines()
     assert len(warnings) == 1 and "compiled for CPU features this CPU lacks (avx9)" in warnings[0], out.stdout
     assert "UNLEARN_KERNELS_CPU_ARCH=generic" in warnings[0]
+
+
+def test_the_cpu_flags_follow_torchs_cpuid_reading_where_it_found_no_avx2(monkeypatch):
+    """Under an emulator /proc/cpuinfo lists the host's flags (qemu's SandyBridge still showed avx2, and the AVX2
+    library was loaded and died); torch's capability, read from CPUID, then says DEFAULT. An ATEN_CPU_CAPABILITY
+    override lowers it on a CPU that has AVX2: the flags are kept then."""
+    import torch
+
+    from unlearn_kernels._extension import _cpu_flags
+
+    if _cpu_flags() is None or "avx2" not in _cpu_flags():
+        pytest.skip("needs Linux on a CPU with AVX2")
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert not {"avx2", "fma"} & _cpu_flags() and "sse2" in _cpu_flags()
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    assert {"avx2", "fma"} <= _cpu_flags()

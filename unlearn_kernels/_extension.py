@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import importlib.machinery
+import os
 import warnings
 from pathlib import Path
 
-import torch  # noqa: F401  (the extension links against torch: torch must be loaded first)
+import torch  # the extension links against torch: torch must be loaded first
 
 #: the command that builds the extension (and installs the Triton kernels), run from the source tree: the one
 #: place every message that says how to build it takes it from (this warning, ``backends``' reasons)
@@ -31,12 +32,17 @@ def missing_cpu_features(library: Path, cpu_flags: set[str] | None) -> list[str]
 
 
 def _cpu_flags() -> set[str] | None:
-    """This CPU's feature flags as Linux lists them (/proc/cpuinfo), None elsewhere."""
+    """This CPU's feature flags as Linux lists them (/proc/cpuinfo), None elsewhere; without AVX2 and FMA where
+    torch's own CPUID reading found no AVX2 (its capability "DEFAULT" with no ATEN_CPU_CAPABILITY override):
+    /proc/cpuinfo describes the host's CPU under an emulator (qemu's SandyBridge still listed avx2)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return set(f.read().split())
+            flags = set(f.read().split())
     except OSError:
         return None
+    if not os.environ.get("ATEN_CPU_CAPABILITY") and torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        flags -= {"avx2", "fma"}
+    return flags
 
 
 def _load() -> str | None:
