@@ -181,6 +181,25 @@ def test_float32_within_twice_the_pytorch_error(device):
     assert_within_rule(fused, plain, exact, ulps=16.0)
 
 
+
+def test_float32_one_channel_inputs_of_a_later_convolution(dense):
+    """A later convolution with one input channel reads a channels-last map whose channel stride is 1, which torch
+    calls contiguous; torch's float32 CPU conv2d misread it here (4-tap kernel, width stride 2, one output column):
+    products 3e-2 to 1e23 off, or NaN, changing between calls (differential fuzzing found it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 1, 1, stride=(1, 2), padding=(1, 0), bias=False), nn.ReLU(),
+                          nn.Conv2d(1, 3, 4, stride=(1, 2), padding=(2, 0), bias=False), *_head(3)).double()
+    x, y = torch.randn(2, 3, 7, 9, dtype=DT), torch.tensor([0, 2])
+    loss = nn.CrossEntropyLoss()
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 3, dtype=DT,
+                    generator=torch.Generator().manual_seed(3))
+    exact = FusedConvHessian(model, loss, (x, y)).matmat(V)
+    m32 = model.float()
+    for _ in range(3):  # the misread values changed from call to call
+        fused = FusedConvHessian(m32, loss, (x.float(), y)).matmat(V.float())
+        plain = GenericHessian(m32, loss, (x.float(), y), mode="reverse-over-reverse").matmat(V.float())
+        assert_within_rule(fused, plain, exact, ulps=16.0)
+
 def _batch(shape=(1, 6, 6), dtype=torch.float32):
     return torch.randn(2, *shape, dtype=dtype), torch.zeros(2, dtype=torch.long)
 

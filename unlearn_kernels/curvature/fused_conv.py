@@ -186,6 +186,16 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 3, 1)
 
 
+def _conv_operand(t: torch.Tensor) -> torch.Tensor:
+    """``t``, a map (N, C, H, W) or a weight (C_out, C_in, kH, kW), as torch's CPU convolutions read it right. With
+    one (input) channel, channels-last memory has a channel stride of 1, which torch also calls contiguous, and its
+    float32 CPU convolutions misread such operands (relative errors 3e-2 to 1e23 and NaN, changing between calls,
+    for a 4-tap kernel at width stride 2 giving one output column; torch 2.13): a copy with the standard strides."""
+    if t.shape[1] == 1 and t.stride(1) != t.shape[2] * t.shape[3]:
+        return t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
 def _channel_sums(t: torch.Tensor) -> torch.Tensor:
     """A channels-last (N, C, H, W) tensor summed over everything but the channels."""
     return _nhwc(t).reshape(-1, t.shape[1]).sum(dim=0)
@@ -457,8 +467,8 @@ class FusedConvHessian(CurvatureOperator):
     def _conv_backward(self, d: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, i: int,
                        mask: tuple[bool, bool, bool]) -> tuple:
         block = self._net.blocks[i]
-        return torch.ops.aten.convolution_backward(d, h, weight, None, block.stride, block.padding, (1, 1), False,
-                                                   (0, 0), 1, mask)
+        return torch.ops.aten.convolution_backward(_conv_operand(d), _conv_operand(h), _conv_operand(weight), None,
+                                                   block.stride, block.padding, (1, 1), False, (0, 0), 1, mask)
 
     @staticmethod
     def _dense_forward(st: _BlockState, r_h: torch.Tensor | None, v_dense: torch.Tensor | None,
@@ -544,9 +554,10 @@ class FusedConvHessian(CurvatureOperator):
                 r_z = self._dense_forward(st, r_h, dense_tangents[i], v_b)
             else:
                 if r_h is not None:
-                    r_z = F.conv2d(r_h, weight, None, block.stride, block.padding)
+                    r_z = F.conv2d(_conv_operand(r_h), _conv_operand(weight), None, block.stride, block.padding)
                 if v_w is not None:
-                    term = F.conv2d(blocks[i].h, v_w.contiguous(memory_format=_CHANNELS_LAST), None, block.stride,
+                    term = F.conv2d(_conv_operand(blocks[i].h),
+                                    _conv_operand(v_w.contiguous(memory_format=_CHANNELS_LAST)), None, block.stride,
                                     block.padding)
                     r_z = term if r_z is None else r_z.add_(term)
                 if v_b is not None:
