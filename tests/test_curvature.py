@@ -3378,6 +3378,29 @@ def test_a_change_inside_a_run_that_breaks_a_product_is_named_by_the_skipped_che
             model[0].weight.copy_(before[1])
 
 
+@pytest.mark.parametrize("build", ["generic", "ggn"])
+def test_a_weight_written_in_place_inside_a_run_is_refused_as_at_its_end(build):
+    """An optimizer's write inside a run (it bumps the version counter that a kept graph checks) reached the user
+    as torch's RuntimeError "modified by an inplace operation" at the next product (the generic path and the GGN on
+    a conv net); the skipped check now names it as the run's end would."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3))
+    x, y = torch.randn(4, 2, 6, 6), torch.randint(0, 3, (4,))
+    H = (hessian_operator(model, F.cross_entropy, (x, y), path="generic") if build == "generic"
+         else ggn_operator(model, F.cross_entropy, (x, y)))
+    V = torch.randn(H.shape[0], 2)
+    with pytest.raises(ValueError, match=rf"^{type(H).__name__}: the weights changed during a run of products at "
+                                         "fixed weights"):
+        with H.fixed_weights():
+            H.matmat(V)
+            with torch.no_grad():
+                model[0].weight.add_(0.3)
+            H.matmat(V)
+    assert H._fixed_depth == 0
+    fresh = (hessian_operator(model, F.cross_entropy, (x, y), path="generic") if build == "generic"
+             else ggn_operator(model, F.cross_entropy, (x, y)))
+    torch.testing.assert_close(H.matmat(V), fresh.matmat(V))  # then at the new weights, as a new operator
+
 def test_the_solvers_take_their_products_in_one_fixed_weights_run(monkeypatch):
     """Each solver iteration (Krylov cubic, Lanczos, CG, MINRES, LiSSA, cubic GD) makes its products in one
     run at fixed weights: the operator checks the model twice, not before every product (through a

@@ -266,6 +266,7 @@ class CurvatureOperator(abc.ABC):
         self._probe_determinism()
         self._tree_seen = watched_state(model)  # what the checks of the module tree passed on (_sync_weights)
         self._fixed_depth = 0  # open fixed_weights() runs: their products skip _sync_weights
+        self._run_key: WeightsKey | None = None  # the weights the outermost fixed_weights() run started at
 
     # ------------------------------------------------------------------ helpers for subclasses
     def _tensor(self, name: str | None) -> torch.Tensor | None:
@@ -508,7 +509,7 @@ class CurvatureOperator(abc.ABC):
         outermost = self._fixed_depth == 0
         if outermost:
             self._sync_weights()
-            key = self._weights_key
+            self._run_key = self._weights_key
         self._fixed_depth += 1
         try:
             yield self
@@ -516,10 +517,15 @@ class CurvatureOperator(abc.ABC):
             self._fixed_depth -= 1
         if outermost:
             self._sync_weights()
-            if not same_weights(self._weights_key, key):
-                raise ValueError(f"{type(self).__name__}: the weights changed during a run of products at fixed "
-                                 "weights (a solver's iteration), whose products may mix the two models: change "
-                                 "the weights between solves, not during one")
+            self._refuse_a_change_in_the_run()
+
+    def _refuse_a_change_in_the_run(self) -> None:
+        """ValueError where the weights taken last (:meth:`_sync_weights`) are not those the outermost
+        :meth:`fixed_weights` run started at."""
+        if not same_weights(self._weights_key, self._run_key):
+            raise ValueError(f"{type(self).__name__}: the weights changed during a run of products at fixed "
+                             "weights (a solver's iteration), whose products may mix the two models: change "
+                             "the weights between solves, not during one")
 
     def _sync_unless_fixed(self) -> None:
         if not self._fixed_depth:
@@ -531,12 +537,14 @@ class CurvatureOperator(abc.ABC):
         """``compute()``; inside a :meth:`fixed_weights` run, an error it raises is first explained by the checks
         the run skips, which raise their own ValueError naming the cause: data written in place reaches the
         generic path's kept graphs as torch's "modified by an inplace operation", a NaN weight the GGN's loss
-        Hessian as a NaN tangent."""
+        Hessian as a NaN tangent; weights written in place reach a kept graph the same way, and are refused as
+        at the run's end."""
         try:
             return compute()
         except (RuntimeError, ValueError):
             if self._fixed_depth:
                 self._sync_weights()
+                self._refuse_a_change_in_the_run()
             raise
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
