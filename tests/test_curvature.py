@@ -850,13 +850,14 @@ def test_fused_paths_decline_forward_hooks(hook, net):
         handle.remove()
 
 
-@pytest.mark.parametrize("change", ["replace", "replace_twice", "append", "register"])
+@pytest.mark.parametrize("change", ["replace", "replace_twice", "append", "register", "class"])
 @pytest.mark.parametrize("build", ["fused", "generic", "ggn", "objective"])
 def test_a_changed_module_tree_is_refused(change, build):
     """The operators and Objective read the parameters through the modules they found at construction:
     a submodule replaced (even by one of the same shape), appended, or a parameter registered after
     that was never seen (products 80% off, the cached graph of the old model reused). Now the next
-    product, gradient or value raises ModelChanged naming the module."""
+    product, gradient or value raises ModelChanged naming the module. So does a module whose class is set to
+    another (the Tanh made a Sigmoid: the same object, with settings that look alike, was taken for unchanged)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, C)).to(DT)
     x, y = torch.randn(N, 4, dtype=DT), torch.randint(0, C, (N,))
@@ -876,6 +877,9 @@ def test_a_changed_module_tree_is_refused(change, build):
     elif change == "append":
         model.append(nn.Tanh())
         where = "'3'"
+    elif change == "class":
+        model[1].__class__ = nn.Sigmoid
+        where = "'1'"
     else:
         model[1].register_parameter("gain", nn.Parameter(torch.ones((), dtype=DT)))
         where = "'1'"

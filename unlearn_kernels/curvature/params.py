@@ -218,7 +218,8 @@ class ParameterSlots:
             changed = differ[0] if differ else max(tree, self._tree, key=len)[min(len(tree), len(self._tree))][0]
             raise ModelChanged(
                 f"the model's modules changed after the operator or objective was built on it (at module "
-                f"{changed or '(the model)'!r}: replaced, added or removed, or a parameter registered or deleted "
+                f"{changed or '(the model)'!r}: replaced (or its class changed), added or removed, or a parameter "
+                "registered or deleted "
                 "there): build a new one on the model as it is now")
         ties = tie_pattern(self._model)
         if ties != self._ties:  # the same names in the same order: the tree is the same
@@ -253,10 +254,11 @@ def tie_pattern(model: nn.Module) -> tuple[tuple[str, str], ...]:
     return tuple((name, first.setdefault(id(t), name)) for name, t in model.named_parameters(remove_duplicate=False))
 
 
-def _module_tree(model: nn.Module) -> list[tuple[str, nn.Module, tuple[str, ...]]]:
-    """(name, module, its parameters' names) of every module of ``model``: what the slots' validity
-    depends on, read in a few microseconds per module."""
-    return [(name, module, tuple(module._parameters)) for name, module in model.named_modules()]
+def _module_tree(model: nn.Module) -> list[tuple[str, nn.Module, type, tuple[str, ...]]]:
+    """(name, module, its class, its parameters' names) of every module of ``model``: what the slots' validity
+    depends on, read in a few microseconds per module (the class: a module whose ``__class__`` is set to another,
+    a ReLU made a Tanh, is the same object computing another function)."""
+    return [(name, module, type(module), tuple(module._parameters)) for name, module in model.named_modules()]
 
 
 class FunctionalForward:

@@ -95,14 +95,14 @@ def _tensors_seen(tensors: dict[str, torch.Tensor | None]) -> tuple:
 
 def watched_state(model: nn.Module) -> list[tuple]:
     """One look at all that the operators' checks of the module tree read, in one walk over it: per module
-    its name, the module, its training flag and what its train mode does (the per-sample check), its
+    its name, the module, its class, its training flag and what its train mode does (the per-sample check), its
     settings and calls (:func:`module_settings`), and its own parameters' and buffers' names, ids and
     layouts (the parameter slots, their ties and layouts). Equal to a look taken when those checks passed,
     they would pass again on the same tensors, so the operators skip them before a product (the modules
     are held, so no new one can take an old one's id; the parameters and buffers by the operator). Unequal
     is not yet a change: the checks then run (a buffer that a forward registers on the fly makes the look
     differ without being one)."""
-    return [(name, module, module.training, train_mode_problem(module) if module.training else None,
+    return [(name, module, type(module), module.training, train_mode_problem(module) if module.training else None,
              _settings(module), _calls(module),
              _tensors_seen(module._parameters), _tensors_seen(module._buffers))
             for name, module in model.named_modules()]
