@@ -373,11 +373,15 @@ def set_flat_parameters(model: nn.Module, vector: torch.Tensor, params: ParamSel
     if vector.device != first.device:
         raise ValueError(f"vector is on {vector.device} but the parameters are on {first.device}")
     pieces = unflatten_vector(vector, [p.shape for p in chosen.values()])
-    # every part checked before any is written: the model refuses non-finite weights everywhere after this
+    # every part checked before any is written (the model refuses non-finite weights everywhere after this): the
+    # vector once (one read-back, not one per parameter: this runs at every Newton step), and on its own only a
+    # part rounded to a narrower dtype, where rounding can make an Inf; the culprit named after a failure
     pieces = [piece.to(p.dtype) for p, piece in zip(chosen.values(), pieces)]
+    finite = all_finite(vector)
     for (name, p), piece in zip(chosen.items(), pieces):
-        if not all_finite(piece):
-            rounded = " (rounded to its dtype)" if p.dtype != vector.dtype else ""
+        narrower = p.dtype != vector.dtype
+        if (not finite or narrower) and not all_finite(piece):
+            rounded = " (rounded to its dtype)" if narrower else ""
             raise ValueError(f"vector holds NaN or Inf for parameter {name!r}{rounded}: the model's parameters "
                              "are left as they were")
     with torch.no_grad():
