@@ -117,7 +117,9 @@ def _cpu_vector_flags() -> list[str]:
             flags = set(f.read().split())
     except OSError:
         return []
-    if {"avx2", "fma", "f16c"} <= flags:
+    # torch's CPUID reading, as the package's loader takes it: /proc/cpuinfo lists the host's CPU under an emulator
+    no_avx2 = not os.environ.get("ATEN_CPU_CAPABILITY") and torch.backends.cpu.get_cpu_capability() == "DEFAULT"
+    if {"avx2", "fma", "f16c"} <= flags and not no_avx2:
         return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
     return []
 

@@ -139,3 +139,17 @@ def test_a_cuda_home_without_nvcc_builds_the_cpu_kernels(monkeypatch, tmp_path):
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "nvcc").write_text("")
     assert build_cuda() is True
+
+
+def test_the_build_takes_no_avx2_where_torchs_cpuid_reading_found_none(monkeypatch):
+    """The loader counts AVX2 as missing where torch's capability is DEFAULT (an emulator's /proc/cpuinfo lists the
+    host's flags); the build read /proc/cpuinfo alone and made an AVX2 library that every import then refused."""
+    import torch
+
+    functions = _setup_functions(monkeypatch)
+    monkeypatch.delenv("UNLEARN_KERNELS_CPU_ARCH", raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    if "-mavx2" not in functions["_cpu_vector_flags"]():
+        pytest.skip("needs a Linux build machine with AVX2, FMA and F16C")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert functions["_cpu_vector_flags"]() == []
