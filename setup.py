@@ -101,6 +101,10 @@ def _cuda_arch_list() -> str | None:
     return DEFAULT_CUDA_ARCHS
 
 
+#: where Linux lists the build machine's CPU feature flags
+CPUINFO = "/proc/cpuinfo"
+
+
 def _cpu_vector_flags() -> list[str]:
     """AVX2 flags for ATen's vector types (at::vec) when this x86 machine has AVX2, FMA and F16C.
 
@@ -113,7 +117,7 @@ def _cpu_vector_flags() -> list[str]:
     if arch == "generic":
         return []
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(CPUINFO) as f:
             flags = set(f.read().split())
     except OSError:
         return []

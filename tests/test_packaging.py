@@ -141,15 +141,23 @@ def test_a_cuda_home_without_nvcc_builds_the_cpu_kernels(monkeypatch, tmp_path):
     assert build_cuda() is True
 
 
-def test_the_build_takes_no_avx2_where_torchs_cpuid_reading_found_none(monkeypatch):
+def test_the_build_takes_no_avx2_where_torchs_cpuid_reading_found_none(monkeypatch, tmp_path):
     """The loader counts AVX2 as missing where torch's capability is DEFAULT (an emulator's /proc/cpuinfo lists the
-    host's flags); the build read /proc/cpuinfo alone and made an AVX2 library that every import then refused."""
+    host's flags); the build read /proc/cpuinfo alone and made an AVX2 library that every import then refused.
+    (A cpuinfo of a CPU with AVX2, FMA and F16C is given, and one without them.)"""
     import torch
 
     functions = _setup_functions(monkeypatch)
+    cpuinfo = tmp_path / "cpuinfo"
+    vector_flags = functions["_cpu_vector_flags"]
+    monkeypatch.setitem(vector_flags.__globals__, "CPUINFO", str(cpuinfo))
     monkeypatch.delenv("UNLEARN_KERNELS_CPU_ARCH", raising=False)
     monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
-    if "-mavx2" not in functions["_cpu_vector_flags"]():
-        pytest.skip("needs a Linux build machine with AVX2, FMA and F16C")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma f16c\n")
+    assert "-mavx2" in vector_flags()
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
-    assert functions["_cpu_vector_flags"]() == []
+    assert vector_flags() == []
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx\n")  # a SandyBridge
+    assert vector_flags() == []

@@ -31,12 +31,16 @@ def missing_cpu_features(library: Path, cpu_flags: set[str] | None) -> list[str]
     return [feature for feature in needed if feature and feature not in cpu_flags]
 
 
+#: where Linux lists the CPU's feature flags
+CPUINFO = "/proc/cpuinfo"
+
+
 def _cpu_flags() -> set[str] | None:
-    """This CPU's feature flags as Linux lists them (/proc/cpuinfo), None elsewhere; without AVX2 and FMA where
+    """This CPU's feature flags as Linux lists them (:data:`CPUINFO`), None elsewhere; without AVX2 and FMA where
     torch's own CPUID reading found no AVX2 (its capability "DEFAULT" with no ATEN_CPU_CAPABILITY override):
     /proc/cpuinfo describes the host's CPU under an emulator (qemu's SandyBridge still listed avx2)."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(CPUINFO) as f:
             flags = set(f.read().split())
     except OSError:
         return None
