@@ -22,15 +22,11 @@ import torch
 from unlearn_kernels.backends import aten_gemm, cpu_gemm
 from unlearn_kernels.checkpoint import save_json, software_versions
 from unlearn_kernels.eval import PeakMemory
+from unlearn_kernels.training import synchronize
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ANCHORS = ("numpy", "scipy", "peft", "curvlinops-for-pytorch", "PyHessian")
 """The packages the suites time ours against (their versions go into every JSON)."""
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def synchronized(fn: Callable[..., object], device: torch.device) -> Callable[..., object]:
@@ -41,7 +37,7 @@ def synchronized(fn: Callable[..., object], device: torch.device) -> Callable[..
 
     def call(*args: object) -> object:
         out = fn(*args)
-        torch.cuda.synchronize(device)
+        synchronize(device)
         return out
     return call
 

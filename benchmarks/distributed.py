@@ -39,8 +39,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from unlearn_kernels.curvature import flatten_tensors, hessian_operator, unflatten_vector
+from unlearn_kernels.training import synchronize
 
-from .common import MIN_SAMPLES, Measurement, peak_memory, plain_error_tolerance, set_time, synchronize
+from .common import MIN_SAMPLES, Measurement, peak_memory, plain_error_tolerance, set_time
 from .hvp import autograd_hvp, seeded_mlp
 
 BASELINE = "1 process"

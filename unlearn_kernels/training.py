@@ -179,6 +179,13 @@ def check_dense_gradients(owner: str, model: nn.Module, trained: Iterable[torch.
                              f"{owner} cannot use: set its .sparse = False (the same weights and outputs)")
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the kernels queued on ``device``: a CUDA device runs them after the call that queued them
+    returns, so a clock read without this times their launch only; nothing elsewhere."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (or buffer); CPU for a model without either."""
     for tensor in (*model.parameters(), *model.buffers()):

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ..checks import check_device, check_number
+from ..training import synchronize
 
 
 @dataclass(frozen=True)
@@ -132,8 +133,7 @@ def measure(fn: Callable[..., Any], *args: Any, device: torch.device | str | Non
     with peak:
         start = time.perf_counter()
         result = fn(*args, **kwargs)
-        if peak.device.type == "cuda":
-            torch.cuda.synchronize(peak.device)
+        synchronize(peak.device)
         seconds = time.perf_counter() - start
     return Measured(result, seconds, peak.bytes)
 

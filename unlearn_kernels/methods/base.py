@@ -30,7 +30,7 @@ from ..checks import (
 from ..curvature.distributed import all_gather_objects
 from ..curvature.params import WeightsKey, weights_key
 from ..labeled import LabeledData
-from ..training import check_dense_gradients, check_fits, model_device, seeded_rng
+from ..training import check_dense_gradients, check_fits, model_device, seeded_rng, synchronize
 
 
 @dataclass
@@ -128,10 +128,10 @@ class Unlearner(abc.ABC):
         # seeded, and the caller's RNG state is left as it was; autograd on even under the caller's no_grad()
         device = model_device(work)
         with seeded_rng(seed, device), torch.enable_grad():
-            _wait_for_kernels(device)  # the copy's queued kernels are not the method's time
+            synchronize(device)  # the copy's queued kernels are not the method's time
             start = time.perf_counter()
             result = self._unlearn(work, forget, retain, unseen=unseen, seed=seed)
-            _wait_for_kernels(device)  # a GPU method's last kernels may still be queued at its return
+            synchronize(device)  # a GPU method's last kernels may still be queued at its return
             result.seconds = time.perf_counter() - start
         check_finite_result(self.name, result.model)
         for p in result.model.parameters():  # the last step's gradients: memory, and a stale step for an optimizer
@@ -248,12 +248,6 @@ def check_finite_result(name: str, model: nn.Module) -> None:
         kind, key, what = bad
         raise ValueError(f"{name}: the unlearned model has {what} in its {kind} {key!r} (the method diverged: lower "
                          "its learning rate or step size); the caller's model is unchanged")
-
-
-def _wait_for_kernels(device: torch.device) -> None:
-    """Wait for the kernels queued on ``device`` (a CUDA device runs them after the call returns)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _detached(data: LabeledData) -> LabeledData:

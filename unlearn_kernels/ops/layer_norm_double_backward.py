@@ -38,10 +38,10 @@ def layer_norm_double_backward_ref(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pure-PyTorch reference of :func:`layer_norm_double_backward`."""
     n = x.shape[-1]
-    mean = x.mean(-1, keepdim=True)
+    centred = x - x.mean(-1, keepdim=True)
     # the biased variance as a mean of squares: var() warns of "degrees of freedom <= 0" on zero rows
-    rstd = ((x - mean).square().mean(-1, keepdim=True) + eps).rsqrt()
-    xh = (x - mean) * rstd
+    rstd = (centred.square().mean(-1, keepdim=True) + eps).rsqrt()
+    xh = centred * rstd
 
     def project(u: torch.Tensor) -> torch.Tensor:
         return rstd * (u - u.mean(-1, keepdim=True) - xh * (u * xh).mean(-1, keepdim=True))
